@@ -1,0 +1,53 @@
+//! Probes and metrics: `/livez` (the process answers), `/readyz` (it can serve: member of a
+//! cluster with a known leader and its applied state caught up), `/metrics` (Prometheus).
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::Json;
+use serde_json::json;
+
+use super::AppState;
+
+/// Entries a node may have appended but not yet applied and still call itself ready.
+const READY_APPLY_LAG: u64 = 64;
+
+pub async fn livez() -> &'static str {
+    "ok\n"
+}
+
+pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let m = state.registry.raft.metrics().borrow().clone();
+    let member = m.membership_config.membership().get_node(&m.id).is_some();
+    let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+    let apply_lag = m.last_log_index.unwrap_or(0).saturating_sub(applied);
+    let reason = if !member {
+        Some("not a member of an initialised cluster")
+    } else if m.current_leader.is_none() {
+        Some("no known leader")
+    } else if apply_lag > READY_APPLY_LAG {
+        Some("applied state is catching up")
+    } else {
+        None
+    };
+    let body = json!({
+        "ready": reason.is_none(),
+        "reason": reason,
+        "node_id": m.id,
+        "leader": m.current_leader,
+        "apply_lag": apply_lag,
+    });
+    let status = if reason.is_none() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body))
+}
+
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}

@@ -1,0 +1,80 @@
+//! The HTTP surface of a node (axum): the admin API under `/v1/`, probes and `/metrics`.
+//! The router is built in one place, [`router`], so every route and layer reads top to bottom.
+
+pub mod cluster;
+pub mod error;
+pub mod extract;
+pub mod health;
+pub mod objects;
+
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::registry::Registry;
+
+/// Shared state of every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub registry: Registry,
+    pub metrics: PrometheusHandle,
+}
+
+/// Counts and times every request by route template and status.
+async fn observe(State(_): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().to_string();
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    metrics::counter!("mcpd_http_requests_total", "route" => route.clone(), "method" => method.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("mcpd_http_request_seconds", "route" => route, "method" => method)
+        .record(started.elapsed().as_secs_f64());
+    resp
+}
+
+pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+    use cluster as c;
+    use objects as o;
+    let v1 = Router::new()
+        .route("/node", get(c::node_info))
+        .route("/cluster/init", post(c::init))
+        .route("/cluster/status", get(c::status))
+        .route("/cluster/nodes", post(c::add_node))
+        .route("/cluster/nodes/{id}", axum::routing::delete(c::remove_node))
+        .route("/watch", get(c::watch))
+        .route("/servers", get(o::list_servers).post(o::create_server))
+        .route(
+            "/servers/{name}",
+            get(o::get_server)
+                .put(o::put_server)
+                .patch(o::patch_server)
+                .delete(o::delete_server),
+        )
+        .route("/tenants", get(o::list_tenants).post(o::create_tenant))
+        .route(
+            "/tenants/{name}",
+            get(o::get_tenant).delete(o::delete_tenant),
+        )
+        .route("/tokens", get(o::list_tokens).post(o::create_token))
+        .route("/tokens/{id}", get(o::get_token).delete(o::revoke_token));
+    Router::new()
+        .nest("/v1", v1)
+        .route("/livez", get(health::livez))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .fallback(|| async { error::ApiError::NotFound("no such endpoint".into()) })
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}

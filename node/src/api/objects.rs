@@ -1,0 +1,290 @@
+//! CRUD of the registry's objects: servers, tenants and tokens (`/v1/servers`, `/v1/tenants`,
+//! `/v1/tokens`). Every handler validates, turns the request into a [`Command`] and lets the
+//! registry replicate it; reads are linearizable unless `?consistency=stale`.
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use mcpcp_proto::api::{
+    CreateTokenRequest, CreatedToken, List, ServerPatch, ServerSpec, TenantSpec, TokenInfo,
+    Versioned, WriteAck,
+};
+
+use super::error::ApiError;
+use super::extract::{
+    idempotency_key, precondition, read_barrier, Admin, ApiJson, ApiQuery, ReadParams,
+};
+use super::AppState;
+use crate::registry::state::{Command, Precondition, Request};
+use crate::registry::{new_request_id, now_unix, token, validate, Principal};
+
+async fn write(
+    state: &AppState,
+    headers: &HeaderMap,
+    caller: &Principal,
+    command: Command,
+) -> Result<WriteAck, ApiError> {
+    let request_id = idempotency_key(headers, caller)?.unwrap_or_else(new_request_id);
+    let applied = state
+        .registry
+        .write_request(Request {
+            request_id,
+            command,
+        })
+        .await?;
+    Ok(WriteAck {
+        revision: applied.revision,
+    })
+}
+
+// === servers ===
+
+pub async fn list_servers(
+    State(state): State<AppState>,
+    _admin: Admin,
+    ApiQuery(params): ApiQuery<ReadParams>,
+) -> Result<Json<List<Versioned<ServerSpec>>>, ApiError> {
+    read_barrier(&state, params.consistency).await?;
+    let data = state.registry.local();
+    Ok(Json(List {
+        revision: data.state.revision,
+        items: data.state.servers.values().cloned().collect(),
+    }))
+}
+
+pub async fn get_server(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(name): Path<String>,
+    ApiQuery(params): ApiQuery<ReadParams>,
+) -> Result<Json<Versioned<ServerSpec>>, ApiError> {
+    read_barrier(&state, params.consistency).await?;
+    let data = state.registry.local();
+    data.state
+        .servers
+        .get(&name)
+        .cloned()
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("server {name:?} not found")))
+}
+
+pub async fn create_server(
+    State(state): State<AppState>,
+    Admin(caller): Admin,
+    headers: HeaderMap,
+    ApiJson(spec): ApiJson<ServerSpec>,
+) -> Result<(StatusCode, Json<WriteAck>), ApiError> {
+    validate::server_spec(&spec)?;
+    let command = Command::PutServer {
+        spec,
+        precondition: Precondition::Absent,
+    };
+    let ack = write(&state, &headers, &caller, command).await?;
+    Ok((StatusCode::CREATED, Json(ack)))
+}
+
+pub async fn put_server(
+    State(state): State<AppState>,
+    Admin(caller): Admin,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    ApiJson(spec): ApiJson<ServerSpec>,
+) -> Result<Json<WriteAck>, ApiError> {
+    if spec.name != name {
+        return Err(validate::FieldError::new(
+            "name",
+            format!("{:?} does not match the path's {name:?}", spec.name),
+        )
+        .into());
+    }
+    validate::server_spec(&spec)?;
+    let command = Command::PutServer {
+        spec,
+        precondition: precondition(&headers, Precondition::None)?,
+    };
+    Ok(Json(write(&state, &headers, &caller, command).await?))
+}
+
+/// Merges the present fields into the current spec and writes it back, as a compare-and-set
+/// on the revision it read (or on `If-Match`, when given).
+pub async fn patch_server(
+    State(state): State<AppState>,
+    Admin(caller): Admin,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    ApiJson(patch): ApiJson<ServerPatch>,
+) -> Result<Json<WriteAck>, ApiError> {
+    state.registry.barrier().await?;
+    let current = state
+        .registry
+        .local()
+        .state
+        .servers
+        .get(&name)
+        .cloned()
+        .ok_or_else(|| ApiError::NotFound(format!("server {name:?} not found")))?;
+    let mut spec = current.spec;
+    patch.apply_to(&mut spec);
+    validate::server_spec(&spec)?;
+    let command = Command::PutServer {
+        spec,
+        precondition: precondition(&headers, Precondition::Revision(current.revision))?,
+    };
+    Ok(Json(write(&state, &headers, &caller, command).await?))
+}
+
+pub async fn delete_server(
+    State(state): State<AppState>,
+    Admin(caller): Admin,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<WriteAck>, ApiError> {
+    let command = Command::DeleteServer {
+        name,
+        precondition: precondition(&headers, Precondition::None)?,
+    };
+    Ok(Json(write(&state, &headers, &caller, command).await?))
+}
+
+// === tenants ===
+
+pub async fn list_tenants(
+    State(state): State<AppState>,
+    _admin: Admin,
+    ApiQuery(params): ApiQuery<ReadParams>,
+) -> Result<Json<List<Versioned<TenantSpec>>>, ApiError> {
+    read_barrier(&state, params.consistency).await?;
+    let data = state.registry.local();
+    Ok(Json(List {
+        revision: data.state.revision,
+        items: data.state.tenants.values().cloned().collect(),
+    }))
+}
+
+pub async fn get_tenant(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(name): Path<String>,
+    ApiQuery(params): ApiQuery<ReadParams>,
+) -> Result<Json<Versioned<TenantSpec>>, ApiError> {
+    read_barrier(&state, params.consistency).await?;
+    let data = state.registry.local();
+    data.state
+        .tenants
+        .get(&name)
+        .cloned()
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("tenant {name:?} not found")))
+}
+
+pub async fn create_tenant(
+    State(state): State<AppState>,
+    Admin(caller): Admin,
+    headers: HeaderMap,
+    ApiJson(spec): ApiJson<TenantSpec>,
+) -> Result<(StatusCode, Json<WriteAck>), ApiError> {
+    validate::tenant_spec(&spec)?;
+    let command = Command::PutTenant {
+        spec,
+        precondition: Precondition::Absent,
+    };
+    let ack = write(&state, &headers, &caller, command).await?;
+    Ok((StatusCode::CREATED, Json(ack)))
+}
+
+pub async fn delete_tenant(
+    State(state): State<AppState>,
+    Admin(caller): Admin,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<WriteAck>, ApiError> {
+    let command = Command::DeleteTenant {
+        name,
+        precondition: precondition(&headers, Precondition::None)?,
+    };
+    Ok(Json(write(&state, &headers, &caller, command).await?))
+}
+
+// === tokens ===
+
+pub async fn list_tokens(
+    State(state): State<AppState>,
+    _admin: Admin,
+    ApiQuery(params): ApiQuery<ReadParams>,
+) -> Result<Json<List<TokenInfo>>, ApiError> {
+    read_barrier(&state, params.consistency).await?;
+    let data = state.registry.local();
+    Ok(Json(List {
+        revision: data.state.revision,
+        items: data.state.tokens.values().map(|t| t.info.clone()).collect(),
+    }))
+}
+
+pub async fn get_token(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+    ApiQuery(params): ApiQuery<ReadParams>,
+) -> Result<Json<TokenInfo>, ApiError> {
+    read_barrier(&state, params.consistency).await?;
+    let data = state.registry.local();
+    data.state
+        .tokens
+        .get(&id)
+        .map(|t| Json(t.info.clone()))
+        .ok_or_else(|| ApiError::NotFound(format!("token {id:?} not found")))
+}
+
+/// Mints a token. The secret is in this answer only; the registry keeps its hash.
+/// `Idempotency-Key` is not honoured here: a retried request must mint a new secret, since the
+/// first answer's secret cannot be shown again.
+pub async fn create_token(
+    State(state): State<AppState>,
+    _admin: Admin,
+    ApiJson(req): ApiJson<CreateTokenRequest>,
+) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
+    let role = validate::token_request(&req)?;
+    let minted = token::mint().map_err(|e| ApiError::Internal(e.to_string()))?;
+    let created_at = now_unix();
+    let info = TokenInfo {
+        id: minted.id,
+        name: req.name,
+        role,
+        tenant: req.tenant,
+        created_at,
+        expires_at: req.ttl_seconds.map(|ttl| created_at.saturating_add(ttl)),
+    };
+    let applied = state
+        .registry
+        .write(Command::CreateToken {
+            info: info.clone(),
+            hash: minted.hash,
+        })
+        .await?;
+    tracing::info!(token_id = %info.id, role = ?info.role, tenant = ?info.tenant, "token created");
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedToken {
+            token: minted.secret,
+            info,
+            revision: applied.revision,
+        }),
+    ))
+}
+
+pub async fn revoke_token(
+    State(state): State<AppState>,
+    Admin(caller): Admin,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<WriteAck>, ApiError> {
+    let ack = write(
+        &state,
+        &headers,
+        &caller,
+        Command::RevokeToken { id: id.clone() },
+    )
+    .await?;
+    tracing::info!(token_id = %id, "token revoked");
+    Ok(Json(ack))
+}

@@ -1,0 +1,265 @@
+//! Assembles a node: data directory, Raft with its stores, the gRPC and HTTP listeners, and
+//! the background tasks, and tears them down in order on shutdown.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mcpcp_proto::api::Member;
+use mcpcp_proto::cluster::cluster_server::ClusterServer;
+use mcpcp_proto::raft::raft_server::RaftServer;
+use metrics_exporter_prometheus::PrometheusHandle;
+use openraft::SnapshotPolicy;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::raft::log_store::LogStore;
+use crate::raft::network::{NetworkFactory, PeerChannels};
+use crate::raft::service::{ClusterService, RaftService};
+use crate::raft::state_machine::StateMachineStore;
+use crate::raft::Raft;
+use crate::registry::Registry;
+use crate::shutdown::{self, Shutdown};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("data_dir {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("data_dir {path} belongs to node {found}, not to node {wanted}; node ids are never reused: give this node a fresh data_dir")]
+    WrongNode {
+        path: PathBuf,
+        found: u64,
+        wanted: u64,
+    },
+    #[error("opening {path}: {source}")]
+    Store { path: PathBuf, source: redb::Error },
+    #[error("raft configuration: {0}")]
+    RaftConfig(String),
+    #[error("starting raft: {0}")]
+    Raft(String),
+    #[error("binding {what} {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// The addresses a node actually listens on, written to `<data_dir>/endpoints.json` so tools
+/// and tests that started it on port 0 can find it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Endpoints {
+    pub id: u64,
+    pub http_addr: String,
+    pub grpc_addr: String,
+    pub pid: u32,
+}
+
+/// Claims `dir` for node `id`: a directory that held another node refuses to start.
+fn claim_data_dir(dir: &Path, id: u64) -> Result<(), StartError> {
+    let io = |source| StartError::DataDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let id_file = dir.join("node_id");
+    match std::fs::read_to_string(&id_file) {
+        Ok(text) => {
+            let found: u64 = text.trim().parse().map_err(|_| {
+                io(std::io::Error::other(format!(
+                    "{} does not hold a node id",
+                    id_file.display()
+                )))
+            })?;
+            if found != id {
+                return Err(StartError::WrongNode {
+                    path: dir.to_path_buf(),
+                    found,
+                    wanted: id,
+                });
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::write(&id_file, format!("{id}\n")).map_err(io)
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
+fn raft_config(cfg: &Config) -> Result<openraft::Config, StartError> {
+    let r = &cfg.raft;
+    openraft::Config {
+        cluster_name: "mcpd".into(),
+        heartbeat_interval: r.heartbeat_ms,
+        election_timeout_min: r.election_timeout_min_ms,
+        election_timeout_max: r.election_timeout_max_ms,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(r.snapshot_every),
+        max_in_snapshot_log_to_keep: r.keep_logs,
+        snapshot_max_chunk_size: r.snapshot_chunk_bytes,
+        max_payload_entries: r.max_payload_entries,
+        // A request carries this many milliseconds before openraft gives up on a peer.
+        install_snapshot_timeout: 10_000,
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| StartError::RaftConfig(e.to_string()))
+}
+
+async fn bind(what: &'static str, addr: std::net::SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            what,
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+/// Runs a node until `stop` completes.
+pub async fn run(
+    cfg: Config,
+    metrics: PrometheusHandle,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), StartError> {
+    claim_data_dir(&cfg.data_dir, cfg.id)?;
+    let http_listener = bind("http_addr", cfg.http_addr).await?;
+    let grpc_listener = bind("grpc_addr", cfg.grpc_addr).await?;
+    let local = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let me = Member {
+        id: cfg.id,
+        http_addr: cfg
+            .advertise_http
+            .clone()
+            .unwrap_or_else(|| local(&http_listener)),
+        grpc_addr: cfg
+            .advertise_grpc
+            .clone()
+            .unwrap_or_else(|| local(&grpc_listener)),
+    };
+
+    let log_path = cfg.data_dir.join("raft-log.redb");
+    let log_store = LogStore::open(&log_path).map_err(|source| StartError::Store {
+        path: log_path,
+        source,
+    })?;
+    let sm_path = cfg.data_dir.join("state.redb");
+    let sm = StateMachineStore::open(&sm_path).map_err(|source| StartError::Store {
+        path: sm_path,
+        source,
+    })?;
+    let channels = PeerChannels::new(Duration::from_millis(500));
+    let network = NetworkFactory {
+        channels: channels.clone(),
+    };
+    let raft = Raft::new(
+        cfg.id,
+        Arc::new(raft_config(&cfg)?),
+        network,
+        log_store,
+        sm.clone(),
+    )
+    .await
+    .map_err(|e| StartError::Raft(e.to_string()))?;
+    let registry = Registry::new(
+        me.clone(),
+        raft.clone(),
+        sm,
+        channels,
+        Duration::from_millis(cfg.api.quorum_wait_ms),
+    );
+
+    let endpoints = Endpoints {
+        id: cfg.id,
+        http_addr: local(&http_listener),
+        grpc_addr: local(&grpc_listener),
+        pid: std::process::id(),
+    };
+    let ep_path = cfg.data_dir.join("endpoints.json");
+    std::fs::write(
+        &ep_path,
+        serde_json::to_vec_pretty(&endpoints).unwrap_or_default(),
+    )
+    .map_err(|source| StartError::DataDir {
+        path: ep_path,
+        source,
+    })?;
+    tracing::info!(
+        node = cfg.id,
+        http = %endpoints.http_addr,
+        grpc = %endpoints.grpc_addr,
+        advertise_http = %me.http_addr,
+        advertise_grpc = %me.grpc_addr,
+        "mcpd listening"
+    );
+
+    let (trigger, shutdown) = shutdown::channel();
+    let mut tasks = JoinSet::new();
+    tasks.spawn(serve_grpc(
+        grpc_listener,
+        raft.clone(),
+        registry.clone(),
+        shutdown.clone(),
+    ));
+    let state = AppState {
+        registry: registry.clone(),
+        metrics,
+    };
+    tasks.spawn(serve_http(
+        http_listener,
+        api::router(state, cfg.api.max_body_bytes),
+        shutdown.clone(),
+    ));
+    let exporter = tokio::spawn(crate::metrics::export_raft(raft.clone()));
+
+    tokio::select! {
+        _ = stop => tracing::info!("shutdown requested"),
+        Some(res) = tasks.join_next() => tracing::error!(?res, "a server task ended early; shutting down"),
+    }
+    trigger.fire();
+    if let Err(e) = raft.shutdown().await {
+        tracing::warn!(error = %e, "raft shutdown");
+    }
+    exporter.abort();
+    // Give in-flight requests a moment (open watch streams never end on their own); then stop
+    // whatever is left.
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    tasks.abort_all();
+    tracing::info!("mcpd stopped");
+    Ok(())
+}
+
+async fn serve_grpc(listener: TcpListener, raft: Raft, registry: Registry, shutdown: Shutdown) {
+    let raft_svc = RaftServer::new(RaftService { raft })
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    let cluster_svc = ClusterServer::new(ClusterService { registry });
+    let res = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(raft_svc)
+        .add_service(cluster_svc)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.wait())
+        .await;
+    if let Err(e) = res {
+        tracing::error!(error = %e, "gRPC server failed");
+    }
+}
+
+async fn serve_http(listener: TcpListener, router: axum::Router, shutdown: Shutdown) {
+    let res = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.wait())
+        .await;
+    if let Err(e) = res {
+        tracing::error!(error = %e, "HTTP server failed");
+    }
+}

@@ -1,0 +1,282 @@
+//! `mcpd`'s configuration: a TOML file whose every field has a default except the node's
+//! identity, overridable by flags, validated once at load with errors that name the field.
+//!
+//! ```toml
+//! id = 1
+//! data_dir = "/var/lib/mcpd"
+//! http_addr = "0.0.0.0:7400"        # admin API, MCP, /metrics, /livez, /readyz
+//! grpc_addr = "0.0.0.0:7500"        # Raft and forwarding between nodes
+//! advertise_http = "10.0.0.1:7400"  # what peers and clients dial (default: the listen address)
+//! advertise_grpc = "10.0.0.1:7500"
+//!
+//! [raft]
+//! heartbeat_ms = 150
+//! election_timeout_min_ms = 750
+//! election_timeout_max_ms = 1500
+//! snapshot_every = 5000             # entries between snapshots (log compaction)
+//! keep_logs = 1000                  # entries kept behind a snapshot for slow followers
+//!
+//! [api]
+//! quorum_wait_ms = 5000             # bound on a write or linearizable read without quorum
+//! max_body_bytes = 1048576
+//!
+//! [log]
+//! format = "text"                   # or "json"
+//! level = "info"                    # RUST_LOG wins when set
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A configuration error that names the field (and file) at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub id: u64,
+    #[serde(default)]
+    pub data_dir: PathBuf,
+    #[serde(default = "default_http")]
+    pub http_addr: SocketAddr,
+    #[serde(default = "default_grpc")]
+    pub grpc_addr: SocketAddr,
+    #[serde(default)]
+    pub advertise_http: Option<String>,
+    #[serde(default)]
+    pub advertise_grpc: Option<String>,
+    #[serde(default)]
+    pub raft: RaftConfig,
+    #[serde(default)]
+    pub api: ApiConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+fn default_http() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7400))
+}
+
+fn default_grpc() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7500))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    pub snapshot_every: u64,
+    pub keep_logs: u64,
+    /// Largest snapshot chunk sent in one RPC.
+    pub snapshot_chunk_bytes: u64,
+    pub max_payload_entries: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig {
+            heartbeat_ms: 150,
+            election_timeout_min_ms: 750,
+            election_timeout_max_ms: 1500,
+            snapshot_every: 5000,
+            keep_logs: 1000,
+            snapshot_chunk_bytes: 1 << 20,
+            max_payload_entries: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    pub quorum_wait_ms: u64,
+    pub max_body_bytes: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            quorum_wait_ms: 5000,
+            max_body_bytes: 1 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`; unknown keys and wrong types are errors naming the key.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// An empty configuration for flags to fill.
+    pub fn empty() -> Config {
+        // Every field has a serde default, so an empty document always parses.
+        toml::from_str("").unwrap_or_else(|_| unreachable!("an empty config parses"))
+    }
+
+    /// What peers dial for HTTP.
+    pub fn advertised_http(&self) -> String {
+        self.advertise_http
+            .clone()
+            .unwrap_or_else(|| self.http_addr.to_string())
+    }
+
+    /// What peers dial for gRPC.
+    pub fn advertised_grpc(&self) -> String {
+        self.advertise_grpc
+            .clone()
+            .unwrap_or_else(|| self.grpc_addr.to_string())
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.id == 0 {
+            return Err(invalid("id", "is required and must be greater than 0"));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "is required"));
+        }
+        if self.http_addr == self.grpc_addr {
+            return Err(invalid("grpc_addr", "must differ from http_addr"));
+        }
+        for (field, v) in [
+            ("advertise_http", &self.advertise_http),
+            ("advertise_grpc", &self.advertise_grpc),
+        ] {
+            if let Some(v) = v {
+                if !v.contains(':') {
+                    return Err(invalid(field, format!("{v:?} must be host:port")));
+                }
+            }
+        }
+        let r = &self.raft;
+        if r.heartbeat_ms == 0 {
+            return Err(invalid("raft.heartbeat_ms", "must be greater than 0"));
+        }
+        if r.election_timeout_min_ms <= r.heartbeat_ms {
+            return Err(invalid(
+                "raft.election_timeout_min_ms",
+                "must be greater than raft.heartbeat_ms",
+            ));
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return Err(invalid(
+                "raft.election_timeout_max_ms",
+                "must be greater than raft.election_timeout_min_ms",
+            ));
+        }
+        if r.snapshot_every == 0 {
+            return Err(invalid("raft.snapshot_every", "must be greater than 0"));
+        }
+        if r.snapshot_chunk_bytes < 1024 {
+            return Err(invalid(
+                "raft.snapshot_chunk_bytes",
+                "must be at least 1024",
+            ));
+        }
+        if r.max_payload_entries == 0 {
+            return Err(invalid(
+                "raft.max_payload_entries",
+                "must be greater than 0",
+            ));
+        }
+        if self.api.quorum_wait_ms == 0 {
+            return Err(invalid("api.quorum_wait_ms", "must be greater than 0"));
+        }
+        if self.api.max_body_bytes < 1024 {
+            return Err(invalid("api.max_body_bytes", "must be at least 1024"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_need_only_identity() {
+        let c: Config = toml::from_str("id = 3\ndata_dir = \"/tmp/x\"").expect("parses");
+        assert!(c.validate().is_ok());
+        assert_eq!(c.api.quorum_wait_ms, 5000);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = toml::from_str::<Config>("id = 1\n[raft]\nheartbeat = 5").unwrap_err();
+        assert!(e.to_string().contains("heartbeat"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_field() {
+        let mut c: Config = toml::from_str("id = 1\ndata_dir = \"d\"").expect("parses");
+        c.raft.election_timeout_min_ms = 10;
+        match c.validate() {
+            Err(ConfigError::Invalid { field, .. }) => {
+                assert_eq!(field, "raft.election_timeout_min_ms")
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let c: Config = toml::from_str("data_dir = \"d\"").expect("parses");
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid { field: "id", .. })
+        ));
+    }
+}

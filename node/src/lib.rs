@@ -1,0 +1,16 @@
+//! `mcpd`: one node of the MCP control plane.
+//!
+//! - [`raft`]: replication of the registry (openraft over gRPC, redb storage).
+//! - [`registry`]: the replicated state, its commands and the handle the rest of the node uses.
+//! - [`api`]: the admin API, probes and metrics over HTTP (axum).
+//! - [`app`]: assembling and running a node; [`config`]: its configuration.
+//!
+//! `ARCHITECTURE.md` at the repository root draws the paths a request takes through these.
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod metrics;
+pub mod raft;
+pub mod registry;
+pub mod shutdown;

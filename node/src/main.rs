@@ -1,0 +1,127 @@
+//! `mcpd`: run a node of the MCP control plane.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use mcpd::config::{Config, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+/// A node of the MCP control plane: replicates the registry of MCP servers, tenants and
+/// tokens with its peers (Raft over gRPC) and serves the admin API on HTTP.
+///
+/// Start three nodes, then run `mcpctl cluster init` against them.
+#[derive(Debug, Parser)]
+#[command(name = "mcpd", version)]
+struct Args {
+    /// TOML configuration file; flags override its values.
+    #[arg(long, short = 'c', env = "MCPD_CONFIG")]
+    config: Option<PathBuf>,
+    /// This node's id (> 0, unique in the cluster, never reused).
+    #[arg(long)]
+    id: Option<u64>,
+    /// Where the Raft log, snapshots and node identity are kept.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Listen address of the admin/MCP HTTP API (port 0 picks a free port).
+    #[arg(long)]
+    http_addr: Option<std::net::SocketAddr>,
+    /// Listen address of the gRPC server for peers (port 0 picks a free port).
+    #[arg(long)]
+    grpc_addr: Option<std::net::SocketAddr>,
+    /// The HTTP address peers and clients dial, when not the listen address.
+    #[arg(long)]
+    advertise_http: Option<String>,
+    /// The gRPC address peers dial, when not the listen address.
+    #[arg(long)]
+    advertise_grpc: Option<String>,
+    /// Bound on a write or linearizable read when there is no quorum (milliseconds).
+    #[arg(long)]
+    quorum_wait_ms: Option<u64>,
+    /// Log entries between snapshots.
+    #[arg(long)]
+    snapshot_every: Option<u64>,
+    /// Log entries kept behind a snapshot.
+    #[arg(long)]
+    keep_logs: Option<u64>,
+    /// Log format on stderr.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+impl Args {
+    fn into_config(self) -> anyhow::Result<Config> {
+        let mut cfg = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::empty(),
+        };
+        macro_rules! set {
+            ($flag:expr => $($field:tt)+) => {
+                if let Some(v) = $flag {
+                    cfg.$($field)+ = v;
+                }
+            };
+        }
+        set!(self.id => id);
+        set!(self.data_dir => data_dir);
+        set!(self.http_addr => http_addr);
+        set!(self.grpc_addr => grpc_addr);
+        set!(self.quorum_wait_ms => api.quorum_wait_ms);
+        set!(self.snapshot_every => raft.snapshot_every);
+        set!(self.keep_logs => raft.keep_logs);
+        set!(self.log_format => log.format);
+        if self.advertise_http.is_some() {
+            cfg.advertise_http = self.advertise_http;
+        }
+        if self.advertise_grpc.is_some() {
+            cfg.advertise_grpc = self.advertise_grpc;
+        }
+        cfg.validate().with_context(|| match &self.config {
+            Some(p) => format!("invalid configuration in {} (or flags)", p.display()),
+            None => "invalid configuration (flags)".to_string(),
+        })?;
+        Ok(cfg)
+    }
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{},openraft=warn", cfg.log.level)));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cfg.log.format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cfg = Args::parse().into_config()?;
+    init_logging(&cfg);
+    let metrics = mcpd::metrics::install().context("installing the metrics recorder")?;
+    mcpd::app::run(cfg, metrics, shutdown_signal()).await?;
+    Ok(())
+}

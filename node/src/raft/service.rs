@@ -1,0 +1,105 @@
+//! Answering peers: the gRPC services a node serves on its gRPC address.
+//!
+//! - `Raft`: openraft's append-entries, vote and snapshot chunks, JSON in and out.
+//! - `Cluster`: writes, read barriers and membership changes forwarded by followers; each is
+//!   handled as the leader or refused with `NotLeader`, never forwarded a second time.
+
+use mcpcp_proto::cluster::cluster_server::Cluster;
+use mcpcp_proto::cluster::{
+    ForwardWriteReply, ForwardWriteRequest, MembershipReply, MembershipRequest, ReadIndexReply,
+    ReadIndexRequest,
+};
+use mcpcp_proto::raft::raft_server;
+use mcpcp_proto::raft::RaftPayload;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::{Request, Response, Status};
+
+use super::Raft;
+use crate::registry::{ForwardError, MembershipChange, Registry};
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Status> {
+    serde_json::from_slice(bytes).map_err(|e| Status::invalid_argument(format!("bad payload: {e}")))
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, Status> {
+    serde_json::to_vec(value).map_err(|e| Status::internal(format!("encoding reply: {e}")))
+}
+
+/// The Raft service.
+pub struct RaftService {
+    pub raft: Raft,
+}
+
+#[tonic::async_trait]
+impl raft_server::Raft for RaftService {
+    async fn append_entries(
+        &self,
+        req: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let rpc = decode(&req.into_inner().data)?;
+        let res = self.raft.append_entries(rpc).await;
+        Ok(Response::new(RaftPayload {
+            data: encode(&res)?,
+        }))
+    }
+
+    async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let rpc = decode(&req.into_inner().data)?;
+        let res = self.raft.vote(rpc).await;
+        Ok(Response::new(RaftPayload {
+            data: encode(&res)?,
+        }))
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let rpc = decode(&req.into_inner().data)?;
+        let res = self.raft.install_snapshot(rpc).await;
+        Ok(Response::new(RaftPayload {
+            data: encode(&res)?,
+        }))
+    }
+}
+
+/// The forwarding service.
+pub struct ClusterService {
+    pub registry: Registry,
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn forward_write(
+        &self,
+        req: Request<ForwardWriteRequest>,
+    ) -> Result<Response<ForwardWriteReply>, Status> {
+        let request = decode(&req.into_inner().command)?;
+        let res = self.registry.write_as_leader(request).await;
+        Ok(Response::new(ForwardWriteReply {
+            result: encode(&res)?,
+        }))
+    }
+
+    async fn read_index(
+        &self,
+        _req: Request<ReadIndexRequest>,
+    ) -> Result<Response<ReadIndexReply>, Status> {
+        let res = self.registry.read_index_as_leader().await;
+        Ok(Response::new(ReadIndexReply {
+            result: encode(&res)?,
+        }))
+    }
+
+    async fn change_membership(
+        &self,
+        req: Request<MembershipRequest>,
+    ) -> Result<Response<MembershipReply>, Status> {
+        let change: MembershipChange = decode(&req.into_inner().change)?;
+        let res: Result<(), ForwardError> = self.registry.change_membership_as_leader(change).await;
+        Ok(Response::new(MembershipReply {
+            result: encode(&res)?,
+        }))
+    }
+}

@@ -1,0 +1,670 @@
+//! The registry as the rest of the node sees it: write a command, read the applied state
+//! (linearizable or stale), watch changes, and change membership, without caring which node
+//! leads. A follower forwards writes, read barriers and membership changes to the leader over
+//! gRPC; every wait is bounded by the configured quorum wait, after which the caller gets
+//! [`RegistryError::NoQuorum`] instead of a hang.
+//!
+//! Writes carry a request id, and the state machine remembers recent ids, so a write whose
+//! answer was lost (leader change, timeout, dropped connection) is re-sent without running
+//! twice.
+
+pub mod state;
+pub mod token;
+pub mod validate;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::RwLockReadGuard;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use mcpcp_proto::api::{AddNodeRequest, Member, Role, TokenInfo};
+use mcpcp_proto::cluster::cluster_client::ClusterClient;
+use mcpcp_proto::cluster::{ForwardWriteRequest, MembershipRequest, ReadIndexRequest};
+use openraft::error::RaftError;
+use openraft::ChangeMembers;
+use serde::{Deserialize, Serialize};
+
+use crate::raft::network::PeerChannels;
+use crate::raft::state_machine::{SmData, StateMachineStore, Subscription};
+use crate::raft::typ::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, LogId};
+use crate::raft::Raft;
+use state::{Applied, ApplyError, Command, Request};
+use validate::FieldError;
+
+/// Why a registry operation did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error("invalid {0}")]
+    Invalid(#[from] FieldError),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// No leader could commit (or confirm leadership for a read) within the bound.
+    #[error("quorum lost: no leader could {what} within {waited:?}")]
+    NoQuorum {
+        waited: Duration,
+        what: &'static str,
+        /// For writes: the command may still be applied later.
+        maybe_applied: bool,
+    },
+    #[error("this node is not part of an initialised cluster")]
+    NotInitialized,
+    #[error("the node is shutting down")]
+    ShuttingDown,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Errors that travel between nodes on the forwarding RPCs.
+#[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error)]
+pub enum ForwardError {
+    #[error("node {node} is not the leader")]
+    NotLeader { node: u64 },
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("quorum lost: {0}")]
+    NoQuorum(String),
+    #[error("{0}")]
+    Raft(String),
+}
+
+impl From<ForwardError> for RegistryError {
+    fn from(e: ForwardError) -> Self {
+        match e {
+            ForwardError::Invalid { field, message } => {
+                RegistryError::Invalid(FieldError { field, message })
+            }
+            ForwardError::Conflict(m) => RegistryError::Conflict(m),
+            ForwardError::NotFound(m) => RegistryError::NotFound(m),
+            other => RegistryError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// A membership change, as forwarded to the leader.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum MembershipChange {
+    Add(AddNodeRequest),
+    Remove { id: u64 },
+}
+
+/// Who a bearer token belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub token_id: String,
+    pub role: Role,
+    pub tenant: Option<String>,
+}
+
+/// Unix seconds now.
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A fresh request id for a write.
+pub fn new_request_id() -> String {
+    let mut b = [0u8; 16];
+    // A failed random source would only weaken de-duplication of retries; fall back to time.
+    if getrandom::fill(&mut b).is_err() {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        b = nanos.to_le_bytes();
+    }
+    hex::encode(b)
+}
+
+/// The registry handle of a node. Cheap to clone.
+#[derive(Clone)]
+pub struct Registry {
+    pub id: u64,
+    pub me: Member,
+    pub raft: Raft,
+    sm: StateMachineStore,
+    channels: PeerChannels,
+    quorum_wait: Duration,
+    membership_wait: Duration,
+}
+
+fn retry_delays() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(20))
+        .with_max_delay(Duration::from_millis(300))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+impl Registry {
+    pub fn new(
+        me: Member,
+        raft: Raft,
+        sm: StateMachineStore,
+        channels: PeerChannels,
+        quorum_wait: Duration,
+    ) -> Self {
+        Registry {
+            id: me.id,
+            me,
+            raft,
+            sm,
+            channels,
+            quorum_wait,
+            membership_wait: Duration::from_secs(60).max(quorum_wait),
+        }
+    }
+
+    pub fn quorum_wait(&self) -> Duration {
+        self.quorum_wait
+    }
+
+    /// The applied state as this node has it (a stale read). Never hold across an `.await`.
+    pub fn local(&self) -> RwLockReadGuard<'_, SmData> {
+        self.sm.read()
+    }
+
+    /// Changes after `since`, then live.
+    pub fn subscribe(&self, since: Option<u64>) -> Subscription {
+        self.sm.subscribe(since)
+    }
+
+    fn cluster_client(
+        &self,
+        leader: &Member,
+    ) -> Result<ClusterClient<tonic::transport::Channel>, String> {
+        self.channels
+            .get(&leader.grpc_addr)
+            .map(ClusterClient::new)
+            .map_err(|e| e.to_string())
+    }
+
+    fn leader_member(&self, f: &ForwardToLeader) -> Option<Member> {
+        if let Some(n) = &f.leader_node {
+            return Some(n.clone());
+        }
+        let id = f.leader_id?;
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .cloned()
+    }
+
+    /// Proposes `command` and waits for it to be applied, forwarding to the leader when this
+    /// node is not it.
+    pub async fn write(&self, command: Command) -> Result<Applied, RegistryError> {
+        self.write_request(Request {
+            request_id: new_request_id(),
+            command,
+        })
+        .await
+    }
+
+    /// Like [`Registry::write`], with the caller's request id (an `Idempotency-Key`).
+    pub async fn write_request(&self, req: Request) -> Result<Applied, RegistryError> {
+        let started = Instant::now();
+        let label = req.command.label();
+        let result = self.write_inner(req, started).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(RegistryError::Apply(_)) => "rejected",
+            Err(RegistryError::NoQuorum { .. }) => "no_quorum",
+            Err(_) => "error",
+        };
+        metrics::histogram!("mcpd_registry_write_seconds", "op" => label, "outcome" => outcome)
+            .record(started.elapsed().as_secs_f64());
+        if matches!(result, Err(RegistryError::NoQuorum { .. })) {
+            metrics::counter!("mcpd_registry_failed_proposals_total", "reason" => "no_quorum")
+                .increment(1);
+        }
+        result
+    }
+
+    async fn write_inner(&self, req: Request, started: Instant) -> Result<Applied, RegistryError> {
+        let deadline = started + self.quorum_wait;
+        let no_quorum = || RegistryError::NoQuorum {
+            waited: started.elapsed(),
+            what: "commit the write",
+            maybe_applied: true,
+        };
+        let mut delays = retry_delays();
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(no_quorum());
+            }
+            let attempt =
+                tokio::time::timeout(remaining, self.raft.client_write(req.clone())).await;
+            let forward = match attempt {
+                Err(_) => return Err(no_quorum()),
+                Ok(Ok(resp)) => return resp.data.map_err(RegistryError::Apply),
+                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => f,
+                Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+                    return Err(RegistryError::Internal(e.to_string()))
+                }
+                Ok(Err(RaftError::Fatal(_))) => return Err(RegistryError::ShuttingDown),
+            };
+            if let Some(leader) = self.leader_member(&forward).filter(|l| l.id != self.id) {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(remaining, self.forward_write(&leader, &req)).await {
+                    Err(_) => return Err(no_quorum()),
+                    Ok(Ok(Ok(result))) => {
+                        metrics::counter!("mcpd_registry_forwarded_writes_total").increment(1);
+                        return result.map_err(RegistryError::Apply);
+                    }
+                    Ok(Ok(Err(e))) => {
+                        tracing::debug!(leader = leader.id, error = %e, "forwarded write refused, retrying");
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(leader = leader.id, error = %e, "forwarding failed, retrying");
+                    }
+                }
+            }
+            tokio::time::sleep(delays.next().unwrap_or(Duration::from_millis(100))).await;
+        }
+    }
+
+    async fn forward_write(
+        &self,
+        leader: &Member,
+        req: &Request,
+    ) -> Result<Result<state::CommandResult, ForwardError>, String> {
+        let mut client = self.cluster_client(leader)?;
+        let command = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+        let reply = client
+            .forward_write(ForwardWriteRequest { command })
+            .await
+            .map_err(|s| s.to_string())?;
+        serde_json::from_slice(&reply.into_inner().result).map_err(|e| e.to_string())
+    }
+
+    /// Leader side of a forwarded write: propose here, never forward again.
+    pub async fn write_as_leader(
+        &self,
+        req: Request,
+    ) -> Result<state::CommandResult, ForwardError> {
+        let timeout = self.quorum_wait;
+        match tokio::time::timeout(timeout, self.raft.client_write(req)).await {
+            Err(_) => Err(ForwardError::NoQuorum(format!(
+                "not committed within {timeout:?}"
+            ))),
+            Ok(Ok(resp)) => Ok(resp.data),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                Err(ForwardError::NotLeader { node: self.id })
+            }
+            Ok(Err(e)) => Err(ForwardError::Raft(e.to_string())),
+        }
+    }
+
+    /// Waits until this node has applied everything committed before the call (ReadIndex):
+    /// a read of the local state after it is linearizable.
+    pub async fn barrier(&self) -> Result<(), RegistryError> {
+        let started = Instant::now();
+        let deadline = started + self.quorum_wait;
+        let no_quorum = || RegistryError::NoQuorum {
+            waited: started.elapsed(),
+            what: "confirm its leadership for a linearizable read",
+            maybe_applied: false,
+        };
+        let mut delays = retry_delays();
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(no_quorum());
+            }
+            let forward =
+                match tokio::time::timeout(remaining, self.raft.ensure_linearizable()).await {
+                    Err(_) => return Err(no_quorum()),
+                    Ok(Ok(_)) => return Ok(()),
+                    Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => Some(f),
+                    Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => None,
+                    Ok(Err(RaftError::Fatal(_))) => return Err(RegistryError::ShuttingDown),
+                };
+            if let Some(leader) = forward
+                .as_ref()
+                .and_then(|f| self.leader_member(f))
+                .filter(|l| l.id != self.id)
+            {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(remaining, self.read_index_from(&leader)).await {
+                    Err(_) => return Err(no_quorum()),
+                    Ok(Ok(Ok(index))) => {
+                        let remaining = deadline.saturating_duration_since(Instant::now());
+                        return self
+                            .raft
+                            .wait(Some(remaining))
+                            .applied_index_at_least(index.map(|l| l.index), "linearizable read")
+                            .await
+                            .map(|_| ())
+                            .map_err(|_| no_quorum());
+                    }
+                    Ok(Ok(Err(e))) => {
+                        tracing::debug!(leader = leader.id, error = %e, "read index refused")
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(leader = leader.id, error = %e, "read index failed")
+                    }
+                }
+            }
+            tokio::time::sleep(delays.next().unwrap_or(Duration::from_millis(100))).await;
+        }
+    }
+
+    async fn read_index_from(
+        &self,
+        leader: &Member,
+    ) -> Result<Result<Option<LogId>, ForwardError>, String> {
+        let mut client = self.cluster_client(leader)?;
+        let reply = client
+            .read_index(ReadIndexRequest {})
+            .await
+            .map_err(|s| s.to_string())?;
+        serde_json::from_slice(&reply.into_inner().result).map_err(|e| e.to_string())
+    }
+
+    /// Leader side of a read barrier.
+    pub async fn read_index_as_leader(&self) -> Result<Option<LogId>, ForwardError> {
+        match tokio::time::timeout(self.quorum_wait, self.raft.ensure_linearizable()).await {
+            Err(_) => Err(ForwardError::NoQuorum(
+                "leadership not confirmed in time".into(),
+            )),
+            Ok(Ok(idx)) => Ok(idx),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => {
+                Err(ForwardError::NotLeader { node: self.id })
+            }
+            Ok(Err(e)) => Err(ForwardError::Raft(e.to_string())),
+        }
+    }
+
+    /// Checks a bearer token against the applied state.
+    pub fn authenticate(&self, token: &str) -> Option<Principal> {
+        let id = token::parse_id(token)?;
+        let data = self.sm.read();
+        let stored = data.state.tokens.get(id)?;
+        if !token::matches(token, &stored.hash) {
+            return None;
+        }
+        if stored.info.expires_at.is_some_and(|e| e <= now_unix()) {
+            return None;
+        }
+        Some(Principal {
+            token_id: stored.info.id.clone(),
+            role: stored.info.role,
+            tenant: stored.info.tenant.clone(),
+        })
+    }
+
+    /// Bootstraps a cluster from this node and mints the first admin token.
+    pub async fn init(
+        &self,
+        members: Vec<Member>,
+    ) -> Result<(BTreeSet<u64>, String), RegistryError> {
+        let initialized = self
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|_| RegistryError::ShuttingDown)?;
+        let ids: BTreeSet<u64>;
+        if initialized {
+            // A bootstrap that initialised Raft but lost its token write may be completed;
+            // once an admin token exists the cluster is closed to `init`.
+            self.barrier().await?;
+            let data = self.sm.read();
+            if data
+                .state
+                .tokens
+                .values()
+                .any(|t| t.info.role == Role::Admin)
+            {
+                return Err(RegistryError::Conflict(
+                    "the cluster is already initialised; use an admin token".into(),
+                ));
+            }
+            ids = data.membership.voter_ids().collect();
+        } else {
+            let mut map = BTreeMap::new();
+            if members.is_empty() {
+                map.insert(self.id, self.me.clone());
+            }
+            for (i, m) in members.into_iter().enumerate() {
+                if m.id == 0 {
+                    return Err(FieldError::new(
+                        format!("members[{i}].id"),
+                        "must be greater than 0",
+                    )
+                    .into());
+                }
+                if m.http_addr.is_empty() || m.grpc_addr.is_empty() {
+                    return Err(FieldError::new(
+                        format!("members[{i}]"),
+                        "http_addr and grpc_addr are required",
+                    )
+                    .into());
+                }
+                if map.insert(m.id, m.clone()).is_some() {
+                    return Err(FieldError::new(
+                        format!("members[{i}].id"),
+                        format!("id {} appears twice", m.id),
+                    )
+                    .into());
+                }
+            }
+            if !map.contains_key(&self.id) {
+                return Err(FieldError::new(
+                    "members",
+                    format!(
+                        "must include the node that receives the request (id {})",
+                        self.id
+                    ),
+                )
+                .into());
+            }
+            ids = map.keys().copied().collect();
+            self.raft.initialize(map).await.map_err(|e| match e {
+                RaftError::APIError(e) => RegistryError::Conflict(e.to_string()),
+                RaftError::Fatal(_) => RegistryError::ShuttingDown,
+            })?;
+            tracing::info!(members = ?ids, "cluster initialised");
+        }
+        let minted = token::mint().map_err(|e| RegistryError::Internal(e.to_string()))?;
+        let info = TokenInfo {
+            id: minted.id,
+            name: "bootstrap-admin".into(),
+            role: Role::Admin,
+            tenant: None,
+            created_at: now_unix(),
+            expires_at: None,
+        };
+        // The first election needs every initial member up: give it more than one quorum wait.
+        let req = Request {
+            request_id: new_request_id(),
+            command: Command::CreateToken {
+                info,
+                hash: minted.hash,
+            },
+        };
+        let mut last = None;
+        for _ in 0..3 {
+            match self.write_request(req.clone()).await {
+                Ok(_) => return Ok((ids, minted.secret)),
+                Err(e @ RegistryError::NoQuorum { .. }) => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or(RegistryError::Internal(
+            "bootstrap token not written".into(),
+        )))
+    }
+
+    /// Adds a node (learner, then voter), through the leader.
+    pub async fn change_membership(&self, change: MembershipChange) -> Result<(), RegistryError> {
+        let started = Instant::now();
+        let deadline = started + self.membership_wait;
+        let mut delays = retry_delays();
+        loop {
+            match self.change_membership_as_leader(change.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(ForwardError::NotLeader { .. }) => {}
+                Err(ForwardError::NoQuorum(m)) => {
+                    tracing::debug!(message = %m, "membership change waiting for quorum");
+                }
+                Err(e) => return Err(e.into()),
+            }
+            let leader = {
+                let m = self.raft.metrics().borrow().clone();
+                m.current_leader
+                    .filter(|l| *l != self.id)
+                    .and_then(|l| m.membership_config.membership().get_node(&l).cloned())
+            };
+            if let Some(leader) = leader {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(remaining, self.forward_membership(&leader, &change))
+                    .await
+                {
+                    Err(_) => break,
+                    Ok(Ok(Ok(()))) => return Ok(()),
+                    Ok(Ok(Err(ForwardError::NotLeader { .. } | ForwardError::NoQuorum(_)))) => {}
+                    Ok(Ok(Err(e))) => return Err(e.into()),
+                    Ok(Err(e)) => {
+                        tracing::debug!(leader = leader.id, error = %e, "forwarding membership change failed")
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(delays.next().unwrap_or(Duration::from_millis(100))).await;
+        }
+        Err(RegistryError::NoQuorum {
+            waited: started.elapsed(),
+            what: "change the membership",
+            maybe_applied: true,
+        })
+    }
+
+    async fn forward_membership(
+        &self,
+        leader: &Member,
+        change: &MembershipChange,
+    ) -> Result<Result<(), ForwardError>, String> {
+        let mut client = self.cluster_client(leader)?;
+        let body = serde_json::to_vec(change).map_err(|e| e.to_string())?;
+        let reply = client
+            .change_membership(MembershipRequest { change: body })
+            .await
+            .map_err(|s| s.to_string())?;
+        serde_json::from_slice(&reply.into_inner().result).map_err(|e| e.to_string())
+    }
+
+    /// Leader side of a membership change.
+    pub async fn change_membership_as_leader(
+        &self,
+        change: MembershipChange,
+    ) -> Result<(), ForwardError> {
+        let metrics = self.raft.metrics().borrow().clone();
+        if metrics.current_leader != Some(self.id) {
+            return Err(ForwardError::NotLeader { node: self.id });
+        }
+        let membership = metrics.membership_config.membership().clone();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let learners: BTreeSet<u64> = membership.learner_ids().collect();
+        let map_err = |e: RaftError<u64, ClientWriteError>| match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+                ForwardError::NotLeader { node: self.id }
+            }
+            other => ForwardError::Raft(other.to_string()),
+        };
+        match change {
+            MembershipChange::Add(req) => {
+                if req.id == 0 {
+                    return Err(ForwardError::Invalid {
+                        field: "id".into(),
+                        message: "must be greater than 0".into(),
+                    });
+                }
+                if voters.contains(&req.id) {
+                    return Err(ForwardError::Conflict(format!(
+                        "node {} is already a voter",
+                        req.id
+                    )));
+                }
+                let used_before = self.sm.read().state.node_ids_ever.contains(&req.id);
+                if used_before && !learners.contains(&req.id) {
+                    return Err(ForwardError::Conflict(format!(
+                        "node id {} was a member before; node ids are never reused: start the new node with a fresh id",
+                        req.id
+                    )));
+                }
+                let member = Member {
+                    id: req.id,
+                    http_addr: req.http_addr.clone(),
+                    grpc_addr: req.grpc_addr.clone(),
+                };
+                if !learners.contains(&req.id) {
+                    tokio::time::timeout(
+                        self.membership_wait,
+                        self.raft.add_learner(req.id, member, true),
+                    )
+                    .await
+                    .map_err(|_| {
+                        ForwardError::NoQuorum("the learner did not catch up in time".into())
+                    })?
+                    .map_err(map_err)?;
+                    tracing::info!(node = req.id, "added learner");
+                }
+                if req.voter {
+                    let ids: BTreeSet<u64> = [req.id].into();
+                    tokio::time::timeout(
+                        self.membership_wait,
+                        self.raft
+                            .change_membership(ChangeMembers::AddVoterIds(ids), false),
+                    )
+                    .await
+                    .map_err(|_| {
+                        ForwardError::NoQuorum("promotion to voter not committed in time".into())
+                    })?
+                    .map_err(map_err)?;
+                    tracing::info!(node = req.id, "promoted to voter");
+                }
+                Ok(())
+            }
+            MembershipChange::Remove { id } => {
+                let ids: BTreeSet<u64> = [id].into();
+                let change = if voters.contains(&id) {
+                    if voters.len() == 1 {
+                        return Err(ForwardError::Conflict(format!(
+                            "node {id} is the last voter; a cluster cannot remove its last voter"
+                        )));
+                    }
+                    ChangeMembers::RemoveVoters(ids)
+                } else if learners.contains(&id) {
+                    ChangeMembers::RemoveNodes(ids)
+                } else {
+                    return Err(ForwardError::NotFound(format!("node {id} is not a member")));
+                };
+                tokio::time::timeout(
+                    self.membership_wait,
+                    self.raft.change_membership(change, false),
+                )
+                .await
+                .map_err(|_| ForwardError::NoQuorum("removal not committed in time".into()))?
+                .map_err(map_err)?;
+                tracing::info!(node = id, "removed node");
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,564 @@
+//! The replicated registry: what every node holds after applying the Raft log, and the pure,
+//! deterministic function that applies one command to it.
+//!
+//! Nothing here does I/O or reads a clock: every input (timestamps, token hashes, request ids)
+//! travels inside the command, so every node that applies the same log reaches the same state.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use mcpcp_proto::api::{ObjectKind, ServerSpec, TenantSpec, TokenInfo, Versioned, WatchEvent};
+use serde::{Deserialize, Serialize};
+
+/// What a write must find before it applies (`If-Match` and create-only semantics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Precondition {
+    /// Apply whatever is there (upsert / delete-if-present-else-404).
+    None,
+    /// Create only: fail if the object exists.
+    Absent,
+    /// Compare-and-set: the object must exist at exactly this revision.
+    Revision(u64),
+}
+
+/// A change to the registry, as proposed to Raft.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    PutServer {
+        spec: ServerSpec,
+        precondition: Precondition,
+    },
+    DeleteServer {
+        name: String,
+        precondition: Precondition,
+    },
+    PutTenant {
+        spec: TenantSpec,
+        precondition: Precondition,
+    },
+    DeleteTenant {
+        name: String,
+        precondition: Precondition,
+    },
+    CreateToken {
+        info: TokenInfo,
+        hash: String,
+    },
+    RevokeToken {
+        id: String,
+    },
+}
+
+impl Command {
+    /// A short label for logs and metrics (never carries secrets or specs).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Command::PutServer { .. } => "put_server",
+            Command::DeleteServer { .. } => "delete_server",
+            Command::PutTenant { .. } => "put_tenant",
+            Command::DeleteTenant { .. } => "delete_tenant",
+            Command::CreateToken { .. } => "create_token",
+            Command::RevokeToken { .. } => "revoke_token",
+        }
+    }
+}
+
+/// A command with the id its client gave it. Applying the same request id twice returns the
+/// first outcome instead of applying again, so a client (or a forwarding node) may resend a
+/// write whose answer it lost without running it twice.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    pub request_id: String,
+    pub command: Command,
+}
+
+/// The outcome of a successful command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    pub revision: u64,
+}
+
+/// Why a well-formed command was refused by the state it met. Deterministic, so every node
+/// refuses it alike.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ApplyError {
+    #[error("{kind:?} {name:?} not found")]
+    NotFound { kind: ObjectKind, name: String },
+    #[error("{kind:?} {name:?} already exists")]
+    AlreadyExists { kind: ObjectKind, name: String },
+    #[error("{kind:?} {name:?} is at revision {actual:?}, not {expected}")]
+    RevisionMismatch {
+        kind: ObjectKind,
+        name: String,
+        expected: u64,
+        actual: Option<u64>,
+    },
+    #[error("{kind:?} {name:?} is in use: {detail}")]
+    InUse {
+        kind: ObjectKind,
+        name: String,
+        detail: String,
+    },
+    #[error("{field} refers to {kind:?} {name:?}, which does not exist")]
+    MissingReference {
+        field: String,
+        kind: ObjectKind,
+        name: String,
+    },
+}
+
+pub type CommandResult = Result<Applied, ApplyError>;
+
+/// A token as stored: its metadata and the hash of its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredToken {
+    pub info: TokenInfo,
+    pub hash: String,
+    pub revision: u64,
+}
+
+/// How many request ids are remembered for de-duplication. A client retries within seconds;
+/// this covers far more writes than fit in that time.
+pub const DEDUP_WINDOW: usize = 10_000;
+
+/// The registry. Serialised whole into snapshots.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    /// Bumped by every successful command; each object records the revision that last
+    /// changed it.
+    pub revision: u64,
+    pub servers: BTreeMap<String, Versioned<ServerSpec>>,
+    pub tenants: BTreeMap<String, Versioned<TenantSpec>>,
+    pub tokens: BTreeMap<String, StoredToken>,
+    /// Every node id that was ever a member, so that no id is used twice.
+    pub node_ids_ever: BTreeSet<u64>,
+    /// Outcomes of recent requests by request id, oldest first.
+    pub recent: VecDeque<(String, CommandResult)>,
+}
+
+/// One object changed by an applied command, for persistence and watchers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub kind: ObjectKind,
+    pub name: String,
+    /// `None` when the object was deleted.
+    pub present: bool,
+}
+
+impl State {
+    /// Applies one request. Returns its outcome and the objects it changed (empty when it was
+    /// refused or was a duplicate).
+    pub fn apply(&mut self, req: Request) -> (CommandResult, Vec<Change>) {
+        if let Some((_, outcome)) = self.recent.iter().find(|(id, _)| *id == req.request_id) {
+            return (outcome.clone(), Vec::new());
+        }
+        let next = self.revision + 1;
+        let result = self.apply_command(req.command, next);
+        let (result, changes) = match result {
+            Ok(changes) => {
+                self.revision = next;
+                (Ok(Applied { revision: next }), changes)
+            }
+            Err(e) => (Err(e), Vec::new()),
+        };
+        self.recent.push_back((req.request_id, result.clone()));
+        while self.recent.len() > DEDUP_WINDOW {
+            self.recent.pop_front();
+        }
+        (result, changes)
+    }
+
+    fn apply_command(&mut self, cmd: Command, rev: u64) -> Result<Vec<Change>, ApplyError> {
+        match cmd {
+            Command::PutServer { spec, precondition } => {
+                if let Some(t) = &spec.tenant {
+                    if !self.tenants.contains_key(t) {
+                        return Err(ApplyError::MissingReference {
+                            field: "tenant".into(),
+                            kind: ObjectKind::Tenant,
+                            name: t.clone(),
+                        });
+                    }
+                }
+                let name = spec.name.clone();
+                put(
+                    &mut self.servers,
+                    ObjectKind::Server,
+                    name,
+                    spec,
+                    precondition,
+                    rev,
+                )
+            }
+            Command::DeleteServer { name, precondition } => {
+                delete(&mut self.servers, ObjectKind::Server, name, precondition)
+            }
+            Command::PutTenant { spec, precondition } => {
+                let name = spec.name.clone();
+                put(
+                    &mut self.tenants,
+                    ObjectKind::Tenant,
+                    name,
+                    spec,
+                    precondition,
+                    rev,
+                )
+            }
+            Command::DeleteTenant { name, precondition } => {
+                let servers = self
+                    .servers
+                    .values()
+                    .filter(|s| s.spec.tenant.as_deref() == Some(name.as_str()))
+                    .count();
+                let tokens = self
+                    .tokens
+                    .values()
+                    .filter(|t| t.info.tenant.as_deref() == Some(name.as_str()))
+                    .count();
+                if self.tenants.contains_key(&name) && (servers > 0 || tokens > 0) {
+                    return Err(ApplyError::InUse {
+                        kind: ObjectKind::Tenant,
+                        name,
+                        detail: format!(
+                            "{servers} server(s) and {tokens} token(s) belong to it; remove them first"
+                        ),
+                    });
+                }
+                delete(&mut self.tenants, ObjectKind::Tenant, name, precondition)
+            }
+            Command::CreateToken { info, hash } => {
+                if let Some(t) = &info.tenant {
+                    if !self.tenants.contains_key(t) {
+                        return Err(ApplyError::MissingReference {
+                            field: "tenant".into(),
+                            kind: ObjectKind::Tenant,
+                            name: t.clone(),
+                        });
+                    }
+                }
+                if self.tokens.contains_key(&info.id) {
+                    return Err(ApplyError::AlreadyExists {
+                        kind: ObjectKind::Token,
+                        name: info.id,
+                    });
+                }
+                let id = info.id.clone();
+                self.tokens.insert(
+                    id.clone(),
+                    StoredToken {
+                        info,
+                        hash,
+                        revision: rev,
+                    },
+                );
+                Ok(vec![Change {
+                    kind: ObjectKind::Token,
+                    name: id,
+                    present: true,
+                }])
+            }
+            Command::RevokeToken { id } => match self.tokens.remove(&id) {
+                Some(_) => Ok(vec![Change {
+                    kind: ObjectKind::Token,
+                    name: id,
+                    present: false,
+                }]),
+                None => Err(ApplyError::NotFound {
+                    kind: ObjectKind::Token,
+                    name: id,
+                }),
+            },
+        }
+    }
+
+    /// The watch event describing `change` in the current state.
+    pub fn event_for(&self, change: &Change) -> WatchEvent {
+        let value = if change.present {
+            match change.kind {
+                ObjectKind::Server => self
+                    .servers
+                    .get(&change.name)
+                    .and_then(|v| serde_json::to_value(v).ok()),
+                ObjectKind::Tenant => self
+                    .tenants
+                    .get(&change.name)
+                    .and_then(|v| serde_json::to_value(v).ok()),
+                // Watchers learn token metadata, never hashes.
+                ObjectKind::Token => self
+                    .tokens
+                    .get(&change.name)
+                    .and_then(|t| serde_json::to_value(&t.info).ok()),
+            }
+        } else {
+            None
+        };
+        match value {
+            Some(value) => WatchEvent::Put {
+                revision: self.revision,
+                kind: change.kind,
+                name: change.name.clone(),
+                value,
+            },
+            None => WatchEvent::Delete {
+                revision: self.revision,
+                kind: change.kind,
+                name: change.name.clone(),
+            },
+        }
+    }
+}
+
+fn put<T>(
+    map: &mut BTreeMap<String, Versioned<T>>,
+    kind: ObjectKind,
+    name: String,
+    spec: T,
+    precondition: Precondition,
+    rev: u64,
+) -> Result<Vec<Change>, ApplyError> {
+    let current = map.get(&name);
+    let created_revision = match (precondition, current) {
+        (Precondition::Absent, Some(_)) => return Err(ApplyError::AlreadyExists { kind, name }),
+        (Precondition::Revision(expected), cur) if cur.map(|c| c.revision) != Some(expected) => {
+            return Err(ApplyError::RevisionMismatch {
+                kind,
+                name,
+                expected,
+                actual: cur.map(|c| c.revision),
+            })
+        }
+        (_, Some(cur)) => cur.created_revision,
+        (_, None) => rev,
+    };
+    map.insert(
+        name.clone(),
+        Versioned {
+            revision: rev,
+            created_revision,
+            spec,
+        },
+    );
+    Ok(vec![Change {
+        kind,
+        name,
+        present: true,
+    }])
+}
+
+fn delete<T>(
+    map: &mut BTreeMap<String, Versioned<T>>,
+    kind: ObjectKind,
+    name: String,
+    precondition: Precondition,
+) -> Result<Vec<Change>, ApplyError> {
+    let Some(current) = map.get(&name) else {
+        return Err(ApplyError::NotFound { kind, name });
+    };
+    if let Precondition::Revision(expected) = precondition {
+        if current.revision != expected {
+            return Err(ApplyError::RevisionMismatch {
+                kind,
+                name,
+                expected,
+                actual: Some(current.revision),
+            });
+        }
+    }
+    map.remove(&name);
+    Ok(vec![Change {
+        kind,
+        name,
+        present: false,
+    }])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mcpcp_proto::api::Role;
+
+    fn server(name: &str, tenant: Option<&str>) -> ServerSpec {
+        let mut s: ServerSpec =
+            serde_json::from_value(serde_json::json!({"name": name, "command": "true"}))
+                .expect("minimal spec");
+        s.tenant = tenant.map(String::from);
+        s
+    }
+
+    fn req(id: &str, command: Command) -> Request {
+        Request {
+            request_id: id.into(),
+            command,
+        }
+    }
+
+    fn put_server(id: &str, name: &str, pre: Precondition) -> Request {
+        req(
+            id,
+            Command::PutServer {
+                spec: server(name, None),
+                precondition: pre,
+            },
+        )
+    }
+
+    #[test]
+    fn revisions_count_successful_commands() {
+        let mut st = State::default();
+        let (r, ch) = st.apply(put_server("1", "a", Precondition::Absent));
+        assert_eq!(r, Ok(Applied { revision: 1 }));
+        assert_eq!(ch.len(), 1);
+        let (r, ch) = st.apply(put_server("2", "a", Precondition::Absent));
+        assert!(matches!(r, Err(ApplyError::AlreadyExists { .. })));
+        assert!(ch.is_empty());
+        assert_eq!(st.revision, 1);
+        let (r, _) = st.apply(put_server("3", "a", Precondition::None));
+        assert_eq!(r, Ok(Applied { revision: 2 }));
+        let s = &st.servers["a"];
+        assert_eq!((s.created_revision, s.revision), (1, 2));
+    }
+
+    #[test]
+    fn compare_and_set_needs_the_current_revision() {
+        let mut st = State::default();
+        st.apply(put_server("1", "a", Precondition::None));
+        let (r, _) = st.apply(put_server("2", "a", Precondition::Revision(7)));
+        assert_eq!(
+            r,
+            Err(ApplyError::RevisionMismatch {
+                kind: ObjectKind::Server,
+                name: "a".into(),
+                expected: 7,
+                actual: Some(1)
+            })
+        );
+        let (r, _) = st.apply(put_server("3", "a", Precondition::Revision(1)));
+        assert_eq!(r, Ok(Applied { revision: 2 }));
+        let (r, _) = st.apply(put_server("4", "b", Precondition::Revision(1)));
+        assert!(matches!(
+            r,
+            Err(ApplyError::RevisionMismatch { actual: None, .. })
+        ));
+    }
+
+    #[test]
+    fn a_repeated_request_id_is_applied_once() {
+        let mut st = State::default();
+        let first = st.apply(put_server("same", "a", Precondition::Absent)).0;
+        let again = st.apply(put_server("same", "a", Precondition::Absent));
+        assert_eq!(first, again.0);
+        assert!(again.1.is_empty());
+        assert_eq!(st.revision, 1);
+    }
+
+    #[test]
+    fn dedup_window_is_bounded() {
+        let mut st = State::default();
+        for i in 0..DEDUP_WINDOW + 5 {
+            st.apply(req(&i.to_string(), Command::RevokeToken { id: "x".into() }));
+        }
+        assert_eq!(st.recent.len(), DEDUP_WINDOW);
+    }
+
+    #[test]
+    fn tenant_references_are_enforced() {
+        let mut st = State::default();
+        let (r, _) = st.apply(req(
+            "1",
+            Command::PutServer {
+                spec: server("s", Some("acme")),
+                precondition: Precondition::None,
+            },
+        ));
+        assert!(
+            matches!(r, Err(ApplyError::MissingReference { ref field, .. }) if field == "tenant")
+        );
+        st.apply(req(
+            "2",
+            Command::PutTenant {
+                spec: TenantSpec {
+                    name: "acme".into(),
+                    description: None,
+                },
+                precondition: Precondition::Absent,
+            },
+        ));
+        let (r, _) = st.apply(req(
+            "3",
+            Command::PutServer {
+                spec: server("s", Some("acme")),
+                precondition: Precondition::None,
+            },
+        ));
+        assert!(r.is_ok());
+        let (r, _) = st.apply(req(
+            "4",
+            Command::DeleteTenant {
+                name: "acme".into(),
+                precondition: Precondition::None,
+            },
+        ));
+        assert!(matches!(r, Err(ApplyError::InUse { .. })));
+        st.apply(req(
+            "5",
+            Command::DeleteServer {
+                name: "s".into(),
+                precondition: Precondition::None,
+            },
+        ));
+        let (r, ch) = st.apply(req(
+            "6",
+            Command::DeleteTenant {
+                name: "acme".into(),
+                precondition: Precondition::None,
+            },
+        ));
+        assert!(r.is_ok());
+        assert_eq!(
+            ch,
+            vec![Change {
+                kind: ObjectKind::Tenant,
+                name: "acme".into(),
+                present: false
+            }]
+        );
+    }
+
+    #[test]
+    fn tokens_are_created_once_and_revoked() {
+        let mut st = State::default();
+        let info = TokenInfo {
+            id: "abc".into(),
+            name: "ci".into(),
+            role: Role::Admin,
+            tenant: None,
+            created_at: 1,
+            expires_at: None,
+        };
+        let create = |id: &str| {
+            req(
+                id,
+                Command::CreateToken {
+                    info: info.clone(),
+                    hash: "h".into(),
+                },
+            )
+        };
+        assert!(st.apply(create("1")).0.is_ok());
+        assert!(matches!(
+            st.apply(create("2")).0,
+            Err(ApplyError::AlreadyExists { .. })
+        ));
+        let ev = st.event_for(&Change {
+            kind: ObjectKind::Token,
+            name: "abc".into(),
+            present: true,
+        });
+        let text = serde_json::to_string(&ev).expect("serialises");
+        assert!(!text.contains("\"h\""), "watch events never carry hashes");
+        assert!(st
+            .apply(req("3", Command::RevokeToken { id: "abc".into() }))
+            .0
+            .is_ok());
+        assert!(st.tokens.is_empty());
+    }
+}

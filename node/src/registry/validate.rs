@@ -1,0 +1,246 @@
+//! Validation of what operators write, done once at the API edge so that the state machine only
+//! ever sees well-formed specs. Every error names the field at fault.
+
+use mcpcp_proto::api::{CreateTokenRequest, Role, ServerSpec, TenantSpec};
+
+/// A rejected field: `field` is the JSON path of the value, `message` says what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        FieldError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Longest server name. Tools are exposed as `{server}__{tool}` under a 64-character limit,
+/// so a server name leaves room for the tool's own.
+pub const MAX_SERVER_NAME: usize = 32;
+pub const MAX_TENANT_NAME: usize = 63;
+const MAX_POOL_SIZE: u32 = 256;
+
+/// A name of a server or tenant: lowercase ASCII letters, digits, `-` and `_`, starting with a
+/// letter or digit, without `__` (the separator of aggregated tool names).
+pub fn name(field: &str, value: &str, max: usize) -> Result<(), FieldError> {
+    if value.is_empty() {
+        return Err(FieldError::new(field, "must not be empty"));
+    }
+    if value.len() > max {
+        return Err(FieldError::new(
+            field,
+            format!("must be at most {max} characters, got {}", value.len()),
+        ));
+    }
+    let first = value.as_bytes()[0];
+    if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
+        return Err(FieldError::new(
+            field,
+            format!("{value:?} must start with a lowercase letter or a digit"),
+        ));
+    }
+    if let Some(c) = value
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-' || *c == '_'))
+    {
+        return Err(FieldError::new(
+            field,
+            format!("{value:?} has {c:?}; allowed are a-z, 0-9, '-' and '_'"),
+        ));
+    }
+    if value.contains("__") {
+        return Err(FieldError::new(
+            field,
+            format!("{value:?} must not contain \"__\" (it separates server and tool names)"),
+        ));
+    }
+    Ok(())
+}
+
+pub fn server_spec(spec: &ServerSpec) -> Result<(), FieldError> {
+    name("name", &spec.name, MAX_SERVER_NAME)?;
+    if let Some(t) = &spec.tenant {
+        name("tenant", t, MAX_TENANT_NAME)?;
+    }
+    if spec.command.trim().is_empty() {
+        return Err(FieldError::new("command", "must not be empty"));
+    }
+    if spec.command.contains('\0') || spec.args.iter().any(|a| a.contains('\0')) {
+        return Err(FieldError::new("args", "must not contain NUL bytes"));
+    }
+    for (k, v) in &spec.env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(FieldError::new(
+                format!("env.{k}"),
+                "a variable name must be non-empty and have no '=' or NUL",
+            ));
+        }
+        if v.contains('\0') {
+            return Err(FieldError::new(format!("env.{k}"), "must not contain NUL"));
+        }
+    }
+    if let Some(cwd) = &spec.cwd {
+        if cwd.is_empty() {
+            return Err(FieldError::new("cwd", "must not be empty when given"));
+        }
+    }
+    if spec.pool_size == 0 || spec.pool_size > MAX_POOL_SIZE {
+        return Err(FieldError::new(
+            "pool_size",
+            format!(
+                "must be between 1 and {MAX_POOL_SIZE}, got {}",
+                spec.pool_size
+            ),
+        ));
+    }
+    if spec.replicas == Some(0) {
+        return Err(FieldError::new(
+            "replicas",
+            "must be at least 1 (omit it to run on every node)",
+        ));
+    }
+    for (i, f) in spec.fallbacks.iter().enumerate() {
+        name(&format!("fallbacks[{i}]"), f, MAX_SERVER_NAME)?;
+        if *f == spec.name {
+            return Err(FieldError::new(
+                format!("fallbacks[{i}]"),
+                "a server cannot be its own fallback",
+            ));
+        }
+    }
+    let t = &spec.timeouts;
+    for (field, v) in [
+        ("timeouts.request_ms", t.request_ms),
+        ("timeouts.startup_ms", t.startup_ms),
+        ("timeouts.idle_ms", t.idle_ms),
+    ] {
+        if v == 0 {
+            return Err(FieldError::new(field, "must be greater than 0"));
+        }
+    }
+    for (i, tool) in spec.idempotent_tools.iter().enumerate() {
+        if tool.is_empty() || tool.len() > 128 {
+            return Err(FieldError::new(
+                format!("idempotent_tools[{i}]"),
+                "must be 1 to 128 characters",
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub fn tenant_spec(spec: &TenantSpec) -> Result<(), FieldError> {
+    name("name", &spec.name, MAX_TENANT_NAME)?;
+    if let Some(d) = &spec.description {
+        if d.len() > 1024 {
+            return Err(FieldError::new(
+                "description",
+                "must be at most 1024 characters",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a token request and resolves its role.
+pub fn token_request(req: &CreateTokenRequest) -> Result<Role, FieldError> {
+    if req.name.trim().is_empty() || req.name.len() > 128 {
+        return Err(FieldError::new("name", "must be 1 to 128 characters"));
+    }
+    if req.ttl_seconds == Some(0) {
+        return Err(FieldError::new(
+            "ttl_seconds",
+            "must be greater than 0 (omit it for a token that never expires)",
+        ));
+    }
+    let role = match (req.role, &req.tenant) {
+        (Some(Role::Admin), Some(_)) => {
+            return Err(FieldError::new(
+                "tenant",
+                "an admin token belongs to no tenant; omit tenant or use role \"tenant\"",
+            ))
+        }
+        (Some(Role::Admin), None) => Role::Admin,
+        (Some(Role::Tenant) | None, Some(t)) => {
+            name("tenant", t, MAX_TENANT_NAME)?;
+            Role::Tenant
+        }
+        (Some(Role::Tenant) | None, None) => {
+            return Err(FieldError::new(
+                "tenant",
+                "is required for a tenant token (or set role \"admin\")",
+            ))
+        }
+    };
+    Ok(role)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str) -> ServerSpec {
+        serde_json::from_value(serde_json::json!({"name": name, "command": "true"}))
+            .expect("a minimal spec parses")
+    }
+
+    #[test]
+    fn names_follow_the_rules() {
+        assert!(name("name", "time", 32).is_ok());
+        assert!(name("name", "git-2_a", 32).is_ok());
+        assert_eq!(name("name", "", 32).unwrap_err().field, "name");
+        assert!(name("name", "Time", 32).is_err());
+        assert!(name("name", "-x", 32).is_err());
+        assert!(name("name", "a__b", 32).is_err());
+        assert!(name("name", "a b", 32).is_err());
+        assert!(name("name", &"a".repeat(33), 32).is_err());
+    }
+
+    #[test]
+    fn server_spec_errors_name_the_field() {
+        let mut s = spec("demo");
+        assert!(server_spec(&s).is_ok());
+        s.pool_size = 0;
+        assert_eq!(server_spec(&s).unwrap_err().field, "pool_size");
+        let mut s = spec("demo");
+        s.fallbacks = vec!["demo".into()];
+        assert_eq!(server_spec(&s).unwrap_err().field, "fallbacks[0]");
+        let mut s = spec("demo");
+        s.env.insert("A=B".into(), "x".into());
+        assert_eq!(server_spec(&s).unwrap_err().field, "env.A=B");
+        let mut s = spec("demo");
+        s.timeouts.request_ms = 0;
+        assert_eq!(server_spec(&s).unwrap_err().field, "timeouts.request_ms");
+        let mut s = spec("demo");
+        s.command = " ".into();
+        assert_eq!(server_spec(&s).unwrap_err().field, "command");
+    }
+
+    #[test]
+    fn token_roles_resolve() {
+        let req = |role: Option<Role>, tenant: Option<&str>| CreateTokenRequest {
+            name: "t".into(),
+            role,
+            tenant: tenant.map(String::from),
+            ttl_seconds: None,
+        };
+        assert_eq!(token_request(&req(None, Some("acme"))), Ok(Role::Tenant));
+        assert_eq!(
+            token_request(&req(Some(Role::Admin), None)),
+            Ok(Role::Admin)
+        );
+        assert_eq!(
+            token_request(&req(Some(Role::Admin), Some("acme")))
+                .unwrap_err()
+                .field,
+            "tenant"
+        );
+        assert_eq!(token_request(&req(None, None)).unwrap_err().field, "tenant");
+    }
+}

@@ -1,0 +1,388 @@
+//! JSON bodies of the admin API served by every node under `/v1/`.
+//!
+//! Request bodies reject unknown fields, so a typo (`pool_sise`) is a 400 naming the field
+//! instead of a silently ignored setting. Responses wrap a stored object as
+//! `{"revision": .., "created_revision": .., "spec": {..}}`: the spec is what an operator
+//! wrote, the revisions are what the cluster assigned.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The address book entry of one node. It is also the Raft `Node` type, so membership carries
+/// every address a peer needs and nothing has to be configured twice.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Member {
+    pub id: u64,
+    /// `host:port` of the node's admin/MCP HTTP listener.
+    pub http_addr: String,
+    /// `host:port` of the node's gRPC listener (Raft and forwarding).
+    pub grpc_addr: String,
+}
+
+impl std::fmt::Display for Member {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}(http={}, grpc={})",
+            self.id, self.http_addr, self.grpc_addr
+        )
+    }
+}
+
+/// The error body of every non-2xx admin response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// A stable, machine-readable code: `invalid_field`, `not_found`, `conflict`,
+    /// `revision_mismatch`, `unauthorized`, `forbidden`, `no_quorum`, `not_initialized`, ...
+    pub code: String,
+    pub message: String,
+    /// The request field at fault, where there is one (`name`, `spec.pool_size`, `If-Match`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// `GET /v1/node`: who this node is. Unauthenticated, so `mcpctl cluster init` can learn the
+/// identities of nodes that have no cluster (and no tokens) yet.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub id: u64,
+    pub http_addr: String,
+    pub grpc_addr: String,
+    /// Whether this node belongs to an initialised cluster.
+    pub initialized: bool,
+    pub version: String,
+}
+
+/// `POST /v1/cluster/init`: bootstrap a new cluster. Accepted only by a node that has never
+/// been part of one; the answer carries the first admin token, shown this once.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitRequest {
+    /// The initial voters. Empty means this node alone (others join with `add-node`).
+    #[serde(default)]
+    pub members: Vec<Member>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InitResponse {
+    pub leader: u64,
+    pub members: Vec<u64>,
+    /// `mcpt_<id>_<secret>`; only its SHA-256 is stored.
+    pub admin_token: String,
+}
+
+/// `GET /v1/cluster/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// The node that answered.
+    pub node_id: u64,
+    pub leader: Option<u64>,
+    pub term: u64,
+    /// Role of the answering node: `leader`, `follower`, `candidate`, `learner`, `shutdown`.
+    pub state: String,
+    pub last_log_index: Option<u64>,
+    pub committed_index: Option<u64>,
+    pub applied_index: Option<u64>,
+    pub snapshot_index: Option<u64>,
+    pub purged_index: Option<u64>,
+    /// The registry revision (bumped by every applied change).
+    pub revision: u64,
+    pub members: Vec<MemberStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub id: u64,
+    pub http_addr: String,
+    pub grpc_addr: String,
+    pub voter: bool,
+    /// Last log index known to be replicated to this member (known on the leader only).
+    pub matched_index: Option<u64>,
+    /// How many entries this member is behind the leader's last log (leader only).
+    pub lag: Option<u64>,
+    /// `healthy` when it is replicating within bounds, `lagging`, `unreachable`, or `unknown`
+    /// when the answering node is not the leader and cannot tell.
+    pub health: String,
+}
+
+/// `POST /v1/cluster/nodes`: add a node as a learner, wait for it to catch up, then promote it
+/// to voter (unless `voter` is false).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddNodeRequest {
+    pub id: u64,
+    pub http_addr: String,
+    pub grpc_addr: String,
+    #[serde(default = "default_true")]
+    pub voter: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// How a server's processes are shared between downstream sessions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionMode {
+    /// Many sessions share a pool of processes (the default).
+    #[default]
+    Shared,
+    /// Each downstream session gets a process of its own, reaped after `idle_ms`.
+    Dedicated,
+}
+
+/// Timeouts of one MCP server, in milliseconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// A single request (tool call, read, ...) end to end.
+    pub request_ms: u64,
+    /// Spawn + `initialize` of a process.
+    pub startup_ms: u64,
+    /// A dedicated process with no session activity for this long is reaped.
+    pub idle_ms: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            request_ms: 30_000,
+            startup_ms: 15_000,
+            idle_ms: 600_000,
+        }
+    }
+}
+
+/// An MCP server as registered by an operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSpec {
+    pub name: String,
+    /// `None`: a global server every tenant may use. `Some(t)`: only tenant `t`'s tokens.
+    #[serde(default)]
+    pub tenant: Option<String>,
+    pub command: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Processes per node that runs this server.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: u32,
+    /// On how many nodes the server runs; `None` means every node.
+    #[serde(default)]
+    pub replicas: Option<u32>,
+    /// Servers to try, in order, when this one has no healthy placement.
+    #[serde(default)]
+    pub fallbacks: Vec<String>,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// Tools that are safe to run twice; only these are retried after a failure that may
+    /// have reached the process. A server's own annotations are never trusted for this.
+    #[serde(default)]
+    pub idempotent_tools: Vec<String>,
+    #[serde(default)]
+    pub session_mode: SessionMode,
+}
+
+fn default_pool_size() -> u32 {
+    2
+}
+
+/// A partial update of a server (`PATCH /v1/servers/{name}`): absent fields keep their value.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerPatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_size: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallbacks: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<Timeouts>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotent_tools: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_mode: Option<SessionMode>,
+}
+
+impl ServerPatch {
+    /// Applies the present fields to `spec`.
+    pub fn apply_to(&self, spec: &mut ServerSpec) {
+        let p = self.clone();
+        if let Some(v) = p.command {
+            spec.command = v;
+        }
+        if let Some(v) = p.args {
+            spec.args = v;
+        }
+        if let Some(v) = p.env {
+            spec.env = v;
+        }
+        if let Some(v) = p.cwd {
+            spec.cwd = Some(v);
+        }
+        if let Some(v) = p.enabled {
+            spec.enabled = v;
+        }
+        if let Some(v) = p.pool_size {
+            spec.pool_size = v;
+        }
+        if let Some(v) = p.replicas {
+            spec.replicas = Some(v);
+        }
+        if let Some(v) = p.fallbacks {
+            spec.fallbacks = v;
+        }
+        if let Some(v) = p.timeouts {
+            spec.timeouts = v;
+        }
+        if let Some(v) = p.idempotent_tools {
+            spec.idempotent_tools = v;
+        }
+        if let Some(v) = p.session_mode {
+            spec.session_mode = v;
+        }
+    }
+}
+
+/// A tenant: the unit of isolation for servers and tokens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSpec {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// The admin API, every tenant's MCP traffic.
+    Admin,
+    /// MCP traffic of one tenant: global servers and the tenant's own.
+    Tenant,
+}
+
+/// `POST /v1/tokens`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTokenRequest {
+    /// A label for people (`ci`, `alice-laptop`).
+    pub name: String,
+    /// Defaults to `tenant` when `tenant` is given, else required.
+    #[serde(default)]
+    pub role: Option<Role>,
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// Lifetime; `None` never expires.
+    #[serde(default)]
+    pub ttl_seconds: Option<u64>,
+}
+
+/// A token as listed: metadata only, never the secret or its hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+    pub tenant: Option<String>,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Unix seconds; `None` never expires.
+    pub expires_at: Option<u64>,
+}
+
+/// The answer to `POST /v1/tokens`: the only time the secret is shown.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreatedToken {
+    pub token: String,
+    pub info: TokenInfo,
+    pub revision: u64,
+}
+
+/// A stored object with the revisions the cluster assigned to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Versioned<T> {
+    /// Registry revision of the last change to this object; send it as `If-Match`.
+    pub revision: u64,
+    /// Registry revision at which the object was created.
+    pub created_revision: u64,
+    pub spec: T,
+}
+
+/// A list answer, with the registry revision it was read at.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct List<T> {
+    pub revision: u64,
+    pub items: Vec<T>,
+}
+
+/// The answer to a write: the registry revision it produced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WriteAck {
+    pub revision: u64,
+}
+
+/// What kind of object a watch event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ObjectKind {
+    Server,
+    Tenant,
+    Token,
+}
+
+/// One line of `GET /v1/watch` (newline-delimited JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WatchEvent {
+    Put {
+        revision: u64,
+        kind: ObjectKind,
+        name: String,
+        value: serde_json::Value,
+    },
+    Delete {
+        revision: u64,
+        kind: ObjectKind,
+        name: String,
+    },
+    /// The whole state was replaced (a snapshot was installed) or the watcher fell behind:
+    /// re-read everything at or after `revision`.
+    Reset { revision: u64 },
+}
+
+impl WatchEvent {
+    pub fn revision(&self) -> u64 {
+        match self {
+            WatchEvent::Put { revision, .. }
+            | WatchEvent::Delete { revision, .. }
+            | WatchEvent::Reset { revision } => *revision,
+        }
+    }
+}

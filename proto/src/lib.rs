@@ -1,0 +1,17 @@
+//! Every wire format of the MCP control plane in one crate, so that `mcpd`, `mcpctl`,
+//! `mcp-bridge`, the chaos harness and the end-to-end tests agree on them by construction:
+//!
+//! - [`raft`] and [`cluster`]: the gRPC services between nodes, generated from `proto/*.proto`.
+//! - [`api`]: the JSON bodies of the admin API (`/v1/...`).
+
+pub mod api;
+
+/// Raft transport between nodes (`proto/raft.proto`).
+pub mod raft {
+    tonic::include_proto!("mcpcp.raft.v1");
+}
+
+/// Write forwarding and read barriers between nodes (`proto/cluster.proto`).
+pub mod cluster {
+    tonic::include_proto!("mcpcp.cluster.v1");
+}
