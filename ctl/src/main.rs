@@ -1,1 +1,882 @@
-fn main() {}
+//! `mcpctl`: operate an MCP control-plane cluster.
+//!
+//! Exit codes: 0 ok, 1 error, 2 usage, 3 unavailable (no quorum, or no node reachable).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use mcpcp_proto::api::{
+    AddNodeRequest, ClusterStatus, CreateTokenRequest, Member, Role, ServerPatch, ServerSpec,
+    SessionMode, TenantSpec, Timeouts, Versioned,
+};
+use mcpctl::{dev, import, AdminClient, CallOptions, ClientError};
+use serde::Serialize;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mcpctl",
+    version,
+    about = "Operate an MCP control-plane cluster"
+)]
+struct Cli {
+    /// Node endpoints (comma list of host:port or URLs), tried in order.
+    #[arg(long, env = "MCPCTL_ENDPOINTS", value_delimiter = ',', global = true)]
+    endpoints: Vec<String>,
+    /// Admin bearer token.
+    #[arg(long, env = "MCPCTL_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value = "table", global = true)]
+    output: Output,
+    /// Read this node's local state instead of a linearizable read (works without quorum).
+    #[arg(long, global = true)]
+    stale: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Bootstrap, inspect and change the cluster's membership.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Register and manage MCP servers.
+    #[command(subcommand)]
+    Server(ServerCmd),
+    /// Manage tenants.
+    #[command(subcommand)]
+    Tenant(TenantCmd),
+    /// Mint, list and revoke bearer tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Register the servers of a control-plane YAML or a Claude Desktop config.
+    Import {
+        /// `control_plane.yaml` or `claude_desktop_config.json`.
+        file: PathBuf,
+        /// Register into this tenant instead of globally.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Print what would be registered, register nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// A local cluster for development.
+    #[command(subcommand)]
+    Dev(DevCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCmd {
+    /// Form a cluster of the given nodes (default: every endpoint) and print the admin token.
+    Init {
+        /// Nodes to form the cluster from; the first receives the request.
+        #[arg(long = "node", value_delimiter = ',')]
+        nodes: Vec<String>,
+    },
+    /// Members, leader, term, indexes and each member's health.
+    Status,
+    /// Add a node: as a learner, then (unless --learner) a voter once it caught up.
+    AddNode {
+        #[arg(long)]
+        id: u64,
+        /// The new node's HTTP address (host:port).
+        #[arg(long)]
+        http: String,
+        /// The new node's gRPC address (host:port).
+        #[arg(long)]
+        grpc: String,
+        /// Keep it a non-voting learner.
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Remove a node from the membership.
+    RemoveNode { id: u64 },
+}
+
+#[derive(Debug, Args)]
+struct ServerFlags {
+    /// Restrict the server to one tenant (default: global).
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Processes per node.
+    #[arg(long)]
+    pool_size: Option<u32>,
+    /// Nodes that run it (default: every node).
+    #[arg(long)]
+    replicas: Option<u32>,
+    /// A fallback server (repeat for more, in order).
+    #[arg(long = "fallback")]
+    fallbacks: Vec<String>,
+    /// Environment variable K=V (repeatable).
+    #[arg(long = "env", value_parser = parse_kv)]
+    env: Vec<(String, String)>,
+    /// A tool that is safe to retry (repeatable).
+    #[arg(long = "idempotent-tool")]
+    idempotent_tools: Vec<String>,
+    /// Working directory of the processes.
+    #[arg(long)]
+    cwd: Option<String>,
+    /// shared (pooled) or dedicated (a process per session).
+    #[arg(long, value_enum)]
+    session_mode: Option<Mode>,
+    /// Request timeout in milliseconds.
+    #[arg(long)]
+    request_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Mode {
+    Shared,
+    Dedicated,
+}
+
+impl From<Mode> for SessionMode {
+    fn from(m: Mode) -> Self {
+        match m {
+            Mode::Shared => SessionMode::Shared,
+            Mode::Dedicated => SessionMode::Dedicated,
+        }
+    }
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not K=V"))
+}
+
+#[derive(Debug, Subcommand)]
+enum ServerCmd {
+    /// Register a server: `mcpctl server add NAME [flags] -- CMD [ARGS...]`.
+    Add {
+        name: String,
+        #[command(flatten)]
+        flags: ServerFlags,
+        /// Register it disabled.
+        #[arg(long)]
+        disabled: bool,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    List,
+    Get {
+        name: String,
+    },
+    /// Change a server; only the given flags change (`-- CMD ARGS` replaces the command).
+    Update {
+        name: String,
+        #[command(flatten)]
+        flags: ServerFlags,
+        /// Only if the server is at this revision.
+        #[arg(long)]
+        if_revision: Option<u64>,
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    Enable {
+        name: String,
+    },
+    Disable {
+        name: String,
+    },
+    #[command(alias = "remove", alias = "delete")]
+    Rm {
+        name: String,
+        /// Only if the server is at this revision.
+        #[arg(long)]
+        if_revision: Option<u64>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TenantCmd {
+    Add {
+        name: String,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    List,
+    #[command(alias = "remove", alias = "delete")]
+    Rm {
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCmd {
+    /// Mint a token; prints only the token on stdout (shown this once).
+    Create {
+        /// A tenant token for this tenant.
+        #[arg(long, conflicts_with = "admin")]
+        tenant: Option<String>,
+        /// An admin token.
+        #[arg(long)]
+        admin: bool,
+        /// A label for people.
+        #[arg(long, default_value = "mcpctl")]
+        name: String,
+        /// Lifetime in seconds (default: never expires).
+        #[arg(long)]
+        ttl: Option<u64>,
+    },
+    List,
+    /// Revoke a token by id (effective on every node at once).
+    Revoke {
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DevCmd {
+    /// Start N local nodes, form a cluster, create tenant `default`, register `demo`.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: u32,
+        #[arg(long, default_value = ".dev")]
+        dir: PathBuf,
+        /// The mcpd binary (default: next to mcpctl).
+        #[arg(long, env = "MCPD_BIN")]
+        mcpd: Option<PathBuf>,
+        /// Do not register the demo server.
+        #[arg(long)]
+        no_demo: bool,
+    },
+    /// Stop the nodes `dev up` started in DIR.
+    Down {
+        #[arg(long, default_value = ".dev")]
+        dir: PathBuf,
+    },
+}
+
+/// The command's outcome: an error with the exit code it maps to.
+struct Failure {
+    code: i32,
+    message: String,
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        Failure {
+            code: e.exit_code(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<dev::DevError> for Failure {
+    fn from(e: dev::DevError) -> Self {
+        let code = match &e {
+            dev::DevError::Usage(_) => 2,
+            dev::DevError::Api(c) => c.exit_code(),
+            _ => 1,
+        };
+        Failure {
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+fn fail(code: i32, message: impl Into<String>) -> Failure {
+    Failure {
+        code,
+        message: message.into(),
+    }
+}
+
+type Outcome = Result<(), Failure>;
+
+fn print_json<T: Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// Prints rows as an aligned table.
+fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{:<w$}", c, w = widths[i]))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn opt<T: ToString>(v: Option<T>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+fn client(cli: &Cli) -> Result<AdminClient, Failure> {
+    Ok(AdminClient::new(&cli.endpoints, cli.token.clone())?)
+}
+
+fn ack(cli: &Cli, what: &str, revision: u64) {
+    match cli.output {
+        Output::Json => print_json(&serde_json::json!({ "revision": revision })),
+        Output::Table => println!("{what} (revision {revision})"),
+    }
+}
+
+async fn cluster(cli: &Cli, cmd: &ClusterCmd) -> Outcome {
+    match cmd {
+        ClusterCmd::Init { nodes } => {
+            let nodes = if nodes.is_empty() {
+                cli.endpoints.clone()
+            } else {
+                nodes.clone()
+            };
+            let anon = AdminClient::new(&nodes, None)?;
+            let mut members = Vec::new();
+            for e in anon.endpoints() {
+                let info = anon.for_endpoint(e).node_info().await?;
+                if info.initialized {
+                    return Err(fail(
+                        1,
+                        format!("node {} ({e}) already belongs to a cluster", info.id),
+                    ));
+                }
+                members.push(Member {
+                    id: info.id,
+                    http_addr: info.http_addr,
+                    grpc_addr: info.grpc_addr,
+                });
+            }
+            let resp = anon
+                .for_endpoint(&anon.endpoints()[0])
+                .init(members)
+                .await?;
+            match cli.output {
+                Output::Json => print_json(&resp),
+                Output::Table => {
+                    eprintln!(
+                        "cluster initialised: members {:?}, leader {}. The admin token below is shown once:",
+                        resp.members, resp.leader
+                    );
+                    println!("{}", resp.admin_token);
+                }
+            }
+            Ok(())
+        }
+        ClusterCmd::Status => {
+            let c = client(cli)?;
+            let mut status = c.cluster_status().await?;
+            // Health and lag are known on the leader: ask it when we reached someone else.
+            if let Some(leader) = status.leader.filter(|l| *l != status.node_id) {
+                if let Some(m) = status.members.iter().find(|m| m.id == leader) {
+                    if let Ok(s) = c.for_endpoint(&m.http_addr).cluster_status().await {
+                        status = s;
+                    }
+                }
+            }
+            print_status(cli, &status);
+            Ok(())
+        }
+        ClusterCmd::AddNode {
+            id,
+            http,
+            grpc,
+            learner,
+        } => {
+            let c = client(cli)?;
+            let m = c
+                .add_node(&AddNodeRequest {
+                    id: *id,
+                    http_addr: http.clone(),
+                    grpc_addr: grpc.clone(),
+                    voter: !learner,
+                })
+                .await?;
+            match cli.output {
+                Output::Json => print_json(&m),
+                Output::Table => println!(
+                    "node {} added as {}",
+                    m.id,
+                    if *learner { "learner" } else { "voter" }
+                ),
+            }
+            Ok(())
+        }
+        ClusterCmd::RemoveNode { id } => {
+            client(cli)?.remove_node(*id).await?;
+            if cli.output == Output::Table {
+                println!("node {id} removed");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_status(cli: &Cli, s: &ClusterStatus) {
+    if cli.output == Output::Json {
+        return print_json(s);
+    }
+    println!(
+        "leader: {}   term: {}   revision: {}   answered by: node {} ({})",
+        opt(s.leader),
+        s.term,
+        s.revision,
+        s.node_id,
+        s.state
+    );
+    println!(
+        "last log: {}   applied: {}   snapshot: {}   purged: {}",
+        opt(s.last_log_index),
+        opt(s.applied_index),
+        opt(s.snapshot_index),
+        opt(s.purged_index)
+    );
+    let rows = s
+        .members
+        .iter()
+        .map(|m| {
+            vec![
+                m.id.to_string(),
+                if Some(m.id) == s.leader {
+                    "leader".into()
+                } else if m.voter {
+                    "voter".into()
+                } else {
+                    "learner".into()
+                },
+                m.http_addr.clone(),
+                m.grpc_addr.clone(),
+                opt(m.matched_index),
+                opt(m.lag),
+                m.health.clone(),
+            ]
+        })
+        .collect();
+    print_table(
+        &["ID", "ROLE", "HTTP", "GRPC", "MATCHED", "LAG", "HEALTH"],
+        rows,
+    );
+}
+
+fn apply_flags(spec: &mut ServerSpec, f: &ServerFlags) {
+    if let Some(t) = &f.tenant {
+        spec.tenant = Some(t.clone());
+    }
+    if let Some(p) = f.pool_size {
+        spec.pool_size = p;
+    }
+    if let Some(r) = f.replicas {
+        spec.replicas = Some(r);
+    }
+    if !f.fallbacks.is_empty() {
+        spec.fallbacks = f.fallbacks.clone();
+    }
+    if !f.env.is_empty() {
+        spec.env.extend(f.env.iter().cloned());
+    }
+    if !f.idempotent_tools.is_empty() {
+        spec.idempotent_tools = f.idempotent_tools.clone();
+    }
+    if let Some(c) = &f.cwd {
+        spec.cwd = Some(c.clone());
+    }
+    if let Some(m) = f.session_mode {
+        spec.session_mode = m.into();
+    }
+    if let Some(t) = f.request_timeout_ms {
+        spec.timeouts.request_ms = t;
+    }
+}
+
+fn patch_from_flags(f: &ServerFlags, command: &[String]) -> Result<ServerPatch, Failure> {
+    if f.tenant.is_some() {
+        return Err(fail(
+            2,
+            "--tenant cannot be changed; remove and add the server again",
+        ));
+    }
+    let mut p = ServerPatch {
+        pool_size: f.pool_size,
+        replicas: f.replicas,
+        cwd: f.cwd.clone(),
+        session_mode: f.session_mode.map(Into::into),
+        ..Default::default()
+    };
+    if !f.fallbacks.is_empty() {
+        p.fallbacks = Some(f.fallbacks.clone());
+    }
+    if !f.env.is_empty() {
+        p.env = Some(f.env.iter().cloned().collect::<BTreeMap<_, _>>());
+    }
+    if !f.idempotent_tools.is_empty() {
+        p.idempotent_tools = Some(f.idempotent_tools.clone());
+    }
+    if let Some(t) = f.request_timeout_ms {
+        p.timeouts = Some(Timeouts {
+            request_ms: t,
+            ..Default::default()
+        });
+    }
+    if let Some((cmd, args)) = command.split_first() {
+        p.command = Some(cmd.clone());
+        p.args = Some(args.to_vec());
+    }
+    Ok(p)
+}
+
+fn print_servers(cli: &Cli, items: &[Versioned<ServerSpec>]) {
+    if cli.output == Output::Json {
+        return print_json(&items);
+    }
+    let rows = items
+        .iter()
+        .map(|s| {
+            let sp = &s.spec;
+            vec![
+                sp.name.clone(),
+                opt(sp.tenant.clone()),
+                if sp.enabled {
+                    "yes".into()
+                } else {
+                    "no".into()
+                },
+                sp.pool_size.to_string(),
+                sp.replicas
+                    .map(|r| r.to_string())
+                    .unwrap_or_else(|| "all".into()),
+                s.revision.to_string(),
+                std::iter::once(sp.command.clone())
+                    .chain(sp.args.iter().cloned())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "NAME", "TENANT", "ENABLED", "POOL", "REPLICAS", "REVISION", "COMMAND",
+        ],
+        rows,
+    );
+}
+
+async fn server(cli: &Cli, cmd: &ServerCmd) -> Outcome {
+    let c = client(cli)?;
+    let none = CallOptions::default();
+    match cmd {
+        ServerCmd::Add {
+            name,
+            flags,
+            disabled,
+            command,
+        } => {
+            let (cmd0, args) = command
+                .split_first()
+                .ok_or_else(|| fail(2, "give the server's command after `--`"))?;
+            let mut spec: ServerSpec = serde_json::from_value(serde_json::json!({
+                "name": name, "command": cmd0, "args": args,
+            }))
+            .map_err(|e| fail(1, e.to_string()))?;
+            spec.enabled = !disabled;
+            apply_flags(&mut spec, flags);
+            let a = c.create_server(&spec, &none).await?;
+            ack(cli, &format!("server {name} added"), a.revision);
+        }
+        ServerCmd::List => {
+            let list = c.list_servers(cli.stale).await?;
+            print_servers(cli, &list.items);
+        }
+        ServerCmd::Get { name } => {
+            let s = c.get_server(name, cli.stale).await?;
+            match cli.output {
+                Output::Json => print_json(&s),
+                Output::Table => {
+                    print_servers(cli, std::slice::from_ref(&s));
+                    println!();
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&s.spec).unwrap_or_default()
+                    );
+                }
+            }
+        }
+        ServerCmd::Update {
+            name,
+            flags,
+            if_revision,
+            command,
+        } => {
+            let patch = patch_from_flags(flags, command)?;
+            let opts = CallOptions {
+                if_match: *if_revision,
+                ..Default::default()
+            };
+            let a = c.patch_server(name, &patch, &opts).await?;
+            ack(cli, &format!("server {name} updated"), a.revision);
+        }
+        ServerCmd::Enable { name } | ServerCmd::Disable { name } => {
+            let enabled = matches!(cmd, ServerCmd::Enable { .. });
+            let patch = ServerPatch {
+                enabled: Some(enabled),
+                ..Default::default()
+            };
+            let a = c.patch_server(name, &patch, &none).await?;
+            ack(
+                cli,
+                &format!(
+                    "server {name} {}",
+                    if enabled { "enabled" } else { "disabled" }
+                ),
+                a.revision,
+            );
+        }
+        ServerCmd::Rm { name, if_revision } => {
+            let opts = CallOptions {
+                if_match: *if_revision,
+                ..Default::default()
+            };
+            let a = c.delete_server(name, &opts).await?;
+            ack(cli, &format!("server {name} removed"), a.revision);
+        }
+    }
+    Ok(())
+}
+
+async fn tenant(cli: &Cli, cmd: &TenantCmd) -> Outcome {
+    let c = client(cli)?;
+    let none = CallOptions::default();
+    match cmd {
+        TenantCmd::Add { name, description } => {
+            let a = c
+                .create_tenant(
+                    &TenantSpec {
+                        name: name.clone(),
+                        description: description.clone(),
+                    },
+                    &none,
+                )
+                .await?;
+            ack(cli, &format!("tenant {name} added"), a.revision);
+        }
+        TenantCmd::List => {
+            let list = c.list_tenants(cli.stale).await?;
+            if cli.output == Output::Json {
+                print_json(&list.items);
+            } else {
+                let rows = list
+                    .items
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.spec.name.clone(),
+                            t.revision.to_string(),
+                            opt(t.spec.description.clone()),
+                        ]
+                    })
+                    .collect();
+                print_table(&["NAME", "REVISION", "DESCRIPTION"], rows);
+            }
+        }
+        TenantCmd::Rm { name } => {
+            let a = c.delete_tenant(name, &none).await?;
+            ack(cli, &format!("tenant {name} removed"), a.revision);
+        }
+    }
+    Ok(())
+}
+
+async fn token(cli: &Cli, cmd: &TokenCmd) -> Outcome {
+    let c = client(cli)?;
+    match cmd {
+        TokenCmd::Create {
+            tenant,
+            admin,
+            name,
+            ttl,
+        } => {
+            if tenant.is_none() && !admin {
+                return Err(fail(2, "say whose token it is: --tenant NAME or --admin"));
+            }
+            let created = c
+                .create_token(&CreateTokenRequest {
+                    name: name.clone(),
+                    role: Some(if *admin { Role::Admin } else { Role::Tenant }),
+                    tenant: tenant.clone(),
+                    ttl_seconds: *ttl,
+                })
+                .await?;
+            match cli.output {
+                Output::Json => print_json(&created),
+                Output::Table => println!("{}", created.token),
+            }
+        }
+        TokenCmd::List => {
+            let list = c.list_tokens(cli.stale).await?;
+            if cli.output == Output::Json {
+                print_json(&list.items);
+            } else {
+                let rows = list
+                    .items
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.id.clone(),
+                            t.name.clone(),
+                            format!("{:?}", t.role).to_lowercase(),
+                            opt(t.tenant.clone()),
+                            t.created_at.to_string(),
+                            opt(t.expires_at),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &["ID", "NAME", "ROLE", "TENANT", "CREATED", "EXPIRES"],
+                    rows,
+                );
+            }
+        }
+        TokenCmd::Revoke { id } => {
+            let a = c.revoke_token(id).await?;
+            ack(cli, &format!("token {id} revoked"), a.revision);
+        }
+    }
+    Ok(())
+}
+
+async fn import_cmd(cli: &Cli, file: &PathBuf, tenant: &Option<String>, dry_run: bool) -> Outcome {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| fail(1, format!("reading {}: {e}", file.display())))?;
+    let mut imported =
+        import::parse(&text).map_err(|e| fail(1, format!("{}: {e}", file.display())))?;
+    for w in &imported.warnings {
+        eprintln!("warning: {w}");
+    }
+    for s in &mut imported.servers {
+        s.tenant = tenant.clone();
+    }
+    if dry_run {
+        let items: Vec<_> = imported
+            .servers
+            .into_iter()
+            .map(|spec| Versioned {
+                revision: 0,
+                created_revision: 0,
+                spec,
+            })
+            .collect();
+        print_servers(cli, &items);
+        return Ok(());
+    }
+    let c = client(cli)?;
+    let mut failed = 0;
+    for s in &imported.servers {
+        match c.create_server(s, &CallOptions::default()).await {
+            Ok(a) => eprintln!("registered {} (revision {})", s.name, a.revision),
+            Err(e) if e.code() == Some("already_exists") => {
+                eprintln!("skipped {}: already registered", s.name)
+            }
+            Err(e) if e.exit_code() == 3 => return Err(e.into()),
+            Err(e) => {
+                failed += 1;
+                eprintln!("error: {}: {e}", s.name);
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(fail(
+            1,
+            format!("{failed} server(s) could not be registered"),
+        ));
+    }
+    Ok(())
+}
+
+async fn dev_cmd(cli: &Cli, cmd: &DevCmd) -> Outcome {
+    match cmd {
+        DevCmd::Up {
+            nodes,
+            dir,
+            mcpd,
+            no_demo,
+        } => {
+            let mcpd = match mcpd {
+                Some(p) => p.clone(),
+                None => std::env::current_exe()
+                    .ok()
+                    .and_then(|p| p.parent().map(|d| d.join("mcpd")))
+                    .filter(|p| p.exists())
+                    .ok_or_else(|| fail(2, "mcpd not found next to mcpctl; pass --mcpd PATH"))?,
+            };
+            let opts = dev::UpOptions {
+                nodes: *nodes,
+                dir: dir.clone(),
+                mcpd,
+                mcpd_args: Vec::new(),
+                demo: !no_demo,
+            };
+            let c = dev::up(&opts, &|line| eprintln!("dev: {line}")).await?;
+            match cli.output {
+                Output::Json => print_json(&serde_json::json!({
+                    "dir": c.dir, "endpoints": c.endpoints(), "pids": c.pids,
+                    "admin_token": c.admin_token, "tenant_token": c.tenant_token,
+                })),
+                Output::Table => {
+                    println!(
+                        "cluster of {} nodes is up: {}",
+                        c.members.len(),
+                        c.endpoints().join(", ")
+                    );
+                    println!("load its settings with:  . {}/env", c.dir.display());
+                    println!(
+                        "stop it with:            mcpctl dev down --dir {}",
+                        dir.display()
+                    );
+                }
+            }
+            Ok(())
+        }
+        DevCmd::Down { dir } => {
+            let stopped = dev::down(dir, Duration::from_secs(10)).await;
+            if stopped.is_empty() {
+                eprintln!("no running nodes in {}", dir.display());
+            } else if cli.output == Output::Table {
+                println!("stopped nodes {stopped:?}");
+            }
+            Ok(())
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let outcome = match &cli.command {
+        Command::Cluster(c) => cluster(&cli, c).await,
+        Command::Server(c) => server(&cli, c).await,
+        Command::Tenant(c) => tenant(&cli, c).await,
+        Command::Token(c) => token(&cli, c).await,
+        Command::Import {
+            file,
+            tenant,
+            dry_run,
+        } => import_cmd(&cli, file, tenant, *dry_run).await,
+        Command::Dev(c) => dev_cmd(&cli, c).await,
+    };
+    if let Err(f) = outcome {
+        eprintln!("error: {}", f.message);
+        std::process::exit(f.code);
+    }
+}

@@ -192,7 +192,7 @@ impl Config {
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "is required"));
         }
-        if self.http_addr == self.grpc_addr {
+        if self.http_addr == self.grpc_addr && self.http_addr.port() != 0 {
             return Err(invalid("grpc_addr", "must differ from http_addr"));
         }
         for (field, v) in [

@@ -1,0 +1,322 @@
+//! `mcpctl dev up|down`: a local cluster in one command.
+//!
+//! `up` starts N `mcpd` processes on free loopback ports (each node binds port 0 and reports
+//! the port it got in `<data>/endpoints.json`, so there is no port race), initialises the
+//! cluster, creates tenant `default` and its token, registers the demo MCP server as `demo`,
+//! and writes `DIR/env` for `sh` to source. `down` stops what `up` started.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use mcpcp_proto::api::{CreateTokenRequest, Member, Role, ServerSpec, TenantSpec};
+
+use crate::{AdminClient, CallOptions, ClientError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Start(String),
+    #[error(transparent)]
+    Api(#[from] ClientError),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DevError {
+    let what = what.into();
+    move |source| DevError::Io { what, source }
+}
+
+/// What `dev up` made, also written to `DIR/env`.
+#[derive(Debug, Clone)]
+pub struct DevCluster {
+    pub dir: PathBuf,
+    pub members: Vec<Member>,
+    pub pids: Vec<u32>,
+    pub admin_token: String,
+    pub tenant_token: String,
+}
+
+impl DevCluster {
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| format!("http://{}", m.http_addr))
+            .collect()
+    }
+}
+
+/// Options of `dev up`.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    pub nodes: u32,
+    pub dir: PathBuf,
+    pub mcpd: PathBuf,
+    /// Extra flags for every `mcpd`.
+    pub mcpd_args: Vec<String>,
+    /// Register the demo server as `demo`.
+    pub demo: bool,
+}
+
+fn node_dir(dir: &Path, id: u32) -> PathBuf {
+    dir.join(format!("node{id}"))
+}
+
+/// Whether process `pid` exists (signal 0).
+pub fn alive(pid: u32) -> bool {
+    std::process::Command::new("kill")
+        .args(["-0", &pid.to_string()])
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn read_pid(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The pids of the nodes of a dev cluster in `dir` that are still running.
+pub fn running_pids(dir: &Path) -> Vec<(u32, u32)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(id) = name
+            .strip_prefix("node")
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Some(pid) = read_pid(&e.path().join("mcpd.pid")) {
+            if alive(pid) {
+                out.push((id, pid));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Starts one node of a dev cluster and waits for it to report its addresses.
+pub async fn start_node(
+    mcpd: &Path,
+    dir: &Path,
+    id: u32,
+    extra: &[String],
+) -> Result<(Member, u32), DevError> {
+    let nd = node_dir(dir, id);
+    let data = nd.join("data");
+    std::fs::create_dir_all(&data).map_err(io(format!("creating {}", data.display())))?;
+    let ep_file = data.join("endpoints.json");
+    let _ = std::fs::remove_file(&ep_file);
+    let log_path = nd.join("mcpd.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(io(format!("opening {}", log_path.display())))?;
+    let log2 = log.try_clone().map_err(io("cloning the log handle"))?;
+    let mut cmd = std::process::Command::new(mcpd);
+    cmd.arg("--id")
+        .arg(id.to_string())
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2);
+    #[cfg(unix)]
+    {
+        // Its own process group: a Ctrl-C at the terminal that ran `dev up` leaves it running.
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(io(format!("starting {}", mcpd.display())))?;
+    let pid = child.id();
+    std::fs::write(nd.join("mcpd.pid"), format!("{pid}\n")).map_err(io("writing the pid file"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&ep_file) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                if v["pid"].as_u64() == Some(u64::from(pid)) {
+                    // Not waited for from here on: the node outlives this command by design.
+                    drop(child);
+                    let member = Member {
+                        id: u64::from(id),
+                        http_addr: v["http_addr"].as_str().unwrap_or_default().to_string(),
+                        grpc_addr: v["grpc_addr"].as_str().unwrap_or_default().to_string(),
+                    };
+                    return Ok((member, pid));
+                }
+            }
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+            return Err(DevError::Start(format!(
+                "node {id} exited during start-up ({status}); last lines of {}:\n{}",
+                log_path.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )));
+        }
+        if Instant::now() > deadline {
+            return Err(DevError::Start(format!(
+                "node {id} did not report its addresses within 30 s (see {})",
+                log_path.display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `dev up`.
+pub async fn up(opts: &UpOptions, progress: &dyn Fn(&str)) -> Result<DevCluster, DevError> {
+    if opts.nodes == 0 {
+        return Err(DevError::Usage("--nodes must be at least 1".into()));
+    }
+    let running = running_pids(&opts.dir);
+    if !running.is_empty() {
+        return Err(DevError::Usage(format!(
+            "a dev cluster is already running in {} (nodes {}); run `mcpctl dev down --dir {}` first",
+            opts.dir.display(),
+            running.iter().map(|(id, _)| id.to_string()).collect::<Vec<_>>().join(", "),
+            opts.dir.display()
+        )));
+    }
+    std::fs::create_dir_all(&opts.dir).map_err(io(format!("creating {}", opts.dir.display())))?;
+    let dir = opts.dir.canonicalize().map_err(io("resolving --dir"))?;
+    let mut members = Vec::new();
+    let mut pids = Vec::new();
+    for id in 1..=opts.nodes {
+        let (m, pid) = start_node(&opts.mcpd, &dir, id, &opts.mcpd_args).await?;
+        progress(&format!(
+            "node {id} up (pid {pid}, http {}, grpc {})",
+            m.http_addr, m.grpc_addr
+        ));
+        members.push(m);
+        pids.push(pid);
+    }
+    let endpoints: Vec<String> = members
+        .iter()
+        .map(|m| format!("http://{}", m.http_addr))
+        .collect();
+    let anon = AdminClient::new(&endpoints, None)?;
+    let init = anon.init(members.clone()).await?;
+    progress(&format!(
+        "cluster initialised, leader is node {}",
+        init.leader
+    ));
+    let admin = AdminClient::new(&endpoints, Some(init.admin_token.clone()))?;
+    let no_opts = CallOptions::default();
+    admin
+        .create_tenant(
+            &TenantSpec {
+                name: "default".into(),
+                description: Some("created by mcpctl dev up".into()),
+            },
+            &no_opts,
+        )
+        .await?;
+    let tenant_token = admin
+        .create_token(&CreateTokenRequest {
+            name: "dev".into(),
+            role: Some(Role::Tenant),
+            tenant: Some("default".into()),
+            ttl_seconds: None,
+        })
+        .await?;
+    progress("tenant `default` and its token created");
+    if opts.demo {
+        let mut spec: ServerSpec = serde_json::from_value(serde_json::json!({
+            "name": "demo",
+            "command": opts.mcpd.canonicalize().unwrap_or(opts.mcpd.clone()).to_string_lossy(),
+            "args": ["demo-server"],
+            "idempotent_tools": ["echo", "add"],
+        }))
+        .map_err(|e| DevError::Start(e.to_string()))?;
+        spec.env.insert(
+            "MCPD_DEMO_LEDGER".into(),
+            dir.join("demo-ledger.jsonl").to_string_lossy().to_string(),
+        );
+        admin.create_server(&spec, &no_opts).await?;
+        progress("demo MCP server registered as `demo`");
+    }
+    let cluster = DevCluster {
+        dir: dir.clone(),
+        members,
+        pids,
+        admin_token: init.admin_token,
+        tenant_token: tenant_token.token,
+    };
+    write_env(&cluster)?;
+    Ok(cluster)
+}
+
+fn write_env(c: &DevCluster) -> Result<(), DevError> {
+    let endpoints = c.endpoints().join(",");
+    let bridge: Vec<String> = c
+        .members
+        .iter()
+        .map(|m| format!("http://{}/mcp", m.http_addr))
+        .collect();
+    let text = format!(
+        "# written by mcpctl dev up; source it: . {dir}/env\n\
+         export MCPCTL_ENDPOINTS='{endpoints}'\n\
+         export MCPCTL_TOKEN='{admin}'\n\
+         export MCP_BRIDGE_URL='{bridge}'\n\
+         export MCP_BRIDGE_TOKEN='{tenant}'\n",
+        dir = c.dir.display(),
+        admin = c.admin_token,
+        bridge = bridge.join(","),
+        tenant = c.tenant_token,
+    );
+    let path = c.dir.join("env");
+    std::fs::write(&path, text).map_err(io(format!("writing {}", path.display())))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // It holds tokens: readable by its owner only.
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    }
+    Ok(())
+}
+
+/// Sends `signal` to `pid` (by name, as `kill -s` takes it).
+pub fn signal(pid: u32, signal: &str) -> bool {
+    std::process::Command::new("kill")
+        .args(["-s", signal, &pid.to_string()])
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// `dev down`: SIGTERM every node, SIGKILL what is left after `grace`. Returns the ids stopped.
+pub async fn down(dir: &Path, grace: Duration) -> Vec<u32> {
+    let running = running_pids(dir);
+    for (_, pid) in &running {
+        signal(*pid, "TERM");
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline && running.iter().any(|(_, p)| alive(*p)) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (_, pid) in &running {
+        if alive(*pid) {
+            signal(*pid, "KILL");
+        }
+    }
+    running.into_iter().map(|(id, _)| id).collect()
+}
