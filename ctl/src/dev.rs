@@ -116,8 +116,7 @@ pub async fn start_node(
     let nd = node_dir(dir, id);
     let data = nd.join("data");
     std::fs::create_dir_all(&data).map_err(io(format!("creating {}", data.display())))?;
-    let ep_file = data.join("endpoints.json");
-    let _ = std::fs::remove_file(&ep_file);
+    let _ = std::fs::remove_file(data.join("endpoints.json"));
     let log_path = nd.join("mcpd.log");
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -148,19 +147,10 @@ pub async fn start_node(
     std::fs::write(nd.join("mcpd.pid"), format!("{pid}\n")).map_err(io("writing the pid file"))?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(text) = std::fs::read_to_string(&ep_file) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-                if v["pid"].as_u64() == Some(u64::from(pid)) {
-                    // Not waited for from here on: the node outlives this command by design.
-                    drop(child);
-                    let member = Member {
-                        id: u64::from(id),
-                        http_addr: v["http_addr"].as_str().unwrap_or_default().to_string(),
-                        grpc_addr: v["grpc_addr"].as_str().unwrap_or_default().to_string(),
-                    };
-                    return Ok((member, pid));
-                }
-            }
+        if let Some(member) = read_endpoints(&data, pid) {
+            // Not waited for from here on: the node outlives this command by design.
+            drop(child);
+            return Ok((member, pid));
         }
         if let Ok(Some(status)) = child.try_wait() {
             let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
@@ -179,6 +169,20 @@ pub async fn start_node(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The addresses a node started with pid `pid` reported in `<data_dir>/endpoints.json`.
+pub fn read_endpoints(data_dir: &Path, pid: u32) -> Option<Member> {
+    let text = std::fs::read_to_string(data_dir.join("endpoints.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    if v["pid"].as_u64() != Some(u64::from(pid)) {
+        return None;
+    }
+    Some(Member {
+        id: v["id"].as_u64()?,
+        http_addr: v["http_addr"].as_str()?.to_string(),
+        grpc_addr: v["grpc_addr"].as_str()?.to_string(),
+    })
 }
 
 /// `dev up`.

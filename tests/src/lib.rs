@@ -1,1 +1,290 @@
-//! harness
+//! The harness of the end-to-end tests and benchmarks: [`Cluster`] starts real `mcpd`
+//! processes on loopback (each binds port 0 and reports the port it got), forms a cluster the
+//! way an operator does (through the admin API), and kills every process it started when it is
+//! dropped, printing the nodes' logs when a test failed.
+//!
+//! Waiting is always a condition polled until a deadline ([`eventually`]), never a bare sleep.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use mcpcp_proto::api::Member;
+use mcpctl::dev::read_endpoints;
+use mcpctl::AdminClient;
+use tokio::process::{Child, Command};
+
+/// Polls `check` until it returns `Some` or `within` passes; panics with `what` on timeout.
+pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {within:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A built binary of this workspace: `$NAME_BIN` (e.g. `MCPD_BIN`) or the one next to the
+/// test executable's directory (`target/<profile>/`).
+pub fn binary(name: &str) -> PathBuf {
+    let var = format!("{}_BIN", name.to_uppercase().replace('-', "_"));
+    if let Ok(p) = std::env::var(&var) {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("the test executable has a path");
+    let mut dir = exe.parent().expect("in a directory").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: run `cargo build --workspace` first or set {var}",
+        path.display()
+    );
+    path
+}
+
+/// One `mcpd` process.
+pub struct Node {
+    pub id: u64,
+    pub member: Member,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Node {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.member.http_addr)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+/// A cluster of real `mcpd` processes in a temporary directory.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: BTreeMap<u64, Node>,
+    pub admin_token: String,
+    mcpd: PathBuf,
+    args: Vec<String>,
+}
+
+impl Cluster {
+    /// Starts `n` nodes with default settings and forms a cluster of them.
+    pub async fn start(n: u64) -> Cluster {
+        Self::start_with(n, &[]).await
+    }
+
+    /// Starts `n` nodes, each with the extra `mcpd` flags `args`, and forms a cluster.
+    pub async fn start_with(n: u64, args: &[&str]) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("mcpcp-e2e-")
+            .tempdir()
+            .expect("temp dir");
+        let mut cluster = Cluster {
+            dir,
+            nodes: BTreeMap::new(),
+            admin_token: String::new(),
+            mcpd: binary("mcpd"),
+            args: args.iter().map(|s| s.to_string()).collect(),
+        };
+        for id in 1..=n {
+            cluster.spawn(id).await;
+        }
+        let members: Vec<Member> = cluster.nodes.values().map(|n| n.member.clone()).collect();
+        let anon = AdminClient::new(&[cluster.nodes[&1].url()], None).expect("client");
+        let init = anon.init(members).await.expect("cluster init");
+        cluster.admin_token = init.admin_token;
+        cluster.wait_leader().await;
+        cluster
+    }
+
+    fn node_dir(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("node{id}"))
+    }
+
+    /// Starts process `id` (not yet a member unless its data says so) and waits until it has
+    /// reported its addresses.
+    pub async fn spawn(&mut self, id: u64) -> Member {
+        let nd = self.node_dir(id);
+        let data = nd.join("data");
+        std::fs::create_dir_all(&data).expect("node dir");
+        let _ = std::fs::remove_file(data.join("endpoints.json"));
+        let log = nd.join("mcpd.log");
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let err = out.try_clone().expect("log handle");
+        // A restarted node keeps its addresses: peers know it by them.
+        let (http, grpc) = match self.nodes.get(&id) {
+            Some(old) => (old.member.http_addr.clone(), old.member.grpc_addr.clone()),
+            None => ("127.0.0.1:0".to_string(), "127.0.0.1:0".to_string()),
+        };
+        let mut cmd = Command::new(&self.mcpd);
+        cmd.arg("--id")
+            .arg(id.to_string())
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--http-addr", &http, "--grpc-addr", &grpc])
+            .args(&self.args)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().expect("spawn mcpd");
+        let pid = child.id().expect("pid");
+        let member = eventually(
+            &format!("node {id} to report its addresses"),
+            Duration::from_secs(30),
+            || {
+                let exited = child.try_wait().ok().flatten();
+                let m = read_endpoints(&data, pid);
+                async move {
+                    if let Some(status) = exited {
+                        panic!("node {id} exited at start-up with {status}");
+                    }
+                    m
+                }
+            },
+        )
+        .await;
+        self.nodes.insert(
+            id,
+            Node {
+                id,
+                member: member.clone(),
+                data_dir: data,
+                log,
+                child: Some(child),
+            },
+        );
+        member
+    }
+
+    /// kill -9.
+    pub async fn kill(&mut self, id: u64) {
+        let node = self.nodes.get_mut(&id).expect("known node");
+        if let Some(mut child) = node.child.take() {
+            child.kill().await.expect("kill -9");
+        }
+    }
+
+    /// Restarts a killed node with its data and addresses.
+    pub async fn restart(&mut self, id: u64) {
+        assert!(!self.nodes[&id].running(), "node {id} is running");
+        self.spawn(id).await;
+    }
+
+    /// Kills node `id` and deletes its data directory.
+    pub async fn wipe(&mut self, id: u64) {
+        self.kill(id).await;
+        let dir = self.nodes[&id].data_dir.clone();
+        std::fs::remove_dir_all(&dir).expect("wipe data dir");
+        self.nodes.remove(&id);
+    }
+
+    pub fn running_ids(&self) -> Vec<u64> {
+        self.nodes
+            .values()
+            .filter(|n| n.running())
+            .map(|n| n.id)
+            .collect()
+    }
+
+    /// An admin client of every running node.
+    pub fn client(&self) -> AdminClient {
+        let eps: Vec<String> = self
+            .nodes
+            .values()
+            .filter(|n| n.running())
+            .map(|n| n.url())
+            .collect();
+        AdminClient::new(&eps, Some(self.admin_token.clone())).expect("client")
+    }
+
+    /// An admin client of one node only.
+    pub fn node_client(&self, id: u64) -> AdminClient {
+        AdminClient::new(&[self.nodes[&id].url()], Some(self.admin_token.clone())).expect("client")
+    }
+
+    pub fn url(&self, id: u64) -> String {
+        self.nodes[&id].url()
+    }
+
+    /// Waits until every running node agrees on one running leader; returns its id.
+    pub async fn wait_leader(&self) -> u64 {
+        let running = self.running_ids();
+        eventually(
+            "a leader every running node agrees on",
+            Duration::from_secs(30),
+            || {
+                let clients: Vec<_> = running.iter().map(|id| self.node_client(*id)).collect();
+                let running = running.clone();
+                async move {
+                    let mut leader = None;
+                    for c in clients {
+                        let s = c.cluster_status().await.ok()?;
+                        let l = s.leader?;
+                        if leader.is_some_and(|x| x != l) || !running.contains(&l) {
+                            return None;
+                        }
+                        leader = Some(l);
+                    }
+                    leader
+                }
+            },
+        )
+        .await
+    }
+
+    /// Tail of every node's log.
+    pub fn dump_logs(&self) {
+        for n in self.nodes.values() {
+            let text = std::fs::read_to_string(&n.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let from = lines.len().saturating_sub(40);
+            eprintln!("----- node {} ({}) -----", n.id, n.log.display());
+            for l in &lines[from..] {
+                eprintln!("{l}");
+            }
+        }
+    }
+
+    pub fn data_dirs(&self) -> Vec<&Path> {
+        self.nodes.values().map(|n| n.data_dir.as_path()).collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        for n in self.nodes.values_mut() {
+            if let Some(c) = n.child.as_mut() {
+                let _ = c.start_kill();
+            }
+        }
+    }
+}

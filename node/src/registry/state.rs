@@ -420,7 +420,7 @@ mod tests {
     #[test]
     fn compare_and_set_needs_the_current_revision() {
         let mut st = State::default();
-        st.apply(put_server("1", "a", Precondition::None));
+        let _ = st.apply(put_server("1", "a", Precondition::None));
         let (r, _) = st.apply(put_server("2", "a", Precondition::Revision(7)));
         assert_eq!(
             r,
@@ -454,7 +454,7 @@ mod tests {
     fn dedup_window_is_bounded() {
         let mut st = State::default();
         for i in 0..DEDUP_WINDOW + 5 {
-            st.apply(req(&i.to_string(), Command::RevokeToken { id: "x".into() }));
+            let _ = st.apply(req(&i.to_string(), Command::RevokeToken { id: "x".into() }));
         }
         assert_eq!(st.recent.len(), DEDUP_WINDOW);
     }
@@ -472,7 +472,7 @@ mod tests {
         assert!(
             matches!(r, Err(ApplyError::MissingReference { ref field, .. }) if field == "tenant")
         );
-        st.apply(req(
+        let _ = st.apply(req(
             "2",
             Command::PutTenant {
                 spec: TenantSpec {
@@ -498,7 +498,7 @@ mod tests {
             },
         ));
         assert!(matches!(r, Err(ApplyError::InUse { .. })));
-        st.apply(req(
+        let _ = st.apply(req(
             "5",
             Command::DeleteServer {
                 name: "s".into(),

@@ -1,0 +1,676 @@
+//! End-to-end tests of the replicated registry against real `mcpd` processes.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use mcpcp_proto::api::{AddNodeRequest, ServerSpec, TenantSpec};
+use mcpcp_tests::{eventually, Cluster};
+use mcpctl::{AdminClient, CallOptions, ClientError};
+
+fn server(name: &str) -> ServerSpec {
+    serde_json::from_value(serde_json::json!({
+        "name": name, "command": "uvx", "args": ["mcp-server-time"],
+    }))
+    .expect("spec")
+}
+
+fn tenant(name: &str) -> TenantSpec {
+    TenantSpec {
+        name: name.into(),
+        description: None,
+    }
+}
+
+async fn follower_of(c: &Cluster) -> u64 {
+    let leader = c.wait_leader().await;
+    *c.running_ids()
+        .iter()
+        .find(|id| **id != leader)
+        .expect("a follower")
+}
+
+async fn server_names(client: &AdminClient, stale: bool) -> Result<BTreeSet<String>, ClientError> {
+    Ok(client
+        .list_servers(stale)
+        .await?
+        .items
+        .into_iter()
+        .map(|s| s.spec.name)
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_on_follower_is_visible_on_every_node() {
+    let c = Cluster::start(3).await;
+    let follower = follower_of(&c).await;
+    let ack = c
+        .node_client(follower)
+        .create_server(&server("time"), &CallOptions::default())
+        .await
+        .expect("write through a follower");
+    assert!(ack.revision > 0);
+    for id in c.running_ids() {
+        // Linearizable (the default): must see the acknowledged write at once, no polling.
+        let s = c
+            .node_client(id)
+            .get_server("time", false)
+            .await
+            .expect("read");
+        assert_eq!(s.revision, ack.revision, "node {id}");
+        assert_eq!(s.spec.args, vec!["mcp-server-time"]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linearizable_read_after_write_from_another_node() {
+    let c = Cluster::start(3).await;
+    let ids = c.running_ids();
+    for round in 0..10 {
+        let writer = ids[round % 3];
+        let reader = ids[(round + 1) % 3];
+        let name = format!("t{round}");
+        c.node_client(writer)
+            .create_tenant(&tenant(&name), &CallOptions::default())
+            .await
+            .expect("write");
+        let seen: Vec<String> = c
+            .node_client(reader)
+            .list_tenants(false)
+            .await
+            .expect("read")
+            .items
+            .into_iter()
+            .map(|t| t.spec.name)
+            .collect();
+        assert!(
+            seen.contains(&name),
+            "node {reader} missed {name} written on {writer}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_writes_survive_leader_kill_and_the_node_catches_up() {
+    let mut c = Cluster::start(3).await;
+    let client = c.client();
+    let mut acked = BTreeSet::new();
+    for i in 0..20 {
+        let name = format!("s{i}");
+        client
+            .create_server(&server(&name), &CallOptions::default())
+            .await
+            .expect("write");
+        acked.insert(name);
+    }
+    let old_leader = c.wait_leader().await;
+    c.kill(old_leader).await;
+    let new_leader = c.wait_leader().await;
+    assert_ne!(new_leader, old_leader);
+    let client = c.client();
+    assert_eq!(server_names(&client, false).await.expect("read"), acked);
+    for i in 20..25 {
+        let name = format!("s{i}");
+        client
+            .create_server(&server(&name), &CallOptions::default())
+            .await
+            .expect("write after failover");
+        acked.insert(name);
+    }
+    c.restart(old_leader).await;
+    let back = c.node_client(old_leader);
+    let expected = acked.clone();
+    eventually(
+        "the restarted node to catch up",
+        Duration::from_secs(30),
+        || {
+            let back = back.clone();
+            let expected = expected.clone();
+            async move { (server_names(&back, true).await.ok()? == expected).then_some(()) }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaced_node_with_new_id_catches_up_by_snapshot() {
+    let mut c = Cluster::start_with(3, &["--snapshot-every", "20", "--keep-logs", "5"]).await;
+    let client = c.client();
+    let mut acked = BTreeSet::new();
+    for i in 0..60 {
+        let name = format!("s{i}");
+        client
+            .create_server(&server(&name), &CallOptions::default())
+            .await
+            .expect("write");
+        acked.insert(name);
+    }
+    let leader = c.wait_leader().await;
+    let status = eventually(
+        "a snapshot and a purged log on the leader",
+        Duration::from_secs(30),
+        || {
+            let lc = c.node_client(leader);
+            async move {
+                let s = lc.cluster_status().await.ok()?;
+                (s.snapshot_index.is_some() && s.purged_index.is_some()).then_some(s)
+            }
+        },
+    )
+    .await;
+    assert!(status.purged_index.unwrap_or(0) > 0);
+
+    // Replace a follower: wipe it, remove it, bring in a new node with a new id.
+    let victim = *c
+        .running_ids()
+        .iter()
+        .find(|id| **id != leader)
+        .expect("follower");
+    c.wipe(victim).await;
+    client
+        .remove_node(victim)
+        .await
+        .expect("remove the wiped node");
+    let member = c.spawn(4).await;
+    c.client()
+        .add_node(&AddNodeRequest {
+            id: 4,
+            http_addr: member.http_addr.clone(),
+            grpc_addr: member.grpc_addr.clone(),
+            voter: true,
+        })
+        .await
+        .expect("add node 4");
+    let n4 = c.node_client(4);
+    let expected = acked.clone();
+    eventually(
+        "node 4 to have every acknowledged write",
+        Duration::from_secs(30),
+        || {
+            let n4 = n4.clone();
+            let expected = expected.clone();
+            async move { (server_names(&n4, true).await.ok()? == expected).then_some(()) }
+        },
+    )
+    .await;
+    let metrics = reqwest::get(format!("{}/metrics", c.url(4)))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    let installs = metrics
+        .lines()
+        .find(|l| l.starts_with("mcpd_raft_snapshot_installs_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(
+        installs >= 1.0,
+        "node 4 caught up without installing a snapshot:\n{metrics}"
+    );
+
+    // The wiped node's id is never reused.
+    let err = c
+        .client()
+        .add_node(&AddNodeRequest {
+            id: victim,
+            http_addr: "127.0.0.1:1".into(),
+            grpc_addr: "127.0.0.1:2".into(),
+            voter: true,
+        })
+        .await
+        .expect_err("a used id is refused");
+    assert_eq!(err.status(), Some(409), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_quorum_writes_fail_within_the_bound_and_stale_reads_answer() {
+    let mut c = Cluster::start_with(3, &["--quorum-wait-ms", "2000"]).await;
+    c.client()
+        .create_server(&server("time"), &CallOptions::default())
+        .await
+        .expect("write");
+    let survivor = follower_of(&c).await;
+    for id in c.running_ids() {
+        if id != survivor {
+            c.kill(id).await;
+        }
+    }
+    let client = c.node_client(survivor);
+    let started = Instant::now();
+    let err = client
+        .create_server(&server("late"), &CallOptions::default())
+        .await
+        .expect_err("no quorum");
+    // Not a speed assertion: the bound is 2 s, this only proves the call does not hang.
+    assert!(started.elapsed() < Duration::from_secs(20), "write hung");
+    assert_eq!(err.status(), Some(503), "{err}");
+    assert_eq!(err.code(), Some("no_quorum"));
+    assert_eq!(err.exit_code(), 3);
+
+    // The raw answer carries Retry-After.
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/tenants", c.url(survivor)))
+        .bearer_auth(&c.admin_token)
+        .json(&serde_json::json!({"name": "x"}))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+
+    let err = client
+        .list_servers(false)
+        .await
+        .expect_err("linearizable read needs quorum");
+    assert_eq!(err.status(), Some(503));
+    let stale = server_names(&client, true).await.expect("stale read");
+    assert!(stale.contains("time"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_a_fourth_node_remove_one_and_keep_serving() {
+    let mut c = Cluster::start(3).await;
+    let member = c.spawn(4).await;
+    c.client()
+        .add_node(&AddNodeRequest {
+            id: 4,
+            http_addr: member.http_addr,
+            grpc_addr: member.grpc_addr,
+            voter: true,
+        })
+        .await
+        .expect("add node 4");
+    let s = c.client().cluster_status().await.expect("status");
+    let voters: BTreeSet<u64> = s.members.iter().filter(|m| m.voter).map(|m| m.id).collect();
+    assert_eq!(voters, BTreeSet::from([1, 2, 3, 4]));
+
+    let leader = c.wait_leader().await;
+    let gone = *c
+        .running_ids()
+        .iter()
+        .find(|id| **id != leader)
+        .expect("follower");
+    c.client().remove_node(gone).await.expect("remove");
+    c.kill(gone).await;
+    c.client()
+        .create_tenant(&tenant("after"), &CallOptions::default())
+        .await
+        .expect("write after removal");
+    let s = c.client().cluster_status().await.expect("status");
+    let voters: BTreeSet<u64> = s.members.iter().filter(|m| m.voter).map(|m| m.id).collect();
+    assert_eq!(voters.len(), 3);
+    assert!(!voters.contains(&gone));
+    let names: Vec<String> = c
+        .node_client(4)
+        .list_tenants(false)
+        .await
+        .expect("read")
+        .items
+        .into_iter()
+        .map(|t| t.spec.name)
+        .collect();
+    assert!(names.contains(&"after".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_and_set_and_idempotent_retries() {
+    let c = Cluster::start(3).await;
+    let client = c.client();
+    let first = client
+        .create_server(&server("cas"), &CallOptions::default())
+        .await
+        .expect("create");
+    let mut changed = server("cas");
+    changed.pool_size = 4;
+    let stale_rev = CallOptions {
+        if_match: Some(first.revision + 100),
+        ..Default::default()
+    };
+    let err = client
+        .put_server(&changed, &stale_rev)
+        .await
+        .expect_err("wrong revision");
+    assert_eq!(err.status(), Some(412));
+    let right_rev = CallOptions {
+        if_match: Some(first.revision),
+        ..Default::default()
+    };
+    let second = client.put_server(&changed, &right_rev).await.expect("cas");
+    assert!(second.revision > first.revision);
+
+    // The same Idempotency-Key twice applies once and answers the same revision.
+    let keyed = CallOptions {
+        idempotency_key: Some("create-acme-1".into()),
+        ..Default::default()
+    };
+    let a = client
+        .create_tenant(&tenant("acme"), &keyed)
+        .await
+        .expect("first");
+    let b = client
+        .create_tenant(&tenant("acme"), &keyed)
+        .await
+        .expect("retry answers the first outcome");
+    assert_eq!(a.revision, b.revision);
+    let unkeyed = client
+        .create_tenant(&tenant("acme"), &CallOptions::default())
+        .await
+        .expect_err("a new request is a duplicate");
+    assert_eq!(unkeyed.status(), Some(409));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_errors_and_the_node_stays_up() {
+    let c = Cluster::start(3).await;
+    let http = reqwest::Client::new();
+    let url = c.url(1);
+    let admin = &c.admin_token;
+    let post = |path: &str, body: &str, token: &str| {
+        http.post(format!("{url}{path}"))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+    };
+    async fn error_of(resp: reqwest::Response) -> (u16, serde_json::Value) {
+        let status = resp.status().as_u16();
+        let body: serde_json::Value = resp.json().await.expect("JSON error body");
+        (status, body["error"].clone())
+    }
+
+    let (s, e) = error_of(
+        post("/v1/servers", "{not json", admin)
+            .await
+            .expect("answer"),
+    )
+    .await;
+    assert_eq!(s, 400, "{e}");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("malformed JSON"),
+        "{e}"
+    );
+
+    let (s, e) = error_of(
+        post(
+            "/v1/servers",
+            r#"{"name":"a","command":"x","pool_sise":3}"#,
+            admin,
+        )
+        .await
+        .expect("answer"),
+    )
+    .await;
+    assert_eq!((s, e["field"].as_str()), (400, Some("pool_sise")), "{e}");
+
+    let (s, e) = error_of(
+        post("/v1/servers", r#"{"command":"x"}"#, admin)
+            .await
+            .expect("answer"),
+    )
+    .await;
+    assert_eq!((s, e["field"].as_str()), (400, Some("name")), "{e}");
+
+    let (s, e) = error_of(
+        post("/v1/servers", r#"{"name":"Bad Name","command":"x"}"#, admin)
+            .await
+            .expect("answer"),
+    )
+    .await;
+    assert_eq!((s, e["field"].as_str()), (422, Some("name")), "{e}");
+
+    let first = post("/v1/servers", r#"{"name":"dup","command":"x"}"#, admin)
+        .await
+        .expect("answer");
+    assert_eq!(first.status(), 201);
+    let (s, e) = error_of(
+        post("/v1/servers", r#"{"name":"dup","command":"x"}"#, admin)
+            .await
+            .expect("answer"),
+    )
+    .await;
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (409, Some("already_exists")),
+        "{e}"
+    );
+
+    let (s, e) = error_of(
+        post(
+            "/v1/servers",
+            r#"{"name":"t","command":"x","tenant":"nope"}"#,
+            admin,
+        )
+        .await
+        .expect("answer"),
+    )
+    .await;
+    assert_eq!((s, e["field"].as_str()), (422, Some("tenant")), "{e}");
+
+    let (s, e) = error_of(
+        post("/v1/tokens", r#"{"name":"t","tenant":"nope"}"#, admin)
+            .await
+            .expect("answer"),
+    )
+    .await;
+    assert_eq!((s, e["field"].as_str()), (422, Some("tenant")), "{e}");
+
+    // Bad token: 401 with WWW-Authenticate.
+    let resp = post(
+        "/v1/servers",
+        r#"{"name":"x","command":"x"}"#,
+        "mcpt_000000000000_nope",
+    )
+    .await
+    .expect("answer");
+    assert!(resp.headers().contains_key("www-authenticate"));
+    assert_eq!(resp.status(), 401);
+    let resp = http
+        .get(format!("{url}/v1/servers"))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(resp.status(), 401);
+
+    // A tenant token may not use the admin API; a revoked token may not use anything.
+    let client = c.client();
+    client
+        .create_tenant(&tenant("acme"), &CallOptions::default())
+        .await
+        .expect("tenant");
+    let created = client
+        .create_token(&mcpcp_proto::api::CreateTokenRequest {
+            name: "alice".into(),
+            role: None,
+            tenant: Some("acme".into()),
+            ttl_seconds: None,
+        })
+        .await
+        .expect("token");
+    let resp = http
+        .get(format!("{url}/v1/servers"))
+        .bearer_auth(&created.token)
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(resp.status(), 403);
+    let admin2 = client
+        .create_token(&mcpcp_proto::api::CreateTokenRequest {
+            name: "ops".into(),
+            role: Some(mcpcp_proto::api::Role::Admin),
+            tenant: None,
+            ttl_seconds: None,
+        })
+        .await
+        .expect("admin token");
+    let resp = http
+        .get(format!("{url}/v1/servers"))
+        .bearer_auth(&admin2.token)
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(resp.status(), 200);
+    client.revoke_token(&admin2.info.id).await.expect("revoke");
+    for id in c.running_ids() {
+        // Revocation is applied before the revoke call returns on the node that took it, and
+        // within a moment everywhere.
+        let u = c.url(id);
+        let tok = admin2.token.clone();
+        eventually(
+            "revocation to reach every node",
+            Duration::from_secs(5),
+            || {
+                let http = http.clone();
+                let u = u.clone();
+                let tok = tok.clone();
+                async move {
+                    let r = http
+                        .get(format!("{u}/v1/servers"))
+                        .bearer_auth(&tok)
+                        .send()
+                        .await
+                        .ok()?;
+                    (r.status() == 401).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+
+    // Unknown query parameter and unknown endpoint.
+    let resp = http
+        .get(format!("{url}/v1/servers?consistency=sometimes"))
+        .bearer_auth(admin)
+        .send()
+        .await
+        .expect("answer");
+    let (s, e) = error_of(resp).await;
+    assert_eq!(s, 400, "{e}");
+    let resp = http
+        .get(format!("{url}/v1/nothing"))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(resp.status(), 404);
+
+    // Still up and serving.
+    let live = http
+        .get(format!("{url}/livez"))
+        .send()
+        .await
+        .expect("livez");
+    assert_eq!(live.status(), 200);
+    let ready = http
+        .get(format!("{url}/readyz"))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_dir_holds_no_token_secret() {
+    let c = Cluster::start_with(3, &["--snapshot-every", "5", "--keep-logs", "1"]).await;
+    let client = c.client();
+    client
+        .create_tenant(&tenant("acme"), &CallOptions::default())
+        .await
+        .expect("tenant");
+    let mut secrets = vec![c.admin_token.clone()];
+    for i in 0..8 {
+        let t = client
+            .create_token(&mcpcp_proto::api::CreateTokenRequest {
+                name: format!("t{i}"),
+                role: None,
+                tenant: Some("acme".into()),
+                ttl_seconds: Some(3600),
+            })
+            .await
+            .expect("token");
+        secrets.push(t.token);
+    }
+    let leader = c.wait_leader().await;
+    eventually("a snapshot on the leader", Duration::from_secs(20), || {
+        let lc = c.node_client(leader);
+        async move { lc.cluster_status().await.ok()?.snapshot_index.map(|_| ()) }
+    })
+    .await;
+    let mut files = 0;
+    for dir in c.data_dirs() {
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for entry in std::fs::read_dir(&d).expect("read dir").flatten() {
+                let p = entry.path();
+                if p.is_dir() {
+                    stack.push(p);
+                    continue;
+                }
+                let bytes = std::fs::read(&p).expect("read file");
+                files += 1;
+                for s in &secrets {
+                    // The random part alone must not appear either.
+                    let random = s.rsplit('_').next().expect("secret part");
+                    assert!(
+                        !bytes.windows(random.len()).any(|w| w == random.as_bytes()),
+                        "{} contains a token secret",
+                        p.display()
+                    );
+                }
+            }
+        }
+    }
+    assert!(files >= 9, "expected the nodes' data files, found {files}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_changes_from_a_revision() {
+    let c = Cluster::start(3).await;
+    let client = c.client();
+    let first = client
+        .create_tenant(&tenant("a"), &CallOptions::default())
+        .await
+        .expect("write");
+    client
+        .create_tenant(&tenant("b"), &CallOptions::default())
+        .await
+        .expect("write");
+    let follower = follower_of(&c).await;
+    let mut resp = reqwest::Client::new()
+        .get(format!(
+            "{}/v1/watch?since={}",
+            c.url(follower),
+            first.revision - 1
+        ))
+        .bearer_auth(&c.admin_token)
+        .send()
+        .await
+        .expect("watch");
+    assert_eq!(resp.status(), 200);
+    client
+        .delete_tenant("a", &CallOptions::default())
+        .await
+        .expect("delete");
+    let mut buf = String::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while buf.lines().count() < 3 {
+        let chunk = tokio::time::timeout_at(deadline.into(), resp.chunk())
+            .await
+            .expect("watch events in time")
+            .expect("stream")
+            .expect("open stream");
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let events: Vec<serde_json::Value> = buf
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(events[0]["type"], "put");
+    assert_eq!(events[0]["name"], "a");
+    assert_eq!(events[1]["name"], "b");
+    assert_eq!(events[2]["type"], "delete");
+    assert_eq!(events[2]["name"], "a");
+    assert!(events[0]["revision"].as_u64() < events[2]["revision"].as_u64());
+}
