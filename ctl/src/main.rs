@@ -438,8 +438,9 @@ fn print_status(cli: &Cli, s: &ClusterStatus) {
         s.state
     );
     println!(
-        "last log: {}   applied: {}   snapshot: {}   purged: {}",
+        "last log: {}   committed: {}   applied: {}   snapshot: {}   purged: {}",
         opt(s.last_log_index),
+        opt(s.committed_index),
         opt(s.applied_index),
         opt(s.snapshot_index),
         opt(s.purged_index)

@@ -88,6 +88,7 @@ pub struct ClusterStatus {
     /// Role of the answering node: `leader`, `follower`, `candidate`, `learner`, `shutdown`.
     pub state: String,
     pub last_log_index: Option<u64>,
+    /// Highest index held by a quorum of voters (known on the leader only).
     pub committed_index: Option<u64>,
     pub applied_index: Option<u64>,
     pub snapshot_index: Option<u64>,
@@ -107,8 +108,11 @@ pub struct MemberStatus {
     pub matched_index: Option<u64>,
     /// How many entries this member is behind the leader's last log (leader only).
     pub lag: Option<u64>,
-    /// `healthy` when it is replicating within bounds, `lagging`, `unreachable`, or `unknown`
-    /// when the answering node is not the leader and cannot tell.
+    /// The applied index the member reported when pinged (None: it did not answer).
+    #[serde(default)]
+    pub applied_index: Option<u64>,
+    /// `healthy` (answers and, as far as the answering node knows, keeps up), `lagging`
+    /// (more than 100 entries behind the leader) or `unreachable` (did not answer a ping).
     pub health: String,
 }
 

@@ -108,6 +108,18 @@ async fn acked_writes_survive_leader_kill_and_the_node_catches_up() {
     assert_ne!(new_leader, old_leader);
     let client = c.client();
     assert_eq!(server_names(&client, false).await.expect("read"), acked);
+    let status = client.cluster_status().await.expect("status");
+    let dead = status
+        .members
+        .iter()
+        .find(|m| m.id == old_leader)
+        .expect("still a member");
+    assert_eq!(dead.health, "unreachable", "{status:?}");
+    assert!(status
+        .members
+        .iter()
+        .filter(|m| m.id != old_leader)
+        .all(|m| m.health == "healthy"));
     for i in 20..25 {
         let name = format!("s{i}");
         client

@@ -25,6 +25,9 @@ use crate::registry::MembershipChange;
 /// Lag (entries) beyond which a member is reported as `lagging`.
 const LAGGING_ENTRIES: u64 = 100;
 
+/// How long `cluster status` waits for each member's answer.
+const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
 pub async fn node_info(State(state): State<AppState>) -> Json<NodeInfo> {
     let me = &state.registry.me;
     let initialized = state.registry.raft.is_initialized().await.unwrap_or(false);
@@ -71,61 +74,89 @@ fn role_name(state: openraft::ServerState) -> &'static str {
     }
 }
 
-/// This node's view of the cluster. Member health and lag are known on the leader only;
-/// `mcpctl cluster status` asks the leader for them.
+/// The cluster as this node sees it, with every member pinged (in parallel, bounded) so that
+/// any node can tell which members answer. Replication lag is known on the leader only;
+/// `mcpctl cluster status` asks the leader for it.
 pub async fn status(State(state): State<AppState>, _admin: Admin) -> Json<ClusterStatus> {
     let m = state.registry.raft.metrics().borrow().clone();
     let revision = state.registry.local().state.revision;
-    let membership = m.membership_config.membership();
+    let membership = m.membership_config.membership().clone();
     let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
-    let members = membership
-        .nodes()
-        .map(|(id, node)| {
+    let nodes: Vec<Member> = membership.nodes().map(|(_, n)| n.clone()).collect();
+    let pings = futures_util::future::join_all(nodes.iter().map(|n| {
+        let registry = state.registry.clone();
+        let n = n.clone();
+        async move {
+            if n.id == registry.id {
+                return Ok(None);
+            }
+            registry.ping(&n, PING_TIMEOUT).await.map(Some)
+        }
+    }))
+    .await;
+    let last = m.last_log_index.unwrap_or(0);
+    let members = nodes
+        .iter()
+        .zip(pings)
+        .map(|(node, ping)| {
             let matched = m
                 .replication
                 .as_ref()
-                .and_then(|r| r.get(id).cloned().flatten())
+                .and_then(|r| r.get(&node.id).cloned().flatten())
                 .map(|l| l.index);
-            let (matched_index, lag, health) = if *id == m.id {
-                (m.last_log_index, Some(0), "healthy")
-            } else if m.replication.is_some() {
-                let last = m.last_log_index.unwrap_or(0);
-                match matched {
-                    Some(i) => {
-                        let lag = last.saturating_sub(i);
-                        (
-                            Some(i),
-                            Some(lag),
-                            if lag > LAGGING_ENTRIES {
-                                "lagging"
-                            } else {
-                                "healthy"
-                            },
-                        )
-                    }
-                    None => (None, None, "unreachable"),
-                }
+            let (matched_index, applied_index) = if node.id == m.id {
+                (m.last_log_index, m.last_applied.map(|l| l.index))
             } else {
-                (None, None, "unknown")
+                (
+                    matched,
+                    ping.as_ref()
+                        .ok()
+                        .and_then(|p| p.as_ref())
+                        .and_then(|p| p.applied_index),
+                )
+            };
+            let lag = matched_index
+                .filter(|_| m.replication.is_some() || node.id == m.id)
+                .map(|i| last.saturating_sub(i));
+            let health = match (&ping, lag) {
+                (Err(_), _) => "unreachable",
+                (Ok(_), Some(l)) if l > LAGGING_ENTRIES => "lagging",
+                (Ok(_), _) => "healthy",
             };
             MemberStatus {
-                id: *id,
+                id: node.id,
                 http_addr: node.http_addr.clone(),
                 grpc_addr: node.grpc_addr.clone(),
-                voter: voters.contains(id),
+                voter: voters.contains(&node.id),
                 matched_index,
                 lag,
+                applied_index,
                 health: health.to_string(),
             }
         })
         .collect();
+    // On the leader: the highest index a quorum of voters holds.
+    let committed_index = m.replication.as_ref().and_then(|rep| {
+        let mut held: Vec<u64> = voters
+            .iter()
+            .map(|id| {
+                if *id == m.id {
+                    last
+                } else {
+                    rep.get(id).cloned().flatten().map(|l| l.index).unwrap_or(0)
+                }
+            })
+            .collect();
+        held.sort_unstable_by(|a, b| b.cmp(a));
+        held.get(voters.len() / 2).copied()
+    });
     Json(ClusterStatus {
         node_id: m.id,
         leader: m.current_leader,
         term: m.current_term,
         state: role_name(m.state).to_string(),
         last_log_index: m.last_log_index,
-        committed_index: None,
+        committed_index,
         applied_index: m.last_applied.map(|l| l.index),
         snapshot_index: m.snapshot.map(|l| l.index),
         purged_index: m.purged.map(|l| l.index),

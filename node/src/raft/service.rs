@@ -6,8 +6,8 @@
 
 use mcpcp_proto::cluster::cluster_server::Cluster;
 use mcpcp_proto::cluster::{
-    ForwardWriteReply, ForwardWriteRequest, MembershipReply, MembershipRequest, ReadIndexReply,
-    ReadIndexRequest,
+    ForwardWriteReply, ForwardWriteRequest, MembershipReply, MembershipRequest, PingReply,
+    PingRequest, ReadIndexReply, ReadIndexRequest,
 };
 use mcpcp_proto::raft::raft_server;
 use mcpcp_proto::raft::RaftPayload;
@@ -100,6 +100,16 @@ impl Cluster for ClusterService {
         let res: Result<(), ForwardError> = self.registry.change_membership_as_leader(change).await;
         Ok(Response::new(MembershipReply {
             result: encode(&res)?,
+        }))
+    }
+
+    async fn ping(&self, _req: Request<PingRequest>) -> Result<Response<PingReply>, Status> {
+        let m = self.registry.raft.metrics().borrow().clone();
+        Ok(Response::new(PingReply {
+            node_id: m.id,
+            term: m.current_term,
+            applied_index: m.last_applied.map(|l| l.index),
+            leader: m.current_leader,
         }))
     }
 }

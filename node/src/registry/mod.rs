@@ -19,7 +19,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use mcpcp_proto::api::{AddNodeRequest, Member, Role, TokenInfo};
 use mcpcp_proto::cluster::cluster_client::ClusterClient;
-use mcpcp_proto::cluster::{ForwardWriteRequest, MembershipRequest, ReadIndexRequest};
+use mcpcp_proto::cluster::{
+    ForwardWriteRequest, MembershipRequest, PingReply, PingRequest, ReadIndexRequest,
+};
 use openraft::error::RaftError;
 use openraft::ChangeMembers;
 use serde::{Deserialize, Serialize};
@@ -386,6 +388,18 @@ impl Registry {
                 Err(ForwardError::NotLeader { node: self.id })
             }
             Ok(Err(e)) => Err(ForwardError::Raft(e.to_string())),
+        }
+    }
+
+    /// Asks a peer how it is, within `timeout`.
+    pub async fn ping(&self, peer: &Member, timeout: Duration) -> Result<PingReply, String> {
+        let mut client = self.cluster_client(peer)?;
+        let mut req = tonic::Request::new(PingRequest {});
+        req.set_timeout(timeout);
+        match tokio::time::timeout(timeout, client.ping(req)).await {
+            Err(_) => Err(format!("no answer within {timeout:?}")),
+            Ok(Err(status)) => Err(status.message().to_string()),
+            Ok(Ok(reply)) => Ok(reply.into_inner()),
         }
     }
 

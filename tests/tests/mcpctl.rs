@@ -1,0 +1,129 @@
+//! The `mcpctl` binary as an operator runs it: `dev up`/`dev down`, exit codes, import.
+
+use std::path::Path;
+use std::process::Output;
+
+use mcpcp_tests::binary;
+
+fn mcpctl(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = std::process::Command::new(binary("mcpctl"));
+    cmd.args(args)
+        .env_remove("MCPCTL_ENDPOINTS")
+        .env_remove("MCPCTL_TOKEN");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run mcpctl")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Reads `export K='V'` lines of the env file `dev up` writes.
+fn env_file(dir: &Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(dir.join("env"))
+        .expect("env file")
+        .lines()
+        .filter_map(|l| l.strip_prefix("export "))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.trim_matches('\'').to_string()))
+        .collect()
+}
+
+/// Stops the dev cluster even when an assertion fails.
+struct Down<'a>(&'a Path);
+
+impl Drop for Down<'_> {
+    fn drop(&mut self) {
+        let dir = self.0.to_string_lossy().to_string();
+        let _ = mcpctl(&["dev", "down", "--dir", &dir], &[]);
+    }
+}
+
+#[test]
+fn dev_up_serves_a_cluster_and_dev_down_stops_it() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("dev");
+    let d = dir.to_string_lossy().to_string();
+    let mcpd = binary("mcpd");
+    let mcpd = mcpd.to_string_lossy().to_string();
+    let _down = Down(&dir);
+    let up = mcpctl(
+        &["dev", "up", "--nodes", "3", "--dir", &d, "--mcpd", &mcpd],
+        &[],
+    );
+    assert!(up.status.success(), "{}", text(&up));
+
+    let env = env_file(&dir);
+    let keys: Vec<&str> = env.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "MCPCTL_ENDPOINTS",
+            "MCPCTL_TOKEN",
+            "MCP_BRIDGE_URL",
+            "MCP_BRIDGE_TOKEN"
+        ]
+    );
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    for n in 1..=3 {
+        assert!(dir.join(format!("node{n}/mcpd.pid")).exists());
+        assert!(dir.join(format!("node{n}/mcpd.log")).exists());
+    }
+
+    let list = mcpctl(&["server", "list", "-o", "json"], &env);
+    assert!(list.status.success(), "{}", text(&list));
+    let servers: serde_json::Value = serde_json::from_slice(&list.stdout).expect("JSON");
+    assert_eq!(servers[0]["spec"]["name"], "demo");
+
+    // A second `dev up` on a running directory is a usage error.
+    let again = mcpctl(&["dev", "up", "--dir", &d, "--mcpd", &mcpd], &[]);
+    assert_eq!(again.status.code(), Some(2), "{}", text(&again));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already running"));
+
+    // `token create` prints only the token.
+    let tok = mcpctl(
+        &["token", "create", "--tenant", "default", "--name", "t"],
+        &env,
+    );
+    assert!(tok.status.success(), "{}", text(&tok));
+    let out = String::from_utf8_lossy(&tok.stdout);
+    assert_eq!(out.lines().count(), 1);
+    assert!(out.starts_with("mcpt_"));
+
+    // Import the prototype's YAML.
+    let yaml = tmp.path().join("control_plane.yaml");
+    std::fs::write(
+        &yaml,
+        "auth_tokens: [\"x\"]\nmcp_servers:\n  - id: files\n    type: npx\n    command: [\"npx\", \"-y\", \"@modelcontextprotocol/server-filesystem\", \"/tmp\"]\n    enabled: true\n",
+    )
+    .expect("yaml");
+    let imp = mcpctl(&["import", &yaml.to_string_lossy()], &env);
+    assert!(imp.status.success(), "{}", text(&imp));
+    let get = mcpctl(&["server", "get", "files", "-o", "json"], &env);
+    assert!(get.status.success(), "{}", text(&get));
+    let files: serde_json::Value = serde_json::from_slice(&get.stdout).expect("JSON");
+    assert_eq!(files["spec"]["command"], "npx");
+
+    // Errors: usage is 2, a refused write is 1.
+    let bad = mcpctl(
+        &["server", "add", "x", "--pool-size", "0", "--", "true"],
+        &env,
+    );
+    assert_eq!(bad.status.code(), Some(1), "{}", text(&bad));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("pool_size"));
+
+    let down = mcpctl(&["dev", "down", "--dir", &d], &[]);
+    assert!(down.status.success(), "{}", text(&down));
+    assert!(mcpctl::dev::running_pids(&dir).is_empty());
+
+    // Nothing answers any more: exit code 3.
+    let gone = mcpctl(&["server", "list"], &env);
+    assert_eq!(gone.status.code(), Some(3), "{}", text(&gone));
+}
