@@ -256,6 +256,11 @@ async fn serve_grpc(listener: TcpListener, raft: Raft, registry: Registry, shutd
 }
 
 async fn serve_http(listener: TcpListener, router: axum::Router, shutdown: Shutdown) {
+    use axum::serve::ListenerExt;
+    // Small JSON answers must not wait for Nagle and the client's delayed ACK (40 ms).
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let res = axum::serve(listener, router)
         .with_graceful_shutdown(shutdown.wait())
         .await;

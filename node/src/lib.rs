@@ -10,7 +10,9 @@
 pub mod api;
 pub mod app;
 pub mod config;
+pub mod demo;
 pub mod metrics;
+pub mod pool;
 pub mod raft;
 pub mod registry;
 pub mod shutdown;

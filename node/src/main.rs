@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use mcpd::config::{Config, LogFormat};
 use tracing_subscriber::EnvFilter;
 
@@ -12,8 +12,10 @@ use tracing_subscriber::EnvFilter;
 ///
 /// Start three nodes, then run `mcpctl cluster init` against them.
 #[derive(Debug, Parser)]
-#[command(name = "mcpd", version)]
+#[command(name = "mcpd", version, args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    cmd: Option<Sub>,
     /// TOML configuration file; flags override its values.
     #[arg(long, short = 'c', env = "MCPD_CONFIG")]
     config: Option<PathBuf>,
@@ -47,6 +49,14 @@ struct Args {
     /// Log format on stderr.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Sub {
+    /// Run a demo MCP server on stdin/stdout (newline-delimited JSON-RPC; logs on stderr), for
+    /// the dev cluster, tests, benchmarks and chaos runs. `MCPD_DEMO_LEDGER` names the file its
+    /// `counter_increment` tool appends to.
+    DemoServer,
 }
 
 impl Args {
@@ -119,7 +129,11 @@ async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cfg = Args::parse().into_config()?;
+    let mut args = Args::parse();
+    if let Some(Sub::DemoServer) = args.cmd.take() {
+        return mcpd::demo::run().await;
+    }
+    let cfg = args.into_config()?;
     init_logging(&cfg);
     let metrics = mcpd::metrics::install().context("installing the metrics recorder")?;
     mcpd::app::run(cfg, metrics, shutdown_signal()).await?;

@@ -3,8 +3,10 @@
 //!
 //! - [`raft`] and [`cluster`]: the gRPC services between nodes, generated from `proto/*.proto`.
 //! - [`api`]: the JSON bodies of the admin API (`/v1/...`).
+//! - [`mcp`]: the MCP JSON-RPC envelope, error codes and protocol revisions.
 
 pub mod api;
+pub mod mcp;
 
 /// Raft transport between nodes (`proto/raft.proto`).
 pub mod raft {

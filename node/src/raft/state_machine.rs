@@ -71,11 +71,12 @@ impl StateMachineStore {
         let tx = db.begin_write()?;
         tx.open_table(SNAPSHOT)?;
         tx.commit()?;
-        let data = match read_snapshot(&db)? {
+        let mut data: SmData = match read_snapshot(&db)? {
             Some((_, bytes)) => serde_json::from_slice(&bytes)
                 .map_err(|e| redb::Error::Io(std::io::Error::other(e)))?,
             None => SmData::default(),
         };
+        data.state.reindex();
         let (events, _) = broadcast::channel(1024);
         Ok(StateMachineStore {
             shared: Arc::new(Shared {
@@ -266,6 +267,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         data.last_applied = meta.last_log_id;
         data.membership = meta.last_membership.clone();
+        data.state.reindex();
         self.persist_snapshot(meta, bytes).await?;
         let revision = data.state.revision;
         {

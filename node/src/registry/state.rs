@@ -4,7 +4,7 @@
 //! Nothing here does I/O or reads a clock: every input (timestamps, token hashes, request ids)
 //! travels inside the command, so every node that applies the same log reaches the same state.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 
 use mcpcp_proto::api::{ObjectKind, ServerSpec, TenantSpec, TokenInfo, Versioned, WatchEvent};
 use serde::{Deserialize, Serialize};
@@ -133,6 +133,9 @@ pub struct State {
     pub node_ids_ever: BTreeSet<u64>,
     /// Outcomes of recent requests by request id, oldest first.
     pub recent: VecDeque<(String, CommandResult)>,
+    /// The ids in `recent`, for a constant-time duplicate check (rebuilt from it on load).
+    #[serde(skip)]
+    pub recent_ids: HashSet<String>,
 }
 
 /// One object changed by an applied command, for persistence and watchers.
@@ -145,11 +148,18 @@ pub struct Change {
 }
 
 impl State {
+    /// Rebuilds indexes that snapshots do not carry.
+    pub fn reindex(&mut self) {
+        self.recent_ids = self.recent.iter().map(|(id, _)| id.clone()).collect();
+    }
+
     /// Applies one request. Returns its outcome and the objects it changed (empty when it was
     /// refused or was a duplicate).
     pub fn apply(&mut self, req: Request) -> (CommandResult, Vec<Change>) {
-        if let Some((_, outcome)) = self.recent.iter().find(|(id, _)| *id == req.request_id) {
-            return (outcome.clone(), Vec::new());
+        if self.recent_ids.contains(&req.request_id) {
+            if let Some((_, outcome)) = self.recent.iter().rev().find(|(id, _)| *id == req.request_id) {
+                return (outcome.clone(), Vec::new());
+            }
         }
         let next = self.revision + 1;
         let result = self.apply_command(req.command, next);
@@ -160,9 +170,12 @@ impl State {
             }
             Err(e) => (Err(e), Vec::new()),
         };
+        self.recent_ids.insert(req.request_id.clone());
         self.recent.push_back((req.request_id, result.clone()));
         while self.recent.len() > DEDUP_WINDOW {
-            self.recent.pop_front();
+            if let Some((id, _)) = self.recent.pop_front() {
+                self.recent_ids.remove(&id);
+            }
         }
         (result, changes)
     }

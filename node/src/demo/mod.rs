@@ -1,0 +1,490 @@
+//! `mcpd demo-server`: a small MCP server on stdin/stdout, so the dev cluster, the end-to-end
+//! tests, the benchmarks and the chaos harness have a real stdio server to register and call
+//! without depending on anything outside this repository.
+//!
+//! The wire is newline-delimited JSON-RPC 2.0: one JSON object per line each way. Logs go to
+//! stderr only. Requests are served concurrently: each runs in its own task (so a slow `sleep`
+//! does not hold up an `echo`), and every outgoing line goes through one writer thread, so lines
+//! never interleave. `notifications/cancelled` aborts the task of the request it names, which
+//! then gets no answer.
+//!
+//! - [`tools`], [`resources`], [`prompts`]: what the server offers, including what the MCP
+//!   conformance suite's server scenarios call (see `CONFORMANCE.md` here).
+//! - [`session`]: the state request tasks share; [`rpc`]: JSON-RPC framing and errors;
+//!   [`content`]: MCP content blocks and fixtures.
+//!
+//! Environment: `MCPD_DEMO_LEDGER` names the file `counter_increment` appends to; `RUST_LOG`
+//! sets the stderr log filter (default `info`).
+
+mod content;
+mod prompts;
+mod resources;
+mod rpc;
+mod session;
+mod tools;
+
+use std::collections::HashMap;
+use std::io::{BufRead as _, Write as _};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio::task::{AbortHandle, JoinError, JoinSet};
+
+use rpc::{Incoming, Params, RpcError};
+use session::Session;
+
+/// Protocol versions this server speaks; a client asking for another gets [`LATEST_VERSION`].
+const SUPPORTED_VERSIONS: [&str; 3] = ["2025-11-25", "2025-06-18", "2025-03-26"];
+const LATEST_VERSION: &str = "2025-11-25";
+/// After stdin closes, how long requests still running get to finish and be answered.
+const DRAIN: Duration = Duration::from_secs(5);
+/// Lines read ahead of the dispatcher before the reader waits.
+const READ_AHEAD: usize = 256;
+
+/// Runs the demo server until stdin closes (or the `crash` tool is called).
+pub async fn run() -> anyhow::Result<()> {
+    init_logging();
+    let ledger = std::env::var_os("MCPD_DEMO_LEDGER")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
+    tracing::info!(pid = std::process::id(), ledger = ?ledger, "demo MCP server on stdio");
+    let (line_tx, line_rx) = mpsc::channel(READ_AHEAD);
+    let (out_tx, out_rx) = mpsc::unbounded_channel();
+    // Plain threads for stdio: blocking reads and writes stay off the runtime's workers.
+    std::thread::Builder::new()
+        .name("demo-stdin".into())
+        .spawn(move || read_stdin(&line_tx))?;
+    let writer = std::thread::Builder::new()
+        .name("demo-stdout".into())
+        .spawn(move || write_stdout(out_rx))?;
+    serve(line_rx, out_tx, ledger).await;
+    // Every sender is gone now, so the writer empties its queue and ends.
+    if writer.join().is_err() {
+        anyhow::bail!("the stdout writer panicked");
+    }
+    tracing::info!("stdin closed; demo MCP server exiting");
+    Ok(())
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Fails only if a subscriber is already installed, which is then used instead.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+/// Sends each line of stdin (without its line ending) until EOF.
+fn read_stdin(lines: &mpsc::Sender<Vec<u8>>) {
+    let mut stdin = std::io::stdin().lock();
+    loop {
+        let mut line = Vec::new();
+        match stdin.read_until(b'\n', &mut line) {
+            Ok(0) => return,
+            Ok(_) => {
+                while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                    line.pop();
+                }
+                if lines.blocking_send(line).is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::error!("reading stdin: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// Writes each message as one line, flushing whenever the queue is momentarily empty.
+fn write_stdout(mut messages: mpsc::UnboundedReceiver<Value>) {
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    while let Some(mut msg) = messages.blocking_recv() {
+        loop {
+            // serde_json escapes control characters inside strings, so a message is one line.
+            let written = serde_json::to_writer(&mut out, &msg)
+                .map_err(std::io::Error::from)
+                .and_then(|()| out.write_all(b"\n"));
+            if let Err(e) = written {
+                stdout_gone(&e);
+            }
+            match messages.try_recv() {
+                Ok(next) => msg = next,
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = out.flush() {
+            stdout_gone(&e);
+        }
+    }
+}
+
+/// Nobody reads our answers any more: nothing useful is left to do.
+fn stdout_gone(e: &std::io::Error) -> ! {
+    tracing::error!("writing stdout: {e}; exiting");
+    std::process::exit(1)
+}
+
+/// Serves the lines from `lines` until it closes, writing every outgoing message to `out`.
+/// Then gives the requests still running [`DRAIN`] to finish.
+async fn serve(
+    mut lines: mpsc::Receiver<Vec<u8>>,
+    out: mpsc::UnboundedSender<Value>,
+    ledger: Option<PathBuf>,
+) {
+    let session = Arc::new(Session::new(out, ledger));
+    let mut inflight = InFlight::default();
+    loop {
+        tokio::select! {
+            line = lines.recv() => match line {
+                Some(line) => on_line(&session, &mut inflight, &line),
+                None => break,
+            },
+            Some(done) = inflight.tasks.join_next_with_id() => inflight.reap(&session, done),
+        }
+    }
+    // No answer to a request of ours can arrive any more: the tools waiting for one give up.
+    session.fail_pending();
+    let drained = tokio::time::timeout(DRAIN, async {
+        while let Some(done) = inflight.tasks.join_next_with_id().await {
+            inflight.reap(&session, done);
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            "{} request(s) still running {}s after stdin closed; abandoned unanswered",
+            inflight.tasks.len(),
+            DRAIN.as_secs()
+        );
+        inflight.tasks.shutdown().await;
+    }
+}
+
+/// The request tasks running, by task and by request id (its JSON text, so `1` and `"1"` differ).
+#[derive(Default)]
+struct InFlight {
+    tasks: JoinSet<()>,
+    by_request: HashMap<String, AbortHandle>,
+    by_task: HashMap<tokio::task::Id, String>,
+}
+
+impl InFlight {
+    fn start(&mut self, session: &Arc<Session>, id: Value, method: String, params: Value) {
+        let key = id.to_string();
+        let session = session.clone();
+        let handle = self.tasks.spawn(async move {
+            let outcome = handle_request(&session, &id, &method, &params).await;
+            if let Err(e) = &outcome {
+                tracing::debug!(%method, %id, code = e.code, "{}", e.message);
+            }
+            session.send(rpc::response(&id, outcome));
+        });
+        self.by_task.insert(handle.id(), key.clone());
+        // A client reusing an id still in flight: both run; a cancel reaches the newest.
+        self.by_request.insert(key, handle);
+    }
+
+    fn cancel(&mut self, request_id: &Value) {
+        match self.by_request.remove(&request_id.to_string()) {
+            Some(task) => {
+                tracing::debug!(%request_id, "request cancelled by the client");
+                task.abort();
+            }
+            None => tracing::debug!(%request_id, "cancel for a request not in flight"),
+        }
+    }
+
+    /// Forgets a finished task. A task that panicked is answered with an internal error.
+    fn reap(&mut self, session: &Session, done: Result<(tokio::task::Id, ()), JoinError>) {
+        let task = match &done {
+            Ok((task, ())) => *task,
+            Err(e) => e.id(),
+        };
+        let Some(key) = self.by_task.remove(&task) else {
+            return;
+        };
+        if self.by_request.get(&key).is_some_and(|h| h.id() == task) {
+            self.by_request.remove(&key);
+        }
+        if let Err(e) = done {
+            if e.is_panic() {
+                tracing::error!(request_id = %key, "request task panicked");
+                let id = serde_json::from_str(&key).unwrap_or(Value::Null);
+                session.send(rpc::response(
+                    &id,
+                    Err(RpcError::internal("the handler panicked")),
+                ));
+            }
+        }
+    }
+}
+
+fn on_line(session: &Arc<Session>, inflight: &mut InFlight, line: &[u8]) {
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return;
+    }
+    match rpc::parse_line(line) {
+        Err((id, e)) => {
+            tracing::warn!("bad line from the client: {}", e.message);
+            session.send(rpc::response(&id, Err(e)));
+        }
+        Ok(Incoming::Request { id, method, params }) => inflight.start(session, id, method, params),
+        Ok(Incoming::Notification { method, params }) => match method.as_str() {
+            "notifications/cancelled" => match params.get("requestId") {
+                Some(id) => inflight.cancel(id),
+                None => tracing::warn!("notifications/cancelled without requestId"),
+            },
+            "notifications/initialized" => tracing::debug!("client initialized"),
+            other => tracing::debug!(method = other, "notification ignored"),
+        },
+        Ok(Incoming::Response { id, outcome }) => {
+            if !session.resolve(&id, outcome) {
+                tracing::warn!(%id, "answer to no request of ours in flight");
+            }
+        }
+    }
+}
+
+async fn handle_request(
+    session: &Session,
+    id: &Value,
+    method: &str,
+    params: &Value,
+) -> Result<Value, RpcError> {
+    match method {
+        "initialize" => initialize(session, params),
+        "ping" => Ok(json!({})),
+        "tools/list" => Ok(tools::list()),
+        "tools/call" => tools::call(session, id, params).await,
+        "resources/list" => Ok(resources::list()),
+        "resources/templates/list" => Ok(resources::templates()),
+        "resources/read" => resources::read(session, params),
+        "resources/subscribe" => resources::subscribe(session, params),
+        "resources/unsubscribe" => resources::unsubscribe(session, params),
+        "prompts/list" => Ok(prompts::list()),
+        "prompts/get" => prompts::get(params),
+        "completion/complete" => prompts::complete(params),
+        "logging/setLevel" => {
+            let level = Params::new(params, "").str("level")?;
+            if !session.set_log_level(level) {
+                return Err(RpcError::invalid_params(
+                    "level",
+                    format!("must be one of {}", session::LOG_LEVELS.join(", ")),
+                ));
+            }
+            Ok(json!({}))
+        }
+        other => Err(RpcError::method_not_found(other)),
+    }
+}
+
+fn initialize(session: &Session, params: &Value) -> Result<Value, RpcError> {
+    let p = Params::new(params, "");
+    let asked = p.str("protocolVersion")?;
+    let capabilities = p.opt_object("capabilities")?.cloned().unwrap_or(json!({}));
+    let client = p.opt_object("clientInfo")?.cloned().unwrap_or(Value::Null);
+    let version = SUPPORTED_VERSIONS
+        .into_iter()
+        .find(|v| *v == asked)
+        .unwrap_or(LATEST_VERSION);
+    tracing::info!(%client, %capabilities, asked, version, "initialize");
+    session.set_client_capabilities(capabilities);
+    Ok(json!({
+        "protocolVersion": version,
+        "capabilities": {
+            "tools": { "listChanged": true },
+            "resources": { "subscribe": true, "listChanged": true },
+            "prompts": { "listChanged": true },
+            "logging": {},
+            "completions": {},
+        },
+        "serverInfo": { "name": "mcpd-demo", "version": env!("CARGO_PKG_VERSION") },
+        "instructions": "Demo MCP server of the mcpd control plane: echo, add, sleep, fail, crash, \
+                         counter_increment, and the MCP conformance suite's test tools.",
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server fed through channels, as the stdio threads would.
+    struct Harness {
+        input: Option<mpsc::Sender<Vec<u8>>>,
+        output: mpsc::UnboundedReceiver<Value>,
+        server: tokio::task::JoinHandle<()>,
+    }
+
+    impl Harness {
+        fn start() -> Self {
+            let (input, lines) = mpsc::channel(16);
+            let (out, output) = mpsc::unbounded_channel();
+            let server = tokio::spawn(serve(lines, out, None));
+            Self {
+                input: Some(input),
+                output,
+                server,
+            }
+        }
+
+        async fn send(&self, line: &str) {
+            if let Some(input) = &self.input {
+                assert!(input.send(line.as_bytes().to_vec()).await.is_ok());
+            }
+        }
+
+        async fn recv(&mut self) -> Value {
+            let got = tokio::time::timeout(Duration::from_secs(5), self.output.recv()).await;
+            got.ok().flatten().unwrap_or(Value::Null)
+        }
+
+        /// Closes stdin and returns everything written until the server ended.
+        async fn finish(mut self) -> Vec<Value> {
+            self.input = None;
+            let ended = tokio::time::timeout(Duration::from_secs(5), &mut self.server).await;
+            assert!(ended.is_ok(), "server did not end after stdin closed");
+            let mut rest = Vec::new();
+            while let Ok(msg) = self.output.try_recv() {
+                rest.push(msg);
+            }
+            rest
+        }
+    }
+
+    /// Sends `lines`, closes stdin, returns all output.
+    async fn exchange(lines: &[&str]) -> Vec<Value> {
+        let h = Harness::start();
+        for line in lines {
+            h.send(line).await;
+        }
+        h.finish().await
+    }
+
+    #[tokio::test]
+    async fn initialize_negotiates_the_version() {
+        let out = exchange(&[
+            r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"0"}}}"#,
+            r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+            r#"{"jsonrpc":"2.0","id":2,"method":"initialize","params":{"protocolVersion":"1999-01-01"}}"#,
+        ])
+        .await;
+        assert_eq!(out.len(), 2, "{out:?}");
+        let by_id = |id: i64| {
+            out.iter()
+                .find(|m| m["id"] == id)
+                .cloned()
+                .unwrap_or_default()
+        };
+        assert_eq!(by_id(1)["result"]["protocolVersion"], "2025-06-18");
+        assert_eq!(by_id(1)["result"]["serverInfo"]["name"], "mcpd-demo");
+        assert_eq!(
+            by_id(1)["result"]["capabilities"]["resources"]["subscribe"],
+            true
+        );
+        assert_eq!(by_id(2)["result"]["protocolVersion"], LATEST_VERSION);
+    }
+
+    #[tokio::test]
+    async fn protocol_errors() {
+        let out = exchange(&[
+            "{oops",
+            "",
+            r#"{"jsonrpc":"2.0","id":"u","method":"tools/frobnicate"}"#,
+            r#"{"jsonrpc":"2.0","id":3,"method":"logging/setLevel","params":{"level":"loud"}}"#,
+            r#"{"jsonrpc":"2.0","id":4,"method":"ping"}"#,
+        ])
+        .await;
+        assert_eq!(out.len(), 4, "{out:?}");
+        let find = |id: Value| {
+            out.iter()
+                .find(|m| m["id"] == id)
+                .cloned()
+                .unwrap_or_default()
+        };
+        assert_eq!(find(Value::Null)["error"]["code"], -32700);
+        let unknown = find(json!("u"));
+        assert_eq!(unknown["error"]["code"], -32601);
+        assert!(unknown["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("tools/frobnicate")));
+        assert_eq!(find(json!(3))["error"]["code"], -32602);
+        assert_eq!(find(json!(3))["error"]["data"]["field"], "level");
+        assert_eq!(
+            find(json!(4)),
+            json!({"jsonrpc": "2.0", "id": 4, "result": {}})
+        );
+    }
+
+    #[tokio::test]
+    async fn a_slow_request_does_not_block_others() {
+        let mut h = Harness::start();
+        h.send(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"sleep","arguments":{"ms":300}}}"#).await;
+        h.send(r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"echo","arguments":{"message":"fast"}}}"#).await;
+        let first = h.recv().await;
+        assert_eq!(first["id"], 2);
+        assert_eq!(first["result"]["content"][0]["text"], "fast");
+        let second = h.recv().await;
+        assert_eq!(second["id"], 1);
+        assert_eq!(second["result"]["content"][0]["text"], "slept 300 ms");
+        assert!(h.finish().await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_request_gets_no_answer() {
+        let started = std::time::Instant::now();
+        let out = exchange(&[
+            r#"{"jsonrpc":"2.0","id":"slow","method":"tools/call","params":{"name":"sleep","arguments":{"ms":60000}}}"#,
+            r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":"slow","reason":"test"}}"#,
+            r#"{"jsonrpc":"2.0","id":2,"method":"ping"}"#,
+        ])
+        .await;
+        assert_eq!(out, [json!({"jsonrpc": "2.0", "id": 2, "result": {}})]);
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn sampling_round_trips_through_the_client() {
+        let mut h = Harness::start();
+        h.send(r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{"sampling":{}}}}"#).await;
+        assert_eq!(h.recv().await["id"], 1);
+        h.send(r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"test_sampling","arguments":{"prompt":"hi"}}}"#).await;
+        let ask = h.recv().await;
+        assert_eq!(ask["method"], "sampling/createMessage");
+        assert_eq!(ask["params"]["messages"][0]["content"]["text"], "hi");
+        let answer = json!({
+            "jsonrpc": "2.0",
+            "id": ask["id"],
+            "result": {"role": "assistant", "content": {"type": "text", "text": "hello"}, "model": "m"},
+        });
+        h.send(&answer.to_string()).await;
+        let result = h.recv().await;
+        assert_eq!(result["id"], 2);
+        assert_eq!(
+            result["result"]["content"][0]["text"],
+            "LLM response: hello"
+        );
+        assert!(h.finish().await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn closing_stdin_fails_waiting_client_requests() {
+        let mut h = Harness::start();
+        h.send(r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{"elicitation":{}}}}"#).await;
+        assert_eq!(h.recv().await["id"], 1);
+        h.send(r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"test_elicitation","arguments":{"message":"m"}}}"#).await;
+        assert_eq!(h.recv().await["method"], "elicitation/create");
+        let rest = h.finish().await;
+        assert_eq!(rest.len(), 1, "{rest:?}");
+        assert_eq!(rest[0]["id"], 2);
+        assert_eq!(rest[0]["result"]["isError"], true);
+    }
+}

@@ -1,0 +1,249 @@
+//! The state one demo-server process shares between its request tasks: the line writer, what
+//! the client said about itself at `initialize`, the log level, resource subscriptions, the
+//! counter, and the server-to-client requests (sampling, elicitation) still waiting for an answer.
+//!
+//! Every task writes through [`Session::send`], which queues a whole JSON message for the single
+//! writer, so lines from concurrent tasks never interleave.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use super::rpc::{self, RpcError};
+
+/// How long a tool waits for the client to answer a sampling or elicitation request.
+const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// MCP log levels, least severe first.
+pub const LOG_LEVELS: [&str; 8] = [
+    "debug",
+    "info",
+    "notice",
+    "warning",
+    "error",
+    "critical",
+    "alert",
+    "emergency",
+];
+
+fn level_index(level: &str) -> Option<u8> {
+    LOG_LEVELS
+        .iter()
+        .position(|l| *l == level)
+        .and_then(|i| u8::try_from(i).ok())
+}
+
+/// Locks a mutex; a panicking holder cannot leave these maps half-updated, so poison is ignored.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+type Pending = HashMap<String, oneshot::Sender<Result<Value, RpcError>>>;
+
+pub struct Session {
+    out: mpsc::UnboundedSender<Value>,
+    /// `capabilities` from the client's `initialize`, once received.
+    client_capabilities: Mutex<Option<Value>>,
+    /// Index into [`LOG_LEVELS`] of the least severe level sent to the client.
+    log_level: AtomicU8,
+    subscriptions: Mutex<BTreeSet<String>>,
+    /// `counter_increment`'s count; the lock also orders ledger appends.
+    counter: Mutex<u64>,
+    /// `MCPD_DEMO_LEDGER`: where `counter_increment` appends a line per call.
+    pub ledger: Option<PathBuf>,
+    next_request: AtomicU64,
+    pending: Mutex<Pending>,
+}
+
+impl Session {
+    pub fn new(out: mpsc::UnboundedSender<Value>, ledger: Option<PathBuf>) -> Self {
+        Self {
+            out,
+            client_capabilities: Mutex::new(None),
+            log_level: AtomicU8::new(1), // info
+            subscriptions: Mutex::new(BTreeSet::new()),
+            counter: Mutex::new(0),
+            ledger,
+            next_request: AtomicU64::new(1),
+            pending: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Queues one message for stdout. After the writer is gone there is no one to tell.
+    pub fn send(&self, msg: Value) {
+        if self.out.send(msg).is_err() {
+            tracing::debug!("stdout writer gone; message dropped");
+        }
+    }
+
+    pub fn notify(&self, method: &str, params: Value) {
+        self.send(rpc::notification(method, params));
+    }
+
+    pub fn set_client_capabilities(&self, caps: Value) {
+        *lock(&self.client_capabilities) = Some(caps);
+    }
+
+    /// Whether the client declared `capability` (e.g. `sampling`) at `initialize`.
+    pub fn client_supports(&self, capability: &str) -> bool {
+        lock(&self.client_capabilities)
+            .as_ref()
+            .and_then(|c| c.get(capability))
+            .is_some_and(|v| !v.is_null())
+    }
+
+    /// Sets the least severe level sent; `false` if `level` is not an MCP log level.
+    pub fn set_log_level(&self, level: &str) -> bool {
+        match level_index(level) {
+            Some(i) => {
+                self.log_level.store(i, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Sends a `notifications/message` if `level` passes the client's threshold.
+    pub fn log(&self, level: &str, data: Value) {
+        let at_least = self.log_level.load(Ordering::Relaxed);
+        if level_index(level).is_some_and(|i| i >= at_least) {
+            self.notify(
+                "notifications/message",
+                json!({ "level": level, "logger": "mcpd-demo", "data": data }),
+            );
+        }
+    }
+
+    pub fn subscribe(&self, uri: &str) {
+        lock(&self.subscriptions).insert(uri.to_string());
+    }
+
+    pub fn unsubscribe(&self, uri: &str) {
+        lock(&self.subscriptions).remove(uri);
+    }
+
+    pub fn subscriptions(&self) -> Vec<String> {
+        lock(&self.subscriptions).iter().cloned().collect()
+    }
+
+    /// Runs `append` (the ledger write) under the counter's lock and increments the count only
+    /// if it succeeded, so the ledger and the count agree and ledger lines are in count order.
+    pub fn increment<E>(&self, append: impl FnOnce() -> Result<(), E>) -> Result<u64, E> {
+        let mut count = lock(&self.counter);
+        append()?;
+        *count += 1;
+        Ok(*count)
+    }
+
+    pub fn count(&self) -> u64 {
+        *lock(&self.counter)
+    }
+
+    /// Sends a request to the client and waits for its answer. The request ids are strings
+    /// (`demo-1`, `demo-2`, ...), so they cannot collide with the client's own.
+    pub async fn request_client(&self, method: &str, params: Value) -> Result<Value, RpcError> {
+        let id = format!("demo-{}", self.next_request.fetch_add(1, Ordering::Relaxed));
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(id.clone(), tx);
+        // Removes the entry however this future ends, and tells the client when we gave up.
+        let mut guard = PendingGuard {
+            session: self,
+            id: &id,
+            answered: false,
+        };
+        self.send(rpc::request(&id, method, params));
+        let outcome = tokio::time::timeout(CLIENT_REQUEST_TIMEOUT, rx).await;
+        match outcome {
+            Ok(Ok(answer)) => {
+                guard.answered = true;
+                answer
+            }
+            Ok(Err(_)) => {
+                guard.answered = true;
+                Err(RpcError::internal(format!(
+                    "the client closed the connection before answering {method}"
+                )))
+            }
+            Err(_) => Err(RpcError::internal(format!(
+                "the client did not answer {method} within {}s",
+                CLIENT_REQUEST_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    /// Hands the client's answer to the task waiting for it. `false` if none is.
+    pub fn resolve(&self, id: &Value, outcome: Result<Value, RpcError>) -> bool {
+        let Some(id) = id.as_str() else {
+            return false;
+        };
+        match lock(&self.pending).remove(id) {
+            Some(tx) => tx.send(outcome).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Fails every waiting server-to-client request (stdin is closed: no answer can come).
+    pub fn fail_pending(&self) {
+        lock(&self.pending).clear();
+    }
+}
+
+struct PendingGuard<'a> {
+    session: &'a Session,
+    id: &'a str,
+    answered: bool,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        let was_waiting = lock(&self.session.pending).remove(self.id).is_some();
+        if was_waiting && !self.answered {
+            // Timed out, or the tool call was cancelled: the answer is no longer wanted.
+            self.session.notify(
+                "notifications/cancelled",
+                json!({ "requestId": self.id, "reason": "no longer needed" }),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_level_filters_notifications() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let s = Session::new(tx, None);
+        s.log("debug", json!("hidden at the default level"));
+        assert!(rx.try_recv().is_err());
+        assert!(s.set_log_level("debug"));
+        s.log("debug", json!("shown"));
+        assert_eq!(
+            rx.try_recv().ok().map(|m| m["params"]["data"].clone()),
+            Some(json!("shown"))
+        );
+        assert!(!s.set_log_level("verbose"));
+    }
+
+    #[tokio::test]
+    async fn client_answers_are_routed_by_id() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let s = std::sync::Arc::new(Session::new(tx, None));
+        let waiter = {
+            let s = s.clone();
+            tokio::spawn(async move { s.request_client("sampling/createMessage", json!({})).await })
+        };
+        let sent = rx.recv().await.unwrap_or_default();
+        assert_eq!(sent["id"], json!("demo-1"));
+        assert!(!s.resolve(&json!("demo-9"), Ok(json!({}))));
+        assert!(s.resolve(&json!("demo-1"), Ok(json!({"ok": true}))));
+        let got = waiter.await.ok().and_then(Result::ok);
+        assert_eq!(got, Some(json!({"ok": true})));
+    }
+}

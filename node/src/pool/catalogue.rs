@@ -1,0 +1,100 @@
+//! What one server offers: its tools, resources, resource templates and prompts, read from a
+//! ready process (following pagination) and reloaded when the server says a list changed.
+//! The aggregate endpoint lists and routes from it without asking the server each time.
+
+use mcpcp_proto::mcp::ErrorObject;
+use serde_json::{json, Value};
+
+use super::process::Process;
+
+/// Most pages followed for one list (a guard against a server that never ends its cursor).
+const MAX_PAGES: usize = 100;
+
+#[derive(Debug, Clone, Default)]
+pub struct Catalogue {
+    pub tools: Vec<Value>,
+    pub resources: Vec<Value>,
+    pub resource_templates: Vec<Value>,
+    pub prompts: Vec<Value>,
+    /// Whether it was loaded from a ready process (an empty default is not).
+    pub loaded: bool,
+}
+
+impl Catalogue {
+    pub fn has_tool(&self, name: &str) -> bool {
+        self.tools.iter().any(|t| t["name"] == json!(name))
+    }
+
+    pub fn has_prompt(&self, name: &str) -> bool {
+        self.prompts.iter().any(|p| p["name"] == json!(name))
+    }
+
+    /// Whether `uri` is one of the listed resources or matches a template's fixed prefix.
+    pub fn serves_uri(&self, uri: &str) -> bool {
+        self.resources.iter().any(|r| r["uri"] == json!(uri))
+            || self.resource_templates.iter().any(|t| {
+                t["uriTemplate"]
+                    .as_str()
+                    .map(|tpl| {
+                        let prefix = tpl.split('{').next().unwrap_or(tpl);
+                        !prefix.is_empty() && uri.starts_with(prefix)
+                    })
+                    .unwrap_or(false)
+            })
+    }
+}
+
+async fn list_all(process: &Process, method: &str, key: &str) -> Result<Vec<Value>, ErrorObject> {
+    let mut out = Vec::new();
+    let mut cursor: Option<Value> = None;
+    for _ in 0..MAX_PAGES {
+        let params = cursor.take().map(|c| json!({ "cursor": c }));
+        let page = process.call(method, params, None).await?;
+        if let Some(items) = page[key].as_array() {
+            out.extend(items.iter().cloned());
+        }
+        match page.get("nextCursor") {
+            Some(c) if !c.is_null() => cursor = Some(c.clone()),
+            _ => break,
+        }
+    }
+    Ok(out)
+}
+
+/// Loads the catalogue of the server behind `process`, for what its capabilities declare.
+pub async fn load(process: &Process, server: &str) -> Catalogue {
+    let caps = &process.init["capabilities"];
+    let mut cat = Catalogue {
+        loaded: true,
+        ..Default::default()
+    };
+    let lists: [(&str, &str, &str, &mut Vec<Value>); 4] = [
+        ("tools", "tools/list", "tools", &mut cat.tools),
+        ("resources", "resources/list", "resources", &mut cat.resources),
+        (
+            "resources",
+            "resources/templates/list",
+            "resourceTemplates",
+            &mut cat.resource_templates,
+        ),
+        ("prompts", "prompts/list", "prompts", &mut cat.prompts),
+    ];
+    for (cap, method, key, into) in lists {
+        if caps.get(cap).is_none() {
+            continue;
+        }
+        match list_all(process, method, key).await {
+            Ok(items) => *into = items,
+            Err(e) => tracing::warn!(server, method, error = %e.message, "listing the catalogue failed"),
+        }
+    }
+    tracing::info!(
+        server,
+        tools = cat.tools.len(),
+        resources = cat.resources.len(),
+        templates = cat.resource_templates.len(),
+        prompts = cat.prompts.len(),
+        "catalogue loaded"
+    );
+    cat
+}

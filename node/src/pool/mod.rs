@@ -1,0 +1,425 @@
+//! Pools of MCP server processes: for each enabled server, `pool_size` stdio processes that
+//! many downstream sessions share.
+//!
+//! - [`process`]: one process, spoken to as an MCP client.
+//! - [`Pool`]: the processes of one server, each kept alive by a supervisor that restarts it
+//!   with exponential backoff and jitter and reports a crash loop; admission with a bounded
+//!   queue; the server's catalogue (tools, resources, templates, prompts).
+//! - [`reconcile`]: keeps the set of pools equal to what the replicated registry says.
+
+pub mod catalogue;
+pub mod process;
+pub mod reconcile;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use mcpcp_proto::api::{ServerSpec, Versioned};
+use mcpcp_proto::mcp::{code, ErrorObject, Message};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::{broadcast, mpsc, watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::shutdown::{self, Shutdown, Trigger};
+use catalogue::Catalogue;
+use process::{CallEvent, PoolEvent, Process};
+
+/// Node-wide pool settings (`[pool]` in mcpd.toml).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Calls that may wait for a free process, per server; beyond it calls are refused at once.
+    pub queue_size: usize,
+    /// Calls one process serves at the same time.
+    pub max_concurrency_per_process: usize,
+    /// Interval of the `ping` health check.
+    pub health_interval_ms: u64,
+    /// Time a process has to answer a health `ping`.
+    pub health_timeout_ms: u64,
+    /// Time a stopping process gets after stdin closes, and again after SIGTERM.
+    pub stop_grace_ms: u64,
+    /// Restarts within a minute that make a crash loop.
+    pub crash_loop_restarts: u32,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            queue_size: 256,
+            max_concurrency_per_process: 32,
+            health_interval_ms: 15_000,
+            health_timeout_ms: 5_000,
+            stop_grace_ms: 2_000,
+            crash_loop_restarts: 5,
+        }
+    }
+}
+
+/// State of one process slot, as shown by `mcpctl server status` and the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlotState {
+    Starting,
+    Ready,
+    Restarting,
+    CrashLoop,
+    Stopped,
+}
+
+impl SlotState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlotState::Starting => "starting",
+            SlotState::Ready => "ready",
+            SlotState::Restarting => "restarting",
+            SlotState::CrashLoop => "crash_loop",
+            SlotState::Stopped => "stopped",
+        }
+    }
+}
+
+struct Slot {
+    process: watch::Receiver<Option<Arc<Process>>>,
+    state: watch::Receiver<SlotState>,
+}
+
+/// The processes of one server.
+pub struct Pool {
+    pub name: String,
+    pub spec: Versioned<ServerSpec>,
+    slots: Vec<Slot>,
+    admission: Arc<Semaphore>,
+    active: Arc<Semaphore>,
+    queued: AtomicUsize,
+    closed: AtomicBool,
+    catalogue: RwLock<Arc<Catalogue>>,
+    /// Server notifications that belong to no call (list_changed, resources/updated).
+    events: broadcast::Sender<Message>,
+    stop: Trigger,
+    tasks: std::sync::Mutex<JoinSet<()>>,
+    cfg: PoolConfig,
+}
+
+impl Pool {
+    /// Starts the pool's supervisors; processes come up in the background.
+    pub fn start(spec: Versioned<ServerSpec>, cfg: PoolConfig) -> Arc<Pool> {
+        let size = spec.spec.pool_size.max(1) as usize;
+        let (trigger, stop) = shutdown::channel();
+        let (pool_tx, pool_rx) = mpsc::channel(1024);
+        let (events, _) = broadcast::channel(1024);
+        let mut tasks = JoinSet::new();
+        let mut slots = Vec::with_capacity(size);
+        for index in 0..size {
+            let (ptx, prx) = watch::channel(None);
+            let (stx, srx) = watch::channel(SlotState::Starting);
+            tasks.spawn(supervise(
+                index,
+                spec.spec.clone(),
+                ptx,
+                stx,
+                pool_tx.clone(),
+                stop.clone(),
+                cfg.clone(),
+            ));
+            slots.push(Slot {
+                process: prx,
+                state: srx,
+            });
+        }
+        let active = size * cfg.max_concurrency_per_process.max(1);
+        let pool = Arc::new(Pool {
+            name: spec.spec.name.clone(),
+            spec,
+            slots,
+            admission: Arc::new(Semaphore::new(active + cfg.queue_size)),
+            active: Arc::new(Semaphore::new(active)),
+            queued: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            catalogue: RwLock::new(Arc::new(Catalogue::default())),
+            events,
+            stop: trigger,
+            tasks: std::sync::Mutex::new(JoinSet::new()),
+            cfg,
+        });
+        let mut t = pool.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        *t = tasks;
+        t.spawn(watch_catalogue(Arc::downgrade(&pool), pool_rx, stop));
+        drop(t);
+        pool
+    }
+
+    /// Slot states, in slot order.
+    pub fn states(&self) -> Vec<SlotState> {
+        self.slots.iter().map(|s| *s.state.borrow()).collect()
+    }
+
+    pub fn catalogue(&self) -> Arc<Catalogue> {
+        self.catalogue.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The server's notifications that belong to no call.
+    pub fn subscribe(&self) -> broadcast::Receiver<Message> {
+        self.events.subscribe()
+    }
+
+    /// Calls waiting for a process.
+    pub fn queue_depth(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// The `initialize` answer of a ready process (server info, capabilities, instructions).
+    pub fn init_result(&self) -> Option<Value> {
+        self.slots
+            .iter()
+            .find_map(|s| s.process.borrow().as_ref().map(|p| p.init.clone()))
+    }
+
+    /// Waits (up to `within`) until some process is ready; `None` when none became ready or
+    /// every slot is crash-looping.
+    pub async fn ready(&self, within: Duration) -> Option<Arc<Process>> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let best = self
+                .slots
+                .iter()
+                .filter_map(|s| s.process.borrow().clone())
+                .filter(|p| p.is_alive())
+                .min_by_key(|p| p.in_flight());
+            if best.is_some() {
+                return best;
+            }
+            if self.slots.iter().all(|s| *s.state.borrow() == SlotState::CrashLoop) {
+                return None;
+            }
+            let mut changes: Vec<_> = self.slots.iter().map(|s| s.process.clone()).collect();
+            let any_change = futures_util::future::select_all(changes.iter_mut().map(|rx| Box::pin(rx.changed())));
+            if tokio::time::timeout_at(deadline, any_change).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Runs one request on a process of this pool.
+    pub async fn call(
+        &self,
+        method: &str,
+        params: Option<Value>,
+        events: Option<mpsc::Sender<CallEvent>>,
+    ) -> Result<Value, ErrorObject> {
+        self.call_routed(method, params, events).await.map(|(v, _)| v)
+    }
+
+    /// Like [`Pool::call`], also returning the process that served it (to answer its requests).
+    pub async fn call_routed(
+        &self,
+        method: &str,
+        params: Option<Value>,
+        events: Option<mpsc::Sender<CallEvent>>,
+    ) -> Result<(Value, Arc<Process>), ErrorObject> {
+        let started = Instant::now();
+        let timeout = Duration::from_millis(self.spec.spec.timeouts.request_ms);
+        let labels = [("server", self.name.clone())];
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(ErrorObject::new(
+                code::UNAVAILABLE,
+                format!("server {:?} was removed or changed; retry", self.name),
+            ));
+        }
+        let Ok(_admitted) = self.admission.clone().try_acquire_owned() else {
+            metrics::counter!("mcpd_pool_queue_rejections_total", &labels).increment(1);
+            return Err(ErrorObject::new(
+                code::QUEUE_FULL,
+                format!(
+                    "server {:?} is busy: {} calls are queued already; the call did not run, retry later",
+                    self.name,
+                    self.queue_depth()
+                ),
+            ));
+        };
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!("mcpd_pool_queue_depth", &labels).set(self.queue_depth() as f64);
+        let slot = tokio::time::timeout(timeout, self.active.clone().acquire_owned()).await;
+        self.queued.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!("mcpd_pool_queue_depth", &labels).set(self.queue_depth() as f64);
+        let Ok(Ok(_running)) = slot else {
+            return Err(ErrorObject::new(
+                code::UNAVAILABLE,
+                format!("server {:?} had no free process within {timeout:?}; the call did not run", self.name),
+            ));
+        };
+        let remaining = timeout.saturating_sub(started.elapsed());
+        let Some(process) = self.ready(remaining).await else {
+            let states: Vec<&str> = self.states().iter().map(|s| s.as_str()).collect();
+            return Err(ErrorObject::new(
+                code::UNAVAILABLE,
+                format!("server {:?} has no running process (processes: {}); the call did not run", self.name, states.join(", ")),
+            ));
+        };
+        let remaining = timeout.saturating_sub(started.elapsed());
+        match tokio::time::timeout(remaining, process.call(method, params, events)).await {
+            Ok(outcome) => outcome.map(|v| (v, process)),
+            Err(_) => Err(ErrorObject::new(
+                code::TIMEOUT,
+                format!("server {:?} did not answer {method} within {timeout:?}; it was cancelled and may or may not have run", self.name),
+            )),
+        }
+    }
+
+    /// Stops taking calls, lets in-flight ones finish (up to `drain`), then stops the
+    /// processes.
+    pub async fn shutdown(&self, drain: Duration) {
+        self.closed.store(true, Ordering::Relaxed);
+        let total = self.active.available_permits() as u32;
+        let _ = total;
+        let capacity = self.slots.len() * self.cfg.max_concurrency_per_process.max(1) + self.cfg.queue_size;
+        let _ = tokio::time::timeout(drain, self.admission.acquire_many(capacity as u32)).await;
+        self.stop.fire();
+        let mut tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        let grace = Duration::from_millis(self.cfg.stop_grace_ms) * 3;
+        if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
+            .await
+            .is_err()
+        {
+            tasks.abort_all();
+        }
+        metrics::gauge!("mcpd_pool_queue_depth", "server" => self.name.clone()).set(0.0);
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.stop.fire();
+    }
+}
+
+/// Keeps one process slot running.
+async fn supervise(
+    index: usize,
+    spec: ServerSpec,
+    process_tx: watch::Sender<Option<Arc<Process>>>,
+    state_tx: watch::Sender<SlotState>,
+    pool_events: mpsc::Sender<PoolEvent>,
+    stop: Shutdown,
+    cfg: PoolConfig,
+) {
+    let server = spec.name.clone();
+    let set_state = |s: SlotState| {
+        let old = *state_tx.borrow();
+        if old != s {
+            metrics::gauge!("mcpd_pool_processes", "server" => server.clone(), "state" => old.as_str()).decrement(1.0);
+            metrics::gauge!("mcpd_pool_processes", "server" => server.clone(), "state" => s.as_str()).increment(1.0);
+            let _ = state_tx.send(s);
+        }
+    };
+    metrics::gauge!("mcpd_pool_processes", "server" => server.clone(), "state" => "starting").increment(1.0);
+    let mut recent_failures: Vec<Instant> = Vec::new();
+    let mut delays = backoff();
+    let health_every = Duration::from_millis(cfg.health_interval_ms);
+    let health_timeout = Duration::from_millis(cfg.health_timeout_ms);
+    let grace = Duration::from_millis(cfg.stop_grace_ms);
+    loop {
+        let started = Instant::now();
+        let attempt = tokio::select! {
+            r = Process::start(&spec, pool_events.clone()) => r,
+            _ = stop.clone().wait() => break,
+        };
+        match attempt {
+            Ok(p) => {
+                let p = Arc::new(p);
+                tracing::info!(server = %server, slot = index, pid = ?p.pid(), "server process ready");
+                let _ = process_tx.send(Some(p.clone()));
+                set_state(SlotState::Ready);
+                let reason = loop {
+                    tokio::select! {
+                        _ = p.exited() => break "exited",
+                        _ = stop.clone().wait() => {
+                            let _ = process_tx.send(None);
+                            p.stop(grace).await;
+                            set_state(SlotState::Stopped);
+                            return;
+                        }
+                        _ = tokio::time::sleep(health_every) => {
+                            let ping = tokio::time::timeout(health_timeout, p.call("ping", None, None)).await;
+                            if !matches!(ping, Ok(Ok(_))) {
+                                break "did not answer ping";
+                            }
+                        }
+                    }
+                };
+                let _ = process_tx.send(None);
+                tracing::warn!(server = %server, slot = index, pid = ?p.pid(), reason, "server process lost; restarting");
+                p.stop(grace).await;
+                if started.elapsed() > Duration::from_secs(60) {
+                    delays = backoff();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(server = %server, slot = index, error = %e, "server process failed to start");
+            }
+        }
+        metrics::counter!("mcpd_pool_restarts_total", "server" => server.clone()).increment(1);
+        let now = Instant::now();
+        recent_failures.retain(|t| now.duration_since(*t) < Duration::from_secs(60));
+        recent_failures.push(now);
+        if recent_failures.len() as u32 >= cfg.crash_loop_restarts {
+            if *state_tx.borrow() != SlotState::CrashLoop {
+                tracing::error!(server = %server, slot = index, restarts = recent_failures.len(), "server is crash-looping");
+            }
+            set_state(SlotState::CrashLoop);
+        } else {
+            set_state(SlotState::Restarting);
+        }
+        let delay = delays.next().unwrap_or(Duration::from_secs(30));
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.clone().wait() => break,
+        }
+    }
+    set_state(SlotState::Stopped);
+}
+
+fn backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Refreshes the catalogue when a process becomes ready and when the server says a list
+/// changed; relays the server's other notifications to the pool's subscribers.
+async fn watch_catalogue(pool: std::sync::Weak<Pool>, mut rx: mpsc::Receiver<PoolEvent>, stop: Shutdown) {
+    let mut ready_rx = match pool.upgrade() {
+        Some(p) => p.slots.iter().map(|s| s.process.clone()).collect::<Vec<_>>(),
+        None => return,
+    };
+    let mut loaded = false;
+    loop {
+        if !loaded {
+            if let Some(p) = pool.upgrade() {
+                if let Some(proc_) = p.ready(Duration::ZERO).await {
+                    let cat = catalogue::load(&proc_, &p.name).await;
+                    *p.catalogue.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(cat);
+                    loaded = true;
+                }
+            }
+        }
+        let ready_change = futures_util::future::select_all(ready_rx.iter_mut().map(|r| Box::pin(r.changed())));
+        tokio::select! {
+            _ = stop.clone().wait() => return,
+            _ = ready_change, if !loaded => {}
+            ev = rx.recv() => {
+                let Some(PoolEvent::Notify(msg)) = ev else { return };
+                let Some(p) = pool.upgrade() else { return };
+                if msg.method().is_some_and(|m| m.ends_with("/list_changed")) {
+                    loaded = false;
+                }
+                let _ = p.events.send(msg);
+            }
+        }
+    }
+}

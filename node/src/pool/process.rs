@@ -1,0 +1,459 @@
+//! One MCP server process, spoken to over stdio as an MCP client.
+//!
+//! A [`Process`] owns a child (its own process group, killed with it), a writer task feeding
+//! its stdin, a reader task parsing its stdout, and a task logging its stderr under the
+//! server's name. Many downstream calls share it: each call gets a fresh numeric upstream id,
+//! and the reader routes the answer back by that id ([`Process::call`]). Progress tokens are
+//! rewritten to `mcpd-p-<upstream id>` so progress finds its call without another table.
+//!
+//! Messages the server starts (sampling, elicitation, roots requests, logging, progress) go to
+//! the call they belong to when that can be told (a progress token names it; otherwise the
+//! oldest call in flight that can take server requests), and the rest (list_changed,
+//! resources/updated) to the pool's event channel.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mcpcp_proto::api::ServerSpec;
+use mcpcp_proto::mcp::{code, ErrorObject, Message, RequestId, LATEST_SESSION_VERSION};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Longest line accepted from a server (a defence against a runaway process).
+const MAX_LINE: usize = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("spawning {command:?}: {source}")]
+    Spawn {
+        command: String,
+        source: std::io::Error,
+    },
+    #[error("initialize failed: {0}")]
+    Initialize(String),
+    #[error("no answer to initialize within {0:?}")]
+    StartupTimeout(Duration),
+}
+
+/// A message from the server that belongs to one downstream call.
+#[derive(Debug)]
+pub enum CallEvent {
+    /// A notification to relay (progress with the caller's token restored, logging).
+    Notify(Message),
+    /// A request from the server (sampling, elicitation, roots). Answer it with
+    /// [`Process::respond`] and this upstream id.
+    Request {
+        upstream_id: RequestId,
+        method: String,
+        params: Option<Value>,
+    },
+}
+
+/// A message from the server that belongs to no call.
+#[derive(Debug, Clone)]
+pub enum PoolEvent {
+    /// `notifications/*/list_changed`, `notifications/resources/updated`, stray logging.
+    Notify(Message),
+}
+
+struct Pending {
+    reply: oneshot::Sender<Result<Value, ErrorObject>>,
+    events: Option<mpsc::Sender<CallEvent>>,
+    /// The caller's progress token, restored on the way back.
+    progress_token: Option<Value>,
+}
+
+struct Shared {
+    server: String,
+    pending: Mutex<BTreeMap<u64, Pending>>,
+    next_id: AtomicU64,
+    alive: AtomicBool,
+    pool_events: mpsc::Sender<PoolEvent>,
+}
+
+impl Shared {
+    fn fail_all(&self, error: ErrorObject) {
+        let drained = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        for (_, p) in drained {
+            let _ = p.reply.send(Err(error.clone()));
+        }
+    }
+}
+
+/// A running server process. Dropping it kills the process group.
+pub struct Process {
+    shared: Arc<Shared>,
+    stdin: mpsc::Sender<Vec<u8>>,
+    pid: Option<u32>,
+    exited: watch::Receiver<bool>,
+    /// The server's answer to `initialize`.
+    pub init: Value,
+}
+
+/// How a call ends when the process gives no answer.
+fn crashed(server: &str) -> ErrorObject {
+    ErrorObject::new(
+        code::CRASHED,
+        format!("server {server:?} exited while the call was in flight; it may or may not have run"),
+    )
+}
+
+impl Process {
+    /// Spawns the server, performs the MCP handshake and returns once it is ready.
+    pub async fn start(spec: &ServerSpec, pool_events: mpsc::Sender<PoolEvent>) -> Result<Process, ProcessError> {
+        let mut cmd = Command::new(&spec.command);
+        cmd.args(&spec.args)
+            .envs(&spec.env)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(cwd) = &spec.cwd {
+            cmd.current_dir(cwd);
+        }
+        #[cfg(unix)]
+        {
+            // Its own process group, so stopping it reaches the children it spawns (npx → node).
+            cmd.process_group(0);
+        }
+        let mut child = cmd.spawn().map_err(|source| ProcessError::Spawn {
+            command: spec.command.clone(),
+            source,
+        })?;
+        let pid = child.id();
+        let shared = Arc::new(Shared {
+            server: spec.name.clone(),
+            pending: Mutex::new(BTreeMap::new()),
+            next_id: AtomicU64::new(1),
+            alive: AtomicBool::new(true),
+            pool_events,
+        });
+        let (stdin_tx, stdin_rx) = mpsc::channel::<Vec<u8>>(256);
+        let (exited_tx, exited_rx) = watch::channel(false);
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        if let Some(stdin) = stdin {
+            tokio::spawn(write_loop(stdin, stdin_rx));
+        }
+        if let Some(stderr) = stderr {
+            let server = spec.name.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    tracing::info!(target: "mcpd::server_stderr", server = %server, pid, "{line}");
+                }
+            });
+        }
+        if let Some(stdout) = stdout {
+            tokio::spawn(read_loop(stdout, shared.clone(), stdin_tx.clone()));
+        }
+        tokio::spawn(reap(child, shared.clone(), exited_tx));
+
+        let mut process = Process {
+            shared,
+            stdin: stdin_tx,
+            pid,
+            exited: exited_rx,
+            init: Value::Null,
+        };
+        let params = json!({
+            "protocolVersion": LATEST_SESSION_VERSION,
+            "capabilities": {
+                "sampling": {},
+                "elicitation": {},
+                "roots": { "listChanged": true },
+            },
+            "clientInfo": { "name": "mcpd", "version": env!("CARGO_PKG_VERSION") },
+        });
+        let startup = Duration::from_millis(spec.timeouts.startup_ms);
+        let init = tokio::time::timeout(startup, process.call("initialize", Some(params), None))
+            .await
+            .map_err(|_| ProcessError::StartupTimeout(startup))?
+            .map_err(|e| ProcessError::Initialize(e.message))?;
+        process.notify("notifications/initialized", None).await;
+        process.init = init;
+        Ok(process)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.shared.alive.load(Ordering::Relaxed)
+    }
+
+    /// Calls in flight on this process.
+    pub fn in_flight(&self) -> usize {
+        self.shared.pending.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Completes when the process has exited.
+    pub async fn exited(&self) {
+        let mut rx = self.exited.clone();
+        let _ = rx.wait_for(|e| *e).await;
+    }
+
+    /// Sends a request and waits for its answer. `events` receives the server's messages that
+    /// belong to this call. A call that outlives `timeout` (when given) is cancelled upstream.
+    pub async fn call(
+        &self,
+        method: &str,
+        mut params: Option<Value>,
+        events: Option<mpsc::Sender<CallEvent>>,
+    ) -> Result<Value, ErrorObject> {
+        if !self.is_alive() {
+            return Err(ErrorObject::new(code::UNAVAILABLE, format!("server {:?} is not running", self.shared.server)));
+        }
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let progress_token = params
+            .as_mut()
+            .and_then(|p| p.get_mut("_meta"))
+            .and_then(|m| m.as_object_mut())
+            .and_then(|m| {
+                let original = m.remove("progressToken")?;
+                m.insert("progressToken".into(), json!(format!("mcpd-p-{id}")));
+                Some(original)
+            });
+        let (tx, rx) = oneshot::channel();
+        self.shared.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            id,
+            Pending {
+                reply: tx,
+                events,
+                progress_token,
+            },
+        );
+        let line = Message::request(RequestId::Num(id as i64), method, params).to_line();
+        if self.stdin.send(line).await.is_err() {
+            self.shared.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            return Err(crashed(&self.shared.server));
+        }
+        let guard = CancelOnDrop {
+            process: self,
+            id,
+            armed: true,
+        };
+        let outcome = rx.await.unwrap_or_else(|_| Err(crashed(&self.shared.server)));
+        guard.disarm();
+        outcome
+    }
+
+    /// Sends a notification.
+    pub async fn notify(&self, method: &str, params: Option<Value>) {
+        let _ = self.stdin.send(Message::notification(method, params).to_line()).await;
+    }
+
+    /// Answers a request the server sent.
+    pub async fn respond(&self, upstream_id: RequestId, outcome: Result<Value, ErrorObject>) {
+        let msg = Message::Response {
+            id: upstream_id,
+            outcome,
+        };
+        let _ = self.stdin.send(msg.to_line()).await;
+    }
+
+    /// Asks the process to exit: close its stdin, then SIGTERM the group after `grace`, then
+    /// SIGKILL after another `grace`.
+    pub async fn stop(&self, grace: Duration) {
+        // An empty buffer tells the writer to close stdin (other senders may still exist).
+        let _ = self.stdin.send(Vec::new()).await;
+        let mut rx = self.exited.clone();
+        if tokio::time::timeout(grace, rx.wait_for(|e| *e)).await.is_ok() {
+            return;
+        }
+        signal_group(self.pid, rustix::process::Signal::TERM);
+        if tokio::time::timeout(grace, rx.wait_for(|e| *e)).await.is_ok() {
+            return;
+        }
+        tracing::warn!(server = %self.shared.server, pid = ?self.pid, "server ignored SIGTERM; killing it");
+        signal_group(self.pid, rustix::process::Signal::KILL);
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // The child itself is killed by `kill_on_drop`; its own children by the group kill.
+        if self.is_alive() {
+            signal_group(self.pid, rustix::process::Signal::KILL);
+        }
+    }
+}
+
+/// Sends `sig` to the process group led by `pid`.
+fn signal_group(pid: Option<u32>, sig: rustix::process::Signal) {
+    if let Some(pid) = pid.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+        let _ = rustix::process::kill_process_group(pid, sig);
+    }
+}
+
+/// Cancels the upstream request when the caller stops waiting (timeout, client gone).
+struct CancelOnDrop<'a> {
+    process: &'a Process,
+    id: u64,
+    armed: bool,
+}
+
+impl CancelOnDrop<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let removed = self
+            .process
+            .shared
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+        if removed.is_some() {
+            let note = Message::notification(
+                "notifications/cancelled",
+                Some(json!({ "requestId": self.id, "reason": "the client stopped waiting" })),
+            );
+            let _ = self.process.stdin.try_send(note.to_line());
+        }
+    }
+}
+
+async fn write_loop(mut stdin: tokio::process::ChildStdin, mut rx: mpsc::Receiver<Vec<u8>>) {
+    while let Some(line) = rx.recv().await {
+        if line.is_empty() {
+            break;
+        }
+        if stdin.write_all(&line).await.is_err() || stdin.flush().await.is_err() {
+            break;
+        }
+    }
+    // Dropping stdin closes the pipe: the server's signal to exit.
+}
+
+async fn reap(mut child: Child, shared: Arc<Shared>, exited: watch::Sender<bool>) {
+    let status = child.wait().await;
+    shared.alive.store(false, Ordering::Relaxed);
+    tracing::info!(server = %shared.server, ?status, "server process exited");
+    shared.fail_all(crashed(&shared.server));
+    let _ = exited.send(true);
+}
+
+async fn read_loop(stdout: tokio::process::ChildStdout, shared: Arc<Shared>, stdin: mpsc::Sender<Vec<u8>>) {
+    let mut reader = BufReader::new(stdout);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match (&mut reader).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        if buf.len() > MAX_LINE {
+            tracing::warn!(server = %shared.server, "server wrote a line over {MAX_LINE} bytes; stopping it");
+            break;
+        }
+        let line = buf.trim_ascii();
+        if line.is_empty() {
+            continue;
+        }
+        match Message::parse(line) {
+            Ok(msg) => route(&shared, &stdin, msg).await,
+            Err(e) => {
+                tracing::warn!(server = %shared.server, error = %e, "server wrote a line that is not JSON-RPC");
+            }
+        }
+    }
+    shared.alive.store(false, Ordering::Relaxed);
+    shared.fail_all(crashed(&shared.server));
+}
+
+
+/// Where one message from the server goes.
+async fn route(shared: &Shared, stdin: &mpsc::Sender<Vec<u8>>, msg: Message) {
+    match msg {
+        Message::Response { id, outcome } => {
+            let key = match &id {
+                RequestId::Num(n) => u64::try_from(*n).ok(),
+                RequestId::Str(_) => None,
+            };
+            let pending = key.and_then(|k| shared.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&k));
+            match pending {
+                Some(p) => {
+                    let _ = p.reply.send(outcome);
+                }
+                None => tracing::debug!(server = %shared.server, %id, "answer to no pending call (cancelled or timed out)"),
+            }
+        }
+        Message::Notification { method, mut params } if method == "notifications/progress" => {
+            let call = params
+                .as_ref()
+                .and_then(|p| p.get("progressToken"))
+                .and_then(Value::as_str)
+                .and_then(|t| t.strip_prefix("mcpd-p-"))
+                .and_then(|n| n.parse::<u64>().ok());
+            let target = call.and_then(|id| {
+                let pending = shared.pending.lock().unwrap_or_else(|p| p.into_inner());
+                let p = pending.get(&id)?;
+                Some((p.events.clone()?, p.progress_token.clone()?))
+            });
+            if let Some((events, token)) = target {
+                if let Some(p) = params.as_mut().and_then(Value::as_object_mut) {
+                    p.insert("progressToken".into(), token);
+                }
+                let _ = events.try_send(CallEvent::Notify(Message::Notification { method, params }));
+            }
+        }
+        Message::Notification { method, params } => {
+            let for_call = method == "notifications/message";
+            let msg = Message::Notification { method, params };
+            if for_call {
+                if let Some(events) = oldest_listener(shared) {
+                    let _ = events.try_send(CallEvent::Notify(msg));
+                    return;
+                }
+            }
+            let _ = shared.pool_events.try_send(PoolEvent::Notify(msg));
+        }
+        Message::Request { id, method, params } => {
+            if method == "ping" {
+                let _ = stdin.send(Message::result(id, json!({})).to_line()).await;
+                return;
+            }
+            match oldest_listener(shared) {
+                Some(events) => {
+                    let ev = CallEvent::Request {
+                        upstream_id: id.clone(),
+                        method,
+                        params,
+                    };
+                    if events.send(ev).await.is_err() {
+                        let err = ErrorObject::new(code::INTERNAL_ERROR, "the client of this call is gone");
+                        let _ = stdin.send(Message::error(id, err).to_line()).await;
+                    }
+                }
+                None => {
+                    let err = ErrorObject::new(
+                        code::METHOD_NOT_FOUND,
+                        format!("{method}: no client session is attached to this server process right now"),
+                    );
+                    let _ = stdin.send(Message::error(id, err).to_line()).await;
+                }
+            }
+        }
+    }
+}
+
+/// The events channel of the oldest call in flight that has one.
+fn oldest_listener(shared: &Shared) -> Option<mpsc::Sender<CallEvent>> {
+    let pending = shared.pending.lock().unwrap_or_else(|p| p.into_inner());
+    pending.values().find_map(|p| p.events.clone())
+}

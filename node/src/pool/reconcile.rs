@@ -1,0 +1,112 @@
+//! Keeps the node's pools equal to the registry: a server added, changed, disabled or removed
+//! takes effect without a restart.
+//!
+//! The reconciler never trusts a single event: every change (or a `reset`, or falling behind
+//! the watch) triggers a full diff of the desired set (enabled servers) against the running
+//! pools, so a missed event cannot leave a pool behind. A changed server gets a new pool at
+//! once; the old one drains (in-flight calls finish, up to the request timeout) in the
+//! background.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use mcpcp_proto::api::{ObjectKind, ServerSpec, Versioned, WatchEvent};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::task::JoinSet;
+
+use super::{Pool, PoolConfig};
+use crate::registry::Registry;
+use crate::shutdown::Shutdown;
+
+/// The running pools by server name, shared with the MCP front end.
+#[derive(Clone, Default)]
+pub struct Pools {
+    inner: Arc<RwLock<HashMap<String, Arc<Pool>>>>,
+}
+
+impl Pools {
+    pub fn get(&self, name: &str) -> Option<Arc<Pool>> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Pool>> {
+        let mut v: Vec<_> = self.inner.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    fn replace(&self, name: &str, pool: Option<Arc<Pool>>) -> Option<Arc<Pool>> {
+        let mut map = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        match pool {
+            Some(p) => map.insert(name.to_string(), p),
+            None => map.remove(name),
+        }
+    }
+}
+
+/// The servers this node should run.
+fn desired(registry: &Registry) -> BTreeMap<String, Versioned<ServerSpec>> {
+    registry
+        .local()
+        .state
+        .servers
+        .iter()
+        .filter(|(_, s)| s.spec.enabled)
+        .map(|(n, s)| (n.clone(), s.clone()))
+        .collect()
+}
+
+fn reconcile(registry: &Registry, pools: &Pools, cfg: &PoolConfig, draining: &mut JoinSet<()>) {
+    let want = desired(registry);
+    for (name, spec) in &want {
+        let current = pools.get(name);
+        if current.as_ref().is_some_and(|p| p.spec.revision == spec.revision) {
+            continue;
+        }
+        tracing::info!(server = %name, revision = spec.revision, replacing = current.is_some(), "starting pool");
+        let old = pools.replace(name, Some(Pool::start(spec.clone(), cfg.clone())));
+        if let Some(old) = old {
+            let drain = Duration::from_millis(old.spec.spec.timeouts.request_ms);
+            draining.spawn(async move { old.shutdown(drain).await });
+        }
+    }
+    for pool in pools.all() {
+        if !want.contains_key(&pool.name) {
+            tracing::info!(server = %pool.name, "stopping pool (server removed or disabled)");
+            pools.replace(&pool.name, None);
+            let drain = Duration::from_millis(pool.spec.spec.timeouts.request_ms);
+            draining.spawn(async move { pool.shutdown(drain).await });
+        }
+    }
+    metrics::gauge!("mcpd_pools").set(pools.all().len() as f64);
+}
+
+/// Runs until `shutdown`, then stops every pool.
+pub async fn run(registry: Registry, pools: Pools, cfg: PoolConfig, shutdown: Shutdown) {
+    let mut sub = registry.subscribe(None).live;
+    let mut draining = JoinSet::new();
+    reconcile(&registry, &pools, &cfg, &mut draining);
+    loop {
+        tokio::select! {
+            ev = sub.recv() => match ev {
+                Ok(WatchEvent::Put { kind: ObjectKind::Server, .. })
+                | Ok(WatchEvent::Delete { kind: ObjectKind::Server, .. })
+                | Ok(WatchEvent::Reset { .. })
+                | Err(RecvError::Lagged(_)) => reconcile(&registry, &pools, &cfg, &mut draining),
+                Ok(_) => {}
+                Err(RecvError::Closed) => break,
+            },
+            Some(_) = draining.join_next(), if !draining.is_empty() => {}
+            _ = shutdown.clone().wait() => break,
+        }
+    }
+    for pool in pools.all() {
+        pools.replace(&pool.name, None);
+        draining.spawn(async move { pool.shutdown(Duration::from_secs(2)).await });
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while draining.join_next().await.is_some() {}
+    })
+    .await;
+}
