@@ -17,6 +17,8 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::{self, AppState};
 use crate::config::Config;
+use crate::mcp::McpState;
+use crate::pool::reconcile::{self, Pools};
 use crate::raft::log_store::LogStore;
 use crate::raft::network::{NetworkFactory, PeerChannels};
 use crate::raft::service::{ClusterService, RaftService};
@@ -208,9 +210,19 @@ pub async fn run(
         registry.clone(),
         shutdown.clone(),
     ));
+    let pools = Pools::default();
+    let mcp = McpState::new(pools.clone(), &cfg.mcp, &me.http_addr);
+    tasks.spawn(reconcile::run(
+        registry.clone(),
+        pools,
+        cfg.pool.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(crate::mcp::housekeeping(mcp.clone(), shutdown.clone()));
     let state = AppState {
         registry: registry.clone(),
         metrics,
+        mcp,
     };
     tasks.spawn(serve_http(
         http_listener,

@@ -23,6 +23,15 @@
 //! [log]
 //! format = "text"                   # or "json"
 //! level = "info"                    # RUST_LOG wins when set
+//!
+//! [pool]
+//! queue_size = 256                  # calls that may wait for a process, per server
+//! max_concurrency_per_process = 32
+//! health_interval_ms = 15000        # ping every process this often
+//!
+//! [mcp]
+//! allowed_origins = []              # browser origins allowed besides loopback
+//! session_idle_timeout_ms = 1800000
 //! ```
 
 use std::net::SocketAddr;
@@ -75,6 +84,10 @@ pub struct Config {
     pub api: ApiConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub pool: crate::pool::PoolConfig,
+    #[serde(default)]
+    pub mcp: crate::mcp::McpConfig,
 }
 
 fn default_http() -> SocketAddr {
@@ -241,6 +254,24 @@ impl Config {
         }
         if self.api.max_body_bytes < 1024 {
             return Err(invalid("api.max_body_bytes", "must be at least 1024"));
+        }
+        if self.pool.max_concurrency_per_process == 0 {
+            return Err(invalid(
+                "pool.max_concurrency_per_process",
+                "must be greater than 0",
+            ));
+        }
+        if self.pool.health_interval_ms == 0 || self.pool.health_timeout_ms == 0 {
+            return Err(invalid(
+                "pool.health_interval_ms",
+                "health interval and timeout must be greater than 0",
+            ));
+        }
+        if self.mcp.session_idle_timeout_ms == 0 {
+            return Err(invalid(
+                "mcp.session_idle_timeout_ms",
+                "must be greater than 0",
+            ));
         }
         Ok(())
     }

@@ -11,6 +11,7 @@ pub mod api;
 pub mod app;
 pub mod config;
 pub mod demo;
+pub mod mcp;
 pub mod metrics;
 pub mod pool;
 pub mod raft;

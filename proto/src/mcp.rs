@@ -149,7 +149,10 @@ impl Message {
     /// Reads a message from a JSON value.
     pub fn from_value(v: Value) -> Result<Message, InvalidMessage> {
         let Value::Object(mut o) = v else {
-            return Err(invalid(None, "a JSON-RPC message must be an object (batches are not supported)"));
+            return Err(invalid(
+                None,
+                "a JSON-RPC message must be an object (batches are not supported)",
+            ));
         };
         let id = match o.remove("id") {
             None | Some(Value::Null) => None,
@@ -273,21 +276,30 @@ mod tests {
     fn kinds_are_told_apart() {
         let m = Message::parse(br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#).expect("request");
         assert_eq!(m, Message::request(RequestId::Num(1), "ping", None));
-        let m = Message::parse(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#).expect("notification");
+        let m = Message::parse(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#)
+            .expect("notification");
         assert!(matches!(m, Message::Notification { .. }));
         let m = Message::parse(br#"{"jsonrpc":"2.0","id":"a","result":{}}"#).expect("response");
         assert_eq!(m, Message::result(RequestId::Str("a".into()), json!({})));
-        let m = Message::parse(br#"{"jsonrpc":"2.0","id":2,"error":{"code":-32601,"message":"x"}}"#).expect("error");
+        let m =
+            Message::parse(br#"{"jsonrpc":"2.0","id":2,"error":{"code":-32601,"message":"x"}}"#)
+                .expect("error");
         assert!(matches!(m, Message::Response { outcome: Err(ref e), .. } if e.code == -32601));
     }
 
     #[test]
     fn invalid_messages_get_the_right_code() {
-        assert_eq!(Message::parse(b"{nope").unwrap_err().code, code::PARSE_ERROR);
+        assert_eq!(
+            Message::parse(b"{nope").unwrap_err().code,
+            code::PARSE_ERROR
+        );
         let e = Message::parse(br#"[{"jsonrpc":"2.0","id":1,"method":"ping"}]"#).unwrap_err();
         assert_eq!(e.code, code::INVALID_REQUEST);
         let e = Message::parse(br#"{"jsonrpc":"1.0","id":7,"method":"ping"}"#).unwrap_err();
-        assert_eq!((e.code, e.id), (code::INVALID_REQUEST, Some(RequestId::Num(7))));
+        assert_eq!(
+            (e.code, e.id),
+            (code::INVALID_REQUEST, Some(RequestId::Num(7)))
+        );
         let e = Message::parse(br#"{"jsonrpc":"2.0","id":7,"method":3}"#).unwrap_err();
         assert!(e.message.starts_with("method"));
         let e = Message::parse(br#"{"jsonrpc":"2.0","id":7,"method":"x","params":3}"#).unwrap_err();

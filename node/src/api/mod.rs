@@ -23,6 +23,7 @@ use crate::registry::Registry;
 pub struct AppState {
     pub registry: Registry,
     pub metrics: PrometheusHandle,
+    pub mcp: crate::mcp::McpState,
 }
 
 /// Counts and times every request by route template and status.
@@ -70,6 +71,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/tokens/{id}", get(o::get_token).delete(o::revoke_token));
     Router::new()
         .nest("/v1", v1)
+        .merge(crate::mcp::router())
         .route("/livez", get(health::livez))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))

@@ -70,7 +70,12 @@ pub async fn load(process: &Process, server: &str) -> Catalogue {
     };
     let lists: [(&str, &str, &str, &mut Vec<Value>); 4] = [
         ("tools", "tools/list", "tools", &mut cat.tools),
-        ("resources", "resources/list", "resources", &mut cat.resources),
+        (
+            "resources",
+            "resources/list",
+            "resources",
+            &mut cat.resources,
+        ),
         (
             "resources",
             "resources/templates/list",
@@ -85,7 +90,9 @@ pub async fn load(process: &Process, server: &str) -> Catalogue {
         }
         match list_all(process, method, key).await {
             Ok(items) => *into = items,
-            Err(e) => tracing::warn!(server, method, error = %e.message, "listing the catalogue failed"),
+            Err(e) => {
+                tracing::warn!(server, method, error = %e.message, "listing the catalogue failed")
+            }
         }
     }
     tracing::info!(

@@ -58,6 +58,13 @@ impl Default for PoolConfig {
     }
 }
 
+/// A server's notification that belongs to no call, tagged with the server's name.
+#[derive(Debug, Clone)]
+pub struct ServerEvent {
+    pub server: String,
+    pub message: Message,
+}
+
 /// State of one process slot, as shown by `mcpctl server status` and the metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -96,8 +103,9 @@ pub struct Pool {
     queued: AtomicUsize,
     closed: AtomicBool,
     catalogue: RwLock<Arc<Catalogue>>,
-    /// Server notifications that belong to no call (list_changed, resources/updated).
-    events: broadcast::Sender<Message>,
+    /// Server notifications that belong to no call (list_changed, resources/updated), to
+    /// the node-wide hub every session listens to.
+    events: broadcast::Sender<ServerEvent>,
     stop: Trigger,
     tasks: std::sync::Mutex<JoinSet<()>>,
     cfg: PoolConfig,
@@ -105,11 +113,14 @@ pub struct Pool {
 
 impl Pool {
     /// Starts the pool's supervisors; processes come up in the background.
-    pub fn start(spec: Versioned<ServerSpec>, cfg: PoolConfig) -> Arc<Pool> {
+    pub fn start(
+        spec: Versioned<ServerSpec>,
+        cfg: PoolConfig,
+        events: broadcast::Sender<ServerEvent>,
+    ) -> Arc<Pool> {
         let size = spec.spec.pool_size.max(1) as usize;
         let (trigger, stop) = shutdown::channel();
         let (pool_tx, pool_rx) = mpsc::channel(1024);
-        let (events, _) = broadcast::channel(1024);
         let mut tasks = JoinSet::new();
         let mut slots = Vec::with_capacity(size);
         for index in 0..size {
@@ -157,12 +168,10 @@ impl Pool {
     }
 
     pub fn catalogue(&self) -> Arc<Catalogue> {
-        self.catalogue.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// The server's notifications that belong to no call.
-    pub fn subscribe(&self) -> broadcast::Receiver<Message> {
-        self.events.subscribe()
+        self.catalogue
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Calls waiting for a process.
@@ -191,11 +200,17 @@ impl Pool {
             if best.is_some() {
                 return best;
             }
-            if self.slots.iter().all(|s| *s.state.borrow() == SlotState::CrashLoop) {
+            if self
+                .slots
+                .iter()
+                .all(|s| *s.state.borrow() == SlotState::CrashLoop)
+            {
                 return None;
             }
             let mut changes: Vec<_> = self.slots.iter().map(|s| s.process.clone()).collect();
-            let any_change = futures_util::future::select_all(changes.iter_mut().map(|rx| Box::pin(rx.changed())));
+            let any_change = futures_util::future::select_all(
+                changes.iter_mut().map(|rx| Box::pin(rx.changed())),
+            );
             if tokio::time::timeout_at(deadline, any_change).await.is_err() {
                 return None;
             }
@@ -209,7 +224,9 @@ impl Pool {
         params: Option<Value>,
         events: Option<mpsc::Sender<CallEvent>>,
     ) -> Result<Value, ErrorObject> {
-        self.call_routed(method, params, events).await.map(|(v, _)| v)
+        self.call_routed(method, params, events)
+            .await
+            .map(|(v, _)| v)
     }
 
     /// Like [`Pool::call`], also returning the process that served it (to answer its requests).
@@ -247,7 +264,10 @@ impl Pool {
         let Ok(Ok(_running)) = slot else {
             return Err(ErrorObject::new(
                 code::UNAVAILABLE,
-                format!("server {:?} had no free process within {timeout:?}; the call did not run", self.name),
+                format!(
+                    "server {:?} had no free process within {timeout:?}; the call did not run",
+                    self.name
+                ),
             ));
         };
         let remaining = timeout.saturating_sub(started.elapsed());
@@ -255,7 +275,11 @@ impl Pool {
             let states: Vec<&str> = self.states().iter().map(|s| s.as_str()).collect();
             return Err(ErrorObject::new(
                 code::UNAVAILABLE,
-                format!("server {:?} has no running process (processes: {}); the call did not run", self.name, states.join(", ")),
+                format!(
+                    "server {:?} has no running process (processes: {}); the call did not run",
+                    self.name,
+                    states.join(", ")
+                ),
             ));
         };
         let remaining = timeout.saturating_sub(started.elapsed());
@@ -274,7 +298,8 @@ impl Pool {
         self.closed.store(true, Ordering::Relaxed);
         let total = self.active.available_permits() as u32;
         let _ = total;
-        let capacity = self.slots.len() * self.cfg.max_concurrency_per_process.max(1) + self.cfg.queue_size;
+        let capacity =
+            self.slots.len() * self.cfg.max_concurrency_per_process.max(1) + self.cfg.queue_size;
         let _ = tokio::time::timeout(drain, self.admission.acquire_many(capacity as u32)).await;
         self.stop.fire();
         let mut tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
@@ -314,7 +339,8 @@ async fn supervise(
             let _ = state_tx.send(s);
         }
     };
-    metrics::gauge!("mcpd_pool_processes", "server" => server.clone(), "state" => "starting").increment(1.0);
+    metrics::gauge!("mcpd_pool_processes", "server" => server.clone(), "state" => "starting")
+        .increment(1.0);
     let mut recent_failures: Vec<Instant> = Vec::new();
     let mut delays = backoff();
     let health_every = Duration::from_millis(cfg.health_interval_ms);
@@ -392,9 +418,17 @@ fn backoff() -> impl Iterator<Item = Duration> {
 
 /// Refreshes the catalogue when a process becomes ready and when the server says a list
 /// changed; relays the server's other notifications to the pool's subscribers.
-async fn watch_catalogue(pool: std::sync::Weak<Pool>, mut rx: mpsc::Receiver<PoolEvent>, stop: Shutdown) {
+async fn watch_catalogue(
+    pool: std::sync::Weak<Pool>,
+    mut rx: mpsc::Receiver<PoolEvent>,
+    stop: Shutdown,
+) {
     let mut ready_rx = match pool.upgrade() {
-        Some(p) => p.slots.iter().map(|s| s.process.clone()).collect::<Vec<_>>(),
+        Some(p) => p
+            .slots
+            .iter()
+            .map(|s| s.process.clone())
+            .collect::<Vec<_>>(),
         None => return,
     };
     let mut loaded = false;
@@ -408,7 +442,8 @@ async fn watch_catalogue(pool: std::sync::Weak<Pool>, mut rx: mpsc::Receiver<Poo
                 }
             }
         }
-        let ready_change = futures_util::future::select_all(ready_rx.iter_mut().map(|r| Box::pin(r.changed())));
+        let ready_change =
+            futures_util::future::select_all(ready_rx.iter_mut().map(|r| Box::pin(r.changed())));
         tokio::select! {
             _ = stop.clone().wait() => return,
             _ = ready_change, if !loaded => {}
@@ -418,7 +453,7 @@ async fn watch_catalogue(pool: std::sync::Weak<Pool>, mut rx: mpsc::Receiver<Poo
                 if msg.method().is_some_and(|m| m.ends_with("/list_changed")) {
                     loaded = false;
                 }
-                let _ = p.events.send(msg);
+                let _ = p.events.send(ServerEvent { server: p.name.clone(), message: msg });
             }
         }
     }

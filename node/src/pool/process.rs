@@ -45,13 +45,29 @@ pub enum ProcessError {
 pub enum CallEvent {
     /// A notification to relay (progress with the caller's token restored, logging).
     Notify(Message),
-    /// A request from the server (sampling, elicitation, roots). Answer it with
-    /// [`Process::respond`] and this upstream id.
+    /// A request from the server (sampling, elicitation, roots), answered through `responder`.
     Request {
-        upstream_id: RequestId,
         method: String,
         params: Option<Value>,
+        responder: Responder,
     },
+}
+
+/// Answers one request a server process sent.
+#[derive(Debug, Clone)]
+pub struct Responder {
+    stdin: mpsc::Sender<Vec<u8>>,
+    upstream_id: RequestId,
+}
+
+impl Responder {
+    pub async fn respond(self, outcome: Result<Value, ErrorObject>) {
+        let msg = Message::Response {
+            id: self.upstream_id,
+            outcome,
+        };
+        let _ = self.stdin.send(msg.to_line()).await;
+    }
 }
 
 /// A message from the server that belongs to no call.
@@ -99,13 +115,18 @@ pub struct Process {
 fn crashed(server: &str) -> ErrorObject {
     ErrorObject::new(
         code::CRASHED,
-        format!("server {server:?} exited while the call was in flight; it may or may not have run"),
+        format!(
+            "server {server:?} exited while the call was in flight; it may or may not have run"
+        ),
     )
 }
 
 impl Process {
     /// Spawns the server, performs the MCP handshake and returns once it is ready.
-    pub async fn start(spec: &ServerSpec, pool_events: mpsc::Sender<PoolEvent>) -> Result<Process, ProcessError> {
+    pub async fn start(
+        spec: &ServerSpec,
+        pool_events: mpsc::Sender<PoolEvent>,
+    ) -> Result<Process, ProcessError> {
         let mut cmd = Command::new(&spec.command);
         cmd.args(&spec.args)
             .envs(&spec.env)
@@ -191,7 +212,11 @@ impl Process {
 
     /// Calls in flight on this process.
     pub fn in_flight(&self) -> usize {
-        self.shared.pending.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.shared
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     /// Completes when the process has exited.
@@ -209,7 +234,10 @@ impl Process {
         events: Option<mpsc::Sender<CallEvent>>,
     ) -> Result<Value, ErrorObject> {
         if !self.is_alive() {
-            return Err(ErrorObject::new(code::UNAVAILABLE, format!("server {:?} is not running", self.shared.server)));
+            return Err(ErrorObject::new(
+                code::UNAVAILABLE,
+                format!("server {:?} is not running", self.shared.server),
+            ));
         }
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let progress_token = params
@@ -222,17 +250,25 @@ impl Process {
                 Some(original)
             });
         let (tx, rx) = oneshot::channel();
-        self.shared.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(
-            id,
-            Pending {
-                reply: tx,
-                events,
-                progress_token,
-            },
-        );
+        self.shared
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                id,
+                Pending {
+                    reply: tx,
+                    events,
+                    progress_token,
+                },
+            );
         let line = Message::request(RequestId::Num(id as i64), method, params).to_line();
         if self.stdin.send(line).await.is_err() {
-            self.shared.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            self.shared
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
             return Err(crashed(&self.shared.server));
         }
         let guard = CancelOnDrop {
@@ -240,23 +276,19 @@ impl Process {
             id,
             armed: true,
         };
-        let outcome = rx.await.unwrap_or_else(|_| Err(crashed(&self.shared.server)));
+        let outcome = rx
+            .await
+            .unwrap_or_else(|_| Err(crashed(&self.shared.server)));
         guard.disarm();
         outcome
     }
 
     /// Sends a notification.
     pub async fn notify(&self, method: &str, params: Option<Value>) {
-        let _ = self.stdin.send(Message::notification(method, params).to_line()).await;
-    }
-
-    /// Answers a request the server sent.
-    pub async fn respond(&self, upstream_id: RequestId, outcome: Result<Value, ErrorObject>) {
-        let msg = Message::Response {
-            id: upstream_id,
-            outcome,
-        };
-        let _ = self.stdin.send(msg.to_line()).await;
+        let _ = self
+            .stdin
+            .send(Message::notification(method, params).to_line())
+            .await;
     }
 
     /// Asks the process to exit: close its stdin, then SIGTERM the group after `grace`, then
@@ -265,11 +297,17 @@ impl Process {
         // An empty buffer tells the writer to close stdin (other senders may still exist).
         let _ = self.stdin.send(Vec::new()).await;
         let mut rx = self.exited.clone();
-        if tokio::time::timeout(grace, rx.wait_for(|e| *e)).await.is_ok() {
+        if tokio::time::timeout(grace, rx.wait_for(|e| *e))
+            .await
+            .is_ok()
+        {
             return;
         }
         signal_group(self.pid, rustix::process::Signal::TERM);
-        if tokio::time::timeout(grace, rx.wait_for(|e| *e)).await.is_ok() {
+        if tokio::time::timeout(grace, rx.wait_for(|e| *e))
+            .await
+            .is_ok()
+        {
             return;
         }
         tracing::warn!(server = %self.shared.server, pid = ?self.pid, "server ignored SIGTERM; killing it");
@@ -348,12 +386,20 @@ async fn reap(mut child: Child, shared: Arc<Shared>, exited: watch::Sender<bool>
     let _ = exited.send(true);
 }
 
-async fn read_loop(stdout: tokio::process::ChildStdout, shared: Arc<Shared>, stdin: mpsc::Sender<Vec<u8>>) {
+async fn read_loop(
+    stdout: tokio::process::ChildStdout,
+    shared: Arc<Shared>,
+    stdin: mpsc::Sender<Vec<u8>>,
+) {
     let mut reader = BufReader::new(stdout);
     let mut buf = Vec::new();
     loop {
         buf.clear();
-        match (&mut reader).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut buf).await {
+        match (&mut reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut buf)
+            .await
+        {
             Ok(0) | Err(_) => break,
             Ok(_) => {}
         }
@@ -376,7 +422,6 @@ async fn read_loop(stdout: tokio::process::ChildStdout, shared: Arc<Shared>, std
     shared.fail_all(crashed(&shared.server));
 }
 
-
 /// Where one message from the server goes.
 async fn route(shared: &Shared, stdin: &mpsc::Sender<Vec<u8>>, msg: Message) {
     match msg {
@@ -385,12 +430,20 @@ async fn route(shared: &Shared, stdin: &mpsc::Sender<Vec<u8>>, msg: Message) {
                 RequestId::Num(n) => u64::try_from(*n).ok(),
                 RequestId::Str(_) => None,
             };
-            let pending = key.and_then(|k| shared.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&k));
+            let pending = key.and_then(|k| {
+                shared
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&k)
+            });
             match pending {
                 Some(p) => {
                     let _ = p.reply.send(outcome);
                 }
-                None => tracing::debug!(server = %shared.server, %id, "answer to no pending call (cancelled or timed out)"),
+                None => {
+                    tracing::debug!(server = %shared.server, %id, "answer to no pending call (cancelled or timed out)")
+                }
             }
         }
         Message::Notification { method, mut params } if method == "notifications/progress" => {
@@ -409,7 +462,8 @@ async fn route(shared: &Shared, stdin: &mpsc::Sender<Vec<u8>>, msg: Message) {
                 if let Some(p) = params.as_mut().and_then(Value::as_object_mut) {
                     p.insert("progressToken".into(), token);
                 }
-                let _ = events.try_send(CallEvent::Notify(Message::Notification { method, params }));
+                let _ =
+                    events.try_send(CallEvent::Notify(Message::Notification { method, params }));
             }
         }
         Message::Notification { method, params } => {
@@ -431,12 +485,18 @@ async fn route(shared: &Shared, stdin: &mpsc::Sender<Vec<u8>>, msg: Message) {
             match oldest_listener(shared) {
                 Some(events) => {
                     let ev = CallEvent::Request {
-                        upstream_id: id.clone(),
                         method,
                         params,
+                        responder: Responder {
+                            stdin: stdin.clone(),
+                            upstream_id: id.clone(),
+                        },
                     };
                     if events.send(ev).await.is_err() {
-                        let err = ErrorObject::new(code::INTERNAL_ERROR, "the client of this call is gone");
+                        let err = ErrorObject::new(
+                            code::INTERNAL_ERROR,
+                            "the client of this call is gone",
+                        );
                         let _ = stdin.send(Message::error(id, err).to_line()).await;
                     }
                 }

@@ -12,26 +12,53 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use mcpcp_proto::api::{ObjectKind, ServerSpec, Versioned, WatchEvent};
+use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinSet;
 
-use super::{Pool, PoolConfig};
+use super::{Pool, PoolConfig, ServerEvent};
 use crate::registry::Registry;
 use crate::shutdown::Shutdown;
 
-/// The running pools by server name, shared with the MCP front end.
-#[derive(Clone, Default)]
+/// The running pools by server name, shared with the MCP front end, and the hub of their
+/// notifications.
+#[derive(Clone)]
 pub struct Pools {
     inner: Arc<RwLock<HashMap<String, Arc<Pool>>>>,
+    hub: broadcast::Sender<ServerEvent>,
+}
+
+impl Default for Pools {
+    fn default() -> Self {
+        Pools {
+            inner: Arc::default(),
+            hub: broadcast::channel(4096).0,
+        }
+    }
 }
 
 impl Pools {
+    /// Every pool's notifications that belong to no call, tagged with the server.
+    pub fn subscribe(&self) -> broadcast::Receiver<ServerEvent> {
+        self.hub.subscribe()
+    }
+
     pub fn get(&self, name: &str) -> Option<Arc<Pool>> {
-        self.inner.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
     }
 
     pub fn all(&self) -> Vec<Arc<Pool>> {
-        let mut v: Vec<_> = self.inner.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let mut v: Vec<_> = self
+            .inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
@@ -61,11 +88,17 @@ fn reconcile(registry: &Registry, pools: &Pools, cfg: &PoolConfig, draining: &mu
     let want = desired(registry);
     for (name, spec) in &want {
         let current = pools.get(name);
-        if current.as_ref().is_some_and(|p| p.spec.revision == spec.revision) {
+        if current
+            .as_ref()
+            .is_some_and(|p| p.spec.revision == spec.revision)
+        {
             continue;
         }
         tracing::info!(server = %name, revision = spec.revision, replacing = current.is_some(), "starting pool");
-        let old = pools.replace(name, Some(Pool::start(spec.clone(), cfg.clone())));
+        let old = pools.replace(
+            name,
+            Some(Pool::start(spec.clone(), cfg.clone(), pools.hub.clone())),
+        );
         if let Some(old) = old {
             let drain = Duration::from_millis(old.spec.spec.timeouts.request_ms);
             draining.spawn(async move { old.shutdown(drain).await });

@@ -174,7 +174,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let mut tx = db.begin_write()?;
             tx.set_durability(redb::Durability::None)
                 .map_err(|e| redb::Error::Io(std::io::Error::other(e)))?;
-            tx.open_table(META)?.insert(KEY_COMMITTED, bytes.as_slice())?;
+            tx.open_table(META)?
+                .insert(KEY_COMMITTED, bytes.as_slice())?;
             tx.commit()?;
             Ok(())
         })

@@ -157,7 +157,12 @@ impl State {
     /// refused or was a duplicate).
     pub fn apply(&mut self, req: Request) -> (CommandResult, Vec<Change>) {
         if self.recent_ids.contains(&req.request_id) {
-            if let Some((_, outcome)) = self.recent.iter().rev().find(|(id, _)| *id == req.request_id) {
+            if let Some((_, outcome)) = self
+                .recent
+                .iter()
+                .rev()
+                .find(|(id, _)| *id == req.request_id)
+            {
                 return (outcome.clone(), Vec::new());
             }
         }

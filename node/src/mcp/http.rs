@@ -1,0 +1,748 @@
+//! Streamable HTTP on `/mcp` and `/servers/{name}/mcp`: the session-based revisions
+//! (2025-06-18, 2025-11-25) here, the stateless 2026-07-28 revision in [`super::stateless`],
+//! told apart per request as the 2026 spec's dual-era rules say.
+//!
+//! - POST a request: JSON when the answer comes first; SSE when the server sends progress,
+//!   logging or its own requests (sampling, elicitation, roots) before answering.
+//! - POST a notification or a response (to a server request): 202.
+//! - GET: the session's standalone SSE stream (list_changed, resources/updated).
+//! - DELETE: end the session.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::{Stream, StreamExt};
+use mcpcp_proto::mcp::{
+    code, ErrorObject, Message, RequestId, LATEST_SESSION_VERSION, PROTOCOL_VERSIONS,
+};
+use serde_json::{json, Value};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::call::{Running, Step};
+use super::dispatch::Route;
+use super::session::{Session, Target};
+use super::{origin_allowed, McpState};
+use crate::api::extract::Caller;
+use crate::api::AppState;
+use crate::pool::process::CallEvent;
+use crate::pool::ServerEvent;
+
+pub const SESSION_HEADER: &str = "mcp-session-id";
+pub const VERSION_HEADER: &str = "mcp-protocol-version";
+
+/// Session-based revisions this gateway negotiates.
+const SESSION_VERSIONS: &[&str] = &["2025-03-26", "2025-06-18", "2025-11-25"];
+
+/// Log levels, least severe first.
+const LEVELS: &[&str] = &[
+    "debug",
+    "info",
+    "notice",
+    "warning",
+    "error",
+    "critical",
+    "alert",
+    "emergency",
+];
+
+/// An HTTP error whose body is a JSON-RPC error (with the id when known).
+pub fn rpc_error(status: StatusCode, id: Option<RequestId>, error: ErrorObject) -> Response {
+    let body = json!({ "jsonrpc": "2.0", "id": id, "error": error });
+    (status, Json(body)).into_response()
+}
+
+pub fn accepts_sse(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"))
+}
+
+pub fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Which era a POST belongs to.
+enum Era {
+    Session,
+    Stateless,
+}
+
+fn era_of(headers: &HeaderMap, msg: &Message) -> Era {
+    let header = header_str(headers, VERSION_HEADER);
+    if header.is_some_and(|v| !SESSION_VERSIONS.contains(&v) && v != "2024-11-05") {
+        return Era::Stateless;
+    }
+    if let Message::Request {
+        params: Some(p),
+        method,
+        ..
+    } = msg
+    {
+        if method != "initialize"
+            && p["_meta"]
+                .get("io.modelcontextprotocol/protocolVersion")
+                .is_some()
+            && header_str(headers, SESSION_HEADER).is_none()
+        {
+            return Era::Stateless;
+        }
+    }
+    Era::Session
+}
+
+pub async fn post_aggregate(
+    State(state): State<AppState>,
+    Caller(p): Caller,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    post(state, p, Target::Aggregate, headers, body).await
+}
+
+pub async fn post_server(
+    State(state): State<AppState>,
+    Caller(p): Caller,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    post(state, p, Target::Server(name), headers, body).await
+}
+
+async fn post(
+    state: AppState,
+    principal: crate::registry::Principal,
+    target: Target,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !origin_allowed(&state.mcp, &headers) {
+        return rpc_error(
+            StatusCode::FORBIDDEN,
+            None,
+            ErrorObject::new(code::INVALID_REQUEST, "Origin not allowed"),
+        );
+    }
+    let msg = match Message::parse(&body) {
+        Ok(m) => m,
+        Err(e) => {
+            metrics::counter!("mcpd_mcp_malformed_total").increment(1);
+            return rpc_error(
+                StatusCode::BAD_REQUEST,
+                e.id,
+                ErrorObject::new(e.code, e.message),
+            );
+        }
+    };
+    if let Target::Server(name) = &target {
+        // Another tenant's server does not exist, as far as this caller can tell.
+        let route = route(&state, &principal, &target);
+        if let Err(e) = route.pool(name) {
+            if e.code == code::INVALID_PARAMS {
+                return rpc_error(
+                    StatusCode::NOT_FOUND,
+                    None,
+                    ErrorObject::new(code::INVALID_REQUEST, format!("no server {name:?}")),
+                );
+            }
+        }
+    }
+    match era_of(&headers, &msg) {
+        Era::Stateless => super::stateless::post(state, principal, target, headers, msg).await,
+        Era::Session => post_session(state, principal, target, headers, msg).await,
+    }
+}
+
+pub fn route(state: &AppState, principal: &crate::registry::Principal, target: &Target) -> Route {
+    Route {
+        registry: state.registry.clone(),
+        pools: state.mcp.pools.clone(),
+        principal: principal.clone(),
+        target: target.clone(),
+    }
+}
+
+/// The session a request names, checked against the caller and the endpoint.
+fn session_of(
+    state: &McpState,
+    headers: &HeaderMap,
+    principal: &crate::registry::Principal,
+    target: &Target,
+) -> Result<Arc<Session>, Response> {
+    let Some(id) = header_str(headers, SESSION_HEADER) else {
+        return Err(rpc_error(
+            StatusCode::BAD_REQUEST,
+            None,
+            ErrorObject::new(
+                code::INVALID_REQUEST,
+                "Mcp-Session-Id header required (send initialize first)",
+            ),
+        ));
+    };
+    match state.sessions.get(id) {
+        // A session is bound to the token and endpoint that opened it; anything else is not it.
+        Some(s) if s.principal.token_id == principal.token_id && s.target == *target => Ok(s),
+        _ => Err(rpc_error(
+            StatusCode::NOT_FOUND,
+            None,
+            ErrorObject::new(
+                code::INVALID_REQUEST,
+                "session not found (expired or ended): initialize again",
+            ),
+        )),
+    }
+}
+
+async fn post_session(
+    state: AppState,
+    principal: crate::registry::Principal,
+    target: Target,
+    headers: HeaderMap,
+    msg: Message,
+) -> Response {
+    if let Some(v) = header_str(&headers, VERSION_HEADER) {
+        if !SESSION_VERSIONS.contains(&v) && v != "2024-11-05" {
+            return rpc_error(
+                StatusCode::BAD_REQUEST,
+                None,
+                ErrorObject::new(
+                    code::INVALID_REQUEST,
+                    format!("unsupported MCP-Protocol-Version {v:?}"),
+                )
+                .with_data(json!({ "supported": PROTOCOL_VERSIONS })),
+            );
+        }
+    }
+    if let Message::Request { id, method, params } = &msg {
+        if method == "initialize" {
+            return initialize(&state, principal, target, id.clone(), params.clone()).await;
+        }
+    }
+    let session = match session_of(&state.mcp, &headers, &principal, &target) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    match msg {
+        Message::Notification { method, params } => {
+            if method == "notifications/cancelled" {
+                let id = params
+                    .as_ref()
+                    .and_then(|p| serde_json::from_value::<RequestId>(p["requestId"].clone()).ok());
+                if let Some(handle) = id.and_then(|id| {
+                    session
+                        .in_flight
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&id)
+                }) {
+                    handle.abort();
+                    metrics::counter!("mcpd_mcp_cancellations_total").increment(1);
+                }
+            }
+            StatusCode::ACCEPTED.into_response()
+        }
+        Message::Response { id, outcome } => {
+            if let Some(responder) = session.take_server_request(&id) {
+                responder.respond(outcome).await;
+            }
+            StatusCode::ACCEPTED.into_response()
+        }
+        Message::Request { id, method, params } => {
+            request(
+                state, principal, target, session, &headers, id, method, params,
+            )
+            .await
+        }
+    }
+}
+
+async fn initialize(
+    state: &AppState,
+    principal: crate::registry::Principal,
+    target: Target,
+    id: RequestId,
+    params: Option<Value>,
+) -> Response {
+    let params = params.unwrap_or(Value::Null);
+    let asked = params["protocolVersion"].as_str().unwrap_or_default();
+    let version = if SESSION_VERSIONS.contains(&asked) {
+        asked
+    } else {
+        LATEST_SESSION_VERSION
+    }
+    .to_string();
+    let (server_info, capabilities, instructions) = match &target {
+        Target::Aggregate => (
+            json!({ "name": "mcpd", "title": "MCP control plane (aggregate)", "version": env!("CARGO_PKG_VERSION") }),
+            json!({
+                "tools": { "listChanged": true },
+                "prompts": { "listChanged": true },
+                "resources": { "subscribe": true, "listChanged": true },
+                "logging": {},
+                "completions": {},
+            }),
+            Some(format!(
+                "Tools and prompts of every server you may use, named server{}name.",
+                super::dispatch::SEPARATOR
+            )),
+        ),
+        Target::Server(name) => {
+            let r = route(state, &principal, &target);
+            let pool = match r.pool(name) {
+                Ok(p) => p,
+                Err(e) => return rpc_error(StatusCode::OK, Some(id), e),
+            };
+            let wait = std::time::Duration::from_millis(pool.spec.spec.timeouts.startup_ms);
+            if pool.ready(wait).await.is_none() {
+                let states: Vec<&str> = pool.states().iter().map(|s| s.as_str()).collect();
+                return rpc_error(
+                    StatusCode::OK,
+                    Some(id),
+                    ErrorObject::new(
+                        code::UNAVAILABLE,
+                        format!(
+                            "server {name:?} has no running process ({})",
+                            states.join(", ")
+                        ),
+                    ),
+                );
+            }
+            let init = pool.init_result().unwrap_or(Value::Null);
+            (
+                init["serverInfo"].clone(),
+                init["capabilities"].clone(),
+                init["instructions"].as_str().map(String::from),
+            )
+        }
+    };
+    let session = state.mcp.sessions.create(
+        principal,
+        target,
+        version.clone(),
+        params["clientInfo"].clone(),
+        params["capabilities"].clone(),
+    );
+    tracing::info!(session = %session.id, protocol = %version, client = %params["clientInfo"]["name"], "session opened");
+    let mut result = json!({ "protocolVersion": version, "capabilities": capabilities, "serverInfo": server_info });
+    if let Some(i) = instructions {
+        result["instructions"] = json!(i);
+    }
+    let mut resp = Json(Message::result(id, result).to_value()).into_response();
+    if let Ok(v) = HeaderValue::from_str(&session.id) {
+        resp.headers_mut().insert(SESSION_HEADER, v);
+    }
+    resp
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn request(
+    state: AppState,
+    principal: crate::registry::Principal,
+    target: Target,
+    session: Arc<Session>,
+    headers: &HeaderMap,
+    id: RequestId,
+    method: String,
+    params: Option<Value>,
+) -> Response {
+    let started = std::time::Instant::now();
+    let reply = |outcome: Result<Value, ErrorObject>| {
+        Json(
+            Message::Response {
+                id: id.clone(),
+                outcome,
+            }
+            .to_value(),
+        )
+        .into_response()
+    };
+    match method.as_str() {
+        "ping" => return reply(Ok(json!({}))),
+        "logging/setLevel" => {
+            let level = params
+                .as_ref()
+                .and_then(|p| p["level"].as_str())
+                .unwrap_or_default();
+            if !LEVELS.contains(&level) {
+                return reply(Err(ErrorObject::new(
+                    code::INVALID_PARAMS,
+                    format!("params.level: {level:?} is not one of {LEVELS:?}"),
+                )));
+            }
+            *session.log_level.lock().unwrap_or_else(|p| p.into_inner()) = Some(level.to_string());
+            return reply(Ok(json!({})));
+        }
+        "resources/subscribe" | "resources/unsubscribe" => {
+            if let Some(uri) = params.as_ref().and_then(|p| p["uri"].as_str()) {
+                let mut subs = session
+                    .subscriptions
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                if method == "resources/subscribe" {
+                    subs.insert(uri.to_string());
+                } else {
+                    subs.remove(uri);
+                }
+            }
+        }
+        _ => {}
+    }
+    let running = Running::start(route(&state, &principal, &target), method.clone(), params);
+    session
+        .in_flight
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id.clone(), running.task.abort_handle());
+    let m = Measure {
+        labels: [
+            ("method", method_label(&method)),
+            ("endpoint", endpoint_label(&target)),
+        ],
+        started,
+    };
+    respond(session, id, running, accepts_sse(headers), m).await
+}
+
+pub fn method_label(method: &str) -> String {
+    // Bounded cardinality: known methods by name, anything else as "other".
+    const KNOWN: &[&str] = &[
+        "tools/list",
+        "tools/call",
+        "resources/list",
+        "resources/read",
+        "resources/templates/list",
+        "resources/subscribe",
+        "resources/unsubscribe",
+        "prompts/list",
+        "prompts/get",
+        "completion/complete",
+        "ping",
+        "logging/setLevel",
+        "initialize",
+        "server/discover",
+        "subscriptions/listen",
+    ];
+    if KNOWN.contains(&method) {
+        method.to_string()
+    } else {
+        "other".into()
+    }
+}
+
+pub fn endpoint_label(target: &Target) -> String {
+    match target {
+        Target::Aggregate => "aggregate".into(),
+        Target::Server(name) => name.clone(),
+    }
+}
+
+fn outcome_label(outcome: &Result<Value, ErrorObject>) -> &'static str {
+    match outcome {
+        Ok(v) if v["isError"] == json!(true) => "tool_error",
+        Ok(_) => "ok",
+        Err(e) if e.code == code::TIMEOUT => "timeout",
+        Err(e) if e.code == code::QUEUE_FULL => "queue_full",
+        Err(e) if e.code == code::UNAVAILABLE => "unavailable",
+        Err(e) if e.code == code::CRASHED => "crashed",
+        Err(_) => "error",
+    }
+}
+
+/// Labels and start time of one request, for its metrics when it ends.
+#[derive(Clone)]
+pub struct Measure {
+    pub labels: [(&'static str, String); 2],
+    pub started: std::time::Instant,
+}
+
+impl Measure {
+    pub fn finish(&self, outcome: &Result<Value, ErrorObject>) {
+        let mut l = self.labels.to_vec();
+        l.push(("outcome", outcome_label(outcome).to_string()));
+        metrics::counter!("mcpd_mcp_requests_total", &l).increment(1);
+        metrics::histogram!("mcpd_mcp_request_seconds", &self.labels)
+            .record(self.started.elapsed().as_secs_f64());
+    }
+}
+
+fn end(session: &Session, id: &RequestId, m: &Measure, outcome: &Result<Value, ErrorObject>) {
+    session
+        .in_flight
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(id);
+    m.finish(outcome);
+}
+
+fn cancelled() -> Result<Value, ErrorObject> {
+    Err(ErrorObject::new(code::INTERNAL_ERROR, "request cancelled"))
+}
+
+/// Turns the call's steps into the HTTP answer: JSON if the outcome comes first, else SSE.
+async fn respond(
+    session: Arc<Session>,
+    id: RequestId,
+    mut running: Running,
+    sse_ok: bool,
+    m: Measure,
+) -> Response {
+    let first = loop {
+        match running.steps.recv().await {
+            Some(Step::Event(ev)) if !sse_ok => {
+                // A client that cannot take SSE gets no intermediate messages; answer server
+                // requests for it so the call can go on.
+                if let CallEvent::Request {
+                    responder, method, ..
+                } = ev
+                {
+                    let e = ErrorObject::new(
+                        code::METHOD_NOT_FOUND,
+                        format!("{method}: the client cannot receive requests (no SSE)"),
+                    );
+                    responder.respond(Err(e)).await;
+                }
+            }
+            other => break other,
+        }
+    };
+    let ev = match first {
+        Some(Step::Event(ev)) => ev,
+        done => {
+            let outcome = match done {
+                Some(Step::Done(o)) => o,
+                _ => cancelled(),
+            };
+            end(&session, &id, &m, &outcome);
+            return Json(Message::Response { id, outcome }.to_value()).into_response();
+        }
+    };
+    let stream = futures_util::stream::unfold(
+        (Some(ev), running, session, id, m, false),
+        |(pending, mut running, session, id, m, done)| async move {
+            if done {
+                return None;
+            }
+            let step = match pending {
+                Some(ev) => Some(Step::Event(ev)),
+                None => running.steps.recv().await,
+            };
+            let (msg, done) = match step {
+                Some(Step::Event(ev)) => (event_message(&session, ev), false),
+                other => {
+                    let outcome = match other {
+                        Some(Step::Done(o)) => o,
+                        _ => cancelled(),
+                    };
+                    end(&session, &id, &m, &outcome);
+                    (
+                        Some(Message::Response {
+                            id: id.clone(),
+                            outcome,
+                        }),
+                        true,
+                    )
+                }
+            };
+            Some((msg, (None, running, session, id, m, done)))
+        },
+    )
+    .filter_map(|m| futures_util::future::ready(m.map(|m| Ok::<_, Infallible>(sse_event(&m)))));
+    sse(stream)
+}
+
+/// One SSE event carrying one JSON-RPC message.
+pub fn sse_event(m: &Message) -> Event {
+    Event::default()
+        .event("message")
+        .data(serde_json::to_string(&m.to_value()).unwrap_or_default())
+}
+
+/// An SSE answer with keep-alives and no proxy buffering.
+pub fn sse<S>(stream: S) -> Response
+where
+    S: Stream<Item = Result<Event, Infallible>> + Send + 'static,
+{
+    let mut resp = Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response();
+    resp.headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
+}
+
+/// What the client sees of a server message during its call (`None`: filtered out).
+fn event_message(session: &Session, ev: CallEvent) -> Option<Message> {
+    match ev {
+        CallEvent::Notify(msg) => {
+            if msg.method() == Some("notifications/message") && !level_passes(session, &msg) {
+                return None;
+            }
+            Some(msg)
+        }
+        CallEvent::Request {
+            method,
+            params,
+            responder,
+        } => {
+            let id = session.register_server_request(responder);
+            Some(Message::Request { id, method, params })
+        }
+    }
+}
+
+pub fn level_passes(session: &Session, msg: &Message) -> bool {
+    let Some(min) = session
+        .log_level
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+    else {
+        return true;
+    };
+    let level = match msg {
+        Message::Notification {
+            params: Some(p), ..
+        } => p["level"].as_str().unwrap_or("info").to_string(),
+        _ => return true,
+    };
+    let rank = |l: &str| LEVELS.iter().position(|x| *x == l).unwrap_or(1);
+    rank(&level) >= rank(&min)
+}
+
+/// GET: the session's standalone stream of server notifications.
+pub async fn get_aggregate(
+    State(state): State<AppState>,
+    Caller(p): Caller,
+    headers: HeaderMap,
+) -> Response {
+    get(state, p, Target::Aggregate, headers).await
+}
+
+pub async fn get_server(
+    State(state): State<AppState>,
+    Caller(p): Caller,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    get(state, p, Target::Server(name), headers).await
+}
+
+async fn get(
+    state: AppState,
+    principal: crate::registry::Principal,
+    target: Target,
+    headers: HeaderMap,
+) -> Response {
+    if !origin_allowed(&state.mcp, &headers) {
+        return rpc_error(
+            StatusCode::FORBIDDEN,
+            None,
+            ErrorObject::new(code::INVALID_REQUEST, "Origin not allowed"),
+        );
+    }
+    if !accepts_sse(&headers) {
+        return rpc_error(
+            StatusCode::NOT_ACCEPTABLE,
+            None,
+            ErrorObject::new(code::INVALID_REQUEST, "GET needs Accept: text/event-stream"),
+        );
+    }
+    let session = match session_of(&state.mcp, &headers, &principal, &target) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let (tx, rx) = mpsc::channel::<Message>(256);
+    *session.stream.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx.clone());
+    let hub = state.mcp.pools.subscribe();
+    let visible: Arc<dyn Fn(&str) -> bool + Send + Sync> = {
+        let r = route(&state, &principal, &target);
+        Arc::new(move |server: &str| match &r.target {
+            Target::Server(n) => n == server,
+            Target::Aggregate => r.pool(server).is_ok(),
+        })
+    };
+    tokio::spawn(forward_hub(hub, session.clone(), tx, visible));
+    let stream = ReceiverStream::new(rx).map(|m| Ok::<_, Infallible>(sse_event(&m)));
+    sse(stream)
+}
+
+/// Relays the servers' notifications a session cares about to its standalone stream.
+async fn forward_hub(
+    mut hub: broadcast::Receiver<ServerEvent>,
+    session: Arc<Session>,
+    tx: mpsc::Sender<Message>,
+    visible: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+) {
+    loop {
+        let ev = match hub.recv().await {
+            Ok(ev) => ev,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(session = %session.id, missed = n, "session stream fell behind");
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if tx.is_closed() {
+            return;
+        }
+        if !visible(&ev.server) {
+            continue;
+        }
+        let wanted = match (&ev.message, ev.message.method()) {
+            (Message::Notification { params, .. }, Some("notifications/resources/updated")) => {
+                params
+                    .as_ref()
+                    .and_then(|p| p["uri"].as_str())
+                    .is_some_and(|uri| session.is_subscribed(uri))
+            }
+            (_, Some(m)) if m.ends_with("/list_changed") => true,
+            (_, Some("notifications/message")) => level_passes(&session, &ev.message),
+            _ => false,
+        };
+        if wanted && tx.send(ev.message).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// DELETE: the client ends its session.
+pub async fn delete_aggregate(
+    State(state): State<AppState>,
+    Caller(p): Caller,
+    headers: HeaderMap,
+) -> Response {
+    delete(state, p, Target::Aggregate, headers)
+}
+
+pub async fn delete_server(
+    State(state): State<AppState>,
+    Caller(p): Caller,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    delete(state, p, Target::Server(name), headers)
+}
+
+fn delete(
+    state: AppState,
+    principal: crate::registry::Principal,
+    target: Target,
+    headers: HeaderMap,
+) -> Response {
+    match session_of(&state.mcp, &headers, &principal, &target) {
+        Ok(s) => {
+            state.mcp.sessions.remove(&s.id);
+            tracing::info!(session = %s.id, "session ended by the client");
+            StatusCode::OK.into_response()
+        }
+        Err(r) => r,
+    }
+}

@@ -1,0 +1,165 @@
+//! The MCP data plane's front end: Streamable HTTP on every node.
+//!
+//! - `/mcp`: the aggregate of every server the caller's tenant may use (names `server__tool`).
+//! - `/servers/{name}/mcp`: one server, names unchanged.
+//!
+//! [`http`] serves the session-based revisions (2025-06-18, 2025-11-25) and tells requests of
+//! the stateless revision (2026-07-28) apart, which [`stateless`] serves. Both hand requests to
+//! [`dispatch`], which finds the pool, and [`call`], which runs a request as a stream of steps.
+
+pub mod call;
+pub mod dispatch;
+pub mod http;
+pub mod session;
+pub mod stateless;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::HeaderMap;
+use axum::routing::post;
+use axum::Router;
+use serde::Deserialize;
+
+use crate::api::AppState;
+use crate::pool::reconcile::Pools;
+use crate::shutdown::Shutdown;
+use session::Sessions;
+use stateless::ParkedCalls;
+
+/// `[mcp]` in mcpd.toml.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct McpConfig {
+    /// Origins (scheme://host[:port]) browsers may call from, besides loopback and this
+    /// node's advertised host. Requests without an Origin header (non-browser clients) pass.
+    pub allowed_origins: Vec<String>,
+    /// A session unused for this long is dropped.
+    pub session_idle_timeout_ms: u64,
+}
+
+impl Default for McpConfig {
+    fn default() -> Self {
+        McpConfig {
+            allowed_origins: Vec::new(),
+            session_idle_timeout_ms: 30 * 60 * 1000,
+        }
+    }
+}
+
+/// State of the MCP front end, part of [`AppState`].
+#[derive(Clone)]
+pub struct McpState {
+    pub pools: Pools,
+    pub sessions: Sessions,
+    pub parked: ParkedCalls,
+    /// Hosts an Origin may name.
+    allowed_hosts: Arc<Vec<String>>,
+}
+
+impl McpState {
+    pub fn new(pools: Pools, cfg: &McpConfig, advertised_http: &str) -> McpState {
+        let mut hosts: Vec<String> = ["localhost", "127.0.0.1", "[::1]", "::1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        if let Some((host, _)) = advertised_http.rsplit_once(':') {
+            hosts.push(host.to_string());
+        }
+        for o in &cfg.allowed_origins {
+            hosts.push(origin_host(o).unwrap_or(o).to_string());
+        }
+        McpState {
+            pools,
+            sessions: Sessions::new(Duration::from_millis(cfg.session_idle_timeout_ms)),
+            parked: ParkedCalls::default(),
+            allowed_hosts: Arc::new(hosts),
+        }
+    }
+}
+
+/// The host of an Origin (`http://host:port` → `host`).
+fn origin_host(origin: &str) -> Option<&str> {
+    let rest = origin.split_once("://")?.1;
+    let hostport = rest.split('/').next()?;
+    if let Some(v6) = hostport.strip_prefix('[') {
+        return v6.split_once(']').map(|(h, _)| h);
+    }
+    Some(
+        hostport
+            .rsplit_once(':')
+            .map(|(h, _)| h)
+            .unwrap_or(hostport),
+    )
+}
+
+/// DNS-rebinding protection: a browser's Origin must name an allowed host.
+pub fn origin_allowed(state: &McpState, headers: &HeaderMap) -> bool {
+    let Some(origin) = headers
+        .get(axum::http::header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return true;
+    };
+    match origin_host(origin) {
+        Some(host) => state
+            .allowed_hosts
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(host) || h.trim_matches(['[', ']']) == host),
+        None => false,
+    }
+}
+
+/// The MCP routes.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/mcp",
+            post(http::post_aggregate)
+                .get(http::get_aggregate)
+                .delete(http::delete_aggregate),
+        )
+        .route(
+            "/servers/{name}/mcp",
+            post(http::post_server)
+                .get(http::get_server)
+                .delete(http::delete_server),
+        )
+}
+
+/// Expires idle sessions and abandoned multi-round-trip calls until shutdown.
+pub async fn housekeeping(state: McpState, shutdown: Shutdown) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+            _ = shutdown.clone().wait() => return,
+        }
+        let n = state.sessions.expire();
+        if n > 0 {
+            tracing::info!(expired = n, "idle sessions dropped");
+        }
+        state.parked.expire();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_are_checked_by_host() {
+        let state = McpState::new(Pools::default(), &McpConfig::default(), "10.0.0.5:7400");
+        let check = |o: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(axum::http::header::ORIGIN, o.parse().expect("header"));
+            origin_allowed(&state, &h)
+        };
+        assert!(check("http://localhost:3000"));
+        assert!(check("http://127.0.0.1"));
+        assert!(check("http://[::1]:8080"));
+        assert!(check("https://10.0.0.5"));
+        assert!(!check("http://evil.example.com"));
+        assert!(!check("null"));
+        assert!(origin_allowed(&state, &HeaderMap::new()));
+    }
+}

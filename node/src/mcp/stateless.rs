@@ -1,0 +1,557 @@
+//! The stateless revision (2026-07-28) on the same endpoints: no `initialize`, no session;
+//! each request carries its protocol version and client capabilities in `_meta`, echoed in the
+//! `MCP-Protocol-Version`, `Mcp-Method` and `Mcp-Name` headers.
+//!
+//! - `server/discover` answers what this endpoint offers.
+//! - A server's own request during `tools/call`, `prompts/get` or `resources/read` (sampling,
+//!   elicitation, roots) becomes a multi-round-trip `input_required` result. The upstream call
+//!   stays parked on this node under an opaque `requestState`; the client's retry with
+//!   `inputResponses` resumes it.
+//! - `subscriptions/listen` streams list changes and resource updates.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine;
+use futures_util::StreamExt;
+use mcpcp_proto::mcp::{code, ErrorObject, Message, RequestId, STATELESS_VERSION};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::call::{Running, Step};
+use super::http::{
+    endpoint_label, header_str, method_label, route, rpc_error, sse, sse_event, Measure,
+    VERSION_HEADER,
+};
+use super::session::Target;
+use crate::api::AppState;
+use crate::pool::process::{CallEvent, Responder};
+use crate::registry::Principal;
+
+const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
+const META_CAPS: &str = "io.modelcontextprotocol/clientCapabilities";
+const META_LOG: &str = "io.modelcontextprotocol/logLevel";
+const META_SERVER: &str = "io.modelcontextprotocol/serverInfo";
+const META_SUB: &str = "io.modelcontextprotocol/subscriptionId";
+
+/// 2026 error codes.
+const HEADER_MISMATCH: i64 = -32020;
+const UNSUPPORTED_VERSION: i64 = -32022;
+
+/// How long a parked multi-round-trip call waits for the client's retry.
+const PARK_TTL: Duration = Duration::from_secs(300);
+
+/// Versions `server/discover` and `-32022` name.
+const SUPPORTED: &[&str] = &["2026-07-28", "2025-11-25", "2025-06-18"];
+
+/// A call waiting for the client's answers to the server's requests.
+pub struct Parked {
+    principal: String,
+    running: Running,
+    /// The server's requests the client has not answered yet, by input key.
+    pending: HashMap<String, Responder>,
+    /// What each input key asks (`{method, params}`), to ask again if unanswered.
+    asks: HashMap<String, Value>,
+    next_key: usize,
+    created: Instant,
+}
+
+/// Parked calls by `requestState`.
+#[derive(Clone, Default)]
+pub struct ParkedCalls {
+    inner: Arc<Mutex<HashMap<String, Parked>>>,
+}
+
+impl ParkedCalls {
+    fn put(&self, parked: Parked) -> String {
+        let mut b = [0u8; 24];
+        let token = match getrandom::fill(&mut b) {
+            Ok(()) => base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b),
+            Err(_) => crate::registry::new_request_id(),
+        };
+        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, p| p.created.elapsed() < PARK_TTL);
+        map.insert(token.clone(), parked);
+        metrics::gauge!("mcpd_mcp_parked_calls").set(map.len() as f64);
+        token
+    }
+
+    fn take(&self, token: &str) -> Option<Parked> {
+        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let p = map.remove(token);
+        metrics::gauge!("mcpd_mcp_parked_calls").set(map.len() as f64);
+        p.filter(|p| p.created.elapsed() < PARK_TTL)
+    }
+
+    /// Drops parked calls whose client never came back (aborting them upstream).
+    pub fn expire(&self) {
+        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, p| {
+            let keep = p.created.elapsed() < PARK_TTL;
+            if !keep {
+                p.running.task.abort();
+            }
+            keep
+        });
+    }
+}
+
+/// HTTP status of a JSON-RPC error in this revision.
+fn status_of(code: i64) -> StatusCode {
+    match code {
+        code::METHOD_NOT_FOUND => StatusCode::NOT_FOUND,
+        code::PARSE_ERROR | code::INVALID_REQUEST | code::INVALID_PARAMS => StatusCode::BAD_REQUEST,
+        -32022..=-32020 => StatusCode::BAD_REQUEST,
+        _ => StatusCode::OK,
+    }
+}
+
+fn error(id: RequestId, e: ErrorObject) -> Response {
+    rpc_error(status_of(e.code), Some(id), e)
+}
+
+/// Decodes the `=?base64?...?=` form of a header value.
+fn decode_header(v: &str) -> Option<String> {
+    match v
+        .strip_prefix("=?base64?")
+        .and_then(|r| r.strip_suffix("?="))
+    {
+        Some(b64) => base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok()),
+        None => Some(v.to_string()),
+    }
+}
+
+/// Checks `_meta` and the routing headers against the body.
+fn validate(headers: &HeaderMap, method: &str, params: &Option<Value>) -> Result<(), ErrorObject> {
+    let meta = params
+        .as_ref()
+        .map(|p| &p["_meta"])
+        .filter(|m| m.is_object());
+    let Some(meta) = meta else {
+        return Err(ErrorObject::new(
+            code::INVALID_PARAMS,
+            "params._meta: required in protocol revision 2026-07-28",
+        ));
+    };
+    let Some(version) = meta[META_VERSION].as_str() else {
+        return Err(ErrorObject::new(
+            code::INVALID_PARAMS,
+            format!("params._meta[\"{META_VERSION}\"]: required"),
+        ));
+    };
+    if !meta[META_CAPS].is_object() {
+        return Err(ErrorObject::new(
+            code::INVALID_PARAMS,
+            format!("params._meta[\"{META_CAPS}\"]: required (an object)"),
+        ));
+    }
+    let mismatch = |what: &str, header: Option<&str>, body: &str| {
+        ErrorObject::new(
+            HEADER_MISMATCH,
+            format!(
+                "Header mismatch: {what} header value {:?} does not match body value {body:?}",
+                header.unwrap_or("")
+            ),
+        )
+    };
+    let hv = header_str(headers, VERSION_HEADER);
+    if hv != Some(version) {
+        return Err(mismatch("MCP-Protocol-Version", hv, version));
+    }
+    let hm = header_str(headers, "mcp-method");
+    if hm != Some(method) {
+        return Err(mismatch("Mcp-Method", hm, method));
+    }
+    let name_field = match method {
+        "tools/call" | "prompts/get" => Some("name"),
+        "resources/read" => Some("uri"),
+        _ => None,
+    };
+    if let Some(field) = name_field {
+        if let Some(body) = params.as_ref().and_then(|p| p[field].as_str()) {
+            let raw = header_str(headers, "mcp-name");
+            if raw.and_then(decode_header).as_deref() != Some(body) {
+                return Err(mismatch("Mcp-Name", raw, body));
+            }
+        }
+    }
+    if version != STATELESS_VERSION {
+        return Err(
+            ErrorObject::new(UNSUPPORTED_VERSION, "Unsupported protocol version")
+                .with_data(json!({ "supported": SUPPORTED, "requested": version })),
+        );
+    }
+    Ok(())
+}
+
+/// Strips the per-request keys before a request goes to a (session-era) server process.
+fn upstream_params(mut params: Option<Value>) -> Option<Value> {
+    if let Some(p) = params.as_mut().and_then(Value::as_object_mut) {
+        p.remove("inputResponses");
+        p.remove("requestState");
+        if let Some(meta) = p.get_mut("_meta").and_then(Value::as_object_mut) {
+            meta.retain(|k, _| !k.starts_with("io.modelcontextprotocol/"));
+            if meta.is_empty() {
+                p.remove("_meta");
+            }
+        }
+    }
+    params
+}
+
+fn server_info() -> Value {
+    json!({ "name": "mcpd", "version": env!("CARGO_PKG_VERSION") })
+}
+
+/// Marks a result complete, with the hints this revision wants.
+fn complete(method: &str, mut result: Value) -> Value {
+    if let Some(o) = result.as_object_mut() {
+        o.insert("resultType".into(), json!("complete"));
+        if method.ends_with("/list") || method == "resources/read" {
+            o.entry("ttlMs").or_insert(json!(0));
+            o.entry("cacheScope").or_insert(json!("private"));
+        }
+        let meta = o.entry("_meta").or_insert(json!({}));
+        if let Some(m) = meta.as_object_mut() {
+            m.insert(META_SERVER.into(), server_info());
+        }
+    }
+    result
+}
+
+pub async fn post(
+    state: AppState,
+    principal: Principal,
+    target: Target,
+    headers: HeaderMap,
+    msg: Message,
+) -> Response {
+    let (id, method, params) = match msg {
+        Message::Request { id, method, params } => (id, method, params),
+        Message::Notification { .. } => return StatusCode::ACCEPTED.into_response(),
+        Message::Response { id, .. } => {
+            return rpc_error(
+                StatusCode::BAD_REQUEST,
+                Some(id),
+                ErrorObject::new(code::INVALID_REQUEST, "clients send no responses in 2026-07-28: answer input requests with inputResponses"),
+            )
+        }
+    };
+    if let Err(e) = validate(&headers, &method, &params) {
+        return error(id, e);
+    }
+    let m = Measure {
+        labels: [
+            ("method", method_label(&method)),
+            ("endpoint", endpoint_label(&target)),
+        ],
+        started: Instant::now(),
+    };
+    let caps = params
+        .as_ref()
+        .map(|p| p["_meta"][META_CAPS].clone())
+        .unwrap_or(Value::Null);
+    let log_level = params
+        .as_ref()
+        .and_then(|p| p["_meta"][META_LOG].as_str())
+        .map(String::from);
+    match method.as_str() {
+        "server/discover" => {
+            let capabilities = match &target {
+                Target::Aggregate => json!({
+                    "tools": { "listChanged": true },
+                    "prompts": { "listChanged": true },
+                    "resources": { "subscribe": true, "listChanged": true },
+                    "completions": {},
+                }),
+                Target::Server(name) => match route(&state, &principal, &target).pool(name) {
+                    Ok(pool) => {
+                        let wait = Duration::from_millis(pool.spec.spec.timeouts.startup_ms);
+                        let _ = pool.ready(wait).await;
+                        pool.init_result()
+                            .map(|i| i["capabilities"].clone())
+                            .unwrap_or(json!({}))
+                    }
+                    Err(e) => return error(id, e),
+                },
+            };
+            let result = json!({
+                "resultType": "complete",
+                "supportedVersions": SUPPORTED,
+                "capabilities": capabilities,
+                "ttlMs": 60_000,
+                "cacheScope": "private",
+                "_meta": { META_SERVER: server_info() },
+            });
+            m.finish(&Ok(result.clone()));
+            Json(Message::result(id, result).to_value()).into_response()
+        }
+        "subscriptions/listen" => listen(state, principal, target, id, params),
+        "initialize"
+        | "ping"
+        | "logging/setLevel"
+        | "resources/subscribe"
+        | "resources/unsubscribe" => error(
+            id,
+            ErrorObject::new(
+                code::METHOD_NOT_FOUND,
+                format!("{method} does not exist in protocol revision 2026-07-28"),
+            ),
+        ),
+        _ => {
+            let resume = params
+                .as_ref()
+                .and_then(|p| p["requestState"].as_str())
+                .map(String::from);
+            let parked = match resume {
+                Some(token) => match state.mcp.parked.take(&token) {
+                    Some(p) if p.principal == principal.token_id => {
+                        let mut p = p;
+                        let answers = params.as_ref().map(|p| p["inputResponses"].clone()).unwrap_or(Value::Null);
+                        for (key, responder) in std::mem::take(&mut p.pending) {
+                            match answers.get(&key) {
+                                Some(a) => {
+                                    p.asks.remove(&key);
+                                    responder.respond(Ok(a.clone())).await;
+                                }
+                                None => {
+                                    p.pending.insert(key, responder);
+                                }
+                            }
+                        }
+                        p
+                    }
+                    _ => {
+                        return error(
+                            id,
+                            ErrorObject::new(code::INVALID_PARAMS, "params.requestState: unknown or expired (start the request again without it)"),
+                        )
+                    }
+                },
+                None => Parked {
+                    principal: principal.token_id.clone(),
+                    running: Running::start(route(&state, &principal, &target), method.clone(), upstream_params(params)),
+                    pending: HashMap::new(),
+                    asks: HashMap::new(),
+                    next_key: 0,
+                    created: Instant::now(),
+                },
+            };
+            drive(state, id, method, parked, caps, log_level, m).await
+        }
+    }
+}
+
+/// Runs a call until it answers (JSON, or SSE when notifications come first) or needs the
+/// client's input (an `input_required` result; the call stays parked for the retry).
+async fn drive(
+    state: AppState,
+    id: RequestId,
+    method: String,
+    mut parked: Parked,
+    caps: Value,
+    log_level: Option<String>,
+    m: Measure,
+) -> Response {
+    let mrtr = matches!(
+        method.as_str(),
+        "tools/call" | "prompts/get" | "resources/read"
+    );
+    let mut notes: Vec<Message> = Vec::new();
+    let outcome = loop {
+        if !parked.pending.is_empty() {
+            break None;
+        }
+        match parked.running.steps.recv().await {
+            Some(Step::Done(o)) => break Some(o),
+            None => {
+                break Some(Err(ErrorObject::new(
+                    code::INTERNAL_ERROR,
+                    "request cancelled",
+                )))
+            }
+            Some(Step::Event(CallEvent::Notify(msg))) => {
+                let is_log = msg.method() == Some("notifications/message");
+                if !is_log || log_level.is_some() {
+                    notes.push(msg);
+                }
+            }
+            Some(Step::Event(CallEvent::Request {
+                method: asked,
+                params,
+                responder,
+            })) => {
+                let cap = match asked.as_str() {
+                    "sampling/createMessage" => "sampling",
+                    "elicitation/create" => "elicitation",
+                    "roots/list" => "roots",
+                    _ => "",
+                };
+                if !mrtr || cap.is_empty() || caps.get(cap).is_none() {
+                    let why = format!(
+                        "{asked}: the client did not declare the {cap} capability for this request"
+                    );
+                    responder
+                        .respond(Err(ErrorObject::new(code::METHOD_NOT_FOUND, why)))
+                        .await;
+                    continue;
+                }
+                let key = format!("r{}", parked.next_key);
+                parked.next_key += 1;
+                parked
+                    .asks
+                    .insert(key.clone(), json!({ "method": asked, "params": params }));
+                parked.pending.insert(key, responder);
+            }
+        }
+    };
+    let answer = match outcome {
+        Some(outcome) => {
+            m.finish(&outcome);
+            let outcome = outcome.map(|r| complete(&method, r)).map_err(|mut e| {
+                if e.code == code::RESOURCE_NOT_FOUND {
+                    e.code = code::INVALID_PARAMS;
+                }
+                e
+            });
+            Message::Response { id, outcome }
+        }
+        None => {
+            let asks: serde_json::Map<String, Value> = parked
+                .pending
+                .keys()
+                .filter_map(|k| parked.asks.get(k).map(|a| (k.clone(), a.clone())))
+                .collect();
+            let token = state.mcp.parked.put(parked);
+            metrics::counter!("mcpd_mcp_input_required_total").increment(1);
+            Message::result(
+                id,
+                json!({ "resultType": "input_required", "inputRequests": asks, "requestState": token }),
+            )
+        }
+    };
+    if notes.is_empty() {
+        let status = match &answer {
+            Message::Response {
+                outcome: Err(e), ..
+            } => status_of(e.code),
+            _ => StatusCode::OK,
+        };
+        return (status, Json(answer.to_value())).into_response();
+    }
+    notes.push(answer);
+    let stream = futures_util::stream::iter(notes).map(|msg| Ok::<_, Infallible>(sse_event(&msg)));
+    sse(stream)
+}
+
+/// `subscriptions/listen`: an SSE stream of the notifications the client asked for.
+fn listen(
+    state: AppState,
+    principal: Principal,
+    target: Target,
+    id: RequestId,
+    params: Option<Value>,
+) -> Response {
+    let wanted = params
+        .as_ref()
+        .map(|p| p["notifications"].clone())
+        .unwrap_or(Value::Null);
+    let flag = |k: &str| wanted[k].as_bool().unwrap_or(false);
+    let (tools, prompts, resources) = (
+        flag("toolsListChanged"),
+        flag("promptsListChanged"),
+        flag("resourcesListChanged"),
+    );
+    let uris: Vec<String> = wanted["resourceSubscriptions"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|u| u.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut granted = serde_json::Map::new();
+    for (k, on) in [
+        ("toolsListChanged", tools),
+        ("promptsListChanged", prompts),
+        ("resourcesListChanged", resources),
+    ] {
+        if on {
+            granted.insert(k.into(), json!(true));
+        }
+    }
+    if !uris.is_empty() {
+        granted.insert("resourceSubscriptions".into(), json!(uris));
+    }
+    let sub_id = json!(id);
+    let ack = Message::notification(
+        "notifications/subscriptions/acknowledged",
+        Some(json!({ "_meta": { META_SUB: sub_id }, "notifications": granted })),
+    );
+    let r = route(&state, &principal, &target);
+    let (tx, rx) = mpsc::channel::<Message>(256);
+    let mut hub = state.mcp.pools.subscribe();
+    tokio::spawn(async move {
+        if tx.send(ack).await.is_err() {
+            return;
+        }
+        metrics::gauge!("mcpd_mcp_listen_streams").increment(1.0);
+        loop {
+            let ev = tokio::select! {
+                ev = hub.recv() => ev,
+                _ = tx.closed() => break,
+            };
+            let ev = match ev {
+                Ok(ev) => ev,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => break,
+            };
+            let visible = match &r.target {
+                Target::Server(n) => *n == ev.server,
+                Target::Aggregate => r.pool(&ev.server).is_ok(),
+            };
+            if !visible {
+                continue;
+            }
+            let method = ev.message.method().unwrap_or_default().to_string();
+            let params = match &ev.message {
+                Message::Notification { params, .. } => params.clone(),
+                _ => None,
+            };
+            let pass = match method.as_str() {
+                "notifications/tools/list_changed" => tools,
+                "notifications/prompts/list_changed" => prompts,
+                "notifications/resources/list_changed" => resources,
+                "notifications/resources/updated" => params
+                    .as_ref()
+                    .and_then(|p| p["uri"].as_str())
+                    .is_some_and(|u| uris.iter().any(|x| x == u)),
+                _ => false,
+            };
+            if !pass {
+                continue;
+            }
+            let mut params = params.unwrap_or(json!({}));
+            params["_meta"][META_SUB] = sub_id.clone();
+            if tx
+                .send(Message::notification(method, Some(params)))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        metrics::gauge!("mcpd_mcp_listen_streams").decrement(1.0);
+    });
+    let stream =
+        tokio_stream::wrappers::ReceiverStream::new(rx).map(|m| Ok::<_, Infallible>(sse_event(&m)));
+    sse(stream)
+}
