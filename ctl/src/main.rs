@@ -249,6 +249,9 @@ enum DevCmd {
         /// Do not register the demo server.
         #[arg(long)]
         no_demo: bool,
+        /// An extra flag for every mcpd (repeatable), e.g. `--mcpd-arg=--pool-queue-size=4`.
+        #[arg(long = "mcpd-arg", allow_hyphen_values = true)]
+        mcpd_args: Vec<String>,
     },
     /// Stop the nodes `dev up` started in DIR.
     Down {
@@ -825,7 +828,7 @@ async fn dev_cmd(cli: &Cli, cmd: &DevCmd) -> Outcome {
                 nodes: *nodes,
                 dir: dir.clone(),
                 mcpd,
-                mcpd_args: Vec::new(),
+                mcpd_args: mcpd_args.clone(),
                 demo: !no_demo,
             };
             let c = dev::up(&opts, &|line| eprintln!("dev: {line}")).await?;

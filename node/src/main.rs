@@ -49,6 +49,12 @@ struct Args {
     /// Log format on stderr.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+    /// Calls that may wait for a server process, per server, before calls are refused.
+    #[arg(long)]
+    pool_queue_size: Option<usize>,
+    /// Calls one server process serves at the same time.
+    #[arg(long)]
+    pool_max_concurrency: Option<usize>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -80,6 +86,8 @@ impl Args {
         set!(self.snapshot_every => raft.snapshot_every);
         set!(self.keep_logs => raft.keep_logs);
         set!(self.log_format => log.format);
+        set!(self.pool_queue_size => pool.queue_size);
+        set!(self.pool_max_concurrency => pool.max_concurrency_per_process);
         if self.advertise_http.is_some() {
             cfg.advertise_http = self.advertise_http;
         }
