@@ -815,6 +815,7 @@ async fn dev_cmd(cli: &Cli, cmd: &DevCmd) -> Outcome {
             dir,
             mcpd,
             no_demo,
+            mcpd_args,
         } => {
             let mcpd = match mcpd {
                 Some(p) => p.clone(),
