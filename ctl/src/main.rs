@@ -71,6 +71,38 @@ enum Command {
     /// A local cluster for development.
     #[command(subcommand)]
     Dev(DevCmd),
+    /// Configure AI clients to reach the cluster through `mcp-bridge`.
+    #[command(subcommand)]
+    Bridge(BridgeCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum BridgeCmd {
+    /// Print the JSON snippet to paste into the client's MCP configuration.
+    Config {
+        /// Which client's format.
+        #[arg(long, value_enum)]
+        client: AiClient,
+        /// Expose one server instead of the aggregate.
+        #[arg(long)]
+        server: Option<String>,
+        /// Mint a fresh token for this tenant and put it in the snippet (else a placeholder).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// The name of the entry in the client's configuration.
+        #[arg(long, default_value = "mcpcp")]
+        name: String,
+        /// The mcp-bridge binary (default: next to mcpctl).
+        #[arg(long)]
+        bridge: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum AiClient {
+    Claude,
+    Cursor,
+    Vscode,
 }
 
 #[derive(Debug, Subcommand)]
@@ -865,6 +897,77 @@ async fn dev_cmd(cli: &Cli, cmd: &DevCmd) -> Outcome {
     }
 }
 
+async fn bridge_cmd(cli: &Cli, cmd: &BridgeCmd) -> Outcome {
+    let BridgeCmd::Config {
+        client,
+        server,
+        tenant,
+        name,
+        bridge,
+    } = cmd;
+    let bridge = match bridge {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.join("mcp-bridge")))
+            .ok_or_else(|| fail(2, "cannot locate mcp-bridge; pass --bridge PATH"))?,
+    };
+    let bridge = bridge.canonicalize().unwrap_or(bridge);
+    if cli.endpoints.is_empty() {
+        return Err(fail(
+            2,
+            "no endpoints: pass --endpoints or set MCPCTL_ENDPOINTS (the nodes or a VIP)",
+        ));
+    }
+    let urls: Vec<String> = cli
+        .endpoints
+        .iter()
+        .map(|e| mcpctl::normalize_endpoint(e))
+        .collect();
+    let token = match tenant {
+        Some(t) => {
+            let created = crate::client(cli)?
+                .create_token(&CreateTokenRequest {
+                    name: format!("{name}-{}", format!("{client:?}").to_lowercase()),
+                    role: Some(Role::Tenant),
+                    tenant: Some(t.clone()),
+                    ttl_seconds: None,
+                })
+                .await?;
+            created.token
+        }
+        None => "<a tenant token: mcpctl token create --tenant NAME>".to_string(),
+    };
+    let mut args = vec!["--url".to_string(), urls.join(",")];
+    if let Some(s) = server {
+        args.push("--server".into());
+        args.push(s.clone());
+    }
+    let entry = serde_json::json!({
+        "command": bridge.to_string_lossy(),
+        "args": args,
+        "env": { "MCP_BRIDGE_TOKEN": token },
+    });
+    let snippet = match client {
+        AiClient::Claude | AiClient::Cursor => {
+            serde_json::json!({ "mcpServers": { name.as_str(): entry } })
+        }
+        AiClient::Vscode => {
+            let mut e = entry;
+            e["type"] = serde_json::json!("stdio");
+            serde_json::json!({ "servers": { name.as_str(): e } })
+        }
+    };
+    print_json(&snippet);
+    let file = match client {
+        AiClient::Claude => "claude_desktop_config.json",
+        AiClient::Cursor => "~/.cursor/mcp.json",
+        AiClient::Vscode => ".vscode/mcp.json",
+    };
+    eprintln!("paste this into {file} (merge with entries already there)");
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
@@ -879,6 +982,7 @@ async fn main() {
             dry_run,
         } => import_cmd(&cli, file, tenant, *dry_run).await,
         Command::Dev(c) => dev_cmd(&cli, c).await,
+        Command::Bridge(c) => bridge_cmd(&cli, c).await,
     };
     if let Err(f) = outcome {
         eprintln!("error: {}", f.message);

@@ -91,7 +91,15 @@ impl Route {
         match &self.target {
             Target::Server(name) => {
                 let pool = self.pool(name)?;
-                pool.call(method, params, Some(events)).await
+                let mut result = pool.call(method, params, Some(events)).await?;
+                if method == "tools/list" {
+                    if let Some(tools) = result["tools"].as_array_mut() {
+                        for tool in tools {
+                            mark_idempotent(tool, &pool.spec.spec.idempotent_tools, None);
+                        }
+                    }
+                }
+                Ok(result)
             }
             Target::Aggregate => self.aggregate(method, params, events).await,
         }
@@ -185,6 +193,14 @@ impl Route {
             let cat = pool.catalogue();
             for item in pick(&cat) {
                 let mut item = item.clone();
+                if item.get("inputSchema").is_some() {
+                    let original = item["name"].as_str().map(String::from);
+                    mark_idempotent(
+                        &mut item,
+                        &pool.spec.spec.idempotent_tools,
+                        original.as_deref(),
+                    );
+                }
                 if !rename.is_empty() {
                     if let Some(n) = item[rename].as_str() {
                         item[rename] = json!(format!("{}{SEPARATOR}{n}", pool.name));
@@ -209,6 +225,31 @@ impl Route {
             return Some(p.clone());
         }
         pools.into_iter().find(|p| p.catalogue().serves_uri(uri))
+    }
+}
+
+/// The `_meta` key telling clients (`mcp-bridge`) that the registry lists a tool as safe to
+/// run twice. Set by the gateway from the registry, never taken from the server.
+pub const IDEMPOTENT_META: &str = "io.mcpcp/idempotent";
+
+fn mark_idempotent(tool: &mut Value, idempotent: &[String], name: Option<&str>) {
+    let name = name
+        .or_else(|| tool["name"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    let Some(obj) = tool.as_object_mut() else {
+        return;
+    };
+    let meta = obj.entry("_meta").or_insert(json!({}));
+    if let Some(m) = meta.as_object_mut() {
+        // Whatever the server claimed, only the registry decides.
+        m.remove(IDEMPOTENT_META);
+        if idempotent.contains(&name) {
+            m.insert(IDEMPOTENT_META.into(), json!(true));
+        }
+        if m.is_empty() {
+            obj.remove("_meta");
+        }
     }
 }
 

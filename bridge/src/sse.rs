@@ -1,0 +1,88 @@
+//! A minimal server-sent-events reader: splits a byte stream into events and yields the data
+//! of each (`data:` lines joined), with its id. Comments and `retry:` are skipped.
+
+/// One event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub data: String,
+}
+
+/// Incremental parser: feed it chunks, take complete events.
+#[derive(Default)]
+pub struct SseParser {
+    /// Bytes not yet ending in a newline.
+    buf: Vec<u8>,
+    data: Vec<String>,
+    id: Option<String>,
+}
+
+impl SseParser {
+    /// Feeds a chunk; returns the events it completed.
+    pub fn feed(&mut self, chunk: &[u8]) -> Vec<SseEvent> {
+        self.buf.extend_from_slice(chunk);
+        let mut out = Vec::new();
+        while let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.buf.drain(..=pos).collect();
+            let line = String::from_utf8_lossy(&line);
+            let line = line.trim_end_matches(['\n', '\r']);
+            if line.is_empty() {
+                // A priming event (an id and empty data) carries no message.
+                if self.data.iter().any(|d| !d.is_empty()) {
+                    out.push(SseEvent {
+                        id: self.id.take(),
+                        data: self.data.join("\n"),
+                    });
+                }
+                self.data.clear();
+                self.id = None;
+                continue;
+            }
+            if line.starts_with(':') {
+                continue;
+            }
+            let (field, value) = match line.split_once(':') {
+                Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+                None => (line, ""),
+            };
+            match field {
+                "data" => self.data.push(value.to_string()),
+                "id" => self.id = Some(value.to_string()),
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_split_across_chunks() {
+        let mut p = SseParser::default();
+        assert!(p.feed(b"event: message\nid: 1\ndata: {\"a\"").is_empty());
+        let ev = p.feed(b":1}\n\n: keep-alive\n\ndata: x\r\ndata: y\r\n\r\n");
+        assert_eq!(
+            ev,
+            vec![
+                SseEvent {
+                    id: Some("1".into()),
+                    data: "{\"a\":1}".into()
+                },
+                SseEvent {
+                    id: None,
+                    data: "x\ny".into()
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn priming_events_without_data_are_skipped() {
+        let mut p = SseParser::default();
+        assert!(p.feed(b"id: e1\nretry: 500\ndata: \n\n").is_empty());
+        assert_eq!(p.feed(b"data: z\n\n")[0].id, None);
+    }
+}
