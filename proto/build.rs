@@ -4,7 +4,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     // SAFETY-free: build scripts are single-threaded; prost-build reads PROTOC.
     std::env::set_var("PROTOC", protoc);
-    let protos = ["proto/raft.proto", "proto/cluster.proto"];
+    let protos = [
+        "proto/raft.proto",
+        "proto/cluster.proto",
+        "proto/peer.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -2,10 +2,11 @@
 //! there, and how it moves to another node.
 //!
 //! A failover is done once per failure (an epoch number tells callers whether someone else
-//! already did it): try the next URL, with exponential backoff and full jitter, until the
+//! already did it): try the next URL, with exponential backoff and jitter, until the
 //! failover deadline; on the new node replay the session: the client's own `initialize`
 //! (its answer is checked, not forwarded), `notifications/initialized`, the resource
-//! subscriptions and the log level. Requests wait while it happens.
+//! subscriptions and the log level. Requests wait while it happens. (Jitter here is backon's:
+//! a random extra of up to the delay itself.)
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Mutex;

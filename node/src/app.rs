@@ -25,7 +25,10 @@ use crate::raft::service::{ClusterService, RaftService};
 use crate::raft::state_machine::StateMachineStore;
 use crate::raft::Raft;
 use crate::registry::Registry;
+use crate::route::peer::PeerService;
+use crate::route::{placement, Router};
 use crate::shutdown::{self, Shutdown};
+use mcpcp_proto::peer::peer_server::PeerServer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -174,7 +177,7 @@ pub async fn run(
         me.clone(),
         raft.clone(),
         sm,
-        channels,
+        channels.clone(),
         Duration::from_millis(cfg.api.quorum_wait_ms),
     );
 
@@ -203,19 +206,26 @@ pub async fn run(
     );
 
     let (trigger, shutdown) = shutdown::channel();
+    let pools = Pools::default();
     let mut tasks = JoinSet::new();
     tasks.spawn(serve_grpc(
         grpc_listener,
         raft.clone(),
         registry.clone(),
+        pools.clone(),
         shutdown.clone(),
     ));
-    let pools = Pools::default();
-    let mcp = McpState::new(pools.clone(), &cfg.mcp, &me.http_addr);
+    let router = Router::new(registry.clone(), pools.clone(), channels.clone());
+    let mcp = McpState::new(router, &cfg.mcp, &me.http_addr);
     tasks.spawn(reconcile::run(
         registry.clone(),
         pools,
         cfg.pool.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(placement::run(
+        registry.clone(),
+        Duration::from_millis(cfg.route.placement_grace_ms),
         shutdown.clone(),
     ));
     tasks.spawn(crate::mcp::housekeeping(mcp.clone(), shutdown.clone()));
@@ -251,15 +261,28 @@ pub async fn run(
     Ok(())
 }
 
-async fn serve_grpc(listener: TcpListener, raft: Raft, registry: Registry, shutdown: Shutdown) {
+async fn serve_grpc(
+    listener: TcpListener,
+    raft: Raft,
+    registry: Registry,
+    pools: Pools,
+    shutdown: Shutdown,
+) {
     let raft_svc = RaftServer::new(RaftService { raft })
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
+    let peer_svc = PeerServer::new(PeerService {
+        registry: registry.clone(),
+        pools,
+    })
+    .max_decoding_message_size(64 << 20)
+    .max_encoding_message_size(64 << 20);
     let cluster_svc = ClusterServer::new(ClusterService { registry });
     let res = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(raft_svc)
         .add_service(cluster_svc)
+        .add_service(peer_svc)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.wait())
         .await;
     if let Err(e) = res {

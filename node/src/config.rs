@@ -88,6 +88,24 @@ pub struct Config {
     pub pool: crate::pool::PoolConfig,
     #[serde(default)]
     pub mcp: crate::mcp::McpConfig,
+    #[serde(default)]
+    pub route: RouteConfig,
+}
+
+/// `[route]`: placement and routing between nodes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteConfig {
+    /// How long a node may be unreachable before the leader moves its servers elsewhere.
+    pub placement_grace_ms: u64,
+}
+
+impl Default for RouteConfig {
+    fn default() -> Self {
+        RouteConfig {
+            placement_grace_ms: 10_000,
+        }
+    }
 }
 
 fn default_http() -> SocketAddr {

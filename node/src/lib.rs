@@ -16,4 +16,5 @@ pub mod metrics;
 pub mod pool;
 pub mod raft;
 pub mod registry;
+pub mod route;
 pub mod shutdown;

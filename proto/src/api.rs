@@ -359,6 +359,8 @@ pub enum ObjectKind {
     Server,
     Tenant,
     Token,
+    /// Where a server with `replicas` runs (the node ids), assigned by the leader.
+    Placement,
 }
 
 /// One line of `GET /v1/watch` (newline-delimited JSON).

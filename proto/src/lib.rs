@@ -17,3 +17,8 @@ pub mod raft {
 pub mod cluster {
     tonic::include_proto!("mcpcp.cluster.v1");
 }
+
+/// MCP calls forwarded to the node that runs the server (`proto/peer.proto`).
+pub mod peer {
+    tonic::include_proto!("mcpcp.peer.v1");
+}

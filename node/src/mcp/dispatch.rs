@@ -1,29 +1,28 @@
-//! Where a client request goes, whatever the protocol revision: to one server's pool (the
+//! Where a client request goes, whatever the protocol revision: to one server (the
 //! transparent endpoint), or, on the aggregate endpoint, to the server that owns the tool,
 //! prompt or resource, with names prefixed `{server}__` so that servers cannot collide.
 //!
-//! Every call that reaches a process runs through [`Pool::call`] with an events channel, so
-//! progress, logging and the server's own requests flow back to the caller as they happen.
+//! Every call to a server goes through [`Router::call`] (replicas, breakers, retries,
+//! fallbacks) with an events channel, so progress, logging and the server's own requests flow
+//! back to the caller as they happen.
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use mcpcp_proto::api::{Role, ServerSpec, Versioned};
+use mcpcp_proto::api::{Role, ServerSpec};
 use mcpcp_proto::mcp::{code, ErrorObject};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::session::Target;
+use crate::pool::catalogue::Catalogue;
 use crate::pool::process::CallEvent;
-use crate::pool::reconcile::Pools;
-use crate::pool::Pool;
 use crate::registry::{Principal, Registry};
+use crate::route::{Router, ServerInfo};
 
 /// The separator of aggregated names: `{server}__{tool}`. Server names cannot contain it.
 pub const SEPARATOR: &str = "__";
 
-/// Longest wait for a catalogue while listing the aggregate.
-const LIST_WAIT: Duration = Duration::from_secs(10);
+/// The `_meta` key telling clients (`mcp-bridge`) that the registry lists a tool as safe to
+/// run twice. Set by the gateway from the registry, never taken from the server.
+pub const IDEMPOTENT_META: &str = "io.mcpcp/idempotent";
 
 /// Whether `principal` may use server `spec`: a global server, or one of its own tenant's.
 pub fn visible(principal: &Principal, spec: &ServerSpec) -> bool {
@@ -34,7 +33,7 @@ pub fn visible(principal: &Principal, spec: &ServerSpec) -> bool {
 #[derive(Clone)]
 pub struct Route {
     pub registry: Registry,
-    pub pools: Pools,
+    pub router: Router,
     pub principal: Principal,
     pub target: Target,
 }
@@ -44,40 +43,25 @@ fn invalid(message: impl Into<String>) -> ErrorObject {
 }
 
 impl Route {
-    /// The pool of a visible, enabled server; errors say which of those it is not.
-    pub fn pool(&self, name: &str) -> Result<Arc<Pool>, ErrorObject> {
-        let spec: Option<Versioned<ServerSpec>> =
-            self.registry.local().state.servers.get(name).cloned();
-        match spec {
-            Some(s) if visible(&self.principal, &s.spec) => {
-                if !s.spec.enabled {
-                    return Err(ErrorObject::new(
-                        code::UNAVAILABLE,
-                        format!("server {name:?} is disabled"),
-                    ));
-                }
-                self.pools.get(name).ok_or_else(|| {
-                    ErrorObject::new(
-                        code::UNAVAILABLE,
-                        format!("server {name:?} is not running on this node yet"),
-                    )
-                })
-            }
-            _ => Err(invalid(format!("unknown server {name:?}"))),
-        }
+    /// Whether the caller may use server `name` (exists, visible, enabled).
+    pub fn check(&self, name: &str) -> Result<(), ErrorObject> {
+        self.router.scope(&self.principal, name).map(|_| ())
     }
 
-    /// Pools of every server this caller may use, by name.
-    fn visible_pools(&self) -> Vec<Arc<Pool>> {
-        let servers = self.registry.local().state.servers.clone();
-        self.pools
-            .all()
-            .into_iter()
-            .filter(|p| {
-                servers
-                    .get(&p.name)
-                    .is_some_and(|s| visible(&self.principal, &s.spec))
-            })
+    /// The server's `initialize` answer and catalogue.
+    pub async fn info(&self, name: &str) -> ServerInfo {
+        self.router.info(&self.principal, name).await
+    }
+
+    /// Names of every enabled server this caller may use.
+    fn visible_servers(&self) -> Vec<(String, Vec<String>)> {
+        self.registry
+            .local()
+            .state
+            .servers
+            .values()
+            .filter(|s| s.spec.enabled && visible(&self.principal, &s.spec))
+            .map(|s| (s.spec.name.clone(), s.spec.idempotent_tools.clone()))
             .collect()
     }
 
@@ -90,12 +74,19 @@ impl Route {
     ) -> Result<Value, ErrorObject> {
         match &self.target {
             Target::Server(name) => {
-                let pool = self.pool(name)?;
-                let mut result = pool.call(method, params, Some(events)).await?;
+                let mut result = self
+                    .router
+                    .call(&self.principal, name, method, params, events)
+                    .await?;
                 if method == "tools/list" {
+                    let idempotent = self
+                        .router
+                        .scope(&self.principal, name)
+                        .map(|s| s.spec.idempotent_tools)
+                        .unwrap_or_default();
                     if let Some(tools) = result["tools"].as_array_mut() {
                         for tool in tools {
-                            mark_idempotent(tool, &pool.spec.spec.idempotent_tools, None);
+                            mark_idempotent(tool, &idempotent, None);
                         }
                     }
                 }
@@ -113,11 +104,11 @@ impl Route {
     ) -> Result<Value, ErrorObject> {
         match method {
             "ping" => Ok(json!({})),
-            "tools/list" => Ok(json!({ "tools": self.list(|c| &c.tools, "name").await })),
-            "prompts/list" => Ok(json!({ "prompts": self.list(|c| &c.prompts, "name").await })),
-            "resources/list" => Ok(json!({ "resources": self.list(|c| &c.resources, "").await })),
+            "tools/list" => Ok(json!({ "tools": self.list(|c| &c.tools, true).await })),
+            "prompts/list" => Ok(json!({ "prompts": self.list(|c| &c.prompts, true).await })),
+            "resources/list" => Ok(json!({ "resources": self.list(|c| &c.resources, false).await })),
             "resources/templates/list" => {
-                Ok(json!({ "resourceTemplates": self.list(|c| &c.resource_templates, "").await }))
+                Ok(json!({ "resourceTemplates": self.list(|c| &c.resource_templates, false).await }))
             }
             "tools/call" | "prompts/get" => {
                 let mut params = params.ok_or_else(|| invalid("params: required"))?;
@@ -128,15 +119,15 @@ impl Route {
                 let (server, name) = full.split_once(SEPARATOR).ok_or_else(|| {
                     invalid(format!("unknown {} {full:?}: names here are server{SEPARATOR}name", noun(method)))
                 })?;
-                let pool = self.pool(server).map_err(|e| {
-                    if e.code == code::INVALID_PARAMS {
+                if let Err(e) = self.check(server) {
+                    return Err(if e.code == code::INVALID_PARAMS {
                         invalid(format!("unknown {} {full:?}", noun(method)))
                     } else {
                         e
-                    }
-                })?;
+                    });
+                }
                 params["name"] = json!(name);
-                pool.call(method, Some(params), Some(events)).await
+                self.router.call(&self.principal, server, method, Some(params), events).await
             }
             "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
                 let uri = params
@@ -144,23 +135,23 @@ impl Route {
                     .and_then(|p| p["uri"].as_str())
                     .ok_or_else(|| invalid("params.uri: required"))?
                     .to_string();
-                let pool = self.owner_of_uri(&uri).await.ok_or_else(|| {
+                let server = self.owner_of_uri(&uri).await.ok_or_else(|| {
                     ErrorObject::new(code::RESOURCE_NOT_FOUND, format!("resource not found: {uri}"))
                         .with_data(json!({ "uri": uri }))
                 })?;
-                pool.call(method, params, Some(events)).await
+                self.router.call(&self.principal, &server, method, params, events).await
             }
             "completion/complete" => {
                 let mut params = params.ok_or_else(|| invalid("params: required"))?;
                 let reference = params["ref"].clone();
-                let pool = match reference["type"].as_str() {
+                let server = match reference["type"].as_str() {
                     Some("ref/prompt") => {
                         let full = reference["name"].as_str().unwrap_or_default().to_string();
                         let (server, name) = full
                             .split_once(SEPARATOR)
                             .ok_or_else(|| invalid(format!("unknown prompt {full:?}")))?;
                         params["ref"]["name"] = json!(name);
-                        self.pool(server)?
+                        server.to_string()
                     }
                     Some("ref/resource") => {
                         let uri = reference["uri"].as_str().unwrap_or_default().to_string();
@@ -170,7 +161,7 @@ impl Route {
                     }
                     _ => return Err(invalid("params.ref.type: must be ref/prompt or ref/resource")),
                 };
-                pool.call(method, Some(params), Some(events)).await
+                self.router.call(&self.principal, &server, method, Some(params), events).await
             }
             other => Err(ErrorObject::new(
                 code::METHOD_NOT_FOUND,
@@ -179,31 +170,22 @@ impl Route {
         }
     }
 
-    /// Lists one kind of catalogue item across visible servers; `rename` names the field that
-    /// gets the `server__` prefix (empty: none, as for resources that keep their URIs).
-    async fn list(
-        &self,
-        pick: impl Fn(&crate::pool::catalogue::Catalogue) -> &Vec<Value>,
-        rename: &str,
-    ) -> Vec<Value> {
-        let pools = self.visible_pools();
-        futures_util::future::join_all(pools.iter().map(|p| p.ready(LIST_WAIT))).await;
+    /// One kind of catalogue item across visible servers; `prefix` renames items
+    /// `server__name` (tools, prompts), resources keep their URIs.
+    async fn list(&self, pick: impl Fn(&Catalogue) -> &Vec<Value>, prefix: bool) -> Vec<Value> {
+        let servers = self.visible_servers();
+        let infos =
+            futures_util::future::join_all(servers.iter().map(|(name, _)| self.info(name))).await;
         let mut out = Vec::new();
-        for pool in pools {
-            let cat = pool.catalogue();
-            for item in pick(&cat) {
+        for ((server, idempotent), info) in servers.iter().zip(infos) {
+            for item in pick(&info.catalogue) {
                 let mut item = item.clone();
                 if item.get("inputSchema").is_some() {
-                    let original = item["name"].as_str().map(String::from);
-                    mark_idempotent(
-                        &mut item,
-                        &pool.spec.spec.idempotent_tools,
-                        original.as_deref(),
-                    );
+                    mark_idempotent(&mut item, idempotent, None);
                 }
-                if !rename.is_empty() {
-                    if let Some(n) = item[rename].as_str() {
-                        item[rename] = json!(format!("{}{SEPARATOR}{n}", pool.name));
+                if prefix {
+                    if let Some(n) = item["name"].as_str() {
+                        item["name"] = json!(format!("{server}{SEPARATOR}{n}"));
                     }
                 }
                 out.push(item);
@@ -213,24 +195,24 @@ impl Route {
     }
 
     /// The visible server that lists `uri` (or a template it matches).
-    async fn owner_of_uri(&self, uri: &str) -> Option<Arc<Pool>> {
-        let pools = self.visible_pools();
-        let exact = pools.iter().find(|p| {
-            p.catalogue()
-                .resources
-                .iter()
-                .any(|r| r["uri"] == json!(uri))
-        });
-        if let Some(p) = exact {
-            return Some(p.clone());
+    async fn owner_of_uri(&self, uri: &str) -> Option<String> {
+        let servers = self.visible_servers();
+        let infos =
+            futures_util::future::join_all(servers.iter().map(|(name, _)| self.info(name))).await;
+        let pairs: Vec<(String, ServerInfo)> =
+            servers.into_iter().map(|(n, _)| n).zip(infos).collect();
+        let exact = pairs
+            .iter()
+            .find(|(_, i)| i.catalogue.resources.iter().any(|r| r["uri"] == json!(uri)));
+        if let Some((n, _)) = exact {
+            return Some(n.clone());
         }
-        pools.into_iter().find(|p| p.catalogue().serves_uri(uri))
+        pairs
+            .into_iter()
+            .find(|(_, i)| i.catalogue.serves_uri(uri))
+            .map(|(n, _)| n)
     }
 }
-
-/// The `_meta` key telling clients (`mcp-bridge`) that the registry lists a tool as safe to
-/// run twice. Set by the gateway from the registry, never taken from the server.
-pub const IDEMPOTENT_META: &str = "io.mcpcp/idempotent";
 
 fn mark_idempotent(tool: &mut Value, idempotent: &[String], name: Option<&str>) {
     let name = name

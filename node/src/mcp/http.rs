@@ -145,7 +145,7 @@ async fn post(
     if let Target::Server(name) = &target {
         // Another tenant's server does not exist, as far as this caller can tell.
         let route = route(&state, &principal, &target);
-        if let Err(e) = route.pool(name) {
+        if let Err(e) = route.check(name) {
             if e.code == code::INVALID_PARAMS {
                 return rpc_error(
                     StatusCode::NOT_FOUND,
@@ -164,7 +164,7 @@ async fn post(
 pub fn route(state: &AppState, principal: &crate::registry::Principal, target: &Target) -> Route {
     Route {
         registry: state.registry.clone(),
-        pools: state.mcp.pools.clone(),
+        router: state.mcp.router.clone(),
         principal: principal.clone(),
         target: target.clone(),
     }
@@ -296,26 +296,19 @@ async fn initialize(
         ),
         Target::Server(name) => {
             let r = route(state, &principal, &target);
-            let pool = match r.pool(name) {
-                Ok(p) => p,
-                Err(e) => return rpc_error(StatusCode::OK, Some(id), e),
-            };
-            let wait = std::time::Duration::from_millis(pool.spec.spec.timeouts.startup_ms);
-            if pool.ready(wait).await.is_none() {
-                let states: Vec<&str> = pool.states().iter().map(|s| s.as_str()).collect();
+            if let Err(e) = r.check(name) {
+                return rpc_error(StatusCode::OK, Some(id), e);
+            }
+            let Some(init) = r.info(name).await.init else {
                 return rpc_error(
                     StatusCode::OK,
                     Some(id),
                     ErrorObject::new(
                         code::UNAVAILABLE,
-                        format!(
-                            "server {name:?} has no running process ({})",
-                            states.join(", ")
-                        ),
+                        format!("server {name:?} has no running process on any node"),
                     ),
                 );
-            }
-            let init = pool.init_result().unwrap_or(Value::Null);
+            };
             (
                 init["serverInfo"].clone(),
                 init["capabilities"].clone(),
@@ -666,7 +659,7 @@ async fn get(
         let r = route(&state, &principal, &target);
         Arc::new(move |server: &str| match &r.target {
             Target::Server(n) => n == server,
-            Target::Aggregate => r.pool(server).is_ok(),
+            Target::Aggregate => r.check(server).is_ok(),
         })
     };
     tokio::spawn(forward_hub(hub, session.clone(), tx, visible));
@@ -737,6 +730,13 @@ fn delete(
     target: Target,
     headers: HeaderMap,
 ) -> Response {
+    if !origin_allowed(&state.mcp, &headers) {
+        return rpc_error(
+            StatusCode::FORBIDDEN,
+            None,
+            ErrorObject::new(code::INVALID_REQUEST, "Origin not allowed"),
+        );
+    }
     match session_of(&state.mcp, &headers, &principal, &target) {
         Ok(s) => {
             state.mcp.sessions.remove(&s.id);

@@ -18,11 +18,12 @@ use std::time::Duration;
 
 use axum::http::HeaderMap;
 use axum::routing::post;
-use axum::Router;
+use axum::Router as HttpRouter;
 use serde::Deserialize;
 
 use crate::api::AppState;
 use crate::pool::reconcile::Pools;
+use crate::route::Router;
 use crate::shutdown::Shutdown;
 use session::Sessions;
 use stateless::ParkedCalls;
@@ -51,34 +52,61 @@ impl Default for McpConfig {
 #[derive(Clone)]
 pub struct McpState {
     pub pools: Pools,
+    pub router: Router,
     pub sessions: Sessions,
     pub parked: ParkedCalls,
-    /// Hosts an Origin may name.
-    allowed_hosts: Arc<Vec<String>>,
+    pub origins: Arc<OriginPolicy>,
 }
 
 impl McpState {
-    pub fn new(pools: Pools, cfg: &McpConfig, advertised_http: &str) -> McpState {
-        let mut hosts: Vec<String> = ["localhost", "127.0.0.1", "[::1]", "::1"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        if let Some((host, _)) = advertised_http.rsplit_once(':') {
-            hosts.push(host.to_string());
-        }
-        for o in &cfg.allowed_origins {
-            hosts.push(origin_host(o).unwrap_or(o).to_string());
-        }
+    pub fn new(router: Router, cfg: &McpConfig, advertised_http: &str) -> McpState {
         McpState {
-            pools,
+            pools: router.pools().clone(),
+            router,
             sessions: Sessions::new(Duration::from_millis(cfg.session_idle_timeout_ms)),
             parked: ParkedCalls::default(),
-            allowed_hosts: Arc::new(hosts),
+            origins: Arc::new(OriginPolicy::new(cfg, advertised_http)),
         }
     }
 }
 
-/// The host of an Origin (`http://host:port` → `host`).
+/// DNS-rebinding protection: which hosts a browser's `Origin` may name.
+pub struct OriginPolicy {
+    hosts: Vec<String>,
+}
+
+impl OriginPolicy {
+    /// Loopback, this node's advertised host, and the configured origins.
+    pub fn new(cfg: &McpConfig, advertised_http: &str) -> OriginPolicy {
+        let mut hosts: Vec<String> = ["localhost", "127.0.0.1", "::1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        if let Some((host, _)) = advertised_http.rsplit_once(':') {
+            hosts.push(host.trim_matches(['[', ']']).to_string());
+        }
+        for o in &cfg.allowed_origins {
+            hosts.push(origin_host(o).unwrap_or(o).to_string());
+        }
+        OriginPolicy { hosts }
+    }
+
+    /// Requests without an Origin (non-browser clients) pass; others must name an allowed host.
+    pub fn allows(&self, headers: &HeaderMap) -> bool {
+        let Some(origin) = headers
+            .get(axum::http::header::ORIGIN)
+            .and_then(|v| v.to_str().ok())
+        else {
+            return true;
+        };
+        match origin_host(origin) {
+            Some(host) => self.hosts.iter().any(|h| h.eq_ignore_ascii_case(host)),
+            None => false,
+        }
+    }
+}
+
+/// The host of an Origin (`http://host:port` → `host`, `http://[::1]:80` → `::1`).
 fn origin_host(origin: &str) -> Option<&str> {
     let rest = origin.split_once("://")?.1;
     let hostport = rest.split('/').next()?;
@@ -93,26 +121,14 @@ fn origin_host(origin: &str) -> Option<&str> {
     )
 }
 
-/// DNS-rebinding protection: a browser's Origin must name an allowed host.
+/// Whether the request's Origin is allowed.
 pub fn origin_allowed(state: &McpState, headers: &HeaderMap) -> bool {
-    let Some(origin) = headers
-        .get(axum::http::header::ORIGIN)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return true;
-    };
-    match origin_host(origin) {
-        Some(host) => state
-            .allowed_hosts
-            .iter()
-            .any(|h| h.eq_ignore_ascii_case(host) || h.trim_matches(['[', ']']) == host),
-        None => false,
-    }
+    state.origins.allows(headers)
 }
 
 /// The MCP routes.
-pub fn router() -> Router<AppState> {
-    Router::new()
+pub fn router() -> HttpRouter<AppState> {
+    HttpRouter::new()
         .route(
             "/mcp",
             post(http::post_aggregate)
@@ -148,11 +164,11 @@ mod tests {
 
     #[test]
     fn origins_are_checked_by_host() {
-        let state = McpState::new(Pools::default(), &McpConfig::default(), "10.0.0.5:7400");
+        let policy = OriginPolicy::new(&McpConfig::default(), "10.0.0.5:7400");
         let check = |o: &str| {
             let mut h = HeaderMap::new();
             h.insert(axum::http::header::ORIGIN, o.parse().expect("header"));
-            origin_allowed(&state, &h)
+            policy.allows(&h)
         };
         assert!(check("http://localhost:3000"));
         assert!(check("http://127.0.0.1"));
@@ -160,6 +176,6 @@ mod tests {
         assert!(check("https://10.0.0.5"));
         assert!(!check("http://evil.example.com"));
         assert!(!check("null"));
-        assert!(origin_allowed(&state, &HeaderMap::new()));
+        assert!(policy.allows(&HeaderMap::new()));
     }
 }

@@ -272,16 +272,17 @@ pub async fn post(
                     "resources": { "subscribe": true, "listChanged": true },
                     "completions": {},
                 }),
-                Target::Server(name) => match route(&state, &principal, &target).pool(name) {
-                    Ok(pool) => {
-                        let wait = Duration::from_millis(pool.spec.spec.timeouts.startup_ms);
-                        let _ = pool.ready(wait).await;
-                        pool.init_result()
-                            .map(|i| i["capabilities"].clone())
-                            .unwrap_or(json!({}))
+                Target::Server(name) => {
+                    let r = route(&state, &principal, &target);
+                    if let Err(e) = r.check(name) {
+                        return error(id, e);
                     }
-                    Err(e) => return error(id, e),
-                },
+                    r.info(name)
+                        .await
+                        .init
+                        .map(|i| i["capabilities"].clone())
+                        .unwrap_or(json!({}))
+                }
             };
             let result = json!({
                 "resultType": "complete",
@@ -350,13 +351,159 @@ pub async fn post(
     }
 }
 
-/// Runs a call until it answers (JSON, or SSE when notifications come first) or needs the
-/// client's input (an `input_required` result; the call stays parked for the retry).
+/// What a running call does next, as far as the client's answer is concerned.
+enum Next {
+    /// A notification for the client (progress, logging) before the outcome.
+    Note(Message),
+    /// The call ended.
+    Outcome(Result<Value, ErrorObject>),
+    /// The server asked the client something: answer `input_required` and park the call.
+    InputRequired,
+}
+
+/// Aborts a running call when dropped armed: in this revision a client that closes its
+/// response stream has cancelled the request, so the call is cancelled upstream too.
+struct AbortOnDrop(Option<tokio::task::AbortHandle>);
+
+impl AbortOnDrop {
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            if !task.is_finished() {
+                task.abort();
+                metrics::counter!("mcpd_mcp_cancellations_total").increment(1);
+            }
+        }
+    }
+}
+
+/// One call of this revision between its steps and the client's answer.
+struct Drive {
+    state: AppState,
+    id: RequestId,
+    method: String,
+    parked: Parked,
+    caps: Value,
+    log_level: Option<String>,
+    m: Measure,
+    mrtr: bool,
+    abort: AbortOnDrop,
+}
+
+impl Drive {
+    /// Waits for the next step that matters to the client.
+    async fn next(&mut self) -> Next {
+        loop {
+            if !self.parked.pending.is_empty() {
+                return Next::InputRequired;
+            }
+            match self.parked.running.steps.recv().await {
+                Some(Step::Done(o)) => return Next::Outcome(o),
+                None => {
+                    return Next::Outcome(Err(ErrorObject::new(
+                        code::INTERNAL_ERROR,
+                        "request cancelled",
+                    )))
+                }
+                Some(Step::Event(CallEvent::Notify(msg))) => {
+                    let is_log = msg.method() == Some("notifications/message");
+                    if !is_log || self.log_level.is_some() {
+                        return Next::Note(msg);
+                    }
+                }
+                Some(Step::Event(CallEvent::Request {
+                    method: asked,
+                    params,
+                    responder,
+                })) => {
+                    let cap = match asked.as_str() {
+                        "sampling/createMessage" => "sampling",
+                        "elicitation/create" => "elicitation",
+                        "roots/list" => "roots",
+                        _ => "",
+                    };
+                    if !self.mrtr || cap.is_empty() || self.caps.get(cap).is_none() {
+                        let why = format!(
+                            "{asked}: the client did not declare the {cap} capability for this request"
+                        );
+                        responder
+                            .respond(Err(ErrorObject::new(code::METHOD_NOT_FOUND, why)))
+                            .await;
+                        continue;
+                    }
+                    let key = format!("r{}", self.parked.next_key);
+                    self.parked.next_key += 1;
+                    self.parked
+                        .asks
+                        .insert(key.clone(), json!({ "method": asked, "params": params }));
+                    self.parked.pending.insert(key, responder);
+                }
+            }
+        }
+    }
+
+    /// The last message of the answer: the outcome, or (`None`) `input_required`, which
+    /// parks the call for the client's retry.
+    fn finish(mut self, outcome: Option<Result<Value, ErrorObject>>) -> Message {
+        self.abort.disarm();
+        match outcome {
+            Some(outcome) => {
+                self.m.finish(&outcome);
+                let method = self.method;
+                let outcome = outcome.map(|r| complete(&method, r)).map_err(|mut e| {
+                    if e.code == code::RESOURCE_NOT_FOUND {
+                        e.code = code::INVALID_PARAMS;
+                    }
+                    e
+                });
+                Message::Response {
+                    id: self.id,
+                    outcome,
+                }
+            }
+            None => {
+                let asks: serde_json::Map<String, Value> = self
+                    .parked
+                    .pending
+                    .keys()
+                    .filter_map(|k| self.parked.asks.get(k).map(|a| (k.clone(), a.clone())))
+                    .collect();
+                let token = self.state.mcp.parked.put(self.parked);
+                metrics::counter!("mcpd_mcp_input_required_total").increment(1);
+                Message::result(
+                    self.id,
+                    json!({ "resultType": "input_required", "inputRequests": asks, "requestState": token }),
+                )
+            }
+        }
+    }
+}
+
+/// A complete answer as JSON, with the HTTP status of its error if it is one.
+fn json_answer(answer: Message) -> Response {
+    let status = match &answer {
+        Message::Response {
+            outcome: Err(e), ..
+        } => status_of(e.code),
+        _ => StatusCode::OK,
+    };
+    (status, Json(answer.to_value())).into_response()
+}
+
+/// Runs a call until it answers or needs the client's input (an `input_required` result; the
+/// call stays parked for the retry). The answer is JSON when the outcome comes first, and an
+/// SSE stream when notifications (progress, logging) come first, each sent as it happens.
+/// A client that goes away before the end cancels the call upstream.
 async fn drive(
     state: AppState,
     id: RequestId,
     method: String,
-    mut parked: Parked,
+    parked: Parked,
     caps: Value,
     log_level: Option<String>,
     m: Measure,
@@ -365,90 +512,37 @@ async fn drive(
         method.as_str(),
         "tools/call" | "prompts/get" | "resources/read"
     );
-    let mut notes: Vec<Message> = Vec::new();
-    let outcome = loop {
-        if !parked.pending.is_empty() {
-            break None;
-        }
-        match parked.running.steps.recv().await {
-            Some(Step::Done(o)) => break Some(o),
-            None => {
-                break Some(Err(ErrorObject::new(
-                    code::INTERNAL_ERROR,
-                    "request cancelled",
-                )))
-            }
-            Some(Step::Event(CallEvent::Notify(msg))) => {
-                let is_log = msg.method() == Some("notifications/message");
-                if !is_log || log_level.is_some() {
-                    notes.push(msg);
-                }
-            }
-            Some(Step::Event(CallEvent::Request {
-                method: asked,
-                params,
-                responder,
-            })) => {
-                let cap = match asked.as_str() {
-                    "sampling/createMessage" => "sampling",
-                    "elicitation/create" => "elicitation",
-                    "roots/list" => "roots",
-                    _ => "",
-                };
-                if !mrtr || cap.is_empty() || caps.get(cap).is_none() {
-                    let why = format!(
-                        "{asked}: the client did not declare the {cap} capability for this request"
-                    );
-                    responder
-                        .respond(Err(ErrorObject::new(code::METHOD_NOT_FOUND, why)))
-                        .await;
-                    continue;
-                }
-                let key = format!("r{}", parked.next_key);
-                parked.next_key += 1;
-                parked
-                    .asks
-                    .insert(key.clone(), json!({ "method": asked, "params": params }));
-                parked.pending.insert(key, responder);
-            }
-        }
+    let abort = AbortOnDrop(Some(parked.running.task.abort_handle()));
+    let mut d = Drive {
+        state,
+        id,
+        method,
+        parked,
+        caps,
+        log_level,
+        m,
+        mrtr,
+        abort,
     };
-    let answer = match outcome {
-        Some(outcome) => {
-            m.finish(&outcome);
-            let outcome = outcome.map(|r| complete(&method, r)).map_err(|mut e| {
-                if e.code == code::RESOURCE_NOT_FOUND {
-                    e.code = code::INVALID_PARAMS;
-                }
-                e
-            });
-            Message::Response { id, outcome }
-        }
-        None => {
-            let asks: serde_json::Map<String, Value> = parked
-                .pending
-                .keys()
-                .filter_map(|k| parked.asks.get(k).map(|a| (k.clone(), a.clone())))
-                .collect();
-            let token = state.mcp.parked.put(parked);
-            metrics::counter!("mcpd_mcp_input_required_total").increment(1);
-            Message::result(
-                id,
-                json!({ "resultType": "input_required", "inputRequests": asks, "requestState": token }),
-            )
-        }
+    let first = match d.next().await {
+        Next::Note(msg) => msg,
+        Next::Outcome(o) => return json_answer(d.finish(Some(o))),
+        Next::InputRequired => return json_answer(d.finish(None)),
     };
-    if notes.is_empty() {
-        let status = match &answer {
-            Message::Response {
-                outcome: Err(e), ..
-            } => status_of(e.code),
-            _ => StatusCode::OK,
-        };
-        return (status, Json(answer.to_value())).into_response();
-    }
-    notes.push(answer);
-    let stream = futures_util::stream::iter(notes).map(|msg| Ok::<_, Infallible>(sse_event(&msg)));
+    // Notifications first: stream them as they come, then the last message. Dropping the
+    // stream (the client disconnected) drops `d`, whose armed guard cancels the call.
+    let stream = futures_util::stream::unfold((Some(first), Some(d)), |(pending, d)| async move {
+        if let Some(msg) = pending {
+            return Some((msg, (None, d)));
+        }
+        let mut d = d?;
+        match d.next().await {
+            Next::Note(msg) => Some((msg, (None, Some(d)))),
+            Next::Outcome(o) => Some((d.finish(Some(o)), (None, None))),
+            Next::InputRequired => Some((d.finish(None), (None, None))),
+        }
+    })
+    .map(|msg| Ok::<_, Infallible>(sse_event(&msg)));
     sse(stream)
 }
 
@@ -488,18 +582,22 @@ fn listen(
             granted.insert(k.into(), json!(true));
         }
     }
-    if !uris.is_empty() {
-        granted.insert("resourceSubscriptions".into(), json!(uris));
-    }
     let sub_id = json!(id);
-    let ack = Message::notification(
-        "notifications/subscriptions/acknowledged",
-        Some(json!({ "_meta": { META_SUB: sub_id }, "notifications": granted })),
-    );
     let r = route(&state, &principal, &target);
     let (tx, rx) = mpsc::channel::<Message>(256);
+    // Listening to the hub before subscribing upstream: no update can fall in between.
     let mut hub = state.mcp.pools.subscribe();
     tokio::spawn(async move {
+        // The servers send `notifications/resources/updated` only for what they were asked to
+        // watch: subscribe upstream, and honor the URIs whose server accepted.
+        let uris = subscribe_upstream(&r, uris).await;
+        if !uris.is_empty() {
+            granted.insert("resourceSubscriptions".into(), json!(uris));
+        }
+        let ack = Message::notification(
+            "notifications/subscriptions/acknowledged",
+            Some(json!({ "_meta": { META_SUB: sub_id }, "notifications": granted })),
+        );
         if tx.send(ack).await.is_err() {
             return;
         }
@@ -516,7 +614,7 @@ fn listen(
             };
             let visible = match &r.target {
                 Target::Server(n) => *n == ev.server,
-                Target::Aggregate => r.pool(&ev.server).is_ok(),
+                Target::Aggregate => r.check(&ev.server).is_ok(),
             };
             if !visible {
                 continue;
@@ -554,4 +652,29 @@ fn listen(
     let stream =
         tokio_stream::wrappers::ReceiverStream::new(rx).map(|m| Ok::<_, Infallible>(sse_event(&m)));
     sse(stream)
+}
+
+/// Sends `resources/subscribe` for each URI to the server that owns it; returns the URIs
+/// whose server accepted. Upstream subscriptions are not withdrawn when the stream closes
+/// (other listeners and sessions may share them); the hub filters per stream.
+async fn subscribe_upstream(r: &super::dispatch::Route, uris: Vec<String>) -> Vec<String> {
+    let calls = uris.into_iter().map(|uri| async move {
+        let (events, _ignored) = mpsc::channel(1);
+        let params = json!({ "uri": uri });
+        match r
+            .dispatch("resources/subscribe", Some(params), events)
+            .await
+        {
+            Ok(_) => Some(uri),
+            Err(e) => {
+                tracing::info!(%uri, error = %e.message, "resource subscription not honored");
+                None
+            }
+        }
+    });
+    futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
 }

@@ -61,6 +61,15 @@ pub struct Responder {
 }
 
 impl Responder {
+    /// A responder that writes the answer, as a JSON-RPC response line with `upstream_id`,
+    /// to `tx` (a process's stdin, or a peer stream's answer channel).
+    pub fn new(tx: mpsc::Sender<Vec<u8>>, upstream_id: RequestId) -> Self {
+        Responder {
+            stdin: tx,
+            upstream_id,
+        }
+    }
+
     pub async fn respond(self, outcome: Result<Value, ErrorObject>) {
         let msg = Message::Response {
             id: self.upstream_id,

@@ -72,14 +72,22 @@ impl Pools {
     }
 }
 
-/// The servers this node should run.
+/// The servers this node should run: enabled ones without `replicas` (they run everywhere)
+/// and those the leader placed here.
 fn desired(registry: &Registry) -> BTreeMap<String, Versioned<ServerSpec>> {
-    registry
-        .local()
-        .state
+    let data = registry.local();
+    data.state
         .servers
         .iter()
-        .filter(|(_, s)| s.spec.enabled)
+        .filter(|(n, s)| {
+            s.spec.enabled
+                && (s.spec.replicas.is_none()
+                    || data
+                        .state
+                        .placements
+                        .get(*n)
+                        .is_some_and(|p| p.contains(&registry.id)))
+        })
         .map(|(n, s)| (n.clone(), s.clone()))
         .collect()
 }
@@ -123,8 +131,8 @@ pub async fn run(registry: Registry, pools: Pools, cfg: PoolConfig, shutdown: Sh
     loop {
         tokio::select! {
             ev = sub.recv() => match ev {
-                Ok(WatchEvent::Put { kind: ObjectKind::Server, .. })
-                | Ok(WatchEvent::Delete { kind: ObjectKind::Server, .. })
+                Ok(WatchEvent::Put { kind: ObjectKind::Server | ObjectKind::Placement, .. })
+                | Ok(WatchEvent::Delete { kind: ObjectKind::Server | ObjectKind::Placement, .. })
                 | Ok(WatchEvent::Reset { .. })
                 | Err(RecvError::Lagged(_)) => reconcile(&registry, &pools, &cfg, &mut draining),
                 Ok(_) => {}

@@ -98,7 +98,7 @@ pub enum MembershipChange {
 }
 
 /// Who a bearer token belongs to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Principal {
     pub token_id: String,
     pub role: Role,

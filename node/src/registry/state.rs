@@ -46,6 +46,11 @@ pub enum Command {
     RevokeToken {
         id: String,
     },
+    /// The nodes that run a server with `replicas` (written by the leader's placement loop).
+    SetPlacement {
+        server: String,
+        nodes: Vec<u64>,
+    },
 }
 
 impl Command {
@@ -58,6 +63,7 @@ impl Command {
             Command::DeleteTenant { .. } => "delete_tenant",
             Command::CreateToken { .. } => "create_token",
             Command::RevokeToken { .. } => "revoke_token",
+            Command::SetPlacement { .. } => "set_placement",
         }
     }
 }
@@ -129,6 +135,9 @@ pub struct State {
     pub servers: BTreeMap<String, Versioned<ServerSpec>>,
     pub tenants: BTreeMap<String, Versioned<TenantSpec>>,
     pub tokens: BTreeMap<String, StoredToken>,
+    /// Nodes assigned to run each server that has `replicas` set.
+    #[serde(default)]
+    pub placements: BTreeMap<String, Vec<u64>>,
     /// Every node id that was ever a member, so that no id is used twice.
     pub node_ids_ever: BTreeSet<u64>,
     /// Outcomes of recent requests by request id, oldest first.
@@ -208,7 +217,34 @@ impl State {
                 )
             }
             Command::DeleteServer { name, precondition } => {
-                delete(&mut self.servers, ObjectKind::Server, name, precondition)
+                let mut changes = delete(
+                    &mut self.servers,
+                    ObjectKind::Server,
+                    name.clone(),
+                    precondition,
+                )?;
+                if self.placements.remove(&name).is_some() {
+                    changes.push(Change {
+                        kind: ObjectKind::Placement,
+                        name,
+                        present: false,
+                    });
+                }
+                Ok(changes)
+            }
+            Command::SetPlacement { server, nodes } => {
+                if !self.servers.contains_key(&server) {
+                    return Err(ApplyError::NotFound {
+                        kind: ObjectKind::Server,
+                        name: server,
+                    });
+                }
+                self.placements.insert(server.clone(), nodes);
+                Ok(vec![Change {
+                    kind: ObjectKind::Placement,
+                    name: server,
+                    present: true,
+                }])
             }
             Command::PutTenant { spec, precondition } => {
                 let name = spec.name.clone();
@@ -305,6 +341,10 @@ impl State {
                     .tokens
                     .get(&change.name)
                     .and_then(|t| serde_json::to_value(&t.info).ok()),
+                ObjectKind::Placement => self
+                    .placements
+                    .get(&change.name)
+                    .and_then(|n| serde_json::to_value(n).ok()),
             }
         } else {
             None

@@ -1,0 +1,490 @@
+//! Routing a call to a server's replicas, with the resilience around it.
+//!
+//! The path of one call, in the order [`Router::call`] applies it:
+//!
+//! 1. **scope**: the server must exist, be visible to the caller's tenant and be enabled;
+//! 2. **route**: the replicas that run it, this node's pool first, then peers
+//!    ([`placement`] decides where servers with `replicas` run);
+//! 3. **breaker**: a circuit breaker per (server, node) skips replicas that keep failing
+//!    ([`breaker`]);
+//! 4. **retry**: the next replica is tried when the call provably did not run (refused
+//!    connection, full queue, open breaker), or when it is safe to run twice (a read-only
+//!    method, or a tool in the server's `idempotent_tools`) and nothing was sent to the
+//!    client yet; retries back off with full jitter and are bounded by a retry budget
+//!    ([`budget`]);
+//! 5. **timeout**: each attempt is bounded by the server's request timeout (in the pool);
+//! 6. **transport**: the local pool, or a peer over gRPC ([`peer`]);
+//! 7. **fallback**: when no replica could take the call, the first healthy fallback server
+//!    offering the same tool answers it, marked in the result's `_meta`.
+
+pub mod breaker;
+pub mod budget;
+pub mod peer;
+pub mod placement;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mcpcp_proto::api::{Member, ServerSpec, Versioned};
+use mcpcp_proto::mcp::{code, is_read_only, ErrorObject};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::mcp::dispatch::visible;
+use crate::pool::catalogue::Catalogue;
+use crate::pool::process::CallEvent;
+use crate::pool::reconcile::Pools;
+use crate::raft::network::PeerChannels;
+use crate::registry::{Principal, Registry};
+use breaker::{Breakers, Outcome};
+use budget::RetryBudget;
+
+/// Attempts per call, the first included.
+const MAX_ATTEMPTS: usize = 3;
+/// How long a remote server's catalogue is reused.
+const REMOTE_INFO_TTL: Duration = Duration::from_secs(5);
+
+/// Where one attempt goes.
+#[derive(Clone)]
+enum Replica {
+    Local,
+    Peer(Member),
+}
+
+/// What a server offers and how it started, from this node's pool or a peer's.
+#[derive(Clone, Default)]
+pub struct ServerInfo {
+    pub init: Option<Value>,
+    pub catalogue: Arc<Catalogue>,
+}
+
+/// How an attempt failed, for the retry rule.
+enum Failure {
+    /// Provably did not run here: try another replica.
+    NotRun(ErrorObject),
+    /// May have run: try another replica only when safe.
+    MaybeRan(ErrorObject),
+    /// The server answered with a JSON-RPC error: that is the answer, not retried.
+    Answered(ErrorObject),
+}
+
+/// Routes calls to replicas. Cheap to clone.
+#[derive(Clone)]
+pub struct Router {
+    registry: Registry,
+    pools: Pools,
+    channels: PeerChannels,
+    pub breakers: Arc<Breakers>,
+    budgets: Arc<Mutex<HashMap<String, Arc<RetryBudget>>>>,
+    remote_info: Arc<Mutex<HashMap<String, (Instant, ServerInfo)>>>,
+}
+
+impl Router {
+    pub fn new(registry: Registry, pools: Pools, channels: PeerChannels) -> Router {
+        Router {
+            registry,
+            pools,
+            channels,
+            breakers: Arc::new(Breakers::new(Default::default())),
+            budgets: Arc::default(),
+            remote_info: Arc::default(),
+        }
+    }
+
+    pub fn pools(&self) -> &Pools {
+        &self.pools
+    }
+
+    fn budget(&self, server: &str) -> Arc<RetryBudget> {
+        self.budgets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(server.to_string())
+            .or_insert_with(|| Arc::new(RetryBudget::new(Default::default())))
+            .clone()
+    }
+
+    /// The spec of a server the caller may use, or the error to answer.
+    pub fn scope(
+        &self,
+        principal: &Principal,
+        server: &str,
+    ) -> Result<Versioned<ServerSpec>, ErrorObject> {
+        let spec = self.registry.local().state.servers.get(server).cloned();
+        match spec {
+            Some(s) if visible(principal, &s.spec) => {
+                if s.spec.enabled {
+                    Ok(s)
+                } else {
+                    Err(ErrorObject::new(
+                        code::UNAVAILABLE,
+                        format!("server {server:?} is disabled"),
+                    ))
+                }
+            }
+            _ => Err(ErrorObject::new(
+                code::INVALID_PARAMS,
+                format!("unknown server {server:?}"),
+            )),
+        }
+    }
+
+    fn members(&self) -> Vec<Member> {
+        self.registry
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(_, m)| m.clone())
+            .collect()
+    }
+
+    /// The replicas of `server`, this node first.
+    fn replicas(&self, spec: &Versioned<ServerSpec>) -> Vec<Replica> {
+        let name = &spec.spec.name;
+        let me = self.registry.id;
+        let placed: Option<Vec<u64>> = spec.spec.replicas.map(|_| {
+            self.registry
+                .local()
+                .state
+                .placements
+                .get(name)
+                .cloned()
+                .unwrap_or_default()
+        });
+        let runs_on = |id: u64| placed.as_ref().is_none_or(|p| p.contains(&id));
+        let mut out = Vec::new();
+        if runs_on(me) && self.pools.get(name).is_some() {
+            out.push(Replica::Local);
+        }
+        let mut peers: Vec<Member> = self
+            .members()
+            .into_iter()
+            .filter(|m| m.id != me && runs_on(m.id))
+            .collect();
+        // Spread load over peers; a closed breaker goes before a half-open one.
+        fastrand_shuffle(&mut peers);
+        peers.sort_by_key(|m| {
+            self.breakers
+                .get(name, m.id)
+                .state(Instant::now())
+                .as_gauge() as u8
+        });
+        out.extend(peers.into_iter().map(Replica::Peer));
+        out
+    }
+
+    /// Runs `method` on `server` for `principal`, through the steps in the module docs.
+    pub async fn call(
+        &self,
+        principal: &Principal,
+        server: &str,
+        method: &str,
+        params: Option<Value>,
+        events: mpsc::Sender<CallEvent>,
+    ) -> Result<Value, ErrorObject> {
+        let spec = self.scope(principal, server)?;
+        match self
+            .call_replicas(principal, &spec, method, params.clone(), events.clone())
+            .await
+        {
+            Ok(v) => Ok(v),
+            Err((e, true)) if method == "tools/call" && !spec.spec.fallbacks.is_empty() => {
+                self.fallback(principal, &spec, params, events, e).await
+            }
+            Err((e, _)) => Err(e),
+        }
+    }
+
+    /// Tries the replicas; on failure also says whether no replica ran the call.
+    async fn call_replicas(
+        &self,
+        principal: &Principal,
+        spec: &Versioned<ServerSpec>,
+        method: &str,
+        params: Option<Value>,
+        events: mpsc::Sender<CallEvent>,
+    ) -> Result<Value, (ErrorObject, bool)> {
+        let server = spec.spec.name.as_str();
+        let tool = params
+            .as_ref()
+            .and_then(|p| p["name"].as_str())
+            .unwrap_or_default()
+            .to_string();
+        let safe = is_read_only(method)
+            || (method == "tools/call" && spec.spec.idempotent_tools.contains(&tool));
+        let budget = self.budget(server);
+        budget.record_request(Instant::now());
+        // Once anything reached the client, a retry could show it twice: no more retries.
+        let sent = Arc::new(AtomicBool::new(false));
+        let replicas = self.replicas(spec);
+        let mut last: Option<ErrorObject> = None;
+        let mut none_ran = true;
+        let mut attempts = 0;
+        for replica in replicas {
+            if attempts >= MAX_ATTEMPTS {
+                break;
+            }
+            let node = match &replica {
+                Replica::Local => self.registry.id,
+                Replica::Peer(m) => m.id,
+            };
+            let breaker = self.breakers.get(server, node);
+            let permit = match breaker.try_acquire(Instant::now()) {
+                Ok(p) => p,
+                Err(rejected) => {
+                    metrics::counter!("mcpd_breaker_short_circuits_total", "server" => server.to_string()).increment(1);
+                    last = Some(ErrorObject::new(
+                        code::UNAVAILABLE,
+                        format!("server {server:?} on node {node} is failing ({rejected}); the call did not run"),
+                    ));
+                    continue;
+                }
+            };
+            if attempts > 0 {
+                if budget.try_retry(Instant::now()).is_err() {
+                    metrics::counter!("mcpd_retry_budget_exhausted_total", "server" => server.to_string()).increment(1);
+                    break;
+                }
+                metrics::counter!("mcpd_retries_total", "server" => server.to_string())
+                    .increment(1);
+                tokio::time::sleep(budget::BackoffConfig::default().backoff(attempts as u32 - 1))
+                    .await;
+            }
+            attempts += 1;
+            let relay = relay_events(events.clone(), sent.clone());
+            let outcome = self
+                .attempt(&replica, principal, server, method, params.clone(), relay)
+                .await;
+            // A tool result with isError counts against the replica (as a 5xx does in an
+            // HTTP proxy); a JSON-RPC error only when it is the server's internal error.
+            let failed = match &outcome {
+                Ok(v) => v["isError"] == json!(true),
+                Err(Failure::Answered(e)) => e.code == code::INTERNAL_ERROR,
+                Err(_) => true,
+            };
+            permit.record(
+                if failed {
+                    Outcome::Failure
+                } else {
+                    Outcome::Success
+                },
+                Instant::now(),
+            );
+            match outcome {
+                Ok(v) => return Ok(v),
+                Err(Failure::Answered(e)) => return Err((e, false)),
+                Err(Failure::NotRun(e)) => last = Some(e),
+                Err(Failure::MaybeRan(e)) => {
+                    none_ran = false;
+                    if !safe || sent.load(Ordering::Relaxed) {
+                        return Err((e, false));
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        let e = last.unwrap_or_else(|| {
+            ErrorObject::new(
+                code::UNAVAILABLE,
+                format!("server {server:?} has no replica that can take the call; it did not run"),
+            )
+        });
+        Err((e, none_ran))
+    }
+
+    /// One attempt on one replica, with the failure classified.
+    async fn attempt(
+        &self,
+        replica: &Replica,
+        principal: &Principal,
+        server: &str,
+        method: &str,
+        params: Option<Value>,
+        events: mpsc::Sender<CallEvent>,
+    ) -> Result<Value, Failure> {
+        let outcome = match replica {
+            Replica::Local => match self.pools.get(server) {
+                Some(pool) => pool.call(method, params, Some(events)).await,
+                None => Err(ErrorObject::new(
+                    code::UNAVAILABLE,
+                    format!("server {server:?} is not running here"),
+                )),
+            },
+            Replica::Peer(m) => {
+                match peer::call(&self.channels, m, principal, server, method, params, events).await
+                {
+                    Ok(o) => o,
+                    Err(peer::PeerFailure::NotReached(e)) => {
+                        return Err(Failure::NotRun(ErrorObject::new(
+                            code::UNAVAILABLE,
+                            format!("node {} is unreachable ({e}); the call did not run", m.id),
+                        )))
+                    }
+                    Err(peer::PeerFailure::Broken(e)) => {
+                        return Err(Failure::MaybeRan(ErrorObject::new(
+                            code::CRASHED,
+                            format!(
+                                "the call failed on node {} ({e}); it may or may not have run",
+                                m.id
+                            ),
+                        )))
+                    }
+                }
+            }
+        };
+        match outcome {
+            Ok(v) => Ok(v),
+            Err(e) if e.code == code::UNAVAILABLE || e.code == code::QUEUE_FULL => {
+                Err(Failure::NotRun(e))
+            }
+            Err(e) if e.code == code::CRASHED || e.code == code::TIMEOUT => {
+                Err(Failure::MaybeRan(e))
+            }
+            Err(e) => Err(Failure::Answered(e)),
+        }
+    }
+
+    /// Sends a tools/call whose server has no replica left to its first healthy fallback that
+    /// offers the same tool, marking the answer.
+    async fn fallback(
+        &self,
+        principal: &Principal,
+        primary: &Versioned<ServerSpec>,
+        params: Option<Value>,
+        events: mpsc::Sender<CallEvent>,
+        primary_error: ErrorObject,
+    ) -> Result<Value, ErrorObject> {
+        let tool = params
+            .as_ref()
+            .and_then(|p| p["name"].as_str())
+            .unwrap_or_default()
+            .to_string();
+        for fb in &primary.spec.fallbacks {
+            let Ok(spec) = self.scope(principal, fb) else {
+                continue;
+            };
+            let info = self.info(principal, fb).await;
+            if info.catalogue.loaded && !info.catalogue.has_tool(&tool) {
+                continue;
+            }
+            match self
+                .call_replicas(
+                    principal,
+                    &spec,
+                    "tools/call",
+                    params.clone(),
+                    events.clone(),
+                )
+                .await
+            {
+                Ok(mut v) => {
+                    metrics::counter!("mcpd_fallbacks_total", "server" => primary.spec.name.clone(), "fallback" => fb.clone()).increment(1);
+                    tracing::warn!(server = %primary.spec.name, fallback = %fb, tool = %tool, "answered by a fallback server");
+                    if let Some(o) = v.as_object_mut() {
+                        let meta = o.entry("_meta").or_insert(json!({}));
+                        meta["io.mcpcp/fallback"] = json!({
+                            "server": primary.spec.name,
+                            "fallback": fb,
+                            "reason": primary_error.message,
+                        });
+                    }
+                    return Ok(v);
+                }
+                Err((e, _)) => {
+                    tracing::debug!(fallback = %fb, error = %e.message, "fallback failed")
+                }
+            }
+        }
+        Err(primary_error)
+    }
+
+    /// What `server` offers (initialize answer and catalogue), from this node's pool or, for a
+    /// server placed elsewhere, from a peer that runs it (cached briefly).
+    pub async fn info(&self, principal: &Principal, server: &str) -> ServerInfo {
+        let Ok(spec) = self.scope(principal, server) else {
+            return ServerInfo::default();
+        };
+        let local = self
+            .replicas(&spec)
+            .into_iter()
+            .any(|r| matches!(r, Replica::Local));
+        if local {
+            if let Some(pool) = self.pools.get(server) {
+                let wait = Duration::from_millis(spec.spec.timeouts.startup_ms)
+                    .min(Duration::from_secs(10));
+                let _ = pool.ready(wait).await;
+                // The first catalogue load follows readiness closely; give it a moment.
+                let deadline = Instant::now() + Duration::from_secs(2);
+                while !pool.catalogue().loaded
+                    && Instant::now() < deadline
+                    && pool.init_result().is_some()
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                return ServerInfo {
+                    init: pool.init_result(),
+                    catalogue: pool.catalogue(),
+                };
+            }
+        }
+        if let Some((at, info)) = self
+            .remote_info
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(server)
+        {
+            if at.elapsed() < REMOTE_INFO_TTL {
+                return info.clone();
+            }
+        }
+        for replica in self.replicas(&spec) {
+            let Replica::Peer(m) = replica else { continue };
+            let Ok(v) = peer::server_info(&self.channels, &m, server).await else {
+                continue;
+            };
+            if v.is_null() {
+                continue;
+            }
+            let list = |k: &str| v["catalogue"][k].as_array().cloned().unwrap_or_default();
+            let info = ServerInfo {
+                init: Some(v["init"].clone()).filter(|i| !i.is_null()),
+                catalogue: Arc::new(Catalogue {
+                    tools: list("tools"),
+                    resources: list("resources"),
+                    resource_templates: list("resourceTemplates"),
+                    prompts: list("prompts"),
+                    loaded: v["catalogue"]["loaded"].as_bool().unwrap_or(false),
+                }),
+            };
+            self.remote_info
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(server.to_string(), (Instant::now(), info.clone()));
+            return info;
+        }
+        ServerInfo::default()
+    }
+}
+
+/// A copy of `events` that notes when anything was passed on to the client.
+fn relay_events(events: mpsc::Sender<CallEvent>, sent: Arc<AtomicBool>) -> mpsc::Sender<CallEvent> {
+    let (tx, mut rx) = mpsc::channel::<CallEvent>(64);
+    tokio::spawn(async move {
+        while let Some(ev) = rx.recv().await {
+            sent.store(true, Ordering::Relaxed);
+            if events.send(ev).await.is_err() {
+                return;
+            }
+        }
+    });
+    tx
+}
+
+fn fastrand_shuffle<T>(v: &mut [T]) {
+    fastrand::shuffle(v);
+}

@@ -1,0 +1,287 @@
+//! Forwarding a call to the node that runs the server, over one bidirectional gRPC stream
+//! per call (`proto/peer.proto`).
+//!
+//! The caller's node sends `Start`; the serving node runs the call on its pool and streams
+//! back `Notify` (progress, logging) and `Ask` (the server's own requests), then `Done`. The
+//! caller's node relays the client's answers to `Ask` as `Answer`. Closing the stream early
+//! drops the call on the serving node, which cancels it upstream.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+
+use futures_util::Stream;
+use mcpcp_proto::api::Member;
+use mcpcp_proto::mcp::{code, ErrorObject, Message, RequestId};
+use mcpcp_proto::peer::peer_client::PeerClient;
+use mcpcp_proto::peer::peer_server::Peer;
+use mcpcp_proto::peer::{Frame as WireFrame, ServerInfoReply, ServerInfoRequest};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::mcp::dispatch::visible;
+use crate::pool::process::{CallEvent, Responder};
+use crate::pool::reconcile::Pools;
+use crate::raft::network::PeerChannels;
+use crate::registry::{Principal, Registry};
+
+/// One message on a call's stream.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Frame {
+    Start {
+        server: String,
+        method: String,
+        params: Option<Value>,
+        principal: Principal,
+    },
+    Notify {
+        message: Value,
+    },
+    Ask {
+        key: i64,
+        method: String,
+        params: Option<Value>,
+    },
+    Answer {
+        key: i64,
+        outcome: Result<Value, ErrorObject>,
+    },
+    Done {
+        outcome: Result<Value, ErrorObject>,
+    },
+}
+
+impl Frame {
+    fn wire(&self) -> WireFrame {
+        WireFrame {
+            json: serde_json::to_vec(self).unwrap_or_default(),
+        }
+    }
+
+    fn parse(w: &WireFrame) -> Result<Frame, String> {
+        serde_json::from_slice(&w.json).map_err(|e| e.to_string())
+    }
+}
+
+/// The serving side of peer calls.
+pub struct PeerService {
+    pub registry: Registry,
+    pub pools: Pools,
+}
+
+type FrameStream = Pin<Box<dyn Stream<Item = Result<WireFrame, Status>> + Send>>;
+
+fn done(outcome: Result<Value, ErrorObject>) -> FrameStream {
+    let frame = Frame::Done { outcome }.wire();
+    Box::pin(futures_util::stream::iter([Ok(frame)]))
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    type CallStream = FrameStream;
+
+    async fn call(
+        &self,
+        req: Request<Streaming<WireFrame>>,
+    ) -> Result<Response<FrameStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty call stream"))?;
+        let Ok(Frame::Start {
+            server,
+            method,
+            params,
+            principal,
+        }) = Frame::parse(&first)
+        else {
+            return Err(Status::invalid_argument("a call stream starts with Start"));
+        };
+        let allowed = self
+            .registry
+            .local()
+            .state
+            .servers
+            .get(&server)
+            .is_some_and(|s| visible(&principal, &s.spec));
+        if !allowed {
+            return Ok(Response::new(done(Err(ErrorObject::new(
+                code::INVALID_PARAMS,
+                format!("unknown server {server:?}"),
+            )))));
+        }
+        let Some(pool) = self.pools.get(&server) else {
+            return Ok(Response::new(done(Err(ErrorObject::new(
+                code::UNAVAILABLE,
+                format!(
+                    "server {server:?} is not running on node {}",
+                    self.registry.id
+                ),
+            )))));
+        };
+        metrics::counter!("mcpd_peer_calls_served_total", "server" => server.clone()).increment(1);
+        let (tx, rx) = mpsc::channel::<Result<WireFrame, Status>>(64);
+        tokio::spawn(async move {
+            let (ev_tx, mut ev_rx) = mpsc::channel(64);
+            let call = pool.call(&method, params, Some(ev_tx));
+            tokio::pin!(call);
+            let mut responders: HashMap<i64, Responder> = HashMap::new();
+            let mut next_key = 0i64;
+            let mut client_open = true;
+            loop {
+                tokio::select! {
+                    outcome = &mut call => {
+                        let _ = tx.send(Ok(Frame::Done { outcome }.wire())).await;
+                        return;
+                    }
+                    Some(ev) = ev_rx.recv() => {
+                        let frame = match ev {
+                            CallEvent::Notify(m) => Frame::Notify { message: m.to_value() },
+                            CallEvent::Request { method, params, responder } => {
+                                next_key += 1;
+                                responders.insert(next_key, responder);
+                                Frame::Ask { key: next_key, method, params }
+                            }
+                        };
+                        if tx.send(Ok(frame.wire())).await.is_err() {
+                            return; // the caller is gone: dropping the call cancels it
+                        }
+                    }
+                    msg = inbound.message(), if client_open => match msg {
+                        Ok(Some(w)) => {
+                            if let Ok(Frame::Answer { key, outcome }) = Frame::parse(&w) {
+                                if let Some(r) = responders.remove(&key) {
+                                    r.respond(outcome).await;
+                                }
+                            }
+                        }
+                        // The caller half-closed its side; the answer may still be wanted.
+                        Ok(None) => client_open = false,
+                        Err(_) => return,
+                    },
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn server_info(
+        &self,
+        req: Request<ServerInfoRequest>,
+    ) -> Result<Response<ServerInfoReply>, Status> {
+        let name = req.into_inner().server;
+        let info = match self.pools.get(&name) {
+            Some(pool) => {
+                let cat = pool.catalogue();
+                json!({
+                    "init": pool.init_result(),
+                    "slots": pool.states().iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+                    "queue_depth": pool.queue_depth(),
+                    "catalogue": {
+                        "loaded": cat.loaded,
+                        "tools": cat.tools,
+                        "resources": cat.resources,
+                        "resourceTemplates": cat.resource_templates,
+                        "prompts": cat.prompts,
+                    },
+                })
+            }
+            None => Value::Null,
+        };
+        Ok(Response::new(ServerInfoReply {
+            json: serde_json::to_vec(&info).unwrap_or_default(),
+        }))
+    }
+}
+
+/// How a forwarded call ended without an outcome from the server.
+#[derive(Debug)]
+pub enum PeerFailure {
+    /// The peer could not be reached: the call did not run.
+    NotReached(String),
+    /// The stream broke after the call started: it may have run.
+    Broken(String),
+}
+
+/// Forwards one call to `peer`, relaying its events to `events`.
+pub async fn call(
+    channels: &PeerChannels,
+    peer: &Member,
+    principal: &Principal,
+    server: &str,
+    method: &str,
+    params: Option<Value>,
+    events: mpsc::Sender<CallEvent>,
+) -> Result<Result<Value, ErrorObject>, PeerFailure> {
+    let channel = channels
+        .get(&peer.grpc_addr)
+        .map_err(|e| PeerFailure::NotReached(e.to_string()))?;
+    let (out_tx, out_rx) = mpsc::channel::<WireFrame>(16);
+    let start = Frame::Start {
+        server: server.to_string(),
+        method: method.to_string(),
+        params,
+        principal: principal.clone(),
+    };
+    let _ = out_tx.send(start.wire()).await;
+    let mut client = PeerClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    let mut inbound = match client.call(ReceiverStream::new(out_rx)).await {
+        Ok(r) => r.into_inner(),
+        Err(s) if s.code() == tonic::Code::Unavailable => {
+            return Err(PeerFailure::NotReached(s.message().to_string()))
+        }
+        Err(s) => return Err(PeerFailure::Broken(s.message().to_string())),
+    };
+    metrics::counter!("mcpd_peer_forwards_total", "server" => server.to_string()).increment(1);
+    let (ans_tx, mut ans_rx) = mpsc::channel::<Vec<u8>>(16);
+    loop {
+        tokio::select! {
+            frame = inbound.message() => match frame {
+                Ok(Some(w)) => match Frame::parse(&w) {
+                    Ok(Frame::Done { outcome }) => return Ok(outcome),
+                    Ok(Frame::Notify { message }) => {
+                        if let Ok(m) = Message::from_value(message) {
+                            let _ = events.send(CallEvent::Notify(m)).await;
+                        }
+                    }
+                    Ok(Frame::Ask { key, method, params }) => {
+                        let responder = Responder::new(ans_tx.clone(), RequestId::Num(key));
+                        let _ = events.send(CallEvent::Request { method, params, responder }).await;
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(PeerFailure::Broken(format!("bad frame from node {}: {e}", peer.id))),
+                },
+                Ok(None) => return Err(PeerFailure::Broken(format!("node {} closed the call without an answer", peer.id))),
+                Err(s) => return Err(PeerFailure::Broken(format!("node {}: {}", peer.id, s.message()))),
+            },
+            Some(line) = ans_rx.recv() => {
+                if let Ok(Message::Response { id: RequestId::Num(key), outcome }) = Message::parse(&line) {
+                    let _ = out_tx.send(Frame::Answer { key, outcome }.wire()).await;
+                }
+            }
+        }
+    }
+}
+
+/// What a peer says about its pool of `server` (`Value::Null` when it runs none).
+pub async fn server_info(
+    channels: &PeerChannels,
+    peer: &Member,
+    server: &str,
+) -> Result<Value, String> {
+    let channel = channels.get(&peer.grpc_addr).map_err(|e| e.to_string())?;
+    let mut req = Request::new(ServerInfoRequest {
+        server: server.to_string(),
+    });
+    req.set_timeout(std::time::Duration::from_secs(2));
+    let reply = PeerClient::new(channel)
+        .server_info(req)
+        .await
+        .map_err(|s| s.message().to_string())?;
+    serde_json::from_slice(&reply.into_inner().json).map_err(|e| e.to_string())
+}
