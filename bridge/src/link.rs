@@ -78,7 +78,11 @@ pub struct Link {
 
 /// How a request may be retried after a failure that may have reached a node.
 pub fn safe_to_resend(method: &str, params: &Option<Value>, idempotent: &HashSet<String>) -> bool {
-    if mcpcp_proto::mcp::is_read_only(method) || method == "initialize" {
+    // A listen subscription only streams notifications: opening it again is harmless.
+    if mcpcp_proto::mcp::is_read_only(method)
+        || method == "initialize"
+        || method == "subscriptions/listen"
+    {
         return true;
     }
     if method == "tools/call" {

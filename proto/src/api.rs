@@ -361,6 +361,8 @@ pub enum ObjectKind {
     Token,
     /// Where a server with `replicas` runs (the node ids), assigned by the leader.
     Placement,
+    /// MCP session state (not streamed to watchers).
+    Session,
 }
 
 /// One line of `GET /v1/watch` (newline-delimited JSON).

@@ -27,8 +27,8 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::call::{Running, Step};
 use super::dispatch::Route;
+use super::origin_allowed;
 use super::session::{Session, Target};
-use super::{origin_allowed, McpState};
 use crate::api::extract::Caller;
 use crate::api::AppState;
 use crate::pool::process::CallEvent;
@@ -170,13 +170,48 @@ pub fn route(state: &AppState, principal: &crate::registry::Principal, target: &
     }
 }
 
+/// The cluster's session-signing key.
+fn session_key(registry: &crate::registry::Registry) -> Option<Vec<u8>> {
+    registry
+        .local()
+        .state
+        .session_key
+        .as_deref()
+        .and_then(|k| hex::decode(k).ok())
+}
+
+/// Replicates a session's subscriptions and log level, so another node can continue it.
+async fn replicate(state: &AppState, session: &Session) {
+    let st = crate::registry::state::SessionState {
+        subscriptions: session
+            .subscriptions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone(),
+        log_level: session
+            .log_level
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone(),
+        expires_at: crate::registry::now_unix() + crate::registry::state::SESSION_STATE_TTL,
+    };
+    let cmd = crate::registry::state::Command::PutSessionState {
+        id: session.id.clone(),
+        state: Some(st),
+    };
+    if let Err(e) = state.registry.write(cmd).await {
+        tracing::warn!(session = %super::session::short(&session.id), error = %e, "session state not replicated; it will not survive this node");
+    }
+}
+
 /// The session a request names, checked against the caller and the endpoint.
 fn session_of(
-    state: &McpState,
+    state: &AppState,
     headers: &HeaderMap,
     principal: &crate::registry::Principal,
     target: &Target,
 ) -> Result<Arc<Session>, Response> {
+    let mcp = &state.mcp;
     let Some(id) = header_str(headers, SESSION_HEADER) else {
         return Err(rpc_error(
             StatusCode::BAD_REQUEST,
@@ -187,7 +222,14 @@ fn session_of(
             ),
         ));
     };
-    match state.sessions.get(id) {
+    let found = mcp.sessions.get(id).or_else(|| {
+        // Opened on another node (or before a restart): rebuild it from its signed id.
+        let key = session_key(&state.registry)?;
+        let replicated = state.registry.local().state.sessions.get(id).cloned();
+        mcp.sessions
+            .recover(&key, id, principal, target, replicated)
+    });
+    match found {
         // A session is bound to the token and endpoint that opened it; anything else is not it.
         Some(s) if s.principal.token_id == principal.token_id && s.target == *target => Ok(s),
         _ => Err(rpc_error(
@@ -226,7 +268,7 @@ async fn post_session(
             return initialize(&state, principal, target, id.clone(), params.clone()).await;
         }
     }
-    let session = match session_of(&state.mcp, &headers, &principal, &target) {
+    let session = match session_of(&state, &headers, &principal, &target) {
         Ok(s) => s,
         Err(r) => return r,
     };
@@ -316,14 +358,16 @@ async fn initialize(
             )
         }
     };
+    let key = session_key(&state.registry);
     let session = state.mcp.sessions.create(
+        key.as_deref(),
         principal,
         target,
         version.clone(),
         params["clientInfo"].clone(),
         params["capabilities"].clone(),
     );
-    tracing::info!(session = %session.id, protocol = %version, client = %params["clientInfo"]["name"], "session opened");
+    tracing::info!(session = %super::session::short(&session.id), protocol = %version, client = %params["clientInfo"]["name"], "session opened");
     let mut result = json!({ "protocolVersion": version, "capabilities": capabilities, "serverInfo": server_info });
     if let Some(i) = instructions {
         result["instructions"] = json!(i);
@@ -371,19 +415,23 @@ async fn request(
                 )));
             }
             *session.log_level.lock().unwrap_or_else(|p| p.into_inner()) = Some(level.to_string());
+            replicate(&state, &session).await;
             return reply(Ok(json!({})));
         }
         "resources/subscribe" | "resources/unsubscribe" => {
             if let Some(uri) = params.as_ref().and_then(|p| p["uri"].as_str()) {
-                let mut subs = session
-                    .subscriptions
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                if method == "resources/subscribe" {
-                    subs.insert(uri.to_string());
-                } else {
-                    subs.remove(uri);
+                {
+                    let mut subs = session
+                        .subscriptions
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    if method == "resources/subscribe" {
+                        subs.insert(uri.to_string());
+                    } else {
+                        subs.remove(uri);
+                    }
                 }
+                replicate(&state, &session).await;
             }
         }
         _ => {}
@@ -648,7 +696,7 @@ async fn get(
             ErrorObject::new(code::INVALID_REQUEST, "GET needs Accept: text/event-stream"),
         );
     }
-    let session = match session_of(&state.mcp, &headers, &principal, &target) {
+    let session = match session_of(&state, &headers, &principal, &target) {
         Ok(s) => s,
         Err(r) => return r,
     };
@@ -678,7 +726,7 @@ async fn forward_hub(
         let ev = match hub.recv().await {
             Ok(ev) => ev,
             Err(broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!(session = %session.id, missed = n, "session stream fell behind");
+                tracing::warn!(session = %super::session::short(&session.id), missed = n, "session stream fell behind");
                 continue;
             }
             Err(broadcast::error::RecvError::Closed) => return,
@@ -712,7 +760,7 @@ pub async fn delete_aggregate(
     Caller(p): Caller,
     headers: HeaderMap,
 ) -> Response {
-    delete(state, p, Target::Aggregate, headers)
+    delete(state, p, Target::Aggregate, headers).await
 }
 
 pub async fn delete_server(
@@ -721,10 +769,10 @@ pub async fn delete_server(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    delete(state, p, Target::Server(name), headers)
+    delete(state, p, Target::Server(name), headers).await
 }
 
-fn delete(
+async fn delete(
     state: AppState,
     principal: crate::registry::Principal,
     target: Target,
@@ -737,10 +785,17 @@ fn delete(
             ErrorObject::new(code::INVALID_REQUEST, "Origin not allowed"),
         );
     }
-    match session_of(&state.mcp, &headers, &principal, &target) {
+    match session_of(&state, &headers, &principal, &target) {
         Ok(s) => {
             state.mcp.sessions.remove(&s.id);
-            tracing::info!(session = %s.id, "session ended by the client");
+            if state.registry.local().state.sessions.contains_key(&s.id) {
+                let cmd = crate::registry::state::Command::PutSessionState {
+                    id: s.id.clone(),
+                    state: None,
+                };
+                let _ = state.registry.write(cmd).await;
+            }
+            tracing::info!(session = %super::session::short(&s.id), "session ended by the client");
             StatusCode::OK.into_response()
         }
         Err(r) => r,

@@ -510,10 +510,25 @@ impl Registry {
                 hash: minted.hash,
             },
         };
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).map_err(|e| RegistryError::Internal(e.to_string()))?;
+        let key_req = Request {
+            request_id: new_request_id(),
+            command: Command::SetSessionKey {
+                key: hex::encode(key),
+            },
+        };
         let mut last = None;
         for _ in 0..3 {
-            match self.write_request(req.clone()).await {
-                Ok(_) => return Ok((ids, minted.secret)),
+            let written = match self.write_request(req.clone()).await {
+                Ok(_) => match self.write_request(key_req.clone()).await {
+                    Ok(_) | Err(RegistryError::Apply(ApplyError::AlreadyExists { .. })) => Ok(()),
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            };
+            match written {
+                Ok(()) => return Ok((ids, minted.secret)),
                 Err(e @ RegistryError::NoQuorum { .. }) => last = Some(e),
                 Err(e) => return Err(e),
             }

@@ -51,6 +51,26 @@ pub enum Command {
         server: String,
         nodes: Vec<u64>,
     },
+    /// The key that signs MCP session ids, so any node can verify and continue a session.
+    /// Written once at bootstrap; a second one is refused.
+    SetSessionKey {
+        key: String,
+    },
+    /// The mutable part of an MCP session (subscriptions, log level), so that another node
+    /// can continue it. `None` removes it.
+    PutSessionState {
+        id: String,
+        state: Option<SessionState>,
+    },
+}
+
+/// What an MCP session changed after `initialize`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionState {
+    pub subscriptions: BTreeSet<String>,
+    pub log_level: Option<String>,
+    /// Unix seconds after which the state may be dropped.
+    pub expires_at: u64,
 }
 
 impl Command {
@@ -64,6 +84,8 @@ impl Command {
             Command::CreateToken { .. } => "create_token",
             Command::RevokeToken { .. } => "revoke_token",
             Command::SetPlacement { .. } => "set_placement",
+            Command::SetSessionKey { .. } => "set_session_key",
+            Command::PutSessionState { .. } => "put_session_state",
         }
     }
 }
@@ -122,6 +144,9 @@ pub struct StoredToken {
     pub revision: u64,
 }
 
+/// How long a session's replicated state outlives its last change (seconds).
+pub const SESSION_STATE_TTL: u64 = 24 * 3600;
+
 /// How many request ids are remembered for de-duplication. A client retries within seconds;
 /// this covers far more writes than fit in that time.
 pub const DEDUP_WINDOW: usize = 10_000;
@@ -138,6 +163,12 @@ pub struct State {
     /// Nodes assigned to run each server that has `replicas` set.
     #[serde(default)]
     pub placements: BTreeMap<String, Vec<u64>>,
+    /// Key (hex) that signs MCP session ids.
+    #[serde(default)]
+    pub session_key: Option<String>,
+    /// Mutable state of MCP sessions by session id.
+    #[serde(default)]
+    pub sessions: BTreeMap<String, SessionState>,
     /// Every node id that was ever a member, so that no id is used twice.
     pub node_ids_ever: BTreeSet<u64>,
     /// Outcomes of recent requests by request id, oldest first.
@@ -231,6 +262,34 @@ impl State {
                     });
                 }
                 Ok(changes)
+            }
+            Command::SetSessionKey { key } => {
+                if self.session_key.is_some() {
+                    return Err(ApplyError::AlreadyExists {
+                        kind: ObjectKind::Session,
+                        name: "session key".into(),
+                    });
+                }
+                self.session_key = Some(key);
+                Ok(Vec::new())
+            }
+            Command::PutSessionState { id, state } => {
+                // Expired states go whenever one is written: the table stays bounded.
+                if let Some(now) = state
+                    .as_ref()
+                    .map(|s| s.expires_at.saturating_sub(SESSION_STATE_TTL))
+                {
+                    self.sessions.retain(|_, s| s.expires_at > now);
+                }
+                match state {
+                    Some(st) => {
+                        self.sessions.insert(id.clone(), st);
+                    }
+                    None => {
+                        self.sessions.remove(&id);
+                    }
+                }
+                Ok(Vec::new())
             }
             Command::SetPlacement { server, nodes } => {
                 if !self.servers.contains_key(&server) {
@@ -345,6 +404,7 @@ impl State {
                     .placements
                     .get(&change.name)
                     .and_then(|n| serde_json::to_value(n).ok()),
+                ObjectKind::Session => None,
             }
         } else {
             None

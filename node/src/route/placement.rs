@@ -116,10 +116,25 @@ pub async fn run(registry: Registry, grace: Duration, shutdown: Shutdown) {
             .filter(|(_, since)| now.duration_since(**since) >= grace)
             .map(|(id, _)| *id)
             .collect();
-        let (servers, placements) = {
+        let (servers, placements, has_key) = {
             let data = registry.local();
-            (data.state.servers.clone(), data.state.placements.clone())
+            (
+                data.state.servers.clone(),
+                data.state.placements.clone(),
+                data.state.session_key.is_some(),
+            )
         };
+        if !has_key {
+            // Clusters bootstrapped before session keys existed get one from their leader.
+            let mut key = [0u8; 32];
+            if getrandom::fill(&mut key).is_ok() {
+                let _ = registry
+                    .write(Command::SetSessionKey {
+                        key: hex::encode(key),
+                    })
+                    .await;
+            }
+        }
         let mut load: BTreeMap<u64, usize> = BTreeMap::new();
         for nodes in placements.values() {
             for n in nodes {
