@@ -238,6 +238,13 @@ impl AdminClient {
             .await
     }
 
+    pub async fn server_status(
+        &self,
+        name: &str,
+    ) -> Result<mcpcp_proto::api::ServerStatus, ClientError> {
+        self.get(&format!("/v1/servers/{name}/status")).await
+    }
+
     pub async fn create_server(
         &self,
         spec: &ServerSpec,

@@ -203,6 +203,10 @@ enum ServerCmd {
     Get {
         name: String,
     },
+    /// Where it runs, each replica's processes, and the circuit breakers.
+    Status {
+        name: String,
+    },
     /// Change a server; only the given flags change (`-- CMD ARGS` replaces the command).
     Update {
         name: String,
@@ -646,6 +650,71 @@ async fn server(cli: &Cli, cmd: &ServerCmd) -> Outcome {
                         "{}",
                         serde_json::to_string_pretty(&s.spec).unwrap_or_default()
                     );
+                }
+            }
+        }
+        ServerCmd::Status { name } => {
+            let st = c.server_status(name).await?;
+            match cli.output {
+                Output::Json => print_json(&st),
+                Output::Table => {
+                    println!(
+                        "server {} (revision {}, {})",
+                        st.name,
+                        st.revision,
+                        if st.enabled { "enabled" } else { "disabled" }
+                    );
+                    println!("placement: {:?}", st.placement);
+                    let rows = st
+                        .replicas
+                        .iter()
+                        .map(|r| {
+                            vec![
+                                r.node.to_string(),
+                                if r.reachable {
+                                    "yes".into()
+                                } else {
+                                    "no".into()
+                                },
+                                if r.processes.is_empty() {
+                                    "-".into()
+                                } else {
+                                    r.processes.join(",")
+                                },
+                                opt(r.queue_depth),
+                            ]
+                        })
+                        .collect();
+                    print_table(&["NODE", "REACHABLE", "PROCESSES", "QUEUE"], rows);
+                    if !st.breakers.is_empty() {
+                        println!();
+                        let rows = st
+                            .breakers
+                            .iter()
+                            .map(|b| {
+                                vec![
+                                    b["node"].to_string(),
+                                    b["state"].as_str().unwrap_or("-").to_string(),
+                                    b["calls"].to_string(),
+                                    b["failures"].to_string(),
+                                    b["retry_after_ms"]
+                                        .as_u64()
+                                        .map(|v| v.to_string())
+                                        .unwrap_or_else(|| "-".into()),
+                                ]
+                            })
+                            .collect();
+                        print_table(
+                            &[
+                                "BREAKER NODE",
+                                "STATE",
+                                "CALLS",
+                                "FAILURES",
+                                "RETRY_AFTER_MS",
+                            ],
+                            rows,
+                        );
+                    }
                 }
             }
         }

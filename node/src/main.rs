@@ -55,6 +55,9 @@ struct Args {
     /// Calls one server process serves at the same time.
     #[arg(long)]
     pool_max_concurrency: Option<usize>,
+    /// How long a node may be unreachable before its servers are placed elsewhere (ms).
+    #[arg(long)]
+    placement_grace_ms: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -88,6 +91,7 @@ impl Args {
         set!(self.log_format => log.format);
         set!(self.pool_queue_size => pool.queue_size);
         set!(self.pool_max_concurrency => pool.max_concurrency_per_process);
+        set!(self.placement_grace_ms => route.placement_grace_ms);
         if self.advertise_http.is_some() {
             cfg.advertise_http = self.advertise_http;
         }

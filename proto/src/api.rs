@@ -339,6 +339,31 @@ pub struct Versioned<T> {
     pub spec: T,
 }
 
+/// `GET /v1/servers/{name}/status`: where a server runs and how each replica is doing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServerStatus {
+    pub name: String,
+    pub revision: u64,
+    pub enabled: bool,
+    /// Nodes assigned by the leader (servers with `replicas`); every member otherwise.
+    pub placement: Vec<u64>,
+    pub replicas: Vec<ReplicaStatus>,
+    /// Circuit breakers as the answering node sees each replica.
+    pub breakers: Vec<serde_json::Value>,
+}
+
+/// One node's pool of a server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    pub node: u64,
+    /// `ready`, `starting`, `restarting`, `crash_loop`, `stopped` per process; empty when the
+    /// node runs no pool of it or did not answer.
+    pub processes: Vec<String>,
+    pub queue_depth: Option<u64>,
+    /// Whether the node answered.
+    pub reachable: bool,
+}
+
 /// A list answer, with the registry revision it was read at.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct List<T> {

@@ -288,3 +288,154 @@ impl Drop for Cluster {
         }
     }
 }
+
+/// A plain-HTTP MCP client session (2025-06-18), for tests that must not depend on an SDK:
+/// what a curl user does.
+pub struct McpSession {
+    http: reqwest::Client,
+    pub url: String,
+    token: String,
+    pub session: String,
+    next: std::sync::atomic::AtomicI64,
+}
+
+impl McpSession {
+    /// `initialize` + `notifications/initialized` at `url`.
+    pub async fn open(url: &str, token: &str) -> Result<McpSession, String> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| e.to_string())?;
+        let init = serde_json::json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "e2e", "version": "1"}}});
+        let resp = http
+            .post(url)
+            .bearer_auth(token)
+            .header("accept", "application/json, text/event-stream")
+            .json(&init)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let session = resp
+            .headers()
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+            .map(String::from)
+            .ok_or_else(|| format!("no session id (HTTP {})", resp.status()))?;
+        let s = McpSession {
+            http,
+            url: url.to_string(),
+            token: token.to_string(),
+            session,
+            next: std::sync::atomic::AtomicI64::new(1),
+        };
+        s.post(serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+            .await?;
+        Ok(s)
+    }
+
+    /// The same session, sent to another node's URL.
+    pub fn at(&self, url: &str) -> McpSession {
+        McpSession {
+            http: self.http.clone(),
+            url: url.to_string(),
+            token: self.token.clone(),
+            session: self.session.clone(),
+            next: std::sync::atomic::AtomicI64::new(
+                self.next.load(std::sync::atomic::Ordering::Relaxed) + 1000,
+            ),
+        }
+    }
+
+    async fn post(&self, body: serde_json::Value) -> Result<Option<serde_json::Value>, String> {
+        let resp = self
+            .http
+            .post(&self.url)
+            .bearer_auth(&self.token)
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-session-id", &self.session)
+            .header("mcp-protocol-version", "2025-06-18")
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let sse = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let text = resp.text().await.map_err(|e| e.to_string())?;
+        if status.as_u16() == 202 {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            return Err(format!("HTTP {status}: {text}"));
+        }
+        let json = if sse {
+            // The answer is the last `data:` line of the stream.
+            text.lines()
+                .rev()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(str::trim)
+                .find(|l| !l.is_empty())
+                .unwrap_or("null")
+                .to_string()
+        } else {
+            text
+        };
+        serde_json::from_str(&json)
+            .map(Some)
+            .map_err(|e| e.to_string())
+    }
+
+    /// A request; the JSON-RPC response object.
+    pub async fn request(
+        &self,
+        method: &str,
+        params: serde_json::Value,
+    ) -> Result<serde_json::Value, String> {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let body =
+            serde_json::json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+        self.post(body)
+            .await?
+            .ok_or_else(|| "no answer".to_string())
+    }
+
+    /// `tools/call`; the JSON-RPC response object.
+    pub async fn call_tool(
+        &self,
+        name: &str,
+        arguments: serde_json::Value,
+    ) -> Result<serde_json::Value, String> {
+        self.request(
+            "tools/call",
+            serde_json::json!({"name": name, "arguments": arguments}),
+        )
+        .await
+    }
+}
+
+/// The text of the first content block of a successful tool result.
+pub fn tool_text(response: &serde_json::Value) -> Option<String> {
+    response["result"]["content"][0]["text"]
+        .as_str()
+        .map(String::from)
+}
+
+/// A demo MCP server spec (`mcpd demo-server`) named `name`, writing its ledger to `ledger`.
+pub fn demo_server(name: &str, ledger: &Path) -> mcpcp_proto::api::ServerSpec {
+    let mut spec: mcpcp_proto::api::ServerSpec = serde_json::from_value(serde_json::json!({
+        "name": name,
+        "command": binary("mcpd").to_string_lossy(),
+        "args": ["demo-server"],
+        "idempotent_tools": ["echo", "add"],
+    }))
+    .expect("demo spec");
+    spec.env.insert(
+        "MCPD_DEMO_LEDGER".into(),
+        ledger.to_string_lossy().to_string(),
+    );
+    spec
+}

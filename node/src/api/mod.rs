@@ -62,6 +62,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
                 .patch(o::patch_server)
                 .delete(o::delete_server),
         )
+        .route("/servers/{name}/status", get(o::server_status))
         .route("/tenants", get(o::list_tenants).post(o::create_tenant))
         .route(
             "/tenants/{name}",

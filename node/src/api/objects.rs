@@ -6,8 +6,8 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use mcpcp_proto::api::{
-    CreateTokenRequest, CreatedToken, List, ServerPatch, ServerSpec, TenantSpec, TokenInfo,
-    Versioned, WriteAck,
+    CreateTokenRequest, CreatedToken, List, Member, ReplicaStatus, ServerPatch, ServerSpec,
+    ServerStatus, TenantSpec, TokenInfo, Versioned, WriteAck,
 };
 
 use super::error::ApiError;
@@ -66,6 +66,84 @@ pub async fn get_server(
         .cloned()
         .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("server {name:?} not found")))
+}
+
+/// Where a server runs and how its replicas are doing (pool states from each node, breakers
+/// as this node sees them).
+pub async fn server_status(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(name): Path<String>,
+) -> Result<Json<ServerStatus>, ApiError> {
+    let (spec, placed) = {
+        let data = state.registry.local();
+        let spec = data
+            .state
+            .servers
+            .get(&name)
+            .cloned()
+            .ok_or_else(|| ApiError::NotFound(format!("server {name:?} not found")))?;
+        (spec, data.state.placements.get(&name).cloned())
+    };
+    let members: Vec<Member> = state
+        .registry
+        .raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .nodes()
+        .map(|(_, m)| m.clone())
+        .collect();
+    let placement: Vec<u64> = match (&spec.spec.replicas, placed) {
+        (Some(_), Some(p)) => p,
+        (Some(_), None) => Vec::new(),
+        (None, _) => members.iter().map(|m| m.id).collect(),
+    };
+    let channels = state.mcp.router.channels().clone();
+    let replicas = futures_util::future::join_all(placement.iter().map(|id| {
+        let member = members.iter().find(|m| m.id == *id).cloned();
+        let channels = channels.clone();
+        let name = name.clone();
+        async move {
+            let info = match member {
+                Some(m) => crate::route::peer::server_info(&channels, &m, &name)
+                    .await
+                    .ok(),
+                None => None,
+            };
+            ReplicaStatus {
+                node: *id,
+                reachable: info.is_some(),
+                processes: info
+                    .as_ref()
+                    .and_then(|v| v["slots"].as_array().cloned())
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|s| s.as_str().map(String::from))
+                    .collect(),
+                queue_depth: info.as_ref().and_then(|v| v["queue_depth"].as_u64()),
+            }
+        }
+    }))
+    .await;
+    let breakers = state
+        .mcp
+        .router
+        .breakers
+        .snapshot(std::time::Instant::now())
+        .into_iter()
+        .filter(|b| b.server == name)
+        .filter_map(|b| serde_json::to_value(b).ok())
+        .collect();
+    Ok(Json(ServerStatus {
+        name,
+        revision: spec.revision,
+        enabled: spec.spec.enabled,
+        placement,
+        replicas,
+        breakers,
+    }))
 }
 
 pub async fn create_server(

@@ -6,6 +6,8 @@
 //! rounds of a 2026 multi-round-trip request, or abort it on cancellation (which cancels the
 //! request upstream).
 
+use std::time::Duration;
+
 use mcpcp_proto::mcp::ErrorObject;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -13,6 +15,9 @@ use tokio::task::JoinHandle;
 
 use super::dispatch::Route;
 use crate::pool::process::CallEvent;
+
+/// Longest wait, once a call has its answer, for the events sent before it to arrive.
+const LATE_EVENTS: Duration = Duration::from_secs(2);
 
 /// One step of a running call.
 #[derive(Debug)]
@@ -39,8 +44,13 @@ impl Running {
             loop {
                 tokio::select! {
                     outcome = &mut call => {
-                        // Events sent just before the answer still go first.
-                        while let Ok(ev) = ev_rx.try_recv() {
+                        // Events sent before the answer still go first. Some may still be on
+                        // their way (relayed by another task, or from a peer node): take them
+                        // until every sender is gone, for a bounded time.
+                        let deadline = tokio::time::Instant::now() + LATE_EVENTS;
+                        while let Ok(Some(ev)) =
+                            tokio::time::timeout_at(deadline, ev_rx.recv()).await
+                        {
                             let _ = tx.send(Step::Event(ev)).await;
                         }
                         let _ = tx.send(Step::Done(outcome)).await;

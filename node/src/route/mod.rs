@@ -97,6 +97,10 @@ impl Router {
         &self.pools
     }
 
+    pub fn channels(&self) -> &PeerChannels {
+        &self.channels
+    }
+
     fn budget(&self, server: &str) -> Arc<RetryBudget> {
         self.budgets
             .lock()

@@ -1,0 +1,298 @@
+//! Routing and resilience against real nodes and real server processes: placement and
+//! re-placement, peer forwarding, circuit breakers, fallbacks, sessions that outlive their
+//! node, and no duplicate execution of a non-idempotent tool.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use mcpcp_tests::{demo_server, eventually, tool_text, Cluster, McpSession};
+use mcpctl::CallOptions;
+use serde_json::json;
+
+const GRACE: &[&str] = &["--placement-grace-ms", "2000"];
+
+fn mcp_url(c: &Cluster, node: u64, server: &str) -> String {
+    format!("{}/servers/{server}/mcp", c.url(node))
+}
+
+async fn placement(c: &Cluster, server: &str) -> Vec<u64> {
+    let client = c.client();
+    eventually(
+        &format!("a placement for {server}"),
+        Duration::from_secs(30),
+        || {
+            let client = client.clone();
+            let server = server.to_string();
+            async move {
+                let st = client.server_status(&server).await.ok()?;
+                (!st.placement.is_empty()).then_some(st.placement)
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_on_one_node_is_reached_from_every_node_and_re_placed_when_its_node_dies() {
+    let mut c = Cluster::start_with(3, GRACE).await;
+    let ledger = c.dir.path().join("solo.jsonl");
+    let mut spec = demo_server("solo", &ledger);
+    spec.replicas = Some(1);
+    c.client()
+        .create_server(&spec, &CallOptions::default())
+        .await
+        .expect("register");
+    let placed = placement(&c, "solo").await;
+    assert_eq!(placed.len(), 1);
+    let host = placed[0];
+    let other = *c
+        .running_ids()
+        .iter()
+        .find(|id| **id != host)
+        .expect("another node");
+
+    // Served through a node that does not run it (forwarded over gRPC).
+    let session = eventually(
+        "a session through a non-hosting node",
+        Duration::from_secs(30),
+        || {
+            let url = mcp_url(&c, other, "solo");
+            let token = c.admin_token.clone();
+            async move { McpSession::open(&url, &token).await.ok() }
+        },
+    )
+    .await;
+    let r = session
+        .call_tool("echo", json!({"message": "forwarded"}))
+        .await
+        .expect("call");
+    assert_eq!(tool_text(&r).as_deref(), Some("forwarded"), "{r}");
+
+    // Its node dies: the leader re-places it, and the same session keeps calling.
+    c.kill(host).await;
+    let r = eventually(
+        "calls to work again after re-placement",
+        Duration::from_secs(45),
+        || {
+            let s = &session;
+            async move {
+                let r = s
+                    .call_tool("echo", json!({"message": "after"}))
+                    .await
+                    .ok()?;
+                (tool_text(&r).as_deref() == Some("after")).then_some(r)
+            }
+        },
+    )
+    .await;
+    assert!(r["error"].is_null());
+    let now = placement(&c, "solo").await;
+    assert!(
+        !now.contains(&host),
+        "still placed on the dead node {host}: {now:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_server_opens_its_breaker_and_closes_it_when_it_recovers() {
+    let c = Cluster::start_with(3, GRACE).await;
+    let ledger = c.dir.path().join("flaky.jsonl");
+    let mut spec = demo_server("flaky", &ledger);
+    spec.replicas = Some(1);
+    c.client()
+        .create_server(&spec, &CallOptions::default())
+        .await
+        .expect("register");
+    let host = placement(&c, "flaky").await[0];
+    let session = eventually("a session", Duration::from_secs(30), || {
+        let url = mcp_url(&c, host, "flaky");
+        let token = c.admin_token.clone();
+        async move { McpSession::open(&url, &token).await.ok() }
+    })
+    .await;
+    // Failures until the breaker opens; then calls short-circuit with a clear error.
+    let opened = eventually("the breaker to open", Duration::from_secs(30), || {
+        let s = &session;
+        async move {
+            let r = s.call_tool("fail", json!({"message": "boom"})).await.ok()?;
+            let msg = r["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            msg.contains("circuit").then_some(msg)
+        }
+    })
+    .await;
+    assert!(opened.contains("did not run"), "{opened}");
+    let status = c
+        .node_client(host)
+        .server_status("flaky")
+        .await
+        .expect("status");
+    assert!(
+        status.breakers.iter().any(|b| b["state"] == "open"),
+        "{:?}",
+        status.breakers
+    );
+    // The server itself is fine: after the open time, probes go through and close it.
+    eventually(
+        "the breaker to close again",
+        Duration::from_secs(30),
+        || {
+            let s = &session;
+            async move {
+                let r = s.call_tool("echo", json!({"message": "ok"})).await.ok()?;
+                (tool_text(&r).as_deref() == Some("ok")).then_some(())
+            }
+        },
+    )
+    .await;
+    let status = c
+        .node_client(host)
+        .server_status("flaky")
+        .await
+        .expect("status");
+    let states: Vec<_> = status.breakers.iter().map(|b| b["state"].clone()).collect();
+    assert!(states.iter().all(|s| s != "open"), "{states:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_server_is_answered_by_its_fallback_marked_in_meta() {
+    let c = Cluster::start_with(3, GRACE).await;
+    let ledger = c.dir.path().join("backup.jsonl");
+    let client = c.client();
+    client
+        .create_server(&demo_server("backup", &ledger), &CallOptions::default())
+        .await
+        .expect("backup");
+    let mut primary = demo_server("primary", &ledger);
+    primary.command = "/bin/false".into();
+    primary.args.clear();
+    primary.fallbacks = vec!["backup".into()];
+    primary.timeouts.request_ms = 2000;
+    client
+        .create_server(&primary, &CallOptions::default())
+        .await
+        .expect("primary");
+    let session = eventually("an aggregate session", Duration::from_secs(30), || {
+        let url = format!("{}/mcp", c.url(1));
+        let token = c.admin_token.clone();
+        async move { McpSession::open(&url, &token).await.ok() }
+    })
+    .await;
+    let r = eventually("the fallback to answer", Duration::from_secs(60), || {
+        let s = &session;
+        async move {
+            let r = s
+                .call_tool("primary__echo", json!({"message": "via fallback"}))
+                .await
+                .ok()?;
+            (tool_text(&r).as_deref() == Some("via fallback")).then_some(r)
+        }
+    })
+    .await;
+    let meta = &r["result"]["_meta"]["io.mcpcp/fallback"];
+    assert_eq!(meta["server"], "primary", "{r}");
+    assert_eq!(meta["fallback"], "backup", "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_session_id_keeps_working_on_another_node_after_its_node_is_killed() {
+    let mut c = Cluster::start_with(3, GRACE).await;
+    let ledger = c.dir.path().join("demo.jsonl");
+    c.client()
+        .create_server(&demo_server("demo", &ledger), &CallOptions::default())
+        .await
+        .expect("register");
+    let first = c.running_ids()[0];
+    let second = c.running_ids()[1];
+    let session = eventually("a session", Duration::from_secs(30), || {
+        let url = format!("{}/mcp", c.url(first));
+        let token = c.admin_token.clone();
+        async move { McpSession::open(&url, &token).await.ok() }
+    })
+    .await;
+    let set = session
+        .request("logging/setLevel", json!({"level": "error"}))
+        .await
+        .expect("setLevel");
+    assert!(set["error"].is_null(), "{set}");
+    let r = session
+        .call_tool("demo__echo", json!({"message": "before"}))
+        .await
+        .expect("call");
+    assert_eq!(tool_text(&r).as_deref(), Some("before"));
+    c.kill(first).await;
+    let moved = session.at(&format!("{}/mcp", c.url(second)));
+    let r = moved
+        .call_tool("demo__echo", json!({"message": "after"}))
+        .await
+        .expect("call on another node");
+    assert_eq!(tool_text(&r).as_deref(), Some("after"), "{r}");
+    // A session id that was not signed by the cluster is not accepted.
+    let mut tampered = moved.at(&format!("{}/mcp", c.url(second)));
+    tampered.session.push('x');
+    let err = tampered
+        .call_tool("demo__echo", json!({"message": "x"}))
+        .await
+        .expect_err("404");
+    assert!(err.contains("404"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_idempotent_tool_never_runs_twice_across_a_node_kill() {
+    let mut c = Cluster::start_with(3, GRACE).await;
+    let ledger = c.dir.path().join("counter.jsonl");
+    c.client()
+        .create_server(&demo_server("counter", &ledger), &CallOptions::default())
+        .await
+        .expect("register");
+    let ids = c.running_ids();
+    let session = eventually("a session", Duration::from_secs(30), || {
+        let url = format!("{}/servers/counter/mcp", c.url(ids[0]));
+        let token = c.admin_token.clone();
+        async move { McpSession::open(&url, &token).await.ok() }
+    })
+    .await;
+    let mut outcomes = BTreeMap::new();
+    let mut current = session;
+    for i in 0..30 {
+        if i == 10 {
+            c.kill(ids[0]).await;
+            current = current.at(&format!("{}/servers/counter/mcp", c.url(ids[1])));
+        }
+        let key = format!("k{i}");
+        let args = json!({});
+        let params = json!({"name": "counter_increment", "arguments": args, "_meta": {"mcpd/request-key": key}});
+        let outcome = match current.request("tools/call", params).await {
+            Ok(r) if r["error"].is_null() => "ok",
+            Ok(_) => "error",
+            Err(_) => "transport",
+        };
+        outcomes.insert(key, outcome);
+    }
+    let text = std::fs::read_to_string(&ledger).expect("ledger");
+    let mut seen = BTreeMap::new();
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("ledger line");
+        let key = v["key"].as_str().expect("key").to_string();
+        *seen.entry(key).or_insert(0) += 1;
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "ran more than once: {twice:?}");
+    // Everything acknowledged as ok did run.
+    for (k, o) in &outcomes {
+        if *o == "ok" {
+            assert_eq!(
+                seen.get(k),
+                Some(&1),
+                "{k} answered ok but is not in the ledger"
+            );
+        }
+    }
+    let ok = outcomes.values().filter(|o| **o == "ok").count();
+    assert!(
+        ok >= 25,
+        "too few calls succeeded across the kill: {outcomes:?}"
+    );
+}
