@@ -11,7 +11,7 @@
 //!   that was proposed, a timeout, a connection lost after the request was sent).
 
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Microseconds since the scenario started.
 pub type Micros = u64;
@@ -32,11 +32,6 @@ impl Clock {
     /// Now, in microseconds since the start.
     pub fn now(&self) -> Micros {
         u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX)
-    }
-
-    /// The [`Instant`] of a timestamp of this clock.
-    pub fn instant(&self, at: Micros) -> Instant {
-        self.start + Duration::from_micros(at)
     }
 }
 
@@ -107,6 +102,8 @@ pub enum UnknownCause {
     ServerUnsure,
     /// An answer that could not be understood.
     Garbled,
+    /// No answer was recorded: the client was stopped while the call was in flight.
+    InFlight,
 }
 
 /// How an operation ended.
@@ -120,10 +117,6 @@ pub enum Outcome {
 impl Outcome {
     pub fn is_ok(&self) -> bool {
         matches!(self, Outcome::Ok(_))
-    }
-
-    pub fn is_unknown(&self) -> bool {
-        matches!(self, Outcome::Unknown { .. })
     }
 }
 
@@ -143,20 +136,19 @@ pub struct Op {
     pub outcome: Outcome,
 }
 
-/// An operation that was invoked and has not completed yet.
+/// An operation that was invoked and has not completed yet (its index in the history).
 #[derive(Debug)]
 pub struct Pending {
-    worker: usize,
-    node: u64,
-    kind: OpKind,
-    invoke: Micros,
+    index: usize,
 }
 
-/// The shared, append-only record of a scenario's operations.
+/// The shared, append-only record of a scenario's operations. An operation is recorded when
+/// it is invoked, so one whose client is stopped mid-call still appears (as unknown).
 #[derive(Debug, Clone)]
 pub struct History {
     clock: Clock,
-    ops: Arc<Mutex<Vec<Op>>>,
+    /// Each op with whether it completed.
+    ops: Arc<Mutex<Vec<(Op, bool)>>>,
 }
 
 impl History {
@@ -167,44 +159,59 @@ impl History {
         }
     }
 
-    pub fn clock(&self) -> Clock {
-        self.clock
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Vec<Op>> {
+    fn lock(&self) -> MutexGuard<'_, Vec<(Op, bool)>> {
         // A panicking worker cannot leave a half-written op: pushes are single calls.
         self.ops.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records the invocation time of an operation about to be sent.
+    /// Records an operation about to be sent, with its invocation time.
     pub fn invoke(&self, worker: usize, node: u64, kind: OpKind) -> Pending {
-        Pending {
-            worker,
-            node,
-            kind,
-            invoke: self.clock.now(),
-        }
+        let mut ops = self.lock();
+        let index = ops.len();
+        let invoke = self.clock.now();
+        ops.push((
+            Op {
+                id: index,
+                worker,
+                node,
+                kind,
+                invoke,
+                complete: invoke,
+                outcome: Outcome::Unknown {
+                    cause: UnknownCause::InFlight,
+                    detail: "no answer recorded".into(),
+                },
+            },
+            false,
+        ));
+        Pending { index }
     }
 
     /// Records the completion of `pending`.
     pub fn complete(&self, pending: Pending, outcome: Outcome) {
         let complete = self.clock.now();
         let mut ops = self.lock();
-        let id = ops.len();
-        ops.push(Op {
-            id,
-            worker: pending.worker,
-            node: pending.node,
-            kind: pending.kind,
-            invoke: pending.invoke,
-            complete,
-            outcome,
-        });
+        if let Some((op, done)) = ops.get_mut(pending.index) {
+            op.complete = complete;
+            op.outcome = outcome;
+            *done = true;
+        }
     }
 
-    /// A copy of every completed operation, in completion order.
+    /// A copy of every operation, in invocation order; one still in flight is unknown and
+    /// ends now.
     pub fn snapshot(&self) -> Vec<Op> {
-        self.lock().clone()
+        let now = self.clock.now();
+        self.lock()
+            .iter()
+            .map(|(op, done)| {
+                let mut op = op.clone();
+                if !done {
+                    op.complete = now;
+                }
+                op
+            })
+            .collect()
     }
 }
 
@@ -230,19 +237,44 @@ impl Tally {
     }
 }
 
+/// Latency percentiles of the acknowledged operations, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Latency {
+    pub p50: u64,
+    pub p99: u64,
+    pub max: u64,
+}
+
+impl Latency {
+    pub fn of(ops: &[Op]) -> Latency {
+        let mut l: Vec<u64> = ops
+            .iter()
+            .filter(|o| o.outcome.is_ok())
+            .map(|o| (o.complete - o.invoke) / 1000)
+            .collect();
+        if l.is_empty() {
+            return Latency::default();
+        }
+        l.sort_unstable();
+        let at = |q: usize| l[(l.len() - 1) * q / 100];
+        Latency {
+            p50: at(50),
+            p99: at(99),
+            max: at(100),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn ops_get_ids_in_completion_order_and_times_are_ordered() {
+    fn ops_get_ids_in_invocation_order_and_in_flight_ones_are_unknown() {
         let h = History::new(Clock::new());
         let a = h.invoke(0, 1, OpKind::ListTenants);
         let b = h.invoke(1, 2, OpKind::ListTenants);
-        h.complete(
-            b,
-            Outcome::Ok(OpResult::Tenants { names: vec![] }),
-        );
+        h.complete(b, Outcome::Ok(OpResult::Tenants { names: vec![] }));
         h.complete(
             a,
             Outcome::Unknown {
@@ -250,17 +282,25 @@ mod tests {
                 detail: "t".into(),
             },
         );
+        let _in_flight = h.invoke(2, 3, OpKind::ListTenants);
         let ops = h.snapshot();
-        assert_eq!(ops.len(), 2);
-        assert_eq!(ops[0].worker, 1);
+        assert_eq!(ops.len(), 3);
+        assert_eq!(ops[0].worker, 0);
         assert_eq!(ops[1].id, 1);
+        assert!(matches!(
+            ops[2].outcome,
+            Outcome::Unknown {
+                cause: UnknownCause::InFlight,
+                ..
+            }
+        ));
         assert!(ops.iter().all(|o| o.invoke <= o.complete));
         assert_eq!(
             Tally::of(&ops),
             Tally {
                 ok: 1,
                 failed: 0,
-                unknown: 1
+                unknown: 2
             }
         );
     }
