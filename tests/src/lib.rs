@@ -190,6 +190,20 @@ impl Cluster {
         }
     }
 
+    /// SIGTERM, then waits for the process to exit (graceful shutdown).
+    pub async fn terminate(&mut self, id: u64) -> std::process::ExitStatus {
+        let node = self.nodes.get_mut(&id).expect("known node");
+        let mut child = node.child.take().expect("running");
+        let pid = child.id().expect("pid");
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .expect("exits within 30 s of SIGTERM")
+            .expect("wait")
+    }
+
     /// Restarts a killed node with its data and addresses.
     pub async fn restart(&mut self, id: u64) {
         assert!(!self.nodes[&id].running(), "node {id} is running");

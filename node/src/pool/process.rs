@@ -301,25 +301,25 @@ impl Process {
     }
 
     /// Asks the process to exit: close its stdin, then SIGTERM the group after `grace`, then
-    /// SIGKILL after another `grace`.
+    /// SIGKILL after another `grace`. Whatever the server started in its process group is
+    /// stopped too, even when the server itself exited at once.
     pub async fn stop(&self, grace: Duration) {
         // An empty buffer tells the writer to close stdin (other senders may still exist).
         let _ = self.stdin.send(Vec::new()).await;
         let mut rx = self.exited.clone();
         if tokio::time::timeout(grace, rx.wait_for(|e| *e))
             .await
-            .is_ok()
+            .is_err()
         {
-            return;
+            signal_group(self.pid, rustix::process::Signal::TERM);
+            if tokio::time::timeout(grace, rx.wait_for(|e| *e))
+                .await
+                .is_err()
+            {
+                tracing::warn!(server = %self.shared.server, pid = ?self.pid, "server ignored SIGTERM; killing it");
+            }
         }
-        signal_group(self.pid, rustix::process::Signal::TERM);
-        if tokio::time::timeout(grace, rx.wait_for(|e| *e))
-            .await
-            .is_ok()
-        {
-            return;
-        }
-        tracing::warn!(server = %self.shared.server, pid = ?self.pid, "server ignored SIGTERM; killing it");
+        // The leader is gone (or going): end its children, which stdin EOF does not reach.
         signal_group(self.pid, rustix::process::Signal::KILL);
     }
 }
@@ -327,9 +327,7 @@ impl Process {
 impl Drop for Process {
     fn drop(&mut self) {
         // The child itself is killed by `kill_on_drop`; its own children by the group kill.
-        if self.is_alive() {
-            signal_group(self.pid, rustix::process::Signal::KILL);
-        }
+        signal_group(self.pid, rustix::process::Signal::KILL);
     }
 }
 

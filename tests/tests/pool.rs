@@ -1,0 +1,80 @@
+//! Server processes as an operator sees them from outside: no process outlives its node.
+
+use std::time::Duration;
+
+use mcpcp_tests::{binary, demo_server, eventually, tool_text, Cluster, McpSession};
+use mcpctl::CallOptions;
+use serde_json::json;
+
+/// Pids whose command line (NUL-separated arguments) contains `marker`.
+fn processes_with(marker: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&cmd).contains(marker) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_server_process_or_its_children_outlive_a_stopped_node() {
+    let mut c = Cluster::start(3).await;
+    // A server that spawns a child of its own (as `npx` does), with a marker to find both.
+    let marker = format!(
+        "{}.{}",
+        3000 + std::process::id() % 1000,
+        fastrand::u32(100..999)
+    );
+    let ledger = c.dir.path().join("ledger.jsonl");
+    let mut spec = demo_server("forky", &ledger);
+    spec.command = "/bin/sh".into();
+    spec.args = vec![
+        "-c".into(),
+        format!(
+            "sleep {marker} & exec {} demo-server",
+            binary("mcpd").display()
+        ),
+    ];
+    spec.pool_size = 2;
+    c.client()
+        .create_server(&spec, &CallOptions::default())
+        .await
+        .expect("register");
+    let session = eventually("the server to answer", Duration::from_secs(30), || {
+        let url = format!("{}/servers/forky/mcp", c.url(1));
+        let token = c.admin_token.clone();
+        async move { McpSession::open(&url, &token).await.ok() }
+    })
+    .await;
+    let r = session
+        .call_tool("echo", json!({"message": "hi"}))
+        .await
+        .expect("call");
+    assert_eq!(tool_text(&r).as_deref(), Some("hi"));
+    let before = eventually(
+        "the marked children of every node's pool",
+        Duration::from_secs(30),
+        || {
+            let found = processes_with(&marker);
+            async move { (found.len() >= 6).then_some(found) }
+        },
+    )
+    .await;
+    assert!(before.len() >= 6, "{before:?}");
+    for id in c.running_ids() {
+        let status = c.terminate(id).await;
+        assert!(status.success(), "node {id} exited with {status}");
+    }
+    let left = processes_with(&marker);
+    assert!(
+        left.is_empty(),
+        "orphaned processes after every node stopped: {left:?}"
+    );
+}
