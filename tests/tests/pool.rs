@@ -78,3 +78,59 @@ async fn no_server_process_or_its_children_outlive_a_stopped_node() {
         "orphaned processes after every node stopped: {left:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedicated_mode_gives_each_session_its_own_process() {
+    let c = Cluster::start(3).await;
+    let ledger = c.dir.path().join("ledger.jsonl");
+    let mut spec = demo_server("ded", &ledger);
+    spec.session_mode = mcpcp_proto::api::SessionMode::Dedicated;
+    spec.pool_size = 1;
+    c.client()
+        .create_server(&spec, &CallOptions::default())
+        .await
+        .expect("register");
+    let open = || {
+        let url = format!("{}/servers/ded/mcp", c.url(1));
+        let token = c.admin_token.clone();
+        async move { McpSession::open(&url, &token).await.ok() }
+    };
+    let a = eventually("session a", Duration::from_secs(30), open).await;
+    let b = eventually("session b", Duration::from_secs(30), open).await;
+    // The demo counts per process: a session with its own process counts from 1.
+    let count = |r: serde_json::Value| tool_text(&r).unwrap_or_default();
+    assert_eq!(
+        count(
+            a.call_tool("counter_increment", json!({}))
+                .await
+                .expect("a1")
+        ),
+        "1"
+    );
+    assert_eq!(
+        count(
+            a.call_tool("counter_increment", json!({}))
+                .await
+                .expect("a2")
+        ),
+        "2"
+    );
+    assert_eq!(
+        count(
+            b.call_tool("counter_increment", json!({}))
+                .await
+                .expect("b1")
+        ),
+        "1"
+    );
+    let pids: std::collections::BTreeSet<u64> = std::fs::read_to_string(&ledger)
+        .expect("ledger")
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("line")["pid"]
+                .as_u64()
+                .expect("pid")
+        })
+        .collect();
+    assert_eq!(pids.len(), 2, "two sessions, two processes: {pids:?}");
+}

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use super::session::Target;
 use crate::pool::catalogue::Catalogue;
 use crate::pool::process::CallEvent;
+use crate::pool::Affinity;
 use crate::registry::{Principal, Registry};
 use crate::route::{Router, ServerInfo};
 
@@ -36,6 +37,8 @@ pub struct Route {
     pub router: Router,
     pub principal: Principal,
     pub target: Target,
+    /// The downstream session, for servers that run a process per session.
+    pub affinity: Option<Affinity>,
 }
 
 fn invalid(message: impl Into<String>) -> ErrorObject {
@@ -76,7 +79,14 @@ impl Route {
             Target::Server(name) => {
                 let mut result = self
                     .router
-                    .call(&self.principal, name, method, params, events)
+                    .call(
+                        &self.principal,
+                        self.affinity.as_ref(),
+                        name,
+                        method,
+                        params,
+                        events,
+                    )
                     .await?;
                 if method == "tools/list" {
                     let idempotent = self
@@ -127,7 +137,7 @@ impl Route {
                     });
                 }
                 params["name"] = json!(name);
-                self.router.call(&self.principal, server, method, Some(params), events).await
+                self.router.call(&self.principal, self.affinity.as_ref(), server, method, Some(params), events).await
             }
             "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
                 let uri = params
@@ -139,7 +149,7 @@ impl Route {
                     ErrorObject::new(code::RESOURCE_NOT_FOUND, format!("resource not found: {uri}"))
                         .with_data(json!({ "uri": uri }))
                 })?;
-                self.router.call(&self.principal, &server, method, params, events).await
+                self.router.call(&self.principal, self.affinity.as_ref(), &server, method, params, events).await
             }
             "completion/complete" => {
                 let mut params = params.ok_or_else(|| invalid("params: required"))?;
@@ -161,7 +171,7 @@ impl Route {
                     }
                     _ => return Err(invalid("params.ref.type: must be ref/prompt or ref/resource")),
                 };
-                self.router.call(&self.principal, &server, method, Some(params), events).await
+                self.router.call(&self.principal, self.affinity.as_ref(), &server, method, Some(params), events).await
             }
             other => Err(ErrorObject::new(
                 code::METHOD_NOT_FOUND,

@@ -167,6 +167,7 @@ pub fn route(state: &AppState, principal: &crate::registry::Principal, target: &
         router: state.mcp.router.clone(),
         principal: principal.clone(),
         target: target.clone(),
+        affinity: None,
     }
 }
 
@@ -436,7 +437,23 @@ async fn request(
         }
         _ => {}
     }
-    let running = Running::start(route(&state, &principal, &target), method.clone(), params);
+    let mut r = route(&state, &principal, &target);
+    r.affinity = Some(crate::pool::Affinity {
+        key: session.id.clone(),
+        client_init: json!({
+            "protocolVersion": session.protocol_version,
+            "capabilities": session.client_capabilities,
+            "clientInfo": session.client_info,
+        }),
+        subscriptions: session
+            .subscriptions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect(),
+    });
+    let running = Running::start(r, method.clone(), params);
     session
         .in_flight
         .lock()
@@ -788,6 +805,9 @@ async fn delete(
     match session_of(&state, &headers, &principal, &target) {
         Ok(s) => {
             state.mcp.sessions.remove(&s.id);
+            for pool in state.mcp.pools.all() {
+                pool.release(&s.id).await;
+            }
             if state.registry.local().state.sessions.contains_key(&s.id) {
                 let cmd = crate::registry::state::Command::PutSessionState {
                     id: s.id.clone(),

@@ -58,6 +58,26 @@ impl Default for PoolConfig {
     }
 }
 
+/// Which downstream session a call belongs to, for servers in `session_mode = dedicated`: the
+/// session gets a process of its own, initialised with the client's own parameters.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Affinity {
+    /// The downstream session id.
+    pub key: String,
+    /// The client's `initialize` params (protocolVersion, capabilities, clientInfo).
+    pub client_init: Value,
+    /// Resource subscriptions to restore on a new process.
+    pub subscriptions: Vec<String>,
+}
+
+/// Most dedicated processes one pool runs on one node.
+const MAX_DEDICATED: usize = 128;
+
+struct Dedicated {
+    process: Arc<Process>,
+    last_used: Instant,
+}
+
 /// A server's notification that belongs to no call, tagged with the server's name.
 #[derive(Debug, Clone)]
 pub struct ServerEvent {
@@ -109,6 +129,9 @@ pub struct Pool {
     stop: Trigger,
     tasks: std::sync::Mutex<JoinSet<()>>,
     cfg: PoolConfig,
+    /// `session_mode = dedicated`: a process per downstream session.
+    dedicated: tokio::sync::Mutex<std::collections::HashMap<String, Dedicated>>,
+    pool_events: mpsc::Sender<PoolEvent>,
 }
 
 impl Pool {
@@ -154,10 +177,19 @@ impl Pool {
             stop: trigger,
             tasks: std::sync::Mutex::new(JoinSet::new()),
             cfg,
+            dedicated: tokio::sync::Mutex::new(std::collections::HashMap::new()),
+            pool_events: pool_tx.clone(),
         });
         let mut t = pool.tasks.lock().unwrap_or_else(|p| p.into_inner());
         *t = tasks;
-        t.spawn(watch_catalogue(Arc::downgrade(&pool), pool_rx, stop));
+        t.spawn(watch_catalogue(
+            Arc::downgrade(&pool),
+            pool_rx,
+            stop.clone(),
+        ));
+        if pool.spec.spec.session_mode == mcpcp_proto::api::SessionMode::Dedicated {
+            t.spawn(reap_dedicated(Arc::downgrade(&pool), stop));
+        }
         drop(t);
         pool
     }
@@ -229,6 +261,109 @@ impl Pool {
             .map(|(v, _)| v)
     }
 
+    /// Runs one request for a downstream session: on its own process when the server is in
+    /// `session_mode = dedicated` (started on first use, reaped when idle), else as [`Pool::call`].
+    pub async fn call_for(
+        &self,
+        affinity: Option<&Affinity>,
+        method: &str,
+        params: Option<Value>,
+        events: Option<mpsc::Sender<CallEvent>>,
+    ) -> Result<Value, ErrorObject> {
+        let dedicated = self.spec.spec.session_mode == mcpcp_proto::api::SessionMode::Dedicated;
+        let Some(affinity) = affinity.filter(|_| dedicated) else {
+            return self.call(method, params, events).await;
+        };
+        let process = self.dedicated_process(affinity).await?;
+        let timeout = Duration::from_millis(self.spec.spec.timeouts.request_ms);
+        match tokio::time::timeout(timeout, process.call(method, params, events)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(ErrorObject::new(
+                code::TIMEOUT,
+                format!("server {:?} did not answer {method} within {timeout:?}; it may or may not have run", self.name),
+            )),
+        }
+    }
+
+    async fn dedicated_process(&self, affinity: &Affinity) -> Result<Arc<Process>, ErrorObject> {
+        let mut map = self.dedicated.lock().await;
+        if let Some(d) = map.get_mut(&affinity.key) {
+            if d.process.is_alive() {
+                d.last_used = Instant::now();
+                return Ok(d.process.clone());
+            }
+            map.remove(&affinity.key);
+        }
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(ErrorObject::new(
+                code::UNAVAILABLE,
+                format!("server {:?} was removed or changed; retry", self.name),
+            ));
+        }
+        if map.len() >= MAX_DEDICATED {
+            return Err(ErrorObject::new(
+                code::QUEUE_FULL,
+                format!("server {:?} already runs {MAX_DEDICATED} dedicated processes on this node; the call did not run", self.name),
+            ));
+        }
+        let mut init = affinity.client_init.clone();
+        if !init.is_object() {
+            init = serde_json::json!({});
+        }
+        if init.get("protocolVersion").is_none() {
+            init["protocolVersion"] = serde_json::json!(mcpcp_proto::mcp::LATEST_SESSION_VERSION);
+        }
+        if init.get("capabilities").is_none() {
+            init["capabilities"] = serde_json::json!({});
+        }
+        if init.get("clientInfo").is_none() {
+            init["clientInfo"] =
+                serde_json::json!({ "name": "mcpd", "version": env!("CARGO_PKG_VERSION") });
+        }
+        let process = Process::start_as(&self.spec.spec, self.pool_events.clone(), Some(init))
+            .await
+            .map_err(|e| {
+                ErrorObject::new(
+                    code::UNAVAILABLE,
+                    format!("server {:?}: {e}; the call did not run", self.name),
+                )
+            })?;
+        let process = Arc::new(process);
+        // A session that moved here from another node keeps its subscriptions.
+        for uri in &affinity.subscriptions {
+            let _ = process
+                .call(
+                    "resources/subscribe",
+                    Some(serde_json::json!({ "uri": uri })),
+                    None,
+                )
+                .await;
+        }
+        metrics::gauge!("mcpd_pool_dedicated_processes", "server" => self.name.clone())
+            .increment(1.0);
+        tracing::info!(server = %self.name, session = %crate::mcp::session::short(&affinity.key), pid = ?process.pid(), "dedicated process started");
+        map.insert(
+            affinity.key.clone(),
+            Dedicated {
+                process: process.clone(),
+                last_used: Instant::now(),
+            },
+        );
+        Ok(process)
+    }
+
+    /// Stops the dedicated process of a session that ended.
+    pub async fn release(&self, key: &str) {
+        let d = self.dedicated.lock().await.remove(key);
+        if let Some(d) = d {
+            metrics::gauge!("mcpd_pool_dedicated_processes", "server" => self.name.clone())
+                .decrement(1.0);
+            d.process
+                .stop(Duration::from_millis(self.cfg.stop_grace_ms))
+                .await;
+        }
+    }
+
     /// Like [`Pool::call`], also returning the process that served it (to answer its requests).
     pub async fn call_routed(
         &self,
@@ -296,6 +431,10 @@ impl Pool {
     /// processes.
     pub async fn shutdown(&self, drain: Duration) {
         self.closed.store(true, Ordering::Relaxed);
+        let dedicated: Vec<String> = self.dedicated.lock().await.keys().cloned().collect();
+        for key in dedicated {
+            self.release(&key).await;
+        }
         let total = self.active.available_permits() as u32;
         let _ = total;
         let capacity =
@@ -405,6 +544,30 @@ async fn supervise(
         }
     }
     set_state(SlotState::Stopped);
+}
+
+/// Stops dedicated processes whose session has been idle longer than the server's `idle_ms`.
+async fn reap_dedicated(pool: std::sync::Weak<Pool>, stop: Shutdown) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = stop.clone().wait() => return,
+        }
+        let Some(pool) = pool.upgrade() else { return };
+        let idle = Duration::from_millis(pool.spec.spec.timeouts.idle_ms);
+        let expired: Vec<String> = pool
+            .dedicated
+            .lock()
+            .await
+            .iter()
+            .filter(|(_, d)| d.last_used.elapsed() > idle || !d.process.is_alive())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in expired {
+            tracing::info!(server = %pool.name, session = %crate::mcp::session::short(&key), "reaping an idle dedicated process");
+            pool.release(&key).await;
+        }
+    }
 }
 
 fn backoff() -> impl Iterator<Item = Duration> {

@@ -136,6 +136,16 @@ impl Process {
         spec: &ServerSpec,
         pool_events: mpsc::Sender<PoolEvent>,
     ) -> Result<Process, ProcessError> {
+        Self::start_as(spec, pool_events, None).await
+    }
+
+    /// Like [`Process::start`], initialising the server with a downstream client's own
+    /// `initialize` params (dedicated processes) instead of the gateway's.
+    pub async fn start_as(
+        spec: &ServerSpec,
+        pool_events: mpsc::Sender<PoolEvent>,
+        client_init: Option<Value>,
+    ) -> Result<Process, ProcessError> {
         let mut cmd = Command::new(&spec.command);
         cmd.args(&spec.args)
             .envs(&spec.env)
@@ -192,14 +202,16 @@ impl Process {
             exited: exited_rx,
             init: Value::Null,
         };
-        let params = json!({
-            "protocolVersion": LATEST_SESSION_VERSION,
-            "capabilities": {
-                "sampling": {},
-                "elicitation": {},
-                "roots": { "listChanged": true },
-            },
-            "clientInfo": { "name": "mcpd", "version": env!("CARGO_PKG_VERSION") },
+        let params = client_init.unwrap_or_else(|| {
+            json!({
+                "protocolVersion": LATEST_SESSION_VERSION,
+                "capabilities": {
+                    "sampling": {},
+                    "elicitation": {},
+                    "roots": { "listChanged": true },
+                },
+                "clientInfo": { "name": "mcpd", "version": env!("CARGO_PKG_VERSION") },
+            })
         });
         let startup = Duration::from_millis(spec.timeouts.startup_ms);
         let init = tokio::time::timeout(startup, process.call("initialize", Some(params), None))

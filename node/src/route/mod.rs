@@ -36,6 +36,7 @@ use crate::mcp::dispatch::visible;
 use crate::pool::catalogue::Catalogue;
 use crate::pool::process::CallEvent;
 use crate::pool::reconcile::Pools;
+use crate::pool::Affinity;
 use crate::raft::network::PeerChannels;
 use crate::registry::{Principal, Registry};
 use breaker::{Breakers, Outcome};
@@ -186,6 +187,7 @@ impl Router {
     pub async fn call(
         &self,
         principal: &Principal,
+        affinity: Option<&Affinity>,
         server: &str,
         method: &str,
         params: Option<Value>,
@@ -193,12 +195,20 @@ impl Router {
     ) -> Result<Value, ErrorObject> {
         let spec = self.scope(principal, server)?;
         match self
-            .call_replicas(principal, &spec, method, params.clone(), events.clone())
+            .call_replicas(
+                principal,
+                affinity,
+                &spec,
+                method,
+                params.clone(),
+                events.clone(),
+            )
             .await
         {
             Ok(v) => Ok(v),
             Err((e, true)) if method == "tools/call" && !spec.spec.fallbacks.is_empty() => {
-                self.fallback(principal, &spec, params, events, e).await
+                self.fallback(principal, affinity, &spec, params, events, e)
+                    .await
             }
             Err((e, _)) => Err(e),
         }
@@ -208,6 +218,7 @@ impl Router {
     async fn call_replicas(
         &self,
         principal: &Principal,
+        affinity: Option<&Affinity>,
         spec: &Versioned<ServerSpec>,
         method: &str,
         params: Option<Value>,
@@ -262,7 +273,15 @@ impl Router {
             attempts += 1;
             let relay = relay_events(events.clone(), sent.clone());
             let outcome = self
-                .attempt(&replica, principal, server, method, params.clone(), relay)
+                .attempt(
+                    &replica,
+                    principal,
+                    affinity,
+                    server,
+                    method,
+                    params.clone(),
+                    relay,
+                )
                 .await;
             // A tool result with isError counts against the replica (as a 5xx does in an
             // HTTP proxy); a JSON-RPC error only when it is the server's internal error.
@@ -302,10 +321,12 @@ impl Router {
     }
 
     /// One attempt on one replica, with the failure classified.
+    #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
         replica: &Replica,
         principal: &Principal,
+        affinity: Option<&Affinity>,
         server: &str,
         method: &str,
         params: Option<Value>,
@@ -313,14 +334,24 @@ impl Router {
     ) -> Result<Value, Failure> {
         let outcome = match replica {
             Replica::Local => match self.pools.get(server) {
-                Some(pool) => pool.call(method, params, Some(events)).await,
+                Some(pool) => pool.call_for(affinity, method, params, Some(events)).await,
                 None => Err(ErrorObject::new(
                     code::UNAVAILABLE,
                     format!("server {server:?} is not running here"),
                 )),
             },
             Replica::Peer(m) => {
-                match peer::call(&self.channels, m, principal, server, method, params, events).await
+                match peer::call(
+                    &self.channels,
+                    m,
+                    principal,
+                    affinity,
+                    server,
+                    method,
+                    params,
+                    events,
+                )
+                .await
                 {
                     Ok(o) => o,
                     Err(peer::PeerFailure::NotReached(e)) => {
@@ -358,6 +389,7 @@ impl Router {
     async fn fallback(
         &self,
         principal: &Principal,
+        affinity: Option<&Affinity>,
         primary: &Versioned<ServerSpec>,
         params: Option<Value>,
         events: mpsc::Sender<CallEvent>,
@@ -379,6 +411,7 @@ impl Router {
             match self
                 .call_replicas(
                     principal,
+                    affinity,
                     &spec,
                     "tools/call",
                     params.clone(),

@@ -24,6 +24,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::mcp::dispatch::visible;
 use crate::pool::process::{CallEvent, Responder};
 use crate::pool::reconcile::Pools;
+use crate::pool::Affinity;
 use crate::raft::network::PeerChannels;
 use crate::registry::{Principal, Registry};
 
@@ -35,6 +36,9 @@ pub enum Frame {
         method: String,
         params: Option<Value>,
         principal: Principal,
+        /// The downstream session, for servers with dedicated processes.
+        #[serde(default)]
+        affinity: Option<Affinity>,
     },
     Notify {
         message: Value,
@@ -96,6 +100,7 @@ impl Peer for PeerService {
             method,
             params,
             principal,
+            affinity,
         }) = Frame::parse(&first)
         else {
             return Err(Status::invalid_argument("a call stream starts with Start"));
@@ -126,7 +131,7 @@ impl Peer for PeerService {
         let (tx, rx) = mpsc::channel::<Result<WireFrame, Status>>(64);
         tokio::spawn(async move {
             let (ev_tx, mut ev_rx) = mpsc::channel(64);
-            let call = pool.call(&method, params, Some(ev_tx));
+            let call = pool.call_for(affinity.as_ref(), &method, params, Some(ev_tx));
             tokio::pin!(call);
             let mut responders: HashMap<i64, Responder> = HashMap::new();
             let mut next_key = 0i64;
@@ -207,10 +212,12 @@ pub enum PeerFailure {
 }
 
 /// Forwards one call to `peer`, relaying its events to `events`.
+#[allow(clippy::too_many_arguments)]
 pub async fn call(
     channels: &PeerChannels,
     peer: &Member,
     principal: &Principal,
+    affinity: Option<&Affinity>,
     server: &str,
     method: &str,
     params: Option<Value>,
@@ -225,6 +232,7 @@ pub async fn call(
         method: method.to_string(),
         params,
         principal: principal.clone(),
+        affinity: affinity.cloned(),
     };
     let _ = out_tx.send(start.wire()).await;
     let mut client = PeerClient::new(channel)
