@@ -34,9 +34,10 @@ pub enum SendError {
     /// The node no longer knows our session (404): re-initialise and resend.
     #[error("session expired on the node")]
     SessionGone,
-    /// The node refused the request with an HTTP error and a JSON-RPC error body.
+    /// The node refused the request with an HTTP error (its JSON body, when it had one: a
+    /// JSON-RPC error, or the admin API's error format).
     #[error("refused ({status})")]
-    Refused { status: u16, body: Option<Message> },
+    Refused { status: u16, body: Option<Value> },
 }
 
 /// What a node answered.
@@ -323,7 +324,7 @@ impl Link {
                 .bytes()
                 .await
                 .ok()
-                .and_then(|b| Message::parse(&b).ok());
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
             return Err(SendError::Refused {
                 status: status.as_u16(),
                 body,

@@ -127,17 +127,17 @@ async fn request(
                 return;
             }
             Err(SendError::Refused { status, body }) => {
-                let m = match body {
-                    Some(Message::Response {
-                        outcome: Err(e), ..
-                    }) => Message::error(id, e),
-                    _ => error_to_client(
-                        id,
-                        code::INTERNAL_ERROR,
-                        format!("the node refused the request (HTTP {status})"),
-                    ),
-                };
-                let _ = out.send(m).await;
+                // JSON-RPC errors carry a numeric code; the admin API's errors a word.
+                let detail = body.as_ref().map(|b| &b["error"]);
+                let message = detail
+                    .and_then(|e| e["message"].as_str())
+                    .map(|m| format!("the node refused the request (HTTP {status}): {m}"))
+                    .unwrap_or_else(|| format!("the node refused the request (HTTP {status})"));
+                let code = detail
+                    .and_then(|e| e["code"].as_i64())
+                    .unwrap_or(code::INVALID_REQUEST);
+                tracing::error!(status, %message, "request refused");
+                let _ = out.send(error_to_client(id, code, message)).await;
                 return;
             }
             Err(e) => e,

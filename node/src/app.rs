@@ -216,6 +216,12 @@ pub async fn run(
         shutdown.clone(),
     ));
     let router = Router::new(registry.clone(), pools.clone(), channels.clone());
+    tasks.spawn(crate::route::peer::relay_events(
+        registry.clone(),
+        pools.clone(),
+        channels.clone(),
+        shutdown.clone(),
+    ));
     let mcp = McpState::new(router, &cfg.mcp, &me.http_addr);
     tasks.spawn(reconcile::run(
         registry.clone(),

@@ -12,6 +12,9 @@ use super::AppState;
 /// Entries a node may have appended but not yet applied and still call itself ready.
 const READY_APPLY_LAG: u64 = 64;
 
+/// How long a leader may go without a quorum's acknowledgement and still call itself ready.
+const LEADER_QUORUM_ACK_MS: u64 = 3000;
+
 pub async fn livez() -> &'static str {
     "ok\n"
 }
@@ -21,10 +24,17 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let member = m.membership_config.membership().get_node(&m.id).is_some();
     let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
     let apply_lag = m.last_log_index.unwrap_or(0).saturating_sub(applied);
+    // A leader that has not heard from a quorum lately cannot commit anything.
+    let leader_without_quorum = m.current_leader == Some(m.id)
+        && m.membership_config.membership().voter_ids().count() > 1
+        && m.millis_since_quorum_ack
+            .is_none_or(|ms| ms > LEADER_QUORUM_ACK_MS);
     let reason = if !member {
         Some("not a member of an initialised cluster")
     } else if m.current_leader.is_none() {
         Some("no known leader")
+    } else if leader_without_quorum {
+        Some("leader without quorum")
     } else if apply_lag > READY_APPLY_LAG {
         Some("applied state is catching up")
     } else {

@@ -83,6 +83,8 @@ struct Dedicated {
 pub struct ServerEvent {
     pub server: String,
     pub message: Message,
+    /// The node whose process sent it (`None`: this node).
+    pub origin: Option<u64>,
 }
 
 /// State of one process slot, as shown by `mcpctl server status` and the metrics.
@@ -616,7 +618,7 @@ async fn watch_catalogue(
                 if msg.method().is_some_and(|m| m.ends_with("/list_changed")) {
                     loaded = false;
                 }
-                let _ = p.events.send(ServerEvent { server: p.name.clone(), message: msg });
+                let _ = p.events.send(ServerEvent { server: p.name.clone(), message: msg, origin: None });
             }
         }
     }

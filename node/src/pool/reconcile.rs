@@ -43,6 +43,11 @@ impl Pools {
         self.hub.subscribe()
     }
 
+    /// Republishes a notification of a server that runs on another node.
+    pub fn publish(&self, event: ServerEvent) {
+        let _ = self.hub.send(event);
+    }
+
     pub fn get(&self, name: &str) -> Option<Arc<Pool>> {
         self.inner
             .read()

@@ -14,7 +14,7 @@ use mcpcp_proto::api::Member;
 use mcpcp_proto::mcp::{code, ErrorObject, Message, RequestId};
 use mcpcp_proto::peer::peer_client::PeerClient;
 use mcpcp_proto::peer::peer_server::Peer;
-use mcpcp_proto::peer::{Frame as WireFrame, ServerInfoReply, ServerInfoRequest};
+use mcpcp_proto::peer::{EventsRequest, Frame as WireFrame, ServerInfoReply, ServerInfoRequest};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -85,6 +85,38 @@ fn done(outcome: Result<Value, ErrorObject>) -> FrameStream {
 #[tonic::async_trait]
 impl Peer for PeerService {
     type CallStream = FrameStream;
+    type EventsStream = FrameStream;
+
+    async fn events(&self, req: Request<EventsRequest>) -> Result<Response<FrameStream>, Status> {
+        let from = req.into_inner().from_node;
+        let mut hub = self.pools.subscribe();
+        let (tx, rx) = mpsc::channel::<Result<WireFrame, Status>>(256);
+        tracing::debug!(peer = from, "relaying server notifications to a peer");
+        tokio::spawn(async move {
+            loop {
+                let ev = match hub.recv().await {
+                    Ok(ev) => ev,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(peer = from, missed = n, "notification relay fell behind");
+                        continue;
+                    }
+                    Err(_) => return,
+                };
+                // Only what this node's own processes said: no echoes between peers.
+                if ev.origin.is_some() {
+                    continue;
+                }
+                let json = json!({ "server": ev.server, "message": ev.message.to_value() });
+                let frame = WireFrame {
+                    json: serde_json::to_vec(&json).unwrap_or_default(),
+                };
+                if tx.send(Ok(frame)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
 
     async fn call(
         &self,
@@ -292,4 +324,82 @@ pub async fn server_info(
         .await
         .map_err(|s| s.message().to_string())?;
     serde_json::from_slice(&reply.into_inner().json).map_err(|e| e.to_string())
+}
+
+/// Keeps one notification stream open from every peer and republishes what arrives into this
+/// node's hub, so a session here receives `resources/updated` and `list_changed` of servers
+/// that run elsewhere. Runs until `shutdown`.
+pub async fn relay_events(
+    registry: Registry,
+    pools: Pools,
+    channels: PeerChannels,
+    shutdown: crate::shutdown::Shutdown,
+) {
+    let mut streams: HashMap<u64, tokio::task::JoinHandle<()>> = HashMap::new();
+    loop {
+        let members: Vec<Member> = registry
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(_, m)| m.clone())
+            .filter(|m| m.id != registry.id)
+            .collect();
+        streams.retain(|id, h| {
+            let keep = members.iter().any(|m| m.id == *id) && !h.is_finished();
+            if !keep {
+                h.abort();
+            }
+            keep
+        });
+        for m in members {
+            if streams.contains_key(&m.id) {
+                continue;
+            }
+            let (pools, channels, me) = (pools.clone(), channels.clone(), registry.id);
+            streams.insert(
+                m.id,
+                tokio::spawn(async move { relay_from(me, m, pools, channels).await }),
+            );
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+            _ = shutdown.clone().wait() => break,
+        }
+    }
+    for (_, h) in streams {
+        h.abort();
+    }
+}
+
+async fn relay_from(me: u64, peer: Member, pools: Pools, channels: PeerChannels) {
+    let Ok(channel) = channels.get(&peer.grpc_addr) else {
+        return;
+    };
+    let mut client = PeerClient::new(channel);
+    let Ok(resp) = client
+        .events(Request::new(EventsRequest { from_node: me }))
+        .await
+    else {
+        return; // retried by the supervisor loop
+    };
+    let mut stream = resp.into_inner();
+    while let Ok(Some(frame)) = stream.message().await {
+        let Ok(v) = serde_json::from_slice::<Value>(&frame.json) else {
+            continue;
+        };
+        let (Some(server), Ok(message)) = (
+            v["server"].as_str(),
+            Message::from_value(v["message"].clone()),
+        ) else {
+            continue;
+        };
+        pools.publish(crate::pool::ServerEvent {
+            server: server.to_string(),
+            message,
+            origin: Some(peer.id),
+        });
+    }
 }

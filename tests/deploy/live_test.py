@@ -1,0 +1,439 @@
+#!/usr/bin/env python3
+"""Live test of the monitoring deliverables against a real 3-node dev cluster.
+
+1. `mcpctl dev up` (JSON logs), a real Prometheus on 127.0.0.1 scraping the nodes every
+   second with deploy/prometheus/alerts.yml loaded (its config is derived from
+   deploy/prometheus/prometheus.yml: only targets, intervals and the rule path change).
+2. Load: admin writes through every node with mcpctl, MCP sessions and calls on every node
+   (echo, a tool error, a crash, a cancelled call, a burst that overflows the queue, a
+   malformed body, a bad token), a server that crash-loops.
+3. kill -9 the leader: McpdNodeDown must go pending. More writes; kill -9 a second node and
+   try a write: it fails with no_quorum and McpdQuorumLost must go pending.
+4. Every PromQL expression of the Grafana dashboard and of alerts.yml must parse, every rule
+   must evaluate without error, every dashboard panel must return data and every metric
+   selector must return data, except metrics listed in common.PLANNED/ABSENT_BY_DESIGN.
+5. Logs: every line of every node's log is one JSON object; no token secret appears in them.
+
+Everything it starts is stopped (by pid) and its temporary directory removed, also on failure.
+"""
+
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+
+import yaml
+
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (  # noqa: E402
+    ABSENT_BY_DESIGN, DEPLOY, PLANNED, Procs, Prom, Results, base_metric, binary, children_of,
+    cmdline, dashboard_queries, free_port, get_json, grafana_subst, http, install_signal_cleanup,
+    kill_pid, log, McpSession, pid_alive, read_env_file, run, selectors, split_token, wait_until,
+)
+
+R = Results()
+procs = Procs()
+state = {"dir": None, "keep": os.environ.get("DEPLOY_TEST_KEEP") == "1", "children": []}
+
+
+def mcpctl(*args, endpoints=None, token=None, timeout=30):
+    env = dict(os.environ)
+    env["MCPCTL_ENDPOINTS"] = ",".join(endpoints or state["endpoints"])
+    env["MCPCTL_TOKEN"] = token or state["admin"]
+    return run([binary("mcpctl"), *args], timeout=timeout, env=env)
+
+
+def cleanup():
+    procs.kill_all()
+    d = state["dir"]
+    if d and os.path.isdir(d):
+        try:
+            run([binary("mcpctl"), "dev", "down", "--dir", d], timeout=30)
+        except Exception as e:  # noqa: BLE001
+            log(f"dev down: {e}")
+        for n in range(1, 4):
+            try:
+                pid = int(open(os.path.join(d, f"node{n}", "mcpd.pid")).read())
+                if pid_alive(pid) and "mcpd" in (cmdline(pid) or ""):
+                    kill_pid(pid)
+            except (OSError, ValueError):
+                pass
+    # MCP server processes of nodes that were killed -9 (they exit on stdin EOF; make sure).
+    for pid, cmd in state["children"]:
+        if pid_alive(pid) and cmdline(pid) == cmd:
+            kill_pid(pid)
+    if d and os.path.isdir(d):
+        if state["keep"]:
+            log(f"kept {d}")
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+    state["dir"] = None
+
+
+def node_pid(n):
+    return int(open(os.path.join(state["dir"], f"node{n}", "mcpd.pid")).read())
+
+
+def remember_children():
+    for n in range(1, 4):
+        try:
+            for c in children_of(node_pid(n)):
+                if c not in state["children"]:
+                    state["children"].append(c)
+        except OSError:
+            pass
+
+
+def leader_id(endpoints):
+    for e in endpoints:
+        try:
+            _, body = get_json(f"{e}/readyz", timeout=2)
+            if body and body.get("leader"):
+                return body["leader"]
+        except OSError:
+            continue
+    return None
+
+
+# ----------------------------------------------------------------------------------- phases
+
+def start_cluster():
+    d = tempfile.mkdtemp(prefix="mcpcp-deploy-live.")
+    state["dir"] = d
+    args = [binary("mcpctl"), "dev", "up", "--nodes", "3", "--dir", d, "--mcpd", binary("mcpd"),
+            "--mcpd-arg=--log-format=json", "--mcpd-arg=--quorum-wait-ms=1500",
+            "--mcpd-arg=--snapshot-every=20", "--mcpd-arg=--pool-queue-size=1",
+            "--mcpd-arg=--pool-max-concurrency=1"]
+    r = run(args, timeout=90)
+    if r.returncode != 0:
+        raise RuntimeError(f"dev up failed: {r.stderr.strip()[-800:]}")
+    env = read_env_file(os.path.join(d, "env"))
+    state["endpoints"] = env["MCPCTL_ENDPOINTS"].split(",")
+    state["admin"] = env["MCPCTL_TOKEN"]
+    state["tenant"] = env["MCP_BRIDGE_TOKEN"]
+    state["tokens"] = [env["MCPCTL_TOKEN"], env["MCP_BRIDGE_TOKEN"]]
+    state["addr"] = {n: state["endpoints"][n - 1].removeprefix("http://") for n in range(1, 4)}
+    log(f"dev cluster up in {d}: {', '.join(state['endpoints'])}")
+
+
+def start_prometheus():
+    d = state["dir"]
+    with open(os.path.join(DEPLOY, "prometheus", "prometheus.yml")) as f:
+        cfg = yaml.safe_load(f)
+    port = free_port()
+    cfg["global"].update({"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"})
+    cfg["rule_files"] = [os.path.join(DEPLOY, "prometheus", "alerts.yml")]
+    jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
+    if "mcpd" not in jobs:
+        raise RuntimeError("deploy/prometheus/prometheus.yml has no job_name: mcpd")
+    jobs["mcpd"].pop("file_sd_configs", None)
+    jobs["mcpd"]["static_configs"] = [{"targets": list(state["addr"].values())}]
+    if "prometheus" in jobs:
+        jobs["prometheus"]["static_configs"] = [{"targets": [f"127.0.0.1:{port}"]}]
+    path = os.path.join(d, "prometheus.yml")
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    r = run(["promtool", "check", "config", path])
+    if r.returncode != 0:
+        raise RuntimeError(f"derived config invalid: {r.stdout}{r.stderr}")
+    logf = open(os.path.join(d, "prometheus.log"), "w")
+    procs.start("prometheus", [
+        "prometheus", f"--config.file={path}", f"--storage.tsdb.path={os.path.join(d, 'tsdb')}",
+        f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn",
+    ], stdout=logf, stderr=logf)
+    prom = Prom(f"http://127.0.0.1:{port}")
+    wait_until("Prometheus ready", lambda: http("GET", f"{prom.base}/-/ready", timeout=2)[0] == 200, 30)
+    wait_until("all three nodes scraped", lambda: sum(
+        1 for t in prom.targets() if t["labels"]["job"] == "mcpd" and t["health"] == "up") == 3, 30)
+    log(f"prometheus on 127.0.0.1:{port}, 3 targets up")
+    return prom
+
+
+def admin_load(rounds, endpoints_by_node):
+    """Writes through each node in turn (followers forward to the leader), and reads."""
+    failures = []
+    nodes = list(endpoints_by_node)
+    for i in range(rounds):
+        n = nodes[i % len(nodes)]
+        name = f"load{int(time.time() * 1000) % 10**9}-{i}"
+        r = mcpctl("tenant", "add", name, endpoints=[endpoints_by_node[n]])
+        if r.returncode != 0:
+            failures.append(r.stderr.strip()[-200:])
+        if i % 3 == 0:
+            mcpctl("tenant", "rm", name, endpoints=[endpoints_by_node[n]])
+        if i % 5 == 0:
+            mcpctl("server", "list", endpoints=[endpoints_by_node[n]])
+    return failures
+
+
+def mcp_load():
+    """MCP traffic on every node; returns a list of problems."""
+    problems = []
+    sessions = []
+    for n in range(1, 4):
+        base = state["endpoints"][n - 1]
+        s = McpSession(base, "demo", state["tenant"])
+        s.initialize()
+        sessions.append(s)
+        for i in range(10):
+            st, _, a = s.call("echo", {"message": f"hello {i}"})
+            text = ((a or {}).get("result", {}).get("content") or [{}])[0].get("text")
+            if st != 200 or text != f"hello {i}":
+                problems.append(f"node {n} echo: {st} {a}")
+        s.request("tools/list")
+        s.request("ping")
+        s.call("fail", {"message": "as asked"})                   # outcome tool_error
+        s.call("crash")                                           # outcome crashed, a restart
+        # A call cancelled by the client while it runs.
+        th = threading.Thread(target=lambda: s.call("sleep", {"ms": 3000}, id="cancel-me", timeout=20))
+        th.start()
+        time.sleep(0.5)
+        s.notify("notifications/cancelled", {"requestId": "cancel-me", "reason": "deploy test"})
+        th.join(20)
+        # Malformed JSON-RPC and a bad token.
+        http("POST", f"{base}/servers/demo/mcp", "{not json", {
+            "Authorization": f"Bearer {state['tenant']}", "Content-Type": "application/json"})
+        tid, _ = split_token(state["tenant"])
+        state["bogus"] = f"mcpt_{tid}_deployTestWrongSecretXXXXXXXXXXXXXXXXXXXXXX"
+        http("POST", f"{base}/servers/demo/mcp", "{}", {
+            "Authorization": f"Bearer {state['bogus']}", "Content-Type": "application/json"})
+    # A burst that overflows every node's queue (2 processes x 1 call + 1 queued).
+    outcomes = []
+
+    def slow(s):
+        try:
+            st, _, a = s.call("sleep", {"ms": 800}, timeout=20)
+            outcomes.append((a or {}).get("error", {}).get("message", "ok"))
+        except Exception as e:  # noqa: BLE001
+            outcomes.append(str(e))
+
+    threads = [threading.Thread(target=slow, args=(s,)) for s in sessions for _ in range(7)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    busy = sum(1 for o in outcomes if "busy" in o or "queued" in o)
+    # Whether the queue overflowed shows in mcpd_pool_queue_rejections_total (checked with
+    # every other selector); the routing layer may retry a refused call on another node.
+    log(f"burst: {len(outcomes)} calls, {busy} answered with a full queue")
+    return problems
+
+
+def alert_state(prom, name, **labels):
+    for a in prom.alerts():
+        if a["labels"].get("alertname") == name and all(a["labels"].get(k) == v for k, v in labels.items()):
+            return a["state"]
+    return None
+
+
+def evaluate_everything(prom):
+    with open(os.path.join(DEPLOY, "grafana", "dashboards", "mcpd-overview.json")) as f:
+        dash = json.load(f)
+    with open(os.path.join(DEPLOY, "prometheus", "alerts.yml")) as f:
+        rules = [(r["alert"], r["expr"]) for g in yaml.safe_load(f)["groups"] for r in g["rules"]]
+
+    exempt = {**PLANNED, **ABSENT_BY_DESIGN}
+    parse_errors, empty_panels, empty_selectors, exempted = [], [], [], {}
+    checked_selectors = {}
+    items = [(w, e, k) for (w, e, k) in dashboard_queries(dash)]
+    items += [(f"alert {name}", expr, "alert") for name, expr in rules]
+    n_panel = 0
+    for where, expr, kind in items:
+        if kind == "variable":
+            # label_values(selector, label)
+            inner = expr[len("label_values("):-1]
+            sel, label = inner.rsplit(",", 1)
+            try:
+                vals = prom.label_values(label.strip(), sel.strip())
+            except ValueError as e:
+                parse_errors.append(f"{where}: {e}")
+                continue
+            if not vals:
+                empty_panels.append(f"{where}: no values")
+            continue
+        q = grafana_subst(expr)
+        try:
+            result = prom.query(q)
+        except ValueError as e:
+            parse_errors.append(f"{where}: {e}: {q}")
+            continue
+        sels = selectors(q)
+        planned_only = sels and all(base_metric(m) in exempt for m, _ in sels)
+        if kind == "panel":
+            n_panel += 1
+            if not result and not planned_only:
+                empty_panels.append(f"{where}: {q}")
+        for metric, sel in sels:
+            key = base_metric(metric)
+            if sel in checked_selectors:
+                has = checked_selectors[sel]
+            else:
+                has = bool(prom.query(sel))
+                checked_selectors[sel] = has
+            if not has:
+                if key in exempt:
+                    exempted.setdefault(key, exempt[key])
+                else:
+                    empty_selectors.append(f"{where}: {sel}")
+    R.check("promql: every dashboard and alert expression parses", not parse_errors,
+            "; ".join(parse_errors[:5]), f"{len(items)} expressions")
+    R.check("promql: every dashboard panel query returns data", not empty_panels,
+            "; ".join(empty_panels[:8]), f"{n_panel} panel queries")
+    R.check("promql: every metric selector returns data (except the listed planned/absent ones)",
+            not empty_selectors, "; ".join(sorted(set(empty_selectors))[:8]),
+            f"{len(checked_selectors)} selectors")
+    for metric, why in sorted(exempted.items()):
+        log(f"no data, as expected: {metric} ({why})")
+    bad = [f"{r['name']}: {r.get('lastError')}" for r in prom.rules() if r.get("health") != "ok"]
+    R.check("rules: every alert rule evaluates without error", not bad, "; ".join(bad[:5]),
+            f"{len(prom.rules())} rules")
+
+
+def check_logs():
+    d = state["dir"]
+    bad_lines, secrets_found, lines = [], [], 0
+    needles = []
+    for t in state["tokens"] + [state.get("bogus", "")]:
+        if not t:
+            continue
+        needles.append(t)
+        try:
+            needles.append(split_token(t)[1])
+        except ValueError:
+            pass
+    for n in range(1, 4):
+        path = os.path.join(d, f"node{n}", "mcpd.log")
+        with open(path, errors="replace") as f:
+            text = f.read()
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            lines += 1
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict) or not {"timestamp", "level", "target"} <= obj.keys():
+                    raise ValueError("not an object with timestamp, level, target")
+            except ValueError as e:
+                bad_lines.append(f"node{n}/mcpd.log:{i}: {e}: {line[:120]}")
+        for s in needles:
+            if s in text:
+                secrets_found.append(f"node{n}/mcpd.log contains a token secret ({s[:9]}...)")
+    R.check("logs: --log-format json writes one JSON object per line", not bad_lines and lines > 0,
+            "; ".join(bad_lines[:3]) or "no log lines", f"{lines} lines from 3 nodes")
+    R.check("logs: no token secret in any node log", not secrets_found, "; ".join(secrets_found),
+            f"{len(needles)} secrets searched")
+
+
+def main():
+    for b in ("mcpd", "mcpctl"):
+        if not os.access(binary(b), os.X_OK):
+            R.fail("live", f"{binary(b)} not built (cargo build first)")
+            R.exit()
+    if not shutil.which("prometheus"):
+        R.fail("live", "prometheus not installed (apt-get install prometheus)")
+        R.exit()
+    install_signal_cleanup(cleanup)
+    started = time.monotonic()
+    try:
+        start_cluster()
+        prom = start_prometheus()
+        by_node = {n: state["endpoints"][n - 1] for n in range(1, 4)}
+
+        # A server that crash-loops, and a token created through the CLI.
+        r = mcpctl("server", "add", "broken", "--", shutil.which("false") or "/bin/false")
+        if r.returncode != 0:
+            raise RuntimeError(f"server add broken: {r.stderr.strip()}")
+        r = mcpctl("token", "create", "--tenant", "default", "--name", "deploy-test")
+        if r.returncode != 0:
+            raise RuntimeError(f"token create: {r.stderr.strip()}")
+        state["tokens"].append(r.stdout.strip())
+        s = McpSession(by_node[1], "demo", r.stdout.strip())
+        s.initialize()
+        s.call("echo", {"message": "with the new token"})
+
+        failures = admin_load(30, by_node)
+        R.check("load: admin writes through every node", not failures, "; ".join(failures[:3]), "30 writes")
+        problems = mcp_load()
+        R.check("load: MCP calls on every node", not problems, "; ".join(problems[:3]))
+        remember_children()
+        time.sleep(3)  # a few scrapes and rule evaluations
+
+        # kill -9 the leader: its node-down alert goes pending.
+        lead = leader_id(state["endpoints"])
+        if not lead:
+            raise RuntimeError("no leader known")
+        log(f"kill -9 node {lead} (the leader, pid {node_pid(lead)})")
+        os.kill(node_pid(lead), signal.SIGKILL)
+        t0 = time.monotonic()
+        try:
+            st = wait_until("McpdNodeDown pending", lambda: alert_state(
+                prom, "McpdNodeDown", instance=state["addr"][lead]), 30, every=0.5)
+            R.ok("alert: McpdNodeDown goes pending after kill -9", f"{st} after {time.monotonic() - t0:.1f}s")
+        except TimeoutError as e:
+            R.fail("alert: McpdNodeDown goes pending after kill -9", str(e))
+        try:
+            st = wait_until("McpdQuorumAtRisk pending", lambda: alert_state(prom, "McpdQuorumAtRisk"), 20, every=0.5)
+            R.ok("alert: McpdQuorumAtRisk goes pending with one node down", st)
+        except TimeoutError as e:
+            R.fail("alert: McpdQuorumAtRisk goes pending with one node down", str(e))
+
+        survivors = {n: e for n, e in by_node.items() if n != lead}
+        new_lead = wait_until("a new leader among the survivors", lambda: (
+            lambda l: l if l in survivors else None)(leader_id(list(survivors.values()))), 20)
+        failures = admin_load(10, survivors)
+        R.check("load: writes go on with two of three nodes", not failures, "; ".join(failures[:3]))
+        for n, e in survivors.items():
+            ms = McpSession(e, "demo", state["tenant"])
+            ms.initialize()
+            ms.call("echo", {"message": "after the kill"})
+        remember_children()
+
+        # kill -9 the other follower: the survivor has no quorum; a write fails with no_quorum.
+        victim = next(n for n in survivors if n != new_lead)
+        log(f"kill -9 node {victim} (pid {node_pid(victim)}); node {new_lead} is left alone")
+        os.kill(node_pid(victim), signal.SIGKILL)
+        time.sleep(1)
+        r = mcpctl("tenant", "add", "never-committed", endpoints=[by_node[new_lead]], timeout=30)
+        R.check("cluster: a write without quorum fails (503 no_quorum)",
+                r.returncode != 0 and "quorum" in r.stderr.lower(),
+                f"the write succeeded: {r.stdout.strip()}", r.stderr.strip().splitlines()[-1][:120] if r.stderr.strip() else "")
+        try:
+            st = wait_until("McpdQuorumLost pending", lambda: alert_state(prom, "McpdQuorumLost"), 30, every=0.5)
+            R.ok("alert: McpdQuorumLost goes pending with two nodes down", st)
+        except TimeoutError as e:
+            R.fail("alert: McpdQuorumLost goes pending with two nodes down", str(e))
+        try:
+            st = wait_until("McpdServerCrashLooping", lambda: alert_state(
+                prom, "McpdServerCrashLooping", server="broken"), 20, every=0.5)
+            R.ok("alert: McpdServerCrashLooping goes pending for a server that exits at once", st)
+        except TimeoutError as e:
+            R.fail("alert: McpdServerCrashLooping goes pending for a server that exits at once", str(e))
+        time.sleep(3)
+        evaluate_everything(prom)
+        pending = sorted({a["labels"]["alertname"] + ":" + a["state"] for a in prom.alerts()})
+        log("alerts at the end: " + ", ".join(pending))
+        procs.kill_all()
+        run([binary("mcpctl"), "dev", "down", "--dir", state["dir"]], timeout=30)
+        check_logs()
+        log(f"live test took {time.monotonic() - started:.0f}s")
+    except Exception as e:  # noqa: BLE001
+        R.fail("live", f"{type(e).__name__}: {e}")
+        d = state["dir"]
+        if d:
+            for n in range(1, 4):
+                p = os.path.join(d, f"node{n}", "mcpd.log")
+                if os.path.exists(p):
+                    tail = open(p, errors="replace").read().splitlines()[-5:]
+                    print(f"  -- last lines of node{n}/mcpd.log:\n    " + "\n    ".join(tail))
+    finally:
+        cleanup()
+    R.exit()
+
+
+if __name__ == "__main__":
+    main()
