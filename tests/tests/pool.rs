@@ -134,3 +134,58 @@ async fn dedicated_mode_gives_each_session_its_own_process() {
         .collect();
     assert_eq!(pids.len(), 2, "two sessions, two processes: {pids:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_sse_stream_resumes_with_last_event_id() {
+    let c = Cluster::start(1).await;
+    let ledger = c.dir.path().join("ledger.jsonl");
+    c.client()
+        .create_server(&demo_server("demo", &ledger), &CallOptions::default())
+        .await
+        .expect("register");
+    let url = format!("{}/servers/demo/mcp", c.url(1));
+    let session = eventually("a session", Duration::from_secs(30), || {
+        let (url, token) = (url.clone(), c.admin_token.clone());
+        async move { McpSession::open(&url, &token).await.ok() }
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let req = |b: reqwest::RequestBuilder| {
+        b.bearer_auth(&c.admin_token)
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-session-id", &session.session)
+            .header("mcp-protocol-version", "2025-06-18")
+    };
+    let call = json!({"jsonrpc": "2.0", "id": 42, "method": "tools/call",
+        "params": {"name": "sleep", "arguments": {"ms": 900, "steps": 3}, "_meta": {"progressToken": "p"}}});
+    // Read the first event, then drop the connection.
+    let mut resp = req(http.post(&url)).json(&call).send().await.expect("post");
+    let mut first = String::new();
+    while !first.contains("\n\n") {
+        let chunk = resp.chunk().await.expect("stream").expect("a first event");
+        first.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    drop(resp);
+    let last_id = first
+        .lines()
+        .find_map(|l| l.strip_prefix("id:"))
+        .map(|s| s.trim().to_string())
+        .expect("events carry ids");
+    let rest = req(http.get(&url))
+        .header("last-event-id", &last_id)
+        .send()
+        .await
+        .expect("resume")
+        .text()
+        .await
+        .expect("rest of the stream");
+    assert!(
+        rest.contains("\"id\":42"),
+        "the answer arrives on the resumed stream: {rest}"
+    );
+    assert!(
+        !rest.contains(&format!("id: {last_id}\n")),
+        "no event is sent twice: {rest}"
+    );
+    assert!(rest.contains("slept 900 ms"), "{rest}");
+}

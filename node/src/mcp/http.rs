@@ -22,8 +22,7 @@ use mcpcp_proto::mcp::{
     code, ErrorObject, Message, RequestId, LATEST_SESSION_VERSION, PROTOCOL_VERSIONS,
 };
 use serde_json::{json, Value};
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::broadcast;
 
 use super::call::{Running, Step};
 use super::dispatch::Route;
@@ -582,38 +581,33 @@ async fn respond(
             return Json(Message::Response { id, outcome }.to_value()).into_response();
         }
     };
-    let stream = futures_util::stream::unfold(
-        (Some(ev), running, session, id, m, false),
-        |(pending, mut running, session, id, m, done)| async move {
-            if done {
-                return None;
-            }
-            let step = match pending {
-                Some(ev) => Some(Step::Event(ev)),
-                None => running.steps.recv().await,
-            };
-            let (msg, done) = match step {
-                Some(Step::Event(ev)) => (event_message(&session, ev), false),
-                other => {
-                    let outcome = match other {
-                        Some(Step::Done(o)) => o,
-                        _ => cancelled(),
-                    };
-                    end(&session, &id, &m, &outcome);
-                    (
-                        Some(Message::Response {
-                            id: id.clone(),
-                            outcome,
-                        }),
-                        true,
-                    )
+    // From here the call's messages go through the session's event log: the client reads
+    // them live, and a client whose connection dropped resumes with Last-Event-ID. The call
+    // goes on when the connection drops (that is not a cancellation in this revision).
+    let log = session.log.clone();
+    let n = log.open();
+    if let Some(msg) = event_message(&session, ev) {
+        log.append(n, msg);
+    }
+    tokio::spawn(async move {
+        let outcome = loop {
+            match running.steps.recv().await {
+                Some(Step::Event(ev)) => {
+                    if let Some(msg) = event_message(&session, ev) {
+                        session.log.append(n, msg);
+                    }
                 }
-            };
-            Some((msg, (None, running, session, id, m, done)))
-        },
-    )
-    .filter_map(|m| futures_util::future::ready(m.map(|m| Ok::<_, Infallible>(sse_event(&m)))));
-    sse(stream)
+                Some(Step::Done(o)) => break o,
+                None => break cancelled(),
+            }
+        };
+        end(&session, &id, &m, &outcome);
+        session.log.append(n, Message::Response { id, outcome });
+        session.log.finish(n);
+    });
+    sse(log
+        .follow(n, None)
+        .map(|(eid, m)| Ok::<_, Infallible>(sse_event(&m).id(eid))))
 }
 
 /// One SSE event carrying one JSON-RPC message.
@@ -717,40 +711,63 @@ async fn get(
         Ok(s) => s,
         Err(r) => return r,
     };
-    let (tx, rx) = mpsc::channel::<Message>(256);
-    *session.stream.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx.clone());
-    let hub = state.mcp.pools.subscribe();
-    let visible: Arc<dyn Fn(&str) -> bool + Send + Sync> = {
-        let r = route(&state, &principal, &target);
-        Arc::new(move |server: &str| match &r.target {
-            Target::Server(n) => n == server,
-            Target::Aggregate => r.check(server).is_ok(),
-        })
+    let log = session.log.clone();
+    // Resuming a stream the client lost: a POST's (its answer included) or the standalone one.
+    if let Some((n, seq)) =
+        header_str(&headers, "last-event-id").and_then(super::session::parse_event_id)
+    {
+        if log.knows(n) {
+            metrics::counter!("mcpd_mcp_stream_resumptions_total").increment(1);
+            return sse(log
+                .follow(n, Some(seq))
+                .map(|(eid, m)| Ok::<_, Infallible>(sse_event(&m).id(eid))));
+        }
+    }
+    let n = {
+        let mut standalone = session.standalone.lock().unwrap_or_else(|p| p.into_inner());
+        match *standalone {
+            Some(n) if log.knows(n) => n,
+            _ => {
+                let n = log.open();
+                *standalone = Some(n);
+                let hub = state.mcp.pools.subscribe();
+                let r = route(&state, &principal, &target);
+                let visible: Arc<dyn Fn(&str) -> bool + Send + Sync> =
+                    Arc::new(move |server: &str| match &r.target {
+                        Target::Server(t) => t == server,
+                        Target::Aggregate => r.check(server).is_ok(),
+                    });
+                tokio::spawn(forward_hub(hub, Arc::downgrade(&session), n, visible));
+                n
+            }
+        }
     };
-    tokio::spawn(forward_hub(hub, session.clone(), tx, visible));
-    let stream = ReceiverStream::new(rx).map(|m| Ok::<_, Infallible>(sse_event(&m)));
-    sse(stream)
+    let after = log.last_seq(n);
+    sse(log
+        .follow(n, after)
+        .map(|(eid, m)| Ok::<_, Infallible>(sse_event(&m).id(eid))))
 }
 
-/// Relays the servers' notifications a session cares about to its standalone stream.
+/// Relays the servers' notifications a session cares about into its standalone stream's log
+/// (from which every GET on it reads, and a reconnecting client resumes). Ends with the session.
 async fn forward_hub(
     mut hub: broadcast::Receiver<ServerEvent>,
-    session: Arc<Session>,
-    tx: mpsc::Sender<Message>,
+    session: std::sync::Weak<Session>,
+    n: u64,
     visible: Arc<dyn Fn(&str) -> bool + Send + Sync>,
 ) {
     loop {
         let ev = match hub.recv().await {
             Ok(ev) => ev,
-            Err(broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!(session = %super::session::short(&session.id), missed = n, "session stream fell behind");
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::warn!(missed, "session stream fell behind");
                 continue;
             }
             Err(broadcast::error::RecvError::Closed) => return,
         };
-        if tx.is_closed() {
+        let Some(session) = session.upgrade() else {
             return;
-        }
+        };
         if !visible(&ev.server) {
             continue;
         }
@@ -765,8 +782,8 @@ async fn forward_hub(
             (_, Some("notifications/message")) => level_passes(&session, &ev.message),
             _ => false,
         };
-        if wanted && tx.send(ev.message).await.is_err() {
-            return;
+        if wanted {
+            session.log.append(n, ev.message);
         }
     }
 }

@@ -20,7 +20,6 @@ use mcpcp_proto::mcp::{Message, RequestId};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::Sha256;
-use tokio::sync::mpsc;
 
 use crate::pool::process::Responder;
 use crate::registry::Principal;
@@ -50,8 +49,154 @@ pub struct Session {
     /// Client requests in flight, to cancel on `notifications/cancelled`.
     pub in_flight: Mutex<HashMap<RequestId, tokio::task::AbortHandle>>,
     next_request: AtomicU64,
-    /// The standalone GET stream, when the client opened one.
-    pub stream: Mutex<Option<mpsc::Sender<Message>>>,
+    /// The log stream of the standalone GET stream, once the client opened one.
+    pub standalone: Mutex<Option<u64>>,
+    /// Recent SSE events of this session's streams, for resumption with `Last-Event-ID`.
+    pub log: Arc<EventLog>,
+}
+
+/// Events stream `s` has sent, so a client that lost its connection can resume with
+/// `Last-Event-ID: s-n` and get everything after event `n` of that stream (and, while the
+/// stream is still running, what comes next). Bounded: the last [`LOG_EVENTS`] events of the
+/// last [`LOG_STREAMS`] streams.
+#[derive(Default)]
+pub struct EventLog {
+    streams: Mutex<std::collections::BTreeMap<u64, StreamLog>>,
+    next_stream: AtomicU64,
+    changed: tokio::sync::Notify,
+}
+
+const LOG_EVENTS: usize = 256;
+const LOG_STREAMS: usize = 32;
+
+#[derive(Default)]
+struct StreamLog {
+    events: std::collections::VecDeque<(u64, Message)>,
+    next_seq: u64,
+    done: bool,
+}
+
+impl EventLog {
+    /// Starts a stream; returns its number.
+    pub fn open(&self) -> u64 {
+        let n = self.next_stream.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        streams.insert(n, StreamLog::default());
+        while streams.len() > LOG_STREAMS {
+            let Some(oldest) = streams.keys().next().copied() else {
+                break;
+            };
+            streams.remove(&oldest);
+        }
+        n
+    }
+
+    /// Appends an event to stream `n`.
+    pub fn append(&self, n: u64, msg: Message) {
+        {
+            let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(log) = streams.get_mut(&n) else {
+                return;
+            };
+            let seq = log.next_seq;
+            log.next_seq += 1;
+            log.events.push_back((seq, msg));
+            while log.events.len() > LOG_EVENTS {
+                log.events.pop_front();
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Marks stream `n` as ended (its response was sent).
+    pub fn finish(&self, n: u64) {
+        if let Some(log) = self
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&n)
+        {
+            log.done = true;
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// The sequence number of stream `n`'s last event.
+    pub fn last_seq(&self, n: u64) -> Option<u64> {
+        self.streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&n)
+            .and_then(|l| l.next_seq.checked_sub(1))
+    }
+
+    pub fn knows(&self, n: u64) -> bool {
+        self.streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&n)
+    }
+
+    /// Events of stream `n` after sequence `after` (all when `None`), and whether the stream
+    /// has ended.
+    fn since(&self, n: u64, after: Option<u64>) -> (Vec<(u64, Message)>, bool) {
+        let streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        match streams.get(&n) {
+            Some(log) => (
+                log.events
+                    .iter()
+                    .filter(|(seq, _)| after.is_none_or(|a| *seq > a))
+                    .cloned()
+                    .collect(),
+                log.done,
+            ),
+            None => (Vec::new(), true),
+        }
+    }
+
+    /// Follows stream `n` from after `after`: the stored events, then new ones as they come,
+    /// until it ends. Items are (`"n-seq"` event id, message).
+    pub fn follow(
+        self: Arc<Self>,
+        n: u64,
+        after: Option<u64>,
+    ) -> impl futures_util::Stream<Item = (String, Message)> + Send + 'static {
+        futures_util::stream::unfold(
+            (self, after, Vec::new()),
+            move |(log, mut after, mut pending)| async move {
+                loop {
+                    if let Some((seq, msg)) = pending.pop() {
+                        after = Some(seq);
+                        return Some(((format!("{n}-{seq}"), msg), (log, after, pending)));
+                    }
+                    let (events, ended) = log.since(n, after);
+                    if !events.is_empty() {
+                        pending = events.into_iter().rev().collect();
+                        continue;
+                    }
+                    if ended {
+                        return None;
+                    }
+                    {
+                        let notified = log.changed.notified();
+                        tokio::pin!(notified);
+                        notified.as_mut().enable();
+                        // Re-check after registering, so an event appended in between is not missed.
+                        let (again, ended) = log.since(n, after);
+                        if again.is_empty() && !ended {
+                            notified.await;
+                        }
+                    }
+                }
+            },
+        )
+    }
+}
+
+/// Parses a `Last-Event-ID` of ours (`stream-seq`).
+pub fn parse_event_id(id: &str) -> Option<(u64, u64)> {
+    let (s, n) = id.trim().split_once('-')?;
+    Some((s.parse().ok()?, n.parse().ok()?))
 }
 
 impl Session {
@@ -89,19 +234,6 @@ impl Session {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .contains(uri)
-    }
-
-    /// Sends a message on the standalone stream, if one is open.
-    pub fn push(&self, msg: Message) -> bool {
-        let tx = self
-            .stream
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        match tx {
-            Some(tx) => tx.try_send(msg).is_ok(),
-            None => false,
-        }
     }
 }
 
@@ -252,7 +384,8 @@ impl Sessions {
             server_requests: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
-            stream: Mutex::new(None),
+            standalone: Mutex::new(None),
+            log: Arc::default(),
         });
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         map.insert(id, session.clone());
