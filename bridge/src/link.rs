@@ -158,6 +158,23 @@ impl Link {
         self.urls[i % self.urls.len()].clone()
     }
 
+    /// Whether the current node's process answers its liveness probe within 2 s (a frozen or
+    /// partitioned node does not, though its TCP connections may stay open).
+    pub async fn node_answers(&self) -> bool {
+        let url = self.current_url();
+        let root = match url
+            .find("://")
+            .and_then(|i| url[i + 3..].find('/').map(|j| i + 3 + j))
+        {
+            Some(p) => url[..p].to_string(),
+            None => url,
+        };
+        matches!(
+            self.http.get(format!("{root}/livez")).timeout(Duration::from_secs(2)).send().await,
+            Ok(r) if r.status().is_success()
+        )
+    }
+
     /// Whether the current node answers at all.
     pub async fn alive(&self) -> bool {
         let ping = Message::request(RequestId::Str("mcp-bridge-probe".into()), "ping", None);

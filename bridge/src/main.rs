@@ -68,6 +68,9 @@ fn endpoint(base: &str, server: Option<&str>) -> String {
 }
 
 type Out = mpsc::Sender<Message>;
+
+/// How long a call may go without news before the bridge checks that its node still answers.
+const WATCHDOG: Duration = Duration::from_secs(3);
 type InFlight = Arc<Mutex<HashMap<RequestId, tokio::task::AbortHandle>>>;
 
 fn error_to_client(id: RequestId, code: i64, message: impl Into<String>) -> Message {
@@ -89,7 +92,20 @@ async fn request(
     };
     for _attempt in 0..4 {
         let epoch = link.epoch();
-        let failure = match link.post(&msg).await {
+        let post = link.post(&msg);
+        tokio::pin!(post);
+        let sent = loop {
+            tokio::select! {
+                r = &mut post => break r,
+                // A long call is fine; a node that stopped answering (frozen, cut off) is not.
+                _ = tokio::time::sleep(WATCHDOG) => {
+                    if !link.node_answers().await {
+                        break Err(SendError::Lost("the node stopped answering".into()));
+                    }
+                }
+            }
+        };
+        let failure = match sent {
             Ok(Reply::Message(m)) => {
                 deliver_answer(&link, &out, &method, m).await;
                 return;
@@ -97,7 +113,16 @@ async fn request(
             Ok(Reply::Stream(mut rx)) => {
                 let mut lost = None;
                 loop {
-                    match rx.recv().await {
+                    let next = tokio::select! {
+                        m = rx.recv() => m,
+                        _ = tokio::time::sleep(WATCHDOG) => {
+                            if link.node_answers().await {
+                                continue;
+                            }
+                            Some(Err(SendError::Lost("the node stopped answering".into())))
+                        }
+                    };
+                    match next {
                         Some(Ok(m)) => {
                             let done =
                                 matches!(&m, Message::Response { id: rid, .. } if *rid == id);

@@ -104,6 +104,8 @@ impl Node {
 #[derive(Clone)]
 pub struct Target {
     pub id: u64,
+    /// Base URL of its HTTP API (`http://addr:port`).
+    pub url: String,
     /// For the workload: times out after the node's quorum wait plus a margin.
     pub client: AdminClient,
     /// For status probes: a short timeout.
@@ -252,6 +254,7 @@ impl Cluster {
                 let probe = AdminClient::with_timeout(&[n.url()], token, PROBE_TIMEOUT).ok()?;
                 Some(Target {
                     id: n.id,
+                    url: n.url(),
                     client,
                     probe,
                 })

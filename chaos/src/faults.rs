@@ -404,6 +404,8 @@ impl Fault {
                 inj.notes.push(format!(
                     "node {node}'s log has {enospc} lines about a full disk by the time of healing"
                 ));
+                // Stopped again to move its data back (closed below, once it runs).
+                inj.impair(node, clock.now(), "restarting on its own disk");
                 cluster.kill(node).await?;
                 let _ = std::fs::remove_file(&ballast);
                 copy_dir(&data, &saved)
@@ -460,6 +462,8 @@ async fn disk_full(
     let node = cluster.node(v)?.clone();
     let data = node.data_dir.clone();
     let saved = node.dir.join("data.saved");
+    // From the kill on, until it runs again on the small disk.
+    let stopped_at = clock.now();
     cluster.kill(v).await?;
     let used = dir_size(&data);
     // Room for a few hundred more log entries, then ENOSPC.
@@ -502,7 +506,7 @@ async fn disk_full(
         },
     );
     inj.may_crash.push(v);
-    inj.impair(v, clock.now(), "restarting on a small disk");
+    inj.impair(v, stopped_at, "restarting on a small disk");
     match cluster.spawn(v).await {
         Ok(_) => inj.close_impairments(Some(v), clock.now()),
         Err(e) => inj

@@ -58,6 +58,57 @@ pub enum OpKind {
         to: u64,
         if_match: u64,
     },
+    /// An MCP request of the MCP workload (`key` is unique per call: the echoed message, or
+    /// the counter's `mcpd/request-key`).
+    McpCall {
+        via: Via,
+        method: McpMethod,
+        key: String,
+    },
+}
+
+/// How an MCP request reached the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// Plain HTTP (Streamable HTTP with `Mcp-Session-Id`) to the op's node.
+    Http,
+    /// Through `mcp-bridge` number `n`, which picks the node itself (the op's node is 0).
+    Bridge(usize),
+}
+
+impl std::fmt::Display for Via {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Via::Http => write!(f, "http"),
+            Via::Bridge(n) => write!(f, "bridge {n}"),
+        }
+    }
+}
+
+/// What an MCP request asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum McpMethod {
+    Initialize,
+    ListTools,
+    /// `tools/call` of the demo server's `echo` (idempotent).
+    Echo,
+    /// `tools/call` of the demo server's `counter_increment` (not idempotent, ledger).
+    Counter,
+}
+
+impl McpMethod {
+    pub fn name(self) -> &'static str {
+        match self {
+            McpMethod::Initialize => "initialize",
+            McpMethod::ListTools => "tools/list",
+            McpMethod::Echo => "echo",
+            McpMethod::Counter => "counter_increment",
+        }
+    }
+
+    pub fn is_tool_call(self) -> bool {
+        matches!(self, McpMethod::Echo | McpMethod::Counter)
+    }
 }
 
 impl OpKind {
@@ -79,6 +130,8 @@ pub enum OpResult {
     Register { value: u64, revision: u64 },
     /// The tenant names a list returned (only the ones this workload created).
     Tenants { names: Vec<String> },
+    /// An MCP request's result (a tool's first text block, or a short description).
+    Answer { text: String },
 }
 
 /// A definite failure.

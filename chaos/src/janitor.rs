@@ -158,6 +158,18 @@ impl Janitor {
         Ok(())
     }
 
+    /// SIGKILL to our child `pid`, without waiting (for `Drop`): it stays ours, reaped by
+    /// [`Janitor::exited`] or at cleanup. Returns whether it was one of ours.
+    pub fn kill_now(&self, pid: u32) -> bool {
+        match self.lock().children.get_mut(&pid) {
+            Some(child) => {
+                let _ = child.start_kill();
+                true
+            }
+            None => false,
+        }
+    }
+
     /// SIGTERM, then SIGKILL if it has not exited within `grace`. Returns whether it exited by
     /// itself.
     pub async fn terminate(&self, pid: u32, grace: Duration) -> Result<bool, JanitorError> {

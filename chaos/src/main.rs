@@ -1,9 +1,10 @@
 //! `chaos`: fault injection under load against real `mcpd` processes, with history checkers.
 //!
 //! `chaos run --profile smoke|full [--seed N] [--nodes 3] [--mcpd PATH] [--keep]` runs one
-//! scenario per fault, each on a fresh cluster, and prints a table per scenario and a JSON
-//! summary as the last line; it exits non-zero when a checker fails. `chaos self-test` runs the
-//! checkers on histories whose verdict is known.
+//! scenario per fault, each on a fresh cluster, under two workloads (the registry's clients,
+//! and MCP clients calling the demo server over plain HTTP and through `mcp-bridge`), and
+//! prints a table per scenario and a JSON summary as the last line; it exits non-zero when a
+//! checker fails. `chaos self-test` runs the checkers on histories whose verdict is known.
 //!
 //! As root with a working `ip netns`, every node runs in its own network namespace on a bridge
 //! the harness creates; otherwise nodes run on 127.0.0.1 and the network faults are skipped.
@@ -15,6 +16,8 @@ mod cluster;
 mod faults;
 mod history;
 mod janitor;
+mod mcp;
+mod mcpload;
 mod netns;
 mod report;
 mod sampler;
@@ -32,6 +35,7 @@ use clap::{Parser, Subcommand};
 use crate::cluster::{NodeConfig, Placement};
 use crate::faults::{Fault, Profile};
 use crate::janitor::{CleanupGuard, Janitor};
+use crate::mcpload::{McpConfig, McpLoad};
 use crate::report::Summary;
 use crate::scenario::{RunEnv, ScenarioReport, Timings};
 use crate::workload::RegistryLoad;
@@ -69,6 +73,13 @@ struct RunArgs {
     /// The mcpd binary (default: $MCPD_BIN, else `mcpd` next to this binary).
     #[arg(long)]
     mcpd: Option<PathBuf>,
+    /// The mcp-bridge binary of the MCP workload (default: $MCP_BRIDGE_BIN, else
+    /// `mcp-bridge` next to this binary).
+    #[arg(long)]
+    bridge: Option<PathBuf>,
+    /// Run the registry workload only (no MCP clients, no demo server).
+    #[arg(long)]
+    no_mcp: bool,
     /// Keep the run directory (node logs and data) after the run.
     #[arg(long)]
     keep: bool,
@@ -87,21 +98,22 @@ struct RunArgs {
     hold_secs: u64,
 }
 
-fn mcpd_path(arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+/// A workspace binary: `arg`, else `$<var>`, else `name` next to this binary.
+fn binary_path(arg: Option<PathBuf>, name: &str, var: &str, flag: &str) -> anyhow::Result<PathBuf> {
     let path = match arg {
         Some(p) => p,
-        None => match std::env::var_os("MCPD_BIN") {
+        None => match std::env::var_os(var) {
             Some(p) => PathBuf::from(p),
             None => std::env::current_exe()
                 .context("locating the chaos binary")?
                 .parent()
                 .context("the chaos binary has no directory")?
-                .join("mcpd"),
+                .join(name),
         },
     };
     if !path.is_file() {
         bail!(
-            "mcpd not found at {} (build it with `cargo build -p mcpd`, or pass --mcpd / set MCPD_BIN)",
+            "{name} not found at {} (build it with `cargo build -p {name}`, or pass {flag} / set {var})",
             path.display()
         );
     }
@@ -147,7 +159,21 @@ async fn run(args: RunArgs, janitor: Janitor) -> anyhow::Result<bool> {
         janitor.run_id(),
         janitor.dir().display()
     );
-    let mcpd = mcpd_path(args.mcpd.clone())?;
+    let mcpd = binary_path(args.mcpd.clone(), "mcpd", "MCPD_BIN", "--mcpd")?;
+    let mcp = if args.no_mcp {
+        None
+    } else {
+        Some(McpConfig {
+            mcpd: mcpd.clone(),
+            bridge: binary_path(
+                args.bridge.clone(),
+                "mcp-bridge",
+                "MCP_BRIDGE_BIN",
+                "--bridge",
+            )?,
+            load: McpLoad::default(),
+        })
+    };
     let reason = if args.no_netns {
         Some("--no-netns".to_string())
     } else {
@@ -203,6 +229,7 @@ async fn run(args: RunArgs, janitor: Janitor) -> anyhow::Result<bool> {
             stale_reads: args.stale_reads,
             ..RegistryLoad::default()
         },
+        mcp,
     };
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut reports: Vec<ScenarioReport> = Vec::new();

@@ -78,11 +78,18 @@ pub fn scenario(r: &ScenarioReport, total: usize) -> String {
         ScenarioOutcome::Ran(ran) => {
             let mut rows = vec![
                 vec!["fault".into(), ran.description.clone()],
-                vec!["workload".into(), ran.workload.to_string()],
-                vec!["ops".into(), tally(&ran.tally)],
+                vec!["workload".into(), ran.workload.clone()],
+                vec!["registry ops".into(), tally(&ran.tally)],
                 vec!["writes".into(), tally(&ran.writes)],
                 vec!["ok write latency".into(), latency(&ran.write_latency)],
                 vec!["ok read latency".into(), latency(&ran.read_latency)],
+            ];
+            for f in &ran.others {
+                for (k, v) in &f.rows {
+                    rows.push(vec![k.clone(), v.clone()]);
+                }
+            }
+            rows.extend([
                 vec!["leader recovery".into(), ms(ran.recovery.leader_ms)],
                 vec!["writes ok again".into(), ms(ran.recovery.writes_ms)],
                 vec![
@@ -93,7 +100,7 @@ pub fn scenario(r: &ScenarioReport, total: usize) -> String {
                     "duration".into(),
                     format!("{:.1} s", ran.duration.as_secs_f64()),
                 ],
-            ];
+            ]);
             for c in &ran.checks {
                 rows.push(vec![
                     format!("{} {}", if c.passed { "PASS" } else { "FAIL" }, c.name),
@@ -123,6 +130,8 @@ pub struct Summary {
     pub skipped: usize,
     pub counts: Counts,
     pub max_leader_recovery_ms: Option<u64>,
+    /// MCP tool calls made (every scenario's MCP workload).
+    pub mcp_calls: usize,
     pub seed: u64,
 }
 
@@ -145,6 +154,12 @@ impl Summary {
                 for c in &ran.checks {
                     s.counts.add(&c.counts);
                 }
+                s.mcp_calls += ran
+                    .others
+                    .iter()
+                    .filter(|f| f.workload == "mcp")
+                    .map(|f| f.tally.ok + f.tally.failed + f.tally.unknown)
+                    .sum::<usize>();
                 if let Some(l) = ran.recovery.leader_ms {
                     s.max_leader_recovery_ms = Some(s.max_leader_recovery_ms.unwrap_or(0).max(l));
                 }
@@ -161,7 +176,7 @@ impl Summary {
     /// The JSON summary line (keys in a fixed order).
     pub fn json(&self) -> String {
         format!(
-            "{{\"scenarios\":{},\"passed\":{},\"lost_writes\":{},\"linearizability_violations\":{},\"duplicate_executions\":{},\"unanswered_calls\":{},\"max_leader_recovery_ms\":{},\"leader_conflicts\":{},\"skipped\":{},\"seed\":{}}}",
+            "{{\"scenarios\":{},\"passed\":{},\"lost_writes\":{},\"linearizability_violations\":{},\"duplicate_executions\":{},\"unanswered_calls\":{},\"max_leader_recovery_ms\":{},\"leader_conflicts\":{},\"mcp_calls\":{},\"skipped\":{},\"seed\":{}}}",
             self.scenarios,
             self.passed,
             self.counts.lost_writes,
@@ -172,6 +187,7 @@ impl Summary {
                 .map(|v| v.to_string())
                 .unwrap_or_else(|| "null".into()),
             self.counts.leader_conflicts,
+            self.mcp_calls,
             self.skipped,
             self.seed
         )
@@ -183,9 +199,14 @@ pub fn summary_table(reports: &[ScenarioReport]) -> String {
     let rows: Vec<Vec<String>> = reports
         .iter()
         .map(|r| {
-            let (ops, leader, writes, pause, verdict) = match &r.outcome {
+            let (ops, mcp, leader, writes, pause, verdict) = match &r.outcome {
                 ScenarioOutcome::Ran(ran) => (
                     tally(&ran.tally),
+                    ran.others
+                        .iter()
+                        .find(|f| f.workload == "mcp")
+                        .map(|f| tally(&f.tally))
+                        .unwrap_or_else(|| "-".into()),
                     ms(ran.recovery.leader_ms),
                     ms(ran.recovery.writes_ms),
                     format!("{} ms", ran.recovery.longest_pause_ms),
@@ -208,9 +229,11 @@ pub fn summary_table(reports: &[ScenarioReport]) -> String {
                     "-".into(),
                     "-".into(),
                     "-".into(),
+                    "-".into(),
                     "SKIPPED".into(),
                 ),
                 ScenarioOutcome::Error { .. } => (
+                    "-".into(),
                     "-".into(),
                     "-".into(),
                     "-".into(),
@@ -222,6 +245,7 @@ pub fn summary_table(reports: &[ScenarioReport]) -> String {
                 format!("{}", r.index + 1),
                 r.fault.name().to_string(),
                 ops,
+                mcp,
                 leader,
                 writes,
                 pause,
@@ -233,7 +257,8 @@ pub fn summary_table(reports: &[ScenarioReport]) -> String {
         &[
             "#",
             "scenario",
-            "ops",
+            "registry ops",
+            "mcp calls",
             "new leader",
             "writes ok",
             "longest pause",

@@ -7,13 +7,14 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::checker::availability::{self, LeaderImpact, Recovery};
+use crate::checker::availability::{self, Impairment, LeaderImpact, Recovery};
 use crate::checker::leaders;
 use crate::checker::Check;
 use crate::cluster::{Cluster, ClusterError, NodeConfig, Placement};
 use crate::faults::{Fault, FaultEnv, FaultError, Injected};
 use crate::history::{Clock, History, Latency, Micros, Op, Tally};
 use crate::janitor::Janitor;
+use crate::mcpload::{McpConfig, McpWorkload};
 use crate::sampler::Sampler;
 use crate::workload::{FinalView, RegistryLoad, RegistryWorkload, Workload, WorkloadCtx};
 
@@ -53,17 +54,30 @@ pub struct RunEnv {
     pub nodes: u64,
     pub timings: Timings,
     pub load: RegistryLoad,
+    /// The MCP workload beside the registry's (`None`: registry only).
+    pub mcp: Option<McpConfig>,
+}
+
+/// What a workload other than the registry's did, for the report.
+#[derive(Debug, Clone)]
+pub struct Figures {
+    pub workload: &'static str,
+    pub tally: Tally,
+    pub rows: Vec<(String, String)>,
 }
 
 /// What a scenario that ran found.
 #[derive(Debug, Clone)]
 pub struct Ran {
-    pub workload: &'static str,
+    /// The workloads' names (`registry + mcp`).
+    pub workload: String,
     pub description: String,
     pub tally: Tally,
     pub writes: Tally,
     pub write_latency: Latency,
     pub read_latency: Latency,
+    /// The other workloads' figures.
+    pub others: Vec<Figures>,
     pub checks: Vec<Check>,
     pub recovery: Recovery,
     pub notes: Vec<String>,
@@ -72,7 +86,7 @@ pub struct Ran {
 
 #[derive(Debug, Clone)]
 pub enum ScenarioOutcome {
-    Ran(Ran),
+    Ran(Box<Ran>),
     Skipped(String),
     /// The harness could not run it (the cluster did not start, a fault could not be
     /// injected): counts as a failure.
@@ -161,14 +175,14 @@ pub async fn run(env: &RunEnv, index: usize, fault: Fault, seed: u64) -> Scenari
             })
         }
     };
-    let outcome = match run_in(env, &mut cluster, index, fault, seed).await {
+    let outcome = match run_in(env, &mut cluster, &dir, index, fault, seed).await {
         Ok(ran) => {
             let logs_needed = !ran.checks.iter().all(|c| c.passed);
             let mut ran = ran;
             if logs_needed {
                 ran.notes.extend(cluster.log_tails(15));
             }
-            ScenarioOutcome::Ran(ran)
+            ScenarioOutcome::Ran(Box::new(ran))
         }
         Err(ScenarioError::Fault(FaultError::Skip(why))) => ScenarioOutcome::Skipped(why),
         Err(e) => ScenarioOutcome::Error {
@@ -204,6 +218,7 @@ async fn wait_write_ok(history: &History, since: Micros, within: Duration) -> bo
 async fn run_in(
     env: &RunEnv,
     cluster: &mut Cluster,
+    dir: &std::path::Path,
     index: usize,
     fault: Fault,
     seed: u64,
@@ -211,28 +226,47 @@ async fn run_in(
     let started = Instant::now();
     let t = env.timings;
     let mut rng = fastrand::Rng::with_seed(seed);
-    let workload = RegistryWorkload::new(index, env.load);
-    workload
-        .setup(&cluster.admin(Duration::from_secs(10))?)
-        .await?;
+    // The registry's workload comes first: its writes measure recovery.
+    let registry = RegistryWorkload::new(index, env.load);
+    let mcp = env
+        .mcp
+        .clone()
+        .map(|cfg| McpWorkload::new(index, cfg, dir, &env.janitor));
+    let mut workloads: Vec<&dyn Workload> = vec![&registry];
+    if let Some(m) = &mcp {
+        workloads.push(m);
+    }
+    let admin = cluster.admin(Duration::from_secs(10))?;
+    let targets = cluster.targets();
+    for w in &workloads {
+        w.setup(&admin, &targets).await?;
+    }
+    let stop_within = workloads
+        .iter()
+        .map(|w| w.stop_within())
+        .fold(cluster.client_timeout(), Duration::max);
 
     let clock = Clock::new();
-    let history = History::new(clock);
+    // A history per workload; the registry's is `history`.
+    let histories: Vec<History> = workloads.iter().map(|_| History::new(clock)).collect();
+    let history = histories[0].clone();
     // Generous bounds: every phase below has its own, shorter one.
     let hard_deadline =
         Instant::now() + t.warmup + t.hold + t.recovery_max + t.tail + Duration::from_secs(300);
     let sampler = Sampler::start(cluster.targets(), clock, hard_deadline);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let ctx = WorkloadCtx {
-        targets: cluster.targets(),
-        history: history.clone(),
-        seed: rng.u64(..),
-        stop: stop_rx,
-        deadline: hard_deadline,
-    };
     let mut workers = JoinSet::new();
-    for w in workload.workers(&ctx) {
-        workers.spawn(w);
+    for (w, h) in workloads.iter().zip(&histories) {
+        let ctx = WorkloadCtx {
+            targets: cluster.targets(),
+            history: h.clone(),
+            seed: rng.u64(..),
+            stop: stop_rx.clone(),
+            deadline: hard_deadline,
+        };
+        for f in w.workers(&ctx) {
+            workers.spawn(f);
+        }
     }
     let load_start = clock.now();
 
@@ -255,7 +289,7 @@ async fn run_in(
     let mut injected: Injected = match injected {
         Ok(i) => i,
         Err(e) => {
-            stop_workers(&stop_tx, &mut workers, cluster.client_timeout()).await;
+            stop_workers(&stop_tx, &mut workers, stop_within).await;
             sampler.finish().await;
             return Err(e.into());
         }
@@ -266,7 +300,7 @@ async fn run_in(
     let heal_at = clock.now();
     let healed = fault.heal(cluster, &mut injected, clock).await;
     if let Err(e) = healed {
-        stop_workers(&stop_tx, &mut workers, cluster.client_timeout()).await;
+        stop_workers(&stop_tx, &mut workers, stop_within).await;
         sampler.finish().await;
         return Err(e.into());
     }
@@ -278,7 +312,7 @@ async fn run_in(
         ));
     }
     tokio::time::sleep(t.tail).await;
-    stop_workers(&stop_tx, &mut workers, cluster.client_timeout()).await;
+    stop_workers(&stop_tx, &mut workers, stop_within).await;
     let load_end = clock.now();
 
     // Settle, then judge.
@@ -296,6 +330,18 @@ async fn run_in(
         .cloned()
         .collect();
     notes.extend(crashed.iter().filter(|l| expected_crash(l)).cloned());
+    // A node the fault made exit (when is not known): calls to it from the fault on are the
+    // fault's doing.
+    for v in injected.may_crash.clone() {
+        if crashed.iter().any(|l| l.starts_with(&format!("node {v} "))) {
+            injected.impairments.push(Impairment {
+                node: v,
+                from: fault_at,
+                to: None,
+                why: "exited, as the fault may make it".into(),
+            });
+        }
+    }
     checks.push(if unexpected.is_empty() {
         Check::pass("no node crashed", "every member's process ran to the end")
     } else {
@@ -317,7 +363,8 @@ async fn run_in(
         ),
         Err(e) => Check::fail("cluster settled", e.to_string(), vec![], Default::default()),
     });
-    let ops: Vec<Op> = history.snapshot();
+    let all_ops: Vec<Vec<Op>> = histories.iter().map(History::snapshot).collect();
+    let ops: Vec<Op> = all_ops[0].clone();
     let nodes: Vec<(u64, mcpctl::AdminClient)> = cluster
         .live_members()
         .into_iter()
@@ -328,16 +375,27 @@ async fn run_in(
                 .map(|c| (id, c))
         })
         .collect();
-    checks.extend(
-        workload
-            .check(FinalView {
-                nodes,
-                ops: &ops,
+    let mut others = Vec::new();
+    for (i, (w, wops)) in workloads.iter().zip(&all_ops).enumerate() {
+        checks.extend(
+            w.check(FinalView {
+                nodes: nodes.clone(),
+                ops: wops,
                 clock,
                 within: t.settle,
+                impairments: &injected.impairments,
             })
             .await,
-    );
+        );
+        notes.extend(w.notes());
+        if i > 0 {
+            others.push(Figures {
+                workload: w.name(),
+                tally: w.tally(wops),
+                rows: w.figures(wops),
+            });
+        }
+    }
     let samples = sampler.finish().await;
     checks.push(leaders::one_leader_per_term(&samples));
     checks.push(availability::unanswered(&ops, &injected.impairments));
@@ -353,12 +411,17 @@ async fn run_in(
     );
     let (writes, reads): (Vec<Op>, Vec<Op>) = ops.iter().cloned().partition(|o| o.kind.is_write());
     Ok(Ran {
-        workload: workload.name(),
+        workload: workloads
+            .iter()
+            .map(|w| w.name())
+            .collect::<Vec<_>>()
+            .join(" + "),
         description: injected.description.clone(),
         tally: Tally::of(&ops),
         writes: Tally::of(&writes),
         write_latency: Latency::of(&writes),
         read_latency: Latency::of(&reads),
+        others,
         checks,
         recovery,
         notes,

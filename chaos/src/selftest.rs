@@ -3,16 +3,20 @@
 //! compare-and-set that did apply, a stale list, two leaders in a term) and generated ones: a
 //! long concurrent register history built to be linearizable (each operation takes effect at a
 //! random instant inside its call), and the same history with one read made stale, which must
-//! fail.
+//! fail. The MCP checkers: a call through the bridge never answered, a non-idempotent call
+//! executed twice, an acknowledged one missing from the ledger, one answered "did not run" that
+//! ran.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use crate::checker::availability::Impairment;
 use crate::checker::leaders::{self, LeaderSample};
 use crate::checker::linearizable::Budget;
+use crate::checker::mcp::{self as mcp_checks, parse_ledger};
 use crate::checker::registers::{self, RegisterKey};
 use crate::checker::tenants;
 use crate::checker::Check;
-use crate::history::{Failure, Op, OpKind, OpResult, Outcome, UnknownCause};
+use crate::history::{Failure, McpMethod, Op, OpKind, OpResult, Outcome, UnknownCause, Via};
 
 /// One case: a name, the expected verdict, and the checker's.
 pub struct Case {
@@ -315,7 +319,132 @@ pub fn cases() -> Vec<Case> {
         ]),
         millis: started.elapsed().as_millis(),
     });
+    out.extend(mcp_cases());
     out
+}
+
+/// The MCP checkers: answers within the deadline, and the demo server's ledger.
+fn mcp_cases() -> Vec<Case> {
+    let call = |id, node, via, method, key: &str, outcome| Op {
+        id,
+        worker: id,
+        node,
+        kind: OpKind::McpCall {
+            via,
+            method,
+            key: key.into(),
+        },
+        invoke: 1_000_000,
+        complete: 1_050_000,
+        outcome,
+    };
+    let ok = || Outcome::Ok(OpResult::Answer { text: "1".into() });
+    let error = |code: &str| {
+        Outcome::Failed(Failure {
+            status: None,
+            code: code.into(),
+            message: String::new(),
+        })
+    };
+    let timeout = || Outcome::Unknown {
+        cause: UnknownCause::Timeout,
+        detail: "no answer within 15s".into(),
+    };
+    let killed = [Impairment {
+        node: 1,
+        from: 500_000,
+        to: None,
+        why: "killed".into(),
+    }];
+    let ledger = |keys: &[&str]| {
+        parse_ledger(
+            &keys
+                .iter()
+                .map(|k| format!("{{\"pid\":9,\"key\":\"{k}\"}}\n"))
+                .collect::<String>(),
+        )
+    };
+    let history = vec![
+        call(0, 1, Via::Http, McpMethod::Echo, "e0", timeout()),
+        call(1, 2, Via::Http, McpMethod::Counter, "k1", ok()),
+        call(
+            2,
+            0,
+            Via::Bridge(0),
+            McpMethod::Counter,
+            "k2",
+            error("-32053"),
+        ),
+        call(
+            3,
+            0,
+            Via::Bridge(0),
+            McpMethod::Counter,
+            "k3",
+            error("-32050"),
+        ),
+    ];
+    let timed = |name: &str, expect_pass: bool, f: &dyn Fn() -> Check| {
+        let started = Instant::now();
+        let check = f();
+        Case {
+            name: name.into(),
+            expect_pass,
+            check,
+            millis: started.elapsed().as_millis(),
+        }
+    };
+    let mut bridge_silent = history.clone();
+    bridge_silent.push(call(4, 0, Via::Bridge(1), McpMethod::Echo, "e4", timeout()));
+    vec![
+        timed(
+            "mcp: calls answered; a plain-HTTP call to the killed node is excused",
+            true,
+            &|| mcp_checks::answered_within(&history, &killed, Duration::from_secs(15)),
+        ),
+        timed(
+            "mcp (known bad): a call through mcp-bridge never answered",
+            false,
+            &|| mcp_checks::answered_within(&bridge_silent, &killed, Duration::from_secs(15)),
+        ),
+        timed(
+            "mcp: ledger holds the ok call once, the crashed one (may have run) once",
+            true,
+            &|| {
+                let l = ledger(&["k1", "k2"]);
+                merge(
+                    mcp_checks::no_duplicates(&history, &l),
+                    mcp_checks::answers_match(&history, &l),
+                )
+            },
+        ),
+        timed(
+            "mcp (known bad): a counter call executed twice",
+            false,
+            &|| mcp_checks::no_duplicates(&history, &ledger(&["k1", "k2", "k2"])),
+        ),
+        timed(
+            "mcp (known bad): a counter call answered ok is not in the ledger",
+            false,
+            &|| mcp_checks::answers_match(&history, &ledger(&["k2"])),
+        ),
+        timed(
+            "mcp (known bad): a counter call answered `unavailable` (did not run) ran",
+            false,
+            &|| mcp_checks::answers_match(&history, &ledger(&["k1", "k3"])),
+        ),
+    ]
+}
+
+/// Both checks as one: passes when both do.
+fn merge(a: Check, b: Check) -> Check {
+    if a.passed && b.passed {
+        Check::pass(a.name, format!("{}; {}", a.summary, b.summary))
+    } else {
+        let (mut failed, other) = if a.passed { (b, a) } else { (a, b) };
+        failed.evidence.extend(other.evidence);
+        failed
+    }
 }
 
 #[cfg(test)]

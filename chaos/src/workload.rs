@@ -1,10 +1,10 @@
 //! Workloads: concurrent clients that run during a scenario and record every operation in the
 //! [`History`], and the checks that judge that history once the cluster has settled.
 //!
-//! [`Workload`] is the seam: the registry workload ([`RegistryWorkload`]) is the first one; an
-//! MCP data-plane workload (tool calls through the bridge, judged by the demo server's ledger)
-//! plugs in the same way: `setup` before the fault, `workers` during the scenario, `check`
-//! after it.
+//! [`Workload`] is the seam: the registry workload ([`RegistryWorkload`]) here, and the MCP
+//! data-plane workload (`crate::mcpload`: tool calls over plain HTTP and through
+//! `mcp-bridge`, judged by the demo server's ledger), run side by side, each with its own
+//! history: `setup` before the fault, `workers` during the scenario, `check` after it.
 //!
 //! The registry workload runs three kinds of clients, each through a random member:
 //! - writers creating tenants under names no other operation uses (unique keys);
@@ -25,12 +25,13 @@ use mcpcp_proto::api::{ServerSpec, TenantSpec, Versioned};
 use mcpctl::{AdminClient, CallOptions, ClientError};
 use tokio::sync::watch;
 
+use crate::checker::availability::Impairment;
 use crate::checker::linearizable::Budget;
 use crate::checker::registers::{self, FinalRead, RegisterKey};
 use crate::checker::tenants::{self, NodeTenants};
 use crate::checker::Check;
 use crate::cluster::Targets;
-use crate::history::{Clock, Failure, History, Op, OpKind, OpResult, Outcome, UnknownCause};
+use crate::history::{Clock, Failure, History, Op, OpKind, OpResult, Outcome, Tally, UnknownCause};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -40,6 +41,8 @@ pub enum WorkloadError {
     Setup { what: String, source: ClientError },
     #[error("setting up {what}: gave up after {within:?}")]
     SetupTimeout { what: String, within: Duration },
+    #[error("setting up {what}: {message}")]
+    Mcp { what: String, message: String },
 }
 
 /// What a workload's clients get.
@@ -61,18 +64,40 @@ pub struct FinalView<'a> {
     pub clock: Clock,
     /// How long to wait for the nodes to converge.
     pub within: Duration,
+    /// When calls to a node could legitimately go unanswered (the fault's timeline).
+    pub impairments: &'a [Impairment],
 }
 
 /// A load generator with its own checks.
 pub trait Workload: Send + Sync {
     fn name(&self) -> &'static str;
-    /// Creates what the workers need, before any fault.
-    fn setup<'a>(&'a self, admin: &'a AdminClient) -> BoxFuture<'a, Result<(), WorkloadError>>;
+    /// Creates what the workers need, before any fault (`targets`: every member).
+    fn setup<'a>(
+        &'a self,
+        admin: &'a AdminClient,
+        targets: &'a Targets,
+    ) -> BoxFuture<'a, Result<(), WorkloadError>>;
     /// The concurrent clients; each ends when `ctx.stop` turns true, at `ctx.deadline`, or
     /// after its own bounded number of operations.
     fn workers(&self, ctx: &WorkloadCtx) -> Vec<BoxFuture<'static, ()>>;
+    /// How long its workers may take to end once told to stop (a call in flight finishing).
+    fn stop_within(&self) -> Duration {
+        Duration::ZERO
+    }
     /// Judges the history against the final state of every node.
     fn check<'a>(&'a self, view: FinalView<'a>) -> BoxFuture<'a, Vec<Check>>;
+    /// Rows for the scenario's table.
+    fn figures(&self, _ops: &[Op]) -> Vec<(String, String)> {
+        Vec::new()
+    }
+    /// The outcomes of its operations, for the summary table.
+    fn tally(&self, ops: &[Op]) -> Tally {
+        Tally::of(ops)
+    }
+    /// Remarks for the report (a client process that exited, a file that could not be read).
+    fn notes(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Upper bound of operations per worker and scenario.
@@ -329,7 +354,7 @@ fn classify_read_error(e: &ClientError) -> Outcome {
 }
 
 /// Waits `ms` unless told to stop first. Returns whether to go on.
-async fn think(stop: &mut watch::Receiver<bool>, ms: u64) -> bool {
+pub async fn think(stop: &mut watch::Receiver<bool>, ms: u64) -> bool {
     if *stop.borrow() {
         return false;
     }
@@ -511,7 +536,11 @@ impl Workload for RegistryWorkload {
         "registry"
     }
 
-    fn setup<'a>(&'a self, admin: &'a AdminClient) -> BoxFuture<'a, Result<(), WorkloadError>> {
+    fn setup<'a>(
+        &'a self,
+        admin: &'a AdminClient,
+        _targets: &'a Targets,
+    ) -> BoxFuture<'a, Result<(), WorkloadError>> {
         Box::pin(self.setup_inner(admin))
     }
 

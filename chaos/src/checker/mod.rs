@@ -6,11 +6,14 @@
 //! - [`registers`]: the shared registers' histories (compare-and-set) through it;
 //! - [`tenants`]: acknowledged creates present on every node, list reads not stale;
 //! - [`leaders`]: at most one leader per term;
-//! - [`availability`]: calls that never got an answer, and the recovery figures.
+//! - [`availability`]: calls that never got an answer, and the recovery figures;
+//! - [`mcp`]: MCP calls answered within their deadline, and the demo server's ledger (no
+//!   non-idempotent call executed twice, every acknowledged one executed).
 
 pub mod availability;
 pub mod leaders;
 pub mod linearizable;
+pub mod mcp;
 pub mod registers;
 pub mod tenants;
 
@@ -81,6 +84,16 @@ pub fn secs(t: Micros) -> String {
     format!("{:.3}s", t as f64 / 1e6)
 }
 
+/// `s` cut to at most `max` characters (with an ellipsis when cut).
+pub fn short(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        let cut: String = s.chars().take(max).collect();
+        format!("{cut}...")
+    }
+}
+
 /// One line describing an operation, for evidence.
 pub fn describe(op: &Op) -> String {
     let what = match &op.kind {
@@ -93,6 +106,7 @@ pub fn describe(op: &Op) -> String {
             to,
             if_match,
         } => format!("cas {key} {from}->{to} (If-Match {if_match})"),
+        OpKind::McpCall { via, method, key } => format!("mcp {} via {via} [{key}]", method.name()),
     };
     let outcome = match &op.outcome {
         Outcome::Ok(OpResult::Written { revision }) => format!("ok rev {revision}"),
@@ -100,6 +114,13 @@ pub fn describe(op: &Op) -> String {
             format!("ok value {value} rev {revision}")
         }
         Outcome::Ok(OpResult::Tenants { names }) => format!("ok {} tenants", names.len()),
+        Outcome::Ok(OpResult::Answer { text }) => format!("ok {text:?}"),
+        Outcome::Failed(f) if matches!(op.kind, OpKind::McpCall { .. }) => format!(
+            "failed {}{}: {}",
+            f.status.map(|s| format!("HTTP {s} ")).unwrap_or_default(),
+            f.code,
+            short(&f.message, 160)
+        ),
         Outcome::Failed(f) => format!(
             "failed {}{}",
             f.status.map(|s| format!("{s} ")).unwrap_or_default(),
@@ -107,11 +128,17 @@ pub fn describe(op: &Op) -> String {
         ),
         Outcome::Unknown { cause, detail } => format!("unknown ({cause:?}: {detail})"),
     };
+    let node = match &op.kind {
+        OpKind::McpCall {
+            via: crate::history::Via::Bridge(_),
+            ..
+        } => "the bridge's choice".to_string(),
+        _ => format!("node {}", op.node),
+    };
     format!(
-        "#{} worker {} -> node {} [{} .. {}] {what}: {outcome}",
+        "#{} worker {} -> {node} [{} .. {}] {what}: {outcome}",
         op.id,
         op.worker,
-        op.node,
         secs(op.invoke),
         secs(op.complete)
     )

@@ -165,22 +165,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|e| StorageIOError::read_vote(&e).into())
     }
 
-    /// The commit index is a hint for faster start-up (openraft re-applies the log up to it),
-    /// so it is written without an fsync of its own: it becomes durable with the next append.
-    /// Losing it is safe; the node then learns the commit index from the leader.
+    /// The commit index is written durably. It is more than a start-up hint: a leader that
+    /// restarts takes its term back without an election (openraft 0.9) and serves linearizable
+    /// reads from the commit index it recovers, so a lost index would let it answer reads that
+    /// miss acknowledged writes (found by the chaos harness's kill-all-restart scenario).
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        let bytes = serde_json::to_vec(&committed).map_err(|e| StorageIOError::write(&e))?;
-        self.blocking(move |db| {
-            let mut tx = db.begin_write()?;
-            tx.set_durability(redb::Durability::None)
-                .map_err(|e| redb::Error::Io(std::io::Error::other(e)))?;
-            tx.open_table(META)?
-                .insert(KEY_COMMITTED, bytes.as_slice())?;
-            tx.commit()?;
-            Ok(())
-        })
-        .await
-        .map_err(|e| StorageIOError::write(&e).into())
+        self.write_meta(KEY_COMMITTED, &committed)
+            .await
+            .map_err(|e| StorageIOError::write(&e).into())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
