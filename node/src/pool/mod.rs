@@ -213,6 +213,11 @@ impl Pool {
         self.queued.load(Ordering::Relaxed)
     }
 
+    fn publish_queue_depth(&self) {
+        metrics::gauge!("mcpd_pool_queue_depth", "server" => self.name.clone())
+            .set(self.queue_depth() as f64);
+    }
+
     /// The `initialize` answer of a ready process (server info, capabilities, instructions).
     pub fn init_result(&self) -> Option<Value> {
         self.slots
@@ -393,11 +398,10 @@ impl Pool {
                 ),
             ));
         };
-        self.queued.fetch_add(1, Ordering::Relaxed);
-        metrics::gauge!("mcpd_pool_queue_depth", &labels).set(self.queue_depth() as f64);
+        // Counted as queued until it gets a slot, gives up, or is dropped (a cancelled call).
+        let in_queue = Queued::enter(self);
         let slot = tokio::time::timeout(timeout, self.active.clone().acquire_owned()).await;
-        self.queued.fetch_sub(1, Ordering::Relaxed);
-        metrics::gauge!("mcpd_pool_queue_depth", &labels).set(self.queue_depth() as f64);
+        drop(in_queue);
         let Ok(Ok(_running)) = slot else {
             return Err(ErrorObject::new(
                 code::UNAVAILABLE,
@@ -452,6 +456,26 @@ impl Pool {
             tasks.abort_all();
         }
         metrics::gauge!("mcpd_pool_queue_depth", "server" => self.name.clone()).set(0.0);
+    }
+}
+
+/// One call waiting for a slot of `pool`, in its queue depth while it lives.
+struct Queued<'a> {
+    pool: &'a Pool,
+}
+
+impl<'a> Queued<'a> {
+    fn enter(pool: &'a Pool) -> Self {
+        pool.queued.fetch_add(1, Ordering::Relaxed);
+        pool.publish_queue_depth();
+        Queued { pool }
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.pool.queued.fetch_sub(1, Ordering::Relaxed);
+        self.pool.publish_queue_depth();
     }
 }
 

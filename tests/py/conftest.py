@@ -1,0 +1,260 @@
+"""Fixtures of the end-to-end tests of the data plane: real `mcpd` clusters started with
+`mcpctl dev up`, real MCP servers registered on them, torn down with `mcpctl dev down` whatever
+happens. When a test fails, the tail of every running node's log is attached to its report.
+
+Binaries: `target/debug/{mcpctl,mcpd}` (built by scripts/test.sh), or `MCPCTL_BIN` / `MCPD_BIN`.
+Servers: `.venv/bin/mcp-server-time`; server-everything and server-filesystem from `.tools/npm`
+run by the Node 22 there (scripts/test.sh installs both).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import uuid
+from pathlib import Path
+
+import httpx2
+import pytest
+
+from helpers import stateless_tool_names, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+MCPCTL = Path(os.environ.get("MCPCTL_BIN") or ROOT / "target/debug/mcpctl")
+MCPD = Path(os.environ.get("MCPD_BIN") or ROOT / "target/debug/mcpd")
+VENV_BIN = ROOT / ".venv/bin"
+NPM = ROOT / ".tools/npm/node_modules"
+NODE22 = NPM / ".bin/node"
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+# Clusters running now, whose node logs a failing test's report gets.
+_LIVE: list[Cluster] = []
+
+
+def _need(path: Path, how: str) -> None:
+    if not path.exists():
+        pytest.exit(f"{path} is missing: {how}", returncode=2)
+
+
+class Cluster:
+    """A dev cluster: its directory, endpoints, tokens, and `mcpctl` against it."""
+
+    def __init__(self, name: str, dir: Path, nodes: int, mcpd_args: list[str]):
+        self.name = name
+        self.dir = dir
+        self.nodes = nodes
+        self.mcpd_args = mcpd_args
+        self.endpoints: list[str] = []
+        self.admin_token = ""
+        self.token = ""  # a token of tenant `default`
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def up(self) -> None:
+        args = [str(MCPCTL), "dev", "up", "--nodes", str(self.nodes), "--dir", str(self.dir)]
+        args += ["--mcpd", str(MCPD)] + [f"--mcpd-arg={a}" for a in self.mcpd_args]
+        _LIVE.append(self)
+        r = subprocess.run(args, capture_output=True, text=True, timeout=180, env=self._env())
+        if r.returncode != 0:
+            raise RuntimeError(f"mcpctl dev up failed ({r.returncode}):\n{r.stdout}\n{r.stderr}\n{self.log_tail()}")
+        env = {}
+        for line in (self.dir / "env").read_text().splitlines():
+            if line.startswith("export "):
+                k, v = line[len("export ") :].split("=", 1)
+                env[k] = v.strip("'")
+        self.endpoints = env["MCPCTL_ENDPOINTS"].split(",")
+        self.admin_token = env["MCPCTL_TOKEN"]
+        self.token = env["MCP_BRIDGE_TOKEN"]
+        assert len(self.endpoints) == self.nodes
+
+    def down(self) -> None:
+        try:
+            subprocess.run(
+                [str(MCPCTL), "dev", "down", "--dir", str(self.dir)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env=self._env(),
+            )
+        finally:
+            if self in _LIVE:
+                _LIVE.remove(self)
+
+    # -- addresses ----------------------------------------------------------------------------
+
+    def base(self, node: int = 0) -> str:
+        return self.endpoints[node]
+
+    def url(self, node: int = 0, server: str | None = None) -> str:
+        """`/mcp` of a node, or `/servers/{server}/mcp`."""
+        return f"{self.base(node)}/mcp" if server is None else f"{self.base(node)}/servers/{server}/mcp"
+
+    # -- admin ----------------------------------------------------------------------------
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MCPCTL_")}
+        if self.endpoints:
+            env["MCPCTL_ENDPOINTS"] = ",".join(self.endpoints)
+            env["MCPCTL_TOKEN"] = self.admin_token
+        return env
+
+    def mcpctl(self, *args: str, node: int | None = None) -> str:
+        """Runs `mcpctl ARGS` against the cluster (only `node`'s endpoint when given)."""
+        argv = [str(MCPCTL), *args]
+        if node is not None:
+            argv[2:2] = ["--endpoints", self.base(node)]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=self._env())
+        assert r.returncode == 0, f"mcpctl {' '.join(args)} failed ({r.returncode}): {r.stdout}{r.stderr}"
+        return r.stdout
+
+    def add_server(
+        self,
+        name: str,
+        command: list[str | Path],
+        *,
+        pool_size: int | None = None,
+        tenant: str | None = None,
+        env: dict[str, str] | None = None,
+        node: int | None = None,
+    ) -> None:
+        args = ["server", "add", name]
+        if pool_size is not None:
+            args += ["--pool-size", str(pool_size)]
+        if tenant is not None:
+            args += ["--tenant", tenant]
+        for k, v in (env or {}).items():
+            args += ["--env", f"{k}={v}"]
+        self.mcpctl(*args, "--", *map(str, command), node=node)
+
+    def wait_tools(self, server: str, tools: list[str], *, token: str | None = None, timeout: float = 90) -> None:
+        """Waits until every node lists `tools` on `/servers/{server}/mcp` and, prefixed, on
+        `/mcp` (the aggregate answers from the catalogue, which loads after the process)."""
+        token = token or self.token
+        for node in range(self.nodes):
+            for url, names in (
+                (self.url(node, server), tools),
+                (self.url(node), [f"{server}__{t}" for t in tools]),
+            ):
+                wait_until(
+                    lambda: set(names) <= set(stateless_tool_names(url, token)),
+                    timeout,
+                    f"{names} listed on {url}",
+                )
+
+    # -- observation ----------------------------------------------------------------------
+
+    def log(self, node: int = 0) -> str:
+        """Node `node`'s log (mcpd and its servers' stderr), without colours."""
+        path = self.dir / f"node{node + 1}" / "mcpd.log"
+        return ANSI.sub("", path.read_text(errors="replace")) if path.exists() else ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        out = []
+        for node in range(self.nodes):
+            tail = self.log(node).splitlines()[-lines:]
+            out.append(f"--- {self.name} node{node + 1}/mcpd.log (last {len(tail)} lines)\n" + "\n".join(tail))
+        return "\n".join(out)
+
+    def metrics(self, node: int = 0) -> str:
+        return httpx2.get(f"{self.base(node)}/metrics", timeout=10).text
+
+    def metric(self, name: str, labels: str, node: int = 0) -> float | None:
+        """The value of `name{labels}` on `node`'s /metrics (labels as printed, e.g.
+        `server="demo"`), or None when absent."""
+        for line in self.metrics(node).splitlines():
+            if line.startswith(f"{name}{{{labels}}} "):
+                return float(line.rsplit(" ", 1)[1])
+        return None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for c in list(_LIVE):
+            report.sections.append((f"node logs of cluster {c.name}", c.log_tail()))
+
+
+def start_cluster(tmp_path_factory, name: str, nodes: int, mcpd_args: list[str] | None = None) -> Cluster:
+    _need(MCPCTL, "build the workspace first (cargo build), or set MCPCTL_BIN")
+    _need(MCPD, "build the workspace first (cargo build), or set MCPD_BIN")
+    c = Cluster(name, tmp_path_factory.mktemp(name), nodes, mcpd_args or [])
+    try:
+        c.up()
+    except BaseException:
+        c.down()
+        raise
+    return c
+
+
+# Servers of the main cluster: name -> tools that must be listed before tests start.
+EVERYTHING_TOOLS = ["echo", "get-sum", "trigger-long-running-operation", "toggle-subscriber-updates",
+                    "trigger-sampling-request", "trigger-elicitation-request"]
+TIME_TOOLS = ["get_current_time", "convert_time"]
+FILES_TOOLS = ["read_text_file", "list_directory", "list_allowed_directories"]
+GIT_TOOLS = ["git_log", "git_status"]
+DEMO_TOOLS = ["echo", "sleep", "crash"]
+
+
+@pytest.fixture(scope="session")
+def files_dir(tmp_path_factory) -> Path:
+    """The directory server-filesystem serves, with one file of known content."""
+    d = tmp_path_factory.mktemp("files")
+    (d / "known.txt").write_text(f"known content {uuid.uuid4().hex}\n")
+    return d
+
+
+@pytest.fixture(scope="session")
+def git_repo(tmp_path_factory) -> Path:
+    """A scratch git repository (in a temp dir) with one commit, for mcp-server-git."""
+    d = tmp_path_factory.mktemp("repo")
+    (d / "a.txt").write_text("a\n")
+    git = ["git", "-C", str(d), "-c", "user.name=tests", "-c", "user.email=tests@example.com"]
+    for args in (["init", "-q"], ["add", "a.txt"], ["commit", "-qm", "the known commit"]):
+        subprocess.run(git + args, check=True, capture_output=True, timeout=30)
+    return d
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory, files_dir, git_repo) -> Cluster:
+    """A 3-node cluster with tenant `default` and these servers (global):
+
+    - `demo` (mcpctl dev up's, pool of 2), `pool2` (demo, explicitly 2 processes per node),
+      `crashy` (demo, 1 process), `demodbg` (demo, 1 process, debug logs: its stderr, in the
+      node's log, shows the cancellations it receives);
+    - `time`: mcp-server-time; `everything`: server-everything over stdio (1 process per node,
+      so the per-process state its subscription tool keeps is the one the test talks to);
+      `files`: server-filesystem on `files_dir`; `git`: mcp-server-git on `git_repo`.
+    """
+    _need(VENV_BIN / "mcp-server-time", "run scripts/test.sh (it installs .venv)")
+    _need(NODE22, "run scripts/test.sh (it installs .tools/npm)")
+    c = start_cluster(tmp_path_factory, "main", 3)
+    try:
+        c.add_server("time", [VENV_BIN / "mcp-server-time", "--local-timezone", "UTC"])
+        c.add_server(
+            "everything",
+            [NODE22, NPM / "@modelcontextprotocol/server-everything/dist/index.js", "stdio"],
+            pool_size=1,
+        )
+        c.add_server("files", [NODE22, NPM / "@modelcontextprotocol/server-filesystem/dist/index.js", files_dir])
+        c.add_server("git", [VENV_BIN / "mcp-server-git", "--repository", git_repo])
+        c.add_server("pool2", [MCPD, "demo-server"], pool_size=2)
+        c.add_server("crashy", [MCPD, "demo-server"], pool_size=1)
+        c.add_server("demodbg", [MCPD, "demo-server"], pool_size=1, env={"RUST_LOG": "info,mcpd::demo=debug"})
+        for server, tools in [
+            ("demo", DEMO_TOOLS),
+            ("time", TIME_TOOLS),
+            ("everything", EVERYTHING_TOOLS),
+            ("files", FILES_TOOLS),
+            ("git", GIT_TOOLS),
+            ("pool2", DEMO_TOOLS),
+            ("crashy", DEMO_TOOLS),
+            ("demodbg", DEMO_TOOLS),
+        ]:
+            c.wait_tools(server, tools)
+        yield c
+    finally:
+        c.down()

@@ -1,0 +1,157 @@
+"""Helpers shared by the end-to-end tests: real MCP clients (the Python SDK) and raw HTTP, and
+polling with deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import httpx2
+import mcp.types as types
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+
+T = TypeVar("T")
+
+MODES = ["legacy", "2026-07-28"]
+"""The two protocol eras the SDK client speaks: the session era (initialize, Mcp-Session-Id,
+2025-11-25) and the stateless 2026-07-28 revision."""
+
+STATELESS = "2026-07-28"
+
+
+def run(coro: Awaitable[T], timeout: float = 120) -> T:
+    """Runs one test's async scenario, failing it (instead of hanging) after `timeout` s."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def client(url: str, token: str, mode: str, **kwargs: Any) -> Client:
+    """An SDK client on Streamable HTTP with a bearer token. `mode` is "legacy" or "2026-07-28"."""
+    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    return Client(streamable_http_client(url, http_client=http), mode=mode, **kwargs)
+
+
+def text_of(result: types.CallToolResult) -> str:
+    """The text blocks of a tool result, joined."""
+    return "\n".join(c.text for c in result.content if isinstance(c, types.TextContent))
+
+
+def wait_until(check: Callable[[], T | None], timeout: float, what: str, interval: float = 0.2) -> T:
+    """Polls `check` until it returns something truthy (returned), or fails after `timeout` s
+    saying `what` did not happen. An exception from `check` counts as "not yet"."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while True:
+        try:
+            value = check()
+            if value:
+                return value
+            last = value
+        except Exception as e:  # noqa: BLE001 - "not yet", reported if it never succeeds
+            last = e
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s (last: {last!r})")
+        time.sleep(interval)
+
+
+async def await_until(
+    check: Callable[[], Awaitable[T | None]], timeout: float, what: str, interval: float = 0.2
+) -> T:
+    """`wait_until` for async checks."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while True:
+        try:
+            value = await check()
+            if value:
+                return value
+            last = value
+        except Exception as e:  # noqa: BLE001 - "not yet", reported if it never succeeds
+            last = e
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s (last: {last!r})")
+        await asyncio.sleep(interval)
+
+
+def stateless_post(
+    url: str,
+    token: str | None,
+    method: str,
+    params: dict[str, Any] | None = None,
+    *,
+    name: str | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 60,
+) -> httpx2.Response:
+    """One raw 2026-07-28 request (no session): `_meta` and the routing headers as the
+    revision requires."""
+    body_params = dict(params or {})
+    body_params["_meta"] = {
+        "io.modelcontextprotocol/protocolVersion": STATELESS,
+        "io.modelcontextprotocol/clientCapabilities": {},
+    }
+    h = {
+        "Content-Type": "application/json",
+        "Accept": "application/json, text/event-stream",
+        "MCP-Protocol-Version": STATELESS,
+        "Mcp-Method": method,
+    }
+    if name is not None:
+        h["Mcp-Name"] = name
+    if token is not None:
+        h["Authorization"] = f"Bearer {token}"
+    h.update(headers or {})
+    body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": body_params}
+    return httpx2.post(url, json=body, headers=h, timeout=timeout)
+
+
+def stateless_tool_names(url: str, token: str) -> list[str]:
+    """The tool names `tools/list` answers on `url` (2026-07-28, raw HTTP)."""
+    r = stateless_post(url, token, "tools/list")
+    r.raise_for_status()
+    return [t["name"] for t in r.json()["result"]["tools"]]
+
+
+def legacy_post(
+    url: str,
+    token: str | None,
+    body: dict[str, Any] | bytes,
+    *,
+    session: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> httpx2.Response:
+    """One raw session-era POST (JSON-RPC body or raw bytes)."""
+    h = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+    if token is not None:
+        h["Authorization"] = f"Bearer {token}"
+    if session is not None:
+        h["Mcp-Session-Id"] = session
+        h["MCP-Protocol-Version"] = "2025-11-25"
+    h.update(headers or {})
+    content = body if isinstance(body, bytes) else None
+    return httpx2.post(url, content=content, json=None if content else body, headers=h, timeout=60)
+
+
+def legacy_initialize(url: str, token: str) -> str:
+    """Opens a session-era session with raw HTTP; returns its Mcp-Session-Id."""
+    r = legacy_post(
+        url,
+        token,
+        {
+            "jsonrpc": "2.0",
+            "id": 0,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {},
+                "clientInfo": {"name": "tests-py-raw", "version": "0"},
+            },
+        },
+    )
+    assert r.status_code == 200, r.text
+    sid = r.headers.get("mcp-session-id")
+    assert sid, f"initialize answered no Mcp-Session-Id: {r.headers}"
+    legacy_post(url, token, {"jsonrpc": "2.0", "method": "notifications/initialized"}, session=sid)
+    return sid

@@ -1,0 +1,49 @@
+"""The data plane follows the replicated registry: a server registered through one node is
+served by every node, without restarting anything."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import MCPD
+from helpers import MODES, await_until, client, run, text_of, wait_until
+
+
+def pid_of(cluster, node: int) -> int:
+    return int((cluster.dir / f"node{node + 1}" / "mcpd.pid").read_text())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_server_added_on_one_node_appears_on_another_nodes_aggregate(cluster, mode):
+    name = "late-legacy" if mode == "legacy" else "late-stateless"
+    pids = [pid_of(cluster, n) for n in range(3)]
+
+    async def names(c) -> set[str]:
+        return {t.name for t in (await c.list_tools(cache_mode="bypass")).tools}
+
+    async def scenario():
+        # A session on node 3, open before the server exists, and kept open throughout.
+        async with client(cluster.url(2), cluster.token, mode) as c:
+            assert f"{name}__echo" not in await names(c)
+            cluster.add_server(name, [MCPD, "demo-server"], pool_size=1, node=0)
+
+            async def listed() -> bool:
+                return f"{name}__echo" in await names(c)
+
+            await await_until(listed, 60, f"{name}__echo on node 3's /mcp")
+            r = await c.call_tool(f"{name}__echo", {"message": "served by node 3"})
+            assert text_of(r) == "served by node 3"
+
+            # Removed through node 2: gone from node 3 too.
+            cluster.mcpctl("server", "rm", name, node=1)
+
+            async def gone() -> bool:
+                return not [t for t in await names(c) if t.startswith(f"{name}__")]
+
+            await await_until(gone, 60, f"{name}__* gone from node 3's /mcp")
+
+    run(scenario())
+    # Nothing was restarted: the same node processes served before and after.
+    assert [pid_of(cluster, n) for n in range(3)] == pids
+    for n in range(3):
+        wait_until(lambda: cluster.metric("mcpd_pool_processes", 'server="demo",state="ready"', n), 10, "node alive")

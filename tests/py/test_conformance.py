@@ -1,0 +1,60 @@
+"""The MCP conformance suite (@modelcontextprotocol/conformance, pinned in tests/py/npm) against
+`/servers/demo/mcp`, every server scenario (`--suite all`), under the Node 22 of .tools/npm.
+
+The suite cannot send an Authorization header, so it talks to a local proxy that adds the
+tenant token (authproxy.py). Scenarios expected to fail are listed, with their reasons, in
+conformance-expected-failures.yml; the suite fails the run on any other failure and on a
+listed scenario that passes."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+from authproxy import AuthProxy
+from conftest import NODE22, NPM
+
+SUITE = NPM / "@modelcontextprotocol/conformance/dist/index.js"
+EXPECTED = Path(__file__).with_name("conformance-expected-failures.yml")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def server_scenarios() -> list[str]:
+    """Every server scenario the suite knows (`conformance list`)."""
+    out = subprocess.run([str(NODE22), str(SUITE), "list"], capture_output=True, text=True, timeout=60).stdout
+    section = ANSI.sub("", out).split("Server scenarios", 1)[1].split("Client scenarios", 1)[0]
+    return re.findall(r"^\s+- (\S+)", section, re.M)
+
+
+def test_mcp_conformance_suite_passes_every_server_scenario_on_servers_demo(cluster, tmp_path):
+    scenarios = server_scenarios()
+    assert len(scenarios) >= 30, scenarios
+    with AuthProxy(cluster.base(0), cluster.token) as proxy:
+        r = subprocess.run(
+            [
+                str(NODE22),
+                str(SUITE),
+                "server",
+                "--url",
+                proxy.url_for("/servers/demo/mcp"),
+                "--suite",
+                "all",
+                "--expected-failures",
+                str(EXPECTED),
+                "--output-dir",
+                str(tmp_path / "results"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=tmp_path,
+        )
+        assert proxy.requests > 0
+    out = ANSI.sub("", r.stdout)
+    summary = out[out.find("=== SUMMARY ===") :] if "=== SUMMARY ===" in out else out[-4000:]
+    print(summary)
+    assert r.returncode == 0, f"conformance suite failed ({r.returncode}):\n{summary}\n{r.stderr[-3000:]}"
+    ran = set(re.findall(r"^[✓✗] (\S+):", summary, re.M))
+    assert ran == set(scenarios), f"scenarios not run: {set(scenarios) - ran}"
+    assert re.search(r"^Total: \d+ passed, \d+ failed", summary, re.M), summary
