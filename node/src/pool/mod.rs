@@ -263,7 +263,7 @@ impl Pool {
         params: Option<Value>,
         events: Option<mpsc::Sender<CallEvent>>,
     ) -> Result<Value, ErrorObject> {
-        self.call_routed(method, params, events)
+        self.call_routed(method, params, events, None)
             .await
             .map(|(v, _)| v)
     }
@@ -279,7 +279,11 @@ impl Pool {
     ) -> Result<Value, ErrorObject> {
         let dedicated = self.spec.spec.session_mode == mcpcp_proto::api::SessionMode::Dedicated;
         let Some(affinity) = affinity.filter(|_| dedicated) else {
-            return self.call(method, params, events).await;
+            let owner = affinity.map(|a| Arc::<str>::from(a.key.as_str()));
+            return self
+                .call_routed(method, params, events, owner)
+                .await
+                .map(|(v, _)| v);
         };
         let process = self.dedicated_process(affinity).await?;
         let timeout = Duration::from_millis(self.spec.spec.timeouts.request_ms);
@@ -377,6 +381,7 @@ impl Pool {
         method: &str,
         params: Option<Value>,
         events: Option<mpsc::Sender<CallEvent>>,
+        owner: Option<Arc<str>>,
     ) -> Result<(Value, Arc<Process>), ErrorObject> {
         let started = Instant::now();
         let timeout = Duration::from_millis(self.spec.spec.timeouts.request_ms);
@@ -424,7 +429,7 @@ impl Pool {
             ));
         };
         let remaining = timeout.saturating_sub(started.elapsed());
-        match tokio::time::timeout(remaining, process.call(method, params, events)).await {
+        match tokio::time::timeout(remaining, process.call_owned(method, params, events, owner)).await {
             Ok(outcome) => outcome.map(|v| (v, process)),
             Err(_) => Err(ErrorObject::new(
                 code::TIMEOUT,

@@ -89,6 +89,9 @@ pub enum PoolEvent {
 struct Pending {
     reply: oneshot::Sender<Result<Value, ErrorObject>>,
     events: Option<mpsc::Sender<CallEvent>>,
+    /// The downstream session the call belongs to (`None`: a session-less call, which
+    /// shares with nobody).
+    owner: Option<Arc<str>>,
     /// The caller's progress token, restored on the way back.
     progress_token: Option<Value>,
 }
@@ -251,8 +254,21 @@ impl Process {
     pub async fn call(
         &self,
         method: &str,
+        params: Option<Value>,
+        events: Option<mpsc::Sender<CallEvent>>,
+    ) -> Result<Value, ErrorObject> {
+        self.call_owned(method, params, events, None).await
+    }
+
+    /// Like [`Process::call`], for a call of downstream session `owner`: the server's own
+    /// requests and logs during it can only be attributed when every call in flight on the
+    /// process belongs to one session.
+    pub async fn call_owned(
+        &self,
+        method: &str,
         mut params: Option<Value>,
         events: Option<mpsc::Sender<CallEvent>>,
+        owner: Option<Arc<str>>,
     ) -> Result<Value, ErrorObject> {
         if !self.is_alive() {
             return Err(ErrorObject::new(
@@ -280,6 +296,7 @@ impl Process {
                 Pending {
                     reply: tx,
                     events,
+                    owner,
                     progress_token,
                 },
             );
@@ -489,10 +506,20 @@ async fn route(shared: &Shared, stdin: &mpsc::Sender<Vec<u8>>, msg: Message) {
             let for_call = method == "notifications/message";
             let msg = Message::Notification { method, params };
             if for_call {
-                if let Some(events) = oldest_listener(shared) {
-                    let _ = events.try_send(CallEvent::Notify(msg));
-                    return;
+                match listener(shared) {
+                    Listener::One(events) => {
+                        let _ = events.try_send(CallEvent::Notify(msg));
+                    }
+                    // A log line while several sessions' calls run could belong to any of
+                    // them: it goes to this node's log, never to another session.
+                    Listener::Ambiguous => {
+                        tracing::info!(server = %shared.server, message = ?msg.to_value(), "server log during calls of several sessions (not relayed)");
+                    }
+                    Listener::None => {
+                        let _ = shared.pool_events.try_send(PoolEvent::Notify(msg));
+                    }
                 }
+                return;
             }
             let _ = shared.pool_events.try_send(PoolEvent::Notify(msg));
         }
@@ -501,8 +528,8 @@ async fn route(shared: &Shared, stdin: &mpsc::Sender<Vec<u8>>, msg: Message) {
                 let _ = stdin.send(Message::result(id, json!({})).to_line()).await;
                 return;
             }
-            match oldest_listener(shared) {
-                Some(events) => {
+            match listener(shared) {
+                Listener::One(events) => {
                     let ev = CallEvent::Request {
                         method,
                         params,
@@ -519,7 +546,17 @@ async fn route(shared: &Shared, stdin: &mpsc::Sender<Vec<u8>>, msg: Message) {
                         let _ = stdin.send(Message::error(id, err).to_line()).await;
                     }
                 }
-                None => {
+                Listener::Ambiguous => {
+                    metrics::counter!("mcpd_pool_unattributable_requests_total", "server" => shared.server.clone()).increment(1);
+                    let err = ErrorObject::new(
+                        code::INTERNAL_ERROR,
+                        format!(
+                            "{method}: calls of several client sessions are in flight on this shared process, so the gateway cannot tell which client to ask; run this server with session_mode = dedicated"
+                        ),
+                    );
+                    let _ = stdin.send(Message::error(id, err).to_line()).await;
+                }
+                Listener::None => {
                     let err = ErrorObject::new(
                         code::METHOD_NOT_FOUND,
                         format!("{method}: no client session is attached to this server process right now"),
@@ -531,8 +568,26 @@ async fn route(shared: &Shared, stdin: &mpsc::Sender<Vec<u8>>, msg: Message) {
     }
 }
 
-/// The events channel of the oldest call in flight that has one.
-fn oldest_listener(shared: &Shared) -> Option<mpsc::Sender<CallEvent>> {
+/// Who a message the server started (a request, a log line) can go to.
+enum Listener {
+    /// The oldest call in flight, when every call in flight belongs to one session.
+    One(mpsc::Sender<CallEvent>),
+    /// Calls of several sessions (or several session-less calls) are in flight: it cannot be
+    /// attributed without risking showing one client another's data.
+    Ambiguous,
+    None,
+}
+
+fn listener(shared: &Shared) -> Listener {
     let pending = shared.pending.lock().unwrap_or_else(|p| p.into_inner());
-    pending.values().find_map(|p| p.events.clone())
+    let listening: Vec<&Pending> = pending.values().filter(|p| p.events.is_some()).collect();
+    let Some(first) = listening.first() else {
+        return Listener::None;
+    };
+    let one_owner = listening.len() == 1
+        || (first.owner.is_some() && listening.iter().all(|p| p.owner == first.owner));
+    match (&first.events, one_owner) {
+        (Some(e), true) => Listener::One(e.clone()),
+        _ => Listener::Ambiguous,
+    }
 }
