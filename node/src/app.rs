@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use mcpcp_proto::api::Member;
 use mcpcp_proto::cluster::cluster_server::ClusterServer;
 use mcpcp_proto::raft::raft_server::RaftServer;
@@ -284,12 +285,18 @@ async fn serve_grpc(
     .max_decoding_message_size(64 << 20)
     .max_encoding_message_size(64 << 20);
     let cluster_svc = ClusterServer::new(ClusterService { registry });
+    // `Server::tcp_nodelay` does not apply to an incoming stream we supply: set it per
+    // connection, or small Raft and forwarding replies wait for delayed ACKs (~40 ms).
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        conn.inspect(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        })
+    });
     let res = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(raft_svc)
         .add_service(cluster_svc)
         .add_service(peer_svc)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.wait())
+        .serve_with_incoming_shutdown(incoming, shutdown.wait())
         .await;
     if let Err(e) = res {
         tracing::error!(error = %e, "gRPC server failed");

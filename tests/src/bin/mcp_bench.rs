@@ -1,0 +1,2382 @@
+//! `mcp-bench`: the MCP data plane's latency and throughput, next to the gateways a user would
+//! pick instead, all on loopback and all driven by the same load generator.
+//!
+//! The load is the demo server's `echo` tool (`mcpd demo-server`). A client opens one session
+//! (`initialize`, `notifications/initialized`) and then calls `tools/call echo` back to back,
+//! checking that each answer echoes its own message. Over HTTP that is raw JSON-RPC on
+//! Streamable HTTP (reqwest, keep-alive, one connection and one session per client, JSON or SSE
+//! answers); over stdio it is JSON-RPC lines on the child's stdin, answers matched by id, and
+//! the clients of a level share the one process (their requests are pipelined).
+//!
+//! Sections (`--sections data,routing,bridge`):
+//!
+//! - `data`: direct stdio to `mcpd demo-server` (the floor); one node's local pool
+//!   (`/servers/demo/mcp` of a 3-node cluster) with `pool_size` 2 and then 4; `mcp-proxy` and
+//!   `supergateway` (stateful and stateless) fronting the same server. 1 and 64 clients; plus
+//!   `ping` through the node at 1 client (answered without the server: where the time goes).
+//! - `routing`: a server with `replicas: 1` called through its placement node (local pool) and
+//!   through another node (forwarded to the placement over gRPC); 64 clients spread over the 3
+//!   nodes.
+//! - `bridge`: `mcp-bridge` (stdio, given every node's URL) vs the same calls straight to `/mcp`;
+//!   then `--kills` times: kill -9 the node the bridge is using and time the pause until a call
+//!   sent after the kill succeeds, restarting the node (and waiting for `/readyz`) in between.
+//!
+//! The peers get their best case: logging off or at warnings (at info both log every message).
+//! A failover pause is the time from kill -9 of the node to the end of the first successful call
+//! that was sent after the killed process was reaped.
+//!
+//! Each level runs a short warm-up (a fifth of `--seconds`, at most 1 s, not counted) and then
+//! `--seconds`, or `--max-calls` calls. Latency percentiles are of successful calls; failed
+//! calls are counted in `errors`, not in `calls/s`. The benchmark prints figures and the goals
+//! they are measured against; it asserts nothing about them.
+//!
+//! ```text
+//! mcp-bench [--seconds 5] [--sections data,routing,bridge] [--kills 20] [--max-calls 2000000]
+//! ```
+//!
+//! Peers are found at `$MCP_PROXY_BIN` / `$SUPERGATEWAY_BIN`, else in `.tools/` of the
+//! repository (where `scripts/bench-mcp.sh` installs pinned versions), else on `PATH`; a peer
+//! that is missing is skipped and said so.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, ValueEnum};
+use mcpcp_proto::api::{CreateTokenRequest, ServerPatch, ServerSpec, TenantSpec};
+use mcpcp_tests::Cluster;
+use mcpctl::{AdminClient, CallOptions};
+use reqwest::header::{ACCEPT, CONTENT_TYPE};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::sync::{mpsc, oneshot};
+
+/// Bound of one call over HTTP or stdio (the bridge's kill test uses [`FAILOVER_CALL_TIMEOUT`]).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// A call through the bridge while it fails over: longer than its 10 s failover deadline.
+const FAILOVER_CALL_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a gateway, a cluster node or a pool gets to become usable.
+const READY_WITHIN: Duration = Duration::from_secs(90);
+/// A kill whose client sees no successful call within this is counted as not recovered.
+const PAUSE_WITHIN: Duration = Duration::from_secs(30);
+/// A client that got an error pauses this long, so that a dead endpoint is not spun on.
+const ERROR_PAUSE: Duration = Duration::from_millis(10);
+/// Between two calls of the kill test's client (leaves CPU for the restarts).
+const KILL_CLIENT_PACE: Duration = Duration::from_millis(1);
+/// Error descriptions kept per level, to be printed.
+const ERROR_SAMPLES: usize = 3;
+/// Longest warm-up of a level.
+const MAX_WARMUP: Duration = Duration::from_secs(1);
+/// The session-era protocol revision every client asks for (all systems here speak it).
+const PROTOCOL_VERSION: &str = "2025-06-18";
+/// Concurrent clients of each level.
+const LEVELS: [u32; 2] = [1, 64];
+/// The direct-stdio floor's row.
+const FLOOR_SYSTEM: &str = "demo-server stdio (floor)";
+/// Pool sizes of the demo server in the data section, in order.
+const POOL_SIZES: [u32; 2] = [2, 4];
+/// The data section's row of `ping` through mcpd (answered by the node, no server call).
+const PING_SYSTEM: &str = "mcpd ping /servers/demo/mcp (no server call)";
+/// Clients spread over the three nodes in the routing section.
+const SPREAD_CLIENTS: u32 = 64;
+
+// Goals the figures are reported against.
+const GOAL_DATA_P50_OVER_FLOOR_MS: f64 = 0.150;
+const GOAL_DATA_PEER_FACTOR: f64 = 8.0;
+const GOAL_ROUTING_HOP_MS: f64 = 0.5;
+const GOAL_BRIDGE_P50_MS: f64 = 0.3;
+const GOAL_PAUSE_P99_MS: f64 = 1000.0;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mcp-bench",
+    about = "MCP data-plane latency and throughput: stdio floor, mcpd pools, peers (mcp-proxy, \
+             supergateway), peer routing and mcp-bridge failover, on loopback"
+)]
+struct Args {
+    /// Duration of each level, in seconds (after a short warm-up).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
+    seconds: u64,
+    /// Sections to run, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "data,routing,bridge")]
+    sections: Vec<Section>,
+    /// kill -9 rounds of the bridge's failover test.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(0..=200))]
+    kills: u32,
+    /// Most calls counted in one level (a level ends at its time or at this count).
+    #[arg(long, default_value_t = 2_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    max_calls: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Section {
+    Data,
+    Routing,
+    Bridge,
+}
+
+impl Section {
+    fn name(self) -> &'static str {
+        match self {
+            Section::Data => "data",
+            Section::Routing => "routing",
+            Section::Bridge => "bridge",
+        }
+    }
+}
+
+// === results ===
+
+/// The figures of one (system, level).
+#[derive(Debug, Clone)]
+struct Row {
+    section: &'static str,
+    system: String,
+    clients: u32,
+    calls: u64,
+    errors: u64,
+    elapsed: Duration,
+    p50: Option<Duration>,
+    p99: Option<Duration>,
+    max: Option<Duration>,
+    /// The 1-minute load average when the level started (the machine is shared).
+    load1: f64,
+    /// TCP delayed ACKs on this machine while the level ran (`TcpExt DelayedACKs`): many per
+    /// call point at Nagle's algorithm meeting a delayed ACK somewhere on the path.
+    delayed_acks: Option<u64>,
+    /// A few of the errors, as the client saw them.
+    samples: Vec<String>,
+    /// Rows that are not a throughput level (the failover pauses) print no calls/s.
+    rate: bool,
+}
+
+impl Row {
+    fn calls_per_s(&self) -> f64 {
+        if self.elapsed.is_zero() {
+            0.0
+        } else {
+            self.calls as f64 / self.elapsed.as_secs_f64()
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "section": self.section,
+            "system": self.system,
+            "clients": self.clients,
+            "calls": self.calls,
+            "errors": self.errors,
+            "elapsed_s": round3(self.elapsed.as_secs_f64()),
+            "calls_per_s": self.rate.then(|| round3(self.calls_per_s())),
+            "p50_ms": ms3(self.p50),
+            "p99_ms": ms3(self.p99),
+            "max_ms": ms3(self.max),
+            "load1": self.load1,
+            "tcp_delayed_acks": self.delayed_acks,
+            "error_samples": self.samples,
+        })
+    }
+}
+
+/// A goal and how the run measured against it.
+#[derive(Debug, Clone)]
+struct Goal {
+    section: &'static str,
+    goal: String,
+    measured: String,
+    met: Option<bool>,
+}
+
+impl Goal {
+    fn json(&self) -> Value {
+        json!({
+            "section": self.section,
+            "goal": self.goal,
+            "measured": self.measured,
+            "met": self.met,
+        })
+    }
+}
+
+/// One kill -9 of the bridge's node.
+#[derive(Debug, Clone)]
+struct Kill {
+    round: u32,
+    node: u64,
+    pause: Option<Duration>,
+    errors: u64,
+    restart_ready: Option<Duration>,
+}
+
+#[derive(Default)]
+struct Report {
+    rows: Vec<Row>,
+    goals: Vec<Goal>,
+    kills: Vec<Kill>,
+    /// Things that went wrong or were skipped, by section.
+    notes: Vec<(&'static str, String)>,
+}
+
+impl Report {
+    fn row(&self, section: &str, system: &str, clients: u32) -> Option<&Row> {
+        self.rows
+            .iter()
+            .find(|r| r.section == section && r.system == system && r.clients == clients)
+    }
+
+    fn note(&mut self, section: &'static str, text: impl Into<String>) {
+        let text = text.into();
+        eprintln!("{section}: note: {text}");
+        self.notes.push((section, text));
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn ms3(d: Option<Duration>) -> Option<f64> {
+    d.map(|d| round3(ms(d)))
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[Duration], p: f64) -> Option<Duration> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        parts.push(s.to_string());
+        source = s.source();
+    }
+    parts.join(": ")
+}
+
+fn snippet(text: &str) -> String {
+    let t: String = text.chars().take(200).collect();
+    t.replace('\n', " ")
+}
+
+// === MCP clients ===
+
+/// The `tools/call` of `echo`-like tool `tool` with message `msg`.
+fn echo_call(id: u64, tool: &str, msg: &str) -> Value {
+    json!({
+        "jsonrpc": "2.0",
+        "id": id,
+        "method": "tools/call",
+        "params": { "name": tool, "arguments": { "message": msg } },
+    })
+}
+
+fn initialize_params() -> Value {
+    json!({
+        "protocolVersion": PROTOCOL_VERSION,
+        "capabilities": {},
+        "clientInfo": { "name": "mcp-bench", "version": env!("CARGO_PKG_VERSION") },
+    })
+}
+
+/// The result of a JSON-RPC answer, or its error.
+fn rpc_result(answer: &Value) -> Result<&Value, String> {
+    if let Some(e) = answer.get("error") {
+        return Err(format!(
+            "JSON-RPC error {}: {}",
+            e["code"],
+            snippet(e["message"].as_str().unwrap_or_default())
+        ));
+    }
+    answer
+        .get("result")
+        .ok_or_else(|| format!("not an answer: {}", snippet(&answer.to_string())))
+}
+
+/// Checks that an answer to an echo call is a success that echoes `msg`.
+fn check_echo(answer: &Value, msg: &str) -> Result<(), String> {
+    let result = rpc_result(answer)?;
+    if result["isError"] == json!(true) {
+        return Err(format!("tool error: {}", snippet(&result.to_string())));
+    }
+    match result["content"][0]["text"].as_str() {
+        Some(t) if t == msg => Ok(()),
+        _ => Err(format!(
+            "echo answered something else: {}",
+            snippet(&result.to_string())
+        )),
+    }
+}
+
+/// The JSON-RPC answer to request `id` in an SSE body.
+fn sse_answer(body: &[u8], id: u64) -> Result<Value, String> {
+    let text = String::from_utf8_lossy(body);
+    let mut data = String::new();
+    for line in text.lines().chain(std::iter::once("")) {
+        if line.is_empty() {
+            if !data.is_empty() {
+                if let Ok(v) = serde_json::from_str::<Value>(&data) {
+                    let answer = v.get("result").is_some() || v.get("error").is_some();
+                    if answer && v["id"].as_u64() == Some(id) {
+                        return Ok(v);
+                    }
+                }
+                data.clear();
+            }
+        } else if let Some(d) = line.strip_prefix("data:") {
+            if !data.is_empty() {
+                data.push('\n');
+            }
+            data.push_str(d.strip_prefix(' ').unwrap_or(d));
+        }
+    }
+    Err(format!(
+        "no answer to id {id} in the SSE body ({} bytes): {}",
+        body.len(),
+        snippet(&text)
+    ))
+}
+
+/// Where HTTP clients go.
+#[derive(Debug, Clone)]
+struct HttpTarget {
+    url: String,
+    token: Option<String>,
+    tool: String,
+}
+
+/// One MCP session on Streamable HTTP.
+struct HttpSession {
+    http: reqwest::Client,
+    target: HttpTarget,
+    session: Option<String>,
+    version: Option<String>,
+    next_id: u64,
+}
+
+impl HttpSession {
+    /// `initialize` + `notifications/initialized`.
+    async fn open(http: &reqwest::Client, target: &HttpTarget) -> Result<HttpSession, String> {
+        let mut s = HttpSession {
+            http: http.clone(),
+            target: target.clone(),
+            session: None,
+            version: None,
+            next_id: 1,
+        };
+        let init = json!({
+            "jsonrpc": "2.0", "id": 0, "method": "initialize", "params": initialize_params(),
+        });
+        let (answer, session) = s.post(&init, Some(0)).await?;
+        let answer = answer.ok_or("initialize was not answered")?;
+        let result = rpc_result(&answer)?;
+        s.version = Some(
+            result["protocolVersion"]
+                .as_str()
+                .unwrap_or(PROTOCOL_VERSION)
+                .to_string(),
+        );
+        s.session = session;
+        let note = json!({ "jsonrpc": "2.0", "method": "notifications/initialized" });
+        s.post(&note, None).await?;
+        Ok(s)
+    }
+
+    /// POSTs one message; the answer to `id` when it is a request.
+    async fn post(
+        &self,
+        body: &Value,
+        id: Option<u64>,
+    ) -> Result<(Option<Value>, Option<String>), String> {
+        let mut req = self
+            .http
+            .post(&self.target.url)
+            .header(ACCEPT, "application/json, text/event-stream")
+            .header(CONTENT_TYPE, "application/json")
+            .body(serde_json::to_vec(body).unwrap_or_default());
+        if let Some(t) = &self.target.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(s) = &self.session {
+            req = req.header("mcp-session-id", s);
+        }
+        if let Some(v) = &self.version {
+            req = req.header("mcp-protocol-version", v);
+        }
+        let resp = req.send().await.map_err(|e| root_cause(&e))?;
+        let status = resp.status();
+        let session = resp
+            .headers()
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+            .map(String::from);
+        let sse = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let bytes = resp.bytes().await.map_err(|e| root_cause(&e))?;
+        if !status.is_success() {
+            return Err(format!(
+                "HTTP {status}: {}",
+                snippet(&String::from_utf8_lossy(&bytes))
+            ));
+        }
+        let Some(id) = id else {
+            return Ok((None, session));
+        };
+        let answer = if sse {
+            sse_answer(&bytes, id)?
+        } else {
+            serde_json::from_slice(&bytes).map_err(|e| {
+                format!(
+                    "HTTP {status}, not JSON ({e}): {}",
+                    snippet(&String::from_utf8_lossy(&bytes))
+                )
+            })?
+        };
+        Ok((Some(answer), session))
+    }
+
+    async fn call(&mut self, seq: u64) -> Result<(), String> {
+        let id = self.next_id;
+        self.next_id += 1;
+        if self.target.tool.is_empty() {
+            // `ping`: the gateway answers it itself, without the server.
+            let ping = json!({ "jsonrpc": "2.0", "id": id, "method": "ping" });
+            let (answer, _) = self.post(&ping, Some(id)).await?;
+            rpc_result(&answer.ok_or("the ping was not answered")?)?;
+            return Ok(());
+        }
+        let msg = format!("m{seq}");
+        let (answer, _) = self
+            .post(&echo_call(id, &self.target.tool, &msg), Some(id))
+            .await?;
+        check_echo(&answer.ok_or("the call was not answered")?, &msg)
+    }
+
+    /// Ends the session (DELETE), best effort.
+    async fn close(self) {
+        let Some(s) = &self.session else { return };
+        let mut req = self
+            .http
+            .delete(&self.target.url)
+            .header("mcp-session-id", s)
+            .timeout(Duration::from_secs(2));
+        if let Some(t) = &self.target.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(v) = &self.version {
+            req = req.header("mcp-protocol-version", v);
+        }
+        let _ = req.send().await;
+    }
+}
+
+/// One MCP session on a child's stdin/stdout; any number of callers share it, their requests
+/// pipelined and their answers matched by id.
+struct StdioConn {
+    stdin: tokio::sync::Mutex<ChildStdin>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Value>>>,
+    next_id: AtomicU64,
+    open: AtomicBool,
+    tool: String,
+    timeout: Duration,
+}
+
+impl StdioConn {
+    /// Starts reading answers from `stdout`.
+    fn start(stdin: ChildStdin, stdout: ChildStdout, tool: &str, timeout: Duration) -> Arc<Self> {
+        let conn = Arc::new(StdioConn {
+            stdin: tokio::sync::Mutex::new(stdin),
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            open: AtomicBool::new(true),
+            tool: tool.to_string(),
+            timeout,
+        });
+        tokio::spawn(read_answers(conn.clone(), stdout));
+        conn
+    }
+
+    async fn send_line(&self, msg: &Value) -> Result<(), String> {
+        let mut line = serde_json::to_vec(msg).unwrap_or_default();
+        line.push(b'\n');
+        let mut w = self.stdin.lock().await;
+        w.write_all(&line).await.map_err(|e| e.to_string())?;
+        w.flush().await.map_err(|e| e.to_string())
+    }
+
+    async fn request(&self, method: &str, params: Value) -> Result<Value, String> {
+        if !self.open.load(Ordering::Relaxed) {
+            return Err("the process closed its stdout".into());
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.request_with_id(
+            id,
+            json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params }),
+        )
+        .await
+    }
+
+    async fn request_with_id(&self, id: u64, msg: Value) -> Result<Value, String> {
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
+        if let Err(e) = self.send_line(&msg).await {
+            self.forget(id);
+            return Err(format!("writing to the process: {e}"));
+        }
+        match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(_)) => Err("the process closed its stdout".into()),
+            Err(_) => {
+                self.forget(id);
+                Err(format!("no answer within {:?}", self.timeout))
+            }
+        }
+    }
+
+    fn forget(&self, id: u64) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+
+    /// `initialize`, `notifications/initialized`, and `tools/list` (which tells the bridge
+    /// which tools are idempotent, so that it may re-send them after a failover).
+    async fn initialize(&self) -> Result<(), String> {
+        let answer = self.request("initialize", initialize_params()).await?;
+        rpc_result(&answer)?;
+        self.send_line(&json!({ "jsonrpc": "2.0", "method": "notifications/initialized" }))
+            .await?;
+        let tools = self.request("tools/list", json!({})).await?;
+        let listed = rpc_result(&tools)?["tools"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t["name"] == json!(self.tool)));
+        if !listed {
+            return Err(format!("tools/list does not list {:?}", self.tool));
+        }
+        Ok(())
+    }
+
+    async fn call(&self, seq: u64) -> Result<(), String> {
+        let msg = format!("m{seq}");
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let answer = self
+            .request_with_id(id, echo_call(id, &self.tool, &msg))
+            .await?;
+        check_echo(&answer, &msg)
+    }
+}
+
+/// Hands each answer on the child's stdout to its caller; answers the child's own requests
+/// (`ping` with `{}`, anything else with method-not-found) so that nothing waits on us.
+async fn read_answers(conn: Arc<StdioConn>, stdout: ChildStdout) {
+    let mut lines = BufReader::new(stdout).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let Ok(v) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
+        if v.get("result").is_some() || v.get("error").is_some() {
+            let waiter = v["id"].as_u64().and_then(|id| {
+                conn.pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id)
+            });
+            if let Some(tx) = waiter {
+                let _ = tx.send(v);
+            }
+        } else if v.get("method").is_some() && v.get("id").is_some() {
+            let answer = if v["method"] == json!("ping") {
+                json!({ "jsonrpc": "2.0", "id": v["id"], "result": {} })
+            } else {
+                json!({ "jsonrpc": "2.0", "id": v["id"],
+                        "error": { "code": -32601, "message": "mcp-bench answers no requests" } })
+            };
+            let _ = conn.send_line(&answer).await;
+        }
+    }
+    conn.open.store(false, Ordering::Relaxed);
+    // Dropping the senders fails every call still waiting.
+    conn.pending
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clear();
+}
+
+/// Where the clients of a level go: each its own HTTP session (client `i` at
+/// `targets[i % len]`), or all of them through one stdio session.
+#[derive(Clone)]
+enum Endpoints {
+    Http(Vec<HttpTarget>),
+    Stdio(Arc<StdioConn>),
+}
+
+enum Client {
+    Http(HttpSession),
+    Stdio(Arc<StdioConn>),
+}
+
+impl Client {
+    async fn open(http: &reqwest::Client, ep: &Endpoints, i: usize) -> Result<Client, String> {
+        match ep {
+            Endpoints::Stdio(conn) => Ok(Client::Stdio(conn.clone())),
+            Endpoints::Http(targets) => {
+                let target = &targets[i % targets.len()];
+                let mut last = String::new();
+                for _ in 0..3 {
+                    match HttpSession::open(http, target).await {
+                        Ok(s) => return Ok(Client::Http(s)),
+                        Err(e) => last = format!("{}: opening a session: {e}", target.url),
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(last)
+            }
+        }
+    }
+
+    async fn call(&mut self, seq: u64) -> Result<(), String> {
+        match self {
+            Client::Http(s) => s.call(seq).await,
+            Client::Stdio(c) => c.call(seq).await,
+        }
+    }
+
+    async fn close(self) {
+        if let Client::Http(s) = self {
+            s.close().await;
+        }
+    }
+}
+
+/// What one client saw during a level.
+#[derive(Default)]
+struct Tally {
+    latencies: Vec<Duration>,
+    errors: u64,
+    samples: Vec<String>,
+}
+
+fn keep_sample(samples: &mut Vec<String>, s: String) {
+    if samples.len() < ERROR_SAMPLES && !samples.contains(&s) {
+        samples.push(s);
+    }
+}
+
+/// `clients` clients calling echo for a warm-up and then `args.seconds` (or `args.max_calls`
+/// calls).
+async fn run_level(
+    http: &reqwest::Client,
+    section: &'static str,
+    system: &str,
+    ep: &Endpoints,
+    clients: u32,
+    args: &Args,
+) -> Row {
+    eprintln!(
+        "{section}: {system}: {clients} client(s) for {} s ...",
+        args.seconds
+    );
+    let load1 = load_average().map(|l| l.0).unwrap_or(-1.0);
+    let mut errors = 0u64;
+    let mut samples = Vec::new();
+    // Sessions first, untimed.
+    let opening: Vec<_> = (0..clients as usize)
+        .map(|i| {
+            let (http, ep) = (http.clone(), ep.clone());
+            tokio::spawn(async move { Client::open(&http, &ep, i).await })
+        })
+        .collect();
+    let mut opened = Vec::new();
+    for t in opening {
+        match t.await {
+            Ok(Ok(c)) => opened.push(c),
+            Ok(Err(e)) => {
+                errors += 1;
+                keep_sample(&mut samples, e);
+            }
+            Err(e) => {
+                errors += 1;
+                keep_sample(&mut samples, format!("client task failed: {e}"));
+            }
+        }
+    }
+    let warmup = MAX_WARMUP.min(Duration::from_secs(args.seconds) / 5);
+    let started = Instant::now();
+    let measured_from = started + warmup;
+    let end = measured_from + Duration::from_secs(args.seconds);
+    let issued = Arc::new(AtomicU64::new(0));
+    let seq = Arc::new(AtomicU64::new(0));
+    let max_calls = args.max_calls;
+    let tasks: Vec<_> = opened
+        .into_iter()
+        .map(|mut client| {
+            let (issued, seq) = (issued.clone(), seq.clone());
+            tokio::spawn(async move {
+                let mut tally = Tally::default();
+                loop {
+                    let t0 = Instant::now();
+                    let counted = t0 >= measured_from;
+                    if t0 >= end || (counted && issued.fetch_add(1, Ordering::Relaxed) >= max_calls)
+                    {
+                        break;
+                    }
+                    let n = seq.fetch_add(1, Ordering::Relaxed);
+                    let r = client.call(n).await;
+                    let dt = t0.elapsed();
+                    match r {
+                        Ok(()) if counted => tally.latencies.push(dt),
+                        Ok(()) => {}
+                        Err(e) => {
+                            if counted {
+                                tally.errors += 1;
+                                keep_sample(&mut tally.samples, e);
+                            }
+                            tokio::time::sleep(ERROR_PAUSE).await;
+                        }
+                    }
+                }
+                (tally, client)
+            })
+        })
+        .collect();
+    // The clients run their warm-up meanwhile.
+    tokio::time::sleep_until(measured_from.into()).await;
+    let acks_at_start = delayed_acks();
+    let mut latencies = Vec::new();
+    let mut done = Vec::new();
+    for t in tasks {
+        match t.await {
+            Ok((tally, client)) => {
+                latencies.extend(tally.latencies);
+                errors += tally.errors;
+                for s in tally.samples {
+                    keep_sample(&mut samples, s);
+                }
+                done.push(client);
+            }
+            Err(e) => {
+                errors += 1;
+                keep_sample(&mut samples, format!("client task failed: {e}"));
+            }
+        }
+    }
+    let elapsed = measured_from.elapsed();
+    let delayed_acks = acks_at_start
+        .zip(delayed_acks())
+        .map(|(a, b)| b.saturating_sub(a));
+    let closing: Vec<_> = done.into_iter().map(|c| tokio::spawn(c.close())).collect();
+    for c in closing {
+        let _ = c.await;
+    }
+    for s in &samples {
+        eprintln!("  {system} error: {s}");
+    }
+    latencies.sort_unstable();
+    let row = Row {
+        section,
+        system: system.to_string(),
+        clients,
+        calls: latencies.len() as u64,
+        errors,
+        elapsed,
+        p50: percentile(&latencies, 0.50),
+        p99: percentile(&latencies, 0.99),
+        max: latencies.last().copied(),
+        load1,
+        delayed_acks,
+        samples,
+        rate: true,
+    };
+    eprintln!(
+        "{section}: {system}: {clients} client(s): {} calls ({:.0}/s), {} errors, p50 {:?} ms",
+        row.calls,
+        row.calls_per_s(),
+        row.errors,
+        ms3(row.p50)
+    );
+    row
+}
+
+async fn run_levels(
+    http: &reqwest::Client,
+    section: &'static str,
+    system: &str,
+    ep: &Endpoints,
+    args: &Args,
+    report: &mut Report,
+) {
+    for clients in LEVELS {
+        let row = run_level(http, section, system, ep, clients, args).await;
+        report.rows.push(row);
+    }
+}
+
+// === processes ===
+
+/// A process this benchmark started, in its own process group. Dropping it kills the group;
+/// [`Proc::stop`] asks first (SIGTERM), then kills what is left.
+struct Proc {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Spawns `cmd` with stdout and stderr to `log` unless the caller piped them.
+    fn spawn(name: &str, cmd: &mut Command, log: &Path) -> anyhow::Result<Proc> {
+        cmd.process_group(0).kill_on_drop(true);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name} ({:?})", cmd.as_std().get_program()))?;
+        Ok(Proc {
+            name: name.to_string(),
+            child: Some(child),
+            log: log.to_path_buf(),
+        })
+    }
+
+    fn log_files(log: &Path) -> anyhow::Result<(Stdio, Stdio)> {
+        let out =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone().context("log handle")?;
+        Ok((Stdio::from(out), Stdio::from(err)))
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+
+    fn signal_group(&self, sig: rustix::process::Signal) {
+        if let Some(pid) = self
+            .pid()
+            .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+        {
+            let _ = rustix::process::kill_process_group(pid, sig);
+        }
+    }
+
+    /// Whether it has exited (with what).
+    fn exited(&mut self) -> Option<String> {
+        let c = self.child.as_mut()?;
+        match c.try_wait() {
+            Ok(Some(status)) => Some(status.to_string()),
+            _ => None,
+        }
+    }
+
+    async fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if let Some(pid) = child
+            .id()
+            .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+        {
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::TERM);
+            if tokio::time::timeout(Duration::from_secs(5), child.wait())
+                .await
+                .is_err()
+            {
+                eprintln!("{}: no exit 5 s after SIGTERM; killing it", self.name);
+            }
+            // Whatever of its group is left (children that ignored the TERM).
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        }
+        let _ = child.kill().await;
+    }
+
+    fn tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.signal_group(rustix::process::Signal::KILL);
+            if let Some(c) = self.child.as_mut() {
+                let _ = c.start_kill();
+            }
+        }
+    }
+}
+
+/// A free loopback port (bound, then released).
+fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("binding a free loopback port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Polls until a session opens at `target` and an echo call through it succeeds.
+async fn wait_callable(
+    http: &reqwest::Client,
+    target: &HttpTarget,
+    within: Duration,
+    mut proc: Option<&mut Proc>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    let mut last;
+    loop {
+        if let Some(status) = proc.as_mut().and_then(|p| p.exited()) {
+            bail!("exited at start-up with {status}");
+        }
+        let attempt = async {
+            let mut s = HttpSession::open(http, target).await?;
+            let r = s.call(u64::MAX).await;
+            s.close().await;
+            r
+        };
+        match attempt.await {
+            Ok(()) => return Ok(()),
+            Err(e) => last = e,
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} answered no echo call within {within:?}; last error: {last}",
+                target.url
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Starts `cmd` as a child speaking MCP on stdio and opens its session.
+async fn start_stdio(
+    name: &str,
+    mut cmd: Command,
+    log: &Path,
+    tool: &str,
+    timeout: Duration,
+) -> anyhow::Result<(Proc, Arc<StdioConn>)> {
+    let err = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(err));
+    let mut proc = Proc::spawn(name, &mut cmd, log)?;
+    let child = proc.child.as_mut().context("child")?;
+    let stdin = child.stdin.take().context("stdin")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let conn = StdioConn::start(stdin, stdout, tool, timeout);
+    let init = tokio::time::timeout(READY_WITHIN, conn.initialize()).await;
+    match init {
+        Ok(Ok(())) => Ok((proc, conn)),
+        Ok(Err(e)) => bail!("{name}: {e}; its log ends with:\n{}", proc.tail(20)),
+        Err(_) => bail!("{name}: no session within {READY_WITHIN:?}"),
+    }
+}
+
+// === tools ===
+
+/// The repository root, when this binary runs from its `target/<profile>/`.
+fn repo_root() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let root = exe.parent()?.parent()?.parent()?.to_path_buf();
+    root.join("Cargo.toml").is_file().then_some(root)
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// `$VAR`, else `<repo>/.tools/<local>`, else `name` on `PATH`.
+fn find_tool(var: &str, local: &str, name: &str) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(var).filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    if let Some(p) = repo_root().map(|r| r.join(".tools").join(local)) {
+        if p.is_file() {
+            return Some(p);
+        }
+    }
+    find_on_path(name)
+}
+
+/// First line of `bin --version`.
+fn tool_version(bin: &Path) -> String {
+    std::process::Command::new(bin)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .ok()
+        .and_then(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).to_string()
+                + &String::from_utf8_lossy(&o.stderr);
+            text.lines()
+                .find(|l| !l.trim().is_empty())
+                .map(|l| l.trim().to_string())
+        })
+        .unwrap_or_else(|| "version unknown".into())
+}
+
+// === section: data ===
+
+async fn bench_floor(
+    http: &reqwest::Client,
+    mcpd: &Path,
+    logs: &Path,
+    args: &Args,
+    report: &mut Report,
+) -> anyhow::Result<(Proc, Arc<StdioConn>)> {
+    let mut cmd = Command::new(mcpd);
+    cmd.arg("demo-server").env("RUST_LOG", "warn");
+    let (proc, conn) = start_stdio(
+        "demo-server",
+        cmd,
+        &logs.join("demo-server.log"),
+        "echo",
+        REQUEST_TIMEOUT,
+    )
+    .await?;
+    run_levels(
+        http,
+        "data",
+        FLOOR_SYSTEM,
+        &Endpoints::Stdio(conn.clone()),
+        args,
+        report,
+    )
+    .await;
+    // Kept for the 1-client floor measured again next to each pool.
+    Ok((proc, conn))
+}
+
+/// The 1-client floor measured again right before pool `pool`: on a shared machine, the
+/// comparison is only fair between figures taken at about the same time.
+fn floor_next_to(pool: u32) -> String {
+    format!("demo-server stdio (floor, again next to pool={pool})")
+}
+
+/// A peer gateway to start: its name in the table and its command line for a port.
+struct Peer {
+    system: String,
+    bin: PathBuf,
+    args: Vec<String>,
+}
+
+async fn bench_peer(
+    http: &reqwest::Client,
+    peer: &Peer,
+    port: u16,
+    logs: &Path,
+    args: &Args,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let log = logs.join(format!("peer-{port}.log"));
+    let (out, err) = Proc::log_files(&log)?;
+    let mut cmd = Command::new(&peer.bin);
+    cmd.args(&peer.args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    eprintln!("data: starting {} on port {port}", peer.system);
+    let mut proc = Proc::spawn(&peer.system, &mut cmd, &log)?;
+    let target = HttpTarget {
+        url: format!("http://127.0.0.1:{port}/mcp"),
+        token: None,
+        tool: "echo".into(),
+    };
+    if let Err(e) = wait_callable(http, &target, READY_WITHIN, Some(&mut proc)).await {
+        let tail = proc.tail(20);
+        proc.stop().await;
+        bail!("{e:#}; its log ends with:\n{tail}");
+    }
+    run_levels(
+        http,
+        "data",
+        &peer.system,
+        &Endpoints::Http(vec![target]),
+        args,
+        report,
+    )
+    .await;
+    let exited = proc.exited();
+    proc.stop().await;
+    if let Some(status) = exited {
+        report.note(
+            "data",
+            format!(
+                "{} exited during its run ({status}); log:\n{}",
+                peer.system,
+                proc.tail(20)
+            ),
+        );
+    } else if report
+        .rows
+        .iter()
+        .any(|r| r.system == peer.system && r.errors > 0)
+    {
+        let tail = proc.tail(10);
+        if !tail.trim().is_empty() {
+            report.note(
+                "data",
+                format!("{} had errors; its log ends with:\n{tail}", peer.system),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn peers(mcpd: &Path, report: &mut Report) -> Vec<(Peer, u16)> {
+    let mut out = Vec::new();
+    let server = format!("{} demo-server", mcpd.display());
+    match find_tool("MCP_PROXY_BIN", "mcp-proxy/bin/mcp-proxy", "mcp-proxy") {
+        Some(bin) => match free_port() {
+            Ok(port) => {
+                let version = tool_version(&bin);
+                let version = version.strip_prefix("mcp-proxy ").unwrap_or(&version);
+                out.push((
+                    Peer {
+                        system: format!("mcp-proxy {version}"),
+                        // WARNING: at INFO it logs a line per request.
+                        args: vec![
+                            "--log-level".into(),
+                            "WARNING".into(),
+                            "--host".into(),
+                            "127.0.0.1".into(),
+                            "--port".into(),
+                            port.to_string(),
+                            "--".into(),
+                            mcpd.display().to_string(),
+                            "demo-server".into(),
+                        ],
+                        bin,
+                    },
+                    port,
+                ))
+            }
+            Err(e) => report.note("data", format!("mcp-proxy skipped: {e:#}")),
+        },
+        None => report.note(
+            "data",
+            "mcp-proxy skipped: not installed (scripts/bench-mcp.sh installs it in .tools/)",
+        ),
+    }
+    match find_tool(
+        "SUPERGATEWAY_BIN",
+        "supergateway/node_modules/.bin/supergateway",
+        "supergateway",
+    ) {
+        Some(bin) => {
+            let version = tool_version(&bin);
+            // Stateful: a child process per session. Stateless (its default): a child per
+            // request. Logging off: at info it logs every message.
+            for stateful in [true, false] {
+                let Ok(port) = free_port() else { continue };
+                let mut a = vec![
+                    "--stdio".to_string(),
+                    server.clone(),
+                    "--outputTransport".into(),
+                    "streamableHttp".into(),
+                    "--port".into(),
+                    port.to_string(),
+                    "--logLevel".into(),
+                    "none".into(),
+                ];
+                if stateful {
+                    a.push("--stateful".into());
+                }
+                out.push((
+                    Peer {
+                        system: format!(
+                            "supergateway {version} {}",
+                            if stateful { "--stateful" } else { "stateless" }
+                        ),
+                        bin: bin.clone(),
+                        args: a,
+                    },
+                    port,
+                ));
+            }
+        }
+        None => report.note(
+            "data",
+            "supergateway skipped: not installed (scripts/bench-mcp.sh installs it in .tools/)",
+        ),
+    }
+    out
+}
+
+/// The pool figures on node 1 of the cluster: `pool_size` 2, then 4.
+async fn bench_pools(
+    http: &reqwest::Client,
+    mcp: &Mcp,
+    floor: Option<&Arc<StdioConn>>,
+    args: &Args,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let base = mcp.cluster.url(mcp.ids[0]);
+    let target = HttpTarget {
+        url: format!("{base}/servers/demo/mcp"),
+        token: Some(mcp.token.clone()),
+        tool: "echo".into(),
+    };
+    for pool in POOL_SIZES {
+        if pool != mcp.demo_pool_size() {
+            let patch: ServerPatch = serde_json::from_value(json!({ "pool_size": pool }))?;
+            mcp.admin
+                .patch_server("demo", &patch, &CallOptions::default())
+                .await
+                .context("patching demo's pool_size")?;
+            mcp.demo_pool.store(pool.into(), Ordering::Relaxed);
+        }
+        wait_pool_ready(http, &base, "demo", pool, READY_WITHIN).await?;
+        wait_callable(http, &target, READY_WITHIN, None).await?;
+        if let Some(conn) = floor {
+            let row = run_level(
+                http,
+                "data",
+                &floor_next_to(pool),
+                &Endpoints::Stdio(conn.clone()),
+                1,
+                args,
+            )
+            .await;
+            report.rows.push(row);
+        }
+        let system = pool_system(pool);
+        run_levels(
+            http,
+            "data",
+            &system,
+            &Endpoints::Http(vec![target.clone()]),
+            args,
+            report,
+        )
+        .await;
+    }
+    // Where the time above the floor goes: the same session's `ping`, which the node answers
+    // without the pool (HTTP, auth, session lookup and this client's own cost).
+    let ping = HttpTarget {
+        tool: String::new(),
+        ..target
+    };
+    let row = run_level(
+        http,
+        "data",
+        PING_SYSTEM,
+        &Endpoints::Http(vec![ping]),
+        1,
+        args,
+    )
+    .await;
+    report.rows.push(row);
+    Ok(())
+}
+
+/// Ready processes of `server`'s pool on the node at `base`, from its metrics.
+async fn pool_ready(http: &reqwest::Client, base: &str, server: &str) -> Result<u64, String> {
+    let text = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .map_err(|e| root_cause(&e))?
+        .text()
+        .await
+        .map_err(|e| root_cause(&e))?;
+    let want_server = format!("server=\"{server}\"");
+    Ok(text
+        .lines()
+        .filter(|l| {
+            l.starts_with("mcpd_pool_processes{")
+                && l.contains(&want_server)
+                && l.contains("state=\"ready\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>()
+        .max(0.0) as u64)
+}
+
+async fn wait_pool_ready(
+    http: &reqwest::Client,
+    base: &str,
+    server: &str,
+    n: u32,
+    within: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        let r = pool_ready(http, base, server).await;
+        if r == Ok(u64::from(n)) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{base}: the pool of {server} did not have {n} ready processes within {within:?} (last: {r:?})");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn pool_system(pool: u32) -> String {
+    format!("mcpd pool={pool} /servers/demo/mcp")
+}
+
+/// The p50 of the 1-client floor taken next to pool `pool`, else the first one.
+fn floor_p50(report: &Report, pool: u32) -> Option<Duration> {
+    report
+        .row("data", &floor_next_to(pool), 1)
+        .or_else(|| report.row("data", FLOOR_SYSTEM, 1))
+        .and_then(|r| r.p50)
+}
+
+fn data_goals(report: &mut Report) {
+    let floor = FLOOR_SYSTEM;
+    let mut goals = Vec::new();
+    for pool in POOL_SIZES {
+        let system = pool_system(pool);
+        let floor_p50 = floor_p50(report, pool);
+        let p50 = report.row("data", &system, 1).and_then(|r| r.p50);
+        let (measured, met) = match (p50, floor_p50) {
+            (Some(p), Some(f)) => {
+                let over = ms(p) - ms(f);
+                (
+                    format!(
+                        "{system}: p50 {:.3} ms, floor measured next to it {:.3} ms: {over:+.3} ms",
+                        ms(p),
+                        ms(f)
+                    ),
+                    Some(over <= GOAL_DATA_P50_OVER_FLOOR_MS),
+                )
+            }
+            _ => (format!("{system}: no figure"), None),
+        };
+        goals.push(Goal {
+            section: "data",
+            goal: format!(
+                "1 client: p50 at most {:.0} µs above the direct-stdio floor",
+                GOAL_DATA_P50_OVER_FLOOR_MS * 1e3
+            ),
+            measured,
+            met,
+        });
+    }
+    let best = |pred: &dyn Fn(&Row) -> bool| {
+        report
+            .rows
+            .iter()
+            .filter(|r| r.section == "data" && r.clients == 64 && pred(r))
+            .max_by(|a, b| a.calls_per_s().total_cmp(&b.calls_per_s()))
+            .cloned()
+    };
+    let best_mcpd = best(&|r| r.system.starts_with("mcpd pool="));
+    let best_peer =
+        best(&|r| !r.system.starts_with("mcpd ") && !r.system.starts_with("demo-server"));
+    if let (Some(ping), Some(f)) = (
+        report.row("data", PING_SYSTEM, 1).and_then(|r| r.p50),
+        floor_p50(report, POOL_SIZES[POOL_SIZES.len() - 1]),
+    ) {
+        goals.push(Goal {
+            section: "data",
+            goal: "1 client: mcpd's own HTTP path without the server (information)".into(),
+            measured: format!(
+                "ping p50 {:.3} ms, {:+.3} ms from the stdio floor, before any pool work",
+                ms(ping),
+                ms(ping) - ms(f)
+            ),
+            met: None,
+        });
+    }
+    let (measured, met) = match (&best_mcpd, &best_peer) {
+        (Some(m), Some(p)) if p.calls_per_s() > 0.0 => {
+            let factor = m.calls_per_s() / p.calls_per_s();
+            (
+                format!(
+                    "{} {:.0}/s vs best peer {} {:.0}/s: {factor:.1}x",
+                    m.system,
+                    m.calls_per_s(),
+                    p.system,
+                    p.calls_per_s()
+                ),
+                Some(factor >= GOAL_DATA_PEER_FACTOR),
+            )
+        }
+        (Some(m), _) => (
+            format!("{} {:.0}/s; no peer figure", m.system, m.calls_per_s()),
+            None,
+        ),
+        _ => ("no figure".into(), None),
+    };
+    goals.push(Goal {
+        section: "data",
+        goal: format!("64 clients: at least {GOAL_DATA_PEER_FACTOR:.0}x the best peer's calls/s"),
+        measured,
+        met,
+    });
+    if let (Some(m), Some(f)) = (&best_mcpd, report.row("data", floor, 64)) {
+        goals.push(Goal {
+            section: "data",
+            goal: "64 clients: a pool exceeds one process's floor (information)".into(),
+            measured: format!(
+                "{} {:.0}/s vs floor {:.0}/s: {:.2}x",
+                m.system,
+                m.calls_per_s(),
+                f.calls_per_s(),
+                m.calls_per_s() / f.calls_per_s().max(f64::MIN_POSITIVE)
+            ),
+            met: None,
+        });
+    }
+    report.goals.extend(goals);
+}
+
+// === the cluster ===
+
+/// A 3-node cluster with tenant `bench`, its token, and the demo server registered.
+struct Mcp {
+    cluster: Cluster,
+    admin: AdminClient,
+    token: String,
+    ids: Vec<u64>,
+    mcpd: PathBuf,
+    demo_pool: AtomicU64,
+}
+
+impl Mcp {
+    async fn start(mcpd: &Path) -> anyhow::Result<Mcp> {
+        eprintln!("mcpd: starting 3 nodes ({})", mcpd.display());
+        let cluster = Cluster::start(3).await;
+        let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
+        let admin = cluster.client();
+        let no_opts = CallOptions::default();
+        let tenant: TenantSpec =
+            serde_json::from_value(json!({ "name": "bench", "description": "mcp-bench" }))?;
+        admin
+            .create_tenant(&tenant, &no_opts)
+            .await
+            .context("creating tenant bench")?;
+        let req: CreateTokenRequest = serde_json::from_value(
+            json!({ "name": "mcp-bench", "role": "tenant", "tenant": "bench" }),
+        )?;
+        let token = admin
+            .create_token(&req)
+            .await
+            .context("creating a token of tenant bench")?
+            .token;
+        let mcp = Mcp {
+            cluster,
+            admin,
+            token,
+            ids,
+            mcpd: mcpd.to_path_buf(),
+            demo_pool: AtomicU64::new(2),
+        };
+        mcp.register("demo", 2, None).await?;
+        Ok(mcp)
+    }
+
+    fn demo_pool_size(&self) -> u32 {
+        self.demo_pool.load(Ordering::Relaxed) as u32
+    }
+
+    /// Registers the demo server as `name` (echo marked idempotent, as `mcpctl dev up` does).
+    async fn register(&self, name: &str, pool: u32, replicas: Option<u32>) -> anyhow::Result<()> {
+        let spec: ServerSpec = serde_json::from_value(json!({
+            "name": name,
+            "command": self.mcpd.to_string_lossy(),
+            "args": ["demo-server"],
+            "env": { "RUST_LOG": "warn" },
+            "pool_size": pool,
+            "replicas": replicas,
+            "idempotent_tools": ["echo", "add"],
+        }))?;
+        self.admin
+            .create_server(&spec, &CallOptions::default())
+            .await
+            .with_context(|| format!("registering server {name}"))?;
+        Ok(())
+    }
+
+    fn url(&self, id: u64) -> String {
+        self.cluster.url(id)
+    }
+
+    fn target(&self, id: u64, path: &str, tool: &str) -> HttpTarget {
+        HttpTarget {
+            url: format!("{}{path}", self.url(id)),
+            token: Some(self.token.clone()),
+            tool: tool.into(),
+        }
+    }
+
+    async fn stop(mut self) {
+        for id in self.cluster.running_ids() {
+            self.cluster.kill(id).await;
+        }
+    }
+}
+
+// === section: routing ===
+
+/// The node(s) the leader placed `server` on, from `GET /v1/watch?since=0`.
+async fn placement(
+    http: &reqwest::Client,
+    base: &str,
+    admin_token: &str,
+    server: &str,
+) -> anyhow::Result<Vec<u64>> {
+    let deadline = Instant::now() + READY_WITHIN;
+    let mut resp = http
+        .get(format!("{base}/v1/watch?since=0"))
+        .bearer_auth(admin_token)
+        .timeout(READY_WITHIN)
+        .send()
+        .await
+        .context("GET /v1/watch")?;
+    if !resp.status().is_success() {
+        bail!("GET /v1/watch: HTTP {}", resp.status());
+    }
+    let mut buf = Vec::new();
+    let mut found = None;
+    while found.is_none() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let chunk = match tokio::time::timeout(left, resp.chunk()).await {
+            Ok(Ok(Some(c))) => c,
+            Ok(Ok(None)) => bail!("the watch stream ended before {server} was placed"),
+            Ok(Err(e)) => bail!("reading the watch stream: {}", root_cause(&e)),
+            Err(_) => bail!("{server} was not placed within {READY_WITHIN:?}"),
+        };
+        buf.extend_from_slice(&chunk);
+        while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            let Ok(ev) = serde_json::from_slice::<Value>(&line) else {
+                continue;
+            };
+            if ev["type"] == json!("put")
+                && ev["kind"] == json!("placement")
+                && ev["name"] == json!(server)
+            {
+                let nodes: Vec<u64> = ev["value"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(Value::as_u64).collect())
+                    .unwrap_or_default();
+                if !nodes.is_empty() {
+                    found = Some(nodes);
+                }
+            }
+        }
+    }
+    Ok(found.unwrap_or_default())
+}
+
+async fn bench_routing(
+    http: &reqwest::Client,
+    mcp: &Mcp,
+    args: &Args,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    mcp.register("solo", 2, Some(1)).await?;
+    let placed = placement(http, &mcp.url(mcp.ids[0]), &mcp.cluster.admin_token, "solo").await?;
+    let local = placed[0];
+    let remote = *mcp
+        .ids
+        .iter()
+        .find(|id| !placed.contains(id))
+        .context("every node runs solo")?;
+    eprintln!("routing: solo is placed on node {local}; forwarding from node {remote}");
+    let path = "/servers/solo/mcp";
+    let local_t = mcp.target(local, path, "echo");
+    let remote_t = mcp.target(remote, path, "echo");
+    wait_pool_ready(http, &mcp.url(local), "solo", 2, READY_WITHIN).await?;
+    wait_callable(http, &local_t, READY_WITHIN, None).await?;
+    wait_callable(http, &remote_t, READY_WITHIN, None).await?;
+    let local_name = format!("solo (replicas 1): local pool, node {local}");
+    let remote_name = format!("solo (replicas 1): node {remote} -> node {local}");
+    run_levels(
+        http,
+        "routing",
+        &local_name,
+        &Endpoints::Http(vec![local_t]),
+        args,
+        report,
+    )
+    .await;
+    run_levels(
+        http,
+        "routing",
+        &remote_name,
+        &Endpoints::Http(vec![remote_t]),
+        args,
+        report,
+    )
+    .await;
+    for (server, what) in [
+        (
+            "demo",
+            format!("demo (pool={}, every node)", mcp.demo_pool_size()),
+        ),
+        ("solo", format!("solo (on node {local})")),
+    ] {
+        let targets: Vec<HttpTarget> = mcp
+            .ids
+            .iter()
+            .map(|id| mcp.target(*id, &format!("/servers/{server}/mcp"), "echo"))
+            .collect();
+        for t in &targets {
+            wait_callable(http, t, READY_WITHIN, None).await?;
+        }
+        let row = run_level(
+            http,
+            "routing",
+            &format!("{what}: spread over 3 nodes"),
+            &Endpoints::Http(targets),
+            SPREAD_CLIENTS,
+            args,
+        )
+        .await;
+        report.rows.push(row);
+    }
+    let l = report.row("routing", &local_name, 1).and_then(|r| r.p50);
+    let f = report.row("routing", &remote_name, 1).and_then(|r| r.p50);
+    let (measured, met) = match (l, f) {
+        (Some(l), Some(f)) => {
+            let hop = ms(f) - ms(l);
+            (
+                format!(
+                    "1 client: forwarded p50 {:.3} ms, local {:.3} ms: {hop:+.3} ms",
+                    ms(f),
+                    ms(l)
+                ),
+                Some(hop <= GOAL_ROUTING_HOP_MS),
+            )
+        }
+        _ => ("no figure".into(), None),
+    };
+    report.goals.push(Goal {
+        section: "routing",
+        goal: format!("a peer hop adds at most {GOAL_ROUTING_HOP_MS} ms p50"),
+        measured,
+        met,
+    });
+    Ok(())
+}
+
+// === section: bridge ===
+
+/// Starts `mcp-bridge` on every node's URL, with its stderr (log level `level`) in `log`, or
+/// handed to `on_line` line by line when given.
+async fn start_bridge(
+    mcp: &Mcp,
+    logs: &Path,
+    name: &str,
+    level: &str,
+    timeout: Duration,
+    on_line: Option<mpsc::UnboundedSender<String>>,
+) -> anyhow::Result<(Proc, Arc<StdioConn>)> {
+    let bin = mcpcp_tests::binary("mcp-bridge");
+    let urls: Vec<String> = mcp.ids.iter().map(|id| mcp.url(*id)).collect();
+    let mut cmd = Command::new(&bin);
+    cmd.args(["--url", &urls.join(","), "--log-level", level])
+        .env("MCP_BRIDGE_TOKEN", &mcp.token)
+        .env_remove("RUST_LOG")
+        .env_remove("MCP_BRIDGE_URL");
+    let log = logs.join(format!("{name}.log"));
+    let Some(lines) = on_line else {
+        return start_stdio(name, cmd, &log, "demo__echo", timeout).await;
+    };
+    // Stderr through a pipe: each line to the log and to `lines`.
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut proc = Proc::spawn(name, &mut cmd, &log)?;
+    let child = proc.child.as_mut().context("child")?;
+    let stdin = child.stdin.take().context("stdin")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let stderr = child.stderr.take().context("stderr")?;
+    let mut file = tokio::fs::File::create(&log).await?;
+    tokio::spawn(async move {
+        let mut rd = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = rd.next_line().await {
+            let _ = file.write_all(format!("{line}\n").as_bytes()).await;
+            let _ = lines.send(line);
+        }
+        let _ = file.flush().await;
+    });
+    let conn = StdioConn::start(stdin, stdout, "demo__echo", timeout);
+    match tokio::time::timeout(READY_WITHIN, conn.initialize()).await {
+        Ok(Ok(())) => Ok((proc, conn)),
+        Ok(Err(e)) => bail!("{name}: {e}; its log ends with:\n{}", proc.tail(20)),
+        Err(_) => bail!("{name}: no session within {READY_WITHIN:?}"),
+    }
+}
+
+async fn bench_bridge(
+    http: &reqwest::Client,
+    mcp: &mut Mcp,
+    logs: &Path,
+    args: &Args,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let first = mcp.ids[0];
+    let direct = mcp.target(first, "/mcp", "demo__echo");
+    for id in mcp.ids.clone() {
+        wait_callable(
+            http,
+            &mcp.target(id, "/mcp", "demo__echo"),
+            READY_WITHIN,
+            None,
+        )
+        .await?;
+    }
+    let direct_name = format!("/mcp direct, node {first} (a session per client)");
+    run_levels(
+        http,
+        "bridge",
+        &direct_name,
+        &Endpoints::Http(vec![direct]),
+        args,
+        report,
+    )
+    .await;
+    let (mut bridge, conn) =
+        start_bridge(mcp, logs, "mcp-bridge", "warn", REQUEST_TIMEOUT, None).await?;
+    let bridge_name = format!("mcp-bridge -> /mcp, node {first} (one stdio session)");
+    run_levels(
+        http,
+        "bridge",
+        &bridge_name,
+        &Endpoints::Stdio(conn),
+        args,
+        report,
+    )
+    .await;
+    if let Some(status) = bridge.exited() {
+        report.note(
+            "bridge",
+            format!("mcp-bridge exited during its run ({status})"),
+        );
+    }
+    bridge.stop().await;
+    let b = report.row("bridge", &bridge_name, 1).and_then(|r| r.p50);
+    let d = report.row("bridge", &direct_name, 1).and_then(|r| r.p50);
+    let (measured, met) = match (b, d) {
+        (Some(b), Some(d)) => {
+            let over = ms(b) - ms(d);
+            (
+                format!(
+                    "1 client: bridge p50 {:.3} ms, direct {:.3} ms: {over:+.3} ms",
+                    ms(b),
+                    ms(d)
+                ),
+                Some(over <= GOAL_BRIDGE_P50_MS),
+            )
+        }
+        _ => ("no figure".into(), None),
+    };
+    report.goals.push(Goal {
+        section: "bridge",
+        goal: format!("the bridge adds at most {GOAL_BRIDGE_P50_MS} ms p50"),
+        measured,
+        met,
+    });
+    if args.kills > 0 {
+        bench_kills(http, mcp, logs, args, report).await?;
+    }
+    Ok(())
+}
+
+/// One call of the kill test's client: when it was sent, when it ended, how.
+struct Event {
+    sent: Instant,
+    done: Instant,
+    result: Result<(), String>,
+}
+
+/// The node id whose URL `url` (the bridge's `node=` value) starts with.
+fn node_of(mcp: &Mcp, url: &str) -> Option<u64> {
+    mcp.ids.iter().copied().find(|id| {
+        let base = mcp.url(*id);
+        url == base || url.starts_with(&format!("{base}/"))
+    })
+}
+
+async fn wait_readyz(http: &reqwest::Client, base: &str, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        let ok = http
+            .get(format!("{base}/readyz"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if ok {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{base}/readyz was not ready within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn bench_kills(
+    http: &reqwest::Client,
+    mcp: &mut Mcp,
+    logs: &Path,
+    args: &Args,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    eprintln!(
+        "bridge: {} kill -9 rounds of the node mcp-bridge uses",
+        args.kills
+    );
+    let (line_tx, mut line_rx) = mpsc::unbounded_channel();
+    let (mut bridge, conn) = start_bridge(
+        mcp,
+        logs,
+        "mcp-bridge-kills",
+        "info",
+        FAILOVER_CALL_TIMEOUT,
+        Some(line_tx),
+    )
+    .await?;
+    // The bridge starts on the first URL and logs `failed over node=URL` when it moves.
+    let mut current = mcp.ids[0];
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Event>();
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = {
+        let (conn, stop) = (conn.clone(), stop.clone());
+        // Bounded: at most ~90 s a round and 10 M calls.
+        let hard_end = Instant::now() + Duration::from_secs(60 + 90 * u64::from(args.kills));
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < hard_end && n < 10_000_000 {
+                let sent = Instant::now();
+                let result = conn.call(n).await;
+                let failed = result.is_err();
+                let done = Instant::now();
+                if ev_tx.send(Event { sent, done, result }).is_err() {
+                    return;
+                }
+                n += 1;
+                tokio::time::sleep(if failed {
+                    ERROR_PAUSE
+                } else {
+                    KILL_CLIENT_PACE
+                })
+                .await;
+            }
+        })
+    };
+    let mut all_errors = 0u64;
+    let mut samples = Vec::new();
+    let mut kills = Vec::new();
+    let outcome: anyhow::Result<()> = async {
+        for round in 1..=args.kills {
+            // Steady state first: 20 successes in a row.
+            let deadline = Instant::now() + PAUSE_WITHIN;
+            let mut streak = 0;
+            while streak < 20 {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(left, ev_rx.recv()).await {
+                    Ok(Some(ev)) => match ev.result {
+                        Ok(()) => streak += 1,
+                        Err(e) => {
+                            streak = 0;
+                            all_errors += 1;
+                            keep_sample(&mut samples, format!("before kill {round}: {e}"));
+                        }
+                    },
+                    Ok(None) => bail!("the kill test's client stopped"),
+                    Err(_) => bail!("no 20 successful calls in a row within {PAUSE_WITHIN:?} before kill {round}"),
+                }
+            }
+            while let Ok(line) = line_rx.try_recv() {
+                if let Some(n) = failed_over_to(&line).and_then(|u| node_of(mcp, &u)) {
+                    current = n;
+                }
+            }
+            let node = current;
+            let t_kill = Instant::now();
+            mcp.cluster.kill(node).await;
+            let t_reaped = Instant::now();
+            let mut errors = 0u64;
+            let mut pause = None;
+            let deadline = t_kill + PAUSE_WITHIN;
+            while pause.is_none() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(left, ev_rx.recv()).await {
+                    Ok(Some(ev)) => match ev.result {
+                        Ok(()) if ev.sent >= t_reaped => pause = Some(ev.done - t_kill),
+                        Ok(()) => {}
+                        Err(e) => {
+                            errors += 1;
+                            keep_sample(&mut samples, format!("kill {round} (node {node}): {e}"));
+                        }
+                    },
+                    Ok(None) => bail!("the kill test's client stopped"),
+                    Err(_) => break,
+                }
+            }
+            all_errors += errors;
+            // Which node the bridge moved to (its log line comes before the successful call).
+            let moved_by = Instant::now() + Duration::from_secs(5);
+            while current == node && Instant::now() < moved_by {
+                match tokio::time::timeout(Duration::from_millis(100), line_rx.recv()).await {
+                    Ok(Some(line)) => {
+                        if let Some(n) = failed_over_to(&line).and_then(|u| node_of(mcp, &u)) {
+                            current = n;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(_) => {}
+                }
+            }
+            let restarted = Instant::now();
+            mcp.cluster.restart(node).await;
+            let ready = wait_readyz(http, &mcp.url(node), READY_WITHIN).await;
+            let restart_ready = ready.is_ok().then(|| restarted.elapsed());
+            eprintln!(
+                "bridge: kill {round}/{}: node {node}: pause {} ms, {errors} client errors; bridge now on node {current}; node {node} ready again after {} ms",
+                args.kills,
+                ms3(pause).map_or("none (not recovered)".into(), |p| format!("{p:.1}")),
+                ms3(restart_ready).map_or("-".into(), |p| format!("{p:.0}")),
+            );
+            kills.push(Kill { round, node, pause, errors, restart_ready });
+            ready?;
+            if current == node {
+                report.note("bridge", format!("kill {round}: mcp-bridge logged no failover away from node {node}"));
+            }
+        }
+        Ok(())
+    }
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    // Drain what is left so the client can end; it ends within its call timeout.
+    let _ = tokio::time::timeout(FAILOVER_CALL_TIMEOUT + Duration::from_secs(1), async {
+        while ev_rx.recv().await.is_some() {}
+    })
+    .await;
+    client.abort();
+    if let Some(status) = bridge.exited() {
+        report.note(
+            "bridge",
+            format!(
+                "mcp-bridge exited during the kill test ({status}); log:\n{}",
+                bridge.tail(20)
+            ),
+        );
+    }
+    bridge.stop().await;
+    for s in &samples {
+        eprintln!("  kill test error: {s}");
+    }
+    for s in samples {
+        report.note("bridge", format!("client error during the kill test: {s}"));
+    }
+    let mut pauses: Vec<Duration> = kills.iter().filter_map(|k| k.pause).collect();
+    pauses.sort_unstable();
+    let unrecovered = kills.iter().filter(|k| k.pause.is_none()).count();
+    let row = Row {
+        section: "bridge",
+        system: format!(
+            "pause after kill -9 of the bridge's node ({} kills{})",
+            kills.len(),
+            if unrecovered > 0 {
+                format!(", {unrecovered} not recovered")
+            } else {
+                String::new()
+            }
+        ),
+        clients: 1,
+        calls: pauses.len() as u64,
+        errors: all_errors,
+        elapsed: Duration::ZERO,
+        p50: percentile(&pauses, 0.50),
+        p99: percentile(&pauses, 0.99),
+        max: pauses.last().copied(),
+        load1: load_average().map(|l| l.0).unwrap_or(-1.0),
+        delayed_acks: None,
+        samples: Vec::new(),
+        rate: false,
+    };
+    let p99 = row.p99;
+    report.rows.push(row);
+    report.kills = kills;
+    let (measured, met) = match p99 {
+        Some(p) if unrecovered == 0 => (
+            format!("pause p99 {:.1} ms", ms(p)),
+            Some(ms(p) <= GOAL_PAUSE_P99_MS),
+        ),
+        Some(p) => (
+            format!(
+                "pause p99 {:.1} ms of the recovered; {unrecovered} kill(s) not recovered within {PAUSE_WITHIN:?}",
+                ms(p)
+            ),
+            Some(false),
+        ),
+        None => ("no pause measured".into(), None),
+    };
+    report.goals.push(Goal {
+        section: "bridge",
+        goal: format!(
+            "pause p99 at most {:.0} s (kill -9 to the first successful call sent after it)",
+            GOAL_PAUSE_P99_MS / 1e3
+        ),
+        measured,
+        met,
+    });
+    outcome
+}
+
+/// The URL of a bridge log line `... failed over node=URL ...`.
+fn failed_over_to(line: &str) -> Option<String> {
+    if !line.contains("failed over") {
+        return None;
+    }
+    let rest = &line[line.find("node=")? + "node=".len()..];
+    let url = rest.split_whitespace().next()?.trim_matches('"');
+    Some(url.to_string())
+}
+
+// === report ===
+
+/// The 1-, 5- and 15-minute load averages.
+fn load_average() -> Option<(f64, f64, f64)> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let mut f = text.split_whitespace().map(|v| v.parse::<f64>().ok());
+    Some((f.next()??, f.next()??, f.next()??))
+}
+
+/// `TcpExt: DelayedACKs` of this network namespace (`/proc/net/netstat`).
+fn delayed_acks() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let names = lines.next()?.split_whitespace();
+    let values = lines.next()?.split_whitespace();
+    names
+        .zip(values)
+        .find(|(n, _)| *n == "DelayedACKs")
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+/// Facts of the machine the figures were taken on.
+fn machine_facts() -> Vec<(&'static str, String)> {
+    let mut facts = Vec::new();
+    let nproc = std::thread::available_parallelism()
+        .map(|n| n.get().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    facts.push(("nproc", nproc));
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    if let Some(model) = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+    {
+        facts.push(("cpu", model.1.trim().to_string()));
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    if let Some(mem) = meminfo.lines().find(|l| l.starts_with("MemTotal:")) {
+        let kb: u64 = mem
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        facts.push(("memory", format!("{:.1} GiB", kb as f64 / 1024.0 / 1024.0)));
+    }
+    if let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") {
+        facts.push(("kernel", release.trim().to_string()));
+    }
+    if let Some((a, b, c)) = load_average() {
+        facts.push((
+            "load average",
+            format!("{a:.2} {b:.2} {c:.2} (1, 5, 15 min, at start)"),
+        ));
+    }
+    facts
+}
+
+fn print_section(report: &Report, section: &str) {
+    let rows: Vec<&Row> = report
+        .rows
+        .iter()
+        .filter(|r| r.section == section)
+        .collect();
+    if rows.is_empty() && !report.notes.iter().any(|(s, _)| *s == section) {
+        return;
+    }
+    let fmt_ms = |d: Option<Duration>| match d {
+        Some(d) => format!("{:.3}", ms(d)),
+        None => "-".into(),
+    };
+    let width = rows
+        .iter()
+        .map(|r| r.system.chars().count())
+        .max()
+        .unwrap_or(10)
+        .max(11);
+    println!("== {section} ==");
+    println!(
+        "{:<width$} {:>7} {:>10} {:>9} {:>9} {:>7} {:>6}",
+        "system/path", "clients", "calls/s", "p50 ms", "p99 ms", "errors", "load1"
+    );
+    for r in rows {
+        let rate = if r.rate {
+            format!("{:.1}", r.calls_per_s())
+        } else {
+            "-".into()
+        };
+        println!(
+            "{:<width$} {:>7} {:>10} {:>9} {:>9} {:>7} {:>6.2}",
+            r.system,
+            r.clients,
+            rate,
+            fmt_ms(r.p50),
+            fmt_ms(r.p99),
+            r.errors,
+            r.load1
+        );
+    }
+    for r in report.rows.iter().filter(|r| r.section == section) {
+        for e in &r.samples {
+            println!("error: {} ({} clients): {e}", r.system, r.clients);
+        }
+        if let Some(acks) = r
+            .delayed_acks
+            .filter(|a| *a as f64 >= 0.5 * r.calls.max(1) as f64)
+        {
+            println!(
+                "tcp: {} ({} clients): {acks} TCP delayed ACKs on the machine during the level, {:.2} per call (Nagle meeting a delayed ACK on the path?)",
+                r.system,
+                r.clients,
+                acks as f64 / r.calls.max(1) as f64
+            );
+        }
+    }
+    if section == "bridge" && !report.kills.is_empty() {
+        let pauses: Vec<String> = report
+            .kills
+            .iter()
+            .map(|k| {
+                format!(
+                    "{}:n{}={}",
+                    k.round,
+                    k.node,
+                    k.pause.map_or("none".into(), |p| format!("{:.1}", ms(p)))
+                )
+            })
+            .collect();
+        println!("kills (round:node=pause ms): {}", pauses.join(" "));
+    }
+    for g in report.goals.iter().filter(|g| g.section == section) {
+        let verdict = match g.met {
+            Some(true) => "met",
+            Some(false) => "NOT met",
+            None => "-",
+        };
+        println!("goal: {}: {} [{verdict}]", g.goal, g.measured);
+    }
+    for (_, n) in report.notes.iter().filter(|(s, _)| *s == section) {
+        println!("note: {n}");
+    }
+    println!();
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let command: Vec<String> = std::env::args().collect();
+    println!("command: {}", command.join(" "));
+    let facts = machine_facts();
+    for (k, v) in &facts {
+        println!("{k}: {v}");
+    }
+    let sections: Vec<Section> = [Section::Data, Section::Routing, Section::Bridge]
+        .into_iter()
+        .filter(|s| args.sections.contains(s))
+        .collect();
+    println!(
+        "load: {} s per level after a warm-up of {} ms, clients {LEVELS:?}, at most {} calls per level; sections {}; {} kills",
+        args.seconds,
+        MAX_WARMUP.min(Duration::from_secs(args.seconds) / 5).as_millis(),
+        args.max_calls,
+        sections.iter().map(|s| s.name()).collect::<Vec<_>>().join(","),
+        args.kills
+    );
+    println!();
+
+    let logs = tempfile::Builder::new()
+        .prefix("mcpcp-bench-mcp-")
+        .tempdir()
+        .context("log dir")?;
+    // One client for every HTTP request of the run: keep-alive, a connection per concurrent
+    // client, idle connections dropped before the peers' 5 s keep-alive closes them.
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(REQUEST_TIMEOUT)
+        .pool_max_idle_per_host(1024)
+        .pool_idle_timeout(Duration::from_secs(4))
+        .tcp_nodelay(true)
+        .build()
+        .context("HTTP client")?;
+    let mcpd = mcpcp_tests::binary("mcpd");
+    let mut report = Report::default();
+
+    let mut floor = None;
+    if sections.contains(&Section::Data) {
+        match bench_floor(&http, &mcpd, logs.path(), &args, &mut report).await {
+            Ok(f) => floor = Some(f),
+            Err(e) => report.note("data", format!("the direct-stdio floor failed: {e:#}")),
+        }
+        for (peer, port) in peers(&mcpd, &mut report) {
+            if let Err(e) = bench_peer(&http, &peer, port, logs.path(), &args, &mut report).await {
+                report.note("data", format!("{} failed: {e:#}", peer.system));
+            }
+        }
+    }
+    // Every section past the data plane's peers needs the cluster.
+    if !sections.is_empty() {
+        let mut mcp = Mcp::start(&mcpd).await?;
+        if sections.contains(&Section::Data) {
+            let conn = floor.as_ref().map(|(_, c)| c);
+            if let Err(e) = bench_pools(&http, &mcp, conn, &args, &mut report).await {
+                report.note("data", format!("mcpd pools failed: {e:#}"));
+            }
+            if let Some((mut proc, _)) = floor.take() {
+                proc.stop().await;
+            }
+            data_goals(&mut report);
+            print_section(&report, "data");
+        }
+        if sections.contains(&Section::Routing) {
+            if let Err(e) = bench_routing(&http, &mcp, &args, &mut report).await {
+                report.note("routing", format!("failed: {e:#}"));
+            }
+            print_section(&report, "routing");
+        }
+        if sections.contains(&Section::Bridge) {
+            if let Err(e) = bench_bridge(&http, &mut mcp, logs.path(), &args, &mut report).await {
+                report.note("bridge", format!("failed: {e:#}"));
+            }
+            print_section(&report, "bridge");
+        }
+        if report.notes.iter().any(|(_, n)| n.contains("failed")) {
+            mcp.cluster.dump_logs();
+        }
+        mcp.stop().await;
+    }
+
+    let summary = json!({
+        "bench": "mcp",
+        "command": command.join(" "),
+        "machine": facts.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+        "load_average_at_end": load_average().map(|(a, b, c)| json!([a, b, c])),
+        "seconds_per_level": args.seconds,
+        "levels": LEVELS,
+        "sections": sections.iter().map(|s| s.name()).collect::<Vec<_>>(),
+        "results": report.rows.iter().map(Row::json).collect::<Vec<_>>(),
+        "goals": report.goals.iter().map(Goal::json).collect::<Vec<_>>(),
+        "kills": report.kills.iter().map(|k| json!({
+            "round": k.round,
+            "node": k.node,
+            "pause_ms": ms3(k.pause),
+            "client_errors": k.errors,
+            "restart_ready_ms": ms3(k.restart_ready),
+        })).collect::<Vec<_>>(),
+        "notes": report.notes.iter().map(|(s, n)| json!({ "section": s, "note": n })).collect::<Vec<_>>(),
+    });
+    println!("{summary}");
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM: returning from `main` drops the cluster and every process guard, which
+/// kills what this benchmark started.
+async fn stop_signal() -> &'static str {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return "interrupted";
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "interrupted",
+        _ = term.recv() => "terminated",
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    tokio::select! {
+        r = run(args) => match r {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mcp-bench: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        why = stop_signal() => {
+            eprintln!("mcp-bench: {why}; stopped (the processes it started are killed)");
+            ExitCode::from(130)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentile_is_nearest_rank() {
+        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&v, 0.50), Some(Duration::from_millis(50)));
+        assert_eq!(percentile(&v, 0.99), Some(Duration::from_millis(99)));
+        assert_eq!(percentile(&v[..1], 0.99), Some(Duration::from_millis(1)));
+        assert_eq!(percentile(&[], 0.5), None);
+    }
+
+    #[test]
+    fn sse_answers_are_found_by_id() {
+        let body = b"event: message\r\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\"}\r\n\r\n\
+                     event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{\"ok\":true}}\n\n";
+        assert_eq!(sse_answer(body, 7).unwrap()["result"]["ok"], json!(true));
+        assert!(sse_answer(body, 8).is_err());
+        // No blank line after the last event.
+        let body = b"data: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}";
+        assert!(sse_answer(body, 1).is_ok());
+    }
+
+    #[test]
+    fn echo_answers_are_checked() {
+        let ok = json!({"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"m1"}],"isError":false}});
+        assert!(check_echo(&ok, "m1").is_ok());
+        assert!(check_echo(&ok, "m2").is_err());
+        let tool_err = json!({"jsonrpc":"2.0","id":1,"result":{"content":[],"isError":true}});
+        assert!(check_echo(&tool_err, "m1").is_err());
+        let rpc_err = json!({"jsonrpc":"2.0","id":1,"error":{"code":-32000,"message":"x"}});
+        assert!(check_echo(&rpc_err, "m1").unwrap_err().contains("-32000"));
+    }
+
+    #[test]
+    fn bridge_failover_lines_name_the_node() {
+        let line = "2026-01-01T00:00:00.000Z  INFO mcp_bridge::link: failed over node=http://127.0.0.1:4100/mcp after_ms=3";
+        assert_eq!(
+            failed_over_to(line).as_deref(),
+            Some("http://127.0.0.1:4100/mcp")
+        );
+        assert_eq!(failed_over_to("WARN failing over node=http://x/mcp"), None);
+    }
+}
