@@ -12,7 +12,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -97,38 +97,16 @@ fn era_of(headers: &HeaderMap, msg: &Message) -> Era {
     Era::Session
 }
 
-pub async fn post_aggregate(
+/// POST: one JSON-RPC message from the client.
+pub async fn post(
     State(state): State<AppState>,
-    Caller(p): Caller,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    post(state, p, Target::Aggregate, headers, body).await
-}
-
-pub async fn post_server(
-    State(state): State<AppState>,
-    Caller(p): Caller,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    post(state, p, Target::Server(name), headers, body).await
-}
-
-async fn post(
-    state: AppState,
-    principal: crate::registry::Principal,
+    Caller(principal): Caller,
     target: Target,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if !origin_allowed(&state.mcp, &headers) {
-        return rpc_error(
-            StatusCode::FORBIDDEN,
-            None,
-            ErrorObject::new(code::INVALID_REQUEST, "Origin not allowed"),
-        );
+    if let Some(refused) = foreign_origin(&state, &headers) {
+        return refused;
     }
     let msg = match Message::parse(&body) {
         Ok(m) => m,
@@ -158,6 +136,17 @@ async fn post(
         Era::Stateless => super::stateless::post(state, principal, target, headers, msg).await,
         Era::Session => post_session(state, principal, target, headers, msg).await,
     }
+}
+
+/// DNS-rebinding protection: a 403 for a browser Origin that is not allowed.
+fn foreign_origin(state: &AppState, headers: &HeaderMap) -> Option<Response> {
+    (!origin_allowed(&state.mcp, headers)).then(|| {
+        rpc_error(
+            StatusCode::FORBIDDEN,
+            None,
+            ErrorObject::new(code::INVALID_REQUEST, "Origin not allowed"),
+        )
+    })
 }
 
 pub fn route(state: &AppState, principal: &crate::registry::Principal, target: &Target) -> Route {
@@ -669,36 +658,16 @@ pub fn level_passes(session: &Session, msg: &Message) -> bool {
     rank(&level) >= rank(&min)
 }
 
-/// GET: the session's standalone stream of server notifications.
-pub async fn get_aggregate(
+/// GET: the session's standalone stream of server notifications, or the resumption of a
+/// stream with `Last-Event-ID`.
+pub async fn get(
     State(state): State<AppState>,
-    Caller(p): Caller,
-    headers: HeaderMap,
-) -> Response {
-    get(state, p, Target::Aggregate, headers).await
-}
-
-pub async fn get_server(
-    State(state): State<AppState>,
-    Caller(p): Caller,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    get(state, p, Target::Server(name), headers).await
-}
-
-async fn get(
-    state: AppState,
-    principal: crate::registry::Principal,
+    Caller(principal): Caller,
     target: Target,
     headers: HeaderMap,
 ) -> Response {
-    if !origin_allowed(&state.mcp, &headers) {
-        return rpc_error(
-            StatusCode::FORBIDDEN,
-            None,
-            ErrorObject::new(code::INVALID_REQUEST, "Origin not allowed"),
-        );
+    if let Some(refused) = foreign_origin(&state, &headers) {
+        return refused;
     }
     if !accepts_sse(&headers) {
         return rpc_error(
@@ -789,35 +758,14 @@ async fn forward_hub(
 }
 
 /// DELETE: the client ends its session.
-pub async fn delete_aggregate(
+pub async fn delete(
     State(state): State<AppState>,
-    Caller(p): Caller,
-    headers: HeaderMap,
-) -> Response {
-    delete(state, p, Target::Aggregate, headers).await
-}
-
-pub async fn delete_server(
-    State(state): State<AppState>,
-    Caller(p): Caller,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    delete(state, p, Target::Server(name), headers).await
-}
-
-async fn delete(
-    state: AppState,
-    principal: crate::registry::Principal,
+    Caller(principal): Caller,
     target: Target,
     headers: HeaderMap,
 ) -> Response {
-    if !origin_allowed(&state.mcp, &headers) {
-        return rpc_error(
-            StatusCode::FORBIDDEN,
-            None,
-            ErrorObject::new(code::INVALID_REQUEST, "Origin not allowed"),
-        );
+    if let Some(refused) = foreign_origin(&state, &headers) {
+        return refused;
     }
     match session_of(&state, &headers, &principal, &target) {
         Ok(s) => {

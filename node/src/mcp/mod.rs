@@ -129,17 +129,10 @@ pub fn origin_allowed(state: &McpState, headers: &HeaderMap) -> bool {
 /// The MCP routes.
 pub fn router() -> HttpRouter<AppState> {
     HttpRouter::new()
-        .route(
-            "/mcp",
-            post(http::post_aggregate)
-                .get(http::get_aggregate)
-                .delete(http::delete_aggregate),
-        )
+        .route("/mcp", post(http::post).get(http::get).delete(http::delete))
         .route(
             "/servers/{name}/mcp",
-            post(http::post_server)
-                .get(http::get_server)
-                .delete(http::delete_server),
+            post(http::post).get(http::get).delete(http::delete),
         )
 }
 

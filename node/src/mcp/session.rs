@@ -33,6 +33,27 @@ pub enum Target {
     Server(String),
 }
 
+/// The endpoint a request came to: `/servers/{name}/mcp` names a server, `/mcp` does not.
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Target {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let params = axum::extract::RawPathParams::from_request_parts(parts, state).await;
+        let name = params.ok().and_then(|p| {
+            p.iter()
+                .find(|(k, _)| *k == "name")
+                .map(|(_, v)| v.to_string())
+        });
+        Ok(match name {
+            Some(n) => Target::Server(n),
+            None => Target::Aggregate,
+        })
+    }
+}
+
 pub struct Session {
     pub id: String,
     pub principal: Principal,
