@@ -453,3 +453,52 @@ pub fn demo_server(name: &str, ledger: &Path) -> mcpcp_proto::api::ServerSpec {
     );
     spec
 }
+
+/// Helpers the benchmark binaries share.
+pub mod bench {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    /// Ctrl-C or SIGTERM: returning from `main` drops the clusters, which kills their processes.
+    pub async fn stop_signal() -> &'static str {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return "interrupted";
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => "interrupted",
+            _ = term.recv() => "terminated",
+        }
+    }
+    /// `etcd` on `PATH`.
+    pub fn find_on_path(name: &str) -> Option<PathBuf> {
+        let path = std::env::var_os("PATH")?;
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    }
+    /// Nearest-rank percentile of sorted values.
+    pub fn percentile(sorted: &[Duration], p: f64) -> Option<Duration> {
+        if sorted.is_empty() {
+            return None;
+        }
+        let rank = (p * sorted.len() as f64).ceil() as usize;
+        Some(sorted[rank.clamp(1, sorted.len()) - 1])
+    }
+    pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+        let mut parts = vec![e.to_string()];
+        let mut source = e.source();
+        while let Some(s) = source {
+            parts.push(s.to_string());
+            source = s.source();
+        }
+        parts.join(": ")
+    }
+    pub fn round3(x: f64) -> f64 {
+        (x * 1000.0).round() / 1000.0
+    }
+}

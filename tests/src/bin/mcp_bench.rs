@@ -38,6 +38,7 @@
 //! repository (where `scripts/bench-mcp.sh` installs pinned versions), else on `PATH`; a peer
 //! that is missing is skipped and said so.
 
+use mcpcp_tests::bench::{find_on_path, percentile, root_cause, round3, stop_signal};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
@@ -236,35 +237,12 @@ impl Report {
     }
 }
 
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
 fn ms3(d: Option<Duration>) -> Option<f64> {
     d.map(|d| round3(ms(d)))
-}
-
-/// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[Duration], p: f64) -> Option<Duration> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = (p * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
-}
-
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut source = e.source();
-    while let Some(s) = source {
-        parts.push(s.to_string());
-        source = s.source();
-    }
-    parts.join(": ")
 }
 
 fn snippet(text: &str) -> String {
@@ -994,13 +972,6 @@ fn repo_root() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let root = exe.parent()?.parent()?.parent()?.to_path_buf();
     root.join("Cargo.toml").is_file().then_some(root)
-}
-
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
 }
 
 /// `$VAR`, else `<repo>/.tools/<local>`, else `name` on `PATH`.
@@ -2299,22 +2270,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     println!("{summary}");
     Ok(())
-}
-
-/// Ctrl-C or SIGTERM: returning from `main` drops the cluster and every process guard, which
-/// kills what this benchmark started.
-async fn stop_signal() -> &'static str {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return "interrupted";
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => "interrupted",
-        _ = term.recv() => "terminated",
-    }
 }
 
 #[tokio::main]

@@ -14,6 +14,7 @@
 //! registry-bench [--seconds 10] [--levels 1,16,128] [--max-writes 1000000]
 //! ```
 
+use mcpcp_tests::bench::{find_on_path, percentile, root_cause, round3, stop_signal};
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -123,16 +124,6 @@ async fn send(req: reqwest::RequestBuilder) -> Result<(), String> {
     }
 }
 
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut source = e.source();
-    while let Some(s) = source {
-        parts.push(s.to_string());
-        source = s.source();
-    }
-    parts.join(": ")
-}
-
 /// What one client saw during a level.
 #[derive(Default)]
 struct ClientTally {
@@ -173,19 +164,6 @@ impl LevelResult {
             "max_ms": ms(self.max),
         })
     }
-}
-
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
-}
-
-/// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[Duration], p: f64) -> Option<Duration> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = (p * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
 }
 
 /// The load generator shared by both systems.
@@ -345,14 +323,6 @@ async fn bench_mcpd(http: &reqwest::Client, args: &Args) -> anyhow::Result<Vec<L
 }
 
 // === etcd ===
-
-/// `etcd` on `PATH`.
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-}
 
 /// Free loopback ports: all bound at once (so they differ), released when returned.
 fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
@@ -706,21 +676,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     println!("{summary}");
     Ok(())
-}
-
-/// Ctrl-C or SIGTERM: returning from `main` drops the clusters, which kills their processes.
-async fn stop_signal() -> &'static str {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return "interrupted";
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => "interrupted",
-        _ = term.recv() => "terminated",
-    }
 }
 
 #[tokio::main]
