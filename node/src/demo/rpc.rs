@@ -4,18 +4,11 @@
 
 use serde_json::{json, Map, Value};
 
-/// Invalid JSON on a line.
-pub const PARSE_ERROR: i64 = -32700;
-/// Valid JSON that is not a JSON-RPC message.
-pub const INVALID_REQUEST: i64 = -32600;
-/// A method this server does not implement.
-pub const METHOD_NOT_FOUND: i64 = -32601;
-/// Missing or ill-typed parameters; the message names the field.
-pub const INVALID_PARAMS: i64 = -32602;
-/// Something went wrong inside the server.
-pub const INTERNAL_ERROR: i64 = -32603;
-/// MCP: `resources/read` (or subscribe) of a URI the server does not have.
-pub const RESOURCE_NOT_FOUND: i64 = -32002;
+/// The JSON-RPC and MCP error codes, shared with the gateway.
+pub use mcpcp_proto::mcp::code::{
+    INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR,
+    RESOURCE_NOT_FOUND,
+};
 
 /// A protocol error, answered as a JSON-RPC `error` object.
 #[derive(Debug, Clone, PartialEq)]
