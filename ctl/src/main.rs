@@ -500,13 +500,14 @@ fn print_status(cli: &Cli, s: &ClusterStatus) {
                 m.http_addr.clone(),
                 m.grpc_addr.clone(),
                 opt(m.matched_index),
+                opt(m.applied_index),
                 opt(m.lag),
                 m.health.clone(),
             ]
         })
         .collect();
     print_table(
-        &["ID", "ROLE", "HTTP", "GRPC", "MATCHED", "LAG", "HEALTH"],
+        &["ID", "ROLE", "HTTP", "GRPC", "MATCHED", "APPLIED", "LAG", "HEALTH"],
         rows,
     );
 }
