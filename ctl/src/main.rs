@@ -507,7 +507,9 @@ fn print_status(cli: &Cli, s: &ClusterStatus) {
         })
         .collect();
     print_table(
-        &["ID", "ROLE", "HTTP", "GRPC", "MATCHED", "APPLIED", "LAG", "HEALTH"],
+        &[
+            "ID", "ROLE", "HTTP", "GRPC", "MATCHED", "APPLIED", "LAG", "HEALTH",
+        ],
         rows,
     );
 }
