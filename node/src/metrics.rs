@@ -118,7 +118,11 @@ pub async fn export_raft(raft: Raft) {
             if m.current_leader != last_leader {
                 if m.current_leader.is_some() {
                     metrics::counter!("mcpd_raft_leader_changes_total").increment(1);
-                    tracing::info!(leader = ?m.current_leader, term = m.current_term, "leader changed");
+                    tracing::info!(
+                        leader = m.current_leader.unwrap_or(0),
+                        term = m.current_term,
+                        "leader changed"
+                    );
                 }
                 last_leader = m.current_leader;
             }

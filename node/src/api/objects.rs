@@ -339,7 +339,7 @@ pub async fn create_token(
             hash: minted.hash,
         })
         .await?;
-    tracing::info!(token_id = %info.id, role = ?info.role, tenant = ?info.tenant, "token created");
+    tracing::info!(token_id = %info.id, role = ?info.role, tenant = info.tenant.as_deref().unwrap_or(""), "token created");
     Ok((
         StatusCode::CREATED,
         Json(CreatedToken {

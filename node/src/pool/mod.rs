@@ -352,7 +352,7 @@ impl Pool {
         }
         metrics::gauge!("mcpd_pool_dedicated_processes", "server" => self.name.clone())
             .increment(1.0);
-        tracing::info!(server = %self.name, session = %crate::mcp::session::short(&affinity.key), pid = ?process.pid(), "dedicated process started");
+        tracing::info!(server = %self.name, session = %crate::mcp::session::short(&affinity.key), pid = process.pid().unwrap_or(0), "dedicated process started");
         map.insert(
             affinity.key.clone(),
             Dedicated {
@@ -525,7 +525,7 @@ async fn supervise(
         match attempt {
             Ok(p) => {
                 let p = Arc::new(p);
-                tracing::info!(server = %server, slot = index, pid = ?p.pid(), "server process ready");
+                tracing::info!(server = %server, slot = index, pid = p.pid().unwrap_or(0), "server process ready");
                 let _ = process_tx.send(Some(p.clone()));
                 set_state(SlotState::Ready);
                 let reason = loop {
@@ -546,7 +546,7 @@ async fn supervise(
                     }
                 };
                 let _ = process_tx.send(None);
-                tracing::warn!(server = %server, slot = index, pid = ?p.pid(), reason, "server process lost; restarting");
+                tracing::warn!(server = %server, slot = index, pid = p.pid().unwrap_or(0), reason, "server process lost; restarting");
                 p.stop(grace).await;
                 if started.elapsed() > Duration::from_secs(60) {
                     delays = backoff();

@@ -345,7 +345,7 @@ impl Process {
                 .await
                 .is_err()
             {
-                tracing::warn!(server = %self.shared.server, pid = ?self.pid, "server ignored SIGTERM; killing it");
+                tracing::warn!(server = %self.shared.server, pid = self.pid.unwrap_or(0), "server ignored SIGTERM; killing it");
             }
         }
         // The leader is gone (or going): end its children, which stdin EOF does not reach.
@@ -417,7 +417,11 @@ async fn write_loop(mut stdin: tokio::process::ChildStdin, mut rx: mpsc::Receive
 async fn reap(mut child: Child, shared: Arc<Shared>, exited: watch::Sender<bool>) {
     let status = child.wait().await;
     shared.alive.store(false, Ordering::Relaxed);
-    tracing::info!(server = %shared.server, ?status, "server process exited");
+    let status = match &status {
+        Ok(s) => s.to_string(),
+        Err(e) => e.to_string(),
+    };
+    tracing::info!(server = %shared.server, %status, "server process exited");
     shared.fail_all(crashed(&shared.server));
     let _ = exited.send(true);
 }
