@@ -501,4 +501,34 @@ pub mod bench {
     pub fn round3(x: f64) -> f64 {
         (x * 1000.0).round() / 1000.0
     }
+
+    /// Processor count, CPU model, memory and kernel of this machine, for benchmark reports.
+    pub fn machine_basics() -> Vec<(&'static str, String)> {
+        let mut facts = Vec::new();
+        let nproc = std::thread::available_parallelism()
+            .map(|n| n.get().to_string())
+            .unwrap_or_else(|_| "unknown".into());
+        facts.push(("nproc", nproc));
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        if let Some(model) = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+        {
+            facts.push(("cpu", model.1.trim().to_string()));
+        }
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        if let Some(mem) = meminfo.lines().find(|l| l.starts_with("MemTotal:")) {
+            let kb: u64 = mem
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            facts.push(("memory", format!("{:.1} GiB", kb as f64 / 1024.0 / 1024.0)));
+        }
+        if let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") {
+            facts.push(("kernel", release.trim().to_string()));
+        }
+        facts
+    }
 }

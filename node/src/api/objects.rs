@@ -6,8 +6,8 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use mcpcp_proto::api::{
-    CreateTokenRequest, CreatedToken, List, Member, ReplicaStatus, ServerPatch, ServerSpec,
-    ServerStatus, TenantSpec, TokenInfo, Versioned, WriteAck,
+    CreateTokenRequest, CreatedToken, List, ReplicaStatus, ServerPatch, ServerSpec, ServerStatus,
+    TenantSpec, TokenInfo, Versioned, WriteAck,
 };
 
 use super::error::ApiError;
@@ -85,16 +85,7 @@ pub async fn server_status(
             .ok_or_else(|| ApiError::NotFound(format!("server {name:?} not found")))?;
         (spec, data.state.placements.get(&name).cloned())
     };
-    let members: Vec<Member> = state
-        .registry
-        .raft
-        .metrics()
-        .borrow()
-        .membership_config
-        .membership()
-        .nodes()
-        .map(|(_, m)| m.clone())
-        .collect();
+    let members = state.registry.members();
     let placement: Vec<u64> = match (&spec.spec.replicas, placed) {
         (Some(_), Some(p)) => p,
         (Some(_), None) => Vec::new(),

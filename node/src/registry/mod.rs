@@ -167,6 +167,18 @@ impl Registry {
         }
     }
 
+    /// Every member (voters and learners) of the current membership.
+    pub fn members(&self) -> Vec<Member> {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(_, m)| m.clone())
+            .collect()
+    }
+
     pub fn quorum_wait(&self) -> Duration {
         self.quorum_wait
     }

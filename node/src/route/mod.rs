@@ -136,18 +136,6 @@ impl Router {
         }
     }
 
-    fn members(&self) -> Vec<Member> {
-        self.registry
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .nodes()
-            .map(|(_, m)| m.clone())
-            .collect()
-    }
-
     /// The replicas of `server`, this node first.
     fn replicas(&self, spec: &Versioned<ServerSpec>) -> Vec<Replica> {
         let name = &spec.spec.name;
@@ -167,6 +155,7 @@ impl Router {
             out.push(Replica::Local);
         }
         let mut peers: Vec<Member> = self
+            .registry
             .members()
             .into_iter()
             .filter(|m| m.id != me && runs_on(m.id))

@@ -337,16 +337,8 @@ pub async fn relay_events(
 ) {
     let mut streams: HashMap<u64, tokio::task::JoinHandle<()>> = HashMap::new();
     loop {
-        let members: Vec<Member> = registry
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .nodes()
-            .map(|(_, m)| m.clone())
-            .filter(|m| m.id != registry.id)
-            .collect();
+        let mut members = registry.members();
+        members.retain(|m| m.id != registry.id);
         streams.retain(|id, h| {
             let keep = members.iter().any(|m| m.id == *id) && !h.is_finished();
             if !keep {

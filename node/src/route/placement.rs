@@ -83,12 +83,7 @@ pub async fn run(registry: Registry, grace: Duration, shutdown: Shutdown) {
             down_since.clear();
             continue;
         }
-        let nodes: Vec<_> = metrics
-            .membership_config
-            .membership()
-            .nodes()
-            .map(|(_, n)| n.clone())
-            .collect();
+        let nodes = registry.members();
         let members: BTreeSet<u64> = nodes.iter().map(|n| n.id).collect();
         let pings = futures_util::future::join_all(nodes.iter().map(|n| {
             let registry = registry.clone();

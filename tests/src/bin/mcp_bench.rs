@@ -2047,31 +2047,7 @@ fn delayed_acks() -> Option<u64> {
 
 /// Facts of the machine the figures were taken on.
 fn machine_facts() -> Vec<(&'static str, String)> {
-    let mut facts = Vec::new();
-    let nproc = std::thread::available_parallelism()
-        .map(|n| n.get().to_string())
-        .unwrap_or_else(|_| "unknown".into());
-    facts.push(("nproc", nproc));
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    if let Some(model) = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split_once(':'))
-    {
-        facts.push(("cpu", model.1.trim().to_string()));
-    }
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    if let Some(mem) = meminfo.lines().find(|l| l.starts_with("MemTotal:")) {
-        let kb: u64 = mem
-            .split_whitespace()
-            .nth(1)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        facts.push(("memory", format!("{:.1} GiB", kb as f64 / 1024.0 / 1024.0)));
-    }
-    if let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") {
-        facts.push(("kernel", release.trim().to_string()));
-    }
+    let mut facts = mcpcp_tests::bench::machine_basics();
     if let Some((a, b, c)) = load_average() {
         facts.push((
             "load average",
