@@ -287,8 +287,17 @@ def haproxy_check(dead):
         wait_until("haproxy marks the dead node DOWN", dead_marked_down, 20)
     except TimeoutError as e:
         problems.append(str(e))
-    answers = [curl(NS["cl"], f"{lb}/readyz") for _ in range(6)]
-    if [c for c, _ in answers] != [200] * 6:
+    # Six ready answers in a row through the balancer. Right after a leader dies the survivors
+    # may still settle their election; poll (with a deadline) rather than sample once.
+    answers = []
+
+    def six_ready_in_a_row():
+        answers[:] = [curl(NS["cl"], f"{lb}/readyz") for _ in range(6)]
+        return [c for c, _ in answers] == [200] * 6
+
+    try:
+        wait_until("six ready answers in a row through haproxy", six_ready_in_a_row, 15)
+    except TimeoutError:
         problems.append("/readyz through haproxy: " + ", ".join(f"{c} {b.strip()[:120]}" for c, b in answers if c != 200))
     # A session's requests must reach the node that created it, whichever node that is.
     hdr = ["-H", f"Authorization: Bearer {state['tenant']}", "-H", "Content-Type: application/json",

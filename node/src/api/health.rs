@@ -24,11 +24,12 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let member = m.membership_config.membership().get_node(&m.id).is_some();
     let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
     let apply_lag = m.last_log_index.unwrap_or(0).saturating_sub(applied);
-    // A leader that has not heard from a quorum lately cannot commit anything.
+    // A leader that has not heard from a quorum lately cannot commit anything. (A leader just
+    // elected has no acknowledgement yet, but a quorum voted for it a moment ago.)
     let leader_without_quorum = m.current_leader == Some(m.id)
         && m.membership_config.membership().voter_ids().count() > 1
         && m.millis_since_quorum_ack
-            .is_none_or(|ms| ms > LEADER_QUORUM_ACK_MS);
+            .is_some_and(|ms| ms > LEADER_QUORUM_ACK_MS);
     let reason = if !member {
         Some("not a member of an initialised cluster")
     } else if m.current_leader.is_none() {
