@@ -152,7 +152,7 @@ pub async fn run(
     };
 
     let log_path = cfg.data_dir.join("raft-log.redb");
-    let log_store = LogStore::open(&log_path).map_err(|source| StartError::Store {
+    let log_store = LogStore::open(&log_path, cfg.id).map_err(|source| StartError::Store {
         path: log_path,
         source,
     })?;

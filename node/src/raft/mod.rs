@@ -13,15 +13,15 @@ use std::io::Cursor;
 
 use mcpcp_proto::api::Member;
 
-use crate::registry::state::{CommandResult, Request};
+use crate::registry::state::{CommandResult, Proposal};
 
 pub type NodeId = u64;
 
 openraft::declare_raft_types!(
     /// The Raft type configuration of the registry.
     pub TypeConfig:
-        D = Request,
-        R = CommandResult,
+        D = Proposal,
+        R = Vec<CommandResult>,
         NodeId = NodeId,
         Node = Member,
         Entry = openraft::Entry<TypeConfig>,

@@ -24,7 +24,7 @@ use tokio::sync::broadcast;
 
 use super::typ::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership};
 use super::TypeConfig;
-use crate::registry::state::{Applied, CommandResult, State};
+use crate::registry::state::{CommandResult, State};
 
 const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 const KEY_META: &str = "meta";
@@ -214,7 +214,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok((d.last_applied, d.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResult>, StorageError>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Vec<CommandResult>>, StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -226,21 +226,21 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             for entry in entries {
                 d.last_applied = Some(entry.log_id);
                 match entry.payload {
-                    EntryPayload::Blank => results.push(Ok(Applied {
-                        revision: d.state.revision,
-                    })),
-                    EntryPayload::Normal(req) => {
-                        let (res, changes) = d.state.apply(req);
-                        events.extend(changes.iter().map(|c| d.state.event_for(c)));
-                        results.push(res);
+                    EntryPayload::Blank => results.push(Vec::new()),
+                    EntryPayload::Normal(proposal) => {
+                        let mut answers = Vec::with_capacity(proposal.requests.len());
+                        for req in proposal.requests {
+                            let (res, changes) = d.state.apply(req);
+                            events.extend(changes.iter().map(|c| d.state.event_for(c)));
+                            answers.push(res);
+                        }
+                        results.push(answers);
                     }
                     EntryPayload::Membership(m) => {
                         let ids: Vec<u64> = m.nodes().map(|(id, _)| *id).collect();
                         d.state.node_ids_ever.extend(ids);
                         d.membership = StoredMembership::new(Some(entry.log_id), m);
-                        results.push(Ok(Applied {
-                            revision: d.state.revision,
-                        }));
+                        results.push(Vec::new());
                     }
                 }
             }

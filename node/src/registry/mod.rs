@@ -8,6 +8,7 @@
 //! answer was lost (leader change, timeout, dropped connection) is re-sent without running
 //! twice.
 
+pub mod propose;
 pub mod state;
 pub mod token;
 pub mod validate;
@@ -133,6 +134,7 @@ pub struct Registry {
     pub id: u64,
     pub me: Member,
     pub raft: Raft,
+    proposer: propose::Proposer,
     sm: StateMachineStore,
     channels: PeerChannels,
     quorum_wait: Duration,
@@ -159,6 +161,7 @@ impl Registry {
         Registry {
             id: me.id,
             me,
+            proposer: propose::Proposer::start(raft.clone()),
             raft,
             sm,
             channels,
@@ -201,6 +204,18 @@ impl Registry {
             .get(&leader.grpc_addr)
             .map(ClusterClient::new)
             .map_err(|e| e.to_string())
+    }
+
+    /// Where to forward a write when the metrics already name another node as the leader.
+    fn known_other_leader(&self) -> Option<ForwardToLeader> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let leader = m.current_leader.filter(|l| *l != self.id)?;
+        let node = m.membership_config.membership().get_node(&leader).cloned();
+        Some(ForwardToLeader {
+            leader_id: Some(leader),
+            leader_node: node,
+        })
     }
 
     fn leader_member(&self, f: &ForwardToLeader) -> Option<Member> {
@@ -260,16 +275,26 @@ impl Registry {
             if remaining.is_zero() {
                 return Err(no_quorum());
             }
-            let attempt =
-                tokio::time::timeout(remaining, self.raft.client_write(req.clone())).await;
-            let forward = match attempt {
-                Err(_) => return Err(no_quorum()),
-                Ok(Ok(resp)) => return resp.data.map_err(RegistryError::Apply),
-                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => f,
-                Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
-                    return Err(RegistryError::Internal(e.to_string()))
+            // A node that knows another node leads forwards at once; otherwise it proposes,
+            // and Raft says where the leader is if it is not this node.
+            let forward = match self.known_other_leader() {
+                Some(f) => f,
+                None => {
+                    let attempt =
+                        tokio::time::timeout(remaining, self.proposer.propose(req.clone())).await;
+                    match attempt {
+                        Err(_) => return Err(no_quorum()),
+                        Ok(Err(propose::Stopped)) => return Err(RegistryError::ShuttingDown),
+                        Ok(Ok(Ok(result))) => return result.map_err(RegistryError::Apply),
+                        Ok(Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))))) => f,
+                        Ok(Ok(Err(RaftError::APIError(
+                            ClientWriteError::ChangeMembershipError(e),
+                        )))) => return Err(RegistryError::Internal(e.to_string())),
+                        Ok(Ok(Err(RaftError::Fatal(_)))) => {
+                            return Err(RegistryError::ShuttingDown)
+                        }
+                    }
                 }
-                Ok(Err(RaftError::Fatal(_))) => return Err(RegistryError::ShuttingDown),
             };
             if let Some(leader) = self.leader_member(&forward).filter(|l| l.id != self.id) {
                 let remaining = deadline.saturating_duration_since(Instant::now());
@@ -311,15 +336,16 @@ impl Registry {
         req: Request,
     ) -> Result<state::CommandResult, ForwardError> {
         let timeout = self.quorum_wait;
-        match tokio::time::timeout(timeout, self.raft.client_write(req)).await {
+        match tokio::time::timeout(timeout, self.proposer.propose(req)).await {
             Err(_) => Err(ForwardError::NoQuorum(format!(
                 "not committed within {timeout:?}"
             ))),
-            Ok(Ok(resp)) => Ok(resp.data),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+            Ok(Err(stopped)) => Err(ForwardError::Raft(stopped.to_string())),
+            Ok(Ok(Ok(result))) => Ok(result),
+            Ok(Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))))) => {
                 Err(ForwardError::NotLeader { node: self.id })
             }
-            Ok(Err(e)) => Err(ForwardError::Raft(e.to_string())),
+            Ok(Ok(Err(e))) => Err(ForwardError::Raft(e.to_string())),
         }
     }
 

@@ -99,6 +99,13 @@ pub struct Request {
     pub command: Command,
 }
 
+/// What one Raft entry carries: writes proposed together (see `registry::propose`), applied
+/// in order, each with its own result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Proposal {
+    pub requests: Vec<Request>,
+}
+
 /// The outcome of a successful command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Applied {

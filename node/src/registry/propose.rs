@@ -1,0 +1,125 @@
+//! Proposing writes to Raft in batches.
+//!
+//! Every write the node proposes goes through one [`Proposer`]. While fewer than
+//! [`MAX_IN_FLIGHT`] proposals are on their way through Raft, a write is proposed at once, as
+//! an entry of its own, so a lone client waits for nothing extra. When that many are in flight,
+//! writes that arrive meanwhile wait for the next slot and then go together as one entry: one
+//! log append, one fsync per node, one replication message and one commit for all of them,
+//! which is what lets the registry keep up with many concurrent clients. Each write still gets
+//! its own result; the state machine applies the writes of an entry in order, each as if it had
+//! its own entry.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use super::state::{CommandResult, Proposal, Request};
+use crate::raft::typ::ClientWriteError;
+use crate::raft::Raft;
+
+/// Proposals on their way through Raft at once, before writes start to share entries.
+pub const MAX_IN_FLIGHT: usize = 2;
+/// Most writes in one entry.
+pub const MAX_BATCH: usize = 512;
+
+/// What a proposed write came to: its own result, or the Raft error of its entry.
+pub type ProposeResult = Result<CommandResult, openraft::error::RaftError<u64, ClientWriteError>>;
+
+struct Pending {
+    request: Request,
+    done: oneshot::Sender<ProposeResult>,
+}
+
+/// The handle writes are proposed through. Cheap to clone.
+#[derive(Clone)]
+pub struct Proposer {
+    raft: Raft,
+    slots: Arc<Semaphore>,
+    queue: mpsc::UnboundedSender<Pending>,
+}
+
+/// The proposer's task has ended (the node is shutting down).
+#[derive(Debug, thiserror::Error)]
+#[error("the proposer has stopped")]
+pub struct Stopped;
+
+impl Proposer {
+    /// Starts the batching task for `raft`. It ends when every handle is dropped.
+    pub fn start(raft: Raft) -> Self {
+        let (queue, rx) = mpsc::unbounded_channel();
+        let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        tokio::spawn(run(raft.clone(), slots.clone(), rx));
+        Proposer { raft, slots, queue }
+    }
+
+    /// Proposes `request` and waits for its result. Dropping the future abandons the wait,
+    /// not the write.
+    pub async fn propose(&self, request: Request) -> Result<ProposeResult, Stopped> {
+        // A free slot (the semaphore is fair: none is free while writes queue for one) means
+        // no batch is forming: propose from here, without a hop through the batching task.
+        if let Ok(slot) = self.slots.clone().try_acquire_owned() {
+            metrics::histogram!("mcpd_registry_proposal_writes").record(1.0);
+            let result = self
+                .raft
+                .client_write(Proposal {
+                    requests: vec![request],
+                })
+                .await;
+            drop(slot);
+            return Ok(result.and_then(|resp| {
+                resp.data.into_iter().next().ok_or_else(|| {
+                    tracing::error!("an entry was applied with fewer results than writes");
+                    openraft::error::RaftError::Fatal(openraft::error::Fatal::Panicked)
+                })
+            }));
+        }
+        let (done, result) = oneshot::channel();
+        self.queue
+            .send(Pending { request, done })
+            .map_err(|_| Stopped)?;
+        result.await.map_err(|_| Stopped)
+    }
+}
+
+async fn run(raft: Raft, slots: Arc<Semaphore>, mut rx: mpsc::UnboundedReceiver<Pending>) {
+    while let Some(first) = rx.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        metrics::histogram!("mcpd_registry_proposal_writes").record(batch.len() as f64);
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let (requests, waiters): (Vec<_>, Vec<_>) =
+                batch.into_iter().map(|p| (p.request, p.done)).unzip();
+            let result = raft.client_write(Proposal { requests }).await;
+            drop(slot);
+            match result {
+                Ok(resp) => {
+                    let mut results = resp.data.into_iter();
+                    for done in waiters {
+                        // The state machine answers every write of an entry; were one missing,
+                        // its waiter would see the proposer as stopped rather than a made-up
+                        // answer.
+                        let Some(r) = results.next() else {
+                            tracing::error!("an entry was applied with fewer results than writes");
+                            break;
+                        };
+                        let _ = done.send(Ok(r));
+                    }
+                }
+                Err(e) => {
+                    for done in waiters {
+                        let _ = done.send(Err(e.clone()));
+                    }
+                }
+            }
+        });
+    }
+}
