@@ -9,11 +9,10 @@
 use mcpcp_proto::api::{Role, ServerSpec};
 use mcpcp_proto::mcp::{code, ErrorObject};
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 
 use super::session::Target;
 use crate::pool::catalogue::Catalogue;
-use crate::pool::process::CallEvent;
+use crate::pool::process::EventSink;
 use crate::pool::Affinity;
 use crate::registry::{Principal, Registry};
 use crate::route::{Router, ServerInfo};
@@ -73,7 +72,7 @@ impl Route {
         &self,
         method: &str,
         params: Option<Value>,
-        events: mpsc::Sender<CallEvent>,
+        events: EventSink,
     ) -> Result<Value, ErrorObject> {
         match &self.target {
             Target::Server(name) => {
@@ -110,7 +109,7 @@ impl Route {
         &self,
         method: &str,
         params: Option<Value>,
-        events: mpsc::Sender<CallEvent>,
+        events: EventSink,
     ) -> Result<Value, ErrorObject> {
         match method {
             "ping" => Ok(json!({})),

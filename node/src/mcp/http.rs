@@ -446,7 +446,7 @@ async fn request(
         .in_flight
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .insert(id.clone(), running.task.abort_handle());
+        .insert(id.clone(), running.handle());
     let m = Measure {
         labels: [
             ("method", method_label(&method)),
@@ -541,7 +541,7 @@ async fn respond(
     m: Measure,
 ) -> Response {
     let first = loop {
-        match running.steps.recv().await {
+        match running.next().await {
             Some(Step::Event(ev)) if !sse_ok => {
                 // A client that cannot take SSE gets no intermediate messages; answer server
                 // requests for it so the call can go on.
@@ -580,7 +580,7 @@ async fn respond(
     }
     tokio::spawn(async move {
         let outcome = loop {
-            match running.steps.recv().await {
+            match running.next().await {
                 Some(Step::Event(ev)) => {
                     if let Some(msg) = event_message(&session, ev) {
                         session.log.append(n, msg);

@@ -68,7 +68,7 @@ pub struct Session {
     /// Server→client requests by the id the client saw.
     pub server_requests: Mutex<HashMap<RequestId, Responder>>,
     /// Client requests in flight, to cancel on `notifications/cancelled`.
-    pub in_flight: Mutex<HashMap<RequestId, tokio::task::AbortHandle>>,
+    pub in_flight: Mutex<HashMap<RequestId, super::call::CallHandle>>,
     next_request: AtomicU64,
     /// The log stream of the standalone GET stream, once the client opened one.
     pub standalone: Mutex<Option<u64>>,

@@ -23,7 +23,7 @@ use mcpcp_proto::mcp::{code, ErrorObject, Message, RequestId, STATELESS_VERSION}
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::call::{Running, Step};
+use super::call::{CallHandle, Running, Step};
 use super::http::{
     endpoint_label, header_str, method_label, route, rpc_error, sse, sse_event, Measure,
     VERSION_HEADER,
@@ -94,7 +94,7 @@ impl ParkedCalls {
         map.retain(|_, p| {
             let keep = p.created.elapsed() < PARK_TTL;
             if !keep {
-                p.running.task.abort();
+                p.running.handle().abort();
             }
             keep
         });
@@ -363,7 +363,7 @@ enum Next {
 
 /// Aborts a running call when dropped armed: in this revision a client that closes its
 /// response stream has cancelled the request, so the call is cancelled upstream too.
-struct AbortOnDrop(Option<tokio::task::AbortHandle>);
+struct AbortOnDrop(Option<CallHandle>);
 
 impl AbortOnDrop {
     fn disarm(&mut self) {
@@ -402,7 +402,7 @@ impl Drive {
             if !self.parked.pending.is_empty() {
                 return Next::InputRequired;
             }
-            match self.parked.running.steps.recv().await {
+            match self.parked.running.next().await {
                 Some(Step::Done(o)) => return Next::Outcome(o),
                 None => {
                     return Next::Outcome(Err(ErrorObject::new(
@@ -473,6 +473,8 @@ impl Drive {
                     .keys()
                     .filter_map(|k| self.parked.asks.get(k).map(|a| (k.clone(), a.clone())))
                     .collect();
+                // Nobody polls a parked call: it goes on in its own task until the retry.
+                self.parked.running.detach();
                 let token = self.state.mcp.parked.put(self.parked);
                 metrics::counter!("mcpd_mcp_input_required_total").increment(1);
                 Message::result(
@@ -512,7 +514,7 @@ async fn drive(
         method.as_str(),
         "tools/call" | "prompts/get" | "resources/read"
     );
-    let abort = AbortOnDrop(Some(parked.running.task.abort_handle()));
+    let abort = AbortOnDrop(Some(parked.running.handle()));
     let mut d = Drive {
         state,
         id,
@@ -662,7 +664,11 @@ async fn subscribe_upstream(r: &super::dispatch::Route, uris: Vec<String>) -> Ve
         let (events, _ignored) = mpsc::channel(1);
         let params = json!({ "uri": uri });
         match r
-            .dispatch("resources/subscribe", Some(params), events)
+            .dispatch(
+                "resources/subscribe",
+                Some(params),
+                crate::pool::process::EventSink::new(events),
+            )
             .await
         {
             Ok(_) => Some(uri),

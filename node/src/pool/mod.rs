@@ -25,7 +25,7 @@ use tokio::task::JoinSet;
 
 use crate::shutdown::{self, Shutdown, Trigger};
 use catalogue::Catalogue;
-use process::{CallEvent, PoolEvent, Process};
+use process::{EventSink, PoolEvent, Process};
 
 /// Node-wide pool settings (`[pool]` in mcpd.toml).
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -261,7 +261,7 @@ impl Pool {
         &self,
         method: &str,
         params: Option<Value>,
-        events: Option<mpsc::Sender<CallEvent>>,
+        events: Option<EventSink>,
     ) -> Result<Value, ErrorObject> {
         self.call_routed(method, params, events, None)
             .await
@@ -275,7 +275,7 @@ impl Pool {
         affinity: Option<&Affinity>,
         method: &str,
         params: Option<Value>,
-        events: Option<mpsc::Sender<CallEvent>>,
+        events: Option<EventSink>,
     ) -> Result<Value, ErrorObject> {
         let dedicated = self.spec.spec.session_mode == mcpcp_proto::api::SessionMode::Dedicated;
         let Some(affinity) = affinity.filter(|_| dedicated) else {
@@ -380,12 +380,11 @@ impl Pool {
         &self,
         method: &str,
         params: Option<Value>,
-        events: Option<mpsc::Sender<CallEvent>>,
+        events: Option<EventSink>,
         owner: Option<Arc<str>>,
     ) -> Result<(Value, Arc<Process>), ErrorObject> {
         let started = Instant::now();
         let timeout = Duration::from_millis(self.spec.spec.timeouts.request_ms);
-        let labels = [("server", self.name.clone())];
         if self.closed.load(Ordering::Relaxed) {
             return Err(ErrorObject::new(
                 code::UNAVAILABLE,
@@ -393,7 +392,8 @@ impl Pool {
             ));
         }
         let Ok(_admitted) = self.admission.clone().try_acquire_owned() else {
-            metrics::counter!("mcpd_pool_queue_rejections_total", &labels).increment(1);
+            metrics::counter!("mcpd_pool_queue_rejections_total", "server" => self.name.clone())
+                .increment(1);
             return Err(ErrorObject::new(
                 code::QUEUE_FULL,
                 format!(
@@ -403,10 +403,17 @@ impl Pool {
                 ),
             ));
         };
-        // Counted as queued until it gets a slot, gives up, or is dropped (a cancelled call).
-        let in_queue = Queued::enter(self);
-        let slot = tokio::time::timeout(timeout, self.active.clone().acquire_owned()).await;
-        drop(in_queue);
+        // A free slot is taken at once; otherwise the call is counted as queued until it gets
+        // one, gives up, or is dropped (a cancelled call).
+        let slot = match self.active.clone().try_acquire_owned() {
+            Ok(slot) => Ok(Ok(slot)),
+            Err(_) => {
+                let in_queue = Queued::enter(self);
+                let slot = tokio::time::timeout(timeout, self.active.clone().acquire_owned()).await;
+                drop(in_queue);
+                slot
+            }
+        };
         let Ok(Ok(_running)) = slot else {
             return Err(ErrorObject::new(
                 code::UNAVAILABLE,

@@ -1,7 +1,7 @@
 //! One MCP server process, spoken to over stdio as an MCP client.
 //!
-//! A [`Process`] owns a child (its own process group, killed with it), a writer task feeding
-//! its stdin, a reader task parsing its stdout, and a task logging its stderr under the
+//! A [`Process`] owns a child (its own process group, killed with it), its stdin (calls write
+//! their requests directly; a writer task writes everything else and closes it), a reader task parsing its stdout, and a task logging its stderr under the
 //! server's name. Many downstream calls share it: each call gets a fresh numeric upstream id,
 //! and the reader routes the answer back by that id ([`Process::call`]). Progress tokens are
 //! rewritten to `mcpd-p-<upstream id>` so progress finds its call without another table.
@@ -53,6 +53,41 @@ pub enum CallEvent {
     },
 }
 
+/// Where the messages of one call go, and whether any went: once something reached the
+/// client, re-running the call elsewhere could show it twice, so the router stops retrying.
+/// Clones share the flag.
+#[derive(Debug, Clone)]
+pub struct EventSink {
+    tx: mpsc::Sender<CallEvent>,
+    sent: Arc<AtomicBool>,
+}
+
+impl EventSink {
+    pub fn new(tx: mpsc::Sender<CallEvent>) -> Self {
+        EventSink {
+            tx,
+            sent: Arc::default(),
+        }
+    }
+
+    pub async fn send(&self, ev: CallEvent) -> Result<(), mpsc::error::SendError<CallEvent>> {
+        self.tx.send(ev).await?;
+        self.sent.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub fn try_send(&self, ev: CallEvent) -> Result<(), mpsc::error::TrySendError<CallEvent>> {
+        self.tx.try_send(ev)?;
+        self.sent.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether any message of the call was passed on.
+    pub fn any_sent(&self) -> bool {
+        self.sent.load(Ordering::Relaxed)
+    }
+}
+
 /// Answers one request a server process sent.
 #[derive(Debug, Clone)]
 pub struct Responder {
@@ -88,7 +123,7 @@ pub enum PoolEvent {
 
 struct Pending {
     reply: oneshot::Sender<Result<Value, ErrorObject>>,
-    events: Option<mpsc::Sender<CallEvent>>,
+    events: Option<EventSink>,
     /// The downstream session the call belongs to (`None`: a session-less call, which
     /// shares with nobody).
     owner: Option<Arc<str>>,
@@ -113,10 +148,17 @@ impl Shared {
     }
 }
 
+/// The write end of a server's stdin, shared by the calls (which write their requests
+/// themselves, without a hop through a task) and the writer task (answers to the server's
+/// requests, cancellations, the close). `None` once closed.
+type Pipe = Arc<tokio::sync::Mutex<Option<tokio::process::ChildStdin>>>;
+
 /// A running server process. Dropping it kills the process group.
 pub struct Process {
     shared: Arc<Shared>,
+    /// Lines for the writer task (an empty one closes stdin).
     stdin: mpsc::Sender<Vec<u8>>,
+    pipe: Pipe,
     pid: Option<u32>,
     exited: watch::Receiver<bool>,
     /// The server's answer to `initialize`.
@@ -181,9 +223,8 @@ impl Process {
         let stdin = child.stdin.take();
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
-        if let Some(stdin) = stdin {
-            tokio::spawn(write_loop(stdin, stdin_rx));
-        }
+        let pipe: Pipe = Arc::new(tokio::sync::Mutex::new(stdin));
+        tokio::spawn(write_loop(pipe.clone(), stdin_rx));
         if let Some(stderr) = stderr {
             let server = spec.name.clone();
             tokio::spawn(async move {
@@ -201,6 +242,7 @@ impl Process {
         let mut process = Process {
             shared,
             stdin: stdin_tx,
+            pipe,
             pid,
             exited: exited_rx,
             init: Value::Null,
@@ -255,7 +297,7 @@ impl Process {
         &self,
         method: &str,
         params: Option<Value>,
-        events: Option<mpsc::Sender<CallEvent>>,
+        events: Option<EventSink>,
     ) -> Result<Value, ErrorObject> {
         self.call_owned(method, params, events, None).await
     }
@@ -267,7 +309,7 @@ impl Process {
         &self,
         method: &str,
         mut params: Option<Value>,
-        events: Option<mpsc::Sender<CallEvent>>,
+        events: Option<EventSink>,
         owner: Option<Arc<str>>,
     ) -> Result<Value, ErrorObject> {
         if !self.is_alive() {
@@ -301,7 +343,7 @@ impl Process {
                 },
             );
         let line = Message::request(RequestId::Num(id as i64), method, params).to_line();
-        if self.stdin.send(line).await.is_err() {
+        if write_line(&self.pipe, &line).await.is_err() {
             self.shared
                 .pending
                 .lock()
@@ -402,16 +444,28 @@ impl Drop for CancelOnDrop<'_> {
     }
 }
 
-async fn write_loop(mut stdin: tokio::process::ChildStdin, mut rx: mpsc::Receiver<Vec<u8>>) {
+/// Writes one whole line to the server's stdin (the lock keeps lines from interleaving).
+async fn write_line(pipe: &Pipe, line: &[u8]) -> std::io::Result<()> {
+    let mut stdin = pipe.lock().await;
+    let Some(w) = stdin.as_mut() else {
+        return Err(std::io::ErrorKind::BrokenPipe.into());
+    };
+    let written = w.write_all(line).await;
+    if written.is_err() {
+        // A broken pipe stays broken: close it so later writers fail at once.
+        *stdin = None;
+    }
+    written
+}
+
+async fn write_loop(pipe: Pipe, mut rx: mpsc::Receiver<Vec<u8>>) {
     while let Some(line) = rx.recv().await {
-        if line.is_empty() {
-            break;
-        }
-        if stdin.write_all(&line).await.is_err() || stdin.flush().await.is_err() {
+        if line.is_empty() || write_line(&pipe, &line).await.is_err() {
             break;
         }
     }
     // Dropping stdin closes the pipe: the server's signal to exit.
+    pipe.lock().await.take();
 }
 
 async fn reap(mut child: Child, shared: Arc<Shared>, exited: watch::Sender<bool>) {
@@ -575,7 +629,7 @@ async fn route(shared: &Shared, stdin: &mpsc::Sender<Vec<u8>>, msg: Message) {
 /// Who a message the server started (a request, a log line) can go to.
 enum Listener {
     /// The oldest call in flight, when every call in flight belongs to one session.
-    One(mpsc::Sender<CallEvent>),
+    One(EventSink),
     /// Calls of several sessions (or several session-less calls) are in flight: it cannot be
     /// attributed without risking showing one client another's data.
     Ambiguous,

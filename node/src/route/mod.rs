@@ -23,18 +23,16 @@ pub mod peer;
 pub mod placement;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mcpcp_proto::api::{Member, ServerSpec, Versioned};
 use mcpcp_proto::mcp::{code, is_read_only, ErrorObject};
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 
 use crate::mcp::dispatch::visible;
 use crate::pool::catalogue::Catalogue;
-use crate::pool::process::CallEvent;
+use crate::pool::process::EventSink;
 use crate::pool::reconcile::Pools;
 use crate::pool::Affinity;
 use crate::raft::network::PeerChannels;
@@ -103,9 +101,11 @@ impl Router {
     }
 
     fn budget(&self, server: &str) -> Arc<RetryBudget> {
-        self.budgets
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let mut budgets = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = budgets.get(server) {
+            return b.clone();
+        }
+        budgets
             .entry(server.to_string())
             .or_insert_with(|| Arc::new(RetryBudget::new(Default::default())))
             .clone()
@@ -180,7 +180,7 @@ impl Router {
         server: &str,
         method: &str,
         params: Option<Value>,
-        events: mpsc::Sender<CallEvent>,
+        events: EventSink,
     ) -> Result<Value, ErrorObject> {
         let spec = self.scope(principal, server)?;
         match self
@@ -211,7 +211,7 @@ impl Router {
         spec: &Versioned<ServerSpec>,
         method: &str,
         params: Option<Value>,
-        events: mpsc::Sender<CallEvent>,
+        events: EventSink,
     ) -> Result<Value, (ErrorObject, bool)> {
         let server = spec.spec.name.as_str();
         let tool = params
@@ -223,8 +223,6 @@ impl Router {
             || (method == "tools/call" && spec.spec.idempotent_tools.contains(&tool));
         let budget = self.budget(server);
         budget.record_request(Instant::now());
-        // Once anything reached the client, a retry could show it twice: no more retries.
-        let sent = Arc::new(AtomicBool::new(false));
         let replicas = self.replicas(spec);
         let mut last: Option<ErrorObject> = None;
         let mut none_ran = true;
@@ -260,7 +258,6 @@ impl Router {
                     .await;
             }
             attempts += 1;
-            let relay = relay_events(events.clone(), sent.clone());
             let outcome = self
                 .attempt(
                     &replica,
@@ -269,7 +266,7 @@ impl Router {
                     server,
                     method,
                     params.clone(),
-                    relay,
+                    events.clone(),
                 )
                 .await;
             // A tool result with isError counts against the replica (as a 5xx does in an
@@ -293,7 +290,8 @@ impl Router {
                 Err(Failure::NotRun(e)) => last = Some(e),
                 Err(Failure::MaybeRan(e)) => {
                     none_ran = false;
-                    if !safe || sent.load(Ordering::Relaxed) {
+                    // Once anything reached the client, a retry could show it twice.
+                    if !safe || events.any_sent() {
                         return Err((e, false));
                     }
                     last = Some(e);
@@ -319,7 +317,7 @@ impl Router {
         server: &str,
         method: &str,
         params: Option<Value>,
-        events: mpsc::Sender<CallEvent>,
+        events: EventSink,
     ) -> Result<Value, Failure> {
         let outcome = match replica {
             Replica::Local => match self.pools.get(server) {
@@ -381,7 +379,7 @@ impl Router {
         affinity: Option<&Affinity>,
         primary: &Versioned<ServerSpec>,
         params: Option<Value>,
-        events: mpsc::Sender<CallEvent>,
+        events: EventSink,
         primary_error: ErrorObject,
     ) -> Result<Value, ErrorObject> {
         let tool = params
@@ -495,20 +493,6 @@ impl Router {
         }
         ServerInfo::default()
     }
-}
-
-/// A copy of `events` that notes when anything was passed on to the client.
-fn relay_events(events: mpsc::Sender<CallEvent>, sent: Arc<AtomicBool>) -> mpsc::Sender<CallEvent> {
-    let (tx, mut rx) = mpsc::channel::<CallEvent>(64);
-    tokio::spawn(async move {
-        while let Some(ev) = rx.recv().await {
-            sent.store(true, Ordering::Relaxed);
-            if events.send(ev).await.is_err() {
-                return;
-            }
-        }
-    });
-    tx
 }
 
 fn fastrand_shuffle<T>(v: &mut [T]) {

@@ -22,7 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::mcp::dispatch::visible;
-use crate::pool::process::{CallEvent, Responder};
+use crate::pool::process::{CallEvent, EventSink, Responder};
 use crate::pool::reconcile::Pools;
 use crate::pool::Affinity;
 use crate::raft::network::PeerChannels;
@@ -163,7 +163,12 @@ impl Peer for PeerService {
         let (tx, rx) = mpsc::channel::<Result<WireFrame, Status>>(64);
         tokio::spawn(async move {
             let (ev_tx, mut ev_rx) = mpsc::channel(64);
-            let call = pool.call_for(affinity.as_ref(), &method, params, Some(ev_tx));
+            let call = pool.call_for(
+                affinity.as_ref(),
+                &method,
+                params,
+                Some(EventSink::new(ev_tx)),
+            );
             tokio::pin!(call);
             let mut responders: HashMap<i64, Responder> = HashMap::new();
             let mut next_key = 0i64;
@@ -253,7 +258,7 @@ pub async fn call(
     server: &str,
     method: &str,
     params: Option<Value>,
-    events: mpsc::Sender<CallEvent>,
+    events: EventSink,
 ) -> Result<Result<Value, ErrorObject>, PeerFailure> {
     let channel = channels
         .get(&peer.grpc_addr)

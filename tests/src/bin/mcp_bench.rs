@@ -112,6 +112,10 @@ struct Args {
     /// Most calls counted in one level (a level ends at its time or at this count).
     #[arg(long, default_value_t = 2_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     max_calls: u64,
+    /// Leave out the peers (mcp-proxy, supergateway): for iterating on mcpd alone. The
+    /// comparison goals then have nothing to compare with.
+    #[arg(long)]
+    no_peers: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -2187,7 +2191,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Ok(f) => floor = Some(f),
             Err(e) => report.note("data", format!("the direct-stdio floor failed: {e:#}")),
         }
-        for (peer, port) in peers(&mcpd, &mut report) {
+        let peers = if args.no_peers {
+            Vec::new()
+        } else {
+            peers(&mcpd, &mut report)
+        };
+        for (peer, port) in peers {
             if let Err(e) = bench_peer(&http, &peer, port, logs.path(), &args, &mut report).await {
                 report.note("data", format!("{} failed: {e:#}", peer.system));
             }
