@@ -19,6 +19,8 @@ use openraft::raft::{
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use super::typ::{RPCError, RaftError};
@@ -74,6 +76,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
                 .channels
                 .get(&node.grpc_addr)
                 .map_err(|e| e.to_string()),
+            stream: None,
         }
     }
 }
@@ -83,6 +86,14 @@ pub struct PeerClient {
     target: NodeId,
     addr: String,
     channel: Result<Channel, String>,
+    /// The open `AppendEntriesStream`, between calls.
+    stream: Option<AppendStream>,
+}
+
+/// An `AppendEntriesStream` to the peer: requests go in, one answer per request comes out.
+struct AppendStream {
+    requests: mpsc::Sender<RaftPayload>,
+    answers: tonic::Streaming<RaftPayload>,
 }
 
 /// Whether a tonic status means the request never reached the peer's Raft.
@@ -132,10 +143,91 @@ impl PeerClient {
                 RPCError::Network(NetworkError::new(&status))
             }
         })?;
+        self.decode_reply(&reply.into_inner().data)
+    }
+
+    fn decode_reply<Resp, E>(&self, data: &[u8]) -> Result<Resp, RPCError<E>>
+    where
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
         let result: Result<Resp, RaftError<E>> =
-            serde_json::from_slice(&reply.into_inner().data)
-                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            serde_json::from_slice(data).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+
+    fn channel(&self) -> Result<Channel, RPCError> {
+        self.channel.clone().map_err(|e| {
+            RPCError::Unreachable(Unreachable::new(&std::io::Error::other(format!(
+                "bad address {}: {e}",
+                self.addr
+            ))))
+        })
+    }
+
+    /// Opens an `AppendEntriesStream`.
+    async fn open_stream(&self) -> Result<AppendStream, RPCError> {
+        let (requests, rx) = mpsc::channel(1);
+        let mut client = RaftClient::new(self.channel()?)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX);
+        let answers = client
+            .append_entries_stream(ReceiverStream::new(rx))
+            .await
+            .map_err(|status| {
+                if is_unreachable(&status) {
+                    RPCError::Unreachable(Unreachable::new(&status))
+                } else {
+                    RPCError::Network(NetworkError::new(&status))
+                }
+            })?
+            .into_inner();
+        Ok(AppendStream { requests, answers })
+    }
+
+    /// One append-entries round over the stream, opened if need be, within `ttl`.
+    async fn append_over_stream(
+        &mut self,
+        rpc: &AppendEntriesRequest<TypeConfig>,
+        ttl: Duration,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError> {
+        let data = serde_json::to_vec(rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let started = std::time::Instant::now();
+        // Out of `self` while in use: a round that fails or is abandoned midway takes the stream
+        // with it, so a late answer can never be read as the next round's.
+        let current = self.stream.take();
+        let round = async {
+            let mut stream = match current {
+                Some(s) => s,
+                None => self.open_stream().await?,
+            };
+            let broken =
+                |why: String| RPCError::Network(NetworkError::new(&std::io::Error::other(why)));
+            stream
+                .requests
+                .send(RaftPayload { data })
+                .await
+                .map_err(|_| broken("the append stream closed".into()))?;
+            match stream.answers.message().await {
+                Ok(Some(answer)) => Ok((stream, answer)),
+                Ok(None) => Err(broken("the peer closed the append stream".into())),
+                Err(status) => Err(broken(status.to_string())),
+            }
+        };
+        let outcome = match tokio::time::timeout(ttl, round).await {
+            Ok(r) => r,
+            Err(_) => Err(RPCError::Network(NetworkError::new(
+                &std::io::Error::other(format!("no answer within {ttl:?}")),
+            ))),
+        };
+        metrics::histogram!("mcpd_raft_rpc_seconds", "rpc" => "append_entries")
+            .record(started.elapsed().as_secs_f64());
+        let (stream, answer) = outcome.inspect_err(|_| {
+            metrics::counter!("mcpd_raft_rpc_failures_total", "rpc" => "append_entries")
+                .increment(1);
+        })?;
+        self.stream = Some(stream);
+        self.decode_reply(&answer.data)
     }
 }
 
@@ -145,7 +237,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError> {
-        self.call("append_entries", &rpc, &option).await
+        self.append_over_stream(&rpc, option.hard_ttl()).await
     }
 
     async fn install_snapshot(

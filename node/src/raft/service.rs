@@ -11,9 +11,12 @@ use mcpcp_proto::cluster::{
 };
 use mcpcp_proto::raft::raft_server;
 use mcpcp_proto::raft::RaftPayload;
+use std::pin::Pin;
+
+use futures_util::Stream;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::Raft;
 use crate::registry::{ForwardError, MembershipChange, Registry};
@@ -33,6 +36,36 @@ pub struct RaftService {
 
 #[tonic::async_trait]
 impl raft_server::Raft for RaftService {
+    type AppendEntriesStreamStream =
+        Pin<Box<dyn Stream<Item = Result<RaftPayload, Status>> + Send + 'static>>;
+
+    /// Answers each request of the stream in turn. The answers are produced as the response
+    /// stream is polled, so no task of its own sits between the connection and Raft.
+    async fn append_entries_stream(
+        &self,
+        req: Request<Streaming<RaftPayload>>,
+    ) -> Result<Response<Self::AppendEntriesStreamStream>, Status> {
+        let inbound = req.into_inner();
+        let raft = self.raft.clone();
+        let answers =
+            futures_util::stream::unfold((inbound, raft), |(mut inbound, raft)| async move {
+                let msg = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    // The leader closed the stream, or it broke: nothing more to answer.
+                    Ok(None) | Err(_) => return None,
+                };
+                let answer = match decode(&msg.data) {
+                    Ok(rpc) => {
+                        let res = raft.append_entries(rpc).await;
+                        encode(&res).map(|data| RaftPayload { data })
+                    }
+                    Err(status) => Err(status),
+                };
+                Some((answer, (inbound, raft)))
+            });
+        Ok(Response::new(Box::pin(answers)))
+    }
+
     async fn append_entries(
         &self,
         req: Request<RaftPayload>,
