@@ -206,6 +206,21 @@ impl Registry {
             .map_err(|e| e.to_string())
     }
 
+    /// Completes once this node no longer sees `leader` as the leader (an election started or
+    /// ended): a request forwarded to it may never be answered.
+    async fn leader_changed_from(&self, leader: u64) {
+        let mut rx = self.raft.metrics();
+        loop {
+            if rx.borrow_and_update().current_leader != Some(leader) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                // Raft stopped: the caller's own deadline ends the wait.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     /// Where to forward a write when the metrics already name another node as the leader.
     fn known_other_leader(&self) -> Option<ForwardToLeader> {
         let m = self.raft.metrics();
@@ -298,7 +313,16 @@ impl Registry {
             };
             if let Some(leader) = self.leader_member(&forward).filter(|l| l.id != self.id) {
                 let remaining = deadline.saturating_duration_since(Instant::now());
-                match tokio::time::timeout(remaining, self.forward_write(&leader, &req)).await {
+                let forwarded = tokio::select! {
+                    r = tokio::time::timeout(remaining, self.forward_write(&leader, &req)) => r,
+                    // A leader that was deposed (paused, partitioned) may never answer: send
+                    // the write again to the next one. The request id makes that safe.
+                    _ = self.leader_changed_from(leader.id) => {
+                        tracing::debug!(old_leader = leader.id, "leader changed while a write was forwarded; sending it again");
+                        continue;
+                    }
+                };
+                match forwarded {
                     Err(_) => return Err(no_quorum()),
                     Ok(Ok(Ok(result))) => {
                         metrics::counter!("mcpd_registry_forwarded_writes_total").increment(1);
@@ -379,7 +403,11 @@ impl Registry {
                 .filter(|l| l.id != self.id)
             {
                 let remaining = deadline.saturating_duration_since(Instant::now());
-                match tokio::time::timeout(remaining, self.read_index_from(&leader)).await {
+                let asked = tokio::select! {
+                    r = tokio::time::timeout(remaining, self.read_index_from(&leader)) => r,
+                    _ = self.leader_changed_from(leader.id) => continue,
+                };
+                match asked {
                     Err(_) => return Err(no_quorum()),
                     Ok(Ok(Ok(index))) => {
                         let remaining = deadline.saturating_duration_since(Instant::now());
