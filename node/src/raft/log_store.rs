@@ -48,6 +48,9 @@ const KEY_PURGED: &str = "last_purged";
 /// Most queued writes folded into one transaction.
 const MAX_BATCH: usize = 1024;
 
+/// How often, at most, the commit index is written (see `write_loop`).
+const COMMITTED_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The log store. Cheap to clone: openraft takes one copy as the store and hands out others
 /// as readers; all share the memory and the writer.
 #[derive(Clone)]
@@ -209,25 +212,34 @@ impl LogStore {
 }
 
 /// The writer thread: drains the queue in batches, one transaction (and at most one fsync)
-/// per batch, then reports every write of the batch done. A batch of nothing but commit-index
-/// updates is not written on its own: the latest one is held back and goes with the next batch
-/// that has to reach the disk anyway (or at the end), so an idle follower's heartbeats cost no
-/// transaction. Ends when every store handle is gone.
+/// per batch, then reports every write of the batch done.
+///
+/// Commit-index updates never cost a transaction of their own: the latest is held back and
+/// rides with a batch that has to reach the disk anyway, at most every [`COMMITTED_EVERY`] (and
+/// once more when the store closes). Writing it with every append would add the meta table's
+/// pages to every fsync; it is only a start-up hint (see the module documentation). A held
+/// index always follows the appends it refers to, since it goes with a later batch.
+/// Ends when every store handle is gone.
 fn write_loop(db: Database, queue: mpsc::Receiver<Write>) {
     let mut held: Option<Write> = None;
+    let mut committed_saved = Instant::now();
     while let Ok(first) = queue.recv() {
         let mut batch = Vec::with_capacity(8);
-        batch.extend(held.take());
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(w) => batch.push(w),
-                Err(_) => break,
+        for w in std::iter::once(first).chain(std::iter::from_fn(|| queue.try_recv().ok())) {
+            match w {
+                Write::Committed { .. } => held = Some(w),
+                other => batch.push(other),
+            }
+            if batch.len() >= MAX_BATCH {
+                break;
             }
         }
-        if batch.iter().all(|w| matches!(w, Write::Committed { .. })) {
-            held = batch.pop();
+        if batch.is_empty() {
             continue;
+        }
+        if held.is_some() && committed_saved.elapsed() >= COMMITTED_EVERY {
+            batch.extend(held.take());
+            committed_saved = Instant::now();
         }
         let durable = batch.iter().any(Write::needs_fsync);
         let started = Instant::now();
