@@ -325,6 +325,59 @@ async fn add_a_fourth_node_remove_one_and_keep_serving() {
     assert!(names.contains(&"after".to_string()));
 }
 
+/// Concurrent writes share Raft entries (the leader batches them); each must still get its
+/// own answer: one create of a name wins, the other is told it already exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_each_get_their_own_answer() {
+    let c = Cluster::start(3).await;
+    let leader = c.wait_leader().await;
+    let follower = follower_of(&c).await;
+    const NAMES: usize = 40;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..NAMES {
+        // Each name twice: once through the leader, once through a follower (forwarded).
+        for node in [leader, follower] {
+            let client = c.node_client(node);
+            tasks.spawn(async move {
+                let r = client
+                    .create_tenant(&tenant(&format!("t{i}")), &CallOptions::default())
+                    .await;
+                (i, r.map(|a| a.revision).map_err(|e| e.status()))
+            });
+        }
+    }
+    let mut created: Vec<Vec<u64>> = vec![Vec::new(); NAMES];
+    let mut refused = vec![0; NAMES];
+    while let Some(joined) = tasks.join_next().await {
+        let (i, r) = joined.expect("task");
+        match r {
+            Ok(rev) => created[i].push(rev),
+            Err(Some(409)) => refused[i] += 1,
+            Err(other) => panic!("t{i}: unexpected answer {other:?}"),
+        }
+    }
+    let mut revisions = BTreeSet::new();
+    for i in 0..NAMES {
+        assert_eq!(
+            (created[i].len(), refused[i]),
+            (1, 1),
+            "t{i}: one create wins, one is refused"
+        );
+        assert!(
+            revisions.insert(created[i][0]),
+            "t{i}: a revision answered twice"
+        );
+    }
+    let listed = c.client().list_tenants(false).await.expect("list").items;
+    for i in 0..NAMES {
+        let t = listed
+            .iter()
+            .find(|t| t.spec.name == format!("t{i}"))
+            .unwrap_or_else(|| panic!("t{i} missing"));
+        assert_eq!(t.revision, created[i][0], "t{i}: the winner's revision");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compare_and_set_and_idempotent_retries() {
     let c = Cluster::start(3).await;

@@ -66,12 +66,18 @@ impl Proposer {
                 })
                 .await;
             drop(slot);
-            return Ok(result.and_then(|resp| {
-                resp.data.into_iter().next().ok_or_else(|| {
-                    tracing::error!("an entry was applied with fewer results than writes");
-                    openraft::error::RaftError::Fatal(openraft::error::Fatal::Panicked)
-                })
-            }));
+            return match result {
+                Err(e) => Ok(Err(e)),
+                Ok(resp) => match resp.data.into_iter().next() {
+                    Some(r) => Ok(Ok(r)),
+                    // The state machine answers every write of an entry; without an answer the
+                    // caller hears the same as when the proposer is gone, not a made-up one.
+                    None => {
+                        tracing::error!("an entry was applied with fewer results than writes");
+                        Err(Stopped)
+                    }
+                },
+            };
         }
         let (done, result) = oneshot::channel();
         self.queue
