@@ -347,7 +347,7 @@ async fn concurrent_writes_each_get_their_own_answer() {
         }
     }
     let mut created: Vec<Vec<u64>> = vec![Vec::new(); NAMES];
-    let mut refused = vec![0; NAMES];
+    let mut refused = [0; NAMES];
     while let Some(joined) = tasks.join_next().await {
         let (i, r) = joined.expect("task");
         match r {
