@@ -5,6 +5,7 @@
 //! `RemoteError` when the peer answered with a Raft error.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -77,6 +78,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
                 .get(&node.grpc_addr)
                 .map_err(|e| e.to_string()),
             stream: None,
+            stream_unsupported: AtomicBool::new(false),
         }
     }
 }
@@ -88,6 +90,9 @@ pub struct PeerClient {
     channel: Result<Channel, String>,
     /// The open `AppendEntriesStream`, between calls.
     stream: Option<AppendStream>,
+    /// The peer answered `Unimplemented` to the stream (an older mcpd, during a rolling
+    /// upgrade): this session uses the unary `AppendEntries` instead.
+    stream_unsupported: AtomicBool,
 }
 
 /// An `AppendEntriesStream` to the peer: requests go in, one answer per request comes out.
@@ -175,6 +180,9 @@ impl PeerClient {
             .append_entries_stream(ReceiverStream::new(rx))
             .await
             .map_err(|status| {
+                if status.code() == tonic::Code::Unimplemented {
+                    self.stream_unsupported.store(true, Ordering::Relaxed);
+                }
                 if is_unreachable(&status) {
                     RPCError::Unreachable(Unreachable::new(&status))
                 } else {
@@ -237,7 +245,17 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError> {
-        self.append_over_stream(&rpc, option.hard_ttl()).await
+        if !self.stream_unsupported.load(Ordering::Relaxed) {
+            let streamed = self.append_over_stream(&rpc, option.hard_ttl()).await;
+            if !self.stream_unsupported.load(Ordering::Relaxed) {
+                return streamed;
+            }
+            tracing::info!(
+                peer = self.target,
+                "peer has no AppendEntriesStream (an older mcpd?); using unary AppendEntries"
+            );
+        }
+        self.call("append_entries", &rpc, &option).await
     }
 
     async fn install_snapshot(
@@ -254,5 +272,143 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError> {
         self.call("vote", &rpc, &option).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::sync::atomic::AtomicUsize;
+
+    use futures_util::Stream;
+    use mcpcp_proto::raft::raft_server::{self, RaftServer};
+    use openraft::Vote;
+    use tokio_stream::wrappers::TcpListenerStream;
+    use tonic::{Request, Response, Status, Streaming};
+
+    use super::*;
+
+    /// A peer that answers every append with success, counting which RPC carried it; with
+    /// `streams: false` it is an older mcpd that does not know `AppendEntriesStream`.
+    #[derive(Clone)]
+    struct Peer {
+        streams: bool,
+        unary: Arc<AtomicUsize>,
+        streamed: Arc<AtomicUsize>,
+    }
+
+    fn success() -> Vec<u8> {
+        let ok: Result<AppendEntriesResponse<NodeId>, RaftError> =
+            Ok(AppendEntriesResponse::Success);
+        serde_json::to_vec(&ok).unwrap()
+    }
+
+    #[tonic::async_trait]
+    impl raft_server::Raft for Peer {
+        type AppendEntriesStreamStream =
+            Pin<Box<dyn Stream<Item = Result<RaftPayload, Status>> + Send + 'static>>;
+
+        async fn append_entries_stream(
+            &self,
+            req: Request<Streaming<RaftPayload>>,
+        ) -> Result<Response<Self::AppendEntriesStreamStream>, Status> {
+            if !self.streams {
+                return Err(Status::unimplemented("unknown method AppendEntriesStream"));
+            }
+            let streamed = self.streamed.clone();
+            let answers = futures_util::stream::unfold(req.into_inner(), move |mut inbound| {
+                let streamed = streamed.clone();
+                async move {
+                    inbound.message().await.ok().flatten()?;
+                    streamed.fetch_add(1, Ordering::Relaxed);
+                    Some((Ok(RaftPayload { data: success() }), inbound))
+                }
+            });
+            Ok(Response::new(Box::pin(answers)))
+        }
+
+        async fn append_entries(
+            &self,
+            _req: Request<RaftPayload>,
+        ) -> Result<Response<RaftPayload>, Status> {
+            self.unary.fetch_add(1, Ordering::Relaxed);
+            Ok(Response::new(RaftPayload { data: success() }))
+        }
+
+        async fn vote(&self, _req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+
+        async fn install_snapshot(
+            &self,
+            _req: Request<RaftPayload>,
+        ) -> Result<Response<RaftPayload>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+    }
+
+    /// Serves `peer` on a loopback port and returns a client of it, as the leader makes one.
+    async fn client_of(peer: Peer) -> PeerClient {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RaftServer::new(peer))
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        let mut factory = NetworkFactory {
+            channels: PeerChannels::new(Duration::from_secs(2)),
+        };
+        let member = Member {
+            id: 2,
+            grpc_addr: addr,
+            ..Member::default()
+        };
+        factory.new_client(2, &member).await
+    }
+
+    fn heartbeat() -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: None,
+            leader_commit: None,
+            entries: Vec::new(),
+        }
+    }
+
+    fn peer(streams: bool) -> Peer {
+        Peer {
+            streams,
+            unary: Arc::default(),
+            streamed: Arc::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn appends_go_over_one_stream() {
+        let p = peer(true);
+        let mut client = client_of(p.clone()).await;
+        for _ in 0..3 {
+            let r = client
+                .append_entries(heartbeat(), RPCOption::new(Duration::from_secs(5)))
+                .await;
+            assert!(matches!(r, Ok(AppendEntriesResponse::Success)), "{r:?}");
+        }
+        assert_eq!(p.streamed.load(Ordering::Relaxed), 3);
+        assert_eq!(p.unary.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn an_older_peer_without_the_stream_gets_unary_appends() {
+        let p = peer(false);
+        let mut client = client_of(p.clone()).await;
+        for _ in 0..3 {
+            let r = client
+                .append_entries(heartbeat(), RPCOption::new(Duration::from_secs(5)))
+                .await;
+            assert!(matches!(r, Ok(AppendEntriesResponse::Success)), "{r:?}");
+        }
+        assert_eq!(p.unary.load(Ordering::Relaxed), 3);
+        assert_eq!(p.streamed.load(Ordering::Relaxed), 0);
     }
 }
