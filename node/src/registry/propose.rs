@@ -92,12 +92,19 @@ async fn run(raft: Raft, slots: Arc<Semaphore>, mut rx: mpsc::UnboundedReceiver<
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
+        // A write whose caller stopped waiting (its bound passed while slots were busy, e.g.
+        // without quorum) was answered 503 already: it is not proposed late.
+        let mut batch: Vec<Pending> = Vec::new();
+        for p in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+            if !p.done.is_closed() {
+                batch.push(p);
             }
+            if batch.len() >= MAX_BATCH {
+                break;
+            }
+        }
+        if batch.is_empty() {
+            continue;
         }
         metrics::histogram!("mcpd_registry_proposal_writes").record(batch.len() as f64);
         let raft = raft.clone();
