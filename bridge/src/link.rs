@@ -20,6 +20,17 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+/// `scheme://host:port` of a URL (the URL itself when it has no path).
+pub fn root(url: &str) -> &str {
+    match url
+        .find("://")
+        .and_then(|i| url[i + 3..].find('/').map(|j| i + 3 + j))
+    {
+        Some(p) => &url[..p],
+        None => url,
+    }
+}
+
 use crate::sse::SseParser;
 
 /// Why a POST did not give an answer.
@@ -162,13 +173,7 @@ impl Link {
     /// partitioned node does not, though its TCP connections may stay open).
     pub async fn node_answers(&self) -> bool {
         let url = self.current_url();
-        let root = match url
-            .find("://")
-            .and_then(|i| url[i + 3..].find('/').map(|j| i + 3 + j))
-        {
-            Some(p) => url[..p].to_string(),
-            None => url,
-        };
+        let root = root(&url);
         matches!(
             self.http.get(format!("{root}/livez")).timeout(Duration::from_secs(2)).send().await,
             Ok(r) if r.status().is_success()

@@ -53,13 +53,7 @@ fn endpoint(base: &str, server: Option<&str>) -> String {
     } else {
         format!("http://{base}")
     };
-    let root = match base
-        .find("://")
-        .and_then(|i| base[i + 3..].find('/').map(|j| i + 3 + j))
-    {
-        Some(p) => base[..p].to_string(),
-        None => base.clone(),
-    };
+    let root = link::root(&base).to_string();
     match server {
         Some(s) => format!("{root}/servers/{s}/mcp"),
         None if base.len() > root.len() => base,

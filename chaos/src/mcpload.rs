@@ -46,8 +46,6 @@ use crate::workload::{think, BoxFuture, FinalView, Workload, WorkloadCtx, Worklo
 pub const SERVER: &str = "chaos-demo";
 /// The tenant whose token the clients use.
 pub const TENANT: &str = "chaos-mcp";
-/// Upper bound of requests per client and scenario.
-const MAX_CALLS_PER_CLIENT: usize = 20_000;
 /// How long a bridge gets to exit once its stdin is closed.
 const BRIDGE_EXIT: Duration = Duration::from_secs(5);
 
@@ -405,10 +403,6 @@ fn tool_call(
     }
 }
 
-fn keep_going(ctx: &WorkloadCtx, done: usize) -> bool {
-    !*ctx.stop.borrow() && Instant::now() < ctx.deadline && done < MAX_CALLS_PER_CLIENT
-}
-
 /// How long a plain-HTTP client avoids a node that did not answer it (when it can).
 const AVOID_FOR: Duration = Duration::from_secs(2);
 
@@ -468,7 +462,7 @@ async fn http_client(mut ctx: WorkloadCtx, c: HttpClientCfg) {
     // Nodes that recently did not answer, and when.
     let mut failed: BTreeMap<u64, Instant> = BTreeMap::new();
     let mut seq = 0usize;
-    while keep_going(&ctx, seq) {
+    while ctx.keep_going(seq) {
         seq += 1;
         let id = i64::try_from(seq).unwrap_or(i64::MAX);
         if node.is_none() || rng.u8(..10) == 0 {
@@ -600,7 +594,7 @@ async fn bridge_client(mut ctx: WorkloadCtx, c: BridgeCfg) {
     // initialize, until it works (it is safe to send again), bounded.
     let mut initialized = false;
     for attempt in 0..20 {
-        if !keep_going(&ctx, 0) || bridge.gone() {
+        if !ctx.keep_going(0) || bridge.gone() {
             break;
         }
         let p = ctx.history.invoke(
@@ -686,7 +680,7 @@ async fn bridge_caller(
     let mut seq = 0usize;
     // The first bridge speaks to the aggregate endpoint, the others to the server's own.
     let aggregate = matches!(via, Via::Bridge(0));
-    while keep_going(&ctx, seq) && !bridge.gone() {
+    while ctx.keep_going(seq) && !bridge.gone() {
         seq += 1;
         let key = format!("{prefix}-{seq}");
         let (method, params) = tool_call(&mut rng, load.counter_percent, &key, aggregate);

@@ -100,8 +100,16 @@ pub trait Workload: Send + Sync {
     }
 }
 
-/// Upper bound of operations per worker and scenario.
+/// Upper bound of operations per worker (or MCP client) and scenario.
 const MAX_OPS_PER_WORKER: usize = 20_000;
+
+impl WorkloadCtx {
+    /// Whether a worker that has done `done` operations goes on: not stopped, before the
+    /// deadline, under the bound.
+    pub fn keep_going(&self, done: usize) -> bool {
+        !*self.stop.borrow() && Instant::now() < self.deadline && done < MAX_OPS_PER_WORKER
+    }
+}
 
 /// The env variable holding the register value of a shared server.
 const REGISTER_ENV: &str = "CHAOS_REGISTER";
@@ -364,14 +372,10 @@ pub async fn think(stop: &mut watch::Receiver<bool>, ms: u64) -> bool {
     }
 }
 
-fn keep_going(ctx: &WorkloadCtx, done: usize) -> bool {
-    !*ctx.stop.borrow() && Instant::now() < ctx.deadline && done < MAX_OPS_PER_WORKER
-}
-
 async fn tenant_writer(mut ctx: WorkloadCtx, worker: usize, prefix: String, think_ms: (u64, u64)) {
     let mut rng = fastrand::Rng::with_seed(ctx.seed ^ (worker as u64 + 1).wrapping_mul(0x9e37));
     let mut seq = 0usize;
-    while keep_going(&ctx, seq) {
+    while ctx.keep_going(seq) {
         let Some(t) = ctx.targets.pick(&mut rng) else {
             break;
         };
@@ -451,7 +455,7 @@ async fn cas_client(
 ) {
     let mut rng = fastrand::Rng::with_seed(ctx.seed ^ (worker as u64 + 1).wrapping_mul(0x7f4a));
     let mut done = 0usize;
-    while keep_going(&ctx, done) && !keys.is_empty() {
+    while ctx.keep_going(done) && !keys.is_empty() {
         done += 1;
         let key = &keys[rng.usize(..keys.len())];
         let Some(t) = ctx.targets.pick(&mut rng) else {
@@ -502,7 +506,7 @@ async fn reader(
 ) {
     let mut rng = fastrand::Rng::with_seed(ctx.seed ^ (worker as u64 + 1).wrapping_mul(0x3c6e));
     let mut done = 0usize;
-    while keep_going(&ctx, done) && !keys.is_empty() {
+    while ctx.keep_going(done) && !keys.is_empty() {
         done += 1;
         let Some(t) = ctx.targets.pick(&mut rng) else {
             break;

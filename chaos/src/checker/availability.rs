@@ -19,7 +19,8 @@ pub struct Impairment {
 }
 
 impl Impairment {
-    fn overlaps(&self, from: Micros, to: Micros) -> bool {
+    /// Whether the impairment was in force at any time during `[from, to]`.
+    pub(crate) fn overlaps(&self, from: Micros, to: Micros) -> bool {
         self.from <= to && self.to.is_none_or(|t| t >= from)
     }
 }

@@ -92,9 +92,9 @@ pub fn answered_within(ops: &[Op], impairments: &[Impairment], deadline: Duratio
         if answered(&op.outcome) {
             continue;
         }
-        let impaired = impairments.iter().any(|i| {
-            i.node == op.node && i.from <= op.complete && i.to.is_none_or(|t| t >= op.invoke)
-        });
+        let impaired = impairments
+            .iter()
+            .any(|i| i.node == op.node && i.overlaps(op.invoke, op.complete));
         match via {
             Via::Http if impaired => excused += 1,
             Via::Http => bad.push(op),

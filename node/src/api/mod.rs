@@ -35,13 +35,19 @@ async fn observe(State(_): State<AppState>, req: Request, next: Next) -> Respons
         .unwrap_or_else(|| "unmatched".into());
     // Bounded label: an unknown method (`curl -X FOO`) must not create a series.
     let method = match req.method().as_str() {
-        m @ ("GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE" | "OPTIONS") => m.to_string(),
-        _ => "other".to_string(),
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "PATCH" => "PATCH",
+        "DELETE" => "DELETE",
+        "OPTIONS" => "OPTIONS",
+        _ => "other",
     };
     let started = Instant::now();
     let resp = next.run(req).await;
     let status = resp.status().as_u16().to_string();
-    metrics::counter!("mcpd_http_requests_total", "route" => route.clone(), "method" => method.clone(), "status" => status)
+    metrics::counter!("mcpd_http_requests_total", "route" => route.clone(), "method" => method, "status" => status)
         .increment(1);
     metrics::histogram!("mcpd_http_request_seconds", "route" => route, "method" => method)
         .record(started.elapsed().as_secs_f64());

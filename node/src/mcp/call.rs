@@ -99,8 +99,9 @@ impl Inline {
                 }
             }
         }
-        // Answered: pass on what is still queued. Every sender normally went with the call;
-        // one that is still out there (a peer relay) gets a bounded wait.
+        // Answered: pass on what is still queued. Every sender normally went with the call (the
+        // pool drops a call's sink before its answer); one still held elsewhere gets a bounded
+        // wait rather than an unbounded one.
         match self.events.try_recv() {
             Ok(ev) => return Some(Step::Event(ev)),
             Err(mpsc::error::TryRecvError::Disconnected) => {}

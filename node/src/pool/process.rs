@@ -533,7 +533,11 @@ async fn route(shared: &Shared, stdin: &mpsc::Sender<Vec<u8>>, msg: Message) {
             });
             match pending {
                 Some(p) => {
-                    let _ = p.reply.send(outcome);
+                    // The call's event sink goes first, so its reader finds the channel closed
+                    // as it takes the answer instead of waiting for the sender to go.
+                    let Pending { reply, events, .. } = p;
+                    drop(events);
+                    let _ = reply.send(outcome);
                 }
                 None => {
                     tracing::debug!(server = %shared.server, %id, "answer to no pending call (cancelled or timed out)")

@@ -101,9 +101,14 @@ struct AppendStream {
     answers: tonic::Streaming<RaftPayload>,
 }
 
-/// Whether a tonic status means the request never reached the peer's Raft.
-fn is_unreachable(status: &tonic::Status) -> bool {
-    matches!(status.code(), tonic::Code::Unavailable)
+/// A failed call as openraft wants it: `Unreachable` when the request never reached the
+/// peer's Raft (openraft backs off), `Network` otherwise.
+fn status_error<E: std::error::Error>(status: &tonic::Status) -> RPCError<E> {
+    if status.code() == tonic::Code::Unavailable {
+        RPCError::Unreachable(Unreachable::new(status))
+    } else {
+        RPCError::Network(NetworkError::new(status))
+    }
 }
 
 impl PeerClient {
@@ -118,20 +123,10 @@ impl PeerClient {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let channel = match &self.channel {
-            Ok(c) => c.clone(),
-            Err(e) => {
-                return Err(RPCError::Unreachable(Unreachable::new(
-                    &std::io::Error::other(format!("bad address {}: {e}", self.addr)),
-                )))
-            }
-        };
+        let mut client = self.client()?;
         let data = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut request = tonic::Request::new(RaftPayload { data });
         request.set_timeout(option.hard_ttl());
-        let mut client = RaftClient::new(channel)
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX);
         let started = std::time::Instant::now();
         let reply = match rpc {
             "append_entries" => client.append_entries(request).await,
@@ -142,11 +137,7 @@ impl PeerClient {
             .record(started.elapsed().as_secs_f64());
         let reply = reply.map_err(|status| {
             metrics::counter!("mcpd_raft_rpc_failures_total", "rpc" => rpc).increment(1);
-            if is_unreachable(&status) {
-                RPCError::Unreachable(Unreachable::new(&status))
-            } else {
-                RPCError::Network(NetworkError::new(&status))
-            }
+            status_error(&status)
         })?;
         self.decode_reply(&reply.into_inner().data)
     }
@@ -161,33 +152,32 @@ impl PeerClient {
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 
-    fn channel(&self) -> Result<Channel, RPCError> {
-        self.channel.clone().map_err(|e| {
+    /// A Raft client on the peer's channel (no size limit: snapshot chunks and batches are
+    /// bounded by openraft's own settings).
+    fn client<E: std::error::Error>(&self) -> Result<RaftClient<Channel>, RPCError<E>> {
+        let channel = self.channel.clone().map_err(|e| {
             RPCError::Unreachable(Unreachable::new(&std::io::Error::other(format!(
                 "bad address {}: {e}",
                 self.addr
             ))))
-        })
+        })?;
+        Ok(RaftClient::new(channel)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX))
     }
 
     /// Opens an `AppendEntriesStream`.
     async fn open_stream(&self) -> Result<AppendStream, RPCError> {
         let (requests, rx) = mpsc::channel(1);
-        let mut client = RaftClient::new(self.channel()?)
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX);
-        let answers = client
+        let answers = self
+            .client()?
             .append_entries_stream(ReceiverStream::new(rx))
             .await
             .map_err(|status| {
                 if status.code() == tonic::Code::Unimplemented {
                     self.stream_unsupported.store(true, Ordering::Relaxed);
                 }
-                if is_unreachable(&status) {
-                    RPCError::Unreachable(Unreachable::new(&status))
-                } else {
-                    RPCError::Network(NetworkError::new(&status))
-                }
+                status_error(&status)
             })?
             .into_inner();
         Ok(AppendStream { requests, answers })
@@ -384,9 +374,10 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn appends_go_over_one_stream() {
-        let p = peer(true);
+    /// Sends three appends to a peer that does (or does not) know the stream; returns how many
+    /// arrived (unary, streamed).
+    async fn three_appends(streams: bool) -> (usize, usize) {
+        let p = peer(streams);
         let mut client = client_of(p.clone()).await;
         for _ in 0..3 {
             let r = client
@@ -394,21 +385,19 @@ mod tests {
                 .await;
             assert!(matches!(r, Ok(AppendEntriesResponse::Success)), "{r:?}");
         }
-        assert_eq!(p.streamed.load(Ordering::Relaxed), 3);
-        assert_eq!(p.unary.load(Ordering::Relaxed), 0);
+        (
+            p.unary.load(Ordering::Relaxed),
+            p.streamed.load(Ordering::Relaxed),
+        )
+    }
+
+    #[tokio::test]
+    async fn appends_go_over_one_stream() {
+        assert_eq!(three_appends(true).await, (0, 3));
     }
 
     #[tokio::test]
     async fn an_older_peer_without_the_stream_gets_unary_appends() {
-        let p = peer(false);
-        let mut client = client_of(p.clone()).await;
-        for _ in 0..3 {
-            let r = client
-                .append_entries(heartbeat(), RPCOption::new(Duration::from_secs(5)))
-                .await;
-            assert!(matches!(r, Ok(AppendEntriesResponse::Success)), "{r:?}");
-        }
-        assert_eq!(p.unary.load(Ordering::Relaxed), 3);
-        assert_eq!(p.streamed.load(Ordering::Relaxed), 0);
+        assert_eq!(three_appends(false).await, (3, 0));
     }
 }

@@ -39,7 +39,7 @@ pub struct Proposer {
 }
 
 /// The proposer's task has ended (the node is shutting down).
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("the proposer has stopped")]
 pub struct Stopped;
 
@@ -58,26 +58,9 @@ impl Proposer {
         // A free slot (the semaphore is fair: none is free while writes queue for one) means
         // no batch is forming: propose from here, without a hop through the batching task.
         if let Ok(slot) = self.slots.clone().try_acquire_owned() {
-            metrics::histogram!("mcpd_registry_proposal_writes").record(1.0);
-            let result = self
-                .raft
-                .client_write(Proposal {
-                    requests: vec![request],
-                })
-                .await;
+            let mut answers = propose_entry(&self.raft, vec![request]).await;
             drop(slot);
-            return match result {
-                Err(e) => Ok(Err(e)),
-                Ok(resp) => match resp.data.into_iter().next() {
-                    Some(r) => Ok(Ok(r)),
-                    // The state machine answers every write of an entry; without an answer the
-                    // caller hears the same as when the proposer is gone, not a made-up one.
-                    None => {
-                        tracing::error!("an entry was applied with fewer results than writes");
-                        Err(Stopped)
-                    }
-                },
-            };
+            return answers.pop().unwrap_or(Err(Stopped));
         }
         let (done, result) = oneshot::channel();
         self.queue
@@ -106,33 +89,41 @@ async fn run(raft: Raft, slots: Arc<Semaphore>, mut rx: mpsc::UnboundedReceiver<
         if batch.is_empty() {
             continue;
         }
-        metrics::histogram!("mcpd_registry_proposal_writes").record(batch.len() as f64);
         let raft = raft.clone();
         tokio::spawn(async move {
             let (requests, waiters): (Vec<_>, Vec<_>) =
                 batch.into_iter().map(|p| (p.request, p.done)).unzip();
-            let result = raft.client_write(Proposal { requests }).await;
+            let answers = propose_entry(&raft, requests).await;
             drop(slot);
-            match result {
-                Ok(resp) => {
-                    let mut results = resp.data.into_iter();
-                    for done in waiters {
-                        // The state machine answers every write of an entry; were one missing,
-                        // its waiter would see the proposer as stopped rather than a made-up
-                        // answer.
-                        let Some(r) = results.next() else {
-                            tracing::error!("an entry was applied with fewer results than writes");
-                            break;
-                        };
-                        let _ = done.send(Ok(r));
-                    }
-                }
-                Err(e) => {
-                    for done in waiters {
-                        let _ = done.send(Err(e.clone()));
-                    }
+            for (done, answer) in waiters.into_iter().zip(answers) {
+                // A missing answer drops the waiter, who then sees the proposer as stopped.
+                if let Ok(answer) = answer {
+                    let _ = done.send(answer);
                 }
             }
         });
+    }
+}
+
+/// Proposes `requests` as one entry and returns one answer per request, in order. The state
+/// machine answers every write of an entry; were answers missing, those writes get `Stopped`
+/// (the caller hears the same as when the proposer is gone), never a made-up answer.
+async fn propose_entry(raft: &Raft, requests: Vec<Request>) -> Vec<Result<ProposeResult, Stopped>> {
+    let n = requests.len();
+    metrics::histogram!("mcpd_registry_proposal_writes").record(n as f64);
+    match raft.client_write(Proposal { requests }).await {
+        Err(e) => vec![Ok(Err(e)); n],
+        Ok(resp) => {
+            if resp.data.len() != n {
+                tracing::error!(
+                    writes = n,
+                    answers = resp.data.len(),
+                    "an entry was applied with another number of answers than writes"
+                );
+            }
+            let mut answers: Vec<_> = resp.data.into_iter().take(n).map(|r| Ok(Ok(r))).collect();
+            answers.resize_with(n, || Err(Stopped));
+            answers
+        }
     }
 }
