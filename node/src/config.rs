@@ -28,6 +28,7 @@
 //! queue_size = 256                  # calls that may wait for a process, per server
 //! max_concurrency_per_process = 32
 //! health_interval_ms = 15000        # ping every process this often
+//! answer_spin_us = 100              # a lone call polls this long for its answer (0: never)
 //!
 //! [mcp]
 //! allowed_origins = []              # browser origins allowed besides loopback
@@ -283,6 +284,12 @@ impl Config {
             return Err(invalid(
                 "pool.health_interval_ms",
                 "health interval and timeout must be greater than 0",
+            ));
+        }
+        if self.pool.answer_spin_us > 10_000 {
+            return Err(invalid(
+                "pool.answer_spin_us",
+                "must be at most 10000 (10 ms); polling longer only burns CPU",
             ));
         }
         if self.mcp.session_idle_timeout_ms == 0 {

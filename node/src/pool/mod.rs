@@ -43,6 +43,10 @@ pub struct PoolConfig {
     pub stop_grace_ms: u64,
     /// Restarts within a minute that make a crash loop.
     pub crash_loop_restarts: u32,
+    /// How long a call that is the only one this node waits on polls for its server's answer
+    /// before letting its thread sleep, in µs (0: never poll). Saves a thread wake-up per call
+    /// at low load; costs at most this much CPU per call, and nothing under load.
+    pub answer_spin_us: u64,
 }
 
 impl Default for PoolConfig {
@@ -54,6 +58,7 @@ impl Default for PoolConfig {
             health_timeout_ms: 5_000,
             stop_grace_ms: 2_000,
             crash_loop_restarts: 5,
+            answer_spin_us: 100,
         }
     }
 }

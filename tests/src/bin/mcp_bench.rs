@@ -4,7 +4,8 @@
 //! The load is the demo server's `echo` tool (`mcpd demo-server`). A client opens one session
 //! (`initialize`, `notifications/initialized`) and then calls `tools/call echo` back to back,
 //! checking that each answer echoes its own message. Over HTTP that is raw JSON-RPC on
-//! Streamable HTTP (reqwest, keep-alive, one connection and one session per client, JSON or SSE
+//! Streamable HTTP (hyper's HTTP/1.1 client connection, keep-alive, one connection and one
+//! session per client, driven by the client's own task as load generators do, JSON or SSE
 //! answers); over stdio it is JSON-RPC lines on the child's stdin, answers matched by id, and
 //! the clients of a level share the one process (their requests are pipelined).
 //!
@@ -47,13 +48,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use bytes::Bytes;
 use clap::{Parser, ValueEnum};
+use http::header::{ACCEPT, CONTENT_TYPE};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use mcpcp_proto::api::{CreateTokenRequest, ServerPatch, ServerSpec, TenantSpec};
 use mcpcp_tests::Cluster;
 use mcpctl::{AdminClient, CallOptions};
-use reqwest::header::{ACCEPT, CONTENT_TYPE};
 use serde_json::{json, Value};
+use std::pin::Pin;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::{mpsc, oneshot};
 
@@ -340,10 +347,61 @@ struct HttpTarget {
     tool: String,
 }
 
-/// One MCP session on Streamable HTTP.
+/// One HTTP/1.1 keep-alive connection, driven by the task that sends on it: a request costs
+/// the socket's round trip and nothing else (no pool lookup, no hop to a connection task), the
+/// way a load generator (wrk, oha) measures a server rather than its own client library.
+struct HttpConn {
+    send: http1::SendRequest<Full<Bytes>>,
+    conn: Pin<Box<http1::Connection<TokioIo<TcpStream>, Full<Bytes>>>>,
+}
+
+impl HttpConn {
+    async fn connect(authority: &str) -> Result<HttpConn, String> {
+        let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(authority))
+            .await
+            .map_err(|_| format!("connecting to {authority}: no answer within 2 s"))?
+            .map_err(|e| format!("connecting to {authority}: {e}"))?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        let (send, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| root_cause(&e))?;
+        Ok(HttpConn {
+            send,
+            conn: Box::pin(conn),
+        })
+    }
+
+    /// Sends `req` and reads the whole answer, polling the connection meanwhile.
+    async fn exchange(
+        &mut self,
+        req: http::Request<Full<Bytes>>,
+    ) -> Result<(http::response::Parts, Bytes), String> {
+        let HttpConn { send, conn } = self;
+        let exchange = async {
+            send.ready().await.map_err(|e| root_cause(&e))?;
+            let resp = send.send_request(req).await.map_err(|e| root_cause(&e))?;
+            let (parts, body) = resp.into_parts();
+            let bytes = body.collect().await.map_err(|e| root_cause(&e))?;
+            Ok::<_, String>((parts, bytes.to_bytes()))
+        };
+        tokio::select! {
+            biased;
+            r = exchange => r,
+            end = conn.as_mut() => Err(match end {
+                Ok(()) => "the server closed the connection".to_string(),
+                Err(e) => root_cause(&e),
+            }),
+        }
+    }
+}
+
+/// One MCP session on Streamable HTTP, over one connection (re-opened after an error).
 struct HttpSession {
-    http: reqwest::Client,
     target: HttpTarget,
+    /// `host:port` and path of `target.url`.
+    authority: String,
+    path: String,
+    conn: Option<HttpConn>,
     session: Option<String>,
     version: Option<String>,
     next_id: u64,
@@ -351,10 +409,23 @@ struct HttpSession {
 
 impl HttpSession {
     /// `initialize` + `notifications/initialized`.
-    async fn open(http: &reqwest::Client, target: &HttpTarget) -> Result<HttpSession, String> {
+    async fn open(target: &HttpTarget) -> Result<HttpSession, String> {
+        let uri: http::Uri = target
+            .url
+            .parse()
+            .map_err(|e| format!("{}: {e}", target.url))?;
+        let authority = uri
+            .authority()
+            .ok_or_else(|| format!("{}: no host", target.url))?
+            .to_string();
+        let path = uri
+            .path_and_query()
+            .map_or("/".to_string(), |p| p.to_string());
         let mut s = HttpSession {
-            http: http.clone(),
             target: target.clone(),
+            authority,
+            path,
+            conn: None,
             session: None,
             version: None,
             next_id: 1,
@@ -377,20 +448,15 @@ impl HttpSession {
         Ok(s)
     }
 
-    /// POSTs one message; the answer to `id` when it is a request.
-    async fn post(
-        &self,
-        body: &Value,
-        id: Option<u64>,
-    ) -> Result<(Option<Value>, Option<String>), String> {
-        let mut req = self
-            .http
-            .post(&self.target.url)
+    fn request(&self, method: http::Method, body: Vec<u8>) -> http::Request<Full<Bytes>> {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(&self.path)
+            .header(http::header::HOST, &self.authority)
             .header(ACCEPT, "application/json, text/event-stream")
-            .header(CONTENT_TYPE, "application/json")
-            .body(serde_json::to_vec(body).unwrap_or_default());
+            .header(CONTENT_TYPE, "application/json");
         if let Some(t) = &self.target.token {
-            req = req.bearer_auth(t);
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
         }
         if let Some(s) = &self.session {
             req = req.header("mcp-session-id", s);
@@ -398,19 +464,55 @@ impl HttpSession {
         if let Some(v) = &self.version {
             req = req.header("mcp-protocol-version", v);
         }
-        let resp = req.send().await.map_err(|e| root_cause(&e))?;
-        let status = resp.status();
-        let session = resp
-            .headers()
+        req.body(Full::new(Bytes::from(body)))
+            .expect("the request's parts are valid")
+    }
+
+    /// Sends one request on the session's connection (opening it when there is none) within
+    /// `bound`; an error drops the connection.
+    async fn send(
+        &mut self,
+        req: http::Request<Full<Bytes>>,
+        bound: Duration,
+    ) -> Result<(http::response::Parts, Bytes), String> {
+        let authority = self.authority.clone();
+        let conn = &mut self.conn;
+        let outcome = tokio::time::timeout(bound, async {
+            if conn.is_none() {
+                *conn = Some(HttpConn::connect(&authority).await?);
+            }
+            conn.as_mut().expect("connected above").exchange(req).await
+        })
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {bound:?}")));
+        if outcome.is_err() {
+            self.conn = None;
+        }
+        outcome
+    }
+
+    /// POSTs one message; the answer to `id` when it is a request.
+    async fn post(
+        &mut self,
+        body: &Value,
+        id: Option<u64>,
+    ) -> Result<(Option<Value>, Option<String>), String> {
+        let req = self.request(
+            http::Method::POST,
+            serde_json::to_vec(body).unwrap_or_default(),
+        );
+        let (parts, bytes) = self.send(req, REQUEST_TIMEOUT).await?;
+        let status = parts.status;
+        let session = parts
+            .headers
             .get("mcp-session-id")
             .and_then(|v| v.to_str().ok())
             .map(String::from);
-        let sse = resp
-            .headers()
+        let sse = parts
+            .headers
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
-        let bytes = resp.bytes().await.map_err(|e| root_cause(&e))?;
         if !status.is_success() {
             return Err(format!(
                 "HTTP {status}: {}",
@@ -444,27 +546,18 @@ impl HttpSession {
             return Ok(());
         }
         let msg = format!("m{seq}");
-        let (answer, _) = self
-            .post(&echo_call(id, &self.target.tool, &msg), Some(id))
-            .await?;
+        let call = echo_call(id, &self.target.tool, &msg);
+        let (answer, _) = self.post(&call, Some(id)).await?;
         check_echo(&answer.ok_or("the call was not answered")?, &msg)
     }
 
     /// Ends the session (DELETE), best effort.
-    async fn close(self) {
-        let Some(s) = &self.session else { return };
-        let mut req = self
-            .http
-            .delete(&self.target.url)
-            .header("mcp-session-id", s)
-            .timeout(Duration::from_secs(2));
-        if let Some(t) = &self.target.token {
-            req = req.bearer_auth(t);
+    async fn close(mut self) {
+        if self.session.is_none() {
+            return;
         }
-        if let Some(v) = &self.version {
-            req = req.header("mcp-protocol-version", v);
-        }
-        let _ = req.send().await;
+        let req = self.request(http::Method::DELETE, Vec::new());
+        let _ = self.send(req, Duration::from_secs(2)).await;
     }
 }
 
@@ -618,14 +711,14 @@ enum Client {
 }
 
 impl Client {
-    async fn open(http: &reqwest::Client, ep: &Endpoints, i: usize) -> Result<Client, String> {
+    async fn open(ep: &Endpoints, i: usize) -> Result<Client, String> {
         match ep {
             Endpoints::Stdio(conn) => Ok(Client::Stdio(conn.clone())),
             Endpoints::Http(targets) => {
                 let target = &targets[i % targets.len()];
                 let mut last = String::new();
                 for _ in 0..3 {
-                    match HttpSession::open(http, target).await {
+                    match HttpSession::open(target).await {
                         Ok(s) => return Ok(Client::Http(s)),
                         Err(e) => last = format!("{}: opening a session: {e}", target.url),
                     }
@@ -667,7 +760,6 @@ fn keep_sample(samples: &mut Vec<String>, s: String) {
 /// `clients` clients calling echo for a warm-up and then `args.seconds` (or `args.max_calls`
 /// calls).
 async fn run_level(
-    http: &reqwest::Client,
     section: &'static str,
     system: &str,
     ep: &Endpoints,
@@ -684,8 +776,8 @@ async fn run_level(
     // Sessions first, untimed.
     let opening: Vec<_> = (0..clients as usize)
         .map(|i| {
-            let (http, ep) = (http.clone(), ep.clone());
-            tokio::spawn(async move { Client::open(&http, &ep, i).await })
+            let ep = ep.clone();
+            tokio::spawn(async move { Client::open(&ep, i).await })
         })
         .collect();
     let mut opened = Vec::new();
@@ -800,7 +892,6 @@ async fn run_level(
 }
 
 async fn run_levels(
-    http: &reqwest::Client,
     section: &'static str,
     system: &str,
     ep: &Endpoints,
@@ -808,7 +899,7 @@ async fn run_levels(
     report: &mut Report,
 ) {
     for clients in LEVELS {
-        let row = run_level(http, section, system, ep, clients, args).await;
+        let row = run_level(section, system, ep, clients, args).await;
         report.rows.push(row);
     }
 }
@@ -913,7 +1004,6 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// Polls until a session opens at `target` and an echo call through it succeeds.
 async fn wait_callable(
-    http: &reqwest::Client,
     target: &HttpTarget,
     within: Duration,
     mut proc: Option<&mut Proc>,
@@ -925,7 +1015,7 @@ async fn wait_callable(
             bail!("exited at start-up with {status}");
         }
         let attempt = async {
-            let mut s = HttpSession::open(http, target).await?;
+            let mut s = HttpSession::open(target).await?;
             let r = s.call(u64::MAX).await;
             s.close().await;
             r
@@ -1011,7 +1101,6 @@ fn tool_version(bin: &Path) -> String {
 // === section: data ===
 
 async fn bench_floor(
-    http: &reqwest::Client,
     mcpd: &Path,
     logs: &Path,
     args: &Args,
@@ -1028,7 +1117,6 @@ async fn bench_floor(
     )
     .await?;
     run_levels(
-        http,
         "data",
         FLOOR_SYSTEM,
         &Endpoints::Stdio(conn.clone()),
@@ -1054,7 +1142,6 @@ struct Peer {
 }
 
 async fn bench_peer(
-    http: &reqwest::Client,
     peer: &Peer,
     port: u16,
     logs: &Path,
@@ -1076,13 +1163,12 @@ async fn bench_peer(
         token: None,
         tool: "echo".into(),
     };
-    if let Err(e) = wait_callable(http, &target, READY_WITHIN, Some(&mut proc)).await {
+    if let Err(e) = wait_callable(&target, READY_WITHIN, Some(&mut proc)).await {
         let tail = proc.tail(20);
         proc.stop().await;
         bail!("{e:#}; its log ends with:\n{tail}");
     }
     run_levels(
-        http,
         "data",
         &peer.system,
         &Endpoints::Http(vec![target]),
@@ -1221,10 +1307,9 @@ async fn bench_pools(
             mcp.demo_pool.store(pool.into(), Ordering::Relaxed);
         }
         wait_pool_ready(http, &base, "demo", pool, READY_WITHIN).await?;
-        wait_callable(http, &target, READY_WITHIN, None).await?;
+        wait_callable(&target, READY_WITHIN, None).await?;
         if let Some(conn) = floor {
             let row = run_level(
-                http,
                 "data",
                 &floor_next_to(pool),
                 &Endpoints::Stdio(conn.clone()),
@@ -1236,7 +1321,6 @@ async fn bench_pools(
         }
         let system = pool_system(pool);
         run_levels(
-            http,
             "data",
             &system,
             &Endpoints::Http(vec![target.clone()]),
@@ -1251,15 +1335,7 @@ async fn bench_pools(
         tool: String::new(),
         ..target
     };
-    let row = run_level(
-        http,
-        "data",
-        PING_SYSTEM,
-        &Endpoints::Http(vec![ping]),
-        1,
-        args,
-    )
-    .await;
+    let row = run_level("data", PING_SYSTEM, &Endpoints::Http(vec![ping]), 1, args).await;
     report.rows.push(row);
     Ok(())
 }
@@ -1577,12 +1653,11 @@ async fn bench_routing(
     let local_t = mcp.target(local, path, "echo");
     let remote_t = mcp.target(remote, path, "echo");
     wait_pool_ready(http, &mcp.url(local), "solo", 2, READY_WITHIN).await?;
-    wait_callable(http, &local_t, READY_WITHIN, None).await?;
-    wait_callable(http, &remote_t, READY_WITHIN, None).await?;
+    wait_callable(&local_t, READY_WITHIN, None).await?;
+    wait_callable(&remote_t, READY_WITHIN, None).await?;
     let local_name = format!("solo (replicas 1): local pool, node {local}");
     let remote_name = format!("solo (replicas 1): node {remote} -> node {local}");
     run_levels(
-        http,
         "routing",
         &local_name,
         &Endpoints::Http(vec![local_t]),
@@ -1591,7 +1666,6 @@ async fn bench_routing(
     )
     .await;
     run_levels(
-        http,
         "routing",
         &remote_name,
         &Endpoints::Http(vec![remote_t]),
@@ -1612,10 +1686,9 @@ async fn bench_routing(
             .map(|id| mcp.target(*id, &format!("/servers/{server}/mcp"), "echo"))
             .collect();
         for t in &targets {
-            wait_callable(http, t, READY_WITHIN, None).await?;
+            wait_callable(t, READY_WITHIN, None).await?;
         }
         let row = run_level(
-            http,
             "routing",
             &format!("{what}: spread over 3 nodes"),
             &Endpoints::Http(targets),
@@ -1709,17 +1782,10 @@ async fn bench_bridge(
     let first = mcp.ids[0];
     let direct = mcp.target(first, "/mcp", "demo__echo");
     for id in mcp.ids.clone() {
-        wait_callable(
-            http,
-            &mcp.target(id, "/mcp", "demo__echo"),
-            READY_WITHIN,
-            None,
-        )
-        .await?;
+        wait_callable(&mcp.target(id, "/mcp", "demo__echo"), READY_WITHIN, None).await?;
     }
     let direct_name = format!("/mcp direct, node {first} (a session per client)");
     run_levels(
-        http,
         "bridge",
         &direct_name,
         &Endpoints::Http(vec![direct]),
@@ -1731,7 +1797,6 @@ async fn bench_bridge(
         start_bridge(mcp, logs, "mcp-bridge", "warn", REQUEST_TIMEOUT, None).await?;
     let bridge_name = format!("mcp-bridge -> /mcp, node {first} (one stdio session)");
     run_levels(
-        http,
         "bridge",
         &bridge_name,
         &Endpoints::Stdio(conn),
@@ -2187,7 +2252,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut floor = None;
     if sections.contains(&Section::Data) {
-        match bench_floor(&http, &mcpd, logs.path(), &args, &mut report).await {
+        match bench_floor(&mcpd, logs.path(), &args, &mut report).await {
             Ok(f) => floor = Some(f),
             Err(e) => report.note("data", format!("the direct-stdio floor failed: {e:#}")),
         }
@@ -2197,7 +2262,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             peers(&mcpd, &mut report)
         };
         for (peer, port) in peers {
-            if let Err(e) = bench_peer(&http, &peer, port, logs.path(), &args, &mut report).await {
+            if let Err(e) = bench_peer(&peer, port, logs.path(), &args, &mut report).await {
                 report.note("data", format!("{} failed: {e:#}", peer.system));
             }
         }
