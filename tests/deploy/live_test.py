@@ -192,7 +192,7 @@ def mcp_load():
         # A call cancelled by the client while it runs.
         th = threading.Thread(target=lambda: s.call("sleep", {"ms": 3000}, id="cancel-me", timeout=20))
         th.start()
-        time.sleep(0.5)
+        wait_until(f"the sleep call running on node {n}", lambda: calls_in_flight(base, "demo") >= 1, 10)
         s.notify("notifications/cancelled", {"requestId": "cancel-me", "reason": "deploy test"})
         th.join(20)
         # Malformed JSON-RPC and a bad token.
@@ -229,6 +229,41 @@ def alert_state(prom, name, **labels):
         if a["labels"].get("alertname") == name and all(a["labels"].get(k) == v for k, v in labels.items()):
             return a["state"]
     return None
+
+
+def exited(pid):
+    """Whether process `pid` has exited (a zombie not reaped yet counts)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def calls_in_flight(base, server):
+    """mcpd_pool_calls_in_flight of `server` on the node at `base`."""
+    _, _, body = http("GET", f"{base}/metrics")
+    needle = f'mcpd_pool_calls_in_flight{{server="{server}"}} '
+    return sum(float(line[len(needle):]) for line in body.decode().splitlines() if line.startswith(needle))
+
+
+def wait_scrapes(prom, count, deadline_s=30):
+    """Waits until Prometheus has scraped every healthy target and evaluated its rule groups
+    `count` more times: what the nodes exported before the call is then in the queries."""
+    first, seen = {}, {}
+
+    def enough():
+        _, rules = get_json(f"{prom.base}/api/v1/rules")
+        stamps = [(t["scrapeUrl"], t.get("lastScrape")) for t in prom.targets() if t.get("health") == "up"]
+        stamps += [(f"rules {g['name']}", g.get("lastEvaluation")) for g in rules["data"]["groups"]]
+        for key, stamp in stamps:
+            if key not in first:
+                first[key], seen[key] = stamp, set()
+            elif stamp != first[key]:
+                seen[key].add(stamp)
+        return bool(stamps) and all(len(seen[k]) >= count for k, _ in stamps)
+
+    wait_until(f"{count} scrapes of every target and evaluations of every rule group", enough, deadline_s)
 
 
 def evaluate_everything(prom):
@@ -361,7 +396,7 @@ def main():
         problems = mcp_load()
         R.check("load: MCP calls on every node", not problems, "; ".join(problems[:3]))
         remember_children()
-        time.sleep(3)  # a few scrapes and rule evaluations
+        wait_scrapes(prom, 2)
 
         # kill -9 the leader: its node-down alert goes pending.
         lead = leader_id(state["endpoints"])
@@ -396,8 +431,9 @@ def main():
         # kill -9 the other follower: the survivor has no quorum; a write fails with no_quorum.
         victim = next(n for n in survivors if n != new_lead)
         log(f"kill -9 node {victim} (pid {node_pid(victim)}); node {new_lead} is left alone")
-        os.kill(node_pid(victim), signal.SIGKILL)
-        time.sleep(1)
+        victim_pid = node_pid(victim)
+        os.kill(victim_pid, signal.SIGKILL)
+        wait_until(f"node {victim} gone", lambda: exited(victim_pid), 10)
         r = mcpctl("tenant", "add", "never-committed", endpoints=[by_node[new_lead]], timeout=30)
         R.check("cluster: a write without quorum fails (503 no_quorum)",
                 r.returncode != 0 and "quorum" in r.stderr.lower(),
@@ -413,7 +449,7 @@ def main():
             R.ok("alert: McpdServerCrashLooping goes pending for a server that exits at once", st)
         except TimeoutError as e:
             R.fail("alert: McpdServerCrashLooping goes pending for a server that exits at once", str(e))
-        time.sleep(3)
+        wait_scrapes(prom, 2)
         evaluate_everything(prom)
         pending = sorted({a["labels"]["alertname"] + ":" + a["state"] for a in prom.alerts()})
         log("alerts at the end: " + ", ".join(pending))

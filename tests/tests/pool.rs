@@ -189,3 +189,91 @@ async fn a_dropped_sse_stream_resumes_with_last_event_id() {
     );
     assert!(rest.contains("slept 900 ms"), "{rest}");
 }
+
+/// Kills the processes whose command line holds a marker, also when the test fails.
+struct KillMarked(String);
+
+impl Drop for KillMarked {
+    fn drop(&mut self) {
+        for pid in processes_with(&self.0) {
+            if let Some(pid) = i32::try_from(pid)
+                .ok()
+                .and_then(rustix::process::Pid::from_raw)
+            {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dedicated_process_slow_to_start_holds_up_only_its_own_session() {
+    let c = Cluster::start(1).await;
+    let ledger = c.dir.path().join("ledger.jsonl");
+    let slow = c.dir.path().join("slow-start");
+    // Started while `slow` exists, the server first sleeps (a marked `sleep`, to find it).
+    let marker = format!(
+        "{}.{}",
+        3000 + std::process::id() % 1000,
+        fastrand::u32(100..999)
+    );
+    let _cleanup = KillMarked(marker.clone());
+    let mut spec = demo_server("slowded", &ledger);
+    spec.session_mode = mcpcp_proto::api::SessionMode::Dedicated;
+    spec.pool_size = 1;
+    spec.command = "/bin/sh".into();
+    spec.args = vec![
+        "-c".into(),
+        format!(
+            "if [ -e '{}' ]; then sleep {marker}; fi; exec {} demo-server",
+            slow.display(),
+            binary("mcpd").display()
+        ),
+    ];
+    c.client()
+        .create_server(&spec, &CallOptions::default())
+        .await
+        .expect("register");
+    let url = format!("{}/servers/slowded/mcp", c.url(1));
+    let open = || {
+        let (url, token) = (url.clone(), c.admin_token.clone());
+        async move { McpSession::open(&url, &token).await.ok() }
+    };
+    let a = eventually("session a", Duration::from_secs(30), open).await;
+    let r = a
+        .call_tool("echo", json!({"message": "a1"}))
+        .await
+        .expect("a1");
+    assert_eq!(tool_text(&r).as_deref(), Some("a1"));
+
+    // Session b's process now hangs in its start.
+    std::fs::write(&slow, b"").expect("flag");
+    let b = tokio::spawn({
+        let (url, token) = (url.clone(), c.admin_token.clone());
+        async move {
+            let b = McpSession::open(&url, &token).await?;
+            b.call_tool("echo", json!({"message": "b1"})).await
+        }
+    });
+    eventually(
+        "session b's process to be starting",
+        Duration::from_secs(30),
+        || {
+            let found = processes_with(&marker);
+            async move { (!found.is_empty()).then_some(()) }
+        },
+    )
+    .await;
+
+    // Session a's calls go on meanwhile (before, they waited for b's start to end).
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        a.call_tool("echo", json!({"message": "a2"})),
+    )
+    .await
+    .expect("session a's call waited for session b's process to start")
+    .expect("a2");
+    assert_eq!(tool_text(&r).as_deref(), Some("a2"));
+    assert!(!b.is_finished(), "session b's call ended: {:?}", b.await);
+    b.abort();
+}

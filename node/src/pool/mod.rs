@@ -11,8 +11,9 @@ pub mod catalogue;
 pub mod process;
 pub mod reconcile;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -78,10 +79,32 @@ pub struct Affinity {
 /// Most dedicated processes one pool runs on one node.
 const MAX_DEDICATED: usize = 128;
 
+/// A session's own process: set once started and initialised. The pool's map holds it while
+/// it starts, so that calls of other sessions do not wait for this one's start.
 struct Dedicated {
-    process: Arc<Process>,
-    last_used: Instant,
+    process: tokio::sync::OnceCell<Arc<Process>>,
+    last_used: Mutex<Instant>,
 }
+
+impl Dedicated {
+    /// Whether the process has started and since exited.
+    fn dead(&self) -> bool {
+        self.process.get().is_some_and(|p| !p.is_alive())
+    }
+
+    fn touch(&self) {
+        *self.last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    fn idle_for(&self) -> Duration {
+        self.last_used
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+    }
+}
+
+type DedicatedMap = HashMap<String, Arc<Dedicated>>;
 
 /// A server's notification that belongs to no call, tagged with the server's name.
 #[derive(Debug, Clone)]
@@ -137,7 +160,7 @@ pub struct Pool {
     tasks: std::sync::Mutex<JoinSet<()>>,
     cfg: PoolConfig,
     /// `session_mode = dedicated`: a process per downstream session.
-    dedicated: tokio::sync::Mutex<std::collections::HashMap<String, Dedicated>>,
+    dedicated: Mutex<DedicatedMap>,
     pool_events: mpsc::Sender<PoolEvent>,
 }
 
@@ -184,7 +207,7 @@ impl Pool {
             stop: trigger,
             tasks: std::sync::Mutex::new(JoinSet::new()),
             cfg,
-            dedicated: tokio::sync::Mutex::new(std::collections::HashMap::new()),
+            dedicated: Mutex::new(HashMap::new()),
             pool_events: pool_tx.clone(),
         });
         let mut t = pool.tasks.lock().unwrap_or_else(|p| p.into_inner());
@@ -301,27 +324,76 @@ impl Pool {
         }
     }
 
+    fn dedicated_map(&self) -> std::sync::MutexGuard<'_, DedicatedMap> {
+        self.dedicated.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets `mcpd_pool_dedicated_processes` to the processes started and not released.
+    fn count_dedicated(&self, map: &DedicatedMap) {
+        let started = map.values().filter(|d| d.process.get().is_some()).count();
+        metrics::gauge!("mcpd_pool_dedicated_processes", "server" => self.name.clone())
+            .set(started as f64);
+    }
+
+    /// The session's own process, started on its first call. Only that session's calls wait
+    /// for the start.
     async fn dedicated_process(&self, affinity: &Affinity) -> Result<Arc<Process>, ErrorObject> {
-        let mut map = self.dedicated.lock().await;
-        if let Some(d) = map.get_mut(&affinity.key) {
-            if d.process.is_alive() {
-                d.last_used = Instant::now();
-                return Ok(d.process.clone());
+        let slot = {
+            let mut map = self.dedicated_map();
+            match map.get(&affinity.key) {
+                Some(d) if !d.dead() => d.clone(),
+                _ => {
+                    if map.remove(&affinity.key).is_some() {
+                        self.count_dedicated(&map);
+                    }
+                    if self.closed.load(Ordering::Relaxed) {
+                        return Err(ErrorObject::new(
+                            code::UNAVAILABLE,
+                            format!("server {:?} was removed or changed; retry", self.name),
+                        ));
+                    }
+                    if map.len() >= MAX_DEDICATED {
+                        return Err(ErrorObject::new(
+                            code::QUEUE_FULL,
+                            format!("server {:?} already runs {MAX_DEDICATED} dedicated processes on this node; the call did not run", self.name),
+                        ));
+                    }
+                    let d = Arc::new(Dedicated {
+                        process: tokio::sync::OnceCell::new(),
+                        last_used: Mutex::new(Instant::now()),
+                    });
+                    map.insert(affinity.key.clone(), d.clone());
+                    d
+                }
             }
-            map.remove(&affinity.key);
+        };
+        slot.touch();
+        match slot
+            .process
+            .get_or_try_init(|| self.start_dedicated(affinity))
+            .await
+        {
+            Ok(process) => {
+                self.count_dedicated(&self.dedicated_map());
+                Ok(process.clone())
+            }
+            Err(e) => {
+                // The next call of the session tries again.
+                let mut map = self.dedicated_map();
+                if map
+                    .get(&affinity.key)
+                    .is_some_and(|d| Arc::ptr_eq(d, &slot))
+                {
+                    map.remove(&affinity.key);
+                }
+                Err(e)
+            }
         }
-        if self.closed.load(Ordering::Relaxed) {
-            return Err(ErrorObject::new(
-                code::UNAVAILABLE,
-                format!("server {:?} was removed or changed; retry", self.name),
-            ));
-        }
-        if map.len() >= MAX_DEDICATED {
-            return Err(ErrorObject::new(
-                code::QUEUE_FULL,
-                format!("server {:?} already runs {MAX_DEDICATED} dedicated processes on this node; the call did not run", self.name),
-            ));
-        }
+    }
+
+    /// Starts a process initialised with the session's own `initialize` parameters, and
+    /// restores the session's resource subscriptions on it.
+    async fn start_dedicated(&self, affinity: &Affinity) -> Result<Arc<Process>, ErrorObject> {
         let mut init = affinity.client_init.clone();
         if !init.is_object() {
             init = serde_json::json!({});
@@ -355,26 +427,21 @@ impl Pool {
                 )
                 .await;
         }
-        metrics::gauge!("mcpd_pool_dedicated_processes", "server" => self.name.clone())
-            .increment(1.0);
         tracing::info!(server = %self.name, session = %crate::mcp::session::short(&affinity.key), pid = process.pid().unwrap_or(0), "dedicated process started");
-        map.insert(
-            affinity.key.clone(),
-            Dedicated {
-                process: process.clone(),
-                last_used: Instant::now(),
-            },
-        );
         Ok(process)
     }
 
     /// Stops the dedicated process of a session that ended.
     pub async fn release(&self, key: &str) {
-        let d = self.dedicated.lock().await.remove(key);
-        if let Some(d) = d {
-            metrics::gauge!("mcpd_pool_dedicated_processes", "server" => self.name.clone())
-                .decrement(1.0);
-            d.process
+        let d = {
+            let mut map = self.dedicated_map();
+            let d = map.remove(key);
+            self.count_dedicated(&map);
+            d
+        };
+        // One still starting is stopped when its caller drops it.
+        if let Some(process) = d.as_ref().and_then(|d| d.process.get()) {
+            process
                 .stop(Duration::from_millis(self.cfg.stop_grace_ms))
                 .await;
         }
@@ -454,7 +521,7 @@ impl Pool {
     /// processes.
     pub async fn shutdown(&self, drain: Duration) {
         self.closed.store(true, Ordering::Relaxed);
-        let dedicated: Vec<String> = self.dedicated.lock().await.keys().cloned().collect();
+        let dedicated: Vec<String> = self.dedicated_map().keys().cloned().collect();
         for key in dedicated {
             self.release(&key).await;
         }
@@ -599,11 +666,9 @@ async fn reap_dedicated(pool: std::sync::Weak<Pool>, stop: Shutdown) {
         let Some(pool) = pool.upgrade() else { return };
         let idle = Duration::from_millis(pool.spec.spec.timeouts.idle_ms);
         let expired: Vec<String> = pool
-            .dedicated
-            .lock()
-            .await
+            .dedicated_map()
             .iter()
-            .filter(|(_, d)| d.last_used.elapsed() > idle || !d.process.is_alive())
+            .filter(|(_, d)| d.idle_for() > idle || d.dead())
             .map(|(k, _)| k.clone())
             .collect();
         for key in expired {

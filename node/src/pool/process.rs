@@ -137,6 +137,8 @@ struct Shared {
     next_id: AtomicU64,
     alive: AtomicBool,
     pool_events: mpsc::Sender<PoolEvent>,
+    /// `mcpd_pool_calls_in_flight` of the server.
+    in_flight: metrics::Gauge,
 }
 
 impl Shared {
@@ -180,19 +182,22 @@ pub fn set_answer_spin(spin: Duration) {
     );
 }
 
-/// Counts a call in [`AWAITING`] while it lives.
-struct Awaiting;
+/// Counts a call in [`AWAITING`] and in its server's `mcpd_pool_calls_in_flight` while it
+/// lives.
+struct Awaiting<'a>(&'a metrics::Gauge);
 
-impl Awaiting {
-    fn start() -> Awaiting {
+impl Awaiting<'_> {
+    fn start(in_flight: &metrics::Gauge) -> Awaiting<'_> {
         AWAITING.fetch_add(1, Ordering::Relaxed);
-        Awaiting
+        in_flight.increment(1.0);
+        Awaiting(in_flight)
     }
 }
 
-impl Drop for Awaiting {
+impl Drop for Awaiting<'_> {
     fn drop(&mut self) {
         AWAITING.fetch_sub(1, Ordering::Relaxed);
+        self.0.decrement(1.0);
     }
 }
 
@@ -278,6 +283,7 @@ impl Process {
             next_id: AtomicU64::new(1),
             alive: AtomicBool::new(true),
             pool_events,
+            in_flight: metrics::gauge!("mcpd_pool_calls_in_flight", "server" => spec.name.clone()),
         });
         let (stdin_tx, stdin_rx) = mpsc::channel::<Vec<u8>>(256);
         let (exited_tx, exited_rx) = watch::channel(false);
@@ -390,7 +396,7 @@ impl Process {
                 Some(original)
             });
         let (tx, rx) = oneshot::channel();
-        let _awaiting = Awaiting::start();
+        let _awaiting = Awaiting::start(&self.shared.in_flight);
         self.shared
             .pending
             .lock()
