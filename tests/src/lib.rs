@@ -474,6 +474,28 @@ pub mod bench {
             _ = term.recv() => "terminated",
         }
     }
+
+    /// A benchmark's `main`: runs `bench` until it ends or Ctrl-C/SIGTERM stops it (which drops
+    /// what it started, killing its processes); errors go to stderr prefixed with `name`.
+    pub async fn run_until_stopped(
+        name: &str,
+        bench: impl std::future::Future<Output = anyhow::Result<()>>,
+    ) -> std::process::ExitCode {
+        tokio::select! {
+            r = bench => match r {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("{name}: {e:#}");
+                    std::process::ExitCode::FAILURE
+                }
+            },
+            why = stop_signal() => {
+                eprintln!("{name}: {why}; stopped (the processes it started are killed)");
+                std::process::ExitCode::from(130)
+            }
+        }
+    }
+
     /// `etcd` on `PATH`.
     pub fn find_on_path(name: &str) -> Option<PathBuf> {
         let path = std::env::var_os("PATH")?;
@@ -489,6 +511,16 @@ pub mod bench {
         let rank = (p * sorted.len() as f64).ceil() as usize;
         Some(sorted[rank.clamp(1, sorted.len()) - 1])
     }
+    #[cfg(test)]
+    #[test]
+    fn percentile_is_nearest_rank() {
+        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&v, 0.50), Some(Duration::from_millis(50)));
+        assert_eq!(percentile(&v, 0.99), Some(Duration::from_millis(99)));
+        assert_eq!(percentile(&v[..1], 0.99), Some(Duration::from_millis(1)));
+        assert_eq!(percentile(&[], 0.5), None);
+    }
+
     pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
         let mut parts = vec![e.to_string()];
         let mut source = e.source();

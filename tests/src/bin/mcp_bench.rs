@@ -39,7 +39,7 @@
 //! repository (where `scripts/bench-mcp.sh` installs pinned versions), else on `PATH`; a peer
 //! that is missing is skipped and said so.
 
-use mcpcp_tests::bench::{find_on_path, percentile, root_cause, round3, stop_signal};
+use mcpcp_tests::bench::{find_on_path, percentile, root_cause, round3, run_until_stopped};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
@@ -205,6 +205,36 @@ struct Goal {
 }
 
 impl Goal {
+    /// The goal that `what`'s p50 be at most `limit_ms` above `reference`'s.
+    fn p50_over(
+        section: &'static str,
+        goal: String,
+        (what, p50): (&str, Option<Duration>),
+        (reference, reference_p50): (&str, Option<Duration>),
+        limit_ms: f64,
+    ) -> Goal {
+        let (measured, met) = match (p50, reference_p50) {
+            (Some(p), Some(r)) => {
+                let over = ms(p) - ms(r);
+                (
+                    format!(
+                        "{what} p50 {:.3} ms, {reference} {:.3} ms: {over:+.3} ms",
+                        ms(p),
+                        ms(r)
+                    ),
+                    Some(over <= limit_ms),
+                )
+            }
+            _ => (format!("{what} no figure"), None),
+        };
+        Goal {
+            section,
+            goal,
+            measured,
+            met,
+        }
+    }
+
     fn json(&self) -> Value {
         json!({
             "section": self.section,
@@ -1402,29 +1432,16 @@ fn data_goals(report: &mut Report) {
         let system = pool_system(pool);
         let floor_p50 = floor_p50(report, pool);
         let p50 = report.row("data", &system, 1).and_then(|r| r.p50);
-        let (measured, met) = match (p50, floor_p50) {
-            (Some(p), Some(f)) => {
-                let over = ms(p) - ms(f);
-                (
-                    format!(
-                        "{system}: p50 {:.3} ms, floor measured next to it {:.3} ms: {over:+.3} ms",
-                        ms(p),
-                        ms(f)
-                    ),
-                    Some(over <= GOAL_DATA_P50_OVER_FLOOR_MS),
-                )
-            }
-            _ => (format!("{system}: no figure"), None),
-        };
-        goals.push(Goal {
-            section: "data",
-            goal: format!(
+        goals.push(Goal::p50_over(
+            "data",
+            format!(
                 "1 client: p50 at most {:.0} µs above the direct-stdio floor",
                 GOAL_DATA_P50_OVER_FLOOR_MS * 1e3
             ),
-            measured,
-            met,
-        });
+            (&format!("{system}:"), p50),
+            ("floor measured next to it", floor_p50),
+            GOAL_DATA_P50_OVER_FLOOR_MS,
+        ));
     }
     let best = |pred: &dyn Fn(&Row) -> bool| {
         report
@@ -1700,26 +1717,13 @@ async fn bench_routing(
     }
     let l = report.row("routing", &local_name, 1).and_then(|r| r.p50);
     let f = report.row("routing", &remote_name, 1).and_then(|r| r.p50);
-    let (measured, met) = match (l, f) {
-        (Some(l), Some(f)) => {
-            let hop = ms(f) - ms(l);
-            (
-                format!(
-                    "1 client: forwarded p50 {:.3} ms, local {:.3} ms: {hop:+.3} ms",
-                    ms(f),
-                    ms(l)
-                ),
-                Some(hop <= GOAL_ROUTING_HOP_MS),
-            )
-        }
-        _ => ("no figure".into(), None),
-    };
-    report.goals.push(Goal {
-        section: "routing",
-        goal: format!("a peer hop adds at most {GOAL_ROUTING_HOP_MS} ms p50"),
-        measured,
-        met,
-    });
+    report.goals.push(Goal::p50_over(
+        "routing",
+        format!("a peer hop adds at most {GOAL_ROUTING_HOP_MS} ms p50"),
+        ("1 client: forwarded", f),
+        ("local", l),
+        GOAL_ROUTING_HOP_MS,
+    ));
     Ok(())
 }
 
@@ -1813,26 +1817,13 @@ async fn bench_bridge(
     bridge.stop().await;
     let b = report.row("bridge", &bridge_name, 1).and_then(|r| r.p50);
     let d = report.row("bridge", &direct_name, 1).and_then(|r| r.p50);
-    let (measured, met) = match (b, d) {
-        (Some(b), Some(d)) => {
-            let over = ms(b) - ms(d);
-            (
-                format!(
-                    "1 client: bridge p50 {:.3} ms, direct {:.3} ms: {over:+.3} ms",
-                    ms(b),
-                    ms(d)
-                ),
-                Some(over <= GOAL_BRIDGE_P50_MS),
-            )
-        }
-        _ => ("no figure".into(), None),
-    };
-    report.goals.push(Goal {
-        section: "bridge",
-        goal: format!("the bridge adds at most {GOAL_BRIDGE_P50_MS} ms p50"),
-        measured,
-        met,
-    });
+    report.goals.push(Goal::p50_over(
+        "bridge",
+        format!("the bridge adds at most {GOAL_BRIDGE_P50_MS} ms p50"),
+        ("1 client: bridge", b),
+        ("direct", d),
+        GOAL_BRIDGE_P50_MS,
+    ));
     if args.kills > 0 {
         bench_kills(http, mcp, logs, args, report).await?;
     }
@@ -2324,34 +2315,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Args::parse();
-    tokio::select! {
-        r = run(args) => match r {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("mcp-bench: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
-        why = stop_signal() => {
-            eprintln!("mcp-bench: {why}; stopped (the processes it started are killed)");
-            ExitCode::from(130)
-        }
-    }
+    run_until_stopped("mcp-bench", run(Args::parse())).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn percentile_is_nearest_rank() {
-        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
-        assert_eq!(percentile(&v, 0.50), Some(Duration::from_millis(50)));
-        assert_eq!(percentile(&v, 0.99), Some(Duration::from_millis(99)));
-        assert_eq!(percentile(&v[..1], 0.99), Some(Duration::from_millis(1)));
-        assert_eq!(percentile(&[], 0.5), None);
-    }
 
     #[test]
     fn sse_answers_are_found_by_id() {

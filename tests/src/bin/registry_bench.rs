@@ -14,7 +14,7 @@
 //! registry-bench [--seconds 10] [--levels 1,16,128] [--max-writes 1000000]
 //! ```
 
-use mcpcp_tests::bench::{find_on_path, percentile, root_cause, round3, stop_signal};
+use mcpcp_tests::bench::{find_on_path, percentile, root_cause, round3, run_until_stopped};
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -656,20 +656,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Args::parse();
-    tokio::select! {
-        r = run(args) => match r {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("registry-bench: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
-        why = stop_signal() => {
-            eprintln!("registry-bench: {why}; stopped (its mcpd and etcd processes are killed)");
-            ExitCode::from(130)
-        }
-    }
+    run_until_stopped("registry-bench", run(Args::parse())).await
 }
 
 #[cfg(test)]
@@ -691,14 +678,5 @@ mod tests {
             assert_eq!(base64(input.as_bytes()), want, "{input:?}");
         }
         assert_eq!(base64(&[0xff, 0xfe, 0xfd]), "//79");
-    }
-
-    #[test]
-    fn percentile_is_nearest_rank() {
-        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
-        assert_eq!(percentile(&v, 0.50), Some(Duration::from_millis(50)));
-        assert_eq!(percentile(&v, 0.99), Some(Duration::from_millis(99)));
-        assert_eq!(percentile(&v[..1], 0.99), Some(Duration::from_millis(1)));
-        assert_eq!(percentile(&[], 0.5), None);
     }
 }
