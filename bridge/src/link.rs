@@ -31,7 +31,7 @@ pub fn root(url: &str) -> &str {
     }
 }
 
-use crate::sse::SseParser;
+use mcpcp_proto::sse::SseParser;
 
 /// Why a POST did not give an answer.
 #[derive(Debug, thiserror::Error)]

@@ -5,7 +5,6 @@
 //! Stdout carries only protocol messages; logs go to stderr.
 
 mod link;
-mod sse;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -161,7 +161,7 @@ impl HttpMcp {
         }
         let id = id.unwrap_or_default();
         let found = if sse {
-            sse_events(&text)
+            mcpcp_proto::sse::events(text.as_bytes())
                 .into_iter()
                 .filter_map(|d| serde_json::from_str::<Value>(&d).ok())
                 .find(|v| is_response_to(v, id))
@@ -202,26 +202,6 @@ fn transport(e: &reqwest::Error) -> Reply {
 /// Whether `v` is the JSON-RPC response to request `id`.
 fn is_response_to(v: &Value, id: i64) -> bool {
     v["id"].as_i64() == Some(id) && (v.get("result").is_some() || v.get("error").is_some())
-}
-
-/// The data of each event of an SSE body (multi-line data joined by newlines).
-fn sse_events(text: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur: Vec<&str> = Vec::new();
-    for line in text.lines() {
-        if line.is_empty() {
-            if !cur.is_empty() {
-                out.push(cur.join("\n"));
-                cur.clear();
-            }
-        } else if let Some(d) = line.strip_prefix("data:") {
-            cur.push(d.strip_prefix(' ').unwrap_or(d));
-        }
-    }
-    if !cur.is_empty() {
-        out.push(cur.join("\n"));
-    }
-    out
 }
 
 type Pending = Arc<Mutex<HashMap<i64, oneshot::Sender<Value>>>>;
@@ -448,17 +428,6 @@ impl Drop for Bridge {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sse_bodies_are_split_into_events() {
-        let body = "event: message\ndata: {\"a\":1}\n\ndata: {\"id\":3,\ndata: \"result\":{}}\n\n: ping\ndata: last";
-        let ev = sse_events(body);
-        assert_eq!(ev.len(), 3);
-        assert_eq!(ev[0], "{\"a\":1}");
-        let v: Value = serde_json::from_str(&ev[1]).unwrap();
-        assert!(is_response_to(&v, 3));
-        assert_eq!(ev[2], "last");
-    }
 
     #[test]
     fn responses_are_matched_by_id() {

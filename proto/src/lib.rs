@@ -4,9 +4,11 @@
 //! - [`raft`] and [`cluster`]: the gRPC services between nodes, generated from `proto/*.proto`.
 //! - [`api`]: the JSON bodies of the admin API (`/v1/...`).
 //! - [`mcp`]: the MCP JSON-RPC envelope, error codes and protocol revisions.
+//! - [`sse`]: reading the server-sent-event streams of Streamable HTTP.
 
 pub mod api;
 pub mod mcp;
+pub mod sse;
 
 /// Raft transport between nodes (`proto/raft.proto`).
 pub mod raft {

@@ -387,14 +387,10 @@ impl McpSession {
             return Err(format!("HTTP {status}: {text}"));
         }
         let json = if sse {
-            // The answer is the last `data:` line of the stream.
-            text.lines()
-                .rev()
-                .filter_map(|l| l.strip_prefix("data:"))
-                .map(str::trim)
-                .find(|l| !l.is_empty())
-                .unwrap_or("null")
-                .to_string()
+            // The answer is the stream's last event.
+            mcpcp_proto::sse::events(text.as_bytes())
+                .pop()
+                .unwrap_or_else(|| "null".into())
         } else {
             text
         };

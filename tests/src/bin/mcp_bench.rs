@@ -342,31 +342,18 @@ fn check_echo(answer: &Value, msg: &str) -> Result<(), String> {
 
 /// The JSON-RPC answer to request `id` in an SSE body.
 fn sse_answer(body: &[u8], id: u64) -> Result<Value, String> {
-    let text = String::from_utf8_lossy(body);
-    let mut data = String::new();
-    for line in text.lines().chain(std::iter::once("")) {
-        if line.is_empty() {
-            if !data.is_empty() {
-                if let Ok(v) = serde_json::from_str::<Value>(&data) {
-                    let answer = v.get("result").is_some() || v.get("error").is_some();
-                    if answer && v["id"].as_u64() == Some(id) {
-                        return Ok(v);
-                    }
-                }
-                data.clear();
-            }
-        } else if let Some(d) = line.strip_prefix("data:") {
-            if !data.is_empty() {
-                data.push('\n');
-            }
-            data.push_str(d.strip_prefix(' ').unwrap_or(d));
-        }
-    }
-    Err(format!(
-        "no answer to id {id} in the SSE body ({} bytes): {}",
-        body.len(),
-        snippet(&text)
-    ))
+    mcpcp_proto::sse::events(body)
+        .iter()
+        .filter_map(|data| serde_json::from_str::<Value>(data).ok())
+        .find(|v| {
+            (v.get("result").is_some() || v.get("error").is_some()) && v["id"].as_u64() == Some(id)
+        })
+        .ok_or_else(|| {
+            format!(
+                "no answer to request {id} in the SSE body: {}",
+                snippet(&String::from_utf8_lossy(body))
+            )
+        })
 }
 
 /// Where HTTP clients go.

@@ -1,5 +1,7 @@
-//! A minimal server-sent-events reader: splits a byte stream into events and yields the data
-//! of each (`data:` lines joined), with its id. Comments and `retry:` are skipped.
+//! A minimal server-sent-events reader (the Streamable HTTP transport's streams): splits a byte
+//! stream into events and yields the data of each (`data:` lines joined), with its id.
+//! Comments and `retry:` are skipped. Used by the bridge, the chaos harness, the tests and the
+//! benchmarks alike.
 
 /// One event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,11 +55,35 @@ impl SseParser {
         }
         out
     }
+
+    /// Ends the stream: the event still being read when it ends without a blank line.
+    pub fn finish(&mut self) -> Option<SseEvent> {
+        self.feed(b"\n\n").pop()
+    }
+}
+
+/// The data of every event of a whole SSE body, the last one also without a blank line after it.
+pub fn events(body: &[u8]) -> Vec<String> {
+    let mut p = SseParser::default();
+    let mut out: Vec<String> = p.feed(body).into_iter().map(|e| e.data).collect();
+    out.extend(p.finish().map(|e| e.data));
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn whole_bodies_are_split_into_events() {
+        let body = b"event: message\ndata: {\"a\":1}\n\ndata: {\"id\":3,\ndata: \"result\":{}}\n\n: ping\ndata: last";
+        assert_eq!(
+            events(body),
+            vec!["{\"a\":1}", "{\"id\":3,\n\"result\":{}}", "last"]
+        );
+        assert!(events(b"").is_empty());
+        assert_eq!(events(b"data: x\r\n\r\n"), vec!["x"]);
+    }
 
     #[test]
     fn events_split_across_chunks() {
