@@ -19,6 +19,7 @@ use tokio::process::Command;
 
 use crate::janitor::{Janitor, JanitorError};
 use crate::netns::{NetError, Network};
+use crate::poll;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -518,37 +519,23 @@ impl Cluster {
 
     /// Waits until every live member agrees on one live leader; returns it.
     pub async fn wait_leader(&self, within: Duration) -> Result<u64, ClusterError> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(l) = self.agreed_leader().await {
-                return Ok(l);
-            }
-            if Instant::now() > deadline {
-                return Err(ClusterError::Timeout {
-                    what: "a leader every live member agrees on".into(),
-                    within,
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        poll::until(within, Duration::from_millis(100), || self.agreed_leader())
+            .await
+            .ok_or_else(|| ClusterError::Timeout {
+                what: "a leader every live member agrees on".into(),
+                within,
+            })
     }
 
     /// Waits until every live member agrees on the leader and has applied the same index, at
     /// least the leader's commit index (nothing is in flight). Returns that index.
     pub async fn wait_settled(&self, within: Duration) -> Result<u64, ClusterError> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(i) = self.settled_index().await {
-                return Ok(i);
-            }
-            if Instant::now() > deadline {
-                return Err(ClusterError::Timeout {
-                    what: "every live member to apply the same index under one leader".into(),
-                    within,
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        poll::until(within, Duration::from_millis(100), || self.settled_index())
+            .await
+            .ok_or_else(|| ClusterError::Timeout {
+                what: "every live member to apply the same index under one leader".into(),
+                within,
+            })
     }
 
     async fn settled_index(&self) -> Option<u64> {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use tokio::process::Child;
 
-use crate::sys;
+use crate::{poll, sys};
 
 /// Prefix of every network namespace a run creates.
 pub const NS_PREFIX: &str = "chaos-";
@@ -132,16 +132,11 @@ impl Janitor {
 
     /// Polls until child `pid` has exited (and is reaped), for at most `within`.
     async fn reap(&self, pid: u32, within: Duration) -> bool {
-        let deadline = Instant::now() + within;
-        loop {
-            if !self.lock().children.contains_key(&pid) || self.exited(pid).is_some() {
-                return true;
-            }
-            if Instant::now() > deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        poll::until(within, Duration::from_millis(20), || async {
+            (!self.lock().children.contains_key(&pid) || self.exited(pid).is_some()).then_some(())
+        })
+        .await
+        .is_some()
     }
 
     /// kill -9 and reap.

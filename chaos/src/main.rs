@@ -19,6 +19,7 @@ mod janitor;
 mod mcp;
 mod mcpload;
 mod netns;
+mod poll;
 mod report;
 mod sampler;
 mod scenario;

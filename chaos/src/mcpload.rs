@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mcpcp_proto::api::{CreateTokenRequest, ServerSpec, TenantSpec, Timeouts};
-use mcpctl::{AdminClient, CallOptions, ClientError};
+use mcpctl::{AdminClient, CallOptions};
 use serde_json::{json, Value};
 
 use crate::checker::mcp::{self as checks, parse_ledger};
@@ -40,7 +40,7 @@ use crate::history::{
 };
 use crate::janitor::Janitor;
 use crate::mcp::{Bridge, HttpMcp, Reply, PROTOCOL_VERSION};
-use crate::workload::{think, BoxFuture, FinalView, Workload, WorkloadCtx, WorkloadError};
+use crate::workload::{retry, think, BoxFuture, FinalView, Workload, WorkloadCtx, WorkloadError};
 
 /// The demo server's name (a tenant's own server).
 pub const SERVER: &str = "chaos-demo";
@@ -216,41 +216,6 @@ impl McpWorkload {
         (0..self.cfg.load.bridges)
             .map(|b| self.dir.join(format!("mcp-bridge-{b}.log")))
             .collect()
-    }
-}
-
-/// Runs a create until it is acknowledged (`Some`), already there (`None`, a 409 after a lost
-/// answer), refused (error), or `within` passes.
-async fn retry<T, F, Fut>(
-    what: &str,
-    within: Duration,
-    mut f: F,
-) -> Result<Option<T>, WorkloadError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, ClientError>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        match f().await {
-            Ok(v) => return Ok(Some(v)),
-            Err(e) if e.status() == Some(409) => return Ok(None),
-            Err(e) if e.status().is_some_and(|s| s < 500) => {
-                return Err(WorkloadError::Setup {
-                    what: what.to_string(),
-                    source: e,
-                })
-            }
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(200)).await
-            }
-            Err(_) => {
-                return Err(WorkloadError::SetupTimeout {
-                    what: what.to_string(),
-                    within,
-                })
-            }
-        }
     }
 }
 

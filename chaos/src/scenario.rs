@@ -15,6 +15,7 @@ use crate::faults::{Fault, FaultEnv, FaultError, Injected};
 use crate::history::{Clock, History, Latency, Micros, Op, Tally};
 use crate::janitor::Janitor;
 use crate::mcpload::{McpConfig, McpWorkload};
+use crate::poll;
 use crate::sampler::Sampler;
 use crate::workload::{FinalView, RegistryLoad, RegistryWorkload, Workload, WorkloadCtx};
 
@@ -199,20 +200,13 @@ pub async fn run(env: &RunEnv, index: usize, fault: Fault, seed: u64) -> Scenari
 
 /// Polls the history until a write invoked at or after `since` succeeded, or `within` passes.
 async fn wait_write_ok(history: &History, since: Micros, within: Duration) -> bool {
-    let deadline = Instant::now() + within;
-    loop {
-        let ok = history
-            .snapshot()
-            .iter()
-            .any(|op| op.kind.is_write() && op.invoke >= since && op.outcome.is_ok());
-        if ok {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    poll::until(within, Duration::from_millis(100), || async {
+        history
+            .any(|op| op.kind.is_write() && op.invoke >= since && op.outcome.is_ok())
+            .then_some(())
+    })
+    .await
+    .is_some()
 }
 
 async fn run_in(

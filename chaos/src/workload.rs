@@ -188,29 +188,11 @@ impl RegistryWorkload {
         for key in &self.keys {
             let value = self.next_value.fetch_add(1, Ordering::SeqCst);
             let spec = Self::register_spec(key, value);
-            let deadline = Instant::now() + within;
-            loop {
-                match admin.create_server(&spec, &CallOptions::default()).await {
-                    Ok(_) => break,
-                    // A create re-sent after a lost answer: it is there, with our value.
-                    Err(e) if e.status() == Some(409) => break,
-                    Err(e) if e.status().is_some_and(|s| s < 500) => {
-                        return Err(WorkloadError::Setup {
-                            what: format!("server {key}"),
-                            source: e,
-                        })
-                    }
-                    Err(_) if Instant::now() < deadline => {
-                        tokio::time::sleep(Duration::from_millis(200)).await
-                    }
-                    Err(_) => {
-                        return Err(WorkloadError::SetupTimeout {
-                            what: format!("server {key}"),
-                            within,
-                        })
-                    }
-                }
-            }
+            let opts = CallOptions::default();
+            retry(&format!("server {key}"), within, || {
+                admin.create_server(&spec, &opts)
+            })
+            .await?;
             self.initial
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -617,6 +599,41 @@ impl Workload for RegistryWorkload {
                 lin,
             ]
         })
+    }
+}
+
+/// Runs a create until it is acknowledged (`Some`), already there (`None`, a 409 after a lost
+/// answer), refused (error), or `within` passes.
+pub async fn retry<T, F, Fut>(
+    what: &str,
+    within: Duration,
+    mut f: F,
+) -> Result<Option<T>, WorkloadError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        match f().await {
+            Ok(v) => return Ok(Some(v)),
+            Err(e) if e.status() == Some(409) => return Ok(None),
+            Err(e) if e.status().is_some_and(|s| s < 500) => {
+                return Err(WorkloadError::Setup {
+                    what: what.to_string(),
+                    source: e,
+                })
+            }
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(_) => {
+                return Err(WorkloadError::SetupTimeout {
+                    what: what.to_string(),
+                    within,
+                })
+            }
+        }
     }
 }
 
