@@ -141,15 +141,27 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
     if let Some(Sub::DemoServer) = args.cmd.take() {
-        return mcpd::demo::run().await;
+        return runtime
+            .build()
+            .context("starting the async runtime")?
+            .block_on(mcpd::demo::run());
     }
     let cfg = args.into_config()?;
-    init_logging(&cfg);
-    let metrics = mcpd::metrics::install().context("installing the metrics recorder")?;
-    mcpd::app::run(cfg, metrics, shutdown_signal()).await?;
-    Ok(())
+    if cfg.runtime.worker_threads > 0 {
+        runtime.worker_threads(cfg.runtime.worker_threads);
+    }
+    runtime
+        .build()
+        .context("starting the async runtime")?
+        .block_on(async move {
+            init_logging(&cfg);
+            let metrics = mcpd::metrics::install().context("installing the metrics recorder")?;
+            mcpd::app::run(cfg, metrics, shutdown_signal()).await?;
+            Ok(())
+        })
 }
