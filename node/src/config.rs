@@ -102,10 +102,9 @@ pub struct Config {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
-    /// Worker threads of the async runtime; 0: one per CPU. On a small machine shared with the
-    /// MCP server processes, fewer workers than CPUs leaves them room and saves thread
-    /// wake-ups between workers (1 on a 2-CPU host gave lower call latency at the same
-    /// throughput). Fsyncs and blocking work run on their own threads either way.
+    /// Worker threads of the async runtime; 0: one per CPU. Fewer caps the CPU `mcpd` itself
+    /// can take on a host it shares with the MCP server processes it runs. The Raft log's
+    /// fsyncs and blocking work run on threads of their own either way.
     pub worker_threads: usize,
 }
 
