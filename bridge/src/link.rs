@@ -20,6 +20,8 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use mcpcp_proto::sse::SseParser;
+
 /// `scheme://host:port` of a URL (the URL itself when it has no path).
 pub fn root(url: &str) -> &str {
     match url
@@ -30,8 +32,6 @@ pub fn root(url: &str) -> &str {
         None => url,
     }
 }
-
-use mcpcp_proto::sse::SseParser;
 
 /// Why a POST did not give an answer.
 #[derive(Debug, thiserror::Error)]

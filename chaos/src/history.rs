@@ -251,13 +251,13 @@ impl History {
         }
     }
 
-    /// A copy of every operation, in invocation order; one still in flight is unknown and
-    /// ends now.
     /// Whether an op recorded so far (completed or not) satisfies `pred`, without copying them.
     pub fn any(&self, pred: impl Fn(&Op) -> bool) -> bool {
         self.lock().iter().any(|(op, _)| pred(op))
     }
 
+    /// A copy of every operation, in invocation order; one still in flight is unknown and
+    /// ends now.
     pub fn snapshot(&self) -> Vec<Op> {
         let now = self.clock.now();
         self.lock()

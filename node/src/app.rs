@@ -224,7 +224,6 @@ pub async fn run(
         shutdown.clone(),
     ));
     let mcp = McpState::new(router, &cfg.mcp, &me.http_addr);
-    crate::pool::process::set_answer_spin(Duration::from_micros(cfg.pool.answer_spin_us));
     tasks.spawn(reconcile::run(
         registry.clone(),
         pools,

@@ -112,6 +112,15 @@ def pid_alive(pid):
         return True
 
 
+def exited(pid):
+    """Whether process `pid` has exited (a zombie not reaped yet counts, unlike pid_alive)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def kill_pid(pid, sig=signal.SIGKILL):
     try:
         os.kill(pid, sig)

@@ -32,8 +32,9 @@ sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     ABSENT_BY_DESIGN, DEPLOY, PLANNED, Procs, Prom, Results, base_metric, binary, children_of,
-    cmdline, dashboard_queries, free_port, get_json, grafana_subst, http, install_signal_cleanup,
-    kill_pid, log, McpSession, pid_alive, read_env_file, run, selectors, split_token, wait_until,
+    cmdline, dashboard_queries, exited, free_port, get_json, grafana_subst, http,
+    install_signal_cleanup, kill_pid, log, McpSession, pid_alive, read_env_file, run, selectors,
+    split_token, wait_until,
 )
 
 R = Results()
@@ -229,15 +230,6 @@ def alert_state(prom, name, **labels):
         if a["labels"].get("alertname") == name and all(a["labels"].get(k) == v for k, v in labels.items()):
             return a["state"]
     return None
-
-
-def exited(pid):
-    """Whether process `pid` has exited (a zombie not reaped yet counts)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def calls_in_flight(base, server):

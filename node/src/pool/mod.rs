@@ -50,6 +50,12 @@ pub struct PoolConfig {
     pub answer_spin_us: u64,
 }
 
+impl PoolConfig {
+    fn answer_spin(&self) -> Duration {
+        Duration::from_micros(self.answer_spin_us)
+    }
+}
+
 impl Default for PoolConfig {
     fn default() -> Self {
         PoolConfig {
@@ -408,14 +414,19 @@ impl Pool {
             init["clientInfo"] =
                 serde_json::json!({ "name": "mcpd", "version": env!("CARGO_PKG_VERSION") });
         }
-        let process = Process::start_as(&self.spec.spec, self.pool_events.clone(), Some(init))
-            .await
-            .map_err(|e| {
-                ErrorObject::new(
-                    code::UNAVAILABLE,
-                    format!("server {:?}: {e}; the call did not run", self.name),
-                )
-            })?;
+        let process = Process::start_as(
+            &self.spec.spec,
+            self.pool_events.clone(),
+            self.cfg.answer_spin(),
+            Some(init),
+        )
+        .await
+        .map_err(|e| {
+            ErrorObject::new(
+                code::UNAVAILABLE,
+                format!("server {:?}: {e}; the call did not run", self.name),
+            )
+        })?;
         let process = Arc::new(process);
         // A session that moved here from another node keeps its subscriptions.
         for uri in &affinity.subscriptions {
@@ -598,7 +609,7 @@ async fn supervise(
     loop {
         let started = Instant::now();
         let attempt = tokio::select! {
-            r = Process::start(&spec, pool_events.clone()) => r,
+            r = Process::start(&spec, pool_events.clone(), cfg.answer_spin()) => r,
             _ = stop.clone().wait() => break,
         };
         match attempt {

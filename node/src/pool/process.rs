@@ -139,6 +139,8 @@ struct Shared {
     pool_events: mpsc::Sender<PoolEvent>,
     /// `mcpd_pool_calls_in_flight` of the server.
     in_flight: metrics::Gauge,
+    /// How long a lone call polls for its answer (see [`wait_answer`]).
+    answer_spin: Duration,
 }
 
 impl Shared {
@@ -170,18 +172,6 @@ pub struct Process {
 /// Calls on this node waiting for a server's answer, over every process.
 static AWAITING: AtomicUsize = AtomicUsize::new(0);
 
-/// How long a lone call polls for its answer before its worker thread may sleep, in µs
-/// (`[pool] answer_spin_us`; 0: never).
-static ANSWER_SPIN_US: AtomicU64 = AtomicU64::new(0);
-
-/// Sets how long a lone call polls for its answer before it lets its thread sleep.
-pub fn set_answer_spin(spin: Duration) {
-    ANSWER_SPIN_US.store(
-        u64::try_from(spin.as_micros()).unwrap_or(u64::MAX),
-        Ordering::Relaxed,
-    );
-}
-
 /// Counts a call in [`AWAITING`] and in its server's `mcpd_pool_calls_in_flight` while it
 /// lives.
 struct Awaiting<'a>(&'a metrics::Gauge);
@@ -202,17 +192,16 @@ impl Drop for Awaiting<'_> {
 }
 
 /// Waits for a call's answer. When it is the only call this node waits on, it first polls for
-/// up to `answer_spin_us`, yielding to the runtime between polls (which also lets the worker
+/// up to `spin` (`[pool] answer_spin_us`; zero: never), yielding to the runtime between polls (which also lets the worker
 /// poll the I/O driver): a local server answers in tens of µs, and catching its answer awake
 /// saves the wake-up of a sleeping worker thread, which on a virtual machine costs about as
 /// much again. Under load other calls are in flight and nothing polls; an idle node never does.
 /// `None`: the answer's sender is gone (the process ended).
-async fn wait_answer<T>(mut rx: oneshot::Receiver<T>) -> Option<T> {
-    let spin = ANSWER_SPIN_US.load(Ordering::Relaxed);
-    if spin == 0 || AWAITING.load(Ordering::Relaxed) > 1 {
+async fn wait_answer<T>(mut rx: oneshot::Receiver<T>, spin: Duration) -> Option<T> {
+    if spin.is_zero() || AWAITING.load(Ordering::Relaxed) > 1 {
         return rx.await.ok();
     }
-    let until = std::time::Instant::now() + Duration::from_micros(spin);
+    let until = std::time::Instant::now() + spin;
     loop {
         match rx.try_recv() {
             Ok(answer) => {
@@ -242,12 +231,14 @@ fn crashed(server: &str) -> ErrorObject {
 }
 
 impl Process {
-    /// Spawns the server, performs the MCP handshake and returns once it is ready.
+    /// Spawns the server, performs the MCP handshake and returns once it is ready. A call that
+    /// is the only one the node waits on polls `answer_spin` for its answer ([`wait_answer`]).
     pub async fn start(
         spec: &ServerSpec,
         pool_events: mpsc::Sender<PoolEvent>,
+        answer_spin: Duration,
     ) -> Result<Process, ProcessError> {
-        Self::start_as(spec, pool_events, None).await
+        Self::start_as(spec, pool_events, answer_spin, None).await
     }
 
     /// Like [`Process::start`], initialising the server with a downstream client's own
@@ -255,6 +246,7 @@ impl Process {
     pub async fn start_as(
         spec: &ServerSpec,
         pool_events: mpsc::Sender<PoolEvent>,
+        answer_spin: Duration,
         client_init: Option<Value>,
     ) -> Result<Process, ProcessError> {
         let mut cmd = Command::new(&spec.command);
@@ -284,6 +276,7 @@ impl Process {
             alive: AtomicBool::new(true),
             pool_events,
             in_flight: metrics::gauge!("mcpd_pool_calls_in_flight", "server" => spec.name.clone()),
+            answer_spin,
         });
         let (stdin_tx, stdin_rx) = mpsc::channel::<Vec<u8>>(256);
         let (exited_tx, exited_rx) = watch::channel(false);
@@ -424,7 +417,7 @@ impl Process {
             id,
             armed: true,
         };
-        let outcome = wait_answer(rx)
+        let outcome = wait_answer(rx, self.shared.answer_spin)
             .await
             .unwrap_or_else(|| Err(crashed(&self.shared.server)));
         guard.disarm();
@@ -728,21 +721,21 @@ mod tests {
 
     #[tokio::test]
     async fn a_polled_answer_arrives_whether_it_comes_during_the_poll_or_after_it() {
-        set_answer_spin(Duration::from_micros(500));
+        let spin = Duration::from_micros(500);
         // During the poll: sent by a task that runs while the waiter yields.
         let (tx, rx) = oneshot::channel();
         tokio::spawn(async move { tx.send(1).unwrap() });
-        assert_eq!(wait_answer(rx).await, Some(1));
+        assert_eq!(wait_answer(rx, spin).await, Some(1));
         // After it: the waiter stops polling and sleeps until the answer comes.
         let (tx, rx) = oneshot::channel();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(20)).await;
             tx.send(2).unwrap()
         });
-        assert_eq!(wait_answer(rx).await, Some(2));
+        assert_eq!(wait_answer(rx, spin).await, Some(2));
         // No answer ever: the sender's end is reported, not waited on.
         let (tx, rx) = oneshot::channel::<u8>();
         drop(tx);
-        assert_eq!(wait_answer(rx).await, None);
+        assert_eq!(wait_answer(rx, spin).await, None);
     }
 }

@@ -267,16 +267,15 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 
 #[cfg(test)]
 mod tests {
-    use std::pin::Pin;
     use std::sync::atomic::AtomicUsize;
 
-    use futures_util::Stream;
     use mcpcp_proto::raft::raft_server::{self, RaftServer};
     use openraft::Vote;
     use tokio_stream::wrappers::TcpListenerStream;
     use tonic::{Request, Response, Status, Streaming};
 
     use super::*;
+    use crate::raft::service::AppendAnswers;
 
     /// A peer that answers every append with success, counting which RPC carried it; with
     /// `streams: false` it is an older mcpd that does not know `AppendEntriesStream`.
@@ -295,8 +294,7 @@ mod tests {
 
     #[tonic::async_trait]
     impl raft_server::Raft for Peer {
-        type AppendEntriesStreamStream =
-            Pin<Box<dyn Stream<Item = Result<RaftPayload, Status>> + Send + 'static>>;
+        type AppendEntriesStreamStream = AppendAnswers;
 
         async fn append_entries_stream(
             &self,

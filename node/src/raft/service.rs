@@ -34,10 +34,12 @@ pub struct RaftService {
     pub raft: Raft,
 }
 
+/// The answers of an `AppendEntriesStream`, one per request.
+pub type AppendAnswers = Pin<Box<dyn Stream<Item = Result<RaftPayload, Status>> + Send + 'static>>;
+
 #[tonic::async_trait]
 impl raft_server::Raft for RaftService {
-    type AppendEntriesStreamStream =
-        Pin<Box<dyn Stream<Item = Result<RaftPayload, Status>> + Send + 'static>>;
+    type AppendEntriesStreamStream = AppendAnswers;
 
     /// Answers each request of the stream in turn. The answers are produced as the response
     /// stream is polled, so no task of its own sits between the connection and Raft.

@@ -418,6 +418,8 @@ struct HttpSession {
     /// `host:port` and path of `target.url`.
     authority: String,
     path: String,
+    /// `Authorization` of every request, when the target has a token.
+    bearer: Option<String>,
     conn: Option<HttpConn>,
     session: Option<String>,
     version: Option<String>,
@@ -442,6 +444,7 @@ impl HttpSession {
             target: target.clone(),
             authority,
             path,
+            bearer: target.token.as_ref().map(|t| format!("Bearer {t}")),
             conn: None,
             session: None,
             version: None,
@@ -472,8 +475,8 @@ impl HttpSession {
             .header(http::header::HOST, &self.authority)
             .header(ACCEPT, "application/json, text/event-stream")
             .header(CONTENT_TYPE, "application/json");
-        if let Some(t) = &self.target.token {
-            req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+        if let Some(b) = &self.bearer {
+            req = req.header(http::header::AUTHORIZATION, b);
         }
         if let Some(s) = &self.session {
             req = req.header("mcp-session-id", s);
@@ -492,18 +495,20 @@ impl HttpSession {
         req: http::Request<Full<Bytes>>,
         bound: Duration,
     ) -> Result<(http::response::Parts, Bytes), String> {
-        let authority = self.authority.clone();
-        let conn = &mut self.conn;
+        let HttpSession {
+            authority, conn, ..
+        } = self;
         let outcome = tokio::time::timeout(bound, async {
-            if conn.is_none() {
-                *conn = Some(HttpConn::connect(&authority).await?);
-            }
-            conn.as_mut().expect("connected above").exchange(req).await
+            let c = match conn {
+                Some(c) => c,
+                None => conn.insert(HttpConn::connect(authority).await?),
+            };
+            c.exchange(req).await
         })
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {bound:?}")));
         if outcome.is_err() {
-            self.conn = None;
+            *conn = None;
         }
         outcome
     }
@@ -723,7 +728,8 @@ enum Endpoints {
 }
 
 enum Client {
-    Http(HttpSession),
+    /// Boxed: a session is large beside a shared stdio connection.
+    Http(Box<HttpSession>),
     Stdio(Arc<StdioConn>),
 }
 
@@ -736,7 +742,7 @@ impl Client {
                 let mut last = String::new();
                 for _ in 0..3 {
                     match HttpSession::open(target).await {
-                        Ok(s) => return Ok(Client::Http(s)),
+                        Ok(s) => return Ok(Client::Http(Box::new(s))),
                         Err(e) => last = format!("{}: opening a session: {e}", target.url),
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -2215,8 +2221,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .prefix("mcpcp-bench-mcp-")
         .tempdir()
         .context("log dir")?;
-    // One client for every HTTP request of the run: keep-alive, a connection per concurrent
-    // client, idle connections dropped before the peers' 5 s keep-alive closes them.
+    // The client of the harness's own requests (admin API, readiness, placement); the measured
+    // calls go through `HttpSession`'s own connections.
     let http = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(2))
         .timeout(REQUEST_TIMEOUT)
