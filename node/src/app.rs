@@ -152,10 +152,15 @@ pub async fn run(
     };
 
     let log_path = cfg.data_dir.join("raft-log.redb");
-    let log_store = LogStore::open(&log_path, cfg.id).map_err(|source| StartError::Store {
+    let mut log_store = LogStore::open(&log_path, cfg.id).map_err(|source| StartError::Store {
         path: log_path,
         source,
     })?;
+    let early = cfg.raft.early_replication.then(|| {
+        let (tx, rx) = crate::raft::early::channel();
+        log_store.send_early_to(tx);
+        rx
+    });
     let sm_path = cfg.data_dir.join("state.redb");
     let sm = StateMachineStore::open(&sm_path).map_err(|source| StartError::Store {
         path: sm_path,
@@ -168,12 +173,20 @@ pub async fn run(
     let raft = Raft::new(
         cfg.id,
         Arc::new(raft_config(&cfg)?),
-        network,
+        network.clone(),
         log_store,
         sm.clone(),
     )
     .await
     .map_err(|e| StartError::Raft(e.to_string()))?;
+    if let Some(appends) = early {
+        tokio::spawn(crate::raft::early::run(
+            cfg.id,
+            raft.clone(),
+            network,
+            appends,
+        ));
+    }
     let registry = Registry::new(
         me.clone(),
         raft.clone(),

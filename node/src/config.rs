@@ -15,6 +15,7 @@
 //! election_timeout_max_ms = 1500
 //! snapshot_every = 5000             # entries between snapshots (log compaction)
 //! keep_logs = 1000                  # entries kept behind a snapshot for slow followers
+//! early_replication = true          # send new entries to followers during the leader's fsync
 //!
 //! [api]
 //! quorum_wait_ms = 5000             # bound on a write or linearizable read without quorum
@@ -143,6 +144,9 @@ pub struct RaftConfig {
     /// Largest snapshot chunk sent in one RPC.
     pub snapshot_chunk_bytes: u64,
     pub max_payload_entries: u64,
+    /// The leader sends new entries to its followers while its own fsync of them runs
+    /// (see `raft::early`), so that a write waits for two overlapping fsyncs, not two in a row.
+    pub early_replication: bool,
 }
 
 impl Default for RaftConfig {
@@ -155,6 +159,7 @@ impl Default for RaftConfig {
             keep_logs: 1000,
             snapshot_chunk_bytes: 1 << 20,
             max_payload_entries: 256,
+            early_replication: true,
         }
     }
 }

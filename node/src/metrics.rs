@@ -63,6 +63,10 @@ fn describe() {
         "mcpd_raft_rpc_failures_total",
         "Failed Raft RPCs to peers, by rpc"
     );
+    describe_counter!(
+        "mcpd_raft_early_appends_total",
+        "Entries the leader sent to a follower during its own fsync, by outcome"
+    );
     describe_histogram!(
         "mcpd_registry_write_seconds",
         Unit::Seconds,

@@ -34,6 +34,24 @@ where
     }
 }
 
+/// The sum of a Prometheus series' samples on `node_url`'s `/metrics`: every sample whose
+/// line starts with `series` (a name, or a name with its first labels), 0 when there is none.
+/// Also returns the whole text, for failure messages.
+pub async fn scrape_sum(node_url: &str, series: &str) -> (f64, String) {
+    let text = reqwest::get(format!("{node_url}/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    let sum = text
+        .lines()
+        .filter(|l| l.starts_with(series))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum();
+    (sum, text)
+}
+
 /// A built binary of this workspace: `$NAME_BIN` (e.g. `MCPD_BIN`) or the one next to the
 /// test executable's directory (`target/<profile>/`).
 pub fn binary(name: &str) -> PathBuf {

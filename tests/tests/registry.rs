@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use mcpcp_proto::api::{AddNodeRequest, ServerSpec, TenantSpec};
-use mcpcp_tests::{eventually, Cluster};
+use mcpcp_tests::{eventually, scrape_sum, Cluster};
 use mcpctl::{AdminClient, CallOptions, ClientError};
 
 fn server(name: &str) -> ServerSpec {
@@ -59,6 +59,40 @@ async fn write_on_follower_is_visible_on_every_node() {
         assert_eq!(s.revision, ack.revision, "node {id}");
         assert_eq!(s.spec.args, vec!["mcp-server-time"]);
     }
+}
+
+/// The leader hands each new entry to the followers before its own fsync of it is done
+/// (`raft::early`), and in-step followers accept it: were the early appends refused or never
+/// sent, writes would still work, only slower, so this is checked here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_sends_new_entries_to_followers_during_its_own_fsync() {
+    let c = Cluster::start(3).await;
+    let leader = c.wait_leader().await;
+    let client = c.node_client(leader);
+    for i in 0..5 {
+        client
+            .create_server(&server(&format!("s{i}")), &CallOptions::default())
+            .await
+            .expect("write");
+    }
+    let url = c.url(leader);
+    eventually(
+        "early appends accepted by the followers",
+        Duration::from_secs(10),
+        || {
+            let url = url.clone();
+            async move {
+                let (accepted, _) =
+                    scrape_sum(&url, "mcpd_raft_early_appends_total{outcome=\"accepted\"}").await;
+                // Two followers, five writes: most reach both early.
+                (accepted >= 5.0).then_some(())
+            }
+        },
+    )
+    .await;
+    let (refused, metrics) =
+        scrape_sum(&url, "mcpd_raft_early_appends_total{outcome=\"refused\"}").await;
+    assert_eq!(refused, 0.0, "followers refused early appends:\n{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -204,18 +238,7 @@ async fn replaced_node_with_new_id_catches_up_by_snapshot() {
         },
     )
     .await;
-    let metrics = reqwest::get(format!("{}/metrics", c.url(4)))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    let installs = metrics
-        .lines()
-        .find(|l| l.starts_with("mcpd_raft_snapshot_installs_total"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0);
+    let (installs, metrics) = scrape_sum(&c.url(4), "mcpd_raft_snapshot_installs_total").await;
     assert!(
         installs >= 1.0,
         "node 4 caught up without installing a snapshot:\n{metrics}"

@@ -5,8 +5,10 @@
 //! disk"):
 //!
 //! - **Memory** holds every log entry not yet purged, the vote and the commit index. Readers
-//!   (the replication tasks) read from it, so the leader replicates an entry while its own
-//!   fsync of that entry is still running.
+//!   (the replication tasks, the state machine) read from it. openraft 0.9 hands a leader's
+//!   entries to its replication tasks only once this store reports them flushed; entries
+//!   appended as the leader are also handed to [`super::early`], which sends them to the
+//!   followers while this store's fsync of them runs.
 //! - **One writer thread** owns the redb file. Every write (append, vote, truncate, purge,
 //!   commit index) is queued to it in order and it drains the queue in batches: one redb
 //!   transaction and one fsync (`Durability::Immediate`) for everything queued while the
@@ -35,6 +37,7 @@ use openraft::{OptionalSend, StorageIOError};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
+use super::early::{EarlyAppend, EarlySender};
 use super::typ::{Entry, LogId, StorageError, Vote};
 use super::{NodeId, TypeConfig};
 
@@ -55,8 +58,12 @@ const COMMITTED_EVERY: std::time::Duration = std::time::Duration::from_millis(10
 /// as readers; all share the memory and the writer.
 #[derive(Clone)]
 pub struct LogStore {
+    me: NodeId,
     mem: Arc<Mutex<Mem>>,
     writer: Arc<Writer>,
+    /// Where appends made as the leader also go, to be sent before they are durable here
+    /// (see [`super::early`]).
+    early: Option<EarlySender>,
 }
 
 /// The queue to the writer thread. Dropping the last handle closes the queue and waits for
@@ -170,11 +177,39 @@ impl LogStore {
             .spawn(move || write_loop(db, queue))
             .map_err(redb::Error::Io)?;
         Ok(LogStore {
+            me,
+            early: None,
             mem: Arc::new(Mutex::new(mem)),
             writer: Arc::new(Writer {
                 queue: Some(sender),
                 thread: Some(thread),
             }),
+        })
+    }
+
+    /// Hands every append this node makes as the leader to `early` too (see [`super::early`]).
+    pub fn send_early_to(&mut self, early: EarlySender) {
+        self.early = Some(early);
+    }
+
+    /// `entries` as an early append, when this node appends them as the leader (its vote is
+    /// its own, committed) at the end of its log.
+    fn as_leader(&self, entries: &[Entry]) -> Option<EarlyAppend> {
+        let mem = self.mem();
+        let vote = mem
+            .vote
+            .filter(|v| v.is_committed() && v.leader_id().voted_for() == Some(self.me))?;
+        let prev = mem
+            .logs
+            .last_key_value()
+            .map(|(_, e)| e.log_id)
+            .or(mem.last_purged);
+        let first = entries.first()?.log_id.index;
+        (first == prev.map_or(0, |p| p.index + 1)).then(|| EarlyAppend {
+            vote,
+            prev,
+            entries: entries.to_vec(),
+            committed: mem.committed,
         })
     }
 
@@ -376,6 +411,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        if let Some(early) = &self.early {
+            if let Some(append) = self.as_leader(&entries) {
+                // The receiver is gone only when the node stops; the append itself goes on.
+                let _ = early.send(append);
+            }
+        }
         self.queue_append(entries, Some(callback))
     }
 
@@ -499,6 +541,39 @@ mod tests {
         assert_eq!(
             s.read_vote().await.unwrap(),
             Some(Vote::new_committed(4, 7))
+        );
+    }
+
+    #[tokio::test]
+    async fn only_a_leader_s_appends_at_the_end_of_its_log_go_early() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = LogStore::open(&dir.path().join("log.redb"), 1).unwrap();
+        let ent = |index| blank_ent::<TypeConfig>(2, 1, index);
+        append_and_flush(&mut s, vec![ent(1), ent(2)], Vote::new(2, 1)).await;
+        assert!(
+            s.as_leader(&[ent(3)]).is_none(),
+            "a candidate's vote is not a leader's"
+        );
+
+        s.save_vote(&Vote::new_committed(2, 1)).await.unwrap();
+        s.save_committed(Some(ent(1).log_id)).await.unwrap();
+        let early = s
+            .as_leader(&[ent(3), ent(4)])
+            .expect("the leader's append goes early");
+        assert_eq!(early.vote, Vote::new_committed(2, 1));
+        assert_eq!(early.prev, Some(ent(2).log_id));
+        assert_eq!(early.committed, Some(ent(1).log_id));
+        let sent: Vec<u64> = early.entries.iter().map(|e| e.log_id.index).collect();
+        assert_eq!(sent, vec![3, 4]);
+        assert!(
+            s.as_leader(&[ent(5)]).is_none(),
+            "entries that leave a gap are not sent"
+        );
+
+        s.save_vote(&Vote::new_committed(3, 2)).await.unwrap();
+        assert!(
+            s.as_leader(&[ent(3)]).is_none(),
+            "a follower's appends are not sent"
         );
     }
 

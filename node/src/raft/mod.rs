@@ -4,6 +4,7 @@
 //! Nothing here knows what a server or a token is beyond handing commands to
 //! [`crate::registry::state::State`].
 
+pub mod early;
 pub mod log_store;
 pub mod network;
 pub mod service;

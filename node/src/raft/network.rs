@@ -70,6 +70,13 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &Member) -> PeerClient {
+        self.client_for(target, node)
+    }
+}
+
+impl NetworkFactory {
+    /// The client of peer `target` at `node`'s gRPC address, on the cached channel.
+    pub fn client_for(&self, target: NodeId, node: &Member) -> PeerClient {
         PeerClient {
             target,
             addr: node.grpc_addr.clone(),
@@ -129,7 +136,7 @@ impl PeerClient {
         request.set_timeout(option.hard_ttl());
         let started = std::time::Instant::now();
         let reply = match rpc {
-            "append_entries" => client.append_entries(request).await,
+            "append_entries" | "early_append" => client.append_entries(request).await,
             "vote" => client.vote(request).await,
             _ => client.install_snapshot(request).await,
         };
@@ -226,6 +233,18 @@ impl PeerClient {
         })?;
         self.stream = Some(stream);
         self.decode_reply(&answer.data)
+    }
+}
+
+impl PeerClient {
+    /// An early append (see [`super::early`]): a unary `AppendEntries`, apart from the stream
+    /// openraft's replication uses, so that neither waits for the other.
+    pub async fn append_early(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError> {
+        self.call("early_append", &rpc, &option).await
     }
 }
 

@@ -1,0 +1,212 @@
+//! Early replication: a leader sends its new entries to its followers while its own fsync of
+//! them runs.
+//!
+//! openraft 0.9 waits for the leader's own log flush before it hands new entries to its
+//! replication tasks, so a write pays two fsyncs one after the other: the leader's, then a
+//! follower's. Raft does not need that order (the leader may send entries before they are
+//! durable on its own disk, as long as it counts itself towards a commit only once they are,
+//! which openraft still does), and etcd does not pay it.
+//!
+//! So when the log store takes an append as the leader, it also hands the entries here, and
+//! this module sends them at once, as an ordinary `AppendEntries` of the leader's vote, to
+//! every voter that is known to be in step (its log ends where these entries begin). The
+//! follower's openraft checks and appends them as it would any `AppendEntries`, fsync
+//! included. When openraft's own replication of the same entries arrives a moment later,
+//! the follower already holds them and answers at once, with no second write. The two
+//! fsyncs overlap.
+//!
+//! The answers to early appends are only used to know which followers are in step; openraft
+//! counts nothing from them. An early append that fails, arrives out of order or is refused
+//! costs nothing but the message: safety rests entirely on the follower's own checks and on
+//! openraft's replication, as before.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::network::RPCOption;
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
+use tokio::sync::mpsc;
+
+use super::network::{NetworkFactory, PeerClient};
+use super::typ::{Entry, LogId, RaftMetrics, Vote};
+use super::{NodeId, Raft};
+
+/// How long an early append may take before it is given up (openraft's own replication
+/// carries the entries anyway).
+const EARLY_TTL: Duration = Duration::from_secs(1);
+/// Early appends queued for one follower before further ones are skipped.
+const PER_PEER_QUEUE: usize = 8;
+
+/// Entries a leader is appending to its log, as the log store saw them.
+#[derive(Debug, Clone)]
+pub struct EarlyAppend {
+    /// The leader's vote (committed, this node's).
+    pub vote: Vote,
+    /// The log id just before the first entry.
+    pub prev: Option<LogId>,
+    pub entries: Vec<Entry>,
+    /// The commit index the leader knew (never ahead of the real one).
+    pub committed: Option<LogId>,
+}
+
+impl EarlyAppend {
+    fn last(&self) -> Option<LogId> {
+        self.entries.last().map(|e| e.log_id).or(self.prev)
+    }
+}
+
+/// Where the log store hands a leader's appends.
+pub type EarlySender = mpsc::UnboundedSender<EarlyAppend>;
+pub type EarlyReceiver = mpsc::UnboundedReceiver<EarlyAppend>;
+
+pub fn channel() -> (EarlySender, EarlyReceiver) {
+    mpsc::unbounded_channel()
+}
+
+/// Sends each early append to the voters in step with the leader, until the log store's
+/// sender is dropped.
+pub async fn run(me: NodeId, raft: Raft, network: NetworkFactory, mut appends: EarlyReceiver) {
+    let mut peers: HashMap<NodeId, (String, mpsc::Sender<Arc<EarlyAppend>>)> = HashMap::new();
+    while let Some(mut append) = appends.recv().await {
+        // Appends queued meanwhile go as one message when they follow one another.
+        while let Ok(next) = appends.try_recv() {
+            if next.vote == append.vote && next.prev == append.last() {
+                append.entries.extend(next.entries);
+                append.committed = next.committed;
+            } else {
+                append = next;
+            }
+        }
+        let targets: Vec<(NodeId, mcpcp_proto::api::Member)> = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            let membership = m.membership_config.membership();
+            membership
+                .voter_ids()
+                .filter(|id| *id != me)
+                .filter_map(|id| membership.get_node(&id).map(|n| (id, n.clone())))
+                .collect()
+        };
+        peers.retain(|id, _| targets.iter().any(|(t, _)| t == id));
+        let append = Arc::new(append);
+        for (id, member) in targets {
+            let stale = peers
+                .get(&id)
+                .is_none_or(|(addr, tx)| *addr != member.grpc_addr || tx.is_closed());
+            if stale {
+                let (tx, rx) = mpsc::channel(PER_PEER_QUEUE);
+                let client = network.client_for(id, &member);
+                tokio::spawn(send_loop(id, client, raft.metrics(), rx));
+                peers.insert(id, (member.grpc_addr.clone(), tx));
+            }
+            if let Some((_, tx)) = peers.get(&id) {
+                if tx.try_send(append.clone()).is_err() {
+                    metrics::counter!("mcpd_raft_early_appends_total", "outcome" => "skipped")
+                        .increment(1);
+                }
+            }
+        }
+    }
+}
+
+/// Sends early appends to one follower, one at a time, in order.
+async fn send_loop(
+    target: NodeId,
+    mut client: PeerClient,
+    metrics: tokio::sync::watch::Receiver<RaftMetrics>,
+    mut appends: mpsc::Receiver<Arc<EarlyAppend>>,
+) {
+    // The last early append this follower accepted, under which vote.
+    let mut acked: Option<(Vote, Option<LogId>)> = None;
+    while let Some(append) = appends.recv().await {
+        let matched = metrics
+            .borrow()
+            .replication
+            .as_ref()
+            .and_then(|r| r.get(&target).copied());
+        if !in_step(&append, matched, acked) {
+            metrics::counter!("mcpd_raft_early_appends_total", "outcome" => "skipped").increment(1);
+            continue;
+        }
+        let rpc = AppendEntriesRequest {
+            vote: append.vote,
+            prev_log_id: append.prev,
+            entries: append.entries.clone(),
+            leader_commit: append.committed,
+        };
+        let outcome = client.append_early(rpc, RPCOption::new(EARLY_TTL)).await;
+        let label = match outcome {
+            Ok(AppendEntriesResponse::Success) => {
+                acked = Some((append.vote, append.last()));
+                "accepted"
+            }
+            Ok(_) => {
+                acked = None;
+                "refused"
+            }
+            Err(e) => {
+                tracing::debug!(peer = target, error = %e, "early append failed");
+                acked = None;
+                "failed"
+            }
+        };
+        metrics::counter!("mcpd_raft_early_appends_total", "outcome" => label).increment(1);
+    }
+}
+
+/// Whether `append` continues the follower's log: openraft's replication has matched up to
+/// its start (`matched` is that follower's entry in the leader's metrics), or an earlier early
+/// append of the same vote ended there.
+fn in_step(
+    append: &EarlyAppend,
+    matched: Option<Option<LogId>>,
+    acked: Option<(Vote, Option<LogId>)>,
+) -> bool {
+    matched == Some(append.prev) || acked == Some((append.vote, append.prev))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::testing::blank_ent;
+
+    fn append(vote: Vote, prev: Option<u64>) -> EarlyAppend {
+        let at = |i| blank_ent::<super::super::TypeConfig>(1, 1, i).log_id;
+        let first = prev.map_or(0, |p| p + 1);
+        EarlyAppend {
+            vote,
+            prev: prev.map(at),
+            entries: vec![blank_ent(1, 1, first)],
+            committed: None,
+        }
+    }
+
+    #[test]
+    fn an_append_goes_early_only_to_a_follower_whose_log_ends_where_it_begins() {
+        let v = Vote::new_committed(1, 1);
+        let at = |i| Some(blank_ent::<super::super::TypeConfig>(1, 1, i).log_id);
+        let a = append(v, Some(4));
+        assert!(
+            in_step(&a, Some(at(4)), None),
+            "replication matched up to 4"
+        );
+        assert!(!in_step(&a, Some(at(3)), None), "the follower lacks 4");
+        assert!(!in_step(&a, None, None), "nothing known of the follower");
+        assert!(
+            in_step(&a, Some(at(3)), Some((v, at(4)))),
+            "an early append of the same vote ended at 4"
+        );
+        assert!(
+            !in_step(&a, Some(at(3)), Some((Vote::new_committed(0, 2), at(4)))),
+            "what another leader's append reached proves nothing"
+        );
+        assert!(in_step(&append(v, None), Some(None), None), "an empty log");
+    }
+
+    #[test]
+    fn the_end_of_an_append_is_its_last_entry() {
+        let a = append(Vote::new_committed(1, 1), Some(4));
+        assert_eq!(a.last().map(|l| l.index), Some(5));
+    }
+}
