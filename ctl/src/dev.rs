@@ -4,6 +4,10 @@
 //! the port it got in `<data>/endpoints.json`, so there is no port race), initialises the
 //! cluster, creates tenant `default` and its token, registers the demo MCP server as `demo`,
 //! and writes `DIR/env` for `sh` to source. `down` stops what `up` started.
+//!
+//! `up` on a directory that holds a stopped cluster starts it again instead: each node on the
+//! addresses it had (the members know each other by them), with its data, so `DIR/env` stays
+//! valid; nothing is initialised or created a second time.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -106,17 +110,20 @@ pub fn running_pids(dir: &Path) -> Vec<(u32, u32)> {
     out
 }
 
-/// Starts one node of a dev cluster and waits for it to report its addresses.
+/// Starts one node of a dev cluster and waits for it to report its addresses. `at` is
+/// `(http, grpc)` to listen on; `None` takes free ports.
 pub async fn start_node(
     mcpd: &Path,
     dir: &Path,
     id: u32,
+    at: Option<(&str, &str)>,
     extra: &[String],
 ) -> Result<(Member, u32), DevError> {
     let nd = node_dir(dir, id);
     let data = nd.join("data");
     std::fs::create_dir_all(&data).map_err(io(format!("creating {}", data.display())))?;
     let _ = std::fs::remove_file(data.join("endpoints.json"));
+    let (http, grpc) = at.unwrap_or(("127.0.0.1:0", "127.0.0.1:0"));
     let log_path = nd.join("mcpd.log");
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -129,7 +136,7 @@ pub async fn start_node(
         .arg(id.to_string())
         .arg("--data-dir")
         .arg(&data)
-        .args(["--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"])
+        .args(["--http-addr", http, "--grpc-addr", grpc])
         .args(extra)
         .stdin(Stdio::null())
         .stdout(log)
@@ -173,16 +180,119 @@ pub async fn start_node(
 
 /// The addresses a node started with pid `pid` reported in `<data_dir>/endpoints.json`.
 pub fn read_endpoints(data_dir: &Path, pid: u32) -> Option<Member> {
+    last_endpoints(data_dir)
+        .filter(|(_, p)| *p == pid)
+        .map(|(m, _)| m)
+}
+
+/// The addresses a node last reported in `<data_dir>/endpoints.json`, and its pid then.
+fn last_endpoints(data_dir: &Path) -> Option<(Member, u32)> {
     let text = std::fs::read_to_string(data_dir.join("endpoints.json")).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    if v["pid"].as_u64() != Some(u64::from(pid)) {
-        return None;
-    }
-    Some(Member {
+    let pid = u32::try_from(v["pid"].as_u64()?).ok()?;
+    let member = Member {
         id: v["id"].as_u64()?,
         http_addr: v["http_addr"].as_str()?.to_string(),
         grpc_addr: v["grpc_addr"].as_str()?.to_string(),
-    })
+    };
+    Some((member, pid))
+}
+
+/// The nodes of a stopped cluster in `dir`: each node directory whose data holds the
+/// addresses it last listened on, by id.
+fn stopped_nodes(dir: &Path) -> Vec<(u32, Member)> {
+    let mut out: Vec<(u32, Member)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let id: u32 = e.file_name().to_str()?.strip_prefix("node")?.parse().ok()?;
+            let (member, _) = last_endpoints(&e.path().join("data"))?;
+            Some((id, member))
+        })
+        .collect();
+    out.sort_by_key(|(id, _)| *id);
+    out
+}
+
+/// The value of `export NAME='value'` in a `DIR/env` file.
+fn env_value(text: &str, name: &str) -> Option<String> {
+    let line = text.lines().find_map(|l| {
+        l.strip_prefix("export ")?
+            .strip_prefix(name)?
+            .strip_prefix('=')
+    })?;
+    Some(line.trim_matches('\'').to_string())
+}
+
+/// Starts the stopped cluster in `dir` again, each node on its old addresses, and waits for a
+/// leader.
+async fn restart(
+    opts: &UpOptions,
+    dir: &Path,
+    nodes: Vec<(u32, Member)>,
+    progress: &dyn Fn(&str),
+) -> Result<DevCluster, DevError> {
+    let env_path = dir.join("env");
+    let env = std::fs::read_to_string(&env_path).map_err(io(format!(
+        "{} holds a stopped cluster but no readable env file ({}); remove the directory to start afresh",
+        dir.display(),
+        env_path.display()
+    )))?;
+    let (Some(admin_token), Some(tenant_token)) = (
+        env_value(&env, "MCPCTL_TOKEN"),
+        env_value(&env, "MCP_BRIDGE_TOKEN"),
+    ) else {
+        return Err(DevError::Start(format!(
+            "{} lacks MCPCTL_TOKEN or MCP_BRIDGE_TOKEN; remove {} to start afresh",
+            env_path.display(),
+            dir.display()
+        )));
+    };
+    progress(&format!(
+        "{} holds a stopped cluster of {} nodes: starting it again",
+        dir.display(),
+        nodes.len()
+    ));
+    let mut members = Vec::new();
+    let mut pids = Vec::new();
+    for (id, old) in nodes {
+        let at = Some((old.http_addr.as_str(), old.grpc_addr.as_str()));
+        let (m, pid) = start_node(&opts.mcpd, dir, id, at, &opts.mcpd_args).await?;
+        progress(&format!(
+            "node {id} up again (pid {pid}, http {}, grpc {})",
+            m.http_addr, m.grpc_addr
+        ));
+        members.push(m);
+        pids.push(pid);
+    }
+    let cluster = DevCluster {
+        dir: dir.to_path_buf(),
+        members,
+        pids,
+        admin_token,
+        tenant_token,
+    };
+    let admin = AdminClient::new(&cluster.endpoints(), Some(cluster.admin_token.clone()))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match admin.cluster_status().await {
+            Ok(s) if s.leader.is_some() => {
+                progress(&format!("leader is node {}", s.leader.unwrap_or_default()));
+                return Ok(cluster);
+            }
+            Ok(_) | Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(_) => {
+                return Err(DevError::Start(
+                    "no leader was elected within 30 s of the restart (see the nodes' mcpd.log)"
+                        .into(),
+                ))
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// `dev up`.
@@ -201,10 +311,14 @@ pub async fn up(opts: &UpOptions, progress: &dyn Fn(&str)) -> Result<DevCluster,
     }
     std::fs::create_dir_all(&opts.dir).map_err(io(format!("creating {}", opts.dir.display())))?;
     let dir = opts.dir.canonicalize().map_err(io("resolving --dir"))?;
+    let stopped = stopped_nodes(&dir);
+    if !stopped.is_empty() {
+        return restart(opts, &dir, stopped, progress).await;
+    }
     let mut members = Vec::new();
     let mut pids = Vec::new();
     for id in 1..=opts.nodes {
-        let (m, pid) = start_node(&opts.mcpd, &dir, id, &opts.mcpd_args).await?;
+        let (m, pid) = start_node(&opts.mcpd, &dir, id, None, &opts.mcpd_args).await?;
         progress(&format!(
             "node {id} up (pid {pid}, http {}, grpc {})",
             m.http_addr, m.grpc_addr

@@ -14,6 +14,21 @@ use mcpcp_proto::api::{
 use mcpctl::{dev, import, AdminClient, CallOptions, ClientError};
 use serde::Serialize;
 
+/// `println!` for the command's output. When stdout is closed early (`mcpctl server list |
+/// head -1`), the command ends quietly, as Unix tools do, instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("error: writing the output: {e}");
+            std::process::exit(1);
+        }
+    }};
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "mcpctl",
@@ -274,6 +289,9 @@ enum TokenCmd {
 #[derive(Debug, Subcommand)]
 enum DevCmd {
     /// Start N local nodes, form a cluster, create tenant `default`, register `demo`.
+    ///
+    /// On a DIR that holds a stopped cluster (after `dev down`), start that cluster again
+    /// instead: same nodes, same addresses, same data and tokens (DIR/env stays valid).
     Up {
         #[arg(long, default_value_t = 3)]
         nodes: u32,
@@ -335,7 +353,7 @@ fn fail(code: i32, message: impl Into<String>) -> Failure {
 type Outcome = Result<(), Failure>;
 
 fn print_json<T: Serialize>(v: &T) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    out!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
 /// Prints rows as an aligned table.
@@ -352,7 +370,7 @@ fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
             .enumerate()
             .map(|(i, c)| format!("{:<w$}", c, w = widths[i]))
             .collect();
-        println!("{}", s.join("  ").trim_end());
+        out!("{}", s.join("  ").trim_end());
     };
     line(header.iter().map(|h| h.to_string()).collect());
     for r in rows {
@@ -371,7 +389,7 @@ fn client(cli: &Cli) -> Result<AdminClient, Failure> {
 fn ack(cli: &Cli, what: &str, revision: u64) {
     match cli.output {
         Output::Json => print_json(&serde_json::json!({ "revision": revision })),
-        Output::Table => println!("{what} (revision {revision})"),
+        Output::Table => out!("{what} (revision {revision})"),
     }
 }
 
@@ -410,7 +428,7 @@ async fn cluster(cli: &Cli, cmd: &ClusterCmd) -> Outcome {
                         "cluster initialised: members {:?}, leader {}. The admin token below is shown once:",
                         resp.members, resp.leader
                     );
-                    println!("{}", resp.admin_token);
+                    out!("{}", resp.admin_token);
                 }
             }
             Ok(())
@@ -446,7 +464,7 @@ async fn cluster(cli: &Cli, cmd: &ClusterCmd) -> Outcome {
                 .await?;
             match cli.output {
                 Output::Json => print_json(&m),
-                Output::Table => println!(
+                Output::Table => out!(
                     "node {} added as {}",
                     m.id,
                     if *learner { "learner" } else { "voter" }
@@ -457,7 +475,7 @@ async fn cluster(cli: &Cli, cmd: &ClusterCmd) -> Outcome {
         ClusterCmd::RemoveNode { id } => {
             client(cli)?.remove_node(*id).await?;
             if cli.output == Output::Table {
-                println!("node {id} removed");
+                out!("node {id} removed");
             }
             Ok(())
         }
@@ -468,7 +486,7 @@ fn print_status(cli: &Cli, s: &ClusterStatus) {
     if cli.output == Output::Json {
         return print_json(s);
     }
-    println!(
+    out!(
         "leader: {}   term: {}   revision: {}   answered by: node {} ({})",
         opt(s.leader),
         s.term,
@@ -476,7 +494,7 @@ fn print_status(cli: &Cli, s: &ClusterStatus) {
         s.node_id,
         s.state
     );
-    println!(
+    out!(
         "last log: {}   committed: {}   applied: {}   snapshot: {}   purged: {}",
         opt(s.last_log_index),
         opt(s.committed_index),
@@ -648,8 +666,8 @@ async fn server(cli: &Cli, cmd: &ServerCmd) -> Outcome {
                 Output::Json => print_json(&s),
                 Output::Table => {
                     print_servers(cli, std::slice::from_ref(&s));
-                    println!();
-                    println!(
+                    out!();
+                    out!(
                         "{}",
                         serde_json::to_string_pretty(&s.spec).unwrap_or_default()
                     );
@@ -661,13 +679,13 @@ async fn server(cli: &Cli, cmd: &ServerCmd) -> Outcome {
             match cli.output {
                 Output::Json => print_json(&st),
                 Output::Table => {
-                    println!(
+                    out!(
                         "server {} (revision {}, {})",
                         st.name,
                         st.revision,
                         if st.enabled { "enabled" } else { "disabled" }
                     );
-                    println!("placement: {:?}", st.placement);
+                    out!("placement: {:?}", st.placement);
                     let rows = st
                         .replicas
                         .iter()
@@ -690,7 +708,7 @@ async fn server(cli: &Cli, cmd: &ServerCmd) -> Outcome {
                         .collect();
                     print_table(&["NODE", "REACHABLE", "PROCESSES", "QUEUE"], rows);
                     if !st.breakers.is_empty() {
-                        println!();
+                        out!();
                         let rows = st
                             .breakers
                             .iter()
@@ -828,7 +846,7 @@ async fn token(cli: &Cli, cmd: &TokenCmd) -> Outcome {
                 .await?;
             match cli.output {
                 Output::Json => print_json(&created),
-                Output::Table => println!("{}", created.token),
+                Output::Table => out!("{}", created.token),
             }
         }
         TokenCmd::List => {
@@ -943,13 +961,13 @@ async fn dev_cmd(cli: &Cli, cmd: &DevCmd) -> Outcome {
                     "admin_token": c.admin_token, "tenant_token": c.tenant_token,
                 })),
                 Output::Table => {
-                    println!(
+                    out!(
                         "cluster of {} nodes is up: {}",
                         c.members.len(),
                         c.endpoints().join(", ")
                     );
-                    println!("load its settings with:  . {}/env", c.dir.display());
-                    println!(
+                    out!("load its settings with:  . {}/env", c.dir.display());
+                    out!(
                         "stop it with:            mcpctl dev down --dir {}",
                         dir.display()
                     );
@@ -962,7 +980,7 @@ async fn dev_cmd(cli: &Cli, cmd: &DevCmd) -> Outcome {
             if stopped.is_empty() {
                 eprintln!("no running nodes in {}", dir.display());
             } else if cli.output == Output::Table {
-                println!("stopped nodes {stopped:?}");
+                out!("stopped nodes {stopped:?}");
             }
             Ok(())
         }

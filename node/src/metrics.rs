@@ -68,6 +68,11 @@ fn describe() {
         "Entries the leader sent to a follower during its own fsync, by outcome"
     );
     describe_histogram!(
+        "mcpd_registry_forward_seconds",
+        Unit::Seconds,
+        "Time of a write forwarded to the leader, from sending it to its answer"
+    );
+    describe_histogram!(
         "mcpd_registry_write_seconds",
         Unit::Seconds,
         "Registry write latency (propose to applied), by op and outcome"

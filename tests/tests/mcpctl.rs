@@ -126,4 +126,40 @@ fn dev_up_serves_a_cluster_and_dev_down_stops_it() {
     // Nothing answers any more: exit code 3.
     let gone = mcpctl(&["server", "list"], &env);
     assert_eq!(gone.status.code(), Some(3), "{}", text(&gone));
+
+    // `dev up` on the stopped cluster starts it again: same addresses and tokens (the env
+    // file still works), same data.
+    let before = std::fs::read_to_string(dir.join("env")).expect("env file");
+    let again = mcpctl(&["dev", "up", "--dir", &d, "--mcpd", &mcpd], &[]);
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("starting it again"),
+        "{}",
+        text(&again)
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("env")).expect("env file"),
+        before
+    );
+    let get = mcpctl(&["server", "get", "files", "-o", "json"], &env);
+    assert!(get.status.success(), "{}", text(&get));
+    // Writes work: the restarted nodes elected a leader among themselves.
+    let add = mcpctl(&["tenant", "add", "after-restart"], &env);
+    assert!(add.status.success(), "{}", text(&add));
+
+    // Output to a reader that went away (`mcpctl tenant list | head -1`) ends the command
+    // quietly, not with a panic.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let mut cmd = std::process::Command::new(binary("mcpctl"));
+    cmd.args(["tenant", "list"])
+        .envs(env.iter().copied())
+        .stdout(writer);
+    let closed = cmd.output().expect("run mcpctl");
+    assert_eq!(closed.status.code(), Some(0), "{}", text(&closed));
+    assert!(
+        !String::from_utf8_lossy(&closed.stderr).contains("panicked"),
+        "{}",
+        text(&closed)
+    );
 }

@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::network::RPCOption;
+use openraft::network::{RPCOption, RaftNetwork};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
 use tokio::sync::mpsc;
 
@@ -35,8 +35,10 @@ use super::{NodeId, Raft};
 /// How long an early append may take before it is given up (openraft's own replication
 /// carries the entries anyway).
 const EARLY_TTL: Duration = Duration::from_secs(1);
-/// Early appends queued for one follower before further ones are skipped.
-const PER_PEER_QUEUE: usize = 8;
+/// Early appends queued for one follower while one is on its way; further ones are skipped.
+/// Under load a queue would only build a backlog that openraft's replication overtakes,
+/// costing the follower work for entries it already has.
+const PER_PEER_QUEUE: usize = 1;
 
 /// Entries a leader is appending to its log, as the log store saw them.
 #[derive(Debug, Clone)]
@@ -79,7 +81,7 @@ pub async fn run(me: NodeId, raft: Raft, network: NetworkFactory, mut appends: E
             }
         }
         let targets: Vec<(NodeId, mcpcp_proto::api::Member)> = {
-            let m = raft.metrics();
+            let m = raft.server_metrics();
             let m = m.borrow();
             let membership = m.membership_config.membership();
             membership
@@ -96,7 +98,7 @@ pub async fn run(me: NodeId, raft: Raft, network: NetworkFactory, mut appends: E
                 .is_none_or(|(addr, tx)| *addr != member.grpc_addr || tx.is_closed());
             if stale {
                 let (tx, rx) = mpsc::channel(PER_PEER_QUEUE);
-                let client = network.client_for(id, &member);
+                let client = network.client_for(id, &member).for_early();
                 tokio::spawn(send_loop(id, client, raft.metrics(), rx));
                 peers.insert(id, (member.grpc_addr.clone(), tx));
             }
@@ -135,7 +137,7 @@ async fn send_loop(
             entries: append.entries.clone(),
             leader_commit: append.committed,
         };
-        let outcome = client.append_early(rpc, RPCOption::new(EARLY_TTL)).await;
+        let outcome = client.append_entries(rpc, RPCOption::new(EARLY_TTL)).await;
         let label = match outcome {
             Ok(AppendEntriesResponse::Success) => {
                 acked = Some((append.vote, append.last()));

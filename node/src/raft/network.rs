@@ -86,6 +86,7 @@ impl NetworkFactory {
                 .map_err(|e| e.to_string()),
             stream: None,
             stream_unsupported: AtomicBool::new(false),
+            append_rpc: "append_entries",
         }
     }
 }
@@ -100,6 +101,9 @@ pub struct PeerClient {
     /// The peer answered `Unimplemented` to the stream (an older mcpd, during a rolling
     /// upgrade): this session uses the unary `AppendEntries` instead.
     stream_unsupported: AtomicBool,
+    /// The `rpc` label of its appends in the metrics: `append_entries` for openraft's
+    /// replication, `early_append` for [`super::early`]'s (see [`PeerClient::for_early`]).
+    append_rpc: &'static str,
 }
 
 /// An `AppendEntriesStream` to the peer: requests go in, one answer per request comes out.
@@ -225,10 +229,10 @@ impl PeerClient {
                 &std::io::Error::other(format!("no answer within {ttl:?}")),
             ))),
         };
-        metrics::histogram!("mcpd_raft_rpc_seconds", "rpc" => "append_entries")
+        metrics::histogram!("mcpd_raft_rpc_seconds", "rpc" => self.append_rpc)
             .record(started.elapsed().as_secs_f64());
         let (stream, answer) = outcome.inspect_err(|_| {
-            metrics::counter!("mcpd_raft_rpc_failures_total", "rpc" => "append_entries")
+            metrics::counter!("mcpd_raft_rpc_failures_total", "rpc" => self.append_rpc)
                 .increment(1);
         })?;
         self.stream = Some(stream);
@@ -237,14 +241,11 @@ impl PeerClient {
 }
 
 impl PeerClient {
-    /// An early append (see [`super::early`]): a unary `AppendEntries`, apart from the stream
-    /// openraft's replication uses, so that neither waits for the other.
-    pub async fn append_early(
-        &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
-        option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError> {
-        self.call("early_append", &rpc, &option).await
+    /// This client for early appends (see [`super::early`]): its own stream, apart from
+    /// openraft's replication, so that neither waits for the other; counted as `early_append`.
+    pub fn for_early(mut self) -> Self {
+        self.append_rpc = "early_append";
+        self
     }
 }
 
@@ -264,7 +265,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 "peer has no AppendEntriesStream (an older mcpd?); using unary AppendEntries"
             );
         }
-        self.call("append_entries", &rpc, &option).await
+        self.call(self.append_rpc, &rpc, &option).await
     }
 
     async fn install_snapshot(

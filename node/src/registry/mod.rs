@@ -173,7 +173,7 @@ impl Registry {
     /// Every member (voters and learners) of the current membership.
     pub fn members(&self) -> Vec<Member> {
         self.raft
-            .metrics()
+            .server_metrics()
             .borrow()
             .membership_config
             .membership()
@@ -208,8 +208,12 @@ impl Registry {
 
     /// Completes once this node no longer sees `leader` as the leader (an election started or
     /// ended): a request forwarded to it may never be answered.
+    ///
+    /// It watches openraft's server metrics, which change only with the vote, the role, the
+    /// leader or the membership: the full metrics change with every entry, and would wake a
+    /// forwarded write's task several times per write.
     async fn leader_changed_from(&self, leader: u64) {
-        let mut rx = self.raft.metrics();
+        let mut rx = self.raft.server_metrics();
         loop {
             if rx.borrow_and_update().current_leader != Some(leader) {
                 return;
@@ -223,7 +227,7 @@ impl Registry {
 
     /// Where to forward a write when the metrics already name another node as the leader.
     fn known_other_leader(&self) -> Option<ForwardToLeader> {
-        let m = self.raft.metrics();
+        let m = self.raft.server_metrics();
         let m = m.borrow();
         let leader = m.current_leader.filter(|l| *l != self.id)?;
         let node = m.membership_config.membership().get_node(&leader).cloned();
@@ -239,7 +243,7 @@ impl Registry {
         }
         let id = f.leader_id?;
         self.raft
-            .metrics()
+            .server_metrics()
             .borrow()
             .membership_config
             .membership()
@@ -347,10 +351,12 @@ impl Registry {
     ) -> Result<Result<state::CommandResult, ForwardError>, String> {
         let mut client = self.cluster_client(leader)?;
         let command = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+        let started = Instant::now();
         let reply = client
             .forward_write(ForwardWriteRequest { command })
             .await
             .map_err(|s| s.to_string())?;
+        metrics::histogram!("mcpd_registry_forward_seconds").record(started.elapsed());
         serde_json::from_slice(&reply.into_inner().result).map_err(|e| e.to_string())
     }
 
