@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::mcp::McpState;
 use crate::pool::reconcile::{self, Pools};
 use crate::raft::log_store::LogStore;
-use crate::raft::network::{NetworkFactory, PeerChannels};
+use crate::raft::network::{EarlyAcks, NetworkFactory, PeerChannels};
 use crate::raft::service::{ClusterService, RaftService};
 use crate::raft::state_machine::StateMachineStore;
 use crate::raft::Raft;
@@ -169,6 +169,7 @@ pub async fn run(
     let channels = PeerChannels::new(Duration::from_millis(500));
     let network = NetworkFactory {
         channels: channels.clone(),
+        early_acks: early.is_some().then(EarlyAcks::default),
     };
     let raft = Raft::new(
         cfg.id,

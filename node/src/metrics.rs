@@ -64,6 +64,10 @@ fn describe() {
         "Failed Raft RPCs to peers, by rpc"
     );
     describe_counter!(
+        "mcpd_raft_appends_answered_early_total",
+        "Appends of openraft's replication answered from an early acknowledgement"
+    );
+    describe_counter!(
         "mcpd_raft_early_appends_total",
         "Entries the leader sent to a follower during its own fsync, by outcome"
     );

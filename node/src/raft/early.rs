@@ -15,10 +15,12 @@
 //! the follower already holds them and answers at once, with no second write. The two
 //! fsyncs overlap.
 //!
-//! The answers to early appends are only used to know which followers are in step; openraft
-//! counts nothing from them. An early append that fails, arrives out of order or is refused
-//! costs nothing but the message: safety rests entirely on the follower's own checks and on
-//! openraft's replication, as before.
+//! A follower's `Success` to an early append is published to [`super::network::EarlyAcks`]: it proves the
+//! follower holds the leader's log, durably, up to that entry under that vote, so openraft's
+//! own append of those entries can be answered from it without waiting for the follower's
+//! reply (see `PeerClient::append_over_stream`). Nothing else is taken from early appends: one
+//! that fails, arrives out of order or is refused costs nothing but the message, and the
+//! follower's own checks decide what it appends, as for any `AppendEntries`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,7 +30,7 @@ use openraft::network::{RPCOption, RaftNetwork};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
 use tokio::sync::mpsc;
 
-use super::network::{NetworkFactory, PeerClient};
+use super::network::{EarlyAck, NetworkFactory, PeerClient};
 use super::typ::{Entry, LogId, RaftMetrics, Vote};
 use super::{NodeId, Raft};
 
@@ -99,7 +101,8 @@ pub async fn run(me: NodeId, raft: Raft, network: NetworkFactory, mut appends: E
             if stale {
                 let (tx, rx) = mpsc::channel(PER_PEER_QUEUE);
                 let client = network.client_for(id, &member).for_early();
-                tokio::spawn(send_loop(id, client, raft.metrics(), rx));
+                let acks = network.early_acks.as_ref().map(|a| a.sender(id));
+                tokio::spawn(send_loop(id, client, raft.metrics(), acks, rx));
                 peers.insert(id, (member.grpc_addr.clone(), tx));
             }
             if let Some((_, tx)) = peers.get(&id) {
@@ -117,6 +120,7 @@ async fn send_loop(
     target: NodeId,
     mut client: PeerClient,
     metrics: tokio::sync::watch::Receiver<RaftMetrics>,
+    acks: Option<tokio::sync::watch::Sender<EarlyAck>>,
     mut appends: mpsc::Receiver<Arc<EarlyAppend>>,
 ) {
     // The last early append this follower accepted, under which vote.
@@ -141,6 +145,9 @@ async fn send_loop(
         let label = match outcome {
             Ok(AppendEntriesResponse::Success) => {
                 acked = Some((append.vote, append.last()));
+                if let (Some(acks), Some(last)) = (&acks, append.last()) {
+                    acks.send_replace(Some((append.vote, last)));
+                }
                 "accepted"
             }
             Ok(_) => {

@@ -5,6 +5,8 @@
 //! `RemoteError` when the peer answered with a Raft error.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,11 +22,11 @@ use openraft::raft::{
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-use super::typ::{RPCError, RaftError};
+use super::typ::{LogId, RPCError, RaftError, Vote};
 use super::{NodeId, TypeConfig};
 
 /// One lazily connected channel per peer address, shared by Raft and forwarding.
@@ -64,6 +66,27 @@ impl PeerChannels {
 #[derive(Clone)]
 pub struct NetworkFactory {
     pub channels: PeerChannels,
+    /// Set when early replication is on: what early appends proved each follower holds.
+    pub early_acks: Option<EarlyAcks>,
+}
+
+/// What early appends (see [`super::early`]) proved a follower holds: its log matched the
+/// leader's, durably, up to this log id, under this vote.
+pub type EarlyAck = Option<(Vote, LogId)>;
+
+/// Each follower's latest [`EarlyAck`], written by its early sender and watched by openraft's
+/// client of it. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct EarlyAcks(Arc<Mutex<HashMap<NodeId, watch::Sender<EarlyAck>>>>);
+
+impl EarlyAcks {
+    /// Where `target`'s early acknowledgements are published.
+    pub fn sender(&self, target: NodeId) -> watch::Sender<EarlyAck> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(target)
+            .or_insert_with(|| watch::channel(None).0)
+            .clone()
+    }
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -85,8 +108,13 @@ impl NetworkFactory {
                 .get(&node.grpc_addr)
                 .map_err(|e| e.to_string()),
             stream: None,
-            stream_unsupported: AtomicBool::new(false),
+            pending: None,
+            stream_unsupported: Arc::new(AtomicBool::new(false)),
             append_rpc: "append_entries",
+            early_acked: self
+                .early_acks
+                .as_ref()
+                .map(|a| a.sender(target).subscribe()),
         }
     }
 }
@@ -98,13 +126,23 @@ pub struct PeerClient {
     channel: Result<Channel, String>,
     /// The open `AppendEntriesStream`, between calls.
     stream: Option<AppendStream>,
+    /// A round whose append was answered from an early acknowledgement before the peer's own
+    /// answer came: it still holds the stream, and is finished before the next round. (In a
+    /// mutex only because openraft wants its clients `Sync`; it is never contended.)
+    pending: Option<Mutex<Round>>,
     /// The peer answered `Unimplemented` to the stream (an older mcpd, during a rolling
     /// upgrade): this session uses the unary `AppendEntries` instead.
-    stream_unsupported: AtomicBool,
+    stream_unsupported: Arc<AtomicBool>,
     /// The `rpc` label of its appends in the metrics: `append_entries` for openraft's
     /// replication, `early_append` for [`super::early`]'s (see [`PeerClient::for_early`]).
     append_rpc: &'static str,
+    /// The peer's early acknowledgements, for openraft's client of it when early replication
+    /// is on.
+    early_acked: Option<watch::Receiver<EarlyAck>>,
 }
+
+/// One append round over the stream: the stream back, with the peer's answer.
+type Round = Pin<Box<dyn Future<Output = Result<(AppendStream, RaftPayload), RPCError>> + Send>>;
 
 /// An `AppendEntriesStream` to the peer: requests go in, one answer per request comes out.
 struct AppendStream {
@@ -177,60 +215,100 @@ impl PeerClient {
             .max_encoding_message_size(usize::MAX))
     }
 
-    /// Opens an `AppendEntriesStream`.
-    async fn open_stream(&self) -> Result<AppendStream, RPCError> {
-        let (requests, rx) = mpsc::channel(1);
-        let answers = self
-            .client()?
-            .append_entries_stream(ReceiverStream::new(rx))
-            .await
-            .map_err(|status| {
-                if status.code() == tonic::Code::Unimplemented {
-                    self.stream_unsupported.store(true, Ordering::Relaxed);
+    /// Starts one append round over the stream (opened if need be), bounded by `ttl`. The
+    /// stream is out of `self` while the round runs: a round that fails or times out takes it
+    /// along, so a late answer can never be read as the next round's.
+    fn start_round(&mut self, data: Vec<u8>, ttl: Duration) -> Round {
+        let current = self.stream.take();
+        let opener = self
+            .client()
+            .map(|client| (client, self.stream_unsupported.clone()));
+        Box::pin(async move {
+            let round = async {
+                let mut stream = match current {
+                    Some(s) => s,
+                    None => {
+                        let (client, unsupported) = opener?;
+                        open_stream(client, &unsupported).await?
+                    }
+                };
+                let broken =
+                    |why: String| RPCError::Network(NetworkError::new(&std::io::Error::other(why)));
+                stream
+                    .requests
+                    .send(RaftPayload { data })
+                    .await
+                    .map_err(|_| broken("the append stream closed".into()))?;
+                match stream.answers.message().await {
+                    Ok(Some(answer)) => Ok((stream, answer)),
+                    Ok(None) => Err(broken("the peer closed the append stream".into())),
+                    Err(status) => Err(broken(status.to_string())),
                 }
-                status_error(&status)
-            })?
-            .into_inner();
-        Ok(AppendStream { requests, answers })
+            };
+            match tokio::time::timeout(ttl, round).await {
+                Ok(r) => r,
+                Err(_) => Err(RPCError::Network(NetworkError::new(
+                    &std::io::Error::other(format!("no answer within {ttl:?}")),
+                ))),
+            }
+        })
     }
 
-    /// One append-entries round over the stream, opened if need be, within `ttl`.
+    /// One append-entries round over the stream, within `ttl`.
+    ///
+    /// With early replication, an append of entries is answered `Success` as soon as an early
+    /// acknowledgement of the same vote covers its last entry (the follower holds them,
+    /// durably, and its log matches the leader's up to there), even when the follower's own
+    /// answer to this round has not arrived yet: it would say the same. The round goes on
+    /// (it carries the commit index) and is finished before the next one.
     async fn append_over_stream(
         &mut self,
         rpc: &AppendEntriesRequest<TypeConfig>,
         ttl: Duration,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError> {
+        if let Some(pending) = self.pending.take() {
+            let pending = pending.into_inner().unwrap_or_else(|p| p.into_inner());
+            match pending.await {
+                Ok((stream, answer)) => {
+                    self.stream = Some(stream);
+                    let late: Result<AppendEntriesResponse<NodeId>, RPCError> =
+                        self.decode_reply(&answer.data);
+                    if !matches!(late, Ok(AppendEntriesResponse::Success)) {
+                        // The next rounds hear the same (a higher vote, a conflict) again.
+                        tracing::debug!(peer = self.target, answer = ?late, "an append answered early got another answer from the peer");
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(peer = self.target, error = %e, "an append answered early failed afterwards")
+                }
+            }
+        }
         let data = serde_json::to_vec(rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let started = std::time::Instant::now();
-        // Out of `self` while in use: a round that fails or is abandoned midway takes the stream
-        // with it, so a late answer can never be read as the next round's.
-        let current = self.stream.take();
-        let round = async {
-            let mut stream = match current {
-                Some(s) => s,
-                None => self.open_stream().await?,
-            };
-            let broken =
-                |why: String| RPCError::Network(NetworkError::new(&std::io::Error::other(why)));
-            stream
-                .requests
-                .send(RaftPayload { data })
-                .await
-                .map_err(|_| broken("the append stream closed".into()))?;
-            match stream.answers.message().await {
-                Ok(Some(answer)) => Ok((stream, answer)),
-                Ok(None) => Err(broken("the peer closed the append stream".into())),
-                Err(status) => Err(broken(status.to_string())),
+        let mut round = self.start_round(data, ttl);
+        let covers = rpc.entries.last().map(|e| (rpc.vote, e.log_id));
+        let answered_early = match (covers, self.early_acked.as_mut()) {
+            (Some((vote, last)), Some(acked)) => {
+                tokio::select! {
+                    biased;
+                    outcome = &mut round => Err(outcome),
+                    Ok(_) = acked.wait_for(|a| {
+                        matches!(a, Some((v, l)) if *v == vote && l.index >= last.index)
+                    }) => Ok(()),
+                }
             }
-        };
-        let outcome = match tokio::time::timeout(ttl, round).await {
-            Ok(r) => r,
-            Err(_) => Err(RPCError::Network(NetworkError::new(
-                &std::io::Error::other(format!("no answer within {ttl:?}")),
-            ))),
+            _ => Err(round.as_mut().await),
         };
         metrics::histogram!("mcpd_raft_rpc_seconds", "rpc" => self.append_rpc)
             .record(started.elapsed().as_secs_f64());
+        let outcome = match answered_early {
+            Ok(()) => {
+                metrics::counter!("mcpd_raft_appends_answered_early_total").increment(1);
+                self.pending = Some(Mutex::new(round));
+                return Ok(AppendEntriesResponse::Success);
+            }
+            Err(outcome) => outcome,
+        };
         let (stream, answer) = outcome.inspect_err(|_| {
             metrics::counter!("mcpd_raft_rpc_failures_total", "rpc" => self.append_rpc)
                 .increment(1);
@@ -238,6 +316,25 @@ impl PeerClient {
         self.stream = Some(stream);
         self.decode_reply(&answer.data)
     }
+}
+
+/// Opens an `AppendEntriesStream`; a peer that does not know it sets `unsupported`.
+async fn open_stream(
+    mut client: RaftClient<Channel>,
+    unsupported: &AtomicBool,
+) -> Result<AppendStream, RPCError> {
+    let (requests, rx) = mpsc::channel(1);
+    let answers = client
+        .append_entries_stream(ReceiverStream::new(rx))
+        .await
+        .map_err(|status| {
+            if status.code() == tonic::Code::Unimplemented {
+                unsupported.store(true, Ordering::Relaxed);
+            }
+            status_error(&status)
+        })?
+        .into_inner();
+    Ok(AppendStream { requests, answers })
 }
 
 impl PeerClient {
@@ -304,6 +401,16 @@ mod tests {
         streams: bool,
         unary: Arc<AtomicUsize>,
         streamed: Arc<AtomicUsize>,
+        /// What it answers every streamed append with.
+        answer: fn() -> Vec<u8>,
+        /// Streamed answers wait for a permit each.
+        gate: Arc<tokio::sync::Semaphore>,
+    }
+
+    fn conflict() -> Vec<u8> {
+        let c: Result<AppendEntriesResponse<NodeId>, RaftError> =
+            Ok(AppendEntriesResponse::Conflict);
+        serde_json::to_vec(&c).unwrap()
     }
 
     fn success() -> Vec<u8> {
@@ -324,12 +431,15 @@ mod tests {
                 return Err(Status::unimplemented("unknown method AppendEntriesStream"));
             }
             let streamed = self.streamed.clone();
+            let (answer, gate) = (self.answer, self.gate.clone());
             let answers = futures_util::stream::unfold(req.into_inner(), move |mut inbound| {
                 let streamed = streamed.clone();
+                let gate = gate.clone();
                 async move {
                     inbound.message().await.ok().flatten()?;
                     streamed.fetch_add(1, Ordering::Relaxed);
-                    Some((Ok(RaftPayload { data: success() }), inbound))
+                    gate.acquire().await.ok()?.forget();
+                    Some((Ok(RaftPayload { data: answer() }), inbound))
                 }
             });
             Ok(Response::new(Box::pin(answers)))
@@ -357,6 +467,10 @@ mod tests {
 
     /// Serves `peer` on a loopback port and returns a client of it, as the leader makes one.
     async fn client_of(peer: Peer) -> PeerClient {
+        client_with(peer, None).await
+    }
+
+    async fn client_with(peer: Peer, early_acks: Option<EarlyAcks>) -> PeerClient {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         tokio::spawn(
@@ -366,6 +480,7 @@ mod tests {
         );
         let mut factory = NetworkFactory {
             channels: PeerChannels::new(Duration::from_secs(2)),
+            early_acks,
         };
         let member = Member {
             id: 2,
@@ -389,6 +504,8 @@ mod tests {
             streams,
             unary: Arc::default(),
             streamed: Arc::default(),
+            answer: success,
+            gate: Arc::new(tokio::sync::Semaphore::new(1 << 20)),
         }
     }
 
@@ -417,5 +534,50 @@ mod tests {
     #[tokio::test]
     async fn an_older_peer_without_the_stream_gets_unary_appends() {
         assert_eq!(three_appends(false).await, (3, 0));
+    }
+
+    /// An append is answered from an early acknowledgement only when one of the same vote
+    /// covers its last entry; otherwise the peer's own answer counts. The peer here answers
+    /// `Conflict` to everything, so a `Success` can only come from the acknowledgement.
+    #[tokio::test]
+    async fn an_append_is_answered_early_only_when_an_early_ack_of_its_vote_covers_it() {
+        let mut p = peer(true);
+        p.answer = conflict;
+        p.gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let acks = EarlyAcks::default();
+        let mut client = client_with(p.clone(), Some(acks.clone())).await;
+        let leader = Vote::new_committed(1, 1);
+        let ent = |index| openraft::testing::blank_ent::<TypeConfig>(1, 1, index);
+        let append = |vote, index| AppendEntriesRequest {
+            vote,
+            prev_log_id: Some(ent(index - 1).log_id),
+            leader_commit: None,
+            entries: vec![ent(index)],
+        };
+        let ttl = || RPCOption::new(Duration::from_secs(10));
+        acks.sender(2).send_replace(Some((leader, ent(3).log_id)));
+
+        // Covered: answered while the peer still holds its own answer back.
+        let r = client.append_entries(append(leader, 3), ttl()).await;
+        assert!(matches!(r, Ok(AppendEntriesResponse::Success)), "{r:?}");
+        p.gate.add_permits(1 << 20);
+
+        // Past the acknowledged entry, another leader's vote, no entries: the peer's answer.
+        for (vote, req) in [
+            (leader, append(leader, 4)),
+            (
+                Vote::new_committed(2, 3),
+                append(Vote::new_committed(2, 3), 3),
+            ),
+            (leader, heartbeat()),
+        ] {
+            let r = client.append_entries(req, ttl()).await;
+            assert!(
+                matches!(r, Ok(AppendEntriesResponse::Conflict)),
+                "vote {vote}: {r:?}"
+            );
+        }
+        // Every append reached the peer, the one answered early included, over one stream.
+        assert_eq!(p.streamed.load(Ordering::Relaxed), 4);
     }
 }
