@@ -157,9 +157,9 @@ pub async fn run(
         source,
     })?;
     let early = cfg.raft.early_replication.then(|| {
-        let (tx, rx) = crate::raft::early::channel();
-        log_store.send_early_to(tx);
-        rx
+        let peers = crate::raft::early::EarlyPeers::default();
+        log_store.send_early_to(peers.clone());
+        peers
     });
     let sm_path = cfg.data_dir.join("state.redb");
     let sm = StateMachineStore::open(&sm_path).map_err(|source| StartError::Store {
@@ -180,12 +180,12 @@ pub async fn run(
     )
     .await
     .map_err(|e| StartError::Raft(e.to_string()))?;
-    if let Some(appends) = early {
+    if let Some(peers) = early {
         tokio::spawn(crate::raft::early::run(
             cfg.id,
             raft.clone(),
             network,
-            appends,
+            peers,
         ));
     }
     let registry = Registry::new(

@@ -23,7 +23,7 @@
 //! follower's own checks decide what it appends, as for any `AppendEntries`.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use openraft::network::{RPCOption, RaftNetwork};
@@ -38,8 +38,6 @@ use super::{NodeId, Raft};
 /// carries the entries anyway).
 const EARLY_TTL: Duration = Duration::from_secs(1);
 /// Early appends queued for one follower while one is on its way; further ones are skipped.
-/// Under load a queue would only build a backlog that openraft's replication overtakes,
-/// costing the follower work for entries it already has.
 const PER_PEER_QUEUE: usize = 1;
 
 /// Entries a leader is appending to its log, as the log store saw them.
@@ -60,31 +58,39 @@ impl EarlyAppend {
     }
 }
 
-/// Where the log store hands a leader's appends.
-pub type EarlySender = mpsc::UnboundedSender<EarlyAppend>;
-pub type EarlyReceiver = mpsc::UnboundedReceiver<EarlyAppend>;
+/// The followers' early-append queues, as the log store reaches them: it puts a leader's
+/// append straight into each, with no task in between. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct EarlyPeers(Arc<RwLock<Vec<mpsc::Sender<Arc<EarlyAppend>>>>>);
 
-pub fn channel() -> (EarlySender, EarlyReceiver) {
-    mpsc::unbounded_channel()
-}
-
-/// Sends each early append to the voters in step with the leader, until the log store's
-/// sender is dropped.
-pub async fn run(me: NodeId, raft: Raft, network: NetworkFactory, mut appends: EarlyReceiver) {
-    let mut peers: HashMap<NodeId, (String, mpsc::Sender<Arc<EarlyAppend>>)> = HashMap::new();
-    while let Some(mut append) = appends.recv().await {
-        // Appends queued meanwhile go as one message when they follow one another.
-        while let Ok(next) = appends.try_recv() {
-            if next.vote == append.vote && next.prev == append.last() {
-                append.entries.extend(next.entries);
-                append.committed = next.committed;
-            } else {
-                append = next;
+impl EarlyPeers {
+    /// Queues `append` for every voter; a follower whose last early append is still on its way
+    /// skips this one (openraft's replication carries it, and a queue would only build a
+    /// backlog that replication overtakes).
+    pub fn send(&self, append: EarlyAppend) {
+        let append = Arc::new(append);
+        let queues = self.0.read().unwrap_or_else(|p| p.into_inner());
+        for q in queues.iter() {
+            if q.try_send(append.clone()).is_err() {
+                metrics::counter!("mcpd_raft_early_appends_total", "outcome" => "skipped")
+                    .increment(1);
             }
         }
+    }
+
+    fn set(&self, queues: Vec<mpsc::Sender<Arc<EarlyAppend>>>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = queues;
+    }
+}
+
+/// Keeps one early sender per voter other than `me`, following the membership, until Raft
+/// stops.
+pub async fn run(me: NodeId, raft: Raft, network: NetworkFactory, peers: EarlyPeers) {
+    let mut senders: HashMap<NodeId, (String, mpsc::Sender<Arc<EarlyAppend>>)> = HashMap::new();
+    let mut server = raft.server_metrics();
+    loop {
         let targets: Vec<(NodeId, mcpcp_proto::api::Member)> = {
-            let m = raft.server_metrics();
-            let m = m.borrow();
+            let m = server.borrow_and_update();
             let membership = m.membership_config.membership();
             membership
                 .voter_ids()
@@ -92,25 +98,21 @@ pub async fn run(me: NodeId, raft: Raft, network: NetworkFactory, mut appends: E
                 .filter_map(|id| membership.get_node(&id).map(|n| (id, n.clone())))
                 .collect()
         };
-        peers.retain(|id, _| targets.iter().any(|(t, _)| t == id));
-        let append = Arc::new(append);
+        senders
+            .retain(|id, (addr, _)| targets.iter().any(|(t, m)| t == id && m.grpc_addr == *addr));
         for (id, member) in targets {
-            let stale = peers
-                .get(&id)
-                .is_none_or(|(addr, tx)| *addr != member.grpc_addr || tx.is_closed());
-            if stale {
+            senders.entry(id).or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(PER_PEER_QUEUE);
                 let client = network.client_for(id, &member).for_early();
                 let acks = network.early_acks.as_ref().map(|a| a.sender(id));
                 tokio::spawn(send_loop(id, client, raft.metrics(), acks, rx));
-                peers.insert(id, (member.grpc_addr.clone(), tx));
-            }
-            if let Some((_, tx)) = peers.get(&id) {
-                if tx.try_send(append.clone()).is_err() {
-                    metrics::counter!("mcpd_raft_early_appends_total", "outcome" => "skipped")
-                        .increment(1);
-                }
-            }
+                (member.grpc_addr.clone(), tx)
+            });
+        }
+        peers.set(senders.values().map(|(_, tx)| tx.clone()).collect());
+        if server.changed().await.is_err() {
+            peers.set(Vec::new());
+            return;
         }
     }
 }

@@ -37,7 +37,7 @@ use openraft::{OptionalSend, StorageIOError};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
-use super::early::{EarlyAppend, EarlySender};
+use super::early::{EarlyAppend, EarlyPeers};
 use super::typ::{Entry, LogId, StorageError, Vote};
 use super::{NodeId, TypeConfig};
 
@@ -63,7 +63,7 @@ pub struct LogStore {
     writer: Arc<Writer>,
     /// Where appends made as the leader also go, to be sent before they are durable here
     /// (see [`super::early`]).
-    early: Option<EarlySender>,
+    early: Option<EarlyPeers>,
 }
 
 /// The queue to the writer thread. Dropping the last handle closes the queue and waits for
@@ -188,7 +188,7 @@ impl LogStore {
     }
 
     /// Hands every append this node makes as the leader to `early` too (see [`super::early`]).
-    pub fn send_early_to(&mut self, early: EarlySender) {
+    pub fn send_early_to(&mut self, early: EarlyPeers) {
         self.early = Some(early);
     }
 
@@ -414,8 +414,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let entries: Vec<Entry> = entries.into_iter().collect();
         if let Some(early) = &self.early {
             if let Some(append) = self.as_leader(&entries) {
-                // The receiver is gone only when the node stops; the append itself goes on.
-                let _ = early.send(append);
+                early.send(append);
             }
         }
         self.queue_append(entries, Some(callback))
