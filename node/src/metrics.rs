@@ -69,7 +69,7 @@ fn describe() {
     );
     describe_counter!(
         "mcpd_raft_early_appends_total",
-        "Entries the leader sent to a follower during its own fsync, by outcome"
+        "Appends the leader sent (or skipped) to a follower during its own fsync, by outcome"
     );
     describe_histogram!(
         "mcpd_registry_forward_seconds",

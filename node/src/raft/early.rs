@@ -1,6 +1,14 @@
 //! Early replication: a leader sends its new entries to its followers while its own fsync of
 //! them runs.
 //!
+//! **What makes it safe.** A follower may now hold entries the leader has not made durable. A
+//! leader that crashes loses those, and were it to lead again *under the same vote*, it would
+//! reuse their log ids for other entries, which followers holding the early copies would take
+//! for the same ones. That never happens: `LogStore::open` hands a restarting leader its vote
+//! back uncommitted, so it must win a new election (a new vote, new log ids) before it leads
+//! again (tested by `a_restarted_leader_gets_its_vote_back_uncommitted`). Node ids are never
+//! reused, and a follower's early acknowledgements are forgotten when it leaves the voters.
+//!
 //! openraft 0.9 waits for the leader's own log flush before it hands new entries to its
 //! replication tasks, so a write pays two fsyncs one after the other: the leader's, then a
 //! follower's. Raft does not need that order (the leader may send entries before they are
@@ -64,9 +72,9 @@ impl EarlyAppend {
 pub struct EarlyPeers(Arc<RwLock<Vec<mpsc::Sender<Arc<EarlyAppend>>>>>);
 
 impl EarlyPeers {
-    /// Queues `append` for every voter; a follower whose last early append is still on its way
-    /// skips this one (openraft's replication carries it, and a queue would only build a
-    /// backlog that replication overtakes).
+    /// Queues `append` for every voter; a follower whose queue already holds one (behind the
+    /// one on its way) skips this one: openraft's replication carries it, and a longer queue
+    /// would only build a backlog that replication overtakes.
     pub fn send(&self, append: EarlyAppend) {
         let append = Arc::new(append);
         let queues = self.0.read().unwrap_or_else(|p| p.into_inner());
@@ -98,8 +106,17 @@ pub async fn run(me: NodeId, raft: Raft, network: NetworkFactory, peers: EarlyPe
                 .filter_map(|id| membership.get_node(&id).map(|n| (id, n.clone())))
                 .collect()
         };
-        senders
-            .retain(|id, (addr, _)| targets.iter().any(|(t, m)| t == id && m.grpc_addr == *addr));
+        senders.retain(|id, (addr, _)| {
+            let keep = targets.iter().any(|(t, m)| t == id && m.grpc_addr == *addr);
+            if !keep {
+                // What a former voter acknowledged says nothing about whoever comes back under
+                // its id or address.
+                if let Some(acks) = &network.early_acks {
+                    acks.sender(*id).send_replace(None);
+                }
+            }
+            keep
+        });
         for (id, member) in targets {
             senders.entry(id).or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(PER_PEER_QUEUE);
@@ -166,15 +183,18 @@ async fn send_loop(
     }
 }
 
-/// Whether `append` continues the follower's log: openraft's replication has matched up to
-/// its start (`matched` is that follower's entry in the leader's metrics), or an earlier early
-/// append of the same vote ended there.
+/// Whether the follower holds the leader's log up to `append`'s start, so that the append
+/// continues it: openraft's replication has matched at least that far (`matched` is the
+/// follower's entry in the leader's metrics, which are this leader's), or an earlier early
+/// append of the same vote did. After a skipped append, the next one sent is the first whose
+/// start replication has reached.
 fn in_step(
     append: &EarlyAppend,
     matched: Option<Option<LogId>>,
     acked: Option<(Vote, Option<LogId>)>,
 ) -> bool {
-    matched == Some(append.prev) || acked == Some((append.vote, append.prev))
+    matched.is_some_and(|m| m >= append.prev)
+        || acked.is_some_and(|(v, l)| v == append.vote && l >= append.prev)
 }
 
 #[cfg(test)]
@@ -203,6 +223,10 @@ mod tests {
             "replication matched up to 4"
         );
         assert!(!in_step(&a, Some(at(3)), None), "the follower lacks 4");
+        assert!(
+            in_step(&a, Some(at(6)), None),
+            "replication went past 4 (an append skipped earlier)"
+        );
         assert!(!in_step(&a, None, None), "nothing known of the follower");
         assert!(
             in_step(&a, Some(at(3)), Some((v, at(4)))),

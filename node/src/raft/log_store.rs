@@ -164,7 +164,9 @@ impl LogStore {
         }
         // A leader that restarts comes back as a candidate of the same term (see the module
         // documentation): openraft would otherwise resume leading at once with whatever commit
-        // index survived, and answer linearizable reads from it.
+        // index survived, and answer linearizable reads from it. Early replication relies on
+        // it too (see `super::early`): a leader must never lead again under a vote whose
+        // not-yet-durable entries it may have lost, or it would reuse their log ids.
         if let Some(v) = mem.vote.as_mut() {
             if v.is_committed() && v.leader_id().voted_for() == Some(me) {
                 *v = Vote::new(v.leader_id().get_term(), me);
@@ -524,6 +526,7 @@ mod tests {
         assert_eq!(s.read_committed().await.unwrap(), Some(committed));
     }
 
+    /// Safety-critical: linearizable reads and early replication (`raft::early`) depend on it.
     #[tokio::test]
     async fn a_restarted_leader_gets_its_vote_back_uncommitted() {
         let dir = tempfile::tempdir().unwrap();

@@ -266,10 +266,15 @@ impl PeerClient {
         rpc: &AppendEntriesRequest<TypeConfig>,
         ttl: Duration,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError> {
+        let started = std::time::Instant::now();
         if let Some(pending) = self.pending.take() {
+            // Its answer normally follows the early acknowledgement within a millisecond. A peer
+            // slow to give it (a slow disk: its core answers in order, after the fsyncs queued
+            // before) does not hold this round up for long: the stream is dropped with it and
+            // this round opens a new one.
             let pending = pending.into_inner().unwrap_or_else(|p| p.into_inner());
-            match pending.await {
-                Ok((stream, answer)) => {
+            match tokio::time::timeout(ttl / 4, pending).await {
+                Ok(Ok((stream, answer))) => {
                     self.stream = Some(stream);
                     let late: Result<AppendEntriesResponse<NodeId>, RPCError> =
                         self.decode_reply(&answer.data);
@@ -278,13 +283,21 @@ impl PeerClient {
                         tracing::debug!(peer = self.target, answer = ?late, "an append answered early got another answer from the peer");
                     }
                 }
-                Err(e) => {
-                    tracing::debug!(peer = self.target, error = %e, "an append answered early failed afterwards")
+                Ok(Err(e)) => {
+                    metrics::counter!("mcpd_raft_rpc_failures_total", "rpc" => self.append_rpc)
+                        .increment(1);
+                    tracing::debug!(peer = self.target, error = %e, "an append answered early failed afterwards");
+                }
+                Err(_) => {
+                    tracing::debug!(
+                        peer = self.target,
+                        "the answer to an append answered early is late; opening a new stream"
+                    );
                 }
             }
         }
+        let ttl = ttl.saturating_sub(started.elapsed());
         let data = serde_json::to_vec(rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let started = std::time::Instant::now();
         let mut round = self.start_round(data, ttl);
         let covers = rpc.entries.last().map(|e| (rpc.vote, e.log_id));
         let answered_early = match (covers, self.early_acked.as_mut()) {
@@ -342,6 +355,7 @@ impl PeerClient {
     /// openraft's replication, so that neither waits for the other; counted as `early_append`.
     pub fn for_early(mut self) -> Self {
         self.append_rpc = "early_append";
+        self.early_acked = None;
         self
     }
 }
