@@ -5,9 +5,10 @@
 //! cluster, creates tenant `default` and its token, registers the demo MCP server as `demo`,
 //! and writes `DIR/env` for `sh` to source. `down` stops what `up` started.
 //!
-//! `up` on a directory that holds a stopped cluster starts it again instead: each node on the
-//! addresses it had (the members know each other by them), with its data, so `DIR/env` stays
-//! valid; nothing is initialised or created a second time.
+//! `up` on a directory that holds a stopped cluster, or one with some nodes stopped (killed,
+//! crashed), starts those nodes again instead: each on the addresses it had (the members know
+//! each other by them), with its data, so `DIR/env` stays valid; nothing is initialised or
+//! created a second time.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -72,8 +73,16 @@ fn node_dir(dir: &Path, id: u32) -> PathBuf {
     dir.join(format!("node{id}"))
 }
 
-/// Whether process `pid` exists (signal 0).
+/// Whether process `pid` runs: it exists (signal 0) and, where `/proc` tells, is not a zombie
+/// (a node killed in a container whose init does not reap stays one).
 pub fn alive(pid: u32) -> bool {
+    if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // `pid (comm) S ...`: the state is the first field after the last `)`.
+        return stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X");
+    }
     std::process::Command::new("kill")
         .args(["-0", &pid.to_string()])
         .stderr(Stdio::null())
@@ -198,9 +207,9 @@ fn last_endpoints(data_dir: &Path) -> Option<(Member, u32)> {
     Some((member, pid))
 }
 
-/// The nodes of a stopped cluster in `dir`: each node directory whose data holds the
-/// addresses it last listened on, by id.
-fn stopped_nodes(dir: &Path) -> Vec<(u32, Member)> {
+/// The nodes of the cluster in `dir`, running or not: each node directory whose data holds
+/// the addresses it last listened on, by id.
+fn known_nodes(dir: &Path) -> Vec<(u32, Member)> {
     let mut out: Vec<(u32, Member)> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
@@ -225,12 +234,13 @@ fn env_value(text: &str, name: &str) -> Option<String> {
     Some(line.trim_matches('\'').to_string())
 }
 
-/// Starts the stopped cluster in `dir` again, each node on its old addresses, and waits for a
-/// leader.
+/// Starts the stopped nodes of the cluster in `dir` again, each on its old addresses, and
+/// waits for a leader. `running` are the nodes (id, pid) still up.
 async fn restart(
     opts: &UpOptions,
     dir: &Path,
     nodes: Vec<(u32, Member)>,
+    running: &[(u32, u32)],
     progress: &dyn Fn(&str),
 ) -> Result<DevCluster, DevError> {
     let env_path = dir.join("env");
@@ -249,14 +259,25 @@ async fn restart(
             dir.display()
         )));
     };
+    let stopped: Vec<String> = nodes
+        .iter()
+        .filter(|(id, _)| !running.iter().any(|(r, _)| r == id))
+        .map(|(id, _)| id.to_string())
+        .collect();
     progress(&format!(
-        "{} holds a stopped cluster of {} nodes: starting it again",
+        "{} holds a cluster of {} nodes with node(s) {} stopped: starting them again",
         dir.display(),
-        nodes.len()
+        nodes.len(),
+        stopped.join(", ")
     ));
     let mut members = Vec::new();
     let mut pids = Vec::new();
     for (id, old) in nodes {
+        if let Some((_, pid)) = running.iter().find(|(r, _)| *r == id) {
+            members.push(old);
+            pids.push(*pid);
+            continue;
+        }
         let at = Some((old.http_addr.as_str(), old.grpc_addr.as_str()));
         let (m, pid) = start_node(&opts.mcpd, dir, id, at, &opts.mcpd_args).await?;
         progress(&format!(
@@ -300,8 +321,15 @@ pub async fn up(opts: &UpOptions, progress: &dyn Fn(&str)) -> Result<DevCluster,
     if opts.nodes == 0 {
         return Err(DevError::Usage("--nodes must be at least 1".into()));
     }
-    let running = running_pids(&opts.dir);
-    if !running.is_empty() {
+    std::fs::create_dir_all(&opts.dir).map_err(io(format!("creating {}", opts.dir.display())))?;
+    let dir = opts.dir.canonicalize().map_err(io("resolving --dir"))?;
+    let running = running_pids(&dir);
+    let known = known_nodes(&dir);
+    if !running.is_empty()
+        && known
+            .iter()
+            .all(|(id, _)| running.iter().any(|(r, _)| r == id))
+    {
         return Err(DevError::Usage(format!(
             "a dev cluster is already running in {} (nodes {}); run `mcpctl dev down --dir {}` first",
             opts.dir.display(),
@@ -309,11 +337,8 @@ pub async fn up(opts: &UpOptions, progress: &dyn Fn(&str)) -> Result<DevCluster,
             opts.dir.display()
         )));
     }
-    std::fs::create_dir_all(&opts.dir).map_err(io(format!("creating {}", opts.dir.display())))?;
-    let dir = opts.dir.canonicalize().map_err(io("resolving --dir"))?;
-    let stopped = stopped_nodes(&dir);
-    if !stopped.is_empty() {
-        return restart(opts, &dir, stopped, progress).await;
+    if !known.is_empty() {
+        return restart(opts, &dir, known, &running, progress).await;
     }
     let mut members = Vec::new();
     let mut pids = Vec::new();

@@ -290,8 +290,9 @@ enum TokenCmd {
 enum DevCmd {
     /// Start N local nodes, form a cluster, create tenant `default`, register `demo`.
     ///
-    /// On a DIR that holds a stopped cluster (after `dev down`), start that cluster again
-    /// instead: same nodes, same addresses, same data and tokens (DIR/env stays valid).
+    /// On a DIR whose cluster is stopped (after `dev down`), or has nodes stopped (killed,
+    /// crashed), start those nodes again instead: same addresses, same data and tokens
+    /// (DIR/env stays valid).
     Up {
         #[arg(long, default_value_t = 3)]
         nodes: u32,

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 use std::process::Output;
+use std::time::Duration;
 
 use mcpcp_tests::binary;
 
@@ -87,6 +88,55 @@ fn dev_up_serves_a_cluster_and_dev_down_stops_it() {
     assert_eq!(again.status.code(), Some(2), "{}", text(&again));
     assert!(String::from_utf8_lossy(&again.stderr).contains("already running"));
 
+    // A killed node: `dev up` brings it back on its old addresses; it serves again.
+    let pid = |n: u32| -> u32 {
+        std::fs::read_to_string(dir.join(format!("node{n}/mcpd.pid")))
+            .expect("pid file")
+            .trim()
+            .parse()
+            .expect("pid")
+    };
+    let killed = pid(2);
+    assert!(mcpctl::dev::signal(killed, "KILL"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while mcpctl::dev::alive(killed) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node 2 (pid {killed}) still runs 10 s after SIGKILL"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let back = mcpctl(&["dev", "up", "--dir", &d, "--mcpd", &mcpd], &[]);
+    assert!(back.status.success(), "{}", text(&back));
+    assert!(
+        String::from_utf8_lossy(&back.stderr).contains("node(s) 2 stopped"),
+        "{}",
+        text(&back)
+    );
+    assert_ne!(pid(2), killed);
+    let node2 = env_file(&dir)
+        .into_iter()
+        .find(|(k, _)| k == "MCPCTL_ENDPOINTS")
+        .map(|(_, v)| v.split(',').nth(1).unwrap_or_default().to_string())
+        .expect("endpoints");
+    // It catches up (its own state answers, the admin token included) within a bound.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let direct = mcpctl(
+            &["server", "list", "--stale", "-o", "json"],
+            &[("MCPCTL_ENDPOINTS", &node2), ("MCPCTL_TOKEN", env[1].1)],
+        );
+        if direct.status.success() && String::from_utf8_lossy(&direct.stdout).contains("demo") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node 2 did not catch up within 20 s: {}",
+            text(&direct)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
     // `token create` prints only the token.
     let tok = mcpctl(
         &["token", "create", "--tenant", "default", "--name", "t"],
@@ -133,7 +183,7 @@ fn dev_up_serves_a_cluster_and_dev_down_stops_it() {
     let again = mcpctl(&["dev", "up", "--dir", &d, "--mcpd", &mcpd], &[]);
     assert!(again.status.success(), "{}", text(&again));
     assert!(
-        String::from_utf8_lossy(&again.stderr).contains("starting it again"),
+        String::from_utf8_lossy(&again.stderr).contains("1, 2, 3 stopped: starting them again"),
         "{}",
         text(&again)
     );
