@@ -1,14 +1,6 @@
 //! Early replication: a leader sends its new entries to its followers while its own fsync of
 //! them runs.
 //!
-//! **What makes it safe.** A follower may now hold entries the leader has not made durable. A
-//! leader that crashes loses those, and were it to lead again *under the same vote*, it would
-//! reuse their log ids for other entries, which followers holding the early copies would take
-//! for the same ones. That never happens: `LogStore::open` hands a restarting leader its vote
-//! back uncommitted, so it must win a new election (a new vote, new log ids) before it leads
-//! again (tested by `a_restarted_leader_gets_its_vote_back_uncommitted`). Node ids are never
-//! reused, and a follower's early acknowledgements are forgotten when it leaves the voters.
-//!
 //! openraft 0.9 waits for the leader's own log flush before it hands new entries to its
 //! replication tasks, so a write pays two fsyncs one after the other: the leader's, then a
 //! follower's. Raft does not need that order (the leader may send entries before they are
@@ -17,18 +9,26 @@
 //!
 //! So when the log store takes an append as the leader, it also hands the entries here, and
 //! this module sends them at once, as an ordinary `AppendEntries` of the leader's vote, to
-//! every voter that is known to be in step (its log ends where these entries begin). The
+//! every voter known to be in step (its log reaches at least where these entries begin). The
 //! follower's openraft checks and appends them as it would any `AppendEntries`, fsync
 //! included. When openraft's own replication of the same entries arrives a moment later,
 //! the follower already holds them and answers at once, with no second write. The two
 //! fsyncs overlap.
 //!
-//! A follower's `Success` to an early append is published to [`super::network::EarlyAcks`]: it proves the
-//! follower holds the leader's log, durably, up to that entry under that vote, so openraft's
-//! own append of those entries can be answered from it without waiting for the follower's
-//! reply (see `PeerClient::append_over_stream`). Nothing else is taken from early appends: one
-//! that fails, arrives out of order or is refused costs nothing but the message, and the
-//! follower's own checks decide what it appends, as for any `AppendEntries`.
+//! A follower's `Success` to an early append is published to [`super::network::EarlyAcks`]:
+//! it proves the follower holds the leader's log, durably, up to that entry under that vote,
+//! so openraft's own append of those entries can be answered from it without waiting for the
+//! follower's reply (see `PeerClient::append_over_stream`). Nothing else is taken from early
+//! appends: one that fails, arrives out of order or is refused costs nothing but the message,
+//! and the follower's own checks decide what it appends, as for any `AppendEntries`.
+//!
+//! **What makes it safe.** A follower may now hold entries the leader has not made durable. A
+//! leader that crashes loses those, and were it to lead again *under the same vote*, it would
+//! reuse their log ids for other entries, which followers holding the early copies would take
+//! for the same ones. That never happens: `LogStore::open` hands a restarting leader its vote
+//! back uncommitted, so it must win a new election (a new vote, new log ids) before it leads
+//! again (tested by `a_restarted_leader_gets_its_vote_back_uncommitted`). Node ids are never
+//! reused, and a follower's early acknowledgements are forgotten when it leaves the voters.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
