@@ -95,28 +95,27 @@ fn read_pid(path: &Path) -> Option<u32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
-/// The pids of the nodes of a dev cluster in `dir` that are still running.
-pub fn running_pids(dir: &Path) -> Vec<(u32, u32)> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        let Some(id) = name
-            .strip_prefix("node")
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if let Some(pid) = read_pid(&e.path().join("mcpd.pid")) {
-            if alive(pid) {
-                out.push((id, pid));
-            }
-        }
-    }
+/// The node directories of a dev cluster in `dir` (`node<ID>`), by id.
+fn node_dirs(dir: &Path) -> Vec<(u32, PathBuf)> {
+    let mut out: Vec<(u32, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let id = e.file_name().to_str()?.strip_prefix("node")?.parse().ok()?;
+            Some((id, e.path()))
+        })
+        .collect();
     out.sort();
     out
+}
+
+/// The pids of the nodes of a dev cluster in `dir` that are still running.
+pub fn running_pids(dir: &Path) -> Vec<(u32, u32)> {
+    node_dirs(dir)
+        .into_iter()
+        .filter_map(|(id, nd)| Some((id, read_pid(&nd.join("mcpd.pid")).filter(|p| alive(*p))?)))
+        .collect()
 }
 
 /// Starts one node of a dev cluster and waits for it to report its addresses. `at` is
@@ -207,21 +206,30 @@ fn last_endpoints(data_dir: &Path) -> Option<(Member, u32)> {
     Some((member, pid))
 }
 
-/// The nodes of the cluster in `dir`, running or not: each node directory whose data holds
-/// the addresses it last listened on, by id.
-fn known_nodes(dir: &Path) -> Vec<(u32, Member)> {
-    let mut out: Vec<(u32, Member)> = std::fs::read_dir(dir)
+/// A node of the cluster in `dir`, running or not: the addresses it last listened on, and its
+/// pid when it runs.
+struct KnownNode {
+    id: u32,
+    member: Member,
+    running: Option<u32>,
+}
+
+/// The nodes of the cluster in `dir`: each node directory whose data holds the addresses it
+/// last listened on.
+fn known_nodes(dir: &Path) -> Vec<KnownNode> {
+    let running = running_pids(dir);
+    node_dirs(dir)
         .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let id: u32 = e.file_name().to_str()?.strip_prefix("node")?.parse().ok()?;
-            let (member, _) = last_endpoints(&e.path().join("data"))?;
-            Some((id, member))
+        .filter_map(|(id, nd)| {
+            let (member, _) = last_endpoints(&nd.join("data"))?;
+            let running = running.iter().find(|(r, _)| *r == id).map(|(_, pid)| *pid);
+            Some(KnownNode {
+                id,
+                member,
+                running,
+            })
         })
-        .collect();
-    out.sort_by_key(|(id, _)| *id);
-    out
+        .collect()
 }
 
 /// The value of `export NAME='value'` in a `DIR/env` file.
@@ -235,12 +243,11 @@ fn env_value(text: &str, name: &str) -> Option<String> {
 }
 
 /// Starts the stopped nodes of the cluster in `dir` again, each on its old addresses, and
-/// waits for a leader. `running` are the nodes (id, pid) still up.
+/// waits for a leader.
 async fn restart(
     opts: &UpOptions,
     dir: &Path,
-    nodes: Vec<(u32, Member)>,
-    running: &[(u32, u32)],
+    nodes: Vec<KnownNode>,
     progress: &dyn Fn(&str),
 ) -> Result<DevCluster, DevError> {
     let env_path = dir.join("env");
@@ -261,8 +268,8 @@ async fn restart(
     };
     let stopped: Vec<String> = nodes
         .iter()
-        .filter(|(id, _)| !running.iter().any(|(r, _)| r == id))
-        .map(|(id, _)| id.to_string())
+        .filter(|n| n.running.is_none())
+        .map(|n| n.id.to_string())
         .collect();
     progress(&format!(
         "{} holds a cluster of {} nodes with node(s) {} stopped: starting them again",
@@ -272,18 +279,24 @@ async fn restart(
     ));
     let mut members = Vec::new();
     let mut pids = Vec::new();
-    for (id, old) in nodes {
-        if let Some((_, pid)) = running.iter().find(|(r, _)| *r == id) {
-            members.push(old);
-            pids.push(*pid);
-            continue;
-        }
-        let at = Some((old.http_addr.as_str(), old.grpc_addr.as_str()));
-        let (m, pid) = start_node(&opts.mcpd, dir, id, at, &opts.mcpd_args).await?;
-        progress(&format!(
-            "node {id} up again (pid {pid}, http {}, grpc {})",
-            m.http_addr, m.grpc_addr
-        ));
+    for KnownNode {
+        id,
+        member,
+        running,
+    } in nodes
+    {
+        let (m, pid) = match running {
+            Some(pid) => (member, pid),
+            None => {
+                let at = Some((member.http_addr.as_str(), member.grpc_addr.as_str()));
+                let (m, pid) = start_node(&opts.mcpd, dir, id, at, &opts.mcpd_args).await?;
+                progress(&format!(
+                    "node {id} up again (pid {pid}, http {}, grpc {})",
+                    m.http_addr, m.grpc_addr
+                ));
+                (m, pid)
+            }
+        };
         members.push(m);
         pids.push(pid);
     }
@@ -297,22 +310,21 @@ async fn restart(
     let admin = AdminClient::new(&cluster.endpoints(), Some(cluster.admin_token.clone()))?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        match admin.cluster_status().await {
-            Ok(s) if s.leader.is_some() => {
-                progress(&format!("leader is node {}", s.leader.unwrap_or_default()));
-                return Ok(cluster);
-            }
-            Ok(_) | Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Ok(_) => {
-                return Err(DevError::Start(
+        let status = admin.cluster_status().await;
+        if let Some(leader) = status.as_ref().ok().and_then(|s| s.leader) {
+            progress(&format!("leader is node {leader}"));
+            return Ok(cluster);
+        }
+        if Instant::now() >= deadline {
+            return Err(match status {
+                Err(e) => e.into(),
+                Ok(_) => DevError::Start(
                     "no leader was elected within 30 s of the restart (see the nodes' mcpd.log)"
                         .into(),
-                ))
-            }
-            Err(e) => return Err(e.into()),
+                ),
+            });
         }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -323,22 +335,17 @@ pub async fn up(opts: &UpOptions, progress: &dyn Fn(&str)) -> Result<DevCluster,
     }
     std::fs::create_dir_all(&opts.dir).map_err(io(format!("creating {}", opts.dir.display())))?;
     let dir = opts.dir.canonicalize().map_err(io("resolving --dir"))?;
-    let running = running_pids(&dir);
     let known = known_nodes(&dir);
-    if !running.is_empty()
-        && known
-            .iter()
-            .all(|(id, _)| running.iter().any(|(r, _)| r == id))
-    {
+    if !known.is_empty() && known.iter().all(|n| n.running.is_some()) {
         return Err(DevError::Usage(format!(
             "a dev cluster is already running in {} (nodes {}); run `mcpctl dev down --dir {}` first",
             opts.dir.display(),
-            running.iter().map(|(id, _)| id.to_string()).collect::<Vec<_>>().join(", "),
+            known.iter().map(|n| n.id.to_string()).collect::<Vec<_>>().join(", "),
             opts.dir.display()
         )));
     }
     if !known.is_empty() {
-        return restart(opts, &dir, known, &running, progress).await;
+        return restart(opts, &dir, known, progress).await;
     }
     let mut members = Vec::new();
     let mut pids = Vec::new();

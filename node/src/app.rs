@@ -159,7 +159,7 @@ pub async fn run(
     let early = cfg.raft.early_replication.then(|| {
         let peers = crate::raft::early::EarlyPeers::default();
         log_store.send_early_to(peers.clone());
-        peers
+        (peers, EarlyAcks::default())
     });
     let sm_path = cfg.data_dir.join("state.redb");
     let sm = StateMachineStore::open(&sm_path).map_err(|source| StartError::Store {
@@ -169,7 +169,7 @@ pub async fn run(
     let channels = PeerChannels::new(Duration::from_millis(500));
     let network = NetworkFactory {
         channels: channels.clone(),
-        early_acks: early.is_some().then(EarlyAcks::default),
+        early_acks: early.as_ref().map(|(_, acks)| acks.clone()),
     };
     let raft = Raft::new(
         cfg.id,
@@ -180,13 +180,9 @@ pub async fn run(
     )
     .await
     .map_err(|e| StartError::Raft(e.to_string()))?;
-    if let Some(peers) = early {
-        tokio::spawn(crate::raft::early::run(
-            cfg.id,
-            raft.clone(),
-            network,
-            peers,
-        ));
+    if let Some((peers, acks)) = early {
+        let early = crate::raft::early::run(cfg.id, raft.clone(), network, peers, acks);
+        tokio::spawn(early);
     }
     let registry = Registry::new(
         me.clone(),

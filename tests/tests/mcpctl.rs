@@ -37,6 +37,33 @@ fn env_file(dir: &Path) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Polls `check` every `every` until it returns `Ok`, failing with its last `Err` once `within`
+/// has passed.
+fn poll_until(within: Duration, every: Duration, mut check: impl FnMut() -> Result<(), String>) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match check() {
+            Ok(()) => return,
+            Err(why) if std::time::Instant::now() >= deadline => {
+                panic!("not within {within:?}: {why}")
+            }
+            Err(_) => std::thread::sleep(every),
+        }
+    }
+}
+
+/// `dev up` on a directory that holds a cluster with stopped nodes: it succeeds and says which
+/// it starts again.
+fn dev_up_again(d: &str, mcpd: &str, says: &str) {
+    let up = mcpctl(&["dev", "up", "--dir", d, "--mcpd", mcpd], &[]);
+    assert!(up.status.success(), "{}", text(&up));
+    assert!(
+        String::from_utf8_lossy(&up.stderr).contains(says),
+        "{}",
+        text(&up)
+    );
+}
+
 /// Stops the dev cluster even when an assertion fails.
 struct Down<'a>(&'a Path);
 
@@ -98,44 +125,37 @@ fn dev_up_serves_a_cluster_and_dev_down_stops_it() {
     };
     let killed = pid(2);
     assert!(mcpctl::dev::signal(killed, "KILL"));
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while mcpctl::dev::alive(killed) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "node 2 (pid {killed}) still runs 10 s after SIGKILL"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let back = mcpctl(&["dev", "up", "--dir", &d, "--mcpd", &mcpd], &[]);
-    assert!(back.status.success(), "{}", text(&back));
-    assert!(
-        String::from_utf8_lossy(&back.stderr).contains("node(s) 2 stopped"),
-        "{}",
-        text(&back)
+    poll_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || match mcpctl::dev::alive(killed) {
+            true => Err(format!("node 2 (pid {killed}) still runs after SIGKILL")),
+            false => Ok(()),
+        },
     );
+    dev_up_again(&d, &mcpd, "node(s) 2 stopped");
     assert_ne!(pid(2), killed);
     let node2 = env_file(&dir)
         .into_iter()
         .find(|(k, _)| k == "MCPCTL_ENDPOINTS")
         .map(|(_, v)| v.split(',').nth(1).unwrap_or_default().to_string())
         .expect("endpoints");
+    let admin_token = env
+        .iter()
+        .find(|(k, _)| *k == "MCPCTL_TOKEN")
+        .map(|(_, v)| *v)
+        .expect("MCPCTL_TOKEN");
     // It catches up (its own state answers, the admin token included) within a bound.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
+    poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
         let direct = mcpctl(
             &["server", "list", "--stale", "-o", "json"],
-            &[("MCPCTL_ENDPOINTS", &node2), ("MCPCTL_TOKEN", env[1].1)],
+            &[("MCPCTL_ENDPOINTS", &node2), ("MCPCTL_TOKEN", admin_token)],
         );
-        if direct.status.success() && String::from_utf8_lossy(&direct.stdout).contains("demo") {
-            break;
+        match direct.status.success() && String::from_utf8_lossy(&direct.stdout).contains("demo") {
+            true => Ok(()),
+            false => Err(format!("node 2 has not caught up: {}", text(&direct))),
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "node 2 did not catch up within 20 s: {}",
-            text(&direct)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    });
 
     // `token create` prints only the token.
     let tok = mcpctl(
@@ -180,13 +200,7 @@ fn dev_up_serves_a_cluster_and_dev_down_stops_it() {
     // `dev up` on the stopped cluster starts it again: same addresses and tokens (the env
     // file still works), same data.
     let before = std::fs::read_to_string(dir.join("env")).expect("env file");
-    let again = mcpctl(&["dev", "up", "--dir", &d, "--mcpd", &mcpd], &[]);
-    assert!(again.status.success(), "{}", text(&again));
-    assert!(
-        String::from_utf8_lossy(&again.stderr).contains("1, 2, 3 stopped: starting them again"),
-        "{}",
-        text(&again)
-    );
+    dev_up_again(&d, &mcpd, "1, 2, 3 stopped: starting them again");
     assert_eq!(
         std::fs::read_to_string(dir.join("env")).expect("env file"),
         before

@@ -374,12 +374,16 @@ impl Pool {
             }
         };
         slot.touch();
+        if let Some(process) = slot.process.get() {
+            return Ok(process.clone());
+        }
         match slot
             .process
             .get_or_try_init(|| self.start_dedicated(affinity))
             .await
         {
             Ok(process) => {
+                // Counted once the process is started, not on every call of the session.
                 self.count_dedicated(&self.dedicated_map());
                 Ok(process.clone())
             }

@@ -192,11 +192,11 @@ impl Drop for Awaiting<'_> {
 }
 
 /// Waits for a call's answer. When it is the only call this node waits on, it first polls for
-/// up to `spin` (`[pool] answer_spin_us`; zero: never), yielding to the runtime between polls (which also lets the worker
-/// poll the I/O driver): a local server answers in tens of µs, and catching its answer awake
-/// saves the wake-up of a sleeping worker thread, which on a virtual machine costs about as
-/// much again. Under load other calls are in flight and nothing polls; an idle node never does.
-/// `None`: the answer's sender is gone (the process ended).
+/// up to `spin` (`[pool] answer_spin_us`; zero: never), yielding to the runtime between polls
+/// (which also lets the worker poll the I/O driver): a local server answers in tens of µs, and
+/// catching its answer awake saves the wake-up of a sleeping worker thread, which on a virtual
+/// machine costs about as much again. Under load other calls are in flight and nothing polls;
+/// an idle node never does. `None`: the answer's sender is gone (the process ended).
 async fn wait_answer<T>(mut rx: oneshot::Receiver<T>, spin: Duration) -> Option<T> {
     if spin.is_zero() || AWAITING.load(Ordering::Relaxed) > 1 {
         return rx.await.ok();

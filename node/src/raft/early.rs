@@ -38,7 +38,7 @@ use openraft::network::{RPCOption, RaftNetwork};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
 use tokio::sync::mpsc;
 
-use super::network::{EarlyAck, NetworkFactory, PeerClient};
+use super::network::{EarlyAck, EarlyAcks, NetworkFactory, PeerClient};
 use super::typ::{Entry, LogId, RaftMetrics, Vote};
 use super::{NodeId, Raft};
 
@@ -92,8 +92,14 @@ impl EarlyPeers {
 }
 
 /// Keeps one early sender per voter other than `me`, following the membership, until Raft
-/// stops.
-pub async fn run(me: NodeId, raft: Raft, network: NetworkFactory, peers: EarlyPeers) {
+/// stops. Each publishes what its follower acknowledged in `acks`.
+pub async fn run(
+    me: NodeId,
+    raft: Raft,
+    network: NetworkFactory,
+    peers: EarlyPeers,
+    acks: EarlyAcks,
+) {
     let mut senders: HashMap<NodeId, (String, mpsc::Sender<Arc<EarlyAppend>>)> = HashMap::new();
     let mut server = raft.server_metrics();
     loop {
@@ -111,9 +117,7 @@ pub async fn run(me: NodeId, raft: Raft, network: NetworkFactory, peers: EarlyPe
             if !keep {
                 // What a former voter acknowledged says nothing about whoever comes back under
                 // its id or address.
-                if let Some(acks) = &network.early_acks {
-                    acks.sender(*id).send_replace(None);
-                }
+                acks.sender(*id).send_replace(None);
             }
             keep
         });
@@ -121,8 +125,7 @@ pub async fn run(me: NodeId, raft: Raft, network: NetworkFactory, peers: EarlyPe
             senders.entry(id).or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(PER_PEER_QUEUE);
                 let client = network.client_for(id, &member).for_early();
-                let acks = network.early_acks.as_ref().map(|a| a.sender(id));
-                tokio::spawn(send_loop(id, client, raft.metrics(), acks, rx));
+                tokio::spawn(send_loop(id, client, raft.metrics(), acks.sender(id), rx));
                 (member.grpc_addr.clone(), tx)
             });
         }
@@ -139,18 +142,16 @@ async fn send_loop(
     target: NodeId,
     mut client: PeerClient,
     metrics: tokio::sync::watch::Receiver<RaftMetrics>,
-    acks: Option<tokio::sync::watch::Sender<EarlyAck>>,
+    acks: tokio::sync::watch::Sender<EarlyAck>,
     mut appends: mpsc::Receiver<Arc<EarlyAppend>>,
 ) {
-    // The last early append this follower accepted, under which vote.
-    let mut acked: Option<(Vote, Option<LogId>)> = None;
     while let Some(append) = appends.recv().await {
         let matched = metrics
             .borrow()
             .replication
             .as_ref()
             .and_then(|r| r.get(&target).copied());
-        if !in_step(&append, matched, acked) {
+        if !in_step(&append, matched, *acks.borrow()) {
             metrics::counter!("mcpd_raft_early_appends_total", "outcome" => "skipped").increment(1);
             continue;
         }
@@ -163,19 +164,14 @@ async fn send_loop(
         let outcome = client.append_entries(rpc, RPCOption::new(EARLY_TTL)).await;
         let label = match outcome {
             Ok(AppendEntriesResponse::Success) => {
-                acked = Some((append.vote, append.last()));
-                if let (Some(acks), Some(last)) = (&acks, append.last()) {
+                if let Some(last) = append.last() {
                     acks.send_replace(Some((append.vote, last)));
                 }
                 "accepted"
             }
-            Ok(_) => {
-                acked = None;
-                "refused"
-            }
+            Ok(_) => "refused",
             Err(e) => {
                 tracing::debug!(peer = target, error = %e, "early append failed");
-                acked = None;
                 "failed"
             }
         };
@@ -185,16 +181,13 @@ async fn send_loop(
 
 /// Whether the follower holds the leader's log up to `append`'s start, so that the append
 /// continues it: openraft's replication has matched at least that far (`matched` is the
-/// follower's entry in the leader's metrics, which are this leader's), or an earlier early
-/// append of the same vote did. After a skipped append, the next one sent is the first whose
-/// start replication has reached.
-fn in_step(
-    append: &EarlyAppend,
-    matched: Option<Option<LogId>>,
-    acked: Option<(Vote, Option<LogId>)>,
-) -> bool {
+/// follower's entry in the leader's metrics, which are this leader's), or the follower
+/// acknowledged an early append of the same vote that did (`acked`; a refused or failed one
+/// later does not undo that: what it holds durably, it keeps). After a skipped append, the next
+/// one sent is the first whose start replication has reached.
+fn in_step(append: &EarlyAppend, matched: Option<Option<LogId>>, acked: EarlyAck) -> bool {
     matched.is_some_and(|m| m >= append.prev)
-        || acked.is_some_and(|(v, l)| v == append.vote && l >= append.prev)
+        || acked.is_some_and(|(v, l)| v == append.vote && Some(l) >= append.prev)
 }
 
 #[cfg(test)]
@@ -214,9 +207,10 @@ mod tests {
     }
 
     #[test]
-    fn an_append_goes_early_only_to_a_follower_whose_log_ends_where_it_begins() {
+    fn an_append_goes_early_only_to_a_follower_whose_log_reaches_where_it_begins() {
         let v = Vote::new_committed(1, 1);
-        let at = |i| Some(blank_ent::<super::super::TypeConfig>(1, 1, i).log_id);
+        let id = |i| blank_ent::<super::super::TypeConfig>(1, 1, i).log_id;
+        let at = |i| Some(id(i));
         let a = append(v, Some(4));
         assert!(
             in_step(&a, Some(at(4)), None),
@@ -229,11 +223,11 @@ mod tests {
         );
         assert!(!in_step(&a, None, None), "nothing known of the follower");
         assert!(
-            in_step(&a, Some(at(3)), Some((v, at(4)))),
+            in_step(&a, Some(at(3)), Some((v, id(4)))),
             "an early append of the same vote ended at 4"
         );
         assert!(
-            !in_step(&a, Some(at(3)), Some((Vote::new_committed(0, 2), at(4)))),
+            !in_step(&a, Some(at(3)), Some((Vote::new_committed(0, 2), id(4)))),
             "what another leader's append reached proves nothing"
         );
         assert!(in_step(&append(v, None), Some(None), None), "an empty log");

@@ -91,6 +91,16 @@ struct Mem {
     committed: Option<LogId>,
 }
 
+impl Mem {
+    /// The id of the last entry: the last one held, else the last one purged.
+    fn last_log_id(&self) -> Option<LogId> {
+        self.logs
+            .last_key_value()
+            .map(|(_, e)| e.log_id)
+            .or(self.last_purged)
+    }
+}
+
 /// One queued write. Rows are serialized by the caller so that the writer thread only does
 /// disk work.
 enum Write {
@@ -201,11 +211,7 @@ impl LogStore {
         let vote = mem
             .vote
             .filter(|v| v.is_committed() && v.leader_id().voted_for() == Some(self.me))?;
-        let prev = mem
-            .logs
-            .last_key_value()
-            .map(|(_, e)| e.log_id)
-            .or(mem.last_purged);
+        let prev = mem.last_log_id();
         let first = entries.first()?.log_id.index;
         (first == prev.map_or(0, |p| p.index + 1)).then(|| EarlyAppend {
             vote,
@@ -360,14 +366,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let mem = self.mem();
-        let last_log_id = mem
-            .logs
-            .last_key_value()
-            .map(|(_, e)| e.log_id)
-            .or(mem.last_purged);
         Ok(LogState {
             last_purged_log_id: mem.last_purged,
-            last_log_id,
+            last_log_id: mem.last_log_id(),
         })
     }
 

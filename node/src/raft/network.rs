@@ -161,6 +161,14 @@ fn status_error<E: std::error::Error>(status: &tonic::Status) -> RPCError<E> {
 }
 
 impl PeerClient {
+    /// This client for early appends (see [`super::early`]): its own stream, apart from
+    /// openraft's replication, so that neither waits for the other; counted as `early_append`.
+    pub fn for_early(mut self) -> Self {
+        self.append_rpc = "early_append";
+        self.early_acked = None;
+        self
+    }
+
     async fn call<Req, Resp, E>(
         &mut self,
         rpc: &'static str,
@@ -350,16 +358,6 @@ async fn open_stream(
     Ok(AppendStream { requests, answers })
 }
 
-impl PeerClient {
-    /// This client for early appends (see [`super::early`]): its own stream, apart from
-    /// openraft's replication, so that neither waits for the other; counted as `early_append`.
-    pub fn for_early(mut self) -> Self {
-        self.append_rpc = "early_append";
-        self.early_acked = None;
-        self
-    }
-}
-
 impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
         &mut self,
@@ -421,16 +419,17 @@ mod tests {
         gate: Arc<tokio::sync::Semaphore>,
     }
 
-    fn conflict() -> Vec<u8> {
-        let c: Result<AppendEntriesResponse<NodeId>, RaftError> =
-            Ok(AppendEntriesResponse::Conflict);
-        serde_json::to_vec(&c).unwrap()
+    /// A peer's encoded answer.
+    fn reply(r: AppendEntriesResponse<NodeId>) -> Vec<u8> {
+        serde_json::to_vec(&Ok::<_, RaftError>(r)).unwrap()
     }
 
     fn success() -> Vec<u8> {
-        let ok: Result<AppendEntriesResponse<NodeId>, RaftError> =
-            Ok(AppendEntriesResponse::Success);
-        serde_json::to_vec(&ok).unwrap()
+        reply(AppendEntriesResponse::Success)
+    }
+
+    fn conflict() -> Vec<u8> {
+        reply(AppendEntriesResponse::Conflict)
     }
 
     #[tonic::async_trait]
