@@ -401,6 +401,20 @@ async fn concurrent_writes_each_get_their_own_answer() {
             .unwrap_or_else(|| panic!("t{i} missing"));
         assert_eq!(t.revision, won[0], "t{i}: the winner's revision");
     }
+    // The follower forwarded its writes, all at once, over a shared stream to the leader
+    // (`registry::forward`), not one stream each.
+    let url = c.url(follower);
+    let (forwarded, _) = scrape_sum(&url, "mcpd_registry_forwarded_writes_total").await;
+    let (opened, metrics) = scrape_sum(
+        &url,
+        "mcpd_registry_forward_streams_total{event=\"opened\"}",
+    )
+    .await;
+    assert!(forwarded >= NAMES as f64, "forwarded writes:\n{metrics}");
+    assert!(
+        (1.0..=2.0).contains(&opened),
+        "forward streams opened:\n{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

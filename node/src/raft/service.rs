@@ -6,8 +6,9 @@
 
 use mcpcp_proto::cluster::cluster_server::Cluster;
 use mcpcp_proto::cluster::{
-    ForwardWriteReply, ForwardWriteRequest, MembershipReply, MembershipRequest, PingReply,
-    PingRequest, ReadIndexReply, ReadIndexRequest,
+    forwarded_answer, forwarded_call, ForwardWriteReply, ForwardWriteRequest, ForwardedAnswer,
+    ForwardedCall, MembershipReply, MembershipRequest, PingReply, PingRequest, ReadIndexReply,
+    ReadIndexRequest,
 };
 use mcpcp_proto::raft::raft_server;
 use mcpcp_proto::raft::RaftPayload;
@@ -104,8 +105,60 @@ pub struct ClusterService {
     pub registry: Registry,
 }
 
+/// The answers of a `Forward` stream, in the order the calls finish.
+pub type ForwardAnswers =
+    Pin<Box<dyn Stream<Item = Result<ForwardedAnswer, Status>> + Send + 'static>>;
+
+/// Answers one call of a `Forward` stream as the leader.
+async fn answer_forwarded(registry: &Registry, call: ForwardedCall) -> ForwardedAnswer {
+    let answer = match call.call {
+        Some(forwarded_call::Call::Write(w)) => match decode(&w.command) {
+            Ok(request) => encode(&registry.write_as_leader(request).await)
+                .map(|result| forwarded_answer::Answer::Write(ForwardWriteReply { result })),
+            Err(status) => Err(status),
+        },
+        Some(forwarded_call::Call::ReadIndex(_)) => encode(&registry.read_index_as_leader().await)
+            .map(|result| forwarded_answer::Answer::ReadIndex(ReadIndexReply { result })),
+        None => Err(Status::invalid_argument("call: not set")),
+    };
+    ForwardedAnswer {
+        id: call.id,
+        answer: Some(
+            answer.unwrap_or_else(|s| forwarded_answer::Answer::Refused(s.message().into())),
+        ),
+    }
+}
+
 #[tonic::async_trait]
 impl Cluster for ClusterService {
+    type ForwardStream = ForwardAnswers;
+
+    /// Runs each call of the stream in a task of its own (a write waits for its commit, and
+    /// the calls behind it must not wait for that) and streams the answers back as they come.
+    /// When the follower goes away, calls already running still finish; their answers are
+    /// dropped.
+    async fn forward(
+        &self,
+        req: Request<Streaming<ForwardedCall>>,
+    ) -> Result<Response<Self::ForwardStream>, Status> {
+        let mut inbound = req.into_inner();
+        let registry = self.registry.clone();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            // Ends when the follower closes the stream or it breaks.
+            while let Ok(Some(call)) = inbound.message().await {
+                let registry = registry.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(Ok(answer_forwarded(&registry, call).await));
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+        )))
+    }
+
     async fn forward_write(
         &self,
         req: Request<ForwardWriteRequest>,

@@ -1,13 +1,14 @@
 //! The registry as the rest of the node sees it: write a command, read the applied state
 //! (linearizable or stale), watch changes, and change membership, without caring which node
 //! leads. A follower forwards writes, read barriers and membership changes to the leader over
-//! gRPC; every wait is bounded by the configured quorum wait, after which the caller gets
+//! gRPC (the first two on one shared stream, [`forward`]); every wait is bounded by the configured quorum wait, after which the caller gets
 //! [`RegistryError::NoQuorum`] instead of a hang.
 //!
 //! Writes carry a request id, and the state machine remembers recent ids, so a write whose
 //! answer was lost (leader change, timeout, dropped connection) is re-sent without running
 //! twice.
 
+pub mod forward;
 pub mod propose;
 pub mod state;
 pub mod token;
@@ -20,9 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use mcpcp_proto::api::{AddNodeRequest, Member, Role, TokenInfo};
 use mcpcp_proto::cluster::cluster_client::ClusterClient;
-use mcpcp_proto::cluster::{
-    ForwardWriteRequest, MembershipRequest, PingReply, PingRequest, ReadIndexRequest,
-};
+use mcpcp_proto::cluster::{MembershipRequest, PingReply, PingRequest};
 use openraft::error::RaftError;
 use openraft::ChangeMembers;
 use serde::{Deserialize, Serialize};
@@ -137,6 +136,7 @@ pub struct Registry {
     proposer: propose::Proposer,
     sm: StateMachineStore,
     channels: PeerChannels,
+    forwarders: forward::Forwarders,
     quorum_wait: Duration,
     membership_wait: Duration,
 }
@@ -164,6 +164,7 @@ impl Registry {
             proposer: propose::Proposer::start(raft.clone()),
             raft,
             sm,
+            forwarders: forward::Forwarders::new(channels.clone()),
             channels,
             quorum_wait,
             membership_wait: Duration::from_secs(60).max(quorum_wait),
@@ -349,15 +350,14 @@ impl Registry {
         leader: &Member,
         req: &Request,
     ) -> Result<Result<state::CommandResult, ForwardError>, String> {
-        let mut client = self.cluster_client(leader)?;
         let command = serde_json::to_vec(req).map_err(|e| e.to_string())?;
         let started = Instant::now();
-        let reply = client
-            .forward_write(ForwardWriteRequest { command })
-            .await
-            .map_err(|s| s.to_string())?;
+        let result = self
+            .forwarders
+            .call(&leader.grpc_addr, forward::Call::Write(command))
+            .await?;
         metrics::histogram!("mcpd_registry_forward_seconds").record(started.elapsed());
-        serde_json::from_slice(&reply.into_inner().result).map_err(|e| e.to_string())
+        serde_json::from_slice(&result).map_err(|e| e.to_string())
     }
 
     /// Leader side of a forwarded write: propose here, never forward again.
@@ -441,12 +441,11 @@ impl Registry {
         &self,
         leader: &Member,
     ) -> Result<Result<Option<LogId>, ForwardError>, String> {
-        let mut client = self.cluster_client(leader)?;
-        let reply = client
-            .read_index(ReadIndexRequest {})
-            .await
-            .map_err(|s| s.to_string())?;
-        serde_json::from_slice(&reply.into_inner().result).map_err(|e| e.to_string())
+        let result = self
+            .forwarders
+            .call(&leader.grpc_addr, forward::Call::ReadIndex)
+            .await?;
+        serde_json::from_slice(&result).map_err(|e| e.to_string())
     }
 
     /// Leader side of a read barrier.
