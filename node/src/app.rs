@@ -294,7 +294,10 @@ async fn serve_grpc(
     })
     .max_decoding_message_size(64 << 20)
     .max_encoding_message_size(64 << 20);
-    let cluster_svc = ClusterServer::new(ClusterService { registry });
+    let cluster_svc = ClusterServer::new(ClusterService {
+        registry,
+        shutdown: shutdown.clone(),
+    });
     // `Server::tcp_nodelay` does not apply to an incoming stream we supply: set it per
     // connection, or small Raft and forwarding replies wait for delayed ACKs (~40 ms).
     let incoming = TcpListenerStream::new(listener).map(|conn| {
@@ -302,7 +305,11 @@ async fn serve_grpc(
             let _ = tcp.set_nodelay(true);
         })
     });
+    // Pings find a peer that vanished (powered off, cut off) under an idle long-lived stream,
+    // which TCP alone would keep forever.
     let res = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(5)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(raft_svc)
         .add_service(cluster_svc)
         .add_service(peer_svc)

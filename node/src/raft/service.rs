@@ -14,13 +14,17 @@ use mcpcp_proto::raft::raft_server;
 use mcpcp_proto::raft::RaftPayload;
 use std::pin::Pin;
 
+use std::sync::Arc;
+
 use futures_util::Stream;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Raft;
 use crate::registry::{ForwardError, MembershipChange, Registry};
+use crate::shutdown::Shutdown;
 
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Status> {
     serde_json::from_slice(bytes).map_err(|e| Status::invalid_argument(format!("bad payload: {e}")))
@@ -103,23 +107,44 @@ impl raft_server::Raft for RaftService {
 /// The forwarding service.
 pub struct ClusterService {
     pub registry: Registry,
+    /// Ends the `Forward` streams' intake when the node stops.
+    pub shutdown: Shutdown,
 }
 
 /// The answers of a `Forward` stream, in the order the calls finish.
 pub type ForwardAnswers =
     Pin<Box<dyn Stream<Item = Result<ForwardedAnswer, Status>> + Send + 'static>>;
 
+/// Calls of one `Forward` stream running at once; more are refused as busy (the follower
+/// retries them after a pause). A follower sends one per write or read waiting on it.
+pub const MAX_FORWARDED_IN_FLIGHT: usize = 1024;
+
+/// A call of a `Forward` stream, decoded.
+#[derive(Debug)]
+enum Forwarded {
+    Write(Box<crate::registry::state::Request>),
+    ReadIndex,
+}
+
+/// Decodes a call; `Err`: why it is refused.
+fn decode_forwarded(call: Option<forwarded_call::Call>) -> Result<Forwarded, String> {
+    match call {
+        Some(forwarded_call::Call::Write(w)) => decode(&w.command)
+            .map(|r| Forwarded::Write(Box::new(r)))
+            .map_err(|s| s.message().to_string()),
+        Some(forwarded_call::Call::ReadIndex(_)) => Ok(Forwarded::ReadIndex),
+        None => Err("call: not set".into()),
+    }
+}
+
 /// Answers one call of a `Forward` stream as the leader.
 async fn answer_forwarded(registry: &Registry, call: ForwardedCall) -> ForwardedAnswer {
-    let answer = match call.call {
-        Some(forwarded_call::Call::Write(w)) => match decode(&w.command) {
-            Ok(request) => encode(&registry.write_as_leader(request).await)
-                .map(|result| forwarded_answer::Answer::Write(ForwardWriteReply { result })),
-            Err(status) => Err(status),
-        },
-        Some(forwarded_call::Call::ReadIndex(_)) => encode(&registry.read_index_as_leader().await)
+    let answer = match decode_forwarded(call.call) {
+        Ok(Forwarded::Write(request)) => encode(&registry.write_as_leader(*request).await)
+            .map(|result| forwarded_answer::Answer::Write(ForwardWriteReply { result })),
+        Ok(Forwarded::ReadIndex) => encode(&registry.read_index_as_leader().await)
             .map(|result| forwarded_answer::Answer::ReadIndex(ReadIndexReply { result })),
-        None => Err(Status::invalid_argument("call: not set")),
+        Err(why) => Err(Status::invalid_argument(why)),
     };
     ForwardedAnswer {
         id: call.id,
@@ -134,23 +159,44 @@ impl Cluster for ClusterService {
     type ForwardStream = ForwardAnswers;
 
     /// Runs each call of the stream in a task of its own (a write waits for its commit, and
-    /// the calls behind it must not wait for that) and streams the answers back as they come.
-    /// When the follower goes away, calls already running still finish; their answers are
-    /// dropped.
+    /// the calls behind it must not wait for that), at most [`MAX_FORWARDED_IN_FLIGHT`] at
+    /// once, and streams the answers back as they come. The stream ends once the follower
+    /// closes it (or the node stops) and the calls already running are answered.
     async fn forward(
         &self,
         req: Request<Streaming<ForwardedCall>>,
     ) -> Result<Response<Self::ForwardStream>, Status> {
         let mut inbound = req.into_inner();
         let registry = self.registry.clone();
+        let shutdown = self.shutdown.clone();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
-            // Ends when the follower closes the stream or it breaks.
-            while let Ok(Some(call)) = inbound.message().await {
+            let slots = Arc::new(Semaphore::new(MAX_FORWARDED_IN_FLIGHT));
+            let stopping = shutdown.wait();
+            tokio::pin!(stopping);
+            loop {
+                let call = tokio::select! {
+                    m = inbound.message() => match m {
+                        Ok(Some(call)) => call,
+                        // The follower closed the stream, or it broke.
+                        Ok(None) | Err(_) => break,
+                    },
+                    _ = &mut stopping => break,
+                };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    let _ = tx.send(Ok(ForwardedAnswer {
+                        id: call.id,
+                        answer: Some(forwarded_answer::Answer::Refused(format!(
+                            "busy: {MAX_FORWARDED_IN_FLIGHT} forwarded calls running on this stream"
+                        ))),
+                    }));
+                    continue;
+                };
                 let registry = registry.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     let _ = tx.send(Ok(answer_forwarded(&registry, call).await));
+                    drop(slot);
                 });
             }
         });
@@ -199,5 +245,25 @@ impl Cluster for ClusterService {
             applied_index: m.last_applied.map(|l| l.index),
             leader: m.current_leader,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_forwarded_call_that_cannot_be_read_is_refused_naming_why() {
+        assert_eq!(decode_forwarded(None).unwrap_err(), "call: not set");
+        let bad = forwarded_call::Call::Write(ForwardWriteRequest {
+            command: b"{not json".to_vec(),
+        });
+        let why = decode_forwarded(Some(bad)).unwrap_err();
+        assert!(why.starts_with("bad payload"), "{why}");
+        let read = forwarded_call::Call::ReadIndex(ReadIndexRequest {});
+        assert!(matches!(
+            decode_forwarded(Some(read)),
+            Ok(Forwarded::ReadIndex)
+        ));
     }
 }

@@ -6,10 +6,17 @@
 //! round trip itself on a small machine (measured here: 190 µs a unary round trip, 110 µs on
 //! a stream), and two of three writes sent to a random node are forwarded.
 //!
-//! A stream that breaks (the leader crashed or restarted) fails the calls waiting on it, which
-//! the registry retries as it retries any failed forward; the next call opens a new stream.
-//! A leader that does not know `Forward` (an older `mcpd`) gets the unary calls, and the
-//! stream is tried again after [`RETRY_STREAM_AFTER`].
+//! - A stream that breaks (the leader crashed or restarted) fails the calls waiting on it,
+//!   which the registry retries as it retries any failed forward; the next call opens a new
+//!   stream. One that cannot be opened fails the calls that queued behind the attempt too, for
+//!   [`OPEN_FAILURE_MEMORY`], rather than each trying again in turn.
+//! - A call whose caller stopped waiting is forgotten: not sent if it is still queued, and its
+//!   answer dropped if one comes. (The leader may still run it; request ids make a retry of a
+//!   write safe.)
+//! - A leader that does not know `Forward` (an older `mcpd`) gets the unary calls, and the
+//!   stream is tried again after [`RETRY_STREAM_AFTER`] (it may have been upgraded).
+//! - Opening a stream to a new leader closes those to earlier ones once their calls are
+//!   answered.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,13 +29,17 @@ use mcpcp_proto::cluster::{
     ReadIndexRequest,
 };
 use tokio::sync::{mpsc, oneshot};
+use tokio_stream::StreamExt;
 use tonic::Streaming;
 
 use crate::raft::network::PeerChannels;
 
 /// How long a leader that refused the stream as unknown gets the unary calls before the stream
-/// is tried again (it may have been upgraded meanwhile).
+/// is tried again.
 pub const RETRY_STREAM_AFTER: Duration = Duration::from_secs(30);
+
+/// How long a failure to open a stream is the answer of the calls to that leader.
+pub const OPEN_FAILURE_MEMORY: Duration = Duration::from_millis(100);
 
 /// A call to forward.
 #[derive(Debug, Clone)]
@@ -36,6 +47,15 @@ pub enum Call {
     /// JSON of a registry `Request`.
     Write(Vec<u8>),
     ReadIndex,
+}
+
+impl Call {
+    fn name(&self) -> &'static str {
+        match self {
+            Call::Write(_) => "write",
+            Call::ReadIndex => "read barrier",
+        }
+    }
 }
 
 /// The forwarding links of a node, one per leader address. Cheap to clone.
@@ -53,7 +73,19 @@ enum Link {
     Stream(Arc<ForwardStream>),
     /// The leader answered `Unimplemented` to the stream at this time.
     Unary(Instant),
+    /// Opening a stream failed at this time, with this error.
+    Failed(Instant, String),
 }
+
+/// How a call goes to a leader now.
+enum Route {
+    Stream(Arc<ForwardStream>),
+    Unary,
+    Failed(String),
+}
+
+/// What a call's caller is handed: the answer, or `None` for an answer without content.
+type Answered = Option<forwarded_answer::Answer>;
 
 /// One open `Forward` stream. Dropping it ends the stream once the calls sent on it are
 /// answered.
@@ -66,15 +98,13 @@ struct ForwardStream {
 struct Shared {
     addr: String,
     /// Calls waiting for their answer, by id.
-    waiting: Mutex<HashMap<u64, oneshot::Sender<forwarded_answer::Answer>>>,
+    waiting: Mutex<HashMap<u64, oneshot::Sender<Answered>>>,
     next_id: AtomicU64,
     open: AtomicBool,
 }
 
-type Waiting = HashMap<u64, oneshot::Sender<forwarded_answer::Answer>>;
-
 impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Waiting> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Answered>>> {
         self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -87,18 +117,11 @@ impl Shared {
     async fn read_answers(self: Arc<Self>, mut answers: Streaming<ForwardedAnswer>) {
         let reason = loop {
             match answers.message().await {
-                Ok(Some(ForwardedAnswer {
-                    id,
-                    answer: Some(answer),
-                })) => {
+                Ok(Some(ForwardedAnswer { id, answer })) => {
+                    // No caller: it stopped waiting.
                     if let Some(caller) = self.lock().remove(&id) {
                         let _ = caller.send(answer);
                     }
-                }
-                // An answer without content cannot be matched to a result; its caller's
-                // sender is dropped, which it hears as a failed forward.
-                Ok(Some(ForwardedAnswer { id, answer: None })) => {
-                    self.lock().remove(&id);
                 }
                 Ok(None) => break "closed by the leader".to_string(),
                 Err(status) => break status.to_string(),
@@ -112,9 +135,9 @@ impl Shared {
 }
 
 impl ForwardStream {
-    /// Sends `call` and waits for its answer. Dropping the future forgets the call (the
-    /// leader still finishes it).
-    async fn call(&self, call: forwarded_call::Call) -> Result<forwarded_answer::Answer, String> {
+    /// Sends `call` and returns the JSON result the leader answered. Dropping the future
+    /// forgets the call.
+    async fn call(&self, call: Call) -> Result<Vec<u8>, String> {
         let shared = &*self.shared;
         let ended = || format!("the forward stream to {} has ended", shared.addr);
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
@@ -125,20 +148,35 @@ impl ForwardStream {
         if !shared.is_open() {
             return Err(ended());
         }
+        let name = call.name();
+        let sent = match call {
+            Call::Write(command) => forwarded_call::Call::Write(ForwardWriteRequest { command }),
+            Call::ReadIndex => forwarded_call::Call::ReadIndex(ReadIndexRequest {}),
+        };
         self.calls
             .send(ForwardedCall {
                 id,
-                call: Some(call),
+                call: Some(sent),
             })
             .map_err(|_| ended())?;
-        let answer = rx.await.map_err(|_| {
+        let answered = rx.await.map_err(|_| {
             format!(
                 "the forward stream to {} ended before the answer",
                 shared.addr
             )
         });
         drop(forget);
-        answer
+        match (name, answered?) {
+            ("write", Some(forwarded_answer::Answer::Write(w))) => Ok(w.result),
+            ("read barrier", Some(forwarded_answer::Answer::ReadIndex(r))) => Ok(r.result),
+            (_, Some(forwarded_answer::Answer::Refused(why))) => {
+                Err(format!("the leader refused the {name}: {why}"))
+            }
+            (_, None) => Err(format!("the leader answered the {name} with nothing")),
+            (_, Some(_)) => Err(format!(
+                "the leader answered the {name} with another kind of answer"
+            )),
+        }
     }
 }
 
@@ -170,10 +208,14 @@ impl Forwarders {
             .map_err(|e| e.to_string())
     }
 
+    fn links(&self) -> std::sync::MutexGuard<'_, HashMap<String, Link>> {
+        self.links.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Forwards `call` to the leader at `addr` and returns the JSON result it answered.
     pub async fn call(&self, addr: &str, call: Call) -> Result<Vec<u8>, String> {
-        let stream = match self.link(addr) {
-            Some(link) => link,
+        let route = match self.route(addr) {
+            Some(route) => route,
             None => {
                 let lock = self
                     .opening
@@ -183,44 +225,28 @@ impl Forwarders {
                     .or_default()
                     .clone();
                 let _opening = lock.lock().await;
-                // Opened by another call while this one waited?
-                match self.link(addr) {
-                    Some(link) => link,
-                    None => self.open(addr).await?,
+                // Opened (or failed to) by another call while this one waited?
+                match self.route(addr) {
+                    Some(route) => route,
+                    None => self.open(addr).await,
                 }
             }
         };
-        match stream {
-            Some(stream) => {
-                let call = match call {
-                    Call::Write(command) => {
-                        forwarded_call::Call::Write(ForwardWriteRequest { command })
-                    }
-                    Call::ReadIndex => forwarded_call::Call::ReadIndex(ReadIndexRequest {}),
-                };
-                match stream.call(call).await? {
-                    forwarded_answer::Answer::Write(w) => Ok(w.result),
-                    forwarded_answer::Answer::ReadIndex(r) => Ok(r.result),
-                    forwarded_answer::Answer::Refused(why) => {
-                        Err(format!("the leader refused the call: {why}"))
-                    }
-                }
-            }
-            None => self.unary(addr, call).await,
+        match route {
+            Route::Stream(stream) => stream.call(call).await,
+            Route::Unary => self.unary(addr, call).await,
+            Route::Failed(e) => Err(e),
         }
     }
 
-    /// How to reach `addr` now: `Some(Some(stream))`, `Some(None)` (unary calls), or `None`
-    /// when a stream must be opened first.
-    fn link(&self, addr: &str) -> Option<Option<Arc<ForwardStream>>> {
-        match self
-            .links
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(addr)
-        {
-            Some(Link::Stream(s)) if s.shared.is_open() => Some(Some(s.clone())),
-            Some(Link::Unary(since)) if since.elapsed() < RETRY_STREAM_AFTER => Some(None),
+    /// How to reach `addr` now; `None`: a stream must be opened first.
+    fn route(&self, addr: &str) -> Option<Route> {
+        match self.links().get(addr) {
+            Some(Link::Stream(s)) if s.shared.is_open() => Some(Route::Stream(s.clone())),
+            Some(Link::Unary(since)) if since.elapsed() < RETRY_STREAM_AFTER => Some(Route::Unary),
+            Some(Link::Failed(at, e)) if at.elapsed() < OPEN_FAILURE_MEMORY => {
+                Some(Route::Failed(e.clone()))
+            }
             _ => None,
         }
     }
@@ -241,49 +267,61 @@ impl Forwarders {
         .map_err(|s| s.to_string())
     }
 
-    /// Opens a stream to `addr` and keeps it for the next calls; `None`: the leader does not
-    /// know the stream.
-    async fn open(&self, addr: &str) -> Result<Option<Arc<ForwardStream>>, String> {
-        let mut client = self.client(addr)?;
-        let (calls, outbound) = mpsc::unbounded_channel();
-        let opened = client
-            .forward(tokio_stream::wrappers::UnboundedReceiverStream::new(
-                outbound,
-            ))
-            .await;
-        let answers = match opened {
-            Ok(answers) => answers.into_inner(),
-            Err(status) if status.code() == tonic::Code::Unimplemented => {
-                metrics::counter!("mcpd_registry_forward_streams_total", "event" => "unimplemented")
-                    .increment(1);
-                tracing::info!(leader = %addr, "the leader does not know the forward stream (an older mcpd); forwarding with unary calls");
-                self.links
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(addr.to_string(), Link::Unary(Instant::now()));
-                return Ok(None);
-            }
-            Err(status) => {
-                metrics::counter!("mcpd_registry_forward_streams_total", "event" => "failed")
-                    .increment(1);
-                return Err(status.to_string());
-            }
-        };
+    /// Opens a stream to `addr`, records how it went for the next calls, and says how this
+    /// call goes.
+    async fn open(&self, addr: &str) -> Route {
         let shared = Arc::new(Shared {
             addr: addr.to_string(),
             waiting: Mutex::default(),
             next_id: AtomicU64::new(1),
             open: AtomicBool::new(true),
         });
-        tokio::spawn(shared.clone().read_answers(answers));
-        metrics::counter!("mcpd_registry_forward_streams_total", "event" => "opened").increment(1);
-        tracing::debug!(leader = %addr, "forward stream opened");
-        let stream = Arc::new(ForwardStream { calls, shared });
-        self.links
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(addr.to_string(), Link::Stream(stream.clone()));
-        Ok(Some(stream))
+        let (calls, outbound) = mpsc::unbounded_channel::<ForwardedCall>();
+        // A call forgotten while it was queued is not sent.
+        let still_waited_for = shared.clone();
+        let outbound = tokio_stream::wrappers::UnboundedReceiverStream::new(outbound)
+            .filter(move |c| still_waited_for.lock().contains_key(&c.id));
+        let opened = match self.client(addr) {
+            Ok(mut client) => client
+                .forward(outbound)
+                .await
+                .map_err(|s| (s.code(), s.to_string())),
+            Err(e) => Err((tonic::Code::Unavailable, e)),
+        };
+        let (link, route) = match opened {
+            Ok(answers) => {
+                tokio::spawn(shared.clone().read_answers(answers.into_inner()));
+                metrics::counter!("mcpd_registry_forward_streams_total", "event" => "opened")
+                    .increment(1);
+                tracing::debug!(leader = %addr, "forward stream opened");
+                let stream = Arc::new(ForwardStream { calls, shared });
+                (Link::Stream(stream.clone()), Route::Stream(stream))
+            }
+            Err((tonic::Code::Unimplemented, _)) => {
+                metrics::counter!("mcpd_registry_forward_streams_total", "event" => "unimplemented")
+                    .increment(1);
+                tracing::info!(leader = %addr, "the leader does not know the forward stream (an older mcpd); forwarding with unary calls");
+                (Link::Unary(Instant::now()), Route::Unary)
+            }
+            Err((_, e)) => {
+                metrics::counter!("mcpd_registry_forward_streams_total", "event" => "failed")
+                    .increment(1);
+                tracing::debug!(leader = %addr, error = %e, "could not open a forward stream");
+                (Link::Failed(Instant::now(), e.clone()), Route::Failed(e))
+            }
+        };
+        let mut links = self.links();
+        if matches!(link, Link::Stream(_)) {
+            // This is the leader now: streams to earlier ones close once their calls are
+            // answered (dropping the last handle ends a stream).
+            links.retain(|a, l| a == addr || !matches!(l, Link::Stream(_)));
+            self.opening
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|a, l| a == addr || l.try_lock().is_err());
+        }
+        links.insert(addr.to_string(), link);
+        route
     }
 }
 
@@ -474,6 +512,42 @@ mod tests {
             "one stream for all"
         );
         assert_eq!(leader.unary.load(Ordering::SeqCst), 0);
+    }
+
+    /// The open stream to `addr`, to look inside.
+    fn stream_to(f: &Forwarders, addr: &str) -> Arc<ForwardStream> {
+        match f.links().get(addr) {
+            Some(Link::Stream(s)) => s.clone(),
+            _ => panic!("no stream to {addr}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_stops_waiting_is_forgotten_and_the_stream_goes_on() {
+        let (leader, addr) = serve(Mode::Reversed(2)).await;
+        let f = forwarders();
+        // The leader answers only once it has two calls: the first caller gives up.
+        let first = tokio::time::timeout(
+            Duration::from_millis(200),
+            f.call(&addr, Call::Write(b"first".to_vec())),
+        )
+        .await;
+        assert!(first.is_err(), "answered alone: {first:?}");
+        let stream = stream_to(&f, &addr);
+        assert!(
+            stream.shared.lock().is_empty(),
+            "the call is still waited for"
+        );
+        // The second call gets its own answer; the first one's, which comes after, has nobody
+        // to go to.
+        let second = tokio::time::timeout(
+            Duration::from_secs(10),
+            f.call(&addr, Call::Write(b"second".to_vec())),
+        )
+        .await
+        .expect("answered");
+        assert_eq!(second.unwrap(), b"second");
+        assert_eq!(leader.streams.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

@@ -1,8 +1,9 @@
 //! The registry as the rest of the node sees it: write a command, read the applied state
 //! (linearizable or stale), watch changes, and change membership, without caring which node
 //! leads. A follower forwards writes, read barriers and membership changes to the leader over
-//! gRPC (the first two on one shared stream, [`forward`]); every wait is bounded by the configured quorum wait, after which the caller gets
-//! [`RegistryError::NoQuorum`] instead of a hang.
+//! gRPC (the first two on one shared stream, [`forward`]); every wait is bounded by the
+//! configured quorum wait, after which the caller gets [`RegistryError::NoQuorum`] instead of
+//! a hang.
 //!
 //! Writes carry a request id, and the state machine remembers recent ids, so a write whose
 //! answer was lost (leader change, timeout, dropped connection) is re-sent without running
