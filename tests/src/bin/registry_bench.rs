@@ -7,11 +7,17 @@
 //! leader, as it does for real clients), from 1, 16 and 128 concurrent clients sharing one
 //! keep-alive HTTP client, for a fixed time per level.
 //!
+//! Both clusters run side by side for the whole run, and each level's time is cut into
+//! `--rounds` slices that alternate between the systems (mcpd first in even rounds, etcd first
+//! in odd ones). On a shared machine, whose speed drifts by 10–20 % over minutes, this puts
+//! both systems under the same conditions; the table gives each system's figures over all its
+//! slices, and a second table the ratio of each round, with their median.
+//!
 //! The benchmark prints figures and asserts nothing about them. Latency percentiles are of
 //! successful writes; failed writes are counted in `errors` and not in `writes/s`.
 //!
 //! ```text
-//! registry-bench [--seconds 10] [--levels 1,16,128] [--max-writes 1000000]
+//! registry-bench [--seconds 10] [--rounds 5] [--levels 1,16,128] [--max-writes 1000000]
 //! ```
 
 use mcpcp_tests::bench::{find_on_path, percentile, root_cause, round3, run_until_stopped};
@@ -42,9 +48,12 @@ const ERROR_SAMPLES: usize = 3;
     about = "Registry write throughput and latency: 3 mcpd nodes vs 3 etcd members on loopback"
 )]
 struct Args {
-    /// Duration of each concurrency level, in seconds.
+    /// Duration of each concurrency level, per system, in seconds.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     seconds: u64,
+    /// Slices each level's time is cut into, alternating between the systems.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    rounds: u32,
     /// Numbers of concurrent clients, comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = [1u32, 16, 128],
           value_parser = clap::value_parser!(u32).range(1..=1024))]
@@ -143,9 +152,47 @@ struct LevelResult {
     p50: Option<Duration>,
     p99: Option<Duration>,
     max: Option<Duration>,
+    /// Every successful write's latency, sorted (for merging slices).
+    latencies: Vec<Duration>,
 }
 
 impl LevelResult {
+    fn new(
+        system: &'static str,
+        clients: u32,
+        mut latencies: Vec<Duration>,
+        errors: u64,
+        elapsed: Duration,
+    ) -> Self {
+        latencies.sort_unstable();
+        LevelResult {
+            system,
+            clients,
+            writes: latencies.len() as u64,
+            errors,
+            elapsed,
+            p50: percentile(&latencies, 0.50),
+            p99: percentile(&latencies, 0.99),
+            max: latencies.last().copied(),
+            latencies,
+        }
+    }
+
+    /// The figures of several slices of one (system, level) taken together.
+    fn merge(slices: &[LevelResult]) -> Option<Self> {
+        let first = slices.first()?;
+        Some(LevelResult::new(
+            first.system,
+            first.clients,
+            slices
+                .iter()
+                .flat_map(|r| r.latencies.iter().copied())
+                .collect(),
+            slices.iter().map(|r| r.errors).sum(),
+            slices.iter().map(|r| r.elapsed).sum(),
+        ))
+    }
+
     fn writes_per_s(&self) -> f64 {
         self.writes as f64 / self.elapsed.as_secs_f64()
     }
@@ -255,46 +302,14 @@ impl Load {
         for s in &samples {
             eprintln!("  {} error: {s}", self.system.name());
         }
-        latencies.sort_unstable();
-        LevelResult {
-            system: self.system.name(),
-            clients,
-            writes: latencies.len() as u64,
-            errors,
-            elapsed,
-            p50: percentile(&latencies, 0.50),
-            p99: percentile(&latencies, 0.99),
-            max: latencies.last().copied(),
-        }
-    }
-
-    async fn run_levels(&self, args: &Args) -> Vec<LevelResult> {
-        let mut results = Vec::new();
-        for &clients in &args.levels {
-            eprintln!(
-                "{}: {clients} client(s) for {} s ...",
-                self.system.name(),
-                args.seconds
-            );
-            let r = self
-                .run_level(clients, Duration::from_secs(args.seconds), args.max_writes)
-                .await;
-            eprintln!(
-                "{}: {clients} client(s): {} writes, {} errors in {:.2} s",
-                r.system,
-                r.writes,
-                r.errors,
-                r.elapsed.as_secs_f64()
-            );
-            results.push(r);
-        }
-        results
+        LevelResult::new(self.system.name(), clients, latencies, errors, elapsed)
     }
 }
 
 // === mcpd ===
 
-async fn bench_mcpd(http: &reqwest::Client, args: &Args) -> anyhow::Result<Vec<LevelResult>> {
+/// Starts a 3-node mcpd cluster and the load generator for it, once it accepts writes.
+async fn start_mcpd(http: &reqwest::Client) -> anyhow::Result<(Load, Cluster)> {
     eprintln!(
         "mcpd: starting 3 nodes ({})",
         mcpcp_tests::binary("mcpd").display()
@@ -309,17 +324,18 @@ async fn bench_mcpd(http: &reqwest::Client, args: &Args) -> anyhow::Result<Vec<L
         urls: Arc::new(ids.iter().map(|id| cluster.url(*id)).collect()),
         seq: Arc::new(AtomicU64::new(0)),
     };
-    let result = match load.warm_up().await {
-        Ok(()) => Ok(load.run_levels(args).await),
-        Err(e) => {
-            cluster.dump_logs();
-            Err(e)
-        }
-    };
+    if let Err(e) = load.warm_up().await {
+        cluster.dump_logs();
+        stop_mcpd(&mut cluster).await;
+        return Err(e);
+    }
+    Ok((load, cluster))
+}
+
+async fn stop_mcpd(cluster: &mut Cluster) {
     for id in cluster.running_ids() {
         cluster.kill(id).await;
     }
-    result
 }
 
 // === etcd ===
@@ -510,11 +526,8 @@ fn etcd_version(bin: &Path) -> String {
         .unwrap_or_else(|| "etcd (version unknown)".into())
 }
 
-async fn bench_etcd(
-    http: &reqwest::Client,
-    bin: &Path,
-    args: &Args,
-) -> anyhow::Result<Vec<LevelResult>> {
+/// Starts a 3-member etcd cluster and the load generator for it, once it accepts writes.
+async fn start_etcd(http: &reqwest::Client, bin: &Path) -> anyhow::Result<(Load, EtcdCluster)> {
     eprintln!("etcd: starting 3 members ({})", bin.display());
     let mut etcd = EtcdCluster::start(bin, 3).await?;
     let ready = async {
@@ -529,15 +542,80 @@ async fn bench_etcd(
         anyhow::Ok(load)
     }
     .await;
-    let result = match ready {
-        Ok(load) => Ok(load.run_levels(args).await),
+    match ready {
+        Ok(load) => Ok((load, etcd)),
         Err(e) => {
             etcd.dump_logs();
+            etcd.stop().await?;
             Err(e)
         }
-    };
-    etcd.stop().await?;
-    result
+    }
+}
+
+/// The figures of one level: each system's slices, in round order.
+struct Level {
+    clients: u32,
+    slices: Vec<Vec<LevelResult>>,
+}
+
+impl Level {
+    /// Writes/s of the first system over the second's, per round.
+    fn ratios(&self) -> Vec<f64> {
+        match self.slices.as_slice() {
+            [a, b] => a
+                .iter()
+                .zip(b)
+                .map(|(a, b)| a.writes_per_s() / b.writes_per_s())
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Runs every level over `loads`, alternating the systems slice by slice.
+async fn run_rounds(loads: &[&Load], args: &Args) -> Vec<Level> {
+    let rounds = args.rounds;
+    let slice = Duration::from_secs(args.seconds) / rounds;
+    let max_writes = (args.max_writes / u64::from(rounds)).max(1);
+    let mut levels = Vec::new();
+    for &clients in &args.levels {
+        eprintln!(
+            "{clients} client(s): {rounds} round(s) of {:.1} s per system",
+            slice.as_secs_f64()
+        );
+        let mut slices: Vec<Vec<LevelResult>> = vec![Vec::new(); loads.len()];
+        for round in 0..rounds {
+            let mut order: Vec<usize> = (0..loads.len()).collect();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for i in order {
+                let r = loads[i].run_level(clients, slice, max_writes).await;
+                eprintln!(
+                    "  round {}: {}: {:.1} writes/s, {} errors",
+                    round + 1,
+                    r.system,
+                    r.writes_per_s(),
+                    r.errors
+                );
+                slices[i].push(r);
+            }
+        }
+        levels.push(Level { clients, slices });
+    }
+    levels
+}
+
+/// The median of `v` (the mean of the middle two for an even count).
+fn median(v: &[f64]) -> Option<f64> {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
 }
 
 // === report ===
@@ -600,8 +678,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!("{k}: {v}");
     }
     println!(
-        "load: {} s per level, clients {:?}, at most {} writes per level, round-robin over 3 nodes",
-        args.seconds, args.levels, args.max_writes
+        "load: {} s per level and system in {} alternating slices, clients {:?}, at most {} writes per level, round-robin over 3 nodes; both clusters run side by side",
+        args.seconds, args.rounds, args.levels, args.max_writes
     );
 
     let etcd_bin = find_on_path("etcd");
@@ -623,12 +701,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .build()
         .context("HTTP client")?;
 
-    let mut results = bench_mcpd(&http, &args).await.context("mcpd")?;
+    let (mcpd_load, mut mcpd) = start_mcpd(&http).await.context("mcpd")?;
+    let mut etcd = None;
     let mut etcd_status = "skipped: not installed".to_string();
     if let Some(bin) = &etcd_bin {
-        match bench_etcd(&http, bin, &args).await {
-            Ok(r) => {
-                results.extend(r);
+        match start_etcd(&http, bin).await {
+            Ok(started) => {
+                etcd = Some(started);
                 etcd_status = etcd_version(bin);
             }
             Err(e) => {
@@ -637,15 +716,47 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         }
     }
+    let mut loads = vec![&mcpd_load];
+    if let Some((load, _)) = &etcd {
+        loads.push(load);
+    }
+    let levels = run_rounds(&loads, &args).await;
+    stop_mcpd(&mut mcpd).await;
+    if let Some((_, cluster)) = etcd {
+        cluster.stop().await?;
+    }
 
+    let results: Vec<LevelResult> = levels
+        .iter()
+        .flat_map(|l| l.slices.iter().filter_map(|s| LevelResult::merge(s)))
+        .collect();
     println!();
     print_table(&results);
+    let mut rounds_json = Vec::new();
+    for level in &levels {
+        let ratios = level.ratios();
+        if let Some(m) = median(&ratios) {
+            let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+            println!(
+                "{} client(s): mcpd/etcd writes/s by round {}; median {m:.2}",
+                level.clients,
+                each.join(" ")
+            );
+            rounds_json.push(json!({
+                "clients": level.clients,
+                "mcpd_over_etcd_by_round": ratios.iter().map(|r| round3(*r)).collect::<Vec<_>>(),
+                "median": round3(m),
+            }));
+        }
+    }
     println!();
     let summary = json!({
         "bench": "registry",
         "command": command.join(" "),
         "machine": facts.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
         "seconds_per_level": args.seconds,
+        "rounds": args.rounds,
+        "ratios": rounds_json,
         "levels": args.levels,
         "etcd": etcd_status,
         "results": results.iter().map(LevelResult::json).collect::<Vec<_>>(),
@@ -678,5 +789,24 @@ mod tests {
             assert_eq!(base64(input.as_bytes()), want, "{input:?}");
         }
         assert_eq!(base64(&[0xff, 0xfe, 0xfd]), "//79");
+    }
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
+    }
+
+    #[test]
+    fn merged_slices_count_every_write_and_second() {
+        let ms = Duration::from_millis;
+        let a = LevelResult::new("mcpd", 1, vec![ms(3), ms(1)], 1, Duration::from_secs(1));
+        let b = LevelResult::new("mcpd", 1, vec![ms(2)], 0, Duration::from_secs(2));
+        let m = LevelResult::merge(&[a, b]).unwrap();
+        assert_eq!((m.writes, m.errors), (3, 1));
+        assert_eq!(m.elapsed, Duration::from_secs(3));
+        assert_eq!((m.p50, m.max), (Some(ms(2)), Some(ms(3))));
+        assert_eq!(m.writes_per_s(), 1.0);
     }
 }
