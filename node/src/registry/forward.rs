@@ -87,6 +87,9 @@ enum Route {
 /// What a call's caller is handed: the answer, or `None` for an answer without content.
 type Answered = Option<forwarded_answer::Answer>;
 
+/// Calls waiting for their answer, by id.
+type Waiting = HashMap<u64, oneshot::Sender<Answered>>;
+
 /// One open `Forward` stream. Dropping it ends the stream once the calls sent on it are
 /// answered.
 struct ForwardStream {
@@ -97,14 +100,13 @@ struct ForwardStream {
 /// What a stream's callers share with its answer reader.
 struct Shared {
     addr: String,
-    /// Calls waiting for their answer, by id.
-    waiting: Mutex<HashMap<u64, oneshot::Sender<Answered>>>,
+    waiting: Mutex<Waiting>,
     next_id: AtomicU64,
     open: AtomicBool,
 }
 
 impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Answered>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waiting> {
         self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -149,6 +151,7 @@ impl ForwardStream {
             return Err(ended());
         }
         let name = call.name();
+        let is_write = matches!(call, Call::Write(_));
         let sent = match call {
             Call::Write(command) => forwarded_call::Call::Write(ForwardWriteRequest { command }),
             Call::ReadIndex => forwarded_call::Call::ReadIndex(ReadIndexRequest {}),
@@ -166,9 +169,9 @@ impl ForwardStream {
             )
         });
         drop(forget);
-        match (name, answered?) {
-            ("write", Some(forwarded_answer::Answer::Write(w))) => Ok(w.result),
-            ("read barrier", Some(forwarded_answer::Answer::ReadIndex(r))) => Ok(r.result),
+        match (is_write, answered?) {
+            (true, Some(forwarded_answer::Answer::Write(w))) => Ok(w.result),
+            (false, Some(forwarded_answer::Answer::ReadIndex(r))) => Ok(r.result),
             (_, Some(forwarded_answer::Answer::Refused(why))) => {
                 Err(format!("the leader refused the {name}: {why}"))
             }
