@@ -4,6 +4,8 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use mcpcp_proto::api::{AddNodeRequest, ServerSpec, TenantSpec};
+use mcpcp_proto::cluster::cluster_client::ClusterClient;
+use mcpcp_proto::cluster::{ForwardWriteRequest, ReadIndexRequest};
 use mcpcp_tests::{eventually, scrape_sum, Cluster};
 use mcpctl::{AdminClient, CallOptions, ClientError};
 
@@ -97,6 +99,55 @@ async fn the_leader_sends_new_entries_to_followers_during_its_own_fsync() {
     for id in c.running_ids() {
         let names = server_names(&c.node_client(id), false).await.expect("read");
         assert_eq!(names.len(), writes, "node {id}");
+    }
+}
+
+/// During a rolling upgrade an older follower still forwards with the unary calls
+/// (`ForwardWrite`, `ReadIndex`) rather than the `Forward` stream; the leader must serve them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_still_serves_an_older_follower_s_unary_forwarding() {
+    let c = Cluster::start(3).await;
+    let leader = c.wait_leader().await;
+    let grpc = format!("http://{}", c.nodes[&leader].member.grpc_addr);
+    let mut client = ClusterClient::connect(grpc).await.expect("connect");
+    // What an older follower sends: a registry `Request`, as JSON.
+    let request = serde_json::json!({
+        "request_id": "older-follower-1",
+        "command": { "PutTenant": {
+            "spec": { "name": "from-older", "description": null },
+            "precondition": "Absent",
+        } },
+    });
+    let reply = client
+        .forward_write(ForwardWriteRequest {
+            command: serde_json::to_vec(&request).unwrap(),
+        })
+        .await
+        .expect("ForwardWrite")
+        .into_inner();
+    let result: serde_json::Value = serde_json::from_slice(&reply.result).expect("JSON");
+    assert!(result.get("Ok").is_some(), "{result}");
+    let index = client
+        .read_index(ReadIndexRequest {})
+        .await
+        .expect("ReadIndex")
+        .into_inner();
+    let index: serde_json::Value = serde_json::from_slice(&index.result).expect("JSON");
+    assert!(index["Ok"]["index"].as_u64().is_some(), "{index}");
+    for id in c.running_ids() {
+        let names: Vec<String> = c
+            .node_client(id)
+            .list_tenants(false)
+            .await
+            .expect("read")
+            .items
+            .into_iter()
+            .map(|t| t.spec.name)
+            .collect();
+        assert!(
+            names.contains(&"from-older".to_string()),
+            "node {id}: {names:?}"
+        );
     }
 }
 
