@@ -41,6 +41,18 @@ async fn server_names(client: &AdminClient, stale: bool) -> Result<BTreeSet<Stri
         .collect())
 }
 
+/// The tenant names `client`'s node lists, read linearizably.
+async fn tenant_names(client: &AdminClient) -> BTreeSet<String> {
+    client
+        .list_tenants(false)
+        .await
+        .expect("read")
+        .items
+        .into_iter()
+        .map(|t| t.spec.name)
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_on_follower_is_visible_on_every_node() {
     let c = Cluster::start(3).await;
@@ -135,19 +147,8 @@ async fn the_leader_still_serves_an_older_follower_s_unary_forwarding() {
     let index: serde_json::Value = serde_json::from_slice(&index.result).expect("JSON");
     assert!(index["Ok"]["index"].as_u64().is_some(), "{index}");
     for id in c.running_ids() {
-        let names: Vec<String> = c
-            .node_client(id)
-            .list_tenants(false)
-            .await
-            .expect("read")
-            .items
-            .into_iter()
-            .map(|t| t.spec.name)
-            .collect();
-        assert!(
-            names.contains(&"from-older".to_string()),
-            "node {id}: {names:?}"
-        );
+        let names = tenant_names(&c.node_client(id)).await;
+        assert!(names.contains("from-older"), "node {id}: {names:?}");
     }
 }
 
@@ -163,15 +164,7 @@ async fn linearizable_read_after_write_from_another_node() {
             .create_tenant(&tenant(&name), &CallOptions::default())
             .await
             .expect("write");
-        let seen: Vec<String> = c
-            .node_client(reader)
-            .list_tenants(false)
-            .await
-            .expect("read")
-            .items
-            .into_iter()
-            .map(|t| t.spec.name)
-            .collect();
+        let seen = tenant_names(&c.node_client(reader)).await;
         assert!(
             seen.contains(&name),
             "node {reader} missed {name} written on {writer}"
@@ -392,16 +385,8 @@ async fn add_a_fourth_node_remove_one_and_keep_serving() {
     let voters: BTreeSet<u64> = s.members.iter().filter(|m| m.voter).map(|m| m.id).collect();
     assert_eq!(voters.len(), 3);
     assert!(!voters.contains(&gone));
-    let names: Vec<String> = c
-        .node_client(4)
-        .list_tenants(false)
-        .await
-        .expect("read")
-        .items
-        .into_iter()
-        .map(|t| t.spec.name)
-        .collect();
-    assert!(names.contains(&"after".to_string()));
+    let names = tenant_names(&c.node_client(4)).await;
+    assert!(names.contains("after"));
 }
 
 /// Concurrent writes share Raft entries (the leader batches them); each must still get its

@@ -13,7 +13,6 @@ use mcpcp_proto::cluster::{
 use mcpcp_proto::raft::raft_server;
 use mcpcp_proto::raft::RaftPayload;
 use std::pin::Pin;
-
 use std::sync::Arc;
 
 use futures_util::Stream;
@@ -139,18 +138,17 @@ fn decode_forwarded(call: Option<forwarded_call::Call>) -> Result<Forwarded, Str
 
 /// Answers one call of a `Forward` stream as the leader.
 async fn answer_forwarded(registry: &Registry, call: ForwardedCall) -> ForwardedAnswer {
+    use forwarded_answer::Answer;
     let answer = match decode_forwarded(call.call) {
         Ok(Forwarded::Write(request)) => encode(&registry.write_as_leader(*request).await)
-            .map(|result| forwarded_answer::Answer::Write(ForwardWriteReply { result })),
+            .map(|result| Answer::Write(ForwardWriteReply { result })),
         Ok(Forwarded::ReadIndex) => encode(&registry.read_index_as_leader().await)
-            .map(|result| forwarded_answer::Answer::ReadIndex(ReadIndexReply { result })),
-        Err(why) => Err(Status::invalid_argument(why)),
+            .map(|result| Answer::ReadIndex(ReadIndexReply { result })),
+        Err(why) => Ok(Answer::Refused(why)),
     };
     ForwardedAnswer {
         id: call.id,
-        answer: Some(
-            answer.unwrap_or_else(|s| forwarded_answer::Answer::Refused(s.message().into())),
-        ),
+        answer: Some(answer.unwrap_or_else(|s| Answer::Refused(s.message().into()))),
     }
 }
 

@@ -146,13 +146,9 @@ struct ClientTally {
 struct LevelResult {
     system: &'static str,
     clients: u32,
-    writes: u64,
     errors: u64,
     elapsed: Duration,
-    p50: Option<Duration>,
-    p99: Option<Duration>,
-    max: Option<Duration>,
-    /// Every successful write's latency, sorted (for merging slices).
+    /// Every successful write's latency, sorted.
     latencies: Vec<Duration>,
 }
 
@@ -168,14 +164,27 @@ impl LevelResult {
         LevelResult {
             system,
             clients,
-            writes: latencies.len() as u64,
             errors,
             elapsed,
-            p50: percentile(&latencies, 0.50),
-            p99: percentile(&latencies, 0.99),
-            max: latencies.last().copied(),
             latencies,
         }
+    }
+
+    /// Successful writes.
+    fn writes(&self) -> u64 {
+        self.latencies.len() as u64
+    }
+
+    fn p50(&self) -> Option<Duration> {
+        percentile(&self.latencies, 0.50)
+    }
+
+    fn p99(&self) -> Option<Duration> {
+        percentile(&self.latencies, 0.99)
+    }
+
+    fn max(&self) -> Option<Duration> {
+        self.latencies.last().copied()
     }
 
     /// The figures of several slices of one (system, level) taken together.
@@ -194,7 +203,7 @@ impl LevelResult {
     }
 
     fn writes_per_s(&self) -> f64 {
-        self.writes as f64 / self.elapsed.as_secs_f64()
+        self.writes() as f64 / self.elapsed.as_secs_f64()
     }
 
     fn json(&self) -> serde_json::Value {
@@ -202,13 +211,13 @@ impl LevelResult {
         json!({
             "system": self.system,
             "clients": self.clients,
-            "writes": self.writes,
+            "writes": self.writes(),
             "errors": self.errors,
             "elapsed_s": round3(self.elapsed.as_secs_f64()),
             "writes_per_s": round3(self.writes_per_s()),
-            "p50_ms": ms(self.p50),
-            "p99_ms": ms(self.p99),
-            "max_ms": ms(self.max),
+            "p50_ms": ms(self.p50()),
+            "p99_ms": ms(self.p99()),
+            "max_ms": ms(self.max()),
         })
     }
 }
@@ -663,8 +672,8 @@ fn print_table(results: &[LevelResult]) {
             r.system,
             r.clients,
             r.writes_per_s(),
-            ms(r.p50),
-            ms(r.p99),
+            ms(r.p50()),
+            ms(r.p99()),
             r.errors
         );
     }
@@ -804,9 +813,9 @@ mod tests {
         let a = LevelResult::new("mcpd", 1, vec![ms(3), ms(1)], 1, Duration::from_secs(1));
         let b = LevelResult::new("mcpd", 1, vec![ms(2)], 0, Duration::from_secs(2));
         let m = LevelResult::merge(&[a, b]).unwrap();
-        assert_eq!((m.writes, m.errors), (3, 1));
+        assert_eq!((m.writes(), m.errors), (3, 1));
         assert_eq!(m.elapsed, Duration::from_secs(3));
-        assert_eq!((m.p50, m.max), (Some(ms(2)), Some(ms(3))));
+        assert_eq!((m.p50(), m.max()), (Some(ms(2)), Some(ms(3))));
         assert_eq!(m.writes_per_s(), 1.0);
     }
 }
