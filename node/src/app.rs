@@ -28,6 +28,7 @@ use crate::raft::Raft;
 use crate::registry::Registry;
 use crate::route::peer::PeerService;
 use crate::route::{placement, Router};
+use crate::shard::Shards;
 use crate::shutdown::{self, Shutdown};
 use mcpcp_proto::peer::peer_server::PeerServer;
 
@@ -50,6 +51,8 @@ pub enum StartError {
     RaftConfig(String),
     #[error("starting raft: {0}")]
     Raft(String),
+    #[error(transparent)]
+    Shards(#[from] crate::shard::ShardError),
     #[error("binding {what} {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -217,7 +220,8 @@ pub async fn run(
     );
 
     let (trigger, shutdown) = shutdown::channel();
-    let pools = Pools::default();
+    let shards = Arc::new(Shards::start(cfg.runtime.shards())?);
+    let pools = Pools::on(shards.clone());
     let mut tasks = JoinSet::new();
     tasks.spawn(serve_grpc(
         grpc_listener,
@@ -251,9 +255,11 @@ pub async fn run(
         metrics,
         mcp,
     };
-    tasks.spawn(serve_http(
+    tasks.spawn(api::listener::serve(
         http_listener,
         api::router(state, cfg.api.max_body_bytes),
+        shards.clone(),
+        Duration::from_micros(cfg.api.next_request_spin_us),
         shutdown.clone(),
     ));
     let exporter = tokio::spawn(crate::metrics::export_raft(raft.clone()));
@@ -317,19 +323,5 @@ async fn serve_grpc(
         .await;
     if let Err(e) = res {
         tracing::error!(error = %e, "gRPC server failed");
-    }
-}
-
-async fn serve_http(listener: TcpListener, router: axum::Router, shutdown: Shutdown) {
-    use axum::serve::ListenerExt;
-    // Small JSON answers must not wait for Nagle and the client's delayed ACK (40 ms).
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let res = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.wait())
-        .await;
-    if let Err(e) = res {
-        tracing::error!(error = %e, "HTTP server failed");
     }
 }

@@ -20,6 +20,7 @@
 //! [api]
 //! quorum_wait_ms = 5000             # bound on a write or linearizable read without quorum
 //! max_body_bytes = 1048576
+//! next_request_spin_us = 100        # after answering, poll this long for the next request
 //!
 //! [log]
 //! format = "text"                   # or "json"
@@ -33,6 +34,7 @@
 //!
 //! [runtime]
 //! worker_threads = 0                # 0: one per CPU
+//! data_plane_threads = 0            # HTTP connections and server I/O; 0: one per CPU
 //!
 //! [mcp]
 //! allowed_origins = []              # browser origins allowed besides loopback
@@ -103,10 +105,24 @@ pub struct Config {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
-    /// Worker threads of the async runtime; 0: one per CPU. Fewer caps the CPU `mcpd` itself
-    /// can take on a host it shares with the MCP server processes it runs. The Raft log's
-    /// fsyncs and blocking work run on threads of their own either way.
+    /// Worker threads of the main runtime (Raft, gRPC, supervisors, background work); 0: one
+    /// per CPU. Fewer caps the CPU `mcpd` itself can take on a host it shares with the MCP
+    /// server processes it runs. The Raft log's fsyncs and blocking work run on threads of
+    /// their own either way.
     pub worker_threads: usize,
+    /// Data-plane threads (see `crate::shard`): each runs a share of the HTTP connections and
+    /// of the MCP server processes on a single-threaded runtime; 0: one per CPU.
+    pub data_plane_threads: usize,
+}
+
+impl RuntimeConfig {
+    /// The number of data-plane threads to start.
+    pub fn shards(&self) -> usize {
+        match self.data_plane_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
 }
 
 /// `[route]`: placement and routing between nodes.
@@ -169,6 +185,10 @@ impl Default for RaftConfig {
 pub struct ApiConfig {
     pub quorum_wait_ms: u64,
     pub max_body_bytes: usize,
+    /// How long a connection that has just answered polls for its client's next request
+    /// before letting its thread sleep, in µs (0: never). One connection per node at a time;
+    /// see `api::listener`.
+    pub next_request_spin_us: u64,
 }
 
 impl Default for ApiConfig {
@@ -176,6 +196,7 @@ impl Default for ApiConfig {
         ApiConfig {
             quorum_wait_ms: 5000,
             max_body_bytes: 1 << 20,
+            next_request_spin_us: 100,
         }
     }
 }
@@ -309,6 +330,18 @@ impl Config {
         if self.runtime.worker_threads > 1024 {
             return Err(invalid("runtime.worker_threads", "must be at most 1024"));
         }
+        if self.runtime.data_plane_threads > 1024 {
+            return Err(invalid(
+                "runtime.data_plane_threads",
+                "must be at most 1024",
+            ));
+        }
+        if self.api.next_request_spin_us > 10_000 {
+            return Err(invalid(
+                "api.next_request_spin_us",
+                "must be at most 10000 (10 ms); polling longer only burns CPU",
+            ));
+        }
         if self.pool.answer_spin_us > 10_000 {
             return Err(invalid(
                 "pool.answer_spin_us",
@@ -359,7 +392,15 @@ mod tests {
         ));
         for (toml, field) in [
             ("[pool]\nanswer_spin_us = 20000", "pool.answer_spin_us"),
+            (
+                "[api]\nnext_request_spin_us = 20000",
+                "api.next_request_spin_us",
+            ),
             ("[runtime]\nworker_threads = 5000", "runtime.worker_threads"),
+            (
+                "[runtime]\ndata_plane_threads = 5000",
+                "runtime.data_plane_threads",
+            ),
         ] {
             let c: Config =
                 toml::from_str(&format!("id = 1\ndata_dir = \"d\"\n{toml}")).expect("parses");

@@ -3,6 +3,7 @@
 //! - [`raft`]: replication of the registry (openraft over gRPC, redb storage).
 //! - [`registry`]: the replicated state, its commands and the handle the rest of the node uses.
 //! - [`api`]: the admin API, probes and metrics over HTTP (axum).
+//! - [`shard`]: the data plane's threads (one single-threaded runtime each).
 //! - [`app`]: assembling and running a node; [`config`]: its configuration.
 //!
 //! `ARCHITECTURE.md` at the repository root draws the paths a request takes through these.
@@ -17,4 +18,5 @@ pub mod pool;
 pub mod raft;
 pub mod registry;
 pub mod route;
+pub mod shard;
 pub mod shutdown;

@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod error;
 pub mod extract;
 pub mod health;
+pub mod listener;
 pub mod objects;
 
 use std::time::Instant;

@@ -10,6 +10,7 @@
 pub mod catalogue;
 pub mod process;
 pub mod reconcile;
+pub mod stdout;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -24,6 +25,7 @@ use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::shard::{self, Shards};
 use crate::shutdown::{self, Shutdown, Trigger};
 use catalogue::Catalogue;
 use process::{EventSink, PoolEvent, Process};
@@ -176,6 +178,7 @@ impl Pool {
         spec: Versioned<ServerSpec>,
         cfg: PoolConfig,
         events: broadcast::Sender<ServerEvent>,
+        shards: Option<Arc<Shards>>,
     ) -> Arc<Pool> {
         let size = spec.spec.pool_size.max(1) as usize;
         let (trigger, stop) = shutdown::channel();
@@ -185,8 +188,12 @@ impl Pool {
         for index in 0..size {
             let (ptx, prx) = watch::channel(None);
             let (stx, srx) = watch::channel(SlotState::Starting);
-            tasks.spawn(supervise(
+            let place = Place {
                 index,
+                shard: shards.as_ref().map(|s| s.handle(index).clone()),
+            };
+            tasks.spawn(supervise(
+                place,
                 spec.spec.clone(),
                 ptx,
                 stx,
@@ -269,7 +276,8 @@ impl Pool {
                 .iter()
                 .filter_map(|s| s.process.borrow().clone())
                 .filter(|p| p.is_alive())
-                .min_by_key(|p| p.in_flight());
+                // Of the least busy, one on the caller's own shard (no hop between threads).
+                .min_by_key(|p| (p.in_flight(), p.shard() != shard::current()));
             if best.is_some() {
                 return best;
             }
@@ -584,9 +592,36 @@ impl Drop for Pool {
     }
 }
 
+/// Starts a process on `shard`'s runtime (its I/O is driven there), or on this one.
+async fn start_on(
+    shard: Option<&tokio::runtime::Handle>,
+    spec: &ServerSpec,
+    pool_events: mpsc::Sender<PoolEvent>,
+    answer_spin: Duration,
+) -> Result<Process, process::ProcessError> {
+    let Some(shard) = shard else {
+        return Process::start(spec, pool_events, answer_spin).await;
+    };
+    let spec = spec.clone();
+    shard
+        .spawn(async move { Process::start(&spec, pool_events, answer_spin).await })
+        .await
+        .unwrap_or_else(|e| {
+            Err(process::ProcessError::Initialize(format!(
+                "the start was abandoned: {e}"
+            )))
+        })
+}
+
+/// The slot a supervisor keeps, and the shard its processes run on.
+struct Place {
+    index: usize,
+    shard: Option<tokio::runtime::Handle>,
+}
+
 /// Keeps one process slot running.
 async fn supervise(
-    index: usize,
+    place: Place,
     spec: ServerSpec,
     process_tx: watch::Sender<Option<Arc<Process>>>,
     state_tx: watch::Sender<SlotState>,
@@ -594,6 +629,7 @@ async fn supervise(
     stop: Shutdown,
     cfg: PoolConfig,
 ) {
+    let Place { index, shard } = place;
     let server = spec.name.clone();
     let set_state = |s: SlotState| {
         let old = *state_tx.borrow();
@@ -613,7 +649,7 @@ async fn supervise(
     loop {
         let started = Instant::now();
         let attempt = tokio::select! {
-            r = Process::start(&spec, pool_events.clone(), cfg.answer_spin()) => r,
+            r = start_on(shard.as_ref(), &spec, pool_events.clone(), cfg.answer_spin()) => r,
             _ = stop.clone().wait() => break,
         };
         match attempt {

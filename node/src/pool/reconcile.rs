@@ -18,6 +18,7 @@ use tokio::task::JoinSet;
 
 use super::{Pool, PoolConfig, ServerEvent};
 use crate::registry::Registry;
+use crate::shard::Shards;
 use crate::shutdown::Shutdown;
 
 /// The running pools by server name, shared with the MCP front end, and the hub of their
@@ -26,6 +27,8 @@ use crate::shutdown::Shutdown;
 pub struct Pools {
     inner: Arc<RwLock<HashMap<String, Arc<Pool>>>>,
     hub: broadcast::Sender<ServerEvent>,
+    /// Where the processes run (slot `i` on shard `i mod n`); `None`: on the caller's runtime.
+    shards: Option<Arc<Shards>>,
 }
 
 impl Default for Pools {
@@ -33,11 +36,20 @@ impl Default for Pools {
         Pools {
             inner: Arc::default(),
             hub: broadcast::channel(4096).0,
+            shards: None,
         }
     }
 }
 
 impl Pools {
+    /// Pools whose processes run on `shards`.
+    pub fn on(shards: Arc<Shards>) -> Pools {
+        Pools {
+            shards: Some(shards),
+            ..Pools::default()
+        }
+    }
+
     /// Every pool's notifications that belong to no call, tagged with the server.
     pub fn subscribe(&self) -> broadcast::Receiver<ServerEvent> {
         self.hub.subscribe()
@@ -110,7 +122,12 @@ fn reconcile(registry: &Registry, pools: &Pools, cfg: &PoolConfig, draining: &mu
         tracing::info!(server = %name, revision = spec.revision, replacing = current.is_some(), "starting pool");
         let old = pools.replace(
             name,
-            Some(Pool::start(spec.clone(), cfg.clone(), pools.hub.clone())),
+            Some(Pool::start(
+                spec.clone(),
+                cfg.clone(),
+                pools.hub.clone(),
+                pools.shards.clone(),
+            )),
         );
         if let Some(old) = old {
             let drain = Duration::from_millis(old.spec.spec.timeouts.request_ms);

@@ -1,0 +1,282 @@
+//! The HTTP listener: connections are accepted on the main runtime and dealt out to the
+//! data-plane shards (see `crate::shard`), each served there with `TCP_NODELAY` and a short
+//! poll for the client's next request after each answer.
+//!
+//! A client that calls back to back (an agent running tools in sequence, a benchmark) sends
+//! its next request tens of µs after our answer. If the worker thread has gone to sleep by
+//! then, the kernel must wake it, which on a virtual machine costs about as much again. So,
+//! for `api.next_request_spin_us` after writing, a connection whose read would block yields to
+//! the runtime instead of letting it park: the worker keeps polling the I/O driver (without
+//! blocking) and the request is read as soon as it lands.
+//!
+//! The poll is bounded three ways: in time (the setting, 0 turns it off), in scope (only one
+//! connection on the node polls at a time: one worker at most stays awake for it), and by work
+//! (a yield lets every other task run first, so a busy node loses nothing). Outcomes are counted
+//! in `mcpd_http_next_request_polls_total{outcome}`.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::shard::Shards;
+use crate::shutdown::Shutdown;
+
+/// Taken by the one connection that polls for its next request.
+static POLLING: AtomicBool = AtomicBool::new(false);
+
+/// Accepts connections on `listener` and deals them out, in turn, to the shards, where each
+/// is served by `router` until `shutdown`; returns once every shard's server has finished
+/// its connections.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    shards: Arc<Shards>,
+    next_request_spin: Duration,
+    shutdown: Shutdown,
+) {
+    let local = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "HTTP listener has no address");
+            return;
+        }
+    };
+    let mut feeds = Vec::with_capacity(shards.len());
+    let mut servers = Vec::with_capacity(shards.len());
+    for index in 0..shards.len() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        feeds.push(tx);
+        let shard = ShardListener {
+            rx,
+            local,
+            spin: next_request_spin,
+        };
+        let router = router.clone();
+        let shutdown = shutdown.clone();
+        servers.push(shards.handle(index).spawn(async move {
+            if let Err(e) = axum::serve(shard, router)
+                .with_graceful_shutdown(shutdown.wait())
+                .await
+            {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        }));
+    }
+    let mut turn = 0usize;
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.clone().wait() => break,
+        };
+        let (tcp, addr) = match accepted {
+            Ok(a) => a,
+            Err(e) if is_connection_error(&e) => continue,
+            Err(e) => {
+                // Out of file descriptors, most likely: back off instead of spinning on it.
+                tracing::error!(error = %e, "accepting an HTTP connection failed");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        // Small JSON answers must not wait for Nagle and the client's delayed ACK (40 ms).
+        let _ = tcp.set_nodelay(true);
+        let std = match tcp.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, %addr, "could not hand over an HTTP connection");
+                continue;
+            }
+        };
+        let _ = feeds[turn % feeds.len()].send((std, addr));
+        turn = turn.wrapping_add(1);
+    }
+    drop(feeds);
+    for server in servers {
+        let _ = server.await;
+    }
+}
+
+fn is_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
+}
+
+/// One shard's side of the listener: the connections dealt to it, registered with its own
+/// runtime as they arrive.
+struct ShardListener {
+    rx: mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
+    local: SocketAddr,
+    spin: Duration,
+}
+
+impl axum::serve::Listener for ShardListener {
+    type Io = Conn<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Some((std, addr)) = self.rx.recv().await else {
+                // The accept loop has stopped (shutdown): the server ends by its own signal.
+                std::future::pending::<()>().await;
+                continue;
+            };
+            match TcpStream::from_std(std) {
+                Ok(tcp) => return (Conn::new(tcp, self.spin), addr),
+                Err(e) => {
+                    tracing::warn!(error = %e, %addr, "could not take over an HTTP connection")
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+}
+
+/// One connection: the socket, and when it last wrote (the start of its poll window).
+pub struct Conn<T> {
+    io: T,
+    spin: Duration,
+    /// Set by a write, cleared when the next read is ready or the window has passed.
+    wrote_at: Option<Instant>,
+    /// Whether this connection holds [`POLLING`].
+    polling: bool,
+}
+
+impl<T> Conn<T> {
+    fn new(io: T, spin: Duration) -> Self {
+        Conn {
+            io,
+            spin,
+            wrote_at: None,
+            polling: false,
+        }
+    }
+
+    fn wrote(&mut self) {
+        if !self.spin.is_zero() {
+            self.wrote_at = Some(Instant::now());
+        }
+    }
+
+    /// Whether this read, which would block, should keep the worker awake instead.
+    fn keep_polling(&mut self) -> bool {
+        let Some(at) = self.wrote_at else {
+            return false;
+        };
+        if at.elapsed() >= self.spin {
+            self.stop_polling("slept");
+            return false;
+        }
+        if !self.polling {
+            if POLLING
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+                .is_err()
+            {
+                // Another connection polls; this one waits as usual.
+                self.wrote_at = None;
+                return false;
+            }
+            self.polling = true;
+        }
+        true
+    }
+
+    /// Ends this connection's window, counting its outcome if it polled.
+    fn stop_polling(&mut self, outcome: &'static str) {
+        self.wrote_at = None;
+        if self.polling {
+            self.polling = false;
+            POLLING.store(false, Ordering::Release);
+            metrics::counter!("mcpd_http_next_request_polls_total", "outcome" => outcome)
+                .increment(1);
+        }
+    }
+}
+
+impl<T> Drop for Conn<T> {
+    fn drop(&mut self) {
+        if self.polling {
+            POLLING.store(false, Ordering::Release);
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Conn<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let read = Pin::new(&mut this.io).poll_read(cx, buf);
+        if read.is_ready() {
+            if this.wrote_at.is_some() {
+                this.stop_polling("caught");
+            }
+        } else if this.keep_polling() {
+            // Deferred: the task runs again after the worker has polled the I/O driver
+            // without blocking (and run whatever else is ready).
+            let yielded = std::pin::pin!(tokio::task::yield_now());
+            let _ = std::future::Future::poll(yielded, cx);
+        }
+        read
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Conn<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = written {
+            if n > 0 {
+                this.wrote();
+            }
+        }
+        written
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = written {
+            if n > 0 {
+                this.wrote();
+            }
+        }
+        written
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
