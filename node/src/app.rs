@@ -28,7 +28,7 @@ use crate::raft::Raft;
 use crate::registry::Registry;
 use crate::route::peer::PeerService;
 use crate::route::{placement, Router};
-use crate::shard::Shards;
+use crate::shard::ShardHandles;
 use crate::shutdown::{self, Shutdown};
 use mcpcp_proto::peer::peer_server::PeerServer;
 
@@ -51,8 +51,6 @@ pub enum StartError {
     RaftConfig(String),
     #[error("starting raft: {0}")]
     Raft(String),
-    #[error(transparent)]
-    Shards(#[from] crate::shard::ShardError),
     #[error("binding {what} {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -132,11 +130,12 @@ async fn bind(what: &'static str, addr: std::net::SocketAddr) -> Result<TcpListe
         })
 }
 
-/// Runs a node until `stop` completes.
+/// Runs a node until `stop` completes, serving the data plane on `shards`.
 pub async fn run(
     cfg: Config,
     metrics: PrometheusHandle,
     stop: impl std::future::Future<Output = ()>,
+    shards: ShardHandles,
 ) -> Result<(), StartError> {
     claim_data_dir(&cfg.data_dir, cfg.id)?;
     let http_listener = bind("http_addr", cfg.http_addr).await?;
@@ -220,7 +219,7 @@ pub async fn run(
     );
 
     let (trigger, shutdown) = shutdown::channel();
-    let shards = Arc::new(Shards::start(cfg.runtime.shards())?);
+    tracing::info!(shards = shards.len(), "data-plane threads");
     let pools = Pools::on(shards.clone());
     let mut tasks = JoinSet::new();
     tasks.spawn(serve_grpc(

@@ -106,9 +106,9 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
     /// Worker threads of the main runtime (Raft, gRPC, supervisors, background work); 0: one
-    /// per CPU. Fewer caps the CPU `mcpd` itself can take on a host it shares with the MCP
-    /// server processes it runs. The Raft log's fsyncs and blocking work run on threads of
-    /// their own either way.
+    /// per CPU. The Raft log's fsyncs and blocking work run on threads of their own either
+    /// way. With `data_plane_threads`, this caps the CPU `mcpd` itself can take on a host it
+    /// shares with the MCP server processes it runs.
     pub worker_threads: usize,
     /// Data-plane threads (see `crate::shard`): each runs a share of the HTTP connections and
     /// of the MCP server processes on a single-threaded runtime; 0: one per CPU.

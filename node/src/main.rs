@@ -155,13 +155,18 @@ fn main() -> anyhow::Result<()> {
     if cfg.runtime.worker_threads > 0 {
         runtime.worker_threads(cfg.runtime.worker_threads);
     }
-    runtime
+    let shards = mcpd::shard::Shards::start(cfg.runtime.shards())?;
+    let handles = shards.handles();
+    let ran = runtime
         .build()
         .context("starting the async runtime")?
         .block_on(async move {
             init_logging(&cfg);
             let metrics = mcpd::metrics::install().context("installing the metrics recorder")?;
-            mcpd::app::run(cfg, metrics, shutdown_signal()).await?;
+            mcpd::app::run(cfg, metrics, shutdown_signal(), handles).await?;
             Ok(())
-        })
+        });
+    // The main runtime is gone: stop the data plane's threads and what still runs on them.
+    drop(shards);
+    ran
 }

@@ -13,8 +13,7 @@
 //! The main runtime keeps Raft, gRPC, the pools' supervisors and other background work.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use tokio::runtime::Handle;
@@ -37,12 +36,32 @@ pub struct ShardError {
     source: std::io::Error,
 }
 
-/// The running shards. Dropping them stops their runtimes (and the tasks on them).
+/// The running shards, owned by `main`: dropping them (once the main runtime is gone) stops
+/// their runtimes, and the tasks on them, and joins their threads.
 pub struct Shards {
-    handles: Vec<Handle>,
+    handles: ShardHandles,
     stops: Vec<oneshot::Sender<()>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
-    next: AtomicUsize,
+}
+
+/// Where to spawn on the shards; what the rest of the node holds (not the [`Shards`], so that
+/// nothing a shard runs keeps them from stopping).
+#[derive(Clone)]
+pub struct ShardHandles(Arc<[Handle]>);
+
+impl ShardHandles {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The runtime of shard `index mod n`.
+    pub fn get(&self, index: usize) -> &Handle {
+        &self.0[index % self.0.len()]
+    }
 }
 
 impl Shards {
@@ -84,31 +103,15 @@ impl Shards {
             stops.push(stop_tx);
             threads.push(thread);
         }
-        tracing::info!(shards = n, "data-plane threads started");
         Ok(Shards {
-            handles,
+            handles: ShardHandles(handles.into()),
             stops,
             threads: Mutex::new(threads),
-            next: AtomicUsize::new(0),
         })
     }
 
-    pub fn len(&self) -> usize {
-        self.handles.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
-    }
-
-    /// The runtime of shard `index mod n`.
-    pub fn handle(&self, index: usize) -> &Handle {
-        &self.handles[index % self.handles.len()]
-    }
-
-    /// The next shard in turn, for a new connection.
-    pub fn next(&self) -> &Handle {
-        self.handle(self.next.fetch_add(1, Ordering::Relaxed))
+    pub fn handles(&self) -> ShardHandles {
+        self.handles.clone()
     }
 }
 
@@ -117,8 +120,7 @@ impl Drop for Shards {
         for stop in self.stops.drain(..) {
             let _ = stop.send(());
         }
-        // A runtime cannot be dropped from within another one's worker; the threads drop
-        // their own, and are left to finish if this runs on a shard.
+        // Each thread drops its own runtime; a shard cannot join itself.
         if current().is_none() {
             for t in self
                 .threads
@@ -139,25 +141,24 @@ mod tests {
     #[test]
     fn shards_run_tasks_on_their_own_threads_and_know_their_index() {
         let shards = Shards::start(2).expect("starts");
-        assert_eq!(shards.len(), 2);
+        let handles = shards.handles();
+        assert_eq!(handles.len(), 2);
         assert_eq!(current(), None);
         for i in 0..4 {
             let (tx, rx) = std::sync::mpsc::channel();
-            shards.handle(i).spawn(async move {
+            handles.get(i).spawn(async move {
                 let _ = tx.send(current());
             });
             assert_eq!(rx.recv().expect("the task ran"), Some(i % 2));
         }
-        let seen: Vec<usize> = (0..4)
-            .map(|_| {
-                let (tx, rx) = std::sync::mpsc::channel();
-                shards.next().spawn(async move {
-                    let _ = tx.send(current());
-                });
-                rx.recv().expect("ran").expect("on a shard")
-            })
-            .collect();
-        assert_eq!(seen, vec![0, 1, 0, 1]);
+        // Dropping them stops the runtimes, with a task still pending on them, and joins the
+        // threads (the test would hang otherwise).
+        handles.get(0).spawn(std::future::pending::<()>());
         drop(shards);
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        drop(handles.get(1).spawn(async move {
+            let _ = tx.send(());
+        }));
+        assert!(rx.recv().is_err(), "a stopped shard ran a task");
     }
 }

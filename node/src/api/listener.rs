@@ -18,15 +18,15 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use crate::shard::Shards;
+use crate::shard::ShardHandles;
 use crate::shutdown::Shutdown;
 
 /// Taken by the one connection that polls for its next request.
@@ -38,7 +38,7 @@ static POLLING: AtomicBool = AtomicBool::new(false);
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: axum::Router,
-    shards: Arc<Shards>,
+    shards: ShardHandles,
     next_request_spin: Duration,
     shutdown: Shutdown,
 ) {
@@ -50,7 +50,7 @@ pub async fn serve(
         }
     };
     let mut feeds = Vec::with_capacity(shards.len());
-    let mut servers = Vec::with_capacity(shards.len());
+    let mut servers = FuturesUnordered::new();
     for index in 0..shards.len() {
         let (tx, rx) = mpsc::unbounded_channel();
         feeds.push(tx);
@@ -61,19 +61,23 @@ pub async fn serve(
         };
         let router = router.clone();
         let shutdown = shutdown.clone();
-        servers.push(shards.handle(index).spawn(async move {
-            if let Err(e) = axum::serve(shard, router)
+        let server = shards.get(index).spawn(async move {
+            axum::serve(shard, router)
                 .with_graceful_shutdown(shutdown.wait())
                 .await
-            {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        }));
+        });
+        servers.push(async move { (index, server.await) });
     }
     let mut turn = 0usize;
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
+            Some((shard, ended)) = servers.next() => {
+                // A shard's server only ends on shutdown: one that ended early (failed or
+                // panicked) would silently lose its share of connections. Stop the node.
+                tracing::error!(shard, outcome = ?ended, "a data-plane HTTP server ended early");
+                return;
+            }
             _ = shutdown.clone().wait() => break,
         };
         let (tcp, addr) = match accepted {
@@ -95,12 +99,17 @@ pub async fn serve(
                 continue;
             }
         };
-        let _ = feeds[turn % feeds.len()].send((std, addr));
+        let shard = turn % feeds.len();
         turn = turn.wrapping_add(1);
+        if feeds[shard].send((std, addr)).is_err() {
+            tracing::error!(shard, %addr, "a data-plane HTTP server is gone; connection dropped");
+        }
     }
     drop(feeds);
-    for server in servers {
-        let _ = server.await;
+    while let Some((shard, ended)) = servers.next().await {
+        if let Ok(Err(e)) | Err(e) = ended.map_err(std::io::Error::other) {
+            tracing::error!(shard, error = %e, "data-plane HTTP server failed");
+        }
     }
 }
 
@@ -222,10 +231,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for Conn<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let before = buf.filled().len();
         let read = Pin::new(&mut this.io).poll_read(cx, buf);
-        if read.is_ready() {
+        if let Poll::Ready(outcome) = &read {
             if this.wrote_at.is_some() {
-                this.stop_polling("caught");
+                let request = outcome.is_ok() && buf.filled().len() > before;
+                this.stop_polling(if request { "caught" } else { "closed" });
             }
         } else if this.keep_polling() {
             // Deferred: the task runs again after the worker has polled the I/O driver

@@ -10,7 +10,6 @@
 pub mod catalogue;
 pub mod process;
 pub mod reconcile;
-pub mod stdout;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -25,7 +24,7 @@ use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::shard::{self, Shards};
+use crate::shard::{self, ShardHandles};
 use crate::shutdown::{self, Shutdown, Trigger};
 use catalogue::Catalogue;
 use process::{EventSink, PoolEvent, Process};
@@ -178,9 +177,11 @@ impl Pool {
         spec: Versioned<ServerSpec>,
         cfg: PoolConfig,
         events: broadcast::Sender<ServerEvent>,
-        shards: Option<Arc<Shards>>,
+        shards: Option<ShardHandles>,
     ) -> Arc<Pool> {
         let size = spec.spec.pool_size.max(1) as usize;
+        // Each pool starts where the last one stopped, so the shards share the processes.
+        let first_shard = PLACED.fetch_add(size, Ordering::Relaxed);
         let (trigger, stop) = shutdown::channel();
         let (pool_tx, pool_rx) = mpsc::channel(1024);
         let mut tasks = JoinSet::new();
@@ -190,7 +191,7 @@ impl Pool {
             let (stx, srx) = watch::channel(SlotState::Starting);
             let place = Place {
                 index,
-                shard: shards.as_ref().map(|s| s.handle(index).clone()),
+                shard: shards.as_ref().map(|s| s.get(first_shard + index).clone()),
             };
             tasks.spawn(supervise(
                 place,
@@ -592,7 +593,11 @@ impl Drop for Pool {
     }
 }
 
-/// Starts a process on `shard`'s runtime (its I/O is driven there), or on this one.
+/// Process slots placed so far, over every pool: where the next pool's first slot goes.
+static PLACED: AtomicUsize = AtomicUsize::new(0);
+
+/// Starts a process on `shard`'s runtime (its I/O is driven there), or on this one. Dropped
+/// (the pool stops), it stops the start too, and whatever child it had spawned is killed.
 async fn start_on(
     shard: Option<&tokio::runtime::Handle>,
     spec: &ServerSpec,
@@ -603,14 +608,22 @@ async fn start_on(
         return Process::start(spec, pool_events, answer_spin).await;
     };
     let spec = spec.clone();
-    shard
-        .spawn(async move { Process::start(&spec, pool_events, answer_spin).await })
-        .await
-        .unwrap_or_else(|e| {
-            Err(process::ProcessError::Initialize(format!(
-                "the start was abandoned: {e}"
-            )))
-        })
+    let start = shard.spawn(async move { Process::start(&spec, pool_events, answer_spin).await });
+    let _abort = AbortOnDrop(start.abort_handle());
+    start.await.unwrap_or_else(|e| {
+        Err(process::ProcessError::Initialize(format!(
+            "the start was abandoned: {e}"
+        )))
+    })
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The slot a supervisor keeps, and the shard its processes run on.

@@ -1,11 +1,11 @@
 //! One MCP server process, spoken to over stdio as an MCP client.
 //!
 //! A [`Process`] owns a child (its own process group, killed with it), its stdin (calls write
-//! their requests directly; a writer task writes everything else and closes it), its stdout
-//! (read by a reader task, or by the one call the node waits on, see [`wait_answer`]), and a
-//! task logging its stderr under the server's name. Many downstream calls share it: each call gets a fresh numeric upstream id,
-//! and the reader routes the answer back by that id ([`Process::call`]). Progress tokens are
-//! rewritten to `mcpd-p-<upstream id>` so progress finds its call without another table.
+//! their requests directly; a writer task writes everything else and closes it), a reader task
+//! parsing its stdout, and a task logging its stderr under the server's name. Many downstream
+//! calls share it: each call gets a fresh numeric upstream id, and the reader routes the
+//! answer back by that id ([`Process::call`]). Progress tokens are rewritten to
+//! `mcpd-p-<upstream id>` so progress finds its call without another table.
 //!
 //! Messages the server starts (sampling, elicitation, roots requests, logging, progress) go to
 //! the call they belong to when that can be told (a progress token names it; otherwise the
@@ -21,11 +21,12 @@ use std::time::Duration;
 use mcpcp_proto::api::ServerSpec;
 use mcpcp_proto::mcp::{code, ErrorObject, Message, RequestId, LATEST_SESSION_VERSION};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::stdout::{self, Next, Read, Stdout};
+/// Longest line accepted from a server (a defence against a runaway process).
+const MAX_LINE: usize = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
@@ -141,8 +142,6 @@ struct Shared {
     in_flight: metrics::Gauge,
     /// How long a lone call polls for its answer (see [`wait_answer`]).
     answer_spin: Duration,
-    /// The server's stdout, read by the reader task and by a lone call polling for its answer.
-    stdout: Stdout,
 }
 
 impl Shared {
@@ -197,66 +196,30 @@ impl Drop for Awaiting<'_> {
 
 /// Waits for a call's answer. When it is the only call this node waits on, it first polls for
 /// up to `spin` (`[pool] answer_spin_us`; zero: never), yielding to the runtime between polls
-/// (which also lets the worker poll the I/O driver) and reading the server's stdout itself
-/// (`source`): a local server answers in tens of µs, and catching its answer awake saves the
-/// wake-up of a sleeping worker thread, which on a virtual machine costs about as much again,
-/// and the hop through the reader task. Under load other calls are in flight and nothing
-/// polls; an idle node never does. `None`: the answer's sender is gone (the process ended).
-async fn wait_answer<T>(
-    mut rx: oneshot::Receiver<T>,
-    spin: Duration,
-    source: &impl AnswerSource,
-) -> Option<T> {
+/// (which also lets the worker poll the I/O driver): a local server answers in tens of µs, and
+/// catching its answer awake saves the wake-up of a sleeping worker thread, which on a virtual
+/// machine costs about as much again. Under load other calls are in flight and nothing polls;
+/// an idle node never does. `None`: the answer's sender is gone (the process ended).
+async fn wait_answer<T>(mut rx: oneshot::Receiver<T>, spin: Duration) -> Option<T> {
     if spin.is_zero() || AWAITING.load(Ordering::Relaxed) > 1 {
         return rx.await.ok();
     }
     let until = std::time::Instant::now() + spin;
-    let answer = loop {
-        std::future::poll_fn(|cx| {
-            source.read_answers(cx);
-            std::task::Poll::Ready(())
-        })
-        .await;
+    loop {
         match rx.try_recv() {
             Ok(answer) => {
                 metrics::counter!("mcpd_pool_answer_polls_total", "outcome" => "answered")
                     .increment(1);
-                break Some(answer);
+                return Some(answer);
             }
-            Err(oneshot::error::TryRecvError::Closed) => break None,
+            Err(oneshot::error::TryRecvError::Closed) => return None,
             Err(oneshot::error::TryRecvError::Empty) => {}
         }
         if std::time::Instant::now() >= until || AWAITING.load(Ordering::Relaxed) > 1 {
             metrics::counter!("mcpd_pool_answer_polls_total", "outcome" => "slept").increment(1);
-            // The pipe now wakes this call, if anyone: hand it back to the reader task first.
-            source.hand_back();
             return rx.await.ok();
         }
         tokio::task::yield_now().await;
-    };
-    source.hand_back();
-    answer
-}
-
-/// What a polling call reads its answer from (the process's stdout; nothing in tests).
-trait AnswerSource {
-    /// Reads and delivers whatever answers the server has written, without blocking.
-    fn read_answers(&self, cx: &mut std::task::Context<'_>);
-    /// Lets the reader task read again.
-    fn hand_back(&self);
-}
-
-impl AnswerSource for Shared {
-    fn read_answers(&self, cx: &mut std::task::Context<'_>) {
-        self.stdout.read_answers(cx, |msg| {
-            if let Message::Response { id, outcome } = msg {
-                deliver(self, id, outcome);
-            }
-        });
-    }
-
-    fn hand_back(&self) {
-        self.stdout.wake_task();
     }
 }
 
@@ -309,14 +272,6 @@ impl Process {
             source,
         })?;
         let pid = child.id();
-        let stdin = child.stdin.take();
-        let stderr = child.stderr.take();
-        let Some(stdout) = child.stdout.take() else {
-            return Err(ProcessError::Spawn {
-                command: spec.command.clone(),
-                source: std::io::Error::other("the child has no stdout pipe"),
-            });
-        };
         let shared = Arc::new(Shared {
             server: spec.name.clone(),
             pending: Mutex::new(BTreeMap::new()),
@@ -325,10 +280,12 @@ impl Process {
             pool_events,
             in_flight: metrics::gauge!("mcpd_pool_calls_in_flight", "server" => spec.name.clone()),
             answer_spin,
-            stdout: Stdout::new(&spec.name, stdout),
         });
         let (stdin_tx, stdin_rx) = mpsc::channel::<Vec<u8>>(256);
         let (exited_tx, exited_rx) = watch::channel(false);
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
         let pipe: Pipe = Arc::new(tokio::sync::Mutex::new(stdin));
         tokio::spawn(write_loop(pipe.clone(), stdin_rx));
         if let Some(stderr) = stderr {
@@ -340,7 +297,9 @@ impl Process {
                 }
             });
         }
-        tokio::spawn(read_loop(shared.clone(), stdin_tx.clone()));
+        if let Some(stdout) = stdout {
+            tokio::spawn(read_loop(stdout, shared.clone(), stdin_tx.clone()));
+        }
         tokio::spawn(reap(child, shared.clone(), exited_tx));
 
         let mut process = Process {
@@ -467,7 +426,7 @@ impl Process {
             id,
             armed: true,
         };
-        let outcome = wait_answer(rx, self.shared.answer_spin, &*self.shared)
+        let outcome = wait_answer(rx, self.shared.answer_spin)
             .await
             .unwrap_or_else(|| Err(crashed(&self.shared.server)));
         guard.disarm();
@@ -591,58 +550,70 @@ async fn reap(mut child: Child, shared: Arc<Shared>, exited: watch::Sender<bool>
     let _ = exited.send(true);
 }
 
-async fn read_loop(shared: Arc<Shared>, stdin: mpsc::Sender<Vec<u8>>) {
+async fn read_loop(
+    stdout: tokio::process::ChildStdout,
+    shared: Arc<Shared>,
+    stdin: mpsc::Sender<Vec<u8>>,
+) {
+    let mut reader = BufReader::new(stdout);
+    let mut buf = Vec::new();
     loop {
-        let msg = match shared.stdout.next().await {
-            Next::Left(msg) => Some(msg),
-            Next::Read(Read::Line(line)) => stdout::parse(&shared.server, &line),
-            Next::Read(Read::End(reason)) => {
-                if let Some(reason) = reason {
-                    tracing::warn!(server = %shared.server, %reason, "server stdout ended; stopping it");
-                }
-                break;
-            }
-        };
-        if let Some(msg) = msg {
-            route(&shared, &stdin, msg).await;
+        buf.clear();
+        match (&mut reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut buf)
+            .await
+        {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
         }
-        shared.stdout.routed();
+        if buf.len() > MAX_LINE {
+            tracing::warn!(server = %shared.server, "server wrote a line over {MAX_LINE} bytes; stopping it");
+            break;
+        }
+        let line = buf.trim_ascii();
+        if line.is_empty() {
+            continue;
+        }
+        match Message::parse(line) {
+            Ok(msg) => route(&shared, &stdin, msg).await,
+            Err(e) => {
+                tracing::warn!(server = %shared.server, error = %e, "server wrote a line that is not JSON-RPC");
+            }
+        }
     }
     shared.alive.store(false, Ordering::Relaxed);
     shared.fail_all(crashed(&shared.server));
 }
 
-/// Hands an answer to the call waiting for it.
-fn deliver(shared: &Shared, id: RequestId, outcome: Result<Value, ErrorObject>) {
-    let key = match &id {
-        RequestId::Num(n) => u64::try_from(*n).ok(),
-        RequestId::Str(_) => None,
-    };
-    let pending = key.and_then(|k| {
-        shared
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&k)
-    });
-    match pending {
-        Some(p) => {
-            // The call's event sink goes first, so its reader finds the channel closed as it
-            // takes the answer instead of waiting for the sender to go.
-            let Pending { reply, events, .. } = p;
-            drop(events);
-            let _ = reply.send(outcome);
-        }
-        None => {
-            tracing::debug!(server = %shared.server, %id, "answer to no pending call (cancelled or timed out)")
-        }
-    }
-}
-
 /// Where one message from the server goes.
 async fn route(shared: &Shared, stdin: &mpsc::Sender<Vec<u8>>, msg: Message) {
     match msg {
-        Message::Response { id, outcome } => deliver(shared, id, outcome),
+        Message::Response { id, outcome } => {
+            let key = match &id {
+                RequestId::Num(n) => u64::try_from(*n).ok(),
+                RequestId::Str(_) => None,
+            };
+            let pending = key.and_then(|k| {
+                shared
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&k)
+            });
+            match pending {
+                Some(p) => {
+                    // The call's event sink goes first, so its reader finds the channel closed
+                    // as it takes the answer instead of waiting for the sender to go.
+                    let Pending { reply, events, .. } = p;
+                    drop(events);
+                    let _ = reply.send(outcome);
+                }
+                None => {
+                    tracing::debug!(server = %shared.server, %id, "answer to no pending call (cancelled or timed out)")
+                }
+            }
+        }
         Message::Notification { method, mut params } if method == "notifications/progress" => {
             let call = params
                 .as_ref()
@@ -757,28 +728,23 @@ fn listener(shared: &Shared) -> Listener {
 mod tests {
     use super::*;
 
-    impl AnswerSource for () {
-        fn read_answers(&self, _: &mut std::task::Context<'_>) {}
-        fn hand_back(&self) {}
-    }
-
     #[tokio::test]
     async fn a_polled_answer_arrives_whether_it_comes_during_the_poll_or_after_it() {
         let spin = Duration::from_micros(500);
         // During the poll: sent by a task that runs while the waiter yields.
         let (tx, rx) = oneshot::channel();
         tokio::spawn(async move { tx.send(1).unwrap() });
-        assert_eq!(wait_answer(rx, spin, &()).await, Some(1));
+        assert_eq!(wait_answer(rx, spin).await, Some(1));
         // After it: the waiter stops polling and sleeps until the answer comes.
         let (tx, rx) = oneshot::channel();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(20)).await;
             tx.send(2).unwrap()
         });
-        assert_eq!(wait_answer(rx, spin, &()).await, Some(2));
+        assert_eq!(wait_answer(rx, spin).await, Some(2));
         // No answer ever: the sender's end is reported, not waited on.
         let (tx, rx) = oneshot::channel::<u8>();
         drop(tx);
-        assert_eq!(wait_answer(rx, spin, &()).await, None);
+        assert_eq!(wait_answer(rx, spin).await, None);
     }
 }

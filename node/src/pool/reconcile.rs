@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 
 use super::{Pool, PoolConfig, ServerEvent};
 use crate::registry::Registry;
-use crate::shard::Shards;
+use crate::shard::ShardHandles;
 use crate::shutdown::Shutdown;
 
 /// The running pools by server name, shared with the MCP front end, and the hub of their
@@ -28,7 +28,7 @@ pub struct Pools {
     inner: Arc<RwLock<HashMap<String, Arc<Pool>>>>,
     hub: broadcast::Sender<ServerEvent>,
     /// Where the processes run (slot `i` on shard `i mod n`); `None`: on the caller's runtime.
-    shards: Option<Arc<Shards>>,
+    shards: Option<ShardHandles>,
 }
 
 impl Default for Pools {
@@ -43,7 +43,7 @@ impl Default for Pools {
 
 impl Pools {
     /// Pools whose processes run on `shards`.
-    pub fn on(shards: Arc<Shards>) -> Pools {
+    pub fn on(shards: ShardHandles) -> Pools {
         Pools {
             shards: Some(shards),
             ..Pools::default()

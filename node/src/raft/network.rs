@@ -34,13 +34,30 @@ use super::{NodeId, TypeConfig};
 pub struct PeerChannels {
     inner: Arc<Mutex<HashMap<String, Channel>>>,
     connect_timeout: Duration,
+    /// The runtime the channels' connection tasks run on (the one they were made for),
+    /// whichever thread first asks for a channel (a data-plane shard, say).
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl PeerChannels {
+    /// Channels whose tasks run on the calling runtime.
     pub fn new(connect_timeout: Duration) -> Self {
         PeerChannels {
             inner: Arc::default(),
             connect_timeout,
+            runtime: tokio::runtime::Handle::try_current().ok(),
+        }
+    }
+
+    /// Spawns `task` on the channels' runtime (or the caller's, when there is none).
+    pub fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match &self.runtime {
+            Some(rt) => rt.spawn(task),
+            None => tokio::spawn(task),
         }
     }
 
@@ -51,6 +68,7 @@ impl PeerChannels {
         if let Some(ch) = map.get(grpc_addr) {
             return Ok(ch.clone());
         }
+        let _on_channels_runtime = self.runtime.as_ref().map(|rt| rt.enter());
         let ch = Endpoint::from_shared(format!("http://{grpc_addr}"))?
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)

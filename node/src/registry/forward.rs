@@ -293,7 +293,9 @@ impl Forwarders {
         };
         let (link, route) = match opened {
             Ok(answers) => {
-                tokio::spawn(shared.clone().read_answers(answers.into_inner()));
+                // On the main runtime with the channel's own tasks, wherever the caller runs.
+                self.channels
+                    .spawn(shared.clone().read_answers(answers.into_inner()));
                 metrics::counter!("mcpd_registry_forward_streams_total", "event" => "opened")
                     .increment(1);
                 tracing::debug!(leader = %addr, "forward stream opened");
