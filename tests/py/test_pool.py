@@ -1,5 +1,6 @@
-"""Pools of server processes under real clients: many sessions sharing two processes, and a
-process that dies in the middle of a call."""
+"""Pools of server processes under real clients: many sessions sharing two processes, a
+process that dies in the middle of a call, and connections dealt out to the data-plane
+threads."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 import json
 import uuid
 
+import httpx2
 import mcp.types as types
 import pytest
 from mcp.shared.exceptions import MCPError
@@ -125,3 +127,30 @@ def test_a_sampling_request_never_reaches_another_session(cluster):
     assert not any("B's private prompt" in t for t in asked["A"]), "session A was shown session B's prompt"
     assert "answer of A" not in answer, "session B got session A's answer"
     assert asked["B"] or "dedicated" in answer, f"B got neither its own sampling nor a clear refusal: {answer}"
+
+
+def test_connections_are_dealt_out_to_every_data_plane_thread(cluster):
+    node = 1
+
+    def open_by_shard() -> dict[int, float]:
+        found = {}
+        for line in cluster.metrics(node).splitlines():
+            m = re.match(r'mcpd_http_open_connections\{shard="(\d+)"\} (\S+)$', line)
+            if m:
+                found[int(m[1])] = float(m[2])
+        return found
+
+    shards = open_by_shard()
+    assert shards, "mcpd_http_open_connections is not exported"
+    # Twice as many keep-alive connections as shards, each accepted in turn.
+    clients = [httpx2.Client(timeout=10) for _ in range(2 * len(shards))]
+    try:
+        for c in clients:
+            assert c.get(f"{cluster.base(node)}/livez").status_code == 200
+        now = open_by_shard()
+        assert sorted(now) == sorted(shards), now
+        assert all(n >= 1 for n in now.values()), f"a shard was given no connection: {now}"
+        assert sum(now.values()) >= len(clients), now
+    finally:
+        for c in clients:
+            c.close()

@@ -58,6 +58,7 @@ pub async fn serve(
             rx,
             local,
             spin: next_request_spin,
+            open: metrics::gauge!("mcpd_http_open_connections", "shard" => index.to_string()),
         };
         let router = router.clone();
         let shutdown = shutdown.clone();
@@ -128,6 +129,8 @@ struct ShardListener {
     rx: mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
     local: SocketAddr,
     spin: Duration,
+    /// `mcpd_http_open_connections` of this shard.
+    open: metrics::Gauge,
 }
 
 impl axum::serve::Listener for ShardListener {
@@ -142,7 +145,7 @@ impl axum::serve::Listener for ShardListener {
                 continue;
             };
             match TcpStream::from_std(std) {
-                Ok(tcp) => return (Conn::new(tcp, self.spin), addr),
+                Ok(tcp) => return (Conn::new(tcp, self.spin, self.open.clone()), addr),
                 Err(e) => {
                     tracing::warn!(error = %e, %addr, "could not take over an HTTP connection")
                 }
@@ -163,13 +166,17 @@ pub struct Conn<T> {
     wrote_at: Option<Instant>,
     /// Whether this connection holds [`POLLING`].
     polling: bool,
+    /// The shard's open-connections gauge, counting this one while it lives.
+    open: metrics::Gauge,
 }
 
 impl<T> Conn<T> {
-    fn new(io: T, spin: Duration) -> Self {
+    fn new(io: T, spin: Duration, open: metrics::Gauge) -> Self {
+        open.increment(1.0);
         Conn {
             io,
             spin,
+            open,
             wrote_at: None,
             polling: false,
         }
@@ -218,6 +225,7 @@ impl<T> Conn<T> {
 
 impl<T> Drop for Conn<T> {
     fn drop(&mut self) {
+        self.open.decrement(1.0);
         if self.polling {
             POLLING.store(false, Ordering::Release);
         }
