@@ -1,7 +1,7 @@
 //! The data plane's threads: one single-threaded runtime per shard (by default one per CPU).
 //!
 //! The HTTP listener's connections are dealt out to the shards, and so are the MCP server
-//! processes of each pool (slot `i` on shard `i mod n`): a connection's requests, the calls
+//! processes of the pools (they take the shards in turn, slot after slot): a connection's requests, the calls
 //! they make and the I/O of a process on the same shard all run on one thread, which polls one
 //! I/O driver. At low load a call then costs no wake-up between threads: the thread that wrote
 //! the request to the server is the one that reads its answer (see `pool::process`), and the
@@ -120,19 +120,28 @@ impl Drop for Shards {
         for stop in self.stops.drain(..) {
             let _ = stop.send(());
         }
-        // Each thread drops its own runtime; a shard cannot join itself.
-        if current().is_none() {
-            for t in self
-                .threads
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .drain(..)
-            {
+        // Each thread drops its own runtime; a shard cannot join itself. A shard stuck in a
+        // task that never yields (a bug) must not keep the process from exiting.
+        if current().is_some() {
+            return;
+        }
+        let deadline = std::time::Instant::now() + STOP_WITHIN;
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            while !t.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            if t.is_finished() {
                 let _ = t.join();
+            } else {
+                tracing::error!(thread = ?t.thread().name(), "a data-plane thread did not stop within {STOP_WITHIN:?}; exiting without it");
             }
         }
     }
 }
+
+/// How long stopping the shards may take before `main` exits without them.
+const STOP_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {

@@ -22,6 +22,11 @@ impl Trigger {
 }
 
 impl Shutdown {
+    /// Whether shutdown was requested.
+    pub fn fired(&self) -> bool {
+        *self.0.borrow()
+    }
+
     /// Completes once shutdown was requested (or every trigger was dropped).
     pub async fn wait(mut self) {
         let _ = self.0.wait_for(|fired| *fired).await;

@@ -72,14 +72,19 @@ pub async fn serve(
     let mut turn = 0usize;
     loop {
         let accepted = tokio::select! {
-            a = listener.accept() => a,
+            biased;
+            _ = shutdown.clone().wait() => break,
             Some((shard, ended)) = servers.next() => {
+                if shutdown.fired() {
+                    // It drained first; the others still get their turn below.
+                    break;
+                }
                 // A shard's server only ends on shutdown: one that ended early (failed or
                 // panicked) would silently lose its share of connections. Stop the node.
                 tracing::error!(shard, outcome = ?ended, "a data-plane HTTP server ended early");
                 return;
             }
-            _ = shutdown.clone().wait() => break,
+            a = listener.accept() => a,
         };
         let (tcp, addr) = match accepted {
             Ok(a) => a,

@@ -191,7 +191,9 @@ impl Pool {
             let (stx, srx) = watch::channel(SlotState::Starting);
             let place = Place {
                 index,
-                shard: shards.as_ref().map(|s| s.get(first_shard + index).clone()),
+                shard: shards
+                    .as_ref()
+                    .map(|s| s.get(first_shard.wrapping_add(index)).clone()),
             };
             tasks.spawn(supervise(
                 place,

@@ -27,7 +27,8 @@ use crate::shutdown::Shutdown;
 pub struct Pools {
     inner: Arc<RwLock<HashMap<String, Arc<Pool>>>>,
     hub: broadcast::Sender<ServerEvent>,
-    /// Where the processes run (slot `i` on shard `i mod n`); `None`: on the caller's runtime.
+    /// Where the processes run (pools take the shards in turn, slot after slot); `None`: on
+    /// the caller's runtime.
     shards: Option<ShardHandles>,
 }
 
