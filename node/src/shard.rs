@@ -13,7 +13,7 @@
 //! The main runtime keeps Raft, gRPC, the pools' supervisors and other background work.
 
 use std::cell::Cell;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use tokio::runtime::Handle;
@@ -41,7 +41,9 @@ pub struct ShardError {
 pub struct Shards {
     handles: ShardHandles,
     stops: Vec<oneshot::Sender<()>>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    threads: Vec<JoinHandle<()>>,
+    /// The index of each shard whose runtime has been dropped.
+    stopped: std::sync::mpsc::Receiver<usize>,
 }
 
 /// Where to spawn on the shards; what the rest of the node holds (not the [`Shards`], so that
@@ -71,7 +73,9 @@ impl Shards {
         let mut handles = Vec::with_capacity(n);
         let mut stops = Vec::with_capacity(n);
         let mut threads = Vec::with_capacity(n);
+        let (stopped_tx, stopped) = std::sync::mpsc::channel();
         for index in 0..n {
+            let stopped_tx = stopped_tx.clone();
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
             let (stop_tx, stop_rx) = oneshot::channel::<()>();
             let thread = std::thread::Builder::new()
@@ -85,6 +89,8 @@ impl Shards {
                             CURRENT.with(|c| c.set(Some(index)));
                             let _ = ready_tx.send(Ok(rt.handle().clone()));
                             let _ = rt.block_on(stop_rx);
+                            drop(rt);
+                            let _ = stopped_tx.send(index);
                         }
                         Err(e) => {
                             let _ = ready_tx.send(Err(e));
@@ -106,7 +112,8 @@ impl Shards {
         Ok(Shards {
             handles: ShardHandles(handles.into()),
             stops,
-            threads: Mutex::new(threads),
+            threads,
+            stopped,
         })
     }
 
@@ -126,15 +133,19 @@ impl Drop for Shards {
             return;
         }
         let deadline = std::time::Instant::now() + STOP_WITHIN;
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
-        for t in threads {
-            while !t.is_finished() && std::time::Instant::now() < deadline {
-                std::thread::sleep(std::time::Duration::from_millis(5));
+        let mut stopped = vec![false; self.threads.len()];
+        while stopped.contains(&false) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.stopped.recv_timeout(left) {
+                Ok(index) => stopped[index] = true,
+                Err(_) => break,
             }
-            if t.is_finished() {
-                let _ = t.join();
+        }
+        for (thread, stopped) in self.threads.drain(..).zip(stopped) {
+            if stopped {
+                let _ = thread.join();
             } else {
-                tracing::error!(thread = ?t.thread().name(), "a data-plane thread did not stop within {STOP_WITHIN:?}; exiting without it");
+                tracing::error!(thread = ?thread.thread().name(), "a data-plane thread did not stop within {STOP_WITHIN:?}; exiting without it");
             }
         }
     }

@@ -187,8 +187,9 @@ impl<T> Conn<T> {
         }
     }
 
-    fn wrote(&mut self) {
-        if !self.spin.is_zero() {
+    /// Opens the poll window when a write went out.
+    fn note_write(&mut self, written: &Poll<io::Result<usize>>) {
+        if matches!(written, Poll::Ready(Ok(n)) if *n > 0) && !self.spin.is_zero() {
             self.wrote_at = Some(Instant::now());
         }
     }
@@ -269,11 +270,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Conn<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let written = Pin::new(&mut this.io).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = written {
-            if n > 0 {
-                this.wrote();
-            }
-        }
+        this.note_write(&written);
         written
     }
 
@@ -284,11 +281,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Conn<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let written = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = written {
-            if n > 0 {
-                this.wrote();
-            }
-        }
+        this.note_write(&written);
         written
     }
 

@@ -273,6 +273,7 @@ impl Pool {
     /// every slot is crash-looping.
     pub async fn ready(&self, within: Duration) -> Option<Arc<Process>> {
         let deadline = tokio::time::Instant::now() + within;
+        let here = shard::current();
         loop {
             let best = self
                 .slots
@@ -280,7 +281,7 @@ impl Pool {
                 .filter_map(|s| s.process.borrow().clone())
                 .filter(|p| p.is_alive())
                 // Of the least busy, one on the caller's own shard (no hop between threads).
-                .min_by_key(|p| (p.in_flight(), p.shard() != shard::current()));
+                .min_by_key(|p| (p.in_flight(), p.shard() != here));
             if best.is_some() {
                 return best;
             }
@@ -599,7 +600,8 @@ impl Drop for Pool {
 static PLACED: AtomicUsize = AtomicUsize::new(0);
 
 /// Starts a process on `shard`'s runtime (its I/O is driven there), or on this one. Dropped
-/// (the pool stops), it stops the start too, and whatever child it had spawned is killed.
+/// (the pool stops), it aborts the start too (the `JoinSet`), and whatever child it had
+/// spawned is killed.
 async fn start_on(
     shard: Option<&tokio::runtime::Handle>,
     spec: &ServerSpec,
@@ -610,21 +612,19 @@ async fn start_on(
         return Process::start(spec, pool_events, answer_spin).await;
     };
     let spec = spec.clone();
-    let start = shard.spawn(async move { Process::start(&spec, pool_events, answer_spin).await });
-    let _abort = AbortOnDrop(start.abort_handle());
-    start.await.unwrap_or_else(|e| {
-        Err(process::ProcessError::Initialize(format!(
+    let mut start = JoinSet::new();
+    start.spawn_on(
+        async move { Process::start(&spec, pool_events, answer_spin).await },
+        shard,
+    );
+    match start.join_next().await {
+        Some(Ok(started)) => started,
+        Some(Err(e)) => Err(process::ProcessError::Initialize(format!(
             "the start was abandoned: {e}"
-        )))
-    })
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+        ))),
+        None => Err(process::ProcessError::Initialize(
+            "the start was never run".into(),
+        )),
     }
 }
 
