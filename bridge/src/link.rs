@@ -133,12 +133,17 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 impl Link {
+    /// A link to `urls`, trusting `cacert` (the cluster's `ca.pem`) or the system's roots.
     pub fn new(
         urls: Vec<String>,
         token: Option<String>,
+        cacert: Option<&std::path::Path>,
         failover_deadline: Duration,
     ) -> anyhow::Result<Link> {
+        let tls = mcpcp_pki::trust::client_config(cacert, &[b"http/1.1"])
+            .map_err(|e| anyhow::anyhow!("--cacert: {e}"))?;
         let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(30))

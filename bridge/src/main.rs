@@ -30,6 +30,10 @@ struct Args {
     /// Bearer token (a tenant token).
     #[arg(long, env = "MCP_BRIDGE_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// The CA certificate (PEM) that signed the nodes' HTTPS certificates: the cluster's
+    /// `ca.pem`. Without it, the system's roots.
+    #[arg(long, env = "MCP_BRIDGE_CACERT")]
+    cacert: Option<std::path::PathBuf>,
     /// Talk to one server (`/servers/NAME/mcp`) instead of the aggregate `/mcp`.
     #[arg(long)]
     server: Option<String>,
@@ -44,13 +48,13 @@ struct Args {
     stdin_buffer: usize,
 }
 
-/// The MCP endpoint URL for `base` (with or without a path).
+/// The MCP endpoint URL for `base` (with or without a path); a bare `host:port` is HTTPS.
 fn endpoint(base: &str, server: Option<&str>) -> String {
     let base = base.trim().trim_end_matches('/');
     let base = if base.starts_with("http://") || base.starts_with("https://") {
         base.to_string()
     } else {
-        format!("http://{base}")
+        format!("https://{base}")
     };
     let root = link::root(&base).to_string();
     match server {
@@ -291,6 +295,7 @@ async fn main() -> anyhow::Result<()> {
         Link::new(
             urls,
             args.token.clone(),
+            args.cacert.as_deref(),
             Duration::from_millis(args.failover_deadline_ms),
         )
         .context("building the HTTP client")?,
@@ -407,7 +412,7 @@ mod tests {
     fn endpoints_are_built_from_bases_and_urls() {
         assert_eq!(
             endpoint("127.0.0.1:7400", None),
-            "http://127.0.0.1:7400/mcp"
+            "https://127.0.0.1:7400/mcp"
         );
         assert_eq!(endpoint("http://vip:80/", None), "http://vip:80/mcp");
         assert_eq!(endpoint("http://n1:7400/mcp", None), "http://n1:7400/mcp");
@@ -417,7 +422,7 @@ mod tests {
         );
         assert_eq!(
             endpoint("n1:7400", Some("git")),
-            "http://n1:7400/servers/git/mcp"
+            "https://n1:7400/servers/git/mcp"
         );
     }
 }

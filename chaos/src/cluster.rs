@@ -93,7 +93,7 @@ pub struct Node {
 
 impl Node {
     pub fn url(&self) -> String {
-        format!("http://{}", self.member.http_addr)
+        format!("https://{}", self.member.http_addr)
     }
 
     pub fn running(&self) -> bool {
@@ -105,7 +105,7 @@ impl Node {
 #[derive(Clone)]
 pub struct Target {
     pub id: u64,
-    /// Base URL of its HTTP API (`http://addr:port`).
+    /// Base URL of its HTTP API (`https://addr:port`).
     pub url: String,
     /// For the workload: times out after the node's quorum wait plus a margin.
     pub client: AdminClient,
@@ -177,7 +177,8 @@ impl Cluster {
         }
         let members: Vec<Member> = c.nodes.values().map(|n| n.member.clone()).collect();
         let first = c.nodes.get(&1).ok_or(ClusterError::UnknownNode(1))?.url();
-        let anon = AdminClient::new(&[first], None).map_err(api("admin client"))?;
+        let anon =
+            AdminClient::new(&[first], None, Some(&c.ca_file())).map_err(api("admin client"))?;
         let init = anon.init(members).await.map_err(api("cluster init"))?;
         c.admin_token = init.admin_token;
         for node in c.nodes.values_mut() {
@@ -186,6 +187,11 @@ impl Cluster {
         c.refresh_targets();
         c.wait_leader(Duration::from_secs(30)).await?;
         Ok(c)
+    }
+
+    /// The cluster CA's certificate (`<dir>/ca.pem`), which every client trusts.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join(mcpcp_pki::ca::CA_CERT)
     }
 
     pub fn node(&self, id: u64) -> Result<&Node, ClusterError> {
@@ -243,16 +249,22 @@ impl Cluster {
     }
 
     fn refresh_targets(&self) {
+        let ca = self.ca_file();
         let targets = self
             .nodes
             .values()
             .filter(|n| n.member_of_cluster)
             .filter_map(|n| {
                 let token = Some(self.admin_token.clone());
-                let client =
-                    AdminClient::with_timeout(&[n.url()], token.clone(), self.client_timeout)
-                        .ok()?;
-                let probe = AdminClient::with_timeout(&[n.url()], token, PROBE_TIMEOUT).ok()?;
+                let client = AdminClient::with_timeout(
+                    &[n.url()],
+                    token.clone(),
+                    Some(&ca),
+                    self.client_timeout,
+                )
+                .ok()?;
+                let probe =
+                    AdminClient::with_timeout(&[n.url()], token, Some(&ca), PROBE_TIMEOUT).ok()?;
                 Some(Target {
                     id: n.id,
                     url: n.url(),
@@ -267,8 +279,13 @@ impl Cluster {
     /// A client of one node, with `timeout`.
     pub fn client_of(&self, id: u64, timeout: Duration) -> Result<AdminClient, ClusterError> {
         let url = self.node(id)?.url();
-        AdminClient::with_timeout(&[url], Some(self.admin_token.clone()), timeout)
-            .map_err(api("admin client"))
+        AdminClient::with_timeout(
+            &[url],
+            Some(self.admin_token.clone()),
+            Some(&self.ca_file()),
+            timeout,
+        )
+        .map_err(api("admin client"))
     }
 
     /// A client of every live member (tried in order), for the harness's own calls.
@@ -278,8 +295,13 @@ impl Cluster {
             .iter()
             .filter_map(|id| self.nodes.get(id).map(Node::url))
             .collect();
-        AdminClient::with_timeout(&urls, Some(self.admin_token.clone()), timeout)
-            .map_err(api("admin client"))
+        AdminClient::with_timeout(
+            &urls,
+            Some(self.admin_token.clone()),
+            Some(&self.ca_file()),
+            timeout,
+        )
+        .map_err(api("admin client"))
     }
 
     /// Starts process `id` (with its data and addresses, when it ran before) and waits until
@@ -289,6 +311,12 @@ impl Cluster {
         let data = nd.join("data");
         std::fs::create_dir_all(&data).map_err(io(format!("creating {}", data.display())))?;
         let _ = std::fs::remove_file(data.join("endpoints.json"));
+        let no_ca = |e: mcpctl::dev::DevError| ClusterError::Start {
+            id,
+            message: format!("the cluster CA: {e}"),
+        };
+        mcpctl::dev::ensure_ca(&self.dir).map_err(no_ca)?;
+        mcpctl::dev::install_ca(&self.dir, &data).map_err(no_ca)?;
         let log_path = nd.join("mcpd.log");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -482,6 +510,7 @@ impl Cluster {
         let admin = AdminClient::with_timeout(
             &urls,
             Some(self.admin_token.clone()),
+            Some(&self.ca_file()),
             Duration::from_secs(90),
         )
         .map_err(api("admin client"))?;

@@ -54,8 +54,9 @@ pub struct HttpMcp {
 
 impl HttpMcp {
     /// A client whose every request (connect, send, whole body) ends within `deadline`.
-    pub fn new(token: &str, deadline: Duration) -> Result<HttpMcp, String> {
-        let http = reqwest::Client::builder()
+    pub fn new(token: &str, cacert: &Path, deadline: Duration) -> Result<HttpMcp, String> {
+        let http = mcpctl::https::client_builder(Some(cacert))
+            .map_err(|e| e.to_string())?
             .no_proxy()
             .connect_timeout(Duration::from_secs(2).min(deadline))
             .timeout(deadline)
@@ -229,6 +230,7 @@ impl Bridge {
         bin: &Path,
         urls: &[String],
         token: &str,
+        cacert: &Path,
         log: &Path,
         janitor: &Janitor,
     ) -> Result<Bridge, String> {
@@ -237,6 +239,7 @@ impl Bridge {
             .arg("--url")
             .arg(urls.join(","))
             .env("MCP_BRIDGE_TOKEN", token)
+            .env("MCP_BRIDGE_CACERT", cacert)
             .args(["--log-level", "info"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -121,6 +121,11 @@ impl McpWorkload {
         }
     }
 
+    /// The cluster CA's certificate: the scenario's cluster lives in the same directory.
+    fn cacert(&self) -> PathBuf {
+        self.dir.join(mcpcp_pki::ca::CA_CERT)
+    }
+
     fn server_spec(&self) -> ServerSpec {
         let mut env = BTreeMap::new();
         env.insert(
@@ -183,11 +188,12 @@ impl McpWorkload {
         })
         .await?;
         // Every node must run the demo server before the load starts.
-        let http =
-            HttpMcp::new(&token, self.cfg.load.deadline).map_err(|m| WorkloadError::Mcp {
+        let http = HttpMcp::new(&token, &self.cacert(), self.cfg.load.deadline).map_err(|m| {
+            WorkloadError::Mcp {
                 what: "an HTTP client".into(),
                 message: m,
-            })?;
+            }
+        })?;
         let ready_within = Duration::from_secs(45);
         for t in targets.all() {
             let url = format!("{}/mcp", t.url);
@@ -407,6 +413,7 @@ fn next_after(o: &Outcome) -> Next {
 struct HttpClientCfg {
     worker: usize,
     token: String,
+    cacert: PathBuf,
     prefix: String,
     aggregate: bool,
     load: McpLoad,
@@ -414,7 +421,7 @@ struct HttpClientCfg {
 
 async fn http_client(mut ctx: WorkloadCtx, c: HttpClientCfg) {
     let mut rng = fastrand::Rng::with_seed(ctx.seed ^ (c.worker as u64 + 1).wrapping_mul(0x5bd1));
-    let Ok(http) = HttpMcp::new(&c.token, c.load.deadline) else {
+    let Ok(http) = HttpMcp::new(&c.token, &c.cacert, c.load.deadline) else {
         return;
     };
     let path = if c.aggregate {
@@ -519,6 +526,7 @@ struct BridgeCfg {
     /// Worker number of its first caller (the others follow).
     first_worker: usize,
     token: String,
+    cacert: PathBuf,
     prefix: String,
     bin: PathBuf,
     urls: Vec<String>,
@@ -532,7 +540,7 @@ struct BridgeCfg {
 async fn bridge_client(mut ctx: WorkloadCtx, c: BridgeCfg) {
     let via = Via::Bridge(c.index);
     let note = |n: String| c.notes.lock().unwrap_or_else(|p| p.into_inner()).push(n);
-    let bridge = match Bridge::start(&c.bin, &c.urls, &c.token, &c.log, &c.janitor) {
+    let bridge = match Bridge::start(&c.bin, &c.urls, &c.token, &c.cacert, &c.log, &c.janitor) {
         Ok(b) => Arc::new(b),
         Err(e) => {
             let p = ctx.history.invoke(
@@ -707,6 +715,7 @@ impl Workload for McpWorkload {
                 HttpClientCfg {
                     worker,
                     token: token.clone(),
+                    cacert: self.cacert(),
                     prefix: self.prefix.clone(),
                     aggregate: i % 2 == 0,
                     load,
@@ -737,6 +746,7 @@ impl Workload for McpWorkload {
                     index: b,
                     first_worker: worker,
                     token: token.clone(),
+                    cacert: self.cacert(),
                     prefix: self.prefix.clone(),
                     bin: self.cfg.bridge.clone(),
                     urls,

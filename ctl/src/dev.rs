@@ -1,9 +1,11 @@
 //! `mcpctl dev up|down`: a local cluster in one command.
 //!
-//! `up` starts N `mcpd` processes on free loopback ports (each node binds port 0 and reports
-//! the port it got in `<data>/endpoints.json`, so there is no port race), initialises the
-//! cluster, creates tenant `default` and its token, registers the demo MCP server as `demo`,
-//! and writes `DIR/env` for `sh` to source. `down` stops what `up` started.
+//! `up` makes the cluster's CA (`DIR/ca.pem`, and its key `DIR/ca.key`, readable by its
+//! owner only) and puts it into each node's TLS directory, as an operator does, starts N
+//! `mcpd` processes on free loopback ports (each node binds port 0 and reports the port it got
+//! in `<data>/endpoints.json`, so there is no port race), initialises the cluster over HTTPS,
+//! creates tenant `default` and its token, registers the demo MCP server as `demo`, and
+//! writes `DIR/env` for `sh` to source. `down` stops what `up` started.
 //!
 //! `up` on a directory that holds a stopped cluster, or one with some nodes stopped (killed,
 //! crashed), starts those nodes again instead: each on the addresses it had (the members know
@@ -31,6 +33,8 @@ pub enum DevError {
     Start(String),
     #[error(transparent)]
     Api(#[from] ClientError),
+    #[error("cluster CA: {0}")]
+    Pki(#[from] mcpcp_pki::PkiError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DevError {
@@ -42,6 +46,8 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DevError {
 #[derive(Debug, Clone)]
 pub struct DevCluster {
     pub dir: PathBuf,
+    /// The cluster CA's certificate, which clients trust (`DIR/ca.pem`).
+    pub ca_file: PathBuf,
     pub members: Vec<Member>,
     pub pids: Vec<u32>,
     pub admin_token: String,
@@ -52,9 +58,43 @@ impl DevCluster {
     pub fn endpoints(&self) -> Vec<String> {
         self.members
             .iter()
-            .map(|m| format!("http://{}", m.http_addr))
+            .map(|m| format!("https://{}", m.http_addr))
             .collect()
     }
+
+    /// An admin client of the cluster.
+    pub fn admin(&self) -> Result<AdminClient, ClientError> {
+        AdminClient::new(
+            &self.endpoints(),
+            Some(self.admin_token.clone()),
+            Some(&self.ca_file),
+        )
+    }
+}
+
+/// The CA of the dev cluster in `dir` (`DIR/ca.pem`, `DIR/ca.key`), made on first use;
+/// returns the certificate's path.
+pub fn ensure_ca(dir: &Path) -> Result<PathBuf, DevError> {
+    use mcpcp_pki::ca::{CA_CERT, CA_KEY};
+    let cert = dir.join(CA_CERT);
+    if !(cert.exists() && dir.join(CA_KEY).exists()) {
+        let ca = mcpcp_pki::Ca::create(&mcpcp_pki::ClusterId::new("dev")?)?;
+        ca.write(dir)?;
+    }
+    Ok(cert)
+}
+
+/// Puts the CA of `ca_dir` into the TLS directory of the node whose data is `data_dir`
+/// (`<data_dir>/tls`), as an operator does before a node's first start; the node issues its
+/// own certificate from it.
+pub fn install_ca(ca_dir: &Path, data_dir: &Path) -> Result<(), DevError> {
+    let tls = data_dir.join("tls");
+    if tls.join(mcpcp_pki::ca::CA_CERT).exists() {
+        return Ok(());
+    }
+    let ca = mcpcp_pki::Ca::load(ca_dir)?;
+    ca.write(&tls)?;
+    Ok(())
 }
 
 /// Options of `dev up`.
@@ -67,6 +107,9 @@ pub struct UpOptions {
     pub mcpd_args: Vec<String>,
     /// Register the demo server as `demo`.
     pub demo: bool,
+    /// Where the cluster CA is (made there if missing): `DIR` itself by default; tests share
+    /// one CA between their clusters this way.
+    pub ca_dir: Option<PathBuf>,
 }
 
 fn node_dir(dir: &Path, id: u32) -> PathBuf {
@@ -118,11 +161,13 @@ pub fn running_pids(dir: &Path) -> Vec<(u32, u32)> {
         .collect()
 }
 
-/// Starts one node of a dev cluster and waits for it to report its addresses. `at` is
-/// `(http, grpc)` to listen on; `None` takes free ports.
+/// Starts one node of a dev cluster, with the CA of `ca_dir` in its TLS directory, and waits
+/// for it to report its addresses. `at` is `(http, grpc)` to listen on; `None` takes free
+/// ports.
 pub async fn start_node(
     mcpd: &Path,
     dir: &Path,
+    ca_dir: &Path,
     id: u32,
     at: Option<(&str, &str)>,
     extra: &[String],
@@ -131,6 +176,8 @@ pub async fn start_node(
     let data = nd.join("data");
     std::fs::create_dir_all(&data).map_err(io(format!("creating {}", data.display())))?;
     let _ = std::fs::remove_file(data.join("endpoints.json"));
+    ensure_ca(ca_dir)?;
+    install_ca(ca_dir, &data)?;
     let (http, grpc) = at.unwrap_or(("127.0.0.1:0", "127.0.0.1:0"));
     let log_path = nd.join("mcpd.log");
     let log = std::fs::OpenOptions::new()
@@ -256,12 +303,13 @@ async fn restart(
         dir.display(),
         env_path.display()
     )))?;
-    let (Some(admin_token), Some(tenant_token)) = (
+    let (Some(admin_token), Some(tenant_token), Some(ca_file)) = (
         env_value(&env, "MCPCTL_TOKEN"),
         env_value(&env, "MCP_BRIDGE_TOKEN"),
+        env_value(&env, "MCPCTL_CACERT").map(PathBuf::from),
     ) else {
         return Err(DevError::Start(format!(
-            "{} lacks MCPCTL_TOKEN or MCP_BRIDGE_TOKEN; remove {} to start afresh",
+            "{} lacks MCPCTL_TOKEN, MCP_BRIDGE_TOKEN or MCPCTL_CACERT; remove {} to start afresh",
             env_path.display(),
             dir.display()
         )));
@@ -289,7 +337,8 @@ async fn restart(
             Some(pid) => (member, pid),
             None => {
                 let at = Some((member.http_addr.as_str(), member.grpc_addr.as_str()));
-                let (m, pid) = start_node(&opts.mcpd, dir, id, at, &opts.mcpd_args).await?;
+                let ca_dir = ca_file.parent().unwrap_or(dir);
+                let (m, pid) = start_node(&opts.mcpd, dir, ca_dir, id, at, &opts.mcpd_args).await?;
                 progress(&format!(
                     "node {id} up again (pid {pid}, http {}, grpc {})",
                     m.http_addr, m.grpc_addr
@@ -302,12 +351,13 @@ async fn restart(
     }
     let cluster = DevCluster {
         dir: dir.to_path_buf(),
+        ca_file,
         members,
         pids,
         admin_token,
         tenant_token,
     };
-    let admin = AdminClient::new(&cluster.endpoints(), Some(cluster.admin_token.clone()))?;
+    let admin = cluster.admin()?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let status = admin.cluster_status().await;
@@ -347,10 +397,12 @@ pub async fn up(opts: &UpOptions, progress: &dyn Fn(&str)) -> Result<DevCluster,
     if !known.is_empty() {
         return restart(opts, &dir, known, progress).await;
     }
+    let ca_dir = opts.ca_dir.clone().unwrap_or_else(|| dir.clone());
+    let ca_file = ensure_ca(&ca_dir)?;
     let mut members = Vec::new();
     let mut pids = Vec::new();
     for id in 1..=opts.nodes {
-        let (m, pid) = start_node(&opts.mcpd, &dir, id, None, &opts.mcpd_args).await?;
+        let (m, pid) = start_node(&opts.mcpd, &dir, &ca_dir, id, None, &opts.mcpd_args).await?;
         progress(&format!(
             "node {id} up (pid {pid}, http {}, grpc {})",
             m.http_addr, m.grpc_addr
@@ -360,15 +412,15 @@ pub async fn up(opts: &UpOptions, progress: &dyn Fn(&str)) -> Result<DevCluster,
     }
     let endpoints: Vec<String> = members
         .iter()
-        .map(|m| format!("http://{}", m.http_addr))
+        .map(|m| format!("https://{}", m.http_addr))
         .collect();
-    let anon = AdminClient::new(&endpoints, None)?;
+    let anon = AdminClient::new(&endpoints, None, Some(&ca_file))?;
     let init = anon.init(members.clone()).await?;
     progress(&format!(
         "cluster initialised, leader is node {}",
         init.leader
     ));
-    let admin = AdminClient::new(&endpoints, Some(init.admin_token.clone()))?;
+    let admin = AdminClient::new(&endpoints, Some(init.admin_token.clone()), Some(&ca_file))?;
     let no_opts = CallOptions::default();
     admin
         .create_tenant(
@@ -405,32 +457,42 @@ pub async fn up(opts: &UpOptions, progress: &dyn Fn(&str)) -> Result<DevCluster,
     }
     let cluster = DevCluster {
         dir: dir.clone(),
+        ca_file,
         members,
         pids,
         admin_token: init.admin_token,
         tenant_token: tenant_token.token,
     };
-    write_env(&cluster)?;
+    write_env(&cluster, &opts.mcpd)?;
     Ok(cluster)
 }
 
-fn write_env(c: &DevCluster) -> Result<(), DevError> {
+/// Writes `DIR/env`: the endpoints, tokens and CA for `mcpctl` and `mcp-bridge`, and the
+/// directory of the binaries (the one `mcpd` is in) first on `PATH`.
+fn write_env(c: &DevCluster, mcpd: &Path) -> Result<(), DevError> {
     let endpoints = c.endpoints().join(",");
     let bridge: Vec<String> = c
         .members
         .iter()
-        .map(|m| format!("http://{}/mcp", m.http_addr))
+        .map(|m| format!("https://{}/mcp", m.http_addr))
         .collect();
+    let mcpd = mcpd.canonicalize().unwrap_or_else(|_| mcpd.to_path_buf());
+    let bin = mcpd.parent().unwrap_or(Path::new("."));
     let text = format!(
         "# written by mcpctl dev up; source it: . {dir}/env\n\
          export MCPCTL_ENDPOINTS='{endpoints}'\n\
          export MCPCTL_TOKEN='{admin}'\n\
+         export MCPCTL_CACERT='{ca}'\n\
          export MCP_BRIDGE_URL='{bridge}'\n\
-         export MCP_BRIDGE_TOKEN='{tenant}'\n",
+         export MCP_BRIDGE_TOKEN='{tenant}'\n\
+         export MCP_BRIDGE_CACERT='{ca}'\n\
+         export PATH='{bin}':\"$PATH\"\n",
         dir = c.dir.display(),
         admin = c.admin_token,
+        ca = c.ca_file.display(),
         bridge = bridge.join(","),
         tenant = c.tenant_token,
+        bin = bin.display(),
     );
     let path = c.dir.join("env");
     std::fs::write(&path, text).map_err(io(format!("writing {}", path.display())))?;

@@ -5,8 +5,10 @@
 //! be reached is skipped, any node that answers is authoritative (every node serves every call).
 
 pub mod dev;
+pub mod https;
 pub mod import;
 
+use std::path::Path;
 use std::time::Duration;
 
 use mcpcp_proto::api::{
@@ -60,13 +62,14 @@ impl ClientError {
     }
 }
 
-/// `host:port` or a URL, as a base URL without a trailing slash.
+/// `host:port` or a URL, as a base URL without a trailing slash. A bare `host:port` is
+/// HTTPS, as every node serves unless it sits behind a TLS-terminating load balancer.
 pub fn normalize_endpoint(e: &str) -> String {
     let e = e.trim().trim_end_matches('/');
     if e.starts_with("http://") || e.starts_with("https://") {
         e.to_string()
     } else {
-        format!("http://{e}")
+        format!("https://{e}")
     }
 }
 
@@ -85,14 +88,21 @@ pub struct AdminClient {
 }
 
 impl AdminClient {
-    pub fn new(endpoints: &[String], token: Option<String>) -> Result<Self, ClientError> {
-        Self::with_timeout(endpoints, token, Duration::from_secs(30))
+    /// A client of `endpoints` that trusts `cacert` (the cluster's `ca.pem`), or the system's
+    /// roots without one.
+    pub fn new(
+        endpoints: &[String],
+        token: Option<String>,
+        cacert: Option<&Path>,
+    ) -> Result<Self, ClientError> {
+        Self::with_timeout(endpoints, token, cacert, Duration::from_secs(30))
     }
 
     /// `timeout` bounds a whole call to one endpoint (the server bounds its own quorum wait).
     pub fn with_timeout(
         endpoints: &[String],
         token: Option<String>,
+        cacert: Option<&Path>,
         timeout: Duration,
     ) -> Result<Self, ClientError> {
         let endpoints: Vec<String> = endpoints
@@ -105,7 +115,7 @@ impl AdminClient {
                 "no endpoints: pass --endpoints or set MCPCTL_ENDPOINTS".into(),
             ));
         }
-        let http = reqwest::Client::builder()
+        let http = https::client_builder(cacert)?
             .connect_timeout(Duration::from_secs(2))
             .timeout(timeout)
             .pool_max_idle_per_host(64)

@@ -42,6 +42,10 @@ struct Cli {
     /// Admin bearer token.
     #[arg(long, env = "MCPCTL_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
+    /// The CA certificate (PEM) that signed the nodes' HTTPS certificates: the cluster's
+    /// `ca.pem`. Without it, the system's roots.
+    #[arg(long, env = "MCPCTL_CACERT", global = true)]
+    cacert: Option<PathBuf>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value = "table", global = true)]
     output: Output,
@@ -146,6 +150,25 @@ enum ClusterCmd {
     },
     /// Remove a node from the membership.
     RemoveNode { id: u64 },
+    /// The cluster's certificate authority.
+    #[command(subcommand)]
+    Ca(CaCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCmd {
+    /// Make the cluster CA once, before the first node starts: DIR/ca.pem (the certificate
+    /// clients trust) and DIR/ca.key (mode 0600). Put both into every initial node's TLS
+    /// directory (`[tls] dir`, default `<data_dir>/tls`); each node issues its own
+    /// certificates from them.
+    Create {
+        /// Where to write ca.pem and ca.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The cluster's id, named in every certificate (lowercase letters, digits, '-').
+        #[arg(long)]
+        cluster_id: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -269,9 +292,13 @@ enum TokenCmd {
         /// A tenant token for this tenant.
         #[arg(long, conflicts_with = "admin")]
         tenant: Option<String>,
-        /// An admin token.
-        #[arg(long)]
+        /// An admin token (the same as `--role admin`).
+        #[arg(long, conflicts_with = "role")]
         admin: bool,
+        /// The token's role: `admin`, `tenant` (with --tenant) or `metrics` (reads /metrics
+        /// only, for Prometheus).
+        #[arg(long, value_enum)]
+        role: Option<RoleArg>,
         /// A label for people.
         #[arg(long, default_value = "mcpctl")]
         name: String,
@@ -284,6 +311,13 @@ enum TokenCmd {
     Revoke {
         id: String,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RoleArg {
+    Admin,
+    Tenant,
+    Metrics,
 }
 
 #[derive(Debug, Subcommand)]
@@ -307,6 +341,9 @@ enum DevCmd {
         /// An extra flag for every mcpd (repeatable), e.g. `--mcpd-arg=--pool-queue-size=4`.
         #[arg(long = "mcpd-arg", allow_hyphen_values = true)]
         mcpd_args: Vec<String>,
+        /// The cluster CA's directory (ca.pem, ca.key; made there if missing). Default: DIR.
+        #[arg(long)]
+        ca_dir: Option<PathBuf>,
     },
     /// Stop the nodes `dev up` started in DIR.
     Down {
@@ -384,7 +421,11 @@ fn opt<T: ToString>(v: Option<T>) -> String {
 }
 
 fn client(cli: &Cli) -> Result<AdminClient, Failure> {
-    Ok(AdminClient::new(&cli.endpoints, cli.token.clone())?)
+    Ok(AdminClient::new(
+        &cli.endpoints,
+        cli.token.clone(),
+        cli.cacert.as_deref(),
+    )?)
 }
 
 fn ack(cli: &Cli, what: &str, revision: u64) {
@@ -402,7 +443,7 @@ async fn cluster(cli: &Cli, cmd: &ClusterCmd) -> Outcome {
             } else {
                 nodes.clone()
             };
-            let anon = AdminClient::new(&nodes, None)?;
+            let anon = AdminClient::new(&nodes, None, cli.cacert.as_deref())?;
             let mut members = Vec::new();
             for e in anon.endpoints() {
                 let info = anon.for_endpoint(e).node_info().await?;
@@ -477,6 +518,38 @@ async fn cluster(cli: &Cli, cmd: &ClusterCmd) -> Outcome {
             client(cli)?.remove_node(*id).await?;
             if cli.output == Output::Table {
                 out!("node {id} removed");
+            }
+            Ok(())
+        }
+        ClusterCmd::Ca(CaCmd::Create { dir, cluster_id }) => {
+            use mcpcp_pki::ca::{CA_CERT, CA_KEY};
+            if dir.join(CA_KEY).exists() {
+                return Err(fail(
+                    1,
+                    format!(
+                        "{} already holds a CA key; a cluster's CA is made once",
+                        dir.display()
+                    ),
+                ));
+            }
+            let id = mcpcp_pki::ClusterId::new(cluster_id).map_err(|e| fail(2, e.to_string()))?;
+            let ca = mcpcp_pki::Ca::create(&id).map_err(|e| fail(1, e.to_string()))?;
+            ca.write(dir).map_err(|e| fail(1, e.to_string()))?;
+            match cli.output {
+                Output::Json => print_json(&serde_json::json!({
+                    "cluster_id": id.as_str(),
+                    "ca_cert": dir.join(CA_CERT),
+                    "ca_key": dir.join(CA_KEY),
+                    "fingerprint": ca.fingerprint(),
+                })),
+                Output::Table => {
+                    out!("cluster CA for {id}: {}", ca.fingerprint());
+                    out!(
+                        "  {}  the certificate clients trust (--cacert)",
+                        dir.join(CA_CERT).display()
+                    );
+                    out!("  {}  the key (0600): copy both files into every initial node's TLS directory", dir.join(CA_KEY).display());
+                }
             }
             Ok(())
         }
@@ -831,16 +904,25 @@ async fn token(cli: &Cli, cmd: &TokenCmd) -> Outcome {
         TokenCmd::Create {
             tenant,
             admin,
+            role,
             name,
             ttl,
         } => {
-            if tenant.is_none() && !admin {
-                return Err(fail(2, "say whose token it is: --tenant NAME or --admin"));
-            }
+            let role = match (role, admin, tenant) {
+                (Some(RoleArg::Admin), _, _) | (None, true, _) => Role::Admin,
+                (Some(RoleArg::Metrics), _, _) => Role::Metrics,
+                (Some(RoleArg::Tenant), _, _) | (None, false, Some(_)) => Role::Tenant,
+                (None, false, None) => {
+                    return Err(fail(
+                        2,
+                        "say whose token it is: --tenant NAME, --admin or --role metrics",
+                    ))
+                }
+            };
             let created = c
                 .create_token(&CreateTokenRequest {
                     name: name.clone(),
-                    role: Some(if *admin { Role::Admin } else { Role::Tenant }),
+                    role: Some(role),
                     tenant: tenant.clone(),
                     ttl_seconds: *ttl,
                 })
@@ -939,6 +1021,7 @@ async fn dev_cmd(cli: &Cli, cmd: &DevCmd) -> Outcome {
             mcpd,
             no_demo,
             mcpd_args,
+            ca_dir,
         } => {
             let mcpd = match mcpd {
                 Some(p) => p.clone(),
@@ -954,6 +1037,7 @@ async fn dev_cmd(cli: &Cli, cmd: &DevCmd) -> Outcome {
                 mcpd,
                 mcpd_args: mcpd_args.clone(),
                 demo: !no_demo,
+                ca_dir: ca_dir.clone(),
             };
             let c = dev::up(&opts, &|line| eprintln!("dev: {line}")).await?;
             match cli.output {
@@ -1030,6 +1114,11 @@ async fn bridge_cmd(cli: &Cli, cmd: &BridgeCmd) -> Outcome {
         None => "<a tenant token: mcpctl token create --tenant NAME>".to_string(),
     };
     let mut args = vec!["--url".to_string(), urls.join(",")];
+    if let Some(ca) = &cli.cacert {
+        let ca = ca.canonicalize().unwrap_or_else(|_| ca.clone());
+        args.push("--cacert".into());
+        args.push(ca.to_string_lossy().to_string());
+    }
     if let Some(s) = server {
         args.push("--server".into());
         args.push(s.clone());

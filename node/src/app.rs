@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use mcpcp_proto::api::Member;
 use mcpcp_proto::cluster::cluster_server::ClusterServer;
 use mcpcp_proto::raft::raft_server::RaftServer;
@@ -14,7 +13,6 @@ use openraft::SnapshotPolicy;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::{self, AppState};
 use crate::config::Config;
@@ -30,6 +28,10 @@ use crate::route::peer::PeerService;
 use crate::route::{placement, Router};
 use crate::shard::ShardHandles;
 use crate::shutdown::{self, Shutdown};
+use crate::tls::admission::{MembersCheck, MembersOnly};
+use crate::tls::edge::{EdgeSource, EdgeTls, EdgeTlsMode};
+use crate::tls::peer::PeerConnector;
+use crate::tls::{NodeTls, TlsError};
 use mcpcp_proto::peer::peer_server::PeerServer;
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +53,8 @@ pub enum StartError {
     RaftConfig(String),
     #[error("starting raft: {0}")]
     Raft(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
     #[error("binding {what} {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -69,6 +73,34 @@ pub struct Endpoints {
     pub pid: u32,
 }
 
+/// Makes `dir` and the node's files in it readable by the node's user only: the directory
+/// 0700 (so nothing in it can be opened by others, whatever its own mode), each file directly
+/// in it 0600. The TLS directory's keys are written 0600 by themselves.
+fn lock_down(dir: &Path) -> Result<(), StartError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StartError::DataDir { path, source }
+        };
+        let private =
+            |p: &Path, mode| std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode));
+        private(dir, 0o700).map_err(io(dir))?;
+        for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+            let entry = entry.map_err(io(dir))?;
+            let path = entry.path();
+            let kind = entry.file_type().map_err(io(&path))?;
+            if kind.is_file() {
+                private(&path, 0o600).map_err(io(&path))?;
+            } else if kind.is_dir() {
+                private(&path, 0o700).map_err(io(&path))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Claims `dir` for node `id`: a directory that held another node refuses to start.
 fn claim_data_dir(dir: &Path, id: u64) -> Result<(), StartError> {
     let io = |source| StartError::DataDir {
@@ -76,6 +108,7 @@ fn claim_data_dir(dir: &Path, id: u64) -> Result<(), StartError> {
         source,
     };
     std::fs::create_dir_all(dir).map_err(io)?;
+    lock_down(dir)?;
     let id_file = dir.join("node_id");
     match std::fs::read_to_string(&id_file) {
         Ok(text) => {
@@ -168,7 +201,13 @@ pub async fn run(
         path: sm_path,
         source,
     })?;
-    let channels = PeerChannels::new(Duration::from_millis(500));
+    let node_tls = Arc::new(NodeTls::load(
+        &cfg.tls_dir(),
+        cfg.id,
+        Duration::from_secs(cfg.tls.node_cert_ttl_hours * 3600),
+    )?);
+    tracing::info!(identity = %node_tls.identity, signs = node_tls.ca.is_some(), "peer identity");
+    let channels = PeerChannels::new(Duration::from_millis(500), PeerConnector::new(&node_tls)?);
     let network = NetworkFactory {
         channels: channels.clone(),
         early_acks: early.as_ref().map(|(_, acks)| acks.clone()),
@@ -209,6 +248,8 @@ pub async fn run(
         path: ep_path,
         source,
     })?;
+    // The stores and files just made: readable by this node's user only.
+    lock_down(&cfg.data_dir)?;
     tracing::info!(
         node = cfg.id,
         http = %endpoints.http_addr,
@@ -222,8 +263,15 @@ pub async fn run(
     tracing::info!(shards = shards.len(), "data-plane threads");
     let pools = Pools::on(shards.clone());
     let mut tasks = JoinSet::new();
+    let edge = edge_tls(&cfg, &me, &node_tls)?;
+    tasks.spawn(node_tls.clone().renew(shutdown.clone()));
+    if let Some(edge) = &edge {
+        tasks.spawn(edge.clone().keep_fresh(node_tls.clone(), shutdown.clone()));
+    }
     tasks.spawn(serve_grpc(
         grpc_listener,
+        crate::tls::peer::server_config(&node_tls)?,
+        MembersOnly::new(node_tls.identity.cluster.clone(), members_check(&raft)),
         raft.clone(),
         registry.clone(),
         pools.clone(),
@@ -253,12 +301,23 @@ pub async fn run(
         registry: registry.clone(),
         metrics,
         mcp,
+        tls: cfg.api.tls,
+        data_dir: cfg.data_dir.clone(),
     };
     tasks.spawn(api::listener::serve(
         http_listener,
-        api::router(state, cfg.api.max_body_bytes),
+        api::router(
+            state,
+            cfg.api.max_body_bytes,
+            api::host::HostPolicy::new(edge_names(&cfg, &me)),
+        ),
         shards.clone(),
-        Duration::from_micros(cfg.api.next_request_spin_us),
+        api::listener::EdgeSettings {
+            tls: edge,
+            next_request_spin: Duration::from_micros(cfg.api.next_request_spin_us),
+            header_read_timeout: Duration::from_millis(cfg.api.header_read_timeout_ms),
+            max_connections: cfg.api.max_connections,
+        },
         shutdown.clone(),
     ));
     let exporter = tokio::spawn(crate::metrics::export_raft(raft.clone()));
@@ -283,8 +342,64 @@ pub async fn run(
     Ok(())
 }
 
+/// The edge's TLS as configured; `None` for `api.tls = "off"` (warned about).
+fn edge_tls(cfg: &Config, me: &Member, node: &NodeTls) -> Result<Option<EdgeTls>, TlsError> {
+    let source = match cfg.api.tls {
+        EdgeTlsMode::Off => {
+            tracing::warn!(
+                "api.tls = \"off\": the admin API and MCP are served as plain HTTP, tokens cross \
+                 the network in clear text unless a TLS-terminating load balancer is in front"
+            );
+            return Ok(None);
+        }
+        EdgeTlsMode::Files => EdgeSource::Files {
+            cert: cfg.api.tls_cert_file.clone().unwrap_or_default(),
+            key: cfg.api.tls_key_file.clone().unwrap_or_default(),
+        },
+        EdgeTlsMode::Cluster => EdgeSource::Cluster {
+            names: edge_names(cfg, me),
+            ttl: Duration::from_secs(cfg.tls.node_cert_ttl_hours * 3600),
+        },
+    };
+    EdgeTls::new(source, node).map(Some)
+}
+
+/// The names a cluster-issued HTTPS certificate carries: loopback, the host the node
+/// advertises and the one it listens on (unless a wildcard address), and `api.tls_names`.
+fn edge_names(cfg: &Config, me: &Member) -> Vec<String> {
+    let host = |hostport: &str| -> Option<String> {
+        let h = hostport.rsplit_once(':')?.0.trim_matches(['[', ']']);
+        let unspecified = h
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_unspecified());
+        (!h.is_empty() && !unspecified).then(|| h.to_string())
+    };
+    let mut names: Vec<String> = ["localhost", "127.0.0.1", "::1"].map(String::from).into();
+    names.extend(host(&me.http_addr));
+    names.extend(host(&cfg.http_addr.to_string()));
+    names.extend(cfg.api.tls_names.iter().cloned());
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|n| seen.insert(n.clone()));
+    names
+}
+
+/// Whether node `id` may call this node over gRPC: a member (voter or learner) of the
+/// membership this node knows, or any node of the cluster while it knows none.
+fn members_check(raft: &Raft) -> MembersCheck {
+    let raft = raft.clone();
+    Arc::new(move |id| {
+        let metrics = raft.metrics();
+        let m = metrics.borrow();
+        let membership = m.membership_config.membership();
+        membership.nodes().next().is_none() || membership.get_node(&id).is_some()
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn serve_grpc(
     listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    members_only: MembersOnly,
     raft: Raft,
     registry: Registry,
     pools: Pools,
@@ -303,18 +418,15 @@ async fn serve_grpc(
         registry,
         shutdown: shutdown.clone(),
     });
-    // `Server::tcp_nodelay` does not apply to an incoming stream we supply: set it per
-    // connection, or small Raft and forwarding replies wait for delayed ACKs (~40 ms).
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        conn.inspect(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        })
-    });
+    // Mutual TLS on every connection (no plaintext gRPC); `members_only` then checks each
+    // call's certificate against the membership.
+    let incoming = crate::tls::peer::incoming(listener, tls, shutdown.clone());
     // Pings find a peer that vanished (powered off, cut off) under an idle long-lived stream,
     // which TCP alone would keep forever.
     let res = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .layer(members_only)
         .add_service(raft_svc)
         .add_service(cluster_svc)
         .add_service(peer_svc)

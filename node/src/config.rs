@@ -21,6 +21,16 @@
 //! quorum_wait_ms = 5000             # bound on a write or linearizable read without quorum
 //! max_body_bytes = 1048576
 //! next_request_spin_us = 100        # after answering, poll this long for the next request
+//! tls = "cluster"                   # HTTPS certificate: "cluster" (issued here), "files", "off"
+//! tls_names = []                    # extra names/addresses of the cluster-issued certificate
+//! tls_cert_file = "/etc/mcpd/https.pem"   # with tls = "files"; re-read when it changes
+//! tls_key_file = "/etc/mcpd/https.key"
+//! header_read_timeout_ms = 10000    # headers (and the TLS handshake) within this, or closed
+//! max_connections = 4096            # open connections; more are closed at once
+//!
+//! [tls]
+//! dir = "/var/lib/mcpd/tls"         # ca.pem, ca.key, node.pem, node.key (default <data_dir>/tls)
+//! node_cert_ttl_hours = 720         # the peer certificate's life; renewed with a third left
 //!
 //! [log]
 //! format = "text"                   # or "json"
@@ -45,6 +55,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+use crate::tls::edge::EdgeTlsMode;
 
 /// A configuration error that names the field (and file) at fault.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +111,8 @@ pub struct Config {
     pub route: RouteConfig,
     #[serde(default)]
     pub runtime: RuntimeConfig,
+    #[serde(default)]
+    pub tls: crate::tls::TlsConfig,
 }
 
 /// `[runtime]`: the threads `mcpd` runs on.
@@ -189,6 +203,21 @@ pub struct ApiConfig {
     /// before letting its thread sleep, in µs (0: never). One connection per node at a time;
     /// see `api::listener`.
     pub next_request_spin_us: u64,
+    /// Where the HTTPS certificate comes from (`crate::tls::edge`): `cluster`, `files` or
+    /// `off` (plain HTTP behind a TLS-terminating load balancer only).
+    pub tls: EdgeTlsMode,
+    /// Names and addresses the cluster-issued certificate carries besides `localhost`,
+    /// loopback and the node's own host (a VIP, a load balancer's name).
+    pub tls_names: Vec<String>,
+    /// With `tls = "files"`: the certificate chain (PEM, leaf first), re-read when it changes.
+    pub tls_cert_file: Option<PathBuf>,
+    /// With `tls = "files"`: its private key (PEM).
+    pub tls_key_file: Option<PathBuf>,
+    /// A client must send a request's headers (and its TLS handshake) within this time; a
+    /// kept-alive connection that sends no next request within it is closed.
+    pub header_read_timeout_ms: u64,
+    /// Open connections the node serves at once; more are closed at once, not queued.
+    pub max_connections: usize,
 }
 
 impl Default for ApiConfig {
@@ -197,6 +226,12 @@ impl Default for ApiConfig {
             quorum_wait_ms: 5000,
             max_body_bytes: 1 << 20,
             next_request_spin_us: 100,
+            tls: EdgeTlsMode::Cluster,
+            tls_names: Vec::new(),
+            tls_cert_file: None,
+            tls_key_file: None,
+            header_read_timeout_ms: 10_000,
+            max_connections: 4096,
         }
     }
 }
@@ -249,6 +284,14 @@ impl Config {
         self.advertise_http
             .clone()
             .unwrap_or_else(|| self.http_addr.to_string())
+    }
+
+    /// The node's TLS directory (`[tls] dir`, default `<data_dir>/tls`).
+    pub fn tls_dir(&self) -> PathBuf {
+        self.tls
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("tls"))
     }
 
     /// What peers dial for gRPC.
@@ -347,6 +390,37 @@ impl Config {
                 "pool.answer_spin_us",
                 "must be at most 10000 (10 ms); polling longer only burns CPU",
             ));
+        }
+        match (
+            self.api.tls,
+            &self.api.tls_cert_file,
+            &self.api.tls_key_file,
+        ) {
+            (EdgeTlsMode::Files, None, _) => {
+                return Err(invalid(
+                    "api.tls_cert_file",
+                    "is required with api.tls = \"files\"",
+                ))
+            }
+            (EdgeTlsMode::Files, _, None) => {
+                return Err(invalid(
+                    "api.tls_key_file",
+                    "is required with api.tls = \"files\"",
+                ))
+            }
+            _ => {}
+        }
+        if self.api.header_read_timeout_ms == 0 {
+            return Err(invalid(
+                "api.header_read_timeout_ms",
+                "must be greater than 0",
+            ));
+        }
+        if self.api.max_connections == 0 {
+            return Err(invalid("api.max_connections", "must be greater than 0"));
+        }
+        if self.tls.node_cert_ttl_hours == 0 {
+            return Err(invalid("tls.node_cert_ttl_hours", "must be greater than 0"));
         }
         if self.mcp.session_idle_timeout_ms == 0 {
             return Err(invalid(

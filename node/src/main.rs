@@ -58,10 +58,33 @@ struct Args {
     /// How long a node may be unreachable before its servers are placed elsewhere (ms).
     #[arg(long)]
     placement_grace_ms: Option<u64>,
+    /// The TLS directory (cluster CA, this node's certificate); default `<data_dir>/tls`.
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// HTTPS certificate of the admin API and MCP: issued from the cluster CA, the operator's
+    /// files (`api.tls_cert_file`), or off (plain HTTP behind a TLS-terminating balancer).
+    #[arg(long, value_enum)]
+    api_tls: Option<mcpd::tls::edge::EdgeTlsMode>,
 }
 
 #[derive(Debug, Subcommand)]
 enum Sub {
+    /// Every admin token lost: issue a new one through this host's node. Run on a node's
+    /// host, as the user that owns its data directory; the node must be running and the
+    /// cluster have quorum. Writes a one-time code into the data directory and redeems it at
+    /// the node over its own HTTPS; prints the new admin token. The recovery is logged and
+    /// recorded in the replicated state.
+    RecoverAdmin {
+        /// The node's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The node's TLS directory, for its CA (default `<data_dir>/tls`).
+        #[arg(long)]
+        tls_dir: Option<PathBuf>,
+        /// How long the code stays valid (seconds).
+        #[arg(long, default_value_t = 300)]
+        ttl_seconds: u64,
+    },
     /// Run a demo MCP server on stdin/stdout (newline-delimited JSON-RPC; logs on stderr), for
     /// the dev cluster, tests, benchmarks and chaos runs. `MCPD_DEMO_LEDGER` names the file its
     /// `counter_increment` tool appends to.
@@ -92,6 +115,10 @@ impl Args {
         set!(self.pool_queue_size => pool.queue_size);
         set!(self.pool_max_concurrency => pool.max_concurrency_per_process);
         set!(self.placement_grace_ms => route.placement_grace_ms);
+        set!(self.api_tls => api.tls);
+        if self.tls_dir.is_some() {
+            cfg.tls.dir = self.tls_dir;
+        }
         if self.advertise_http.is_some() {
             cfg.advertise_http = self.advertise_http;
         }
@@ -141,15 +168,56 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// `mcpd recover-admin`: see `mcpd::recovery`.
+async fn recover_admin(
+    data_dir: PathBuf,
+    tls_dir: Option<PathBuf>,
+    ttl_seconds: u64,
+) -> anyhow::Result<()> {
+    let endpoints_path = data_dir.join("endpoints.json");
+    let endpoints: mcpd::app::Endpoints =
+        serde_json::from_slice(&std::fs::read(&endpoints_path).with_context(|| {
+            format!(
+                "reading {} (is this a node's data directory?)",
+                endpoints_path.display()
+            )
+        })?)
+        .with_context(|| format!("parsing {}", endpoints_path.display()))?;
+    let ca = tls_dir
+        .unwrap_or_else(|| data_dir.join("tls"))
+        .join(mcpcp_pki::ca::CA_CERT);
+    let code = mcpd::recovery::begin(&data_dir, std::time::Duration::from_secs(ttl_seconds))?;
+    let recovered = mcpd::recovery::send(&endpoints.http_addr, &ca, &code).await?;
+    eprintln!(
+        "admin access recovered through node {}: new admin token {} (shown once):",
+        endpoints.id, recovered.token_id
+    );
+    println!("{}", recovered.admin_token);
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
-    if let Some(Sub::DemoServer) = args.cmd.take() {
-        return runtime
-            .build()
-            .context("starting the async runtime")?
-            .block_on(mcpd::demo::run());
+    match args.cmd.take() {
+        Some(Sub::DemoServer) => {
+            return runtime
+                .build()
+                .context("starting the async runtime")?
+                .block_on(mcpd::demo::run());
+        }
+        Some(Sub::RecoverAdmin {
+            data_dir,
+            tls_dir,
+            ttl_seconds,
+        }) => {
+            return runtime
+                .build()
+                .context("starting the async runtime")?
+                .block_on(recover_admin(data_dir, tls_dir, ttl_seconds));
+        }
+        None => {}
     }
     let cfg = args.into_config()?;
     if cfg.runtime.worker_threads > 0 {

@@ -290,6 +290,8 @@ pub enum Role {
     Admin,
     /// MCP traffic of one tenant: global servers and the tenant's own.
     Tenant,
+    /// Reads `/metrics` and nothing else (for Prometheus).
+    Metrics,
 }
 
 /// `POST /v1/tokens`.

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -198,19 +199,30 @@ def wait_until(what, fn, deadline_s, every=0.2):
 
 # --------------------------------------------------------------------------------------- HTTP
 
-def http(method, url, body=None, headers=None, timeout=10):
-    """Returns (status, headers dict with lower-case names, body bytes)."""
+_tls = {"context": None}
+
+
+def trust(ca_file):
+    """From now on, https:// URLs are verified against `ca_file` (a cluster's ca.pem),
+    host names and addresses included."""
+    _tls["context"] = ssl.create_default_context(cafile=ca_file)
+
+
+def http(method, url, body=None, headers=None, timeout=10, context=None):
+    """Returns (status, headers dict with lower-case names, body bytes). https:// URLs are
+    verified with `context`, else the CA given to `trust`, else the system's roots."""
     data = body if isinstance(body, (bytes, type(None))) else body.encode()
     req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    ctx = (context or _tls["context"]) if url.startswith("https:") else None
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout, context=ctx) as r:
             return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
     except urllib.error.HTTPError as e:
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
 
 
-def get_json(url, timeout=10):
-    status, _, body = http("GET", url, timeout=timeout)
+def get_json(url, timeout=10, headers=None):
+    status, _, body = http("GET", url, headers=headers, timeout=timeout)
     return status, (json.loads(body) if body else None)
 
 
@@ -294,6 +306,7 @@ def split_token(token):
 
 
 def read_env_file(path):
+    """The `export NAME='value'` lines of a `mcpctl dev up` env file."""
     env = {}
     with open(path) as f:
         for line in f:
@@ -301,6 +314,64 @@ def read_env_file(path):
             if m:
                 env[m.group(1)] = m.group(2)
     return env
+
+
+def sourced_env(path):
+    """The environment a shell has after `. path` (PATH changes included), as a dict."""
+    r = subprocess.run(["sh", "-c", '. "$1" && env -0', "sh", path], capture_output=True, timeout=10,
+                       env=dict(os.environ))
+    if r.returncode != 0:
+        raise RuntimeError(f". {path}: exit {r.returncode}: {r.stderr.decode(errors='replace')[-300:]}")
+    return dict(kv.split("=", 1) for kv in r.stdout.decode().split("\0") if "=" in kv)
+
+
+def make_ca(directory, cluster_id):
+    """`mcpctl cluster ca create`: directory/ca.pem and directory/ca.key (0600)."""
+    r = run([binary("mcpctl"), "cluster", "ca", "create", "--dir", directory, "--cluster-id", cluster_id], timeout=30)
+    if r.returncode != 0:
+        raise RuntimeError(f"mcpctl cluster ca create: exit {r.returncode}: {(r.stdout + r.stderr).strip()[-500:]}")
+    for f in ("ca.pem", "ca.key"):
+        if not os.path.isfile(os.path.join(directory, f)):
+            raise RuntimeError(f"mcpctl cluster ca create wrote no {f} in {directory}")
+    return os.path.join(directory, "ca.pem"), os.path.join(directory, "ca.key")
+
+
+def loose_modes(root):
+    """Entries under a node's data dir that others could read: directories not 0700, files
+    not 0600. A certificate (*.pem) is public and may be 0644; its key may not."""
+    bad = []
+    for dirpath, _dirs, files in os.walk(root):
+        entries = [(dirpath, (0o700,))] + [(os.path.join(dirpath, f), (0o600, 0o644) if f.endswith(".pem") else (0o600,))
+                                         for f in files]
+        for path, allowed in entries:
+            st = os.lstat(path)
+            if not os.path.islink(path) and st.st_mode & 0o777 not in allowed:
+                bad.append(f"{os.path.relpath(path, root)} {oct(st.st_mode & 0o777)}")
+    return bad
+
+
+def openssl_cert(d, name, sans, cn="deploy-check"):
+    """A self-signed certificate (which is also its own CA) and its key: (cert path, key path)."""
+    crt, key = os.path.join(d, f"{name}.pem"), os.path.join(d, f"{name}.key")
+    run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-keyout", key, "-out", crt, "-days", "2", "-subj", f"/CN={cn}", "-addext", f"subjectAltName={sans}"],
+        check=True)
+    return crt, key
+
+
+def install_ca(ca_dir, tls_dir):
+    """Puts the cluster CA into a node's TLS directory as an operator does before its first
+    start: the directory and the data directory holding it 0700, ca.pem and ca.key 0600."""
+    data = os.path.dirname(os.path.abspath(tls_dir))
+    os.makedirs(data, mode=0o700, exist_ok=True)
+    os.chmod(data, 0o700)
+    os.makedirs(tls_dir, mode=0o700, exist_ok=True)
+    os.chmod(tls_dir, 0o700)
+    for f in ("ca.pem", "ca.key"):
+        dst = os.path.join(tls_dir, f)
+        with open(os.path.join(ca_dir, f), "rb") as src, open(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+            out.write(src.read())
+        os.chmod(dst, 0o600)
 
 
 # ------------------------------------------------------------------------------------- PromQL

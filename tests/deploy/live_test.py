@@ -1,9 +1,14 @@
 #!/usr/bin/env python3
 """Live test of the monitoring deliverables against a real 3-node dev cluster.
 
-1. `mcpctl dev up` (JSON logs), a real Prometheus on 127.0.0.1 scraping the nodes every
-   second with deploy/prometheus/alerts.yml loaded (its config is derived from
-   deploy/prometheus/prometheus.yml: only targets, intervals and the rule path change).
+1. `mcpctl dev up` (JSON logs, HTTPS), a metrics token made with `mcpctl token create --role
+   metrics --name prometheus` in the environment of the dev directory's env file, and a real
+   Prometheus on 127.0.0.1 scraping the nodes over HTTPS every second, verified with the dev
+   cluster's ca.pem and with that token, with deploy/prometheus/alerts.yml loaded (its config
+   is derived from deploy/prometheus/prometheus.yml: only targets, intervals, the rule path
+   and the paths of its CA and token files change). The HTTPS edge itself: probes without a
+   token, /metrics only to admin and metrics tokens, a metrics token that cannot write, no
+   plain HTTP, and the env file's PATH finding mcpctl.
 2. Load: admin writes through every node with mcpctl, MCP sessions and calls on every node
    (echo, a tool error, a crash, a cancelled call, a burst that overflows the queue, a
    malformed body, a bad token), a server that crash-loops.
@@ -33,8 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     ABSENT_BY_DESIGN, DEPLOY, PLANNED, Procs, Prom, Results, base_metric, binary, children_of,
     cmdline, dashboard_queries, exited, free_port, get_json, grafana_subst, http,
-    install_signal_cleanup, kill_pid, log, McpSession, pid_alive, read_env_file, run, selectors,
-    split_token, wait_until,
+    install_signal_cleanup, kill_pid, log, loose_modes, McpSession, pid_alive, read_env_file, run, selectors,
+    sourced_env, split_token, trust, wait_until,
 )
 
 R = Results()
@@ -43,7 +48,9 @@ state = {"dir": None, "keep": os.environ.get("DEPLOY_TEST_KEEP") == "1", "childr
 
 
 def mcpctl(*args, endpoints=None, token=None, timeout=30):
-    env = dict(os.environ)
+    """mcpctl in the environment `. DIR/env` gives (endpoints, admin token, CA file), with the
+    endpoints or the token replaced when given."""
+    env = dict(state["env"])
     env["MCPCTL_ENDPOINTS"] = ",".join(endpoints or state["endpoints"])
     env["MCPCTL_TOKEN"] = token or state["admin"]
     return run([binary("mcpctl"), *args], timeout=timeout, env=env)
@@ -90,6 +97,10 @@ def remember_children():
             pass
 
 
+def admin_headers():
+    return {"Authorization": f"Bearer {state['admin']}"}
+
+
 def leader_id(endpoints):
     for e in endpoints:
         try:
@@ -113,13 +124,85 @@ def start_cluster():
     r = run(args, timeout=90)
     if r.returncode != 0:
         raise RuntimeError(f"dev up failed: {r.stderr.strip()[-800:]}")
-    env = read_env_file(os.path.join(d, "env"))
+    env_file = os.path.join(d, "env")
+    env = read_env_file(env_file)
+    state["env"] = sourced_env(env_file)
     state["endpoints"] = env["MCPCTL_ENDPOINTS"].split(",")
     state["admin"] = env["MCPCTL_TOKEN"]
     state["tenant"] = env["MCP_BRIDGE_TOKEN"]
     state["tokens"] = [env["MCPCTL_TOKEN"], env["MCP_BRIDGE_TOKEN"]]
-    state["addr"] = {n: state["endpoints"][n - 1].removeprefix("http://") for n in range(1, 4)}
+    problems = []
+    if not all(e.startswith("https://") for e in state["endpoints"]):
+        problems.append(f"MCPCTL_ENDPOINTS are not https:// URLs: {env['MCPCTL_ENDPOINTS']}")
+    bridge_urls = env.get("MCP_BRIDGE_URL", "").split(",")
+    if not all(u.startswith("https://") for u in bridge_urls):
+        problems.append(f"MCP_BRIDGE_URL is not https://: {env.get('MCP_BRIDGE_URL')}")
+    ca = os.path.join(d, "ca.pem")
+    for var in ("MCPCTL_CACERT", "MCP_BRIDGE_CACERT"):
+        v = env.get(var)
+        if not v or not os.path.exists(v) or not os.path.exists(ca) or not os.path.samefile(v, ca):
+            problems.append(f"{var}={v!r} is not {ca}")
+    found = shutil.which("mcpctl", path=state["env"].get("PATH", ""))
+    if not found or not os.path.samefile(os.path.dirname(found), os.path.dirname(binary("mcpctl"))):
+        problems.append(f"after `. {env_file}`, mcpctl is {found!r}, not the one in {os.path.dirname(binary('mcpctl'))}")
+    R.check("dev up: DIR/ca.pem, and DIR/env gives https:// endpoints and bridge URLs, MCPCTL_CACERT, "
+            "MCP_BRIDGE_CACERT, and mcpctl on PATH", not problems, "; ".join(problems))
+    if not os.path.isfile(ca):
+        raise RuntimeError(f"dev up wrote no {ca}")
+    state["ca"] = ca
+    trust(ca)
+    state["addr"] = {n: state["endpoints"][n - 1].split("://", 1)[1] for n in range(1, 4)}
     log(f"dev cluster up in {d}: {', '.join(state['endpoints'])}")
+
+
+def metrics_token():
+    """The token Prometheus scrapes with, made as deploy/README.md says, in the environment of
+    the dev directory's env file (`. DIR/env && mcpctl token create --role metrics ...`)."""
+    env_file = os.path.join(state["dir"], "env")
+    r = run(["sh", "-c", '. "$1" && exec "$2" token create --role metrics --name prometheus', "sh",
+             env_file, binary("mcpctl")], timeout=30)
+    if r.returncode != 0 or not r.stdout.strip():
+        raise RuntimeError(f"mcpctl token create --role metrics: exit {r.returncode}: {r.stderr.strip()[-300:]}")
+    token = r.stdout.strip().splitlines()[-1].strip()
+    state["metrics"] = token
+    state["tokens"].append(token)
+    path = os.path.join(state["dir"], "prometheus-metrics-token")
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(token + "\n")
+    return path
+
+
+def check_edge():
+    """What the HTTPS edge promises an operator, on every node."""
+    problems = []
+    auth = lambda t: {"Authorization": f"Bearer {t}"}  # noqa: E731
+    for n, base in enumerate(state["endpoints"], 1):
+        for path in ("/livez", "/readyz"):
+            st, _, body = http("GET", f"{base}{path}", timeout=5)
+            if st != 200:
+                problems.append(f"node {n} {path} without a token: {st}")
+        st, _, body = http("GET", f"{base}/readyz", timeout=5)
+        mode = json.loads(body or b"{}").get("tls")
+        if mode != "cluster":
+            problems.append(f"node {n} /readyz says tls={mode!r}, not 'cluster'")
+        for who, headers, want in (("no token", {}, (401,)), ("a tenant token", auth(state["tenant"]), (401, 403)),
+                                   ("the metrics token", auth(state["metrics"]), (200,)),
+                                   ("the admin token", auth(state["admin"]), (200,))):
+            st, _, _ = http("GET", f"{base}/metrics", headers=headers, timeout=5)
+            if st not in want:
+                problems.append(f"node {n} /metrics with {who}: {st}, want {'/'.join(map(str, want))}")
+        try:
+            st, _, _ = http("GET", base.replace("https://", "http://", 1) + "/livez", timeout=5)
+            if st == 200:
+                problems.append(f"node {n} answers plain http://")
+        except Exception:  # noqa: BLE001 - refused, reset or garbled: no plain HTTP, as wanted
+            pass
+    r = mcpctl("tenant", "add", "written-by-metrics", token=state["metrics"])
+    if r.returncode == 0:
+        problems.append("the metrics token could write (tenant add succeeded)")
+    R.check("edge: probes without a token, /metrics to admin and metrics tokens only, "
+            "a metrics token cannot write, no plain HTTP, /readyz says tls=cluster", not problems,
+            "; ".join(problems[:6]))
 
 
 def start_prometheus():
@@ -132,8 +215,22 @@ def start_prometheus():
     jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
     if "mcpd" not in jobs:
         raise RuntimeError("deploy/prometheus/prometheus.yml has no job_name: mcpd")
-    jobs["mcpd"].pop("file_sd_configs", None)
-    jobs["mcpd"]["static_configs"] = [{"targets": list(state["addr"].values())}]
+    mcpd = jobs["mcpd"]
+    mcpd.pop("file_sd_configs", None)
+    mcpd["static_configs"] = [{"targets": list(state["addr"].values())}]
+    # The scrape as deploy/prometheus/prometheus.yml has it (HTTPS, verified, with a token
+    # file); only where its CA and token files are changes.
+    problems = []
+    if mcpd.get("scheme") != "https":
+        problems.append(f"scheme {mcpd.get('scheme')!r}")
+    if not (mcpd.get("tls_config") or {}).get("ca_file"):
+        problems.append("no tls_config.ca_file")
+    if not (mcpd.get("authorization") or {}).get("credentials_file"):
+        problems.append("no authorization.credentials_file")
+    if problems:
+        raise RuntimeError("deploy/prometheus/prometheus.yml does not scrape as mcpd needs: " + ", ".join(problems))
+    mcpd["tls_config"]["ca_file"] = state["ca"]
+    mcpd["authorization"]["credentials_file"] = metrics_token()
     if "prometheus" in jobs:
         jobs["prometheus"]["static_configs"] = [{"targets": [f"127.0.0.1:{port}"]}]
     path = os.path.join(d, "prometheus.yml")
@@ -149,9 +246,14 @@ def start_prometheus():
     ], stdout=logf, stderr=logf)
     prom = Prom(f"http://127.0.0.1:{port}")
     wait_until("Prometheus ready", lambda: http("GET", f"{prom.base}/-/ready", timeout=2)[0] == 200, 30)
-    wait_until("all three nodes scraped", lambda: sum(
-        1 for t in prom.targets() if t["labels"]["job"] == "mcpd" and t["health"] == "up") == 3, 30)
-    log(f"prometheus on 127.0.0.1:{port}, 3 targets up")
+    try:
+        wait_until("all three nodes scraped", lambda: sum(
+            1 for t in prom.targets() if t["labels"]["job"] == "mcpd" and t["health"] == "up") == 3, 30)
+    except TimeoutError as e:
+        errors = sorted({f"{t['scrapeUrl']}: {t.get('lastError')}" for t in prom.targets() if t["health"] != "up"})
+        raise RuntimeError(f"{e}: {'; '.join(errors)[:600]}") from None
+    R.ok("prometheus: scrapes every node over https with the dev cluster's ca.pem and a metrics token",
+         f"127.0.0.1:{port}, 3 targets up")
     return prom
 
 
@@ -234,7 +336,7 @@ def alert_state(prom, name, **labels):
 
 def calls_in_flight(base, server):
     """mcpd_pool_calls_in_flight of `server` on the node at `base`."""
-    _, _, body = http("GET", f"{base}/metrics")
+    _, _, body = http("GET", f"{base}/metrics", headers=admin_headers())
     needle = f'mcpd_pool_calls_in_flight{{server="{server}"}} '
     return sum(float(line[len(needle):]) for line in body.decode().splitlines() if line.startswith(needle))
 
@@ -356,6 +458,15 @@ def check_logs():
             f"{len(needles)} secrets searched")
 
 
+def check_modes():
+    """The nodes' data directories, which dev up created and the nodes filled: 0700, files 0600."""
+    bad = []
+    for n in range(1, 4):
+        data = os.path.join(state["dir"], f"node{n}", "data")
+        bad += [f"node{n}/data/{b}" for b in loose_modes(data)]
+    R.check("data dirs: 0700, files 0600 (certificates may be 0644) on every node", not bad, "; ".join(bad[:8]))
+
+
 def main():
     for b in ("mcpd", "mcpctl"):
         if not os.access(binary(b), os.X_OK):
@@ -369,6 +480,7 @@ def main():
     try:
         start_cluster()
         prom = start_prometheus()
+        check_edge()
         by_node = {n: state["endpoints"][n - 1] for n in range(1, 4)}
 
         # A server that crash-loops, and a token created through the CLI.
@@ -448,6 +560,7 @@ def main():
         procs.kill_all()
         run([binary("mcpctl"), "dev", "down", "--dir", state["dir"]], timeout=30)
         check_logs()
+        check_modes()
         log(f"live test took {time.monotonic() - started:.0f}s")
     except Exception as e:  # noqa: BLE001
         R.fail("live", f"{type(e).__name__}: {e}")

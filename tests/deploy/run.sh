@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The deploy tests: checks of deploy/ (promtool, the dashboard, systemd, compose, Dockerfile,
-# keepalived, haproxy), a live test against a 3-node dev cluster with a real Prometheus, and
-# a VIP failover test in network namespaces. Each check prints PASS/FAIL/SKIP; the last line
+# keepalived, haproxy), the example mcpd.toml against mcpd in each HTTPS mode, a live test
+# against a 3-node dev cluster with a real Prometheus scraping over HTTPS, and a VIP failover
+# test in network namespaces. Each check prints PASS/FAIL/SKIP; the last line
 # is `N passed, M failed` (`, K skipped` when some were skipped). Exits non-zero on a failure.
 #
 #   tests/deploy/run.sh                 # needs target/debug/{mcpd,mcpctl,mcp-bridge}
@@ -17,7 +18,7 @@ export PYTHONDONTWRITEBYTECODE=1
 # Tools from Debian's packages: install what is missing (root on Debian only).
 declare -A pkg_of=(
   [promtool]=prometheus [prometheus]=prometheus [keepalived]=keepalived [haproxy]=haproxy
-  [docker-compose]=docker-compose [curl]=curl [ip]=iproute2 [systemd-analyze]=systemd
+  [docker-compose]=docker-compose [curl]=curl [ip]=iproute2 [systemd-analyze]=systemd [openssl]=openssl
 )
 missing=()
 for tool in "${!pkg_of[@]}"; do
@@ -41,7 +42,7 @@ fi
 passed=0 failed=0 skipped=0
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
-for t in static_checks live_test vip_test; do
+for t in static_checks config_test live_test vip_test; do
   printf -- '-- %s\n' "$t"
   start=$SECONDS
   "$py" "tests/deploy/$t.py" 2>&1 | tee "$out"

@@ -4,9 +4,14 @@
 promtool (config, rules, rule unit tests), the alert rules' conventions, METRICS.md against
 the metric names in node/src and in the dashboard/alerts, the Grafana dashboard's structure
 and provisioning, the systemd unit (systemd-analyze verify and offline security score), the
-example mcpd.toml against node/src/config.rs (and mcpd starting with it), the compose file
-(docker-compose config), the Dockerfile (a syntax and consistency lint: no Docker engine
-here), keepalived (-t) and HAProxy (-c).
+compose file (docker-compose config), the Dockerfile (a syntax and consistency lint: no Docker
+engine here), keepalived (-t), the keepalived check script against a local HTTPS server, and
+HAProxy (-c, both the passthrough file and the re-encryption it documents). The example
+mcpd.toml is config_test.py's.
+
+TLS everywhere: the Prometheus scrape is HTTPS with a CA file and a token file, the example
+config documents every TLS key, every probe and client in deploy/ speaks https:// with the
+cluster CA, and nothing turns certificate verification off.
 """
 
 import glob
@@ -14,19 +19,21 @@ import json
 import os
 import re
 import shutil
-import signal
+import ssl
 import subprocess
 import sys
 import tempfile
-import time
+import threading
 import tomllib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import yaml
 
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    DEPLOY, PLANNED, ROOT, Results, base_metric, binary, dashboard_queries, grafana_subst, run, selectors,
+    DEPLOY, PLANNED, ROOT, Results, base_metric, binary, dashboard_queries, grafana_subst, openssl_cert, run,
+    selectors,
 )
 
 R = Results()
@@ -49,26 +56,80 @@ def cmd_check(name, argv, cwd=None, timeout=120):
 
 # ------------------------------------------------------------------------------- prometheus
 
+def mcpd_job(cfg):
+    return next((j for j in cfg.get("scrape_configs", []) if j.get("job_name") == "mcpd"), None)
+
+
+def prometheus_scrape_tls(cfg):
+    """Problems with how the mcpd job reaches the nodes: HTTPS verified with a CA file, a
+    bearer token read from a file."""
+    job = mcpd_job(cfg)
+    if job is None:
+        return ["no job_name: mcpd"]
+    problems = []
+    if job.get("scheme") != "https":
+        problems.append(f"scheme is {job.get('scheme', 'http')!r}, not https")
+    tls = job.get("tls_config") or {}
+    if not tls.get("ca_file"):
+        problems.append("no tls_config.ca_file (the cluster CA)")
+    if tls.get("insecure_skip_verify"):
+        problems.append("tls_config.insecure_skip_verify turns verification off")
+    auth = job.get("authorization") or {}
+    if auth.get("type", "Bearer") != "Bearer" or not auth.get("credentials_file"):
+        problems.append("no authorization {type: Bearer, credentials_file: ...} (a metrics token)")
+    for inline in ("credentials",):
+        if auth.get(inline):
+            problems.append(f"authorization.{inline} puts the token in the config; use credentials_file")
+    for old in ("bearer_token", "bearer_token_file", "basic_auth"):
+        if old in job:
+            problems.append(f"{old}: use authorization.credentials_file")
+    return problems
+
+
+def prometheus_dir_with_secrets(d, cfg):
+    """Writes cfg as d/prometheus.yml with the files its mcpd job names present (a placeholder
+    token and CA), so that a full `promtool check config` can run."""
+    job = mcpd_job(cfg) or {}
+    for path in ((job.get("tls_config") or {}).get("ca_file"), (job.get("authorization") or {}).get("credentials_file")):
+        if path:
+            full = path if os.path.isabs(path) else os.path.join(d, path)
+            if not os.path.isabs(path):
+                os.makedirs(os.path.dirname(full), exist_ok=True)
+                with open(full, "w") as f:
+                    f.write("placeholder\n")
+    out = os.path.join(d, "prometheus.yml")
+    with open(out, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return out
+
+
 def prometheus():
     if not shutil.which("promtool"):
         R.fail("promtool", "not installed (Debian package prometheus): the rules cannot be checked")
         return
-    cmd_check("promtool check config deploy/prometheus/prometheus.yml", ["promtool", "check", "config", "prometheus.yml"], cwd=PROM)
-    # The file_sd alternative the comments describe, with the example targets file.
+    cmd_check("promtool check config --syntax-only deploy/prometheus/prometheus.yml",
+              ["promtool", "check", "config", "--syntax-only", "prometheus.yml"], cwd=PROM)
     with open(os.path.join(PROM, "prometheus.yml")) as f:
         cfg = yaml.safe_load(f)
-    for job in cfg["scrape_configs"]:
-        if job["job_name"] == "mcpd":
+    problems = prometheus_scrape_tls(cfg)
+    R.check("prometheus.yml: job mcpd scrapes https with tls_config.ca_file and a Bearer credentials_file",
+            not problems, "; ".join(problems))
+    cfg["rule_files"] = [os.path.join(PROM, "alerts.yml")]
+    with tempfile.TemporaryDirectory() as d:
+        path = prometheus_dir_with_secrets(d, cfg)
+        r = run(["promtool", "check", "config", path])
+        R.check("promtool check config (with the token and CA files it names in place)", r.returncode == 0,
+                (r.stdout + r.stderr).strip()[-500:])
+        # The file_sd alternative the comments describe, with the example targets file.
+        job = mcpd_job(cfg)
+        if job is not None:
             job.pop("static_configs", None)
             job["file_sd_configs"] = [{"files": [os.path.join(PROM, "targets", "mcpd*.json")]}]
-    cfg["rule_files"] = [os.path.join(PROM, "alerts.yml")]
-    with open(os.path.join(PROM, "targets", "mcpd.json")) as f:
-        sd = json.load(f)
-    sd_ok = isinstance(sd, list) and all(isinstance(g.get("targets"), list) for g in sd)
-    with tempfile.NamedTemporaryFile("w", suffix=".yml") as tmp:
-        yaml.safe_dump(cfg, tmp)
-        tmp.flush()
-        r = run(["promtool", "check", "config", tmp.name])
+        with open(os.path.join(PROM, "targets", "mcpd.json")) as f:
+            sd = json.load(f)
+        sd_ok = isinstance(sd, list) and all(isinstance(g.get("targets"), list) for g in sd)
+        path = prometheus_dir_with_secrets(d, cfg)
+        r = run(["promtool", "check", "config", path])
     R.check("promtool check config with file_sd (targets/mcpd.json)", r.returncode == 0 and sd_ok,
             (r.stdout + r.stderr).strip()[-500:] or "targets/mcpd.json is not a list of {targets: [...]}")
     cmd_check("promtool check rules deploy/prometheus/alerts.yml", ["promtool", "check", "rules", "alerts.yml"], cwd=PROM)
@@ -246,10 +307,19 @@ def systemd():
     for needed in ("ProtectSystem=strict", "NoNewPrivileges=yes", "StateDirectory=", "KillMode=mixed"):
         if needed not in unit:
             problems.append(f"missing {needed}")
+    # The TLS directory (ca.key, node.key) readable by the service user only.
+    state_dirs = " ".join(re.findall(r"^StateDirectory=(.*)$", unit, flags=re.M)).split()
+    if "mcpd/tls" not in state_dirs:
+        problems.append(f"StateDirectory= does not create mcpd/tls (the TLS directory): {state_dirs}")
+    if not re.search(r"^StateDirectoryMode=0?700$", unit, flags=re.M):
+        problems.append("StateDirectoryMode=0700 missing: the TLS directory holds the CA key")
+    if not re.search(r"^UMask=0?077$", unit, flags=re.M):
+        problems.append("UMask=0077 missing: keys and data files must be 0600")
     for forbidden in (r"^MemoryDenyWriteExecute=yes", r"^SystemCallFilter=~.*@process", r"^RestrictNamespaces=yes"):
         if re.search(forbidden, unit, flags=re.M):
             problems.append(f"{forbidden[1:]} would break the MCP server processes mcpd spawns")
-    R.check("systemd: hardening present, fork/exec of MCP servers allowed", not problems, "; ".join(problems))
+    R.check("systemd: hardening present, TLS dir 0700 for the service user, fork/exec of MCP servers allowed",
+            not problems, "; ".join(problems))
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "mcpd.service")
         with open(path, "w") as f:
@@ -260,90 +330,6 @@ def systemd():
         last = [line for line in (r.stdout + r.stderr).splitlines() if "exposure level" in line]
         R.check("systemd-analyze security --offline: exposure at most 3", r.returncode == 0,
                 (last or [r.stderr.strip()])[-1], (last or [""])[-1].replace("→ ", "").strip())
-
-
-def config_structs():
-    """Every `pub struct XxxConfig { pub field: Type, ... }` in node/src: name -> [(field, type)]."""
-    out = {}
-    for path in glob.glob(os.path.join(ROOT, "node", "src", "**", "*.rs"), recursive=True):
-        with open(path) as f:
-            text = f.read()
-        for m in re.finditer(r"pub struct (\w*Config) \{(.*?)\n\}", text, flags=re.S):
-            out[m.group(1)] = re.findall(r"^\s*pub (\w+): ([\w:<>]+)", m.group(2), flags=re.M)
-    return out
-
-
-def config_keys(structs, name, prefix=""):
-    """Dotted keys of struct `name`, descending into fields whose type is another XxxConfig."""
-    keys = set()
-    for field, typ in structs[name]:
-        inner = typ.split("::")[-1]
-        if inner in structs:
-            keys |= config_keys(structs, inner, f"{prefix}{field}.")
-        else:
-            keys.add(prefix + field)
-    return keys
-
-
-def toml_keys(table, prefix=""):
-    keys = set()
-    for k, v in table.items():
-        if isinstance(v, dict):
-            keys |= toml_keys(v, f"{prefix}{k}.")
-        else:
-            keys.add(prefix + k)
-    return keys
-
-
-def toml_example():
-    path = os.path.join(DEPLOY, "systemd", "mcpd.toml.example")
-    with open(path, "rb") as f:
-        cfg = tomllib.load(f)
-    structs = config_structs()
-    problems = []
-    if "Config" not in structs:
-        problems.append("no pub struct Config in node/src")
-    else:
-        want, have = config_keys(structs, "Config"), toml_keys(cfg)
-        problems += [f"missing {k}" for k in sorted(want - have)] + [f"unknown {k}" for k in sorted(have - want)]
-    R.check("mcpd.toml.example has every key of mcpd's Config (node/src) and no other", not problems,
-            "; ".join(problems), f"{len(toml_keys(cfg))} keys")
-
-    mcpd = binary("mcpd")
-    if not os.access(mcpd, os.X_OK):
-        R.skip("mcpd starts with mcpd.toml.example", f"{mcpd} not built")
-        return
-    with tempfile.TemporaryDirectory() as d:
-        with open(path) as f:
-            text = f.read()
-        text = text.replace('"/var/lib/mcpd"', json.dumps(os.path.join(d, "data")))
-        text = re.sub(r'^(http_addr|grpc_addr) = "[^"]*"', r'\1 = "127.0.0.1:0"', text, flags=re.M)
-        conf = os.path.join(d, "mcpd.toml")
-        with open(conf, "w") as f:
-            f.write(text)
-        logf = open(os.path.join(d, "log"), "w")
-        p = subprocess.Popen([mcpd, "--config", conf], stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)
-        ok, why = False, ""
-        try:
-            end = time.monotonic() + 20
-            while time.monotonic() < end and p.poll() is None:
-                if os.path.exists(os.path.join(d, "data", "endpoints.json")):
-                    ok = True
-                    break
-                time.sleep(0.1)
-            if not ok:
-                why = f"exited {p.returncode}" if p.poll() is not None else "did not listen within 20s"
-            p.send_signal(signal.SIGTERM)
-            rc = p.wait(timeout=15)
-            if ok and rc != 0:
-                ok, why = False, f"exit status {rc} after SIGTERM"
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        if not ok:
-            why += ": " + open(os.path.join(d, "log"), errors="replace").read()[-600:]
-        R.check("mcpd starts with mcpd.toml.example and stops cleanly on SIGTERM", ok, why)
 
 
 # ----------------------------------------------------------------------------------- docker
@@ -481,19 +467,225 @@ def docker():
         elif f"{t}" not in json.dumps(services[host].get("command", [])):
             problems.append(f"prometheus.yml target {t} is not what {host} advertises")
     R.check("docker: compose.yml services, mounts, and prometheus targets consistent", not problems, "; ".join(problems))
+    compose_tls(services, prom, text)
     if shutil.which("docker-compose"):
         cmd_check("docker-compose config -q (compose file schema)", ["docker-compose", "-f", compose_path, "config", "-q"])
     else:
         R.skip("docker-compose config -q (compose file schema)", "docker-compose not installed")
 
 
+def compose_tls(services, prom, dockerfile):
+    """The compose cluster's TLS: a CA made once and installed in every node's TLS directory
+    before the nodes start, HTTPS health checks with that CA, mcpctl over HTTPS, and the
+    files Prometheus's scrape names mounted where it looks for them."""
+    problems = []
+    pki = services.get("mcpd-pki")
+    nodes = [f"mcpd-{n}" for n in (1, 2, 3)]
+    if pki is None:
+        problems.append("no service mcpd-pki (makes and installs the cluster CA before the nodes start)")
+    else:
+        script = json.dumps(pki.get("command", "")) + json.dumps(pki.get("entrypoint", ""))
+        if "cluster ca create" not in script:
+            problems.append("mcpd-pki does not run `mcpctl cluster ca create`")
+        mounted = {v.split(":")[0] for v in pki.get("volumes", [])}
+        for n in nodes:
+            if n not in mounted:
+                problems.append(f"mcpd-pki does not mount {n}'s volume")
+    for n in nodes:
+        s = services.get(n, {})
+        dep = (s.get("depends_on") or {})
+        if not isinstance(dep, dict) or (dep.get("mcpd-pki") or {}).get("condition") != "service_completed_successfully":
+            problems.append(f"{n} does not wait for mcpd-pki (depends_on condition service_completed_successfully)")
+        test = " ".join((s.get("healthcheck") or {}).get("test", []))
+        if "--cacert" not in test or "https://" not in test:
+            problems.append(f"{n}: healthcheck is not https with --cacert: {test!r}")
+    init = services.get("mcpd-init", {})
+    env = init.get("environment") or {}
+    init_text = json.dumps(init.get("command", "")) + json.dumps(env)
+    if "http://" in init_text or "https://" not in init_text:
+        problems.append("mcpd-init does not reach the nodes over https://")
+    if "MCPCTL_CACERT" not in init_text and "--cacert" not in init_text:
+        problems.append("mcpd-init gives mcpctl no CA (MCPCTL_CACERT or --cacert)")
+    if "--role metrics" not in init_text:
+        problems.append("mcpd-init makes no metrics token for Prometheus")
+    job = mcpd_job(prom) or {}
+    prom_svc = services.get("prometheus", {})
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in prom_svc.get("volumes", [])}
+    for what, rel in (("ca_file", (job.get("tls_config") or {}).get("ca_file")),
+                      ("credentials_file", (job.get("authorization") or {}).get("credentials_file"))):
+        if not rel:
+            continue
+        where = os.path.normpath(os.path.join("/etc/prometheus", rel))
+        vol = next((src for dst, src in mounts.items() if where.startswith(dst.rstrip("/") + "/")), None)
+        if vol is None:
+            problems.append(f"prometheus: nothing mounted where its {what} {where} is")
+        elif vol.startswith(".") and not os.path.exists(os.path.join(DEPLOY, "docker", vol, os.path.basename(where))):
+            problems.append(f"prometheus: {what} {where} comes from {vol}, which lacks it")
+        elif not vol.startswith(".") and not any(vol in [v.split(":")[0] for v in s.get("volumes", [])]
+                                                 for name, s in services.items() if name in ("mcpd-pki", "mcpd-init")):
+            problems.append(f"prometheus: volume {vol} ({what}) is not filled by mcpd-pki or mcpd-init")
+    hc = re.search(r"^HEALTHCHECK .*$\n?.*", dockerfile, flags=re.M)
+    if not hc or "--cacert" not in hc.group(0) or "https://" not in hc.group(0):
+        problems.append("Dockerfile HEALTHCHECK is not https with --cacert")
+    R.check("docker: cluster CA made once and installed before the nodes, https health checks with the CA, "
+            "mcpctl and Prometheus over https", not problems, "; ".join(problems))
+    if pki is not None:
+        compose_pki_script(pki)
+
+
+def compose_pki_script(pki):
+    """mcpd-pki's script, run twice here with its volumes as directories of a temporary one
+    (no Docker engine): a CA in every node's tls/ (0700, files 0600), the public ca.pem for
+    Prometheus, and a second run that changes nothing."""
+    name = "docker: mcpd-pki's script installs one CA in every node (0700/0600) and ca.pem for Prometheus, idempotently"
+    if not os.access(binary("mcpctl"), os.X_OK):
+        R.skip(name, f"{binary('mcpctl')} not built")
+        return
+    import grp
+    import pwd
+
+    me = f"{pwd.getpwuid(os.getuid()).pw_name}:{grp.getgrgid(os.getgid()).gr_name}"
+    with tempfile.TemporaryDirectory() as d:
+        script = pki["command"][0].replace("$$", "$").replace("mcpd:mcpd", me)
+        mounts = list(pki.get("tmpfs", [])) + [v.split(":")[1] for v in pki.get("volumes", [])]
+        for mount in mounts:
+            os.makedirs(d + mount.split(":")[0], exist_ok=True)
+        for top in {"/" + m.split(":")[0].split("/")[1] for m in mounts}:
+            script = re.sub(rf"(?<=[\s\"]){re.escape(top)}(?=[/\s\"]|$)", d + top, script, flags=re.M)
+        # Never let it touch the host's own /nodes, /pki ...: every path must be under d now.
+        stray = [p for p in re.findall(r"(?<=[\s\"])/[^\s\"]*", script) if not p.startswith(d + "/")]
+        if stray:
+            R.fail(name, f"the script names paths outside its volumes, not run: {sorted(set(stray))}")
+            return
+        bindir = os.path.join(d, "bin")
+        os.makedirs(bindir)
+        os.symlink(binary("mcpctl"), os.path.join(bindir, "mcpctl"))
+        env = {**os.environ, "PATH": f"{bindir}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+        problems, keys = [], []
+        for attempt in (1, 2):
+            r = run(["sh", "-c", script], env=env, timeout=60)
+            if r.returncode != 0:
+                problems.append(f"run {attempt}: exit {r.returncode}: {(r.stdout + r.stderr).strip()[-300:]}")
+                break
+            keys.append([open(f"{d}/nodes/{n}/tls/ca.key", "rb").read() for n in (1, 2, 3)])
+        if not problems:
+            if any(k != keys[0][0] for run_keys in keys for k in run_keys):
+                problems.append("the nodes do not all hold the same CA key, or the second run made another")
+            for n in (1, 2, 3):
+                for rel, want in (("", 0o700), ("/tls", 0o700), ("/tls/ca.key", 0o600), ("/tls/ca.pem", 0o600)):
+                    mode = os.stat(f"{d}/nodes/{n}{rel}").st_mode & 0o777
+                    if mode != want:
+                        problems.append(f"node {n}{rel or '/'}: {oct(mode)}, want {oct(want)}")
+            public = f"{d}/prometheus-mcpd/ca.pem"
+            if not os.path.exists(public) or os.stat(public).st_mode & 0o777 != 0o644:
+                problems.append("no ca.pem (0644) in the prometheus-mcpd volume")
+            leaked = [p for p in glob.glob(f"{d}/prometheus-mcpd/*") if p.endswith(".key")]
+            if leaked:
+                problems.append(f"a key in Prometheus's volume: {leaked}")
+        R.check(name, not problems, "; ".join(problems))
+
+
+UNVERIFIED = [
+    (r"\bhttp://[^\s\"']*:7[45]\d\d\b", "a plain http:// URL to an mcpd port"),
+    (r"(^|[\s\[,\"])(-k|--insecure)([\s\],\"]|$)", "curl without certificate verification"),
+    (r"insecure_skip_verify:\s*true", "Prometheus without certificate verification"),
+    (r"\bverify none\b", "HAProxy without certificate verification"),
+]
+
+
+def no_plaintext():
+    """Outside comments, no file in deploy/ speaks plain HTTP to a node or skips verification."""
+    found = []
+    for path in sorted(glob.glob(os.path.join(DEPLOY, "**", "*"), recursive=True)):
+        if os.path.isdir(path) or path.endswith((".md", ".json")):
+            continue
+        with open(path, errors="replace") as f:
+            for i, line in enumerate(f, 1):
+                code = line.split("#", 1)[0] if not line.lstrip().startswith("#") else ""
+                for pattern, what in UNVERIFIED:
+                    if re.search(pattern, code):
+                        found.append(f"{os.path.relpath(path, ROOT)}:{i}: {what}: {line.strip()[:100]}")
+    R.check("deploy/: no plain http:// to a node and no skipped certificate verification (outside comments)",
+            not found, "; ".join(found[:6]))
+
+
 # ------------------------------------------------------------------------ keepalived, haproxy
+
+class _Readyz(BaseHTTPRequestHandler):
+    """Answers GET /readyz with the server's `status`."""
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        self.send_response(self.server.status if self.path == "/readyz" else 404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *_args):
+        pass
+
+
+def check_script_contract(script, d):
+    """check_mcpd.sh against a local HTTPS /readyz: exit 0 on 200 with the right CA (given as
+    an argument or in $MCPD_CACERT), non-zero on 503, on a certificate from another CA and
+    when nothing listens. Problems found, as a list."""
+    crt, key = openssl_cert(d, "node", "IP:127.0.0.1,DNS:localhost")
+    other, _ = openssl_cert(d, "other", "IP:127.0.0.1", cn="another CA")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(crt, key)
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Readyz)
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    srv.status = 200
+    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th.start()
+    url = f"https://127.0.0.1:{srv.server_address[1]}/readyz"
+    env = {k: v for k, v in os.environ.items() if k != "MCPD_CACERT"}
+    problems = []
+
+    def expect(what, ok_wanted, argv, extra_env=None):
+        r = run(["sh", script, *argv], timeout=15, env={**env, **(extra_env or {})})
+        if (r.returncode == 0) != ok_wanted:
+            problems.append(f"{what}: exit {r.returncode} ({r.stderr.strip()[:120]})")
+
+    try:
+        expect("200 with the CA as argument", True, [url, crt])
+        expect("200 with the CA in MCPD_CACERT", True, [url], {"MCPD_CACERT": crt})
+        expect("200 but a certificate from another CA", False, [url, other])
+        srv.status = 503
+        expect("503 (not ready)", False, [url, crt])
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    expect("nothing listening", False, [url, crt])
+    return problems
+
 
 def keepalived_haproxy():
     kdir = os.path.join(DEPLOY, "keepalived")
     script = os.path.join(kdir, "check_mcpd.sh")
     ok = os.access(script, os.X_OK) and run(["sh", "-n", script]).returncode == 0
     R.check("keepalived: check_mcpd.sh is executable shell", ok, "not executable or sh -n fails")
+    with open(script) as f:
+        stext = f.read()
+    with open(os.path.join(kdir, "keepalived.conf")) as f:
+        ktext = f.read()
+    problems = []
+    if not re.search(r'url="\$\{1:-https://127\.0\.0\.1:7400/readyz\}"', stext):
+        problems.append("check_mcpd.sh's default URL is not https://127.0.0.1:7400/readyz")
+    if "--cacert" not in stext or "MCPD_CACERT" not in stext:
+        problems.append("check_mcpd.sh does not pass --cacert from $MCPD_CACERT")
+    m = re.search(r"^\$CHECK_URL=(\S+)", ktext, flags=re.M)
+    if not m or not m.group(1).startswith("https://"):
+        problems.append("keepalived.conf's $CHECK_URL is not https://")
+    if not re.search(r'script "\S*check_mcpd\.sh \$\{CHECK_URL\} \$\{CHECK_CACERT\}"', ktext) \
+            or not re.search(r"^\$CHECK_CACERT=/\S+", ktext, flags=re.M):
+        problems.append("keepalived.conf does not give the check script its CA ($CHECK_CACERT)")
+    if shutil.which("openssl") and shutil.which("curl"):
+        with tempfile.TemporaryDirectory() as d:
+            problems += check_script_contract(script, d)
+        detail = "exit 0 only on 200 with the right CA (argument or MCPD_CACERT)"
+    else:
+        detail = "exit-code contract not run: openssl or curl missing"
+    R.check("keepalived: check_mcpd.sh asks /readyz over https with --cacert and keeps its exit-code contract",
+            not problems, "; ".join(problems), detail)
     if need("keepalived", "keepalived -t (config test)"):
         with tempfile.TemporaryDirectory() as d:
             # keepalived -t signals its process group: its own session keeps this test alive.
@@ -502,12 +694,60 @@ def keepalived_haproxy():
                                capture_output=True, text=True, timeout=30, start_new_session=True)
             out = (r.stdout + r.stderr).strip()
             R.check("keepalived -t deploy/keepalived/keepalived.conf", not out, out[-800:])
-    if need("haproxy", "haproxy -c"):
-        cmd_check("haproxy -c -f deploy/haproxy/haproxy.cfg", ["haproxy", "-c", "-f", os.path.join(DEPLOY, "haproxy", "haproxy.cfg")])
+    haproxy()
+
+
+def haproxy():
+    path = os.path.join(DEPLOY, "haproxy", "haproxy.cfg")
+    with open(path) as f:
+        text = f.read()
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    problems = []
+    if not re.search(r"^defaults\b(?:(?!^\S).)*^\s+mode tcp\b", code, flags=re.M | re.S):
+        problems.append("defaults are not `mode tcp` (TLS passthrough)")
+    ds = re.search(r"^\s*default-server (.*)$", code, flags=re.M)
+    ds = ds.group(1) if ds else ""
+    for needed in ("check-ssl", "verify required", "ca-file ", "verifyhost "):
+        if needed not in ds:
+            problems.append(f"the nodes' health check lacks `{needed.strip()}`")
+    if not re.search(r"http-check send meth GET uri /readyz", code):
+        problems.append("the health check does not GET /readyz")
+    if "Replace the frontend and backend with:" not in text:
+        problems.append("the re-encryption alternative is not described")
+    R.check("haproxy: TLS passthrough, /readyz checked over TLS against the cluster CA, re-encryption documented",
+            not problems, "; ".join(problems))
+    if not need("haproxy", "haproxy -c"):
+        return
+    if not shutil.which("openssl"):
+        R.skip("haproxy -c", "openssl not installed (makes the CA file the config names)")
+        return
+    with tempfile.TemporaryDirectory() as d:
+        ca, _ = openssl_cert(d, "ca", "DNS:mcp.example.com")
+        crt, key = openssl_cert(d, "lb", "DNS:mcp.example.com")
+        lb_pem = os.path.join(d, "lb-combined.pem")
+        with open(lb_pem, "w") as f:
+            f.write(open(crt).read() + open(key).read())
+        cfg = re.sub(r"ca-file \S+", f"ca-file {ca}", text)
+        passthrough = os.path.join(d, "passthrough.cfg")
+        with open(passthrough, "w") as f:
+            f.write(cfg)
+        cmd_check("haproxy -c -f deploy/haproxy/haproxy.cfg (its ca-file in place)", ["haproxy", "-c", "-f", passthrough])
+        # The re-encryption alternative from the header comment, in place of frontend and backend.
+        block = text.split("Replace the frontend and backend with:", 1)[-1].split("\n#\n", 1)[0]
+        alt = [line[1:] for line in block.splitlines()[1:] if line.startswith("#") and line[1:].strip() not in ("", "...")]
+        head = cfg[:cfg.index("\nfrontend mcpd")]
+        tail = cfg[cfg.index("\n# HAProxy's own metrics"):]
+        alt_cfg = head + "\n" + "\n".join(alt) + "\n" + tail
+        alt_cfg = re.sub(r"crt \S+", f"crt {lb_pem}", alt_cfg)
+        alt_cfg = re.sub(r"ca-file \S+", f"ca-file {ca}", alt_cfg)
+        reencrypt = os.path.join(d, "reencrypt.cfg")
+        with open(reencrypt, "w") as f:
+            f.write(alt_cfg)
+        cmd_check("haproxy -c: the re-encryption alternative documented in haproxy.cfg", ["haproxy", "-c", "-f", reencrypt])
 
 
 def main():
-    for section in (prometheus, metrics_doc, grafana, systemd, toml_example, docker, keepalived_haproxy):
+    for section in (prometheus, metrics_doc, grafana, systemd, docker, no_plaintext, keepalived_haproxy):
         try:
             section()
         except Exception as e:  # noqa: BLE001

@@ -12,10 +12,16 @@ network namespace; everything is removed at the end, also on failure):
     <p>-cl   10.213.250.100  the client: mcpctl, mcp-bridge, curl, HAProxy
     VIP      10.213.250.200  held by one of n1..n3
 
+Everything speaks TLS as deploy/ sets it up: a cluster CA made with `mcpctl cluster ca
+create` and installed into each node's TLS directory before its first start, each node's
+`[api] tls_names` naming the VIP and the balancer's name (mcp.vip.test), and every client
+(curl, mcpctl, mcp-bridge, keepalived's check, HAProxy's check) verifying the certificates
+against the CA.
+
 The keepalived configuration and check script are deploy/keepalived/*, with only their
 per-node definitions changed; the HAProxy configuration is deploy/haproxy/haproxy.cfg with
-its server addresses changed. Skipped (SKIP line, exit 0) where namespaces or keepalived are
-not available.
+its server addresses, the balancer's name and the CA file's path changed. Skipped (SKIP line,
+exit 0) where namespaces or keepalived are not available.
 """
 
 import json
@@ -33,7 +39,8 @@ import time
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    DEPLOY, Procs, Results, binary, install_signal_cleanup, kill_pid, log, run, split_token, wait_until,
+    DEPLOY, Procs, Results, binary, install_ca, install_signal_cleanup, kill_pid, log, make_ca, run, split_token,
+    wait_until,
 )
 
 R = Results()
@@ -43,6 +50,8 @@ ADDR = {1: f"{SUBNET}.11", 2: f"{SUBNET}.12", 3: f"{SUBNET}.13"}
 CLIENT = f"{SUBNET}.100"
 VIP = f"{SUBNET}.200"
 PORT = 7400
+# The balancer's name in the nodes' certificates (tls_names), resolved by curl --resolve.
+LB_NAME = "mcp.vip.test"
 PREFIX = "mcpdvip" + os.urandom(2).hex()
 NS = {1: f"{PREFIX}-n1", 2: f"{PREFIX}-n2", 3: f"{PREFIX}-n3", "cl": f"{PREFIX}-cl", "sw": f"{PREFIX}-sw"}
 state = {"dir": None, "namespaces": [], "nodes": {}, "tokens": []}
@@ -56,9 +65,11 @@ def in_ns(ns, *argv, timeout=30, check=False, env=None):
     return run(["ip", "netns", "exec", ns, *argv], timeout=timeout, check=check, env=env)
 
 
-def curl(ns, url, timeout=3):
-    r = in_ns(ns, "curl", "-sS", "--max-time", str(timeout), "-o", "-", "-w", "\n%{http_code}", url,
-              timeout=timeout + 5)
+def curl(ns, url, timeout=3, headers=()):
+    """GET url from namespace ns, verifying the node's certificate against the cluster CA."""
+    hdrs = [a for h in headers for a in ("-H", h)]
+    r = in_ns(ns, "curl", "-sS", "--cacert", state["ca"], "--max-time", str(timeout), *hdrs, "-o", "-",
+              "-w", "\n%{http_code}", url, timeout=timeout + 5)
     body, _, code = r.stdout.rpartition("\n")
     return (int(code) if code.isdigit() else 0), body
 
@@ -114,12 +125,30 @@ def make_network():
     log(f"namespaces {PREFIX}-{{sw,n1,n2,n3,cl}} on {SUBNET}.0/24")
 
 
+def make_pki():
+    """The cluster CA, made once as deploy/README.md says, and the public copy of ca.pem that
+    keepalived's check script (run as nobody) reads."""
+    pki = os.path.join(state["dir"], "pki")
+    make_ca(pki, "viptest")
+    state["pki"] = pki
+    state["ca"] = os.path.join(state["dir"], "ca.pem")
+    shutil.copy(os.path.join(pki, "ca.pem"), state["ca"])
+    os.chmod(state["ca"], 0o644)
+
+
 def start_node(n):
     d = os.path.join(state["dir"], f"node{n}")
     os.makedirs(d, exist_ok=True)
+    data = os.path.join(d, "data")
+    install_ca(state["pki"], os.path.join(data, "tls"))
+    # The VIP and the balancer's name, as deploy/systemd/mcpd.toml.example shows them.
+    conf = os.path.join(d, "mcpd.toml")
+    with open(conf, "w") as f:
+        f.write(f'id = {n}\ndata_dir = {json.dumps(data)}\n\n[api]\ntls = "cluster"\n'
+                f'tls_names = {json.dumps([LB_NAME, VIP])}\n')
     logf = open(os.path.join(d, "mcpd.log"), "w")
     p = procs.start(f"mcpd {n}", [
-        "ip", "netns", "exec", NS[n], binary("mcpd"), "--id", str(n), "--data-dir", os.path.join(d, "data"),
+        "ip", "netns", "exec", NS[n], binary("mcpd"), "--config", conf, "--id", str(n), "--data-dir", data,
         # HTTP on every address of the namespace: its own and the VIP when it holds it.
         "--http-addr", f"0.0.0.0:{PORT}", "--advertise-http", f"{ADDR[n]}:{PORT}",
         "--grpc-addr", f"{ADDR[n]}:7500", "--advertise-grpc", f"{ADDR[n]}:7500",
@@ -130,7 +159,8 @@ def start_node(n):
 
 def mcpctl(*args, token=None, timeout=30):
     env = dict(os.environ)
-    env["MCPCTL_ENDPOINTS"] = ",".join(f"http://{a}:{PORT}" for a in ADDR.values())
+    env["MCPCTL_ENDPOINTS"] = ",".join(f"https://{a}:{PORT}" for a in ADDR.values())
+    env["MCPCTL_CACERT"] = state["ca"]
     if token or state.get("admin"):
         env["MCPCTL_TOKEN"] = token or state["admin"]
     return in_ns(NS["cl"], binary("mcpctl"), *args, timeout=timeout, env=env)
@@ -140,7 +170,7 @@ def form_cluster():
     for n in (1, 2, 3):
         start_node(n)
     for n in (1, 2, 3):
-        wait_until(f"node {n} /livez", lambda n=n: curl(NS["cl"], f"http://{ADDR[n]}:{PORT}/livez")[0] == 200, 30)
+        wait_until(f"node {n} /livez", lambda n=n: curl(NS["cl"], f"https://{ADDR[n]}:{PORT}/livez")[0] == 200, 30)
     r = mcpctl("cluster", "init", "-o", "json")
     if r.returncode != 0:
         raise RuntimeError(f"cluster init: {r.stderr.strip()}")
@@ -158,7 +188,8 @@ def form_cluster():
     state["tokens"].append(state["tenant"])
 
     def demo_ready(n):
-        code, body = curl(NS["cl"], f"http://{ADDR[n]}:{PORT}/metrics")
+        code, body = curl(NS["cl"], f"https://{ADDR[n]}:{PORT}/metrics",
+                          headers=[f"Authorization: Bearer {state['admin']}"])
         m = re.search(r'mcpd_pool_processes\{server="demo",state="ready"\} (\d+)', body)
         return code == 200 and m and int(m.group(1)) >= 1
 
@@ -176,7 +207,8 @@ def start_keepalived():
     for n, prio in ((1, 150), (2, 100), (3, 50)):
         conf = template
         for name, value in (("PRIORITY", prio), ("INTERFACE", "eth0"), ("VIP", f"{VIP}/24"),
-                            ("ROUTER_ID", 51), ("CHECK_URL", f"http://127.0.0.1:{PORT}/readyz")):
+                            ("ROUTER_ID", 51), ("CHECK_URL", f"https://127.0.0.1:{PORT}/readyz"),
+                            ("CHECK_CACERT", state["ca"])):
             conf, count = re.subn(rf"^\${name}=\S+", f"${name}={value}", conf, flags=re.M)
             if count != 1:
                 raise RuntimeError(f"deploy/keepalived/keepalived.conf: no single ${name}= line")
@@ -212,7 +244,8 @@ class Bridge:
         env["MCP_BRIDGE_TOKEN"] = state["tenant"]
         self.errf = open(os.path.join(state["dir"], "bridge.log"), "w")
         self.p = procs.start("mcp-bridge", [
-            "ip", "netns", "exec", NS["cl"], binary("mcp-bridge"), "--url", f"http://{VIP}:{PORT}",
+            "ip", "netns", "exec", NS["cl"], binary("mcp-bridge"), "--url", f"https://{VIP}:{PORT}",
+            "--cacert", state["ca"],
             "--server", "demo", "--failover-deadline-ms", "30000", "--log-level", "info",
         ], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errf, env=env, text=True, bufsize=1)
         self.q = queue.Queue()
@@ -253,7 +286,8 @@ class Bridge:
 def haproxy_check(dead):
     """deploy/haproxy/haproxy.cfg in the client namespace, against the nodes' addresses."""
     if not shutil.which("haproxy"):
-        R.skip("haproxy: /readyz health check and Mcp-Session-Id stickiness", "haproxy not installed")
+        R.skip("haproxy: TLS passthrough, /readyz checked over TLS with the CA, a session's calls served",
+               "haproxy not installed")
         return
     with open(os.path.join(DEPLOY, "haproxy", "haproxy.cfg")) as f:
         cfg = f.read()
@@ -261,16 +295,22 @@ def haproxy_check(dead):
         cfg, count = re.subn(rf"^(\s*server mcpd-{n}) \S+", rf"\1 {ADDR[n]}:{PORT}", cfg, flags=re.M)
         if count != 1:
             raise RuntimeError(f"deploy/haproxy/haproxy.cfg: no single `server mcpd-{n}` line")
+    cfg, count = re.subn(r"^(\s*default-server .*)\bca-file \S+", rf"\1ca-file {state['ca']}", cfg, flags=re.M)
+    if count != 1:
+        raise RuntimeError("deploy/haproxy/haproxy.cfg: no single ca-file for the nodes' health check")
+    cfg = cfg.replace("mcp.example.com", LB_NAME)
     path = os.path.join(state["dir"], "haproxy.cfg")
     with open(path, "w") as f:
         f.write(cfg)
     logf = open(os.path.join(state["dir"], "haproxy.log"), "w")
     procs.start("haproxy", ["ip", "netns", "exec", NS["cl"], "haproxy", "-db", "-f", path],
                 stdout=logf, stderr=logf, start_new_session=True)
-    lb = f"http://127.0.0.1:{PORT}"
+    # Clients dial the balancer by its name (in every node's certificate), here on loopback.
+    lb = f"https://{LB_NAME}:{PORT}"
+    resolve = ["--resolve", f"{LB_NAME}:{PORT}:127.0.0.1"]
 
     def dead_marked_down():
-        code, body = curl(NS["cl"], "http://127.0.0.1:8404/metrics")
+        code, body = curl(NS["cl"], "http://127.0.0.1:8404/metrics")  # HAProxy's own stats
         m = re.search(rf'haproxy_server_status\{{proxy="mcpd_nodes",server="mcpd-{dead}",state="DOWN"\}} (\d)', body)
         return code == 200 and m and m.group(1) == "1"
 
@@ -280,7 +320,7 @@ def haproxy_check(dead):
     survivors = [n for n in (1, 2, 3) if n != dead]
     try:
         wait_until("the surviving nodes are ready", lambda: all(
-            curl(NS["cl"], f"http://{ADDR[n]}:{PORT}/readyz")[0] == 200 for n in survivors), 20)
+            curl(NS["cl"], f"https://{ADDR[n]}:{PORT}/readyz")[0] == 200 for n in survivors), 20)
     except TimeoutError as e:
         problems.append(str(e))
     try:
@@ -291,8 +331,14 @@ def haproxy_check(dead):
     # may still settle their election; poll (with a deadline) rather than sample once.
     answers = []
 
+    def lb_readyz():
+        r = in_ns(NS["cl"], "curl", "-sS", "--cacert", state["ca"], *resolve, "--max-time", "3", "-o", "-",
+                  "-w", "\n%{http_code}", f"{lb}/readyz", timeout=8)
+        body, _, code = r.stdout.rpartition("\n")
+        return (int(code) if code.isdigit() else 0), body or r.stderr
+
     def six_ready_in_a_row():
-        answers[:] = [curl(NS["cl"], f"{lb}/readyz") for _ in range(6)]
+        answers[:] = [lb_readyz() for _ in range(6)]
         return [c for c, _ in answers] == [200] * 6
 
     try:
@@ -300,8 +346,8 @@ def haproxy_check(dead):
     except TimeoutError:
         problems.append("/readyz through haproxy: " + ", ".join(f"{c} {b.strip()[:120]}" for c, b in answers if c != 200))
     # A session's requests must reach the node that created it, whichever node that is.
-    hdr = ["-H", f"Authorization: Bearer {state['tenant']}", "-H", "Content-Type: application/json",
-           "-H", "Accept: application/json, text/event-stream"]
+    hdr = ["--cacert", state["ca"], *resolve, "-H", f"Authorization: Bearer {state['tenant']}",
+           "-H", "Content-Type: application/json", "-H", "Accept: application/json, text/event-stream"]
     init = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}})
     r = in_ns(NS["cl"], "curl", "-sS", "-D", "-", "--max-time", "10", *hdr, "-d", init, f"{lb}/servers/demo/mcp")
@@ -319,8 +365,8 @@ def haproxy_check(dead):
             ok += f'"lb {i}"' in r.stdout
         if ok != 8:
             problems.append(f"{8 - ok} of 8 calls in one session through haproxy failed (stickiness?)")
-    R.check("haproxy: /readyz health check and Mcp-Session-Id stickiness", not problems, "; ".join(problems),
-            "dead node DOWN, 6 /readyz 200, 8 calls in one session")
+    R.check("haproxy: TLS passthrough, /readyz checked over TLS with the CA, a session's calls served",
+            not problems, "; ".join(problems), "dead node DOWN, 6 /readyz 200, 8 calls in one session")
 
 
 def check_logs():
@@ -353,13 +399,14 @@ def main():
     os.chmod(state["dir"], 0o755)  # the check script runs as nobody (script_user)
     try:
         make_network()
+        make_pki()
         form_cluster()
         start_keepalived()
         holders = wait_until("exactly one node holds the VIP", lambda: (lambda h: h if len(h) == 1 else None)(vip_holders()), 30)
         holder = holders[0]
-        code, body = curl(NS["cl"], f"http://{VIP}:{PORT}/readyz")
-        R.check("vip: one node holds the VIP and it answers /readyz", code == 200, f"{code} {body}",
-                f"node {holder} holds {VIP}")
+        code, body = curl(NS["cl"], f"https://{VIP}:{PORT}/readyz")
+        R.check("vip: one node holds the VIP and it answers /readyz over https (the VIP in its certificate)",
+                code == 200, f"{code} {body}", f"node {holder} holds {VIP}")
 
         bridge = Bridge()
         bridge.send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
@@ -369,9 +416,9 @@ def main():
             raise RuntimeError(f"initialize through mcp-bridge: {init}")
         bridge.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
         bridge.echo(2, "before", 20)
-        R.ok("vip: mcp-bridge --url http://VIP serves calls", f"initialize + tools/call via node {holder}")
+        R.ok("vip: mcp-bridge --cacert ca.pem --url https://VIP serves calls", f"initialize + tools/call via node {holder}")
 
-        _, body = curl(NS["cl"], f"http://{VIP}:{PORT}/readyz")
+        _, body = curl(NS["cl"], f"https://{VIP}:{PORT}/readyz")
         raft_leader = json.loads(body).get("leader") if body.startswith("{") else None
         log(f"kill -9 node {holder} (holds the VIP, pid {state['nodes'][holder].pid}; Raft leader: node {raft_leader})")
         t0 = time.monotonic()
@@ -380,7 +427,7 @@ def main():
             new = wait_until("the VIP moves to another node", lambda: (
                 lambda h: h if len(h) == 1 and h[0] != holder else None)(vip_holders()), 40)[0]
             moved = time.monotonic() - t0
-            code, body = curl(NS["cl"], f"http://{VIP}:{PORT}/v1/node")
+            code, body = curl(NS["cl"], f"https://{VIP}:{PORT}/v1/node")
             node_id = json.loads(body).get("id") if code == 200 else None
             R.check("vip: the VIP moves to a healthy node after kill -9", node_id == new,
                     f"/v1/node through the VIP: {code} {body[:200]}", f"node {holder} -> node {new} in {moved:.1f}s")

@@ -3,6 +3,11 @@
 happens. When a test fails, the tail of every running node's log is attached to its report.
 
 Binaries: `target/debug/{mcpctl,mcpd}` (built by scripts/test.sh), or `MCPCTL_BIN` / `MCPD_BIN`.
+
+TLS: every cluster of the session is a cluster of one CA, made once per session with
+`mcpctl cluster ca create` (as an organisation has one), and every client trusts it the way an
+operator's machine would: `SSL_CERT_FILE` for Python (httpx2), `NODE_EXTRA_CA_CERTS` for
+Node (the conformance suite), `MCPCTL_CACERT` for mcpctl and `MCP_BRIDGE_CACERT` for the bridge.
 Servers: `.venv/bin/mcp-server-time`; server-everything and server-filesystem from `.tools/npm`
 run by the Node 22 there (scripts/test.sh installs both).
 """
@@ -11,7 +16,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -31,6 +38,27 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 # Clusters running now, whose node logs a failing test's report gets.
 _LIVE: list[Cluster] = []
+
+# The session's CA: made in pytest_configure, removed in pytest_unconfigure.
+CA_DIR = Path(tempfile.mkdtemp(prefix="mcpcp-py-ca-"))
+CA_CERT = CA_DIR / "ca.pem"
+
+
+def pytest_configure(config):
+    if not MCPCTL.exists():
+        return  # start_cluster says what is missing
+    subprocess.run(
+        [str(MCPCTL), "cluster", "ca", "create", "--dir", str(CA_DIR), "--cluster-id", "pytest"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    os.environ["SSL_CERT_FILE"] = str(CA_CERT)
+    os.environ["NODE_EXTRA_CA_CERTS"] = str(CA_CERT)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(CA_DIR, ignore_errors=True)
 
 
 def _need(path: Path, how: str) -> None:
@@ -54,7 +82,7 @@ class Cluster:
 
     def up(self) -> None:
         args = [str(MCPCTL), "dev", "up", "--nodes", str(self.nodes), "--dir", str(self.dir)]
-        args += ["--mcpd", str(MCPD)] + [f"--mcpd-arg={a}" for a in self.mcpd_args]
+        args += ["--mcpd", str(MCPD), "--ca-dir", str(CA_DIR)] + [f"--mcpd-arg={a}" for a in self.mcpd_args]
         _LIVE.append(self)
         r = subprocess.run(args, capture_output=True, text=True, timeout=180, env=self._env())
         if r.returncode != 0:
@@ -95,6 +123,7 @@ class Cluster:
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MCPCTL_")}
+        env["MCPCTL_CACERT"] = str(CA_CERT)
         if self.endpoints:
             env["MCPCTL_ENDPOINTS"] = ",".join(self.endpoints)
             env["MCPCTL_TOKEN"] = self.admin_token
@@ -158,7 +187,8 @@ class Cluster:
         return "\n".join(out)
 
     def metrics(self, node: int = 0) -> str:
-        return httpx2.get(f"{self.base(node)}/metrics", timeout=10).text
+        headers = {"Authorization": f"Bearer {self.admin_token}"}
+        return httpx2.get(f"{self.base(node)}/metrics", headers=headers, timeout=10).text
 
     def metric(self, name: str, labels: str, node: int = 0) -> float | None:
         """The value of `name{labels}` on `node`'s /metrics (labels as printed, e.g.

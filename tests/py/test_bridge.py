@@ -18,7 +18,7 @@ import mcp.types as types
 import pytest
 from mcp import Client, MCPError, StdioServerParameters
 
-from conftest import MCPD, NODE22, NPM, ROOT, VENV_BIN, Cluster, start_cluster
+from conftest import CA_CERT, MCPD, NODE22, NPM, ROOT, VENV_BIN, Cluster, start_cluster
 from helpers import run, text_of, wait_until
 
 BRIDGE = Path(os.environ.get("MCP_BRIDGE_BIN") or ROOT / "target/debug/mcp-bridge")
@@ -29,7 +29,7 @@ def bridge(urls: list[str], token: str, *extra: str) -> StdioServerParameters:
     return StdioServerParameters(
         command=str(BRIDGE),
         args=["--url", ",".join(urls), "--log-level", "info", *extra],
-        env={"MCP_BRIDGE_TOKEN": token, "PATH": os.environ.get("PATH", "")},
+        env={"MCP_BRIDGE_TOKEN": token, "MCP_BRIDGE_CACERT": str(CA_CERT), "PATH": os.environ.get("PATH", "")},
     )
 
 

@@ -2,7 +2,8 @@
 `/servers/demo/mcp`, every server scenario (`--suite all`), under the Node 22 of .tools/npm.
 
 The suite cannot send an Authorization header, so it talks to a local proxy that adds the
-tenant token (authproxy.py). Scenarios expected to fail are listed, with their reasons, in
+tenant token (authproxy.py); HTTPS on both of the proxy's sides, so the suite runs through
+TLS end to end. Scenarios expected to fail are listed, with their reasons, in
 conformance-expected-failures.yml; the suite fails the run on any other failure and on a
 listed scenario that passes."""
 
@@ -13,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 from authproxy import AuthProxy
-from conftest import NODE22, NPM
+from conftest import CA_DIR, NODE22, NPM
 
 SUITE = NPM / "@modelcontextprotocol/conformance/dist/index.js"
 EXPECTED = Path(__file__).with_name("conformance-expected-failures.yml")
@@ -30,7 +31,7 @@ def server_scenarios() -> list[str]:
 def test_mcp_conformance_suite_passes_every_server_scenario_on_servers_demo(cluster, tmp_path):
     scenarios = server_scenarios()
     assert len(scenarios) >= 30, scenarios
-    with AuthProxy(cluster.base(0), cluster.token) as proxy:
+    with AuthProxy(cluster.base(0), cluster.token, CA_DIR) as proxy:
         r = subprocess.run(
             [
                 str(NODE22),

@@ -141,3 +141,26 @@ def test_a_foreign_origin_gets_403(cluster, server):
     # A local page's Origin passes.
     r = legacy_post(url, cluster.token, INITIALIZE, headers={"Origin": "http://localhost:5173"})
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("origin", [None, "http://evil.example.com", "http://localhost:5173"])
+def test_a_foreign_host_gets_421_whatever_its_origin(cluster, origin):
+    """DNS rebinding: `evil.example.com` resolved to the node's address arrives with its own
+    Host. Refused before anything runs, with or without an Origin, on MCP and the admin API;
+    probes answer any Host (load balancers probe by address)."""
+    headers = {"Host": "evil.example.com:7400"}
+    if origin:
+        headers["Origin"] = origin
+    r = legacy_post(cluster.url(0), cluster.token, INITIALIZE, headers=headers)
+    assert r.status_code == 421, r.text
+    assert r.json()["error"]["field"] == "Host", r.text
+    r = httpx2.get(
+        f"{cluster.base(1)}/v1/tenants",
+        headers={"Authorization": f"Bearer {cluster.admin_token}", **headers},
+        timeout=10,
+    )
+    assert r.status_code == 421, r.text
+    assert httpx2.get(f"{cluster.base(1)}/readyz", headers=headers, timeout=10).status_code == 200
+    # The node's own names pass: loopback by address and by name.
+    r = legacy_post(cluster.url(0), cluster.token, INITIALIZE, headers={"Host": "localhost"})
+    assert r.status_code == 200, r.text

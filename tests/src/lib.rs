@@ -4,6 +4,10 @@
 //! dropped, printing the nodes' logs when a test failed.
 //!
 //! Waiting is always a condition polled until a deadline ([`eventually`]), never a bare sleep.
+//!
+//! Every cluster the harness starts is a cluster of one CA, the harness's own ([`test_ca`]):
+//! each node gets it in its TLS directory before its first start, as an operator installs
+//! it, and every client here ([`https`]) trusts it.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -34,22 +38,36 @@ where
     }
 }
 
-/// The sum of a Prometheus series' samples on `node_url`'s `/metrics`: every sample whose
-/// line starts with `series` (a name, or a name with its first labels), 0 when there is none.
-/// Also returns the whole text, for failure messages.
-pub async fn scrape_sum(node_url: &str, series: &str) -> (f64, String) {
-    let text = reqwest::get(format!("{node_url}/metrics"))
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    let sum = text
-        .lines()
-        .filter(|l| l.starts_with(series))
-        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-        .sum();
-    (sum, text)
+/// The CA of every cluster the harness starts: `ca.pem` and `ca.key` in one directory under
+/// the system's temporary directory, made once and reused by later runs (it is valid for ten
+/// years and trusted by nothing outside these tests).
+pub fn test_ca() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join("mcpcp-test-ca");
+        if dir.join("ca.key").exists() && dir.join("ca.pem").exists() {
+            return dir;
+        }
+        // Made aside and renamed into place: concurrent test processes agree on one CA.
+        let fresh = std::env::temp_dir().join(format!("mcpcp-test-ca.{}", std::process::id()));
+        let ca = mcpcp_pki::Ca::create(&mcpcp_pki::ClusterId::new("e2e").expect("valid"))
+            .expect("test CA");
+        ca.write(&fresh).expect("write test CA");
+        if std::fs::rename(&fresh, &dir).is_err() {
+            let _ = std::fs::remove_dir_all(&fresh);
+        }
+        dir
+    })
+}
+
+/// The test CA's certificate, which clients trust.
+pub fn test_ca_cert() -> PathBuf {
+    test_ca().join("ca.pem")
+}
+
+/// An HTTPS client that trusts the test CA.
+pub fn https() -> reqwest::Client {
+    mcpctl::https::client(Some(&test_ca_cert())).expect("HTTPS client")
 }
 
 /// A built binary of this workspace: `$NAME_BIN` (e.g. `MCPD_BIN`) or the one next to the
@@ -84,7 +102,7 @@ pub struct Node {
 
 impl Node {
     pub fn url(&self) -> String {
-        format!("http://{}", self.member.http_addr)
+        format!("https://{}", self.member.http_addr)
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -128,7 +146,8 @@ impl Cluster {
             cluster.spawn(id).await;
         }
         let members: Vec<Member> = cluster.nodes.values().map(|n| n.member.clone()).collect();
-        let anon = AdminClient::new(&[cluster.nodes[&1].url()], None).expect("client");
+        let anon = AdminClient::new(&[cluster.nodes[&1].url()], None, Some(&test_ca_cert()))
+            .expect("client");
         let init = anon.init(members).await.expect("cluster init");
         cluster.admin_token = init.admin_token;
         cluster.wait_leader().await;
@@ -146,6 +165,7 @@ impl Cluster {
         let data = nd.join("data");
         std::fs::create_dir_all(&data).expect("node dir");
         let _ = std::fs::remove_file(data.join("endpoints.json"));
+        mcpctl::dev::install_ca(test_ca(), &data).expect("the CA in the node's TLS directory");
         let log = nd.join("mcpd.log");
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -252,16 +272,60 @@ impl Cluster {
             .filter(|n| n.running())
             .map(|n| n.url())
             .collect();
-        AdminClient::new(&eps, Some(self.admin_token.clone())).expect("client")
+        AdminClient::new(&eps, Some(self.admin_token.clone()), Some(&test_ca_cert()))
+            .expect("client")
     }
 
     /// An admin client of one node only.
     pub fn node_client(&self, id: u64) -> AdminClient {
-        AdminClient::new(&[self.nodes[&id].url()], Some(self.admin_token.clone())).expect("client")
+        AdminClient::new(
+            &[self.nodes[&id].url()],
+            Some(self.admin_token.clone()),
+            Some(&test_ca_cert()),
+        )
+        .expect("client")
+    }
+
+    /// The sum of a Prometheus series' samples on `node_url`'s `/metrics` (read with the
+    /// admin token): every sample whose line starts with `series` (a name, or a name with its
+    /// first labels), 0 when there is none. Also returns the whole text, for failure messages.
+    pub async fn scrape_sum(&self, node_url: &str, series: &str) -> (f64, String) {
+        let text = https()
+            .get(format!("{node_url}/metrics"))
+            .bearer_auth(&self.admin_token)
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics body");
+        let sum = text
+            .lines()
+            .filter(|l| l.starts_with(series))
+            .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+            .sum();
+        (sum, text)
     }
 
     pub fn url(&self, id: u64) -> String {
         self.nodes[&id].url()
+    }
+
+    /// A gRPC channel to `grpc_addr` that speaks as node `as_node` of the harness's cluster:
+    /// mutual TLS with a certificate the test CA issues for that node id, as a peer presents.
+    pub async fn peer_channel(
+        &self,
+        grpc_addr: &str,
+        as_node: u64,
+    ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+        let data = self.dir.path().join(format!("as-node{as_node}"));
+        mcpctl::dev::install_ca(test_ca(), &data).expect("the CA in a TLS directory");
+        let tls = mcpd::tls::NodeTls::load(&data.join("tls"), as_node, Duration::from_secs(3600))
+            .expect("a node identity");
+        let connector = mcpd::tls::peer::PeerConnector::new(&tls).expect("connector");
+        tonic::transport::Endpoint::from_shared(format!("http://{grpc_addr}"))?
+            .connect_with_connector(connector)
+            .await
     }
 
     /// Waits until every running node agrees on one running leader; returns its id.
@@ -334,7 +398,8 @@ pub struct McpSession {
 impl McpSession {
     /// `initialize` + `notifications/initialized` at `url`.
     pub async fn open(url: &str, token: &str) -> Result<McpSession, String> {
-        let http = reqwest::Client::builder()
+        let http = mcpctl::https::client_builder(Some(&test_ca_cert()))
+            .map_err(|e| e.to_string())?
             .timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| e.to_string())?;

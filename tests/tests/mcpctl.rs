@@ -10,7 +10,8 @@ fn mcpctl(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = std::process::Command::new(binary("mcpctl"));
     cmd.args(args)
         .env_remove("MCPCTL_ENDPOINTS")
-        .env_remove("MCPCTL_TOKEN");
+        .env_remove("MCPCTL_TOKEN")
+        .env_remove("MCPCTL_CACERT");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -95,11 +96,55 @@ fn dev_up_serves_a_cluster_and_dev_down_stops_it() {
         [
             "MCPCTL_ENDPOINTS",
             "MCPCTL_TOKEN",
+            "MCPCTL_CACERT",
             "MCP_BRIDGE_URL",
-            "MCP_BRIDGE_TOKEN"
+            "MCP_BRIDGE_TOKEN",
+            "MCP_BRIDGE_CACERT",
+            "PATH"
         ]
     );
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let value = |k: &str| env.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+    // TLS by default: https endpoints, the CA in DIR, and the binaries first on PATH.
+    assert!(
+        value("MCPCTL_ENDPOINTS").is_some_and(|e| e.split(',').all(|u| u.starts_with("https://")))
+    );
+    assert_eq!(
+        value("MCPCTL_CACERT"),
+        Some(
+            dir.canonicalize()
+                .expect("dir")
+                .join("ca.pem")
+                .to_string_lossy()
+                .to_string()
+        )
+    );
+    assert_eq!(value("MCP_BRIDGE_CACERT"), value("MCPCTL_CACERT"));
+    let bin = binary("mcpctl").canonicalize().expect("mcpctl");
+    assert!(
+        value("PATH")
+            .is_some_and(|p| p.starts_with(&*bin.parent().expect("dir").to_string_lossy())),
+        "{env:?}"
+    );
+    // PATH is `'<dir>':"$PATH"` for the shell; the tests pass variables themselves.
+    let env: Vec<(&str, &str)> = env
+        .iter()
+        .filter(|(k, _)| k != "PATH")
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    // Without the CA, the nodes' certificates are not trusted: nothing is sent in clear.
+    let untrusted = mcpctl(
+        &["server", "list"],
+        &env.iter()
+            .copied()
+            .filter(|(k, _)| *k != "MCPCTL_CACERT")
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(untrusted.status.code(), Some(3), "{}", text(&untrusted));
+    assert!(
+        String::from_utf8_lossy(&untrusted.stderr).contains("certificate"),
+        "{}",
+        text(&untrusted)
+    );
     for n in 1..=3 {
         assert!(dir.join(format!("node{n}/mcpd.pid")).exists());
         assert!(dir.join(format!("node{n}/mcpd.log")).exists());
@@ -149,7 +194,11 @@ fn dev_up_serves_a_cluster_and_dev_down_stops_it() {
     poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
         let direct = mcpctl(
             &["server", "list", "--stale", "-o", "json"],
-            &[("MCPCTL_ENDPOINTS", &node2), ("MCPCTL_TOKEN", admin_token)],
+            &[
+                ("MCPCTL_ENDPOINTS", &node2),
+                ("MCPCTL_TOKEN", admin_token),
+                ("MCPCTL_CACERT", &value("MCPCTL_CACERT").expect("CA")),
+            ],
         );
         match direct.status.success() && String::from_utf8_lossy(&direct.stdout).contains("demo") {
             true => Ok(()),

@@ -149,7 +149,7 @@ async fn a_dropped_sse_stream_resumes_with_last_event_id() {
         async move { McpSession::open(&url, &token).await.ok() }
     })
     .await;
-    let http = reqwest::Client::new();
+    let http = mcpcp_tests::https();
     let req = |b: reqwest::RequestBuilder| {
         b.bearer_auth(&c.admin_token)
             .header("accept", "application/json, text/event-stream")

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use mcpcp_proto::api::{AddNodeRequest, ServerSpec, TenantSpec};
 use mcpcp_proto::cluster::cluster_client::ClusterClient;
 use mcpcp_proto::cluster::{ForwardWriteRequest, ReadIndexRequest};
-use mcpcp_tests::{eventually, scrape_sum, Cluster};
+use mcpcp_tests::{eventually, https, Cluster};
 use mcpctl::{AdminClient, CallOptions, ClientError};
 
 fn server(name: &str) -> ServerSpec {
@@ -95,8 +95,10 @@ async fn the_leader_sends_new_entries_to_followers_during_its_own_fsync() {
             .await
             .expect("write");
         writes += 1;
-        let (accepted, _) = scrape_sum(&url, &early("accepted")).await;
-        let (answered, metrics) = scrape_sum(&url, "mcpd_raft_appends_answered_early_total").await;
+        let (accepted, _) = c.scrape_sum(&url, &early("accepted")).await;
+        let (answered, metrics) = c
+            .scrape_sum(&url, "mcpd_raft_appends_answered_early_total")
+            .await;
         if accepted >= 5.0 && answered >= 1.0 {
             break;
         }
@@ -105,7 +107,7 @@ async fn the_leader_sends_new_entries_to_followers_during_its_own_fsync() {
             "after {writes} writes: {accepted} early appends accepted, {answered} appends answered early:\n{metrics}"
         );
     }
-    let (refused, metrics) = scrape_sum(&url, &early("refused")).await;
+    let (refused, metrics) = c.scrape_sum(&url, &early("refused")).await;
     assert_eq!(refused, 0.0, "followers refused early appends:\n{metrics}");
     // Every acknowledged write is on every node.
     for id in c.running_ids() {
@@ -120,8 +122,17 @@ async fn the_leader_sends_new_entries_to_followers_during_its_own_fsync() {
 async fn the_leader_still_serves_an_older_follower_s_unary_forwarding() {
     let c = Cluster::start(3).await;
     let leader = c.wait_leader().await;
-    let grpc = format!("http://{}", c.nodes[&leader].member.grpc_addr);
-    let mut client = ClusterClient::connect(grpc).await.expect("connect");
+    let follower = c
+        .nodes
+        .keys()
+        .copied()
+        .find(|id| *id != leader)
+        .expect("a follower");
+    let channel = c
+        .peer_channel(&c.nodes[&leader].member.grpc_addr, follower)
+        .await
+        .expect("connect as the follower");
+    let mut client = ClusterClient::new(channel);
     // What an older follower sends: a registry `Request`, as JSON.
     let request = serde_json::json!({
         "request_id": "older-follower-1",
@@ -287,7 +298,9 @@ async fn replaced_node_with_new_id_catches_up_by_snapshot() {
         },
     )
     .await;
-    let (installs, metrics) = scrape_sum(&c.url(4), "mcpd_raft_snapshot_installs_total").await;
+    let (installs, metrics) = c
+        .scrape_sum(&c.url(4), "mcpd_raft_snapshot_installs_total")
+        .await;
     assert!(
         installs >= 1.0,
         "node 4 caught up without installing a snapshot:\n{metrics}"
@@ -333,7 +346,7 @@ async fn without_quorum_writes_fail_within_the_bound_and_stale_reads_answer() {
     assert_eq!(err.exit_code(), 3);
 
     // The raw answer carries Retry-After.
-    let resp = reqwest::Client::new()
+    let resp = https()
         .post(format!("{}/v1/tenants", c.url(survivor)))
         .bearer_auth(&c.admin_token)
         .json(&serde_json::json!({"name": "x"}))
@@ -440,12 +453,15 @@ async fn concurrent_writes_each_get_their_own_answer() {
     // The follower forwarded its writes, all at once, over a shared stream to the leader
     // (`registry::forward`), not one stream each.
     let url = c.url(follower);
-    let (forwarded, _) = scrape_sum(&url, "mcpd_registry_forwarded_writes_total").await;
-    let (opened, metrics) = scrape_sum(
-        &url,
-        "mcpd_registry_forward_streams_total{event=\"opened\"}",
-    )
-    .await;
+    let (forwarded, _) = c
+        .scrape_sum(&url, "mcpd_registry_forwarded_writes_total")
+        .await;
+    let (opened, metrics) = c
+        .scrape_sum(
+            &url,
+            "mcpd_registry_forward_streams_total{event=\"opened\"}",
+        )
+        .await;
     assert!(forwarded >= NAMES as f64, "forwarded writes:\n{metrics}");
     assert!(
         (1.0..=2.0).contains(&opened),
@@ -503,7 +519,7 @@ async fn compare_and_set_and_idempotent_retries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_clear_errors_and_the_node_stays_up() {
     let c = Cluster::start(3).await;
-    let http = reqwest::Client::new();
+    let http = https();
     let url = c.url(1);
     let admin = &c.admin_token;
     let post = |path: &str, body: &str, token: &str| {
@@ -780,7 +796,7 @@ async fn watch_streams_changes_from_a_revision() {
         .await
         .expect("write");
     let follower = follower_of(&c).await;
-    let mut resp = reqwest::Client::new()
+    let mut resp = https()
         .get(format!(
             "{}/v1/watch?since={}",
             c.url(follower),

@@ -64,6 +64,37 @@ pub async fn init(
     ))
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoverRequest {
+    /// The code `mcpd recover-admin` wrote for this node.
+    pub code: String,
+}
+
+/// `POST /v1/cluster/recover-admin`: redeems a recovery code that `mcpd recover-admin` left
+/// in this node's data directory (see `crate::recovery`) for a new admin token. No bearer
+/// token: the code proves access to the node's host.
+pub async fn recover_admin(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<RecoverRequest>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    if let Err(e) = crate::recovery::redeem(&state.data_dir, &req.code) {
+        metrics::counter!("mcpd_admin_recoveries_total", "outcome" => "refused").increment(1);
+        tracing::warn!(error = %e, "refused an admin recovery");
+        return Err(match e {
+            crate::recovery::RecoveryError::Io { .. }
+            | crate::recovery::RecoveryError::Random(_) => ApiError::Internal(e.to_string()),
+            _ => ApiError::Forbidden(e.to_string()),
+        });
+    }
+    let (id, token) = state.registry.recover_admin().await?;
+    metrics::counter!("mcpd_admin_recoveries_total", "outcome" => "issued").increment(1);
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({ "token_id": id, "admin_token": token })),
+    ))
+}
+
 fn role_name(state: openraft::ServerState) -> &'static str {
     match state {
         openraft::ServerState::Leader => "leader",

@@ -26,6 +26,9 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("{0}")]
     Forbidden(String),
+    /// The request's `Host` is not a name of this node (DNS rebinding).
+    #[error("{0}")]
+    MisdirectedHost(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{message}")]
@@ -68,6 +71,11 @@ impl ApiError {
             ),
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", None),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", None),
+            ApiError::MisdirectedHost(_) => (
+                StatusCode::MISDIRECTED_REQUEST,
+                "misdirected_host",
+                Some("Host".into()),
+            ),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found", None),
             ApiError::Conflict { code, .. } => (StatusCode::CONFLICT, code, None),
             ApiError::PreconditionFailed(_) => (
@@ -151,6 +159,10 @@ impl From<ApplyError> for ApiError {
             ApplyError::MissingReference { field, .. } => {
                 ApiError::Invalid(FieldError::new(field.clone(), e.to_string()))
             }
+            ApplyError::AlreadyInitialized => ApiError::Conflict {
+                code: "already_initialized",
+                message: e.to_string(),
+            },
         }
     }
 }

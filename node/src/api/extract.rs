@@ -40,8 +40,12 @@ pub struct ReadParams {
     pub consistency: Consistency,
 }
 
-/// The caller, authenticated by `Authorization: Bearer <token>`, with any role.
+/// The caller of MCP, authenticated by `Authorization: Bearer <token>`: an admin or a tenant
+/// (a metrics token is refused).
 pub struct Caller(pub Principal);
+
+/// A reader of `/metrics`: a metrics or an admin token.
+pub struct MetricsReader;
 
 /// The caller, authenticated and holding the admin role.
 pub struct Admin(pub Principal);
@@ -61,36 +65,60 @@ fn bearer(parts: &Parts) -> Result<&str, ApiError> {
     Ok(token.trim())
 }
 
+/// The principal of the request's bearer token, whatever its role.
+fn authenticate(parts: &Parts, state: &AppState) -> Result<Principal, ApiError> {
+    let token = bearer(parts)?;
+    match state.registry.authenticate(token) {
+        Some(p) => Ok(p),
+        None => {
+            metrics::counter!("mcpd_auth_failures_total").increment(1);
+            let initialized = state
+                .registry
+                .local()
+                .membership
+                .membership()
+                .voter_ids()
+                .next()
+                .is_some();
+            if !initialized {
+                return Err(ApiError::Unavailable {
+                    code: "not_initialized",
+                    message: "this node is not part of a cluster yet: run `mcpctl cluster init`"
+                        .into(),
+                    retry_after_s: 5,
+                });
+            }
+            Err(ApiError::Unauthorized(
+                "the bearer token is unknown, revoked or expired".into(),
+            ))
+        }
+    }
+}
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = bearer(parts)?;
-        match state.registry.authenticate(token) {
-            Some(p) => Ok(Caller(p)),
-            None => {
-                metrics::counter!("mcpd_auth_failures_total").increment(1);
-                let initialized = state
-                    .registry
-                    .local()
-                    .membership
-                    .membership()
-                    .voter_ids()
-                    .next()
-                    .is_some();
-                if !initialized {
-                    return Err(ApiError::Unavailable {
-                        code: "not_initialized",
-                        message:
-                            "this node is not part of a cluster yet: run `mcpctl cluster init`"
-                                .into(),
-                        retry_after_s: 5,
-                    });
-                }
-                Err(ApiError::Unauthorized(
-                    "the bearer token is unknown, revoked or expired".into(),
-                ))
-            }
+        let p = authenticate(parts, state)?;
+        if p.role == Role::Metrics {
+            return Err(ApiError::Forbidden(
+                "a metrics token may only read /metrics".into(),
+            ));
+        }
+        Ok(Caller(p))
+    }
+}
+
+impl FromRequestParts<AppState> for MetricsReader {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        match authenticate(parts, state)?.role {
+            Role::Metrics | Role::Admin => Ok(MetricsReader),
+            Role::Tenant => Err(ApiError::Forbidden(
+                "/metrics needs a metrics or admin token (mcpctl token create --role metrics)"
+                    .into(),
+            )),
         }
     }
 }
@@ -99,10 +127,10 @@ impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let Caller(p) = Caller::from_request_parts(parts, state).await?;
+        let p = authenticate(parts, state)?;
         if p.role != Role::Admin {
             return Err(ApiError::Forbidden(
-                "this endpoint needs an admin token; a tenant token may only use MCP endpoints"
+                "this endpoint needs an admin token; a tenant token may only use MCP endpoints, a metrics token only /metrics"
                     .into(),
             ));
         }

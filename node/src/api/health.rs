@@ -1,5 +1,6 @@
 //! Probes and metrics: `/livez` (the process answers), `/readyz` (it can serve: member of a
-//! cluster with a known leader and its applied state caught up), `/metrics` (Prometheus).
+//! cluster with a known leader and its applied state caught up; it also says the edge's TLS
+//! mode), `/metrics` (Prometheus; a metrics or admin token).
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -7,6 +8,7 @@ use axum::response::IntoResponse;
 use axum::Json;
 use serde_json::json;
 
+use super::extract::MetricsReader;
 use super::AppState;
 
 /// Entries a node may have appended but not yet applied and still call itself ready.
@@ -47,6 +49,7 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         "node_id": m.id,
         "leader": m.current_leader,
         "apply_lag": apply_lag,
+        "tls": state.tls.as_str(),
     });
     let status = if reason.is_none() {
         StatusCode::OK
@@ -56,7 +59,7 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     (status, Json(body))
 }
 
-pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+pub async fn metrics(State(state): State<AppState>, _reader: MetricsReader) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

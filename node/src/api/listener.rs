@@ -18,19 +18,42 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
 
 use crate::shard::ShardHandles;
 use crate::shutdown::Shutdown;
+use crate::tls::edge::EdgeTls;
 
 /// Taken by the one connection that polls for its next request.
 static POLLING: AtomicBool = AtomicBool::new(false);
+
+/// How the edge serves each connection: TLS or not, and the limits that hold under abuse.
+#[derive(Clone)]
+pub struct EdgeSettings {
+    /// HTTPS when set (see `crate::tls::edge`); plain HTTP behind a TLS-terminating balancer.
+    pub tls: Option<EdgeTls>,
+    /// After answering, how long a connection polls for its client's next request.
+    pub next_request_spin: Duration,
+    /// The TLS handshake and each request's headers must arrive within this; it also closes
+    /// a kept-alive connection that sends no next request in time.
+    pub header_read_timeout: Duration,
+    /// Open connections at once; more are closed on accept, not queued.
+    pub max_connections: usize,
+}
+
+/// A connection on its way to a shard, holding its place under `max_connections`.
+type Handover = (std::net::TcpStream, SocketAddr, OwnedSemaphorePermit);
 
 /// Accepts connections on `listener` and deals them out, in turn, to the shards, where each
 /// is served by `router` until `shutdown`; returns once every shard's server has finished
@@ -39,34 +62,29 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     router: axum::Router,
     shards: ShardHandles,
-    next_request_spin: Duration,
+    edge: EdgeSettings,
     shutdown: Shutdown,
 ) {
-    let local = match listener.local_addr() {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::error!(error = %e, "HTTP listener has no address");
-            return;
-        }
-    };
+    let slots = Arc::new(Semaphore::new(edge.max_connections));
+    metrics::gauge!("mcpd_http_max_connections").set(edge.max_connections as f64);
     let mut feeds = Vec::with_capacity(shards.len());
     let mut servers = FuturesUnordered::new();
     for index in 0..shards.len() {
         let (tx, rx) = mpsc::unbounded_channel();
         feeds.push(tx);
-        let shard = ShardListener {
+        let shard = ShardServer {
             rx,
-            local,
-            spin: next_request_spin,
+            router: router.clone(),
+            tls: edge
+                .tls
+                .as_ref()
+                .map(|t| TlsAcceptor::from(t.config.clone())),
+            spin: edge.next_request_spin,
+            header_read_timeout: edge.header_read_timeout,
             open: metrics::gauge!("mcpd_http_open_connections", "shard" => index.to_string()),
         };
-        let router = router.clone();
         let shutdown = shutdown.clone();
-        let server = shards.get(index).spawn(async move {
-            axum::serve(shard, router)
-                .with_graceful_shutdown(shutdown.wait())
-                .await
-        });
+        let server = shards.get(index).spawn(shard.run(shutdown));
         servers.push(async move { (index, server.await) });
     }
     let mut turn = 0usize;
@@ -96,6 +114,15 @@ pub async fn serve(
                 continue;
             }
         };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            // Full: closed now rather than queued, so a flood costs the node a socket for
+            // microseconds, not a slot for minutes.
+            metrics::counter!("mcpd_http_connections_refused_total", "reason" => "max_connections")
+                .increment(1);
+            tracing::debug!(%addr, "refused an HTTP connection: api.max_connections reached");
+            drop(tcp);
+            continue;
+        };
         // Small JSON answers must not wait for Nagle and the client's delayed ACK (40 ms).
         let _ = tcp.set_nodelay(true);
         let std = match tcp.into_std() {
@@ -107,13 +134,13 @@ pub async fn serve(
         };
         let shard = turn % feeds.len();
         turn = turn.wrapping_add(1);
-        if feeds[shard].send((std, addr)).is_err() {
+        if feeds[shard].send((std, addr, permit)).is_err() {
             tracing::error!(shard, %addr, "a data-plane HTTP server is gone; connection dropped");
         }
     }
     drop(feeds);
     while let Some((shard, ended)) = servers.next().await {
-        if let Ok(Err(e)) | Err(e) = ended.map_err(std::io::Error::other) {
+        if let Err(e) = ended {
             tracing::error!(shard, error = %e, "data-plane HTTP server failed");
         }
     }
@@ -128,39 +155,93 @@ fn is_connection_error(e: &io::Error) -> bool {
     )
 }
 
-/// One shard's side of the listener: the connections dealt to it, registered with its own
-/// runtime as they arrive.
-struct ShardListener {
-    rx: mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
-    local: SocketAddr,
+/// One shard's HTTP server: the connections dealt to it, each served on a task of its own on
+/// the shard's runtime (its TLS handshake included, so a slow client delays only itself).
+struct ShardServer {
+    rx: mpsc::UnboundedReceiver<Handover>,
+    router: axum::Router,
+    tls: Option<TlsAcceptor>,
     spin: Duration,
+    header_read_timeout: Duration,
     /// `mcpd_http_open_connections` of this shard.
     open: metrics::Gauge,
 }
 
-impl axum::serve::Listener for ShardListener {
-    type Io = Conn<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+impl ShardServer {
+    /// Serves until `shutdown`, then lets open requests finish (connections close once idle).
+    async fn run(mut self, shutdown: Shutdown) {
+        let graceful = GracefulShutdown::new();
         loop {
-            let Some((std, addr)) = self.rx.recv().await else {
-                // The accept loop has stopped (shutdown): the server ends by its own signal.
-                std::future::pending::<()>().await;
-                continue;
+            let handover = tokio::select! {
+                biased;
+                _ = shutdown.clone().wait() => break,
+                h = self.rx.recv() => h,
             };
-            match TcpStream::from_std(std) {
-                Ok(tcp) => return (Conn::new(tcp, self.spin, self.open.clone()), addr),
+            let Some((std, addr, permit)) = handover else {
+                // The accept loop has stopped (shutdown): wait for the signal itself.
+                shutdown.clone().wait().await;
+                break;
+            };
+            let tcp = match TcpStream::from_std(std) {
+                Ok(tcp) => tcp,
                 Err(e) => {
-                    tracing::warn!(error = %e, %addr, "could not take over an HTTP connection")
+                    tracing::warn!(error = %e, %addr, "could not take over an HTTP connection");
+                    continue;
                 }
+            };
+            let conn = Conn::new(tcp, self.spin, self.open.clone());
+            tokio::spawn(self.serve_one(conn, addr, permit, graceful.watcher()));
+        }
+        graceful.shutdown().await;
+    }
+
+    /// One connection, from its TLS handshake to its close.
+    fn serve_one(
+        &self,
+        conn: Conn<TcpStream>,
+        addr: SocketAddr,
+        permit: OwnedSemaphorePermit,
+        watcher: Watcher,
+    ) -> impl std::future::Future<Output = ()> + 'static {
+        let tls = self.tls.clone();
+        let service = TowerToHyperService::new(self.router.clone());
+        let limit = self.header_read_timeout;
+        async move {
+            let _permit = permit;
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new())
+                .header_read_timeout(limit)
+                .keep_alive(true);
+            let served = match tls {
+                None => {
+                    watcher
+                        .watch(http.serve_connection(TokioIo::new(conn), service))
+                        .await
+                }
+                Some(acceptor) => match tokio::time::timeout(limit, acceptor.accept(conn)).await {
+                    Ok(Ok(tls)) => {
+                        watcher
+                            .watch(http.serve_connection(TokioIo::new(tls), service))
+                            .await
+                    }
+                    Ok(Err(e)) => return handshake_failed(addr, &e.to_string()),
+                    Err(_) => return handshake_failed(addr, "timed out"),
+                },
+            };
+            if let Err(e) = served {
+                if e.is_timeout() {
+                    metrics::counter!("mcpd_http_connections_closed_total", "reason" => "header_read_timeout")
+                        .increment(1);
+                }
+                tracing::debug!(%addr, error = %e, "HTTP connection ended with an error");
             }
         }
     }
+}
 
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        Ok(self.local)
-    }
+fn handshake_failed(addr: SocketAddr, why: &str) {
+    metrics::counter!("mcpd_tls_handshake_failures_total", "listener" => "http").increment(1);
+    tracing::debug!(%addr, reason = why, "HTTPS handshake failed");
 }
 
 /// One connection: the socket, and when it last wrote (the start of its poll window).

@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod error;
 pub mod extract;
 pub mod health;
+pub mod host;
 pub mod listener;
 pub mod objects;
 
@@ -25,6 +26,10 @@ pub struct AppState {
     pub registry: Registry,
     pub metrics: PrometheusHandle,
     pub mcp: crate::mcp::McpState,
+    /// The edge's TLS mode, reported by `/readyz`.
+    pub tls: crate::tls::edge::EdgeTlsMode,
+    /// The node's data directory (a pending admin recovery is read from it).
+    pub data_dir: std::path::PathBuf,
 }
 
 /// Counts and times every request by route template and status.
@@ -55,12 +60,15 @@ async fn observe(State(_): State<AppState>, req: Request, next: Next) -> Respons
     resp
 }
 
-pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+/// Every route, behind the Host check (probes excepted: a load balancer or kubelet probes a
+/// node by whatever address it has) and the request metrics.
+pub fn router(state: AppState, max_body_bytes: usize, hosts: host::HostPolicy) -> Router {
     use cluster as c;
     use objects as o;
     let v1 = Router::new()
         .route("/node", get(c::node_info))
         .route("/cluster/init", post(c::init))
+        .route("/cluster/recover-admin", post(c::recover_admin))
         .route("/cluster/status", get(c::status))
         .route("/cluster/nodes", post(c::add_node))
         .route("/cluster/nodes/{id}", axum::routing::delete(c::remove_node))
@@ -81,13 +89,16 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         )
         .route("/tokens", get(o::list_tokens).post(o::create_token))
         .route("/tokens/{id}", get(o::get_token).delete(o::revoke_token));
-    Router::new()
+    let checked = Router::new()
         .nest("/v1", v1)
         .merge(crate::mcp::router())
-        .route("/livez", get(health::livez))
-        .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
         .fallback(|| async { error::ApiError::NotFound("no such endpoint".into()) })
+        .layer(middleware::from_fn_with_state(hosts, host::check));
+    Router::new()
+        .route("/livez", get(health::livez))
+        .route("/readyz", get(health::readyz))
+        .merge(checked)
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)

@@ -26,7 +26,11 @@ pub const IDEMPOTENT_META: &str = "io.mcpcp/idempotent";
 
 /// Whether `principal` may use server `spec`: a global server, or one of its own tenant's.
 pub fn visible(principal: &Principal, spec: &ServerSpec) -> bool {
-    principal.role == Role::Admin || spec.tenant.is_none() || spec.tenant == principal.tenant
+    match principal.role {
+        Role::Admin => true,
+        Role::Tenant => spec.tenant.is_none() || spec.tenant == principal.tenant,
+        Role::Metrics => false,
+    }
 }
 
 /// The request context the dispatcher needs (owned, so a call can run in its own task).

@@ -26,6 +26,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::tls::peer::PeerConnector;
+
 use super::typ::{LogId, RPCError, RaftError, Vote};
 use super::{NodeId, TypeConfig};
 
@@ -34,17 +36,20 @@ use super::{NodeId, TypeConfig};
 pub struct PeerChannels {
     inner: Arc<Mutex<HashMap<String, Channel>>>,
     connect_timeout: Duration,
+    /// Mutual TLS with this node's certificate (there is no plaintext gRPC).
+    connector: PeerConnector,
     /// The runtime the channels' connection tasks run on (the one they were made for),
     /// whichever thread first asks for a channel (a data-plane shard, say).
     runtime: Option<tokio::runtime::Handle>,
 }
 
 impl PeerChannels {
-    /// Channels whose tasks run on the calling runtime.
-    pub fn new(connect_timeout: Duration) -> Self {
+    /// Channels whose tasks run on the calling runtime, dialing through `connector`.
+    pub fn new(connect_timeout: Duration, connector: PeerConnector) -> Self {
         PeerChannels {
             inner: Arc::default(),
             connect_timeout,
+            connector,
             runtime: tokio::runtime::Handle::try_current().ok(),
         }
     }
@@ -74,7 +79,7 @@ impl PeerChannels {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
-            .connect_lazy();
+            .connect_with_connector_lazy(self.connector.clone());
         map.insert(grpc_addr.to_string(), ch.clone());
         Ok(ch)
     }
@@ -418,7 +423,6 @@ mod tests {
 
     use mcpcp_proto::raft::raft_server::{self, RaftServer};
     use openraft::Vote;
-    use tokio_stream::wrappers::TcpListenerStream;
     use tonic::{Request, Response, Status, Streaming};
 
     use super::*;
@@ -507,10 +511,10 @@ mod tests {
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(RaftServer::new(peer))
-                .serve_with_incoming(TcpListenerStream::new(listener)),
+                .serve_with_incoming(crate::tls::testing::incoming(listener)),
         );
         let mut factory = NetworkFactory {
-            channels: PeerChannels::new(Duration::from_secs(2)),
+            channels: crate::tls::testing::channels(),
             early_acks,
         };
         let member = Member {

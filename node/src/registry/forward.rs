@@ -341,7 +341,6 @@ mod tests {
         ForwardWriteReply, MembershipReply, MembershipRequest, PingReply, PingRequest,
         ReadIndexReply,
     };
-    use tokio_stream::wrappers::TcpListenerStream;
     use tonic::{Request, Response, Status};
 
     use super::*;
@@ -473,13 +472,13 @@ mod tests {
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(ClusterServer::new(leader.clone()))
-                .serve_with_incoming(TcpListenerStream::new(listener)),
+                .serve_with_incoming(crate::tls::testing::incoming(listener)),
         );
         (leader, addr)
     }
 
     fn forwarders() -> Forwarders {
-        Forwarders::new(PeerChannels::new(Duration::from_secs(2)))
+        Forwarders::new(crate::tls::testing::channels())
     }
 
     #[tokio::test]

@@ -493,6 +493,18 @@ impl Registry {
         })
     }
 
+    /// Whether `asserted`, a principal a peer forwards a call for, still holds here: its
+    /// token exists, has not expired, and has the role and tenant the peer says. A token
+    /// revoked on any node is refused by every node that has applied the revocation.
+    pub fn still_holds(&self, asserted: &Principal) -> bool {
+        let data = self.sm.read();
+        data.state.tokens.get(&asserted.token_id).is_some_and(|t| {
+            t.info.role == asserted.role
+                && t.info.tenant == asserted.tenant
+                && t.info.expires_at.is_none_or(|e| e > now_unix())
+        })
+    }
+
     /// Bootstraps a cluster from this node and mints the first admin token.
     pub async fn init(
         &self,
@@ -505,19 +517,13 @@ impl Registry {
             .map_err(|_| RegistryError::ShuttingDown)?;
         let ids: BTreeSet<u64>;
         if initialized {
-            // A bootstrap that initialised Raft but lost its token write may be completed;
-            // once an admin token exists the cluster is closed to `init`.
+            // A bootstrap that initialised Raft but lost its bootstrap write may be completed;
+            // once that write is in (the cluster has its session key) `init` is closed for
+            // good, whatever tokens exist.
             self.barrier().await?;
             let data = self.sm.read();
-            if data
-                .state
-                .tokens
-                .values()
-                .any(|t| t.info.role == Role::Admin)
-            {
-                return Err(RegistryError::Conflict(
-                    "the cluster is already initialised; use an admin token".into(),
-                ));
+            if data.state.session_key.is_some() {
+                return Err(RegistryError::Apply(ApplyError::AlreadyInitialized));
             }
             ids = data.membership.voter_ids().collect();
         } else {
@@ -574,40 +580,53 @@ impl Registry {
             created_at: now_unix(),
             expires_at: None,
         };
-        // The first election needs every initial member up: give it more than one quorum wait.
-        let req = Request {
-            request_id: new_request_id(),
-            command: Command::CreateToken {
-                info,
-                hash: minted.hash,
-            },
-        };
         let mut key = [0u8; 32];
         getrandom::fill(&mut key).map_err(|e| RegistryError::Internal(e.to_string()))?;
-        let key_req = Request {
+        let token_id = info.id.clone();
+        let req = Request {
             request_id: new_request_id(),
-            command: Command::SetSessionKey {
-                key: hex::encode(key),
+            command: Command::Bootstrap {
+                info,
+                hash: minted.hash,
+                session_key: hex::encode(key),
             },
         };
+        // The first election needs every initial member up: give it more than one quorum wait.
+        // A re-sent request applies once (same request id).
         let mut last = None;
         for _ in 0..3 {
-            let written = match self.write_request(req.clone()).await {
-                Ok(_) => match self.write_request(key_req.clone()).await {
-                    Ok(_) | Err(RegistryError::Apply(ApplyError::AlreadyExists { .. })) => Ok(()),
-                    Err(e) => Err(e),
-                },
-                Err(e) => Err(e),
-            };
-            match written {
-                Ok(()) => return Ok((ids, minted.secret)),
+            match self.write_request(req.clone()).await {
+                Ok(_) => {
+                    tracing::warn!(token_id = %token_id, members = ?ids, "cluster bootstrapped: the first admin token was issued");
+                    return Ok((ids, minted.secret));
+                }
                 Err(e @ RegistryError::NoQuorum { .. }) => last = Some(e),
                 Err(e) => return Err(e),
             }
         }
-        Err(last.unwrap_or(RegistryError::Internal(
-            "bootstrap token not written".into(),
-        )))
+        Err(last.unwrap_or(RegistryError::Internal("bootstrap not written".into())))
+    }
+
+    /// Issues a new admin token for a recovery redeemed on this node (see `crate::recovery`).
+    pub async fn recover_admin(&self) -> Result<(String, String), RegistryError> {
+        let minted = token::mint().map_err(|e| RegistryError::Internal(e.to_string()))?;
+        let info = TokenInfo {
+            id: minted.id,
+            name: format!("recovered-admin-node{}", self.id),
+            role: Role::Admin,
+            tenant: None,
+            created_at: now_unix(),
+            expires_at: None,
+        };
+        let id = info.id.clone();
+        self.write(Command::RecoverAdmin {
+            info,
+            hash: minted.hash,
+            node: self.id,
+        })
+        .await?;
+        tracing::warn!(token_id = %id, node = self.id, "admin access recovered through this node's host: a new admin token was issued");
+        Ok((id, minted.secret))
     }
 
     /// Adds a node (learner, then voter), through the leader.

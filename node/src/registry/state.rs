@@ -6,7 +6,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 
-use mcpcp_proto::api::{ObjectKind, ServerSpec, TenantSpec, TokenInfo, Versioned, WatchEvent};
+use mcpcp_proto::api::{
+    ObjectKind, Role, ServerSpec, TenantSpec, TokenInfo, Versioned, WatchEvent,
+};
 use serde::{Deserialize, Serialize};
 
 /// What a write must find before it applies (`If-Match` and create-only semantics).
@@ -62,7 +64,36 @@ pub enum Command {
         id: String,
         state: Option<SessionState>,
     },
+    /// The cluster's one bootstrap, in one entry: the first admin token and the key that signs
+    /// MCP session ids. Refused once the cluster has a session key (it was bootstrapped),
+    /// whatever tokens exist, so `init` can never be replayed to mint an admin token.
+    Bootstrap {
+        info: TokenInfo,
+        hash: String,
+        session_key: String,
+    },
+    /// An admin token issued by `mcpd recover-admin` on a node's host (every admin token was
+    /// lost); recorded with when and through which node, for the audit.
+    RecoverAdmin {
+        info: TokenInfo,
+        hash: String,
+        node: u64,
+    },
 }
+
+/// A use of `mcpd recover-admin`, kept in the replicated state (the last 100).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recovery {
+    /// Unix seconds.
+    pub at: u64,
+    /// The node whose host ran the recovery.
+    pub node: u64,
+    /// The admin token it issued.
+    pub token_id: String,
+}
+
+/// How many recoveries the state remembers.
+pub const RECOVERIES_KEPT: usize = 100;
 
 /// What an MCP session changed after `initialize`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,6 +117,8 @@ impl Command {
             Command::SetPlacement { .. } => "set_placement",
             Command::SetSessionKey { .. } => "set_session_key",
             Command::PutSessionState { .. } => "put_session_state",
+            Command::Bootstrap { .. } => "bootstrap",
+            Command::RecoverAdmin { .. } => "recover_admin",
         }
     }
 }
@@ -139,6 +172,8 @@ pub enum ApplyError {
         kind: ObjectKind,
         name: String,
     },
+    #[error("the cluster is already initialised; a cluster is initialised once (lost every admin token? run `mcpd recover-admin` on a node's host)")]
+    AlreadyInitialized,
 }
 
 pub type CommandResult = Result<Applied, ApplyError>;
@@ -178,6 +213,9 @@ pub struct State {
     pub sessions: BTreeMap<String, SessionState>,
     /// Every node id that was ever a member, so that no id is used twice.
     pub node_ids_ever: BTreeSet<u64>,
+    /// Uses of `mcpd recover-admin`, oldest first.
+    #[serde(default)]
+    pub recoveries: VecDeque<Recovery>,
     /// Outcomes of recent requests by request id, oldest first.
     pub recent: VecDeque<(String, CommandResult)>,
     /// The ids in `recent`, for a constant-time duplicate check (rebuilt from it on load).
@@ -345,6 +383,30 @@ impl State {
                 }
                 delete(&mut self.tenants, ObjectKind::Tenant, name, precondition)
             }
+            Command::Bootstrap {
+                info,
+                hash,
+                session_key,
+            } => {
+                if self.session_key.is_some() {
+                    return Err(ApplyError::AlreadyInitialized);
+                }
+                self.session_key = Some(session_key);
+                self.apply_command(Command::CreateToken { info, hash }, rev)
+            }
+            Command::RecoverAdmin { info, hash, node } => {
+                let recovery = Recovery {
+                    at: info.created_at,
+                    node,
+                    token_id: info.id.clone(),
+                };
+                let changes = self.apply_command(Command::CreateToken { info, hash }, rev)?;
+                self.recoveries.push_back(recovery);
+                while self.recoveries.len() > RECOVERIES_KEPT {
+                    self.recoveries.pop_front();
+                }
+                Ok(changes)
+            }
             Command::CreateToken { info, hash } => {
                 if let Some(t) = &info.tenant {
                     if !self.tenants.contains_key(t) {
@@ -375,6 +437,26 @@ impl State {
                     name: id,
                     present: true,
                 }])
+            }
+            Command::RevokeToken { id }
+                if self
+                    .tokens
+                    .get(&id)
+                    .is_some_and(|t| t.info.role == Role::Admin)
+                    && self
+                        .tokens
+                        .values()
+                        .filter(|t| t.info.role == Role::Admin)
+                        .count()
+                        == 1 =>
+            {
+                Err(ApplyError::InUse {
+                    kind: ObjectKind::Token,
+                    name: id,
+                    detail:
+                        "it is the cluster's last admin token; create another admin token first"
+                            .into(),
+                })
             }
             Command::RevokeToken { id } => match self.tokens.remove(&id) {
                 Some(_) => Ok(vec![Change {
@@ -499,7 +581,6 @@ fn delete<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mcpcp_proto::api::Role;
 
     fn server(name: &str, tenant: Option<&str>) -> ServerSpec {
         let mut s: ServerSpec =

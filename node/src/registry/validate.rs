@@ -167,6 +167,13 @@ pub fn token_request(req: &CreateTokenRequest) -> Result<Role, FieldError> {
             ))
         }
         (Some(Role::Admin), None) => Role::Admin,
+        (Some(Role::Metrics), Some(_)) => {
+            return Err(FieldError::new(
+                "tenant",
+                "a metrics token belongs to no tenant; omit tenant",
+            ))
+        }
+        (Some(Role::Metrics), None) => Role::Metrics,
         (Some(Role::Tenant) | None, Some(t)) => {
             name("tenant", t, MAX_TENANT_NAME)?;
             Role::Tenant

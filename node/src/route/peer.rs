@@ -137,6 +137,16 @@ impl Peer for PeerService {
         else {
             return Err(Status::invalid_argument("a call stream starts with Start"));
         };
+        // The peer is a member (mutual TLS, `crate::tls::admission`); the principal it asserts
+        // is checked again against this node's own token table.
+        if !self.registry.still_holds(&principal) {
+            metrics::counter!("mcpd_peer_calls_refused_total", "reason" => "principal")
+                .increment(1);
+            return Err(Status::permission_denied(format!(
+                "token {} is unknown, revoked, expired or not of the asserted role and tenant",
+                principal.token_id
+            )));
+        }
         let allowed = self
             .registry
             .local()

@@ -702,7 +702,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     println!();
 
     // One client for every request of the run: keep-alive, a connection per concurrent client.
-    let http = reqwest::Client::builder()
+    let http = mcpctl::https::client_builder(Some(&mcpcp_tests::test_ca_cert()))?
         .connect_timeout(Duration::from_secs(2))
         .timeout(REQUEST_TIMEOUT)
         .pool_max_idle_per_host(1024)

@@ -1,0 +1,49 @@
+//! PEM files on disk. A private key is written readable by its owner only (0600), through a
+//! temporary file renamed into place, so a reader never sees half a key and a key is never,
+//! even briefly, readable by others.
+
+use std::io::Write;
+use std::path::Path;
+
+use crate::PkiError;
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
+    move |source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+pub fn read_text(path: &Path) -> Result<String, PkiError> {
+    std::fs::read_to_string(path).map_err(io(path))
+}
+
+fn write_mode(path: &Path, text: &str, mode: u32) -> Result<(), PkiError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(mode);
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    let mut f = opts.open(&tmp).map_err(io(&tmp))?;
+    f.write_all(text.as_bytes()).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// Writes a private key (mode 0600).
+pub fn write_private(path: &Path, text: &str) -> Result<(), PkiError> {
+    write_mode(path, text, 0o600)
+}
+
+/// Writes a certificate (mode 0644).
+pub fn write_public(path: &Path, text: &str) -> Result<(), PkiError> {
+    write_mode(path, text, 0o644)
+}

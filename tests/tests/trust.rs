@@ -1,0 +1,306 @@
+//! The cluster's trust boundary, tried from outside as an attacker on the network would:
+//! every gRPC service refuses a caller without TLS, without a client certificate, with a
+//! certificate of another CA, with a certificate of the cluster's CA that names no member, and
+//! with the certificate of a node removed from the membership; a member's succeeds. What the
+//! issue found injectable (a `CreateToken` or `PutServer` forwarded by anyone) is refused
+//! before it reaches Raft.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mcpcp_pki::{Ca, ClusterId};
+use mcpcp_proto::cluster::cluster_client::ClusterClient;
+use mcpcp_proto::cluster::{ForwardWriteRequest, PingRequest};
+use mcpcp_proto::raft::raft_client::RaftClient;
+use mcpcp_proto::raft::RaftPayload;
+use mcpcp_tests::{eventually, test_ca, test_ca_cert, Cluster};
+use mcpd::tls::peer::PeerConnector;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tonic::transport::{Channel, Endpoint};
+
+/// A gRPC channel to `addr` whose TLS client trusts the cluster's CA (so the server's
+/// certificate is accepted and any refusal is the server's) and presents `client` (a PEM
+/// certificate and key), or nothing.
+async fn dial(
+    addr: &str,
+    client: Option<(&str, &str)>,
+) -> Result<Channel, tonic::transport::Error> {
+    let roots = mcpcp_pki::trust::roots(Some(&test_ca_cert())).expect("roots");
+    let builder = rustls::ClientConfig::builder_with_provider(mcpcp_pki::provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots);
+    let mut config = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(cert.as_bytes()).expect("cert")],
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key"),
+            )
+            .expect("client auth"),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let cluster = ClusterId::new("e2e").expect("valid");
+    let connector = PeerConnector::with_config(Arc::new(config), &cluster).expect("connector");
+    Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect_with_connector(connector)
+        .await
+}
+
+/// What the issue injected: an admin token whose hash the attacker chose.
+fn create_token(id: &str) -> ForwardWriteRequest {
+    let request = serde_json::json!({
+        "request_id": format!("injected-{id}"),
+        "command": { "CreateToken": {
+            "info": { "id": id, "name": id, "role": "admin", "tenant": null,
+                      "created_at": 0, "expires_at": null },
+            "hash": "0000000000000000000000000000000000000000000000000000000000000000",
+        } },
+    });
+    ForwardWriteRequest {
+        command: serde_json::to_vec(&request).expect("json"),
+    }
+}
+
+/// A ping, a write and a Raft vote over `channel`; each result's error code, or `Ok`.
+async fn try_every_service(channel: Channel) -> Vec<Result<(), tonic::Code>> {
+    let mut cluster = ClusterClient::new(channel.clone());
+    let mut raft = RaftClient::new(channel);
+    let ping = cluster.ping(PingRequest {}).await.map(|_| ());
+    let write = cluster
+        .forward_write(create_token("evil"))
+        .await
+        .map(|_| ());
+    // A made-up vote with a high term: the issue's way to depose the leader.
+    let vote = serde_json::json!({
+        "vote": { "leader_id": { "term": 1000, "node_id": 99 }, "committed": false },
+        "last_log_id": null,
+    });
+    let vote = raft
+        .vote(RaftPayload {
+            data: serde_json::to_vec(&vote).expect("json"),
+        })
+        .await
+        .map(|_| ());
+    [ping, write, vote]
+        .into_iter()
+        .map(|r| r.map_err(|s| s.code()))
+        .collect()
+}
+
+fn all_refused(what: &str, results: &[Result<(), tonic::Code>]) {
+    assert!(
+        results.iter().all(|r| r.is_err()),
+        "{what}: a call went through: {results:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_current_member_reaches_a_node_s_grpc_services() {
+    let mut c = Cluster::start(3).await;
+    let leader = c.wait_leader().await;
+    let addr = c.nodes[&leader].member.grpc_addr.clone();
+    let term_before = c.client().cluster_status().await.expect("status").term;
+
+    // No TLS at all: the handshake never happens, nothing reaches a service.
+    match Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+    {
+        Err(_) => {}
+        Ok(plain) => all_refused("plaintext", &try_every_service(plain).await),
+    }
+
+    // TLS, but no client certificate.
+    match dial(&addr, None).await {
+        Err(_) => {}
+        Ok(ch) => all_refused("no client certificate", &try_every_service(ch).await),
+    }
+
+    // A certificate of another CA (same cluster name, another key).
+    let other = Ca::create(&ClusterId::new("e2e").expect("valid")).expect("another CA");
+    let forged = other.issue_node(1, Duration::from_secs(600)).expect("cert");
+    match dial(&addr, Some((&forged.cert_pem, &forged.key_pem))).await {
+        Err(_) => {}
+        Ok(ch) => all_refused("another CA", &try_every_service(ch).await),
+    }
+
+    // The cluster's CA, but a node id that is no member: the handshake passes, every call is
+    // refused with PERMISSION_DENIED.
+    let ca = Ca::load(test_ca()).expect("the cluster CA");
+    let stranger = ca.issue_node(99, Duration::from_secs(600)).expect("cert");
+    let ch = dial(&addr, Some((&stranger.cert_pem, &stranger.key_pem)))
+        .await
+        .expect("a CA-signed certificate completes the handshake");
+    let results = try_every_service(ch).await;
+    assert!(
+        results
+            .iter()
+            .all(|r| *r == Err(tonic::Code::PermissionDenied)),
+        "{results:?}"
+    );
+
+    // A member succeeds (the control: the refusals above are about identity, not the calls).
+    let follower = c
+        .nodes
+        .keys()
+        .copied()
+        .find(|id| *id != leader)
+        .expect("a follower");
+    let member = c
+        .peer_channel(&addr, follower)
+        .await
+        .expect("connect as a member");
+    let mut as_member = ClusterClient::new(member);
+    as_member
+        .ping(PingRequest {})
+        .await
+        .expect("a member's ping is served");
+    // The same write from a member is applied: the refused one was well-formed.
+    as_member
+        .forward_write(create_token("by-member"))
+        .await
+        .expect("a member's forwarded write");
+
+    // Nothing from outside was injected and the leader was not deposed.
+    let tokens = c.client().list_tokens(false).await.expect("tokens");
+    let ids: Vec<&str> = tokens.items.iter().map(|t| t.id.as_str()).collect();
+    assert!(
+        ids.contains(&"by-member") && !ids.contains(&"evil"),
+        "{ids:?}"
+    );
+    let status = c.client().cluster_status().await.expect("status");
+    assert_eq!(status.term, term_before, "a forged vote changed the term");
+    assert_eq!(status.leader, Some(leader));
+
+    // A removed node's certificate is refused once its removal is in the membership.
+    let removed = c
+        .nodes
+        .keys()
+        .copied()
+        .find(|id| *id != leader && *id != follower)
+        .expect("a third node");
+    let removed_cert = ca
+        .issue_node(removed, Duration::from_secs(600))
+        .expect("cert");
+    let as_removed = dial(&addr, Some((&removed_cert.cert_pem, &removed_cert.key_pem)))
+        .await
+        .expect("handshake");
+    ClusterClient::new(as_removed.clone())
+        .ping(PingRequest {})
+        .await
+        .expect("still a member: served");
+    c.client().remove_node(removed).await.expect("remove node");
+    c.kill(removed).await;
+    eventually(
+        "the removed node's certificate to be refused",
+        Duration::from_secs(10),
+        || {
+            let ch = as_removed.clone();
+            async move {
+                match ClusterClient::new(ch).ping(PingRequest {}).await {
+                    Err(s) if s.code() == tonic::Code::PermissionDenied => Some(()),
+                    _ => None,
+                }
+            }
+        },
+    )
+    .await;
+}
+
+/// Bootstrap happens once, ever; the last admin token cannot be revoked; and when every admin
+/// token is lost anyway (here: the last one expired), access comes back only through a node's
+/// host (`mcpd recover-admin`), never through `init`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_is_initialised_once_and_admin_access_is_recovered_through_a_host() {
+    let mut c = Cluster::start(3).await;
+    let admin = c.client();
+    let first = admin.list_tokens(false).await.expect("tokens").items;
+    assert_eq!(first.len(), 1, "{first:?}");
+    let bootstrap_id = first[0].id.clone();
+
+    // The last admin token cannot be revoked.
+    let err = admin
+        .revoke_token(&bootstrap_id)
+        .await
+        .expect_err("revoking the last admin token");
+    assert_eq!(err.code(), Some("in_use"), "{err}");
+
+    // With a second (short-lived) admin token it can; then the short-lived one expires and
+    // no admin token works any more.
+    let short = admin
+        .create_token(&mcpcp_proto::api::CreateTokenRequest {
+            name: "short".into(),
+            role: Some(mcpcp_proto::api::Role::Admin),
+            tenant: None,
+            ttl_seconds: Some(2),
+        })
+        .await
+        .expect("a second admin token");
+    admin
+        .revoke_token(&bootstrap_id)
+        .await
+        .expect("revoke the first");
+    c.admin_token = short.token.clone();
+    eventually(
+        "the short-lived admin token to expire",
+        Duration::from_secs(10),
+        || {
+            let client = c.client();
+            async move {
+                match client.list_tokens(false).await {
+                    Err(e) if e.status() == Some(401) => Some(()),
+                    _ => None,
+                }
+            }
+        },
+    )
+    .await;
+
+    // `init` on the initialised cluster is refused, whatever tokens exist, on every node.
+    for id in c.running_ids() {
+        let anon =
+            mcpctl::AdminClient::new(&[c.url(id)], None, Some(&test_ca_cert())).expect("client");
+        let err = anon
+            .init(c.nodes.values().map(|n| n.member.clone()).collect())
+            .await
+            .expect_err("a second init");
+        assert_eq!(err.code(), Some("already_initialized"), "node {id}: {err}");
+    }
+
+    // Recovery on node 2's host: a new admin token, usable on every node, recorded by name.
+    let out = tokio::process::Command::new(mcpcp_tests::binary("mcpd"))
+        .args(["recover-admin", "--data-dir"])
+        .arg(&c.nodes[&2].data_dir)
+        .output()
+        .await
+        .expect("run mcpd recover-admin");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.admin_token = String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_string();
+    let tokens = c
+        .node_client(3)
+        .list_tokens(false)
+        .await
+        .expect("the recovered token works");
+    assert!(
+        tokens
+            .items
+            .iter()
+            .any(|t| t.name == "recovered-admin-node2"),
+        "{:?}",
+        tokens.items
+    );
+    // The code worked once: it is gone from the data directory.
+    assert!(!c.nodes[&2].data_dir.join(mcpd::recovery::FILE).exists());
+}
