@@ -81,19 +81,23 @@ pub fn ensure_ca(dir: &Path) -> Result<PathBuf, DevError> {
         let ca = mcpcp_pki::Ca::create(&mcpcp_pki::ClusterId::new("dev")?)?;
         ca.write(dir)?;
     }
+    mcpcp_pki::datakey::write_new(dir)?;
     Ok(cert)
 }
 
-/// Puts the CA of `ca_dir` into the TLS directory of the node whose data is `data_dir`
-/// (`<data_dir>/tls`), as an operator does before a node's first start; the node issues its
-/// own certificate from it.
+/// Puts the CA and the data key of `ca_dir` into the TLS directory of the node whose data is
+/// `data_dir` (`<data_dir>/tls`), as an operator does before a node's first start; the node
+/// issues its own certificates from the CA.
 pub fn install_ca(ca_dir: &Path, data_dir: &Path) -> Result<(), DevError> {
+    use mcpcp_pki::datakey::DATA_KEY;
     let tls = data_dir.join("tls");
-    if tls.join(mcpcp_pki::ca::CA_CERT).exists() {
-        return Ok(());
+    if !tls.join(mcpcp_pki::ca::CA_CERT).exists() {
+        mcpcp_pki::Ca::load(ca_dir)?.write(&tls)?;
     }
-    let ca = mcpcp_pki::Ca::load(ca_dir)?;
-    ca.write(&tls)?;
+    if !tls.join(DATA_KEY).exists() {
+        let key = mcpcp_pki::datakey::load(ca_dir)?;
+        mcpcp_pki::files::write_private(&tls.join(DATA_KEY), &(hex::encode(key) + "\n"))?;
+    }
     Ok(())
 }
 

@@ -158,9 +158,9 @@ enum ClusterCmd {
 #[derive(Debug, Subcommand)]
 enum CaCmd {
     /// Make the cluster CA once, before the first node starts: DIR/ca.pem (the certificate
-    /// clients trust) and DIR/ca.key (mode 0600). Put both into every initial node's TLS
-    /// directory (`[tls] dir`, default `<data_dir>/tls`); each node issues its own
-    /// certificates from them.
+    /// clients trust), DIR/ca.key and DIR/data.key (the key that seals secrets at rest; both
+    /// mode 0600). Put all three into every initial node's TLS directory (`[tls] dir`,
+    /// default `<data_dir>/tls`); each node issues its own certificates from the CA.
     Create {
         /// Where to write ca.pem and ca.key.
         #[arg(long)]
@@ -535,6 +535,7 @@ async fn cluster(cli: &Cli, cmd: &ClusterCmd) -> Outcome {
             let id = mcpcp_pki::ClusterId::new(cluster_id).map_err(|e| fail(2, e.to_string()))?;
             let ca = mcpcp_pki::Ca::create(&id).map_err(|e| fail(1, e.to_string()))?;
             ca.write(dir).map_err(|e| fail(1, e.to_string()))?;
+            mcpcp_pki::datakey::write_new(dir).map_err(|e| fail(1, e.to_string()))?;
             match cli.output {
                 Output::Json => print_json(&serde_json::json!({
                     "cluster_id": id.as_str(),
@@ -548,7 +549,12 @@ async fn cluster(cli: &Cli, cmd: &ClusterCmd) -> Outcome {
                         "  {}  the certificate clients trust (--cacert)",
                         dir.join(CA_CERT).display()
                     );
-                    out!("  {}  the key (0600): copy both files into every initial node's TLS directory", dir.join(CA_KEY).display());
+                    out!("  {}  the key (0600)", dir.join(CA_KEY).display());
+                    out!(
+                        "  {}  the data key that seals secrets (0600)",
+                        dir.join(mcpcp_pki::datakey::DATA_KEY).display()
+                    );
+                    out!("copy all three into every initial node's TLS directory");
                 }
             }
             Ok(())

@@ -55,6 +55,8 @@ pub enum StartError {
     Raft(String),
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
+    #[error("{0} (make it with `mcpctl cluster ca create` and put data.key into every node's TLS directory)")]
+    DataKey(#[from] crate::seal::SealError),
     #[error("binding {what} {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -208,6 +210,7 @@ pub async fn run(
     )?);
     tracing::info!(identity = %node_tls.identity, signs = node_tls.ca.is_some(), "peer identity");
     let channels = PeerChannels::new(Duration::from_millis(500), PeerConnector::new(&node_tls)?);
+    let data_key = crate::seal::DataKey::load(&cfg.tls_dir())?;
     let network = NetworkFactory {
         channels: channels.clone(),
         early_acks: early.as_ref().map(|(_, acks)| acks.clone()),
@@ -289,6 +292,7 @@ pub async fn run(
         registry.clone(),
         pools,
         cfg.pool.clone(),
+        data_key.clone(),
         shutdown.clone(),
     ));
     tasks.spawn(placement::run(
@@ -303,6 +307,7 @@ pub async fn run(
         mcp,
         tls: cfg.api.tls,
         data_dir: cfg.data_dir.clone(),
+        data_key,
     };
     tasks.spawn(api::listener::serve(
         http_listener,

@@ -41,6 +41,7 @@
 //! max_concurrency_per_process = 32
 //! health_interval_ms = 15000        # ping every process this often
 //! answer_spin_us = 100              # a lone call polls this long for its answer (0: never)
+//! inherit_env = ["PATH", "HOME", "LANG", "TMPDIR"]   # what server processes get of mcpd's env
 //!
 //! [runtime]
 //! worker_threads = 0                # 0: one per CPU
@@ -421,6 +422,17 @@ impl Config {
         }
         if self.tls.node_cert_ttl_hours == 0 {
             return Err(invalid("tls.node_cert_ttl_hours", "must be greater than 0"));
+        }
+        if let Some(bad) = self
+            .pool
+            .inherit_env
+            .iter()
+            .find(|n| n.is_empty() || n.contains('=') || n.contains('\0'))
+        {
+            return Err(invalid(
+                "pool.inherit_env",
+                format!("{bad:?} is not an environment variable name"),
+            ));
         }
         if self.mcp.session_idle_timeout_ms == 0 {
             return Err(invalid(

@@ -19,6 +19,7 @@ pub mod raft;
 pub mod recovery;
 pub mod registry;
 pub mod route;
+pub mod seal;
 pub mod shard;
 pub mod shutdown;
 pub mod tls;

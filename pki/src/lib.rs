@@ -13,6 +13,7 @@
 //! cryptography.
 
 pub mod ca;
+pub mod datakey;
 pub mod files;
 pub mod identity;
 pub mod keys;

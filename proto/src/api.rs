@@ -282,6 +282,30 @@ pub struct TenantSpec {
     pub description: Option<String>,
 }
 
+/// What the API shows in place of a secret's value (a server's `env` values). Sent back in
+/// a write, it stands for the value already stored.
+pub const REDACTED: &str = "<redacted>";
+
+impl ServerSpec {
+    /// The spec as the API shows it: `env` names with every value [`REDACTED`].
+    pub fn redacted(&self) -> ServerSpec {
+        let mut spec = self.clone();
+        for v in spec.env.values_mut() {
+            *v = REDACTED.to_string();
+        }
+        spec
+    }
+}
+
+impl Versioned<ServerSpec> {
+    /// The stored server as the API shows it: `env` values [`REDACTED`].
+    pub fn redacted(&self) -> Versioned<ServerSpec> {
+        let mut v = self.clone();
+        v.spec = v.spec.redacted();
+        v
+    }
+}
+
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -5,9 +5,9 @@
 //!
 //! Waiting is always a condition polled until a deadline ([`eventually`]), never a bare sleep.
 //!
-//! Every cluster the harness starts is a cluster of one CA, the harness's own ([`test_ca`]):
-//! each node gets it in its TLS directory before its first start, as an operator installs
-//! it, and every client here ([`https`]) trusts it.
+//! Every cluster the harness starts is a cluster of one CA and data key, the harness's own
+//! ([`test_ca`]): each node gets them in its TLS directory before its first start, as an
+//! operator installs them, and every client here ([`https`]) trusts the CA.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -45,17 +45,19 @@ pub fn test_ca() -> &'static Path {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
         let dir = std::env::temp_dir().join("mcpcp-test-ca");
-        if dir.join("ca.key").exists() && dir.join("ca.pem").exists() {
-            return dir;
+        if !(dir.join("ca.key").exists() && dir.join("ca.pem").exists()) {
+            // Made aside and renamed into place: concurrent test processes agree on one CA.
+            let fresh = std::env::temp_dir().join(format!("mcpcp-test-ca.{}", std::process::id()));
+            let ca = mcpcp_pki::Ca::create(&mcpcp_pki::ClusterId::new("e2e").expect("valid"))
+                .expect("test CA");
+            ca.write(&fresh).expect("write test CA");
+            mcpcp_pki::datakey::write_new(&fresh).expect("write the data key");
+            if std::fs::rename(&fresh, &dir).is_err() {
+                let _ = std::fs::remove_dir_all(&fresh);
+            }
         }
-        // Made aside and renamed into place: concurrent test processes agree on one CA.
-        let fresh = std::env::temp_dir().join(format!("mcpcp-test-ca.{}", std::process::id()));
-        let ca = mcpcp_pki::Ca::create(&mcpcp_pki::ClusterId::new("e2e").expect("valid"))
-            .expect("test CA");
-        ca.write(&fresh).expect("write test CA");
-        if std::fs::rename(&fresh, &dir).is_err() {
-            let _ = std::fs::remove_dir_all(&fresh);
-        }
+        // A CA made before data keys existed gets one.
+        mcpcp_pki::datakey::write_new(&dir).expect("the test data key");
         dir
     })
 }

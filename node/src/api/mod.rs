@@ -30,6 +30,8 @@ pub struct AppState {
     pub tls: crate::tls::edge::EdgeTlsMode,
     /// The node's data directory (a pending admin recovery is read from it).
     pub data_dir: std::path::PathBuf,
+    /// Seals server `env` values before they are written (see `crate::seal`).
+    pub data_key: crate::seal::DataKey,
 }
 
 /// Counts and times every request by route template and status.

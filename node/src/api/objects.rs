@@ -7,7 +7,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use mcpcp_proto::api::{
     CreateTokenRequest, CreatedToken, List, ReplicaStatus, ServerPatch, ServerSpec, ServerStatus,
-    TenantSpec, TokenInfo, Versioned, WriteAck,
+    TenantSpec, TokenInfo, Versioned, WriteAck, REDACTED,
 };
 
 use super::error::ApiError;
@@ -48,8 +48,41 @@ pub async fn list_servers(
     let data = state.registry.local();
     Ok(Json(List {
         revision: data.state.revision,
-        items: data.state.servers.values().cloned().collect(),
+        items: data
+            .state
+            .servers
+            .values()
+            .map(Versioned::redacted)
+            .collect(),
     }))
+}
+
+/// Readies a spec for writing: an `env` value sent back as `"<redacted>"` keeps the value
+/// already stored (`current`); then the spec is validated and every value sealed.
+fn sealed(
+    state: &AppState,
+    mut spec: ServerSpec,
+    current: Option<&ServerSpec>,
+) -> Result<ServerSpec, ApiError> {
+    for (name, value) in spec.env.iter_mut() {
+        if value == REDACTED {
+            *value = current
+                .and_then(|c| c.env.get(name))
+                .cloned()
+                .ok_or_else(|| {
+                    validate::FieldError::new(
+                        format!("env.{name}"),
+                        format!("{REDACTED:?} stands for a value already stored; give the value"),
+                    )
+                })?;
+        }
+    }
+    validate::server_spec(&spec)?;
+    state
+        .data_key
+        .seal_env(&mut spec)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(spec)
 }
 
 pub async fn get_server(
@@ -63,8 +96,7 @@ pub async fn get_server(
     data.state
         .servers
         .get(&name)
-        .cloned()
-        .map(Json)
+        .map(|v| Json(v.redacted()))
         .ok_or_else(|| ApiError::NotFound(format!("server {name:?} not found")))
 }
 
@@ -143,7 +175,7 @@ pub async fn create_server(
     headers: HeaderMap,
     ApiJson(spec): ApiJson<ServerSpec>,
 ) -> Result<(StatusCode, Json<WriteAck>), ApiError> {
-    validate::server_spec(&spec)?;
+    let spec = sealed(&state, spec, None)?;
     let command = Command::PutServer {
         spec,
         precondition: Precondition::Absent,
@@ -166,7 +198,14 @@ pub async fn put_server(
         )
         .into());
     }
-    validate::server_spec(&spec)?;
+    let current = state
+        .registry
+        .local()
+        .state
+        .servers
+        .get(&name)
+        .map(|v| v.spec.clone());
+    let spec = sealed(&state, spec, current.as_ref())?;
     let command = Command::PutServer {
         spec,
         precondition: precondition(&headers, Precondition::None)?,
@@ -192,9 +231,9 @@ pub async fn patch_server(
         .get(&name)
         .cloned()
         .ok_or_else(|| ApiError::NotFound(format!("server {name:?} not found")))?;
-    let mut spec = current.spec;
+    let mut spec = current.spec.clone();
     patch.apply_to(&mut spec);
-    validate::server_spec(&spec)?;
+    let spec = sealed(&state, spec, Some(&current.spec))?;
     let command = Command::PutServer {
         spec,
         precondition: precondition(&headers, Precondition::Revision(current.revision))?,

@@ -59,9 +59,21 @@ pub fn list() -> Value {
         no_arguments(),
     );
     counter["annotations"] = json!({ "readOnlyHint": false, "idempotentHint": false });
+    let mut env_sha256 = tool(
+        "env_sha256",
+        "Returns the SHA-256 (hex) of environment variable `name` of this process, or an error \
+         when it is unset: proves what a process received without showing it.",
+        json!({
+            "type": "object",
+            "properties": { "name": { "type": "string" } },
+            "required": ["name"],
+        }),
+    );
+    env_sha256["annotations"] = json!({ "readOnlyHint": true, "idempotentHint": true });
     let tools = vec![
         echo,
         add,
+        env_sha256,
         tool(
             "sleep",
             "Sleeps `ms` milliseconds, sending `steps` progress notifications when the request \
@@ -244,6 +256,16 @@ pub async fn call(
             std::process::exit(CRASH_STATUS)
         }
         "counter_increment" => Ok(counter_increment(&call)),
+        "env_sha256" => {
+            let name = call.args.str("name")?;
+            Ok(match std::env::var(name) {
+                Ok(v) => {
+                    use sha2::Digest;
+                    tool_ok(vec![content::text(hex::encode(sha2::Sha256::digest(v)))])
+                }
+                Err(_) => tool_error(format!("{name} is not set")),
+            })
+        }
         "test_simple_text" => Ok(tool_ok(vec![content::text(
             "This is a simple text response for testing.",
         )])),

@@ -49,6 +49,9 @@ pub struct PoolConfig {
     /// before letting its thread sleep, in µs (0: never poll). Saves a thread wake-up per call
     /// at low load; costs at most this much CPU per call, and nothing under load.
     pub answer_spin_us: u64,
+    /// The variables of `mcpd`'s own environment a server process inherits (when set, and
+    /// not set by the server's `env`); nothing else of it reaches the process.
+    pub inherit_env: Vec<String>,
 }
 
 impl PoolConfig {
@@ -67,6 +70,7 @@ impl Default for PoolConfig {
             stop_grace_ms: 2_000,
             crash_loop_restarts: 5,
             answer_spin_us: 100,
+            inherit_env: ["PATH", "HOME", "LANG", "TMPDIR"].map(String::from).into(),
         }
     }
 }

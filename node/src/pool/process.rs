@@ -253,7 +253,9 @@ impl Process {
         client_init: Option<Value>,
     ) -> Result<Process, ProcessError> {
         let mut cmd = Command::new(&spec.command);
+        // Only what the spec says: `pool::reconcile` put the inherited variables into it.
         cmd.args(&spec.args)
+            .env_clear()
             .envs(&spec.env)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

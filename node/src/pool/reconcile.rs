@@ -12,6 +12,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use mcpcp_proto::api::{ObjectKind, ServerSpec, Versioned, WatchEvent};
+
+use crate::seal::DataKey;
 use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinSet;
@@ -110,7 +112,15 @@ fn desired(registry: &Registry) -> BTreeMap<String, Versioned<ServerSpec>> {
         .collect()
 }
 
-fn reconcile(registry: &Registry, pools: &Pools, cfg: &PoolConfig, draining: &mut JoinSet<()>) {
+/// Starts, replaces and stops pools so that they match [`desired`]. A server's sealed `env`
+/// values are opened here, for its processes only (see `crate::seal`).
+fn reconcile(
+    registry: &Registry,
+    pools: &Pools,
+    cfg: &PoolConfig,
+    key: &DataKey,
+    draining: &mut JoinSet<()>,
+) {
     let want = desired(registry);
     for (name, spec) in &want {
         let current = pools.get(name);
@@ -120,11 +130,26 @@ fn reconcile(registry: &Registry, pools: &Pools, cfg: &PoolConfig, draining: &mu
         {
             continue;
         }
+        let mut opened = spec.clone();
+        if let Err(e) = key.open_env(&mut opened.spec) {
+            metrics::counter!("mcpd_pool_start_refusals_total", "reason" => "sealed_env")
+                .increment(1);
+            tracing::error!(server = %name, error = %e, "not starting the server: its env does not open with this node's data key (is data.key the cluster's?)");
+            continue;
+        }
+        for inherited in &cfg.inherit_env {
+            if let (false, Ok(v)) = (
+                opened.spec.env.contains_key(inherited),
+                std::env::var(inherited),
+            ) {
+                opened.spec.env.insert(inherited.clone(), v);
+            }
+        }
         tracing::info!(server = %name, revision = spec.revision, replacing = current.is_some(), "starting pool");
         let old = pools.replace(
             name,
             Some(Pool::start(
-                spec.clone(),
+                opened,
                 cfg.clone(),
                 pools.hub.clone(),
                 pools.shards.clone(),
@@ -147,17 +172,23 @@ fn reconcile(registry: &Registry, pools: &Pools, cfg: &PoolConfig, draining: &mu
 }
 
 /// Runs until `shutdown`, then stops every pool.
-pub async fn run(registry: Registry, pools: Pools, cfg: PoolConfig, shutdown: Shutdown) {
+pub async fn run(
+    registry: Registry,
+    pools: Pools,
+    cfg: PoolConfig,
+    key: DataKey,
+    shutdown: Shutdown,
+) {
     let mut sub = registry.subscribe(None).live;
     let mut draining = JoinSet::new();
-    reconcile(&registry, &pools, &cfg, &mut draining);
+    reconcile(&registry, &pools, &cfg, &key, &mut draining);
     loop {
         tokio::select! {
             ev = sub.recv() => match ev {
                 Ok(WatchEvent::Put { kind: ObjectKind::Server | ObjectKind::Placement, .. })
                 | Ok(WatchEvent::Delete { kind: ObjectKind::Server | ObjectKind::Placement, .. })
                 | Ok(WatchEvent::Reset { .. })
-                | Err(RecvError::Lagged(_)) => reconcile(&registry, &pools, &cfg, &mut draining),
+                | Err(RecvError::Lagged(_)) => reconcile(&registry, &pools, &cfg, &key, &mut draining),
                 Ok(_) => {}
                 Err(RecvError::Closed) => break,
             },

@@ -476,10 +476,11 @@ impl State {
     pub fn event_for(&self, change: &Change) -> WatchEvent {
         let value = if change.present {
             match change.kind {
+                // Watchers learn env names, never values (sealed or not).
                 ObjectKind::Server => self
                     .servers
                     .get(&change.name)
-                    .and_then(|v| serde_json::to_value(v).ok()),
+                    .and_then(|v| serde_json::to_value(v.redacted()).ok()),
                 ObjectKind::Tenant => self
                     .tenants
                     .get(&change.name)
@@ -761,10 +762,55 @@ mod tests {
         });
         let text = serde_json::to_string(&ev).expect("serialises");
         assert!(!text.contains("\"h\""), "watch events never carry hashes");
+        // The last admin token cannot be revoked; with another one it can.
+        assert!(matches!(
+            st.apply(req("3", Command::RevokeToken { id: "abc".into() }))
+                .0,
+            Err(ApplyError::InUse { .. })
+        ));
+        let mut second = info.clone();
+        second.id = "def".into();
+        let create_second = Command::CreateToken {
+            info: second,
+            hash: "h2".into(),
+        };
+        assert!(st.apply(req("4", create_second)).0.is_ok());
         assert!(st
-            .apply(req("3", Command::RevokeToken { id: "abc".into() }))
+            .apply(req("5", Command::RevokeToken { id: "abc".into() }))
             .0
             .is_ok());
+        assert_eq!(st.tokens.keys().collect::<Vec<_>>(), ["def"]);
+    }
+
+    #[test]
+    fn a_cluster_is_bootstrapped_once() {
+        let mut st = State::default();
+        let bootstrap = |id: &str| {
+            let info = TokenInfo {
+                id: id.into(),
+                name: "bootstrap-admin".into(),
+                role: Role::Admin,
+                tenant: None,
+                created_at: 1,
+                expires_at: None,
+            };
+            req(
+                id,
+                Command::Bootstrap {
+                    info,
+                    hash: "h".into(),
+                    session_key: "k".into(),
+                },
+            )
+        };
+        assert!(st.apply(bootstrap("first")).0.is_ok());
+        assert_eq!(st.session_key.as_deref(), Some("k"));
+        // Whatever tokens exist (here: none), a second bootstrap is refused.
+        st.tokens.clear();
+        assert!(matches!(
+            st.apply(bootstrap("second")).0,
+            Err(ApplyError::AlreadyInitialized)
+        ));
         assert!(st.tokens.is_empty());
     }
 }
