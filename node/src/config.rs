@@ -50,6 +50,11 @@
 //! [mcp]
 //! allowed_origins = []              # browser origins allowed besides loopback
 //! session_idle_timeout_ms = 1800000
+//! max_sessions_per_tenant = 1000    # live sessions per tenant on this node; more get 429
+//! max_session_info_bytes = 4096     # clientInfo + capabilities an initialize may carry
+//! max_subscriptions_per_session = 256
+//! max_uri_bytes = 2048              # longest resource URI a session may subscribe to
+//! session_state_interval_ms = 1000  # a session's state is replicated at most this often
 //! ```
 
 use std::net::SocketAddr;
@@ -433,6 +438,16 @@ impl Config {
                 "pool.inherit_env",
                 format!("{bad:?} is not an environment variable name"),
             ));
+        }
+        for (field, value) in [
+            ("mcp.max_sessions_per_tenant", self.mcp.max_sessions_per_tenant),
+            ("mcp.max_session_info_bytes", self.mcp.max_session_info_bytes),
+            ("mcp.max_subscriptions_per_session", self.mcp.max_subscriptions_per_session),
+            ("mcp.max_uri_bytes", self.mcp.max_uri_bytes),
+        ] {
+            if value == 0 {
+                return Err(invalid(field, "must be greater than 0"));
+            }
         }
         if self.mcp.session_idle_timeout_ms == 0 {
             return Err(invalid(

@@ -58,6 +58,15 @@ struct Args {
     /// How long a node may be unreachable before its servers are placed elsewhere (ms).
     #[arg(long)]
     placement_grace_ms: Option<u64>,
+    /// A client must send each request's headers (and its TLS handshake) within this (ms).
+    #[arg(long)]
+    header_read_timeout_ms: Option<u64>,
+    /// Open HTTP connections served at once; more are closed on accept.
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Live MCP sessions one tenant may hold on this node.
+    #[arg(long)]
+    max_sessions_per_tenant: Option<usize>,
     /// The TLS directory (cluster CA, this node's certificate); default `<data_dir>/tls`.
     #[arg(long)]
     tls_dir: Option<PathBuf>,
@@ -116,6 +125,9 @@ impl Args {
         set!(self.pool_max_concurrency => pool.max_concurrency_per_process);
         set!(self.placement_grace_ms => route.placement_grace_ms);
         set!(self.api_tls => api.tls);
+        set!(self.header_read_timeout_ms => api.header_read_timeout_ms);
+        set!(self.max_connections => api.max_connections);
+        set!(self.max_sessions_per_tenant => mcp.max_sessions_per_tenant);
         if self.tls_dir.is_some() {
             cfg.tls.dir = self.tls_dir;
         }

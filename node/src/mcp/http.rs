@@ -169,7 +169,45 @@ fn session_key(registry: &crate::registry::Registry) -> Option<Vec<u8>> {
         .and_then(|k| hex::decode(k).ok())
 }
 
-/// Replicates a session's subscriptions and log level, so another node can continue it.
+/// Replicates a session's changed subscriptions and log level, at most once per
+/// `mcp.session_state_interval_ms`: the first change is written at once (before the client's
+/// answer), later ones within the interval are coalesced into one write after it. So a client
+/// that calls `logging/setLevel` or `resources/subscribe` in a loop costs one Raft write per
+/// interval, not one per call (`mcpd_mcp_session_state_writes_total{outcome}`).
+async fn replicate_state(state: &AppState, session: &Arc<Session>) {
+    use std::sync::atomic::Ordering::{AcqRel, Acquire, Release};
+    session.state_dirty.store(true, Release);
+    if session.state_pending.swap(true, AcqRel) {
+        metrics::counter!("mcpd_mcp_session_state_writes_total", "outcome" => "coalesced")
+            .increment(1);
+        return;
+    }
+    session.state_dirty.store(false, Release);
+    replicate(state, session).await;
+    let interval = std::time::Duration::from_millis(state.mcp.config.session_state_interval_ms);
+    let (state, session) = (state.clone(), session.clone());
+    // Ends once an interval passes without a change; bounded by the session's own calls.
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(interval).await;
+            if session.state_dirty.swap(false, AcqRel) {
+                replicate(&state, &session).await;
+                continue;
+            }
+            session.state_pending.store(false, Release);
+            // A change that came in between saw the write under way and left it to us.
+            if session.state_dirty.load(Acquire)
+                && !session.state_pending.swap(true, AcqRel)
+            {
+                continue;
+            }
+            break;
+        }
+    });
+}
+
+/// Writes a session's subscriptions and log level to the registry, so another node can
+/// continue it.
 async fn replicate(state: &AppState, session: &Session) {
     let st = crate::registry::state::SessionState {
         subscriptions: session
@@ -182,12 +220,14 @@ async fn replicate(state: &AppState, session: &Session) {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone(),
+        ended: false,
         expires_at: crate::registry::now_unix() + crate::registry::state::SESSION_STATE_TTL,
     };
     let cmd = crate::registry::state::Command::PutSessionState {
         id: session.id.clone(),
         state: Some(st),
     };
+    metrics::counter!("mcpd_mcp_session_state_writes_total", "outcome" => "written").increment(1);
     if let Err(e) = state.registry.write(cmd).await {
         tracing::warn!(session = %super::session::short(&session.id), error = %e, "session state not replicated; it will not survive this node");
     }
@@ -211,10 +251,19 @@ fn session_of(
             ),
         ));
     };
+    let replicated = state.registry.local().state.sessions.get(id).cloned();
+    if replicated.as_ref().is_some_and(|s| s.ended) {
+        // Ended by its client on some node: over everywhere.
+        mcp.sessions.remove(id);
+        return Err(rpc_error(
+            StatusCode::NOT_FOUND,
+            None,
+            ErrorObject::new(code::INVALID_REQUEST, "session ended: initialize again"),
+        ));
+    }
     let found = mcp.sessions.get(id).or_else(|| {
         // Opened on another node (or before a restart): rebuild it from its signed id.
         let key = session_key(&state.registry)?;
-        let replicated = state.registry.local().state.sessions.get(id).cloned();
         mcp.sessions
             .recover(&key, id, principal, target, replicated)
     });
@@ -347,6 +396,39 @@ async fn initialize(
             )
         }
     };
+    let limits = &state.mcp.config;
+    let carried = params["clientInfo"].to_string().len() + params["capabilities"].to_string().len();
+    if carried > limits.max_session_info_bytes {
+        metrics::counter!("mcpd_mcp_sessions_refused_total", "reason" => "info_size").increment(1);
+        return rpc_error(
+            StatusCode::BAD_REQUEST,
+            Some(id),
+            ErrorObject::new(
+                code::INVALID_PARAMS,
+                format!(
+                    "params.clientInfo and params.capabilities: {carried} bytes, at most {} (mcp.max_session_info_bytes)",
+                    limits.max_session_info_bytes
+                ),
+            ),
+        );
+    }
+    if state.mcp.sessions.count_for(&principal) >= limits.max_sessions_per_tenant {
+        metrics::counter!("mcpd_mcp_sessions_refused_total", "reason" => "per_tenant").increment(1);
+        let mut resp = rpc_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            Some(id),
+            ErrorObject::new(
+                code::INVALID_REQUEST,
+                format!(
+                    "this tenant holds {} live sessions on this node, the most it may (mcp.max_sessions_per_tenant); end unused sessions (DELETE) or retry later",
+                    limits.max_sessions_per_tenant
+                ),
+            ),
+        );
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        return resp;
+    }
     let key = session_key(&state.registry);
     let session = state.mcp.sessions.create(
         key.as_deref(),
@@ -403,24 +485,49 @@ async fn request(
                     format!("params.level: {level:?} is not one of {LEVELS:?}"),
                 )));
             }
-            *session.log_level.lock().unwrap_or_else(|p| p.into_inner()) = Some(level.to_string());
-            replicate(&state, &session).await;
+            let changed = session
+                .log_level
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .replace(level.to_string())
+                .as_deref()
+                != Some(level);
+            if changed {
+                replicate_state(&state, &session).await;
+            }
             return reply(Ok(json!({})));
         }
         "resources/subscribe" | "resources/unsubscribe" => {
             if let Some(uri) = params.as_ref().and_then(|p| p["uri"].as_str()) {
-                {
+                let limits = &state.mcp.config;
+                let changed = {
                     let mut subs = session
                         .subscriptions
                         .lock()
                         .unwrap_or_else(|p| p.into_inner());
                     if method == "resources/subscribe" {
-                        subs.insert(uri.to_string());
+                        if uri.len() > limits.max_uri_bytes {
+                            metrics::counter!("mcpd_mcp_subscriptions_refused_total", "reason" => "uri_length").increment(1);
+                            return reply(Err(ErrorObject::new(
+                                code::INVALID_PARAMS,
+                                format!("params.uri: {} bytes, at most {} (mcp.max_uri_bytes)", uri.len(), limits.max_uri_bytes),
+                            )));
+                        }
+                        if !subs.contains(uri) && subs.len() >= limits.max_subscriptions_per_session {
+                            metrics::counter!("mcpd_mcp_subscriptions_refused_total", "reason" => "per_session").increment(1);
+                            return reply(Err(ErrorObject::new(
+                                code::INVALID_PARAMS,
+                                format!("params.uri: this session already has {} subscriptions, the most it may (mcp.max_subscriptions_per_session)", subs.len()),
+                            )));
+                        }
+                        subs.insert(uri.to_string())
                     } else {
-                        subs.remove(uri);
+                        subs.remove(uri)
                     }
+                };
+                if changed {
+                    replicate_state(&state, &session).await;
                 }
-                replicate(&state, &session).await;
             }
         }
         _ => {}
@@ -773,12 +880,18 @@ pub async fn delete(
             for pool in state.mcp.pools.all() {
                 pool.release(&s.id).await;
             }
-            if state.registry.local().state.sessions.contains_key(&s.id) {
-                let cmd = crate::registry::state::Command::PutSessionState {
-                    id: s.id.clone(),
-                    state: None,
-                };
-                let _ = state.registry.write(cmd).await;
+            // A tombstone, so that no node continues it from its signed id any more.
+            let cmd = crate::registry::state::Command::PutSessionState {
+                id: s.id.clone(),
+                state: Some(crate::registry::state::SessionState {
+                    ended: true,
+                    expires_at: crate::registry::now_unix()
+                        + crate::registry::state::SESSION_STATE_TTL,
+                    ..Default::default()
+                }),
+            };
+            if let Err(e) = state.registry.write(cmd).await {
+                tracing::warn!(session = %super::session::short(&s.id), error = %e, "the end of the session was not replicated; other nodes may still continue it");
             }
             tracing::info!(session = %super::session::short(&s.id), "session ended by the client");
             StatusCode::OK.into_response()

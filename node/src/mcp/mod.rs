@@ -37,6 +37,18 @@ pub struct McpConfig {
     pub allowed_origins: Vec<String>,
     /// A session unused for this long is dropped.
     pub session_idle_timeout_ms: u64,
+    /// Live sessions one tenant (or one admin token) may hold on this node; more get 429.
+    pub max_sessions_per_tenant: usize,
+    /// Bytes of `clientInfo` and `capabilities` an `initialize` may carry (a session's signed
+    /// id carries them).
+    pub max_session_info_bytes: usize,
+    /// Resources one session may subscribe to.
+    pub max_subscriptions_per_session: usize,
+    /// Longest resource URI a session may subscribe to.
+    pub max_uri_bytes: usize,
+    /// A session's changed subscriptions and log level are replicated at most this often
+    /// (one Raft write per session per interval, however many calls changed them).
+    pub session_state_interval_ms: u64,
 }
 
 impl Default for McpConfig {
@@ -44,6 +56,11 @@ impl Default for McpConfig {
         McpConfig {
             allowed_origins: Vec::new(),
             session_idle_timeout_ms: 30 * 60 * 1000,
+            max_sessions_per_tenant: 1000,
+            max_session_info_bytes: 4096,
+            max_subscriptions_per_session: 256,
+            max_uri_bytes: 2048,
+            session_state_interval_ms: 1000,
         }
     }
 }
@@ -56,6 +73,8 @@ pub struct McpState {
     pub sessions: Sessions,
     pub parked: ParkedCalls,
     pub origins: Arc<OriginPolicy>,
+    /// The limits of `[mcp]`.
+    pub config: Arc<McpConfig>,
 }
 
 impl McpState {
@@ -66,6 +85,7 @@ impl McpState {
             sessions: Sessions::new(Duration::from_millis(cfg.session_idle_timeout_ms)),
             parked: ParkedCalls::default(),
             origins: Arc::new(OriginPolicy::new(cfg, advertised_http)),
+            config: Arc::new(cfg.clone()),
         }
     }
 }

@@ -74,6 +74,10 @@ pub struct Session {
     pub standalone: Mutex<Option<u64>>,
     /// Recent SSE events of this session's streams, for resumption with `Last-Event-ID`.
     pub log: Arc<EventLog>,
+    /// Subscriptions or log level changed since they were last replicated.
+    pub state_dirty: std::sync::atomic::AtomicBool,
+    /// A replication of this session's state is under way (see `http::replicate_state`).
+    pub state_pending: std::sync::atomic::AtomicBool,
 }
 
 /// Events stream `s` has sent, so a client that lost its connection can resume with
@@ -407,6 +411,8 @@ impl Sessions {
             next_request: AtomicU64::new(1),
             standalone: Mutex::new(None),
             log: Arc::default(),
+            state_dirty: Default::default(),
+            state_pending: Default::default(),
         });
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         map.insert(id, session.clone());
@@ -435,6 +441,20 @@ impl Sessions {
         metrics::gauge!("mcpd_mcp_sessions", "protocol" => s.protocol_version.clone())
             .decrement(1.0);
         Some(s)
+    }
+
+    /// Live sessions on this node that count against `principal`'s tenant (an admin token
+    /// counts on its own).
+    pub fn count_for(&self, principal: &Principal) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|s| match &principal.tenant {
+                Some(t) => s.principal.tenant.as_ref() == Some(t),
+                None => s.principal.tenant.is_none() && s.principal.token_id == principal.token_id,
+            })
+            .count()
     }
 
     pub fn all(&self) -> Vec<Arc<Session>> {

@@ -100,6 +100,9 @@ pub const RECOVERIES_KEPT: usize = 100;
 pub struct SessionState {
     pub subscriptions: BTreeSet<String>,
     pub log_level: Option<String>,
+    /// The client ended the session (`DELETE`): no node continues it any more.
+    #[serde(default)]
+    pub ended: bool,
     /// Unix seconds after which the state may be dropped.
     pub expires_at: u64,
 }

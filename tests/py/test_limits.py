@@ -1,0 +1,200 @@
+"""Limits that hold under abuse, each tried as an abuser would, on a node with small limits:
+slow headers, too many connections, too many sessions, an oversized session id, subscription
+and setLevel spam. Each excess gets its clear error, the node stays up, and other tenants (and
+other connections) are served. DELETE of a session ends it on every node."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import time
+
+import httpx2
+import pytest
+
+from conftest import CA_CERT, Cluster, start_cluster
+from helpers import legacy_initialize, legacy_post, wait_until
+
+HEADER_TIMEOUT_S = 1.0
+MAX_CONNECTIONS = 12
+MAX_SESSIONS = 5
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> Cluster:
+    c = start_cluster(
+        tmp_path_factory,
+        "limits",
+        1,
+        [
+            f"--header-read-timeout-ms={int(HEADER_TIMEOUT_S * 1000)}",
+            f"--max-connections={MAX_CONNECTIONS}",
+            f"--max-sessions-per-tenant={MAX_SESSIONS}",
+        ],
+    )
+    yield c
+    c.down()
+
+
+def addr(c: Cluster) -> tuple[str, int]:
+    host, port = c.base(0).removeprefix("https://").rsplit(":", 1)
+    return host, int(port)
+
+
+def tls_socket(c: Cluster) -> ssl.SSLSocket:
+    ctx = ssl.create_default_context(cafile=str(CA_CERT))
+    return ctx.wrap_socket(socket.create_connection(addr(c), timeout=10), server_hostname=addr(c)[0])
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the peer closes `sock` within `seconds` (reads until EOF or error)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            if sock.recv(4096) == b"":
+                return True
+        except (TimeoutError, socket.timeout):
+            return False
+        except (ConnectionError, ssl.SSLError, OSError):
+            return True
+    return False
+
+
+def ready(c: Cluster) -> bool:
+    return httpx2.get(f"{c.base(0)}/readyz", timeout=5).status_code == 200
+
+
+def test_a_client_that_sends_its_headers_slowly_is_cut_off(small):
+    before = small.metric("mcpd_http_connections_closed_total", 'reason="header_read_timeout"') or 0
+    slow = tls_socket(small)
+    slow.sendall(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    # One header line every 300 ms: each arrives in time, the whole never does.
+    deadline = time.monotonic() + 5 * HEADER_TIMEOUT_S
+    cut = False
+    for i in range(int(5 * HEADER_TIMEOUT_S / 0.3)):
+        try:
+            slow.sendall(f"X-Slow-{i}: x\r\n".encode())
+        except (ConnectionError, ssl.SSLError, OSError):
+            cut = True
+            break
+        if closed_within(slow, 0.3):
+            cut = True
+            break
+    assert cut and time.monotonic() < deadline, "a slowloris connection stayed open"
+    assert ready(small), "the node stopped serving"
+    wait_until(
+        lambda: (small.metric("mcpd_http_connections_closed_total", 'reason="header_read_timeout"') or 0) > before,
+        10,
+        "the cut connection counted",
+    )
+
+
+def test_connections_past_the_cap_are_closed_at_once_not_queued(small):
+    before = small.metric("mcpd_http_connections_refused_total", 'reason="max_connections"') or 0
+    # Plain TCP connections that never start TLS hold their places until the handshake
+    # timeout; open them all, then one more.
+    held = [socket.create_connection(addr(small), timeout=5) for _ in range(MAX_CONNECTIONS)]
+    try:
+        extra = socket.create_connection(addr(small), timeout=5)
+        assert closed_within(extra, HEADER_TIMEOUT_S / 2), "the connection past the cap was queued"
+        extra.close()
+    finally:
+        for s in held:
+            s.close()
+    # Once they are gone, the node serves again, and the refusal was counted.
+    wait_until(lambda: ready(small) or None, 10, "the node to serve again")
+    after = small.metric("mcpd_http_connections_refused_total", 'reason="max_connections"') or 0
+    assert after > before
+
+
+def test_sessions_past_the_tenant_cap_get_429_and_other_tenants_are_served(small):
+    url = small.url(0, "demo")
+    sessions = [legacy_initialize(url, small.token) for _ in range(MAX_SESSIONS)]
+    r = legacy_post(url, small.token, INITIALIZE)
+    assert r.status_code == 429, r.text
+    assert r.headers.get("retry-after"), r.headers
+    assert "mcp.max_sessions_per_tenant" in r.json()["error"]["message"]
+    # Another tenant is served.
+    small.mcpctl("tenant", "add", "other")
+    other = small.mcpctl("token", "create", "--tenant", "other", "--name", "o").strip()
+    legacy_initialize(url, other)
+    # Ending one frees its place.
+    r = httpx2.delete(
+        url,
+        headers={"Authorization": f"Bearer {small.token}", "Mcp-Session-Id": sessions[0]},
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    legacy_initialize(url, small.token)
+
+
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}},
+}
+
+
+def test_an_oversized_client_info_is_refused_naming_the_field(small):
+    big = json.loads(json.dumps(INITIALIZE))
+    big["params"]["clientInfo"]["padding"] = "x" * 300_000
+    r = legacy_post(small.url(0, "demo"), small.token, big)
+    assert r.status_code == 400, r.text
+    assert "params.clientInfo" in r.json()["error"]["message"]
+    assert "mcp.max_session_info_bytes" in r.json()["error"]["message"]
+    assert ready(small)
+
+
+def revision(c: Cluster) -> int:
+    return json.loads(c.mcpctl("cluster", "status", "-o", "json"))["revision"]
+
+
+def test_subscription_and_set_level_spam_costs_a_bounded_number_of_raft_writes(cluster):
+    url = cluster.url(0, "demo")
+    sid = legacy_initialize(url, cluster.token)
+
+    def call(method: str, params: dict, i: int) -> dict:
+        r = legacy_post(url, cluster.token, {"jsonrpc": "2.0", "id": i, "method": method, "params": params}, session=sid)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    start = revision(cluster)
+    began = time.monotonic()
+    for i in range(200):
+        assert "error" not in call("logging/setLevel", {"level": ["debug", "info"][i % 2]}, i)
+    spent = time.monotonic() - began
+    # One write at once, then at most one per second (mcp.session_state_interval_ms) while
+    # the loop ran, and one after it: far fewer than the 200 calls.
+    wait_until(lambda: revision(cluster) > start or None, 10, "the level replicated")
+    bound = 2 + int(spent) + 1 + 2  # + 2: a placement or other session may write meanwhile
+    assert revision(cluster) - start <= bound, (revision(cluster) - start, bound)
+
+    # Subscriptions: a URI past the length limit, and more than the per-session cap.
+    r = call("resources/subscribe", {"uri": "demo://" + "x" * 3000}, 1000)
+    assert "params.uri" in r["error"]["message"] and "mcp.max_uri_bytes" in r["error"]["message"], r
+    refused = None
+    for i in range(300):
+        r = call("resources/subscribe", {"uri": f"demo://resource/{i}"}, 2000 + i)
+        if "error" in r and "mcp.max_subscriptions_per_session" in r["error"]["message"]:
+            refused = i
+            break
+    assert refused == 256, refused
+
+
+def test_deleting_a_session_ends_it_on_every_node(cluster):
+    url0, url1 = cluster.url(0, "demo"), cluster.url(1, "demo")
+    sid = legacy_initialize(url0, cluster.token)
+    ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+    # Node 1 continues it (and caches it) before the end.
+    assert legacy_post(url1, cluster.token, ping, session=sid).status_code == 200
+    r = httpx2.delete(url0, headers={"Authorization": f"Bearer {cluster.token}", "Mcp-Session-Id": sid}, timeout=10)
+    assert r.status_code == 200, r.text
+    wait_until(
+        lambda: legacy_post(url1, cluster.token, ping, session=sid).status_code == 404 or None,
+        10,
+        "node 1 to refuse the ended session",
+    )
+    assert legacy_post(cluster.url(2, "demo"), cluster.token, ping, session=sid).status_code == 404
