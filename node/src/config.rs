@@ -440,9 +440,18 @@ impl Config {
             ));
         }
         for (field, value) in [
-            ("mcp.max_sessions_per_tenant", self.mcp.max_sessions_per_tenant),
-            ("mcp.max_session_info_bytes", self.mcp.max_session_info_bytes),
-            ("mcp.max_subscriptions_per_session", self.mcp.max_subscriptions_per_session),
+            (
+                "mcp.max_sessions_per_tenant",
+                self.mcp.max_sessions_per_tenant,
+            ),
+            (
+                "mcp.max_session_info_bytes",
+                self.mcp.max_session_info_bytes,
+            ),
+            (
+                "mcp.max_subscriptions_per_session",
+                self.mcp.max_subscriptions_per_session,
+            ),
             ("mcp.max_uri_bytes", self.mcp.max_uri_bytes),
         ] {
             if value == 0 {

@@ -97,6 +97,8 @@ pub fn binary(name: &str) -> PathBuf {
 pub struct Node {
     pub id: u64,
     pub member: Member,
+    /// `https`, or `http` for a node started with `--api-tls off`.
+    pub scheme: &'static str,
     pub data_dir: PathBuf,
     pub log: PathBuf,
     child: Option<Child>,
@@ -104,7 +106,7 @@ pub struct Node {
 
 impl Node {
     pub fn url(&self) -> String {
-        format!("https://{}", self.member.http_addr)
+        format!("{}://{}", self.scheme, self.member.http_addr)
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -209,11 +211,17 @@ impl Cluster {
             },
         )
         .await;
+        let plain = self
+            .args
+            .windows(2)
+            .any(|w| w[0] == "--api-tls" && w[1] == "off")
+            || self.args.iter().any(|a| a == "--api-tls=off");
         self.nodes.insert(
             id,
             Node {
                 id,
                 member: member.clone(),
+                scheme: if plain { "http" } else { "https" },
                 data_dir: data,
                 log,
                 child: Some(child),

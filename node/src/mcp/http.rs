@@ -196,9 +196,7 @@ async fn replicate_state(state: &AppState, session: &Arc<Session>) {
             }
             session.state_pending.store(false, Release);
             // A change that came in between saw the write under way and left it to us.
-            if session.state_dirty.load(Acquire)
-                && !session.state_pending.swap(true, AcqRel)
-            {
+            if session.state_dirty.load(Acquire) && !session.state_pending.swap(true, AcqRel) {
                 continue;
             }
             break;
@@ -510,10 +508,15 @@ async fn request(
                             metrics::counter!("mcpd_mcp_subscriptions_refused_total", "reason" => "uri_length").increment(1);
                             return reply(Err(ErrorObject::new(
                                 code::INVALID_PARAMS,
-                                format!("params.uri: {} bytes, at most {} (mcp.max_uri_bytes)", uri.len(), limits.max_uri_bytes),
+                                format!(
+                                    "params.uri: {} bytes, at most {} (mcp.max_uri_bytes)",
+                                    uri.len(),
+                                    limits.max_uri_bytes
+                                ),
                             )));
                         }
-                        if !subs.contains(uri) && subs.len() >= limits.max_subscriptions_per_session {
+                        if !subs.contains(uri) && subs.len() >= limits.max_subscriptions_per_session
+                        {
                             metrics::counter!("mcpd_mcp_subscriptions_refused_total", "reason" => "per_session").increment(1);
                             return reply(Err(ErrorObject::new(
                                 code::INVALID_PARAMS,

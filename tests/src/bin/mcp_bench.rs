@@ -123,6 +123,10 @@ struct Args {
     /// comparison goals then have nothing to compare with.
     #[arg(long)]
     no_peers: bool,
+    /// Serve mcpd's edge as plain HTTP (`--api-tls off`; gRPC between nodes stays mutual
+    /// TLS): run once with it and once without, same build, for the cost of TLS.
+    #[arg(long)]
+    plain_edge: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -369,16 +373,46 @@ struct HttpTarget {
 /// way a load generator (wrk, oha) measures a server rather than its own client library.
 struct HttpConn {
     send: http1::SendRequest<Full<Bytes>>,
-    conn: Pin<Box<http1::Connection<TokioIo<TcpStream>, Full<Bytes>>>>,
+    /// The connection's driver: plain TCP, or TLS for an `https://` target.
+    conn: Pin<Box<dyn std::future::Future<Output = Result<(), hyper::Error>> + Send>>,
+}
+
+/// The TLS client of every `https://` connection (trusting the harness's CA): one
+/// configuration, so reconnects resume their TLS sessions, as a long-lived client's would.
+fn tls_client() -> tokio_rustls::TlsConnector {
+    static CONFIG: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+    let config = CONFIG.get_or_init(|| {
+        Arc::new(
+            mcpcp_pki::trust::client_config(Some(&mcpcp_tests::test_ca_cert()), &[b"http/1.1"])
+                .expect("TLS client configuration"),
+        )
+    });
+    tokio_rustls::TlsConnector::from(config.clone())
 }
 
 impl HttpConn {
-    async fn connect(authority: &str) -> Result<HttpConn, String> {
+    async fn connect(authority: &str, tls: bool) -> Result<HttpConn, String> {
         let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(authority))
             .await
             .map_err(|_| format!("connecting to {authority}: no answer within 2 s"))?
             .map_err(|e| format!("connecting to {authority}: {e}"))?;
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        if !tls {
+            let (send, conn) = http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| root_cause(&e))?;
+            return Ok(HttpConn {
+                send,
+                conn: Box::pin(conn),
+            });
+        }
+        let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+        let name = rustls::pki_types::ServerName::try_from(host.to_string())
+            .map_err(|e| format!("{host}: {e}"))?;
+        let stream = tls_client()
+            .connect(name, stream)
+            .await
+            .map_err(|e| format!("TLS with {authority}: {e}"))?;
         let (send, conn) = http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| root_cause(&e))?;
@@ -415,9 +449,10 @@ impl HttpConn {
 /// One MCP session on Streamable HTTP, over one connection (re-opened after an error).
 struct HttpSession {
     target: HttpTarget,
-    /// `host:port` and path of `target.url`.
+    /// `host:port` and path of `target.url`, and whether it is `https://`.
     authority: String,
     path: String,
+    tls: bool,
     /// `Authorization` of every request, when the target has a token.
     bearer: Option<String>,
     conn: Option<HttpConn>,
@@ -444,6 +479,7 @@ impl HttpSession {
             target: target.clone(),
             authority,
             path,
+            tls: uri.scheme_str() == Some("https"),
             bearer: target.token.as_ref().map(|t| format!("Bearer {t}")),
             conn: None,
             session: None,
@@ -496,12 +532,15 @@ impl HttpSession {
         bound: Duration,
     ) -> Result<(http::response::Parts, Bytes), String> {
         let HttpSession {
-            authority, conn, ..
+            authority,
+            conn,
+            tls,
+            ..
         } = self;
         let outcome = tokio::time::timeout(bound, async {
             let c = match conn {
                 Some(c) => c,
-                None => conn.insert(HttpConn::connect(authority).await?),
+                None => conn.insert(HttpConn::connect(authority, *tls).await?),
             };
             c.exchange(req).await
         })
@@ -1329,7 +1368,8 @@ async fn bench_pools(
                 .context("patching demo's pool_size")?;
             mcp.demo_pool.store(pool.into(), Ordering::Relaxed);
         }
-        wait_pool_ready(http, &base, "demo", pool, READY_WITHIN).await?;
+        let token = &mcp.cluster.admin_token;
+        wait_pool_ready(http, &base, token, "demo", pool, READY_WITHIN).await?;
         wait_callable(&target, READY_WITHIN, None).await?;
         if let Some(conn) = floor {
             let row = run_level(
@@ -1364,9 +1404,16 @@ async fn bench_pools(
 }
 
 /// Ready processes of `server`'s pool on the node at `base`, from its metrics.
-async fn pool_ready(http: &reqwest::Client, base: &str, server: &str) -> Result<u64, String> {
+/// Ready processes of `server` on the node at `base`, from its `/metrics` (read with `token`).
+async fn pool_ready(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    server: &str,
+) -> Result<u64, String> {
     let text = http
         .get(format!("{base}/metrics"))
+        .bearer_auth(token)
         .send()
         .await
         .map_err(|e| root_cause(&e))?
@@ -1389,13 +1436,14 @@ async fn pool_ready(http: &reqwest::Client, base: &str, server: &str) -> Result<
 async fn wait_pool_ready(
     http: &reqwest::Client,
     base: &str,
+    token: &str,
     server: &str,
     n: u32,
     within: Duration,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + within;
     loop {
-        let r = pool_ready(http, base, server).await;
+        let r = pool_ready(http, base, token, server).await;
         if r == Ok(u64::from(n)) {
             return Ok(());
         }
@@ -1518,9 +1566,14 @@ struct Mcp {
 }
 
 impl Mcp {
-    async fn start(mcpd: &Path) -> anyhow::Result<Mcp> {
-        eprintln!("mcpd: starting 3 nodes ({})", mcpd.display());
-        let cluster = Cluster::start(3).await;
+    async fn start(mcpd: &Path, plain_edge: bool) -> anyhow::Result<Mcp> {
+        let edge = if plain_edge { "plain HTTP" } else { "HTTPS" };
+        eprintln!("mcpd: starting 3 nodes ({}, edge {edge})", mcpd.display());
+        let cluster = if plain_edge {
+            Cluster::start_with(3, &["--api-tls", "off"]).await
+        } else {
+            Cluster::start(3).await
+        };
         let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
         let admin = cluster.client();
         let no_opts = CallOptions::default();
@@ -1662,7 +1715,8 @@ async fn bench_routing(
     let path = "/servers/solo/mcp";
     let local_t = mcp.target(local, path, "echo");
     let remote_t = mcp.target(remote, path, "echo");
-    wait_pool_ready(http, &mcp.url(local), "solo", 2, READY_WITHIN).await?;
+    let token = &mcp.cluster.admin_token;
+    wait_pool_ready(http, &mcp.url(local), token, "solo", 2, READY_WITHIN).await?;
     wait_callable(&local_t, READY_WITHIN, None).await?;
     wait_callable(&remote_t, READY_WITHIN, None).await?;
     let local_name = format!("solo (replicas 1): local pool, node {local}");
@@ -1737,6 +1791,7 @@ async fn start_bridge(
     let mut cmd = Command::new(&bin);
     cmd.args(["--url", &urls.join(","), "--log-level", level])
         .env("MCP_BRIDGE_TOKEN", &mcp.token)
+        .env("MCP_BRIDGE_CACERT", mcpcp_tests::test_ca_cert())
         .env_remove("RUST_LOG")
         .env_remove("MCP_BRIDGE_URL");
     let log = logs.join(format!("{name}.log"));
@@ -2223,7 +2278,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .context("log dir")?;
     // The client of the harness's own requests (admin API, readiness, placement); the measured
     // calls go through `HttpSession`'s own connections.
-    let http = reqwest::Client::builder()
+    let http = mcpctl::https::client_builder(Some(&mcpcp_tests::test_ca_cert()))?
         .connect_timeout(Duration::from_secs(2))
         .timeout(REQUEST_TIMEOUT)
         .pool_max_idle_per_host(1024)
@@ -2253,7 +2308,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     // Every section past the data plane's peers needs the cluster.
     if !sections.is_empty() {
-        let mut mcp = Mcp::start(&mcpd).await?;
+        let mut mcp = Mcp::start(&mcpd, args.plain_edge).await?;
         if sections.contains(&Section::Data) {
             let conn = floor.as_ref().map(|(_, c)| c);
             if let Err(e) = bench_pools(&http, &mcp, conn, &args, &mut report).await {
