@@ -220,6 +220,17 @@ impl AdminClient {
         .await
     }
 
+    /// Asks the node this client reaches first to issue itself new certificates now.
+    pub async fn rotate_certs(&self) -> Result<serde_json::Value, ClientError> {
+        self.call::<(), serde_json::Value>(
+            Method::POST,
+            "/v1/node/rotate-certs",
+            None,
+            &CallOptions::default(),
+        )
+        .await
+    }
+
     pub async fn remove_node(&self, id: u64) -> Result<(), ClientError> {
         self.call::<(), Empty>(
             Method::DELETE,

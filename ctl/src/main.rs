@@ -150,6 +150,9 @@ enum ClusterCmd {
     },
     /// Remove a node from the membership.
     RemoveNode { id: u64 },
+    /// Every member issues itself new certificates now (peer and HTTPS), without a restart;
+    /// connections already open stay up. Nodes also renew by themselves before expiry.
+    RotateCerts,
     /// The cluster's certificate authority.
     #[command(subcommand)]
     Ca(CaCmd),
@@ -518,6 +521,29 @@ async fn cluster(cli: &Cli, cmd: &ClusterCmd) -> Outcome {
             client(cli)?.remove_node(*id).await?;
             if cli.output == Output::Table {
                 out!("node {id} removed");
+            }
+            Ok(())
+        }
+        ClusterCmd::RotateCerts => {
+            let c = client(cli)?;
+            let status = c.cluster_status().await?;
+            let mut rotated = Vec::new();
+            for m in &status.members {
+                let answer = c.for_endpoint(&m.http_addr).rotate_certs().await?;
+                rotated.push(answer);
+            }
+            match cli.output {
+                Output::Json => print_json(&rotated),
+                Output::Table => {
+                    for r in &rotated {
+                        out!(
+                            "node {}: new certificates (peer until {}, HTTPS until {})",
+                            r["node"],
+                            r["peer_not_after"],
+                            r["edge_not_after"]
+                        );
+                    }
+                }
             }
             Ok(())
         }

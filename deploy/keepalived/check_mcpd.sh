@@ -9,9 +9,10 @@
 #   URL      default https://127.0.0.1:7400/readyz (the certificate a node issues itself
 #            always names 127.0.0.1)
 #   CA_FILE  the cluster CA's certificate that the node's HTTPS certificate must chain to;
-#            default $MCPD_CACERT, else /etc/mcpd/ca.pem. It is public (ca.pem, never ca.key):
-#            keepalived runs this script as an unprivileged user (script_user), which cannot
-#            read the node's TLS directory, so install a copy readable by everyone:
+#            default $MCPD_CACERT, else /etc/mcpd/ca.pem. It is public (ca.pem, never ca.key
+#            or data.key): keepalived runs this script as an unprivileged user
+#            (script_user), which cannot read the node's TLS directory, so install a copy
+#            readable by everyone:
 #            install -m 0644 pki/ca.pem /etc/mcpd/ca.pem
 #            With `[api] tls = "files"`, give the CA of your own certificate instead.
 #            With `[api] tls = "off"` (behind a TLS-terminating load balancer), pass an

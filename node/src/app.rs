@@ -308,6 +308,10 @@ pub async fn run(
         tls: cfg.api.tls,
         data_dir: cfg.data_dir.clone(),
         data_key,
+        certs: crate::tls::Certificates {
+            node: node_tls.clone(),
+            edge: edge.clone(),
+        },
     };
     tasks.spawn(api::listener::serve(
         http_listener,

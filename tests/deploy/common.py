@@ -325,15 +325,29 @@ def sourced_env(path):
     return dict(kv.split("=", 1) for kv in r.stdout.decode().split("\0") if "=" in kv)
 
 
+# What `mcpctl cluster ca create` makes and every node's TLS directory must hold before its
+# first start: the CA's certificate and key, and the cluster's data key (it seals server `env`
+# values at rest; the same on every node, never replicated).
+CLUSTER_FILES = ("ca.pem", "ca.key", "data.key")
+
+
 def make_ca(directory, cluster_id):
-    """`mcpctl cluster ca create`: directory/ca.pem and directory/ca.key (0600)."""
+    """`mcpctl cluster ca create`: directory/ca.pem, and directory/ca.key and directory/data.key
+    (0600; the data key 64 hex digits). Returns the three paths."""
     r = run([binary("mcpctl"), "cluster", "ca", "create", "--dir", directory, "--cluster-id", cluster_id], timeout=30)
     if r.returncode != 0:
         raise RuntimeError(f"mcpctl cluster ca create: exit {r.returncode}: {(r.stdout + r.stderr).strip()[-500:]}")
-    for f in ("ca.pem", "ca.key"):
+    for f in CLUSTER_FILES:
         if not os.path.isfile(os.path.join(directory, f)):
             raise RuntimeError(f"mcpctl cluster ca create wrote no {f} in {directory}")
-    return os.path.join(directory, "ca.pem"), os.path.join(directory, "ca.key")
+    for f in ("ca.key", "data.key"):
+        mode = os.stat(os.path.join(directory, f)).st_mode & 0o777
+        if mode != 0o600:
+            raise RuntimeError(f"mcpctl cluster ca create wrote {f} with mode {oct(mode)}, not 0600")
+    with open(os.path.join(directory, "data.key")) as f:
+        if not re.fullmatch(r"[0-9a-f]{64}", f.read().strip()):
+            raise RuntimeError(f"{directory}/data.key is not 64 hex digits")
+    return tuple(os.path.join(directory, f) for f in CLUSTER_FILES)
 
 
 def loose_modes(root):
@@ -360,14 +374,15 @@ def openssl_cert(d, name, sans, cn="deploy-check"):
 
 
 def install_ca(ca_dir, tls_dir):
-    """Puts the cluster CA into a node's TLS directory as an operator does before its first
-    start: the directory and the data directory holding it 0700, ca.pem and ca.key 0600."""
+    """Puts the cluster CA and data key into a node's TLS directory as an operator does before
+    its first start: the directory and the data directory holding it 0700; ca.pem, ca.key and
+    data.key 0600, copied from ca_dir (so every node made from one ca_dir has the same keys)."""
     data = os.path.dirname(os.path.abspath(tls_dir))
     os.makedirs(data, mode=0o700, exist_ok=True)
     os.chmod(data, 0o700)
     os.makedirs(tls_dir, mode=0o700, exist_ok=True)
     os.chmod(tls_dir, 0o700)
-    for f in ("ca.pem", "ca.key"):
+    for f in CLUSTER_FILES:
         dst = os.path.join(tls_dir, f)
         with open(os.path.join(ca_dir, f), "rb") as src, open(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
             out.write(src.read())

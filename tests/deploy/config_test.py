@@ -2,14 +2,16 @@
 """deploy/systemd/mcpd.toml.example against the mcpd it configures.
 
 - Its keys are exactly those of mcpd's `Config` (the `pub struct XxxConfig`s in node/src), set
-  to their defaults or, for keys without one, shown commented out; the TLS and connection-limit
+  (to their defaults, or to values for the deployment the example describes) or, for keys
+  without a default, shown commented out; the TLS and connection-limit
   keys each have a comment; `tls_names` names keepalived's VIP and the name HAProxy verifies.
-- mcpd starts with it (the cluster CA installed in its TLS directory as deploy/README.md says)
-  and stops cleanly on SIGTERM, in each HTTPS mode: `cluster` (HTTPS verified with the cluster
-  CA, the certificate names `tls_names`, /readyz reports the mode, /metrics needs a token, no
-  plain HTTP), `off` (plain HTTP and a warning at start) and `files` (the operator's
-  certificate, reloaded when its files are replaced). Its data directory stays 0700 and its
-  files 0600.
+- mcpd starts with it (the cluster CA and data key installed in its TLS directory as
+  deploy/README.md says) and stops cleanly on SIGTERM, in each HTTPS mode: `cluster` (HTTPS
+  verified with the cluster CA, the certificate names `tls_names`, /readyz reports the mode,
+  /metrics needs a token, no plain HTTP), `off` (plain HTTP and a warning at start) and
+  `files` (the operator's certificate, reloaded when its files are replaced). Its data
+  directory stays 0700 and its files 0600, and the installed keys are left as they were.
+- Without data.key in its TLS directory mcpd does not start, and says which file it lacks.
 """
 
 import glob
@@ -27,7 +29,8 @@ import tomllib
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    DEPLOY, ROOT, Results, binary, http, install_ca, loose_modes, make_ca, openssl_cert, wait_until,
+    CLUSTER_FILES, DEPLOY, ROOT, Results, binary, http, install_ca, loose_modes, make_ca, openssl_cert,
+    wait_until,
 )
 
 R = Results()
@@ -231,6 +234,7 @@ def toml_example():
             R.fail("mcpd starts with mcpd.toml.example", f"no cluster CA to start it with: {e}")
             return
         example_cluster_mode(text, os.path.join(d, "cluster"), pki, names)
+        example_without_data_key(text, os.path.join(d, "nokey"), pki)
         example_off_mode(text, os.path.join(d, "off"), pki)
         example_files_mode(text, os.path.join(d, "files"), pki)
 
@@ -279,12 +283,41 @@ def example_cluster_mode(text, d, pki, names):
     R.check(start, ep is not None and rc == 0, f"exit status {rc} after SIGTERM: {node.tail()}" if ep else "; ".join(problems)[-900:])
     if ep:
         bad = loose_modes(node.data)
-        tls_files = os.listdir(os.path.join(node.data, "tls"))
+        tls_dir = os.path.join(node.data, "tls")
+        tls_files = os.listdir(tls_dir)
         if not {"node.pem", "node.key"} <= set(tls_files):
             bad.append(f"no node.pem/node.key in the TLS directory (it has {sorted(tls_files)})")
+        for f in CLUSTER_FILES:
+            with open(os.path.join(pki, f), "rb") as a:
+                installed = a.read()
+            path = os.path.join(tls_dir, f)
+            if not os.path.exists(path) or open(path, "rb").read() != installed:
+                bad.append(f"tls/{f} is not the installed one any more")
         R.check(perms, not bad, "; ".join(bad[:8]))
     else:
         R.skip(perms, "mcpd did not start")
+
+
+def example_without_data_key(text, d, pki):
+    """The CA installed but not data.key: the node must refuse to start, naming the file."""
+    name = "mcpd refuses to start without data.key in its TLS directory, and names it"
+    install_ca(pki, os.path.join(d, "data", "tls"))
+    os.remove(os.path.join(d, "data", "tls", "data.key"))
+    node = Mcpd(d, example_for(text, d))
+    problems = []
+    try:
+        wait_until("mcpd exits", lambda: node.p.poll() is not None, 20, every=0.1)
+    except TimeoutError:
+        problems.append("it is still running after 20s")
+    rc = node.stop()
+    if rc == 0:
+        problems.append("exit status 0")
+    if os.path.exists(os.path.join(d, "data", "endpoints.json")):
+        problems.append("it listened (wrote endpoints.json)")
+    tail = node.tail()
+    if "data.key" not in tail:
+        problems.append(f"its error does not name data.key: {tail[-300:]}")
+    R.check(name, not problems, "; ".join(problems), f"exit {rc}: {tail.splitlines()[0][:120] if tail else ''}")
 
 
 def example_off_mode(text, d, pki):

@@ -11,7 +11,9 @@ mcpd.toml is config_test.py's.
 
 TLS everywhere: the Prometheus scrape is HTTPS with a CA file and a token file, the example
 config documents every TLS key, every probe and client in deploy/ speaks https:// with the
-cluster CA, and nothing turns certificate verification off.
+cluster CA, and nothing turns certificate verification off. The cluster's data key goes
+wherever the CA key goes: compose's mcpd-pki script (run here without Docker) and every
+install instruction in deploy/.
 """
 
 import glob
@@ -534,10 +536,13 @@ def compose_tls(services, prom, dockerfile):
 
 
 def compose_pki_script(pki):
-    """mcpd-pki's script, run twice here with its volumes as directories of a temporary one
-    (no Docker engine): a CA in every node's tls/ (0700, files 0600), the public ca.pem for
-    Prometheus, and a second run that changes nothing."""
-    name = "docker: mcpd-pki's script installs one CA in every node (0700/0600) and ca.pem for Prometheus, idempotently"
+    """mcpd-pki's script, run here with its volumes as directories of a temporary one (no
+    Docker engine): the same CA and data key in every node's tls/ (0700, files 0600), the
+    public ca.pem for Prometheus and no key in its volume; a second run that changes nothing;
+    volumes from before data keys (no data.key anywhere) given one, the same on every node, CA
+    kept; and a node whose data.key differs from mcpd-1's stops the script, its key untouched."""
+    name = ("docker: mcpd-pki's script installs one CA and one data key in every node (0700/0600) and ca.pem "
+            "for Prometheus, idempotently, upgrades volumes without data.key, refuses differing keys")
     if not os.access(binary("mcpctl"), os.X_OK):
         R.skip(name, f"{binary('mcpctl')} not built")
         return
@@ -550,10 +555,11 @@ def compose_pki_script(pki):
         mounts = list(pki.get("tmpfs", [])) + [v.split(":")[1] for v in pki.get("volumes", [])]
         for mount in mounts:
             os.makedirs(d + mount.split(":")[0], exist_ok=True)
+        # A path starts after white space, a quote or `=` (a shell assignment).
         for top in {"/" + m.split(":")[0].split("/")[1] for m in mounts}:
-            script = re.sub(rf"(?<=[\s\"]){re.escape(top)}(?=[/\s\"]|$)", d + top, script, flags=re.M)
+            script = re.sub(rf"(?<=[\s\"=]){re.escape(top)}(?=[/\s\"]|$)", d + top, script, flags=re.M)
         # Never let it touch the host's own /nodes, /pki ...: every path must be under d now.
-        stray = [p for p in re.findall(r"(?<=[\s\"])/[^\s\"]*", script) if not p.startswith(d + "/")]
+        stray = [p for p in re.findall(r"(?<=[\s\"=])/[^\s\"]*", script) if not p.startswith(d + "/")]
         if stray:
             R.fail(name, f"the script names paths outside its volumes, not run: {sorted(set(stray))}")
             return
@@ -561,27 +567,74 @@ def compose_pki_script(pki):
         os.makedirs(bindir)
         os.symlink(binary("mcpctl"), os.path.join(bindir, "mcpctl"))
         env = {**os.environ, "PATH": f"{bindir}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
-        problems, keys = [], []
-        for attempt in (1, 2):
+        nodes = (1, 2, 3)
+
+        def tls(n, f):
+            return f"{d}/nodes/{n}/tls/{f}"
+
+        def keys():
+            """{file: [node 1's, node 2's, node 3's]} of the two keys (None where missing)."""
+            return {f: [open(tls(n, f), "rb").read() if os.path.exists(tls(n, f)) else None for n in nodes]
+                    for f in ("ca.key", "data.key")}
+
+        def run_script(what):
             r = run(["sh", "-c", script], env=env, timeout=60)
             if r.returncode != 0:
-                problems.append(f"run {attempt}: exit {r.returncode}: {(r.stdout + r.stderr).strip()[-300:]}")
+                problems.append(f"{what}: exit {r.returncode}: {(r.stdout + r.stderr).strip()[-300:]}")
+            # What it made on /pki (a tmpfs in compose) must not outlive the container.
+            shutil.rmtree(f"{d}/pki", ignore_errors=True)
+            os.makedirs(f"{d}/pki")
+            return r
+
+        problems, seen = [], []
+        for attempt in ("first run", "second run"):
+            run_script(attempt)
+            if problems:
                 break
-            keys.append([open(f"{d}/nodes/{n}/tls/ca.key", "rb").read() for n in (1, 2, 3)])
+            seen.append(keys())
         if not problems:
-            if any(k != keys[0][0] for run_keys in keys for k in run_keys):
-                problems.append("the nodes do not all hold the same CA key, or the second run made another")
-            for n in (1, 2, 3):
-                for rel, want in (("", 0o700), ("/tls", 0o700), ("/tls/ca.key", 0o600), ("/tls/ca.pem", 0o600)):
-                    mode = os.stat(f"{d}/nodes/{n}{rel}").st_mode & 0o777
+            for f in ("ca.key", "data.key"):
+                if len({k for ks in seen for k in ks[f]}) != 1 or None in seen[0][f]:
+                    problems.append(f"the nodes do not all hold the same {f}, or the second run made another")
+            if not re.fullmatch(rb"[0-9a-f]{64}\n?", seen[0]["data.key"][0] or b""):
+                problems.append("data.key is not 64 hex digits")
+            for n in nodes:
+                for rel, want in (("", 0o700), ("/tls", 0o700), ("/tls/ca.key", 0o600), ("/tls/ca.pem", 0o600),
+                                  ("/tls/data.key", 0o600)):
+                    path = f"{d}/nodes/{n}{rel}"
+                    mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else None
                     if mode != want:
-                        problems.append(f"node {n}{rel or '/'}: {oct(mode)}, want {oct(want)}")
+                        problems.append(f"node {n}{rel or '/'}: {oct(mode) if mode is not None else 'missing'}, "
+                                        f"want {oct(want)}")
             public = f"{d}/prometheus-mcpd/ca.pem"
             if not os.path.exists(public) or os.stat(public).st_mode & 0o777 != 0o644:
                 problems.append("no ca.pem (0644) in the prometheus-mcpd volume")
             leaked = [p for p in glob.glob(f"{d}/prometheus-mcpd/*") if p.endswith(".key")]
             if leaked:
                 problems.append(f"a key in Prometheus's volume: {leaked}")
+        if not problems:
+            # Volumes made before data keys: a CA in every node, no data.key anywhere.
+            for n in nodes:
+                os.remove(tls(n, "data.key"))
+            run_script("run on volumes without data.key")
+            after = keys()
+            if not problems:
+                if after["ca.key"] != seen[0]["ca.key"]:
+                    problems.append("the run on volumes without data.key replaced the CA key")
+                if None in after["data.key"] or len(set(after["data.key"])) != 1:
+                    problems.append("the run on volumes without data.key did not give every node the same data.key")
+        if not problems:
+            # A node whose data key is not the cluster's: refused, and nothing overwritten.
+            other = b"0" * 64 + b"\n"
+            with open(tls(3, "data.key"), "wb") as f:
+                f.write(other)
+            r = run(["sh", "-c", script], env=env, timeout=60)
+            if r.returncode == 0:
+                problems.append("a node with another data.key than mcpd-1's: the script exits 0")
+            elif "data.key" not in r.stdout + r.stderr:
+                problems.append(f"a node with another data.key: the script does not name it: {(r.stdout + r.stderr)[-200:]}")
+            if open(tls(3, "data.key"), "rb").read() != other or keys()["data.key"][0] != after["data.key"][0]:
+                problems.append("a node with another data.key: the script overwrote a data key")
         R.check(name, not problems, "; ".join(problems))
 
 
@@ -607,6 +660,21 @@ def no_plaintext():
                         found.append(f"{os.path.relpath(path, ROOT)}:{i}: {what}: {line.strip()[:100]}")
     R.check("deploy/: no plain http:// to a node and no skipped certificate verification (outside comments)",
             not found, "; ".join(found[:6]))
+
+
+def data_key_installed():
+    """A node does not start without data.key beside the CA: every file of deploy/ that
+    installs ca.key into a node (a command or its instructions) installs data.key too."""
+    lacking = []
+    for path in sorted(glob.glob(os.path.join(DEPLOY, "**", "*"), recursive=True)):
+        if os.path.isdir(path):
+            continue
+        with open(path, errors="replace") as f:
+            text = f.read()
+        if re.search(r"\binstall\b[^\n]*\bca\.key\b", text) and not re.search(r"\binstall\b[^\n]*\bdata\.key\b", text):
+            lacking.append(os.path.relpath(path, ROOT))
+    R.check("deploy/: every file that installs ca.key into a node installs data.key too", not lacking,
+            f"installs ca.key but not data.key: {', '.join(lacking)}")
 
 
 # ------------------------------------------------------------------------ keepalived, haproxy
@@ -747,7 +815,8 @@ def haproxy():
 
 
 def main():
-    for section in (prometheus, metrics_doc, grafana, systemd, docker, no_plaintext, keepalived_haproxy):
+    for section in (prometheus, metrics_doc, grafana, systemd, docker, no_plaintext, data_key_installed,
+                    keepalived_haproxy):
         try:
             section()
         except Exception as e:  # noqa: BLE001

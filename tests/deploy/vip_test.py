@@ -12,11 +12,13 @@ network namespace; everything is removed at the end, also on failure):
     <p>-cl   10.213.250.100  the client: mcpctl, mcp-bridge, curl, HAProxy
     VIP      10.213.250.200  held by one of n1..n3
 
-Everything speaks TLS as deploy/ sets it up: a cluster CA made with `mcpctl cluster ca
-create` and installed into each node's TLS directory before its first start, each node's
-`[api] tls_names` naming the VIP and the balancer's name (mcp.vip.test), and every client
-(curl, mcpctl, mcp-bridge, keepalived's check, HAProxy's check) verifying the certificates
-against the CA.
+Everything speaks TLS as deploy/ sets it up: a cluster CA and data key made with `mcpctl
+cluster ca create` and installed into each node's TLS directory before its first start, each
+node's `[api] tls_names` naming the VIP and the balancer's name (mcp.vip.test), and every
+client (curl, mcpctl, mcp-bridge, keepalived's check, HAProxy's check) verifying the
+certificates against the CA. The demo server is registered with a secret in its `env`: the
+API shows it `<redacted>`, no node's data directory or log holds it, and every node (all with
+the one data.key) opens it for its processes.
 
 The keepalived configuration and check script are deploy/keepalived/*, with only their
 per-node definitions changed; the HAProxy configuration is deploy/haproxy/haproxy.cfg with
@@ -176,8 +178,10 @@ def form_cluster():
         raise RuntimeError(f"cluster init: {r.stderr.strip()}")
     state["admin"] = json.loads(r.stdout)["admin_token"]
     state["tokens"].append(state["admin"])
+    state["secret"] = "vip-secret-" + os.urandom(16).hex()
     for args in (["tenant", "add", "default"],
-                 ["server", "add", "demo", "--idempotent-tool", "echo", "--", binary("mcpd"), "demo-server"]):
+                 ["server", "add", "demo", "--idempotent-tool", "echo", "--env", f"VIP_TEST_SECRET={state['secret']}",
+                  "--", binary("mcpd"), "demo-server"]):
         r = mcpctl(*args)
         if r.returncode != 0:
             raise RuntimeError(f"mcpctl {' '.join(args)}: {r.stderr.strip()}")
@@ -194,8 +198,82 @@ def form_cluster():
         return code == 200 and m and int(m.group(1)) >= 1
 
     for n in (1, 2, 3):
-        wait_until(f"demo server ready on node {n}", lambda n=n: demo_ready(n), 30)
+        try:
+            wait_until(f"demo server ready on node {n}", lambda n=n: demo_ready(n), 30)
+        except TimeoutError as e:
+            # A node whose data.key is not the others' does not start a server with a sealed env.
+            _, body = curl(NS["cl"], f"https://{ADDR[n]}:{PORT}/metrics",
+                           headers=[f"Authorization: Bearer {state['admin']}"])
+            refused = [line for line in body.splitlines() if line.startswith("mcpd_pool_start_refusals_total")]
+            raise RuntimeError(f"{e}" + (f"; node {n} refused it: {refused}" if refused else "")) from None
     log("cluster formed with mcpctl cluster init; demo server ready on every node")
+
+
+def mcp_call(url, tool, args, token):
+    """initialize, notifications/initialized and one tools/call at url (a /servers/NAME/mcp
+    endpoint) from the client namespace with curl; the call's JSON-RPC answer."""
+    hdr = ["--cacert", state["ca"], "--max-time", "10", "-H", f"Authorization: Bearer {token}",
+           "-H", "Content-Type: application/json", "-H", "Accept: application/json, text/event-stream"]
+
+    def post(msg, *extra):
+        r = in_ns(NS["cl"], "curl", "-sS", "-D", "-", *hdr, *extra, "-d", json.dumps(msg), url, timeout=15)
+        return r.stdout
+
+    out = post({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "vip-test", "version": "1"}}})
+    m = re.search(r"(?im)^mcp-session-id:\s*(\S+)", out)
+    if not m:
+        raise RuntimeError(f"initialize at {url}: {out[-300:]}")
+    session = ["-H", f"Mcp-Session-Id: {m.group(1)}", "-H", "MCP-Protocol-Version: 2025-06-18"]
+    post({"jsonrpc": "2.0", "method": "notifications/initialized"}, *session)
+    out = post({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": tool, "arguments": args}},
+               *session)
+    for line in reversed(out.splitlines()):
+        line = line[5:].strip() if line.startswith("data:") else line.strip()
+        if line.startswith("{"):
+            msg = json.loads(line)
+            if msg.get("id") == 2:
+                return msg
+    raise RuntimeError(f"tools/call {tool} at {url}: no answer in {out[-300:]}")
+
+
+def check_sealed_env():
+    """The demo server's env secret: sealed with the data key all nodes share."""
+    import hashlib
+
+    secret = state["secret"].encode()
+    want = hashlib.sha256(secret).hexdigest()
+    problems = []
+    for n in (1, 2, 3):
+        code, body = curl(NS["cl"], f"https://{ADDR[n]}:{PORT}/v1/servers/demo",
+                          headers=[f"Authorization: Bearer {state['admin']}"])
+        env = (json.loads(body).get("spec", json.loads(body)).get("env") if code == 200 and body.startswith("{")
+               else None)
+        if code != 200 or state["secret"] in body or env != {"VIP_TEST_SECRET": "<redacted>"}:
+            problems.append(f"node {n} GET /v1/servers/demo: {code}, env {env!r}"
+                            + (" (shows the secret)" if state["secret"] in body else ""))
+        data = os.path.join(state["dir"], f"node{n}", "data")
+        for dirpath, _dirs, files in os.walk(data):
+            for f in files:
+                with open(os.path.join(dirpath, f), "rb") as fh:
+                    if secret in fh.read():
+                        problems.append(f"node {n}: {os.path.relpath(os.path.join(dirpath, f), data)} holds the secret")
+        try:
+            answer = mcp_call(f"https://{ADDR[n]}:{PORT}/servers/demo/mcp", "env_sha256",
+                              {"name": "VIP_TEST_SECRET"}, state["tenant"])
+            got = ((answer.get("result") or {}).get("content") or [{}])[0].get("text")
+            if got != want:
+                problems.append(f"node {n}: env_sha256 gave {answer}")
+        except (RuntimeError, ValueError) as e:
+            problems.append(f"node {n}: {e}")
+        code, body = curl(NS["cl"], f"https://{ADDR[n]}:{PORT}/metrics",
+                          headers=[f"Authorization: Bearer {state['admin']}"])
+        if "mcpd_pool_start_refusals_total" in body:
+            problems.append(f"node {n} refused to start a server: "
+                            + "; ".join(l for l in body.splitlines() if l.startswith("mcpd_pool_start_refusals_total")))
+    R.check("vip: a server's env is sealed with the one data.key: <redacted> over the API, in no node's data "
+            "files, opened by every node's processes", not problems, "; ".join(problems[:6]),
+            "3 nodes: GET <redacted>, data dirs searched, env_sha256 matches")
 
 
 def start_keepalived():
@@ -370,7 +448,7 @@ def haproxy_check(dead):
 
 
 def check_logs():
-    needles = []
+    needles = [state["secret"]] if state.get("secret") else []
     for t in state["tokens"]:
         needles += [t, split_token(t)[1]]
     found, bad = [], 0
@@ -384,7 +462,7 @@ def check_logs():
         found += [f"node{n}" for s in needles if s in text]
     bridge_log = open(os.path.join(state["dir"], "bridge.log"), errors="replace").read()
     found += ["mcp-bridge stderr" for s in needles if s in bridge_log]
-    R.check("logs: VIP nodes log JSON and no token secret (nodes, bridge)", not found and bad == 0,
+    R.check("logs: VIP nodes log JSON and no token secret or env secret (nodes, bridge)", not found and bad == 0,
             f"secret in {sorted(set(found))}, {bad} non-JSON lines")
 
 
@@ -401,6 +479,7 @@ def main():
         make_network()
         make_pki()
         form_cluster()
+        check_sealed_env()
         start_keepalived()
         holders = wait_until("exactly one node holds the VIP", lambda: (lambda h: h if len(h) == 1 else None)(vip_holders()), 30)
         holder = holders[0]

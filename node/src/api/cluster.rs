@@ -64,6 +64,28 @@ pub async fn init(
     ))
 }
 
+/// `POST /v1/node/rotate-certs`: this node issues itself new certificates now (peer and
+/// edge), without a restart; `mcpctl cluster rotate-certs` calls it on every member.
+pub async fn rotate_certs(
+    State(state): State<AppState>,
+    _admin: Admin,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (peer, edge) = state
+        .certs
+        .rotate()
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let unix = |t: Option<std::time::SystemTime>| {
+        t.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs())
+    };
+    tracing::info!(node = state.registry.id, "certificates rotated on request");
+    Ok(Json(serde_json::json!({
+        "node": state.registry.id,
+        "peer_not_after": unix(peer),
+        "edge_not_after": unix(edge),
+    })))
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RecoverRequest {

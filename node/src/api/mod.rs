@@ -32,6 +32,8 @@ pub struct AppState {
     pub data_dir: std::path::PathBuf,
     /// Seals server `env` values before they are written (see `crate::seal`).
     pub data_key: crate::seal::DataKey,
+    /// This node's certificates, for rotation.
+    pub certs: crate::tls::Certificates,
 }
 
 /// Counts and times every request by route template and status.
@@ -69,6 +71,7 @@ pub fn router(state: AppState, max_body_bytes: usize, hosts: host::HostPolicy) -
     use objects as o;
     let v1 = Router::new()
         .route("/node", get(c::node_info))
+        .route("/node/rotate-certs", post(c::rotate_certs))
         .route("/cluster/init", post(c::init))
         .route("/cluster/recover-admin", post(c::recover_admin))
         .route("/cluster/status", get(c::status))

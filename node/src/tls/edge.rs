@@ -113,6 +113,17 @@ impl EdgeTls {
         })
     }
 
+    /// Issues (or re-reads) the certificate now; a cluster-issued one gets a fresh key.
+    pub fn renew_now(&self, node: &NodeTls) -> Result<(), TlsError> {
+        self.slot.replace(load(&self.source, node)?);
+        Ok(())
+    }
+
+    /// When the current certificate expires.
+    pub fn not_after(&self) -> Option<SystemTime> {
+        self.slot.not_after()
+    }
+
     /// Until `shutdown`: renews a cluster-issued certificate when a third of its life is
     /// left; re-reads the operator's files when they change (a bad new pair is logged and the
     /// old one kept). Exports `mcpd_tls_certificate_expiry_seconds{kind="edge"}` and

@@ -254,6 +254,29 @@ impl NodeTls {
     }
 }
 
+/// This node's certificates, for `POST /v1/node/rotate-certs`: the peer certificate and the
+/// edge's, replaced in place (the next handshake uses the new ones; open connections stay).
+#[derive(Clone)]
+pub struct Certificates {
+    pub node: Arc<NodeTls>,
+    pub edge: Option<edge::EdgeTls>,
+}
+
+impl Certificates {
+    /// Issues new certificates now (from the CA key; without one, re-reads the operator's
+    /// files). Returns their new expiry times (peer, edge).
+    pub fn rotate(&self) -> Result<(Option<SystemTime>, Option<SystemTime>), TlsError> {
+        self.node.renew_now()?;
+        if let Some(edge) = &self.edge {
+            edge.renew_now(&self.node)?;
+        }
+        Ok((
+            self.node.peer_cert.not_after(),
+            self.edge.as_ref().and_then(|e| e.not_after()),
+        ))
+    }
+}
+
 /// Whether a certificate of lifetime `ttl` that expires at `not_after` is due for renewal.
 fn needs_renewal(not_after: SystemTime, ttl: Duration) -> bool {
     not_after
