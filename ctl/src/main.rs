@@ -165,7 +165,7 @@ enum CaCmd {
     /// mode 0600). Put all three into every initial node's TLS directory (`[tls] dir`,
     /// default `<data_dir>/tls`); each node issues its own certificates from the CA.
     Create {
-        /// Where to write ca.pem and ca.key.
+        /// Where to write ca.pem, ca.key and data.key.
         #[arg(long)]
         dir: PathBuf,
         /// The cluster's id, named in every certificate (lowercase letters, digits, '-').
@@ -567,6 +567,7 @@ async fn cluster(cli: &Cli, cmd: &ClusterCmd) -> Outcome {
                     "cluster_id": id.as_str(),
                     "ca_cert": dir.join(CA_CERT),
                     "ca_key": dir.join(CA_KEY),
+                    "data_key": dir.join(mcpcp_pki::datakey::DATA_KEY),
                     "fingerprint": ca.fingerprint(),
                 })),
                 Output::Table => {

@@ -18,6 +18,8 @@
    must evaluate without error, every dashboard panel must return data and every metric
    selector must return data, except metrics listed in common.PLANNED/ABSENT_BY_DESIGN.
 5. Logs: every line of every node's log is one JSON object; no token secret appears in them.
+6. Files: the nodes' data directories are 0700 and their files 0600, and every node holds the
+   same data.key.
 
 Everything it starts is stopped (by pid) and its temporary directory removed, also on failure.
 """
@@ -465,6 +467,13 @@ def check_modes():
         data = os.path.join(state["dir"], f"node{n}", "data")
         bad += [f"node{n}/data/{b}" for b in loose_modes(data)]
     R.check("data dirs: 0700, files 0600 (certificates may be 0644) on every node", not bad, "; ".join(bad[:8]))
+    keys = {}
+    for n in range(1, 4):
+        path = os.path.join(state["dir"], f"node{n}", "data", "tls", "data.key")
+        keys[n] = open(path).read().strip() if os.path.exists(path) else None
+    missing = [f"node{n}" for n, k in keys.items() if k is None]
+    R.check("dev up: every node's TLS directory holds the same data.key", not missing and len(set(keys.values())) == 1,
+            f"no data.key in {missing}" if missing else "the nodes' data.key files differ")
 
 
 def main():

@@ -62,7 +62,7 @@ impl Default for TlsConfig {
 /// Why the node's TLS could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("{path} is missing: a node needs the cluster CA certificate and key (make them once with `mcpctl cluster ca create`, then put ca.pem and ca.key into every node's TLS directory), or join with a join token")]
+    #[error("{path} is missing: a node needs the cluster CA (make it once with `mcpctl cluster ca create`, then put ca.pem, ca.key and data.key into every node's TLS directory)")]
     NoCa { path: PathBuf },
     #[error("{0}")]
     Pki(#[from] mcpcp_pki::PkiError),
