@@ -425,8 +425,14 @@ impl Config {
         if self.api.max_connections == 0 {
             return Err(invalid("api.max_connections", "must be greater than 0"));
         }
-        if self.tls.node_cert_ttl_hours == 0 {
-            return Err(invalid("tls.node_cert_ttl_hours", "must be greater than 0"));
+        if self.tls.node_cert_ttl_hours == 0 || self.tls.node_cert_ttl_hours > 5 * 365 * 24 {
+            return Err(invalid(
+                "tls.node_cert_ttl_hours",
+                "must be from 1 to 43800 (5 years; the CA lives 10)",
+            ));
+        }
+        if self.api.max_connections > 1 << 20 {
+            return Err(invalid("api.max_connections", "must be at most 1048576"));
         }
         if let Some(bad) = self
             .pool

@@ -90,22 +90,33 @@ pub fn begin(data_dir: &Path, ttl: Duration) -> Result<String, RecoveryError> {
 /// (a code works once).
 pub fn redeem(data_dir: &Path, code: &str) -> Result<(), RecoveryError> {
     let path = data_dir.join(FILE);
-    let text = match std::fs::read(&path) {
-        Ok(t) => t,
+    // Claimed by a rename first: of two requests at once, only one holds the file.
+    let mut nonce = [0u8; 8];
+    getrandom::fill(&mut nonce).map_err(|e| RecoveryError::Random(e.to_string()))?;
+    let claimed = data_dir.join(format!(".{FILE}.{}", hex::encode(nonce)));
+    match std::fs::rename(&path, &claimed) {
+        Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(RecoveryError::NonePending)
         }
         Err(source) => return Err(RecoveryError::Io { path, source }),
+    }
+    let text = std::fs::read(&claimed);
+    let pending: Option<Pending> = text.ok().and_then(|t| serde_json::from_slice(&t).ok());
+    let Some(pending) = pending else {
+        let _ = std::fs::remove_file(&claimed);
+        return Err(RecoveryError::NonePending);
     };
-    let pending: Pending = serde_json::from_slice(&text).map_err(|_| RecoveryError::NonePending)?;
     let matches: bool = digest(code)
         .as_bytes()
         .ct_eq(pending.code_sha256.as_bytes())
         .into();
     if !matches {
+        // A wrong guess does not use the code up: put it back.
+        let _ = std::fs::rename(&claimed, &path);
         return Err(RecoveryError::WrongCode);
     }
-    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&claimed);
     if pending.expires_at <= now_unix() {
         return Err(RecoveryError::Expired);
     }

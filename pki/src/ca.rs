@@ -142,10 +142,8 @@ impl Ca {
         let key = KeyPair::generate()?;
         let not_after = validity(&mut params, ttl);
         params.use_authority_key_identifier_extension = true;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
+        // ECDSA keys sign; they do not encipher (RFC 5480).
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)?;
         let cert = params.signed_by(&key, &issuer)?;
         Ok(Issued {

@@ -22,9 +22,17 @@ fn write_mode(path: &Path, text: &str, mode: u32) -> Result<(), PkiError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
     }
-    let tmp = path.with_extension("tmp");
+    // A temporary name of its own (never an existing file, whose mode `create` would keep),
+    // so two writers of the same directory cannot mix their files.
+    let mut unique = [0u8; 8];
+    rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut unique)
+        .map_err(|_| PkiError::Tls(rustls::Error::FailedToGetRandomBytes))?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("pem");
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", hex::encode(unique)));
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    opts.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;

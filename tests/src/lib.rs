@@ -338,6 +338,20 @@ impl Cluster {
             .await
     }
 
+    /// A running node that is not `leader`.
+    pub fn other_than(&self, leader: u64) -> u64 {
+        self.running_ids()
+            .into_iter()
+            .find(|id| *id != leader)
+            .expect("a running node besides the leader")
+    }
+
+    /// Waits for a leader; returns a running node that is not it.
+    pub async fn follower(&self) -> u64 {
+        let leader = self.wait_leader().await;
+        self.other_than(leader)
+    }
+
     /// Waits until every running node agrees on one running leader; returns its id.
     pub async fn wait_leader(&self) -> u64 {
         let running = self.running_ids();

@@ -23,14 +23,6 @@ fn tenant(name: &str) -> TenantSpec {
     }
 }
 
-async fn follower_of(c: &Cluster) -> u64 {
-    let leader = c.wait_leader().await;
-    *c.running_ids()
-        .iter()
-        .find(|id| **id != leader)
-        .expect("a follower")
-}
-
 async fn server_names(client: &AdminClient, stale: bool) -> Result<BTreeSet<String>, ClientError> {
     Ok(client
         .list_servers(stale)
@@ -56,7 +48,7 @@ async fn tenant_names(client: &AdminClient) -> BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_on_follower_is_visible_on_every_node() {
     let c = Cluster::start(3).await;
-    let follower = follower_of(&c).await;
+    let follower = c.follower().await;
     let ack = c
         .node_client(follower)
         .create_server(&server("time"), &CallOptions::default())
@@ -122,12 +114,7 @@ async fn the_leader_sends_new_entries_to_followers_during_its_own_fsync() {
 async fn the_leader_still_serves_an_older_follower_s_unary_forwarding() {
     let c = Cluster::start(3).await;
     let leader = c.wait_leader().await;
-    let follower = c
-        .nodes
-        .keys()
-        .copied()
-        .find(|id| *id != leader)
-        .expect("a follower");
+    let follower = c.other_than(leader);
     let channel = c
         .peer_channel(&c.nodes[&leader].member.grpc_addr, follower)
         .await
@@ -327,7 +314,7 @@ async fn without_quorum_writes_fail_within_the_bound_and_stale_reads_answer() {
         .create_server(&server("time"), &CallOptions::default())
         .await
         .expect("write");
-    let survivor = follower_of(&c).await;
+    let survivor = c.follower().await;
     for id in c.running_ids() {
         if id != survivor {
             c.kill(id).await;
@@ -408,7 +395,7 @@ async fn add_a_fourth_node_remove_one_and_keep_serving() {
 async fn concurrent_writes_each_get_their_own_answer() {
     let c = Cluster::start(3).await;
     let leader = c.wait_leader().await;
-    let follower = follower_of(&c).await;
+    let follower = c.follower().await;
     const NAMES: usize = 40;
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..NAMES {
@@ -795,7 +782,7 @@ async fn watch_streams_changes_from_a_revision() {
         .create_tenant(&tenant("b"), &CallOptions::default())
         .await
         .expect("write");
-    let follower = follower_of(&c).await;
+    let follower = c.follower().await;
     let mut resp = https()
         .get(format!(
             "{}/v1/watch?since={}",

@@ -145,12 +145,7 @@ async fn only_a_current_member_reaches_a_node_s_grpc_services() {
     );
 
     // A member succeeds (the control: the refusals above are about identity, not the calls).
-    let follower = c
-        .nodes
-        .keys()
-        .copied()
-        .find(|id| *id != leader)
-        .expect("a follower");
+    let follower = c.other_than(leader);
     let member = c
         .peer_channel(&addr, follower)
         .await

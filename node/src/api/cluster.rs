@@ -70,9 +70,11 @@ pub async fn rotate_certs(
     State(state): State<AppState>,
     _admin: Admin,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let (peer, edge) = state
-        .certs
-        .rotate()
+    // Key generation and fsyncs: off the data-plane shard this handler runs on.
+    let certs = state.certs.clone();
+    let (peer, edge) = tokio::task::spawn_blocking(move || certs.rotate())
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     let unix = |t: Option<std::time::SystemTime>| {
         t.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
@@ -100,7 +102,11 @@ pub async fn recover_admin(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<RecoverRequest>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    if let Err(e) = crate::recovery::redeem(&state.data_dir, &req.code) {
+    let dir = state.data_dir.clone();
+    let redeemed = tokio::task::spawn_blocking(move || crate::recovery::redeem(&dir, &req.code))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    if let Err(e) = redeemed {
         metrics::counter!("mcpd_admin_recoveries_total", "outcome" => "refused").increment(1);
         tracing::warn!(error = %e, "refused an admin recovery");
         return Err(match e {

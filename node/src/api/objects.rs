@@ -57,6 +57,11 @@ pub async fn list_servers(
     }))
 }
 
+/// The server `name` as this node has it applied (sealed values and all).
+fn stored(state: &AppState, name: &str) -> Option<Versioned<ServerSpec>> {
+    state.registry.local().state.servers.get(name).cloned()
+}
+
 /// Readies a spec for writing: an `env` value sent back as `"<redacted>"` keeps the value
 /// already stored (`current`); then the spec is validated and every value sealed.
 fn sealed(
@@ -65,6 +70,14 @@ fn sealed(
     current: Option<&ServerSpec>,
 ) -> Result<ServerSpec, ApiError> {
     for (name, value) in spec.env.iter_mut() {
+        let stored_value = current.and_then(|c| c.env.get(name));
+        if value.starts_with(crate::seal::SEALED) && stored_value != Some(value) {
+            return Err(validate::FieldError::new(
+                format!("env.{name}"),
+                format!("a value may not start with {:?}", crate::seal::SEALED),
+            )
+            .into());
+        }
         if value == REDACTED {
             *value = current
                 .and_then(|c| c.env.get(name))
@@ -198,17 +211,21 @@ pub async fn put_server(
         )
         .into());
     }
-    let current = state
-        .registry
-        .local()
-        .state
-        .servers
-        .get(&name)
-        .map(|v| v.spec.clone());
-    let spec = sealed(&state, spec, current.as_ref())?;
+    // A "<redacted>" value stands for the stored one: read it linearizably, and write only
+    // onto the revision it was read at, so a racing write is not silently reverted.
+    let keeps = spec.env.values().any(|v| v == REDACTED);
+    if keeps {
+        state.registry.barrier().await?;
+    }
+    let current = stored(&state, &name);
+    let default = match (&current, keeps) {
+        (Some(c), true) => Precondition::Revision(c.revision),
+        _ => Precondition::None,
+    };
+    let spec = sealed(&state, spec, current.as_ref().map(|c| &c.spec))?;
     let command = Command::PutServer {
         spec,
-        precondition: precondition(&headers, Precondition::None)?,
+        precondition: precondition(&headers, default)?,
     };
     Ok(Json(write(&state, &headers, &caller, command).await?))
 }
@@ -223,13 +240,7 @@ pub async fn patch_server(
     ApiJson(patch): ApiJson<ServerPatch>,
 ) -> Result<Json<WriteAck>, ApiError> {
     state.registry.barrier().await?;
-    let current = state
-        .registry
-        .local()
-        .state
-        .servers
-        .get(&name)
-        .cloned()
+    let current = stored(&state, &name)
         .ok_or_else(|| ApiError::NotFound(format!("server {name:?} not found")))?;
     let mut spec = current.spec.clone();
     patch.apply_to(&mut spec);
@@ -386,6 +397,28 @@ pub async fn revoke_token(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<WriteAck>, ApiError> {
+    // The state machine refuses to revoke the only admin token; here, with the clock, an
+    // expired admin token does not count either, so the cluster keeps a working one.
+    {
+        let data = state.registry.local();
+        let now = now_unix();
+        let is_admin =
+            |t: &crate::registry::state::StoredToken| t.info.role == mcpcp_proto::api::Role::Admin;
+        let working = |t: &&crate::registry::state::StoredToken| {
+            is_admin(t) && t.info.expires_at.is_none_or(|e| e > now)
+        };
+        let tokens = &data.state.tokens;
+        if tokens.get(&id).is_some_and(is_admin)
+            && !tokens.values().filter(working).any(|t| t.info.id != id)
+        {
+            return Err(ApiError::Conflict {
+                code: "in_use",
+                message: format!(
+                    "token {id} is the cluster's last working admin token; create another admin token first"
+                ),
+            });
+        }
+    }
     let ack = write(
         &state,
         &headers,

@@ -182,12 +182,17 @@ async fn replicate_state(state: &AppState, session: &Arc<Session>) {
             .increment(1);
         return;
     }
-    session.state_dirty.store(false, Release);
-    replicate(state, session).await;
     let interval = std::time::Duration::from_millis(state.mcp.config.session_state_interval_ms);
-    let (state, session) = (state.clone(), session.clone());
-    // Ends once an interval passes without a change; bounded by the session's own calls.
+    let (first_written, written) = tokio::sync::oneshot::channel::<()>();
+    let (state, task_session) = (state.clone(), session.clone());
+    // The writer: the first write at once, then one per interval while changes come in; it
+    // ends once an interval passes without one. It runs on its own, so a request dropped
+    // mid-write (its client went away) cannot leave the session's writes stranded.
     tokio::spawn(async move {
+        let session = task_session;
+        session.state_dirty.store(false, Release);
+        replicate(&state, &session).await;
+        let _ = first_written.send(());
         loop {
             tokio::time::sleep(interval).await;
             if session.state_dirty.swap(false, AcqRel) {
@@ -202,6 +207,8 @@ async fn replicate_state(state: &AppState, session: &Arc<Session>) {
             break;
         }
     });
+    // The client's answer waits for the first write, as before coalescing existed.
+    let _ = written.await;
 }
 
 /// Writes a session's subscriptions and log level to the registry, so another node can

@@ -330,6 +330,9 @@ impl State {
                     self.sessions.retain(|_, s| s.expires_at > now);
                 }
                 match state {
+                    // An ended session stays ended: a late write of its state (a call that was
+                    // still running, a coalesced replication) does not bring it back.
+                    Some(st) if !st.ended && self.sessions.get(&id).is_some_and(|s| s.ended) => {}
                     Some(st) => {
                         self.sessions.insert(id.clone(), st);
                     }
@@ -394,8 +397,10 @@ impl State {
                 if self.session_key.is_some() {
                     return Err(ApplyError::AlreadyInitialized);
                 }
+                // The token first: when it is refused, nothing of the bootstrap was applied.
+                let changes = self.apply_command(Command::CreateToken { info, hash }, rev)?;
                 self.session_key = Some(session_key);
-                self.apply_command(Command::CreateToken { info, hash }, rev)
+                Ok(changes)
             }
             Command::RecoverAdmin { info, hash, node } => {
                 let recovery = Recovery {

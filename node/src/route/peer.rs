@@ -287,7 +287,14 @@ pub async fn call(
         .max_encoding_message_size(64 << 20);
     let mut inbound = match client.call(ReceiverStream::new(out_rx)).await {
         Ok(r) => r.into_inner(),
-        Err(s) if s.code() == tonic::Code::Unavailable => {
+        // Refused before it ran: the peer is unreachable, or does not yet know (or no longer
+        // honours) the caller's token. Either way the call provably did not run there.
+        Err(s)
+            if matches!(
+                s.code(),
+                tonic::Code::Unavailable | tonic::Code::PermissionDenied
+            ) =>
+        {
             return Err(PeerFailure::NotReached(s.message().to_string()))
         }
         Err(s) => return Err(PeerFailure::Broken(s.message().to_string())),

@@ -121,6 +121,7 @@ pub struct NodeTls {
     pub peer_cert: CertSlot,
     dir: PathBuf,
     ttl: Duration,
+    renewing: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for NodeTls {
@@ -165,6 +166,7 @@ impl NodeTls {
             ca,
             dir: dir.to_path_buf(),
             ttl,
+            renewing: std::sync::Mutex::new(()),
         };
         Ok(tls)
     }
@@ -220,6 +222,9 @@ impl NodeTls {
         let Some(ca) = &self.ca else {
             return Ok(false);
         };
+        // One renewal at a time (the renewal loop and `rotate-certs`): the key and the
+        // certificate on disk always belong together.
+        let _one = self.renewing.lock().unwrap_or_else(|p| p.into_inner());
         let issued = ca.issue_node(self.identity.node, self.ttl)?;
         mcpcp_pki::files::write_private(&self.dir.join(NODE_KEY), &issued.key_pem)?;
         mcpcp_pki::files::write_public(&self.dir.join(NODE_CERT), &issued.cert_pem)?;

@@ -35,6 +35,10 @@ use crate::shutdown::Shutdown;
 /// How long a peer may take to complete its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Handshakes under way at once; a connection past it is closed at once, so a scanner cannot
+/// hold the descriptors Raft and the server processes need.
+pub const MAX_PENDING_HANDSHAKES: usize = 256;
+
 /// The TLS configuration of the gRPC server: a client certificate of the cluster CA required.
 pub fn server_config(tls: &NodeTls) -> Result<Arc<ServerConfig>, TlsError> {
     let verifier =
@@ -130,6 +134,7 @@ pub fn incoming(
 ) -> ReceiverStream<io::Result<PeerConn>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
+    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
@@ -144,12 +149,17 @@ pub fn incoming(
                     }
                 },
             };
+            let Ok(permit) = pending.clone().try_acquire_owned() else {
+                refused(remote, "too many handshakes under way");
+                continue;
+            };
             // Small Raft and forwarding replies must not wait for delayed ACKs (~40 ms).
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             // Bounded by the handshake timeout; it owns nothing but the connection.
             tokio::spawn(async move {
+                let _permit = permit;
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(io)) => {
                         let identity = io
@@ -172,7 +182,8 @@ pub fn incoming(
 
 fn refused(remote: SocketAddr, why: &str) {
     metrics::counter!("mcpd_tls_handshake_failures_total", "listener" => "grpc").increment(1);
-    tracing::warn!(%remote, reason = why, "refused a gRPC connection: TLS handshake failed");
+    // Debug, not warn: anyone who can reach the port can make these (the metric counts them).
+    tracing::debug!(%remote, reason = why, "refused a gRPC connection: TLS handshake failed");
 }
 
 /// Dials peers for tonic: TCP, then TLS with this node's certificate.
