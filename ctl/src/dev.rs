@@ -95,8 +95,7 @@ pub fn install_ca(ca_dir: &Path, data_dir: &Path) -> Result<(), DevError> {
         mcpcp_pki::Ca::load(ca_dir)?.write(&tls)?;
     }
     if !tls.join(DATA_KEY).exists() {
-        let key = mcpcp_pki::datakey::load(ca_dir)?;
-        mcpcp_pki::files::write_private(&tls.join(DATA_KEY), &(hex::encode(key) + "\n"))?;
+        mcpcp_pki::datakey::write(&tls, &mcpcp_pki::datakey::load(ca_dir)?)?;
     }
     Ok(())
 }

@@ -220,6 +220,22 @@ impl AdminClient {
         .await
     }
 
+    /// A single-use join token for node `node_id`, valid `ttl_seconds` (default 900).
+    pub async fn create_join_token(
+        &self,
+        node_id: u64,
+        ttl_seconds: Option<u64>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let body = serde_json::json!({ "node_id": node_id, "ttl_seconds": ttl_seconds });
+        self.call(
+            Method::POST,
+            "/v1/cluster/join-tokens",
+            Some(&body),
+            &CallOptions::default(),
+        )
+        .await
+    }
+
     /// Asks the node this client reaches first to issue itself new certificates now.
     pub async fn rotate_certs(&self) -> Result<serde_json::Value, ClientError> {
         self.call::<(), serde_json::Value>(

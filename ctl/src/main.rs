@@ -150,6 +150,17 @@ enum ClusterCmd {
     },
     /// Remove a node from the membership.
     RemoveNode { id: u64 },
+    /// A single-use join token for a new node: start it with `--join <a node> --join-token
+    /// <token>` and an empty TLS directory; it fetches the cluster CA and data key itself, over
+    /// TLS pinned to the CA. Then `cluster add-node` makes it a member.
+    JoinToken {
+        /// The new node's id (never a member before).
+        #[arg(long)]
+        id: u64,
+        /// How long the token stays valid, in seconds.
+        #[arg(long, default_value_t = 900)]
+        ttl: u64,
+    },
     /// Every member issues itself new certificates now (peer and HTTPS), without a restart;
     /// connections already open stay up. Nodes also renew by themselves before expiry.
     RotateCerts,
@@ -521,6 +532,24 @@ async fn cluster(cli: &Cli, cmd: &ClusterCmd) -> Outcome {
             client(cli)?.remove_node(*id).await?;
             if cli.output == Output::Table {
                 out!("node {id} removed");
+            }
+            Ok(())
+        }
+        ClusterCmd::JoinToken { id, ttl } => {
+            let c = client(cli)?;
+            let created = c.create_join_token(*id, Some(*ttl)).await?;
+            match cli.output {
+                Output::Json => print_json(&created),
+                Output::Table => {
+                    let token = created["token"].as_str().unwrap_or_default();
+                    eprintln!(
+                        "join token for node {id}, valid {ttl} s, usable once. Start the node with an empty TLS directory:\n  \
+                         MCPD_JOIN_TOKEN=<the token> mcpd --id {id} --data-dir ... --join {} ...\n\
+                         then make it a member: mcpctl cluster add-node --id {id} --http HOST:PORT --grpc HOST:PORT",
+                        c.endpoints()[0]
+                    );
+                    out!("{token}");
+                }
             }
             Ok(())
         }

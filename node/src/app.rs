@@ -55,6 +55,8 @@ pub enum StartError {
     Raft(String),
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
+    #[error("{0}")]
+    Join(#[from] crate::join::JoinError),
     #[error("{0} (make it with `mcpctl cluster ca create` and put data.key into every node's TLS directory)")]
     DataKey(#[from] crate::seal::SealError),
     #[error("binding {what} {addr}: {source}")]
@@ -203,6 +205,14 @@ pub async fn run(
         path: sm_path,
         source,
     })?;
+    // A new node with a join token fetches the cluster CA and data key before anything else.
+    if let (false, Some(url), Some(token)) = (
+        cfg.tls_dir().join(mcpcp_pki::ca::CA_CERT).exists(),
+        &cfg.tls.join_url,
+        &cfg.tls.join_token,
+    ) {
+        crate::join::join(url, token, cfg.id, &cfg.tls_dir()).await?;
+    }
     let node_tls = Arc::new(NodeTls::load(
         &cfg.tls_dir(),
         cfg.id,

@@ -31,6 +31,8 @@
 //! [tls]
 //! dir = "/var/lib/mcpd/tls"         # ca.pem, ca.key, node.pem, node.key (default <data_dir>/tls)
 //! node_cert_ttl_hours = 720         # the peer certificate's life; renewed with a third left
+//! join_url = "https://10.0.0.1:7400" # a new node: join through this node ...
+//! join_token = "mcpj_..."           # ... with this token (mcpctl cluster join-token --id N)
 //!
 //! [log]
 //! format = "text"                   # or "json"
@@ -415,6 +417,12 @@ impl Config {
                 ))
             }
             _ => {}
+        }
+        if self.tls.join_url.is_some() != self.tls.join_token.is_some() {
+            return Err(invalid(
+                "tls.join_token",
+                "join_url and join_token go together",
+            ));
         }
         if self.api.header_read_timeout_ms == 0 {
             return Err(invalid(

@@ -12,6 +12,7 @@ pub mod api;
 pub mod app;
 pub mod config;
 pub mod demo;
+pub mod join;
 pub mod mcp;
 pub mod metrics;
 pub mod pool;

@@ -67,6 +67,13 @@ struct Args {
     /// Live MCP sessions one tenant may hold on this node.
     #[arg(long)]
     max_sessions_per_tenant: Option<usize>,
+    /// Join through this node (`https://host:port`) with `--join-token`, when the TLS
+    /// directory is still empty.
+    #[arg(long)]
+    join: Option<String>,
+    /// The single-use join token of `mcpctl cluster join-token --id <this node's id>`.
+    #[arg(long, env = "MCPD_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
     /// The TLS directory (cluster CA, this node's certificate); default `<data_dir>/tls`.
     #[arg(long)]
     tls_dir: Option<PathBuf>,
@@ -130,6 +137,12 @@ impl Args {
         set!(self.max_sessions_per_tenant => mcp.max_sessions_per_tenant);
         if self.tls_dir.is_some() {
             cfg.tls.dir = self.tls_dir;
+        }
+        if self.join.is_some() {
+            cfg.tls.join_url = self.join;
+        }
+        if self.join_token.is_some() {
+            cfg.tls.join_token = self.join_token;
         }
         if self.advertise_http.is_some() {
             cfg.advertise_http = self.advertise_http;

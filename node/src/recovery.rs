@@ -162,37 +162,17 @@ pub struct Recovered {
 /// Sends `code` to the node at `http_addr` (its own HTTPS, trusting `ca_file`) and returns the
 /// admin token it issued. Used by `mcpd recover-admin` on the node's host.
 pub async fn send(http_addr: &str, ca_file: &Path, code: &str) -> anyhow::Result<Recovered> {
-    use anyhow::Context;
-    use http_body_util::BodyExt;
-
     // A node listening on every address is reached on loopback from its own host.
     let addr = http_addr
         .replace("0.0.0.0:", "127.0.0.1:")
         .replace("[::]:", "[::1]:");
-    let host = addr
-        .rsplit_once(':')
-        .map(|(h, _)| h.trim_matches(['[', ']']).to_string())
-        .context("the node's address has no port")?;
     let tls = mcpcp_pki::trust::client_config(Some(ca_file), &[b"http/1.1"])?;
-    let name = rustls::pki_types::ServerName::try_from(host.clone())?;
-    let tcp = tokio::net::TcpStream::connect(&addr)
-        .await
-        .with_context(|| format!("connecting to the node at {addr}"))?;
-    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
-        .connect(name, tcp)
-        .await
-        .context("TLS with the node (is it running with api.tls = \"off\"?)")?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let body = serde_json::to_vec(&serde_json::json!({ "code": code }))?;
-    let req = http::Request::post("/v1/cluster/recover-admin")
-        .header(http::header::HOST, addr.as_str())
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
-    let resp = sender.send_request(req).await?;
-    let status = resp.status();
-    let body = resp.into_body().collect().await?.to_bytes();
+    let (status, body) = crate::tls::https::post_json(
+        &format!("https://{addr}/v1/cluster/recover-admin"),
+        std::sync::Arc::new(tls),
+        &serde_json::json!({ "code": code }),
+    )
+    .await?;
     anyhow::ensure!(
         status.is_success(),
         "the node refused the recovery ({status}): {}",

@@ -133,6 +133,11 @@ impl Ca {
         &self.cert_pem
     }
 
+    /// The CA's private key (PEM), to hand to a joining node over pinned TLS.
+    pub fn key_pem(&self) -> String {
+        self.key.serialize_pem()
+    }
+
     /// The CA certificate's SHA-256 fingerprint, `sha256:<hex>`: what a join token pins.
     pub fn fingerprint(&self) -> String {
         fingerprint(&self.cert_der)

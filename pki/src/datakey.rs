@@ -22,13 +22,18 @@ pub fn generate() -> Result<[u8; 32], PkiError> {
     Ok(key)
 }
 
-/// Writes `key` into `dir/data.key` (0600) unless a key is there already.
+/// Writes `key` into `dir/data.key` (0600).
+pub fn write(dir: &Path, key: &[u8; 32]) -> Result<(), PkiError> {
+    write_private(&dir.join(DATA_KEY), &(hex::encode(key) + "\n"))
+}
+
+/// Writes a new random key into `dir/data.key` (0600) unless a key is there already.
 pub fn write_new(dir: &Path) -> Result<(), PkiError> {
     let path = dir.join(DATA_KEY);
     if path.exists() {
         return Ok(());
     }
-    write_private(&path, &(hex::encode(generate()?) + "\n"))
+    write(dir, &generate()?)
 }
 
 /// Reads `dir/data.key`.

@@ -165,11 +165,29 @@ impl Cluster {
     /// Starts process `id` (not yet a member unless its data says so) and waits until it has
     /// reported its addresses.
     pub async fn spawn(&mut self, id: u64) -> Member {
+        self.spawn_process(id, &[], true).await
+    }
+
+    /// Starts process `id` with an empty TLS directory and a join token: it fetches the CA
+    /// and the data key itself, through the node at `via` (see `mcpd::join`).
+    pub async fn spawn_joining(&mut self, id: u64, via: &str, token: &str) -> Member {
+        let args = [
+            "--join".to_string(),
+            via.to_string(),
+            "--join-token".into(),
+            token.into(),
+        ];
+        self.spawn_process(id, &args, false).await
+    }
+
+    async fn spawn_process(&mut self, id: u64, extra: &[String], install_ca: bool) -> Member {
         let nd = self.node_dir(id);
         let data = nd.join("data");
         std::fs::create_dir_all(&data).expect("node dir");
         let _ = std::fs::remove_file(data.join("endpoints.json"));
-        mcpctl::dev::install_ca(test_ca(), &data).expect("the CA in the node's TLS directory");
+        if install_ca {
+            mcpctl::dev::install_ca(test_ca(), &data).expect("the CA in the node's TLS directory");
+        }
         let log = nd.join("mcpd.log");
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -189,6 +207,7 @@ impl Cluster {
             .arg(&data)
             .args(["--http-addr", &http, "--grpc-addr", &grpc])
             .args(&self.args)
+            .args(extra)
             .env("RUST_LOG", "info,openraft=warn")
             .stdin(Stdio::null())
             .stdout(out)

@@ -378,3 +378,97 @@ async fn certificates_rotate_under_load_without_a_failed_request() {
         .await
         .expect("a forwarded write after rotation");
 }
+
+/// A new node joins with a single-use join token and an empty TLS directory: it pins the CA
+/// the token names, fetches the CA and the data key itself, and becomes a member; nothing is
+/// copied by hand. The token works once, for its node id only, and a node given a token that
+/// pins another CA refuses the cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_with_a_single_use_token_and_nothing_copied_by_hand() {
+    let mut c = Cluster::start(3).await;
+    let admin = c.client();
+    let created = admin.create_join_token(4, None).await.expect("join token");
+    let token = created["token"].as_str().expect("token").to_string();
+    let via = c.url(1);
+
+    // For another node id, the token is refused (and not used up).
+    let wrong_node = mcpcp_tests::https()
+        .post(format!("{via}/v1/cluster/join"))
+        .json(&serde_json::json!({ "token": token, "node_id": 5 }))
+        .send()
+        .await
+        .expect("join as another id");
+    assert_eq!(wrong_node.status().as_u16(), 403);
+
+    // A token that pins another CA: the joining side refuses the node before sending it.
+    let other = Ca::create(&ClusterId::new("e2e").expect("valid")).expect("another CA");
+    let (prefix, _) = token.rsplit_once('.').expect("token");
+    let misplaced = format!(
+        "{prefix}.{}",
+        other.fingerprint().trim_start_matches("sha256:")
+    );
+    let dir = tempfile::tempdir().expect("dir");
+    let err = mcpd::join::join(&via, &misplaced, 4, dir.path())
+        .await
+        .expect_err("a token pinning another CA");
+    assert!(err.to_string().contains("fingerprint"), "{err}");
+    assert!(!dir.path().join("ca.key").exists());
+
+    // The node joins with the right token and an empty TLS directory.
+    let member = c.spawn_joining(4, &via, &token).await;
+    let tls = c.nodes[&4].data_dir.join("tls");
+    for (file, mode) in [("ca.key", 0o600), ("data.key", 0o600), ("node.key", 0o600)] {
+        use std::os::unix::fs::PermissionsExt;
+        let m = std::fs::metadata(tls.join(file))
+            .expect(file)
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(m, mode, "{file}");
+    }
+    admin
+        .add_node(&mcpcp_proto::api::AddNodeRequest {
+            id: 4,
+            http_addr: member.http_addr.clone(),
+            grpc_addr: member.grpc_addr.clone(),
+            voter: true,
+        })
+        .await
+        .expect("add node 4");
+    // It is a member that replicates, and it opens the cluster's sealed secrets (same data key).
+    let mut spec = mcpcp_tests::demo_server("sealed", &c.dir.path().join("ledger.jsonl"));
+    spec.env.insert("API_KEY".into(), "joined-secret".into());
+    admin
+        .create_server(&spec, &mcpctl::CallOptions::default())
+        .await
+        .expect("register");
+    let url = format!("{}/servers/sealed/mcp", c.url(4));
+    let session = eventually(
+        "node 4 to run the sealed server",
+        Duration::from_secs(30),
+        || {
+            let (url, token) = (url.clone(), c.admin_token.clone());
+            async move { mcpcp_tests::McpSession::open(&url, &token).await.ok() }
+        },
+    )
+    .await;
+    let r = session
+        .call_tool("env_sha256", serde_json::json!({ "name": "API_KEY" }))
+        .await
+        .expect("call");
+    use sha2::Digest;
+    assert_eq!(
+        mcpcp_tests::tool_text(&r),
+        Some(hex::encode(sha2::Sha256::digest("joined-secret"))),
+        "{r}"
+    );
+
+    // The token is used up.
+    let again = mcpcp_tests::https()
+        .post(format!("{via}/v1/cluster/join"))
+        .json(&serde_json::json!({ "token": token, "node_id": 4 }))
+        .send()
+        .await
+        .expect("join again");
+    assert_eq!(again.status().as_u16(), 403);
+}

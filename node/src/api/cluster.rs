@@ -90,6 +90,87 @@ pub async fn rotate_certs(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct JoinTokenRequest {
+    /// The id of the node the token lets join (never a member before).
+    pub node_id: u64,
+    /// How long the token stays valid (default 900 s, at most a day).
+    #[serde(default)]
+    pub ttl_seconds: Option<u64>,
+}
+
+/// `POST /v1/cluster/join-tokens` (admin): a single-use join token for one node id.
+pub async fn create_join_token(
+    State(state): State<AppState>,
+    _admin: Admin,
+    ApiJson(req): ApiJson<JoinTokenRequest>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    if req.node_id == 0 {
+        return Err(ApiError::bad_field("node_id", "must be greater than 0"));
+    }
+    let ttl = req.ttl_seconds.unwrap_or(900);
+    if ttl == 0 || ttl > 86_400 {
+        return Err(ApiError::bad_field(
+            "ttl_seconds",
+            "must be from 1 to 86400",
+        ));
+    }
+    let Some(ca) = &state.certs.node.ca else {
+        return Err(ApiError::Conflict {
+            code: "no_ca_key",
+            message: "this node holds no CA key, so it cannot let a node join; ask one that does"
+                .into(),
+        });
+    };
+    let (token, expires_at) = state
+        .registry
+        .create_join_token(req.node_id, ttl, &ca.fingerprint())
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({
+            "token": token,
+            "node_id": req.node_id,
+            "expires_at": expires_at,
+        })),
+    ))
+}
+
+/// `POST /v1/cluster/join`: a joining node redeems its token for the cluster CA and the data
+/// key (see `crate::join`). No bearer token: the join token is the credential, and the
+/// joining node pinned this node's CA before sending it.
+pub async fn join(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<crate::join::JoinRequest>,
+) -> Result<Json<crate::join::JoinMaterial>, ApiError> {
+    let Some(ca) = &state.certs.node.ca else {
+        return Err(ApiError::Conflict {
+            code: "no_ca_key",
+            message: "this node holds no CA key; join through one that does".into(),
+        });
+    };
+    if let Err(e) = state
+        .registry
+        .redeem_join_token(&req.token, req.node_id)
+        .await
+    {
+        metrics::counter!("mcpd_join_tokens_redeemed_total", "outcome" => "refused").increment(1);
+        return Err(e.into());
+    }
+    metrics::counter!("mcpd_join_tokens_redeemed_total", "outcome" => "joined").increment(1);
+    let dir = state.certs.node.dir().to_path_buf();
+    let key = tokio::task::spawn_blocking(move || mcpcp_pki::datakey::load(&dir))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(crate::join::JoinMaterial {
+        ca_pem: ca.cert_pem().to_string(),
+        ca_key_pem: ca.key_pem(),
+        data_key: hex::encode(key),
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RecoverRequest {
     /// The code `mcpd recover-admin` wrote for this node.
     pub code: String,

@@ -201,6 +201,7 @@ impl From<RegistryError> for ApiError {
                 retry_after_s: 1,
             },
             RegistryError::Internal(m) => ApiError::Internal(m),
+            RegistryError::Forbidden(m) => ApiError::Forbidden(m),
         }
     }
 }

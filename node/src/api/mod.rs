@@ -74,6 +74,8 @@ pub fn router(state: AppState, max_body_bytes: usize, hosts: host::HostPolicy) -
         .route("/node/rotate-certs", post(c::rotate_certs))
         .route("/cluster/init", post(c::init))
         .route("/cluster/recover-admin", post(c::recover_admin))
+        .route("/cluster/join-tokens", post(c::create_join_token))
+        .route("/cluster/join", post(c::join))
         .route("/cluster/status", get(c::status))
         .route("/cluster/nodes", post(c::add_node))
         .route("/cluster/nodes/{id}", axum::routing::delete(c::remove_node))

@@ -45,6 +45,9 @@ pub enum RegistryError {
     Conflict(String),
     #[error("{0}")]
     NotFound(String),
+    /// A credential that is not a bearer token (a join token) was refused.
+    #[error("{0}")]
+    Forbidden(String),
     /// No leader could commit (or confirm leadership for a read) within the bound.
     #[error("quorum lost: no leader could {what} within {waited:?}")]
     NoQuorum {
@@ -605,6 +608,51 @@ impl Registry {
             }
         }
         Err(last.unwrap_or(RegistryError::Internal("bootstrap not written".into())))
+    }
+
+    /// A single-use join token for node `node` (see `crate::join`), pinning `ca_fingerprint`.
+    pub async fn create_join_token(
+        &self,
+        node: u64,
+        ttl_seconds: u64,
+        ca_fingerprint: &str,
+    ) -> Result<(String, u64), RegistryError> {
+        let (token, id, stored) = crate::join::mint(node, ttl_seconds, ca_fingerprint)
+            .map_err(|e| RegistryError::Internal(e.to_string()))?;
+        let expires_at = stored.expires_at;
+        self.write(Command::CreateJoinToken {
+            id: id.clone(),
+            token: stored,
+            now: now_unix(),
+        })
+        .await?;
+        tracing::info!(token_id = %id, node, expires_at, "join token created");
+        Ok((token, expires_at))
+    }
+
+    /// Uses up `token` for node `node`: `Ok` once, for the node it names, before it expires.
+    pub async fn redeem_join_token(&self, token: &str, node: u64) -> Result<(), RegistryError> {
+        let refused = || RegistryError::Forbidden(crate::join::JoinError::Refused.to_string());
+        let parsed = crate::join::parse(token).map_err(|_| refused())?;
+        self.barrier().await?;
+        let known = self.sm.read().state.join_tokens.get(&parsed.id).cloned();
+        if !known.is_some_and(|t| crate::join::matches(&parsed, &t, node)) {
+            return Err(refused());
+        }
+        match self
+            .write(Command::RedeemJoinToken {
+                id: parsed.id.clone(),
+            })
+            .await
+        {
+            Ok(_) => {
+                tracing::warn!(token_id = %parsed.id, node, "join token used: the cluster CA and data key were handed to a joining node");
+                Ok(())
+            }
+            // Used by a concurrent join in between: this one is refused.
+            Err(RegistryError::Apply(ApplyError::NotFound { .. })) => Err(refused()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Issues a new admin token for a recovery redeemed on this node (see `crate::recovery`).

@@ -72,6 +72,16 @@ pub enum Command {
         hash: String,
         session_key: String,
     },
+    /// A single-use join token for node `token.node` (`mcpctl cluster add-node`).
+    CreateJoinToken {
+        id: String,
+        token: JoinToken,
+        now: u64,
+    },
+    /// A join token used: it is gone, so it works once.
+    RedeemJoinToken {
+        id: String,
+    },
     /// An admin token issued by `mcpd recover-admin` on a node's host (every admin token was
     /// lost); recorded with when and through which node, for the audit.
     RecoverAdmin {
@@ -80,6 +90,20 @@ pub enum Command {
         node: u64,
     },
 }
+
+/// A join token waiting for its node (see `crate::join`): only its hash is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinToken {
+    /// Hex SHA-256 of the token's secret.
+    pub hash: String,
+    /// The node id it lets join, and no other.
+    pub node: u64,
+    /// Unix seconds.
+    pub expires_at: u64,
+}
+
+/// Join tokens the state keeps at most (expired ones are dropped first).
+pub const JOIN_TOKENS_KEPT: usize = 64;
 
 /// A use of `mcpd recover-admin`, kept in the replicated state (the last 100).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,6 +145,8 @@ impl Command {
             Command::SetSessionKey { .. } => "set_session_key",
             Command::PutSessionState { .. } => "put_session_state",
             Command::Bootstrap { .. } => "bootstrap",
+            Command::CreateJoinToken { .. } => "create_join_token",
+            Command::RedeemJoinToken { .. } => "redeem_join_token",
             Command::RecoverAdmin { .. } => "recover_admin",
         }
     }
@@ -216,6 +242,9 @@ pub struct State {
     pub sessions: BTreeMap<String, SessionState>,
     /// Every node id that was ever a member, so that no id is used twice.
     pub node_ids_ever: BTreeSet<u64>,
+    /// Join tokens not used yet, by token id.
+    #[serde(default)]
+    pub join_tokens: BTreeMap<String, JoinToken>,
     /// Uses of `mcpd recover-admin`, oldest first.
     #[serde(default)]
     pub recoveries: VecDeque<Recovery>,
@@ -402,6 +431,35 @@ impl State {
                 self.session_key = Some(session_key);
                 Ok(changes)
             }
+            Command::CreateJoinToken { id, token, now } => {
+                if self.node_ids_ever.contains(&token.node) {
+                    return Err(ApplyError::InUse {
+                        kind: ObjectKind::Token,
+                        name: id,
+                        detail: format!(
+                            "node id {} was a member before; ids are never reused",
+                            token.node
+                        ),
+                    });
+                }
+                self.join_tokens.retain(|_, t| t.expires_at > now);
+                if self.join_tokens.len() >= JOIN_TOKENS_KEPT {
+                    return Err(ApplyError::InUse {
+                        kind: ObjectKind::Token,
+                        name: id,
+                        detail: format!("{JOIN_TOKENS_KEPT} join tokens are waiting already"),
+                    });
+                }
+                self.join_tokens.insert(id, token);
+                Ok(Vec::new())
+            }
+            Command::RedeemJoinToken { id } => match self.join_tokens.remove(&id) {
+                Some(_) => Ok(Vec::new()),
+                None => Err(ApplyError::NotFound {
+                    kind: ObjectKind::Token,
+                    name: id,
+                }),
+            },
             Command::RecoverAdmin { info, hash, node } => {
                 let recovery = Recovery {
                     at: info.created_at,

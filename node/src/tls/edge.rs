@@ -77,10 +77,10 @@ fn load(source: &EdgeSource, node: &NodeTls) -> Result<rustls::sign::CertifiedKe
             };
             let issued = ca.issue_server(names, *ttl)?;
             metrics::counter!("mcpd_tls_certificates_issued_total", "kind" => "edge").increment(1);
-            Ok(mcpcp_pki::keys::certified_key(
-                &issued.cert_pem,
-                &issued.key_pem,
-            )?)
+            // The CA follows the leaf: a joining node that knows only the CA's fingerprint
+            // (from its join token) finds the CA in the chain and pins it.
+            let chain = format!("{}{}", issued.cert_pem, ca.cert_pem());
+            Ok(mcpcp_pki::keys::certified_key(&chain, &issued.key_pem)?)
         }
         EdgeSource::Files { cert, key } => {
             let cert_pem = std::fs::read_to_string(cert).map_err(|e| io_error(cert, e))?;

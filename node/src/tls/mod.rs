@@ -17,6 +17,7 @@
 
 pub mod admission;
 pub mod edge;
+pub mod https;
 pub mod peer;
 
 use std::path::{Path, PathBuf};
@@ -48,6 +49,11 @@ pub struct TlsConfig {
     /// Lifetime of the peer certificate the node issues itself; it is renewed when a third of
     /// it is left.
     pub node_cert_ttl_hours: u64,
+    /// A node of the cluster to join through (`https://host:port`), when the TLS directory is
+    /// still empty (see `crate::join`).
+    pub join_url: Option<String>,
+    /// The join token `mcpctl cluster join-token` gave for this node (single use).
+    pub join_token: Option<String>,
 }
 
 impl Default for TlsConfig {
@@ -55,6 +61,8 @@ impl Default for TlsConfig {
         TlsConfig {
             dir: None,
             node_cert_ttl_hours: 720,
+            join_url: None,
+            join_token: None,
         }
     }
 }
@@ -215,6 +223,11 @@ impl NodeTls {
             &issued.cert_pem,
             &issued.key_pem,
         )?)
+    }
+
+    /// The node's TLS directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Renews the peer certificate now, from the CA key (with none, does nothing).

@@ -1,0 +1,289 @@
+//! Joining a node with a single-use join token, the way kubeadm's bootstrap tokens pin the
+//! cluster CA: the operator never copies a key by hand.
+//!
+//! 1. `mcpctl cluster join-token --id N` (admin) makes a token for node id `N` only, valid for
+//!    a short time (default 15 min): `mcpj_<id>_<secret>.<sha256 of the CA certificate>`. The
+//!    registry keeps the secret's hash (`Command::CreateJoinToken`).
+//! 2. The new node starts with `--join https://<any node> --join-token <token>` and an empty
+//!    TLS directory. It connects to that node's HTTPS and accepts it only if the CA in the
+//!    certificate chain it presents has the token's fingerprint ([`PinnedCa`]), then sends the
+//!    token and its id to `POST /v1/cluster/join`.
+//! 3. That node checks the token (hash in constant time, node id, expiry), uses it up through
+//!    Raft (`Command::RedeemJoinToken`: of two redeems, the second finds nothing), and answers
+//!    with the cluster CA and the data key. The new node writes them into its TLS directory
+//!    (keys 0600), issues its own peer certificate, and starts; `mcpctl cluster add-node` then
+//!    makes it a member.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::registry::now_unix;
+use crate::registry::state::JoinToken;
+
+const PREFIX: &str = "mcpj_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error("the join token is malformed (expected mcpj_<id>_<secret>.<CA fingerprint>)")]
+    Malformed,
+    #[error("the join token is unknown, used already, expired, or for another node id")]
+    Refused,
+    #[error("the operating system's random source failed: {0}")]
+    Random(String),
+    #[error("joining through {url}: {message}")]
+    Failed { url: String, message: String },
+    #[error("writing {what}: {source}")]
+    Write {
+        what: &'static str,
+        source: mcpcp_pki::PkiError,
+    },
+}
+
+/// A join token's parts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parsed {
+    pub id: String,
+    pub secret: String,
+    /// Hex SHA-256 of the CA certificate (DER).
+    pub ca_sha256: String,
+}
+
+/// Parses `mcpj_<id>_<secret>.<hex>`.
+pub fn parse(token: &str) -> Result<Parsed, JoinError> {
+    let rest = token
+        .trim()
+        .strip_prefix(PREFIX)
+        .ok_or(JoinError::Malformed)?;
+    let (credential, fingerprint) = rest.rsplit_once('.').ok_or(JoinError::Malformed)?;
+    let (id, secret) = credential.split_once('_').ok_or(JoinError::Malformed)?;
+    let hex_ok = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    if !hex_ok(id, 12) || !hex_ok(secret, 64) || !hex_ok(fingerprint, 64) {
+        return Err(JoinError::Malformed);
+    }
+    Ok(Parsed {
+        id: id.to_string(),
+        secret: secret.to_string(),
+        ca_sha256: fingerprint.to_ascii_lowercase(),
+    })
+}
+
+fn digest(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+/// A new token for `node`, valid for `ttl_seconds`, pinning the CA whose fingerprint is
+/// `ca_fingerprint` (`sha256:<hex>`): the string to hand out, its id, and what the registry
+/// keeps.
+pub fn mint(
+    node: u64,
+    ttl_seconds: u64,
+    ca_fingerprint: &str,
+) -> Result<(String, String, JoinToken), JoinError> {
+    let mut id = [0u8; 6];
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut id).map_err(|e| JoinError::Random(e.to_string()))?;
+    getrandom::fill(&mut secret).map_err(|e| JoinError::Random(e.to_string()))?;
+    let (id, secret) = (hex::encode(id), hex::encode(secret));
+    let fp = ca_fingerprint.trim_start_matches("sha256:");
+    let token = format!("{PREFIX}{id}_{secret}.{fp}");
+    let stored = JoinToken {
+        hash: digest(&secret),
+        node,
+        expires_at: now_unix() + ttl_seconds,
+    };
+    Ok((token, id, stored))
+}
+
+/// Whether `token` is the stored join token `stored`, for `node`, still valid.
+pub fn matches(token: &Parsed, stored: &JoinToken, node: u64) -> bool {
+    let same: bool = digest(&token.secret)
+        .as_bytes()
+        .ct_eq(stored.hash.as_bytes())
+        .into();
+    same && stored.node == node && stored.expires_at > now_unix()
+}
+
+/// `POST /v1/cluster/join`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    pub token: String,
+    pub node_id: u64,
+}
+
+/// What a joining node receives: the cluster CA and the data key.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct JoinMaterial {
+    pub ca_pem: String,
+    pub ca_key_pem: String,
+    /// Hex.
+    pub data_key: String,
+}
+
+/// Accepts a server only when the CA in the chain it presents has the pinned fingerprint, and
+/// the chain verifies against that CA for the name dialed.
+#[derive(Debug)]
+struct PinnedCa {
+    sha256: String,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| hex::encode(Sha256::digest(c.as_ref())) == self.sha256)
+            .ok_or_else(|| {
+                rustls::Error::General(
+                    "the node presented no CA with the join token's fingerprint".into(),
+                )
+            })?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?
+        .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Joins through the node at `url` (`https://host:port`) with `token` as node `node`, and
+/// writes the cluster CA and the data key into `tls_dir`.
+pub async fn join(url: &str, token: &str, node: u64, tls_dir: &Path) -> Result<(), JoinError> {
+    let parsed = parse(token)?;
+    let failed = |message: String| JoinError::Failed {
+        url: url.to_string(),
+        message,
+    };
+    let provider = mcpcp_pki::provider();
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| failed(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCa {
+            sha256: parsed.ca_sha256.clone(),
+            provider,
+        }))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let body = serde_json::to_value(JoinRequest {
+        token: token.trim().to_string(),
+        node_id: node,
+    })
+    .map_err(|e| failed(e.to_string()))?;
+    let endpoint = format!("{}/v1/cluster/join", url.trim_end_matches('/'));
+    let (status, answer) = crate::tls::https::post_json(&endpoint, Arc::new(tls), &body)
+        .await
+        .map_err(|e| failed(format!("{e:#}")))?;
+    if !status.is_success() {
+        return Err(failed(format!(
+            "{status}: {}",
+            String::from_utf8_lossy(&answer)
+        )));
+    }
+    let material: JoinMaterial =
+        serde_json::from_slice(&answer).map_err(|e| failed(e.to_string()))?;
+    // The CA it handed over is the one the token pins (and the one that signed its HTTPS).
+    let der = CertificateDer::from_pem_slice(material.ca_pem.as_bytes())
+        .map_err(|e| failed(format!("CA certificate: {e}")))?;
+    if hex::encode(Sha256::digest(der.as_ref())) != parsed.ca_sha256 {
+        return Err(failed(
+            "the CA handed over is not the one the token pins".into(),
+        ));
+    }
+    let ca = mcpcp_pki::Ca::from_pem(&material.ca_pem, &material.ca_key_pem)
+        .map_err(|e| failed(format!("the CA handed over: {e}")))?;
+    let key: [u8; 32] = hex::decode(&material.data_key)
+        .ok()
+        .and_then(|k| k.try_into().ok())
+        .ok_or_else(|| failed("the data key handed over is not 32 bytes".into()))?;
+    ca.write(tls_dir).map_err(|source| JoinError::Write {
+        what: "the cluster CA",
+        source,
+    })?;
+    mcpcp_pki::datakey::write(tls_dir, &key).map_err(|source| JoinError::Write {
+        what: "the data key",
+        source,
+    })?;
+    tracing::info!(node, cluster = %ca.cluster(), via = url, "joined: the cluster CA and data key are in the TLS directory");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_parse_and_match_only_their_node_and_secret() {
+        let (short, _, stored) = mint(4, 60, "sha256:ab").expect("mint");
+        assert!(parse(&short).is_err(), "a short fingerprint is malformed");
+        let fp = format!("sha256:{}", "a".repeat(64));
+        let (token, id2, stored2) = mint(4, 60, &fp).expect("mint");
+        let p = parse(&token).expect("parses");
+        assert_eq!(p.id, id2);
+        assert_eq!(p.ca_sha256, "a".repeat(64));
+        assert!(matches(&p, &stored2, 4));
+        assert!(!matches(&p, &stored2, 5), "another node id");
+        assert!(!matches(&p, &stored, 4), "another token's hash");
+        let expired = JoinToken {
+            expires_at: 0,
+            ..stored2
+        };
+        assert!(!matches(&p, &expired, 4));
+        for bad in ["", "mcpj_x", "mcpt_abc_def.ghi", &token.replace('.', "")] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
+}
