@@ -284,7 +284,10 @@ pub async fn run(
     tasks.spawn(serve_grpc(
         grpc_listener,
         crate::tls::peer::server_config(&node_tls)?,
-        MembersOnly::new(node_tls.identity.cluster.clone(), members_check(&raft)),
+        MembersOnly::new(
+            node_tls.identity.cluster.clone(),
+            members_check(&raft, crate::join::told_members(&cfg.tls_dir())),
+        ),
         raft.clone(),
         registry.clone(),
         pools.clone(),
@@ -403,14 +406,18 @@ fn edge_names(cfg: &Config, me: &Member) -> Vec<String> {
 }
 
 /// Whether node `id` may call this node over gRPC: a member (voter or learner) of the
-/// membership this node knows, or any node of the cluster while it knows none.
-fn members_check(raft: &Raft) -> MembersCheck {
+/// membership this node knows. While it knows none: the members it was told about when it
+/// joined with a token, or (an initial node, before `init`) any node of the cluster.
+fn members_check(raft: &Raft, told: Option<std::collections::BTreeSet<u64>>) -> MembersCheck {
     let raft = raft.clone();
     Arc::new(move |id| {
         let metrics = raft.metrics();
         let m = metrics.borrow();
         let membership = m.membership_config.membership();
-        membership.nodes().next().is_none() || membership.get_node(&id).is_some()
+        if membership.nodes().next().is_none() {
+            return told.as_ref().is_none_or(|t| t.contains(&id));
+        }
+        membership.get_node(&id).is_some()
     })
 }
 

@@ -119,13 +119,25 @@ pub struct JoinRequest {
     pub node_id: u64,
 }
 
-/// What a joining node receives: the cluster CA and the data key.
+/// What a joining node receives: the cluster CA, the data key, and who the members are.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct JoinMaterial {
     pub ca_pem: String,
     pub ca_key_pem: String,
     /// Hex.
     pub data_key: String,
+    /// The members when the token was redeemed: until the joined node has a membership of its
+    /// own, only they may call it (see `crate::tls::admission`).
+    pub members: Vec<u64>,
+}
+
+/// The file in a joined node's TLS directory that names the members it was told about.
+pub const MEMBERS_FILE: &str = "join-members.json";
+
+/// The members a joined node was told about, if it joined.
+pub fn told_members(tls_dir: &Path) -> Option<std::collections::BTreeSet<u64>> {
+    let text = std::fs::read(tls_dir.join(MEMBERS_FILE)).ok()?;
+    serde_json::from_slice(&text).ok()
 }
 
 /// Accepts a server only when the CA in the chain it presents has the pinned fingerprint, and
@@ -256,6 +268,13 @@ pub async fn join(url: &str, token: &str, node: u64, tls_dir: &Path) -> Result<(
     mcpcp_pki::datakey::write(tls_dir, &key).map_err(|source| JoinError::Write {
         what: "the data key",
         source,
+    })?;
+    let members = serde_json::to_string(&material.members).map_err(|e| failed(e.to_string()))?;
+    mcpcp_pki::files::write_private(&tls_dir.join(MEMBERS_FILE), &members).map_err(|source| {
+        JoinError::Write {
+            what: "the members",
+            source,
+        }
     })?;
     tracing::info!(node, cluster = %ca.cluster(), via = url, "joined: the cluster CA and data key are in the TLS directory");
     Ok(())

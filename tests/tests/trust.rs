@@ -426,6 +426,27 @@ async fn a_node_joins_with_a_single_use_token_and_nothing_copied_by_hand() {
             & 0o777;
         assert_eq!(m, mode, "{file}");
     }
+    // Before it is a member, node 4 admits over gRPC only the members it was told about when
+    // it joined (not any holder of a cluster certificate), and refuses `init`.
+    let ca = Ca::load(test_ca()).expect("the cluster CA");
+    let stranger = ca.issue_node(99, Duration::from_secs(600)).expect("cert");
+    let ch = dial(
+        &member.grpc_addr,
+        Some((&stranger.cert_pem, &stranger.key_pem)),
+    )
+    .await
+    .expect("handshake");
+    let refused = ClusterClient::new(ch)
+        .ping(PingRequest {})
+        .await
+        .expect_err("a stranger");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    let anon = mcpctl::AdminClient::new(&[c.url(4)], None, Some(&test_ca_cert())).expect("client");
+    let err = anon
+        .init(vec![member.clone()])
+        .await
+        .expect_err("init on a joined node");
+    assert_eq!(err.code(), Some("joined"), "{err}");
     admin
         .add_node(&mcpcp_proto::api::AddNodeRequest {
             id: 4,

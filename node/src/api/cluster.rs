@@ -46,6 +46,12 @@ pub async fn init(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<InitRequest>,
 ) -> Result<(StatusCode, Json<InitResponse>), ApiError> {
+    if crate::join::told_members(state.certs.node.dir()).is_some() {
+        return Err(ApiError::Conflict {
+            code: "joined",
+            message: "this node joined an existing cluster with a join token; it waits for `mcpctl cluster add-node`, not init".into(),
+        });
+    }
     let (members, admin_token) = state.registry.init(req.members).await?;
     let leader = state
         .registry
@@ -166,6 +172,7 @@ pub async fn join(
         ca_pem: ca.cert_pem().to_string(),
         ca_key_pem: ca.key_pem(),
         data_key: hex::encode(key),
+        members: state.registry.members().iter().map(|m| m.id).collect(),
     }))
 }
 
