@@ -88,7 +88,8 @@ tests/deploy/run.sh
 # --- end of deploy tests
 
 # --- chaos: the checker's self-test, then the smoke profile (kill leader, kill follower, pause
-# --- leader, partition leader when network namespaces are available); --full adds the rest.
+# --- leader, partition leader when network namespaces are available, rotate every node's
+# --- certificates); --full adds the rest.
 step "chaos (self-test and smoke profile)"
 if [[ $EUID -eq 0 ]] && ! command -v iptables >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive

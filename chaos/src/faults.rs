@@ -43,13 +43,14 @@ pub enum Fault {
     WipeReplace,
     MembershipChange,
     DiskFull,
+    RotateCerts,
 }
 
 /// Which faults a profile runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Profile {
     /// Kill the leader, kill a follower, pause the leader, partition the leader (with
-    /// namespaces).
+    /// namespaces), rotate every node's certificates.
     Smoke,
     /// Every fault.
     Full,
@@ -63,6 +64,7 @@ impl Profile {
                 Fault::KillFollower,
                 Fault::PauseLeader,
                 Fault::PartitionLeader,
+                Fault::RotateCerts,
             ],
             Profile::Full => Fault::ALL.to_vec(),
         }
@@ -70,7 +72,7 @@ impl Profile {
 }
 
 impl Fault {
-    pub const ALL: [Fault; 11] = [
+    pub const ALL: [Fault; 12] = [
         Fault::KillLeader,
         Fault::KillFollower,
         Fault::PauseLeader,
@@ -82,6 +84,7 @@ impl Fault {
         Fault::WipeReplace,
         Fault::MembershipChange,
         Fault::DiskFull,
+        Fault::RotateCerts,
     ];
 
     pub fn name(self) -> &'static str {
@@ -97,6 +100,7 @@ impl Fault {
             Fault::WipeReplace => "wipe-replace",
             Fault::MembershipChange => "membership-change",
             Fault::DiskFull => "disk-full",
+            Fault::RotateCerts => "rotate-certs",
         }
     }
 
@@ -368,6 +372,27 @@ impl Fault {
                 let v = pick(env.rng, &members)?;
                 disk_full(cluster, v, leader, clock).await
             }
+            Fault::RotateCerts => {
+                // What `mcpctl cluster rotate-certs` does, three times over, under the load:
+                // every member takes new peer and HTTPS certificates in place.
+                for _ in 0..3 {
+                    for m in &members {
+                        cluster
+                            .client_of(*m, Duration::from_secs(10))?
+                            .rotate_certs()
+                            .await
+                            .map_err(|e| {
+                                FaultError::Other(format!("rotating node {m}'s certificates: {e}"))
+                            })?;
+                    }
+                }
+                Ok(Injected::new(
+                    format!("rotate every member's certificates three times ({members:?})"),
+                    Vec::new(),
+                    false,
+                    Undo::Nothing,
+                ))
+            }
         }
     }
 
@@ -605,7 +630,7 @@ mod tests {
 
     #[test]
     fn profiles_and_names() {
-        assert_eq!(Profile::Smoke.faults().len(), 4);
+        assert_eq!(Profile::Smoke.faults().len(), 5);
         assert_eq!(Profile::Full.faults().len(), Fault::ALL.len());
         for f in Fault::ALL {
             assert_eq!(Fault::by_name(f.name()), Some(f));

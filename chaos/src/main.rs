@@ -62,7 +62,8 @@ enum Cmd {
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// smoke: kill leader, kill follower, pause leader, partition leader; full: every fault.
+    /// smoke: kill leader, kill follower, pause leader, partition leader, rotate certificates;
+    /// full: every fault.
     #[arg(long, value_enum, default_value = "smoke")]
     profile: Profile,
     /// Seed of every random choice (victims, workload); printed by every run to replay it.

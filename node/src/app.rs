@@ -331,6 +331,7 @@ pub async fn run(
         api::router(
             state,
             cfg.api.max_body_bytes,
+            api::body_timeout::BodyTimeout(Duration::from_millis(cfg.api.body_read_timeout_ms)),
             api::host::HostPolicy::new(edge_names(&cfg, &me)),
         ),
         shards.clone(),

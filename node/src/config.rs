@@ -27,6 +27,7 @@
 //! tls_key_file = "/etc/mcpd/https.key"
 //! header_read_timeout_ms = 10000    # headers (and the TLS handshake) within this, or closed
 //! max_connections = 4096            # open connections; more are closed at once
+//! body_read_timeout_ms = 30000      # a request's body within this of its headers
 //!
 //! [tls]
 //! dir = "/var/lib/mcpd/tls"         # ca.pem, ca.key, node.pem, node.key (default <data_dir>/tls)
@@ -226,6 +227,8 @@ pub struct ApiConfig {
     pub header_read_timeout_ms: u64,
     /// Open connections the node serves at once; more are closed at once, not queued.
     pub max_connections: usize,
+    /// A request's whole body must arrive within this of its headers.
+    pub body_read_timeout_ms: u64,
 }
 
 impl Default for ApiConfig {
@@ -240,6 +243,7 @@ impl Default for ApiConfig {
             tls_key_file: None,
             header_read_timeout_ms: 10_000,
             max_connections: 4096,
+            body_read_timeout_ms: 30_000,
         }
     }
 }
@@ -427,6 +431,12 @@ impl Config {
         if self.api.header_read_timeout_ms == 0 {
             return Err(invalid(
                 "api.header_read_timeout_ms",
+                "must be greater than 0",
+            ));
+        }
+        if self.api.body_read_timeout_ms == 0 {
+            return Err(invalid(
+                "api.body_read_timeout_ms",
                 "must be greater than 0",
             ));
         }

@@ -61,6 +61,9 @@ struct Args {
     /// A client must send each request's headers (and its TLS handshake) within this (ms).
     #[arg(long)]
     header_read_timeout_ms: Option<u64>,
+    /// A request's whole body must arrive within this of its headers (ms).
+    #[arg(long)]
+    body_read_timeout_ms: Option<u64>,
     /// Open HTTP connections served at once; more are closed on accept.
     #[arg(long)]
     max_connections: Option<usize>,
@@ -134,6 +137,7 @@ impl Args {
         set!(self.api_tls => api.tls);
         set!(self.header_read_timeout_ms => api.header_read_timeout_ms);
         set!(self.max_connections => api.max_connections);
+        set!(self.body_read_timeout_ms => api.body_read_timeout_ms);
         set!(self.max_sessions_per_tenant => mcp.max_sessions_per_tenant);
         if self.tls_dir.is_some() {
             cfg.tls.dir = self.tls_dir;

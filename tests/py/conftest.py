@@ -192,9 +192,10 @@ class Cluster:
 
     def metric(self, name: str, labels: str, node: int = 0) -> float | None:
         """The value of `name{labels}` on `node`'s /metrics (labels as printed, e.g.
-        `server="demo"`), or None when absent."""
+        `server="demo"`; empty for a series without labels), or None when absent."""
+        series = f"{name}{{{labels}}} " if labels else f"{name} "
         for line in self.metrics(node).splitlines():
-            if line.startswith(f"{name}{{{labels}}} "):
+            if line.startswith(series):
                 return float(line.rsplit(" ", 1)[1])
         return None
 

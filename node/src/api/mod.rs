@@ -1,6 +1,7 @@
 //! The HTTP surface of a node (axum): the admin API under `/v1/`, probes and `/metrics`.
 //! The router is built in one place, [`router`], so every route and layer reads top to bottom.
 
+pub mod body_timeout;
 pub mod cluster;
 pub mod error;
 pub mod extract;
@@ -66,7 +67,12 @@ async fn observe(State(_): State<AppState>, req: Request, next: Next) -> Respons
 
 /// Every route, behind the Host check (probes excepted: a load balancer or kubelet probes a
 /// node by whatever address it has) and the request metrics.
-pub fn router(state: AppState, max_body_bytes: usize, hosts: host::HostPolicy) -> Router {
+pub fn router(
+    state: AppState,
+    max_body_bytes: usize,
+    body_timeout: body_timeout::BodyTimeout,
+    hosts: host::HostPolicy,
+) -> Router {
     use cluster as c;
     use objects as o;
     let v1 = Router::new()
@@ -106,6 +112,10 @@ pub fn router(state: AppState, max_body_bytes: usize, hosts: host::HostPolicy) -
         .route("/livez", get(health::livez))
         .route("/readyz", get(health::readyz))
         .merge(checked)
+        .layer(middleware::from_fn_with_state(
+            body_timeout,
+            body_timeout::limit,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
