@@ -57,6 +57,7 @@
 //! max_session_info_bytes = 4096     # clientInfo + capabilities an initialize may carry
 //! max_subscriptions_per_session = 256
 //! max_uri_bytes = 2048              # longest resource URI a session may subscribe to
+//! max_streams_per_session = 4       # open SSE streams (GET) per session per node
 //! session_state_interval_ms = 1000  # a session's state is replicated at most this often
 //! ```
 
@@ -477,6 +478,10 @@ impl Config {
                 self.mcp.max_subscriptions_per_session,
             ),
             ("mcp.max_uri_bytes", self.mcp.max_uri_bytes),
+            (
+                "mcp.max_streams_per_session",
+                self.mcp.max_streams_per_session,
+            ),
         ] {
             if value == 0 {
                 return Err(invalid(field, "must be greater than 0"));

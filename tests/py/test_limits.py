@@ -229,3 +229,32 @@ def test_deleting_a_session_ends_it_on_every_node(cluster):
         "node 1 to refuse the ended session",
     )
     assert legacy_post(cluster.url(2, "demo"), cluster.token, ping, session=sid).status_code == 404
+
+
+def test_sse_streams_past_the_per_session_cap_get_429(small):
+    url = small.url(0, "demo")
+    sid = legacy_initialize(url, small.token)
+    headers = {"Authorization": f"Bearer {small.token}", "Accept": "text/event-stream", "Mcp-Session-Id": sid}
+    max_streams = 4  # mcp.max_streams_per_session's default
+    with httpx2.Client(timeout=10) as client:
+        streams = [client.stream("GET", url, headers=headers) for _ in range(max_streams)]
+        opened = [s.__enter__() for s in streams]
+        try:
+            assert all(r.status_code == 200 for r in opened), [r.status_code for r in opened]
+            r = client.get(url, headers=headers)
+            assert r.status_code == 429, r.text
+            assert "mcp.max_streams_per_session" in r.json()["error"]["message"]
+        finally:
+            for s in streams:
+                s.__exit__(None, None, None)
+        # Closed streams give their places back.
+        wait_until(
+            lambda: _stream_opens(client, url, headers) or None,
+            10,
+            "a stream to open again after the others closed",
+        )
+
+
+def _stream_opens(client: httpx2.Client, url: str, headers: dict) -> bool:
+    with client.stream("GET", url, headers=headers) as r:
+        return r.status_code == 200

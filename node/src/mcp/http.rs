@@ -797,6 +797,21 @@ pub async fn get(
         Ok(s) => s,
         Err(r) => return r,
     };
+    let max = state.mcp.config.max_streams_per_session;
+    let Some(slot) = super::session::StreamSlot::take(&session, max) else {
+        metrics::counter!("mcpd_mcp_streams_refused_total").increment(1);
+        let mut resp = rpc_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            None,
+            ErrorObject::new(
+                code::INVALID_REQUEST,
+                format!("this session holds {max} open streams, the most it may (mcp.max_streams_per_session); close one first"),
+            ),
+        );
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return resp;
+    };
     let log = session.log.clone();
     // Resuming a stream the client lost: a POST's (its answer included) or the standalone one.
     if let Some((n, seq)) =
@@ -804,9 +819,10 @@ pub async fn get(
     {
         if log.knows(n) {
             metrics::counter!("mcpd_mcp_stream_resumptions_total").increment(1);
-            return sse(log
-                .follow(n, Some(seq))
-                .map(|(eid, m)| Ok::<_, Infallible>(sse_event(&m).id(eid))));
+            return sse(log.follow(n, Some(seq)).map(move |(eid, m)| {
+                let _held = &slot;
+                Ok::<_, Infallible>(sse_event(&m).id(eid))
+            }));
         }
     }
     let n = {
@@ -829,9 +845,11 @@ pub async fn get(
         }
     };
     let after = log.last_seq(n);
-    sse(log
-        .follow(n, after)
-        .map(|(eid, m)| Ok::<_, Infallible>(sse_event(&m).id(eid))))
+    // The slot lives as long as the stream: it goes back when the client disconnects.
+    sse(log.follow(n, after).map(move |(eid, m)| {
+        let _held = &slot;
+        Ok::<_, Infallible>(sse_event(&m).id(eid))
+    }))
 }
 
 /// Relays the servers' notifications a session cares about into its standalone stream's log

@@ -46,6 +46,8 @@ pub struct McpConfig {
     pub max_subscriptions_per_session: usize,
     /// Longest resource URI a session may subscribe to.
     pub max_uri_bytes: usize,
+    /// SSE streams (`GET`) one session may hold open at once on a node; more get 429.
+    pub max_streams_per_session: usize,
     /// A session's changed subscriptions and log level are replicated at most this often
     /// (one Raft write per session per interval, however many calls changed them).
     pub session_state_interval_ms: u64,
@@ -60,6 +62,7 @@ impl Default for McpConfig {
             max_session_info_bytes: 4096,
             max_subscriptions_per_session: 256,
             max_uri_bytes: 2048,
+            max_streams_per_session: 4,
             session_state_interval_ms: 1000,
         }
     }

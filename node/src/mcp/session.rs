@@ -78,6 +78,29 @@ pub struct Session {
     pub state_dirty: std::sync::atomic::AtomicBool,
     /// A replication of this session's state is under way (see `http::replicate_state`).
     pub state_pending: std::sync::atomic::AtomicBool,
+    /// SSE streams (`GET`) open on this session on this node.
+    pub open_streams: std::sync::atomic::AtomicUsize,
+}
+
+/// One of a session's open SSE streams; gives its place back when the stream ends.
+pub struct StreamSlot(Arc<Session>);
+
+impl StreamSlot {
+    /// A place for one more stream, unless the session holds `max` already.
+    pub fn take(session: &Arc<Session>, max: usize) -> Option<StreamSlot> {
+        let open = session.open_streams.fetch_add(1, Ordering::AcqRel);
+        if open >= max {
+            session.open_streams.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(StreamSlot(session.clone()))
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.open_streams.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Events stream `s` has sent, so a client that lost its connection can resume with
@@ -413,6 +436,7 @@ impl Sessions {
             log: Arc::default(),
             state_dirty: Default::default(),
             state_pending: Default::default(),
+            open_streams: Default::default(),
         });
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         map.insert(id, session.clone());
