@@ -211,7 +211,7 @@ pub async fn run(
         &cfg.tls.join_url,
         &cfg.tls.join_token,
     ) {
-        crate::join::join(url, token, cfg.id, &cfg.tls_dir()).await?;
+        crate::join::join(url, token, cfg.id, &edge_names(&cfg, &me), &cfg.tls_dir()).await?;
     }
     let node_tls = Arc::new(NodeTls::load(
         &cfg.tls_dir(),
@@ -286,7 +286,7 @@ pub async fn run(
         crate::tls::peer::server_config(&node_tls)?,
         MembersOnly::new(
             node_tls.identity.cluster.clone(),
-            members_check(&raft, crate::join::told_members(&cfg.tls_dir())),
+            members_check(&raft, crate::join::told_members(&cfg.tls_dir())?),
         ),
         raft.clone(),
         registry.clone(),

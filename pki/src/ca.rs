@@ -143,23 +143,33 @@ impl Ca {
         fingerprint(&self.cert_der)
     }
 
-    fn issue(&self, mut params: CertificateParams, ttl: Duration) -> Result<Issued, PkiError> {
-        let key = KeyPair::generate()?;
+    /// Signs `params` (validity and key usage set here) for `public_key`.
+    fn sign(
+        &self,
+        mut params: CertificateParams,
+        public_key: &impl rcgen::PublicKeyData,
+        ttl: Duration,
+    ) -> Result<(String, SystemTime), PkiError> {
         let not_after = validity(&mut params, ttl);
         params.use_authority_key_identifier_extension = true;
         // ECDSA keys sign; they do not encipher (RFC 5480).
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)?;
-        let cert = params.signed_by(&key, &issuer)?;
+        let cert = params.signed_by(public_key, &issuer)?;
+        Ok((cert.pem(), not_after))
+    }
+
+    fn issue(&self, params: CertificateParams, ttl: Duration) -> Result<Issued, PkiError> {
+        let key = KeyPair::generate()?;
+        let (cert_pem, not_after) = self.sign(params, &key, ttl)?;
         Ok(Issued {
-            cert_pem: cert.pem(),
+            cert_pem,
             key_pem: key.serialize_pem(),
             not_after,
         })
     }
 
-    /// A peer certificate for node `node` of this cluster, valid for `ttl`.
-    pub fn issue_node(&self, node: u64, ttl: Duration) -> Result<Issued, PkiError> {
+    fn node_params(&self, node: u64) -> Result<CertificateParams, PkiError> {
         let id = NodeIdentity {
             cluster: self.cluster.clone(),
             node,
@@ -176,18 +186,60 @@ impl Ca {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        self.issue(params, ttl)
+        Ok(params)
     }
 
-    /// An HTTPS server certificate for `names` (DNS names or IP addresses), valid for `ttl`.
-    pub fn issue_server(&self, names: &[String], ttl: Duration) -> Result<Issued, PkiError> {
+    fn server_params(names: &[String]) -> Result<CertificateParams, PkiError> {
         let mut params = CertificateParams::new(names.to_vec())?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, "mcpd");
         params.distinguished_name = dn;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        self.issue(params, ttl)
+        Ok(params)
     }
+
+    /// A peer certificate for node `node` of this cluster, valid for `ttl`.
+    pub fn issue_node(&self, node: u64, ttl: Duration) -> Result<Issued, PkiError> {
+        self.issue(self.node_params(node)?, ttl)
+    }
+
+    /// An HTTPS server certificate for `names` (DNS names or IP addresses), valid for `ttl`.
+    pub fn issue_server(&self, names: &[String], ttl: Duration) -> Result<Issued, PkiError> {
+        self.issue(Self::server_params(names)?, ttl)
+    }
+
+    /// Signs a certificate request (PEM, its signature checked) as node `node`'s peer
+    /// certificate: only the request's key is taken from it, never what it asks to be named.
+    pub fn sign_node_request(
+        &self,
+        csr_pem: &str,
+        node: u64,
+        ttl: Duration,
+    ) -> Result<String, PkiError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+        Ok(self.sign(self.node_params(node)?, &csr.public_key, ttl)?.0)
+    }
+
+    /// Signs a certificate request as an HTTPS certificate for `names`.
+    pub fn sign_server_request(
+        &self,
+        csr_pem: &str,
+        names: &[String],
+        ttl: Duration,
+    ) -> Result<String, PkiError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+        Ok(self
+            .sign(Self::server_params(names)?, &csr.public_key, ttl)?
+            .0)
+    }
+}
+
+/// A new key and a certificate request for it (both PEM): what a joining node sends, keeping
+/// the key.
+pub fn key_and_request() -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate()?;
+    let csr = CertificateParams::default().serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.pem()?))
 }
 
 /// `sha256:<hex>` of a DER certificate.

@@ -380,8 +380,8 @@ async fn certificates_rotate_under_load_without_a_failed_request() {
 }
 
 /// A new node joins with a single-use join token and an empty TLS directory: it pins the CA
-/// the token names, fetches the CA and the data key itself, and becomes a member; nothing is
-/// copied by hand. The token works once, for its node id only, and a node given a token that
+/// the token names, has its own certificate requests signed (its keys never leave it, and it
+/// gets no CA key), receives the data key, and becomes a member; nothing is copied by hand. The token works once, for its node id only, and a node given a token that
 /// pins another CA refuses the cluster.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_joins_with_a_single_use_token_and_nothing_copied_by_hand() {
@@ -391,10 +391,17 @@ async fn a_node_joins_with_a_single_use_token_and_nothing_copied_by_hand() {
     let token = created["token"].as_str().expect("token").to_string();
     let via = c.url(1);
 
+    // A join request as a node makes one: the token, its id, two certificate requests.
+    let join_body = |node_id: u64| {
+        let (_, peer_csr) = mcpcp_pki::ca::key_and_request().expect("csr");
+        let (_, edge_csr) = mcpcp_pki::ca::key_and_request().expect("csr");
+        serde_json::json!({ "token": token, "node_id": node_id, "peer_csr": peer_csr,
+                            "edge_csr": edge_csr, "edge_names": ["127.0.0.1"] })
+    };
     // For another node id, the token is refused (and not used up).
     let wrong_node = mcpcp_tests::https()
         .post(format!("{via}/v1/cluster/join"))
-        .json(&serde_json::json!({ "token": token, "node_id": 5 }))
+        .json(&join_body(5))
         .send()
         .await
         .expect("join as another id");
@@ -408,7 +415,8 @@ async fn a_node_joins_with_a_single_use_token_and_nothing_copied_by_hand() {
         other.fingerprint().trim_start_matches("sha256:")
     );
     let dir = tempfile::tempdir().expect("dir");
-    let err = mcpd::join::join(&via, &misplaced, 4, dir.path())
+    let names = vec!["127.0.0.1".to_string()];
+    let err = mcpd::join::join(&via, &misplaced, 4, &names, dir.path())
         .await
         .expect_err("a token pinning another CA");
     assert!(err.to_string().contains("fingerprint"), "{err}");
@@ -417,7 +425,16 @@ async fn a_node_joins_with_a_single_use_token_and_nothing_copied_by_hand() {
     // The node joins with the right token and an empty TLS directory.
     let member = c.spawn_joining(4, &via, &token).await;
     let tls = c.nodes[&4].data_dir.join("tls");
-    for (file, mode) in [("ca.key", 0o600), ("data.key", 0o600), ("node.key", 0o600)] {
+    // Its own keys stay with it; it holds no CA key, so it can mint no certificate.
+    assert!(
+        !tls.join("ca.key").exists(),
+        "a joined node received the CA key"
+    );
+    for (file, mode) in [
+        ("data.key", 0o600),
+        ("node.key", 0o600),
+        ("edge.key", 0o600),
+    ] {
         use std::os::unix::fs::PermissionsExt;
         let m = std::fs::metadata(tls.join(file))
             .expect(file)
@@ -487,7 +504,7 @@ async fn a_node_joins_with_a_single_use_token_and_nothing_copied_by_hand() {
     // The token is used up.
     let again = mcpcp_tests::https()
         .post(format!("{via}/v1/cluster/join"))
-        .json(&serde_json::json!({ "token": token, "node_id": 4 }))
+        .json(&join_body(4))
         .send()
         .await
         .expect("join again");

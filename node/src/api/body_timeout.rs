@@ -27,6 +27,8 @@ struct Timed {
     inner: Body,
     deadline: Pin<Box<tokio::time::Sleep>>,
     limit: Duration,
+    /// The deadline passed: the body has ended with its error.
+    expired: bool,
 }
 
 impl HttpBody for Timed {
@@ -37,10 +39,14 @@ impl HttpBody for Timed {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        if self.expired {
+            return Poll::Ready(None);
+        }
         if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
             return Poll::Ready(frame);
         }
         if self.deadline.as_mut().poll(cx).is_ready() {
+            self.expired = true;
             metrics::counter!("mcpd_http_body_timeouts_total").increment(1);
             let limit = self.limit;
             return Poll::Ready(Some(Err(axum::Error::new(BodyTooSlow(limit)))));
@@ -71,6 +77,7 @@ pub async fn limit(
             inner,
             deadline: Box::pin(tokio::time::sleep(limit)),
             limit,
+            expired: false,
         })
     });
     next.run(req).await

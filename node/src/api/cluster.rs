@@ -46,7 +46,9 @@ pub async fn init(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<InitRequest>,
 ) -> Result<(StatusCode, Json<InitResponse>), ApiError> {
-    if crate::join::told_members(state.certs.node.dir()).is_some() {
+    let joined = crate::join::told_members(state.certs.node.dir())
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    if joined.is_some() {
         return Err(ApiError::Conflict {
             code: "joined",
             message: "this node joined an existing cluster with a join token; it waits for `mcpctl cluster add-node`, not init".into(),
@@ -154,6 +156,30 @@ pub async fn join(
             message: "this node holds no CA key; join through one that does".into(),
         });
     };
+    if state.tls == crate::tls::edge::EdgeTlsMode::Off {
+        // The data key would cross the balancer's last hop in clear text.
+        return Err(ApiError::Conflict {
+            code: "plain_http",
+            message: "this node serves plain HTTP (api.tls = off); join through a node's own HTTPS"
+                .into(),
+        });
+    }
+    if req.edge_names.is_empty() || req.edge_names.len() > 32 {
+        return Err(ApiError::bad_field("edge_names", "give 1 to 32 names"));
+    }
+    // Everything that can fail comes before the token is used up.
+    let dir = state.certs.node.dir().to_path_buf();
+    let key = tokio::task::spawn_blocking(move || mcpcp_pki::datakey::load(&dir))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let ttl = state.certs.node.ttl();
+    let node_cert = ca
+        .sign_node_request(&req.peer_csr, req.node_id, ttl)
+        .map_err(|e| ApiError::bad_field("peer_csr", e.to_string()))?;
+    let edge_cert = ca
+        .sign_server_request(&req.edge_csr, &req.edge_names, ttl)
+        .map_err(|e| ApiError::bad_field("edge_csr", e.to_string()))?;
     if let Err(e) = state
         .registry
         .redeem_join_token(&req.token, req.node_id)
@@ -163,14 +189,10 @@ pub async fn join(
         return Err(e.into());
     }
     metrics::counter!("mcpd_join_tokens_redeemed_total", "outcome" => "joined").increment(1);
-    let dir = state.certs.node.dir().to_path_buf();
-    let key = tokio::task::spawn_blocking(move || mcpcp_pki::datakey::load(&dir))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(Json(crate::join::JoinMaterial {
         ca_pem: ca.cert_pem().to_string(),
-        ca_key_pem: ca.key_pem(),
+        node_cert_pem: node_cert,
+        edge_cert_pem: format!("{edge_cert}{}", ca.cert_pem()),
         data_key: hex::encode(key),
         members: state.registry.members().iter().map(|m| m.id).collect(),
     }))

@@ -634,9 +634,23 @@ impl Registry {
     pub async fn redeem_join_token(&self, token: &str, node: u64) -> Result<(), RegistryError> {
         let refused = || RegistryError::Forbidden(crate::join::JoinError::Refused.to_string());
         let parsed = crate::join::parse(token).map_err(|_| refused())?;
+        let valid = |registry: &Registry| {
+            let known = registry
+                .sm
+                .read()
+                .state
+                .join_tokens
+                .get(&parsed.id)
+                .cloned();
+            known.is_some_and(|t| crate::join::matches(&parsed, &t, node))
+        };
+        // Checked against this node's state first, so a stranger's guess costs no round trip
+        // to the leader; then again after a read barrier.
+        if !valid(self) {
+            return Err(refused());
+        }
         self.barrier().await?;
-        let known = self.sm.read().state.join_tokens.get(&parsed.id).cloned();
-        if !known.is_some_and(|t| crate::join::matches(&parsed, &t, node)) {
+        if !valid(self) {
             return Err(refused());
         }
         match self

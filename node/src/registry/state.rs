@@ -454,7 +454,11 @@ impl State {
                 Ok(Vec::new())
             }
             Command::RedeemJoinToken { id } => match self.join_tokens.remove(&id) {
-                Some(_) => Ok(Vec::new()),
+                Some(used) => {
+                    // One node joins per id: its other tokens go too.
+                    self.join_tokens.retain(|_, t| t.node != used.node);
+                    Ok(Vec::new())
+                }
                 None => Err(ApplyError::NotFound {
                     kind: ObjectKind::Token,
                     name: id,

@@ -70,10 +70,16 @@ fn load(source: &EdgeSource, node: &NodeTls) -> Result<rustls::sign::CertifiedKe
     match source {
         EdgeSource::Cluster { names, ttl } => {
             let Some(ca) = &node.ca else {
-                return Err(TlsError::Bad {
-                    path: PathBuf::from("[api] tls"),
-                    message: "\"cluster\" needs the CA key (ca.key) in the node's TLS directory; give the node its own certificate with tls = \"files\" instead".into(),
-                });
+                // A joined node: the certificate the cluster signed for it at its join.
+                let cert = node.dir().join(crate::join::EDGE_CERT);
+                let key = node.dir().join(crate::join::EDGE_KEY);
+                if !cert.exists() {
+                    return Err(TlsError::Bad {
+                        path: cert,
+                        message: "missing: api.tls = \"cluster\" needs the CA key (ca.key) in the node's TLS directory, or the certificate a join gave; use tls = \"files\" otherwise".into(),
+                    });
+                }
+                return load(&EdgeSource::Files { cert, key }, node);
             };
             let issued = ca.issue_server(names, *ttl)?;
             metrics::counter!("mcpd_tls_certificates_issued_total", "kind" => "edge").increment(1);

@@ -12,6 +12,17 @@ pub async fn post_json(
     tls: Arc<rustls::ClientConfig>,
     body: &serde_json::Value,
 ) -> anyhow::Result<(http::StatusCode, bytes::Bytes)> {
+    // A node that accepts and then stalls must not hold a start-up or a recovery forever.
+    tokio::time::timeout(std::time::Duration::from_secs(30), post(url, tls, body))
+        .await
+        .map_err(|_| anyhow::anyhow!("{url}: no answer within 30 s"))?
+}
+
+async fn post(
+    url: &str,
+    tls: Arc<rustls::ClientConfig>,
+    body: &serde_json::Value,
+) -> anyhow::Result<(http::StatusCode, bytes::Bytes)> {
     use anyhow::Context;
     let uri: http::Uri = url.parse().with_context(|| format!("{url}: not a URL"))?;
     anyhow::ensure!(

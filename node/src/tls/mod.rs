@@ -230,6 +230,11 @@ impl NodeTls {
         &self.dir
     }
 
+    /// The lifetime of the certificates this node issues.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
     /// Renews the peer certificate now, from the CA key (with none, does nothing).
     pub fn renew_now(&self) -> Result<bool, TlsError> {
         let Some(ca) = &self.ca else {
