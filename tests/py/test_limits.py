@@ -68,6 +68,11 @@ def ready(c: Cluster) -> bool:
     return httpx2.get(f"{c.base(0)}/readyz", timeout=5).status_code == 200
 
 
+def counted(c: Cluster, metric: str, labels: str, before: float, what: str) -> None:
+    """Waits until `metric{labels}` on node 0 has grown past `before`."""
+    wait_until(lambda: (c.metric(metric, labels) or 0) > before, 10, what)
+
+
 def test_a_client_that_sends_its_headers_slowly_is_cut_off(small):
     before = small.metric("mcpd_http_connections_closed_total", 'reason="header_read_timeout"') or 0
     slow = tls_socket(small)
@@ -86,11 +91,7 @@ def test_a_client_that_sends_its_headers_slowly_is_cut_off(small):
             break
     assert cut and time.monotonic() < deadline, "a slowloris connection stayed open"
     assert ready(small), "the node stopped serving"
-    wait_until(
-        lambda: (small.metric("mcpd_http_connections_closed_total", 'reason="header_read_timeout"') or 0) > before,
-        10,
-        "the cut connection counted",
-    )
+    counted(small, "mcpd_http_connections_closed_total", 'reason="header_read_timeout"', before, "the cut connection counted")
 
 
 def test_a_body_that_never_arrives_whole_is_cut_off(small):
@@ -115,11 +116,7 @@ def test_a_body_that_never_arrives_whole_is_cut_off(small):
     status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else None
     assert status is None or 400 <= status < 500, answer
     assert ready(small)
-    wait_until(
-        lambda: (small.metric("mcpd_http_body_timeouts_total", "") or 0) > before,
-        10,
-        "the slow body counted",
-    )
+    counted(small, "mcpd_http_body_timeouts_total", "", before, "the slow body counted")
 
 
 def test_connections_past_the_cap_are_closed_at_once_not_queued(small):

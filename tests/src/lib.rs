@@ -357,6 +357,19 @@ impl Cluster {
             .await
     }
 
+    /// Makes the started node `member` a voter (`mcpctl cluster add-node`).
+    pub async fn add_member(&self, member: &Member) {
+        self.client()
+            .add_node(&mcpcp_proto::api::AddNodeRequest {
+                id: member.id,
+                http_addr: member.http_addr.clone(),
+                grpc_addr: member.grpc_addr.clone(),
+                voter: true,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("add node {}: {e}", member.id));
+    }
+
     /// A running node that is not `leader`.
     pub fn other_than(&self, leader: u64) -> u64 {
         self.running_ids()

@@ -264,15 +264,7 @@ async fn replaced_node_with_new_id_catches_up_by_snapshot() {
         .await
         .expect("remove the wiped node");
     let member = c.spawn(4).await;
-    c.client()
-        .add_node(&AddNodeRequest {
-            id: 4,
-            http_addr: member.http_addr.clone(),
-            grpc_addr: member.grpc_addr.clone(),
-            voter: true,
-        })
-        .await
-        .expect("add node 4");
+    c.add_member(&member).await;
     let n4 = c.node_client(4);
     let expected = acked.clone();
     eventually(

@@ -464,15 +464,7 @@ async fn a_node_joins_with_a_single_use_token_and_nothing_copied_by_hand() {
         .await
         .expect_err("init on a joined node");
     assert_eq!(err.code(), Some("joined"), "{err}");
-    admin
-        .add_node(&mcpcp_proto::api::AddNodeRequest {
-            id: 4,
-            http_addr: member.http_addr.clone(),
-            grpc_addr: member.grpc_addr.clone(),
-            voter: true,
-        })
-        .await
-        .expect("add node 4");
+    c.add_member(&member).await;
     // It is a member that replicates, and it opens the cluster's sealed secrets (same data key).
     let mut spec = mcpcp_tests::demo_server("sealed", &c.dir.path().join("ledger.jsonl"));
     spec.env.insert("API_KEY".into(), "joined-secret".into());
