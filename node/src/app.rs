@@ -219,7 +219,11 @@ pub async fn run(
         Duration::from_secs(cfg.tls.node_cert_ttl_hours * 3600),
     )?);
     tracing::info!(identity = %node_tls.identity, signs = node_tls.ca.is_some(), "peer identity");
-    let channels = PeerChannels::new(Duration::from_millis(500), PeerConnector::new(&node_tls)?);
+    let members = crate::tls::admission::Members::default();
+    let channels = PeerChannels::new(
+        Duration::from_millis(500),
+        PeerConnector::new(&node_tls, members.clone())?,
+    );
     let data_key = crate::seal::DataKey::load(&cfg.tls_dir())?;
     let network = NetworkFactory {
         channels: channels.clone(),
@@ -276,6 +280,11 @@ pub async fn run(
     tracing::info!(shards = shards.len(), "data-plane threads");
     let pools = Pools::on(shards.clone());
     let mut tasks = JoinSet::new();
+    // One membership check for both directions: whom this node serves, and whom it dials.
+    members.set(members_check(
+        &raft,
+        crate::join::told_members(&cfg.tls_dir())?,
+    ));
     let edge = edge_tls(&cfg, &me, &node_tls)?;
     tasks.spawn(node_tls.clone().renew(shutdown.clone()));
     if let Some(edge) = &edge {
@@ -284,10 +293,7 @@ pub async fn run(
     tasks.spawn(serve_grpc(
         grpc_listener,
         crate::tls::peer::server_config(&node_tls)?,
-        MembersOnly::new(
-            node_tls.identity.cluster.clone(),
-            members_check(&raft, crate::join::told_members(&cfg.tls_dir())?),
-        ),
+        MembersOnly::new(node_tls.identity.cluster.clone(), members.clone()),
         raft.clone(),
         registry.clone(),
         pools.clone(),

@@ -351,7 +351,9 @@ impl Cluster {
         mcpctl::dev::install_ca(test_ca(), &data).expect("the CA in a TLS directory");
         let tls = mcpd::tls::NodeTls::load(&data.join("tls"), as_node, Duration::from_secs(3600))
             .expect("a node identity");
-        let connector = mcpd::tls::peer::PeerConnector::new(&tls).expect("connector");
+        // A test client takes any node of the cluster at the address it dials.
+        let members = mcpd::tls::admission::Members::default();
+        let connector = mcpd::tls::peer::PeerConnector::new(&tls, members).expect("connector");
         tonic::transport::Endpoint::from_shared(format!("http://{grpc_addr}"))?
             .connect_with_connector(connector)
             .await

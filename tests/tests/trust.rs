@@ -502,3 +502,43 @@ async fn a_node_joins_with_a_single_use_token_and_nothing_copied_by_hand() {
         .expect("join again");
     assert_eq!(again.status().as_u16(), 403);
 }
+
+/// The dialing side checks whom it reached: a node whose certificate names another id than a
+/// member's (here node 99, registered under the address of new member 4) is refused, so a
+/// removed node or a stranger with a cluster certificate cannot answer at a member's address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_answering_at_a_member_s_address_with_another_identity_is_refused() {
+    let mut c = Cluster::start(3).await;
+    let leader = c.wait_leader().await;
+    let impostor = c.spawn(99).await;
+    let added = c
+        .client()
+        .add_node(&mcpcp_proto::api::AddNodeRequest {
+            id: 4,
+            http_addr: impostor.http_addr.clone(),
+            grpc_addr: impostor.grpc_addr.clone(),
+            voter: false,
+        })
+        .await;
+    let url = c.url(leader);
+    let (refused, metrics) = eventually(
+        "the leader to refuse node 99's certificate at node 4's address",
+        Duration::from_secs(20),
+        || {
+            let c = &c;
+            let url = url.clone();
+            async move {
+                let (n, text) = c
+                    .scrape_sum(
+                        &url,
+                        "mcpd_grpc_refused_total{reason=\"peer_not_a_member\"}",
+                    )
+                    .await;
+                (n > 0.0).then_some((n, text))
+            }
+        },
+    )
+    .await;
+    assert!(refused > 0.0, "{metrics}");
+    let _ = added; // the add waits for a learner that never catches up; its answer is moot
+}

@@ -21,16 +21,33 @@ use super::peer::PeerInfo;
 /// this node knows none yet.
 pub type MembersCheck = Arc<dyn Fn(u64) -> bool + Send + Sync>;
 
+/// The membership check, set once Raft runs (the channels that dial peers are made before
+/// it). Until it is set, any node of the cluster is taken: that is start-up only.
+#[derive(Clone, Default)]
+pub struct Members(Arc<std::sync::OnceLock<MembersCheck>>);
+
+impl Members {
+    /// Sets the check; a second call changes nothing.
+    pub fn set(&self, check: MembersCheck) {
+        let _ = self.0.set(check);
+    }
+
+    /// Whether node `id` is a member (or the check is not set yet).
+    pub fn admits(&self, id: u64) -> bool {
+        self.0.get().is_none_or(|check| check(id))
+    }
+}
+
 /// The tower layer that admits members only.
 #[derive(Clone)]
 pub struct MembersOnly {
     cluster: ClusterId,
-    is_member: MembersCheck,
+    members: Members,
 }
 
 impl MembersOnly {
-    pub fn new(cluster: ClusterId, is_member: MembersCheck) -> Self {
-        MembersOnly { cluster, is_member }
+    pub fn new(cluster: ClusterId, members: Members) -> Self {
+        MembersOnly { cluster, members }
     }
 
     /// `Err(reason)` when the caller must be refused.
@@ -43,7 +60,7 @@ impl MembersOnly {
         if identity.cluster != self.cluster {
             return Err("another cluster");
         }
-        if !(self.is_member)(identity.node) {
+        if !self.members.admits(identity.node) {
             return Err("not a member");
         }
         Ok(())

@@ -354,7 +354,8 @@ pub mod testing {
 
     /// Channels that dial as node 2.
     pub fn channels() -> PeerChannels {
-        let connector = super::peer::PeerConnector::new(&node(2)).expect("connector");
+        let members = super::admission::Members::default();
+        let connector = super::peer::PeerConnector::new(&node(2), members).expect("connector");
         PeerChannels::new(Duration::from_secs(2), connector)
     }
 }

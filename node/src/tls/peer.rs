@@ -29,6 +29,11 @@ use tokio::sync::mpsc;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_stream::wrappers::ReceiverStream;
 
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+
+use super::admission::Members;
 use super::{NodeTls, TlsError};
 use crate::shutdown::Shutdown;
 
@@ -53,14 +58,91 @@ pub fn server_config(tls: &NodeTls) -> Result<Arc<ServerConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
-/// The TLS configuration of this node's gRPC clients: its own certificate, the cluster CA.
-pub fn client_config(tls: &NodeTls) -> Result<Arc<ClientConfig>, TlsError> {
+/// The TLS configuration of this node's gRPC clients: its own certificate; a server is
+/// accepted with a certificate of the cluster CA for the peer name that names a current
+/// member (so a removed node, or a stranger with a cluster certificate, answering at a
+/// member's address is refused).
+pub fn client_config(tls: &NodeTls, members: Members) -> Result<Arc<ClientConfig>, TlsError> {
+    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        tls.roots.clone(),
+        mcpcp_pki::provider(),
+    )
+    .build()
+    .map_err(|e| rustls::Error::General(e.to_string()))?;
+    let verifier = MemberServer {
+        inner,
+        cluster: tls.identity.cluster.clone(),
+        members,
+    };
     let mut config = ClientConfig::builder_with_provider(mcpcp_pki::provider())
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(tls.roots.clone())
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_cert_resolver(Arc::new(tls.peer_cert.clone()));
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The cluster CA's verification, then: the certificate names a current member.
+#[derive(Debug)]
+struct MemberServer {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    cluster: mcpcp_pki::ClusterId,
+    members: Members,
+}
+
+impl std::fmt::Debug for Members {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Members(..)")
+    }
+}
+
+impl ServerCertVerifier for MemberServer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verified =
+            self.inner
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
+        match NodeIdentity::from_cert(end_entity) {
+            Some(id) if id.cluster == self.cluster && self.members.admits(id.node) => Ok(verified),
+            other => {
+                metrics::counter!("mcpd_grpc_refused_total", "reason" => "peer_not_a_member")
+                    .increment(1);
+                Err(rustls::Error::General(format!(
+                    "the peer's certificate names {}, not a current member of this cluster",
+                    other.map_or("no node".to_string(), |i| i.uri())
+                )))
+            }
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// Who is at the other end of a gRPC connection, as its certificate says.
@@ -194,9 +276,9 @@ pub struct PeerConnector {
 }
 
 impl PeerConnector {
-    /// Dials as the node `tls` names.
-    pub fn new(tls: &NodeTls) -> Result<Self, TlsError> {
-        Self::with_config(client_config(tls)?, &tls.identity.cluster)
+    /// Dials as the node `tls` names, accepting current `members` only.
+    pub fn new(tls: &NodeTls, members: Members) -> Result<Self, TlsError> {
+        Self::with_config(client_config(tls, members)?, &tls.identity.cluster)
     }
 
     /// Dials with `config` (what it presents and trusts) a node of `cluster`.
