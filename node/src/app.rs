@@ -205,13 +205,16 @@ pub async fn run(
         path: sm_path,
         source,
     })?;
+    // The names clients reach this node by: in its HTTPS certificate, and the only `Host`s
+    // it serves.
+    let names = edge_names(&cfg, &me);
     // A new node with a join token fetches the cluster CA and data key before anything else.
     if let (false, Some(url), Some(token)) = (
         cfg.tls_dir().join(mcpcp_pki::ca::CA_CERT).exists(),
         &cfg.tls.join_url,
         &cfg.tls.join_token,
     ) {
-        crate::join::join(url, token, cfg.id, &edge_names(&cfg, &me), &cfg.tls_dir()).await?;
+        crate::join::join(url, token, cfg.id, &names, &cfg.tls_dir()).await?;
     }
     let node_tls = Arc::new(NodeTls::load(
         &cfg.tls_dir(),
@@ -285,7 +288,7 @@ pub async fn run(
         &raft,
         crate::join::told_members(&cfg.tls_dir())?,
     ));
-    let edge = edge_tls(&cfg, &me, &node_tls)?;
+    let edge = edge_tls(&cfg, names.clone(), &node_tls)?;
     tasks.spawn(node_tls.clone().renew(shutdown.clone()));
     if let Some(edge) = &edge {
         tasks.spawn(edge.clone().keep_fresh(node_tls.clone(), shutdown.clone()));
@@ -338,7 +341,7 @@ pub async fn run(
             state,
             cfg.api.max_body_bytes,
             api::body_timeout::BodyTimeout(Duration::from_millis(cfg.api.body_read_timeout_ms)),
-            api::host::HostPolicy::new(edge_names(&cfg, &me)),
+            api::host::HostPolicy::new(names),
         ),
         shards.clone(),
         api::listener::EdgeSettings {
@@ -372,7 +375,7 @@ pub async fn run(
 }
 
 /// The edge's TLS as configured; `None` for `api.tls = "off"` (warned about).
-fn edge_tls(cfg: &Config, me: &Member, node: &NodeTls) -> Result<Option<EdgeTls>, TlsError> {
+fn edge_tls(cfg: &Config, names: Vec<String>, node: &NodeTls) -> Result<Option<EdgeTls>, TlsError> {
     let source = match cfg.api.tls {
         EdgeTlsMode::Off => {
             tracing::warn!(
@@ -386,7 +389,7 @@ fn edge_tls(cfg: &Config, me: &Member, node: &NodeTls) -> Result<Option<EdgeTls>
             key: cfg.api.tls_key_file.clone().unwrap_or_default(),
         },
         EdgeTlsMode::Cluster => EdgeSource::Cluster {
-            names: edge_names(cfg, me),
+            names,
             ttl: Duration::from_secs(cfg.tls.node_cert_ttl_hours * 3600),
         },
     };

@@ -6,7 +6,7 @@
 //!    registry keeps the secret's hash (`Command::CreateJoinToken`).
 //! 2. The new node starts with `--join https://<any node> --join-token <token>` and an empty
 //!    TLS directory. It connects to that node's HTTPS and accepts it only if the CA in the
-//!    certificate chain it presents has the token's fingerprint ([`PinnedCa`]), then sends the
+//!    certificate chain it presents has the token's fingerprint ([`crate::tls::verify::ServerCheck::pinned`]), then sends the
 //!    token and its id to `POST /v1/cluster/join`.
 //! 3. That node checks the token (hash in constant time, node id, expiry), uses it up through
 //!    Raft (`Command::RedeemJoinToken`: of two redeems, the second finds nothing), and signs
@@ -22,16 +22,15 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::registry::now_unix;
 use crate::registry::state::JoinToken;
+use crate::tls::verify::ServerCheck;
 
 const PREFIX: &str = "mcpj_";
 
@@ -177,77 +176,6 @@ pub fn told_members(tls_dir: &Path) -> Result<Option<std::collections::BTreeSet<
         })
 }
 
-/// Accepts a server only when the CA in the chain it presents has the pinned fingerprint, and
-/// the chain verifies against that CA for the name dialed.
-#[derive(Debug)]
-struct PinnedCa {
-    sha256: String,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl ServerCertVerifier for PinnedCa {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let ca = intermediates
-            .iter()
-            .find(|c| hex::encode(Sha256::digest(c.as_ref())) == self.sha256)
-            .ok_or_else(|| {
-                rustls::Error::General(
-                    "the node presented no CA with the join token's fingerprint".into(),
-                )
-            })?;
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca.clone().into_owned())?;
-        rustls::client::WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots),
-            self.provider.clone(),
-        )
-        .build()
-        .map_err(|e| rustls::Error::General(e.to_string()))?
-        .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 /// Joins through the node at `url` (`https://host:port`) with `token` as node `node`, whose
 /// HTTPS certificate is to name `edge_names`, and writes what it receives into `tls_dir`.
 pub async fn join(
@@ -262,15 +190,11 @@ pub async fn join(
         url: url.to_string(),
         message,
     };
-    let provider = mcpcp_pki::provider();
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let mut tls = rustls::ClientConfig::builder_with_provider(mcpcp_pki::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| failed(e.to_string()))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedCa {
-            sha256: parsed.ca_sha256.clone(),
-            provider,
-        }))
+        .with_custom_certificate_verifier(Arc::new(ServerCheck::pinned(&parsed.ca_sha256)))
         .with_no_client_auth();
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let write_err = |what| move |source| JoinError::Write { what, source };
@@ -334,6 +258,8 @@ pub async fn join(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::{ServerName, UnixTime};
 
     fn der(pem: &str) -> CertificateDer<'static> {
         CertificateDer::from_pem_slice(pem.as_bytes()).expect("pem")
@@ -347,10 +273,7 @@ mod tests {
             mcpcp_pki::Ca::create(&id).expect("ca"),
         );
         let ttl = std::time::Duration::from_secs(600);
-        let verifier = PinnedCa {
-            sha256: a.fingerprint().trim_start_matches("sha256:").to_string(),
-            provider: mcpcp_pki::provider(),
-        };
+        let verifier = ServerCheck::pinned(a.fingerprint().trim_start_matches("sha256:"));
         let name = ServerName::try_from("127.0.0.1").expect("name");
         let verify = |leaf: &str, chain: &[&str]| {
             let chain: Vec<_> = chain.iter().map(|c| der(c)).collect();

@@ -8,7 +8,6 @@
 //!
 //! Refusals count in `mcpd_http_requests_refused_total{reason="host"}`.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
@@ -18,16 +17,15 @@ use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
 
-/// The names this node answers to.
+/// The names this node answers to (a handful: compared in place, nothing allocated per
+/// request).
 #[derive(Debug, Clone)]
-pub struct HostPolicy(Arc<HashSet<String>>);
+pub struct HostPolicy(Arc<[String]>);
 
 impl HostPolicy {
     /// `names`: DNS names and IP addresses (IPv6 without brackets), any case.
     pub fn new(names: impl IntoIterator<Item = String>) -> Self {
-        HostPolicy(Arc::new(
-            names.into_iter().map(|n| n.to_ascii_lowercase()).collect(),
-        ))
+        HostPolicy(names.into_iter().collect())
     }
 
     /// Whether a `Host` header value (`name`, `name:port`, `[v6]:port`) names this node.
@@ -36,8 +34,8 @@ impl HostPolicy {
             Some(v6) => v6.split_once(']').map(|(h, _)| h).unwrap_or(v6),
             None => host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host),
         };
-        let name = name.trim_end_matches('.').to_ascii_lowercase();
-        self.0.contains(&name)
+        let name = name.trim_end_matches('.');
+        self.0.iter().any(|n| n.eq_ignore_ascii_case(name))
     }
 }
 

@@ -26,6 +26,12 @@ pub type MembersCheck = Arc<dyn Fn(u64) -> bool + Send + Sync>;
 #[derive(Clone, Default)]
 pub struct Members(Arc<std::sync::OnceLock<MembersCheck>>);
 
+impl std::fmt::Debug for Members {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Members(..)")
+    }
+}
+
 impl Members {
     /// Sets the check; a second call changes nothing.
     pub fn set(&self, check: MembersCheck) {

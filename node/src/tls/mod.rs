@@ -19,6 +19,7 @@ pub mod admission;
 pub mod edge;
 pub mod https;
 pub mod peer;
+pub mod verify;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -40,7 +41,7 @@ pub const NODE_CERT: &str = "node.pem";
 pub const NODE_KEY: &str = "node.key";
 
 /// `[tls]`: the node's identity between nodes.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
     /// Holds `ca.pem` and `ca.key` (the cluster CA, from `mcpctl cluster ca create` or a join),
@@ -54,6 +55,21 @@ pub struct TlsConfig {
     pub join_url: Option<String>,
     /// The join token `mcpctl cluster join-token` gave for this node (single use).
     pub join_token: Option<String>,
+}
+
+/// The join token is a credential: never printed.
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("dir", &self.dir)
+            .field("node_cert_ttl_hours", &self.node_cert_ttl_hours)
+            .field("join_url", &self.join_url)
+            .field(
+                "join_token",
+                &self.join_token.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
 }
 
 impl Default for TlsConfig {

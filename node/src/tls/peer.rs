@@ -29,11 +29,8 @@ use tokio::sync::mpsc;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_stream::wrappers::ReceiverStream;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
-
 use super::admission::Members;
+use super::verify::ServerCheck;
 use super::{NodeTls, TlsError};
 use crate::shutdown::Shutdown;
 
@@ -63,86 +60,14 @@ pub fn server_config(tls: &NodeTls) -> Result<Arc<ServerConfig>, TlsError> {
 /// member (so a removed node, or a stranger with a cluster certificate, answering at a
 /// member's address is refused).
 pub fn client_config(tls: &NodeTls, members: Members) -> Result<Arc<ClientConfig>, TlsError> {
-    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
-        tls.roots.clone(),
-        mcpcp_pki::provider(),
-    )
-    .build()
-    .map_err(|e| rustls::Error::General(e.to_string()))?;
-    let verifier = MemberServer {
-        inner,
-        cluster: tls.identity.cluster.clone(),
-        members,
-    };
+    let check = ServerCheck::member(tls.roots.clone(), tls.identity.cluster.clone(), members)?;
     let mut config = ClientConfig::builder_with_provider(mcpcp_pki::provider())
         .with_safe_default_protocol_versions()?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_custom_certificate_verifier(Arc::new(check))
         .with_client_cert_resolver(Arc::new(tls.peer_cert.clone()));
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
-}
-
-/// The cluster CA's verification, then: the certificate names a current member.
-#[derive(Debug)]
-struct MemberServer {
-    inner: Arc<rustls::client::WebPkiServerVerifier>,
-    cluster: mcpcp_pki::ClusterId,
-    members: Members,
-}
-
-impl std::fmt::Debug for Members {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Members(..)")
-    }
-}
-
-impl ServerCertVerifier for MemberServer {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let verified =
-            self.inner
-                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
-        match NodeIdentity::from_cert(end_entity) {
-            Some(id) if id.cluster == self.cluster && self.members.admits(id.node) => Ok(verified),
-            other => {
-                metrics::counter!("mcpd_grpc_refused_total", "reason" => "peer_not_a_member")
-                    .increment(1);
-                Err(rustls::Error::General(format!(
-                    "the peer's certificate names {}, not a current member of this cluster",
-                    other.map_or("no node".to_string(), |i| i.uri())
-                )))
-            }
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
 }
 
 /// Who is at the other end of a gRPC connection, as its certificate says.
