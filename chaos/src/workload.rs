@@ -9,8 +9,9 @@
 //! The registry workload runs three kinds of clients, each through a random member:
 //! - writers creating tenants under names no other operation uses (unique keys);
 //! - compare-and-set clients on a few shared servers: read the server (linearizable), then
-//!   `PUT` it with `If-Match` = the revision read and a new, unique register value
-//!   (`env.CHAOS_REGISTER`, mirrored in `pool_size`); the servers are disabled, so no node
+//!   `PUT` it with `If-Match` = the revision read and a new, unique register value (the
+//!   server's `args`, `["--chaos-register", "<value>"]`, mirrored in `pool_size`; not `env`,
+//!   whose values are secrets the API never shows); the servers are disabled, so no node
 //!   starts processes for them;
 //! - readers: linearizable `GET` of a shared server and `GET /v1/tenants`.
 
@@ -111,8 +112,8 @@ impl WorkloadCtx {
     }
 }
 
-/// The env variable holding the register value of a shared server.
-const REGISTER_ENV: &str = "CHAOS_REGISTER";
+/// The flag in a register server's `args` whose value is the register's value.
+const REGISTER_ARG: &str = "--chaos-register";
 
 /// How many clients of each kind.
 #[derive(Debug, Clone, Copy)]
@@ -163,14 +164,12 @@ impl RegistryWorkload {
     }
 
     fn register_spec(key: &str, value: u64) -> ServerSpec {
-        let mut env = BTreeMap::new();
-        env.insert(REGISTER_ENV.to_string(), value.to_string());
         ServerSpec {
             name: key.to_string(),
             tenant: None,
             command: "/bin/true".into(),
-            args: vec![],
-            env,
+            args: register_args(value),
+            env: BTreeMap::new(),
             cwd: None,
             // A register only: no node runs processes for it.
             enabled: false,
@@ -269,8 +268,15 @@ fn pool_size_of(value: u64) -> u32 {
     u32::try_from(value % 256).unwrap_or(0) + 1
 }
 
+fn register_args(value: u64) -> Vec<String> {
+    vec![REGISTER_ARG.to_string(), value.to_string()]
+}
+
 fn register_value(v: &Versioned<ServerSpec>) -> Option<u64> {
-    v.spec.env.get(REGISTER_ENV)?.parse().ok()
+    match v.spec.args.as_slice() {
+        [flag, value] if flag == REGISTER_ARG => value.parse().ok(),
+        _ => None,
+    }
 }
 
 /// What a failed call means for a write.
@@ -415,7 +421,7 @@ async fn read_register(
                     p,
                     Outcome::Unknown {
                         cause: UnknownCause::Garbled,
-                        detail: format!("{key} has no {REGISTER_ENV}"),
+                        detail: format!("{key} has no {REGISTER_ARG} in its args"),
                     },
                 );
                 None
@@ -447,7 +453,7 @@ async fn cas_client(
         {
             let to = next_value.fetch_add(1, Ordering::SeqCst);
             let mut spec = current.spec;
-            spec.env.insert(REGISTER_ENV.into(), to.to_string());
+            spec.args = register_args(to);
             spec.pool_size = pool_size_of(to);
             // The write goes to a node of its own choosing, as a real client's would.
             let t = ctx.targets.pick(&mut rng).unwrap_or(t);

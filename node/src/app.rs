@@ -293,13 +293,22 @@ pub async fn run(
     if let Some(edge) = &edge {
         tasks.spawn(edge.clone().keep_fresh(node_tls.clone(), shutdown.clone()));
     }
-    tasks.spawn(serve_grpc(
-        grpc_listener,
-        crate::tls::peer::server_config(&node_tls)?,
-        MembersOnly::new(node_tls.identity.cluster.clone(), members.clone()),
-        raft.clone(),
+    // Without the CA key, this node's renewals are signed by a member that holds it.
+    node_tls.set_signer(crate::raft::signing::signer(
         registry.clone(),
-        pools.clone(),
+        channels.clone(),
+    ));
+    tasks.spawn(serve_grpc(
+        GrpcServer {
+            listener: grpc_listener,
+            tls: crate::tls::peer::server_config(&node_tls)?,
+            handshakes: cfg.tls.handshakes(),
+            members_only: MembersOnly::new(node_tls.identity.cluster.clone(), members.clone()),
+            node_tls: node_tls.clone(),
+            raft: raft.clone(),
+            registry: registry.clone(),
+            pools: pools.clone(),
+        },
         shutdown.clone(),
     ));
     let router = Router::new(registry.clone(), pools.clone(), channels.clone());
@@ -431,38 +440,44 @@ fn members_check(raft: &Raft, told: Option<std::collections::BTreeSet<u64>>) -> 
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn serve_grpc(
+/// What the gRPC listener serves, and how it lets callers in.
+struct GrpcServer {
     listener: TcpListener,
+    /// Mutual TLS: a client certificate of the cluster CA required.
     tls: Arc<rustls::ServerConfig>,
+    handshakes: crate::tls::peer::HandshakeLimits,
     members_only: MembersOnly,
+    node_tls: Arc<NodeTls>,
     raft: Raft,
     registry: Registry,
     pools: Pools,
-    shutdown: Shutdown,
-) {
-    let raft_svc = RaftServer::new(RaftService { raft })
+}
+
+async fn serve_grpc(grpc: GrpcServer, shutdown: Shutdown) {
+    let raft_svc = RaftServer::new(RaftService { raft: grpc.raft })
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
     let peer_svc = PeerServer::new(PeerService {
-        registry: registry.clone(),
-        pools,
+        registry: grpc.registry.clone(),
+        pools: grpc.pools,
     })
     .max_decoding_message_size(64 << 20)
     .max_encoding_message_size(64 << 20);
     let cluster_svc = ClusterServer::new(ClusterService {
-        registry,
+        registry: grpc.registry,
+        tls: grpc.node_tls,
         shutdown: shutdown.clone(),
     });
     // Mutual TLS on every connection (no plaintext gRPC); `members_only` then checks each
     // call's certificate against the membership.
-    let incoming = crate::tls::peer::incoming(listener, tls, shutdown.clone());
+    let incoming =
+        crate::tls::peer::incoming(grpc.listener, grpc.tls, grpc.handshakes, shutdown.clone());
     // Pings find a peer that vanished (powered off, cut off) under an idle long-lived stream,
     // which TCP alone would keep forever.
     let res = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-        .layer(members_only)
+        .layer(grpc.members_only)
         .add_service(raft_svc)
         .add_service(cluster_svc)
         .add_service(peer_svc)

@@ -34,6 +34,8 @@
 //! node_cert_ttl_hours = 720         # the peer certificate's life; renewed with a third left
 //! join_url = "https://10.0.0.1:7400" # a new node: join through this node ...
 //! join_token = "mcpj_..."           # ... with this token (mcpctl cluster join-token --id N)
+//! peer_handshake_timeout_ms = 10000 # a peer's TLS handshake on the gRPC address, or closed
+//! max_peer_handshakes = 256         # handshakes under way there; more are closed at once
 //!
 //! [log]
 //! format = "text"                   # or "json"
@@ -448,6 +450,18 @@ impl Config {
             return Err(invalid(
                 "tls.node_cert_ttl_hours",
                 "must be from 1 to 43800 (5 years; the CA lives 10)",
+            ));
+        }
+        if !(100..=120_000).contains(&self.tls.peer_handshake_timeout_ms) {
+            return Err(invalid(
+                "tls.peer_handshake_timeout_ms",
+                "must be from 100 to 120000",
+            ));
+        }
+        if !(1..=65_536).contains(&self.tls.max_peer_handshakes) {
+            return Err(invalid(
+                "tls.max_peer_handshakes",
+                "must be from 1 to 65536",
             ));
         }
         if self.api.max_connections > 1 << 20 {

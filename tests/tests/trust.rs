@@ -503,6 +503,175 @@ async fn a_node_joins_with_a_single_use_token_and_nothing_copied_by_hand() {
     assert_eq!(again.status().as_u16(), 403);
 }
 
+/// A joined node holds no CA key, so it cannot issue its own certificates: its renewals (and
+/// `rotate-certs`) are signed by a member that holds the key, over mutual TLS, for the node id
+/// its certificate names. The new certificates are installed in place and on disk, and the
+/// node restarts on them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joined_node_renews_its_certificates_through_a_member_that_holds_the_ca_key() {
+    let mut c = Cluster::start(3).await;
+    let admin = c.client();
+    let created = admin.create_join_token(4, None).await.expect("join token");
+    let token = created["token"].as_str().expect("token").to_string();
+    let via = c.url(1);
+    let member = c.spawn_joining(4, &via, &token).await;
+    c.add_member(&member).await;
+    let tls = c.nodes[&4].data_dir.join("tls");
+    let read = |file: &str| std::fs::read_to_string(tls.join(file)).expect(file);
+    let (peer_before, edge_before) = (read("node.pem"), read("edge.pem"));
+
+    // The operator rotates node 4's certificates; it has a member sign new ones.
+    let answer = c
+        .node_client(4)
+        .rotate_certs()
+        .await
+        .expect("rotate on node 4");
+    assert!(answer["peer_not_after"].as_u64().is_some(), "{answer}");
+    let (peer_after, edge_after) = (read("node.pem"), read("edge.pem"));
+    assert_ne!(peer_before, peer_after, "node.pem was not renewed");
+    assert_ne!(edge_before, edge_after, "edge.pem was not renewed");
+    assert!(
+        !tls.join("ca.key").exists(),
+        "a joined node received the CA key"
+    );
+    // The new peer certificate names node 4 of this cluster, and the cluster CA signed it.
+    let der = CertificateDer::from_pem_slice(peer_after.as_bytes()).expect("node.pem");
+    let identity = mcpcp_pki::NodeIdentity::from_cert(&der).expect("names a node");
+    assert_eq!((identity.cluster.as_str(), identity.node), ("e2e", 4));
+    let mut signed = 0.0;
+    for id in [1, 2, 3] {
+        let (n, _) = c
+            .scrape_sum(
+                &c.url(id),
+                "mcpd_tls_signed_for_members_total{outcome=\"signed\"}",
+            )
+            .await;
+        signed += n;
+    }
+    assert!(
+        signed >= 2.0,
+        "peer and HTTPS certificates signed: {signed}"
+    );
+
+    // Node 4 restarts on the renewed files: a new HTTPS connection trusts its new certificate,
+    // and a write through it (forwarded over its new peer certificate) is applied.
+    c.kill(4).await;
+    c.restart(4).await;
+    let through_4 = c.node_client(4);
+    eventually(
+        "a write through the restarted node 4",
+        Duration::from_secs(30),
+        || {
+            let through_4 = through_4.clone();
+            async move {
+                let spec = mcpcp_proto::api::TenantSpec {
+                    name: "after-renewal".into(),
+                    description: None,
+                };
+                through_4
+                    .create_tenant(&spec, &mcpctl::CallOptions::default())
+                    .await
+                    .ok()
+            }
+        },
+    )
+    .await;
+
+    // A stranger with a cluster certificate that is not a member gets nothing signed.
+    let ca = Ca::load(test_ca()).expect("the cluster CA");
+    let stranger = ca.issue_node(99, Duration::from_secs(600)).expect("cert");
+    let ch = dial(
+        &c.nodes[&1].member.grpc_addr,
+        Some((&stranger.cert_pem, &stranger.key_pem)),
+    )
+    .await
+    .expect("handshake");
+    let (_, csr) = mcpcp_pki::ca::key_and_request().expect("csr");
+    let refused = ClusterClient::new(ch)
+        .sign_certificates(mcpcp_proto::cluster::SignRequest {
+            peer_csr: csr,
+            ..Default::default()
+        })
+        .await
+        .expect_err("a stranger");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+}
+
+/// The gRPC address bounds what a caller without a finished handshake can hold: a connection
+/// that says nothing is closed after `tls.peer_handshake_timeout_ms`, and past
+/// `tls.max_peer_handshakes` under way a new connection is closed at once. Members are served
+/// again as soon as the silent ones are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_peers_are_cut_off_and_handshakes_past_the_cap_are_refused() {
+    use tokio::io::AsyncReadExt;
+    let config = tempfile::NamedTempFile::new().expect("config file");
+    std::fs::write(
+        config.path(),
+        "[tls]\npeer_handshake_timeout_ms = 1500\nmax_peer_handshakes = 2\n",
+    )
+    .expect("write config");
+    let config_path = config.path().display().to_string();
+    let c = Cluster::start_with(1, &["--config", &config_path]).await;
+    let grpc = c.nodes[&1].member.grpc_addr.clone();
+    let url = c.url(1);
+    let series = |reason: &str| {
+        format!("mcpd_tls_handshake_failures_total{{listener=\"grpc\",reason=\"{reason}\"}}")
+    };
+    let (busy_before, _) = c.scrape_sum(&url, &series("busy")).await;
+
+    // Two connections that never start their handshake fill the cap.
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        silent.push(
+            tokio::net::TcpStream::connect(&grpc)
+                .await
+                .expect("connect"),
+        );
+    }
+    // The node counts a refusal of the third: retried until the two are surely in the
+    // handshake stage (the accept loop takes them in order).
+    let refused = eventually(
+        "a third connection to be closed as busy",
+        Duration::from_secs(10),
+        || {
+            let (grpc, c, url, series) = (grpc.clone(), &c, url.clone(), series("busy"));
+            async move {
+                let mut third = tokio::net::TcpStream::connect(&grpc).await.ok()?;
+                let mut buf = [0u8; 1];
+                // Closed at once: the read ends (EOF or reset) well before the timeout.
+                let _ = tokio::time::timeout(Duration::from_millis(1000), third.read(&mut buf))
+                    .await
+                    .ok()?;
+                let (n, _) = c.scrape_sum(&url, &series).await;
+                (n > busy_before).then_some(n)
+            }
+        },
+    )
+    .await;
+    assert!(refused > busy_before);
+
+    // The silent ones are closed once their handshake time is up.
+    for mut conn in silent {
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+            .await
+            .expect("a silent connection is closed within its handshake timeout");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+    let (timeouts, _) = c.scrape_sum(&url, &series("timeout")).await;
+    assert!(timeouts >= 2.0, "timed-out handshakes counted: {timeouts}");
+
+    // A member is served again.
+    let ch = c
+        .peer_channel(&grpc, 1)
+        .await
+        .expect("a member's handshake");
+    ClusterClient::new(ch)
+        .ping(PingRequest {})
+        .await
+        .expect("a member's ping after the silent connections are gone");
+}
+
 /// The dialing side checks whom it reached: a node whose certificate names another id than a
 /// member's (here node 99, registered under the address of new member 4) is refused, so a
 /// removed node or a stranger with a cluster certificate cannot answer at a member's address.

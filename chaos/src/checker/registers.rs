@@ -187,7 +187,16 @@ pub fn check(ops: &[Op], keys: &[RegisterKey], finals: &[FinalRead], budget: Bud
         }
     );
     evidence.extend(inconclusive.iter().cloned());
-    if counts == Counts::default() && inconclusive.is_empty() {
+    // A run in which no register operation completed has checked nothing: that is a broken
+    // workload (for example a register value the API no longer shows), not a pass.
+    let vacuous = !keys.is_empty() && checked == 0;
+    if vacuous {
+        evidence.push(
+            "no register read or compare-and-set completed: the check had nothing to judge"
+                .to_string(),
+        );
+    }
+    if counts == Counts::default() && inconclusive.is_empty() && !vacuous {
         Check::pass("linearizable registers", summary)
     } else {
         Check::fail("linearizable registers", summary, evidence, counts)
@@ -340,6 +349,26 @@ mod tests {
         }];
         let c = check(&ops, &keys(), &finals, Budget::default());
         assert!(c.passed, "{c:?}");
+    }
+
+    #[test]
+    fn a_run_whose_register_reads_all_came_back_unreadable_fails() {
+        let ops = vec![op(
+            0,
+            0,
+            10,
+            read(),
+            Outcome::Unknown {
+                cause: UnknownCause::Garbled,
+                detail: "k has no value".into(),
+            },
+        )];
+        let c = check(&ops, &keys(), &[], Budget::default());
+        assert!(!c.passed, "{c:?}");
+        assert!(
+            c.evidence.iter().any(|l| l.contains("nothing to judge")),
+            "{c:?}"
+        );
     }
 
     #[test]

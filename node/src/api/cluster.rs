@@ -78,12 +78,16 @@ pub async fn rotate_certs(
     State(state): State<AppState>,
     _admin: Admin,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    // Key generation and fsyncs: off the data-plane shard this handler runs on.
-    let certs = state.certs.clone();
-    let (peer, edge) = tokio::task::spawn_blocking(move || certs.rotate())
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    // An operator's rare call: its key generation and two small fsyncs hold this shard for a
+    // few milliseconds; a node without the CA key waits on a member's answer, not the shard.
+    let (peer, edge) = state.certs.rotate().await.map_err(|e| match e {
+        crate::tls::TlsError::NotSigned(why) => ApiError::Unavailable {
+            code: "not_signed",
+            message: format!("no member that holds the CA key signed the certificates: {why}"),
+            retry_after_s: 5,
+        },
+        other => ApiError::Internal(other.to_string()),
+    })?;
     let unix = |t: Option<std::time::SystemTime>| {
         t.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map(|d| d.as_secs())

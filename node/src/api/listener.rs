@@ -224,8 +224,8 @@ impl ShardServer {
                             .watch(http.serve_connection(TokioIo::new(tls), service))
                             .await
                     }
-                    Ok(Err(e)) => return handshake_failed(addr, &e.to_string()),
-                    Err(_) => return handshake_failed(addr, "timed out"),
+                    Ok(Err(e)) => return handshake_failed(addr, "failed", &e.to_string()),
+                    Err(_) => return handshake_failed(addr, "timeout", "timed out"),
                 },
             };
             if let Err(e) = served {
@@ -239,8 +239,9 @@ impl ShardServer {
     }
 }
 
-fn handshake_failed(addr: SocketAddr, why: &str) {
-    metrics::counter!("mcpd_tls_handshake_failures_total", "listener" => "http").increment(1);
+fn handshake_failed(addr: SocketAddr, reason: &'static str, why: &str) {
+    metrics::counter!("mcpd_tls_handshake_failures_total", "listener" => "http", "reason" => reason)
+        .increment(1);
     tracing::debug!(%addr, reason = why, "HTTPS handshake failed");
 }
 

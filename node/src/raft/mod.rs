@@ -8,6 +8,7 @@ pub mod early;
 pub mod log_store;
 pub mod network;
 pub mod service;
+pub mod signing;
 pub mod state_machine;
 
 use std::io::Cursor;

@@ -2,13 +2,14 @@
 //!
 //! - `Raft`: openraft's append-entries, vote and snapshot chunks, JSON in and out.
 //! - `Cluster`: writes, read barriers and membership changes forwarded by followers; each is
-//!   handled as the leader or refused with `NotLeader`, never forwarded a second time.
+//!   handled as the leader or refused with `NotLeader`, never forwarded a second time. And
+//!   certificates signed for a member that holds no CA key ([`super::signing`]).
 
 use mcpcp_proto::cluster::cluster_server::Cluster;
 use mcpcp_proto::cluster::{
     forwarded_answer, forwarded_call, ForwardWriteReply, ForwardWriteRequest, ForwardedAnswer,
     ForwardedCall, MembershipReply, MembershipRequest, PingReply, PingRequest, ReadIndexReply,
-    ReadIndexRequest,
+    ReadIndexRequest, SignReply, SignRequest,
 };
 use mcpcp_proto::raft::raft_server;
 use mcpcp_proto::raft::RaftPayload;
@@ -106,6 +107,8 @@ impl raft_server::Raft for RaftService {
 /// The forwarding service.
 pub struct ClusterService {
     pub registry: Registry,
+    /// Signs for members without the CA key, when this node holds it.
+    pub tls: Arc<crate::tls::NodeTls>,
     /// Ends the `Forward` streams' intake when the node stops.
     pub shutdown: Shutdown,
 }
@@ -243,6 +246,34 @@ impl Cluster for ClusterService {
             applied_index: m.last_applied.map(|l| l.index),
             leader: m.current_leader,
         }))
+    }
+
+    /// Signs for the node the caller's mutual-TLS certificate names (the admission layer has
+    /// checked it is a current member); the request cannot choose another id.
+    async fn sign_certificates(
+        &self,
+        req: Request<SignRequest>,
+    ) -> Result<Response<SignReply>, Status> {
+        let caller = req
+            .extensions()
+            .get::<crate::tls::peer::PeerInfo>()
+            .and_then(|i| i.identity.clone())
+            .ok_or_else(|| Status::permission_denied("the caller's certificate names no node"))?;
+        let request = super::signing::from_wire_request(req.into_inner());
+        let result = crate::tls::signer::sign_for_member(
+            self.tls.ca.as_ref(),
+            &caller,
+            &request,
+            self.tls.ttl(),
+        );
+        let outcome = match &result {
+            Ok(_) => "signed",
+            Err(crate::tls::signer::SignError::NoCaKey) => "no_ca_key",
+            Err(_) => "bad_request",
+        };
+        metrics::counter!("mcpd_tls_signed_for_members_total", "outcome" => outcome).increment(1);
+        tracing::info!(caller = %caller, outcome, peer = request.peer_csr.is_some(), edge = ?request.edge.as_ref().map(|e| &e.names), "certificate request from a member");
+        super::signing::reply(result).map(Response::new)
     }
 }
 

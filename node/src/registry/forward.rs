@@ -447,6 +447,13 @@ mod tests {
         async fn ping(&self, _req: Request<PingRequest>) -> Result<Response<PingReply>, Status> {
             Err(Status::unimplemented("not in this test"))
         }
+
+        async fn sign_certificates(
+            &self,
+            _req: Request<mcpcp_proto::cluster::SignRequest>,
+        ) -> Result<Response<mcpcp_proto::cluster::SignReply>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
     }
 
     /// The answers `make` produces, as a stream that then ends (closing the stream).

@@ -4,7 +4,9 @@
 //! - `cluster` (default): the node issues it from the cluster CA, for `localhost`,
 //!   `127.0.0.1`, `::1`, the host it advertises and listens on, and `[api] tls_names` (a VIP,
 //!   a load balancer's name). Clients trust the cluster's `ca.pem`. It is renewed like the
-//!   peer certificate, in memory: its key never touches the disk.
+//!   peer certificate, in memory: its key never touches the disk. A node without the CA key
+//!   has a member that holds it sign a new one ([`super::signer`]), kept in its TLS directory
+//!   (`edge.pem`, `edge.key`) for its next start.
 //! - `files`: the operator's own certificate chain and key (`tls_cert_file`, `tls_key_file`),
 //!   re-read when either file changes, so a renewal by an outside tool (certbot, cert-manager)
 //!   needs no restart.
@@ -18,6 +20,7 @@ use std::time::{Duration, SystemTime};
 use rustls::ServerConfig;
 use serde::{Deserialize, Serialize};
 
+use super::signer::{EdgeRequest, SignRequest};
 use super::{CertSlot, NodeTls, TlsError};
 use crate::shutdown::Shutdown;
 
@@ -96,6 +99,40 @@ fn load(source: &EdgeSource, node: &NodeTls) -> Result<rustls::sign::CertifiedKe
     }
 }
 
+/// A new certificate from `source`: as [`load`], except that a node without the CA key has a
+/// member that holds it sign one for a new key (written to its TLS directory, for its next
+/// start); with nobody to ask yet, it keeps the one on disk.
+async fn fresh(
+    source: &EdgeSource,
+    node: &NodeTls,
+) -> Result<rustls::sign::CertifiedKey, TlsError> {
+    let EdgeSource::Cluster { names, .. } = source else {
+        return load(source, node);
+    };
+    if node.ca.is_some() {
+        return load(source, node);
+    }
+    let (key_pem, csr) = mcpcp_pki::ca::key_and_request()?;
+    let request = SignRequest {
+        peer_csr: None,
+        edge: Some(EdgeRequest {
+            csr,
+            names: names.clone(),
+        }),
+    };
+    let Some(signed) = node.sign_remotely(request).await else {
+        return load(source, node);
+    };
+    let chain = signed?
+        .edge_cert
+        .ok_or_else(|| TlsError::NotSigned("the answer holds no HTTPS certificate".into()))?;
+    let key = mcpcp_pki::keys::certified_key(&chain, &key_pem)?;
+    mcpcp_pki::files::write_private(&node.dir().join(crate::join::EDGE_KEY), &key_pem)?;
+    mcpcp_pki::files::write_public(&node.dir().join(crate::join::EDGE_CERT), &chain)?;
+    metrics::counter!("mcpd_tls_certificates_issued_total", "kind" => "edge").increment(1);
+    Ok(key)
+}
+
 fn modified(source: &EdgeSource) -> Option<(SystemTime, SystemTime)> {
     let EdgeSource::Files { cert, key } = source else {
         return None;
@@ -120,8 +157,8 @@ impl EdgeTls {
     }
 
     /// Issues (or re-reads) the certificate now; a cluster-issued one gets a fresh key.
-    pub fn renew_now(&self, node: &NodeTls) -> Result<(), TlsError> {
-        self.slot.replace(load(&self.source, node)?);
+    pub async fn renew_now(&self, node: &NodeTls) -> Result<(), TlsError> {
+        self.slot.replace(fresh(&self.source, node).await?);
         Ok(())
     }
 
@@ -155,7 +192,7 @@ impl EdgeTls {
                 }
             };
             if due {
-                match load(&self.source, &node) {
+                match fresh(&self.source, &node).await {
                     Ok(key) => {
                         self.slot.replace(key);
                         metrics::counter!("mcpd_tls_reloads_total", "outcome" => "ok").increment(1);

@@ -3,8 +3,8 @@
 //! - **Identity** ([`NodeTls`]): the cluster CA (`ca.pem`, and `ca.key` where this node signs)
 //!   in the node's TLS directory (`[tls] dir`, default `<data_dir>/tls`), and the node's peer
 //!   certificate `spiffe://<cluster-id>/node/<id>`, which the node issues itself from the CA
-//!   key and renews before it expires ([`NodeTls::renew`]). Without the CA key the node uses
-//!   the `node.pem`/`node.key` the operator put there.
+//!   key and renews before it expires ([`NodeTls::renew`]). A node without the CA key (one
+//!   that joined with a token) has a member that holds it sign its renewals ([`signer`]).
 //! - **Between nodes** ([`peer`], [`admission`]): every gRPC connection is mutual TLS with
 //!   certificates of the cluster CA, and every call is admitted only when the caller's
 //!   certificate names a current member (voter or learner) of this cluster.
@@ -19,6 +19,7 @@ pub mod admission;
 pub mod edge;
 pub mod https;
 pub mod peer;
+pub mod signer;
 pub mod verify;
 
 use std::path::{Path, PathBuf};
@@ -55,6 +56,20 @@ pub struct TlsConfig {
     pub join_url: Option<String>,
     /// The join token `mcpctl cluster join-token` gave for this node (single use).
     pub join_token: Option<String>,
+    /// How long a peer may take to complete its TLS handshake on the gRPC address.
+    pub peer_handshake_timeout_ms: u64,
+    /// TLS handshakes under way at once on the gRPC address; a connection past it is closed.
+    pub max_peer_handshakes: usize,
+}
+
+impl TlsConfig {
+    /// The bounds of the gRPC listener's handshakes.
+    pub fn handshakes(&self) -> peer::HandshakeLimits {
+        peer::HandshakeLimits {
+            timeout: Duration::from_millis(self.peer_handshake_timeout_ms),
+            max_pending: self.max_peer_handshakes,
+        }
+    }
 }
 
 /// The join token is a credential: never printed.
@@ -64,6 +79,8 @@ impl std::fmt::Debug for TlsConfig {
             .field("dir", &self.dir)
             .field("node_cert_ttl_hours", &self.node_cert_ttl_hours)
             .field("join_url", &self.join_url)
+            .field("peer_handshake_timeout_ms", &self.peer_handshake_timeout_ms)
+            .field("max_peer_handshakes", &self.max_peer_handshakes)
             .field(
                 "join_token",
                 &self.join_token.as_ref().map(|_| "<redacted>"),
@@ -79,6 +96,8 @@ impl Default for TlsConfig {
             node_cert_ttl_hours: 720,
             join_url: None,
             join_token: None,
+            peer_handshake_timeout_ms: peer::HandshakeLimits::default().timeout.as_millis() as u64,
+            max_peer_handshakes: peer::HandshakeLimits::default().max_pending,
         }
     }
 }
@@ -94,6 +113,8 @@ pub enum TlsError {
     Bad { path: PathBuf, message: String },
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
+    #[error("no member signed this node's certificates: {0}")]
+    NotSigned(String),
 }
 
 /// A certificate that can be replaced while handshakes go on: rustls asks the slot for the
@@ -145,7 +166,11 @@ pub struct NodeTls {
     pub peer_cert: CertSlot,
     dir: PathBuf,
     ttl: Duration,
-    renewing: std::sync::Mutex<()>,
+    /// Without a CA key: who signs this node's renewals (set once Raft runs).
+    signer: std::sync::OnceLock<Arc<dyn signer::Signer>>,
+    /// One renewal at a time (the renewal loop and `rotate-certs`): the key and the
+    /// certificate on disk always belong together.
+    renewing: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for NodeTls {
@@ -190,7 +215,8 @@ impl NodeTls {
             ca,
             dir: dir.to_path_buf(),
             ttl,
-            renewing: std::sync::Mutex::new(()),
+            signer: std::sync::OnceLock::new(),
+            renewing: tokio::sync::Mutex::new(()),
         };
         Ok(tls)
     }
@@ -251,23 +277,64 @@ impl NodeTls {
         self.ttl
     }
 
-    /// Renews the peer certificate now, from the CA key (with none, does nothing).
-    pub fn renew_now(&self) -> Result<bool, TlsError> {
-        let Some(ca) = &self.ca else {
-            return Ok(false);
+    /// Sets who signs this node's certificates when it holds no CA key; a second call
+    /// changes nothing.
+    pub fn set_signer(&self, signer: Arc<dyn signer::Signer>) {
+        let _ = self.signer.set(signer);
+    }
+
+    /// Has a member that holds the CA key sign `request` (`None`: this node has nobody to
+    /// ask yet, or holds the key itself).
+    pub async fn sign_remotely(
+        &self,
+        request: signer::SignRequest,
+    ) -> Option<Result<signer::Signed, TlsError>> {
+        let signer = self.signer.get()?;
+        Some(signer.sign(request).await)
+    }
+
+    /// Renews the peer certificate now: from the CA key, or, without one, by a member that
+    /// holds it. `false` when neither is there (an operator-managed certificate).
+    pub async fn renew_now(&self) -> Result<bool, TlsError> {
+        let _one = self.renewing.lock().await;
+        let (cert_pem, key_pem, by) = match &self.ca {
+            Some(ca) => {
+                let issued = ca.issue_node(self.identity.node, self.ttl)?;
+                (issued.cert_pem, issued.key_pem, "self")
+            }
+            None => {
+                let (key_pem, csr) = mcpcp_pki::ca::key_and_request()?;
+                let request = signer::SignRequest {
+                    peer_csr: Some(csr),
+                    edge: None,
+                };
+                let Some(signed) = self.sign_remotely(request).await else {
+                    return Ok(false);
+                };
+                let cert = signed?.peer_cert.ok_or_else(|| {
+                    TlsError::NotSigned("the answer holds no peer certificate".into())
+                })?;
+                (cert, key_pem, "member")
+            }
         };
-        // One renewal at a time (the renewal loop and `rotate-certs`): the key and the
-        // certificate on disk always belong together.
-        let _one = self.renewing.lock().unwrap_or_else(|p| p.into_inner());
-        let issued = ca.issue_node(self.identity.node, self.ttl)?;
-        mcpcp_pki::files::write_private(&self.dir.join(NODE_KEY), &issued.key_pem)?;
-        mcpcp_pki::files::write_public(&self.dir.join(NODE_CERT), &issued.cert_pem)?;
-        self.peer_cert.replace(mcpcp_pki::keys::certified_key(
-            &issued.cert_pem,
-            &issued.key_pem,
-        )?);
+        let key = mcpcp_pki::keys::certified_key(&cert_pem, &key_pem)?;
+        // What a member signed must name this node: nothing else is installed.
+        let names_me = key
+            .end_entity_cert()
+            .ok()
+            .and_then(|der| NodeIdentity::from_cert(der))
+            .is_some_and(|id| id == self.identity);
+        if !names_me {
+            return Err(TlsError::NotSigned(format!(
+                "the certificate signed does not name {}",
+                self.identity
+            )));
+        }
+        mcpcp_pki::files::write_private(&self.dir.join(NODE_KEY), &key_pem)?;
+        mcpcp_pki::files::write_public(&self.dir.join(NODE_CERT), &cert_pem)?;
+        self.peer_cert.replace(key);
         metrics::counter!("mcpd_tls_certificates_issued_total", "kind" => "peer").increment(1);
-        tracing::info!(identity = %self.identity, not_after = ?issued.not_after, "renewed this node's peer certificate");
+        tracing::info!(identity = %self.identity, not_after = ?self.peer_cert.not_after(), signed_by = by, "renewed this node's peer certificate");
         Ok(true)
     }
 
@@ -280,7 +347,7 @@ impl NodeTls {
                 metrics::gauge!("mcpd_tls_certificate_expiry_seconds", "kind" => "peer")
                     .set(left.as_secs_f64());
                 if needs_renewal(t, self.ttl) {
-                    if let Err(e) = self.renew_now() {
+                    if let Err(e) = self.renew_now().await {
                         tracing::error!(error = %e, "renewing this node's peer certificate failed");
                     }
                 }
@@ -302,12 +369,12 @@ pub struct Certificates {
 }
 
 impl Certificates {
-    /// Issues new certificates now (from the CA key; without one, re-reads the operator's
-    /// files). Returns their new expiry times (peer, edge).
-    pub fn rotate(&self) -> Result<(Option<SystemTime>, Option<SystemTime>), TlsError> {
-        self.node.renew_now()?;
+    /// Issues new certificates now (from the CA key, or signed by a member that holds it;
+    /// the operator's files are re-read). Returns their new expiry times (peer, edge).
+    pub async fn rotate(&self) -> Result<(Option<SystemTime>, Option<SystemTime>), TlsError> {
+        self.node.renew_now().await?;
         if let Some(edge) = &self.edge {
-            edge.renew_now(&self.node)?;
+            edge.renew_now(&self.node).await?;
         }
         Ok((
             self.node.peer_cert.not_after(),
@@ -365,7 +432,7 @@ pub mod testing {
         listener: tokio::net::TcpListener,
     ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<super::peer::PeerConn>> {
         let config = super::peer::server_config(&node(1)).expect("server config");
-        super::peer::incoming(listener, config, never())
+        super::peer::incoming(listener, config, Default::default(), never())
     }
 
     /// Channels that dial as node 2.

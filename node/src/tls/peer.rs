@@ -1,7 +1,7 @@
 //! Mutual TLS between nodes, for every gRPC service (Raft, Cluster, Peer).
 //!
 //! - **Accepting** ([`incoming`]): each TCP connection gets its own handshake task, bounded by
-//!   [`HANDSHAKE_TIMEOUT`], so a slow or silent client holds up nobody. The server requires a
+//!   [`HandshakeLimits`], so a slow or silent client holds up nobody. The server requires a
 //!   client certificate that chains to the cluster CA; a connection that presents none, or
 //!   one of another CA, never reaches tonic. What the certificate names is kept with the
 //!   connection ([`PeerInfo`]) for [`super::admission`] to check on every call.
@@ -34,12 +34,25 @@ use super::verify::ServerCheck;
 use super::{NodeTls, TlsError};
 use crate::shutdown::Shutdown;
 
-/// How long a peer may take to complete its TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bounds on the TLS handshakes of the gRPC listener (`[tls] peer_handshake_timeout_ms`,
+/// `max_peer_handshakes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandshakeLimits {
+    /// How long a peer may take to complete its handshake; then the connection is closed.
+    pub timeout: Duration,
+    /// Handshakes under way at once; a connection past it is closed at once, so a scanner
+    /// cannot hold the descriptors Raft and the server processes need.
+    pub max_pending: usize,
+}
 
-/// Handshakes under way at once; a connection past it is closed at once, so a scanner cannot
-/// hold the descriptors Raft and the server processes need.
-pub const MAX_PENDING_HANDSHAKES: usize = 256;
+impl Default for HandshakeLimits {
+    fn default() -> Self {
+        HandshakeLimits {
+            timeout: Duration::from_secs(10),
+            max_pending: 256,
+        }
+    }
+}
 
 /// The TLS configuration of the gRPC server: a client certificate of the cluster CA required.
 pub fn server_config(tls: &NodeTls) -> Result<Arc<ServerConfig>, TlsError> {
@@ -137,11 +150,12 @@ impl AsyncWrite for PeerConn {
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
+    limits: HandshakeLimits,
     shutdown: Shutdown,
 ) -> ReceiverStream<io::Result<PeerConn>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
-    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let pending = Arc::new(tokio::sync::Semaphore::new(limits.max_pending));
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
@@ -157,7 +171,7 @@ pub fn incoming(
                 },
             };
             let Ok(permit) = pending.clone().try_acquire_owned() else {
-                refused(remote, "too many handshakes under way");
+                refused(remote, "busy", "too many handshakes under way");
                 continue;
             };
             // Small Raft and forwarding replies must not wait for delayed ACKs (~40 ms).
@@ -167,7 +181,7 @@ pub fn incoming(
             // Bounded by the handshake timeout; it owns nothing but the connection.
             tokio::spawn(async move {
                 let _permit = permit;
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                match tokio::time::timeout(limits.timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(io)) => {
                         let identity = io
                             .get_ref()
@@ -178,8 +192,8 @@ pub fn incoming(
                         let info = PeerInfo { identity, remote };
                         let _ = tx.send(Ok(PeerConn { io, info })).await;
                     }
-                    Ok(Err(e)) => refused(remote, &e.to_string()),
-                    Err(_) => refused(remote, "handshake timed out"),
+                    Ok(Err(e)) => refused(remote, "failed", &e.to_string()),
+                    Err(_) => refused(remote, "timeout", "handshake timed out"),
                 }
             });
         }
@@ -187,8 +201,9 @@ pub fn incoming(
     ReceiverStream::new(rx)
 }
 
-fn refused(remote: SocketAddr, why: &str) {
-    metrics::counter!("mcpd_tls_handshake_failures_total", "listener" => "grpc").increment(1);
+fn refused(remote: SocketAddr, reason: &'static str, why: &str) {
+    metrics::counter!("mcpd_tls_handshake_failures_total", "listener" => "grpc", "reason" => reason)
+        .increment(1);
     // Debug, not warn: anyone who can reach the port can make these (the metric counts them).
     tracing::debug!(%remote, reason = why, "refused a gRPC connection: TLS handshake failed");
 }

@@ -13,11 +13,17 @@
 //! both systems under the same conditions; the table gives each system's figures over all its
 //! slices, and a second table the ratio of each round, with their median.
 //!
+//! Both systems run with TLS, as in production: `mcpd` serves HTTPS and its nodes speak mutual
+//! TLS; etcd serves its clients HTTPS and its members speak TLS to each other, with
+//! certificates from the same test CA. `--plain` takes TLS off where each system can: `mcpd`'s
+//! edge (`api.tls = off`; its nodes keep mutual TLS, which cannot be turned off) and all of
+//! etcd's.
+//!
 //! The benchmark prints figures and asserts nothing about them. Latency percentiles are of
 //! successful writes; failed writes are counted in `errors` and not in `writes/s`.
 //!
 //! ```text
-//! registry-bench [--seconds 10] [--rounds 5] [--levels 1,16,128] [--max-writes 1000000]
+//! registry-bench [--seconds 10] [--rounds 5] [--levels 1,16,128] [--max-writes 1000000] [--plain]
 //! ```
 
 use mcpcp_tests::bench::{find_on_path, percentile, root_cause, round3, run_until_stopped};
@@ -61,6 +67,9 @@ struct Args {
     /// Most writes sent in one level (a level ends at its time or at this count).
     #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     max_writes: u64,
+    /// Plain HTTP to both systems and between etcd's members (mcpd's nodes keep mutual TLS).
+    #[arg(long)]
+    plain: bool,
 }
 
 /// The system under load and how one of its writes is made.
@@ -318,12 +327,17 @@ impl Load {
 // === mcpd ===
 
 /// Starts a 3-node mcpd cluster and the load generator for it, once it accepts writes.
-async fn start_mcpd(http: &reqwest::Client) -> anyhow::Result<(Load, Cluster)> {
+async fn start_mcpd(http: &reqwest::Client, plain: bool) -> anyhow::Result<(Load, Cluster)> {
     eprintln!(
-        "mcpd: starting 3 nodes ({})",
-        mcpcp_tests::binary("mcpd").display()
+        "mcpd: starting 3 nodes ({}, edge {})",
+        mcpcp_tests::binary("mcpd").display(),
+        if plain { "plain HTTP" } else { "HTTPS" }
     );
-    let mut cluster = Cluster::start(3).await;
+    let mut cluster = if plain {
+        Cluster::start_with(3, &["--api-tls", "off"]).await
+    } else {
+        Cluster::start(3).await
+    };
     let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
     let load = Load {
         http: http.clone(),
@@ -376,15 +390,21 @@ struct EtcdCluster {
 }
 
 impl EtcdCluster {
-    async fn start(bin: &Path, n: usize) -> anyhow::Result<EtcdCluster> {
+    async fn start(bin: &Path, n: usize, tls: bool) -> anyhow::Result<EtcdCluster> {
         let dir = tempfile::Builder::new()
             .prefix("mcpcp-bench-etcd-")
             .tempdir()
             .context("etcd temp dir")?;
         let ports = free_ports(2 * n)?;
         let names: Vec<String> = (1..=n).map(|i| format!("etcd{i}")).collect();
-        let peer_url = |i: usize| format!("http://127.0.0.1:{}", ports[2 * i]);
-        let client_url = |i: usize| format!("http://127.0.0.1:{}", ports[2 * i + 1]);
+        let scheme = if tls { "https" } else { "http" };
+        let peer_url = |i: usize| format!("{scheme}://127.0.0.1:{}", ports[2 * i]);
+        let client_url = |i: usize| format!("{scheme}://127.0.0.1:{}", ports[2 * i + 1]);
+        let tls_args = if tls {
+            etcd_tls_args(dir.path())?
+        } else {
+            Vec::new()
+        };
         let initial_cluster = (0..n)
             .map(|i| format!("{}={}", names[i], peer_url(i)))
             .collect::<Vec<_>>()
@@ -412,6 +432,7 @@ impl EtcdCluster {
                 .args(["--initial-cluster-token", &token])
                 .args(["--initial-cluster-state", "new"])
                 .args(["--logger", "zap", "--log-level", "warn"])
+                .args(&tls_args)
                 .stdin(Stdio::null())
                 .stdout(out)
                 .stderr(err)
@@ -535,10 +556,48 @@ fn etcd_version(bin: &Path) -> String {
         .unwrap_or_else(|| "etcd (version unknown)".into())
 }
 
+/// etcd's TLS flags, with a certificate for 127.0.0.1 from the test CA written into `dir`:
+/// HTTPS for clients and TLS between members. The members present the same certificate to each
+/// other; etcd does not ask them for client certificates, where mcpd's nodes do (a cost of the
+/// handshake only, which kept-alive connections pay once).
+fn etcd_tls_args(dir: &Path) -> anyhow::Result<Vec<String>> {
+    let ca = mcpcp_pki::Ca::load(mcpcp_tests::test_ca()).context("the test CA")?;
+    let names = ["127.0.0.1".to_string(), "localhost".to_string()];
+    let issued = ca
+        .issue_server(&names, Duration::from_secs(24 * 3600))
+        .context("etcd's certificate")?;
+    let cert = dir.join("etcd.pem");
+    let key = dir.join("etcd.key");
+    mcpcp_pki::files::write_public(&cert, &issued.cert_pem)?;
+    mcpcp_pki::files::write_private(&key, &issued.key_pem)?;
+    let ca_file = mcpcp_tests::test_ca_cert();
+    let path = |p: &Path| p.display().to_string();
+    Ok(vec![
+        "--cert-file".into(),
+        path(&cert),
+        "--key-file".into(),
+        path(&key),
+        "--peer-cert-file".into(),
+        path(&cert),
+        "--peer-key-file".into(),
+        path(&key),
+        "--peer-trusted-ca-file".into(),
+        path(&ca_file),
+    ])
+}
+
 /// Starts a 3-member etcd cluster and the load generator for it, once it accepts writes.
-async fn start_etcd(http: &reqwest::Client, bin: &Path) -> anyhow::Result<(Load, EtcdCluster)> {
-    eprintln!("etcd: starting 3 members ({})", bin.display());
-    let mut etcd = EtcdCluster::start(bin, 3).await?;
+async fn start_etcd(
+    http: &reqwest::Client,
+    bin: &Path,
+    tls: bool,
+) -> anyhow::Result<(Load, EtcdCluster)> {
+    eprintln!(
+        "etcd: starting 3 members ({}, {})",
+        bin.display(),
+        if tls { "TLS" } else { "plain" }
+    );
+    let mut etcd = EtcdCluster::start(bin, 3, tls).await?;
     let ready = async {
         etcd.wait_healthy(http).await?;
         let load = Load {
@@ -690,6 +749,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "load: {} s per level and system in {} alternating slices, clients {:?}, at most {} writes per level, round-robin over 3 nodes; both clusters run side by side",
         args.seconds, args.rounds, args.levels, args.max_writes
     );
+    println!(
+        "tls: {}",
+        if args.plain {
+            "plain HTTP to both; etcd's members plain, mcpd's nodes mutual TLS"
+        } else {
+            "HTTPS to both; TLS between etcd's members, mutual TLS between mcpd's nodes"
+        }
+    );
 
     let etcd_bin = find_on_path("etcd");
     match &etcd_bin {
@@ -710,11 +777,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .build()
         .context("HTTP client")?;
 
-    let (mcpd_load, mut mcpd) = start_mcpd(&http).await.context("mcpd")?;
+    let (mcpd_load, mut mcpd) = start_mcpd(&http, args.plain).await.context("mcpd")?;
     let mut etcd = None;
     let mut etcd_status = "skipped: not installed".to_string();
     if let Some(bin) = &etcd_bin {
-        match start_etcd(&http, bin).await {
+        match start_etcd(&http, bin, !args.plain).await {
             Ok(started) => {
                 etcd = Some(started);
                 etcd_status = etcd_version(bin);
@@ -767,6 +834,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "rounds": args.rounds,
         "ratios": rounds_json,
         "levels": args.levels,
+        "tls": !args.plain,
         "etcd": etcd_status,
         "results": results.iter().map(LevelResult::json).collect::<Vec<_>>(),
     });
