@@ -208,9 +208,14 @@ def test_subscription_and_set_level_spam_costs_a_bounded_number_of_raft_writes(c
     # Subscriptions: a URI past the length limit, and more than the per-session cap.
     r = call("resources/subscribe", {"uri": "demo://" + "x" * 3000}, 1000)
     assert "params.uri" in r["error"]["message"] and "mcp.max_uri_bytes" in r["error"]["message"], r
+    # A URI no server has: its server refuses it, and the node keeps (and replicates) nothing,
+    # so 300 of them use up none of the per-session cap below.
+    for i in range(300):
+        r = call("resources/subscribe", {"uri": f"demo://nothing/{i}"}, 1500 + i)
+        assert r.get("error", {}).get("code") == -32002, r
     refused = None
     for i in range(300):
-        r = call("resources/subscribe", {"uri": f"demo://resource/{i}"}, 2000 + i)
+        r = call("resources/subscribe", {"uri": f"test://template/{i}/data"}, 2000 + i)
         if "error" in r and "mcp.max_subscriptions_per_session" in r["error"]["message"]:
             refused = i
             break

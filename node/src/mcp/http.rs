@@ -477,6 +477,7 @@ async fn request(
         )
         .into_response()
     };
+    let mut subscribed = None;
     match method.as_str() {
         "ping" => return reply(Ok(json!({}))),
         "logging/setLevel" => {
@@ -502,40 +503,39 @@ async fn request(
             }
             return reply(Ok(json!({})));
         }
-        "resources/subscribe" | "resources/unsubscribe" => {
+        "resources/subscribe" => {
             if let Some(uri) = params.as_ref().and_then(|p| p["uri"].as_str()) {
                 let limits = &state.mcp.config;
-                let changed = {
-                    let mut subs = session
-                        .subscriptions
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner());
-                    if method == "resources/subscribe" {
-                        if uri.len() > limits.max_uri_bytes {
-                            metrics::counter!("mcpd_mcp_subscriptions_refused_total", "reason" => "uri_length").increment(1);
-                            return reply(Err(ErrorObject::new(
-                                code::INVALID_PARAMS,
-                                format!(
-                                    "params.uri: {} bytes, at most {} (mcp.max_uri_bytes)",
-                                    uri.len(),
-                                    limits.max_uri_bytes
-                                ),
-                            )));
-                        }
-                        if !subs.contains(uri) && subs.len() >= limits.max_subscriptions_per_session
-                        {
-                            metrics::counter!("mcpd_mcp_subscriptions_refused_total", "reason" => "per_session").increment(1);
-                            return reply(Err(ErrorObject::new(
-                                code::INVALID_PARAMS,
-                                format!("params.uri: this session already has {} subscriptions, the most it may (mcp.max_subscriptions_per_session)", subs.len()),
-                            )));
-                        }
-                        subs.insert(uri.to_string())
-                    } else {
-                        subs.remove(uri)
-                    }
-                };
-                if changed {
+                if uri.len() > limits.max_uri_bytes {
+                    metrics::counter!("mcpd_mcp_subscriptions_refused_total", "reason" => "uri_length").increment(1);
+                    return reply(Err(ErrorObject::new(
+                        code::INVALID_PARAMS,
+                        format!(
+                            "params.uri: {} bytes, at most {} (mcp.max_uri_bytes)",
+                            uri.len(),
+                            limits.max_uri_bytes
+                        ),
+                    )));
+                }
+                if let Err(e) =
+                    session.room_for_subscription(uri, limits.max_subscriptions_per_session)
+                {
+                    metrics::counter!("mcpd_mcp_subscriptions_refused_total", "reason" => "per_session").increment(1);
+                    return reply(Err(e));
+                }
+                // Kept (and replicated) only once the server has taken it: a URI no server
+                // has costs no Raft write.
+                subscribed = Some(uri.to_string());
+            }
+        }
+        "resources/unsubscribe" => {
+            if let Some(uri) = params.as_ref().and_then(|p| p["uri"].as_str()) {
+                let removed = session
+                    .subscriptions
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(uri);
+                if removed {
                     replicate_state(&state, &session).await;
                 }
             }
@@ -564,14 +564,17 @@ async fn request(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert(id.clone(), running.handle());
-    let m = Measure {
-        labels: [
-            ("method", method_label(&method)),
-            ("endpoint", endpoint_label(&target)),
-        ],
-        started,
+    let ending = Ending {
+        measure: Measure {
+            labels: [
+                ("method", method_label(&method)),
+                ("endpoint", endpoint_label(&target)),
+            ],
+            started,
+        },
+        subscribed: subscribed.map(|uri| (uri, state.clone())),
     };
-    respond(session, id, running, accepts_sse(headers), m).await
+    respond(session, id, running, accepts_sse(headers), ending).await
 }
 
 pub fn method_label(method: &str) -> String {
@@ -636,13 +639,40 @@ impl Measure {
     }
 }
 
-fn end(session: &Session, id: &RequestId, m: &Measure, outcome: &Result<Value, ErrorObject>) {
+/// What is done when a call of a session ends: its metrics, and what the session keeps of it.
+struct Ending {
+    measure: Measure,
+    /// A `resources/subscribe` the session keeps, and replicates, if the server took it.
+    subscribed: Option<(String, AppState)>,
+}
+
+fn end(
+    session: &Arc<Session>,
+    id: &RequestId,
+    ending: Ending,
+    outcome: &Result<Value, ErrorObject>,
+) {
     session
         .in_flight
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(id);
-    m.finish(outcome);
+    ending.measure.finish(outcome);
+    if let (Some((uri, state)), Ok(_)) = (ending.subscribed, outcome) {
+        let cap = state.mcp.config.max_subscriptions_per_session;
+        // Checked again: subscribes of one session that ran side by side share the cap.
+        if session.room_for_subscription(&uri, cap).is_ok() {
+            let added = session
+                .subscriptions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(uri);
+            if added {
+                let session = session.clone();
+                tokio::spawn(async move { replicate_state(&state, &session).await });
+            }
+        }
+    }
 }
 
 fn cancelled() -> Result<Value, ErrorObject> {
@@ -655,7 +685,7 @@ async fn respond(
     id: RequestId,
     mut running: Running,
     sse_ok: bool,
-    m: Measure,
+    ending: Ending,
 ) -> Response {
     let first = loop {
         match running.next().await {
@@ -683,7 +713,7 @@ async fn respond(
                 Some(Step::Done(o)) => o,
                 _ => cancelled(),
             };
-            end(&session, &id, &m, &outcome);
+            end(&session, &id, ending, &outcome);
             return Json(Message::Response { id, outcome }.to_value()).into_response();
         }
     };
@@ -707,7 +737,7 @@ async fn respond(
                 None => break cancelled(),
             }
         };
-        end(&session, &id, &m, &outcome);
+        end(&session, &id, ending, &outcome);
         session.log.append(n, Message::Response { id, outcome });
         session.log.finish(n);
     });

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use hmac::{Hmac, Mac};
-use mcpcp_proto::mcp::{Message, RequestId};
+use mcpcp_proto::mcp::{code, ErrorObject, Message, RequestId};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::Sha256;
@@ -248,6 +248,22 @@ pub fn parse_event_id(id: &str) -> Option<(u64, u64)> {
 }
 
 impl Session {
+    /// Whether the session may subscribe to `uri` with at most `cap` subscriptions (one it
+    /// already holds always may); the refusal names the field and the setting.
+    pub fn room_for_subscription(&self, uri: &str, cap: usize) -> Result<(), ErrorObject> {
+        let subs = self.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
+        if subs.contains(uri) || subs.len() < cap {
+            return Ok(());
+        }
+        Err(ErrorObject::new(
+            code::INVALID_PARAMS,
+            format!(
+                "params.uri: this session already has {} subscriptions, the most it may (mcp.max_subscriptions_per_session)",
+                subs.len()
+            ),
+        ))
+    }
+
     pub fn touch(&self) {
         *self.last_seen.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
     }
