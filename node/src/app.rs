@@ -28,8 +28,9 @@ use crate::route::peer::PeerService;
 use crate::route::{placement, Router};
 use crate::shard::ShardHandles;
 use crate::shutdown::{self, Shutdown};
-use crate::tls::admission::{MembersCheck, MembersOnly};
+use crate::tls::admission::MembersOnly;
 use crate::tls::edge::{EdgeSource, EdgeTls, EdgeTlsMode};
+use crate::tls::members::MembersCheck;
 use crate::tls::peer::PeerConnector;
 use crate::tls::{NodeTls, TlsError};
 use mcpcp_proto::peer::peer_server::PeerServer;
@@ -222,7 +223,7 @@ pub async fn run(
         Duration::from_secs(cfg.tls.node_cert_ttl_hours * 3600),
     )?);
     tracing::info!(identity = %node_tls.identity, signs = node_tls.ca.is_some(), "peer identity");
-    let members = crate::tls::admission::Members::default();
+    let members = crate::tls::members::Members::default();
     let channels = PeerChannels::new(
         Duration::from_millis(500),
         PeerConnector::new(&node_tls, members.clone())?,

@@ -16,8 +16,10 @@
 //!    the data key. The new node writes them into its TLS directory (keys 0600) and starts;
 //!    `mcpctl cluster add-node` then makes it a member.
 //!
-//! A joined node holds no CA key: it cannot mint certificates for other ids, and its own
-//! certificates are not renewed by itself (renewal by request is the next step).
+//! The token itself (its form, minting, checking) is the registry's
+//! ([`crate::registry::join_token`]). A joined node holds no CA key: it cannot mint
+//! certificates for other ids, and a member that holds the key signs its renewals
+//! ([`crate::tls::signer`]).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -26,22 +28,14 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
-use crate::registry::now_unix;
-use crate::registry::state::JoinToken;
+use crate::registry::join_token::parse;
 use crate::tls::verify::ServerCheck;
-
-const PREFIX: &str = "mcpj_";
 
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
-    #[error("the join token is malformed (expected mcpj_<id>_<secret>.<CA fingerprint>)")]
-    Malformed,
-    #[error("the join token is unknown, used already, expired, or for another node id")]
-    Refused,
-    #[error("the operating system's random source failed: {0}")]
-    Random(String),
+    #[error(transparent)]
+    Token(#[from] crate::registry::join_token::JoinTokenError),
     #[error("joining through {url}: {message}")]
     Failed { url: String, message: String },
     #[error("writing {what}: {source}")]
@@ -51,70 +45,6 @@ pub enum JoinError {
     },
     #[error("{path}: {message} (a join left it half done? empty the TLS directory and use a new join token)")]
     Unreadable { path: String, message: String },
-}
-
-/// A join token's parts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Parsed {
-    pub id: String,
-    pub secret: String,
-    /// Hex SHA-256 of the CA certificate (DER).
-    pub ca_sha256: String,
-}
-
-/// Parses `mcpj_<id>_<secret>.<hex>`.
-pub fn parse(token: &str) -> Result<Parsed, JoinError> {
-    let rest = token
-        .trim()
-        .strip_prefix(PREFIX)
-        .ok_or(JoinError::Malformed)?;
-    let (credential, fingerprint) = rest.rsplit_once('.').ok_or(JoinError::Malformed)?;
-    let (id, secret) = credential.split_once('_').ok_or(JoinError::Malformed)?;
-    let hex_ok = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-    if !hex_ok(id, 12) || !hex_ok(secret, 64) || !hex_ok(fingerprint, 64) {
-        return Err(JoinError::Malformed);
-    }
-    Ok(Parsed {
-        id: id.to_string(),
-        secret: secret.to_string(),
-        ca_sha256: fingerprint.to_ascii_lowercase(),
-    })
-}
-
-fn digest(secret: &str) -> String {
-    hex::encode(Sha256::digest(secret.as_bytes()))
-}
-
-/// A new token for `node`, valid for `ttl_seconds`, pinning the CA whose fingerprint is
-/// `ca_fingerprint` (`sha256:<hex>`): the string to hand out, its id, and what the registry
-/// keeps.
-pub fn mint(
-    node: u64,
-    ttl_seconds: u64,
-    ca_fingerprint: &str,
-) -> Result<(String, String, JoinToken), JoinError> {
-    let mut id = [0u8; 6];
-    let mut secret = [0u8; 32];
-    getrandom::fill(&mut id).map_err(|e| JoinError::Random(e.to_string()))?;
-    getrandom::fill(&mut secret).map_err(|e| JoinError::Random(e.to_string()))?;
-    let (id, secret) = (hex::encode(id), hex::encode(secret));
-    let fp = ca_fingerprint.trim_start_matches("sha256:");
-    let token = format!("{PREFIX}{id}_{secret}.{fp}");
-    let stored = JoinToken {
-        hash: digest(&secret),
-        node,
-        expires_at: now_unix() + ttl_seconds,
-    };
-    Ok((token, id, stored))
-}
-
-/// Whether `token` is the stored join token `stored`, for `node`, still valid.
-pub fn matches(token: &Parsed, stored: &JoinToken, node: u64) -> bool {
-    let same: bool = digest(&token.secret)
-        .as_bytes()
-        .ct_eq(stored.hash.as_bytes())
-        .into();
-    same && stored.node == node && stored.expires_at > now_unix()
 }
 
 /// `POST /v1/cluster/join`.
@@ -149,10 +79,6 @@ pub struct JoinMaterial {
 
 /// The file in a joined node's TLS directory that names the members it was told about.
 pub const MEMBERS_FILE: &str = "join-members.json";
-
-/// A joined node's HTTPS certificate (chain) and key in its TLS directory.
-pub const EDGE_CERT: &str = "edge.pem";
-pub const EDGE_KEY: &str = "edge.key";
 
 /// The members a joined node was told about (`None`: it did not join). A file that is there
 /// but unreadable is an error, never "not joined": that would admit any node.
@@ -246,9 +172,12 @@ pub async fn join(
         &material.node_cert_pem,
     )
     .map_err(write_err("node.pem"))?;
-    write_private(&tls_dir.join(EDGE_KEY), &edge_key).map_err(write_err("edge.key"))?;
-    write_public(&tls_dir.join(EDGE_CERT), &material.edge_cert_pem)
-        .map_err(write_err("edge.pem"))?;
+    write_private(&tls_dir.join(crate::tls::EDGE_KEY), &edge_key).map_err(write_err("edge.key"))?;
+    write_public(
+        &tls_dir.join(crate::tls::EDGE_CERT),
+        &material.edge_cert_pem,
+    )
+    .map_err(write_err("edge.pem"))?;
     write_public(&tls_dir.join(mcpcp_pki::ca::CA_CERT), &material.ca_pem)
         .map_err(write_err("ca.pem"))?;
     tracing::info!(node, %cluster, via = url, "joined: certificates, the CA certificate and the data key are in the TLS directory (no CA key)");
@@ -292,27 +221,5 @@ mod tests {
         // The CA's own certificate as the leaf, or no CA in the chain: refused.
         assert!(verify(a.cert_pem(), &[a.cert_pem()]).is_err());
         assert!(verify(&leaf_a.cert_pem, &[]).is_err());
-    }
-
-    #[test]
-    fn tokens_parse_and_match_only_their_node_and_secret() {
-        let (short, _, stored) = mint(4, 60, "sha256:ab").expect("mint");
-        assert!(parse(&short).is_err(), "a short fingerprint is malformed");
-        let fp = format!("sha256:{}", "a".repeat(64));
-        let (token, id2, stored2) = mint(4, 60, &fp).expect("mint");
-        let p = parse(&token).expect("parses");
-        assert_eq!(p.id, id2);
-        assert_eq!(p.ca_sha256, "a".repeat(64));
-        assert!(matches(&p, &stored2, 4));
-        assert!(!matches(&p, &stored2, 5), "another node id");
-        assert!(!matches(&p, &stored, 4), "another token's hash");
-        let expired = JoinToken {
-            expires_at: 0,
-            ..stored2
-        };
-        assert!(!matches(&p, &expired, 4));
-        for bad in ["", "mcpj_x", "mcpt_abc_def.ghi", &token.replace('.', "")] {
-            assert!(parse(bad).is_err(), "{bad}");
-        }
     }
 }

@@ -352,7 +352,7 @@ impl Cluster {
         let tls = mcpd::tls::NodeTls::load(&data.join("tls"), as_node, Duration::from_secs(3600))
             .expect("a node identity");
         // A test client takes any node of the cluster at the address it dials.
-        let members = mcpd::tls::admission::Members::default();
+        let members = mcpd::tls::members::Members::default();
         let connector = mcpd::tls::peer::PeerConnector::new(&tls, members).expect("connector");
         tonic::transport::Endpoint::from_shared(format!("http://{grpc_addr}"))?
             .connect_with_connector(connector)

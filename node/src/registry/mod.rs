@@ -10,6 +10,7 @@
 //! twice.
 
 pub mod forward;
+pub mod join_token;
 pub mod propose;
 pub mod state;
 pub mod token;
@@ -617,7 +618,7 @@ impl Registry {
         ttl_seconds: u64,
         ca_fingerprint: &str,
     ) -> Result<(String, u64), RegistryError> {
-        let (token, id, stored) = crate::join::mint(node, ttl_seconds, ca_fingerprint)
+        let (token, id, stored) = join_token::mint(node, ttl_seconds, ca_fingerprint)
             .map_err(|e| RegistryError::Internal(e.to_string()))?;
         let expires_at = stored.expires_at;
         self.write(Command::CreateJoinToken {
@@ -632,8 +633,8 @@ impl Registry {
 
     /// Uses up `token` for node `node`: `Ok` once, for the node it names, before it expires.
     pub async fn redeem_join_token(&self, token: &str, node: u64) -> Result<(), RegistryError> {
-        let refused = || RegistryError::Forbidden(crate::join::JoinError::Refused.to_string());
-        let parsed = crate::join::parse(token).map_err(|_| refused())?;
+        let refused = || RegistryError::Forbidden(join_token::JoinTokenError::Refused.to_string());
+        let parsed = join_token::parse(token).map_err(|_| refused())?;
         let valid = |registry: &Registry| {
             let known = registry
                 .sm
@@ -642,7 +643,7 @@ impl Registry {
                 .join_tokens
                 .get(&parsed.id)
                 .cloned();
-            known.is_some_and(|t| crate::join::matches(&parsed, &t, node))
+            known.is_some_and(|t| join_token::matches(&parsed, &t, node))
         };
         // Checked against this node's state first, so a stranger's guess costs no round trip
         // to the leader; then again after a read barrier.

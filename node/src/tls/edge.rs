@@ -74,8 +74,8 @@ fn load(source: &EdgeSource, node: &NodeTls) -> Result<rustls::sign::CertifiedKe
         EdgeSource::Cluster { names, ttl } => {
             let Some(ca) = &node.ca else {
                 // A joined node: the certificate the cluster signed for it at its join.
-                let cert = node.dir().join(crate::join::EDGE_CERT);
-                let key = node.dir().join(crate::join::EDGE_KEY);
+                let cert = node.dir().join(super::EDGE_CERT);
+                let key = node.dir().join(super::EDGE_KEY);
                 if !cert.exists() {
                     return Err(TlsError::Bad {
                         path: cert,
@@ -127,8 +127,8 @@ async fn fresh(
         .edge_cert
         .ok_or_else(|| TlsError::NotSigned("the answer holds no HTTPS certificate".into()))?;
     let key = mcpcp_pki::keys::certified_key(&chain, &key_pem)?;
-    mcpcp_pki::files::write_private(&node.dir().join(crate::join::EDGE_KEY), &key_pem)?;
-    mcpcp_pki::files::write_public(&node.dir().join(crate::join::EDGE_CERT), &chain)?;
+    mcpcp_pki::files::write_private(&node.dir().join(super::EDGE_KEY), &key_pem)?;
+    mcpcp_pki::files::write_public(&node.dir().join(super::EDGE_CERT), &chain)?;
     metrics::counter!("mcpd_tls_certificates_issued_total", "kind" => "edge").increment(1);
     Ok(key)
 }

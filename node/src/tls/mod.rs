@@ -18,6 +18,7 @@
 pub mod admission;
 pub mod edge;
 pub mod https;
+pub mod members;
 pub mod peer;
 pub mod signer;
 pub mod verify;
@@ -40,6 +41,10 @@ use crate::shutdown::Shutdown;
 pub const NODE_CERT: &str = "node.pem";
 /// The node's peer key in its TLS directory (mode 0600).
 pub const NODE_KEY: &str = "node.key";
+/// The HTTPS certificate (chain) and key of a node without the CA key, in its TLS directory:
+/// signed at its join, then at each renewal, by a member that holds the key.
+pub const EDGE_CERT: &str = "edge.pem";
+pub const EDGE_KEY: &str = "edge.key";
 
 /// `[tls]`: the node's identity between nodes.
 #[derive(Clone, Deserialize)]
@@ -437,7 +442,7 @@ pub mod testing {
 
     /// Channels that dial as node 2.
     pub fn channels() -> PeerChannels {
-        let members = super::admission::Members::default();
+        let members = super::members::Members::default();
         let connector = super::peer::PeerConnector::new(&node(2), members).expect("connector");
         PeerChannels::new(Duration::from_secs(2), connector)
     }

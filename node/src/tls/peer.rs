@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::admission::Members;
+use super::members::Members;
 use super::verify::ServerCheck;
 use super::{NodeTls, TlsError};
 use crate::shutdown::Shutdown;
