@@ -312,7 +312,7 @@ pub async fn run(
         },
         shutdown.clone(),
     ));
-    let router = Router::new(registry.clone(), pools.clone(), channels.clone());
+    let router = Router::new(registry.clone(), pools.clone(), channels.clone(), cfg.route);
     tasks.spawn(crate::route::peer::relay_events(
         registry.clone(),
         pools.clone(),

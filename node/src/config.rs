@@ -61,6 +61,14 @@
 //! max_uri_bytes = 2048              # longest resource URI a session may subscribe to
 //! max_streams_per_session = 4       # open SSE streams (GET) per session per node
 //! session_state_interval_ms = 1000  # a session's state is replicated at most this often
+//!
+//! [route]                           # see crate::route::config; every key has a default
+//! placement_grace_ms = 10000        # a node unreachable this long loses its placed servers
+//! max_attempts = 3                  # attempts per call, the first included
+//! [route.breaker]                   # window_ms, min_calls, failure_rate, consecutive_failures,
+//!                                   # open_base_ms, open_max_ms, probes, successes_to_close
+//! [route.retry_budget]              # ratio, window_ms, min_retries_per_sec
+//! [route.backoff]                   # base_ms, cap_ms
 //! ```
 
 use std::net::SocketAddr;
@@ -82,14 +90,17 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("{field}: {message}")]
     Invalid {
-        field: &'static str,
+        field: std::borrow::Cow<'static, str>,
         message: String,
     },
 }
 
-fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+fn invalid(
+    field: impl Into<std::borrow::Cow<'static, str>>,
+    message: impl Into<String>,
+) -> ConfigError {
     ConfigError::Invalid {
-        field,
+        field: field.into(),
         message: message.into(),
     }
 }
@@ -120,7 +131,7 @@ pub struct Config {
     #[serde(default)]
     pub mcp: crate::mcp::McpConfig,
     #[serde(default)]
-    pub route: RouteConfig,
+    pub route: crate::route::config::RouteConfig,
     #[serde(default)]
     pub runtime: RuntimeConfig,
     #[serde(default)]
@@ -147,22 +158,6 @@ impl RuntimeConfig {
         match self.data_plane_threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
-        }
-    }
-}
-
-/// `[route]`: placement and routing between nodes.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RouteConfig {
-    /// How long a node may be unreachable before the leader moves its servers elsewhere.
-    pub placement_grace_ms: u64,
-}
-
-impl Default for RouteConfig {
-    fn default() -> Self {
-        RouteConfig {
-            placement_grace_ms: 10_000,
         }
     }
 }
@@ -317,6 +312,9 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.route
+            .validate()
+            .map_err(|(field, message)| invalid(field, message))?;
         if self.id == 0 {
             return Err(invalid("id", "is required and must be greater than 0"));
         }
@@ -541,7 +539,7 @@ mod tests {
         let c: Config = toml::from_str("data_dir = \"d\"").expect("parses");
         assert!(matches!(
             c.validate(),
-            Err(ConfigError::Invalid { field: "id", .. })
+            Err(ConfigError::Invalid { field, .. }) if field == "id"
         ));
         for (toml, field) in [
             ("[pool]\nanswer_spin_us = 20000", "pool.answer_spin_us"),

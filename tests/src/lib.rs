@@ -454,15 +454,25 @@ pub struct McpSession {
 }
 
 impl McpSession {
-    /// `initialize` + `notifications/initialized` at `url`.
+    /// `initialize` + `notifications/initialized` at `url`, declaring no client capability.
     pub async fn open(url: &str, token: &str) -> Result<McpSession, String> {
+        Self::open_declaring(url, token, serde_json::json!({})).await
+    }
+
+    /// As [`McpSession::open`], declaring `capabilities` (`{"elicitation": {}}`: the server may
+    /// ask this client; this client never answers, so such a call ends at its timeout).
+    pub async fn open_declaring(
+        url: &str,
+        token: &str,
+        capabilities: serde_json::Value,
+    ) -> Result<McpSession, String> {
         let http = mcpctl::https::client_builder(Some(&test_ca_cert()))
             .map_err(|e| e.to_string())?
             .timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| e.to_string())?;
         let init = serde_json::json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
-            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "e2e", "version": "1"}}});
+            "protocolVersion": "2025-06-18", "capabilities": capabilities, "clientInfo": {"name": "e2e", "version": "1"}}});
         let resp = http
             .post(url)
             .bearer_auth(token)

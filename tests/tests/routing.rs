@@ -110,11 +110,12 @@ async fn a_failing_server_opens_its_breaker_and_closes_it_when_it_recovers() {
         async move { McpSession::open(&url, &token).await.ok() }
     })
     .await;
-    // Failures until the breaker opens; then calls short-circuit with a clear error.
-    let opened = eventually("the breaker to open", Duration::from_secs(30), || {
+    // The server itself fails (its process dies mid-call) until the breaker opens; then
+    // calls short-circuit with a clear error.
+    let opened = eventually("the breaker to open", Duration::from_secs(60), || {
         let s = &session;
         async move {
-            let r = s.call_tool("fail", json!({"message": "boom"})).await.ok()?;
+            let r = s.call_tool("crash", json!({})).await.ok()?;
             let msg = r["error"]["message"]
                 .as_str()
                 .unwrap_or_default()
@@ -154,6 +155,82 @@ async fn a_failing_server_opens_its_breaker_and_closes_it_when_it_recovers() {
         .expect("status");
     let states: Vec<_> = status.breakers.iter().map(|b| b["state"].clone()).collect();
     assert!(states.iter().all(|s| s != "open"), "{states:?}");
+}
+
+/// A breaker counts failures of the server itself only. One client whose tool calls the
+/// server answers with errors, and who leaves the server's elicitation unanswered until each
+/// call times out, does not open the breaker of a healthy server: its other clients are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misbehaving_client_cannot_open_a_healthy_server_s_breaker_for_others() {
+    let c = Cluster::start(1).await;
+    let ledger = c.dir.path().join("shared.jsonl");
+    let mut spec = demo_server("shared", &ledger);
+    spec.timeouts.request_ms = 1000;
+    c.client()
+        .create_server(&spec, &CallOptions::default())
+        .await
+        .expect("register");
+    let url = mcp_url(&c, 1, "shared");
+    let open = |capabilities: serde_json::Value| {
+        let (url, token) = (url.clone(), c.admin_token.clone());
+        move || {
+            let (url, token, capabilities) = (url.clone(), token.clone(), capabilities.clone());
+            async move {
+                McpSession::open_declaring(&url, &token, capabilities)
+                    .await
+                    .ok()
+            }
+        }
+    };
+    let rude = eventually(
+        "a session that takes elicitation",
+        Duration::from_secs(30),
+        open(json!({"elicitation": {}})),
+    )
+    .await;
+    let polite = eventually("a second session", Duration::from_secs(30), open(json!({}))).await;
+
+    // More than the breaker's min_calls (10) and consecutive_failures (5) of each kind.
+    for i in 0..12 {
+        let r = rude
+            .call_tool("fail", json!({"message": "boom"}))
+            .await
+            .expect("fail");
+        assert_eq!(r["result"]["isError"], json!(true), "call {i}: {r}");
+        let r = rude
+            .call_tool("no_such_tool", json!({}))
+            .await
+            .expect("unknown");
+        assert!(r["error"]["code"].is_i64(), "call {i}: {r}");
+    }
+    let parked: Vec<_> = (0..6)
+        .map(|_| rude.call_tool("test_elicitation", json!({"message": "who are you?"})))
+        .collect();
+    for r in futures_util::future::join_all(parked).await {
+        let r = r.expect("elicitation call");
+        assert_eq!(
+            r["error"]["code"],
+            json!(-32052),
+            "timed out waiting on the client: {r}"
+        );
+    }
+
+    // The other client is served, and no breaker opened.
+    let r = polite
+        .call_tool("echo", json!({"message": "still served"}))
+        .await
+        .expect("echo");
+    assert_eq!(tool_text(&r).as_deref(), Some("still served"), "{r}");
+    let status = c
+        .node_client(1)
+        .server_status("shared")
+        .await
+        .expect("status");
+    assert!(
+        status.breakers.iter().all(|b| b["state"] == "closed"),
+        "{:?}",
+        status.breakers
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

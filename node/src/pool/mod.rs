@@ -518,8 +518,9 @@ impl Pool {
             }
         };
         let Ok(Ok(_running)) = slot else {
+            // Busy, not broken: the same answer as a full queue.
             return Err(ErrorObject::new(
-                code::UNAVAILABLE,
+                code::QUEUE_FULL,
                 format!(
                     "server {:?} had no free process within {timeout:?}; the call did not run",
                     self.name

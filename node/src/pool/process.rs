@@ -56,11 +56,15 @@ pub enum CallEvent {
 
 /// Where the messages of one call go, and whether any went: once something reached the
 /// client, re-running the call elsewhere could show it twice, so the router stops retrying.
-/// Clones share the flag.
+/// It also knows whether the call waits on its own client (a request of the server that the
+/// client has not answered yet): a call that times out then is not the server's failure.
+/// Clones share both.
 #[derive(Debug, Clone)]
 pub struct EventSink {
     tx: mpsc::Sender<CallEvent>,
     sent: Arc<AtomicBool>,
+    /// Requests of the server passed to the client and not answered (or dropped) yet.
+    waiting: Arc<AtomicUsize>,
 }
 
 impl EventSink {
@@ -68,24 +72,51 @@ impl EventSink {
         EventSink {
             tx,
             sent: Arc::default(),
+            waiting: Arc::default(),
         }
     }
 
     pub async fn send(&self, ev: CallEvent) -> Result<(), mpsc::error::SendError<CallEvent>> {
-        self.tx.send(ev).await?;
+        self.tx.send(self.track(ev)).await?;
         self.sent.store(true, Ordering::Relaxed);
         Ok(())
     }
 
     pub fn try_send(&self, ev: CallEvent) -> Result<(), mpsc::error::TrySendError<CallEvent>> {
-        self.tx.try_send(ev)?;
+        self.tx.try_send(self.track(ev))?;
         self.sent.store(true, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// A request for the client counts as waiting until its responder answers or is dropped.
+    fn track(&self, mut ev: CallEvent) -> CallEvent {
+        if let CallEvent::Request { responder, .. } = &mut ev {
+            self.waiting.fetch_add(1, Ordering::AcqRel);
+            responder.waiting = Some(Arc::new(Waiting(self.waiting.clone())));
+        }
+        ev
     }
 
     /// Whether any message of the call was passed on.
     pub fn any_sent(&self) -> bool {
         self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Whether the call waits on its own client now: a request of the server (sampling,
+    /// elicitation, roots) reached the client and is not answered yet.
+    pub fn waiting_on_client(&self) -> bool {
+        self.waiting.load(Ordering::Acquire) > 0
+    }
+}
+
+/// One request of the server that its call's client has not answered; counted down when the
+/// last clone of its responder goes.
+#[derive(Debug)]
+struct Waiting(Arc<AtomicUsize>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -94,6 +125,8 @@ impl EventSink {
 pub struct Responder {
     stdin: mpsc::Sender<Vec<u8>>,
     upstream_id: RequestId,
+    /// Set while the request waits on a client (see [`EventSink::waiting_on_client`]).
+    waiting: Option<Arc<Waiting>>,
 }
 
 impl Responder {
@@ -103,6 +136,7 @@ impl Responder {
         Responder {
             stdin: tx,
             upstream_id,
+            waiting: None,
         }
     }
 
@@ -667,10 +701,7 @@ async fn route(shared: &Shared, stdin: &mpsc::Sender<Vec<u8>>, msg: Message) {
                     let ev = CallEvent::Request {
                         method,
                         params,
-                        responder: Responder {
-                            stdin: stdin.clone(),
-                            upstream_id: id.clone(),
-                        },
+                        responder: Responder::new(stdin.clone(), id.clone()),
                     };
                     if events.send(ev).await.is_err() {
                         let err = ErrorObject::new(

@@ -38,13 +38,13 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::config::{invalid, InvalidConfig};
+use super::window::Window;
+
 /// Gauge `mcpd_breaker_state{server,node}`: 0 closed, 1 half-open, 2 open.
 pub const STATE_GAUGE: &str = "mcpd_breaker_state";
 /// Counter `mcpd_breaker_transitions_total{server,node,to}`.
 pub const TRANSITIONS_TOTAL: &str = "mcpd_breaker_transitions_total";
-
-/// The rolling window is kept as this many buckets, so it slides in tenths of its length.
-const BUCKETS: u64 = 10;
 
 /// When a breaker opens and how it recovers. Every field has a default.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -84,18 +84,9 @@ impl Default for BreakerConfig {
     }
 }
 
-/// A breaker setting that makes no sense; `field` is the key inside the breaker's section.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct InvalidConfig {
-    pub field: &'static str,
-    pub message: &'static str,
-}
-
 impl BreakerConfig {
     /// Checks the settings once, at load.
     pub fn validate(&self) -> Result<(), InvalidConfig> {
-        let invalid = |field, message| Err(InvalidConfig { field, message });
         if self.window_ms == 0 {
             return invalid("window_ms", "must be greater than 0");
         }
@@ -405,11 +396,11 @@ impl Shared {
         match (inner.state, outcome) {
             (State::Closed, Outcome::Success) => {
                 inner.consecutive_failures = 0;
-                inner.window.add(now, false);
+                inner.window.add(now, 1, 0);
             }
             (State::Closed, Outcome::Failure) => {
                 inner.consecutive_failures = inner.consecutive_failures.saturating_add(1);
-                inner.window.add(now, true);
+                inner.window.add(now, 1, 1);
                 let (calls, failures) = inner.window.counts(now);
                 if inner.consecutive_failures >= self.cfg.consecutive_failures {
                     self.open(&mut inner, now, "consecutive failures");
@@ -520,76 +511,6 @@ impl Shared {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-// === impl Window ===
-
-/// Calls and failures over the last `BUCKETS` buckets of time.
-#[derive(Debug)]
-struct Window {
-    width: Duration,
-    /// The first instant seen; bucket indexes count from it.
-    origin: Option<Instant>,
-    /// The newest bucket index seen; never moves back.
-    head: u64,
-    buckets: [Bucket; BUCKETS as usize],
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-struct Bucket {
-    index: u64,
-    calls: u64,
-    failures: u64,
-}
-
-impl Window {
-    fn new(length: Duration) -> Window {
-        Window {
-            width: (length / BUCKETS as u32).max(Duration::from_nanos(1)),
-            origin: None,
-            head: 0,
-            buckets: [Bucket::default(); BUCKETS as usize],
-        }
-    }
-
-    /// The bucket index of `now`. Two callers may read the clock in one order and take the
-    /// lock in the other, so an older `now` counts in the newest bucket rather than reopening
-    /// one that may already have been reused.
-    fn advance(&mut self, now: Instant) -> u64 {
-        let origin = *self.origin.get_or_insert(now);
-        let index = now.saturating_duration_since(origin).as_nanos() / self.width.as_nanos();
-        self.head = self.head.max(u64::try_from(index).unwrap_or(u64::MAX));
-        self.head
-    }
-
-    fn add(&mut self, now: Instant, failed: bool) {
-        let index = self.advance(now);
-        let bucket = &mut self.buckets[(index % BUCKETS) as usize];
-        if bucket.index != index {
-            *bucket = Bucket {
-                index,
-                ..Bucket::default()
-            };
-        }
-        bucket.calls += 1;
-        bucket.failures += u64::from(failed);
-    }
-
-    /// (calls, failures) in the window at `now`.
-    fn counts(&mut self, now: Instant) -> (u64, u64) {
-        let index = self.advance(now);
-        self.buckets
-            .iter()
-            .filter(|b| index.saturating_sub(b.index) < BUCKETS)
-            .fold((0, 0), |(calls, failures), b| {
-                (calls + b.calls, failures + b.failures)
-            })
-    }
-
-    fn clear(&mut self) {
-        // Default buckets have index 0: empty, whether or not they count as in the window.
-        self.buckets = [Bucket::default(); BUCKETS as usize];
-    }
 }
 
 // === impl Breakers ===

@@ -42,12 +42,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Deserialize;
 
+use super::config::{invalid, InvalidConfig};
+use super::window::Window;
+
 /// Counter `mcpd_retry_budget_exhausted_total{server}`: retries refused by the budget. The
 /// caller, which knows the server, increments it when [`RetryBudget::try_retry`] fails.
 pub const EXHAUSTED_TOTAL: &str = "mcpd_retry_budget_exhausted_total";
-
-/// The window is kept as this many buckets, so it slides in tenths of its length.
-const BUCKETS: u64 = 10;
 
 /// How much retrying a server's calls may add. Every field has a default.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -88,18 +88,6 @@ impl Default for BackoffConfig {
             cap_ms: 250,
         }
     }
-}
-
-/// A setting that makes no sense; `field` is the key inside its section.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct InvalidConfig {
-    pub field: &'static str,
-    pub message: &'static str,
-}
-
-fn invalid(field: &'static str, message: &'static str) -> Result<(), InvalidConfig> {
-    Err(InvalidConfig { field, message })
 }
 
 impl BudgetConfig {
@@ -202,7 +190,7 @@ impl RetryBudget {
 
     /// Counts an original call (not a retry) made at `now`.
     pub fn record_request(&self, now: Instant) {
-        self.lock().bucket(now).requests += 1;
+        self.lock().add(now, 1, 0);
     }
 
     /// Takes one retry from the budget at `now`, if the window has one left.
@@ -210,7 +198,7 @@ impl RetryBudget {
         let mut window = self.lock();
         let (requests, retries) = window.counts(now);
         if retries < self.allowed(requests) {
-            window.bucket(now).retries += 1;
+            window.add(now, 0, 1);
             Ok(())
         } else {
             Err(Exhausted { requests, retries })
@@ -236,71 +224,6 @@ impl RetryBudget {
         self.window
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-}
-
-// === impl Window ===
-
-/// Requests and retries over the last `BUCKETS` buckets of time.
-#[derive(Debug)]
-struct Window {
-    width: Duration,
-    /// The first instant seen; bucket indexes count from it.
-    origin: Option<Instant>,
-    /// The newest bucket index seen; never moves back.
-    head: u64,
-    buckets: [Bucket; BUCKETS as usize],
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-struct Bucket {
-    index: u64,
-    requests: u64,
-    retries: u64,
-}
-
-impl Window {
-    fn new(length: Duration) -> Window {
-        Window {
-            width: (length / BUCKETS as u32).max(Duration::from_nanos(1)),
-            origin: None,
-            head: 0,
-            buckets: [Bucket::default(); BUCKETS as usize],
-        }
-    }
-
-    /// The bucket index of `now`. Two callers may read the clock in one order and take the
-    /// lock in the other, so an older `now` counts in the newest bucket rather than reopening
-    /// one that may already have been reused.
-    fn advance(&mut self, now: Instant) -> u64 {
-        let origin = *self.origin.get_or_insert(now);
-        let index = now.saturating_duration_since(origin).as_nanos() / self.width.as_nanos();
-        self.head = self.head.max(u64::try_from(index).unwrap_or(u64::MAX));
-        self.head
-    }
-
-    /// The bucket `now` counts in, emptied first if it last held an older stretch of time.
-    fn bucket(&mut self, now: Instant) -> &mut Bucket {
-        let index = self.advance(now);
-        let bucket = &mut self.buckets[(index % BUCKETS) as usize];
-        if bucket.index != index {
-            *bucket = Bucket {
-                index,
-                ..Bucket::default()
-            };
-        }
-        bucket
-    }
-
-    /// (requests, retries) in the window at `now`.
-    fn counts(&mut self, now: Instant) -> (u64, u64) {
-        let index = self.advance(now);
-        self.buckets
-            .iter()
-            .filter(|b| index.saturating_sub(b.index) < BUCKETS)
-            .fold((0, 0), |(requests, retries), b| {
-                (requests + b.requests, retries + b.retries)
-            })
     }
 }
 

@@ -19,8 +19,10 @@
 
 pub mod breaker;
 pub mod budget;
+pub mod config;
 pub mod peer;
 pub mod placement;
+pub mod window;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -40,8 +42,6 @@ use crate::registry::{Principal, Registry};
 use breaker::{Breakers, Outcome};
 use budget::RetryBudget;
 
-/// Attempts per call, the first included.
-const MAX_ATTEMPTS: usize = 3;
 /// How long a remote server's catalogue is reused.
 const REMOTE_INFO_TTL: Duration = Duration::from_secs(5);
 
@@ -76,17 +76,24 @@ pub struct Router {
     pools: Pools,
     channels: PeerChannels,
     pub breakers: Arc<Breakers>,
+    config: config::RouteConfig,
     budgets: Arc<Mutex<HashMap<String, Arc<RetryBudget>>>>,
     remote_info: Arc<Mutex<HashMap<String, (Instant, ServerInfo)>>>,
 }
 
 impl Router {
-    pub fn new(registry: Registry, pools: Pools, channels: PeerChannels) -> Router {
+    pub fn new(
+        registry: Registry,
+        pools: Pools,
+        channels: PeerChannels,
+        config: config::RouteConfig,
+    ) -> Router {
         Router {
             registry,
             pools,
             channels,
-            breakers: Arc::new(Breakers::new(Default::default())),
+            breakers: Arc::new(Breakers::new(config.breaker)),
+            config,
             budgets: Arc::default(),
             remote_info: Arc::default(),
         }
@@ -107,7 +114,7 @@ impl Router {
         }
         budgets
             .entry(server.to_string())
-            .or_insert_with(|| Arc::new(RetryBudget::new(Default::default())))
+            .or_insert_with(|| Arc::new(RetryBudget::new(self.config.retry_budget)))
             .clone()
     }
 
@@ -226,9 +233,9 @@ impl Router {
         let replicas = self.replicas(spec);
         let mut last: Option<ErrorObject> = None;
         let mut none_ran = true;
-        let mut attempts = 0;
+        let mut attempts: u32 = 0;
         for replica in replicas {
-            if attempts >= MAX_ATTEMPTS {
+            if attempts >= self.config.max_attempts {
                 break;
             }
             let node = match &replica {
@@ -254,8 +261,7 @@ impl Router {
                 }
                 metrics::counter!("mcpd_retries_total", "server" => server.to_string())
                     .increment(1);
-                tokio::time::sleep(budget::BackoffConfig::default().backoff(attempts as u32 - 1))
-                    .await;
+                tokio::time::sleep(self.config.backoff.backoff(attempts - 1)).await;
             }
             attempts += 1;
             let outcome = self
@@ -269,13 +275,7 @@ impl Router {
                     events.clone(),
                 )
                 .await;
-            // A tool result with isError counts against the replica (as a 5xx does in an
-            // HTTP proxy); a JSON-RPC error only when it is the server's internal error.
-            let failed = match &outcome {
-                Ok(v) => v["isError"] == json!(true),
-                Err(Failure::Answered(e)) => e.code == code::INTERNAL_ERROR,
-                Err(_) => true,
-            };
+            let failed = counts_against_the_server(&outcome, &events);
             permit.record(
                 if failed {
                     Outcome::Failure
@@ -492,6 +492,21 @@ impl Router {
             return info;
         }
         ServerInfo::default()
+    }
+}
+
+/// Whether an attempt's outcome is a failure of the server (or its node) itself, for its
+/// breaker: it crashed, its connection broke, the node could not be reached, it has no running
+/// process, or it gave no answer within its timeout. Not: any answer (a JSON-RPC error or a
+/// tool result with `isError` is the server working), a full queue (load, which the queue
+/// bound already sheds), or a timeout while the call waited on its own client's answer to a
+/// request of the server (elicitation, sampling): one slow or misbehaving client must not
+/// open the breaker for every other client of a healthy server.
+fn counts_against_the_server(outcome: &Result<Value, Failure>, events: &EventSink) -> bool {
+    match outcome {
+        Ok(_) | Err(Failure::Answered(_)) => false,
+        Err(Failure::NotRun(e)) => e.code != code::QUEUE_FULL,
+        Err(Failure::MaybeRan(_)) => !events.waiting_on_client(),
     }
 }
 

@@ -1,0 +1,92 @@
+//! `[route]`: placement between nodes, and the resilience around each call (breakers, retry
+//! budget, backoff), validated once at load.
+
+use serde::Deserialize;
+
+use super::breaker::BreakerConfig;
+use super::budget::{BackoffConfig, BudgetConfig};
+
+/// A setting that makes no sense; `field` is its key inside its section.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct InvalidConfig {
+    pub field: &'static str,
+    pub message: &'static str,
+}
+
+/// `Err` naming `field`.
+pub fn invalid(field: &'static str, message: &'static str) -> Result<(), InvalidConfig> {
+    Err(InvalidConfig { field, message })
+}
+
+/// `[route]`.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteConfig {
+    /// How long a node may be unreachable before the leader moves its servers elsewhere.
+    pub placement_grace_ms: u64,
+    /// Attempts per call, the first included (retries go to other replicas).
+    pub max_attempts: u32,
+    /// `[route.breaker]`: when a (server, node) breaker opens and how it recovers.
+    pub breaker: BreakerConfig,
+    /// `[route.retry_budget]`: how much retrying may add to a server's load.
+    pub retry_budget: BudgetConfig,
+    /// `[route.backoff]`: the wait before each retry.
+    pub backoff: BackoffConfig,
+}
+
+impl Default for RouteConfig {
+    fn default() -> Self {
+        RouteConfig {
+            placement_grace_ms: 10_000,
+            max_attempts: 3,
+            breaker: BreakerConfig::default(),
+            retry_budget: BudgetConfig::default(),
+            backoff: BackoffConfig::default(),
+        }
+    }
+}
+
+impl RouteConfig {
+    /// Checks every setting; the error names the key (`route.breaker.min_calls`).
+    pub fn validate(&self) -> Result<(), (String, &'static str)> {
+        fn within(section: &'static str) -> impl Fn(InvalidConfig) -> (String, &'static str) {
+            move |e| (format!("route.{section}.{}", e.field), e.message)
+        }
+        if !(1..=10).contains(&self.max_attempts) {
+            return Err(("route.max_attempts".into(), "must be from 1 to 10"));
+        }
+        self.breaker.validate().map_err(within("breaker"))?;
+        self.retry_budget
+            .validate()
+            .map_err(within("retry_budget"))?;
+        self.backoff.validate().map_err(within("backoff"))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sections_load_with_defaults_and_a_bad_value_is_named_by_its_key() {
+        let cfg: RouteConfig = toml::from_str(
+            "max_attempts = 2\n[breaker]\nmin_calls = 20\n[backoff]\nbase_ms = 10\n",
+        )
+        .expect("parses");
+        assert_eq!(cfg.max_attempts, 2);
+        assert_eq!(cfg.breaker.min_calls, 20);
+        assert_eq!(cfg.breaker.window_ms, BreakerConfig::default().window_ms);
+        assert_eq!(cfg.backoff.base_ms, 10);
+        assert_eq!(cfg.retry_budget, BudgetConfig::default());
+        assert!(cfg.validate().is_ok());
+
+        let bad: RouteConfig = toml::from_str("[retry_budget]\nratio = 2.0\n").expect("parses");
+        assert_eq!(
+            bad.validate().unwrap_err().0,
+            "route.retry_budget.ratio".to_string()
+        );
+        assert!(toml::from_str::<RouteConfig>("[breaker]\nnope = 1\n").is_err());
+    }
+}
