@@ -872,6 +872,31 @@ async fn server(cli: &Cli, cmd: &ServerCmd) -> Outcome {
                             rows,
                         );
                     }
+                    // Why a process is failing, where the operator looks: each slot's last
+                    // failure, how its last process ended, and its last stderr lines.
+                    for r in &st.replicas {
+                        for (slot, p) in r.details.iter().enumerate() {
+                            if p.last_error.is_none() && p.last_exit.is_none() {
+                                continue;
+                            }
+                            out!();
+                            out!(
+                                "node {} process {slot} ({}, {} restarts):",
+                                r.node,
+                                p.state,
+                                p.restarts
+                            );
+                            if let Some(e) = &p.last_error {
+                                out!("  last error: {e}");
+                            }
+                            if let Some(x) = &p.last_exit {
+                                out!("  last exit: {x}");
+                            }
+                            for line in p.stderr.iter().rev().take(5).rev() {
+                                out!("  stderr: {line}");
+                            }
+                        }
+                    }
                 }
             }
         }

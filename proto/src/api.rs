@@ -388,6 +388,28 @@ pub struct ReplicaStatus {
     pub queue_depth: Option<u64>,
     /// Whether the node answered.
     pub reachable: bool,
+    /// Per process slot: why it last failed and what it last wrote to stderr.
+    #[serde(default)]
+    pub details: Vec<ProcessReport>,
+}
+
+/// One process slot of a node's pool, as an operator who asks why it fails needs it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessReport {
+    /// `ready`, `starting`, `restarting`, `crash_loop`, `stopped`.
+    pub state: String,
+    pub pid: Option<u32>,
+    /// Processes the slot started again after one failed or was lost.
+    pub restarts: u64,
+    /// The last failure: a start error (`spawning "uvx": No such file or directory`), an exit
+    /// status, a missed health ping.
+    pub last_error: Option<String>,
+    /// When it happened (Unix seconds).
+    pub last_error_at: Option<u64>,
+    /// How the slot's last process ended (`exit status: 1`, `signal: 9 (SIGKILL)`).
+    pub last_exit: Option<String>,
+    /// The last lines the slot's processes wrote to stderr (at most 20).
+    pub stderr: Vec<String>,
 }
 
 /// A list answer, with the registry revision it was read at.

@@ -157,6 +157,80 @@ async fn a_failing_server_opens_its_breaker_and_closes_it_when_it_recovers() {
     assert!(states.iter().all(|s| s != "open"), "{states:?}");
 }
 
+/// Why a server is failing, where the operator looks: `mcpctl server status` (and its JSON)
+/// gives each process slot's last error, how its last process ended and its last stderr lines,
+/// not only `crash_loop`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_status_says_why_a_server_is_failing() {
+    let c = Cluster::start(1).await;
+    let client = c.client();
+    let mut missing = demo_server("missing", &c.dir.path().join("unused.jsonl"));
+    missing.command = "uvx-is-not-installed".into();
+    missing.args.clear();
+    missing.pool_size = 1;
+    let mut dying = demo_server("dying", &c.dir.path().join("unused.jsonl"));
+    dying.command = "/bin/sh".into();
+    dying.args = vec!["-c".into(), "echo 'fatal: no API key' >&2; exit 3".into()];
+    dying.pool_size = 1;
+    for spec in [&missing, &dying] {
+        client
+            .create_server(spec, &CallOptions::default())
+            .await
+            .expect("register");
+    }
+    let report = |name: &'static str| {
+        let client = c.node_client(1);
+        move || {
+            let client = client.clone();
+            async move {
+                let st = client.server_status(name).await.ok()?;
+                let p = st.replicas.first()?.details.first()?.clone();
+                p.last_error.is_some().then_some(p)
+            }
+        }
+    };
+    let p = eventually(
+        "the start error of missing",
+        Duration::from_secs(30),
+        report("missing"),
+    )
+    .await;
+    let e = p.last_error.expect("an error");
+    assert!(
+        e.contains("uvx-is-not-installed") && e.contains("No such file or directory"),
+        "{e}"
+    );
+    let p = eventually(
+        "the exit and stderr of dying",
+        Duration::from_secs(30),
+        || {
+            let f = report("dying");
+            async move {
+                f().await
+                    .filter(|p| !p.stderr.is_empty() && p.last_exit.is_some())
+            }
+        },
+    )
+    .await;
+    assert_eq!(p.last_exit.as_deref(), Some("exit status: 3"), "{p:?}");
+    assert!(p.stderr.iter().any(|l| l == "fatal: no API key"), "{p:?}");
+
+    // The text an operator reads says the same.
+    let out = std::process::Command::new(mcpcp_tests::binary("mcpctl"))
+        .args(["server", "status", "missing"])
+        .env("MCPCTL_ENDPOINTS", c.url(1))
+        .env("MCPCTL_TOKEN", &c.admin_token)
+        .env("MCPCTL_CACERT", mcpcp_tests::test_ca_cert())
+        .output()
+        .expect("mcpctl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("last error: spawning \"uvx-is-not-installed\""),
+        "{text}"
+    );
+}
+
 /// A breaker counts failures of the server itself only. One client whose tool calls the
 /// server answers with errors, and who leaves the server's elicitation unanswered until each
 /// call times out, does not open the breaker of a healthy server: its other clients are served.

@@ -159,6 +159,10 @@ pub async fn server_status(
                     .filter_map(|s| s.as_str().map(String::from))
                     .collect(),
                 queue_depth: info.as_ref().and_then(|v| v["queue_depth"].as_u64()),
+                details: info
+                    .as_ref()
+                    .and_then(|v| serde_json::from_value(v["processes"].clone()).ok())
+                    .unwrap_or_default(),
             }
         }
     }))

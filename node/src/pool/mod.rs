@@ -10,6 +10,7 @@
 pub mod catalogue;
 pub mod process;
 pub mod reconcile;
+pub mod report;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -152,6 +153,7 @@ impl SlotState {
 struct Slot {
     process: watch::Receiver<Option<Arc<Process>>>,
     state: watch::Receiver<SlotState>,
+    report: report::SlotReport,
 }
 
 /// The processes of one server.
@@ -193,11 +195,13 @@ impl Pool {
         for index in 0..size {
             let (ptx, prx) = watch::channel(None);
             let (stx, srx) = watch::channel(SlotState::Starting);
+            let report = report::SlotReport::default();
             let place = Place {
                 index,
                 shard: shards
                     .as_ref()
                     .map(|s| s.get(first_shard.wrapping_add(index)).clone()),
+                report: report.clone(),
             };
             tasks.spawn(supervise(
                 place,
@@ -211,6 +215,7 @@ impl Pool {
             slots.push(Slot {
                 process: prx,
                 state: srx,
+                report,
             });
         }
         let active = size * cfg.max_concurrency_per_process.max(1);
@@ -247,6 +252,14 @@ impl Pool {
     /// Slot states, in slot order.
     pub fn states(&self) -> Vec<SlotState> {
         self.slots.iter().map(|s| *s.state.borrow()).collect()
+    }
+
+    /// Each slot's state, last failure and stderr lines, for `server status`.
+    pub fn reports(&self) -> Vec<mcpcp_proto::api::ProcessReport> {
+        self.slots
+            .iter()
+            .map(|s| s.report.snapshot(s.state.borrow().as_str()))
+            .collect()
     }
 
     pub fn catalogue(&self) -> Arc<Catalogue> {
@@ -437,7 +450,10 @@ impl Pool {
         let process = Process::start_as(
             &self.spec.spec,
             self.pool_events.clone(),
-            self.cfg.answer_spin(),
+            process::StartOptions {
+                answer_spin: self.cfg.answer_spin(),
+                report: None,
+            },
             Some(init),
         )
         .await
@@ -611,15 +627,15 @@ async fn start_on(
     shard: Option<&tokio::runtime::Handle>,
     spec: &ServerSpec,
     pool_events: mpsc::Sender<PoolEvent>,
-    answer_spin: Duration,
+    options: process::StartOptions,
 ) -> Result<Process, process::ProcessError> {
     let Some(shard) = shard else {
-        return Process::start(spec, pool_events, answer_spin).await;
+        return Process::start(spec, pool_events, options).await;
     };
     let spec = spec.clone();
     let mut start = JoinSet::new();
     start.spawn_on(
-        async move { Process::start(&spec, pool_events, answer_spin).await },
+        async move { Process::start(&spec, pool_events, options).await },
         shard,
     );
     match start.join_next().await {
@@ -633,10 +649,11 @@ async fn start_on(
     }
 }
 
-/// The slot a supervisor keeps, and the shard its processes run on.
+/// The slot a supervisor keeps, the shard its processes run on, and what it reports.
 struct Place {
     index: usize,
     shard: Option<tokio::runtime::Handle>,
+    report: report::SlotReport,
 }
 
 /// Keeps one process slot running.
@@ -649,7 +666,11 @@ async fn supervise(
     stop: Shutdown,
     cfg: PoolConfig,
 ) {
-    let Place { index, shard } = place;
+    let Place {
+        index,
+        shard,
+        report,
+    } = place;
     let server = spec.name.clone();
     let set_state = |s: SlotState| {
         let old = *state_tx.borrow();
@@ -669,13 +690,17 @@ async fn supervise(
     loop {
         let started = Instant::now();
         let attempt = tokio::select! {
-            r = start_on(shard.as_ref(), &spec, pool_events.clone(), cfg.answer_spin()) => r,
+            r = start_on(shard.as_ref(), &spec, pool_events.clone(), process::StartOptions {
+                answer_spin: cfg.answer_spin(),
+                report: Some(report.clone()),
+            }) => r,
             _ = stop.clone().wait() => break,
         };
         match attempt {
             Ok(p) => {
                 let p = Arc::new(p);
                 tracing::info!(server = %server, slot = index, pid = p.pid().unwrap_or(0), "server process ready");
+                report.started(p.pid());
                 let _ = process_tx.send(Some(p.clone()));
                 set_state(SlotState::Ready);
                 let reason = loop {
@@ -696,6 +721,7 @@ async fn supervise(
                     }
                 };
                 let _ = process_tx.send(None);
+                report.failed(format!("the process {reason}"));
                 tracing::warn!(server = %server, slot = index, pid = p.pid().unwrap_or(0), reason, "server process lost; restarting");
                 p.stop(grace).await;
                 if started.elapsed() > Duration::from_secs(60) {
@@ -704,9 +730,11 @@ async fn supervise(
             }
             Err(e) => {
                 tracing::warn!(server = %server, slot = index, error = %e, "server process failed to start");
+                report.failed(e.to_string());
             }
         }
         metrics::counter!("mcpd_pool_restarts_total", "server" => server.clone()).increment(1);
+        report.restarting();
         let now = Instant::now();
         recent_failures.retain(|t| now.duration_since(*t) < Duration::from_secs(60));
         recent_failures.push(now);

@@ -25,6 +25,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::report::SlotReport;
+
 /// Longest line accepted from a server (a defence against a runaway process).
 const MAX_LINE: usize = 16 << 20;
 
@@ -176,6 +178,8 @@ struct Shared {
     in_flight: metrics::Gauge,
     /// How long a lone call polls for its answer (see [`wait_answer`]).
     answer_spin: Duration,
+    /// Where its exit status goes, for `server status`.
+    report: Option<SlotReport>,
 }
 
 impl Shared {
@@ -267,15 +271,24 @@ fn crashed(server: &str) -> ErrorObject {
     )
 }
 
+/// How a process is run, besides its spec.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// A call that is the only one the node waits on polls this long for its answer
+    /// ([`wait_answer`]).
+    pub answer_spin: Duration,
+    /// Where its stderr lines and exit status go (its slot's), for `server status`.
+    pub report: Option<SlotReport>,
+}
+
 impl Process {
-    /// Spawns the server, performs the MCP handshake and returns once it is ready. A call that
-    /// is the only one the node waits on polls `answer_spin` for its answer ([`wait_answer`]).
+    /// Spawns the server, performs the MCP handshake and returns once it is ready.
     pub async fn start(
         spec: &ServerSpec,
         pool_events: mpsc::Sender<PoolEvent>,
-        answer_spin: Duration,
+        options: StartOptions,
     ) -> Result<Process, ProcessError> {
-        Self::start_as(spec, pool_events, answer_spin, None).await
+        Self::start_as(spec, pool_events, options, None).await
     }
 
     /// Like [`Process::start`], initialising the server with a downstream client's own
@@ -283,9 +296,13 @@ impl Process {
     pub async fn start_as(
         spec: &ServerSpec,
         pool_events: mpsc::Sender<PoolEvent>,
-        answer_spin: Duration,
+        options: StartOptions,
         client_init: Option<Value>,
     ) -> Result<Process, ProcessError> {
+        let StartOptions {
+            answer_spin,
+            report,
+        } = options;
         let mut cmd = Command::new(&spec.command);
         // Only what the spec says: `pool::reconcile` put the inherited variables into it.
         cmd.args(&spec.args)
@@ -316,6 +333,7 @@ impl Process {
             pool_events,
             in_flight: metrics::gauge!("mcpd_pool_calls_in_flight", "server" => spec.name.clone()),
             answer_spin,
+            report: report.clone(),
         });
         let (stdin_tx, stdin_rx) = mpsc::channel::<Vec<u8>>(256);
         let (exited_tx, exited_rx) = watch::channel(false);
@@ -330,6 +348,9 @@ impl Process {
                 let mut lines = BufReader::new(stderr).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     tracing::info!(target: "mcpd::server_stderr", server = %server, pid, "{line}");
+                    if let Some(r) = &report {
+                        r.stderr_line(&line);
+                    }
                 }
             });
         }
@@ -582,6 +603,9 @@ async fn reap(mut child: Child, shared: Arc<Shared>, exited: watch::Sender<bool>
         Err(e) => e.to_string(),
     };
     tracing::info!(server = %shared.server, %status, "server process exited");
+    if let Some(r) = &shared.report {
+        r.exited(&status);
+    }
     shared.fail_all(crashed(&shared.server));
     let _ = exited.send(true);
 }

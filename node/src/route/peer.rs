@@ -231,6 +231,7 @@ impl Peer for PeerService {
                 json!({
                     "init": pool.init_result(),
                     "slots": pool.states().iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+                    "processes": pool.reports(),
                     "queue_depth": pool.queue_depth(),
                     "catalogue": {
                         "loaded": cat.loaded,
