@@ -319,7 +319,7 @@ pub async fn run(
         channels.clone(),
         shutdown.clone(),
     ));
-    let mcp = McpState::new(router, &cfg.mcp, &me.http_addr);
+    let mcp = McpState::new(registry.clone(), router.clone(), &cfg.mcp, &me.http_addr);
     tasks.spawn(reconcile::run(
         registry.clone(),
         pools,
@@ -336,7 +336,7 @@ pub async fn run(
     let state = AppState {
         registry: registry.clone(),
         metrics,
-        mcp,
+        router: router.clone(),
         tls: cfg.api.tls,
         data_dir: cfg.data_dir.clone(),
         data_key,
@@ -347,11 +347,16 @@ pub async fn run(
     };
     tasks.spawn(api::listener::serve(
         http_listener,
-        api::router(
+        crate::http::router(
             state,
-            cfg.api.max_body_bytes,
-            api::body_timeout::BodyTimeout(Duration::from_millis(cfg.api.body_read_timeout_ms)),
-            api::host::HostPolicy::new(names),
+            mcp.clone(),
+            crate::http::Layers {
+                max_body_bytes: cfg.api.max_body_bytes,
+                body_timeout: api::body_timeout::BodyTimeout(Duration::from_millis(
+                    cfg.api.body_read_timeout_ms,
+                )),
+                hosts: api::host::HostPolicy::new(names),
+            },
         ),
         shards.clone(),
         api::listener::EdgeSettings {

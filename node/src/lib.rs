@@ -10,8 +10,10 @@
 
 pub mod api;
 pub mod app;
+pub mod call;
 pub mod config;
 pub mod demo;
+pub mod http;
 pub mod join;
 pub mod mcp;
 pub mod metrics;

@@ -10,12 +10,60 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-/// Protocol revisions served, oldest first.
-pub const PROTOCOL_VERSIONS: &[&str] = &["2025-03-26", "2025-06-18", "2025-11-25", "2026-07-28"];
+/// The two shapes of the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Era {
+    /// An `initialize` handshake, then `Mcp-Session-Id` on every request.
+    Session,
+    /// No handshake: each request carries its revision and capabilities in `_meta`.
+    Stateless,
+}
+
+/// One protocol revision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Revision {
+    pub version: &'static str,
+    pub era: Era,
+}
+
+/// Every protocol revision the gateway serves, newest first: the one table that negotiation,
+/// era detection, `server/discover` and the errors naming supported versions read.
+pub const REVISIONS: &[Revision] = &[
+    Revision {
+        version: "2026-07-28",
+        era: Era::Stateless,
+    },
+    Revision {
+        version: "2025-11-25",
+        era: Era::Session,
+    },
+    Revision {
+        version: "2025-06-18",
+        era: Era::Session,
+    },
+    Revision {
+        version: "2025-03-26",
+        era: Era::Session,
+    },
+];
+
 /// The newest session-based revision (initialize handshake, `Mcp-Session-Id`).
 pub const LATEST_SESSION_VERSION: &str = "2025-11-25";
 /// The stateless revision: no initialize, per-request `_meta`.
 pub const STATELESS_VERSION: &str = "2026-07-28";
+
+/// The era of a revision this gateway serves (`None`: one it does not).
+pub fn era_of(version: &str) -> Option<Era> {
+    REVISIONS
+        .iter()
+        .find(|r| r.version == version)
+        .map(|r| r.era)
+}
+
+/// Every revision served, newest first.
+pub fn versions() -> Vec<&'static str> {
+    REVISIONS.iter().map(|r| r.version).collect()
+}
 
 /// JSON-RPC and MCP error codes.
 pub mod code {
@@ -313,5 +361,20 @@ mod tests {
         let back = Message::from_value(m.to_value()).expect("again");
         assert_eq!(m, back);
         assert_eq!(m.to_value()["params"]["_meta"]["future"], json!(true));
+    }
+
+    #[test]
+    fn the_version_table_agrees_with_the_named_revisions() {
+        assert_eq!(era_of(LATEST_SESSION_VERSION), Some(Era::Session));
+        assert_eq!(era_of(STATELESS_VERSION), Some(Era::Stateless));
+        let newest_session = REVISIONS.iter().find(|r| r.era == Era::Session);
+        assert_eq!(
+            newest_session.map(|r| r.version),
+            Some(LATEST_SESSION_VERSION)
+        );
+        let mut sorted = versions();
+        sorted.sort_unstable_by(|a, b| b.cmp(a));
+        assert_eq!(sorted, versions(), "newest first");
+        assert_eq!(era_of("2024-11-05"), None);
     }
 }

@@ -370,6 +370,18 @@ impl Cluster {
             })
             .await
             .unwrap_or_else(|e| panic!("add node {}: {e}", member.id));
+        // Added is not caught up: the new member serves the admin API once it has the
+        // registry (the tokens) and knows the leader.
+        let client = self.node_client(member.id);
+        eventually(
+            "the new member caught up with the registry",
+            Duration::from_secs(30),
+            || {
+                let client = client.clone();
+                async move { client.cluster_status().await.ok()?.leader }
+            },
+        )
+        .await;
     }
 
     /// A running node that is not `leader`.
@@ -450,6 +462,8 @@ pub struct McpSession {
     pub url: String,
     token: String,
     pub session: String,
+    /// The `initialize` answer (the JSON-RPC response object).
+    pub init: serde_json::Value,
     next: std::sync::atomic::AtomicI64,
 }
 
@@ -485,13 +499,16 @@ impl McpSession {
             .headers()
             .get("mcp-session-id")
             .and_then(|v| v.to_str().ok())
-            .map(String::from)
-            .ok_or_else(|| format!("no session id (HTTP {})", resp.status()))?;
+            .map(String::from);
+        let status = resp.status();
+        let init: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
+        let session = session.ok_or_else(|| format!("no session id (HTTP {status}): {init}"))?;
         let s = McpSession {
             http,
             url: url.to_string(),
             token: token.to_string(),
             session,
+            init,
             next: std::sync::atomic::AtomicI64::new(1),
         };
         s.post(serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
@@ -506,6 +523,7 @@ impl McpSession {
             url: url.to_string(),
             token: self.token.clone(),
             session: self.session.clone(),
+            init: self.init.clone(),
             next: std::sync::atomic::AtomicI64::new(
                 self.next.load(std::sync::atomic::Ordering::Relaxed) + 1000,
             ),

@@ -308,7 +308,7 @@ async fn a_misbehaving_client_cannot_open_a_healthy_server_s_breaker_for_others(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_broken_server_is_answered_by_its_fallback_marked_in_meta() {
+async fn a_broken_server_is_answered_by_its_fallback_marked_in_meta_on_both_endpoints() {
     let c = Cluster::start_with(3, GRACE).await;
     let ledger = c.dir.path().join("backup.jsonl");
     let client = c.client();
@@ -345,6 +345,38 @@ async fn a_broken_server_is_answered_by_its_fallback_marked_in_meta() {
     let meta = &r["result"]["_meta"]["io.mcpcp/fallback"];
     assert_eq!(meta["server"], "primary", "{r}");
     assert_eq!(meta["fallback"], "backup", "{r}");
+
+    // A client configured with the primary's own URL is served by the fallback too, from
+    // `initialize` on, each answer marked the same way.
+    let own = McpSession::open(&format!("{}/servers/primary/mcp", c.url(2)), &c.admin_token)
+        .await
+        .expect("initialize on the primary's own endpoint");
+    let marked = |r: &serde_json::Value| {
+        let m = &r["result"]["_meta"]["io.mcpcp/fallback"];
+        m["server"] == "primary" && m["fallback"] == "backup"
+    };
+    assert!(marked(&own.init), "initialize: {}", own.init);
+    let tools = own
+        .request("tools/list", json!({}))
+        .await
+        .expect("tools/list");
+    assert!(marked(&tools), "tools/list: {tools}");
+    assert!(
+        tools["result"]["tools"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t["name"] == "echo")),
+        "{tools}"
+    );
+    let r = own
+        .call_tool("echo", json!({"message": "via the primary's URL"}))
+        .await
+        .expect("tools/call");
+    assert_eq!(
+        tool_text(&r).as_deref(),
+        Some("via the primary's URL"),
+        "{r}"
+    );
+    assert!(marked(&r), "tools/call: {r}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,7 @@
 //! Request extractors that turn every malformed input into an [`ApiError`] naming the field:
 //! JSON bodies, query strings, the bearer token, `If-Match` and `Idempotency-Key`.
 
-use axum::extract::{FromRequest, FromRequestParts};
+use axum::extract::{FromRef, FromRequest, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap};
 use mcpcp_proto::api::Role;
@@ -10,7 +10,7 @@ use serde::Deserialize;
 use super::error::ApiError;
 use super::AppState;
 use crate::registry::state::Precondition;
-use crate::registry::Principal;
+use crate::registry::{Principal, Registry};
 
 /// `axum::Json` with our error format.
 #[derive(FromRequest)]
@@ -66,14 +66,13 @@ fn bearer(parts: &Parts) -> Result<&str, ApiError> {
 }
 
 /// The principal of the request's bearer token, whatever its role.
-fn authenticate(parts: &Parts, state: &AppState) -> Result<Principal, ApiError> {
+fn authenticate(parts: &Parts, registry: &Registry) -> Result<Principal, ApiError> {
     let token = bearer(parts)?;
-    match state.registry.authenticate(token) {
+    match registry.authenticate(token) {
         Some(p) => Ok(p),
         None => {
             metrics::counter!("mcpd_auth_failures_total").increment(1);
-            let initialized = state
-                .registry
+            let initialized = registry
                 .local()
                 .membership
                 .membership()
@@ -95,11 +94,15 @@ fn authenticate(parts: &Parts, state: &AppState) -> Result<Principal, ApiError> 
     }
 }
 
-impl FromRequestParts<AppState> for Caller {
+impl<S> FromRequestParts<S> for Caller
+where
+    S: Send + Sync,
+    Registry: FromRef<S>,
+{
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let p = authenticate(parts, state)?;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let p = authenticate(parts, &Registry::from_ref(state))?;
         if p.role == Role::Metrics {
             return Err(ApiError::Forbidden(
                 "a metrics token may only read /metrics".into(),
@@ -109,11 +112,15 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
-impl FromRequestParts<AppState> for MetricsReader {
+impl<S> FromRequestParts<S> for MetricsReader
+where
+    S: Send + Sync,
+    Registry: FromRef<S>,
+{
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        match authenticate(parts, state)?.role {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match authenticate(parts, &Registry::from_ref(state))?.role {
             Role::Metrics | Role::Admin => Ok(MetricsReader),
             Role::Tenant => Err(ApiError::Forbidden(
                 "/metrics needs a metrics or admin token (mcpctl token create --role metrics)"
@@ -123,11 +130,15 @@ impl FromRequestParts<AppState> for MetricsReader {
     }
 }
 
-impl FromRequestParts<AppState> for Admin {
+impl<S> FromRequestParts<S> for Admin
+where
+    S: Send + Sync,
+    Registry: FromRef<S>,
+{
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let p = authenticate(parts, state)?;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let p = authenticate(parts, &Registry::from_ref(state))?;
         if p.role != Role::Admin {
             return Err(ApiError::Forbidden(
                 "this endpoint needs an admin token; a tenant token may only use MCP endpoints, a metrics token only /metrics"

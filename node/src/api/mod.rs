@@ -1,5 +1,6 @@
-//! The HTTP surface of a node (axum): the admin API under `/v1/`, probes and `/metrics`.
-//! The router is built in one place, [`router`], so every route and layer reads top to bottom.
+//! The admin API of a node (axum): `/v1/`, `/metrics` and the probes, and the authentication
+//! of every caller ([`extract`]), which the MCP front end uses too. `crate::http` puts these
+//! routes and the MCP endpoints behind one set of layers.
 
 pub mod body_timeout;
 pub mod cluster;
@@ -10,11 +11,7 @@ pub mod host;
 pub mod listener;
 pub mod objects;
 
-use std::time::Instant;
-
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::extract::FromRef;
 use axum::routing::{get, post};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -26,7 +23,8 @@ use crate::registry::Registry;
 pub struct AppState {
     pub registry: Registry,
     pub metrics: PrometheusHandle,
-    pub mcp: crate::mcp::McpState,
+    /// The data plane's router (its peer channels ask peers for their pools' status).
+    pub router: crate::route::Router,
     /// The edge's TLS mode, reported by `/readyz`.
     pub tls: crate::tls::edge::EdgeTlsMode,
     /// The node's data directory (a pending admin recovery is read from it).
@@ -37,42 +35,14 @@ pub struct AppState {
     pub certs: crate::tls::Certificates,
 }
 
-/// Counts and times every request by route template and status.
-async fn observe(State(_): State<AppState>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".into());
-    // Bounded label: an unknown method (`curl -X FOO`) must not create a series.
-    let method = match req.method().as_str() {
-        "GET" => "GET",
-        "HEAD" => "HEAD",
-        "POST" => "POST",
-        "PUT" => "PUT",
-        "PATCH" => "PATCH",
-        "DELETE" => "DELETE",
-        "OPTIONS" => "OPTIONS",
-        _ => "other",
-    };
-    let started = Instant::now();
-    let resp = next.run(req).await;
-    let status = resp.status().as_u16().to_string();
-    metrics::counter!("mcpd_http_requests_total", "route" => route.clone(), "method" => method, "status" => status)
-        .increment(1);
-    metrics::histogram!("mcpd_http_request_seconds", "route" => route, "method" => method)
-        .record(started.elapsed().as_secs_f64());
-    resp
+impl FromRef<AppState> for Registry {
+    fn from_ref(state: &AppState) -> Registry {
+        state.registry.clone()
+    }
 }
 
-/// Every route, behind the Host check (probes excepted: a load balancer or kubelet probes a
-/// node by whatever address it has) and the request metrics.
-pub fn router(
-    state: AppState,
-    max_body_bytes: usize,
-    body_timeout: body_timeout::BodyTimeout,
-    hosts: host::HostPolicy,
-) -> Router {
+/// The admin routes and `/metrics` (behind the Host check `crate::http` adds).
+pub fn router<S: Clone + Send + Sync + 'static>(state: AppState) -> Router<S> {
     use cluster as c;
     use objects as o;
     let v1 = Router::new()
@@ -102,21 +72,17 @@ pub fn router(
         )
         .route("/tokens", get(o::list_tokens).post(o::create_token))
         .route("/tokens/{id}", get(o::get_token).delete(o::revoke_token));
-    let checked = Router::new()
+    Router::new()
         .nest("/v1", v1)
-        .merge(crate::mcp::router())
         .route("/metrics", get(health::metrics))
-        .fallback(|| async { error::ApiError::NotFound("no such endpoint".into()) })
-        .layer(middleware::from_fn_with_state(hosts, host::check));
+        .with_state(state)
+}
+
+/// The probes: no Host check, since a load balancer or kubelet probes a node by whatever
+/// address it has.
+pub fn probes<S: Clone + Send + Sync + 'static>(state: AppState) -> Router<S> {
     Router::new()
         .route("/livez", get(health::livez))
         .route("/readyz", get(health::readyz))
-        .merge(checked)
-        .layer(middleware::from_fn_with_state(
-            body_timeout,
-            body_timeout::limit,
-        ))
-        .layer(middleware::from_fn_with_state(state.clone(), observe))
-        .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }

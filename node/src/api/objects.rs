@@ -136,7 +136,7 @@ pub async fn server_status(
         (Some(_), None) => Vec::new(),
         (None, _) => members.iter().map(|m| m.id).collect(),
     };
-    let channels = state.mcp.router.channels().clone();
+    let channels = state.router.channels().clone();
     let replicas = futures_util::future::join_all(placement.iter().map(|id| {
         let member = members.iter().find(|m| m.id == *id).cloned();
         let channels = channels.clone();
@@ -168,7 +168,6 @@ pub async fn server_status(
     }))
     .await;
     let breakers = state
-        .mcp
         .router
         .breakers
         .snapshot(std::time::Instant::now())

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::dispatch::Route;
-use crate::pool::process::{CallEvent, EventSink};
+use crate::call::{CallEvent, EventSink};
 
 /// Longest wait, once a call has its answer, for the events sent before it to arrive.
 const LATE_EVENTS: Duration = Duration::from_secs(2);

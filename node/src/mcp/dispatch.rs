@@ -6,14 +6,12 @@
 //! fallbacks) with an events channel, so progress, logging and the server's own requests flow
 //! back to the caller as they happen.
 
-use mcpcp_proto::api::{Role, ServerSpec};
 use mcpcp_proto::mcp::{code, ErrorObject};
 use serde_json::{json, Value};
 
-use super::session::Target;
+use super::target::Target;
+use crate::call::{Affinity, Call, EventSink};
 use crate::pool::catalogue::Catalogue;
-use crate::pool::process::EventSink;
-use crate::pool::Affinity;
 use crate::registry::{Principal, Registry};
 use crate::route::{Router, ServerInfo};
 
@@ -23,15 +21,6 @@ pub const SEPARATOR: &str = "__";
 /// The `_meta` key telling clients (`mcp-bridge`) that the registry lists a tool as safe to
 /// run twice. Set by the gateway from the registry, never taken from the server.
 pub const IDEMPOTENT_META: &str = "io.mcpcp/idempotent";
-
-/// Whether `principal` may use server `spec`: a global server, or one of its own tenant's.
-pub fn visible(principal: &Principal, spec: &ServerSpec) -> bool {
-    match principal.role {
-        Role::Admin => true,
-        Role::Tenant => spec.tenant.is_none() || spec.tenant == principal.tenant,
-        Role::Metrics => false,
-    }
-}
 
 /// The request context the dispatcher needs (owned, so a call can run in its own task).
 #[derive(Clone)]
@@ -54,9 +43,35 @@ impl Route {
         self.router.scope(&self.principal, name).map(|_| ())
     }
 
+    /// The `initialize` answer and catalogue of what answers on `name`'s own endpoint: the
+    /// server, or the fallback (named) that stands in for it.
+    pub async fn serving(&self, name: &str) -> (ServerInfo, Option<String>) {
+        self.router.serving(&self.principal, name).await
+    }
+
     /// The server's `initialize` answer and catalogue.
     pub async fn info(&self, name: &str) -> ServerInfo {
         self.router.info(&self.principal, name).await
+    }
+
+    /// Sends one request to server `name` through the router; the router's typed failure
+    /// becomes the JSON-RPC error the client sees here, at the edge.
+    async fn send(
+        &self,
+        name: &str,
+        method: &str,
+        params: Option<Value>,
+        events: EventSink,
+    ) -> Result<Value, ErrorObject> {
+        let call = Call {
+            principal: self.principal.clone(),
+            server: name.to_string(),
+            method: method.to_string(),
+            params,
+            affinity: self.affinity.clone(),
+            events,
+        };
+        self.router.call(&call).await.map_err(|e| e.into_rpc())
     }
 
     /// Names of every enabled server this caller may use.
@@ -66,7 +81,7 @@ impl Route {
             .state
             .servers
             .values()
-            .filter(|s| s.spec.enabled && visible(&self.principal, &s.spec))
+            .filter(|s| s.spec.enabled && self.principal.may_use(&s.spec))
             .map(|s| (s.spec.name.clone(), s.spec.idempotent_tools.clone()))
             .collect()
     }
@@ -80,17 +95,7 @@ impl Route {
     ) -> Result<Value, ErrorObject> {
         match &self.target {
             Target::Server(name) => {
-                let mut result = self
-                    .router
-                    .call(
-                        &self.principal,
-                        self.affinity.as_ref(),
-                        name,
-                        method,
-                        params,
-                        events,
-                    )
-                    .await?;
+                let mut result = self.send(name, method, params, events).await?;
                 if method == "tools/list" {
                     let idempotent = self
                         .router
@@ -140,7 +145,7 @@ impl Route {
                     });
                 }
                 params["name"] = json!(name);
-                self.router.call(&self.principal, self.affinity.as_ref(), server, method, Some(params), events).await
+                self.send(server, method, Some(params), events).await
             }
             "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
                 let uri = params
@@ -152,7 +157,7 @@ impl Route {
                     ErrorObject::new(code::RESOURCE_NOT_FOUND, format!("resource not found: {uri}"))
                         .with_data(json!({ "uri": uri }))
                 })?;
-                self.router.call(&self.principal, self.affinity.as_ref(), &server, method, params, events).await
+                self.send(&server, method, params, events).await
             }
             "completion/complete" => {
                 let mut params = params.ok_or_else(|| invalid("params: required"))?;
@@ -174,7 +179,7 @@ impl Route {
                     }
                     _ => return Err(invalid("params.ref.type: must be ref/prompt or ref/resource")),
                 };
-                self.router.call(&self.principal, self.affinity.as_ref(), &server, method, Some(params), events).await
+                self.send(&server, method, Some(params), events).await
             }
             other => Err(ErrorObject::new(
                 code::METHOD_NOT_FOUND,

@@ -11,152 +11,38 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures_util::{Stream, StreamExt};
+use futures_util::StreamExt;
 use mcpcp_proto::mcp::{
-    code, ErrorObject, Message, RequestId, LATEST_SESSION_VERSION, PROTOCOL_VERSIONS,
+    code, era_of, versions, Era, ErrorObject, Message, RequestId, LATEST_SESSION_VERSION,
 };
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
 use super::call::{Running, Step};
-use super::dispatch::Route;
-use super::origin_allowed;
-use super::session::{Session, Target};
+use super::session::Session;
+use super::state::McpState;
+use super::target::Target;
+use super::wire::{
+    accepts_sse, endpoint_label, header_str, method_label, rpc_error, sse, sse_event, Measure,
+    SESSION_HEADER, VERSION_HEADER,
+};
 use crate::api::extract::Caller;
-use crate::api::AppState;
-use crate::pool::process::CallEvent;
+use crate::call::CallEvent;
 use crate::pool::ServerEvent;
 
-pub const SESSION_HEADER: &str = "mcp-session-id";
-pub const VERSION_HEADER: &str = "mcp-protocol-version";
-
-/// Session-based revisions this gateway negotiates.
-const SESSION_VERSIONS: &[&str] = &["2025-03-26", "2025-06-18", "2025-11-25"];
-
-/// Log levels, least severe first.
-const LEVELS: &[&str] = &[
-    "debug",
-    "info",
-    "notice",
-    "warning",
-    "error",
-    "critical",
-    "alert",
-    "emergency",
-];
-
-/// An HTTP error whose body is a JSON-RPC error (with the id when known).
-pub fn rpc_error(status: StatusCode, id: Option<RequestId>, error: ErrorObject) -> Response {
-    let body = json!({ "jsonrpc": "2.0", "id": id, "error": error });
-    (status, Json(body)).into_response()
-}
-
-pub fn accepts_sse(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("text/event-stream"))
-}
-
-pub fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get(name).and_then(|v| v.to_str().ok())
-}
-
-/// Which era a POST belongs to.
-enum Era {
-    Session,
-    Stateless,
-}
-
-fn era_of(headers: &HeaderMap, msg: &Message) -> Era {
-    let header = header_str(headers, VERSION_HEADER);
-    if header.is_some_and(|v| !SESSION_VERSIONS.contains(&v) && v != "2024-11-05") {
-        return Era::Stateless;
-    }
-    if let Message::Request {
-        params: Some(p),
-        method,
-        ..
-    } = msg
-    {
-        if method != "initialize"
-            && p["_meta"]
-                .get("io.modelcontextprotocol/protocolVersion")
-                .is_some()
-            && header_str(headers, SESSION_HEADER).is_none()
-        {
-            return Era::Stateless;
-        }
-    }
-    Era::Session
-}
-
-/// POST: one JSON-RPC message from the client.
-pub async fn post(
-    State(state): State<AppState>,
-    Caller(principal): Caller,
-    target: Target,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    if let Some(refused) = foreign_origin(&state, &headers) {
-        return refused;
-    }
-    let msg = match Message::parse(&body) {
-        Ok(m) => m,
-        Err(e) => {
-            metrics::counter!("mcpd_mcp_malformed_total").increment(1);
-            return rpc_error(
-                StatusCode::BAD_REQUEST,
-                e.id,
-                ErrorObject::new(e.code, e.message),
-            );
-        }
-    };
-    if let Target::Server(name) = &target {
-        // Another tenant's server does not exist, as far as this caller can tell.
-        let route = route(&state, &principal, &target);
-        if let Err(e) = route.check(name) {
-            if e.code == code::INVALID_PARAMS {
-                return rpc_error(
-                    StatusCode::NOT_FOUND,
-                    None,
-                    ErrorObject::new(code::INVALID_REQUEST, format!("no server {name:?}")),
-                );
-            }
-        }
-    }
-    match era_of(&headers, &msg) {
-        Era::Stateless => super::stateless::post(state, principal, target, headers, msg).await,
-        Era::Session => post_session(state, principal, target, headers, msg).await,
-    }
-}
-
 /// DNS-rebinding protection: a 403 for a browser Origin that is not allowed.
-fn foreign_origin(state: &AppState, headers: &HeaderMap) -> Option<Response> {
-    (!origin_allowed(&state.mcp, headers)).then(|| {
+pub fn foreign_origin(state: &McpState, headers: &HeaderMap) -> Option<Response> {
+    (!state.origins.allows(headers)).then(|| {
         rpc_error(
             StatusCode::FORBIDDEN,
             None,
             ErrorObject::new(code::INVALID_REQUEST, "Origin not allowed"),
         )
     })
-}
-
-pub fn route(state: &AppState, principal: &crate::registry::Principal, target: &Target) -> Route {
-    Route {
-        registry: state.registry.clone(),
-        router: state.mcp.router.clone(),
-        principal: principal.clone(),
-        target: target.clone(),
-        affinity: None,
-    }
 }
 
 /// The cluster's session-signing key.
@@ -174,7 +60,7 @@ fn session_key(registry: &crate::registry::Registry) -> Option<Vec<u8>> {
 /// answer), later ones within the interval are coalesced into one write after it. So a client
 /// that calls `logging/setLevel` or `resources/subscribe` in a loop costs one Raft write per
 /// interval, not one per call (`mcpd_mcp_session_state_writes_total{outcome}`).
-async fn replicate_state(state: &AppState, session: &Arc<Session>) {
+async fn replicate_state(state: &McpState, session: &Arc<Session>) {
     use std::sync::atomic::Ordering::{AcqRel, Acquire, Release};
     session.state_dirty.store(true, Release);
     if session.state_pending.swap(true, AcqRel) {
@@ -182,7 +68,7 @@ async fn replicate_state(state: &AppState, session: &Arc<Session>) {
             .increment(1);
         return;
     }
-    let interval = std::time::Duration::from_millis(state.mcp.config.session_state_interval_ms);
+    let interval = std::time::Duration::from_millis(state.config.session_state_interval_ms);
     let (first_written, written) = tokio::sync::oneshot::channel::<()>();
     let (state, task_session) = (state.clone(), session.clone());
     // The writer: the first write at once, then one per interval while changes come in; it
@@ -213,7 +99,7 @@ async fn replicate_state(state: &AppState, session: &Arc<Session>) {
 
 /// Writes a session's subscriptions and log level to the registry, so another node can
 /// continue it.
-async fn replicate(state: &AppState, session: &Session) {
+async fn replicate(state: &McpState, session: &Session) {
     let st = crate::registry::state::SessionState {
         subscriptions: session
             .subscriptions
@@ -240,12 +126,12 @@ async fn replicate(state: &AppState, session: &Session) {
 
 /// The session a request names, checked against the caller and the endpoint.
 fn session_of(
-    state: &AppState,
+    state: &McpState,
     headers: &HeaderMap,
     principal: &crate::registry::Principal,
     target: &Target,
 ) -> Result<Arc<Session>, Response> {
-    let mcp = &state.mcp;
+    let mcp = state;
     let Some(id) = header_str(headers, SESSION_HEADER) else {
         return Err(rpc_error(
             StatusCode::BAD_REQUEST,
@@ -286,15 +172,15 @@ fn session_of(
     }
 }
 
-async fn post_session(
-    state: AppState,
+pub async fn post_session(
+    state: McpState,
     principal: crate::registry::Principal,
     target: Target,
     headers: HeaderMap,
     msg: Message,
 ) -> Response {
     if let Some(v) = header_str(&headers, VERSION_HEADER) {
-        if !SESSION_VERSIONS.contains(&v) && v != "2024-11-05" {
+        if era_of(v) != Some(Era::Session) && v != "2024-11-05" {
             return rpc_error(
                 StatusCode::BAD_REQUEST,
                 None,
@@ -302,7 +188,7 @@ async fn post_session(
                     code::INVALID_REQUEST,
                     format!("unsupported MCP-Protocol-Version {v:?}"),
                 )
-                .with_data(json!({ "supported": PROTOCOL_VERSIONS })),
+                .with_data(json!({ "supported": versions() })),
             );
         }
     }
@@ -350,7 +236,7 @@ async fn post_session(
 }
 
 async fn initialize(
-    state: &AppState,
+    state: &McpState,
     principal: crate::registry::Principal,
     target: Target,
     id: RequestId,
@@ -358,12 +244,14 @@ async fn initialize(
 ) -> Response {
     let params = params.unwrap_or(Value::Null);
     let asked = params["protocolVersion"].as_str().unwrap_or_default();
-    let version = if SESSION_VERSIONS.contains(&asked) {
+    let version = if era_of(asked) == Some(Era::Session) {
         asked
     } else {
         LATEST_SESSION_VERSION
     }
     .to_string();
+    // (primary, fallback) when a fallback stands in for the server this endpoint names.
+    let mut served_by: Option<(String, String)> = None;
     let (server_info, capabilities, instructions) = match &target {
         Target::Aggregate => (
             json!({ "name": "mcpd", "title": "MCP control plane (aggregate)", "version": env!("CARGO_PKG_VERSION") }),
@@ -380,11 +268,12 @@ async fn initialize(
             )),
         ),
         Target::Server(name) => {
-            let r = route(state, &principal, &target);
+            let r = state.route(&principal, &target);
             if let Err(e) = r.check(name) {
                 return rpc_error(StatusCode::OK, Some(id), e);
             }
-            let Some(init) = r.info(name).await.init else {
+            let (info, fallback) = r.serving(name).await;
+            let Some(init) = info.init else {
                 return rpc_error(
                     StatusCode::OK,
                     Some(id),
@@ -394,6 +283,7 @@ async fn initialize(
                     ),
                 );
             };
+            served_by = fallback.map(|fb| (name.clone(), fb));
             (
                 init["serverInfo"].clone(),
                 init["capabilities"].clone(),
@@ -401,7 +291,7 @@ async fn initialize(
             )
         }
     };
-    let limits = &state.mcp.config;
+    let limits = &state.config;
     let carried = params["clientInfo"].to_string().len() + params["capabilities"].to_string().len();
     if carried > limits.max_session_info_bytes {
         metrics::counter!("mcpd_mcp_sessions_refused_total", "reason" => "info_size").increment(1);
@@ -417,7 +307,7 @@ async fn initialize(
             ),
         );
     }
-    if state.mcp.sessions.count_for(&principal) >= limits.max_sessions_per_tenant {
+    if state.sessions.count_for(&principal) >= limits.max_sessions_per_tenant {
         metrics::counter!("mcpd_mcp_sessions_refused_total", "reason" => "per_tenant").increment(1);
         let mut resp = rpc_error(
             StatusCode::TOO_MANY_REQUESTS,
@@ -435,7 +325,7 @@ async fn initialize(
         return resp;
     }
     let key = session_key(&state.registry);
-    let session = state.mcp.sessions.create(
+    let session = state.sessions.create(
         key.as_deref(),
         principal,
         target,
@@ -448,6 +338,10 @@ async fn initialize(
     if let Some(i) = instructions {
         result["instructions"] = json!(i);
     }
+    if let Some((primary, fallback)) = &served_by {
+        let reason = format!("server {primary:?} has no running process on any node");
+        crate::route::mark_fallback(&mut result, primary, fallback, &reason);
+    }
     let mut resp = Json(Message::result(id, result).to_value()).into_response();
     if let Ok(v) = HeaderValue::from_str(&session.id) {
         resp.headers_mut().insert(SESSION_HEADER, v);
@@ -457,7 +351,7 @@ async fn initialize(
 
 #[allow(clippy::too_many_arguments)]
 async fn request(
-    state: AppState,
+    state: McpState,
     principal: crate::registry::Principal,
     target: Target,
     session: Arc<Session>,
@@ -485,10 +379,13 @@ async fn request(
                 .as_ref()
                 .and_then(|p| p["level"].as_str())
                 .unwrap_or_default();
-            if !LEVELS.contains(&level) {
+            if !super::wire::LEVELS.contains(&level) {
                 return reply(Err(ErrorObject::new(
                     code::INVALID_PARAMS,
-                    format!("params.level: {level:?} is not one of {LEVELS:?}"),
+                    format!(
+                        "params.level: {level:?} is not one of {:?}",
+                        super::wire::LEVELS
+                    ),
                 )));
             }
             let changed = session
@@ -505,7 +402,7 @@ async fn request(
         }
         "resources/subscribe" => {
             if let Some(uri) = params.as_ref().and_then(|p| p["uri"].as_str()) {
-                let limits = &state.mcp.config;
+                let limits = &state.config;
                 if uri.len() > limits.max_uri_bytes {
                     metrics::counter!("mcpd_mcp_subscriptions_refused_total", "reason" => "uri_length").increment(1);
                     return reply(Err(ErrorObject::new(
@@ -542,8 +439,8 @@ async fn request(
         }
         _ => {}
     }
-    let mut r = route(&state, &principal, &target);
-    r.affinity = Some(crate::pool::Affinity {
+    let mut r = state.route(&principal, &target);
+    r.affinity = Some(crate::call::Affinity {
         key: session.id.clone(),
         client_init: json!({
             "protocolVersion": session.protocol_version,
@@ -577,73 +474,11 @@ async fn request(
     respond(session, id, running, accepts_sse(headers), ending).await
 }
 
-pub fn method_label(method: &str) -> String {
-    // Bounded cardinality: known methods by name, anything else as "other".
-    const KNOWN: &[&str] = &[
-        "tools/list",
-        "tools/call",
-        "resources/list",
-        "resources/read",
-        "resources/templates/list",
-        "resources/subscribe",
-        "resources/unsubscribe",
-        "prompts/list",
-        "prompts/get",
-        "completion/complete",
-        "ping",
-        "logging/setLevel",
-        "initialize",
-        "server/discover",
-        "subscriptions/listen",
-    ];
-    if KNOWN.contains(&method) {
-        method.to_string()
-    } else {
-        "other".into()
-    }
-}
-
-pub fn endpoint_label(target: &Target) -> String {
-    match target {
-        Target::Aggregate => "aggregate".into(),
-        Target::Server(name) => name.clone(),
-    }
-}
-
-fn outcome_label(outcome: &Result<Value, ErrorObject>) -> &'static str {
-    match outcome {
-        Ok(v) if v["isError"] == json!(true) => "tool_error",
-        Ok(_) => "ok",
-        Err(e) if e.code == code::TIMEOUT => "timeout",
-        Err(e) if e.code == code::QUEUE_FULL => "queue_full",
-        Err(e) if e.code == code::UNAVAILABLE => "unavailable",
-        Err(e) if e.code == code::CRASHED => "crashed",
-        Err(_) => "error",
-    }
-}
-
-/// Labels and start time of one request, for its metrics when it ends.
-#[derive(Clone)]
-pub struct Measure {
-    pub labels: [(&'static str, String); 2],
-    pub started: std::time::Instant,
-}
-
-impl Measure {
-    pub fn finish(&self, outcome: &Result<Value, ErrorObject>) {
-        let mut l = self.labels.to_vec();
-        l.push(("outcome", outcome_label(outcome).to_string()));
-        metrics::counter!("mcpd_mcp_requests_total", &l).increment(1);
-        metrics::histogram!("mcpd_mcp_request_seconds", &self.labels)
-            .record(self.started.elapsed().as_secs_f64());
-    }
-}
-
 /// What is done when a call of a session ends: its metrics, and what the session keeps of it.
 struct Ending {
     measure: Measure,
     /// A `resources/subscribe` the session keeps, and replicates, if the server took it.
-    subscribed: Option<(String, AppState)>,
+    subscribed: Option<(String, McpState)>,
 }
 
 fn end(
@@ -659,7 +494,7 @@ fn end(
         .remove(id);
     ending.measure.finish(outcome);
     if let (Some((uri, state)), Ok(_)) = (ending.subscribed, outcome) {
-        let cap = state.mcp.config.max_subscriptions_per_session;
+        let cap = state.config.max_subscriptions_per_session;
         // Checked again: subscribes of one session that ran side by side share the cap.
         if session.room_for_subscription(&uri, cap).is_ok() {
             let added = session
@@ -746,26 +581,6 @@ async fn respond(
         .map(|(eid, m)| Ok::<_, Infallible>(sse_event(&m).id(eid))))
 }
 
-/// One SSE event carrying one JSON-RPC message.
-pub fn sse_event(m: &Message) -> Event {
-    Event::default()
-        .event("message")
-        .data(serde_json::to_string(&m.to_value()).unwrap_or_default())
-}
-
-/// An SSE answer with keep-alives and no proxy buffering.
-pub fn sse<S>(stream: S) -> Response
-where
-    S: Stream<Item = Result<Event, Infallible>> + Send + 'static,
-{
-    let mut resp = Sse::new(stream)
-        .keep_alive(KeepAlive::default())
-        .into_response();
-    resp.headers_mut()
-        .insert("x-accel-buffering", HeaderValue::from_static("no"));
-    resp
-}
-
 /// What the client sees of a server message during its call (`None`: filtered out).
 fn event_message(session: &Session, ev: CallEvent) -> Option<Message> {
     match ev {
@@ -801,14 +616,13 @@ pub fn level_passes(session: &Session, msg: &Message) -> bool {
         } => p["level"].as_str().unwrap_or("info").to_string(),
         _ => return true,
     };
-    let rank = |l: &str| LEVELS.iter().position(|x| *x == l).unwrap_or(1);
-    rank(&level) >= rank(&min)
+    super::wire::level_passes(&level, &min)
 }
 
 /// GET: the session's standalone stream of server notifications, or the resumption of a
 /// stream with `Last-Event-ID`.
 pub async fn get(
-    State(state): State<AppState>,
+    State(state): State<McpState>,
     Caller(principal): Caller,
     target: Target,
     headers: HeaderMap,
@@ -827,7 +641,7 @@ pub async fn get(
         Ok(s) => s,
         Err(r) => return r,
     };
-    let max = state.mcp.config.max_streams_per_session;
+    let max = state.config.max_streams_per_session;
     let Some(slot) = super::session::StreamSlot::take(&session, max) else {
         metrics::counter!("mcpd_mcp_streams_refused_total").increment(1);
         let mut resp = rpc_error(
@@ -862,8 +676,8 @@ pub async fn get(
             _ => {
                 let n = log.open();
                 *standalone = Some(n);
-                let hub = state.mcp.pools.subscribe();
-                let r = route(&state, &principal, &target);
+                let hub = state.pools.subscribe();
+                let r = state.route(&principal, &target);
                 let visible: Arc<dyn Fn(&str) -> bool + Send + Sync> =
                     Arc::new(move |server: &str| match &r.target {
                         Target::Server(t) => t == server,
@@ -924,7 +738,7 @@ async fn forward_hub(
 
 /// DELETE: the client ends its session.
 pub async fn delete(
-    State(state): State<AppState>,
+    State(state): State<McpState>,
     Caller(principal): Caller,
     target: Target,
     headers: HeaderMap,
@@ -934,8 +748,8 @@ pub async fn delete(
     }
     match session_of(&state, &headers, &principal, &target) {
         Ok(s) => {
-            state.mcp.sessions.remove(&s.id);
-            for pool in state.mcp.pools.all() {
+            state.sessions.remove(&s.id);
+            for pool in state.pools.all() {
                 pool.release(&s.id).await;
             }
             // A tombstone, so that no node continues it from its signed id any more.

@@ -21,38 +21,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::Sha256;
 
-use crate::pool::process::Responder;
+use crate::call::Responder;
 use crate::registry::Principal;
 
-/// Which servers a session talks to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    /// `/mcp`: every server the token's tenant may use, names prefixed `server__`.
-    Aggregate,
-    /// `/servers/{name}/mcp`: one server, names unchanged.
-    Server(String),
-}
-
-/// The endpoint a request came to: `/servers/{name}/mcp` names a server, `/mcp` does not.
-impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Target {
-    type Rejection = std::convert::Infallible;
-
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        state: &S,
-    ) -> Result<Self, Self::Rejection> {
-        let params = axum::extract::RawPathParams::from_request_parts(parts, state).await;
-        let name = params.ok().and_then(|p| {
-            p.iter()
-                .find(|(k, _)| *k == "name")
-                .map(|(_, v)| v.to_string())
-        });
-        Ok(match name {
-            Some(n) => Target::Server(n),
-            None => Target::Aggregate,
-        })
-    }
-}
+use super::target::Target;
 
 pub struct Session {
     pub id: String,
@@ -521,11 +493,7 @@ impl Sessions {
     }
 }
 
-/// A loggable prefix of a (long, signed) session id.
-pub fn short(id: &str) -> &str {
-    let end = id.len().min(16);
-    id.get(..end).unwrap_or(id)
-}
+pub use crate::call::affinity::short;
 
 #[cfg(test)]
 mod tests {

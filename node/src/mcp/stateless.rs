@@ -11,26 +11,25 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine;
 use futures_util::StreamExt;
-use mcpcp_proto::mcp::{code, ErrorObject, Message, RequestId, STATELESS_VERSION};
+use mcpcp_proto::mcp::{code, versions, ErrorObject, Message, RequestId, STATELESS_VERSION};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::call::{CallHandle, Running, Step};
-use super::http::{
-    endpoint_label, header_str, method_label, route, rpc_error, sse, sse_event, Measure,
-    VERSION_HEADER,
+use super::parked::Parked;
+use super::state::McpState;
+use super::target::Target;
+use super::wire::{
+    endpoint_label, header_str, method_label, rpc_error, sse, sse_event, Measure, VERSION_HEADER,
 };
-use super::session::Target;
-use crate::api::AppState;
-use crate::pool::process::{CallEvent, Responder};
+use crate::call::CallEvent;
 use crate::registry::Principal;
 
 const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
@@ -42,64 +41,6 @@ const META_SUB: &str = "io.modelcontextprotocol/subscriptionId";
 /// 2026 error codes.
 const HEADER_MISMATCH: i64 = -32020;
 const UNSUPPORTED_VERSION: i64 = -32022;
-
-/// How long a parked multi-round-trip call waits for the client's retry.
-const PARK_TTL: Duration = Duration::from_secs(300);
-
-/// Versions `server/discover` and `-32022` name.
-const SUPPORTED: &[&str] = &["2026-07-28", "2025-11-25", "2025-06-18"];
-
-/// A call waiting for the client's answers to the server's requests.
-pub struct Parked {
-    principal: String,
-    running: Running,
-    /// The server's requests the client has not answered yet, by input key.
-    pending: HashMap<String, Responder>,
-    /// What each input key asks (`{method, params}`), to ask again if unanswered.
-    asks: HashMap<String, Value>,
-    next_key: usize,
-    created: Instant,
-}
-
-/// Parked calls by `requestState`.
-#[derive(Clone, Default)]
-pub struct ParkedCalls {
-    inner: Arc<Mutex<HashMap<String, Parked>>>,
-}
-
-impl ParkedCalls {
-    fn put(&self, parked: Parked) -> String {
-        let mut b = [0u8; 24];
-        let token = match getrandom::fill(&mut b) {
-            Ok(()) => base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b),
-            Err(_) => crate::registry::new_request_id(),
-        };
-        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        map.retain(|_, p| p.created.elapsed() < PARK_TTL);
-        map.insert(token.clone(), parked);
-        metrics::gauge!("mcpd_mcp_parked_calls").set(map.len() as f64);
-        token
-    }
-
-    fn take(&self, token: &str) -> Option<Parked> {
-        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let p = map.remove(token);
-        metrics::gauge!("mcpd_mcp_parked_calls").set(map.len() as f64);
-        p.filter(|p| p.created.elapsed() < PARK_TTL)
-    }
-
-    /// Drops parked calls whose client never came back (aborting them upstream).
-    pub fn expire(&self) {
-        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        map.retain(|_, p| {
-            let keep = p.created.elapsed() < PARK_TTL;
-            if !keep {
-                p.running.handle().abort();
-            }
-            keep
-        });
-    }
-}
 
 /// HTTP status of a JSON-RPC error in this revision.
 fn status_of(code: i64) -> StatusCode {
@@ -186,7 +127,7 @@ fn validate(headers: &HeaderMap, method: &str, params: &Option<Value>) -> Result
     if version != STATELESS_VERSION {
         return Err(
             ErrorObject::new(UNSUPPORTED_VERSION, "Unsupported protocol version")
-                .with_data(json!({ "supported": SUPPORTED, "requested": version })),
+                .with_data(json!({ "supported": versions(), "requested": version })),
         );
     }
     Ok(())
@@ -228,7 +169,7 @@ fn complete(method: &str, mut result: Value) -> Value {
 }
 
 pub async fn post(
-    state: AppState,
+    state: McpState,
     principal: Principal,
     target: Target,
     headers: HeaderMap,
@@ -273,12 +214,13 @@ pub async fn post(
                     "completions": {},
                 }),
                 Target::Server(name) => {
-                    let r = route(&state, &principal, &target);
+                    let r = state.route(&principal, &target);
                     if let Err(e) = r.check(name) {
                         return error(id, e);
                     }
-                    r.info(name)
+                    r.serving(name)
                         .await
+                        .0
                         .init
                         .map(|i| i["capabilities"].clone())
                         .unwrap_or(json!({}))
@@ -286,7 +228,7 @@ pub async fn post(
             };
             let result = json!({
                 "resultType": "complete",
-                "supportedVersions": SUPPORTED,
+                "supportedVersions": versions(),
                 "capabilities": capabilities,
                 "ttlMs": 60_000,
                 "cacheScope": "private",
@@ -313,7 +255,7 @@ pub async fn post(
                 .and_then(|p| p["requestState"].as_str())
                 .map(String::from);
             let parked = match resume {
-                Some(token) => match state.mcp.parked.take(&token) {
+                Some(token) => match state.parked.take(&token) {
                     Some(p) if p.principal == principal.token_id => {
                         let mut p = p;
                         let answers = params.as_ref().map(|p| p["inputResponses"].clone()).unwrap_or(Value::Null);
@@ -339,7 +281,7 @@ pub async fn post(
                 },
                 None => Parked {
                     principal: principal.token_id.clone(),
-                    running: Running::start(route(&state, &principal, &target), method.clone(), upstream_params(params)),
+                    running: Running::start(state.route(&principal, &target), method.clone(), upstream_params(params)),
                     pending: HashMap::new(),
                     asks: HashMap::new(),
                     next_key: 0,
@@ -384,7 +326,7 @@ impl Drop for AbortOnDrop {
 
 /// One call of this revision between its steps and the client's answer.
 struct Drive {
-    state: AppState,
+    state: McpState,
     id: RequestId,
     method: String,
     parked: Parked,
@@ -475,7 +417,7 @@ impl Drive {
                     .collect();
                 // Nobody polls a parked call: it goes on in its own task until the retry.
                 self.parked.running.detach();
-                let token = self.state.mcp.parked.put(self.parked);
+                let token = self.state.parked.put(self.parked);
                 metrics::counter!("mcpd_mcp_input_required_total").increment(1);
                 Message::result(
                     self.id,
@@ -502,7 +444,7 @@ fn json_answer(answer: Message) -> Response {
 /// SSE stream when notifications (progress, logging) come first, each sent as it happens.
 /// A client that goes away before the end cancels the call upstream.
 async fn drive(
-    state: AppState,
+    state: McpState,
     id: RequestId,
     method: String,
     parked: Parked,
@@ -550,7 +492,7 @@ async fn drive(
 
 /// `subscriptions/listen`: an SSE stream of the notifications the client asked for.
 fn listen(
-    state: AppState,
+    state: McpState,
     principal: Principal,
     target: Target,
     id: RequestId,
@@ -585,10 +527,10 @@ fn listen(
         }
     }
     let sub_id = json!(id);
-    let r = route(&state, &principal, &target);
+    let r = state.route(&principal, &target);
     let (tx, rx) = mpsc::channel::<Message>(256);
     // Listening to the hub before subscribing upstream: no update can fall in between.
-    let mut hub = state.mcp.pools.subscribe();
+    let mut hub = state.pools.subscribe();
     tokio::spawn(async move {
         // The servers send `notifications/resources/updated` only for what they were asked to
         // watch: subscribe upstream, and honor the URIs whose server accepted.
@@ -667,7 +609,7 @@ async fn subscribe_upstream(r: &super::dispatch::Route, uris: Vec<String>) -> Ve
             .dispatch(
                 "resources/subscribe",
                 Some(params),
-                crate::pool::process::EventSink::new(events),
+                crate::call::EventSink::new(events),
             )
             .await
         {

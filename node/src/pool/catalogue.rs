@@ -2,10 +2,10 @@
 //! ready process (following pagination) and reloaded when the server says a list changed.
 //! The aggregate endpoint lists and routes from it without asking the server each time.
 
-use mcpcp_proto::mcp::ErrorObject;
 use serde_json::{json, Value};
 
 use super::process::Process;
+use crate::call::CallError;
 
 /// Most pages followed for one list (a guard against a server that never ends its cursor).
 const MAX_PAGES: usize = 100;
@@ -44,7 +44,7 @@ impl Catalogue {
     }
 }
 
-async fn list_all(process: &Process, method: &str, key: &str) -> Result<Vec<Value>, ErrorObject> {
+async fn list_all(process: &Process, method: &str, key: &str) -> Result<Vec<Value>, CallError> {
     let mut out = Vec::new();
     let mut cursor: Option<Value> = None;
     for _ in 0..MAX_PAGES {
@@ -91,7 +91,7 @@ pub async fn load(process: &Process, server: &str) -> Catalogue {
         match list_all(process, method, key).await {
             Ok(items) => *into = items,
             Err(e) => {
-                tracing::warn!(server, method, error = %e.message, "listing the catalogue failed")
+                tracing::warn!(server, method, error = %e, "listing the catalogue failed")
             }
         }
     }

@@ -19,16 +19,17 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use mcpcp_proto::api::{ServerSpec, Versioned};
-use mcpcp_proto::mcp::{code, ErrorObject, Message};
+use mcpcp_proto::mcp::Message;
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::call::{Affinity, CallError, EventSink};
 use crate::shard::{self, ShardHandles};
 use crate::shutdown::{self, Shutdown, Trigger};
 use catalogue::Catalogue;
-use process::{EventSink, PoolEvent, Process};
+use process::{PoolEvent, Process};
 
 /// Node-wide pool settings (`[pool]` in mcpd.toml).
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -74,18 +75,6 @@ impl Default for PoolConfig {
             inherit_env: ["PATH", "HOME", "LANG", "TMPDIR"].map(String::from).into(),
         }
     }
-}
-
-/// Which downstream session a call belongs to, for servers in `session_mode = dedicated`: the
-/// session gets a process of its own, initialised with the client's own parameters.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Affinity {
-    /// The downstream session id.
-    pub key: String,
-    /// The client's `initialize` params (protocolVersion, capabilities, clientInfo).
-    pub client_init: Value,
-    /// Resource subscriptions to restore on a new process.
-    pub subscriptions: Vec<String>,
 }
 
 /// Most dedicated processes one pool runs on one node.
@@ -325,7 +314,7 @@ impl Pool {
         method: &str,
         params: Option<Value>,
         events: Option<EventSink>,
-    ) -> Result<Value, ErrorObject> {
+    ) -> Result<Value, CallError> {
         self.call_routed(method, params, events, None)
             .await
             .map(|(v, _)| v)
@@ -339,7 +328,7 @@ impl Pool {
         method: &str,
         params: Option<Value>,
         events: Option<EventSink>,
-    ) -> Result<Value, ErrorObject> {
+    ) -> Result<Value, CallError> {
         let dedicated = self.spec.spec.session_mode == mcpcp_proto::api::SessionMode::Dedicated;
         let Some(affinity) = affinity.filter(|_| dedicated) else {
             let owner = affinity.map(|a| Arc::<str>::from(a.key.as_str()));
@@ -352,10 +341,10 @@ impl Pool {
         let timeout = Duration::from_millis(self.spec.spec.timeouts.request_ms);
         match tokio::time::timeout(timeout, process.call(method, params, events)).await {
             Ok(outcome) => outcome,
-            Err(_) => Err(ErrorObject::new(
-                code::TIMEOUT,
-                format!("server {:?} did not answer {method} within {timeout:?}; it may or may not have run", self.name),
-            )),
+            Err(_) => Err(CallError::TimedOut(format!(
+                "server {:?} did not answer {method} within {timeout:?}; it may or may not have run",
+                self.name
+            ))),
         }
     }
 
@@ -372,7 +361,7 @@ impl Pool {
 
     /// The session's own process, started on its first call. Only that session's calls wait
     /// for the start.
-    async fn dedicated_process(&self, affinity: &Affinity) -> Result<Arc<Process>, ErrorObject> {
+    async fn dedicated_process(&self, affinity: &Affinity) -> Result<Arc<Process>, CallError> {
         let slot = {
             let mut map = self.dedicated_map();
             match map.get(&affinity.key) {
@@ -382,16 +371,16 @@ impl Pool {
                         self.count_dedicated(&map);
                     }
                     if self.closed.load(Ordering::Relaxed) {
-                        return Err(ErrorObject::new(
-                            code::UNAVAILABLE,
-                            format!("server {:?} was removed or changed; retry", self.name),
-                        ));
+                        return Err(CallError::NotRun(format!(
+                            "server {:?} was removed or changed; retry",
+                            self.name
+                        )));
                     }
                     if map.len() >= MAX_DEDICATED {
-                        return Err(ErrorObject::new(
-                            code::QUEUE_FULL,
-                            format!("server {:?} already runs {MAX_DEDICATED} dedicated processes on this node; the call did not run", self.name),
-                        ));
+                        return Err(CallError::Busy(format!(
+                            "server {:?} already runs {MAX_DEDICATED} dedicated processes on this node; the call did not run",
+                            self.name
+                        )));
                     }
                     let d = Arc::new(Dedicated {
                         process: tokio::sync::OnceCell::new(),
@@ -432,7 +421,7 @@ impl Pool {
 
     /// Starts a process initialised with the session's own `initialize` parameters, and
     /// restores the session's resource subscriptions on it.
-    async fn start_dedicated(&self, affinity: &Affinity) -> Result<Arc<Process>, ErrorObject> {
+    async fn start_dedicated(&self, affinity: &Affinity) -> Result<Arc<Process>, CallError> {
         let mut init = affinity.client_init.clone();
         if !init.is_object() {
             init = serde_json::json!({});
@@ -458,10 +447,7 @@ impl Pool {
         )
         .await
         .map_err(|e| {
-            ErrorObject::new(
-                code::UNAVAILABLE,
-                format!("server {:?}: {e}; the call did not run", self.name),
-            )
+            CallError::NotRun(format!("server {:?}: {e}; the call did not run", self.name))
         })?;
         let process = Arc::new(process);
         // A session that moved here from another node keeps its subscriptions.
@@ -474,7 +460,7 @@ impl Pool {
                 )
                 .await;
         }
-        tracing::info!(server = %self.name, session = %crate::mcp::session::short(&affinity.key), pid = process.pid().unwrap_or(0), "dedicated process started");
+        tracing::info!(server = %self.name, session = %affinity.short_key(), pid = process.pid().unwrap_or(0), "dedicated process started");
         Ok(process)
     }
 
@@ -501,26 +487,23 @@ impl Pool {
         params: Option<Value>,
         events: Option<EventSink>,
         owner: Option<Arc<str>>,
-    ) -> Result<(Value, Arc<Process>), ErrorObject> {
+    ) -> Result<(Value, Arc<Process>), CallError> {
         let started = Instant::now();
         let timeout = Duration::from_millis(self.spec.spec.timeouts.request_ms);
         if self.closed.load(Ordering::Relaxed) {
-            return Err(ErrorObject::new(
-                code::UNAVAILABLE,
-                format!("server {:?} was removed or changed; retry", self.name),
-            ));
+            return Err(CallError::NotRun(format!(
+                "server {:?} was removed or changed; retry",
+                self.name
+            )));
         }
         let Ok(_admitted) = self.admission.clone().try_acquire_owned() else {
             metrics::counter!("mcpd_pool_queue_rejections_total", "server" => self.name.clone())
                 .increment(1);
-            return Err(ErrorObject::new(
-                code::QUEUE_FULL,
-                format!(
-                    "server {:?} is busy: {} calls are queued already; the call did not run, retry later",
-                    self.name,
-                    self.queue_depth()
-                ),
-            ));
+            return Err(CallError::Busy(format!(
+                "server {:?} is busy: {} calls are queued already; the call did not run, retry later",
+                self.name,
+                self.queue_depth()
+            )));
         };
         // A free slot is taken at once; otherwise the call is counted as queued until it gets
         // one, gives up, or is dropped (a cancelled call).
@@ -535,33 +518,27 @@ impl Pool {
         };
         let Ok(Ok(_running)) = slot else {
             // Busy, not broken: the same answer as a full queue.
-            return Err(ErrorObject::new(
-                code::QUEUE_FULL,
-                format!(
-                    "server {:?} had no free process within {timeout:?}; the call did not run",
-                    self.name
-                ),
-            ));
+            return Err(CallError::Busy(format!(
+                "server {:?} had no free process within {timeout:?}; the call did not run",
+                self.name
+            )));
         };
         let remaining = timeout.saturating_sub(started.elapsed());
         let Some(process) = self.ready(remaining).await else {
             let states: Vec<&str> = self.states().iter().map(|s| s.as_str()).collect();
-            return Err(ErrorObject::new(
-                code::UNAVAILABLE,
-                format!(
-                    "server {:?} has no running process (processes: {}); the call did not run",
-                    self.name,
-                    states.join(", ")
-                ),
-            ));
+            return Err(CallError::NotRun(format!(
+                "server {:?} has no running process (processes: {}); the call did not run",
+                self.name,
+                states.join(", ")
+            )));
         };
         let remaining = timeout.saturating_sub(started.elapsed());
         match tokio::time::timeout(remaining, process.call_owned(method, params, events, owner)).await {
             Ok(outcome) => outcome.map(|v| (v, process)),
-            Err(_) => Err(ErrorObject::new(
-                code::TIMEOUT,
-                format!("server {:?} did not answer {method} within {timeout:?}; it was cancelled and may or may not have run", self.name),
-            )),
+            Err(_) => Err(CallError::TimedOut(format!(
+                "server {:?} did not answer {method} within {timeout:?}; it was cancelled and may or may not have run",
+                self.name
+            ))),
         }
     }
 
@@ -771,7 +748,7 @@ async fn reap_dedicated(pool: std::sync::Weak<Pool>, stop: Shutdown) {
             .map(|(k, _)| k.clone())
             .collect();
         for key in expired {
-            tracing::info!(server = %pool.name, session = %crate::mcp::session::short(&key), "reaping an idle dedicated process");
+            tracing::info!(server = %pool.name, session = %crate::call::affinity::short(&key), "reaping an idle dedicated process");
             pool.release(&key).await;
         }
     }

@@ -26,6 +26,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::report::SlotReport;
+use crate::call::{CallError, CallEvent, EventSink, Responder};
 
 /// Longest line accepted from a server (a defence against a runaway process).
 const MAX_LINE: usize = 16 << 20;
@@ -43,114 +44,6 @@ pub enum ProcessError {
     StartupTimeout(Duration),
 }
 
-/// A message from the server that belongs to one downstream call.
-#[derive(Debug)]
-pub enum CallEvent {
-    /// A notification to relay (progress with the caller's token restored, logging).
-    Notify(Message),
-    /// A request from the server (sampling, elicitation, roots), answered through `responder`.
-    Request {
-        method: String,
-        params: Option<Value>,
-        responder: Responder,
-    },
-}
-
-/// Where the messages of one call go, and whether any went: once something reached the
-/// client, re-running the call elsewhere could show it twice, so the router stops retrying.
-/// It also knows whether the call waits on its own client (a request of the server that the
-/// client has not answered yet): a call that times out then is not the server's failure.
-/// Clones share both.
-#[derive(Debug, Clone)]
-pub struct EventSink {
-    tx: mpsc::Sender<CallEvent>,
-    sent: Arc<AtomicBool>,
-    /// Requests of the server passed to the client and not answered (or dropped) yet.
-    waiting: Arc<AtomicUsize>,
-}
-
-impl EventSink {
-    pub fn new(tx: mpsc::Sender<CallEvent>) -> Self {
-        EventSink {
-            tx,
-            sent: Arc::default(),
-            waiting: Arc::default(),
-        }
-    }
-
-    pub async fn send(&self, ev: CallEvent) -> Result<(), mpsc::error::SendError<CallEvent>> {
-        self.tx.send(self.track(ev)).await?;
-        self.sent.store(true, Ordering::Relaxed);
-        Ok(())
-    }
-
-    pub fn try_send(&self, ev: CallEvent) -> Result<(), mpsc::error::TrySendError<CallEvent>> {
-        self.tx.try_send(self.track(ev))?;
-        self.sent.store(true, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// A request for the client counts as waiting until its responder answers or is dropped.
-    fn track(&self, mut ev: CallEvent) -> CallEvent {
-        if let CallEvent::Request { responder, .. } = &mut ev {
-            self.waiting.fetch_add(1, Ordering::AcqRel);
-            responder.waiting = Some(Arc::new(Waiting(self.waiting.clone())));
-        }
-        ev
-    }
-
-    /// Whether any message of the call was passed on.
-    pub fn any_sent(&self) -> bool {
-        self.sent.load(Ordering::Relaxed)
-    }
-
-    /// Whether the call waits on its own client now: a request of the server (sampling,
-    /// elicitation, roots) reached the client and is not answered yet.
-    pub fn waiting_on_client(&self) -> bool {
-        self.waiting.load(Ordering::Acquire) > 0
-    }
-}
-
-/// One request of the server that its call's client has not answered; counted down when the
-/// last clone of its responder goes.
-#[derive(Debug)]
-struct Waiting(Arc<AtomicUsize>);
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// Answers one request a server process sent.
-#[derive(Debug, Clone)]
-pub struct Responder {
-    stdin: mpsc::Sender<Vec<u8>>,
-    upstream_id: RequestId,
-    /// Set while the request waits on a client (see [`EventSink::waiting_on_client`]).
-    waiting: Option<Arc<Waiting>>,
-}
-
-impl Responder {
-    /// A responder that writes the answer, as a JSON-RPC response line with `upstream_id`,
-    /// to `tx` (a process's stdin, or a peer stream's answer channel).
-    pub fn new(tx: mpsc::Sender<Vec<u8>>, upstream_id: RequestId) -> Self {
-        Responder {
-            stdin: tx,
-            upstream_id,
-            waiting: None,
-        }
-    }
-
-    pub async fn respond(self, outcome: Result<Value, ErrorObject>) {
-        let msg = Message::Response {
-            id: self.upstream_id,
-            outcome,
-        };
-        let _ = self.stdin.send(msg.to_line()).await;
-    }
-}
-
 /// A message from the server that belongs to no call.
 #[derive(Debug, Clone)]
 pub enum PoolEvent {
@@ -159,7 +52,7 @@ pub enum PoolEvent {
 }
 
 struct Pending {
-    reply: oneshot::Sender<Result<Value, ErrorObject>>,
+    reply: oneshot::Sender<Result<Value, CallError>>,
     events: Option<EventSink>,
     /// The downstream session the call belongs to (`None`: a session-less call, which
     /// shares with nobody).
@@ -183,7 +76,7 @@ struct Shared {
 }
 
 impl Shared {
-    fn fail_all(&self, error: ErrorObject) {
+    fn fail_all(&self, error: CallError) {
         let drained = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
         for (_, p) in drained {
             let _ = p.reply.send(Err(error.clone()));
@@ -262,13 +155,10 @@ async fn wait_answer<T>(mut rx: oneshot::Receiver<T>, spin: Duration) -> Option<
 }
 
 /// How a call ends when the process gives no answer.
-fn crashed(server: &str) -> ErrorObject {
-    ErrorObject::new(
-        code::CRASHED,
-        format!(
-            "server {server:?} exited while the call was in flight; it may or may not have run"
-        ),
-    )
+fn crashed(server: &str) -> CallError {
+    CallError::Crashed(format!(
+        "server {server:?} exited while the call was in flight; it may or may not have run"
+    ))
 }
 
 /// How a process is run, besides its spec.
@@ -383,7 +273,7 @@ impl Process {
         let init = tokio::time::timeout(startup, process.call("initialize", Some(params), None))
             .await
             .map_err(|_| ProcessError::StartupTimeout(startup))?
-            .map_err(|e| ProcessError::Initialize(e.message))?;
+            .map_err(|e| ProcessError::Initialize(e.to_string()))?;
         process.notify("notifications/initialized", None).await;
         process.init = init;
         Ok(process)
@@ -424,7 +314,7 @@ impl Process {
         method: &str,
         params: Option<Value>,
         events: Option<EventSink>,
-    ) -> Result<Value, ErrorObject> {
+    ) -> Result<Value, CallError> {
         self.call_owned(method, params, events, None).await
     }
 
@@ -437,12 +327,12 @@ impl Process {
         mut params: Option<Value>,
         events: Option<EventSink>,
         owner: Option<Arc<str>>,
-    ) -> Result<Value, ErrorObject> {
+    ) -> Result<Value, CallError> {
         if !self.is_alive() {
-            return Err(ErrorObject::new(
-                code::UNAVAILABLE,
-                format!("server {:?} is not running", self.shared.server),
-            ));
+            return Err(CallError::NotRun(format!(
+                "server {:?} is not running; the call did not run",
+                self.shared.server
+            )));
         }
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let progress_token = params
@@ -667,7 +557,7 @@ async fn route(shared: &Shared, stdin: &mpsc::Sender<Vec<u8>>, msg: Message) {
                     // as it takes the answer instead of waiting for the sender to go.
                     let Pending { reply, events, .. } = p;
                     drop(events);
-                    let _ = reply.send(outcome);
+                    let _ = reply.send(outcome.map_err(CallError::Answered));
                 }
                 None => {
                     tracing::debug!(server = %shared.server, %id, "answer to no pending call (cancelled or timed out)")

@@ -110,6 +110,17 @@ pub struct Principal {
     pub tenant: Option<String>,
 }
 
+impl Principal {
+    /// Whether this caller may use server `spec`: a global server, or one of its own tenant's.
+    pub fn may_use(&self, spec: &mcpcp_proto::api::ServerSpec) -> bool {
+        match self.role {
+            Role::Admin => true,
+            Role::Tenant => spec.tenant.is_none() || spec.tenant == self.tenant,
+            Role::Metrics => false,
+        }
+    }
+}
+
 /// Unix seconds now.
 pub fn now_unix() -> u64 {
     SystemTime::now()

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::config::{invalid, InvalidConfig};
+use super::invalid::{invalid, InvalidConfig};
 use super::window::Window;
 
 /// Gauge `mcpd_breaker_state{server,node}`: 0 closed, 1 half-open, 2 open.

@@ -42,7 +42,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Deserialize;
 
-use super::config::{invalid, InvalidConfig};
+use super::invalid::{invalid, InvalidConfig};
 use super::window::Window;
 
 /// Counter `mcpd_retry_budget_exhausted_total{server}`: retries refused by the budget. The

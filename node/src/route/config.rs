@@ -5,19 +5,7 @@ use serde::Deserialize;
 
 use super::breaker::BreakerConfig;
 use super::budget::{BackoffConfig, BudgetConfig};
-
-/// A setting that makes no sense; `field` is its key inside its section.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct InvalidConfig {
-    pub field: &'static str,
-    pub message: &'static str,
-}
-
-/// `Err` naming `field`.
-pub fn invalid(field: &'static str, message: &'static str) -> Result<(), InvalidConfig> {
-    Err(InvalidConfig { field, message })
-}
+use super::invalid::InvalidConfig;
 
 /// `[route]`.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]

@@ -20,6 +20,7 @@
 pub mod breaker;
 pub mod budget;
 pub mod config;
+pub mod invalid;
 pub mod peer;
 pub mod placement;
 pub mod window;
@@ -32,15 +33,33 @@ use mcpcp_proto::api::{Member, ServerSpec, Versioned};
 use mcpcp_proto::mcp::{code, is_read_only, ErrorObject};
 use serde_json::{json, Value};
 
-use crate::mcp::dispatch::visible;
+use crate::call::{Call, CallError, EventSink};
 use crate::pool::catalogue::Catalogue;
-use crate::pool::process::EventSink;
 use crate::pool::reconcile::Pools;
-use crate::pool::Affinity;
 use crate::raft::network::PeerChannels;
 use crate::registry::{Principal, Registry};
 use breaker::{Breakers, Outcome};
 use budget::RetryBudget;
+
+/// The methods a fallback answers when no replica of the primary could: its tools, listed
+/// and called (on the aggregate endpoint the list comes from catalogues; on the primary's own
+/// endpoint, `/servers/PRIMARY/mcp`, from the fallback itself).
+const FALLS_BACK: &[&str] = &["tools/call", "tools/list"];
+
+/// The `_meta` key that marks an answer a fallback gave in its primary's place.
+pub const FALLBACK_META: &str = "io.mcpcp/fallback";
+
+/// Marks `result` as answered by `fallback` in `primary`'s place, and why.
+pub fn mark_fallback(result: &mut Value, primary: &str, fallback: &str, reason: &str) {
+    if let Some(o) = result.as_object_mut() {
+        let meta = o.entry("_meta").or_insert(json!({}));
+        meta[FALLBACK_META] = json!({
+            "server": primary,
+            "fallback": fallback,
+            "reason": reason,
+        });
+    }
+}
 
 /// How long a remote server's catalogue is reused.
 const REMOTE_INFO_TTL: Duration = Duration::from_secs(5);
@@ -57,16 +76,6 @@ enum Replica {
 pub struct ServerInfo {
     pub init: Option<Value>,
     pub catalogue: Arc<Catalogue>,
-}
-
-/// How an attempt failed, for the retry rule.
-enum Failure {
-    /// Provably did not run here: try another replica.
-    NotRun(ErrorObject),
-    /// May have run: try another replica only when safe.
-    MaybeRan(ErrorObject),
-    /// The server answered with a JSON-RPC error: that is the answer, not retried.
-    Answered(ErrorObject),
 }
 
 /// Routes calls to replicas. Cheap to clone.
@@ -126,7 +135,7 @@ impl Router {
     ) -> Result<Versioned<ServerSpec>, ErrorObject> {
         let spec = self.registry.local().state.servers.get(server).cloned();
         match spec {
-            Some(s) if visible(principal, &s.spec) => {
+            Some(s) if principal.may_use(&s.spec) => {
                 if s.spec.enabled {
                     Ok(s)
                 } else {
@@ -179,60 +188,36 @@ impl Router {
         out
     }
 
-    /// Runs `method` on `server` for `principal`, through the steps in the module docs.
-    pub async fn call(
-        &self,
-        principal: &Principal,
-        affinity: Option<&Affinity>,
-        server: &str,
-        method: &str,
-        params: Option<Value>,
-        events: EventSink,
-    ) -> Result<Value, ErrorObject> {
-        let spec = self.scope(principal, server)?;
-        match self
-            .call_replicas(
-                principal,
-                affinity,
-                &spec,
-                method,
-                params.clone(),
-                events.clone(),
-            )
-            .await
-        {
+    /// Runs `call` through the steps in the module docs.
+    pub async fn call(&self, call: &Call) -> Result<Value, CallError> {
+        let spec = self.scope(&call.principal, &call.server)?;
+        match self.call_replicas(&spec, call).await {
             Ok(v) => Ok(v),
-            Err((e, true)) if method == "tools/call" && !spec.spec.fallbacks.is_empty() => {
-                self.fallback(principal, affinity, &spec, params, events, e)
-                    .await
+            Err(e)
+                if e.did_not_run()
+                    && FALLS_BACK.contains(&call.method.as_str())
+                    && !spec.spec.fallbacks.is_empty() =>
+            {
+                self.fallback(&spec, call, e).await
             }
-            Err((e, _)) => Err(e),
+            Err(e) => Err(e),
         }
     }
 
-    /// Tries the replicas; on failure also says whether no replica ran the call.
+    /// Tries the replicas of `spec`. A `NotRun` or `Busy` error means no replica ran it.
     async fn call_replicas(
         &self,
-        principal: &Principal,
-        affinity: Option<&Affinity>,
         spec: &Versioned<ServerSpec>,
-        method: &str,
-        params: Option<Value>,
-        events: EventSink,
-    ) -> Result<Value, (ErrorObject, bool)> {
+        call: &Call,
+    ) -> Result<Value, CallError> {
         let server = spec.spec.name.as_str();
-        let tool = params
-            .as_ref()
-            .and_then(|p| p["name"].as_str())
-            .unwrap_or_default()
-            .to_string();
-        let safe = is_read_only(method)
-            || (method == "tools/call" && spec.spec.idempotent_tools.contains(&tool));
+        let safe = is_read_only(&call.method)
+            || (call.method == "tools/call"
+                && spec.spec.idempotent_tools.iter().any(|t| t == call.tool()));
         let budget = self.budget(server);
         budget.record_request(Instant::now());
         let replicas = self.replicas(spec);
-        let mut last: Option<ErrorObject> = None;
-        let mut none_ran = true;
+        let mut last: Option<CallError> = None;
         let mut attempts: u32 = 0;
         for replica in replicas {
             if attempts >= self.config.max_attempts {
@@ -247,10 +232,11 @@ impl Router {
                 Ok(p) => p,
                 Err(rejected) => {
                     metrics::counter!("mcpd_breaker_short_circuits_total", "server" => server.to_string()).increment(1);
-                    last = Some(ErrorObject::new(
-                        code::UNAVAILABLE,
-                        format!("server {server:?} on node {node} is failing ({rejected}); the call did not run"),
-                    ));
+                    if !last.as_ref().is_some_and(CallError::may_have_run) {
+                        last = Some(CallError::NotRun(format!(
+                            "server {server:?} on node {node} is failing ({rejected}); the call did not run"
+                        )));
+                    }
                     continue;
                 }
             };
@@ -264,18 +250,8 @@ impl Router {
                 tokio::time::sleep(self.config.backoff.backoff(attempts - 1)).await;
             }
             attempts += 1;
-            let outcome = self
-                .attempt(
-                    &replica,
-                    principal,
-                    affinity,
-                    server,
-                    method,
-                    params.clone(),
-                    events.clone(),
-                )
-                .await;
-            let failed = counts_against_the_server(&outcome, &events);
+            let outcome = self.attempt(&replica, server, call).await;
+            let failed = counts_against_the_server(&outcome, &call.events);
             permit.record(
                 if failed {
                     Outcome::Failure
@@ -286,88 +262,53 @@ impl Router {
             );
             match outcome {
                 Ok(v) => return Ok(v),
-                Err(Failure::Answered(e)) => return Err((e, false)),
-                Err(Failure::NotRun(e)) => last = Some(e),
-                Err(Failure::MaybeRan(e)) => {
-                    none_ran = false;
+                Err(e @ CallError::Answered(_)) => return Err(e),
+                Err(e) if e.did_not_run() => {
+                    // A failure that may have run stays the one reported: "it did not run"
+                    // would be untrue once any replica may have run it.
+                    if !last.as_ref().is_some_and(CallError::may_have_run) {
+                        last = Some(e);
+                    }
+                }
+                Err(e) => {
                     // Once anything reached the client, a retry could show it twice.
-                    if !safe || events.any_sent() {
-                        return Err((e, false));
+                    if !safe || call.events.any_sent() {
+                        return Err(e);
                     }
                     last = Some(e);
                 }
             }
         }
-        let e = last.unwrap_or_else(|| {
-            ErrorObject::new(
-                code::UNAVAILABLE,
-                format!("server {server:?} has no replica that can take the call; it did not run"),
-            )
-        });
-        Err((e, none_ran))
+        Err(last.unwrap_or_else(|| {
+            CallError::NotRun(format!(
+                "server {server:?} has no replica that can take the call; it did not run"
+            ))
+        }))
     }
 
-    /// One attempt on one replica, with the failure classified.
-    #[allow(clippy::too_many_arguments)]
+    /// One attempt on one replica.
     async fn attempt(
         &self,
         replica: &Replica,
-        principal: &Principal,
-        affinity: Option<&Affinity>,
         server: &str,
-        method: &str,
-        params: Option<Value>,
-        events: EventSink,
-    ) -> Result<Value, Failure> {
-        let outcome = match replica {
+        call: &Call,
+    ) -> Result<Value, CallError> {
+        match replica {
             Replica::Local => match self.pools.get(server) {
-                Some(pool) => pool.call_for(affinity, method, params, Some(events)).await,
-                None => Err(ErrorObject::new(
-                    code::UNAVAILABLE,
-                    format!("server {server:?} is not running here"),
-                )),
-            },
-            Replica::Peer(m) => {
-                match peer::call(
-                    &self.channels,
-                    m,
-                    principal,
-                    affinity,
-                    server,
-                    method,
-                    params,
-                    events,
-                )
-                .await
-                {
-                    Ok(o) => o,
-                    Err(peer::PeerFailure::NotReached(e)) => {
-                        return Err(Failure::NotRun(ErrorObject::new(
-                            code::UNAVAILABLE,
-                            format!("node {} is unreachable ({e}); the call did not run", m.id),
-                        )))
-                    }
-                    Err(peer::PeerFailure::Broken(e)) => {
-                        return Err(Failure::MaybeRan(ErrorObject::new(
-                            code::CRASHED,
-                            format!(
-                                "the call failed on node {} ({e}); it may or may not have run",
-                                m.id
-                            ),
-                        )))
-                    }
+                Some(pool) => {
+                    pool.call_for(
+                        call.affinity.as_ref(),
+                        &call.method,
+                        call.params.clone(),
+                        Some(call.events.clone()),
+                    )
+                    .await
                 }
-            }
-        };
-        match outcome {
-            Ok(v) => Ok(v),
-            Err(e) if e.code == code::UNAVAILABLE || e.code == code::QUEUE_FULL => {
-                Err(Failure::NotRun(e))
-            }
-            Err(e) if e.code == code::CRASHED || e.code == code::TIMEOUT => {
-                Err(Failure::MaybeRan(e))
-            }
-            Err(e) => Err(Failure::Answered(e)),
+                None => Err(CallError::NotRun(format!(
+                    "server {server:?} is not running here; the call did not run"
+                ))),
+            },
+            Replica::Peer(m) => peer::call(&self.channels, m, server, call).await,
         }
     }
 
@@ -375,56 +316,59 @@ impl Router {
     /// offers the same tool, marking the answer.
     async fn fallback(
         &self,
-        principal: &Principal,
-        affinity: Option<&Affinity>,
         primary: &Versioned<ServerSpec>,
-        params: Option<Value>,
-        events: EventSink,
-        primary_error: ErrorObject,
-    ) -> Result<Value, ErrorObject> {
-        let tool = params
-            .as_ref()
-            .and_then(|p| p["name"].as_str())
-            .unwrap_or_default()
-            .to_string();
+        call: &Call,
+        primary_error: CallError,
+    ) -> Result<Value, CallError> {
+        let tool = call.tool();
         for fb in &primary.spec.fallbacks {
-            let Ok(spec) = self.scope(principal, fb) else {
+            let Ok(spec) = self.scope(&call.principal, fb) else {
                 continue;
             };
-            let info = self.info(principal, fb).await;
-            if info.catalogue.loaded && !info.catalogue.has_tool(&tool) {
+            let info = self.info(&call.principal, fb).await;
+            if call.method == "tools/call"
+                && info.catalogue.loaded
+                && !info.catalogue.has_tool(tool)
+            {
                 continue;
             }
-            match self
-                .call_replicas(
-                    principal,
-                    affinity,
-                    &spec,
-                    "tools/call",
-                    params.clone(),
-                    events.clone(),
-                )
-                .await
-            {
+            match self.call_replicas(&spec, &call.to(fb)).await {
                 Ok(mut v) => {
                     metrics::counter!("mcpd_fallbacks_total", "server" => primary.spec.name.clone(), "fallback" => fb.clone()).increment(1);
-                    tracing::warn!(server = %primary.spec.name, fallback = %fb, tool = %tool, "answered by a fallback server");
-                    if let Some(o) = v.as_object_mut() {
-                        let meta = o.entry("_meta").or_insert(json!({}));
-                        meta["io.mcpcp/fallback"] = json!({
-                            "server": primary.spec.name,
-                            "fallback": fb,
-                            "reason": primary_error.message,
-                        });
-                    }
+                    tracing::warn!(server = %primary.spec.name, fallback = %fb, method = %call.method, tool = %tool, "answered by a fallback server");
+                    mark_fallback(&mut v, &primary.spec.name, fb, &primary_error.to_string());
                     return Ok(v);
                 }
-                Err((e, _)) => {
-                    tracing::debug!(fallback = %fb, error = %e.message, "fallback failed")
+                Err(e) => {
+                    tracing::debug!(fallback = %fb, error = %e, "fallback failed")
                 }
             }
         }
         Err(primary_error)
+    }
+
+    /// What answers for `server` on its own endpoint: the server itself when a process of it
+    /// started somewhere, else its first fallback that did (named, for the `_meta` mark).
+    pub async fn serving(
+        &self,
+        principal: &Principal,
+        server: &str,
+    ) -> (ServerInfo, Option<String>) {
+        let info = self.info(principal, server).await;
+        if info.init.is_some() {
+            return (info, None);
+        }
+        let fallbacks = self
+            .scope(principal, server)
+            .map(|s| s.spec.fallbacks)
+            .unwrap_or_default();
+        for fb in fallbacks {
+            let fb_info = self.info(principal, &fb).await;
+            if fb_info.init.is_some() {
+                return (fb_info, Some(fb));
+            }
+        }
+        (info, None)
     }
 
     /// What `server` offers (initialize answer and catalogue), from this node's pool or, for a
@@ -502,11 +446,11 @@ impl Router {
 /// bound already sheds), or a timeout while the call waited on its own client's answer to a
 /// request of the server (elicitation, sampling): one slow or misbehaving client must not
 /// open the breaker for every other client of a healthy server.
-fn counts_against_the_server(outcome: &Result<Value, Failure>, events: &EventSink) -> bool {
+fn counts_against_the_server(outcome: &Result<Value, CallError>, events: &EventSink) -> bool {
     match outcome {
-        Ok(_) | Err(Failure::Answered(_)) => false,
-        Err(Failure::NotRun(e)) => e.code != code::QUEUE_FULL,
-        Err(Failure::MaybeRan(_)) => !events.waiting_on_client(),
+        Ok(_) | Err(CallError::Answered(_) | CallError::Busy(_)) => false,
+        Err(CallError::NotRun(_) | CallError::Crashed(_)) => true,
+        Err(CallError::TimedOut(_)) => !events.waiting_on_client(),
     }
 }
 

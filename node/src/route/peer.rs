@@ -21,10 +21,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::mcp::dispatch::visible;
-use crate::pool::process::{CallEvent, EventSink, Responder};
+use crate::call::{Affinity, Call, CallError, CallEvent, EventSink, Responder};
 use crate::pool::reconcile::Pools;
-use crate::pool::Affinity;
 use crate::raft::network::PeerChannels;
 use crate::registry::{Principal, Registry};
 
@@ -53,7 +51,7 @@ pub enum Frame {
         outcome: Result<Value, ErrorObject>,
     },
     Done {
-        outcome: Result<Value, ErrorObject>,
+        outcome: Result<Value, CallError>,
     },
 }
 
@@ -77,7 +75,7 @@ pub struct PeerService {
 
 type FrameStream = Pin<Box<dyn Stream<Item = Result<WireFrame, Status>> + Send>>;
 
-fn done(outcome: Result<Value, ErrorObject>) -> FrameStream {
+fn done(outcome: Result<Value, CallError>) -> FrameStream {
     let frame = Frame::Done { outcome }.wire();
     Box::pin(futures_util::stream::iter([Ok(frame)]))
 }
@@ -153,21 +151,17 @@ impl Peer for PeerService {
             .state
             .servers
             .get(&server)
-            .is_some_and(|s| visible(&principal, &s.spec));
+            .is_some_and(|s| principal.may_use(&s.spec));
         if !allowed {
-            return Ok(Response::new(done(Err(ErrorObject::new(
-                code::INVALID_PARAMS,
-                format!("unknown server {server:?}"),
+            return Ok(Response::new(done(Err(CallError::Answered(
+                ErrorObject::new(code::INVALID_PARAMS, format!("unknown server {server:?}")),
             )))));
         }
         let Some(pool) = self.pools.get(&server) else {
-            return Ok(Response::new(done(Err(ErrorObject::new(
-                code::UNAVAILABLE,
-                format!(
-                    "server {server:?} is not running on node {}",
-                    self.registry.id
-                ),
-            )))));
+            return Ok(Response::new(done(Err(CallError::NotRun(format!(
+                "server {server:?} is not running on node {}; the call did not run",
+                self.registry.id
+            ))))));
         };
         metrics::counter!("mcpd_peer_calls_served_total", "server" => server.clone()).increment(1);
         let (tx, rx) = mpsc::channel::<Result<WireFrame, Status>>(64);
@@ -250,37 +244,35 @@ impl Peer for PeerService {
     }
 }
 
-/// How a forwarded call ended without an outcome from the server.
-#[derive(Debug)]
-pub enum PeerFailure {
-    /// The peer could not be reached: the call did not run.
-    NotReached(String),
-    /// The stream broke after the call started: it may have run.
-    Broken(String),
-}
-
-/// Forwards one call to `peer`, relaying its events to `events`.
-#[allow(clippy::too_many_arguments)]
+/// Forwards `call` to `peer`, where it runs on the pool of `server`, relaying its events.
+/// A peer that cannot be reached, or refuses the caller's token, did not run it; a stream
+/// that breaks after the call started may have.
 pub async fn call(
     channels: &PeerChannels,
     peer: &Member,
-    principal: &Principal,
-    affinity: Option<&Affinity>,
     server: &str,
-    method: &str,
-    params: Option<Value>,
-    events: EventSink,
-) -> Result<Result<Value, ErrorObject>, PeerFailure> {
-    let channel = channels
-        .get(&peer.grpc_addr)
-        .map_err(|e| PeerFailure::NotReached(e.to_string()))?;
+    call: &Call,
+) -> Result<Value, CallError> {
+    let not_reached = |e: &dyn std::fmt::Display| {
+        CallError::NotRun(format!(
+            "node {} is unreachable ({e}); the call did not run",
+            peer.id
+        ))
+    };
+    let broken = |e: &dyn std::fmt::Display| {
+        CallError::Crashed(format!(
+            "the call failed on node {} ({e}); it may or may not have run",
+            peer.id
+        ))
+    };
+    let channel = channels.get(&peer.grpc_addr).map_err(|e| not_reached(&e))?;
     let (out_tx, out_rx) = mpsc::channel::<WireFrame>(16);
     let start = Frame::Start {
         server: server.to_string(),
-        method: method.to_string(),
-        params,
-        principal: principal.clone(),
-        affinity: affinity.cloned(),
+        method: call.method.clone(),
+        params: call.params.clone(),
+        principal: call.principal.clone(),
+        affinity: call.affinity.clone(),
     };
     let _ = out_tx.send(start.wire()).await;
     let mut client = PeerClient::new(channel)
@@ -296,17 +288,18 @@ pub async fn call(
                 tonic::Code::Unavailable | tonic::Code::PermissionDenied
             ) =>
         {
-            return Err(PeerFailure::NotReached(s.message().to_string()))
+            return Err(not_reached(&s.message()))
         }
-        Err(s) => return Err(PeerFailure::Broken(s.message().to_string())),
+        Err(s) => return Err(broken(&s.message())),
     };
     metrics::counter!("mcpd_peer_forwards_total", "server" => server.to_string()).increment(1);
+    let events = &call.events;
     let (ans_tx, mut ans_rx) = mpsc::channel::<Vec<u8>>(16);
     loop {
         tokio::select! {
             frame = inbound.message() => match frame {
                 Ok(Some(w)) => match Frame::parse(&w) {
-                    Ok(Frame::Done { outcome }) => return Ok(outcome),
+                    Ok(Frame::Done { outcome }) => return outcome,
                     Ok(Frame::Notify { message }) => {
                         if let Ok(m) = Message::from_value(message) {
                             let _ = events.send(CallEvent::Notify(m)).await;
@@ -317,10 +310,10 @@ pub async fn call(
                         let _ = events.send(CallEvent::Request { method, params, responder }).await;
                     }
                     Ok(_) => {}
-                    Err(e) => return Err(PeerFailure::Broken(format!("bad frame from node {}: {e}", peer.id))),
+                    Err(e) => return Err(broken(&format!("a bad frame: {e}"))),
                 },
-                Ok(None) => return Err(PeerFailure::Broken(format!("node {} closed the call without an answer", peer.id))),
-                Err(s) => return Err(PeerFailure::Broken(format!("node {}: {}", peer.id, s.message()))),
+                Ok(None) => return Err(broken(&"it closed the call without an answer")),
+                Err(s) => return Err(broken(&s.message())),
             },
             Some(line) = ans_rx.recv() => {
                 if let Ok(Message::Response { id: RequestId::Num(key), outcome }) = Message::parse(&line) {

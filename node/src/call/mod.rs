@@ -1,0 +1,52 @@
+//! The contract of one call through the node, below the front end, the router and the pools:
+//!
+//! - [`Call`]: who asks which server for what, for which session, and where the server's
+//!   messages for the call go. It passes down whole: front end → router → pool or peer.
+//! - [`events`]: those messages ([`CallEvent`]) and the answers to the server's requests.
+//! - [`error`]: how an attempt failed ([`CallError`]), typed; wire codes are made at the edge.
+//! - [`affinity`]: the downstream session, for servers that run a process per session.
+
+pub mod affinity;
+pub mod error;
+pub mod events;
+
+use serde_json::Value;
+
+pub use affinity::Affinity;
+pub use error::CallError;
+pub use events::{CallEvent, EventSink, Responder};
+
+use crate::registry::Principal;
+
+/// One request on its way to a server.
+#[derive(Debug, Clone)]
+pub struct Call {
+    /// Who asks (scope, tenant, and the token id a peer re-checks).
+    pub principal: Principal,
+    /// The server's registry name.
+    pub server: String,
+    pub method: String,
+    pub params: Option<Value>,
+    /// The downstream session, for servers in `session_mode = dedicated`.
+    pub affinity: Option<Affinity>,
+    /// Where progress, logging and the server's own requests for this call go.
+    pub events: EventSink,
+}
+
+impl Call {
+    /// The tool a `tools/call` names (empty for other methods).
+    pub fn tool(&self) -> &str {
+        self.params
+            .as_ref()
+            .and_then(|p| p["name"].as_str())
+            .unwrap_or_default()
+    }
+
+    /// The same call sent to another server (a fallback).
+    pub fn to(&self, server: &str) -> Call {
+        Call {
+            server: server.to_string(),
+            ..self.clone()
+        }
+    }
+}

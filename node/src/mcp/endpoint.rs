@@ -1,0 +1,81 @@
+//! The POST of both eras: the client's message is parsed, a server the caller may not see is
+//! a 404, and the request goes to the era it belongs to, as the 2026 spec's dual-era rules say:
+//! a stateless (2026-07-28) request to [`super::stateless`], the rest to [`super::http`].
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use mcpcp_proto::mcp::{code, era_of, Era, ErrorObject, Message};
+
+use super::state::McpState;
+use super::target::Target;
+use super::wire::{header_str, rpc_error, SESSION_HEADER, VERSION_HEADER};
+use crate::api::extract::Caller;
+
+/// Which era a POST belongs to: a revision header of no session-based revision (older than
+/// any, 2024-11-05, excepted) is stateless; so is a request other than `initialize` that
+/// carries its revision in `_meta` and no session.
+fn era_of_request(headers: &HeaderMap, msg: &Message) -> Era {
+    let header = header_str(headers, VERSION_HEADER);
+    if header.is_some_and(|v| era_of(v) != Some(Era::Session) && v != "2024-11-05") {
+        return Era::Stateless;
+    }
+    if let Message::Request {
+        params: Some(p),
+        method,
+        ..
+    } = msg
+    {
+        if method != "initialize"
+            && p["_meta"]
+                .get("io.modelcontextprotocol/protocolVersion")
+                .is_some()
+            && header_str(headers, SESSION_HEADER).is_none()
+        {
+            return Era::Stateless;
+        }
+    }
+    Era::Session
+}
+
+/// POST: one JSON-RPC message from the client.
+pub async fn post(
+    State(state): State<McpState>,
+    Caller(principal): Caller,
+    target: Target,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(refused) = super::http::foreign_origin(&state, &headers) {
+        return refused;
+    }
+    let msg = match Message::parse(&body) {
+        Ok(m) => m,
+        Err(e) => {
+            metrics::counter!("mcpd_mcp_malformed_total").increment(1);
+            return rpc_error(
+                StatusCode::BAD_REQUEST,
+                e.id,
+                ErrorObject::new(e.code, e.message),
+            );
+        }
+    };
+    if let Target::Server(name) = &target {
+        // Another tenant's server does not exist, as far as this caller can tell.
+        let route = state.route(&principal, &target);
+        if let Err(e) = route.check(name) {
+            if e.code == code::INVALID_PARAMS {
+                return rpc_error(
+                    StatusCode::NOT_FOUND,
+                    None,
+                    ErrorObject::new(code::INVALID_REQUEST, format!("no server {name:?}")),
+                );
+            }
+        }
+    }
+    match era_of_request(&headers, &msg) {
+        Era::Stateless => super::stateless::post(state, principal, target, headers, msg).await,
+        Era::Session => super::http::post_session(state, principal, target, headers, msg).await,
+    }
+}
