@@ -151,6 +151,9 @@ impl McpWorkload {
             },
             idempotent_tools: vec!["echo".into()],
             session_mode: Default::default(),
+            url: None,
+            headers: BTreeMap::new(),
+            ca_file: None,
         }
     }
 

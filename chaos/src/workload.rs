@@ -179,6 +179,9 @@ impl RegistryWorkload {
             timeouts: Default::default(),
             idempotent_tools: vec![],
             session_mode: Default::default(),
+            url: None,
+            headers: BTreeMap::new(),
+            ca_file: None,
         }
     }
 

@@ -83,6 +83,9 @@ struct ClaudeServer {
     cwd: Option<String>,
     #[serde(default)]
     url: Option<String>,
+    /// A remote server's headers (Cursor, VS Code and Claude Code write them).
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
     #[serde(default)]
     disabled: bool,
 }
@@ -132,6 +135,9 @@ fn spec(
         timeouts: Default::default(),
         idempotent_tools: Vec::new(),
         session_mode: Default::default(),
+        url: None,
+        headers: BTreeMap::new(),
+        ca_file: None,
     }
 }
 
@@ -166,9 +172,23 @@ fn from_claude(c: ClaudeConfig) -> Imported {
                 out.servers
                     .push(spec(name, command, s.args, s.env, s.cwd, !s.disabled));
             }
-            (None, Some(url)) => out.warnings.push(format!(
-                "{label:?} is a remote server ({url}); only stdio servers can be imported"
-            )),
+            (None, Some(url)) => {
+                if name != label {
+                    out.warnings
+                        .push(format!("{label:?} is registered as {name:?}"));
+                }
+                let mut remote = spec(
+                    name,
+                    String::new(),
+                    Vec::new(),
+                    BTreeMap::new(),
+                    None,
+                    !s.disabled,
+                );
+                remote.url = Some(url);
+                remote.headers = s.headers;
+                out.servers.push(remote);
+            }
             (None, None) => out
                 .warnings
                 .push(format!("{label:?} has no command; skipped")),
@@ -261,13 +281,16 @@ mcp_servers:
         let text = r#"{"mcpServers": {
             "time": {"command": "uvx", "args": ["mcp-server-time"]},
             "Git Repo": {"command": "uvx", "args": ["mcp-server-git"], "env": {"A": "1"}},
-            "remote": {"url": "https://example.invalid/mcp"}
+            "remote": {"url": "https://example.invalid/mcp", "headers": {"Authorization": "Bearer x"}}
         }}"#;
         let out = parse(text).expect("parses");
         let names: Vec<_> = out.servers.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, vec!["git-repo", "time"]);
+        assert_eq!(names, vec!["git-repo", "remote", "time"]);
         assert_eq!(out.servers[0].env["A"], "1");
-        assert!(out.warnings.iter().any(|w| w.contains("remote")));
+        let remote = &out.servers[1];
+        assert_eq!(remote.url.as_deref(), Some("https://example.invalid/mcp"));
+        assert_eq!(remote.headers["Authorization"], "Bearer x");
+        assert!(remote.command.is_empty());
     }
 
     #[test]

@@ -214,6 +214,29 @@ struct ServerFlags {
     /// Request timeout in milliseconds.
     #[arg(long)]
     request_timeout_ms: Option<u64>,
+    /// A remote server's Streamable HTTP endpoint (`https://host/mcp`), instead of a command.
+    #[arg(long)]
+    url: Option<String>,
+    /// A header K=V sent to a remote server (repeatable); its value is sealed like env.
+    #[arg(long = "header", value_parser = parse_kv)]
+    headers: Vec<(String, String)>,
+    /// Send `Authorization: Bearer <the value of this environment variable>` to a remote
+    /// server (read here, so the token is not on the command line).
+    #[arg(long)]
+    bearer_env: Option<String>,
+}
+
+impl ServerFlags {
+    /// `--header` values, with `--bearer-env`'s token as `Authorization`.
+    fn headers(&self) -> Result<BTreeMap<String, String>, Failure> {
+        let mut headers: BTreeMap<String, String> = self.headers.iter().cloned().collect();
+        if let Some(var) = &self.bearer_env {
+            let token = std::env::var(var)
+                .map_err(|_| fail(2, format!("--bearer-env {var}: the variable is not set")))?;
+            headers.insert("Authorization".into(), format!("Bearer {token}"));
+        }
+        Ok(headers)
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -247,8 +270,8 @@ enum ServerCmd {
         /// Register it disabled.
         #[arg(long)]
         disabled: bool,
-        /// The command and its arguments, after `--`.
-        #[arg(last = true, required = true)]
+        /// The command and its arguments, after `--` (or `--url` for a remote server).
+        #[arg(last = true)]
         command: Vec<String>,
     },
     List,
@@ -668,7 +691,7 @@ fn print_status(cli: &Cli, s: &ClusterStatus) {
     );
 }
 
-fn apply_flags(spec: &mut ServerSpec, f: &ServerFlags) {
+fn apply_flags(spec: &mut ServerSpec, f: &ServerFlags) -> Result<(), Failure> {
     if let Some(t) = &f.tenant {
         spec.tenant = Some(t.clone());
     }
@@ -696,6 +719,8 @@ fn apply_flags(spec: &mut ServerSpec, f: &ServerFlags) {
     if let Some(t) = f.request_timeout_ms {
         spec.timeouts.request_ms = t;
     }
+    spec.headers.extend(f.headers()?);
+    Ok(())
 }
 
 fn patch_from_flags(f: &ServerFlags, command: &[String]) -> Result<ServerPatch, Failure> {
@@ -731,6 +756,11 @@ fn patch_from_flags(f: &ServerFlags, command: &[String]) -> Result<ServerPatch, 
         p.command = Some(cmd.clone());
         p.args = Some(args.to_vec());
     }
+    p.url = f.url.clone();
+    let headers = f.headers()?;
+    if !headers.is_empty() {
+        p.headers = Some(headers);
+    }
     Ok(p)
 }
 
@@ -755,16 +785,25 @@ fn print_servers(cli: &Cli, items: &[Versioned<ServerSpec>]) {
                     .map(|r| r.to_string())
                     .unwrap_or_else(|| "all".into()),
                 s.revision.to_string(),
-                std::iter::once(sp.command.clone())
-                    .chain(sp.args.iter().cloned())
-                    .collect::<Vec<_>>()
-                    .join(" "),
+                match &sp.url {
+                    Some(url) => url.clone(),
+                    None => std::iter::once(sp.command.clone())
+                        .chain(sp.args.iter().cloned())
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                },
             ]
         })
         .collect();
     print_table(
         &[
-            "NAME", "TENANT", "ENABLED", "POOL", "REPLICAS", "REVISION", "COMMAND",
+            "NAME",
+            "TENANT",
+            "ENABLED",
+            "POOL",
+            "REPLICAS",
+            "REVISION",
+            "COMMAND/URL",
         ],
         rows,
     );
@@ -780,15 +819,29 @@ async fn server(cli: &Cli, cmd: &ServerCmd) -> Outcome {
             disabled,
             command,
         } => {
-            let (cmd0, args) = command
-                .split_first()
-                .ok_or_else(|| fail(2, "give the server's command after `--`"))?;
-            let mut spec: ServerSpec = serde_json::from_value(serde_json::json!({
-                "name": name, "command": cmd0, "args": args,
-            }))
+            let mut spec: ServerSpec = match (command.split_first(), &flags.url) {
+                (Some(_), Some(_)) => {
+                    return Err(fail(
+                        2,
+                        "give either --url or a command after `--`, not both",
+                    ))
+                }
+                (None, None) => {
+                    return Err(fail(
+                        2,
+                        "give the server's command after `--`, or --url for a remote server",
+                    ))
+                }
+                (Some((cmd0, args)), None) => serde_json::from_value(serde_json::json!({
+                    "name": name, "command": cmd0, "args": args,
+                })),
+                (None, Some(url)) => serde_json::from_value(serde_json::json!({
+                    "name": name, "url": url,
+                })),
+            }
             .map_err(|e| fail(1, e.to_string()))?;
             spec.enabled = !disabled;
-            apply_flags(&mut spec, flags);
+            apply_flags(&mut spec, flags)?;
             let a = c.create_server(&spec, &none).await?;
             ack(cli, &format!("server {name} added"), a.revision);
         }

@@ -100,23 +100,36 @@ impl DataKey {
         String::from_utf8(plain.to_vec()).map_err(|_| bad())
     }
 
-    /// Seals every `env` value of `spec` that is not sealed yet.
-    pub fn seal_env(&self, spec: &mut ServerSpec) -> Result<(), SealError> {
+    /// Seals every secret of `spec` (its `env` and `headers` values) not sealed yet.
+    pub fn seal_secrets(&self, spec: &mut ServerSpec) -> Result<(), SealError> {
         for (name, value) in spec.env.iter_mut() {
             if !value.starts_with(SEALED) {
                 *value = self.seal(&place(&spec.name, name), value)?;
             }
         }
-        Ok(())
-    }
-
-    /// Opens every `env` value of `spec`, for the process that needs them.
-    pub fn open_env(&self, spec: &mut ServerSpec) -> Result<(), SealError> {
-        for (name, value) in spec.env.iter_mut() {
-            *value = self.open(&place(&spec.name, name), value)?;
+        for (name, value) in spec.headers.iter_mut() {
+            if !value.starts_with(SEALED) {
+                *value = self.seal(&header_place(&spec.name, name), value)?;
+            }
         }
         Ok(())
     }
+
+    /// Opens every secret of `spec`, for the process or connection that needs them.
+    pub fn open_secrets(&self, spec: &mut ServerSpec) -> Result<(), SealError> {
+        for (name, value) in spec.env.iter_mut() {
+            *value = self.open(&place(&spec.name, name), value)?;
+        }
+        for (name, value) in spec.headers.iter_mut() {
+            *value = self.open(&header_place(&spec.name, name), value)?;
+        }
+        Ok(())
+    }
+}
+
+/// Where a header value lives (its associated data).
+fn header_place(server: &str, header: &str) -> String {
+    format!("{server}/headers/{header}")
 }
 
 #[cfg(test)]
@@ -138,32 +151,54 @@ mod tests {
     fn sealed_values_open_only_with_their_key_in_their_place() {
         let key = DataKey::from_bytes(&[7; 32]);
         let mut s = spec("git", &[("TOKEN", "hunter2"), ("LANG", "C")]);
-        key.seal_env(&mut s).expect("seal");
+        key.seal_secrets(&mut s).expect("seal");
         assert!(s
             .env
             .values()
             .all(|v| v.starts_with(SEALED) && !v.contains("hunter2")));
         let sealed = s.clone();
         // Sealing again leaves sealed values alone.
-        key.seal_env(&mut s).expect("seal");
+        key.seal_secrets(&mut s).expect("seal");
         assert_eq!(s, sealed);
-        key.open_env(&mut s).expect("open");
+        key.open_secrets(&mut s).expect("open");
         assert_eq!(s.env["TOKEN"], "hunter2");
 
         // Another key, another server, or another variable: it does not open.
         let mut other = sealed.clone();
-        assert!(DataKey::from_bytes(&[8; 32]).open_env(&mut other).is_err());
+        assert!(DataKey::from_bytes(&[8; 32])
+            .open_secrets(&mut other)
+            .is_err());
         let mut moved = sealed.clone();
         moved.name = "time".into();
-        assert!(key.open_env(&mut moved).is_err());
+        assert!(key.open_secrets(&mut moved).is_err());
         let mut swapped = sealed.clone();
         let token = swapped.env["TOKEN"].clone();
         swapped.env.insert("LANG".into(), token);
-        assert!(key.open_env(&mut swapped).is_err());
+        assert!(key.open_secrets(&mut swapped).is_err());
 
         // A value from before sealing opens as itself.
         let mut plain = spec("git", &[("A", "b")]);
-        key.open_env(&mut plain).expect("open");
+        key.open_secrets(&mut plain).expect("open");
         assert_eq!(plain.env["A"], "b");
+    }
+
+    #[test]
+    fn header_values_are_sealed_and_open_only_in_their_place() {
+        let key = DataKey::from_bytes(&[7; 32]);
+        let mut s = spec("remote", &[]);
+        s.headers
+            .insert("Authorization".into(), "Bearer s3cret".into());
+        key.seal_secrets(&mut s).expect("seal");
+        let sealed = s.headers["Authorization"].clone();
+        assert!(sealed.starts_with(SEALED) && !sealed.contains("s3cret"));
+        let mut moved = s.clone();
+        moved.env.insert("Authorization".into(), sealed);
+        moved.headers.clear();
+        assert!(
+            key.open_secrets(&mut moved).is_err(),
+            "a header value opened as env"
+        );
+        key.open_secrets(&mut s).expect("open");
+        assert_eq!(s.headers["Authorization"], "Bearer s3cret");
     }
 }

@@ -173,11 +173,26 @@ pub struct ServerSpec {
     /// `None`: a global server every tenant may use. `Some(t)`: only tenant `t`'s tokens.
     #[serde(default)]
     pub tenant: Option<String>,
+    /// A local server: the program each node runs and speaks to over stdio. Empty for a
+    /// remote server (`url`).
+    #[serde(default)]
     pub command: String,
     #[serde(default)]
     pub args: Vec<String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// A remote server: its Streamable HTTP endpoint (`https://host/mcp`), which every node
+    /// that runs the server connects to instead of starting a process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Headers sent with every request to a remote server (`Authorization`, API keys).
+    /// Their values are secrets, sealed and redacted like `env` values.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// A remote server's CA certificate file (PEM, on every node); without it the system's
+    /// roots are trusted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
     #[serde(default)]
     pub cwd: Option<String>,
     #[serde(default = "default_true")]
@@ -216,6 +231,10 @@ pub struct ServerPatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env: Option<BTreeMap<String, String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
@@ -245,6 +264,12 @@ impl ServerPatch {
         }
         if let Some(v) = p.env {
             spec.env = v;
+        }
+        if let Some(v) = p.url {
+            spec.url = Some(v);
+        }
+        if let Some(v) = p.headers {
+            spec.headers = v;
         }
         if let Some(v) = p.cwd {
             spec.cwd = Some(v);
@@ -287,13 +312,18 @@ pub struct TenantSpec {
 pub const REDACTED: &str = "<redacted>";
 
 impl ServerSpec {
-    /// The spec as the API shows it: `env` names with every value [`REDACTED`].
+    /// The spec as the API shows it: `env` and `headers` names with every value [`REDACTED`].
     pub fn redacted(&self) -> ServerSpec {
         let mut spec = self.clone();
-        for v in spec.env.values_mut() {
+        for v in spec.env.values_mut().chain(spec.headers.values_mut()) {
             *v = REDACTED.to_string();
         }
         spec
+    }
+
+    /// Whether the server is remote (reached over HTTP at `url`) rather than a local process.
+    pub fn is_remote(&self) -> bool {
+        self.url.is_some()
     }
 }
 

@@ -57,43 +57,53 @@ pub async fn list_servers(
     }))
 }
 
-/// The server `name` as this node has it applied (sealed values and all).
-fn stored(state: &AppState, name: &str) -> Option<Versioned<ServerSpec>> {
-    state.registry.local().state.servers.get(name).cloned()
-}
-
-/// Readies a spec for writing: an `env` value sent back as `"<redacted>"` keeps the value
-/// already stored (`current`); then the spec is validated and every value sealed.
-fn sealed(
-    state: &AppState,
-    mut spec: ServerSpec,
-    current: Option<&ServerSpec>,
-) -> Result<ServerSpec, ApiError> {
-    for (name, value) in spec.env.iter_mut() {
-        let stored_value = current.and_then(|c| c.env.get(name));
+/// In one map of secrets (`section`: `env` or `headers`), puts back the stored value of every
+/// one sent as `"<redacted>"`, and refuses a sealed-looking value that is not the stored one.
+fn keep_redacted(
+    section: &str,
+    values: &mut std::collections::BTreeMap<String, String>,
+    stored: Option<&std::collections::BTreeMap<String, String>>,
+) -> Result<(), ApiError> {
+    for (name, value) in values.iter_mut() {
+        let stored_value = stored.and_then(|c| c.get(name));
         if value.starts_with(crate::seal::SEALED) && stored_value != Some(value) {
             return Err(validate::FieldError::new(
-                format!("env.{name}"),
+                format!("{section}.{name}"),
                 format!("a value may not start with {:?}", crate::seal::SEALED),
             )
             .into());
         }
         if value == REDACTED {
-            *value = current
-                .and_then(|c| c.env.get(name))
-                .cloned()
-                .ok_or_else(|| {
-                    validate::FieldError::new(
-                        format!("env.{name}"),
-                        format!("{REDACTED:?} stands for a value already stored; give the value"),
-                    )
-                })?;
+            *value = stored_value.cloned().ok_or_else(|| {
+                validate::FieldError::new(
+                    format!("{section}.{name}"),
+                    format!("{REDACTED:?} stands for a value already stored; give the value"),
+                )
+            })?;
         }
     }
+    Ok(())
+}
+
+/// The server `name` as this node has it applied (sealed values and all).
+fn stored(state: &AppState, name: &str) -> Option<Versioned<ServerSpec>> {
+    state.registry.local().state.servers.get(name).cloned()
+}
+
+/// Readies a spec for writing: a secret (`env` or `headers` value) sent back as
+/// `"<redacted>"` keeps the value already stored (`current`); then the spec is validated and
+/// every secret sealed.
+fn sealed(
+    state: &AppState,
+    mut spec: ServerSpec,
+    current: Option<&ServerSpec>,
+) -> Result<ServerSpec, ApiError> {
+    keep_redacted("env", &mut spec.env, current.map(|c| &c.env))?;
+    keep_redacted("headers", &mut spec.headers, current.map(|c| &c.headers))?;
     validate::server_spec(&spec)?;
     state
         .data_key
-        .seal_env(&mut spec)
+        .seal_secrets(&mut spec)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(spec)
 }
@@ -216,7 +226,11 @@ pub async fn put_server(
     }
     // A "<redacted>" value stands for the stored one: read it linearizably, and write only
     // onto the revision it was read at, so a racing write is not silently reverted.
-    let keeps = spec.env.values().any(|v| v == REDACTED);
+    let keeps = spec
+        .env
+        .values()
+        .chain(spec.headers.values())
+        .any(|v| v == REDACTED);
     if keeps {
         state.registry.barrier().await?;
     }

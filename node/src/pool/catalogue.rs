@@ -4,7 +4,7 @@
 
 use serde_json::{json, Value};
 
-use super::process::Process;
+use super::upstream::Upstream;
 use crate::call::CallError;
 
 /// Most pages followed for one list (a guard against a server that never ends its cursor).
@@ -44,7 +44,11 @@ impl Catalogue {
     }
 }
 
-async fn list_all(process: &Process, method: &str, key: &str) -> Result<Vec<Value>, CallError> {
+async fn list_all(
+    process: &dyn Upstream,
+    method: &str,
+    key: &str,
+) -> Result<Vec<Value>, CallError> {
     let mut out = Vec::new();
     let mut cursor: Option<Value> = None;
     for _ in 0..MAX_PAGES {
@@ -62,8 +66,8 @@ async fn list_all(process: &Process, method: &str, key: &str) -> Result<Vec<Valu
 }
 
 /// Loads the catalogue of the server behind `process`, for what its capabilities declare.
-pub async fn load(process: &Process, server: &str) -> Catalogue {
-    let caps = &process.init["capabilities"];
+pub async fn load(process: &dyn Upstream, server: &str) -> Catalogue {
+    let caps = &process.init()["capabilities"];
     let mut cat = Catalogue {
         loaded: true,
         ..Default::default()

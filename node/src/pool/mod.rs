@@ -10,7 +10,9 @@
 pub mod catalogue;
 pub mod process;
 pub mod reconcile;
+pub mod remote;
 pub mod report;
+pub mod upstream;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -29,7 +31,8 @@ use crate::call::{Affinity, CallError, EventSink};
 use crate::shard::{self, ShardHandles};
 use crate::shutdown::{self, Shutdown, Trigger};
 use catalogue::Catalogue;
-use process::{PoolEvent, Process};
+use process::PoolEvent;
+use upstream::Upstream;
 
 /// Node-wide pool settings (`[pool]` in mcpd.toml).
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -83,7 +86,7 @@ const MAX_DEDICATED: usize = 128;
 /// A session's own process: set once started and initialised. The pool's map holds it while
 /// it starts, so that calls of other sessions do not wait for this one's start.
 struct Dedicated {
-    process: tokio::sync::OnceCell<Arc<Process>>,
+    process: tokio::sync::OnceCell<Arc<dyn Upstream>>,
     last_used: Mutex<Instant>,
 }
 
@@ -140,7 +143,7 @@ impl SlotState {
 }
 
 struct Slot {
-    process: watch::Receiver<Option<Arc<Process>>>,
+    process: watch::Receiver<Option<Arc<dyn Upstream>>>,
     state: watch::Receiver<SlotState>,
     report: report::SlotReport,
 }
@@ -272,12 +275,12 @@ impl Pool {
     pub fn init_result(&self) -> Option<Value> {
         self.slots
             .iter()
-            .find_map(|s| s.process.borrow().as_ref().map(|p| p.init.clone()))
+            .find_map(|s| s.process.borrow().as_ref().map(|p| p.init().clone()))
     }
 
     /// Waits (up to `within`) until some process is ready; `None` when none became ready or
     /// every slot is crash-looping.
-    pub async fn ready(&self, within: Duration) -> Option<Arc<Process>> {
+    pub async fn ready(&self, within: Duration) -> Option<Arc<dyn Upstream>> {
         let deadline = tokio::time::Instant::now() + within;
         let here = shard::current();
         loop {
@@ -361,7 +364,7 @@ impl Pool {
 
     /// The session's own process, started on its first call. Only that session's calls wait
     /// for the start.
-    async fn dedicated_process(&self, affinity: &Affinity) -> Result<Arc<Process>, CallError> {
+    async fn dedicated_process(&self, affinity: &Affinity) -> Result<Arc<dyn Upstream>, CallError> {
         let slot = {
             let mut map = self.dedicated_map();
             match map.get(&affinity.key) {
@@ -421,7 +424,7 @@ impl Pool {
 
     /// Starts a process initialised with the session's own `initialize` parameters, and
     /// restores the session's resource subscriptions on it.
-    async fn start_dedicated(&self, affinity: &Affinity) -> Result<Arc<Process>, CallError> {
+    async fn start_dedicated(&self, affinity: &Affinity) -> Result<Arc<dyn Upstream>, CallError> {
         let mut init = affinity.client_init.clone();
         if !init.is_object() {
             init = serde_json::json!({});
@@ -436,7 +439,7 @@ impl Pool {
             init["clientInfo"] =
                 serde_json::json!({ "name": "mcpd", "version": env!("CARGO_PKG_VERSION") });
         }
-        let process = Process::start_as(
+        let process = upstream::connect(
             &self.spec.spec,
             self.pool_events.clone(),
             process::StartOptions {
@@ -449,7 +452,6 @@ impl Pool {
         .map_err(|e| {
             CallError::NotRun(format!("server {:?}: {e}; the call did not run", self.name))
         })?;
-        let process = Arc::new(process);
         // A session that moved here from another node keeps its subscriptions.
         for uri in &affinity.subscriptions {
             let _ = process
@@ -487,7 +489,7 @@ impl Pool {
         params: Option<Value>,
         events: Option<EventSink>,
         owner: Option<Arc<str>>,
-    ) -> Result<(Value, Arc<Process>), CallError> {
+    ) -> Result<(Value, Arc<dyn Upstream>), CallError> {
         let started = Instant::now();
         let timeout = Duration::from_millis(self.spec.spec.timeouts.request_ms);
         if self.closed.load(Ordering::Relaxed) {
@@ -605,14 +607,14 @@ async fn start_on(
     spec: &ServerSpec,
     pool_events: mpsc::Sender<PoolEvent>,
     options: process::StartOptions,
-) -> Result<Process, process::ProcessError> {
+) -> Result<Arc<dyn Upstream>, process::ProcessError> {
     let Some(shard) = shard else {
-        return Process::start(spec, pool_events, options).await;
+        return upstream::connect(spec, pool_events, options, None).await;
     };
     let spec = spec.clone();
     let mut start = JoinSet::new();
     start.spawn_on(
-        async move { Process::start(&spec, pool_events, options).await },
+        async move { upstream::connect(&spec, pool_events, options, None).await },
         shard,
     );
     match start.join_next().await {
@@ -637,7 +639,7 @@ struct Place {
 async fn supervise(
     place: Place,
     spec: ServerSpec,
-    process_tx: watch::Sender<Option<Arc<Process>>>,
+    process_tx: watch::Sender<Option<Arc<dyn Upstream>>>,
     state_tx: watch::Sender<SlotState>,
     pool_events: mpsc::Sender<PoolEvent>,
     stop: Shutdown,
@@ -675,7 +677,6 @@ async fn supervise(
         };
         match attempt {
             Ok(p) => {
-                let p = Arc::new(p);
                 tracing::info!(server = %server, slot = index, pid = p.pid().unwrap_or(0), "server process ready");
                 report.started(p.pid());
                 let _ = process_tx.send(Some(p.clone()));
@@ -783,7 +784,7 @@ async fn watch_catalogue(
         if !loaded {
             if let Some(p) = pool.upgrade() {
                 if let Some(proc_) = p.ready(Duration::ZERO).await {
-                    let cat = catalogue::load(&proc_, &p.name).await;
+                    let cat = catalogue::load(proc_.as_ref(), &p.name).await;
                     *p.catalogue.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(cat);
                     loaded = true;
                 }

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mcpcp_proto::api::ServerSpec;
-use mcpcp_proto::mcp::{code, ErrorObject, Message, RequestId, LATEST_SESSION_VERSION};
+use mcpcp_proto::mcp::{code, ErrorObject, Message, RequestId};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
@@ -172,22 +172,13 @@ pub struct StartOptions {
 }
 
 impl Process {
-    /// Spawns the server, performs the MCP handshake and returns once it is ready.
-    pub async fn start(
-        spec: &ServerSpec,
-        pool_events: mpsc::Sender<PoolEvent>,
-        options: StartOptions,
-    ) -> Result<Process, ProcessError> {
-        Self::start_as(spec, pool_events, options, None).await
-    }
-
-    /// Like [`Process::start`], initialising the server with a downstream client's own
-    /// `initialize` params (dedicated processes) instead of the gateway's.
+    /// Spawns the server, performs the MCP handshake with `client_init` (the gateway's own
+    /// `initialize` params, or a dedicated session's client's) and returns once it is ready.
     pub async fn start_as(
         spec: &ServerSpec,
         pool_events: mpsc::Sender<PoolEvent>,
         options: StartOptions,
-        client_init: Option<Value>,
+        client_init: Value,
     ) -> Result<Process, ProcessError> {
         let StartOptions {
             answer_spin,
@@ -258,22 +249,12 @@ impl Process {
             exited: exited_rx,
             init: Value::Null,
         };
-        let params = client_init.unwrap_or_else(|| {
-            json!({
-                "protocolVersion": LATEST_SESSION_VERSION,
-                "capabilities": {
-                    "sampling": {},
-                    "elicitation": {},
-                    "roots": { "listChanged": true },
-                },
-                "clientInfo": { "name": "mcpd", "version": env!("CARGO_PKG_VERSION") },
-            })
-        });
         let startup = Duration::from_millis(spec.timeouts.startup_ms);
-        let init = tokio::time::timeout(startup, process.call("initialize", Some(params), None))
-            .await
-            .map_err(|_| ProcessError::StartupTimeout(startup))?
-            .map_err(|e| ProcessError::Initialize(e.to_string()))?;
+        let init =
+            tokio::time::timeout(startup, process.call("initialize", Some(client_init), None))
+                .await
+                .map_err(|_| ProcessError::StartupTimeout(startup))?
+                .map_err(|e| ProcessError::Initialize(e.to_string()))?;
         process.notify("notifications/initialized", None).await;
         process.init = init;
         Ok(process)

@@ -113,6 +113,7 @@ fn desired(registry: &Registry) -> BTreeMap<String, Versioned<ServerSpec>> {
 }
 
 /// Starts, replaces and stops pools so that they match [`desired`]. A server's sealed `env`
+/// and `headers`
 /// values are opened here, for its processes only (see `crate::seal`).
 fn reconcile(
     registry: &Registry,
@@ -131,10 +132,10 @@ fn reconcile(
             continue;
         }
         let mut opened = spec.clone();
-        if let Err(e) = key.open_env(&mut opened.spec) {
+        if let Err(e) = key.open_secrets(&mut opened.spec) {
             metrics::counter!("mcpd_pool_start_refusals_total", "reason" => "sealed_env")
                 .increment(1);
-            tracing::error!(server = %name, error = %e, "not starting the server: its env does not open with this node's data key (is data.key the cluster's?)");
+            tracing::error!(server = %name, error = %e, "not starting the server: its sealed env or headers do not open with this node's data key (is data.key the cluster's?)");
             continue;
         }
         for inherited in &cfg.inherit_env {

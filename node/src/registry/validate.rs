@@ -63,13 +63,71 @@ pub fn name(field: &str, value: &str, max: usize) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// A remote server's endpoint: an absolute `http` or `https` URL with a host.
+fn remote_url(url: &str) -> Result<(), FieldError> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| {
+            FieldError::new(
+                "url",
+                format!("{url:?} must start with https:// or http://"),
+            )
+        })?;
+    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if host.is_empty() || url.len() > 2048 || url.bytes().any(|b| b.is_ascii_control() || b == b' ')
+    {
+        return Err(FieldError::new(
+            "url",
+            format!("{url:?} is not an absolute URL with a host (at most 2048 bytes, no spaces)"),
+        ));
+    }
+    Ok(())
+}
+
 pub fn server_spec(spec: &ServerSpec) -> Result<(), FieldError> {
     name("name", &spec.name, MAX_SERVER_NAME)?;
     if let Some(t) = &spec.tenant {
         name("tenant", t, MAX_TENANT_NAME)?;
     }
-    if spec.command.trim().is_empty() {
-        return Err(FieldError::new("command", "must not be empty"));
+    match &spec.url {
+        None if spec.command.trim().is_empty() => {
+            return Err(FieldError::new(
+                "command",
+                "must not be empty (or give url for a remote server)",
+            ));
+        }
+        None => {}
+        Some(_) if !spec.command.is_empty() => {
+            return Err(FieldError::new(
+                "url",
+                "a server is either local (command) or remote (url), not both",
+            ));
+        }
+        Some(url) => remote_url(url)?,
+    }
+    if spec.url.is_none() && !spec.headers.is_empty() {
+        return Err(FieldError::new(
+            "headers",
+            "only a remote server (url) has headers",
+        ));
+    }
+    for (k, v) in &spec.headers {
+        let valid_name = !k.is_empty()
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b));
+        if !valid_name {
+            return Err(FieldError::new(
+                format!("headers.{k}"),
+                "a header name is letters, digits, '-' and '_'",
+            ));
+        }
+        if v.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
+            return Err(FieldError::new(
+                format!("headers.{k}"),
+                "must not contain control characters",
+            ));
+        }
     }
     if spec.command.contains('\0') || spec.args.iter().any(|a| a.contains('\0')) {
         return Err(FieldError::new("args", "must not contain NUL bytes"));

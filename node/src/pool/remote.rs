@@ -1,0 +1,677 @@
+//! A remote MCP server, reached over Streamable HTTP (the session-based revisions, 2025-03-26
+//! to 2025-11-25): one upstream session per connection, shared by the calls of many clients as
+//! a stdio process is.
+//!
+//! - Each call is a POST. Its answer is JSON, or an SSE stream that carries the server's
+//!   progress, logging and its own requests (sampling, elicitation, roots) for that call
+//!   before the answer; the requests go to the call's client and their answers are POSTed
+//!   back.
+//! - Progress tokens are rewritten to `mcpd-p-<id>` (unique within the upstream session, whose
+//!   calls come from many clients) and restored on the way back.
+//! - A GET stream, when the server offers one, carries what belongs to no call (list_changed,
+//!   resources/updated) to the pool's events.
+//! - **A session the server forgot** (404 on `Mcp-Session-Id`, a restarted server) is opened
+//!   again transparently: the request was refused, not run, so it is sent again on the new
+//!   session, after the subscriptions are replayed. A call whose stream breaks after the
+//!   server took it may have run: it fails as `Crashed`, and only the router's retry rule
+//!   (reads, idempotent tools) sends it again.
+//! - Dropping a call's future (timeout, client gone) sends `notifications/cancelled`.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use mcpcp_proto::api::ServerSpec;
+use mcpcp_proto::mcp::{Message, RequestId};
+use mcpcp_proto::sse::SseParser;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT, CONTENT_TYPE};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch};
+
+use super::process::{PoolEvent, ProcessError};
+use crate::call::{CallError, CallEvent, EventSink, Responder};
+
+const SESSION_HEADER: &str = "mcp-session-id";
+const VERSION_HEADER: &str = "mcp-protocol-version";
+/// Largest answer body read from a remote server.
+const MAX_BODY: usize = 16 << 20;
+
+/// The session the server gave at `initialize`, and the revision it agreed to.
+#[derive(Clone, Default)]
+struct Session {
+    id: Option<String>,
+    version: String,
+}
+
+struct Shared {
+    server: String,
+    url: String,
+    http: reqwest::Client,
+    /// The spec's headers (opened secrets).
+    headers: HeaderMap,
+    /// What `initialize` is sent with, again when the session is renewed.
+    client_init: Value,
+    session: Mutex<Session>,
+    /// Bumped on every renewal, so concurrent calls that all met a 404 renew it once.
+    generation: AtomicU64,
+    renewing: tokio::sync::Mutex<()>,
+    next_id: AtomicU64,
+    in_flight: AtomicUsize,
+    alive: AtomicBool,
+    closed: watch::Sender<bool>,
+    /// Resources subscribed on this session, replayed on a renewed one.
+    subscriptions: Mutex<BTreeSet<String>>,
+    pool_events: mpsc::Sender<PoolEvent>,
+    /// A call's request timeout, for the POSTs that are not a call (answers, notifications).
+    request_timeout: Duration,
+}
+
+/// A remote server's session.
+pub struct Remote {
+    shared: Arc<Shared>,
+    init: Value,
+    shard: Option<usize>,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+/// How one POST ended.
+enum Posted {
+    /// The JSON-RPC response to the request.
+    Answer(Result<Value, mcpcp_proto::mcp::ErrorObject>),
+    /// 202: accepted (a notification or a response).
+    Accepted,
+    /// 404 on a session: the server does not know it (any more).
+    SessionGone,
+}
+
+impl Remote {
+    /// Opens a session with the server at `spec.url`: `initialize`, then `initialized`.
+    pub async fn connect(
+        spec: &ServerSpec,
+        pool_events: mpsc::Sender<PoolEvent>,
+        client_init: Value,
+    ) -> Result<Remote, ProcessError> {
+        let url = spec.url.clone().unwrap_or_default();
+        let failed = |e: String| ProcessError::Initialize(format!("{url}: {e}"));
+        let tls = mcpcp_pki::trust::client_config(
+            spec.ca_file.as_deref().map(std::path::Path::new),
+            &[b"http/1.1"],
+        )
+        .map_err(|e| failed(format!("ca_file: {e}")))?;
+        let startup = Duration::from_millis(spec.timeouts.startup_ms);
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .connect_timeout(startup)
+            .build()
+            .map_err(|e| failed(e.to_string()))?;
+        let mut headers = HeaderMap::new();
+        for (k, v) in &spec.headers {
+            let name = HeaderName::from_bytes(k.as_bytes())
+                .map_err(|_| failed(format!("headers.{k}: not a header name")))?;
+            let mut value = HeaderValue::from_str(v)
+                .map_err(|_| failed(format!("headers.{k}: not a header value")))?;
+            value.set_sensitive(true);
+            headers.insert(name, value);
+        }
+        let (closed, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            server: spec.name.clone(),
+            url: url.clone(),
+            http,
+            headers,
+            client_init,
+            session: Mutex::new(Session::default()),
+            generation: AtomicU64::new(0),
+            renewing: tokio::sync::Mutex::new(()),
+            next_id: AtomicU64::new(1),
+            in_flight: AtomicUsize::new(0),
+            alive: AtomicBool::new(true),
+            closed,
+            subscriptions: Mutex::new(BTreeSet::new()),
+            pool_events,
+            request_timeout: Duration::from_millis(spec.timeouts.request_ms),
+        });
+        let init = tokio::time::timeout(startup, shared.initialize())
+            .await
+            .map_err(|_| ProcessError::StartupTimeout(startup))?
+            .map_err(|e| failed(e.to_string()))?;
+        let listener = tokio::spawn(listen(Arc::downgrade(&shared)));
+        tracing::info!(server = %spec.name, url = %url, protocol = %shared.session().version, session = shared.session().id.is_some(), "remote server connected");
+        Ok(Remote {
+            shared,
+            init,
+            shard: crate::shard::current(),
+            listener,
+        })
+    }
+
+    pub fn init(&self) -> &Value {
+        &self.init
+    }
+
+    pub fn shard(&self) -> Option<usize> {
+        self.shard
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.shared.alive.load(Ordering::Relaxed)
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub async fn exited(&self) {
+        let mut rx = self.shared.closed.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    /// Sends a request and waits for its answer (see the module docs).
+    pub async fn call(
+        &self,
+        method: &str,
+        mut params: Option<Value>,
+        events: Option<EventSink>,
+    ) -> Result<Value, CallError> {
+        let shared = &self.shared;
+        if !self.is_alive() {
+            return Err(CallError::NotRun(format!(
+                "remote server {:?} is disconnected; the call did not run",
+                shared.server
+            )));
+        }
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let progress_token = params
+            .as_mut()
+            .and_then(|p| p.get_mut("_meta"))
+            .and_then(|m| m.as_object_mut())
+            .and_then(|m| {
+                let original = m.remove("progressToken")?;
+                m.insert("progressToken".into(), json!(format!("mcpd-p-{id}")));
+                Some(original)
+            });
+        let _counted = InFlight::enter(&shared.in_flight);
+        let mut cancel = CancelOnDrop {
+            shared: shared.clone(),
+            id,
+            armed: true,
+        };
+        let request = Message::request(RequestId::Num(id as i64), method, params);
+        let relay = Relay {
+            events,
+            progress_token,
+        };
+        let mut renewed = false;
+        let outcome = loop {
+            let generation = shared.generation.load(Ordering::Acquire);
+            match shared.post(&request, Some(&relay)).await {
+                Ok(Posted::Answer(outcome)) => break outcome.map_err(CallError::Answered),
+                Ok(Posted::Accepted) => {
+                    break Err(CallError::Crashed(format!(
+                        "remote server {:?} accepted {method} without an answer; it may or may not have run",
+                        shared.server
+                    )))
+                }
+                Ok(Posted::SessionGone) if !renewed => {
+                    // Refused, not run: renew the session and send it again.
+                    renewed = true;
+                    if let Err(e) = shared.renew(generation).await {
+                        break Err(CallError::NotRun(format!(
+                            "remote server {:?} forgot the session and a new one failed ({e}); the call did not run",
+                            shared.server
+                        )));
+                    }
+                }
+                Ok(Posted::SessionGone) => {
+                    break Err(CallError::NotRun(format!(
+                        "remote server {:?} refused the renewed session too; the call did not run",
+                        shared.server
+                    )))
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        cancel.armed = false;
+        if outcome.is_ok() {
+            shared.remember_subscription(method, &request);
+        }
+        outcome
+    }
+
+    /// Sends a notification.
+    pub async fn notify(&self, method: &str, params: Option<Value>) {
+        let shared = &self.shared;
+        let _ = shared
+            .send_note(&shared.session(), &Message::notification(method, params))
+            .await;
+    }
+
+    /// Ends the session (`DELETE`, within `grace`).
+    pub async fn stop(&self, grace: Duration) {
+        let shared = &self.shared;
+        shared.alive.store(false, Ordering::Relaxed);
+        let session = shared.session();
+        if let Some(id) = session.id {
+            let req = shared
+                .http
+                .delete(&shared.url)
+                .headers(shared.headers.clone())
+                .header(SESSION_HEADER, id)
+                .header(VERSION_HEADER, session.version)
+                .timeout(grace);
+            let _ = req.send().await;
+        }
+        let _ = shared.closed.send(true);
+    }
+}
+
+/// Where the server's messages for one call go.
+struct Relay {
+    events: Option<EventSink>,
+    progress_token: Option<Value>,
+}
+
+impl Shared {
+    fn session(&self) -> Session {
+        self.session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// `initialize` and `initialized` on a new session, which then replaces the current one;
+    /// returns the server's answer.
+    async fn initialize(self: &Arc<Self>) -> Result<Value, CallError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let request = Message::request(
+            RequestId::Num(id as i64),
+            "initialize",
+            Some(self.client_init.clone()),
+        );
+        let (posted, session_id) = self.post_on(&Session::default(), &request, None).await?;
+        let init = match posted {
+            Posted::Answer(Ok(v)) => v,
+            Posted::Answer(Err(e)) => return Err(CallError::Answered(e)),
+            Posted::Accepted | Posted::SessionGone => {
+                return Err(CallError::NotRun("initialize got no answer".into()))
+            }
+        };
+        let session = Session {
+            id: session_id,
+            version: init["protocolVersion"]
+                .as_str()
+                .unwrap_or(mcpcp_proto::mcp::LATEST_SESSION_VERSION)
+                .to_string(),
+        };
+        let initialized = Message::notification("notifications/initialized", None);
+        self.send_note(&session, &initialized).await?;
+        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = session;
+        Ok(init)
+    }
+
+    /// Opens a new session in place of one the server forgot (once for every call that met
+    /// the 404 on session `generation`), and replays the subscriptions on it.
+    async fn renew(self: &Arc<Self>, generation: u64) -> Result<(), CallError> {
+        let _one = self.renewing.lock().await;
+        if self.generation.load(Ordering::Acquire) != generation {
+            return Ok(());
+        }
+        tracing::warn!(server = %self.server, "the remote server forgot the session; opening a new one");
+        metrics::counter!("mcpd_upstream_sessions_renewed_total", "server" => self.server.clone())
+            .increment(1);
+        self.initialize().await?;
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let uris: Vec<String> = self
+            .subscriptions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        for uri in uris {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let request = Message::request(
+                RequestId::Num(id as i64),
+                "resources/subscribe",
+                Some(json!({ "uri": uri })),
+            );
+            if let Err(e) = self.post(&request, None).await {
+                tracing::warn!(server = %self.server, uri = %uri, error = %e, "a subscription was not replayed on the new session");
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps the session's subscriptions, to replay them on a renewed session.
+    fn remember_subscription(&self, method: &str, request: &Message) {
+        let Message::Request {
+            params: Some(p), ..
+        } = request
+        else {
+            return;
+        };
+        let Some(uri) = p["uri"].as_str() else {
+            return;
+        };
+        let mut subs = self.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
+        match method {
+            "resources/subscribe" => {
+                subs.insert(uri.to_string());
+            }
+            "resources/unsubscribe" => {
+                subs.remove(uri);
+            }
+            _ => {}
+        }
+    }
+
+    fn request(&self, method: reqwest::Method, session: &Session) -> reqwest::RequestBuilder {
+        let mut req = self
+            .http
+            .request(method, &self.url)
+            .headers(self.headers.clone())
+            .header(ACCEPT, "application/json, text/event-stream");
+        if let Some(id) = &session.id {
+            req = req.header(SESSION_HEADER, id);
+        }
+        if !session.version.is_empty() {
+            req = req.header(VERSION_HEADER, &session.version);
+        }
+        req
+    }
+
+    /// POSTs a notification or a response on `session`: the server accepts it (202) or not.
+    async fn send_note(&self, session: &Session, msg: &Message) -> Result<(), CallError> {
+        let resp = self
+            .request(reqwest::Method::POST, session)
+            .header(CONTENT_TYPE, "application/json")
+            .body(msg.to_line())
+            .timeout(self.request_timeout)
+            .send()
+            .await
+            .map_err(|e| CallError::NotRun(format!("remote server {:?}: {e}", self.server)))?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(CallError::NotRun(format!(
+                "remote server {:?} answered HTTP {}",
+                self.server,
+                resp.status()
+            )))
+        }
+    }
+
+    /// POSTs one request on the current session.
+    async fn post(
+        self: &Arc<Self>,
+        msg: &Message,
+        relay: Option<&Relay>,
+    ) -> Result<Posted, CallError> {
+        let session = self.session();
+        self.post_on(&session, msg, relay).await.map(|(p, _)| p)
+    }
+
+    /// POSTs one request on `session`; its answer is read from JSON or from its SSE
+    /// stream, whose other messages go to `relay`. Also returns the session id the server
+    /// gave (at `initialize`).
+    async fn post_on(
+        self: &Arc<Self>,
+        session: &Session,
+        msg: &Message,
+        relay: Option<&Relay>,
+    ) -> Result<(Posted, Option<String>), CallError> {
+        let req = self
+            .request(reqwest::Method::POST, session)
+            .header(CONTENT_TYPE, "application/json")
+            .body(msg.to_line());
+        let resp = req.send().await.map_err(|e| {
+            if e.is_connect() {
+                CallError::NotRun(format!(
+                    "remote server {:?} is unreachable ({e}); the call did not run",
+                    self.server
+                ))
+            } else {
+                CallError::Crashed(format!(
+                    "remote server {:?}: {e}; it may or may not have run",
+                    self.server
+                ))
+            }
+        })?;
+        let status = resp.status();
+        let given = resp
+            .headers()
+            .get(SESSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from);
+        if status == StatusCode::NOT_FOUND && session.id.is_some() {
+            return Ok((Posted::SessionGone, given));
+        }
+        if status == StatusCode::ACCEPTED {
+            return Ok((Posted::Accepted, given));
+        }
+        let sse = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if sse && status.is_success() {
+            return self.read_stream(resp, relay).await.map(|p| (p, given));
+        }
+        let body = read_body(resp).await.map_err(|e| {
+            CallError::Crashed(format!(
+                "remote server {:?}: {e}; it may or may not have run",
+                self.server
+            ))
+        })?;
+        match Message::parse(&body) {
+            Ok(Message::Response { outcome, .. }) => Ok((Posted::Answer(outcome), given)),
+            _ if status == StatusCode::SERVICE_UNAVAILABLE => Err(CallError::NotRun(format!(
+                "remote server {:?} answered 503; the call did not run",
+                self.server
+            ))),
+            _ => Err(CallError::Crashed(format!(
+                "remote server {:?} answered HTTP {status} without a JSON-RPC answer; it may or may not have run",
+                self.server
+            ))),
+        }
+    }
+
+    /// Reads a call's SSE stream until its answer.
+    async fn read_stream(
+        self: &Arc<Self>,
+        resp: reqwest::Response,
+        relay: Option<&Relay>,
+    ) -> Result<Posted, CallError> {
+        let mut parser = SseParser::default();
+        let mut body = resp.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| {
+                CallError::Crashed(format!(
+                    "remote server {:?}: the stream broke ({e}); it may or may not have run",
+                    self.server
+                ))
+            })?;
+            for event in parser.feed(&chunk) {
+                let Ok(msg) = Message::parse(event.data.as_bytes()) else {
+                    continue;
+                };
+                if let Message::Response { outcome, .. } = msg {
+                    return Ok(Posted::Answer(outcome));
+                }
+                self.relay(msg, relay).await;
+            }
+        }
+        Err(CallError::Crashed(format!(
+            "remote server {:?} ended the stream without an answer; it may or may not have run",
+            self.server
+        )))
+    }
+
+    /// A message of the server during a call: to the call's client when it has one, with its
+    /// progress token restored; a request no client can take is refused.
+    async fn relay(self: &Arc<Self>, msg: Message, relay: Option<&Relay>) {
+        let sink = relay.and_then(|r| r.events.as_ref());
+        match msg {
+            Message::Notification { method, mut params } => {
+                if method == "notifications/progress" {
+                    if let (Some(p), Some(token)) = (
+                        params.as_mut(),
+                        relay.and_then(|r| r.progress_token.clone()),
+                    ) {
+                        p["progressToken"] = token;
+                    }
+                }
+                let msg = Message::Notification { method, params };
+                match sink {
+                    Some(events) => {
+                        let _ = events.send(CallEvent::Notify(msg)).await;
+                    }
+                    None => {
+                        let _ = self.pool_events.try_send(PoolEvent::Notify(msg));
+                    }
+                }
+            }
+            Message::Request { id, method, params } => {
+                let (tx, rx) = mpsc::channel::<Vec<u8>>(1);
+                tokio::spawn(answer(self.clone(), rx));
+                let responder = Responder::new(tx, id);
+                match sink {
+                    Some(events) => {
+                        let _ = events
+                            .send(CallEvent::Request {
+                                method,
+                                params,
+                                responder,
+                            })
+                            .await;
+                    }
+                    None => {
+                        responder
+                            .respond(Err(mcpcp_proto::mcp::ErrorObject::new(
+                                mcpcp_proto::mcp::code::METHOD_NOT_FOUND,
+                                format!("{method}: no client is attached to this request"),
+                            )))
+                            .await
+                    }
+                }
+            }
+            Message::Response { .. } => {}
+        }
+    }
+}
+
+/// POSTs the client's answer to one request of the server (a line written by a
+/// [`Responder`]); a responder dropped unanswered sends nothing.
+async fn answer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Vec<u8>>) {
+    let Some(line) = rx.recv().await else {
+        return;
+    };
+    let Ok(msg) = Message::parse(&line) else {
+        return;
+    };
+    if let Err(e) = shared.send_note(&shared.session(), &msg).await {
+        tracing::warn!(server = %shared.server, error = %e, "an answer to the remote server's request was not delivered");
+    }
+}
+
+/// The standalone GET stream: what the server says outside any call, to the pool's events.
+/// A server without one (405) is left alone; a broken stream is opened again after a pause.
+async fn listen(shared: std::sync::Weak<Shared>) {
+    let mut pause = Duration::from_millis(500);
+    loop {
+        let Some(s) = shared.upgrade() else { return };
+        if !s.alive.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut accept = HeaderMap::new();
+        accept.insert(ACCEPT, HeaderValue::from_static("text/event-stream"));
+        let resp = s
+            .request(reqwest::Method::GET, &s.session())
+            .headers(accept)
+            .send()
+            .await;
+        match resp {
+            Ok(r) if r.status() == StatusCode::METHOD_NOT_ALLOWED => return,
+            Ok(r) if r.status().is_success() => {
+                pause = Duration::from_millis(500);
+                let mut parser = SseParser::default();
+                let mut body = r.bytes_stream();
+                drop(s);
+                while let Some(Ok(chunk)) = body.next().await {
+                    let Some(s) = shared.upgrade() else { return };
+                    for event in parser.feed(&chunk) {
+                        if let Ok(msg) = Message::parse(event.data.as_bytes()) {
+                            s.relay(msg, None).await;
+                        }
+                    }
+                }
+            }
+            _ => drop(s),
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(30));
+    }
+}
+
+async fn read_body(resp: reqwest::Response) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    let mut body = resp.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        if out.len() + chunk.len() > MAX_BODY {
+            return Err(format!("an answer over {MAX_BODY} bytes"));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+/// Counts a call in flight while it lives.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(n: &'a AtomicUsize) -> InFlight<'a> {
+        n.fetch_add(1, Ordering::Relaxed);
+        InFlight(n)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Tells the server a call was abandoned (its future dropped before the answer).
+struct CancelOnDrop {
+    shared: Arc<Shared>,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let shared = self.shared.clone();
+        let note = Message::notification(
+            "notifications/cancelled",
+            Some(json!({ "requestId": self.id, "reason": "the client stopped waiting" })),
+        );
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = shared.send_note(&shared.session(), &note).await;
+            });
+        }
+    }
+}

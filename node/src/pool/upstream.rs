@@ -1,0 +1,170 @@
+//! A connection to one MCP server that carries calls and the server's own messages: a local
+//! process over stdio ([`super::process`]) or a remote server over Streamable HTTP
+//! ([`super::remote`]). The pool, its supervisors, the catalogue and the router work on this
+//! trait; only [`connect`] knows which transport a server uses.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use mcpcp_proto::api::ServerSpec;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use super::process::{PoolEvent, Process, ProcessError, StartOptions};
+use super::remote::Remote;
+use crate::call::{CallError, EventSink};
+
+/// One ready connection to a server, initialised.
+pub trait Upstream: Send + Sync {
+    /// The server's answer to `initialize` (server info, capabilities, instructions).
+    fn init(&self) -> &Value;
+    /// The transport, for logs and metrics: `stdio` or `http`.
+    fn transport(&self) -> &'static str;
+    /// The process id of a local server.
+    fn pid(&self) -> Option<u32>;
+    /// The data-plane shard whose runtime drives its I/O (`None`: the main runtime).
+    fn shard(&self) -> Option<usize>;
+    /// Whether it can take calls.
+    fn is_alive(&self) -> bool;
+    /// Calls in flight on it.
+    fn in_flight(&self) -> usize;
+    /// Completes when it can take no more calls (the process exited, the connection closed).
+    fn exited(&self) -> BoxFuture<'_, ()>;
+    /// Sends a request for downstream session `owner` and waits for the answer; `events`
+    /// receives the server's messages that belong to the call. Dropping the future cancels
+    /// the call upstream.
+    fn call_owned<'a>(
+        &'a self,
+        method: &'a str,
+        params: Option<Value>,
+        events: Option<EventSink>,
+        owner: Option<Arc<str>>,
+    ) -> BoxFuture<'a, Result<Value, CallError>>;
+    /// Sends a notification.
+    fn notify<'a>(&'a self, method: &'a str, params: Option<Value>) -> BoxFuture<'a, ()>;
+    /// Ends it: a process is asked to exit (then signalled after `grace`), a remote
+    /// session is deleted.
+    fn stop(&self, grace: Duration) -> BoxFuture<'_, ()>;
+}
+
+impl dyn Upstream + '_ {
+    /// A request that belongs to no downstream session.
+    pub async fn call(
+        &self,
+        method: &str,
+        params: Option<Value>,
+        events: Option<EventSink>,
+    ) -> Result<Value, CallError> {
+        self.call_owned(method, params, events, None).await
+    }
+}
+
+/// Connects to the server `spec` names, initialised with `client_init` (a dedicated
+/// session's own parameters) or the gateway's own.
+pub async fn connect(
+    spec: &ServerSpec,
+    pool_events: mpsc::Sender<PoolEvent>,
+    options: StartOptions,
+    client_init: Option<Value>,
+) -> Result<Arc<dyn Upstream>, ProcessError> {
+    let client_init = client_init.unwrap_or_else(gateway_init);
+    if spec.is_remote() {
+        let remote = Remote::connect(spec, pool_events, client_init).await?;
+        return Ok(Arc::new(remote));
+    }
+    let process = Process::start_as(spec, pool_events, options, client_init).await?;
+    Ok(Arc::new(process))
+}
+
+/// The gateway's own `initialize` parameters, for a connection no client owns.
+pub fn gateway_init() -> Value {
+    serde_json::json!({
+        "protocolVersion": mcpcp_proto::mcp::LATEST_SESSION_VERSION,
+        "capabilities": {
+            "sampling": {},
+            "elicitation": {},
+            "roots": { "listChanged": true },
+        },
+        "clientInfo": { "name": "mcpd", "version": env!("CARGO_PKG_VERSION") },
+    })
+}
+
+impl Upstream for Process {
+    fn init(&self) -> &Value {
+        &self.init
+    }
+    fn transport(&self) -> &'static str {
+        "stdio"
+    }
+    fn pid(&self) -> Option<u32> {
+        Process::pid(self)
+    }
+    fn shard(&self) -> Option<usize> {
+        Process::shard(self)
+    }
+    fn is_alive(&self) -> bool {
+        Process::is_alive(self)
+    }
+    fn in_flight(&self) -> usize {
+        Process::in_flight(self)
+    }
+    fn exited(&self) -> BoxFuture<'_, ()> {
+        Box::pin(Process::exited(self))
+    }
+    fn call_owned<'a>(
+        &'a self,
+        method: &'a str,
+        params: Option<Value>,
+        events: Option<EventSink>,
+        owner: Option<Arc<str>>,
+    ) -> BoxFuture<'a, Result<Value, CallError>> {
+        Box::pin(Process::call_owned(self, method, params, events, owner))
+    }
+    fn notify<'a>(&'a self, method: &'a str, params: Option<Value>) -> BoxFuture<'a, ()> {
+        Box::pin(Process::notify(self, method, params))
+    }
+    fn stop(&self, grace: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(Process::stop(self, grace))
+    }
+}
+
+impl Upstream for Remote {
+    fn init(&self) -> &Value {
+        Remote::init(self)
+    }
+    fn transport(&self) -> &'static str {
+        "http"
+    }
+    fn pid(&self) -> Option<u32> {
+        None
+    }
+    fn shard(&self) -> Option<usize> {
+        Remote::shard(self)
+    }
+    fn is_alive(&self) -> bool {
+        Remote::is_alive(self)
+    }
+    fn in_flight(&self) -> usize {
+        Remote::in_flight(self)
+    }
+    fn exited(&self) -> BoxFuture<'_, ()> {
+        Box::pin(Remote::exited(self))
+    }
+    fn call_owned<'a>(
+        &'a self,
+        method: &'a str,
+        params: Option<Value>,
+        events: Option<EventSink>,
+        _owner: Option<Arc<str>>,
+    ) -> BoxFuture<'a, Result<Value, CallError>> {
+        // Each call has its own stream: the server's messages need no owner to find it.
+        Box::pin(Remote::call(self, method, params, events))
+    }
+    fn notify<'a>(&'a self, method: &'a str, params: Option<Value>) -> BoxFuture<'a, ()> {
+        Box::pin(Remote::notify(self, method, params))
+    }
+    fn stop(&self, grace: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(Remote::stop(self, grace))
+    }
+}

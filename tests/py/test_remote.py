@@ -1,0 +1,185 @@
+"""Remote MCP servers behind the cluster: servers that run elsewhere and speak Streamable HTTP,
+registered with `mcpctl server add NAME --url URL`. Every node connects to them; clients reach
+them as they reach stdio servers, through `/mcp` (names `server__tool`) and
+`/servers/{name}/mcp`, in both protocol eras.
+
+The upstreams are real: a server written with the Python SDK (`servers/remote_tools.py`,
+sessions on, an API key required) and `@modelcontextprotocol/server-everything` in its
+streamableHttp mode. They listen on loopback ports the tests pick, and are stopped whatever
+happens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import NODE22, NPM, VENV_BIN, Cluster
+from helpers import MODES, client, run, text_of, wait_until
+
+HERE = Path(__file__).resolve().parent
+KEY = f"key-{uuid.uuid4().hex}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Upstream:
+    """One remote server process on a loopback port; `restart` keeps the port."""
+
+    def __init__(self, argv: list[str], port: int, env: dict[str, str] | None = None):
+        self.argv, self.port, self.env = argv, port, env
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/mcp"
+
+    def start(self) -> None:
+        env = {**os.environ, **(self.env or {})}
+        self.proc = subprocess.Popen(self.argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self._listening, 30, f"the upstream listening on port {self.port}")
+
+    def _listening(self) -> bool:
+        assert self.proc and self.proc.poll() is None, "the upstream exited"
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture(scope="module")
+def sdk_upstream():
+    port = free_port()
+    up = Upstream([str(VENV_BIN / "python"), str(HERE / "servers/remote_tools.py"), str(port), KEY], port)
+    up.start()
+    try:
+        yield up
+    finally:
+        up.stop()
+
+
+@pytest.fixture(scope="module")
+def everything_upstream():
+    port = free_port()
+    up = Upstream(
+        [str(NODE22), str(NPM / "@modelcontextprotocol/server-everything/dist/index.js"), "streamableHttp"],
+        port,
+        env={"PORT": str(port)},
+    )
+    up.start()
+    try:
+        yield up
+    finally:
+        up.stop()
+
+
+@pytest.fixture(scope="module")
+def remote(cluster: Cluster, sdk_upstream: Upstream) -> str:
+    """The SDK server, registered with its API key as a (sealed) header."""
+    name = "remote"
+    cluster.mcpctl("server", "add", name, "--url", sdk_upstream.url, "--header", f"X-Api-Key={KEY}")
+    cluster.wait_tools(name, ["echo", "add", "count"])
+    return name
+
+
+def test_a_remote_server_is_registered_with_its_headers_sealed(cluster, remote):
+    shown = json.loads(cluster.mcpctl("server", "get", remote, "-o", "json"))
+    assert shown["spec"]["url"].startswith("http://127.0.0.1:")
+    assert shown["spec"]["headers"] == {"X-Api-Key": "<redacted>"}
+    assert "command" not in shown["spec"] or not shown["spec"]["command"]
+    # The key reached the server (it answers nothing without it): its tools are listed.
+    table = cluster.mcpctl("server", "list")
+    assert shown["spec"]["url"] in table
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_remote_server_answers_on_both_endpoints_in_both_eras(cluster, remote, mode):
+    text = f"over http {uuid.uuid4().hex}"
+
+    async def scenario():
+        for node in range(cluster.nodes):
+            async with client(cluster.url(node), cluster.token, mode) as c:
+                tools = {t.name for t in (await c.list_tools()).tools}
+                assert {"remote__echo", "remote__add", "time__get_current_time"} <= tools
+                assert text_of(await c.call_tool("remote__echo", {"text": text})) == text
+            async with client(cluster.url(node, remote), cluster.token, mode) as c:
+                assert text_of(await c.call_tool("add", {"a": 40, "b": 2})) == "42"
+
+    run(scenario())
+
+
+def test_a_remote_server_that_restarts_is_reached_again_without_an_error(cluster, remote, sdk_upstream):
+    async def count(node: int) -> int:
+        async with client(cluster.url(node, remote), cluster.token, "legacy") as c:
+            return int(text_of(await c.call_tool("count", {})))
+
+    def renewed() -> float:
+        series = ("mcpd_upstream_sessions_renewed_total", f'server="{remote}"')
+        return sum(cluster.metric(*series, node=n) or 0 for n in range(cluster.nodes))
+
+    assert run(count(0)) >= 1
+    before = renewed()
+    # The new process knows none of the sessions the nodes opened: a node's next call meets a
+    # 404, opens a new session and sends the call again; the client sees only the answer.
+    sdk_upstream.restart()
+    after = [run(count(node)) for node in range(cluster.nodes)]
+    assert after[0] == 1, f"the calls did not reach the restarted server: {after}"
+    assert after == sorted(after), after
+    assert renewed() > before, "no node renewed its session with the restarted server"
+
+
+def test_server_everything_over_streamable_http_answers_through_the_cluster(cluster, everything_upstream):
+    name = "everything-http"
+    cluster.mcpctl("server", "add", name, "--url", everything_upstream.url, "--pool-size", "1")
+    cluster.wait_tools(name, ["echo", "get-sum"])
+    payload = f"hello {uuid.uuid4().hex}"
+
+    async def scenario():
+        for mode in MODES:
+            async with client(cluster.url(1), cluster.token, mode) as c:
+                got = text_of(await c.call_tool(f"{name}__echo", {"message": payload}))
+                assert got == f"Echo: {payload}"
+                got = text_of(await c.call_tool(f"{name}__get-sum", {"a": 2, "b": 40}))
+                assert got == "The sum of 2 and 40 is 42."
+
+    try:
+        run(scenario())
+    finally:
+        cluster.mcpctl("server", "rm", name)
+
+
+def test_a_remote_server_that_is_down_is_answered_by_its_fallback(cluster, remote):
+    name = "remote-down"
+    cluster.mcpctl(
+        "server", "add", name, "--url", f"http://127.0.0.1:{free_port()}/mcp",
+        "--fallback", remote, "--request-timeout-ms", "3000",
+    )
+
+    async def scenario():
+        async with client(cluster.url(2), cluster.token, "legacy") as c:
+            r = await c.call_tool(f"{name}__echo", {"text": "via the fallback"})
+            assert text_of(r) == "via the fallback"
+            meta = (r.meta or {}).get("io.mcpcp/fallback", {})
+            assert meta.get("fallback") == remote, r
+
+    try:
+        run(scenario())
+    finally:
+        cluster.mcpctl("server", "rm", name)
