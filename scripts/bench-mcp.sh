@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The MCP data-plane benchmark: direct stdio to the demo server (the floor), a 3-node mcpd
-# cluster's pools, peer routing and mcp-bridge failover, next to mcp-proxy and supergateway
+# cluster's pools, peer routing, a remote (HTTP) upstream against calling it directly, and
+# mcp-bridge failover, next to mcp-proxy and supergateway
 # fronting the same server, all on loopback and driven by the same load generator; prints a
 # table per section and a JSON summary line.
 #

@@ -15,6 +15,8 @@ pub struct SseEvent {
 pub struct SseParser {
     /// Bytes not yet ending in a newline.
     buf: Vec<u8>,
+    /// How much of `buf` is known to hold no newline (a long line is scanned once).
+    scanned: usize,
     data: Vec<String>,
     id: Option<String>,
 }
@@ -24,7 +26,13 @@ impl SseParser {
     pub fn feed(&mut self, chunk: &[u8]) -> Vec<SseEvent> {
         self.buf.extend_from_slice(chunk);
         let mut out = Vec::new();
-        while let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+        loop {
+            let Some(at) = self.buf[self.scanned..].iter().position(|b| *b == b'\n') else {
+                self.scanned = self.buf.len();
+                break;
+            };
+            let pos = self.scanned + at;
+            self.scanned = 0;
             let line: Vec<u8> = self.buf.drain(..=pos).collect();
             let line = String::from_utf8_lossy(&line);
             let line = line.trim_end_matches(['\n', '\r']);
@@ -54,6 +62,11 @@ impl SseParser {
             }
         }
         out
+    }
+
+    /// Bytes held for the event being read (a reader of an endless stream bounds it).
+    pub fn pending(&self) -> usize {
+        self.buf.len() + self.data.iter().map(String::len).sum::<usize>()
     }
 
     /// Ends the stream: the event still being read when it ends without a blank line.
@@ -110,5 +123,20 @@ mod tests {
         let mut p = SseParser::default();
         assert!(p.feed(b"id: e1\nretry: 500\ndata: \n\n").is_empty());
         assert_eq!(p.feed(b"data: z\n\n")[0].id, None);
+    }
+
+    #[test]
+    fn an_event_split_over_many_chunks_is_read_once_whole() {
+        let mut p = SseParser::default();
+        let body = format!("id: 7\ndata: {}\n\n", "x".repeat(10_000));
+        let mut got = Vec::new();
+        for chunk in body.as_bytes().chunks(7) {
+            got.extend(p.feed(chunk));
+            assert!(p.pending() <= body.len());
+        }
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].id.as_deref(), Some("7"));
+        assert_eq!(got[0].data.len(), 10_000);
+        assert_eq!(p.pending(), 0);
     }
 }

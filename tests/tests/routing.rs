@@ -356,6 +356,10 @@ async fn a_broken_server_is_answered_by_its_fallback_marked_in_meta_on_both_endp
         m["server"] == "primary" && m["fallback"] == "backup"
     };
     assert!(marked(&own.init), "initialize: {}", own.init);
+    // Only its tools stand in for the primary's: nothing else falls back.
+    let capabilities = &own.init["result"]["capabilities"];
+    assert!(capabilities.get("tools").is_some(), "{capabilities}");
+    assert!(capabilities.get("resources").is_none(), "{capabilities}");
     let tools = own
         .request("tools/list", json!({}))
         .await

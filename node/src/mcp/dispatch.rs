@@ -97,9 +97,14 @@ impl Route {
             Target::Server(name) => {
                 let mut result = self.send(name, method, params, events).await?;
                 if method == "tools/list" {
+                    // A fallback's tools are marked by the fallback's own registry entry.
+                    let lister = result["_meta"][crate::route::FALLBACK_META]["fallback"]
+                        .as_str()
+                        .unwrap_or(name)
+                        .to_string();
                     let idempotent = self
                         .router
-                        .scope(&self.principal, name)
+                        .scope(&self.principal, &lister)
                         .map(|s| s.spec.idempotent_tools)
                         .unwrap_or_default();
                     if let Some(tools) = result["tools"].as_array_mut() {

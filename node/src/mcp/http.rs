@@ -283,10 +283,14 @@ async fn initialize(
                     ),
                 );
             };
+            let capabilities = match &fallback {
+                Some(_) => crate::route::fallback_capabilities(&init["capabilities"]),
+                None => init["capabilities"].clone(),
+            };
             served_by = fallback.map(|fb| (name.clone(), fb));
             (
                 init["serverInfo"].clone(),
-                init["capabilities"].clone(),
+                capabilities,
                 init["instructions"].as_str().map(String::from),
             )
         }

@@ -206,6 +206,8 @@ pub async fn post(
         .map(String::from);
     match method.as_str() {
         "server/discover" => {
+            // (primary, fallback) when a fallback stands in for the server this endpoint names.
+            let mut served_by: Option<(String, String)> = None;
             let capabilities = match &target {
                 Target::Aggregate => json!({
                     "tools": { "listChanged": true },
@@ -218,15 +220,21 @@ pub async fn post(
                     if let Err(e) = r.check(name) {
                         return error(id, e);
                     }
-                    r.serving(name)
-                        .await
-                        .0
+                    let (info, fallback) = r.serving(name).await;
+                    let caps = info
                         .init
                         .map(|i| i["capabilities"].clone())
-                        .unwrap_or(json!({}))
+                        .unwrap_or(json!({}));
+                    match fallback {
+                        Some(fb) => {
+                            served_by = Some((name.clone(), fb));
+                            crate::route::fallback_capabilities(&caps)
+                        }
+                        None => caps,
+                    }
                 }
             };
-            let result = json!({
+            let mut result = json!({
                 "resultType": "complete",
                 "supportedVersions": versions(),
                 "capabilities": capabilities,
@@ -234,6 +242,10 @@ pub async fn post(
                 "cacheScope": "private",
                 "_meta": { META_SERVER: server_info() },
             });
+            if let Some((primary, fallback)) = &served_by {
+                let reason = format!("server {primary:?} has no running process on any node");
+                crate::route::mark_fallback(&mut result, primary, fallback, &reason);
+            }
             m.finish(&Ok(result.clone()));
             Json(Message::result(id, result).to_value()).into_response()
         }

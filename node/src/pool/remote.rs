@@ -67,6 +67,8 @@ struct Shared {
     pool_events: mpsc::Sender<PoolEvent>,
     /// A call's request timeout, for the POSTs that are not a call (answers, notifications).
     request_timeout: Duration,
+    /// The bound of opening a session (at connect and on renewal).
+    startup: Duration,
 }
 
 /// A remote server's session.
@@ -101,7 +103,8 @@ impl Remote {
         client_init: Value,
     ) -> Result<Remote, ProcessError> {
         let url = spec.url.clone().unwrap_or_default();
-        let failed = |e: String| ProcessError::Initialize(format!("{url}: {e}"));
+        // The URL stays out of errors: they reach clients, and a URL can carry a secret.
+        let failed = |e: String| ProcessError::Initialize(format!("the remote server: {e}"));
         let tls = mcpcp_pki::trust::client_config(
             spec.ca_file.as_deref().map(std::path::Path::new),
             &[b"http/1.1"],
@@ -111,6 +114,8 @@ impl Remote {
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .connect_timeout(startup)
+            // A redirect would take the spec's (secret) headers to another host.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| failed(e.to_string()))?;
         let mut headers = HeaderMap::new();
@@ -139,6 +144,7 @@ impl Remote {
             subscriptions: Mutex::new(BTreeSet::new()),
             pool_events,
             request_timeout: Duration::from_millis(spec.timeouts.request_ms),
+            startup,
         });
         let init = tokio::time::timeout(startup, shared.initialize())
             .await
@@ -319,8 +325,16 @@ impl Shared {
     }
 
     /// Opens a new session in place of one the server forgot (once for every call that met
-    /// the 404 on session `generation`), and replays the subscriptions on it.
+    /// the 404 on session `generation`), and replays the subscriptions on it. It runs as a
+    /// task of its own, so a caller that gives up does not cut the replay short.
     async fn renew(self: &Arc<Self>, generation: u64) -> Result<(), CallError> {
+        let shared = self.clone();
+        tokio::spawn(async move { shared.renew_now(generation).await })
+            .await
+            .unwrap_or_else(|e| Err(CallError::NotRun(format!("the renewal was abandoned: {e}"))))
+    }
+
+    async fn renew_now(self: &Arc<Self>, generation: u64) -> Result<(), CallError> {
         let _one = self.renewing.lock().await;
         if self.generation.load(Ordering::Acquire) != generation {
             return Ok(());
@@ -328,7 +342,11 @@ impl Shared {
         tracing::warn!(server = %self.server, "the remote server forgot the session; opening a new one");
         metrics::counter!("mcpd_upstream_sessions_renewed_total", "server" => self.server.clone())
             .increment(1);
-        self.initialize().await?;
+        tokio::time::timeout(self.startup, self.initialize())
+            .await
+            .map_err(|_| {
+                CallError::NotRun(format!("no new session within {:?}", self.startup))
+            })??;
         self.generation.fetch_add(1, Ordering::AcqRel);
         let uris: Vec<String> = self
             .subscriptions
@@ -344,8 +362,10 @@ impl Shared {
                 "resources/subscribe",
                 Some(json!({ "uri": uri })),
             );
-            if let Err(e) = self.post(&request, None).await {
-                tracing::warn!(server = %self.server, uri = %uri, error = %e, "a subscription was not replayed on the new session");
+            let replayed =
+                tokio::time::timeout(self.request_timeout, self.post(&request, None)).await;
+            if !matches!(replayed, Ok(Ok(Posted::Answer(Ok(_))))) {
+                tracing::warn!(server = %self.server, uri = %uri, "a subscription was not replayed on the new session");
             }
         }
         Ok(())
@@ -398,7 +418,13 @@ impl Shared {
             .timeout(self.request_timeout)
             .send()
             .await
-            .map_err(|e| CallError::NotRun(format!("remote server {:?}: {e}", self.server)))?;
+            .map_err(|e| {
+                CallError::NotRun(format!(
+                    "remote server {:?}: {}",
+                    self.server,
+                    e.without_url()
+                ))
+            })?;
         if resp.status().is_success() {
             Ok(())
         } else {
@@ -434,6 +460,7 @@ impl Shared {
             .header(CONTENT_TYPE, "application/json")
             .body(msg.to_line());
         let resp = req.send().await.map_err(|e| {
+            let e = e.without_url();
             if e.is_connect() {
                 CallError::NotRun(format!(
                     "remote server {:?} is unreachable ({e}); the call did not run",
@@ -474,10 +501,6 @@ impl Shared {
         })?;
         match Message::parse(&body) {
             Ok(Message::Response { outcome, .. }) => Ok((Posted::Answer(outcome), given)),
-            _ if status == StatusCode::SERVICE_UNAVAILABLE => Err(CallError::NotRun(format!(
-                "remote server {:?} answered 503; the call did not run",
-                self.server
-            ))),
             _ => Err(CallError::Crashed(format!(
                 "remote server {:?} answered HTTP {status} without a JSON-RPC answer; it may or may not have run",
                 self.server
@@ -493,13 +516,22 @@ impl Shared {
     ) -> Result<Posted, CallError> {
         let mut parser = SseParser::default();
         let mut body = resp.bytes_stream();
+        let mut read = 0usize;
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| {
                 CallError::Crashed(format!(
-                    "remote server {:?}: the stream broke ({e}); it may or may not have run",
-                    self.server
+                    "remote server {:?}: the stream broke ({}); it may or may not have run",
+                    self.server,
+                    e.without_url()
                 ))
             })?;
+            read += chunk.len();
+            if read > MAX_BODY {
+                return Err(CallError::Crashed(format!(
+                    "remote server {:?} streamed over {MAX_BODY} bytes without an answer; it may or may not have run",
+                    self.server
+                )));
+            }
             for event in parser.feed(&chunk) {
                 let Ok(msg) = Message::parse(event.data.as_bytes()) else {
                     continue;
@@ -524,10 +556,10 @@ impl Shared {
             Message::Notification { method, mut params } => {
                 if method == "notifications/progress" {
                     if let (Some(p), Some(token)) = (
-                        params.as_mut(),
+                        params.as_mut().and_then(|p| p.as_object_mut()),
                         relay.and_then(|r| r.progress_token.clone()),
                     ) {
-                        p["progressToken"] = token;
+                        p.insert("progressToken".into(), token);
                     }
                 }
                 let msg = Message::Notification { method, params };
@@ -601,6 +633,16 @@ async fn listen(shared: std::sync::Weak<Shared>) {
             .await;
         match resp {
             Ok(r) if r.status() == StatusCode::METHOD_NOT_ALLOWED => return,
+            // The server forgot the session: renew it now, not at the next call.
+            Ok(r) if r.status() == StatusCode::NOT_FOUND && s.session().id.is_some() => {
+                let generation = s.generation.load(Ordering::Acquire);
+                match s.renew(generation).await {
+                    Ok(()) => continue,
+                    Err(e) => {
+                        tracing::warn!(server = %s.server, error = %e, "the session could not be renewed")
+                    }
+                }
+            }
             Ok(r) if r.status().is_success() => {
                 pause = Duration::from_millis(500);
                 let mut parser = SseParser::default();
@@ -608,6 +650,10 @@ async fn listen(shared: std::sync::Weak<Shared>) {
                 drop(s);
                 while let Some(Ok(chunk)) = body.next().await {
                     let Some(s) = shared.upgrade() else { return };
+                    if parser.pending() > MAX_BODY {
+                        tracing::warn!(server = %s.server, "the remote server's event stream sent an event over {MAX_BODY} bytes; reopening it");
+                        break;
+                    }
                     for event in parser.feed(&chunk) {
                         if let Ok(msg) = Message::parse(event.data.as_bytes()) {
                             s.relay(msg, None).await;
@@ -626,7 +672,7 @@ async fn read_body(resp: reqwest::Response) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
     let mut body = resp.bytes_stream();
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| e.to_string())?;
+        let chunk = chunk.map_err(|e| e.without_url().to_string())?;
         if out.len() + chunk.len() > MAX_BODY {
             return Err(format!("an answer over {MAX_BODY} bytes"));
         }

@@ -63,7 +63,21 @@ pub fn name(field: &str, value: &str, max: usize) -> Result<(), FieldError> {
     Ok(())
 }
 
-/// A remote server's endpoint: an absolute `http` or `https` URL with a host.
+/// Headers the gateway sets on every request to a remote server; a spec may not set them.
+const RESERVED_HEADERS: &[&str] = &[
+    "accept",
+    "connection",
+    "content-length",
+    "content-type",
+    "host",
+    "mcp-protocol-version",
+    "mcp-session-id",
+    "last-event-id",
+    "transfer-encoding",
+];
+
+/// A remote server's endpoint: an absolute `http` or `https` URL with a host, and no user
+/// name or password in it (credentials go in `headers`, which are sealed).
 fn remote_url(url: &str) -> Result<(), FieldError> {
     let rest = url
         .strip_prefix("https://")
@@ -75,6 +89,12 @@ fn remote_url(url: &str) -> Result<(), FieldError> {
             )
         })?;
     let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if host.contains('@') {
+        return Err(FieldError::new(
+            "url",
+            "must not carry a user name or password: give credentials as headers (sealed)",
+        ));
+    }
     if host.is_empty() || url.len() > 2048 || url.bytes().any(|b| b.is_ascii_control() || b == b' ')
     {
         return Err(FieldError::new(
@@ -120,6 +140,12 @@ pub fn server_spec(spec: &ServerSpec) -> Result<(), FieldError> {
             return Err(FieldError::new(
                 format!("headers.{k}"),
                 "a header name is letters, digits, '-' and '_'",
+            ));
+        }
+        if RESERVED_HEADERS.iter().any(|r| r.eq_ignore_ascii_case(k)) {
+            return Err(FieldError::new(
+                format!("headers.{k}"),
+                "is set by the gateway itself (the transport's own headers)",
             ));
         }
         if v.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
@@ -285,6 +311,34 @@ mod tests {
         let mut s = spec("demo");
         s.command = " ".into();
         assert_eq!(server_spec(&s).unwrap_err().field, "command");
+    }
+
+    #[test]
+    fn a_remote_server_has_a_url_and_no_command_and_only_its_own_headers() {
+        let remote = |url: &str| {
+            let mut s = spec("weather");
+            s.command.clear();
+            s.url = Some(url.into());
+            s
+        };
+        let mut s = remote("https://weather.example.com/mcp");
+        s.headers.insert("X-Api-Key".into(), "k".into());
+        assert!(server_spec(&s).is_ok());
+        let field = |s: &ServerSpec| server_spec(s).unwrap_err().field;
+        assert_eq!(field(&remote("ftp://x/mcp")), "url");
+        assert_eq!(field(&remote("https:///mcp")), "url");
+        assert_eq!(field(&remote("https://user:pw@host/mcp")), "url");
+        let mut both = remote("https://host/mcp");
+        both.command = "uvx".into();
+        assert_eq!(field(&both), "url");
+        for reserved in ["Mcp-Session-Id", "content-type", "Host"] {
+            let mut s = remote("https://host/mcp");
+            s.headers.insert(reserved.into(), "x".into());
+            assert_eq!(field(&s), format!("headers.{reserved}"));
+        }
+        let mut local = spec("demo");
+        local.headers.insert("X-Api-Key".into(), "k".into());
+        assert_eq!(field(&local), "headers");
     }
 
     #[test]

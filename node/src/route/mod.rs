@@ -61,6 +61,15 @@ pub fn mark_fallback(result: &mut Value, primary: &str, fallback: &str, reason: 
     }
 }
 
+/// What a fallback offers in its primary's place: its tools only, since only `tools/list` and
+/// `tools/call` fall back.
+pub fn fallback_capabilities(capabilities: &Value) -> Value {
+    match capabilities.get("tools") {
+        Some(tools) => json!({ "tools": tools }),
+        None => json!({}),
+    }
+}
+
 /// How long a remote server's catalogue is reused.
 const REMOTE_INFO_TTL: Duration = Duration::from_secs(5);
 

@@ -9,7 +9,7 @@
 //! answers); over stdio it is JSON-RPC lines on the child's stdin, answers matched by id, and
 //! the clients of a level share the one process (their requests are pipelined).
 //!
-//! Sections (`--sections data,routing,bridge`):
+//! Sections (`--sections data,routing,bridge,upstream`):
 //!
 //! - `data`: direct stdio to `mcpd demo-server` (the floor); one node's local pool
 //!   (`/servers/demo/mcp` of a 3-node cluster) with `pool_size` 2 and then 4; `mcp-proxy` and
@@ -18,6 +18,10 @@
 //! - `routing`: a server with `replicas: 1` called through its placement node (local pool) and
 //!   through another node (forwarded to the placement over gRPC); 64 clients spread over the 3
 //!   nodes.
+//! - `upstream`: a remote (Streamable HTTP) upstream: node 2's `/servers/demo/mcp` called
+//!   directly, then registered on the cluster as a server with a `url` and called through
+//!   node 1 (`/servers/demo-remote/mcp`: node 1's HTTP upstream → node 2 → its pool), at 1 and
+//!   64 clients; the added p50 and the calls/s ratio against the direct calls of the same run.
 //! - `bridge`: `mcp-bridge` (stdio, given every node's URL) vs the same calls straight to `/mcp`;
 //!   then `--kills` times: kill -9 the node the bridge is using and time the pause until a call
 //!   sent after the kill succeeds, restarting the node (and waiting for `/readyz`) in between.
@@ -99,6 +103,8 @@ const GOAL_DATA_PEER_FACTOR: f64 = 8.0;
 const GOAL_ROUTING_HOP_MS: f64 = 0.5;
 const GOAL_BRIDGE_P50_MS: f64 = 0.3;
 const GOAL_PAUSE_P99_MS: f64 = 1000.0;
+const GOAL_UPSTREAM_P50_ADDED_MS: f64 = 0.150;
+const GOAL_UPSTREAM_FACTOR: f64 = 0.8;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -111,7 +117,11 @@ struct Args {
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
     seconds: u64,
     /// Sections to run, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "data,routing,bridge")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "data,routing,bridge,upstream"
+    )]
     sections: Vec<Section>,
     /// kill -9 rounds of the bridge's failover test.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(0..=200))]
@@ -134,6 +144,7 @@ enum Section {
     Data,
     Routing,
     Bridge,
+    Upstream,
 }
 
 impl Section {
@@ -142,6 +153,7 @@ impl Section {
             Section::Data => "data",
             Section::Routing => "routing",
             Section::Bridge => "bridge",
+            Section::Upstream => "upstream",
         }
     }
 }
@@ -1644,6 +1656,92 @@ impl Mcp {
     }
 }
 
+// === section: upstream ===
+
+const UPSTREAM_DIRECT: &str = "direct: node 2 /servers/demo/mcp";
+const UPSTREAM_THROUGH: &str = "mcpd http upstream: node 1 -> node 2";
+
+/// Node 2's `/servers/demo/mcp` directly, then through node 1 as a remote server.
+async fn bench_upstream(mcp: &Mcp, args: &Args, report: &mut Report) -> anyhow::Result<()> {
+    let direct = mcp.target(mcp.ids[1], "/servers/demo/mcp", "echo");
+    wait_callable(&direct, READY_WITHIN, None).await?;
+    run_levels(
+        "upstream",
+        UPSTREAM_DIRECT,
+        &Endpoints::Http(vec![direct.clone()]),
+        args,
+        report,
+    )
+    .await;
+    let spec: ServerSpec = serde_json::from_value(json!({
+        "name": "demo-remote",
+        "url": direct.url,
+        "headers": { "Authorization": format!("Bearer {}", mcp.token) },
+        "ca_file": mcpcp_tests::test_ca_cert(),
+        "pool_size": 2,
+        "idempotent_tools": ["echo"],
+    }))?;
+    mcp.admin
+        .create_server(&spec, &CallOptions::default())
+        .await
+        .context("registering demo-remote")?;
+    let through = mcp.target(mcp.ids[0], "/servers/demo-remote/mcp", "echo");
+    wait_callable(&through, READY_WITHIN, None).await?;
+    run_levels(
+        "upstream",
+        UPSTREAM_THROUGH,
+        &Endpoints::Http(vec![through]),
+        args,
+        report,
+    )
+    .await;
+    Ok(())
+}
+
+fn upstream_goals(report: &mut Report) {
+    let row = |system: &str, clients: u32| report.row("upstream", system, clients).cloned();
+    let p50 = |system: &str| row(system, 1).and_then(|r| r.p50);
+    let added = match (p50(UPSTREAM_THROUGH), p50(UPSTREAM_DIRECT)) {
+        (Some(t), Some(d)) => Some(ms(t) - ms(d)),
+        _ => None,
+    };
+    let goal_p50 = Goal {
+        section: "upstream",
+        goal: format!(
+            "1 client: p50 at most {:.0} µs above calling the upstream directly",
+            GOAL_UPSTREAM_P50_ADDED_MS * 1e3
+        ),
+        measured: match (p50(UPSTREAM_THROUGH), p50(UPSTREAM_DIRECT), added) {
+            (Some(t), Some(d), Some(a)) => {
+                format!(
+                    "through {:.3} ms, direct {:.3} ms: {a:+.3} ms",
+                    ms(t),
+                    ms(d)
+                )
+            }
+            _ => "no figure".into(),
+        },
+        met: added.map(|a| a <= GOAL_UPSTREAM_P50_ADDED_MS),
+    };
+    let rate = |system: &str| row(system, 64).map(|r| r.calls_per_s());
+    let factor = match (rate(UPSTREAM_THROUGH), rate(UPSTREAM_DIRECT)) {
+        (Some(t), Some(d)) if d > 0.0 => Some((t, d, t / d)),
+        _ => None,
+    };
+    let goal_rate = Goal {
+        section: "upstream",
+        goal: format!(
+            "64 clients: at least {GOAL_UPSTREAM_FACTOR:.1}x the calls/s of calling the upstream directly"
+        ),
+        measured: factor
+            .map(|(t, d, f)| format!("through {t:.0}/s, direct {d:.0}/s: {f:.2}x"))
+            .unwrap_or_else(|| "no figure".into()),
+        met: factor.map(|(_, _, f)| f >= GOAL_UPSTREAM_FACTOR),
+    };
+    report.goals.push(goal_p50);
+    report.goals.push(goal_rate);
+}
+
 // === section: routing ===
 
 /// The node(s) the leader placed `server` on, from `GET /v1/watch?since=0`.
@@ -2258,10 +2356,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for (k, v) in &facts {
         println!("{k}: {v}");
     }
-    let sections: Vec<Section> = [Section::Data, Section::Routing, Section::Bridge]
-        .into_iter()
-        .filter(|s| args.sections.contains(s))
-        .collect();
+    let sections: Vec<Section> = [
+        Section::Data,
+        Section::Routing,
+        Section::Upstream,
+        Section::Bridge,
+    ]
+    .into_iter()
+    .filter(|s| args.sections.contains(s))
+    .collect();
     println!(
         "load: {} s per level after a warm-up of {} ms, clients {LEVELS:?}, at most {} calls per level; sections {}; {} kills",
         args.seconds,
@@ -2325,6 +2428,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 report.note("routing", format!("failed: {e:#}"));
             }
             print_section(&report, "routing");
+        }
+        if sections.contains(&Section::Upstream) {
+            if let Err(e) = bench_upstream(&mcp, &args, &mut report).await {
+                report.note("upstream", format!("failed: {e:#}"));
+            }
+            upstream_goals(&mut report);
+            print_section(&report, "upstream");
         }
         if sections.contains(&Section::Bridge) {
             if let Err(e) = bench_bridge(&http, &mut mcp, logs.path(), &args, &mut report).await {
