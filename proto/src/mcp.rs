@@ -65,6 +65,18 @@ pub fn versions() -> Vec<&'static str> {
     REVISIONS.iter().map(|r| r.version).collect()
 }
 
+/// MCP log levels (`logging/setLevel`, `notifications/message`), least severe first.
+pub const LOG_LEVELS: [&str; 8] = [
+    "debug",
+    "info",
+    "notice",
+    "warning",
+    "error",
+    "critical",
+    "alert",
+    "emergency",
+];
+
 /// JSON-RPC and MCP error codes.
 pub mod code {
     pub const PARSE_ERROR: i64 = -32700;

@@ -64,30 +64,27 @@ class Upstream:
         self.start()
 
 
-@pytest.fixture(scope="module")
-def sdk_upstream():
-    port = free_port()
-    up = Upstream([str(VENV_BIN / "python"), str(HERE / "servers/remote_tools.py"), str(port), KEY], port)
+def serving(up: Upstream):
+    """Starts `up` for a test module and stops it whatever happens."""
     up.start()
     try:
         yield up
     finally:
         up.stop()
+
+
+@pytest.fixture(scope="module")
+def sdk_upstream():
+    port = free_port()
+    argv = [str(VENV_BIN / "python"), str(HERE / "servers/remote_tools.py"), str(port), KEY]
+    yield from serving(Upstream(argv, port))
 
 
 @pytest.fixture(scope="module")
 def everything_upstream():
     port = free_port()
-    up = Upstream(
-        [str(NODE22), str(NPM / "@modelcontextprotocol/server-everything/dist/index.js"), "streamableHttp"],
-        port,
-        env={"PORT": str(port)},
-    )
-    up.start()
-    try:
-        yield up
-    finally:
-        up.stop()
+    argv = [str(NODE22), str(NPM / "@modelcontextprotocol/server-everything/dist/index.js"), "streamableHttp"]
+    yield from serving(Upstream(argv, port, env={"PORT": str(port)}))
 
 
 @pytest.fixture(scope="module")

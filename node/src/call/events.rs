@@ -115,3 +115,19 @@ impl Responder {
         let _ = self.stdin.send(msg.to_line()).await;
     }
 }
+
+/// Puts the gateway's own progress token (`mcpd-p-<id>`, unique within one upstream
+/// connection, which calls of many clients share) in place of the client's, and returns the
+/// client's, to restore on the way back.
+pub fn substitute_progress_token(params: &mut Option<Value>, id: u64) -> Option<Value> {
+    let meta = params
+        .as_mut()
+        .and_then(|p| p.get_mut("_meta"))
+        .and_then(|m| m.as_object_mut())?;
+    let original = meta.remove("progressToken")?;
+    meta.insert(
+        "progressToken".into(),
+        Value::String(format!("mcpd-p-{id}")),
+    );
+    Some(original)
+}

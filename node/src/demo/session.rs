@@ -19,17 +19,7 @@ use super::rpc::{self, RpcError};
 /// How long a tool waits for the client to answer a sampling or elicitation request.
 const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// MCP log levels, least severe first.
-pub const LOG_LEVELS: [&str; 8] = [
-    "debug",
-    "info",
-    "notice",
-    "warning",
-    "error",
-    "critical",
-    "alert",
-    "emergency",
-];
+pub use mcpcp_proto::mcp::LOG_LEVELS;
 
 fn level_index(level: &str) -> Option<u8> {
     LOG_LEVELS

@@ -16,17 +16,7 @@ use super::target::Target;
 pub const SESSION_HEADER: &str = "mcp-session-id";
 pub const VERSION_HEADER: &str = "mcp-protocol-version";
 
-/// Log levels, least severe first.
-pub const LEVELS: &[&str] = &[
-    "debug",
-    "info",
-    "notice",
-    "warning",
-    "error",
-    "critical",
-    "alert",
-    "emergency",
-];
+pub use mcpcp_proto::mcp::LOG_LEVELS as LEVELS;
 
 /// Whether a log message at `level` passes a session's minimum level `min`.
 pub fn level_passes(level: &str, min: &str) -> bool {

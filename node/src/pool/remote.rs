@@ -196,15 +196,7 @@ impl Remote {
             )));
         }
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let progress_token = params
-            .as_mut()
-            .and_then(|p| p.get_mut("_meta"))
-            .and_then(|m| m.as_object_mut())
-            .and_then(|m| {
-                let original = m.remove("progressToken")?;
-                m.insert("progressToken".into(), json!(format!("mcpd-p-{id}")));
-                Some(original)
-            });
+        let progress_token = crate::call::events::substitute_progress_token(&mut params, id);
         let _counted = InFlight::enter(&shared.in_flight);
         let mut cancel = CancelOnDrop {
             shared: shared.clone(),
