@@ -7,6 +7,9 @@
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SseEvent {
     pub id: Option<String>,
+    /// The event's type (`event:`), when it names one (`endpoint` in the legacy HTTP+SSE
+    /// transport).
+    pub event: Option<String>,
     pub data: String,
 }
 
@@ -19,6 +22,7 @@ pub struct SseParser {
     scanned: usize,
     data: Vec<String>,
     id: Option<String>,
+    event: Option<String>,
 }
 
 impl SseParser {
@@ -41,11 +45,13 @@ impl SseParser {
                 if self.data.iter().any(|d| !d.is_empty()) {
                     out.push(SseEvent {
                         id: self.id.take(),
+                        event: self.event.take(),
                         data: self.data.join("\n"),
                     });
                 }
                 self.data.clear();
                 self.id = None;
+                self.event = None;
                 continue;
             }
             if line.starts_with(':') {
@@ -58,6 +64,7 @@ impl SseParser {
             match field {
                 "data" => self.data.push(value.to_string()),
                 "id" => self.id = Some(value.to_string()),
+                "event" => self.event = Some(value.to_string()),
                 _ => {}
             }
         }
@@ -108,10 +115,12 @@ mod tests {
             vec![
                 SseEvent {
                     id: Some("1".into()),
+                    event: Some("message".into()),
                     data: "{\"a\":1}".into()
                 },
                 SseEvent {
                     id: None,
+                    event: None,
                     data: "x\ny".into()
                 }
             ]

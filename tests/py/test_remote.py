@@ -5,7 +5,7 @@ them as they reach stdio servers, through `/mcp` (names `server__tool`) and
 
 The upstreams are real: a server written with the Python SDK (`servers/remote_tools.py`,
 sessions on, an API key required) and `@modelcontextprotocol/server-everything` in its
-streamableHttp mode. They listen on loopback ports the tests pick, and are stopped whatever
+streamableHttp mode and in its legacy HTTP+SSE (`sse`) mode. They listen on loopback ports the tests pick, and are stopped whatever
 happens.
 """
 
@@ -38,11 +38,12 @@ class Upstream:
 
     def __init__(self, argv: list[str], port: int, env: dict[str, str] | None = None):
         self.argv, self.port, self.env = argv, port, env
+        self.path = "/mcp"
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/mcp"
+        return f"http://127.0.0.1:{self.port}{self.path}"
 
     def start(self) -> None:
         env = {**os.environ, **(self.env or {})}
@@ -85,6 +86,17 @@ def everything_upstream():
     port = free_port()
     argv = [str(NODE22), str(NPM / "@modelcontextprotocol/server-everything/dist/index.js"), "streamableHttp"]
     yield from serving(Upstream(argv, port, env={"PORT": str(port)}))
+
+
+@pytest.fixture(scope="module")
+def everything_sse_upstream():
+    """server-everything in its `sse` mode: the legacy HTTP+SSE transport (GET /sse, then
+    POSTs to the endpoint it names)."""
+    port = free_port()
+    argv = [str(NODE22), str(NPM / "@modelcontextprotocol/server-everything/dist/index.js"), "sse"]
+    up = Upstream(argv, port, env={"PORT": str(port)})
+    up.path = "/sse"
+    yield from serving(up)
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +166,25 @@ def test_server_everything_over_streamable_http_answers_through_the_cluster(clus
                 got = text_of(await c.call_tool(f"{name}__echo", {"message": payload}))
                 assert got == f"Echo: {payload}"
                 got = text_of(await c.call_tool(f"{name}__get-sum", {"a": 2, "b": 40}))
+                assert got == "The sum of 2 and 40 is 42."
+
+    try:
+        run(scenario())
+    finally:
+        cluster.mcpctl("server", "rm", name)
+
+
+def test_a_legacy_http_sse_server_is_reached_when_it_refuses_streamable_http(cluster, everything_sse_upstream):
+    name = "everything-sse"
+    cluster.mcpctl("server", "add", name, "--url", everything_sse_upstream.url, "--pool-size", "1")
+    cluster.wait_tools(name, ["echo", "get-sum"])
+    payload = f"over sse {uuid.uuid4().hex}"
+
+    async def scenario():
+        for mode in MODES:
+            async with client(cluster.url(0, name), cluster.token, mode) as c:
+                assert text_of(await c.call_tool("echo", {"message": payload})) == f"Echo: {payload}"
+                got = text_of(await c.call_tool("get-sum", {"a": 2, "b": 40}))
                 assert got == "The sum of 2 and 40 is 42."
 
     try:

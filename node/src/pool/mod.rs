@@ -8,9 +8,11 @@
 //! - [`reconcile`]: keeps the set of pools equal to what the replicated registry says.
 
 pub mod catalogue;
+pub mod legacy_sse;
 pub mod process;
 pub mod reconcile;
 pub mod remote;
+pub mod remote_http;
 pub mod report;
 pub mod upstream;
 

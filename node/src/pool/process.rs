@@ -42,6 +42,10 @@ pub enum ProcessError {
     Initialize(String),
     #[error("no answer to initialize within {0:?}")]
     StartupTimeout(Duration),
+    /// A remote server that refused a Streamable HTTP `initialize` (tried next: the legacy
+    /// HTTP+SSE transport).
+    #[error("the server refused a Streamable HTTP initialize (HTTP {0})")]
+    NotStreamableHttp(u16),
 }
 
 /// A message from the server that belongs to no call.

@@ -26,7 +26,7 @@ use futures_util::StreamExt;
 use mcpcp_proto::api::ServerSpec;
 use mcpcp_proto::mcp::{Message, RequestId};
 use mcpcp_proto::sse::SseParser;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT, CONTENT_TYPE};
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
@@ -93,6 +93,33 @@ enum Posted {
     Accepted,
     /// 404 on a session: the server does not know it (any more).
     SessionGone,
+    /// A 4xx without a JSON-RPC answer before any session: at `initialize`, a server of the
+    /// legacy HTTP+SSE transport (`super::legacy_sse`).
+    Refused(StatusCode),
+}
+
+/// Why `initialize` gave no session.
+enum InitFailure {
+    /// The server refused the POST (a legacy HTTP+SSE server).
+    Refused(StatusCode),
+    Failed(CallError),
+}
+
+impl From<CallError> for InitFailure {
+    fn from(e: CallError) -> Self {
+        InitFailure::Failed(e)
+    }
+}
+
+impl InitFailure {
+    fn into_call_error(self) -> CallError {
+        match self {
+            InitFailure::Refused(status) => CallError::NotRun(format!(
+                "the remote server refused initialize (HTTP {status})"
+            )),
+            InitFailure::Failed(e) => e,
+        }
+    }
 }
 
 impl Remote {
@@ -105,28 +132,8 @@ impl Remote {
         let url = spec.url.clone().unwrap_or_default();
         // The URL stays out of errors: they reach clients, and a URL can carry a secret.
         let failed = |e: String| ProcessError::Initialize(format!("the remote server: {e}"));
-        let tls = mcpcp_pki::trust::client_config(
-            spec.ca_file.as_deref().map(std::path::Path::new),
-            &[b"http/1.1"],
-        )
-        .map_err(|e| failed(format!("ca_file: {e}")))?;
         let startup = Duration::from_millis(spec.timeouts.startup_ms);
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .connect_timeout(startup)
-            // A redirect would take the spec's (secret) headers to another host.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| failed(e.to_string()))?;
-        let mut headers = HeaderMap::new();
-        for (k, v) in &spec.headers {
-            let name = HeaderName::from_bytes(k.as_bytes())
-                .map_err(|_| failed(format!("headers.{k}: not a header name")))?;
-            let mut value = HeaderValue::from_str(v)
-                .map_err(|_| failed(format!("headers.{k}: not a header value")))?;
-            value.set_sensitive(true);
-            headers.insert(name, value);
-        }
+        let (http, headers) = super::remote_http::client_for(spec).map_err(failed)?;
         let (closed, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             server: spec.name.clone(),
@@ -146,10 +153,14 @@ impl Remote {
             request_timeout: Duration::from_millis(spec.timeouts.request_ms),
             startup,
         });
-        let init = tokio::time::timeout(startup, shared.initialize())
-            .await
-            .map_err(|_| ProcessError::StartupTimeout(startup))?
-            .map_err(|e| failed(e.to_string()))?;
+        let init = match tokio::time::timeout(startup, shared.initialize()).await {
+            Err(_) => return Err(ProcessError::StartupTimeout(startup)),
+            Ok(Err(InitFailure::Refused(status))) => {
+                return Err(ProcessError::NotStreamableHttp(status.as_u16()))
+            }
+            Ok(Err(InitFailure::Failed(e))) => return Err(failed(e.to_string())),
+            Ok(Ok(init)) => init,
+        };
         let listener = tokio::spawn(listen(Arc::downgrade(&shared)));
         tracing::info!(server = %spec.name, url = %url, protocol = %shared.session().version, session = shared.session().id.is_some(), "remote server connected");
         Ok(Remote {
@@ -229,6 +240,12 @@ impl Remote {
                         )));
                     }
                 }
+                Ok(Posted::Refused(status)) => {
+                    break Err(CallError::NotRun(format!(
+                        "remote server {:?} refused the request (HTTP {status}); the call did not run",
+                        shared.server
+                    )))
+                }
                 Ok(Posted::SessionGone) => {
                     break Err(CallError::NotRun(format!(
                         "remote server {:?} refused the renewed session too; the call did not run",
@@ -288,7 +305,7 @@ impl Shared {
 
     /// `initialize` and `initialized` on a new session, which then replaces the current one;
     /// returns the server's answer.
-    async fn initialize(self: &Arc<Self>) -> Result<Value, CallError> {
+    async fn initialize(self: &Arc<Self>) -> Result<Value, InitFailure> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let request = Message::request(
             RequestId::Num(id as i64),
@@ -298,9 +315,10 @@ impl Shared {
         let (posted, session_id) = self.post_on(&Session::default(), &request, None).await?;
         let init = match posted {
             Posted::Answer(Ok(v)) => v,
-            Posted::Answer(Err(e)) => return Err(CallError::Answered(e)),
+            Posted::Answer(Err(e)) => return Err(CallError::Answered(e).into()),
+            Posted::Refused(status) => return Err(InitFailure::Refused(status)),
             Posted::Accepted | Posted::SessionGone => {
-                return Err(CallError::NotRun("initialize got no answer".into()))
+                return Err(CallError::NotRun("initialize got no answer".into()).into())
             }
         };
         let session = Session {
@@ -336,9 +354,8 @@ impl Shared {
             .increment(1);
         tokio::time::timeout(self.startup, self.initialize())
             .await
-            .map_err(|_| {
-                CallError::NotRun(format!("no new session within {:?}", self.startup))
-            })??;
+            .map_err(|_| CallError::NotRun(format!("no new session within {:?}", self.startup)))?
+            .map_err(InitFailure::into_call_error)?;
         self.generation.fetch_add(1, Ordering::AcqRel);
         let uris: Vec<String> = self
             .subscriptions
@@ -476,6 +493,14 @@ impl Shared {
         }
         if status == StatusCode::ACCEPTED {
             return Ok((Posted::Accepted, given));
+        }
+        if session.id.is_none()
+            && matches!(
+                status,
+                StatusCode::BAD_REQUEST | StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED
+            )
+        {
+            return Ok((Posted::Refused(status), given));
         }
         let sse = resp
             .headers()

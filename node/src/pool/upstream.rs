@@ -1,6 +1,6 @@
 //! A connection to one MCP server that carries calls and the server's own messages: a local
-//! process over stdio ([`super::process`]) or a remote server over Streamable HTTP
-//! ([`super::remote`]). The pool, its supervisors, the catalogue and the router work on this
+//! process over stdio ([`super::process`]), or a remote server over Streamable HTTP
+//! ([`super::remote`]) or the legacy HTTP+SSE transport ([`super::legacy_sse`]). The pool, its supervisors, the catalogue and the router work on this
 //! trait; only [`connect`] knows which transport a server uses.
 
 use std::sync::Arc;
@@ -11,6 +11,7 @@ use mcpcp_proto::api::ServerSpec;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use super::legacy_sse::LegacySse;
 use super::process::{PoolEvent, Process, ProcessError, StartOptions};
 use super::remote::Remote;
 use crate::call::{CallError, EventSink};
@@ -70,8 +71,15 @@ pub async fn connect(
 ) -> Result<Arc<dyn Upstream>, ProcessError> {
     let client_init = client_init.unwrap_or_else(gateway_init);
     if spec.is_remote() {
-        let remote = Remote::connect(spec, pool_events, client_init).await?;
-        return Ok(Arc::new(remote));
+        return match Remote::connect(spec, pool_events.clone(), client_init.clone()).await {
+            Ok(remote) => Ok(Arc::new(remote)),
+            // Refused with a 4xx: a server of the legacy HTTP+SSE transport, maybe.
+            Err(ProcessError::NotStreamableHttp(_)) => {
+                let legacy = LegacySse::connect(spec, pool_events, client_init).await?;
+                Ok(Arc::new(legacy))
+            }
+            Err(e) => Err(e),
+        };
     }
     let process = Process::start_as(spec, pool_events, options, client_init).await?;
     Ok(Arc::new(process))
@@ -166,5 +174,44 @@ impl Upstream for Remote {
     }
     fn stop(&self, grace: Duration) -> BoxFuture<'_, ()> {
         Box::pin(Remote::stop(self, grace))
+    }
+}
+
+impl Upstream for LegacySse {
+    fn init(&self) -> &Value {
+        LegacySse::init(self)
+    }
+    fn transport(&self) -> &'static str {
+        "sse"
+    }
+    fn pid(&self) -> Option<u32> {
+        None
+    }
+    fn shard(&self) -> Option<usize> {
+        LegacySse::shard(self)
+    }
+    fn is_alive(&self) -> bool {
+        LegacySse::is_alive(self)
+    }
+    fn in_flight(&self) -> usize {
+        LegacySse::in_flight(self)
+    }
+    fn exited(&self) -> BoxFuture<'_, ()> {
+        Box::pin(LegacySse::exited(self))
+    }
+    fn call_owned<'a>(
+        &'a self,
+        method: &'a str,
+        params: Option<Value>,
+        events: Option<EventSink>,
+        _owner: Option<Arc<str>>,
+    ) -> BoxFuture<'a, Result<Value, CallError>> {
+        Box::pin(LegacySse::call(self, method, params, events))
+    }
+    fn notify<'a>(&'a self, method: &'a str, params: Option<Value>) -> BoxFuture<'a, ()> {
+        Box::pin(LegacySse::notify(self, method, params))
+    }
+    fn stop(&self, grace: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(LegacySse::stop(self, grace))
     }
 }

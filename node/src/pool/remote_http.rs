@@ -1,0 +1,33 @@
+//! The HTTP client a node reaches one remote server with, whatever its transport: rustls with
+//! the spec's CA file or the system's roots, no redirects (a redirect would carry the spec's
+//! secret headers to another host), and the spec's headers, marked sensitive.
+
+use std::time::Duration;
+
+use mcpcp_proto::api::ServerSpec;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+
+/// The client and the headers of every request to the server `spec` names.
+pub fn client_for(spec: &ServerSpec) -> Result<(reqwest::Client, HeaderMap), String> {
+    let tls = mcpcp_pki::trust::client_config(
+        spec.ca_file.as_deref().map(std::path::Path::new),
+        &[b"http/1.1"],
+    )
+    .map_err(|e| format!("ca_file: {e}"))?;
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .connect_timeout(Duration::from_millis(spec.timeouts.startup_ms))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut headers = HeaderMap::new();
+    for (k, v) in &spec.headers {
+        let name = HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| format!("headers.{k}: not a header name"))?;
+        let mut value =
+            HeaderValue::from_str(v).map_err(|_| format!("headers.{k}: not a header value"))?;
+        value.set_sensitive(true);
+        headers.insert(name, value);
+    }
+    Ok((http, headers))
+}
