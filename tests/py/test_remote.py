@@ -154,38 +154,28 @@ def test_a_remote_server_that_restarts_is_reached_again_without_an_error(cluster
     assert renewed() > before, "no node renewed its session with the restarted server"
 
 
-def test_server_everything_over_streamable_http_answers_through_the_cluster(cluster, everything_upstream):
-    name = "everything-http"
-    cluster.mcpctl("server", "add", name, "--url", everything_upstream.url, "--pool-size", "1")
+@pytest.mark.parametrize(
+    ("upstream", "name"),
+    [("everything_upstream", "everything-http"), ("everything_sse_upstream", "everything-sse")],
+)
+def test_server_everything_answers_through_the_cluster_over_either_http_transport(
+    cluster, request, upstream, name
+):
+    """Streamable HTTP, and the legacy HTTP+SSE transport, which a node falls back to when the
+    server refuses the Streamable HTTP `initialize`."""
+    up = request.getfixturevalue(upstream)
+    cluster.mcpctl("server", "add", name, "--url", up.url, "--pool-size", "1")
     cluster.wait_tools(name, ["echo", "get-sum"])
     payload = f"hello {uuid.uuid4().hex}"
 
     async def scenario():
         for mode in MODES:
-            async with client(cluster.url(1), cluster.token, mode) as c:
-                got = text_of(await c.call_tool(f"{name}__echo", {"message": payload}))
-                assert got == f"Echo: {payload}"
-                got = text_of(await c.call_tool(f"{name}__get-sum", {"a": 2, "b": 40}))
-                assert got == "The sum of 2 and 40 is 42."
-
-    try:
-        run(scenario())
-    finally:
-        cluster.mcpctl("server", "rm", name)
-
-
-def test_a_legacy_http_sse_server_is_reached_when_it_refuses_streamable_http(cluster, everything_sse_upstream):
-    name = "everything-sse"
-    cluster.mcpctl("server", "add", name, "--url", everything_sse_upstream.url, "--pool-size", "1")
-    cluster.wait_tools(name, ["echo", "get-sum"])
-    payload = f"over sse {uuid.uuid4().hex}"
-
-    async def scenario():
-        for mode in MODES:
-            async with client(cluster.url(0, name), cluster.token, mode) as c:
-                assert text_of(await c.call_tool("echo", {"message": payload})) == f"Echo: {payload}"
-                got = text_of(await c.call_tool("get-sum", {"a": 2, "b": 40}))
-                assert got == "The sum of 2 and 40 is 42."
+            for url, tool in ((cluster.url(1), f"{name}__"), (cluster.url(0, name), "")):
+                async with client(url, cluster.token, mode) as c:
+                    got = text_of(await c.call_tool(f"{tool}echo", {"message": payload}))
+                    assert got == f"Echo: {payload}"
+                    got = text_of(await c.call_tool(f"{tool}get-sum", {"a": 2, "b": 40}))
+                    assert got == "The sum of 2 and 40 is 42."
 
     try:
         run(scenario())

@@ -131,3 +131,18 @@ pub fn substitute_progress_token(params: &mut Option<Value>, id: u64) -> Option<
     );
     Some(original)
 }
+
+/// Puts the client's own progress token back into a progress notification of its call.
+pub fn restore_progress_token(params: &mut Option<Value>, token: Option<Value>) {
+    if let (Some(p), Some(token)) = (params.as_mut().and_then(|p| p.as_object_mut()), token) {
+        p.insert("progressToken".into(), token);
+    }
+}
+
+/// `notifications/cancelled` for upstream request `id`, whose caller stopped waiting.
+pub fn cancelled(id: u64) -> Message {
+    Message::notification(
+        "notifications/cancelled",
+        Some(serde_json::json!({ "requestId": id, "reason": "the client stopped waiting" })),
+    )
+}

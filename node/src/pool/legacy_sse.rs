@@ -10,7 +10,7 @@
 //! end: calls in flight fail as `Crashed` and the supervisor connects again.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,9 +19,10 @@ use mcpcp_proto::api::ServerSpec;
 use mcpcp_proto::mcp::{code, ErrorObject, Message, RequestId};
 use mcpcp_proto::sse::SseParser;
 use reqwest::header::{HeaderMap, ACCEPT, CONTENT_TYPE};
-use serde_json::{json, Value};
-use tokio::sync::{mpsc, oneshot, watch};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
 
+use super::liveness::Liveness;
 use super::process::{PoolEvent, ProcessError};
 use crate::call::{CallError, CallEvent, EventSink, Responder};
 
@@ -42,8 +43,7 @@ struct Shared {
     post_url: String,
     pending: Mutex<BTreeMap<u64, Pending>>,
     next_id: AtomicU64,
-    alive: AtomicBool,
-    closed: watch::Sender<bool>,
+    liveness: Liveness,
     pool_events: mpsc::Sender<PoolEvent>,
     request_timeout: Duration,
 }
@@ -109,7 +109,6 @@ impl LegacySse {
         .ok_or_else(|| failed("the event stream named no endpoint".into()))?;
         let post_url = resolve(&url, endpoint.trim())
             .ok_or_else(|| failed("the endpoint event names another host or no URL".into()))?;
-        let (closed, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             server: spec.name.clone(),
             http,
@@ -117,8 +116,7 @@ impl LegacySse {
             post_url,
             pending: Mutex::new(BTreeMap::new()),
             next_id: AtomicU64::new(1),
-            alive: AtomicBool::new(true),
-            closed,
+            liveness: Liveness::default(),
             pool_events,
             request_timeout: Duration::from_millis(spec.timeouts.request_ms),
         });
@@ -148,7 +146,7 @@ impl LegacySse {
     }
 
     pub fn is_alive(&self) -> bool {
-        self.shared.alive.load(Ordering::Relaxed)
+        self.shared.liveness.is_alive()
     }
 
     pub fn in_flight(&self) -> usize {
@@ -156,8 +154,7 @@ impl LegacySse {
     }
 
     pub async fn exited(&self) {
-        let mut rx = self.shared.closed.subscribe();
-        let _ = rx.wait_for(|c| *c).await;
+        self.shared.liveness.closed().await
     }
 
     /// POSTs a request and waits for its answer on the stream.
@@ -168,12 +165,7 @@ impl LegacySse {
         events: Option<EventSink>,
     ) -> Result<Value, CallError> {
         let shared = &self.shared;
-        if !self.is_alive() {
-            return Err(CallError::NotRun(format!(
-                "remote server {:?} is disconnected; the call did not run",
-                shared.server
-            )));
-        }
+        shared.liveness.check(&shared.server)?;
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         let progress_token = crate::call::events::substitute_progress_token(&mut params, id);
         let (tx, rx) = oneshot::channel();
@@ -225,10 +217,9 @@ impl LegacySse {
 
     /// Closes the stream (the server ends the session with it).
     pub async fn stop(&self, _grace: Duration) {
-        self.shared.alive.store(false, Ordering::Relaxed);
         self.reader.abort();
+        self.shared.liveness.close();
         self.shared.fail_all();
-        let _ = self.shared.closed.send(true);
     }
 }
 
@@ -307,11 +298,7 @@ impl Shared {
                 });
                 match target {
                     Some((events, token)) => {
-                        if let (Some(p), Some(token)) =
-                            (params.as_mut().and_then(|p| p.as_object_mut()), token)
-                        {
-                            p.insert("progressToken".into(), token);
-                        }
+                        crate::call::events::restore_progress_token(&mut params, token);
                         let _ = events
                             .try_send(CallEvent::Notify(Message::Notification { method, params }));
                     }
@@ -384,9 +371,8 @@ async fn read(
             }
         }
     }
-    shared.alive.store(false, Ordering::Relaxed);
+    shared.liveness.close();
     shared.fail_all();
-    let _ = shared.closed.send(true);
     tracing::info!(server = %shared.server, "the remote server's event stream ended");
 }
 
@@ -419,10 +405,7 @@ impl Drop for Forget {
             return;
         }
         let shared = self.shared.clone();
-        let note = Message::notification(
-            "notifications/cancelled",
-            Some(json!({ "requestId": self.id, "reason": "the client stopped waiting" })),
-        );
+        let note = crate::call::events::cancelled(self.id);
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 let _ = shared.post(&note).await;

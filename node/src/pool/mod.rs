@@ -9,6 +9,7 @@
 
 pub mod catalogue;
 pub mod legacy_sse;
+pub mod liveness;
 pub mod process;
 pub mod reconcile;
 pub mod remote;

@@ -429,10 +429,7 @@ impl Drop for CancelOnDrop<'_> {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.id);
         if removed.is_some() {
-            let note = Message::notification(
-                "notifications/cancelled",
-                Some(json!({ "requestId": self.id, "reason": "the client stopped waiting" })),
-            );
+            let note = crate::call::events::cancelled(self.id);
             let _ = self.process.stdin.try_send(note.to_line());
         }
     }

@@ -18,7 +18,7 @@
 //! - Dropping a call's future (timeout, client gone) sends `notifications/cancelled`.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,8 +29,9 @@ use mcpcp_proto::sse::SseParser;
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
+use super::liveness::Liveness;
 use super::process::{PoolEvent, ProcessError};
 use crate::call::{CallError, CallEvent, EventSink, Responder};
 
@@ -60,8 +61,7 @@ struct Shared {
     renewing: tokio::sync::Mutex<()>,
     next_id: AtomicU64,
     in_flight: AtomicUsize,
-    alive: AtomicBool,
-    closed: watch::Sender<bool>,
+    liveness: Liveness,
     /// Resources subscribed on this session, replayed on a renewed one.
     subscriptions: Mutex<BTreeSet<String>>,
     pool_events: mpsc::Sender<PoolEvent>,
@@ -134,7 +134,6 @@ impl Remote {
         let failed = |e: String| ProcessError::Initialize(format!("the remote server: {e}"));
         let startup = Duration::from_millis(spec.timeouts.startup_ms);
         let (http, headers) = super::remote_http::client_for(spec).map_err(failed)?;
-        let (closed, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             server: spec.name.clone(),
             url: url.clone(),
@@ -146,8 +145,7 @@ impl Remote {
             renewing: tokio::sync::Mutex::new(()),
             next_id: AtomicU64::new(1),
             in_flight: AtomicUsize::new(0),
-            alive: AtomicBool::new(true),
-            closed,
+            liveness: Liveness::default(),
             subscriptions: Mutex::new(BTreeSet::new()),
             pool_events,
             request_timeout: Duration::from_millis(spec.timeouts.request_ms),
@@ -180,7 +178,7 @@ impl Remote {
     }
 
     pub fn is_alive(&self) -> bool {
-        self.shared.alive.load(Ordering::Relaxed)
+        self.shared.liveness.is_alive()
     }
 
     pub fn in_flight(&self) -> usize {
@@ -188,8 +186,7 @@ impl Remote {
     }
 
     pub async fn exited(&self) {
-        let mut rx = self.shared.closed.subscribe();
-        let _ = rx.wait_for(|c| *c).await;
+        self.shared.liveness.closed().await
     }
 
     /// Sends a request and waits for its answer (see the module docs).
@@ -200,12 +197,7 @@ impl Remote {
         events: Option<EventSink>,
     ) -> Result<Value, CallError> {
         let shared = &self.shared;
-        if !self.is_alive() {
-            return Err(CallError::NotRun(format!(
-                "remote server {:?} is disconnected; the call did not run",
-                shared.server
-            )));
-        }
+        shared.liveness.check(&shared.server)?;
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         let progress_token = crate::call::events::substitute_progress_token(&mut params, id);
         let _counted = InFlight::enter(&shared.in_flight);
@@ -273,7 +265,7 @@ impl Remote {
     /// Ends the session (`DELETE`, within `grace`).
     pub async fn stop(&self, grace: Duration) {
         let shared = &self.shared;
-        shared.alive.store(false, Ordering::Relaxed);
+        shared.liveness.close();
         let session = shared.session();
         if let Some(id) = session.id {
             let req = shared
@@ -285,7 +277,6 @@ impl Remote {
                 .timeout(grace);
             let _ = req.send().await;
         }
-        let _ = shared.closed.send(true);
     }
 }
 
@@ -572,12 +563,10 @@ impl Shared {
         match msg {
             Message::Notification { method, mut params } => {
                 if method == "notifications/progress" {
-                    if let (Some(p), Some(token)) = (
-                        params.as_mut().and_then(|p| p.as_object_mut()),
+                    crate::call::events::restore_progress_token(
+                        &mut params,
                         relay.and_then(|r| r.progress_token.clone()),
-                    ) {
-                        p.insert("progressToken".into(), token);
-                    }
+                    );
                 }
                 let msg = Message::Notification { method, params };
                 match sink {
@@ -638,7 +627,7 @@ async fn listen(shared: std::sync::Weak<Shared>) {
     let mut pause = Duration::from_millis(500);
     loop {
         let Some(s) = shared.upgrade() else { return };
-        if !s.alive.load(Ordering::Relaxed) {
+        if !s.liveness.is_alive() {
             return;
         }
         let mut accept = HeaderMap::new();
@@ -727,10 +716,7 @@ impl Drop for CancelOnDrop {
             return;
         }
         let shared = self.shared.clone();
-        let note = Message::notification(
-            "notifications/cancelled",
-            Some(json!({ "requestId": self.id, "reason": "the client stopped waiting" })),
-        );
+        let note = crate::call::events::cancelled(self.id);
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 let _ = shared.send_note(&shared.session(), &note).await;
