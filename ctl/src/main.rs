@@ -933,8 +933,12 @@ async fn server(cli: &Cli, cmd: &ServerCmd) -> Outcome {
                                 continue;
                             }
                             out!();
+                            let transport = match p.transport.as_deref() {
+                                Some(t) if t != "stdio" => format!(", {t}"),
+                                _ => String::new(),
+                            };
                             out!(
-                                "node {} process {slot} ({}, {} restarts):",
+                                "node {} process {slot} ({}{transport}, {} restarts):",
                                 r.node,
                                 p.state,
                                 p.restarts

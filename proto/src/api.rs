@@ -440,6 +440,10 @@ pub struct ProcessReport {
     pub last_exit: Option<String>,
     /// The last lines the slot's processes wrote to stderr (at most 20).
     pub stderr: Vec<String>,
+    /// How the slot reaches its server: `stdio`, `http` (Streamable HTTP) or `sse` (legacy
+    /// HTTP+SSE); unset until it first connected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
 }
 
 /// A list answer, with the registry revision it was read at.

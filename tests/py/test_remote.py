@@ -116,6 +116,10 @@ def test_a_remote_server_is_registered_with_its_headers_sealed(cluster, remote):
     # The key reached the server (it answers nothing without it): its tools are listed.
     table = cluster.mcpctl("server", "list")
     assert shown["spec"]["url"] in table
+    # `server status` says how each node reaches it.
+    status = json.loads(cluster.mcpctl("server", "status", remote, "-o", "json"))
+    transports = {d.get("transport") for r in status["replicas"] for d in r["details"]}
+    assert transports == {"http"}, status
 
 
 @pytest.mark.parametrize("mode", MODES)

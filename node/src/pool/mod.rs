@@ -680,8 +680,8 @@ async fn supervise(
         };
         match attempt {
             Ok(p) => {
-                tracing::info!(server = %server, slot = index, pid = p.pid().unwrap_or(0), "server process ready");
-                report.started(p.pid());
+                tracing::info!(server = %server, slot = index, pid = p.pid().unwrap_or(0), transport = p.transport(), "server process ready");
+                report.started(p.pid(), p.transport());
                 let _ = process_tx.send(Some(p.clone()));
                 set_state(SlotState::Ready);
                 let reason = loop {

@@ -21,6 +21,7 @@ pub struct SlotReport(Arc<Mutex<Inner>>);
 #[derive(Debug, Default)]
 struct Inner {
     pid: Option<u32>,
+    transport: Option<&'static str>,
     restarts: u64,
     last_error: Option<(u64, String)>,
     last_exit: Option<String>,
@@ -46,8 +47,10 @@ impl SlotReport {
     }
 
     /// A process of the slot is ready.
-    pub fn started(&self, pid: Option<u32>) {
-        self.lock().pid = pid;
+    pub fn started(&self, pid: Option<u32>, transport: &'static str) {
+        let mut inner = self.lock();
+        inner.pid = pid;
+        inner.transport = Some(transport);
     }
 
     /// The slot's process failed to start, or was lost: why.
@@ -80,6 +83,7 @@ impl SlotReport {
             last_error_at: inner.last_error.as_ref().map(|(t, _)| *t),
             last_exit: inner.last_exit.clone(),
             stderr: inner.stderr.iter().cloned().collect(),
+            transport: inner.transport.map(String::from),
         }
     }
 }
