@@ -18,7 +18,7 @@ use futures_util::StreamExt;
 use mcpcp_proto::api::ServerSpec;
 use mcpcp_proto::mcp::{code, ErrorObject, Message, RequestId};
 use mcpcp_proto::sse::SseParser;
-use reqwest::header::{HeaderMap, ACCEPT, CONTENT_TYPE};
+use reqwest::header::{ACCEPT, CONTENT_TYPE};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
@@ -38,7 +38,6 @@ struct Pending {
 struct Shared {
     server: String,
     http: reqwest::Client,
-    headers: HeaderMap,
     /// Where messages are POSTed (the `endpoint` event's URL, resolved).
     post_url: String,
     pending: Mutex<BTreeMap<u64, Pending>>,
@@ -73,10 +72,9 @@ impl LegacySse {
             |e: String| ProcessError::Initialize(format!("the remote server (HTTP+SSE): {e}"));
         let startup = Duration::from_millis(spec.timeouts.startup_ms);
         let url = spec.url.clone().unwrap_or_default();
-        let (http, headers) = super::remote_http::client_for(spec).map_err(failed)?;
+        let http = super::remote_http::client_for(spec).map_err(failed)?;
         let resp = http
             .get(&url)
-            .headers(headers.clone())
             .header(ACCEPT, "text/event-stream")
             .send()
             .await
@@ -112,7 +110,6 @@ impl LegacySse {
         let shared = Arc::new(Shared {
             server: spec.name.clone(),
             http,
-            headers,
             post_url,
             pending: Mutex::new(BTreeMap::new()),
             next_id: AtomicU64::new(1),
@@ -133,7 +130,7 @@ impl LegacySse {
             .map_err(|e| failed(e.to_string()))?;
         conn.notify("notifications/initialized", None).await;
         conn.init = init;
-        tracing::info!(server = %spec.name, url = %url, "remote server connected (legacy HTTP+SSE)");
+        tracing::info!(server = %spec.name, origin = %super::remote_http::origin(&url), "remote server connected (legacy HTTP+SSE)");
         Ok(conn)
     }
 
@@ -250,7 +247,6 @@ impl Shared {
         let resp = self
             .http
             .post(&self.post_url)
-            .headers(self.headers.clone())
             .header(CONTENT_TYPE, "application/json")
             .body(msg.to_line())
             .timeout(self.request_timeout)

@@ -52,7 +52,6 @@ struct Shared {
     url: String,
     http: reqwest::Client,
     /// The spec's headers (opened secrets).
-    headers: HeaderMap,
     /// What `initialize` is sent with, again when the session is renewed.
     client_init: Value,
     session: Mutex<Session>,
@@ -133,12 +132,11 @@ impl Remote {
         // The URL stays out of errors: they reach clients, and a URL can carry a secret.
         let failed = |e: String| ProcessError::Initialize(format!("the remote server: {e}"));
         let startup = Duration::from_millis(spec.timeouts.startup_ms);
-        let (http, headers) = super::remote_http::client_for(spec).map_err(failed)?;
+        let http = super::remote_http::client_for(spec).map_err(failed)?;
         let shared = Arc::new(Shared {
             server: spec.name.clone(),
             url: url.clone(),
             http,
-            headers,
             client_init,
             session: Mutex::new(Session::default()),
             generation: AtomicU64::new(0),
@@ -160,7 +158,7 @@ impl Remote {
             Ok(Ok(init)) => init,
         };
         let listener = tokio::spawn(listen(Arc::downgrade(&shared)));
-        tracing::info!(server = %spec.name, url = %url, protocol = %shared.session().version, session = shared.session().id.is_some(), "remote server connected");
+        tracing::info!(server = %spec.name, origin = %super::remote_http::origin(&url), protocol = %shared.session().version, session = shared.session().id.is_some(), "remote server connected");
         Ok(Remote {
             shared,
             init,
@@ -271,7 +269,6 @@ impl Remote {
             let req = shared
                 .http
                 .delete(&shared.url)
-                .headers(shared.headers.clone())
                 .header(SESSION_HEADER, id)
                 .header(VERSION_HEADER, session.version)
                 .timeout(grace);
@@ -398,7 +395,6 @@ impl Shared {
         let mut req = self
             .http
             .request(method, &self.url)
-            .headers(self.headers.clone())
             .header(ACCEPT, "application/json, text/event-stream");
         if let Some(id) = &session.id {
             req = req.header(SESSION_HEADER, id);

@@ -1,25 +1,20 @@
 //! The HTTP client a node reaches one remote server with, whatever its transport: rustls with
 //! the spec's CA file or the system's roots, no redirects (a redirect would carry the spec's
-//! secret headers to another host), and the spec's headers, marked sensitive.
+//! secret headers to another host), and the spec's headers, marked sensitive, sent with every
+//! request as the client's defaults (no copy per request).
 
 use std::time::Duration;
 
 use mcpcp_proto::api::ServerSpec;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
-/// The client and the headers of every request to the server `spec` names.
-pub fn client_for(spec: &ServerSpec) -> Result<(reqwest::Client, HeaderMap), String> {
+/// The client of every request to the server `spec` names.
+pub fn client_for(spec: &ServerSpec) -> Result<reqwest::Client, String> {
     let tls = mcpcp_pki::trust::client_config(
         spec.ca_file.as_deref().map(std::path::Path::new),
         &[b"http/1.1"],
     )
     .map_err(|e| format!("ca_file: {e}"))?;
-    let http = reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
-        .connect_timeout(Duration::from_millis(spec.timeouts.startup_ms))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(|e| e.to_string())?;
     let mut headers = HeaderMap::new();
     for (k, v) in &spec.headers {
         let name = HeaderName::from_bytes(k.as_bytes())
@@ -29,5 +24,32 @@ pub fn client_for(spec: &ServerSpec) -> Result<(reqwest::Client, HeaderMap), Str
         value.set_sensitive(true);
         headers.insert(name, value);
     }
-    Ok((http, headers))
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .connect_timeout(Duration::from_millis(spec.timeouts.startup_ms))
+        .redirect(reqwest::redirect::Policy::none())
+        .default_headers(headers)
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// The scheme, host and port of `url`, for logs: its path and query may carry a secret.
+pub fn origin(url: &str) -> &str {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    let end = url[after_scheme..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| after_scheme + i);
+    &url[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn logs_show_only_the_origin_of_a_url() {
+        assert_eq!(
+            super::origin("https://h:8443/mcp?key=s3cret"),
+            "https://h:8443"
+        );
+        assert_eq!(super::origin("http://h"), "http://h");
+    }
 }
