@@ -437,7 +437,7 @@ pub async fn up(opts: &UpOptions, progress: &dyn Fn(&str)) -> Result<DevCluster,
     let tenant_token = admin
         .create_token(&CreateTokenRequest {
             name: "dev".into(),
-            role: Some(Role::Tenant),
+            role: Some(Role::User),
             tenant: Some("default".into()),
             ttl_seconds: None,
         })

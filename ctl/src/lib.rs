@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use mcpcp_proto::api::{
     AddNodeRequest, ClusterStatus, CreateTokenRequest, CreatedToken, ErrorBody, InitRequest,
-    InitResponse, List, Member, NodeInfo, ServerPatch, ServerSpec, TenantSpec, TokenInfo,
-    Versioned, WriteAck,
+    InitResponse, IssuerSpec, List, Member, NodeInfo, ServerPatch, ServerSpec, TenantSpec,
+    TokenInfo, Versioned, WriteAck,
 };
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
@@ -352,6 +352,32 @@ impl AdminClient {
         opts: &CallOptions,
     ) -> Result<WriteAck, ClientError> {
         self.call::<(), _>(Method::DELETE, &format!("/v1/tenants/{name}"), None, opts)
+            .await
+    }
+
+    pub async fn list_issuers(
+        &self,
+        stale: bool,
+    ) -> Result<List<Versioned<IssuerSpec>>, ClientError> {
+        self.get(&format!("/v1/issuers{}", consistency(stale)))
+            .await
+    }
+
+    pub async fn create_issuer(
+        &self,
+        spec: &IssuerSpec,
+        opts: &CallOptions,
+    ) -> Result<WriteAck, ClientError> {
+        self.call(Method::POST, "/v1/issuers", Some(spec), opts)
+            .await
+    }
+
+    pub async fn delete_issuer(
+        &self,
+        name: &str,
+        opts: &CallOptions,
+    ) -> Result<WriteAck, ClientError> {
+        self.call::<(), _>(Method::DELETE, &format!("/v1/issuers/{name}"), None, opts)
             .await
     }
 

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mcpcp_proto::api::{
-    AddNodeRequest, ClusterStatus, CreateTokenRequest, Member, Role, ServerPatch, ServerSpec,
-    SessionMode, TenantSpec, Timeouts, Versioned,
+    AddNodeRequest, ClusterStatus, CreateTokenRequest, IssuerSpec, Member, Role, ServerPatch,
+    ServerSpec, SessionMode, TenantSpec, Timeouts, Versioned,
 };
 use mcpctl::{dev, import, AdminClient, CallOptions, ClientError};
 use serde::Serialize;
@@ -76,6 +76,9 @@ enum Command {
     /// Mint, list and revoke bearer tokens.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Trust an OpenID provider's JWT access tokens (OIDC/OAuth), list and remove issuers.
+    #[command(subcommand)]
+    Issuer(IssuerCmd),
     /// Register the servers of a control-plane YAML or a Claude Desktop config.
     Import {
         /// `control_plane.yaml` or `claude_desktop_config.json`.
@@ -326,16 +329,17 @@ enum TenantCmd {
 enum TokenCmd {
     /// Mint a token; prints only the token on stdout (shown this once).
     Create {
-        /// A tenant token for this tenant.
+        /// The tenant of a `user` or `tenant-admin` token.
         #[arg(long, conflicts_with = "admin")]
         tenant: Option<String>,
-        /// An admin token (the same as `--role admin`).
+        /// A cluster-admin token (the same as `--role cluster-admin`).
         #[arg(long, conflicts_with = "role")]
         admin: bool,
-        /// The token's role: `admin`, `tenant` (with --tenant) or `metrics` (reads /metrics
-        /// only, for Prometheus).
-        #[arg(long, value_enum)]
-        role: Option<RoleArg>,
+        /// The token's role: `cluster-admin`, `tenant-admin` and `user` (with --tenant),
+        /// `operator`, `viewer`, or `metrics` (reads /metrics only, for Prometheus). The
+        /// older `admin` and `tenant` still work.
+        #[arg(long, value_parser = parse_role)]
+        role: Option<Role>,
         /// A label for people.
         #[arg(long, default_value = "mcpctl")]
         name: String,
@@ -350,11 +354,57 @@ enum TokenCmd {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum RoleArg {
-    Admin,
-    Tenant,
-    Metrics,
+fn parse_role(name: &str) -> Result<Role, String> {
+    Role::parse(name).ok_or_else(|| {
+        let names: Vec<&str> = Role::ALL.iter().map(|r| r.as_str()).collect();
+        format!("one of {}", names.join(", "))
+    })
+}
+
+#[derive(Debug, Subcommand)]
+enum IssuerCmd {
+    /// Trust the JWT access tokens of an OpenID provider or OAuth authorization server.
+    Add(Box<IssuerAdd>),
+    List,
+    #[command(alias = "remove", alias = "delete")]
+    Rm {
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct IssuerAdd {
+    name: String,
+    /// The `iss` its tokens carry (https; http only on loopback).
+    #[arg(long)]
+    issuer: String,
+    /// An audience accepted besides the resource URL called (repeat for more).
+    #[arg(long = "audience")]
+    audiences: Vec<String>,
+    /// Its JWKS URL (default: from its discovery document).
+    #[arg(long)]
+    jwks_url: Option<String>,
+    /// A signature algorithm accepted (repeat; default RS256 and ES256).
+    #[arg(long = "algorithm")]
+    algorithms: Vec<String>,
+    /// Seconds of clock skew tolerated on exp and nbf.
+    #[arg(long, default_value_t = 60)]
+    clock_skew: u64,
+    /// Every caller of this issuer belongs to this tenant.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// The claim naming the caller's tenant (a cluster-wide issuer).
+    #[arg(long, default_value = "tenant")]
+    tenant_claim: String,
+    /// The claim listing the caller's roles.
+    #[arg(long, default_value = "roles")]
+    roles_claim: String,
+    /// The role of a caller whose token names none.
+    #[arg(long, value_parser = parse_role, default_value = "user")]
+    default_role: Role,
+    /// A CA file (PEM) for its discovery and JWKS endpoints.
+    #[arg(long)]
+    ca_file: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -1042,6 +1092,84 @@ async fn tenant(cli: &Cli, cmd: &TenantCmd) -> Outcome {
     Ok(())
 }
 
+async fn issuer(cli: &Cli, cmd: &IssuerCmd) -> Outcome {
+    let c = client(cli)?;
+    let none = CallOptions::default();
+    match cmd {
+        IssuerCmd::Add(add) => {
+            let IssuerAdd {
+                name,
+                issuer,
+                audiences,
+                jwks_url,
+                algorithms,
+                clock_skew,
+                tenant,
+                tenant_claim,
+                roles_claim,
+                default_role,
+                ca_file,
+            } = add.as_ref();
+            let spec = IssuerSpec {
+                name: name.clone(),
+                issuer: issuer.clone(),
+                audiences: audiences.clone(),
+                jwks_url: jwks_url.clone(),
+                algorithms: if algorithms.is_empty() {
+                    vec!["RS256".into(), "ES256".into()]
+                } else {
+                    algorithms.clone()
+                },
+                clock_skew_s: *clock_skew,
+                tenant: tenant.clone(),
+                tenant_claim: tenant_claim.clone(),
+                roles_claim: roles_claim.clone(),
+                default_role: *default_role,
+                ca_file: ca_file.clone(),
+            };
+            let a = c.create_issuer(&spec, &none).await?;
+            ack(cli, &format!("issuer {name} added"), a.revision);
+        }
+        IssuerCmd::List => {
+            let list = c.list_issuers(cli.stale).await?;
+            if cli.output == Output::Json {
+                print_json(&list.items);
+            } else {
+                let rows = list
+                    .items
+                    .iter()
+                    .map(|i| {
+                        vec![
+                            i.spec.name.clone(),
+                            i.spec.issuer.clone(),
+                            opt(i.spec.tenant.clone()),
+                            i.spec.default_role.to_string(),
+                            i.spec.algorithms.join(","),
+                            i.revision.to_string(),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "NAME",
+                        "ISSUER",
+                        "TENANT",
+                        "DEFAULT ROLE",
+                        "ALGORITHMS",
+                        "REVISION",
+                    ],
+                    rows,
+                );
+            }
+        }
+        IssuerCmd::Rm { name } => {
+            let a = c.delete_issuer(name, &none).await?;
+            ack(cli, &format!("issuer {name} removed"), a.revision);
+        }
+    }
+    Ok(())
+}
+
 async fn token(cli: &Cli, cmd: &TokenCmd) -> Outcome {
     let c = client(cli)?;
     match cmd {
@@ -1053,9 +1181,9 @@ async fn token(cli: &Cli, cmd: &TokenCmd) -> Outcome {
             ttl,
         } => {
             let role = match (role, admin, tenant) {
-                (Some(RoleArg::Admin), _, _) | (None, true, _) => Role::Admin,
-                (Some(RoleArg::Metrics), _, _) => Role::Metrics,
-                (Some(RoleArg::Tenant), _, _) | (None, false, Some(_)) => Role::Tenant,
+                (Some(r), _, _) => *r,
+                (None, true, _) => Role::ClusterAdmin,
+                (None, false, Some(_)) => Role::User,
                 (None, false, None) => {
                     return Err(fail(
                         2,
@@ -1088,7 +1216,7 @@ async fn token(cli: &Cli, cmd: &TokenCmd) -> Outcome {
                         vec![
                             t.id.clone(),
                             t.name.clone(),
-                            format!("{:?}", t.role).to_lowercase(),
+                            t.role.to_string(),
                             opt(t.tenant.clone()),
                             t.created_at.to_string(),
                             opt(t.expires_at),
@@ -1248,7 +1376,7 @@ async fn bridge_cmd(cli: &Cli, cmd: &BridgeCmd) -> Outcome {
             let created = crate::client(cli)?
                 .create_token(&CreateTokenRequest {
                     name: format!("{name}-{}", format!("{client:?}").to_lowercase()),
-                    role: Some(Role::Tenant),
+                    role: Some(Role::User),
                     tenant: Some(t.clone()),
                     ttl_seconds: None,
                 })
@@ -1299,6 +1427,7 @@ async fn main() {
         Command::Cluster(c) => cluster(&cli, c).await,
         Command::Server(c) => server(&cli, c).await,
         Command::Tenant(c) => tenant(&cli, c).await,
+        Command::Issuer(c) => issuer(&cli, c).await,
         Command::Token(c) => token(&cli, c).await,
         Command::Import {
             file,

@@ -319,7 +319,18 @@ pub async fn run(
         channels.clone(),
         shutdown.clone(),
     ));
-    let mcp = McpState::new(registry.clone(), router.clone(), &cfg.mcp, &me.http_addr);
+    let identity = crate::identity::Identity::new(
+        registry.clone(),
+        cfg.identity.clone(),
+        cfg.api.tls != crate::tls::edge::EdgeTlsMode::Off,
+    );
+    let mcp = McpState::new(
+        registry.clone(),
+        router.clone(),
+        identity.clone(),
+        &cfg.mcp,
+        &me.http_addr,
+    );
     tasks.spawn(reconcile::run(
         registry.clone(),
         pools,
@@ -344,6 +355,7 @@ pub async fn run(
             node: node_tls.clone(),
             edge: edge.clone(),
         },
+        identity,
     };
     tasks.spawn(api::listener::serve(
         http_listener,

@@ -136,6 +136,9 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     #[serde(default)]
     pub tls: crate::tls::TlsConfig,
+    /// `[identity]`: resource URLs and trusted issuers' keys (`crate::identity`).
+    #[serde(default)]
+    pub identity: crate::identity::config::IdentityConfig,
 }
 
 /// `[runtime]`: the threads `mcpd` runs on.
@@ -313,6 +316,9 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.route
+            .validate()
+            .map_err(|(field, message)| invalid(field, message))?;
+        self.identity
             .validate()
             .map_err(|(field, message)| invalid(field, message))?;
         if self.id == 0 {

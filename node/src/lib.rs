@@ -14,6 +14,7 @@ pub mod call;
 pub mod config;
 pub mod demo;
 pub mod http;
+pub mod identity;
 pub mod join;
 pub mod mcp;
 pub mod metrics;

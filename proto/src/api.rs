@@ -336,16 +336,136 @@ impl Versioned<ServerSpec> {
     }
 }
 
-/// What a token may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// What a caller may do: the role of its API token, or the one a trusted issuer's JWT maps it
+/// to. The route × role table is in `deploy/README.md` ("Roles"); [`Role::ALL`] lists them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Role {
-    /// The admin API, every tenant's MCP traffic.
-    Admin,
+    /// Everything: the admin API and every tenant's MCP traffic.
+    #[serde(alias = "admin")]
+    ClusterAdmin,
+    /// One tenant's tokens and remote servers, and that tenant's MCP traffic.
+    TenantAdmin,
+    /// Reads everything, enables and disables servers.
+    Operator,
+    /// Reads everything, changes nothing.
+    Viewer,
     /// MCP traffic of one tenant: global servers and the tenant's own.
-    Tenant,
+    #[serde(alias = "tenant")]
+    User,
     /// Reads `/metrics` and nothing else (for Prometheus).
     Metrics,
+}
+
+impl Role {
+    pub const ALL: [Role; 6] = [
+        Role::ClusterAdmin,
+        Role::TenantAdmin,
+        Role::Operator,
+        Role::Viewer,
+        Role::User,
+        Role::Metrics,
+    ];
+
+    /// Whether the role belongs to one tenant (its tokens name the tenant).
+    pub fn is_tenant_scoped(self) -> bool {
+        matches!(self, Role::TenantAdmin | Role::User)
+    }
+
+    /// The name the API and `mcpctl` use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::ClusterAdmin => "cluster-admin",
+            Role::TenantAdmin => "tenant-admin",
+            Role::Operator => "operator",
+            Role::Viewer => "viewer",
+            Role::User => "user",
+            Role::Metrics => "metrics",
+        }
+    }
+
+    /// The role named `name` (also the older `admin` and `tenant`).
+    pub fn parse(name: &str) -> Option<Role> {
+        match name {
+            "admin" => Some(Role::ClusterAdmin),
+            "tenant" => Some(Role::User),
+            _ => Role::ALL.into_iter().find(|r| r.as_str() == name),
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A trusted issuer of JWT access tokens (an OpenID provider or OAuth authorization server),
+/// and how its tokens' claims become a caller: subject, tenant and roles.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerSpec {
+    /// The registry's name for it (`okta`, `keycloak-acme`).
+    pub name: String,
+    /// The `iss` its tokens carry, exactly (an `https` URL; `http` only on loopback).
+    pub issuer: String,
+    /// Audiences accepted besides the resource URL of the endpoint called (RFC 8707): a token
+    /// whose `aud` holds none of them is refused.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Where its signing keys are; by default the `jwks_uri` of its discovery document
+    /// (`/.well-known/openid-configuration`, then `/.well-known/oauth-authorization-server`).
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// Signature algorithms accepted (never `none`, never an HMAC one).
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+    /// Tolerance, in seconds, for `exp` and `nbf` against this node's clock.
+    #[serde(default = "default_clock_skew")]
+    pub clock_skew_s: u64,
+    /// Every caller of this issuer belongs to this tenant (a per-tenant issuer).
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// Otherwise the claim that names the caller's tenant.
+    #[serde(default = "default_tenant_claim")]
+    pub tenant_claim: String,
+    /// The claim (a list of strings, or one space-separated string) whose values that are
+    /// role names give the caller's roles; the most powerful one counts.
+    #[serde(default = "default_roles_claim")]
+    pub roles_claim: String,
+    /// The role of a caller whose token names none.
+    #[serde(default = "default_role")]
+    pub default_role: Role,
+    /// A CA file (PEM) for its discovery and JWKS endpoints; the system's roots otherwise.
+    #[serde(default)]
+    pub ca_file: Option<String>,
+}
+
+fn default_algorithms() -> Vec<String> {
+    vec!["RS256".into(), "ES256".into()]
+}
+fn default_clock_skew() -> u64 {
+    60
+}
+fn default_tenant_claim() -> String {
+    "tenant".into()
+}
+fn default_roles_claim() -> String {
+    "roles".into()
+}
+fn default_role() -> Role {
+    Role::User
+}
+
+/// OAuth scopes a JWT must carry for each surface (API tokens carry their role's rights).
+pub mod scope {
+    /// MCP endpoints: `/mcp`, `/servers/NAME/mcp`.
+    pub const MCP: &str = "mcp";
+    /// The admin API, reading.
+    pub const ADMIN_READ: &str = "admin:read";
+    /// The admin API, writing.
+    pub const ADMIN_WRITE: &str = "admin:write";
+    pub const ALL: [&str; 3] = [MCP, ADMIN_READ, ADMIN_WRITE];
 }
 
 /// `POST /v1/tokens`.
@@ -354,7 +474,7 @@ pub enum Role {
 pub struct CreateTokenRequest {
     /// A label for people (`ci`, `alice-laptop`).
     pub name: String,
-    /// Defaults to `tenant` when `tenant` is given, else required.
+    /// Defaults to `user` when `tenant` is given, else required.
     #[serde(default)]
     pub role: Option<Role>,
     #[serde(default)]
@@ -466,6 +586,8 @@ pub enum ObjectKind {
     Server,
     Tenant,
     Token,
+    /// A trusted JWT issuer.
+    Issuer,
     /// Where a server with `replicas` runs (the node ids), assigned by the leader.
     Placement,
     /// MCP session state (not streamed to watchers).

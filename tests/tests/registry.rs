@@ -635,7 +635,7 @@ async fn bad_input_gets_clear_errors_and_the_node_stays_up() {
     let admin2 = client
         .create_token(&mcpcp_proto::api::CreateTokenRequest {
             name: "ops".into(),
-            role: Some(mcpcp_proto::api::Role::Admin),
+            role: Some(mcpcp_proto::api::Role::ClusterAdmin),
             tenant: None,
             ttl_seconds: None,
         })

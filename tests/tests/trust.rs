@@ -230,7 +230,7 @@ async fn a_cluster_is_initialised_once_and_admin_access_is_recovered_through_a_h
     let short = admin
         .create_token(&mcpcp_proto::api::CreateTokenRequest {
             name: "short".into(),
-            role: Some(mcpcp_proto::api::Role::Admin),
+            role: Some(mcpcp_proto::api::Role::ClusterAdmin),
             tenant: None,
             ttl_seconds: Some(2),
         })

@@ -18,8 +18,9 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 
 use super::error::ApiError;
-use super::extract::{Admin, ApiJson, ApiQuery};
+use super::extract::{ApiJson, ApiQuery, Authorized};
 use super::AppState;
+use crate::identity::surface::{ClusterRead, ClusterWrite};
 use crate::registry::MembershipChange;
 
 /// Lag (entries) beyond which a member is reported as `lagging`.
@@ -76,7 +77,7 @@ pub async fn init(
 /// edge), without a restart; `mcpctl cluster rotate-certs` calls it on every member.
 pub async fn rotate_certs(
     State(state): State<AppState>,
-    _admin: Admin,
+    _caller: Authorized<ClusterWrite>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     // An operator's rare call: its key generation and two small fsyncs hold this shard for a
     // few milliseconds; a node without the CA key waits on a member's answer, not the shard.
@@ -113,7 +114,7 @@ pub struct JoinTokenRequest {
 /// `POST /v1/cluster/join-tokens` (admin): a single-use join token for one node id.
 pub async fn create_join_token(
     State(state): State<AppState>,
-    _admin: Admin,
+    _caller: Authorized<ClusterWrite>,
     ApiJson(req): ApiJson<JoinTokenRequest>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     if req.node_id == 0 {
@@ -250,7 +251,10 @@ fn role_name(state: openraft::ServerState) -> &'static str {
 /// The cluster as this node sees it, with every member pinged (in parallel, bounded) so that
 /// any node can tell which members answer. Replication lag is known on the leader only;
 /// `mcpctl cluster status` asks the leader for it.
-pub async fn status(State(state): State<AppState>, _admin: Admin) -> Json<ClusterStatus> {
+pub async fn status(
+    State(state): State<AppState>,
+    _caller: Authorized<ClusterRead>,
+) -> Json<ClusterStatus> {
     let m = state.registry.raft.metrics().borrow().clone();
     let revision = state.registry.local().state.revision;
     let membership = m.membership_config.membership().clone();
@@ -340,7 +344,7 @@ pub async fn status(State(state): State<AppState>, _admin: Admin) -> Json<Cluste
 
 pub async fn add_node(
     State(state): State<AppState>,
-    _admin: Admin,
+    _caller: Authorized<ClusterWrite>,
     ApiJson(req): ApiJson<AddNodeRequest>,
 ) -> Result<(StatusCode, Json<Member>), ApiError> {
     if req.http_addr.is_empty() {
@@ -363,7 +367,7 @@ pub async fn add_node(
 
 pub async fn remove_node(
     State(state): State<AppState>,
-    _admin: Admin,
+    _caller: Authorized<ClusterWrite>,
     Path(id): Path<u64>,
 ) -> Result<StatusCode, ApiError> {
     state
@@ -386,7 +390,7 @@ pub struct WatchParams {
 /// and must re-read everything.
 pub async fn watch(
     State(state): State<AppState>,
-    _admin: Admin,
+    _caller: Authorized<ClusterRead>,
     ApiQuery(params): ApiQuery<WatchParams>,
 ) -> Response {
     let sub = state.registry.subscribe(params.since);

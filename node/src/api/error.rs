@@ -26,6 +26,15 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("{0}")]
     Forbidden(String),
+    /// A caller refused by `crate::identity`, with the challenge that tells an OAuth client
+    /// where to go (`WWW-Authenticate`).
+    #[error("{message}")]
+    Refused {
+        status: StatusCode,
+        code: &'static str,
+        message: String,
+        challenge: String,
+    },
     /// The request's `Host` is not a name of this node (DNS rebinding).
     #[error("{0}")]
     MisdirectedHost(String),
@@ -71,6 +80,7 @@ impl ApiError {
             ),
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", None),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", None),
+            ApiError::Refused { status, code, .. } => (*status, code, None),
             ApiError::MisdirectedHost(_) => (
                 StatusCode::MISDIRECTED_REQUEST,
                 "misdirected_host",
@@ -102,7 +112,7 @@ impl IntoResponse for ApiError {
         let (status, code, field) = self.parts();
         match &self {
             ApiError::Internal(detail) => tracing::error!(error = %detail, "internal error"),
-            ApiError::Unauthorized(_) | ApiError::Forbidden(_) => {
+            ApiError::Unauthorized(_) | ApiError::Forbidden(_) | ApiError::Refused { .. } => {
                 tracing::warn!(status = status.as_u16(), error = %self, "request refused")
             }
             ApiError::Unavailable { .. } => tracing::info!(error = %self, "unavailable"),
@@ -127,6 +137,11 @@ impl IntoResponse for ApiError {
                     HeaderValue::from_static("Bearer realm=\"mcpd\""),
                 );
             }
+            ApiError::Refused { challenge, .. } => {
+                if let Ok(v) = HeaderValue::from_str(challenge) {
+                    resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+                }
+            }
             ApiError::Unavailable { retry_after_s, .. } => {
                 resp.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
@@ -134,6 +149,33 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         resp
+    }
+}
+
+impl From<crate::identity::Refusal> for ApiError {
+    fn from(r: crate::identity::Refusal) -> Self {
+        use crate::identity::AuthError as A;
+        let (status, code) = match &r.error {
+            A::NotInitialized => {
+                return ApiError::Unavailable {
+                    code: "not_initialized",
+                    message: r.error.to_string(),
+                    retry_after_s: 5,
+                }
+            }
+            A::Role(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            A::Scope(_) => (StatusCode::FORBIDDEN, "insufficient_scope"),
+            A::Jwt(_) => (StatusCode::UNAUTHORIZED, "invalid_token"),
+            A::Missing | A::Malformed(_) | A::UnknownToken => {
+                (StatusCode::UNAUTHORIZED, "unauthorized")
+            }
+        };
+        ApiError::Refused {
+            status,
+            code,
+            message: r.error.to_string(),
+            challenge: r.challenge,
+        }
     }
 }
 

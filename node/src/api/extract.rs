@@ -1,16 +1,17 @@
 //! Request extractors that turn every malformed input into an [`ApiError`] naming the field:
-//! JSON bodies, query strings, the bearer token, `If-Match` and `Idempotency-Key`.
+//! JSON bodies, query strings, the caller (`crate::identity`), `If-Match` and `Idempotency-Key`.
 
 use axum::extract::{FromRef, FromRequest, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap};
-use mcpcp_proto::api::Role;
 use serde::Deserialize;
 
 use super::error::ApiError;
 use super::AppState;
+use crate::identity::surface::Surface;
+use crate::identity::Identity;
 use crate::registry::state::Precondition;
-use crate::registry::{Principal, Registry};
+use crate::registry::Principal;
 
 /// `axum::Json` with our error format.
 #[derive(FromRequest)]
@@ -40,112 +41,32 @@ pub struct ReadParams {
     pub consistency: Consistency,
 }
 
-/// The caller of MCP, authenticated by `Authorization: Bearer <token>`: an admin or a tenant
-/// (a metrics token is refused).
-pub struct Caller(pub Principal);
+/// The caller, authenticated (API token or trusted JWT) and allowed to use surface `S`
+/// (`crate::identity::surface`): its roles, and for a JWT its scope. Handlers narrow a
+/// tenant-scoped caller to its own tenant's objects. The marker reads at the call site:
+/// `Authorized(caller, ObjectWrite)`.
+pub struct Authorized<S>(pub Principal, pub S);
 
-/// A reader of `/metrics`: a metrics or an admin token.
-pub struct MetricsReader;
-
-/// The caller, authenticated and holding the admin role.
-pub struct Admin(pub Principal);
-
-fn bearer(parts: &Parts) -> Result<&str, ApiError> {
-    let value = parts
-        .headers
-        .get(header::AUTHORIZATION)
-        .ok_or_else(|| ApiError::Unauthorized("missing Authorization: Bearer <token>".into()))?;
-    let value = value
-        .to_str()
-        .map_err(|_| ApiError::Unauthorized("Authorization header is not ASCII".into()))?;
-    let token = value
-        .strip_prefix("Bearer ")
-        .or_else(|| value.strip_prefix("bearer "))
-        .ok_or_else(|| ApiError::Unauthorized("Authorization must use the Bearer scheme".into()))?;
-    Ok(token.trim())
-}
-
-/// The principal of the request's bearer token, whatever its role.
-fn authenticate(parts: &Parts, registry: &Registry) -> Result<Principal, ApiError> {
-    let token = bearer(parts)?;
-    match registry.authenticate(token) {
-        Some(p) => Ok(p),
-        None => {
-            metrics::counter!("mcpd_auth_failures_total").increment(1);
-            let initialized = registry
-                .local()
-                .membership
-                .membership()
-                .voter_ids()
-                .next()
-                .is_some();
-            if !initialized {
-                return Err(ApiError::Unavailable {
-                    code: "not_initialized",
-                    message: "this node is not part of a cluster yet: run `mcpctl cluster init`"
-                        .into(),
-                    retry_after_s: 5,
-                });
-            }
-            Err(ApiError::Unauthorized(
-                "the bearer token is unknown, revoked or expired".into(),
-            ))
-        }
-    }
-}
-
-impl<S> FromRequestParts<S> for Caller
+impl<St, S> FromRequestParts<St> for Authorized<S>
 where
-    S: Send + Sync,
-    Registry: FromRef<S>,
+    St: Send + Sync,
+    Identity: FromRef<St>,
+    S: Surface,
 {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let p = authenticate(parts, &Registry::from_ref(state))?;
-        if p.role == Role::Metrics {
-            return Err(ApiError::Forbidden(
-                "a metrics token may only read /metrics".into(),
-            ));
+    async fn from_request_parts(parts: &mut Parts, state: &St) -> Result<Self, ApiError> {
+        let identity = Identity::from_ref(state);
+        // MCP endpoints are resources of their own; the admin API is the base URL.
+        let path = if S::SCOPE == mcpcp_proto::api::scope::MCP {
+            parts.uri.path().to_string()
+        } else {
+            String::new()
+        };
+        match identity.authorize::<S>(parts, &path).await {
+            Ok(p) => Ok(Authorized(p, S::default())),
+            Err(refusal) => Err(ApiError::from(refusal)),
         }
-        Ok(Caller(p))
-    }
-}
-
-impl<S> FromRequestParts<S> for MetricsReader
-where
-    S: Send + Sync,
-    Registry: FromRef<S>,
-{
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        match authenticate(parts, &Registry::from_ref(state))?.role {
-            Role::Metrics | Role::Admin => Ok(MetricsReader),
-            Role::Tenant => Err(ApiError::Forbidden(
-                "/metrics needs a metrics or admin token (mcpctl token create --role metrics)"
-                    .into(),
-            )),
-        }
-    }
-}
-
-impl<S> FromRequestParts<S> for Admin
-where
-    S: Send + Sync,
-    Registry: FromRef<S>,
-{
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let p = authenticate(parts, &Registry::from_ref(state))?;
-        if p.role != Role::Admin {
-            return Err(ApiError::Forbidden(
-                "this endpoint needs an admin token; a tenant token may only use MCP endpoints, a metrics token only /metrics"
-                    .into(),
-            ));
-        }
-        Ok(Admin(p))
     }
 }
 

@@ -8,8 +8,9 @@ use axum::response::IntoResponse;
 use axum::Json;
 use serde_json::json;
 
-use super::extract::MetricsReader;
+use super::extract::Authorized;
 use super::AppState;
+use crate::identity::surface::MetricsRead;
 
 /// Entries a node may have appended but not yet applied and still call itself ready.
 const READY_APPLY_LAG: u64 = 64;
@@ -59,7 +60,10 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     (status, Json(body))
 }
 
-pub async fn metrics(State(state): State<AppState>, _reader: MetricsReader) -> impl IntoResponse {
+pub async fn metrics(
+    State(state): State<AppState>,
+    _reader: Authorized<MetricsRead>,
+) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

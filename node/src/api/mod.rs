@@ -1,5 +1,6 @@
-//! The admin API of a node (axum): `/v1/`, `/metrics` and the probes, and the authentication
-//! of every caller ([`extract`]), which the MCP front end uses too. `crate::http` puts these
+//! The admin API of a node (axum): `/v1/`, `/metrics`, the probes and the protected-resource
+//! metadata, and the extractors that authorize every caller through `crate::identity`
+//! ([`extract`]), which the MCP front end uses too. `crate::http` puts these
 //! routes and the MCP endpoints behind one set of layers.
 
 pub mod body_timeout;
@@ -8,8 +9,10 @@ pub mod error;
 pub mod extract;
 pub mod health;
 pub mod host;
+pub mod issuers;
 pub mod listener;
 pub mod objects;
+pub mod resource_metadata;
 
 use axum::extract::FromRef;
 use axum::routing::{get, post};
@@ -33,6 +36,14 @@ pub struct AppState {
     pub data_key: crate::seal::DataKey,
     /// This node's certificates, for rotation.
     pub certs: crate::tls::Certificates,
+    /// Who is calling (API tokens and trusted issuers' JWTs).
+    pub identity: crate::identity::Identity,
+}
+
+impl FromRef<AppState> for crate::identity::Identity {
+    fn from_ref(state: &AppState) -> crate::identity::Identity {
+        state.identity.clone()
+    }
 }
 
 impl FromRef<AppState> for Registry {
@@ -71,9 +82,20 @@ pub fn router<S: Clone + Send + Sync + 'static>(state: AppState) -> Router<S> {
             get(o::get_tenant).delete(o::delete_tenant),
         )
         .route("/tokens", get(o::list_tokens).post(o::create_token))
-        .route("/tokens/{id}", get(o::get_token).delete(o::revoke_token));
+        .route("/tokens/{id}", get(o::get_token).delete(o::revoke_token))
+        .route("/issuers", get(issuers::list).post(issuers::create))
+        .route(
+            "/issuers/{name}",
+            get(issuers::get).put(issuers::put).delete(issuers::delete),
+        );
+    use crate::identity::resource::METADATA_PATH;
     Router::new()
         .nest("/v1", v1)
+        .route(METADATA_PATH, get(resource_metadata::root))
+        .route(
+            &format!("{METADATA_PATH}/{{*suffix}}"),
+            get(resource_metadata::suffixed),
+        )
         .route("/metrics", get(health::metrics))
         .with_state(state)
 }

@@ -1,6 +1,12 @@
 //! CRUD of the registry's objects: servers, tenants and tokens (`/v1/servers`, `/v1/tenants`,
 //! `/v1/tokens`). Every handler validates, turns the request into a [`Command`] and lets the
 //! registry replicate it; reads are linearizable unless `?consistency=stale`.
+//!
+//! The extractor checks the caller's role against the surface; here a tenant-scoped caller
+//! (a tenant admin) is narrowed to its own tenant: it sees its tenant's objects and global
+//! servers, writes its tenant's tokens and remote servers only (an arbitrary command would
+//! run on every node, so it stays with cluster admins), and another tenant's object does
+//! not exist as far as it can tell.
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -12,13 +18,15 @@ use mcpcp_proto::api::{
 
 use super::error::ApiError;
 use super::extract::{
-    idempotency_key, precondition, read_barrier, Admin, ApiJson, ApiQuery, ReadParams,
+    idempotency_key, precondition, read_barrier, ApiJson, ApiQuery, Authorized, ReadParams,
 };
 use super::AppState;
+use crate::identity::surface::{ClusterWrite, ObjectRead, ObjectWrite, Operate};
 use crate::registry::state::{Command, Precondition, Request};
 use crate::registry::{new_request_id, now_unix, token, validate, Principal};
 
-async fn write(
+/// Replicates `command` for `caller`, de-duplicated by its `Idempotency-Key`.
+pub(super) async fn write(
     state: &AppState,
     headers: &HeaderMap,
     caller: &Principal,
@@ -41,7 +49,7 @@ async fn write(
 
 pub async fn list_servers(
     State(state): State<AppState>,
-    _admin: Admin,
+    Authorized(caller, ObjectRead): Authorized<ObjectRead>,
     ApiQuery(params): ApiQuery<ReadParams>,
 ) -> Result<Json<List<Versioned<ServerSpec>>>, ApiError> {
     read_barrier(&state, params.consistency).await?;
@@ -52,6 +60,7 @@ pub async fn list_servers(
             .state
             .servers
             .values()
+            .filter(|v| caller.sees(v.spec.tenant.as_deref()))
             .map(Versioned::redacted)
             .collect(),
     }))
@@ -85,9 +94,38 @@ fn keep_redacted(
     Ok(())
 }
 
-/// The server `name` as this node has it applied (sealed values and all).
-fn stored(state: &AppState, name: &str) -> Option<Versioned<ServerSpec>> {
-    state.registry.local().state.servers.get(name).cloned()
+/// The server `name` as this node has it applied (sealed values and all), if `caller` may
+/// see it.
+fn stored(state: &AppState, caller: &Principal, name: &str) -> Option<Versioned<ServerSpec>> {
+    let data = state.registry.local();
+    let v = data.state.servers.get(name)?;
+    caller.sees(v.spec.tenant.as_deref()).then(|| v.clone())
+}
+
+/// Whether `caller` may write `spec` (and, when it exists, the server it replaces).
+fn may_write_server(
+    caller: &Principal,
+    spec: &ServerSpec,
+    current: Option<&ServerSpec>,
+) -> Result<(), ApiError> {
+    if !caller.role.is_tenant_scoped() {
+        return Ok(());
+    }
+    let own = |s: &ServerSpec| caller.owns(s.tenant.as_deref());
+    if !own(spec) || current.is_some_and(|c| !own(c)) {
+        return Err(ApiError::Forbidden(format!(
+            "a {} may write servers of tenant {:?} only (set \"tenant\")",
+            caller.role,
+            caller.tenant.as_deref().unwrap_or("")
+        )));
+    }
+    if !spec.is_remote() {
+        return Err(ApiError::Forbidden(format!(
+            "a {} may add remote servers (\"url\") only: a command runs on every node, so local servers are a cluster-admin's",
+            caller.role
+        )));
+    }
+    Ok(())
 }
 
 /// Readies a spec for writing: a secret (`env` or `headers` value) sent back as
@@ -110,15 +148,12 @@ fn sealed(
 
 pub async fn get_server(
     State(state): State<AppState>,
-    _admin: Admin,
+    Authorized(caller, ObjectRead): Authorized<ObjectRead>,
     Path(name): Path<String>,
     ApiQuery(params): ApiQuery<ReadParams>,
 ) -> Result<Json<Versioned<ServerSpec>>, ApiError> {
     read_barrier(&state, params.consistency).await?;
-    let data = state.registry.local();
-    data.state
-        .servers
-        .get(&name)
+    stored(&state, &caller, &name)
         .map(|v| Json(v.redacted()))
         .ok_or_else(|| ApiError::NotFound(format!("server {name:?} not found")))
 }
@@ -127,19 +162,12 @@ pub async fn get_server(
 /// as this node sees them).
 pub async fn server_status(
     State(state): State<AppState>,
-    _admin: Admin,
+    Authorized(caller, ObjectRead): Authorized<ObjectRead>,
     Path(name): Path<String>,
 ) -> Result<Json<ServerStatus>, ApiError> {
-    let (spec, placed) = {
-        let data = state.registry.local();
-        let spec = data
-            .state
-            .servers
-            .get(&name)
-            .cloned()
-            .ok_or_else(|| ApiError::NotFound(format!("server {name:?} not found")))?;
-        (spec, data.state.placements.get(&name).cloned())
-    };
+    let spec = stored(&state, &caller, &name)
+        .ok_or_else(|| ApiError::NotFound(format!("server {name:?} not found")))?;
+    let placed = state.registry.local().state.placements.get(&name).cloned();
     let members = state.registry.members();
     let placement: Vec<u64> = match (&spec.spec.replicas, placed) {
         (Some(_), Some(p)) => p,
@@ -197,10 +225,11 @@ pub async fn server_status(
 
 pub async fn create_server(
     State(state): State<AppState>,
-    Admin(caller): Admin,
+    Authorized(caller, ObjectWrite): Authorized<ObjectWrite>,
     headers: HeaderMap,
     ApiJson(spec): ApiJson<ServerSpec>,
 ) -> Result<(StatusCode, Json<WriteAck>), ApiError> {
+    may_write_server(&caller, &spec, None)?;
     let spec = sealed(&state, spec, None)?;
     let command = Command::PutServer {
         spec,
@@ -212,7 +241,7 @@ pub async fn create_server(
 
 pub async fn put_server(
     State(state): State<AppState>,
-    Admin(caller): Admin,
+    Authorized(caller, ObjectWrite): Authorized<ObjectWrite>,
     Path(name): Path<String>,
     headers: HeaderMap,
     ApiJson(spec): ApiJson<ServerSpec>,
@@ -234,7 +263,8 @@ pub async fn put_server(
     if keeps {
         state.registry.barrier().await?;
     }
-    let current = stored(&state, &name);
+    let current = stored(&state, &caller, &name);
+    may_write_server(&caller, &spec, current.as_ref().map(|c| &c.spec))?;
     let default = match (&current, keeps) {
         (Some(c), true) => Precondition::Revision(c.revision),
         _ => Precondition::None,
@@ -249,18 +279,30 @@ pub async fn put_server(
 
 /// Merges the present fields into the current spec and writes it back, as a compare-and-set
 /// on the revision it read (or on `If-Match`, when given).
+///
+/// An operator may send `enabled` only: it turns servers on and off, and changes nothing else.
 pub async fn patch_server(
     State(state): State<AppState>,
-    Admin(caller): Admin,
+    Authorized(caller, Operate): Authorized<Operate>,
     Path(name): Path<String>,
     headers: HeaderMap,
     ApiJson(patch): ApiJson<ServerPatch>,
 ) -> Result<Json<WriteAck>, ApiError> {
+    let only_enabled = serde_json::to_value(&patch)
+        .ok()
+        .and_then(|v| v.as_object().map(|o| o.keys().all(|k| k == "enabled")))
+        .unwrap_or(false);
+    if caller.role == mcpcp_proto::api::Role::Operator && !only_enabled {
+        return Err(ApiError::Forbidden(
+            "an operator may change \"enabled\" only".into(),
+        ));
+    }
     state.registry.barrier().await?;
-    let current = stored(&state, &name)
+    let current = stored(&state, &caller, &name)
         .ok_or_else(|| ApiError::NotFound(format!("server {name:?} not found")))?;
     let mut spec = current.spec.clone();
     patch.apply_to(&mut spec);
+    may_write_server(&caller, &spec, Some(&current.spec))?;
     let spec = sealed(&state, spec, Some(&current.spec))?;
     let command = Command::PutServer {
         spec,
@@ -271,10 +313,17 @@ pub async fn patch_server(
 
 pub async fn delete_server(
     State(state): State<AppState>,
-    Admin(caller): Admin,
+    Authorized(caller, ObjectWrite): Authorized<ObjectWrite>,
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<WriteAck>, ApiError> {
+    if caller.role.is_tenant_scoped() {
+        let own =
+            stored(&state, &caller, &name).is_some_and(|v| caller.owns(v.spec.tenant.as_deref()));
+        if !own {
+            return Err(ApiError::NotFound(format!("server {name:?} not found")));
+        }
+    }
     let command = Command::DeleteServer {
         name,
         precondition: precondition(&headers, Precondition::None)?,
@@ -286,20 +335,26 @@ pub async fn delete_server(
 
 pub async fn list_tenants(
     State(state): State<AppState>,
-    _admin: Admin,
+    Authorized(caller, ObjectRead): Authorized<ObjectRead>,
     ApiQuery(params): ApiQuery<ReadParams>,
 ) -> Result<Json<List<Versioned<TenantSpec>>>, ApiError> {
     read_barrier(&state, params.consistency).await?;
     let data = state.registry.local();
     Ok(Json(List {
         revision: data.state.revision,
-        items: data.state.tenants.values().cloned().collect(),
+        items: data
+            .state
+            .tenants
+            .values()
+            .filter(|t| caller.owns(Some(&t.spec.name)))
+            .cloned()
+            .collect(),
     }))
 }
 
 pub async fn get_tenant(
     State(state): State<AppState>,
-    _admin: Admin,
+    Authorized(caller, ObjectRead): Authorized<ObjectRead>,
     Path(name): Path<String>,
     ApiQuery(params): ApiQuery<ReadParams>,
 ) -> Result<Json<Versioned<TenantSpec>>, ApiError> {
@@ -308,6 +363,7 @@ pub async fn get_tenant(
     data.state
         .tenants
         .get(&name)
+        .filter(|t| caller.owns(Some(&t.spec.name)))
         .cloned()
         .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("tenant {name:?} not found")))
@@ -315,7 +371,7 @@ pub async fn get_tenant(
 
 pub async fn create_tenant(
     State(state): State<AppState>,
-    Admin(caller): Admin,
+    Authorized(caller, ClusterWrite): Authorized<ClusterWrite>,
     headers: HeaderMap,
     ApiJson(spec): ApiJson<TenantSpec>,
 ) -> Result<(StatusCode, Json<WriteAck>), ApiError> {
@@ -330,7 +386,7 @@ pub async fn create_tenant(
 
 pub async fn delete_tenant(
     State(state): State<AppState>,
-    Admin(caller): Admin,
+    Authorized(caller, ClusterWrite): Authorized<ClusterWrite>,
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<WriteAck>, ApiError> {
@@ -345,20 +401,26 @@ pub async fn delete_tenant(
 
 pub async fn list_tokens(
     State(state): State<AppState>,
-    _admin: Admin,
+    Authorized(caller, ObjectRead): Authorized<ObjectRead>,
     ApiQuery(params): ApiQuery<ReadParams>,
 ) -> Result<Json<List<TokenInfo>>, ApiError> {
     read_barrier(&state, params.consistency).await?;
     let data = state.registry.local();
     Ok(Json(List {
         revision: data.state.revision,
-        items: data.state.tokens.values().map(|t| t.info.clone()).collect(),
+        items: data
+            .state
+            .tokens
+            .values()
+            .filter(|t| caller.owns(t.info.tenant.as_deref()))
+            .map(|t| t.info.clone())
+            .collect(),
     }))
 }
 
 pub async fn get_token(
     State(state): State<AppState>,
-    _admin: Admin,
+    Authorized(caller, ObjectRead): Authorized<ObjectRead>,
     Path(id): Path<String>,
     ApiQuery(params): ApiQuery<ReadParams>,
 ) -> Result<Json<TokenInfo>, ApiError> {
@@ -367,6 +429,7 @@ pub async fn get_token(
     data.state
         .tokens
         .get(&id)
+        .filter(|t| caller.owns(t.info.tenant.as_deref()))
         .map(|t| Json(t.info.clone()))
         .ok_or_else(|| ApiError::NotFound(format!("token {id:?} not found")))
 }
@@ -376,10 +439,19 @@ pub async fn get_token(
 /// first answer's secret cannot be shown again.
 pub async fn create_token(
     State(state): State<AppState>,
-    _admin: Admin,
+    Authorized(caller, ObjectWrite): Authorized<ObjectWrite>,
     ApiJson(req): ApiJson<CreateTokenRequest>,
 ) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
     let role = validate::token_request(&req)?;
+    if caller.role.is_tenant_scoped()
+        && !(role.is_tenant_scoped() && caller.owns(req.tenant.as_deref()))
+    {
+        return Err(ApiError::Forbidden(format!(
+            "a {} may create user and tenant-admin tokens of tenant {:?} only",
+            caller.role,
+            caller.tenant.as_deref().unwrap_or("")
+        )));
+    }
     let minted = token::mint().map_err(|e| ApiError::Internal(e.to_string()))?;
     let created_at = now_unix();
     let info = TokenInfo {
@@ -410,17 +482,29 @@ pub async fn create_token(
 
 pub async fn revoke_token(
     State(state): State<AppState>,
-    Admin(caller): Admin,
+    Authorized(caller, ObjectWrite): Authorized<ObjectWrite>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<WriteAck>, ApiError> {
+    if caller.role.is_tenant_scoped() {
+        let data = state.registry.local();
+        let own = data
+            .state
+            .tokens
+            .get(&id)
+            .is_some_and(|t| caller.owns(t.info.tenant.as_deref()));
+        if !own {
+            return Err(ApiError::NotFound(format!("token {id:?} not found")));
+        }
+    }
     // The state machine refuses to revoke the only admin token; here, with the clock, an
     // expired admin token does not count either, so the cluster keeps a working one.
     {
         let data = state.registry.local();
         let now = now_unix();
-        let is_admin =
-            |t: &crate::registry::state::StoredToken| t.info.role == mcpcp_proto::api::Role::Admin;
+        let is_admin = |t: &crate::registry::state::StoredToken| {
+            t.info.role == mcpcp_proto::api::Role::ClusterAdmin
+        };
         let working = |t: &&crate::registry::state::StoredToken| {
             is_admin(t) && t.info.expires_at.is_none_or(|e| e > now)
         };

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 /// |------------|--------------------|-------------------------------------------------|
 /// | `Busy`     | no                 | no: the callers' own overload                   |
 /// | `NotRun`   | no                 | yes: no process, node unreachable, removed      |
+/// | `Refused`  | no                 | no: a peer refused the caller, not the server   |
 /// | `Crashed`  | may or may not     | yes                                             |
 /// | `TimedOut` | may or may not     | yes, unless the call waited on its own client   |
 /// | `Answered` | yes, it answered   | no: an answer is the server working             |
@@ -24,6 +25,10 @@ pub enum CallError {
     /// breaker open.
     #[error("{0}")]
     NotRun(String),
+    /// A peer refused the caller's credential (a token it has not applied yet, or revoked,
+    /// or a JWT caller whose issuer it no longer trusts): the server was never asked.
+    #[error("{0}")]
+    Refused(String),
     /// It reached the server, which then died or whose connection broke.
     #[error("{0}")]
     Crashed(String),
@@ -38,7 +43,10 @@ pub enum CallError {
 impl CallError {
     /// Whether the call provably did not run, so another replica may take it.
     pub fn did_not_run(&self) -> bool {
-        matches!(self, CallError::Busy(_) | CallError::NotRun(_))
+        matches!(
+            self,
+            CallError::Busy(_) | CallError::NotRun(_) | CallError::Refused(_)
+        )
     }
 
     /// Whether the call reached the server and may have run (re-sending it is safe only for
@@ -51,7 +59,7 @@ impl CallError {
     pub fn into_rpc(self) -> ErrorObject {
         match self {
             CallError::Busy(m) => ErrorObject::new(code::QUEUE_FULL, m),
-            CallError::NotRun(m) => ErrorObject::new(code::UNAVAILABLE, m),
+            CallError::NotRun(m) | CallError::Refused(m) => ErrorObject::new(code::UNAVAILABLE, m),
             CallError::Crashed(m) => ErrorObject::new(code::CRASHED, m),
             CallError::TimedOut(m) => ErrorObject::new(code::TIMEOUT, m),
             CallError::Answered(e) => e,
@@ -63,6 +71,7 @@ impl CallError {
         match self {
             CallError::Busy(_) => "queue_full",
             CallError::NotRun(_) => "unavailable",
+            CallError::Refused(_) => "refused",
             CallError::Crashed(_) => "crashed",
             CallError::TimedOut(_) => "timeout",
             CallError::Answered(_) => "error",

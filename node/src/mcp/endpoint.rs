@@ -11,7 +11,8 @@ use mcpcp_proto::mcp::{code, era_of, Era, ErrorObject, Message};
 use super::state::McpState;
 use super::target::Target;
 use super::wire::{header_str, rpc_error, SESSION_HEADER, VERSION_HEADER};
-use crate::api::extract::Caller;
+use crate::api::extract::Authorized;
+use crate::identity::surface::Mcp;
 
 /// Which era a POST belongs to: a revision header of no session-based revision (older than
 /// any, 2024-11-05, excepted) is stateless; so is a request other than `initialize` that
@@ -42,7 +43,7 @@ fn era_of_request(headers: &HeaderMap, msg: &Message) -> Era {
 /// POST: one JSON-RPC message from the client.
 pub async fn post(
     State(state): State<McpState>,
-    Caller(principal): Caller,
+    Authorized(principal, Mcp): Authorized<Mcp>,
     target: Target,
     headers: HeaderMap,
     body: Bytes,

@@ -30,8 +30,9 @@ use super::wire::{
     accepts_sse, endpoint_label, header_str, method_label, rpc_error, sse, sse_event, Measure,
     SESSION_HEADER, VERSION_HEADER,
 };
-use crate::api::extract::Caller;
+use crate::api::extract::Authorized;
 use crate::call::CallEvent;
+use crate::identity::surface::Mcp;
 use crate::pool::ServerEvent;
 
 /// DNS-rebinding protection: a 403 for a browser Origin that is not allowed.
@@ -627,7 +628,7 @@ pub fn level_passes(session: &Session, msg: &Message) -> bool {
 /// stream with `Last-Event-ID`.
 pub async fn get(
     State(state): State<McpState>,
-    Caller(principal): Caller,
+    Authorized(principal, Mcp): Authorized<Mcp>,
     target: Target,
     headers: HeaderMap,
 ) -> Response {
@@ -743,7 +744,7 @@ async fn forward_hub(
 /// DELETE: the client ends its session.
 pub async fn delete(
     State(state): State<McpState>,
-    Caller(principal): Caller,
+    Authorized(principal, Mcp): Authorized<Mcp>,
     target: Target,
     headers: HeaderMap,
 ) -> Response {

@@ -67,12 +67,15 @@ pub struct McpState {
     pub origins: Arc<OriginPolicy>,
     /// The limits of `[mcp]`.
     pub config: Arc<McpConfig>,
+    /// Who is calling (API tokens and trusted issuers' JWTs).
+    pub identity: crate::identity::Identity,
 }
 
 impl McpState {
     pub fn new(
         registry: Registry,
         router: Router,
+        identity: crate::identity::Identity,
         cfg: &McpConfig,
         advertised_http: &str,
     ) -> McpState {
@@ -84,6 +87,7 @@ impl McpState {
             parked: ParkedCalls::default(),
             origins: Arc::new(OriginPolicy::new(cfg, advertised_http)),
             config: Arc::new(cfg.clone()),
+            identity,
         }
     }
 
@@ -148,6 +152,12 @@ fn origin_host(origin: &str) -> Option<&str> {
             .map(|(h, _)| h)
             .unwrap_or(hostport),
     )
+}
+
+impl FromRef<McpState> for crate::identity::Identity {
+    fn from_ref(state: &McpState) -> crate::identity::Identity {
+        state.identity.clone()
+    }
 }
 
 impl FromRef<McpState> for Registry {

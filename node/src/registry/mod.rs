@@ -105,19 +105,55 @@ pub enum MembershipChange {
 /// Who a bearer token belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Principal {
+    /// An API token's id, or `jwt:ISSUER:SUBJECT` for a JWT caller (stable across the
+    /// caller's token refreshes, so its sessions and idempotency keys survive them).
     pub token_id: String,
     pub role: Role,
     pub tenant: Option<String>,
+    /// A caller that came with a trusted issuer's JWT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<Box<JwtCaller>>,
+}
+
+/// What a verified JWT said about its caller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JwtCaller {
+    /// The registry name of the issuer.
+    pub issuer: String,
+    pub subject: String,
+    /// Unix seconds (`exp`).
+    pub expires_at: u64,
+    /// The token's scopes (`scope` or `scp`).
+    pub scopes: Vec<String>,
 }
 
 impl Principal {
     /// Whether this caller may use server `spec`: a global server, or one of its own tenant's.
     pub fn may_use(&self, spec: &mcpcp_proto::api::ServerSpec) -> bool {
         match self.role {
-            Role::Admin => true,
-            Role::Tenant => spec.tenant.is_none() || spec.tenant == self.tenant,
-            Role::Metrics => false,
+            Role::ClusterAdmin => true,
+            Role::TenantAdmin | Role::User => spec.tenant.is_none() || spec.tenant == self.tenant,
+            Role::Operator | Role::Viewer | Role::Metrics => false,
         }
+    }
+
+    /// Whether the caller's credential carries `scope`: an API token carries every scope of
+    /// its role, a JWT the ones it lists.
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.jwt
+            .as_ref()
+            .is_none_or(|j| j.scopes.iter().any(|s| s == scope))
+    }
+
+    /// Whether a tenant-scoped caller may touch an object of `tenant` (`None`: global). A
+    /// caller of no tenant (cluster-wide roles) may; the surface's role list decides the rest.
+    pub fn owns(&self, tenant: Option<&str>) -> bool {
+        !self.role.is_tenant_scoped() || (tenant.is_some() && tenant == self.tenant.as_deref())
+    }
+
+    /// Whether a tenant-scoped caller may see an object of `tenant`: its own and global ones.
+    pub fn sees(&self, tenant: Option<&str>) -> bool {
+        tenant.is_none() || self.owns(tenant)
     }
 }
 
@@ -505,14 +541,29 @@ impl Registry {
             token_id: stored.info.id.clone(),
             role: stored.info.role,
             tenant: stored.info.tenant.clone(),
+            jwt: None,
         })
     }
 
     /// Whether `asserted`, a principal a peer forwards a call for, still holds here: its
     /// token exists, has not expired, and has the role and tenant the peer says. A token
     /// revoked on any node is refused by every node that has applied the revocation.
+    ///
+    /// A JWT caller cannot be verified again here (the peer keeps the token): its issuer must
+    /// still be trusted, for the asserted tenant when the issuer is per-tenant, and its token
+    /// not expired.
     pub fn still_holds(&self, asserted: &Principal) -> bool {
         let data = self.sm.read();
+        if let Some(jwt) = &asserted.jwt {
+            return data.state.issuers.get(&jwt.issuer).is_some_and(|i| {
+                let tenant_ok = i.spec.tenant.is_none() || i.spec.tenant == asserted.tenant;
+                let role_ok = i.spec.tenant.is_none() || asserted.role.is_tenant_scoped();
+                tenant_ok
+                    && role_ok
+                    && asserted.token_id == format!("jwt:{}:{}", jwt.issuer, jwt.subject)
+                    && jwt.expires_at.saturating_add(i.spec.clock_skew_s) > now_unix()
+            });
+        }
         data.state.tokens.get(&asserted.token_id).is_some_and(|t| {
             t.info.role == asserted.role
                 && t.info.tenant == asserted.tenant
@@ -590,7 +641,7 @@ impl Registry {
         let info = TokenInfo {
             id: minted.id,
             name: "bootstrap-admin".into(),
-            role: Role::Admin,
+            role: Role::ClusterAdmin,
             tenant: None,
             created_at: now_unix(),
             expires_at: None,
@@ -687,7 +738,7 @@ impl Registry {
         let info = TokenInfo {
             id: minted.id,
             name: format!("recovered-admin-node{}", self.id),
-            role: Role::Admin,
+            role: Role::ClusterAdmin,
             tenant: None,
             created_at: now_unix(),
             expires_at: None,

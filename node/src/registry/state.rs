@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 
 use mcpcp_proto::api::{
-    ObjectKind, Role, ServerSpec, TenantSpec, TokenInfo, Versioned, WatchEvent,
+    IssuerSpec, ObjectKind, Role, ServerSpec, TenantSpec, TokenInfo, Versioned, WatchEvent,
 };
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +38,14 @@ pub enum Command {
         precondition: Precondition,
     },
     DeleteTenant {
+        name: String,
+        precondition: Precondition,
+    },
+    PutIssuer {
+        spec: IssuerSpec,
+        precondition: Precondition,
+    },
+    DeleteIssuer {
         name: String,
         precondition: Precondition,
     },
@@ -139,6 +147,8 @@ impl Command {
             Command::DeleteServer { .. } => "delete_server",
             Command::PutTenant { .. } => "put_tenant",
             Command::DeleteTenant { .. } => "delete_tenant",
+            Command::PutIssuer { .. } => "put_issuer",
+            Command::DeleteIssuer { .. } => "delete_issuer",
             Command::CreateToken { .. } => "create_token",
             Command::RevokeToken { .. } => "revoke_token",
             Command::SetPlacement { .. } => "set_placement",
@@ -231,6 +241,9 @@ pub struct State {
     pub servers: BTreeMap<String, Versioned<ServerSpec>>,
     pub tenants: BTreeMap<String, Versioned<TenantSpec>>,
     pub tokens: BTreeMap<String, StoredToken>,
+    /// Trusted issuers of JWT access tokens, by name.
+    #[serde(default)]
+    pub issuers: BTreeMap<String, Versioned<IssuerSpec>>,
     /// Nodes assigned to run each server that has `replicas` set.
     #[serde(default)]
     pub placements: BTreeMap<String, Vec<u64>>,
@@ -407,16 +420,44 @@ impl State {
                     .values()
                     .filter(|t| t.info.tenant.as_deref() == Some(name.as_str()))
                     .count();
-                if self.tenants.contains_key(&name) && (servers > 0 || tokens > 0) {
+                let issuers = self
+                    .issuers
+                    .values()
+                    .filter(|i| i.spec.tenant.as_deref() == Some(name.as_str()))
+                    .count();
+                if self.tenants.contains_key(&name) && (servers > 0 || tokens > 0 || issuers > 0) {
                     return Err(ApplyError::InUse {
                         kind: ObjectKind::Tenant,
                         name,
                         detail: format!(
-                            "{servers} server(s) and {tokens} token(s) belong to it; remove them first"
+                            "{servers} server(s), {tokens} token(s) and {issuers} issuer(s) belong to it; remove them first"
                         ),
                     });
                 }
                 delete(&mut self.tenants, ObjectKind::Tenant, name, precondition)
+            }
+            Command::PutIssuer { spec, precondition } => {
+                if let Some(t) = &spec.tenant {
+                    if !self.tenants.contains_key(t) {
+                        return Err(ApplyError::MissingReference {
+                            field: "tenant".into(),
+                            kind: ObjectKind::Tenant,
+                            name: t.clone(),
+                        });
+                    }
+                }
+                let name = spec.name.clone();
+                put(
+                    &mut self.issuers,
+                    ObjectKind::Issuer,
+                    name,
+                    spec,
+                    precondition,
+                    rev,
+                )
+            }
+            Command::DeleteIssuer { name, precondition } => {
+                delete(&mut self.issuers, ObjectKind::Issuer, name, precondition)
             }
             Command::Bootstrap {
                 info,
@@ -512,11 +553,11 @@ impl State {
                 if self
                     .tokens
                     .get(&id)
-                    .is_some_and(|t| t.info.role == Role::Admin)
+                    .is_some_and(|t| t.info.role == Role::ClusterAdmin)
                     && self
                         .tokens
                         .values()
-                        .filter(|t| t.info.role == Role::Admin)
+                        .filter(|t| t.info.role == Role::ClusterAdmin)
                         .count()
                         == 1 =>
             {
@@ -560,6 +601,10 @@ impl State {
                     .tokens
                     .get(&change.name)
                     .and_then(|t| serde_json::to_value(&t.info).ok()),
+                ObjectKind::Issuer => self
+                    .issuers
+                    .get(&change.name)
+                    .and_then(|v| serde_json::to_value(v).ok()),
                 ObjectKind::Placement => self
                     .placements
                     .get(&change.name)
@@ -806,7 +851,7 @@ mod tests {
         let info = TokenInfo {
             id: "abc".into(),
             name: "ci".into(),
-            role: Role::Admin,
+            role: Role::ClusterAdmin,
             tenant: None,
             created_at: 1,
             expires_at: None,
@@ -859,7 +904,7 @@ mod tests {
             let info = TokenInfo {
                 id: id.into(),
                 name: "bootstrap-admin".into(),
-                role: Role::Admin,
+                role: Role::ClusterAdmin,
                 tenant: None,
                 created_at: 1,
                 expires_at: None,

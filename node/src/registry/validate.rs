@@ -1,7 +1,7 @@
 //! Validation of what operators write, done once at the API edge so that the state machine only
 //! ever sees well-formed specs. Every error names the field at fault.
 
-use mcpcp_proto::api::{CreateTokenRequest, Role, ServerSpec, TenantSpec};
+use mcpcp_proto::api::{CreateTokenRequest, IssuerSpec, Role, ServerSpec, TenantSpec};
 
 /// A rejected field: `field` is the JSON path of the value, `message` says what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -232,6 +232,83 @@ pub fn tenant_spec(spec: &TenantSpec) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// Signature algorithms an issuer may be trusted with: asymmetric only (an HMAC key would be
+/// a secret shared with every node), never `none`.
+pub const JWT_ALGORITHMS: [&str; 8] = [
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
+];
+
+/// An `https` URL, or `http` to a loopback host (a local provider in tests and dev).
+fn secure_url(field: &str, value: &str) -> Result<(), FieldError> {
+    let url = reqwest::Url::parse(value)
+        .map_err(|e| FieldError::new(field, format!("not a URL: {e}")))?;
+    let host = url.host_str().unwrap_or("");
+    let loopback = host == "localhost"
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        _ => Err(FieldError::new(
+            field,
+            "must be an https URL (http only to a loopback host)",
+        )),
+    }
+}
+
+/// Checks a trusted issuer.
+pub fn issuer_spec(spec: &IssuerSpec) -> Result<(), FieldError> {
+    name("name", &spec.name, MAX_TENANT_NAME)?;
+    secure_url("issuer", &spec.issuer)?;
+    if let Some(u) = &spec.jwks_url {
+        secure_url("jwks_url", u)?;
+    }
+    if spec.algorithms.is_empty() {
+        return Err(FieldError::new("algorithms", "name at least one"));
+    }
+    if let Some(bad) = spec
+        .algorithms
+        .iter()
+        .find(|a| !JWT_ALGORITHMS.contains(&a.as_str()))
+    {
+        return Err(FieldError::new(
+            "algorithms",
+            format!("{bad:?} is not accepted; use some of {JWT_ALGORITHMS:?}"),
+        ));
+    }
+    if spec.clock_skew_s > 600 {
+        return Err(FieldError::new("clock_skew_s", "must be at most 600"));
+    }
+    if let Some(t) = &spec.tenant {
+        name("tenant", t, MAX_TENANT_NAME)?;
+    }
+    for (field, claim) in [
+        ("tenant_claim", &spec.tenant_claim),
+        ("roles_claim", &spec.roles_claim),
+    ] {
+        if claim.is_empty() || claim.len() > 128 {
+            return Err(FieldError::new(field, "must be 1 to 128 characters"));
+        }
+    }
+    if spec.default_role == Role::Metrics {
+        return Err(FieldError::new(
+            "default_role",
+            "a JWT caller cannot be a metrics reader; use an API token",
+        ));
+    }
+    for a in &spec.audiences {
+        if a.is_empty() || a.len() > 512 {
+            return Err(FieldError::new(
+                "audiences",
+                "each must be 1 to 512 characters",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Checks a token request and resolves its role.
 pub fn token_request(req: &CreateTokenRequest) -> Result<Role, FieldError> {
     if req.name.trim().is_empty() || req.name.len() > 128 {
@@ -244,28 +321,31 @@ pub fn token_request(req: &CreateTokenRequest) -> Result<Role, FieldError> {
         ));
     }
     let role = match (req.role, &req.tenant) {
-        (Some(Role::Admin), Some(_)) => {
-            return Err(FieldError::new(
-                "tenant",
-                "an admin token belongs to no tenant; omit tenant or use role \"tenant\"",
-            ))
-        }
-        (Some(Role::Admin), None) => Role::Admin,
-        (Some(Role::Metrics), Some(_)) => {
-            return Err(FieldError::new(
-                "tenant",
-                "a metrics token belongs to no tenant; omit tenant",
-            ))
-        }
-        (Some(Role::Metrics), None) => Role::Metrics,
-        (Some(Role::Tenant) | None, Some(t)) => {
+        (Some(role), Some(t)) if role.is_tenant_scoped() => {
             name("tenant", t, MAX_TENANT_NAME)?;
-            Role::Tenant
+            role
         }
-        (Some(Role::Tenant) | None, None) => {
+        (None, Some(t)) => {
+            name("tenant", t, MAX_TENANT_NAME)?;
+            Role::User
+        }
+        (Some(role), Some(_)) => {
             return Err(FieldError::new(
                 "tenant",
-                "is required for a tenant token (or set role \"admin\")",
+                format!("a {role} token belongs to no tenant; omit tenant, or use role \"user\" or \"tenant-admin\""),
+            ))
+        }
+        (Some(role), None) if role.is_tenant_scoped() => {
+            return Err(FieldError::new(
+                "tenant",
+                format!("is required for a {role} token"),
+            ))
+        }
+        (Some(role), None) => role,
+        (None, None) => {
+            return Err(FieldError::new(
+                "tenant",
+                "is required for a user token (or set a role such as \"cluster-admin\")",
             ))
         }
     };
@@ -349,17 +429,77 @@ mod tests {
             tenant: tenant.map(String::from),
             ttl_seconds: None,
         };
-        assert_eq!(token_request(&req(None, Some("acme"))), Ok(Role::Tenant));
+        assert_eq!(token_request(&req(None, Some("acme"))), Ok(Role::User));
         assert_eq!(
-            token_request(&req(Some(Role::Admin), None)),
-            Ok(Role::Admin)
+            token_request(&req(Some(Role::ClusterAdmin), None)),
+            Ok(Role::ClusterAdmin)
         );
         assert_eq!(
-            token_request(&req(Some(Role::Admin), Some("acme")))
+            token_request(&req(Some(Role::ClusterAdmin), Some("acme")))
                 .unwrap_err()
                 .field,
             "tenant"
         );
         assert_eq!(token_request(&req(None, None)).unwrap_err().field, "tenant");
+        assert_eq!(
+            token_request(&req(Some(Role::TenantAdmin), Some("acme"))),
+            Ok(Role::TenantAdmin)
+        );
+        for unscoped in [Role::Operator, Role::Viewer, Role::Metrics] {
+            assert_eq!(token_request(&req(Some(unscoped), None)), Ok(unscoped));
+            assert_eq!(
+                token_request(&req(Some(unscoped), Some("acme")))
+                    .unwrap_err()
+                    .field,
+                "tenant"
+            );
+        }
+        assert_eq!(
+            token_request(&req(Some(Role::TenantAdmin), None))
+                .unwrap_err()
+                .field,
+            "tenant"
+        );
+    }
+
+    #[test]
+    fn issuer_specs_are_checked_field_by_field() {
+        let good = || IssuerSpec {
+            name: "okta".into(),
+            issuer: "https://id.example.com".into(),
+            audiences: vec![],
+            jwks_url: None,
+            algorithms: vec!["RS256".into()],
+            clock_skew_s: 60,
+            tenant: None,
+            tenant_claim: "tenant".into(),
+            roles_claim: "roles".into(),
+            default_role: Role::User,
+            ca_file: None,
+        };
+        assert_eq!(issuer_spec(&good()), Ok(()));
+        let field = |f: &dyn Fn(&mut IssuerSpec)| {
+            let mut s = good();
+            f(&mut s);
+            issuer_spec(&s).unwrap_err().field
+        };
+        assert_eq!(
+            field(&|s| s.issuer = "http://id.example.com".into()),
+            "issuer"
+        );
+        assert_eq!(field(&|s| s.issuer = "not a url".into()), "issuer");
+        assert_eq!(field(&|s| s.algorithms = vec!["none".into()]), "algorithms");
+        assert_eq!(
+            field(&|s| s.algorithms = vec!["HS256".into()]),
+            "algorithms"
+        );
+        assert_eq!(field(&|s| s.algorithms.clear()), "algorithms");
+        assert_eq!(field(&|s| s.clock_skew_s = 3600), "clock_skew_s");
+        assert_eq!(field(&|s| s.jwks_url = Some("ftp://x".into())), "jwks_url");
+        assert_eq!(field(&|s| s.default_role = Role::Metrics), "default_role");
+        assert_eq!(field(&|s| s.tenant_claim = String::new()), "tenant_claim");
+        let mut loopback = good();
+        loopback.issuer = "http://127.0.0.1:9000".into();
+        assert_eq!(issuer_spec(&loopback), Ok(()));
     }
 }

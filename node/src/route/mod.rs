@@ -452,12 +452,12 @@ impl Router {
 /// breaker: it crashed, its connection broke, the node could not be reached, it has no running
 /// process, or it gave no answer within its timeout. Not: any answer (a JSON-RPC error or a
 /// tool result with `isError` is the server working), a full queue (load, which the queue
-/// bound already sheds), or a timeout while the call waited on its own client's answer to a
+/// bound already sheds), a peer's refusal of the caller's credential, or a timeout while the call waited on its own client's answer to a
 /// request of the server (elicitation, sampling): one slow or misbehaving client must not
 /// open the breaker for every other client of a healthy server.
 fn counts_against_the_server(outcome: &Result<Value, CallError>, events: &EventSink) -> bool {
     match outcome {
-        Ok(_) | Err(CallError::Answered(_) | CallError::Busy(_)) => false,
+        Ok(_) | Err(CallError::Answered(_) | CallError::Busy(_) | CallError::Refused(_)) => false,
         Err(CallError::NotRun(_) | CallError::Crashed(_)) => true,
         Err(CallError::TimedOut(_)) => !events.waiting_on_client(),
     }

@@ -281,14 +281,14 @@ pub async fn call(
     let mut inbound = match client.call(ReceiverStream::new(out_rx)).await {
         Ok(r) => r.into_inner(),
         // Refused before it ran: the peer is unreachable, or does not yet know (or no longer
-        // honours) the caller's token. Either way the call provably did not run there.
-        Err(s)
-            if matches!(
-                s.code(),
-                tonic::Code::Unavailable | tonic::Code::PermissionDenied
-            ) =>
-        {
-            return Err(not_reached(&s.message()))
+        // honours) the caller's token. Either way the call provably did not run there; only
+        // the first is the replica's failure (a refused caller must not open its breaker).
+        Err(s) if s.code() == tonic::Code::Unavailable => return Err(not_reached(&s.message())),
+        Err(s) if s.code() == tonic::Code::PermissionDenied => {
+            return Err(CallError::Refused(format!(
+                "node refused the caller: {}; the call did not run",
+                s.message()
+            )))
         }
         Err(s) => return Err(broken(&s.message())),
     };

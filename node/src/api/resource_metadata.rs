@@ -1,0 +1,65 @@
+//! OAuth 2.0 Protected Resource Metadata (RFC 9728), which the MCP authorization spec has a
+//! client read after a `401`: at `/.well-known/oauth-protected-resource` for the admin API and
+//! at the path-suffixed form for `/mcp` and each `/servers/NAME/mcp`. Public, like any
+//! discovery document; it names the resource (behind `identity.public_url` or trusted
+//! forwarded headers, as the client sees it) and the trusted issuers that mint tokens for it.
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Uri};
+use axum::Json;
+use mcpcp_proto::api::scope;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::AppState;
+use crate::identity::resource::is_resource;
+
+pub async fn root(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Json<Value>, ApiError> {
+    document(&state, &headers, &uri, "")
+}
+
+pub async fn suffixed(
+    State(state): State<AppState>,
+    Path(suffix): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Json<Value>, ApiError> {
+    document(&state, &headers, &uri, &format!("/{suffix}"))
+}
+
+fn document(
+    state: &AppState,
+    headers: &HeaderMap,
+    uri: &Uri,
+    suffix: &str,
+) -> Result<Json<Value>, ApiError> {
+    let base = state.identity.base(headers, uri);
+    let path = base.local_path(suffix);
+    if !is_resource(path) {
+        return Err(ApiError::NotFound(format!(
+            "no protected resource at {path:?}"
+        )));
+    }
+    let scopes: &[&str] = if path.is_empty() {
+        &[scope::ADMIN_READ, scope::ADMIN_WRITE]
+    } else {
+        &[scope::MCP]
+    };
+    let servers: Vec<String> = state
+        .identity
+        .issuers()
+        .into_iter()
+        .map(|i| i.issuer)
+        .collect();
+    Ok(Json(json!({
+        "resource": base.resource(path),
+        "authorization_servers": servers,
+        "scopes_supported": scopes,
+        "bearer_methods_supported": ["header"],
+        "resource_name": "mcpd",
+    })))
+}

@@ -1,0 +1,195 @@
+//! Who is calling: an API token from the registry, or a JWT access token from a trusted issuer
+//! (a registry object, `mcpctl issuer`), checked against the part of the surface called
+//! ([`surface`]): its roles and its OAuth scope. Refusals carry what an OAuth client needs to
+//! find its way (RFC 9728): a `401` points at the resource's metadata, a `403` for a missing
+//! scope names the scope.
+//!
+//! ```text
+//! Authorization: Bearer T ─┬─ JWT-shaped ─▶ jwt::claimed_issuer ─▶ jwks::KeyCache ─▶ jwt::verify
+//!                          └─ otherwise ──▶ Registry::authenticate (hashed API tokens)
+//!                                 ─▶ Principal ─▶ Surface::ROLES ─▶ Surface::SCOPE
+//! ```
+
+pub mod config;
+pub mod jwks;
+pub mod jwt;
+pub mod resource;
+pub mod surface;
+
+use std::sync::Arc;
+
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, Uri};
+use mcpcp_proto::api::IssuerSpec;
+
+use crate::registry::{Principal, Registry};
+use config::IdentityConfig;
+use jwt::JwtError;
+use resource::Base;
+use surface::Surface;
+
+/// Why a caller was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing Authorization: Bearer <token>")]
+    Missing,
+    #[error("{0}")]
+    Malformed(&'static str),
+    #[error("the bearer token is unknown, revoked or expired")]
+    UnknownToken,
+    #[error("{0}")]
+    Jwt(#[from] JwtError),
+    /// The caller's role may not use this part of the surface.
+    #[error("{0}")]
+    Role(&'static str),
+    /// The JWT lacks the scope this part of the surface needs.
+    #[error("the token lacks scope {0:?}")]
+    Scope(&'static str),
+    #[error("this node is not part of a cluster yet: run `mcpctl cluster init`")]
+    NotInitialized,
+}
+
+/// A refusal, with the challenge its answer carries.
+pub struct Refusal {
+    pub error: AuthError,
+    /// `WWW-Authenticate` for the answer.
+    pub challenge: String,
+}
+
+/// The node's authenticator, shared by the admin API and the MCP endpoints.
+#[derive(Clone)]
+pub struct Identity {
+    registry: Registry,
+    keys: jwks::KeyCache,
+    config: Arc<IdentityConfig>,
+    /// Whether the edge speaks TLS (the scheme of resource URLs without `public_url`).
+    tls: bool,
+}
+
+impl Identity {
+    pub fn new(registry: Registry, config: IdentityConfig, tls: bool) -> Identity {
+        Identity {
+            registry,
+            keys: jwks::KeyCache::new(config.clone()),
+            config: Arc::new(config),
+            tls,
+        }
+    }
+
+    /// The cluster's base URL as the caller of a request sees it.
+    pub fn base(&self, headers: &HeaderMap, uri: &Uri) -> Base {
+        Base::of(headers, uri, &self.config, self.tls)
+    }
+
+    /// Every trusted issuer.
+    pub fn issuers(&self) -> Vec<IssuerSpec> {
+        let data = self.registry.local();
+        data.state
+            .issuers
+            .values()
+            .map(|v| v.spec.clone())
+            .collect()
+    }
+
+    /// The caller of `parts`, if it may use surface `S`. `path` is the resource's path
+    /// (`""` for the admin API).
+    pub async fn authorize<S: Surface>(
+        &self,
+        parts: &Parts,
+        path: &str,
+    ) -> Result<Principal, Refusal> {
+        let base = self.base(&parts.headers, &parts.uri);
+        let metadata = base.metadata_url(path);
+        let refuse = |error: AuthError| {
+            let challenge = challenge(&error, &metadata, S::SCOPE);
+            Refusal { error, challenge }
+        };
+        let principal = self
+            .authenticate(parts, &base.resource(path))
+            .await
+            .map_err(|e| {
+                match &e {
+                    AuthError::Jwt(j) => {
+                        metrics::counter!("mcpd_jwt_refused_total", "reason" => j.reason())
+                            .increment(1);
+                    }
+                    AuthError::NotInitialized => {}
+                    _ => metrics::counter!("mcpd_auth_failures_total").increment(1),
+                }
+                refuse(e)
+            })?;
+        if !S::ROLES.contains(&principal.role) {
+            return Err(refuse(AuthError::Role(S::NEEDS)));
+        }
+        if !principal.has_scope(S::SCOPE) {
+            metrics::counter!("mcpd_jwt_refused_total", "reason" => "scope").increment(1);
+            return Err(refuse(AuthError::Scope(S::SCOPE)));
+        }
+        Ok(principal)
+    }
+
+    async fn authenticate(&self, parts: &Parts, resource: &str) -> Result<Principal, AuthError> {
+        let token = bearer(parts)?;
+        if jwt::looks_like_jwt(token) {
+            let issuers = self.issuers();
+            let issuer = jwt::claimed_issuer(token, &issuers)?;
+            let registry = &self.registry;
+            let exists = |t: &str| registry.local().state.tenants.contains_key(t);
+            let p = jwt::verify(token, issuer, resource, &self.keys, exists).await?;
+            metrics::counter!("mcpd_jwt_accepted_total", "issuer" => issuer.name.clone())
+                .increment(1);
+            return Ok(p);
+        }
+        if let Some(p) = self.registry.authenticate(token) {
+            return Ok(p);
+        }
+        let initialized = self
+            .registry
+            .local()
+            .membership
+            .membership()
+            .voter_ids()
+            .next()
+            .is_some();
+        Err(if initialized {
+            AuthError::UnknownToken
+        } else {
+            AuthError::NotInitialized
+        })
+    }
+}
+
+fn bearer(parts: &Parts) -> Result<&str, AuthError> {
+    let value = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .ok_or(AuthError::Missing)?
+        .to_str()
+        .map_err(|_| AuthError::Malformed("the Authorization header is not ASCII"))?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .ok_or(AuthError::Malformed(
+            "Authorization must use the Bearer scheme",
+        ))?;
+    Ok(token.trim())
+}
+
+/// The `WWW-Authenticate` of a refusal (RFC 6750 §3, RFC 9728 §5.1).
+fn challenge(error: &AuthError, metadata: &str, scope: &str) -> String {
+    let quoted = |s: &str| s.replace(['"', '\\'], "'");
+    match error {
+        AuthError::Missing => format!("Bearer resource_metadata=\"{metadata}\""),
+        AuthError::Scope(_) => format!(
+            "Bearer error=\"insufficient_scope\", scope=\"{scope}\", resource_metadata=\"{metadata}\""
+        ),
+        AuthError::Role(m) => format!(
+            "Bearer error=\"insufficient_scope\", error_description=\"{}\", resource_metadata=\"{metadata}\"",
+            quoted(m)
+        ),
+        other => format!(
+            "Bearer error=\"invalid_token\", error_description=\"{}\", resource_metadata=\"{metadata}\"",
+            quoted(&other.to_string())
+        ),
+    }
+}

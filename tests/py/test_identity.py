@@ -1,0 +1,304 @@
+"""Identity and roles, as an operator sets them up: a real OpenID provider (`oidc-provider`,
+run by tests/py/oidc/provider.mjs) trusted as an issuer with `mcpctl issuer add`, its JWT access
+tokens used on the MCP endpoints and the admin API of a 3-node cluster, and API tokens of every
+role checked against every admin route.
+
+What a client of the MCP authorization spec sees is checked as it would see it: the `401`'s
+`WWW-Authenticate` points at the resource's metadata (RFC 9728), which names the resource and
+the issuer; a token minted for another resource, expired, not yet valid, unsigned, from an
+untrusted issuer or without the needed scope is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import httpx2
+import pytest
+from jwt.algorithms import RSAAlgorithm
+
+from conftest import MCPD
+from helpers import client, run, wait_until
+from oidc_provider import OidcProvider, new_rsa_jwk
+
+SCOPES = "mcp admin:read admin:write"
+
+# The provider's clients: (client_id, tenant, roles, scope).
+CLIENTS = [
+    ("acme-user", "acme", ["user"], "mcp"),
+    ("acme-admin", "acme", ["tenant-admin"], SCOPES),
+    ("ops", None, ["operator"], SCOPES),
+    ("root", None, ["cluster-admin"], SCOPES),
+    ("acme-noscope", "acme", ["user"], "admin:read"),
+]
+
+
+@pytest.fixture(scope="module")
+def idp(tmp_path_factory):
+    clients = []
+    for cid, tenant, roles, scope in CLIENTS:
+        c = {"client_id": cid, "client_secret": f"secret-{cid}", "roles": roles, "scope": scope}
+        if tenant:
+            c["tenant"] = tenant
+        clients.append(c)
+    with OidcProvider(tmp_path_factory.mktemp("idp"), clients, ttl=300, scopes=SCOPES.split()) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def trusted(cluster, idp):
+    """The cluster with tenants `acme` and `globex`, the provider trusted as issuer `idp`, and
+    `acme-demo`: acme's demo server on one node only (calls on the others take a peer hop)."""
+    for t in ("acme", "globex"):
+        cluster.mcpctl("tenant", "add", t)
+    cluster.mcpctl("issuer", "add", "idp", "--issuer", idp.issuer, "--algorithm", "RS256")
+    cluster.mcpctl("server", "add", "acme-demo", "--tenant", "acme", "--replicas", "1", "--", str(MCPD), "demo-server")
+    yield cluster
+    cluster.mcpctl("server", "rm", "acme-demo")
+    cluster.mcpctl("issuer", "rm", "idp")
+
+
+def challenge(resp: httpx2.Response) -> dict[str, str]:
+    """The parameters of a `WWW-Authenticate: Bearer k="v", ...` challenge."""
+    value = resp.headers.get("www-authenticate", "")
+    assert value.startswith("Bearer "), value
+    return dict(re.findall(r'(\w+)="([^"]*)"', value))
+
+
+def post_mcp(url: str, token: str | None, body: dict | None = None) -> httpx2.Response:
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    msg = body or {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
+    }
+    return httpx2.post(url, headers=headers, content=json.dumps(msg), timeout=30)
+
+
+def admin(cluster, method: str, path: str, token: str, node: int = 0, body: str | None = None) -> httpx2.Response:
+    headers = {"Authorization": f"Bearer {token}"}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    return httpx2.request(method, f"{cluster.base(node)}{path}", headers=headers, content=body, timeout=30)
+
+
+# --- discovery ------------------------------------------------------------------------------
+
+
+def test_a_client_without_a_token_is_pointed_at_the_resource_metadata(trusted, idp):
+    for path, scopes in [("/mcp", ["mcp"]), ("/servers/acme-demo/mcp", ["mcp"])]:
+        url = f"{trusted.base(0)}{path}"
+        r = post_mcp(url, None)
+        assert r.status_code == 401, r.text
+        c = challenge(r)
+        assert c["resource_metadata"] == f"{trusted.base(0)}/.well-known/oauth-protected-resource{path}"
+        meta = httpx2.get(c["resource_metadata"], timeout=10).json()
+        assert meta["resource"] == url
+        assert meta["authorization_servers"] == [idp.issuer]
+        assert meta["scopes_supported"] == scopes
+    root = httpx2.get(f"{trusted.base(0)}/.well-known/oauth-protected-resource", timeout=10).json()
+    assert root["resource"] == trusted.base(0)
+    assert root["scopes_supported"] == ["admin:read", "admin:write"]
+    assert httpx2.get(f"{trusted.base(0)}/.well-known/oauth-protected-resource/v1/tokens", timeout=10).status_code == 404
+
+
+# --- JWT callers ----------------------------------------------------------------------------
+
+
+def test_a_tenant_users_jwt_reaches_its_tenants_server_from_every_node(trusted, idp):
+    """The server runs on one node; on the other two the call takes a peer hop, where the
+    peer accepts the JWT caller the receiving node verified."""
+    for node in range(trusted.nodes):
+        url = trusted.url(node, "acme-demo")
+        token = idp.token("acme-user", url, "mcp")
+
+        async def call():
+            async with client(url, token, "legacy") as c:
+                r = await c.call_tool("echo", {"message": f"via node {node}"})
+                return r.content[0].text
+
+        assert "via node" in wait_until(lambda: run(call()), 60, f"acme-demo answers on node {node + 1}")
+
+
+def test_the_same_jwt_is_refused_at_another_resource(trusted, idp):
+    token = idp.token("acme-user", trusted.url(0, "acme-demo"), "mcp")
+    r = post_mcp(trusted.url(0), token)
+    assert r.status_code == 401
+    c = challenge(r)
+    assert c["error"] == "invalid_token"
+    assert "not issued for this resource" in c["error_description"]
+    assert r.json()["error"]["code"] == "invalid_token"
+
+
+def test_a_jwt_without_the_needed_scope_gets_403_naming_the_scope(trusted, idp):
+    token = idp.token("acme-noscope", trusted.url(0), "admin:read")
+    r = post_mcp(trusted.url(0), token)
+    assert r.status_code == 403
+    c = challenge(r)
+    assert c["error"] == "insufficient_scope"
+    assert c["scope"] == "mcp"
+
+
+def test_forged_expired_and_untrusted_tokens_are_refused_with_the_reason(trusted, idp):
+    url = trusted.url(0)
+    now = int(time.time())
+    cases = {
+        "expired": idp.forge(idp.claims("acme-user", url, "mcp", iat=now - 900, exp=now - 600)),
+        "not valid yet": idp.forge(idp.claims("acme-user", url, "mcp", nbf=now + 600)),
+        "not a well-formed JWT": idp.forge(idp.claims("acme-user", url, "mcp"), alg="none"),
+        "is not trusted": idp.forge(idp.claims("acme-user", url, "mcp", iss="http://127.0.0.1:1")),
+    }
+    # Signed by a key the issuer never published, under the issuer's own key id.
+    stranger = RSAAlgorithm.from_jwk(json.dumps(new_rsa_jwk(idp.kid)))
+    cases["signature does not verify"] = idp.forge(idp.claims("acme-user", url, "mcp"), key=stranger)
+    for reason, token in cases.items():
+        r = post_mcp(url, token)
+        assert r.status_code == 401, (reason, r.status_code, r.text)
+        assert reason in challenge(r).get("error_description", ""), (reason, r.headers.get("www-authenticate"))
+    assert trusted.metric("mcpd_jwt_refused_total", 'reason="expired"') >= 1
+
+
+def test_a_rotated_signing_key_is_fetched_when_a_token_names_it(trusted, idp):
+    url = trusted.url(1)
+    before = idp.token("acme-user", url, "mcp")
+    assert post_mcp(url, before).status_code == 200
+    new_kid = idp.rotate()
+    after = idp.token("acme-user", url, "mcp")
+    assert json.loads(_b64(after.split(".")[0]))["kid"] == new_kid
+    # The node refetches on the unknown key id, at most once per refresh interval (10 s).
+    wait_until(lambda: post_mcp(url, after).status_code == 200, 30, "the token of the new key is accepted")
+    assert post_mcp(url, before).status_code == 200, "the old key is still published"
+
+
+def test_jwt_roles_gate_the_admin_api(trusted, idp):
+    base = trusted.base(0)
+    ops = idp.token("ops", base, SCOPES)
+    assert admin(trusted, "GET", "/v1/cluster/status", ops).status_code == 200
+    r = admin(trusted, "POST", "/v1/tenants", ops, body=json.dumps({"name": "nope"}))
+    assert r.status_code == 403, r.text
+    root = idp.token("root", base, SCOPES)
+    assert admin(trusted, "GET", "/v1/issuers", root).json()["items"][0]["spec"]["issuer"] == idp.issuer
+    # A token for the MCP endpoint is not one for the admin API.
+    mcp_only = idp.token("root", trusted.url(0), SCOPES)
+    assert admin(trusted, "GET", "/v1/cluster/status", mcp_only).status_code == 401
+
+
+def _b64(s: str) -> bytes:
+    import base64
+
+    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+
+# --- API token roles × routes ---------------------------------------------------------------
+
+ROLES = ["cluster-admin", "tenant-admin", "operator", "viewer", "user", "metrics"]
+
+# Which roles pass each route's role check (the table in deploy/README.md, "Roles"). A passing
+# request is sent with a body or target that fails after the check (400, 404, 422), so no
+# request here changes the cluster.
+CLUSTER_READ = {"cluster-admin", "operator", "viewer"}
+CLUSTER_WRITE = {"cluster-admin"}
+OBJECT_READ = {"cluster-admin", "tenant-admin", "operator", "viewer"}
+OBJECT_WRITE = {"cluster-admin", "tenant-admin"}
+OPERATE = {"cluster-admin", "tenant-admin", "operator"}
+METRICS = {"cluster-admin", "operator", "viewer", "metrics"}
+MCP = {"cluster-admin", "tenant-admin", "user"}
+ROUTES = [
+    ("GET", "/v1/cluster/status", None, CLUSTER_READ),
+    ("POST", "/v1/cluster/join-tokens", "not json", CLUSTER_WRITE),
+    ("POST", "/v1/cluster/nodes", "not json", CLUSTER_WRITE),
+    ("DELETE", "/v1/cluster/nodes/0", None, CLUSTER_WRITE),
+    ("GET", "/v1/servers", None, OBJECT_READ),
+    ("GET", "/v1/servers/no-such-server", None, OBJECT_READ),
+    ("GET", "/v1/servers/no-such-server/status", None, OBJECT_READ),
+    ("POST", "/v1/servers", "not json", OBJECT_WRITE),
+    ("PUT", "/v1/servers/no-such-server", "not json", OBJECT_WRITE),
+    ("PATCH", "/v1/servers/no-such-server", "not json", OPERATE),
+    ("DELETE", "/v1/servers/no-such-server", None, OBJECT_WRITE),
+    ("GET", "/v1/tenants", None, OBJECT_READ),
+    ("POST", "/v1/tenants", "not json", CLUSTER_WRITE),
+    ("DELETE", "/v1/tenants/no-such-tenant", None, CLUSTER_WRITE),
+    ("GET", "/v1/tokens", None, OBJECT_READ),
+    ("GET", "/v1/tokens/no-such-token", None, OBJECT_READ),
+    ("POST", "/v1/tokens", "not json", OBJECT_WRITE),
+    ("DELETE", "/v1/tokens/no-such-token", None, OBJECT_WRITE),
+    ("GET", "/v1/issuers", None, OBJECT_READ),
+    ("POST", "/v1/issuers", "not json", CLUSTER_WRITE),
+    ("PUT", "/v1/issuers/no-such-issuer", "not json", CLUSTER_WRITE),
+    ("DELETE", "/v1/issuers/no-such-issuer", None, CLUSTER_WRITE),
+    ("GET", "/metrics", None, METRICS),
+    ("POST", "/mcp", "not json", MCP),
+]
+
+
+@pytest.fixture(scope="module")
+def role_tokens(trusted) -> dict[str, str]:
+    tokens = {}
+    for role in ROLES:
+        args = ["token", "create", "--role", role, "--name", f"matrix-{role}"]
+        if role in ("tenant-admin", "user"):
+            args += ["--tenant", "acme"]
+        tokens[role] = trusted.mcpctl(*args).strip()
+    return tokens
+
+
+def test_every_admin_route_checks_the_role_of_every_caller(trusted, role_tokens):
+    wrong = []
+    for method, path, body, allowed in ROUTES:
+        for role, token in role_tokens.items():
+            r = admin(trusted, method, path, token, body=body)
+            passed = r.status_code not in (401, 403)
+            if passed != (role in allowed):
+                wrong.append(f"{method} {path} as {role}: {r.status_code} {r.text[:120]}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_a_tenant_admin_manages_its_own_tenant_only(trusted, role_tokens):
+    ta = role_tokens["tenant-admin"]
+    names = {s["spec"]["name"] for s in admin(trusted, "GET", "/v1/servers", ta).json()["items"]}
+    assert "acme-demo" in names and "demo" in names
+    assert all(
+        s["spec"]["tenant"] in (None, "acme") for s in admin(trusted, "GET", "/v1/servers", ta).json()["items"]
+    )
+    assert {t["spec"]["name"] for t in admin(trusted, "GET", "/v1/tenants", ta).json()["items"]} == {"acme"}
+    assert {t["tenant"] for t in admin(trusted, "GET", "/v1/tokens", ta).json()["items"]} == {"acme"}
+
+    remote = {"name": "acme-remote", "url": "https://127.0.0.1:9/mcp", "tenant": "acme"}
+    local = {"name": "acme-local", "command": "/bin/true", "tenant": "acme"}
+    other = {"name": "globex-remote", "url": "https://127.0.0.1:9/mcp", "tenant": "globex"}
+    assert admin(trusted, "POST", "/v1/servers", ta, body=json.dumps(local)).status_code == 403
+    assert admin(trusted, "POST", "/v1/servers", ta, body=json.dumps(other)).status_code == 403
+    r = admin(trusted, "POST", "/v1/servers", ta, body=json.dumps(remote))
+    assert r.status_code == 201, r.text
+    assert admin(trusted, "DELETE", "/v1/servers/demo", ta).status_code == 404, "a global server is not its to remove"
+    assert admin(trusted, "DELETE", "/v1/servers/acme-remote", ta).status_code == 200
+
+    mint = lambda role, tenant: admin(  # noqa: E731
+        trusted, "POST", "/v1/tokens", ta, body=json.dumps({"name": "ta", "role": role, "tenant": tenant})
+    )
+    r = mint("user", "acme")
+    assert r.status_code == 201, r.text
+    assert mint("user", "globex").status_code == 403
+    assert mint("cluster-admin", None).status_code == 403
+    minted = r.json()["info"]["id"]
+    assert admin(trusted, "DELETE", f"/v1/tokens/{minted}", ta).status_code == 200
+    admin_id = next(
+        t["id"] for t in admin(trusted, "GET", "/v1/tokens", role_tokens["cluster-admin"]).json()["items"]
+        if t["role"] == "cluster-admin"
+    )
+    assert admin(trusted, "DELETE", f"/v1/tokens/{admin_id}", ta).status_code == 404
+
+
+def test_an_operator_turns_servers_off_and_on_and_changes_nothing_else(trusted, role_tokens):
+    op = role_tokens["operator"]
+    off = admin(trusted, "PATCH", "/v1/servers/acme-demo", op, body=json.dumps({"enabled": False}))
+    assert off.status_code == 200, off.text
+    on = admin(trusted, "PATCH", "/v1/servers/acme-demo", op, body=json.dumps({"enabled": True}))
+    assert on.status_code == 200, on.text
+    r = admin(trusted, "PATCH", "/v1/servers/acme-demo", op, body=json.dumps({"pool_size": 3}))
+    assert r.status_code == 403 and "enabled" in r.json()["error"]["message"]
