@@ -177,6 +177,7 @@ impl McpWorkload {
             role: None,
             tenant: Some(TENANT.into()),
             ttl_seconds: None,
+            scopes: None,
         };
         let token = retry("the MCP tenant token", within, || admin.create_token(&req))
             .await?

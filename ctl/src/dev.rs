@@ -440,6 +440,7 @@ pub async fn up(opts: &UpOptions, progress: &dyn Fn(&str)) -> Result<DevCluster,
             role: Some(Role::User),
             tenant: Some("default".into()),
             ttl_seconds: None,
+            scopes: None,
         })
         .await?;
     progress("tenant `default` and its token created");

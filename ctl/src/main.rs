@@ -346,6 +346,10 @@ enum TokenCmd {
         /// Lifetime in seconds (default: never expires).
         #[arg(long)]
         ttl: Option<u64>,
+        /// Narrow the token to a scope: `mcp`, `admin:read`, `admin:write` (repeat; default:
+        /// every scope of its role).
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
     },
     List,
     /// Revoke a token by id (effective on every node at once).
@@ -1179,6 +1183,7 @@ async fn token(cli: &Cli, cmd: &TokenCmd) -> Outcome {
             role,
             name,
             ttl,
+            scopes,
         } => {
             let role = match (role, admin, tenant) {
                 (Some(r), _, _) => *r,
@@ -1197,6 +1202,7 @@ async fn token(cli: &Cli, cmd: &TokenCmd) -> Outcome {
                     role: Some(role),
                     tenant: tenant.clone(),
                     ttl_seconds: *ttl,
+                    scopes: (!scopes.is_empty()).then(|| scopes.clone()),
                 })
                 .await?;
             match cli.output {
@@ -1218,13 +1224,24 @@ async fn token(cli: &Cli, cmd: &TokenCmd) -> Outcome {
                             t.name.clone(),
                             t.role.to_string(),
                             opt(t.tenant.clone()),
+                            t.scopes.as_ref().map_or("*".into(), |s| s.join(",")),
                             t.created_at.to_string(),
                             opt(t.expires_at),
+                            opt(t.last_used_at),
                         ]
                     })
                     .collect();
                 print_table(
-                    &["ID", "NAME", "ROLE", "TENANT", "CREATED", "EXPIRES"],
+                    &[
+                        "ID",
+                        "NAME",
+                        "ROLE",
+                        "TENANT",
+                        "SCOPES",
+                        "CREATED",
+                        "EXPIRES",
+                        "LAST USED",
+                    ],
                     rows,
                 );
             }
@@ -1379,6 +1396,7 @@ async fn bridge_cmd(cli: &Cli, cmd: &BridgeCmd) -> Outcome {
                     role: Some(Role::User),
                     tenant: Some(t.clone()),
                     ttl_seconds: None,
+                    scopes: None,
                 })
                 .await?;
             created.token

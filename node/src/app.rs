@@ -338,6 +338,10 @@ pub async fn run(
         data_key.clone(),
         shutdown.clone(),
     ));
+    tasks.spawn(crate::registry::token_use::report(
+        registry.clone(),
+        shutdown.clone(),
+    ));
     tasks.spawn(placement::run(
         registry.clone(),
         Duration::from_millis(cfg.route.placement_grace_ms),

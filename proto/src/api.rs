@@ -482,6 +482,10 @@ pub struct CreateTokenRequest {
     /// Lifetime; `None` never expires.
     #[serde(default)]
     pub ttl_seconds: Option<u64>,
+    /// Narrows the token to these scopes (of [`scope::ALL`]); `None`: every scope its role
+    /// has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Vec<String>>,
 }
 
 /// A token as listed: metadata only, never the secret or its hash.
@@ -495,6 +499,14 @@ pub struct TokenInfo {
     pub created_at: u64,
     /// Unix seconds; `None` never expires.
     pub expires_at: Option<u64>,
+    /// The scopes it is narrowed to; absent: every scope of its role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Vec<String>>,
+    /// Unix seconds of its last use anywhere in the cluster, to within a minute (each node
+    /// reports the tokens it saw in one write a minute, not one per call); absent: never
+    /// used since it was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<u64>,
 }
 
 /// The answer to `POST /v1/tokens`: the only time the secret is shown.

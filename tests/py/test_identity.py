@@ -302,3 +302,49 @@ def test_an_operator_turns_servers_off_and_on_and_changes_nothing_else(trusted, 
     assert on.status_code == 200, on.text
     r = admin(trusted, "PATCH", "/v1/servers/acme-demo", op, body=json.dumps({"pool_size": 3}))
     assert r.status_code == 403 and "enabled" in r.json()["error"]["message"]
+
+
+def test_an_api_token_narrowed_to_a_scope_gets_only_that_part(trusted):
+    ro = trusted.mcpctl("token", "create", "--role", "cluster-admin", "--scope", "admin:read", "--name", "ro").strip()
+    assert admin(trusted, "GET", "/v1/servers", ro).status_code == 200
+    r = admin(trusted, "POST", "/v1/tenants", ro, body=json.dumps({"name": "nope"}))
+    assert r.status_code == 403 and challenge(r)["scope"] == "admin:write", r.text
+    r = post_mcp(trusted.url(0), ro)
+    assert r.status_code == 403 and challenge(r)["scope"] == "mcp", r.text
+    listed = {t["name"]: t for t in json.loads(trusted.mcpctl("token", "list", "-o", "json"))}
+    assert listed["ro"]["scopes"] == ["admin:read"]
+    assert "scopes" not in listed["matrix-viewer"], "an unnarrowed token has every scope of its role"
+
+
+def test_a_tenants_server_points_its_clients_at_its_tenants_issuer_first(trusted, idp, tmp_path_factory):
+    with OidcProvider(tmp_path_factory.mktemp("globex-idp"), [], scopes=["mcp"]) as globex, OidcProvider(
+        tmp_path_factory.mktemp("acme-idp"), [], scopes=["mcp"]
+    ) as acme:
+        trusted.mcpctl("issuer", "add", "globex-idp", "--issuer", globex.issuer, "--tenant", "globex")
+        trusted.mcpctl("issuer", "add", "acme-idp", "--issuer", acme.issuer, "--tenant", "acme")
+        try:
+            meta = lambda path: httpx2.get(  # noqa: E731
+                f"{trusted.base(0)}/.well-known/oauth-protected-resource{path}", timeout=10
+            ).json()["authorization_servers"]
+            assert meta("/servers/acme-demo/mcp") == [acme.issuer, idp.issuer], "its tenant's first, no other tenant's"
+            assert meta("/mcp")[0] == idp.issuer, "the aggregate endpoint names the cluster-wide issuer first"
+        finally:
+            trusted.mcpctl("issuer", "rm", "globex-idp")
+            trusted.mcpctl("issuer", "rm", "acme-idp")
+
+
+def test_token_list_shows_when_each_token_was_last_used(trusted, role_tokens):
+    """The route matrix used every role's token; each node reports the tokens it saw in one
+    write every 30 s, so `last_used_at` appears within about that, without a write per call."""
+    unused = trusted.mcpctl("token", "create", "--role", "viewer", "--name", "never-used").strip()
+    assert unused
+    started = int(time.time())
+    admin(trusted, "GET", "/v1/servers", role_tokens["viewer"], node=2)
+
+    def listed():
+        by_name = {t["name"]: t for t in json.loads(trusted.mcpctl("token", "list", "-o", "json"))}
+        return by_name if by_name["matrix-viewer"].get("last_used_at", 0) >= started - 60 else None
+
+    by_name = wait_until(listed, 75, "the viewer token's use is recorded")
+    assert "last_used_at" not in by_name["never-used"]
+    assert "LAST USED" in trusted.mcpctl("token", "list")

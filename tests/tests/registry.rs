@@ -622,6 +622,7 @@ async fn bad_input_gets_clear_errors_and_the_node_stays_up() {
             role: None,
             tenant: Some("acme".into()),
             ttl_seconds: None,
+            scopes: None,
         })
         .await
         .expect("token");
@@ -638,6 +639,7 @@ async fn bad_input_gets_clear_errors_and_the_node_stays_up() {
             role: Some(mcpcp_proto::api::Role::ClusterAdmin),
             tenant: None,
             ttl_seconds: None,
+            scopes: None,
         })
         .await
         .expect("admin token");
@@ -722,6 +724,7 @@ async fn data_dir_holds_no_token_secret() {
                 role: None,
                 tenant: Some("acme".into()),
                 ttl_seconds: Some(3600),
+                scopes: None,
             })
             .await
             .expect("token");

@@ -233,6 +233,7 @@ async fn a_cluster_is_initialised_once_and_admin_access_is_recovered_through_a_h
             role: Some(mcpcp_proto::api::Role::ClusterAdmin),
             tenant: None,
             ttl_seconds: Some(2),
+            scopes: None,
         })
         .await
         .expect("a second admin token");

@@ -461,6 +461,8 @@ pub async fn create_token(
         tenant: req.tenant,
         created_at,
         expires_at: req.ttl_seconds.map(|ttl| created_at.saturating_add(ttl)),
+        scopes: req.scopes,
+        last_used_at: None,
     };
     let applied = state
         .registry

@@ -49,12 +49,26 @@ fn document(
     } else {
         &[scope::MCP]
     };
-    let servers: Vec<String> = state
-        .identity
-        .issuers()
-        .into_iter()
-        .map(|i| i.issuer)
-        .collect();
+    // A tenant's server names its tenant's issuers first, then the cluster-wide ones, and no
+    // other tenant's (a client uses the first it can).
+    let owner = path
+        .strip_prefix("/servers/")
+        .and_then(|p| p.strip_suffix("/mcp"))
+        .and_then(|name| {
+            let data = state.registry.local();
+            data.state
+                .servers
+                .get(name)
+                .and_then(|s| s.spec.tenant.clone())
+        });
+    let mut issuers = state.identity.issuers();
+    issuers.retain(|i| owner.is_none() || i.tenant.is_none() || i.tenant == owner);
+    issuers.sort_by_key(|i| match &i.tenant {
+        Some(_) if owner.is_some() => 0,
+        None => 1,
+        Some(_) => 2,
+    });
+    let servers: Vec<String> = issuers.into_iter().map(|i| i.issuer).collect();
     Ok(Json(json!({
         "resource": base.resource(path),
         "authorization_servers": servers,

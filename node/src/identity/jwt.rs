@@ -207,11 +207,11 @@ fn principal(
         token_id: format!("jwt:{}:{subject}", issuer.name),
         role,
         tenant,
+        scopes: Some(scopes),
         jwt: Some(Box::new(JwtCaller {
             issuer: issuer.name.clone(),
             subject,
             expires_at,
-            scopes,
         })),
     })
 }
@@ -300,7 +300,7 @@ mod tests {
             |t| t == "acme",
         )
         .unwrap();
-        assert_eq!(scoped.jwt.unwrap().scopes, ["mcp", "admin:read"]);
+        assert_eq!(scoped.scopes.unwrap(), ["mcp", "admin:read"]);
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod join_token;
 pub mod propose;
 pub mod state;
 pub mod token;
+pub mod token_use;
 pub mod validate;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -110,6 +111,10 @@ pub struct Principal {
     pub token_id: String,
     pub role: Role,
     pub tenant: Option<String>,
+    /// The scopes its credential is narrowed to (a JWT's `scope`, an API token's `scopes`);
+    /// `None`: every scope of its role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Vec<String>>,
     /// A caller that came with a trusted issuer's JWT.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt: Option<Box<JwtCaller>>,
@@ -123,8 +128,6 @@ pub struct JwtCaller {
     pub subject: String,
     /// Unix seconds (`exp`).
     pub expires_at: u64,
-    /// The token's scopes (`scope` or `scp`).
-    pub scopes: Vec<String>,
 }
 
 impl Principal {
@@ -137,12 +140,12 @@ impl Principal {
         }
     }
 
-    /// Whether the caller's credential carries `scope`: an API token carries every scope of
-    /// its role, a JWT the ones it lists.
+    /// Whether the caller's credential carries `scope`: a JWT the ones it lists, an API token
+    /// the ones it was narrowed to, or else every scope of its role.
     pub fn has_scope(&self, scope: &str) -> bool {
-        self.jwt
+        self.scopes
             .as_ref()
-            .is_none_or(|j| j.scopes.iter().any(|s| s == scope))
+            .is_none_or(|s| s.iter().any(|s| s == scope))
     }
 
     /// Whether a tenant-scoped caller may touch an object of `tenant` (`None`: global). A
@@ -191,6 +194,8 @@ pub struct Registry {
     forwarders: forward::Forwarders,
     quorum_wait: Duration,
     membership_wait: Duration,
+    /// API tokens this node authenticated, until reported (`token_use`).
+    uses: std::sync::Arc<token_use::TokenUses>,
 }
 
 fn retry_delays() -> impl Iterator<Item = Duration> {
@@ -220,6 +225,7 @@ impl Registry {
             channels,
             quorum_wait,
             membership_wait: Duration::from_secs(60).max(quorum_wait),
+            uses: std::sync::Arc::default(),
         }
     }
 
@@ -534,13 +540,16 @@ impl Registry {
         if !token::matches(token, &stored.hash) {
             return None;
         }
-        if stored.info.expires_at.is_some_and(|e| e <= now_unix()) {
+        let now = now_unix();
+        if stored.info.expires_at.is_some_and(|e| e <= now) {
             return None;
         }
+        self.uses.note(&stored.info.id, now);
         Some(Principal {
             token_id: stored.info.id.clone(),
             role: stored.info.role,
             tenant: stored.info.tenant.clone(),
+            scopes: stored.info.scopes.clone(),
             jwt: None,
         })
     }
@@ -645,6 +654,8 @@ impl Registry {
             tenant: None,
             created_at: now_unix(),
             expires_at: None,
+            scopes: None,
+            last_used_at: None,
         };
         let mut key = [0u8; 32];
         getrandom::fill(&mut key).map_err(|e| RegistryError::Internal(e.to_string()))?;
@@ -742,6 +753,8 @@ impl Registry {
             tenant: None,
             created_at: now_unix(),
             expires_at: None,
+            scopes: None,
+            last_used_at: None,
         };
         let id = info.id.clone();
         self.write(Command::RecoverAdmin {

@@ -56,6 +56,10 @@ pub enum Command {
     RevokeToken {
         id: String,
     },
+    /// When API tokens were last used, as nodes saw them (`registry::token_use`).
+    TouchTokens {
+        used: BTreeMap<String, u64>,
+    },
     /// The nodes that run a server with `replicas` (written by the leader's placement loop).
     SetPlacement {
         server: String,
@@ -151,6 +155,7 @@ impl Command {
             Command::DeleteIssuer { .. } => "delete_issuer",
             Command::CreateToken { .. } => "create_token",
             Command::RevokeToken { .. } => "revoke_token",
+            Command::TouchTokens { .. } => "touch_tokens",
             Command::SetPlacement { .. } => "set_placement",
             Command::SetSessionKey { .. } => "set_session_key",
             Command::PutSessionState { .. } => "put_session_state",
@@ -518,6 +523,15 @@ impl State {
                 }
                 Ok(changes)
             }
+            Command::TouchTokens { used } => {
+                for (id, at) in used {
+                    if let Some(t) = self.tokens.get_mut(&id) {
+                        t.info.last_used_at = Some(t.info.last_used_at.map_or(at, |l| l.max(at)));
+                    }
+                }
+                // Not an object change worth waking watchers for.
+                Ok(Vec::new())
+            }
             Command::CreateToken { info, hash } => {
                 if let Some(t) = &info.tenant {
                     if !self.tenants.contains_key(t) {
@@ -855,6 +869,8 @@ mod tests {
             tenant: None,
             created_at: 1,
             expires_at: None,
+            scopes: None,
+            last_used_at: None,
         };
         let create = |id: &str| {
             req(
@@ -908,6 +924,8 @@ mod tests {
                 tenant: None,
                 created_at: 1,
                 expires_at: None,
+                scopes: None,
+                last_used_at: None,
             };
             req(
                 id,

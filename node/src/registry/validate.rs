@@ -1,7 +1,7 @@
 //! Validation of what operators write, done once at the API edge so that the state machine only
 //! ever sees well-formed specs. Every error names the field at fault.
 
-use mcpcp_proto::api::{CreateTokenRequest, IssuerSpec, Role, ServerSpec, TenantSpec};
+use mcpcp_proto::api::{scope, CreateTokenRequest, IssuerSpec, Role, ServerSpec, TenantSpec};
 
 /// A rejected field: `field` is the JSON path of the value, `message` says what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -320,6 +320,20 @@ pub fn token_request(req: &CreateTokenRequest) -> Result<Role, FieldError> {
             "must be greater than 0 (omit it for a token that never expires)",
         ));
     }
+    if let Some(scopes) = &req.scopes {
+        if scopes.is_empty() {
+            return Err(FieldError::new(
+                "scopes",
+                "name at least one (omit it for every scope of the role)",
+            ));
+        }
+        if let Some(bad) = scopes.iter().find(|s| !scope::ALL.contains(&s.as_str())) {
+            return Err(FieldError::new(
+                "scopes",
+                format!("{bad:?} is not a scope; use some of {:?}", scope::ALL),
+            ));
+        }
+    }
     let role = match (req.role, &req.tenant) {
         (Some(role), Some(t)) if role.is_tenant_scoped() => {
             name("tenant", t, MAX_TENANT_NAME)?;
@@ -428,6 +442,7 @@ mod tests {
             role,
             tenant: tenant.map(String::from),
             ttl_seconds: None,
+            scopes: None,
         };
         assert_eq!(token_request(&req(None, Some("acme"))), Ok(Role::User));
         assert_eq!(
@@ -441,6 +456,16 @@ mod tests {
             "tenant"
         );
         assert_eq!(token_request(&req(None, None)).unwrap_err().field, "tenant");
+        let scoped = |scopes: &[&str]| CreateTokenRequest {
+            scopes: Some(scopes.iter().map(|s| s.to_string()).collect()),
+            ..req(Some(Role::Viewer), None)
+        };
+        assert_eq!(token_request(&scoped(&["admin:read"])), Ok(Role::Viewer));
+        assert_eq!(token_request(&scoped(&[])).unwrap_err().field, "scopes");
+        assert_eq!(
+            token_request(&scoped(&["root"])).unwrap_err().field,
+            "scopes"
+        );
         assert_eq!(
             token_request(&req(Some(Role::TenantAdmin), Some("acme"))),
             Ok(Role::TenantAdmin)
