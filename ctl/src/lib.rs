@@ -381,6 +381,52 @@ impl AdminClient {
             .await
     }
 
+    /// One page of the audit trail: events after `since`, of `actor` and `kind` when given.
+    pub async fn audit_page(
+        &self,
+        since: u64,
+        actor: Option<&str>,
+        kind: Option<&str>,
+    ) -> Result<mcpcp_proto::audit::AuditPage, ClientError> {
+        let mut q =
+            reqwest::Url::parse("https://q/").map_err(|e| ClientError::Usage(e.to_string()))?;
+        q.query_pairs_mut().append_pair("since", &since.to_string());
+        if let Some(a) = actor {
+            q.query_pairs_mut().append_pair("actor", a);
+        }
+        if let Some(k) = kind {
+            q.query_pairs_mut().append_pair("kind", k);
+        }
+        self.get(&format!("/v1/audit?{}", q.query().unwrap_or_default()))
+            .await
+    }
+
+    /// Every event the cluster keeps, oldest first, with the chain's head.
+    pub async fn audit_all(
+        &self,
+    ) -> Result<(Vec<mcpcp_proto::audit::AuditEvent>, String), ClientError> {
+        let mut events = Vec::new();
+        let mut since = 0;
+        loop {
+            let page = self.audit_page(since, None, None).await?;
+            let Some(last) = page.items.last() else {
+                return Ok((events, page.head_hash));
+            };
+            since = last.seq;
+            events.extend(page.items);
+        }
+    }
+
+    pub async fn set_audit_retention(
+        &self,
+        events: u64,
+        opts: &CallOptions,
+    ) -> Result<WriteAck, ClientError> {
+        let body = mcpcp_proto::audit::AuditRetention { events };
+        self.call(Method::PUT, "/v1/audit/retention", Some(&body), opts)
+            .await
+    }
+
     pub async fn list_tokens(&self, stale: bool) -> Result<List<TokenInfo>, ClientError> {
         self.get(&format!("/v1/tokens{}", consistency(stale))).await
     }

@@ -79,6 +79,9 @@ enum Command {
     /// Trust an OpenID provider's JWT access tokens (OIDC/OAuth), list and remove issuers.
     #[command(subcommand)]
     Issuer(IssuerCmd),
+    /// The audit trail of admin changes: list, export, verify its hash chain, retention.
+    #[command(subcommand)]
+    Audit(AuditCmd),
     /// Register the servers of a control-plane YAML or a Claude Desktop config.
     Import {
         /// `control_plane.yaml` or `claude_desktop_config.json`.
@@ -363,6 +366,32 @@ fn parse_role(name: &str) -> Result<Role, String> {
         let names: Vec<&str> = Role::ALL.iter().map(|r| r.as_str()).collect();
         format!("one of {}", names.join(", "))
     })
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCmd {
+    /// Admin changes, oldest first.
+    List {
+        /// Events after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// Only this actor's: a token id, `jwt:ISSUER:SUBJECT`, or a JWT subject.
+        #[arg(long)]
+        actor: Option<String>,
+        /// Only this kind: put_server, delete_server, create_token, revoke_token...
+        #[arg(long)]
+        kind: Option<String>,
+    },
+    /// Writes every event the cluster keeps to FILE, one JSON object per line.
+    Export { file: PathBuf },
+    /// Checks the hash chain: of the cluster's events, or of an exported FILE. Exit 1 names
+    /// the first event that was edited, removed or reordered.
+    Verify {
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// How many events the cluster keeps (older ones are dropped, the chain's head kept).
+    Retention { events: u64 },
 }
 
 #[derive(Debug, Subcommand)]
@@ -1096,6 +1125,111 @@ async fn tenant(cli: &Cli, cmd: &TenantCmd) -> Outcome {
     Ok(())
 }
 
+async fn audit(cli: &Cli, cmd: &AuditCmd) -> Outcome {
+    use mcpcp_proto::audit::{verify, AuditEvent};
+    let c = client(cli)?;
+    match cmd {
+        AuditCmd::List { since, actor, kind } => {
+            let page = c
+                .audit_page(*since, actor.as_deref(), kind.as_deref())
+                .await?;
+            if cli.output == Output::Json {
+                print_json(&page.items);
+            } else {
+                let rows = page
+                    .items
+                    .iter()
+                    .map(|e| {
+                        vec![
+                            e.seq.to_string(),
+                            e.at.to_string(),
+                            e.actor
+                                .subject
+                                .clone()
+                                .unwrap_or_else(|| e.actor.token_id.clone()),
+                            opt(e.from.clone()),
+                            e.kind.clone(),
+                            opt(e.object.clone()),
+                            e.revision.to_string(),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &["SEQ", "AT", "ACTOR", "FROM", "KIND", "OBJECT", "REVISION"],
+                    rows,
+                );
+            }
+        }
+        AuditCmd::Export { file } => {
+            let (events, _) = c.audit_all().await?;
+            let mut text = String::new();
+            for e in &events {
+                text.push_str(&serde_json::to_string(e).unwrap_or_default());
+                text.push('\n');
+            }
+            std::fs::write(file, text)
+                .map_err(|e| fail(1, format!("writing {}: {e}", file.display())))?;
+            out!("{} events written to {}", events.len(), file.display());
+        }
+        AuditCmd::Verify { file } => {
+            let (events, head) = match file {
+                Some(f) => {
+                    let text = std::fs::read_to_string(f)
+                        .map_err(|e| fail(1, format!("reading {}: {e}", f.display())))?;
+                    let mut events = Vec::new();
+                    for (i, line) in text
+                        .lines()
+                        .enumerate()
+                        .filter(|(_, l)| !l.trim().is_empty())
+                    {
+                        let e: AuditEvent = serde_json::from_str(line).map_err(|e| {
+                            fail(
+                                1,
+                                format!("{} line {}: not an audit event: {e}", f.display(), i + 1),
+                            )
+                        })?;
+                        events.push(e);
+                    }
+                    (events, None)
+                }
+                None => {
+                    let (events, head) = c.audit_all().await?;
+                    (events, Some(head))
+                }
+            };
+            verify(&events).map_err(|e| fail(1, format!("audit chain broken: {e}")))?;
+            if let (Some(head), Some(last)) = (head, events.last()) {
+                if last.hash != head {
+                    return Err(fail(
+                        1,
+                        "audit chain broken: the last event is not the cluster's head",
+                    ));
+                }
+            }
+            match (events.first(), events.last()) {
+                (Some(first), Some(last)) => out!(
+                    "audit chain verified: events {} to {}, head {}",
+                    first.seq,
+                    last.seq,
+                    last.hash
+                ),
+                _ => out!("audit chain verified: no events"),
+            }
+        }
+        AuditCmd::Retention { events } => {
+            let a = c
+                .set_audit_retention(*events, &CallOptions::default())
+                .await?;
+            ack(
+                cli,
+                &format!("the cluster keeps {events} audit events"),
+                a.revision,
+            );
+        }
+    }
+    Ok(())
+}
+
 async fn issuer(cli: &Cli, cmd: &IssuerCmd) -> Outcome {
     let c = client(cli)?;
     let none = CallOptions::default();
@@ -1446,6 +1580,7 @@ async fn main() {
         Command::Server(c) => server(&cli, c).await,
         Command::Tenant(c) => tenant(&cli, c).await,
         Command::Issuer(c) => issuer(&cli, c).await,
+        Command::Audit(c) => audit(&cli, c).await,
         Command::Token(c) => token(&cli, c).await,
         Command::Import {
             file,

@@ -600,6 +600,8 @@ pub enum ObjectKind {
     Token,
     /// A trusted JWT issuer.
     Issuer,
+    /// An event of the audit trail (its name is its sequence number).
+    Audit,
     /// Where a server with `replicas` runs (the node ids), assigned by the leader.
     Placement,
     /// MCP session state (not streamed to watchers).

@@ -3,10 +3,13 @@
 //!
 //! - [`raft`] and [`cluster`]: the gRPC services between nodes, generated from `proto/*.proto`.
 //! - [`api`]: the JSON bodies of the admin API (`/v1/...`).
+//! - [`audit`]: the audit trail's events and their hash chain (the node writes it, `mcpctl`
+//!   verifies it).
 //! - [`mcp`]: the MCP JSON-RPC envelope, error codes and protocol revisions.
 //! - [`sse`]: reading the server-sent-event streams of Streamable HTTP.
 
 pub mod api;
+pub mod audit;
 pub mod mcp;
 pub mod sse;
 

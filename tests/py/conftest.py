@@ -14,8 +14,10 @@ run by the Node 22 there (scripts/test.sh installs both).
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import signal
 import shutil
 import subprocess
 import tempfile
@@ -110,6 +112,31 @@ class Cluster:
             if self in _LIVE:
                 _LIVE.remove(self)
 
+    def pid(self, node: int) -> int:
+        """The pid of node `node` (0-based)."""
+        return int((self.dir / f"node{node + 1}" / "mcpd.pid").read_text())
+
+    def kill(self, node: int) -> None:
+        """SIGKILL of node `node`: no goodbye to its peers or clients."""
+        os.kill(self.pid(node), signal.SIGKILL)
+
+    def restart(self, node: int) -> None:
+        """Starts a killed node again with its data and addresses (as `dev up` did)."""
+        nd = self.dir / f"node{node + 1}"
+        ep = json.loads((nd / "data" / "endpoints.json").read_text())
+        with open(nd / "mcpd.log", "ab") as log:
+            p = subprocess.Popen(
+                [str(MCPD), "--id", str(node + 1), "--data-dir", str(nd / "data"),
+                 "--http-addr", ep["http_addr"], "--grpc-addr", ep["grpc_addr"]],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            )
+        (nd / "mcpd.pid").write_text(f"{p.pid}\n")
+
+    def leader(self, node: int = 0) -> int | None:
+        """The leader's index (0-based) as node `node` sees it."""
+        status = json.loads(self.mcpctl("cluster", "status", "-o", "json", node=node))
+        return None if status["leader"] is None else status["leader"] - 1
+
     # -- addresses ----------------------------------------------------------------------------
 
     def base(self, node: int = 0) -> str:
@@ -131,12 +158,16 @@ class Cluster:
 
     def mcpctl(self, *args: str, node: int | None = None) -> str:
         """Runs `mcpctl ARGS` against the cluster (only `node`'s endpoint when given)."""
+        r = self.mcpctl_result(*args, node=node)
+        assert r.returncode == 0, f"mcpctl {' '.join(args)} failed ({r.returncode}): {r.stdout}{r.stderr}"
+        return r.stdout
+
+    def mcpctl_result(self, *args: str, node: int | None = None) -> subprocess.CompletedProcess:
+        """Runs `mcpctl ARGS`, whatever its exit code."""
         argv = [str(MCPCTL), *args]
         if node is not None:
             argv[2:2] = ["--endpoints", self.base(node)]
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=self._env())
-        assert r.returncode == 0, f"mcpctl {' '.join(args)} failed ({r.returncode}): {r.stdout}{r.stderr}"
-        return r.stdout
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, env=self._env())
 
     def add_server(
         self,

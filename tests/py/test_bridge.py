@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import mcp.types as types
 import pytest
 from mcp import Client, MCPError, StdioServerParameters
 
-from conftest import CA_CERT, MCPD, NODE22, NPM, ROOT, VENV_BIN, Cluster, start_cluster
+from conftest import CA_CERT, NODE22, NPM, ROOT, VENV_BIN, Cluster, start_cluster
 from helpers import run, text_of, wait_until
 
 BRIDGE = Path(os.environ.get("MCP_BRIDGE_BIN") or ROOT / "target/debug/mcp-bridge")
@@ -31,27 +29,6 @@ def bridge(urls: list[str], token: str, *extra: str) -> StdioServerParameters:
         args=["--url", ",".join(urls), "--log-level", "info", *extra],
         env={"MCP_BRIDGE_TOKEN": token, "MCP_BRIDGE_CACERT": str(CA_CERT), "PATH": os.environ.get("PATH", "")},
     )
-
-
-def pid_of(c: Cluster, node: int) -> int:
-    return int((c.dir / f"node{node + 1}" / "mcpd.pid").read_text())
-
-
-def kill(c: Cluster, node: int) -> None:
-    os.kill(pid_of(c, node), signal.SIGKILL)
-
-
-def restart(c: Cluster, node: int) -> None:
-    """Starts a killed node again with its data and addresses (as `dev up` did)."""
-    nd = c.dir / f"node{node + 1}"
-    ep = json.loads((nd / "data" / "endpoints.json").read_text())
-    log = open(nd / "mcpd.log", "ab")
-    p = subprocess.Popen(
-        [str(MCPD), "--id", str(node + 1), "--data-dir", str(nd / "data"),
-         "--http-addr", ep["http_addr"], "--grpc-addr", ep["grpc_addr"]],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-    )
-    (nd / "mcpd.pid").write_text(f"{p.pid}\n")
 
 
 def mcp_urls(c: Cluster, order: list[int]) -> list[str]:
@@ -118,7 +95,7 @@ def test_killing_the_bridges_node_is_invisible_and_subscriptions_keep_delivering
                 if text_of(await cl.call_tool("everything__toggle-subscriber-updates", {})).startswith("Started"):
                     break
             await asyncio.wait_for(got.wait(), 20)
-            kill(c, first)
+            c.kill(first)
             killed = time.monotonic()
             # The next calls succeed: no error reaches the client.
             for i in range(5):
@@ -152,7 +129,7 @@ def test_a_counter_in_flight_during_a_kill_runs_at_most_once(fresh):
             for i in range(10):
                 await one(i)
             in_flight = [asyncio.create_task(one(i)) for i in range(10, 20)]
-            kill(c, 0)
+            c.kill(0)
             await asyncio.gather(*in_flight)
             for i in range(20, 30):
                 await one(i)
@@ -176,14 +153,14 @@ def test_all_nodes_down_gives_clear_errors_then_the_same_session_recovers(fresh)
         async with Client(params, mode="legacy") as cl:
             assert text_of(await cl.call_tool("demo__echo", {"message": "up"})) == "up"
             for n in range(3):
-                kill(c, n)
+                c.kill(n)
             started = time.monotonic()
             with pytest.raises(MCPError) as err:
                 await cl.call_tool("demo__echo", {"message": "down"})
             assert "unreachable" in str(err.value), str(err.value)
             assert time.monotonic() - started < 30
             for n in range(3):
-                restart(c, n)
+                c.restart(n)
             deadline = time.monotonic() + 60
             while True:
                 try:

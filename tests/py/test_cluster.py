@@ -9,10 +9,6 @@ from conftest import MCPD
 from helpers import MODES, await_until, client, run, text_of, wait_until
 
 
-def pid_of(cluster, node: int) -> int:
-    return int((cluster.dir / f"node{node + 1}" / "mcpd.pid").read_text())
-
-
 def is_running_mcpd(pid: int) -> bool:
     """Whether `pid` is still a live mcpd process (not exited, not a zombie, not reused)."""
     try:
@@ -26,7 +22,7 @@ def is_running_mcpd(pid: int) -> bool:
 @pytest.mark.parametrize("mode", MODES)
 def test_a_server_added_on_one_node_appears_on_another_nodes_aggregate(cluster, mode):
     name = "late-legacy" if mode == "legacy" else "late-stateless"
-    pids = [pid_of(cluster, n) for n in range(3)]
+    pids = [cluster.pid(n) for n in range(3)]
 
     async def names(c) -> set[str]:
         return {t.name for t in (await c.list_tools(cache_mode="bypass")).tools}

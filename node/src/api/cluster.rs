@@ -18,7 +18,7 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 
 use super::error::ApiError;
-use super::extract::{ApiJson, ApiQuery, Authorized};
+use super::extract::{ApiJson, ApiQuery, Authorized, RemoteAddr};
 use super::AppState;
 use crate::identity::surface::{ClusterRead, ClusterWrite};
 use crate::registry::MembershipChange;
@@ -114,7 +114,8 @@ pub struct JoinTokenRequest {
 /// `POST /v1/cluster/join-tokens` (admin): a single-use join token for one node id.
 pub async fn create_join_token(
     State(state): State<AppState>,
-    _caller: Authorized<ClusterWrite>,
+    Authorized(caller, ClusterWrite): Authorized<ClusterWrite>,
+    from: RemoteAddr,
     ApiJson(req): ApiJson<JoinTokenRequest>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     if req.node_id == 0 {
@@ -136,7 +137,12 @@ pub async fn create_join_token(
     };
     let (token, expires_at) = state
         .registry
-        .create_join_token(req.node_id, ttl, &ca.fingerprint())
+        .create_join_token(
+            req.node_id,
+            ttl,
+            &ca.fingerprint(),
+            crate::registry::state::AuditContext::of(&caller, from.0),
+        )
         .await?;
     Ok((
         StatusCode::CREATED,

@@ -7,7 +7,9 @@ use axum::Json;
 use mcpcp_proto::api::{IssuerSpec, List, Versioned, WriteAck};
 
 use super::error::ApiError;
-use super::extract::{precondition, read_barrier, ApiJson, ApiQuery, Authorized, ReadParams};
+use super::extract::{
+    precondition, read_barrier, ApiJson, ApiQuery, Authorized, ReadParams, RemoteAddr,
+};
 use super::objects::write;
 use super::AppState;
 use crate::identity::surface::{ClusterWrite, ObjectRead};
@@ -53,6 +55,7 @@ pub async fn get(
 pub async fn create(
     State(state): State<AppState>,
     Authorized(caller, ClusterWrite): Authorized<ClusterWrite>,
+    from: RemoteAddr,
     headers: HeaderMap,
     ApiJson(spec): ApiJson<IssuerSpec>,
 ) -> Result<(StatusCode, Json<WriteAck>), ApiError> {
@@ -63,13 +66,14 @@ pub async fn create(
     };
     Ok((
         StatusCode::CREATED,
-        Json(write(&state, &headers, &caller, command).await?),
+        Json(write(&state, &headers, (&caller, &from), command).await?),
     ))
 }
 
 pub async fn put(
     State(state): State<AppState>,
     Authorized(caller, ClusterWrite): Authorized<ClusterWrite>,
+    from: RemoteAddr,
     Path(name): Path<String>,
     headers: HeaderMap,
     ApiJson(spec): ApiJson<IssuerSpec>,
@@ -86,12 +90,15 @@ pub async fn put(
         spec,
         precondition: precondition(&headers, Precondition::None)?,
     };
-    Ok(Json(write(&state, &headers, &caller, command).await?))
+    Ok(Json(
+        write(&state, &headers, (&caller, &from), command).await?,
+    ))
 }
 
 pub async fn delete(
     State(state): State<AppState>,
     Authorized(caller, ClusterWrite): Authorized<ClusterWrite>,
+    from: RemoteAddr,
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<WriteAck>, ApiError> {
@@ -99,5 +106,7 @@ pub async fn delete(
         name,
         precondition: precondition(&headers, Precondition::None)?,
     };
-    Ok(Json(write(&state, &headers, &caller, command).await?))
+    Ok(Json(
+        write(&state, &headers, (&caller, &from), command).await?,
+    ))
 }

@@ -204,7 +204,15 @@ impl ShardServer {
         watcher: Watcher,
     ) -> impl std::future::Future<Output = ()> + 'static {
         let tls = self.tls.clone();
-        let service = TowerToHyperService::new(self.router.clone());
+        // Every request knows its peer's address (the audit trail records it).
+        let service = TowerToHyperService::new(tower::ServiceExt::map_request(
+            self.router.clone(),
+            move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(addr));
+                req
+            },
+        ));
         let limit = self.header_read_timeout;
         async move {
             let _permit = permit;

@@ -3,6 +3,7 @@
 //! ([`extract`]), which the MCP front end uses too. `crate::http` puts these
 //! routes and the MCP endpoints behind one set of layers.
 
+pub mod audit;
 pub mod body_timeout;
 pub mod cluster;
 pub mod error;
@@ -83,6 +84,8 @@ pub fn router<S: Clone + Send + Sync + 'static>(state: AppState) -> Router<S> {
         )
         .route("/tokens", get(o::list_tokens).post(o::create_token))
         .route("/tokens/{id}", get(o::get_token).delete(o::revoke_token))
+        .route("/audit", get(audit::list))
+        .route("/audit/retention", axum::routing::put(audit::set_retention))
         .route("/issuers", get(issuers::list).post(issuers::create))
         .route(
             "/issuers/{name}",

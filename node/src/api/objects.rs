@@ -19,17 +19,18 @@ use mcpcp_proto::api::{
 use super::error::ApiError;
 use super::extract::{
     idempotency_key, precondition, read_barrier, ApiJson, ApiQuery, Authorized, ReadParams,
+    RemoteAddr,
 };
 use super::AppState;
 use crate::identity::surface::{ClusterWrite, ObjectRead, ObjectWrite, Operate};
-use crate::registry::state::{Command, Precondition, Request};
+use crate::registry::state::{AuditContext, Command, Precondition, Request};
 use crate::registry::{new_request_id, now_unix, token, validate, Principal};
 
 /// Replicates `command` for `caller`, de-duplicated by its `Idempotency-Key`.
 pub(super) async fn write(
     state: &AppState,
     headers: &HeaderMap,
-    caller: &Principal,
+    (caller, from): (&Principal, &RemoteAddr),
     command: Command,
 ) -> Result<WriteAck, ApiError> {
     let request_id = idempotency_key(headers, caller)?.unwrap_or_else(new_request_id);
@@ -38,6 +39,7 @@ pub(super) async fn write(
         .write_request(Request {
             request_id,
             command,
+            audit: Some(AuditContext::of(caller, from.0)),
         })
         .await?;
     Ok(WriteAck {
@@ -226,6 +228,7 @@ pub async fn server_status(
 pub async fn create_server(
     State(state): State<AppState>,
     Authorized(caller, ObjectWrite): Authorized<ObjectWrite>,
+    from: RemoteAddr,
     headers: HeaderMap,
     ApiJson(spec): ApiJson<ServerSpec>,
 ) -> Result<(StatusCode, Json<WriteAck>), ApiError> {
@@ -235,13 +238,14 @@ pub async fn create_server(
         spec,
         precondition: Precondition::Absent,
     };
-    let ack = write(&state, &headers, &caller, command).await?;
+    let ack = write(&state, &headers, (&caller, &from), command).await?;
     Ok((StatusCode::CREATED, Json(ack)))
 }
 
 pub async fn put_server(
     State(state): State<AppState>,
     Authorized(caller, ObjectWrite): Authorized<ObjectWrite>,
+    from: RemoteAddr,
     Path(name): Path<String>,
     headers: HeaderMap,
     ApiJson(spec): ApiJson<ServerSpec>,
@@ -274,7 +278,9 @@ pub async fn put_server(
         spec,
         precondition: precondition(&headers, default)?,
     };
-    Ok(Json(write(&state, &headers, &caller, command).await?))
+    Ok(Json(
+        write(&state, &headers, (&caller, &from), command).await?,
+    ))
 }
 
 /// Merges the present fields into the current spec and writes it back, as a compare-and-set
@@ -284,6 +290,7 @@ pub async fn put_server(
 pub async fn patch_server(
     State(state): State<AppState>,
     Authorized(caller, Operate): Authorized<Operate>,
+    from: RemoteAddr,
     Path(name): Path<String>,
     headers: HeaderMap,
     ApiJson(patch): ApiJson<ServerPatch>,
@@ -308,12 +315,15 @@ pub async fn patch_server(
         spec,
         precondition: precondition(&headers, Precondition::Revision(current.revision))?,
     };
-    Ok(Json(write(&state, &headers, &caller, command).await?))
+    Ok(Json(
+        write(&state, &headers, (&caller, &from), command).await?,
+    ))
 }
 
 pub async fn delete_server(
     State(state): State<AppState>,
     Authorized(caller, ObjectWrite): Authorized<ObjectWrite>,
+    from: RemoteAddr,
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<WriteAck>, ApiError> {
@@ -328,7 +338,9 @@ pub async fn delete_server(
         name,
         precondition: precondition(&headers, Precondition::None)?,
     };
-    Ok(Json(write(&state, &headers, &caller, command).await?))
+    Ok(Json(
+        write(&state, &headers, (&caller, &from), command).await?,
+    ))
 }
 
 // === tenants ===
@@ -372,6 +384,7 @@ pub async fn get_tenant(
 pub async fn create_tenant(
     State(state): State<AppState>,
     Authorized(caller, ClusterWrite): Authorized<ClusterWrite>,
+    from: RemoteAddr,
     headers: HeaderMap,
     ApiJson(spec): ApiJson<TenantSpec>,
 ) -> Result<(StatusCode, Json<WriteAck>), ApiError> {
@@ -380,13 +393,14 @@ pub async fn create_tenant(
         spec,
         precondition: Precondition::Absent,
     };
-    let ack = write(&state, &headers, &caller, command).await?;
+    let ack = write(&state, &headers, (&caller, &from), command).await?;
     Ok((StatusCode::CREATED, Json(ack)))
 }
 
 pub async fn delete_tenant(
     State(state): State<AppState>,
     Authorized(caller, ClusterWrite): Authorized<ClusterWrite>,
+    from: RemoteAddr,
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<WriteAck>, ApiError> {
@@ -394,7 +408,9 @@ pub async fn delete_tenant(
         name,
         precondition: precondition(&headers, Precondition::None)?,
     };
-    Ok(Json(write(&state, &headers, &caller, command).await?))
+    Ok(Json(
+        write(&state, &headers, (&caller, &from), command).await?,
+    ))
 }
 
 // === tokens ===
@@ -440,6 +456,7 @@ pub async fn get_token(
 pub async fn create_token(
     State(state): State<AppState>,
     Authorized(caller, ObjectWrite): Authorized<ObjectWrite>,
+    from: RemoteAddr,
     ApiJson(req): ApiJson<CreateTokenRequest>,
 ) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
     let role = validate::token_request(&req)?;
@@ -466,10 +483,13 @@ pub async fn create_token(
     };
     let applied = state
         .registry
-        .write(Command::CreateToken {
-            info: info.clone(),
-            hash: minted.hash,
-        })
+        .write_audited(
+            Command::CreateToken {
+                info: info.clone(),
+                hash: minted.hash,
+            },
+            AuditContext::of(&caller, from.0),
+        )
         .await?;
     tracing::info!(token_id = %info.id, role = ?info.role, tenant = info.tenant.as_deref().unwrap_or(""), "token created");
     Ok((
@@ -485,6 +505,7 @@ pub async fn create_token(
 pub async fn revoke_token(
     State(state): State<AppState>,
     Authorized(caller, ObjectWrite): Authorized<ObjectWrite>,
+    from: RemoteAddr,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<WriteAck>, ApiError> {
@@ -525,7 +546,7 @@ pub async fn revoke_token(
     let ack = write(
         &state,
         &headers,
-        &caller,
+        (&caller, &from),
         Command::RevokeToken { id: id.clone() },
     )
     .await?;

@@ -9,6 +9,7 @@
 //! answer was lost (leader change, timeout, dropped connection) is re-sent without running
 //! twice.
 
+pub mod audit;
 pub mod forward;
 pub mod join_token;
 pub mod propose;
@@ -316,6 +317,21 @@ impl Registry {
         self.write_request(Request {
             request_id: new_request_id(),
             command,
+            audit: None,
+        })
+        .await
+    }
+
+    /// Writes an admin command, recorded in the audit trail as `ctx` asked for it.
+    pub async fn write_audited(
+        &self,
+        command: Command,
+        ctx: state::AuditContext,
+    ) -> Result<Applied, RegistryError> {
+        self.write_request(Request {
+            request_id: new_request_id(),
+            command,
+            audit: Some(ctx),
         })
         .await
     }
@@ -667,6 +683,7 @@ impl Registry {
                 hash: minted.hash,
                 session_key: hex::encode(key),
             },
+            audit: Some(state::AuditContext::system("init", None)),
         };
         // The first election needs every initial member up: give it more than one quorum wait.
         // A re-sent request applies once (same request id).
@@ -690,15 +707,19 @@ impl Registry {
         node: u64,
         ttl_seconds: u64,
         ca_fingerprint: &str,
+        ctx: state::AuditContext,
     ) -> Result<(String, u64), RegistryError> {
         let (token, id, stored) = join_token::mint(node, ttl_seconds, ca_fingerprint)
             .map_err(|e| RegistryError::Internal(e.to_string()))?;
         let expires_at = stored.expires_at;
-        self.write(Command::CreateJoinToken {
-            id: id.clone(),
-            token: stored,
-            now: now_unix(),
-        })
+        self.write_audited(
+            Command::CreateJoinToken {
+                id: id.clone(),
+                token: stored,
+                now: now_unix(),
+            },
+            ctx,
+        )
         .await?;
         tracing::info!(token_id = %id, node, expires_at, "join token created");
         Ok((token, expires_at))
@@ -728,9 +749,12 @@ impl Registry {
             return Err(refused());
         }
         match self
-            .write(Command::RedeemJoinToken {
-                id: parsed.id.clone(),
-            })
+            .write_audited(
+                Command::RedeemJoinToken {
+                    id: parsed.id.clone(),
+                },
+                state::AuditContext::system("join", Some(format!("node {node}"))),
+            )
             .await
         {
             Ok(_) => {
@@ -757,11 +781,17 @@ impl Registry {
             last_used_at: None,
         };
         let id = info.id.clone();
-        self.write(Command::RecoverAdmin {
-            info,
-            hash: minted.hash,
-            node: self.id,
-        })
+        self.write_audited(
+            Command::RecoverAdmin {
+                info,
+                hash: minted.hash,
+                node: self.id,
+            },
+            state::AuditContext::system(
+                "recover-admin",
+                Some(format!("the host of node {}", self.id)),
+            ),
+        )
         .await?;
         tracing::warn!(token_id = %id, node = self.id, "admin access recovered through this node's host: a new admin token was issued");
         Ok((id, minted.secret))

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use mcpcp_proto::api::{
     IssuerSpec, ObjectKind, Role, ServerSpec, TenantSpec, TokenInfo, Versioned, WatchEvent,
 };
+use mcpcp_proto::audit::{self, Actor, AuditEvent};
 use serde::{Deserialize, Serialize};
 
 /// What a write must find before it applies (`If-Match` and create-only semantics).
@@ -55,6 +56,10 @@ pub enum Command {
     },
     RevokeToken {
         id: String,
+    },
+    /// How many audit events the state keeps (older ones leave with their chain head).
+    SetAuditRetention {
+        events: u64,
     },
     /// When API tokens were last used, as nodes saw them (`registry::token_use`).
     TouchTokens {
@@ -156,6 +161,7 @@ impl Command {
             Command::CreateToken { .. } => "create_token",
             Command::RevokeToken { .. } => "revoke_token",
             Command::TouchTokens { .. } => "touch_tokens",
+            Command::SetAuditRetention { .. } => "set_audit_retention",
             Command::SetPlacement { .. } => "set_placement",
             Command::SetSessionKey { .. } => "set_session_key",
             Command::PutSessionState { .. } => "put_session_state",
@@ -174,7 +180,24 @@ impl Command {
 pub struct Request {
     pub request_id: String,
     pub command: Command,
+    /// Who asked, for the audit trail: set on admin writes, absent on the node's own
+    /// (placement, session state, token uses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<AuditContext>,
 }
+
+/// Who asked for a write, and from where and when (the clock of the node that took it, so
+/// every node records the same time).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditContext {
+    pub actor: Actor,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    pub at: u64,
+}
+
+/// Audit events kept unless `SetAuditRetention` says otherwise.
+pub const AUDIT_RETENTION: u64 = 10_000;
 
 /// What one Raft entry carries: writes proposed together (see `registry::propose`), applied
 /// in order, each with its own result.
@@ -249,6 +272,19 @@ pub struct State {
     /// Trusted issuers of JWT access tokens, by name.
     #[serde(default)]
     pub issuers: BTreeMap<String, Versioned<IssuerSpec>>,
+    /// The audit trail of admin changes, oldest first, chained by hash (`mcpcp_proto::audit`).
+    #[serde(default)]
+    pub audit: VecDeque<AuditEvent>,
+    /// The sequence number of the last audit event.
+    #[serde(default)]
+    pub audit_seq: u64,
+    /// The hash of the last audit event (empty before the first: the chain starts at
+    /// `audit::GENESIS`).
+    #[serde(default)]
+    pub audit_head: String,
+    /// How many events `audit` keeps (0: [`AUDIT_RETENTION`]).
+    #[serde(default)]
+    pub audit_retention: u64,
     /// Nodes assigned to run each server that has `replicas` set.
     #[serde(default)]
     pub placements: BTreeMap<String, Vec<u64>>,
@@ -302,10 +338,14 @@ impl State {
             }
         }
         let next = self.revision + 1;
+        let summary = req.audit.as_ref().and_then(|_| req.command.audit_summary());
         let result = self.apply_command(req.command, next);
         let (result, changes) = match result {
-            Ok(changes) => {
+            Ok(mut changes) => {
                 self.revision = next;
+                if let (Some(ctx), Some(summary)) = (req.audit, summary) {
+                    changes.push(self.record(ctx, summary, next));
+                }
                 (Ok(Applied { revision: next }), changes)
             }
             Err(e) => (Err(e), Vec::new()),
@@ -318,6 +358,49 @@ impl State {
             }
         }
         (result, changes)
+    }
+
+    /// Appends the audit event of an applied change, chained to the one before, and drops
+    /// the oldest beyond the retention.
+    fn record(
+        &mut self,
+        ctx: AuditContext,
+        summary: super::audit::AuditSummary,
+        revision: u64,
+    ) -> Change {
+        self.audit_seq += 1;
+        let prev_hash = if self.audit_head.is_empty() {
+            audit::GENESIS.to_string()
+        } else {
+            self.audit_head.clone()
+        };
+        let mut event = AuditEvent {
+            seq: self.audit_seq,
+            at: ctx.at,
+            actor: ctx.actor,
+            from: ctx.from,
+            kind: summary.kind.to_string(),
+            object: summary.object,
+            detail: summary.detail,
+            revision,
+            prev_hash,
+            hash: String::new(),
+        };
+        event.hash = event.digest();
+        self.audit_head = event.hash.clone();
+        self.audit.push_back(event);
+        let keep = match self.audit_retention {
+            0 => AUDIT_RETENTION,
+            n => n,
+        };
+        while self.audit.len() as u64 > keep {
+            self.audit.pop_front();
+        }
+        Change {
+            kind: ObjectKind::Audit,
+            name: self.audit_seq.to_string(),
+            present: true,
+        }
     }
 
     fn apply_command(&mut self, cmd: Command, rev: u64) -> Result<Vec<Change>, ApplyError> {
@@ -523,6 +606,13 @@ impl State {
                 }
                 Ok(changes)
             }
+            Command::SetAuditRetention { events } => {
+                self.audit_retention = events;
+                while self.audit.len() as u64 > events.max(1) {
+                    self.audit.pop_front();
+                }
+                Ok(Vec::new())
+            }
             Command::TouchTokens { used } => {
                 for (id, at) in used {
                     if let Some(t) = self.tokens.get_mut(&id) {
@@ -619,6 +709,12 @@ impl State {
                     .issuers
                     .get(&change.name)
                     .and_then(|v| serde_json::to_value(v).ok()),
+                ObjectKind::Audit => change
+                    .name
+                    .parse::<u64>()
+                    .ok()
+                    .and_then(|seq| self.audit.iter().rev().find(|e| e.seq == seq))
+                    .and_then(|e| serde_json::to_value(e).ok()),
                 ObjectKind::Placement => self
                     .placements
                     .get(&change.name)
@@ -724,7 +820,87 @@ mod tests {
         Request {
             request_id: id.into(),
             command,
+            audit: None,
         }
+    }
+
+    fn audited(id: &str, command: Command) -> Request {
+        Request {
+            audit: Some(AuditContext::system("test", Some("10.0.0.9:4000".into()))),
+            ..req(id, command)
+        }
+    }
+
+    #[test]
+    fn admin_changes_leave_a_chained_audit_trail_without_secrets() {
+        let mut s = State::default();
+        let mut spec = server("db", None);
+        spec.env.insert("PASSWORD".into(), "hunter2".into());
+        let put = Command::PutServer {
+            spec,
+            precondition: Precondition::None,
+        };
+        assert!(s.apply(audited("a", put)).0.is_ok());
+        let placement = Command::SetPlacement {
+            server: "db".into(),
+            nodes: vec![1],
+        };
+        assert!(s.apply(audited("b", placement)).0.is_ok());
+        let (res, changes) = s.apply(audited(
+            "c",
+            Command::DeleteServer {
+                name: "db".into(),
+                precondition: Precondition::None,
+            },
+        ));
+        assert!(res.is_ok());
+        assert!(changes
+            .iter()
+            .any(|c| c.kind == ObjectKind::Audit && c.name == "2"));
+        let refused = Command::DeleteServer {
+            name: "db".into(),
+            precondition: Precondition::Revision(1),
+        };
+        assert!(s.apply(audited("d", refused)).0.is_err());
+        let kinds: Vec<&str> = s.audit.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(
+            kinds,
+            ["put_server", "delete_server"],
+            "node commands and refusals leave none"
+        );
+        assert_eq!(
+            audit::verify(&s.audit.iter().cloned().collect::<Vec<_>>()),
+            Ok(())
+        );
+        assert_eq!(s.audit[0].prev_hash, audit::GENESIS);
+        assert_eq!(s.audit_head, s.audit[1].hash);
+        assert_eq!(s.audit[0].from.as_deref(), Some("10.0.0.9:4000"));
+        let text = serde_json::to_string(&s.audit).unwrap();
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+
+    #[test]
+    fn the_audit_trail_keeps_its_retention_and_its_chain_head() {
+        let mut s = State::default();
+        let retention = Command::SetAuditRetention { events: 2 };
+        assert!(s.apply(audited("r", retention)).0.is_ok());
+        for i in 0..5 {
+            let t = Command::PutTenant {
+                spec: TenantSpec {
+                    name: format!("t{i}"),
+                    description: None,
+                },
+                precondition: Precondition::None,
+            };
+            assert!(s.apply(audited(&format!("t{i}"), t)).0.is_ok());
+        }
+        let seqs: Vec<u64> = s.audit.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [5, 6]);
+        assert_eq!(
+            audit::verify(&s.audit.iter().cloned().collect::<Vec<_>>()),
+            Ok(())
+        );
+        assert_eq!(s.audit_head, s.audit[1].hash);
     }
 
     fn put_server(id: &str, name: &str, pre: Precondition) -> Request {

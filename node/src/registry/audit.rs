@@ -1,0 +1,92 @@
+//! What the audit trail records of each admin command: its kind, the object it touched, and
+//! the change with every secret taken out (env and header values, token and join-token
+//! hashes, the session key). The node's own commands (placement, session state, token uses)
+//! are not admin changes and record nothing.
+
+use std::net::SocketAddr;
+
+use mcpcp_proto::api::ServerSpec;
+use mcpcp_proto::audit::Actor;
+use serde_json::{json, Value};
+
+use super::state::{AuditContext, Command};
+use super::{now_unix, Principal};
+
+impl AuditContext {
+    /// A change asked for by `caller` from `from`, now.
+    pub fn of(caller: &Principal, from: Option<SocketAddr>) -> AuditContext {
+        AuditContext {
+            actor: Actor {
+                token_id: caller.token_id.clone(),
+                role: Some(caller.role),
+                tenant: caller.tenant.clone(),
+                issuer: caller.jwt.as_ref().map(|j| j.issuer.clone()),
+                subject: caller.jwt.as_ref().map(|j| j.subject.clone()),
+            },
+            from: from.map(|a| a.to_string()),
+            at: now_unix(),
+        }
+    }
+
+    /// A change the cluster makes on a proof of its own (`init`, `join`, `recover-admin`).
+    pub fn system(what: &str, from: Option<String>) -> AuditContext {
+        AuditContext {
+            actor: Actor {
+                token_id: format!("system:{what}"),
+                role: None,
+                tenant: None,
+                issuer: None,
+                subject: None,
+            },
+            from,
+            at: now_unix(),
+        }
+    }
+}
+
+/// An admin command, as its audit event shows it.
+pub struct AuditSummary {
+    pub kind: &'static str,
+    pub object: Option<String>,
+    pub detail: Value,
+}
+
+impl Command {
+    /// The audit summary of an admin command; `None` for the node's own commands.
+    pub fn audit_summary(&self) -> Option<AuditSummary> {
+        let of = |object: &str, detail: Value| {
+            Some(AuditSummary {
+                kind: self.label(),
+                object: Some(object.to_string()),
+                detail,
+            })
+        };
+        match self {
+            Command::PutServer { spec, precondition } => of(
+                &spec.name,
+                json!({ "spec": ServerSpec::redacted(spec), "precondition": precondition }),
+            ),
+            Command::DeleteServer { name, .. }
+            | Command::DeleteTenant { name, .. }
+            | Command::DeleteIssuer { name, .. } => of(name, json!({})),
+            Command::PutTenant { spec, .. } => of(&spec.name, json!({ "spec": spec })),
+            Command::PutIssuer { spec, .. } => of(&spec.name, json!({ "spec": spec })),
+            Command::CreateToken { info, .. } | Command::Bootstrap { info, .. } => {
+                of(&info.id, json!({ "info": info }))
+            }
+            Command::RecoverAdmin { info, node, .. } => {
+                of(&info.id, json!({ "info": info, "node": node }))
+            }
+            Command::RevokeToken { id } | Command::RedeemJoinToken { id } => of(id, json!({})),
+            Command::CreateJoinToken { id, token, .. } => of(
+                id,
+                json!({ "node": token.node, "expires_at": token.expires_at }),
+            ),
+            Command::SetAuditRetention { events } => of("audit", json!({ "events": events })),
+            Command::SetPlacement { .. }
+            | Command::SetSessionKey { .. }
+            | Command::PutSessionState { .. }
+            | Command::TouchTokens { .. } => None,
+        }
+    }
+}
