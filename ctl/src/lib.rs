@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use mcpcp_proto::api::{
     AddNodeRequest, ClusterStatus, CreateTokenRequest, CreatedToken, ErrorBody, InitRequest,
-    InitResponse, IssuerSpec, List, Member, NodeInfo, ServerPatch, ServerSpec, TenantSpec,
-    TokenInfo, Versioned, WriteAck,
+    InitResponse, IssuerSpec, List, Member, NodeInfo, PolicySpec, PolicyTest, PolicyVerdict,
+    ServerPatch, ServerSpec, TenantSpec, TokenInfo, Versioned, WriteAck,
 };
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
@@ -379,6 +379,48 @@ impl AdminClient {
     ) -> Result<WriteAck, ClientError> {
         self.call::<(), _>(Method::DELETE, &format!("/v1/issuers/{name}"), None, opts)
             .await
+    }
+
+    pub async fn list_policies(
+        &self,
+        stale: bool,
+    ) -> Result<List<Versioned<PolicySpec>>, ClientError> {
+        self.get(&format!("/v1/policies{}", consistency(stale)))
+            .await
+    }
+
+    /// Creates or replaces a rule.
+    pub async fn put_policy(
+        &self,
+        spec: &PolicySpec,
+        opts: &CallOptions,
+    ) -> Result<WriteAck, ClientError> {
+        self.call(
+            Method::PUT,
+            &format!("/v1/policies/{}", spec.name),
+            Some(spec),
+            opts,
+        )
+        .await
+    }
+
+    pub async fn delete_policy(
+        &self,
+        name: &str,
+        opts: &CallOptions,
+    ) -> Result<WriteAck, ClientError> {
+        self.call::<(), _>(Method::DELETE, &format!("/v1/policies/{name}"), None, opts)
+            .await
+    }
+
+    pub async fn test_policy(&self, test: &PolicyTest) -> Result<PolicyVerdict, ClientError> {
+        self.call(
+            Method::POST,
+            "/v1/policies/test",
+            Some(test),
+            &CallOptions::default(),
+        )
+        .await
     }
 
     /// One page of the audit trail: events after `since`, of `actor` and `kind` when given.

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mcpcp_proto::api::{
-    AddNodeRequest, ClusterStatus, CreateTokenRequest, IssuerSpec, Member, Role, ServerPatch,
-    ServerSpec, SessionMode, TenantSpec, Timeouts, Versioned,
+    AddNodeRequest, ClusterStatus, CreateTokenRequest, Effect, IssuerSpec, Member, PolicySpec,
+    PolicyTest, Role, ServerPatch, ServerSpec, SessionMode, TenantSpec, Timeouts, Versioned,
 };
 use mcpctl::{dev, import, AdminClient, CallOptions, ClientError};
 use serde::Serialize;
@@ -79,6 +79,9 @@ enum Command {
     /// Trust an OpenID provider's JWT access tokens (OIDC/OAuth), list and remove issuers.
     #[command(subcommand)]
     Issuer(IssuerCmd),
+    /// Authorization rules for MCP calls: add, list, remove, and test a call against them.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
     /// The audit trail of admin changes: list, export, verify its hash chain, retention.
     #[command(subcommand)]
     Audit(AuditCmd),
@@ -369,6 +372,67 @@ fn parse_role(name: &str) -> Result<Role, String> {
 }
 
 #[derive(Debug, Subcommand)]
+enum PolicyCmd {
+    /// Add or replace a rule. Rules run in --order (then name); the first that matches
+    /// decides; when none matches, a call is allowed.
+    Add(Box<PolicyAdd>),
+    List,
+    #[command(alias = "remove", alias = "delete")]
+    Rm {
+        name: String,
+    },
+    /// Would this caller be allowed this call, and by which rule? Nothing is called.
+    Test {
+        #[arg(long, value_parser = parse_role, default_value = "user")]
+        role: Role,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        subject: Option<String>,
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// `tool:SERVER__TOOL`, `prompt:SERVER__PROMPT` or `resource:SERVER:URI`.
+        #[arg(long)]
+        target: String,
+        /// The call's arguments, as JSON.
+        #[arg(long, default_value = "{}")]
+        args: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct PolicyAdd {
+    name: String,
+    /// Lower runs first.
+    #[arg(long)]
+    order: u32,
+    /// Allow what matches.
+    #[arg(long, conflicts_with = "deny", required_unless_present = "deny")]
+    allow: bool,
+    /// Deny what matches.
+    #[arg(long)]
+    deny: bool,
+    /// What it covers (repeat): server:NAME, tool:SERVER__TOOL, prompt:SERVER__PROMPT,
+    /// resource:URI, with `*` globs. None: every call.
+    #[arg(long = "target")]
+    targets: Vec<String>,
+    /// Whose calls (each repeatable; none: anyone's).
+    #[arg(long = "tenant")]
+    tenants: Vec<String>,
+    #[arg(long = "role", value_parser = parse_role)]
+    roles: Vec<Role>,
+    #[arg(long = "subject")]
+    subjects: Vec<String>,
+    #[arg(long = "group")]
+    groups: Vec<String>,
+    /// A CEL condition that must hold too, e.g. 'args.path.startsWith("/srv/" + principal.tenant)'.
+    #[arg(long = "if")]
+    condition: Option<String>,
+    #[arg(long)]
+    description: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
 enum AuditCmd {
     /// Admin changes, oldest first.
     List {
@@ -435,6 +499,9 @@ struct IssuerAdd {
     /// The role of a caller whose token names none.
     #[arg(long, value_parser = parse_role, default_value = "user")]
     default_role: Role,
+    /// The claim listing the caller's groups (for policies).
+    #[arg(long, default_value = "groups")]
+    groups_claim: String,
     /// A CA file (PEM) for its discovery and JWKS endpoints.
     #[arg(long)]
     ca_file: Option<String>,
@@ -1125,6 +1192,107 @@ async fn tenant(cli: &Cli, cmd: &TenantCmd) -> Outcome {
     Ok(())
 }
 
+async fn policy(cli: &Cli, cmd: &PolicyCmd) -> Outcome {
+    let c = client(cli)?;
+    let none = CallOptions::default();
+    match cmd {
+        PolicyCmd::Add(add) => {
+            let spec = PolicySpec {
+                name: add.name.clone(),
+                order: add.order,
+                effect: if add.deny {
+                    Effect::Deny
+                } else {
+                    Effect::Allow
+                },
+                targets: add.targets.clone(),
+                tenants: add.tenants.clone(),
+                roles: add.roles.clone(),
+                subjects: add.subjects.clone(),
+                groups: add.groups.clone(),
+                condition: add.condition.clone(),
+                description: add.description.clone(),
+            };
+            let a = c.put_policy(&spec, &none).await?;
+            ack(cli, &format!("policy {} set", add.name), a.revision);
+        }
+        PolicyCmd::List => {
+            let list = c.list_policies(cli.stale).await?;
+            if cli.output == Output::Json {
+                print_json(&list.items);
+            } else {
+                let any = |v: &[String]| {
+                    if v.is_empty() {
+                        "*".to_string()
+                    } else {
+                        v.join(",")
+                    }
+                };
+                let rows = list
+                    .items
+                    .iter()
+                    .map(|p| {
+                        let s = &p.spec;
+                        let roles: Vec<String> = s.roles.iter().map(|r| r.to_string()).collect();
+                        vec![
+                            s.order.to_string(),
+                            s.name.clone(),
+                            format!("{:?}", s.effect).to_lowercase(),
+                            any(&s.targets),
+                            any(&s.tenants),
+                            any(&roles),
+                            any(&s.subjects),
+                            any(&s.groups),
+                            opt(s.condition.clone()),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "ORDER", "NAME", "EFFECT", "TARGETS", "TENANTS", "ROLES", "SUBJECTS",
+                        "GROUPS", "IF",
+                    ],
+                    rows,
+                );
+            }
+        }
+        PolicyCmd::Rm { name } => {
+            let a = c.delete_policy(name, &none).await?;
+            ack(cli, &format!("policy {name} removed"), a.revision);
+        }
+        PolicyCmd::Test {
+            role,
+            tenant,
+            subject,
+            groups,
+            target,
+            args,
+        } => {
+            let args: serde_json::Value = serde_json::from_str(args)
+                .map_err(|e| fail(2, format!("--args: not JSON: {e}")))?;
+            let verdict = c
+                .test_policy(&PolicyTest {
+                    role: *role,
+                    tenant: tenant.clone(),
+                    subject: subject.clone(),
+                    groups: groups.clone(),
+                    target: target.clone(),
+                    args,
+                })
+                .await?;
+            match cli.output {
+                Output::Json => print_json(&verdict),
+                Output::Table => match (&verdict.allowed, &verdict.rule) {
+                    (true, Some(r)) => out!("allowed by policy {r}"),
+                    (true, None) => out!("allowed: no policy matches"),
+                    (false, r) => out!("denied by policy {}", r.as_deref().unwrap_or("?")),
+                },
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn audit(cli: &Cli, cmd: &AuditCmd) -> Outcome {
     use mcpcp_proto::audit::{verify, AuditEvent};
     let c = client(cli)?;
@@ -1246,6 +1414,7 @@ async fn issuer(cli: &Cli, cmd: &IssuerCmd) -> Outcome {
                 tenant_claim,
                 roles_claim,
                 default_role,
+                groups_claim,
                 ca_file,
             } = add.as_ref();
             let spec = IssuerSpec {
@@ -1263,6 +1432,7 @@ async fn issuer(cli: &Cli, cmd: &IssuerCmd) -> Outcome {
                 tenant_claim: tenant_claim.clone(),
                 roles_claim: roles_claim.clone(),
                 default_role: *default_role,
+                groups_claim: groups_claim.clone(),
                 ca_file: ca_file.clone(),
             };
             let a = c.create_issuer(&spec, &none).await?;
@@ -1581,6 +1751,7 @@ async fn main() {
         Command::Tenant(c) => tenant(&cli, c).await,
         Command::Issuer(c) => issuer(&cli, c).await,
         Command::Audit(c) => audit(&cli, c).await,
+        Command::Policy(c) => policy(&cli, c).await,
         Command::Token(c) => token(&cli, c).await,
         Command::Import {
             file,

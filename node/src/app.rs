@@ -324,10 +324,12 @@ pub async fn run(
         cfg.identity.clone(),
         cfg.api.tls != crate::tls::edge::EdgeTlsMode::Off,
     );
+    let policies = crate::policy::Policies::new(registry.clone());
     let mcp = McpState::new(
         registry.clone(),
         router.clone(),
         identity.clone(),
+        policies.clone(),
         &cfg.mcp,
         &me.http_addr,
     );
@@ -360,6 +362,7 @@ pub async fn run(
             edge: edge.clone(),
         },
         identity,
+        policies,
     };
     tasks.spawn(api::listener::serve(
         http_listener,

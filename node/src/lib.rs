@@ -18,6 +18,7 @@ pub mod identity;
 pub mod join;
 pub mod mcp;
 pub mod metrics;
+pub mod policy;
 pub mod pool;
 pub mod raft;
 pub mod recovery;

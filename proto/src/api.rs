@@ -436,6 +436,9 @@ pub struct IssuerSpec {
     /// The role of a caller whose token names none.
     #[serde(default = "default_role")]
     pub default_role: Role,
+    /// The claim listing the caller's groups (for policies' `groups`).
+    #[serde(default = "default_groups_claim")]
+    pub groups_claim: String,
     /// A CA file (PEM) for its discovery and JWKS endpoints; the system's roots otherwise.
     #[serde(default)]
     pub ca_file: Option<String>,
@@ -453,8 +456,79 @@ fn default_tenant_claim() -> String {
 fn default_roles_claim() -> String {
     "roles".into()
 }
+fn default_groups_claim() -> String {
+    "groups".into()
+}
 fn default_role() -> Role {
     Role::User
+}
+
+/// An authorization rule for MCP calls (`/v1/policies`, `mcpctl policy`). Rules are evaluated
+/// in `order` (then name) on the node that receives a call; the first whose targets, callers
+/// and condition all match decides. When none matches, the call is allowed (end with a
+/// `deny` rule of no targets for deny-by-default).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySpec {
+    pub name: String,
+    /// Lower first.
+    pub order: u32,
+    pub effect: Effect,
+    /// What it covers, with `*` globs: `server:NAME`, `tool:SERVER__TOOL`,
+    /// `prompt:SERVER__PROMPT`, `resource:URI`. Empty: every call.
+    #[serde(default)]
+    pub targets: Vec<String>,
+    /// Whose calls (each list empty: anyone's): tenants and subjects (a JWT's `sub`, or an
+    /// API token's id) as globs, roles, and a JWT's groups as globs.
+    #[serde(default)]
+    pub tenants: Vec<String>,
+    #[serde(default)]
+    pub roles: Vec<Role>,
+    #[serde(default)]
+    pub subjects: Vec<String>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// A CEL expression that must be true as well, over `args` (the call's arguments),
+    /// `principal` (`subject`, `tenant`, `role`, `groups`), `server`, `name` (the tool or
+    /// prompt) and `uri`. Example: `args.path.startsWith("/srv/" + principal.tenant)`.
+    #[serde(default)]
+    pub condition: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Effect {
+    Allow,
+    Deny,
+}
+
+/// `POST /v1/policies/test`: would this caller be allowed this call, and by which rule?
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyTest {
+    pub role: Role,
+    #[serde(default)]
+    pub tenant: Option<String>,
+    #[serde(default)]
+    pub subject: Option<String>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// `tool:SERVER__TOOL`, `prompt:SERVER__PROMPT` or `resource:SERVER:URI`... as a call
+    /// names it: `tool:files__read_text_file`.
+    pub target: String,
+    /// The call's arguments.
+    #[serde(default)]
+    pub args: serde_json::Value,
+}
+
+/// The answer to a [`PolicyTest`], and what a denied call's error carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyVerdict {
+    pub allowed: bool,
+    /// The rule that decided; `None`: no rule matched (allowed by default).
+    pub rule: Option<String>,
 }
 
 /// OAuth scopes a JWT must carry for each surface (API tokens carry their role's rights).
@@ -602,6 +676,8 @@ pub enum ObjectKind {
     Issuer,
     /// An event of the audit trail (its name is its sequence number).
     Audit,
+    /// An authorization rule for MCP calls.
+    Policy,
     /// Where a server with `replicas` runs (the node ids), assigned by the leader.
     Placement,
     /// MCP session state (not streamed to watchers).

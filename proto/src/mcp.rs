@@ -95,6 +95,8 @@ pub mod code {
     pub const TIMEOUT: i64 = -32052;
     /// Gateway: the process died while the call was in flight. The call may have run.
     pub const CRASHED: i64 = -32053;
+    /// A policy of the gateway refused the call (`data.policy` names the rule).
+    pub const DENIED: i64 = -32054;
 }
 
 /// A JSON-RPC id: a number or a string, compared exactly as sent.

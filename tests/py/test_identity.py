@@ -27,11 +27,11 @@ SCOPES = "mcp admin:read admin:write"
 
 # The provider's clients: (client_id, tenant, roles, scope).
 CLIENTS = [
-    ("acme-user", "acme", ["user"], "mcp"),
-    ("acme-admin", "acme", ["tenant-admin"], SCOPES),
+    ("oidc-acme-user", "oidc-acme", ["user"], "mcp"),
+    ("oidc-acme-admin", "oidc-acme", ["tenant-admin"], SCOPES),
     ("ops", None, ["operator"], SCOPES),
     ("root", None, ["cluster-admin"], SCOPES),
-    ("acme-noscope", "acme", ["user"], "admin:read"),
+    ("oidc-acme-noscope", "oidc-acme", ["user"], "admin:read"),
 ]
 
 
@@ -49,14 +49,14 @@ def idp(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trusted(cluster, idp):
-    """The cluster with tenants `acme` and `globex`, the provider trusted as issuer `idp`, and
-    `acme-demo`: acme's demo server on one node only (calls on the others take a peer hop)."""
-    for t in ("acme", "globex"):
+    """The cluster with tenants `oidc-acme` and `oidc-globex`, the provider trusted as issuer `idp`, and
+    `oidc-acme-demo`: oidc-acme's demo server on one node only (calls on the others take a peer hop)."""
+    for t in ("oidc-acme", "oidc-globex"):
         cluster.mcpctl("tenant", "add", t)
     cluster.mcpctl("issuer", "add", "idp", "--issuer", idp.issuer, "--algorithm", "RS256")
-    cluster.mcpctl("server", "add", "acme-demo", "--tenant", "acme", "--replicas", "1", "--", str(MCPD), "demo-server")
+    cluster.mcpctl("server", "add", "oidc-acme-demo", "--tenant", "oidc-acme", "--replicas", "1", "--", str(MCPD), "demo-server")
     yield cluster
-    cluster.mcpctl("server", "rm", "acme-demo")
+    cluster.mcpctl("server", "rm", "oidc-acme-demo")
     cluster.mcpctl("issuer", "rm", "idp")
 
 
@@ -91,7 +91,7 @@ def admin(cluster, method: str, path: str, token: str, node: int = 0, body: str 
 
 
 def test_a_client_without_a_token_is_pointed_at_the_resource_metadata(trusted, idp):
-    for path, scopes in [("/mcp", ["mcp"]), ("/servers/acme-demo/mcp", ["mcp"])]:
+    for path, scopes in [("/mcp", ["mcp"]), ("/servers/oidc-acme-demo/mcp", ["mcp"])]:
         url = f"{trusted.base(0)}{path}"
         r = post_mcp(url, None)
         assert r.status_code == 401, r.text
@@ -114,19 +114,19 @@ def test_a_tenant_users_jwt_reaches_its_tenants_server_from_every_node(trusted, 
     """The server runs on one node; on the other two the call takes a peer hop, where the
     peer accepts the JWT caller the receiving node verified."""
     for node in range(trusted.nodes):
-        url = trusted.url(node, "acme-demo")
-        token = idp.token("acme-user", url, "mcp")
+        url = trusted.url(node, "oidc-acme-demo")
+        token = idp.token("oidc-acme-user", url, "mcp")
 
         async def call():
             async with client(url, token, "legacy") as c:
                 r = await c.call_tool("echo", {"message": f"via node {node}"})
                 return r.content[0].text
 
-        assert "via node" in wait_until(lambda: run(call()), 60, f"acme-demo answers on node {node + 1}")
+        assert "via node" in wait_until(lambda: run(call()), 60, f"oidc-acme-demo answers on node {node + 1}")
 
 
 def test_the_same_jwt_is_refused_at_another_resource(trusted, idp):
-    token = idp.token("acme-user", trusted.url(0, "acme-demo"), "mcp")
+    token = idp.token("oidc-acme-user", trusted.url(0, "oidc-acme-demo"), "mcp")
     r = post_mcp(trusted.url(0), token)
     assert r.status_code == 401
     c = challenge(r)
@@ -136,7 +136,7 @@ def test_the_same_jwt_is_refused_at_another_resource(trusted, idp):
 
 
 def test_a_jwt_without_the_needed_scope_gets_403_naming_the_scope(trusted, idp):
-    token = idp.token("acme-noscope", trusted.url(0), "admin:read")
+    token = idp.token("oidc-acme-noscope", trusted.url(0), "admin:read")
     r = post_mcp(trusted.url(0), token)
     assert r.status_code == 403
     c = challenge(r)
@@ -148,14 +148,14 @@ def test_forged_expired_and_untrusted_tokens_are_refused_with_the_reason(trusted
     url = trusted.url(0)
     now = int(time.time())
     cases = {
-        "expired": idp.forge(idp.claims("acme-user", url, "mcp", iat=now - 900, exp=now - 600)),
-        "not valid yet": idp.forge(idp.claims("acme-user", url, "mcp", nbf=now + 600)),
-        "not a well-formed JWT": idp.forge(idp.claims("acme-user", url, "mcp"), alg="none"),
-        "is not trusted": idp.forge(idp.claims("acme-user", url, "mcp", iss="http://127.0.0.1:1")),
+        "expired": idp.forge(idp.claims("oidc-acme-user", url, "mcp", iat=now - 900, exp=now - 600)),
+        "not valid yet": idp.forge(idp.claims("oidc-acme-user", url, "mcp", nbf=now + 600)),
+        "not a well-formed JWT": idp.forge(idp.claims("oidc-acme-user", url, "mcp"), alg="none"),
+        "is not trusted": idp.forge(idp.claims("oidc-acme-user", url, "mcp", iss="http://127.0.0.1:1")),
     }
     # Signed by a key the issuer never published, under the issuer's own key id.
     stranger = RSAAlgorithm.from_jwk(json.dumps(new_rsa_jwk(idp.kid)))
-    cases["signature does not verify"] = idp.forge(idp.claims("acme-user", url, "mcp"), key=stranger)
+    cases["signature does not verify"] = idp.forge(idp.claims("oidc-acme-user", url, "mcp"), key=stranger)
     for reason, token in cases.items():
         r = post_mcp(url, token)
         assert r.status_code == 401, (reason, r.status_code, r.text)
@@ -165,10 +165,10 @@ def test_forged_expired_and_untrusted_tokens_are_refused_with_the_reason(trusted
 
 def test_a_rotated_signing_key_is_fetched_when_a_token_names_it(trusted, idp):
     url = trusted.url(1)
-    before = idp.token("acme-user", url, "mcp")
+    before = idp.token("oidc-acme-user", url, "mcp")
     assert post_mcp(url, before).status_code == 200
     new_kid = idp.rotate()
-    after = idp.token("acme-user", url, "mcp")
+    after = idp.token("oidc-acme-user", url, "mcp")
     assert json.loads(_b64(after.split(".")[0]))["kid"] == new_kid
     # The node refetches on the unknown key id, at most once per refresh interval (10 s).
     wait_until(lambda: post_mcp(url, after).status_code == 200, 30, "the token of the new key is accepted")
@@ -231,6 +231,12 @@ ROUTES = [
     ("POST", "/v1/issuers", "not json", CLUSTER_WRITE),
     ("PUT", "/v1/issuers/no-such-issuer", "not json", CLUSTER_WRITE),
     ("DELETE", "/v1/issuers/no-such-issuer", None, CLUSTER_WRITE),
+    ("GET", "/v1/policies", None, OBJECT_READ),
+    ("POST", "/v1/policies", "not json", OBJECT_WRITE),
+    ("POST", "/v1/policies/test", "not json", OBJECT_READ),
+    ("DELETE", "/v1/policies/no-such-policy", None, OBJECT_WRITE),
+    ("GET", "/v1/audit", None, CLUSTER_READ),
+    ("PUT", "/v1/audit/retention", "not json", CLUSTER_WRITE),
     ("GET", "/metrics", None, METRICS),
     ("POST", "/mcp", "not json", MCP),
 ]
@@ -242,7 +248,7 @@ def role_tokens(trusted) -> dict[str, str]:
     for role in ROLES:
         args = ["token", "create", "--role", role, "--name", f"matrix-{role}"]
         if role in ("tenant-admin", "user"):
-            args += ["--tenant", "acme"]
+            args += ["--tenant", "oidc-acme"]
         tokens[role] = trusted.mcpctl(*args).strip()
     return tokens
 
@@ -261,29 +267,29 @@ def test_every_admin_route_checks_the_role_of_every_caller(trusted, role_tokens)
 def test_a_tenant_admin_manages_its_own_tenant_only(trusted, role_tokens):
     ta = role_tokens["tenant-admin"]
     names = {s["spec"]["name"] for s in admin(trusted, "GET", "/v1/servers", ta).json()["items"]}
-    assert "acme-demo" in names and "demo" in names
+    assert "oidc-acme-demo" in names and "demo" in names
     assert all(
-        s["spec"]["tenant"] in (None, "acme") for s in admin(trusted, "GET", "/v1/servers", ta).json()["items"]
+        s["spec"]["tenant"] in (None, "oidc-acme") for s in admin(trusted, "GET", "/v1/servers", ta).json()["items"]
     )
-    assert {t["spec"]["name"] for t in admin(trusted, "GET", "/v1/tenants", ta).json()["items"]} == {"acme"}
-    assert {t["tenant"] for t in admin(trusted, "GET", "/v1/tokens", ta).json()["items"]} == {"acme"}
+    assert {t["spec"]["name"] for t in admin(trusted, "GET", "/v1/tenants", ta).json()["items"]} == {"oidc-acme"}
+    assert {t["tenant"] for t in admin(trusted, "GET", "/v1/tokens", ta).json()["items"]} == {"oidc-acme"}
 
-    remote = {"name": "acme-remote", "url": "https://127.0.0.1:9/mcp", "tenant": "acme"}
-    local = {"name": "acme-local", "command": "/bin/true", "tenant": "acme"}
-    other = {"name": "globex-remote", "url": "https://127.0.0.1:9/mcp", "tenant": "globex"}
+    remote = {"name": "oidc-acme-remote", "url": "https://127.0.0.1:9/mcp", "tenant": "oidc-acme"}
+    local = {"name": "oidc-acme-local", "command": "/bin/true", "tenant": "oidc-acme"}
+    other = {"name": "oidc-globex-remote", "url": "https://127.0.0.1:9/mcp", "tenant": "oidc-globex"}
     assert admin(trusted, "POST", "/v1/servers", ta, body=json.dumps(local)).status_code == 403
     assert admin(trusted, "POST", "/v1/servers", ta, body=json.dumps(other)).status_code == 403
     r = admin(trusted, "POST", "/v1/servers", ta, body=json.dumps(remote))
     assert r.status_code == 201, r.text
     assert admin(trusted, "DELETE", "/v1/servers/demo", ta).status_code == 404, "a global server is not its to remove"
-    assert admin(trusted, "DELETE", "/v1/servers/acme-remote", ta).status_code == 200
+    assert admin(trusted, "DELETE", "/v1/servers/oidc-acme-remote", ta).status_code == 200
 
     mint = lambda role, tenant: admin(  # noqa: E731
         trusted, "POST", "/v1/tokens", ta, body=json.dumps({"name": "ta", "role": role, "tenant": tenant})
     )
-    r = mint("user", "acme")
+    r = mint("user", "oidc-acme")
     assert r.status_code == 201, r.text
-    assert mint("user", "globex").status_code == 403
+    assert mint("user", "oidc-globex").status_code == 403
     assert mint("cluster-admin", None).status_code == 403
     minted = r.json()["info"]["id"]
     assert admin(trusted, "DELETE", f"/v1/tokens/{minted}", ta).status_code == 200
@@ -296,11 +302,11 @@ def test_a_tenant_admin_manages_its_own_tenant_only(trusted, role_tokens):
 
 def test_an_operator_turns_servers_off_and_on_and_changes_nothing_else(trusted, role_tokens):
     op = role_tokens["operator"]
-    off = admin(trusted, "PATCH", "/v1/servers/acme-demo", op, body=json.dumps({"enabled": False}))
+    off = admin(trusted, "PATCH", "/v1/servers/oidc-acme-demo", op, body=json.dumps({"enabled": False}))
     assert off.status_code == 200, off.text
-    on = admin(trusted, "PATCH", "/v1/servers/acme-demo", op, body=json.dumps({"enabled": True}))
+    on = admin(trusted, "PATCH", "/v1/servers/oidc-acme-demo", op, body=json.dumps({"enabled": True}))
     assert on.status_code == 200, on.text
-    r = admin(trusted, "PATCH", "/v1/servers/acme-demo", op, body=json.dumps({"pool_size": 3}))
+    r = admin(trusted, "PATCH", "/v1/servers/oidc-acme-demo", op, body=json.dumps({"pool_size": 3}))
     assert r.status_code == 403 and "enabled" in r.json()["error"]["message"]
 
 
@@ -317,20 +323,20 @@ def test_an_api_token_narrowed_to_a_scope_gets_only_that_part(trusted):
 
 
 def test_a_tenants_server_points_its_clients_at_its_tenants_issuer_first(trusted, idp, tmp_path_factory):
-    with OidcProvider(tmp_path_factory.mktemp("globex-idp"), [], scopes=["mcp"]) as globex, OidcProvider(
-        tmp_path_factory.mktemp("acme-idp"), [], scopes=["mcp"]
-    ) as acme:
-        trusted.mcpctl("issuer", "add", "globex-idp", "--issuer", globex.issuer, "--tenant", "globex")
-        trusted.mcpctl("issuer", "add", "acme-idp", "--issuer", acme.issuer, "--tenant", "acme")
+    with OidcProvider(tmp_path_factory.mktemp("oidc-globex-idp"), [], scopes=["mcp"]) as globex_idp, OidcProvider(
+        tmp_path_factory.mktemp("oidc-acme-idp"), [], scopes=["mcp"]
+    ) as acme_idp:
+        trusted.mcpctl("issuer", "add", "oidc-globex-idp", "--issuer", globex_idp.issuer, "--tenant", "oidc-globex")
+        trusted.mcpctl("issuer", "add", "oidc-acme-idp", "--issuer", acme_idp.issuer, "--tenant", "oidc-acme")
         try:
             meta = lambda path: httpx2.get(  # noqa: E731
                 f"{trusted.base(0)}/.well-known/oauth-protected-resource{path}", timeout=10
             ).json()["authorization_servers"]
-            assert meta("/servers/acme-demo/mcp") == [acme.issuer, idp.issuer], "its tenant's first, no other tenant's"
+            assert meta("/servers/oidc-acme-demo/mcp") == [acme_idp.issuer, idp.issuer], "its tenant's first, no other tenant's"
             assert meta("/mcp")[0] == idp.issuer, "the aggregate endpoint names the cluster-wide issuer first"
         finally:
-            trusted.mcpctl("issuer", "rm", "globex-idp")
-            trusted.mcpctl("issuer", "rm", "acme-idp")
+            trusted.mcpctl("issuer", "rm", "oidc-globex-idp")
+            trusted.mcpctl("issuer", "rm", "oidc-acme-idp")
 
 
 def test_token_list_shows_when_each_token_was_last_used(trusted, role_tokens):

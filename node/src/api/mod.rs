@@ -13,6 +13,7 @@ pub mod host;
 pub mod issuers;
 pub mod listener;
 pub mod objects;
+pub mod policies;
 pub mod resource_metadata;
 
 use axum::extract::FromRef;
@@ -39,6 +40,8 @@ pub struct AppState {
     pub certs: crate::tls::Certificates,
     /// Who is calling (API tokens and trusted issuers' JWTs).
     pub identity: crate::identity::Identity,
+    /// The compiled policy rules (for `POST /v1/policies/test`).
+    pub policies: crate::policy::Policies,
 }
 
 impl FromRef<AppState> for crate::identity::Identity {
@@ -84,6 +87,14 @@ pub fn router<S: Clone + Send + Sync + 'static>(state: AppState) -> Router<S> {
         )
         .route("/tokens", get(o::list_tokens).post(o::create_token))
         .route("/tokens/{id}", get(o::get_token).delete(o::revoke_token))
+        .route("/policies", get(policies::list).post(policies::create))
+        .route("/policies/test", post(policies::test))
+        .route(
+            "/policies/{name}",
+            get(policies::get)
+                .put(policies::put)
+                .delete(policies::delete),
+        )
         .route("/audit", get(audit::list))
         .route("/audit/retention", axum::routing::put(audit::set_retention))
         .route("/issuers", get(issuers::list).post(issuers::create))

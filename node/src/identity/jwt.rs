@@ -208,6 +208,10 @@ fn principal(
         role,
         tenant,
         scopes: Some(scopes),
+        groups: strings(claims.get(&issuer.groups_claim))
+            .into_iter()
+            .take(256)
+            .collect(),
         jwt: Some(Box::new(JwtCaller {
             issuer: issuer.name.clone(),
             subject,
@@ -245,6 +249,7 @@ mod tests {
             tenant_claim: "tenant".into(),
             roles_claim: "roles".into(),
             default_role: Role::User,
+            groups_claim: "groups".into(),
             ca_file: None,
         }
     }

@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 use super::target::Target;
 use crate::call::{Affinity, Call, EventSink};
+use crate::policy::{Access, Policies};
 use crate::pool::catalogue::Catalogue;
 use crate::registry::{Principal, Registry};
 use crate::route::{Router, ServerInfo};
@@ -31,6 +32,8 @@ pub struct Route {
     pub target: Target,
     /// The downstream session, for servers that run a process per session.
     pub affinity: Option<Affinity>,
+    /// What the caller may call.
+    pub policies: Policies,
 }
 
 fn invalid(message: impl Into<String>) -> ErrorObject {
@@ -95,7 +98,9 @@ impl Route {
     ) -> Result<Value, ErrorObject> {
         match &self.target {
             Target::Server(name) => {
+                self.authorize(name, method, params.as_ref())?;
                 let mut result = self.send(name, method, params, events).await?;
+                self.filter_list(name, method, &mut result);
                 if method == "tools/list" {
                     // A fallback's tools are marked by the fallback's own registry entry.
                     let lister = result["_meta"][crate::route::FALLBACK_META]["fallback"]
@@ -150,6 +155,7 @@ impl Route {
                     });
                 }
                 params["name"] = json!(name);
+                self.authorize(server, method, Some(&params))?;
                 self.send(server, method, Some(params), events).await
             }
             "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
@@ -162,6 +168,7 @@ impl Route {
                     ErrorObject::new(code::RESOURCE_NOT_FOUND, format!("resource not found: {uri}"))
                         .with_data(json!({ "uri": uri }))
                 })?;
+                self.authorize(&server, method, params.as_ref())?;
                 self.send(&server, method, params, events).await
             }
             "completion/complete" => {
@@ -184,6 +191,7 @@ impl Route {
                     }
                     _ => return Err(invalid("params.ref.type: must be ref/prompt or ref/resource")),
                 };
+                self.authorize(&server, method, Some(&params))?;
                 self.send(&server, method, Some(params), events).await
             }
             other => Err(ErrorObject::new(
@@ -200,8 +208,12 @@ impl Route {
         let infos =
             futures_util::future::join_all(servers.iter().map(|(name, _)| self.info(name))).await;
         let mut out = Vec::new();
+        let filtering = self.policies.any();
         for ((server, idempotent), info) in servers.iter().zip(infos) {
             for item in pick(&info.catalogue) {
+                if filtering && !self.listable(server, item) {
+                    continue;
+                }
                 let mut item = item.clone();
                 if item.get("inputSchema").is_some() {
                     mark_idempotent(&mut item, idempotent, None);
@@ -215,6 +227,84 @@ impl Route {
             }
         }
         out
+    }
+
+    /// Refuses a call the policies deny, naming the rule. Calls that reach no tool, prompt
+    /// or resource (lists, `ping`, `initialize`...) pass; lists are filtered instead.
+    fn authorize(
+        &self,
+        server: &str,
+        method: &str,
+        params: Option<&Value>,
+    ) -> Result<(), ErrorObject> {
+        let empty = json!({});
+        let params = params.unwrap_or(&empty);
+        let str_of = |v: &Value| v.as_str().unwrap_or_default().to_string();
+        let (access, args) = match method {
+            "tools/call" => (
+                (Kind::Tool, str_of(&params["name"])),
+                params.get("arguments").unwrap_or(&empty),
+            ),
+            "prompts/get" => (
+                (Kind::Prompt, str_of(&params["name"])),
+                params.get("arguments").unwrap_or(&empty),
+            ),
+            "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
+                ((Kind::Resource, str_of(&params["uri"])), &empty)
+            }
+            "completion/complete" => match params["ref"]["type"].as_str() {
+                Some("ref/prompt") => ((Kind::Prompt, str_of(&params["ref"]["name"])), &empty),
+                Some("ref/resource") => ((Kind::Resource, str_of(&params["ref"]["uri"])), &empty),
+                _ => return Ok(()),
+            },
+            _ => return Ok(()),
+        };
+        let (kind, item) = access;
+        let access = kind.access(server, &item);
+        let verdict = self.policies.decide(&self.principal, &access, args);
+        if verdict.allowed {
+            return Ok(());
+        }
+        let rule = verdict.rule.unwrap_or_default();
+        metrics::counter!("mcpd_policy_denials_total", "policy" => rule.clone()).increment(1);
+        Err(ErrorObject::new(
+            code::DENIED,
+            format!("denied by policy {rule:?}: this caller may not use {} {item:?} of server {server:?}", kind.noun()),
+        )
+        .with_data(json!({ "policy": rule })))
+    }
+
+    /// Drops the items of a transparent list the policies hide from this caller.
+    fn filter_list(&self, server: &str, method: &str, result: &mut Value) {
+        let key = match method {
+            "tools/list" => "tools",
+            "prompts/list" => "prompts",
+            "resources/list" => "resources",
+            _ => return,
+        };
+        if !self.policies.any() {
+            return;
+        }
+        if let Some(items) = result[key].as_array_mut() {
+            items.retain(|item| self.listable(server, item));
+        }
+    }
+
+    /// Whether a catalogue item (a tool, prompt or resource of `server`) is listed.
+    fn listable(&self, server: &str, item: &Value) -> bool {
+        let (kind, id) = if item.get("uri").is_some() {
+            (Kind::Resource, item["uri"].as_str())
+        } else if item.get("inputSchema").is_some() {
+            (Kind::Tool, item["name"].as_str())
+        } else if item.get("uriTemplate").is_some() {
+            return true;
+        } else {
+            (Kind::Prompt, item["name"].as_str())
+        };
+        self.policies.may_list(
+            &self.principal,
+            &kind.access(server, id.unwrap_or_default()),
+        )
     }
 
     /// The visible server that lists `uri` (or a template it matches).
@@ -254,6 +344,32 @@ fn mark_idempotent(tool: &mut Value, idempotent: &[String], name: Option<&str>) 
         }
         if m.is_empty() {
             obj.remove("_meta");
+        }
+    }
+}
+
+/// Which kind of catalogue item a policy decides on.
+#[derive(Clone, Copy)]
+enum Kind {
+    Tool,
+    Prompt,
+    Resource,
+}
+
+impl Kind {
+    fn access<'a>(self, server: &'a str, item: &'a str) -> Access<'a> {
+        match self {
+            Kind::Tool => Access::Tool { server, name: item },
+            Kind::Prompt => Access::Prompt { server, name: item },
+            Kind::Resource => Access::Resource { server, uri: item },
+        }
+    }
+
+    fn noun(self) -> &'static str {
+        match self {
+            Kind::Tool => "tool",
+            Kind::Prompt => "prompt",
+            Kind::Resource => "resource",
         }
     }
 }

@@ -69,6 +69,8 @@ pub struct McpState {
     pub config: Arc<McpConfig>,
     /// Who is calling (API tokens and trusted issuers' JWTs).
     pub identity: crate::identity::Identity,
+    /// What each caller may call (`crate::policy`).
+    pub policies: crate::policy::Policies,
 }
 
 impl McpState {
@@ -76,6 +78,7 @@ impl McpState {
         registry: Registry,
         router: Router,
         identity: crate::identity::Identity,
+        policies: crate::policy::Policies,
         cfg: &McpConfig,
         advertised_http: &str,
     ) -> McpState {
@@ -88,6 +91,7 @@ impl McpState {
             origins: Arc::new(OriginPolicy::new(cfg, advertised_http)),
             config: Arc::new(cfg.clone()),
             identity,
+            policies,
         }
     }
 
@@ -99,6 +103,7 @@ impl McpState {
             principal: principal.clone(),
             target: target.clone(),
             affinity: None,
+            policies: self.policies.clone(),
         }
     }
 }

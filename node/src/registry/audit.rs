@@ -68,9 +68,11 @@ impl Command {
             ),
             Command::DeleteServer { name, .. }
             | Command::DeleteTenant { name, .. }
-            | Command::DeleteIssuer { name, .. } => of(name, json!({})),
+            | Command::DeleteIssuer { name, .. }
+            | Command::DeletePolicy { name, .. } => of(name, json!({})),
             Command::PutTenant { spec, .. } => of(&spec.name, json!({ "spec": spec })),
             Command::PutIssuer { spec, .. } => of(&spec.name, json!({ "spec": spec })),
+            Command::PutPolicy { spec, .. } => of(&spec.name, json!({ "spec": spec })),
             Command::CreateToken { info, .. } | Command::Bootstrap { info, .. } => {
                 of(&info.id, json!({ "info": info }))
             }

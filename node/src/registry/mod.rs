@@ -116,6 +116,9 @@ pub struct Principal {
     /// `None`: every scope of its role.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scopes: Option<Vec<String>>,
+    /// A JWT caller's groups (its issuer's groups claim), for policies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
     /// A caller that came with a trusted issuer's JWT.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt: Option<Box<JwtCaller>>,
@@ -566,6 +569,7 @@ impl Registry {
             role: stored.info.role,
             tenant: stored.info.tenant.clone(),
             scopes: stored.info.scopes.clone(),
+            groups: Vec::new(),
             jwt: None,
         })
     }

@@ -7,7 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 
 use mcpcp_proto::api::{
-    IssuerSpec, ObjectKind, Role, ServerSpec, TenantSpec, TokenInfo, Versioned, WatchEvent,
+    IssuerSpec, ObjectKind, PolicySpec, Role, ServerSpec, TenantSpec, TokenInfo, Versioned,
+    WatchEvent,
 };
 use mcpcp_proto::audit::{self, Actor, AuditEvent};
 use serde::{Deserialize, Serialize};
@@ -44,6 +45,14 @@ pub enum Command {
     },
     PutIssuer {
         spec: IssuerSpec,
+        precondition: Precondition,
+    },
+    PutPolicy {
+        spec: PolicySpec,
+        precondition: Precondition,
+    },
+    DeletePolicy {
+        name: String,
         precondition: Precondition,
     },
     DeleteIssuer {
@@ -157,6 +166,8 @@ impl Command {
             Command::PutTenant { .. } => "put_tenant",
             Command::DeleteTenant { .. } => "delete_tenant",
             Command::PutIssuer { .. } => "put_issuer",
+            Command::PutPolicy { .. } => "put_policy",
+            Command::DeletePolicy { .. } => "delete_policy",
             Command::DeleteIssuer { .. } => "delete_issuer",
             Command::CreateToken { .. } => "create_token",
             Command::RevokeToken { .. } => "revoke_token",
@@ -272,6 +283,12 @@ pub struct State {
     /// Trusted issuers of JWT access tokens, by name.
     #[serde(default)]
     pub issuers: BTreeMap<String, Versioned<IssuerSpec>>,
+    /// Authorization rules for MCP calls, by name (`crate::policy` orders them).
+    #[serde(default)]
+    pub policies: BTreeMap<String, Versioned<PolicySpec>>,
+    /// Bumped by every change of `policies`, so nodes recompile them only then.
+    #[serde(default)]
+    pub policies_version: u64,
     /// The audit trail of admin changes, oldest first, chained by hash (`mcpcp_proto::audit`).
     #[serde(default)]
     pub audit: VecDeque<AuditEvent>,
@@ -544,6 +561,24 @@ impl State {
                     rev,
                 )
             }
+            Command::PutPolicy { spec, precondition } => {
+                let name = spec.name.clone();
+                let changes = put(
+                    &mut self.policies,
+                    ObjectKind::Policy,
+                    name,
+                    spec,
+                    precondition,
+                    rev,
+                )?;
+                self.policies_version += 1;
+                Ok(changes)
+            }
+            Command::DeletePolicy { name, precondition } => {
+                let changes = delete(&mut self.policies, ObjectKind::Policy, name, precondition)?;
+                self.policies_version += 1;
+                Ok(changes)
+            }
             Command::DeleteIssuer { name, precondition } => {
                 delete(&mut self.issuers, ObjectKind::Issuer, name, precondition)
             }
@@ -707,6 +742,10 @@ impl State {
                     .and_then(|t| serde_json::to_value(&t.info).ok()),
                 ObjectKind::Issuer => self
                     .issuers
+                    .get(&change.name)
+                    .and_then(|v| serde_json::to_value(v).ok()),
+                ObjectKind::Policy => self
+                    .policies
                     .get(&change.name)
                     .and_then(|v| serde_json::to_value(v).ok()),
                 ObjectKind::Audit => change

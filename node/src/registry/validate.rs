@@ -1,7 +1,9 @@
 //! Validation of what operators write, done once at the API edge so that the state machine only
 //! ever sees well-formed specs. Every error names the field at fault.
 
-use mcpcp_proto::api::{scope, CreateTokenRequest, IssuerSpec, Role, ServerSpec, TenantSpec};
+use mcpcp_proto::api::{
+    scope, CreateTokenRequest, IssuerSpec, PolicySpec, Role, ServerSpec, TenantSpec,
+};
 
 /// A rejected field: `field` is the JSON path of the value, `message` says what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -287,6 +289,7 @@ pub fn issuer_spec(spec: &IssuerSpec) -> Result<(), FieldError> {
     for (field, claim) in [
         ("tenant_claim", &spec.tenant_claim),
         ("roles_claim", &spec.roles_claim),
+        ("groups_claim", &spec.groups_claim),
     ] {
         if claim.is_empty() || claim.len() > 128 {
             return Err(FieldError::new(field, "must be 1 to 128 characters"));
@@ -305,6 +308,43 @@ pub fn issuer_spec(spec: &IssuerSpec) -> Result<(), FieldError> {
                 "each must be 1 to 512 characters",
             ));
         }
+    }
+    Ok(())
+}
+
+/// Checks a policy rule's shape (its condition is compiled at the edge, `crate::policy`).
+pub fn policy_spec(spec: &PolicySpec) -> Result<(), FieldError> {
+    name("name", &spec.name, MAX_TENANT_NAME)?;
+    const KINDS: [&str; 4] = ["server:", "tool:", "prompt:", "resource:"];
+    for t in &spec.targets {
+        if !KINDS.iter().any(|k| t.starts_with(k)) || t.len() > 1024 {
+            return Err(FieldError::new(
+                "targets",
+                format!("{t:?} must start with one of {KINDS:?} (a glob may follow)"),
+            ));
+        }
+    }
+    for (field, list) in [
+        ("tenants", &spec.tenants),
+        ("subjects", &spec.subjects),
+        ("groups", &spec.groups),
+    ] {
+        if list.len() > 256 || list.iter().any(|v| v.is_empty() || v.len() > 256) {
+            return Err(FieldError::new(
+                field,
+                "at most 256 values of 1 to 256 characters",
+            ));
+        }
+    }
+    if spec.targets.len() > 256 {
+        return Err(FieldError::new("targets", "at most 256"));
+    }
+    if spec
+        .condition
+        .as_deref()
+        .is_some_and(|c| c.trim().is_empty())
+    {
+        return Err(FieldError::new("condition", "is empty; omit it instead"));
     }
     Ok(())
 }
@@ -500,6 +540,7 @@ mod tests {
             tenant_claim: "tenant".into(),
             roles_claim: "roles".into(),
             default_role: Role::User,
+            groups_claim: "groups".into(),
             ca_file: None,
         };
         assert_eq!(issuer_spec(&good()), Ok(()));

@@ -1,0 +1,95 @@
+//! The CEL condition of a policy rule (the `cel` crate, the Common Expression Language):
+//! compiled once when the rules change, evaluated with the call's `args`, the `principal`,
+//! `server`, `name` and `uri`. An expression that does not give a boolean, or fails (a missing
+//! field, a wrong type), counts against the caller: an allow rule does not match, a deny rule
+//! does.
+
+use cel::{Context, Program, Value};
+use serde_json::Value as Json;
+
+/// A compiled condition.
+pub struct Condition {
+    program: Program,
+}
+
+/// What a condition sees of a call.
+pub struct Facts<'a> {
+    pub args: &'a Json,
+    pub principal: &'a Json,
+    pub server: &'a str,
+    pub name: &'a str,
+    pub uri: &'a str,
+}
+
+impl Condition {
+    /// Compiles `source`; the error says where it does not parse.
+    pub fn compile(source: &str) -> Result<Condition, String> {
+        if source.len() > 4096 {
+            return Err("longer than 4096 characters".into());
+        }
+        Program::compile(source)
+            .map(|program| Condition { program })
+            .map_err(|e| e.to_string())
+    }
+
+    /// `Some(true|false)` for a boolean answer; `None` when it failed or gave another type.
+    pub fn eval(&self, facts: &Facts<'_>) -> Option<bool> {
+        let mut ctx = Context::default();
+        ctx.add_variable_from_value("args", json(facts.args)?);
+        ctx.add_variable_from_value("principal", json(facts.principal)?);
+        ctx.add_variable_from_value("server", facts.server);
+        ctx.add_variable_from_value("name", facts.name);
+        ctx.add_variable_from_value("uri", facts.uri);
+        match self.program.execute(&ctx) {
+            Ok(Value::Bool(b)) => Some(b),
+            _ => None,
+        }
+    }
+}
+
+fn json(v: &Json) -> Option<Value> {
+    cel::to_value(v).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn eval(source: &str, args: Json) -> Option<bool> {
+        let principal =
+            json!({"tenant": "acme", "subject": "alice", "role": "user", "groups": ["eng"]});
+        Condition::compile(source).unwrap().eval(&Facts {
+            args: &args,
+            principal: &principal,
+            server: "files",
+            name: "read_text_file",
+            uri: "",
+        })
+    }
+
+    #[test]
+    fn a_condition_reads_the_arguments_and_the_principal() {
+        let rule = r#"args.path.startsWith("/srv/" + principal.tenant)"#;
+        assert_eq!(eval(rule, json!({"path": "/srv/acme/a.txt"})), Some(true));
+        assert_eq!(eval(rule, json!({"path": "/etc/passwd"})), Some(false));
+        assert_eq!(
+            eval(
+                r#""eng" in principal.groups && server == "files""#,
+                json!({})
+            ),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn a_failing_or_non_boolean_condition_is_no_answer() {
+        assert_eq!(
+            eval("args.path.startsWith('/srv')", json!({})),
+            None,
+            "no such field"
+        );
+        assert_eq!(eval("1 + 1", json!({})), None, "not a boolean");
+        assert!(Condition::compile("args.path.startsWith(").is_err());
+    }
+}
