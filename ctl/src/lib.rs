@@ -443,16 +443,19 @@ impl AdminClient {
             .await
     }
 
-    /// Every event the cluster keeps, oldest first, with the chain's head.
+    /// Every event the cluster keeps, oldest first, with the chain's head hash and the first
+    /// event the cluster says it keeps.
     pub async fn audit_all(
         &self,
-    ) -> Result<(Vec<mcpcp_proto::audit::AuditEvent>, String), ClientError> {
+    ) -> Result<(Vec<mcpcp_proto::audit::AuditEvent>, String, u64), ClientError> {
         let mut events = Vec::new();
         let mut since = 0;
+        let mut first_kept = None;
         loop {
             let page = self.audit_page(since, None, None).await?;
+            let first = *first_kept.get_or_insert(page.first_kept);
             let Some(last) = page.items.last() else {
-                return Ok((events, page.head_hash));
+                return Ok((events, page.head_hash, first));
             };
             since = last.seq;
             events.extend(page.items);

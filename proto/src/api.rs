@@ -478,8 +478,9 @@ pub struct PolicySpec {
     /// `prompt:SERVER__PROMPT`, `resource:URI`. Empty: every call.
     #[serde(default)]
     pub targets: Vec<String>,
-    /// Whose calls (each list empty: anyone's): tenants and subjects (a JWT's `sub`, or an
-    /// API token's id) as globs, roles, and a JWT's groups as globs.
+    /// Whose calls (each list empty: anyone's): tenants as globs; subjects as globs over the
+    /// caller's qualified id (`jwt:ISSUER:SUB` for a JWT, the id of an API token); roles; and
+    /// a JWT's groups as globs (a tenant's issuer's groups read `ISSUER:group`).
     #[serde(default)]
     pub tenants: Vec<String>,
     #[serde(default)]
@@ -489,7 +490,7 @@ pub struct PolicySpec {
     #[serde(default)]
     pub groups: Vec<String>,
     /// A CEL expression that must be true as well, over `args` (the call's arguments),
-    /// `principal` (`subject`, `tenant`, `role`, `groups`), `server`, `name` (the tool or
+    /// `principal` (`subject`: the qualified id, `tenant`, `role`, `groups`, `issuer`), `server`, `name` (the tool or
     /// prompt) and `uri`. Example: `args.path.startsWith("/srv/" + principal.tenant)`.
     #[serde(default)]
     pub condition: Option<String>,

@@ -116,6 +116,13 @@ def test_an_edited_removed_or_reordered_event_in_an_export_is_found(c, tmp_path)
     )
     assert "removed or reordered" in verify(lines[:1] + lines[2:])
     assert "removed or reordered" in verify([lines[1], lines[0], *lines[2:]])
+    # A file cut short still chains; the head kept apart from it finds the cut.
+    head = json.loads(lines[-1])["hash"]
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("\n".join(lines[:-1]) + "\n")
+    assert "audit chain verified" in c.mcpctl("audit", "verify", "--file", str(cut))
+    r = c.mcpctl_result("audit", "verify", "--file", str(cut), "--head", head)
+    assert r.returncode == 1 and "expected head" in r.stderr
 
 
 def test_retention_is_a_setting_and_keeps_the_chain_verifiable(c):

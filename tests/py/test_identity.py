@@ -274,9 +274,30 @@ def test_a_tenant_admin_manages_its_own_tenant_only(trusted, role_tokens):
     assert {t["spec"]["name"] for t in admin(trusted, "GET", "/v1/tenants", ta).json()["items"]} == {"oidc-acme"}
     assert {t["tenant"] for t in admin(trusted, "GET", "/v1/tokens", ta).json()["items"]} == {"oidc-acme"}
 
-    remote = {"name": "oidc-acme-remote", "url": "https://127.0.0.1:9/mcp", "tenant": "oidc-acme"}
+    remote = {"name": "oidc-acme-remote", "url": "https://mcp.oidc-acme.invalid/mcp", "tenant": "oidc-acme"}
     local = {"name": "oidc-acme-local", "command": "/bin/true", "tenant": "oidc-acme"}
-    other = {"name": "oidc-globex-remote", "url": "https://127.0.0.1:9/mcp", "tenant": "oidc-globex"}
+    other = {"name": "oidc-globex-remote", "url": "https://mcp.oidc-acme.invalid/mcp", "tenant": "oidc-globex"}
+    # What only the nodes can reach (their loopback, the cloud metadata address) or read
+    # (their files) stays a cluster admin's.
+    for field, bad in [
+        ("url", {**remote, "url": "https://127.0.0.1:7400/mcp"}),
+        ("url", {**remote, "url": "http://169.254.169.254/latest"}),
+        ("ca_file", {**remote, "ca_file": "/etc/shadow"}),
+    ]:
+        r = admin(trusted, "POST", "/v1/servers", ta, body=json.dumps(bad))
+        assert r.status_code == 422 and r.json()["error"]["field"] == field, r.text
+    # Another tenant's server is not the tenant admin's to overwrite, even by its name.
+    hidden = {"name": "oidc-globex-hidden", "url": "https://mcp.globex.invalid/mcp", "tenant": "oidc-globex"}
+    root = role_tokens["cluster-admin"]
+    assert admin(trusted, "POST", "/v1/servers", root, body=json.dumps(hidden)).status_code == 201
+    try:
+        takeover = {**hidden, "tenant": "oidc-acme", "url": "https://evil.invalid/mcp"}
+        r = admin(trusted, "PUT", "/v1/servers/oidc-globex-hidden", ta, body=json.dumps(takeover))
+        assert r.status_code == 409, r.text
+        kept = admin(trusted, "GET", "/v1/servers/oidc-globex-hidden", root).json()["spec"]
+        assert kept["tenant"] == "oidc-globex" and kept["url"] == hidden["url"]
+    finally:
+        admin(trusted, "DELETE", "/v1/servers/oidc-globex-hidden", root)
     assert admin(trusted, "POST", "/v1/servers", ta, body=json.dumps(local)).status_code == 403
     assert admin(trusted, "POST", "/v1/servers", ta, body=json.dumps(other)).status_code == 403
     r = admin(trusted, "POST", "/v1/servers", ta, body=json.dumps(remote))

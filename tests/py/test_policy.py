@@ -137,6 +137,10 @@ def test_a_bad_rule_is_refused_naming_the_field_and_a_tenant_admin_writes_its_ow
     everyone = {"name": "pol-ta-all", "order": 1, "effect": "deny"}
     r = httpx2.post(f"{c.base(0)}/v1/policies", json=everyone, headers=as_ta, timeout=10)
     assert r.status_code == 403, r.text
+    # An allow rule of its own, placed first, would undo the cluster's deny rules.
+    undo = {"name": "pol-ta-undo", "order": 0, "effect": "allow", "tenants": [TENANT], "targets": ["server:files"]}
+    r = httpx2.post(f"{c.base(0)}/v1/policies", json=undo, headers=as_ta, timeout=10)
+    assert r.status_code == 403 and "deny rules only" in r.json()["error"]["message"], r.text
     own = {**everyone, "name": "pol-ta-own", "tenants": [TENANT], "targets": ["tool:time__*"]}
     r = httpx2.post(f"{c.base(0)}/v1/policies", json=own, headers=as_ta, timeout=10)
     assert r.status_code == 201, r.text

@@ -619,6 +619,8 @@ pub fn demo_server(name: &str, ledger: &Path) -> mcpcp_proto::api::ServerSpec {
     spec
 }
 
+pub mod bench_issuer;
+
 /// Helpers the benchmark binaries share.
 pub mod bench {
     use std::path::PathBuf;

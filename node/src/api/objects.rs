@@ -127,7 +127,44 @@ fn may_write_server(
             caller.role
         )));
     }
+    // The nodes' own files and the addresses only they can reach are a cluster admin's.
+    if spec.ca_file.is_some() {
+        return Err(validate::FieldError::new(
+            "ca_file",
+            "names a file on the nodes: a cluster admin's setting",
+        )
+        .into());
+    }
+    if spec.url.as_deref().is_some_and(reaches_the_nodes_only) {
+        return Err(validate::FieldError::new(
+            "url",
+            "a loopback, link-local or unspecified address is reachable from the nodes only: a cluster admin's setting",
+        )
+        .into());
+    }
     Ok(())
+}
+
+/// Whether `url` names the nodes themselves or their link (loopback, link-local such as the
+/// cloud metadata address, unspecified). A DNS name is taken as it is written: a name that
+/// resolves to such an address is not caught here.
+fn reaches_the_nodes_only(url: &str) -> bool {
+    let Ok(u) = reqwest::Url::parse(url) else {
+        return false;
+    };
+    let host = u.host_str().unwrap_or("").trim_matches(['[', ']']);
+    if host.eq_ignore_ascii_case("localhost") || host.ends_with(".localhost") {
+        return true;
+    }
+    match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(ip)) => {
+            ip.is_loopback() || ip.is_link_local() || ip.is_unspecified()
+        }
+        Ok(std::net::IpAddr::V6(ip)) => {
+            ip.is_loopback() || ip.is_unspecified() || (ip.segments()[0] & 0xffc0) == 0xfe80
+        }
+        Err(_) => false,
+    }
 }
 
 /// Readies a spec for writing: a secret (`env` or `headers` value) sent back as
@@ -267,10 +304,22 @@ pub async fn put_server(
     if keeps {
         state.registry.barrier().await?;
     }
+    // The name may be another tenant's server, hidden from this caller: it is taken, not
+    // free to overwrite.
+    let existing = state.registry.local().state.servers.get(&name).cloned();
     let current = stored(&state, &caller, &name);
+    if existing.is_some() && current.is_none() {
+        return Err(ApiError::Conflict {
+            code: "already_exists",
+            message: format!("server name {name:?} is taken"),
+        });
+    }
     may_write_server(&caller, &spec, current.as_ref().map(|c| &c.spec))?;
-    let default = match (&current, keeps) {
+    // A tenant-scoped caller writes onto exactly what it was allowed to (or onto nothing),
+    // so a concurrent change cannot slip another tenant's server under its write.
+    let default = match (&current, keeps || caller.role.is_tenant_scoped()) {
         (Some(c), true) => Precondition::Revision(c.revision),
+        (None, true) => Precondition::Absent,
         _ => Precondition::None,
     };
     let spec = sealed(&state, spec, current.as_ref().map(|c| &c.spec))?;
@@ -327,16 +376,16 @@ pub async fn delete_server(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<WriteAck>, ApiError> {
+    let mut default = Precondition::None;
     if caller.role.is_tenant_scoped() {
-        let own =
-            stored(&state, &caller, &name).is_some_and(|v| caller.owns(v.spec.tenant.as_deref()));
-        if !own {
-            return Err(ApiError::NotFound(format!("server {name:?} not found")));
-        }
+        let own = stored(&state, &caller, &name)
+            .filter(|v| caller.owns(v.spec.tenant.as_deref()))
+            .ok_or_else(|| ApiError::NotFound(format!("server {name:?} not found")))?;
+        default = Precondition::Revision(own.revision);
     }
     let command = Command::DeleteServer {
         name,
-        precondition: precondition(&headers, Precondition::None)?,
+        precondition: precondition(&headers, default)?,
     };
     Ok(Json(
         write(&state, &headers, (&caller, &from), command).await?,
@@ -450,6 +499,9 @@ pub async fn get_token(
         .ok_or_else(|| ApiError::NotFound(format!("token {id:?} not found")))
 }
 
+/// The longest life of an API token a JWT caller mints.
+const MAX_TTL_FROM_A_JWT: u64 = 90 * 24 * 3600;
+
 /// Mints a token. The secret is in this answer only; the registry keeps its hash.
 /// `Idempotency-Key` is not honoured here: a retried request must mint a new secret, since the
 /// first answer's secret cannot be shown again.
@@ -460,6 +512,29 @@ pub async fn create_token(
     ApiJson(req): ApiJson<CreateTokenRequest>,
 ) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
     let role = validate::token_request(&req)?;
+    // A token minted by a narrowed credential is as narrow: its scopes are among the
+    // caller's, and a JWT caller (whose identity the issuer may withdraw) mints tokens that
+    // expire.
+    if let Some(mine) = &caller.scopes {
+        let within = req
+            .scopes
+            .as_ref()
+            .is_some_and(|s| s.iter().all(|x| mine.contains(x)));
+        if !within {
+            return Err(validate::FieldError::new(
+                "scopes",
+                format!("must be among the caller's own: {mine:?}"),
+            )
+            .into());
+        }
+    }
+    if caller.jwt.is_some() && req.ttl_seconds.is_none_or(|t| t > MAX_TTL_FROM_A_JWT) {
+        return Err(validate::FieldError::new(
+            "ttl_seconds",
+            format!("a JWT caller mints tokens of at most {MAX_TTL_FROM_A_JWT} s (90 days)"),
+        )
+        .into());
+    }
     if caller.role.is_tenant_scoped()
         && !(role.is_tenant_scoped() && caller.owns(req.tenant.as_deref()))
     {

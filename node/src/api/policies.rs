@@ -5,7 +5,7 @@
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
-use mcpcp_proto::api::{List, PolicySpec, PolicyTest, PolicyVerdict, Versioned, WriteAck};
+use mcpcp_proto::api::{Effect, List, PolicySpec, PolicyTest, PolicyVerdict, Versioned, WriteAck};
 
 use super::error::ApiError;
 use super::extract::{
@@ -18,6 +18,9 @@ use crate::policy::condition::Condition;
 use crate::policy::Access;
 use crate::registry::state::{Command, Precondition};
 use crate::registry::{validate, Principal};
+
+/// Rules the cluster holds at most: every call on every node walks them.
+const MAX_RULES: usize = 1000;
 
 /// Whether `caller` may see or write `spec`: a tenant admin, its own tenant's rules only.
 fn owns(caller: &Principal, spec: &PolicySpec) -> bool {
@@ -38,6 +41,14 @@ fn checked(caller: &Principal, spec: &PolicySpec) -> Result<(), ApiError> {
             "a {} writes rules of its own tenant only: set \"tenants\": [{:?}]",
             caller.role,
             caller.tenant.as_deref().unwrap_or("")
+        )));
+    }
+    // The first matching rule decides, so a tenant's allow rule placed first would undo a
+    // cluster admin's deny: a tenant admin's rules can only narrow.
+    if caller.role.is_tenant_scoped() && spec.effect == Effect::Allow {
+        return Err(ApiError::Forbidden(format!(
+            "a {} writes deny rules only: its rules narrow what the cluster's rules allow",
+            caller.role
         )));
     }
     Ok(())
@@ -89,6 +100,12 @@ pub async fn create(
     ApiJson(spec): ApiJson<PolicySpec>,
 ) -> Result<(StatusCode, Json<WriteAck>), ApiError> {
     checked(&caller, &spec)?;
+    if state.registry.local().state.policies.len() >= MAX_RULES {
+        return Err(ApiError::Conflict {
+            code: "too_many",
+            message: format!("the cluster holds {MAX_RULES} rules already; remove some first"),
+        });
+    }
     let command = Command::PutPolicy {
         spec,
         precondition: Precondition::Absent,
@@ -114,12 +131,27 @@ pub async fn put(
     }
     checked(&caller, &spec)?;
     let current = state.registry.local().state.policies.get(&name).cloned();
-    if current.is_some_and(|c| !owns(&caller, &c.spec)) {
-        return Err(ApiError::NotFound(format!("policy {name:?} not found")));
+    if current.as_ref().is_some_and(|c| !owns(&caller, &c.spec)) {
+        return Err(ApiError::Conflict {
+            code: "already_exists",
+            message: format!("policy name {name:?} is taken"),
+        });
     }
+    if current.is_none() && state.registry.local().state.policies.len() >= MAX_RULES {
+        return Err(ApiError::Conflict {
+            code: "too_many",
+            message: format!("the cluster holds {MAX_RULES} rules already; remove some first"),
+        });
+    }
+    // A tenant admin writes onto exactly the rule it was allowed to (or onto none).
+    let default = match (&current, caller.role.is_tenant_scoped()) {
+        (Some(c), true) => Precondition::Revision(c.revision),
+        (None, true) => Precondition::Absent,
+        _ => Precondition::None,
+    };
     let command = Command::PutPolicy {
         spec,
-        precondition: precondition(&headers, Precondition::None)?,
+        precondition: precondition(&headers, default)?,
     };
     Ok(Json(
         write(&state, &headers, (&caller, &from), command).await?,
@@ -134,12 +166,16 @@ pub async fn delete(
     headers: HeaderMap,
 ) -> Result<Json<WriteAck>, ApiError> {
     let current = state.registry.local().state.policies.get(&name).cloned();
-    if current.is_some_and(|c| !owns(&caller, &c.spec)) {
-        return Err(ApiError::NotFound(format!("policy {name:?} not found")));
+    let mut default = Precondition::None;
+    if caller.role.is_tenant_scoped() {
+        let own = current
+            .filter(|c| owns(&caller, &c.spec))
+            .ok_or_else(|| ApiError::NotFound(format!("policy {name:?} not found")))?;
+        default = Precondition::Revision(own.revision);
     }
     let command = Command::DeletePolicy {
         name,
-        precondition: precondition(&headers, Precondition::None)?,
+        precondition: precondition(&headers, default)?,
     };
     Ok(Json(
         write(&state, &headers, (&caller, &from), command).await?,

@@ -10,6 +10,8 @@ pub mod affinity;
 pub mod error;
 pub mod events;
 
+use std::sync::Arc;
+
 use serde_json::Value;
 
 pub use affinity::Affinity;
@@ -31,6 +33,19 @@ pub struct Call {
     pub affinity: Option<Affinity>,
     /// Where progress, logging and the server's own requests for this call go.
     pub events: EventSink,
+    /// Which other servers (fallbacks) the call may be sent to, as the front end's policies
+    /// decide; `None`: any the router would pick.
+    pub fallback_gate: Option<FallbackGate>,
+}
+
+/// The front end's verdict on sending a call to another server than the one it named.
+#[derive(Clone)]
+pub struct FallbackGate(pub Arc<dyn Fn(&str) -> bool + Send + Sync>);
+
+impl std::fmt::Debug for FallbackGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FallbackGate")
+    }
 }
 
 impl Call {
@@ -40,6 +55,11 @@ impl Call {
             .as_ref()
             .and_then(|p| p["name"].as_str())
             .unwrap_or_default()
+    }
+
+    /// Whether the call may go to `server` in place of its own (see [`Call::fallback_gate`]).
+    pub fn may_fall_back_to(&self, server: &str) -> bool {
+        self.fallback_gate.as_ref().is_none_or(|g| (g.0)(server))
     }
 
     /// The same call sent to another server (a fallback).

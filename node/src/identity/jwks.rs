@@ -32,6 +32,21 @@ struct Keys {
     keys: Arc<Vec<Jwk>>,
     fetched: Option<Instant>,
     tried: Option<Instant>,
+    /// One fetch of this issuer at a time; callers that waited read what it fetched. Other
+    /// issuers are not held up by a slow one.
+    fetching: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Keys {
+    fn new(spec: &IssuerSpec) -> Keys {
+        Keys {
+            spec: spec.clone(),
+            keys: Arc::default(),
+            fetched: None,
+            tried: None,
+            fetching: Arc::default(),
+        }
+    }
 }
 
 /// The cache of every trusted issuer's keys.
@@ -43,8 +58,6 @@ pub struct KeyCache {
 struct Inner {
     config: IdentityConfig,
     issuers: Mutex<HashMap<String, Keys>>,
-    /// One fetch at a time; callers that waited read what it fetched.
-    fetching: tokio::sync::Mutex<()>,
 }
 
 impl KeyCache {
@@ -53,31 +66,50 @@ impl KeyCache {
             inner: Arc::new(Inner {
                 config,
                 issuers: Mutex::new(HashMap::new()),
-                fetching: tokio::sync::Mutex::new(()),
             }),
         }
     }
 
     /// The keys of `spec` that may verify a token naming `kid` (every key when it names none).
+    /// A key already known is used at once, also when the keys are due for a refresh (which
+    /// then runs in the background); an unknown key id waits for a fetch, at most one per
+    /// `jwks_min_refresh_interval_ms`.
     pub async fn keys_for(
         &self,
         spec: &IssuerSpec,
         kid: Option<&str>,
     ) -> Result<Vec<Jwk>, JwksError> {
         let max_age = Duration::from_secs(self.inner.config.jwks_max_age_s);
-        let min_interval = Duration::from_millis(self.inner.config.jwks_min_refresh_interval_ms);
-        if let Some(found) = self.cached(spec, kid, max_age) {
-            return Ok(found);
-        }
-        let _one = self.inner.fetching.lock().await;
-        // Another caller may have fetched while this one waited.
-        if let Some(found) = self.cached(spec, kid, max_age) {
-            return Ok(found);
-        }
-        let recently_tried = self.with(spec, |k| {
-            k.tried.is_some_and(|t| t.elapsed() < min_interval)
+        let (found, fresh) = self.with(spec, |k| {
+            let fresh = k.fetched.is_some_and(|f| f.elapsed() < max_age);
+            (matching(&k.keys, kid), fresh)
         });
-        if !recently_tried {
+        if !found.is_empty() {
+            if !fresh && self.may_try(spec) {
+                let cache = self.clone();
+                let spec = spec.clone();
+                tokio::spawn(async move { cache.refresh(&spec).await });
+            }
+            return Ok(found);
+        }
+        self.refresh(spec).await?;
+        Ok(self.with(spec, |k| matching(&k.keys, kid)))
+    }
+
+    /// Whether a fetch of `spec` may start now (not within the minimum interval of the last).
+    fn may_try(&self, spec: &IssuerSpec) -> bool {
+        let min_interval = Duration::from_millis(self.inner.config.jwks_min_refresh_interval_ms);
+        self.with(spec, |k| {
+            k.tried.is_none_or(|t| t.elapsed() >= min_interval)
+        })
+    }
+
+    /// Fetches `spec`'s keys, unless another caller just did or the interval has not passed.
+    /// An error only when no keys were ever fetched.
+    async fn refresh(&self, spec: &IssuerSpec) -> Result<(), JwksError> {
+        let lock = self.with(spec, |k| k.fetching.clone());
+        let _one = lock.lock().await;
+        if self.may_try(spec) {
             self.with(spec, |k| k.tried = Some(Instant::now()));
             match self.fetch(spec).await {
                 Ok(keys) => {
@@ -97,41 +129,18 @@ impl KeyCache {
                 }
             }
         }
-        Ok(self.with(spec, |k| matching(&k.keys, kid)))
-    }
-
-    /// The cached keys for `kid`, when they are fresh and hold it.
-    fn cached(&self, spec: &IssuerSpec, kid: Option<&str>, max_age: Duration) -> Option<Vec<Jwk>> {
-        self.with(spec, |k| {
-            let fresh = k.fetched.is_some_and(|f| f.elapsed() < max_age);
-            let found = matching(&k.keys, kid);
-            (fresh && !found.is_empty()).then_some(found)
-        })
+        Ok(())
     }
 
     fn with<T>(&self, spec: &IssuerSpec, f: impl FnOnce(&mut Keys) -> T) -> T {
         let mut map = self.inner.issuers.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = map.entry(spec.name.clone()).or_insert_with(|| Keys {
-            spec: spec.clone(),
-            keys: Arc::default(),
-            fetched: None,
-            tried: None,
-        });
+        let entry = map
+            .entry(spec.name.clone())
+            .or_insert_with(|| Keys::new(spec));
         if entry.spec != *spec {
-            *entry = Keys {
-                spec: spec.clone(),
-                keys: Arc::default(),
-                fetched: None,
-                tried: None,
-            };
+            *entry = Keys::new(spec);
         }
         f(entry)
-    }
-
-    /// Drops issuers no longer trusted.
-    pub fn retain(&self, names: &[&str]) {
-        let mut map = self.inner.issuers.lock().unwrap_or_else(|e| e.into_inner());
-        map.retain(|name, _| names.contains(&name.as_str()));
     }
 
     async fn fetch(&self, spec: &IssuerSpec) -> Result<Vec<Jwk>, JwksError> {
@@ -158,7 +167,10 @@ impl KeyCache {
 
 /// The keys a token naming `kid` may be verified with.
 fn matching(keys: &[Jwk], kid: Option<&str>) -> Vec<Jwk> {
+    use jsonwebtoken::jwk::PublicKeyUse;
     keys.iter()
+        // A key published for encryption never verifies a signature.
+        .filter(|k| !matches!(k.common.public_key_use, Some(PublicKeyUse::Encryption)))
         .filter(|k| kid.is_none() || k.common.key_id.as_deref() == kid)
         .cloned()
         .collect()

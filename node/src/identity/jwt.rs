@@ -177,7 +177,12 @@ fn principal(
         roles.retain(|r| r.is_tenant_scoped());
     }
     roles.retain(|r| *r != Role::Metrics);
-    let role = roles.into_iter().min().unwrap_or(issuer.default_role);
+    let default = match issuer.default_role {
+        // Refused at write; clamped here too, should a stored spec ever say otherwise.
+        r if issuer.tenant.is_some() && !r.is_tenant_scoped() => Role::User,
+        r => r,
+    };
+    let role = roles.into_iter().min().unwrap_or(default);
     let tenant = match &issuer.tenant {
         Some(t) => Some(t.clone()),
         None => claims
@@ -208,9 +213,15 @@ fn principal(
         role,
         tenant,
         scopes: Some(scopes),
+        // A tenant's issuer names its own groups: `ISSUER:group`, so that it cannot claim a
+        // group a cluster-wide rule was written for.
         groups: strings(claims.get(&issuer.groups_claim))
             .into_iter()
             .take(256)
+            .map(|g| match &issuer.tenant {
+                Some(_) => format!("{}:{g}", issuer.name),
+                None => g,
+            })
             .collect(),
         jwt: Some(Box::new(JwtCaller {
             issuer: issuer.name.clone(),
@@ -283,6 +294,20 @@ mod tests {
         .unwrap();
         assert_eq!(p.role, Role::User);
         assert_eq!(p.tenant.as_deref(), Some("acme"));
+        let mut lax = issuer(Some("acme"));
+        lax.default_role = Role::ClusterAdmin;
+        let p = principal(
+            &lax,
+            claims(serde_json::json!({"sub": "m", "groups": ["sre"]})),
+            |_| true,
+        )
+        .unwrap();
+        assert_eq!(
+            p.role,
+            Role::User,
+            "a stored default cannot escape the tenant"
+        );
+        assert_eq!(p.groups, ["idp:sre"], "its groups are its own");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use mcpcp_proto::mcp::{code, ErrorObject};
 use serde_json::{json, Value};
 
 use super::target::Target;
-use crate::call::{Affinity, Call, EventSink};
+use crate::call::{Affinity, Call, EventSink, FallbackGate};
 use crate::policy::{Access, Policies};
 use crate::pool::catalogue::Catalogue;
 use crate::registry::{Principal, Registry};
@@ -66,6 +66,7 @@ impl Route {
         params: Option<Value>,
         events: EventSink,
     ) -> Result<Value, ErrorObject> {
+        let gate = self.fallback_gate(method, params.as_ref());
         let call = Call {
             principal: self.principal.clone(),
             server: name.to_string(),
@@ -73,6 +74,7 @@ impl Route {
             params,
             affinity: self.affinity.clone(),
             events,
+            fallback_gate: gate,
         };
         self.router.call(&call).await.map_err(|e| e.into_rpc())
     }
@@ -272,6 +274,19 @@ impl Route {
             format!("denied by policy {rule:?}: this caller may not use {} {item:?} of server {server:?}", kind.noun()),
         )
         .with_data(json!({ "policy": rule })))
+    }
+
+    /// The policies' verdict on the same call sent to a fallback server instead.
+    fn fallback_gate(&self, method: &str, params: Option<&Value>) -> Option<FallbackGate> {
+        if !self.policies.any() {
+            return None;
+        }
+        let me = self.clone();
+        let method = method.to_string();
+        let params = params.cloned();
+        Some(FallbackGate(std::sync::Arc::new(move |server: &str| {
+            me.authorize(server, &method, params.as_ref()).is_ok()
+        })))
     }
 
     /// Drops the items of a transparent list the policies hide from this caller.

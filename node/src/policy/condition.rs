@@ -12,20 +12,53 @@ pub struct Condition {
     program: Program,
 }
 
-/// What a condition sees of a call.
+/// What a condition sees of a call, converted once per decision.
 pub struct Facts<'a> {
-    pub args: &'a Json,
-    pub principal: &'a Json,
-    pub server: &'a str,
-    pub name: &'a str,
-    pub uri: &'a str,
+    args: Value,
+    principal: Value,
+    server: &'a str,
+    name: &'a str,
+    uri: &'a str,
 }
+
+impl<'a> Facts<'a> {
+    /// `None` when the arguments or the principal cannot be turned into CEL values.
+    pub fn new(
+        args: &Json,
+        principal: &Json,
+        server: &'a str,
+        name: &'a str,
+        uri: &'a str,
+    ) -> Option<Facts<'a>> {
+        Some(Facts {
+            args: cel::to_value(args).ok()?,
+            principal: cel::to_value(principal).ok()?,
+            server,
+            name,
+            uri,
+        })
+    }
+}
+
+/// Comprehension macros a condition may use: each walks a list the caller sends, and nested
+/// ones multiply, so a condition holds at most one.
+const COMPREHENSIONS: [&str; 5] = [".all(", ".exists(", ".exists_one(", ".map(", ".filter("];
 
 impl Condition {
     /// Compiles `source`; the error says where it does not parse.
     pub fn compile(source: &str) -> Result<Condition, String> {
         if source.len() > 4096 {
             return Err("longer than 4096 characters".into());
+        }
+        let walks: usize = COMPREHENSIONS
+            .iter()
+            .map(|m| source.matches(m).count())
+            .sum();
+        if walks > 1 {
+            return Err(format!(
+                "uses {walks} comprehensions ({}); at most one",
+                COMPREHENSIONS.join(" ")
+            ));
         }
         Program::compile(source)
             .map(|program| Condition { program })
@@ -35,8 +68,8 @@ impl Condition {
     /// `Some(true|false)` for a boolean answer; `None` when it failed or gave another type.
     pub fn eval(&self, facts: &Facts<'_>) -> Option<bool> {
         let mut ctx = Context::default();
-        ctx.add_variable_from_value("args", json(facts.args)?);
-        ctx.add_variable_from_value("principal", json(facts.principal)?);
+        ctx.add_variable_from_value("args", facts.args.clone());
+        ctx.add_variable_from_value("principal", facts.principal.clone());
         ctx.add_variable_from_value("server", facts.server);
         ctx.add_variable_from_value("name", facts.name);
         ctx.add_variable_from_value("uri", facts.uri);
@@ -47,10 +80,6 @@ impl Condition {
     }
 }
 
-fn json(v: &Json) -> Option<Value> {
-    cel::to_value(v).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,13 +88,8 @@ mod tests {
     fn eval(source: &str, args: Json) -> Option<bool> {
         let principal =
             json!({"tenant": "acme", "subject": "alice", "role": "user", "groups": ["eng"]});
-        Condition::compile(source).unwrap().eval(&Facts {
-            args: &args,
-            principal: &principal,
-            server: "files",
-            name: "read_text_file",
-            uri: "",
-        })
+        let facts = Facts::new(&args, &principal, "files", "read_text_file", "").unwrap();
+        Condition::compile(source).unwrap().eval(&facts)
     }
 
     #[test]
@@ -91,5 +115,10 @@ mod tests {
         );
         assert_eq!(eval("1 + 1", json!({})), None, "not a boolean");
         assert!(Condition::compile("args.path.startsWith(").is_err());
+        assert!(
+            Condition::compile("args.a.all(x, args.b.all(y, x == y))").is_err(),
+            "nested walks"
+        );
+        assert!(Condition::compile("args.a.all(x, x > 0)").is_ok());
     }
 }

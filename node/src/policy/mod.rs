@@ -138,8 +138,10 @@ impl Policies {
 
 /// The caller as conditions see it (`principal.*`).
 pub fn principal_facts(who: &Principal) -> Value {
+    // `subject` is qualified (`jwt:ISSUER:SUB`, or an API token's id): a bare `sub` could be
+    // minted by any trusted issuer, a tenant's own included.
     json!({
-        "subject": who.jwt.as_ref().map_or(who.token_id.as_str(), |j| j.subject.as_str()),
+        "subject": who.token_id,
         "token_id": who.token_id,
         "tenant": who.tenant,
         "role": who.role.as_str(),
@@ -155,7 +157,6 @@ fn any_glob(patterns: &[String], value: &str) -> bool {
 /// Whether the rule's callers and targets cover this call (not its condition).
 fn covers(spec: &PolicySpec, who: &Principal, access: &Access<'_>) -> bool {
     let targets = access.targets();
-    let subject = who.jwt.as_ref().map(|j| j.subject.as_str());
     (spec.targets.is_empty() || targets.iter().any(|t| any_glob(&spec.targets, t)))
         && (spec.roles.is_empty() || spec.roles.contains(&who.role))
         && (spec.tenants.is_empty()
@@ -163,28 +164,24 @@ fn covers(spec: &PolicySpec, who: &Principal, access: &Access<'_>) -> bool {
                 .tenant
                 .as_deref()
                 .is_some_and(|t| any_glob(&spec.tenants, t)))
-        && (spec.subjects.is_empty()
-            || any_glob(&spec.subjects, &who.token_id)
-            || subject.is_some_and(|s| any_glob(&spec.subjects, s)))
+        && (spec.subjects.is_empty() || any_glob(&spec.subjects, &who.token_id))
         && (spec.groups.is_empty() || who.groups.iter().any(|g| any_glob(&spec.groups, g)))
 }
 
 fn decide(rules: &[Rule], who: &Principal, access: &Access<'_>, args: &Value) -> PolicyVerdict {
-    let principal = principal_facts(who);
     let (server, name, uri) = access.facts();
+    // Converted once, when the first rule with a condition needs them.
+    let mut facts: Option<Option<Facts<'_>>> = None;
     for rule in rules {
         if !covers(&rule.spec, who, access) {
             continue;
         }
         let holds = match &rule.condition {
             None => Some(true),
-            Some(Ok(c)) => c.eval(&Facts {
-                args,
-                principal: &principal,
-                server,
-                name,
-                uri,
-            }),
+            Some(Ok(c)) => facts
+                .get_or_insert_with(|| Facts::new(args, &principal_facts(who), server, name, uri))
+                .as_ref()
+                .and_then(|f| c.eval(f)),
             Some(Err(_)) => None,
         };
         let decided = match (holds, rule.spec.effect) {

@@ -542,6 +542,22 @@ impl State {
                 delete(&mut self.tenants, ObjectKind::Tenant, name, precondition)
             }
             Command::PutIssuer { spec, precondition } => {
+                // One issuer per `iss`: which one a token is checked against must not depend
+                // on the order of names.
+                if let Some(other) = self
+                    .issuers
+                    .values()
+                    .find(|i| i.spec.issuer == spec.issuer && i.spec.name != spec.name)
+                {
+                    return Err(ApplyError::InUse {
+                        kind: ObjectKind::Issuer,
+                        name: spec.name,
+                        detail: format!(
+                            "issuer {:?} already trusts {:?}",
+                            other.spec.name, other.spec.issuer
+                        ),
+                    });
+                }
                 if let Some(t) = &spec.tenant {
                     if !self.tenants.contains_key(t) {
                         return Err(ApplyError::MissingReference {

@@ -295,6 +295,12 @@ pub fn issuer_spec(spec: &IssuerSpec) -> Result<(), FieldError> {
             return Err(FieldError::new(field, "must be 1 to 128 characters"));
         }
     }
+    if spec.tenant.is_some() && !spec.default_role.is_tenant_scoped() {
+        return Err(FieldError::new(
+            "default_role",
+            "a tenant's issuer makes user or tenant-admin callers only",
+        ));
+    }
     if spec.default_role == Role::Metrics {
         return Err(FieldError::new(
             "default_role",
@@ -564,6 +570,13 @@ mod tests {
         assert_eq!(field(&|s| s.jwks_url = Some("ftp://x".into())), "jwks_url");
         assert_eq!(field(&|s| s.default_role = Role::Metrics), "default_role");
         assert_eq!(field(&|s| s.tenant_claim = String::new()), "tenant_claim");
+        assert_eq!(
+            field(&|s| {
+                s.tenant = Some("acme".into());
+                s.default_role = Role::Viewer;
+            }),
+            "default_role"
+        );
         let mut loopback = good();
         loopback.issuer = "http://127.0.0.1:9000".into();
         assert_eq!(issuer_spec(&loopback), Ok(()));

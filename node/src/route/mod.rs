@@ -334,6 +334,10 @@ impl Router {
             let Ok(spec) = self.scope(&call.principal, fb) else {
                 continue;
             };
+            // The caller's policies decide on the fallback as on the server it named.
+            if !call.may_fall_back_to(fb) {
+                continue;
+            }
             let info = self.info(&call.principal, fb).await;
             if call.method == "tools/call"
                 && info.catalogue.loaded

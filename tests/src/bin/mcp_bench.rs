@@ -9,7 +9,7 @@
 //! answers); over stdio it is JSON-RPC lines on the child's stdin, answers matched by id, and
 //! the clients of a level share the one process (their requests are pipelined).
 //!
-//! Sections (`--sections data,routing,bridge,upstream`):
+//! Sections (`--sections data,routing,bridge,upstream,identity`):
 //!
 //! - `data`: direct stdio to `mcpd demo-server` (the floor); one node's local pool
 //!   (`/servers/demo/mcp` of a 3-node cluster) with `pool_size` 2 and then 4; `mcp-proxy` and
@@ -22,6 +22,11 @@
 //!   directly, then registered on the cluster as a server with a `url` and called through
 //!   node 1 (`/servers/demo-remote/mcp`: node 1's HTTP upstream → node 2 → its pool), at 1 and
 //!   64 clients; the added p50 and the calls/s ratio against the direct calls of the same run.
+//! - `identity`: the cost of a JWT caller and of policies: node 1's `/servers/demo/mcp` called
+//!   with an API key while no policy exists, then with an ES256 JWT of a trusted issuer
+//!   (`mcpcp_tests::bench_issuer`, keys cached after the first call) while 100 rules apply to
+//!   the caller's tenant, the last of them the one that matches, with a CEL condition on the
+//!   call's arguments; at 1 and 64 clients, the added p50 and the calls/s ratio of the same run.
 //! - `bridge`: `mcp-bridge` (stdio, given every node's URL) vs the same calls straight to `/mcp`;
 //!   then `--kills` times: kill -9 the node the bridge is using and time the pause until a call
 //!   sent after the kill succeeds, restarting the node (and waiting for `/readyz`) in between.
@@ -58,7 +63,9 @@ use http::header::{ACCEPT, CONTENT_TYPE};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use mcpcp_proto::api::{CreateTokenRequest, ServerPatch, ServerSpec, TenantSpec};
+use mcpcp_proto::api::{
+    CreateTokenRequest, IssuerSpec, PolicySpec, ServerPatch, ServerSpec, TenantSpec,
+};
 use mcpcp_tests::Cluster;
 use mcpctl::{AdminClient, CallOptions};
 use serde_json::{json, Value};
@@ -105,6 +112,8 @@ const GOAL_BRIDGE_P50_MS: f64 = 0.3;
 const GOAL_PAUSE_P99_MS: f64 = 1000.0;
 const GOAL_UPSTREAM_P50_ADDED_MS: f64 = 0.150;
 const GOAL_UPSTREAM_FACTOR: f64 = 0.8;
+const GOAL_IDENTITY_P50_ADDED_MS: f64 = 0.020;
+const GOAL_IDENTITY_FACTOR: f64 = 0.95;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -120,7 +129,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "data,routing,bridge,upstream"
+        default_value = "data,routing,bridge,upstream,identity"
     )]
     sections: Vec<Section>,
     /// kill -9 rounds of the bridge's failover test.
@@ -145,6 +154,7 @@ enum Section {
     Routing,
     Bridge,
     Upstream,
+    Identity,
 }
 
 impl Section {
@@ -154,6 +164,7 @@ impl Section {
             Section::Routing => "routing",
             Section::Bridge => "bridge",
             Section::Upstream => "upstream",
+            Section::Identity => "identity",
         }
     }
 }
@@ -1742,6 +1753,106 @@ fn upstream_goals(report: &mut Report) {
     report.goals.push(goal_rate);
 }
 
+// === section: identity ===
+
+const IDENTITY_API_KEY: &str = "api key, no policy";
+const IDENTITY_JWT: &str = "jwt, 100 rules (cel)";
+
+/// An API key with no policy, then a JWT with 100 rules, on node 1's `/servers/demo/mcp`.
+async fn bench_identity(mcp: &Mcp, args: &Args, report: &mut Report) -> anyhow::Result<()> {
+    let key = mcp.target(mcp.ids[0], "/servers/demo/mcp", "echo");
+    wait_callable(&key, READY_WITHIN, None).await?;
+    let key_rows = Endpoints::Http(vec![key.clone()]);
+    run_levels("identity", IDENTITY_API_KEY, &key_rows, args, report).await;
+
+    let issuer = mcpcp_tests::bench_issuer::BenchIssuer::start()?;
+    let spec: IssuerSpec = serde_json::from_value(json!({
+        "name": "bench-idp",
+        "issuer": issuer.issuer,
+        "jwks_url": issuer.jwks_url,
+        "algorithms": ["ES256"],
+        "tenant": "bench",
+    }))?;
+    let none = CallOptions::default();
+    mcp.admin
+        .create_issuer(&spec, &none)
+        .await
+        .context("trusting the bench issuer")?;
+    // 99 rules that do not match the call, then the one that does, with a condition.
+    for i in 0..100u32 {
+        let rule: PolicySpec = serde_json::from_value(if i < 99 {
+            json!({ "name": format!("bench-{i:03}"), "order": i, "effect": "deny",
+                    "targets": [format!("tool:other{i}__*")], "tenants": ["bench"] })
+        } else {
+            json!({ "name": "bench-echo", "order": i, "effect": "allow",
+                    "targets": ["tool:demo__echo"], "tenants": ["bench"],
+                    "condition": "size(args.message) > 0 && principal.tenant == \"bench\"" })
+        })?;
+        mcp.admin
+            .put_policy(&rule, &none)
+            .await
+            .with_context(|| format!("adding rule {}", rule.name))?;
+    }
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        + 3600;
+    let token = issuer.token(json!({
+        "sub": "bench-user", "aud": key.url, "exp": exp, "scope": "mcp",
+    }))?;
+    let jwt = HttpTarget {
+        token: Some(token),
+        ..key
+    };
+    wait_callable(&jwt, READY_WITHIN, None).await?;
+    run_levels(
+        "identity",
+        IDENTITY_JWT,
+        &Endpoints::Http(vec![jwt]),
+        args,
+        report,
+    )
+    .await;
+    Ok(())
+}
+
+fn identity_goals(report: &mut Report) {
+    let row = |system: &str, clients: u32| report.row("identity", system, clients).cloned();
+    let p50 = |system: &str| row(system, 1).and_then(|r| r.p50);
+    let added = match (p50(IDENTITY_JWT), p50(IDENTITY_API_KEY)) {
+        (Some(j), Some(k)) => Some((ms(j), ms(k), ms(j) - ms(k))),
+        _ => None,
+    };
+    let goal_p50 = Goal {
+        section: "identity",
+        goal: format!(
+            "1 client: JWT and 100 rules add at most {:.0} µs p50 to an API key with no policy",
+            GOAL_IDENTITY_P50_ADDED_MS * 1e3
+        ),
+        measured: added
+            .map(|(j, k, a)| format!("jwt {j:.3} ms, api key {k:.3} ms: {:+.0} µs", a * 1e3))
+            .unwrap_or_else(|| "no figure".into()),
+        met: added.map(|(_, _, a)| a <= GOAL_IDENTITY_P50_ADDED_MS),
+    };
+    let rate = |system: &str| row(system, 64).map(|r| r.calls_per_s());
+    let factor = match (rate(IDENTITY_JWT), rate(IDENTITY_API_KEY)) {
+        (Some(j), Some(k)) if k > 0.0 => Some((j, k, j / k)),
+        _ => None,
+    };
+    let goal_rate = Goal {
+        section: "identity",
+        goal: format!(
+            "64 clients: with JWT and 100 rules at least {GOAL_IDENTITY_FACTOR:.2}x the calls/s of an API key"
+        ),
+        measured: factor
+            .map(|(j, k, f)| format!("jwt {j:.0}/s, api key {k:.0}/s: {f:.2}x"))
+            .unwrap_or_else(|| "no figure".into()),
+        met: factor.map(|(_, _, f)| f >= GOAL_IDENTITY_FACTOR),
+    };
+    report.goals.push(goal_p50);
+    report.goals.push(goal_rate);
+}
+
 // === section: routing ===
 
 /// The node(s) the leader placed `server` on, from `GET /v1/watch?since=0`.
@@ -2360,6 +2471,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Section::Data,
         Section::Routing,
         Section::Upstream,
+        Section::Identity,
         Section::Bridge,
     ]
     .into_iter()
@@ -2435,6 +2547,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             upstream_goals(&mut report);
             print_section(&report, "upstream");
+        }
+        if sections.contains(&Section::Identity) {
+            if let Err(e) = bench_identity(&mcp, &args, &mut report).await {
+                report.note("identity", format!("failed: {e:#}"));
+            }
+            identity_goals(&mut report);
+            print_section(&report, "identity");
         }
         if sections.contains(&Section::Bridge) {
             if let Err(e) = bench_bridge(&http, &mut mcp, logs.path(), &args, &mut report).await {
