@@ -52,6 +52,8 @@ pub enum StartError {
     Store { path: PathBuf, source: redb::Error },
     #[error("raft configuration: {0}")]
     RaftConfig(String),
+    #[error("the call log (call_audit): {0}")]
+    CallAudit(std::io::Error),
     #[error("starting raft: {0}")]
     Raft(String),
     #[error("TLS: {0}")]
@@ -325,11 +327,14 @@ pub async fn run(
         cfg.api.tls != crate::tls::edge::EdgeTlsMode::Off,
     );
     let policies = crate::policy::Policies::new(registry.clone());
+    let calls = crate::call_audit::CallAudit::start(&cfg.call_audit, &cfg.data_dir)
+        .map_err(StartError::CallAudit)?;
     let mcp = McpState::new(
         registry.clone(),
         router.clone(),
         identity.clone(),
         policies.clone(),
+        calls,
         &cfg.mcp,
         &me.http_addr,
     );

@@ -139,6 +139,10 @@ pub struct Config {
     /// `[identity]`: resource URLs and trusted issuers' keys (`crate::identity`).
     #[serde(default)]
     pub identity: crate::identity::config::IdentityConfig,
+    /// `[call_audit]`: the log of every tool call, resource read and prompt get
+    /// (`crate::call_audit`).
+    #[serde(default)]
+    pub call_audit: crate::call_audit::config::CallAuditConfig,
 }
 
 /// `[runtime]`: the threads `mcpd` runs on.
@@ -319,6 +323,9 @@ impl Config {
             .validate()
             .map_err(|(field, message)| invalid(field, message))?;
         self.identity
+            .validate()
+            .map_err(|(field, message)| invalid(field, message))?;
+        self.call_audit
             .validate()
             .map_err(|(field, message)| invalid(field, message))?;
         if self.id == 0 {

@@ -11,6 +11,7 @@
 pub mod api;
 pub mod app;
 pub mod call;
+pub mod call_audit;
 pub mod config;
 pub mod demo;
 pub mod http;

@@ -132,6 +132,13 @@ class Cluster:
             )
         (nd / "mcpd.pid").write_text(f"{p.pid}\n")
 
+    def call_log(self, node: int) -> list[dict]:
+        """Node `node`'s call log (`<data_dir>/audit/calls.jsonl`), one dict per call."""
+        path = self.dir / f"node{node + 1}" / "data" / "audit" / "calls.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
     def leader(self, node: int = 0) -> int | None:
         """The leader's index (0-based) as node `node` sees it."""
         status = json.loads(self.mcpctl("cluster", "status", "-o", "json", node=node))

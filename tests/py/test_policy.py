@@ -87,6 +87,16 @@ def test_a_denied_tool_is_refused_naming_the_rule_and_is_not_listed(pol, mode):
         assert tool.replace("crash", "echo") in names
     # The operator's own calls are not covered by the tenant's rules.
     assert "demo__crash" in tool_names(c.url(0), c.admin_token, mode)
+    # The refusal is in the node's call log, with the rule.
+    wait_until(
+        lambda: any(
+            e["name"] == "crash" and e["server"] == "demo" and e["outcome"] == "denied"
+            and e["policy"] == "pol-no-crash" and e["tenant"] == TENANT
+            for e in c.call_log(0)
+        ),
+        10,
+        "the denied call in node 1's call log",
+    )
 
 
 def test_a_condition_on_the_arguments_allows_some_calls_of_a_tool_and_not_others(pol, files_dir):

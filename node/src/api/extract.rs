@@ -87,6 +87,24 @@ impl<S: Send + Sync> FromRequestParts<S> for RemoteAddr {
     }
 }
 
+/// Refuses a body that names another object than its path (`PUT /v1/servers/a` of `b`).
+pub fn same_name(body: &str, path: &str) -> Result<(), ApiError> {
+    if body == path {
+        return Ok(());
+    }
+    Err(crate::registry::validate::FieldError::new(
+        "name",
+        format!("{body:?} does not match the path's {path:?}"),
+    )
+    .into())
+}
+
+/// The precondition of a write whose rights were checked on `current` (its revision, or
+/// `None`: it did not exist): the write lands only on what was checked.
+pub fn as_checked(current: Option<u64>) -> Precondition {
+    current.map_or(Precondition::Absent, Precondition::Revision)
+}
+
 /// `If-Match: <revision>` (quotes allowed, as for an ETag) as a precondition.
 pub fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     let Some(v) = headers.get(header::IF_MATCH) else {

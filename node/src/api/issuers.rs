@@ -8,7 +8,7 @@ use mcpcp_proto::api::{IssuerSpec, List, Versioned, WriteAck};
 
 use super::error::ApiError;
 use super::extract::{
-    precondition, read_barrier, ApiJson, ApiQuery, Authorized, ReadParams, RemoteAddr,
+    precondition, read_barrier, same_name, ApiJson, ApiQuery, Authorized, ReadParams, RemoteAddr,
 };
 use super::objects::write;
 use super::AppState;
@@ -78,13 +78,7 @@ pub async fn put(
     headers: HeaderMap,
     ApiJson(spec): ApiJson<IssuerSpec>,
 ) -> Result<Json<WriteAck>, ApiError> {
-    if spec.name != name {
-        return Err(validate::FieldError::new(
-            "name",
-            format!("{:?} does not match the path's {name:?}", spec.name),
-        )
-        .into());
-    }
+    same_name(&spec.name, &name)?;
     validate::issuer_spec(&spec)?;
     let command = Command::PutIssuer {
         spec,

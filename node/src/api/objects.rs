@@ -18,8 +18,8 @@ use mcpcp_proto::api::{
 
 use super::error::ApiError;
 use super::extract::{
-    idempotency_key, precondition, read_barrier, ApiJson, ApiQuery, Authorized, ReadParams,
-    RemoteAddr,
+    as_checked, idempotency_key, precondition, read_barrier, same_name, ApiJson, ApiQuery,
+    Authorized, ReadParams, RemoteAddr,
 };
 use super::AppState;
 use crate::identity::surface::{ClusterWrite, ObjectRead, ObjectWrite, Operate};
@@ -287,13 +287,7 @@ pub async fn put_server(
     headers: HeaderMap,
     ApiJson(spec): ApiJson<ServerSpec>,
 ) -> Result<Json<WriteAck>, ApiError> {
-    if spec.name != name {
-        return Err(validate::FieldError::new(
-            "name",
-            format!("{:?} does not match the path's {name:?}", spec.name),
-        )
-        .into());
-    }
+    same_name(&spec.name, &name)?;
     // A "<redacted>" value stands for the stored one: read it linearizably, and write only
     // onto the revision it was read at, so a racing write is not silently reverted.
     let keeps = spec
@@ -317,10 +311,10 @@ pub async fn put_server(
     may_write_server(&caller, &spec, current.as_ref().map(|c| &c.spec))?;
     // A tenant-scoped caller writes onto exactly what it was allowed to (or onto nothing),
     // so a concurrent change cannot slip another tenant's server under its write.
-    let default = match (&current, keeps || caller.role.is_tenant_scoped()) {
-        (Some(c), true) => Precondition::Revision(c.revision),
-        (None, true) => Precondition::Absent,
-        _ => Precondition::None,
+    let default = if keeps || caller.role.is_tenant_scoped() {
+        as_checked(current.as_ref().map(|c| c.revision))
+    } else {
+        Precondition::None
     };
     let spec = sealed(&state, spec, current.as_ref().map(|c| &c.spec))?;
     let command = Command::PutServer {

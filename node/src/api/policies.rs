@@ -9,7 +9,8 @@ use mcpcp_proto::api::{Effect, List, PolicySpec, PolicyTest, PolicyVerdict, Vers
 
 use super::error::ApiError;
 use super::extract::{
-    precondition, read_barrier, ApiJson, ApiQuery, Authorized, ReadParams, RemoteAddr,
+    as_checked, precondition, read_barrier, same_name, ApiJson, ApiQuery, Authorized, ReadParams,
+    RemoteAddr,
 };
 use super::objects::write;
 use super::AppState;
@@ -122,13 +123,7 @@ pub async fn put(
     headers: HeaderMap,
     ApiJson(spec): ApiJson<PolicySpec>,
 ) -> Result<Json<WriteAck>, ApiError> {
-    if spec.name != name {
-        return Err(validate::FieldError::new(
-            "name",
-            format!("{:?} does not match the path's {name:?}", spec.name),
-        )
-        .into());
-    }
+    same_name(&spec.name, &name)?;
     checked(&caller, &spec)?;
     let current = state.registry.local().state.policies.get(&name).cloned();
     if current.as_ref().is_some_and(|c| !owns(&caller, &c.spec)) {
@@ -144,10 +139,10 @@ pub async fn put(
         });
     }
     // A tenant admin writes onto exactly the rule it was allowed to (or onto none).
-    let default = match (&current, caller.role.is_tenant_scoped()) {
-        (Some(c), true) => Precondition::Revision(c.revision),
-        (None, true) => Precondition::Absent,
-        _ => Precondition::None,
+    let default = if caller.role.is_tenant_scoped() {
+        as_checked(current.as_ref().map(|c| c.revision))
+    } else {
+        Precondition::None
     };
     let command = Command::PutPolicy {
         spec,

@@ -15,6 +15,7 @@ pub mod jwks;
 pub mod jwt;
 pub mod resource;
 pub mod surface;
+pub mod verified;
 
 use std::sync::Arc;
 
@@ -61,6 +62,8 @@ pub struct Refusal {
 pub struct Identity {
     registry: Registry,
     keys: jwks::KeyCache,
+    /// Tokens verified already (`verified`).
+    verified: Arc<verified::Verified>,
     config: Arc<IdentityConfig>,
     /// Whether the edge speaks TLS (the scheme of resource URLs without `public_url`).
     tls: bool,
@@ -71,6 +74,7 @@ impl Identity {
         Identity {
             registry,
             keys: jwks::KeyCache::new(config.clone()),
+            verified: Arc::default(),
             config: Arc::new(config),
             tls,
         }
@@ -131,13 +135,44 @@ impl Identity {
     async fn authenticate(&self, parts: &Parts, resource: &str) -> Result<Principal, AuthError> {
         let token = bearer(parts)?;
         if jwt::looks_like_jwt(token) {
-            let issuers = self.issuers();
-            let issuer = jwt::claimed_issuer(token, &issuers)?;
             let registry = &self.registry;
+            let key = verified::key(token);
+            let now = crate::registry::now_unix();
+            let revision_of = |name: &str| {
+                let data = registry.local();
+                let issuer = data.state.issuers.get(name)?;
+                // A tenant-scoped caller's tenant must still exist.
+                Some(issuer.revision)
+            };
+            if let Some(p) = self.verified.get(&key, resource, revision_of, now) {
+                let tenant_ok = p
+                    .tenant
+                    .as_deref()
+                    .is_none_or(|t| registry.local().state.tenants.contains_key(t));
+                if tenant_ok {
+                    return Ok(p);
+                }
+            }
+            let (issuer, revision) = {
+                let data = registry.local();
+                let issuers: Vec<_> = data.state.issuers.values().cloned().collect();
+                let specs: Vec<IssuerSpec> = issuers.iter().map(|v| v.spec.clone()).collect();
+                let found = jwt::claimed_issuer(token, &specs)?.clone();
+                let revision = data
+                    .state
+                    .issuers
+                    .get(&found.name)
+                    .map_or(0, |v| v.revision);
+                (found, revision)
+            };
             let exists = |t: &str| registry.local().state.tenants.contains_key(t);
-            let p = jwt::verify(token, issuer, resource, &self.keys, exists).await?;
+            let p = jwt::verify(token, &issuer, resource, &self.keys, exists).await?;
             metrics::counter!("mcpd_jwt_accepted_total", "issuer" => issuer.name.clone())
                 .increment(1);
+            if let Some(j) = &p.jwt {
+                let until = j.expires_at.saturating_add(issuer.clock_skew_s);
+                self.verified.put(key, resource, revision, until, &p);
+            }
             return Ok(p);
         }
         if let Some(p) = self.registry.authenticate(token) {

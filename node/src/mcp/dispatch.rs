@@ -6,11 +6,15 @@
 //! fallbacks) with an events channel, so progress, logging and the server's own requests flow
 //! back to the caller as they happen.
 
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
 use mcpcp_proto::mcp::{code, ErrorObject};
 use serde_json::{json, Value};
 
 use super::target::Target;
 use crate::call::{Affinity, Call, EventSink, FallbackGate};
+use crate::call_audit::{describe_args, CallAudit, CallEvent};
 use crate::policy::{Access, Policies};
 use crate::pool::catalogue::Catalogue;
 use crate::registry::{Principal, Registry};
@@ -34,6 +38,18 @@ pub struct Route {
     pub affinity: Option<Affinity>,
     /// What the caller may call.
     pub policies: Policies,
+    /// The node's call log.
+    pub calls: CallAudit,
+    /// What the policies decided for this request's call, for its log line.
+    pub decided: Arc<Mutex<Option<Decided>>>,
+}
+
+/// The policies' decision on a call: which server and item it reached, and the rule.
+#[derive(Debug, Clone)]
+pub struct Decided {
+    server: String,
+    item: String,
+    rule: Option<String>,
 }
 
 fn invalid(message: impl Into<String>) -> ErrorObject {
@@ -66,7 +82,7 @@ impl Route {
         params: Option<Value>,
         events: EventSink,
     ) -> Result<Value, ErrorObject> {
-        let gate = self.fallback_gate(method, params.as_ref());
+        let gate = self.fallback_gate(name, method, params.as_ref());
         let call = Call {
             principal: self.principal.clone(),
             server: name.to_string(),
@@ -91,8 +107,86 @@ impl Route {
             .collect()
     }
 
-    /// Runs `method` for the client.
+    /// Runs `method` for the client; a tool call, resource read or prompt get leaves a line in
+    /// the call log.
     pub async fn dispatch(
+        &self,
+        method: &str,
+        params: Option<Value>,
+        events: EventSink,
+    ) -> Result<Value, ErrorObject> {
+        if !self.calls.enabled()
+            || !matches!(method, "tools/call" | "resources/read" | "prompts/get")
+        {
+            return self.route_request(method, params, events).await;
+        }
+        let started = Instant::now();
+        let args = params.as_ref().and_then(|p| p.get("arguments")).cloned();
+        let named = params
+            .as_ref()
+            .and_then(|p| p.get("name").or_else(|| p.get("uri")))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let result = self.route_request(method, params, events).await;
+        self.log_call(method, named, args.as_ref(), &result, started);
+        result
+    }
+
+    /// Writes the call's line (see `crate::call_audit`).
+    fn log_call(
+        &self,
+        method: &str,
+        named: String,
+        args: Option<&Value>,
+        result: &Result<Value, ErrorObject>,
+        started: Instant,
+    ) {
+        let decided = self
+            .decided
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let (server, name, policy) = match decided {
+            Some(d) => (d.server, d.item, d.rule),
+            None => match &self.target {
+                Target::Server(s) => (s.clone(), named, None),
+                Target::Aggregate => (String::new(), named, None),
+            },
+        };
+        let (outcome, error_code) = match result {
+            Ok(v) if v["isError"] == json!(true) => ("tool_error", None),
+            Ok(_) => ("ok", None),
+            Err(e) if e.code == code::DENIED => ("denied", Some(e.code)),
+            Err(e) => ("error", Some(e.code)),
+        };
+        let (args_bytes, args_sha256, args) = describe_args(args, self.calls.include_arguments());
+        let at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        self.calls.record(CallEvent {
+            at_ms,
+            node: self.registry.id,
+            tenant: self.principal.tenant.clone(),
+            subject: self.principal.token_id.clone(),
+            role: self.principal.role.as_str(),
+            server,
+            method: method.to_string(),
+            name,
+            args_bytes,
+            args_sha256,
+            args,
+            outcome,
+            error_code,
+            duration_ms: started.elapsed().as_secs_f64() * 1e3,
+            session: self.affinity.as_ref().map(|a| a.key.clone()),
+            policy,
+        });
+    }
+
+    /// Sends the request where it goes: one server, or the aggregate's owner of the item.
+    async fn route_request(
         &self,
         method: &str,
         params: Option<Value>,
@@ -264,6 +358,11 @@ impl Route {
         let (kind, item) = access;
         let access = kind.access(server, &item);
         let verdict = self.policies.decide(&self.principal, &access, args);
+        *self.decided.lock().unwrap_or_else(|e| e.into_inner()) = Some(Decided {
+            server: server.to_string(),
+            item: item.clone(),
+            rule: verdict.rule.clone(),
+        });
         if verdict.allowed {
             return Ok(());
         }
@@ -276,9 +375,22 @@ impl Route {
         .with_data(json!({ "policy": rule })))
     }
 
-    /// The policies' verdict on the same call sent to a fallback server instead.
-    fn fallback_gate(&self, method: &str, params: Option<&Value>) -> Option<FallbackGate> {
-        if !self.policies.any() {
+    /// The policies' verdict on the same call sent to a fallback server instead (only for a
+    /// server that has fallbacks, while rules exist).
+    fn fallback_gate(
+        &self,
+        server: &str,
+        method: &str,
+        params: Option<&Value>,
+    ) -> Option<FallbackGate> {
+        let has_fallbacks = self
+            .registry
+            .local()
+            .state
+            .servers
+            .get(server)
+            .is_some_and(|s| !s.spec.fallbacks.is_empty());
+        if !has_fallbacks || !self.policies.any() {
             return None;
         }
         let me = self.clone();

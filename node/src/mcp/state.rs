@@ -71,6 +71,8 @@ pub struct McpState {
     pub identity: crate::identity::Identity,
     /// What each caller may call (`crate::policy`).
     pub policies: crate::policy::Policies,
+    /// The log of every call (`crate::call_audit`).
+    pub calls: crate::call_audit::CallAudit,
 }
 
 impl McpState {
@@ -79,6 +81,7 @@ impl McpState {
         router: Router,
         identity: crate::identity::Identity,
         policies: crate::policy::Policies,
+        calls: crate::call_audit::CallAudit,
         cfg: &McpConfig,
         advertised_http: &str,
     ) -> McpState {
@@ -92,6 +95,7 @@ impl McpState {
             config: Arc::new(cfg.clone()),
             identity,
             policies,
+            calls,
         }
     }
 
@@ -104,6 +108,8 @@ impl McpState {
             target: target.clone(),
             affinity: None,
             policies: self.policies.clone(),
+            calls: self.calls.clone(),
+            decided: Default::default(),
         }
     }
 }

@@ -4,8 +4,16 @@
 //! field, a wrong type), counts against the caller: an allow rule does not match, a deny rule
 //! does.
 
-use cel::{Context, Program, Value};
+use std::sync::{Arc, OnceLock};
+
+use cel::{Context, Env, Program, Value};
 use serde_json::Value as Json;
+
+/// CEL's standard functions, built once (a context of its own per call would rebuild them).
+fn stdlib() -> Arc<Env> {
+    static ENV: OnceLock<Arc<Env>> = OnceLock::new();
+    ENV.get_or_init(|| Arc::new(Env::stdlib())).clone()
+}
 
 /// A compiled condition.
 pub struct Condition {
@@ -67,7 +75,7 @@ impl Condition {
 
     /// `Some(true|false)` for a boolean answer; `None` when it failed or gave another type.
     pub fn eval(&self, facts: &Facts<'_>) -> Option<bool> {
-        let mut ctx = Context::default();
+        let mut ctx = Context::with_env(stdlib());
         ctx.add_variable_from_value("args", facts.args.clone());
         ctx.add_variable_from_value("principal", facts.principal.clone());
         ctx.add_variable_from_value("server", facts.server);

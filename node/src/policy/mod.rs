@@ -54,6 +54,9 @@ impl Access<'_> {
 
 /// A rule ready to evaluate.
 struct Rule {
+    /// The servers its targets can reach, when each names one without a glob: a call to
+    /// another server skips the rule without matching a glob. `None`: any server.
+    servers: Option<Vec<String>>,
     spec: PolicySpec,
     /// `Err`: it did not compile (refused at write; kept failing closed if it ever is).
     condition: Option<Result<Condition, String>>,
@@ -102,6 +105,7 @@ impl Policies {
         let rules = specs
             .into_iter()
             .map(|spec| Rule {
+                servers: literal_servers(&spec.targets),
                 condition: spec.condition.as_deref().map(Condition::compile),
                 spec,
             })
@@ -150,13 +154,41 @@ pub fn principal_facts(who: &Principal) -> Value {
     })
 }
 
+/// The one server each target names, when none has a glob in its server part (`resource:`
+/// targets name none: the rule is for any server).
+fn literal_servers(targets: &[String]) -> Option<Vec<String>> {
+    if targets.is_empty() {
+        return None;
+    }
+    targets
+        .iter()
+        .map(|t| {
+            let server = match t.split_once(':')? {
+                ("server", s) => s,
+                ("tool" | "prompt", rest) => rest.split_once("__")?.0,
+                _ => return None,
+            };
+            (!server.contains('*')).then(|| server.to_string())
+        })
+        .collect()
+}
+
+impl Rule {
+    /// Whether the rule may cover a call to `server` at all.
+    fn may_reach(&self, server: &str) -> bool {
+        self.servers
+            .as_ref()
+            .is_none_or(|s| s.iter().any(|x| x == server))
+    }
+}
+
 fn any_glob(patterns: &[String], value: &str) -> bool {
     patterns.iter().any(|p| glob::matches(p, value))
 }
 
-/// Whether the rule's callers and targets cover this call (not its condition).
-fn covers(spec: &PolicySpec, who: &Principal, access: &Access<'_>) -> bool {
-    let targets = access.targets();
+/// Whether the rule's callers and targets (`access.targets()`, made once per decision) cover
+/// this call (not its condition).
+fn covers(spec: &PolicySpec, who: &Principal, targets: &[String; 2]) -> bool {
     (spec.targets.is_empty() || targets.iter().any(|t| any_glob(&spec.targets, t)))
         && (spec.roles.is_empty() || spec.roles.contains(&who.role))
         && (spec.tenants.is_empty()
@@ -170,10 +202,11 @@ fn covers(spec: &PolicySpec, who: &Principal, access: &Access<'_>) -> bool {
 
 fn decide(rules: &[Rule], who: &Principal, access: &Access<'_>, args: &Value) -> PolicyVerdict {
     let (server, name, uri) = access.facts();
+    let targets = access.targets();
     // Converted once, when the first rule with a condition needs them.
     let mut facts: Option<Option<Facts<'_>>> = None;
     for rule in rules {
-        if !covers(&rule.spec, who, access) {
+        if !rule.may_reach(server) || !covers(&rule.spec, who, &targets) {
             continue;
         }
         let holds = match &rule.condition {
@@ -205,8 +238,10 @@ fn decide(rules: &[Rule], who: &Principal, access: &Access<'_>, args: &Value) ->
 }
 
 fn may_list(rules: &[Rule], who: &Principal, access: &Access<'_>) -> bool {
+    let targets = access.targets();
+    let server = access.facts().0;
     for rule in rules {
-        if !covers(&rule.spec, who, access) {
+        if !rule.may_reach(server) || !covers(&rule.spec, who, &targets) {
             continue;
         }
         match (&rule.condition, rule.spec.effect) {
@@ -243,9 +278,22 @@ mod tests {
             description: None,
         };
         Rule {
+            servers: literal_servers(&spec.targets),
             condition: spec.condition.as_deref().map(Condition::compile),
             spec,
         }
+    }
+
+    #[test]
+    fn rules_are_indexed_by_the_servers_they_name() {
+        let t = |v: &[&str]| literal_servers(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(
+            t(&["tool:files__read_*", "server:git"]),
+            Some(vec!["files".into(), "git".into()])
+        );
+        assert_eq!(t(&["tool:*__delete"]), None);
+        assert_eq!(t(&["resource:file:///srv/*"]), None);
+        assert_eq!(t(&[]), None);
     }
 
     fn alice() -> Principal {

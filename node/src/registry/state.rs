@@ -377,6 +377,18 @@ impl State {
         (result, changes)
     }
 
+    /// Refuses a reference to a tenant that does not exist.
+    fn tenant_exists(&self, tenant: Option<&str>) -> Result<(), ApplyError> {
+        match tenant {
+            Some(t) if !self.tenants.contains_key(t) => Err(ApplyError::MissingReference {
+                field: "tenant".into(),
+                kind: ObjectKind::Tenant,
+                name: t.to_string(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Appends the audit event of an applied change, chained to the one before, and drops
     /// the oldest beyond the retention.
     fn record(
@@ -423,15 +435,7 @@ impl State {
     fn apply_command(&mut self, cmd: Command, rev: u64) -> Result<Vec<Change>, ApplyError> {
         match cmd {
             Command::PutServer { spec, precondition } => {
-                if let Some(t) = &spec.tenant {
-                    if !self.tenants.contains_key(t) {
-                        return Err(ApplyError::MissingReference {
-                            field: "tenant".into(),
-                            kind: ObjectKind::Tenant,
-                            name: t.clone(),
-                        });
-                    }
-                }
+                self.tenant_exists(spec.tenant.as_deref())?;
                 let name = spec.name.clone();
                 put(
                     &mut self.servers,
@@ -558,15 +562,7 @@ impl State {
                         ),
                     });
                 }
-                if let Some(t) = &spec.tenant {
-                    if !self.tenants.contains_key(t) {
-                        return Err(ApplyError::MissingReference {
-                            field: "tenant".into(),
-                            kind: ObjectKind::Tenant,
-                            name: t.clone(),
-                        });
-                    }
-                }
+                self.tenant_exists(spec.tenant.as_deref())?;
                 let name = spec.name.clone();
                 put(
                     &mut self.issuers,

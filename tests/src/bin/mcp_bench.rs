@@ -24,9 +24,10 @@
 //!   64 clients; the added p50 and the calls/s ratio against the direct calls of the same run.
 //! - `identity`: the cost of a JWT caller and of policies: node 1's `/servers/demo/mcp` called
 //!   with an API key while no policy exists, then with an ES256 JWT of a trusted issuer
-//!   (`mcpcp_tests::bench_issuer`, keys cached after the first call) while 100 rules apply to
+//!   (`mcpcp_tests::bench_issuer`, keys cached after the first call), first alone, then while 100 rules apply to
 //!   the caller's tenant, the last of them the one that matches, with a CEL condition on the
-//!   call's arguments; at 1 and 64 clients, the added p50 and the calls/s ratio of the same run.
+//!   call's arguments, and last with that condition taken away (what the CEL costs); at 1 and
+//!   64 clients, the added p50 and the calls/s ratio of the same run.
 //! - `bridge`: `mcp-bridge` (stdio, given every node's URL) vs the same calls straight to `/mcp`;
 //!   then `--kills` times: kill -9 the node the bridge is using and time the pause until a call
 //!   sent after the kill succeeds, restarting the node (and waiting for `/readyz`) in between.
@@ -1756,7 +1757,9 @@ fn upstream_goals(report: &mut Report) {
 // === section: identity ===
 
 const IDENTITY_API_KEY: &str = "api key, no policy";
+const IDENTITY_JWT_ONLY: &str = "jwt, no policy";
 const IDENTITY_JWT: &str = "jwt, 100 rules (cel)";
+const IDENTITY_JWT_PLAIN: &str = "jwt, 100 rules (no cel)";
 
 /// An API key with no policy, then a JWT with 100 rules, on node 1's `/servers/demo/mcp`.
 async fn bench_identity(mcp: &Mcp, args: &Args, report: &mut Report) -> anyhow::Result<()> {
@@ -1778,6 +1781,20 @@ async fn bench_identity(mcp: &Mcp, args: &Args, report: &mut Report) -> anyhow::
         .create_issuer(&spec, &none)
         .await
         .context("trusting the bench issuer")?;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        + 3600;
+    let token = issuer.token(json!({
+        "sub": "bench-user", "aud": key.url, "exp": exp, "scope": "mcp",
+    }))?;
+    let jwt = HttpTarget {
+        token: Some(token),
+        ..key
+    };
+    wait_callable(&jwt, READY_WITHIN, None).await?;
+    let jwt_rows = Endpoints::Http(vec![jwt]);
+    run_levels("identity", IDENTITY_JWT_ONLY, &jwt_rows, args, report).await;
     // 99 rules that do not match the call, then the one that does, with a condition.
     for i in 0..100u32 {
         let rule: PolicySpec = serde_json::from_value(if i < 99 {
@@ -1793,26 +1810,17 @@ async fn bench_identity(mcp: &Mcp, args: &Args, report: &mut Report) -> anyhow::
             .await
             .with_context(|| format!("adding rule {}", rule.name))?;
     }
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs()
-        + 3600;
-    let token = issuer.token(json!({
-        "sub": "bench-user", "aud": key.url, "exp": exp, "scope": "mcp",
+    run_levels("identity", IDENTITY_JWT, &jwt_rows, args, report).await;
+    // The same rules with the last one's condition taken away: what the CEL costs.
+    let plain: PolicySpec = serde_json::from_value(json!({
+        "name": "bench-echo", "order": 99, "effect": "allow",
+        "targets": ["tool:demo__echo"], "tenants": ["bench"],
     }))?;
-    let jwt = HttpTarget {
-        token: Some(token),
-        ..key
-    };
-    wait_callable(&jwt, READY_WITHIN, None).await?;
-    run_levels(
-        "identity",
-        IDENTITY_JWT,
-        &Endpoints::Http(vec![jwt]),
-        args,
-        report,
-    )
-    .await;
+    mcp.admin
+        .put_policy(&plain, &none)
+        .await
+        .context("dropping the condition")?;
+    run_levels("identity", IDENTITY_JWT_PLAIN, &jwt_rows, args, report).await;
     Ok(())
 }
 

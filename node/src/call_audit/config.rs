@@ -1,0 +1,54 @@
+//! `[call_audit]`: where each node writes one JSON line per tool call, resource read and
+//! prompt get, and how much it keeps.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallAuditConfig {
+    /// Write the call log at all.
+    pub enabled: bool,
+    /// Its directory (default `<data_dir>/audit`); the current file is `calls.jsonl`.
+    pub dir: Option<PathBuf>,
+    /// A file past this size is rotated (`calls.jsonl.1`, `.2`...); at least 4096.
+    pub max_file_bytes: u64,
+    /// Rotated files kept besides the current one (1 to 1000).
+    pub max_files: u32,
+    /// Events waiting for the writer at most (at least 16). A call never waits for the log: when
+    /// the buffer is full the event is dropped and counted in
+    /// `mcpd_call_audit_dropped_total`.
+    pub buffer: usize,
+    /// Also write each call's arguments (else only their size and SHA-256).
+    pub include_arguments: bool,
+}
+
+impl Default for CallAuditConfig {
+    fn default() -> Self {
+        CallAuditConfig {
+            enabled: true,
+            dir: None,
+            max_file_bytes: 64 << 20,
+            max_files: 8,
+            buffer: 16_384,
+            include_arguments: false,
+        }
+    }
+}
+
+impl CallAuditConfig {
+    /// Checks the section; the error names the field.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.max_file_bytes < 4096 {
+            return Err(("call_audit.max_file_bytes", "must be at least 4096".into()));
+        }
+        if !(1..=1000).contains(&self.max_files) {
+            return Err(("call_audit.max_files", "must be 1 to 1000".into()));
+        }
+        if self.buffer < 16 {
+            return Err(("call_audit.buffer", "must be at least 16".into()));
+        }
+        Ok(())
+    }
+}

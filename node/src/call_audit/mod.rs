@@ -1,0 +1,154 @@
+//! The call log: one structured event per tool call, resource read and prompt get on this
+//! node (who, which server and tool, the arguments' size and hash, the outcome, how long, the
+//! policy rule that decided), as JSON lines in `<data_dir>/audit/calls.jsonl`, rotated by size.
+//!
+//! A call hands its event to a bounded queue and goes on ([`CallAudit::record`]); one writer
+//! thread drains it. A full queue drops the event and counts it
+//! (`mcpd_call_audit_dropped_total`), so a slow disk slows no call and loses nothing silently.
+
+pub mod config;
+pub mod writer;
+
+use std::path::Path;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+
+use serde::Serialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use config::CallAuditConfig;
+use writer::Writer;
+
+/// One call, as the log keeps it.
+#[derive(Debug, Serialize)]
+pub struct CallEvent {
+    /// Unix milliseconds when the call ended.
+    pub at_ms: u64,
+    pub node: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// The caller's qualified id (an API token's id, or `jwt:ISSUER:SUB`).
+    pub subject: String,
+    pub role: &'static str,
+    pub server: String,
+    /// `tools/call`, `resources/read`, `prompts/get`.
+    pub method: String,
+    /// The tool or prompt, or the resource's URI.
+    pub name: String,
+    pub args_bytes: usize,
+    /// Hex SHA-256 of the arguments as sent (absent without arguments).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub args_sha256: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub args: Option<Value>,
+    /// `ok`, `error` (a JSON-RPC error, `error_code` says which), `tool_error` (a result
+    /// with `isError`), or `denied` (by `policy`).
+    pub outcome: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<i64>,
+    pub duration_ms: f64,
+    /// The downstream session, when the server runs one process per session.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    /// The policy rule that allowed or denied the call (absent: no rule matched).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+}
+
+/// The arguments' size, hash, and (when the config asks) the arguments themselves.
+pub fn describe_args(
+    args: Option<&Value>,
+    include: bool,
+) -> (usize, Option<String>, Option<Value>) {
+    let Some(args) = args else {
+        return (0, None, None);
+    };
+    let bytes = serde_json::to_vec(args).unwrap_or_default();
+    let hash = hex::encode(Sha256::digest(&bytes));
+    (bytes.len(), Some(hash), include.then(|| args.clone()))
+}
+
+/// The node's handle on its call log (cheap to clone).
+#[derive(Clone)]
+pub struct CallAudit {
+    tx: Option<SyncSender<CallEvent>>,
+    include_arguments: bool,
+}
+
+impl CallAudit {
+    /// Starts the writer thread on `<data_dir>/audit` (or the configured directory); a log
+    /// that cannot be opened is an error at start, not a silent gap.
+    pub fn start(config: &CallAuditConfig, data_dir: &Path) -> std::io::Result<CallAudit> {
+        if !config.enabled {
+            return Ok(CallAudit::off());
+        }
+        let dir = config.dir.clone().unwrap_or_else(|| data_dir.join("audit"));
+        let writer = Writer::open(&dir, config)?;
+        let (tx, rx) = sync_channel(config.buffer);
+        std::thread::Builder::new()
+            .name("call-audit".into())
+            .spawn(move || drain(rx, writer))?;
+        tracing::info!(dir = %dir.display(), "call log: one line per tool call, resource read and prompt get");
+        Ok(CallAudit {
+            tx: Some(tx),
+            include_arguments: config.include_arguments,
+        })
+    }
+
+    /// A log that records nothing (`call_audit.enabled = false`).
+    pub fn off() -> CallAudit {
+        CallAudit {
+            tx: None,
+            include_arguments: false,
+        }
+    }
+
+    pub fn include_arguments(&self) -> bool {
+        self.include_arguments
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    /// Hands `event` to the writer without waiting.
+    pub fn record(&self, event: CallEvent) {
+        let Some(tx) = &self.tx else {
+            return;
+        };
+        match tx.try_send(event) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                metrics::counter!("mcpd_call_audit_dropped_total", "reason" => "full").increment(1)
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                metrics::counter!("mcpd_call_audit_dropped_total", "reason" => "writer_gone")
+                    .increment(1)
+            }
+        }
+    }
+}
+
+/// Writes events until every sender is gone, flushing whenever the queue runs dry.
+fn drain(rx: Receiver<CallEvent>, mut writer: Writer) {
+    while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        while let Some(event) = next {
+            match serde_json::to_vec(&event).map(|line| writer.append(&line)) {
+                Ok(Ok(())) => metrics::counter!("mcpd_call_audit_events_total").increment(1),
+                Ok(Err(e)) => {
+                    metrics::counter!("mcpd_call_audit_dropped_total", "reason" => "io")
+                        .increment(1);
+                    tracing::error!(error = %e, "call log: an event could not be written");
+                }
+                Err(_) => metrics::counter!("mcpd_call_audit_dropped_total", "reason" => "encode")
+                    .increment(1),
+            }
+            next = rx.try_recv().ok();
+        }
+        if let Err(e) = writer.flush() {
+            tracing::error!(error = %e, "call log: flush failed");
+        }
+    }
+    let _ = writer.flush();
+}
