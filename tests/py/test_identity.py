@@ -375,3 +375,17 @@ def test_token_list_shows_when_each_token_was_last_used(trusted, role_tokens):
     by_name = wait_until(listed, 75, "the viewer token's use is recorded")
     assert "last_used_at" not in by_name["never-used"]
     assert "LAST USED" in trusted.mcpctl("token", "list")
+
+
+def test_a_removed_issuer_takes_its_verified_tokens_with_it(trusted, idp):
+    """A node caches the tokens it verified; removing the issuer refuses them at the next call."""
+    url = trusted.url(0)
+    token = idp.token("oidc-acme-user", url, "mcp")
+    assert post_mcp(url, token).status_code == 200
+    trusted.mcpctl("issuer", "rm", "idp")
+    try:
+        r = wait_until(lambda: r if (r := post_mcp(url, token)).status_code == 401 else None, 10, "the token is refused")
+        assert "is not trusted" in challenge(r)["error_description"]
+    finally:
+        trusted.mcpctl("issuer", "add", "idp", "--issuer", idp.issuer, "--algorithm", "RS256")
+    wait_until(lambda: post_mcp(url, token).status_code == 200, 10, "trusted again")

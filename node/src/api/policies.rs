@@ -23,6 +23,17 @@ use crate::registry::{validate, Principal};
 /// Rules the cluster holds at most: every call on every node walks them.
 const MAX_RULES: usize = 1000;
 
+/// Refuses a new rule past [`MAX_RULES`].
+fn room_for_a_rule(state: &AppState) -> Result<(), ApiError> {
+    if state.registry.local().state.policies.len() < MAX_RULES {
+        return Ok(());
+    }
+    Err(ApiError::Conflict {
+        code: "too_many",
+        message: format!("the cluster holds {MAX_RULES} rules already; remove some first"),
+    })
+}
+
 /// Whether `caller` may see or write `spec`: a tenant admin, its own tenant's rules only.
 fn owns(caller: &Principal, spec: &PolicySpec) -> bool {
     !caller.role.is_tenant_scoped()
@@ -101,12 +112,7 @@ pub async fn create(
     ApiJson(spec): ApiJson<PolicySpec>,
 ) -> Result<(StatusCode, Json<WriteAck>), ApiError> {
     checked(&caller, &spec)?;
-    if state.registry.local().state.policies.len() >= MAX_RULES {
-        return Err(ApiError::Conflict {
-            code: "too_many",
-            message: format!("the cluster holds {MAX_RULES} rules already; remove some first"),
-        });
-    }
+    room_for_a_rule(&state)?;
     let command = Command::PutPolicy {
         spec,
         precondition: Precondition::Absent,
@@ -132,11 +138,8 @@ pub async fn put(
             message: format!("policy name {name:?} is taken"),
         });
     }
-    if current.is_none() && state.registry.local().state.policies.len() >= MAX_RULES {
-        return Err(ApiError::Conflict {
-            code: "too_many",
-            message: format!("the cluster holds {MAX_RULES} rules already; remove some first"),
-        });
+    if current.is_none() {
+        room_for_a_rule(&state)?;
     }
     // A tenant admin writes onto exactly the rule it was allowed to (or onto none).
     let default = if caller.role.is_tenant_scoped() {

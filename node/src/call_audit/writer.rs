@@ -22,6 +22,9 @@ const CURRENT: &str = "calls.jsonl";
 impl Writer {
     pub fn open(dir: &Path, config: &CallAuditConfig) -> std::io::Result<Writer> {
         fs::create_dir_all(dir)?;
+        // Who called what is for the node's operator only, like the rest of the data dir.
+        #[cfg(unix)]
+        fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
         let (out, size) = open_current(dir)?;
         Ok(Writer {
             dir: dir.to_path_buf(),
@@ -100,6 +103,10 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, ["calls.jsonl", "calls.jsonl.1", "calls.jsonl.2"]);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(dir.path()), 0o700);
+        assert_eq!(mode(&dir.path().join("calls.jsonl")), 0o600);
         for n in &names {
             let size = fs::metadata(dir.path().join(n)).unwrap().len();
             assert!(size <= 4096, "{n}: {size}");
