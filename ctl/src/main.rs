@@ -507,6 +507,9 @@ struct IssuerAdd {
     /// The claim listing the caller's groups (for policies).
     #[arg(long, default_value = "groups")]
     groups_claim: String,
+    /// Accept tokens whose typ is not at+jwt (Entra ID and Okta issue `JWT`).
+    #[arg(long)]
+    accept_untyped: bool,
     /// A CA file (PEM) for its discovery and JWKS endpoints.
     #[arg(long)]
     ca_file: Option<String>,
@@ -1427,6 +1430,7 @@ async fn issuer(cli: &Cli, cmd: &IssuerCmd) -> Outcome {
                 roles_claim,
                 default_role,
                 groups_claim,
+                accept_untyped,
                 ca_file,
             } = add.as_ref();
             let spec = IssuerSpec {
@@ -1445,6 +1449,7 @@ async fn issuer(cli: &Cli, cmd: &IssuerCmd) -> Outcome {
                 roles_claim: roles_claim.clone(),
                 default_role: *default_role,
                 groups_claim: groups_claim.clone(),
+                accept_untyped: *accept_untyped,
                 ca_file: ca_file.clone(),
             };
             let a = c.create_issuer(&spec, &none).await?;

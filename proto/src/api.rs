@@ -439,6 +439,10 @@ pub struct IssuerSpec {
     /// The claim listing the caller's groups (for policies' `groups`).
     #[serde(default = "default_groups_claim")]
     pub groups_claim: String,
+    /// Accept tokens whose `typ` is not `at+jwt` (RFC 9068 asks for it; Entra ID and Okta
+    /// issue `JWT`). Off: an ID token or another JWT of the issuer is not an access token.
+    #[serde(default)]
+    pub accept_untyped: bool,
     /// A CA file (PEM) for its discovery and JWKS endpoints; the system's roots otherwise.
     #[serde(default)]
     pub ca_file: Option<String>,

@@ -52,4 +52,4 @@ def test_a_server_added_on_one_node_appears_on_another_nodes_aggregate(cluster, 
     # Nothing was restarted: the node processes that served before are the ones still running.
     assert [p for p in pids if not is_running_mcpd(p)] == []
     for n in range(3):
-        wait_until(lambda: cluster.metric("mcpd_pool_processes", 'server="demo",state="ready"', n), 10, "node alive")
+        wait_until(lambda: cluster.metric("mcpd_pool_processes", 'server="demo",transport="stdio",state="ready"', n), 10, "node alive")

@@ -152,6 +152,8 @@ def test_forged_expired_and_untrusted_tokens_are_refused_with_the_reason(trusted
         "not valid yet": idp.forge(idp.claims("oidc-acme-user", url, "mcp", nbf=now + 600)),
         "not a well-formed JWT": idp.forge(idp.claims("oidc-acme-user", url, "mcp"), alg="none"),
         "is not trusted": idp.forge(idp.claims("oidc-acme-user", url, "mcp", iss="http://127.0.0.1:1")),
+        # An ID token or another JWT of the issuer is not an access token (RFC 9068).
+        "not an access token": idp.forge(idp.claims("oidc-acme-user", url, "mcp"), headers={"typ": "JWT"}),
     }
     # Signed by a key the issuer never published, under the issuer's own key id.
     stranger = RSAAlgorithm.from_jwk(json.dumps(new_rsa_jwk(idp.kid)))

@@ -22,7 +22,7 @@ CRASHED = -32053
 def test_fifty_concurrent_sessions_over_two_processes_each_get_their_own_answers(cluster):
     node = 2
     url = cluster.url(node, "pool2")
-    assert cluster.metric("mcpd_pool_processes", 'server="pool2",state="ready"', node) == 2
+    assert cluster.metric("mcpd_pool_processes", 'server="pool2",transport="stdio",state="ready"', node) == 2
     run_id = uuid.uuid4().hex[:8]
 
     async def one_session(i: int) -> tuple[list[tuple[str, str]], int]:
@@ -52,7 +52,7 @@ def test_fifty_concurrent_sessions_over_two_processes_each_get_their_own_answers
 def test_a_process_crashing_mid_call_fails_that_call_clearly_and_is_replaced(cluster, mode):
     node = 0
     url = cluster.url(node, "crashy")
-    restarts = cluster.metric("mcpd_pool_restarts_total", 'server="crashy"', node) or 0
+    restarts = cluster.metric("mcpd_pool_restarts_total", 'server="crashy",transport="stdio"', node) or 0
 
     async def scenario():
         async with client(url, cluster.token, mode) as c:
@@ -73,12 +73,12 @@ def test_a_process_crashing_mid_call_fails_that_call_clearly_and_is_replaced(clu
     before, after = run(scenario())
     # The node replaced its own process: one more restart, and the slot is ready again.
     wait_until(
-        lambda: (cluster.metric("mcpd_pool_restarts_total", 'server="crashy"', node) or 0) == restarts + 1,
+        lambda: (cluster.metric("mcpd_pool_restarts_total", 'server="crashy",transport="stdio"', node) or 0) == restarts + 1,
         30,
         "the pool counted the restart",
     )
     wait_until(
-        lambda: cluster.metric("mcpd_pool_processes", 'server="crashy",state="ready"', node) == 1,
+        lambda: cluster.metric("mcpd_pool_processes", 'server="crashy",transport="stdio",state="ready"', node) == 1,
         30,
         "the replacement process is ready",
     )

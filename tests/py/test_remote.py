@@ -120,6 +120,10 @@ def test_a_remote_server_is_registered_with_its_headers_sealed(cluster, remote):
     status = json.loads(cluster.mcpctl("server", "status", remote, "-o", "json"))
     transports = {d.get("transport") for r in status["replicas"] for d in r["details"]}
     assert transports == {"http"}, status
+    # Its pool's metrics say it is remote, beside the stdio servers'.
+    for node in range(cluster.nodes):
+        ready = cluster.metric("mcpd_pool_processes", f'server="{remote}",transport="remote",state="ready"', node)
+        assert ready and ready >= 1, node
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -26,6 +26,8 @@ pub enum JwtError {
     UnknownKey { issuer: String, kid: String },
     #[error("the token's signature does not verify")]
     Signature,
+    #[error("the token is not an access token (typ {0:?}, not at+jwt)")]
+    Type(String),
     #[error("the token has expired")]
     Expired,
     #[error("the token is not valid yet")]
@@ -47,6 +49,7 @@ impl JwtError {
             JwtError::Algorithm { .. } => "algorithm",
             JwtError::UnknownKey { .. } => "key",
             JwtError::Signature => "signature",
+            JwtError::Type(_) => "type",
             JwtError::Expired => "expired",
             JwtError::NotYetValid => "not_yet_valid",
             JwtError::Audience { .. } => "audience",
@@ -92,6 +95,12 @@ pub async fn verify(
     tenants: impl Fn(&str) -> bool,
 ) -> Result<Principal, JwtError> {
     let header = jsonwebtoken::decode_header(token).map_err(|_| JwtError::Malformed)?;
+    let typ = header.typ.clone().unwrap_or_default();
+    let typed =
+        typ.eq_ignore_ascii_case("at+jwt") || typ.eq_ignore_ascii_case("application/at+jwt");
+    if !typed && !issuer.accept_untyped {
+        return Err(JwtError::Type(typ));
+    }
     let alg_name = serde_json::to_value(header.alg)
         .ok()
         .and_then(|v| v.as_str().map(String::from))
@@ -261,6 +270,7 @@ mod tests {
             roles_claim: "roles".into(),
             default_role: Role::User,
             groups_claim: "groups".into(),
+            accept_untyped: false,
             ca_file: None,
         }
     }

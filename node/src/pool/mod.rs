@@ -638,6 +638,16 @@ struct Place {
     report: report::SlotReport,
 }
 
+/// How a server is reached, for metrics: a local process (`stdio`) or over the network
+/// (`remote`: Streamable HTTP or legacy HTTP+SSE, told apart in `server status`).
+fn transport_label(spec: &ServerSpec) -> &'static str {
+    if spec.is_remote() {
+        "remote"
+    } else {
+        "stdio"
+    }
+}
+
 /// Keeps one process slot running.
 async fn supervise(
     place: Place,
@@ -654,15 +664,16 @@ async fn supervise(
         report,
     } = place;
     let server = spec.name.clone();
+    let transport = transport_label(&spec);
     let set_state = |s: SlotState| {
         let old = *state_tx.borrow();
         if old != s {
-            metrics::gauge!("mcpd_pool_processes", "server" => server.clone(), "state" => old.as_str()).decrement(1.0);
-            metrics::gauge!("mcpd_pool_processes", "server" => server.clone(), "state" => s.as_str()).increment(1.0);
+            metrics::gauge!("mcpd_pool_processes", "server" => server.clone(), "transport" => transport, "state" => old.as_str()).decrement(1.0);
+            metrics::gauge!("mcpd_pool_processes", "server" => server.clone(), "transport" => transport, "state" => s.as_str()).increment(1.0);
             let _ = state_tx.send(s);
         }
     };
-    metrics::gauge!("mcpd_pool_processes", "server" => server.clone(), "state" => "starting")
+    metrics::gauge!("mcpd_pool_processes", "server" => server.clone(), "transport" => transport, "state" => "starting")
         .increment(1.0);
     let mut recent_failures: Vec<Instant> = Vec::new();
     let mut delays = backoff();
@@ -714,7 +725,7 @@ async fn supervise(
                 report.failed(e.to_string());
             }
         }
-        metrics::counter!("mcpd_pool_restarts_total", "server" => server.clone()).increment(1);
+        metrics::counter!("mcpd_pool_restarts_total", "server" => server.clone(), "transport" => transport).increment(1);
         report.restarting();
         let now = Instant::now();
         recent_failures.retain(|t| now.duration_since(*t) < Duration::from_secs(60));

@@ -547,6 +547,7 @@ mod tests {
             roles_claim: "roles".into(),
             default_role: Role::User,
             groups_claim: "groups".into(),
+            accept_untyped: false,
             ca_file: None,
         };
         assert_eq!(issuer_spec(&good()), Ok(()));
