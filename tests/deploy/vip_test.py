@@ -194,7 +194,7 @@ def form_cluster():
     def demo_ready(n):
         code, body = curl(NS["cl"], f"https://{ADDR[n]}:{PORT}/metrics",
                           headers=[f"Authorization: Bearer {state['admin']}"])
-        m = re.search(r'mcpd_pool_processes\{server="demo",state="ready"\} (\d+)', body)
+        m = re.search(r'mcpd_pool_processes\{server="demo",(?:[^}]*,)?state="ready"\} (\d+)', body)
         return code == 200 and m and int(m.group(1)) >= 1
 
     for n in (1, 2, 3):
