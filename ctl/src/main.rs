@@ -611,6 +611,15 @@ fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
     }
 }
 
+/// A list as a table cell: its values, or `*` (anything) when empty.
+fn any(v: &[String]) -> String {
+    if v.is_empty() {
+        "*".to_string()
+    } else {
+        v.join(",")
+    }
+}
+
 fn opt<T: ToString>(v: Option<T>) -> String {
     v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
 }
@@ -1229,13 +1238,6 @@ async fn policy(cli: &Cli, cmd: &PolicyCmd) -> Outcome {
             if cli.output == Output::Json {
                 print_json(&list.items);
             } else {
-                let any = |v: &[String]| {
-                    if v.is_empty() {
-                        "*".to_string()
-                    } else {
-                        v.join(",")
-                    }
-                };
                 let rows = list
                     .items
                     .iter()
@@ -1245,7 +1247,7 @@ async fn policy(cli: &Cli, cmd: &PolicyCmd) -> Outcome {
                         vec![
                             s.order.to_string(),
                             s.name.clone(),
-                            format!("{:?}", s.effect).to_lowercase(),
+                            s.effect.as_str().to_string(),
                             any(&s.targets),
                             any(&s.tenants),
                             any(&roles),
@@ -1373,7 +1375,7 @@ async fn audit(cli: &Cli, cmd: &AuditCmd) -> Outcome {
                     if events.first().is_some_and(|e| e.seq != first_kept) {
                         return Err(fail(
                             1,
-                            format!("audit chain broken: it starts at event {first_kept}, but event {first_kept} was not served", ),
+                            format!("audit chain broken: it starts at event {first_kept}, but event {first_kept} was not served"),
                         ));
                     }
                     (events, Some(head))
@@ -1545,7 +1547,7 @@ async fn token(cli: &Cli, cmd: &TokenCmd) -> Outcome {
                             t.name.clone(),
                             t.role.to_string(),
                             opt(t.tenant.clone()),
-                            t.scopes.as_ref().map_or("*".into(), |s| s.join(",")),
+                            any(t.scopes.as_deref().unwrap_or_default()),
                             t.created_at.to_string(),
                             opt(t.expires_at),
                             opt(t.last_used_at),

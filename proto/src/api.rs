@@ -509,6 +509,16 @@ pub enum Effect {
     Deny,
 }
 
+impl Effect {
+    /// The name the API and `mcpctl` use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Effect::Allow => "allow",
+            Effect::Deny => "deny",
+        }
+    }
+}
+
 /// `POST /v1/policies/test`: would this caller be allowed this call, and by which rule?
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -12,7 +12,7 @@ Access tokens (client credentials + `resource`) are RFC 9068 JWTs, header
 (= the resource)`. Without a `resource` the provider issues an *opaque* token instead.
 
 `rotate()` puts a new signing key first and keeps the old one published; `private_key_pem()`,
-`signing_jwk()`, `claims()` and `forge()` let a test make tokens the provider never issued.
+`private_key_pem()`, `claims()` and `forge()` let a test make tokens the provider never issued.
 """
 
 from __future__ import annotations
@@ -80,11 +80,6 @@ def new_rsa_jwk(kid: str | None = None) -> dict:
     jwk = jwt.algorithms.RSAAlgorithm.to_jwk(key, as_dict=True)
     jwk.update(kid=kid or secrets.token_hex(8), alg="RS256", use="sig")
     return jwk
-
-
-def public_jwk(jwk: dict) -> dict:
-    """The public part of a private JWK."""
-    return {k: v for k, v in jwk.items() if k not in {"d", "p", "q", "dp", "dq", "qi", "oth"}}
 
 
 class OidcProvider:
@@ -242,10 +237,6 @@ class OidcProvider:
     def kid(self) -> str:
         """The `kid` of the signing key."""
         return self.keys[0]["kid"]
-
-    def signing_jwk(self) -> dict:
-        """The signing key as a private JWK (a copy)."""
-        return dict(self.keys[0])
 
     def private_key_pem(self) -> bytes:
         """The signing key, PKCS#8 PEM (what PyJWT takes for RS256)."""

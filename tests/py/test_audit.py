@@ -36,10 +36,6 @@ def events(c, node: int, **query) -> list[dict]:
     return r.json()["items"]
 
 
-def head(c) -> int:
-    return json.loads(c.mcpctl("cluster", "status", "-o", "json"))["revision"]
-
-
 def test_every_admin_change_is_on_every_node_with_who_and_what(c):
     since = max((e["seq"] for e in events(c, 0)), default=0)
     c.mcpctl("tenant", "add", "audited")
@@ -148,17 +144,16 @@ def test_every_tool_call_leaves_one_line_in_the_nodes_call_log_under_load(c):
     token = c.mcpctl("token", "create", "--tenant", "default", "--name", "call-log").strip()
     secret = "argument-that-stays-out-of-the-log"
 
-    async def one_client(k: int) -> int:
+    async def one_client(k: int) -> None:
         async with client(c.url(0), token, "legacy") as s:
             for i in range(30):
                 r = await s.call_tool("demo__echo", {"message": f"{secret}-{k}-{i}"})
                 assert not r.is_error
-        return 30
 
-    async def load() -> int:
-        return sum(await asyncio.gather(*(one_client(k) for k in range(10))))
+    async def load() -> None:
+        await asyncio.gather(*(one_client(k) for k in range(10)))
 
-    assert run(load()) == 300
+    run(load())
     mine = lambda: [e for e in c.call_log(0) if e["method"] == "tools/call" and e["tenant"] == "default"  # noqa: E731
                     and e["name"] == "echo" and e["args_bytes"] > len(secret)]
     lines = wait_until(lambda: m if len(m := mine()) >= 300 else None, 30, "300 lines in node 1's call log")

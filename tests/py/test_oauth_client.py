@@ -19,7 +19,6 @@ on the aggregate `/mcp`.
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from html import unescape
 from urllib.parse import parse_qs, urljoin, urlsplit
 
 import httpx2
+import jwt
 import pytest
 from mcp.client.auth import OAuthClientProvider
 from mcp.shared.auth import AuthorizationCodeResult, OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
@@ -223,8 +223,7 @@ class Flow:
 
 def jwt_claims(token: str) -> dict:
     """The claims of a JWT, not verified (mcpd verifies; this looks at what it was given)."""
-    payload = token.split(".")[1]
-    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return jwt.decode(token, options={"verify_signature": False})
 
 
 # --- the flow --------------------------------------------------------------------------------

@@ -23,8 +23,6 @@ pub enum ApiError {
     #[error("{0}")]
     Invalid(FieldError),
     #[error("{0}")]
-    Unauthorized(String),
-    #[error("{0}")]
     Forbidden(String),
     /// A caller refused by `crate::identity`, with the challenge that tells an OAuth client
     /// where to go (`WWW-Authenticate`).
@@ -78,7 +76,6 @@ impl ApiError {
                 "invalid_field",
                 Some(e.field.clone()),
             ),
-            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", None),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", None),
             ApiError::Refused { status, code, .. } => (*status, code, None),
             ApiError::MisdirectedHost(_) => (
@@ -112,7 +109,7 @@ impl IntoResponse for ApiError {
         let (status, code, field) = self.parts();
         match &self {
             ApiError::Internal(detail) => tracing::error!(error = %detail, "internal error"),
-            ApiError::Unauthorized(_) | ApiError::Forbidden(_) | ApiError::Refused { .. } => {
+            ApiError::Forbidden(_) | ApiError::Refused { .. } => {
                 tracing::warn!(status = status.as_u16(), error = %self, "request refused")
             }
             ApiError::Unavailable { .. } => tracing::info!(error = %self, "unavailable"),
@@ -131,12 +128,6 @@ impl IntoResponse for ApiError {
         };
         let mut resp = (status, Json(body)).into_response();
         match &self {
-            ApiError::Unauthorized(_) => {
-                resp.headers_mut().insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer realm=\"mcpd\""),
-                );
-            }
             ApiError::Refused { challenge, .. } => {
                 if let Ok(v) = HeaderValue::from_str(challenge) {
                     resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);

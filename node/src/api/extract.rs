@@ -59,11 +59,11 @@ where
         let identity = Identity::from_ref(state);
         // MCP endpoints are resources of their own; the admin API is the base URL.
         let path = if S::SCOPE == mcpcp_proto::api::scope::MCP {
-            parts.uri.path().to_string()
+            parts.uri.path()
         } else {
-            String::new()
+            ""
         };
-        match identity.authorize::<S>(parts, &path).await {
+        match identity.authorize::<S>(parts, path).await {
             Ok(p) => Ok(Authorized(p, S::default())),
             Err(refusal) => Err(ApiError::from(refusal)),
         }

@@ -301,7 +301,9 @@ pub async fn put_server(
     // The name may be another tenant's server, hidden from this caller: it is taken, not
     // free to overwrite.
     let existing = state.registry.local().state.servers.get(&name).cloned();
-    let current = stored(&state, &caller, &name);
+    let current = existing
+        .clone()
+        .filter(|v| caller.sees(v.spec.tenant.as_deref()));
     if existing.is_some() && current.is_none() {
         return Err(ApiError::Conflict {
             code: "already_exists",

@@ -40,7 +40,10 @@ pub struct Call {
 
 /// The front end's verdict on sending a call to another server than the one it named.
 #[derive(Clone)]
-pub struct FallbackGate(pub Arc<dyn Fn(&str) -> bool + Send + Sync>);
+pub struct FallbackGate(pub Arc<GateFn>);
+
+/// Whether the call, with these params, may go to this server.
+pub type GateFn = dyn Fn(&str, Option<&Value>) -> bool + Send + Sync;
 
 impl std::fmt::Debug for FallbackGate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -59,7 +62,9 @@ impl Call {
 
     /// Whether the call may go to `server` in place of its own (see [`Call::fallback_gate`]).
     pub fn may_fall_back_to(&self, server: &str) -> bool {
-        self.fallback_gate.as_ref().is_none_or(|g| (g.0)(server))
+        self.fallback_gate
+            .as_ref()
+            .is_none_or(|g| (g.0)(server, self.params.as_ref()))
     }
 
     /// The same call sent to another server (a fallback).

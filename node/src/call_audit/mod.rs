@@ -35,8 +35,10 @@ pub struct CallEvent {
     pub method: String,
     /// The tool or prompt, or the resource's URI.
     pub name: String,
+    /// The size of that serialization.
     pub args_bytes: usize,
-    /// Hex SHA-256 of the arguments as sent (absent without arguments).
+    /// Hex SHA-256 of the arguments as this node serializes them (object keys sorted), so
+    /// equal arguments hash alike whatever order the client sent; absent without arguments.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub args_sha256: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]

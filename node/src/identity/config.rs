@@ -23,6 +23,9 @@ pub struct IdentityConfig {
     pub jwks_min_refresh_interval_ms: u64,
     /// Bound on one discovery or JWKS fetch.
     pub jwks_fetch_timeout_ms: u64,
+    /// Verified JWTs this node remembers (`identity::verified`), so that a token is checked
+    /// once rather than at every call; past it the cache starts over.
+    pub verified_tokens: usize,
 }
 
 impl Default for IdentityConfig {
@@ -33,6 +36,7 @@ impl Default for IdentityConfig {
             jwks_max_age_s: 3600,
             jwks_min_refresh_interval_ms: 10_000,
             jwks_fetch_timeout_ms: 5_000,
+            verified_tokens: 10_000,
         }
     }
 }
@@ -52,6 +56,15 @@ impl IdentityConfig {
         }
         if self.jwks_max_age_s == 0 {
             return Err(("identity.jwks_max_age_s", "must be greater than 0".into()));
+        }
+        if self.jwks_min_refresh_interval_ms < 1000 {
+            return Err((
+                "identity.jwks_min_refresh_interval_ms",
+                "must be at least 1000: made-up key ids would make the node fetch an issuer's keys at their rate".into(),
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.verified_tokens) {
+            return Err(("identity.verified_tokens", "must be 1 to 1000000".into()));
         }
         if self.jwks_fetch_timeout_ms == 0 {
             return Err((

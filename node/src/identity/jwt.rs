@@ -66,10 +66,11 @@ pub fn looks_like_jwt(token: &str) -> bool {
 
 /// The trusted issuer whose `iss` the token names, read before the signature is checked only
 /// to pick the keys to check it with.
-pub fn claimed_issuer<'a>(
+pub fn claimed_issuer<'a, T: 'a>(
     token: &str,
-    issuers: &'a [IssuerSpec],
-) -> Result<&'a IssuerSpec, JwtError> {
+    issuers: impl IntoIterator<Item = &'a T>,
+    iss_of: impl Fn(&T) -> &str,
+) -> Result<&'a T, JwtError> {
     let payload = token.split('.').nth(1).ok_or(JwtError::Malformed)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload)
@@ -81,8 +82,8 @@ pub fn claimed_issuer<'a>(
         .and_then(Value::as_str)
         .ok_or(JwtError::Malformed)?;
     issuers
-        .iter()
-        .find(|i| i.issuer == iss)
+        .into_iter()
+        .find(|i| iss_of(i) == iss)
         .ok_or_else(|| JwtError::UnknownIssuer(iss.to_string()))
 }
 
@@ -218,7 +219,7 @@ fn principal(
         None => Vec::new(),
     };
     Ok(Principal {
-        token_id: format!("jwt:{}:{subject}", issuer.name),
+        token_id: JwtCaller::id(&issuer.name, &subject),
         role,
         tenant,
         scopes: Some(scopes),
@@ -348,7 +349,11 @@ mod tests {
         assert!(looks_like_jwt("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln"));
         assert!(!looks_like_jwt("mcp_0123456789abcdef.secretpart"));
         assert!(matches!(
-            claimed_issuer("eyJhbGciOiJub25lIn0.eyJpc3MiOiJodHRwczovL2V2aWwifQ.", &[issuer(None)]),
+            claimed_issuer(
+                "eyJhbGciOiJub25lIn0.eyJpc3MiOiJodHRwczovL2V2aWwifQ.",
+                &[issuer(None)],
+                |i| i.issuer.as_str()
+            ),
             Err(JwtError::UnknownIssuer(i)) if i == "https://evil"
         ));
     }

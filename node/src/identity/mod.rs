@@ -74,7 +74,7 @@ impl Identity {
         Identity {
             registry,
             keys: jwks::KeyCache::new(config.clone()),
-            verified: Arc::default(),
+            verified: Arc::new(verified::Verified::new(config.verified_tokens)),
             config: Arc::new(config),
             tls,
         }
@@ -103,9 +103,9 @@ impl Identity {
         path: &str,
     ) -> Result<Principal, Refusal> {
         let base = self.base(&parts.headers, &parts.uri);
-        let metadata = base.metadata_url(path);
+        // The metadata's URL is made for a refusal only.
         let refuse = |error: AuthError| {
-            let challenge = challenge(&error, &metadata, S::SCOPE);
+            let challenge = challenge(&error, &base.metadata_url(path), S::SCOPE);
             Refusal { error, challenge }
         };
         let principal = self
@@ -138,33 +138,39 @@ impl Identity {
             let registry = &self.registry;
             let key = verified::key(token);
             let now = crate::registry::now_unix();
-            let revision_of = |name: &str| {
+            // One read of the registry: the issuer's spec unchanged, the caller's tenant still
+            // there.
+            let (hit, claimed) = {
                 let data = registry.local();
-                let issuer = data.state.issuers.get(name)?;
-                // A tenant-scoped caller's tenant must still exist.
-                Some(issuer.revision)
+                let state = &data.state;
+                let hit = self
+                    .verified
+                    .get(
+                        &key,
+                        resource,
+                        |name| state.issuers.get(name).map(|i| i.revision),
+                        now,
+                    )
+                    .filter(|p| {
+                        p.tenant
+                            .as_deref()
+                            .is_none_or(|t| state.tenants.contains_key(t))
+                    });
+                let claimed = match hit {
+                    Some(_) => None,
+                    None => Some(
+                        jwt::claimed_issuer(token, state.issuers.values(), |i| {
+                            i.spec.issuer.as_str()
+                        })
+                        .map(|v| (v.spec.clone(), v.revision)),
+                    ),
+                };
+                (hit, claimed)
             };
-            if let Some(p) = self.verified.get(&key, resource, revision_of, now) {
-                let tenant_ok = p
-                    .tenant
-                    .as_deref()
-                    .is_none_or(|t| registry.local().state.tenants.contains_key(t));
-                if tenant_ok {
-                    return Ok(p);
-                }
+            if let Some(p) = hit {
+                return Ok(p);
             }
-            let (issuer, revision) = {
-                let data = registry.local();
-                let issuers: Vec<_> = data.state.issuers.values().cloned().collect();
-                let specs: Vec<IssuerSpec> = issuers.iter().map(|v| v.spec.clone()).collect();
-                let found = jwt::claimed_issuer(token, &specs)?.clone();
-                let revision = data
-                    .state
-                    .issuers
-                    .get(&found.name)
-                    .map_or(0, |v| v.revision);
-                (found, revision)
-            };
+            let (issuer, revision) = claimed.unwrap_or(Err(JwtError::Malformed))?;
             let exists = |t: &str| registry.local().state.tenants.contains_key(t);
             let p = jwt::verify(token, &issuer, resource, &self.keys, exists).await?;
             metrics::counter!("mcpd_jwt_accepted_total", "issuer" => issuer.name.clone())

@@ -11,9 +11,6 @@ use sha2::{Digest, Sha256};
 
 use crate::registry::Principal;
 
-/// Entries kept at most; past it the cache starts over (tokens are re-verified once).
-const CAPACITY: usize = 10_000;
-
 struct Entry {
     resource: String,
     /// The registry revision of the issuer's spec it was verified under.
@@ -23,9 +20,11 @@ struct Entry {
     principal: Principal,
 }
 
-#[derive(Default)]
 pub struct Verified {
     entries: Mutex<HashMap<[u8; 32], Entry>>,
+    /// Entries kept at most (`identity.verified_tokens`); past it the cache starts over
+    /// (each token is verified once more).
+    capacity: usize,
 }
 
 /// The cache key of a token.
@@ -34,6 +33,13 @@ pub fn key(token: &str) -> [u8; 32] {
 }
 
 impl Verified {
+    pub fn new(capacity: usize) -> Verified {
+        Verified {
+            entries: Mutex::default(),
+            capacity,
+        }
+    }
+
     /// The caller of a token verified before for `resource` under the issuer's current spec.
     pub fn get(
         &self,
@@ -60,8 +66,9 @@ impl Verified {
         principal: &Principal,
     ) {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if entries.len() >= CAPACITY {
+        if entries.len() >= self.capacity {
             entries.clear();
+            metrics::counter!("mcpd_jwt_cache_resets_total").increment(1);
         }
         entries.insert(
             key,
@@ -72,5 +79,63 @@ impl Verified {
                 principal: principal.clone(),
             },
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mcpcp_proto::api::Role;
+
+    fn caller() -> Principal {
+        Principal {
+            token_id: "jwt:idp:alice".into(),
+            role: Role::User,
+            tenant: Some("acme".into()),
+            scopes: None,
+            groups: vec![],
+            jwt: Some(Box::new(crate::registry::JwtCaller {
+                issuer: "idp".into(),
+                subject: "alice".into(),
+                expires_at: 100,
+            })),
+        }
+    }
+
+    #[test]
+    fn a_verified_token_is_served_for_its_resource_until_it_expires_or_its_issuer_changes() {
+        let cache = Verified::new(2);
+        let rev = |r: u64| move |_: &str| Some(r);
+        cache.put(key("t1"), "https://h/mcp", 7, 100, &caller());
+        assert!(cache.get(&key("t1"), "https://h/mcp", rev(7), 99).is_some());
+        assert!(
+            cache
+                .get(&key("t1"), "https://h/other", rev(7), 99)
+                .is_none(),
+            "another resource"
+        );
+        assert!(
+            cache
+                .get(&key("t1"), "https://h/mcp", rev(7), 100)
+                .is_none(),
+            "expired"
+        );
+        assert!(
+            cache.get(&key("t1"), "https://h/mcp", rev(8), 99).is_none(),
+            "issuer changed"
+        );
+        assert!(
+            cache
+                .get(&key("t1"), "https://h/mcp", |_: &str| None, 99)
+                .is_none(),
+            "issuer gone"
+        );
+        cache.put(key("t2"), "https://h/mcp", 7, 100, &caller());
+        cache.put(key("t3"), "https://h/mcp", 7, 100, &caller());
+        assert!(
+            cache.get(&key("t1"), "https://h/mcp", rev(7), 99).is_none(),
+            "the cap started it over"
+        );
+        assert!(cache.get(&key("t3"), "https://h/mcp", rev(7), 99).is_some());
     }
 }

@@ -82,7 +82,7 @@ impl Route {
         params: Option<Value>,
         events: EventSink,
     ) -> Result<Value, ErrorObject> {
-        let gate = self.fallback_gate(name, method, params.as_ref());
+        let gate = self.fallback_gate(method);
         let call = Call {
             principal: self.principal.clone(),
             server: name.to_string(),
@@ -121,7 +121,11 @@ impl Route {
             return self.route_request(method, params, events).await;
         }
         let started = Instant::now();
-        let args = params.as_ref().and_then(|p| p.get("arguments")).cloned();
+        // Described before the request moves on (routing does not change the arguments).
+        let args = describe_args(
+            params.as_ref().and_then(|p| p.get("arguments")),
+            self.calls.include_arguments(),
+        );
         let named = params
             .as_ref()
             .and_then(|p| p.get("name").or_else(|| p.get("uri")))
@@ -129,7 +133,7 @@ impl Route {
             .unwrap_or_default()
             .to_string();
         let result = self.route_request(method, params, events).await;
-        self.log_call(method, named, args.as_ref(), &result, started);
+        self.log_call(method, named, args, &result, started);
         result
     }
 
@@ -138,7 +142,7 @@ impl Route {
         &self,
         method: &str,
         named: String,
-        args: Option<&Value>,
+        (args_bytes, args_sha256, args): (usize, Option<String>, Option<Value>),
         result: &Result<Value, ErrorObject>,
         started: Instant,
     ) {
@@ -160,7 +164,6 @@ impl Route {
             Err(e) if e.code == code::DENIED => ("denied", Some(e.code)),
             Err(e) => ("error", Some(e.code)),
         };
-        let (args_bytes, args_sha256, args) = describe_args(args, self.calls.include_arguments());
         let at_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -325,42 +328,22 @@ impl Route {
         out
     }
 
-    /// Refuses a call the policies deny, naming the rule. Calls that reach no tool, prompt
-    /// or resource (lists, `ping`, `initialize`...) pass; lists are filtered instead.
+    /// Refuses a call the policies deny, naming the rule, and notes the decision for the
+    /// call's log line. Calls that reach no tool, prompt or resource (lists, `ping`,
+    /// `initialize`...) pass; lists are filtered instead.
     fn authorize(
         &self,
         server: &str,
         method: &str,
         params: Option<&Value>,
     ) -> Result<(), ErrorObject> {
-        let empty = json!({});
-        let params = params.unwrap_or(&empty);
-        let str_of = |v: &Value| v.as_str().unwrap_or_default().to_string();
-        let (access, args) = match method {
-            "tools/call" => (
-                (Kind::Tool, str_of(&params["name"])),
-                params.get("arguments").unwrap_or(&empty),
-            ),
-            "prompts/get" => (
-                (Kind::Prompt, str_of(&params["name"])),
-                params.get("arguments").unwrap_or(&empty),
-            ),
-            "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
-                ((Kind::Resource, str_of(&params["uri"])), &empty)
-            }
-            "completion/complete" => match params["ref"]["type"].as_str() {
-                Some("ref/prompt") => ((Kind::Prompt, str_of(&params["ref"]["name"])), &empty),
-                Some("ref/resource") => ((Kind::Resource, str_of(&params["ref"]["uri"])), &empty),
-                _ => return Ok(()),
-            },
-            _ => return Ok(()),
+        let Some((access, args)) = reached(server, method, params) else {
+            return Ok(());
         };
-        let (kind, item) = access;
-        let access = kind.access(server, &item);
         let verdict = self.policies.decide(&self.principal, &access, args);
         *self.decided.lock().unwrap_or_else(|e| e.into_inner()) = Some(Decided {
             server: server.to_string(),
-            item: item.clone(),
+            item: access.item().to_string(),
             rule: verdict.rule.clone(),
         });
         if verdict.allowed {
@@ -370,35 +353,34 @@ impl Route {
         metrics::counter!("mcpd_policy_denials_total", "policy" => rule.clone()).increment(1);
         Err(ErrorObject::new(
             code::DENIED,
-            format!("denied by policy {rule:?}: this caller may not use {} {item:?} of server {server:?}", kind.noun()),
+            format!(
+                "denied by policy {rule:?}: this caller may not use {} {:?} of server {server:?}",
+                access.noun(),
+                access.item()
+            ),
         )
         .with_data(json!({ "policy": rule })))
     }
 
-    /// The policies' verdict on the same call sent to a fallback server instead (only for a
-    /// server that has fallbacks, while rules exist).
-    fn fallback_gate(
-        &self,
-        server: &str,
-        method: &str,
-        params: Option<&Value>,
-    ) -> Option<FallbackGate> {
-        let has_fallbacks = self
-            .registry
-            .local()
-            .state
-            .servers
-            .get(server)
-            .is_some_and(|s| !s.spec.fallbacks.is_empty());
-        if !has_fallbacks || !self.policies.any() {
+    /// The policies' verdict on the same call sent to a fallback server instead, while rules
+    /// exist: a test of the rules, neither counted nor logged (the fallback, if taken, is
+    /// the call's own server for neither).
+    fn fallback_gate(&self, method: &str) -> Option<FallbackGate> {
+        if !self.policies.any() {
             return None;
         }
-        let me = self.clone();
-        let method = method.to_string();
-        let params = params.cloned();
-        Some(FallbackGate(std::sync::Arc::new(move |server: &str| {
-            me.authorize(server, &method, params.as_ref()).is_ok()
-        })))
+        let (policies, principal, method) = (
+            self.policies.clone(),
+            self.principal.clone(),
+            method.to_string(),
+        );
+        Some(FallbackGate(std::sync::Arc::new(
+            move |server: &str, params: Option<&Value>| {
+                reached(server, &method, params).is_none_or(|(access, args)| {
+                    policies.decide_only(&principal, &access, args).allowed
+                })
+            },
+        )))
     }
 
     /// Drops the items of a transparent list the policies hide from this caller.
@@ -419,19 +401,26 @@ impl Route {
 
     /// Whether a catalogue item (a tool, prompt or resource of `server`) is listed.
     fn listable(&self, server: &str, item: &Value) -> bool {
-        let (kind, id) = if item.get("uri").is_some() {
-            (Kind::Resource, item["uri"].as_str())
+        let id = |key: &str| item[key].as_str().unwrap_or_default();
+        let access = if item.get("uri").is_some() {
+            Access::Resource {
+                server,
+                uri: id("uri"),
+            }
         } else if item.get("inputSchema").is_some() {
-            (Kind::Tool, item["name"].as_str())
+            Access::Tool {
+                server,
+                name: id("name"),
+            }
         } else if item.get("uriTemplate").is_some() {
             return true;
         } else {
-            (Kind::Prompt, item["name"].as_str())
+            Access::Prompt {
+                server,
+                name: id("name"),
+            }
         };
-        self.policies.may_list(
-            &self.principal,
-            &kind.access(server, id.unwrap_or_default()),
-        )
+        self.policies.may_list(&self.principal, &access)
     }
 
     /// The visible server that lists `uri` (or a template it matches).
@@ -475,30 +464,58 @@ fn mark_idempotent(tool: &mut Value, idempotent: &[String], name: Option<&str>) 
     }
 }
 
-/// Which kind of catalogue item a policy decides on.
-#[derive(Clone, Copy)]
-enum Kind {
-    Tool,
-    Prompt,
-    Resource,
-}
-
-impl Kind {
-    fn access<'a>(self, server: &'a str, item: &'a str) -> Access<'a> {
-        match self {
-            Kind::Tool => Access::Tool { server, name: item },
-            Kind::Prompt => Access::Prompt { server, name: item },
-            Kind::Resource => Access::Resource { server, uri: item },
-        }
-    }
-
-    fn noun(self) -> &'static str {
-        match self {
-            Kind::Tool => "tool",
-            Kind::Prompt => "prompt",
-            Kind::Resource => "resource",
-        }
-    }
+/// What a call of `method` with `params` on `server` reaches, and its arguments; `None` for
+/// a call that reaches no tool, prompt or resource.
+fn reached<'a>(
+    server: &'a str,
+    method: &str,
+    params: Option<&'a Value>,
+) -> Option<(Access<'a>, &'a Value)> {
+    static EMPTY: Value = Value::Null;
+    let params = params.unwrap_or(&EMPTY);
+    let text = |v: &'a Value| v.as_str().unwrap_or_default();
+    let args = params.get("arguments").unwrap_or(&EMPTY);
+    Some(match method {
+        "tools/call" => (
+            Access::Tool {
+                server,
+                name: text(&params["name"]),
+            },
+            args,
+        ),
+        "prompts/get" => (
+            Access::Prompt {
+                server,
+                name: text(&params["name"]),
+            },
+            args,
+        ),
+        "resources/read" | "resources/subscribe" | "resources/unsubscribe" => (
+            Access::Resource {
+                server,
+                uri: text(&params["uri"]),
+            },
+            &EMPTY,
+        ),
+        "completion/complete" => match params["ref"]["type"].as_str() {
+            Some("ref/prompt") => (
+                Access::Prompt {
+                    server,
+                    name: text(&params["ref"]["name"]),
+                },
+                &EMPTY,
+            ),
+            Some("ref/resource") => (
+                Access::Resource {
+                    server,
+                    uri: text(&params["ref"]["uri"]),
+                },
+                &EMPTY,
+            ),
+            _ => return None,
+        },
+        _ => return None,
+    })
 }
 
 fn noun(method: &str) -> &'static str {

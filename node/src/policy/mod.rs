@@ -44,6 +44,23 @@ impl Access<'_> {
         }
     }
 
+    /// The tool's or prompt's name, or the resource's URI.
+    pub fn item(&self) -> &str {
+        match *self {
+            Access::Tool { name, .. } | Access::Prompt { name, .. } => name,
+            Access::Resource { uri, .. } => uri,
+        }
+    }
+
+    /// What kind of item it is, for messages.
+    pub fn noun(&self) -> &'static str {
+        match self {
+            Access::Tool { .. } => "tool",
+            Access::Prompt { .. } => "prompt",
+            Access::Resource { .. } => "resource",
+        }
+    }
+
     fn facts(&self) -> (&str, &str, &str) {
         match *self {
             Access::Tool { server, name } | Access::Prompt { server, name } => (server, name, ""),

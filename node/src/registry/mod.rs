@@ -134,6 +134,22 @@ pub struct JwtCaller {
     pub expires_at: u64,
 }
 
+impl JwtCaller {
+    /// The qualified id of a JWT caller, `jwt:ISSUER:SUBJECT` (its `Principal::token_id`).
+    pub fn id(issuer: &str, subject: &str) -> String {
+        format!("jwt:{issuer}:{subject}")
+    }
+
+    /// Whether `token_id` is this caller's qualified id.
+    pub fn names(&self, token_id: &str) -> bool {
+        token_id
+            .strip_prefix("jwt:")
+            .and_then(|r| r.strip_prefix(self.issuer.as_str()))
+            .and_then(|r| r.strip_prefix(':'))
+            == Some(self.subject.as_str())
+    }
+}
+
 impl Principal {
     /// Whether this caller may use server `spec`: a global server, or one of its own tenant's.
     pub fn may_use(&self, spec: &mcpcp_proto::api::ServerSpec) -> bool {
@@ -563,15 +579,18 @@ impl Registry {
         if stored.info.expires_at.is_some_and(|e| e <= now) {
             return None;
         }
-        self.uses.note(&stored.info.id, now);
-        Some(Principal {
+        let principal = Principal {
             token_id: stored.info.id.clone(),
             role: stored.info.role,
             tenant: stored.info.tenant.clone(),
             scopes: stored.info.scopes.clone(),
             groups: Vec::new(),
             jwt: None,
-        })
+        };
+        // Noted after the state's read lock is gone: the two locks are never held together.
+        drop(data);
+        self.uses.note(&principal.token_id, now);
+        Some(principal)
     }
 
     /// Whether `asserted`, a principal a peer forwards a call for, still holds here: its
@@ -589,7 +608,7 @@ impl Registry {
                 let role_ok = i.spec.tenant.is_none() || asserted.role.is_tenant_scoped();
                 tenant_ok
                     && role_ok
-                    && asserted.token_id == format!("jwt:{}:{}", jwt.issuer, jwt.subject)
+                    && jwt.names(&asserted.token_id)
                     && jwt.expires_at.saturating_add(i.spec.clock_skew_s) > now_unix()
             });
         }

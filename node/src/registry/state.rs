@@ -377,6 +377,17 @@ impl State {
         (result, changes)
     }
 
+    /// Drops the oldest audit events beyond the retention (`0`: [`AUDIT_RETENTION`]).
+    fn trim_audit(&mut self) {
+        let keep = match self.audit_retention {
+            0 => AUDIT_RETENTION,
+            n => n,
+        };
+        while self.audit.len() as u64 > keep {
+            self.audit.pop_front();
+        }
+    }
+
     /// Refuses a reference to a tenant that does not exist.
     fn tenant_exists(&self, tenant: Option<&str>) -> Result<(), ApplyError> {
         match tenant {
@@ -418,13 +429,7 @@ impl State {
         event.hash = event.digest();
         self.audit_head = event.hash.clone();
         self.audit.push_back(event);
-        let keep = match self.audit_retention {
-            0 => AUDIT_RETENTION,
-            n => n,
-        };
-        while self.audit.len() as u64 > keep {
-            self.audit.pop_front();
-        }
+        self.trim_audit();
         Change {
             kind: ObjectKind::Audit,
             name: self.audit_seq.to_string(),
@@ -655,9 +660,7 @@ impl State {
             }
             Command::SetAuditRetention { events } => {
                 self.audit_retention = events;
-                while self.audit.len() as u64 > events.max(1) {
-                    self.audit.pop_front();
-                }
+                self.trim_audit();
                 Ok(Vec::new())
             }
             Command::TouchTokens { used } => {

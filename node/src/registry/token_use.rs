@@ -39,15 +39,17 @@ impl TokenUses {
     /// no longer exist.
     fn due(&self, recorded: impl Fn(&str) -> Option<Option<u64>>) -> BTreeMap<String, u64> {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        seen.retain(|id, _| recorded(id).is_some());
-        seen.iter()
-            .filter(|(id, at)| {
-                recorded(id)
-                    .flatten()
-                    .is_none_or(|r| r.saturating_add(GRANULARITY_S) < **at)
-            })
-            .map(|(id, at)| (id.clone(), *at))
-            .collect()
+        let mut due = BTreeMap::new();
+        seen.retain(|id, at| match recorded(id) {
+            None => false,
+            Some(last) => {
+                if last.is_none_or(|r| r.saturating_add(GRANULARITY_S) < *at) {
+                    due.insert(id.clone(), *at);
+                }
+                true
+            }
+        });
+        due
     }
 }
 
