@@ -8,9 +8,12 @@
 #   scripts/test.sh --full     # also the long chaos profile
 #
 # What tests/py needs, installed once and checked quickly after that:
-#   .venv/        Python venv with tests/py/requirements.txt (mcp, pytest, mcp-server-time, ...)
+#   .venv/        Python venv with tests/py/requirements.txt (mcp, pytest, mcp-server-time,
+#                 playwright, ...)
 #   .tools/npm/   tests/py/npm/package*.json: server-everything, server-filesystem, the
-#                 conformance suite, and `node` 22 (the suite needs Node >= 22)
+#                 conformance suite, `node` 22 (the suite needs Node >= 22), oidc-provider,
+#                 axe-core, and uPlot (vendored into the console)
+#   chromium      Debian's, for the console's browser tests (tests/py/test_console.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -34,6 +37,8 @@ command -v python3 >/dev/null || apt_missing+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || apt_missing+=(python3-venv)
 command -v node >/dev/null || apt_missing+=(nodejs)
 command -v npm >/dev/null || apt_missing+=(npm)
+# The console's tests drive Debian's Chromium (Playwright's own browser download is not used).
+[[ -x /usr/bin/chromium ]] || apt_missing+=(chromium)
 if ((${#apt_missing[@]})); then
   step "Debian packages: ${apt_missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -71,6 +76,8 @@ fi
 node22=$(.tools/npm/node_modules/.bin/node --version)
 [[ "$node22" == v22.* ]] || { echo "expected Node 22 in .tools/npm, got $node22" >&2; exit 1; }
 echo "node $node22 (tests), $(node --version) (system)"
+# The console's vendored uPlot is the pinned npm package's, byte for byte.
+node/console/vendor.sh --check
 
 step "build (dev profile, shared by binaries and tests)"
 cargo build --workspace --all-targets --locked

@@ -513,6 +513,10 @@ struct IssuerAdd {
     /// A CA file (PEM) for its discovery and JWKS endpoints.
     #[arg(long)]
     ca_file: Option<String>,
+    /// The console's public OAuth client at this issuer (authorization code + PKCE; redirect
+    /// URIs `https://NODE/ui/`): the console then offers to sign in with it.
+    #[arg(long)]
+    console_client_id: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -1434,6 +1438,7 @@ async fn issuer(cli: &Cli, cmd: &IssuerCmd) -> Outcome {
                 groups_claim,
                 accept_untyped,
                 ca_file,
+                console_client_id,
             } = add.as_ref();
             let spec = IssuerSpec {
                 name: name.clone(),
@@ -1453,6 +1458,7 @@ async fn issuer(cli: &Cli, cmd: &IssuerCmd) -> Outcome {
                 groups_claim: groups_claim.clone(),
                 accept_untyped: *accept_untyped,
                 ca_file: ca_file.clone(),
+                console_client_id: console_client_id.clone(),
             };
             let a = c.create_issuer(&spec, &none).await?;
             ack(cli, &format!("issuer {name} added"), a.revision);

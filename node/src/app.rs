@@ -325,16 +325,16 @@ pub async fn run(
         registry.clone(),
         cfg.identity.clone(),
         cfg.api.tls != crate::tls::edge::EdgeTlsMode::Off,
+        data_key.clone(),
     );
-    let policies = crate::policy::Policies::new(registry.clone());
     let calls = crate::call_audit::CallAudit::start(&cfg.call_audit, &cfg.data_dir)
         .map_err(StartError::CallAudit)?;
     let mcp = McpState::new(
         registry.clone(),
         router.clone(),
         identity.clone(),
-        policies.clone(),
         calls,
+        crate::traffic::Traffic::new(cfg.traffic.clone()),
         &cfg.mcp,
         &me.http_addr,
     );
@@ -367,7 +367,8 @@ pub async fn run(
             edge: edge.clone(),
         },
         identity,
-        policies,
+        policies: mcp.policies.clone(),
+        traffic: mcp.traffic.clone(),
     };
     tasks.spawn(api::listener::serve(
         http_listener,

@@ -143,6 +143,9 @@ pub struct Config {
     /// (`crate::call_audit`).
     #[serde(default)]
     pub call_audit: crate::call_audit::config::CallAuditConfig,
+    /// `[traffic]`: the recent figures per server the console charts (`crate::traffic`).
+    #[serde(default)]
+    pub traffic: crate::traffic::TrafficConfig,
 }
 
 /// `[runtime]`: the threads `mcpd` runs on.
@@ -326,6 +329,9 @@ impl Config {
             .validate()
             .map_err(|(field, message)| invalid(field, message))?;
         self.call_audit
+            .validate()
+            .map_err(|(field, message)| invalid(field, message))?;
+        self.traffic
             .validate()
             .map_err(|(field, message)| invalid(field, message))?;
         if self.id == 0 {

@@ -1,6 +1,6 @@
 //! A node's HTTP surface, built in one place so every route and layer reads top to bottom:
-//! the probes; then, behind the Host check, the admin API (`crate::api`) and the MCP
-//! endpoints (`crate::mcp`); and around all of them the body read timeout, the request
+//! the probes; then, behind the Host check, the console (`crate::console`), the admin API
+//! (`crate::api`) and the MCP endpoints (`crate::mcp`); and around all of them the body read timeout, the request
 //! metrics and the body size limit.
 
 use std::time::Instant;
@@ -23,6 +23,10 @@ pub struct Layers {
 /// Every route of the node.
 pub fn router(admin: AppState, mcp: McpState, layers: Layers) -> Router {
     let checked = Router::new()
+        .merge(crate::console::router(
+            admin.registry.clone(),
+            admin.tls != crate::tls::edge::EdgeTlsMode::Off,
+        ))
         .merge(api::router(admin.clone()))
         .merge(mcp::router(mcp))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })

@@ -56,7 +56,7 @@ impl DataKey {
         DataKey(Arc::new(LessSafeKey::new(unbound)))
     }
 
-    fn seal(&self, place: &str, plain: &str) -> Result<String, SealError> {
+    pub fn seal(&self, place: &str, plain: &str) -> Result<String, SealError> {
         let mut nonce = [0u8; NONCE_LEN];
         SystemRandom::new()
             .fill(&mut nonce)
@@ -77,7 +77,7 @@ impl DataKey {
         ))
     }
 
-    fn open(&self, place: &str, value: &str) -> Result<String, SealError> {
+    pub fn open(&self, place: &str, value: &str) -> Result<String, SealError> {
         let Some(b64) = value.strip_prefix(SEALED) else {
             return Ok(value.to_string());
         };

@@ -58,6 +58,12 @@ pub struct NodeInfo {
     /// Whether this node belongs to an initialised cluster.
     pub initialized: bool,
     pub version: String,
+    /// When this node's certificates expire (unix seconds; they renew themselves before):
+    /// the one it shows its peers, and the one its clients see (absent without TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_cert_expires_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edge_cert_expires_at: Option<u64>,
 }
 
 /// `POST /v1/cluster/init`: bootstrap a new cluster. Accepted only by a node that has never
@@ -446,6 +452,11 @@ pub struct IssuerSpec {
     /// A CA file (PEM) for its discovery and JWKS endpoints; the system's roots otherwise.
     #[serde(default)]
     pub ca_file: Option<String>,
+    /// A public OAuth client (authorization code with PKCE, no secret) registered at the issuer
+    /// for the web console, whose redirect URIs are the nodes' `https://NODE/ui/`. Set: the
+    /// console's sign-in page offers this issuer (`GET /v1/session/providers`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console_client_id: Option<String>,
 }
 
 fn default_algorithms() -> Vec<String> {
@@ -727,4 +738,78 @@ impl WatchEvent {
             | WatchEvent::Reset { revision } => *revision,
         }
     }
+}
+
+/// `POST`/`GET /v1/session`: who a console session belongs to. The session itself is the
+/// `mcpd_session` cookie (`HttpOnly`); writes repeat `csrf_token` in `X-CSRF-Token`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConsoleSession {
+    /// The caller's qualified id (a token id, or `jwt:ISSUER:SUBJECT`).
+    pub subject: String,
+    pub role: Role,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Unix seconds (absent on `GET`: the cookie's own expiry is not re-read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+    pub csrf_token: String,
+}
+
+/// `GET /v1/traffic`: the answering node's own calls per server over its last minutes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrafficReport {
+    pub node: u64,
+    /// Unix seconds when the report was made.
+    pub now: u64,
+    pub bucket_s: u64,
+    pub window_s: u64,
+    /// Per server, its buckets oldest first (buckets without calls are absent).
+    pub servers: std::collections::BTreeMap<String, Vec<TrafficPoint>>,
+}
+
+/// One bucket of one server's calls (tool calls, resource reads, prompt gets).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrafficPoint {
+    /// The bucket's start, unix seconds.
+    pub t: u64,
+    pub calls: u64,
+    /// Calls answered with an error (a JSON-RPC error, a refusal, or a tool's `isError`).
+    pub errors: u64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+}
+
+/// `GET /v1/session/providers` (no credentials needed): the trusted issuers a person may sign
+/// in to the console with, and the resource their access tokens must be for (RFC 8707).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SignInProviders {
+    /// The admin API's resource URL, as this request reached it.
+    pub resource: String,
+    /// The scopes to ask for (read and write the admin API).
+    pub scope: String,
+    pub providers: Vec<SignInProvider>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SignInProvider {
+    /// The issuer's registry name.
+    pub name: String,
+    /// Its URL (`iss`), where its discovery document is.
+    pub issuer: String,
+    /// The console's public client there.
+    pub client_id: String,
+}
+
+/// `GET /v1/servers/{name}/catalogue`: what a server offers, as the server lists it (from the
+/// answering node's pool, or a peer's that runs it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServerCatalogue {
+    pub name: String,
+    /// Whether it was read from a ready process (false: none ran yet, the lists are empty).
+    pub loaded: bool,
+    pub tools: Vec<serde_json::Value>,
+    pub resources: Vec<serde_json::Value>,
+    #[serde(rename = "resourceTemplates")]
+    pub resource_templates: Vec<serde_json::Value>,
+    pub prompts: Vec<serde_json::Value>,
 }

@@ -38,7 +38,20 @@ pub async fn node_info(State(state): State<AppState>) -> Json<NodeInfo> {
         grpc_addr: me.grpc_addr.clone(),
         initialized,
         version: env!("CARGO_PKG_VERSION").to_string(),
+        peer_cert_expires_at: state.certs.node.peer_cert.not_after().map(unix),
+        edge_cert_expires_at: state
+            .certs
+            .edge
+            .as_ref()
+            .and_then(|e| e.not_after())
+            .map(unix),
     })
+}
+
+fn unix(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Bootstraps a cluster. Open without a token on purpose (there is none yet); closed for good

@@ -157,6 +157,10 @@ impl From<crate::identity::Refusal> for ApiError {
             A::Role(_) => (StatusCode::FORBIDDEN, "forbidden"),
             A::Scope(_) => (StatusCode::FORBIDDEN, "insufficient_scope"),
             A::Jwt(_) => (StatusCode::UNAUTHORIZED, "invalid_token"),
+            A::Session(crate::identity::session::SessionError::Csrf) => {
+                (StatusCode::FORBIDDEN, "csrf")
+            }
+            A::Session(_) => (StatusCode::UNAUTHORIZED, "session"),
             A::Missing | A::Malformed(_) | A::UnknownToken => {
                 (StatusCode::UNAUTHORIZED, "unauthorized")
             }

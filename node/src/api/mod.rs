@@ -5,7 +5,9 @@
 
 pub mod audit;
 pub mod body_timeout;
+pub mod catalogue;
 pub mod cluster;
+pub mod cors;
 pub mod error;
 pub mod extract;
 pub mod health;
@@ -15,6 +17,8 @@ pub mod listener;
 pub mod objects;
 pub mod policies;
 pub mod resource_metadata;
+pub mod session;
+pub mod traffic;
 
 use axum::extract::FromRef;
 use axum::routing::{get, post};
@@ -42,6 +46,8 @@ pub struct AppState {
     pub identity: crate::identity::Identity,
     /// The compiled policy rules (for `POST /v1/policies/test`).
     pub policies: crate::policy::Policies,
+    /// This node's recent figures per server (`GET /v1/traffic`).
+    pub traffic: crate::traffic::Traffic,
 }
 
 impl FromRef<AppState> for crate::identity::Identity {
@@ -80,6 +86,7 @@ pub fn router<S: Clone + Send + Sync + 'static>(state: AppState) -> Router<S> {
                 .delete(o::delete_server),
         )
         .route("/servers/{name}/status", get(o::server_status))
+        .route("/servers/{name}/catalogue", get(catalogue::get))
         .route("/tenants", get(o::list_tenants).post(o::create_tenant))
         .route(
             "/tenants/{name}",
@@ -95,6 +102,14 @@ pub fn router<S: Clone + Send + Sync + 'static>(state: AppState) -> Router<S> {
                 .put(policies::put)
                 .delete(policies::delete),
         )
+        .route(
+            "/session",
+            get(session::get)
+                .post(session::create)
+                .delete(session::delete),
+        )
+        .route("/session/providers", get(session::providers))
+        .route("/traffic", get(traffic::get))
         .route("/audit", get(audit::list))
         .route("/audit/retention", axum::routing::put(audit::set_retention))
         .route("/issuers", get(issuers::list).post(issuers::create))
@@ -102,6 +117,13 @@ pub fn router<S: Clone + Send + Sync + 'static>(state: AppState) -> Router<S> {
             "/issuers/{name}",
             get(issuers::get).put(issuers::put).delete(issuers::delete),
         );
+    let v1 = v1.layer(axum::middleware::from_fn_with_state(
+        cors::Members {
+            registry: state.registry.clone(),
+            tls: state.tls != crate::tls::edge::EdgeTlsMode::Off,
+        },
+        cors::members,
+    ));
     use crate::identity::resource::METADATA_PATH;
     Router::new()
         .nest("/v1", v1)

@@ -98,7 +98,12 @@ fn keep_redacted(
 
 /// The server `name` as this node has it applied (sealed values and all), if `caller` may
 /// see it.
-fn stored(state: &AppState, caller: &Principal, name: &str) -> Option<Versioned<ServerSpec>> {
+/// Server `name`, if `caller` may see it.
+pub(super) fn stored(
+    state: &AppState,
+    caller: &Principal,
+    name: &str,
+) -> Option<Versioned<ServerSpec>> {
     let data = state.registry.local();
     let v = data.state.servers.get(name)?;
     caller.sees(v.spec.tenant.as_deref()).then(|| v.clone())

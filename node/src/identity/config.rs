@@ -26,6 +26,9 @@ pub struct IdentityConfig {
     /// Verified JWTs this node remembers (`identity::verified`), so that a token is checked
     /// once rather than at every call; past it the cache starts over.
     pub verified_tokens: usize,
+    /// How long a console sign-in lasts (seconds), at most: a session ends sooner when the
+    /// token it was opened with expires, and at once when that token is revoked.
+    pub session_ttl_s: u64,
 }
 
 impl Default for IdentityConfig {
@@ -37,6 +40,7 @@ impl Default for IdentityConfig {
             jwks_min_refresh_interval_ms: 10_000,
             jwks_fetch_timeout_ms: 5_000,
             verified_tokens: 10_000,
+            session_ttl_s: 8 * 3600,
         }
     }
 }
@@ -65,6 +69,12 @@ impl IdentityConfig {
         }
         if !(1..=1_000_000).contains(&self.verified_tokens) {
             return Err(("identity.verified_tokens", "must be 1 to 1000000".into()));
+        }
+        if !(60..=7 * 24 * 3600).contains(&self.session_ttl_s) {
+            return Err((
+                "identity.session_ttl_s",
+                "must be 60 to 604800 (a week)".into(),
+            ));
         }
         if self.jwks_fetch_timeout_ms == 0 {
             return Err((

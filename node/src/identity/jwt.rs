@@ -272,6 +272,7 @@ mod tests {
             default_role: Role::User,
             groups_claim: "groups".into(),
             accept_untyped: false,
+            console_client_id: None,
             ca_file: None,
         }
     }

@@ -7,6 +7,7 @@
 //! ```text
 //! Authorization: Bearer T ─┬─ JWT-shaped ─▶ jwt::claimed_issuer ─▶ jwks::KeyCache ─▶ jwt::verify
 //!                          └─ otherwise ──▶ Registry::authenticate (hashed API tokens)
+//! Cookie: mcpd_session (admin API only) ──▶ session::Session::open ─▶ check_csrf ─▶ still_holds
 //!                                 ─▶ Principal ─▶ Surface::ROLES ─▶ Surface::SCOPE
 //! ```
 
@@ -14,6 +15,7 @@ pub mod config;
 pub mod jwks;
 pub mod jwt;
 pub mod resource;
+pub mod session;
 pub mod surface;
 pub mod verified;
 
@@ -48,6 +50,9 @@ pub enum AuthError {
     Scope(&'static str),
     #[error("this node is not part of a cluster yet: run `mcpctl cluster init`")]
     NotInitialized,
+    /// A console session cookie that does not hold (`session`).
+    #[error("{0}")]
+    Session(#[from] session::SessionError),
 }
 
 /// A refusal, with the challenge its answer carries.
@@ -67,11 +72,19 @@ pub struct Identity {
     config: Arc<IdentityConfig>,
     /// Whether the edge speaks TLS (the scheme of resource URLs without `public_url`).
     tls: bool,
+    /// Seals and opens console sessions (`session`).
+    data_key: crate::seal::DataKey,
 }
 
 impl Identity {
-    pub fn new(registry: Registry, config: IdentityConfig, tls: bool) -> Identity {
+    pub fn new(
+        registry: Registry,
+        config: IdentityConfig,
+        tls: bool,
+        data_key: crate::seal::DataKey,
+    ) -> Identity {
         Identity {
+            data_key,
             registry,
             keys: jwks::KeyCache::new(config.clone()),
             verified: Arc::new(verified::Verified::new(config.verified_tokens)),
@@ -108,20 +121,39 @@ impl Identity {
             let challenge = challenge(&error, &base.metadata_url(path), S::SCOPE);
             Refusal { error, challenge }
         };
-        let principal = self
-            .authenticate(parts, &base.resource(path))
-            .await
-            .map_err(|e| {
-                match &e {
-                    AuthError::Jwt(j) => {
-                        metrics::counter!("mcpd_jwt_refused_total", "reason" => j.reason())
-                            .increment(1);
-                    }
-                    AuthError::NotInitialized => {}
-                    _ => metrics::counter!("mcpd_auth_failures_total").increment(1),
+        // A browser's session cookie stands for a token on the admin API only: an MCP client
+        // always sends its token, and a cookie must not make a page of another site an MCP
+        // client of this one.
+        // The path as the client sent it (a router nested at `/v1` sees it without the prefix).
+        let full_path = parts
+            .extensions
+            .get::<axum::extract::OriginalUri>()
+            .map_or(parts.uri.path(), |o| o.0.path());
+        let by_cookie = match session::cookie(&parts.headers) {
+            Some(c)
+                if path.is_empty()
+                    && full_path.starts_with("/v1/")
+                    && !parts.headers.contains_key(header::AUTHORIZATION) =>
+            {
+                Some(c)
+            }
+            _ => None,
+        };
+        let authenticated = match by_cookie {
+            Some(cookie) => self.session(parts, cookie),
+            None => self.authenticate(parts, &base.resource(path)).await,
+        };
+        let principal = authenticated.map_err(|e| {
+            match &e {
+                AuthError::Jwt(j) => {
+                    metrics::counter!("mcpd_jwt_refused_total", "reason" => j.reason())
+                        .increment(1);
                 }
-                refuse(e)
-            })?;
+                AuthError::NotInitialized => {}
+                _ => metrics::counter!("mcpd_auth_failures_total").increment(1),
+            }
+            refuse(e)
+        })?;
         if !S::ROLES.contains(&principal.role) {
             return Err(refuse(AuthError::Role(S::NEEDS)));
         }
@@ -130,6 +162,72 @@ impl Identity {
             return Err(refuse(AuthError::Scope(S::SCOPE)));
         }
         Ok(principal)
+    }
+
+    /// The console session of a cookie, if it opens, has not expired, still holds (its token,
+    /// its tenant, its issuer unchanged) and, for a write, came with its CSRF token.
+    fn session(&self, parts: &Parts, cookie: &str) -> Result<Principal, AuthError> {
+        let now = crate::registry::now_unix();
+        let s = session::Session::open(&self.data_key, &self.cluster(), cookie, now)?;
+        session::check_csrf(parts, cookie)?;
+        let p = s.principal;
+        let unchanged = {
+            let data = self.registry.local();
+            let st = &data.state;
+            let issuer = p
+                .jwt
+                .as_ref()
+                .is_none_or(|j| st.issuers.get(&j.issuer).map(|i| i.revision) == s.issuer_revision);
+            issuer
+                && p.tenant
+                    .as_deref()
+                    .is_none_or(|t| st.tenants.contains_key(t))
+        };
+        if !unchanged || !self.registry.still_holds(&p) {
+            return Err(session::SessionError::Invalid.into());
+        }
+        if p.jwt.is_none() {
+            self.registry.note_use(&p.token_id, now);
+        }
+        Ok(p)
+    }
+
+    /// What names this cluster in a session's seal: a hash of its replicated session key.
+    fn cluster(&self) -> String {
+        use sha2::Digest;
+        let data = self.registry.local();
+        let key = data.state.session_key.as_deref().unwrap_or_default();
+        hex::encode(&sha2::Sha256::digest(format!("mcpd-console\0{key}").as_bytes())[..8])
+    }
+
+    /// A console session for `principal`, sealed for its cookie, and how long it lasts: the
+    /// configured time, or less when the caller's credential ends sooner.
+    pub fn open_session(
+        &self,
+        principal: &Principal,
+    ) -> Result<(String, u64), crate::seal::SealError> {
+        let now = crate::registry::now_unix();
+        let mut until = now.saturating_add(self.config.session_ttl_s);
+        if let Some(j) = &principal.jwt {
+            until = until.min(j.expires_at);
+        }
+        if let Some(e) = self.registry.token_expiry(&principal.token_id) {
+            until = until.min(e);
+        }
+        let issuer_revision = principal.jwt.as_ref().and_then(|j| {
+            let data = self.registry.local();
+            data.state.issuers.get(&j.issuer).map(|i| i.revision)
+        });
+        let sealed = session::Session {
+            principal: Principal {
+                groups: Vec::new(),
+                ..principal.clone()
+            },
+            expires_at: until,
+            issuer_revision,
+        }
+        .seal(&self.data_key, &self.cluster())?;
+        Ok((sealed, until.saturating_sub(now)))
     }
 
     async fn authenticate(&self, parts: &Parts, resource: &str) -> Result<Principal, AuthError> {

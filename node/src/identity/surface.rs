@@ -27,7 +27,8 @@ pub struct ClusterRead;
 #[derive(Debug, Default)]
 pub struct ClusterWrite;
 
-/// Reading servers, tenants, tokens and issuers (a tenant admin: its own tenant's).
+/// Reading servers, tenants, tokens and issuers (a tenant admin: its own tenant's); signing in
+/// to the console.
 #[derive(Debug, Default)]
 pub struct ObjectRead;
 

@@ -40,8 +40,21 @@ pub struct Route {
     pub policies: Policies,
     /// The node's call log.
     pub calls: CallAudit,
+    /// The node's recent figures per server, for the console.
+    pub traffic: crate::traffic::Traffic,
     /// What the policies decided for this request's call, for its log line.
     pub decided: Arc<Mutex<Option<Decided>>>,
+}
+
+/// How a call ended, as the call log names it: `ok`, `tool_error` (a result with
+/// `isError`), `denied` (by a policy) or `error` (a JSON-RPC error, with its code).
+fn outcome(result: &Result<Value, ErrorObject>) -> (&'static str, Option<i64>) {
+    match result {
+        Ok(v) if v["isError"] == json!(true) => ("tool_error", None),
+        Ok(_) => ("ok", None),
+        Err(e) if e.code == code::DENIED => ("denied", Some(e.code)),
+        Err(e) => ("error", Some(e.code)),
+    }
 }
 
 /// The policies' decision on a call: which server and item it reached, and the rule.
@@ -108,84 +121,76 @@ impl Route {
     }
 
     /// Runs `method` for the client; a tool call, resource read or prompt get leaves a line in
-    /// the call log.
+    /// the call log and a sample in the traffic ring.
     pub async fn dispatch(
         &self,
         method: &str,
         params: Option<Value>,
         events: EventSink,
     ) -> Result<Value, ErrorObject> {
-        if !self.calls.enabled()
-            || !matches!(method, "tools/call" | "resources/read" | "prompts/get")
-        {
+        if !matches!(method, "tools/call" | "resources/read" | "prompts/get") {
             return self.route_request(method, params, events).await;
         }
         let started = Instant::now();
         // Described before the request moves on (routing does not change the arguments).
-        let args = describe_args(
-            params.as_ref().and_then(|p| p.get("arguments")),
-            self.calls.include_arguments(),
-        );
-        let named = params
-            .as_ref()
-            .and_then(|p| p.get("name").or_else(|| p.get("uri")))
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
+        let described = self.calls.enabled().then(|| {
+            let args = describe_args(
+                params.as_ref().and_then(|p| p.get("arguments")),
+                self.calls.include_arguments(),
+            );
+            let named = params
+                .as_ref()
+                .and_then(|p| p.get("name").or_else(|| p.get("uri")))
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            (named, args)
+        });
         let result = self.route_request(method, params, events).await;
-        self.log_call(method, named, args, &result, started);
-        result
-    }
-
-    /// Writes the call's line (see `crate::call_audit`).
-    fn log_call(
-        &self,
-        method: &str,
-        named: String,
-        (args_bytes, args_sha256, args): (usize, Option<String>, Option<Value>),
-        result: &Result<Value, ErrorObject>,
-        started: Instant,
-    ) {
+        let (outcome, error_code) = outcome(&result);
         let decided = self
             .decided
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let (server, name, policy) = match decided {
-            Some(d) => (d.server, d.item, d.rule),
-            None => match &self.target {
-                Target::Server(s) => (s.clone(), named, None),
-                Target::Aggregate => (String::new(), named, None),
-            },
+            .take();
+        let server = match (&decided, &self.target) {
+            (Some(d), _) => d.server.as_str(),
+            (None, Target::Server(s)) => s.as_str(),
+            (None, Target::Aggregate) => "",
         };
-        let (outcome, error_code) = match result {
-            Ok(v) if v["isError"] == json!(true) => ("tool_error", None),
-            Ok(_) => ("ok", None),
-            Err(e) if e.code == code::DENIED => ("denied", Some(e.code)),
-            Err(e) => ("error", Some(e.code)),
-        };
-        let at_ms = std::time::SystemTime::now()
+        let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        self.calls.record(CallEvent {
-            at_ms,
-            node: self.registry.id,
-            tenant: self.principal.tenant.clone(),
-            subject: self.principal.token_id.clone(),
-            role: self.principal.role.as_str(),
-            server,
-            method: method.to_string(),
-            name,
-            args_bytes,
-            args_sha256,
-            args,
-            outcome,
-            error_code,
-            duration_ms: started.elapsed().as_secs_f64() * 1e3,
-            session: self.affinity.as_ref().map(|a| a.key.clone()),
-            policy,
-        });
+            .unwrap_or_default();
+        let duration_ms = started.elapsed().as_secs_f64() * 1e3;
+        if !server.is_empty() {
+            self.traffic
+                .observe(server, outcome != "ok", duration_ms, now.as_secs());
+        }
+        if let Some((named, (args_bytes, args_sha256, args))) = described {
+            let (server, name, policy) = match decided {
+                Some(d) => (d.server, d.item, d.rule),
+                None => (server.to_string(), named, None),
+            };
+            self.calls.record(CallEvent {
+                at_ms: now.as_millis() as u64,
+                node: self.registry.id,
+                tenant: self.principal.tenant.clone(),
+                subject: self.principal.token_id.clone(),
+                role: self.principal.role.as_str(),
+                server,
+                method: method.to_string(),
+                name,
+                args_bytes,
+                args_sha256,
+                args,
+                outcome,
+                error_code,
+                duration_ms,
+                session: self.affinity.as_ref().map(|a| a.key.clone()),
+                policy,
+            });
+        }
+        result
     }
 
     /// Sends the request where it goes: one server, or the aggregate's owner of the item.

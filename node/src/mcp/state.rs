@@ -73,6 +73,8 @@ pub struct McpState {
     pub policies: crate::policy::Policies,
     /// The log of every call (`crate::call_audit`).
     pub calls: crate::call_audit::CallAudit,
+    /// This node's recent figures per server (`crate::traffic`).
+    pub traffic: crate::traffic::Traffic,
 }
 
 impl McpState {
@@ -80,12 +82,13 @@ impl McpState {
         registry: Registry,
         router: Router,
         identity: crate::identity::Identity,
-        policies: crate::policy::Policies,
         calls: crate::call_audit::CallAudit,
+        traffic: crate::traffic::Traffic,
         cfg: &McpConfig,
         advertised_http: &str,
     ) -> McpState {
         McpState {
+            policies: crate::policy::Policies::new(registry.clone()),
             registry,
             pools: router.pools().clone(),
             router,
@@ -94,8 +97,8 @@ impl McpState {
             origins: Arc::new(OriginPolicy::new(cfg, advertised_http)),
             config: Arc::new(cfg.clone()),
             identity,
-            policies,
             calls,
+            traffic,
         }
     }
 
@@ -109,6 +112,7 @@ impl McpState {
             affinity: None,
             policies: self.policies.clone(),
             calls: self.calls.clone(),
+            traffic: self.traffic.clone(),
             decided: Default::default(),
         }
     }

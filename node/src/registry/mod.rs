@@ -593,6 +593,16 @@ impl Registry {
         Some(principal)
     }
 
+    /// Notes a use of API token `id` (reported to the cluster in batches, `token_use`).
+    pub fn note_use(&self, id: &str, now: u64) {
+        self.uses.note(id, now);
+    }
+
+    /// When API token `id` expires (`None`: it does not, or there is no such token).
+    pub fn token_expiry(&self, id: &str) -> Option<u64> {
+        self.sm.read().state.tokens.get(id)?.info.expires_at
+    }
+
     /// Whether `asserted`, a principal a peer forwards a call for, still holds here: its
     /// token exists, has not expired, and has the role and tenant the peer says. A token
     /// revoked on any node is refused by every node that has applied the revocation.

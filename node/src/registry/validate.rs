@@ -280,6 +280,17 @@ pub fn issuer_spec(spec: &IssuerSpec) -> Result<(), FieldError> {
             format!("{bad:?} is not accepted; use some of {JWT_ALGORITHMS:?}"),
         ));
     }
+    if let Some(id) = &spec.console_client_id {
+        if id.is_empty()
+            || id.len() > 256
+            || id.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(FieldError::new(
+                "console_client_id",
+                "must be 1 to 256 characters without spaces",
+            ));
+        }
+    }
     if spec.clock_skew_s > 600 {
         return Err(FieldError::new("clock_skew_s", "must be at most 600"));
     }
@@ -548,6 +559,7 @@ mod tests {
             default_role: Role::User,
             groups_claim: "groups".into(),
             accept_untyped: false,
+            console_client_id: None,
             ca_file: None,
         };
         assert_eq!(issuer_spec(&good()), Ok(()));

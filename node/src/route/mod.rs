@@ -390,8 +390,15 @@ impl Router {
         let Ok(spec) = self.scope(principal, server) else {
             return ServerInfo::default();
         };
+        self.info_of(&spec).await
+    }
+
+    /// What the server of `spec` offers, for a caller whose right to see it was checked
+    /// already (the admin API's catalogue).
+    pub async fn info_of(&self, spec: &Versioned<ServerSpec>) -> ServerInfo {
+        let server = spec.spec.name.as_str();
         let local = self
-            .replicas(&spec)
+            .replicas(spec)
             .into_iter()
             .any(|r| matches!(r, Replica::Local));
         if local {
@@ -423,7 +430,7 @@ impl Router {
                 return info.clone();
             }
         }
-        for replica in self.replicas(&spec) {
+        for replica in self.replicas(spec) {
             let Replica::Peer(m) = replica else { continue };
             let Ok(v) = peer::server_info(&self.channels, &m, server).await else {
                 continue;
