@@ -275,6 +275,39 @@ impl AdminClient {
             .await
     }
 
+    pub async fn tool_diff(&self, name: &str) -> Result<mcpcp_proto::api::ToolDiff, ClientError> {
+        self.get(&format!("/v1/servers/{name}/diff")).await
+    }
+
+    pub async fn put_tool_pins(
+        &self,
+        name: &str,
+        pins: &mcpcp_proto::api::ToolPins,
+        opts: &CallOptions,
+    ) -> Result<WriteAck, ClientError> {
+        self.call(
+            Method::PUT,
+            &format!("/v1/servers/{name}/pins"),
+            Some(pins),
+            opts,
+        )
+        .await
+    }
+
+    pub async fn delete_tool_pins(
+        &self,
+        name: &str,
+        opts: &CallOptions,
+    ) -> Result<WriteAck, ClientError> {
+        self.call::<(), _>(
+            Method::DELETE,
+            &format!("/v1/servers/{name}/pins"),
+            None,
+            opts,
+        )
+        .await
+    }
+
     pub async fn server_status(
         &self,
         name: &str,

@@ -9,7 +9,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mcpcp_proto::api::{
     AddNodeRequest, ClusterStatus, CreateTokenRequest, Effect, IssuerSpec, Member, PolicySpec,
-    PolicyTest, Role, ServerPatch, ServerSpec, SessionMode, TenantSpec, Timeouts, Versioned,
+    PolicyTest, Role, ServerPatch, ServerSpec, SessionMode, TenantSpec, Timeouts, ToolDiff,
+    ToolPins, Versioned,
 };
 use mcpctl::{dev, import, AdminClient, CallOptions, ClientError};
 use serde::Serialize;
@@ -314,6 +315,23 @@ enum ServerCmd {
         /// Only if the server is at this revision.
         #[arg(long)]
         if_revision: Option<u64>,
+    },
+    /// The server's tools now against the approved ones: changed and new tools are held back
+    /// from clients until approved (exit status 3 when any is).
+    Diff {
+        name: String,
+    },
+    /// Approve the server's tools as the diff shows them now (all, or only --tool ones); from
+    /// then on a tool that changes, or a new one, is held back until approved again.
+    Approve {
+        name: String,
+        /// Approve only these tools (the others keep their approved version, or stay held).
+        #[arg(long = "tool")]
+        tools: Vec<String>,
+    },
+    /// Stop checking the server's tools against approved ones.
+    Unpin {
+        name: String,
     },
 }
 
@@ -1166,8 +1184,131 @@ async fn server(cli: &Cli, cmd: &ServerCmd) -> Outcome {
             let a = c.delete_server(name, &opts).await?;
             ack(cli, &format!("server {name} removed"), a.revision);
         }
+        ServerCmd::Diff { name } => {
+            let d = c.tool_diff(name).await?;
+            match cli.output {
+                Output::Json => print_json(&d),
+                Output::Table => print_diff(&d),
+            }
+            if d.tools
+                .iter()
+                .any(|t| matches!(t.status.as_str(), "changed" | "new"))
+            {
+                return Err(fail(
+                    3,
+                    format!(
+                        "{name}: tools are held back until approved (mcpctl server approve {name})"
+                    ),
+                ));
+            }
+        }
+        ServerCmd::Approve { name, tools } => {
+            let d = c.tool_diff(name).await?;
+            if !d.loaded {
+                return Err(fail(
+                    1,
+                    format!("{name} has not listed its tools yet (no process was ready): nothing to approve"),
+                ));
+            }
+            let pins = approved_set(&d, tools)?;
+            let opts = CallOptions {
+                if_match: d.revision,
+                ..Default::default()
+            };
+            let n = pins.tools.len();
+            let a = c.put_tool_pins(name, &pins, &opts).await?;
+            ack(
+                cli,
+                &format!("server {name}: {n} tools approved"),
+                a.revision,
+            );
+        }
+        ServerCmd::Unpin { name } => {
+            let a = c.delete_tool_pins(name, &CallOptions::default()).await?;
+            ack(
+                cli,
+                &format!("server {name}: tools no longer checked"),
+                a.revision,
+            );
+        }
     }
     Ok(())
+}
+
+/// The pins after approving `only` (every current tool when empty) of what the diff shows:
+/// the tools approved are their current definitions; the others keep their approved one.
+fn approved_set(d: &ToolDiff, only: &[String]) -> Result<ToolPins, Failure> {
+    if let Some(unknown) = only
+        .iter()
+        .find(|t| !d.tools.iter().any(|c| &c.name == *t && c.current.is_some()))
+    {
+        return Err(fail(
+            2,
+            format!("{}: no current tool {unknown:?}", d.server),
+        ));
+    }
+    let mut pins = ToolPins::default();
+    for t in &d.tools {
+        let take = only.is_empty() || only.contains(&t.name);
+        let def = if take {
+            t.current.as_ref()
+        } else {
+            t.approved.as_ref().filter(|_| t.current.is_some())
+        };
+        if let Some(def) = def {
+            pins.tools.insert(t.name.clone(), def.clone());
+        }
+    }
+    Ok(pins)
+}
+
+/// One line per tool that is not as approved, with what changed in its description.
+fn print_diff(d: &ToolDiff) {
+    if !d.pinned {
+        out!(
+            "{}: tools not pinned (every tool passes); `mcpctl server approve {}` pins them",
+            d.server,
+            d.server
+        );
+    }
+    let rows = d
+        .tools
+        .iter()
+        .map(|t| {
+            let text = |v: &Option<serde_json::Value>| {
+                v.as_ref()
+                    .and_then(|v| v["description"].as_str())
+                    .unwrap_or("-")
+                    .to_string()
+            };
+            let what = match t.status.as_str() {
+                "changed" => {
+                    let (a, b) = (t.approved.as_ref(), t.current.as_ref());
+                    let schema = a.map(|a| &a["inputSchema"]) != b.map(|b| &b["inputSchema"]);
+                    let desc = text(&t.approved) != text(&t.current);
+                    match (desc, schema) {
+                        (true, true) => format!(
+                            "description: {:?} → {:?}; input schema changed",
+                            text(&t.approved),
+                            text(&t.current)
+                        ),
+                        (true, false) => format!(
+                            "description: {:?} → {:?}",
+                            text(&t.approved),
+                            text(&t.current)
+                        ),
+                        (false, true) => "input schema changed".to_string(),
+                        (false, false) => "title, output schema or annotations changed".to_string(),
+                    }
+                }
+                "new" => format!("not approved: {:?}", text(&t.current)),
+                "removed" => "no longer offered".to_string(),
+                _ => String::new(),
+            };
+            vec![t.name.clone(), t.status.clone(), what]
+        })
+        .collect();
+    print_table(&["TOOL", "STATUS", "WHAT CHANGED"], rows);
 }
 
 async fn tenant(cli: &Cli, cmd: &TenantCmd) -> Outcome {

@@ -20,6 +20,7 @@ pub mod identity;
 pub mod join;
 pub mod mcp;
 pub mod metrics;
+pub mod pinning;
 pub mod policy;
 pub mod pool;
 pub mod raft;

@@ -708,6 +708,8 @@ pub enum ObjectKind {
     Placement,
     /// MCP session state (not streamed to watchers).
     Session,
+    /// The tools of a server an admin approved (its name is the server's).
+    ToolPins,
 }
 
 /// One line of `GET /v1/watch` (newline-delimited JSON).
@@ -812,4 +814,42 @@ pub struct ServerCatalogue {
     #[serde(rename = "resourceTemplates")]
     pub resource_templates: Vec<serde_json::Value>,
     pub prompts: Vec<serde_json::Value>,
+}
+
+/// `PUT /v1/servers/{name}/pins`: the tools of a server an admin approved, each as the server
+/// listed it (`mcpctl server approve`). Once a server has pins, a tool whose name, title,
+/// description, schemas or annotations differ from the approved ones, or a tool not approved
+/// at all, is held back from clients (not listed, not called) until approved.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolPins {
+    pub tools: BTreeMap<String, serde_json::Value>,
+}
+
+/// `GET /v1/servers/{name}/diff`: the server's tools now against the approved ones.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ToolDiff {
+    pub server: String,
+    /// Whether the server has pins (without, every tool passes).
+    pub pinned: bool,
+    /// Whether its catalogue was read from a ready process.
+    pub loaded: bool,
+    /// The pins' revision, for `If-Match` on the approval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u64>,
+    pub tools: Vec<ToolChange>,
+}
+
+/// One tool, approved or not.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ToolChange {
+    pub name: String,
+    /// `approved` (as approved), `changed` (held: differs from the approved one), `new` (held:
+    /// never approved), `removed` (approved, no longer offered), or `unpinned` (the server has
+    /// no pins).
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current: Option<serde_json::Value>,
 }

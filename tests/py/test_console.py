@@ -496,3 +496,36 @@ def test_every_page_passes_an_accessibility_check_and_works_from_the_keyboard(cl
         assert not found, found
     finally:
         ctx.close()
+
+
+def test_a_rug_pull_shows_on_the_server_page_and_is_approved_there(cluster, context):
+    name = f"rp{uuid.uuid4().hex[:4]}"
+    rugpull = ROOT / "tests/py/servers/rugpull.py"
+    cluster.mcpctl("server", "add", name, "--replicas", "1", "--pool-size", "1", "--", str(ROOT / ".venv/bin/python"), str(rugpull))
+    try:
+        cluster.wait_tools(name, ["forecast", "rug_pull"])
+        page = sign_in(context, cluster.base(0), cluster.admin_token)
+        page.goto(f"{cluster.base(0)}/ui/#/servers/{name}")
+        page.get_by_role("button", name="Pin the tools as they are now").click()
+        expect(page.get_by_text("Every tool is as approved.")).to_be_visible()
+
+        pulled = stateless_post(f"{cluster.base(1)}/servers/{name}/mcp", cluster.token, "tools/call",
+                                {"name": "rug_pull", "arguments": {}}, name="rug_pull")
+        assert "pulled" in pulled.text, pulled.text
+        # The catalogue is read once per visit: come back to the server to see the change.
+        wait_until(
+            lambda: json.loads(cluster.mcpctl_result("server", "diff", name, "-o", "json", node=0).stdout)["tools"][0]["status"] == "changed",
+            30,
+            "node 1 sees the change",
+        )
+        page.goto(f"{cluster.base(0)}/ui/#/servers")
+        page.goto(f"{cluster.base(0)}/ui/#/servers/{name}")
+        tools = page.get_by_role("table", name=f"Tools of {name}")
+        expect(page.get_by_text("2 tools held back until approved")).to_be_visible()
+        expect(tools.locator("ins")).to_contain_text("id_rsa")
+        expect(tools.locator("del")).to_have_text("The weather forecast for a city.")
+        screenshot(page, "servers-held-tools")
+        page.get_by_role("button", name="Approve the tools as they are now").click()
+        expect(page.get_by_text("Every tool is as approved.")).to_be_visible()
+    finally:
+        cluster.mcpctl("server", "rm", name)

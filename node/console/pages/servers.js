@@ -96,12 +96,16 @@ export default {
       }
     }
 
-    // What the server offers: read once per selection (it changes only when the server says so).
+    // What the server offers, and its tools against the approved ones: read once per
+    // selection (they change only when the server says so).
     async function offers(name) {
       let c;
+      let d;
       try {
         // A server still starting is waited for (up to its startup time) before it answers.
-        c = await api('GET', `/servers/${encodeURIComponent(name)}/catalogue`, undefined, { timeoutMs: 20000 });
+        const path = `/servers/${encodeURIComponent(name)}`;
+        c = await api('GET', `${path}/catalogue`, undefined, { timeoutMs: 20000 });
+        d = await api('GET', `${path}/diff`, undefined, { timeoutMs: 20000 });
       } catch (e) {
         catalogue.replaceChildren(h('p.error', {}, e.message));
         return;
@@ -111,13 +115,34 @@ export default {
         shownCatalogue = '';
         return;
       }
-      const described = (i) => i.description || i.title || '';
+      const described = (i) => (i && (i.description || i.title)) || '';
+      const held = d.tools.filter((t) => t.status === 'changed' || t.status === 'new');
+      const approve = can.writesServers ? h('button', {
+        type: 'button',
+        onclick: async () => {
+          const tools = Object.fromEntries(d.tools.filter((t) => t.current).map((t) => [t.name, t.current]));
+          try {
+            await api('PUT', `/servers/${encodeURIComponent(name)}/pins`, { tools }, d.revision ? { headers: { 'if-match': String(d.revision) } } : {});
+            toast(`${name}: ${Object.keys(tools).length} tools approved`);
+            shownCatalogue = '';
+            await refresh();
+          } catch (e) {
+            toast(e.message);
+          }
+        },
+      }, d.pinned ? 'Approve the tools as they are now' : 'Pin the tools as they are now') : null;
       catalogue.replaceChildren(
         h('h2', {}, `${name}: catalogue`),
+        h('p', {}, d.pinned
+          ? (held.length ? h('span.badge.open', {}, `${held.length} tools held back until approved`) : 'Every tool is as approved.')
+          : 'Tools not pinned: every tool reaches clients.', ' ', approve),
         table(`Tools of ${name}`, [
           { title: 'Tool', cell: (t) => h('code', {}, t.name) },
-          { title: 'Description', cell: described },
-        ], c.tools, 'No tools.'),
+          { title: 'Status', cell: (t) => h(`span.badge.${t.status === 'approved' || t.status === 'unpinned' ? 'closed' : 'open'}`, {}, t.status) },
+          { title: 'Description', cell: (t) => (t.status === 'changed' && described(t.approved) !== described(t.current)
+            ? [h('del', {}, described(t.approved)), ' → ', h('ins', {}, described(t.current))]
+            : described(t.current || t.approved)) },
+        ], d.tools, 'No tools.'),
         table(`Resources of ${name}`, [
           { title: 'URI', cell: (r) => h('code', {}, r.uri) },
           { title: 'Name', cell: (r) => r.name || '' },

@@ -15,6 +15,7 @@ pub mod host;
 pub mod issuers;
 pub mod listener;
 pub mod objects;
+pub mod pins;
 pub mod policies;
 pub mod resource_metadata;
 pub mod session;
@@ -87,6 +88,11 @@ pub fn router<S: Clone + Send + Sync + 'static>(state: AppState) -> Router<S> {
         )
         .route("/servers/{name}/status", get(o::server_status))
         .route("/servers/{name}/catalogue", get(catalogue::get))
+        .route("/servers/{name}/diff", get(pins::diff))
+        .route(
+            "/servers/{name}/pins",
+            axum::routing::put(pins::put).delete(pins::delete),
+        )
         .route("/tenants", get(o::list_tenants).post(o::create_tenant))
         .route(
             "/tenants/{name}",

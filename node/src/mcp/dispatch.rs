@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 use super::target::Target;
 use crate::call::{Affinity, Call, EventSink, FallbackGate};
 use crate::call_audit::{describe_args, CallAudit, CallEvent};
+use crate::pinning::{self, Held};
 use crate::policy::{Access, Policies};
 use crate::pool::catalogue::Catalogue;
 use crate::registry::{Principal, Registry};
@@ -44,6 +45,12 @@ pub struct Route {
     pub traffic: crate::traffic::Traffic,
     /// What the policies decided for this request's call, for its log line.
     pub decided: Arc<Mutex<Option<Decided>>>,
+}
+
+/// Counts a tool held back from a list or a call.
+fn held_back(server: &str, held: Held) {
+    metrics::counter!("mcpd_tools_held_total", "server" => server.to_string(), "change" => held.as_str())
+        .increment(1);
 }
 
 /// How a call ended, as the call log names it: `ok`, `tool_error` (a result with
@@ -203,6 +210,7 @@ impl Route {
         match &self.target {
             Target::Server(name) => {
                 self.authorize(name, method, params.as_ref())?;
+                self.approved(name, method, params.as_ref()).await?;
                 let mut result = self.send(name, method, params, events).await?;
                 self.filter_list(name, method, &mut result);
                 if method == "tools/list" {
@@ -260,6 +268,7 @@ impl Route {
                 }
                 params["name"] = json!(name);
                 self.authorize(server, method, Some(&params))?;
+                self.approved(server, method, Some(&params)).await?;
                 self.send(server, method, Some(params), events).await
             }
             "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
@@ -314,7 +323,21 @@ impl Route {
         let mut out = Vec::new();
         let filtering = self.policies.any();
         for ((server, idempotent), info) in servers.iter().zip(infos) {
-            for item in pick(&info.catalogue) {
+            let listed = pick(&info.catalogue);
+            let pinned = listed
+                .first()
+                .is_some_and(|i| i.get("inputSchema").is_some())
+                && self.registry.local().state.tool_pins.contains_key(server);
+            let kept;
+            let items = if pinned {
+                let mut tools = listed.clone();
+                self.hold_back(server, &mut tools);
+                kept = tools;
+                &kept
+            } else {
+                listed
+            };
+            for item in items {
                 if filtering && !self.listable(server, item) {
                     continue;
                 }
@@ -388,7 +411,68 @@ impl Route {
         )))
     }
 
-    /// Drops the items of a transparent list the policies hide from this caller.
+    /// Refuses a tool call to a tool held back since its server changed it (or added it)
+    /// after an admin approved the server's tools (`crate::pinning`). Servers without pins,
+    /// and calls other than `tools/call`, pass.
+    async fn approved(
+        &self,
+        server: &str,
+        method: &str,
+        params: Option<&Value>,
+    ) -> Result<(), ErrorObject> {
+        if method != "tools/call" {
+            return Ok(());
+        }
+        let Some(pins) = self.registry.local().state.tool_pins.get(server).cloned() else {
+            return Ok(());
+        };
+        let tool = params.and_then(|p| p["name"].as_str()).unwrap_or_default();
+        let held = match pins.spec.tools.get(tool) {
+            None => Some(Held::New),
+            Some(_) => {
+                // As the server lists it now; a tool it does not list is its own to refuse.
+                let info = self.info(server).await;
+                info.catalogue
+                    .tools
+                    .iter()
+                    .find(|t| t["name"] == tool)
+                    .and_then(|t| pinning::held(Some(&pins.spec), t))
+            }
+        };
+        let Some(held) = held else {
+            return Ok(());
+        };
+        held_back(server, held);
+        Err(ErrorObject::new(
+            code::DENIED,
+            format!(
+                "tool {tool:?} of server {server:?} is held back: it {} since an admin approved the server's tools (mcpctl server diff {server})",
+                match held {
+                    Held::Changed => "changed",
+                    Held::New => "was added",
+                }
+            ),
+        )
+        .with_data(json!({ "held": held.as_str(), "server": server, "tool": tool })))
+    }
+
+    /// Drops the tools of `server` held back since an admin approved its tools.
+    fn hold_back(&self, server: &str, tools: &mut Vec<Value>) {
+        let data = self.registry.local();
+        let Some(pins) = data.state.tool_pins.get(server) else {
+            return;
+        };
+        tools.retain(|t| match pinning::held(Some(&pins.spec), t) {
+            None => true,
+            Some(h) => {
+                held_back(server, h);
+                false
+            }
+        });
+    }
+
+    /// Drops the items of a transparent list the policies hide from this caller, and the
+    /// tools held back (`crate::pinning`).
     fn filter_list(&self, server: &str, method: &str, result: &mut Value) {
         let key = match method {
             "tools/list" => "tools",
@@ -396,6 +480,11 @@ impl Route {
             "resources/list" => "resources",
             _ => return,
         };
+        if key == "tools" {
+            if let Some(tools) = result["tools"].as_array_mut() {
+                self.hold_back(server, tools);
+            }
+        }
         if !self.policies.any() {
             return;
         }

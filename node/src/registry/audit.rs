@@ -85,6 +85,14 @@ impl Command {
                 json!({ "node": token.node, "expires_at": token.expires_at }),
             ),
             Command::SetAuditRetention { events } => of("audit", json!({ "events": events })),
+            // The approved tools by name and fingerprint (their text is in the pins).
+            Command::PutToolPins { server, pins, .. } => of(
+                server,
+                json!({ "tools": pins.tools.iter()
+                    .map(|(n, t)| (n.clone(), json!(crate::pinning::fingerprint(t))))
+                    .collect::<serde_json::Map<_, _>>() }),
+            ),
+            Command::DeleteToolPins { server, .. } => of(server, json!({})),
             Command::SetPlacement { .. }
             | Command::SetSessionKey { .. }
             | Command::PutSessionState { .. }

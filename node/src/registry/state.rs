@@ -7,8 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 
 use mcpcp_proto::api::{
-    IssuerSpec, ObjectKind, PolicySpec, Role, ServerSpec, TenantSpec, TokenInfo, Versioned,
-    WatchEvent,
+    IssuerSpec, ObjectKind, PolicySpec, Role, ServerSpec, TenantSpec, TokenInfo, ToolPins,
+    Versioned, WatchEvent,
 };
 use mcpcp_proto::audit::{self, Actor, AuditEvent};
 use serde::{Deserialize, Serialize};
@@ -65,6 +65,17 @@ pub enum Command {
     },
     RevokeToken {
         id: String,
+    },
+    /// The tools of `server` an admin approved (`crate::pinning`).
+    PutToolPins {
+        server: String,
+        pins: ToolPins,
+        precondition: Precondition,
+    },
+    /// The server's tools are no longer checked against approved ones.
+    DeleteToolPins {
+        server: String,
+        precondition: Precondition,
     },
     /// How many audit events the state keeps (older ones leave with their chain head).
     SetAuditRetention {
@@ -173,6 +184,8 @@ impl Command {
             Command::RevokeToken { .. } => "revoke_token",
             Command::TouchTokens { .. } => "touch_tokens",
             Command::SetAuditRetention { .. } => "set_audit_retention",
+            Command::PutToolPins { .. } => "approve_tools",
+            Command::DeleteToolPins { .. } => "unpin_tools",
             Command::SetPlacement { .. } => "set_placement",
             Command::SetSessionKey { .. } => "set_session_key",
             Command::PutSessionState { .. } => "put_session_state",
@@ -319,6 +332,9 @@ pub struct State {
     /// Uses of `mcpd recover-admin`, oldest first.
     #[serde(default)]
     pub recoveries: VecDeque<Recovery>,
+    /// The approved tools of servers that have pins (by server name).
+    #[serde(default)]
+    pub tool_pins: BTreeMap<String, Versioned<ToolPins>>,
     /// Outcomes of recent requests by request id, oldest first.
     pub recent: VecDeque<(String, CommandResult)>,
     /// The ids in `recent`, for a constant-time duplicate check (rebuilt from it on load).
@@ -461,6 +477,14 @@ impl State {
                 if self.placements.remove(&name).is_some() {
                     changes.push(Change {
                         kind: ObjectKind::Placement,
+                        name: name.clone(),
+                        present: false,
+                    });
+                }
+                // A server added again under the name starts unapproved, not with old pins.
+                if self.tool_pins.remove(&name).is_some() {
+                    changes.push(Change {
+                        kind: ObjectKind::ToolPins,
                         name,
                         present: false,
                     });
@@ -591,6 +615,35 @@ impl State {
                 self.policies_version += 1;
                 Ok(changes)
             }
+            Command::PutToolPins {
+                server,
+                pins,
+                precondition,
+            } => {
+                if !self.servers.contains_key(&server) {
+                    return Err(ApplyError::NotFound {
+                        kind: ObjectKind::Server,
+                        name: server,
+                    });
+                }
+                put(
+                    &mut self.tool_pins,
+                    ObjectKind::ToolPins,
+                    server,
+                    pins,
+                    precondition,
+                    rev,
+                )
+            }
+            Command::DeleteToolPins {
+                server,
+                precondition,
+            } => delete(
+                &mut self.tool_pins,
+                ObjectKind::ToolPins,
+                server,
+                precondition,
+            ),
             Command::DeletePolicy { name, precondition } => {
                 let changes = delete(&mut self.policies, ObjectKind::Policy, name, precondition)?;
                 self.policies_version += 1;
@@ -757,6 +810,10 @@ impl State {
                     .and_then(|t| serde_json::to_value(&t.info).ok()),
                 ObjectKind::Issuer => self
                     .issuers
+                    .get(&change.name)
+                    .and_then(|v| serde_json::to_value(v).ok()),
+                ObjectKind::ToolPins => self
+                    .tool_pins
                     .get(&change.name)
                     .and_then(|v| serde_json::to_value(v).ok()),
                 ObjectKind::Policy => self

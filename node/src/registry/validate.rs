@@ -423,6 +423,38 @@ pub fn token_request(req: &CreateTokenRequest) -> Result<Role, FieldError> {
     Ok(role)
 }
 
+/// Tools one server's pins hold at most, and their approved definitions' size.
+pub const MAX_PINNED_TOOLS: usize = 1000;
+pub const MAX_PINS_BYTES: usize = 1 << 20;
+
+/// Checks a server's tool pins: names that are the tools' own, within the bounds.
+pub fn tool_pins(pins: &mcpcp_proto::api::ToolPins) -> Result<(), FieldError> {
+    if pins.tools.len() > MAX_PINNED_TOOLS {
+        return Err(FieldError::new(
+            "tools",
+            format!("at most {MAX_PINNED_TOOLS} tools"),
+        ));
+    }
+    for (name, tool) in &pins.tools {
+        if name.is_empty() || tool.get("name").and_then(|n| n.as_str()) != Some(name.as_str()) {
+            return Err(FieldError::new(
+                "tools",
+                format!("{name:?} must map to the tool's definition, whose \"name\" is {name:?}"),
+            ));
+        }
+    }
+    let size = serde_json::to_vec(&pins.tools)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
+    if size > MAX_PINS_BYTES {
+        return Err(FieldError::new(
+            "tools",
+            format!("the definitions take {size} bytes; at most {MAX_PINS_BYTES}"),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
