@@ -275,6 +275,41 @@ impl AdminClient {
             .await
     }
 
+    pub async fn virtual_servers(
+        &self,
+    ) -> Result<mcpcp_proto::api::List<Versioned<mcpcp_proto::api::VirtualServerSpec>>, ClientError>
+    {
+        self.get("/v1/virtual-servers").await
+    }
+
+    pub async fn put_virtual_server(
+        &self,
+        spec: &mcpcp_proto::api::VirtualServerSpec,
+        opts: &CallOptions,
+    ) -> Result<WriteAck, ClientError> {
+        self.call(
+            Method::PUT,
+            &format!("/v1/virtual-servers/{}", spec.name),
+            Some(spec),
+            opts,
+        )
+        .await
+    }
+
+    pub async fn delete_virtual_server(
+        &self,
+        name: &str,
+        opts: &CallOptions,
+    ) -> Result<WriteAck, ClientError> {
+        self.call::<(), _>(
+            Method::DELETE,
+            &format!("/v1/virtual-servers/{name}"),
+            None,
+            opts,
+        )
+        .await
+    }
+
     pub async fn tool_diff(&self, name: &str) -> Result<mcpcp_proto::api::ToolDiff, ClientError> {
         self.get(&format!("/v1/servers/{name}/diff")).await
     }

@@ -83,6 +83,9 @@ enum Command {
     /// Authorization rules for MCP calls: add, list, remove, and test a call against them.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// Virtual servers: curated, renamed tools of several servers at /v/NAME/mcp.
+    #[command(subcommand, name = "vserver")]
+    Vserver(VserverCmd),
     /// The audit trail of admin changes: list, export, verify its hash chain, retention.
     #[command(subcommand)]
     Audit(AuditCmd),
@@ -387,6 +390,110 @@ fn parse_role(name: &str) -> Result<Role, String> {
         let names: Vec<&str> = Role::ALL.iter().map(|r| r.as_str()).collect();
         format!("one of {}", names.join(", "))
     })
+}
+
+#[derive(Debug, Subcommand)]
+enum VserverCmd {
+    /// Create or replace a virtual server: `mcpctl vserver set kit --tool files/read_text_file=read --tool time/get_current_time`.
+    Set {
+        name: String,
+        /// SERVER/TOOL, or SERVER/TOOL=NAME to show it under another name (repeat).
+        #[arg(long = "tool", required = true)]
+        tools: Vec<String>,
+        /// Only this tenant's callers may use it (default: every tenant's).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Shown to clients as the server's instructions.
+        #[arg(long)]
+        description: Option<String>,
+    },
+    List,
+    #[command(alias = "remove", alias = "delete")]
+    Rm {
+        name: String,
+    },
+}
+
+/// `SERVER/TOOL[=NAME]`.
+fn parse_virtual_tool(s: &str) -> Result<mcpcp_proto::api::VirtualTool, Failure> {
+    let (path, name) = match s.split_once('=') {
+        Some((p, n)) => (p, Some(n.to_string())),
+        None => (s, None),
+    };
+    let (server, tool) = path.split_once('/').ok_or_else(|| {
+        fail(
+            2,
+            format!("--tool {s:?}: expected SERVER/TOOL or SERVER/TOOL=NAME"),
+        )
+    })?;
+    Ok(mcpcp_proto::api::VirtualTool {
+        server: server.to_string(),
+        tool: tool.to_string(),
+        name,
+    })
+}
+
+async fn vserver(cli: &Cli, cmd: &VserverCmd) -> Outcome {
+    let c = client(cli)?;
+    match cmd {
+        VserverCmd::Set {
+            name,
+            tools,
+            tenant,
+            description,
+        } => {
+            let spec = mcpcp_proto::api::VirtualServerSpec {
+                name: name.clone(),
+                tenant: tenant.clone(),
+                description: description.clone(),
+                tools: tools
+                    .iter()
+                    .map(|t| parse_virtual_tool(t))
+                    .collect::<Result<_, _>>()?,
+            };
+            let a = c.put_virtual_server(&spec, &CallOptions::default()).await?;
+            ack(
+                cli,
+                &format!("virtual server {name} set: /v/{name}/mcp"),
+                a.revision,
+            );
+        }
+        VserverCmd::List => {
+            let list = c.virtual_servers().await?;
+            if cli.output == Output::Json {
+                print_json(&list.items);
+            } else {
+                let rows = list
+                    .items
+                    .iter()
+                    .map(|v| {
+                        let tools: Vec<String> = v
+                            .spec
+                            .tools
+                            .iter()
+                            .map(|t| match &t.name {
+                                Some(n) => format!("{}/{}={n}", t.server, t.tool),
+                                None => format!("{}/{}", t.server, t.tool),
+                            })
+                            .collect();
+                        vec![
+                            v.spec.name.clone(),
+                            opt(v.spec.tenant.clone()),
+                            tools.join(" "),
+                        ]
+                    })
+                    .collect();
+                print_table(&["NAME", "TENANT", "TOOLS"], rows);
+            }
+        }
+        VserverCmd::Rm { name } => {
+            let a = c
+                .delete_virtual_server(name, &CallOptions::default())
+                .await?;
+            ack(cli, &format!("virtual server {name} removed"), a.revision);
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -1918,6 +2025,7 @@ async fn main() {
         Command::Issuer(c) => issuer(&cli, c).await,
         Command::Audit(c) => audit(&cli, c).await,
         Command::Policy(c) => policy(&cli, c).await,
+        Command::Vserver(c) => vserver(&cli, c).await,
         Command::Token(c) => token(&cli, c).await,
         Command::Import {
             file,

@@ -710,6 +710,8 @@ pub enum ObjectKind {
     Session,
     /// The tools of a server an admin approved (its name is the server's).
     ToolPins,
+    /// A curated set of tools from several servers, served at `/v/NAME/mcp`.
+    VirtualServer,
 }
 
 /// One line of `GET /v1/watch` (newline-delimited JSON).
@@ -852,4 +854,37 @@ pub struct ToolChange {
     pub approved: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current: Option<serde_json::Value>,
+}
+
+/// A virtual server (`/v1/virtual-servers`, `mcpctl vserver`): a named, curated set of tools
+/// from several servers, each optionally renamed, served at `/v/NAME/mcp`. A caller reaches
+/// through it only servers it may use anyway, under the same policies and tool pins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtualServerSpec {
+    pub name: String,
+    /// `None`: every tenant's callers may use it. `Some(t)`: only tenant `t`'s.
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// Shown to clients as the server's instructions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub tools: Vec<VirtualTool>,
+}
+
+/// One tool of a virtual server: `tool` of `server`, shown as `name` (default: `tool`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtualTool {
+    pub server: String,
+    pub tool: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl VirtualTool {
+    /// The name clients see.
+    pub fn exposed(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.tool)
+    }
 }

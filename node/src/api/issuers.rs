@@ -11,6 +11,7 @@ use super::extract::{
     precondition, read_barrier, same_name, ApiJson, ApiQuery, Authorized, ReadParams, RemoteAddr,
 };
 use super::objects::write;
+use super::visible::{found, listed};
 use super::AppState;
 use crate::identity::surface::{ClusterWrite, ObjectRead};
 use crate::registry::state::{Command, Precondition};
@@ -23,16 +24,11 @@ pub async fn list(
 ) -> Result<Json<List<Versioned<IssuerSpec>>>, ApiError> {
     read_barrier(&state, params.consistency).await?;
     let data = state.registry.local();
-    Ok(Json(List {
-        revision: data.state.revision,
-        items: data
-            .state
-            .issuers
-            .values()
-            .filter(|i| caller.owns(i.spec.tenant.as_deref()))
-            .cloned()
-            .collect(),
-    }))
+    Ok(Json(listed(
+        data.state.revision,
+        &data.state.issuers,
+        |i| caller.owns(i.tenant.as_deref()),
+    )))
 }
 
 pub async fn get(
@@ -43,13 +39,10 @@ pub async fn get(
 ) -> Result<Json<Versioned<IssuerSpec>>, ApiError> {
     read_barrier(&state, params.consistency).await?;
     let data = state.registry.local();
-    data.state
-        .issuers
-        .get(&name)
-        .filter(|i| caller.owns(i.spec.tenant.as_deref()))
-        .cloned()
-        .map(Json)
-        .ok_or_else(|| ApiError::NotFound(format!("issuer {name:?} not found")))
+    found(&data.state.issuers, &name, "issuer", |i| {
+        caller.owns(i.tenant.as_deref())
+    })
+    .map(Json)
 }
 
 pub async fn create(

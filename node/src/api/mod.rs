@@ -20,6 +20,8 @@ pub mod policies;
 pub mod resource_metadata;
 pub mod session;
 pub mod traffic;
+pub mod virtual_servers;
+pub mod visible;
 
 use axum::extract::FromRef;
 use axum::routing::{get, post};
@@ -116,6 +118,16 @@ pub fn router<S: Clone + Send + Sync + 'static>(state: AppState) -> Router<S> {
         )
         .route("/session/providers", get(session::providers))
         .route("/traffic", get(traffic::get))
+        .route(
+            "/virtual-servers",
+            get(virtual_servers::list).post(virtual_servers::create),
+        )
+        .route(
+            "/virtual-servers/{name}",
+            get(virtual_servers::get)
+                .put(virtual_servers::put)
+                .delete(virtual_servers::delete),
+        )
         .route("/audit", get(audit::list))
         .route("/audit/retention", axum::routing::put(audit::set_retention))
         .route("/issuers", get(issuers::list).post(issuers::create))

@@ -13,6 +13,7 @@ use super::extract::{
     RemoteAddr,
 };
 use super::objects::write;
+use super::visible::{found, listed};
 use super::AppState;
 use crate::identity::surface::{ObjectRead, ObjectWrite};
 use crate::policy::condition::Condition;
@@ -73,18 +74,12 @@ pub async fn list(
 ) -> Result<Json<List<Versioned<PolicySpec>>>, ApiError> {
     read_barrier(&state, params.consistency).await?;
     let data = state.registry.local();
-    let mut items: Vec<Versioned<PolicySpec>> = data
-        .state
-        .policies
-        .values()
-        .filter(|p| owns(&caller, &p.spec))
-        .cloned()
-        .collect();
-    items.sort_by(|a, b| (a.spec.order, &a.spec.name).cmp(&(b.spec.order, &b.spec.name)));
-    Ok(Json(List {
-        revision: data.state.revision,
-        items,
-    }))
+    let mut list = listed(data.state.revision, &data.state.policies, |p| {
+        owns(&caller, p)
+    });
+    list.items
+        .sort_by(|a, b| (a.spec.order, &a.spec.name).cmp(&(b.spec.order, &b.spec.name)));
+    Ok(Json(list))
 }
 
 pub async fn get(
@@ -95,13 +90,7 @@ pub async fn get(
 ) -> Result<Json<Versioned<PolicySpec>>, ApiError> {
     read_barrier(&state, params.consistency).await?;
     let data = state.registry.local();
-    data.state
-        .policies
-        .get(&name)
-        .filter(|p| owns(&caller, &p.spec))
-        .cloned()
-        .map(Json)
-        .ok_or_else(|| ApiError::NotFound(format!("policy {name:?} not found")))
+    found(&data.state.policies, &name, "policy", |p| owns(&caller, p)).map(Json)
 }
 
 pub async fn create(

@@ -20,6 +20,7 @@ use crate::policy::{Access, Policies};
 use crate::pool::catalogue::Catalogue;
 use crate::registry::{Principal, Registry};
 use crate::route::{Router, ServerInfo};
+use mcpcp_proto::api::{Role, VirtualServerSpec};
 
 /// The separator of aggregated names: `{server}__{tool}`. Server names cannot contain it.
 pub const SEPARATOR: &str = "__";
@@ -163,7 +164,7 @@ impl Route {
         let server = match (&decided, &self.target) {
             (Some(d), _) => d.server.as_str(),
             (None, Target::Server(s)) => s.as_str(),
-            (None, Target::Aggregate) => "",
+            (None, Target::Aggregate | Target::Virtual(_)) => "",
         };
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -233,6 +234,91 @@ impl Route {
                 Ok(result)
             }
             Target::Aggregate => self.aggregate(method, params, events).await,
+            Target::Virtual(v) => self.virtual_request(v, method, params, events).await,
+        }
+    }
+
+    /// Virtual server `name`, if this caller may use it (another tenant's does not exist).
+    pub fn virtual_server(&self, name: &str) -> Result<VirtualServerSpec, ErrorObject> {
+        let data = self.registry.local();
+        data.state
+            .virtual_servers
+            .get(name)
+            .filter(|v| {
+                self.principal.role == Role::ClusterAdmin || {
+                    let t = v.spec.tenant.as_deref();
+                    t.is_none() || t == self.principal.tenant.as_deref()
+                }
+            })
+            .map(|v| v.spec.clone())
+            .ok_or_else(|| {
+                ErrorObject::new(code::INVALID_REQUEST, format!("no virtual server {name:?}"))
+            })
+    }
+
+    /// A request to virtual server `v`: its tools, each the one of its server under the name
+    /// the virtual server gives it, listed and called through the same checks as on the
+    /// server's own endpoint (the caller may use the server, policies, tool pins).
+    async fn virtual_request(
+        &self,
+        v: &str,
+        method: &str,
+        params: Option<Value>,
+        events: EventSink,
+    ) -> Result<Value, ErrorObject> {
+        let spec = self.virtual_server(v)?;
+        match method {
+            "ping" => Ok(json!({})),
+            "tools/list" => {
+                let mut out = Vec::new();
+                for t in &spec.tools {
+                    if self.check(&t.server).is_err() {
+                        continue;
+                    }
+                    let info = self.info(&t.server).await;
+                    let Some(tool) = info
+                        .catalogue
+                        .tools
+                        .iter()
+                        .find(|x| x["name"] == t.tool.as_str())
+                    else {
+                        continue;
+                    };
+                    let mut one = vec![tool.clone()];
+                    self.hold_back(&t.server, &mut one);
+                    let Some(mut tool) = one.pop() else { continue };
+                    if self.policies.any() && !self.listable(&t.server, &tool) {
+                        continue;
+                    }
+                    tool["name"] = json!(t.exposed());
+                    out.push(tool);
+                }
+                Ok(json!({ "tools": out }))
+            }
+            "tools/call" => {
+                let mut params = params.ok_or_else(|| invalid("params: required"))?;
+                let shown = params["name"]
+                    .as_str()
+                    .ok_or_else(|| invalid("params.name: required"))?
+                    .to_string();
+                let t = spec
+                    .tools
+                    .iter()
+                    .find(|t| t.exposed() == shown)
+                    .ok_or_else(|| invalid(format!("unknown tool {shown:?}")))?;
+                self.check(&t.server)?;
+                params["name"] = json!(t.tool);
+                self.authorize(&t.server, method, Some(&params))?;
+                self.approved(&t.server, method, Some(&params)).await?;
+                self.send(&t.server, method, Some(params), events).await
+            }
+            "prompts/list" => Ok(json!({ "prompts": [] })),
+            "resources/list" => Ok(json!({ "resources": [] })),
+            "resources/templates/list" => Ok(json!({ "resourceTemplates": [] })),
+            other => Err(ErrorObject::new(
+                code::METHOD_NOT_FOUND,
+                format!("method not found: {other} (a virtual server offers tools only)"),
+            )),
         }
     }
 

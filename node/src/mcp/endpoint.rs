@@ -75,6 +75,11 @@ pub async fn post(
             }
         }
     }
+    if let Target::Virtual(name) = &target {
+        if let Err(e) = state.route(&principal, &target).virtual_server(name) {
+            return rpc_error(StatusCode::NOT_FOUND, None, e);
+        }
+    }
     match era_of_request(&headers, &msg) {
         Era::Stateless => super::stateless::post(state, principal, target, headers, msg).await,
         Era::Session => super::http::post_session(state, principal, target, headers, msg).await,

@@ -268,6 +268,17 @@ async fn initialize(
                 super::dispatch::SEPARATOR
             )),
         ),
+        Target::Virtual(v) => {
+            let spec = match state.route(&principal, &target).virtual_server(v) {
+                Ok(s) => s,
+                Err(e) => return rpc_error(StatusCode::OK, Some(id), e),
+            };
+            (
+                json!({ "name": v, "title": format!("{v} (virtual server)"), "version": env!("CARGO_PKG_VERSION") }),
+                json!({ "tools": {} }),
+                spec.description,
+            )
+        }
         Target::Server(name) => {
             let r = state.route(&principal, &target);
             if let Err(e) = r.check(name) {
@@ -687,6 +698,8 @@ pub async fn get(
                     Arc::new(move |server: &str| match &r.target {
                         Target::Server(t) => t == server,
                         Target::Aggregate => r.check(server).is_ok(),
+                        // Its servers' notifications name their own tools, not the renamed ones.
+                        Target::Virtual(_) => false,
                     });
                 tokio::spawn(forward_hub(hub, Arc::downgrade(&session), n, visible));
                 n

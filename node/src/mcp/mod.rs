@@ -38,5 +38,9 @@ pub fn router<S: Clone + Send + Sync + 'static>(state: McpState) -> HttpRouter<S
             "/servers/{name}/mcp",
             post(endpoint::post).get(http::get).delete(http::delete),
         )
+        .route(
+            "/v/{vname}/mcp",
+            post(endpoint::post).get(http::get).delete(http::delete),
+        )
         .with_state(state)
 }

@@ -338,10 +338,7 @@ impl Sessions {
         let nonce = crate::registry::new_request_id();
         let claims = Claims {
             tok: principal.token_id.clone(),
-            tgt: match &target {
-                Target::Aggregate => None,
-                Target::Server(n) => Some(n.clone()),
-            },
+            tgt: target.claim(),
             ver: protocol_version.clone(),
             ci: client_info.clone(),
             cc: client_capabilities.clone(),
@@ -369,10 +366,7 @@ impl Sessions {
         state: Option<crate::registry::state::SessionState>,
     ) -> Option<Arc<Session>> {
         let claims = verify(key, id)?;
-        let tgt = match target {
-            Target::Aggregate => None,
-            Target::Server(n) => Some(n.clone()),
-        };
+        let tgt = target.claim();
         if claims.tok != principal.token_id || claims.tgt != tgt {
             return None;
         }

@@ -215,6 +215,12 @@ pub async fn post(
                     "resources": { "subscribe": true, "listChanged": true },
                     "completions": {},
                 }),
+                Target::Virtual(v) => {
+                    if let Err(e) = state.route(&principal, &target).virtual_server(v) {
+                        return error(id, e);
+                    }
+                    json!({ "tools": {} })
+                }
                 Target::Server(name) => {
                     let r = state.route(&principal, &target);
                     if let Err(e) = r.check(name) {
@@ -571,6 +577,8 @@ fn listen(
             let visible = match &r.target {
                 Target::Server(n) => *n == ev.server,
                 Target::Aggregate => r.check(&ev.server).is_ok(),
+                // Its servers' notifications name their own tools, not the renamed ones.
+                Target::Virtual(_) => false,
             };
             if !visible {
                 continue;

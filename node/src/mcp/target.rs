@@ -7,9 +7,24 @@ pub enum Target {
     Aggregate,
     /// `/servers/{name}/mcp`: one server, names unchanged.
     Server(String),
+    /// `/v/{vname}/mcp`: a virtual server's curated, renamed tools of several servers.
+    Virtual(String),
 }
 
-/// The endpoint a request came to: `/servers/{name}/mcp` names a server, `/mcp` does not.
+impl Target {
+    /// How a session id names its endpoint (`v:NAME` for a virtual server: server names
+    /// hold no colon).
+    pub fn claim(&self) -> Option<String> {
+        match self {
+            Target::Aggregate => None,
+            Target::Server(n) => Some(n.clone()),
+            Target::Virtual(n) => Some(format!("v:{n}")),
+        }
+    }
+}
+
+/// The endpoint a request came to: `/servers/{name}/mcp` names a server, `/v/{vname}/mcp` a
+/// virtual server, `/mcp` neither.
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Target {
     type Rejection = std::convert::Infallible;
 
@@ -18,13 +33,14 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Target {
         state: &S,
     ) -> Result<Self, Self::Rejection> {
         let params = axum::extract::RawPathParams::from_request_parts(parts, state).await;
-        let name = params.ok().and_then(|p| {
+        let named = params.ok().and_then(|p| {
             p.iter()
-                .find(|(k, _)| *k == "name")
-                .map(|(_, v)| v.to_string())
+                .find(|(k, _)| *k == "name" || *k == "vname")
+                .map(|(k, v)| (k == "vname", v.to_string()))
         });
-        Ok(match name {
-            Some(n) => Target::Server(n),
+        Ok(match named {
+            Some((false, n)) => Target::Server(n),
+            Some((true, n)) => Target::Virtual(n),
             None => Target::Aggregate,
         })
     }

@@ -91,6 +91,7 @@ pub fn endpoint_label(target: &Target) -> String {
     match target {
         Target::Aggregate => "aggregate".into(),
         Target::Server(name) => name.clone(),
+        Target::Virtual(name) => format!("v/{name}"),
     }
 }
 

@@ -93,6 +93,8 @@ impl Command {
                     .collect::<serde_json::Map<_, _>>() }),
             ),
             Command::DeleteToolPins { server, .. } => of(server, json!({})),
+            Command::PutVirtualServer { spec, .. } => of(&spec.name, json!({ "spec": spec })),
+            Command::DeleteVirtualServer { name, .. } => of(name, json!({})),
             Command::SetPlacement { .. }
             | Command::SetSessionKey { .. }
             | Command::PutSessionState { .. }

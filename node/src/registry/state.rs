@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 
 use mcpcp_proto::api::{
     IssuerSpec, ObjectKind, PolicySpec, Role, ServerSpec, TenantSpec, TokenInfo, ToolPins,
-    Versioned, WatchEvent,
+    Versioned, VirtualServerSpec, WatchEvent,
 };
 use mcpcp_proto::audit::{self, Actor, AuditEvent};
 use serde::{Deserialize, Serialize};
@@ -65,6 +65,15 @@ pub enum Command {
     },
     RevokeToken {
         id: String,
+    },
+    /// A virtual server: a curated set of tools of several servers (`/v/NAME/mcp`).
+    PutVirtualServer {
+        spec: VirtualServerSpec,
+        precondition: Precondition,
+    },
+    DeleteVirtualServer {
+        name: String,
+        precondition: Precondition,
     },
     /// The tools of `server` an admin approved (`crate::pinning`).
     PutToolPins {
@@ -185,6 +194,8 @@ impl Command {
             Command::TouchTokens { .. } => "touch_tokens",
             Command::SetAuditRetention { .. } => "set_audit_retention",
             Command::PutToolPins { .. } => "approve_tools",
+            Command::PutVirtualServer { .. } => "put_virtual_server",
+            Command::DeleteVirtualServer { .. } => "delete_virtual_server",
             Command::DeleteToolPins { .. } => "unpin_tools",
             Command::SetPlacement { .. } => "set_placement",
             Command::SetSessionKey { .. } => "set_session_key",
@@ -335,6 +346,9 @@ pub struct State {
     /// The approved tools of servers that have pins (by server name).
     #[serde(default)]
     pub tool_pins: BTreeMap<String, Versioned<ToolPins>>,
+    /// Virtual servers (`/v/NAME/mcp`) by name.
+    #[serde(default)]
+    pub virtual_servers: BTreeMap<String, Versioned<VirtualServerSpec>>,
     /// Outcomes of recent requests by request id, oldest first.
     pub recent: VecDeque<(String, CommandResult)>,
     /// The ids in `recent`, for a constant-time duplicate check (rebuilt from it on load).
@@ -615,6 +629,24 @@ impl State {
                 self.policies_version += 1;
                 Ok(changes)
             }
+            Command::PutVirtualServer { spec, precondition } => {
+                self.tenant_exists(spec.tenant.as_deref())?;
+                let name = spec.name.clone();
+                put(
+                    &mut self.virtual_servers,
+                    ObjectKind::VirtualServer,
+                    name,
+                    spec,
+                    precondition,
+                    rev,
+                )
+            }
+            Command::DeleteVirtualServer { name, precondition } => delete(
+                &mut self.virtual_servers,
+                ObjectKind::VirtualServer,
+                name,
+                precondition,
+            ),
             Command::PutToolPins {
                 server,
                 pins,
@@ -814,6 +846,10 @@ impl State {
                     .and_then(|v| serde_json::to_value(v).ok()),
                 ObjectKind::ToolPins => self
                     .tool_pins
+                    .get(&change.name)
+                    .and_then(|v| serde_json::to_value(v).ok()),
+                ObjectKind::VirtualServer => self
+                    .virtual_servers
                     .get(&change.name)
                     .and_then(|v| serde_json::to_value(v).ok()),
                 ObjectKind::Policy => self

@@ -455,6 +455,48 @@ pub fn tool_pins(pins: &mcpcp_proto::api::ToolPins) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// Tools one virtual server holds at most.
+pub const MAX_VIRTUAL_TOOLS: usize = 500;
+
+/// Checks a virtual server: its name, its tenant's, and tools each shown under one name.
+pub fn virtual_server_spec(spec: &mcpcp_proto::api::VirtualServerSpec) -> Result<(), FieldError> {
+    name("name", &spec.name, MAX_TENANT_NAME)?;
+    if let Some(t) = &spec.tenant {
+        name("tenant", t, MAX_TENANT_NAME)?;
+    }
+    if spec.tools.is_empty() || spec.tools.len() > MAX_VIRTUAL_TOOLS {
+        return Err(FieldError::new(
+            "tools",
+            format!("name 1 to {MAX_VIRTUAL_TOOLS} tools"),
+        ));
+    }
+    let mut shown = std::collections::BTreeSet::new();
+    for (i, t) in spec.tools.iter().enumerate() {
+        name(&format!("tools[{i}].server"), &t.server, MAX_TENANT_NAME)?;
+        let exposed = t.exposed();
+        for (field, v) in [("tool", t.tool.as_str()), ("name", exposed)] {
+            if v.is_empty()
+                || v.len() > 128
+                || !v
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+            {
+                return Err(FieldError::new(
+                    format!("tools[{i}].{field}"),
+                    format!("{v:?} must be 1 to 128 letters, digits, '_', '-' or '.'"),
+                ));
+            }
+        }
+        if !shown.insert(exposed) {
+            return Err(FieldError::new(
+                format!("tools[{i}].name"),
+                format!("{exposed:?} is shown twice; rename one (SERVER/TOOL=NAME)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
