@@ -9,6 +9,9 @@
 //! title, description, input and output schemas, annotations), serialized with sorted keys, so
 //! key order and `_meta` do not count.
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
 use mcpcp_proto::api::{ToolChange, ToolPins};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -33,6 +36,26 @@ pub fn fingerprint(tool: &Value) -> String {
     hex::encode(Sha256::digest(
         serde_json::to_vec(&Value::Object(shown)).unwrap_or_default(),
     ))
+}
+
+/// Held tools this node has reported for the audit trail already (`server/tool/fingerprint`),
+/// so each change is proposed once per node rather than at every list; the registry records
+/// it once for the cluster (`Command::NoteToolChange`). Past [`MAX_DETECTIONS`] it starts over.
+#[derive(Clone, Default)]
+pub struct Detections(Arc<Mutex<HashSet<String>>>);
+
+/// Detections a node remembers at most.
+const MAX_DETECTIONS: usize = 10_000;
+
+impl Detections {
+    /// Whether `tool` of `server` at `fingerprint` is news to this node (it is noted).
+    pub fn first(&self, server: &str, tool: &str, fingerprint: &str) -> bool {
+        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= MAX_DETECTIONS {
+            seen.clear();
+        }
+        seen.insert(format!("{server}/{tool}/{fingerprint}"))
+    }
 }
 
 /// Why a tool is held back from clients.

@@ -71,6 +71,13 @@ def test_a_tool_changed_after_approval_is_held_back_until_approved_again(cluster
         assert "id_rsa" in diff.stdout and "changed" in diff.stdout and "new" in diff.stdout, diff.stdout
         held = sum(cluster.metric("mcpd_tools_held_total", f'server="{name}",change="changed"', node=n) or 0 for n in range(cluster.nodes))
         assert held >= 1
+        # Each change is in the audit trail once, however many nodes and lists saw it.
+        def noted() -> list[tuple[str, str]]:
+            events = json.loads(cluster.mcpctl("audit", "list", "--kind", "tool_changed", "-o", "json"))
+            events = events["items"] if isinstance(events, dict) else events
+            return sorted((e["detail"]["tool"], e["detail"]["change"]) for e in events if e.get("object") == name)
+        assert wait_until(lambda: noted() == [("forecast", "changed"), ("upload", "new")] and noted(), 15,
+                          "both changes audited") == [("forecast", "changed"), ("upload", "new")]
 
         # Approving one tool lets that one through; the other stays held.
         cluster.mcpctl("server", "approve", name, "--tool", "forecast")

@@ -44,14 +44,10 @@ pub struct Route {
     pub calls: CallAudit,
     /// The node's recent figures per server, for the console.
     pub traffic: crate::traffic::Traffic,
+    /// Held tools this node reported already (`crate::pinning`).
+    pub detections: pinning::Detections,
     /// What the policies decided for this request's call, for its log line.
     pub decided: Arc<Mutex<Option<Decided>>>,
-}
-
-/// Counts a tool held back from a list or a call.
-fn held_back(server: &str, held: Held) {
-    metrics::counter!("mcpd_tools_held_total", "server" => server.to_string(), "change" => held.as_str())
-        .increment(1);
 }
 
 /// How a call ended, as the call log names it: `ok`, `tool_error` (a result with
@@ -528,7 +524,7 @@ impl Route {
         let Some(held) = held else {
             return Ok(());
         };
-        held_back(server, held);
+        self.held_back(server, None, held);
         Err(ErrorObject::new(
             code::DENIED,
             format!(
@@ -542,19 +538,53 @@ impl Route {
         .with_data(json!({ "held": held.as_str(), "server": server, "tool": tool })))
     }
 
+    /// Counts a tool held back from a list or a call; the first time this node sees a held
+    /// tool (as listed), it proposes the change for the audit trail, which records it once.
+    fn held_back(&self, server: &str, tool: Option<&Value>, held: Held) {
+        metrics::counter!("mcpd_tools_held_total", "server" => server.to_string(), "change" => held.as_str())
+            .increment(1);
+        let Some(tool) = tool else { return };
+        let name = tool["name"].as_str().unwrap_or_default().to_string();
+        let fingerprint = pinning::fingerprint(tool);
+        if !self.detections.first(server, &name, &fingerprint) {
+            return;
+        }
+        tracing::warn!(server, tool = %name, change = held.as_str(), "a pinned server offers a tool other than approved: held back until approved (mcpctl server diff)");
+        let registry = self.registry.clone();
+        let command = crate::registry::state::Command::NoteToolChange {
+            server: server.to_string(),
+            tool: name,
+            change: held.as_str().to_string(),
+            fingerprint,
+        };
+        let ctx = crate::registry::state::AuditContext::system(
+            "pinning",
+            Some(format!("node {}", registry.id)),
+        );
+        tokio::spawn(async move {
+            // Refused when another node recorded it first: the trail holds it once.
+            let _ = registry.write_audited(command, ctx).await;
+        });
+    }
+
     /// Drops the tools of `server` held back since an admin approved its tools.
     fn hold_back(&self, server: &str, tools: &mut Vec<Value>) {
         let data = self.registry.local();
         let Some(pins) = data.state.tool_pins.get(server) else {
             return;
         };
+        let mut held = Vec::new();
         tools.retain(|t| match pinning::held(Some(&pins.spec), t) {
             None => true,
             Some(h) => {
-                held_back(server, h);
+                held.push((t.clone(), h));
                 false
             }
         });
+        drop(data);
+        for (tool, h) in held {
+            self.held_back(server, Some(&tool), h);
+        }
     }
 
     /// Drops the items of a transparent list the policies hide from this caller, and the

@@ -75,6 +75,8 @@ pub struct McpState {
     pub calls: crate::call_audit::CallAudit,
     /// This node's recent figures per server (`crate::traffic`).
     pub traffic: crate::traffic::Traffic,
+    /// Held tools this node reported already (`crate::pinning`).
+    pub detections: crate::pinning::Detections,
 }
 
 impl McpState {
@@ -99,6 +101,7 @@ impl McpState {
             identity,
             calls,
             traffic,
+            detections: Default::default(),
         }
     }
 
@@ -113,6 +116,7 @@ impl McpState {
             policies: self.policies.clone(),
             calls: self.calls.clone(),
             traffic: self.traffic.clone(),
+            detections: self.detections.clone(),
             decided: Default::default(),
         }
     }

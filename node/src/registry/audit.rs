@@ -93,6 +93,15 @@ impl Command {
                     .collect::<serde_json::Map<_, _>>() }),
             ),
             Command::DeleteToolPins { server, .. } => of(server, json!({})),
+            Command::NoteToolChange {
+                server,
+                tool,
+                change,
+                fingerprint,
+            } => of(
+                server,
+                json!({ "tool": tool, "change": change, "fingerprint": fingerprint }),
+            ),
             Command::PutVirtualServer { spec, .. } => of(&spec.name, json!({ "spec": spec })),
             Command::DeleteVirtualServer { name, .. } => of(name, json!({})),
             Command::SetPlacement { .. }

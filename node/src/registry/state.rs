@@ -86,6 +86,15 @@ pub enum Command {
         server: String,
         precondition: Precondition,
     },
+    /// A node saw a pinned server offer `tool` other than approved (`change`: `changed` or
+    /// `new`), with this fingerprint. Recorded once per fingerprint until the next approval:
+    /// a repeat is refused, so the audit trail holds each change once.
+    NoteToolChange {
+        server: String,
+        tool: String,
+        change: String,
+        fingerprint: String,
+    },
     /// How many audit events the state keeps (older ones leave with their chain head).
     SetAuditRetention {
         events: u64,
@@ -197,6 +206,7 @@ impl Command {
             Command::PutVirtualServer { .. } => "put_virtual_server",
             Command::DeleteVirtualServer { .. } => "delete_virtual_server",
             Command::DeleteToolPins { .. } => "unpin_tools",
+            Command::NoteToolChange { .. } => "tool_changed",
             Command::SetPlacement { .. } => "set_placement",
             Command::SetSessionKey { .. } => "set_session_key",
             Command::PutSessionState { .. } => "put_session_state",
@@ -346,6 +356,10 @@ pub struct State {
     /// The approved tools of servers that have pins (by server name).
     #[serde(default)]
     pub tool_pins: BTreeMap<String, Versioned<ToolPins>>,
+    /// The tool changes recorded since each pinned server's last approval: `server/tool` →
+    /// the fingerprint seen.
+    #[serde(default)]
+    pub tool_changes: BTreeMap<String, String>,
     /// Virtual servers (`/v/NAME/mcp`) by name.
     #[serde(default)]
     pub virtual_servers: BTreeMap<String, Versioned<VirtualServerSpec>>,
@@ -496,6 +510,7 @@ impl State {
                     });
                 }
                 // A server added again under the name starts unapproved, not with old pins.
+                self.forget_tool_changes(&name);
                 if self.tool_pins.remove(&name).is_some() {
                     changes.push(Change {
                         kind: ObjectKind::ToolPins,
@@ -658,24 +673,52 @@ impl State {
                         name: server,
                     });
                 }
-                put(
+                let changes = put(
                     &mut self.tool_pins,
                     ObjectKind::ToolPins,
-                    server,
+                    server.clone(),
                     pins,
                     precondition,
                     rev,
-                )
+                )?;
+                self.forget_tool_changes(&server);
+                Ok(changes)
             }
             Command::DeleteToolPins {
                 server,
                 precondition,
-            } => delete(
-                &mut self.tool_pins,
-                ObjectKind::ToolPins,
+            } => {
+                let changes = delete(
+                    &mut self.tool_pins,
+                    ObjectKind::ToolPins,
+                    server.clone(),
+                    precondition,
+                )?;
+                self.forget_tool_changes(&server);
+                Ok(changes)
+            }
+            Command::NoteToolChange {
                 server,
-                precondition,
-            ),
+                tool,
+                fingerprint,
+                ..
+            } => {
+                if !self.tool_pins.contains_key(&server) {
+                    return Err(ApplyError::NotFound {
+                        kind: ObjectKind::ToolPins,
+                        name: server,
+                    });
+                }
+                let key = format!("{server}/{tool}");
+                if self.tool_changes.get(&key) == Some(&fingerprint) {
+                    return Err(ApplyError::AlreadyExists {
+                        kind: ObjectKind::ToolPins,
+                        name: key,
+                    });
+                }
+                self.tool_changes.insert(key, fingerprint);
+                Ok(Vec::new())
+            }
             Command::DeletePolicy { name, precondition } => {
                 let changes = delete(&mut self.policies, ObjectKind::Policy, name, precondition)?;
                 self.policies_version += 1;
@@ -820,6 +863,12 @@ impl State {
                 }),
             },
         }
+    }
+
+    /// Drops the tool changes recorded of `server` (approved, unpinned or removed).
+    fn forget_tool_changes(&mut self, server: &str) {
+        let prefix = format!("{server}/");
+        self.tool_changes.retain(|k, _| !k.starts_with(&prefix));
     }
 
     /// The watch event describing `change` in the current state.
