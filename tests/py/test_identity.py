@@ -11,9 +11,12 @@ untrusted issuer or without the needed scope is refused with the reason.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
+import socket
 import time
+from urllib.parse import urlparse
 
 import httpx2
 import pytest
@@ -395,3 +398,25 @@ def test_a_removed_issuer_takes_its_verified_tokens_with_it(trusted, idp):
     finally:
         trusted.mcpctl("issuer", "add", "idp", "--issuer", idp.issuer, "--algorithm", "RS256")
     wait_until(lambda: post_mcp(url, token).status_code == 200, 10, "trusted again")
+
+
+def test_a_tenants_server_named_by_dns_is_not_reached_at_the_nodes_own_addresses(trusted, role_tokens):
+    """A tenant admin may not write a loopback address, so it writes a name that resolves to one
+    (here the machine's own host name): every node resolves it at connect time, keeps the
+    nodes' own addresses out, and so never calls its own API for the tenant (SSRF)."""
+    host = socket.gethostname()
+    addrs = {a[4][0] for a in socket.getaddrinfo(host, None)}
+    if not addrs or not all(ipaddress.ip_address(a).is_loopback for a in addrs):
+        pytest.skip(f"{host} resolves to {addrs}, not to loopback only")
+    name = "oidc-acme-rebound"
+    port = urlparse(trusted.base(0)).port
+    spec = {"name": name, "url": f"https://{host}:{port}/mcp", "tenant": "oidc-acme"}
+    r = admin(trusted, "POST", "/v1/servers", role_tokens["tenant-admin"], body=json.dumps(spec))
+    assert r.status_code == 201, r.text
+    try:
+        refused = lambda: sum(trusted.metric("mcpd_egress_refused_total", "", node=n) or 0 for n in range(trusted.nodes))
+        wait_until(lambda: refused() >= trusted.nodes, 60, "every node refused to resolve the name to itself")
+        status = admin(trusted, "GET", f"/v1/servers/{name}/status", role_tokens["cluster-admin"]).json()
+        assert not any("ready" in r["processes"] for r in status["replicas"]), status
+    finally:
+        trusted.mcpctl("server", "rm", name)

@@ -151,8 +151,8 @@ fn may_write_server(
 }
 
 /// Whether `url` names the nodes themselves or their link (loopback, link-local such as the
-/// cloud metadata address, unspecified). A DNS name is taken as it is written: a name that
-/// resolves to such an address is not caught here.
+/// cloud metadata address, unspecified). A DNS name that resolves to such an address is
+/// caught when a node connects (`crate::pool::egress`).
 fn reaches_the_nodes_only(url: &str) -> bool {
     let Ok(u) = reqwest::Url::parse(url) else {
         return false;
@@ -161,15 +161,8 @@ fn reaches_the_nodes_only(url: &str) -> bool {
     if host.eq_ignore_ascii_case("localhost") || host.ends_with(".localhost") {
         return true;
     }
-    match host.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V4(ip)) => {
-            ip.is_loopback() || ip.is_link_local() || ip.is_unspecified()
-        }
-        Ok(std::net::IpAddr::V6(ip)) => {
-            ip.is_loopback() || ip.is_unspecified() || (ip.segments()[0] & 0xffc0) == 0xfe80
-        }
-        Err(_) => false,
-    }
+    host.parse::<std::net::IpAddr>()
+        .is_ok_and(crate::pool::egress::node_only)
 }
 
 /// Readies a spec for writing: a secret (`env` or `headers` value) sent back as

@@ -8,6 +8,7 @@
 //! - [`reconcile`]: keeps the set of pools equal to what the replicated registry says.
 
 pub mod catalogue;
+pub mod egress;
 pub mod legacy_sse;
 pub mod liveness;
 pub mod process;

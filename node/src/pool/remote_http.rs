@@ -1,7 +1,8 @@
 //! The HTTP client a node reaches one remote server with, whatever its transport: rustls with
 //! the spec's CA file or the system's roots, no redirects (a redirect would carry the spec's
-//! secret headers to another host), and the spec's headers, marked sensitive, sent with every
-//! request as the client's defaults (no copy per request).
+//! secret headers to another host), the spec's headers, marked sensitive, sent with every
+//! request as the client's defaults (no copy per request), and for a tenant's server a
+//! resolver that keeps the nodes' own addresses out (`super::egress`).
 
 use std::time::Duration;
 
@@ -24,7 +25,11 @@ pub fn client_for(spec: &ServerSpec) -> Result<reqwest::Client, String> {
         value.set_sensitive(true);
         headers.insert(name, value);
     }
-    reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder();
+    if spec.tenant.is_some() {
+        builder = builder.dns_resolver(std::sync::Arc::new(super::egress::PublicOnly));
+    }
+    builder
         .tls_backend_preconfigured(tls)
         .connect_timeout(Duration::from_millis(spec.timeouts.startup_ms))
         .redirect(reqwest::redirect::Policy::none())
