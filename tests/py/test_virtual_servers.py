@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 
+import httpx2
 import pytest
 from mcp import MCPError
 
@@ -64,6 +65,14 @@ def test_policies_decide_calls_through_a_virtual_server_and_tenants_stay_apart(c
         assert denied["code"] == -32054 and denied["data"]["policy"] == rule, denied
         listed = stateless_post(url, cluster.token, "tools/list").json()["result"]["tools"]
         assert [t["name"] for t in listed] == ["add"], listed
+        # An OAuth client without a token is pointed at the virtual server's own metadata
+        # (RFC 9728), which names it as the resource its token must be for.
+        anonymous = stateless_post(url, None, "tools/list")
+        assert anonymous.status_code == 401, anonymous.text
+        metadata_url = anonymous.headers["www-authenticate"].split('resource_metadata="')[1].split('"')[0]
+        assert metadata_url.endswith(f"/.well-known/oauth-protected-resource/v/{name}/mcp"), metadata_url
+        metadata = httpx2.get(metadata_url, timeout=10).json()
+        assert metadata["resource"].endswith(f"/v/{name}/mcp"), metadata
         # Another tenant's virtual server does not exist for this caller.
         r = stateless_post(f"{cluster.base(0)}/v/{other}-kit/mcp", cluster.token, "tools/list")
         assert r.status_code == 404, r.text

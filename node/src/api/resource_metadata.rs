@@ -49,18 +49,24 @@ fn document(
     } else {
         &[scope::MCP]
     };
-    // A tenant's server names its tenant's issuers first, then the cluster-wide ones, and no
-    // other tenant's (a client uses the first it can).
-    let owner = path
-        .strip_prefix("/servers/")
-        .and_then(|p| p.strip_suffix("/mcp"))
-        .and_then(|name| {
-            let data = state.registry.local();
-            data.state
-                .servers
+    // A tenant's server (or virtual server) names its tenant's issuers first, then the
+    // cluster-wide ones, and no other tenant's (a client uses the first it can).
+    let owner = {
+        let data = state.registry.local();
+        let st = &data.state;
+        let named = |prefix: &str| {
+            path.strip_prefix(prefix)
+                .and_then(|p| p.strip_suffix("/mcp"))
+        };
+        match (named("/servers/"), named("/v/")) {
+            (Some(name), _) => st.servers.get(name).and_then(|s| s.spec.tenant.clone()),
+            (_, Some(name)) => st
+                .virtual_servers
                 .get(name)
-                .and_then(|s| s.spec.tenant.clone())
-        });
+                .and_then(|v| v.spec.tenant.clone()),
+            _ => None,
+        }
+    };
     let mut issuers = state.identity.issuers();
     issuers.retain(|i| owner.is_none() || i.tenant.is_none() || i.tenant == owner);
     issuers.sort_by_key(|i| match &i.tenant {

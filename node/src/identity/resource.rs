@@ -101,9 +101,11 @@ pub fn is_resource(path: &str) -> bool {
     if path.is_empty() || path == "/mcp" {
         return true;
     }
-    path.strip_prefix("/servers/")
-        .and_then(|rest| rest.strip_suffix("/mcp"))
-        .is_some_and(|name| !name.is_empty() && !name.contains('/'))
+    ["/servers/", "/v/"].iter().any(|prefix| {
+        path.strip_prefix(prefix)
+            .and_then(|rest| rest.strip_suffix("/mcp"))
+            .is_some_and(|name| !name.is_empty() && !name.contains('/'))
+    })
 }
 
 #[cfg(test)]
@@ -166,5 +168,7 @@ mod tests {
         assert!(!is_resource("/servers//mcp"));
         assert!(!is_resource("/v1/servers"));
         assert!(!is_resource("/servers/a/b/mcp"));
+        assert!(is_resource("/v/kit/mcp"));
+        assert!(!is_resource("/v//mcp"));
     }
 }
