@@ -9,7 +9,7 @@ use mcpcp_proto::api::ServerSpec;
 use mcpcp_proto::audit::Actor;
 use serde_json::{json, Value};
 
-use super::state::{AuditContext, Command};
+use super::state::{AuditContext, AuditSummary, Command};
 use super::{now_unix, Principal};
 
 impl AuditContext {
@@ -42,13 +42,6 @@ impl AuditContext {
             at: now_unix(),
         }
     }
-}
-
-/// An admin command, as its audit event shows it.
-pub struct AuditSummary {
-    pub kind: &'static str,
-    pub object: Option<String>,
-    pub detail: Value,
 }
 
 impl Command {

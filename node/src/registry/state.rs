@@ -146,6 +146,14 @@ pub enum Command {
     },
 }
 
+/// An admin command, as its audit event shows it (`Command::audit_summary`, in
+/// `registry::audit`).
+pub struct AuditSummary {
+    pub kind: &'static str,
+    pub object: Option<String>,
+    pub detail: serde_json::Value,
+}
+
 /// A join token waiting for its node (see `crate::join`): only its hash is kept.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinToken {
@@ -446,12 +454,7 @@ impl State {
 
     /// Appends the audit event of an applied change, chained to the one before, and drops
     /// the oldest beyond the retention.
-    fn record(
-        &mut self,
-        ctx: AuditContext,
-        summary: super::audit::AuditSummary,
-        revision: u64,
-    ) -> Change {
+    fn record(&mut self, ctx: AuditContext, summary: AuditSummary, revision: u64) -> Change {
         self.audit_seq += 1;
         let prev_hash = if self.audit_head.is_empty() {
             audit::GENESIS.to_string()
