@@ -275,6 +275,41 @@ impl AdminClient {
             .await
     }
 
+    pub async fn approved_commands(
+        &self,
+    ) -> Result<mcpcp_proto::api::List<Versioned<mcpcp_proto::api::ApprovedCommand>>, ClientError>
+    {
+        self.get("/v1/approved-commands").await
+    }
+
+    pub async fn put_approved_command(
+        &self,
+        spec: &mcpcp_proto::api::ApprovedCommand,
+        opts: &CallOptions,
+    ) -> Result<WriteAck, ClientError> {
+        self.call(
+            Method::PUT,
+            &format!("/v1/approved-commands/{}", spec.name),
+            Some(spec),
+            opts,
+        )
+        .await
+    }
+
+    pub async fn delete_approved_command(
+        &self,
+        name: &str,
+        opts: &CallOptions,
+    ) -> Result<WriteAck, ClientError> {
+        self.call::<(), _>(
+            Method::DELETE,
+            &format!("/v1/approved-commands/{name}"),
+            None,
+            opts,
+        )
+        .await
+    }
+
     pub async fn virtual_servers(
         &self,
     ) -> Result<mcpcp_proto::api::List<Versioned<mcpcp_proto::api::VirtualServerSpec>>, ClientError>

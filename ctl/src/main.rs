@@ -86,6 +86,9 @@ enum Command {
     /// Virtual servers: curated, renamed tools of several servers at /v/NAME/mcp.
     #[command(subcommand, name = "vserver")]
     Vserver(VserverCmd),
+    /// Commands tenant admins may run as local servers: approve, list, remove.
+    #[command(subcommand, name = "command")]
+    Approved(CommandCmd),
     /// The audit trail of admin changes: list, export, verify its hash chain, retention.
     #[command(subcommand)]
     Audit(AuditCmd),
@@ -390,6 +393,99 @@ fn parse_role(name: &str) -> Result<Role, String> {
         let names: Vec<&str> = Role::ALL.iter().map(|r| r.as_str()).collect();
         format!("one of {}", names.join(", "))
     })
+}
+
+#[derive(Debug, Subcommand)]
+enum CommandCmd {
+    /// Let tenant admins add local servers that run this: `mcpctl command approve time --env TZ -- uvx mcp-server-time`.
+    Approve {
+        name: String,
+        /// Servers may add arguments after the approved ones.
+        #[arg(long)]
+        extra_args: bool,
+        /// An environment variable a tenant's server may set (repeat).
+        #[arg(long = "env")]
+        env: Vec<String>,
+        #[arg(long)]
+        description: Option<String>,
+        /// The program and its leading arguments, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    List,
+    #[command(alias = "remove", alias = "delete")]
+    Rm {
+        name: String,
+    },
+}
+
+async fn approved_command(cli: &Cli, cmd: &CommandCmd) -> Outcome {
+    let c = client(cli)?;
+    match cmd {
+        CommandCmd::Approve {
+            name,
+            extra_args,
+            env,
+            description,
+            command,
+        } => {
+            let spec = mcpcp_proto::api::ApprovedCommand {
+                name: name.clone(),
+                command: command[0].clone(),
+                args: command[1..].to_vec(),
+                extra_args: *extra_args,
+                env: env.clone(),
+                description: description.clone(),
+            };
+            let a = c
+                .put_approved_command(&spec, &CallOptions::default())
+                .await?;
+            ack(
+                cli,
+                &format!("command {name} approved for tenants' servers"),
+                a.revision,
+            );
+        }
+        CommandCmd::List => {
+            let list = c.approved_commands().await?;
+            if cli.output == Output::Json {
+                print_json(&list.items);
+            } else {
+                let rows = list
+                    .items
+                    .iter()
+                    .map(|v| {
+                        let s = &v.spec;
+                        let mut run = std::iter::once(s.command.clone())
+                            .chain(s.args.iter().cloned())
+                            .collect::<Vec<_>>()
+                            .join(" ");
+                        if s.extra_args {
+                            run.push_str(" …");
+                        }
+                        vec![
+                            s.name.clone(),
+                            run,
+                            s.env.join(" "),
+                            opt(s.description.clone()),
+                        ]
+                    })
+                    .collect();
+                print_table(&["NAME", "RUNS", "ENV", "DESCRIPTION"], rows);
+            }
+        }
+        CommandCmd::Rm { name } => {
+            let a = c
+                .delete_approved_command(name, &CallOptions::default())
+                .await?;
+            ack(
+                cli,
+                &format!("command {name} no longer approved"),
+                a.revision,
+            );
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -2026,6 +2122,7 @@ async fn main() {
         Command::Audit(c) => audit(&cli, c).await,
         Command::Policy(c) => policy(&cli, c).await,
         Command::Vserver(c) => vserver(&cli, c).await,
+        Command::Approved(c) => approved_command(&cli, c).await,
         Command::Token(c) => token(&cli, c).await,
         Command::Import {
             file,

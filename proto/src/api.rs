@@ -712,6 +712,8 @@ pub enum ObjectKind {
     ToolPins,
     /// A curated set of tools from several servers, served at `/v/NAME/mcp`.
     VirtualServer,
+    /// A command a cluster admin approved for tenants' local servers.
+    ApprovedCommand,
 }
 
 /// One line of `GET /v1/watch` (newline-delimited JSON).
@@ -886,5 +888,41 @@ impl VirtualTool {
     /// The name clients see.
     pub fn exposed(&self) -> &str {
         self.name.as_deref().unwrap_or(&self.tool)
+    }
+}
+
+/// A command a cluster admin approved for tenants' local (stdio) servers
+/// (`/v1/approved-commands`, `mcpctl command approve`): a tenant admin may add a local server
+/// only by naming one. A local server's command runs on every node as mcpd's user, so what
+/// runs is the cluster admin's choice: the program, its leading arguments, and which
+/// environment variables a tenant may set (never `LD_PRELOAD` or the like, unless listed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovedCommand {
+    pub name: String,
+    /// The program, as a server spec's `command` must name it.
+    pub command: String,
+    /// The arguments a server's `args` must start with.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Whether a server may add arguments after them.
+    #[serde(default)]
+    pub extra_args: bool,
+    /// Environment variables a tenant's server may set.
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+impl ApprovedCommand {
+    /// Whether `spec` runs this command as approved (command, arguments, environment, and no
+    /// working directory of its own).
+    pub fn allows(&self, spec: &ServerSpec) -> bool {
+        spec.command == self.command
+            && spec.args.starts_with(&self.args)
+            && (self.extra_args || spec.args.len() == self.args.len())
+            && spec.env.keys().all(|k| self.env.contains(k))
+            && spec.cwd.is_none()
     }
 }

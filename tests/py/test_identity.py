@@ -238,6 +238,9 @@ ROUTES = [
     ("POST", "/v1/issuers", "not json", CLUSTER_WRITE),
     ("PUT", "/v1/issuers/no-such-issuer", "not json", CLUSTER_WRITE),
     ("DELETE", "/v1/issuers/no-such-issuer", None, CLUSTER_WRITE),
+    ("GET", "/v1/approved-commands", None, OBJECT_READ),
+    ("POST", "/v1/approved-commands", "not json", CLUSTER_WRITE),
+    ("DELETE", "/v1/approved-commands/no-such-command", None, CLUSTER_WRITE),
     ("GET", "/v1/virtual-servers", None, OBJECT_READ),
     ("POST", "/v1/virtual-servers", "not json", OBJECT_WRITE),
     ("DELETE", "/v1/virtual-servers/no-such-vserver", None, OBJECT_WRITE),
@@ -420,3 +423,40 @@ def test_a_tenants_server_named_by_dns_is_not_reached_at_the_nodes_own_addresses
         assert not any("ready" in r["processes"] for r in status["replicas"]), status
     finally:
         trusted.mcpctl("server", "rm", name)
+
+
+def test_a_tenant_admin_adds_a_local_server_only_by_running_an_approved_command(trusted, role_tokens):
+    """A local server's command runs on every node as mcpd's user: a tenant admin may add one
+    only as a cluster admin approved it (program, leading arguments, allowed variables)."""
+    ta = role_tokens["tenant-admin"]
+    name = "oidc-acme-local-demo"
+    spec = {"name": name, "command": str(MCPD), "args": ["demo-server"], "tenant": "oidc-acme", "pool_size": 1}
+    r = admin(trusted, "POST", "/v1/servers", ta, body=json.dumps(spec))
+    assert r.status_code == 403 and "approved command" in r.text, r.text
+    trusted.mcpctl("command", "approve", "demo", "--env", "RUST_LOG", "--description", "the demo server",
+                   "--", str(MCPD), "demo-server")
+    try:
+        assert "demo-server" in trusted.mcpctl("command", "list")
+        seen = admin(trusted, "GET", "/v1/approved-commands", ta).json()["items"]
+        assert [c["spec"]["name"] for c in seen] == ["demo"], seen
+        # Only a cluster admin approves.
+        r = admin(trusted, "PUT", "/v1/approved-commands/mine", ta,
+                  body=json.dumps({"name": "mine", "command": "/bin/sh"}))
+        assert r.status_code == 403, r.text
+        # Another argument, a variable not allowed (a library to preload), or a working
+        # directory of its own: refused.
+        for bad in [
+            {**spec, "args": ["demo-server", "--extra"]},
+            {**spec, "env": {"LD_PRELOAD": "/tmp/evil.so"}},
+            {**spec, "cwd": "/"},
+            {**spec, "command": "/bin/sh", "args": ["-c", "id"]},
+        ]:
+            r = admin(trusted, "POST", "/v1/servers", ta, body=json.dumps(bad))
+            assert r.status_code == 403, (bad, r.text)
+        # As approved, with an allowed variable: added, and it serves the tenant.
+        r = admin(trusted, "POST", "/v1/servers", ta, body=json.dumps({**spec, "env": {"RUST_LOG": "info"}}))
+        assert r.status_code == 201, r.text
+        trusted.wait_tools(name, ["echo"], token=role_tokens["user"])
+    finally:
+        trusted.mcpctl("server", "rm", name)
+        trusted.mcpctl("command", "rm", "demo")

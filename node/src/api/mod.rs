@@ -3,6 +3,7 @@
 //! ([`extract`]), which the MCP front end uses too. `crate::http` puts these
 //! routes and the MCP endpoints behind one set of layers.
 
+pub mod approved_commands;
 pub mod audit;
 pub mod body_timeout;
 pub mod catalogue;
@@ -118,6 +119,16 @@ pub fn router<S: Clone + Send + Sync + 'static>(state: AppState) -> Router<S> {
         )
         .route("/session/providers", get(session::providers))
         .route("/traffic", get(traffic::get))
+        .route(
+            "/approved-commands",
+            get(approved_commands::list).post(approved_commands::create),
+        )
+        .route(
+            "/approved-commands/{name}",
+            get(approved_commands::get)
+                .put(approved_commands::put)
+                .delete(approved_commands::delete),
+        )
         .route(
             "/virtual-servers",
             get(virtual_servers::list).post(virtual_servers::create),

@@ -111,6 +111,7 @@ pub(super) fn stored(
 
 /// Whether `caller` may write `spec` (and, when it exists, the server it replaces).
 fn may_write_server(
+    state: &AppState,
     caller: &Principal,
     spec: &ServerSpec,
     current: Option<&ServerSpec>,
@@ -127,9 +128,19 @@ fn may_write_server(
         )));
     }
     if !spec.is_remote() {
+        // A command runs on every node as mcpd's user: only as a cluster admin approved it.
+        let data = state.registry.local();
+        if data
+            .state
+            .approved_commands
+            .values()
+            .any(|a| a.spec.allows(spec))
+        {
+            return Ok(());
+        }
         return Err(ApiError::Forbidden(format!(
-            "a {} may add remote servers (\"url\") only: a command runs on every node, so local servers are a cluster-admin's",
-            caller.role
+            "a {} may add remote servers (\"url\"), or local ones that run an approved command as approved (mcpctl command list: its arguments, the environment variables it allows, no cwd); {:?} is not one",
+            caller.role, spec.command
         )));
     }
     // The nodes' own files and the addresses only they can reach are a cluster admin's.
@@ -267,7 +278,7 @@ pub async fn create_server(
     headers: HeaderMap,
     ApiJson(spec): ApiJson<ServerSpec>,
 ) -> Result<(StatusCode, Json<WriteAck>), ApiError> {
-    may_write_server(&caller, &spec, None)?;
+    may_write_server(&state, &caller, &spec, None)?;
     let spec = sealed(&state, spec, None)?;
     let command = Command::PutServer {
         spec,
@@ -308,7 +319,7 @@ pub async fn put_server(
             message: format!("server name {name:?} is taken"),
         });
     }
-    may_write_server(&caller, &spec, current.as_ref().map(|c| &c.spec))?;
+    may_write_server(&state, &caller, &spec, current.as_ref().map(|c| &c.spec))?;
     // A tenant-scoped caller writes onto exactly what it was allowed to (or onto nothing),
     // so a concurrent change cannot slip another tenant's server under its write.
     let default = if keeps || caller.role.is_tenant_scoped() {
@@ -352,7 +363,7 @@ pub async fn patch_server(
         .ok_or_else(|| ApiError::NotFound(format!("server {name:?} not found")))?;
     let mut spec = current.spec.clone();
     patch.apply_to(&mut spec);
-    may_write_server(&caller, &spec, Some(&current.spec))?;
+    may_write_server(&state, &caller, &spec, Some(&current.spec))?;
     let spec = sealed(&state, spec, Some(&current.spec))?;
     let command = Command::PutServer {
         spec,

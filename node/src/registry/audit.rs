@@ -96,6 +96,8 @@ impl Command {
                 json!({ "tool": tool, "change": change, "fingerprint": fingerprint }),
             ),
             Command::PutVirtualServer { spec, .. } => of(&spec.name, json!({ "spec": spec })),
+            Command::PutApprovedCommand { spec, .. } => of(&spec.name, json!({ "spec": spec })),
+            Command::DeleteApprovedCommand { name, .. } => of(name, json!({})),
             Command::DeleteVirtualServer { name, .. } => of(name, json!({})),
             Command::SetPlacement { .. }
             | Command::SetSessionKey { .. }

@@ -7,8 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 
 use mcpcp_proto::api::{
-    IssuerSpec, ObjectKind, PolicySpec, Role, ServerSpec, TenantSpec, TokenInfo, ToolPins,
-    Versioned, VirtualServerSpec, WatchEvent,
+    ApprovedCommand, IssuerSpec, ObjectKind, PolicySpec, Role, ServerSpec, TenantSpec, TokenInfo,
+    ToolPins, Versioned, VirtualServerSpec, WatchEvent,
 };
 use mcpcp_proto::audit::{self, Actor, AuditEvent};
 use serde::{Deserialize, Serialize};
@@ -65,6 +65,15 @@ pub enum Command {
     },
     RevokeToken {
         id: String,
+    },
+    /// A command tenants' local servers may run (`api::approved_commands`).
+    PutApprovedCommand {
+        spec: ApprovedCommand,
+        precondition: Precondition,
+    },
+    DeleteApprovedCommand {
+        name: String,
+        precondition: Precondition,
     },
     /// A virtual server: a curated set of tools of several servers (`/v/NAME/mcp`).
     PutVirtualServer {
@@ -212,6 +221,8 @@ impl Command {
             Command::SetAuditRetention { .. } => "set_audit_retention",
             Command::PutToolPins { .. } => "approve_tools",
             Command::PutVirtualServer { .. } => "put_virtual_server",
+            Command::PutApprovedCommand { .. } => "approve_command",
+            Command::DeleteApprovedCommand { .. } => "delete_approved_command",
             Command::DeleteVirtualServer { .. } => "delete_virtual_server",
             Command::DeleteToolPins { .. } => "unpin_tools",
             Command::NoteToolChange { .. } => "tool_changed",
@@ -368,6 +379,9 @@ pub struct State {
     /// the fingerprint seen.
     #[serde(default)]
     pub tool_changes: BTreeMap<String, String>,
+    /// Commands approved for tenants' local servers, by name.
+    #[serde(default)]
+    pub approved_commands: BTreeMap<String, Versioned<ApprovedCommand>>,
     /// Virtual servers (`/v/NAME/mcp`) by name.
     #[serde(default)]
     pub virtual_servers: BTreeMap<String, Versioned<VirtualServerSpec>>,
@@ -647,6 +661,23 @@ impl State {
                 self.policies_version += 1;
                 Ok(changes)
             }
+            Command::PutApprovedCommand { spec, precondition } => {
+                let name = spec.name.clone();
+                put(
+                    &mut self.approved_commands,
+                    ObjectKind::ApprovedCommand,
+                    name,
+                    spec,
+                    precondition,
+                    rev,
+                )
+            }
+            Command::DeleteApprovedCommand { name, precondition } => delete(
+                &mut self.approved_commands,
+                ObjectKind::ApprovedCommand,
+                name,
+                precondition,
+            ),
             Command::PutVirtualServer { spec, precondition } => {
                 self.tenant_exists(spec.tenant.as_deref())?;
                 let name = spec.name.clone();
@@ -902,6 +933,10 @@ impl State {
                     .and_then(|v| serde_json::to_value(v).ok()),
                 ObjectKind::VirtualServer => self
                     .virtual_servers
+                    .get(&change.name)
+                    .and_then(|v| serde_json::to_value(v).ok()),
+                ObjectKind::ApprovedCommand => self
+                    .approved_commands
                     .get(&change.name)
                     .and_then(|v| serde_json::to_value(v).ok()),
                 ObjectKind::Policy => self

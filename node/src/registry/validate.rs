@@ -497,6 +497,29 @@ pub fn virtual_server_spec(spec: &mcpcp_proto::api::VirtualServerSpec) -> Result
     Ok(())
 }
 
+/// Checks an approved command: a name, a program, bounded arguments and variable names.
+pub fn approved_command(spec: &mcpcp_proto::api::ApprovedCommand) -> Result<(), FieldError> {
+    name("name", &spec.name, MAX_TENANT_NAME)?;
+    if spec.command.trim().is_empty() || spec.command.len() > 4096 {
+        return Err(FieldError::new("command", "must be 1 to 4096 characters"));
+    }
+    if spec.args.len() > 256 || spec.args.iter().any(|a| a.len() > 4096) {
+        return Err(FieldError::new(
+            "args",
+            "at most 256 arguments of 4096 characters",
+        ));
+    }
+    for (i, v) in spec.env.iter().enumerate() {
+        if v.is_empty() || v.len() > 256 || v.contains('=') || v.contains('\0') {
+            return Err(FieldError::new(
+                format!("env[{i}]"),
+                format!("{v:?} is not a variable name"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
