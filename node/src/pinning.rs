@@ -56,6 +56,21 @@ impl Detections {
         }
         seen.insert(format!("{server}/{tool}/{fingerprint}"))
     }
+
+    /// Forgets a detection whose report did not reach the registry, so it is tried again.
+    pub fn forget(&self, server: &str, tool: &str, fingerprint: &str) {
+        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        seen.remove(&format!("{server}/{tool}/{fingerprint}"));
+    }
+}
+
+/// A tool's name as the audit trail records it: at most 128 characters (a server's tool
+/// names are its own, of any length).
+pub fn recorded_name(name: &str) -> String {
+    match name.char_indices().nth(128) {
+        Some((cut, _)) => format!("{}…", &name[..cut]),
+        None => name.to_string(),
+    }
 }
 
 /// Why a tool is held back from clients.

@@ -268,9 +268,9 @@ impl Route {
             "tools/list" => {
                 let mut out = Vec::new();
                 for t in &spec.tools {
-                    if self.check(&t.server).is_err() {
+                    let Ok(server) = self.router.scope(&self.principal, &t.server) else {
                         continue;
-                    }
+                    };
                     let info = self.info(&t.server).await;
                     let Some(tool) = info
                         .catalogue
@@ -286,6 +286,8 @@ impl Route {
                     if self.policies.any() && !self.listable(&t.server, &tool) {
                         continue;
                     }
+                    // Safe to retry only as the registry says, never as the server does.
+                    mark_idempotent(&mut tool, &server.spec.idempotent_tools, Some(&t.tool));
                     tool["name"] = json!(t.exposed());
                     out.push(tool);
                 }
@@ -326,11 +328,11 @@ impl Route {
     ) -> Result<Value, ErrorObject> {
         match method {
             "ping" => Ok(json!({})),
-            "tools/list" => Ok(json!({ "tools": self.list(|c| &c.tools, true).await })),
-            "prompts/list" => Ok(json!({ "prompts": self.list(|c| &c.prompts, true).await })),
-            "resources/list" => Ok(json!({ "resources": self.list(|c| &c.resources, false).await })),
+            "tools/list" => Ok(json!({ "tools": self.list(|c| &c.tools, true, true).await })),
+            "prompts/list" => Ok(json!({ "prompts": self.list(|c| &c.prompts, true, false).await })),
+            "resources/list" => Ok(json!({ "resources": self.list(|c| &c.resources, false, false).await })),
             "resources/templates/list" => {
-                Ok(json!({ "resourceTemplates": self.list(|c| &c.resource_templates, false).await }))
+                Ok(json!({ "resourceTemplates": self.list(|c| &c.resource_templates, false, false).await }))
             }
             "tools/call" | "prompts/get" => {
                 let mut params = params.ok_or_else(|| invalid("params: required"))?;
@@ -398,7 +400,12 @@ impl Route {
 
     /// One kind of catalogue item across visible servers; `prefix` renames items
     /// `server__name` (tools, prompts), resources keep their URIs.
-    async fn list(&self, pick: impl Fn(&Catalogue) -> &Vec<Value>, prefix: bool) -> Vec<Value> {
+    async fn list(
+        &self,
+        pick: impl Fn(&Catalogue) -> &Vec<Value>,
+        prefix: bool,
+        tools: bool,
+    ) -> Vec<Value> {
         let servers = self.visible_servers();
         let infos =
             futures_util::future::join_all(servers.iter().map(|(name, _)| self.info(name))).await;
@@ -406,10 +413,7 @@ impl Route {
         let filtering = self.policies.any();
         for ((server, idempotent), info) in servers.iter().zip(infos) {
             let listed = pick(&info.catalogue);
-            let pinned = listed
-                .first()
-                .is_some_and(|i| i.get("inputSchema").is_some())
-                && self.registry.local().state.tool_pins.contains_key(server);
+            let pinned = tools && self.registry.local().state.tool_pins.contains_key(server);
             let kept;
             let items = if pinned {
                 let mut tools = listed.clone();
@@ -424,7 +428,7 @@ impl Route {
                     continue;
                 }
                 let mut item = item.clone();
-                if item.get("inputSchema").is_some() {
+                if tools {
                     mark_idempotent(&mut item, idempotent, None);
                 }
                 if prefix {
@@ -514,6 +518,13 @@ impl Route {
             Some(_) => {
                 // As the server lists it now; a tool it does not list is its own to refuse.
                 let info = self.info(server).await;
+                if !info.catalogue.loaded {
+                    // Not read yet: the call cannot be checked, so it does not run.
+                    return Err(ErrorObject::new(
+                        code::UNAVAILABLE,
+                        format!("server {server:?} has not listed its tools yet, so tool {tool:?} cannot be checked against its approval; the call did not run, retry"),
+                    ));
+                }
                 info.catalogue
                     .tools
                     .iter()
@@ -544,26 +555,33 @@ impl Route {
         metrics::counter!("mcpd_tools_held_total", "server" => server.to_string(), "change" => held.as_str())
             .increment(1);
         let Some(tool) = tool else { return };
-        let name = tool["name"].as_str().unwrap_or_default().to_string();
+        let name = pinning::recorded_name(tool["name"].as_str().unwrap_or_default());
         let fingerprint = pinning::fingerprint(tool);
         if !self.detections.first(server, &name, &fingerprint) {
             return;
         }
         tracing::warn!(server, tool = %name, change = held.as_str(), "a pinned server offers a tool other than approved: held back until approved (mcpctl server diff)");
         let registry = self.registry.clone();
+        let detections = self.detections.clone();
+        let (server, tool) = (server.to_string(), name);
         let command = crate::registry::state::Command::NoteToolChange {
-            server: server.to_string(),
-            tool: name,
+            server: server.clone(),
+            tool: tool.clone(),
             change: held.as_str().to_string(),
-            fingerprint,
+            fingerprint: fingerprint.clone(),
         };
         let ctx = crate::registry::state::AuditContext::system(
             "pinning",
             Some(format!("node {}", registry.id)),
         );
         tokio::spawn(async move {
-            // Refused when another node recorded it first: the trail holds it once.
-            let _ = registry.write_audited(command, ctx).await;
+            // Refused when another node recorded it first (the trail holds it once) or past
+            // the bound; tried again at a later list when the cluster could not be asked.
+            if let Err(e) = registry.write_audited(command, ctx).await {
+                if !matches!(e, crate::registry::RegistryError::Apply(_)) {
+                    detections.forget(&server, &tool, &fingerprint);
+                }
+            }
         });
     }
 

@@ -9,17 +9,38 @@ use std::net::{IpAddr, SocketAddr};
 
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
-/// Whether `ip` is one only the nodes themselves can use: loopback, link-local (the cloud
-/// metadata address among them), unspecified.
+/// Whether `ip` is one only the nodes themselves can use: loopback, link-local (the AWS, GCP
+/// and Azure metadata address among them), `0.0.0.0/8`, unspecified, and the other clouds'
+/// metadata addresses (Alibaba's `100.100.100.200`, AWS's IPv6 `fd00:ec2::254`); an IPv4
+/// address inside an IPv6 one (mapped, compatible, NAT64) counts as itself.
 pub fn node_only(ip: IpAddr) -> bool {
     match ip {
-        IpAddr::V4(ip) => ip.is_loopback() || ip.is_link_local() || ip.is_unspecified(),
-        IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
-            Some(v4) => node_only(IpAddr::V4(v4)),
-            None => {
-                ip.is_loopback() || ip.is_unspecified() || (ip.segments()[0] & 0xffc0) == 0xfe80
+        IpAddr::V4(ip) => {
+            ip.is_loopback()
+                || ip.is_link_local()
+                || ip.octets()[0] == 0
+                || ip == std::net::Ipv4Addr::new(100, 100, 100, 200)
+        }
+        IpAddr::V6(ip) => {
+            let s = ip.segments();
+            let embedded = if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0]
+                || s[..6] == [0; 6] && !ip.is_loopback() && !ip.is_unspecified()
+            {
+                let o = ip.octets();
+                Some(std::net::Ipv4Addr::new(o[12], o[13], o[14], o[15]))
+            } else {
+                ip.to_ipv4_mapped()
+            };
+            match embedded {
+                Some(v4) => node_only(IpAddr::V4(v4)),
+                None => {
+                    ip.is_loopback()
+                        || ip.is_unspecified()
+                        || (s[0] & 0xffc0) == 0xfe80
+                        || ip == std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
+                }
             }
-        },
+        }
     }
 }
 
@@ -55,13 +76,24 @@ mod tests {
             "127.0.0.1",
             "169.254.169.254",
             "0.0.0.0",
+            "0.1.2.3",
+            "100.100.100.200",
             "::1",
+            "::",
             "fe80::1",
+            "fd00:ec2::254",
             "::ffff:127.0.0.1",
+            "::127.0.0.1",
+            "64:ff9b::169.254.169.254",
         ] {
             assert!(node_only(ip.parse().unwrap()), "{ip}");
         }
-        for ip in ["10.0.0.5", "93.184.216.34", "2001:db8::1"] {
+        for ip in [
+            "10.0.0.5",
+            "93.184.216.34",
+            "2001:db8::1",
+            "64:ff9b::5db8:d822",
+        ] {
             assert!(!node_only(ip.parse().unwrap()), "{ip}");
         }
     }

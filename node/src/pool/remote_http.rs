@@ -27,7 +27,10 @@ pub fn client_for(spec: &ServerSpec) -> Result<reqwest::Client, String> {
     }
     let mut builder = reqwest::Client::builder();
     if spec.tenant.is_some() {
-        builder = builder.dns_resolver(std::sync::Arc::new(super::egress::PublicOnly));
+        // Through a proxy the proxy's name would be resolved, not the server's.
+        builder = builder
+            .dns_resolver(std::sync::Arc::new(super::egress::PublicOnly))
+            .no_proxy();
     }
     builder
         .tls_backend_preconfigured(tls)

@@ -163,6 +163,9 @@ pub struct AuditSummary {
     pub detail: serde_json::Value,
 }
 
+/// Tool changes recorded per pinned server until its next approval.
+pub const TOOL_CHANGES_NOTED: usize = 100;
+
 /// A join token waiting for its node (see `crate::join`): only its hash is kept.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinToken {
@@ -609,12 +612,19 @@ impl State {
                     .values()
                     .filter(|i| i.spec.tenant.as_deref() == Some(name.as_str()))
                     .count();
-                if self.tenants.contains_key(&name) && (servers > 0 || tokens > 0 || issuers > 0) {
+                let virtuals = self
+                    .virtual_servers
+                    .values()
+                    .filter(|v| v.spec.tenant.as_deref() == Some(name.as_str()))
+                    .count();
+                if self.tenants.contains_key(&name)
+                    && (servers > 0 || tokens > 0 || issuers > 0 || virtuals > 0)
+                {
                     return Err(ApplyError::InUse {
                         kind: ObjectKind::Tenant,
                         name,
                         detail: format!(
-                            "{servers} server(s), {tokens} token(s) and {issuers} issuer(s) belong to it; remove them first"
+                            "{servers} server(s), {virtuals} virtual server(s), {tokens} token(s) and {issuers} issuer(s) belong to it; remove them first"
                         ),
                     });
                 }
@@ -748,6 +758,21 @@ impl State {
                     return Err(ApplyError::AlreadyExists {
                         kind: ObjectKind::ToolPins,
                         name: key,
+                    });
+                }
+                // A server that invents tools at every list cannot grow the state or the trail
+                // past a bound until its next approval.
+                let prefix = format!("{server}/");
+                let noted = self
+                    .tool_changes
+                    .range(prefix.clone()..)
+                    .take_while(|(k, _)| k.starts_with(&prefix))
+                    .count();
+                if !self.tool_changes.contains_key(&key) && noted >= TOOL_CHANGES_NOTED {
+                    return Err(ApplyError::InUse {
+                        kind: ObjectKind::ToolPins,
+                        name: server,
+                        detail: format!("{TOOL_CHANGES_NOTED} tool changes are recorded already; approve or unpin"),
                     });
                 }
                 self.tool_changes.insert(key, fingerprint);
