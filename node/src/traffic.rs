@@ -144,16 +144,22 @@ impl Traffic {
         let keep = (self.config.window_s / bucket_s) as usize;
         let start = now - now % bucket_s;
         let mut servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
-        if !servers.contains_key(server) && servers.len() >= self.config.max_servers {
-            // Make room from servers with no call in the window (removed or idle ones).
-            let window = self.config.window_s;
-            servers.retain(|_, ring| ring.back().is_some_and(|b| b.start + window > start));
+        if !servers.contains_key(server) {
             if servers.len() >= self.config.max_servers {
-                metrics::counter!("mcpd_traffic_untracked_total").increment(1);
-                return;
+                // Make room from servers with no call in the window (removed or idle ones).
+                let window = self.config.window_s;
+                servers.retain(|_, ring| ring.back().is_some_and(|b| b.start + window > start));
+                if servers.len() >= self.config.max_servers {
+                    metrics::counter!("mcpd_traffic_untracked_total").increment(1);
+                    return;
+                }
             }
+            // The name is copied once per server, not once per call.
+            servers.insert(server.to_string(), VecDeque::new());
         }
-        let ring = servers.entry(server.to_string()).or_default();
+        let Some(ring) = servers.get_mut(server) else {
+            return;
+        };
         if ring.back().is_none_or(|b| b.start < start) {
             ring.push_back(Bucket::new(start));
         }

@@ -20,7 +20,7 @@ use crate::policy::{Access, Policies};
 use crate::pool::catalogue::Catalogue;
 use crate::registry::{Principal, Registry};
 use crate::route::{Router, ServerInfo};
-use mcpcp_proto::api::{Role, VirtualServerSpec};
+use mcpcp_proto::api::{Role, ServerSpec, Versioned, VirtualServerSpec};
 
 /// The separator of aggregated names: `{server}__{tool}`. Server names cannot contain it.
 pub const SEPARATOR: &str = "__";
@@ -266,12 +266,28 @@ impl Route {
         match method {
             "ping" => Ok(json!({})),
             "tools/list" => {
+                // Each server the caller may use, read once and all at once.
+                let mut names: Vec<&str> = spec.tools.iter().map(|t| t.server.as_str()).collect();
+                names.sort_unstable();
+                names.dedup();
+                let usable: Vec<_> = names
+                    .into_iter()
+                    .filter_map(|n| self.router.scope(&self.principal, n).ok())
+                    .collect();
+                let infos =
+                    futures_util::future::join_all(usable.iter().map(|s| self.info(&s.spec.name)))
+                        .await;
+                let servers: std::collections::HashMap<&str, (&Versioned<ServerSpec>, ServerInfo)> =
+                    usable
+                        .iter()
+                        .zip(infos)
+                        .map(|(s, i)| (s.spec.name.as_str(), (s, i)))
+                        .collect();
                 let mut out = Vec::new();
                 for t in &spec.tools {
-                    let Ok(server) = self.router.scope(&self.principal, &t.server) else {
+                    let Some((server, info)) = servers.get(t.server.as_str()) else {
                         continue;
                     };
-                    let info = self.info(&t.server).await;
                     let Some(tool) = info
                         .catalogue
                         .tools
@@ -509,13 +525,18 @@ impl Route {
         if method != "tools/call" {
             return Ok(());
         }
-        let Some(pins) = self.registry.local().state.tool_pins.get(server).cloned() else {
-            return Ok(());
-        };
         let tool = params.and_then(|p| p["name"].as_str()).unwrap_or_default();
-        let held = match pins.spec.tools.get(tool) {
+        // The approved tool's fingerprint, read under the lock (the pins are not copied).
+        let approved = {
+            let data = self.registry.local();
+            let Some(pins) = data.state.tool_pins.get(server) else {
+                return Ok(());
+            };
+            pins.spec.tools.get(tool).map(pinning::fingerprint)
+        };
+        let held = match approved {
             None => Some(Held::New),
-            Some(_) => {
+            Some(approved) => {
                 // As the server lists it now; a tool it does not list is its own to refuse.
                 let info = self.info(server).await;
                 if !info.catalogue.loaded {
@@ -529,7 +550,8 @@ impl Route {
                     .tools
                     .iter()
                     .find(|t| t["name"] == tool)
-                    .and_then(|t| pinning::held(Some(&pins.spec), t))
+                    .filter(|t| pinning::fingerprint(t) != approved)
+                    .map(|_| Held::Changed)
             }
         };
         let Some(held) = held else {
@@ -577,10 +599,16 @@ impl Route {
         tokio::spawn(async move {
             // Refused when another node recorded it first (the trail holds it once) or past
             // the bound; tried again at a later list when the cluster could not be asked.
-            if let Err(e) = registry.write_audited(command, ctx).await {
-                if !matches!(e, crate::registry::RegistryError::Apply(_)) {
-                    detections.forget(&server, &tool, &fingerprint);
+            use crate::registry::state::ApplyError;
+            use crate::registry::RegistryError;
+            match registry.write_audited(command, ctx).await {
+                Ok(_) | Err(RegistryError::Apply(ApplyError::AlreadyExists { .. })) => {}
+                // Past the bound of changes kept until the next approval.
+                Err(RegistryError::Apply(_)) => {
+                    metrics::counter!("mcpd_tool_changes_unrecorded_total", "server" => server.clone())
+                        .increment(1);
                 }
+                Err(_) => detections.forget(&server, &tool, &fingerprint),
             }
         });
     }
