@@ -151,6 +151,7 @@ impl McpWorkload {
             },
             idempotent_tools: vec!["echo".into()],
             session_mode: Default::default(),
+            sandbox: None,
             url: None,
             headers: BTreeMap::new(),
             ca_file: None,
@@ -166,6 +167,7 @@ impl McpWorkload {
         let tenant = TenantSpec {
             name: TENANT.into(),
             description: Some("the chaos harness's MCP clients".into()),
+            weight: 1,
         };
         let opts = CallOptions::default();
         retry("the MCP tenant", within, || {

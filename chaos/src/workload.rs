@@ -179,6 +179,7 @@ impl RegistryWorkload {
             timeouts: Default::default(),
             idempotent_tools: vec![],
             session_mode: Default::default(),
+            sandbox: None,
             url: None,
             headers: BTreeMap::new(),
             ca_file: None,
@@ -378,6 +379,7 @@ async fn tenant_writer(mut ctx: WorkloadCtx, worker: usize, prefix: String, thin
         let spec = TenantSpec {
             name,
             description: None,
+            weight: 1,
         };
         let outcome = match t.client.create_tenant(&spec, &CallOptions::default()).await {
             Ok(ack) => Outcome::Ok(OpResult::Written {

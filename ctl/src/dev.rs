@@ -430,6 +430,7 @@ pub async fn up(opts: &UpOptions, progress: &dyn Fn(&str)) -> Result<DevCluster,
             &TenantSpec {
                 name: "default".into(),
                 description: Some("created by mcpctl dev up".into()),
+                weight: 1,
             },
             &no_opts,
         )

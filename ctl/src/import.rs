@@ -135,6 +135,7 @@ fn spec(
         timeouts: Default::default(),
         idempotent_tools: Vec::new(),
         session_mode: Default::default(),
+        sandbox: None,
         url: None,
         headers: BTreeMap::new(),
         ca_file: None,

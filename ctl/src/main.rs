@@ -9,8 +9,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mcpcp_proto::api::{
     AddNodeRequest, ClusterStatus, CreateTokenRequest, Effect, IssuerSpec, Member, PolicySpec,
-    PolicyTest, Role, ServerPatch, ServerSpec, SessionMode, TenantSpec, Timeouts, ToolDiff,
-    ToolPins, Versioned,
+    PolicyTest, Role, SandboxSpec, ServerPatch, ServerSpec, SessionMode, TenantSpec, Timeouts,
+    ToolDiff, ToolPins, Versioned,
 };
 use mcpctl::{dev, import, AdminClient, CallOptions, ClientError};
 use serde::Serialize;
@@ -63,6 +63,8 @@ enum Output {
     Json,
 }
 
+// Parsed once per run: the size of its largest variant costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Bootstrap, inspect and change the cluster's membership.
@@ -240,9 +242,36 @@ struct ServerFlags {
     /// server (read here, so the token is not on the command line).
     #[arg(long)]
     bearer_env: Option<String>,
+    /// Run the processes as USER or USER:GROUP (names or numbers; mcpd must run as root).
+    #[arg(long)]
+    run_as: Option<String>,
+    /// Kill a process whose resident memory passes this many MiB.
+    #[arg(long)]
+    memory_mb: Option<u64>,
+    /// Kill a process that has used this many seconds of CPU (its slot starts a new one).
+    #[arg(long)]
+    cpu_seconds: Option<u64>,
+    /// Most open files per process.
+    #[arg(long)]
+    open_files: Option<u64>,
+    /// Most processes of the --run-as user.
+    #[arg(long)]
+    processes: Option<u64>,
 }
 
 impl ServerFlags {
+    /// The sandbox the flags ask for, if any of its flags is given.
+    fn sandbox(&self) -> Option<SandboxSpec> {
+        let s = SandboxSpec {
+            run_as: self.run_as.clone(),
+            memory_mb: self.memory_mb,
+            cpu_seconds: self.cpu_seconds,
+            open_files: self.open_files,
+            processes: self.processes,
+        };
+        (s != SandboxSpec::default()).then_some(s)
+    }
+
     /// `--header` values, with `--bearer-env`'s token as `Authorization`.
     fn headers(&self) -> Result<BTreeMap<String, String>, Failure> {
         let mut headers: BTreeMap<String, String> = self.headers.iter().cloned().collect();
@@ -347,6 +376,10 @@ enum TenantCmd {
         name: String,
         #[arg(long)]
         description: Option<String>,
+        /// Its share of a busy shared server: up to this many calls per turn when several
+        /// tenants' calls wait (1 to 100).
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
     },
     List,
     #[command(alias = "remove", alias = "delete")]
@@ -1111,6 +1144,9 @@ fn apply_flags(spec: &mut ServerSpec, f: &ServerFlags) -> Result<(), Failure> {
     if let Some(t) = f.request_timeout_ms {
         spec.timeouts.request_ms = t;
     }
+    if let Some(s) = f.sandbox() {
+        spec.sandbox = Some(s);
+    }
     spec.headers.extend(f.headers()?);
     Ok(())
 }
@@ -1127,6 +1163,7 @@ fn patch_from_flags(f: &ServerFlags, command: &[String]) -> Result<ServerPatch, 
         replicas: f.replicas,
         cwd: f.cwd.clone(),
         session_mode: f.session_mode.map(Into::into),
+        sandbox: f.sandbox(),
         ..Default::default()
     };
     if !f.fallbacks.is_empty() {
@@ -1518,12 +1555,17 @@ async fn tenant(cli: &Cli, cmd: &TenantCmd) -> Outcome {
     let c = client(cli)?;
     let none = CallOptions::default();
     match cmd {
-        TenantCmd::Add { name, description } => {
+        TenantCmd::Add {
+            name,
+            description,
+            weight,
+        } => {
             let a = c
                 .create_tenant(
                     &TenantSpec {
                         name: name.clone(),
                         description: description.clone(),
+                        weight: *weight,
                     },
                     &none,
                 )
@@ -1542,11 +1584,12 @@ async fn tenant(cli: &Cli, cmd: &TenantCmd) -> Outcome {
                         vec![
                             t.spec.name.clone(),
                             t.revision.to_string(),
+                            t.spec.weight.to_string(),
                             opt(t.spec.description.clone()),
                         ]
                     })
                     .collect();
-                print_table(&["NAME", "REVISION", "DESCRIPTION"], rows);
+                print_table(&["NAME", "REVISION", "WEIGHT", "DESCRIPTION"], rows);
             }
         }
         TenantCmd::Rm { name } => {

@@ -43,6 +43,7 @@
 //!
 //! [pool]
 //! queue_size = 256                  # calls that may wait for a process, per server
+//! queue_size_per_tenant = 128       # of them, calls of one tenant
 //! max_concurrency_per_process = 32
 //! health_interval_ms = 15000        # ping every process this often
 //! answer_spin_us = 100              # a lone call polls this long for its answer (0: never)
@@ -390,6 +391,12 @@ impl Config {
         if self.api.max_body_bytes < 1024 {
             return Err(invalid("api.max_body_bytes", "must be at least 1024"));
         }
+        if self.pool.queue_size_per_tenant == 0 {
+            return Err(invalid(
+                "pool.queue_size_per_tenant",
+                "must be greater than 0",
+            ));
+        }
         if self.pool.max_concurrency_per_process == 0 {
             return Err(invalid(
                 "pool.max_concurrency_per_process",
@@ -562,6 +569,10 @@ mod tests {
         ));
         for (toml, field) in [
             ("[pool]\nanswer_spin_us = 20000", "pool.answer_spin_us"),
+            (
+                "[pool]\nqueue_size_per_tenant = 0",
+                "pool.queue_size_per_tenant",
+            ),
             (
                 "[api]\nnext_request_spin_us = 20000",
                 "api.next_request_spin_us",

@@ -108,6 +108,16 @@ enum Sub {
     /// the dev cluster, tests, benchmarks and chaos runs. `MCPD_DEMO_LEDGER` names the file its
     /// `counter_increment` tool appends to.
     DemoServer,
+    /// Run COMMAND with these resource limits (how mcpd starts a sandboxed server's
+    /// process): sets each, then becomes COMMAND.
+    #[command(hide = true)]
+    SandboxExec {
+        /// NAME:SOFT:HARD, NAME one of cpu, nofile, nproc, data (repeat).
+        #[arg(long = "limit")]
+        limits: Vec<String>,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 impl Args {
@@ -230,6 +240,11 @@ fn main() -> anyhow::Result<()> {
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     match args.cmd.take() {
+        Some(Sub::SandboxExec { limits, command }) => {
+            let e = mcpd::pool::sandbox::exec(&limits, &command);
+            eprintln!("mcpd sandbox-exec: {e}");
+            std::process::exit(127);
+        }
         Some(Sub::DemoServer) => {
             return runtime
                 .build()

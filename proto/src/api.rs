@@ -64,6 +64,23 @@ pub struct NodeInfo {
     pub peer_cert_expires_at: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub edge_cert_expires_at: Option<u64>,
+    /// What this node can enforce of a server's sandbox.
+    #[serde(default)]
+    pub sandbox: SandboxCapabilities,
+}
+
+/// What a node can enforce of a server's sandbox ([`SandboxSpec`]), detected at its start.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxCapabilities {
+    /// It may run processes as another user (root, or CAP_SETUID and CAP_SETGID).
+    pub run_as: bool,
+    /// It sets rlimits (always, on Linux).
+    pub rlimits: bool,
+    /// Its own cgroup is on a delegated cgroup v2 hierarchy (detected; limits are rlimits and
+    /// mcpd's own memory watch today).
+    pub cgroup_v2: bool,
+    /// Bubblewrap (`bwrap`) is installed.
+    pub bwrap: bool,
 }
 
 /// `POST /v1/cluster/init`: bootstrap a new cluster. Accepted only by a node that has never
@@ -220,6 +237,36 @@ pub struct ServerSpec {
     pub idempotent_tools: Vec<String>,
     #[serde(default)]
     pub session_mode: SessionMode,
+    /// A local server's processes: the user they run as and the resources each may use.
+    /// `None`: mcpd's own user, no limits. Left out when unset, for nodes of older releases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<SandboxSpec>,
+}
+
+/// Who a local server's processes run as, and what each may use. Every limit is per process
+/// and inherited by the processes it starts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxSpec {
+    /// `user` or `user:group`, by name or number: the process runs as it, with no
+    /// supplementary groups. mcpd must run as root (or with CAP_SETUID and CAP_SETGID).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as: Option<String>,
+    /// Resident memory, in MiB: the process is killed when it passes this
+    /// (`killed: memory limit`), and cannot map more than 1.25 times it (RLIMIT_DATA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+    /// CPU time, in seconds, over the process's life (RLIMIT_CPU): past it the process is
+    /// killed (`killed: CPU limit`) and its slot starts a new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_seconds: Option<u64>,
+    /// Open files (RLIMIT_NOFILE).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_files: Option<u64>,
+    /// Processes and threads of the `run_as` user (RLIMIT_NPROC, counted per user by the
+    /// kernel, and not enforced for root): needs `run_as`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processes: Option<u64>,
 }
 
 fn default_pool_size() -> u32 {
@@ -256,6 +303,8 @@ pub struct ServerPatch {
     pub idempotent_tools: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_mode: Option<SessionMode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<SandboxSpec>,
 }
 
 impl ServerPatch {
@@ -301,6 +350,10 @@ impl ServerPatch {
         if let Some(v) = p.session_mode {
             spec.session_mode = v;
         }
+        if let Some(v) = p.sandbox {
+            // An empty sandbox clears it.
+            spec.sandbox = Some(v).filter(|s| *s != SandboxSpec::default());
+        }
     }
 }
 
@@ -311,6 +364,27 @@ pub struct TenantSpec {
     pub name: String,
     #[serde(default)]
     pub description: Option<String>,
+    /// The tenant's share of a busy shared server: when several tenants' calls wait for its
+    /// processes, a tenant gets up to this many in each turn (1 to 100). Left out when 1, so
+    /// that nodes of a release before weights still read the tenant.
+    #[serde(
+        default = "TenantSpec::default_weight",
+        skip_serializing_if = "TenantSpec::is_default_weight"
+    )]
+    pub weight: u32,
+}
+
+impl TenantSpec {
+    /// Most turns a tenant's weight may give it.
+    pub const MAX_WEIGHT: u32 = 100;
+
+    fn default_weight() -> u32 {
+        1
+    }
+
+    fn is_default_weight(w: &u32) -> bool {
+        *w == 1
+    }
 }
 
 /// What the API shows in place of a secret's value (a server's `env` values). Sent back in

@@ -84,9 +84,10 @@ def stateless_post(
     name: str | None = None,
     headers: dict[str, str] | None = None,
     timeout: float = 60,
+    http: httpx2.Client | None = None,
 ) -> httpx2.Response:
     """One raw 2026-07-28 request (no session): `_meta` and the routing headers as the
-    revision requires."""
+    revision requires. `http`: a client whose connection is kept between calls."""
     body_params = dict(params or {})
     body_params["_meta"] = {
         "io.modelcontextprotocol/protocolVersion": STATELESS,
@@ -104,6 +105,8 @@ def stateless_post(
         h["Authorization"] = f"Bearer {token}"
     h.update(headers or {})
     body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": body_params}
+    if http is not None:
+        return http.post(url, json=body, headers=h, timeout=timeout)
     return httpx2.post(url, json=body, headers=h, timeout=timeout)
 
 

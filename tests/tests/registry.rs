@@ -20,6 +20,7 @@ fn tenant(name: &str) -> TenantSpec {
     TenantSpec {
         name: name.into(),
         description: None,
+        weight: 1,
     }
 }
 

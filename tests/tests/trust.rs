@@ -323,6 +323,7 @@ async fn certificates_rotate_under_load_without_a_failed_request() {
                 let spec = mcpcp_proto::api::TenantSpec {
                     name: format!("load-{done}"),
                     description: None,
+                    weight: 1,
                 };
                 client
                     .create_tenant(&spec, &mcpctl::CallOptions::default())
@@ -373,6 +374,7 @@ async fn certificates_rotate_under_load_without_a_failed_request() {
             &mcpcp_proto::api::TenantSpec {
                 name: "after-rotation".into(),
                 description: None,
+                weight: 1,
             },
             &mcpctl::CallOptions::default(),
         )
@@ -568,6 +570,7 @@ async fn a_joined_node_renews_its_certificates_through_a_member_that_holds_the_c
                 let spec = mcpcp_proto::api::TenantSpec {
                     name: "after-renewal".into(),
                     description: None,
+                    weight: 1,
                 };
                 through_4
                     .create_tenant(&spec, &mcpctl::CallOptions::default())

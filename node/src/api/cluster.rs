@@ -45,6 +45,7 @@ pub async fn node_info(State(state): State<AppState>) -> Json<NodeInfo> {
             .as_ref()
             .and_then(|e| e.not_after())
             .map(unix),
+        sandbox: crate::pool::sandbox::capabilities().clone(),
     })
 }
 

@@ -127,6 +127,15 @@ fn may_write_server(
             caller.tenant.as_deref().unwrap_or("")
         )));
     }
+    // Whose user a process runs as decides whose files and processes it can reach.
+    let run_as = |s: &ServerSpec| s.sandbox.as_ref().and_then(|b| b.run_as.clone());
+    if run_as(spec).is_some() && run_as(spec) != current.and_then(run_as) {
+        return Err(validate::FieldError::new(
+            "sandbox.run_as",
+            "names a user of the nodes: a cluster admin's setting",
+        )
+        .into());
+    }
     if !spec.is_remote() {
         // A command runs on every node as mcpd's user: only as a cluster admin approved it.
         let data = state.registry.local();

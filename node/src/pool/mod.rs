@@ -9,6 +9,7 @@
 
 pub mod catalogue;
 pub mod egress;
+pub mod fair;
 pub mod legacy_sse;
 pub mod liveness;
 pub mod process;
@@ -16,6 +17,7 @@ pub mod reconcile;
 pub mod remote;
 pub mod remote_http;
 pub mod report;
+pub mod sandbox;
 pub mod upstream;
 
 use std::collections::HashMap;
@@ -28,13 +30,14 @@ use mcpcp_proto::api::{ServerSpec, Versioned};
 use mcpcp_proto::mcp::Message;
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::{broadcast, mpsc, watch, Semaphore};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::call::{Affinity, CallError, EventSink};
 use crate::shard::{self, ShardHandles};
 use crate::shutdown::{self, Shutdown, Trigger};
 use catalogue::Catalogue;
+use fair::{FairQueue, Share};
 use process::PoolEvent;
 use upstream::Upstream;
 
@@ -42,8 +45,11 @@ use upstream::Upstream;
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
-    /// Calls that may wait for a free process, per server; beyond it calls are refused at once.
+    /// Calls that may wait for a free process, per server; beyond it calls are refused at once
+    /// (or push out the newest call of the tenant with the longest backlog; see `pool::fair`).
     pub queue_size: usize,
+    /// Calls of one tenant that may wait for a free process, per server.
+    pub queue_size_per_tenant: usize,
     /// Calls one process serves at the same time.
     pub max_concurrency_per_process: usize,
     /// Interval of the `ping` health check.
@@ -73,6 +79,7 @@ impl Default for PoolConfig {
     fn default() -> Self {
         PoolConfig {
             queue_size: 256,
+            queue_size_per_tenant: 128,
             max_concurrency_per_process: 32,
             health_interval_ms: 15_000,
             health_timeout_ms: 5_000,
@@ -157,9 +164,8 @@ pub struct Pool {
     pub name: String,
     pub spec: Versioned<ServerSpec>,
     slots: Vec<Slot>,
-    admission: Arc<Semaphore>,
-    active: Arc<Semaphore>,
-    queued: AtomicUsize,
+    /// Who gets the next free process (fair between tenants).
+    admission: Arc<FairQueue>,
     closed: AtomicBool,
     catalogue: RwLock<Arc<Catalogue>>,
     /// Server notifications that belong to no call (list_changed, resources/updated), to
@@ -219,9 +225,11 @@ impl Pool {
             name: spec.spec.name.clone(),
             spec,
             slots,
-            admission: Arc::new(Semaphore::new(active + cfg.queue_size)),
-            active: Arc::new(Semaphore::new(active)),
-            queued: AtomicUsize::new(0),
+            admission: FairQueue::new(fair::Bounds {
+                slots: active,
+                queue: cfg.queue_size,
+                queue_per_tenant: cfg.queue_size_per_tenant,
+            }),
             closed: AtomicBool::new(false),
             catalogue: RwLock::new(Arc::new(Catalogue::default())),
             events,
@@ -267,7 +275,7 @@ impl Pool {
 
     /// Calls waiting for a process.
     pub fn queue_depth(&self) -> usize {
-        self.queued.load(Ordering::Relaxed)
+        self.admission.queued()
     }
 
     fn publish_queue_depth(&self) {
@@ -315,23 +323,25 @@ impl Pool {
         }
     }
 
-    /// Runs one request on a process of this pool.
+    /// Runs one request on a process of this pool, for a caller of no tenant.
     pub async fn call(
         &self,
         method: &str,
         params: Option<Value>,
         events: Option<EventSink>,
     ) -> Result<Value, CallError> {
-        self.call_routed(method, params, events, None)
+        self.call_routed(method, params, events, None, &Share::cluster())
             .await
             .map(|(v, _)| v)
     }
 
     /// Runs one request for a downstream session: on its own process when the server is in
-    /// `session_mode = dedicated` (started on first use, reaped when idle), else as [`Pool::call`].
+    /// `session_mode = dedicated` (started on first use, reaped when idle), else as [`Pool::call`],
+    /// queued fairly with the other tenants' calls (`share`).
     pub async fn call_for(
         &self,
         affinity: Option<&Affinity>,
+        share: &Share,
         method: &str,
         params: Option<Value>,
         events: Option<EventSink>,
@@ -340,7 +350,7 @@ impl Pool {
         let Some(affinity) = affinity.filter(|_| dedicated) else {
             let owner = affinity.map(|a| Arc::<str>::from(a.key.as_str()));
             return self
-                .call_routed(method, params, events, owner)
+                .call_routed(method, params, events, owner, share)
                 .await
                 .map(|(v, _)| v);
         };
@@ -493,6 +503,7 @@ impl Pool {
         params: Option<Value>,
         events: Option<EventSink>,
         owner: Option<Arc<str>>,
+        share: &Share,
     ) -> Result<(Value, Arc<dyn Upstream>), CallError> {
         let started = Instant::now();
         let timeout = Duration::from_millis(self.spec.spec.timeouts.request_ms);
@@ -502,32 +513,31 @@ impl Pool {
                 self.name
             )));
         }
-        let Ok(_admitted) = self.admission.clone().try_acquire_owned() else {
-            metrics::counter!("mcpd_pool_queue_rejections_total", "server" => self.name.clone())
-                .increment(1);
-            return Err(CallError::Busy(format!(
-                "server {:?} is busy: {} calls are queued already; the call did not run, retry later",
-                self.name,
-                self.queue_depth()
-            )));
-        };
-        // A free slot is taken at once; otherwise the call is counted as queued until it gets
-        // one, gives up, or is dropped (a cancelled call).
-        let slot = match self.active.clone().try_acquire_owned() {
-            Ok(slot) => Ok(Ok(slot)),
-            Err(_) => {
-                let in_queue = Queued::enter(self);
-                let slot = tokio::time::timeout(timeout, self.active.clone().acquire_owned()).await;
-                drop(in_queue);
-                slot
+        // A free slot is taken at once; otherwise the call waits in its tenant's queue until it
+        // gets one, gives up, or is dropped (a cancelled call).
+        let slot = self
+            .admission
+            .acquire(share, timeout, || self.publish_queue_depth())
+            .await;
+        self.publish_queue_depth();
+        let _running = match slot {
+            Ok(slot) => slot,
+            Err(fair::Refused::Closed) => {
+                return Err(CallError::NotRun(format!(
+                    "server {:?} was removed or changed; retry",
+                    self.name
+                )))
             }
-        };
-        let Ok(Ok(_running)) = slot else {
-            // Busy, not broken: the same answer as a full queue.
-            return Err(CallError::Busy(format!(
-                "server {:?} had no free process within {timeout:?}; the call did not run",
-                self.name
-            )));
+            // Busy, not broken: the callers' own overload.
+            Err(refused) => {
+                metrics::counter!("mcpd_pool_queue_rejections_total",
+                    "server" => self.name.clone(), "reason" => refused.reason())
+                .increment(1);
+                return Err(CallError::Busy(format!(
+                    "server {:?} is busy: {refused}; the call did not run, retry later",
+                    self.name
+                )));
+            }
         };
         let remaining = timeout.saturating_sub(started.elapsed());
         let Some(process) = self.ready(remaining).await else {
@@ -552,15 +562,12 @@ impl Pool {
     /// processes.
     pub async fn shutdown(&self, drain: Duration) {
         self.closed.store(true, Ordering::Relaxed);
+        self.admission.close();
         let dedicated: Vec<String> = self.dedicated_map().keys().cloned().collect();
         for key in dedicated {
             self.release(&key).await;
         }
-        let total = self.active.available_permits() as u32;
-        let _ = total;
-        let capacity =
-            self.slots.len() * self.cfg.max_concurrency_per_process.max(1) + self.cfg.queue_size;
-        let _ = tokio::time::timeout(drain, self.admission.acquire_many(capacity as u32)).await;
+        let _ = tokio::time::timeout(drain, self.admission.idle()).await;
         self.stop.fire();
         let mut tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         let grace = Duration::from_millis(self.cfg.stop_grace_ms) * 3;
@@ -571,26 +578,6 @@ impl Pool {
             tasks.abort_all();
         }
         metrics::gauge!("mcpd_pool_queue_depth", "server" => self.name.clone()).set(0.0);
-    }
-}
-
-/// One call waiting for a slot of `pool`, in its queue depth while it lives.
-struct Queued<'a> {
-    pool: &'a Pool,
-}
-
-impl<'a> Queued<'a> {
-    fn enter(pool: &'a Pool) -> Self {
-        pool.queued.fetch_add(1, Ordering::Relaxed);
-        pool.publish_queue_depth();
-        Queued { pool }
-    }
-}
-
-impl Drop for Queued<'_> {
-    fn drop(&mut self) {
-        self.pool.queued.fetch_sub(1, Ordering::Relaxed);
-        self.pool.publish_queue_depth();
     }
 }
 

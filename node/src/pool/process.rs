@@ -26,6 +26,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::report::SlotReport;
+use super::sandbox::Sandbox;
 use crate::call::{CallError, CallEvent, EventSink, Responder};
 
 /// Longest line accepted from a server (a defence against a runaway process).
@@ -42,6 +43,9 @@ pub enum ProcessError {
     Initialize(String),
     #[error("no answer to initialize within {0:?}")]
     StartupTimeout(Duration),
+    #[error("sandbox: {0}")]
+    Sandbox(#[from] super::sandbox::SandboxError),
+
     /// A remote server that refused a Streamable HTTP `initialize` (tried next: the legacy
     /// HTTP+SSE transport).
     #[error("the server refused a Streamable HTTP initialize (HTTP {0})")]
@@ -77,6 +81,10 @@ struct Shared {
     answer_spin: Duration,
     /// Where its exit status goes, for `server status`.
     report: Option<SlotReport>,
+    /// Its user and limits.
+    sandbox: Sandbox,
+    /// The limit mcpd killed it for, once it did (reported in place of its exit status).
+    killed_for: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -158,11 +166,20 @@ async fn wait_answer<T>(mut rx: oneshot::Receiver<T>, spin: Duration) -> Option<
     }
 }
 
-/// How a call ends when the process gives no answer.
-fn crashed(server: &str) -> CallError {
-    CallError::Crashed(format!(
-        "server {server:?} exited while the call was in flight; it may or may not have run"
-    ))
+impl Shared {
+    /// How a call ends when the process gives no answer: it exited, or mcpd killed it at a
+    /// limit of its sandbox.
+    fn crashed(&self) -> CallError {
+        let server = &self.server;
+        match &*self.killed_for.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(why) => CallError::Crashed(format!(
+                "server {server:?} was killed at its {why} while the call was in flight; it may or may not have run"
+            )),
+            None => CallError::Crashed(format!(
+                "server {server:?} exited while the call was in flight; it may or may not have run"
+            )),
+        }
+    }
 }
 
 /// How a process is run, besides its spec.
@@ -188,9 +205,14 @@ impl Process {
             answer_spin,
             report,
         } = options;
-        let mut cmd = Command::new(&spec.command);
+        let sandbox = match &spec.sandbox {
+            Some(s) => Sandbox::resolve(s)?,
+            None => Sandbox::default(),
+        };
+        let (program, args) = sandbox.wrap(&spec.command, &spec.args);
+        let mut cmd = Command::new(program);
         // Only what the spec says: `pool::reconcile` put the inherited variables into it.
-        cmd.args(&spec.args)
+        cmd.args(args)
             .env_clear()
             .envs(&spec.env)
             .stdin(Stdio::piped())
@@ -200,11 +222,9 @@ impl Process {
         if let Some(cwd) = &spec.cwd {
             cmd.current_dir(cwd);
         }
-        #[cfg(unix)]
-        {
-            // Its own process group, so stopping it reaches the children it spawns (npx → node).
-            cmd.process_group(0);
-        }
+        // Its own process group, so stopping it reaches the children it spawns (npx → node).
+        cmd.process_group(0);
+        sandbox.apply(&mut cmd);
         let mut child = cmd.spawn().map_err(|source| ProcessError::Spawn {
             command: spec.command.clone(),
             source,
@@ -219,6 +239,8 @@ impl Process {
             in_flight: metrics::gauge!("mcpd_pool_calls_in_flight", "server" => spec.name.clone()),
             answer_spin,
             report: report.clone(),
+            sandbox,
+            killed_for: Mutex::new(None),
         });
         let (stdin_tx, stdin_rx) = mpsc::channel::<Vec<u8>>(256);
         let (exited_tx, exited_rx) = watch::channel(false);
@@ -240,7 +262,15 @@ impl Process {
             });
         }
         if let Some(stdout) = stdout {
-            tokio::spawn(read_loop(stdout, shared.clone(), stdin_tx.clone()));
+            tokio::spawn(read_loop(
+                stdout,
+                shared.clone(),
+                stdin_tx.clone(),
+                exited_rx.clone(),
+            ));
+        }
+        if let (Some(limit), Some(pid)) = (sandbox.memory_bytes, pid) {
+            tokio::spawn(watch_memory(pid, limit, shared.clone(), exited_rx.clone()));
         }
         tokio::spawn(reap(child, shared.clone(), exited_tx));
 
@@ -343,7 +373,7 @@ impl Process {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&id);
-            return Err(crashed(&self.shared.server));
+            return Err(self.shared.crashed());
         }
         let guard = CancelOnDrop {
             process: self,
@@ -352,7 +382,7 @@ impl Process {
         };
         let outcome = wait_answer(rx, self.shared.answer_spin)
             .await
-            .unwrap_or_else(|| Err(crashed(&self.shared.server)));
+            .unwrap_or_else(|| Err(self.shared.crashed()));
         guard.disarm();
         outcome
     }
@@ -462,22 +492,82 @@ async fn write_loop(pipe: Pipe, mut rx: mpsc::Receiver<Vec<u8>>) {
 async fn reap(mut child: Child, shared: Arc<Shared>, exited: watch::Sender<bool>) {
     let status = child.wait().await;
     shared.alive.store(false, Ordering::Relaxed);
+    let killed_for = shared
+        .killed_for
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let limit = status
+        .as_ref()
+        .ok()
+        .and_then(|s| shared.sandbox.limit_that_ended(s));
     let status = match &status {
         Ok(s) => s.to_string(),
         Err(e) => e.to_string(),
+    };
+    let status = match (killed_for, limit) {
+        (Some(why), _) => format!("killed: {why}"),
+        (None, Some(limit)) => {
+            killed_metric(&shared.server, "cpu");
+            *shared.killed_for.lock().unwrap_or_else(|p| p.into_inner()) = Some(limit.to_string());
+            tracing::warn!(server = %shared.server, %status, "server process killed at its CPU limit");
+            format!("killed: {limit} ({status})")
+        }
+        (None, None) => status,
     };
     tracing::info!(server = %shared.server, %status, "server process exited");
     if let Some(r) = &shared.report {
         r.exited(&status);
     }
-    shared.fail_all(crashed(&shared.server));
+    shared.fail_all(shared.crashed());
     let _ = exited.send(true);
+}
+
+fn killed_metric(server: &str, limit: &'static str) {
+    metrics::counter!("mcpd_server_processes_killed_total",
+        "server" => server.to_string(), "limit" => limit)
+    .increment(1);
+}
+
+/// Kills the process group of `pid` once its resident memory passes `limit` bytes (its
+/// sandbox's `memory_mb`), and says so in place of its exit status.
+async fn watch_memory(
+    pid: u32,
+    limit: u64,
+    shared: Arc<Shared>,
+    mut exited: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(super::sandbox::MEMORY_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = exited.wait_for(|e| *e) => return,
+        }
+        let Some(resident) = super::sandbox::resident_bytes(pid) else {
+            return;
+        };
+        if resident <= limit {
+            continue;
+        }
+        let why = format!(
+            "memory limit (resident {} MiB > {} MiB)",
+            resident >> 20,
+            limit >> 20
+        );
+        tracing::warn!(server = %shared.server, pid, %why, "killing a server process at its memory limit");
+        killed_metric(&shared.server, "memory");
+        *shared.killed_for.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        signal_group(Some(pid), rustix::process::Signal::KILL);
+        return;
+    }
 }
 
 async fn read_loop(
     stdout: tokio::process::ChildStdout,
     shared: Arc<Shared>,
     stdin: mpsc::Sender<Vec<u8>>,
+    mut exited: watch::Receiver<bool>,
 ) {
     let mut reader = BufReader::new(stdout);
     let mut buf = Vec::new();
@@ -507,8 +597,14 @@ async fn read_loop(
         }
     }
     shared.alive.store(false, Ordering::Relaxed);
-    shared.fail_all(crashed(&shared.server));
+    // Its stdout closed: it is likely exiting. Its exit status may say why (a limit of its
+    // sandbox), for the calls' errors; a process that only closed stdout is not waited for.
+    let _ = tokio::time::timeout(EXIT_AFTER_EOF, exited.wait_for(|e| *e)).await;
+    shared.fail_all(shared.crashed());
 }
+
+/// How long calls in flight wait, once the process's stdout closed, for its exit status.
+const EXIT_AFTER_EOF: Duration = Duration::from_millis(200);
 
 /// Where one message from the server goes.
 async fn route(shared: &Shared, stdin: &mpsc::Sender<Vec<u8>>, msg: Message) {

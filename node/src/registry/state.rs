@@ -1148,6 +1148,7 @@ mod tests {
                 spec: TenantSpec {
                     name: format!("t{i}"),
                     description: None,
+                    weight: 1,
                 },
                 precondition: Precondition::None,
             };
@@ -1249,6 +1250,7 @@ mod tests {
                 spec: TenantSpec {
                     name: "acme".into(),
                     description: None,
+                    weight: 1,
                 },
                 precondition: Precondition::Absent,
             },

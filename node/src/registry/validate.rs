@@ -2,7 +2,7 @@
 //! ever sees well-formed specs. Every error names the field at fault.
 
 use mcpcp_proto::api::{
-    scope, CreateTokenRequest, IssuerSpec, PolicySpec, Role, ServerSpec, TenantSpec,
+    scope, CreateTokenRequest, IssuerSpec, PolicySpec, Role, SandboxSpec, ServerSpec, TenantSpec,
 };
 
 /// A rejected field: `field` is the JSON path of the value, `message` says what is wrong.
@@ -109,6 +109,15 @@ fn remote_url(url: &str) -> Result<(), FieldError> {
 
 pub fn server_spec(spec: &ServerSpec) -> Result<(), FieldError> {
     name("name", &spec.name, MAX_SERVER_NAME)?;
+    if let Some(sandbox) = &spec.sandbox {
+        if spec.url.is_some() {
+            return Err(FieldError::new(
+                "sandbox",
+                "only a local server (command) runs in a sandbox",
+            ));
+        }
+        sandbox_spec(sandbox)?;
+    }
     if let Some(t) = &spec.tenant {
         name("tenant", t, MAX_TENANT_NAME)?;
     }
@@ -221,6 +230,49 @@ pub fn server_spec(spec: &ServerSpec) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// A sandbox's user and limits: well formed and within sane bounds (the node checks that it
+/// can honour them when it starts the process).
+fn sandbox_spec(s: &SandboxSpec) -> Result<(), FieldError> {
+    if let Some(run_as) = &s.run_as {
+        let part = |p: &str| {
+            !p.is_empty()
+                && p.len() <= 32
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        };
+        let valid = match run_as.split_once(':') {
+            Some((user, group)) => part(user) && part(group),
+            None => part(run_as),
+        };
+        if !valid {
+            return Err(FieldError::new(
+                "sandbox.run_as",
+                "must be USER or USER:GROUP (names or numbers, at most 32 characters each)",
+            ));
+        }
+    }
+    for (field, value, range) in [
+        ("sandbox.memory_mb", s.memory_mb, 16..=1_048_576),
+        ("sandbox.cpu_seconds", s.cpu_seconds, 1..=31_536_000),
+        ("sandbox.open_files", s.open_files, 16..=1_048_576),
+        ("sandbox.processes", s.processes, 1..=1_000_000),
+    ] {
+        if value.is_some_and(|v| !range.contains(&v)) {
+            return Err(FieldError::new(
+                field,
+                format!("must be {} to {}", range.start(), range.end()),
+            ));
+        }
+    }
+    if s.processes.is_some() && s.run_as.is_none() {
+        return Err(FieldError::new(
+            "sandbox.processes",
+            "needs run_as: the kernel counts processes per user, and does not limit root",
+        ));
+    }
+    Ok(())
+}
+
 pub fn tenant_spec(spec: &TenantSpec) -> Result<(), FieldError> {
     name("name", &spec.name, MAX_TENANT_NAME)?;
     if let Some(d) = &spec.description {
@@ -230,6 +282,12 @@ pub fn tenant_spec(spec: &TenantSpec) -> Result<(), FieldError> {
                 "must be at most 1024 characters",
             ));
         }
+    }
+    if !(1..=TenantSpec::MAX_WEIGHT).contains(&spec.weight) {
+        return Err(FieldError::new(
+            "weight",
+            format!("must be 1 to {}", TenantSpec::MAX_WEIGHT),
+        ));
     }
     Ok(())
 }

@@ -35,6 +35,7 @@ use serde_json::{json, Value};
 
 use crate::call::{Call, CallError, EventSink};
 use crate::pool::catalogue::Catalogue;
+use crate::pool::fair::Share;
 use crate::pool::reconcile::Pools;
 use crate::raft::network::PeerChannels;
 use crate::registry::{Principal, Registry};
@@ -85,6 +86,23 @@ enum Replica {
 pub struct ServerInfo {
     pub init: Option<Value>,
     pub catalogue: Arc<Catalogue>,
+}
+
+/// Whose call it is, for the fair queue of a shared pool: the caller's tenant and its weight.
+pub fn share(registry: &Registry, principal: &Principal) -> Share {
+    let Some(tenant) = &principal.tenant else {
+        return Share::cluster();
+    };
+    let weight = registry
+        .local()
+        .state
+        .tenants
+        .get(tenant)
+        .map_or(1, |t| t.spec.weight);
+    Share {
+        tenant: Arc::from(tenant.as_str()),
+        weight,
+    }
 }
 
 /// Routes calls to replicas. Cheap to clone.
@@ -307,6 +325,7 @@ impl Router {
                 Some(pool) => {
                     pool.call_for(
                         call.affinity.as_ref(),
+                        &share(&self.registry, &call.principal),
                         &call.method,
                         call.params.clone(),
                         Some(call.events.clone()),

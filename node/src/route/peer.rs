@@ -164,11 +164,13 @@ impl Peer for PeerService {
             ))))));
         };
         metrics::counter!("mcpd_peer_calls_served_total", "server" => server.clone()).increment(1);
+        let share = super::share(&self.registry, &principal);
         let (tx, rx) = mpsc::channel::<Result<WireFrame, Status>>(64);
         tokio::spawn(async move {
             let (ev_tx, mut ev_rx) = mpsc::channel(64);
             let call = pool.call_for(
                 affinity.as_ref(),
+                &share,
                 &method,
                 params,
                 Some(EventSink::new(ev_tx)),

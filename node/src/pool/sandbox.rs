@@ -1,0 +1,320 @@
+//! A local server's sandbox: the user its processes run as and the resources each may use
+//! ([`SandboxSpec`]).
+//!
+//! - **User.** `run_as` sets the process's user and group and drops every supplementary group,
+//!   so that it cannot read another user's files, or another server's `/proc/PID/environ`.
+//!   mcpd needs root (or CAP_SETUID and CAP_SETGID); a `run_as` it cannot honour fails the
+//!   start with a clear error, never runs the process as mcpd's own user.
+//! - **Limits** are rlimits, set by `mcpd sandbox-exec` on itself before it execs the server
+//!   (so they hold from the server's first instruction), and inherited by whatever it starts: CPU seconds (`RLIMIT_CPU`: SIGXCPU past it, reported as
+//!   `killed: CPU limit`), open files, processes of the user, and private memory
+//!   (`RLIMIT_DATA`, at 1.25 × `memory_mb`, a hard backstop).
+//! - **Memory** is watched as well: the process's resident memory is read every
+//!   [`MEMORY_POLL`], and past `memory_mb` the process group is killed and reported as
+//!   `killed: memory limit`. A process that allocates faster than the poll sees an allocation
+//!   fail at the backstop instead.
+//!
+//! [`Capabilities`] says what this node can enforce, for `GET /v1/node`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use mcpcp_proto::api::{SandboxCapabilities, SandboxSpec};
+use rustix::process::{Resource, Rlimit};
+
+/// How often a process's resident memory is compared with its limit.
+pub const MEMORY_POLL: Duration = Duration::from_millis(50);
+
+/// Why a sandbox cannot be honoured on this node.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("run_as {0:?}: no such user on this node")]
+    NoSuchUser(String),
+    #[error("run_as {0:?}: no such group on this node")]
+    NoSuchGroup(String),
+    #[error(
+        "run_as {0:?} needs mcpd to run as root or with CAP_SETUID and CAP_SETGID; it does not"
+    )]
+    CannotSetUid(String),
+}
+
+/// What the node can enforce, detected once.
+pub fn capabilities() -> &'static SandboxCapabilities {
+    static DETECTED: std::sync::OnceLock<SandboxCapabilities> = std::sync::OnceLock::new();
+    DETECTED.get_or_init(detect)
+}
+
+fn detect() -> SandboxCapabilities {
+    SandboxCapabilities {
+        run_as: can_set_ids(),
+        rlimits: true,
+        cgroup_v2: delegated_cgroup_v2(),
+        bwrap: ["/usr/bin/bwrap", "/bin/bwrap"]
+            .iter()
+            .any(|p| Path::new(p).exists()),
+    }
+}
+
+/// Whether this process may change its user and group ids.
+fn can_set_ids() -> bool {
+    if rustix::process::geteuid().is_root() {
+        return true;
+    }
+    // CapEff: CAP_SETGID is bit 6, CAP_SETUID bit 7.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << 6) != 0 && caps & (1 << 7) != 0)
+}
+
+/// Whether mcpd's own cgroup is on a pure cgroup v2 hierarchy and writable by it.
+fn delegated_cgroup_v2() -> bool {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let Some(path) = own.lines().find_map(|l| l.strip_prefix("0::")) else {
+        return false;
+    };
+    let root = Path::new("/sys/fs/cgroup");
+    if !root.join("cgroup.controllers").exists() {
+        return false;
+    }
+    // Opened for writing (and closed at once, unwritten): a cgroup mcpd could configure.
+    let dir = root.join(path.trim_start_matches('/'));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("cgroup.subtree_control"))
+        .is_ok()
+}
+
+/// A sandbox resolved on this node: ids looked up, limits in the units the kernel takes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sandbox {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// Resident memory past which the process is killed, in bytes.
+    pub memory_bytes: Option<u64>,
+    cpu_seconds: Option<u64>,
+    open_files: Option<u64>,
+    processes: Option<u64>,
+}
+
+impl Sandbox {
+    /// Looks the spec's user and group up on this node (names in `/etc/passwd` and
+    /// `/etc/group`, or numbers) and checks that it can switch to them.
+    pub fn resolve(spec: &SandboxSpec) -> Result<Sandbox, SandboxError> {
+        let mut sandbox = Sandbox {
+            memory_bytes: spec.memory_mb.map(|mb| mb << 20),
+            cpu_seconds: spec.cpu_seconds,
+            open_files: spec.open_files,
+            processes: spec.processes,
+            ..Sandbox::default()
+        };
+        if let Some(run_as) = &spec.run_as {
+            if !can_set_ids() {
+                return Err(SandboxError::CannotSetUid(run_as.clone()));
+            }
+            let (user, group) = match run_as.split_once(':') {
+                Some((u, g)) => (u, Some(g)),
+                None => (run_as.as_str(), None),
+            };
+            let (uid, primary_gid) =
+                lookup_user(user).ok_or_else(|| SandboxError::NoSuchUser(run_as.clone()))?;
+            let gid = match group {
+                Some(g) => {
+                    lookup_group(g).ok_or_else(|| SandboxError::NoSuchGroup(run_as.clone()))?
+                }
+                None => primary_gid,
+            };
+            sandbox.uid = Some(uid);
+            sandbox.gid = Some(gid);
+        }
+        Ok(sandbox)
+    }
+
+    /// Sets the user and group of the process `cmd` starts. std drops the supplementary
+    /// groups when it sets the user as root.
+    pub fn apply(&self, cmd: &mut tokio::process::Command) {
+        if let Some(gid) = self.gid {
+            cmd.gid(gid);
+        }
+        if let Some(uid) = self.uid {
+            cmd.uid(uid);
+        }
+    }
+
+    /// The program and arguments that run `command` with this sandbox's limits: `mcpd
+    /// sandbox-exec`, which sets them on itself (they need no privilege to lower, whatever
+    /// the user) and then execs the command, so that they hold from its first instruction.
+    /// Without limits, the command itself.
+    pub fn wrap(&self, command: &str, args: &[String]) -> (String, Vec<String>) {
+        let limits: Vec<String> = self
+            .rlimits()
+            .into_iter()
+            .flatten()
+            .map(|(resource, soft, hard)| format!("--limit={}:{soft}:{hard}", name_of(resource)))
+            .collect();
+        let exe = std::env::current_exe().ok();
+        let (Some(exe), false) = (exe, limits.is_empty()) else {
+            return (command.to_string(), args.to_vec());
+        };
+        let mut wrapped = vec!["sandbox-exec".to_string()];
+        wrapped.extend(limits);
+        wrapped.push("--".into());
+        wrapped.push(command.into());
+        wrapped.extend(args.iter().cloned());
+        (exe.to_string_lossy().into_owned(), wrapped)
+    }
+
+    /// The rlimits to set: (resource, soft, hard).
+    fn rlimits(&self) -> [Option<(Resource, u64, u64)>; 4] {
+        let backstop = |b: u64| b + b / 4;
+        [
+            // SIGXCPU at the soft limit; SIGKILL a second later if it is caught.
+            self.cpu_seconds.map(|s| (Resource::Cpu, s, s + 1)),
+            self.open_files.map(|n| (Resource::Nofile, n, n)),
+            self.processes.map(|n| (Resource::Nproc, n, n)),
+            self.memory_bytes
+                .map(|b| (Resource::Data, backstop(b), backstop(b))),
+        ]
+    }
+
+    /// Why a process of this sandbox ended, when a limit ended it (from its exit status).
+    pub fn limit_that_ended(&self, status: &std::process::ExitStatus) -> Option<&'static str> {
+        use std::os::unix::process::ExitStatusExt;
+        // The memory watch reports its own kills; SIGXCPU comes only from the CPU limit.
+        let xcpu = rustix::process::Signal::XCPU.as_raw();
+        (self.cpu_seconds.is_some() && status.signal()? == xcpu).then_some("CPU limit")
+    }
+}
+
+/// The names `sandbox-exec` takes.
+const RESOURCES: [(&str, Resource); 4] = [
+    ("cpu", Resource::Cpu),
+    ("nofile", Resource::Nofile),
+    ("nproc", Resource::Nproc),
+    ("data", Resource::Data),
+];
+
+fn name_of(resource: Resource) -> &'static str {
+    RESOURCES
+        .iter()
+        .find(|(_, r)| *r == resource)
+        .map_or("?", |(n, _)| n)
+}
+
+/// `mcpd sandbox-exec --limit=NAME:SOFT:HARD... -- COMMAND ARGS...`: sets the limits on this
+/// process, then becomes the command. Returns only if that failed.
+pub fn exec(limits: &[String], command: &[String]) -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    for limit in limits {
+        let parsed = limit.split(':').collect::<Vec<_>>();
+        let resource = RESOURCES.iter().find(|(n, _)| Some(n) == parsed.first());
+        let (Some((_, resource)), [_, soft, hard]) = (resource, parsed.as_slice()) else {
+            return std::io::Error::other(format!("--limit {limit:?}: not NAME:SOFT:HARD"));
+        };
+        let (Ok(soft), Ok(hard)) = (soft.parse(), hard.parse()) else {
+            return std::io::Error::other(format!("--limit {limit:?}: not numbers"));
+        };
+        let set = rustix::process::setrlimit(
+            *resource,
+            Rlimit {
+                current: Some(soft),
+                maximum: Some(hard),
+            },
+        );
+        if let Err(e) = set {
+            return std::io::Error::other(format!("--limit {limit:?}: {e}"));
+        }
+    }
+    let Some((program, args)) = command.split_first() else {
+        return std::io::Error::other("no command to run");
+    };
+    let e = std::process::Command::new(program).args(args).exec();
+    std::io::Error::new(e.kind(), format!("running {program:?}: {e}"))
+}
+
+/// A user's id and primary group, by name (in `/etc/passwd`) or number.
+fn lookup_user(user: &str) -> Option<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let by_name = passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        (fields.next()? == user).then_some(())?;
+        let uid = fields.nth(1)?.parse().ok()?;
+        let gid = fields.next()?.parse().ok()?;
+        Some((uid, gid))
+    });
+    // A number need not name a user; its group is then its own id.
+    by_name.or_else(|| user.parse::<u32>().ok().map(|uid| (uid, uid)))
+}
+
+/// A group's id, by name (in `/etc/group`) or number.
+fn lookup_group(group: &str) -> Option<u32> {
+    let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    let by_name = groups.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        (fields.next()? == group).then_some(())?;
+        fields.nth(1)?.parse().ok()
+    });
+    by_name.or_else(|| group.parse().ok())
+}
+
+/// Resident memory of process `pid`, in bytes (`None` once it is gone).
+pub fn resident_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib << 10)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn users_and_groups_are_found_by_name_and_number() {
+        assert_eq!(lookup_user("root"), Some((0, 0)));
+        assert_eq!(lookup_user("4242"), Some((4242, 4242)));
+        assert_eq!(lookup_user("no-such-user-here"), None);
+        assert_eq!(lookup_group("root"), Some(0));
+        assert_eq!(lookup_group("4243"), Some(4243));
+        assert_eq!(lookup_group("no-such-group-here"), None);
+    }
+
+    #[test]
+    fn limits_become_rlimits_with_a_memory_backstop() {
+        let s = Sandbox::resolve(&SandboxSpec {
+            memory_mb: Some(64),
+            cpu_seconds: Some(5),
+            ..SandboxSpec::default()
+        })
+        .expect("no user to look up");
+        assert_eq!(s.memory_bytes, Some(64 << 20));
+        let set = s.rlimits();
+        assert_eq!(set[0], Some((Resource::Cpu, 5, 6)));
+        assert_eq!(set[3], Some((Resource::Data, 80 << 20, 80 << 20)));
+        assert!(set[1].is_none() && set[2].is_none());
+    }
+
+    #[test]
+    fn an_unknown_user_is_refused_with_its_name() {
+        let e = Sandbox::resolve(&SandboxSpec {
+            run_as: Some("no-such-user-here".into()),
+            ..SandboxSpec::default()
+        });
+        let message = e.expect_err("refused").to_string();
+        assert!(message.contains("no-such-user-here"), "{message}");
+    }
+
+    #[test]
+    fn the_own_resident_memory_is_read() {
+        let rss = resident_bytes(std::process::id()).expect("this process exists");
+        assert!(rss > 0);
+    }
+}
