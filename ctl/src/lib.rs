@@ -310,6 +310,42 @@ impl AdminClient {
         .await
     }
 
+    pub async fn limits(
+        &self,
+    ) -> Result<mcpcp_proto::api::List<Versioned<mcpcp_proto::api::LimitSpec>>, ClientError> {
+        self.get("/v1/limits").await
+    }
+
+    pub async fn limit_usage(
+        &self,
+        name: &str,
+    ) -> Result<mcpcp_proto::api::List<mcpcp_proto::api::QuotaUsage>, ClientError> {
+        self.get(&format!("/v1/limits/{name}/usage")).await
+    }
+
+    pub async fn put_limit(
+        &self,
+        spec: &mcpcp_proto::api::LimitSpec,
+        opts: &CallOptions,
+    ) -> Result<WriteAck, ClientError> {
+        self.call(
+            Method::PUT,
+            &format!("/v1/limits/{}", spec.name),
+            Some(spec),
+            opts,
+        )
+        .await
+    }
+
+    pub async fn delete_limit(
+        &self,
+        name: &str,
+        opts: &CallOptions,
+    ) -> Result<WriteAck, ClientError> {
+        self.call::<(), _>(Method::DELETE, &format!("/v1/limits/{name}"), None, opts)
+            .await
+    }
+
     pub async fn virtual_servers(
         &self,
     ) -> Result<mcpcp_proto::api::List<Versioned<mcpcp_proto::api::VirtualServerSpec>>, ClientError>

@@ -91,6 +91,9 @@ enum Command {
     /// Commands tenant admins may run as local servers: approve, list, remove.
     #[command(subcommand, name = "command")]
     Approved(CommandCmd),
+    /// Rate limits and quotas on MCP calls, for the whole cluster: set, list, usage, remove.
+    #[command(subcommand)]
+    Limit(LimitCmd),
     /// The audit trail of admin changes: list, export, verify its hash chain, retention.
     #[command(subcommand)]
     Audit(AuditCmd),
@@ -426,6 +429,178 @@ fn parse_role(name: &str) -> Result<Role, String> {
         let names: Vec<&str> = Role::ALL.iter().map(|r| r.as_str()).collect();
         format!("one of {}", names.join(", "))
     })
+}
+
+#[derive(Debug, Subcommand)]
+enum LimitCmd {
+    /// Create or replace a limit: `mcpctl limit set free --tenant free --per subject --rate 10 --quota 1000/day`.
+    Set {
+        name: String,
+        /// Count only this tenant's calls.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Count only this caller's calls (a token id, or jwt:ISSUER:SUBJECT).
+        #[arg(long)]
+        subject: Option<String>,
+        /// Count only calls to this server.
+        #[arg(long)]
+        server: Option<String>,
+        /// Count only calls of this tool (with --server).
+        #[arg(long)]
+        tool: Option<String>,
+        /// Whose budget: all (one for every call it counts), tenant or subject.
+        #[arg(long, value_enum, default_value_t = Per::All)]
+        per: Per,
+        /// Calls per second.
+        #[arg(long)]
+        rate: Option<u32>,
+        /// Calls at once after a quiet spell (default: the rate).
+        #[arg(long)]
+        burst: Option<u32>,
+        /// Calls per UTC day or month: `1000/day`, `50000/month`.
+        #[arg(long, value_parser = parse_quota)]
+        quota: Option<mcpcp_proto::api::Quota>,
+    },
+    List,
+    /// What a limit's quota used in the current period, per budget.
+    Usage {
+        name: String,
+    },
+    #[command(alias = "remove", alias = "delete")]
+    Rm {
+        name: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Per {
+    All,
+    Tenant,
+    Subject,
+}
+
+fn parse_quota(s: &str) -> Result<mcpcp_proto::api::Quota, String> {
+    use mcpcp_proto::api::QuotaPeriod;
+    let (calls, period) = s.split_once('/').ok_or("CALLS/day or CALLS/month")?;
+    let calls = calls
+        .parse()
+        .map_err(|_| format!("{calls:?} is not a number"))?;
+    let period = match period {
+        "day" => QuotaPeriod::Day,
+        "month" => QuotaPeriod::Month,
+        other => return Err(format!("{other:?}: day or month")),
+    };
+    Ok(mcpcp_proto::api::Quota { calls, period })
+}
+
+async fn limit(cli: &Cli, cmd: &LimitCmd) -> Outcome {
+    use mcpcp_proto::api::{LimitPer, LimitSpec, QuotaPeriod, RateLimit};
+    let c = client(cli)?;
+    match cmd {
+        LimitCmd::Set {
+            name,
+            tenant,
+            subject,
+            server,
+            tool,
+            per,
+            rate,
+            burst,
+            quota,
+        } => {
+            let spec = LimitSpec {
+                name: name.clone(),
+                tenant: tenant.clone(),
+                subject: subject.clone(),
+                server: server.clone(),
+                tool: tool.clone(),
+                per: match per {
+                    Per::All => LimitPer::All,
+                    Per::Tenant => LimitPer::Tenant,
+                    Per::Subject => LimitPer::Subject,
+                },
+                rate: rate.map(|r| RateLimit {
+                    per_second: r,
+                    burst: burst.unwrap_or(r),
+                }),
+                quota: *quota,
+            };
+            let a = c.put_limit(&spec, &CallOptions::default()).await?;
+            ack(cli, &format!("limit {name} set"), a.revision);
+        }
+        LimitCmd::List => {
+            let list = c.limits().await?;
+            if cli.output == Output::Json {
+                print_json(&list.items);
+            } else {
+                let rows = list
+                    .items
+                    .iter()
+                    .map(|v| {
+                        let s = &v.spec;
+                        let counts = [
+                            s.tenant.as_ref().map(|t| format!("tenant={t}")),
+                            s.subject.as_ref().map(|t| format!("subject={t}")),
+                            s.server.as_ref().map(|t| format!("server={t}")),
+                            s.tool.as_ref().map(|t| format!("tool={t}")),
+                        ]
+                        .into_iter()
+                        .flatten()
+                        .collect::<Vec<_>>();
+                        vec![
+                            s.name.clone(),
+                            if counts.is_empty() {
+                                "every call".into()
+                            } else {
+                                counts.join(" ")
+                            },
+                            format!("{:?}", s.per).to_lowercase(),
+                            opt(s
+                                .rate
+                                .map(|r| format!("{}/s (burst {})", r.per_second, r.burst))),
+                            opt(s.quota.map(|q| {
+                                let p = match q.period {
+                                    QuotaPeriod::Day => "day",
+                                    QuotaPeriod::Month => "month",
+                                };
+                                format!("{}/{p}", q.calls)
+                            })),
+                        ]
+                    })
+                    .collect();
+                print_table(&["NAME", "COUNTS", "PER", "RATE", "QUOTA"], rows);
+            }
+        }
+        LimitCmd::Usage { name } => {
+            let list = c.limit_usage(name).await?;
+            if cli.output == Output::Json {
+                print_json(&list.items);
+            } else {
+                let rows = list
+                    .items
+                    .iter()
+                    .map(|u| {
+                        vec![
+                            if u.budget.is_empty() {
+                                "(all)".into()
+                            } else {
+                                u.budget.clone()
+                            },
+                            u.period.clone(),
+                            u.used.to_string(),
+                            u.calls.to_string(),
+                        ]
+                    })
+                    .collect();
+                print_table(&["BUDGET", "PERIOD", "USED", "QUOTA"], rows);
+            }
+        }
+        LimitCmd::Rm { name } => {
+            let a = c.delete_limit(name, &CallOptions::default()).await?;
+            ack(cli, &format!("limit {name} removed"), a.revision);
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -2166,6 +2341,7 @@ async fn main() {
         Command::Policy(c) => policy(&cli, c).await,
         Command::Vserver(c) => vserver(&cli, c).await,
         Command::Approved(c) => approved_command(&cli, c).await,
+        Command::Limit(c) => limit(&cli, c).await,
         Command::Token(c) => token(&cli, c).await,
         Command::Import {
             file,

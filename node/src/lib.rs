@@ -18,6 +18,7 @@ pub mod demo;
 pub mod http;
 pub mod identity;
 pub mod join;
+pub mod limits;
 pub mod mcp;
 pub mod metrics;
 pub mod pinning;

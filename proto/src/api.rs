@@ -788,6 +788,8 @@ pub enum ObjectKind {
     VirtualServer,
     /// A command a cluster admin approved for tenants' local servers.
     ApprovedCommand,
+    /// A rate limit or quota on MCP calls.
+    Limit,
 }
 
 /// One line of `GET /v1/watch` (newline-delimited JSON).
@@ -999,4 +1001,80 @@ impl ApprovedCommand {
             && spec.env.keys().all(|k| self.env.contains(k))
             && spec.cwd.is_none()
     }
+}
+
+/// A limit on MCP calls (`tools/call`, `resources/read`, `prompts/get`): a rate, a quota, or
+/// both. The fields `tenant`, `subject`, `server` and `tool` narrow which calls it counts
+/// (unset: any); of the limits that match a call, the most specific one (the most of them
+/// set; then by name) is the one that counts it. The budget is the cluster's, not a node's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSpec {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// A caller: an API token's id, or `jwt:ISSUER:SUBJECT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
+    /// A tool of `server` (needs `server`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
+    /// Whose budget it is: one for every call it matches, or one per tenant or per subject.
+    #[serde(default)]
+    pub per: LimitPer,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<RateLimit>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<Quota>,
+}
+
+/// Whose budget a limit is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitPer {
+    /// One budget for every call the limit matches.
+    #[default]
+    All,
+    /// One per tenant (cluster-wide callers share one).
+    Tenant,
+    /// One per caller.
+    Subject,
+}
+
+/// Calls per second, with a burst (a token bucket).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub per_second: u32,
+    /// Calls that may come at once after a quiet spell (the bucket's size); at least 1.
+    pub burst: u32,
+}
+
+/// Calls per UTC day or month.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    pub calls: u64,
+    pub period: QuotaPeriod,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuotaPeriod {
+    Day,
+    Month,
+}
+
+/// How much of a quota is used (`GET /v1/limits/NAME/usage`): per budget (the tenant or
+/// subject of a `per` limit, else empty).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaUsage {
+    pub budget: String,
+    /// `2026-12-05` or `2026-12`.
+    pub period: String,
+    /// Calls counted (granted to the nodes, which may not have used them all yet).
+    pub used: u64,
+    pub calls: u64,
 }

@@ -97,6 +97,10 @@ pub mod code {
     pub const CRASHED: i64 = -32053;
     /// A policy of the gateway refused the call (`data.policy` names the rule).
     pub const DENIED: i64 = -32054;
+    /// A rate limit or quota of the gateway refused the call (`data.limit` names it,
+    /// `data.retryAfterMs` says when to try again). The call did not run. The code most MCP
+    /// gateways use for it; the specification reserves none.
+    pub const RATE_LIMITED: i64 = -32029;
 }
 
 /// A JSON-RPC id: a number or a string, compared exactly as sent.

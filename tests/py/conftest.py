@@ -21,6 +21,7 @@ import signal
 import shutil
 import subprocess
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -117,8 +118,20 @@ class Cluster:
         return int((self.dir / f"node{node + 1}" / "mcpd.pid").read_text())
 
     def kill(self, node: int) -> None:
-        """SIGKILL of node `node`: no goodbye to its peers or clients."""
-        os.kill(self.pid(node), signal.SIGKILL)
+        """SIGKILL of node `node`: no goodbye to its peers or clients. Returns once it is dead
+        (gone or a zombie), so that its ports are free for a restart."""
+        pid = self.pid(node)
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (FileNotFoundError, ProcessLookupError):
+                return
+            if state in ("Z", "X"):
+                return
+            time.sleep(0.01)
+        raise AssertionError(f"node {node} (pid {pid}) still alive 10 s after SIGKILL")
 
     def restart(self, node: int) -> None:
         """Starts a killed node again with its data and addresses (as `dev up` did)."""

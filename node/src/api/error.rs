@@ -196,6 +196,10 @@ impl From<ApplyError> for ApiError {
             ApplyError::MissingReference { field, .. } => {
                 ApiError::Invalid(FieldError::new(field.clone(), e.to_string()))
             }
+            ApplyError::QuotaExhausted { .. } => ApiError::Conflict {
+                code: "quota_exhausted",
+                message: e.to_string(),
+            },
             ApplyError::AlreadyInitialized => ApiError::Conflict {
                 code: "already_initialized",
                 message: e.to_string(),

@@ -14,6 +14,7 @@ pub mod extract;
 pub mod health;
 pub mod host;
 pub mod issuers;
+pub mod limits;
 pub mod listener;
 pub mod objects;
 pub mod pins;
@@ -129,6 +130,12 @@ pub fn router<S: Clone + Send + Sync + 'static>(state: AppState) -> Router<S> {
                 .put(approved_commands::put)
                 .delete(approved_commands::delete),
         )
+        .route("/limits", get(limits::list).post(limits::create))
+        .route(
+            "/limits/{name}",
+            get(limits::get).put(limits::put).delete(limits::delete),
+        )
+        .route("/limits/{name}/usage", get(limits::usage))
         .route(
             "/virtual-servers",
             get(virtual_servers::list).post(virtual_servers::create),

@@ -8,8 +8,8 @@
 use mcpcp_proto::cluster::cluster_server::Cluster;
 use mcpcp_proto::cluster::{
     forwarded_answer, forwarded_call, ForwardWriteReply, ForwardWriteRequest, ForwardedAnswer,
-    ForwardedCall, MembershipReply, MembershipRequest, PingReply, PingRequest, ReadIndexReply,
-    ReadIndexRequest, SignReply, SignRequest,
+    ForwardedCall, LeaseRateReply, LeaseRateRequest, MembershipReply, MembershipRequest, PingReply,
+    PingRequest, ReadIndexReply, ReadIndexRequest, SignReply, SignRequest,
 };
 use mcpcp_proto::raft::raft_server;
 use mcpcp_proto::raft::RaftPayload;
@@ -235,6 +235,17 @@ impl Cluster for ClusterService {
         let res: Result<(), ForwardError> = self.registry.change_membership_as_leader(change).await;
         Ok(Response::new(MembershipReply {
             result: encode(&res)?,
+        }))
+    }
+
+    async fn lease_rate(
+        &self,
+        req: Request<LeaseRateRequest>,
+    ) -> Result<Response<LeaseRateReply>, Status> {
+        let ask: crate::registry::rate_lease::LeaseAsk = decode(&req.into_inner().json)?;
+        let res = self.registry.lease_rate_as_leader(&ask);
+        Ok(Response::new(LeaseRateReply {
+            json: encode(&res)?,
         }))
     }
 

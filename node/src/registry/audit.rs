@@ -97,11 +97,16 @@ impl Command {
             ),
             Command::PutVirtualServer { spec, .. } => of(&spec.name, json!({ "spec": spec })),
             Command::PutApprovedCommand { spec, .. } => of(&spec.name, json!({ "spec": spec })),
-            Command::DeleteApprovedCommand { name, .. } => of(name, json!({})),
+            Command::DeleteApprovedCommand { name, .. } | Command::DeleteLimit { name, .. } => {
+                of(name, json!({}))
+            }
+            Command::PutLimit { spec, .. } => of(&spec.name, json!({ "spec": spec })),
             Command::DeleteVirtualServer { name, .. } => of(name, json!({})),
             Command::SetPlacement { .. }
             | Command::SetSessionKey { .. }
             | Command::PutSessionState { .. }
+            // Quota counting is traffic, not a change of the registry.
+            | Command::ConsumeQuota { .. }
             | Command::TouchTokens { .. } => None,
         }
     }

@@ -454,6 +454,13 @@ mod tests {
         ) -> Result<Response<mcpcp_proto::cluster::SignReply>, Status> {
             Err(Status::unimplemented("not in this test"))
         }
+
+        async fn lease_rate(
+            &self,
+            _req: Request<mcpcp_proto::cluster::LeaseRateRequest>,
+        ) -> Result<Response<mcpcp_proto::cluster::LeaseRateReply>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
     }
 
     /// The answers `make` produces, as a stream that then ends (closing the stream).

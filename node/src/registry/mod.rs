@@ -13,6 +13,7 @@ pub mod audit;
 pub mod forward;
 pub mod join_token;
 pub mod propose;
+pub mod rate_lease;
 pub mod state;
 pub mod token;
 pub mod token_use;
@@ -216,6 +217,8 @@ pub struct Registry {
     membership_wait: Duration,
     /// API tokens this node authenticated, until reported (`token_use`).
     uses: std::sync::Arc<token_use::TokenUses>,
+    /// The rate limits' buckets, used while this node leads (`rate_lease`).
+    rate_buckets: std::sync::Arc<rate_lease::Buckets>,
 }
 
 fn retry_delays() -> impl Iterator<Item = Duration> {
@@ -246,6 +249,7 @@ impl Registry {
             quorum_wait,
             membership_wait: Duration::from_secs(60).max(quorum_wait),
             uses: std::sync::Arc::default(),
+            rate_buckets: std::sync::Arc::default(),
         }
     }
 

@@ -7,8 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 
 use mcpcp_proto::api::{
-    ApprovedCommand, IssuerSpec, ObjectKind, PolicySpec, Role, ServerSpec, TenantSpec, TokenInfo,
-    ToolPins, Versioned, VirtualServerSpec, WatchEvent,
+    ApprovedCommand, IssuerSpec, LimitSpec, ObjectKind, PolicySpec, Role, ServerSpec, TenantSpec,
+    TokenInfo, ToolPins, Versioned, VirtualServerSpec, WatchEvent,
 };
 use mcpcp_proto::audit::{self, Actor, AuditEvent};
 use serde::{Deserialize, Serialize};
@@ -74,6 +74,26 @@ pub enum Command {
     DeleteApprovedCommand {
         name: String,
         precondition: Precondition,
+    },
+    /// A rate limit or quota on MCP calls (`crate::limits`).
+    PutLimit {
+        spec: LimitSpec,
+        precondition: Precondition,
+    },
+    /// Removes a limit and what its quota used.
+    DeleteLimit {
+        name: String,
+        precondition: Precondition,
+    },
+    /// Counts `calls` against a quota's budget `bucket` (`LIMIT/BUDGET`) in `period`, all or
+    /// none: refused (`QuotaExhausted`) when they would pass `max`. A new period starts the
+    /// count again. A node asks before it lets the calls run, so that a count survives the
+    /// loss of every node.
+    ConsumeQuota {
+        bucket: String,
+        period: String,
+        calls: u64,
+        max: u64,
     },
     /// A virtual server: a curated set of tools of several servers (`/v/NAME/mcp`).
     PutVirtualServer {
@@ -225,6 +245,9 @@ impl Command {
             Command::PutToolPins { .. } => "approve_tools",
             Command::PutVirtualServer { .. } => "put_virtual_server",
             Command::PutApprovedCommand { .. } => "approve_command",
+            Command::PutLimit { .. } => "put_limit",
+            Command::DeleteLimit { .. } => "delete_limit",
+            Command::ConsumeQuota { .. } => "consume_quota",
             Command::DeleteApprovedCommand { .. } => "delete_approved_command",
             Command::DeleteVirtualServer { .. } => "delete_virtual_server",
             Command::DeleteToolPins { .. } => "unpin_tools",
@@ -293,6 +316,13 @@ pub enum ApplyError {
         name: String,
         expected: u64,
         actual: Option<u64>,
+    },
+    #[error("quota {bucket:?} is used up: {used} of {max} calls in {period}")]
+    QuotaExhausted {
+        bucket: String,
+        period: String,
+        used: u64,
+        max: u64,
     },
     #[error("{kind:?} {name:?} is in use: {detail}")]
     InUse {
@@ -388,6 +418,12 @@ pub struct State {
     /// Virtual servers (`/v/NAME/mcp`) by name.
     #[serde(default)]
     pub virtual_servers: BTreeMap<String, Versioned<VirtualServerSpec>>,
+    /// Rate limits and quotas on MCP calls, by name.
+    #[serde(default)]
+    pub limits: BTreeMap<String, Versioned<LimitSpec>>,
+    /// What each quota budget used in its current period: `LIMIT/BUDGET` → (period, calls).
+    #[serde(default)]
+    pub quota_use: BTreeMap<String, (String, u64)>,
     /// Outcomes of recent requests by request id, oldest first.
     pub recent: VecDeque<(String, CommandResult)>,
     /// The ids in `recent`, for a constant-time duplicate check (rebuilt from it on load).
@@ -688,6 +724,56 @@ impl State {
                 name,
                 precondition,
             ),
+            Command::PutLimit { spec, precondition } => {
+                let name = spec.name.clone();
+                put(
+                    &mut self.limits,
+                    ObjectKind::Limit,
+                    name,
+                    spec,
+                    precondition,
+                    rev,
+                )
+            }
+            Command::DeleteLimit { name, precondition } => {
+                let changes = delete(
+                    &mut self.limits,
+                    ObjectKind::Limit,
+                    name.clone(),
+                    precondition,
+                )?;
+                let prefix = format!("{name}/");
+                self.quota_use.retain(|k, _| !k.starts_with(&prefix));
+                Ok(changes)
+            }
+            Command::ConsumeQuota {
+                bucket,
+                period,
+                calls,
+                max,
+            } => {
+                let limit = bucket.split('/').next().unwrap_or_default();
+                if !self.limits.contains_key(limit) {
+                    return Err(ApplyError::NotFound {
+                        kind: ObjectKind::Limit,
+                        name: limit.to_string(),
+                    });
+                }
+                let used = match self.quota_use.get(&bucket) {
+                    Some((p, used)) if *p == period => *used,
+                    _ => 0,
+                };
+                if used.saturating_add(calls) > max {
+                    return Err(ApplyError::QuotaExhausted {
+                        bucket,
+                        period,
+                        used,
+                        max,
+                    });
+                }
+                self.quota_use.insert(bucket, (period, used + calls));
+                Ok(Vec::new())
+            }
             Command::PutVirtualServer { spec, precondition } => {
                 self.tenant_exists(spec.tenant.as_deref())?;
                 let name = spec.name.clone();
@@ -962,6 +1048,10 @@ impl State {
                     .and_then(|v| serde_json::to_value(v).ok()),
                 ObjectKind::ApprovedCommand => self
                     .approved_commands
+                    .get(&change.name)
+                    .and_then(|v| serde_json::to_value(v).ok()),
+                ObjectKind::Limit => self
+                    .limits
                     .get(&change.name)
                     .and_then(|v| serde_json::to_value(v).ok()),
                 ObjectKind::Policy => self

@@ -2,7 +2,8 @@
 //! ever sees well-formed specs. Every error names the field at fault.
 
 use mcpcp_proto::api::{
-    scope, CreateTokenRequest, IssuerSpec, PolicySpec, Role, SandboxSpec, ServerSpec, TenantSpec,
+    scope, CreateTokenRequest, IssuerSpec, LimitSpec, PolicySpec, Role, SandboxSpec, ServerSpec,
+    TenantSpec,
 };
 
 /// A rejected field: `field` is the JSON path of the value, `message` says what is wrong.
@@ -269,6 +270,48 @@ fn sandbox_spec(s: &SandboxSpec) -> Result<(), FieldError> {
             "sandbox.processes",
             "needs run_as: the kernel counts processes per user, and does not limit root",
         ));
+    }
+    Ok(())
+}
+
+/// A limit: what it matches is well formed, and it limits something.
+pub fn limit_spec(spec: &LimitSpec) -> Result<(), FieldError> {
+    name("name", &spec.name, MAX_SERVER_NAME)?;
+    if let Some(t) = &spec.tenant {
+        name("tenant", t, MAX_TENANT_NAME)?;
+    }
+    if let Some(s) = &spec.server {
+        name("server", s, MAX_SERVER_NAME)?;
+    }
+    for (field, value) in [("subject", &spec.subject), ("tool", &spec.tool)] {
+        if value
+            .as_ref()
+            .is_some_and(|v| v.is_empty() || v.len() > 256)
+        {
+            return Err(FieldError::new(field, "must be 1 to 256 characters"));
+        }
+    }
+    if spec.tool.is_some() && spec.server.is_none() {
+        return Err(FieldError::new(
+            "tool",
+            "needs server: tool names are per server",
+        ));
+    }
+    if spec.rate.is_none() && spec.quota.is_none() {
+        return Err(FieldError::new("rate", "give rate, quota or both"));
+    }
+    if let Some(r) = &spec.rate {
+        if !(1..=1_000_000).contains(&r.per_second) {
+            return Err(FieldError::new("rate.per_second", "must be 1 to 1000000"));
+        }
+        if !(1..=1_000_000).contains(&r.burst) {
+            return Err(FieldError::new("rate.burst", "must be 1 to 1000000"));
+        }
+    }
+    if let Some(q) = &spec.quota {
+        if !(1..=1_000_000_000_000).contains(&q.calls) {
+            return Err(FieldError::new("quota.calls", "must be 1 to 10^12"));
+        }
     }
     Ok(())
 }

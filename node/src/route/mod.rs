@@ -34,6 +34,7 @@ use mcpcp_proto::mcp::{code, is_read_only, ErrorObject};
 use serde_json::{json, Value};
 
 use crate::call::{Call, CallError, EventSink};
+use crate::limits::Limiter;
 use crate::pool::catalogue::Catalogue;
 use crate::pool::fair::Share;
 use crate::pool::reconcile::Pools;
@@ -115,6 +116,8 @@ pub struct Router {
     config: config::RouteConfig,
     budgets: Arc<Mutex<HashMap<String, Arc<RetryBudget>>>>,
     remote_info: Arc<Mutex<HashMap<String, (Instant, ServerInfo)>>>,
+    /// Rate limits and quotas, checked once per call on the node that takes it.
+    limiter: Arc<Limiter>,
 }
 
 impl Router {
@@ -125,13 +128,14 @@ impl Router {
         config: config::RouteConfig,
     ) -> Router {
         Router {
-            registry,
             pools,
             channels,
             breakers: Arc::new(Breakers::new(config.breaker)),
             config,
             budgets: Arc::default(),
             remote_info: Arc::default(),
+            limiter: Arc::new(Limiter::new(registry.clone())),
+            registry,
         }
     }
 
@@ -218,6 +222,7 @@ impl Router {
     /// Runs `call` through the steps in the module docs.
     pub async fn call(&self, call: &Call) -> Result<Value, CallError> {
         let spec = self.scope(&call.principal, &call.server)?;
+        self.limiter.admit(call).await?;
         match self.call_replicas(&spec, call).await {
             Ok(v) => Ok(v),
             Err(e)

@@ -1,0 +1,373 @@
+//! Rate limits and quotas on MCP calls, enforced for the whole cluster on the node that takes
+//! the call, before it is routed.
+//!
+//! - **Which limit.** Of the limits whose `tenant`, `subject`, `server` and `tool` match the
+//!   call, the most specific counts it (the most fields set; then the first by name). Its
+//!   budget (`LIMIT/BUDGET`) is one for all calls, or one per tenant or per subject (`per`).
+//! - **Rate.** Tokens come from the leader's bucket for the budget
+//!   (`registry::rate_lease`), a tenth of a second's worth at a time, and are spent here
+//!   without asking anyone until they run out or [`LEASE_TTL`] passes. A refusal is remembered
+//!   until the leader's `retry_after`, so an over-limit flood costs the leader nothing more.
+//! - **Quota.** Calls are counted in the replicated state before they run
+//!   (`Command::ConsumeQuota`, all or none), a hundredth of the quota at a time: a count
+//!   survives the loss of every node, and the cluster never passes the quota. Calls counted
+//!   but not used when a node stops, or when the period ends, are lost to the quota (at most a
+//!   hundredth of it per node).
+//! - **Refusals** are JSON-RPC `-32029` with `data.retryAfterMs` and `data.limit`; the call
+//!   did not run. A node that cannot reach the leader or a quorum refuses limited calls as
+//!   unavailable (fail closed).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mcpcp_proto::api::{LimitPer, LimitSpec, Quota, QuotaPeriod, RateLimit, Versioned};
+use mcpcp_proto::mcp::{code, ErrorObject};
+use serde_json::json;
+
+use crate::call::{Call, CallError};
+use crate::registry::rate_lease::LeaseAsk;
+use crate::registry::state::{ApplyError, Command};
+use crate::registry::{Registry, RegistryError};
+
+/// How long leased rate tokens may be spent.
+pub const LEASE_TTL: Duration = Duration::from_secs(1);
+
+/// How long a call waits for the leader's grant.
+pub const LEASE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The methods a limit counts: the ones that run something on a server.
+const COUNTED: [&str; 3] = ["tools/call", "resources/read", "prompts/get"];
+
+/// Budgets this node remembers; beyond it, the idle ones are forgotten.
+const MAX_BUDGETS: usize = 10_000;
+
+/// The node's side of the limits: what it has left of each budget.
+pub struct Limiter {
+    registry: Registry,
+    rates: Budgets,
+    quotas: Budgets,
+}
+
+#[derive(Default)]
+struct Budgets(Mutex<HashMap<String, Arc<Allowance>>>);
+
+/// What this node may still spend of one budget.
+#[derive(Default)]
+struct Allowance {
+    left: Mutex<Left>,
+    /// Held while the node asks for more, so that one call asks and the others wait for it.
+    asking: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct Left {
+    tokens: u64,
+    /// Rate tokens: until when they may be spent. Quota calls: the period they count in.
+    until: Option<Instant>,
+    period: String,
+    /// Refused until then (the budget is spent).
+    refused_until: Option<Instant>,
+    /// The quota of `period` is used up.
+    exhausted: bool,
+}
+
+impl Budgets {
+    fn of(&self, bucket: &str) -> Arc<Allowance> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(a) = map.get(bucket) {
+            return a.clone();
+        }
+        if map.len() >= MAX_BUDGETS {
+            map.retain(|_, a| Arc::strong_count(a) > 1);
+        }
+        map.entry(bucket.to_string()).or_default().clone()
+    }
+}
+
+impl Allowance {
+    fn left(&self) -> std::sync::MutexGuard<'_, Left> {
+        self.left.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The limit that counts a call, and the budget it draws from.
+struct Counted {
+    spec: Versioned<LimitSpec>,
+    bucket: String,
+}
+
+impl Limiter {
+    pub fn new(registry: Registry) -> Limiter {
+        Limiter {
+            registry,
+            rates: Budgets::default(),
+            quotas: Budgets::default(),
+        }
+    }
+
+    /// Lets `call` run, or refuses it (a spent budget, or one that could not be asked for).
+    pub async fn admit(&self, call: &Call) -> Result<(), CallError> {
+        if !COUNTED.contains(&call.method.as_str()) {
+            return Ok(());
+        }
+        let Some(counted) = self.counting(call) else {
+            return Ok(());
+        };
+        if let Some(rate) = counted.spec.spec.rate {
+            self.take_rate(&counted, rate).await?;
+        }
+        if let Some(quota) = counted.spec.spec.quota {
+            self.take_quota(&counted, quota).await?;
+        }
+        Ok(())
+    }
+
+    /// The most specific limit that matches the call.
+    fn counting(&self, call: &Call) -> Option<Counted> {
+        let data = self.registry.local();
+        if data.state.limits.is_empty() {
+            return None;
+        }
+        let p = &call.principal;
+        let tool = (call.method == "tools/call").then(|| call.tool());
+        let matches = |want: &Option<String>, have: Option<&str>| {
+            want.as_deref().is_none_or(|w| Some(w) == have)
+        };
+        let spec = data
+            .state
+            .limits
+            .values()
+            .filter(|l| {
+                let s = &l.spec;
+                matches(&s.tenant, p.tenant.as_deref())
+                    && matches(&s.subject, Some(&p.token_id))
+                    && matches(&s.server, Some(&call.server))
+                    && matches(&s.tool, tool)
+            })
+            // The most fields set; the first by name among equals (max_by_key keeps the last).
+            .rev()
+            .max_by_key(|l| {
+                let s = &l.spec;
+                [&s.tenant, &s.subject, &s.server, &s.tool]
+                    .iter()
+                    .filter(|f| f.is_some())
+                    .count()
+            })?
+            .clone();
+        let budget = match spec.spec.per {
+            LimitPer::All => "",
+            LimitPer::Tenant => p.tenant.as_deref().unwrap_or_default(),
+            LimitPer::Subject => p.token_id.as_str(),
+        };
+        let bucket = format!("{}/{budget}", spec.spec.name);
+        Some(Counted { spec, bucket })
+    }
+
+    async fn take_rate(&self, counted: &Counted, rate: RateLimit) -> Result<(), CallError> {
+        let allowance = self.rates.of(&counted.bucket);
+        if let Some(verdict) = spend_rate(&allowance, counted, Instant::now()) {
+            return verdict;
+        }
+        let _asking = allowance.asking.lock().await;
+        // Another call may have refilled it while this one waited.
+        if let Some(verdict) = spend_rate(&allowance, counted, Instant::now()) {
+            return verdict;
+        }
+        let ask = LeaseAsk {
+            bucket: counted.bucket.clone(),
+            revision: counted.spec.revision,
+            want: (rate.per_second / 10).clamp(1, rate.burst.max(1)),
+        };
+        let grant = self
+            .registry
+            .lease_rate(&ask, LEASE_TIMEOUT)
+            .await
+            .map_err(|e| {
+                metrics::counter!("mcpd_limit_unavailable_total").increment(1);
+                CallError::NotRun(format!(
+                    "the rate limit {:?} could not be checked ({e}); the call did not run",
+                    counted.spec.spec.name
+                ))
+            })?;
+        let now = Instant::now();
+        let mut left = allowance.left();
+        if grant.granted == 0 {
+            let wait = Duration::from_millis(grant.retry_after_ms);
+            left.refused_until = Some(now + wait);
+            drop(left);
+            return Err(refused(counted, "rate", wait));
+        }
+        left.tokens = u64::from(grant.granted) - 1;
+        left.until = Some(now + LEASE_TTL);
+        left.refused_until = None;
+        Ok(())
+    }
+
+    async fn take_quota(&self, counted: &Counted, quota: Quota) -> Result<(), CallError> {
+        let now = time::OffsetDateTime::now_utc();
+        let (period, ends_in) = period_of(quota.period, now);
+        let allowance = self.quotas.of(&counted.bucket);
+        if let Some(verdict) = spend_quota(&allowance, counted, &period, ends_in) {
+            return verdict;
+        }
+        let _asking = allowance.asking.lock().await;
+        if let Some(verdict) = spend_quota(&allowance, counted, &period, ends_in) {
+            return verdict;
+        }
+        let mut want = (quota.calls / 100).clamp(1, 1000);
+        for _ in 0..3 {
+            let consume = Command::ConsumeQuota {
+                bucket: counted.bucket.clone(),
+                period: period.clone(),
+                calls: want,
+                max: quota.calls,
+            };
+            metrics::counter!("mcpd_limit_quota_writes_total").increment(1);
+            match self.registry.write(consume).await {
+                Ok(_) => {
+                    let mut left = allowance.left();
+                    left.period = period;
+                    left.tokens = want - 1;
+                    left.exhausted = false;
+                    return Ok(());
+                }
+                Err(RegistryError::Apply(ApplyError::QuotaExhausted { used, max, .. }))
+                    if used < max =>
+                {
+                    // Less is left than asked for: ask for what is left.
+                    want = max - used;
+                }
+                Err(RegistryError::Apply(ApplyError::QuotaExhausted { .. })) => {
+                    let mut left = allowance.left();
+                    left.period = period;
+                    left.tokens = 0;
+                    left.exhausted = true;
+                    drop(left);
+                    return Err(refused(counted, "quota", ends_in));
+                }
+                Err(e) => {
+                    metrics::counter!("mcpd_limit_unavailable_total").increment(1);
+                    return Err(CallError::NotRun(format!(
+                        "the quota {:?} could not be counted ({e}); the call did not run",
+                        counted.spec.spec.name
+                    )));
+                }
+            }
+        }
+        Err(refused(counted, "quota", ends_in))
+    }
+}
+
+/// Spends a leased rate token: `Some(Ok)` when one was left, `Some(Err)` while the budget
+/// is known to be spent, `None` when the leader must be asked.
+fn spend_rate(a: &Allowance, counted: &Counted, now: Instant) -> Option<Result<(), CallError>> {
+    let mut left = a.left();
+    if left.tokens > 0 && left.until.is_some_and(|u| u > now) {
+        left.tokens -= 1;
+        return Some(Ok(()));
+    }
+    let until = left.refused_until.filter(|u| *u > now)?;
+    drop(left);
+    Some(Err(refused(counted, "rate", until - now)))
+}
+
+/// Spends a counted quota call of `period`, like [`spend_rate`].
+fn spend_quota(
+    a: &Allowance,
+    counted: &Counted,
+    period: &str,
+    ends_in: Duration,
+) -> Option<Result<(), CallError>> {
+    let mut left = a.left();
+    if left.period != period {
+        return None;
+    }
+    if left.tokens > 0 {
+        left.tokens -= 1;
+        return Some(Ok(()));
+    }
+    if !left.exhausted {
+        return None;
+    }
+    drop(left);
+    Some(Err(refused(counted, "quota", ends_in)))
+}
+
+/// The refusal of a call by a spent budget.
+fn refused(counted: &Counted, kind: &'static str, retry_after: Duration) -> CallError {
+    let name = &counted.spec.spec.name;
+    metrics::counter!("mcpd_limit_refusals_total", "limit" => name.clone(), "kind" => kind)
+        .increment(1);
+    let retry_after_ms = retry_after.as_millis().max(1) as u64;
+    let what = match kind {
+        "rate" => "rate limit",
+        _ => "quota",
+    };
+    CallError::Answered(
+        ErrorObject::new(
+            code::RATE_LIMITED,
+            format!(
+                "the {what} {name:?} is spent; retry in {retry_after_ms} ms (the call did not run)"
+            ),
+        )
+        .with_data(json!({
+            "limit": name,
+            "kind": kind,
+            "retryAfterMs": retry_after_ms,
+        })),
+    )
+}
+
+/// The quota period `now` is in (`2026-12-05`, `2026-12`), and how long until it ends.
+fn period_of(period: QuotaPeriod, now: time::OffsetDateTime) -> (String, Duration) {
+    let date = now.date();
+    let (name, next) = match period {
+        QuotaPeriod::Day => (
+            format!(
+                "{:04}-{:02}-{:02}",
+                date.year(),
+                u8::from(date.month()),
+                date.day()
+            ),
+            date.next_day(),
+        ),
+        QuotaPeriod::Month => {
+            let next_month = date.month().next();
+            let year = if next_month == time::Month::January {
+                date.year() + 1
+            } else {
+                date.year()
+            };
+            (
+                format!("{:04}-{:02}", date.year(), u8::from(date.month())),
+                time::Date::from_calendar_date(year, next_month, 1).ok(),
+            )
+        }
+    };
+    let ends_in = next
+        .map(|d| d.midnight().assume_utc() - now)
+        .and_then(|d| Duration::try_from(d).ok())
+        .unwrap_or(Duration::from_secs(3600));
+    (name, ends_in)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn periods_are_utc_days_and_months_with_the_time_left() {
+        let at = time::OffsetDateTime::from_unix_timestamp(1_798_758_000).unwrap();
+        let (day, left) = period_of(QuotaPeriod::Day, at);
+        assert_eq!(day, "2026-12-31");
+        assert_eq!(left, Duration::from_secs(3600));
+        let (month, left) = period_of(QuotaPeriod::Month, at);
+        assert_eq!(month, "2026-12");
+        assert_eq!(left, Duration::from_secs(3600));
+        let mid = time::OffsetDateTime::from_unix_timestamp(1_770_681_600).unwrap();
+        let (month, left) = period_of(QuotaPeriod::Month, mid);
+        assert_eq!(month, "2026-02");
+        assert_eq!(left, Duration::from_secs(19 * 86400));
+    }
+}

@@ -1,0 +1,170 @@
+"""Rate limits and quotas on MCP calls, for the whole cluster: a tenant limited to N calls/s
+gets N from the cluster, however its calls are spread over the nodes; a daily quota holds
+across a kill -9 of every node; refusals are JSON-RPC -32029 with `retryAfterMs`."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx2
+import pytest
+
+from conftest import start_cluster
+from helpers import stateless_post, wait_until
+
+RATE_LIMITED = -32029
+
+
+def tenant_with_token(c, name: str) -> str:
+    c.mcpctl("tenant", "add", name)
+    return c.mcpctl("token", "create", "--tenant", name, "--name", "load").strip()
+
+
+def echo(c, node: int, token: str, http: httpx2.Client | None = None, server: str = "demo") -> dict:
+    r = stateless_post(c.url(node, server), token, "tools/call",
+                       {"name": "echo", "arguments": {"message": "x"}}, name="echo", http=http)
+    r.raise_for_status()
+    return r.json()
+
+
+def limit_known_everywhere(c, name: str) -> None:
+    """Every node has applied the limit (a limit a node has not seen yet counts nothing)."""
+    for node in range(c.nodes):
+        wait_until(lambda: name in c.mcpctl("limit", "list", node=node), 30, f"node {node} knows {name}")
+
+
+def drive(c, token: str, nodes: list[int], seconds: float, callers: int = 6) -> tuple[int, int, list]:
+    """Calls echo as fast as `callers` threads can, spread over `nodes`, for `seconds`;
+    returns (answered, refused as rate limited, other errors)."""
+    answered, refused, other = [0], [0], []
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def caller(i: int) -> None:
+        node = nodes[i % len(nodes)]
+        with httpx2.Client() as http:
+            while time.monotonic() < deadline:
+                a = echo(c, node, token, http)
+                with lock:
+                    if "result" in a:
+                        answered[0] += 1
+                    elif a["error"]["code"] == RATE_LIMITED:
+                        refused[0] += 1
+                    else:
+                        other.append(a)
+
+    with ThreadPoolExecutor(callers) as pool:
+        for f in [pool.submit(caller, i) for i in range(callers)]:
+            f.result(timeout=seconds + 60)
+    return answered[0], refused[0], other
+
+
+@pytest.mark.parametrize("spread", ["three nodes", "one node"])
+def test_a_tenant_rate_limit_holds_for_the_whole_cluster(cluster, spread):
+    c = cluster
+    tenant = f"rl-{uuid.uuid4().hex[:6]}"
+    token = tenant_with_token(c, tenant)
+    rate, burst, seconds = 40, 4, 10
+    c.mcpctl("limit", "set", tenant, "--tenant", tenant, "--rate", str(rate), "--burst", str(burst))
+    limit_known_everywhere(c, tenant)
+    nodes = [0, 1, 2] if spread == "three nodes" else [1]
+    answered, refused, other = drive(c, token, nodes, seconds)
+    allowed = rate * seconds + burst
+    print(f"\n{spread}: {answered} answered, {refused} refused; the limit allows {allowed}")
+    assert not other, other[:2]
+    assert refused > answered, "the load was well over the limit"
+    assert 0.9 * allowed <= answered <= 1.1 * allowed, (answered, allowed)
+    c.mcpctl("limit", "rm", tenant)
+
+
+def test_a_refusal_names_the_limit_and_when_to_retry_and_other_tenants_are_untouched(cluster):
+    c = cluster
+    tenant = f"rl-{uuid.uuid4().hex[:6]}"
+    token = tenant_with_token(c, tenant)
+    other_token = tenant_with_token(c, f"{tenant}-other")
+    c.mcpctl("limit", "set", tenant, "--tenant", tenant, "--rate", "1", "--burst", "1")
+    limit_known_everywhere(c, tenant)
+    first = echo(c, 0, token)
+    assert "result" in first, first
+    second = echo(c, 0, token)
+    assert second["error"]["code"] == RATE_LIMITED, second
+    data = second["error"]["data"]
+    assert data["limit"] == tenant and data["kind"] == "rate" and 0 < data["retryAfterMs"] <= 1000, data
+    # Another tenant, another budget.
+    assert "result" in echo(c, 0, other_token)
+    # The limit is per budget, and after retryAfterMs the tenant is served again.
+    time.sleep(data["retryAfterMs"] / 1000)
+    wait_until(lambda: "result" in echo(c, 1, token), 10, "served again once the budget refilled")
+    assert (c.metric("mcpd_limit_refusals_total", f'limit="{tenant}",kind="rate"') or 0) >= 1
+    c.mcpctl("limit", "rm", tenant)
+
+
+def test_the_most_specific_limit_counts_a_call(cluster):
+    c = cluster
+    tenant = f"rl-{uuid.uuid4().hex[:6]}"
+    token = tenant_with_token(c, tenant)
+    # The tenant-wide limit is generous; the tool's own quota is not.
+    c.mcpctl("limit", "set", f"{tenant}-all", "--tenant", tenant, "--rate", "1000")
+    c.mcpctl("limit", "set", f"{tenant}-echo", "--tenant", tenant, "--server", "demo", "--tool", "echo",
+             "--quota", "3/day")
+    limit_known_everywhere(c, f"{tenant}-echo")
+    answers = [echo(c, i % 3, token) for i in range(4)]
+    assert all("result" in a for a in answers[:3]), answers
+    assert answers[3]["error"]["code"] == RATE_LIMITED and answers[3]["error"]["data"]["kind"] == "quota", answers[3]
+    # Another tool of the server falls under the tenant-wide limit only.
+    r = stateless_post(c.url(0, "demo"), token, "tools/call", {"name": "add", "arguments": {"a": 1, "b": 2}}, name="add")
+    assert "result" in r.json(), r.json()
+    usage = json.loads(c.mcpctl("limit", "usage", f"{tenant}-echo", "-o", "json"))
+    assert [(u["used"], u["calls"]) for u in usage] == [(3, 3)], usage
+    for name in (f"{tenant}-all", f"{tenant}-echo"):
+        c.mcpctl("limit", "rm", name)
+
+
+def test_a_limit_names_the_field_it_gets_wrong(cluster):
+    c = cluster
+    for args, field in [
+        (["--tool", "echo", "--rate", "5"], "tool"),
+        (["--tenant", "default"], "rate"),
+        (["--rate", "0"], "rate.per_second"),
+    ]:
+        r = c.mcpctl_result("limit", "set", "bad", *args)
+        assert r.returncode != 0 and field in r.stderr, (args, r.stderr)
+
+
+@pytest.fixture(scope="module")
+def quota_cluster(tmp_path_factory):
+    """A cluster of its own (every node of it is killed), with `demo` (`mcpctl dev up`'s)."""
+    c = start_cluster(tmp_path_factory, "quota", 3)
+    try:
+        c.wait_tools("demo", ["echo"])
+        yield c
+    finally:
+        c.down()
+
+
+def test_a_daily_quota_survives_a_kill_of_every_node(quota_cluster):
+    c = quota_cluster
+    token = tenant_with_token(c, "metered")
+    c.mcpctl("limit", "set", "metered-daily", "--tenant", "metered", "--per", "tenant", "--quota", "20/day")
+    limit_known_everywhere(c, "metered-daily")
+    for i in range(12):
+        a = echo(c, i % 3, token)
+        assert "result" in a, a
+    for node in range(c.nodes):
+        c.kill(node)
+    for node in range(c.nodes):
+        c.restart(node)
+    c.wait_tools("demo", ["echo"])
+    used = json.loads(c.mcpctl("limit", "usage", "metered-daily", "-o", "json"))
+    assert [(u["budget"], u["used"]) for u in used] == [("metered", 12)], used
+    for i in range(8):
+        a = echo(c, i % 3, token)
+        assert "result" in a, (i, a)
+    refused = echo(c, 0, token)
+    assert refused["error"]["code"] == RATE_LIMITED, refused
+    data = refused["error"]["data"]
+    assert data["kind"] == "quota" and 0 < data["retryAfterMs"] <= 86_400_000, data
