@@ -46,6 +46,12 @@ struct Args {
     /// Messages read from stdin that may wait while the bridge reconnects.
     #[arg(long, default_value_t = 1024)]
     stdin_buffer: usize,
+    /// How long one request may wait out the cluster's rate limits (JSON-RPC -32029, whose
+    /// `retryAfterMs` says how long) before the refusal is passed to the client
+    /// (milliseconds; 0: pass it at once). The bridge waits on the same node: a limit is the
+    /// cluster's, so another node would refuse alike.
+    #[arg(long, default_value_t = 10_000)]
+    rate_limit_wait_ms: u64,
 }
 
 /// The MCP endpoint URL for `base` (with or without a path); a bare `host:port` is HTTPS.
@@ -74,20 +80,37 @@ fn error_to_client(id: RequestId, code: i64, message: impl Into<String>) -> Mess
     Message::error(id, ErrorObject::new(code, message))
 }
 
-/// Runs one client request to its answer, failing over as needed.
+/// How long a rate-limited answer asks to wait (`-32029` with `data.retryAfterMs`), when
+/// that fits in what is left of `patience`; the wait is taken from it.
+fn rate_limited_wait(m: &Message, patience: &mut Duration) -> Option<Duration> {
+    let Message::Response { outcome: Err(e), .. } = m else {
+        return None;
+    };
+    if e.code != code::RATE_LIMITED {
+        return None;
+    }
+    let wait = Duration::from_millis(e.data.as_ref()?["retryAfterMs"].as_u64()?);
+    *patience = patience.checked_sub(wait)?;
+    Some(wait)
+}
+
+/// Runs one client request to its answer, failing over as needed, and waiting out rate
+/// limits for up to `patience`.
 async fn request(
     link: Arc<Link>,
     out: Out,
     id: RequestId,
     method: String,
     params: Option<serde_json::Value>,
+    mut patience: Duration,
 ) {
     let msg = Message::Request {
         id: id.clone(),
         method: method.clone(),
         params: params.clone(),
     };
-    for _attempt in 0..4 {
+    let mut failovers = 0;
+    'attempts: while failovers < 4 {
         let epoch = link.epoch();
         let post = link.post(&msg);
         tokio::pin!(post);
@@ -104,6 +127,11 @@ async fn request(
         };
         let failure = match sent {
             Ok(Reply::Message(m)) => {
+                if let Some(wait) = rate_limited_wait(&m, &mut patience) {
+                    tracing::info!(%method, ?wait, "rate limited: waiting, then sending again");
+                    tokio::time::sleep(wait).await;
+                    continue 'attempts;
+                }
                 deliver_answer(&link, &out, &method, m).await;
                 return;
             }
@@ -124,6 +152,10 @@ async fn request(
                             let done =
                                 matches!(&m, Message::Response { id: rid, .. } if *rid == id);
                             if done {
+                                if let Some(wait) = rate_limited_wait(&m, &mut patience) {
+                                    tokio::time::sleep(wait).await;
+                                    continue 'attempts;
+                                }
                                 deliver_answer(&link, &out, &method, m).await;
                                 return;
                             }
@@ -190,6 +222,7 @@ async fn request(
             return;
         }
         tracing::info!(%method, "re-sending after failover");
+        failovers += 1;
     }
     let _ = out
         .send(error_to_client(
@@ -350,6 +383,7 @@ async fn main() -> anyhow::Result<()> {
                     id.clone(),
                     method,
                     params,
+                    Duration::from_millis(args.rate_limit_wait_ms),
                 ));
                 let mut map = in_flight.lock().unwrap_or_else(|p| p.into_inner());
                 map.retain(|_, h| !h.is_finished());

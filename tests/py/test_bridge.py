@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 
 import mcp.types as types
@@ -190,3 +191,35 @@ def test_bad_url_token_and_server_give_clear_errors(fresh, capfd):
     run(expect_error(bridge(["http://127.0.0.1:1"], c.token, "--failover-deadline-ms", "1000"), "unreachable"))
     run(expect_error(bridge(mcp_urls(c, [0]), "mcpt_000000000000_wrong"), "401"))
     run(expect_error(bridge(mcp_urls(c, [0]), c.token, "--server", "nope"), "no server"))
+
+
+def test_the_bridge_waits_out_a_rate_limit_instead_of_failing_over(cluster):
+    """A tenant limited to 1 call/s: through the bridge, three quick calls all succeed (each
+    refusal's retryAfterMs is waited out, on the same node); with no patience the client gets
+    the refusal itself."""
+    c = cluster
+    tenant = f"bridge-rl-{uuid.uuid4().hex[:6]}"
+    c.mcpctl("tenant", "add", tenant)
+    token = c.mcpctl("token", "create", "--tenant", tenant, "--name", "bridge").strip()
+    c.mcpctl("limit", "set", tenant, "--tenant", tenant, "--rate", "1", "--burst", "1")
+    for node in range(c.nodes):
+        wait_until(lambda: tenant in c.mcpctl("limit", "list", node=node), 30, f"node {node} knows the limit")
+    refused_before = sum(c.metric("mcpd_limit_refusals_total", f'limit="{tenant}",kind="rate"', n) or 0
+                         for n in range(c.nodes))
+
+    async def scenario():
+        async with Client(bridge(mcp_urls(c, [0, 1, 2]), token), mode="legacy") as cl:
+            for i in range(3):
+                r = await cl.call_tool("demo__echo", {"message": f"call {i}"})
+                assert not r.is_error and text_of(r) == f"call {i}"
+        async with Client(bridge(mcp_urls(c, [0, 1, 2]), token, "--rate-limit-wait-ms", "0"), mode="legacy") as cl:
+            with pytest.raises(MCPError) as refused:
+                for i in range(3):
+                    await cl.call_tool("demo__echo", {"message": f"impatient {i}"})
+            assert refused.value.code == -32029, refused.value
+
+    run(scenario(), timeout=120)
+    refused_after = sum(c.metric("mcpd_limit_refusals_total", f'limit="{tenant}",kind="rate"', n) or 0
+                        for n in range(c.nodes))
+    assert refused_after >= refused_before + 2, "the bridge met refusals and waited them out"
+    c.mcpctl("limit", "rm", tenant)

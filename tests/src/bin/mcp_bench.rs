@@ -9,7 +9,7 @@
 //! answers); over stdio it is JSON-RPC lines on the child's stdin, answers matched by id, and
 //! the clients of a level share the one process (their requests are pipelined).
 //!
-//! Sections (`--sections data,routing,bridge,upstream,identity`):
+//! Sections (`--sections data,routing,bridge,upstream,identity,limits`):
 //!
 //! - `data`: direct stdio to `mcpd demo-server` (the floor); one node's local pool
 //!   (`/servers/demo/mcp` of a 3-node cluster) with `pool_size` 2 and then 4; `mcp-proxy` and
@@ -28,6 +28,9 @@
 //!   the caller's tenant, the last of them the one that matches, with a CEL condition on the
 //!   call's arguments, and last with that condition taken away (what the CEL costs); at 1 and
 //!   64 clients, the added p50 and the calls/s ratio of the same run.
+//! - `limits`: the cost of a rate limit and a daily quota that match every call (set too high
+//!   to refuse any): node 1's `/servers/demo/mcp` without, with, and without again (the mean
+//!   of the two runs without is the anchor); at 1 and 64 clients.
 //! - `bridge`: `mcp-bridge` (stdio, given every node's URL) vs the same calls straight to `/mcp`;
 //!   then `--kills` times: kill -9 the node the bridge is using and time the pause until a call
 //!   sent after the kill succeeds, restarting the node (and waiting for `/readyz`) in between.
@@ -65,7 +68,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use mcpcp_proto::api::{
-    CreateTokenRequest, IssuerSpec, PolicySpec, ServerPatch, ServerSpec, TenantSpec,
+    CreateTokenRequest, IssuerSpec, LimitSpec, PolicySpec, ServerPatch, ServerSpec, TenantSpec,
 };
 use mcpcp_tests::Cluster;
 use mcpctl::{AdminClient, CallOptions};
@@ -115,6 +118,10 @@ const GOAL_UPSTREAM_P50_ADDED_MS: f64 = 0.150;
 const GOAL_UPSTREAM_FACTOR: f64 = 0.8;
 const GOAL_IDENTITY_P50_ADDED_MS: f64 = 0.020;
 const GOAL_IDENTITY_FACTOR: f64 = 0.95;
+/// A rate limit and quota that match every call add at most this to the 1-client p50 (ms)…
+const GOAL_LIMITS_P50_ADDED_MS: f64 = 0.010;
+/// …and keep at least this share of the 64-client calls/s.
+const GOAL_LIMITS_FACTOR: f64 = 0.95;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -130,7 +137,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "data,routing,bridge,upstream,identity"
+        default_value = "data,routing,bridge,upstream,identity,limits"
     )]
     sections: Vec<Section>,
     /// kill -9 rounds of the bridge's failover test.
@@ -156,6 +163,7 @@ enum Section {
     Bridge,
     Upstream,
     Identity,
+    Limits,
 }
 
 impl Section {
@@ -166,6 +174,7 @@ impl Section {
             Section::Bridge => "bridge",
             Section::Upstream => "upstream",
             Section::Identity => "identity",
+            Section::Limits => "limits",
         }
     }
 }
@@ -1861,6 +1870,81 @@ fn identity_goals(report: &mut Report) {
     report.goals.push(goal_rate);
 }
 
+// === section: limits ===
+
+const LIMITS_NONE: &str = "no limit";
+const LIMITS_ON: &str = "rate + quota on every call";
+const LIMITS_NONE_AGAIN: &str = "no limit, again";
+
+/// Node 1's `/servers/demo/mcp` with no limit, then with a rate limit and a daily quota that
+/// match every call (too high to refuse any), then with none again: the two runs without
+/// bracket the one with, so that drift of the machine shows. Fair queueing is always on.
+async fn bench_limits(mcp: &Mcp, args: &Args, report: &mut Report) -> anyhow::Result<()> {
+    let target = mcp.target(mcp.ids[0], "/servers/demo/mcp", "echo");
+    wait_callable(&target, READY_WITHIN, None).await?;
+    let rows = Endpoints::Http(vec![target]);
+    run_levels("limits", LIMITS_NONE, &rows, args, report).await;
+    let limit: LimitSpec = serde_json::from_value(json!({
+        "name": "bench-every-call",
+        "rate": { "per_second": 1_000_000, "burst": 1_000_000 },
+        "quota": { "calls": 1_000_000_000_000u64, "period": "day" },
+    }))?;
+    let none = CallOptions::default();
+    mcp.admin
+        .put_limit(&limit, &none)
+        .await
+        .context("setting the limit")?;
+    // Every node has applied it once the leader's read barrier passed on node 1.
+    mcp.admin.limits().await.context("reading the limits")?;
+    run_levels("limits", LIMITS_ON, &rows, args, report).await;
+    mcp.admin
+        .delete_limit("bench-every-call", &none)
+        .await
+        .context("removing the limit")?;
+    run_levels("limits", LIMITS_NONE_AGAIN, &rows, args, report).await;
+    Ok(())
+}
+
+fn limits_goals(report: &mut Report) {
+    let row = |system: &str, clients: u32| report.row("limits", system, clients).cloned();
+    let both = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => Some((a + b) / 2.0),
+        (a, b) => a.or(b),
+    };
+    let p50 = |system: &str| row(system, 1).and_then(|r| r.p50).map(ms);
+    let base_p50 = both(p50(LIMITS_NONE), p50(LIMITS_NONE_AGAIN));
+    let added = base_p50.zip(p50(LIMITS_ON)).map(|(b, l)| (l, b, l - b));
+    let goal_p50 = Goal {
+        section: "limits",
+        goal: format!(
+            "1 client: a rate limit and a quota on every call add at most {:.0} µs p50",
+            GOAL_LIMITS_P50_ADDED_MS * 1e3
+        ),
+        measured: added
+            .map(|(l, b, a)| format!("limited {l:.3} ms, none {b:.3} ms (mean of the runs before and after): {:+.0} µs", a * 1e3))
+            .unwrap_or_else(|| "no figure".into()),
+        met: added.map(|(_, _, a)| a <= GOAL_LIMITS_P50_ADDED_MS),
+    };
+    let rate = |system: &str| row(system, 64).map(|r| r.calls_per_s());
+    let base_rate = both(rate(LIMITS_NONE), rate(LIMITS_NONE_AGAIN));
+    let factor = base_rate
+        .zip(rate(LIMITS_ON))
+        .filter(|(b, _)| *b > 0.0)
+        .map(|(b, l)| (l, b, l / b));
+    let goal_rate = Goal {
+        section: "limits",
+        goal: format!(
+            "64 clients: with the limit at least {GOAL_LIMITS_FACTOR:.2}x the calls/s without"
+        ),
+        measured: factor
+            .map(|(l, b, f)| format!("limited {l:.0}/s, none {b:.0}/s: {f:.2}x"))
+            .unwrap_or_else(|| "no figure".into()),
+        met: factor.map(|(_, _, f)| f >= GOAL_LIMITS_FACTOR),
+    };
+    report.goals.push(goal_p50);
+    report.goals.push(goal_rate);
+}
+
 // === section: routing ===
 
 /// The node(s) the leader placed `server` on, from `GET /v1/watch?since=0`.
@@ -2480,6 +2564,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Section::Routing,
         Section::Upstream,
         Section::Identity,
+        Section::Limits,
         Section::Bridge,
     ]
     .into_iter()
@@ -2562,6 +2647,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             identity_goals(&mut report);
             print_section(&report, "identity");
+        }
+        if sections.contains(&Section::Limits) {
+            if let Err(e) = bench_limits(&mcp, &args, &mut report).await {
+                report.note("limits", format!("failed: {e:#}"));
+            }
+            limits_goals(&mut report);
+            print_section(&report, "limits");
         }
         if sections.contains(&Section::Bridge) {
             if let Err(e) = bench_bridge(&http, &mut mcp, logs.path(), &args, &mut report).await {
