@@ -83,7 +83,10 @@ fn error_to_client(id: RequestId, code: i64, message: impl Into<String>) -> Mess
 /// How long a rate-limited answer asks to wait (`-32029` with `data.retryAfterMs`), when
 /// that fits in what is left of `patience`; the wait is taken from it.
 fn rate_limited_wait(m: &Message, patience: &mut Duration) -> Option<Duration> {
-    let Message::Response { outcome: Err(e), .. } = m else {
+    let Message::Response {
+        outcome: Err(e), ..
+    } = m
+    else {
         return None;
     };
     if e.code != code::RATE_LIMITED {

@@ -310,6 +310,24 @@ impl AdminClient {
         .await
     }
 
+    /// Usage per tenant, subject, server and tool over the last `since` (`24h`, `7d`, …).
+    pub async fn usage(
+        &self,
+        since: &str,
+        tenant: Option<&str>,
+        server: Option<&str>,
+    ) -> Result<mcpcp_proto::api::List<mcpcp_proto::api::UsageRow>, ClientError> {
+        // Names are letters, digits, `-`, `_` and `.` (validated), spans like `24h`: nothing
+        // to escape.
+        let mut query = format!("since={since}");
+        for (k, v) in [("tenant", tenant), ("server", server)] {
+            if let Some(v) = v {
+                query.push_str(&format!("&{k}={v}"));
+            }
+        }
+        self.get(&format!("/v1/usage?{query}")).await
+    }
+
     pub async fn limits(
         &self,
     ) -> Result<mcpcp_proto::api::List<Versioned<mcpcp_proto::api::LimitSpec>>, ClientError> {

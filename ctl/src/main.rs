@@ -94,6 +94,16 @@ enum Command {
     /// Rate limits and quotas on MCP calls, for the whole cluster: set, list, usage, remove.
     #[command(subcommand)]
     Limit(LimitCmd),
+    /// Calls, errors, time and bytes per tenant, subject, server and tool.
+    Usage {
+        /// How far back: 90m, 24h, 7d.
+        #[arg(long, default_value = "24h")]
+        since: String,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        server: Option<String>,
+    },
     /// The audit trail of admin changes: list, export, verify its hash chain, retention.
     #[command(subcommand)]
     Audit(AuditCmd),
@@ -491,6 +501,50 @@ fn parse_quota(s: &str) -> Result<mcpcp_proto::api::Quota, String> {
         other => return Err(format!("{other:?}: day or month")),
     };
     Ok(mcpcp_proto::api::Quota { calls, period })
+}
+
+async fn usage(cli: &Cli, since: &str, tenant: Option<&str>, server: Option<&str>) -> Outcome {
+    let list = client(cli)?.usage(since, tenant, server).await?;
+    if cli.output == Output::Json {
+        print_json(&list.items);
+        return Ok(());
+    }
+    let rows = list
+        .items
+        .iter()
+        .map(|u| {
+            vec![
+                if u.tenant.is_empty() {
+                    "-".into()
+                } else {
+                    u.tenant.clone()
+                },
+                u.subject.clone(),
+                u.server.clone(),
+                u.tool.clone(),
+                u.calls.to_string(),
+                u.errors.to_string(),
+                format!("{:.1}", u.duration_ms as f64 / 1e3),
+                u.bytes_in.to_string(),
+                u.bytes_out.to_string(),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "TENANT",
+            "SUBJECT",
+            "SERVER",
+            "TOOL",
+            "CALLS",
+            "ERRORS",
+            "TIME S",
+            "BYTES IN",
+            "BYTES OUT",
+        ],
+        rows,
+    );
+    Ok(())
 }
 
 async fn limit(cli: &Cli, cmd: &LimitCmd) -> Outcome {
@@ -2342,6 +2396,11 @@ async fn main() {
         Command::Vserver(c) => vserver(&cli, c).await,
         Command::Approved(c) => approved_command(&cli, c).await,
         Command::Limit(c) => limit(&cli, c).await,
+        Command::Usage {
+            since,
+            tenant,
+            server,
+        } => usage(&cli, since, tenant.as_deref(), server.as_deref()).await,
         Command::Token(c) => token(&cli, c).await,
         Command::Import {
             file,

@@ -333,8 +333,11 @@ pub async fn run(
         registry.clone(),
         router.clone(),
         identity.clone(),
-        calls,
-        crate::traffic::Traffic::new(cfg.traffic.clone()),
+        crate::mcp::state::Records {
+            calls,
+            traffic: crate::traffic::Traffic::new(cfg.traffic.clone()),
+            usage: crate::usage::Usage::new(cfg.usage.clone()),
+        },
         &cfg.mcp,
         &me.http_addr,
     );
@@ -355,6 +358,11 @@ pub async fn run(
         shutdown.clone(),
     ));
     tasks.spawn(crate::mcp::housekeeping(mcp.clone(), shutdown.clone()));
+    tasks.spawn(
+        mcp.usage
+            .clone()
+            .flush_loop(registry.clone(), shutdown.clone()),
+    );
     let state = AppState {
         registry: registry.clone(),
         metrics,

@@ -147,6 +147,9 @@ pub struct Config {
     /// `[traffic]`: the recent figures per server the console charts (`crate::traffic`).
     #[serde(default)]
     pub traffic: crate::traffic::TrafficConfig,
+    /// `[usage]`: usage accounting per tenant, subject, server and tool (`crate::usage`).
+    #[serde(default)]
+    pub usage: crate::usage::UsageConfig,
 }
 
 /// `[runtime]`: the threads `mcpd` runs on.
@@ -333,6 +336,9 @@ impl Config {
             .validate()
             .map_err(|(field, message)| invalid(field, message))?;
         self.traffic
+            .validate()
+            .map_err(|(field, message)| invalid(field, message))?;
+        self.usage
             .validate()
             .map_err(|(field, message)| invalid(field, message))?;
         if self.id == 0 {

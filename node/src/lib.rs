@@ -33,3 +33,4 @@ pub mod shard;
 pub mod shutdown;
 pub mod tls;
 pub mod traffic;
+pub mod usage;

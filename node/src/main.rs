@@ -49,6 +49,9 @@ struct Args {
     /// Log format on stderr.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+    /// How often usage figures are sent to the replicated state (seconds).
+    #[arg(long)]
+    usage_flush_interval_s: Option<u64>,
     /// Calls that may wait for a server process, per server, before calls are refused.
     #[arg(long)]
     pool_queue_size: Option<usize>,
@@ -142,6 +145,7 @@ impl Args {
         set!(self.keep_logs => raft.keep_logs);
         set!(self.log_format => log.format);
         set!(self.pool_queue_size => pool.queue_size);
+        set!(self.usage_flush_interval_s => usage.flush_interval_s);
         set!(self.pool_max_concurrency => pool.max_concurrency_per_process);
         set!(self.placement_grace_ms => route.placement_grace_ms);
         set!(self.api_tls => api.tls);

@@ -1078,3 +1078,35 @@ pub struct QuotaUsage {
     pub used: u64,
     pub calls: u64,
 }
+
+/// Calls of one tenant's subject to one server's tool in one UTC hour (`GET /v1/usage`: summed
+/// over the hours asked for, `hour` the first of them).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRow {
+    /// Unix seconds of the hour's start.
+    pub hour: u64,
+    /// Empty for cluster-wide callers.
+    pub tenant: String,
+    pub subject: String,
+    pub server: String,
+    /// The tool or prompt; `resources/read` for resource reads.
+    pub tool: String,
+    pub calls: u64,
+    /// Calls answered with an error (JSON-RPC or a tool's own).
+    pub errors: u64,
+    pub duration_ms: u64,
+    /// Bytes of the calls' parameters and of their results, as JSON.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+impl UsageRow {
+    /// Adds `other`'s figures to these.
+    pub fn add(&mut self, other: &UsageRow) {
+        self.calls += other.calls;
+        self.errors += other.errors;
+        self.duration_ms += other.duration_ms;
+        self.bytes_in += other.bytes_in;
+        self.bytes_out += other.bytes_out;
+    }
+}

@@ -238,6 +238,7 @@ ROUTES = [
     ("POST", "/v1/issuers", "not json", CLUSTER_WRITE),
     ("PUT", "/v1/issuers/no-such-issuer", "not json", CLUSTER_WRITE),
     ("DELETE", "/v1/issuers/no-such-issuer", None, CLUSTER_WRITE),
+    ("GET", "/v1/usage", None, OBJECT_READ),
     ("GET", "/v1/limits", None, OBJECT_READ),
     ("GET", "/v1/limits/no-such-limit/usage", None, OBJECT_READ),
     ("POST", "/v1/limits", "not json", CLUSTER_WRITE),

@@ -22,6 +22,7 @@ pub mod policies;
 pub mod resource_metadata;
 pub mod session;
 pub mod traffic;
+pub mod usage;
 pub mod virtual_servers;
 pub mod visible;
 
@@ -120,6 +121,7 @@ pub fn router<S: Clone + Send + Sync + 'static>(state: AppState) -> Router<S> {
         )
         .route("/session/providers", get(session::providers))
         .route("/traffic", get(traffic::get))
+        .route("/usage", get(usage::get))
         .route(
             "/approved-commands",
             get(approved_commands::list).post(approved_commands::create),

@@ -44,6 +44,7 @@ pub struct Route {
     pub calls: CallAudit,
     /// The node's recent figures per server, for the console.
     pub traffic: crate::traffic::Traffic,
+    pub usage: crate::usage::Usage,
     /// Held tools this node reported already (`crate::pinning`).
     pub detections: pinning::Detections,
     /// What the policies decided for this request's call, for its log line.
@@ -136,6 +137,13 @@ impl Route {
             return self.route_request(method, params, events).await;
         }
         let started = Instant::now();
+        let bytes_in = params.as_ref().map_or(0, crate::usage::json_size);
+        let item = params
+            .as_ref()
+            .and_then(|p| p.get("name"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
         // Described before the request moves on (routing does not change the arguments).
         let described = self.calls.enabled().then(|| {
             let args = describe_args(
@@ -169,6 +177,22 @@ impl Route {
         if !server.is_empty() {
             self.traffic
                 .observe(server, outcome != "ok", duration_ms, now.as_secs());
+            let tool = match (&decided, method) {
+                (_, "resources/read") => "resources/read",
+                (Some(d), _) => d.item.as_str(),
+                (None, _) => item.as_str(),
+            };
+            self.usage.record(&crate::usage::CallUsage {
+                tenant: self.principal.tenant.as_deref(),
+                subject: &self.principal.token_id,
+                server,
+                tool,
+                error: outcome != "ok",
+                duration_ms,
+                bytes_in,
+                bytes_out: result.as_ref().map_or(0, crate::usage::json_size),
+                at: now.as_secs(),
+            });
         }
         if let Some((named, (args_bytes, args_sha256, args))) = described {
             let (server, name, policy) = match decided {

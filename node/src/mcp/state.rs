@@ -75,8 +75,18 @@ pub struct McpState {
     pub calls: crate::call_audit::CallAudit,
     /// This node's recent figures per server (`crate::traffic`).
     pub traffic: crate::traffic::Traffic,
+    /// Usage accounting (`crate::usage`).
+    pub usage: crate::usage::Usage,
     /// Held tools this node reported already (`crate::pinning`).
     pub detections: crate::pinning::Detections,
+}
+
+/// What every call leaves behind: a line in the call log, a sample in the traffic ring, and
+/// its count in the usage figures.
+pub struct Records {
+    pub calls: crate::call_audit::CallAudit,
+    pub traffic: crate::traffic::Traffic,
+    pub usage: crate::usage::Usage,
 }
 
 impl McpState {
@@ -84,11 +94,15 @@ impl McpState {
         registry: Registry,
         router: Router,
         identity: crate::identity::Identity,
-        calls: crate::call_audit::CallAudit,
-        traffic: crate::traffic::Traffic,
+        records: Records,
         cfg: &McpConfig,
         advertised_http: &str,
     ) -> McpState {
+        let Records {
+            calls,
+            traffic,
+            usage,
+        } = records;
         McpState {
             policies: crate::policy::Policies::new(registry.clone()),
             registry,
@@ -101,6 +115,7 @@ impl McpState {
             identity,
             calls,
             traffic,
+            usage,
             detections: Default::default(),
         }
     }
@@ -116,6 +131,7 @@ impl McpState {
             policies: self.policies.clone(),
             calls: self.calls.clone(),
             traffic: self.traffic.clone(),
+            usage: self.usage.clone(),
             detections: self.detections.clone(),
             decided: Default::default(),
         }

@@ -107,6 +107,7 @@ impl Command {
             | Command::PutSessionState { .. }
             // Quota counting is traffic, not a change of the registry.
             | Command::ConsumeQuota { .. }
+            | Command::AddUsage { .. }
             | Command::TouchTokens { .. } => None,
         }
     }

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 
 use mcpcp_proto::api::{
     ApprovedCommand, IssuerSpec, LimitSpec, ObjectKind, PolicySpec, Role, ServerSpec, TenantSpec,
-    TokenInfo, ToolPins, Versioned, VirtualServerSpec, WatchEvent,
+    TokenInfo, ToolPins, UsageRow, Versioned, VirtualServerSpec, WatchEvent,
 };
 use mcpcp_proto::audit::{self, Actor, AuditEvent};
 use serde::{Deserialize, Serialize};
@@ -94,6 +94,12 @@ pub enum Command {
         period: String,
         calls: u64,
         max: u64,
+    },
+    /// A node's usage figures since its last flush, added to the hourly aggregates; hours
+    /// older than `retention_hours` before the newest are dropped (`crate::usage`).
+    AddUsage {
+        rows: Vec<UsageRow>,
+        retention_hours: u64,
     },
     /// A virtual server: a curated set of tools of several servers (`/v/NAME/mcp`).
     PutVirtualServer {
@@ -248,6 +254,7 @@ impl Command {
             Command::PutLimit { .. } => "put_limit",
             Command::DeleteLimit { .. } => "delete_limit",
             Command::ConsumeQuota { .. } => "consume_quota",
+            Command::AddUsage { .. } => "add_usage",
             Command::DeleteApprovedCommand { .. } => "delete_approved_command",
             Command::DeleteVirtualServer { .. } => "delete_virtual_server",
             Command::DeleteToolPins { .. } => "unpin_tools",
@@ -424,11 +431,26 @@ pub struct State {
     /// What each quota budget used in its current period: `LIMIT/BUDGET` → (period, calls).
     #[serde(default)]
     pub quota_use: BTreeMap<String, (String, u64)>,
+    /// Hourly usage aggregates, by [`usage_key`].
+    #[serde(default)]
+    pub usage: BTreeMap<String, UsageRow>,
     /// Outcomes of recent requests by request id, oldest first.
     pub recent: VecDeque<(String, CommandResult)>,
     /// The ids in `recent`, for a constant-time duplicate check (rebuilt from it on load).
     #[serde(skip)]
     pub recent_ids: HashSet<String>,
+}
+
+/// Hourly usage rows the state keeps at most (the oldest hours leave first).
+pub const MAX_USAGE_ROWS: usize = 500_000;
+
+/// Where a usage row is kept: its hour first (zero-padded, so that the oldest sort first),
+/// then whose call to what.
+pub fn usage_key(row: &UsageRow) -> String {
+    format!(
+        "{:012}\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{}",
+        row.hour, row.tenant, row.subject, row.server, row.tool
+    )
 }
 
 /// One object changed by an applied command, for persistence and watchers.
@@ -745,6 +767,26 @@ impl State {
                 let prefix = format!("{name}/");
                 self.quota_use.retain(|k, _| !k.starts_with(&prefix));
                 Ok(changes)
+            }
+            Command::AddUsage {
+                rows,
+                retention_hours,
+            } => {
+                let newest = rows.iter().map(|r| r.hour).max().unwrap_or_default();
+                for row in rows {
+                    self.usage
+                        .entry(usage_key(&row))
+                        .and_modify(|r| r.add(&row))
+                        .or_insert(row);
+                }
+                let oldest = newest.saturating_sub(retention_hours.saturating_mul(3600));
+                if self.usage.values().next().is_some_and(|r| r.hour < oldest) {
+                    self.usage.retain(|_, r| r.hour >= oldest);
+                }
+                while self.usage.len() > MAX_USAGE_ROWS {
+                    self.usage.pop_first();
+                }
+                Ok(Vec::new())
             }
             Command::ConsumeQuota {
                 bucket,
