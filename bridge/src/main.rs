@@ -184,6 +184,19 @@ async fn request(
                 return;
             }
             Err(SendError::Refused { status, body }) => {
+                // A rate limit's refusal of the whole request (429): waited out like one in
+                // a 200 answer.
+                let refusal = body
+                    .as_ref()
+                    .and_then(|b| Message::from_value(b.clone()).ok());
+                if let Some(wait) = refusal
+                    .as_ref()
+                    .and_then(|m| rate_limited_wait(m, &mut patience))
+                {
+                    tracing::info!(%method, ?wait, "rate limited: waiting, then sending again");
+                    tokio::time::sleep(wait).await;
+                    continue 'attempts;
+                }
                 // JSON-RPC errors carry a numeric code; the admin API's errors a word.
                 let detail = body.as_ref().map(|b| &b["error"]);
                 let message = detail

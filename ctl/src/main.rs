@@ -503,6 +503,21 @@ fn parse_quota(s: &str) -> Result<mcpcp_proto::api::Quota, String> {
     Ok(mcpcp_proto::api::Quota { calls, period })
 }
 
+/// `; runs as nobody, memory 128 MiB, …` for `server status`.
+fn sandbox_summary(s: &SandboxSpec) -> String {
+    let parts: Vec<String> = [
+        s.run_as.as_ref().map(|u| format!("runs as {u}")),
+        s.memory_mb.map(|m| format!("memory {m} MiB")),
+        s.cpu_seconds.map(|c| format!("CPU {c} s")),
+        s.open_files.map(|n| format!("{n} open files")),
+        s.processes.map(|n| format!("{n} processes")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    format!("; {}", parts.join(", "))
+}
+
 async fn usage(cli: &Cli, since: &str, tenant: Option<&str>, server: Option<&str>) -> Outcome {
     let list = client(cli)?.usage(since, tenant, server).await?;
     if cli.output == Output::Json {
@@ -1533,6 +1548,18 @@ async fn server(cli: &Cli, cmd: &ServerCmd) -> Outcome {
                         if st.enabled { "enabled" } else { "disabled" }
                     );
                     out!("placement: {:?}", st.placement);
+                    // The limits each process and call run under.
+                    if let Ok(v) = c.get_server(name, cli.stale).await {
+                        let spec = &v.spec;
+                        out!(
+                            "limits: each call {} ms (past it the call is cancelled; the process lives on){}",
+                            spec.timeouts.request_ms,
+                            spec.sandbox
+                                .as_ref()
+                                .map(sandbox_summary)
+                                .unwrap_or_default()
+                        );
+                    }
                     let rows = st
                         .replicas
                         .iter()

@@ -18,7 +18,7 @@ import pytest
 from mcp import Client, MCPError, StdioServerParameters
 
 from conftest import CA_CERT, NODE22, NPM, ROOT, VENV_BIN, Cluster, start_cluster
-from helpers import run, text_of, wait_until
+from helpers import MODES, run, text_of, wait_until
 
 BRIDGE = Path(os.environ.get("MCP_BRIDGE_BIN") or ROOT / "target/debug/mcp-bridge")
 WATCHED = "demo://resource/dynamic/text/1"
@@ -193,10 +193,11 @@ def test_bad_url_token_and_server_give_clear_errors(fresh, capfd):
     run(expect_error(bridge(mcp_urls(c, [0]), c.token, "--server", "nope"), "no server"))
 
 
-def test_the_bridge_waits_out_a_rate_limit_instead_of_failing_over(cluster):
+@pytest.mark.parametrize("mode", MODES)
+def test_the_bridge_waits_out_a_rate_limit_instead_of_failing_over(cluster, mode):
     """A tenant limited to 1 call/s: through the bridge, three quick calls all succeed (each
-    refusal's retryAfterMs is waited out, on the same node); with no patience the client gets
-    the refusal itself."""
+    refusal's retryAfterMs is waited out, on the same node; in the 2026 era the refusal is an
+    HTTP 429); with no patience the client gets the refusal itself."""
     c = cluster
     tenant = f"bridge-rl-{uuid.uuid4().hex[:6]}"
     c.mcpctl("tenant", "add", tenant)
@@ -208,11 +209,11 @@ def test_the_bridge_waits_out_a_rate_limit_instead_of_failing_over(cluster):
                          for n in range(c.nodes))
 
     async def scenario():
-        async with Client(bridge(mcp_urls(c, [0, 1, 2]), token), mode="legacy") as cl:
+        async with Client(bridge(mcp_urls(c, [0, 1, 2]), token), mode=mode) as cl:
             for i in range(3):
                 r = await cl.call_tool("demo__echo", {"message": f"call {i}"})
                 assert not r.is_error and text_of(r) == f"call {i}"
-        async with Client(bridge(mcp_urls(c, [0, 1, 2]), token, "--rate-limit-wait-ms", "0"), mode="legacy") as cl:
+        async with Client(bridge(mcp_urls(c, [0, 1, 2]), token, "--rate-limit-wait-ms", "0"), mode=mode) as cl:
             with pytest.raises(MCPError) as refused:
                 for i in range(3):
                     await cl.call_tool("demo__echo", {"message": f"impatient {i}"})

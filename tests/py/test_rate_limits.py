@@ -27,7 +27,8 @@ def tenant_with_token(c, name: str) -> str:
 def echo(c, node: int, token: str, http: httpx2.Client | None = None, server: str = "demo") -> dict:
     r = stateless_post(c.url(node, server), token, "tools/call",
                        {"name": "echo", "arguments": {"message": "x"}}, name="echo", http=http)
-    r.raise_for_status()
+    if r.status_code != 429:  # a refused request: the JSON-RPC error is in the body
+        r.raise_for_status()
     return r.json()
 
 
@@ -90,7 +91,11 @@ def test_a_refusal_names_the_limit_and_when_to_retry_and_other_tenants_are_untou
     limit_known_everywhere(c, tenant)
     first = echo(c, 0, token)
     assert "result" in first, first
-    second = echo(c, 0, token)
+    refusal = stateless_post(c.url(0, "demo"), token, "tools/call",
+                             {"name": "echo", "arguments": {"message": "x"}}, name="echo")
+    # The request was one call: the whole HTTP request is refused, with when to come back.
+    assert refusal.status_code == 429 and int(refusal.headers["retry-after"]) >= 1, refusal.headers
+    second = refusal.json()
     assert second["error"]["code"] == RATE_LIMITED, second
     data = second["error"]["data"]
     assert data["limit"] == tenant and data["kind"] == "rate" and 0 < data["retryAfterMs"] <= 1000, data

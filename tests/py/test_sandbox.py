@@ -158,6 +158,9 @@ def test_a_cpu_spinner_is_stopped_by_the_cpu_limit(sandboxed):
     exit_ = wait_until(lambda: process(c, "hog-cpu").get("last_exit"), 30, "the kill is reported")
     assert exit_.startswith("killed: CPU limit"), exit_
     assert (c.metric("mcpd_server_processes_killed_total", 'server="hog-cpu",limit="cpu"') or 0) >= 1
+    # `server status` says what each process and call run under.
+    status = c.mcpctl("server", "status", "hog-cpu")
+    assert "limits: each call 30000 ms" in status and "CPU 2 s" in status, status
 
 
 def test_a_fork_bomb_is_stopped_by_the_process_limit(sandboxed):

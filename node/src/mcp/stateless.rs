@@ -48,6 +48,8 @@ fn status_of(code: i64) -> StatusCode {
         code::METHOD_NOT_FOUND => StatusCode::NOT_FOUND,
         code::PARSE_ERROR | code::INVALID_REQUEST | code::INVALID_PARAMS => StatusCode::BAD_REQUEST,
         -32022..=-32020 => StatusCode::BAD_REQUEST,
+        // The whole request (one call) was refused by a rate limit or quota.
+        code::RATE_LIMITED => StatusCode::TOO_MANY_REQUESTS,
         _ => StatusCode::OK,
     }
 }
@@ -446,15 +448,31 @@ impl Drive {
     }
 }
 
-/// A complete answer as JSON, with the HTTP status of its error if it is one.
+/// A complete answer as JSON, with the HTTP status of its error if it is one (and for a
+/// rate limit's refusal, `Retry-After` in whole seconds).
 fn json_answer(answer: Message) -> Response {
-    let status = match &answer {
+    let (status, retry_after) = match &answer {
         Message::Response {
             outcome: Err(e), ..
-        } => status_of(e.code),
-        _ => StatusCode::OK,
+        } => (status_of(e.code), retry_after_s(e)),
+        _ => (StatusCode::OK, None),
     };
-    (status, Json(answer.to_value())).into_response()
+    let mut response = (status, Json(answer.to_value())).into_response();
+    if let Some(s) = retry_after {
+        response
+            .headers_mut()
+            .insert(axum::http::header::RETRY_AFTER, s.into());
+    }
+    response
+}
+
+/// The seconds a rate limit's refusal asks the client to wait (`data.retryAfterMs`, rounded up).
+fn retry_after_s(e: &ErrorObject) -> Option<u64> {
+    if e.code != code::RATE_LIMITED {
+        return None;
+    }
+    let ms = e.data.as_ref()?["retryAfterMs"].as_u64()?;
+    Some(ms.div_ceil(1000).max(1))
 }
 
 /// Runs a call until it answers or needs the client's input (an `input_required` result; the
