@@ -92,7 +92,10 @@ fn rate_limited_wait(m: &Message, patience: &mut Duration) -> Option<Duration> {
     if e.code != code::RATE_LIMITED {
         return None;
     }
-    let wait = Duration::from_millis(e.data.as_ref()?["retryAfterMs"].as_u64()?);
+    // mcpd's own refusal names its limit; at least 50 ms apart, whatever it says.
+    let data = e.data.as_ref()?;
+    data.get("limit")?;
+    let wait = Duration::from_millis(data["retryAfterMs"].as_u64()?.max(50));
     *patience = patience.checked_sub(wait)?;
     Some(wait)
 }

@@ -1005,8 +1005,9 @@ impl ApprovedCommand {
 
 /// A limit on MCP calls (`tools/call`, `resources/read`, `prompts/get`): a rate, a quota, or
 /// both. The fields `tenant`, `subject`, `server` and `tool` narrow which calls it counts
-/// (unset: any); of the limits that match a call, the most specific one (the most of them
-/// set; then by name) is the one that counts it. The budget is the cluster's, not a node's.
+/// (unset: any); of the limits that match a call, the most specific rate limit and the most
+/// specific quota (the most of those fields set; then by name) count it. The budget is the
+/// cluster's, not a node's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitSpec {
@@ -1018,7 +1019,7 @@ pub struct LimitSpec {
     pub subject: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server: Option<String>,
-    /// A tool of `server` (needs `server`).
+    /// A tool (or prompt) of `server` (needs `server`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool: Option<String>,
     /// Whose budget it is: one for every call it matches, or one per tenant or per subject.

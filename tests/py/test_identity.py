@@ -302,6 +302,7 @@ def test_a_tenant_admin_manages_its_own_tenant_only(trusted, role_tokens):
         ("ca_file", {**remote, "ca_file": "/etc/shadow"}),
         # Which user a process runs as decides whose secrets it can read.
         ("sandbox.run_as", {**local, "sandbox": {"run_as": "nobody"}}),
+        ("sandbox", {**local, "sandbox": {"memory_mb": 4096}}),
     ]:
         r = admin(trusted, "POST", "/v1/servers", ta, body=json.dumps(bad))
         assert r.status_code == 422 and r.json()["error"]["field"] == field, r.text

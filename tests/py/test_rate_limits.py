@@ -173,3 +173,32 @@ def test_a_daily_quota_survives_a_kill_of_every_node(quota_cluster):
     assert refused["error"]["code"] == RATE_LIMITED, refused
     data = refused["error"]["data"]
     assert data["kind"] == "quota" and 0 < data["retryAfterMs"] <= 86_400_000, data
+
+
+def test_a_leader_cut_off_from_its_peers_refuses_limited_calls_and_serves_the_rest(quota_cluster):
+    """Fail closed: the leader, with the two other nodes down, has no quorum. It stops granting
+    rate tokens (the majority could elect another leader that grants the same budget again),
+    and cannot count quota; its limited calls get a clear -32050 after a bounded wait, and
+    calls no limit counts are served as before."""
+    c = quota_cluster
+    limited = tenant_with_token(c, "cut-off")
+    free = tenant_with_token(c, "unlimited")
+    c.mcpctl("limit", "set", "cut-off-rate", "--tenant", "cut-off", "--rate", "1000")
+    limit_known_everywhere(c, "cut-off-rate")
+    leader = wait_until(lambda: None if (n := c.leader(0)) is None else [n], 30, "a leader")[0]
+    assert "result" in echo(c, leader, limited)
+    others = [n for n in range(c.nodes) if n != leader]
+    for node in others:
+        c.kill(node)
+    try:
+        def refused_as_unavailable():
+            a = echo(c, leader, limited)
+            return a if "error" in a and a["error"]["code"] == -32050 else None
+
+        # Tokens leased before the cut may still be spent (for 1 s at most); then it refuses.
+        answer = wait_until(refused_as_unavailable, 30, "limited calls are refused once the quorum is gone")
+        assert "could not be checked" in answer["error"]["message"], answer
+        assert "result" in echo(c, leader, free), "a call no limit counts is served"
+    finally:
+        for node in others:
+            c.restart(node)

@@ -18,41 +18,46 @@ use crate::identity::surface::{ClusterWrite, ObjectRead};
 use crate::registry::state::{Command, Precondition};
 use crate::registry::validate;
 
+/// A tenant admin sees its own tenant's limits and the cluster-wide ones.
 pub async fn list(
     State(state): State<AppState>,
-    _caller: Authorized<ObjectRead>,
+    Authorized(caller, ObjectRead): Authorized<ObjectRead>,
     ApiQuery(params): ApiQuery<ReadParams>,
 ) -> Result<Json<List<Versioned<LimitSpec>>>, ApiError> {
     read_barrier(&state, params.consistency).await?;
     let data = state.registry.local();
-    Ok(Json(listed(
-        data.state.revision,
-        &data.state.limits,
-        |_| true,
-    )))
+    Ok(Json(listed(data.state.revision, &data.state.limits, |l| {
+        caller.sees(l.tenant.as_deref())
+    })))
 }
 
 pub async fn get(
     State(state): State<AppState>,
-    _caller: Authorized<ObjectRead>,
+    Authorized(caller, ObjectRead): Authorized<ObjectRead>,
     Path(name): Path<String>,
     ApiQuery(params): ApiQuery<ReadParams>,
 ) -> Result<Json<Versioned<LimitSpec>>, ApiError> {
     read_barrier(&state, params.consistency).await?;
     let data = state.registry.local();
-    found(&data.state.limits, &name, "limit", |_| true).map(Json)
+    found(&data.state.limits, &name, "limit", |l| {
+        caller.sees(l.tenant.as_deref())
+    })
+    .map(Json)
 }
 
-/// What the quota of limit `name` used in each budget's current period.
+/// What the quota of limit `name` used in each budget's current period. A tenant admin sees
+/// only its own tenant's limits' (a cluster-wide limit's budgets are other tenants' too).
 pub async fn usage(
     State(state): State<AppState>,
-    _caller: Authorized<ObjectRead>,
+    Authorized(caller, ObjectRead): Authorized<ObjectRead>,
     Path(name): Path<String>,
     ApiQuery(params): ApiQuery<ReadParams>,
 ) -> Result<Json<List<QuotaUsage>>, ApiError> {
     read_barrier(&state, params.consistency).await?;
     let data = state.registry.local();
-    let limit = found(&data.state.limits, &name, "limit", |_| true)?;
+    let limit = found(&data.state.limits, &name, "limit", |l| {
+        caller.owns(l.tenant.as_deref())
+    })?;
     let calls = limit.spec.quota.map_or(0, |q| q.calls);
     let prefix = format!("{name}/");
     let items = data

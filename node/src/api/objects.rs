@@ -127,12 +127,22 @@ fn may_write_server(
             caller.tenant.as_deref().unwrap_or("")
         )));
     }
-    // Whose user a process runs as decides whose files and processes it can reach.
-    let run_as = |s: &ServerSpec| s.sandbox.as_ref().and_then(|b| b.run_as.clone());
-    if run_as(spec).is_some() && run_as(spec) != current.and_then(run_as) {
+    // Whose user a process runs as decides whose files and processes it can reach, and its
+    // limits protect the nodes: the sandbox is a cluster admin's, kept as it is.
+    if spec.sandbox.as_ref() != current.and_then(|c| c.sandbox.as_ref()) {
+        let field = if spec
+            .sandbox
+            .as_ref()
+            .and_then(|s| s.run_as.as_ref())
+            .is_some()
+        {
+            "sandbox.run_as"
+        } else {
+            "sandbox"
+        };
         return Err(validate::FieldError::new(
-            "sandbox.run_as",
-            "names a user of the nodes: a cluster admin's setting",
+            field,
+            "the user and limits a server's processes run under are a cluster admin's setting",
         )
         .into());
     }

@@ -1,9 +1,11 @@
 //! Rate limits and quotas on MCP calls, enforced for the whole cluster on the node that takes
 //! the call, before it is routed.
 //!
-//! - **Which limit.** Of the limits whose `tenant`, `subject`, `server` and `tool` match the
-//!   call, the most specific counts it (the most fields set; then the first by name). Its
-//!   budget (`LIMIT/BUDGET`) is one for all calls, or one per tenant or per subject (`per`).
+//! - **Which limit.** Of the limits whose `tenant`, `subject`, `server` and `tool` (a tool's
+//!   or prompt's name) match the call, the most specific rate limit and the most specific
+//!   quota count it (the most fields set; then the first by name): a rate limit on one tool
+//!   does not lift a tenant's quota. A budget (`LIMIT/BUDGET`) is one for all calls, or one
+//!   per tenant or per subject (`per`). A fallback's limits are not checked again.
 //! - **Rate.** Tokens come from the leader's bucket for the budget
 //!   (`registry::rate_lease`), a tenth of a second's worth at a time, and are spent here
 //!   without asking anyone until they run out or [`LEASE_TTL`] passes. A refusal is remembered
@@ -70,6 +72,9 @@ struct Left {
     refused_until: Option<Instant>,
     /// The quota of `period` is used up.
     exhausted: bool,
+    /// The limit's revision these figures are of: a changed limit (a raised quota) starts
+    /// afresh.
+    revision: u64,
 }
 
 impl Budgets {
@@ -91,6 +96,9 @@ impl Allowance {
     }
 }
 
+/// The rate limit and the quota that count a call, if any.
+type Counting = (Option<(Counted, RateLimit)>, Option<(Counted, Quota)>);
+
 /// The limit that counts a call, and the budget it draws from.
 struct Counted {
     spec: Versioned<LimitSpec>,
@@ -111,26 +119,36 @@ impl Limiter {
         if !COUNTED.contains(&call.method.as_str()) {
             return Ok(());
         }
-        let Some(counted) = self.counting(call) else {
-            return Ok(());
-        };
-        if let Some(rate) = counted.spec.spec.rate {
+        let (rate, quota) = self.counting(call);
+        if let Some((counted, rate)) = rate {
             self.take_rate(&counted, rate).await?;
         }
-        if let Some(quota) = counted.spec.spec.quota {
+        if let Some((counted, quota)) = quota {
             self.take_quota(&counted, quota).await?;
         }
         Ok(())
     }
 
-    /// The most specific limit that matches the call.
-    fn counting(&self, call: &Call) -> Option<Counted> {
+    /// The most specific rate limit and the most specific quota that match the call (a
+    /// limit with both may be either, or both).
+    fn counting(&self, call: &Call) -> Counting {
+        let rate = self.most_specific(call, |l| l.rate.is_some());
+        let quota = self.most_specific(call, |l| l.quota.is_some());
+        (
+            rate.and_then(|c| c.spec.spec.rate.map(|r| (c, r))),
+            quota.and_then(|c| c.spec.spec.quota.map(|q| (c, q))),
+        )
+    }
+
+    /// The most specific limit of those `kind` accepts that match the call.
+    fn most_specific(&self, call: &Call, kind: impl Fn(&LimitSpec) -> bool) -> Option<Counted> {
         let data = self.registry.local();
         if data.state.limits.is_empty() {
             return None;
         }
         let p = &call.principal;
-        let tool = (call.method == "tools/call").then(|| call.tool());
+        // A tool's or a prompt's name; a resource read names neither.
+        let tool = (call.method != "resources/read").then(|| call.tool());
         let matches = |want: &Option<String>, have: Option<&str>| {
             want.as_deref().is_none_or(|w| Some(w) == have)
         };
@@ -140,7 +158,8 @@ impl Limiter {
             .values()
             .filter(|l| {
                 let s = &l.spec;
-                matches(&s.tenant, p.tenant.as_deref())
+                kind(s)
+                    && matches(&s.tenant, p.tenant.as_deref())
                     && matches(&s.subject, Some(&p.token_id))
                     && matches(&s.server, Some(&call.server))
                     && matches(&s.tool, tool)
@@ -195,12 +214,15 @@ impl Limiter {
         if grant.granted == 0 {
             let wait = Duration::from_millis(grant.retry_after_ms);
             left.refused_until = Some(now + wait);
+            left.tokens = 0;
+            left.revision = counted.spec.revision;
             drop(left);
             return Err(refused(counted, "rate", wait));
         }
         left.tokens = u64::from(grant.granted) - 1;
         left.until = Some(now + LEASE_TTL);
         left.refused_until = None;
+        left.revision = counted.spec.revision;
         Ok(())
     }
 
@@ -230,6 +252,7 @@ impl Limiter {
                     left.period = period;
                     left.tokens = want - 1;
                     left.exhausted = false;
+                    left.revision = counted.spec.revision;
                     return Ok(());
                 }
                 Err(RegistryError::Apply(ApplyError::QuotaExhausted { used, max, .. }))
@@ -243,6 +266,7 @@ impl Limiter {
                     left.period = period;
                     left.tokens = 0;
                     left.exhausted = true;
+                    left.revision = counted.spec.revision;
                     drop(left);
                     return Err(refused(counted, "quota", ends_in));
                 }
@@ -263,6 +287,9 @@ impl Limiter {
 /// is known to be spent, `None` when the leader must be asked.
 fn spend_rate(a: &Allowance, counted: &Counted, now: Instant) -> Option<Result<(), CallError>> {
     let mut left = a.left();
+    if left.revision != counted.spec.revision {
+        return None;
+    }
     if left.tokens > 0 && left.until.is_some_and(|u| u > now) {
         left.tokens -= 1;
         return Some(Ok(()));
@@ -280,7 +307,7 @@ fn spend_quota(
     ends_in: Duration,
 ) -> Option<Result<(), CallError>> {
     let mut left = a.left();
-    if left.period != period {
+    if left.period != period || left.revision != counted.spec.revision {
         return None;
     }
     if left.tokens > 0 {

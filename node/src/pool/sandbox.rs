@@ -154,16 +154,18 @@ impl Sandbox {
             .flatten()
             .map(|(resource, soft, hard)| format!("--limit={}:{soft}:{hard}", name_of(resource)))
             .collect();
-        let exe = std::env::current_exe().ok();
-        let (Some(exe), false) = (exe, limits.is_empty()) else {
+        if limits.is_empty() {
             return (command.to_string(), args.to_vec());
-        };
+        }
+        // This very binary, resolved in the child: it works after the file was replaced by an
+        // upgrade, and never falls back to running the command without its limits.
+        let exe = "/proc/self/exe";
         let mut wrapped = vec!["sandbox-exec".to_string()];
         wrapped.extend(limits);
         wrapped.push("--".into());
         wrapped.push(command.into());
         wrapped.extend(args.iter().cloned());
-        (exe.to_string_lossy().into_owned(), wrapped)
+        (exe.to_string(), wrapped)
     }
 
     /// The rlimits to set: (resource, soft, hard).

@@ -46,6 +46,8 @@ pub enum LeaseError {
     NotLeader(u64),
     #[error("no leader is known")]
     NoLeader,
+    #[error("the leader has not heard from a quorum lately (last: {0:?} ms ago)")]
+    NoQuorum(Option<u64>),
     #[error("limit {0:?} is not known to the leader (yet)")]
     UnknownLimit(String),
     #[error("the leader could not be asked: {0}")]
@@ -128,9 +130,22 @@ impl Registry {
     }
 
     /// Leader side of [`Registry::lease_rate`]: the limit as this node's state has it.
+    ///
+    /// Only a leader that heard from a quorum within half the election timeout grants: no
+    /// other node can have been elected since, so a leader cut off from its peers stops
+    /// granting before the majority's new leader starts (its budget would be granted twice).
     pub fn lease_rate_as_leader(&self, ask: &LeaseAsk) -> Result<Grant, LeaseError> {
-        if self.raft.metrics().borrow().current_leader != Some(self.id) {
+        let (leader, quorum_ack_ms) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            (m.current_leader, m.millis_since_quorum_ack)
+        };
+        if leader != Some(self.id) {
             return Err(LeaseError::NotLeader(self.id));
+        }
+        let within = self.raft.config().election_timeout_min / 2;
+        if quorum_ack_ms.is_none_or(|ms| ms > within) {
+            return Err(LeaseError::NoQuorum(quorum_ack_ms));
         }
         let limit = ask.bucket.split('/').next().unwrap_or_default();
         let rate = {

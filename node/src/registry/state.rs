@@ -801,9 +801,12 @@ impl State {
                         name: limit.to_string(),
                     });
                 }
-                let used = match self.quota_use.get(&bucket) {
-                    Some((p, used)) if *p == period => *used,
-                    _ => 0,
+                // Periods only move forward: a node whose clock is behind counts into the
+                // period the state is in (plain string order is time order for `YYYY-MM-DD`
+                // and `YYYY-MM`).
+                let (period, used) = match self.quota_use.get(&bucket) {
+                    Some((p, used)) if *p >= period => (p.clone(), *used),
+                    _ => (period, 0),
                 };
                 if used.saturating_add(calls) > max {
                     return Err(ApplyError::QuotaExhausted {
@@ -812,6 +815,13 @@ impl State {
                         used,
                         max,
                     });
+                }
+                if used == 0 {
+                    // A new period: the limit's budgets still in older ones are done with.
+                    let prefix = format!("{limit}/");
+                    let limit_period = period.clone();
+                    self.quota_use
+                        .retain(|k, (p, _)| !k.starts_with(&prefix) || *p >= limit_period);
                 }
                 self.quota_use.insert(bucket, (period, used + calls));
                 Ok(Vec::new())
