@@ -91,6 +91,17 @@ pub struct Usage {
 /// (hour, tenant, subject, server, tool).
 type Key = (u64, String, String, String, String);
 
+/// Where `row` is counted among the pending ones.
+fn key_of(row: &UsageRow) -> Key {
+    (
+        row.hour,
+        row.tenant.clone(),
+        row.subject.clone(),
+        row.server.clone(),
+        row.tool.clone(),
+    )
+}
+
 impl Usage {
     pub fn new(cfg: UsageConfig) -> Usage {
         Usage {
@@ -133,7 +144,7 @@ impl Usage {
             ]
         )
         .increment(call.bytes_out);
-        let key = (
+        let key: Key = (
             call.at / 3600 * 3600,
             tenant.to_string(),
             call.subject.to_string(),
@@ -212,22 +223,10 @@ impl Usage {
                 tracing::warn!(error = %e, rows = rows.len(), "usage not flushed; kept for the next flush");
                 let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
                 for row in rows {
-                    let key = (
-                        row.hour,
-                        row.tenant.clone(),
-                        row.subject.clone(),
-                        row.server.clone(),
-                        row.tool.clone(),
-                    );
-                    let kept = pending.entry(key).or_insert_with(|| UsageRow {
-                        calls: 0,
-                        errors: 0,
-                        duration_ms: 0,
-                        bytes_in: 0,
-                        bytes_out: 0,
-                        ..row.clone()
-                    });
-                    kept.add(&row);
+                    pending
+                        .entry(key_of(&row))
+                        .and_modify(|kept| kept.add(&row))
+                        .or_insert(row);
                 }
             }
         }

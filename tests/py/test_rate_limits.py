@@ -101,8 +101,7 @@ def test_a_refusal_names_the_limit_and_when_to_retry_and_other_tenants_are_untou
     assert data["limit"] == tenant and data["kind"] == "rate" and 0 < data["retryAfterMs"] <= 1000, data
     # Another tenant, another budget.
     assert "result" in echo(c, 0, other_token)
-    # The limit is per budget, and after retryAfterMs the tenant is served again.
-    time.sleep(data["retryAfterMs"] / 1000)
+    # The limit is per budget, and once its bucket refilled the tenant is served again.
     wait_until(lambda: "result" in echo(c, 1, token), 10, "served again once the budget refilled")
     assert (c.metric("mcpd_limit_refusals_total", f'limit="{tenant}",kind="rate"') or 0) >= 1
     c.mcpctl("limit", "rm", tenant)

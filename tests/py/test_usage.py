@@ -6,7 +6,6 @@ tenant's."""
 from __future__ import annotations
 
 import json
-import time
 
 import httpx2
 import pytest
@@ -59,8 +58,15 @@ def test_usage_matches_the_calls_made_exactly_and_survives_a_restart(metered):
     assert {(r["tenant"], r["subject"], r["server"]) for r in rows} == {("billed", subject, "demo")}, rows
     echo = next(r for r in rows if r["tool"] == "echo")
     assert echo["bytes_in"] > 7 * 100 and echo["bytes_out"] > 7 * 100, echo
-    # Counted once: later flushes add nothing.
-    time.sleep(2.5)
+    # Counted once: later flushes of every node (which carry another tenant's calls) add
+    # nothing to it.
+    c.mcpctl("tenant", "add", "later")
+    later = c.mcpctl("token", "create", "--tenant", "later", "--name", "meter").strip()
+    for node in range(3):
+        stateless_post(c.url(node, "demo"), later, "tools/call",
+                       {"name": "echo", "arguments": {"message": "y"}}, name="echo").raise_for_status()
+    wait_until(lambda: by_tool(usage(c, c.admin_token, tenant="later")) == {"echo": (3, 0)} or None, 30,
+               "every node flushed again")
     assert by_tool(usage(c, c.admin_token, tenant="billed")) == want
     # The same in Prometheus, summed over the nodes.
     prom = sum(c.metric("mcpd_usage_calls_total", 'tenant="billed",server="demo",tool="echo"', n) or 0

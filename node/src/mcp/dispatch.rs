@@ -138,25 +138,19 @@ impl Route {
         }
         let started = Instant::now();
         let bytes_in = params.as_ref().map_or(0, crate::usage::json_size);
-        let item = params
+        // The tool or prompt, or the resource's URI: for the usage figures and the call log.
+        let named = params
             .as_ref()
-            .and_then(|p| p.get("name"))
+            .and_then(|p| p.get("name").or_else(|| p.get("uri")))
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_string();
         // Described before the request moves on (routing does not change the arguments).
         let described = self.calls.enabled().then(|| {
-            let args = describe_args(
+            describe_args(
                 params.as_ref().and_then(|p| p.get("arguments")),
                 self.calls.include_arguments(),
-            );
-            let named = params
-                .as_ref()
-                .and_then(|p| p.get("name").or_else(|| p.get("uri")))
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string();
-            (named, args)
+            )
         });
         let result = self.route_request(method, params, events).await;
         let (outcome, error_code) = outcome(&result);
@@ -180,7 +174,7 @@ impl Route {
             let tool = match (&decided, method) {
                 (_, "resources/read") => "resources/read",
                 (Some(d), _) => d.item.as_str(),
-                (None, _) => item.as_str(),
+                (None, _) => named.as_str(),
             };
             self.usage.record(&crate::usage::CallUsage {
                 tenant: self.principal.tenant.as_deref(),
@@ -194,7 +188,7 @@ impl Route {
                 at: now.as_secs(),
             });
         }
-        if let Some((named, (args_bytes, args_sha256, args))) = described {
+        if let Some((args_bytes, args_sha256, args)) = described {
             let (server, name, policy) = match decided {
                 Some(d) => (d.server, d.item, d.rule),
                 None => (server.to_string(), named, None),
