@@ -443,7 +443,7 @@ fn parse_role(name: &str) -> Result<Role, String> {
 
 #[derive(Debug, Subcommand)]
 enum LimitCmd {
-    /// Create or replace a limit: `mcpctl limit set free --tenant free --per subject --rate 10 --quota 1000/day`.
+    /// Create or replace a limit: `mcpctl limit set free --tenant free --per subject --rate 10 --quota 1000/day --concurrency 4`.
     Set {
         name: String,
         /// Count only this tenant's calls.
@@ -470,6 +470,9 @@ enum LimitCmd {
         /// Calls per UTC day or month: `1000/day`, `50000/month`.
         #[arg(long, value_parser = parse_quota)]
         quota: Option<mcpcp_proto::api::Quota>,
+        /// Calls running at once, in the whole cluster.
+        #[arg(long)]
+        concurrency: Option<u32>,
     },
     List,
     /// What a limit's quota used in the current period, per budget.
@@ -576,6 +579,7 @@ async fn limit(cli: &Cli, cmd: &LimitCmd) -> Outcome {
             rate,
             burst,
             quota,
+            concurrency,
         } => {
             let spec = LimitSpec {
                 name: name.clone(),
@@ -593,6 +597,7 @@ async fn limit(cli: &Cli, cmd: &LimitCmd) -> Outcome {
                     burst: burst.unwrap_or(r),
                 }),
                 quota: *quota,
+                concurrency: *concurrency,
             };
             let a = c.put_limit(&spec, &CallOptions::default()).await?;
             ack(cli, &format!("limit {name} set"), a.revision);
@@ -634,10 +639,11 @@ async fn limit(cli: &Cli, cmd: &LimitCmd) -> Outcome {
                                 };
                                 format!("{}/{p}", q.calls)
                             })),
+                            opt(s.concurrency.map(|c| c.to_string())),
                         ]
                     })
                     .collect();
-                print_table(&["NAME", "COUNTS", "PER", "RATE", "QUOTA"], rows);
+                print_table(&["NAME", "COUNTS", "PER", "RATE", "QUOTA", "AT ONCE"], rows);
             }
         }
         LimitCmd::Usage { name } => {

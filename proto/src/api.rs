@@ -1003,11 +1003,11 @@ impl ApprovedCommand {
     }
 }
 
-/// A limit on MCP calls (`tools/call`, `resources/read`, `prompts/get`): a rate, a quota, or
-/// both. The fields `tenant`, `subject`, `server` and `tool` narrow which calls it counts
-/// (unset: any); of the limits that match a call, the most specific rate limit and the most
-/// specific quota (the most of those fields set; then by name) count it. The budget is the
-/// cluster's, not a node's.
+/// A limit on MCP calls (`tools/call`, `resources/read`, `prompts/get`): a rate, a quota, a
+/// number of calls at once, or any of them together. The fields `tenant`, `subject`, `server`
+/// and `tool` narrow which calls it counts (unset: any); of the limits that match a call, the
+/// most specific of each kind (the most of those fields set; then by name) counts it. The
+/// budget is the cluster's, not a node's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitSpec {
@@ -1029,6 +1029,9 @@ pub struct LimitSpec {
     pub rate: Option<RateLimit>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota: Option<Quota>,
+    /// Calls running at once, in the whole cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
 }
 
 /// Whose budget a limit is.

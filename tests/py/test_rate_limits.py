@@ -1,6 +1,8 @@
-"""Rate limits and quotas on MCP calls, for the whole cluster: a tenant limited to N calls/s
-gets N from the cluster, however its calls are spread over the nodes; a daily quota holds
-across a kill -9 of every node; refusals are JSON-RPC -32029 with `retryAfterMs`."""
+"""Rate limits, quotas and concurrency limits on MCP calls, for the whole cluster: a tenant
+limited to N calls/s gets N from the cluster, however its calls are spread over the nodes; a
+tenant limited to N calls at once runs N at once in the whole cluster, and a dead node's slots
+come back; a daily quota holds across a kill -9 of every node; refusals are JSON-RPC -32029
+with `retryAfterMs`."""
 
 from __future__ import annotations
 
@@ -30,6 +32,31 @@ def echo(c, node: int, token: str, http: httpx2.Client | None = None, server: st
     if r.status_code != 429:  # a refused request: the JSON-RPC error is in the body
         r.raise_for_status()
     return r.json()
+
+
+def sleep_call(c, node: int, token: str, ms: int) -> dict:
+    r = stateless_post(c.url(node, "demo"), token, "tools/call",
+                       {"name": "sleep", "arguments": {"ms": ms}}, name="sleep")
+    if r.status_code != 429:
+        r.raise_for_status()
+    return r.json()
+
+
+def at_once(c, token: str, nodes: list[int], ms: int) -> list[dict]:
+    """One `sleep` call per entry of `nodes`, all started together; their answers."""
+    start = threading.Barrier(len(nodes))
+
+    def one(node: int) -> dict:
+        start.wait(timeout=30)
+        return sleep_call(c, node, token, ms)
+
+    with ThreadPoolExecutor(len(nodes)) as pool:
+        return [f.result(timeout=ms / 1000 + 60) for f in [pool.submit(one, n) for n in nodes]]
+
+
+def refused_for(kind: str, answers: list[dict]) -> list[dict]:
+    return [a for a in answers if "error" in a and a["error"]["code"] == RATE_LIMITED
+            and a["error"]["data"]["kind"] == kind]
 
 
 def limit_known_everywhere(c, name: str) -> None:
@@ -107,6 +134,31 @@ def test_a_refusal_names_the_limit_and_when_to_retry_and_other_tenants_are_untou
     c.mcpctl("limit", "rm", tenant)
 
 
+def test_a_concurrency_limit_holds_for_the_whole_cluster_and_frees_its_slots(cluster):
+    c = cluster
+    tenant = f"cl-{uuid.uuid4().hex[:6]}"
+    token = tenant_with_token(c, tenant)
+    c.mcpctl("limit", "set", tenant, "--tenant", tenant, "--concurrency", "2")
+    limit_known_everywhere(c, tenant)
+    # Nine slow calls at once, three on each node: two run, in the whole cluster.
+    answers = at_once(c, token, [0, 1, 2] * 3, ms=3000)
+    ran = [a for a in answers if "result" in a]
+    refused = refused_for("concurrency", answers)
+    print(f"\n9 calls at once under a limit of 2: {len(ran)} ran, {len(refused)} refused")
+    assert len(ran) == 2 and len(refused) == 7, answers
+    data = refused[0]["error"]["data"]
+    assert data["limit"] == tenant and 0 < data["retryAfterMs"] <= 1000, data
+    assert "every slot in use" in refused[0]["error"]["message"], refused[0]
+    # Once they ended, their slots come back to every node.
+    for node in range(c.nodes):
+        wait_until(lambda node=node: "result" in sleep_call(c, node, token, 0), 10,
+                   f"node {node} runs a call once the slots are free")
+    # Calls one after another never meet the limit.
+    assert all("result" in sleep_call(c, i % 3, token, 0) for i in range(6))
+    assert (c.metric("mcpd_limit_refusals_total", f'limit="{tenant}",kind="concurrency"') or 0) >= 1
+    c.mcpctl("limit", "rm", tenant)
+
+
 def test_the_most_specific_limit_counts_a_call(cluster):
     c = cluster
     tenant = f"rl-{uuid.uuid4().hex[:6]}"
@@ -134,6 +186,7 @@ def test_a_limit_names_the_field_it_gets_wrong(cluster):
         (["--tool", "echo", "--rate", "5"], "tool"),
         (["--tenant", "default"], "rate"),
         (["--rate", "0"], "rate.per_second"),
+        (["--concurrency", "0"], "concurrency"),
     ]:
         r = c.mcpctl_result("limit", "set", "bad", *args)
         assert r.returncode != 0 and field in r.stderr, (args, r.stderr)
@@ -172,6 +225,31 @@ def test_a_daily_quota_survives_a_kill_of_every_node(quota_cluster):
     assert refused["error"]["code"] == RATE_LIMITED, refused
     data = refused["error"]["data"]
     assert data["kind"] == "quota" and 0 < data["retryAfterMs"] <= 86_400_000, data
+
+
+def test_the_slots_of_a_node_that_dies_come_back_to_the_others(quota_cluster):
+    c = quota_cluster
+    token = tenant_with_token(c, "at-once")
+    c.mcpctl("limit", "set", "at-once-2", "--tenant", "at-once", "--concurrency", "2")
+    limit_known_everywhere(c, "at-once-2")
+    leader = wait_until(lambda: None if (n := c.leader(0)) is None else [n], 30, "a leader")[0]
+    doomed = (leader + 1) % c.nodes
+    survivor = (leader + 2) % c.nodes
+    # Two long calls hold both slots on a follower, which then dies without a word.
+    with ThreadPoolExecutor(2) as pool:
+        held = [pool.submit(sleep_call, c, doomed, token, 60_000) for _ in range(2)]
+        wait_until(lambda: refused_for("concurrency", [sleep_call(c, survivor, token, 0)]), 30,
+                   "both slots are taken on the doomed node")
+        c.kill(doomed)
+        for f in held:
+            with pytest.raises(Exception):
+                f.result(timeout=60)
+    try:
+        # Its holding lapses on the leader: the survivors get the slots back.
+        wait_until(lambda: "result" in sleep_call(c, survivor, token, 0), 30,
+                   "the dead node's slots come back")
+    finally:
+        c.restart(doomed)
 
 
 def test_a_leader_cut_off_from_its_peers_refuses_limited_calls_and_serves_the_rest(quota_cluster):

@@ -1,5 +1,5 @@
-//! Rate limits and quotas on MCP calls, enforced for the whole cluster on the node that takes
-//! the call, before it is routed.
+//! Rate limits, quotas and concurrency limits on MCP calls, enforced for the whole cluster on
+//! the node that takes the call, before it is routed.
 //!
 //! - **Which limit.** Of the limits whose `tenant`, `subject`, `server` and `tool` (a tool's
 //!   or prompt's name) match the call, the most specific rate limit and the most specific
@@ -15,6 +15,9 @@
 //!   survives the loss of every node, and the cluster never passes the quota. Calls counted
 //!   but not used when a node stops, or when the period ends, are lost to the quota (at most a
 //!   hundredth of it per node).
+//! - **Concurrency.** A call runs on a slot the node holds of the budget (`slots`); the node
+//!   holds slots from the leader's table, asking for one more when none is free, and gives
+//!   back free ones every half second.
 //! - **Refusals** are JSON-RPC `-32029` with `data.retryAfterMs` and `data.limit`; the call
 //!   did not run. A node that cannot reach the leader or a quorum refuses limited calls as
 //!   unavailable (fail closed).
@@ -28,15 +31,20 @@ use mcpcp_proto::mcp::{code, ErrorObject};
 use serde_json::json;
 
 use crate::call::{Call, CallError};
-use crate::registry::rate_lease::LeaseAsk;
+use crate::registry::lease::rate::RateAsk;
+use crate::registry::lease::{LeaseAsk, LeaseGrant};
 use crate::registry::state::{ApplyError, Command};
 use crate::registry::{Registry, RegistryError};
+
+mod slots;
+
+pub use slots::Slot;
 
 /// How long leased rate tokens may be spent.
 pub const LEASE_TTL: Duration = Duration::from_secs(1);
 
 /// How long a call waits for the leader's grant.
-pub const LEASE_TIMEOUT: Duration = Duration::from_secs(1);
+pub const LEASE_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// The methods a limit counts: the ones that run something on a server.
 const COUNTED: [&str; 3] = ["tools/call", "resources/read", "prompts/get"];
@@ -49,6 +57,14 @@ pub struct Limiter {
     registry: Registry,
     rates: Budgets,
     quotas: Budgets,
+    slots: Arc<slots::Slots>,
+}
+
+/// What admitted a call: the concurrency slot it runs on, if a limit counts it. Hold it until
+/// the call ends.
+#[must_use]
+pub struct Admitted {
+    _slot: Option<Slot>,
 }
 
 #[derive(Default)]
@@ -96,8 +112,12 @@ impl Allowance {
     }
 }
 
-/// The rate limit and the quota that count a call, if any.
-type Counting = (Option<(Counted, RateLimit)>, Option<(Counted, Quota)>);
+/// The limits of each kind that count a call, if any.
+struct Counting {
+    rate: Option<(Counted, RateLimit)>,
+    quota: Option<(Counted, Quota)>,
+    concurrency: Option<Counted>,
+}
 
 /// The limit that counts a call, and the budget it draws from.
 struct Counted {
@@ -108,6 +128,7 @@ struct Counted {
 impl Limiter {
     pub fn new(registry: Registry) -> Limiter {
         Limiter {
+            slots: slots::Slots::new(registry.clone()),
             registry,
             rates: Budgets::default(),
             quotas: Budgets::default(),
@@ -115,29 +136,37 @@ impl Limiter {
     }
 
     /// Lets `call` run, or refuses it (a spent budget, or one that could not be asked for).
-    pub async fn admit(&self, call: &Call) -> Result<(), CallError> {
+    /// A slot is taken first and given back when a rate or a quota refuses: a refused call
+    /// spends neither rate tokens nor quota for nothing when no slot is free.
+    pub async fn admit(&self, call: &Call) -> Result<Admitted, CallError> {
         if !COUNTED.contains(&call.method.as_str()) {
-            return Ok(());
+            return Ok(Admitted { _slot: None });
         }
-        let (rate, quota) = self.counting(call);
-        if let Some((counted, rate)) = rate {
+        let counting = self.counting(call);
+        let slot = match &counting.concurrency {
+            Some(counted) => Some(self.slots.take(counted).await?),
+            None => None,
+        };
+        if let Some((counted, rate)) = counting.rate {
             self.take_rate(&counted, rate).await?;
         }
-        if let Some((counted, quota)) = quota {
+        if let Some((counted, quota)) = counting.quota {
             self.take_quota(&counted, quota).await?;
         }
-        Ok(())
+        Ok(Admitted { _slot: slot })
     }
 
-    /// The most specific rate limit and the most specific quota that match the call (a
-    /// limit with both may be either, or both).
+    /// The most specific limit of each kind that matches the call (a limit of several kinds
+    /// may count it for any of them).
     fn counting(&self, call: &Call) -> Counting {
         let rate = self.most_specific(call, |l| l.rate.is_some());
         let quota = self.most_specific(call, |l| l.quota.is_some());
-        (
-            rate.and_then(|c| c.spec.spec.rate.map(|r| (c, r))),
-            quota.and_then(|c| c.spec.spec.quota.map(|q| (c, q))),
-        )
+        let concurrency = self.most_specific(call, |l| l.concurrency.is_some());
+        Counting {
+            rate: rate.and_then(|c| c.spec.spec.rate.map(|r| (c, r))),
+            quota: quota.and_then(|c| c.spec.spec.quota.map(|q| (c, q))),
+            concurrency,
+        }
     }
 
     /// The most specific limit of those `kind` accepts that match the call.
@@ -193,22 +222,17 @@ impl Limiter {
         if let Some(verdict) = spend_rate(&allowance, counted, Instant::now()) {
             return verdict;
         }
-        let ask = LeaseAsk {
+        let ask = LeaseAsk::Rate(RateAsk {
             bucket: counted.bucket.clone(),
             revision: counted.spec.revision,
             want: (rate.per_second / 10).clamp(1, rate.burst.max(1)),
-        };
-        let grant = self
-            .registry
-            .lease_rate(&ask, LEASE_TIMEOUT)
-            .await
-            .map_err(|e| {
-                metrics::counter!("mcpd_limit_unavailable_total").increment(1);
-                CallError::NotRun(format!(
-                    "the rate limit {:?} could not be checked ({e}); the call did not run",
-                    counted.spec.spec.name
-                ))
-            })?;
+        });
+        let grant = match self.registry.lease(&ask, LEASE_TIMEOUT).await {
+            Ok(LeaseGrant::Rate(g)) => Ok(g),
+            Ok(other) => Err(format!("the leader answered {other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+        .map_err(|e| unavailable(counted, "rate limit", &e))?;
         let now = Instant::now();
         let mut left = allowance.left();
         if grant.granted == 0 {
@@ -270,13 +294,7 @@ impl Limiter {
                     drop(left);
                     return Err(refused(counted, "quota", ends_in));
                 }
-                Err(e) => {
-                    metrics::counter!("mcpd_limit_unavailable_total").increment(1);
-                    return Err(CallError::NotRun(format!(
-                        "the quota {:?} could not be counted ({e}); the call did not run",
-                        counted.spec.spec.name
-                    )));
-                }
+                Err(e) => return Err(unavailable(counted, "quota", &e.to_string())),
             }
         }
         Err(refused(counted, "quota", ends_in))
@@ -321,6 +339,15 @@ fn spend_quota(
     Some(Err(refused(counted, "quota", ends_in)))
 }
 
+/// The refusal of a call whose limit could not be checked (fail closed).
+fn unavailable(counted: &Counted, what: &str, error: &str) -> CallError {
+    metrics::counter!("mcpd_limit_unavailable_total").increment(1);
+    CallError::NotRun(format!(
+        "the {what} {:?} could not be checked ({error}); the call did not run",
+        counted.spec.spec.name
+    ))
+}
+
 /// The refusal of a call by a spent budget.
 fn refused(counted: &Counted, kind: &'static str, retry_after: Duration) -> CallError {
     let name = &counted.spec.spec.name;
@@ -328,15 +355,15 @@ fn refused(counted: &Counted, kind: &'static str, retry_after: Duration) -> Call
         .increment(1);
     let retry_after_ms = retry_after.as_millis().max(1) as u64;
     let what = match kind {
-        "rate" => "rate limit",
-        _ => "quota",
-    };
+        "rate" => "rate limit {name:?} is spent",
+        "concurrency" => "concurrency limit {name:?} has every slot in use",
+        _ => "quota {name:?} is spent",
+    }
+    .replace("{name:?}", &format!("{name:?}"));
     CallError::Answered(
         ErrorObject::new(
             code::RATE_LIMITED,
-            format!(
-                "the {what} {name:?} is spent; retry in {retry_after_ms} ms (the call did not run)"
-            ),
+            format!("the {what}; retry in {retry_after_ms} ms (the call did not run)"),
         )
         .with_data(json!({
             "limit": name,

@@ -8,7 +8,7 @@
 use mcpcp_proto::cluster::cluster_server::Cluster;
 use mcpcp_proto::cluster::{
     forwarded_answer, forwarded_call, ForwardWriteReply, ForwardWriteRequest, ForwardedAnswer,
-    ForwardedCall, LeaseRateReply, LeaseRateRequest, MembershipReply, MembershipRequest, PingReply,
+    ForwardedCall, LeaseReply, LeaseRequest, MembershipReply, MembershipRequest, PingReply,
     PingRequest, ReadIndexReply, ReadIndexRequest, SignReply, SignRequest,
 };
 use mcpcp_proto::raft::raft_server;
@@ -238,13 +238,10 @@ impl Cluster for ClusterService {
         }))
     }
 
-    async fn lease_rate(
-        &self,
-        req: Request<LeaseRateRequest>,
-    ) -> Result<Response<LeaseRateReply>, Status> {
-        let ask: crate::registry::rate_lease::LeaseAsk = decode(&req.into_inner().json)?;
-        let res = self.registry.lease_rate_as_leader(&ask);
-        Ok(Response::new(LeaseRateReply {
+    async fn lease(&self, req: Request<LeaseRequest>) -> Result<Response<LeaseReply>, Status> {
+        let ask: crate::registry::lease::LeaseAsk = decode(&req.into_inner().json)?;
+        let res = self.registry.lease_as_leader(&ask).await;
+        Ok(Response::new(LeaseReply {
             json: encode(&res)?,
         }))
     }

@@ -455,10 +455,10 @@ mod tests {
             Err(Status::unimplemented("not in this test"))
         }
 
-        async fn lease_rate(
+        async fn lease(
             &self,
-            _req: Request<mcpcp_proto::cluster::LeaseRateRequest>,
-        ) -> Result<Response<mcpcp_proto::cluster::LeaseRateReply>, Status> {
+            _req: Request<mcpcp_proto::cluster::LeaseRequest>,
+        ) -> Result<Response<mcpcp_proto::cluster::LeaseReply>, Status> {
             Err(Status::unimplemented("not in this test"))
         }
     }

@@ -12,8 +12,8 @@
 pub mod audit;
 pub mod forward;
 pub mod join_token;
+pub mod lease;
 pub mod propose;
-pub mod rate_lease;
 pub mod state;
 pub mod token;
 pub mod token_use;
@@ -217,8 +217,10 @@ pub struct Registry {
     membership_wait: Duration,
     /// API tokens this node authenticated, until reported (`token_use`).
     uses: std::sync::Arc<token_use::TokenUses>,
-    /// The rate limits' buckets, used while this node leads (`rate_lease`).
-    rate_buckets: std::sync::Arc<rate_lease::Buckets>,
+    /// The rate limits' buckets, used while this node leads (`lease::rate`).
+    rate_buckets: std::sync::Arc<lease::rate::Buckets>,
+    /// The concurrency limits' holdings, used while this node leads (`lease::slots`).
+    slot_holdings: std::sync::Arc<lease::slots::Holdings>,
 }
 
 fn retry_delays() -> impl Iterator<Item = Duration> {
@@ -250,6 +252,7 @@ impl Registry {
             membership_wait: Duration::from_secs(60).max(quorum_wait),
             uses: std::sync::Arc::default(),
             rate_buckets: std::sync::Arc::default(),
+            slot_holdings: std::sync::Arc::default(),
         }
     }
 

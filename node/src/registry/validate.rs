@@ -297,8 +297,17 @@ pub fn limit_spec(spec: &LimitSpec) -> Result<(), FieldError> {
             "needs server: tool names are per server",
         ));
     }
-    if spec.rate.is_none() && spec.quota.is_none() {
-        return Err(FieldError::new("rate", "give rate, quota or both"));
+    if spec.rate.is_none() && spec.quota.is_none() && spec.concurrency.is_none() {
+        return Err(FieldError::new(
+            "rate",
+            "give rate, quota, concurrency or more than one",
+        ));
+    }
+    if spec
+        .concurrency
+        .is_some_and(|c| !(1..=1_000_000).contains(&c))
+    {
+        return Err(FieldError::new("concurrency", "must be 1 to 1000000"));
     }
     if let Some(r) = &spec.rate {
         if !(1..=1_000_000).contains(&r.per_second) {

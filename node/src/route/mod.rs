@@ -116,7 +116,8 @@ pub struct Router {
     config: config::RouteConfig,
     budgets: Arc<Mutex<HashMap<String, Arc<RetryBudget>>>>,
     remote_info: Arc<Mutex<HashMap<String, (Instant, ServerInfo)>>>,
-    /// Rate limits and quotas, checked once per call on the node that takes it.
+    /// Rate limits, quotas and concurrency limits, checked once per call on the node that
+    /// takes it.
     limiter: Arc<Limiter>,
 }
 
@@ -222,7 +223,8 @@ impl Router {
     /// Runs `call` through the steps in the module docs.
     pub async fn call(&self, call: &Call) -> Result<Value, CallError> {
         let spec = self.scope(&call.principal, &call.server)?;
-        self.limiter.admit(call).await?;
+        // Held until the call ends: a concurrency limit's slot.
+        let _admitted = self.limiter.admit(call).await?;
         match self.call_replicas(&spec, call).await {
             Ok(v) => Ok(v),
             Err(e)
