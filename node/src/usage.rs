@@ -4,8 +4,9 @@
 //! - Each node adds its calls up in memory, per UTC hour, and proposes what it added every
 //!   `usage.flush_interval_s` (`Command::AddUsage`): hourly aggregates live in the replicated
 //!   state, survive restarts, and are dropped after `usage.retention_hours`. What a node had
-//!   not flushed when it was killed is lost (at most one interval); a flush that fails is
-//!   kept and sent with the next.
+//!   not flushed when it was killed is lost (at most one interval). A flush that fails is
+//!   sent again as it was, with the same request id, before anything newer: a flush that was
+//!   applied though its answer was lost (a timeout) is then not counted twice.
 //! - `GET /v1/usage` (and `mcpctl usage`) sums the hours asked for.
 //! - Prometheus counters (`mcpd_usage_*`) carry tenant, server and tool; the tools of a server
 //!   are its first `usage.max_tools_per_server` seen, the rest `other`, so that the label set
@@ -18,8 +19,9 @@ use std::time::Duration;
 use mcpcp_proto::api::UsageRow;
 use serde::Deserialize;
 
-use crate::registry::state::Command;
-use crate::registry::Registry;
+use crate::registry::new_request_id;
+use crate::registry::state::{Command, Request};
+use crate::registry::{Registry, RegistryError};
 use crate::shutdown::Shutdown;
 
 /// `[usage]`: how calls are accounted for.
@@ -85,28 +87,20 @@ pub struct CallUsage<'a> {
 pub struct Usage {
     cfg: UsageConfig,
     pending: Arc<Mutex<BTreeMap<Key, UsageRow>>>,
+    /// A flush whose outcome is not known: sent again as it is.
+    unsent: Arc<tokio::sync::Mutex<Option<Request>>>,
     labelled: Arc<Mutex<HashMap<String, HashSet<String>>>>,
 }
 
 /// (hour, tenant, subject, server, tool).
 type Key = (u64, String, String, String, String);
 
-/// Where `row` is counted among the pending ones.
-fn key_of(row: &UsageRow) -> Key {
-    (
-        row.hour,
-        row.tenant.clone(),
-        row.subject.clone(),
-        row.server.clone(),
-        row.tool.clone(),
-    )
-}
-
 impl Usage {
     pub fn new(cfg: UsageConfig) -> Usage {
         Usage {
             cfg,
             pending: Arc::default(),
+            unsent: Arc::default(),
             labelled: Arc::default(),
         }
     }
@@ -203,8 +197,19 @@ impl Usage {
         }
     }
 
-    /// Proposes the pending rows; on failure they go back, to be sent with the next.
+    /// Proposes the pending rows, after a flush that failed (sent again with its request id,
+    /// so that the state applies it once).
     pub async fn flush(&self, registry: &Registry) {
+        let mut unsent = self.unsent.lock().await;
+        if let Some(request) = unsent.take() {
+            match self.send(registry, request).await {
+                Ok(()) => {}
+                Err(request) => {
+                    *unsent = Some(request);
+                    return;
+                }
+            }
+        }
         let rows: Vec<UsageRow> = {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             std::mem::take(&mut *pending).into_values().collect()
@@ -212,22 +217,41 @@ impl Usage {
         if rows.is_empty() {
             return;
         }
-        let command = Command::AddUsage {
-            rows: rows.clone(),
-            retention_hours: self.cfg.retention_hours,
+        let request = Request {
+            request_id: new_request_id(),
+            command: Command::AddUsage {
+                rows,
+                retention_hours: self.cfg.retention_hours,
+            },
+            audit: None,
         };
-        match registry.write(command).await {
-            Ok(_) => metrics::counter!("mcpd_usage_flushes_total", "outcome" => "ok").increment(1),
-            Err(e) => {
+        if let Err(request) = self.send(registry, request).await {
+            *unsent = Some(request);
+        }
+    }
+
+    /// One flush; the request back when it may not have been applied and can be sent again.
+    async fn send(&self, registry: &Registry, request: Request) -> Result<(), Request> {
+        match registry.write_request(request.clone()).await {
+            Ok(_) => {
+                metrics::counter!("mcpd_usage_flushes_total", "outcome" => "ok").increment(1);
+                Ok(())
+            }
+            Err(
+                e @ (RegistryError::NoQuorum { .. }
+                | RegistryError::NotInitialized
+                | RegistryError::ShuttingDown
+                | RegistryError::Internal(_)),
+            ) => {
                 metrics::counter!("mcpd_usage_flushes_total", "outcome" => "failed").increment(1);
-                tracing::warn!(error = %e, rows = rows.len(), "usage not flushed; kept for the next flush");
-                let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-                for row in rows {
-                    pending
-                        .entry(key_of(&row))
-                        .and_modify(|kept| kept.add(&row))
-                        .or_insert(row);
-                }
+                tracing::warn!(error = %e, "usage not flushed; sent again with the next flush");
+                Err(request)
+            }
+            Err(e) => {
+                // The state refused the rows themselves: sending them again cannot help.
+                metrics::counter!("mcpd_usage_flushes_total", "outcome" => "refused").increment(1);
+                tracing::error!(error = %e, "usage refused by the state; dropped");
+                Ok(())
             }
         }
     }

@@ -93,3 +93,35 @@ def test_a_bad_span_is_refused_naming_the_field(metered):
     r = httpx2.get(f"{metered.base(0)}/v1/usage", params={"since": "forever"},
                    headers={"Authorization": f"Bearer {metered.admin_token}"}, timeout=10)
     assert r.status_code in (400, 422) and r.json()["error"]["field"] == "since", r.text
+
+
+def test_calls_made_while_the_quorum_is_lost_are_counted_once_when_it_is_back(metered):
+    """The leader keeps serving calls with both followers down; its usage flushes fail (each
+    may still be committed later) and are sent again; once the followers are back the calls
+    are counted once, not once per failed flush."""
+    c = metered
+    c.mcpctl("tenant", "add", "cut-off")
+    token = c.mcpctl("token", "create", "--tenant", "cut-off", "--name", "meter").strip()
+    leader = wait_until(lambda: [c.leader(0)] if c.leader(0) is not None else None, 60, "a leader")[0]
+    followers = [n for n in range(3) if n != leader]
+    failed_before = c.metric("mcpd_usage_flushes_total", 'outcome="failed"', leader) or 0
+    for node in followers:
+        c.kill(node)
+    for _ in range(5):
+        r = stateless_post(c.url(leader, "demo"), token, "tools/call",
+                           {"name": "echo", "arguments": {"message": "alone"}}, name="echo")
+        assert "result" in r.json(), r.json()
+    wait_until(lambda: (c.metric("mcpd_usage_flushes_total", 'outcome="failed"', leader) or 0)
+               >= failed_before + 2, 60, "two usage flushes failed without a quorum")
+    for node in followers:
+        c.restart(node)
+    wait_until(lambda: by_tool(usage(c, c.admin_token, node=leader, tenant="cut-off")) or None, 60,
+               "the calls are counted once the quorum is back")
+    # A later call on the leader is counted only after everything its log held before it.
+    c.mcpctl("tenant", "add", "after")
+    after = c.mcpctl("token", "create", "--tenant", "after", "--name", "meter").strip()
+    stateless_post(c.url(leader, "demo"), after, "tools/call",
+                   {"name": "echo", "arguments": {"message": "later"}}, name="echo").raise_for_status()
+    wait_until(lambda: by_tool(usage(c, c.admin_token, node=leader, tenant="after")) or None, 60,
+               "the later call is counted")
+    assert by_tool(usage(c, c.admin_token, node=leader, tenant="cut-off")) == {"echo": (5, 0)}
