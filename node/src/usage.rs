@@ -8,6 +8,9 @@
 //!   sent again as it was, with the same request id, before anything newer: a flush that was
 //!   applied though its answer was lost (a timeout) is then not counted twice.
 //! - `GET /v1/usage` (and `mcpctl usage`) sums the hours asked for.
+//! - A name the server does not list (callers make names up) is counted as tool `other`, in
+//!   the rows and the labels; when the node does not know the server's list yet, only its first
+//!   `usage.max_tools_per_server` names are kept. Rows stay bounded by what servers offer.
 //! - Prometheus counters (`mcpd_usage_*`) carry tenant, server and tool; the tools of a server
 //!   are its first `usage.max_tools_per_server` seen, the rest `other`, so that the label set
 //!   stays bounded. Subjects are not labels (there may be any number); the API has them.
@@ -74,6 +77,9 @@ pub struct CallUsage<'a> {
     pub server: &'a str,
     /// The tool or prompt; `resources/read` for a resource (URIs are unbounded).
     pub tool: &'a str,
+    /// Whether the server lists `tool`, when the node knows: a name it does not list is
+    /// counted as `other` (callers make names up; each would be a row and a label).
+    pub listed: Option<bool>,
     pub error: bool,
     pub duration_ms: f64,
     pub bytes_in: u64,
@@ -92,6 +98,10 @@ pub struct Usage {
     labelled: Arc<Mutex<HashMap<String, HashSet<String>>>>,
 }
 
+/// The tool of calls counted together: a name the server does not list, or one beyond
+/// `max_tools_per_server`.
+const OTHER: &str = "other";
+
 /// (hour, tenant, subject, server, tool).
 type Key = (u64, String, String, String, String);
 
@@ -108,7 +118,16 @@ impl Usage {
     /// Counts one call.
     pub fn record(&self, call: &CallUsage<'_>) {
         let tenant = call.tenant.unwrap_or_default();
-        let tool = self.label_of(call.server, call.tool);
+        // The row's tool: a listed one by its name; one the server does not list as `other`;
+        // when the node does not know, its name while the server's names are few.
+        let (row_tool, tool) = match call.listed {
+            Some(false) => (OTHER, OTHER.to_string()),
+            Some(true) => (call.tool, self.label_of(call.server, call.tool)),
+            None => {
+                let label = self.label_of(call.server, call.tool);
+                (if label == OTHER { OTHER } else { call.tool }, label)
+            }
+        };
         let labels = [
             ("tenant", tenant.to_string()),
             ("server", call.server.to_string()),
@@ -143,7 +162,7 @@ impl Usage {
             tenant.to_string(),
             call.subject.to_string(),
             call.server.to_string(),
-            call.tool.chars().take(128).collect(),
+            row_tool.chars().take(128).collect(),
         );
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         if !pending.contains_key(&key) && pending.len() >= MAX_PENDING_ROWS {
@@ -177,7 +196,7 @@ impl Usage {
             tools.insert(tool.to_string());
             return tool.to_string();
         }
-        "other".into()
+        OTHER.into()
     }
 
     /// Sends what was counted, every `flush_interval_s`, until `shutdown` (then once more).
@@ -284,6 +303,7 @@ mod tests {
             subject: "tok1",
             server: "demo",
             tool,
+            listed: Some(true),
             error,
             duration_ms: 2.4,
             bytes_in: 10,
@@ -319,6 +339,42 @@ mod tests {
         assert_eq!(u.label_of("s", "c"), "other");
         assert_eq!(u.label_of("s", "a"), "a");
         assert_eq!(u.label_of("t", "c"), "c");
+    }
+
+    #[test]
+    fn names_a_server_does_not_list_are_one_row() {
+        let u = Usage::new(UsageConfig {
+            max_tools_per_server: 2,
+            ..UsageConfig::default()
+        });
+        let made_up = |name| CallUsage {
+            listed: Some(false),
+            ..call(name, true, 7200)
+        };
+        let unknown = |name| CallUsage {
+            listed: None,
+            ..call(name, true, 7200)
+        };
+        for name in ["x1", "x2", "x3"] {
+            u.record(&made_up(name));
+        }
+        for name in ["echo", "y1", "y2", "y3"] {
+            u.record(&unknown(name));
+        }
+        let tools: Vec<(String, u64)> = u
+            .pending
+            .lock()
+            .unwrap()
+            .values()
+            .map(|r| (r.tool.clone(), r.calls))
+            .collect();
+        assert_eq!(
+            tools,
+            [("echo".into(), 1), ("other".into(), 5), ("y1".into(), 1)]
+        );
+        // A listed name is kept whatever the bound.
+        u.record(&call("add", false, 7200));
+        assert!(u.pending.lock().unwrap().values().any(|r| r.tool == "add"));
     }
 
     #[test]

@@ -89,6 +89,22 @@ def test_usage_matches_the_calls_made_exactly_and_survives_a_restart(metered):
                "the figures are back after every node was killed")
 
 
+def test_tool_names_a_server_does_not_list_are_counted_as_other(metered):
+    """Callers make names up: each would be a row in the replicated state and a label."""
+    c = metered
+    c.mcpctl("tenant", "add", "guesser")
+    token = c.mcpctl("token", "create", "--tenant", "guesser", "--name", "meter").strip()
+    for i in range(6):
+        r = stateless_post(c.url(i % 3, "demo"), token, "tools/call",
+                           {"name": f"made-up-{i}", "arguments": {}}, name=f"made-up-{i}")
+        assert r.status_code < 500, r.text
+    stateless_post(c.url(0, "demo"), token, "tools/call",
+                   {"name": "echo", "arguments": {"message": "real"}}, name="echo").raise_for_status()
+    want = {"other": (6, 6), "echo": (1, 0)}
+    wait_until(lambda: by_tool(usage(c, c.admin_token, tenant="guesser")) == want or None, 30,
+               "the made-up names are counted under other")
+
+
 def test_a_bad_span_is_refused_naming_the_field(metered):
     r = httpx2.get(f"{metered.base(0)}/v1/usage", params={"since": "forever"},
                    headers={"Authorization": f"Bearer {metered.admin_token}"}, timeout=10)

@@ -181,6 +181,7 @@ impl Route {
                 subject: &self.principal.token_id,
                 server,
                 tool,
+                listed: self.router.lists(server, method, tool),
                 error: outcome != "ok",
                 duration_ms,
                 bytes_in,

@@ -22,11 +22,26 @@ pub struct Catalogue {
 
 impl Catalogue {
     pub fn has_tool(&self, name: &str) -> bool {
-        self.tools.iter().any(|t| t["name"] == json!(name))
+        self.tools.iter().any(|t| t["name"].as_str() == Some(name))
     }
 
     pub fn has_prompt(&self, name: &str) -> bool {
-        self.prompts.iter().any(|p| p["name"] == json!(name))
+        self.prompts
+            .iter()
+            .any(|p| p["name"].as_str() == Some(name))
+    }
+
+    /// Whether `item` is one this catalogue lists for `method` (a tool for `tools/call`, a
+    /// prompt for `prompts/get`); `None` for other methods or before it was loaded.
+    pub fn lists(&self, method: &str, item: &str) -> Option<bool> {
+        if !self.loaded {
+            return None;
+        }
+        match method {
+            "tools/call" => Some(self.has_tool(item)),
+            "prompts/get" => Some(self.has_prompt(item)),
+            _ => None,
+        }
     }
 
     /// Whether `uri` is one of the listed resources or matches a template's fixed prefix.

@@ -419,6 +419,21 @@ impl Router {
         self.info_of(&spec).await
     }
 
+    /// Whether server `server` lists `item` for `method`, from what this node knows already
+    /// (its own pool's catalogue, or a peer's last answer): never a call. `None` when it does
+    /// not know.
+    pub fn lists(&self, server: &str, method: &str, item: &str) -> Option<bool> {
+        if let Some(pool) = self.pools.get(server) {
+            if let Some(known) = pool.catalogue().lists(method, item) {
+                return Some(known);
+            }
+        }
+        let remote = self.remote_info.lock().unwrap_or_else(|p| p.into_inner());
+        remote
+            .get(server)
+            .and_then(|(_, info)| info.catalogue.lists(method, item))
+    }
+
     /// What the server of `spec` offers, for a caller whose right to see it was checked
     /// already (the admin API's catalogue).
     pub async fn info_of(&self, spec: &Versioned<ServerSpec>) -> ServerInfo {
