@@ -43,7 +43,7 @@
 //!
 //! [pool]
 //! queue_size = 256                  # calls that may wait for a process, per server
-//! queue_size_per_tenant = 128       # of them, calls of one tenant
+//! queue_size_per_tenant = 128       # of them, calls of one tenant (no tenant: queue_size)
 //! max_concurrency_per_process = 32
 //! health_interval_ms = 15000        # ping every process this often
 //! answer_spin_us = 100              # a lone call polls this long for its answer (0: never)

@@ -5,8 +5,8 @@
 //! tenant's queue, and a slot that frees goes to the tenants in turn: each tenant in the ring
 //! gets up to its weight of slots, then the next tenant's turn comes (weighted round-robin).
 //!
-//! The wait is bounded twice: per tenant (`queue_size_per_tenant`) and in total
-//! (`queue_size`). When the total bound is reached, a call whose tenant has a shorter backlog
+//! The wait is bounded twice: per tenant (`queue_size_per_tenant`; callers of no tenant have
+//! no bound of their own) and in total (`queue_size`). When the total bound is reached, a call whose tenant has a shorter backlog
 //! than the longest one pushes the newest call of the longest backlog out: one tenant's flood
 //! never keeps another tenant's call from queueing. Every refusal is the callers' own
 //! overload ([`Refused`]), never a failure of the server.
@@ -162,7 +162,9 @@ impl FairQueue {
                 return Ok(self.slot());
             }
             let own = st.tenants.get(&share.tenant).map_or(0, |b| b.waiters.len());
-            if own >= self.bounds.queue_per_tenant {
+            // Callers of no tenant (a single-tenant install, cluster admins) have the whole
+            // queue: the push-out below still keeps them from crowding a tenant out.
+            if !share.tenant.is_empty() && own >= self.bounds.queue_per_tenant {
                 return Err(Refused::TenantQueueFull {
                     tenant: share.tenant.to_string(),
                     queued: own,
@@ -437,6 +439,25 @@ mod tests {
         );
         queue_calls(&q, "quiet", 1, 1, &order, &mut tasks).await;
         assert_eq!(q.queued(), 3);
+    }
+
+    #[tokio::test]
+    async fn callers_of_no_tenant_have_the_whole_queue() {
+        let q = FairQueue::new(bounds(1, 4, 2));
+        let _holder = q.acquire(&Share::cluster(), LONG, || {}).await.unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = tokio::task::JoinSet::new();
+        queue_calls(&q, "", 1, 4, &order, &mut tasks).await;
+        assert_eq!(q.queued(), 4);
+        let fifth = q.acquire(&Share::cluster(), LONG, || {}).await;
+        assert!(
+            matches!(fifth, Err(Refused::QueueFull { queued: 4 })),
+            "{:?}",
+            fifth.err()
+        );
+        // A tenant's call still queues, pushing out the newest of theirs.
+        queue_calls(&q, "acme", 1, 1, &order, &mut tasks).await;
+        assert_eq!(q.queued(), 4);
     }
 
     #[tokio::test]

@@ -48,7 +48,8 @@ pub struct PoolConfig {
     /// Calls that may wait for a free process, per server; beyond it calls are refused at once
     /// (or push out the newest call of the tenant with the longest backlog; see `pool::fair`).
     pub queue_size: usize,
-    /// Calls of one tenant that may wait for a free process, per server.
+    /// Calls of one tenant that may wait for a free process, per server (callers of no
+    /// tenant are bounded by `queue_size` only).
     pub queue_size_per_tenant: usize,
     /// Calls one process serves at the same time.
     pub max_concurrency_per_process: usize,
