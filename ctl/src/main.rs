@@ -270,6 +270,22 @@ struct ServerFlags {
     /// Most processes of the --run-as user.
     #[arg(long)]
     processes: Option<u64>,
+    /// No network for the processes (a network namespace of their own; mcpd must run as root).
+    #[arg(long)]
+    private_network: bool,
+    /// A read-only filesystem for the processes, but --writable paths (mcpd must run as root).
+    #[arg(long)]
+    read_only: bool,
+    /// With --read-only: a path the processes may still write (repeatable).
+    #[arg(long = "writable", value_name = "PATH")]
+    writable_paths: Vec<String>,
+    /// A path the processes cannot see (repeatable); mcpd's data directory is always hidden
+    /// with --read-only, --private-tmp or --hide.
+    #[arg(long = "hide", value_name = "PATH")]
+    hidden_paths: Vec<String>,
+    /// A /tmp of the processes' own.
+    #[arg(long)]
+    private_tmp: bool,
 }
 
 impl ServerFlags {
@@ -281,6 +297,11 @@ impl ServerFlags {
             cpu_seconds: self.cpu_seconds,
             open_files: self.open_files,
             processes: self.processes,
+            private_network: self.private_network,
+            read_only: self.read_only,
+            writable_paths: self.writable_paths.clone(),
+            hidden_paths: self.hidden_paths.clone(),
+            private_tmp: self.private_tmp,
         };
         (s != SandboxSpec::default()).then_some(s)
     }
@@ -514,6 +535,13 @@ fn sandbox_summary(s: &SandboxSpec) -> String {
         s.cpu_seconds.map(|c| format!("CPU {c} s")),
         s.open_files.map(|n| format!("{n} open files")),
         s.processes.map(|n| format!("{n} processes")),
+        s.private_network.then(|| "no network".to_string()),
+        s.read_only.then(|| match s.writable_paths.as_slice() {
+            [] => "read-only filesystem".to_string(),
+            paths => format!("read-only filesystem but {}", paths.join(" ")),
+        }),
+        s.private_tmp.then(|| "private /tmp".to_string()),
+        (!s.hidden_paths.is_empty()).then(|| format!("hides {}", s.hidden_paths.join(" "))),
     ]
     .into_iter()
     .flatten()

@@ -341,10 +341,13 @@ pub async fn run(
         &cfg.mcp,
         &me.http_addr,
     );
+    let mut pool_cfg = cfg.pool.clone();
+    pool_cfg.node_paths =
+        crate::pool::sandbox::NodePaths(vec![cfg.data_dir.clone(), cfg.tls_dir()]);
     tasks.spawn(reconcile::run(
         registry.clone(),
         pools,
-        cfg.pool.clone(),
+        pool_cfg,
         data_key.clone(),
         shutdown.clone(),
     ));

@@ -111,13 +111,12 @@ enum Sub {
     /// the dev cluster, tests, benchmarks and chaos runs. `MCPD_DEMO_LEDGER` names the file its
     /// `counter_increment` tool appends to.
     DemoServer,
-    /// Run COMMAND with these resource limits (how mcpd starts a sandboxed server's
-    /// process): sets each, then becomes COMMAND.
+    /// Run COMMAND in a sandbox (how mcpd starts a sandboxed server's process): makes its
+    /// namespaces, sets its limits, drops to its user, then becomes COMMAND.
     #[command(hide = true)]
     SandboxExec {
-        /// NAME:SOFT:HARD, NAME one of cpu, nofile, nproc, data (repeat).
-        #[arg(long = "limit")]
-        limits: Vec<String>,
+        #[command(flatten)]
+        plan: mcpd::pool::sandbox::ExecPlan,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         command: Vec<String>,
     },
@@ -244,8 +243,8 @@ fn main() -> anyhow::Result<()> {
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     match args.cmd.take() {
-        Some(Sub::SandboxExec { limits, command }) => {
-            let e = mcpd::pool::sandbox::exec(&limits, &command);
+        Some(Sub::SandboxExec { plan, command }) => {
+            let e = mcpd::pool::sandbox::exec(&plan, &command);
             eprintln!("mcpd sandbox-exec: {e}");
             std::process::exit(127);
         }

@@ -79,8 +79,10 @@ pub struct SandboxCapabilities {
     /// Its own cgroup is on a delegated cgroup v2 hierarchy (detected; limits are rlimits and
     /// mcpd's own memory watch today).
     pub cgroup_v2: bool,
-    /// Bubblewrap (`bwrap`) is installed.
-    pub bwrap: bool,
+    /// It may give a process mount and network namespaces of its own (root, or
+    /// CAP_SYS_ADMIN): `private_network`, `read_only`, `private_tmp`, `hidden_paths`.
+    #[serde(default)]
+    pub namespaces: bool,
 }
 
 /// `POST /v1/cluster/init`: bootstrap a new cluster. Accepted only by a node that has never
@@ -267,6 +269,31 @@ pub struct SandboxSpec {
     /// kernel, and not enforced for root): needs `run_as`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub processes: Option<u64>,
+    /// No network: the process gets a network namespace of its own, with only a loopback
+    /// interface that is down (stdio needs none).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub private_network: bool,
+    /// The whole filesystem read-only, but `writable_paths` (and `/dev`, `/proc`, `/sys`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
+    /// With `read_only`: absolute paths the process may still write.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub writable_paths: Vec<String>,
+    /// Absolute paths the process cannot see: a directory is empty and unreadable, a file is
+    /// empty. mcpd's own data and TLS directories are hidden whenever any of `read_only`,
+    /// `private_tmp` or `hidden_paths` is set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hidden_paths: Vec<String>,
+    /// A `/tmp` of its own, empty at start and gone with the process.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub private_tmp: bool,
+}
+
+impl SandboxSpec {
+    /// Whether the process gets a mount namespace of its own.
+    pub fn private_mounts(&self) -> bool {
+        self.read_only || self.private_tmp || !self.hidden_paths.is_empty()
+    }
 }
 
 fn default_pool_size() -> u32 {

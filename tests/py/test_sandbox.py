@@ -1,5 +1,7 @@
 """Sandboxed server processes: a server runs as another user, with limits on its memory, CPU
-time, processes and open files, and a process that hits a limit is a clear event.
+time, processes and open files, and a process that hits a limit is a clear event; a server
+can be kept off the network, off the filesystem but for chosen paths, and away from the
+node's own secrets.
 
 Each test needs what the node reports it can do (`GET /v1/node`: `sandbox`), and skips,
 saying why, where the machine lacks it."""
@@ -12,6 +14,9 @@ import pwd
 import re
 import subprocess
 import sysconfig
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
 
 import httpx2
 import pytest
@@ -54,6 +59,12 @@ def need_run_as(c) -> None:
         pwd.getpwnam(NOBODY)
     except KeyError:
         pytest.skip(f"this machine has no user {NOBODY!r}")
+
+
+def need_namespaces(c) -> None:
+    if not node_can(c, "namespaces"):
+        pytest.skip("mcpd does not run as root (or with CAP_SYS_ADMIN): it cannot give a server "
+                    "namespaces of its own")
 
 
 @functools.cache
@@ -104,7 +115,7 @@ def victim_pid(c) -> int:
 
 def test_the_node_reports_what_it_can_enforce(sandboxed):
     caps = node_sandbox(sandboxed)
-    assert set(caps) == {"run_as", "rlimits", "cgroup_v2", "bwrap"}, caps
+    assert set(caps) == {"run_as", "rlimits", "cgroup_v2", "namespaces"}, caps
     assert caps["rlimits"] is True
 
 
@@ -182,3 +193,68 @@ def test_open_files_are_limited(sandboxed):
     opened = text(call(c, "hog-files", "open_files", {"n": 1000}))
     count = int(re.match(r"opened (\d+)", opened).group(1))
     assert count < 64 and "Too many open files" in opened, opened
+
+
+def test_a_server_with_a_private_network_reaches_nothing(sandboxed):
+    c = sandboxed
+    need_namespaces(c)
+    port = urlparse(c.base(0)).port
+    # Without it, a server reaches the node's own API port on loopback.
+    add_hog(c, "hog-wired")
+    assert text(call(c, "hog-wired", "connect", {"host": "127.0.0.1", "port": port})) == "connected"
+    add_hog(c, "hog-offline", "--private-network")
+    seen = text(call(c, "hog-offline", "connect", {"host": "127.0.0.1", "port": port}))
+    assert seen == "refused: Network is unreachable", seen
+    assert "no network" in c.mcpctl("server", "status", "hog-offline")
+
+
+def test_a_read_only_server_writes_only_where_allowed_and_never_sees_the_nodes_keys(sandboxed, tmp_path):
+    c = sandboxed
+    need_namespaces(c)
+    key = c.dir / "node1" / "data" / "tls" / "node.key"
+    out, closed = tmp_path / "out", tmp_path / "closed"
+    out.mkdir()
+    closed.mkdir()
+    (closed / "plan.txt").write_text("the plan")
+    # Without a sandbox, a server (as mcpd's user) reads the node's private key: the hole.
+    add_hog(c, "hog-open")
+    assert text(call(c, "hog-open", "read_file", {"path": str(key)})).startswith("read: -----BEGIN")
+
+    add_hog(c, "hog-ro", "--read-only", "--writable", str(out), "--hide", str(closed))
+    assert text(call(c, "hog-ro", "write_file", {"path": str(out / "result.txt"), "text": "ok"})) == "written"
+    assert (out / "result.txt").read_text() == "ok"
+    elsewhere = tmp_path / "elsewhere.txt"
+    seen = text(call(c, "hog-ro", "write_file", {"path": str(elsewhere), "text": "no"}))
+    assert seen == "denied: Read-only file system" and not elsewhere.exists(), seen
+    seen = text(call(c, "hog-ro", "read_file", {"path": str(closed / "plan.txt")}))
+    assert seen.startswith("denied:") and "plan" not in seen, seen
+    seen = text(call(c, "hog-ro", "read_file", {"path": str(key)}))
+    assert seen.startswith("denied:") and "BEGIN" not in seen, seen
+    # Its mounts stay its own: the node (and this test) still see everything.
+    assert (closed / "plan.txt").read_text() == "the plan"
+    assert str(closed) not in open("/proc/self/mountinfo").read()
+    status = c.mcpctl("server", "status", "hog-ro")
+    assert f"read-only filesystem but {out}" in status and f"hides {closed}" in status, status
+
+
+def test_a_private_tmp_is_the_servers_own(sandboxed):
+    c = sandboxed
+    need_namespaces(c)
+    add_hog(c, "hog-tmp", "--private-tmp")
+    path = f"/tmp/hog-{uuid.uuid4().hex}.txt"
+    assert text(call(c, "hog-tmp", "write_file", {"path": path, "text": "mine"})) == "written"
+    assert text(call(c, "hog-tmp", "read_file", {"path": path})) == "read: mine"
+    assert not Path(path).exists()
+
+
+def test_isolation_the_node_cannot_honour_or_that_contradicts_itself_is_refused_naming_the_field(sandboxed):
+    c = sandboxed
+    for flags, field in [
+        (["--writable", "/srv/out"], "sandbox.writable_paths"),
+        (["--read-only", "--writable", "relative/path"], "sandbox.writable_paths"),
+        (["--read-only", "--private-tmp", "--writable", "/tmp/out"], "sandbox.writable_paths"),
+        (["--hide", "/"], "sandbox.hidden_paths"),
+        (["--hide", "/etc/../root"], "sandbox.hidden_paths"),
+    ]:
+        refused = c.mcpctl_result("server", "add", "hog-bad", *flags, "--", str(VENV_BIN / "python"), str(HOG))
+        assert refused.returncode != 0 and field in refused.stderr, (flags, refused.stderr)

@@ -10,6 +10,7 @@
 pub mod catalogue;
 pub mod egress;
 pub mod fair;
+pub mod isolation;
 pub mod legacy_sse;
 pub mod liveness;
 pub mod process;
@@ -68,6 +69,10 @@ pub struct PoolConfig {
     /// The variables of `mcpd`'s own environment a server process inherits (when set, and
     /// not set by the server's `env`); nothing else of it reaches the process.
     pub inherit_env: Vec<String>,
+    /// The node's own data and TLS directories, hidden from servers with a private
+    /// filesystem (set at start, not read from the file).
+    #[serde(skip)]
+    pub node_paths: sandbox::NodePaths,
 }
 
 impl PoolConfig {
@@ -88,6 +93,7 @@ impl Default for PoolConfig {
             crash_loop_restarts: 5,
             answer_spin_us: 100,
             inherit_env: ["PATH", "HOME", "LANG", "TMPDIR"].map(String::from).into(),
+            node_paths: sandbox::NodePaths::default(),
         }
     }
 }
@@ -460,6 +466,7 @@ impl Pool {
             process::StartOptions {
                 answer_spin: self.cfg.answer_spin(),
                 report: None,
+                node_paths: self.cfg.node_paths.clone(),
             },
             Some(init),
         )
@@ -675,6 +682,7 @@ async fn supervise(
             r = start_on(shard.as_ref(), &spec, pool_events.clone(), process::StartOptions {
                 answer_spin: cfg.answer_spin(),
                 report: Some(report.clone()),
+                node_paths: cfg.node_paths.clone(),
             }) => r,
             _ = stop.clone().wait() => break,
         };

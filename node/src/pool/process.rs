@@ -22,11 +22,11 @@ use mcpcp_proto::api::ServerSpec;
 use mcpcp_proto::mcp::{code, ErrorObject, Message, RequestId};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::report::SlotReport;
-use super::sandbox::Sandbox;
+use super::sandbox::{NodePaths, Sandbox};
 use crate::call::{CallError, CallEvent, EventSink, Responder};
 
 /// Longest line accepted from a server (a defence against a runaway process).
@@ -190,6 +190,8 @@ pub struct StartOptions {
     pub answer_spin: Duration,
     /// Where its stderr lines and exit status go (its slot's), for `server status`.
     pub report: Option<SlotReport>,
+    /// What a private filesystem hides of the node's own.
+    pub node_paths: NodePaths,
 }
 
 impl Process {
@@ -204,16 +206,16 @@ impl Process {
         let StartOptions {
             answer_spin,
             report,
+            node_paths,
         } = options;
         let sandbox = match &spec.sandbox {
-            Some(s) => Sandbox::resolve(s)?,
+            Some(s) => Sandbox::resolve(s, &node_paths)?,
             None => Sandbox::default(),
         };
-        let (program, args) = sandbox.wrap(&spec.command, &spec.args);
-        let mut cmd = Command::new(program);
+        let memory_limit = sandbox.memory_bytes;
+        let mut cmd = sandbox.command(&spec.command, &spec.args);
         // Only what the spec says: `pool::reconcile` put the inherited variables into it.
-        cmd.args(args)
-            .env_clear()
+        cmd.env_clear()
             .envs(&spec.env)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -224,7 +226,6 @@ impl Process {
         }
         // Its own process group, so stopping it reaches the children it spawns (npx → node).
         cmd.process_group(0);
-        sandbox.apply(&mut cmd);
         let mut child = cmd.spawn().map_err(|source| ProcessError::Spawn {
             command: spec.command.clone(),
             source,
@@ -269,7 +270,7 @@ impl Process {
                 exited_rx.clone(),
             ));
         }
-        if let (Some(limit), Some(pid)) = (sandbox.memory_bytes, pid) {
+        if let (Some(limit), Some(pid)) = (memory_limit, pid) {
             tokio::spawn(watch_memory(pid, limit, shared.clone(), exited_rx.clone()));
         }
         tokio::spawn(reap(child, shared.clone(), exited_tx));

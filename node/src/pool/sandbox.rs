@@ -14,12 +14,22 @@
 //!   `killed: memory limit`. A process that allocates faster than the poll sees an allocation
 //!   fail at the backstop instead.
 //!
-//! [`Capabilities`] says what this node can enforce, for `GET /v1/node`.
+//! - **Isolation** (Linux, root or CAP_SYS_ADMIN): `private_network` gives the process a
+//!   network namespace of its own (a loopback that is down, nothing else); `read_only`,
+//!   `private_tmp` and `hidden_paths` a mount namespace of its own, where every mount is
+//!   read-only but `writable_paths` (and `/dev`, `/proc`, `/sys`), `/tmp` is an empty tmpfs, and
+//!   hidden paths are covered (a directory by an empty, unreadable tmpfs; a file by
+//!   `/dev/null`). mcpd's own data and TLS directories are always hidden there. Mounts do not
+//!   propagate back to the node. `sandbox-exec` does it as root, then drops to `run_as`.
+//!
+//! [`capabilities`] says what this node can enforce, for `GET /v1/node`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mcpcp_proto::api::{SandboxCapabilities, SandboxSpec};
+
+pub use super::isolation::Isolation;
 use rustix::process::{Resource, Rlimit};
 
 /// How often a process's resident memory is compared with its limit.
@@ -36,6 +46,10 @@ pub enum SandboxError {
         "run_as {0:?} needs mcpd to run as root or with CAP_SETUID and CAP_SETGID; it does not"
     )]
     CannotSetUid(String),
+    #[error(
+        "{0} needs mcpd to run as root or with CAP_SYS_ADMIN (a namespace of its own); it does not"
+    )]
+    CannotIsolate(&'static str),
 }
 
 /// What the node can enforce, detected once.
@@ -49,24 +63,31 @@ fn detect() -> SandboxCapabilities {
         run_as: can_set_ids(),
         rlimits: true,
         cgroup_v2: delegated_cgroup_v2(),
-        bwrap: ["/usr/bin/bwrap", "/bin/bwrap"]
-            .iter()
-            .any(|p| Path::new(p).exists()),
+        namespaces: can_unshare(),
     }
 }
 
-/// Whether this process may change its user and group ids.
+/// Whether this process may change its user and group ids (CAP_SETGID, CAP_SETUID).
 fn can_set_ids() -> bool {
+    has_capabilities(&[6, 7])
+}
+
+/// Whether this process may make mount and network namespaces (CAP_SYS_ADMIN).
+fn can_unshare() -> bool {
+    Path::new("/proc/self/ns/mnt").exists() && has_capabilities(&[21])
+}
+
+/// Whether this process is root or has every capability of `bits` (in `CapEff`).
+fn has_capabilities(bits: &[u32]) -> bool {
     if rustix::process::geteuid().is_root() {
         return true;
     }
-    // CapEff: CAP_SETGID is bit 6, CAP_SETUID bit 7.
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .is_some_and(|caps| caps & (1 << 6) != 0 && caps & (1 << 7) != 0)
+        .is_some_and(|caps| bits.iter().all(|b| caps & (1 << b) != 0))
 }
 
 /// Whether mcpd's own cgroup is on a pure cgroup v2 hierarchy and writable by it.
@@ -88,7 +109,7 @@ fn delegated_cgroup_v2() -> bool {
 }
 
 /// A sandbox resolved on this node: ids looked up, limits in the units the kernel takes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Sandbox {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
@@ -97,12 +118,19 @@ pub struct Sandbox {
     cpu_seconds: Option<u64>,
     open_files: Option<u64>,
     processes: Option<u64>,
+    isolation: Isolation,
 }
+
+/// Where the node keeps what its servers must never read (its data and TLS directories):
+/// hidden from every process with a mount namespace of its own.
+#[derive(Debug, Clone, Default)]
+pub struct NodePaths(pub Vec<PathBuf>);
 
 impl Sandbox {
     /// Looks the spec's user and group up on this node (names in `/etc/passwd` and
-    /// `/etc/group`, or numbers) and checks that it can switch to them.
-    pub fn resolve(spec: &SandboxSpec) -> Result<Sandbox, SandboxError> {
+    /// `/etc/group`, or numbers) and checks that it can switch to them and make the
+    /// namespaces asked for.
+    pub fn resolve(spec: &SandboxSpec, node: &NodePaths) -> Result<Sandbox, SandboxError> {
         let mut sandbox = Sandbox {
             memory_bytes: spec.memory_mb.map(|mb| mb << 20),
             cpu_seconds: spec.cpu_seconds,
@@ -110,6 +138,27 @@ impl Sandbox {
             processes: spec.processes,
             ..Sandbox::default()
         };
+        if spec.private_network || spec.private_mounts() {
+            if !capabilities().namespaces {
+                let what = if spec.private_network {
+                    "private_network"
+                } else {
+                    "a private filesystem (read_only, private_tmp, hidden_paths)"
+                };
+                return Err(SandboxError::CannotIsolate(what));
+            }
+            let mut hidden: Vec<PathBuf> = spec.hidden_paths.iter().map(PathBuf::from).collect();
+            if spec.private_mounts() {
+                hidden.extend(node.0.iter().cloned());
+            }
+            sandbox.isolation = Isolation {
+                private_network: spec.private_network,
+                read_only: spec.read_only,
+                writable: spec.writable_paths.iter().map(PathBuf::from).collect(),
+                hidden,
+                private_tmp: spec.private_tmp,
+            };
+        }
         if let Some(run_as) = &spec.run_as {
             if !can_set_ids() {
                 return Err(SandboxError::CannotSetUid(run_as.clone()));
@@ -132,40 +181,48 @@ impl Sandbox {
         Ok(sandbox)
     }
 
-    /// Sets the user and group of the process `cmd` starts. std drops the supplementary
-    /// groups when it sets the user as root.
-    pub fn apply(&self, cmd: &mut tokio::process::Command) {
-        if let Some(gid) = self.gid {
-            cmd.gid(gid);
-        }
-        if let Some(uid) = self.uid {
-            cmd.uid(uid);
-        }
-    }
-
-    /// The program and arguments that run `command` with this sandbox's limits: `mcpd
-    /// sandbox-exec`, which sets them on itself (they need no privilege to lower, whatever
-    /// the user) and then execs the command, so that they hold from its first instruction.
-    /// Without limits, the command itself.
-    pub fn wrap(&self, command: &str, args: &[String]) -> (String, Vec<String>) {
+    /// The command that runs `command` in this sandbox. With limits or namespaces, that is
+    /// `mcpd sandbox-exec`, which makes the namespaces, sets the limits on itself, drops to
+    /// the user and then execs the command, so that all of it holds from the command's first
+    /// instruction. Otherwise the command itself, started as the user (std drops the
+    /// supplementary groups when it sets the user as root).
+    pub fn command(&self, command: &str, args: &[String]) -> tokio::process::Command {
         let limits: Vec<String> = self
             .rlimits()
             .into_iter()
             .flatten()
             .map(|(resource, soft, hard)| format!("--limit={}:{soft}:{hard}", name_of(resource)))
             .collect();
-        if limits.is_empty() {
-            return (command.to_string(), args.to_vec());
+        if limits.is_empty() && !self.isolation.any() {
+            let mut cmd = tokio::process::Command::new(command);
+            cmd.args(args);
+            if let Some(gid) = self.gid {
+                cmd.gid(gid);
+            }
+            if let Some(uid) = self.uid {
+                cmd.uid(uid);
+            }
+            return cmd;
         }
         // This very binary, resolved in the child: it works after the file was replaced by an
-        // upgrade, and never falls back to running the command without its limits.
-        let exe = "/proc/self/exe";
-        let mut wrapped = vec!["sandbox-exec".to_string()];
-        wrapped.extend(limits);
-        wrapped.push("--".into());
-        wrapped.push(command.into());
-        wrapped.extend(args.iter().cloned());
-        (exe.to_string(), wrapped)
+        // upgrade, and never falls back to running the command without its sandbox.
+        let mut cmd = tokio::process::Command::new("/proc/self/exe");
+        if self.isolation.private_mounts() {
+            // Not mcpd's own working directory, which may be hidden: the spec's `cwd`, set
+            // after this, or the root.
+            cmd.current_dir("/");
+        }
+        cmd.arg("sandbox-exec")
+            .args(limits)
+            .args(self.isolation.args());
+        if let Some(uid) = self.uid {
+            cmd.arg(format!("--uid={uid}"));
+        }
+        if let Some(gid) = self.gid {
+            cmd.arg(format!("--gid={gid}"));
+        }
+        cmd.arg("--").arg(command).args(args);
+        cmd
     }
 
     /// The rlimits to set: (resource, soft, hard).
@@ -205,11 +262,30 @@ fn name_of(resource: Resource) -> &'static str {
         .map_or("?", |(n, _)| n)
 }
 
-/// `mcpd sandbox-exec --limit=NAME:SOFT:HARD... -- COMMAND ARGS...`: sets the limits on this
-/// process, then becomes the command. Returns only if that failed.
-pub fn exec(limits: &[String], command: &[String]) -> std::io::Error {
+/// What `mcpd sandbox-exec` is told to do before it becomes the command.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ExecPlan {
+    /// NAME:SOFT:HARD, NAME one of cpu, nofile, nproc, data (repeat).
+    #[arg(long = "limit")]
+    pub limits: Vec<String>,
+    #[command(flatten)]
+    pub isolation: Isolation,
+    /// The user id the command runs as.
+    #[arg(long)]
+    pub uid: Option<u32>,
+    /// The group id the command runs as.
+    #[arg(long)]
+    pub gid: Option<u32>,
+}
+
+/// `mcpd sandbox-exec [PLAN] -- COMMAND ARGS...`: makes the namespaces, sets the limits on
+/// this process, then becomes the command as the plan's user. Returns only if that failed.
+pub fn exec(plan: &ExecPlan, command: &[String]) -> std::io::Error {
     use std::os::unix::process::CommandExt;
-    for limit in limits {
+    if let Err(e) = plan.isolation.enter() {
+        return e;
+    }
+    for limit in &plan.limits {
         let parsed = limit.split(':').collect::<Vec<_>>();
         let resource = RESOURCES.iter().find(|(n, _)| Some(n) == parsed.first());
         let (Some((_, resource)), [_, soft, hard]) = (resource, parsed.as_slice()) else {
@@ -232,7 +308,15 @@ pub fn exec(limits: &[String], command: &[String]) -> std::io::Error {
     let Some((program, args)) = command.split_first() else {
         return std::io::Error::other("no command to run");
     };
-    let e = std::process::Command::new(program).args(args).exec();
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args);
+    if let Some(gid) = plan.gid {
+        cmd.gid(gid);
+    }
+    if let Some(uid) = plan.uid {
+        cmd.uid(uid);
+    }
+    let e = cmd.exec();
     std::io::Error::new(e.kind(), format!("running {program:?}: {e}"))
 }
 
@@ -291,11 +375,14 @@ mod tests {
 
     #[test]
     fn limits_become_rlimits_with_a_memory_backstop() {
-        let s = Sandbox::resolve(&SandboxSpec {
-            memory_mb: Some(64),
-            cpu_seconds: Some(5),
-            ..SandboxSpec::default()
-        })
+        let s = Sandbox::resolve(
+            &SandboxSpec {
+                memory_mb: Some(64),
+                cpu_seconds: Some(5),
+                ..SandboxSpec::default()
+            },
+            &NodePaths::default(),
+        )
         .expect("no user to look up");
         assert_eq!(s.memory_bytes, Some(64 << 20));
         let set = s.rlimits();
@@ -306,10 +393,13 @@ mod tests {
 
     #[test]
     fn an_unknown_user_is_refused_with_its_name() {
-        let e = Sandbox::resolve(&SandboxSpec {
-            run_as: Some("no-such-user-here".into()),
-            ..SandboxSpec::default()
-        });
+        let e = Sandbox::resolve(
+            &SandboxSpec {
+                run_as: Some("no-such-user-here".into()),
+                ..SandboxSpec::default()
+            },
+            &NodePaths::default(),
+        );
         let message = e.expect_err("refused").to_string();
         assert!(message.contains("no-such-user-here"), "{message}");
     }

@@ -271,7 +271,54 @@ fn sandbox_spec(s: &SandboxSpec) -> Result<(), FieldError> {
             "needs run_as: the kernel counts processes per user, and does not limit root",
         ));
     }
+    for (field, paths) in [
+        ("sandbox.writable_paths", &s.writable_paths),
+        ("sandbox.hidden_paths", &s.hidden_paths),
+    ] {
+        if paths.len() > MAX_SANDBOX_PATHS {
+            return Err(FieldError::new(
+                field,
+                format!("at most {MAX_SANDBOX_PATHS} paths"),
+            ));
+        }
+        if let Some(bad) = paths.iter().find(|p| !sandbox_path(p)) {
+            return Err(FieldError::new(
+                field,
+                format!("{bad:?}: must be an absolute path other than /, without . or .. parts, at most 1024 bytes"),
+            ));
+        }
+    }
+    if let Some(inside) = s
+        .writable_paths
+        .iter()
+        .find(|p| s.private_tmp && (*p == "/tmp" || p.starts_with("/tmp/")))
+    {
+        return Err(FieldError::new(
+            "sandbox.writable_paths",
+            format!("{inside:?} is inside the private /tmp, which starts empty"),
+        ));
+    }
+    if !s.writable_paths.is_empty() && !s.read_only {
+        return Err(FieldError::new(
+            "sandbox.writable_paths",
+            "needs read_only: without it every path is as writable as the user makes it",
+        ));
+    }
     Ok(())
+}
+
+/// Paths a sandbox makes writable or hides, each.
+const MAX_SANDBOX_PATHS: usize = 32;
+
+/// An absolute, normal path other than `/`: what a mount may be put on.
+fn sandbox_path(p: &str) -> bool {
+    p.starts_with('/')
+        && p.len() > 1
+        && p.len() <= 1024
+        && !p.contains('\0')
+        && p[1..]
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..")
 }
 
 /// A limit: what it matches is well formed, and it limits something.

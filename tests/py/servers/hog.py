@@ -1,11 +1,12 @@
 """A stdio MCP server that misbehaves on request, for the sandbox tests: it reads other
-processes' environment, allocates memory without bound, spins on the CPU, forks, and opens
-files. Written with the Python SDK (`MCPServer`). Every loop is bounded, so that a sandbox that
-fails to hold it still ends."""
+processes' environment, allocates memory without bound, spins on the CPU, forks, opens
+files, and connects, writes and reads where it is told. Written with the Python SDK
+(`MCPServer`). Every loop is bounded, so that a sandbox that fails to hold it still ends."""
 
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 from mcp.server.mcpserver import MCPServer
@@ -82,6 +83,37 @@ def open_files(n: int) -> str:
     for f in files:
         f.close()
     return f"opened {len(files)} ({error or 'no error'})"
+
+
+@server.tool()
+def connect(host: str, port: int) -> str:
+    """Opens a TCP connection to `host`:`port` (within 5 s), or says why it cannot."""
+    try:
+        with socket.create_connection((host, port), timeout=5):
+            return "connected"
+    except OSError as e:
+        return f"refused: {e.strerror or e}"
+
+
+@server.tool()
+def write_file(path: str, text: str) -> str:
+    """Writes `text` to `path`, or says why it cannot."""
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+        return "written"
+    except OSError as e:
+        return f"denied: {e.strerror}"
+
+
+@server.tool()
+def read_file(path: str) -> str:
+    """The first 4 KiB of `path`, or why it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return "read: " + f.read(4096).decode(errors="replace")
+    except OSError as e:
+        return f"denied: {e.strerror}"
 
 
 if __name__ == "__main__":
