@@ -9,8 +9,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mcpcp_proto::api::{
     AddNodeRequest, ClusterStatus, CreateTokenRequest, Effect, IssuerSpec, Member, PolicySpec,
-    PolicyTest, Role, SandboxSpec, ServerPatch, ServerSpec, SessionMode, TenantSpec, Timeouts,
-    ToolDiff, ToolPins, Versioned,
+    PolicyTest, Role, SandboxCapabilities, SandboxSpec, ServerPatch, ServerSpec, SessionMode,
+    TenantSpec, Timeouts, ToolDiff, ToolPins, Versioned,
 };
 use mcpctl::{dev, import, AdminClient, CallOptions, ClientError};
 use serde::Serialize;
@@ -1226,7 +1226,22 @@ async fn cluster(cli: &Cli, cmd: &ClusterCmd) -> Outcome {
                     }
                 }
             }
-            print_status(cli, &status);
+            // What each node can enforce of a sandbox, asked of each (2 s at most).
+            let mut asks = tokio::task::JoinSet::new();
+            for m in &status.members {
+                let (id, node) = (m.id, c.for_endpoint(&m.http_addr));
+                asks.spawn(async move {
+                    let info = tokio::time::timeout(Duration::from_secs(2), node.node_info()).await;
+                    (id, info.ok().and_then(Result::ok).map(|i| i.sandbox))
+                });
+            }
+            let mut sandboxes = BTreeMap::new();
+            while let Some(Ok((id, caps))) = asks.join_next().await {
+                if let Some(caps) = caps {
+                    sandboxes.insert(id, caps);
+                }
+            }
+            print_status(cli, &status, &sandboxes);
             Ok(())
         }
         ClusterCmd::AddNode {
@@ -1344,9 +1359,14 @@ async fn cluster(cli: &Cli, cmd: &ClusterCmd) -> Outcome {
     }
 }
 
-fn print_status(cli: &Cli, s: &ClusterStatus) {
+fn print_status(cli: &Cli, s: &ClusterStatus, sandboxes: &BTreeMap<u64, SandboxCapabilities>) {
     if cli.output == Output::Json {
-        return print_json(s);
+        let mut v = serde_json::to_value(s).unwrap_or_default();
+        v["sandbox"] = serde_json::json!(sandboxes
+            .iter()
+            .map(|(id, caps)| (id.to_string(), caps))
+            .collect::<BTreeMap<_, _>>());
+        return print_json(&v);
     }
     out!(
         "leader: {}   term: {}   revision: {}   answered by: node {} ({})",
@@ -1383,15 +1403,36 @@ fn print_status(cli: &Cli, s: &ClusterStatus) {
                 opt(m.applied_index),
                 opt(m.lag),
                 m.health.clone(),
+                sandboxes.get(&m.id).map_or("?".into(), can_enforce),
             ]
         })
         .collect();
     print_table(
         &[
-            "ID", "ROLE", "HTTP", "GRPC", "MATCHED", "APPLIED", "LAG", "HEALTH",
+            "ID", "ROLE", "HTTP", "GRPC", "MATCHED", "APPLIED", "LAG", "HEALTH", "SANDBOX",
         ],
         rows,
     );
+}
+
+/// `run_as,rlimits,namespaces`: what a node can enforce of a server's sandbox.
+fn can_enforce(caps: &SandboxCapabilities) -> String {
+    let named = [
+        (caps.run_as, "run_as"),
+        (caps.rlimits, "rlimits"),
+        (caps.cgroup_v2, "cgroup_v2"),
+        (caps.namespaces, "namespaces"),
+    ];
+    let can: Vec<&str> = named
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, n)| *n)
+        .collect();
+    if can.is_empty() {
+        "-".into()
+    } else {
+        can.join(",")
+    }
 }
 
 fn apply_flags(spec: &mut ServerSpec, f: &ServerFlags) -> Result<(), Failure> {

@@ -117,6 +117,12 @@ def test_the_node_reports_what_it_can_enforce(sandboxed):
     caps = node_sandbox(sandboxed)
     assert set(caps) == {"run_as", "rlimits", "cgroup_v2", "namespaces"}, caps
     assert caps["rlimits"] is True
+    # `mcpctl cluster status` says it for every node.
+    status = json.loads(sandboxed.mcpctl("cluster", "status", "-o", "json"))
+    assert status["sandbox"] == {"1": caps}, status
+    table = sandboxed.mcpctl("cluster", "status")
+    can = ",".join(k for k in ("run_as", "rlimits", "cgroup_v2", "namespaces") if caps[k])
+    assert "SANDBOX" in table and can in table, table
 
 
 def test_a_server_run_as_another_user_cannot_read_another_servers_secrets(sandboxed):
