@@ -167,6 +167,17 @@ def test_a_process_that_allocates_without_bound_is_killed_at_its_memory_limit(sa
     assert text(call(c, "hog-mem", "allocate", {"mb": 16, "step_ms": 0})) == "allocated 16 MiB"
 
 
+def test_children_that_allocate_together_are_killed_at_the_servers_memory_limit(sandboxed):
+    """Each child stays under the limit (and its per-process backstop); together they pass it:
+    the limit is the process group's."""
+    c = sandboxed
+    add_hog(c, "hog-brood", "--memory-mb", "128")
+    answer = call(c, "hog-brood", "allocate_in_children", {"n": 4, "mb": 64, "hold_s": 20})
+    assert "error" in answer and "memory limit" in answer["error"]["message"], answer
+    exit_ = wait_until(lambda: process(c, "hog-brood").get("last_exit"), 30, "the kill is reported")
+    assert re.match(r"killed: memory limit \(resident \d+ MiB > 128 MiB\)", exit_), exit_
+
+
 def test_a_cpu_spinner_is_stopped_by_the_cpu_limit(sandboxed):
     c = sandboxed
     add_hog(c, "hog-cpu", "--cpu-seconds", "2")

@@ -540,14 +540,23 @@ async fn watch_memory(
 ) {
     let mut tick = tokio::time::interval(super::sandbox::MEMORY_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The rest of the group, as last scanned.
+    let (mut others, mut scanned) = (0, None::<tokio::time::Instant>);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = exited.wait_for(|e| *e) => return,
         }
-        let Some(resident) = super::sandbox::resident_bytes(pid) else {
+        let Some(own) = super::sandbox::resident_bytes(pid) else {
             return;
         };
+        if scanned.is_none_or(|at| at.elapsed() >= super::sandbox::GROUP_SCAN) {
+            others = tokio::task::spawn_blocking(move || super::sandbox::group_resident_bytes(pid))
+                .await
+                .unwrap_or(others);
+            scanned = Some(tokio::time::Instant::now());
+        }
+        let resident = own + others;
         if resident <= limit {
             continue;
         }

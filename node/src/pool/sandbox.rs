@@ -9,10 +9,12 @@
 //!   (so they hold from the server's first instruction), and inherited by whatever it starts: CPU seconds (`RLIMIT_CPU`: SIGXCPU past it, reported as
 //!   `killed: CPU limit`), open files, processes of the user, and private memory
 //!   (`RLIMIT_DATA`, at 1.25 × `memory_mb`, a hard backstop).
-//! - **Memory** is watched as well: the process's resident memory is read every
-//!   [`MEMORY_POLL`], and past `memory_mb` the process group is killed and reported as
-//!   `killed: memory limit`. A process that allocates faster than the poll sees an allocation
-//!   fail at the backstop instead.
+//! - **Memory** is watched as well: the resident memory of the process is read every
+//!   [`MEMORY_POLL`], and that of the rest of its process group (the children it started,
+//!   `npx` → `node`) every [`GROUP_SCAN`]; past `memory_mb` in total, the group is killed and
+//!   reported as `killed: memory limit`. A process that allocates faster than the poll sees
+//!   an allocation fail at the backstop instead. A child that leaves the group (`setsid`)
+//!   leaves the watch too.
 //!
 //! - **Isolation** (Linux, root or CAP_SYS_ADMIN): `private_network` gives the process a
 //!   network namespace of its own (a loopback that is down, nothing else); `read_only`,
@@ -34,6 +36,10 @@ use rustix::process::{Resource, Rlimit};
 
 /// How often a process's resident memory is compared with its limit.
 pub const MEMORY_POLL: Duration = Duration::from_millis(50);
+
+/// How often the other processes of its group (the children it started) are found and
+/// their resident memory added: a scan of `/proc`, so slower than [`MEMORY_POLL`].
+pub const GROUP_SCAN: Duration = Duration::from_millis(500);
 
 /// Why a sandbox cannot be honoured on this node.
 #[derive(Debug, thiserror::Error)]
@@ -359,6 +365,30 @@ pub fn resident_bytes(pid: u32) -> Option<u64> {
     Some(kib << 10)
 }
 
+/// Resident memory of the processes of group `pgid` other than `pgid` itself, in bytes.
+pub fn group_resident_bytes(pgid: u32) -> u64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != pgid && group_of(pid) == Some(pgid))
+        .filter_map(resident_bytes)
+        .sum()
+}
+
+/// The process group of `pid` (the fifth field of `/proc/PID/stat`, after the name).
+fn group_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(2)?
+        .parse()
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -402,6 +432,35 @@ mod tests {
         );
         let message = e.expect_err("refused").to_string();
         assert!(message.contains("no-such-user-here"), "{message}");
+    }
+
+    #[test]
+    fn a_groups_other_processes_are_counted() {
+        use std::os::unix::process::CommandExt;
+        let me = std::process::id();
+        assert_eq!(
+            group_of(me),
+            Some(rustix::process::getpgrp().as_raw_pid() as u32)
+        );
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .expect("sleep runs");
+        let pgid = child.id();
+        let mut grandchild = std::process::Command::new("sleep")
+            .arg("30")
+            .process_group(pgid as i32)
+            .spawn()
+            .expect("sleep runs");
+        let counted = group_resident_bytes(pgid);
+        let _ = (
+            child.kill(),
+            grandchild.kill(),
+            child.wait(),
+            grandchild.wait(),
+        );
+        assert!(counted > 0, "the grandchild's memory is counted");
     }
 
     #[test]

@@ -86,6 +86,25 @@ def open_files(n: int) -> str:
 
 
 @server.tool()
+def allocate_in_children(n: int, mb: int, hold_s: float = 10) -> str:
+    """Starts `n` (at most 16) children that each allocate (and touch) `mb` MiB (at most 512)
+    and hold it for `hold_s` s (at most 30); waits for them."""
+    children = []
+    for _ in range(min(n, 16)):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                held = [bytearray(1 << 20) for _ in range(min(mb, 512))]
+                time.sleep(min(hold_s, 30))
+                del held
+            finally:
+                os._exit(0)
+        children.append(pid)
+    codes = [os.waitpid(pid, 0)[1] for pid in children]
+    return f"children done: {codes}"
+
+
+@server.tool()
 def connect(host: str, port: int) -> str:
     """Opens a TCP connection to `host`:`port` (within 5 s), or says why it cannot."""
     try:
