@@ -1873,11 +1873,11 @@ fn identity_goals(report: &mut Report) {
 // === section: limits ===
 
 const LIMITS_NONE: &str = "no limit";
-const LIMITS_ON: &str = "rate + quota on every call";
+const LIMITS_ON: &str = "rate + quota + slots on every call";
 const LIMITS_NONE_AGAIN: &str = "no limit, again";
 
-/// Node 1's `/servers/demo/mcp` with no limit, then with a rate limit and a daily quota that
-/// match every call (too high to refuse any), then with none again: the two runs without
+/// Node 1's `/servers/demo/mcp` with no limit, then with a rate limit, a daily quota and a
+/// concurrency limit that match every call (too high to refuse any), then with none again: the two runs without
 /// bracket the one with, so that drift of the machine shows. Fair queueing is always on.
 async fn bench_limits(mcp: &Mcp, args: &Args, report: &mut Report) -> anyhow::Result<()> {
     let target = mcp.target(mcp.ids[0], "/servers/demo/mcp", "echo");
@@ -1888,6 +1888,7 @@ async fn bench_limits(mcp: &Mcp, args: &Args, report: &mut Report) -> anyhow::Re
         "name": "bench-every-call",
         "rate": { "per_second": 1_000_000, "burst": 1_000_000 },
         "quota": { "calls": 1_000_000_000_000u64, "period": "day" },
+        "concurrency": 1_000_000,
     }))?;
     let none = CallOptions::default();
     mcp.admin
@@ -1917,7 +1918,7 @@ fn limits_goals(report: &mut Report) {
     let goal_p50 = Goal {
         section: "limits",
         goal: format!(
-            "1 client: a rate limit and a quota on every call add at most {:.0} µs p50",
+            "1 client: a rate limit, a quota and a concurrency limit on every call add at most {:.0} µs p50",
             GOAL_LIMITS_P50_ADDED_MS * 1e3
         ),
         measured: added
