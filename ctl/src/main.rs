@@ -270,7 +270,8 @@ struct ServerFlags {
     /// Most processes of the --run-as user.
     #[arg(long)]
     processes: Option<u64>,
-    /// No network for the processes (a network namespace of their own; mcpd must run as root).
+    /// No network for the processes (a network namespace of their own). This and the
+    /// filesystem flags below need --run-as (a user of the server's own) and mcpd as root.
     #[arg(long)]
     private_network: bool,
     /// A read-only filesystem for the processes, but --writable paths (mcpd must run as root).

@@ -342,8 +342,7 @@ pub async fn run(
         &me.http_addr,
     );
     let mut pool_cfg = cfg.pool.clone();
-    pool_cfg.node_paths =
-        crate::pool::sandbox::NodePaths(vec![cfg.data_dir.clone(), cfg.tls_dir()]);
+    pool_cfg.node_paths = crate::pool::sandbox::NodePaths::of(&cfg);
     tasks.spawn(reconcile::run(
         registry.clone(),
         pools,

@@ -270,7 +270,8 @@ pub struct SandboxSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub processes: Option<u64>,
     /// No network: the process gets a network namespace of its own, with only a loopback
-    /// interface that is down (stdio needs none).
+    /// interface that is down (stdio needs none). This and the three fields below need
+    /// `run_as` (a user other than root and mcpd's own).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub private_network: bool,
     /// The whole filesystem read-only, but `writable_paths` (and `/dev`, `/proc`, `/sys`).

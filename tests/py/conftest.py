@@ -18,6 +18,7 @@ import json
 import os
 import re
 import signal
+import socket
 import shutil
 import subprocess
 import tempfile
@@ -134,16 +135,35 @@ class Cluster:
         raise AssertionError(f"node {node} (pid {pid}) still alive 10 s after SIGKILL")
 
     def restart(self, node: int) -> None:
-        """Starts a killed node again with its data and addresses (as `dev up` did)."""
+        """Starts a killed node again with its data and addresses (as `dev up` did), and
+        returns once it listens. Its ports came from the ephemeral range, so while it was
+        down another connection may have taken one as its source port: the start is tried
+        again until that connection is gone (30 s at most)."""
         nd = self.dir / f"node{node + 1}"
         ep = json.loads((nd / "data" / "endpoints.json").read_text())
-        with open(nd / "mcpd.log", "ab") as log:
-            p = subprocess.Popen(
-                [str(MCPD), "--id", str(node + 1), "--data-dir", str(nd / "data"),
-                 "--http-addr", ep["http_addr"], "--grpc-addr", ep["grpc_addr"]],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-            )
-        (nd / "mcpd.pid").write_text(f"{p.pid}\n")
+        host, port = ep["http_addr"].rsplit(":", 1)
+        deadline = time.monotonic() + 30
+        while True:
+            logged = (nd / "mcpd.log").stat().st_size
+            with open(nd / "mcpd.log", "ab") as log:
+                p = subprocess.Popen(
+                    [str(MCPD), "--id", str(node + 1), "--data-dir", str(nd / "data"),
+                     "--http-addr", ep["http_addr"], "--grpc-addr", ep["grpc_addr"]],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                )
+            (nd / "mcpd.pid").write_text(f"{p.pid}\n")
+            while p.poll() is None and time.monotonic() < deadline:
+                try:
+                    socket.create_connection((host, int(port)), timeout=1).close()
+                    return
+                except OSError:
+                    time.sleep(0.05)
+            with open(nd / "mcpd.log", "rb") as log:
+                log.seek(logged)
+                said = log.read().decode(errors="replace")
+            if p.poll() is None or "Address already in use" not in said or time.monotonic() > deadline:
+                raise AssertionError(f"node {node} did not come back on {ep['http_addr']}: {said[-2000:]}")
+            time.sleep(0.2)
 
     def call_log(self, node: int) -> list[dict]:
         """Node `node`'s call log (`<data_dir>/audit/calls.jsonl`), one dict per call."""

@@ -12,7 +12,9 @@ import functools
 import json
 import pwd
 import re
+import shutil
 import subprocess
+import tempfile
 import sysconfig
 import uuid
 from pathlib import Path
@@ -212,41 +214,61 @@ def test_open_files_are_limited(sandboxed):
     assert count < 64 and "Too many open files" in opened, opened
 
 
+@pytest.fixture
+def shared_dir():
+    """A directory the sandbox's user can reach (pytest's own are root's alone), removed after."""
+    d = Path(tempfile.mkdtemp(prefix="mcpd-sandbox-", dir="/var/tmp"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def need_isolation(c) -> None:
+    need_run_as(c)
+    need_namespaces(c)
+
+
 def test_a_server_with_a_private_network_reaches_nothing(sandboxed):
     c = sandboxed
-    need_namespaces(c)
+    need_isolation(c)
     port = urlparse(c.base(0)).port
     # Without it, a server reaches the node's own API port on loopback.
-    add_hog(c, "hog-wired")
+    add_hog(c, "hog-wired", "--run-as", NOBODY, user=NOBODY)
     assert text(call(c, "hog-wired", "connect", {"host": "127.0.0.1", "port": port})) == "connected"
-    add_hog(c, "hog-offline", "--private-network")
+    add_hog(c, "hog-offline", "--run-as", NOBODY, "--private-network", user=NOBODY)
     seen = text(call(c, "hog-offline", "connect", {"host": "127.0.0.1", "port": port}))
     assert seen == "refused: Network is unreachable", seen
     assert "no network" in c.mcpctl("server", "status", "hog-offline")
 
 
-def test_a_read_only_server_writes_only_where_allowed_and_never_sees_the_nodes_keys(sandboxed, tmp_path):
+def test_a_read_only_server_writes_only_where_allowed_and_sees_no_hidden_path(sandboxed, shared_dir):
     c = sandboxed
-    need_namespaces(c)
-    key = c.dir / "node1" / "data" / "tls" / "node.key"
-    out, closed = tmp_path / "out", tmp_path / "closed"
-    out.mkdir()
-    closed.mkdir()
+    need_isolation(c)
+    out, closed = shared_dir / "out", shared_dir / "closed"
+    out.mkdir(mode=0o777)
+    out.chmod(0o777)
+    closed.mkdir(mode=0o755)
     (closed / "plan.txt").write_text("the plan")
-    # Without a sandbox, a server (as mcpd's user) reads the node's private key: the hole.
+    (shared_dir / "open.txt").write_text("x")
+    (shared_dir / "open.txt").chmod(0o666)
+    through_proc = f"/proc/{c.pid(0)}/root{closed}/plan.txt"
+    # As mcpd's user, a server reaches any file, even through mcpd's own /proc entry.
     add_hog(c, "hog-open")
-    assert text(call(c, "hog-open", "read_file", {"path": str(key)})).startswith("read: -----BEGIN")
+    assert text(call(c, "hog-open", "read_file", {"path": through_proc})) == "read: the plan"
 
-    add_hog(c, "hog-ro", "--read-only", "--writable", str(out), "--hide", str(closed))
+    add_hog(c, "hog-ro", "--run-as", NOBODY, "--read-only", "--writable", str(out), "--hide", str(closed),
+            user=NOBODY)
     assert text(call(c, "hog-ro", "write_file", {"path": str(out / "result.txt"), "text": "ok"})) == "written"
     assert (out / "result.txt").read_text() == "ok"
-    elsewhere = tmp_path / "elsewhere.txt"
-    seen = text(call(c, "hog-ro", "write_file", {"path": str(elsewhere), "text": "no"}))
-    assert seen == "denied: Read-only file system" and not elsewhere.exists(), seen
-    seen = text(call(c, "hog-ro", "read_file", {"path": str(closed / "plan.txt")}))
-    assert seen.startswith("denied:") and "plan" not in seen, seen
-    seen = text(call(c, "hog-ro", "read_file", {"path": str(key)}))
-    assert seen.startswith("denied:") and "BEGIN" not in seen, seen
+    # A file its user may write, outside the writable paths.
+    seen = text(call(c, "hog-ro", "write_file", {"path": str(shared_dir / "open.txt"), "text": "no"}))
+    assert seen == "denied: Read-only file system" and (shared_dir / "open.txt").read_text() == "x", seen
+    # A file its user may read, in a hidden directory; nor through mcpd's /proc entry.
+    for path in (str(closed / "plan.txt"), through_proc):
+        seen = text(call(c, "hog-ro", "read_file", {"path": path}))
+        assert seen.startswith("denied:") and "plan" not in seen, (path, seen)
     # Its mounts stay its own: the node (and this test) still see everything.
     assert (closed / "plan.txt").read_text() == "the plan"
     assert str(closed) not in open("/proc/self/mountinfo").read()
@@ -256,22 +278,40 @@ def test_a_read_only_server_writes_only_where_allowed_and_never_sees_the_nodes_k
 
 def test_a_private_tmp_is_the_servers_own(sandboxed):
     c = sandboxed
-    need_namespaces(c)
-    add_hog(c, "hog-tmp", "--private-tmp")
+    need_isolation(c)
+    add_hog(c, "hog-tmp", "--run-as", NOBODY, "--private-tmp", user=NOBODY)
     path = f"/tmp/hog-{uuid.uuid4().hex}.txt"
     assert text(call(c, "hog-tmp", "write_file", {"path": path, "text": "mine"})) == "written"
     assert text(call(c, "hog-tmp", "read_file", {"path": path})) == "read: mine"
     assert not Path(path).exists()
+    # Its environment reached it (sandbox-exec itself ran with none).
+    assert "PATH=" in text(call(c, "hog-tmp", "read_file", {"path": "/proc/self/environ"}))
 
 
-def test_isolation_the_node_cannot_honour_or_that_contradicts_itself_is_refused_naming_the_field(sandboxed):
+def test_isolation_as_root_is_refused(sandboxed):
+    """Root (or mcpd's own user) in the namespaces could unmount them or reach the node's
+    files through /proc: the API wants run_as, and the node refuses a run_as of root."""
+    c = sandboxed
+    refused = c.mcpctl_result("server", "add", "hog-rootbox", "--read-only", "--",
+                              str(VENV_BIN / "python"), str(HOG))
+    assert refused.returncode != 0 and "sandbox.run_as" in refused.stderr, refused.stderr
+    need_namespaces(c)
+    c.mcpctl("server", "add", "hog-rootbox", "--pool-size", "1", "--run-as", "root", "--private-network",
+             "--", str(VENV_BIN / "python"), str(HOG))
+    error = wait_until(lambda: process(c, "hog-rootbox").get("last_error"), 30, "the start fails")
+    assert "root or mcpd's own user" in error, error
+    c.mcpctl("server", "rm", "hog-rootbox")
+
+
+def test_isolation_that_contradicts_itself_is_refused_naming_the_field(sandboxed):
     c = sandboxed
     for flags, field in [
         (["--writable", "/srv/out"], "sandbox.writable_paths"),
-        (["--read-only", "--writable", "relative/path"], "sandbox.writable_paths"),
-        (["--read-only", "--private-tmp", "--writable", "/tmp/out"], "sandbox.writable_paths"),
-        (["--hide", "/"], "sandbox.hidden_paths"),
-        (["--hide", "/etc/../root"], "sandbox.hidden_paths"),
+        (["--run-as", NOBODY, "--read-only", "--writable", "relative/path"], "sandbox.writable_paths"),
+        (["--run-as", NOBODY, "--read-only", "--private-tmp", "--writable", "/tmp/out"], "sandbox.writable_paths"),
+        (["--run-as", NOBODY, "--hide", "/"], "sandbox.hidden_paths"),
+        (["--run-as", NOBODY, "--hide", "/etc/../root"], "sandbox.hidden_paths"),
+        (["--private-network"], "sandbox.run_as"),
     ]:
         refused = c.mcpctl_result("server", "add", "hog-bad", *flags, "--", str(VENV_BIN / "python"), str(HOG))
         assert refused.returncode != 0 and field in refused.stderr, (flags, refused.stderr)

@@ -94,6 +94,11 @@ def test_tool_names_a_server_does_not_list_are_counted_as_other(metered):
     c = metered
     c.mcpctl("tenant", "add", "guesser")
     token = c.mcpctl("token", "create", "--tenant", "guesser", "--name", "meter").strip()
+    # Every node knows what demo lists (its own pool's catalogue, or a peer's answer).
+    for node in range(3):
+        wait_until(lambda: any(t["name"] == "echo" for t in httpx2.get(
+            f"{c.base(node)}/v1/servers/demo/catalogue", headers={"Authorization": f"Bearer {c.admin_token}"},
+            timeout=10).json().get("tools", [])) or None, 60, f"node {node} knows demo's tools")
     for i in range(6):
         r = stateless_post(c.url(i % 3, "demo"), token, "tools/call",
                            {"name": f"made-up-{i}", "arguments": {}}, name=f"made-up-{i}")

@@ -4,11 +4,14 @@
 //! its limits, drops to the server's user and execs the server.
 //!
 //! The mount namespace is private (nothing propagates back to the node). Every mount in it is
-//! remounted read-only, keeping its nosuid, nodev and noexec, except the kernel's own
-//! filesystems under `/dev`, `/proc` and `/sys`; writable paths are bound onto themselves
-//! and made writable again after that; hidden paths are covered last, so that a hidden path
-//! inside a writable one stays hidden. Any step that fails fails the start: a process never
-//! runs with less isolation than asked for.
+//! remounted read-only and nosuid, keeping its nodev and noexec, except the kernel's own
+//! filesystems under `/dev`, `/proc` and `/sys`, and `/dev/shm` gets a tmpfs of its own;
+//! writable paths are bound onto themselves (with what is mounted below them, which stays
+//! read-only) and made writable, nosuid and nodev after that; hidden paths are covered
+//! last, so that a hidden path inside a writable one stays hidden. Any step that fails fails
+//! the start: a process never runs with less isolation than asked for. `sandbox-exec` then
+//! sets no_new_privs and drops to the server's user, which must be neither root nor mcpd's
+//! own (either could undo the mounts or reach the node's files through `/proc/PID/root`).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -97,7 +100,18 @@ impl Isolation {
                 {
                     continue;
                 }
-                remount(&point, kept | MountFlags::RDONLY)?;
+                remount(&point, kept | MountFlags::RDONLY | MountFlags::NOSUID)?;
+            }
+            // Shared memory is a filesystem under /dev, shared with the node: one of its own.
+            if Path::new("/dev/shm").is_dir() {
+                rustix::mount::mount(
+                    "tmpfs",
+                    "/dev/shm",
+                    "tmpfs",
+                    MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+                    c"mode=1777",
+                )
+                .map_err(|e| step("mounting a private /dev/shm on", Path::new("/dev/shm"), e))?;
             }
         }
         if self.private_tmp {
@@ -111,7 +125,7 @@ impl Isolation {
             .map_err(|e| step("mounting a private /tmp on", Path::new("/tmp"), e))?;
         }
         for path in &self.writable {
-            rustix::mount::mount_bind(path, path)
+            rustix::mount::mount_bind_recursive(path, path)
                 .map_err(|e| step("binding the writable path", path, e))?;
             // A bind keeps the read-only flag of the mount it was taken from.
             remount(path, MountFlags::NOSUID | MountFlags::NODEV)?;
@@ -136,7 +150,7 @@ impl Isolation {
             .map_err(|e| step("hiding", path, e))?;
         }
         // The working directory was entered before the mounts: enter it again by its name,
-        // so that it is seen through them (a hidden one is then refused).
+        // so that it is seen through them.
         let cwd = std::env::current_dir()?;
         std::env::set_current_dir(&cwd).map_err(|e| step("entering the working directory", &cwd, e))
     }

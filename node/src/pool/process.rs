@@ -26,7 +26,7 @@ use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::report::SlotReport;
-use super::sandbox::{NodePaths, Sandbox};
+use super::sandbox::{Launch, NodePaths, Sandbox};
 use crate::call::{CallError, CallEvent, EventSink, Responder};
 
 /// Longest line accepted from a server (a defence against a runaway process).
@@ -213,11 +213,12 @@ impl Process {
             None => Sandbox::default(),
         };
         let memory_limit = sandbox.memory_bytes;
-        let mut cmd = sandbox.command(&spec.command, &spec.args);
         // Only what the spec says: `pool::reconcile` put the inherited variables into it.
-        cmd.env_clear()
-            .envs(&spec.env)
-            .stdin(Stdio::piped())
+        let Launch {
+            mut cmd,
+            stdin_first,
+        } = sandbox.launch(&spec.command, &spec.args, &spec.env);
+        cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
@@ -245,7 +246,15 @@ impl Process {
         });
         let (stdin_tx, stdin_rx) = mpsc::channel::<Vec<u8>>(256);
         let (exited_tx, exited_rx) = watch::channel(false);
-        let stdin = child.stdin.take();
+        let mut stdin = child.stdin.take();
+        if let (Some(first), Some(pipe)) = (stdin_first, stdin.as_mut()) {
+            pipe.write_all(&first)
+                .await
+                .map_err(|source| ProcessError::Spawn {
+                    command: spec.command.clone(),
+                    source,
+                })?;
+        }
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
         let pipe: Pipe = Arc::new(tokio::sync::Mutex::new(stdin));

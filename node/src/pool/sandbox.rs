@@ -26,6 +26,7 @@
 //!
 //! [`capabilities`] says what this node can enforce, for `GET /v1/node`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -56,6 +57,8 @@ pub enum SandboxError {
         "{0} needs mcpd to run as root or with CAP_SYS_ADMIN (a namespace of its own); it does not"
     )]
     CannotIsolate(&'static str),
+    #[error("run_as {0:?} is root or mcpd's own user, which could undo namespaces or reach the node's files through /proc; give the server a user of its own")]
+    IsolatedAsPrivileged(String),
 }
 
 /// What the node can enforce, detected once.
@@ -132,6 +135,28 @@ pub struct Sandbox {
 #[derive(Debug, Clone, Default)]
 pub struct NodePaths(pub Vec<PathBuf>);
 
+impl NodePaths {
+    /// The data and TLS directories and the edge key of `cfg`, as absolute paths (a server
+    /// starts elsewhere than mcpd: a relative path would hide nothing).
+    pub fn of(cfg: &crate::config::Config) -> NodePaths {
+        let paths = [
+            Some(cfg.data_dir.clone()),
+            Some(cfg.tls_dir()),
+            cfg.api.tls_key_file.clone(),
+        ];
+        NodePaths(
+            paths
+                .into_iter()
+                .flatten()
+                .map(|p| {
+                    std::fs::canonicalize(&p)
+                        .unwrap_or_else(|_| std::path::absolute(&p).unwrap_or(p))
+                })
+                .collect(),
+        )
+    }
+}
+
 impl Sandbox {
     /// Looks the spec's user and group up on this node (names in `/etc/passwd` and
     /// `/etc/group`, or numbers) and checks that it can switch to them and make the
@@ -183,52 +208,81 @@ impl Sandbox {
             };
             sandbox.uid = Some(uid);
             sandbox.gid = Some(gid);
+            let own = rustix::process::geteuid().as_raw();
+            if sandbox.isolation.any() && (uid == 0 || uid == own) {
+                return Err(SandboxError::IsolatedAsPrivileged(run_as.clone()));
+            }
         }
         Ok(sandbox)
     }
 
-    /// The command that runs `command` in this sandbox. With limits or namespaces, that is
-    /// `mcpd sandbox-exec`, which makes the namespaces, sets the limits on itself, drops to
-    /// the user and then execs the command, so that all of it holds from the command's first
-    /// instruction. Otherwise the command itself, started as the user (std drops the
-    /// supplementary groups when it sets the user as root).
-    pub fn command(&self, command: &str, args: &[String]) -> tokio::process::Command {
+    /// How to start `command` in this sandbox, with `env` as its whole environment.
+    ///
+    /// - With namespaces: `mcpd sandbox-exec` runs as root (only root can make them) with an
+    ///   empty environment, reads the server's on its stdin's first line (so that no
+    ///   `LD_PRELOAD` of a spec ever runs as root), makes the namespaces, sets the limits, drops
+    ///   to the user and execs the command.
+    /// - With limits only: `sandbox-exec` is started as the user with the environment, sets
+    ///   the limits on itself (no privilege needed to lower them) and execs the command.
+    /// - Otherwise: the command itself, started as the user (std drops the supplementary
+    ///   groups when it sets the user as root).
+    ///
+    /// Either way the limits and namespaces hold from the command's first instruction.
+    pub fn launch(&self, command: &str, args: &[String], env: &BTreeMap<String, String>) -> Launch {
         let limits: Vec<String> = self
             .rlimits()
             .into_iter()
             .flatten()
             .map(|(resource, soft, hard)| format!("--limit={}:{soft}:{hard}", name_of(resource)))
             .collect();
-        if limits.is_empty() && !self.isolation.any() {
+        let isolated = self.isolation.any();
+        let mut cmd = if limits.is_empty() && !isolated {
             let mut cmd = tokio::process::Command::new(command);
             cmd.args(args);
-            if let Some(gid) = self.gid {
-                cmd.gid(gid);
+            cmd
+        } else {
+            // This very binary, resolved in the child: it works after the file was replaced
+            // by an upgrade, and never falls back to running the command without its sandbox.
+            let mut cmd = tokio::process::Command::new("/proc/self/exe");
+            cmd.arg("sandbox-exec")
+                .args(limits)
+                .args(self.isolation.args());
+            if isolated {
+                cmd.arg("--env-on-stdin");
+                for (flag, id) in [("--uid", self.uid), ("--gid", self.gid)] {
+                    if let Some(id) = id {
+                        cmd.arg(format!("{flag}={id}"));
+                    }
+                }
             }
-            if let Some(uid) = self.uid {
-                cmd.uid(uid);
+            cmd.arg("--").arg(command).args(args);
+            cmd
+        };
+        cmd.env_clear();
+        if isolated {
+            if self.isolation.private_mounts() {
+                // Not mcpd's own working directory, which may be hidden: the spec's `cwd`,
+                // set after this, or the root.
+                cmd.current_dir("/");
             }
-            return cmd;
+            let mut line = serde_json::to_vec(env).unwrap_or_default();
+            line.push(b'\n');
+            return Launch {
+                cmd,
+                stdin_first: Some(line),
+            };
         }
-        // This very binary, resolved in the child: it works after the file was replaced by an
-        // upgrade, and never falls back to running the command without its sandbox.
-        let mut cmd = tokio::process::Command::new("/proc/self/exe");
-        if self.isolation.private_mounts() {
-            // Not mcpd's own working directory, which may be hidden: the spec's `cwd`, set
-            // after this, or the root.
-            cmd.current_dir("/");
-        }
-        cmd.arg("sandbox-exec")
-            .args(limits)
-            .args(self.isolation.args());
-        if let Some(uid) = self.uid {
-            cmd.arg(format!("--uid={uid}"));
-        }
+        cmd.envs(env);
         if let Some(gid) = self.gid {
-            cmd.arg(format!("--gid={gid}"));
+            cmd.gid(gid);
         }
-        cmd.arg("--").arg(command).args(args);
-        cmd
+        if let Some(uid) = self.uid {
+            cmd.uid(uid);
+        }
+        Launch {
+            cmd,
+            stdin_first: None,
+        }
     }
 
     /// The rlimits to set: (resource, soft, hard).
@@ -268,6 +322,16 @@ fn name_of(resource: Resource) -> &'static str {
         .map_or("?", |(n, _)| n)
 }
 
+/// A server process, ready to spawn.
+pub struct Launch {
+    pub cmd: tokio::process::Command,
+    /// Written to its stdin before anything else (the environment, for `sandbox-exec`).
+    pub stdin_first: Option<Vec<u8>>,
+}
+
+/// The longest environment `sandbox-exec` reads on its stdin.
+const MAX_ENV_LINE: usize = 1 << 20;
+
 /// What `mcpd sandbox-exec` is told to do before it becomes the command.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ExecPlan {
@@ -282,12 +346,20 @@ pub struct ExecPlan {
     /// The group id the command runs as.
     #[arg(long)]
     pub gid: Option<u32>,
+    /// The command's environment is the first line of stdin (a JSON object), read before it
+    /// runs: sandbox-exec itself runs with none.
+    #[arg(long)]
+    pub env_on_stdin: bool,
 }
 
 /// `mcpd sandbox-exec [PLAN] -- COMMAND ARGS...`: makes the namespaces, sets the limits on
 /// this process, then becomes the command as the plan's user. Returns only if that failed.
 pub fn exec(plan: &ExecPlan, command: &[String]) -> std::io::Error {
     use std::os::unix::process::CommandExt;
+    let env = match plan.env_on_stdin.then(env_from_stdin).transpose() {
+        Ok(env) => env,
+        Err(e) => return e,
+    };
     if let Err(e) = plan.isolation.enter() {
         return e;
     }
@@ -316,6 +388,15 @@ pub fn exec(plan: &ExecPlan, command: &[String]) -> std::io::Error {
     };
     let mut cmd = std::process::Command::new(program);
     cmd.args(args);
+    if let Some(env) = env {
+        cmd.env_clear().envs(env);
+    }
+    if plan.isolation.any() {
+        // Nothing it runs gains privileges (setuid binaries, file capabilities).
+        if let Err(e) = rustix::thread::set_no_new_privs(true) {
+            return std::io::Error::other(format!("setting no_new_privs: {e}"));
+        }
+    }
     if let Some(gid) = plan.gid {
         cmd.gid(gid);
     }
@@ -324,6 +405,27 @@ pub fn exec(plan: &ExecPlan, command: &[String]) -> std::io::Error {
     }
     let e = cmd.exec();
     std::io::Error::new(e.kind(), format!("running {program:?}: {e}"))
+}
+
+/// The environment on stdin's first line, read a byte at a time: what follows is the
+/// server's (the MCP traffic), and must stay unread.
+fn env_from_stdin() -> std::io::Result<BTreeMap<String, String>> {
+    use std::os::fd::AsFd;
+    let stdin = std::io::stdin();
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match rustix::io::read(stdin.as_fd(), &mut byte) {
+            Ok(0) => return Err(std::io::Error::other("stdin ended before the environment")),
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) if line.len() < MAX_ENV_LINE => line.push(byte[0]),
+            Ok(_) => return Err(std::io::Error::other("the environment is too long")),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    serde_json::from_slice(&line)
+        .map_err(|e| std::io::Error::other(format!("the environment on stdin: {e}")))
 }
 
 /// A user's id and primary group, by name (in `/etc/passwd`) or number.

@@ -298,6 +298,12 @@ fn sandbox_spec(s: &SandboxSpec) -> Result<(), FieldError> {
             format!("{inside:?} is inside the private /tmp, which starts empty"),
         ));
     }
+    if (s.private_network || s.private_mounts()) && s.run_as.is_none() {
+        return Err(FieldError::new(
+            "sandbox.run_as",
+            "private_network, read_only, private_tmp and hidden_paths need run_as (a user of the server's own): as root or mcpd's user, the process could undo them",
+        ));
+    }
     if !s.writable_paths.is_empty() && !s.read_only {
         return Err(FieldError::new(
             "sandbox.writable_paths",
