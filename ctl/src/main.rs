@@ -1237,8 +1237,8 @@ async fn cluster(cli: &Cli, cmd: &ClusterCmd) -> Outcome {
                 });
             }
             let mut sandboxes = BTreeMap::new();
-            while let Some(Ok((id, caps))) = asks.join_next().await {
-                if let Some(caps) = caps {
+            while let Some(asked) = asks.join_next().await {
+                if let Ok((id, Some(caps))) = asked {
                     sandboxes.insert(id, caps);
                 }
             }

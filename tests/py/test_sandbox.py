@@ -312,6 +312,26 @@ def test_isolation_that_contradicts_itself_is_refused_naming_the_field(sandboxed
         (["--run-as", NOBODY, "--hide", "/"], "sandbox.hidden_paths"),
         (["--run-as", NOBODY, "--hide", "/etc/../root"], "sandbox.hidden_paths"),
         (["--private-network"], "sandbox.run_as"),
+        (["--run-as", NOBODY, "--read-only", "--writable", "/srv/out", "--hide", "/srv/out/keys"],
+         "sandbox.hidden_paths"),
     ]:
         refused = c.mcpctl_result("server", "add", "hog-bad", *flags, "--", str(VENV_BIN / "python"), str(HOG))
         assert refused.returncode != 0 and field in refused.stderr, (flags, refused.stderr)
+
+
+def test_a_path_through_a_symbolic_link_is_refused_at_the_start(sandboxed, shared_dir):
+    """Mounted as root, a link would make writable (or hide) where it points, which the
+    server's user may have chosen."""
+    c = sandboxed
+    need_isolation(c)
+    (shared_dir / "target").mkdir()
+    (shared_dir / "link").symlink_to(shared_dir / "target")
+    python, env = python_for(NOBODY)
+    env_flags = [f for k, v in env.items() for f in ("--env", f"{k}={v}")]
+    c.mcpctl("server", "add", "hog-linked", "--pool-size", "1", "--run-as", NOBODY, "--read-only",
+             "--writable", str(shared_dir / "link"), *env_flags, "--", python, str(HOG))
+    # The start fails, and the process's last words (in `server status`) say why.
+    said = wait_until(lambda: [line for line in process(c, "hog-linked").get("stderr", [])
+                               if "sandbox-exec" in line], 30, "the start fails")
+    assert "goes through a symbolic link" in said[-1], said
+    c.mcpctl("server", "rm", "hog-linked")

@@ -124,6 +124,9 @@ impl Isolation {
             )
             .map_err(|e| step("mounting a private /tmp on", Path::new("/tmp"), e))?;
         }
+        for path in self.writable.iter().chain(&self.hidden) {
+            refuse_symlinks(path)?;
+        }
         for path in &self.writable {
             rustix::mount::mount_bind_recursive(path, path)
                 .map_err(|e| step("binding the writable path", path, e))?;
@@ -198,6 +201,22 @@ fn unescape(field: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// Refuses a path through a symbolic link: mounted as root, it would make writable or hide
+/// where the link points, which the server's user may have chosen.
+fn refuse_symlinks(path: &Path) -> io::Result<()> {
+    match std::fs::canonicalize(path) {
+        Ok(real) if real != path => Err(io::Error::other(format!(
+            "{} goes through a symbolic link (to {}): refused",
+            path.display(),
+            real.display()
+        ))),
+        Ok(_) => Ok(()),
+        // Nothing there: nothing to hide, and a missing writable path fails its bind.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(step("resolving", path, e)),
+    }
 }
 
 /// Remounts the mount at `path` with `flags` (a bind remount: per mount, not the filesystem).

@@ -10,8 +10,8 @@
 //!   `killed: CPU limit`), open files, processes of the user, and private memory
 //!   (`RLIMIT_DATA`, at 1.25 × `memory_mb`, a hard backstop).
 //! - **Memory** is watched as well: the resident memory of the process is read every
-//!   [`MEMORY_POLL`], and that of the rest of its process group (the children it started,
-//!   `npx` → `node`) every [`GROUP_SCAN`]; past `memory_mb` in total, the group is killed and
+//!   [`MEMORY_POLL`], and the proportional share (Pss) of the rest of its process group (the
+//!   children it started, `npx` → `node`) every [`GROUP_SCAN`]; past `memory_mb` in total, the group is killed and
 //!   reported as `killed: memory limit`. A process that allocates faster than the poll sees
 //!   an allocation fail at the backstop instead. A child that leaves the group (`setsid`)
 //!   leaves the watch too.
@@ -76,14 +76,19 @@ fn detect() -> SandboxCapabilities {
     }
 }
 
-/// Whether this process may change its user and group ids (CAP_SETGID, CAP_SETUID).
+/// Bits of `CapEff` (linux/capability.h).
+const CAP_SETGID: u32 = 6;
+const CAP_SETUID: u32 = 7;
+const CAP_SYS_ADMIN: u32 = 21;
+
+/// Whether this process may change its user and group ids.
 fn can_set_ids() -> bool {
-    has_capabilities(&[6, 7])
+    has_capabilities(&[CAP_SETGID, CAP_SETUID])
 }
 
-/// Whether this process may make mount and network namespaces (CAP_SYS_ADMIN).
+/// Whether this process may make mount and network namespaces.
 fn can_unshare() -> bool {
-    Path::new("/proc/self/ns/mnt").exists() && has_capabilities(&[21])
+    Path::new("/proc/self/ns/mnt").exists() && has_capabilities(&[CAP_SYS_ADMIN])
 }
 
 /// Whether this process is root or has every capability of `bits` (in `CapEff`).
@@ -456,18 +461,12 @@ fn lookup_group(group: &str) -> Option<u32> {
 /// Resident memory of process `pid`, in bytes (`None` once it is gone).
 pub fn resident_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kib << 10)
+    kib_field(&status, "VmRSS:")
 }
 
-/// Resident memory of the processes of group `pgid` other than `pgid` itself, in bytes.
+/// Memory of the processes of group `pgid` other than `pgid` itself, in bytes: their
+/// proportional share (Pss), so that pages a forked child still shares with its parent are
+/// not counted twice.
 pub fn group_resident_bytes(pgid: u32) -> u64 {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return 0;
@@ -476,8 +475,27 @@ pub fn group_resident_bytes(pgid: u32) -> u64 {
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|&pid| pid != pgid && group_of(pid) == Some(pgid))
-        .filter_map(resident_bytes)
+        .filter_map(proportional_bytes)
         .sum()
+}
+
+/// Proportional resident memory (Pss) of process `pid`, in bytes.
+fn proportional_bytes(pid: u32) -> Option<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    kib_field(&rollup, "Pss:")
+}
+
+/// A `Name:   123 kB` line's value, in bytes.
+fn kib_field(text: &str, name: &str) -> Option<u64> {
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(name))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib << 10)
 }
 
 /// The process group of `pid` (the fifth field of `/proc/PID/stat`, after the name).

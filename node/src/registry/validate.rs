@@ -304,6 +304,18 @@ fn sandbox_spec(s: &SandboxSpec) -> Result<(), FieldError> {
             "private_network, read_only, private_tmp and hidden_paths need run_as (a user of the server's own): as root or mcpd's user, the process could undo them",
         ));
     }
+    let inside = |p: &str, dir: &str| p == dir || p.starts_with(&format!("{dir}/"));
+    if let Some((hidden, writable)) = s.hidden_paths.iter().find_map(|h| {
+        s.writable_paths
+            .iter()
+            .find(|w| inside(h, w))
+            .map(|w| (h, w))
+    }) {
+        return Err(FieldError::new(
+            "sandbox.hidden_paths",
+            format!("{hidden:?} is inside the writable path {writable:?}, where the server could move it away"),
+        ));
+    }
     if !s.writable_paths.is_empty() && !s.read_only {
         return Err(FieldError::new(
             "sandbox.writable_paths",
