@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx2
 import pytest
 
-from conftest import start_cluster
+from conftest import MCPD, start_cluster
 from helpers import stateless_post, wait_until
 
 RATE_LIMITED = -32029
@@ -178,6 +178,34 @@ def test_the_most_specific_limit_counts_a_call(cluster):
     assert [(u["used"], u["calls"]) for u in usage] == [(3, 3)], usage
     for name in (f"{tenant}-all", f"{tenant}-echo"):
         c.mcpctl("limit", "rm", name)
+
+
+def test_a_fallback_servers_own_limit_counts_the_calls_it_answers(cluster):
+    """A call its server could not take goes to the fallback only within the fallback's own
+    limits; the caller's limits count it once."""
+    c = cluster
+    tenant = f"rl-{uuid.uuid4().hex[:6]}"
+    token = tenant_with_token(c, tenant)
+    fb, broken = f"{tenant}-fb", f"{tenant}-broken"
+    c.add_server(fb, [MCPD, "demo-server"], pool_size=1)
+    c.wait_tools(fb, ["echo"])
+    c.mcpctl("server", "add", broken, "--pool-size", "1", "--fallback", fb, "--", "/bin/false")
+    # More specific than the tenant's own quota, so that it is the one counting calls to fb.
+    c.mcpctl("limit", "set", f"{tenant}-fb-quota", "--tenant", tenant, "--server", fb, "--quota", "2/day")
+    c.mcpctl("limit", "set", f"{tenant}-all", "--tenant", tenant, "--quota", "100/day")
+    limit_known_everywhere(c, f"{tenant}-fb-quota")
+    limit_known_everywhere(c, f"{tenant}-all")
+    answers = [echo(c, i % 3, token, server=broken) for i in range(3)]
+    by_fallback = [a for a in answers if a.get("result", {}).get("_meta", {}).get("io.mcpcp/fallback")]
+    assert len(by_fallback) == 2 and "error" in answers[2], answers
+    used = {name: json.loads(c.mcpctl("limit", "usage", name, "-o", "json"))[0]["used"]
+            for name in (f"{tenant}-fb-quota", f"{tenant}-all")}
+    # The fallback's quota counted the two it answered; the tenant's, each call once.
+    assert used == {f"{tenant}-fb-quota": 2, f"{tenant}-all": 3}, used
+    for name in (f"{tenant}-fb-quota", f"{tenant}-all"):
+        c.mcpctl("limit", "rm", name)
+    c.mcpctl("server", "rm", broken)
+    c.mcpctl("server", "rm", fb)
 
 
 def test_a_limit_names_the_field_it_gets_wrong(cluster):

@@ -142,7 +142,45 @@ impl Limiter {
         if !COUNTED.contains(&call.method.as_str()) {
             return Ok(Admitted { _slot: None });
         }
-        let counting = self.counting(call);
+        self.take(self.counting(call)).await
+    }
+
+    /// Admits `fallback`, the call `primary` (admitted already) sent to a fallback server, by
+    /// the limits that count it and did not count `primary` (the fallback server's own):
+    /// a tenant's or a subject's limit counts the call once, wherever it ran.
+    pub async fn admit_fallback(
+        &self,
+        primary: &Call,
+        fallback: &Call,
+    ) -> Result<Admitted, CallError> {
+        if !COUNTED.contains(&fallback.method.as_str()) {
+            return Ok(Admitted { _slot: None });
+        }
+        let counted = self.counting(primary);
+        let mut counting = self.counting(fallback);
+        let same = |a: Option<&Counted>, b: Option<&Counted>| {
+            a.zip(b).is_some_and(|(a, b)| a.bucket == b.bucket)
+        };
+        if same(
+            counting.rate.as_ref().map(|r| &r.0),
+            counted.rate.as_ref().map(|r| &r.0),
+        ) {
+            counting.rate = None;
+        }
+        if same(
+            counting.quota.as_ref().map(|q| &q.0),
+            counted.quota.as_ref().map(|q| &q.0),
+        ) {
+            counting.quota = None;
+        }
+        if same(counting.concurrency.as_ref(), counted.concurrency.as_ref()) {
+            counting.concurrency = None;
+        }
+        self.take(counting).await
+    }
+
+    /// Takes a slot, a rate token and a quota call, each where `counting` has a limit.
+    async fn take(&self, counting: Counting) -> Result<Admitted, CallError> {
         let slot = match &counting.concurrency {
             Some(counted) => Some(self.slots.take(counted).await?),
             None => None,

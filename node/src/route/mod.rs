@@ -371,7 +371,16 @@ impl Router {
             {
                 continue;
             }
-            match self.call_replicas(&spec, &call.to(fb)).await {
+            let to_fallback = call.to(fb);
+            // The fallback server's own limits count the call too (the caller's were taken).
+            let _admitted = match self.limiter.admit_fallback(call, &to_fallback).await {
+                Ok(admitted) => admitted,
+                Err(e) => {
+                    tracing::debug!(fallback = %fb, error = %e, "fallback refused by its limits");
+                    continue;
+                }
+            };
+            match self.call_replicas(&spec, &to_fallback).await {
                 Ok(mut v) => {
                     metrics::counter!("mcpd_fallbacks_total", "server" => primary.spec.name.clone(), "fallback" => fb.clone()).increment(1);
                     tracing::warn!(server = %primary.spec.name, fallback = %fb, method = %call.method, tool = %tool, "answered by a fallback server");
