@@ -68,7 +68,7 @@ impl Isolation {
 
     /// Makes the namespaces and mounts of this isolation for the calling process, which
     /// must be single-threaded (`sandbox-exec` before it execs).
-    pub fn enter(&self) -> io::Result<()> {
+    pub fn enter(&self) -> Result<(), IsolationError> {
         let mut flags = rustix::thread::UnshareFlags::empty();
         if self.private_network {
             flags |= rustix::thread::UnshareFlags::NEWNET;
@@ -92,7 +92,8 @@ impl Isolation {
         )
         .map_err(|e| step("making mounts private", Path::new("/"), e))?;
         if self.read_only {
-            let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+            let mounts = std::fs::read_to_string("/proc/self/mountinfo")
+                .map_err(|e| step("reading", Path::new("/proc/self/mountinfo"), e))?;
             for (point, kept) in mounts.lines().filter_map(mount_of) {
                 if KERNEL_OWN
                     .iter()
@@ -100,7 +101,12 @@ impl Isolation {
                 {
                     continue;
                 }
-                remount(&point, kept | MountFlags::RDONLY | MountFlags::NOSUID)?;
+                match remount(&point, kept | MountFlags::RDONLY | MountFlags::NOSUID) {
+                    // A mount whose point is gone (deleted, or moved away): no path reaches it.
+                    Err(IsolationError::Step { source, .. })
+                        if source.kind() == io::ErrorKind::NotFound => {}
+                    other => other?,
+                }
             }
             // Shared memory is a filesystem under /dev, shared with the node: one of its own.
             if Path::new("/dev/shm").is_dir() {
@@ -154,7 +160,7 @@ impl Isolation {
         }
         // The working directory was entered before the mounts: enter it again by its name,
         // so that it is seen through them.
-        let cwd = std::env::current_dir()?;
+        let cwd = std::env::current_dir().map_err(|e| step("finding", Path::new("."), e))?;
         std::env::set_current_dir(&cwd).map_err(|e| step("entering the working directory", &cwd, e))
     }
 }
@@ -205,13 +211,12 @@ fn unescape(field: &str) -> String {
 
 /// Refuses a path through a symbolic link: mounted as root, it would make writable or hide
 /// where the link points, which the server's user may have chosen.
-fn refuse_symlinks(path: &Path) -> io::Result<()> {
+fn refuse_symlinks(path: &Path) -> Result<(), IsolationError> {
     match std::fs::canonicalize(path) {
-        Ok(real) if real != path => Err(io::Error::other(format!(
-            "{} goes through a symbolic link (to {}): refused",
-            path.display(),
-            real.display()
-        ))),
+        Ok(real) if real != path => Err(IsolationError::Symlink {
+            path: path.to_path_buf(),
+            to: real,
+        }),
         Ok(_) => Ok(()),
         // Nothing there: nothing to hide, and a missing writable path fails its bind.
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -220,14 +225,31 @@ fn refuse_symlinks(path: &Path) -> io::Result<()> {
 }
 
 /// Remounts the mount at `path` with `flags` (a bind remount: per mount, not the filesystem).
-fn remount(path: &Path, flags: MountFlags) -> io::Result<()> {
+fn remount(path: &Path, flags: MountFlags) -> Result<(), IsolationError> {
     rustix::mount::mount_remount(path, MountFlags::BIND | flags, "")
         .map_err(|e| step("remounting", path, e))
 }
 
 /// An error of one step, naming it and its path.
-fn step(what: &str, path: &Path, e: impl std::fmt::Display) -> io::Error {
-    io::Error::other(format!("{what} {}: {e}", path.display()))
+fn step(what: &'static str, path: &Path, e: impl Into<io::Error>) -> IsolationError {
+    IsolationError::Step {
+        what,
+        path: path.to_path_buf(),
+        source: e.into(),
+    }
+}
+
+/// Why a process's namespaces could not be made: its start fails.
+#[derive(Debug, thiserror::Error)]
+pub enum IsolationError {
+    #[error("{what} {}: {source}", path.display())]
+    Step {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("{} goes through a symbolic link (to {}): refused", path.display(), to.display())]
+    Symlink { path: PathBuf, to: PathBuf },
 }
 
 #[cfg(test)]

@@ -366,7 +366,7 @@ pub fn exec(plan: &ExecPlan, command: &[String]) -> std::io::Error {
         Err(e) => return e,
     };
     if let Err(e) = plan.isolation.enter() {
-        return e;
+        return std::io::Error::other(e);
     }
     for limit in &plan.limits {
         let parsed = limit.split(':').collect::<Vec<_>>();
