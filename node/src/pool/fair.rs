@@ -81,6 +81,8 @@ pub struct FairQueue {
     state: Mutex<State>,
     /// Told each time a slot is released with nobody waiting (for [`FairQueue::idle`]).
     freed: Notify,
+    /// The calls waiting, set under the lock at every change (`mcpd_pool_queue_depth`).
+    depth: metrics::Gauge,
 }
 
 struct State {
@@ -119,7 +121,7 @@ impl Drop for Slot {
 }
 
 impl FairQueue {
-    pub fn new(bounds: Bounds) -> Arc<FairQueue> {
+    pub fn new(bounds: Bounds, depth: metrics::Gauge) -> Arc<FairQueue> {
         Arc::new(FairQueue {
             bounds,
             state: Mutex::new(State {
@@ -132,6 +134,7 @@ impl FairQueue {
                 served_in_turn: 0,
             }),
             freed: Notify::new(),
+            depth,
         })
     }
 
@@ -186,6 +189,7 @@ impl FairQueue {
                 st.ring.push_back(share.tenant.clone());
             }
             st.queued += 1;
+            self.depth.set(st.queued as f64);
             (id, rx)
         };
         on_queue();
@@ -209,6 +213,7 @@ impl FairQueue {
             let mut st = self.lock();
             st.closed = true;
             st.queued = 0;
+            self.depth.set(0.0);
             st.ring.clear();
             st.tenants
                 .drain()
@@ -242,6 +247,7 @@ impl FairQueue {
         let mut slot = self.slot();
         let mut st = self.lock();
         while let Some(waiter) = st.next_waiter() {
+            self.depth.set(st.queued as f64);
             match waiter.tx.send(Ok(slot)) {
                 Ok(()) => return,
                 // Its caller gave up in the meantime: the next one.
@@ -335,7 +341,9 @@ struct Waiting<'a> {
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.queue.lock().forget(self.tenant, self.id);
+        let mut st = self.queue.lock();
+        st.forget(self.tenant, self.id);
+        self.queue.depth.set(st.queued as f64);
     }
 }
 
@@ -389,7 +397,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_free_slot_is_taken_at_once_and_given_back_on_drop() {
-        let q = FairQueue::new(bounds(2, 4, 4));
+        let q = FairQueue::new(bounds(2, 4, 4), metrics::Gauge::noop());
         let a = q.acquire(&share("a", 1), LONG, || panic!("queued")).await;
         let b = q.acquire(&share("a", 1), LONG, || panic!("queued")).await;
         assert!(a.is_ok() && b.is_ok());
@@ -404,7 +412,7 @@ mod tests {
 
     #[tokio::test]
     async fn freed_slots_go_to_the_tenants_in_turn_by_weight() {
-        let q = FairQueue::new(bounds(1, 64, 64));
+        let q = FairQueue::new(bounds(1, 64, 64), metrics::Gauge::noop());
         let holder = q.acquire(&share("x", 1), LONG, || {}).await.unwrap();
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = tokio::task::JoinSet::new();
@@ -426,7 +434,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_tenant_is_refused_past_its_own_bound_while_others_still_queue() {
-        let q = FairQueue::new(bounds(1, 64, 2));
+        let q = FairQueue::new(bounds(1, 64, 2), metrics::Gauge::noop());
         let _holder = q.acquire(&share("x", 1), LONG, || {}).await.unwrap();
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = tokio::task::JoinSet::new();
@@ -443,7 +451,7 @@ mod tests {
 
     #[tokio::test]
     async fn callers_of_no_tenant_have_the_whole_queue() {
-        let q = FairQueue::new(bounds(1, 4, 2));
+        let q = FairQueue::new(bounds(1, 4, 2), metrics::Gauge::noop());
         let _holder = q.acquire(&Share::cluster(), LONG, || {}).await.unwrap();
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = tokio::task::JoinSet::new();
@@ -462,7 +470,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_pushes_out_the_longest_backlog_not_the_quiet_tenant() {
-        let q = FairQueue::new(bounds(1, 4, 4));
+        let q = FairQueue::new(bounds(1, 4, 4), metrics::Gauge::noop());
         let holder = q.acquire(&share("x", 1), LONG, || {}).await.unwrap();
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = tokio::task::JoinSet::new();
@@ -494,7 +502,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_caller_that_gives_up_leaves_the_queue_and_loses_no_slot() {
-        let q = FairQueue::new(bounds(1, 4, 4));
+        let q = FairQueue::new(bounds(1, 4, 4), metrics::Gauge::noop());
         let holder = q.acquire(&share("x", 1), LONG, || {}).await.unwrap();
         let gave_up = q
             .acquire(&share("a", 1), Duration::from_millis(20), || {})
@@ -517,7 +525,7 @@ mod tests {
 
     #[tokio::test]
     async fn closing_refuses_the_waiting_and_the_new() {
-        let q = FairQueue::new(bounds(1, 4, 4));
+        let q = FairQueue::new(bounds(1, 4, 4), metrics::Gauge::noop());
         let _holder = q.acquire(&share("x", 1), LONG, || {}).await.unwrap();
         let q2 = q.clone();
         let waiting = tokio::spawn(async move { q2.acquire(&share("a", 1), LONG, || {}).await });

@@ -228,15 +228,19 @@ impl Pool {
             });
         }
         let active = size * cfg.max_concurrency_per_process.max(1);
+        let depth = metrics::gauge!("mcpd_pool_queue_depth", "server" => spec.spec.name.clone());
         let pool = Arc::new(Pool {
             name: spec.spec.name.clone(),
             spec,
             slots,
-            admission: FairQueue::new(fair::Bounds {
-                slots: active,
-                queue: cfg.queue_size,
-                queue_per_tenant: cfg.queue_size_per_tenant,
-            }),
+            admission: FairQueue::new(
+                fair::Bounds {
+                    slots: active,
+                    queue: cfg.queue_size,
+                    queue_per_tenant: cfg.queue_size_per_tenant,
+                },
+                depth,
+            ),
             closed: AtomicBool::new(false),
             catalogue: RwLock::new(Arc::new(Catalogue::default())),
             events,
@@ -283,11 +287,6 @@ impl Pool {
     /// Calls waiting for a process.
     pub fn queue_depth(&self) -> usize {
         self.admission.queued()
-    }
-
-    fn publish_queue_depth(&self) {
-        metrics::gauge!("mcpd_pool_queue_depth", "server" => self.name.clone())
-            .set(self.queue_depth() as f64);
     }
 
     /// The `initialize` answer of a ready process (server info, capabilities, instructions).
@@ -523,11 +522,7 @@ impl Pool {
         }
         // A free slot is taken at once; otherwise the call waits in its tenant's queue until it
         // gets one, gives up, or is dropped (a cancelled call).
-        let slot = self
-            .admission
-            .acquire(share, timeout, || self.publish_queue_depth())
-            .await;
-        self.publish_queue_depth();
+        let slot = self.admission.acquire(share, timeout, || {}).await;
         let _running = match slot {
             Ok(slot) => slot,
             Err(fair::Refused::Closed) => {
