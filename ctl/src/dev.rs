@@ -164,9 +164,36 @@ pub fn running_pids(dir: &Path) -> Vec<(u32, u32)> {
         .collect()
 }
 
+/// A loopback address with a port no process listens on, below the kernel's ephemeral range:
+/// an outgoing connection never takes it as its source port, so a node that was stopped gets
+/// its ports back when it starts again (with port 0 it would get one from that range).
+fn unused_port(id: u32, which: u32) -> String {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let floor = 10_000u32;
+    if low <= floor + 1000 {
+        return "127.0.0.1:0".into();
+    }
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+        ^ std::process::id().wrapping_mul(2_654_435_761)
+        ^ (id * 2 + which).wrapping_mul(40_503);
+    for attempt in 0..200u32 {
+        let port = floor + (seed.wrapping_add(attempt.wrapping_mul(7_919))) % (low - floor);
+        let addr = format!("127.0.0.1:{port}");
+        if std::net::TcpListener::bind(&addr).is_ok() {
+            return addr;
+        }
+    }
+    "127.0.0.1:0".into()
+}
+
 /// Starts one node of a dev cluster, with the CA of `ca_dir` in its TLS directory, and waits
 /// for it to report its addresses. `at` is `(http, grpc)` to listen on; `None` takes free
-/// ports.
+/// ports below the ephemeral range ([`unused_port`]).
 pub async fn start_node(
     mcpd: &Path,
     dir: &Path,
@@ -181,7 +208,8 @@ pub async fn start_node(
     let _ = std::fs::remove_file(data.join("endpoints.json"));
     ensure_ca(ca_dir)?;
     install_ca(ca_dir, &data)?;
-    let (http, grpc) = at.unwrap_or(("127.0.0.1:0", "127.0.0.1:0"));
+    let (picked_http, picked_grpc) = (unused_port(id, 0), unused_port(id, 1));
+    let (http, grpc) = at.unwrap_or((&picked_http, &picked_grpc));
     let log_path = nd.join("mcpd.log");
     let log = std::fs::OpenOptions::new()
         .create(true)

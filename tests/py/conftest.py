@@ -18,7 +18,6 @@ import json
 import os
 import re
 import signal
-import socket
 import shutil
 import subprocess
 import tempfile
@@ -141,7 +140,7 @@ class Cluster:
         again until that connection is gone (30 s at most)."""
         nd = self.dir / f"node{node + 1}"
         ep = json.loads((nd / "data" / "endpoints.json").read_text())
-        host, port = ep["http_addr"].rsplit(":", 1)
+        port = ep["http_addr"].rsplit(":", 1)[1]
         deadline = time.monotonic() + 30
         while True:
             logged = (nd / "mcpd.log").stat().st_size
@@ -153,16 +152,21 @@ class Cluster:
                 )
             (nd / "mcpd.pid").write_text(f"{p.pid}\n")
             while p.poll() is None and time.monotonic() < deadline:
+                # The node writes its endpoints, with its pid, once it listens on both.
                 try:
-                    socket.create_connection((host, int(port)), timeout=1).close()
-                    return
-                except OSError:
-                    time.sleep(0.05)
+                    if json.loads((nd / "data" / "endpoints.json").read_text()).get("pid") == p.pid:
+                        return
+                except (OSError, ValueError):
+                    pass
+                time.sleep(0.05)
             with open(nd / "mcpd.log", "rb") as log:
                 log.seek(logged)
                 said = log.read().decode(errors="replace")
             if p.poll() is None or "Address already in use" not in said or time.monotonic() > deadline:
-                raise AssertionError(f"node {node} did not come back on {ep['http_addr']}: {said[-2000:]}")
+                holders = subprocess.run(["ss", "-tanp", f"( sport = :{port} )"], capture_output=True,
+                                         text=True).stdout
+                raise AssertionError(f"node {node} did not come back on {ep['http_addr']}: {said[-2000:]}\n"
+                                     f"sockets on port {port}:\n{holders}")
             time.sleep(0.2)
 
     def call_log(self, node: int) -> list[dict]:
