@@ -37,13 +37,16 @@ R = Results()
 
 
 def config_structs():
-    """Every `pub struct XxxConfig { pub field: Type, ... }` in node/src: name -> [(field, type)]."""
+    """Every `pub struct XxxConfig { pub field: Type, ... }` in node/src: name -> [(field, type)],
+    without the fields serde skips."""
     out = {}
     for path in glob.glob(os.path.join(ROOT, "node", "src", "**", "*.rs"), recursive=True):
         with open(path) as f:
             text = f.read()
         for m in re.finditer(r"pub struct (\w*Config) \{(.*?)\n\}", text, flags=re.S):
-            out[m.group(1)] = re.findall(r"^\s*pub (\w+): ([\w:<>]+)", m.group(2), flags=re.M)
+            # A field under #[serde(skip)] is set at start, not read from the file.
+            body = re.sub(r"#\[serde\(skip\)\]\s*pub \w+:", "", m.group(2))
+            out[m.group(1)] = re.findall(r"^\s*pub (\w+): ([\w:<>]+)", body, flags=re.M)
     return out
 
 
