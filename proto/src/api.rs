@@ -295,6 +295,11 @@ impl SandboxSpec {
     pub fn private_mounts(&self) -> bool {
         self.read_only || self.private_tmp || !self.hidden_paths.is_empty()
     }
+
+    /// Whether the process gets any namespace of its own (which needs `run_as`).
+    pub fn isolated(&self) -> bool {
+        self.private_network || self.private_mounts()
+    }
 }
 
 fn default_pool_size() -> u32 {

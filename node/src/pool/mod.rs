@@ -522,7 +522,13 @@ impl Pool {
         }
         // A free slot is taken at once; otherwise the call waits in its tenant's queue until it
         // gets one, gives up, or is dropped (a cancelled call).
-        let slot = self.admission.acquire(share, timeout, || {}).await;
+        let slot = self
+            .admission
+            .acquire(share, timeout, || {
+                metrics::counter!("mcpd_pool_queued_total", "server" => self.name.clone())
+                    .increment(1)
+            })
+            .await;
         let _running = match slot {
             Ok(slot) => slot,
             Err(fair::Refused::Closed) => {

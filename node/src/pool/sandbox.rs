@@ -174,7 +174,7 @@ impl Sandbox {
             processes: spec.processes,
             ..Sandbox::default()
         };
-        if spec.private_network || spec.private_mounts() {
+        if spec.isolated() {
             if !capabilities().namespaces {
                 let what = if spec.private_network {
                     "private_network"

@@ -291,24 +291,23 @@ fn sandbox_spec(s: &SandboxSpec) -> Result<(), FieldError> {
     if let Some(inside) = s
         .writable_paths
         .iter()
-        .find(|p| s.private_tmp && (*p == "/tmp" || p.starts_with("/tmp/")))
+        .find(|p| s.private_tmp && within(p, "/tmp"))
     {
         return Err(FieldError::new(
             "sandbox.writable_paths",
             format!("{inside:?} is inside the private /tmp, which starts empty"),
         ));
     }
-    if (s.private_network || s.private_mounts()) && s.run_as.is_none() {
+    if s.isolated() && s.run_as.is_none() {
         return Err(FieldError::new(
             "sandbox.run_as",
             "private_network, read_only, private_tmp and hidden_paths need run_as (a user of the server's own): as root or mcpd's user, the process could undo them",
         ));
     }
-    let inside = |p: &str, dir: &str| p == dir || p.starts_with(&format!("{dir}/"));
     if let Some((hidden, writable)) = s.hidden_paths.iter().find_map(|h| {
         s.writable_paths
             .iter()
-            .find(|w| inside(h, w))
+            .find(|w| within(h, w))
             .map(|w| (h, w))
     }) {
         return Err(FieldError::new(
@@ -327,6 +326,12 @@ fn sandbox_spec(s: &SandboxSpec) -> Result<(), FieldError> {
 
 /// Paths a sandbox makes writable or hides, each.
 const MAX_SANDBOX_PATHS: usize = 32;
+
+/// Whether `path` is `dir` or below it (both normal, as `sandbox_path` checks).
+fn within(path: &str, dir: &str) -> bool {
+    path.strip_prefix(dir)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
 
 /// An absolute, normal path other than `/`: what a mount may be put on.
 fn sandbox_path(p: &str) -> bool {
@@ -698,6 +703,12 @@ pub fn approved_command(spec: &mcpcp_proto::api::ApprovedCommand) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_path_is_within_a_directory_only_below_a_separator() {
+        assert!(within("/tmp", "/tmp") && within("/tmp/out", "/tmp"));
+        assert!(!within("/tmpfs/out", "/tmp") && !within("/srv", "/srv/out"));
+    }
 
     fn spec(name: &str) -> ServerSpec {
         serde_json::from_value(serde_json::json!({"name": name, "command": "true"}))
