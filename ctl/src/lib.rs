@@ -7,6 +7,7 @@
 pub mod dev;
 pub mod https;
 pub mod import;
+pub mod snapshot;
 
 use std::path::Path;
 use std::time::Duration;
@@ -150,6 +151,31 @@ impl AdminClient {
         body: Option<&B>,
         opts: &CallOptions,
     ) -> Result<T, ClientError> {
+        decode(self.send(method, path, body, opts).await?).await
+    }
+
+    /// A `GET` whose body the caller reads as it arrives (a snapshot): the answer once its
+    /// status says success, else the API's error.
+    pub async fn download(&self, path: &str) -> Result<reqwest::Response, ClientError> {
+        let resp = self
+            .send::<()>(Method::GET, path, None, &CallOptions::default())
+            .await?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        Err(decode::<serde_json::Value>(resp)
+            .await
+            .err()
+            .unwrap_or_else(|| ClientError::Decode("an error without a body".into())))
+    }
+
+    async fn send<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        opts: &CallOptions,
+    ) -> Result<reqwest::Response, ClientError> {
         let mut failures = Vec::new();
         for base in &self.endpoints {
             let mut req = self.http.request(method.clone(), format!("{base}{path}"));
@@ -178,7 +204,7 @@ impl AdminClient {
                     )))
                 }
             };
-            return decode(resp).await;
+            return Ok(resp);
         }
         Err(ClientError::Unavailable(format!(
             "no node could be reached: {}",

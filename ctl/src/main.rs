@@ -118,12 +118,40 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Back up the registry, and make a new cluster from a backup.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
     /// A local cluster for development.
     #[command(subcommand)]
     Dev(DevCmd),
     /// Configure AI clients to reach the cluster through `mcp-bridge`.
     #[command(subcommand)]
     Bridge(BridgeCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCmd {
+    /// Save a consistent snapshot of the registry, taken by the leader at a linearizable
+    /// point, into FILE (never over an existing file); checked before it is named FILE.
+    Save { file: PathBuf },
+    /// Check a snapshot file (length, checksum) and print where and when it was taken.
+    Status { file: PathBuf },
+    /// Lay out one member's data directory of a new cluster made from a snapshot; run once per
+    /// member, then start each `mcpd` on its directory with the CA, and the data key of the
+    /// snapshot's cluster, in its TLS directory.
+    Restore {
+        file: PathBuf,
+        /// The new, empty data directory of this member (it may hold a filled `tls`).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// This member's node id.
+        #[arg(long)]
+        id: u64,
+        /// Every member of the new cluster, as ID=HTTP_ADDR,GRPC_ADDR (repeat). The ids must
+        /// be new to the snapshot's cluster.
+        #[arg(long = "member", required = true, value_parser = mcpctl::snapshot::parse_member)]
+        members: Vec<Member>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -2026,6 +2054,123 @@ async fn policy(cli: &Cli, cmd: &PolicyCmd) -> Outcome {
     Ok(())
 }
 
+impl From<mcpctl::snapshot::SnapshotCmdError> for Failure {
+    fn from(e: mcpctl::snapshot::SnapshotCmdError) -> Self {
+        fail(e.exit_code(), e.to_string())
+    }
+}
+
+async fn snapshot(cli: &Cli, cmd: &SnapshotCmd) -> Outcome {
+    use mcpctl::snapshot as snap;
+    let header = match cmd {
+        SnapshotCmd::Save { file } => {
+            // A large registry takes longer than one API call's usual bound.
+            let c = AdminClient::with_timeout(
+                &cli.endpoints,
+                cli.token.clone(),
+                cli.cacert.as_deref(),
+                Duration::from_secs(600),
+            )?;
+            let mut progress = progress_bar();
+            let saved = snap::save(&c, file, &mut progress).await?;
+            progress(u64::MAX, None);
+            if cli.output == Output::Table {
+                out!(
+                    "saved {} ({} bytes) from {}",
+                    file.display(),
+                    saved.bytes,
+                    saved.from
+                );
+            }
+            saved.header
+        }
+        SnapshotCmd::Status { file } => snap::check(file)?,
+        SnapshotCmd::Restore {
+            file,
+            data_dir,
+            id,
+            members,
+        } => {
+            let plan = mcpcp_proto::snapshot::RestorePlan {
+                node: *id,
+                members: members.clone(),
+                force_new_cluster: false,
+            };
+            let header = snap::restore(&snap::Restore {
+                file,
+                data_dir,
+                plan,
+            })?;
+            if cli.output == Output::Table {
+                out!(
+                    "restored node {id}'s data directory {}: start mcpd --id {id} --data-dir {} with the CA and the old cluster's data.key in its TLS directory",
+                    data_dir.display(),
+                    data_dir.display()
+                );
+            }
+            header
+        }
+    };
+    match cli.output {
+        Output::Json => print_json(&header),
+        Output::Table => print_table(
+            &[
+                "CLUSTER", "REVISION", "INDEX", "TERM", "NODE", "TAKEN", "BYTES", "SHA256",
+            ],
+            vec![vec![
+                header.cluster.clone(),
+                header.revision.to_string(),
+                header.last_log_index.to_string(),
+                header.last_log_term.to_string(),
+                format!(
+                    "{}{}",
+                    header.node,
+                    if header.leader { " (leader)" } else { "" }
+                ),
+                header.taken_at.to_string(),
+                header.data_bytes.to_string(),
+                header.sha256.clone(),
+            ]],
+        ),
+    }
+    Ok(())
+}
+
+/// Progress of a download on a terminal (stderr), at most ten updates a second; nothing
+/// when stderr is not a terminal. `u64::MAX` ends the line.
+fn progress_bar() -> impl FnMut(u64, Option<u64>) {
+    use std::io::IsTerminal;
+    let on = std::io::stderr().is_terminal();
+    let mut last = std::time::Instant::now() - Duration::from_secs(1);
+    let mut shown = false;
+    move |received, total| {
+        if !on {
+            return;
+        }
+        if received == u64::MAX {
+            if shown {
+                eprintln!();
+            }
+            return;
+        }
+        if last.elapsed() < Duration::from_millis(100) && total != Some(received) {
+            return;
+        }
+        last = std::time::Instant::now();
+        shown = true;
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        match total {
+            Some(t) if t > 0 => eprint!(
+                "\r{:.1} / {:.1} MiB ({:.0}%)",
+                mib(received),
+                mib(t),
+                100.0 * received as f64 / t as f64
+            ),
+            _ => eprint!("\r{:.1} MiB", mib(received)),
+        }
+    }
+}
+
 async fn audit(cli: &Cli, cmd: &AuditCmd) -> Outcome {
     use mcpcp_proto::audit::{verify, AuditEvent};
     let c = client(cli)?;
@@ -2505,6 +2650,7 @@ async fn main() {
             server,
         } => usage(&cli, since, tenant.as_deref(), server.as_deref()).await,
         Command::Token(c) => token(&cli, c).await,
+        Command::Snapshot(c) => snapshot(&cli, c).await,
         Command::Import {
             file,
             tenant,

@@ -60,6 +60,8 @@ pub enum StartError {
     Tls(#[from] TlsError),
     #[error("{0}")]
     Join(#[from] crate::join::JoinError),
+    #[error("restoring a snapshot: {0}")]
+    Restore(#[from] crate::restore::RestoreError),
     #[error("{0} (make it with `mcpctl cluster ca create` and put data.key into every node's TLS directory)")]
     DataKey(#[from] crate::seal::SealError),
     #[error("binding {what} {addr}: {source}")]
@@ -194,6 +196,16 @@ pub async fn run(
     };
 
     let log_path = cfg.data_dir.join("raft-log.redb");
+    let sm_path = cfg.data_dir.join("state.redb");
+    let sm = StateMachineStore::open(&sm_path).map_err(|source| StartError::Store {
+        path: sm_path,
+        source,
+    })?;
+    if let Some(r) =
+        crate::restore::apply_pending(&cfg.data_dir, &log_path, cfg.id, &cfg.tls_dir(), &sm).await?
+    {
+        tracing::info!(revision = r.revision, from_cluster = %r.from_cluster, members = ?r.members, "restored the registry from a snapshot");
+    }
     let mut log_store = LogStore::open(&log_path, cfg.id).map_err(|source| StartError::Store {
         path: log_path,
         source,
@@ -203,11 +215,6 @@ pub async fn run(
         log_store.send_early_to(peers.clone());
         (peers, EarlyAcks::default())
     });
-    let sm_path = cfg.data_dir.join("state.redb");
-    let sm = StateMachineStore::open(&sm_path).map_err(|source| StartError::Store {
-        path: sm_path,
-        source,
-    })?;
     // The names clients reach this node by: in its HTTPS certificate, and the only `Host`s
     // it serves.
     let names = edge_names(&cfg, &me);

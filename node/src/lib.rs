@@ -27,6 +27,7 @@ pub mod pool;
 pub mod raft;
 pub mod recovery;
 pub mod registry;
+pub mod restore;
 pub mod route;
 pub mod seal;
 pub mod shard;

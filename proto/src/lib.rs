@@ -7,10 +7,12 @@
 //!   verifies it).
 //! - [`mcp`]: the MCP JSON-RPC envelope, error codes and protocol revisions.
 //! - [`sse`]: reading the server-sent-event streams of Streamable HTTP.
+//! - [`snapshot`]: the registry snapshot file (`mcpctl snapshot save|restore`).
 
 pub mod api;
 pub mod audit;
 pub mod mcp;
+pub mod snapshot;
 pub mod sse;
 
 /// Raft transport between nodes (`proto/raft.proto`).

@@ -69,6 +69,24 @@ def _need(path: Path, how: str) -> None:
         pytest.exit(f"{path} is missing: {how}", returncode=2)
 
 
+def unused_addr() -> str:
+    """A loopback address no process listens on, below the kernel's ephemeral range (as
+    `mcpctl dev up` picks them), for a node whose address must be known before it starts."""
+    import random
+    import socket
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(200):
+        port = random.randrange(10_000, max(low, 10_001))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return f"127.0.0.1:{port}"
+    raise RuntimeError("no free port below the ephemeral range")
+
+
 class Cluster:
     """A dev cluster: its directory, endpoints, tokens, and `mcpctl` against it."""
 
@@ -80,6 +98,8 @@ class Cluster:
         self.endpoints: list[str] = []
         self.admin_token = ""
         self.token = ""  # a token of tenant `default`
+        # The node id of each index (a restored cluster's ids are new: 4, 5, 6).
+        self.ids = list(range(1, nodes + 1))
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -115,7 +135,11 @@ class Cluster:
 
     def pid(self, node: int) -> int:
         """The pid of node `node` (0-based)."""
-        return int((self.dir / f"node{node + 1}" / "mcpd.pid").read_text())
+        return int((self.node_dir(node) / "mcpd.pid").read_text())
+
+    def node_dir(self, node: int) -> Path:
+        """Where node `node` (0-based) keeps its data (`data/`), log and pid file."""
+        return self.dir / f"node{self.ids[node]}"
 
     def kill(self, node: int) -> None:
         """SIGKILL of node `node`: no goodbye to its peers or clients. Returns once it is dead
@@ -133,20 +157,23 @@ class Cluster:
             time.sleep(0.01)
         raise AssertionError(f"node {node} (pid {pid}) still alive 10 s after SIGKILL")
 
-    def restart(self, node: int) -> None:
-        """Starts a killed node again with its data and addresses (as `dev up` did), and
-        returns once it listens. Its ports came from the ephemeral range, so while it was
-        down another connection may have taken one as its source port: the start is tried
-        again until that connection is gone (30 s at most)."""
-        nd = self.dir / f"node{node + 1}"
-        ep = json.loads((nd / "data" / "endpoints.json").read_text())
+    def restart(self, node: int, at: tuple[str, str] | None = None) -> None:
+        """Starts a killed node again with its data and addresses (as `dev up` did), or at
+        `at` (HTTP and gRPC address) for a first start, and returns once it listens. While it
+        was down another connection may have taken one of its ports as its source port: the
+        start is tried again until that connection is gone (30 s at most)."""
+        nd = self.node_dir(node)
+        if at is None:
+            ep = json.loads((nd / "data" / "endpoints.json").read_text())
+        else:
+            ep = {"http_addr": at[0], "grpc_addr": at[1]}
         port = ep["http_addr"].rsplit(":", 1)[1]
         deadline = time.monotonic() + 30
         while True:
-            logged = (nd / "mcpd.log").stat().st_size
+            logged = (nd / "mcpd.log").stat().st_size if (nd / "mcpd.log").exists() else 0
             with open(nd / "mcpd.log", "ab") as log:
                 p = subprocess.Popen(
-                    [str(MCPD), "--id", str(node + 1), "--data-dir", str(nd / "data"),
+                    [str(MCPD), "--id", str(self.ids[node]), "--data-dir", str(nd / "data"),
                      "--http-addr", ep["http_addr"], "--grpc-addr", ep["grpc_addr"]],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
                 )
@@ -171,7 +198,7 @@ class Cluster:
 
     def call_log(self, node: int) -> list[dict]:
         """Node `node`'s call log (`<data_dir>/audit/calls.jsonl`), one dict per call."""
-        path = self.dir / f"node{node + 1}" / "data" / "audit" / "calls.jsonl"
+        path = self.node_dir(node) / "data" / "audit" / "calls.jsonl"
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -179,7 +206,7 @@ class Cluster:
     def leader(self, node: int = 0) -> int | None:
         """The leader's index (0-based) as node `node` sees it."""
         status = json.loads(self.mcpctl("cluster", "status", "-o", "json", node=node))
-        return None if status["leader"] is None else status["leader"] - 1
+        return None if status["leader"] is None else self.ids.index(status["leader"])
 
     # -- addresses ----------------------------------------------------------------------------
 
@@ -251,14 +278,14 @@ class Cluster:
 
     def log(self, node: int = 0) -> str:
         """Node `node`'s log (mcpd and its servers' stderr), without colours."""
-        path = self.dir / f"node{node + 1}" / "mcpd.log"
+        path = self.node_dir(node) / "mcpd.log"
         return ANSI.sub("", path.read_text(errors="replace")) if path.exists() else ""
 
     def log_tail(self, lines: int = 60) -> str:
         out = []
         for node in range(self.nodes):
             tail = self.log(node).splitlines()[-lines:]
-            out.append(f"--- {self.name} node{node + 1}/mcpd.log (last {len(tail)} lines)\n" + "\n".join(tail))
+            out.append(f"--- {self.name} node{self.ids[node]}/mcpd.log (last {len(tail)} lines)\n" + "\n".join(tail))
         return "\n".join(out)
 
     def metrics(self, node: int = 0) -> str:

@@ -21,6 +21,7 @@ pub mod pins;
 pub mod policies;
 pub mod resource_metadata;
 pub mod session;
+pub mod snapshot;
 pub mod traffic;
 pub mod usage;
 pub mod virtual_servers;
@@ -80,6 +81,7 @@ pub fn router<S: Clone + Send + Sync + 'static>(state: AppState) -> Router<S> {
         .route("/cluster/join-tokens", post(c::create_join_token))
         .route("/cluster/join", post(c::join))
         .route("/cluster/status", get(c::status))
+        .route("/snapshot", get(snapshot::save))
         .route("/cluster/nodes", post(c::add_node))
         .route("/cluster/nodes/{id}", axum::routing::delete(c::remove_node))
         .route("/watch", get(c::watch))

@@ -142,6 +142,25 @@ impl StateMachineStore {
         }
     }
 
+    /// Replaces the whole state with `data` (a restored snapshot, before Raft starts), made
+    /// durable as this node's snapshot at `data.last_applied`.
+    pub async fn restore(&self, mut data: SmData) -> Result<(), StorageError> {
+        let bytes =
+            serde_json::to_vec(&data).map_err(|e| StorageIOError::read_state_machine(&e))?;
+        let meta = SnapshotMeta {
+            last_log_id: data.last_applied,
+            last_membership: data.membership.clone(),
+            snapshot_id: format!(
+                "restored-{}",
+                data.last_applied.map(|l| l.index).unwrap_or_default()
+            ),
+        };
+        self.persist_snapshot(&meta, bytes).await?;
+        data.state.reindex();
+        *self.shared.data.write().unwrap_or_else(|p| p.into_inner()) = data;
+        Ok(())
+    }
+
     async fn persist_snapshot(
         &self,
         meta: &SnapshotMeta,

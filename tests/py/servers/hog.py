@@ -21,6 +21,12 @@ def whoami() -> str:
 
 
 @server.tool()
+def getenv(name: str) -> str:
+    """The value of one of its own environment variables (empty when unset)."""
+    return os.environ.get(name, "")
+
+
+@server.tool()
 def read_environ(pid: int) -> str:
     """Another process's environment, or why it cannot be read."""
     try:

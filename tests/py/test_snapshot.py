@@ -1,0 +1,159 @@
+"""Backup and disaster recovery: `mcpctl snapshot save`, `status` and `restore`.
+
+The runbook (deploy/README.md, "Backup and restore") as tests: a cluster is backed up, loses
+every node's data, and is restored onto three new data directories with new node ids; what was
+acknowledged before the snapshot is there, the old tokens work, and the sealed secrets open. A
+corrupted file, reused node ids and a wrong data key are each refused, saying which.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+from conftest import CA_DIR, MCPD, ROOT, VENV_BIN, Cluster, start_cluster, unused_addr
+from helpers import stateless_post, wait_until
+
+HOG = ROOT / "tests/py/servers/hog.py"
+SECRET = "s3cret-that-only-the-data-key-opens"
+
+
+def tenants(c: Cluster) -> set[str]:
+    return {t["spec"]["name"] for t in json.loads(c.mcpctl("tenant", "list", "-o", "json"))}
+
+
+def restore_onto(snapshot: Path, dir: Path, ids: list[int], name: str) -> tuple[Cluster, list[tuple[str, str]]]:
+    """Lays out a new cluster of `ids` from `snapshot`, each node with the CA and the data key
+    in its TLS directory, as the runbook says; returns it and each node's (HTTP, gRPC)."""
+    addrs = {i: (unused_addr(), unused_addr()) for i in ids}
+    members = [f"--member={i}={h},{g}" for i, (h, g) in addrs.items()]
+    c = Cluster(name, dir, len(ids), [])
+    c.ids = ids
+    for i in ids:
+        data = dir / f"node{i}" / "data"
+        c.mcpctl("snapshot", "restore", str(snapshot), "--data-dir", str(data), "--id", str(i), *members)
+        tls = data / "tls"
+        tls.mkdir(mode=0o700)
+        for f in ("ca.pem", "ca.key", "data.key"):
+            shutil.copy(CA_DIR / f, tls / f)
+    c.endpoints = [f"https://{addrs[i][0]}" for i in ids]
+    return c, [addrs[i] for i in ids]
+
+
+def test_a_cluster_restored_from_a_snapshot_holds_every_acknowledged_write(tmp_path_factory):
+    # A cluster with tenants, a tenant's token and a server whose env holds a sealed secret.
+    src = start_cluster(tmp_path_factory, "snap-src", 3)
+    backup = tmp_path_factory.mktemp("backup") / "registry.snapshot"
+    try:
+        for i in range(20):
+            src.mcpctl("tenant", "add", f"team-{i}")
+        src.mcpctl("server", "add", "envy", "--pool-size", "1", "--env", f"SECRET={SECRET}", "--",
+                   str(VENV_BIN / "python"), str(HOG))
+        src.wait_tools("envy", ["getenv"])
+        last_ack = json.loads(src.mcpctl("tenant", "add", "last-before-snapshot", "-o", "json"))["revision"]
+
+        header = json.loads(src.mcpctl("snapshot", "save", str(backup), "-o", "json"))
+        assert header["leader"], f"the snapshot is the leader's: {header}"
+        assert header["revision"] >= last_ack, f"revision {last_ack} was acknowledged before {header}"
+        assert json.loads(src.mcpctl("snapshot", "status", str(backup), "-o", "json")) == header
+        src.mcpctl("tenant", "add", "after-snapshot")
+        token, admin = src.token, src.admin_token
+    finally:
+        src.down()
+    # Every node's data is lost.
+    shutil.rmtree(src.dir)
+
+    dst, addrs = restore_onto(backup, tmp_path_factory.mktemp("snap-dst"), [4, 5, 6], "snap-dst")
+    dst.admin_token = admin
+    dst.token = token
+    try:
+        for n in range(3):
+            dst.restart(n, at=addrs[n])
+        assert wait_until(lambda: dst.leader() is not None, 30, "the restored cluster elects a leader") is not None
+
+        # The old admin token works, every write acknowledged before the snapshot is there,
+        # and the one after it is not.
+        names = tenants(dst)
+        assert {f"team-{i}" for i in range(20)} | {"last-before-snapshot"} <= names
+        assert "after-snapshot" not in names
+        status = json.loads(dst.mcpctl("cluster", "status", "-o", "json"))
+        assert sorted(m["id"] for m in status["members"]) == [4, 5, 6]
+
+        # The tenant token still calls MCP, and the server's sealed secret opened.
+        dst.wait_tools("envy", ["getenv"], token=token)
+        r = stateless_post(dst.url(0, "envy"), token, "tools/call",
+                           {"name": "getenv", "arguments": {"name": "SECRET"}}, name="getenv", timeout=60)
+        assert r.json()["result"]["content"][0]["text"] == SECRET, r.text
+
+        # The restored cluster takes writes.
+        dst.mcpctl("tenant", "add", "after-restore")
+        assert "after-restore" in tenants(dst)
+    finally:
+        dst.down()
+
+
+def start_mcpd_once(data: Path, id: int) -> subprocess.CompletedProcess:
+    """Starts mcpd on `data`, expecting it to refuse to start."""
+    return subprocess.run(
+        [str(MCPD), "--id", str(id), "--data-dir", str(data), "--http-addr", unused_addr(),
+         "--grpc-addr", unused_addr()],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_a_corrupted_snapshot_reused_ids_or_a_wrong_data_key_are_refused(tmp_path_factory):
+    src = start_cluster(tmp_path_factory, "snap-bad", 1)
+    work = tmp_path_factory.mktemp("snap-bad-files")
+    backup = work / "registry.snapshot"
+    try:
+        src.mcpctl("server", "add", "sealed", "--env", f"SECRET={SECRET}", "--", "/bin/true")
+        src.mcpctl("snapshot", "save", str(backup))
+        # Never over an existing file.
+        again = src.mcpctl_result("snapshot", "save", str(backup))
+        assert again.returncode != 0 and "exists" in again.stderr, again
+    finally:
+        src.down()
+
+    # A flipped byte in the middle of the state.
+    corrupted = work / "corrupted.snapshot"
+    raw = bytearray(backup.read_bytes())
+    raw[len(raw) // 2 + 40] ^= 0x20
+    corrupted.write_bytes(raw)
+    r = src.mcpctl_result("snapshot", "status", str(corrupted))
+    assert r.returncode == 1 and "corrupted" in r.stderr, r
+    r = src.mcpctl_result("snapshot", "restore", str(corrupted), "--data-dir", str(work / "d1"),
+                          "--id", "2", "--member", "2=127.0.0.1:1,127.0.0.1:2")
+    assert r.returncode == 1 and "corrupted" in r.stderr, r
+    assert not (work / "d1").exists(), "a refused restore leaves nothing behind"
+
+    # A truncated download.
+    truncated = work / "truncated.snapshot"
+    truncated.write_bytes(backup.read_bytes()[:-10])
+    r = src.mcpctl_result("snapshot", "status", str(truncated))
+    assert r.returncode == 1 and "truncated" in r.stderr, r
+
+    # Node 1 was a member of the snapshot's cluster: a restored cluster takes new ids.
+    r = src.mcpctl_result("snapshot", "restore", str(backup), "--data-dir", str(work / "d2"),
+                          "--id", "1", "--member", "1=127.0.0.1:1,127.0.0.1:2")
+    assert r.returncode == 2 and "new ids (2 and up)" in r.stderr, r
+
+    # Another cluster's data key does not open the snapshot's secrets: mcpd says so and stops.
+    data = work / "d3"
+    src.mcpctl("snapshot", "restore", str(backup), "--data-dir", str(data), "--id", "2",
+               "--member", "2=127.0.0.1:1,127.0.0.1:2")
+    other_ca = work / "other-ca"
+    src.mcpctl("cluster", "ca", "create", "--dir", str(other_ca), "--cluster-id", "elsewhere")
+    (data / "tls").mkdir(mode=0o700)
+    for f in ("ca.pem", "ca.key"):
+        shutil.copy(CA_DIR / f, data / "tls" / f)
+    shutil.copy(other_ca / "data.key", data / "tls" / "data.key")
+    r = start_mcpd_once(data, 2)
+    assert r.returncode != 0 and "do not open with this node's data key" in r.stdout + r.stderr, r
+
+    # The copy in the data directory is checked again at the start.
+    shutil.copy(CA_DIR / "data.key", data / "tls" / "data.key")
+    (data / "restore.snapshot").write_bytes(raw)
+    r = start_mcpd_once(data, 2)
+    assert r.returncode != 0 and "corrupted" in r.stdout + r.stderr, r
