@@ -273,6 +273,23 @@ impl AdminClient {
         .await
     }
 
+    /// Makes the node this client talks to a one-node cluster of its own state (its voters
+    /// are lost); it answers, then restarts in place.
+    pub async fn promote_force_new_cluster(
+        &self,
+    ) -> Result<mcpcp_proto::api::PromoteResponse, ClientError> {
+        let req = mcpcp_proto::api::PromoteRequest {
+            force_new_cluster: true,
+        };
+        self.call(
+            Method::POST,
+            "/v1/cluster/promote",
+            Some(&req),
+            &CallOptions::default(),
+        )
+        .await
+    }
+
     pub async fn remove_node(&self, id: u64) -> Result<(), ClientError> {
         self.call::<(), Empty>(
             Method::DELETE,

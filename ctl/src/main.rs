@@ -209,6 +209,14 @@ enum ClusterCmd {
     },
     /// Remove a node from the membership.
     RemoveNode { id: u64 },
+    /// Disaster recovery: make the node of --endpoints (a standby site's learner) a one-node
+    /// cluster of its own state after every voter is lost, as etcd's --force-new-cluster.
+    /// Refused while it can still reach a quorum. Grow the new cluster with `add-node`.
+    Promote {
+        /// Required: the node leaves its cluster for good and starts a new one.
+        #[arg(long)]
+        force_new_cluster: bool,
+    },
     /// A single-use join token for a new node: start it with `--join <a node> --join-token
     /// <token>` and an empty TLS directory; it fetches the cluster CA and data key itself, over
     /// TLS pinned to the CA. Then `cluster add-node` makes it a member.
@@ -1294,6 +1302,49 @@ async fn cluster(cli: &Cli, cmd: &ClusterCmd) -> Outcome {
                     "node {} added as {}",
                     m.id,
                     if *learner { "learner" } else { "voter" }
+                ),
+            }
+            Ok(())
+        }
+        ClusterCmd::Promote { force_new_cluster } => {
+            if !force_new_cluster {
+                return Err(fail(
+                    2,
+                    "only `--force-new-cluster` exists: a learner of a healthy cluster becomes a voter with `mcpctl cluster add-node`",
+                ));
+            }
+            if cli.endpoints.len() != 1 {
+                return Err(fail(
+                    2,
+                    "name exactly the node to promote with --endpoints (one endpoint)",
+                ));
+            }
+            let c = client(cli)?;
+            let promoted = c.promote_force_new_cluster().await?;
+            let node = promoted.node;
+            // It restarts in place; it is done once it leads a cluster of itself.
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                if let Ok(s) = c.cluster_status().await {
+                    if s.leader == Some(node) && s.members.iter().all(|m| m.id == node) {
+                        break;
+                    }
+                }
+                if std::time::Instant::now() > deadline {
+                    return Err(fail(
+                        1,
+                        format!(
+                            "node {node} did not lead its new cluster within 60 s: see its log"
+                        ),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            match cli.output {
+                Output::Json => print_json(&promoted),
+                Output::Table => out!(
+                    "node {node} leads a new cluster of itself at revision {}; add members with `mcpctl cluster add-node`",
+                    promoted.revision
                 ),
             }
             Ok(())

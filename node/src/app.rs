@@ -178,7 +178,7 @@ pub async fn run(
     metrics: PrometheusHandle,
     stop: impl std::future::Future<Output = ()>,
     shards: ShardHandles,
-) -> Result<(), StartError> {
+) -> Result<Exit, StartError> {
     claim_data_dir(&cfg.data_dir, cfg.id)?;
     let http_listener = bind("http_addr", cfg.http_addr).await?;
     let grpc_listener = bind("grpc_addr", cfg.grpc_addr).await?;
@@ -372,7 +372,9 @@ pub async fn run(
             .clone()
             .flush_loop(registry.clone(), shutdown.clone()),
     );
+    let restart = crate::shutdown::Restart::default();
     let state = AppState {
+        restart: restart.clone(),
         registry: registry.clone(),
         metrics,
         router: router.clone(),
@@ -413,6 +415,7 @@ pub async fn run(
 
     tokio::select! {
         _ = stop => tracing::info!("shutdown requested"),
+        _ = restart.wait() => tracing::warn!("restarting in place"),
         Some(res) = tasks.join_next() => tracing::error!(?res, "a server task ended early; shutting down"),
     }
     trigger.fire();
@@ -428,7 +431,20 @@ pub async fn run(
     .await;
     tasks.abort_all();
     tracing::info!("mcpd stopped");
-    Ok(())
+    Ok(if restart.requested() {
+        Exit::Restart
+    } else {
+        Exit::Stopped
+    })
+}
+
+/// How a node's run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Asked to stop (a signal).
+    Stopped,
+    /// Asked to start again in place, with the same arguments.
+    Restart,
 }
 
 /// The edge's TLS as configured; `None` for `api.tls = "off"` (warned about).

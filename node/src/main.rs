@@ -272,16 +272,35 @@ fn main() -> anyhow::Result<()> {
     }
     let shards = mcpd::shard::Shards::start(cfg.runtime.shards())?;
     let handles = shards.handles();
-    let ran = runtime
+    let ran: anyhow::Result<mcpd::app::Exit> = runtime
         .build()
         .context("starting the async runtime")?
         .block_on(async move {
             init_logging(&cfg);
             let metrics = mcpd::metrics::install().context("installing the metrics recorder")?;
-            mcpd::app::run(cfg, metrics, shutdown_signal(), handles).await?;
-            Ok(())
+            Ok(mcpd::app::run(cfg, metrics, shutdown_signal(), handles).await?)
         });
     // The main runtime is gone: stop the data plane's threads and what still runs on them.
     drop(shards);
-    ran
+    if let mcpd::app::Exit::Restart = ran? {
+        return restart_in_place();
+    }
+    Ok(())
+}
+
+/// Becomes a new mcpd with the same arguments and environment, in the same process (same pid,
+/// so a supervisor or a pid file sees no change).
+#[cfg(unix)]
+fn restart_in_place() -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().context("finding mcpd's own binary")?;
+    let err = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .exec();
+    Err(err).context("starting again in place")
+}
+
+#[cfg(not(unix))]
+fn restart_in_place() -> anyhow::Result<()> {
+    anyhow::bail!("this platform cannot restart in place: start mcpd again")
 }

@@ -1,6 +1,9 @@
 //! Graceful shutdown as a value passed to every task (as in mini-redis), not a global flag.
 
-use tokio::sync::watch;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{watch, Notify};
 
 /// The sending side: [`Trigger::fire`] asks every [`Shutdown`] to finish.
 #[derive(Clone)]
@@ -30,5 +33,30 @@ impl Shutdown {
     /// Completes once shutdown was requested (or every trigger was dropped).
     pub async fn wait(mut self) {
         let _ = self.0.wait_for(|fired| *fired).await;
+    }
+}
+
+/// A request from inside the node to stop and start again in place, with the same arguments
+/// (after `cluster promote --force-new-cluster` left a restore plan in the data directory).
+#[derive(Clone, Default)]
+pub struct Restart(Arc<(Notify, AtomicBool)>);
+
+impl Restart {
+    pub fn request(&self) {
+        self.0 .1.store(true, Ordering::SeqCst);
+        self.0 .0.notify_waiters();
+    }
+
+    pub fn requested(&self) -> bool {
+        self.0 .1.load(Ordering::SeqCst)
+    }
+
+    /// Completes once a restart was requested.
+    pub async fn wait(&self) {
+        let notified = self.0 .0.notified();
+        if self.requested() {
+            return;
+        }
+        notified.await;
     }
 }

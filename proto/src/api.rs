@@ -157,6 +157,24 @@ fn default_true() -> bool {
     true
 }
 
+/// `POST /v1/cluster/promote` on a learner (or any member) whose voters are lost: it becomes a
+/// one-node cluster of its own state (`mcpctl cluster promote --force-new-cluster`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromoteRequest {
+    /// Must be `true`: the only promotion is to a new cluster (a learner of a healthy cluster
+    /// becomes a voter with `cluster add-node`).
+    pub force_new_cluster: bool,
+}
+
+/// The answer to [`PromoteRequest`]: the node restarts as a new cluster of one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PromoteResponse {
+    pub node: u64,
+    /// The registry revision the new cluster starts from.
+    pub revision: u64,
+}
+
 /// How a server's processes are shared between downstream sessions.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

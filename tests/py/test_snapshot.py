@@ -157,3 +157,46 @@ def test_a_corrupted_snapshot_reused_ids_or_a_wrong_data_key_are_refused(tmp_pat
     (data / "restore.snapshot").write_bytes(raw)
     r = start_mcpd_once(data, 2)
     assert r.returncode != 0 and "corrupted" in r.stdout + r.stderr, r
+
+
+def test_a_learner_becomes_a_new_cluster_after_its_voters_are_lost(tmp_path_factory):
+    main = start_cluster(tmp_path_factory, "dr-main", 3)
+    try:
+        # A standby site: node 4, a learner (it votes in nothing, it holds everything).
+        standby = Cluster("dr-standby", main.dir, 1, [])
+        standby.ids = [4]
+        http, grpc = unused_addr(), unused_addr()
+        data = standby.node_dir(0) / "data"
+        (data / "tls").mkdir(parents=True, mode=0o700)
+        for f in ("ca.pem", "ca.key", "data.key"):
+            shutil.copy(CA_DIR / f, data / "tls" / f)
+        standby.restart(0, at=(http, grpc))
+        main.mcpctl("cluster", "add-node", "--id", "4", "--http", http, "--grpc", grpc, "--learner")
+        standby.endpoints = [f"https://{http}"]
+        standby.admin_token = main.admin_token
+
+        for i in range(10):
+            main.mcpctl("tenant", "add", f"site-{i}")
+        last = json.loads(main.mcpctl("tenant", "add", "last-before-loss", "-o", "json"))["revision"]
+        local_revision = lambda: json.loads(standby.mcpctl("cluster", "status", "-o", "json"))["revision"]
+        wait_until(lambda: local_revision() >= last, 30, "the learner applied every write")
+
+        # While the voters are up, the learner is not promoted away from them.
+        r = standby.mcpctl_result("cluster", "promote", "--force-new-cluster")
+        assert r.returncode != 0 and "still has a quorum" in r.stderr, r
+
+        # The main site is lost.
+        for n in range(3):
+            main.kill(n)
+        promoted = json.loads(standby.mcpctl("cluster", "promote", "--force-new-cluster", "-o", "json"))
+        assert promoted["node"] == 4 and promoted["revision"] >= last, promoted
+
+        status = json.loads(standby.mcpctl("cluster", "status", "-o", "json"))
+        assert status["leader"] == 4 and [m["id"] for m in status["members"]] == [4], status
+        assert {f"site-{i}" for i in range(10)} | {"last-before-loss"} <= tenants(standby)
+        standby.mcpctl("tenant", "add", "after-promotion")
+        assert "after-promotion" in tenants(standby)
+        # Its old log is set aside, not deleted.
+        assert (data / "raft-log.redb.before-force-new-cluster").exists()
+    finally:
+        main.down()

@@ -19,6 +19,7 @@ pub mod listener;
 pub mod objects;
 pub mod pins;
 pub mod policies;
+pub mod promote;
 pub mod resource_metadata;
 pub mod session;
 pub mod snapshot;
@@ -38,6 +39,8 @@ use crate::registry::Registry;
 #[derive(Clone)]
 pub struct AppState {
     pub registry: Registry,
+    /// Asks the node to stop and start again in place (`cluster promote --force-new-cluster`).
+    pub restart: crate::shutdown::Restart,
     pub metrics: PrometheusHandle,
     /// The data plane's router (its peer channels ask peers for their pools' status).
     pub router: crate::route::Router,
@@ -81,6 +84,7 @@ pub fn router<S: Clone + Send + Sync + 'static>(state: AppState) -> Router<S> {
         .route("/cluster/join-tokens", post(c::create_join_token))
         .route("/cluster/join", post(c::join))
         .route("/cluster/status", get(c::status))
+        .route("/cluster/promote", post(promote::promote))
         .route("/snapshot", get(snapshot::save))
         .route("/cluster/nodes", post(c::add_node))
         .route("/cluster/nodes/{id}", axum::routing::delete(c::remove_node))

@@ -22,20 +22,15 @@ use super::extract::Authorized;
 use super::AppState;
 use crate::identity::surface::ClusterWrite;
 
-/// The size of each chunk of the body.
-const CHUNK: usize = 1 << 20;
-
-pub async fn save(
-    State(state): State<AppState>,
-    Authorized(caller, _): Authorized<ClusterWrite>,
-) -> Result<Response, ApiError> {
-    let started = Instant::now();
-    state.registry.barrier().await?;
+/// This node's applied state as a snapshot: its header and the state it describes. Serialised
+/// off the data plane's threads; consistent as of whatever the node has applied (a caller that
+/// needs a linearizable point runs a read barrier first).
+pub async fn capture(state: &AppState) -> Result<(SnapshotHeader, Vec<u8>), ApiError> {
     let registry = state.registry.clone();
     let me = registry.id;
     let leader = registry.raft.metrics().borrow().current_leader == Some(me);
     let cluster = state.certs.node.identity.cluster.to_string();
-    let (header, data) = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let d = registry.local();
         let data = serde_json::to_vec(&*d)?;
         let header = SnapshotHeader {
@@ -55,8 +50,19 @@ pub async fn save(
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?
-    .map_err(|e| ApiError::Internal(format!("serialising the state: {e}")))?;
+    .map_err(|e| ApiError::Internal(format!("serialising the state: {e}")))
+}
 
+/// The size of each chunk of the body.
+const CHUNK: usize = 1 << 20;
+
+pub async fn save(
+    State(state): State<AppState>,
+    Authorized(caller, _): Authorized<ClusterWrite>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    state.registry.barrier().await?;
+    let (header, data) = capture(&state).await?;
     let head = Bytes::from(header.encode());
     let length = head.len() + data.len();
     let data = Bytes::from(data);

@@ -1,0 +1,99 @@
+//! `POST /v1/cluster/promote` with `force_new_cluster`: a node whose voters are lost (the
+//! standby site's learner after the main site is gone) becomes a one-node cluster of its own
+//! state, as etcd's `--force-new-cluster` does; the operator then grows it with `cluster
+//! add-node`.
+//!
+//! The node writes its applied state and a plan naming itself the only member into its data
+//! directory (the same files `mcpctl snapshot restore` lays out, `crate::restore`), answers,
+//! and starts again in place; at that start it sets its Raft log aside and starts from the
+//! state. It refuses while it can still reach a quorum: a cluster that has one is changed with
+//! `add-node` and `remove-node`, never split in two.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use mcpcp_proto::api::{PromoteRequest, PromoteResponse};
+use mcpcp_proto::snapshot::{RestorePlan, RESTORE_PLAN, RESTORE_SNAPSHOT};
+
+use super::error::ApiError;
+use super::extract::{ApiJson, Authorized};
+use super::AppState;
+use crate::identity::surface::ClusterWrite;
+
+/// How long the node tries to reach a quorum before it accepts that there is none.
+const QUORUM_PROBE: Duration = Duration::from_secs(2);
+
+pub async fn promote(
+    State(state): State<AppState>,
+    Authorized(caller, _): Authorized<ClusterWrite>,
+    ApiJson(req): ApiJson<PromoteRequest>,
+) -> Result<(StatusCode, Json<PromoteResponse>), ApiError> {
+    if !req.force_new_cluster {
+        return Err(ApiError::bad_field(
+            "force_new_cluster",
+            "must be true: a learner of a healthy cluster becomes a voter with `mcpctl cluster add-node`",
+        ));
+    }
+    let registry = &state.registry;
+    let Some(me) = registry.members().into_iter().find(|m| m.id == registry.id) else {
+        return Err(ApiError::Conflict {
+            code: "not_member",
+            message: "this node is not a member of a cluster: there is no state to promote".into(),
+        });
+    };
+    if let Ok(Ok(())) = tokio::time::timeout(QUORUM_PROBE, registry.barrier()).await {
+        let leader = registry.raft.metrics().borrow().current_leader;
+        return Err(ApiError::Conflict {
+            code: "has_quorum",
+            message: format!(
+                "the cluster still has a quorum (leader: node {}): --force-new-cluster is for a site whose voters are lost; a learner of a healthy cluster becomes a voter with `mcpctl cluster add-node`",
+                leader.map_or_else(|| "?".into(), |l| l.to_string())
+            ),
+        });
+    }
+    let (header, data) = super::snapshot::capture(&state).await?;
+    let plan = RestorePlan {
+        node: me.id,
+        members: vec![me],
+        force_new_cluster: true,
+    };
+    let dir = state.data_dir.clone();
+    let mut file = header.encode();
+    file.extend_from_slice(&data);
+    tokio::task::spawn_blocking(move || write_plan(&dir, &file, &plan))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(format!("writing the restore plan: {e}")))?;
+    metrics::counter!("mcpd_cluster_force_new_total").increment(1);
+    tracing::warn!(
+        actor = %caller.token_id,
+        revision = header.revision,
+        "forcing a new cluster of this node alone: restarting in place"
+    );
+    // The answer is written before the node stops: shutdown lets open requests finish.
+    state.restart.request();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(PromoteResponse {
+            node: registry.id,
+            revision: header.revision,
+        }),
+    ))
+}
+
+/// The snapshot file, then the plan that makes the next start use it, each synced.
+fn write_plan(dir: &Path, snapshot: &[u8], plan: &RestorePlan) -> std::io::Result<()> {
+    for (name, bytes) in [
+        (RESTORE_SNAPSHOT, snapshot.to_vec()),
+        (RESTORE_PLAN, serde_json::to_vec_pretty(plan)?),
+    ] {
+        let mut f = std::fs::File::create(dir.join(name))?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::File::open(dir)?.sync_all()
+}
