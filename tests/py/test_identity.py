@@ -213,6 +213,8 @@ ROUTES = [
     ("POST", "/v1/cluster/join-tokens", "not json", CLUSTER_WRITE),
     ("POST", "/v1/cluster/nodes", "not json", CLUSTER_WRITE),
     ("DELETE", "/v1/cluster/nodes/0", None, CLUSTER_WRITE),
+    ("POST", "/v1/cluster/promote", "not json", CLUSTER_WRITE),
+    ("GET", "/v1/snapshot", None, CLUSTER_WRITE),
     ("GET", "/v1/servers", None, OBJECT_READ),
     ("GET", "/v1/servers/no-such-server", None, OBJECT_READ),
     ("GET", "/v1/servers/no-such-server/status", None, OBJECT_READ),
