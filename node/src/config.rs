@@ -10,9 +10,9 @@
 //! advertise_grpc = "10.0.0.1:7500"
 //!
 //! [raft]
-//! heartbeat_ms = 150
-//! election_timeout_min_ms = 750
-//! election_timeout_max_ms = 1500
+//! heartbeat_ms = 50
+//! election_timeout_min_ms = 200
+//! election_timeout_max_ms = 400
 //! snapshot_every = 5000             # entries between snapshots (log compaction)
 //! keep_logs = 1000                  # entries kept behind a snapshot for slow followers
 //! early_replication = true          # send new entries to followers during the leader's fsync
@@ -203,9 +203,9 @@ pub struct RaftConfig {
 impl Default for RaftConfig {
     fn default() -> Self {
         RaftConfig {
-            heartbeat_ms: 150,
-            election_timeout_min_ms: 750,
-            election_timeout_max_ms: 1500,
+            heartbeat_ms: 50,
+            election_timeout_min_ms: 200,
+            election_timeout_max_ms: 400,
             snapshot_every: 5000,
             keep_logs: 1000,
             snapshot_chunk_bytes: 1 << 20,

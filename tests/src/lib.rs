@@ -620,6 +620,8 @@ pub fn demo_server(name: &str, ledger: &Path) -> mcpcp_proto::api::ServerSpec {
 }
 
 pub mod bench_issuer;
+pub mod etcd;
+pub mod write;
 
 /// Helpers the benchmark binaries share.
 pub mod bench {

@@ -10,6 +10,7 @@ pub mod network;
 pub mod service;
 pub mod signing;
 pub mod state_machine;
+pub mod watchdog;
 
 use std::io::Cursor;
 

@@ -26,23 +26,22 @@
 //! registry-bench [--seconds 10] [--rounds 5] [--levels 1,16,128] [--max-writes 1000000] [--plain]
 //! ```
 
-use mcpcp_tests::bench::{find_on_path, percentile, root_cause, round3, run_until_stopped};
-use std::path::{Path, PathBuf};
-use std::process::{ExitCode, Stdio};
+use mcpcp_tests::bench::{find_on_path, percentile, round3, run_until_stopped};
+use std::path::Path;
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use mcpcp_tests::etcd::{etcd_version, EtcdCluster, READY_WITHIN};
+use mcpcp_tests::write::{send, System};
 use mcpcp_tests::Cluster;
 use serde_json::json;
-use tokio::process::{Child, Command};
 
 /// Bound of one request (connect + answer); the servers bound their own quorum waits below it.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long to wait for a system to accept its first writes, and for etcd to become healthy.
-const READY_WITHIN: Duration = Duration::from_secs(60);
 /// A client that got an error pauses this long, so that a dead endpoint is not spun on.
 const ERROR_PAUSE: Duration = Duration::from_millis(10);
 /// Error descriptions kept per level, to be printed.
@@ -70,76 +69,6 @@ struct Args {
     /// Plain HTTP to both systems and between etcd's members (mcpd's nodes keep mutual TLS).
     #[arg(long)]
     plain: bool,
-}
-
-/// The system under load and how one of its writes is made.
-enum System {
-    Mcpd { token: String },
-    Etcd,
-}
-
-impl System {
-    fn name(&self) -> &'static str {
-        match self {
-            System::Mcpd { .. } => "mcpd",
-            System::Etcd => "etcd",
-        }
-    }
-
-    /// Write number `seq` to the node at `base`. Both systems get the same JSON document: the
-    /// body of a tenant creation.
-    fn request(&self, http: &reqwest::Client, base: &str, seq: u64) -> reqwest::RequestBuilder {
-        let name = format!("bench-{seq}");
-        match self {
-            System::Mcpd { token } => http
-                .post(format!("{base}/v1/tenants"))
-                .bearer_auth(token)
-                .json(&json!({ "name": name })),
-            System::Etcd => {
-                let value = json!({ "name": name }).to_string();
-                http.post(format!("{base}/v3/kv/put")).json(&json!({
-                    "key": base64(format!("bench/{seq}").as_bytes()),
-                    "value": base64(value.as_bytes()),
-                }))
-            }
-        }
-    }
-}
-
-/// Standard base64 with padding (RFC 4648 §4), for etcd's JSON gateway.
-fn base64(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-/// Sends one write and reads its whole answer (so the connection is reused).
-async fn send(req: reqwest::RequestBuilder) -> Result<(), String> {
-    let resp = req.send().await.map_err(|e| root_cause(&e))?;
-    let status = resp.status();
-    let body = resp.bytes().await.map_err(|e| root_cause(&e))?;
-    if status.is_success() {
-        Ok(())
-    } else {
-        let text = String::from_utf8_lossy(&body);
-        let text: String = text.chars().take(200).collect();
-        Err(format!("{status}: {text}"))
-    }
 }
 
 /// What one client saw during a level.
@@ -355,231 +284,20 @@ async fn start_mcpd(http: &reqwest::Client, plain: bool) -> anyhow::Result<(Load
     Ok((load, cluster))
 }
 
+/// The Raft term every mcpd node agrees on (`None` if they do not).
+async fn mcpd_term(cluster: &Cluster) -> Option<u64> {
+    let mut terms = Vec::new();
+    for id in cluster.running_ids() {
+        terms.push(cluster.node_client(id).cluster_status().await.ok()?.term);
+    }
+    terms.dedup();
+    (terms.len() == 1).then(|| terms[0])
+}
+
 async fn stop_mcpd(cluster: &mut Cluster) {
     for id in cluster.running_ids() {
         cluster.kill(id).await;
     }
-}
-
-// === etcd ===
-
-/// Free loopback ports: all bound at once (so they differ), released when returned.
-fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
-    let listeners = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<Vec<_>, _>>()
-        .context("binding a free loopback port")?;
-    listeners
-        .iter()
-        .map(|l| Ok(l.local_addr()?.port()))
-        .collect()
-}
-
-struct EtcdMember {
-    name: String,
-    client_url: String,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-/// A 3-member etcd cluster in a temporary directory. Dropping it kills the members and removes
-/// the directory; [`EtcdCluster::stop`] does the same and waits for the processes to exit.
-struct EtcdCluster {
-    dir: Option<tempfile::TempDir>,
-    members: Vec<EtcdMember>,
-}
-
-impl EtcdCluster {
-    async fn start(bin: &Path, n: usize, tls: bool) -> anyhow::Result<EtcdCluster> {
-        let dir = tempfile::Builder::new()
-            .prefix("mcpcp-bench-etcd-")
-            .tempdir()
-            .context("etcd temp dir")?;
-        let ports = free_ports(2 * n)?;
-        let names: Vec<String> = (1..=n).map(|i| format!("etcd{i}")).collect();
-        let scheme = if tls { "https" } else { "http" };
-        let peer_url = |i: usize| format!("{scheme}://127.0.0.1:{}", ports[2 * i]);
-        let client_url = |i: usize| format!("{scheme}://127.0.0.1:{}", ports[2 * i + 1]);
-        let tls_args = if tls {
-            etcd_tls_args(dir.path())?
-        } else {
-            Vec::new()
-        };
-        let initial_cluster = (0..n)
-            .map(|i| format!("{}={}", names[i], peer_url(i)))
-            .collect::<Vec<_>>()
-            .join(",");
-        let token = format!("mcpcp-bench-{}", std::process::id());
-        let mut cluster = EtcdCluster {
-            dir: None,
-            members: Vec::new(),
-        };
-        for (i, name) in names.iter().enumerate() {
-            let data = dir.path().join(name);
-            let log = dir.path().join(format!("{name}.log"));
-            let out = std::fs::File::create(&log).context("etcd log file")?;
-            let err = out.try_clone().context("etcd log handle")?;
-            let child = Command::new(bin)
-                .arg("--name")
-                .arg(name)
-                .arg("--data-dir")
-                .arg(&data)
-                .args(["--listen-peer-urls", &peer_url(i)])
-                .args(["--initial-advertise-peer-urls", &peer_url(i)])
-                .args(["--listen-client-urls", &client_url(i)])
-                .args(["--advertise-client-urls", &client_url(i)])
-                .args(["--initial-cluster", &initial_cluster])
-                .args(["--initial-cluster-token", &token])
-                .args(["--initial-cluster-state", "new"])
-                .args(["--logger", "zap", "--log-level", "warn"])
-                .args(&tls_args)
-                .stdin(Stdio::null())
-                .stdout(out)
-                .stderr(err)
-                .kill_on_drop(true)
-                .spawn()
-                .with_context(|| format!("spawning {}", bin.display()))?;
-            cluster.members.push(EtcdMember {
-                name: name.clone(),
-                client_url: client_url(i),
-                log,
-                child: Some(child),
-            });
-        }
-        cluster.dir = Some(dir);
-        Ok(cluster)
-    }
-
-    fn client_urls(&self) -> Vec<String> {
-        self.members.iter().map(|m| m.client_url.clone()).collect()
-    }
-
-    /// Polls `GET /health` of every member until each says `{"health":"true"}`.
-    async fn wait_healthy(&mut self, http: &reqwest::Client) -> anyhow::Result<()> {
-        let deadline = Instant::now() + READY_WITHIN;
-        loop {
-            let mut healthy = 0;
-            let mut last = String::new();
-            for m in &mut self.members {
-                if let Some(status) = m.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                    bail!("{} exited at start-up with {status}", m.name);
-                }
-                let answer = async {
-                    let resp = http
-                        .get(format!("{}/health", m.client_url))
-                        .timeout(Duration::from_secs(2))
-                        .send()
-                        .await
-                        .map_err(|e| root_cause(&e))?;
-                    let v: serde_json::Value = resp.json().await.map_err(|e| root_cause(&e))?;
-                    match v["health"].as_str() {
-                        Some("true") => Ok(()),
-                        _ => Err(v.to_string()),
-                    }
-                };
-                match answer.await {
-                    Ok(()) => healthy += 1,
-                    Err(e) => last = format!("{}: {e}", m.name),
-                }
-            }
-            if healthy == self.members.len() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("etcd not healthy within {READY_WITHIN:?}; last answer {last}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    fn dump_logs(&self) {
-        for m in &self.members {
-            let text = std::fs::read_to_string(&m.log).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            eprintln!("----- {} ({}) -----", m.name, m.log.display());
-            for l in &lines[lines.len().saturating_sub(20)..] {
-                eprintln!("{l}");
-            }
-        }
-    }
-
-    /// Kills every member, waits for it to exit, and removes the directory.
-    async fn stop(mut self) -> anyhow::Result<()> {
-        for m in &mut self.members {
-            if let Some(mut c) = m.child.take() {
-                c.kill()
-                    .await
-                    .with_context(|| format!("killing {}", m.name))?;
-            }
-        }
-        if let Some(dir) = self.dir.take() {
-            let path = dir.path().to_path_buf();
-            dir.close()
-                .with_context(|| format!("removing {}", path.display()))?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for EtcdCluster {
-    /// On an early return, a panic or a signal: kill, give the processes a moment to exit (so
-    /// they write no more into the directory), then the directory is removed with `dir`.
-    fn drop(&mut self) {
-        for m in &mut self.members {
-            if let Some(c) = m.child.as_mut() {
-                let _ = c.start_kill();
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        for m in &mut self.members {
-            if let Some(c) = m.child.as_mut() {
-                while !matches!(c.try_wait(), Ok(Some(_)) | Err(_)) && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-        }
-    }
-}
-
-fn etcd_version(bin: &Path) -> String {
-    std::process::Command::new(bin)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| "etcd (version unknown)".into())
-}
-
-/// etcd's TLS flags: HTTPS for clients with a certificate for 127.0.0.1 from the test CA
-/// (written into `dir`), and TLS between members with etcd's own self-signed certificates
-/// (`--peer-auto-tls`: etcd checks a member's client certificate for the client-auth key usage,
-/// which the test CA's server certificates do not carry). Every byte is encrypted as between
-/// mcpd's nodes; only who checks whose certificate at the handshake differs, which kept-alive
-/// connections pay once.
-fn etcd_tls_args(dir: &Path) -> anyhow::Result<Vec<String>> {
-    let ca = mcpcp_pki::Ca::load(mcpcp_tests::test_ca()).context("the test CA")?;
-    let names = ["127.0.0.1".to_string(), "localhost".to_string()];
-    let issued = ca
-        .issue_server(&names, Duration::from_secs(24 * 3600))
-        .context("etcd's certificate")?;
-    let cert = dir.join("etcd.pem");
-    let key = dir.join("etcd.key");
-    mcpcp_pki::files::write_public(&cert, &issued.cert_pem)?;
-    mcpcp_pki::files::write_private(&key, &issued.key_pem)?;
-    let path = |p: &Path| p.display().to_string();
-    Ok(vec![
-        "--cert-file".into(),
-        path(&cert),
-        "--key-file".into(),
-        path(&key),
-        "--peer-auto-tls".into(),
-    ])
 }
 
 /// Starts a 3-member etcd cluster and the load generator for it, once it accepts writes.
@@ -792,7 +510,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some((load, _)) = &etcd {
         loads.push(load);
     }
+    let term_before = mcpd_term(&mcpd).await;
     let levels = run_rounds(&loads, &args).await;
+    let term_after = mcpd_term(&mcpd).await;
     stop_mcpd(&mut mcpd).await;
     if let Some((_, cluster)) = etcd {
         cluster.stop().await?;
@@ -821,8 +541,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }));
         }
     }
+    // Nobody was killed: every election during the run is a false one.
+    let elections = term_after
+        .zip(term_before)
+        .map(|(a, b)| a.saturating_sub(b));
+    println!(
+        "mcpd elections during the run (nothing was killed): {}",
+        elections.map_or("unknown".into(), |e| e.to_string())
+    );
     println!();
     let summary = json!({
+        "mcpd_elections_during_run": elections,
         "bench": "registry",
         "command": command.join(" "),
         "machine": facts.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
@@ -846,23 +575,6 @@ async fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn base64_matches_rfc_4648_vectors() {
-        let cases = [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("fooba", "Zm9vYmE="),
-            ("foobar", "Zm9vYmFy"),
-        ];
-        for (input, want) in cases {
-            assert_eq!(base64(input.as_bytes()), want, "{input:?}");
-        }
-        assert_eq!(base64(&[0xff, 0xfe, 0xfd]), "//79");
-    }
 
     #[test]
     fn median_of_odd_and_even_counts() {
