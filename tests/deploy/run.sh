@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The deploy tests: checks of deploy/ (promtool, the dashboard, systemd, compose, Dockerfile,
-# keepalived, haproxy), the example mcpd.toml against mcpd in each HTTPS mode, a live test
-# against a 3-node dev cluster with a real Prometheus scraping over HTTPS, and a VIP failover
-# test in network namespaces. Each check prints PASS/FAIL/SKIP; the last line
+# keepalived, haproxy), the example mcpd.toml against mcpd in each HTTPS mode, the Kubernetes
+# manifests against the Kubernetes API schemas (kubernetes_test.py, with .venv's python, which
+# has kubernetes-validate from tests/py/requirements.txt), a live test against a 3-node dev
+# cluster with a real Prometheus scraping over HTTPS, and a VIP failover test in network
+# namespaces. Each check prints PASS/FAIL/SKIP; the last line
 # is `N passed, M failed` (`, K skipped` when some were skipped). Exits non-zero on a failure.
 #
 #   tests/deploy/run.sh                 # needs target/debug/{mcpd,mcpctl,mcp-bridge}
@@ -19,6 +21,7 @@ export PYTHONDONTWRITEBYTECODE=1
 declare -A pkg_of=(
   [promtool]=prometheus [prometheus]=prometheus [keepalived]=keepalived [haproxy]=haproxy
   [docker-compose]=docker-compose [curl]=curl [ip]=iproute2 [systemd-analyze]=systemd [openssl]=openssl
+  [shellcheck]=shellcheck
 )
 missing=()
 for tool in "${!pkg_of[@]}"; do
@@ -42,10 +45,14 @@ fi
 passed=0 failed=0 skipped=0
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
-for t in static_checks config_test live_test vip_test; do
+for t in static_checks config_test kubernetes_test live_test vip_test; do
   printf -- '-- %s\n' "$t"
   start=$SECONDS
-  "$py" "tests/deploy/$t.py" 2>&1 | tee "$out"
+  tpy=$py
+  if [ "$t" = kubernetes_test ] && [ -x "$root/.venv/bin/python" ]; then
+    tpy=$root/.venv/bin/python   # kubernetes-validate (tests/py/requirements.txt)
+  fi
+  "$tpy" "tests/deploy/$t.py" 2>&1 | tee "$out"
   rc=${PIPESTATUS[0]}
   p=$(grep -c '^PASS ' "$out") f=$(grep -c '^FAIL ' "$out") s=$(grep -c '^SKIP ' "$out")
   if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then
