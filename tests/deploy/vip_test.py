@@ -23,7 +23,8 @@ the one data.key) opens it for its processes.
 The keepalived configuration and check script are deploy/keepalived/*, with only their
 per-node definitions changed; the HAProxy configuration is deploy/haproxy/haproxy.cfg with
 its server addresses, the balancer's name and the CA file's path changed. Skipped (SKIP line,
-exit 0) where namespaces or keepalived are not available.
+exit 0) where namespaces or keepalived are not available. `DEPLOY_VIP_IDLE_S=600` first
+watches the VIP for that long with nothing failing (no flapping).
 """
 
 import json
@@ -287,7 +288,7 @@ def start_keepalived():
         for name, value in (("PRIORITY", prio), ("INTERFACE", "eth0"), ("VIP", f"{VIP}/24"),
                             ("ROUTER_ID", 51), ("CHECK_URL", f"https://127.0.0.1:{PORT}/readyz"),
                             ("CHECK_CACERT", state["ca"])):
-            conf, count = re.subn(rf"^\${name}=\S+", f"${name}={value}", conf, flags=re.M)
+            conf, count = re.subn(rf"^\${name}=.+$", f"${name}={value}", conf, flags=re.M)
             if count != 1:
                 raise RuntimeError(f"deploy/keepalived/keepalived.conf: no single ${name}= line")
         conf = conf.replace("/etc/keepalived/check_mcpd.sh", script)
@@ -447,6 +448,32 @@ def haproxy_check(dead):
             not problems, "; ".join(problems), "dead node DOWN, 6 /readyz 200, 8 calls in one session")
 
 
+def silent_death():
+    """The VIP's holder goes silent (its link is cut at the switch: no advert, no goodbye), as
+    when its host dies; a backup takes the VIP over after three missed adverts."""
+    holders = vip_holders()
+    if len(holders) != 1:
+        R.fail("vip: the VIP moves when its holder goes silent", f"holders before: {holders}")
+        return
+    holder = holders[0]
+    log(f"cut node {holder}'s link at the switch (it holds the VIP)")
+    t0 = time.monotonic()
+    sh("ip", "-n", NS["sw"], "link", "set", f"p{holder}", "down")
+    try:
+        new = wait_until("another node takes the VIP", lambda: next(
+            (n for n in vip_holders() if n != holder), None), 20, every=0.01)
+        moved = time.monotonic() - t0
+        code, body = curl(NS["cl"], f"https://{VIP}:{PORT}/v1/node")
+        node_id = json.loads(body).get("id") if code == 200 else None
+        R.check("vip: the VIP moves when its holder goes silent (link cut)", node_id == new,
+                f"/v1/node through the VIP: {code} {body[:200]}",
+                f"node {holder} -> node {new} in {moved:.2f}s (VRRPv3, advert_int 0.1)")
+    except TimeoutError as e:
+        R.fail("vip: the VIP moves when its holder goes silent (link cut)", f"{e}; holders now {vip_holders()}")
+    finally:
+        sh("ip", "-n", NS["sw"], "link", "set", f"p{holder}", "up")
+
+
 def check_logs():
     needles = [state["secret"]] if state.get("secret") else []
     for t in state["tokens"]:
@@ -487,6 +514,17 @@ def main():
         R.check("vip: one node holds the VIP and it answers /readyz over https (the VIP in its certificate)",
                 code == 200, f"{code} {body}", f"node {holder} holds {VIP}")
 
+        idle = int(os.environ.get("DEPLOY_VIP_IDLE_S", "0"))
+        if idle > 0:
+            # No flapping: the VIP stays where it is while nothing fails.
+            changes, end = [], time.monotonic() + idle
+            while time.monotonic() < end:
+                now = vip_holders()
+                if now != [holder]:
+                    changes.append(f"{time.monotonic() - end + idle:.1f}s: {now}")
+                time.sleep(0.5)
+            R.check(f"vip: the VIP stays on node {holder} for {idle} s of idleness (advert_int 0.1)",
+                    not changes, "; ".join(changes[:10]), "no change")
         bridge = Bridge()
         bridge.send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
             "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "vip-test", "version": "1"}}})
@@ -504,12 +542,13 @@ def main():
         os.kill(state["nodes"][holder].pid, signal.SIGKILL)
         try:
             new = wait_until("the VIP moves to another node", lambda: (
-                lambda h: h if len(h) == 1 and h[0] != holder else None)(vip_holders()), 40)[0]
+                lambda h: h if len(h) == 1 and h[0] != holder else None)(vip_holders()), 40, every=0.01)[0]
             moved = time.monotonic() - t0
             code, body = curl(NS["cl"], f"https://{VIP}:{PORT}/v1/node")
             node_id = json.loads(body).get("id") if code == 200 else None
             R.check("vip: the VIP moves to a healthy node after kill -9", node_id == new,
-                    f"/v1/node through the VIP: {code} {body[:200]}", f"node {holder} -> node {new} in {moved:.1f}s")
+                    f"/v1/node through the VIP: {code} {body[:200]}",
+                    f"node {holder} -> node {new} in {moved:.2f}s (its /readyz check failing twice)")
         except TimeoutError as e:
             R.fail("vip: the VIP moves to a healthy node after kill -9", f"{e}; holders now {vip_holders()}")
         try:
@@ -520,6 +559,7 @@ def main():
         except (TimeoutError, RuntimeError) as e:
             R.fail("vip: mcp-bridge keeps serving after the failover", str(e))
         haproxy_check(holder)
+        silent_death()
         bridge.p.stdin.close()
         procs.kill_all()
         check_logs()
