@@ -11,14 +11,6 @@ cd "$(dirname "$0")/.."
 
 cargo build --release -p mcpcp-tests -p mcpd
 
-if ! command -v etcd >/dev/null 2>&1; then
-  echo "etcd not found: installing etcd-server" >&2
-  sudo=""
-  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
-  if ! $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y etcd-server; then
-    $sudo apt-get update
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y etcd-server
-  fi
-fi
+. scripts/need-etcd.sh
 
 exec target/release/failover-bench "$@"

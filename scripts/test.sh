@@ -6,6 +6,8 @@
 #
 #   scripts/test.sh            # the default run (unit + end-to-end tests, chaos smoke)
 #   scripts/test.sh --full     # also the long chaos profile
+#   scripts/test.sh --upgrade  # also the rolling upgrade from the previous release
+#                              # (builds mcpd at that commit: scripts/test-upgrade.sh)
 #
 # What tests/py needs, installed once and checked quickly after that:
 #   .venv/        Python venv with tests/py/requirements.txt (mcp, pytest, mcp-server-time,
@@ -19,9 +21,11 @@ cd "$(dirname "$0")/.."
 root=$PWD
 
 full=0
+upgrade=0
 for a in "$@"; do
   case "$a" in
     --full) full=1 ;;
+    --upgrade) upgrade=1 ;;
     *) echo "unknown option $a" >&2; exit 2 ;;
   esac
 done
@@ -106,4 +110,8 @@ target/debug/chaos self-test
 target/debug/chaos run --profile smoke
 if ((full)); then
   target/debug/chaos run --profile full
+fi
+if ((upgrade)); then
+  step "rolling upgrade from the previous release (scripts/test-upgrade.sh)"
+  scripts/test-upgrade.sh
 fi

@@ -502,3 +502,14 @@ def dashboard_queries(dash):
             q = q.get("query") if isinstance(q, dict) else q
             out.append((f"variable {v.get('name')!r}", q, "variable"))
     return out
+
+
+def toml_keys(table, prefix=""):
+    """Every key a parsed TOML table sets, dotted (`raft.heartbeat_ms`)."""
+    keys = set()
+    for k, v in table.items():
+        if isinstance(v, dict):
+            keys |= toml_keys(v, f"{prefix}{k}.")
+        else:
+            keys.add(prefix + k)
+    return keys

@@ -30,7 +30,7 @@ sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     CLUSTER_FILES, DEPLOY, ROOT, Results, binary, http, install_ca, loose_modes, make_ca, openssl_cert,
-    wait_until,
+    toml_keys, wait_until,
 )
 
 R = Results()
@@ -59,16 +59,6 @@ def config_keys(structs, name, prefix=""):
             keys |= config_keys(structs, inner, f"{prefix}{field}.")
         else:
             keys.add(prefix + field)
-    return keys
-
-
-def toml_keys(table, prefix=""):
-    keys = set()
-    for k, v in table.items():
-        if isinstance(v, dict):
-            keys |= toml_keys(v, f"{prefix}{k}.")
-        else:
-            keys.add(prefix + k)
     return keys
 
 

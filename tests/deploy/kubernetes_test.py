@@ -46,7 +46,7 @@ import yaml
 
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import DEPLOY, Results, binary, http, make_ca, wait_until  # noqa: E402
+from common import DEPLOY, Results, binary, http, make_ca, toml_keys, wait_until  # noqa: E402
 
 R = Results()
 K8S = os.path.join(DEPLOY, "kubernetes")
@@ -434,7 +434,7 @@ def example_keys():
     """Every key of mcpd.toml.example, set or shown commented out."""
     path = os.path.join(DEPLOY, "systemd", "mcpd.toml.example")
     with open(path, "rb") as f:
-        keys = flat_keys(tomllib.load(f))
+        keys = toml_keys(tomllib.load(f))
     table = ""
     with open(path) as f:
         for line in f:
@@ -445,16 +445,6 @@ def example_keys():
             if m:
                 keys.add(table + m.group(1))
     return keys
-
-
-def flat_keys(table, prefix=""):
-    out = set()
-    for k, v in table.items():
-        if isinstance(v, dict):
-            out |= flat_keys(v, f"{prefix}{k}.")
-        else:
-            out.add(prefix + k)
-    return out
 
 
 def script_default(text, var):
@@ -472,7 +462,7 @@ def config_problems(docs):
         cfg = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         return [f"mcpd.toml is not TOML: {e}"]
-    problems = [f"mcpd.toml sets {k}, which mcpd.toml.example does not have" for k in sorted(flat_keys(cfg) - example_keys())]
+    problems = [f"mcpd.toml sets {k}, which mcpd.toml.example does not have" for k in sorted(toml_keys(cfg) - example_keys())]
     for k in ("id", "advertise_http", "advertise_grpc"):
         if k in cfg:
             problems.append(f"mcpd.toml sets {k}, which differs per pod (start.sh passes it)")

@@ -100,12 +100,14 @@ class Cluster:
         self.token = ""  # a token of tenant `default`
         # The node id of each index (a restored cluster's ids are new: 4, 5, 6).
         self.ids = list(range(1, nodes + 1))
+        # The mcpd binary nodes start from (a rolling upgrade changes it between restarts).
+        self.mcpd = MCPD
 
     # -- life cycle ---------------------------------------------------------------------------
 
     def up(self) -> None:
         args = [str(MCPCTL), "dev", "up", "--nodes", str(self.nodes), "--dir", str(self.dir)]
-        args += ["--mcpd", str(MCPD), "--ca-dir", str(CA_DIR)] + [f"--mcpd-arg={a}" for a in self.mcpd_args]
+        args += ["--mcpd", str(self.mcpd), "--ca-dir", str(CA_DIR)] + [f"--mcpd-arg={a}" for a in self.mcpd_args]
         _LIVE.append(self)
         r = subprocess.run(args, capture_output=True, text=True, timeout=180, env=self._env())
         if r.returncode != 0:
@@ -157,6 +159,15 @@ class Cluster:
             time.sleep(0.01)
         raise AssertionError(f"node {node} (pid {pid}) still alive 10 s after SIGKILL")
 
+    def stop(self, node: int, within: float = 30) -> None:
+        """SIGTERM to node `node`: a graceful stop, as `systemctl stop` does; returns once it
+        has exited."""
+        pid = self.pid(node)
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: not Path(f"/proc/{pid}").exists()
+                   or Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"),
+                   within, f"node {node} (pid {pid}) exits after SIGTERM")
+
     def restart(self, node: int, at: tuple[str, str] | None = None) -> None:
         """Starts a killed node again with its data and addresses (as `dev up` did), or at
         `at` (HTTP and gRPC address) for a first start, and returns once it listens. While it
@@ -173,7 +184,7 @@ class Cluster:
             logged = (nd / "mcpd.log").stat().st_size if (nd / "mcpd.log").exists() else 0
             with open(nd / "mcpd.log", "ab") as log:
                 p = subprocess.Popen(
-                    [str(MCPD), "--id", str(self.ids[node]), "--data-dir", str(nd / "data"),
+                    [str(self.mcpd), "--id", str(self.ids[node]), "--data-dir", str(nd / "data"),
                      "--http-addr", ep["http_addr"], "--grpc-addr", ep["grpc_addr"]],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
                 )

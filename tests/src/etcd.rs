@@ -258,21 +258,6 @@ impl Drop for EtcdCluster {
     }
 }
 
-pub fn etcd_version(bin: &Path) -> String {
-    std::process::Command::new(bin)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| "etcd (version unknown)".into())
-}
-
 /// etcd's TLS flags: HTTPS for clients with a certificate for 127.0.0.1 from the test CA
 /// (written into `dir`), and TLS between members with etcd's own self-signed certificates
 /// (`--peer-auto-tls`: etcd checks a member's client certificate for the client-auth key usage,

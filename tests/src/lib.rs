@@ -665,6 +665,23 @@ pub mod bench {
         }
     }
 
+    /// First line of `bin --version`.
+    pub fn tool_version(bin: &std::path::Path) -> String {
+        std::process::Command::new(bin)
+            .arg("--version")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .ok()
+            .and_then(|o| {
+                let text = String::from_utf8_lossy(&o.stdout).to_string()
+                    + &String::from_utf8_lossy(&o.stderr);
+                text.lines()
+                    .find(|l| !l.trim().is_empty())
+                    .map(|l| l.trim().to_string())
+            })
+            .unwrap_or_else(|| "version unknown".into())
+    }
+
     /// `etcd` on `PATH`.
     pub fn find_on_path(name: &str) -> Option<PathBuf> {
         let path = std::env::var_os("PATH")?;

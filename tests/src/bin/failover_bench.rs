@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Parser;
 use mcpcp_tests::bench::{find_on_path, percentile, run_until_stopped};
-use mcpcp_tests::etcd::{etcd_version, EtcdCluster};
+use mcpcp_tests::etcd::EtcdCluster;
 use mcpcp_tests::write::{send, System};
 use mcpcp_tests::Cluster;
 use serde_json::json;
@@ -331,7 +331,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if !args.no_etcd {
         let bin = find_on_path("etcd")
             .context("etcd is not on PATH: run scripts/bench-failover.sh, or pass --no-etcd")?;
-        println!("etcd: {} ({})", etcd_version(&bin), bin.display());
+        println!(
+            "etcd: {} ({})",
+            mcpcp_tests::bench::tool_version(&bin),
+            bin.display()
+        );
         let mut etcd = EtcdCluster::start(&bin, 3, true).await?;
         etcd.wait_healthy(&http).await?;
         subjects.push(Subject::Etcd(etcd));

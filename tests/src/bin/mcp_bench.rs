@@ -52,7 +52,9 @@
 //! repository (where `scripts/bench-mcp.sh` installs pinned versions), else on `PATH`; a peer
 //! that is missing is skipped and said so.
 
-use mcpcp_tests::bench::{find_on_path, percentile, root_cause, round3, run_until_stopped};
+use mcpcp_tests::bench::{
+    find_on_path, percentile, root_cause, round3, run_until_stopped, tool_version,
+};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
@@ -1174,23 +1176,6 @@ fn find_tool(var: &str, local: &str, name: &str) -> Option<PathBuf> {
         }
     }
     find_on_path(name)
-}
-
-/// First line of `bin --version`.
-fn tool_version(bin: &Path) -> String {
-    std::process::Command::new(bin)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .output()
-        .ok()
-        .and_then(|o| {
-            let text = String::from_utf8_lossy(&o.stdout).to_string()
-                + &String::from_utf8_lossy(&o.stderr);
-            text.lines()
-                .find(|l| !l.trim().is_empty())
-                .map(|l| l.trim().to_string())
-        })
-        .unwrap_or_else(|| "version unknown".into())
 }
 
 // === section: data ===

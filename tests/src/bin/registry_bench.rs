@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use mcpcp_tests::etcd::{etcd_version, EtcdCluster, READY_WITHIN};
+use mcpcp_tests::etcd::{EtcdCluster, READY_WITHIN};
 use mcpcp_tests::write::{send, System};
 use mcpcp_tests::Cluster;
 use serde_json::json;
@@ -474,7 +474,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let etcd_bin = find_on_path("etcd");
     match &etcd_bin {
-        Some(bin) => println!("etcd: {} ({})", etcd_version(bin), bin.display()),
+        Some(bin) => println!(
+            "etcd: {} ({})",
+            mcpcp_tests::bench::tool_version(bin),
+            bin.display()
+        ),
         None => println!(
             "etcd: not installed (no `etcd` on PATH), skipping etcd; \
              `apt-get install -y etcd-server` installs it"
@@ -498,7 +502,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         match start_etcd(&http, bin, !args.plain).await {
             Ok(started) => {
                 etcd = Some(started);
-                etcd_status = etcd_version(bin);
+                etcd_status = mcpcp_tests::bench::tool_version(bin);
             }
             Err(e) => {
                 eprintln!("etcd: {e:#}");
