@@ -236,6 +236,11 @@ impl From<RegistryError> for ApiError {
                 message: e.to_string(),
                 retry_after_s: 5,
             },
+            RegistryError::UpgradeInProgress(m) => ApiError::Unavailable {
+                code: "upgrade_in_progress",
+                message: m,
+                retry_after_s: 5,
+            },
             RegistryError::ShuttingDown => ApiError::Unavailable {
                 code: "shutting_down",
                 message: e.to_string(),

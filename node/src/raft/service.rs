@@ -271,6 +271,7 @@ impl Cluster for ClusterService {
             term: m.current_term,
             applied_index: m.last_applied.map(|l| l.index),
             leader: m.current_leader,
+            state_format: Some(crate::registry::state::STATE_FORMAT),
         }))
     }
 

@@ -10,6 +10,7 @@
 //! twice.
 
 pub mod audit;
+pub mod formats;
 pub mod forward;
 pub mod join_token;
 pub mod lease;
@@ -62,6 +63,9 @@ pub enum RegistryError {
     },
     #[error("this node is not part of an initialised cluster")]
     NotInitialized,
+    /// A member does not apply the command's format yet (`formats`).
+    #[error("{0}")]
+    UpgradeInProgress(String),
     #[error("the node is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -83,6 +87,8 @@ pub enum ForwardError {
     NoQuorum(String),
     #[error("{0}")]
     Raft(String),
+    #[error("{0}")]
+    UpgradeInProgress(String),
 }
 
 impl From<ForwardError> for RegistryError {
@@ -93,6 +99,7 @@ impl From<ForwardError> for RegistryError {
             }
             ForwardError::Conflict(m) => RegistryError::Conflict(m),
             ForwardError::NotFound(m) => RegistryError::NotFound(m),
+            ForwardError::UpgradeInProgress(m) => RegistryError::UpgradeInProgress(m),
             other => RegistryError::Internal(other.to_string()),
         }
     }
@@ -221,6 +228,8 @@ pub struct Registry {
     rate_buckets: std::sync::Arc<lease::rate::Buckets>,
     /// The concurrency limits' holdings, used while this node leads (`lease::slots`).
     slot_holdings: std::sync::Arc<lease::slots::Holdings>,
+    /// The command formats members apply, as their pings say (`formats`).
+    formats: std::sync::Arc<formats::MemberFormats>,
 }
 
 fn retry_delays() -> impl Iterator<Item = Duration> {
@@ -253,6 +262,7 @@ impl Registry {
             uses: std::sync::Arc::default(),
             rate_buckets: std::sync::Arc::default(),
             slot_holdings: std::sync::Arc::default(),
+            formats: std::sync::Arc::default(),
         }
     }
 
@@ -400,6 +410,8 @@ impl Registry {
             let forward = match self.known_other_leader() {
                 Some(f) => f,
                 None => {
+                    self.admit_format(&req.command)
+                        .map_err(RegistryError::UpgradeInProgress)?;
                     let attempt =
                         tokio::time::timeout(remaining, self.proposer.propose(req.clone())).await;
                     match attempt {
@@ -432,6 +444,10 @@ impl Registry {
                     Ok(Ok(Ok(result))) => {
                         metrics::counter!("mcpd_registry_forwarded_writes_total").increment(1);
                         return result.map_err(RegistryError::Apply);
+                    }
+                    // Not to be retried: it waits for the operator, not for a leader.
+                    Ok(Ok(Err(ForwardError::UpgradeInProgress(m)))) => {
+                        return Err(RegistryError::UpgradeInProgress(m));
                     }
                     Ok(Ok(Err(e))) => {
                         tracing::debug!(leader = leader.id, error = %e, "forwarded write refused, retrying");
@@ -466,6 +482,8 @@ impl Registry {
         req: Request,
     ) -> Result<state::CommandResult, ForwardError> {
         let timeout = self.quorum_wait;
+        self.admit_format(&req.command)
+            .map_err(ForwardError::UpgradeInProgress)?;
         match tokio::time::timeout(timeout, self.proposer.propose(req)).await {
             Err(_) => Err(ForwardError::NoQuorum(format!(
                 "not committed within {timeout:?}"
@@ -570,8 +588,21 @@ impl Registry {
         match tokio::time::timeout(timeout, client.ping(req)).await {
             Err(_) => Err(format!("no answer within {timeout:?}")),
             Ok(Err(status)) => Err(status.message().to_string()),
-            Ok(Ok(reply)) => Ok(reply.into_inner()),
+            Ok(Ok(reply)) => {
+                let reply = reply.into_inner();
+                self.formats.note(peer.id, reply.state_format);
+                Ok(reply)
+            }
         }
+    }
+
+    /// While this node leads: `Err` when a member does not apply `command`'s format yet.
+    fn admit_format(&self, command: &Command) -> Result<(), String> {
+        if self.raft.metrics().borrow().current_leader != Some(self.id) {
+            return Ok(()); // the leader decides
+        }
+        let members = self.members().into_iter().map(|m| m.id);
+        self.formats.admit(command, self.id, members)
     }
 
     /// Checks a bearer token against the applied state.

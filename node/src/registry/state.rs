@@ -232,7 +232,49 @@ pub struct SessionState {
     pub expires_at: u64,
 }
 
+/// The newest command format this build applies. A release that adds a command bumps it and
+/// gives the new command that format in [`Command::format`]; the leader proposes the command
+/// only once every member applies its format (`registry::formats`).
+pub const STATE_FORMAT: u32 = 1;
+
 impl Command {
+    /// The format of the release that introduced this command (no wildcard: a new command
+    /// must be given one).
+    pub fn format(&self) -> u32 {
+        match self {
+            Command::PutServer { .. }
+            | Command::DeleteServer { .. }
+            | Command::PutTenant { .. }
+            | Command::DeleteTenant { .. }
+            | Command::PutIssuer { .. }
+            | Command::PutPolicy { .. }
+            | Command::DeletePolicy { .. }
+            | Command::DeleteIssuer { .. }
+            | Command::CreateToken { .. }
+            | Command::RevokeToken { .. }
+            | Command::TouchTokens { .. }
+            | Command::SetAuditRetention { .. }
+            | Command::PutToolPins { .. }
+            | Command::PutVirtualServer { .. }
+            | Command::PutApprovedCommand { .. }
+            | Command::PutLimit { .. }
+            | Command::DeleteLimit { .. }
+            | Command::ConsumeQuota { .. }
+            | Command::AddUsage { .. }
+            | Command::DeleteApprovedCommand { .. }
+            | Command::DeleteVirtualServer { .. }
+            | Command::DeleteToolPins { .. }
+            | Command::NoteToolChange { .. }
+            | Command::SetPlacement { .. }
+            | Command::SetSessionKey { .. }
+            | Command::PutSessionState { .. }
+            | Command::Bootstrap { .. }
+            | Command::CreateJoinToken { .. }
+            | Command::RedeemJoinToken { .. }
+            | Command::RecoverAdmin { .. } => 1,
+        }
+    }
+
     /// A short label for logs and metrics (never carries secrets or specs).
     pub fn label(&self) -> &'static str {
         match self {

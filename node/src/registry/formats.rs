@@ -1,0 +1,143 @@
+//! Which command formats every member applies, so that a rolling upgrade never hands an older
+//! node a log entry it cannot read.
+//!
+//! Each build applies commands up to [`STATE_FORMAT`]; each command has the format of the
+//! release that introduced it (`Command::format`). Members say their format in their answer
+//! to `Ping` (absent from an mcpd older than the field: format 1). The leader pings every
+//! member each second (placement) and records the answers here; before it proposes a command
+//! it checks that every current member applies that command's format, else the write is
+//! refused with `upgrade_in_progress` (503) until the last member is upgraded. A member not
+//! heard from yet counts as format 1: a new leader refuses a newer command for the second it
+//! takes to hear from everyone, never proposes one an older node would choke on.
+//!
+//! An older node that met an entry it cannot decode would stop applying the log (and panic
+//! at its next start), and a log is applied in order: one such entry would stop every older
+//! member until it was upgraded.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use super::state::{Command, STATE_FORMAT};
+
+/// The format of a member that does not say (an mcpd older than the field).
+pub const OLDEST: u32 = 1;
+
+/// The command formats members last said they apply, by node id.
+#[derive(Debug, Default)]
+pub struct MemberFormats(Mutex<HashMap<u64, u32>>);
+
+impl MemberFormats {
+    /// Records a member's answer to `Ping`.
+    pub fn note(&self, node: u64, format: Option<u32>) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.insert(node, format.unwrap_or(OLDEST));
+    }
+
+    /// The newest format every one of `members` applies (`me` applies `mine`).
+    pub fn floor(&self, me: u64, mine: u32, members: impl IntoIterator<Item = u64>) -> u32 {
+        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        members
+            .into_iter()
+            .map(|id| {
+                if id == me {
+                    mine
+                } else {
+                    m.get(&id).copied().unwrap_or(OLDEST)
+                }
+            })
+            .min()
+            .unwrap_or(mine)
+    }
+
+    /// `Err` naming the command and what it waits for, when not every member applies it.
+    pub fn admit(
+        &self,
+        command: &Command,
+        me: u64,
+        members: impl IntoIterator<Item = u64>,
+    ) -> Result<(), String> {
+        self.admit_format(command.format(), command.label(), me, STATE_FORMAT, members)
+    }
+
+    fn admit_format(
+        &self,
+        needs: u32,
+        label: &str,
+        me: u64,
+        mine: u32,
+        members: impl IntoIterator<Item = u64>,
+    ) -> Result<(), String> {
+        let floor = self.floor(me, mine, members);
+        if needs <= floor {
+            return Ok(());
+        }
+        Err(format!(
+            "a rolling upgrade is in progress: `{}` needs every member to apply command format {needs}, and a member applies {floor}; upgrade the remaining members, then retry",
+            label
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_floor_is_the_oldest_member_and_an_unheard_member_counts_as_the_oldest() {
+        let f = MemberFormats::default();
+        assert_eq!(f.floor(1, 2, [1]), 2);
+        f.note(2, Some(3));
+        assert_eq!(f.floor(1, 2, [1, 2]), 2);
+        assert_eq!(
+            f.floor(1, 2, [1, 2, 3]),
+            OLDEST,
+            "node 3 was never heard from"
+        );
+        f.note(3, None);
+        assert_eq!(
+            f.floor(2, 3, [2, 3]),
+            OLDEST,
+            "an mcpd that does not say is the oldest"
+        );
+        f.note(3, Some(7));
+        assert_eq!(f.floor(2, 3, [2, 3]), 3);
+    }
+
+    #[test]
+    fn a_newer_command_waits_until_every_member_applies_its_format() {
+        let f = MemberFormats::default();
+        let newer = STATE_FORMAT + 1;
+        f.note(2, Some(newer));
+        f.note(3, None);
+        let refused = f
+            .admit_format(newer, "put_widget", 2, newer, [2, 3])
+            .unwrap_err();
+        assert!(
+            refused.contains("`put_widget`") && refused.contains("format 2"),
+            "{refused}"
+        );
+        f.note(3, Some(newer));
+        assert!(f
+            .admit_format(newer, "put_widget", 2, newer, [2, 3])
+            .is_ok());
+        // A member removed from the membership no longer holds it back.
+        f.note(4, None);
+        assert!(f
+            .admit_format(newer, "put_widget", 2, newer, [2, 3])
+            .is_ok());
+    }
+
+    #[test]
+    fn every_command_of_this_build_is_applied_by_the_oldest_member_today() {
+        // Format 1 is all there is so far: nothing waits in a cluster of this build and the
+        // one before it.
+        let f = MemberFormats::default();
+        f.note(2, None);
+        let cmd = Command::DeleteTenant {
+            name: "t".into(),
+            precondition: super::super::state::Precondition::None,
+        };
+        assert_eq!(cmd.format(), OLDEST);
+        assert!(f.admit(&cmd, 1, [1, 2]).is_ok());
+    }
+}
