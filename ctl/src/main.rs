@@ -2153,11 +2153,16 @@ async fn snapshot(cli: &Cli, cmd: &SnapshotCmd) -> Outcome {
                 plan,
             })?;
             if cli.output == Output::Table {
+                let list: Vec<String> = members
+                    .iter()
+                    .map(|m| format!("{}={},{}", m.id, m.http_addr, m.grpc_addr))
+                    .collect();
                 out!(
                     "restored node {id}'s data directory {}: start mcpd --id {id} --data-dir {} with the CA and the old cluster's data.key in its TLS directory",
                     data_dir.display(),
                     data_dir.display()
                 );
+                out!("members (the same on every member): {}", list.join(" "));
             }
             header
         }

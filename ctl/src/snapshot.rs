@@ -77,12 +77,37 @@ pub async fn save(
             file.display()
         )));
     }
-    let source = leader_of(client).await;
-    let mut resp = source.download("/v1/snapshot").await?;
+    let part = PathBuf::from(format!("{}.part", file.display()));
+    let saved = download(client, file, &part, progress).await;
+    if saved.is_err() {
+        let _ = std::fs::remove_file(&part);
+    }
+    let (header, from, received) = saved?;
+    Ok(Saved {
+        header,
+        from,
+        bytes: received,
+    })
+}
+
+/// Downloads into `part` (a new file, 0600: it holds token hashes and sealed secrets), checks
+/// it, and names it `file` without ever replacing a file of that name.
+async fn download(
+    client: &AdminClient,
+    file: &Path,
+    part: &Path,
+    progress: &mut dyn FnMut(u64, Option<u64>),
+) -> Result<(SnapshotHeader, String, u64), SnapshotCmdError> {
+    // The leader, as addressed by the cluster; the given endpoints when that address is not
+    // reachable from here (a port-forward, a VIP, NAT): any node's snapshot follows a read
+    // barrier too.
+    let mut resp = match leader_of(client).await.download("/v1/snapshot").await {
+        Err(ClientError::Unavailable(_)) => client.download("/v1/snapshot").await?,
+        other => other?,
+    };
     let total = resp.content_length();
     let from = resp.url().origin().ascii_serialization();
-    let part = PathBuf::from(format!("{}.part", file.display()));
-    let mut out = std::fs::File::create(&part).map_err(io(&part))?;
+    let mut out = new_private_file(part)?;
     let mut received = 0u64;
     progress(0, total);
     while let Some(chunk) = resp.chunk().await.map_err(|e| {
@@ -90,26 +115,42 @@ pub async fn save(
             "{from}: the snapshot broke off after {received} bytes: {e}"
         ))
     })? {
-        out.write_all(&chunk).map_err(io(&part))?;
+        out.write_all(&chunk).map_err(io(part))?;
         received += chunk.len() as u64;
         progress(received, total);
     }
-    out.sync_all().map_err(io(&part))?;
+    out.sync_all().map_err(io(part))?;
     drop(out);
-    let header = check(&part).inspect_err(|_| {
-        let _ = std::fs::remove_file(&part);
-    })?;
-    std::fs::rename(&part, file).map_err(io(file))?;
+    let header = check(part)?;
+    // A hard link fails if `file` appeared meanwhile, where a rename would replace it.
+    std::fs::hard_link(part, file).map_err(io(file))?;
+    std::fs::remove_file(part).map_err(io(part))?;
     if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(io(dir))?;
     }
-    Ok(Saved {
-        header,
-        from,
-        bytes: received,
-    })
+    Ok((header, from, received))
+}
+
+#[cfg(unix)]
+fn new_private_file(path: &Path) -> Result<std::fs::File, SnapshotCmdError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))
+}
+
+#[cfg(not(unix))]
+fn new_private_file(path: &Path) -> Result<std::fs::File, SnapshotCmdError> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io(path))
 }
 
 /// The leader's address when the cluster can tell, else the client as it is.
@@ -181,7 +222,7 @@ pub fn restore(r: &Restore) -> Result<SnapshotHeader, SnapshotCmdError> {
     })?;
     let ever: Ever = serde_json::from_slice(&data).map_err(|e| SnapshotCmdError::File {
         path: r.file.to_path_buf(),
-        source: SnapshotError::Header(format!("its state is unreadable: {e}")),
+        source: SnapshotError::State(e.to_string()),
     })?;
     plan.check(&ever.state.node_ids_ever)
         .map_err(SnapshotCmdError::Usage)?;

@@ -308,7 +308,6 @@ pub async fn run(
         registry.clone(),
         channels.clone(),
     ));
-    let contact = crate::raft::watchdog::LeaderContact::default();
     tasks.spawn(serve_grpc(
         GrpcServer {
             listener: grpc_listener,
@@ -317,17 +316,12 @@ pub async fn run(
             members_only: MembersOnly::new(node_tls.identity.cluster.clone(), members.clone()),
             node_tls: node_tls.clone(),
             raft: raft.clone(),
-            contact: contact.clone(),
             registry: registry.clone(),
             pools: pools.clone(),
         },
         shutdown.clone(),
     ));
-    tasks.spawn(crate::raft::watchdog::run(
-        raft.clone(),
-        contact,
-        shutdown.clone(),
-    ));
+    tasks.spawn(crate::raft::watchdog::run(raft.clone(), shutdown.clone()));
     let router = Router::new(registry.clone(), pools.clone(), channels.clone(), cfg.route);
     tasks.spawn(crate::route::peer::relay_events(
         registry.clone(),
@@ -520,19 +514,14 @@ struct GrpcServer {
     members_only: MembersOnly,
     node_tls: Arc<NodeTls>,
     raft: Raft,
-    /// When a leader's append last reached this node, for the election watchdog.
-    contact: crate::raft::watchdog::LeaderContact,
     registry: Registry,
     pools: Pools,
 }
 
 async fn serve_grpc(grpc: GrpcServer, shutdown: Shutdown) {
-    let raft_svc = RaftServer::new(RaftService {
-        raft: grpc.raft,
-        contact: grpc.contact,
-    })
-    .max_decoding_message_size(64 << 20)
-    .max_encoding_message_size(64 << 20);
+    let raft_svc = RaftServer::new(RaftService { raft: grpc.raft })
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
     let peer_svc = PeerServer::new(PeerService {
         registry: grpc.registry.clone(),
         pools: grpc.pools,

@@ -50,7 +50,7 @@ pub enum RestoreError {
     NoDataKey(crate::seal::SealError),
     #[error("the snapshot's secrets do not open with this node's data key (server {server}): put the data.key of the cluster the snapshot was taken from into the TLS directory")]
     DataKey { server: String },
-    #[error("the snapshot's state is unreadable: {0}")]
+    #[error("restore.snapshot: its state is unreadable: {0}")]
     State(String),
     #[error("writing the restored state: {0}")]
     Store(String),
@@ -94,17 +94,8 @@ pub async fn apply_pending(
             me,
         });
     }
-    if log_path.exists() {
-        if !plan.force_new_cluster {
-            return Err(RestoreError::NotEmpty(log_path.to_path_buf()));
-        }
-        // The node's own log goes aside, not away: the state it applied is in the plan's
-        // snapshot, and the rest stays for a post-mortem.
-        let aside = data_dir.join(SET_ASIDE);
-        std::fs::rename(log_path, &aside).map_err(|source| RestoreError::Io {
-            path: aside,
-            source,
-        })?;
+    if log_path.exists() && !plan.force_new_cluster {
+        return Err(RestoreError::NotEmpty(log_path.to_path_buf()));
     }
     let snap_path = data_dir.join(RESTORE_SNAPSHOT);
     let file = std::fs::File::open(&snap_path).map_err(|source| RestoreError::Io {
@@ -128,7 +119,9 @@ pub async fn apply_pending(
     let data_key = DataKey::load(tls_dir).map_err(RestoreError::NoDataKey)?;
     check_data_key(&data, &data_key)?;
 
-    let log_id = LogId::new(CommittedLeaderId::new(0, 0), header.last_log_index);
+    // The log position from the checksummed state, not the header.
+    let index = data.last_applied.map_or(0, |l| l.index);
+    let log_id = LogId::new(CommittedLeaderId::new(0, 0), index);
     let voters: BTreeSet<u64> = plan.members.iter().map(|m| m.id).collect();
     let nodes: BTreeMap<u64, _> = plan.members.iter().map(|m| (m.id, m.clone())).collect();
     data.last_applied = Some(log_id);
@@ -138,14 +131,29 @@ pub async fn apply_pending(
         .extend(plan.members.iter().map(|m| m.id));
     // What the old cluster's leader had placed on its nodes; the new leader places again.
     data.state.placements.clear();
+    if log_path.exists() {
+        // Every check passed: the node's own log goes aside, not away (the state it applied
+        // is in the plan's snapshot; the rest stays for a post-mortem).
+        let aside = data_dir.join(SET_ASIDE);
+        std::fs::rename(log_path, &aside).map_err(|source| RestoreError::Io {
+            path: aside,
+            source,
+        })?;
+        sync_dir(data_dir)?;
+    }
     sm.restore(data)
         .await
         .map_err(|e| RestoreError::Store(e.to_string()))?;
-    for done in [&snap_path, &plan_path] {
+    // The plan first: without it the next start is an ordinary one, whatever is left.
+    for done in [&plan_path, &snap_path] {
         std::fs::remove_file(done).map_err(|source| RestoreError::Io {
             path: done.clone(),
             source,
         })?;
+    }
+    sync_dir(data_dir)?;
+    if plan.force_new_cluster {
+        metrics::counter!("mcpd_cluster_force_new_total").increment(1);
     }
     let restored = Restored {
         revision: header.revision,
@@ -154,6 +162,15 @@ pub async fn apply_pending(
     };
     metrics::counter!("mcpd_snapshot_restores_total").increment(1);
     Ok(Some(restored))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), RestoreError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| RestoreError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
 }
 
 /// Every sealed secret of the snapshot opens with `key`.

@@ -103,6 +103,8 @@ pub enum SnapshotError {
     Format(String),
     #[error("the snapshot's header is unreadable: {0}")]
     Header(String),
+    #[error("the snapshot's state is unreadable: {0}")]
+    State(String),
     #[error("the snapshot is truncated: its header promises {expected} bytes of state, the file holds {got}")]
     Truncated { expected: u64, got: u64 },
     #[error("the snapshot has bytes after its state: it was appended to or is not one file")]
@@ -159,7 +161,8 @@ fn read_line<R: BufRead>(r: &mut R) -> Result<String, SnapshotError> {
 pub fn read(r: impl Read) -> Result<(SnapshotHeader, Vec<u8>), SnapshotError> {
     let mut r = BufReader::new(r);
     let header = read_header(&mut r)?;
-    let mut data = Vec::with_capacity(header.data_bytes.min(1 << 30) as usize);
+    // The header is not trusted yet: it only hints at the size.
+    let mut data = Vec::with_capacity(header.data_bytes.min(64 << 20) as usize);
     (&mut r).take(header.data_bytes).read_to_end(&mut data)?;
     check(&header, &data, &mut r)?;
     Ok((header, data))

@@ -83,6 +83,8 @@ class Load:
             def attempt(node: int) -> None:
                 r = httpx2.post(f"{self.c.base(node)}/v1/tenants", json={"name": name},
                                 headers={**headers, "Idempotency-Key": key}, timeout=15)
+                if r.status_code == 503 and "upgrade_in_progress" in r.text:
+                    raise AssertionError(f"refused by the version gate: {r.text[:200]}")
                 if r.status_code == 503:  # no quorum for a moment: the same write again
                     raise httpx2.ConnectError("503")
                 if r.status_code != 201:

@@ -6,8 +6,9 @@
 //! The node writes its applied state and a plan naming itself the only member into its data
 //! directory (the same files `mcpctl snapshot restore` lays out, `crate::restore`), answers,
 //! and starts again in place; at that start it sets its Raft log aside and starts from the
-//! state. It refuses while it can still reach a quorum: a cluster that has one is changed with
-//! `add-node` and `remove-node`, never split in two.
+//! state. It refuses while any voter answers it: a cluster whose voters live is changed with
+//! `add-node` and `remove-node`, never split in two. A voter it cannot reach but that lives (a
+//! partition between the sites) is the operator's to fence first, as with etcd.
 
 use std::io::Write;
 use std::path::Path;
@@ -24,8 +25,8 @@ use super::extract::{ApiJson, Authorized};
 use super::AppState;
 use crate::identity::surface::ClusterWrite;
 
-/// How long the node tries to reach a quorum before it accepts that there is none.
-const QUORUM_PROBE: Duration = Duration::from_secs(2);
+/// How long each voter is given to answer before it counts as lost.
+const PROBE: Duration = Duration::from_secs(2);
 
 pub async fn promote(
     State(state): State<AppState>,
@@ -45,13 +46,32 @@ pub async fn promote(
             message: "this node is not a member of a cluster: there is no state to promote".into(),
         });
     };
-    if let Ok(Ok(())) = tokio::time::timeout(QUORUM_PROBE, registry.barrier()).await {
-        let leader = registry.raft.metrics().borrow().current_leader;
+    // Any voter that answers means the old site is not gone: promoting now would make two
+    // clusters. Each is asked directly, not through a leader.
+    let voters: Vec<_> = {
+        let m = registry.raft.metrics().borrow().clone();
+        let ids: std::collections::BTreeSet<u64> =
+            m.membership_config.membership().voter_ids().collect();
+        registry
+            .members()
+            .into_iter()
+            .filter(|n| ids.contains(&n.id) && n.id != registry.id)
+            .collect()
+    };
+    let answers =
+        futures_util::future::join_all(voters.iter().map(|v| registry.ping(v, PROBE))).await;
+    let alive: Vec<String> = voters
+        .iter()
+        .zip(answers)
+        .filter(|(_, a)| a.is_ok())
+        .map(|(v, _)| format!("node {} ({})", v.id, v.grpc_addr))
+        .collect();
+    if !alive.is_empty() {
         return Err(ApiError::Conflict {
-            code: "has_quorum",
+            code: "voters_alive",
             message: format!(
-                "the cluster still has a quorum (leader: node {}): --force-new-cluster is for a site whose voters are lost; a learner of a healthy cluster becomes a voter with `mcpctl cluster add-node`",
-                leader.map_or_else(|| "?".into(), |l| l.to_string())
+                "{} still answer: --force-new-cluster is for a site whose voters are lost; stop them (fence the old site) first, or, while the cluster is healthy, make this node a voter with `mcpctl cluster add-node`",
+                alive.join(", ")
             ),
         });
     }
@@ -68,7 +88,6 @@ pub async fn promote(
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(|e| ApiError::Internal(format!("writing the restore plan: {e}")))?;
-    metrics::counter!("mcpd_cluster_force_new_total").increment(1);
     tracing::warn!(
         actor = %caller.token_id,
         revision = header.revision,
@@ -85,15 +104,19 @@ pub async fn promote(
     ))
 }
 
-/// The snapshot file, then the plan that makes the next start use it, each synced.
+/// The snapshot file, then the plan that makes the next start use it (the commit point),
+/// each written under a temporary name, synced and renamed, so that a crash leaves either no
+/// plan or a whole one.
 fn write_plan(dir: &Path, snapshot: &[u8], plan: &RestorePlan) -> std::io::Result<()> {
     for (name, bytes) in [
         (RESTORE_SNAPSHOT, snapshot.to_vec()),
         (RESTORE_PLAN, serde_json::to_vec_pretty(plan)?),
     ] {
-        let mut f = std::fs::File::create(dir.join(name))?;
+        let part = dir.join(format!("{name}.part"));
+        let mut f = std::fs::File::create(&part)?;
         f.write_all(&bytes)?;
         f.sync_all()?;
+        std::fs::rename(&part, dir.join(name))?;
     }
     std::fs::File::open(dir)?.sync_all()
 }

@@ -25,7 +25,6 @@ use tonic::{Request, Response, Status, Streaming};
 use super::Raft;
 use crate::registry::{ForwardError, MembershipChange, Registry};
 use crate::shutdown::Shutdown;
-use openraft::raft::AppendEntriesResponse;
 
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Status> {
     serde_json::from_slice(bytes).map_err(|e| Status::invalid_argument(format!("bad payload: {e}")))
@@ -38,14 +37,6 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, Status> {
 /// The Raft service.
 pub struct RaftService {
     pub raft: Raft,
-    /// Told of every append a leader made here (`super::watchdog`).
-    pub contact: super::watchdog::LeaderContact,
-}
-
-/// Whether an append's answer shows it came from the leader this node follows (not from a
-/// deposed one).
-fn from_leader(res: &Result<AppendEntriesResponse<super::NodeId>, super::typ::RaftError>) -> bool {
-    matches!(res, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_)))
 }
 
 /// The answers of an `AppendEntriesStream`, one per request.
@@ -63,10 +54,8 @@ impl raft_server::Raft for RaftService {
     ) -> Result<Response<Self::AppendEntriesStreamStream>, Status> {
         let inbound = req.into_inner();
         let raft = self.raft.clone();
-        let contact = self.contact.clone();
-        let answers = futures_util::stream::unfold(
-            (inbound, raft, contact),
-            |(mut inbound, raft, contact)| async move {
+        let answers =
+            futures_util::stream::unfold((inbound, raft), |(mut inbound, raft)| async move {
                 let msg = match inbound.message().await {
                     Ok(Some(m)) => m,
                     // The leader closed the stream, or it broke: nothing more to answer.
@@ -75,16 +64,12 @@ impl raft_server::Raft for RaftService {
                 let answer = match decode(&msg.data) {
                     Ok(rpc) => {
                         let res = raft.append_entries(rpc).await;
-                        if from_leader(&res) {
-                            contact.heard();
-                        }
                         encode(&res).map(|data| RaftPayload { data })
                     }
                     Err(status) => Err(status),
                 };
-                Some((answer, (inbound, raft, contact)))
-            },
-        );
+                Some((answer, (inbound, raft)))
+            });
         Ok(Response::new(Box::pin(answers)))
     }
 
@@ -94,9 +79,6 @@ impl raft_server::Raft for RaftService {
     ) -> Result<Response<RaftPayload>, Status> {
         let rpc = decode(&req.into_inner().data)?;
         let res = self.raft.append_entries(rpc).await;
-        if from_leader(&res) {
-            self.contact.heard();
-        }
         Ok(Response::new(RaftPayload {
             data: encode(&res)?,
         }))

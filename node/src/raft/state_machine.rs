@@ -30,6 +30,9 @@ const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 const KEY_META: &str = "meta";
 const KEY_DATA: &str = "data";
 
+/// redb's page cache for the snapshot file.
+const STORE_CACHE_BYTES: usize = 8 << 20;
+
 /// How many applied changes are kept for watchers resuming from a revision.
 const WATCH_HISTORY: usize = 4096;
 
@@ -67,7 +70,12 @@ pub struct Subscription {
 impl StateMachineStore {
     /// Opens the store and restores the latest snapshot, if any.
     pub fn open(path: &Path) -> Result<Self, redb::Error> {
-        let db = Database::create(path)?;
+        // The state lives in memory; the file holds its latest snapshot, written whole and read
+        // whole at start: redb's page cache would only keep a second copy of it (its default
+        // is 1 GiB).
+        let db = Database::builder()
+            .set_cache_size(STORE_CACHE_BYTES)
+            .create(path)?;
         let tx = db.begin_write()?;
         tx.open_table(SNAPSHOT)?;
         tx.commit()?;

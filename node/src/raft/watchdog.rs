@@ -13,11 +13,11 @@
 //! next one stands only if the first failed (a follower that granted a vote knows no leader
 //! and stays quiet). openraft's own timer remains as the fallback.
 //!
-//! It stands only after it has heard from a leader in this process, so a node that restarts
-//! does not disturb a healthy cluster; a learner never stands.
+//! Silence is measured as openraft measures it for the lease: from the last change of this
+//! node's vote or the last append it took from the leader (`vote_last_modified`), and checked
+//! again just before it stands. A learner never stands, nor a node the membership no longer
+//! names.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::ServerState;
@@ -28,45 +28,8 @@ use crate::shutdown::Shutdown;
 /// Between one follower's turn and the next.
 pub const STAGGER: Duration = Duration::from_millis(100);
 
-/// When this node last heard from a leader (an append it took, heartbeats included).
-#[derive(Clone)]
-pub struct LeaderContact {
-    since: Instant,
-    /// Milliseconds after `since` of the last contact, plus one (0: none yet).
-    last: Arc<AtomicU64>,
-}
-
-impl Default for LeaderContact {
-    fn default() -> Self {
-        LeaderContact {
-            since: Instant::now(),
-            last: Arc::default(),
-        }
-    }
-}
-
-impl LeaderContact {
-    /// A leader's append was taken just now.
-    pub fn heard(&self) {
-        let ms = self.since.elapsed().as_millis() as u64 + 1;
-        self.last.store(ms, Ordering::Relaxed);
-    }
-
-    /// How long since the last contact; `None` before the first.
-    fn silent_for(&self) -> Option<Duration> {
-        match self.last.load(Ordering::Relaxed) {
-            0 => None,
-            ms => Some(
-                self.since
-                    .elapsed()
-                    .saturating_sub(Duration::from_millis(ms - 1)),
-            ),
-        }
-    }
-}
-
 /// Watches for a silent leader until shutdown.
-pub async fn run(raft: Raft, contact: LeaderContact, shutdown: Shutdown) {
+pub async fn run(raft: Raft, shutdown: Shutdown) {
     let config = raft.config().clone();
     let tick = Duration::from_millis(config.heartbeat_interval);
     let lease = Duration::from_millis(config.election_timeout_max);
@@ -78,34 +41,24 @@ pub async fn run(raft: Raft, contact: LeaderContact, shutdown: Shutdown) {
             _ = &mut stop => return,
             _ = tokio::time::sleep(tick) => {}
         }
-        let Some(silent) = contact.silent_for() else {
+        let Some((leader, rank)) = turn(&raft) else {
             continue;
         };
-        let turn = {
-            let m = raft.metrics();
-            let m = m.borrow();
-            let Some(leader) = m
-                .current_leader
-                .filter(|_| m.state == ServerState::Follower)
-            else {
-                continue;
-            };
-            let others = m
-                .membership_config
-                .membership()
-                .voter_ids()
-                .filter(|id| *id != leader);
-            let Some(rank) = others.into_iter().position(|id| id == m.id) else {
-                continue;
-            };
-            (leader, rank)
+        let due = lease + tick + STAGGER * rank as u32;
+        let Ok(Some(silent)) = silence(&raft).await else {
+            continue;
         };
-        let (leader, rank) = turn;
-        if silent < lease + tick + STAGGER * rank as u32 {
+        if silent < due {
             continue;
         }
         // One attempt per turn: openraft's own timer takes over if it fails.
         if stood_at.is_some_and(|t| t.elapsed() < lease + STAGGER * 3) {
+            continue;
+        }
+        // Still a follower of the same silent leader, still silent: stand.
+        if turn(&raft) != Some((leader, rank))
+            || !matches!(silence(&raft).await, Ok(Some(s)) if s >= due)
+        {
             continue;
         }
         stood_at = Some(Instant::now());
@@ -120,4 +73,28 @@ pub async fn run(raft: Raft, contact: LeaderContact, shutdown: Shutdown) {
             return;
         }
     }
+}
+
+/// The leader this node follows and its turn among the voters that are not the leader, when
+/// it is a follower and a voter.
+fn turn(raft: &Raft) -> Option<(u64, usize)> {
+    let m = raft.metrics();
+    let m = m.borrow();
+    let leader = m
+        .current_leader
+        .filter(|_| m.state == ServerState::Follower)?;
+    let rank = m
+        .membership_config
+        .membership()
+        .voter_ids()
+        .filter(|id| *id != leader)
+        .position(|id| id == m.id)?;
+    Some((leader, rank))
+}
+
+/// How long since this node's vote changed or its leader's last append arrived.
+async fn silence(raft: &Raft) -> Result<Option<Duration>, ()> {
+    raft.with_raft_state(|s| s.vote_last_modified().map(|t| t.elapsed()))
+        .await
+        .map_err(|_| ())
 }

@@ -16,21 +16,34 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use super::state::{Command, STATE_FORMAT};
 
 /// The format of a member that does not say (an mcpd older than the field).
 pub const OLDEST: u32 = 1;
 
-/// The command formats members last said they apply, by node id.
+/// How long a member's answer counts: a few of the leader's pings (one a second). A member
+/// stopped for a rollback is then counted as the oldest again soon after.
+const FRESH: Duration = Duration::from_secs(3);
+
+/// The command formats members last said they apply, and when, by node id.
 #[derive(Debug, Default)]
-pub struct MemberFormats(Mutex<HashMap<u64, u32>>);
+pub struct MemberFormats(Mutex<HashMap<u64, (u32, Instant)>>);
 
 impl MemberFormats {
     /// Records a member's answer to `Ping`.
     pub fn note(&self, node: u64, format: Option<u32>) {
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        m.insert(node, format.unwrap_or(OLDEST));
+        m.insert(node, (format.unwrap_or(OLDEST), Instant::now()));
+    }
+
+    /// A member did not answer: it may come back as another version.
+    pub fn forget(&self, node: u64) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&node);
     }
 
     /// The newest format every one of `members` applies (`me` applies `mine`).
@@ -42,7 +55,9 @@ impl MemberFormats {
                 if id == me {
                     mine
                 } else {
-                    m.get(&id).copied().unwrap_or(OLDEST)
+                    m.get(&id)
+                        .filter(|(_, at)| at.elapsed() < FRESH)
+                        .map_or(OLDEST, |(format, _)| *format)
                 }
             })
             .min()
@@ -101,6 +116,12 @@ mod tests {
         );
         f.note(3, Some(7));
         assert_eq!(f.floor(2, 3, [2, 3]), 3);
+        f.forget(3);
+        assert_eq!(
+            f.floor(2, 3, [2, 3]),
+            OLDEST,
+            "a member that stopped answering may come back older"
+        );
     }
 
     #[test]

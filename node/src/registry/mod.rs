@@ -586,8 +586,14 @@ impl Registry {
         let mut req = tonic::Request::new(PingRequest {});
         req.set_timeout(timeout);
         match tokio::time::timeout(timeout, client.ping(req)).await {
-            Err(_) => Err(format!("no answer within {timeout:?}")),
-            Ok(Err(status)) => Err(status.message().to_string()),
+            Err(_) => {
+                self.formats.forget(peer.id);
+                Err(format!("no answer within {timeout:?}"))
+            }
+            Ok(Err(status)) => {
+                self.formats.forget(peer.id);
+                Err(status.message().to_string())
+            }
             Ok(Ok(reply)) => {
                 let reply = reply.into_inner();
                 self.formats.note(peer.id, reply.state_format);

@@ -225,7 +225,6 @@ async fn round(
     writers: u32,
     seq: &Arc<AtomicU64>,
 ) -> anyhow::Result<Duration> {
-    let (leader, _) = subject.leader(http).await?;
     let acks = Arc::new(Acks::default());
     let stop = Arc::new(AtomicBool::new(false));
     let tasks = start_writers(
@@ -245,8 +244,21 @@ async fn round(
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // The leader as it is now, after the warm-up.
+        let (leader, _) = subject.leader(http).await?;
         let killed_at = Instant::now();
         subject.kill(leader).await?;
+        Ok::<_, anyhow::Error>((leader, killed_at))
+    }
+    .await;
+    let (leader, killed_at) = match outcome {
+        Ok(k) => k,
+        Err(e) => {
+            stop.store(true, Ordering::Relaxed);
+            return Err(e);
+        }
+    };
+    let outcome = async {
         // Probes: a fresh write every PROBE_EVERY, each on its own task and node in turn, so
         // that writes stuck on the dead leader do not hide the moment the cluster takes
         // writes again.
