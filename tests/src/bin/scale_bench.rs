@@ -185,9 +185,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     cluster.restart(follower).await;
     ready_with(&cluster, follower, revision).await?;
     let restart = t.elapsed();
+    let restarted_rss = rss(pid(&cluster, follower)?)?;
     println!(
-        "restart of node {follower} to ready with revision {revision}: {:.2} s",
-        restart.as_secs_f64()
+        "restart of node {follower} to ready with revision {revision}: {:.2} s; then {:.1} MiB RSS ({:.0} B/object over a node before the writes)",
+        restart.as_secs_f64(),
+        mib(restarted_rss),
+        restarted_rss.saturating_sub(before[0]) as f64 / args.objects as f64
     );
 
     // A new node joins: the leader sends it the registry as a snapshot.
@@ -196,14 +199,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     cluster.add_member(&member).await;
     ready_with(&cluster, 4, revision).await?;
     let join = t.elapsed();
+    let joined_rss = rss(pid(&cluster, 4)?)?;
     println!(
-        "a new node joins and is ready with revision {revision}: {:.2} s",
-        join.as_secs_f64()
+        "a new node joins and is ready with revision {revision}: {:.2} s; then {:.1} MiB RSS",
+        join.as_secs_f64(),
+        mib(joined_rss)
     );
     println!(
         "{}",
         json!({"scale": {"objects": args.objects, "write_seconds": took.as_secs_f64(), "nodes": rows,
-                          "restart_seconds": restart.as_secs_f64(), "join_seconds": join.as_secs_f64()}})
+                          "restart_seconds": restart.as_secs_f64(), "restarted_rss_bytes": restarted_rss,
+                          "join_seconds": join.as_secs_f64(), "joined_rss_bytes": joined_rss}})
     );
     Ok(())
 }
