@@ -2,8 +2,9 @@
 //! them, as `etcdctl snapshot save` and `etcdutl snapshot restore` do for etcd.
 //!
 //! - **save** asks the leader (any node when the leader cannot be found) for `GET
-//!   /v1/snapshot`, writes it to `FILE.part`, checks its length and checksum, syncs it and only
-//!   then renames it to `FILE`: a file named `FILE` is always a whole, checked snapshot.
+//!   /v1/snapshot`, writes it to `FILE.part` (0600), checks its length and checksum, syncs it
+//!   and only then links it to `FILE`: a file named `FILE` is always a whole, checked snapshot,
+//!   and never one that was there before.
 //! - **status** checks a file and prints its header.
 //! - **restore** checks a file and lays out one new node's data directory: a copy of the file,
 //!   the plan (this node, every member of the new cluster) and the node id. `mcpd` builds its

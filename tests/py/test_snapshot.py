@@ -58,6 +58,8 @@ def test_a_cluster_restored_from_a_snapshot_holds_every_acknowledged_write(tmp_p
         assert header["leader"], f"the snapshot is the leader's: {header}"
         assert header["revision"] >= last_ack, f"revision {last_ack} was acknowledged before {header}"
         assert json.loads(src.mcpctl("snapshot", "status", str(backup), "-o", "json")) == header
+        assert backup.stat().st_mode & 0o777 == 0o600, "a backup holds token hashes and sealed secrets"
+        assert not Path(f"{backup}.part").exists()
         src.mcpctl("tenant", "add", "after-snapshot")
         token, admin = src.token, src.admin_token
     finally:
