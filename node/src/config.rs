@@ -13,8 +13,8 @@
 //! heartbeat_ms = 50
 //! election_timeout_min_ms = 200
 //! election_timeout_max_ms = 400
-//! snapshot_every = 5000             # entries between snapshots (log compaction)
-//! keep_logs = 1000                  # entries kept behind a snapshot for slow followers
+//! snapshot_every = 1000             # entries between snapshots (log compaction)
+//! keep_logs = 500                   # entries kept behind a snapshot for slow followers
 //! early_replication = true          # send new entries to followers during the leader's fsync
 //!
 //! [api]
@@ -206,8 +206,8 @@ impl Default for RaftConfig {
             heartbeat_ms: 50,
             election_timeout_min_ms: 200,
             election_timeout_max_ms: 400,
-            snapshot_every: 5000,
-            keep_logs: 1000,
+            snapshot_every: 1000,
+            keep_logs: 500,
             snapshot_chunk_bytes: 1 << 20,
             max_payload_entries: 256,
             early_replication: true,

@@ -35,6 +35,9 @@ struct Args {
     /// Concurrent writers, spread over the nodes.
     #[arg(long, default_value_t = 128)]
     clients: u64,
+    /// A flag for every mcpd, e.g. `--mcpd-arg=--snapshot-every=1000` (repeat).
+    #[arg(long = "mcpd-arg", allow_hyphen_values = true)]
+    mcpd_args: Vec<String>,
 }
 
 /// Resident memory of process `pid`, in bytes.
@@ -134,7 +137,8 @@ async fn ready_with(cluster: &Cluster, id: u64, revision: u64) -> anyhow::Result
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let mut cluster = Cluster::start(3).await;
+    let extra: Vec<&str> = args.mcpd_args.iter().map(String::as_str).collect();
+    let mut cluster = Cluster::start_with(3, &extra).await;
     let leader = cluster.wait_leader().await;
     let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
     let pid = |c: &Cluster, id: u64| c.nodes[&id].pid().context("running");
