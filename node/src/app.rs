@@ -201,10 +201,12 @@ pub async fn run(
         path: sm_path,
         source,
     })?;
-    if let Some(r) =
-        crate::restore::apply_pending(&cfg.data_dir, &log_path, cfg.id, &cfg.tls_dir(), &sm).await?
-    {
-        tracing::info!(revision = r.revision, from_cluster = %r.from_cluster, members = ?r.members, "restored the registry from a snapshot");
+    let restored =
+        crate::restore::apply_pending(&cfg.data_dir, &log_path, cfg.id, &cfg.tls_dir(), &sm)
+            .await?;
+    if let Some(r) = &restored {
+        let ids: Vec<u64> = r.members.iter().map(|m| m.id).collect();
+        tracing::info!(revision = r.revision, from_cluster = %r.from_cluster, members = ?ids, fingerprint = %r.fingerprint, "restored the registry from a snapshot");
     }
     let mut log_store = LogStore::open(&log_path, cfg.id).map_err(|source| StartError::Store {
         path: log_path,
@@ -251,6 +253,10 @@ pub async fn run(
     )
     .await
     .map_err(|e| StartError::Raft(e.to_string()))?;
+    if restored.is_some() {
+        // No election before the restored members agree (`restore::hold_first_election`).
+        raft.runtime_config().elect(false);
+    }
     if let Some((peers, acks)) = early {
         let early = crate::raft::early::run(cfg.id, raft.clone(), network, peers, acks);
         tokio::spawn(early);
@@ -322,6 +328,14 @@ pub async fn run(
         shutdown.clone(),
     ));
     tasks.spawn(crate::raft::watchdog::run(raft.clone(), shutdown.clone()));
+    if let Some(r) = restored {
+        // Not in `tasks`: it ends once the members agree, which is no reason to stop.
+        tokio::spawn(crate::restore::hold_first_election(
+            registry.clone(),
+            r,
+            shutdown.clone(),
+        ));
+    }
     let router = Router::new(registry.clone(), pools.clone(), channels.clone(), cfg.route);
     tasks.spawn(crate::route::peer::relay_events(
         registry.clone(),

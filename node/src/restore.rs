@@ -61,7 +61,9 @@ pub enum RestoreError {
 pub struct Restored {
     pub revision: u64,
     pub from_cluster: String,
-    pub members: Vec<u64>,
+    pub members: Vec<mcpcp_proto::api::Member>,
+    /// What every member of this restore shares (`RestorePlan::fingerprint`).
+    pub fingerprint: String,
 }
 
 /// Builds this node's stores from a waiting restore, if there is one. Called before the log
@@ -131,6 +133,8 @@ pub async fn apply_pending(
         .extend(plan.members.iter().map(|m| m.id));
     // What the old cluster's leader had placed on its nodes; the new leader places again.
     data.state.placements.clear();
+    let fingerprint = plan.fingerprint(&header.sha256);
+    data.state.restored_as = Some(fingerprint.clone());
     if log_path.exists() {
         // Every check passed: the node's own log goes aside, not away (the state it applied
         // is in the plan's snapshot; the rest stays for a post-mortem).
@@ -158,7 +162,8 @@ pub async fn apply_pending(
     let restored = Restored {
         revision: header.revision,
         from_cluster: header.cluster,
-        members: plan.members.iter().map(|m| m.id).collect(),
+        members: plan.members.clone(),
+        fingerprint,
     };
     metrics::counter!("mcpd_snapshot_restores_total").increment(1);
     Ok(Some(restored))
@@ -184,4 +189,67 @@ fn check_data_key(data: &SmData, key: &DataKey) -> Result<(), RestoreError> {
         }
     }
     Ok(())
+}
+
+/// How often a restored node asks its fellow members how they were restored.
+const ASK_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The first start after a restore: this node stands for election only once a majority of the
+/// plan's members (itself included) say they were restored by the same plan and snapshot, and
+/// none that answers says otherwise. Members given different member lists, or different
+/// snapshots, would otherwise elect leaders among themselves and form clusters side by side;
+/// this way no two of them form one: a member that differs from those that answer never
+/// stands (it says why, every 10 s, until the operator restores it again), and the others
+/// stand only when a majority of them agree and none they hear from differs.
+pub async fn hold_first_election(
+    registry: crate::registry::Registry,
+    restored: Restored,
+    shutdown: crate::shutdown::Shutdown,
+) {
+    registry.raft.runtime_config().elect(false);
+    let others: Vec<_> = restored
+        .members
+        .iter()
+        .filter(|m| m.id != registry.id)
+        .cloned()
+        .collect();
+    let majority = restored.members.len() / 2 + 1;
+    let mut warned: Option<std::time::Instant> = None;
+    let stop = shutdown.wait();
+    tokio::pin!(stop);
+    loop {
+        let answers =
+            futures_util::future::join_all(others.iter().map(|m| registry.ping(m, ASK_EVERY * 5)))
+                .await;
+        let mut agree = 1; // this node
+        let mut differ = Vec::new();
+        for (m, a) in others.iter().zip(answers) {
+            match a.map(|r| r.restored_as) {
+                Ok(Some(f)) if f == restored.fingerprint => agree += 1,
+                Ok(other) => differ.push(format!(
+                    "node {} ({})",
+                    m.id,
+                    other.as_deref().unwrap_or("not restored")
+                )),
+                Err(_) => {}
+            }
+        }
+        if differ.is_empty() && agree >= majority {
+            registry.raft.runtime_config().elect(true);
+            tracing::info!(agree, members = restored.members.len(), fingerprint = %restored.fingerprint, "the restored members agree: elections on");
+            return;
+        }
+        if !differ.is_empty() && warned.is_none_or(|t| t.elapsed().as_secs() >= 10) {
+            warned = Some(std::time::Instant::now());
+            tracing::error!(
+                fingerprint = %restored.fingerprint,
+                differ = %differ.join(", "),
+                "members were restored from another member list or snapshot: no election until every member is restored with the same `--member` list and file"
+            );
+        }
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(ASK_EVERY) => {}
+        }
+    }
 }

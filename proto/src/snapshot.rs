@@ -63,6 +63,19 @@ pub struct RestorePlan {
 }
 
 impl RestorePlan {
+    /// What every member of one restore shares, and a member given another member list or
+    /// another snapshot does not: SHA-256 over the snapshot's checksum and the members.
+    pub fn fingerprint(&self, snapshot_sha256: &str) -> String {
+        let mut members: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| format!("{}={},{}", m.id, m.http_addr, m.grpc_addr))
+            .collect();
+        members.sort();
+        let text = format!("{snapshot_sha256}\n{}", members.join("\n"));
+        hex::encode(&Sha256::digest(text.as_bytes())[..16])
+    }
+
     /// Checks that the plan names this node among the members, each once, and that the members
     /// are new to the snapshot's cluster, whose every node id is `ever` (a node made a cluster
     /// of its own by force keeps its id).

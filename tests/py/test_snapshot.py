@@ -24,20 +24,25 @@ def tenants(c: Cluster) -> set[str]:
     return {t["spec"]["name"] for t in json.loads(c.mcpctl("tenant", "list", "-o", "json"))}
 
 
+def lay_out(c: Cluster, snapshot: Path, id: int, members: dict[int, tuple[str, str]]) -> None:
+    """`mcpctl snapshot restore` of node `id` of a new cluster, then the CA and the data key
+    into its TLS directory, as the runbook says."""
+    data = c.dir / f"node{id}" / "data"
+    flags = [f"--member={i}={h},{g}" for i, (h, g) in members.items()]
+    c.mcpctl("snapshot", "restore", str(snapshot), "--data-dir", str(data), "--id", str(id), *flags)
+    tls = data / "tls"
+    tls.mkdir(mode=0o700)
+    for f in ("ca.pem", "ca.key", "data.key"):
+        shutil.copy(CA_DIR / f, tls / f)
+
+
 def restore_onto(snapshot: Path, dir: Path, ids: list[int], name: str) -> tuple[Cluster, list[tuple[str, str]]]:
-    """Lays out a new cluster of `ids` from `snapshot`, each node with the CA and the data key
-    in its TLS directory, as the runbook says; returns it and each node's (HTTP, gRPC)."""
+    """Lays out a new cluster of `ids` from `snapshot`; returns it and each node's (HTTP, gRPC)."""
     addrs = {i: (unused_addr(), unused_addr()) for i in ids}
-    members = [f"--member={i}={h},{g}" for i, (h, g) in addrs.items()]
     c = Cluster(name, dir, len(ids), [])
     c.ids = ids
     for i in ids:
-        data = dir / f"node{i}" / "data"
-        c.mcpctl("snapshot", "restore", str(snapshot), "--data-dir", str(data), "--id", str(i), *members)
-        tls = data / "tls"
-        tls.mkdir(mode=0o700)
-        for f in ("ca.pem", "ca.key", "data.key"):
-            shutil.copy(CA_DIR / f, tls / f)
+        lay_out(c, snapshot, i, addrs)
     c.endpoints = [f"https://{addrs[i][0]}" for i in ids]
     return c, [addrs[i] for i in ids]
 
@@ -202,3 +207,43 @@ def test_a_learner_becomes_a_new_cluster_after_its_voters_are_lost(tmp_path_fact
         assert (data / "raft-log.redb.before-force-new-cluster").exists()
     finally:
         main.down()
+
+
+def test_members_restored_with_different_member_lists_form_no_cluster_until_one_list(tmp_path_factory):
+    src = start_cluster(tmp_path_factory, "snap-lists", 1)
+    backup = tmp_path_factory.mktemp("snap-lists-backup") / "registry.snapshot"
+    try:
+        src.mcpctl("tenant", "add", "before-the-backup")
+        src.mcpctl("snapshot", "save", str(backup))
+        admin = src.admin_token
+    finally:
+        src.down()
+
+    ids = [4, 5, 6]
+    addrs = {i: (unused_addr(), unused_addr()) for i in ids}
+    c = Cluster("snap-lists-dst", tmp_path_factory.mktemp("snap-lists-dst"), 3, [])
+    c.ids, c.admin_token = ids, admin
+    c.endpoints = [f"https://{addrs[i][0]}" for i in ids]
+    # Node 6's restore was given node 5 at another HTTP address (a typo).
+    typo = {**addrs, 5: (unused_addr(), addrs[5][1])}
+    for i in ids:
+        lay_out(c, backup, i, typo if i == 6 else addrs)
+    try:
+        # The odd one first: once it answers, the others see that it differs.
+        for n in (2, 0, 1):
+            c.restart(n, at=addrs[ids[n]])
+        # Every node says why it does not stand, and none leads.
+        for n in range(3):
+            wait_until(lambda: "another member list or snapshot" in c.log(n), 30, f"node {ids[n]} refuses to stand")
+        assert all(json.loads(c.mcpctl("cluster", "status", "-o", "json", node=n))["leader"] is None
+                   for n in range(3))
+
+        # The operator restores node 6 again with the one list: the cluster forms.
+        c.kill(2)
+        shutil.rmtree(c.node_dir(2) / "data")
+        lay_out(c, backup, 6, addrs)
+        c.restart(2, at=addrs[6])
+        wait_until(lambda: c.leader() is not None, 30, "the restored cluster elects a leader")
+        assert "before-the-backup" in tenants(c)
+    finally:
+        c.down()

@@ -254,6 +254,7 @@ impl Cluster for ClusterService {
             applied_index: m.last_applied.map(|l| l.index),
             leader: m.current_leader,
             state_format: Some(crate::registry::state::STATE_FORMAT),
+            restored_as: self.registry.local().state.restored_as.clone(),
         }))
     }
 

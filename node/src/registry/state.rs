@@ -448,6 +448,11 @@ pub struct State {
     pub sessions: BTreeMap<String, SessionState>,
     /// Every node id that was ever a member, so that no id is used twice.
     pub node_ids_ever: BTreeSet<u64>,
+    /// The fingerprint of the restore this cluster was made by (`mcpctl snapshot restore`):
+    /// every member of one restore has the same, so members restored differently never form
+    /// a cluster together (`crate::restore::hold_first_election`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_as: Option<String>,
     /// Join tokens not used yet, by token id.
     #[serde(default)]
     pub join_tokens: BTreeMap<String, JoinToken>,
