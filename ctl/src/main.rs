@@ -149,7 +149,7 @@ enum SnapshotCmd {
         id: u64,
         /// Every member of the new cluster, as ID=HTTP_ADDR,GRPC_ADDR (repeat). The ids must
         /// be new to the snapshot's cluster.
-        #[arg(long = "member", required = true, value_parser = mcpctl::snapshot::parse_member)]
+        #[arg(long = "member", required = true, value_parser = mcpcp_proto::snapshot::parse_member)]
         members: Vec<Member>,
     },
 }
@@ -211,7 +211,7 @@ enum ClusterCmd {
     RemoveNode { id: u64 },
     /// Disaster recovery: make the node of --endpoints (a standby site's learner) a one-node
     /// cluster of its own state after every voter is lost, as etcd's --force-new-cluster.
-    /// Refused while it can still reach a quorum. Grow the new cluster with `add-node`.
+    /// Refused while any voter answers it. Grow the new cluster with `add-node`.
     Promote {
         /// Required: the node leaves its cluster for good and starts a new one.
         #[arg(long)]
@@ -2122,9 +2122,10 @@ async fn snapshot(cli: &Cli, cmd: &SnapshotCmd) -> Outcome {
                 cli.cacert.as_deref(),
                 Duration::from_secs(600),
             )?;
-            let mut progress = progress_bar();
-            let saved = snap::save(&c, file, &mut progress).await?;
-            progress(u64::MAX, None);
+            let mut progress = Progress::new();
+            let saved = snap::save(&c, file, &mut |got, total| progress.show(got, total)).await;
+            progress.finish();
+            let saved = saved?;
             if cli.output == Output::Table {
                 out!(
                     "saved {} ({} bytes) from {}",
@@ -2155,7 +2156,7 @@ async fn snapshot(cli: &Cli, cmd: &SnapshotCmd) -> Outcome {
             if cli.output == Output::Table {
                 let list: Vec<String> = members
                     .iter()
-                    .map(|m| format!("{}={},{}", m.id, m.http_addr, m.grpc_addr))
+                    .map(mcpcp_proto::snapshot::member_arg)
                     .collect();
                 out!(
                     "restored node {id}'s data directory {}: start mcpd --id {id} --data-dir {} with the CA and the old cluster's data.key in its TLS directory",
@@ -2193,27 +2194,29 @@ async fn snapshot(cli: &Cli, cmd: &SnapshotCmd) -> Outcome {
 }
 
 /// Progress of a download on a terminal (stderr), at most ten updates a second; nothing
-/// when stderr is not a terminal. `u64::MAX` ends the line.
-fn progress_bar() -> impl FnMut(u64, Option<u64>) {
-    use std::io::IsTerminal;
-    let on = std::io::stderr().is_terminal();
-    let mut last = std::time::Instant::now() - Duration::from_secs(1);
-    let mut shown = false;
-    move |received, total| {
-        if !on {
+/// when stderr is not a terminal.
+struct Progress {
+    on: bool,
+    last: Option<std::time::Instant>,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        use std::io::IsTerminal;
+        Progress {
+            on: std::io::stderr().is_terminal(),
+            last: None,
+        }
+    }
+
+    fn show(&mut self, received: u64, total: Option<u64>) {
+        let due = self
+            .last
+            .is_none_or(|t| t.elapsed() >= Duration::from_millis(100));
+        if !self.on || !(due || total == Some(received)) {
             return;
         }
-        if received == u64::MAX {
-            if shown {
-                eprintln!();
-            }
-            return;
-        }
-        if last.elapsed() < Duration::from_millis(100) && total != Some(received) {
-            return;
-        }
-        last = std::time::Instant::now();
-        shown = true;
+        self.last = Some(std::time::Instant::now());
         let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
         match total {
             Some(t) if t > 0 => eprint!(
@@ -2223,6 +2226,13 @@ fn progress_bar() -> impl FnMut(u64, Option<u64>) {
                 100.0 * received as f64 / t as f64
             ),
             _ => eprint!("\r{:.1} MiB", mib(received)),
+        }
+    }
+
+    /// Ends the line, if one was shown.
+    fn finish(&self) {
+        if self.on && self.last.is_some() {
+            eprintln!();
         }
     }
 }

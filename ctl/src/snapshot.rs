@@ -7,7 +7,7 @@
 //!   and never one that was there before.
 //! - **status** checks a file and prints its header.
 //! - **restore** checks a file and lays out one new node's data directory: a copy of the file,
-//!   the plan (this node, every member of the new cluster) and the node id. `mcpd` builds its
+//!   and the plan (this node, every member of the new cluster). `mcpd` builds its
 //!   stores from them at its first start (`mcpd/src/restore.rs`), after it checked the file
 //!   again and that its data key opens the snapshot's secrets. Run it once per member, as
 //!   `etcdutl snapshot restore` is.
@@ -16,7 +16,6 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use mcpcp_proto::api::Member;
 use mcpcp_proto::snapshot::{
     self, RestorePlan, SnapshotError, SnapshotHeader, RESTORE_PLAN, RESTORE_SNAPSHOT,
 };
@@ -38,6 +37,8 @@ pub enum SnapshotCmdError {
         path: PathBuf,
         source: SnapshotError,
     },
+    #[error("{0}")]
+    Write(#[from] mcpcp_pki::PkiError),
     #[error("{0}")]
     Usage(String),
 }
@@ -175,25 +176,6 @@ pub fn check(file: &Path) -> Result<SnapshotHeader, SnapshotCmdError> {
     })
 }
 
-/// One member of a restored cluster, as `ID=HTTP_ADDR,GRPC_ADDR`.
-pub fn parse_member(text: &str) -> Result<Member, String> {
-    let (id, addrs) = text
-        .split_once('=')
-        .ok_or_else(|| format!("--member {text}: expected ID=HTTP_ADDR,GRPC_ADDR"))?;
-    let id: u64 = id
-        .trim()
-        .parse()
-        .map_err(|_| format!("--member {text}: the id must be a number"))?;
-    let (http, grpc) = addrs
-        .split_once(',')
-        .ok_or_else(|| format!("--member {text}: expected ID=HTTP_ADDR,GRPC_ADDR"))?;
-    Ok(Member {
-        id,
-        http_addr: http.trim().to_string(),
-        grpc_addr: grpc.trim().to_string(),
-    })
-}
-
 /// What `restore` lays out.
 pub struct Restore<'a> {
     pub file: &'a Path,
@@ -228,15 +210,16 @@ pub fn restore(r: &Restore) -> Result<SnapshotHeader, SnapshotCmdError> {
     plan.check(&ever.state.node_ids_ever)
         .map_err(SnapshotCmdError::Usage)?;
     prepare_dir(r.data_dir)?;
-    let copy = r.data_dir.join(RESTORE_SNAPSHOT);
-    std::fs::copy(r.file, &copy).map_err(io(&copy))?;
-    let plan_path = r.data_dir.join(RESTORE_PLAN);
+    // The file as read and checked, then the plan that makes mcpd's first start use it; mcpd
+    // claims the directory for the plan's node itself (`node_id`).
+    let mut file = header.encode();
+    file.extend_from_slice(&data);
     let plan_text = serde_json::to_vec_pretty(plan).unwrap_or_default();
-    std::fs::write(&plan_path, plan_text).map_err(io(&plan_path))?;
-    let id_path = r.data_dir.join("node_id");
-    std::fs::write(&id_path, format!("{}\n", plan.node)).map_err(io(&id_path))?;
-    for f in [&copy, &plan_path, &id_path] {
-        private(f)?;
+    for (name, bytes) in [
+        (RESTORE_SNAPSHOT, file.as_slice()),
+        (RESTORE_PLAN, &plan_text),
+    ] {
+        mcpcp_pki::files::write_private_bytes(&r.data_dir.join(name), bytes)?;
     }
     Ok(header)
 }
@@ -261,38 +244,12 @@ fn prepare_dir(dir: &Path) -> Result<(), SnapshotCmdError> {
 }
 
 #[cfg(unix)]
-fn private(path: &Path) -> Result<(), SnapshotCmdError> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io(path))
-}
-
-#[cfg(unix)]
 fn private_dir(path: &Path) -> Result<(), SnapshotCmdError> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(io(path))
 }
 
 #[cfg(not(unix))]
-fn private(_: &Path) -> Result<(), SnapshotCmdError> {
-    Ok(())
-}
-
-#[cfg(not(unix))]
 fn private_dir(_: &Path) -> Result<(), SnapshotCmdError> {
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_member_reads_as_id_and_two_addresses() {
-        let m = parse_member("4=10.0.0.4:7000,10.0.0.4:7001").expect("parses");
-        assert_eq!((m.id, m.http_addr.as_str()), (4, "10.0.0.4:7000"));
-        assert_eq!(m.grpc_addr, "10.0.0.4:7001");
-        for bad in ["4", "x=a,b", "4=a"] {
-            assert!(parse_member(bad).is_err(), "{bad}");
-        }
-    }
 }

@@ -200,13 +200,13 @@ const ASK_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 /// snapshots, would otherwise elect leaders among themselves and form clusters side by side;
 /// this way no two of them form one: a member that differs from those that answer never
 /// stands (it says why, every 10 s, until the operator restores it again), and the others
-/// stand only when a majority of them agree and none they hear from differs.
+/// stand only when a majority of them agree and none they hear from differs. The caller turned
+/// elections off as it started Raft; this turns them on.
 pub async fn hold_first_election(
     registry: crate::registry::Registry,
     restored: Restored,
     shutdown: crate::shutdown::Shutdown,
 ) {
-    registry.raft.runtime_config().elect(false);
     let others: Vec<_> = restored
         .members
         .iter()

@@ -1,9 +1,8 @@
 //! Graceful shutdown as a value passed to every task (as in mini-redis), not a global flag.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
 /// The sending side: [`Trigger::fire`] asks every [`Shutdown`] to finish.
 #[derive(Clone)]
@@ -38,25 +37,26 @@ impl Shutdown {
 
 /// A request from inside the node to stop and start again in place, with the same arguments
 /// (after `cluster promote --force-new-cluster` left a restore plan in the data directory).
-#[derive(Clone, Default)]
-pub struct Restart(Arc<(Notify, AtomicBool)>);
+#[derive(Clone)]
+pub struct Restart(Arc<watch::Sender<bool>>);
+
+impl Default for Restart {
+    fn default() -> Self {
+        Restart(Arc::new(watch::Sender::new(false)))
+    }
+}
 
 impl Restart {
     pub fn request(&self) {
-        self.0 .1.store(true, Ordering::SeqCst);
-        self.0 .0.notify_waiters();
+        self.0.send_replace(true);
     }
 
     pub fn requested(&self) -> bool {
-        self.0 .1.load(Ordering::SeqCst)
+        *self.0.borrow()
     }
 
     /// Completes once a restart was requested.
     pub async fn wait(&self) {
-        let notified = self.0 .0.notified();
-        if self.requested() {
-            return;
-        }
-        notified.await;
+        let _ = self.0.subscribe().wait_for(|asked| *asked).await;
     }
 }

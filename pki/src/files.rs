@@ -1,6 +1,6 @@
-//! PEM files on disk. A private key is written readable by its owner only (0600), through a
-//! temporary file renamed into place, so a reader never sees half a key and a key is never,
-//! even briefly, readable by others.
+//! Files on disk. A private key (or another private file) is written readable by its owner
+//! only (0600), through a temporary file renamed into place, so a reader never sees half of it
+//! and it is never, even briefly, readable by others.
 
 use std::io::Write;
 use std::path::Path;
@@ -18,7 +18,7 @@ pub fn read_text(path: &Path) -> Result<String, PkiError> {
     std::fs::read_to_string(path).map_err(io(path))
 }
 
-fn write_mode(path: &Path, text: &str, mode: u32) -> Result<(), PkiError> {
+fn write_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
     }
@@ -41,17 +41,23 @@ fn write_mode(path: &Path, text: &str, mode: u32) -> Result<(), PkiError> {
     #[cfg(not(unix))]
     let _ = mode;
     let mut f = opts.open(&tmp).map_err(io(&tmp))?;
-    f.write_all(text.as_bytes()).map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io(path))
 }
 
 /// Writes a private key (mode 0600).
 pub fn write_private(path: &Path, text: &str) -> Result<(), PkiError> {
-    write_mode(path, text, 0o600)
+    write_mode(path, text.as_bytes(), 0o600)
+}
+
+/// Writes any other file only its owner may read (mode 0600) the same way: a backup of the
+/// registry, a restore plan.
+pub fn write_private_bytes(path: &Path, bytes: &[u8]) -> Result<(), PkiError> {
+    write_mode(path, bytes, 0o600)
 }
 
 /// Writes a certificate (mode 0644).
 pub fn write_public(path: &Path, text: &str) -> Result<(), PkiError> {
-    write_mode(path, text, 0o644)
+    write_mode(path, text.as_bytes(), 0o644)
 }

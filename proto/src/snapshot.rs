@@ -66,11 +66,7 @@ impl RestorePlan {
     /// What every member of one restore shares, and a member given another member list or
     /// another snapshot does not: SHA-256 over the snapshot's checksum and the members.
     pub fn fingerprint(&self, snapshot_sha256: &str) -> String {
-        let mut members: Vec<String> = self
-            .members
-            .iter()
-            .map(|m| format!("{}={},{}", m.id, m.http_addr, m.grpc_addr))
-            .collect();
+        let mut members: Vec<String> = self.members.iter().map(member_arg).collect();
         members.sort();
         let text = format!("{snapshot_sha256}\n{}", members.join("\n"));
         hex::encode(&Sha256::digest(text.as_bytes())[..16])
@@ -101,6 +97,30 @@ impl RestorePlan {
             reused.join(", ")
         ))
     }
+}
+
+/// A member as `mcpctl snapshot restore --member` takes it: `ID=HTTP_ADDR,GRPC_ADDR`.
+pub fn member_arg(m: &crate::api::Member) -> String {
+    format!("{}={},{}", m.id, m.http_addr, m.grpc_addr)
+}
+
+/// Reads [`member_arg`]'s form back.
+pub fn parse_member(text: &str) -> Result<crate::api::Member, String> {
+    let (id, addrs) = text
+        .split_once('=')
+        .ok_or_else(|| format!("--member {text}: expected ID=HTTP_ADDR,GRPC_ADDR"))?;
+    let id: u64 = id
+        .trim()
+        .parse()
+        .map_err(|_| format!("--member {text}: the id must be a number"))?;
+    let (http, grpc) = addrs
+        .split_once(',')
+        .ok_or_else(|| format!("--member {text}: expected ID=HTTP_ADDR,GRPC_ADDR"))?;
+    Ok(crate::api::Member {
+        id,
+        http_addr: http.trim().to_string(),
+        grpc_addr: grpc.trim().to_string(),
+    })
 }
 
 /// The restore plan's file name in a data directory.
@@ -251,6 +271,17 @@ mod tests {
         let mut out = header.encode();
         out.extend_from_slice(data);
         out
+    }
+
+    #[test]
+    fn a_member_reads_back_as_written_and_a_bad_one_is_named() {
+        let m = parse_member("4=10.0.0.4:7000,10.0.0.4:7001").expect("parses");
+        assert_eq!((m.id, m.http_addr.as_str()), (4, "10.0.0.4:7000"));
+        assert_eq!(m.grpc_addr, "10.0.0.4:7001");
+        assert_eq!(parse_member(&member_arg(&m)), Ok(m));
+        for bad in ["4", "x=a,b", "4=a"] {
+            assert!(parse_member(bad).is_err_and(|e| e.contains(bad)), "{bad}");
+        }
     }
 
     #[test]

@@ -69,6 +69,15 @@ def _need(path: Path, how: str) -> None:
         pytest.exit(f"{path} is missing: {how}", returncode=2)
 
 
+def exited(pid: int) -> bool:
+    """Whether process `pid` is gone or a zombie (its ports and files are free)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")
+
+
 def unused_addr() -> str:
     """A loopback address no process listens on, below the kernel's ephemeral range (as
     `mcpctl dev up` picks them), for a node whose address must be known before it starts."""
@@ -148,25 +157,14 @@ class Cluster:
         (gone or a zombie), so that its ports are free for a restart."""
         pid = self.pid(node)
         os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except (FileNotFoundError, ProcessLookupError):
-                return
-            if state in ("Z", "X"):
-                return
-            time.sleep(0.01)
-        raise AssertionError(f"node {node} (pid {pid}) still alive 10 s after SIGKILL")
+        wait_until(lambda: exited(pid), 10, f"node {node} (pid {pid}) dies after SIGKILL", interval=0.01)
 
     def stop(self, node: int, within: float = 30) -> None:
         """SIGTERM to node `node`: a graceful stop, as `systemctl stop` does; returns once it
         has exited."""
         pid = self.pid(node)
         os.kill(pid, signal.SIGTERM)
-        wait_until(lambda: not Path(f"/proc/{pid}").exists()
-                   or Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"),
-                   within, f"node {node} (pid {pid}) exits after SIGTERM")
+        wait_until(lambda: exited(pid), within, f"node {node} (pid {pid}) exits after SIGTERM")
 
     def restart(self, node: int, at: tuple[str, str] | None = None) -> None:
         """Starts a killed node again with its data and addresses (as `dev up` did), or at

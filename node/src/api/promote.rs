@@ -10,7 +10,6 @@
 //! `add-node` and `remove-node`, never split in two. A voter it cannot reach but that lives (a
 //! partition between the sites) is the operator's to fence first, as with etcd.
 
-use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
@@ -104,19 +103,18 @@ pub async fn promote(
     ))
 }
 
-/// The snapshot file, then the plan that makes the next start use it (the commit point),
-/// each written under a temporary name, synced and renamed, so that a crash leaves either no
-/// plan or a whole one.
-fn write_plan(dir: &Path, snapshot: &[u8], plan: &RestorePlan) -> std::io::Result<()> {
+/// The snapshot file, then the plan that makes the next start use it (the commit point), each
+/// written privately and renamed into place, so that a crash leaves either no plan or a whole
+/// one.
+fn write_plan(dir: &Path, snapshot: &[u8], plan: &RestorePlan) -> Result<(), String> {
+    let plan = serde_json::to_vec_pretty(plan).map_err(|e| e.to_string())?;
     for (name, bytes) in [
-        (RESTORE_SNAPSHOT, snapshot.to_vec()),
-        (RESTORE_PLAN, serde_json::to_vec_pretty(plan)?),
+        (RESTORE_SNAPSHOT, snapshot),
+        (RESTORE_PLAN, plan.as_slice()),
     ] {
-        let part = dir.join(format!("{name}.part"));
-        let mut f = std::fs::File::create(&part)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&part, dir.join(name))?;
+        mcpcp_pki::files::write_private_bytes(&dir.join(name), bytes).map_err(|e| e.to_string())?;
     }
-    std::fs::File::open(dir)?.sync_all()
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| format!("{}: {e}", dir.display()))
 }

@@ -173,6 +173,8 @@ pub struct Pool {
     slots: Vec<Slot>,
     /// Who gets the next free process (fair between tenants).
     admission: Arc<FairQueue>,
+    /// Calls that had to wait for a process (`mcpd_pool_queued_total`).
+    queued: metrics::Counter,
     closed: AtomicBool,
     catalogue: RwLock<Arc<Catalogue>>,
     /// Server notifications that belong to no call (list_changed, resources/updated), to
@@ -229,6 +231,8 @@ impl Pool {
         }
         let active = size * cfg.max_concurrency_per_process.max(1);
         let depth = metrics::gauge!("mcpd_pool_queue_depth", "server" => spec.spec.name.clone());
+        let queued =
+            metrics::counter!("mcpd_pool_queued_total", "server" => spec.spec.name.clone());
         let pool = Arc::new(Pool {
             name: spec.spec.name.clone(),
             spec,
@@ -241,6 +245,7 @@ impl Pool {
                 },
                 depth,
             ),
+            queued,
             closed: AtomicBool::new(false),
             catalogue: RwLock::new(Arc::new(Catalogue::default())),
             events,
@@ -524,10 +529,7 @@ impl Pool {
         // gets one, gives up, or is dropped (a cancelled call).
         let slot = self
             .admission
-            .acquire(share, timeout, || {
-                metrics::counter!("mcpd_pool_queued_total", "server" => self.name.clone())
-                    .increment(1)
-            })
+            .acquire(share, timeout, || self.queued.increment(1))
             .await;
         let _running = match slot {
             Ok(slot) => slot,
