@@ -150,6 +150,9 @@ pub struct Config {
     /// `[usage]`: usage accounting per tenant, subject, server and tool (`crate::usage`).
     #[serde(default)]
     pub usage: crate::usage::UsageConfig,
+    /// `[tracing]`: OpenTelemetry traces over OTLP (`crate::telemetry`); off by default.
+    #[serde(default)]
+    pub tracing: crate::telemetry::TracingConfig,
 }
 
 /// `[runtime]`: the threads `mcpd` runs on.
@@ -339,6 +342,9 @@ impl Config {
             .validate()
             .map_err(|(field, message)| invalid(field, message))?;
         self.usage
+            .validate()
+            .map_err(|(field, message)| invalid(field, message))?;
+        self.tracing
             .validate()
             .map_err(|(field, message)| invalid(field, message))?;
         if self.id == 0 {

@@ -32,6 +32,7 @@ pub mod route;
 pub mod seal;
 pub mod shard;
 pub mod shutdown;
+pub mod telemetry;
 pub mod tls;
 pub mod traffic;
 pub mod usage;

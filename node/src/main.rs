@@ -87,6 +87,9 @@ struct Args {
     /// files (`api.tls_cert_file`), or off (plain HTTP behind a TLS-terminating balancer).
     #[arg(long, value_enum)]
     api_tls: Option<mcpd::tls::edge::EdgeTlsMode>,
+    /// Export OpenTelemetry traces over OTLP/gRPC to this collector (`http://HOST:PORT`).
+    #[arg(long, env = "MCPD_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -164,6 +167,9 @@ impl Args {
         if self.advertise_http.is_some() {
             cfg.advertise_http = self.advertise_http;
         }
+        if self.otlp_endpoint.is_some() {
+            cfg.tracing.otlp_endpoint = self.otlp_endpoint;
+        }
         if self.advertise_grpc.is_some() {
             cfg.advertise_grpc = self.advertise_grpc;
         }
@@ -175,17 +181,40 @@ impl Args {
     }
 }
 
-fn init_logging(cfg: &Config) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("{},openraft=warn", cfg.log.level)));
+/// Logs on stderr, and the spans of `[tracing]` to its collector when it is set (the
+/// exporter is returned, to be shut down last). Spans of [`mcpd::telemetry::TARGET`] never
+/// reach the log.
+fn init_logging(cfg: &Config) -> anyhow::Result<Option<mcpd::telemetry::Exporter>> {
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{},openraft=warn", cfg.log.level)))
+        .add_directive(
+            format!("{}=off", mcpd::telemetry::TARGET)
+                .parse()
+                .context("the trace target's log directive")?,
+        );
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    match cfg.log.format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
+    let fmt = match cfg.log.format {
+        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
+        LogFormat::Text => fmt.boxed(),
+    };
+    let registry = tracing_subscriber::registry().with(fmt.with_filter(filter));
+    match mcpd::telemetry::Exporter::start(&cfg.tracing, cfg.id)? {
+        Some((exporter, layer)) => {
+            let only_spans = tracing_subscriber::filter::Targets::new()
+                .with_target(mcpd::telemetry::TARGET, tracing::Level::INFO);
+            registry.with(layer.with_filter(only_spans)).init();
+            Ok(Some(exporter))
+        }
+        None => {
+            registry.init();
+            Ok(None)
+        }
     }
 }
 
@@ -276,9 +305,14 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?
         .block_on(async move {
-            init_logging(&cfg);
+            let exporter = init_logging(&cfg)?;
             let metrics = mcpd::metrics::install().context("installing the metrics recorder")?;
-            Ok(mcpd::app::run(cfg, metrics, shutdown_signal(), handles).await?)
+            let exit = mcpd::app::run(cfg, metrics, shutdown_signal(), handles).await;
+            if let Some(exporter) = exporter {
+                // Blocks while it sends what is queued; the connection runs on this runtime.
+                let _ = tokio::task::spawn_blocking(move || exporter.shutdown()).await;
+            }
+            Ok(exit?)
         });
     // The main runtime is gone: stop the data plane's threads and what still runs on them.
     drop(shards);

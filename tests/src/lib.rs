@@ -135,6 +135,12 @@ impl Cluster {
 
     /// Starts `n` nodes, each with the extra `mcpd` flags `args`, and forms a cluster.
     pub async fn start_with(n: u64, args: &[&str]) -> Cluster {
+        Self::start_binary(&binary("mcpd"), n, args).await
+    }
+
+    /// [`Cluster::start_with`] of another `mcpd` binary (an earlier build, for a benchmark's
+    /// anchor).
+    pub async fn start_binary(mcpd: &Path, n: u64, args: &[&str]) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("mcpcp-e2e-")
             .tempdir()
@@ -143,7 +149,7 @@ impl Cluster {
             dir,
             nodes: BTreeMap::new(),
             admin_token: String::new(),
-            mcpd: binary("mcpd"),
+            mcpd: mcpd.to_path_buf(),
             args: args.iter().map(|s| s.to_string()).collect(),
         };
         for id in 1..=n {
@@ -621,6 +627,7 @@ pub fn demo_server(name: &str, ledger: &Path) -> mcpcp_proto::api::ServerSpec {
 
 pub mod bench_issuer;
 pub mod etcd;
+pub mod otlp;
 pub mod write;
 
 /// Helpers the benchmark binaries share.

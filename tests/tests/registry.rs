@@ -132,6 +132,7 @@ async fn the_leader_still_serves_an_older_follower_s_unary_forwarding() {
     let reply = client
         .forward_write(ForwardWriteRequest {
             command: serde_json::to_vec(&request).unwrap(),
+            traceparent: String::new(),
         })
         .await
         .expect("ForwardWrite")

@@ -61,6 +61,7 @@ fn create_token(id: &str) -> ForwardWriteRequest {
     });
     ForwardWriteRequest {
         command: serde_json::to_vec(&request).expect("json"),
+        traceparent: String::new(),
     }
 }
 

@@ -21,6 +21,7 @@ use mcpcp_proto::mcp::{code, ErrorObject};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::dispatch::Route;
 use crate::call::{CallEvent, EventSink};
@@ -126,8 +127,19 @@ impl Running {
         let (abort, registration) = AbortHandle::new_pair();
         let finished = Arc::new(AtomicBool::new(false));
         let done = finished.clone();
+        // The call keeps the request's span wherever it is polled from (inline, its own
+        // task, or finished in the background).
         let call = Abortable::new(
-            async move { route.dispatch(&method, params, sink).await },
+            async move {
+                let outcome = route.dispatch(&method, params, sink).await;
+                if let Err(e) = &outcome {
+                    let span = tracing::Span::current();
+                    crate::telemetry::failed(&span, "jsonrpc_error");
+                    span.record("rpc.response.status_code", e.code);
+                }
+                outcome
+            }
+            .instrument(tracing::Span::current()),
             registration,
         );
         let call: CallFuture = Box::pin(async move {

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use mcpcp_proto::mcp::{code, ErrorObject};
 use serde_json::{json, Value};
+use tracing::Instrument;
 
 use super::target::Target;
 use crate::call::{Affinity, Call, EventSink, FallbackGate};
@@ -225,8 +226,22 @@ impl Route {
     ) -> Result<Value, ErrorObject> {
         match &self.target {
             Target::Server(name) => {
-                self.authorize(name, method, params.as_ref())?;
-                self.approved(name, method, params.as_ref()).await?;
+                let policy = tracing::info_span!(
+                    target: crate::telemetry::TARGET,
+                    "mcp.policy",
+                    otel.status_code = tracing::field::Empty,
+                    error.type = tracing::field::Empty,
+                );
+                let decided = async {
+                    self.authorize(name, method, params.as_ref())?;
+                    self.approved(name, method, params.as_ref()).await
+                }
+                .instrument(policy.clone())
+                .await;
+                if decided.is_err() {
+                    crate::telemetry::failed(&policy, "denied");
+                }
+                decided?;
                 let mut result = self.send(name, method, params, events).await?;
                 self.filter_list(name, method, &mut result);
                 if method == "tools/list" {

@@ -7,6 +7,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use mcpcp_proto::mcp::{code, era_of, Era, ErrorObject, Message};
+use tracing::Instrument;
 
 use super::state::McpState;
 use super::target::Target;
@@ -80,8 +81,57 @@ pub async fn post(
             return rpc_error(StatusCode::NOT_FOUND, None, e);
         }
     }
-    match era_of_request(&headers, &msg) {
-        Era::Stateless => super::stateless::post(state, principal, target, headers, msg).await,
-        Era::Session => super::http::post_session(state, principal, target, headers, msg).await,
+    let era = era_of_request(&headers, &msg);
+    let span = request_span(&headers, &msg, &target, era, &principal);
+    match era {
+        Era::Stateless => {
+            super::stateless::post(state, principal, target, headers, msg)
+                .instrument(span)
+                .await
+        }
+        Era::Session => {
+            super::http::post_session(state, principal, target, headers, msg)
+                .instrument(span)
+                .await
+        }
     }
+}
+
+/// The root span of a client's request on this node (`mcp.request`), a child of the
+/// caller's trace when it sent one; a disabled span while tracing is off.
+fn request_span(
+    headers: &HeaderMap,
+    msg: &Message,
+    target: &Target,
+    era: Era,
+    principal: &crate::registry::Principal,
+) -> tracing::Span {
+    let Message::Request { method, params, id } = msg else {
+        return tracing::Span::none();
+    };
+    let item = params
+        .as_ref()
+        .and_then(|p| p.get("name").or_else(|| p.get("uri")))
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or_default();
+    let span = tracing::info_span!(
+        target: crate::telemetry::TARGET,
+        "mcp.request",
+        otel.name = %format!("{method} {item}").trim_end(),
+        otel.kind = "server",
+        mcp.method.name = %method,
+        mcp.endpoint = %super::wire::endpoint_label(target),
+        mcp.era = ?era,
+        jsonrpc.request.id = %id,
+        gen_ai.tool.name = %item,
+        tenant = principal.tenant.as_deref().unwrap_or(""),
+        otel.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+        rpc.response.status_code = tracing::field::Empty,
+    );
+    crate::telemetry::adopt(
+        &span,
+        crate::telemetry::propagate::from_request(headers, params.as_ref()),
+    );
+    span
 }

@@ -33,6 +33,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::call::{Affinity, CallError, EventSink};
 use crate::shard::{self, ShardHandles};
@@ -367,7 +368,8 @@ impl Pool {
         };
         let process = self.dedicated_process(affinity).await?;
         let timeout = Duration::from_millis(self.spec.spec.timeouts.request_ms);
-        match tokio::time::timeout(timeout, process.call(method, params, events)).await {
+        let upstream = self.upstream_call(&process, method, params, events, None);
+        match tokio::time::timeout(timeout, upstream).await {
             Ok(outcome) => outcome,
             Err(_) => Err(CallError::TimedOut(format!(
                 "server {:?} did not answer {method} within {timeout:?}; it may or may not have run",
@@ -527,10 +529,21 @@ impl Pool {
         }
         // A free slot is taken at once; otherwise the call waits in its tenant's queue until it
         // gets one, gives up, or is dropped (a cancelled call).
+        let queue = tracing::info_span!(
+            target: crate::telemetry::TARGET,
+            "pool.queue",
+            mcp.server = %self.name,
+            otel.status_code = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+        );
         let slot = self
             .admission
             .acquire(share, timeout, || self.queued.increment(1))
+            .instrument(queue.clone())
             .await;
+        if slot.is_err() {
+            crate::telemetry::failed(&queue, "queue_full");
+        }
         let _running = match slot {
             Ok(slot) => slot,
             Err(fair::Refused::Closed) => {
@@ -551,7 +564,7 @@ impl Pool {
             }
         };
         let remaining = timeout.saturating_sub(started.elapsed());
-        let Some(process) = self.ready(remaining).await else {
+        let Some(process) = self.ready(remaining).instrument(queue).await else {
             let states: Vec<&str> = self.states().iter().map(|s| s.as_str()).collect();
             return Err(CallError::NotRun(format!(
                 "server {:?} has no running process (processes: {}); the call did not run",
@@ -560,13 +573,47 @@ impl Pool {
             )));
         };
         let remaining = timeout.saturating_sub(started.elapsed());
-        match tokio::time::timeout(remaining, process.call_owned(method, params, events, owner)).await {
+        let upstream = self.upstream_call(&process, method, params, events, owner);
+        match tokio::time::timeout(remaining, upstream).await {
             Ok(outcome) => outcome.map(|v| (v, process)),
             Err(_) => Err(CallError::TimedOut(format!(
                 "server {:?} did not answer {method} within {timeout:?}; it was cancelled and may or may not have run",
                 self.name
             ))),
         }
+    }
+
+    /// Sends a call to `process`, in a span of its own (`upstream.call`) whose context the
+    /// server receives in the request's `_meta`.
+    async fn upstream_call(
+        &self,
+        process: &Arc<dyn Upstream>,
+        method: &str,
+        mut params: Option<Value>,
+        events: Option<EventSink>,
+        owner: Option<Arc<str>>,
+    ) -> Result<Value, CallError> {
+        let span = tracing::info_span!(
+            target: crate::telemetry::TARGET,
+            "upstream.call",
+            otel.kind = "client",
+            mcp.server = %self.name,
+            mcp.method.name = %method,
+            network.transport = process.transport(),
+            process.pid = process.pid().unwrap_or_default(),
+            otel.status_code = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+        );
+        let outcome = async {
+            crate::telemetry::propagate::into_meta(&mut params);
+            process.call_owned(method, params, events, owner).await
+        }
+        .instrument(span.clone())
+        .await;
+        if let Err(e) = &outcome {
+            crate::telemetry::failed(&span, e.label());
+        }
+        outcome
     }
 
     /// Stops taking calls, lets in-flight ones finish (up to `drain`), then stops the

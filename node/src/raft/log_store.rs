@@ -33,13 +33,14 @@ use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
-use openraft::{OptionalSend, StorageIOError};
+use openraft::{EntryPayload, OptionalSend, StorageIOError};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
 use super::early::{EarlyAppend, EarlyPeers};
 use super::typ::{Entry, LogId, StorageError, Vote};
 use super::{NodeId, TypeConfig};
+use crate::telemetry::Parent;
 
 const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("logs");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -106,6 +107,8 @@ impl Mem {
 enum Write {
     Append {
         rows: Vec<(u64, Vec<u8>)>,
+        /// The traced writes of these entries (see `crate::telemetry`).
+        traces: Vec<Parent>,
         /// Always set, except by tests, which cannot build one (see `append_unobserved`).
         done: Option<LogFlushed<TypeConfig>>,
     },
@@ -239,15 +242,19 @@ impl LogStore {
         done: Option<LogFlushed<TypeConfig>>,
     ) -> Result<(), StorageError> {
         let mut rows = Vec::new();
+        let mut traces = Vec::new();
         {
             let mut mem = self.mem();
             for e in entries {
+                if let EntryPayload::Normal(p) = &e.payload {
+                    traces.extend(p.traces.iter().cloned());
+                }
                 let b = serde_json::to_vec(&e).map_err(|err| StorageIOError::write_logs(&err))?;
                 rows.push((e.log_id.index, b));
                 mem.logs.insert(e.log_id.index, e);
             }
         }
-        self.queue(Write::Append { rows, done })
+        self.queue(Write::Append { rows, traces, done })
             .map_err(|e| StorageIOError::write_logs(&e).into())
     }
 
@@ -293,7 +300,25 @@ fn write_loop(db: Database, queue: mpsc::Receiver<Write>) {
         }
         let durable = batch.iter().any(Write::needs_fsync);
         let started = Instant::now();
+        // One span per traced write in the batch, from before the transaction to its fsync.
+        let spans: Vec<tracing::Span> = batch
+            .iter()
+            .flat_map(|w| match w {
+                Write::Append { traces, .. } => traces.as_slice(),
+                _ => &[],
+            })
+            .map(|parent| {
+                let span = tracing::info_span!(
+                    target: crate::telemetry::TARGET,
+                    "raft.fsync",
+                    writes = batch.len(),
+                );
+                parent.adopt(&span);
+                span
+            })
+            .collect();
         let result = commit_batch(&db, &batch, durable).map_err(|e| e.to_string());
+        drop(spans);
         if durable {
             metrics::histogram!("mcpd_raft_log_fsync_seconds").record(started.elapsed());
             metrics::histogram!("mcpd_raft_log_batch_writes").record(batch.len() as f64);

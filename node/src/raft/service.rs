@@ -21,6 +21,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use super::Raft;
 use crate::registry::{ForwardError, MembershipChange, Registry};
@@ -124,7 +125,8 @@ pub const MAX_FORWARDED_IN_FLIGHT: usize = 1024;
 /// A call of a `Forward` stream, decoded.
 #[derive(Debug)]
 enum Forwarded {
-    Write(Box<crate::registry::state::Request>),
+    /// A write, and the `traceparent` of the forwarding node's span.
+    Write(Box<crate::registry::state::Request>, String),
     ReadIndex,
 }
 
@@ -132,19 +134,39 @@ enum Forwarded {
 fn decode_forwarded(call: Option<forwarded_call::Call>) -> Result<Forwarded, String> {
     match call {
         Some(forwarded_call::Call::Write(w)) => decode(&w.command)
-            .map(|r| Forwarded::Write(Box::new(r)))
+            .map(|r| Forwarded::Write(Box::new(r), w.traceparent))
             .map_err(|s| s.message().to_string()),
         Some(forwarded_call::Call::ReadIndex(_)) => Ok(Forwarded::ReadIndex),
         None => Err("call: not set".into()),
     }
 }
 
+/// The leader's span of a forwarded write, a child of the forwarding node's.
+fn forwarded_write_span(traceparent: &str) -> tracing::Span {
+    let span = tracing::info_span!(
+        target: crate::telemetry::TARGET,
+        "registry.write",
+        otel.kind = "server",
+        forwarded = true,
+    );
+    crate::telemetry::adopt(
+        &span,
+        crate::telemetry::propagate::from_traceparent(traceparent),
+    );
+    span
+}
+
 /// Answers one call of a `Forward` stream as the leader.
 async fn answer_forwarded(registry: &Registry, call: ForwardedCall) -> ForwardedAnswer {
     use forwarded_answer::Answer;
     let answer = match decode_forwarded(call.call) {
-        Ok(Forwarded::Write(request)) => encode(&registry.write_as_leader(*request).await)
-            .map(|result| Answer::Write(ForwardWriteReply { result })),
+        Ok(Forwarded::Write(request, traceparent)) => {
+            let written = registry
+                .write_as_leader(*request)
+                .instrument(forwarded_write_span(&traceparent))
+                .await;
+            encode(&written).map(|result| Answer::Write(ForwardWriteReply { result }))
+        }
         Ok(Forwarded::ReadIndex) => encode(&registry.read_index_as_leader().await)
             .map(|result| Answer::ReadIndex(ReadIndexReply { result })),
         Err(why) => Ok(Answer::Refused(why)),
@@ -210,8 +232,13 @@ impl Cluster for ClusterService {
         &self,
         req: Request<ForwardWriteRequest>,
     ) -> Result<Response<ForwardWriteReply>, Status> {
-        let request = decode(&req.into_inner().command)?;
-        let res = self.registry.write_as_leader(request).await;
+        let req = req.into_inner();
+        let request = decode(&req.command)?;
+        let res = self
+            .registry
+            .write_as_leader(request)
+            .instrument(forwarded_write_span(&req.traceparent))
+            .await;
         Ok(Response::new(ForwardWriteReply {
             result: encode(&res)?,
         }))
@@ -296,6 +323,7 @@ mod tests {
         assert_eq!(decode_forwarded(None).unwrap_err(), "call: not set");
         let bad = forwarded_call::Call::Write(ForwardWriteRequest {
             command: b"{not json".to_vec(),
+            traceparent: String::new(),
         });
         let why = decode_forwarded(Some(bad)).unwrap_err();
         assert!(why.starts_with("bad payload"), "{why}");

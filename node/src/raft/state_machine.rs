@@ -255,6 +255,21 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 match entry.payload {
                     EntryPayload::Blank => results.push(Vec::new()),
                     EntryPayload::Normal(proposal) => {
+                        // Ends when the entry is applied.
+                        let _spans: Vec<tracing::Span> = proposal
+                            .traces
+                            .iter()
+                            .map(|parent| {
+                                let span = tracing::info_span!(
+                                    target: crate::telemetry::TARGET,
+                                    "raft.apply",
+                                    index = entry.log_id.index,
+                                    writes = proposal.requests.len(),
+                                );
+                                parent.adopt(&span);
+                                span
+                            })
+                            .collect();
                         let mut answers = Vec::with_capacity(proposal.requests.len());
                         for req in proposal.requests {
                             let (res, changes) = d.state.apply(req);

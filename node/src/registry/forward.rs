@@ -153,7 +153,10 @@ impl ForwardStream {
         let name = call.name();
         let is_write = matches!(call, Call::Write(_));
         let sent = match call {
-            Call::Write(command) => forwarded_call::Call::Write(ForwardWriteRequest { command }),
+            Call::Write(command) => forwarded_call::Call::Write(ForwardWriteRequest {
+                command,
+                traceparent: crate::telemetry::propagate::traceparent(),
+            }),
             Call::ReadIndex => forwarded_call::Call::ReadIndex(ReadIndexRequest {}),
         };
         self.calls
@@ -259,7 +262,10 @@ impl Forwarders {
         let mut client = self.client(addr)?;
         match call {
             Call::Write(command) => client
-                .forward_write(ForwardWriteRequest { command })
+                .forward_write(ForwardWriteRequest {
+                    command,
+                    traceparent: crate::telemetry::propagate::traceparent(),
+                })
                 .await
                 .map(|r| r.into_inner().result),
             Call::ReadIndex => client

@@ -31,6 +31,7 @@ use mcpcp_proto::cluster::{MembershipRequest, PingReply, PingRequest};
 use openraft::error::RaftError;
 use openraft::ChangeMembers;
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 
 use crate::raft::network::PeerChannels;
 use crate::raft::state_machine::{SmData, StateMachineStore, Subscription};
@@ -376,7 +377,18 @@ impl Registry {
     pub async fn write_request(&self, req: Request) -> Result<Applied, RegistryError> {
         let started = Instant::now();
         let label = req.command.label();
-        let result = self.write_inner(req, started).await;
+        let span = tracing::info_span!(
+            target: crate::telemetry::TARGET,
+            "registry.write",
+            op = label,
+            node = self.id,
+            otel.status_code = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+        );
+        let result = self
+            .write_inner(req, started)
+            .instrument(span.clone())
+            .await;
         let outcome = match &result {
             Ok(_) => "ok",
             Err(RegistryError::Apply(_)) => "rejected",
@@ -388,6 +400,9 @@ impl Registry {
         if matches!(result, Err(RegistryError::NoQuorum { .. })) {
             metrics::counter!("mcpd_registry_failed_proposals_total", "reason" => "no_quorum")
                 .increment(1);
+        }
+        if result.is_err() {
+            crate::telemetry::failed(&span, outcome);
         }
         result
     }
@@ -468,9 +483,16 @@ impl Registry {
     ) -> Result<Result<state::CommandResult, ForwardError>, String> {
         let command = serde_json::to_vec(req).map_err(|e| e.to_string())?;
         let started = Instant::now();
+        let span = tracing::info_span!(
+            target: crate::telemetry::TARGET,
+            "registry.forward",
+            otel.kind = "client",
+            leader = leader.id,
+        );
         let result = self
             .forwarders
             .call(&leader.grpc_addr, forward::Call::Write(command))
+            .instrument(span)
             .await?;
         metrics::histogram!("mcpd_registry_forward_seconds").record(started.elapsed());
         serde_json::from_slice(&result).map_err(|e| e.to_string())

@@ -13,9 +13,12 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use tracing::Instrument;
+
 use super::state::{CommandResult, Proposal, Request};
 use crate::raft::typ::ClientWriteError;
 use crate::raft::Raft;
+use crate::telemetry::Parent;
 
 /// Proposals on their way through Raft at once, before writes start to share entries.
 pub const MAX_IN_FLIGHT: usize = 2;
@@ -27,6 +30,8 @@ pub type ProposeResult = Result<CommandResult, openraft::error::RaftError<u64, C
 
 struct Pending {
     request: Request,
+    /// The write's span, when traced.
+    trace: Option<Parent>,
     done: oneshot::Sender<ProposeResult>,
 }
 
@@ -55,16 +60,27 @@ impl Proposer {
     /// Proposes `request` and waits for its result. Dropping the future abandons the wait,
     /// not the write.
     pub async fn propose(&self, request: Request) -> Result<ProposeResult, Stopped> {
+        let span = tracing::info_span!(target: crate::telemetry::TARGET, "raft.propose");
+        self.propose_traced(request).instrument(span).await
+    }
+
+    async fn propose_traced(&self, request: Request) -> Result<ProposeResult, Stopped> {
+        let trace = crate::telemetry::propagate::current_parent();
         // A free slot (the semaphore is fair: none is free while writes queue for one) means
         // no batch is forming: propose from here, without a hop through the batching task.
         if let Ok(slot) = self.slots.clone().try_acquire_owned() {
-            let mut answers = propose_entry(&self.raft, vec![request]).await;
+            let mut answers =
+                propose_entry(&self.raft, vec![request], trace.into_iter().collect()).await;
             drop(slot);
             return answers.pop().unwrap_or(Err(Stopped));
         }
         let (done, result) = oneshot::channel();
         self.queue
-            .send(Pending { request, done })
+            .send(Pending {
+                request,
+                trace,
+                done,
+            })
             .map_err(|_| Stopped)?;
         result.await.map_err(|_| Stopped)
     }
@@ -91,9 +107,10 @@ async fn run(raft: Raft, slots: Arc<Semaphore>, mut rx: mpsc::UnboundedReceiver<
         }
         let raft = raft.clone();
         tokio::spawn(async move {
+            let traces = batch.iter().filter_map(|p| p.trace.clone()).collect();
             let (requests, waiters): (Vec<_>, Vec<_>) =
                 batch.into_iter().map(|p| (p.request, p.done)).unzip();
-            let answers = propose_entry(&raft, requests).await;
+            let answers = propose_entry(&raft, requests, traces).await;
             drop(slot);
             for (done, answer) in waiters.into_iter().zip(answers) {
                 // A missing answer drops the waiter, who then sees the proposer as stopped.
@@ -108,10 +125,14 @@ async fn run(raft: Raft, slots: Arc<Semaphore>, mut rx: mpsc::UnboundedReceiver<
 /// Proposes `requests` as one entry and returns one answer per request, in order. The state
 /// machine answers every write of an entry; were answers missing, those writes get `Stopped`
 /// (the caller hears the same as when the proposer is gone), never a made-up answer.
-async fn propose_entry(raft: &Raft, requests: Vec<Request>) -> Vec<Result<ProposeResult, Stopped>> {
+async fn propose_entry(
+    raft: &Raft,
+    requests: Vec<Request>,
+    traces: Vec<Parent>,
+) -> Vec<Result<ProposeResult, Stopped>> {
     let n = requests.len();
     metrics::histogram!("mcpd_registry_proposal_writes").record(n as f64);
-    match raft.client_write(Proposal { requests }).await {
+    match raft.client_write(Proposal { requests, traces }).await {
         Err(e) => vec![Ok(Err(e)); n],
         Ok(resp) => {
             if resp.data.len() != n {

@@ -343,6 +343,10 @@ pub const AUDIT_RETENTION: u64 = 10_000;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Proposal {
     pub requests: Vec<Request>,
+    /// The spans of the writes, on the node that proposed them, for the spans of their
+    /// fsync and apply (`crate::telemetry`); empty while tracing is off, never written.
+    #[serde(skip)]
+    pub traces: Vec<crate::telemetry::Parent>,
 }
 
 /// The outcome of a successful command.

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use mcpcp_proto::api::{Member, ServerSpec, Versioned};
 use mcpcp_proto::mcp::{code, is_read_only, ErrorObject};
 use serde_json::{json, Value};
+use tracing::Instrument;
 
 use crate::call::{Call, CallError, EventSink};
 use crate::limits::Limiter;
@@ -222,6 +223,22 @@ impl Router {
 
     /// Runs `call` through the steps in the module docs.
     pub async fn call(&self, call: &Call) -> Result<Value, CallError> {
+        let span = tracing::info_span!(
+            target: crate::telemetry::TARGET,
+            "mcp.route",
+            mcp.server = %call.server,
+            mcp.method.name = %call.method,
+            otel.status_code = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+        );
+        let outcome = self.route(call).instrument(span.clone()).await;
+        if let Err(e) = &outcome {
+            crate::telemetry::failed(&span, e.label());
+        }
+        outcome
+    }
+
+    async fn route(&self, call: &Call) -> Result<Value, CallError> {
         let spec = self.scope(&call.principal, &call.server)?;
         // Held until the call ends: a concurrency limit's slot.
         let _admitted = self.limiter.admit(call).await?;
@@ -284,7 +301,22 @@ impl Router {
                 tokio::time::sleep(self.config.backoff.backoff(attempts - 1)).await;
             }
             attempts += 1;
-            let outcome = self.attempt(&replica, server, call).await;
+            let span = tracing::info_span!(
+                target: crate::telemetry::TARGET,
+                "route.attempt",
+                node = node,
+                attempt = attempts,
+                replica = if matches!(replica, Replica::Local) { "local" } else { "peer" },
+                otel.status_code = tracing::field::Empty,
+                error.type = tracing::field::Empty,
+            );
+            let outcome = self
+                .attempt(&replica, server, call)
+                .instrument(span.clone())
+                .await;
+            if let Err(e) = &outcome {
+                crate::telemetry::failed(&span, e.label());
+            }
             let failed = counts_against_the_server(&outcome, &call.events);
             permit.record(
                 if failed {

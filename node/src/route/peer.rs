@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::call::{Affinity, Call, CallError, CallEvent, EventSink, Responder};
 use crate::pool::reconcile::Pools;
@@ -120,6 +121,7 @@ impl Peer for PeerService {
         &self,
         req: Request<Streaming<WireFrame>>,
     ) -> Result<Response<FrameStream>, Status> {
+        let caller = crate::telemetry::propagate::from_metadata(req.metadata());
         let mut inbound = req.into_inner();
         let first = inbound
             .message()
@@ -166,7 +168,16 @@ impl Peer for PeerService {
         metrics::counter!("mcpd_peer_calls_served_total", "server" => server.clone()).increment(1);
         let share = super::share(&self.registry, &principal);
         let (tx, rx) = mpsc::channel::<Result<WireFrame, Status>>(64);
-        tokio::spawn(async move {
+        let span = tracing::info_span!(
+            target: crate::telemetry::TARGET,
+            "peer.serve",
+            otel.kind = "server",
+            node = self.registry.id,
+            mcp.server = %server,
+            mcp.method.name = %method,
+        );
+        crate::telemetry::adopt(&span, caller);
+        let serve = async move {
             let (ev_tx, mut ev_rx) = mpsc::channel(64);
             let call = pool.call_for(
                 affinity.as_ref(),
@@ -212,7 +223,8 @@ impl Peer for PeerService {
                     },
                 }
             }
-        });
+        };
+        tokio::spawn(serve.instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -255,6 +267,22 @@ pub async fn call(
     server: &str,
     call: &Call,
 ) -> Result<Value, CallError> {
+    let span = tracing::info_span!(
+        target: crate::telemetry::TARGET,
+        "peer.call",
+        otel.kind = "client",
+        peer.node = peer.id,
+        mcp.server = %server,
+    );
+    forward(channels, peer, server, call).instrument(span).await
+}
+
+async fn forward(
+    channels: &PeerChannels,
+    peer: &Member,
+    server: &str,
+    call: &Call,
+) -> Result<Value, CallError> {
     let not_reached = |e: &dyn std::fmt::Display| {
         CallError::NotRun(format!(
             "node {} is unreachable ({e}); the call did not run",
@@ -280,7 +308,9 @@ pub async fn call(
     let mut client = PeerClient::new(channel)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
-    let mut inbound = match client.call(ReceiverStream::new(out_rx)).await {
+    let mut request = Request::new(ReceiverStream::new(out_rx));
+    crate::telemetry::propagate::into_metadata(request.metadata_mut());
+    let mut inbound = match client.call(request).await {
         Ok(r) => r.into_inner(),
         // Refused before it ran: the peer is unreachable, or does not yet know (or no longer
         // honours) the caller's token. Either way the call provably did not run there; only

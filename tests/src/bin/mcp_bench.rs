@@ -9,7 +9,7 @@
 //! answers); over stdio it is JSON-RPC lines on the child's stdin, answers matched by id, and
 //! the clients of a level share the one process (their requests are pipelined).
 //!
-//! Sections (`--sections data,routing,bridge,upstream,identity,limits`):
+//! Sections (`--sections data,routing,bridge,upstream,identity,limits,tracing`):
 //!
 //! - `data`: direct stdio to `mcpd demo-server` (the floor); one node's local pool
 //!   (`/servers/demo/mcp` of a 3-node cluster) with `pool_size` 2 and then 4; `mcp-proxy` and
@@ -31,6 +31,11 @@
 //! - `limits`: the cost of a rate limit and a daily quota that match every call (set too high
 //!   to refuse any): node 1's `/servers/demo/mcp` without, with, and without again (the mean
 //!   of the two runs without is the anchor); at 1 and 64 clients.
+//! - `tracing`: node 1's `/servers/demo/mcp` on the cluster without tracing, on a second
+//!   cluster of the same build that samples and exports every call's spans (OTLP/gRPC to a sink
+//!   in this process, `mcpcp_tests::otlp`), then without again (the anchor is the mean of the
+//!   two); with `--baseline-mcpd PATH`, first on a cluster of an earlier build too (tracing off
+//!   against no tracing at all). At 1 and 64 clients; the spans the sink received per call.
 //! - `bridge`: `mcp-bridge` (stdio, given every node's URL) vs the same calls straight to `/mcp`;
 //!   then `--kills` times: kill -9 the node the bridge is using and time the pause until a call
 //!   sent after the kill succeeds, restarting the node (and waiting for `/readyz`) in between.
@@ -124,6 +129,8 @@ const GOAL_IDENTITY_FACTOR: f64 = 0.95;
 const GOAL_LIMITS_P50_ADDED_MS: f64 = 0.010;
 /// …and keep at least this share of the 64-client calls/s.
 const GOAL_LIMITS_FACTOR: f64 = 0.95;
+/// Tracing on, every call sampled and exported, adds at most this to the 1-client p50 (ms).
+const GOAL_TRACING_ON_P50_ADDED_MS: f64 = 0.010;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -139,7 +146,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "data,routing,bridge,upstream,identity,limits"
+        default_value = "data,routing,bridge,upstream,identity,limits,tracing"
     )]
     sections: Vec<Section>,
     /// kill -9 rounds of the bridge's failover test.
@@ -156,6 +163,11 @@ struct Args {
     /// TLS): run once with it and once without, same build, for the cost of TLS.
     #[arg(long)]
     plain_edge: bool,
+    /// The `tracing` section's anchor: an `mcpd` built before tracing existed (e.g. from
+    /// `git worktree add /tmp/before f1f8dbe`), whose calls the tracing-off build's are
+    /// compared with.
+    #[arg(long)]
+    baseline_mcpd: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -166,6 +178,7 @@ enum Section {
     Upstream,
     Identity,
     Limits,
+    Tracing,
 }
 
 impl Section {
@@ -177,6 +190,7 @@ impl Section {
             Section::Upstream => "upstream",
             Section::Identity => "identity",
             Section::Limits => "limits",
+            Section::Tracing => "tracing",
         }
     }
 }
@@ -1585,13 +1599,26 @@ struct Mcp {
 
 impl Mcp {
     async fn start(mcpd: &Path, plain_edge: bool) -> anyhow::Result<Mcp> {
+        Self::start_with(mcpd, mcpd, plain_edge, &[]).await
+    }
+
+    /// A cluster of `node` (the demo server is `mcpd`'s), with extra flags.
+    async fn start_with(
+        node: &Path,
+        mcpd: &Path,
+        plain_edge: bool,
+        extra: &[&str],
+    ) -> anyhow::Result<Mcp> {
         let edge = if plain_edge { "plain HTTP" } else { "HTTPS" };
-        eprintln!("mcpd: starting 3 nodes ({}, edge {edge})", mcpd.display());
-        let cluster = if plain_edge {
-            Cluster::start_with(3, &["--api-tls", "off"]).await
-        } else {
-            Cluster::start(3).await
-        };
+        eprintln!(
+            "mcpd: starting 3 nodes ({}, edge {edge}, {extra:?})",
+            node.display()
+        );
+        let mut args = extra.to_vec();
+        if plain_edge {
+            args.extend(["--api-tls", "off"]);
+        }
+        let cluster = Cluster::start_binary(node, 3, &args).await;
         let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
         let admin = cluster.client();
         let no_opts = CallOptions::default();
@@ -1929,6 +1956,119 @@ fn limits_goals(report: &mut Report) {
     };
     report.goals.push(goal_p50);
     report.goals.push(goal_rate);
+}
+
+// === section: tracing ===
+
+const TRACING_BEFORE: &str = "before tracing (--baseline-mcpd)";
+const TRACING_OFF: &str = "tracing off";
+const TRACING_ON: &str = "tracing on: every call sampled, exported";
+const TRACING_OFF_AGAIN: &str = "tracing off, again";
+
+/// Node 1's `/servers/demo/mcp` (local pool: the spans of the edge, policy, route, attempt,
+/// queue and upstream call) on the cluster without tracing, on a second cluster of the same
+/// build exporting every call's spans to an OTLP sink in this process, then on the first
+/// again; with `--baseline-mcpd`, first on a cluster of that build too.
+async fn bench_tracing(mcp: &Mcp, args: &Args, report: &mut Report) -> anyhow::Result<()> {
+    let http = |m: &Mcp| Endpoints::Http(vec![m.target(m.ids[0], "/servers/demo/mcp", "echo")]);
+    if let Some(baseline) = &args.baseline_mcpd {
+        let before = Mcp::start_with(baseline, &mcp.mcpd, args.plain_edge, &[]).await?;
+        wait_callable(
+            &before.target(before.ids[0], "/servers/demo/mcp", "echo"),
+            READY_WITHIN,
+            None,
+        )
+        .await?;
+        run_levels("tracing", TRACING_BEFORE, &http(&before), args, report).await;
+        before.stop().await;
+    }
+    let sink = mcpcp_tests::otlp::OtlpSink::start().await?;
+    let endpoint = sink.endpoint.clone();
+    let traced = Mcp::start_with(
+        &mcp.mcpd,
+        &mcp.mcpd,
+        args.plain_edge,
+        &["--otlp-endpoint", &endpoint],
+    )
+    .await?;
+    for m in [mcp, &traced] {
+        wait_callable(
+            &m.target(m.ids[0], "/servers/demo/mcp", "echo"),
+            READY_WITHIN,
+            None,
+        )
+        .await?;
+    }
+    run_levels("tracing", TRACING_OFF, &http(mcp), args, report).await;
+    let spans_before = sink.spans();
+    run_levels("tracing", TRACING_ON, &http(&traced), args, report).await;
+    let calls: u64 = LEVELS
+        .iter()
+        .filter_map(|c| report.row("tracing", TRACING_ON, *c))
+        .map(|r| r.calls + r.errors)
+        .sum();
+    run_levels("tracing", TRACING_OFF_AGAIN, &http(mcp), args, report).await;
+    // The last batches leave within the export delay (1 s).
+    // The last batches leave within the export delay (1 s): wait until the count holds still
+    // for longer than that.
+    let mut received = sink.spans();
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let now = sink.spans();
+        if now == received {
+            break;
+        }
+        received = now;
+    }
+    report.note(
+        "tracing",
+        format!(
+            "the sink received {} spans during the traced levels' {calls} measured calls (and their warm-ups): {:.1} per call",
+            received - spans_before,
+            (received - spans_before) as f64 / calls.max(1) as f64
+        ),
+    );
+    traced.stop().await;
+    Ok(())
+}
+
+fn tracing_goals(report: &mut Report) {
+    let row = |system: &str, clients: u32| report.row("tracing", system, clients).cloned();
+    let p50 = |system: &str| row(system, 1).and_then(|r| r.p50).map(ms);
+    let off = match (p50(TRACING_OFF), p50(TRACING_OFF_AGAIN)) {
+        (Some(a), Some(b)) => Some((a + b) / 2.0),
+        (a, b) => a.or(b),
+    };
+    let added = off.zip(p50(TRACING_ON)).map(|(b, t)| (t, b, t - b));
+    let before = p50(TRACING_BEFORE);
+    report.goals.push(Goal {
+        section: "tracing",
+        goal: format!(
+            "1 client: tracing on (every call sampled and exported) adds at most {:.0} µs p50",
+            GOAL_TRACING_ON_P50_ADDED_MS * 1e3
+        ),
+        measured: added
+            .map(|(t, b, a)| {
+                format!(
+                    "on {t:.3} ms, off {b:.3} ms (mean of the runs before and after): {:+.0} µs",
+                    a * 1e3
+                )
+            })
+            .unwrap_or_else(|| "no figure".into()),
+        met: added.map(|(_, _, a)| a <= GOAL_TRACING_ON_P50_ADDED_MS),
+    });
+    if let (Some(before), Some(off)) = (before, off) {
+        report.goals.push(Goal {
+            section: "tracing",
+            goal: "1 client: tracing off costs nothing measurable next to the build before tracing"
+                .into(),
+            measured: format!(
+                "off {off:.3} ms, before tracing {before:.3} ms: {:+.0} µs",
+                (off - before) * 1e3
+            ),
+            met: None,
+        });
+    }
 }
 
 // === section: routing ===
@@ -2640,6 +2780,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             limits_goals(&mut report);
             print_section(&report, "limits");
+        }
+        if sections.contains(&Section::Tracing) {
+            if let Err(e) = bench_tracing(&mcp, &args, &mut report).await {
+                report.note("tracing", format!("failed: {e:#}"));
+            }
+            tracing_goals(&mut report);
+            print_section(&report, "tracing");
         }
         if sections.contains(&Section::Bridge) {
             if let Err(e) = bench_bridge(&http, &mut mcp, logs.path(), &args, &mut report).await {
