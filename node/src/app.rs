@@ -53,7 +53,7 @@ pub enum StartError {
     #[error("raft configuration: {0}")]
     RaftConfig(String),
     #[error("the call log (call_audit): {0}")]
-    CallAudit(std::io::Error),
+    CallAudit(crate::call_audit::StartError),
     #[error("starting raft: {0}")]
     Raft(String),
     #[error("TLS: {0}")]
@@ -349,7 +349,11 @@ pub async fn run(
         cfg.api.tls != crate::tls::edge::EdgeTlsMode::Off,
         data_key.clone(),
     );
-    let calls = crate::call_audit::CallAudit::start(&cfg.call_audit, &cfg.data_dir)
+    let source = crate::telemetry::Source {
+        service_name: cfg.tracing.service_name.clone(),
+        node_id: cfg.id,
+    };
+    let calls = crate::call_audit::CallAudit::start(&cfg.call_audit, &cfg.data_dir, &source)
         .map_err(StartError::CallAudit)?;
     let mcp = McpState::new(
         registry.clone(),

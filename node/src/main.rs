@@ -90,6 +90,10 @@ struct Args {
     /// Export OpenTelemetry traces over OTLP/gRPC to this collector (`http://HOST:PORT`).
     #[arg(long, env = "MCPD_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    /// Also export the call log's events as OpenTelemetry logs to this collector
+    /// (`http://HOST:PORT`).
+    #[arg(long, env = "MCPD_CALL_AUDIT_OTLP_ENDPOINT")]
+    call_audit_otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -170,6 +174,9 @@ impl Args {
         if self.otlp_endpoint.is_some() {
             cfg.tracing.otlp_endpoint = self.otlp_endpoint;
         }
+        if self.call_audit_otlp_endpoint.is_some() {
+            cfg.call_audit.otlp_endpoint = self.call_audit_otlp_endpoint;
+        }
         if self.advertise_grpc.is_some() {
             cfg.advertise_grpc = self.advertise_grpc;
         }
@@ -204,11 +211,20 @@ fn init_logging(cfg: &Config) -> anyhow::Result<Option<mcpd::telemetry::Exporter
         LogFormat::Text => fmt.boxed(),
     };
     let registry = tracing_subscriber::registry().with(fmt.with_filter(filter));
-    match mcpd::telemetry::Exporter::start(&cfg.tracing, cfg.id)? {
+    let source = mcpd::telemetry::Source {
+        service_name: cfg.tracing.service_name.clone(),
+        node_id: cfg.id,
+    };
+    match mcpd::telemetry::Exporter::start(&cfg.tracing, &source)? {
         Some((exporter, layer)) => {
             let only_spans = tracing_subscriber::filter::Targets::new()
                 .with_target(mcpd::telemetry::TARGET, tracing::Level::INFO);
             registry.with(layer.with_filter(only_spans)).init();
+            tracing::info!(
+                endpoint = cfg.tracing.otlp_endpoint.as_deref().unwrap_or_default(),
+                sample_ratio = cfg.tracing.sample_ratio,
+                "exporting traces over OTLP"
+            );
             Ok(Some(exporter))
         }
         None => {

@@ -4,7 +4,8 @@ The runbook's check (deploy/README.md, "Tracing") as tests: a 3-node cluster exp
 receiver; a real MCP client calls a real MCP server that runs on one node only, through another
 node. The client's span, every node's spans of the call and the server's own span are one
 connected trace. A registry write sent to a follower is one trace from the follower to the
-leader's fsync and apply. With tracing off, nothing of the caller's trace context is changed.
+leader's fsync and apply. The call log's events are also OpenTelemetry logs, in the call's
+trace (`--call-audit-otlp-endpoint`). With tracing off, nothing of the caller's trace context is changed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from conftest import MCPD, ROOT, VENV_BIN, Cluster, start_cluster
 from helpers import MODES, client, run, text_of, wait_until
-from otlp_receiver import OtlpReceiver, Span
+from otlp_receiver import Log, OtlpReceiver, Span
 
 TRACED = ROOT / "tests/py/servers/traced.py"
 
@@ -28,7 +29,7 @@ TRACED = ROOT / "tests/py/servers/traced.py"
 # server's SDK) name it: method and target.
 CALL = "tools/call trace_context"
 CALL_SPANS = {
-    ("mcpd", CALL), ("mcpd", "mcp.policy"), ("mcpd", "mcp.route"), ("mcpd", "route.attempt"),
+    ("mcpd", CALL), ("mcpd", "mcp.policy"), ("mcpd", "mcp.route"),
     ("mcpd", "peer.call"), ("mcpd", "peer.serve"), ("mcpd", "pool.queue"),
     ("mcpd", "upstream.call"), ("traced-server", CALL),
 }
@@ -58,8 +59,19 @@ def add_traced_server(c: Cluster, otlp: OtlpReceiver | None) -> int:
 
 
 @pytest.fixture(scope="module")
+def untraced(tmp_path_factory):
+    c = start_cluster(tmp_path_factory, "untraced", 3)
+    try:
+        c.serving = add_traced_server(c, None)
+        yield c
+    finally:
+        c.down()
+
+
+@pytest.fixture(scope="module")
 def traced(tmp_path_factory, otlp):
-    c = start_cluster(tmp_path_factory, "traced", 3, [f"--otlp-endpoint={otlp.endpoint}"])
+    c = start_cluster(tmp_path_factory, "traced", 3, [f"--otlp-endpoint={otlp.endpoint}",
+                                                      f"--call-audit-otlp-endpoint={otlp.endpoint}"])
     try:
         c.serving = add_traced_server(c, otlp)
         yield c
@@ -67,10 +79,10 @@ def traced(tmp_path_factory, otlp):
         c.down()
 
 
-def call_in_a_client_span(url: str, token: str, mode: str) -> tuple[str, str, str]:
+def call_in_a_client_span(url: str, token: str, mode: str) -> tuple[str, str, dict]:
     """Calls `trace_context` with the real SDK client inside a span of the caller's own (its
     SDK injects the context into `_meta`); returns the trace id, the caller's span id and
-    the `traceparent` the server received."""
+    the trace context keys of `_meta` as the server received them."""
     tracer = TracerProvider()
     tracer.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
 
@@ -81,7 +93,7 @@ def call_in_a_client_span(url: str, token: str, mode: str) -> tuple[str, str, st
     with tracer.get_tracer("operator").start_as_current_span("operator.request") as span:
         received = run(scenario())
     ctx = span.get_span_context()
-    return f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}", received
+    return f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}", json.loads(received)
 
 
 def by_name(spans: list[Span], name: str) -> list[Span]:
@@ -115,21 +127,27 @@ def test_one_call_through_a_peer_is_one_connected_trace(traced, otlp, mode):
     trace_id, caller, received = call_in_a_client_span(c.url(entry, "traced"), c.token, mode)
 
     # Every span arrives (the nodes and the server export in batches, as they would).
-    def spans() -> list[Span] | None:
-        got = otlp.trace(trace_id)
-        return got if CALL_SPANS <= {(s.service, s.name) for s in got} else None
+    # Every span arrives (the nodes and the server export in batches, as they would), and they
+    # form one tree under the caller's span. The call's own spans are the node's edge span of
+    # the tools/call and what is under it (the SDK's initialize and tools/list are traced too).
+    def call_spans() -> tuple[list[Span], Span, list[Span]] | None:
+        everything = otlp.trace(trace_id)
+        edges = [s for s in everything if s.service == "mcpd" and s.name == CALL]
+        if len(edges) != 1:
+            return None
+        got = subtree(everything, edges[0])
+        if not CALL_SPANS <= {(s.service, s.name) for s in got}:
+            return None
+        ids = {s.span_id for s in everything}
+        if any(s.parent_id not in ids and s.parent_id != caller for s in everything):
+            return None  # a parent still on its way
+        return everything, edges[0], got
 
     try:
-        everything = wait_until(spans, 30, f"the spans {sorted(CALL_SPANS)} of trace {trace_id}")
+        everything, request, got = wait_until(call_spans, 30, f"the spans {sorted(CALL_SPANS)} of trace {trace_id}")
     except AssertionError as e:
-        raise AssertionError(f"{e}; received of it: {otlp.trace(trace_id)}; of all traces: "
-                             f"{sorted({(s.service, s.name) for s in otlp.all()})}") from None
+        raise AssertionError(f"{e}; received of it: {otlp.trace(trace_id)}") from None
     assert_connected(everything, caller)
-    # The call's own spans: the node's edge span of the tools/call and what is under it (a
-    # session-era client's initialize and tools/list are traced too, beside it).
-    (request,) = [s for s in everything if s.service == "mcpd" and s.name == CALL]
-    got = subtree(everything, request)
-    assert CALL_SPANS <= {(s.service, s.name) for s in got}, got
     assert request.parent_id == caller, "the edge span is a child of the caller's span"
     assert request.kind == 2, "the edge span is a server span"  # SPAN_KIND_SERVER
     assert request.attributes["mcp.method.name"] == "tools/call"
@@ -141,6 +159,8 @@ def test_one_call_through_a_peer_is_one_connected_trace(traced, otlp, mode):
                        ("peer.serve", serving_id), ("pool.queue", serving_id), ("upstream.call", serving_id)]:
         assert {s.instance for s in by_name(got, name)} == {node}, f"{name} on node {node}: {got}"
         assert {s.service for s in by_name(got, name)} == {"mcpd"}
+    (route,) = by_name(got, "mcp.route")
+    assert (str(route.attributes["attempts"]), str(route.attributes["node"])) == ("1", str(c.ids[c.serving])), route.attributes
     (peer_call,) = by_name(got, "peer.call")
     (peer_serve,) = by_name(got, "peer.serve")
     assert peer_serve.parent_id == peer_call.span_id, "the serving node continues the caller node's span"
@@ -148,13 +168,37 @@ def test_one_call_through_a_peer_is_one_connected_trace(traced, otlp, mode):
     # The server got the upstream span's context in `_meta`, and its own span is its child.
     (upstream,) = by_name(got, "upstream.call")
     (server_span,) = [s for s in got if s.service == "traced-server"]
-    assert server_span.service == "traced-server"
     assert server_span.parent_id == upstream.span_id
-    version, tid, parent, flags = received.split("-")
+    version, tid, parent, flags = received["traceparent"].split("-")
     assert (tid, parent) == (trace_id, upstream.span_id), received
     assert int(flags, 16) & 1, "sampled"
+    assert "tracestate" not in received, "no empty tracestate is sent"
 
-    exported = c.metric("mcpd_trace_spans_exported_total", "", node=entry)
+    exported = c.metric("mcpd_otlp_exported_total", 'signal="spans"', node=entry)
+    assert exported and exported >= 1
+
+
+def test_each_call_log_event_is_also_an_opentelemetry_log_in_its_trace(traced, otlp):
+    c = traced
+    entry = (c.serving + 1) % c.nodes
+    trace_id, _, _ = call_in_a_client_span(c.url(entry, "traced"), c.token, "2026-07-28")
+
+    def record() -> Log | None:
+        return next((r for r in otlp.logs() if r.trace_id == trace_id and r.event_name == "mcp.call"), None)
+
+    log = wait_until(record, 30, f"the call's log record in trace {trace_id}")
+    # The node that took the call logged it: the same event as its calls.jsonl line.
+    assert log.instance == str(c.ids[entry]) and log.service == "mcpd"
+    (line,) = [e for e in c.call_log(entry) if e.get("trace", "").split("-")[1:2] == [trace_id]]
+    assert json.loads(log.body) == line
+    assert (log.attributes["mcp.server"], log.attributes["mcp.name"], log.attributes["mcp.outcome"]) == (
+        "traced", "trace_context", "ok")
+    assert log.severity == "INFO"
+    # Its span is the node's edge span of the call.
+    (edge,) = [s for s in wait_until(lambda: otlp.trace(trace_id), 30, "the call's spans")
+               if s.service == "mcpd" and s.name == CALL]
+    assert log.span_id == edge.span_id
+    exported = c.metric("mcpd_otlp_exported_total", 'signal="calls"', node=entry)
     assert exported and exported >= 1
 
 
@@ -183,16 +227,16 @@ def test_a_write_sent_to_a_follower_is_one_trace_down_to_the_leaders_fsync_and_a
     assert forwarded.parent_id == forward.span_id
 
 
-def test_with_tracing_off_the_callers_context_reaches_the_server_unchanged(tmp_path_factory):
-    c = start_cluster(tmp_path_factory, "untraced", 1)
-    try:
-        add_traced_server(c, None)
-        trace_id, caller, received = call_in_a_client_span(c.url(0, "traced"), c.token, "2026-07-28")
-        # The caller's own trace id and span id (and its flags, sampled and random).
-        assert received.startswith(f"00-{trace_id}-{caller}-"), received
-        assert "mcpd_trace_spans_exported_total" not in c.metrics(0)
-    finally:
-        c.down()
+@pytest.mark.parametrize("mode", MODES)
+def test_with_tracing_off_the_callers_context_reaches_the_server_unchanged(untraced, mode):
+    c = untraced
+    entry = (c.serving + 1) % c.nodes
+    trace_id, caller, received = call_in_a_client_span(c.url(entry, "traced"), c.token, mode)
+    # Through a peer, the server gets the caller's own traceparent (its ids and flags) and
+    # nothing else of trace context.
+    assert list(received) == ["traceparent"], received
+    assert received["traceparent"].startswith(f"00-{trace_id}-{caller}-"), received
+    assert "mcpd_otlp" not in "".join(c.metrics(n) for n in range(c.nodes))
 
 
 def test_a_bad_collector_address_is_refused_at_start_naming_the_field(tmp_path):

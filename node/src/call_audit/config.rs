@@ -22,6 +22,9 @@ pub struct CallAuditConfig {
     pub buffer: usize,
     /// Also write each call's arguments (else only their size and SHA-256).
     pub include_arguments: bool,
+    /// Also export each event as an OpenTelemetry log over OTLP/gRPC to this collector
+    /// (`http://HOST:PORT`); unset: the file only.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for CallAuditConfig {
@@ -33,6 +36,7 @@ impl Default for CallAuditConfig {
             max_files: 8,
             buffer: 16_384,
             include_arguments: false,
+            otlp_endpoint: None,
         }
     }
 }
@@ -45,6 +49,9 @@ impl CallAuditConfig {
         }
         if !(1..=1000).contains(&self.max_files) {
             return Err(("call_audit.max_files", "must be 1 to 1000".into()));
+        }
+        if let Some(endpoint) = &self.otlp_endpoint {
+            crate::telemetry::config::check_endpoint("call_audit.otlp_endpoint", endpoint)?;
         }
         if self.buffer < 16 {
             return Err(("call_audit.buffer", "must be at least 16".into()));

@@ -5,8 +5,11 @@
 //! A call hands its event to a bounded queue and goes on ([`CallAudit::record`]); one writer
 //! thread drains it. A full queue drops the event and counts it
 //! (`mcpd_call_audit_dropped_total`), so a slow disk slows no call and loses nothing silently.
+//! With `otlp_endpoint` set, the writer also hands each event to an OpenTelemetry log
+//! exporter ([`otlp`]).
 
 pub mod config;
+pub mod otlp;
 pub mod writer;
 
 use std::path::Path;
@@ -17,6 +20,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use config::CallAuditConfig;
+use otlp::OtlpCalls;
 use writer::Writer;
 
 /// One call, as the log keeps it.
@@ -55,6 +59,9 @@ pub struct CallEvent {
     /// The policy rule that allowed or denied the call (absent: no rule matched).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
+    /// The `traceparent` of the call's span on this node, when the call was traced.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 /// The arguments' size, hash, and (when the config asks) the arguments themselves.
@@ -70,6 +77,15 @@ pub fn describe_args(
     (bytes.len(), Some(hash), include.then(|| args.clone()))
 }
 
+/// Why the call log could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("call_audit.otlp_endpoint: {0}")]
+    Otlp(#[from] crate::telemetry::TracingError),
+}
+
 /// The node's handle on its call log (cheap to clone).
 #[derive(Clone)]
 pub struct CallAudit {
@@ -80,16 +96,27 @@ pub struct CallAudit {
 impl CallAudit {
     /// Starts the writer thread on `<data_dir>/audit` (or the configured directory); a log
     /// that cannot be opened is an error at start, not a silent gap.
-    pub fn start(config: &CallAuditConfig, data_dir: &Path) -> std::io::Result<CallAudit> {
+    pub fn start(
+        config: &CallAuditConfig,
+        data_dir: &Path,
+        source: &crate::telemetry::Source,
+    ) -> Result<CallAudit, StartError> {
         if !config.enabled {
             return Ok(CallAudit::off());
         }
         let dir = config.dir.clone().unwrap_or_else(|| data_dir.join("audit"));
         let writer = Writer::open(&dir, config)?;
+        let otlp = match &config.otlp_endpoint {
+            Some(endpoint) => {
+                tracing::info!(endpoint = %endpoint, "call log: exporting each event as an OpenTelemetry log");
+                Some(OtlpCalls::start(endpoint, source)?)
+            }
+            None => None,
+        };
         let (tx, rx) = sync_channel(config.buffer);
         std::thread::Builder::new()
             .name("call-audit".into())
-            .spawn(move || drain(rx, writer))?;
+            .spawn(move || drain(rx, writer, otlp))?;
         tracing::info!(dir = %dir.display(), "call log: one line per tool call, resource read and prompt get");
         Ok(CallAudit {
             tx: Some(tx),
@@ -131,17 +158,25 @@ impl CallAudit {
     }
 }
 
-/// Writes events until every sender is gone, flushing whenever the queue runs dry.
-fn drain(rx: Receiver<CallEvent>, mut writer: Writer) {
+/// Writes events until every sender is gone, flushing whenever the queue runs dry; hands each
+/// to the OTLP exporter too, when there is one.
+fn drain(rx: Receiver<CallEvent>, mut writer: Writer, otlp: Option<OtlpCalls>) {
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);
         while let Some(event) = next {
-            match serde_json::to_vec(&event).map(|line| writer.append(&line)) {
-                Ok(Ok(())) => metrics::counter!("mcpd_call_audit_events_total").increment(1),
-                Ok(Err(e)) => {
-                    metrics::counter!("mcpd_call_audit_dropped_total", "reason" => "io")
-                        .increment(1);
-                    tracing::error!(error = %e, "call log: an event could not be written");
+            match serde_json::to_vec(&event) {
+                Ok(line) => {
+                    match writer.append(&line) {
+                        Ok(()) => metrics::counter!("mcpd_call_audit_events_total").increment(1),
+                        Err(e) => {
+                            metrics::counter!("mcpd_call_audit_dropped_total", "reason" => "io")
+                                .increment(1);
+                            tracing::error!(error = %e, "call log: an event could not be written");
+                        }
+                    }
+                    if let Some(otlp) = &otlp {
+                        otlp.emit(&event, &line);
+                    }
                 }
                 Err(_) => metrics::counter!("mcpd_call_audit_dropped_total", "reason" => "encode")
                     .increment(1),
@@ -153,4 +188,7 @@ fn drain(rx: Receiver<CallEvent>, mut writer: Writer) {
         }
     }
     let _ = writer.flush();
+    if let Some(otlp) = otlp {
+        otlp.shutdown();
+    }
 }

@@ -212,6 +212,7 @@ impl Route {
                 duration_ms,
                 session: self.affinity.as_ref().map(|a| a.key.clone()),
                 policy,
+                trace: crate::telemetry::propagate::current_traceparent(),
             });
         }
         result

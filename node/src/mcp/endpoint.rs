@@ -109,21 +109,37 @@ fn request_span(
     let Message::Request { method, params, id } = msg else {
         return tracing::Span::none();
     };
-    let item = params
-        .as_ref()
-        .and_then(|p| p.get("name").or_else(|| p.get("uri")))
-        .and_then(serde_json::Value::as_str)
-        .unwrap_or_default();
+    // The target of the span's name, as the OpenTelemetry MCP conventions have it: a tool or
+    // a prompt (a resource's URI is an attribute only: it may name anything).
+    let named = |key: &str| {
+        params
+            .as_ref()
+            .and_then(|p| p.get(key))
+            .and_then(serde_json::Value::as_str)
+    };
+    let (tool, prompt, uri) = match method.as_str() {
+        "tools/call" => (named("name"), None, None),
+        "prompts/get" => (None, named("name"), None),
+        "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
+            (None, None, named("uri"))
+        }
+        _ => (None, None, None),
+    };
     let span = tracing::info_span!(
         target: crate::telemetry::TARGET,
         "mcp.request",
-        otel.name = %format!("{method} {item}").trim_end(),
+        otel.name = %match tool.or(prompt) {
+            Some(target) => format!("{method} {target}"),
+            None => method.clone(),
+        },
         otel.kind = "server",
         mcp.method.name = %method,
         mcp.endpoint = %super::wire::endpoint_label(target),
         mcp.era = ?era,
         jsonrpc.request.id = %id,
-        gen_ai.tool.name = %item,
+        gen_ai.tool.name = tool,
+        gen_ai.prompt.name = prompt,
+        mcp.resource.uri = uri,
         tenant = principal.tenant.as_deref().unwrap_or(""),
         otel.status_code = tracing::field::Empty,
         error.type = tracing::field::Empty,

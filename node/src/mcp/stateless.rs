@@ -21,6 +21,7 @@ use futures_util::StreamExt;
 use mcpcp_proto::mcp::{code, versions, ErrorObject, Message, RequestId, STATELESS_VERSION};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use super::call::{CallHandle, Running, Step};
 use super::parked::Parked;
@@ -567,10 +568,13 @@ fn listen(
     let (tx, rx) = mpsc::channel::<Message>(256);
     // Listening to the hub before subscribing upstream: no update can fall in between.
     let mut hub = state.pools.subscribe();
+    // The subscriptions upstream belong to this request's trace; the stream that follows does
+    // not keep its span open.
+    let request_span = tracing::Span::current();
     tokio::spawn(async move {
         // The servers send `notifications/resources/updated` only for what they were asked to
         // watch: subscribe upstream, and honor the URIs whose server accepted.
-        let uris = subscribe_upstream(&r, uris).await;
+        let uris = subscribe_upstream(&r, uris).instrument(request_span).await;
         if !uris.is_empty() {
             granted.insert("resourceSubscriptions".into(), json!(uris));
         }

@@ -368,14 +368,8 @@ impl Pool {
         };
         let process = self.dedicated_process(affinity).await?;
         let timeout = Duration::from_millis(self.spec.spec.timeouts.request_ms);
-        let upstream = self.upstream_call(&process, method, params, events, None);
-        match tokio::time::timeout(timeout, upstream).await {
-            Ok(outcome) => outcome,
-            Err(_) => Err(CallError::TimedOut(format!(
-                "server {:?} did not answer {method} within {timeout:?}; it may or may not have run",
-                self.name
-            ))),
-        }
+        self.upstream_call(&process, method, params, events, None, (timeout, timeout))
+            .await
     }
 
     fn dedicated_map(&self) -> std::sync::MutexGuard<'_, DedicatedMap> {
@@ -541,19 +535,18 @@ impl Pool {
             .acquire(share, timeout, || self.queued.increment(1))
             .instrument(queue.clone())
             .await;
-        if slot.is_err() {
-            crate::telemetry::failed(&queue, "queue_full");
-        }
         let _running = match slot {
             Ok(slot) => slot,
             Err(fair::Refused::Closed) => {
+                crate::telemetry::failed(&queue, "closed");
                 return Err(CallError::NotRun(format!(
                     "server {:?} was removed or changed; retry",
                     self.name
-                )))
+                )));
             }
             // Busy, not broken: the callers' own overload.
             Err(refused) => {
+                crate::telemetry::failed(&queue, refused.reason());
                 metrics::counter!("mcpd_pool_queue_rejections_total",
                     "server" => self.name.clone(), "reason" => refused.reason())
                 .increment(1);
@@ -564,7 +557,8 @@ impl Pool {
             }
         };
         let remaining = timeout.saturating_sub(started.elapsed());
-        let Some(process) = self.ready(remaining).instrument(queue).await else {
+        let Some(process) = self.ready(remaining).instrument(queue.clone()).await else {
+            crate::telemetry::failed(&queue, "no_process");
             let states: Vec<&str> = self.states().iter().map(|s| s.as_str()).collect();
             return Err(CallError::NotRun(format!(
                 "server {:?} has no running process (processes: {}); the call did not run",
@@ -573,18 +567,21 @@ impl Pool {
             )));
         };
         let remaining = timeout.saturating_sub(started.elapsed());
-        let upstream = self.upstream_call(&process, method, params, events, owner);
-        match tokio::time::timeout(remaining, upstream).await {
-            Ok(outcome) => outcome.map(|v| (v, process)),
-            Err(_) => Err(CallError::TimedOut(format!(
-                "server {:?} did not answer {method} within {timeout:?}; it was cancelled and may or may not have run",
-                self.name
-            ))),
-        }
+        self.upstream_call(
+            &process,
+            method,
+            params,
+            events,
+            owner,
+            (remaining, timeout),
+        )
+        .await
+        .map(|v| (v, process))
     }
 
     /// Sends a call to `process`, in a span of its own (`upstream.call`) whose context the
-    /// server receives in the request's `_meta`.
+    /// server receives in the request's `_meta`; gives up (cancelling it upstream) after
+    /// `within`, the part left of the request timeout `timeout`.
     async fn upstream_call(
         &self,
         process: &Arc<dyn Upstream>,
@@ -592,6 +589,7 @@ impl Pool {
         mut params: Option<Value>,
         events: Option<EventSink>,
         owner: Option<Arc<str>>,
+        (within, timeout): (Duration, Duration),
     ) -> Result<Value, CallError> {
         let span = tracing::info_span!(
             target: crate::telemetry::TARGET,
@@ -600,16 +598,24 @@ impl Pool {
             mcp.server = %self.name,
             mcp.method.name = %method,
             network.transport = process.transport(),
-            process.pid = process.pid().unwrap_or_default(),
+            process.pid = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
             error.type = tracing::field::Empty,
         );
-        let outcome = async {
+        if let Some(pid) = process.pid() {
+            span.record("process.pid", pid);
+        }
+        let call = async {
             crate::telemetry::propagate::into_meta(&mut params);
             process.call_owned(method, params, events, owner).await
-        }
-        .instrument(span.clone())
-        .await;
+        };
+        let outcome = match tokio::time::timeout(within, call.instrument(span.clone())).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(CallError::TimedOut(format!(
+                "server {:?} did not answer {method} within {timeout:?}; it was cancelled and may or may not have run",
+                self.name
+            ))),
+        };
         if let Err(e) = &outcome {
             crate::telemetry::failed(&span, e.label());
         }

@@ -248,6 +248,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     {
         let mut results = Vec::new();
         let mut events = Vec::new();
+        // The traced writes' spans (empty while tracing is off).
+        let mut spans: Vec<tracing::Span> = Vec::new();
         {
             let mut d = self.shared.data.write().unwrap_or_else(|p| p.into_inner());
             for entry in entries {
@@ -255,21 +257,17 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 match entry.payload {
                     EntryPayload::Blank => results.push(Vec::new()),
                     EntryPayload::Normal(proposal) => {
-                        // Ends when the entry is applied.
-                        let _spans: Vec<tracing::Span> = proposal
-                            .traces
-                            .iter()
-                            .map(|parent| {
-                                let span = tracing::info_span!(
-                                    target: crate::telemetry::TARGET,
-                                    "raft.apply",
-                                    index = entry.log_id.index,
-                                    writes = proposal.requests.len(),
-                                );
-                                parent.adopt(&span);
-                                span
-                            })
-                            .collect();
+                        // Closed once the lock is released (closing one exports it).
+                        spans.extend(proposal.traces.iter().map(|parent| {
+                            let span = tracing::info_span!(
+                                target: crate::telemetry::TARGET,
+                                "raft.apply",
+                                index = entry.log_id.index,
+                                writes = proposal.requests.len(),
+                            );
+                            parent.adopt(&span);
+                            span
+                        }));
                         let mut answers = Vec::with_capacity(proposal.requests.len());
                         for req in proposal.requests {
                             let (res, changes) = d.state.apply(req);
@@ -287,6 +285,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 }
             }
         }
+        drop(spans);
         self.publish(events);
         Ok(results)
     }

@@ -488,12 +488,15 @@ impl Registry {
             "registry.forward",
             otel.kind = "client",
             leader = leader.id,
+            otel.status_code = tracing::field::Empty,
+            error.type = tracing::field::Empty,
         );
         let result = self
             .forwarders
             .call(&leader.grpc_addr, forward::Call::Write(command))
-            .instrument(span)
-            .await?;
+            .instrument(span.clone())
+            .await
+            .inspect_err(|_| crate::telemetry::failed(&span, "forward_failed"))?;
         metrics::histogram!("mcpd_registry_forward_seconds").record(started.elapsed());
         serde_json::from_slice(&result).map_err(|e| e.to_string())
     }

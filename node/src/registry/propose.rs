@@ -132,6 +132,7 @@ async fn propose_entry(
 ) -> Vec<Result<ProposeResult, Stopped>> {
     let n = requests.len();
     metrics::histogram!("mcpd_registry_proposal_writes").record(n as f64);
+    let traces = crate::telemetry::Traces(traces);
     match raft.client_write(Proposal { requests, traces }).await {
         Err(e) => vec![Ok(Err(e)); n],
         Ok(resp) => {

@@ -346,7 +346,7 @@ pub struct Proposal {
     /// The spans of the writes, on the node that proposed them, for the spans of their
     /// fsync and apply (`crate::telemetry`); empty while tracing is off, never written.
     #[serde(skip)]
-    pub traces: Vec<crate::telemetry::Parent>,
+    pub traces: crate::telemetry::Traces,
 }
 
 /// The outcome of a successful command.

@@ -228,6 +228,8 @@ impl Router {
             "mcp.route",
             mcp.server = %call.server,
             mcp.method.name = %call.method,
+            attempts = tracing::field::Empty,
+            node = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
             error.type = tracing::field::Empty,
         );
@@ -301,22 +303,12 @@ impl Router {
                 tokio::time::sleep(self.config.backoff.backoff(attempts - 1)).await;
             }
             attempts += 1;
-            let span = tracing::info_span!(
-                target: crate::telemetry::TARGET,
-                "route.attempt",
-                node = node,
-                attempt = attempts,
-                replica = if matches!(replica, Replica::Local) { "local" } else { "peer" },
-                otel.status_code = tracing::field::Empty,
-                error.type = tracing::field::Empty,
-            );
-            let outcome = self
-                .attempt(&replica, server, call)
-                .instrument(span.clone())
-                .await;
-            if let Err(e) = &outcome {
-                crate::telemetry::failed(&span, e.label());
-            }
+            // The route's span says how many attempts it took and which node answered last (a
+            // peer's attempt has a span of its own, `peer.call`).
+            let route = tracing::Span::current();
+            route.record("attempts", attempts);
+            route.record("node", node);
+            let outcome = self.attempt(&replica, server, call).await;
             let failed = counts_against_the_server(&outcome, &call.events);
             permit.record(
                 if failed {

@@ -273,8 +273,16 @@ pub async fn call(
         otel.kind = "client",
         peer.node = peer.id,
         mcp.server = %server,
+        otel.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
     );
-    forward(channels, peer, server, call).instrument(span).await
+    let outcome = forward(channels, peer, server, call)
+        .instrument(span.clone())
+        .await;
+    if let Err(e) = &outcome {
+        crate::telemetry::failed(&span, e.label());
+    }
+    outcome
 }
 
 async fn forward(

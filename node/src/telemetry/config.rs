@@ -17,7 +17,7 @@ pub struct TracingConfig {
     /// One export to the collector gives up after this (ms, 100 to 60000).
     pub export_timeout_ms: u64,
     /// Spans waiting for export at most (64 to 1,000,000); more are dropped, never waited
-    /// for, and counted by the SDK.
+    /// for (`mcpd_otlp_queued_total` minus exported minus failed).
     pub max_queued_spans: usize,
     /// Spans sent in one export at most (1 to `max_queued_spans`).
     pub max_export_batch: usize,
@@ -43,24 +43,7 @@ impl TracingConfig {
     /// Checks the section; the error names the field.
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
         if let Some(endpoint) = &self.otlp_endpoint {
-            let Some(rest) = endpoint.strip_prefix("http://") else {
-                return Err((
-                    "tracing.otlp_endpoint",
-                    format!("{endpoint:?}: must be http://HOST:PORT (send to a collector agent on this host; it forwards over TLS)"),
-                ));
-            };
-            let authority = rest.trim_end_matches('/');
-            if authority.is_empty()
-                || authority.contains('/')
-                || authority
-                    .rsplit_once(':')
-                    .is_none_or(|(_, p)| p.parse::<u16>().is_err())
-            {
-                return Err((
-                    "tracing.otlp_endpoint",
-                    format!("{endpoint:?}: must be http://HOST:PORT"),
-                ));
-            }
+            check_endpoint("tracing.otlp_endpoint", endpoint)?;
         }
         if !(0.0..=1.0).contains(&self.sample_ratio) {
             return Err(("tracing.sample_ratio", "must be 0 to 1".into()));
@@ -85,6 +68,25 @@ impl TracingConfig {
         }
         Ok(())
     }
+}
+
+/// Checks an OTLP/gRPC collector address: `http://HOST:PORT`. The error names `field`.
+pub fn check_endpoint(field: &'static str, endpoint: &str) -> Result<(), (&'static str, String)> {
+    let Some(rest) = endpoint.strip_prefix("http://") else {
+        return Err((
+            field,
+            format!("{endpoint:?}: must be http://HOST:PORT (send to a collector agent on this host; it forwards over TLS)"),
+        ));
+    };
+    let authority = rest.trim_end_matches('/');
+    if authority.contains(['/', '?', '#', '@'])
+        || authority
+            .rsplit_once(':')
+            .is_none_or(|(host, p)| host.is_empty() || p.parse::<u16>().is_err())
+    {
+        return Err((field, format!("{endpoint:?}: must be http://HOST:PORT")));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

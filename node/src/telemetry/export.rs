@@ -1,37 +1,103 @@
-//! The OTLP exporter, counted: every batch the collector took or refused shows in the node's
-//! metrics (`mcpd_trace_spans_exported_total`, `mcpd_trace_export_failures_total`).
+//! The OTLP pipelines, counted per signal (`spans`, the traces; `calls`, the call log's events
+//! as OpenTelemetry logs):
+//!
+//! - `mcpd_otlp_queued_total{signal}`: handed to the batch processor;
+//! - `mcpd_otlp_exported_total{signal}`: taken by the collector;
+//! - `mcpd_otlp_export_failed_total{signal}`: in exports the collector did not take.
+//!
+//! What was queued and neither exported nor failed was dropped by a full queue (or is still
+//! on its way).
 
 use opentelemetry_sdk::error::OTelSdkResult;
-use opentelemetry_sdk::trace::{SpanData, SpanExporter};
+use opentelemetry_sdk::logs::{LogBatch, LogExporter};
+use opentelemetry_sdk::trace::{SpanData, SpanExporter, SpanProcessor};
 use opentelemetry_sdk::Resource;
 
-/// Wraps the exporter that sends to the collector.
+/// Wraps the exporter that sends one signal to the collector.
 #[derive(Debug)]
-pub struct Counted<E>(pub E);
+pub struct Counted<E> {
+    pub inner: E,
+    pub signal: &'static str,
+}
+
+impl<E> Counted<E> {
+    fn count(&self, n: usize, result: &OTelSdkResult) {
+        match result {
+            Ok(()) => metrics::counter!("mcpd_otlp_exported_total", "signal" => self.signal)
+                .increment(n as u64),
+            Err(e) => {
+                metrics::counter!("mcpd_otlp_export_failed_total", "signal" => self.signal)
+                    .increment(n as u64);
+                tracing::warn!(signal = self.signal, items = n, error = %e, "could not export to the OTLP collector");
+            }
+        }
+    }
+}
 
 impl<E: SpanExporter> SpanExporter for Counted<E> {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
-        let n = batch.len() as u64;
-        let result = self.0.export(batch).await;
-        match &result {
-            Ok(()) => metrics::counter!("mcpd_trace_spans_exported_total").increment(n),
-            Err(e) => {
-                metrics::counter!("mcpd_trace_export_failures_total").increment(1);
-                tracing::warn!(spans = n, error = %e, "could not export spans to the collector");
-            }
-        }
+        let n = batch.len();
+        let result = self.inner.export(batch).await;
+        self.count(n, &result);
         result
     }
 
     fn shutdown_with_timeout(&self, timeout: std::time::Duration) -> OTelSdkResult {
-        self.0.shutdown_with_timeout(timeout)
+        self.inner.shutdown_with_timeout(timeout)
     }
 
     fn force_flush(&self) -> OTelSdkResult {
-        self.0.force_flush()
+        self.inner.force_flush()
     }
 
     fn set_resource(&mut self, resource: &Resource) {
-        self.0.set_resource(resource)
+        self.inner.set_resource(resource)
+    }
+}
+
+impl<E: LogExporter> LogExporter for Counted<E> {
+    async fn export(&self, batch: LogBatch<'_>) -> OTelSdkResult {
+        let n = batch.iter().count();
+        let result = self.inner.export(batch).await;
+        self.count(n, &result);
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: std::time::Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource)
+    }
+}
+
+/// Wraps a span processor, counting the spans handed to it.
+#[derive(Debug)]
+pub struct Queued<P> {
+    pub inner: P,
+    pub signal: &'static str,
+}
+
+impl<P: SpanProcessor> SpanProcessor for Queued<P> {
+    fn on_start(&self, span: &mut opentelemetry_sdk::trace::Span, cx: &opentelemetry::Context) {
+        self.inner.on_start(span, cx)
+    }
+
+    fn on_end(&self, span: SpanData) {
+        metrics::counter!("mcpd_otlp_queued_total", "signal" => self.signal).increment(1);
+        self.inner.on_end(span)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: std::time::Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource)
     }
 }

@@ -33,7 +33,10 @@ struct MetaOut<'a>(&'a mut Map<String, Value>);
 
 impl Injector for MetaOut<'_> {
     fn set(&mut self, key: &str, value: String) {
-        self.0.insert(key.to_string(), Value::String(value));
+        // An empty `tracestate` is left out, as W3C says a sender may.
+        if !value.is_empty() {
+            self.0.insert(key.to_string(), Value::String(value));
+        }
     }
 }
 
@@ -65,6 +68,9 @@ struct MetadataOut<'a>(&'a mut tonic::metadata::MetadataMap);
 
 impl Injector for MetadataOut<'_> {
     fn set(&mut self, key: &str, value: String) {
+        if value.is_empty() {
+            return;
+        }
         if let (Ok(k), Ok(v)) = (
             tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
             value.parse(),
@@ -164,6 +170,11 @@ pub fn traceparent() -> String {
         TraceContextPropagator::new().inject_context(&cx, &mut out);
     }
     out.0.unwrap_or_default()
+}
+
+/// The current span's `traceparent` when it is traced (for the call log).
+pub fn current_traceparent() -> Option<String> {
+    Some(traceparent()).filter(|t| !t.is_empty())
 }
 
 /// The context of a `traceparent` string (empty: none).

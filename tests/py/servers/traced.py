@@ -3,10 +3,12 @@ SDK (`MCPServer`), whose own middleware makes a server span per request as a chi
 W3C trace context in the request's `_meta` (SEP-414). When OTEL_EXPORTER_OTLP_ENDPOINT is set,
 those spans go there (service.name `traced-server`), each as soon as it ends.
 
-Its tool `trace_context` answers the `traceparent` it received in `_meta` ("" for none)."""
+Its tool `trace_context` answers the W3C trace context keys of the request's `_meta` as it
+received them (`traceparent`, `tracestate`, `baggage`: those present), as JSON."""
 
 from __future__ import annotations
 
+import json
 import os
 
 from mcp.server.mcpserver import Context, MCPServer
@@ -27,9 +29,9 @@ server = MCPServer("traced")
 
 @server.tool()
 def trace_context(ctx: Context) -> str:
-    """The `traceparent` of the request's `_meta`, as this server received it."""
+    """The trace context keys of the request's `_meta`, as this server received them."""
     meta = ctx.request_context.meta or {}
-    return str(meta.get("traceparent", ""))
+    return json.dumps({k: meta[k] for k in ("traceparent", "tracestate", "baggage") if k in meta})
 
 
 if __name__ == "__main__":

@@ -2008,7 +2008,6 @@ async fn bench_tracing(mcp: &Mcp, args: &Args, report: &mut Report) -> anyhow::R
         .map(|r| r.calls + r.errors)
         .sum();
     run_levels("tracing", TRACING_OFF_AGAIN, &http(mcp), args, report).await;
-    // The last batches leave within the export delay (1 s).
     // The last batches leave within the export delay (1 s): wait until the count holds still
     // for longer than that.
     let mut received = sink.spans();
@@ -2023,7 +2022,7 @@ async fn bench_tracing(mcp: &Mcp, args: &Args, report: &mut Report) -> anyhow::R
     report.note(
         "tracing",
         format!(
-            "the sink received {} spans during the traced levels' {calls} measured calls (and their warm-ups): {:.1} per call",
+            "the sink (in this process, so its work loads the load generator's CPU too) received {} spans during the traced levels' {calls} measured calls (and their warm-ups): {:.1} per call",
             received - spans_before,
             (received - spans_before) as f64 / calls.max(1) as f64
         ),
@@ -2691,6 +2690,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Section::Upstream,
         Section::Identity,
         Section::Limits,
+        Section::Tracing,
         Section::Bridge,
     ]
     .into_iter()
