@@ -355,6 +355,7 @@ pub async fn run(
     };
     let calls = crate::call_audit::CallAudit::start(&cfg.call_audit, &cfg.data_dir, &source)
         .map_err(StartError::CallAudit)?;
+    let calls_log = calls.clone();
     let mcp = McpState::new(
         registry.clone(),
         router.clone(),
@@ -449,6 +450,7 @@ pub async fn run(
     })
     .await;
     tasks.abort_all();
+    let _ = tokio::task::spawn_blocking(move || calls_log.close()).await;
     tracing::info!("mcpd stopped");
     Ok(if restart.requested() {
         Exit::Restart

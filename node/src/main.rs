@@ -215,7 +215,9 @@ fn init_logging(cfg: &Config) -> anyhow::Result<Option<mcpd::telemetry::Exporter
         service_name: cfg.tracing.service_name.clone(),
         node_id: cfg.id,
     };
-    match mcpd::telemetry::Exporter::start(&cfg.tracing, &source)? {
+    match mcpd::telemetry::Exporter::start(&cfg.tracing, &source)
+        .context("tracing.otlp_endpoint")?
+    {
         Some((exporter, layer)) => {
             let only_spans = tracing_subscriber::filter::Targets::new()
                 .with_target(mcpd::telemetry::TARGET, tracing::Level::INFO);

@@ -174,8 +174,8 @@ def test_one_call_through_a_peer_is_one_connected_trace(traced, otlp, mode):
     assert int(flags, 16) & 1, "sampled"
     assert "tracestate" not in received, "no empty tracestate is sent"
 
-    exported = c.metric("mcpd_otlp_exported_total", 'signal="spans"', node=entry)
-    assert exported and exported >= 1
+    wait_until(lambda: (c.metric("mcpd_otlp_exported_total", 'signal="spans"', node=entry) or 0) >= 1, 10,
+               "the entry node's exported spans counted")
 
 
 def test_each_call_log_event_is_also_an_opentelemetry_log_in_its_trace(traced, otlp):
@@ -195,11 +195,11 @@ def test_each_call_log_event_is_also_an_opentelemetry_log_in_its_trace(traced, o
         "traced", "trace_context", "ok")
     assert log.severity == "INFO"
     # Its span is the node's edge span of the call.
-    (edge,) = [s for s in wait_until(lambda: otlp.trace(trace_id), 30, "the call's spans")
-               if s.service == "mcpd" and s.name == CALL]
+    (edge,) = wait_until(lambda: [s for s in otlp.trace(trace_id) if s.service == "mcpd" and s.name == CALL],
+                         30, "the call's edge span")
     assert log.span_id == edge.span_id
-    exported = c.metric("mcpd_otlp_exported_total", 'signal="calls"', node=entry)
-    assert exported and exported >= 1
+    wait_until(lambda: (c.metric("mcpd_otlp_exported_total", 'signal="calls"', node=entry) or 0) >= 1, 10,
+               "the entry node's exported call events counted")
 
 
 def test_a_write_sent_to_a_follower_is_one_trace_down_to_the_leaders_fsync_and_apply(traced, otlp):
@@ -237,6 +237,9 @@ def test_with_tracing_off_the_callers_context_reaches_the_server_unchanged(untra
     assert list(received) == ["traceparent"], received
     assert received["traceparent"].startswith(f"00-{trace_id}-{caller}-"), received
     assert "mcpd_otlp" not in "".join(c.metrics(n) for n in range(c.nodes))
+    # The call log points at no trace.
+    logged = wait_until(lambda: [e for e in c.call_log(entry) if e["name"] == "trace_context"], 10, "the call logged")
+    assert all("trace" not in e for e in logged), logged
 
 
 def test_a_bad_collector_address_is_refused_at_start_naming_the_field(tmp_path):

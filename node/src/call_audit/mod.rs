@@ -13,7 +13,11 @@ pub mod otlp;
 pub mod writer;
 
 use std::path::Path;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -91,7 +95,19 @@ pub enum StartError {
 pub struct CallAudit {
     tx: Option<SyncSender<CallEvent>>,
     include_arguments: bool,
+    /// The writer thread, joined by [`CallAudit::close`].
+    writer: Arc<Writing>,
 }
+
+/// The writer thread and the flag that ends it.
+#[derive(Default)]
+struct Writing {
+    closing: AtomicBool,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// How often the writer looks at [`Writing::closing`] while no event comes.
+const CLOSE_CHECK: Duration = Duration::from_millis(100);
 
 impl CallAudit {
     /// Starts the writer thread on `<data_dir>/audit` (or the configured directory); a log
@@ -102,6 +118,9 @@ impl CallAudit {
         source: &crate::telemetry::Source,
     ) -> Result<CallAudit, StartError> {
         if !config.enabled {
+            if config.otlp_endpoint.is_some() {
+                tracing::warn!("call_audit.otlp_endpoint is set but call_audit.enabled is false: no call events are exported");
+            }
             return Ok(CallAudit::off());
         }
         let dir = config.dir.clone().unwrap_or_else(|| data_dir.join("audit"));
@@ -114,13 +133,17 @@ impl CallAudit {
             None => None,
         };
         let (tx, rx) = sync_channel(config.buffer);
-        std::thread::Builder::new()
+        let writing = Arc::new(Writing::default());
+        let shared = writing.clone();
+        let thread = std::thread::Builder::new()
             .name("call-audit".into())
-            .spawn(move || drain(rx, writer, otlp))?;
+            .spawn(move || drain(rx, writer, otlp, &shared.closing))?;
+        *writing.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(thread);
         tracing::info!(dir = %dir.display(), "call log: one line per tool call, resource read and prompt get");
         Ok(CallAudit {
             tx: Some(tx),
             include_arguments: config.include_arguments,
+            writer: writing,
         })
     }
 
@@ -129,6 +152,7 @@ impl CallAudit {
         CallAudit {
             tx: None,
             include_arguments: false,
+            writer: Arc::default(),
         }
     }
 
@@ -158,10 +182,39 @@ impl CallAudit {
     }
 }
 
-/// Writes events until every sender is gone, flushing whenever the queue runs dry; hands each
-/// to the OTLP exporter too, when there is one.
-fn drain(rx: Receiver<CallEvent>, mut writer: Writer, otlp: Option<OtlpCalls>) {
-    while let Ok(first) = rx.recv() {
+impl CallAudit {
+    /// At shutdown: writes what is queued, sends the last events to the OTLP collector (while
+    /// the runtime its connection runs on is still there), and ends the writer thread. Blocks;
+    /// events recorded after it are dropped.
+    pub fn close(&self) {
+        self.writer.closing.store(true, Ordering::Relaxed);
+        let thread = self
+            .writer
+            .thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Writes events until every sender is gone or the log is closed, flushing whenever the queue
+/// runs dry; hands each to the OTLP exporter too, when there is one.
+fn drain(
+    rx: Receiver<CallEvent>,
+    mut writer: Writer,
+    otlp: Option<OtlpCalls>,
+    closing: &AtomicBool,
+) {
+    loop {
+        let first = match rx.recv_timeout(CLOSE_CHECK) {
+            Ok(event) => event,
+            Err(RecvTimeoutError::Timeout) if closing.load(Ordering::Relaxed) => break,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
         let mut next = Some(first);
         while let Some(event) = next {
             match serde_json::to_vec(&event) {

@@ -102,9 +102,12 @@ impl OtlpCalls {
         self.logger.emit(record);
     }
 
-    /// Sends what is queued (bounded by the export timeout) and stops.
+    /// Sends what is queued (waiting at most the export timeout and a second) and stops.
     pub fn shutdown(self) {
-        if let Err(e) = self.provider.shutdown() {
+        if let Err(e) = self
+            .provider
+            .shutdown_with_timeout(EXPORT_TIMEOUT + Duration::from_secs(1))
+        {
             tracing::warn!(error = %e, "call events still queued for OTLP at shutdown may be lost");
         }
     }

@@ -172,9 +172,16 @@ pub fn traceparent() -> String {
     out.0.unwrap_or_default()
 }
 
-/// The current span's `traceparent` when it is traced (for the call log).
+/// The current span's `traceparent` when it is traced and sampled (for the call log: a
+/// trace that is not exported is not pointed at).
 pub fn current_traceparent() -> Option<String> {
-    Some(traceparent()).filter(|t| !t.is_empty())
+    let cx = current()?;
+    if !cx.span().span_context().is_sampled() {
+        return None;
+    }
+    let mut out = OneOut(None);
+    TraceContextPropagator::new().inject_context(&cx, &mut out);
+    out.0
 }
 
 /// The context of a `traceparent` string (empty: none).
