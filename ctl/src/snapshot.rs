@@ -128,9 +128,7 @@ async fn download(
     std::fs::hard_link(part, file).map_err(io(file))?;
     std::fs::remove_file(part).map_err(io(part))?;
     if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(dir))?;
+        mcpcp_pki::files::sync_dir(dir).map_err(io(dir))?;
     }
     Ok((header, from, received))
 }

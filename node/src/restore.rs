@@ -170,12 +170,10 @@ pub async fn apply_pending(
 }
 
 fn sync_dir(dir: &Path) -> Result<(), RestoreError> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| RestoreError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })
+    mcpcp_pki::files::sync_dir(dir).map_err(|source| RestoreError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })
 }
 
 /// Every sealed secret of the snapshot opens with `key`.

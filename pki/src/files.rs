@@ -57,6 +57,12 @@ pub fn write_private_bytes(path: &Path, bytes: &[u8]) -> Result<(), PkiError> {
     write_mode(path, bytes, 0o600)
 }
 
+/// Makes the names in `dir` durable: after a file was renamed or linked into it, a crash keeps
+/// the new name.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
 /// Writes a certificate (mode 0644).
 pub fn write_public(path: &Path, text: &str) -> Result<(), PkiError> {
     write_mode(path, text.as_bytes(), 0o644)

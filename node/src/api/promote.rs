@@ -114,7 +114,5 @@ fn write_plan(dir: &Path, snapshot: &[u8], plan: &RestorePlan) -> Result<(), Str
     ] {
         mcpcp_pki::files::write_private_bytes(&dir.join(name), bytes).map_err(|e| e.to_string())?;
     }
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| format!("{}: {e}", dir.display()))
+    mcpcp_pki::files::sync_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))
 }

@@ -128,18 +128,23 @@ impl Running {
         let finished = Arc::new(AtomicBool::new(false));
         let done = finished.clone();
         // The call keeps the request's span wherever it is polled from (inline, its own
-        // task, or finished in the background).
+        // task, or finished in the background); while tracing is off there is none to look up.
+        let span = if crate::telemetry::enabled() {
+            tracing::Span::current()
+        } else {
+            tracing::Span::none()
+        };
+        let outcome_span = span.clone();
         let call = Abortable::new(
             async move {
                 let outcome = route.dispatch(&method, params, sink).await;
                 if let Err(e) = &outcome {
-                    let span = tracing::Span::current();
-                    crate::telemetry::failed(&span, "jsonrpc_error");
-                    span.record("rpc.response.status_code", e.code);
+                    crate::telemetry::failed(&outcome_span, "jsonrpc_error");
+                    outcome_span.record("rpc.response.status_code", e.code);
                 }
                 outcome
             }
-            .instrument(tracing::Span::current()),
+            .instrument(span),
             registration,
         );
         let call: CallFuture = Box::pin(async move {

@@ -163,25 +163,25 @@ pub fn from_metadata(md: &tonic::metadata::MetadataMap) -> Option<Context> {
     extract(&Metadata(md))
 }
 
-/// The current span's `traceparent`, for a message that carries one string.
-pub fn traceparent() -> String {
+fn traceparent_of(cx: &Context) -> Option<String> {
     let mut out = OneOut(None);
-    if let Some(cx) = current() {
-        TraceContextPropagator::new().inject_context(&cx, &mut out);
-    }
-    out.0.unwrap_or_default()
+    TraceContextPropagator::new().inject_context(cx, &mut out);
+    out.0
+}
+
+/// The current span's `traceparent`, for a message that carries one string ("": none).
+pub fn traceparent() -> String {
+    current()
+        .and_then(|cx| traceparent_of(&cx))
+        .unwrap_or_default()
 }
 
 /// The current span's `traceparent` when it is traced and sampled (for the call log: a
 /// trace that is not exported is not pointed at).
 pub fn current_traceparent() -> Option<String> {
-    let cx = current()?;
-    if !cx.span().span_context().is_sampled() {
-        return None;
-    }
-    let mut out = OneOut(None);
-    TraceContextPropagator::new().inject_context(&cx, &mut out);
-    out.0
+    current()
+        .filter(|cx| cx.span().span_context().is_sampled())
+        .and_then(|cx| traceparent_of(&cx))
 }
 
 /// The context of a `traceparent` string (empty: none).
