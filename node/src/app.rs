@@ -416,7 +416,7 @@ pub async fn run(
             mcp.clone(),
             crate::http::Layers {
                 max_body_bytes: cfg.api.max_body_bytes,
-                body_timeout: api::body_timeout::BodyTimeout(Duration::from_millis(
+                body_timeout: api::request_body::BodyTimeout(Duration::from_millis(
                     cfg.api.body_read_timeout_ms,
                 )),
                 hosts: api::host::HostPolicy::new(names),

@@ -10,13 +10,13 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::Router;
 
-use crate::api::{self, body_timeout, error::ApiError, host, AppState};
+use crate::api::{self, error::ApiError, host, request_body, AppState};
 use crate::mcp::{self, McpState};
 
 /// The limits every request passes.
 pub struct Layers {
     pub max_body_bytes: usize,
-    pub body_timeout: body_timeout::BodyTimeout,
+    pub body_timeout: request_body::BodyTimeout,
     pub hosts: host::HostPolicy,
 }
 
@@ -36,7 +36,7 @@ pub fn router(admin: AppState, mcp: McpState, layers: Layers) -> Router {
         .merge(checked)
         .layer(middleware::from_fn_with_state(
             layers.body_timeout,
-            body_timeout::limit,
+            request_body::limit,
         ))
         .layer(middleware::from_fn(observe))
         .layer(DefaultBodyLimit::max(layers.max_body_bytes))

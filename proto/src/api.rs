@@ -143,7 +143,7 @@ pub struct MemberStatus {
 
 /// `POST /v1/cluster/nodes`: add a node as a learner, wait for it to catch up, then promote it
 /// to voter (unless `voter` is false).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AddNodeRequest {
     pub id: u64,

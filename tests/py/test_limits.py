@@ -119,6 +119,46 @@ def test_a_body_that_never_arrives_whole_is_cut_off(small):
     counted(small, "mcpd_http_body_timeouts_total", "", before, "the slow body counted")
 
 
+def response_head(sock: ssl.SSLSocket) -> tuple[int, dict[str, str]]:
+    """The status and headers (lower-cased names) of the response that `sock` receives."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        assert chunk, f"closed before a whole response head: {data!r}"
+        data += chunk
+    lines = data.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    return int(lines[0].split(" ", 2)[1]), headers
+
+
+def test_a_refusal_given_before_the_body_arrived_tells_the_client_to_reconnect(small):
+    """A 401 answered before the request's body arrived: hyper cannot keep that connection, so
+    the answer says so, and the client's next request (the OAuth client's metadata fetch) goes
+    on a new connection instead of being lost to a reset."""
+    before = small.metric("mcpd_http_connections_closed_total", 'reason="unread_body"') or 0
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "ping"}).encode()
+    sock = tls_socket(small)
+    try:
+        sock.sendall(
+            (
+                "POST /servers/demo/mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Accept: application/json, text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode()
+        )
+        # The body is held back until the answer is in.
+        status, headers = response_head(sock)
+    finally:
+        sock.close()
+    assert status == 401, headers
+    assert headers.get("connection") == "close", headers
+    counted(small, "mcpd_http_connections_closed_total", 'reason="unread_body"', before, "the closed connection counted")
+    # A request whose body was read keeps its connection.
+    r = legacy_post(small.url(0, "demo"), small.token, INITIALIZE)
+    assert r.status_code == 200, r.text
+    end_session(small.url(0, "demo"), small.token, r.headers["mcp-session-id"])
+    assert r.headers.get("connection") != "close", r.headers
+
+
 def test_connections_past_the_cap_are_closed_at_once_not_queued(small):
     before = small.metric("mcpd_http_connections_refused_total", 'reason="max_connections"') or 0
     # Plain TCP connections that never start TLS hold their places until the handshake

@@ -179,6 +179,12 @@ def test_a_learner_becomes_a_new_cluster_after_its_voters_are_lost(tmp_path_fact
             shutil.copy(CA_DIR / f, data / "tls" / f)
         standby.restart(0, at=(http, grpc))
         main.mcpctl("cluster", "add-node", "--id", "4", "--http", http, "--grpc", grpc, "--learner")
+        # The change is in the audit trail, with who asked for it and from where.
+        trail = json.loads(main.mcpctl("audit", "list", "--since", "0", "--kind", "change_membership", "-o", "json"))
+        [added] = trail
+        assert added["object"] == "node 4", added
+        assert added["detail"] == {"change": "add", "http_addr": http, "grpc_addr": grpc, "voter": False}, added
+        assert added["actor"]["role"] == "cluster-admin" and added["from"].startswith("127.0.0.1:"), added
         standby.endpoints = [f"https://{http}"]
         standby.admin_token = main.admin_token
 

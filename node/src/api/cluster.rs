@@ -21,6 +21,7 @@ use super::error::ApiError;
 use super::extract::{ApiJson, ApiQuery, Authorized, RemoteAddr};
 use super::AppState;
 use crate::identity::surface::{ClusterRead, ClusterWrite};
+use crate::registry::state::AuditContext;
 use crate::registry::MembershipChange;
 
 /// Lag (entries) beyond which a member is reported as `lagging`.
@@ -155,7 +156,7 @@ pub async fn create_join_token(
             req.node_id,
             ttl,
             &ca.fingerprint(),
-            crate::registry::state::AuditContext::of(&caller, from.0),
+            AuditContext::of(&caller, from.0),
         )
         .await?;
     Ok((
@@ -364,7 +365,8 @@ pub async fn status(
 
 pub async fn add_node(
     State(state): State<AppState>,
-    _caller: Authorized<ClusterWrite>,
+    Authorized(caller, ClusterWrite): Authorized<ClusterWrite>,
+    from: RemoteAddr,
     ApiJson(req): ApiJson<AddNodeRequest>,
 ) -> Result<(StatusCode, Json<Member>), ApiError> {
     if req.http_addr.is_empty() {
@@ -380,19 +382,26 @@ pub async fn add_node(
     };
     state
         .registry
-        .change_membership(MembershipChange::Add(req))
+        .change_membership(
+            MembershipChange::Add(req),
+            AuditContext::of(&caller, from.0),
+        )
         .await?;
     Ok((StatusCode::CREATED, Json(member)))
 }
 
 pub async fn remove_node(
     State(state): State<AppState>,
-    _caller: Authorized<ClusterWrite>,
+    Authorized(caller, ClusterWrite): Authorized<ClusterWrite>,
+    from: RemoteAddr,
     Path(id): Path<u64>,
 ) -> Result<StatusCode, ApiError> {
     state
         .registry
-        .change_membership(MembershipChange::Remove { id })
+        .change_membership(
+            MembershipChange::Remove { id },
+            AuditContext::of(&caller, from.0),
+        )
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -5,7 +5,6 @@
 
 pub mod approved_commands;
 pub mod audit;
-pub mod body_timeout;
 pub mod catalogue;
 pub mod cluster;
 pub mod cors;
@@ -20,6 +19,7 @@ pub mod objects;
 pub mod pins;
 pub mod policies;
 pub mod promote;
+pub mod request_body;
 pub mod resource_metadata;
 pub mod session;
 pub mod snapshot;

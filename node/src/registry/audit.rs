@@ -9,7 +9,7 @@ use mcpcp_proto::api::ServerSpec;
 use mcpcp_proto::audit::Actor;
 use serde_json::{json, Value};
 
-use super::state::{AuditContext, AuditSummary, Command};
+use super::state::{AuditContext, AuditSummary, Command, MembershipChange};
 use super::{now_unix, Principal};
 
 impl AuditContext {
@@ -78,6 +78,16 @@ impl Command {
                 json!({ "node": token.node, "expires_at": token.expires_at }),
             ),
             Command::SetAuditRetention { events } => of("audit", json!({ "events": events })),
+            Command::ChangeMembership { change } => {
+                let (id, detail) = match change {
+                    MembershipChange::Add(req) => (
+                        req.id,
+                        json!({ "change": "add", "http_addr": req.http_addr, "grpc_addr": req.grpc_addr, "voter": req.voter }),
+                    ),
+                    MembershipChange::Remove { id } => (*id, json!({ "change": "remove" })),
+                };
+                of(&format!("node {id}"), detail)
+            }
             // The approved tools by name and fingerprint (their text is in the pins).
             Command::PutToolPins { server, pins, .. } => of(
                 server,

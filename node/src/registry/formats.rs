@@ -18,10 +18,26 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::state::{Command, STATE_FORMAT};
+use super::state::{Command, MembershipChange, STATE_FORMAT};
 
 /// The format of a member that does not say (an mcpd older than the field).
 pub const OLDEST: u32 = 1;
+
+/// The members that must apply `command`: all of `members` but one it removes. A member being
+/// removed need not read the record of its removal: it is often dead (why it is removed, and
+/// never heard from, so it would count as the oldest), and a live one leaves right after.
+pub fn readers(command: &Command, members: impl IntoIterator<Item = u64>) -> Vec<u64> {
+    let leaving = match command {
+        Command::ChangeMembership {
+            change: MembershipChange::Remove { id },
+        } => Some(*id),
+        _ => None,
+    };
+    members
+        .into_iter()
+        .filter(|id| Some(*id) != leaving)
+        .collect()
+}
 
 /// How long a member's answer counts: a few of the leader's pings (one a second). A member
 /// stopped for a rollback is then counted as the oldest again soon after.
@@ -64,14 +80,35 @@ impl MemberFormats {
             .unwrap_or(mine)
     }
 
-    /// `Err` naming the command and what it waits for, when not every member applies it.
-    pub fn admit(
-        &self,
-        command: &Command,
-        me: u64,
-        members: impl IntoIterator<Item = u64>,
-    ) -> Result<(), String> {
-        self.admit_format(command.format(), command.label(), me, STATE_FORMAT, members)
+    /// The members of `members` (other than `me`) not heard from lately: a new leader's, or a
+    /// new member. The leader asks them before it counts them as the oldest.
+    pub fn unheard(&self, me: u64, members: &[u64]) -> Vec<u64> {
+        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        members
+            .iter()
+            .copied()
+            .filter(|id| *id != me && m.get(id).is_none_or(|(_, at)| at.elapsed() >= FRESH))
+            .collect()
+    }
+
+    /// `Err` naming the command and what it waits for, when not every one of `readers` applies
+    /// it.
+    pub fn admit(&self, command: &Command, me: u64, readers: &[u64]) -> Result<(), String> {
+        self.admit_format(
+            command.format(),
+            command.label(),
+            me,
+            STATE_FORMAT,
+            readers.iter().copied(),
+        )
+        .map_err(|upgrade| match self.unheard(me, readers).as_slice() {
+            [] => upgrade,
+            silent => format!(
+                "`{}` needs every member to apply command format {}, and node(s) {silent:?} did not answer (a member not heard from may run an older release): bring them back, or remove them first, then retry",
+                command.label(),
+                command.format()
+            ),
+        })
     }
 
     fn admit_format(
@@ -134,7 +171,7 @@ mod tests {
             .admit_format(newer, "put_widget", 2, newer, [2, 3])
             .unwrap_err();
         assert!(
-            refused.contains("`put_widget`") && refused.contains("format 2"),
+            refused.contains("`put_widget`") && refused.contains(&format!("format {newer}")),
             "{refused}"
         );
         f.note(3, Some(newer));
@@ -149,9 +186,7 @@ mod tests {
     }
 
     #[test]
-    fn every_command_of_this_build_is_applied_by_the_oldest_member_today() {
-        // Format 1 is all there is so far: nothing waits in a cluster of this build and the
-        // one before it.
+    fn the_commands_of_format_1_are_applied_by_the_oldest_member() {
         let f = MemberFormats::default();
         f.note(2, None);
         let cmd = Command::DeleteTenant {
@@ -159,6 +194,38 @@ mod tests {
             precondition: super::super::state::Precondition::None,
         };
         assert_eq!(cmd.format(), OLDEST);
-        assert!(f.admit(&cmd, 1, [1, 2]).is_ok());
+        assert!(f.admit(&cmd, 1, &[1, 2]).is_ok());
+    }
+
+    #[test]
+    fn a_membership_record_waits_for_every_member_but_the_one_it_removes() {
+        let f = MemberFormats::default();
+        f.note(2, Some(STATE_FORMAT));
+        // Node 3 is dead: never heard from, it counts as the oldest.
+        let remove = |id| Command::ChangeMembership {
+            change: MembershipChange::Remove { id },
+        };
+        assert!(remove(3).format() > OLDEST);
+        let readers = |cmd: &Command| readers(cmd, [1, 2, 3]);
+        assert_eq!(readers(&remove(3)), [1, 2]);
+        assert!(
+            f.admit(&remove(3), 1, &readers(&remove(3))).is_ok(),
+            "removing the dead node is not held up by it"
+        );
+        let refused = f.admit(&remove(2), 1, &readers(&remove(2))).unwrap_err();
+        assert!(refused.contains("`change_membership`"), "{refused}");
+        let add = Command::ChangeMembership {
+            change: MembershipChange::Add(mcpcp_proto::api::AddNodeRequest {
+                id: 4,
+                http_addr: "h".into(),
+                grpc_addr: "g".into(),
+                voter: true,
+            }),
+        };
+        let refused = f.admit(&add, 1, &readers(&add)).unwrap_err();
+        assert!(refused.contains("node(s) [3] did not answer"), "{refused}");
+        assert_eq!(f.unheard(1, &readers(&add)), [3], "so it is asked");
+        f.note(3, Some(STATE_FORMAT));
+        assert!(f.admit(&add, 1, &readers(&add)).is_ok());
     }
 }

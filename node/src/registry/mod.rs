@@ -25,7 +25,7 @@ use std::sync::RwLockReadGuard;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use mcpcp_proto::api::{AddNodeRequest, Member, Role, TokenInfo};
+use mcpcp_proto::api::{Member, Role, TokenInfo};
 use mcpcp_proto::cluster::cluster_client::ClusterClient;
 use mcpcp_proto::cluster::{MembershipRequest, PingReply, PingRequest};
 use openraft::error::RaftError;
@@ -106,12 +106,7 @@ impl From<ForwardError> for RegistryError {
     }
 }
 
-/// A membership change, as forwarded to the leader.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum MembershipChange {
-    Add(AddNodeRequest),
-    Remove { id: u64 },
-}
+pub use state::MembershipChange;
 
 /// Who a bearer token belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -426,6 +421,7 @@ impl Registry {
                 Some(f) => f,
                 None => {
                     self.admit_format(&req.command)
+                        .await
                         .map_err(RegistryError::UpgradeInProgress)?;
                     let attempt =
                         tokio::time::timeout(remaining, self.proposer.propose(req.clone())).await;
@@ -508,6 +504,7 @@ impl Registry {
     ) -> Result<state::CommandResult, ForwardError> {
         let timeout = self.quorum_wait;
         self.admit_format(&req.command)
+            .await
             .map_err(ForwardError::UpgradeInProgress)?;
         match tokio::time::timeout(timeout, self.proposer.propose(req)).await {
             Err(_) => Err(ForwardError::NoQuorum(format!(
@@ -627,19 +624,32 @@ impl Registry {
         }
     }
 
-    /// While this node leads: `Err` when a member does not apply `command`'s format yet.
-    fn admit_format(&self, command: &Command) -> Result<(), String> {
+    /// While this node leads: `Err` when a member does not apply `command`'s format yet. A
+    /// member not heard from lately (this leader is new, or the member is) is asked first,
+    /// within a second, rather than counted as the oldest at once.
+    async fn admit_format(&self, command: &Command) -> Result<(), String> {
         // Every member applies the oldest format: nothing to look up on the write path.
         if command.format() <= formats::OLDEST {
             return Ok(());
         }
-        let metrics = self.raft.metrics();
-        let m = metrics.borrow();
-        if m.current_leader != Some(self.id) {
-            return Ok(()); // the leader decides
+        let membership = {
+            let m = self.raft.metrics().borrow().clone();
+            if m.current_leader != Some(self.id) {
+                return Ok(()); // the leader decides
+            }
+            m.membership_config.membership().clone()
+        };
+        let readers = formats::readers(command, membership.nodes().map(|(id, _)| *id));
+        if self.formats.admit(command, self.id, &readers).is_err() {
+            let asks = self
+                .formats
+                .unheard(self.id, &readers)
+                .into_iter()
+                .filter_map(|id| membership.get_node(&id).cloned())
+                .map(|member| async move { self.ping(&member, Duration::from_secs(1)).await });
+            futures_util::future::join_all(asks).await;
         }
-        let members = m.membership_config.membership().nodes().map(|(id, _)| *id);
-        self.formats.admit(command, self.id, members)
+        self.formats.admit(command, self.id, &readers)
     }
 
     /// Checks a bearer token against the applied state.
@@ -905,8 +915,21 @@ impl Registry {
         Ok((id, minted.secret))
     }
 
-    /// Adds a node (learner, then voter), through the leader.
-    pub async fn change_membership(&self, change: MembershipChange) -> Result<(), RegistryError> {
+    /// Adds a node (learner, then voter) or removes one, through the leader. The change is
+    /// recorded in the audit trail first, as `ctx` asked for it: a change whose record cannot
+    /// be written (no quorum, a member not upgraded yet) is not made.
+    pub async fn change_membership(
+        &self,
+        change: MembershipChange,
+        ctx: state::AuditContext,
+    ) -> Result<(), RegistryError> {
+        self.write_audited(
+            Command::ChangeMembership {
+                change: change.clone(),
+            },
+            ctx,
+        )
+        .await?;
         let started = Instant::now();
         let deadline = started + self.membership_wait;
         let mut delays = retry_delays();

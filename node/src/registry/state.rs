@@ -7,8 +7,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 
 use mcpcp_proto::api::{
-    ApprovedCommand, IssuerSpec, LimitSpec, ObjectKind, PolicySpec, Role, ServerSpec, TenantSpec,
-    TokenInfo, ToolPins, UsageRow, Versioned, VirtualServerSpec, WatchEvent,
+    AddNodeRequest, ApprovedCommand, IssuerSpec, LimitSpec, ObjectKind, PolicySpec, Role,
+    ServerSpec, TenantSpec, TokenInfo, ToolPins, UsageRow, Versioned, VirtualServerSpec,
+    WatchEvent,
 };
 use mcpcp_proto::audit::{self, Actor, AuditEvent};
 use serde::{Deserialize, Serialize};
@@ -179,6 +180,19 @@ pub enum Command {
         hash: String,
         node: u64,
     },
+    /// A membership change an admin asked for, written before it is made: the change itself is
+    /// Raft's own log entry, which says nothing of who asked. Changes no state but the audit
+    /// trail (format 2).
+    ChangeMembership {
+        change: MembershipChange,
+    },
+}
+
+/// A membership change, as an admin asks for it and as it is forwarded to the leader.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MembershipChange {
+    Add(AddNodeRequest),
+    Remove { id: u64 },
 }
 
 /// An admin command, as its audit event shows it (`Command::audit_summary`, in
@@ -235,7 +249,7 @@ pub struct SessionState {
 /// The newest command format this build applies. A release that adds a command bumps it and
 /// gives the new command that format in [`Command::format`]; the leader proposes the command
 /// only once every member applies its format (`registry::formats`).
-pub const STATE_FORMAT: u32 = 1;
+pub const STATE_FORMAT: u32 = 2;
 
 impl Command {
     /// The format of the release that introduced this command (no wildcard: a new command
@@ -272,6 +286,7 @@ impl Command {
             | Command::CreateJoinToken { .. }
             | Command::RedeemJoinToken { .. }
             | Command::RecoverAdmin { .. } => 1,
+            Command::ChangeMembership { .. } => 2,
         }
     }
 
@@ -308,6 +323,7 @@ impl Command {
             Command::CreateJoinToken { .. } => "create_join_token",
             Command::RedeemJoinToken { .. } => "redeem_join_token",
             Command::RecoverAdmin { .. } => "recover_admin",
+            Command::ChangeMembership { .. } => "change_membership",
         }
     }
 }
@@ -1034,6 +1050,7 @@ impl State {
                 }
                 Ok(changes)
             }
+            Command::ChangeMembership { .. } => Ok(Vec::new()),
             Command::SetAuditRetention { events } => {
                 self.audit_retention = events;
                 self.trim_audit();
