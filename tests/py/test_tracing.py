@@ -79,6 +79,20 @@ def traced(tmp_path_factory, otlp):
         c.down()
 
 
+@pytest.fixture(scope="module")
+def sampled_by_callers_only(tmp_path_factory, otlp):
+    """One node that exports spans but samples none of its own (`tracing.sample_ratio = 0`,
+    under its own service name): only calls whose caller sampled them are traced."""
+    config = tmp_path_factory.mktemp("ratio-0") / "mcpd.toml"
+    config.write_text('[tracing]\nsample_ratio = 0.0\nservice_name = "mcpd-ratio-0"\n')
+    c = start_cluster(tmp_path_factory, "ratio-0", 1, [f"--config={config}", f"--otlp-endpoint={otlp.endpoint}"])
+    try:
+        c.serving = add_traced_server(c, None)
+        yield c
+    finally:
+        c.down()
+
+
 def call_in_a_client_span(url: str, token: str, mode: str) -> tuple[str, str, dict]:
     """Calls `trace_context` with the real SDK client inside a span of the caller's own (its
     SDK injects the context into `_meta`); returns the trace id, the caller's span id and
@@ -225,6 +239,45 @@ def test_a_write_sent_to_a_follower_is_one_trace_down_to_the_leaders_fsync_and_a
     (forwarded,) = [s for s in by_name(got, "registry.write") if s.instance == leader_id]
     (forward,) = by_name(got, "registry.forward")
     assert forwarded.parent_id == forward.span_id
+
+
+def test_a_refused_write_is_a_failed_span_that_says_why(traced, otlp):
+    c = traced
+    c.mcpctl("tenant", "add", "twice")
+    try:
+        r = c.mcpctl_result("tenant", "add", "twice")
+        assert r.returncode != 0 and "already exists" in r.stderr, r
+    finally:
+        c.mcpctl("tenant", "rm", "twice")
+
+    def refused() -> list[Span]:
+        return [s for s in otlp.all() if s.service == "mcpd" and s.name == "registry.write"
+                and s.attributes.get("op") == "put_tenant" and s.status == 2]
+
+    (span, *_) = wait_until(refused, 30, "a failed registry.write span of put_tenant")
+    assert span.attributes["error.type"] == "rejected", span.attributes
+    ok = [s for s in otlp.all() if s.name == "registry.write" and s.attributes.get("op") == "delete_tenant"]
+    assert ok and all(s.status != 2 for s in ok), ok
+
+
+def test_a_node_that_samples_nothing_traces_the_calls_its_callers_sampled(sampled_by_callers_only, otlp):
+    c = sampled_by_callers_only
+    url = c.url(0, "traced")
+    mine = lambda: [s for s in otlp.all() if s.service == "mcpd-ratio-0"]  # noqa: E731
+
+    # A call with no context of its caller's: not sampled, nothing exported.
+    async def bare() -> str:
+        async with client(url, c.token, "2026-07-28") as cl:
+            return text_of(await cl.call_tool("trace_context", {}))
+
+    run(bare())
+    # A call in a sampled span of the caller's: the node follows the caller's decision.
+    trace_id, caller, _ = call_in_a_client_span(url, c.token, "2026-07-28")
+    edge = wait_until(lambda: [s for s in mine() if s.name == CALL], 30, "the sampled call's edge span")
+    assert [s.trace_id for s in edge] == [trace_id], edge
+    assert edge[0].parent_id == caller
+    # The node exports in order, so the bare call's spans would have come first.
+    assert {s.trace_id for s in mine()} == {trace_id}, mine()
 
 
 @pytest.mark.parametrize("mode", MODES)
