@@ -155,6 +155,7 @@ impl McpWorkload {
             url: None,
             headers: BTreeMap::new(),
             ca_file: None,
+            oauth: None,
         }
     }
 

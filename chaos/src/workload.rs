@@ -183,6 +183,7 @@ impl RegistryWorkload {
             url: None,
             headers: BTreeMap::new(),
             ca_file: None,
+            oauth: None,
         }
     }
 

@@ -139,6 +139,7 @@ fn spec(
         url: None,
         headers: BTreeMap::new(),
         ca_file: None,
+        oauth: None,
     }
 }
 

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mcpcp_proto::api::{
-    AddNodeRequest, ClusterStatus, CreateTokenRequest, Effect, IssuerSpec, Member, PolicySpec,
-    PolicyTest, Role, SandboxCapabilities, SandboxSpec, ServerPatch, ServerSpec, SessionMode,
-    TenantSpec, Timeouts, ToolDiff, ToolPins, Versioned,
+    AddNodeRequest, ClusterStatus, CreateTokenRequest, Effect, IssuerSpec, Member, OAuthClient,
+    PolicySpec, PolicyTest, Role, SandboxCapabilities, SandboxSpec, ServerPatch, ServerSpec,
+    SessionMode, TenantSpec, Timeouts, ToolDiff, ToolPins, Versioned,
 };
 use mcpctl::{dev, import, AdminClient, CallOptions, ClientError};
 use serde::Serialize;
@@ -291,6 +291,30 @@ struct ServerFlags {
     /// server (read here, so the token is not on the command line).
     #[arg(long)]
     bearer_env: Option<String>,
+    /// A remote server's CA certificate file (PEM, on every node; default: the system's
+    /// roots).
+    #[arg(long)]
+    ca_file: Option<String>,
+    /// A remote server's OAuth token endpoint: each node gets its access tokens there with
+    /// the client credentials grant (with --oauth-client-id and --oauth-client-secret-env).
+    #[arg(long)]
+    oauth_token_url: Option<String>,
+    /// The OAuth client's id.
+    #[arg(long)]
+    oauth_client_id: Option<String>,
+    /// The environment variable that holds the OAuth client's secret (read here, so the
+    /// secret is not on the command line; sealed like env).
+    #[arg(long)]
+    oauth_client_secret_env: Option<String>,
+    /// A scope to ask the token for (repeatable).
+    #[arg(long = "oauth-scope")]
+    oauth_scopes: Vec<String>,
+    /// The resource the tokens are for, their audience (default: --url).
+    #[arg(long)]
+    oauth_resource: Option<String>,
+    /// A CA certificate file for the token endpoint (default: the system's roots).
+    #[arg(long)]
+    oauth_ca_file: Option<String>,
     /// Run the processes as USER or USER:GROUP (names or numbers; mcpd must run as root).
     #[arg(long)]
     run_as: Option<String>,
@@ -341,6 +365,43 @@ impl ServerFlags {
             private_tmp: self.private_tmp,
         };
         (s != SandboxSpec::default()).then_some(s)
+    }
+
+    /// The OAuth client the `--oauth-*` flags describe, if any is given.
+    fn oauth(&self) -> Result<Option<OAuthClient>, Failure> {
+        let any = self.oauth_client_id.is_some()
+            || self.oauth_client_secret_env.is_some()
+            || !self.oauth_scopes.is_empty()
+            || self.oauth_resource.is_some()
+            || self.oauth_ca_file.is_some();
+        let Some(token_url) = &self.oauth_token_url else {
+            return match any {
+                true => Err(fail(2, "the --oauth-* flags need --oauth-token-url")),
+                false => Ok(None),
+            };
+        };
+        let client_id = self
+            .oauth_client_id
+            .clone()
+            .ok_or_else(|| fail(2, "--oauth-token-url needs --oauth-client-id"))?;
+        let var = self
+            .oauth_client_secret_env
+            .as_deref()
+            .ok_or_else(|| fail(2, "--oauth-token-url needs --oauth-client-secret-env"))?;
+        let client_secret = std::env::var(var).map_err(|_| {
+            fail(
+                2,
+                format!("--oauth-client-secret-env {var}: the variable is not set"),
+            )
+        })?;
+        Ok(Some(OAuthClient {
+            token_url: token_url.clone(),
+            client_id,
+            client_secret,
+            scopes: self.oauth_scopes.clone(),
+            resource: self.oauth_resource.clone(),
+            ca_file: self.oauth_ca_file.clone(),
+        }))
     }
 
     /// `--header` values, with `--bearer-env`'s token as `Authorization`.
@@ -1546,6 +1607,12 @@ fn apply_flags(spec: &mut ServerSpec, f: &ServerFlags) -> Result<(), Failure> {
     if let Some(s) = f.sandbox() {
         spec.sandbox = Some(s);
     }
+    if let Some(o) = f.oauth()? {
+        spec.oauth = Some(Box::new(o));
+    }
+    if let Some(ca) = &f.ca_file {
+        spec.ca_file = Some(ca.clone());
+    }
     spec.headers.extend(f.headers()?);
     Ok(())
 }
@@ -1563,6 +1630,8 @@ fn patch_from_flags(f: &ServerFlags, command: &[String]) -> Result<ServerPatch, 
         cwd: f.cwd.clone(),
         session_mode: f.session_mode.map(Into::into),
         sandbox: f.sandbox(),
+        oauth: f.oauth()?,
+        ca_file: f.ca_file.clone(),
         ..Default::default()
     };
     if !f.fallbacks.is_empty() {

@@ -100,7 +100,8 @@ impl DataKey {
         String::from_utf8(plain.to_vec()).map_err(|_| bad())
     }
 
-    /// Seals every secret of `spec` (its `env` and `headers` values) not sealed yet.
+    /// Seals every secret of `spec` (its `env` and `headers` values, its OAuth client's
+    /// secret) not sealed yet.
     pub fn seal_secrets(&self, spec: &mut ServerSpec) -> Result<(), SealError> {
         for (name, value) in spec.env.iter_mut() {
             if !value.starts_with(SEALED) {
@@ -110,6 +111,11 @@ impl DataKey {
         for (name, value) in spec.headers.iter_mut() {
             if !value.starts_with(SEALED) {
                 *value = self.seal(&header_place(&spec.name, name), value)?;
+            }
+        }
+        if let Some(oauth) = &mut spec.oauth {
+            if !oauth.client_secret.starts_with(SEALED) {
+                oauth.client_secret = self.seal(&oauth_place(&spec.name), &oauth.client_secret)?;
             }
         }
         Ok(())
@@ -123,6 +129,9 @@ impl DataKey {
         for (name, value) in spec.headers.iter_mut() {
             *value = self.open(&header_place(&spec.name, name), value)?;
         }
+        if let Some(oauth) = &mut spec.oauth {
+            oauth.client_secret = self.open(&oauth_place(&spec.name), &oauth.client_secret)?;
+        }
         Ok(())
     }
 }
@@ -130,6 +139,11 @@ impl DataKey {
 /// Where a header value lives (its associated data).
 fn header_place(server: &str, header: &str) -> String {
     format!("{server}/headers/{header}")
+}
+
+/// Where an OAuth client's secret lives.
+fn oauth_place(server: &str) -> String {
+    format!("{server}/oauth/client_secret")
 }
 
 #[cfg(test)]
@@ -180,6 +194,24 @@ mod tests {
         let mut plain = spec("git", &[("A", "b")]);
         key.open_secrets(&mut plain).expect("open");
         assert_eq!(plain.env["A"], "b");
+    }
+
+    #[test]
+    fn an_oauth_clients_secret_is_sealed_and_opens_only_for_its_server() {
+        let key = DataKey::from_bytes(&[7; 32]);
+        let mut s = spec("mail", &[]);
+        s.oauth = Some(Box::new(mcpcp_proto::api::OAuthClient {
+            client_secret: "hunter2".into(),
+            ..Default::default()
+        }));
+        key.seal_secrets(&mut s).expect("seal");
+        let sealed = s.oauth.as_ref().expect("oauth").client_secret.clone();
+        assert!(sealed.starts_with(SEALED) && !sealed.contains("hunter2"));
+        let mut moved = s.clone();
+        moved.name = "other".into();
+        assert!(key.open_secrets(&mut moved).is_err());
+        key.open_secrets(&mut s).expect("open");
+        assert_eq!(s.oauth.expect("oauth").client_secret, "hunter2");
     }
 
     #[test]

@@ -236,6 +236,11 @@ pub struct ServerSpec {
     /// roots are trusted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<String>,
+    /// A remote server's OAuth 2.1 client: each connection gets its access token from the
+    /// authorization server (client credentials grant) instead of a static header. Left out
+    /// when unset, for nodes of older releases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth: Option<Box<OAuthClient>>,
     #[serde(default)]
     pub cwd: Option<String>,
     #[serde(default = "default_true")]
@@ -261,6 +266,30 @@ pub struct ServerSpec {
     /// `None`: mcpd's own user, no limits. Left out when unset, for nodes of older releases.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox: Option<SandboxSpec>,
+}
+
+/// How a node gets access tokens for a remote server: the OAuth 2.1 client credentials grant
+/// (RFC 6749 section 4.4) at the authorization server's token endpoint, with the resource
+/// indicator (RFC 8707) the MCP authorization spec asks clients to send.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuthClient {
+    /// The authorization server's token endpoint (`https://`, or `http://` to a loopback
+    /// host).
+    pub token_url: String,
+    pub client_id: String,
+    /// Sealed and redacted like `env` values; sent with HTTP Basic authentication.
+    pub client_secret: String,
+    /// Scopes to ask for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+    /// The resource the token is for (its audience); the server's `url` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
+    /// A CA certificate file (PEM, on every node) for the token endpoint; without it the
+    /// system's roots are trusted (the server's own `ca_file` is not used for it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
 }
 
 /// Who a local server's processes run as, and what each may use. Every limit is per process
@@ -339,6 +368,8 @@ pub struct ServerPatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub headers: Option<BTreeMap<String, String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
@@ -356,6 +387,8 @@ pub struct ServerPatch {
     pub session_mode: Option<SessionMode>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox: Option<SandboxSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth: Option<OAuthClient>,
 }
 
 impl ServerPatch {
@@ -376,6 +409,9 @@ impl ServerPatch {
         }
         if let Some(v) = p.headers {
             spec.headers = v;
+        }
+        if let Some(v) = p.ca_file {
+            spec.ca_file = Some(v);
         }
         if let Some(v) = p.cwd {
             spec.cwd = Some(v);
@@ -404,6 +440,10 @@ impl ServerPatch {
         if let Some(v) = p.sandbox {
             // An empty sandbox clears it.
             spec.sandbox = Some(v).filter(|s| *s != SandboxSpec::default());
+        }
+        if let Some(v) = p.oauth {
+            // An empty one clears it.
+            spec.oauth = Some(Box::new(v)).filter(|o| **o != OAuthClient::default());
         }
     }
 }
@@ -448,6 +488,9 @@ impl ServerSpec {
         let mut spec = self.clone();
         for v in spec.env.values_mut().chain(spec.headers.values_mut()) {
             *v = REDACTED.to_string();
+        }
+        if let Some(oauth) = &mut spec.oauth {
+            oauth.client_secret = REDACTED.to_string();
         }
         spec
     }

@@ -76,22 +76,36 @@ fn keep_redacted(
     stored: Option<&std::collections::BTreeMap<String, String>>,
 ) -> Result<(), ApiError> {
     for (name, value) in values.iter_mut() {
-        let stored_value = stored.and_then(|c| c.get(name));
-        if value.starts_with(crate::seal::SEALED) && stored_value != Some(value) {
-            return Err(validate::FieldError::new(
-                format!("{section}.{name}"),
-                format!("a value may not start with {:?}", crate::seal::SEALED),
+        keep_redacted_value(
+            &format!("{section}.{name}"),
+            value,
+            stored.and_then(|c| c.get(name)),
+        )?;
+    }
+    Ok(())
+}
+
+/// One secret (`field`): its stored value when sent as `"<redacted>"`, and no sealed-looking
+/// value but the stored one.
+fn keep_redacted_value(
+    field: &str,
+    value: &mut String,
+    stored: Option<&String>,
+) -> Result<(), ApiError> {
+    if value.starts_with(crate::seal::SEALED) && stored != Some(value) {
+        return Err(validate::FieldError::new(
+            field,
+            format!("a value may not start with {:?}", crate::seal::SEALED),
+        )
+        .into());
+    }
+    if value == REDACTED {
+        *value = stored.cloned().ok_or_else(|| {
+            validate::FieldError::new(
+                field,
+                format!("{REDACTED:?} stands for a value already stored; give the value"),
             )
-            .into());
-        }
-        if value == REDACTED {
-            *value = stored_value.cloned().ok_or_else(|| {
-                validate::FieldError::new(
-                    format!("{section}.{name}"),
-                    format!("{REDACTED:?} stands for a value already stored; give the value"),
-                )
-            })?;
-        }
+        })?;
     }
     Ok(())
 }
@@ -205,6 +219,15 @@ fn sealed(
 ) -> Result<ServerSpec, ApiError> {
     keep_redacted("env", &mut spec.env, current.map(|c| &c.env))?;
     keep_redacted("headers", &mut spec.headers, current.map(|c| &c.headers))?;
+    if let Some(oauth) = &mut spec.oauth {
+        keep_redacted_value(
+            "oauth.client_secret",
+            &mut oauth.client_secret,
+            current
+                .and_then(|c| c.oauth.as_ref())
+                .map(|o| &o.client_secret),
+        )?;
+    }
     validate::server_spec(&spec)?;
     state
         .data_key
@@ -322,6 +345,7 @@ pub async fn put_server(
         .env
         .values()
         .chain(spec.headers.values())
+        .chain(spec.oauth.as_ref().map(|o| &o.client_secret))
         .any(|v| v == REDACTED);
     if keeps {
         state.registry.barrier().await?;

@@ -13,6 +13,7 @@ pub mod fair;
 pub mod isolation;
 pub mod legacy_sse;
 pub mod liveness;
+pub mod oauth;
 pub mod process;
 pub mod reconcile;
 pub mod remote;

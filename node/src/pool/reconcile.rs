@@ -113,8 +113,8 @@ fn desired(registry: &Registry) -> BTreeMap<String, Versioned<ServerSpec>> {
 }
 
 /// Starts, replaces and stops pools so that they match [`desired`]. A server's sealed `env`
-/// and `headers`
-/// values are opened here, for its processes only (see `crate::seal`).
+/// and `headers` values and OAuth client secret are opened here, for its processes or
+/// connections only (see `crate::seal`).
 fn reconcile(
     registry: &Registry,
     pools: &Pools,
@@ -135,7 +135,7 @@ fn reconcile(
         if let Err(e) = key.open_secrets(&mut opened.spec) {
             metrics::counter!("mcpd_pool_start_refusals_total", "reason" => "sealed_env")
                 .increment(1);
-            tracing::error!(server = %name, error = %e, "not starting the server: its sealed env or headers do not open with this node's data key (is data.key the cluster's?)");
+            tracing::error!(server = %name, error = %e, "not starting the server: its sealed env, headers or OAuth client secret do not open with this node's data key (is data.key the cluster's?)");
             continue;
         }
         for inherited in &cfg.inherit_env {

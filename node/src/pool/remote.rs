@@ -16,6 +16,9 @@
 //!   server took it may have run: it fails as `Crashed`, and only the router's retry rule
 //!   (reads, idempotent tools) sends it again.
 //! - Dropping a call's future (timeout, client gone) sends `notifications/cancelled`.
+//! - **A server with an OAuth client** (`oauth`) gets each request with the connection's
+//!   access token (`super::oauth`). A `401` ran nothing: the token goes, and the request is
+//!   sent once more with a new one.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -26,12 +29,13 @@ use futures_util::StreamExt;
 use mcpcp_proto::api::ServerSpec;
 use mcpcp_proto::mcp::{Message, RequestId};
 use mcpcp_proto::sse::SseParser;
-use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE};
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::liveness::Liveness;
+use super::oauth::Tokens;
 use super::process::{PoolEvent, ProcessError};
 use crate::call::{CallError, CallEvent, EventSink, Responder};
 
@@ -51,7 +55,8 @@ struct Shared {
     server: String,
     url: String,
     http: reqwest::Client,
-    /// The spec's headers (opened secrets).
+    /// The access tokens of the server's OAuth client, if it has one.
+    tokens: Option<Tokens>,
     /// What `initialize` is sent with, again when the session is renewed.
     client_init: Value,
     session: Mutex<Session>,
@@ -133,10 +138,12 @@ impl Remote {
         let failed = |e: String| ProcessError::Initialize(format!("the remote server: {e}"));
         let startup = Duration::from_millis(spec.timeouts.startup_ms);
         let http = super::remote_http::client_for(spec).map_err(failed)?;
+        let tokens = Tokens::for_spec(spec).map_err(failed)?;
         let shared = Arc::new(Shared {
             server: spec.name.clone(),
             url: url.clone(),
             http,
+            tokens,
             client_init,
             session: Mutex::new(Session::default()),
             generation: AtomicU64::new(0),
@@ -265,14 +272,15 @@ impl Remote {
         let shared = &self.shared;
         shared.liveness.close();
         let session = shared.session();
-        if let Some(id) = session.id {
-            let req = shared
-                .http
-                .delete(&shared.url)
-                .header(SESSION_HEADER, id)
-                .header(VERSION_HEADER, session.version)
-                .timeout(grace);
-            let _ = req.send().await;
+        if session.id.is_some() {
+            let ended = tokio::time::timeout(grace, async {
+                let (req, _) = shared.request(reqwest::Method::DELETE, &session).await?;
+                req.timeout(grace)
+                    .send()
+                    .await
+                    .map_err(|e| CallError::NotRun(e.without_url().to_string()))
+            });
+            let _ = ended.await;
         }
     }
 }
@@ -391,7 +399,13 @@ impl Shared {
         }
     }
 
-    fn request(&self, method: reqwest::Method, session: &Session) -> reqwest::RequestBuilder {
+    /// A request on `session`, with the connection's access token when the server has an
+    /// OAuth client; also returns the token, for [`Shared::refused`].
+    async fn request(
+        &self,
+        method: reqwest::Method,
+        session: &Session,
+    ) -> Result<(reqwest::RequestBuilder, Option<HeaderValue>), CallError> {
         let mut req = self
             .http
             .request(method, &self.url)
@@ -402,13 +416,37 @@ impl Shared {
         if !session.version.is_empty() {
             req = req.header(VERSION_HEADER, &session.version);
         }
-        req
+        let bearer = match &self.tokens {
+            None => None,
+            Some(tokens) => Some(tokens.bearer().await.map_err(|e| {
+                CallError::NotRun(format!(
+                    "remote server {:?}: {e}; the call did not run",
+                    self.server
+                ))
+            })?),
+        };
+        if let Some(b) = &bearer {
+            req = req.header(AUTHORIZATION, b.clone());
+        }
+        Ok((req, bearer))
+    }
+
+    /// The server answered `401` to a request sent with `bearer`: whether a new token is on
+    /// its way (the request ran nothing, so it may be sent again once).
+    async fn refused(&self, bearer: Option<&HeaderValue>) -> bool {
+        match (&self.tokens, bearer) {
+            (Some(tokens), Some(sent)) => {
+                tokens.refused(sent).await;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// POSTs a notification or a response on `session`: the server accepts it (202) or not.
     async fn send_note(&self, session: &Session, msg: &Message) -> Result<(), CallError> {
-        let resp = self
-            .request(reqwest::Method::POST, session)
+        let (req, bearer) = self.request(reqwest::Method::POST, session).await?;
+        let resp = req
             .header(CONTENT_TYPE, "application/json")
             .body(msg.to_line())
             .timeout(self.request_timeout)
@@ -424,6 +462,9 @@ impl Shared {
         if resp.status().is_success() {
             Ok(())
         } else {
+            if resp.status() == StatusCode::UNAUTHORIZED {
+                self.refused(bearer.as_ref()).await;
+            }
             Err(CallError::NotRun(format!(
                 "remote server {:?} answered HTTP {}",
                 self.server,
@@ -451,25 +492,44 @@ impl Shared {
         msg: &Message,
         relay: Option<&Relay>,
     ) -> Result<(Posted, Option<String>), CallError> {
-        let req = self
-            .request(reqwest::Method::POST, session)
-            .header(CONTENT_TYPE, "application/json")
-            .body(msg.to_line());
-        let resp = req.send().await.map_err(|e| {
-            let e = e.without_url();
-            if e.is_connect() {
-                CallError::NotRun(format!(
-                    "remote server {:?} is unreachable ({e}); the call did not run",
-                    self.server
-                ))
-            } else {
-                CallError::Crashed(format!(
-                    "remote server {:?}: {e}; it may or may not have run",
-                    self.server
-                ))
+        let mut resent = false;
+        let resp = loop {
+            let (req, bearer) = self.request(reqwest::Method::POST, session).await?;
+            let resp = req
+                .header(CONTENT_TYPE, "application/json")
+                .body(msg.to_line())
+                .send()
+                .await
+                .map_err(|e| {
+                    let e = e.without_url();
+                    if e.is_connect() {
+                        CallError::NotRun(format!(
+                            "remote server {:?} is unreachable ({e}); the call did not run",
+                            self.server
+                        ))
+                    } else {
+                        CallError::Crashed(format!(
+                            "remote server {:?}: {e}; it may or may not have run",
+                            self.server
+                        ))
+                    }
+                })?;
+            if resp.status() == StatusCode::UNAUTHORIZED
+                && !resent
+                && self.refused(bearer.as_ref()).await
+            {
+                resent = true;
+                continue;
             }
-        })?;
+            break resp;
+        };
         let status = resp.status();
+        if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+            return Err(CallError::NotRun(format!(
+                "remote server {:?} refused the credentials it was sent (HTTP {status}); the call did not run",
+                self.server
+            )));
+        }
         let given = resp
             .headers()
             .get(SESSION_HEADER)
@@ -628,13 +688,22 @@ async fn listen(shared: std::sync::Weak<Shared>) {
         }
         let mut accept = HeaderMap::new();
         accept.insert(ACCEPT, HeaderValue::from_static("text/event-stream"));
-        let resp = s
-            .request(reqwest::Method::GET, &s.session())
-            .headers(accept)
-            .send()
-            .await;
+        let (req, bearer) = match s.request(reqwest::Method::GET, &s.session()).await {
+            Ok(r) => r,
+            Err(_) => {
+                drop(s);
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(30));
+                continue;
+            }
+        };
+        let resp = req.headers(accept).send().await;
         match resp {
             Ok(r) if r.status() == StatusCode::METHOD_NOT_ALLOWED => return,
+            Ok(r) if r.status() == StatusCode::UNAUTHORIZED => {
+                s.refused(bearer.as_ref()).await;
+                drop(s);
+            }
             // The server forgot the session: renew it now, not at the next call.
             Ok(r) if r.status() == StatusCode::NOT_FOUND && s.session().id.is_some() => {
                 let generation = s.generation.load(Ordering::Acquire);

@@ -2,7 +2,9 @@
 //! the spec's CA file or the system's roots, no redirects (a redirect would carry the spec's
 //! secret headers to another host), the spec's headers, marked sensitive, sent with every
 //! request as the client's defaults (no copy per request), and for a tenant's server a
-//! resolver that keeps the nodes' own addresses out (`super::egress`).
+//! resolver that keeps the nodes' own addresses out (`super::egress`). The server's OAuth
+//! client (`super::oauth`) reaches its token endpoint with the same rules but its own trust
+//! and none of the headers.
 
 use std::time::Duration;
 
@@ -11,11 +13,6 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
 /// The client of every request to the server `spec` names.
 pub fn client_for(spec: &ServerSpec) -> Result<reqwest::Client, String> {
-    let tls = mcpcp_pki::trust::client_config(
-        spec.ca_file.as_deref().map(std::path::Path::new),
-        &[b"http/1.1"],
-    )
-    .map_err(|e| format!("ca_file: {e}"))?;
     let mut headers = HeaderMap::new();
     for (k, v) in &spec.headers {
         let name = HeaderName::from_bytes(k.as_bytes())
@@ -25,6 +22,22 @@ pub fn client_for(spec: &ServerSpec) -> Result<reqwest::Client, String> {
         value.set_sensitive(true);
         headers.insert(name, value);
     }
+    builder_for(spec, "ca_file", spec.ca_file.as_deref())?
+        .default_headers(headers)
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// A client for requests made on behalf of the server `spec` names (to it, or to its
+/// authorization server): TLS trusting `ca_file` (the setting `field`) or the system's
+/// roots, no redirects, the connect timeout, and the egress rules of a tenant's server.
+pub fn builder_for(
+    spec: &ServerSpec,
+    field: &str,
+    ca_file: Option<&str>,
+) -> Result<reqwest::ClientBuilder, String> {
+    let tls = mcpcp_pki::trust::client_config(ca_file.map(std::path::Path::new), &[b"http/1.1"])
+        .map_err(|e| format!("{field}: {e}"))?;
     let mut builder = reqwest::Client::builder();
     if spec.tenant.is_some() {
         // Through a proxy the proxy's name would be resolved, not the server's.
@@ -32,13 +45,10 @@ pub fn client_for(spec: &ServerSpec) -> Result<reqwest::Client, String> {
             .dns_resolver(std::sync::Arc::new(super::egress::PublicOnly))
             .no_proxy();
     }
-    builder
+    Ok(builder
         .tls_backend_preconfigured(tls)
         .connect_timeout(Duration::from_millis(spec.timeouts.startup_ms))
-        .redirect(reqwest::redirect::Policy::none())
-        .default_headers(headers)
-        .build()
-        .map_err(|e| e.to_string())
+        .redirect(reqwest::redirect::Policy::none()))
 }
 
 /// The scheme, host and port of `url`, for logs: its path and query may carry a secret.

@@ -256,6 +256,8 @@ impl Command {
     /// must be given one).
     pub fn format(&self) -> u32 {
         match self {
+            // A remote server's OAuth client is a field an older node refuses to decode.
+            Command::PutServer { spec, .. } if spec.oauth.is_some() => 2,
             Command::PutServer { .. }
             | Command::DeleteServer { .. }
             | Command::PutTenant { .. }

@@ -2,8 +2,8 @@
 //! ever sees well-formed specs. Every error names the field at fault.
 
 use mcpcp_proto::api::{
-    scope, CreateTokenRequest, IssuerSpec, LimitSpec, PolicySpec, Role, SandboxSpec, ServerSpec,
-    TenantSpec,
+    scope, CreateTokenRequest, IssuerSpec, LimitSpec, OAuthClient, PolicySpec, Role, SandboxSpec,
+    ServerSpec, TenantSpec,
 };
 
 /// A rejected field: `field` is the JSON path of the value, `message` says what is wrong.
@@ -167,6 +167,15 @@ pub fn server_spec(spec: &ServerSpec) -> Result<(), FieldError> {
             ));
         }
     }
+    if let Some(oauth) = &spec.oauth {
+        if spec.url.is_none() {
+            return Err(FieldError::new(
+                "oauth",
+                "only a remote server (url) has an OAuth client",
+            ));
+        }
+        oauth_client(oauth, &spec.headers)?;
+    }
     if spec.command.contains('\0') || spec.args.iter().any(|a| a.contains('\0')) {
         return Err(FieldError::new("args", "must not contain NUL bytes"));
     }
@@ -227,6 +236,70 @@ pub fn server_spec(spec: &ServerSpec) -> Result<(), FieldError> {
                 "must be 1 to 128 characters",
             ));
         }
+    }
+    Ok(())
+}
+
+/// A remote server's OAuth client: a secure token endpoint, a client id and secret, scopes as
+/// RFC 6749 spells them, an absolute resource URI without a fragment (RFC 8707), and no static
+/// `Authorization` header beside it.
+fn oauth_client(
+    oauth: &OAuthClient,
+    headers: &std::collections::BTreeMap<String, String>,
+) -> Result<(), FieldError> {
+    secure_url("oauth.token_url", &oauth.token_url)?;
+    let printable =
+        |v: &str| !v.is_empty() && v.len() <= 1024 && v.bytes().all(|b| (0x20..0x7f).contains(&b));
+    if !printable(&oauth.client_id) {
+        return Err(FieldError::new(
+            "oauth.client_id",
+            "must be 1 to 1024 printable ASCII characters",
+        ));
+    }
+    if !printable(&oauth.client_secret) && !oauth.client_secret.starts_with(crate::seal::SEALED) {
+        return Err(FieldError::new(
+            "oauth.client_secret",
+            "must be 1 to 1024 printable ASCII characters",
+        ));
+    }
+    for (i, scope) in oauth.scopes.iter().enumerate() {
+        // scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
+        let token = !scope.is_empty()
+            && scope.len() <= 256
+            && scope
+                .bytes()
+                .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b));
+        if !token {
+            return Err(FieldError::new(
+                format!("oauth.scopes[{i}]"),
+                "a scope is 1 to 256 printable characters without spaces, '\"' or '\\'",
+            ));
+        }
+    }
+    if let Some(resource) = &oauth.resource {
+        let ok = reqwest::Url::parse(resource)
+            .is_ok_and(|u| matches!(u.scheme(), "https" | "http") && u.fragment().is_none());
+        if !ok {
+            return Err(FieldError::new(
+                "oauth.resource",
+                "must be an absolute http(s) URI without a fragment (RFC 8707)",
+            ));
+        }
+    }
+    if oauth.ca_file.as_deref().is_some_and(str::is_empty) {
+        return Err(FieldError::new(
+            "oauth.ca_file",
+            "must not be empty when given",
+        ));
+    }
+    if headers
+        .keys()
+        .any(|k| k.eq_ignore_ascii_case("authorization"))
+    {
+        return Err(FieldError::new(
+            "oauth",
+            "sets the Authorization header itself: remove headers.Authorization (or --bearer-env)",
+        ));
     }
     Ok(())
 }
@@ -773,6 +846,62 @@ mod tests {
         let mut local = spec("demo");
         local.headers.insert("X-Api-Key".into(), "k".into());
         assert_eq!(field(&local), "headers");
+    }
+
+    #[test]
+    fn an_oauth_client_is_a_remote_servers_with_a_secure_token_endpoint_and_rfc_6749_scopes() {
+        let with = |f: &dyn Fn(&mut OAuthClient)| {
+            let mut s = spec("mail");
+            s.command.clear();
+            s.url = Some("https://mail.example.com/mcp".into());
+            let mut o = OAuthClient {
+                token_url: "https://login.example.com/token".into(),
+                client_id: "gateway".into(),
+                client_secret: "s3cret".into(),
+                scopes: vec!["mail.send".into()],
+                resource: None,
+                ca_file: None,
+            };
+            f(&mut o);
+            s.oauth = Some(Box::new(o));
+            s
+        };
+        assert_eq!(server_spec(&with(&|_| {})), Ok(()));
+        assert_eq!(
+            server_spec(&with(&|o| o.token_url = "http://127.0.0.1:9/token".into())),
+            Ok(()),
+            "http to a loopback provider"
+        );
+        let field = |s: &ServerSpec| server_spec(s).unwrap_err().field;
+        assert_eq!(
+            field(&with(
+                &|o| o.token_url = "http://login.example.com/token".into()
+            )),
+            "oauth.token_url"
+        );
+        assert_eq!(field(&with(&|o| o.client_id.clear())), "oauth.client_id");
+        assert_eq!(
+            field(&with(&|o| o.client_secret.clear())),
+            "oauth.client_secret"
+        );
+        assert_eq!(
+            field(&with(&|o| o.scopes = vec!["a b".into()])),
+            "oauth.scopes[0]"
+        );
+        assert_eq!(
+            field(&with(
+                &|o| o.resource = Some("https://mail.example.com/mcp#x".into())
+            )),
+            "oauth.resource"
+        );
+        let mut both = with(&|_| {});
+        both.headers
+            .insert("authorization".into(), "Bearer x".into());
+        assert_eq!(field(&both), "oauth");
+        let mut local = with(&|_| {});
+        local.url = None;
+        local.command = "uvx".into();
+        assert_eq!(field(&local), "oauth");
     }
 
     #[test]

@@ -1,0 +1,165 @@
+"""A remote server behind OAuth: the node is the server's OAuth client (`mcpctl server add
+NAME --url URL --oauth-token-url ... --oauth-client-id ... --oauth-client-secret-env VAR`),
+gets its access tokens from a real authorization server (`oidc-provider`, tests/py/oidc) with
+the client credentials grant and the resource indicator, and calls the server with them.
+
+The protected server is real too: mcpd itself, as the resource server of its tenant `oauth-up`
+(the provider trusted as that tenant's issuer), serving its demo server at
+`/servers/oauth-inner/mcp`. The cluster's global server `oauth-outer` is registered with that
+URL and the OAuth client: a call to `oauth-outer` goes out of the node over HTTPS with the
+token, and comes back in as a call of the client's own identity (`jwt:ISSUER:CLIENT_ID`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import httpx2
+import pytest
+
+from conftest import CA_CERT, MCPD, Cluster
+from helpers import client, run, text_of, wait_until
+from oidc_provider import OidcProvider
+
+TENANT = "oauth-up"
+ISSUER = "oauth-up-idp"
+INNER = "oauth-inner"
+CLIENT_ID = "mcpd-upstream-client"
+SECRET = f"secret-{uuid.uuid4().hex}"
+SECRET_VAR = "OAUTH_UPSTREAM_SECRET"
+
+
+@pytest.fixture(scope="module")
+def idp(tmp_path_factory):
+    clients = [{"client_id": CLIENT_ID, "client_secret": SECRET, "scope": "mcp"}]
+    with OidcProvider(tmp_path_factory.mktemp("oauth-upstream-idp"), clients, ttl=300) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def inner(cluster: Cluster, idp: OidcProvider) -> str:
+    """Tenant `oauth-up`'s demo server on one node, the provider trusted as the tenant's
+    issuer; returns its URL on node 0 (which forwards to the node that runs it)."""
+    cluster.mcpctl("tenant", "add", TENANT)
+    cluster.mcpctl("issuer", "add", ISSUER, "--issuer", idp.issuer, "--tenant", TENANT, "--algorithm", "RS256")
+    cluster.mcpctl("server", "add", INNER, "--tenant", TENANT, "--replicas", "1", "--", str(MCPD), "demo-server")
+    try:
+        yield cluster.url(0, INNER)
+    finally:
+        cluster.mcpctl("server", "rm", INNER)
+        cluster.mcpctl("issuer", "rm", ISSUER)
+        cluster.mcpctl("tenant", "rm", TENANT)
+
+
+def add_outer(c: Cluster, name: str, url: str, token_url: str, secret: str) -> None:
+    os.environ[SECRET_VAR] = secret
+    try:
+        c.mcpctl("server", "add", name, "--url", url, "--ca-file", str(CA_CERT), "--replicas", "1", "--pool-size", "1",
+                 "--oauth-token-url", token_url, "--oauth-client-id", CLIENT_ID,
+                 "--oauth-client-secret-env", SECRET_VAR, "--oauth-scope", "mcp")
+    finally:
+        del os.environ[SECRET_VAR]
+
+
+def tokens(c: Cluster, server: str, outcome: str) -> float:
+    """Tokens the cluster's nodes fetched for `server`, by outcome."""
+    return sum(c.metric("mcpd_upstream_oauth_tokens_total", f'server="{server}",outcome="{outcome}"', n) or 0
+               for n in range(c.nodes))
+
+
+def attempt(c: Cluster, server: str, message: str) -> tuple[bool, str]:
+    """Calls `echo` on `server` through node 0: (whether it worked, its text or error)."""
+    async def call() -> tuple[bool, str]:
+        async with client(c.url(0, server), c.token, "2026-07-28") as cl:
+            try:
+                r = await cl.call_tool("echo", {"message": message})
+            except Exception as e:  # the JSON-RPC error, as the SDK raises it
+                return False, str(e)
+            return not r.is_error, text_of(r)
+
+    return run(call())
+
+
+def test_a_remote_server_is_called_with_a_token_its_authorization_server_issued(cluster, idp, inner):
+    c = cluster
+    # The token is asked for the server's URL, which is the resource its metadata names.
+    prm = httpx2.get(f"{c.base(0)}/.well-known/oauth-protected-resource/servers/{INNER}/mcp", timeout=10).json()
+    assert prm["resource"] == inner, prm
+    add_outer(c, "oauth-outer", inner, idp.token_endpoint, SECRET)
+    try:
+        c.wait_tools("oauth-outer", ["echo"])
+        for i in range(3):
+            ok, text = attempt(c, "oauth-outer", f"hop {i}")
+            assert ok and f"hop {i}" in text, text
+
+        # The calls reached the inner server as the OAuth client, not as the caller.
+        def inner_calls() -> list[dict]:
+            return [e for n in range(c.nodes) for e in c.call_log(n)
+                    if e.get("server") == INNER and e.get("name") == "echo"]
+
+        logged = wait_until(lambda: x if len(x := inner_calls()) >= 3 else None, 30, "the inner calls logged")
+        assert {e["subject"] for e in logged} == {f"jwt:{ISSUER}:{CLIENT_ID}"}, logged
+        assert {e["tenant"] for e in logged} == {TENANT}
+        # One connection, one token for all of it: kept, not fetched per request.
+        assert tokens(c, "oauth-outer", "ok") == 1
+        # The secret is sealed, shown redacted, and not in the audit trail.
+        shown = json.loads(c.mcpctl("server", "get", "oauth-outer", "-o", "json"))["spec"]["oauth"]
+        assert shown == {"token_url": idp.token_endpoint, "client_id": CLIENT_ID, "client_secret": "<redacted>",
+                         "scopes": ["mcp"]}, shown
+        assert SECRET not in c.mcpctl("audit", "list", "--since", "0", "-o", "json")
+
+        # The issuer is withdrawn: the server refuses the token, the node drops it and tries
+        # once with a new one, and the call fails as not run.
+        c.mcpctl("issuer", "rm", ISSUER)
+        try:
+            refusal = wait_until(lambda: r[1] if not (r := attempt(c, "oauth-outer", "refused"))[0] else None,
+                                 30, "the server to refuse the token")
+            assert "HTTP 401" in refusal and "did not run" in refusal, refusal
+            assert tokens(c, "oauth-outer", "ok") >= 2, "a new token was fetched after the 401"
+        finally:
+            c.mcpctl("issuer", "add", ISSUER, "--issuer", idp.issuer, "--tenant", TENANT, "--algorithm", "RS256")
+        # Trusted again: the token fetched after the refusal works.
+        back = wait_until(lambda: r[1] if (r := attempt(c, "oauth-outer", "back"))[0] else None, 30,
+                          "the call to work again")
+        assert "back" in back
+    finally:
+        c.mcpctl("server", "rm", "oauth-outer")
+
+
+def test_refused_client_credentials_are_the_servers_start_error_without_the_secret(cluster, idp, inner):
+    c = cluster
+    wrong = f"wrong-{uuid.uuid4().hex}"
+    add_outer(c, "oauth-wrong", inner, idp.token_endpoint, wrong)
+    try:
+        def start_error() -> str | None:
+            status = json.loads(c.mcpctl("server", "status", "oauth-wrong", "-o", "json"))
+            return next((d.get("last_error") for r in status["replicas"] for d in r["details"]
+                         if d.get("last_error")), None)
+
+        error = wait_until(start_error, 30, "the start to fail")
+        assert "refused the client credentials" in error and "invalid_client" in error, error
+        assert wrong not in error
+        assert tokens(c, "oauth-wrong", "refused") >= 1
+    finally:
+        c.mcpctl("server", "rm", "oauth-wrong")
+
+
+def test_an_oauth_client_is_checked_when_the_server_is_written(cluster, idp):
+    c = cluster
+    os.environ[SECRET_VAR] = SECRET
+    try:
+        r = c.mcpctl_result("server", "add", "oauth-plain", "--url", "https://mcp.example.com/mcp",
+                            "--oauth-token-url", "http://idp.example.com/token", "--oauth-client-id", CLIENT_ID,
+                            "--oauth-client-secret-env", SECRET_VAR)
+        assert r.returncode != 0 and "oauth.token_url" in r.stderr, r
+        r = c.mcpctl_result("server", "add", "oauth-local", "--oauth-token-url", idp.token_endpoint,
+                            "--oauth-client-id", CLIENT_ID, "--oauth-client-secret-env", SECRET_VAR,
+                            "--", str(MCPD), "demo-server")
+        assert r.returncode != 0 and "oauth" in r.stderr and "remote server" in r.stderr, r
+        r = c.mcpctl_result("server", "add", "oauth-half", "--url", "https://mcp.example.com/mcp",
+                            "--oauth-client-id", CLIENT_ID)
+        assert r.returncode != 0 and "--oauth-token-url" in r.stderr, r
+    finally:
+        del os.environ[SECRET_VAR]
