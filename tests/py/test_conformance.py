@@ -1,5 +1,7 @@
 """The MCP conformance suite (@modelcontextprotocol/conformance, pinned in tests/py/npm) against
-`/servers/demo/mcp`, every server scenario (`--suite all`), under the Node 22 of .tools/npm.
+`/servers/demo/mcp`, under the Node 22 of .tools/npm: the 0.1.16 line with every server
+scenario (`--suite all`), and the 0.2 line (0.2.0-alpha.12, `conformance-next`) with exactly
+the scenarios each of 2025-11-25 and 2026-07-28 requires (`--requirements`).
 
 The suite cannot send an Authorization header, so it talks to a local proxy that adds the
 tenant token (authproxy.py); HTTPS on both of the proxy's sides, so the suite runs through
@@ -12,6 +14,8 @@ from __future__ import annotations
 import re
 import subprocess
 from pathlib import Path
+
+import pytest
 
 from authproxy import AuthProxy
 from conftest import CA_DIR, NODE22, NPM
@@ -59,3 +63,27 @@ def test_mcp_conformance_suite_passes_every_server_scenario_on_servers_demo(clus
     ran = set(re.findall(r"^[✓✗] (\S+):", summary, re.M))
     assert ran == set(scenarios), f"scenarios not run: {set(scenarios) - ran}"
     assert re.search(r"^Total: \d+ passed, \d+ failed", summary, re.M), summary
+
+
+# The 0.2 line of the suite, run as a spec revision requires it (`--requirements`): exactly the
+# scenarios the revision requires, at its wire (2026-07-28: stateless, `_meta`,
+# `input_required` results). Its expected failures are listed per revision.
+NEXT = NPM / "conformance-next/dist/index.js"
+REVISIONS = ["2025-11-25", "2026-07-28"]
+
+
+@pytest.mark.parametrize("revision", REVISIONS)
+def test_conformance_suite_next_passes_what_each_revision_requires_on_servers_demo(cluster, tmp_path, revision):
+    expected = Path(__file__).with_name(f"conformance-next-expected-failures-{revision}.yml")
+    with AuthProxy(cluster.base(0), cluster.token, CA_DIR) as proxy:
+        r = subprocess.run(
+            [str(NODE22), str(NEXT), "server", "--url", proxy.url_for("/servers/demo/mcp"),
+             "--requirements", revision, "--expected-failures", str(expected),
+             "--output-dir", str(tmp_path / "results")],
+            capture_output=True, text=True, timeout=900, cwd=tmp_path,
+        )
+        assert proxy.requests > 0
+    out = ANSI.sub("", r.stdout)
+    summary = out[out.find("=== SUMMARY ===") :] if "=== SUMMARY ===" in out else out[-6000:]
+    print(summary)
+    assert r.returncode == 0, f"conformance suite {revision} failed ({r.returncode}):\n{summary}\n{r.stderr[-3000:]}"

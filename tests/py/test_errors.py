@@ -1,5 +1,6 @@
 """Requests the gateway must refuse, each with a clear error, seen with raw HTTP: unknown tool,
-bad token, another tenant's server, malformed body, foreign Origin."""
+a capability the client did not declare, bad token, another tenant's server, malformed body,
+foreign Origin."""
 
 from __future__ import annotations
 
@@ -50,6 +51,19 @@ def test_an_unknown_tool_is_a_jsonrpc_error_naming_it(cluster, endpoint, tool, n
     assert r.status_code == 400, r.text
     assert r.json()["error"]["code"] == INVALID_PARAMS, r.text
     assert named in r.json()["error"]["message"], r.text
+
+
+def test_a_stateless_call_that_needs_a_capability_its_client_did_not_declare_gets_32021(cluster):
+    """2026-07-28 (SEP-2575): the demo server's tool asks the client's LLM (sampling) and the
+    request's `_meta` declares no capability, so the gateway refuses the request with
+    MissingRequiredClientCapability, naming what it needs, and HTTP 400."""
+    r = stateless_post(cluster.url(0, "demo"), cluster.token, "tools/call",
+                       {"name": "test_missing_capability", "arguments": {}}, name="test_missing_capability")
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == -32021, error
+    assert error["data"]["requiredCapabilities"] == {"sampling": {}}, error
+    assert "sampling" in error["message"]
 
 
 @pytest.mark.parametrize("server", [None, "demo"])

@@ -163,6 +163,24 @@ pub fn list() -> Value {
             }),
         ),
         tool(
+            "test_missing_capability",
+            "Needs the client's sampling capability (it asks the client's LLM); a 2026-07-28 \
+             request that did not declare it is refused with -32021.",
+            no_arguments(),
+        ),
+        tool(
+            "test_streaming_elicitation",
+            "Asks the user (elicitation/create) while it runs; a 2026-07-28 client gets the \
+             question as an input_required result, never as a request on the stream.",
+            no_arguments(),
+        ),
+        tool(
+            "test_logging_tool",
+            "Sends three info log notifications while it runs (none reach a 2026-07-28 \
+             request without a logLevel).",
+            no_arguments(),
+        ),
+        tool(
             "test_elicitation_sep1034_defaults",
             "Elicits a form whose fields all have default values (SEP-1034).",
             no_arguments(),
@@ -290,7 +308,17 @@ pub async fn call(
         "test_error_handling" => Ok(tool_error(
             "This tool intentionally returns an error for testing",
         )),
-        "test_sampling" => sampling(&call).await,
+        "test_sampling" => sampling(&call, call.args.str("prompt")?).await,
+        // The diagnostic tools of the conformance suite's 2026-07-28 stateless scenario.
+        "test_missing_capability" => sampling(&call, "What is the capital of France?").await,
+        "test_streaming_elicitation" => Ok(elicit(
+            &call,
+            "Please provide your information",
+            user_info_schema(),
+            "User response",
+        )
+        .await),
+        "test_logging_tool" => Ok(with_logging(&call).await),
         "test_elicitation" => {
             let message = call.args.str("message")?;
             Ok(elicit(&call, message, user_info_schema(), "User response").await)
@@ -419,8 +447,7 @@ async fn with_progress(call: &Call<'_>) -> Value {
     )])
 }
 
-async fn sampling(call: &Call<'_>) -> Result<Value, RpcError> {
-    let prompt = call.args.str("prompt")?;
+async fn sampling(call: &Call<'_>, prompt: &str) -> Result<Value, RpcError> {
     if !call.session.client_supports("sampling") {
         return Ok(tool_error(
             "the client did not declare the sampling capability",

@@ -41,6 +41,7 @@ const META_SUB: &str = "io.modelcontextprotocol/subscriptionId";
 
 /// 2026 error codes.
 const HEADER_MISMATCH: i64 = -32020;
+const MISSING_CAPABILITY: i64 = -32021;
 const UNSUPPORTED_VERSION: i64 = -32022;
 
 /// HTTP status of a JSON-RPC error in this revision.
@@ -390,14 +391,24 @@ impl Drive {
                         "roots/list" => "roots",
                         _ => "",
                     };
-                    if !self.mrtr || cap.is_empty() || self.caps.get(cap).is_none() {
-                        let why = format!(
-                            "{asked}: the client did not declare the {cap} capability for this request"
-                        );
+                    if !self.mrtr || cap.is_empty() {
+                        let why = format!("{asked}: not available to this request");
                         responder
                             .respond(Err(ErrorObject::new(code::METHOD_NOT_FOUND, why)))
                             .await;
                         continue;
+                    }
+                    if self.caps.get(cap).is_none() {
+                        // The call needs what the client did not declare: the server refuses
+                        // the request (SEP-2575), and the upstream's question is refused too.
+                        let why = format!(
+                            "{asked}: the client did not declare the {cap} capability for this request"
+                        );
+                        responder
+                            .respond(Err(ErrorObject::new(code::METHOD_NOT_FOUND, why.clone())))
+                            .await;
+                        return Next::Outcome(Err(ErrorObject::new(MISSING_CAPABILITY, why)
+                            .with_data(json!({ "requiredCapabilities": { cap: {} } }))));
                     }
                     let key = format!("r{}", self.parked.next_key);
                     self.parked.next_key += 1;
