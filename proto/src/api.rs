@@ -441,9 +441,9 @@ impl ServerPatch {
             // An empty sandbox clears it.
             spec.sandbox = Some(v).filter(|s| *s != SandboxSpec::default());
         }
+        // Set by a patch, cleared only by a PUT of the whole spec (as `url` and `ca_file`).
         if let Some(v) = p.oauth {
-            // An empty one clears it.
-            spec.oauth = Some(Box::new(v)).filter(|o| **o != OAuthClient::default());
+            spec.oauth = Some(Box::new(v));
         }
     }
 }

@@ -25,6 +25,7 @@ from oidc_provider import OidcProvider
 
 TENANT = "oauth-up"
 ISSUER = "oauth-up-idp"
+ROTATED = "oauth-up-idp-rotated"
 INNER = "oauth-inner"
 CLIENT_ID = "mcpd-upstream-client"
 SECRET = f"secret-{uuid.uuid4().hex}"
@@ -87,6 +88,7 @@ def test_a_remote_server_is_called_with_a_token_its_authorization_server_issued(
     # The token is asked for the server's URL, which is the resource its metadata names.
     prm = httpx2.get(f"{c.base(0)}/.well-known/oauth-protected-resource/servers/{INNER}/mcp", timeout=10).json()
     assert prm["resource"] == inner, prm
+    fetched_before = tokens(c, "oauth-outer", "ok")
     add_outer(c, "oauth-outer", inner, idp.token_endpoint, SECRET)
     try:
         c.wait_tools("oauth-outer", ["echo"])
@@ -103,7 +105,7 @@ def test_a_remote_server_is_called_with_a_token_its_authorization_server_issued(
         assert {e["subject"] for e in logged} == {f"jwt:{ISSUER}:{CLIENT_ID}"}, logged
         assert {e["tenant"] for e in logged} == {TENANT}
         # One connection, one token for all of it: kept, not fetched per request.
-        assert tokens(c, "oauth-outer", "ok") == 1
+        assert tokens(c, "oauth-outer", "ok") - fetched_before == 1
         # The secret is sealed, shown redacted, and not in the audit trail.
         shown = json.loads(c.mcpctl("server", "get", "oauth-outer", "-o", "json"))["spec"]["oauth"]
         assert shown == {"token_url": idp.token_endpoint, "client_id": CLIENT_ID, "client_secret": "<redacted>",
@@ -124,6 +126,24 @@ def test_a_remote_server_is_called_with_a_token_its_authorization_server_issued(
         back = wait_until(lambda: r[1] if (r := attempt(c, "oauth-outer", "back"))[0] else None, 30,
                           "the call to work again")
         assert "back" in back
+
+        # The provider rotates its key and unpublishes the old one, and the provider is
+        # trusted under a new name (the inner node reads its keys afresh): the kept token no
+        # longer verifies. Within one call, the server's 401 makes the node fetch a token
+        # signed with the new key and send the call once more; the caller sees no error.
+        before = tokens(c, "oauth-outer", "ok")
+        idp.rotate()
+        idp.drop_old_keys()
+        c.mcpctl("issuer", "rm", ISSUER)
+        c.mcpctl("issuer", "add", ROTATED, "--issuer", idp.issuer, "--tenant", TENANT, "--algorithm", "RS256")
+        try:
+            wait_until(lambda: ROTATED in c.mcpctl("issuer", "list", node=0), 10, "node 1 trusts the issuer")
+            ok, text = attempt(c, "oauth-outer", "rotated")
+            assert ok and "rotated" in text, text
+            assert tokens(c, "oauth-outer", "ok") == before + 1, "one new token, for the one refusal"
+        finally:
+            c.mcpctl("issuer", "rm", ROTATED)
+            c.mcpctl("issuer", "add", ISSUER, "--issuer", idp.issuer, "--tenant", TENANT, "--algorithm", "RS256")
     finally:
         c.mcpctl("server", "rm", "oauth-outer")
 
@@ -144,6 +164,45 @@ def test_refused_client_credentials_are_the_servers_start_error_without_the_secr
         assert tokens(c, "oauth-wrong", "refused") >= 1
     finally:
         c.mcpctl("server", "rm", "oauth-wrong")
+
+
+def test_a_tenant_admin_cannot_point_an_oauth_client_at_the_nodes_or_their_files(cluster, inner):
+    c = cluster
+    name = "oauth-tenant-admin"
+    token = c.mcpctl("token", "create", "--role", "tenant-admin", "--tenant", TENANT, "--name", name,
+                     "--ttl", "600").strip()
+    try:
+        good = {"token_url": "https://login.example.com/token", "client_id": CLIENT_ID, "client_secret": "s"}
+        for field, oauth in [("oauth.token_url", {**good, "token_url": "http://127.0.0.1:9/token"}),
+                             ("oauth.token_url", {**good, "token_url": "https://169.254.169.254/token"}),
+                             ("oauth.ca_file", {**good, "ca_file": "/etc/shadow"})]:
+            spec = {"name": name, "tenant": TENANT, "url": "https://mcp.example.com/mcp", "oauth": oauth}
+            r = httpx2.post(f"{c.base(0)}/v1/servers", json=spec, headers={"Authorization": f"Bearer {token}"},
+                            timeout=10)
+            assert r.status_code == 422 and r.json()["error"]["field"] == field, (field, r.text)
+    finally:
+        ids = [t["id"] for t in json.loads(c.mcpctl("token", "list", "-o", "json")) if t["name"] == name]
+        for tid in ids:
+            c.mcpctl("token", "revoke", tid)
+
+
+def test_a_stored_client_secret_goes_only_to_the_token_endpoint_it_was_given_for(cluster, idp):
+    c = cluster
+    name = "oauth-moved"
+    add_outer(c, name, "https://mcp.example.com/mcp", "https://login.example.com/token", SECRET)
+    try:
+        admin = {"Authorization": f"Bearer {c.admin_token}"}
+        shown = httpx2.get(f"{c.base(0)}/v1/servers/{name}", headers=admin, timeout=10).json()["spec"]
+        assert shown["oauth"]["client_secret"] == "<redacted>"
+        # Sent back redacted with the same endpoint and client: the stored secret stays.
+        r = httpx2.put(f"{c.base(0)}/v1/servers/{name}", json={**shown, "pool_size": 2}, headers=admin, timeout=10)
+        assert r.status_code == 200, r.text
+        # Pointed elsewhere, it must be given again.
+        moved = {**shown, "oauth": {**shown["oauth"], "token_url": "https://attacker.example.com/token"}}
+        r = httpx2.put(f"{c.base(0)}/v1/servers/{name}", json=moved, headers=admin, timeout=10)
+        assert r.status_code == 422 and r.json()["error"]["field"] == "oauth.client_secret", r.text
+    finally:
+        c.mcpctl("server", "rm", name)
 
 
 def test_an_oauth_client_is_checked_when_the_server_is_written(cluster, idp):

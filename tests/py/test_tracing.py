@@ -256,8 +256,9 @@ def test_a_refused_write_is_a_failed_span_that_says_why(traced, otlp):
 
     (span, *_) = wait_until(refused, 30, "a failed registry.write span of put_tenant")
     assert span.attributes["error.type"] == "rejected", span.attributes
-    ok = [s for s in otlp.all() if s.name == "registry.write" and s.attributes.get("op") == "delete_tenant"]
-    assert ok and all(s.status != 2 for s in ok), ok
+    ok = wait_until(lambda: [s for s in otlp.all() if s.name == "registry.write"
+                             and s.attributes.get("op") == "delete_tenant"], 30, "the delete_tenant span")
+    assert all(s.status != 2 for s in ok), ok
 
 
 def test_a_node_that_samples_nothing_traces_the_calls_its_callers_sampled(sampled_by_callers_only, otlp):

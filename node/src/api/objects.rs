@@ -176,20 +176,32 @@ fn may_write_server(
             caller.role, spec.command
         )));
     }
-    // The nodes' own files and the addresses only they can reach are a cluster admin's.
-    if spec.ca_file.is_some() {
-        return Err(validate::FieldError::new(
-            "ca_file",
-            "names a file on the nodes: a cluster admin's setting",
-        )
-        .into());
+    // The nodes' own files and the addresses only they can reach are a cluster admin's: the
+    // server's and its OAuth client's alike.
+    let oauth = spec.oauth.as_deref();
+    for (field, file) in [
+        ("ca_file", spec.ca_file.as_deref()),
+        ("oauth.ca_file", oauth.and_then(|o| o.ca_file.as_deref())),
+    ] {
+        if file.is_some() {
+            return Err(validate::FieldError::new(
+                field,
+                "names a file on the nodes: a cluster admin's setting",
+            )
+            .into());
+        }
     }
-    if spec.url.as_deref().is_some_and(reaches_the_nodes_only) {
-        return Err(validate::FieldError::new(
-            "url",
-            "a loopback, link-local or unspecified address is reachable from the nodes only: a cluster admin's setting",
-        )
-        .into());
+    for (field, url) in [
+        ("url", spec.url.as_deref()),
+        ("oauth.token_url", oauth.map(|o| o.token_url.as_str())),
+    ] {
+        if url.is_some_and(reaches_the_nodes_only) {
+            return Err(validate::FieldError::new(
+                field,
+                "a loopback, link-local or unspecified address is reachable from the nodes only: a cluster admin's setting",
+            )
+            .into());
+        }
     }
     Ok(())
 }
@@ -209,24 +221,34 @@ fn reaches_the_nodes_only(url: &str) -> bool {
         .is_ok_and(crate::pool::egress::node_only)
 }
 
-/// Readies a spec for writing: a secret (`env` or `headers` value) sent back as
-/// `"<redacted>"` keeps the value already stored (`current`); then the spec is validated and
-/// every secret sealed.
+/// Readies a spec for writing: a secret (`env` or `headers` value, the OAuth client's secret)
+/// sent back as `"<redacted>"` keeps the value already stored (`current`), a header's only for
+/// the same origin and the client secret only for the same token endpoint and client; then
+/// the spec is validated and every secret sealed.
 fn sealed(
     state: &AppState,
     mut spec: ServerSpec,
     current: Option<&ServerSpec>,
 ) -> Result<ServerSpec, ApiError> {
     keep_redacted("env", &mut spec.env, current.map(|c| &c.env))?;
-    keep_redacted("headers", &mut spec.headers, current.map(|c| &c.headers))?;
+    // Stored header values (credentials) go only to the origin they went to.
+    fn origin(s: &ServerSpec) -> Option<&str> {
+        s.url.as_deref().map(crate::pool::remote_http::origin)
+    }
+    let same_origin = current.is_some_and(|c| origin(c) == origin(&spec));
+    keep_redacted(
+        "headers",
+        &mut spec.headers,
+        current.filter(|_| same_origin).map(|c| &c.headers),
+    )?;
     if let Some(oauth) = &mut spec.oauth {
-        keep_redacted_value(
-            "oauth.client_secret",
-            &mut oauth.client_secret,
-            current
-                .and_then(|c| c.oauth.as_ref())
-                .map(|o| &o.client_secret),
-        )?;
+        // The stored secret goes only where it went: to the same token endpoint, as the same
+        // client. Pointing the client elsewhere takes the secret again.
+        let stored = current
+            .and_then(|c| c.oauth.as_deref())
+            .filter(|o| o.token_url == oauth.token_url && o.client_id == oauth.client_id)
+            .map(|o| &o.client_secret);
+        keep_redacted_value("oauth.client_secret", &mut oauth.client_secret, stored)?;
     }
     validate::server_spec(&spec)?;
     state

@@ -400,13 +400,15 @@ impl Drive {
                     }
                     if self.caps.get(cap).is_none() {
                         // The call needs what the client did not declare: the server refuses
-                        // the request (SEP-2575), and the upstream's question is refused too.
+                        // the request (SEP-2575), so the call upstream is cancelled (its
+                        // question answered first, so that it is not left waiting).
                         let why = format!(
                             "{asked}: the client did not declare the {cap} capability for this request"
                         );
                         responder
                             .respond(Err(ErrorObject::new(code::METHOD_NOT_FOUND, why.clone())))
                             .await;
+                        self.parked.running.handle().abort();
                         return Next::Outcome(Err(ErrorObject::new(MISSING_CAPABILITY, why)
                             .with_data(json!({ "requiredCapabilities": { cap: {} } }))));
                     }

@@ -14,6 +14,7 @@
 //! - **Reached apart from the server:** the token endpoint gets none of the server's static
 //!   headers, and trusts `oauth.ca_file` or the system's roots (not the server's `ca_file`),
 //!   through the same egress rules as the server (a tenant's: public addresses only).
+//! - **A failed fetch** is the answer for 5 s, so the calls queued behind it fail at once.
 //! - Fetches are counted in `mcpd_upstream_oauth_tokens_total{server, outcome}`; a token or
 //!   a secret is never logged.
 
@@ -26,7 +27,15 @@ use serde::Deserialize;
 /// Largest token endpoint answer read.
 const MAX_ANSWER: usize = 64 << 10;
 
-#[derive(Debug, thiserror::Error)]
+/// How long a failed fetch is the answer for the requests that follow, so that while the
+/// token endpoint is down or refusing, a connection's queued calls fail at once instead of
+/// each waiting on a fetch of its own.
+const FAILURE_KEPT: Duration = Duration::from_secs(5);
+
+/// Longest error text of the authorization server's kept (it reaches logs and callers).
+const MAX_ERROR_TEXT: usize = 200;
+
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum TokenError {
     #[error("the authorization server refused the client credentials (HTTP {status}: {error})")]
     Refused { status: u16, error: String },
@@ -54,7 +63,15 @@ pub struct Tokens {
     resource: String,
     http: reqwest::Client,
     timeout: Duration,
-    current: tokio::sync::Mutex<Option<Token>>,
+    /// One fetch at a time: the concurrent requests of a connection wait for it.
+    current: tokio::sync::Mutex<Kept>,
+}
+
+/// What the last fetch left.
+enum Kept {
+    Nothing,
+    Token(Token),
+    Failed { error: TokenError, until: Instant },
 }
 
 struct Token {
@@ -97,42 +114,51 @@ impl Tokens {
             resource: client
                 .resource
                 .clone()
-                .or_else(|| spec.url.clone())
+                .or_else(|| spec.url.as_deref().map(without_query))
                 .unwrap_or_default(),
             http,
             timeout: Duration::from_millis(spec.timeouts.startup_ms),
-            current: tokio::sync::Mutex::new(None),
+            current: tokio::sync::Mutex::new(Kept::Nothing),
         }))
     }
 
     /// The `Authorization` value to send: the kept token, or a new one.
     pub async fn bearer(&self) -> Result<HeaderValue, TokenError> {
         let mut current = self.current.lock().await;
-        if let Some(kept) = current
-            .as_ref()
-            .filter(|t| t.renew_at.is_none_or(|at| Instant::now() < at))
-        {
-            return Ok(kept.bearer.clone());
+        let now = Instant::now();
+        match &*current {
+            Kept::Token(t) if t.renew_at.is_none_or(|at| now < at) => return Ok(t.bearer.clone()),
+            Kept::Failed { error, until } if now < *until => return Err(error.clone()),
+            _ => {}
         }
         let fetched = self.fetch().await;
         let outcome = fetched.as_ref().map_or_else(TokenError::outcome, |_| "ok");
         metrics::counter!("mcpd_upstream_oauth_tokens_total", "server" => self.server.clone(), "outcome" => outcome)
             .increment(1);
-        let token = fetched.inspect_err(|e| {
-            tracing::warn!(server = %self.server, error = %e, "no access token for the remote server");
-        })?;
-        let bearer = token.bearer.clone();
-        *current = Some(token);
-        Ok(bearer)
+        match fetched {
+            Ok(token) => {
+                let bearer = token.bearer.clone();
+                *current = Kept::Token(token);
+                Ok(bearer)
+            }
+            Err(error) => {
+                tracing::warn!(server = %self.server, error = %error, "no access token for the remote server");
+                *current = Kept::Failed {
+                    error: error.clone(),
+                    until: Instant::now() + FAILURE_KEPT,
+                };
+                Err(error)
+            }
+        }
     }
 
     /// The server refused `sent`: the next request gets a new token (unless another request
     /// got one already).
     pub async fn refused(&self, sent: &HeaderValue) {
         let mut current = self.current.lock().await;
-        if current.as_ref().is_some_and(|t| t.bearer == *sent) {
+        if matches!(&*current, Kept::Token(t) if t.bearer == *sent) {
             tracing::info!(server = %self.server, "the remote server refused its access token; getting a new one");
-            *current = None;
+            *current = Kept::Nothing;
         }
     }
 
@@ -174,13 +200,17 @@ impl Tokens {
             body.extend_from_slice(&chunk);
         }
         if !status.is_success() {
-            let error = serde_json::from_slice::<Refusal>(&body).map_or_else(
+            let mut error = serde_json::from_slice::<Refusal>(&body).map_or_else(
                 |_| "no OAuth error in the answer".to_string(),
                 |r| match r.error_description {
                     Some(d) => format!("{}: {d}", r.error),
                     None => r.error,
                 },
             );
+            if let Some((cut, _)) = error.char_indices().nth(MAX_ERROR_TEXT) {
+                error.truncate(cut);
+                error.push('…');
+            }
             return Err(TokenError::Refused {
                 status: status.as_u16(),
                 error,
@@ -203,6 +233,22 @@ impl Tokens {
                 .expires_in
                 .map(|s| asked + lifetime(Duration::from_secs(s))),
         })
+    }
+}
+
+/// `url` without its query and fragment (which may carry a secret): the resource a token is
+/// asked for, sent to another host.
+fn without_query(url: &str) -> String {
+    if !url.contains(['?', '#']) {
+        return url.to_string();
+    }
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            u.set_query(None);
+            u.set_fragment(None);
+            u.to_string()
+        }
+        Err(_) => url.to_string(),
     }
 }
 

@@ -274,8 +274,9 @@ impl Remote {
         let session = shared.session();
         if session.id.is_some() {
             let ended = tokio::time::timeout(grace, async {
-                let (req, _) = shared.request(reqwest::Method::DELETE, &session).await?;
-                req.timeout(grace)
+                let out = shared.request(reqwest::Method::DELETE, &session).await?;
+                out.request
+                    .timeout(grace)
                     .send()
                     .await
                     .map_err(|e| CallError::NotRun(e.without_url().to_string()))
@@ -283,6 +284,13 @@ impl Remote {
             let _ = ended.await;
         }
     }
+}
+
+/// A request ready to send, and the access token it carries (to drop if the server refuses
+/// it: [`Shared::refused`]).
+struct Outgoing {
+    request: reqwest::RequestBuilder,
+    bearer: Option<HeaderValue>,
 }
 
 /// Where the server's messages for one call go.
@@ -400,12 +408,12 @@ impl Shared {
     }
 
     /// A request on `session`, with the connection's access token when the server has an
-    /// OAuth client; also returns the token, for [`Shared::refused`].
+    /// OAuth client.
     async fn request(
         &self,
         method: reqwest::Method,
         session: &Session,
-    ) -> Result<(reqwest::RequestBuilder, Option<HeaderValue>), CallError> {
+    ) -> Result<Outgoing, CallError> {
         let mut req = self
             .http
             .request(method, &self.url)
@@ -428,7 +436,10 @@ impl Shared {
         if let Some(b) = &bearer {
             req = req.header(AUTHORIZATION, b.clone());
         }
-        Ok((req, bearer))
+        Ok(Outgoing {
+            request: req,
+            bearer,
+        })
     }
 
     /// The server answered `401` to a request sent with `bearer`: whether a new token is on
@@ -444,32 +455,40 @@ impl Shared {
     }
 
     /// POSTs a notification or a response on `session`: the server accepts it (202) or not.
+    /// Refused with `401`, it is sent once more with a new access token.
     async fn send_note(&self, session: &Session, msg: &Message) -> Result<(), CallError> {
-        let (req, bearer) = self.request(reqwest::Method::POST, session).await?;
-        let resp = req
-            .header(CONTENT_TYPE, "application/json")
-            .body(msg.to_line())
-            .timeout(self.request_timeout)
-            .send()
-            .await
-            .map_err(|e| {
-                CallError::NotRun(format!(
-                    "remote server {:?}: {}",
-                    self.server,
-                    e.without_url()
-                ))
-            })?;
-        if resp.status().is_success() {
-            Ok(())
-        } else {
-            if resp.status() == StatusCode::UNAUTHORIZED {
-                self.refused(bearer.as_ref()).await;
+        let mut resent = false;
+        loop {
+            let out = self.request(reqwest::Method::POST, session).await?;
+            let resp = out
+                .request
+                .header(CONTENT_TYPE, "application/json")
+                .body(msg.to_line())
+                .timeout(self.request_timeout)
+                .send()
+                .await
+                .map_err(|e| {
+                    CallError::NotRun(format!(
+                        "remote server {:?}: {}",
+                        self.server,
+                        e.without_url()
+                    ))
+                })?;
+            let status = resp.status();
+            if status.is_success() {
+                return Ok(());
             }
-            Err(CallError::NotRun(format!(
-                "remote server {:?} answered HTTP {}",
-                self.server,
-                resp.status()
-            )))
+            if status == StatusCode::UNAUTHORIZED
+                && !resent
+                && self.refused(out.bearer.as_ref()).await
+            {
+                resent = true;
+                continue;
+            }
+            return Err(CallError::NotRun(format!(
+                "remote server {:?} answered HTTP {status}",
+                self.server
+            )));
         }
     }
 
@@ -494,8 +513,9 @@ impl Shared {
     ) -> Result<(Posted, Option<String>), CallError> {
         let mut resent = false;
         let resp = loop {
-            let (req, bearer) = self.request(reqwest::Method::POST, session).await?;
-            let resp = req
+            let out = self.request(reqwest::Method::POST, session).await?;
+            let resp = out
+                .request
                 .header(CONTENT_TYPE, "application/json")
                 .body(msg.to_line())
                 .send()
@@ -516,7 +536,7 @@ impl Shared {
                 })?;
             if resp.status() == StatusCode::UNAUTHORIZED
                 && !resent
-                && self.refused(bearer.as_ref()).await
+                && self.refused(out.bearer.as_ref()).await
             {
                 resent = true;
                 continue;
@@ -524,7 +544,7 @@ impl Shared {
             break resp;
         };
         let status = resp.status();
-        if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+        if status == StatusCode::UNAUTHORIZED {
             return Err(CallError::NotRun(format!(
                 "remote server {:?} refused the credentials it was sent (HTTP {status}); the call did not run",
                 self.server
@@ -688,8 +708,8 @@ async fn listen(shared: std::sync::Weak<Shared>) {
         }
         let mut accept = HeaderMap::new();
         accept.insert(ACCEPT, HeaderValue::from_static("text/event-stream"));
-        let (req, bearer) = match s.request(reqwest::Method::GET, &s.session()).await {
-            Ok(r) => r,
+        let out = match s.request(reqwest::Method::GET, &s.session()).await {
+            Ok(out) => out,
             Err(_) => {
                 drop(s);
                 tokio::time::sleep(pause).await;
@@ -697,11 +717,11 @@ async fn listen(shared: std::sync::Weak<Shared>) {
                 continue;
             }
         };
-        let resp = req.headers(accept).send().await;
+        let resp = out.request.headers(accept).send().await;
         match resp {
             Ok(r) if r.status() == StatusCode::METHOD_NOT_ALLOWED => return,
             Ok(r) if r.status() == StatusCode::UNAUTHORIZED => {
-                s.refused(bearer.as_ref()).await;
+                s.refused(out.bearer.as_ref()).await;
                 drop(s);
             }
             // The server forgot the session: renew it now, not at the next call.

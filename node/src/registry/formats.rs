@@ -14,7 +14,7 @@
 //! at its next start), and a log is applied in order: one such entry would stop every older
 //! member until it was upgraded.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -23,16 +23,23 @@ use super::state::{Command, MembershipChange, STATE_FORMAT};
 /// The format of a member that does not say (an mcpd older than the field).
 pub const OLDEST: u32 = 1;
 
-/// The members that must apply `command`: all of `members` but one it removes. A member being
-/// removed need not read the record of its removal: it is often dead (why it is removed, and
-/// never heard from, so it would count as the oldest), and a live one leaves right after.
-pub fn readers(command: &Command, members: impl IntoIterator<Item = u64>) -> Vec<u64> {
+/// The members that must apply `command`: all of `members` but one it removes, when the
+/// record of its removal commits without it. A member being removed need not read that
+/// record: it is often dead (why it is removed, and never heard from, so it would count as the
+/// oldest), and a live one leaves right after. But a voter whose vote the commit needs (the
+/// others are no majority of `voters` without it: two voters) must read it.
+pub fn readers(
+    command: &Command,
+    members: impl IntoIterator<Item = u64>,
+    voters: &BTreeSet<u64>,
+) -> Vec<u64> {
     let leaving = match command {
         Command::ChangeMembership {
             change: MembershipChange::Remove { id },
         } => Some(*id),
         _ => None,
-    };
+    }
+    .filter(|id| !voters.contains(id) || voters.len() - 1 > voters.len() / 2);
     members
         .into_iter()
         .filter(|id| Some(*id) != leaving)
@@ -206,8 +213,19 @@ mod tests {
             change: MembershipChange::Remove { id },
         };
         assert!(remove(3).format() > OLDEST);
-        let readers = |cmd: &Command| readers(cmd, [1, 2, 3]);
+        let voters = BTreeSet::from([1, 2, 3]);
+        let readers = |cmd: &Command| readers(cmd, [1, 2, 3], &voters);
         assert_eq!(readers(&remove(3)), [1, 2]);
+        assert_eq!(
+            super::readers(&remove(2), [1, 2], &BTreeSet::from([1, 2])),
+            [1, 2],
+            "of two voters, the one removed votes on its removal's record"
+        );
+        assert_eq!(
+            super::readers(&remove(4), [1, 2, 3, 4], &voters),
+            [1, 2, 3],
+            "a learner never votes"
+        );
         assert!(
             f.admit(&remove(3), 1, &readers(&remove(3))).is_ok(),
             "removing the dead node is not held up by it"

@@ -463,6 +463,18 @@ impl Registry {
                     Ok(Ok(Err(e))) => {
                         tracing::debug!(leader = leader.id, error = %e, "forwarded write refused, retrying");
                     }
+                    // An older leader cannot decode a newer command (its gRPC service says
+                    // "bad payload"): that waits for the operator too, not for a retry.
+                    Ok(Err(e))
+                        if req.command.format() > formats::OLDEST && e.contains("bad payload") =>
+                    {
+                        return Err(RegistryError::UpgradeInProgress(format!(
+                            "the leader, node {}, cannot read `{}` (command format {}): it runs an older release; upgrade it, then retry",
+                            leader.id,
+                            req.command.label(),
+                            req.command.format()
+                        )));
+                    }
                     Ok(Err(e)) => {
                         tracing::debug!(leader = leader.id, error = %e, "forwarding failed, retrying");
                     }
@@ -639,7 +651,8 @@ impl Registry {
             }
             m.membership_config.membership().clone()
         };
-        let readers = formats::readers(command, membership.nodes().map(|(id, _)| *id));
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let readers = formats::readers(command, membership.nodes().map(|(id, _)| *id), &voters);
         if self.formats.admit(command, self.id, &readers).is_err() {
             let asks = self
                 .formats
@@ -923,6 +936,15 @@ impl Registry {
         change: MembershipChange,
         ctx: state::AuditContext,
     ) -> Result<(), RegistryError> {
+        // A change the membership as this node knows it refuses is not recorded (the
+        // leader checks again against its own).
+        {
+            let metrics = self.raft.metrics().borrow().clone();
+            let membership = metrics.membership_config.membership();
+            let voters: BTreeSet<u64> = membership.voter_ids().collect();
+            let learners: BTreeSet<u64> = membership.learner_ids().collect();
+            self.check_change(&change, &voters, &learners)?;
+        }
         self.write_audited(
             Command::ChangeMembership {
                 change: change.clone(),
@@ -988,24 +1010,14 @@ impl Registry {
         serde_json::from_slice(&reply.into_inner().result).map_err(|e| e.to_string())
     }
 
-    /// Leader side of a membership change.
-    pub async fn change_membership_as_leader(
+    /// Whether `change` may be made to a membership of `voters` and `learners`: checked by the
+    /// leader, and first by the node that took the request, before it records it.
+    fn check_change(
         &self,
-        change: MembershipChange,
+        change: &MembershipChange,
+        voters: &BTreeSet<u64>,
+        learners: &BTreeSet<u64>,
     ) -> Result<(), ForwardError> {
-        let metrics = self.raft.metrics().borrow().clone();
-        if metrics.current_leader != Some(self.id) {
-            return Err(ForwardError::NotLeader { node: self.id });
-        }
-        let membership = metrics.membership_config.membership().clone();
-        let voters: BTreeSet<u64> = membership.voter_ids().collect();
-        let learners: BTreeSet<u64> = membership.learner_ids().collect();
-        let map_err = |e: RaftError<u64, ClientWriteError>| match e {
-            RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
-                ForwardError::NotLeader { node: self.id }
-            }
-            other => ForwardError::Raft(other.to_string()),
-        };
         match change {
             MembershipChange::Add(req) => {
                 if req.id == 0 {
@@ -1027,6 +1039,42 @@ impl Registry {
                         req.id
                     )));
                 }
+            }
+            MembershipChange::Remove { id } => {
+                if voters.contains(id) && voters.len() == 1 {
+                    return Err(ForwardError::Conflict(format!(
+                        "node {id} is the last voter; a cluster cannot remove its last voter"
+                    )));
+                }
+                if !voters.contains(id) && !learners.contains(id) {
+                    return Err(ForwardError::NotFound(format!("node {id} is not a member")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Leader side of a membership change.
+    pub async fn change_membership_as_leader(
+        &self,
+        change: MembershipChange,
+    ) -> Result<(), ForwardError> {
+        let metrics = self.raft.metrics().borrow().clone();
+        if metrics.current_leader != Some(self.id) {
+            return Err(ForwardError::NotLeader { node: self.id });
+        }
+        let membership = metrics.membership_config.membership().clone();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let learners: BTreeSet<u64> = membership.learner_ids().collect();
+        self.check_change(&change, &voters, &learners)?;
+        let map_err = |e: RaftError<u64, ClientWriteError>| match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+                ForwardError::NotLeader { node: self.id }
+            }
+            other => ForwardError::Raft(other.to_string()),
+        };
+        match change {
+            MembershipChange::Add(req) => {
                 let member = Member {
                     id: req.id,
                     http_addr: req.http_addr.clone(),
@@ -1063,16 +1111,9 @@ impl Registry {
             MembershipChange::Remove { id } => {
                 let ids: BTreeSet<u64> = [id].into();
                 let change = if voters.contains(&id) {
-                    if voters.len() == 1 {
-                        return Err(ForwardError::Conflict(format!(
-                            "node {id} is the last voter; a cluster cannot remove its last voter"
-                        )));
-                    }
                     ChangeMembers::RemoveVoters(ids)
-                } else if learners.contains(&id) {
-                    ChangeMembers::RemoveNodes(ids)
                 } else {
-                    return Err(ForwardError::NotFound(format!("node {id} is not a member")));
+                    ChangeMembers::RemoveNodes(ids)
                 };
                 tokio::time::timeout(
                     self.membership_wait,
