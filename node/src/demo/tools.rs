@@ -181,6 +181,18 @@ pub fn list() -> Value {
             no_arguments(),
         ),
         tool(
+            "test_trigger_tool_change",
+            "Announces a change of this server's tool list (notifications/tools/list_changed); \
+             the list itself is fixed.",
+            no_arguments(),
+        ),
+        tool(
+            "test_trigger_prompt_change",
+            "Announces a change of this server's prompt list \
+             (notifications/prompts/list_changed); the list itself is fixed.",
+            no_arguments(),
+        ),
+        tool(
             "test_elicitation_sep1034_defaults",
             "Elicits a form whose fields all have default values (SEP-1034).",
             no_arguments(),
@@ -319,6 +331,8 @@ pub async fn call(
         )
         .await),
         "test_logging_tool" => Ok(with_logging(&call).await),
+        "test_trigger_tool_change" => Ok(announce(&call, "tools")),
+        "test_trigger_prompt_change" => Ok(announce(&call, "prompts")),
         "test_elicitation" => {
             let message = call.args.str("message")?;
             Ok(elicit(&call, message, user_info_schema(), "User response").await)
@@ -434,6 +448,16 @@ async fn with_logging(call: &Call<'_>) -> Value {
     tool_ok(vec![content::text(
         "Tool with logging executed successfully",
     )])
+}
+
+/// Sends `notifications/{list}/list_changed`: what a server does when its list changes, for
+/// the suite to see it reach a `subscriptions/listen` stream through the gateway.
+fn announce(call: &Call<'_>, list: &str) -> Value {
+    call.session
+        .notify(&format!("notifications/{list}/list_changed"), json!({}));
+    tool_ok(vec![content::text(format!(
+        "announced a change of the {list} list"
+    ))])
 }
 
 async fn with_progress(call: &Call<'_>) -> Value {
