@@ -92,6 +92,9 @@ impl Drop for Waiting {
 pub struct Responder {
     stdin: mpsc::Sender<Vec<u8>>,
     upstream_id: RequestId,
+    /// The server's own id of the request when it is a string, also across a peer hop: the
+    /// input key a 2026-07-28 client sees it under (`mcp::stateless`).
+    name: Option<String>,
     /// Set while the request waits on a client (see [`EventSink::waiting_on_client`]).
     waiting: Option<Arc<Waiting>>,
 }
@@ -100,11 +103,27 @@ impl Responder {
     /// A responder that writes the answer, as a JSON-RPC response line with `upstream_id`,
     /// to `tx` (a process's stdin, or a peer stream's answer channel).
     pub fn new(tx: mpsc::Sender<Vec<u8>>, upstream_id: RequestId) -> Self {
+        let name = match &upstream_id {
+            RequestId::Str(s) => Some(s.clone()),
+            RequestId::Num(_) => None,
+        };
         Responder {
             stdin: tx,
             upstream_id,
+            name,
             waiting: None,
         }
+    }
+
+    /// The same, for a request the server named `name` (a peer's, which carries it).
+    pub fn named(mut self, name: Option<String>) -> Self {
+        self.name = name;
+        self
+    }
+
+    /// The server's own string id of the request, if it gave one.
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
     }
 
     pub async fn respond(self, outcome: Result<Value, ErrorObject>) {

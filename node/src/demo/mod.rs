@@ -16,6 +16,7 @@
 //! Environment: `MCPD_DEMO_LEDGER` names the file `counter_increment` appends to; `RUST_LOG`
 //! sets the stderr log filter (default `info`).
 
+mod asks;
 mod content;
 mod prompts;
 mod resources;
@@ -271,6 +272,7 @@ async fn handle_request(
         "resources/subscribe" => resources::subscribe(session, params),
         "resources/unsubscribe" => resources::unsubscribe(session, params),
         "prompts/list" => Ok(prompts::list()),
+        "prompts/get" if params["name"] == asks::PROMPT => asks::prompt(session).await,
         "prompts/get" => prompts::get(params),
         "completion/complete" => prompts::complete(params),
         "logging/setLevel" => {

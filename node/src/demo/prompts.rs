@@ -29,6 +29,7 @@ pub fn list() -> Value {
             "name": "test_prompt_with_image",
             "description": "A prompt with an image",
         },
+        super::asks::prompt_entry(),
     ]})
 }
 

@@ -33,7 +33,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-type Pending = HashMap<String, oneshot::Sender<Result<Value, RpcError>>>;
+/// Requests waiting for the client's answer, by id, each with the number that tells a request
+/// from a later one that took over its id.
+type Pending = HashMap<String, (u64, oneshot::Sender<Result<Value, RpcError>>)>;
 
 pub struct Session {
     out: mpsc::UnboundedSender<Value>,
@@ -137,13 +139,40 @@ impl Session {
     /// Sends a request to the client and waits for its answer. The request ids are strings
     /// (`demo-1`, `demo-2`, ...), so they cannot collide with the client's own.
     pub async fn request_client(&self, method: &str, params: Value) -> Result<Value, RpcError> {
-        let id = format!("demo-{}", self.next_request.fetch_add(1, Ordering::Relaxed));
+        self.request_as(None, method, params).await
+    }
+
+    /// The same, with the request's id `name` (a 2026-07-28 client, through the gateway, sees
+    /// the question under that key). A request of that name still waiting is given up (its
+    /// tool fails): its client has asked anew, or left (an abandoned round of questions).
+    pub async fn request_client_named(
+        &self,
+        name: &str,
+        method: &str,
+        params: Value,
+    ) -> Result<Value, RpcError> {
+        self.request_as(Some(name), method, params).await
+    }
+
+    async fn request_as(
+        &self,
+        name: Option<&str>,
+        method: &str,
+        params: Value,
+    ) -> Result<Value, RpcError> {
         let (tx, rx) = oneshot::channel();
-        lock(&self.pending).insert(id.clone(), tx);
+        let n = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let id = match name {
+            Some(name) => name.to_string(),
+            None => format!("demo-{n}"),
+        };
+        // Replacing an entry drops its sender: the request waiting on it fails.
+        lock(&self.pending).insert(id.clone(), (n, tx));
         // Removes the entry however this future ends, and tells the client when we gave up.
         let mut guard = PendingGuard {
             session: self,
             id: &id,
+            n,
             answered: false,
         };
         self.send(rpc::request(&id, method, params));
@@ -172,7 +201,7 @@ impl Session {
             return false;
         };
         match lock(&self.pending).remove(id) {
-            Some(tx) => tx.send(outcome).is_ok(),
+            Some((_, tx)) => tx.send(outcome).is_ok(),
             None => false,
         }
     }
@@ -186,12 +215,18 @@ impl Session {
 struct PendingGuard<'a> {
     session: &'a Session,
     id: &'a str,
+    /// Which request of that id this is: a later one with the same id stays.
+    n: u64,
     answered: bool,
 }
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
-        let was_waiting = lock(&self.session.pending).remove(self.id).is_some();
+        let was_waiting = {
+            let mut pending = lock(&self.session.pending);
+            let ours = pending.get(self.id).is_some_and(|(n, _)| *n == self.n);
+            ours && pending.remove(self.id).is_some()
+        };
         if was_waiting && !self.answered {
             // Timed out, or the tool call was cancelled: the answer is no longer wanted.
             self.session.notify(

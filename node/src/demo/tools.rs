@@ -70,7 +70,7 @@ pub fn list() -> Value {
         }),
     );
     env_sha256["annotations"] = json!({ "readOnlyHint": true, "idempotentHint": true });
-    let tools = vec![
+    let mut tools = vec![
         echo,
         add,
         env_sha256,
@@ -231,6 +231,7 @@ pub fn list() -> Value {
             no_arguments(),
         ),
     ];
+    tools.extend(super::asks::tools());
     json!({ "tools": tools })
 }
 
@@ -273,6 +274,9 @@ pub async fn call(
         meta: p.opt_object("_meta")?,
         args: Params::new(args, "arguments."),
     };
+    if let Some(answer) = super::asks::call(session, name, call.meta).await {
+        return Ok(answer);
+    }
     match name {
         "echo" => Ok(tool_ok(vec![content::text(call.args.str("message")?)])),
         "add" => add(&call),

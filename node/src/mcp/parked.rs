@@ -22,6 +22,9 @@ pub struct Parked {
     pub pending: HashMap<String, Responder>,
     /// What each input key asks (`{method, params}`), to ask again if unanswered.
     pub asks: HashMap<String, Value>,
+    /// Answers the client gave for keys the server has not asked yet (a first request may
+    /// carry them, under the server's own names), used when it asks.
+    pub answers: serde_json::Map<String, Value>,
     pub next_key: usize,
     pub created: Instant,
 }

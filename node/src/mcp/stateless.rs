@@ -6,7 +6,13 @@
 //! - A server's own request during `tools/call`, `prompts/get` or `resources/read` (sampling,
 //!   elicitation, roots) becomes a multi-round-trip `input_required` result. The upstream call
 //!   stays parked on this node under an opaque `requestState`; the client's retry with
-//!   `inputResponses` resumes it.
+//!   `inputResponses` resumes it. Requests the server makes together (within
+//!   [`GATHER`] of each other) are asked together. An input key is the server's own string id
+//!   of its request when it gave one (so a server names its keys in either era), else `rN`;
+//!   answers given for keys not asked yet (a first request may carry them) answer those
+//!   requests when they come. The client's capabilities of the request reach the server in
+//!   `_meta`, so it can ask only for what the client has; a request for one the client did
+//!   not declare ends the call with -32021.
 //! - `subscriptions/listen` streams list changes and resource updates.
 
 use std::collections::HashMap;
@@ -38,6 +44,10 @@ const META_CAPS: &str = "io.modelcontextprotocol/clientCapabilities";
 const META_LOG: &str = "io.modelcontextprotocol/logLevel";
 const META_SERVER: &str = "io.modelcontextprotocol/serverInfo";
 const META_SUB: &str = "io.modelcontextprotocol/subscriptionId";
+
+/// How long, after the server asked the client something, further questions of the same call
+/// are waited for, so that questions asked together are answered together.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// 2026 error codes.
 const HEADER_MISMATCH: i64 = -32020;
@@ -143,7 +153,9 @@ fn upstream_params(mut params: Option<Value>) -> Option<Value> {
         p.remove("inputResponses");
         p.remove("requestState");
         if let Some(meta) = p.get_mut("_meta").and_then(Value::as_object_mut) {
-            meta.retain(|k, _| !k.starts_with("io.modelcontextprotocol/"));
+            // The client's capabilities of this request go on: a server may ask the client
+            // only for what it declared.
+            meta.retain(|k, _| !k.starts_with("io.modelcontextprotocol/") || k == META_CAPS);
             if meta.is_empty() {
                 p.remove("_meta");
             }
@@ -272,6 +284,25 @@ pub async fn post(
             ),
         ),
         _ => {
+            let answers = match params.as_ref().and_then(|p| p.get("inputResponses")) {
+                None => serde_json::Map::new(),
+                Some(Value::Object(answers)) => {
+                    if let Some(key) = answers.iter().find(|(_, a)| !a.is_object()).map(|(k, _)| k)
+                    {
+                        return error(id, ErrorObject::new(code::INVALID_PARAMS, format!("params.inputResponses.{key}: must be an object (the result of the request asked under that key)")));
+                    }
+                    answers.clone()
+                }
+                Some(_) => {
+                    return error(
+                        id,
+                        ErrorObject::new(
+                            code::INVALID_PARAMS,
+                            "params.inputResponses: must be an object of answers by input key",
+                        ),
+                    );
+                }
+            };
             let resume = params
                 .as_ref()
                 .and_then(|p| p["requestState"].as_str())
@@ -280,18 +311,19 @@ pub async fn post(
                 Some(token) => match state.parked.take(&token) {
                     Some(p) if p.principal == principal.token_id => {
                         let mut p = p;
-                        let answers = params.as_ref().map(|p| p["inputResponses"].clone()).unwrap_or(Value::Null);
+                        let mut answers = answers;
                         for (key, responder) in std::mem::take(&mut p.pending) {
-                            match answers.get(&key) {
+                            match answers.remove(&key) {
                                 Some(a) => {
                                     p.asks.remove(&key);
-                                    responder.respond(Ok(a.clone())).await;
+                                    responder.respond(Ok(a)).await;
                                 }
                                 None => {
                                     p.pending.insert(key, responder);
                                 }
                             }
                         }
+                        p.answers.extend(answers);
                         p
                     }
                     _ => {
@@ -306,6 +338,7 @@ pub async fn post(
                     running: Running::start(state.route(&principal, &target), method.clone(), upstream_params(params)),
                     pending: HashMap::new(),
                     asks: HashMap::new(),
+                    answers,
                     next_key: 0,
                     created: Instant::now(),
                 },
@@ -363,10 +396,15 @@ impl Drive {
     /// Waits for the next step that matters to the client.
     async fn next(&mut self) -> Next {
         loop {
-            if !self.parked.pending.is_empty() {
-                return Next::InputRequired;
-            }
-            match self.parked.running.next().await {
+            let step = if self.parked.pending.is_empty() {
+                self.parked.running.next().await
+            } else {
+                match tokio::time::timeout(GATHER, self.parked.running.next()).await {
+                    Ok(step) => step,
+                    Err(_) => return Next::InputRequired,
+                }
+            };
+            match step {
                 Some(Step::Done(o)) => return Next::Outcome(o),
                 None => {
                     return Next::Outcome(Err(ErrorObject::new(
@@ -412,8 +450,25 @@ impl Drive {
                         return Next::Outcome(Err(ErrorObject::new(MISSING_CAPABILITY, why)
                             .with_data(json!({ "requiredCapabilities": { cap: {} } }))));
                     }
-                    let key = format!("r{}", self.parked.next_key);
-                    self.parked.next_key += 1;
+                    let taken =
+                        |p: &Parked, k: &str| p.asks.contains_key(k) || p.pending.contains_key(k);
+                    let key = match responder.name() {
+                        Some(n) if !n.is_empty() && n.len() <= 128 && !taken(&self.parked, n) => {
+                            n.to_string()
+                        }
+                        _ => loop {
+                            let k = format!("r{}", self.parked.next_key);
+                            self.parked.next_key += 1;
+                            if !taken(&self.parked, &k) {
+                                break k;
+                            }
+                        },
+                    };
+                    // Answered ahead (under the server's own name): no round trip.
+                    if let Some(answer) = self.parked.answers.remove(&key) {
+                        responder.respond(Ok(answer)).await;
+                        continue;
+                    }
                     self.parked
                         .asks
                         .insert(key.clone(), json!({ "method": asked, "params": params }));

@@ -46,6 +46,9 @@ pub enum Frame {
         key: i64,
         method: String,
         params: Option<Value>,
+        /// The server's own string id of the request (older peers leave it out).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
     },
     Answer {
         key: i64,
@@ -201,8 +204,9 @@ impl Peer for PeerService {
                             CallEvent::Notify(m) => Frame::Notify { message: m.to_value() },
                             CallEvent::Request { method, params, responder } => {
                                 next_key += 1;
+                                let name = responder.name().map(String::from);
                                 responders.insert(next_key, responder);
-                                Frame::Ask { key: next_key, method, params }
+                                Frame::Ask { key: next_key, method, params, name }
                             }
                         };
                         if tx.send(Ok(frame.wire())).await.is_err() {
@@ -345,8 +349,8 @@ async fn forward(
                             let _ = events.send(CallEvent::Notify(m)).await;
                         }
                     }
-                    Ok(Frame::Ask { key, method, params }) => {
-                        let responder = Responder::new(ans_tx.clone(), RequestId::Num(key));
+                    Ok(Frame::Ask { key, method, params, name }) => {
+                        let responder = Responder::new(ans_tx.clone(), RequestId::Num(key)).named(name);
                         let _ = events.send(CallEvent::Request { method, params, responder }).await;
                     }
                     Ok(_) => {}
