@@ -143,8 +143,9 @@ impl Session {
     }
 
     /// The same, with the request's id `name` (a 2026-07-28 client, through the gateway, sees
-    /// the question under that key). A request of that name still waiting is given up (its
-    /// tool fails): its client has asked anew, or left (an abandoned round of questions).
+    /// the question under that key), or `name-N` while a request of that name waits: an id is
+    /// never reused while its answer may still come, or that answer would reach another
+    /// caller's question.
     pub async fn request_client_named(
         &self,
         name: &str,
@@ -162,12 +163,16 @@ impl Session {
     ) -> Result<Value, RpcError> {
         let (tx, rx) = oneshot::channel();
         let n = self.next_request.fetch_add(1, Ordering::Relaxed);
-        let id = match name {
-            Some(name) => name.to_string(),
-            None => format!("demo-{n}"),
+        let id = {
+            let mut pending = lock(&self.pending);
+            let id = match name {
+                Some(name) if !pending.contains_key(name) => name.to_string(),
+                Some(name) => format!("{name}-{n}"),
+                None => format!("demo-{n}"),
+            };
+            pending.insert(id.clone(), (n, tx));
+            id
         };
-        // Replacing an entry drops its sender: the request waiting on it fails.
-        lock(&self.pending).insert(id.clone(), (n, tx));
         // Removes the entry however this future ends, and tells the client when we gave up.
         let mut guard = PendingGuard {
             session: self,

@@ -22,9 +22,11 @@ pub struct Parked {
     pub pending: HashMap<String, Responder>,
     /// What each input key asks (`{method, params}`), to ask again if unanswered.
     pub asks: HashMap<String, Value>,
-    /// Answers the client gave for keys the server has not asked yet (a first request may
-    /// carry them, under the server's own names), used when it asks.
+    /// Answers the client's first request gave for keys the server had not asked yet, under
+    /// the server's own names: each answers the question of that name once, when it comes.
     pub answers: serde_json::Map<String, Value>,
+    /// Every input key this call has issued: none is issued twice.
+    pub used: std::collections::HashSet<String>,
     pub next_key: usize,
     pub created: Instant,
 }
@@ -49,8 +51,12 @@ impl ParkedCalls {
         token
     }
 
-    pub fn take(&self, token: &str) -> Option<Parked> {
+    /// The call parked under `token`, if `principal` parked it (another's stays).
+    pub fn take(&self, token: &str, principal: &str) -> Option<Parked> {
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(token).is_some_and(|p| p.principal != principal) {
+            return None;
+        }
         let p = map.remove(token);
         metrics::gauge!("mcpd_mcp_parked_calls").set(map.len() as f64);
         p.filter(|p| p.created.elapsed() < PARK_TTL)

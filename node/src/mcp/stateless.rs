@@ -49,6 +49,9 @@ const META_SUB: &str = "io.modelcontextprotocol/subscriptionId";
 /// are waited for, so that questions asked together are answered together.
 const GATHER: std::time::Duration = std::time::Duration::from_millis(20);
 
+/// Most answers a first request may give ahead of the questions.
+const MAX_ANSWERS_AHEAD: usize = 32;
+
 /// 2026 error codes.
 const HEADER_MISMATCH: i64 = -32020;
 const MISSING_CAPABILITY: i64 = -32021;
@@ -308,12 +311,16 @@ pub async fn post(
                 .and_then(|p| p["requestState"].as_str())
                 .map(String::from);
             let parked = match resume {
-                Some(token) => match state.parked.take(&token) {
-                    Some(p) if p.principal == principal.token_id => {
-                        let mut p = p;
+                Some(token) => match state.parked.take(&token, &principal.token_id) {
+                    Some(mut p) => {
+                        // A call that ended while parked (its request timed out upstream) has
+                        // no question left to answer: an answer written now could reach a
+                        // later question of the same id on that process, another caller's.
+                        let ended = p.running.handle().is_finished();
                         let mut answers = answers;
                         for (key, responder) in std::mem::take(&mut p.pending) {
                             match answers.remove(&key) {
+                                Some(_) if ended => {}
                                 Some(a) => {
                                     p.asks.remove(&key);
                                     responder.respond(Ok(a)).await;
@@ -323,10 +330,10 @@ pub async fn post(
                                 }
                             }
                         }
-                        p.answers.extend(answers);
+                        // Answers for questions not asked yet count on a first request only.
                         p
                     }
-                    _ => {
+                    None => {
                         return error(
                             id,
                             ErrorObject::new(code::INVALID_PARAMS, "params.requestState: unknown or expired (start the request again without it)"),
@@ -338,7 +345,8 @@ pub async fn post(
                     running: Running::start(state.route(&principal, &target), method.clone(), upstream_params(params)),
                     pending: HashMap::new(),
                     asks: HashMap::new(),
-                    answers,
+                    answers: answers.into_iter().take(MAX_ANSWERS_AHEAD).collect(),
+                    used: Default::default(),
                     next_key: 0,
                     created: Instant::now(),
                 },
@@ -390,18 +398,22 @@ struct Drive {
     m: Measure,
     mrtr: bool,
     abort: AbortOnDrop,
+    /// Until when further questions are waited for, once the first is asked.
+    gather_until: Option<tokio::time::Instant>,
 }
 
 impl Drive {
     /// Waits for the next step that matters to the client.
     async fn next(&mut self) -> Next {
         loop {
-            let step = if self.parked.pending.is_empty() {
-                self.parked.running.next().await
-            } else {
-                match tokio::time::timeout(GATHER, self.parked.running.next()).await {
-                    Ok(step) => step,
-                    Err(_) => return Next::InputRequired,
+            // The window opens with the first question and does not move with later events.
+            let step = match self.gather_until {
+                None => self.parked.running.next().await,
+                Some(until) => {
+                    match tokio::time::timeout_at(until, self.parked.running.next()).await {
+                        Ok(step) => step,
+                        Err(_) => return Next::InputRequired,
+                    }
                 }
             };
             match step {
@@ -450,29 +462,37 @@ impl Drive {
                         return Next::Outcome(Err(ErrorObject::new(MISSING_CAPABILITY, why)
                             .with_data(json!({ "requiredCapabilities": { cap: {} } }))));
                     }
-                    let taken =
-                        |p: &Parked, k: &str| p.asks.contains_key(k) || p.pending.contains_key(k);
-                    let key = match responder.name() {
-                        Some(n) if !n.is_empty() && n.len() <= 128 && !taken(&self.parked, n) => {
-                            n.to_string()
+                    let named = responder
+                        .name()
+                        .filter(|n| {
+                            !n.is_empty() && n.len() <= 128 && !self.parked.used.contains(*n)
+                        })
+                        .map(String::from);
+                    let key = match named {
+                        Some(n) => {
+                            // Answered ahead, under the server's own name: no round trip.
+                            if let Some(answer) = self.parked.answers.remove(&n) {
+                                self.parked.used.insert(n);
+                                responder.respond(Ok(answer)).await;
+                                continue;
+                            }
+                            n
                         }
-                        _ => loop {
+                        None => loop {
                             let k = format!("r{}", self.parked.next_key);
                             self.parked.next_key += 1;
-                            if !taken(&self.parked, &k) {
+                            if !self.parked.used.contains(&k) {
                                 break k;
                             }
                         },
                     };
-                    // Answered ahead (under the server's own name): no round trip.
-                    if let Some(answer) = self.parked.answers.remove(&key) {
-                        responder.respond(Ok(answer)).await;
-                        continue;
-                    }
+                    self.parked.used.insert(key.clone());
                     self.parked
                         .asks
                         .insert(key.clone(), json!({ "method": asked, "params": params }));
                     self.parked.pending.insert(key, responder);
+                    self.gather_until
+                        .get_or_insert_with(|| tokio::time::Instant::now() + GATHER);
                 }
             }
         }
@@ -572,6 +592,7 @@ async fn drive(
         m,
         mrtr,
         abort,
+        gather_until: None,
     };
     let first = match d.next().await {
         Next::Note(msg) => msg,
