@@ -388,12 +388,7 @@ impl ServerFlags {
             .oauth_client_secret_env
             .as_deref()
             .ok_or_else(|| fail(2, "--oauth-token-url needs --oauth-client-secret-env"))?;
-        let client_secret = std::env::var(var).map_err(|_| {
-            fail(
-                2,
-                format!("--oauth-client-secret-env {var}: the variable is not set"),
-            )
-        })?;
+        let client_secret = secret_from_env("--oauth-client-secret-env", var)?;
         Ok(Some(OAuthClient {
             token_url: token_url.clone(),
             client_id,
@@ -408,12 +403,17 @@ impl ServerFlags {
     fn headers(&self) -> Result<BTreeMap<String, String>, Failure> {
         let mut headers: BTreeMap<String, String> = self.headers.iter().cloned().collect();
         if let Some(var) = &self.bearer_env {
-            let token = std::env::var(var)
-                .map_err(|_| fail(2, format!("--bearer-env {var}: the variable is not set")))?;
+            let token = secret_from_env("--bearer-env", var)?;
             headers.insert("Authorization".into(), format!("Bearer {token}"));
         }
         Ok(headers)
     }
+}
+
+/// The secret a flag names by its environment variable (read here, so that it is not on the
+/// command line).
+fn secret_from_env(flag: &str, var: &str) -> Result<String, Failure> {
+    std::env::var(var).map_err(|_| fail(2, format!("{flag} {var}: the variable is not set")))
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -183,10 +183,9 @@ impl Running {
     /// Moves the call into its own task, so that it goes on while nobody polls it.
     /// A call detached already (parked a second time, in a third round) stays as it is.
     pub fn detach(&mut self) {
-        if !matches!(self.mode, Mode::Inline(_)) {
-            return;
-        }
-        let Mode::Inline(mut inline) = std::mem::replace(&mut self.mode, Mode::Over) else {
+        let mode = std::mem::replace(&mut self.mode, Mode::Over);
+        let Mode::Inline(mut inline) = mode else {
+            self.mode = mode;
             return;
         };
         let (tx, rx) = mpsc::channel(64);

@@ -150,10 +150,10 @@ fn validate(headers: &HeaderMap, method: &str, params: &Option<Value>) -> Result
     Ok(())
 }
 
-/// Strips the per-request keys before a request goes to a (session-era) server process.
+/// Strips the per-request keys before a request goes to a (session-era) server process
+/// (`inputResponses` is taken out before, in [`post`]).
 fn upstream_params(mut params: Option<Value>) -> Option<Value> {
     if let Some(p) = params.as_mut().and_then(Value::as_object_mut) {
-        p.remove("inputResponses");
         p.remove("requestState");
         if let Some(meta) = p.get_mut("_meta").and_then(Value::as_object_mut) {
             // The client's capabilities of this request go on: a server may ask the client
@@ -287,14 +287,20 @@ pub async fn post(
             ),
         ),
         _ => {
-            let answers = match params.as_ref().and_then(|p| p.get("inputResponses")) {
+            // Taken out of the params: the answers are the gateway's, never the server's.
+            let mut params = params;
+            let given = params
+                .as_mut()
+                .and_then(Value::as_object_mut)
+                .and_then(|p| p.remove("inputResponses"));
+            let answers = match given {
                 None => serde_json::Map::new(),
                 Some(Value::Object(answers)) => {
                     if let Some(key) = answers.iter().find(|(_, a)| !a.is_object()).map(|(k, _)| k)
                     {
                         return error(id, ErrorObject::new(code::INVALID_PARAMS, format!("params.inputResponses.{key}: must be an object (the result of the request asked under that key)")));
                     }
-                    answers.clone()
+                    answers
                 }
                 Some(_) => {
                     return error(

@@ -24,6 +24,8 @@ use mcpcp_proto::api::{OAuthClient, ServerSpec};
 use reqwest::header::{HeaderValue, ACCEPT};
 use serde::Deserialize;
 
+use super::remote_http::BodyError;
+
 /// Largest token endpoint answer read.
 const MAX_ANSWER: usize = 64 << 10;
 
@@ -172,7 +174,7 @@ impl Tokens {
             form.push(("scope", self.client.scopes.join(" ")));
         }
         let encode = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-        let mut resp = self
+        let resp = self
             .http
             .post(&self.client.token_url)
             .basic_auth(
@@ -186,19 +188,12 @@ impl Tokens {
             .await
             .map_err(|e| TokenError::Unreachable(e.without_url().to_string()))?;
         let status = resp.status();
-        let mut body = Vec::new();
-        while let Some(chunk) = resp
-            .chunk()
+        let body = super::remote_http::read_body(resp, MAX_ANSWER)
             .await
-            .map_err(|e| TokenError::Unreachable(e.without_url().to_string()))?
-        {
-            if body.len() + chunk.len() > MAX_ANSWER {
-                return Err(TokenError::BadAnswer(format!(
-                    "an answer over {MAX_ANSWER} bytes"
-                )));
-            }
-            body.extend_from_slice(&chunk);
-        }
+            .map_err(|e| match e {
+                BodyError::Broken(e) => TokenError::Unreachable(e),
+                too_large => TokenError::BadAnswer(too_large.to_string()),
+            })?;
         if !status.is_success() {
             let mut error = serde_json::from_slice::<Refusal>(&body).map_or_else(
                 |_| "no OAuth error in the answer".to_string(),

@@ -454,42 +454,60 @@ impl Shared {
         }
     }
 
-    /// POSTs a notification or a response on `session`: the server accepts it (202) or not.
-    /// Refused with `401`, it is sent once more with a new access token.
-    async fn send_note(&self, session: &Session, msg: &Message) -> Result<(), CallError> {
+    /// POSTs `msg` on `session` (with `timeout`, if any). A `401` ran nothing: refused with
+    /// the connection's access token, it is sent once more with a new one. The outer error is
+    /// no access token; the inner one the transport's.
+    async fn post_message(
+        &self,
+        session: &Session,
+        msg: &Message,
+        timeout: Option<Duration>,
+    ) -> Result<reqwest::Result<reqwest::Response>, CallError> {
         let mut resent = false;
         loop {
             let out = self.request(reqwest::Method::POST, session).await?;
-            let resp = out
+            let mut request = out
                 .request
                 .header(CONTENT_TYPE, "application/json")
-                .body(msg.to_line())
-                .timeout(self.request_timeout)
-                .send()
-                .await
-                .map_err(|e| {
-                    CallError::NotRun(format!(
-                        "remote server {:?}: {}",
-                        self.server,
-                        e.without_url()
-                    ))
-                })?;
-            let status = resp.status();
-            if status.is_success() {
-                return Ok(());
+                .body(msg.to_line());
+            if let Some(t) = timeout {
+                request = request.timeout(t);
             }
-            if status == StatusCode::UNAUTHORIZED
+            let resp = match request.send().await {
+                Ok(resp) => resp,
+                Err(e) => return Ok(Err(e)),
+            };
+            if resp.status() == StatusCode::UNAUTHORIZED
                 && !resent
                 && self.refused(out.bearer.as_ref()).await
             {
                 resent = true;
                 continue;
             }
-            return Err(CallError::NotRun(format!(
-                "remote server {:?} answered HTTP {status}",
-                self.server
-            )));
+            return Ok(Ok(resp));
         }
+    }
+
+    /// POSTs a notification or a response on `session`: the server accepts it (202) or not.
+    async fn send_note(&self, session: &Session, msg: &Message) -> Result<(), CallError> {
+        let resp = self
+            .post_message(session, msg, Some(self.request_timeout))
+            .await?
+            .map_err(|e| {
+                CallError::NotRun(format!(
+                    "remote server {:?}: {}",
+                    self.server,
+                    e.without_url()
+                ))
+            })?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        Err(CallError::NotRun(format!(
+            "remote server {:?} answered HTTP {status}",
+            self.server
+        )))
     }
 
     /// POSTs one request on the current session.
@@ -511,38 +529,20 @@ impl Shared {
         msg: &Message,
         relay: Option<&Relay>,
     ) -> Result<(Posted, Option<String>), CallError> {
-        let mut resent = false;
-        let resp = loop {
-            let out = self.request(reqwest::Method::POST, session).await?;
-            let resp = out
-                .request
-                .header(CONTENT_TYPE, "application/json")
-                .body(msg.to_line())
-                .send()
-                .await
-                .map_err(|e| {
-                    let e = e.without_url();
-                    if e.is_connect() {
-                        CallError::NotRun(format!(
-                            "remote server {:?} is unreachable ({e}); the call did not run",
-                            self.server
-                        ))
-                    } else {
-                        CallError::Crashed(format!(
-                            "remote server {:?}: {e}; it may or may not have run",
-                            self.server
-                        ))
-                    }
-                })?;
-            if resp.status() == StatusCode::UNAUTHORIZED
-                && !resent
-                && self.refused(out.bearer.as_ref()).await
-            {
-                resent = true;
-                continue;
+        let resp = self.post_message(session, msg, None).await?.map_err(|e| {
+            let e = e.without_url();
+            if e.is_connect() {
+                CallError::NotRun(format!(
+                    "remote server {:?} is unreachable ({e}); the call did not run",
+                    self.server
+                ))
+            } else {
+                CallError::Crashed(format!(
+                    "remote server {:?}: {e}; it may or may not have run",
+                    self.server
+                ))
             }
-            break resp;
-        };
+        })?;
         let status = resp.status();
         if status == StatusCode::UNAUTHORIZED {
             return Err(CallError::NotRun(format!(
@@ -577,12 +577,14 @@ impl Shared {
         if sse && status.is_success() {
             return self.read_stream(resp, relay).await.map(|p| (p, given));
         }
-        let body = read_body(resp).await.map_err(|e| {
-            CallError::Crashed(format!(
-                "remote server {:?}: {e}; it may or may not have run",
-                self.server
-            ))
-        })?;
+        let body = super::remote_http::read_body(resp, MAX_BODY)
+            .await
+            .map_err(|e| {
+                CallError::Crashed(format!(
+                    "remote server {:?}: {e}; it may or may not have run",
+                    self.server
+                ))
+            })?;
         match Message::parse(&body) {
             Ok(Message::Response { outcome, .. }) => Ok((Posted::Answer(outcome), given)),
             _ => Err(CallError::Crashed(format!(
@@ -708,24 +710,19 @@ async fn listen(shared: std::sync::Weak<Shared>) {
         }
         let mut accept = HeaderMap::new();
         accept.insert(ACCEPT, HeaderValue::from_static("text/event-stream"));
-        let out = match s.request(reqwest::Method::GET, &s.session()).await {
-            Ok(out) => out,
-            Err(_) => {
-                drop(s);
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(30));
-                continue;
-            }
+        // No access token yet, or no answer: tried again after the pause.
+        let (resp, bearer) = match s.request(reqwest::Method::GET, &s.session()).await {
+            Ok(out) => (out.request.headers(accept).send().await.ok(), out.bearer),
+            Err(_) => (None, None),
         };
-        let resp = out.request.headers(accept).send().await;
         match resp {
-            Ok(r) if r.status() == StatusCode::METHOD_NOT_ALLOWED => return,
-            Ok(r) if r.status() == StatusCode::UNAUTHORIZED => {
-                s.refused(out.bearer.as_ref()).await;
+            Some(r) if r.status() == StatusCode::METHOD_NOT_ALLOWED => return,
+            Some(r) if r.status() == StatusCode::UNAUTHORIZED => {
+                s.refused(bearer.as_ref()).await;
                 drop(s);
             }
             // The server forgot the session: renew it now, not at the next call.
-            Ok(r) if r.status() == StatusCode::NOT_FOUND && s.session().id.is_some() => {
+            Some(r) if r.status() == StatusCode::NOT_FOUND && s.session().id.is_some() => {
                 let generation = s.generation.load(Ordering::Acquire);
                 match s.renew(generation).await {
                     Ok(()) => continue,
@@ -734,7 +731,7 @@ async fn listen(shared: std::sync::Weak<Shared>) {
                     }
                 }
             }
-            Ok(r) if r.status().is_success() => {
+            Some(r) if r.status().is_success() => {
                 pause = Duration::from_millis(500);
                 let mut parser = SseParser::default();
                 let mut body = r.bytes_stream();
@@ -757,19 +754,6 @@ async fn listen(shared: std::sync::Weak<Shared>) {
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(30));
     }
-}
-
-async fn read_body(resp: reqwest::Response) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    let mut body = resp.bytes_stream();
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| e.without_url().to_string())?;
-        if out.len() + chunk.len() > MAX_BODY {
-            return Err(format!("an answer over {MAX_BODY} bytes"));
-        }
-        out.extend_from_slice(&chunk);
-    }
-    Ok(out)
 }
 
 /// Counts a call in flight while it lives.

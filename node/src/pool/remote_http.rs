@@ -51,6 +51,31 @@ pub fn builder_for(
         .redirect(reqwest::redirect::Policy::none()))
 }
 
+/// Why an answer's body was not read whole.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("{0}")]
+    Broken(String),
+    #[error("an answer over {0} bytes")]
+    TooLarge(usize),
+}
+
+/// The whole body of `resp`, at most `max` bytes.
+pub async fn read_body(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>, BodyError> {
+    let mut out = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| BodyError::Broken(e.without_url().to_string()))?
+    {
+        if out.len() + chunk.len() > max {
+            return Err(BodyError::TooLarge(max));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
 /// The scheme, host and port of `url`, for logs: its path and query may carry a secret.
 pub fn origin(url: &str) -> &str {
     let after_scheme = url.find("://").map_or(0, |i| i + 3);

@@ -50,6 +50,11 @@ pub fn readers(
 /// stopped for a rollback is then counted as the oldest again soon after.
 const FRESH: Duration = Duration::from_secs(3);
 
+/// Whether an answer given at `at` still counts.
+fn fresh(at: &Instant) -> bool {
+    at.elapsed() < FRESH
+}
+
 /// The command formats members last said they apply, and when, by node id.
 #[derive(Debug, Default)]
 pub struct MemberFormats(Mutex<HashMap<u64, (u32, Instant)>>);
@@ -79,7 +84,7 @@ impl MemberFormats {
                     mine
                 } else {
                     m.get(&id)
-                        .filter(|(_, at)| at.elapsed() < FRESH)
+                        .filter(|(_, at)| fresh(at))
                         .map_or(OLDEST, |(format, _)| *format)
                 }
             })
@@ -94,7 +99,7 @@ impl MemberFormats {
         members
             .iter()
             .copied()
-            .filter(|id| *id != me && m.get(id).is_none_or(|(_, at)| at.elapsed() >= FRESH))
+            .filter(|id| *id != me && m.get(id).is_none_or(|(_, at)| !fresh(at)))
             .collect()
     }
 
