@@ -62,6 +62,10 @@
 //! max_uri_bytes = 2048              # longest resource URI a session may subscribe to
 //! max_streams_per_session = 4       # open SSE streams (GET) per session per node
 //! session_state_interval_ms = 1000  # a session's state is replicated at most this often
+//! parked_call_ttl_ms = 300000       # a call waiting for its client's input waits this long
+//! max_parked_calls_per_caller = 64  # calls one caller may have waiting for its input
+//! input_gather_ms = 20              # questions asked within this of the first go together
+//! max_answers_ahead = 32            # answers a first request may give before the questions
 //!
 //! [route]                           # see crate::route::config; every key has a default
 //! placement_grace_ms = 10000        # a node unreachable this long loses its placed servers
@@ -532,6 +536,10 @@ impl Config {
                 "mcp.max_streams_per_session",
                 self.mcp.max_streams_per_session,
             ),
+            (
+                "mcp.max_parked_calls_per_caller",
+                self.mcp.max_parked_calls_per_caller,
+            ),
         ] {
             if value == 0 {
                 return Err(invalid(field, "must be greater than 0"));
@@ -542,6 +550,21 @@ impl Config {
                 "mcp.session_idle_timeout_ms",
                 "must be greater than 0",
             ));
+        }
+        if !(1_000..=24 * 3_600_000).contains(&self.mcp.parked_call_ttl_ms) {
+            return Err(invalid(
+                "mcp.parked_call_ttl_ms",
+                "must be from 1000 to 86400000 (a day)",
+            ));
+        }
+        if self.mcp.input_gather_ms > 10_000 {
+            return Err(invalid(
+                "mcp.input_gather_ms",
+                "must be at most 10000 (each round waits this long for more questions)",
+            ));
+        }
+        if self.mcp.max_answers_ahead > 1024 {
+            return Err(invalid("mcp.max_answers_ahead", "must be at most 1024"));
         }
         Ok(())
     }
@@ -594,6 +617,13 @@ mod tests {
                 "[runtime]\ndata_plane_threads = 5000",
                 "runtime.data_plane_threads",
             ),
+            ("[mcp]\nparked_call_ttl_ms = 10", "mcp.parked_call_ttl_ms"),
+            (
+                "[mcp]\nmax_parked_calls_per_caller = 0",
+                "mcp.max_parked_calls_per_caller",
+            ),
+            ("[mcp]\ninput_gather_ms = 60000", "mcp.input_gather_ms"),
+            ("[mcp]\nmax_answers_ahead = 5000", "mcp.max_answers_ahead"),
         ] {
             let c: Config =
                 toml::from_str(&format!("id = 1\ndata_dir = \"d\"\n{toml}")).expect("parses");

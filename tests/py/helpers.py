@@ -85,13 +85,15 @@ def stateless_post(
     headers: dict[str, str] | None = None,
     timeout: float = 60,
     http: httpx2.Client | None = None,
+    capabilities: dict[str, Any] | None = None,
 ) -> httpx2.Response:
     """One raw 2026-07-28 request (no session): `_meta` and the routing headers as the
-    revision requires. `http`: a client whose connection is kept between calls."""
+    revision requires, declaring `capabilities` (none by default). `http`: a client whose
+    connection is kept between calls."""
     body_params = dict(params or {})
     body_params["_meta"] = {
         "io.modelcontextprotocol/protocolVersion": STATELESS,
-        "io.modelcontextprotocol/clientCapabilities": {},
+        "io.modelcontextprotocol/clientCapabilities": capabilities or {},
     }
     h = {
         "Content-Type": "application/json",

@@ -1,6 +1,6 @@
 """Limits that hold under abuse, each tried as an abuser would, on a node with small limits:
 slow headers, too many connections, too many sessions, an oversized session id, subscription
-and setLevel spam. Each excess gets its clear error, the node stays up, and other tenants (and
+and setLevel spam, calls left waiting for input and answers given ahead of the questions. Each excess gets its clear error, the node stays up, and other tenants (and
 other connections) are served. DELETE of a session ends it on every node."""
 
 from __future__ import annotations
@@ -13,30 +13,42 @@ import time
 import httpx2
 import pytest
 
-from conftest import CA_CERT, Cluster, start_cluster
-from helpers import legacy_initialize, legacy_post, wait_until
+from conftest import CA_CERT, MCPD, Cluster, start_cluster
+from helpers import legacy_initialize, legacy_post, stateless_post, stateless_tool_names, wait_until
 
 HEADER_TIMEOUT_S = 1.0
 BODY_TIMEOUT_S = 1.0
 MAX_CONNECTIONS = 12
 MAX_SESSIONS = 5
+MAX_PARKED = 1
+MAX_ANSWERS_AHEAD = 2
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> Cluster:
+    config = tmp_path_factory.mktemp("limits-config") / "mcpd.toml"
+    config.write_text(
+        f"[mcp]\nmax_parked_calls_per_caller = {MAX_PARKED}\nmax_answers_ahead = {MAX_ANSWERS_AHEAD}\n"
+    )
     c = start_cluster(
         tmp_path_factory,
         "limits",
         1,
         [
+            f"--config={config}",
             f"--header-read-timeout-ms={int(HEADER_TIMEOUT_S * 1000)}",
             f"--max-connections={MAX_CONNECTIONS}",
             f"--max-sessions-per-tenant={MAX_SESSIONS}",
             f"--body-read-timeout-ms={int(BODY_TIMEOUT_S * 1000)}",
         ],
     )
-    yield c
-    c.down()
+    try:
+        # A server's question is attributed to its call only while that call is alone on its
+        # process: a process for each call these tests leave parked at once, and one more.
+        c.add_server("asks", [MCPD, "demo-server"], pool_size=MAX_PARKED + 2)
+        yield c
+    finally:
+        c.down()
 
 
 def addr(c: Cluster) -> tuple[str, int]:
@@ -305,3 +317,59 @@ def test_sse_streams_past_the_per_session_cap_get_429(small):
 def _stream_opens(client: httpx2.Client, url: str, headers: dict) -> bool:
     with client.stream("GET", url, headers=headers) as r:
         return r.status_code == 200
+
+
+ASKS_CAPS = {"elicitation": {}}
+
+
+def ask(c: Cluster, tool: str, **params) -> httpx2.Response:
+    """A 2026-07-28 call of the demo's `tool` (which asks the client something), declaring
+    elicitation."""
+    url = f"{c.base(0)}/servers/asks/mcp"
+    body = {"name": tool, "arguments": {}, **params}
+    return stateless_post(url, c.token, "tools/call", body, name=tool, capabilities=ASKS_CAPS)
+
+
+def test_calls_left_waiting_for_input_past_the_callers_cap_are_refused_and_cancelled(small):
+    url = f"{small.base(0)}/servers/asks/mcp"
+    wait_until(lambda: "test_input_required_result_request_state" in stateless_tool_names(url, small.token), 60,
+               "the asks server lists its tools")
+    first = ask(small, "test_input_required_result_request_state")
+    assert first.status_code == 200, first.text
+    first = first.json()["result"]
+    refused_before = small.metric("mcpd_mcp_input_refused_total", 'reason="parked_per_caller"') or 0
+
+    r = ask(small, "test_input_required_result_request_state")
+    assert r.status_code == 429, r.text
+    assert int(r.headers["retry-after"]) >= 1
+    err = r.json()["error"]
+    assert err["code"] == -32029, err
+    assert err["data"]["limit"] == "mcp.max_parked_calls_per_caller", err
+    assert "mcp.max_parked_calls_per_caller" in err["message"], err
+    assert small.metric("mcpd_mcp_input_refused_total", 'reason="parked_per_caller"') == refused_before + 1
+
+    # The call that was parked first is still there, and answering it frees the slot.
+    assert first["resultType"] == "input_required", first
+    answered = ask(small, "test_input_required_result_request_state", requestState=first["requestState"],
+                   inputResponses={"confirm": {"action": "accept", "content": {"ok": True}}})
+    assert answered.status_code == 200, answered.text
+    assert "confirmed true" in answered.json()["result"]["content"][0]["text"]
+    again = ask(small, "test_input_required_result_request_state")
+    assert again.status_code == 200 and again.json()["result"]["resultType"] == "input_required", again.text
+
+
+def test_answers_ahead_of_the_questions_past_the_cap_are_refused_naming_the_field(small):
+    name = {"action": "accept", "content": {"name": "Ada"}}
+    too_many = {"user_name": name, **{f"extra{i}": name for i in range(MAX_ANSWERS_AHEAD)}}
+    r = ask(small, "test_input_required_result_elicitation", inputResponses=too_many)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == -32602, err
+    assert "params.inputResponses" in err["message"] and "mcp.max_answers_ahead" in err["message"], err
+
+    # As many as the cap are taken, and answer the question when the server asks it: no round.
+    within = {"user_name": name, "extra0": name}
+    assert len(within) == MAX_ANSWERS_AHEAD
+    r = ask(small, "test_input_required_result_elicitation", inputResponses=within)
+    assert r.status_code == 200, r.text
+    assert r.json()["result"]["content"][0]["text"] == "Hello, Ada!", r.text

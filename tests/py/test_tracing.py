@@ -5,21 +5,26 @@ receiver; a real MCP client calls a real MCP server that runs on one node only, 
 node. The client's span, every node's spans of the call and the server's own span are one
 connected trace. A registry write sent to a follower is one trace from the follower to the
 leader's fsync and apply. The call log's events are also OpenTelemetry logs, in the call's
-trace (`--call-audit-otlp-endpoint`). With tracing off, nothing of the caller's trace context is changed.
+trace (`--call-audit-otlp-endpoint`); a collector that hangs costs the export its excess
+(counted), never a call or a line of the file. With tracing off, nothing of the caller's trace context is changed.
 """
 
 from __future__ import annotations
 
 import json
+import socket
+import ssl
 import subprocess
+
+import httpx2
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from conftest import MCPD, ROOT, VENV_BIN, Cluster, start_cluster
-from helpers import MODES, client, run, text_of, wait_until
+from conftest import CA_CERT, MCPD, ROOT, VENV_BIN, Cluster, start_cluster
+from helpers import MODES, client, run, stateless_post, text_of, wait_until
 from otlp_receiver import Log, OtlpReceiver, Span
 
 TRACED = ROOT / "tests/py/servers/traced.py"
@@ -302,3 +307,52 @@ def test_a_bad_collector_address_is_refused_at_start_naming_the_field(tmp_path):
                        capture_output=True, text=True, timeout=30)
     assert r.returncode != 0
     assert "tracing.otlp_endpoint" in r.stderr and "http://HOST:PORT" in r.stderr, r.stderr
+
+
+OTLP_MAX_QUEUED = 64
+
+
+@pytest.fixture(scope="module")
+def stalled_collector():
+    """A collector that accepts connections and never answers: every export waits out its
+    timeout, as when the collector hangs."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+
+
+@pytest.fixture(scope="module")
+def call_log_to_a_stalled_collector(tmp_path_factory, stalled_collector):
+    config = tmp_path_factory.mktemp("stalled") / "mcpd.toml"
+    config.write_text(f"[call_audit]\notlp_max_queued = {OTLP_MAX_QUEUED}\n")
+    c = start_cluster(tmp_path_factory, "stalled", 1,
+                      [f"--config={config}", f"--call-audit-otlp-endpoint={stalled_collector}"])
+    try:
+        c.wait_tools("demo", ["echo"])
+        yield c
+    finally:
+        c.down()
+
+
+def test_a_stalled_collector_costs_the_export_its_excess_not_the_calls_or_the_file(call_log_to_a_stalled_collector):
+    c = call_log_to_a_stalled_collector
+    count = lambda name: c.metric(name, 'signal="calls"') or 0.0  # noqa: E731
+    calls = OTLP_MAX_QUEUED * 2
+    with httpx2.Client(verify=ssl.create_default_context(cafile=str(CA_CERT))) as http:
+        for i in range(calls):
+            r = stateless_post(f"{c.base(0)}/servers/demo/mcp", c.token, "tools/call",
+                               {"name": "echo", "arguments": {"message": f"stalled-{i}"}}, name="echo", http=http)
+            assert r.status_code == 200 and "result" in r.json(), r.text
+    logged = lambda: [e for e in c.call_log(0) if e["name"] == "echo" and e["outcome"] == "ok"]  # noqa: E731
+    wait_until(lambda: len(logged()) >= calls or None, 30, f"{calls} lines in the call log")
+    assert len(logged()) == calls, "the file has every call"
+    settled = wait_until(
+        lambda: (q, d) if (q := count("mcpd_otlp_queued_total")) + (d := count("mcpd_otlp_dropped_total")) >= calls else None,
+        30, "every event queued for export or dropped")
+    queued, dropped = settled
+    assert queued + dropped == calls, settled
+    assert dropped > 0 and queued <= OTLP_MAX_QUEUED + count("mcpd_otlp_export_failed_total"), settled

@@ -25,6 +25,9 @@ pub struct CallAuditConfig {
     /// Also export each event as an OpenTelemetry log over OTLP/gRPC to this collector
     /// (`http://HOST:PORT`); unset: the file only.
     pub otlp_endpoint: Option<String>,
+    /// Events waiting for export at most (64 to 1,000,000); more are dropped from the export
+    /// (the file has them) and counted in `mcpd_otlp_dropped_total{signal="calls"}`.
+    pub otlp_max_queued: usize,
 }
 
 impl Default for CallAuditConfig {
@@ -37,6 +40,7 @@ impl Default for CallAuditConfig {
             buffer: 16_384,
             include_arguments: false,
             otlp_endpoint: None,
+            otlp_max_queued: 8192,
         }
     }
 }
@@ -52,6 +56,12 @@ impl CallAuditConfig {
         }
         if let Some(endpoint) = &self.otlp_endpoint {
             crate::telemetry::config::check_endpoint("call_audit.otlp_endpoint", endpoint)?;
+        }
+        if !(64..=1_000_000).contains(&self.otlp_max_queued) {
+            return Err((
+                "call_audit.otlp_max_queued",
+                "must be from 64 to 1000000".into(),
+            ));
         }
         if self.buffer < 16 {
             return Err(("call_audit.buffer", "must be at least 16".into()));

@@ -1,26 +1,28 @@
 //! The call log's events as OpenTelemetry logs, exported over OTLP/gRPC
 //! (`call_audit.otlp_endpoint`), beside the JSON lines. The writer thread emits them after
 //! writing each line; the SDK's batch processor sends them from its own thread, so neither a
-//! call nor the file waits for the collector. A full export queue drops events (the JSON file
-//! still has them); the exports and failures are counted with `signal="calls"`.
+//! call nor the file waits for the collector. A full export queue (`otlp_max_queued` events
+//! neither exported nor failed yet) drops events (the JSON file still has them); the drops,
+//! exports and failures are counted with `signal="calls"`.
 //!
 //! Each record is the event's JSON line as its body, its fields as attributes, event name
 //! `mcp.call`, and the call's trace context when the call was traced (`telemetry`).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use opentelemetry::logs::{AnyValue, LogRecord, Logger, LoggerProvider, Severity};
 use opentelemetry::trace::{SpanId, TraceFlags, TraceId};
 use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::logs::{
-    BatchConfigBuilder, BatchLogProcessor, SdkLogger, SdkLoggerProvider,
+    BatchConfigBuilder, BatchLogProcessor, LogBatch, LogExporter, SdkLogger, SdkLoggerProvider,
 };
 
 use super::CallEvent;
 use crate::telemetry::{export::Counted, TracingError};
 
-/// Events waiting for export at most; more are dropped (they are in the file).
-const MAX_QUEUED: usize = 8192;
 /// One export gives up after this.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -28,6 +30,10 @@ const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct OtlpCalls {
     provider: SdkLoggerProvider,
     logger: SdkLogger,
+    /// Events handed to the exporter and not exported or failed yet (the exporter takes its
+    /// batches off), and the most there may be.
+    in_flight: Arc<AtomicUsize>,
+    max_queued: usize,
 }
 
 impl OtlpCalls {
@@ -35,6 +41,7 @@ impl OtlpCalls {
     /// connection then uses.
     pub fn start(
         endpoint: &str,
+        max_queued: usize,
         source: &crate::telemetry::Source,
     ) -> Result<OtlpCalls, TracingError> {
         let otlp = opentelemetry_otlp::LogExporter::builder()
@@ -42,13 +49,18 @@ impl OtlpCalls {
             .with_endpoint(endpoint.to_string())
             .with_timeout(EXPORT_TIMEOUT)
             .build()?;
-        let processor = BatchLogProcessor::builder(Counted {
-            inner: otlp,
-            signal: "calls",
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let processor = BatchLogProcessor::builder(Settled {
+            inner: Counted {
+                inner: otlp,
+                signal: "calls",
+            },
+            in_flight: in_flight.clone(),
         })
         .with_batch_config(
             BatchConfigBuilder::default()
-                .with_max_queue_size(MAX_QUEUED)
+                // Never the processor's own silent drop: ours, counted, comes first.
+                .with_max_queue_size(max_queued + 1)
                 .build(),
         )
         .build();
@@ -57,11 +69,21 @@ impl OtlpCalls {
             .with_resource(source.resource())
             .build();
         let logger = provider.logger("mcpd.call_audit");
-        Ok(OtlpCalls { provider, logger })
+        Ok(OtlpCalls {
+            provider,
+            logger,
+            in_flight,
+            max_queued,
+        })
     }
 
     /// Hands `event` (and its JSON line) to the exporter without waiting.
     pub fn emit(&self, event: &CallEvent, line: &[u8]) {
+        if self.in_flight.fetch_add(1, Ordering::Relaxed) >= self.max_queued {
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+            metrics::counter!("mcpd_otlp_dropped_total", "signal" => "calls").increment(1);
+            return;
+        }
         let mut record = self.logger.create_log_record();
         record.set_event_name("mcp.call");
         record.set_timestamp(UNIX_EPOCH + Duration::from_millis(event.at_ms));
@@ -110,6 +132,30 @@ impl OtlpCalls {
         {
             tracing::warn!(error = %e, "call events still queued for OTLP at shutdown may be lost");
         }
+    }
+}
+
+/// Takes each exported (or failed) batch off the events in flight.
+#[derive(Debug)]
+struct Settled<E> {
+    inner: E,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl<E: LogExporter> LogExporter for Settled<E> {
+    async fn export(&self, batch: LogBatch<'_>) -> OTelSdkResult {
+        let n = batch.iter().count();
+        let result = self.inner.export(batch).await;
+        self.in_flight.fetch_sub(n, Ordering::Relaxed);
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.inner.set_resource(resource)
     }
 }
 

@@ -124,9 +124,6 @@ impl Running {
     pub fn start(route: Route, method: String, params: Option<Value>) -> Running {
         let (tx, events) = mpsc::channel(64);
         let sink = EventSink::new(tx);
-        let (abort, registration) = AbortHandle::new_pair();
-        let finished = Arc::new(AtomicBool::new(false));
-        let done = finished.clone();
         // The call keeps the request's span wherever it is polled from (inline, its own
         // task, or finished in the background); while tracing is off there is none to look up.
         let span = if crate::telemetry::enabled() {
@@ -135,18 +132,27 @@ impl Running {
             tracing::Span::none()
         };
         let outcome_span = span.clone();
-        let call = Abortable::new(
-            async move {
-                let outcome = route.dispatch(&method, params, sink).await;
-                if let Err(e) = &outcome {
-                    crate::telemetry::failed(&outcome_span, "jsonrpc_error");
-                    outcome_span.record("rpc.response.status_code", e.code);
-                }
-                outcome
+        let call = async move {
+            let outcome = route.dispatch(&method, params, sink).await;
+            if let Err(e) = &outcome {
+                crate::telemetry::failed(&outcome_span, "jsonrpc_error");
+                outcome_span.record("rpc.response.status_code", e.code);
             }
-            .instrument(span),
-            registration,
-        );
+            outcome
+        }
+        .instrument(span);
+        Running::inline(call, events)
+    }
+
+    /// A call that runs `call` (inline), its events coming from `events`.
+    fn inline(
+        call: impl Future<Output = Outcome> + Send + 'static,
+        events: mpsc::Receiver<CallEvent>,
+    ) -> Running {
+        let (abort, registration) = AbortHandle::new_pair();
+        let finished = Arc::new(AtomicBool::new(false));
+        let done = finished.clone();
+        let call = Abortable::new(call, registration);
         let call: CallFuture = Box::pin(async move {
             let outcome = call.await.unwrap_or_else(|_| cancelled());
             done.store(true, Ordering::Relaxed);
@@ -161,6 +167,14 @@ impl Running {
             }),
             handle: CallHandle { abort, finished },
         }
+    }
+
+    /// A call that never answers by itself (it ends when cancelled), for tests of what holds
+    /// running calls.
+    #[cfg(test)]
+    pub fn waiting() -> Running {
+        let (_, events) = mpsc::channel(1);
+        Running::inline(std::future::pending(), events)
     }
 
     pub fn handle(&self) -> CallHandle {

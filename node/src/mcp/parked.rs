@@ -11,9 +11,6 @@ use serde_json::Value;
 use super::call::Running;
 use crate::call::Responder;
 
-/// How long a parked multi-round-trip call waits for the client's retry.
-const PARK_TTL: Duration = Duration::from_secs(300);
-
 /// A call waiting for the client's answers to the server's requests.
 pub struct Parked {
     pub principal: String,
@@ -31,24 +28,59 @@ pub struct Parked {
     pub created: Instant,
 }
 
-/// Parked calls by `requestState`.
-#[derive(Clone, Default)]
+/// A call that could not be parked: its caller has as many waiting as it may
+/// (`mcp.max_parked_calls_per_caller`). The call was cancelled upstream.
+#[derive(Debug, thiserror::Error)]
+#[error("this caller has {held} calls waiting for its input on this node, the most it may (mcp.max_parked_calls_per_caller); answer or abandon them, or retry later")]
+pub struct ParkRefused {
+    pub held: usize,
+    /// Until the caller's oldest parked call expires.
+    pub retry_after: Duration,
+}
+
+/// Parked calls by `requestState`, each kept for `ttl` at most, `max_per_caller` per caller.
+#[derive(Clone)]
 pub struct ParkedCalls {
     inner: Arc<Mutex<HashMap<String, Parked>>>,
+    ttl: Duration,
+    max_per_caller: usize,
 }
 
 impl ParkedCalls {
-    pub fn put(&self, parked: Parked) -> String {
+    pub fn new(ttl: Duration, max_per_caller: usize) -> ParkedCalls {
+        ParkedCalls {
+            inner: Default::default(),
+            ttl,
+            max_per_caller,
+        }
+    }
+
+    /// Parks `parked` under a new opaque token, unless its caller holds its most already:
+    /// then the call is cancelled upstream and refused.
+    pub fn put(&self, parked: Parked) -> Result<String, ParkRefused> {
         let mut b = [0u8; 24];
         let token = match getrandom::fill(&mut b) {
             Ok(()) => base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b),
             Err(_) => crate::registry::new_request_id(),
         };
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        map.retain(|_, p| p.created.elapsed() < PARK_TTL);
+        self.drop_expired(&mut map);
+        let mut held = 0;
+        let mut oldest: Option<Instant> = None;
+        for p in map.values().filter(|p| p.principal == parked.principal) {
+            held += 1;
+            oldest = Some(oldest.map_or(p.created, |o| o.min(p.created)));
+        }
+        if held >= self.max_per_caller {
+            parked.running.handle().abort();
+            let retry_after = oldest
+                .map(|o| self.ttl.saturating_sub(o.elapsed()))
+                .unwrap_or_default();
+            return Err(ParkRefused { held, retry_after });
+        }
         map.insert(token.clone(), parked);
         metrics::gauge!("mcpd_mcp_parked_calls").set(map.len() as f64);
-        token
+        Ok(token)
     }
 
     /// The call parked under `token`, if `principal` parked it (another's stays).
@@ -59,18 +91,107 @@ impl ParkedCalls {
         }
         let p = map.remove(token);
         metrics::gauge!("mcpd_mcp_parked_calls").set(map.len() as f64);
-        p.filter(|p| p.created.elapsed() < PARK_TTL)
+        p.filter(|p| p.created.elapsed() < self.ttl)
     }
 
     /// Drops parked calls whose client never came back (aborting them upstream).
     pub fn expire(&self) {
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        self.drop_expired(&mut map);
+        metrics::gauge!("mcpd_mcp_parked_calls").set(map.len() as f64);
+    }
+
+    fn drop_expired(&self, map: &mut HashMap<String, Parked>) {
         map.retain(|_, p| {
-            let keep = p.created.elapsed() < PARK_TTL;
+            let keep = p.created.elapsed() < self.ttl;
             if !keep {
                 p.running.handle().abort();
+                metrics::counter!("mcpd_mcp_parked_calls_expired_total").increment(1);
             }
             keep
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parked(principal: &str) -> (Parked, super::super::call::CallHandle) {
+        let mut running = Running::waiting();
+        // Parked calls are detached: their own task polls them, so a cancellation ends them.
+        running.detach();
+        let handle = running.handle();
+        let p = Parked {
+            principal: principal.into(),
+            running,
+            pending: HashMap::new(),
+            asks: HashMap::new(),
+            answers: Default::default(),
+            used: Default::default(),
+            next_key: 0,
+            created: Instant::now(),
+        };
+        (p, handle)
+    }
+
+    async fn ends(handle: &super::super::call::CallHandle) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !handle.is_finished() && Instant::now() < deadline {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        handle.is_finished()
+    }
+
+    #[tokio::test]
+    async fn only_the_caller_that_parked_a_call_takes_it() {
+        let calls = ParkedCalls::new(Duration::from_secs(60), 4);
+        let token = calls.put(parked("alice").0).expect("parks");
+        assert!(calls.take(&token, "mallory").is_none());
+        assert!(
+            calls.take(&token, "alice").is_some(),
+            "mallory's try left it"
+        );
+        assert!(calls.take(&token, "alice").is_none(), "taken once");
+    }
+
+    #[tokio::test]
+    async fn a_caller_with_its_most_parked_is_refused_and_its_call_cancelled() {
+        let calls = ParkedCalls::new(Duration::from_secs(60), 2);
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let (p, h) = parked("alice");
+            calls.put(p).expect("within the bound");
+            held.push(h);
+        }
+        let (p, refused) = parked("alice");
+        let err = calls.put(p).expect_err("a third is refused");
+        assert_eq!(err.held, 2);
+        assert!(err.retry_after > Duration::from_secs(50), "{err:?}");
+        assert!(err.to_string().contains("mcp.max_parked_calls_per_caller"));
+        assert!(
+            ends(&refused).await,
+            "the refused call is cancelled upstream"
+        );
+        assert!(
+            held.iter().all(|h| !h.is_finished()),
+            "the parked ones wait on"
+        );
+        // Another caller is not held to alice's count.
+        calls.put(parked("bob").0).expect("bob parks");
+    }
+
+    #[tokio::test]
+    async fn an_expired_call_is_cancelled_and_cannot_be_resumed() {
+        let calls = ParkedCalls::new(Duration::ZERO, 4);
+        let (p, handle) = parked("alice");
+        let token = calls.put(p).expect("parks");
+        calls.expire();
+        assert!(
+            ends(&handle).await,
+            "the expired call is cancelled upstream"
+        );
+        assert!(calls.take(&token, "alice").is_none());
     }
 }

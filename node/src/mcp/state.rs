@@ -39,6 +39,18 @@ pub struct McpConfig {
     /// A session's changed subscriptions and log level are replicated at most this often
     /// (one Raft write per session per interval, however many calls changed them).
     pub session_state_interval_ms: u64,
+    /// How long a 2026-07-28 call that asked its client for input (`input_required`) waits,
+    /// parked on this node, for the client's retry with the answers; then it is cancelled.
+    pub parked_call_ttl_ms: u64,
+    /// Calls one caller may have parked on this node at once; one more is cancelled and
+    /// refused (-32029, 429).
+    pub max_parked_calls_per_caller: usize,
+    /// Once a server has asked the client something, how long further questions of the same
+    /// call are waited for, so that questions asked together are answered in one round.
+    pub input_gather_ms: u64,
+    /// Most answers a first request may give ahead of the server's questions
+    /// (`inputResponses` without `requestState`); more is refused (-32602).
+    pub max_answers_ahead: usize,
 }
 
 impl Default for McpConfig {
@@ -52,6 +64,10 @@ impl Default for McpConfig {
             max_uri_bytes: 2048,
             max_streams_per_session: 4,
             session_state_interval_ms: 1000,
+            parked_call_ttl_ms: 5 * 60 * 1000,
+            max_parked_calls_per_caller: 64,
+            input_gather_ms: 20,
+            max_answers_ahead: 32,
         }
     }
 }
@@ -109,7 +125,10 @@ impl McpState {
             pools: router.pools().clone(),
             router,
             sessions: Sessions::new(Duration::from_millis(cfg.session_idle_timeout_ms)),
-            parked: ParkedCalls::default(),
+            parked: ParkedCalls::new(
+                Duration::from_millis(cfg.parked_call_ttl_ms),
+                cfg.max_parked_calls_per_caller,
+            ),
             origins: Arc::new(OriginPolicy::new(cfg, advertised_http)),
             config: Arc::new(cfg.clone()),
             identity,

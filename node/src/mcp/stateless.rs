@@ -7,7 +7,7 @@
 //!   elicitation, roots) becomes a multi-round-trip `input_required` result. The upstream call
 //!   stays parked on this node under an opaque `requestState`; the client's retry with
 //!   `inputResponses` resumes it. Requests the server makes together (within
-//!   [`GATHER`] of each other) are asked together. An input key is the server's own string id
+//!   `mcp.input_gather_ms` of each other) are asked together. An input key is the server's own string id
 //!   of its request when it gave one (so a server names its keys in either era), else `rN`;
 //!   answers given for keys not asked yet (a first request may carry them) answer those
 //!   requests when they come. The client's capabilities of the request reach the server in
@@ -44,13 +44,6 @@ const META_CAPS: &str = "io.modelcontextprotocol/clientCapabilities";
 const META_LOG: &str = "io.modelcontextprotocol/logLevel";
 const META_SERVER: &str = "io.modelcontextprotocol/serverInfo";
 const META_SUB: &str = "io.modelcontextprotocol/subscriptionId";
-
-/// How long, after the server asked the client something, further questions of the same call
-/// are waited for, so that questions asked together are answered together.
-const GATHER: std::time::Duration = std::time::Duration::from_millis(20);
-
-/// Most answers a first request may give ahead of the questions.
-const MAX_ANSWERS_AHEAD: usize = 32;
 
 /// 2026 error codes.
 const HEADER_MISMATCH: i64 = -32020;
@@ -346,12 +339,19 @@ pub async fn post(
                         )
                     }
                 },
+                None if answers.len() > state.config.max_answers_ahead => {
+                    metrics::counter!("mcpd_mcp_input_refused_total", "reason" => "answers_ahead").increment(1);
+                    return error(
+                        id,
+                        ErrorObject::new(code::INVALID_PARAMS, format!("params.inputResponses: {} answers ahead of the server's questions, at most {} (mcp.max_answers_ahead)", answers.len(), state.config.max_answers_ahead)),
+                    );
+                }
                 None => Parked {
                     principal: principal.token_id.clone(),
                     running: Running::start(state.route(&principal, &target), method.clone(), upstream_params(params)),
                     pending: HashMap::new(),
                     asks: HashMap::new(),
-                    answers: answers.into_iter().take(MAX_ANSWERS_AHEAD).collect(),
+                    answers,
                     used: Default::default(),
                     next_key: 0,
                     created: Instant::now(),
@@ -406,6 +406,8 @@ struct Drive {
     abort: AbortOnDrop,
     /// Until when further questions are waited for, once the first is asked.
     gather_until: Option<tokio::time::Instant>,
+    /// How long that is (`mcp.input_gather_ms`).
+    gather: std::time::Duration,
 }
 
 impl Drive {
@@ -498,7 +500,7 @@ impl Drive {
                         .insert(key.clone(), json!({ "method": asked, "params": params }));
                     self.parked.pending.insert(key, responder);
                     self.gather_until
-                        .get_or_insert_with(|| tokio::time::Instant::now() + GATHER);
+                        .get_or_insert_with(|| tokio::time::Instant::now() + self.gather);
                 }
             }
         }
@@ -532,12 +534,33 @@ impl Drive {
                     .collect();
                 // Nobody polls a parked call: it goes on in its own task until the retry.
                 self.parked.running.detach();
-                let token = self.state.parked.put(self.parked);
-                metrics::counter!("mcpd_mcp_input_required_total").increment(1);
-                Message::result(
-                    self.id,
-                    json!({ "resultType": "input_required", "inputRequests": asks, "requestState": token }),
-                )
+                let questions = asks.len() as u64;
+                match self.state.parked.put(self.parked) {
+                    Ok(token) => {
+                        metrics::counter!("mcpd_mcp_input_required_total").increment(1);
+                        metrics::counter!("mcpd_mcp_input_questions_total").increment(questions);
+                        Message::result(
+                            self.id,
+                            json!({ "resultType": "input_required", "inputRequests": asks, "requestState": token }),
+                        )
+                    }
+                    Err(refused) => {
+                        metrics::counter!("mcpd_mcp_input_refused_total", "reason" => "parked_per_caller").increment(1);
+                        let retry_after_ms = refused.retry_after.as_millis().max(1) as u64;
+                        let e = ErrorObject::new(code::RATE_LIMITED, refused.to_string())
+                            .with_data(json!({
+                                "limit": "mcp.max_parked_calls_per_caller",
+                                "kind": "concurrency",
+                                "retryAfterMs": retry_after_ms,
+                            }));
+                        let outcome = Err(e);
+                        self.m.finish(&outcome);
+                        Message::Response {
+                            id: self.id,
+                            outcome,
+                        }
+                    }
+                }
             }
         }
     }
@@ -588,6 +611,7 @@ async fn drive(
         "tools/call" | "prompts/get" | "resources/read"
     );
     let abort = AbortOnDrop(Some(parked.running.handle()));
+    let state_gather_ms = state.config.input_gather_ms;
     let mut d = Drive {
         state,
         id,
@@ -599,6 +623,7 @@ async fn drive(
         mrtr,
         abort,
         gather_until: None,
+        gather: std::time::Duration::from_millis(state_gather_ms),
     };
     let first = match d.next().await {
         Next::Note(msg) => msg,

@@ -6,7 +6,8 @@
 //! - `mcpd_otlp_export_failed_total{signal}`: in exports the collector did not take.
 //!
 //! What was queued and neither exported nor failed was dropped by a full queue (or is still
-//! on its way).
+//! on its way). The call log counts its own drops (`mcpd_otlp_dropped_total{signal="calls"}`,
+//! `call_audit::otlp`).
 
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::logs::{LogBatch, LogExporter};
