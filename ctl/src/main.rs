@@ -1842,8 +1842,9 @@ async fn server(cli: &Cli, cmd: &ServerCmd) -> Outcome {
                                 continue;
                             }
                             out!();
-                            let transport = match p.transport.as_deref() {
-                                Some(t) if t != "stdio" => format!(", {t}"),
+                            let transport = match (p.transport.as_deref(), &p.protocol) {
+                                (Some(t), Some(v)) if t != "stdio" => format!(", {t} {v}"),
+                                (Some(t), None) if t != "stdio" => format!(", {t}"),
                                 _ => String::new(),
                             };
                             out!(

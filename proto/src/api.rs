@@ -844,6 +844,10 @@ pub struct ProcessReport {
     /// HTTP+SSE); unset until it first connected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<String>,
+    /// The protocol revision the slot speaks with its server (`2025-11-25`, `2026-07-28`:
+    /// the newest both speak); unset until it first connected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
 }
 
 /// A list answer, with the registry revision it was read at.

@@ -3,9 +3,12 @@ registered with `mcpctl server add NAME --url URL`. Every node connects to them;
 them as they reach stdio servers, through `/mcp` (names `server__tool`) and
 `/servers/{name}/mcp`, in both protocol eras.
 
-The upstreams are real: a server written with the Python SDK (`servers/remote_tools.py`,
-sessions on, an API key required) and `@modelcontextprotocol/server-everything` in its
-streamableHttp mode and in its legacy HTTP+SSE (`sse`) mode. They listen on loopback ports the tests pick, and are stopped whatever
+The upstreams are real: a server written with the Python SDK (`servers/remote_tools.py`, an
+API key required), which speaks 2026-07-28 (so each node speaks that to it), and the same
+server in its sessions-only mode (2025-11-25, as a server of the older SDKs);
+`@modelcontextprotocol/server-everything` in its streamableHttp mode and in its legacy HTTP+SSE
+(`sse`) mode; and a node's own `/servers/demo/mcp`, a 2026-07-28 upstream whose questions
+(elicitation) come back as `input_required` results. They listen on loopback ports the tests pick, and are stopped whatever
 happens.
 """
 
@@ -20,7 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NODE22, NPM, VENV_BIN, Cluster
+import mcp.types as types
+
+from conftest import CA_CERT, NODE22, NPM, VENV_BIN, Cluster
 from helpers import MODES, client, run, text_of, wait_until
 
 HERE = Path(__file__).resolve().parent
@@ -82,6 +87,14 @@ def sdk_upstream():
 
 
 @pytest.fixture(scope="module")
+def sdk_legacy_upstream():
+    """The SDK server answering only the session-based revisions."""
+    port = free_port()
+    argv = [str(VENV_BIN / "python"), str(HERE / "servers/remote_tools.py"), str(port), KEY, "--sessions-only"]
+    yield from serving(Upstream(argv, port))
+
+
+@pytest.fixture(scope="module")
 def everything_upstream():
     port = free_port()
     argv = [str(NODE22), str(NPM / "@modelcontextprotocol/server-everything/dist/index.js"), "streamableHttp"]
@@ -106,6 +119,20 @@ def remote(cluster: Cluster, sdk_upstream: Upstream) -> str:
     cluster.mcpctl("server", "add", name, "--url", sdk_upstream.url, "--header", f"X-Api-Key={KEY}")
     cluster.wait_tools(name, ["echo", "add", "count"])
     return name
+
+
+@pytest.fixture(scope="module")
+def remote_legacy(cluster: Cluster, sdk_legacy_upstream: Upstream) -> str:
+    name = "remote-legacy"
+    cluster.mcpctl("server", "add", name, "--url", sdk_legacy_upstream.url, "--header", f"X-Api-Key={KEY}")
+    cluster.wait_tools(name, ["echo", "add", "count"])
+    return name
+
+
+def protocols(cluster: Cluster, server: str) -> set[str | None]:
+    """The revisions the nodes speak with `server` (`mcpctl server status`)."""
+    status = json.loads(cluster.mcpctl("server", "status", server, "-o", "json"))
+    return {d.get("protocol") for r in status["replicas"] for d in r["details"]}
 
 
 def test_a_remote_server_is_registered_with_its_headers_sealed(cluster, remote):
@@ -142,7 +169,39 @@ def test_a_remote_server_answers_on_both_endpoints_in_both_eras(cluster, remote,
     run(scenario())
 
 
-def test_a_remote_server_that_restarts_is_reached_again_without_an_error(cluster, remote, sdk_upstream):
+def test_each_node_speaks_the_newest_revision_each_remote_server_speaks(cluster, remote, remote_legacy):
+    assert protocols(cluster, remote) == {"2026-07-28"}
+    assert protocols(cluster, remote_legacy) == {"2025-11-25"}
+
+    # Both eras of client are served by both, on both endpoints: the node translates.
+    async def scenario():
+        for mode in MODES:
+            for server in (remote, remote_legacy):
+                async with client(cluster.url(1, server), cluster.token, mode) as c:
+                    assert text_of(await c.call_tool("add", {"a": 40, "b": 2})) == "42"
+                async with client(cluster.url(2), cluster.token, mode) as c:
+                    assert text_of(await c.call_tool(f"{server}__echo", {"text": mode})) == mode
+
+    run(scenario())
+
+
+def test_a_2026_remote_server_that_restarts_is_reached_again_without_an_error(cluster, remote, sdk_upstream):
+    async def count(node: int) -> int:
+        async with client(cluster.url(node, remote), cluster.token, "legacy") as c:
+            return int(text_of(await c.call_tool("count", {})))
+
+    assert run(count(0)) >= 1
+    # No session to lose: each request stands alone, so the new process just answers.
+    sdk_upstream.restart()
+    after = [run(count(node)) for node in range(cluster.nodes)]
+    assert after == [1, 2, 3], f"the calls did not reach the restarted server: {after}"
+
+
+def test_a_remote_server_that_restarts_is_reached_again_without_an_error(
+    cluster, remote_legacy, sdk_legacy_upstream
+):
+    remote, sdk_upstream = remote_legacy, sdk_legacy_upstream
+
     async def count(node: int) -> int:
         async with client(cluster.url(node, remote), cluster.token, "legacy") as c:
             return int(text_of(await c.call_tool("count", {})))
@@ -209,3 +268,52 @@ def test_a_remote_server_that_is_down_is_answered_by_its_fallback(cluster, remot
         run(scenario())
     finally:
         cluster.mcpctl("server", "rm", name)
+
+
+@pytest.fixture(scope="module")
+def remote_asks(cluster: Cluster) -> str:
+    """Node 1's `/servers/demo/mcp` as a remote server: a 2026-07-28 upstream over HTTPS
+    whose tools ask their client for input (`input_required`)."""
+    name = "remote-asks"
+    os.environ["REMOTE_ASKS_TOKEN"] = cluster.token
+    try:
+        cluster.mcpctl("server", "add", name, "--url", cluster.url(0, "demo"), "--ca-file", str(CA_CERT),
+                       "--bearer-env", "REMOTE_ASKS_TOKEN", "--pool-size", "1")
+    finally:
+        del os.environ["REMOTE_ASKS_TOKEN"]
+    try:
+        cluster.wait_tools(name, ["test_input_required_result_elicitation"])
+        yield name
+    finally:
+        cluster.mcpctl("server", "rm", name)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_2026_remote_servers_questions_reach_the_client_of_either_era(cluster, remote_asks, mode):
+    """The server's `input_required` round: its question reaches a 2025 client as an
+    elicitation request on its stream, a 2026 client in an `input_required` of its own, and
+    the answer goes back with the server's requestState."""
+    assert protocols(cluster, remote_asks) == {"2026-07-28"}
+    who = f"Ada {uuid.uuid4().hex[:8]}"
+    asked: list[str] = []
+
+    async def elicitation(ctx, p) -> types.ElicitResult:
+        asked.append(p.message)
+        return types.ElicitResult(action="accept", content={"name": who})
+
+    async def scenario():
+        async with client(cluster.url(1, remote_asks), cluster.token, mode, elicitation_callback=elicitation) as c:
+            r = await c.call_tool("test_input_required_result_elicitation", {})
+            assert not r.is_error, text_of(r)
+            assert text_of(r) == f"Hello, {who}!"
+        assert asked == ["What is your name?"]
+
+    def rounds() -> float:
+        return sum(cluster.metric("mcpd_upstream_input_required_total", f'server="{remote_asks}"', n) or 0
+                   for n in range(cluster.nodes))
+
+    before, parked_before = rounds(), cluster.metric("mcpd_mcp_parked_calls", "", 0) or 0
+    run(scenario())
+    assert rounds() == before + 1, "one round of questions"
+    # The upstream's call was resumed with its requestState, not started again and left parked.
+    assert (cluster.metric("mcpd_mcp_parked_calls", "", 0) or 0) == parked_before

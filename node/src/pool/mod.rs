@@ -18,6 +18,7 @@ pub mod process;
 pub mod reconcile;
 pub mod remote;
 pub mod remote_http;
+pub mod remote_stateless;
 pub mod report;
 pub mod sandbox;
 pub mod upstream;
@@ -746,7 +747,7 @@ async fn supervise(
         match attempt {
             Ok(p) => {
                 tracing::info!(server = %server, slot = index, pid = p.pid().unwrap_or(0), transport = p.transport(), "server process ready");
-                report.started(p.pid(), p.transport());
+                report.started(p.pid(), p.transport(), p.init()["protocolVersion"].as_str());
                 let _ = process_tx.send(Some(p.clone()));
                 set_state(SlotState::Ready);
                 let reason = loop {

@@ -756,11 +756,11 @@ async fn listen(shared: std::sync::Weak<Shared>) {
     }
 }
 
-/// Counts a call in flight while it lives.
-struct InFlight<'a>(&'a AtomicUsize);
+/// Counts a call in flight while it lives (also `super::remote_stateless`'s calls).
+pub(super) struct InFlight<'a>(&'a AtomicUsize);
 
 impl<'a> InFlight<'a> {
-    fn enter(n: &'a AtomicUsize) -> InFlight<'a> {
+    pub(super) fn enter(n: &'a AtomicUsize) -> InFlight<'a> {
         n.fetch_add(1, Ordering::Relaxed);
         InFlight(n)
     }

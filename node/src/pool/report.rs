@@ -22,6 +22,7 @@ pub struct SlotReport(Arc<Mutex<Inner>>);
 struct Inner {
     pid: Option<u32>,
     transport: Option<&'static str>,
+    protocol: Option<String>,
     restarts: u64,
     last_error: Option<(u64, String)>,
     last_exit: Option<String>,
@@ -46,11 +47,12 @@ impl SlotReport {
         inner.stderr.push_back(line[..cut].to_string());
     }
 
-    /// A process of the slot is ready.
-    pub fn started(&self, pid: Option<u32>, transport: &'static str) {
+    /// A process of the slot is ready, speaking revision `protocol` with its server.
+    pub fn started(&self, pid: Option<u32>, transport: &'static str, protocol: Option<&str>) {
         let mut inner = self.lock();
         inner.pid = pid;
         inner.transport = Some(transport);
+        inner.protocol = protocol.map(String::from);
     }
 
     /// The slot's process failed to start, or was lost: why.
@@ -84,6 +86,7 @@ impl SlotReport {
             last_exit: inner.last_exit.clone(),
             stderr: inner.stderr.iter().cloned().collect(),
             transport: inner.transport.map(String::from),
+            protocol: inner.protocol.clone(),
         }
     }
 }

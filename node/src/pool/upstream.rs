@@ -1,6 +1,7 @@
 //! A connection to one MCP server that carries calls and the server's own messages: a local
 //! process over stdio ([`super::process`]), or a remote server over Streamable HTTP
-//! ([`super::remote`]) or the legacy HTTP+SSE transport ([`super::legacy_sse`]). The pool, its supervisors, the catalogue and the router work on this
+//! ([`super::remote`]; in the stateless revision, [`super::remote_stateless`]) or the legacy
+//! HTTP+SSE transport ([`super::legacy_sse`]). The pool, its supervisors, the catalogue and the router work on this
 //! trait; only [`connect`] knows which transport a server uses.
 
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use tokio::sync::mpsc;
 use super::legacy_sse::LegacySse;
 use super::process::{PoolEvent, Process, ProcessError, StartOptions};
 use super::remote::Remote;
+use super::remote_stateless::Stateless;
 use crate::call::{CallError, EventSink};
 
 /// One ready connection to a server, initialised.
@@ -71,6 +73,10 @@ pub async fn connect(
 ) -> Result<Arc<dyn Upstream>, ProcessError> {
     let client_init = client_init.unwrap_or_else(gateway_init);
     if spec.is_remote() {
+        // The newest revision the server speaks: 2026-07-28 if `server/discover` says so.
+        if let Some(stateless) = Stateless::discover(spec, &client_init).await? {
+            return Ok(Arc::new(stateless));
+        }
         return match Remote::connect(spec, pool_events.clone(), client_init.clone()).await {
             Ok(remote) => Ok(Arc::new(remote)),
             // Refused with a 4xx: a server of the legacy HTTP+SSE transport, maybe.
@@ -213,5 +219,47 @@ impl Upstream for LegacySse {
     }
     fn stop(&self, grace: Duration) -> BoxFuture<'_, ()> {
         Box::pin(LegacySse::stop(self, grace))
+    }
+}
+
+impl Upstream for Stateless {
+    fn init(&self) -> &Value {
+        Stateless::init(self)
+    }
+    fn transport(&self) -> &'static str {
+        "http"
+    }
+    fn pid(&self) -> Option<u32> {
+        None
+    }
+    fn shard(&self) -> Option<usize> {
+        Stateless::shard(self)
+    }
+    fn is_alive(&self) -> bool {
+        Stateless::is_alive(self)
+    }
+    fn in_flight(&self) -> usize {
+        Stateless::in_flight(self)
+    }
+    fn exited(&self) -> BoxFuture<'_, ()> {
+        Box::pin(Stateless::exited(self))
+    }
+    fn call_owned<'a>(
+        &'a self,
+        method: &'a str,
+        params: Option<Value>,
+        events: Option<EventSink>,
+        _owner: Option<Arc<str>>,
+    ) -> BoxFuture<'a, Result<Value, CallError>> {
+        // Each request is an exchange of its own: nothing to attribute.
+        Box::pin(Stateless::call(self, method, params, events))
+    }
+    fn notify<'a>(&'a self, _method: &'a str, _params: Option<Value>) -> BoxFuture<'a, ()> {
+        // This revision has no notifications from the client (cancelling a request is
+        // closing its stream, which dropping the call does).
+        Box::pin(async {})
+    }
+    fn stop(&self, _grace: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(Stateless::stop(self))
     }
 }
