@@ -14,6 +14,7 @@ happens.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 
 import mcp.types as types
+from mcp.shared.subscriptions import ToolsListChanged
 
 from conftest import CA_CERT, NODE22, NPM, VENV_BIN, Cluster
 from helpers import MODES, client, run, text_of, wait_until
@@ -317,3 +319,17 @@ def test_a_2026_remote_servers_questions_reach_the_client_of_either_era(cluster,
     assert rounds() == before + 1, "one round of questions"
     # The upstream's call was resumed with its requestState, not started again and left parked.
     assert (cluster.metric("mcpd_mcp_parked_calls", "", 0) or 0) == parked_before
+
+
+def test_a_2026_remote_servers_list_changes_reach_the_clients(cluster, remote_asks):
+    """The server announces a change of its tool list on the `subscriptions/listen` stream
+    each node keeps open with it; a client listening on another node hears it."""
+
+    async def scenario():
+        async with client(cluster.url(1, remote_asks), cluster.token, "2026-07-28") as c:
+            async with c.listen(tools_list_changed=True) as sub:
+                await c.call_tool("test_trigger_tool_change", {})
+                event = await asyncio.wait_for(anext(sub), 20)
+                assert isinstance(event, ToolsListChanged), event
+
+    run(scenario())

@@ -12,6 +12,10 @@
 //!   sampling, elicitation or roots requests on its stream, a 2026 client in its own
 //!   `input_required`); their answers are sent back with the server's `requestState` in the
 //!   next round, until the result is complete. The call's timeout bounds the rounds.
+//! - **List changes and resource updates** come on the server's `subscriptions/listen`
+//!   stream, kept open by each connection and opened again after a pause when it breaks (then
+//!   the lists are reloaded, for what changed meanwhile); they go to the pool's events, as a
+//!   session server's GET stream's do. A server that refuses it is left alone.
 //! - What this revision does not have: `ping` is a `server/discover`; notifications from
 //!   the client are not sent (cancelling is closing the request's stream, which dropping a
 //!   call does); `resources/subscribe`, `resources/unsubscribe` and `logging/setLevel` are
@@ -20,6 +24,7 @@
 //!   `super::remote`.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -33,29 +38,42 @@ use tokio::sync::mpsc;
 
 use super::liveness::Liveness;
 use super::oauth::Tokens;
-use super::process::ProcessError;
+use super::process::{PoolEvent, ProcessError};
 use super::remote::InFlight;
 use crate::call::{CallError, CallEvent, EventSink, Responder};
 
 const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
 const META_CAPS: &str = "io.modelcontextprotocol/clientCapabilities";
 const META_SERVER: &str = "io.modelcontextprotocol/serverInfo";
+const META_SUB: &str = "io.modelcontextprotocol/subscriptionId";
 /// Largest answer body read from a remote server.
 const MAX_BODY: usize = 16 << 20;
 
 /// A remote server spoken to in the stateless revision.
 pub struct Stateless {
+    link: Arc<Link>,
+    init: Value,
+    shard: Option<usize>,
+    in_flight: AtomicUsize,
+    liveness: Liveness,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Stateless {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+/// How requests reach the server.
+struct Link {
     server: String,
     url: String,
     http: reqwest::Client,
     tokens: Option<Tokens>,
     /// The client capabilities a request carries when its caller gave none (the gateway's).
     capabilities: Value,
-    init: Value,
-    shard: Option<usize>,
     next_id: AtomicU64,
-    in_flight: AtomicUsize,
-    liveness: Liveness,
 }
 
 /// How one POST ended.
@@ -72,23 +90,20 @@ impl Stateless {
     pub async fn discover(
         spec: &ServerSpec,
         client_init: &Value,
+        pool_events: mpsc::Sender<PoolEvent>,
     ) -> Result<Option<Stateless>, ProcessError> {
         // The URL stays out of errors: they reach clients, and a URL can carry a secret.
         let failed = |e: String| ProcessError::Initialize(format!("the remote server: {e}"));
         let startup = Duration::from_millis(spec.timeouts.startup_ms);
-        let upstream = Stateless {
+        let link = Arc::new(Link {
             server: spec.name.clone(),
             url: spec.url.clone().unwrap_or_default(),
             http: super::remote_http::client_for(spec).map_err(failed)?,
             tokens: Tokens::for_spec(spec).map_err(failed)?,
             capabilities: client_init["capabilities"].clone(),
-            init: Value::Null,
-            shard: crate::shard::current(),
             next_id: AtomicU64::new(1),
-            in_flight: AtomicUsize::new(0),
-            liveness: Liveness::default(),
-        };
-        let asked = tokio::time::timeout(startup, upstream.discovered()).await;
+        });
+        let asked = tokio::time::timeout(startup, link.discovered()).await;
         let discovered = match asked {
             Err(_) => return Err(ProcessError::StartupTimeout(startup)),
             Ok(Err(CallError::NotRun(e))) => return Err(failed(e)),
@@ -101,24 +116,16 @@ impl Stateless {
             "serverInfo": discovered["_meta"][META_SERVER],
             "instructions": discovered["instructions"],
         });
-        tracing::info!(server = %spec.name, origin = %super::remote_http::origin(&upstream.url), protocol = STATELESS_VERSION, "remote server connected");
-        Ok(Some(Stateless { init, ..upstream }))
-    }
-
-    /// The server's `server/discover` result if it names 2026-07-28; `None` for any other
-    /// answer. An error only when the server was not reached.
-    async fn discovered(&self) -> Result<Option<Value>, CallError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let params = self.with_meta(None);
-        let request = Message::request(RequestId::Num(id as i64), "server/discover", params);
-        let result = match self.post(&request, None).await? {
-            Posted::Answer(Ok(result)) => result,
-            Posted::Answer(Err(_)) | Posted::Refused(_) => return Ok(None),
-        };
-        let speaks = result["supportedVersions"]
-            .as_array()
-            .is_some_and(|v| v.iter().any(|v| v == STATELESS_VERSION));
-        Ok(speaks.then_some(result))
+        tracing::info!(server = %spec.name, origin = %super::remote_http::origin(&link.url), protocol = STATELESS_VERSION, "remote server connected");
+        let listener = tokio::spawn(listen(Arc::downgrade(&link), pool_events));
+        Ok(Some(Stateless {
+            link,
+            init,
+            shard: crate::shard::current(),
+            in_flight: AtomicUsize::new(0),
+            liveness: Liveness::default(),
+            listener,
+        }))
     }
 
     pub fn init(&self) -> &Value {
@@ -141,9 +148,10 @@ impl Stateless {
         self.liveness.closed().await
     }
 
-    /// Nothing to end: there is no session.
+    /// Nothing to end but the listening stream: there is no session.
     pub async fn stop(&self) {
         self.liveness.close();
+        self.listener.abort();
     }
 
     /// Sends a request, with as many rounds as the server's questions take (see the module
@@ -154,8 +162,36 @@ impl Stateless {
         params: Option<Value>,
         events: Option<EventSink>,
     ) -> Result<Value, CallError> {
-        self.liveness.check(&self.server)?;
+        self.liveness.check(&self.link.server)?;
         let _counted = InFlight::enter(&self.in_flight);
+        self.link.call(method, params, events).await
+    }
+}
+
+impl Link {
+    /// The server's `server/discover` result if it names 2026-07-28; `None` for any other
+    /// answer. An error only when the server was not reached.
+    async fn discovered(&self) -> Result<Option<Value>, CallError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let params = self.with_meta(None);
+        let request = Message::request(RequestId::Num(id as i64), "server/discover", params);
+        let result = match self.post(&request, None).await? {
+            Posted::Answer(Ok(result)) => result,
+            Posted::Answer(Err(_)) | Posted::Refused(_) => return Ok(None),
+        };
+        let speaks = result["supportedVersions"]
+            .as_array()
+            .is_some_and(|v| v.iter().any(|v| v == STATELESS_VERSION));
+        Ok(speaks.then_some(result))
+    }
+
+    /// Sends a request, round after round (see the module docs).
+    async fn call(
+        &self,
+        method: &str,
+        params: Option<Value>,
+        events: Option<EventSink>,
+    ) -> Result<Value, CallError> {
         match method {
             "ping" => {
                 return match self.discovered().await? {
@@ -183,10 +219,12 @@ impl Stateless {
             let request = Message::request(RequestId::Num(id as i64), method, params.clone());
             let mut result = match self.post(&request, events.as_ref()).await? {
                 Posted::Answer(outcome) => outcome.map_err(CallError::Answered)?,
-                Posted::Refused(status) => return Err(CallError::NotRun(format!(
+                Posted::Refused(status) => {
+                    return Err(CallError::NotRun(format!(
                     "remote server {:?} refused the request (HTTP {status}); the call did not run",
                     self.server
-                ))),
+                )))
+                }
             };
             if result["resultType"] != "input_required" {
                 if let Some(r) = result.as_object_mut() {
@@ -284,15 +322,14 @@ impl Stateless {
         Ok(answers)
     }
 
-    /// POSTs one request; its answer is read from JSON or from its SSE stream, whose
-    /// notifications go to `events`. A `401` with the connection's access token ran nothing:
-    /// the request is sent once more with a new token.
-    async fn post(&self, msg: &Message, events: Option<&EventSink>) -> Result<Posted, CallError> {
+    /// POSTs one request with this revision's headers. A `401` with the connection's access
+    /// token ran nothing: the request is sent once more with a new token.
+    async fn send(&self, msg: &Message) -> Result<reqwest::Response, CallError> {
         let Message::Request { method, params, .. } = msg else {
             return Err(CallError::NotRun("not a request".into()));
         };
         let mut resent = false;
-        let resp = loop {
+        loop {
             let mut req = self
                 .http
                 .post(&self.url)
@@ -340,8 +377,14 @@ impl Stateless {
                     self.server
                 )));
             }
-            break resp;
-        };
+            return Ok(resp);
+        }
+    }
+
+    /// POSTs one request; its answer is read from JSON or from its SSE stream, whose
+    /// notifications go to `events`.
+    async fn post(&self, msg: &Message, events: Option<&EventSink>) -> Result<Posted, CallError> {
+        let resp = self.send(msg).await?;
         let status = resp.status();
         let sse = resp
             .headers()
@@ -408,6 +451,121 @@ impl Stateless {
         }
         Err(broke("it ended the stream without an answer".into()))
     }
+}
+
+/// How a `subscriptions/listen` stream ended.
+enum Listened {
+    /// The server has none (an error answer): nothing to listen to.
+    Refused,
+    /// It broke or ended: open it again after a pause.
+    Ended,
+}
+
+/// Keeps the server's `subscriptions/listen` stream open while the connection lives, its
+/// notifications to the pool's events. After a stream broke, the lists are announced changed
+/// once it is back, for what changed meanwhile.
+async fn listen(link: Weak<Link>, pool_events: mpsc::Sender<PoolEvent>) {
+    let mut pause = Duration::from_millis(500);
+    let mut reopened = false;
+    loop {
+        let Some(l) = link.upgrade() else { return };
+        let opened = l.open_listen().await;
+        drop(l);
+        match opened {
+            Ok(resp) => {
+                pause = Duration::from_millis(500);
+                if reopened {
+                    for list in ["tools", "prompts", "resources"] {
+                        let changed = Message::notification(
+                            format!("notifications/{list}/list_changed"),
+                            None,
+                        );
+                        let _ = pool_events.try_send(PoolEvent::Notify(changed));
+                    }
+                }
+                if let Listened::Refused = relay_listen(&link, resp, &pool_events).await {
+                    return;
+                }
+            }
+            Err(Listened::Refused) => return,
+            Err(Listened::Ended) => {}
+        }
+        reopened = true;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(30));
+    }
+}
+
+impl Link {
+    /// POSTs `subscriptions/listen` for every list change; the stream, once the server
+    /// took it.
+    async fn open_listen(&self) -> Result<reqwest::Response, Listened> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let params = self.with_meta(Some(json!({
+            "notifications": {
+                "toolsListChanged": true,
+                "promptsListChanged": true,
+                "resourcesListChanged": true,
+            },
+        })));
+        let request = Message::request(RequestId::Num(id as i64), "subscriptions/listen", params);
+        let resp = self.send(&request).await.map_err(|_| Listened::Ended)?;
+        let sse = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        match resp.status() {
+            s if s.is_success() && sse => Ok(resp),
+            s if s.is_server_error() => Err(Listened::Ended),
+            _ => {
+                tracing::info!(server = %self.server, "the remote server has no subscriptions/listen stream; its list changes are not heard");
+                Err(Listened::Refused)
+            }
+        }
+    }
+}
+
+/// Passes a listen stream's notifications on until it ends.
+async fn relay_listen(
+    link: &Weak<Link>,
+    resp: reqwest::Response,
+    pool_events: &mpsc::Sender<PoolEvent>,
+) -> Listened {
+    let mut parser = SseParser::default();
+    let mut body = resp.bytes_stream();
+    while let Some(Ok(chunk)) = body.next().await {
+        if link.strong_count() == 0 {
+            return Listened::Refused;
+        }
+        if parser.pending() > MAX_BODY {
+            break;
+        }
+        for event in parser.feed(&chunk) {
+            match Message::parse(event.data.as_bytes()) {
+                Ok(Message::Notification { method, mut params }) => {
+                    if method == "notifications/subscriptions/acknowledged" {
+                        continue;
+                    }
+                    if let Some(meta) = params
+                        .as_mut()
+                        .and_then(|p| p.get_mut("_meta"))
+                        .and_then(Value::as_object_mut)
+                    {
+                        meta.remove(META_SUB);
+                    }
+                    let msg = Message::Notification { method, params };
+                    let _ = pool_events.try_send(PoolEvent::Notify(msg));
+                }
+                // The stream's end: an error (the server stopped it) or a result.
+                Ok(Message::Response {
+                    outcome: Err(_), ..
+                }) => return Listened::Refused,
+                _ => {}
+            }
+        }
+    }
+    Listened::Ended
 }
 
 /// The `Mcp-Name` of a request: the tool, prompt or resource it names, base64-encoded

@@ -74,7 +74,9 @@ pub async fn connect(
     let client_init = client_init.unwrap_or_else(gateway_init);
     if spec.is_remote() {
         // The newest revision the server speaks: 2026-07-28 if `server/discover` says so.
-        if let Some(stateless) = Stateless::discover(spec, &client_init).await? {
+        if let Some(stateless) =
+            Stateless::discover(spec, &client_init, pool_events.clone()).await?
+        {
             return Ok(Arc::new(stateless));
         }
         return match Remote::connect(spec, pool_events.clone(), client_init.clone()).await {
