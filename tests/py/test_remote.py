@@ -333,3 +333,61 @@ def test_a_2026_remote_servers_list_changes_reach_the_clients(cluster, remote_as
                 assert isinstance(event, ToolsListChanged), event
 
     run(scenario())
+
+
+WATCHED = "demo://resource/dynamic/text/1"
+
+
+@pytest.fixture(scope="module")
+def remote_everything(cluster: Cluster) -> str:
+    """Node 1's `/servers/everything/mcp` (server-everything over stdio behind it) as a
+    remote server: a 2026-07-28 upstream whose resources change."""
+    name = "remote-everything"
+    os.environ["REMOTE_EVERYTHING_TOKEN"] = cluster.token
+    try:
+        cluster.mcpctl("server", "add", name, "--url", cluster.url(0, "everything"), "--ca-file", str(CA_CERT),
+                       "--bearer-env", "REMOTE_EVERYTHING_TOKEN", "--pool-size", "1")
+    finally:
+        del os.environ["REMOTE_EVERYTHING_TOKEN"]
+    try:
+        cluster.wait_tools(name, ["toggle-subscriber-updates"])
+        yield name
+    finally:
+        cluster.mcpctl("server", "rm", name)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_subscription_through_a_2026_remote_server_delivers_its_updates(cluster, remote_everything, mode):
+    """A 2025 client's resources/subscribe (a 2026 client's listen) to a 2026 upstream is
+    asked for on the listen stream the node keeps with it; the updates come back on it."""
+    assert protocols(cluster, remote_everything) == {"2026-07-28"}
+    url = cluster.url(1, remote_everything)
+
+    async def updates_on(c) -> None:
+        for _ in range(2):
+            if text_of(await c.call_tool("toggle-subscriber-updates", {})).startswith("Started"):
+                return
+        raise AssertionError("server-everything did not start its simulated updates")
+
+    async def scenario():
+        if mode == "2026-07-28":
+            async with client(url, cluster.token, mode) as c:
+                async with c.listen(resource_subscriptions=[WATCHED]) as sub:
+                    assert sub.honored.resource_subscriptions == [WATCHED]
+                    await updates_on(c)
+                    event = await asyncio.wait_for(anext(sub), 20)
+                    assert event.uri == WATCHED
+            return
+        updated = asyncio.Event()
+
+        async def on_message(m) -> None:
+            if getattr(m, "method", None) == "notifications/resources/updated" and m.params.uri == WATCHED:
+                updated.set()
+
+        async with client(url, cluster.token, mode, message_handler=on_message) as c:
+            await c.subscribe_resource(WATCHED)
+            await updates_on(c)
+            await asyncio.wait_for(updated.wait(), 20)
+            await c.unsubscribe_resource(WATCHED)
+
+    run(scenario())

@@ -18,6 +18,7 @@ pub mod process;
 pub mod reconcile;
 pub mod remote;
 pub mod remote_http;
+mod remote_listen;
 pub mod remote_stateless;
 pub mod report;
 pub mod sandbox;

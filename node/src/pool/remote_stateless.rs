@@ -13,18 +13,16 @@
 //!   `input_required`); their answers are sent back with the server's `requestState` in the
 //!   next round, until the result is complete. The call's timeout bounds the rounds.
 //! - **List changes and resource updates** come on the server's `subscriptions/listen`
-//!   stream, kept open by each connection and opened again after a pause when it breaks (then
-//!   the lists are reloaded, for what changed meanwhile); they go to the pool's events, as a
-//!   session server's GET stream's do. A server that refuses it is left alone.
+//!   stream (`super::remote_listen`), which also carries the resources the connection's
+//!   clients subscribed to (`resources/subscribe` of a 2025 client).
 //! - What this revision does not have: `ping` is a `server/discover`; notifications from
 //!   the client are not sent (cancelling is closing the request's stream, which dropping a
-//!   call does); `resources/subscribe`, `resources/unsubscribe` and `logging/setLevel` are
-//!   refused as methods the server does not have.
+//!   call does); `logging/setLevel` is refused as a method the server does not have.
 //! - The server's OAuth client (`super::oauth`) and the `401`-once-more rule are as in
 //!   `super::remote`.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -40,12 +38,12 @@ use super::liveness::Liveness;
 use super::oauth::Tokens;
 use super::process::{PoolEvent, ProcessError};
 use super::remote::InFlight;
+use super::remote_listen::{listen, Subscriptions};
 use crate::call::{CallError, CallEvent, EventSink, Responder};
 
 const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
 const META_CAPS: &str = "io.modelcontextprotocol/clientCapabilities";
 const META_SERVER: &str = "io.modelcontextprotocol/serverInfo";
-const META_SUB: &str = "io.modelcontextprotocol/subscriptionId";
 /// Largest answer body read from a remote server.
 const MAX_BODY: usize = 16 << 20;
 
@@ -66,14 +64,17 @@ impl Drop for Stateless {
 }
 
 /// How requests reach the server.
-struct Link {
-    server: String,
+pub(super) struct Link {
+    pub(super) server: String,
     url: String,
     http: reqwest::Client,
     tokens: Option<Tokens>,
     /// The client capabilities a request carries when its caller gave none (the gateway's).
     capabilities: Value,
-    next_id: AtomicU64,
+    pub(super) next_id: AtomicU64,
+    /// The resources clients subscribed to through this connection, asked for on its listen
+    /// stream.
+    pub(super) subscriptions: Subscriptions,
 }
 
 /// How one POST ended.
@@ -102,6 +103,7 @@ impl Stateless {
             tokens: Tokens::for_spec(spec).map_err(failed)?,
             capabilities: client_init["capabilities"].clone(),
             next_id: AtomicU64::new(1),
+            subscriptions: Subscriptions::default(),
         });
         let asked = tokio::time::timeout(startup, link.discovered()).await;
         let discovered = match asked {
@@ -110,12 +112,15 @@ impl Stateless {
             Ok(Err(_)) | Ok(Ok(None)) => return Ok(None),
             Ok(Ok(Some(d))) => d,
         };
-        let init = json!({
+        // What `initialize` would have said, as far as the discovery says it.
+        let mut init = json!({
             "protocolVersion": STATELESS_VERSION,
             "capabilities": discovered["capabilities"],
             "serverInfo": discovered["_meta"][META_SERVER],
-            "instructions": discovered["instructions"],
         });
+        if let Some(text) = discovered["instructions"].as_str() {
+            init["instructions"] = json!(text);
+        }
         tracing::info!(server = %spec.name, origin = %super::remote_http::origin(&link.url), protocol = STATELESS_VERSION, "remote server connected");
         let listener = tokio::spawn(listen(Arc::downgrade(&link), pool_events));
         Ok(Some(Stateless {
@@ -202,7 +207,24 @@ impl Link {
                     ))),
                 }
             }
-            "resources/subscribe" | "resources/unsubscribe" | "logging/setLevel" => {
+            "resources/subscribe" | "resources/unsubscribe" => {
+                let uri = params
+                    .as_ref()
+                    .and_then(|p| p["uri"].as_str())
+                    .ok_or_else(|| {
+                        CallError::Answered(ErrorObject::new(
+                            code::INVALID_PARAMS,
+                            "params.uri: required (a string)",
+                        ))
+                    })?;
+                return if method == "resources/subscribe" {
+                    self.subscriptions.subscribe(&self.server, uri).await
+                } else {
+                    self.subscriptions.unsubscribe(uri);
+                    Ok(json!({}))
+                };
+            }
+            "logging/setLevel" => {
                 return Err(CallError::Answered(ErrorObject::new(
                     code::METHOD_NOT_FOUND,
                     format!(
@@ -254,7 +276,7 @@ impl Link {
 
     /// The request's params with this revision's `_meta`: its version, and the caller's
     /// client capabilities (or the gateway's).
-    fn with_meta(&self, params: Option<Value>) -> Option<Value> {
+    pub(super) fn with_meta(&self, params: Option<Value>) -> Option<Value> {
         let mut params = match params {
             Some(Value::Object(p)) => p,
             None => Map::new(),
@@ -324,7 +346,7 @@ impl Link {
 
     /// POSTs one request with this revision's headers. A `401` with the connection's access
     /// token ran nothing: the request is sent once more with a new token.
-    async fn send(&self, msg: &Message) -> Result<reqwest::Response, CallError> {
+    pub(super) async fn send(&self, msg: &Message) -> Result<reqwest::Response, CallError> {
         let Message::Request { method, params, .. } = msg else {
             return Err(CallError::NotRun("not a request".into()));
         };
@@ -451,121 +473,6 @@ impl Link {
         }
         Err(broke("it ended the stream without an answer".into()))
     }
-}
-
-/// How a `subscriptions/listen` stream ended.
-enum Listened {
-    /// The server has none (an error answer): nothing to listen to.
-    Refused,
-    /// It broke or ended: open it again after a pause.
-    Ended,
-}
-
-/// Keeps the server's `subscriptions/listen` stream open while the connection lives, its
-/// notifications to the pool's events. After a stream broke, the lists are announced changed
-/// once it is back, for what changed meanwhile.
-async fn listen(link: Weak<Link>, pool_events: mpsc::Sender<PoolEvent>) {
-    let mut pause = Duration::from_millis(500);
-    let mut reopened = false;
-    loop {
-        let Some(l) = link.upgrade() else { return };
-        let opened = l.open_listen().await;
-        drop(l);
-        match opened {
-            Ok(resp) => {
-                pause = Duration::from_millis(500);
-                if reopened {
-                    for list in ["tools", "prompts", "resources"] {
-                        let changed = Message::notification(
-                            format!("notifications/{list}/list_changed"),
-                            None,
-                        );
-                        let _ = pool_events.try_send(PoolEvent::Notify(changed));
-                    }
-                }
-                if let Listened::Refused = relay_listen(&link, resp, &pool_events).await {
-                    return;
-                }
-            }
-            Err(Listened::Refused) => return,
-            Err(Listened::Ended) => {}
-        }
-        reopened = true;
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(30));
-    }
-}
-
-impl Link {
-    /// POSTs `subscriptions/listen` for every list change; the stream, once the server
-    /// took it.
-    async fn open_listen(&self) -> Result<reqwest::Response, Listened> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let params = self.with_meta(Some(json!({
-            "notifications": {
-                "toolsListChanged": true,
-                "promptsListChanged": true,
-                "resourcesListChanged": true,
-            },
-        })));
-        let request = Message::request(RequestId::Num(id as i64), "subscriptions/listen", params);
-        let resp = self.send(&request).await.map_err(|_| Listened::Ended)?;
-        let sse = resp
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
-        match resp.status() {
-            s if s.is_success() && sse => Ok(resp),
-            s if s.is_server_error() => Err(Listened::Ended),
-            _ => {
-                tracing::info!(server = %self.server, "the remote server has no subscriptions/listen stream; its list changes are not heard");
-                Err(Listened::Refused)
-            }
-        }
-    }
-}
-
-/// Passes a listen stream's notifications on until it ends.
-async fn relay_listen(
-    link: &Weak<Link>,
-    resp: reqwest::Response,
-    pool_events: &mpsc::Sender<PoolEvent>,
-) -> Listened {
-    let mut parser = SseParser::default();
-    let mut body = resp.bytes_stream();
-    while let Some(Ok(chunk)) = body.next().await {
-        if link.strong_count() == 0 {
-            return Listened::Refused;
-        }
-        if parser.pending() > MAX_BODY {
-            break;
-        }
-        for event in parser.feed(&chunk) {
-            match Message::parse(event.data.as_bytes()) {
-                Ok(Message::Notification { method, mut params }) => {
-                    if method == "notifications/subscriptions/acknowledged" {
-                        continue;
-                    }
-                    if let Some(meta) = params
-                        .as_mut()
-                        .and_then(|p| p.get_mut("_meta"))
-                        .and_then(Value::as_object_mut)
-                    {
-                        meta.remove(META_SUB);
-                    }
-                    let msg = Message::Notification { method, params };
-                    let _ = pool_events.try_send(PoolEvent::Notify(msg));
-                }
-                // The stream's end: an error (the server stopped it) or a result.
-                Ok(Message::Response {
-                    outcome: Err(_), ..
-                }) => return Listened::Refused,
-                _ => {}
-            }
-        }
-    }
-    Listened::Ended
 }
 
 /// The `Mcp-Name` of a request: the tool, prompt or resource it names, base64-encoded

@@ -1,0 +1,245 @@
+//! A 2026-07-28 remote server's `subscriptions/listen` stream (`super::remote_stateless`),
+//! kept open by each connection: what the server says outside any call (list changes,
+//! resource updates) goes to the pool's events, as a session server's GET stream's does.
+//!
+//! - It asks for every list change, and for the resources the connection's clients
+//!   subscribed to (`resources/subscribe` of a 2025 client): a change of that set opens the
+//!   stream again at once with the new set, and a subscription is answered when the server
+//!   acknowledged it (or refused when it did not take the URI).
+//! - A stream that breaks is opened again after a pause (0.5 s, doubling to 30 s); once it is
+//!   back the lists are announced changed, for what changed meanwhile.
+//! - A server that refuses the stream (an error, a 4xx) is left alone: its list changes are
+//!   not heard, and subscriptions to it are refused.
+
+use std::collections::BTreeSet;
+use std::sync::{Mutex, Weak};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use mcpcp_proto::mcp::{code, ErrorObject, Message, RequestId};
+use mcpcp_proto::sse::SseParser;
+use reqwest::header::CONTENT_TYPE;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch};
+
+use super::process::PoolEvent;
+use super::remote_stateless::Link;
+use crate::call::CallError;
+
+const META_SUB: &str = "io.modelcontextprotocol/subscriptionId";
+/// Largest event of the stream read.
+const MAX_EVENT: usize = 16 << 20;
+
+/// The resources subscribed through one connection, and what the server last acknowledged.
+pub struct Subscriptions {
+    uris: Mutex<BTreeSet<String>>,
+    /// Bumped on every change of `uris`: the stream is opened again with the new set.
+    wanted: watch::Sender<u64>,
+    /// The generation the server last acknowledged and the URIs it took then (`u64::MAX`:
+    /// the server has no stream, it takes none).
+    honored: watch::Sender<(u64, BTreeSet<String>)>,
+}
+
+impl Default for Subscriptions {
+    fn default() -> Self {
+        Subscriptions {
+            uris: Mutex::default(),
+            wanted: watch::channel(0).0,
+            honored: watch::channel((0, BTreeSet::new())).0,
+        }
+    }
+}
+
+impl Subscriptions {
+    fn change(&self, apply: impl FnOnce(&mut BTreeSet<String>) -> bool) -> u64 {
+        let mut uris = self.uris.lock().unwrap_or_else(|p| p.into_inner());
+        if apply(&mut uris) {
+            self.wanted.send_modify(|g| *g += 1);
+        }
+        *self.wanted.borrow()
+    }
+
+    /// Adds `uri` and waits until the server acknowledged the set with it (the call's
+    /// timeout bounds the wait).
+    pub async fn subscribe(&self, server: &str, uri: &str) -> Result<Value, CallError> {
+        let generation = self.change(|uris| uris.insert(uri.to_string()));
+        let mut honored = self.honored.subscribe();
+        let taken = honored
+            .wait_for(|(g, _)| *g >= generation)
+            .await
+            .map(|h| h.1.contains(uri))
+            .unwrap_or(false);
+        if taken {
+            return Ok(json!({}));
+        }
+        self.change(|uris| uris.remove(uri));
+        Err(CallError::Answered(ErrorObject::new(
+            code::INVALID_PARAMS,
+            format!("params.uri: remote server {server:?} did not take a subscription to {uri:?}"),
+        )))
+    }
+
+    pub fn unsubscribe(&self, uri: &str) {
+        self.change(|uris| uris.remove(uri));
+    }
+
+    fn snapshot(&self) -> (u64, Vec<String>) {
+        let uris = self.uris.lock().unwrap_or_else(|p| p.into_inner());
+        (*self.wanted.borrow(), uris.iter().cloned().collect())
+    }
+}
+
+/// How a stream ended.
+enum Listened {
+    /// The server has none (an error answer): nothing to listen to.
+    Refused,
+    /// It broke or ended: open it again after a pause.
+    Ended,
+    /// The subscriptions changed: open it again now.
+    Changed,
+}
+
+/// Keeps the stream open while the connection lives (see the module docs).
+pub(super) async fn listen(link: Weak<Link>, pool_events: mpsc::Sender<PoolEvent>) {
+    let mut pause = Duration::from_millis(500);
+    let mut broke = false;
+    let Some(mut wanted) = link.upgrade().map(|l| l.subscriptions.wanted.subscribe()) else {
+        return;
+    };
+    loop {
+        let Some(l) = link.upgrade() else { return };
+        let (generation, uris) = l.subscriptions.snapshot();
+        wanted.mark_unchanged();
+        let opened = open(&l, &uris).await;
+        drop(l);
+        let ended = match opened {
+            Ok(resp) => {
+                pause = Duration::from_millis(500);
+                if broke {
+                    for list in ["tools", "prompts", "resources"] {
+                        let changed = Message::notification(
+                            format!("notifications/{list}/list_changed"),
+                            None,
+                        );
+                        let _ = pool_events.try_send(PoolEvent::Notify(changed));
+                    }
+                }
+                relay(&link, resp, &pool_events, generation, &mut wanted).await
+            }
+            Err(e) => e,
+        };
+        match ended {
+            Listened::Refused => {
+                if let Some(l) = link.upgrade() {
+                    l.subscriptions
+                        .honored
+                        .send_replace((u64::MAX, BTreeSet::new()));
+                }
+                return;
+            }
+            Listened::Changed => broke = false,
+            Listened::Ended => {
+                broke = true;
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = wanted.changed() => {}
+                }
+                pause = (pause * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// POSTs `subscriptions/listen` for every list change and `uris`; the stream, once the
+/// server took it.
+async fn open(link: &Link, uris: &[String]) -> Result<reqwest::Response, Listened> {
+    let id = link
+        .next_id
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut notifications = json!({
+        "toolsListChanged": true,
+        "promptsListChanged": true,
+        "resourcesListChanged": true,
+    });
+    if !uris.is_empty() {
+        notifications["resourceSubscriptions"] = json!(uris);
+    }
+    let params = link.with_meta(Some(json!({ "notifications": notifications })));
+    let request = Message::request(RequestId::Num(id as i64), "subscriptions/listen", params);
+    let resp = link.send(&request).await.map_err(|_| Listened::Ended)?;
+    let sse = resp
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    match resp.status() {
+        s if s.is_success() && sse => Ok(resp),
+        s if s.is_server_error() => Err(Listened::Ended),
+        _ => {
+            tracing::info!(server = %link.server, "the remote server has no subscriptions/listen stream; its list changes are not heard");
+            Err(Listened::Refused)
+        }
+    }
+}
+
+/// Passes a stream's notifications on until it ends or the subscriptions change; its
+/// acknowledgment says which URIs of `generation` the server took.
+async fn relay(
+    link: &Weak<Link>,
+    resp: reqwest::Response,
+    pool_events: &mpsc::Sender<PoolEvent>,
+    generation: u64,
+    wanted: &mut watch::Receiver<u64>,
+) -> Listened {
+    let mut parser = SseParser::default();
+    let mut body = resp.bytes_stream();
+    loop {
+        let chunk = tokio::select! {
+            chunk = body.next() => chunk,
+            _ = wanted.changed() => return Listened::Changed,
+        };
+        let Some(Ok(chunk)) = chunk else {
+            return Listened::Ended;
+        };
+        let Some(l) = link.upgrade() else {
+            return Listened::Refused;
+        };
+        if parser.pending() > MAX_EVENT {
+            return Listened::Ended;
+        }
+        for event in parser.feed(&chunk) {
+            match Message::parse(event.data.as_bytes()) {
+                Ok(Message::Notification { method, params })
+                    if method == "notifications/subscriptions/acknowledged" =>
+                {
+                    let taken: BTreeSet<String> = params
+                        .as_ref()
+                        .and_then(|p| p["notifications"]["resourceSubscriptions"].as_array())
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|u| u.as_str().map(String::from))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    l.subscriptions.honored.send_replace((generation, taken));
+                }
+                Ok(Message::Notification { method, mut params }) => {
+                    if let Some(meta) = params
+                        .as_mut()
+                        .and_then(|p| p.get_mut("_meta"))
+                        .and_then(Value::as_object_mut)
+                    {
+                        meta.remove(META_SUB);
+                    }
+                    let msg = Message::Notification { method, params };
+                    let _ = pool_events.try_send(PoolEvent::Notify(msg));
+                }
+                // The stream's end: an error (the server stopped it) or a result.
+                Ok(Message::Response {
+                    outcome: Err(_), ..
+                }) => return Listened::Refused,
+                _ => {}
+            }
+        }
+    }
+}
