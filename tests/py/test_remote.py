@@ -391,3 +391,23 @@ def test_a_subscription_through_a_2026_remote_server_delivers_its_updates(cluste
             await c.unsubscribe_resource(WATCHED)
 
     run(scenario())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_2026_remote_servers_log_lines_reach_the_client_of_either_era(cluster, remote_asks, mode):
+    lines: list[str] = []
+
+    async def on_log(params) -> None:
+        lines.append(str(params.data))
+
+    async def scenario():
+        # A 2026 client opts in per request (log_level), a 2025 client with logging/setLevel.
+        async with client(cluster.url(1, remote_asks), cluster.token, mode, logging_callback=on_log,
+                          log_level="info") as c:
+            if mode != "2026-07-28":
+                await c.set_logging_level("info")
+            r = await c.call_tool("test_logging_tool", {})
+            assert not r.is_error, text_of(r)
+
+    run(scenario())
+    assert lines == ["Tool execution started", "Tool processing data", "Tool execution completed"], lines

@@ -17,7 +17,8 @@
 //!   clients subscribed to (`resources/subscribe` of a 2025 client).
 //! - What this revision does not have: `ping` is a `server/discover`; notifications from
 //!   the client are not sent (cancelling is closing the request's stream, which dropping a
-//!   call does); `logging/setLevel` is refused as a method the server does not have.
+//!   call does); every request asks for log lines at `debug` (`_meta` log level), as a
+//!   session server sends them all, and each client's front end applies its own level.
 //! - The server's OAuth client (`super::oauth`) and the `401`-once-more rule are as in
 //!   `super::remote`.
 
@@ -44,6 +45,7 @@ use crate::call::{CallError, CallEvent, EventSink, Responder};
 const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
 const META_CAPS: &str = "io.modelcontextprotocol/clientCapabilities";
 const META_SERVER: &str = "io.modelcontextprotocol/serverInfo";
+const META_LOG: &str = "io.modelcontextprotocol/logLevel";
 /// Largest answer body read from a remote server.
 const MAX_BODY: usize = 16 << 20;
 
@@ -274,8 +276,8 @@ impl Link {
         }
     }
 
-    /// The request's params with this revision's `_meta`: its version, and the caller's
-    /// client capabilities (or the gateway's).
+    /// The request's params with this revision's `_meta`: its version, the caller's client
+    /// capabilities (or the gateway's), and the log level.
     pub(super) fn with_meta(&self, params: Option<Value>) -> Option<Value> {
         let mut params = match params {
             Some(Value::Object(p)) => p,
@@ -291,6 +293,9 @@ impl Link {
             if !meta.get(META_CAPS).is_some_and(Value::is_object) {
                 meta.insert(META_CAPS.into(), self.capabilities.clone());
             }
+            // Every log line, as a session server sends them: each client's own level is
+            // applied where its front end passes them on.
+            meta.entry(META_LOG).or_insert_with(|| json!("debug"));
         }
         Some(Value::Object(params))
     }
