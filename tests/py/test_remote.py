@@ -15,6 +15,7 @@ happens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -28,7 +29,7 @@ import mcp.types as types
 from mcp.shared.subscriptions import ToolsListChanged
 
 from conftest import CA_CERT, NODE22, NPM, VENV_BIN, Cluster
-from helpers import MODES, client, run, text_of, wait_until
+from helpers import MODES, await_until, client, run, text_of, wait_until
 
 HERE = Path(__file__).resolve().parent
 KEY = f"key-{uuid.uuid4().hex}"
@@ -272,22 +273,28 @@ def test_a_remote_server_that_is_down_is_answered_by_its_fallback(cluster, remot
         cluster.mcpctl("server", "rm", name)
 
 
-@pytest.fixture(scope="module")
-def remote_asks(cluster: Cluster) -> str:
-    """Node 1's `/servers/demo/mcp` as a remote server: a 2026-07-28 upstream over HTTPS
-    whose tools ask their client for input (`input_required`)."""
-    name = "remote-asks"
-    os.environ["REMOTE_ASKS_TOKEN"] = cluster.token
+def own_server_as_remote(cluster: Cluster, name: str, server: str, tool: str):
+    """Registers node 1's `/servers/{server}/mcp` as the remote server `name`: a 2026-07-28
+    upstream over HTTPS (the node's stateless front end, the stdio server behind it), reached
+    with the cluster's token; removed at the end."""
+    var = f"REMOTE_TOKEN_{uuid.uuid4().hex}"
+    os.environ[var] = cluster.token
     try:
-        cluster.mcpctl("server", "add", name, "--url", cluster.url(0, "demo"), "--ca-file", str(CA_CERT),
-                       "--bearer-env", "REMOTE_ASKS_TOKEN", "--pool-size", "1")
+        cluster.mcpctl("server", "add", name, "--url", cluster.url(0, server), "--ca-file", str(CA_CERT),
+                       "--bearer-env", var, "--pool-size", "1")
     finally:
-        del os.environ["REMOTE_ASKS_TOKEN"]
+        del os.environ[var]
     try:
-        cluster.wait_tools(name, ["test_input_required_result_elicitation"])
+        cluster.wait_tools(name, [tool])
         yield name
     finally:
         cluster.mcpctl("server", "rm", name)
+
+
+@pytest.fixture(scope="module")
+def remote_asks(cluster: Cluster) -> str:
+    """The demo server, whose tools ask their client for input (`input_required`)."""
+    yield from own_server_as_remote(cluster, "remote-asks", "demo", "test_input_required_result_elicitation")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -340,20 +347,14 @@ WATCHED = "demo://resource/dynamic/text/1"
 
 @pytest.fixture(scope="module")
 def remote_everything(cluster: Cluster) -> str:
-    """Node 1's `/servers/everything/mcp` (server-everything over stdio behind it) as a
-    remote server: a 2026-07-28 upstream whose resources change."""
-    name = "remote-everything"
-    os.environ["REMOTE_EVERYTHING_TOKEN"] = cluster.token
-    try:
-        cluster.mcpctl("server", "add", name, "--url", cluster.url(0, "everything"), "--ca-file", str(CA_CERT),
-                       "--bearer-env", "REMOTE_EVERYTHING_TOKEN", "--pool-size", "1")
-    finally:
-        del os.environ["REMOTE_EVERYTHING_TOKEN"]
-    try:
-        cluster.wait_tools(name, ["toggle-subscriber-updates"])
-        yield name
-    finally:
-        cluster.mcpctl("server", "rm", name)
+    """server-everything (over stdio behind the node), whose resources change."""
+    yield from own_server_as_remote(cluster, "remote-everything", "everything", "toggle-subscriber-updates")
+
+
+@pytest.fixture(scope="module")
+def remote_demodbg(cluster: Cluster) -> str:
+    """The demo server whose processes log the cancellations they receive."""
+    yield from own_server_as_remote(cluster, "remote-demodbg", "demodbg", "sleep")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -411,3 +412,36 @@ def test_a_2026_remote_servers_log_lines_reach_the_client_of_either_era(cluster,
 
     run(scenario())
     assert lines == ["Tool execution started", "Tool processing data", "Tool execution completed"], lines
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_call_to_a_2026_remote_server_reports_progress_and_is_cancelled_upstream(cluster, remote_demodbg, mode):
+    """Progress comes back on the call's stream; a client that cancels closes it, and the
+    cancellation reaches the server behind the 2026 upstream (node 1's demodbg logs it)."""
+    def cancellations() -> int:
+        return cluster.log(0).count("request cancelled by the client")
+
+    before = cancellations()
+
+    async def scenario():
+        started = asyncio.Event()
+
+        async def on_progress(progress, total, message) -> None:
+            started.set()
+
+        async with client(cluster.url(1, remote_demodbg), cluster.token, mode) as c:
+            call = asyncio.create_task(
+                c.call_tool("sleep", {"ms": 60_000, "steps": 60}, progress_callback=on_progress)
+            )
+            await asyncio.wait_for(started.wait(), 20)
+            call.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await call
+
+            async def cancelled_upstream() -> bool:
+                return cancellations() > before
+
+            await await_until(cancelled_upstream, 15, "the server behind the upstream logged the cancellation")
+            assert text_of(await c.call_tool("echo", {"message": "still here"})) == "still here"
+
+    run(scenario())
