@@ -332,6 +332,24 @@ def start_cluster(tmp_path_factory, name: str, nodes: int, mcpd_args: list[str] 
     return c
 
 
+def own_server_as_remote(cluster: Cluster, name: str, server: str, tool: str):
+    """Registers node 1's `/servers/{server}/mcp` as the remote server `name`: a 2026-07-28
+    upstream over HTTPS (the node's stateless front end, the stdio server behind it), reached
+    with the cluster's token; removed at the end."""
+    var = f"REMOTE_TOKEN_{uuid.uuid4().hex}"
+    os.environ[var] = cluster.token
+    try:
+        cluster.mcpctl("server", "add", name, "--url", cluster.url(0, server), "--ca-file", str(CA_CERT),
+                       "--bearer-env", var, "--pool-size", "1")
+    finally:
+        del os.environ[var]
+    try:
+        cluster.wait_tools(name, [tool])
+        yield name
+    finally:
+        cluster.mcpctl("server", "rm", name)
+
+
 # Servers of the main cluster: name -> tools that must be listed before tests start.
 EVERYTHING_TOOLS = ["echo", "get-sum", "trigger-long-running-operation", "toggle-subscriber-updates",
                     "trigger-sampling-request", "trigger-elicitation-request"]

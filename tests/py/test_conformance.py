@@ -1,7 +1,8 @@
 """The MCP conformance suite (@modelcontextprotocol/conformance, pinned in tests/py/npm) against
 `/servers/demo/mcp`, under the Node 22 of .tools/npm: the 0.1.16 line with every server
 scenario (`--suite all`), and the 0.2 line (0.2.0-alpha.12, `conformance-next`) with exactly
-the scenarios each of 2025-11-25 and 2026-07-28 requires (`--requirements`).
+the scenarios each of 2025-11-25 and 2026-07-28 requires (`--requirements`), against a demo
+server fronted as a stdio server and as an HTTP upstream.
 
 The suite cannot send an Authorization header, so it talks to a local proxy that adds the
 tenant token (authproxy.py); HTTPS on both of the proxy's sides, so the suite runs through
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from authproxy import AuthProxy
-from conftest import CA_DIR, DEMO_TOOLS, MCPD, NODE22, NPM
+from conftest import CA_DIR, DEMO_TOOLS, MCPD, NODE22, NPM, own_server_as_remote
 
 SUITE = NPM / "@modelcontextprotocol/conformance/dist/index.js"
 EXPECTED = Path(__file__).with_name("conformance-expected-failures.yml")
@@ -72,15 +73,21 @@ NEXT = NPM / "conformance-next/dist/index.js"
 REVISIONS = ["2025-11-25", "2026-07-28"]
 
 
-@pytest.fixture
-def conformance_demo(cluster):
+@pytest.fixture(params=["stdio", "http"])
+def conformance_demo(request, cluster):
     """A demo server of the run's own: the suite leaves rounds of questions unanswered on
     purpose, and their calls, parked for the retry that never comes, go with the server
-    instead of staying on the processes other tests share."""
+    instead of staying on the processes other tests share. Fronted as a stdio server, and
+    as an HTTP upstream (that server's `/servers/conformance/mcp`, registered again as a
+    remote server the nodes speak 2026-07-28 to), where the suite must count the same."""
     cluster.add_server("conformance", [MCPD, "demo-server"])
     try:
         cluster.wait_tools("conformance", DEMO_TOOLS)
-        yield "/servers/conformance/mcp"
+        if request.param == "stdio":
+            yield "/servers/conformance/mcp"
+        else:
+            for name in own_server_as_remote(cluster, "conformance-http", "conformance", DEMO_TOOLS[0]):
+                yield f"/servers/{name}/mcp"
     finally:
         cluster.mcpctl("server", "rm", "conformance")
 

@@ -28,7 +28,7 @@ import pytest
 import mcp.types as types
 from mcp.shared.subscriptions import ToolsListChanged
 
-from conftest import CA_CERT, NODE22, NPM, VENV_BIN, Cluster
+from conftest import NODE22, NPM, VENV_BIN, Cluster, own_server_as_remote
 from helpers import MODES, await_until, client, run, text_of, wait_until
 
 HERE = Path(__file__).resolve().parent
@@ -269,24 +269,6 @@ def test_a_remote_server_that_is_down_is_answered_by_its_fallback(cluster, remot
 
     try:
         run(scenario())
-    finally:
-        cluster.mcpctl("server", "rm", name)
-
-
-def own_server_as_remote(cluster: Cluster, name: str, server: str, tool: str):
-    """Registers node 1's `/servers/{server}/mcp` as the remote server `name`: a 2026-07-28
-    upstream over HTTPS (the node's stateless front end, the stdio server behind it), reached
-    with the cluster's token; removed at the end."""
-    var = f"REMOTE_TOKEN_{uuid.uuid4().hex}"
-    os.environ[var] = cluster.token
-    try:
-        cluster.mcpctl("server", "add", name, "--url", cluster.url(0, server), "--ca-file", str(CA_CERT),
-                       "--bearer-env", var, "--pool-size", "1")
-    finally:
-        del os.environ[var]
-    try:
-        cluster.wait_tools(name, [tool])
-        yield name
     finally:
         cluster.mcpctl("server", "rm", name)
 
