@@ -29,7 +29,7 @@ use futures_util::StreamExt;
 use mcpcp_proto::api::ServerSpec;
 use mcpcp_proto::mcp::{Message, RequestId};
 use mcpcp_proto::sse::SseParser;
-use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -424,18 +424,8 @@ impl Shared {
         if !session.version.is_empty() {
             req = req.header(VERSION_HEADER, &session.version);
         }
-        let bearer = match &self.tokens {
-            None => None,
-            Some(tokens) => Some(tokens.bearer().await.map_err(|e| {
-                CallError::NotRun(format!(
-                    "remote server {:?}: {e}; the call did not run",
-                    self.server
-                ))
-            })?),
-        };
-        if let Some(b) = &bearer {
-            req = req.header(AUTHORIZATION, b.clone());
-        }
+        let (req, bearer) =
+            super::remote_http::with_bearer(req, self.tokens.as_ref(), &self.server).await?;
         Ok(Outgoing {
             request: req,
             bearer,
@@ -529,20 +519,10 @@ impl Shared {
         msg: &Message,
         relay: Option<&Relay>,
     ) -> Result<(Posted, Option<String>), CallError> {
-        let resp = self.post_message(session, msg, None).await?.map_err(|e| {
-            let e = e.without_url();
-            if e.is_connect() {
-                CallError::NotRun(format!(
-                    "remote server {:?} is unreachable ({e}); the call did not run",
-                    self.server
-                ))
-            } else {
-                CallError::Crashed(format!(
-                    "remote server {:?}: {e}; it may or may not have run",
-                    self.server
-                ))
-            }
-        })?;
+        let resp = self
+            .post_message(session, msg, None)
+            .await?
+            .map_err(|e| super::remote_http::send_failed(&self.server, e))?;
         let status = resp.status();
         if status == StatusCode::UNAUTHORIZED {
             return Err(CallError::NotRun(format!(
@@ -569,24 +549,11 @@ impl Shared {
         {
             return Ok((Posted::Refused(status), given));
         }
-        let sse = resp
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
-        if sse && status.is_success() {
+        if resp.status().is_success() && super::remote_http::is_event_stream(&resp) {
             return self.read_stream(resp, relay).await.map(|p| (p, given));
         }
-        let body = super::remote_http::read_body(resp, MAX_BODY)
-            .await
-            .map_err(|e| {
-                CallError::Crashed(format!(
-                    "remote server {:?}: {e}; it may or may not have run",
-                    self.server
-                ))
-            })?;
-        match Message::parse(&body) {
-            Ok(Message::Response { outcome, .. }) => Ok((Posted::Answer(outcome), given)),
+        match super::remote_http::read_message(resp, MAX_BODY, &self.server).await? {
+            Some(Message::Response { outcome, .. }) => Ok((Posted::Answer(outcome), given)),
             _ => Err(CallError::Crashed(format!(
                 "remote server {:?} answered HTTP {status} without a JSON-RPC answer; it may or may not have run",
                 self.server

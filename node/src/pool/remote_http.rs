@@ -51,6 +51,66 @@ pub fn builder_for(
         .redirect(reqwest::redirect::Policy::none()))
 }
 
+/// A request to `server` that got no answer: not run when the server was not reached, maybe
+/// run when the exchange broke after it was sent.
+pub fn send_failed(server: &str, e: reqwest::Error) -> crate::call::CallError {
+    use crate::call::CallError;
+    let e = e.without_url();
+    if e.is_connect() {
+        CallError::NotRun(format!(
+            "remote server {server:?} is unreachable ({e}); the call did not run"
+        ))
+    } else {
+        CallError::Crashed(format!(
+            "remote server {server:?}: {e}; it may or may not have run"
+        ))
+    }
+}
+
+/// Puts the connection's access token (if the server has an OAuth client) on `req`; returns
+/// the request and the token it carries (to drop if the server refuses it).
+pub async fn with_bearer(
+    req: reqwest::RequestBuilder,
+    tokens: Option<&super::oauth::Tokens>,
+    server: &str,
+) -> Result<(reqwest::RequestBuilder, Option<HeaderValue>), crate::call::CallError> {
+    let Some(tokens) = tokens else {
+        return Ok((req, None));
+    };
+    let bearer = tokens.bearer().await.map_err(|e| {
+        crate::call::CallError::NotRun(format!(
+            "remote server {server:?}: {e}; the call did not run"
+        ))
+    })?;
+    Ok((
+        req.header(reqwest::header::AUTHORIZATION, bearer.clone()),
+        Some(bearer),
+    ))
+}
+
+/// Whether `resp` is an SSE stream.
+pub fn is_event_stream(resp: &reqwest::Response) -> bool {
+    resp.headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"))
+}
+
+/// The JSON-RPC message of a whole (JSON) answer of `server`, at most `max` bytes; `None`
+/// when the body is not one. A body that breaks off may have followed a run.
+pub async fn read_message(
+    resp: reqwest::Response,
+    max: usize,
+    server: &str,
+) -> Result<Option<mcpcp_proto::mcp::Message>, crate::call::CallError> {
+    let body = read_body(resp, max).await.map_err(|e| {
+        crate::call::CallError::Crashed(format!(
+            "remote server {server:?}: {e}; it may or may not have run"
+        ))
+    })?;
+    Ok(mcpcp_proto::mcp::Message::parse(&body).ok())
+}
+
 /// Why an answer's body was not read whole.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {

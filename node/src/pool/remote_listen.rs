@@ -18,7 +18,6 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use mcpcp_proto::mcp::{code, ErrorObject, Message, RequestId};
 use mcpcp_proto::sse::SseParser;
-use reqwest::header::CONTENT_TYPE;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
@@ -167,11 +166,7 @@ async fn open(link: &Link, uris: &[String]) -> Result<reqwest::Response, Listene
     let params = link.with_meta(Some(json!({ "notifications": notifications })));
     let request = Message::request(RequestId::Num(id as i64), "subscriptions/listen", params);
     let resp = link.send(&request).await.map_err(|_| Listened::Ended)?;
-    let sse = resp
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let sse = super::remote_http::is_event_stream(&resp);
     match resp.status() {
         s if s.is_success() && sse => Ok(resp),
         s if s.is_server_error() => Err(Listened::Ended),

@@ -30,7 +30,7 @@ use futures_util::StreamExt;
 use mcpcp_proto::api::ServerSpec;
 use mcpcp_proto::mcp::{code, ErrorObject, Message, RequestId, STATELESS_VERSION};
 use mcpcp_proto::sse::SseParser;
-use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use reqwest::header::{HeaderValue, ACCEPT, CONTENT_TYPE};
 use reqwest::StatusCode;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
@@ -52,10 +52,11 @@ const MAX_BODY: usize = 16 << 20;
 /// A remote server spoken to in the stateless revision.
 pub struct Stateless {
     link: Arc<Link>,
-    init: Value,
-    shard: Option<usize>,
-    in_flight: AtomicUsize,
-    liveness: Liveness,
+    /// What `initialize` would have said (`super::Upstream::init`).
+    pub(super) init: Value,
+    pub(super) shard: Option<usize>,
+    pub(super) in_flight: AtomicUsize,
+    pub(super) liveness: Liveness,
     listener: tokio::task::JoinHandle<()>,
 }
 
@@ -133,26 +134,6 @@ impl Stateless {
             liveness: Liveness::default(),
             listener,
         }))
-    }
-
-    pub fn init(&self) -> &Value {
-        &self.init
-    }
-
-    pub fn shard(&self) -> Option<usize> {
-        self.shard
-    }
-
-    pub fn is_alive(&self) -> bool {
-        self.liveness.is_alive()
-    }
-
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
-    }
-
-    pub async fn exited(&self) {
-        self.liveness.closed().await
     }
 
     /// Nothing to end but the listening stream: there is no session.
@@ -367,32 +348,13 @@ impl Link {
             if let Some(name) = routing_name(method, params.as_ref()) {
                 req = req.header("mcp-name", name);
             }
-            let bearer = match &self.tokens {
-                None => None,
-                Some(tokens) => Some(tokens.bearer().await.map_err(|e| {
-                    CallError::NotRun(format!(
-                        "remote server {:?}: {e}; the call did not run",
-                        self.server
-                    ))
-                })?),
-            };
-            if let Some(b) = &bearer {
-                req = req.header(AUTHORIZATION, b.clone());
-            }
-            let resp = req.body(msg.to_line()).send().await.map_err(|e| {
-                let e = e.without_url();
-                if e.is_connect() {
-                    CallError::NotRun(format!(
-                        "remote server {:?} is unreachable ({e}); the call did not run",
-                        self.server
-                    ))
-                } else {
-                    CallError::Crashed(format!(
-                        "remote server {:?}: {e}; it may or may not have run",
-                        self.server
-                    ))
-                }
-            })?;
+            let (req, bearer) =
+                super::remote_http::with_bearer(req, self.tokens.as_ref(), &self.server).await?;
+            let resp = req
+                .body(msg.to_line())
+                .send()
+                .await
+                .map_err(|e| super::remote_http::send_failed(&self.server, e))?;
             if resp.status() == StatusCode::UNAUTHORIZED {
                 if let (Some(tokens), Some(sent), false) = (&self.tokens, &bearer, resent) {
                     tokens.refused(sent).await;
@@ -413,24 +375,11 @@ impl Link {
     async fn post(&self, msg: &Message, events: Option<&EventSink>) -> Result<Posted, CallError> {
         let resp = self.send(msg).await?;
         let status = resp.status();
-        let sse = resp
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
-        if sse && status.is_success() {
+        if status.is_success() && super::remote_http::is_event_stream(&resp) {
             return self.read_stream(resp, events).await;
         }
-        let body = super::remote_http::read_body(resp, MAX_BODY)
-            .await
-            .map_err(|e| {
-                CallError::Crashed(format!(
-                    "remote server {:?}: {e}; it may or may not have run",
-                    self.server
-                ))
-            })?;
-        match Message::parse(&body) {
-            Ok(Message::Response { outcome, .. }) => Ok(Posted::Answer(outcome)),
+        match super::remote_http::read_message(resp, MAX_BODY, &self.server).await? {
+            Some(Message::Response { outcome, .. }) => Ok(Posted::Answer(outcome)),
             _ if status.is_client_error() => Ok(Posted::Refused(status)),
             _ => Err(CallError::Crashed(format!(
                 "remote server {:?} answered HTTP {status} without a JSON-RPC answer; it may or may not have run",

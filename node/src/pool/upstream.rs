@@ -226,7 +226,7 @@ impl Upstream for LegacySse {
 
 impl Upstream for Stateless {
     fn init(&self) -> &Value {
-        Stateless::init(self)
+        &self.init
     }
     fn transport(&self) -> &'static str {
         "http"
@@ -235,16 +235,16 @@ impl Upstream for Stateless {
         None
     }
     fn shard(&self) -> Option<usize> {
-        Stateless::shard(self)
+        self.shard
     }
     fn is_alive(&self) -> bool {
-        Stateless::is_alive(self)
+        self.liveness.is_alive()
     }
     fn in_flight(&self) -> usize {
-        Stateless::in_flight(self)
+        self.in_flight.load(std::sync::atomic::Ordering::Relaxed)
     }
     fn exited(&self) -> BoxFuture<'_, ()> {
-        Box::pin(Stateless::exited(self))
+        Box::pin(self.liveness.closed())
     }
     fn call_owned<'a>(
         &'a self,
