@@ -471,7 +471,7 @@ async fn request(
             .cloned()
             .collect(),
     });
-    let running = Running::start(r, method.clone(), params);
+    let running = Running::start(r, method.clone(), with_log_level(params, &session));
     session
         .in_flight
         .lock()
@@ -615,6 +615,26 @@ fn event_message(session: &Session, ev: CallEvent) -> Option<Message> {
             Some(Message::Request { id, method, params })
         }
     }
+}
+
+/// The session's log level (`logging/setLevel`) in the request's `_meta`, where a server of
+/// the stateless revision reads it (one of the session era ignores it and logs as it does).
+fn with_log_level(mut params: Option<Value>, session: &Session) -> Option<Value> {
+    let level = session
+        .log_level
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    if let (Some(level), Some(Value::Object(p))) = (level, params.as_mut()) {
+        if let Some(meta) = p
+            .entry("_meta")
+            .or_insert_with(|| json!({}))
+            .as_object_mut()
+        {
+            meta.insert("io.modelcontextprotocol/logLevel".into(), json!(level));
+        }
+    }
+    params
 }
 
 pub fn level_passes(session: &Session, msg: &Message) -> bool {

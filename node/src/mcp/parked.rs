@@ -57,7 +57,9 @@ impl ParkedCalls {
 
     /// Parks `parked` under a new opaque token, unless its caller holds its most already:
     /// then the call is cancelled upstream and refused.
-    pub fn put(&self, parked: Parked) -> Result<String, ParkRefused> {
+    pub fn put(&self, mut parked: Parked) -> Result<String, ParkRefused> {
+        // Each wait for the client is `ttl` long, from when it starts.
+        parked.created = Instant::now();
         let mut b = [0u8; 24];
         let token = match getrandom::fill(&mut b) {
             Ok(()) => base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b),
@@ -67,7 +69,11 @@ impl ParkedCalls {
         self.drop_expired(&mut map);
         let mut held = 0;
         let mut oldest: Option<Instant> = None;
-        for p in map.values().filter(|p| p.principal == parked.principal) {
+        // A call that ended while parked (its request timed out upstream) holds nothing.
+        let waiting = map
+            .values()
+            .filter(|p| p.principal == parked.principal && !p.running.handle().is_finished());
+        for p in waiting {
             held += 1;
             oldest = Some(oldest.map_or(p.created, |o| o.min(p.created)));
         }
@@ -91,7 +97,14 @@ impl ParkedCalls {
         }
         let p = map.remove(token);
         metrics::gauge!("mcpd_mcp_parked_calls").set(map.len() as f64);
-        p.filter(|p| p.created.elapsed() < self.ttl)
+        match p {
+            Some(p) if p.created.elapsed() >= self.ttl => {
+                p.running.handle().abort();
+                metrics::counter!("mcpd_mcp_parked_calls_expired_total").increment(1);
+                None
+            }
+            p => p,
+        }
     }
 
     /// Drops parked calls whose client never came back (aborting them upstream).
@@ -180,6 +193,21 @@ mod tests {
         );
         // Another caller is not held to alice's count.
         calls.put(parked("bob").0).expect("bob parks");
+    }
+
+    #[tokio::test]
+    async fn a_call_that_ended_while_parked_holds_no_place() {
+        let calls = ParkedCalls::new(Duration::from_secs(60), 1);
+        let (p, ended) = parked("alice");
+        ended.abort();
+        assert!(ends(&ended).await);
+        calls.put(p).expect("parks");
+        calls
+            .put(parked("alice").0)
+            .expect("the ended one does not count");
+        calls
+            .put(parked("alice").0)
+            .expect_err("the waiting one does");
     }
 
     #[tokio::test]

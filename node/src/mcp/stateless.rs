@@ -149,9 +149,12 @@ fn upstream_params(mut params: Option<Value>) -> Option<Value> {
     if let Some(p) = params.as_mut().and_then(Value::as_object_mut) {
         p.remove("requestState");
         if let Some(meta) = p.get_mut("_meta").and_then(Value::as_object_mut) {
-            // The client's capabilities of this request go on: a server may ask the client
-            // only for what it declared.
-            meta.retain(|k, _| !k.starts_with("io.modelcontextprotocol/") || k == META_CAPS);
+            // The client's capabilities of this request go on (a server may ask the client
+            // only for what it declared), and its log level (a 2026 server logs only to a
+            // request that opted in).
+            meta.retain(|k, _| {
+                !k.starts_with("io.modelcontextprotocol/") || k == META_CAPS || k == META_LOG
+            });
             if meta.is_empty() {
                 p.remove("_meta");
             }
@@ -433,8 +436,22 @@ impl Drive {
                     )))
                 }
                 Some(Step::Event(CallEvent::Notify(msg))) => {
-                    let is_log = msg.method() == Some("notifications/message");
-                    if !is_log || self.log_level.is_some() {
+                    // A log line only for a request that opted in, at or above its level.
+                    let passes = match (msg.method(), &self.log_level) {
+                        (Some("notifications/message"), None) => false,
+                        (Some("notifications/message"), Some(min)) => {
+                            let level = match &msg {
+                                Message::Notification { params, .. } => params
+                                    .as_ref()
+                                    .and_then(|p| p["level"].as_str())
+                                    .unwrap_or("info"),
+                                _ => "info",
+                            };
+                            super::wire::level_passes(level, min)
+                        }
+                        _ => true,
+                    };
+                    if passes {
                         return Next::Note(msg);
                     }
                 }

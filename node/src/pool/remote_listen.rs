@@ -6,10 +6,11 @@
 //!   subscribed to (`resources/subscribe` of a 2025 client): a change of that set opens the
 //!   stream again at once with the new set, and a subscription is answered when the server
 //!   acknowledged it (or refused when it did not take the URI).
-//! - A stream that breaks is opened again after a pause (0.5 s, doubling to 30 s); once it is
-//!   back the lists are announced changed, for what changed meanwhile.
-//! - A server that refuses the stream (an error, a 4xx) is left alone: its list changes are
-//!   not heard, and subscriptions to it are refused.
+//! - A stream that breaks, ends, or is not taken within 10 s is opened again after a pause
+//!   (0.5 s, doubling to 30 s, afresh only after a stream that lived 5 s); once it is back the
+//!   lists are announced changed, for what changed meanwhile.
+//! - A server that has no stream (404, 405, 400, or a JSON error answer) is left alone: its
+//!   list changes are not heard, and subscriptions to it are refused.
 
 use std::collections::BTreeSet;
 use std::sync::{Mutex, Weak};
@@ -18,6 +19,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use mcpcp_proto::mcp::{code, ErrorObject, Message, RequestId};
 use mcpcp_proto::sse::SseParser;
+use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
@@ -26,6 +28,10 @@ use super::remote_stateless::Link;
 use crate::call::CallError;
 
 const META_SUB: &str = "io.modelcontextprotocol/subscriptionId";
+/// The longest wait for the server to take the stream.
+const OPEN_WITHIN: Duration = Duration::from_secs(10);
+/// A stream that lived this long starts the pause before the next one afresh.
+const LIVED: Duration = Duration::from_secs(5);
 /// Largest event of the stream read.
 const MAX_EVENT: usize = 16 << 20;
 
@@ -107,13 +113,19 @@ pub(super) async fn listen(link: Weak<Link>, pool_events: mpsc::Sender<PoolEvent
     };
     loop {
         let Some(l) = link.upgrade() else { return };
-        let (generation, uris) = l.subscriptions.snapshot();
+        // Marked seen before the set is read: a change in between opens the stream again.
         wanted.mark_unchanged();
-        let opened = open(&l, &uris).await;
+        let (generation, uris) = l.subscriptions.snapshot();
+        let opened = tokio::select! {
+            opened = tokio::time::timeout(OPEN_WITHIN, open(&l, &uris)) => {
+                opened.unwrap_or(Err(Listened::Ended))
+            }
+            _ = wanted.changed() => Err(Listened::Changed),
+        };
         drop(l);
         let ended = match opened {
             Ok(resp) => {
-                pause = Duration::from_millis(500);
+                let since = std::time::Instant::now();
                 if broke {
                     for list in ["tools", "prompts", "resources"] {
                         let changed = Message::notification(
@@ -123,7 +135,13 @@ pub(super) async fn listen(link: Weak<Link>, pool_events: mpsc::Sender<PoolEvent
                         let _ = pool_events.try_send(PoolEvent::Notify(changed));
                     }
                 }
-                relay(&link, resp, &pool_events, generation, &mut wanted).await
+                let ended = relay(&link, resp, &pool_events, generation, &mut wanted).await;
+                // A stream that lived a while starts the pause afresh; one the server ends at
+                // once keeps backing off (no reopen, and reload, twice a second).
+                if since.elapsed() >= LIVED {
+                    pause = Duration::from_millis(500);
+                }
+                ended
             }
             Err(e) => e,
         };
@@ -169,11 +187,17 @@ async fn open(link: &Link, uris: &[String]) -> Result<reqwest::Response, Listene
     let sse = super::remote_http::is_event_stream(&resp);
     match resp.status() {
         s if s.is_success() && sse => Ok(resp),
-        s if s.is_server_error() => Err(Listened::Ended),
-        _ => {
+        // A stream it has not: the method or the endpoint is not there, or the request is
+        // not one it takes. Anything else (busy, a timeout, a server error) is tried again.
+        StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED | StatusCode::BAD_REQUEST => {
             tracing::info!(server = %link.server, "the remote server has no subscriptions/listen stream; its list changes are not heard");
             Err(Listened::Refused)
         }
+        s if s.is_success() => {
+            // A JSON answer: an error when the method is unknown (else nothing to listen to).
+            Err(Listened::Refused)
+        }
+        _ => Err(Listened::Ended),
     }
 }
 
@@ -229,10 +253,9 @@ async fn relay(
                     let msg = Message::Notification { method, params };
                     let _ = pool_events.try_send(PoolEvent::Notify(msg));
                 }
-                // The stream's end: an error (the server stopped it) or a result.
-                Ok(Message::Response {
-                    outcome: Err(_), ..
-                }) => return Listened::Refused,
+                // The stream's end: the server stopped it (an error) or ended it (a result);
+                // opened again after the pause.
+                Ok(Message::Response { .. }) => return Listened::Ended,
                 _ => {}
             }
         }

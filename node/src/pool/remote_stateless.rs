@@ -17,8 +17,8 @@
 //!   clients subscribed to (`resources/subscribe` of a 2025 client).
 //! - What this revision does not have: `ping` is a `server/discover`; notifications from
 //!   the client are not sent (cancelling is closing the request's stream, which dropping a
-//!   call does); every request asks for log lines at `debug` (`_meta` log level), as a
-//!   session server sends them all, and each client's front end applies its own level.
+//!   call does); a request asks for log lines at its caller's own level only (a 2026
+//!   client's opt-in, a 2025 session's `logging/setLevel`): without one, none come.
 //! - The server's OAuth client (`super::oauth`) and the `401`-once-more rule are as in
 //!   `super::remote`.
 
@@ -45,7 +45,6 @@ use crate::call::{CallError, CallEvent, EventSink, Responder};
 const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
 const META_CAPS: &str = "io.modelcontextprotocol/clientCapabilities";
 const META_SERVER: &str = "io.modelcontextprotocol/serverInfo";
-const META_LOG: &str = "io.modelcontextprotocol/logLevel";
 /// Largest answer body read from a remote server.
 const MAX_BODY: usize = 16 << 20;
 
@@ -257,8 +256,9 @@ impl Link {
         }
     }
 
-    /// The request's params with this revision's `_meta`: its version, the caller's client
-    /// capabilities (or the gateway's), and the log level.
+    /// The request's params with this revision's `_meta`: its version and the caller's
+    /// client capabilities (or the gateway's). The caller's log level, when it gave one
+    /// (a 2026 client's opt-in, a 2025 session's `logging/setLevel`), is in it already.
     pub(super) fn with_meta(&self, params: Option<Value>) -> Option<Value> {
         let mut params = match params {
             Some(Value::Object(p)) => p,
@@ -274,9 +274,6 @@ impl Link {
             if !meta.get(META_CAPS).is_some_and(Value::is_object) {
                 meta.insert(META_CAPS.into(), self.capabilities.clone());
             }
-            // Every log line, as a session server sends them: each client's own level is
-            // applied where its front end passes them on.
-            meta.entry(META_LOG).or_insert_with(|| json!("debug"));
         }
         Some(Value::Object(params))
     }
