@@ -3,16 +3,17 @@
 //! resource updates) goes to the pool's events, as a session server's GET stream's does.
 //!
 //! - It asks for every list change, and for the resources the connection's clients
-//!   subscribed to (`resources/subscribe` of a 2025 client): a change of that set opens the
-//!   stream again at once with the new set, and a subscription is answered when the server
-//!   acknowledged it (or refused when it did not take the URI).
+//!   subscribed to (`resources/subscribe` of a 2025 client, counted per URI: a URI leaves
+//!   the set with its last subscription): a change of that set opens the stream again at
+//!   once with the new set, and a subscription is answered when the server acknowledged it
+//!   (or refused, and taken back, when it did not take the URI or the caller gave up).
 //! - A stream that breaks, ends, or is not taken within 10 s is opened again after a pause
 //!   (0.5 s, doubling to 30 s, afresh only after a stream that lived 5 s); once it is back the
 //!   lists are announced changed, for what changed meanwhile.
 //! - A server that has no stream (404, 405, 400, or a JSON error answer) is left alone: its
 //!   list changes are not heard, and subscriptions to it are refused.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, Weak};
 use std::time::Duration;
 
@@ -35,10 +36,12 @@ const LIVED: Duration = Duration::from_secs(5);
 /// Largest event of the stream read.
 const MAX_EVENT: usize = 16 << 20;
 
-/// The resources subscribed through one connection, and what the server last acknowledged.
+/// The resources subscribed through one connection, each with the number of its
+/// subscriptions (one client's unsubscribe leaves another's), and what the server last
+/// acknowledged.
 pub struct Subscriptions {
-    uris: Mutex<BTreeSet<String>>,
-    /// Bumped on every change of `uris`: the stream is opened again with the new set.
+    uris: Mutex<BTreeMap<String, usize>>,
+    /// Bumped on every change of the set of URIs: the stream is opened again with it.
     wanted: watch::Sender<u64>,
     /// The generation the server last acknowledged and the URIs it took then (`u64::MAX`:
     /// the server has no stream, it takes none).
@@ -55,19 +58,43 @@ impl Default for Subscriptions {
     }
 }
 
+/// Takes back one subscription to a URI unless the server acknowledged it (a refused or
+/// abandoned `resources/subscribe`).
+struct Pending<'a> {
+    subs: &'a Subscriptions,
+    uri: &'a str,
+    armed: bool,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.subs.unsubscribe(self.uri);
+        }
+    }
+}
+
 impl Subscriptions {
-    fn change(&self, apply: impl FnOnce(&mut BTreeSet<String>) -> bool) -> u64 {
+    /// Counts one more subscription to `uri`; the generation of the set that has it.
+    fn add(&self, uri: &str) -> u64 {
         let mut uris = self.uris.lock().unwrap_or_else(|p| p.into_inner());
-        if apply(&mut uris) {
+        let n = uris.entry(uri.to_string()).or_default();
+        *n += 1;
+        if *n == 1 {
             self.wanted.send_modify(|g| *g += 1);
         }
         *self.wanted.borrow()
     }
 
-    /// Adds `uri` and waits until the server acknowledged the set with it (the call's
-    /// timeout bounds the wait).
+    /// Adds a subscription to `uri` and waits until the server acknowledged a set with it
+    /// (the call's timeout bounds the wait).
     pub async fn subscribe(&self, server: &str, uri: &str) -> Result<Value, CallError> {
-        let generation = self.change(|uris| uris.insert(uri.to_string()));
+        let generation = self.add(uri);
+        let mut pending = Pending {
+            subs: self,
+            uri,
+            armed: true,
+        };
         let mut honored = self.honored.subscribe();
         let taken = honored
             .wait_for(|(g, _)| *g >= generation)
@@ -75,22 +102,29 @@ impl Subscriptions {
             .map(|h| h.1.contains(uri))
             .unwrap_or(false);
         if taken {
+            pending.armed = false;
             return Ok(json!({}));
         }
-        self.change(|uris| uris.remove(uri));
         Err(CallError::Answered(ErrorObject::new(
             code::INVALID_PARAMS,
             format!("params.uri: remote server {server:?} did not take a subscription to {uri:?}"),
         )))
     }
 
+    /// Takes back one subscription to `uri`; the last one leaves the set.
     pub fn unsubscribe(&self, uri: &str) {
-        self.change(|uris| uris.remove(uri));
+        let mut uris = self.uris.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(n) = uris.get_mut(uri) else { return };
+        *n -= 1;
+        if *n == 0 {
+            uris.remove(uri);
+            self.wanted.send_modify(|g| *g += 1);
+        }
     }
 
     fn snapshot(&self) -> (u64, Vec<String>) {
         let uris = self.uris.lock().unwrap_or_else(|p| p.into_inner());
-        (*self.wanted.borrow(), uris.iter().cloned().collect())
+        (*self.wanted.borrow(), uris.keys().cloned().collect())
     }
 }
 
@@ -259,5 +293,56 @@ async fn relay(
                 _ => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// Acknowledges every set the listener would open the stream with.
+    fn server_that_takes_all(subs: &Arc<Subscriptions>) -> tokio::task::JoinHandle<()> {
+        let subs = subs.clone();
+        tokio::spawn(async move {
+            let mut wanted = subs.wanted.subscribe();
+            loop {
+                wanted.mark_unchanged();
+                let (generation, uris) = subs.snapshot();
+                subs.honored
+                    .send_replace((generation, uris.into_iter().collect()));
+                if wanted.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn a_uri_stays_while_any_subscription_to_it_does() {
+        let subs = Arc::new(Subscriptions::default());
+        let server = server_that_takes_all(&subs);
+        subs.subscribe("s", "a://1").await.expect("taken");
+        subs.subscribe("s", "a://1").await.expect("taken");
+        subs.unsubscribe("a://1");
+        assert_eq!(subs.snapshot().1, ["a://1"], "the other client's stays");
+        subs.unsubscribe("a://1");
+        assert!(subs.snapshot().1.is_empty());
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_subscription_not_taken_or_given_up_is_taken_back() {
+        let subs = Subscriptions::default();
+        // Nobody acknowledges: the caller gives up (its call timed out).
+        let gave_up = tokio::time::timeout(Duration::from_millis(20), subs.subscribe("s", "b://2"));
+        assert!(gave_up.await.is_err());
+        assert!(subs.snapshot().1.is_empty());
+        // The server has no stream: refused at once, naming the field.
+        subs.honored.send_replace((u64::MAX, BTreeSet::new()));
+        let refused = subs.subscribe("s", "c://3").await.expect_err("refused");
+        assert!(format!("{refused:?}").contains("params.uri"), "{refused:?}");
+        assert!(subs.snapshot().1.is_empty());
     }
 }
