@@ -47,6 +47,8 @@ const META_CAPS: &str = "io.modelcontextprotocol/clientCapabilities";
 const META_SERVER: &str = "io.modelcontextprotocol/serverInfo";
 /// Largest answer body read from a remote server.
 const MAX_BODY: usize = 16 << 20;
+/// Most questions one `input_required` result may ask (each reaches the client).
+const MAX_QUESTIONS: usize = 64;
 
 /// A remote server spoken to in the stateless revision.
 pub struct Stateless {
@@ -293,6 +295,13 @@ impl Link {
                 self.server
             )));
         };
+        if questions.len() > MAX_QUESTIONS {
+            return Err(unanswerable(format!(
+                "remote server {:?} asked {} questions in one round, more than {MAX_QUESTIONS}",
+                self.server,
+                questions.len()
+            )));
+        }
         let Some(events) = events else {
             return Err(unanswerable(format!(
                 "remote server {:?} asked for input, and no client is attached to this request",
