@@ -19,6 +19,7 @@ pub mod reconcile;
 pub mod remote;
 pub mod remote_http;
 mod remote_listen;
+mod remote_request;
 pub mod remote_stateless;
 pub mod report;
 pub mod sandbox;

@@ -254,6 +254,27 @@ fn lifetime(life: Duration) -> Duration {
     life.saturating_sub(margin)
 }
 
+/// Puts the connection's access token (if the server has an OAuth client) on `req`; returns
+/// the request and the token it carries (to drop if the server refuses it).
+pub async fn with_bearer(
+    req: reqwest::RequestBuilder,
+    tokens: Option<&Tokens>,
+    server: &str,
+) -> Result<(reqwest::RequestBuilder, Option<HeaderValue>), crate::call::CallError> {
+    let Some(tokens) = tokens else {
+        return Ok((req, None));
+    };
+    let bearer = tokens.bearer().await.map_err(|e| {
+        crate::call::CallError::NotRun(format!(
+            "remote server {server:?}: {e}; the call did not run"
+        ))
+    })?;
+    Ok((
+        req.header(reqwest::header::AUTHORIZATION, bearer.clone()),
+        Some(bearer),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

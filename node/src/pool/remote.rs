@@ -425,7 +425,7 @@ impl Shared {
             req = req.header(VERSION_HEADER, &session.version);
         }
         let (req, bearer) =
-            super::remote_http::with_bearer(req, self.tokens.as_ref(), &self.server).await?;
+            super::oauth::with_bearer(req, self.tokens.as_ref(), &self.server).await?;
         Ok(Outgoing {
             request: req,
             bearer,

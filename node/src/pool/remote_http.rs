@@ -67,27 +67,6 @@ pub fn send_failed(server: &str, e: reqwest::Error) -> crate::call::CallError {
     }
 }
 
-/// Puts the connection's access token (if the server has an OAuth client) on `req`; returns
-/// the request and the token it carries (to drop if the server refuses it).
-pub async fn with_bearer(
-    req: reqwest::RequestBuilder,
-    tokens: Option<&super::oauth::Tokens>,
-    server: &str,
-) -> Result<(reqwest::RequestBuilder, Option<HeaderValue>), crate::call::CallError> {
-    let Some(tokens) = tokens else {
-        return Ok((req, None));
-    };
-    let bearer = tokens.bearer().await.map_err(|e| {
-        crate::call::CallError::NotRun(format!(
-            "remote server {server:?}: {e}; the call did not run"
-        ))
-    })?;
-    Ok((
-        req.header(reqwest::header::AUTHORIZATION, bearer.clone()),
-        Some(bearer),
-    ))
-}
-
 /// Whether `resp` is an SSE stream.
 pub fn is_event_stream(resp: &reqwest::Response) -> bool {
     resp.headers()

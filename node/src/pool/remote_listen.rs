@@ -1,4 +1,5 @@
-//! A 2026-07-28 remote server's `subscriptions/listen` stream (`super::remote_stateless`),
+//! A 2026-07-28 remote server's `subscriptions/listen` stream (`super::remote_stateless`;
+//! opened through its `super::remote_request::Link`),
 //! kept open by each connection: what the server says outside any call (list changes,
 //! resource updates) goes to the pool's events, as a session server's GET stream's does.
 //!
@@ -14,7 +15,7 @@
 //!   list changes are not heard, and subscriptions to it are refused.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Mutex, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -25,7 +26,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
 use super::process::PoolEvent;
-use super::remote_stateless::Link;
+use super::remote_request::Link;
 use crate::call::CallError;
 
 const META_SUB: &str = "io.modelcontextprotocol/subscriptionId";
@@ -139,17 +140,19 @@ enum Listened {
 }
 
 /// Keeps the stream open while the connection lives (see the module docs).
-pub(super) async fn listen(link: Weak<Link>, pool_events: mpsc::Sender<PoolEvent>) {
+pub(super) async fn listen(
+    link: Weak<Link>,
+    subscriptions: Arc<Subscriptions>,
+    pool_events: mpsc::Sender<PoolEvent>,
+) {
     let mut pause = Duration::from_millis(500);
     let mut broke = false;
-    let Some(mut wanted) = link.upgrade().map(|l| l.subscriptions.wanted.subscribe()) else {
-        return;
-    };
+    let mut wanted = subscriptions.wanted.subscribe();
     loop {
         let Some(l) = link.upgrade() else { return };
         // Marked seen before the set is read: a change in between opens the stream again.
         wanted.mark_unchanged();
-        let (generation, uris) = l.subscriptions.snapshot();
+        let (generation, uris) = subscriptions.snapshot();
         let opened = tokio::select! {
             opened = tokio::time::timeout(OPEN_WITHIN, open(&l, &uris)) => {
                 opened.unwrap_or(Err(Listened::Ended))
@@ -169,7 +172,8 @@ pub(super) async fn listen(link: Weak<Link>, pool_events: mpsc::Sender<PoolEvent
                         let _ = pool_events.try_send(PoolEvent::Notify(changed));
                     }
                 }
-                let ended = relay(&link, resp, &pool_events, generation, &mut wanted).await;
+                let acked = (subscriptions.as_ref(), generation);
+                let ended = relay(&link, resp, &pool_events, acked, &mut wanted).await;
                 // A stream that lived a while starts the pause afresh; one the server ends at
                 // once keeps backing off (no reopen, and reload, twice a second).
                 if since.elapsed() >= LIVED {
@@ -181,11 +185,9 @@ pub(super) async fn listen(link: Weak<Link>, pool_events: mpsc::Sender<PoolEvent
         };
         match ended {
             Listened::Refused => {
-                if let Some(l) = link.upgrade() {
-                    l.subscriptions
-                        .honored
-                        .send_replace((u64::MAX, BTreeSet::new()));
-                }
+                subscriptions
+                    .honored
+                    .send_replace((u64::MAX, BTreeSet::new()));
                 return;
             }
             Listened::Changed => broke = false,
@@ -204,9 +206,7 @@ pub(super) async fn listen(link: Weak<Link>, pool_events: mpsc::Sender<PoolEvent
 /// POSTs `subscriptions/listen` for every list change and `uris`; the stream, once the
 /// server took it.
 async fn open(link: &Link, uris: &[String]) -> Result<reqwest::Response, Listened> {
-    let id = link
-        .next_id
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let id = link.next_id();
     let mut notifications = json!({
         "toolsListChanged": true,
         "promptsListChanged": true,
@@ -241,7 +241,7 @@ async fn relay(
     link: &Weak<Link>,
     resp: reqwest::Response,
     pool_events: &mpsc::Sender<PoolEvent>,
-    generation: u64,
+    (subscriptions, generation): (&Subscriptions, u64),
     wanted: &mut watch::Receiver<u64>,
 ) -> Listened {
     let mut parser = SseParser::default();
@@ -254,9 +254,9 @@ async fn relay(
         let Some(Ok(chunk)) = chunk else {
             return Listened::Ended;
         };
-        let Some(l) = link.upgrade() else {
+        if link.strong_count() == 0 {
             return Listened::Refused;
-        };
+        }
         if parser.pending() > MAX_EVENT {
             return Listened::Ended;
         }
@@ -274,7 +274,7 @@ async fn relay(
                                 .collect()
                         })
                         .unwrap_or_default();
-                    l.subscriptions.honored.send_replace((generation, taken));
+                    subscriptions.honored.send_replace((generation, taken));
                 }
                 Ok(Message::Notification { method, mut params }) => {
                     if let Some(meta) = params

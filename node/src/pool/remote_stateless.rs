@@ -3,36 +3,21 @@
 //! with 2026-07-28 among its `supportedVersions`; any other answer falls back to the
 //! `initialize` of `super::remote`, an unreachable server is no verdict).
 //!
-//! - **No session:** each request is one POST carrying its revision and the client's
-//!   capabilities in `_meta` (the caller's own for a 2026-07-28 client, else the gateway's)
-//!   and the `MCP-Protocol-Version`, `Mcp-Method` and `Mcp-Name` headers. A restarted server
-//!   is simply reached again.
-//! - **Multi-round trips:** an `input_required` result's questions go to the call's client
-//!   as the server's own requests, under the server's input keys (a 2025 client gets them as
-//!   sampling, elicitation or roots requests on its stream, a 2026 client in its own
-//!   `input_required`); their answers are sent back with the server's `requestState` in the
-//!   next round, until the result is complete. The call's timeout bounds the rounds.
+//! - **No session:** each request stands alone (`super::remote_request`, also for its
+//!   multi-round trips); a restarted server is simply reached again.
 //! - **List changes and resource updates** come on the server's `subscriptions/listen`
 //!   stream (`super::remote_listen`), which also carries the resources the connection's
 //!   clients subscribed to (`resources/subscribe` of a 2025 client).
-//! - What this revision does not have: `ping` is a `server/discover`; notifications from
-//!   the client are not sent (cancelling is closing the request's stream, which dropping a
-//!   call does); a request asks for log lines at its caller's own level only (a 2026
-//!   client's opt-in, a 2025 session's `logging/setLevel`): without one, none come.
-//! - The server's OAuth client (`super::oauth`) and the `401`-once-more rule are as in
-//!   `super::remote`.
+//! - Notifications from the client are not sent (cancelling is closing the request's
+//!   stream, which dropping a call does).
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use mcpcp_proto::api::ServerSpec;
-use mcpcp_proto::mcp::{code, ErrorObject, Message, RequestId, STATELESS_VERSION};
-use mcpcp_proto::sse::SseParser;
-use reqwest::header::{HeaderValue, ACCEPT, CONTENT_TYPE};
-use reqwest::StatusCode;
-use serde_json::{json, Map, Value};
+use mcpcp_proto::mcp::{code, ErrorObject, STATELESS_VERSION};
+use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::liveness::Liveness;
@@ -40,19 +25,17 @@ use super::oauth::Tokens;
 use super::process::{PoolEvent, ProcessError};
 use super::remote::InFlight;
 use super::remote_listen::{listen, Subscriptions};
-use crate::call::{CallError, CallEvent, EventSink, Responder};
+use super::remote_request::Link;
+use crate::call::{CallError, EventSink};
 
-const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
-const META_CAPS: &str = "io.modelcontextprotocol/clientCapabilities";
 const META_SERVER: &str = "io.modelcontextprotocol/serverInfo";
-/// Largest answer body read from a remote server.
-const MAX_BODY: usize = 16 << 20;
-/// Most questions one `input_required` result may ask (each reaches the client).
-const MAX_QUESTIONS: usize = 64;
 
 /// A remote server spoken to in the stateless revision.
 pub struct Stateless {
     link: Arc<Link>,
+    /// The resources clients subscribed to through this connection, asked for on its listen
+    /// stream.
+    subscriptions: Arc<Subscriptions>,
     /// What `initialize` would have said (`super::Upstream::init`).
     pub(super) init: Value,
     pub(super) shard: Option<usize>,
@@ -67,27 +50,6 @@ impl Drop for Stateless {
     }
 }
 
-/// How requests reach the server.
-pub(super) struct Link {
-    pub(super) server: String,
-    url: String,
-    http: reqwest::Client,
-    tokens: Option<Tokens>,
-    /// The client capabilities a request carries when its caller gave none (the gateway's).
-    capabilities: Value,
-    pub(super) next_id: AtomicU64,
-    /// The resources clients subscribed to through this connection, asked for on its listen
-    /// stream.
-    pub(super) subscriptions: Subscriptions,
-}
-
-/// How one POST ended.
-enum Posted {
-    Answer(Result<Value, ErrorObject>),
-    /// An HTTP error without a JSON-RPC answer.
-    Refused(StatusCode),
-}
-
 impl Stateless {
     /// Asks the server at `spec.url` what it speaks: `Some` when it speaks 2026-07-28, `None`
     /// when it answered otherwise (the caller falls back to `initialize`), an error when it
@@ -100,15 +62,13 @@ impl Stateless {
         // The URL stays out of errors: they reach clients, and a URL can carry a secret.
         let failed = |e: String| ProcessError::Initialize(format!("the remote server: {e}"));
         let startup = Duration::from_millis(spec.timeouts.startup_ms);
-        let link = Arc::new(Link {
-            server: spec.name.clone(),
-            url: spec.url.clone().unwrap_or_default(),
-            http: super::remote_http::client_for(spec).map_err(failed)?,
-            tokens: Tokens::for_spec(spec).map_err(failed)?,
-            capabilities: client_init["capabilities"].clone(),
-            next_id: AtomicU64::new(1),
-            subscriptions: Subscriptions::default(),
-        });
+        let link = Arc::new(Link::new(
+            spec.name.clone(),
+            spec.url.clone().unwrap_or_default(),
+            super::remote_http::client_for(spec).map_err(failed)?,
+            Tokens::for_spec(spec).map_err(failed)?,
+            client_init["capabilities"].clone(),
+        ));
         let asked = tokio::time::timeout(startup, link.discovered()).await;
         let discovered = match asked {
             Err(_) => return Err(ProcessError::StartupTimeout(startup)),
@@ -126,9 +86,15 @@ impl Stateless {
             init["instructions"] = json!(text);
         }
         tracing::info!(server = %spec.name, origin = %super::remote_http::origin(&link.url), protocol = STATELESS_VERSION, "remote server connected");
-        let listener = tokio::spawn(listen(Arc::downgrade(&link), pool_events));
+        let subscriptions = Arc::new(Subscriptions::default());
+        let listener = tokio::spawn(listen(
+            Arc::downgrade(&link),
+            subscriptions.clone(),
+            pool_events,
+        ));
         Ok(Some(Stateless {
             link,
+            subscriptions,
             init,
             shard: crate::shard::current(),
             in_flight: AtomicUsize::new(0),
@@ -153,323 +119,23 @@ impl Stateless {
     ) -> Result<Value, CallError> {
         self.liveness.check(&self.link.server)?;
         let _counted = InFlight::enter(&self.in_flight);
-        self.link.call(method, params, events).await
-    }
-}
-
-impl Link {
-    /// The server's `server/discover` result if it names 2026-07-28; `None` for any other
-    /// answer. An error only when the server was not reached.
-    async fn discovered(&self) -> Result<Option<Value>, CallError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let params = self.with_meta(None);
-        let request = Message::request(RequestId::Num(id as i64), "server/discover", params);
-        let result = match self.post(&request, None).await? {
-            Posted::Answer(Ok(result)) => result,
-            Posted::Answer(Err(_)) | Posted::Refused(_) => return Ok(None),
-        };
-        let speaks = result["supportedVersions"]
-            .as_array()
-            .is_some_and(|v| v.iter().any(|v| v == STATELESS_VERSION));
-        Ok(speaks.then_some(result))
-    }
-
-    /// Sends a request, round after round (see the module docs).
-    async fn call(
-        &self,
-        method: &str,
-        params: Option<Value>,
-        events: Option<EventSink>,
-    ) -> Result<Value, CallError> {
-        match method {
-            "ping" => {
-                return match self.discovered().await? {
-                    Some(_) => Ok(json!({})),
-                    None => Err(CallError::Crashed(format!(
-                        "remote server {:?} no longer answers server/discover with {STATELESS_VERSION}",
-                        self.server
-                    ))),
-                }
-            }
-            "resources/subscribe" | "resources/unsubscribe" => {
-                let uri = params
-                    .as_ref()
-                    .and_then(|p| p["uri"].as_str())
-                    .ok_or_else(|| {
-                        CallError::Answered(ErrorObject::new(
-                            code::INVALID_PARAMS,
-                            "params.uri: required (a string)",
-                        ))
-                    })?;
-                return if method == "resources/subscribe" {
-                    self.subscriptions.subscribe(&self.server, uri).await
-                } else {
-                    self.subscriptions.unsubscribe(uri);
-                    Ok(json!({}))
-                };
-            }
-            "logging/setLevel" => {
-                return Err(CallError::Answered(ErrorObject::new(
-                    code::METHOD_NOT_FOUND,
-                    format!(
-                        "{method}: remote server {:?} speaks {STATELESS_VERSION}, which has no such method",
-                        self.server
-                    ),
-                )))
-            }
-            _ => {}
-        }
-        let mut params = self.with_meta(params);
-        loop {
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let request = Message::request(RequestId::Num(id as i64), method, params.clone());
-            let mut result = match self.post(&request, events.as_ref()).await? {
-                Posted::Answer(outcome) => outcome.map_err(CallError::Answered)?,
-                Posted::Refused(status) => {
-                    return Err(CallError::NotRun(format!(
-                    "remote server {:?} refused the request (HTTP {status}); the call did not run",
-                    self.server
-                )))
-                }
-            };
-            if result["resultType"] != "input_required" {
-                if let Some(r) = result.as_object_mut() {
-                    r.remove("resultType");
-                }
-                return Ok(result);
-            }
-            metrics::counter!("mcpd_upstream_input_required_total", "server" => self.server.clone())
-                .increment(1);
-            let answers = self.ask(&result["inputRequests"], events.as_ref()).await?;
-            let p = params
-                .get_or_insert_with(|| json!({}))
-                .as_object_mut()
+        if let "resources/subscribe" | "resources/unsubscribe" = method {
+            let uri = params
+                .as_ref()
+                .and_then(|p| p["uri"].as_str())
                 .ok_or_else(|| {
                     CallError::Answered(ErrorObject::new(
                         code::INVALID_PARAMS,
-                        "params: must be an object",
+                        "params.uri: required (a string)",
                     ))
                 })?;
-            p.insert("inputResponses".into(), Value::Object(answers));
-            match result.get_mut("requestState").map(Value::take) {
-                Some(state) => p.insert("requestState".into(), state),
-                None => p.remove("requestState"),
+            return if method == "resources/subscribe" {
+                self.subscriptions.subscribe(&self.link.server, uri).await
+            } else {
+                self.subscriptions.unsubscribe(uri);
+                Ok(json!({}))
             };
         }
-    }
-
-    /// The request's params with this revision's `_meta`: its version and the caller's
-    /// client capabilities (or the gateway's). The caller's log level, when it gave one
-    /// (a 2026 client's opt-in, a 2025 session's `logging/setLevel`), is in it already.
-    pub(super) fn with_meta(&self, params: Option<Value>) -> Option<Value> {
-        let mut params = match params {
-            Some(Value::Object(p)) => p,
-            None => Map::new(),
-            other => return other,
-        };
-        let meta = params
-            .entry("_meta")
-            .or_insert_with(|| json!({}))
-            .as_object_mut();
-        if let Some(meta) = meta {
-            meta.insert(META_VERSION.into(), json!(STATELESS_VERSION));
-            if !meta.get(META_CAPS).is_some_and(Value::is_object) {
-                meta.insert(META_CAPS.into(), self.capabilities.clone());
-            }
-        }
-        Some(Value::Object(params))
-    }
-
-    /// Asks the call's client the server's questions (`inputRequests`, by input key), all
-    /// at once, and returns the answers by key.
-    async fn ask(
-        &self,
-        questions: &Value,
-        events: Option<&EventSink>,
-    ) -> Result<Map<String, Value>, CallError> {
-        let unanswerable =
-            |why: String| CallError::Answered(ErrorObject::new(code::INTERNAL_ERROR, why));
-        let Some(questions) = questions.as_object().filter(|q| !q.is_empty()) else {
-            return Err(unanswerable(format!(
-                "remote server {:?} asked for input without inputRequests",
-                self.server
-            )));
-        };
-        if questions.len() > MAX_QUESTIONS {
-            return Err(unanswerable(format!(
-                "remote server {:?} asked {} questions in one round, more than {MAX_QUESTIONS}",
-                self.server,
-                questions.len()
-            )));
-        }
-        let Some(events) = events else {
-            return Err(unanswerable(format!(
-                "remote server {:?} asked for input, and no client is attached to this request",
-                self.server
-            )));
-        };
-        let mut waiting = Vec::with_capacity(questions.len());
-        for (key, question) in questions {
-            let (tx, mut rx) = mpsc::channel::<Vec<u8>>(1);
-            let method = question["method"].as_str().unwrap_or_default().to_string();
-            let responder = Responder::new(tx, RequestId::Str(key.clone()));
-            let asked = CallEvent::Request {
-                method: method.clone(),
-                params: question.get("params").cloned(),
-                responder,
-            };
-            if events.send(asked).await.is_err() {
-                return Err(unanswerable(format!(
-                    "{method}: the client of this request is gone"
-                )));
-            }
-            waiting.push(async move { (key.clone(), method, rx.recv().await) });
-        }
-        let mut answers = Map::new();
-        for (key, method, line) in futures_util::future::join_all(waiting).await {
-            let outcome = match line.as_deref().map(Message::parse) {
-                Some(Ok(Message::Response { outcome, .. })) => outcome,
-                _ => return Err(unanswerable(format!("{method}: the client gave no answer"))),
-            };
-            answers.insert(key, outcome.map_err(CallError::Answered)?);
-        }
-        Ok(answers)
-    }
-
-    /// POSTs one request with this revision's headers. A `401` with the connection's access
-    /// token ran nothing: the request is sent once more with a new token.
-    pub(super) async fn send(&self, msg: &Message) -> Result<reqwest::Response, CallError> {
-        let Message::Request { method, params, .. } = msg else {
-            return Err(CallError::NotRun("not a request".into()));
-        };
-        let mut resent = false;
-        loop {
-            let mut req = self
-                .http
-                .post(&self.url)
-                .header(ACCEPT, "application/json, text/event-stream")
-                .header(CONTENT_TYPE, "application/json")
-                .header("mcp-protocol-version", STATELESS_VERSION)
-                .header("mcp-method", method.as_str());
-            if let Some(name) = routing_name(method, params.as_ref()) {
-                req = req.header("mcp-name", name);
-            }
-            let (req, bearer) =
-                super::remote_http::with_bearer(req, self.tokens.as_ref(), &self.server).await?;
-            let resp = req
-                .body(msg.to_line())
-                .send()
-                .await
-                .map_err(|e| super::remote_http::send_failed(&self.server, e))?;
-            if resp.status() == StatusCode::UNAUTHORIZED {
-                if let (Some(tokens), Some(sent), false) = (&self.tokens, &bearer, resent) {
-                    tokens.refused(sent).await;
-                    resent = true;
-                    continue;
-                }
-                return Err(CallError::NotRun(format!(
-                    "remote server {:?} refused the credentials it was sent (HTTP 401); the call did not run",
-                    self.server
-                )));
-            }
-            return Ok(resp);
-        }
-    }
-
-    /// POSTs one request; its answer is read from JSON or from its SSE stream, whose
-    /// notifications go to `events`.
-    async fn post(&self, msg: &Message, events: Option<&EventSink>) -> Result<Posted, CallError> {
-        let resp = self.send(msg).await?;
-        let status = resp.status();
-        if status.is_success() && super::remote_http::is_event_stream(&resp) {
-            return self.read_stream(resp, events).await;
-        }
-        match super::remote_http::read_message(resp, MAX_BODY, &self.server).await? {
-            Some(Message::Response { outcome, .. }) => Ok(Posted::Answer(outcome)),
-            _ if status.is_client_error() => Ok(Posted::Refused(status)),
-            _ => Err(CallError::Crashed(format!(
-                "remote server {:?} answered HTTP {status} without a JSON-RPC answer; it may or may not have run",
-                self.server
-            ))),
-        }
-    }
-
-    /// Reads a request's SSE stream until its answer; its notifications go to `events`.
-    async fn read_stream(
-        &self,
-        resp: reqwest::Response,
-        events: Option<&EventSink>,
-    ) -> Result<Posted, CallError> {
-        let broke = |why: String| {
-            CallError::Crashed(format!(
-                "remote server {:?}: {why}; it may or may not have run",
-                self.server
-            ))
-        };
-        let mut parser = SseParser::default();
-        let mut body = resp.bytes_stream();
-        let mut read = 0usize;
-        while let Some(chunk) = body.next().await {
-            let chunk =
-                chunk.map_err(|e| broke(format!("the stream broke ({})", e.without_url())))?;
-            read += chunk.len();
-            if read > MAX_BODY {
-                return Err(broke(format!(
-                    "it streamed over {MAX_BODY} bytes without an answer"
-                )));
-            }
-            for event in parser.feed(&chunk) {
-                match Message::parse(event.data.as_bytes()) {
-                    Ok(Message::Response { outcome, .. }) => return Ok(Posted::Answer(outcome)),
-                    Ok(msg @ Message::Notification { .. }) => {
-                        if let Some(events) = events {
-                            let _ = events.send(CallEvent::Notify(msg)).await;
-                        }
-                    }
-                    // This revision has no requests of the server on a request's stream.
-                    _ => {}
-                }
-            }
-        }
-        Err(broke("it ended the stream without an answer".into()))
-    }
-}
-
-/// The `Mcp-Name` of a request: the tool, prompt or resource it names, base64-encoded
-/// (`=?base64?...?=`) when it is not plain visible ASCII.
-fn routing_name(method: &str, params: Option<&Value>) -> Option<HeaderValue> {
-    let field = match method {
-        "tools/call" | "prompts/get" => "name",
-        "resources/read" => "uri",
-        _ => return None,
-    };
-    let name = params?.get(field)?.as_str()?;
-    if name.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-        return HeaderValue::from_str(name).ok();
-    }
-    use base64::Engine;
-    let encoded = base64::engine::general_purpose::STANDARD.encode(name);
-    HeaderValue::from_str(&format!("=?base64?{encoded}?=")).ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_routing_name_is_the_tool_prompt_or_uri_encoded_when_not_plain_ascii() {
-        let call = json!({ "name": "echo", "arguments": {} });
-        assert_eq!(routing_name("tools/call", Some(&call)).unwrap(), "echo");
-        let read = json!({ "uri": "file:///tmp/a.txt" });
-        assert_eq!(
-            routing_name("resources/read", Some(&read)).unwrap(),
-            "file:///tmp/a.txt"
-        );
-        let accented = json!({ "name": "café" });
-        assert_eq!(
-            routing_name("prompts/get", Some(&accented)).unwrap(),
-            "=?base64?Y2Fmw6k=?="
-        );
-        assert!(routing_name("tools/list", Some(&call)).is_none());
+        self.link.call(method, params, events).await
     }
 }
