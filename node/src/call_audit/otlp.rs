@@ -15,9 +15,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use opentelemetry::logs::{AnyValue, LogRecord, Logger, LoggerProvider, Severity};
 use opentelemetry::trace::{SpanId, TraceFlags, TraceId};
 use opentelemetry_otlp::WithExportConfig;
-use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::logs::{
-    BatchConfigBuilder, BatchLogProcessor, LogBatch, LogExporter, SdkLogger, SdkLoggerProvider,
+    BatchConfigBuilder, BatchLogProcessor, SdkLogger, SdkLoggerProvider,
 };
 
 use super::CallEvent;
@@ -50,12 +49,10 @@ impl OtlpCalls {
             .with_timeout(EXPORT_TIMEOUT)
             .build()?;
         let in_flight = Arc::new(AtomicUsize::new(0));
-        let processor = BatchLogProcessor::builder(Settled {
-            inner: Counted {
-                inner: otlp,
-                signal: "calls",
-            },
-            in_flight: in_flight.clone(),
+        let processor = BatchLogProcessor::builder(Counted {
+            inner: otlp,
+            signal: "calls",
+            in_flight: Some(in_flight.clone()),
         })
         .with_batch_config(
             BatchConfigBuilder::default()
@@ -132,30 +129,6 @@ impl OtlpCalls {
         {
             tracing::warn!(error = %e, "call events still queued for OTLP at shutdown may be lost");
         }
-    }
-}
-
-/// Takes each exported (or failed) batch off the events in flight.
-#[derive(Debug)]
-struct Settled<E> {
-    inner: E,
-    in_flight: Arc<AtomicUsize>,
-}
-
-impl<E: LogExporter> LogExporter for Settled<E> {
-    async fn export(&self, batch: LogBatch<'_>) -> OTelSdkResult {
-        let n = batch.iter().count();
-        let result = self.inner.export(batch).await;
-        self.in_flight.fetch_sub(n, Ordering::Relaxed);
-        result
-    }
-
-    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        self.inner.shutdown_with_timeout(timeout)
-    }
-
-    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
-        self.inner.set_resource(resource)
     }
 }
 

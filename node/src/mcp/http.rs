@@ -638,21 +638,12 @@ fn with_log_level(mut params: Option<Value>, session: &Session) -> Option<Value>
 }
 
 pub fn level_passes(session: &Session, msg: &Message) -> bool {
-    let Some(min) = session
+    let min = session
         .log_level
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .clone()
-    else {
-        return true;
-    };
-    let level = match msg {
-        Message::Notification {
-            params: Some(p), ..
-        } => p["level"].as_str().unwrap_or("info").to_string(),
-        _ => return true,
-    };
-    super::wire::level_passes(&level, &min)
+        .clone();
+    min.is_none_or(|min| super::wire::log_passes(msg, &min))
 }
 
 /// GET: the session's standalone stream of server notifications, or the resumption of a

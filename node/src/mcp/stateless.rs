@@ -437,20 +437,11 @@ impl Drive {
                 }
                 Some(Step::Event(CallEvent::Notify(msg))) => {
                     // A log line only for a request that opted in, at or above its level.
-                    let passes = match (msg.method(), &self.log_level) {
-                        (Some("notifications/message"), None) => false,
-                        (Some("notifications/message"), Some(min)) => {
-                            let level = match &msg {
-                                Message::Notification { params, .. } => params
-                                    .as_ref()
-                                    .and_then(|p| p["level"].as_str())
-                                    .unwrap_or("info"),
-                                _ => "info",
-                            };
-                            super::wire::level_passes(level, min)
-                        }
-                        _ => true,
-                    };
+                    let passes = msg.method() != Some("notifications/message")
+                        || self
+                            .log_level
+                            .as_deref()
+                            .is_some_and(|min| super::wire::log_passes(&msg, min));
                     if passes {
                         return Next::Note(msg);
                     }
@@ -628,7 +619,7 @@ async fn drive(
         "tools/call" | "prompts/get" | "resources/read"
     );
     let abort = AbortOnDrop(Some(parked.running.handle()));
-    let state_gather_ms = state.config.input_gather_ms;
+    let gather = std::time::Duration::from_millis(state.config.input_gather_ms);
     let mut d = Drive {
         state,
         id,
@@ -640,7 +631,7 @@ async fn drive(
         mrtr,
         abort,
         gather_until: None,
-        gather: std::time::Duration::from_millis(state_gather_ms),
+        gather,
     };
     let first = match d.next().await {
         Next::Note(msg) => msg,

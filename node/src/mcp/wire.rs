@@ -24,6 +24,18 @@ pub fn level_passes(level: &str, min: &str) -> bool {
     rank(level) >= rank(min)
 }
 
+/// Whether the log line `msg` (`notifications/message`, level `info` when it names none) is
+/// at or above `min`.
+pub fn log_passes(msg: &Message, min: &str) -> bool {
+    let level = match msg {
+        Message::Notification {
+            params: Some(p), ..
+        } => p["level"].as_str().unwrap_or("info"),
+        _ => "info",
+    };
+    level_passes(level, min)
+}
+
 /// An HTTP error whose body is a JSON-RPC error (with the id when known).
 pub fn rpc_error(status: StatusCode, id: Option<RequestId>, error: ErrorObject) -> Response {
     let body = json!({ "jsonrpc": "2.0", "id": id, "error": error });

@@ -275,6 +275,33 @@ pub async fn with_bearer(
     ))
 }
 
+/// Sends the request `build` makes, with the connection's access token when the server has
+/// an OAuth client. A `401` to a token ran nothing: the token is dropped and the request sent
+/// once more with a new one. The outer error is no access token; the inner one the
+/// transport's. The last answer, a `401` too maybe, is the caller's to read.
+pub async fn send_authorized(
+    tokens: Option<&Tokens>,
+    server: &str,
+    build: impl Fn() -> reqwest::RequestBuilder,
+) -> Result<reqwest::Result<reqwest::Response>, crate::call::CallError> {
+    let mut resent = false;
+    loop {
+        let (req, bearer) = with_bearer(build(), tokens, server).await?;
+        let resp = match req.send().await {
+            Ok(resp) => resp,
+            Err(e) => return Ok(Err(e)),
+        };
+        if resp.status() == reqwest::StatusCode::UNAUTHORIZED && !resent {
+            if let (Some(tokens), Some(sent)) = (tokens, &bearer) {
+                tokens.refused(sent).await;
+                resent = true;
+                continue;
+            }
+        }
+        return Ok(Ok(resp));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

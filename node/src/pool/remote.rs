@@ -407,13 +407,8 @@ impl Shared {
         }
     }
 
-    /// A request on `session`, with the connection's access token when the server has an
-    /// OAuth client.
-    async fn request(
-        &self,
-        method: reqwest::Method,
-        session: &Session,
-    ) -> Result<Outgoing, CallError> {
+    /// A request on `session`, without its access token.
+    fn on_session(&self, method: reqwest::Method, session: &Session) -> reqwest::RequestBuilder {
         let mut req = self
             .http
             .request(method, &self.url)
@@ -424,58 +419,57 @@ impl Shared {
         if !session.version.is_empty() {
             req = req.header(VERSION_HEADER, &session.version);
         }
-        let (req, bearer) =
-            super::oauth::with_bearer(req, self.tokens.as_ref(), &self.server).await?;
+        req
+    }
+
+    /// A request on `session`, with the connection's access token when the server has an
+    /// OAuth client.
+    async fn request(
+        &self,
+        method: reqwest::Method,
+        session: &Session,
+    ) -> Result<Outgoing, CallError> {
+        let (req, bearer) = super::oauth::with_bearer(
+            self.on_session(method, session),
+            self.tokens.as_ref(),
+            &self.server,
+        )
+        .await?;
         Ok(Outgoing {
             request: req,
             bearer,
         })
     }
 
-    /// The server answered `401` to a request sent with `bearer`: whether a new token is on
-    /// its way (the request ran nothing, so it may be sent again once).
-    async fn refused(&self, bearer: Option<&HeaderValue>) -> bool {
-        match (&self.tokens, bearer) {
-            (Some(tokens), Some(sent)) => {
-                tokens.refused(sent).await;
-                true
-            }
-            _ => false,
+    /// The server answered `401` to a request sent with `bearer`: the token goes, for the
+    /// next request to get a new one.
+    async fn refused(&self, bearer: Option<&HeaderValue>) {
+        if let (Some(tokens), Some(sent)) = (&self.tokens, bearer) {
+            tokens.refused(sent).await;
         }
     }
 
-    /// POSTs `msg` on `session` (with `timeout`, if any). A `401` ran nothing: refused with
-    /// the connection's access token, it is sent once more with a new one. The outer error is
-    /// no access token; the inner one the transport's.
+    /// POSTs `msg` on `session` (with `timeout`, if any), once more with a new access token
+    /// after a `401` (`oauth::send_authorized`). The outer error is no access token; the
+    /// inner one the transport's.
     async fn post_message(
         &self,
         session: &Session,
         msg: &Message,
         timeout: Option<Duration>,
     ) -> Result<reqwest::Result<reqwest::Response>, CallError> {
-        let mut resent = false;
-        loop {
-            let out = self.request(reqwest::Method::POST, session).await?;
-            let mut request = out
-                .request
+        let body = msg.to_line();
+        super::oauth::send_authorized(self.tokens.as_ref(), &self.server, || {
+            let request = self
+                .on_session(reqwest::Method::POST, session)
                 .header(CONTENT_TYPE, "application/json")
-                .body(msg.to_line());
-            if let Some(t) = timeout {
-                request = request.timeout(t);
+                .body(body.clone());
+            match timeout {
+                Some(t) => request.timeout(t),
+                None => request,
             }
-            let resp = match request.send().await {
-                Ok(resp) => resp,
-                Err(e) => return Ok(Err(e)),
-            };
-            if resp.status() == StatusCode::UNAUTHORIZED
-                && !resent
-                && self.refused(out.bearer.as_ref()).await
-            {
-                resent = true;
-                continue;
-            }
-            return Ok(Ok(resp));
-        }
+        })
+        .await
     }
 
     /// POSTs a notification or a response on `session`: the server accepts it (202) or not.
@@ -561,44 +555,17 @@ impl Shared {
         }
     }
 
-    /// Reads a call's SSE stream until its answer.
+    /// Reads a call's SSE stream until its answer; its other messages go to `relay`.
     async fn read_stream(
         self: &Arc<Self>,
         resp: reqwest::Response,
         relay: Option<&Relay>,
     ) -> Result<Posted, CallError> {
-        let mut parser = SseParser::default();
-        let mut body = resp.bytes_stream();
-        let mut read = 0usize;
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| {
-                CallError::Crashed(format!(
-                    "remote server {:?}: the stream broke ({}); it may or may not have run",
-                    self.server,
-                    e.without_url()
-                ))
-            })?;
-            read += chunk.len();
-            if read > MAX_BODY {
-                return Err(CallError::Crashed(format!(
-                    "remote server {:?} streamed over {MAX_BODY} bytes without an answer; it may or may not have run",
-                    self.server
-                )));
-            }
-            for event in parser.feed(&chunk) {
-                let Ok(msg) = Message::parse(event.data.as_bytes()) else {
-                    continue;
-                };
-                if let Message::Response { outcome, .. } = msg {
-                    return Ok(Posted::Answer(outcome));
-                }
-                self.relay(msg, relay).await;
-            }
-        }
-        Err(CallError::Crashed(format!(
-            "remote server {:?} ended the stream without an answer; it may or may not have run",
-            self.server
-        )))
+        let outcome = super::remote_http::read_answer(resp, MAX_BODY, &self.server, |msg| {
+            self.relay(msg, relay)
+        })
+        .await?;
+        Ok(Posted::Answer(outcome))
     }
 
     /// A message of the server during a call: to the call's client when it has one, with its

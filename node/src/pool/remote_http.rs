@@ -90,6 +90,43 @@ pub async fn read_message(
     Ok(mcpcp_proto::mcp::Message::parse(&body).ok())
 }
 
+/// Reads a request's SSE stream until its JSON-RPC answer, at most `max` bytes; the other
+/// messages on it (notifications, the server's requests) go to `other` as they come.
+pub async fn read_answer<F: std::future::Future<Output = ()>>(
+    resp: reqwest::Response,
+    max: usize,
+    server: &str,
+    mut other: impl FnMut(mcpcp_proto::mcp::Message) -> F,
+) -> Result<Result<serde_json::Value, mcpcp_proto::mcp::ErrorObject>, crate::call::CallError> {
+    use futures_util::StreamExt;
+    use mcpcp_proto::mcp::Message;
+    let broke = |why: String| {
+        crate::call::CallError::Crashed(format!(
+            "remote server {server:?} {why}; it may or may not have run"
+        ))
+    };
+    let mut parser = mcpcp_proto::sse::SseParser::default();
+    let mut body = resp.bytes_stream();
+    let mut read = 0usize;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| broke(format!("broke its stream ({})", e.without_url())))?;
+        read += chunk.len();
+        if read > max {
+            return Err(broke(format!(
+                "streamed over {max} bytes without an answer"
+            )));
+        }
+        for event in parser.feed(&chunk) {
+            match Message::parse(event.data.as_bytes()) {
+                Ok(Message::Response { outcome, .. }) => return Ok(outcome),
+                Ok(msg) => other(msg).await,
+                Err(_) => {}
+            }
+        }
+    }
+    Err(broke("ended the stream without an answer".into()))
+}
+
 /// Why an answer's body was not read whole.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {

@@ -16,9 +16,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use futures_util::StreamExt;
 use mcpcp_proto::mcp::{code, ErrorObject, Message, RequestId, STATELESS_VERSION};
-use mcpcp_proto::sse::SseParser;
 use reqwest::header::{HeaderValue, ACCEPT, CONTENT_TYPE};
 use reqwest::StatusCode;
 use serde_json::{json, Map, Value};
@@ -119,10 +117,14 @@ impl Link {
             }
             _ => {}
         }
-        let mut params = self.with_meta(params);
+        let mut request = Message::request(RequestId::Num(0), method, self.with_meta(params));
         loop {
-            let id = self.next_id();
-            let request = Message::request(RequestId::Num(id as i64), method, params.clone());
+            // Each round is a request of its own id, its params those of the last round
+            // with the answers (changed in place, not copied).
+            let Message::Request { id, .. } = &mut request else {
+                unreachable!("built as a request");
+            };
+            *id = RequestId::Num(self.next_id() as i64);
             let mut result = match self.post(&request, events.as_ref()).await? {
                 Posted::Answer(outcome) => outcome.map_err(CallError::Answered)?,
                 Posted::Refused(status) => {
@@ -141,6 +143,9 @@ impl Link {
             metrics::counter!("mcpd_upstream_input_required_total", "server" => self.server.clone())
                 .increment(1);
             let answers = self.ask(&result["inputRequests"], events.as_ref()).await?;
+            let Message::Request { params, .. } = &mut request else {
+                unreachable!("built as a request");
+            };
             let p = params
                 .get_or_insert_with(|| json!({}))
                 .as_object_mut()
@@ -236,44 +241,37 @@ impl Link {
         Ok(answers)
     }
 
-    /// POSTs one request with this revision's headers. A `401` with the connection's access
-    /// token ran nothing: the request is sent once more with a new token.
+    /// POSTs one request with this revision's headers, once more with a new access token
+    /// after a `401` (`oauth::send_authorized`).
     pub async fn send(&self, msg: &Message) -> Result<reqwest::Response, CallError> {
         let Message::Request { method, params, .. } = msg else {
             return Err(CallError::NotRun("not a request".into()));
         };
-        let mut resent = false;
-        loop {
-            let mut req = self
+        let name = routing_name(method, params.as_ref());
+        let body = msg.to_line();
+        let resp = super::oauth::send_authorized(self.tokens.as_ref(), &self.server, || {
+            let req = self
                 .http
                 .post(&self.url)
                 .header(ACCEPT, "application/json, text/event-stream")
                 .header(CONTENT_TYPE, "application/json")
                 .header("mcp-protocol-version", STATELESS_VERSION)
-                .header("mcp-method", method.as_str());
-            if let Some(name) = routing_name(method, params.as_ref()) {
-                req = req.header("mcp-name", name);
+                .header("mcp-method", method.as_str())
+                .body(body.clone());
+            match &name {
+                Some(name) => req.header("mcp-name", name.clone()),
+                None => req,
             }
-            let (req, bearer) =
-                super::oauth::with_bearer(req, self.tokens.as_ref(), &self.server).await?;
-            let resp = req
-                .body(msg.to_line())
-                .send()
-                .await
-                .map_err(|e| super::remote_http::send_failed(&self.server, e))?;
-            if resp.status() == StatusCode::UNAUTHORIZED {
-                if let (Some(tokens), Some(sent), false) = (&self.tokens, &bearer, resent) {
-                    tokens.refused(sent).await;
-                    resent = true;
-                    continue;
-                }
-                return Err(CallError::NotRun(format!(
-                    "remote server {:?} refused the credentials it was sent (HTTP 401); the call did not run",
-                    self.server
-                )));
-            }
-            return Ok(resp);
+        })
+        .await?
+        .map_err(|e| super::remote_http::send_failed(&self.server, e))?;
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            return Err(CallError::NotRun(format!(
+                "remote server {:?} refused the credentials it was sent (HTTP 401); the call did not run",
+                self.server
+            )));
         }
+        Ok(resp)
     }
 
     /// POSTs one request; its answer is read from JSON or from its SSE stream, whose
@@ -300,38 +298,15 @@ impl Link {
         resp: reqwest::Response,
         events: Option<&EventSink>,
     ) -> Result<Posted, CallError> {
-        let broke = |why: String| {
-            CallError::Crashed(format!(
-                "remote server {:?}: {why}; it may or may not have run",
-                self.server
-            ))
-        };
-        let mut parser = SseParser::default();
-        let mut body = resp.bytes_stream();
-        let mut read = 0usize;
-        while let Some(chunk) = body.next().await {
-            let chunk =
-                chunk.map_err(|e| broke(format!("the stream broke ({})", e.without_url())))?;
-            read += chunk.len();
-            if read > MAX_BODY {
-                return Err(broke(format!(
-                    "it streamed over {MAX_BODY} bytes without an answer"
-                )));
-            }
-            for event in parser.feed(&chunk) {
-                match Message::parse(event.data.as_bytes()) {
-                    Ok(Message::Response { outcome, .. }) => return Ok(Posted::Answer(outcome)),
-                    Ok(msg @ Message::Notification { .. }) => {
-                        if let Some(events) = events {
-                            let _ = events.send(CallEvent::Notify(msg)).await;
-                        }
-                    }
-                    // This revision has no requests of the server on a request's stream.
-                    _ => {}
+        let outcome =
+            super::remote_http::read_answer(resp, MAX_BODY, &self.server, |msg| async move {
+                // This revision has no requests of the server on a request's stream.
+                if let (Message::Notification { .. }, Some(events)) = (&msg, events) {
+                    let _ = events.send(CallEvent::Notify(msg)).await;
                 }
-            }
-        }
-        Err(broke("it ended the stream without an answer".into()))
+            })
+            .await?;
+        Ok(Posted::Answer(outcome))
     }
 }
 

@@ -6,8 +6,11 @@
 //! - `mcpd_otlp_export_failed_total{signal}`: in exports the collector did not take.
 //!
 //! What was queued and neither exported nor failed was dropped by a full queue (or is still
-//! on its way). The call log counts its own drops (`mcpd_otlp_dropped_total{signal="calls"}`,
-//! `call_audit::otlp`).
+//! on its way). The call log bounds its own queue with `Counted::in_flight` and counts its
+//! drops (`mcpd_otlp_dropped_total{signal="calls"}`, `call_audit::otlp`).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::logs::{LogBatch, LogExporter};
@@ -19,10 +22,16 @@ use opentelemetry_sdk::Resource;
 pub struct Counted<E> {
     pub inner: E,
     pub signal: &'static str,
+    /// Items handed to the exporter and not exported or failed yet, when the caller bounds
+    /// them itself (`call_audit::otlp`): each export takes its batch off.
+    pub in_flight: Option<Arc<AtomicUsize>>,
 }
 
 impl<E> Counted<E> {
     fn count(&self, n: usize, result: &OTelSdkResult) {
+        if let Some(in_flight) = &self.in_flight {
+            in_flight.fetch_sub(n, Ordering::Relaxed);
+        }
         match result {
             Ok(()) => metrics::counter!("mcpd_otlp_exported_total", "signal" => self.signal)
                 .increment(n as u64),

@@ -77,6 +77,7 @@ impl Exporter {
         let exporter = Counted {
             inner: otlp,
             signal: "spans",
+            in_flight: None,
         };
         let processor = Queued {
             inner: BatchSpanProcessor::new(exporter, batch),
