@@ -172,6 +172,49 @@ pub struct InvalidMessage {
     pub id: Option<RequestId>,
 }
 
+/// A message as it is written, borrowing its parts.
+#[derive(Serialize, Default)]
+struct Wire<'a> {
+    jsonrpc: Jsonrpc,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a RequestId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    method: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    params: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a ErrorObject>,
+}
+
+/// `"2.0"`.
+#[derive(Default)]
+struct Jsonrpc;
+
+impl Serialize for Jsonrpc {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("2.0")
+    }
+}
+
+impl<'a> Wire<'a> {
+    fn request(id: &'a RequestId, method: &'a str, params: Option<&'a Value>) -> Wire<'a> {
+        Wire {
+            id: Some(id),
+            method: Some(method),
+            params,
+            ..Wire::default()
+        }
+    }
+
+    fn line(&self) -> Vec<u8> {
+        let mut b = serde_json::to_vec(self).unwrap_or_default();
+        b.push(b'\n');
+        b
+    }
+}
+
 impl Message {
     pub fn request(id: RequestId, method: impl Into<String>, params: Option<Value>) -> Self {
         Message::Request {
@@ -295,11 +338,29 @@ impl Message {
         Value::Object(o)
     }
 
-    /// One line of newline-delimited JSON (serde_json never emits raw newlines).
+    /// One line of newline-delimited JSON (serde_json never emits raw newlines), written
+    /// from the message's parts without copying them.
     pub fn to_line(&self) -> Vec<u8> {
-        let mut b = serde_json::to_vec(&self.to_value()).unwrap_or_default();
-        b.push(b'\n');
-        b
+        let wire = match self {
+            Message::Request { id, method, params } => Wire::request(id, method, params.as_ref()),
+            Message::Notification { method, params } => Wire {
+                method: Some(method),
+                params: params.as_ref(),
+                ..Wire::default()
+            },
+            Message::Response { id, outcome } => Wire {
+                id: Some(id),
+                result: outcome.as_ref().ok(),
+                error: outcome.as_ref().err(),
+                ..Wire::default()
+            },
+        };
+        wire.line()
+    }
+
+    /// The line of a request, from borrowed parts.
+    pub fn request_line(id: &RequestId, method: &str, params: Option<&Value>) -> Vec<u8> {
+        Wire::request(id, method, params).line()
     }
 
     pub fn method(&self) -> Option<&str> {
@@ -351,6 +412,35 @@ mod tests {
             Message::parse(br#"{"jsonrpc":"2.0","id":2,"error":{"code":-32601,"message":"x"}}"#)
                 .expect("error");
         assert!(matches!(m, Message::Response { outcome: Err(ref e), .. } if e.code == -32601));
+    }
+
+    #[test]
+    fn a_line_is_the_message_it_was_written_from() {
+        let messages = [
+            Message::request(
+                RequestId::Num(7),
+                "tools/call",
+                Some(json!({"name": "echo"})),
+            ),
+            Message::request(RequestId::Str("s-1".into()), "ping", None),
+            Message::notification("notifications/progress", Some(json!({"progress": 1}))),
+            Message::notification("notifications/initialized", None),
+            Message::result(RequestId::Num(3), json!({"content": []})),
+            Message::result(RequestId::Num(4), Value::Null),
+            Message::error(RequestId::Str("e".into()), ErrorObject::new(-32601, "nope")),
+        ];
+        for m in messages {
+            let line = m.to_line();
+            assert_eq!(line.last(), Some(&b'\n'));
+            assert_eq!(Message::parse(&line).expect("parses"), m);
+            let value: Value = serde_json::from_slice(&line).expect("json");
+            assert_eq!(value, m.to_value(), "the line says what to_value says");
+        }
+        let borrowed = Message::request_line(&RequestId::Num(9), "a", Some(&json!({"x": 1})));
+        assert_eq!(
+            borrowed,
+            Message::request(RequestId::Num(9), "a", Some(json!({"x": 1}))).to_line()
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@ polling with deadlines."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -73,6 +74,12 @@ async def await_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {timeout} s (last: {last!r})")
         await asyncio.sleep(interval)
+
+
+def protocols(cluster: Any, server: str) -> set[str | None]:
+    """The revisions the nodes speak with `server` (`mcpctl server status`)."""
+    status = json.loads(cluster.mcpctl("server", "status", server, "-o", "json"))
+    return {d.get("protocol") for r in status["replicas"] for d in r["details"]}
 
 
 def stateless_post(

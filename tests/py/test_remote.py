@@ -29,7 +29,7 @@ import mcp.types as types
 from mcp.shared.subscriptions import ToolsListChanged
 
 from conftest import NODE22, NPM, VENV_BIN, Cluster, own_server_as_remote
-from helpers import MODES, await_until, client, run, text_of, wait_until
+from helpers import MODES, await_until, client, protocols, run, text_of, wait_until
 
 HERE = Path(__file__).resolve().parent
 KEY = f"key-{uuid.uuid4().hex}"
@@ -130,12 +130,6 @@ def remote_legacy(cluster: Cluster, sdk_legacy_upstream: Upstream) -> str:
     cluster.mcpctl("server", "add", name, "--url", sdk_legacy_upstream.url, "--header", f"X-Api-Key={KEY}")
     cluster.wait_tools(name, ["echo", "add", "count"])
     return name
-
-
-def protocols(cluster: Cluster, server: str) -> set[str | None]:
-    """The revisions the nodes speak with `server` (`mcpctl server status`)."""
-    status = json.loads(cluster.mcpctl("server", "status", server, "-o", "json"))
-    return {d.get("protocol") for r in status["replicas"] for d in r["details"]}
 
 
 def test_a_remote_server_is_registered_with_its_headers_sealed(cluster, remote):

@@ -22,6 +22,7 @@ mod remote_listen;
 mod remote_request;
 pub mod remote_stateless;
 pub mod report;
+mod rounds;
 pub mod sandbox;
 pub mod upstream;
 

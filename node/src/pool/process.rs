@@ -111,8 +111,32 @@ pub struct Process {
     /// The data-plane shard whose runtime drives its I/O (`None`: the main runtime).
     shard: Option<usize>,
     exited: watch::Receiver<bool>,
-    /// The server's answer to `initialize`.
+    /// The server's answer to `initialize` (or what it would have said, in the stateless
+    /// revision).
     pub init: Value,
+    /// The revision it is spoken to in.
+    speaks: Speaks,
+}
+
+/// The revision a process is spoken to in.
+enum Speaks {
+    /// A session of 2025-11-25 or earlier, opened by `initialize`.
+    Sessions,
+    /// 2026-07-28: each request stands alone (`super::rounds`); `capabilities` are the
+    /// client's its requests carry when their caller gave none.
+    Stateless { capabilities: Value },
+}
+
+/// What a server told of itself when it was started.
+enum Handshake {
+    Sessions(Value),
+    Stateless {
+        init: Value,
+        capabilities: Value,
+    },
+    /// It speaks 2026-07-28 and announces list changes or resource subscriptions, which over
+    /// stdio reach the node only in a session: start it again and open one.
+    WantsSession,
 }
 
 /// Calls on this node waiting for a server's answer, over every process.
@@ -195,13 +219,58 @@ pub struct StartOptions {
 }
 
 impl Process {
-    /// Spawns the server, performs the MCP handshake with `client_init` (the gateway's own
-    /// `initialize` params, or a dedicated session's client's) and returns once it is ready.
+    /// Spawns the server, learns the newest revision it speaks (`server/discover`, then
+    /// `initialize` with `client_init`: the gateway's own params, or a dedicated session's
+    /// client's) and returns once it is ready.
+    ///
+    /// A server of 2026-07-28 is spoken to in that revision, unless it announces list changes
+    /// or resource subscriptions: over stdio those come only on a `subscriptions/listen`
+    /// request, which the node does not hold open, so such a server is started a second time
+    /// and spoken to in a 2025-11-25 session, whose notifications carry them.
     pub async fn start_as(
         spec: &ServerSpec,
         pool_events: mpsc::Sender<PoolEvent>,
         options: StartOptions,
         client_init: Value,
+    ) -> Result<Process, ProcessError> {
+        let startup = Duration::from_millis(spec.timeouts.startup_ms);
+        let started = async {
+            let mut sessions_only = false;
+            loop {
+                let mut process =
+                    Process::spawn(spec, pool_events.clone(), options.clone()).await?;
+                let handshake = process
+                    .handshake(client_init.clone(), sessions_only)
+                    .await
+                    .map_err(|e| ProcessError::Initialize(e.to_string()))?;
+                match handshake {
+                    Handshake::Sessions(init) => process.init = init,
+                    Handshake::Stateless { init, capabilities } => {
+                        process.init = init;
+                        process.speaks = Speaks::Stateless { capabilities };
+                    }
+                    Handshake::WantsSession => {
+                        tracing::info!(server = %spec.name, pid = process.pid.unwrap_or(0), "server speaks 2026-07-28 and announces list changes, which over stdio only a session carries; starting it again in 2025-11-25");
+                        process
+                            .stop(Duration::from_millis(spec.timeouts.startup_ms.min(1000)))
+                            .await;
+                        sessions_only = true;
+                        continue;
+                    }
+                }
+                return Ok(process);
+            }
+        };
+        tokio::time::timeout(startup, started)
+            .await
+            .map_err(|_| ProcessError::StartupTimeout(startup))?
+    }
+
+    /// Spawns the server with its pipes and tasks, not yet spoken to.
+    async fn spawn(
+        spec: &ServerSpec,
+        pool_events: mpsc::Sender<PoolEvent>,
+        options: StartOptions,
     ) -> Result<Process, ProcessError> {
         let StartOptions {
             answer_spin,
@@ -284,7 +353,7 @@ impl Process {
         }
         tokio::spawn(reap(child, shared.clone(), exited_tx));
 
-        let mut process = Process {
+        Ok(Process {
             shared,
             stdin: stdin_tx,
             pipe,
@@ -292,16 +361,55 @@ impl Process {
             shard: crate::shard::current(),
             exited: exited_rx,
             init: Value::Null,
+            speaks: Speaks::Sessions,
+        })
+    }
+
+    /// Learns which revision the server speaks, newest first, in one exchange: a
+    /// `server/discover` of 2026-07-28 and the `initialize` of `client_init` are written
+    /// together. A server of that revision answers the first (and refuses the second), an
+    /// earlier one refuses the first and answers the second; no answer is waited for in vain.
+    /// `sessions_only`: only the `initialize`.
+    async fn handshake(
+        &self,
+        client_init: Value,
+        sessions_only: bool,
+    ) -> Result<Handshake, CallError> {
+        let capabilities = client_init["capabilities"].clone();
+        let discover = match sessions_only {
+            true => None,
+            false => {
+                let params = super::rounds::with_meta(None, &capabilities);
+                Some(self.send("server/discover", params, None, None).await?)
+            }
         };
-        let startup = Duration::from_millis(spec.timeouts.startup_ms);
-        let init =
-            tokio::time::timeout(startup, process.call("initialize", Some(client_init), None))
-                .await
-                .map_err(|_| ProcessError::StartupTimeout(startup))?
-                .map_err(|e| ProcessError::Initialize(e.to_string()))?;
-        process.notify("notifications/initialized", None).await;
-        process.init = init;
-        Ok(process)
+        let initialize = self
+            .send("initialize", Some(client_init), None, None)
+            .await?;
+        let (discovered, initialized) = match discover {
+            Some(d) => {
+                let (d, i) = tokio::join!(d.answer(), initialize.answer());
+                (d.ok().filter(super::rounds::speaks), i)
+            }
+            None => (None, initialize.answer().await),
+        };
+        let Some(discovered) = discovered else {
+            let init = initialized?;
+            self.notify("notifications/initialized", None).await;
+            return Ok(Handshake::Sessions(init));
+        };
+        let caps = &discovered["capabilities"];
+        let announces = ["tools", "prompts", "resources"]
+            .iter()
+            .any(|k| caps[k]["listChanged"] == true)
+            || caps["resources"]["subscribe"] == true;
+        if announces {
+            return Ok(Handshake::WantsSession);
+        }
+        Ok(Handshake::Stateless {
+            init: super::rounds::init_of(&discovered),
+            capabilities,
+        })
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -345,14 +453,66 @@ impl Process {
 
     /// Like [`Process::call`], for a call of downstream session `owner`: the server's own
     /// requests and logs during it can only be attributed when every call in flight on the
-    /// process belongs to one session.
+    /// process belongs to one session. In the stateless revision a request goes round after
+    /// round (`super::rounds`); `ping` is a `server/discover` and `logging/setLevel` is
+    /// refused (a request's `_meta` carries its log level).
     pub async fn call_owned(
+        &self,
+        method: &str,
+        params: Option<Value>,
+        events: Option<EventSink>,
+        owner: Option<Arc<str>>,
+    ) -> Result<Value, CallError> {
+        let Speaks::Stateless { capabilities } = &self.speaks else {
+            return self.request(method, params, events, owner).await;
+        };
+        match method {
+            "ping" => {
+                let params = super::rounds::with_meta(None, capabilities);
+                let found = self.request("server/discover", params, None, None).await?;
+                match super::rounds::speaks(&found) {
+                    true => Ok(json!({})),
+                    false => Err(CallError::Crashed(format!(
+                        "server {:?} no longer answers server/discover with {}",
+                        self.shared.server,
+                        mcpcp_proto::mcp::STATELESS_VERSION
+                    ))),
+                }
+            }
+            "logging/setLevel" => Err(super::remote_request::no_set_level(&self.shared.server)),
+            _ => {
+                let params = super::rounds::with_meta(params, capabilities);
+                let rounds = Rounds {
+                    process: self,
+                    owner,
+                };
+                super::rounds::call(&rounds, method, params, events).await
+            }
+        }
+    }
+
+    /// Sends one request and waits for its answer.
+    async fn request(
+        &self,
+        method: &str,
+        params: Option<Value>,
+        events: Option<EventSink>,
+        owner: Option<Arc<str>>,
+    ) -> Result<Value, CallError> {
+        self.send(method, params, events, owner)
+            .await?
+            .answer()
+            .await
+    }
+
+    /// Writes one request to the server; its answer is still to come.
+    async fn send(
         &self,
         method: &str,
         mut params: Option<Value>,
         events: Option<EventSink>,
         owner: Option<Arc<str>>,
-    ) -> Result<Value, CallError> {
+    ) -> Result<Sent<'_>, CallError> {
         if !self.is_alive() {
             return Err(CallError::NotRun(format!(
                 "server {:?} is not running; the call did not run",
@@ -362,7 +522,7 @@ impl Process {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let progress_token = crate::call::events::substitute_progress_token(&mut params, id);
         let (tx, rx) = oneshot::channel();
-        let _awaiting = Awaiting::start(&self.shared.in_flight);
+        let awaiting = Awaiting::start(&self.shared.in_flight);
         self.shared
             .pending
             .lock()
@@ -376,7 +536,7 @@ impl Process {
                     progress_token,
                 },
             );
-        let line = Message::request(RequestId::Num(id as i64), method, params).to_line();
+        let line = Message::request_line(&RequestId::Num(id as i64), method, params.as_ref());
         if write_line(&self.pipe, &line).await.is_err() {
             self.shared
                 .pending
@@ -385,16 +545,15 @@ impl Process {
                 .remove(&id);
             return Err(self.shared.crashed());
         }
-        let guard = CancelOnDrop {
-            process: self,
-            id,
-            armed: true,
-        };
-        let outcome = wait_answer(rx, self.shared.answer_spin)
-            .await
-            .unwrap_or_else(|| Err(self.shared.crashed()));
-        guard.disarm();
-        outcome
+        Ok(Sent {
+            rx,
+            cancel: CancelOnDrop {
+                process: self,
+                id,
+                armed: true,
+            },
+            _awaiting: awaiting,
+        })
     }
 
     /// Sends a notification.
@@ -440,6 +599,51 @@ impl Drop for Process {
 fn signal_group(pid: Option<u32>, sig: rustix::process::Signal) {
     if let Some(pid) = pid.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
         let _ = rustix::process::kill_process_group(pid, sig);
+    }
+}
+
+/// A request written to a server, its answer still to come. Dropped unanswered, the
+/// request is cancelled.
+struct Sent<'a> {
+    rx: oneshot::Receiver<Result<Value, CallError>>,
+    cancel: CancelOnDrop<'a>,
+    _awaiting: Awaiting<'a>,
+}
+
+impl Sent<'_> {
+    async fn answer(self) -> Result<Value, CallError> {
+        let shared = &self.cancel.process.shared;
+        let outcome = wait_answer(self.rx, shared.answer_spin)
+            .await
+            .unwrap_or_else(|| Err(shared.crashed()));
+        self.cancel.disarm();
+        outcome
+    }
+}
+
+/// The rounds of one request of downstream session `owner` to a process of the stateless
+/// revision: a line each.
+struct Rounds<'a> {
+    process: &'a Process,
+    owner: Option<Arc<str>>,
+}
+
+impl super::rounds::Carrier for Rounds<'_> {
+    fn server(&self) -> &str {
+        &self.process.shared.server
+    }
+
+    fn round<'a>(
+        &'a self,
+        method: &'a str,
+        params: &'a Option<Value>,
+        events: Option<&'a EventSink>,
+    ) -> futures_util::future::BoxFuture<'a, Result<Value, CallError>> {
+        // A copy each round: the progress token in it is rewritten for the round's own id.
+        let sent =
+            self.process
+                .request(method, params.clone(), events.cloned(), self.owner.clone());
+        Box::pin(sent)
     }
 }
 

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use mcpcp_proto::mcp::{code, ErrorObject, Message, RequestId};
+use mcpcp_proto::mcp::{code, ErrorObject, Message};
 use mcpcp_proto::sse::SseParser;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -206,7 +206,6 @@ pub(super) async fn listen(
 /// POSTs `subscriptions/listen` for every list change and `uris`; the stream, once the
 /// server took it.
 async fn open(link: &Link, uris: &[String]) -> Result<reqwest::Response, Listened> {
-    let id = link.next_id();
     let mut notifications = json!({
         "toolsListChanged": true,
         "promptsListChanged": true,
@@ -216,8 +215,10 @@ async fn open(link: &Link, uris: &[String]) -> Result<reqwest::Response, Listene
         notifications["resourceSubscriptions"] = json!(uris);
     }
     let params = link.with_meta(Some(json!({ "notifications": notifications })));
-    let request = Message::request(RequestId::Num(id as i64), "subscriptions/listen", params);
-    let resp = link.send(&request).await.map_err(|_| Listened::Ended)?;
+    let resp = link
+        .send("subscriptions/listen", params.as_ref())
+        .await
+        .map_err(|_| Listened::Ended)?;
     let sse = super::remote_http::is_event_stream(&resp);
     match resp.status() {
         s if s.is_success() && sse => Ok(resp),

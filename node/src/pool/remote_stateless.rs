@@ -28,8 +28,6 @@ use super::remote_listen::{listen, Subscriptions};
 use super::remote_request::Link;
 use crate::call::{CallError, EventSink};
 
-const META_SERVER: &str = "io.modelcontextprotocol/serverInfo";
-
 /// A remote server spoken to in the stateless revision.
 pub struct Stateless {
     link: Arc<Link>,
@@ -76,15 +74,7 @@ impl Stateless {
             Ok(Err(_)) | Ok(Ok(None)) => return Ok(None),
             Ok(Ok(Some(d))) => d,
         };
-        // What `initialize` would have said, as far as the discovery says it.
-        let mut init = json!({
-            "protocolVersion": STATELESS_VERSION,
-            "capabilities": discovered["capabilities"],
-            "serverInfo": discovered["_meta"][META_SERVER],
-        });
-        if let Some(text) = discovered["instructions"].as_str() {
-            init["instructions"] = json!(text);
-        }
+        let init = super::rounds::init_of(&discovered);
         tracing::info!(server = %spec.name, origin = %super::remote_http::origin(&link.url), protocol = STATELESS_VERSION, "remote server connected");
         let subscriptions = Arc::new(Subscriptions::default());
         let listener = tokio::spawn(listen(

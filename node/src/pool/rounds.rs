@@ -1,0 +1,172 @@
+//! One request to a server that speaks the stateless revision (2026-07-28), round after
+//! round, whatever carries the rounds: a POST each (`super::remote_request::Link`) or a line
+//! on a process's stdin (`super::process`).
+//!
+//! - Each round carries the revision and the client's capabilities in the request's `_meta`
+//!   (the caller's own for a 2026-07-28 client, else the gateway's; the caller's log level is
+//!   in it already when it gave one).
+//! - An `input_required` result's questions (at most [`MAX_QUESTIONS`] a round) go to the
+//!   call's client as the server's own requests, under the server's input keys (a 2025 client
+//!   gets them as sampling, elicitation or roots requests on its stream, a 2026 client in its
+//!   own `input_required`). Their answers go back with the server's `requestState` in the
+//!   next round, until the result is complete. The call's timeout bounds the rounds.
+//! - Whether a server speaks the revision is its `server/discover` answer ([`speaks`]), and
+//!   what `initialize` would have said is drawn from it ([`init_of`]).
+
+use futures_util::future::BoxFuture;
+use mcpcp_proto::mcp::{code, ErrorObject, Message, RequestId, STATELESS_VERSION};
+use serde_json::{json, Map, Value};
+use tokio::sync::mpsc;
+
+use crate::call::{CallError, CallEvent, EventSink, Responder};
+
+const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
+const META_CAPS: &str = "io.modelcontextprotocol/clientCapabilities";
+const META_SERVER: &str = "io.modelcontextprotocol/serverInfo";
+/// Most questions one `input_required` result may ask (each reaches the client).
+pub const MAX_QUESTIONS: usize = 64;
+
+/// What carries the rounds of a request to one server.
+pub trait Carrier: Sync {
+    /// The server's name, for errors.
+    fn server(&self) -> &str;
+    /// Sends one round (`method` with `params` as they are now, under a new id) and returns
+    /// its result; a JSON-RPC error is `CallError::Answered`. The server's notifications
+    /// during it go to `events`.
+    fn round<'a>(
+        &'a self,
+        method: &'a str,
+        params: &'a Option<Value>,
+        events: Option<&'a EventSink>,
+    ) -> BoxFuture<'a, Result<Value, CallError>>;
+}
+
+/// Sends a request, round after round (see the module docs).
+pub async fn call<C: Carrier + ?Sized>(
+    carrier: &C,
+    method: &str,
+    mut params: Option<Value>,
+    events: Option<EventSink>,
+) -> Result<Value, CallError> {
+    loop {
+        let mut result = carrier.round(method, &params, events.as_ref()).await?;
+        if result["resultType"] != "input_required" {
+            if let Some(r) = result.as_object_mut() {
+                r.remove("resultType");
+            }
+            return Ok(result);
+        }
+        metrics::counter!("mcpd_upstream_input_required_total", "server" => carrier.server().to_string())
+            .increment(1);
+        let answers = ask(carrier.server(), &result["inputRequests"], events.as_ref()).await?;
+        // The next round's params are this round's with the answers (changed in place).
+        let p = params
+            .get_or_insert_with(|| json!({}))
+            .as_object_mut()
+            .ok_or_else(|| {
+                CallError::Answered(ErrorObject::new(
+                    code::INVALID_PARAMS,
+                    "params: must be an object",
+                ))
+            })?;
+        p.insert("inputResponses".into(), Value::Object(answers));
+        match result.get_mut("requestState").map(Value::take) {
+            Some(state) => p.insert("requestState".into(), state),
+            None => p.remove("requestState"),
+        };
+    }
+}
+
+/// `params` with this revision's `_meta`: its version, and the caller's client capabilities
+/// or else `capabilities` (the gateway's).
+pub fn with_meta(params: Option<Value>, capabilities: &Value) -> Option<Value> {
+    let mut params = match params {
+        Some(Value::Object(p)) => p,
+        None => Map::new(),
+        other => return other,
+    };
+    let meta = params
+        .entry("_meta")
+        .or_insert_with(|| json!({}))
+        .as_object_mut();
+    if let Some(meta) = meta {
+        meta.insert(META_VERSION.into(), json!(STATELESS_VERSION));
+        if !meta.get(META_CAPS).is_some_and(Value::is_object) {
+            meta.insert(META_CAPS.into(), capabilities.clone());
+        }
+    }
+    Some(Value::Object(params))
+}
+
+/// Whether a `server/discover` result names this revision among the server's versions.
+pub fn speaks(discovered: &Value) -> bool {
+    discovered["supportedVersions"]
+        .as_array()
+        .is_some_and(|v| v.iter().any(|v| v == STATELESS_VERSION))
+}
+
+/// What `initialize` would have said, as far as a `server/discover` result says it.
+pub fn init_of(discovered: &Value) -> Value {
+    let mut init = json!({
+        "protocolVersion": STATELESS_VERSION,
+        "capabilities": discovered["capabilities"],
+        "serverInfo": discovered["_meta"][META_SERVER],
+    });
+    if let Some(text) = discovered["instructions"].as_str() {
+        init["instructions"] = json!(text);
+    }
+    init
+}
+
+/// Asks the call's client the server's questions (`inputRequests`, by input key), all at
+/// once, and returns the answers by key.
+async fn ask(
+    server: &str,
+    questions: &Value,
+    events: Option<&EventSink>,
+) -> Result<Map<String, Value>, CallError> {
+    let unanswerable =
+        |why: String| CallError::Answered(ErrorObject::new(code::INTERNAL_ERROR, why));
+    let Some(questions) = questions.as_object().filter(|q| !q.is_empty()) else {
+        return Err(unanswerable(format!(
+            "server {server:?} asked for input without inputRequests"
+        )));
+    };
+    if questions.len() > MAX_QUESTIONS {
+        return Err(unanswerable(format!(
+            "server {server:?} asked {} questions in one round, more than {MAX_QUESTIONS}",
+            questions.len()
+        )));
+    }
+    let Some(events) = events else {
+        return Err(unanswerable(format!(
+            "server {server:?} asked for input, and no client is attached to this request"
+        )));
+    };
+    let mut waiting = Vec::with_capacity(questions.len());
+    for (key, question) in questions {
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(1);
+        let method = question["method"].as_str().unwrap_or_default().to_string();
+        let responder = Responder::new(tx, RequestId::Str(key.clone()));
+        let asked = CallEvent::Request {
+            method: method.clone(),
+            params: question.get("params").cloned(),
+            responder,
+        };
+        if events.send(asked).await.is_err() {
+            return Err(unanswerable(format!(
+                "{method}: the client of this request is gone"
+            )));
+        }
+        waiting.push(async move { (key.clone(), method, rx.recv().await) });
+    }
+    let mut answers = Map::new();
+    for (key, method, line) in futures_util::future::join_all(waiting).await {
+        let outcome = match line.as_deref().map(Message::parse) {
+            Some(Ok(Message::Response { outcome, .. })) => outcome,
+            _ => return Err(unanswerable(format!("{method}: the client gave no answer"))),
+        };
+        answers.insert(key, outcome.map_err(CallError::Answered)?);
+    }
+    Ok(answers)
+}
