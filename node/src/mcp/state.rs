@@ -72,9 +72,21 @@ impl Default for McpConfig {
     }
 }
 
-/// State of the MCP front end: what its handlers share.
+/// State of the MCP front end: what its handlers share. Cheap to clone: one `Arc` (each
+/// request's handler gets a clone).
 #[derive(Clone)]
-pub struct McpState {
+pub struct McpState(Arc<Shared>);
+
+impl std::ops::Deref for McpState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What an [`McpState`] holds.
+pub struct Shared {
     pub registry: Registry,
     pub pools: Pools,
     pub router: Router,
@@ -119,7 +131,7 @@ impl McpState {
             traffic,
             usage,
         } = records;
-        McpState {
+        McpState(Arc::new(Shared {
             policies: crate::policy::Policies::new(registry.clone()),
             registry,
             pools: router.pools().clone(),
@@ -136,7 +148,7 @@ impl McpState {
             traffic,
             usage,
             detections: Default::default(),
-        }
+        }))
     }
 
     /// What the dispatcher needs to run `principal`'s requests to `target`.

@@ -53,7 +53,7 @@ struct Session {
 
 struct Shared {
     server: String,
-    url: String,
+    url: reqwest::Url,
     http: reqwest::Client,
     /// The access tokens of the server's OAuth client, if it has one.
     tokens: Option<Tokens>,
@@ -133,9 +133,9 @@ impl Remote {
         pool_events: mpsc::Sender<PoolEvent>,
         client_init: Value,
     ) -> Result<Remote, ProcessError> {
-        let url = spec.url.clone().unwrap_or_default();
         // The URL stays out of errors: they reach clients, and a URL can carry a secret.
         let failed = |e: String| ProcessError::Initialize(format!("the remote server: {e}"));
+        let url = super::remote_http::url_of(spec).map_err(failed)?;
         let startup = Duration::from_millis(spec.timeouts.startup_ms);
         let http = super::remote_http::client_for(spec).map_err(failed)?;
         let tokens = Tokens::for_spec(spec).map_err(failed)?;
@@ -165,7 +165,7 @@ impl Remote {
             Ok(Ok(init)) => init,
         };
         let listener = tokio::spawn(listen(Arc::downgrade(&shared)));
-        tracing::info!(server = %spec.name, origin = %super::remote_http::origin(&url), protocol = %shared.session().version, session = shared.session().id.is_some(), "remote server connected");
+        tracing::info!(server = %spec.name, origin = %super::remote_http::origin(url.as_str()), protocol = %shared.session().version, session = shared.session().id.is_some(), "remote server connected");
         Ok(Remote {
             shared,
             init,
@@ -411,7 +411,7 @@ impl Shared {
     fn on_session(&self, method: reqwest::Method, session: &Session) -> reqwest::RequestBuilder {
         let mut req = self
             .http
-            .request(method, &self.url)
+            .request(method, self.url.clone())
             .header(ACCEPT, "application/json, text/event-stream");
         if let Some(id) = &session.id {
             req = req.header(SESSION_HEADER, id);

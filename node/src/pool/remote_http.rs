@@ -28,6 +28,12 @@ pub fn client_for(spec: &ServerSpec) -> Result<reqwest::Client, String> {
         .map_err(|e| e.to_string())
 }
 
+/// The server's URL, parsed once (a request given a string would parse it each time).
+pub fn url_of(spec: &ServerSpec) -> Result<reqwest::Url, String> {
+    reqwest::Url::parse(spec.url.as_deref().unwrap_or_default())
+        .map_err(|e| format!("url: not a URL ({e})"))
+}
+
 /// A client for requests made on behalf of the server `spec` names (to it, or to its
 /// authorization server): TLS trusting `ca_file` (the setting `field`) or the system's
 /// roots, no redirects, the connect timeout, and the egress rules of a tenant's server.

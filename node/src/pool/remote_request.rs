@@ -27,7 +27,7 @@ const MAX_BODY: usize = 16 << 20;
 /// How requests reach one server.
 pub struct Link {
     pub server: String,
-    pub url: String,
+    pub url: reqwest::Url,
     http: reqwest::Client,
     tokens: Option<Tokens>,
     /// The client capabilities a request carries when its caller gave none (the gateway's).
@@ -45,7 +45,7 @@ enum Posted {
 impl Link {
     pub fn new(
         server: String,
-        url: String,
+        url: reqwest::Url,
         http: reqwest::Client,
         tokens: Option<Tokens>,
         capabilities: Value,
@@ -84,13 +84,15 @@ impl Link {
         events: Option<EventSink>,
     ) -> Result<Value, CallError> {
         match method {
-            "ping" => return match self.discovered().await? {
-                Some(_) => Ok(json!({})),
-                None => Err(CallError::Crashed(format!(
+            "ping" => {
+                return match self.discovered().await? {
+                    Some(_) => Ok(json!({})),
+                    None => Err(CallError::Crashed(format!(
                     "remote server {:?} no longer answers server/discover with {STATELESS_VERSION}",
                     self.server
                 ))),
-            },
+                }
+            }
             "logging/setLevel" => return Err(no_set_level(&self.server)),
             _ => {}
         }
@@ -115,7 +117,7 @@ impl Link {
         let resp = super::oauth::send_authorized(self.tokens.as_ref(), &self.server, || {
             let req = self
                 .http
-                .post(&self.url)
+                .post(self.url.clone())
                 .header(ACCEPT, "application/json, text/event-stream")
                 .header(CONTENT_TYPE, "application/json")
                 .header("mcp-protocol-version", STATELESS_VERSION)

@@ -62,7 +62,7 @@ impl Stateless {
         let startup = Duration::from_millis(spec.timeouts.startup_ms);
         let link = Arc::new(Link::new(
             spec.name.clone(),
-            spec.url.clone().unwrap_or_default(),
+            super::remote_http::url_of(spec).map_err(failed)?,
             super::remote_http::client_for(spec).map_err(failed)?,
             Tokens::for_spec(spec).map_err(failed)?,
             client_init["capabilities"].clone(),
@@ -75,7 +75,7 @@ impl Stateless {
             Ok(Ok(Some(d))) => d,
         };
         let init = super::rounds::init_of(&discovered);
-        tracing::info!(server = %spec.name, origin = %super::remote_http::origin(&link.url), protocol = STATELESS_VERSION, "remote server connected");
+        tracing::info!(server = %spec.name, origin = %super::remote_http::origin(link.url.as_str()), protocol = STATELESS_VERSION, "remote server connected");
         let subscriptions = Arc::new(Subscriptions::default());
         let listener = tokio::spawn(listen(
             Arc::downgrade(&link),

@@ -206,9 +206,20 @@ pub fn new_request_id() -> String {
     hex::encode(b)
 }
 
-/// The registry handle of a node. Cheap to clone.
+/// The registry handle of a node. Cheap to clone: one `Arc` (every MCP request clones it).
 #[derive(Clone)]
-pub struct Registry {
+pub struct Registry(std::sync::Arc<Handle>);
+
+impl std::ops::Deref for Registry {
+    type Target = Handle;
+
+    fn deref(&self) -> &Handle {
+        &self.0
+    }
+}
+
+/// What a [`Registry`] holds.
+pub struct Handle {
     pub id: u64,
     pub me: Member,
     pub raft: Raft,
@@ -245,7 +256,7 @@ impl Registry {
         channels: PeerChannels,
         quorum_wait: Duration,
     ) -> Self {
-        Registry {
+        Registry(std::sync::Arc::new(Handle {
             id: me.id,
             me,
             proposer: propose::Proposer::start(raft.clone()),
@@ -259,7 +270,7 @@ impl Registry {
             rate_buckets: std::sync::Arc::default(),
             slot_holdings: std::sync::Arc::default(),
             formats: std::sync::Arc::default(),
-        }
+        }))
     }
 
     /// Every member (voters and learners) of the current membership.
