@@ -15,7 +15,7 @@ from collections.abc import Callable
 import mcp.types as types
 import pytest
 
-from helpers import MODES, STATELESS, await_until, client, run, text_of
+from helpers import MODES, STATELESS, await_until, client, run, text_of, wait_until
 
 ENDPOINTS = ["aggregate", "server"]
 
@@ -218,6 +218,48 @@ def test_resource_subscription_delivers_updated_notifications(cluster, mode, end
             assert set(uris) == {WATCHED}
 
     run(scenario())
+
+
+def test_one_sessions_unsubscribe_leaves_another_sessions_subscription(cluster):
+    """Two sessions on node 0 subscribe to the same resource of server-everything, whose one
+    process there they share. The first unsubscribes; the second still hears the resource's
+    updates: the process is told to forget the URI only when its last holder lets go, by
+    unsubscribing or by ending its session. (A resource no other test subscribes to.)"""
+    url = cluster.url(0)
+    uri = "demo://resource/dynamic/text/2"
+    toggle = "everything__toggle-subscriber-updates"
+
+    def subscribed() -> float:
+        return cluster.metric("mcpd_pool_subscriptions", 'server="everything"', node=0) or 0
+
+    async def scenario():
+        updated = asyncio.Event()
+
+        async def on_message(m) -> None:
+            if getattr(m, "method", None) == "notifications/resources/updated" and m.params.uri == uri:
+                updated.set()
+
+        async with client(url, cluster.token, "legacy") as first, \
+                client(url, cluster.token, "legacy", message_handler=on_message) as second:
+            await first.subscribe_resource(uri)
+            await second.subscribe_resource(uri)
+            assert subscribed() == before + 1, "one subscription on the process, two holders"
+            await first.unsubscribe_resource(uri)
+            assert subscribed() == before + 1, "the second session still holds it"
+            await updates_on(second, toggle)
+            # Only an update sent after the first session let go counts.
+            updated.clear()
+            await asyncio.wait_for(updated.wait(), 20)
+            await second.unsubscribe_resource(uri)
+            assert subscribed() == before, "the last holder let go"
+            # A session that ends holding a subscription lets go of it too.
+            await second.subscribe_resource(uri)
+            assert subscribed() == before + 1
+
+    before = subscribed()
+    run(scenario())
+    # Both sessions ended (DELETE).
+    wait_until(lambda: subscribed() == before, 10, "the ended session's subscription withdrawn")
 
 
 def cancellations(cluster, node: int) -> int:

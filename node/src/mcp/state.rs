@@ -239,9 +239,14 @@ pub async fn housekeeping(state: McpState, shutdown: Shutdown) {
             _ = tokio::time::sleep(Duration::from_secs(30)) => {}
             _ = shutdown.clone().wait() => return,
         }
-        let n = state.sessions.expire();
-        if n > 0 {
-            tracing::info!(expired = n, "idle sessions dropped");
+        let expired = state.sessions.expire();
+        if !expired.is_empty() {
+            tracing::info!(expired = expired.len(), "idle sessions dropped");
+        }
+        for id in &expired {
+            for pool in state.pools.all() {
+                pool.release(id).await;
+            }
         }
         state.parked.expire();
     }

@@ -24,6 +24,7 @@ pub mod remote_stateless;
 pub mod report;
 mod rounds;
 pub mod sandbox;
+mod subscriptions;
 pub mod upstream;
 
 use std::collections::HashMap;
@@ -191,6 +192,8 @@ pub struct Pool {
     cfg: PoolConfig,
     /// `session_mode = dedicated`: a process per downstream session.
     dedicated: Mutex<DedicatedMap>,
+    /// The resources subscribed on the shared processes, and who holds each.
+    subscriptions: subscriptions::SharedSubscriptions,
     pool_events: mpsc::Sender<PoolEvent>,
 }
 
@@ -241,6 +244,7 @@ impl Pool {
             metrics::counter!("mcpd_pool_queued_total", "server" => spec.spec.name.clone());
         let pool = Arc::new(Pool {
             name: spec.spec.name.clone(),
+            subscriptions: subscriptions::SharedSubscriptions::new(&spec.spec.name),
             spec,
             slots,
             admission: FairQueue::new(
@@ -366,6 +370,11 @@ impl Pool {
         let dedicated = self.spec.spec.session_mode == mcpcp_proto::api::SessionMode::Dedicated;
         let Some(affinity) = affinity.filter(|_| dedicated) else {
             let owner = affinity.map(|a| Arc::<str>::from(a.key.as_str()));
+            if let Some(uri) = subscription_uri(method, params.as_ref()) {
+                return self
+                    .subscription(method, uri, params, events, owner, share)
+                    .await;
+            }
             return self
                 .call_routed(method, params, events, owner, share)
                 .await
@@ -375,6 +384,43 @@ impl Pool {
         let timeout = Duration::from_millis(self.spec.spec.timeouts.request_ms);
         self.upstream_call(&process, method, params, events, None, (timeout, timeout))
             .await
+    }
+
+    /// A `resources/subscribe` or `resources/unsubscribe` of `owner` on the shared processes:
+    /// only the first subscriber's reaches a process, and only the last holder's unsubscribe
+    /// (`subscriptions`).
+    async fn subscription(
+        &self,
+        method: &str,
+        uri: String,
+        params: Option<Value>,
+        events: Option<EventSink>,
+        owner: Option<Arc<str>>,
+        share: &Share,
+    ) -> Result<Value, CallError> {
+        let subs = &self.subscriptions;
+        if method == "resources/subscribe" {
+            if subs.join(&uri, owner.as_ref()) {
+                return Ok(serde_json::json!({}));
+            }
+            let (answer, process) = self
+                .call_routed(method, params, events, owner.clone(), share)
+                .await?;
+            subs.subscribed(&uri, owner.as_ref(), &process);
+            return Ok(answer);
+        }
+        match subs.leave(&uri, owner.as_ref()) {
+            subscriptions::Unsubscribe::Kept => Ok(serde_json::json!({})),
+            subscriptions::Unsubscribe::Release(process) => {
+                let timeout = Duration::from_millis(self.spec.spec.timeouts.request_ms);
+                self.upstream_call(&process, method, params, events, owner, (timeout, timeout))
+                    .await
+            }
+            subscriptions::Unsubscribe::Unknown => self
+                .call_routed(method, params, events, owner, share)
+                .await
+                .map(|(v, _)| v),
+        }
     }
 
     fn dedicated_map(&self) -> std::sync::MutexGuard<'_, DedicatedMap> {
@@ -493,7 +539,8 @@ impl Pool {
         Ok(process)
     }
 
-    /// Stops the dedicated process of a session that ended.
+    /// Lets go of what a session that ended held: its dedicated process, and the resources
+    /// it alone held on the shared processes.
     pub async fn release(&self, key: &str) {
         let d = {
             let mut map = self.dedicated_map();
@@ -506,6 +553,25 @@ impl Pool {
             process
                 .stop(Duration::from_millis(self.cfg.stop_grace_ms))
                 .await;
+        }
+        // The shared processes forget what only this session held.
+        let timeout = Duration::from_millis(self.spec.spec.timeouts.request_ms);
+        for (uri, process) in self.subscriptions.release(key) {
+            let params = Some(serde_json::json!({ "uri": uri }));
+            let unsubscribe = "resources/unsubscribe";
+            if let Err(e) = self
+                .upstream_call(
+                    &process,
+                    unsubscribe,
+                    params,
+                    None,
+                    None,
+                    (timeout, timeout),
+                )
+                .await
+            {
+                tracing::info!(server = %self.name, %uri, error = %e, "an ended session's subscription was not withdrawn");
+            }
         }
     }
 
@@ -876,5 +942,15 @@ async fn watch_catalogue(
                 let _ = p.events.send(ServerEvent { server: p.name.clone(), message: msg, origin: None });
             }
         }
+    }
+}
+
+/// The URI of a `resources/subscribe` or `resources/unsubscribe`.
+fn subscription_uri(method: &str, params: Option<&Value>) -> Option<String> {
+    match method {
+        "resources/subscribe" | "resources/unsubscribe" => {
+            params?.get("uri")?.as_str().map(String::from)
+        }
+        _ => None,
     }
 }

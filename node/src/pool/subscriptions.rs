@@ -1,0 +1,137 @@
+//! The resources the clients of a pool's shared processes subscribed to, and who holds each.
+//!
+//! A process's subscription is every client's: the process sends
+//! `notifications/resources/updated` to the node once, and the node passes it to each session
+//! and listen stream that asked for the URI. So one client's `resources/unsubscribe` must not
+//! reach the process while another still holds the URI:
+//!
+//! - the first subscriber's `resources/subscribe` goes to a process, which is remembered; a
+//!   later one is answered here, unless that process is gone (then it goes to another);
+//! - an unsubscribe reaches the process only when its last holder lets go;
+//! - a 2026-07-28 listen stream holds its URIs until the process ends (it never unsubscribes:
+//!   a stream that closes leaves them, as others may share them).
+//!
+//! A dedicated process (`session_mode = dedicated`) belongs to one session and is not counted
+//! here.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, Weak};
+
+use super::upstream::Upstream;
+
+/// The URIs subscribed on a pool's shared processes.
+pub struct SharedSubscriptions {
+    uris: Mutex<HashMap<String, Holders>>,
+    /// `mcpd_pool_subscriptions`: the URIs subscribed on the server's processes.
+    gauge: metrics::Gauge,
+}
+
+/// Who holds one URI, and the process it was subscribed on.
+struct Holders {
+    sessions: HashSet<Arc<str>>,
+    /// A listen stream (or another caller without a session) asked for it.
+    listeners: bool,
+    process: Weak<dyn Upstream>,
+}
+
+/// What to do with a `resources/unsubscribe`.
+pub enum Unsubscribe {
+    /// Others still hold the URI: answer it here.
+    Kept,
+    /// The last holder let go: tell the process that has it.
+    Release(Arc<dyn Upstream>),
+    /// No process has it (unknown, or its process is gone): send it on as it is.
+    Unknown,
+}
+
+impl SharedSubscriptions {
+    pub fn new(server: &str) -> SharedSubscriptions {
+        SharedSubscriptions {
+            uris: Mutex::default(),
+            gauge: metrics::gauge!("mcpd_pool_subscriptions", "server" => server.to_string()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Holders>> {
+        self.uris.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds `owner` (a session; `None`: a listen stream) to the holders of `uri` if a live
+    /// process has it already: `true` when the subscribe is answered by that.
+    pub fn join(&self, uri: &str, owner: Option<&Arc<str>>) -> bool {
+        let mut uris = self.lock();
+        let Some(h) = uris.get_mut(uri) else {
+            return false;
+        };
+        if !h.process.upgrade().is_some_and(|p| p.is_alive()) {
+            return false;
+        }
+        h.hold(owner);
+        true
+    }
+
+    /// Records that `process` took the subscription to `uri` for `owner`.
+    pub fn subscribed(&self, uri: &str, owner: Option<&Arc<str>>, process: &Arc<dyn Upstream>) {
+        let mut uris = self.lock();
+        let h = uris.entry(uri.to_string()).or_insert_with(|| Holders {
+            sessions: HashSet::new(),
+            listeners: false,
+            process: Arc::downgrade(process),
+        });
+        h.process = Arc::downgrade(process);
+        h.hold(owner);
+        self.gauge.set(uris.len() as f64);
+    }
+
+    /// Takes `owner` off the holders of `uri` (see [`Unsubscribe`]).
+    pub fn leave(&self, uri: &str, owner: Option<&Arc<str>>) -> Unsubscribe {
+        let mut uris = self.lock();
+        let Some(h) = uris.get_mut(uri) else {
+            return Unsubscribe::Unknown;
+        };
+        if let Some(owner) = owner {
+            h.sessions.remove(owner);
+        }
+        if h.listeners || !h.sessions.is_empty() {
+            return Unsubscribe::Kept;
+        }
+        let process = h.process.upgrade().filter(|p| p.is_alive());
+        uris.remove(uri);
+        self.gauge.set(uris.len() as f64);
+        match process {
+            Some(p) => Unsubscribe::Release(p),
+            None => Unsubscribe::Unknown,
+        }
+    }
+}
+
+impl SharedSubscriptions {
+    /// Takes session `owner` (ended) off every URI it held; the URIs it was the last holder
+    /// of, with the live process that has each, to be told to forget them.
+    pub fn release(&self, owner: &str) -> Vec<(String, Arc<dyn Upstream>)> {
+        let mut uris = self.lock();
+        let mut released = Vec::new();
+        uris.retain(|uri, h| {
+            if !h.sessions.remove(owner) || h.listeners || !h.sessions.is_empty() {
+                return true;
+            }
+            if let Some(p) = h.process.upgrade().filter(|p| p.is_alive()) {
+                released.push((uri.clone(), p));
+            }
+            false
+        });
+        self.gauge.set(uris.len() as f64);
+        released
+    }
+}
+
+impl Holders {
+    fn hold(&mut self, owner: Option<&Arc<str>>) {
+        match owner {
+            Some(o) => {
+                self.sessions.insert(o.clone());
+            }
+            None => self.listeners = true,
+        }
+    }
+}
