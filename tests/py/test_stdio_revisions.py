@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import uuid
 from pathlib import Path
 
@@ -25,7 +27,7 @@ import mcp.types as types
 from mcp import MCPError
 
 from conftest import VENV_BIN, Cluster
-from helpers import MODES, STATELESS, client, protocols, run, stateless_post, text_of
+from helpers import MODES, STATELESS, client, protocols, run, stateless_post, text_of, wait_until
 
 HERE = Path(__file__).resolve().parent
 QUESTIONS = HERE / "servers/questions.py"
@@ -72,17 +74,36 @@ def test_each_stdio_server_is_spoken_to_in_the_newest_revision_it_speaks(cluster
 
 
 def test_a_2026_server_that_announces_list_changes_is_spoken_to_in_a_session(cluster):
+    """Started once in 2026-07-28, then again in a session; the pool remembers, so a process
+    it starts later (here after a kill -9) opens a session at once."""
     name = f"rugpull-{uuid.uuid4().hex[:6]}"
     cluster.mcpctl("server", "add", name, "--pool-size", "1", "--", str(VENV_BIN / "python"), str(RUGPULL))
+
+    def restarts() -> float:
+        series = ("mcpd_pool_session_restarts_total", f'server="{name}"')
+        return sum(cluster.metric(*series, node=n) or 0 for n in range(cluster.nodes))
+
+    def slot() -> dict:
+        status = json.loads(cluster.mcpctl("server", "status", name, "-o", "json"))
+        return next(d for r in status["replicas"] if r["node"] == 1 for d in r["details"])
+
     try:
         cluster.wait_tools(name, ["forecast", "rug_pull"])
         assert protocols(cluster, name) == {"2025-11-25"}
+        learned = restarts()
+        assert learned >= cluster.nodes, "each node's first start found a 2026-07-28 server"
 
         async def scenario():
             async with client(cluster.url(0, name), cluster.token, STATELESS) as c:
                 assert text_of(await c.call_tool("forecast", {"city": "Oslo"})) == "sunny in Oslo"
 
         run(scenario())
+        killed = slot()["pid"]
+        os.kill(killed, signal.SIGKILL)
+        wait_until(lambda: slot()["state"] == "ready" and slot()["pid"] not in (None, killed), 30,
+                   "the killed process replaced")
+        assert slot()["protocol"] == "2025-11-25"
+        assert restarts() == learned, "the new process was not started twice"
     finally:
         cluster.mcpctl("server", "rm", name)
 

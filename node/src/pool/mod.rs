@@ -194,6 +194,8 @@ pub struct Pool {
     dedicated: Mutex<DedicatedMap>,
     /// The resources subscribed on the shared processes, and who holds each.
     subscriptions: subscriptions::SharedSubscriptions,
+    /// What the pool learned of its server's revision (its dedicated processes' starts too).
+    revision: process::RevisionHint,
     pool_events: mpsc::Sender<PoolEvent>,
 }
 
@@ -212,6 +214,7 @@ impl Pool {
         let (pool_tx, pool_rx) = mpsc::channel(1024);
         let mut tasks = JoinSet::new();
         let mut slots = Vec::with_capacity(size);
+        let revision = process::RevisionHint::default();
         for index in 0..size {
             let (ptx, prx) = watch::channel(None);
             let (stx, srx) = watch::channel(SlotState::Starting);
@@ -222,6 +225,7 @@ impl Pool {
                     .as_ref()
                     .map(|s| s.get(first_shard.wrapping_add(index)).clone()),
                 report: report.clone(),
+                revision: revision.clone(),
             };
             tasks.spawn(supervise(
                 place,
@@ -245,6 +249,7 @@ impl Pool {
         let pool = Arc::new(Pool {
             name: spec.spec.name.clone(),
             subscriptions: subscriptions::SharedSubscriptions::new(&spec.spec.name),
+            revision,
             spec,
             slots,
             admission: FairQueue::new(
@@ -518,6 +523,7 @@ impl Pool {
                 answer_spin: self.cfg.answer_spin(),
                 report: None,
                 node_paths: self.cfg.node_paths.clone(),
+                revision: self.revision.clone(),
             },
             Some(init),
         )
@@ -759,6 +765,8 @@ struct Place {
     index: usize,
     shard: Option<tokio::runtime::Handle>,
     report: report::SlotReport,
+    /// What the pool learned of its server's revision (every slot's starts share it).
+    revision: process::RevisionHint,
 }
 
 /// How a server is reached, for metrics: a local process (`stdio`) or over the network
@@ -785,6 +793,7 @@ async fn supervise(
         index,
         shard,
         report,
+        revision,
     } = place;
     let server = spec.name.clone();
     let transport = transport_label(&spec);
@@ -810,6 +819,7 @@ async fn supervise(
                 answer_spin: cfg.answer_spin(),
                 report: Some(report.clone()),
                 node_paths: cfg.node_paths.clone(),
+                revision: revision.clone(),
             }) => r,
             _ = stop.clone().wait() => break,
         };

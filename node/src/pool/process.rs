@@ -216,6 +216,24 @@ pub struct StartOptions {
     pub report: Option<SlotReport>,
     /// What a private filesystem hides of the node's own.
     pub node_paths: NodePaths,
+    /// What the pool learned of the revision its server speaks.
+    pub revision: RevisionHint,
+}
+
+/// What a pool learned of the revision its stdio server speaks, shared by the pool's
+/// processes: once a start found a 2026-07-28 server that wants a session (it announces list
+/// changes), later starts open a session at once instead of spawning it twice again.
+#[derive(Debug, Clone, Default)]
+pub struct RevisionHint(Arc<AtomicBool>);
+
+impl RevisionHint {
+    fn sessions_only(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn learned_sessions_only(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Process {
@@ -235,7 +253,7 @@ impl Process {
     ) -> Result<Process, ProcessError> {
         let startup = Duration::from_millis(spec.timeouts.startup_ms);
         let started = async {
-            let mut sessions_only = false;
+            let mut sessions_only = options.revision.sessions_only();
             loop {
                 let mut process =
                     Process::spawn(spec, pool_events.clone(), options.clone()).await?;
@@ -251,6 +269,8 @@ impl Process {
                     }
                     Handshake::WantsSession => {
                         tracing::info!(server = %spec.name, pid = process.pid.unwrap_or(0), "server speaks 2026-07-28 and announces list changes, which over stdio only a session carries; starting it again in 2025-11-25");
+                        metrics::counter!("mcpd_pool_session_restarts_total", "server" => spec.name.clone()).increment(1);
+                        options.revision.learned_sessions_only();
                         process
                             .stop(Duration::from_millis(spec.timeouts.startup_ms.min(1000)))
                             .await;
@@ -276,6 +296,7 @@ impl Process {
             answer_spin,
             report,
             node_paths,
+            revision: _,
         } = options;
         let sandbox = match &spec.sandbox {
             Some(s) => Sandbox::resolve(s, &node_paths)?,
