@@ -47,6 +47,7 @@
 //! max_concurrency_per_process = 32
 //! health_interval_ms = 15000        # ping every process this often
 //! answer_spin_us = 100              # a lone call polls this long for its answer (0: never)
+//! max_input_questions = 64          # questions a 2026-07-28 server may ask in one round
 //! inherit_env = ["PATH", "HOME", "LANG", "TMPDIR"]   # what server processes get of mcpd's env
 //!
 //! [runtime]
@@ -440,6 +441,12 @@ impl Config {
                 "must be at most 10000 (10 ms); polling longer only burns CPU",
             ));
         }
+        if !(1..=1024).contains(&self.pool.max_input_questions) {
+            return Err(invalid(
+                "pool.max_input_questions",
+                "must be 1 to 1024 (each question of a round reaches the client at once)",
+            ));
+        }
         if self.pool.answer_spin_us > 10_000 {
             return Err(invalid(
                 "pool.answer_spin_us",
@@ -604,6 +611,10 @@ mod tests {
         ));
         for (toml, field) in [
             ("[pool]\nanswer_spin_us = 20000", "pool.answer_spin_us"),
+            (
+                "[pool]\nmax_input_questions = 0",
+                "pool.max_input_questions",
+            ),
             (
                 "[pool]\nqueue_size_per_tenant = 0",
                 "pool.queue_size_per_tenant",

@@ -9,11 +9,12 @@ import json
 import socket
 import ssl
 import time
+from pathlib import Path
 
 import httpx2
 import pytest
 
-from conftest import CA_CERT, MCPD, Cluster, start_cluster
+from conftest import CA_CERT, MCPD, VENV_BIN, Cluster, start_cluster
 from helpers import legacy_initialize, legacy_post, stateless_post, stateless_tool_names, wait_until
 
 HEADER_TIMEOUT_S = 1.0
@@ -22,6 +23,8 @@ MAX_CONNECTIONS = 12
 MAX_SESSIONS = 5
 MAX_PARKED = 1
 MAX_ANSWERS_AHEAD = 2
+MAX_INPUT_QUESTIONS = 2
+QUESTIONS = Path(__file__).resolve().parent / "servers/questions.py"
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +32,7 @@ def small(tmp_path_factory) -> Cluster:
     config = tmp_path_factory.mktemp("limits-config") / "mcpd.toml"
     config.write_text(
         f"[mcp]\nmax_parked_calls_per_caller = {MAX_PARKED}\nmax_answers_ahead = {MAX_ANSWERS_AHEAD}\n"
+        f"[pool]\nmax_input_questions = {MAX_INPUT_QUESTIONS}\n"
     )
     c = start_cluster(
         tmp_path_factory,
@@ -377,3 +381,26 @@ def test_answers_ahead_of_the_questions_past_the_cap_are_refused_naming_the_fiel
     r = ask(small, "test_input_required_result_elicitation", inputResponses=within)
     assert r.status_code == 200, r.text
     assert r.json()["result"]["content"][0]["text"] == "Hello, Ada!", r.text
+
+
+def test_a_round_of_more_questions_than_the_cap_ends_the_call_naming_the_setting(small):
+    """A stdio server of 2026-07-28 (servers/questions.py) whose `survey` asks three questions
+    in one round, on a node that passes on at most two: the call ends with an error naming
+    `pool.max_input_questions`, none of the questions reaches the client, and a call of one
+    question still goes through."""
+    small.add_server("questions", [VENV_BIN / "python", QUESTIONS], pool_size=1)
+    small.wait_tools("questions", ["survey", "greet"])
+    url = f"{small.base(0)}/servers/questions/mcp"
+    refused = ("mcpd_upstream_input_refused_total", 'server="questions",reason="too_many_questions"')
+    before = small.metric(*refused) or 0
+
+    r = stateless_post(url, small.token, "tools/call", {"name": "survey", "arguments": {}}, name="survey",
+                       capabilities={"elicitation": {}})
+    err = r.json()["error"]
+    assert "pool.max_input_questions" in err["message"] and "3 questions" in err["message"], err
+    assert small.metric(*refused) == before + 1
+
+    r = stateless_post(url, small.token, "tools/call", {"name": "greet", "arguments": {}}, name="greet",
+                       capabilities={"elicitation": {}})
+    assert r.status_code == 200, r.text
+    assert r.json()["result"]["resultType"] == "input_required", r.text

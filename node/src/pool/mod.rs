@@ -76,6 +76,9 @@ pub struct PoolConfig {
     /// The variables of `mcpd`'s own environment a server process inherits (when set, and
     /// not set by the server's `env`); nothing else of it reaches the process.
     pub inherit_env: Vec<String>,
+    /// Most questions a server of 2026-07-28 may ask its client in one `input_required`
+    /// round; a larger round ends the call with an error naming this setting.
+    pub max_input_questions: usize,
     /// The node's own data and TLS directories, hidden from servers with a private
     /// filesystem (set at start, not read from the file).
     #[serde(skip)]
@@ -100,6 +103,7 @@ impl Default for PoolConfig {
             crash_loop_restarts: 5,
             answer_spin_us: 100,
             inherit_env: ["PATH", "HOME", "LANG", "TMPDIR"].map(String::from).into(),
+            max_input_questions: rounds::MAX_QUESTIONS,
             node_paths: sandbox::NodePaths::default(),
         }
     }
@@ -524,6 +528,7 @@ impl Pool {
                 report: None,
                 node_paths: self.cfg.node_paths.clone(),
                 revision: self.revision.clone(),
+                max_questions: self.cfg.max_input_questions,
             },
             Some(init),
         )
@@ -820,6 +825,7 @@ async fn supervise(
                 report: Some(report.clone()),
                 node_paths: cfg.node_paths.clone(),
                 revision: revision.clone(),
+                max_questions: cfg.max_input_questions,
             }) => r,
             _ = stop.clone().wait() => break,
         };

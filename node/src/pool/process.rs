@@ -123,8 +123,12 @@ enum Speaks {
     /// A session of 2025-11-25 or earlier, opened by `initialize`.
     Sessions,
     /// 2026-07-28: each request stands alone (`super::rounds`); `capabilities` are the
-    /// client's its requests carry when their caller gave none.
-    Stateless { capabilities: Value },
+    /// client's its requests carry when their caller gave none; a round asks at most
+    /// `max_questions`.
+    Stateless {
+        capabilities: Value,
+        max_questions: usize,
+    },
 }
 
 /// What a server told of itself when it was started.
@@ -207,7 +211,7 @@ impl Shared {
 }
 
 /// How a process is run, besides its spec.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct StartOptions {
     /// A call that is the only one the node waits on polls this long for its answer
     /// ([`wait_answer`]).
@@ -218,6 +222,9 @@ pub struct StartOptions {
     pub node_paths: NodePaths,
     /// What the pool learned of the revision its server speaks.
     pub revision: RevisionHint,
+    /// Most questions a server of 2026-07-28 may ask in one round (`[pool]
+    /// max_input_questions`).
+    pub max_questions: usize,
 }
 
 /// What a pool learned of the revision its stdio server speaks, shared by the pool's
@@ -265,7 +272,10 @@ impl Process {
                     Handshake::Sessions(init) => process.init = init,
                     Handshake::Stateless { init, capabilities } => {
                         process.init = init;
-                        process.speaks = Speaks::Stateless { capabilities };
+                        process.speaks = Speaks::Stateless {
+                            capabilities,
+                            max_questions: options.max_questions,
+                        };
                     }
                     Handshake::WantsSession => {
                         tracing::info!(server = %spec.name, pid = process.pid.unwrap_or(0), "server speaks 2026-07-28 and announces list changes, which over stdio only a session carries; starting it again in 2025-11-25");
@@ -297,6 +307,7 @@ impl Process {
             report,
             node_paths,
             revision: _,
+            max_questions: _,
         } = options;
         let sandbox = match &spec.sandbox {
             Some(s) => Sandbox::resolve(s, &node_paths)?,
@@ -484,7 +495,11 @@ impl Process {
         events: Option<EventSink>,
         owner: Option<Arc<str>>,
     ) -> Result<Value, CallError> {
-        let Speaks::Stateless { capabilities } = &self.speaks else {
+        let Speaks::Stateless {
+            capabilities,
+            max_questions,
+        } = &self.speaks
+        else {
             return self.request(method, params, events, owner).await;
         };
         match method {
@@ -506,6 +521,7 @@ impl Process {
                 let rounds = Rounds {
                     process: self,
                     owner,
+                    max_questions: *max_questions,
                 };
                 super::rounds::call(&rounds, method, params, events).await
             }
@@ -647,11 +663,16 @@ impl Sent<'_> {
 struct Rounds<'a> {
     process: &'a Process,
     owner: Option<Arc<str>>,
+    max_questions: usize,
 }
 
 impl super::rounds::Carrier for Rounds<'_> {
     fn server(&self) -> &str {
         &self.process.shared.server
+    }
+
+    fn max_questions(&self) -> usize {
+        self.max_questions
     }
 
     fn round<'a>(

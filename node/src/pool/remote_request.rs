@@ -32,6 +32,8 @@ pub struct Link {
     tokens: Option<Tokens>,
     /// The client capabilities a request carries when its caller gave none (the gateway's).
     capabilities: Value,
+    /// Most questions one round may ask (`[pool] max_input_questions`).
+    max_questions: usize,
     next_id: AtomicU64,
 }
 
@@ -49,6 +51,7 @@ impl Link {
         http: reqwest::Client,
         tokens: Option<Tokens>,
         capabilities: Value,
+        max_questions: usize,
     ) -> Link {
         Link {
             server,
@@ -56,6 +59,7 @@ impl Link {
             http,
             tokens,
             capabilities,
+            max_questions,
             next_id: AtomicU64::new(1),
         }
     }
@@ -183,6 +187,10 @@ impl Link {
 impl Carrier for Link {
     fn server(&self) -> &str {
         &self.server
+    }
+
+    fn max_questions(&self) -> usize {
+        self.max_questions
     }
 
     fn round<'a>(

@@ -56,6 +56,7 @@ impl Stateless {
         spec: &ServerSpec,
         client_init: &Value,
         pool_events: mpsc::Sender<PoolEvent>,
+        max_questions: usize,
     ) -> Result<Option<Stateless>, ProcessError> {
         // The URL stays out of errors: they reach clients, and a URL can carry a secret.
         let failed = |e: String| ProcessError::Initialize(format!("the remote server: {e}"));
@@ -66,6 +67,7 @@ impl Stateless {
             super::remote_http::client_for(spec).map_err(failed)?,
             Tokens::for_spec(spec).map_err(failed)?,
             client_init["capabilities"].clone(),
+            max_questions,
         ));
         let asked = tokio::time::timeout(startup, link.discovered()).await;
         let discovered = match asked {

@@ -5,7 +5,7 @@
 //! - Each round carries the revision and the client's capabilities in the request's `_meta`
 //!   (the caller's own for a 2026-07-28 client, else the gateway's; the caller's log level is
 //!   in it already when it gave one).
-//! - An `input_required` result's questions (at most [`MAX_QUESTIONS`] a round) go to the
+//! - An `input_required` result's questions (at most `[pool] max_input_questions` a round) go to the
 //!   call's client as the server's own requests, under the server's input keys (a 2025 client
 //!   gets them as sampling, elicitation or roots requests on its stream, a 2026 client in its
 //!   own `input_required`). Their answers go back with the server's `requestState` in the
@@ -23,13 +23,16 @@ use crate::call::{CallError, CallEvent, EventSink, Responder};
 const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
 const META_CAPS: &str = "io.modelcontextprotocol/clientCapabilities";
 const META_SERVER: &str = "io.modelcontextprotocol/serverInfo";
-/// Most questions one `input_required` result may ask (each reaches the client).
+/// Most questions one `input_required` result may ask by default (each reaches the client;
+/// `[pool] max_input_questions`).
 pub const MAX_QUESTIONS: usize = 64;
 
 /// What carries the rounds of a request to one server.
 pub trait Carrier: Sync {
     /// The server's name, for errors.
     fn server(&self) -> &str;
+    /// Most questions one round may ask (`[pool] max_input_questions`).
+    fn max_questions(&self) -> usize;
     /// Sends one round (`method` with `params` as they are now, under a new id) and returns
     /// its result; a JSON-RPC error is `CallError::Answered`. The server's notifications
     /// during it go to `events`.
@@ -58,7 +61,7 @@ pub async fn call<C: Carrier + ?Sized>(
         }
         metrics::counter!("mcpd_upstream_input_required_total", "server" => carrier.server().to_string())
             .increment(1);
-        let answers = ask(carrier.server(), &result["inputRequests"], events.as_ref()).await?;
+        let answers = ask(carrier, &result["inputRequests"], events.as_ref()).await?;
         // The next round's params are this round's with the answers (changed in place).
         let p = params
             .get_or_insert_with(|| json!({}))
@@ -120,11 +123,12 @@ pub fn init_of(discovered: &Value) -> Value {
 
 /// Asks the call's client the server's questions (`inputRequests`, by input key), all at
 /// once, and returns the answers by key.
-async fn ask(
-    server: &str,
+async fn ask<C: Carrier + ?Sized>(
+    carrier: &C,
     questions: &Value,
     events: Option<&EventSink>,
 ) -> Result<Map<String, Value>, CallError> {
+    let server = carrier.server();
     let unanswerable =
         |why: String| CallError::Answered(ErrorObject::new(code::INTERNAL_ERROR, why));
     let Some(questions) = questions.as_object().filter(|q| !q.is_empty()) else {
@@ -132,9 +136,12 @@ async fn ask(
             "server {server:?} asked for input without inputRequests"
         )));
     };
-    if questions.len() > MAX_QUESTIONS {
+    let max = carrier.max_questions();
+    if questions.len() > max {
+        metrics::counter!("mcpd_upstream_input_refused_total", "server" => server.to_string(), "reason" => "too_many_questions")
+            .increment(1);
         return Err(unanswerable(format!(
-            "server {server:?} asked {} questions in one round, more than {MAX_QUESTIONS}",
+            "server {server:?} asked {} questions in one round, more than {max} (pool.max_input_questions)",
             questions.len()
         )));
     }

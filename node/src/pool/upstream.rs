@@ -74,8 +74,13 @@ pub async fn connect(
     let client_init = client_init.unwrap_or_else(gateway_init);
     if spec.is_remote() {
         // The newest revision the server speaks: 2026-07-28 if `server/discover` says so.
-        if let Some(stateless) =
-            Stateless::discover(spec, &client_init, pool_events.clone()).await?
+        if let Some(stateless) = Stateless::discover(
+            spec,
+            &client_init,
+            pool_events.clone(),
+            options.max_questions,
+        )
+        .await?
         {
             return Ok(Arc::new(stateless));
         }

@@ -4,7 +4,8 @@
 speaks 2026-07-28 to it: its questions come back as `input_required` results.
 
 Tools: `greet()`, which asks the user for a name (elicitation, through a resolver) and greets
-them; `capabilities()`, the client capabilities its request carried; `echo(text)`.
+them; `survey()`, which asks three questions in one round; `capabilities()`, the client
+capabilities its request carried; `echo(text)`.
 `greet` needs the client's elicitation capability: a 2026-07-28 request whose client did not
 declare it is refused with -32021.
 """
@@ -34,6 +35,32 @@ def ask_name() -> Elicit[Name]:
 def greet(who: Annotated[Name, Resolve(ask_name)]) -> str:
     """Asks the user for a name and greets them."""
     return f"Hello, {who.name}!"
+
+
+class Colour(BaseModel):
+    colour: str
+
+
+class City(BaseModel):
+    city: str
+
+
+def ask_colour() -> Elicit[Colour]:
+    return Elicit("What is your favourite colour?", Colour)
+
+
+def ask_city() -> Elicit[City]:
+    return Elicit("Where do you live?", City)
+
+
+@server.tool()
+def survey(
+    who: Annotated[Name, Resolve(ask_name)],
+    colour: Annotated[Colour, Resolve(ask_colour)],
+    city: Annotated[City, Resolve(ask_city)],
+) -> str:
+    """Asks three questions at once (one round) and sums up the answers."""
+    return f"{who.name} likes {colour.colour} and lives in {city.city}"
 
 
 @server.tool()
