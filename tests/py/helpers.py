@@ -34,6 +34,16 @@ def client(url: str, token: str, mode: str, **kwargs: Any) -> Client:
     return Client(streamable_http_client(url, http_client=http), mode=mode, **kwargs)
 
 
+def accepting(content: dict[str, Any], asked: list[str]) -> Callable[..., Awaitable[types.ElicitResult]]:
+    """An elicitation callback that accepts with `content`, noting each question in `asked`."""
+
+    async def elicitation(ctx: Any, p: Any) -> types.ElicitResult:
+        asked.append(p.message)
+        return types.ElicitResult(action="accept", content=content)
+
+    return elicitation
+
+
 def text_of(result: types.CallToolResult) -> str:
     """The text blocks of a tool result, joined."""
     return "\n".join(c.text for c in result.content if isinstance(c, types.TextContent))

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import mcp.types as types
 import pytest
 
-from helpers import MODES, STATELESS, await_until, client, run, text_of, wait_until
+from helpers import MODES, STATELESS, accepting, await_until, client, run, text_of, wait_until
 
 ENDPOINTS = ["aggregate", "server"]
 
@@ -135,9 +135,7 @@ def test_elicitation_request_of_server_everything_is_answered_by_the_client(clus
     who = f"Ada {uuid.uuid4().hex[:8]}"
     asked: list[str] = []
 
-    async def elicitation(ctx, p) -> types.ElicitResult:
-        asked.append(p.message)
-        return types.ElicitResult(action="accept", content={"name": who})
+    elicitation = accepting({"name": who}, asked)
 
     async def scenario():
         async with client(url, cluster.token, mode, elicitation_callback=elicitation) as c:

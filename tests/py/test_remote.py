@@ -25,11 +25,10 @@ from pathlib import Path
 
 import pytest
 
-import mcp.types as types
 from mcp.shared.subscriptions import ToolsListChanged
 
 from conftest import NODE22, NPM, VENV_BIN, Cluster, own_server_as_remote
-from helpers import MODES, await_until, client, protocols, run, text_of, wait_until
+from helpers import MODES, accepting, await_until, client, protocols, run, text_of, wait_until
 
 HERE = Path(__file__).resolve().parent
 KEY = f"key-{uuid.uuid4().hex}"
@@ -282,9 +281,7 @@ def test_a_2026_remote_servers_questions_reach_the_client_of_either_era(cluster,
     who = f"Ada {uuid.uuid4().hex[:8]}"
     asked: list[str] = []
 
-    async def elicitation(ctx, p) -> types.ElicitResult:
-        asked.append(p.message)
-        return types.ElicitResult(action="accept", content={"name": who})
+    elicitation = accepting({"name": who}, asked)
 
     async def scenario():
         async with client(cluster.url(1, remote_asks), cluster.token, mode, elicitation_callback=elicitation) as c:

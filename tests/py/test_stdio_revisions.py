@@ -27,7 +27,7 @@ import mcp.types as types
 from mcp import MCPError
 
 from conftest import VENV_BIN, Cluster
-from helpers import MODES, STATELESS, client, protocols, run, stateless_post, text_of, wait_until
+from helpers import MODES, STATELESS, accepting, client, protocols, run, stateless_post, text_of, wait_until
 
 HERE = Path(__file__).resolve().parent
 QUESTIONS = HERE / "servers/questions.py"
@@ -116,9 +116,7 @@ def test_a_2026_stdio_servers_questions_reach_the_client_of_either_era(cluster, 
     who = f"Ada {uuid.uuid4().hex[:8]}"
     asked: list[str] = []
 
-    async def elicitation(ctx, p) -> types.ElicitResult:
-        asked.append(p.message)
-        return types.ElicitResult(action="accept", content={"name": who})
+    elicitation = accepting({"name": who}, asked)
 
     async def scenario():
         async with client(cluster.url(2, questions), cluster.token, mode, elicitation_callback=elicitation) as c:
