@@ -404,3 +404,23 @@ def test_a_round_of_more_questions_than_the_cap_ends_the_call_naming_the_setting
                        capabilities={"elicitation": {}})
     assert r.status_code == 200, r.text
     assert r.json()["result"]["resultType"] == "input_required", r.text
+
+
+def test_a_listen_stream_asks_for_at_most_as_many_resources_as_a_session_may_hold(cluster):
+    """A 2026-07-28 `subscriptions/listen` names the resources it wants; each may stay
+    subscribed on a server process as long as it runs, so a stream may ask for at most
+    `mcp.max_subscriptions_per_session` (256), each URI at most `mcp.max_uri_bytes` long."""
+    too_many = [f"demo://resource/static/{i}" for i in range(257)]
+    # (A stream the node took would never end: the short timeout fails the test instead.)
+    r = stateless_post(cluster.url(0), cluster.token, "subscriptions/listen",
+                       {"notifications": {"resourceSubscriptions": too_many}}, timeout=10)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == -32602, err
+    assert "params.notifications.resourceSubscriptions" in err["message"], err
+    assert "mcp.max_subscriptions_per_session" in err["message"], err
+
+    r = stateless_post(cluster.url(0), cluster.token, "subscriptions/listen",
+                       {"notifications": {"resourceSubscriptions": ["demo://" + "x" * 5000]}}, timeout=10)
+    assert r.status_code == 400, r.text
+    assert "mcp.max_uri_bytes" in r.json()["error"]["message"], r.text

@@ -32,6 +32,7 @@ from helpers import MODES, STATELESS, accepting, client, protocols, run, statele
 HERE = Path(__file__).resolve().parent
 QUESTIONS = HERE / "servers/questions.py"
 RUGPULL = HERE / "servers/rugpull.py"
+STRICT = HERE / "servers/strict.py"
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,27 @@ def questions(cluster: Cluster):
         yield name
     finally:
         cluster.mcpctl("server", "rm", name)
+
+
+def revision_restarts(cluster: Cluster, server: str, reason: str) -> float:
+    """Processes of `server` the nodes started again to speak another revision, for `reason`."""
+    series = ("mcpd_pool_revision_restarts_total", f'server="{server}",reason="{reason}"')
+    return sum(cluster.metric(*series, node=n) or 0 for n in range(cluster.nodes))
+
+
+def slot_on_node_1(cluster: Cluster, server: str) -> dict:
+    """The one process slot of `server` on node 1 (`mcpctl server status`)."""
+    status = json.loads(cluster.mcpctl("server", "status", server, "-o", "json"))
+    return next(d for r in status["replicas"] if r["node"] == 1 for d in r["details"])
+
+
+def kill_and_await_replacement(cluster: Cluster, server: str) -> dict:
+    """kill -9 of node 1's process of `server`; its slot once a new process is ready."""
+    killed = slot_on_node_1(cluster, server)["pid"]
+    os.kill(killed, signal.SIGKILL)
+    return wait_until(
+        lambda: (s := slot_on_node_1(cluster, server))["state"] == "ready" and s["pid"] not in (None, killed) and s,
+        30, f"the killed process of {server} replaced")
 
 
 def rounds(cluster: Cluster, server: str) -> float:
@@ -80,12 +102,7 @@ def test_a_2026_server_that_announces_list_changes_is_spoken_to_in_a_session(clu
     cluster.mcpctl("server", "add", name, "--pool-size", "1", "--", str(VENV_BIN / "python"), str(RUGPULL))
 
     def restarts() -> float:
-        series = ("mcpd_pool_session_restarts_total", f'server="{name}"')
-        return sum(cluster.metric(*series, node=n) or 0 for n in range(cluster.nodes))
-
-    def slot() -> dict:
-        status = json.loads(cluster.mcpctl("server", "status", name, "-o", "json"))
-        return next(d for r in status["replicas"] if r["node"] == 1 for d in r["details"])
+        return revision_restarts(cluster, name, "announces_changes")
 
     try:
         cluster.wait_tools(name, ["forecast", "rug_pull"])
@@ -98,11 +115,10 @@ def test_a_2026_server_that_announces_list_changes_is_spoken_to_in_a_session(clu
                 assert text_of(await c.call_tool("forecast", {"city": "Oslo"})) == "sunny in Oslo"
 
         run(scenario())
-        killed = slot()["pid"]
-        os.kill(killed, signal.SIGKILL)
-        wait_until(lambda: slot()["state"] == "ready" and slot()["pid"] not in (None, killed), 30,
-                   "the killed process replaced")
-        assert slot()["protocol"] == "2025-11-25"
+        assert not slot_on_node_1(cluster, name).get("last_exit"), \
+            "the process replaced at the start is not shown as the slot's exit"
+        replaced = kill_and_await_replacement(cluster, name)
+        assert replaced["protocol"] == "2025-11-25"
         assert restarts() == learned, "the new process was not started twice"
     finally:
         cluster.mcpctl("server", "rm", name)
@@ -191,3 +207,28 @@ def test_a_2026_clients_own_capabilities_reach_the_stdio_server(cluster, questio
             return e.value
 
     assert run(refused()).error.code == -32021
+
+
+def test_a_server_that_exits_on_a_request_before_initialize_is_started_again_with_initialize_alone(cluster):
+    """`servers/strict.py` exits when its first request is not `initialize` (as some SDKs'
+    servers do): the probe ends it, the node starts it again with `initialize` alone and
+    remembers, so a later process of the pool is spawned once."""
+    name = f"strict-{uuid.uuid4().hex[:6]}"
+    cluster.mcpctl("server", "add", name, "--pool-size", "1", "--", str(VENV_BIN / "python"), str(STRICT))
+    try:
+        cluster.wait_tools(name, ["echo"])
+        assert protocols(cluster, name) == {"2025-11-25"}
+        learned = revision_restarts(cluster, name, "probe_failed")
+        assert learned >= cluster.nodes, "each node's first start probed and failed"
+
+        async def scenario():
+            for mode in MODES:
+                async with client(cluster.url(2, name), cluster.token, mode) as c:
+                    assert text_of(await c.call_tool("echo", {"text": mode})) == mode
+
+        run(scenario())
+        replaced = kill_and_await_replacement(cluster, name)
+        assert replaced["protocol"] == "2025-11-25"
+        assert revision_restarts(cluster, name, "probe_failed") == learned, "no probe of the new process"
+    finally:
+        cluster.mcpctl("server", "rm", name)

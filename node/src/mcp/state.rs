@@ -243,11 +243,7 @@ pub async fn housekeeping(state: McpState, shutdown: Shutdown) {
         if !expired.is_empty() {
             tracing::info!(expired = expired.len(), "idle sessions dropped");
         }
-        for id in &expired {
-            for pool in state.pools.all() {
-                pool.release(id).await;
-            }
-        }
+
         state.parked.expire();
     }
 }

@@ -681,6 +681,35 @@ fn listen(
                 .collect()
         })
         .unwrap_or_default();
+    // Each URI may be held on the servers' processes as long as they run: as bounded as a
+    // session's subscriptions.
+    let limits = &state.config;
+    if uris.len() > limits.max_subscriptions_per_session {
+        metrics::counter!("mcpd_mcp_subscriptions_refused_total", "reason" => "per_listen")
+            .increment(1);
+        let e = ErrorObject::new(
+            code::INVALID_PARAMS,
+            format!(
+                "params.notifications.resourceSubscriptions: {} URIs, at most {} (mcp.max_subscriptions_per_session)",
+                uris.len(),
+                limits.max_subscriptions_per_session
+            ),
+        );
+        return error(id, e);
+    }
+    if let Some(long) = uris.iter().find(|u| u.len() > limits.max_uri_bytes) {
+        metrics::counter!("mcpd_mcp_subscriptions_refused_total", "reason" => "uri_length")
+            .increment(1);
+        let e = ErrorObject::new(
+            code::INVALID_PARAMS,
+            format!(
+                "params.notifications.resourceSubscriptions: a URI of {} bytes, at most {} (mcp.max_uri_bytes)",
+                long.len(),
+                limits.max_uri_bytes
+            ),
+        );
+        return error(id, e);
+    }
     let mut granted = serde_json::Map::new();
     for (k, on) in [
         ("toolsListChanged", tools),

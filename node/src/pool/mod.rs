@@ -10,6 +10,7 @@
 pub mod catalogue;
 pub mod egress;
 pub mod fair;
+mod handshake;
 pub mod isolation;
 pub mod legacy_sse;
 pub mod liveness;
@@ -199,7 +200,7 @@ pub struct Pool {
     /// The resources subscribed on the shared processes, and who holds each.
     subscriptions: subscriptions::SharedSubscriptions,
     /// What the pool learned of its server's revision (its dedicated processes' starts too).
-    revision: process::RevisionHint,
+    revision: handshake::RevisionHint,
     pool_events: mpsc::Sender<PoolEvent>,
 }
 
@@ -218,7 +219,7 @@ impl Pool {
         let (pool_tx, pool_rx) = mpsc::channel(1024);
         let mut tasks = JoinSet::new();
         let mut slots = Vec::with_capacity(size);
-        let revision = process::RevisionHint::default();
+        let revision = handshake::RevisionHint::default();
         for index in 0..size {
             let (ptx, prx) = watch::channel(None);
             let (stx, srx) = watch::channel(SlotState::Starting);
@@ -408,6 +409,7 @@ impl Pool {
         share: &Share,
     ) -> Result<Value, CallError> {
         let subs = &self.subscriptions;
+        let _turn = subs.turn.lock().await;
         if method == "resources/subscribe" {
             if subs.join(&uri, owner.as_ref()) {
                 return Ok(serde_json::json!({}));
@@ -565,25 +567,30 @@ impl Pool {
                 .stop(Duration::from_millis(self.cfg.stop_grace_ms))
                 .await;
         }
-        // The shared processes forget what only this session held.
+        // The shared processes forget what only this session held, in the background: the
+        // end of a session does not wait on its servers.
         let timeout = Duration::from_millis(self.spec.spec.timeouts.request_ms);
-        for (uri, process) in self.subscriptions.release(key) {
-            let params = Some(serde_json::json!({ "uri": uri }));
-            let unsubscribe = "resources/unsubscribe";
-            if let Err(e) = self
-                .upstream_call(
-                    &process,
-                    unsubscribe,
-                    params,
-                    None,
-                    None,
-                    (timeout, timeout),
-                )
-                .await
-            {
-                tracing::info!(server = %self.name, %uri, error = %e, "an ended session's subscription was not withdrawn");
-            }
+        let released = self.subscriptions.release(key);
+        if released.is_empty() {
+            return;
         }
+        let (server, turn) = (self.name.clone(), self.subscriptions.turn.clone());
+        tokio::spawn(async move {
+            let _turn = turn.lock().await;
+            for (uri, process) in released {
+                let params = Some(serde_json::json!({ "uri": uri }));
+                let unsubscribe = process.call("resources/unsubscribe", params, None);
+                match tokio::time::timeout(timeout, unsubscribe).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::info!(%server, %uri, error = %e, "an ended session's subscription was not withdrawn")
+                    }
+                    Err(_) => {
+                        tracing::info!(%server, %uri, "an ended session's subscription was not withdrawn in time")
+                    }
+                }
+            }
+        });
     }
 
     /// Like [`Pool::call`], also returning the process that served it (to answer its requests).
@@ -771,7 +778,7 @@ struct Place {
     shard: Option<tokio::runtime::Handle>,
     report: report::SlotReport,
     /// What the pool learned of its server's revision (every slot's starts share it).
-    revision: process::RevisionHint,
+    revision: handshake::RevisionHint,
 }
 
 /// How a server is reached, for metrics: a local process (`stdio`) or over the network

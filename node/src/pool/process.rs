@@ -1,4 +1,6 @@
-//! One MCP server process, spoken to over stdio as an MCP client.
+//! One MCP server process, spoken to over stdio as an MCP client, in the revision its start
+//! agreed (`super::handshake`): a 2025-11-25 session, or 2026-07-28 requests that stand alone
+//! (`super::rounds`; `ping` is a `server/discover` then).
 //!
 //! A [`Process`] owns a child (its own process group, killed with it), its stdin (calls write
 //! their requests directly; a writer task writes everything else and closes it), a reader task
@@ -25,6 +27,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::handshake::{settle, Handshake, Probe, RevisionHint, Settled};
 use super::report::SlotReport;
 use super::sandbox::{Launch, NodePaths, Sandbox};
 use crate::call::{CallError, CallEvent, EventSink, Responder};
@@ -85,6 +88,8 @@ struct Shared {
     sandbox: Sandbox,
     /// The limit mcpd killed it for, once it did (reported in place of its exit status).
     killed_for: Mutex<Option<String>>,
+    /// Ended by its start, to be started again in another revision: its exit is no failure.
+    retired: AtomicBool,
 }
 
 impl Shared {
@@ -129,18 +134,6 @@ enum Speaks {
         capabilities: Value,
         max_questions: usize,
     },
-}
-
-/// What a server told of itself when it was started.
-enum Handshake {
-    Sessions(Value),
-    Stateless {
-        init: Value,
-        capabilities: Value,
-    },
-    /// It speaks 2026-07-28 and announces list changes or resource subscriptions, which over
-    /// stdio reach the node only in a session: start it again and open one.
-    WantsSession,
 }
 
 /// Calls on this node waiting for a server's answer, over every process.
@@ -227,31 +220,11 @@ pub struct StartOptions {
     pub max_questions: usize,
 }
 
-/// What a pool learned of the revision its stdio server speaks, shared by the pool's
-/// processes: once a start found a 2026-07-28 server that wants a session (it announces list
-/// changes), later starts open a session at once instead of spawning it twice again.
-#[derive(Debug, Clone, Default)]
-pub struct RevisionHint(Arc<AtomicBool>);
-
-impl RevisionHint {
-    fn sessions_only(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
-    }
-
-    fn learned_sessions_only(&self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
-
 impl Process {
-    /// Spawns the server, learns the newest revision it speaks (`server/discover`, then
-    /// `initialize` with `client_init`: the gateway's own params, or a dedicated session's
-    /// client's) and returns once it is ready.
-    ///
-    /// A server of 2026-07-28 is spoken to in that revision, unless it announces list changes
-    /// or resource subscriptions: over stdio those come only on a `subscriptions/listen`
-    /// request, which the node does not hold open, so such a server is started a second time
-    /// and spoken to in a 2025-11-25 session, whose notifications carry them.
+    /// Spawns the server, learns the newest revision it speaks (`super::handshake`:
+    /// `server/discover`, and `initialize` with `client_init`, the gateway's own params or a
+    /// dedicated session's client's) and returns once it is ready. Each process it spawns
+    /// has `startup_ms` to answer.
     pub async fn start_as(
         spec: &ServerSpec,
         pool_events: mpsc::Sender<PoolEvent>,
@@ -259,41 +232,62 @@ impl Process {
         client_init: Value,
     ) -> Result<Process, ProcessError> {
         let startup = Duration::from_millis(spec.timeouts.startup_ms);
-        let started = async {
-            let mut sessions_only = options.revision.sessions_only();
-            loop {
-                let mut process =
-                    Process::spawn(spec, pool_events.clone(), options.clone()).await?;
-                let handshake = process
-                    .handshake(client_init.clone(), sessions_only)
+        let hint = options.revision.clone();
+        let mut probe = hint.probe();
+        // Why the last process was started again (`None`: the first).
+        let mut again_for: Option<&str> = None;
+        // At most three processes: the probe, a session, then the stateless revision.
+        for _ in 0..3 {
+            let mut process = Process::spawn(spec, pool_events.clone(), options.clone()).await?;
+            let shaken =
+                tokio::time::timeout(startup, process.handshake(client_init.clone(), probe))
                     .await
-                    .map_err(|e| ProcessError::Initialize(e.to_string()))?;
-                match handshake {
-                    Handshake::Sessions(init) => process.init = init,
-                    Handshake::Stateless { init, capabilities } => {
-                        process.init = init;
-                        process.speaks = Speaks::Stateless {
-                            capabilities,
-                            max_questions: options.max_questions,
-                        };
-                    }
-                    Handshake::WantsSession => {
-                        tracing::info!(server = %spec.name, pid = process.pid.unwrap_or(0), "server speaks 2026-07-28 and announces list changes, which over stdio only a session carries; starting it again in 2025-11-25");
-                        metrics::counter!("mcpd_pool_session_restarts_total", "server" => spec.name.clone()).increment(1);
-                        options.revision.learned_sessions_only();
-                        process
-                            .stop(Duration::from_millis(spec.timeouts.startup_ms.min(1000)))
-                            .await;
-                        sessions_only = true;
-                        continue;
-                    }
+                    .map_err(|_| ProcessError::StartupTimeout(startup))?;
+            let next = match (shaken, probe) {
+                (Ok(Handshake::Sessions(init)), _) => {
+                    process.init = init;
+                    None
+                }
+                (Ok(Handshake::Stateless { init, capabilities }), _) => {
+                    process.init = init;
+                    process.speaks = Speaks::Stateless {
+                        capabilities,
+                        max_questions: options.max_questions,
+                    };
+                    None
+                }
+                (Ok(Handshake::WantsSession), _) => {
+                    Some((Probe::SessionsOnly, "announces_changes"))
+                }
+                // The probe itself may have ended it: a server that exits on any request
+                // before `initialize`.
+                (Err(e), Probe::Both) => {
+                    tracing::info!(server = %spec.name, error = %e, "server/discover and initialize together failed; trying initialize alone");
+                    Some((Probe::SessionsOnly, "probe_failed"))
+                }
+                // It speaks 2026-07-28 only: its list changes will not be heard.
+                (Err(e), Probe::SessionsOnly) if again_for == Some("announces_changes") => {
+                    tracing::warn!(server = %spec.name, error = %e, "server speaks 2026-07-28, announces list changes and refuses a session; speaking 2026-07-28 to it without hearing its list changes");
+                    Some((Probe::StatelessOnly, "sessions_refused"))
+                }
+                (Err(e), _) => return Err(ProcessError::Initialize(e.to_string())),
+            };
+            let Some((again, reason)) = next else {
+                if again_for.is_some() {
+                    hint.learned(probe);
                 }
                 return Ok(process);
-            }
-        };
-        tokio::time::timeout(startup, started)
-            .await
-            .map_err(|_| ProcessError::StartupTimeout(startup))?
+            };
+            metrics::counter!("mcpd_pool_revision_restarts_total", "server" => spec.name.clone(), "reason" => reason)
+                .increment(1);
+            tracing::info!(server = %spec.name, pid = process.pid.unwrap_or(0), reason, "starting the server again to speak another revision");
+            process.retire();
+            probe = again;
+            again_for = Some(reason);
+        }
+        Err(ProcessError::Initialize(
+            "no revision could be agreed with the server".into(),
+        ))
     }
 
     /// Spawns the server with its pipes and tasks, not yet spoken to.
@@ -344,6 +338,7 @@ impl Process {
             report: report.clone(),
             sandbox,
             killed_for: Mutex::new(None),
+            retired: AtomicBool::new(false),
         });
         let (stdin_tx, stdin_rx) = mpsc::channel::<Vec<u8>>(256);
         let (exited_tx, exited_rx) = watch::channel(false);
@@ -397,51 +392,55 @@ impl Process {
         })
     }
 
-    /// Learns which revision the server speaks, newest first, in one exchange: a
-    /// `server/discover` of 2026-07-28 and the `initialize` of `client_init` are written
-    /// together. A server of that revision answers the first (and refuses the second), an
-    /// earlier one refuses the first and answers the second; no answer is waited for in vain.
-    /// `sessions_only`: only the `initialize`.
-    async fn handshake(
-        &self,
-        client_init: Value,
-        sessions_only: bool,
-    ) -> Result<Handshake, CallError> {
+    /// Ends a process its start will replace: killed at once, and its exit not reported
+    /// as the slot's.
+    fn retire(self) {
+        self.shared.retired.store(true, Ordering::Relaxed);
+        // Dropping it kills its process group.
+    }
+
+    /// Asks the server what `probe` says and goes by the first answer that settles it
+    /// (`super::handshake`); the other request, if still unanswered, is cancelled.
+    async fn handshake(&self, client_init: Value, probe: Probe) -> Result<Handshake, CallError> {
         let capabilities = client_init["capabilities"].clone();
-        let discover = match sessions_only {
-            true => None,
-            false => {
-                let params = super::rounds::with_meta(None, &capabilities);
-                Some(self.send("server/discover", params, None, None).await?)
-            }
-        };
-        let initialize = self
-            .send("initialize", Some(client_init), None, None)
-            .await?;
-        let (discovered, initialized) = match discover {
-            Some(d) => {
-                let (d, i) = tokio::join!(d.answer(), initialize.answer());
-                (d.ok().filter(super::rounds::speaks), i)
-            }
-            None => (None, initialize.answer().await),
-        };
-        let Some(discovered) = discovered else {
-            let init = initialized?;
-            self.notify("notifications/initialized", None).await;
-            return Ok(Handshake::Sessions(init));
-        };
-        let caps = &discovered["capabilities"];
-        let announces = ["tools", "prompts", "resources"]
-            .iter()
-            .any(|k| caps[k]["listChanged"] == true)
-            || caps["resources"]["subscribe"] == true;
-        if announces {
-            return Ok(Handshake::WantsSession);
+        type Answer<'a> = futures_util::future::BoxFuture<'a, Result<Value, CallError>>;
+        let never = || -> Answer<'_> { Box::pin(std::future::pending()) };
+        let (mut discover, mut discovering) = (never(), false);
+        if probe != Probe::SessionsOnly {
+            let params = super::rounds::with_meta(None, &capabilities);
+            let sent = self.send("server/discover", params, None, None).await?;
+            (discover, discovering) = (Box::pin(sent.answer()), true);
         }
-        Ok(Handshake::Stateless {
-            init: super::rounds::init_of(&discovered),
-            capabilities,
-        })
+        let (mut initialize, mut initializing) = (never(), false);
+        if probe != Probe::StatelessOnly {
+            let sent = self
+                .send("initialize", Some(client_init), None, None)
+                .await?;
+            (initialize, initializing) = (Box::pin(sent.answer()), true);
+        }
+        let (mut discovered, mut initialized) = (None, None);
+        loop {
+            tokio::select! {
+                d = &mut discover, if discovering => (discovered, discovering) = (Some(d), false),
+                i = &mut initialize, if initializing => (initialized, initializing) = (Some(i), false),
+            }
+            let settled = settle(
+                probe,
+                discovered.as_ref(),
+                initialized.as_ref(),
+                initializing,
+                discovering,
+                &capabilities,
+            );
+            match settled {
+                Settled::Wait => continue,
+                Settled::Done(Ok(Handshake::Sessions(init))) => {
+                    self.notify("notifications/initialized", None).await;
+                    return Ok(Handshake::Sessions(init));
+                }
+                Settled::Done(done) => return done,
+            }
+        }
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -506,16 +505,9 @@ impl Process {
             "ping" => {
                 let params = super::rounds::with_meta(None, capabilities);
                 let found = self.request("server/discover", params, None, None).await?;
-                match super::rounds::speaks(&found) {
-                    true => Ok(json!({})),
-                    false => Err(CallError::Crashed(format!(
-                        "server {:?} no longer answers server/discover with {}",
-                        self.shared.server,
-                        mcpcp_proto::mcp::STATELESS_VERSION
-                    ))),
-                }
+                super::rounds::pinged(&self.shared.server, Some(&found))
             }
-            "logging/setLevel" => Err(super::remote_request::no_set_level(&self.shared.server)),
+            "logging/setLevel" => Err(super::rounds::no_set_level(&self.shared.server)),
             _ => {
                 let params = super::rounds::with_meta(params, capabilities);
                 let rounds = Rounds {
@@ -543,7 +535,7 @@ impl Process {
     }
 
     /// Writes one request to the server; its answer is still to come.
-    async fn send(
+    pub(super) async fn send(
         &self,
         method: &str,
         mut params: Option<Value>,
@@ -641,14 +633,14 @@ fn signal_group(pid: Option<u32>, sig: rustix::process::Signal) {
 
 /// A request written to a server, its answer still to come. Dropped unanswered, the
 /// request is cancelled.
-struct Sent<'a> {
+pub(super) struct Sent<'a> {
     rx: oneshot::Receiver<Result<Value, CallError>>,
     cancel: CancelOnDrop<'a>,
     _awaiting: Awaiting<'a>,
 }
 
 impl Sent<'_> {
-    async fn answer(self) -> Result<Value, CallError> {
+    pub(super) async fn answer(self) -> Result<Value, CallError> {
         let shared = &self.cancel.process.shared;
         let outcome = wait_answer(self.rx, shared.answer_spin)
             .await
@@ -771,9 +763,13 @@ async fn reap(mut child: Child, shared: Arc<Shared>, exited: watch::Sender<bool>
         }
         (None, None) => status,
     };
-    tracing::info!(server = %shared.server, %status, "server process exited");
-    if let Some(r) = &shared.report {
-        r.exited(&status);
+    if shared.retired.load(Ordering::Relaxed) {
+        tracing::debug!(server = %shared.server, %status, "server process replaced at its start exited");
+    } else {
+        tracing::info!(server = %shared.server, %status, "server process exited");
+        if let Some(r) = &shared.report {
+            r.exited(&status);
+        }
     }
     shared.fail_all(shared.crashed());
     let _ = exited.send(true);

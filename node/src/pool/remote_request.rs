@@ -12,10 +12,10 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures_util::future::BoxFuture;
-use mcpcp_proto::mcp::{code, ErrorObject, Message, RequestId, STATELESS_VERSION};
+use mcpcp_proto::mcp::{ErrorObject, Message, RequestId, STATELESS_VERSION};
 use reqwest::header::{HeaderValue, ACCEPT, CONTENT_TYPE};
 use reqwest::StatusCode;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::oauth::Tokens;
 use super::rounds::Carrier;
@@ -89,15 +89,10 @@ impl Link {
     ) -> Result<Value, CallError> {
         match method {
             "ping" => {
-                return match self.discovered().await? {
-                    Some(_) => Ok(json!({})),
-                    None => Err(CallError::Crashed(format!(
-                    "remote server {:?} no longer answers server/discover with {STATELESS_VERSION}",
-                    self.server
-                ))),
-                }
+                let discovered = self.discovered().await?;
+                return super::rounds::pinged(&self.server, discovered.as_ref());
             }
-            "logging/setLevel" => return Err(no_set_level(&self.server)),
+            "logging/setLevel" => return Err(super::rounds::no_set_level(&self.server)),
             _ => {}
         }
         super::rounds::call(self, method, self.with_meta(params), events).await
@@ -211,17 +206,6 @@ impl Carrier for Link {
     }
 }
 
-/// The error of `logging/setLevel` to a server of this revision, which has no such method
-/// (a request's `_meta` carries its log level instead).
-pub fn no_set_level(server: &str) -> CallError {
-    CallError::Answered(ErrorObject::new(
-        code::METHOD_NOT_FOUND,
-        format!(
-            "logging/setLevel: server {server:?} speaks {STATELESS_VERSION}, which has no such method"
-        ),
-    ))
-}
-
 /// The `Mcp-Name` of a request: the tool, prompt or resource it names, base64-encoded
 /// (`=?base64?...?=`) when it is not plain visible ASCII.
 fn routing_name(method: &str, params: Option<&Value>) -> Option<HeaderValue> {
@@ -242,6 +226,7 @@ fn routing_name(method: &str, params: Option<&Value>) -> Option<HeaderValue> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn the_routing_name_is_the_tool_prompt_or_uri_encoded_when_not_plain_ascii() {

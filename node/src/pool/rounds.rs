@@ -51,8 +51,20 @@ pub async fn call<C: Carrier + ?Sized>(
     mut params: Option<Value>,
     events: Option<EventSink>,
 ) -> Result<Value, CallError> {
+    let mut first = true;
     loop {
-        let mut result = carrier.round(method, &params, events.as_ref()).await?;
+        let mut result = match carrier.round(method, &params, events.as_ref()).await {
+            Ok(result) => result,
+            // A later round's request did not run, but the first did (and its client was
+            // asked): the call may have run, and is not to be sent again elsewhere.
+            Err(CallError::NotRun(why)) if !first => {
+                return Err(CallError::Crashed(format!(
+                    "{why} (a later round of a request that had run; it may or may not have run)"
+                )))
+            }
+            Err(e) => return Err(e),
+        };
+        first = false;
         if result["resultType"] != "input_required" {
             if let Some(r) = result.as_object_mut() {
                 r.remove("resultType");
@@ -99,6 +111,28 @@ pub fn with_meta(params: Option<Value>, capabilities: &Value) -> Option<Value> {
         }
     }
     Some(Value::Object(params))
+}
+
+/// The error of `logging/setLevel` to a server of this revision, which has no such method
+/// (a request's `_meta` carries its log level instead).
+pub fn no_set_level(server: &str) -> CallError {
+    CallError::Answered(ErrorObject::new(
+        code::METHOD_NOT_FOUND,
+        format!(
+            "logging/setLevel: server {server:?} speaks {STATELESS_VERSION}, which has no such method"
+        ),
+    ))
+}
+
+/// The answer to a `ping` (which this revision does not have) from a `server/discover`
+/// result: the server is there if it still speaks the revision.
+pub fn pinged(server: &str, discovered: Option<&Value>) -> Result<Value, CallError> {
+    match discovered.is_some_and(speaks) {
+        true => Ok(json!({})),
+        false => Err(CallError::Crashed(format!(
+            "server {server:?} no longer answers server/discover with {STATELESS_VERSION}"
+        ))),
+    }
 }
 
 /// Whether a `server/discover` result names this revision among the server's versions.

@@ -9,7 +9,11 @@
 //!   later one is answered here, unless that process is gone (then it goes to another);
 //! - an unsubscribe reaches the process only when its last holder lets go;
 //! - a 2026-07-28 listen stream holds its URIs until the process ends (it never unsubscribes:
-//!   a stream that closes leaves them, as others may share them).
+//!   a stream that closes leaves them, as others may share them);
+//! - a URI whose process is gone is forgotten when next touched (its subscription went with
+//!   the process);
+//! - subscribes and unsubscribes reach the processes one at a time ([`SharedSubscriptions::turn`]),
+//!   so that none overtakes another on its way.
 //!
 //! A dedicated process (`session_mode = dedicated`) belongs to one session and is not counted
 //! here.
@@ -22,6 +26,9 @@ use super::upstream::Upstream;
 /// The URIs subscribed on a pool's shared processes.
 pub struct SharedSubscriptions {
     uris: Mutex<HashMap<String, Holders>>,
+    /// Held across a subscribe or unsubscribe sent to a process, so that those of one pool
+    /// reach its processes one at a time, in the order they were counted here.
+    pub turn: Arc<tokio::sync::Mutex<()>>,
     /// `mcpd_pool_subscriptions`: the URIs subscribed on the server's processes.
     gauge: metrics::Gauge,
 }
@@ -48,6 +55,7 @@ impl SharedSubscriptions {
     pub fn new(server: &str) -> SharedSubscriptions {
         SharedSubscriptions {
             uris: Mutex::default(),
+            turn: Arc::default(),
             gauge: metrics::gauge!("mcpd_pool_subscriptions", "server" => server.to_string()),
         }
     }
@@ -63,7 +71,8 @@ impl SharedSubscriptions {
         let Some(h) = uris.get_mut(uri) else {
             return false;
         };
-        if !h.process.upgrade().is_some_and(|p| p.is_alive()) {
+        if !h.alive() {
+            // Its process is gone, and the subscription with it: subscribe again.
             return false;
         }
         h.hold(owner);
@@ -92,7 +101,7 @@ impl SharedSubscriptions {
         if let Some(owner) = owner {
             h.sessions.remove(owner);
         }
-        if h.listeners || !h.sessions.is_empty() {
+        if h.alive() && (h.listeners || !h.sessions.is_empty()) {
             return Unsubscribe::Kept;
         }
         let process = h.process.upgrade().filter(|p| p.is_alive());
@@ -103,15 +112,16 @@ impl SharedSubscriptions {
             None => Unsubscribe::Unknown,
         }
     }
-}
 
-impl SharedSubscriptions {
     /// Takes session `owner` (ended) off every URI it held; the URIs it was the last holder
     /// of, with the live process that has each, to be told to forget them.
     pub fn release(&self, owner: &str) -> Vec<(String, Arc<dyn Upstream>)> {
         let mut uris = self.lock();
         let mut released = Vec::new();
         uris.retain(|uri, h| {
+            if !h.alive() {
+                return false;
+            }
             if !h.sessions.remove(owner) || h.listeners || !h.sessions.is_empty() {
                 return true;
             }
@@ -126,6 +136,11 @@ impl SharedSubscriptions {
 }
 
 impl Holders {
+    /// Whether the process that has the subscription still runs.
+    fn alive(&self) -> bool {
+        self.process.upgrade().is_some_and(|p| p.is_alive())
+    }
+
     fn hold(&mut self, owner: Option<&Arc<str>>) {
         match owner {
             Some(o) => {

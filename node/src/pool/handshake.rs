@@ -1,0 +1,265 @@
+//! Which revision a stdio server is spoken to in, learned when its process starts
+//! (`super::process::Process::start_as`).
+//!
+//! A start writes a `server/discover` of 2026-07-28 and the `initialize` of the session
+//! revision together ([`Probe::Both`]) and goes by the first answer that settles it:
+//!
+//! - `initialize` accepted: a 2025-11-25 session (the discovery, if still unanswered, is
+//!   cancelled);
+//! - a discovery naming 2026-07-28: that revision, unless the server announces list changes
+//!   or resource subscriptions, which over stdio come only on a `subscriptions/listen`
+//!   request the node does not hold open. Then the same process is kept in a session if it
+//!   accepted `initialize` too; if it refused it, it is started again with
+//!   [`Probe::SessionsOnly`] ([`Handshake::WantsSession`]), and a server that refuses a
+//!   session then is spoken to in 2026-07-28 after all ([`Probe::StatelessOnly`]), without
+//!   its list changes.
+//!
+//! A start whose probe failed (a server that exits on any request before `initialize`, as
+//! some SDKs' servers do) is tried once more with `initialize` alone. What a pool learns this
+//! way is kept for its later processes ([`RevisionHint`]), so each is spawned once.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+use mcpcp_proto::mcp::{code, ErrorObject, STATELESS_VERSION};
+use serde_json::Value;
+
+use crate::call::CallError;
+
+/// What a start asks the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// `server/discover` and `initialize`, written together.
+    Both,
+    /// `initialize` alone.
+    SessionsOnly,
+    /// `server/discover` alone.
+    StatelessOnly,
+}
+
+/// What a server told of itself when it was started.
+pub enum Handshake {
+    /// It accepted `initialize` (its answer).
+    Sessions(Value),
+    /// It speaks 2026-07-28: what `initialize` would have said, and the client capabilities
+    /// its requests carry when their caller gave none.
+    Stateless { init: Value, capabilities: Value },
+    /// It speaks 2026-07-28, announces list changes, and refused `initialize` on this
+    /// process (its revision was settled by the discovery): start it again for a session.
+    WantsSession,
+}
+
+/// What a pool learned of the revision its stdio server speaks, shared by the pool's
+/// processes (their starts begin with [`RevisionHint::probe`]).
+#[derive(Debug, Clone, Default)]
+pub struct RevisionHint(Arc<AtomicU8>);
+
+const UNKNOWN: u8 = 0;
+const SESSIONS: u8 = 1;
+const STATELESS: u8 = 2;
+
+impl RevisionHint {
+    /// What the next start asks.
+    pub fn probe(&self) -> Probe {
+        match self.0.load(Ordering::Relaxed) {
+            SESSIONS => Probe::SessionsOnly,
+            STATELESS => Probe::StatelessOnly,
+            _ => Probe::Both,
+        }
+    }
+
+    /// Remembers what a start that needed more than one process found.
+    pub fn learned(&self, probe: Probe) {
+        let v = match probe {
+            Probe::SessionsOnly => SESSIONS,
+            Probe::StatelessOnly => STATELESS,
+            Probe::Both => UNKNOWN,
+        };
+        self.0.store(v, Ordering::Relaxed);
+    }
+}
+
+/// Where a start stands after an answer.
+pub enum Settled {
+    /// What the server speaks (or why the start failed).
+    Done(Result<Handshake, CallError>),
+    /// Not yet: wait for the other answer.
+    Wait,
+}
+
+/// Whether the answers so far settle which revision to speak (see the module docs):
+/// `discovered` and `initialized` are the answers come so far; `discovering` and
+/// `initializing` whether one is still to come. `capabilities`: the client's, for a
+/// stateless outcome.
+pub fn settle(
+    probe: Probe,
+    discovered: Option<&Result<Value, CallError>>,
+    initialized: Option<&Result<Value, CallError>>,
+    initializing: bool,
+    discovering: bool,
+    capabilities: &Value,
+) -> Settled {
+    if let Some(Ok(init)) = initialized {
+        return Settled::Done(Ok(Handshake::Sessions(init.clone())));
+    }
+    if let Some(Ok(d)) = discovered.filter(|d| d.as_ref().is_ok_and(super::rounds::speaks)) {
+        if !announces(d) || probe == Probe::StatelessOnly {
+            return Settled::Done(Ok(Handshake::Stateless {
+                init: super::rounds::init_of(d),
+                capabilities: capabilities.clone(),
+            }));
+        }
+        // Kept in a session if it accepts the `initialize` too; else started again.
+        return match initializing {
+            true => Settled::Wait,
+            false => Settled::Done(Ok(Handshake::WantsSession)),
+        };
+    }
+    if discovering || initializing {
+        return Settled::Wait;
+    }
+    // Neither settled it: the `initialize`'s error says why, else the discovery's.
+    Settled::Done(Err(match (initialized, discovered) {
+        (Some(Err(e)), _) | (_, Some(Err(e))) => e.clone(),
+        _ => CallError::Answered(ErrorObject::new(
+            code::INTERNAL_ERROR,
+            format!("the server does not speak {STATELESS_VERSION}"),
+        )),
+    }))
+}
+
+/// Whether a discovery's capabilities announce list changes or resource subscriptions.
+fn announces(discovered: &Value) -> bool {
+    let caps = &discovered["capabilities"];
+    ["tools", "prompts", "resources"]
+        .iter()
+        .any(|k| caps[k]["listChanged"] == true)
+        || caps["resources"]["subscribe"] == true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn discovery(announcing: bool) -> Result<Value, CallError> {
+        Ok(json!({
+            "supportedVersions": [STATELESS_VERSION],
+            "capabilities": { "tools": { "listChanged": announcing } },
+            "_meta": { "io.modelcontextprotocol/serverInfo": { "name": "s" } },
+        }))
+    }
+
+    fn refused() -> Result<Value, CallError> {
+        Err(CallError::Answered(ErrorObject::new(-32601, "no")))
+    }
+
+    fn outcome(s: Settled) -> Option<Result<&'static str, String>> {
+        match s {
+            Settled::Wait => None,
+            Settled::Done(Ok(Handshake::Sessions(_))) => Some(Ok("sessions")),
+            Settled::Done(Ok(Handshake::Stateless { .. })) => Some(Ok("stateless")),
+            Settled::Done(Ok(Handshake::WantsSession)) => Some(Ok("wants session")),
+            Settled::Done(Err(e)) => Some(Err(e.to_string())),
+        }
+    }
+
+    #[test]
+    fn the_first_answer_that_settles_the_revision_wins() {
+        let caps = json!({});
+        let both = Probe::Both;
+        let accepted = Ok(json!({ "protocolVersion": "2025-11-25" }));
+        // A session server: its discovery refused, its initialize accepted.
+        assert_eq!(
+            outcome(settle(both, Some(&refused()), None, true, false, &caps)),
+            None
+        );
+        assert_eq!(
+            outcome(settle(
+                both,
+                Some(&refused()),
+                Some(&accepted),
+                false,
+                false,
+                &caps
+            )),
+            Some(Ok("sessions"))
+        );
+        // An initialize accepted first: a session, the discovery no longer waited for.
+        assert_eq!(
+            outcome(settle(both, None, Some(&accepted), false, true, &caps)),
+            Some(Ok("sessions"))
+        );
+        // A 2026 server that announces nothing: settled by its discovery alone.
+        assert_eq!(
+            outcome(settle(
+                both,
+                Some(&discovery(false)),
+                None,
+                true,
+                false,
+                &caps
+            )),
+            Some(Ok("stateless"))
+        );
+        // One that announces list changes: kept in a session if it accepts one...
+        assert_eq!(
+            outcome(settle(
+                both,
+                Some(&discovery(true)),
+                None,
+                true,
+                false,
+                &caps
+            )),
+            None
+        );
+        assert_eq!(
+            outcome(settle(
+                both,
+                Some(&discovery(true)),
+                Some(&accepted),
+                false,
+                false,
+                &caps
+            )),
+            Some(Ok("sessions"))
+        );
+        // ...started again for one if it refused it, and spoken to in 2026 if asked only that.
+        assert_eq!(
+            outcome(settle(
+                both,
+                Some(&discovery(true)),
+                Some(&refused()),
+                false,
+                false,
+                &caps
+            )),
+            Some(Ok("wants session"))
+        );
+        assert_eq!(
+            outcome(settle(
+                Probe::StatelessOnly,
+                Some(&discovery(true)),
+                None,
+                false,
+                false,
+                &caps
+            )),
+            Some(Ok("stateless"))
+        );
+        // Neither: the initialize's error.
+        let failed = outcome(settle(
+            both,
+            Some(&refused()),
+            Some(&refused()),
+            false,
+            false,
+            &caps,
+        ));
+        assert!(
+            matches!(failed, Some(Err(ref e)) if e.contains("no")),
+            "{failed:?}"
+        );
+    }
+}
