@@ -220,6 +220,8 @@ def test_a_server_that_exits_on_a_request_before_initialize_is_started_again_wit
         assert protocols(cluster, name) == {"2025-11-25"}
         learned = revision_restarts(cluster, name, "probe_failed")
         assert learned >= cluster.nodes, "each node's first start probed and failed"
+        assert not slot_on_node_1(cluster, name).get("last_exit"), \
+            "the process the probe ended is not shown as the slot's exit"
 
         async def scenario():
             for mode in MODES:

@@ -198,7 +198,7 @@ pub struct Pool {
     /// `session_mode = dedicated`: a process per downstream session.
     dedicated: Mutex<DedicatedMap>,
     /// The resources subscribed on the shared processes, and who holds each.
-    subscriptions: subscriptions::SharedSubscriptions,
+    subscriptions: Arc<subscriptions::SharedSubscriptions>,
     /// What the pool learned of its server's revision (its dedicated processes' starts too).
     revision: handshake::RevisionHint,
     pool_events: mpsc::Sender<PoolEvent>,
@@ -253,7 +253,7 @@ impl Pool {
             metrics::counter!("mcpd_pool_queued_total", "server" => spec.spec.name.clone());
         let pool = Arc::new(Pool {
             name: spec.spec.name.clone(),
-            subscriptions: subscriptions::SharedSubscriptions::new(&spec.spec.name),
+            subscriptions: Arc::new(subscriptions::SharedSubscriptions::new(&spec.spec.name)),
             revision,
             spec,
             slots,
@@ -567,28 +567,27 @@ impl Pool {
                 .stop(Duration::from_millis(self.cfg.stop_grace_ms))
                 .await;
         }
-        // The shared processes forget what only this session held, in the background: the
-        // end of a session does not wait on its servers.
+        // The shared processes forget what only this session held, in the background (the
+        // end of a session does not wait on its servers), in its turn with the pool's other
+        // subscribes and unsubscribes, within one request timeout for all of them.
         let timeout = Duration::from_millis(self.spec.spec.timeouts.request_ms);
-        let released = self.subscriptions.release(key);
-        if released.is_empty() {
-            return;
-        }
-        let (server, turn) = (self.name.clone(), self.subscriptions.turn.clone());
+        let (server, subs, key) = (
+            self.name.clone(),
+            self.subscriptions.clone(),
+            key.to_string(),
+        );
         tokio::spawn(async move {
-            let _turn = turn.lock().await;
-            for (uri, process) in released {
+            let _turn = subs.turn.lock().await;
+            let released = subs.release(&key);
+            let unsubscribes = released.into_iter().map(|(uri, process)| async move {
                 let params = Some(serde_json::json!({ "uri": uri }));
-                let unsubscribe = process.call("resources/unsubscribe", params, None);
-                match tokio::time::timeout(timeout, unsubscribe).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => {
-                        tracing::info!(%server, %uri, error = %e, "an ended session's subscription was not withdrawn")
-                    }
-                    Err(_) => {
-                        tracing::info!(%server, %uri, "an ended session's subscription was not withdrawn in time")
-                    }
+                if let Err(e) = process.call("resources/unsubscribe", params, None).await {
+                    tracing::info!(%uri, error = %e, "an ended session's subscription was not withdrawn");
                 }
+            });
+            let all = futures_util::future::join_all(unsubscribes);
+            if tokio::time::timeout(timeout, all).await.is_err() {
+                tracing::info!(%server, "an ended session's subscriptions were not all withdrawn in time");
             }
         });
     }

@@ -88,8 +88,9 @@ struct Shared {
     sandbox: Sandbox,
     /// The limit mcpd killed it for, once it did (reported in place of its exit status).
     killed_for: Mutex<Option<String>>,
-    /// Ended by its start, to be started again in another revision: its exit is no failure.
-    retired: AtomicBool,
+    /// Its start succeeded: only then is its exit the slot's (a process that failed its
+    /// start, or that its start replaced, is reported by the start's error, or not at all).
+    started: AtomicBool,
 }
 
 impl Shared {
@@ -259,9 +260,9 @@ impl Process {
                 (Ok(Handshake::WantsSession), _) => {
                     Some((Probe::SessionsOnly, "announces_changes"))
                 }
-                // The probe itself may have ended it: a server that exits on any request
-                // before `initialize`.
-                (Err(e), Probe::Both) => {
+                // The probe itself ended it: a server that exits on any request before
+                // `initialize`. (An answered error is the server's own verdict.)
+                (Err(e @ CallError::Crashed(_)), Probe::Both) => {
                     tracing::info!(server = %spec.name, error = %e, "server/discover and initialize together failed; trying initialize alone");
                     Some((Probe::SessionsOnly, "probe_failed"))
                 }
@@ -276,12 +277,14 @@ impl Process {
                 if again_for.is_some() {
                     hint.learned(probe);
                 }
+                process.shared.started.store(true, Ordering::Relaxed);
                 return Ok(process);
             };
             metrics::counter!("mcpd_pool_revision_restarts_total", "server" => spec.name.clone(), "reason" => reason)
                 .increment(1);
             tracing::info!(server = %spec.name, pid = process.pid.unwrap_or(0), reason, "starting the server again to speak another revision");
-            process.retire();
+            // Dropped, it is killed with its process group.
+            drop(process);
             probe = again;
             again_for = Some(reason);
         }
@@ -338,7 +341,7 @@ impl Process {
             report: report.clone(),
             sandbox,
             killed_for: Mutex::new(None),
-            retired: AtomicBool::new(false),
+            started: AtomicBool::new(false),
         });
         let (stdin_tx, stdin_rx) = mpsc::channel::<Vec<u8>>(256);
         let (exited_tx, exited_rx) = watch::channel(false);
@@ -392,13 +395,6 @@ impl Process {
         })
     }
 
-    /// Ends a process its start will replace: killed at once, and its exit not reported
-    /// as the slot's.
-    fn retire(self) {
-        self.shared.retired.store(true, Ordering::Relaxed);
-        // Dropping it kills its process group.
-    }
-
     /// Asks the server what `probe` says and goes by the first answer that settles it
     /// (`super::handshake`); the other request, if still unanswered, is cancelled.
     async fn handshake(&self, client_init: Value, probe: Probe) -> Result<Handshake, CallError> {
@@ -421,6 +417,8 @@ impl Process {
         let (mut discovered, mut initialized) = (None, None);
         loop {
             tokio::select! {
+                // Answers that come together: the discovery's first, as the server wrote it.
+                biased;
                 d = &mut discover, if discovering => (discovered, discovering) = (Some(d), false),
                 i = &mut initialize, if initializing => (initialized, initializing) = (Some(i), false),
             }
@@ -435,7 +433,11 @@ impl Process {
             match settled {
                 Settled::Wait => continue,
                 Settled::Done(Ok(Handshake::Sessions(init))) => {
-                    self.notify("notifications/initialized", None).await;
+                    // Written before the start returns, so no request overtakes it.
+                    let note = Message::notification("notifications/initialized", None);
+                    write_line(&self.pipe, &note.to_line())
+                        .await
+                        .map_err(|_| self.shared.crashed())?;
                     return Ok(Handshake::Sessions(init));
                 }
                 Settled::Done(done) => return done,
@@ -763,8 +765,8 @@ async fn reap(mut child: Child, shared: Arc<Shared>, exited: watch::Sender<bool>
         }
         (None, None) => status,
     };
-    if shared.retired.load(Ordering::Relaxed) {
-        tracing::debug!(server = %shared.server, %status, "server process replaced at its start exited");
+    if !shared.started.load(Ordering::Relaxed) {
+        tracing::debug!(server = %shared.server, %status, "server process ended during its start");
     } else {
         tracing::info!(server = %shared.server, %status, "server process exited");
         if let Some(r) = &shared.report {
