@@ -88,9 +88,18 @@ struct Shared {
     sandbox: Sandbox,
     /// The limit mcpd killed it for, once it did (reported in place of its exit status).
     killed_for: Mutex<Option<String>>,
-    /// Its start succeeded: only then is its exit the slot's (a process that failed its
-    /// start, or that its start replaced, is reported by the start's error, or not at all).
-    started: AtomicBool,
+    /// Whether its exit is the slot's to report yet (see [`Exit`]).
+    exit: Mutex<Exit>,
+}
+
+/// When a process's exit is reported as its slot's.
+enum Exit {
+    /// During its start: kept (the exit status, once it exited), and reported only if the
+    /// start ends with this process, started or failed; a process its start replaced (the
+    /// probe ended it, or another revision is tried) is not reported.
+    Starting(Option<String>),
+    /// Started: reported when it exits.
+    Started,
 }
 
 impl Shared {
@@ -271,13 +280,19 @@ impl Process {
                     tracing::warn!(server = %spec.name, error = %e, "server speaks 2026-07-28, announces list changes and refuses a session; speaking 2026-07-28 to it without hearing its list changes");
                     Some((Probe::StatelessOnly, "sessions_refused"))
                 }
-                (Err(e), _) => return Err(ProcessError::Initialize(e.to_string())),
+                (Err(e), _) => {
+                    // The start ends with this process: its exit, if that is why, is the
+                    // slot's to see (once it came, within a moment).
+                    let _ = tokio::time::timeout(EXIT_AFTER_EOF, process.exited()).await;
+                    process.end_start();
+                    return Err(ProcessError::Initialize(e.to_string()));
+                }
             };
             let Some((again, reason)) = next else {
                 if again_for.is_some() {
                     hint.learned(probe);
                 }
-                process.shared.started.store(true, Ordering::Relaxed);
+                process.end_start();
                 return Ok(process);
             };
             metrics::counter!("mcpd_pool_revision_restarts_total", "server" => spec.name.clone(), "reason" => reason)
@@ -341,7 +356,7 @@ impl Process {
             report: report.clone(),
             sandbox,
             killed_for: Mutex::new(None),
-            started: AtomicBool::new(false),
+            exit: Mutex::new(Exit::Starting(None)),
         });
         let (stdin_tx, stdin_rx) = mpsc::channel::<Vec<u8>>(256);
         let (exited_tx, exited_rx) = watch::channel(false);
@@ -393,6 +408,16 @@ impl Process {
             init: Value::Null,
             speaks: Speaks::Sessions,
         })
+    }
+
+    /// The start ends with this process: its exit is reported from now on (and now, if it
+    /// came already).
+    fn end_start(&self) {
+        let mut exit = self.shared.exit.lock().unwrap_or_else(|p| p.into_inner());
+        if let (Exit::Starting(Some(status)), Some(r)) = (&*exit, &self.shared.report) {
+            r.exited(status);
+        }
+        *exit = Exit::Started;
     }
 
     /// Asks the server what `probe` says and goes by the first answer that settles it
@@ -765,12 +790,16 @@ async fn reap(mut child: Child, shared: Arc<Shared>, exited: watch::Sender<bool>
         }
         (None, None) => status,
     };
-    if !shared.started.load(Ordering::Relaxed) {
-        tracing::debug!(server = %shared.server, %status, "server process ended during its start");
-    } else {
-        tracing::info!(server = %shared.server, %status, "server process exited");
-        if let Some(r) = &shared.report {
-            r.exited(&status);
+    tracing::info!(server = %shared.server, %status, "server process exited");
+    {
+        let mut exit = shared.exit.lock().unwrap_or_else(|p| p.into_inner());
+        match &mut *exit {
+            Exit::Started => {
+                if let Some(r) = &shared.report {
+                    r.exited(&status);
+                }
+            }
+            Exit::Starting(kept) => *kept = Some(status),
         }
     }
     shared.fail_all(shared.crashed());
