@@ -473,7 +473,7 @@ impl Sessions {
     }
 
     /// Drops sessions idle longer than the timeout from this node's memory. Returns how many.
-    pub fn expire(&self) -> Vec<String> {
+    pub fn expire(&self) -> usize {
         let expired: Vec<String> = self
             .all()
             .into_iter()
@@ -483,7 +483,7 @@ impl Sessions {
         for id in &expired {
             self.remove(id);
         }
-        expired
+        expired.len()
     }
 }
 

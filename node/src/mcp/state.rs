@@ -239,9 +239,9 @@ pub async fn housekeeping(state: McpState, shutdown: Shutdown) {
             _ = tokio::time::sleep(Duration::from_secs(30)) => {}
             _ = shutdown.clone().wait() => return,
         }
-        let expired = state.sessions.expire();
-        if !expired.is_empty() {
-            tracing::info!(expired = expired.len(), "idle sessions dropped");
+        let n = state.sessions.expire();
+        if n > 0 {
+            tracing::info!(expired = n, "idle sessions dropped");
         }
 
         state.parked.expire();

@@ -49,6 +49,36 @@ pub enum Handshake {
     WantsSession,
 }
 
+/// Why a start spawns its server again (`mcpd_pool_revision_restarts_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restart {
+    /// The probe ended the process (a server that exits on any request before
+    /// `initialize`): `initialize` alone next.
+    ProbeFailed,
+    /// A 2026-07-28 server that announces list changes refused `initialize`: a session next.
+    AnnouncesChanges,
+    /// Then it refused a session too: 2026-07-28 after all, without its list changes.
+    SessionsRefused,
+}
+
+impl Restart {
+    /// What the next process is asked.
+    pub fn probe(self) -> Probe {
+        match self {
+            Restart::ProbeFailed | Restart::AnnouncesChanges => Probe::SessionsOnly,
+            Restart::SessionsRefused => Probe::StatelessOnly,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Restart::ProbeFailed => "probe_failed",
+            Restart::AnnouncesChanges => "announces_changes",
+            Restart::SessionsRefused => "sessions_refused",
+        }
+    }
+}
+
 /// What a pool learned of the revision its stdio server speaks, shared by the pool's
 /// processes (their starts begin with [`RevisionHint::probe`]).
 #[derive(Debug, Clone, Default)]

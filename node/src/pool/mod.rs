@@ -570,6 +570,9 @@ impl Pool {
         // The shared processes forget what only this session held, in the background (the
         // end of a session does not wait on its servers), in its turn with the pool's other
         // subscribes and unsubscribes, within one request timeout for all of them.
+        if !self.subscriptions.holds(key) {
+            return;
+        }
         let timeout = Duration::from_millis(self.spec.spec.timeouts.request_ms);
         let (server, subs, key) = (
             self.name.clone(),

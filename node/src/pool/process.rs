@@ -27,7 +27,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::handshake::{settle, Handshake, Probe, RevisionHint, Settled};
+use super::handshake::{settle, Handshake, Probe, Restart, RevisionHint, Settled};
 use super::report::SlotReport;
 use super::sandbox::{Launch, NodePaths, Sandbox};
 use crate::call::{CallError, CallEvent, EventSink, Responder};
@@ -245,7 +245,7 @@ impl Process {
         let hint = options.revision.clone();
         let mut probe = hint.probe();
         // Why the last process was started again (`None`: the first).
-        let mut again_for: Option<&str> = None;
+        let mut again_for: Option<Restart> = None;
         // At most three processes: the probe, a session, then the stateless revision.
         for _ in 0..3 {
             let mut process = Process::spawn(spec, pool_events.clone(), options.clone()).await?;
@@ -253,7 +253,7 @@ impl Process {
                 tokio::time::timeout(startup, process.handshake(client_init.clone(), probe))
                     .await
                     .map_err(|_| ProcessError::StartupTimeout(startup))?;
-            let next = match (shaken, probe) {
+            let restart = match (shaken, probe) {
                 (Ok(Handshake::Sessions(init)), _) => {
                     process.init = init;
                     None
@@ -266,19 +266,17 @@ impl Process {
                     };
                     None
                 }
-                (Ok(Handshake::WantsSession), _) => {
-                    Some((Probe::SessionsOnly, "announces_changes"))
-                }
+                (Ok(Handshake::WantsSession), _) => Some(Restart::AnnouncesChanges),
                 // The probe itself ended it: a server that exits on any request before
                 // `initialize`. (An answered error is the server's own verdict.)
                 (Err(e @ CallError::Crashed(_)), Probe::Both) => {
                     tracing::info!(server = %spec.name, error = %e, "server/discover and initialize together failed; trying initialize alone");
-                    Some((Probe::SessionsOnly, "probe_failed"))
+                    Some(Restart::ProbeFailed)
                 }
                 // It speaks 2026-07-28 only: its list changes will not be heard.
-                (Err(e), Probe::SessionsOnly) if again_for == Some("announces_changes") => {
+                (Err(e), Probe::SessionsOnly) if again_for == Some(Restart::AnnouncesChanges) => {
                     tracing::warn!(server = %spec.name, error = %e, "server speaks 2026-07-28, announces list changes and refuses a session; speaking 2026-07-28 to it without hearing its list changes");
-                    Some((Probe::StatelessOnly, "sessions_refused"))
+                    Some(Restart::SessionsRefused)
                 }
                 (Err(e), _) => {
                     // The start ends with this process: its exit, if that is why, is the
@@ -288,20 +286,21 @@ impl Process {
                     return Err(ProcessError::Initialize(e.to_string()));
                 }
             };
-            let Some((again, reason)) = next else {
+            let Some(restart) = restart else {
                 if again_for.is_some() {
                     hint.learned(probe);
                 }
                 process.end_start();
                 return Ok(process);
             };
+            let reason = restart.label();
             metrics::counter!("mcpd_pool_revision_restarts_total", "server" => spec.name.clone(), "reason" => reason)
                 .increment(1);
             tracing::info!(server = %spec.name, pid = process.pid.unwrap_or(0), reason, "starting the server again to speak another revision");
             // Dropped, it is killed with its process group.
             drop(process);
-            probe = again;
-            again_for = Some(reason);
+            probe = restart.probe();
+            again_for = Some(restart);
         }
         Err(ProcessError::Initialize(
             "no revision could be agreed with the server".into(),
@@ -511,9 +510,8 @@ impl Process {
 
     /// Like [`Process::call`], for a call of downstream session `owner`: the server's own
     /// requests and logs during it can only be attributed when every call in flight on the
-    /// process belongs to one session. In the stateless revision a request goes round after
-    /// round (`super::rounds`); `ping` is a `server/discover` and `logging/setLevel` is
-    /// refused (a request's `_meta` carries its log level).
+    /// process belongs to one session. In the stateless revision a request goes through
+    /// `super::rounds` (round after round, a line each).
     pub async fn call_owned(
         &self,
         method: &str,
@@ -528,23 +526,13 @@ impl Process {
         else {
             return self.request(method, params, events, owner).await;
         };
-        match method {
-            "ping" => {
-                let params = super::rounds::with_meta(None, capabilities);
-                let found = self.request("server/discover", params, None, None).await?;
-                super::rounds::pinged(&self.shared.server, Some(&found))
-            }
-            "logging/setLevel" => Err(super::rounds::no_set_level(&self.shared.server)),
-            _ => {
-                let params = super::rounds::with_meta(params, capabilities);
-                let rounds = Rounds {
-                    process: self,
-                    owner,
-                    max_questions: *max_questions,
-                };
-                super::rounds::call(&rounds, method, params, events).await
-            }
-        }
+        let rounds = Rounds {
+            process: self,
+            owner,
+            capabilities,
+            max_questions: *max_questions,
+        };
+        super::rounds::call(&rounds, method, params, events).await
     }
 
     /// Sends one request and waits for its answer.
@@ -682,6 +670,7 @@ impl Sent<'_> {
 struct Rounds<'a> {
     process: &'a Process,
     owner: Option<Arc<str>>,
+    capabilities: &'a Value,
     max_questions: usize,
 }
 
@@ -692,6 +681,10 @@ impl super::rounds::Carrier for Rounds<'_> {
 
     fn max_questions(&self) -> usize {
         self.max_questions
+    }
+
+    fn capabilities(&self) -> &Value {
+        self.capabilities
     }
 
     fn round<'a>(

@@ -5,9 +5,7 @@
 //! - a POST carries the `MCP-Protocol-Version`, `Mcp-Method` and `Mcp-Name` headers; the
 //!   server's OAuth client (`super::oauth`) and the `401`-once-more rule are as in
 //!   `super::remote`;
-//! - its answer is JSON, or an SSE stream whose notifications go to the call;
-//! - `ping` is a `server/discover`; `logging/setLevel` is refused as a method the server
-//!   does not have.
+//! - its answer is JSON, or an SSE stream whose notifications go to the call.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -78,24 +76,6 @@ impl Link {
             Posted::Answer(Err(_)) | Posted::Refused(_) => return Ok(None),
         };
         Ok(super::rounds::speaks(&result).then_some(result))
-    }
-
-    /// Sends a request, round after round (`super::rounds`).
-    pub async fn call(
-        &self,
-        method: &str,
-        params: Option<Value>,
-        events: Option<EventSink>,
-    ) -> Result<Value, CallError> {
-        match method {
-            "ping" => {
-                let discovered = self.discovered().await?;
-                return super::rounds::pinged(&self.server, discovered.as_ref());
-            }
-            "logging/setLevel" => return Err(super::rounds::no_set_level(&self.server)),
-            _ => {}
-        }
-        super::rounds::call(self, method, self.with_meta(params), events).await
     }
 
     /// The request's params with this revision's `_meta` (`super::rounds::with_meta`).
@@ -186,6 +166,10 @@ impl Carrier for Link {
 
     fn max_questions(&self) -> usize {
         self.max_questions
+    }
+
+    fn capabilities(&self) -> &Value {
+        &self.capabilities
     }
 
     fn round<'a>(

@@ -128,6 +128,6 @@ impl Stateless {
                 Ok(json!({}))
             };
         }
-        self.link.call(method, params, events).await
+        super::rounds::call(self.link.as_ref(), method, params, events).await
     }
 }

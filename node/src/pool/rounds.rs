@@ -33,6 +33,9 @@ pub trait Carrier: Sync {
     fn server(&self) -> &str;
     /// Most questions one round may ask (`[pool] max_input_questions`).
     fn max_questions(&self) -> usize;
+    /// The client capabilities a request carries when its caller gave none (the gateway's,
+    /// or a dedicated session's client's).
+    fn capabilities(&self) -> &Value;
     /// Sends one round (`method` with `params` as they are now, under a new id) and returns
     /// its result; a JSON-RPC error is `CallError::Answered`. The server's notifications
     /// during it go to `events`.
@@ -44,13 +47,38 @@ pub trait Carrier: Sync {
     ) -> BoxFuture<'a, Result<Value, CallError>>;
 }
 
-/// Sends a request, round after round (see the module docs).
+/// Sends a request in this revision, round after round (see the module docs), with its
+/// `_meta`. `ping`, which the revision has not, is a `server/discover`; `logging/setLevel`
+/// is refused as a method the server has not (a request's `_meta` carries its log level).
 pub async fn call<C: Carrier + ?Sized>(
     carrier: &C,
     method: &str,
-    mut params: Option<Value>,
+    params: Option<Value>,
     events: Option<EventSink>,
 ) -> Result<Value, CallError> {
+    let server = carrier.server();
+    match method {
+        "ping" => {
+            let params = with_meta(None, carrier.capabilities());
+            return match carrier.round("server/discover", &params, None).await {
+                Ok(found) if speaks(&found) => Ok(json!({})),
+                Ok(_) | Err(CallError::Answered(_)) => Err(CallError::Crashed(format!(
+                    "server {server:?} no longer answers server/discover with {STATELESS_VERSION}"
+                ))),
+                Err(e) => Err(e),
+            };
+        }
+        "logging/setLevel" => {
+            return Err(CallError::Answered(ErrorObject::new(
+                code::METHOD_NOT_FOUND,
+                format!(
+                    "logging/setLevel: server {server:?} speaks {STATELESS_VERSION}, which has no such method"
+                ),
+            )))
+        }
+        _ => {}
+    }
+    let mut params = with_meta(params, carrier.capabilities());
     let mut first = true;
     loop {
         let mut result = match carrier.round(method, &params, events.as_ref()).await {
@@ -111,28 +139,6 @@ pub fn with_meta(params: Option<Value>, capabilities: &Value) -> Option<Value> {
         }
     }
     Some(Value::Object(params))
-}
-
-/// The error of `logging/setLevel` to a server of this revision, which has no such method
-/// (a request's `_meta` carries its log level instead).
-pub fn no_set_level(server: &str) -> CallError {
-    CallError::Answered(ErrorObject::new(
-        code::METHOD_NOT_FOUND,
-        format!(
-            "logging/setLevel: server {server:?} speaks {STATELESS_VERSION}, which has no such method"
-        ),
-    ))
-}
-
-/// The answer to a `ping` (which this revision does not have) from a `server/discover`
-/// result: the server is there if it still speaks the revision.
-pub fn pinged(server: &str, discovered: Option<&Value>) -> Result<Value, CallError> {
-    match discovered.is_some_and(speaks) {
-        true => Ok(json!({})),
-        false => Err(CallError::Crashed(format!(
-            "server {server:?} no longer answers server/discover with {STATELESS_VERSION}"
-        ))),
-    }
 }
 
 /// Whether a `server/discover` result names this revision among the server's versions.
@@ -210,4 +216,95 @@ async fn ask<C: Carrier + ?Sized>(
         answers.insert(key, outcome.map_err(CallError::Answered)?);
     }
     Ok(answers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A carrier whose server answers every round with `answer` and records what it got.
+    struct Recorded {
+        answer: Value,
+        got: Mutex<Vec<(String, Option<Value>)>>,
+        capabilities: Value,
+    }
+
+    impl Carrier for Recorded {
+        fn server(&self) -> &str {
+            "s"
+        }
+        fn max_questions(&self) -> usize {
+            MAX_QUESTIONS
+        }
+        fn capabilities(&self) -> &Value {
+            &self.capabilities
+        }
+        fn round<'a>(
+            &'a self,
+            method: &'a str,
+            params: &'a Option<Value>,
+            _events: Option<&'a EventSink>,
+        ) -> BoxFuture<'a, Result<Value, CallError>> {
+            self.got
+                .lock()
+                .unwrap()
+                .push((method.into(), params.clone()));
+            Box::pin(std::future::ready(Ok(self.answer.clone())))
+        }
+    }
+
+    fn recorded(answer: Value) -> Recorded {
+        Recorded {
+            answer,
+            got: Mutex::default(),
+            capabilities: json!({ "sampling": {} }),
+        }
+    }
+
+    #[tokio::test]
+    async fn ping_is_a_discovery_and_set_level_is_refused() {
+        let speaking = recorded(json!({ "supportedVersions": [STATELESS_VERSION] }));
+        assert_eq!(
+            call(&speaking, "ping", None, None).await.unwrap(),
+            json!({})
+        );
+        assert_eq!(speaking.got.lock().unwrap()[0].0, "server/discover");
+        let other = recorded(json!({ "supportedVersions": ["2025-11-25"] }));
+        assert!(matches!(
+            call(&other, "ping", None, None).await,
+            Err(CallError::Crashed(_))
+        ));
+        let refused = call(&speaking, "logging/setLevel", None, None).await;
+        assert!(
+            matches!(refused, Err(CallError::Answered(ref e)) if e.code == code::METHOD_NOT_FOUND)
+        );
+        assert_eq!(
+            speaking.got.lock().unwrap().len(),
+            1,
+            "setLevel sent nothing"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_carries_the_revision_and_the_callers_own_capabilities() {
+        let server = recorded(json!({ "content": [], "resultType": "complete" }));
+        let own = json!({ "name": "t", "_meta": { META_CAPS: { "elicitation": {} } } });
+        let result = call(&server, "tools/call", Some(own), None).await.unwrap();
+        assert_eq!(
+            result,
+            json!({ "content": [] }),
+            "resultType is the revision's own"
+        );
+        call(&server, "tools/list", None, None).await.unwrap();
+        let got = server.got.lock().unwrap();
+        let meta = |i: usize| got[i].1.as_ref().unwrap()["_meta"].clone();
+        assert_eq!(meta(0)[META_VERSION], STATELESS_VERSION);
+        assert_eq!(meta(0)[META_CAPS], json!({ "elicitation": {} }));
+        assert_eq!(
+            meta(1)[META_CAPS],
+            json!({ "sampling": {} }),
+            "else the gateway's"
+        );
+    }
 }

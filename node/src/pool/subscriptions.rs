@@ -71,7 +71,7 @@ impl SharedSubscriptions {
         let Some(h) = uris.get_mut(uri) else {
             return false;
         };
-        if !h.alive() {
+        if h.live().is_none() {
             // Its process is gone, and the subscription with it: subscribe again.
             return false;
         }
@@ -101,10 +101,10 @@ impl SharedSubscriptions {
         if let Some(owner) = owner {
             h.sessions.remove(owner);
         }
-        if h.alive() && (h.listeners || !h.sessions.is_empty()) {
+        let process = h.live();
+        if process.is_some() && (h.listeners || !h.sessions.is_empty()) {
             return Unsubscribe::Kept;
         }
-        let process = h.process.upgrade().filter(|p| p.is_alive());
         uris.remove(uri);
         self.gauge.set(uris.len() as f64);
         match process {
@@ -113,21 +113,24 @@ impl SharedSubscriptions {
         }
     }
 
+    /// Whether session `owner` holds any URI.
+    pub fn holds(&self, owner: &str) -> bool {
+        self.lock().values().any(|h| h.sessions.contains(owner))
+    }
+
     /// Takes session `owner` (ended) off every URI it held; the URIs it was the last holder
     /// of, with the live process that has each, to be told to forget them.
     pub fn release(&self, owner: &str) -> Vec<(String, Arc<dyn Upstream>)> {
         let mut uris = self.lock();
         let mut released = Vec::new();
         uris.retain(|uri, h| {
-            if !h.alive() {
+            let Some(process) = h.live() else {
                 return false;
-            }
+            };
             if !h.sessions.remove(owner) || h.listeners || !h.sessions.is_empty() {
                 return true;
             }
-            if let Some(p) = h.process.upgrade().filter(|p| p.is_alive()) {
-                released.push((uri.clone(), p));
-            }
+            released.push((uri.clone(), process));
             false
         });
         self.gauge.set(uris.len() as f64);
@@ -136,9 +139,9 @@ impl SharedSubscriptions {
 }
 
 impl Holders {
-    /// Whether the process that has the subscription still runs.
-    fn alive(&self) -> bool {
-        self.process.upgrade().is_some_and(|p| p.is_alive())
+    /// The process that has the subscription, while it runs.
+    fn live(&self) -> Option<Arc<dyn Upstream>> {
+        self.process.upgrade().filter(|p| p.is_alive())
     }
 
     fn hold(&mut self, owner: Option<&Arc<str>>) {
