@@ -662,6 +662,21 @@ impl AdminClient {
         }
     }
 
+    /// Asks the cluster to check MACs (and the hash chain) with its key: of `req.events`, or
+    /// of the events the node holds.
+    pub async fn verify_audit(
+        &self,
+        req: &mcpcp_proto::audit::AuditVerify,
+    ) -> Result<mcpcp_proto::audit::AuditVerdict, ClientError> {
+        self.call(
+            Method::POST,
+            "/v1/audit/verify",
+            Some(req),
+            &CallOptions::default(),
+        )
+        .await
+    }
+
     pub async fn set_audit_retention(
         &self,
         events: u64,

@@ -3,7 +3,7 @@
 //! Exit codes: 0 ok, 1 error, 2 usage, 3 unavailable (no quorum, or no node reachable).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -151,6 +151,11 @@ enum SnapshotCmd {
         /// be new to the snapshot's cluster.
         #[arg(long = "member", required = true, value_parser = mcpcp_proto::snapshot::parse_member)]
         members: Vec<Member>,
+        /// Accept a snapshot whose audit trail begins with events without a MAC (taken from a
+        /// cluster that started on a release before the trail was keyed). Without it such a
+        /// trail is refused at the first start: its MACs may have been taken off.
+        #[arg(long)]
+        allow_unkeyed_audit: bool,
     },
 }
 
@@ -1078,16 +1083,24 @@ enum AuditCmd {
     },
     /// Writes every event the cluster keeps to FILE, one JSON object per line.
     Export { file: PathBuf },
-    /// Checks the hash chain: of the cluster's events, or of an exported FILE. Exit 1 names
-    /// the first event that was edited, removed or reordered.
+    /// Checks the hash chain, then each event's MAC with the cluster's key: of the cluster's
+    /// events, or of an exported FILE. Exit 1 names the first event that was edited, removed,
+    /// reordered, or written without the key.
     Verify {
         #[arg(long)]
         file: Option<PathBuf>,
         /// The head hash the chain must end at (kept apart from the file, e.g. from the
-        /// output of `verify` when the file was exported): a file rewritten from some event
-        /// on, or cut short, is found by it.
+        /// output of `verify` when the file was exported): a file cut short is found by it.
         #[arg(long)]
         head: Option<String>,
+        /// With --file: check the hash chain only, without asking the cluster (MACs are not
+        /// checked: only the cluster holds their key).
+        #[arg(long, requires = "file")]
+        offline: bool,
+        /// Accept events without a MAC before the first that has one (written before the
+        /// chain was keyed, by an older release).
+        #[arg(long)]
+        allow_unkeyed: bool,
     },
     /// How many events the cluster keeps (older ones are dropped, the chain's head kept).
     Retention { events: u64 },
@@ -2212,11 +2225,13 @@ async fn snapshot(cli: &Cli, cmd: &SnapshotCmd) -> Outcome {
             data_dir,
             id,
             members,
+            allow_unkeyed_audit,
         } => {
             let plan = mcpcp_proto::snapshot::RestorePlan {
                 node: *id,
                 members: members.clone(),
                 force_new_cluster: false,
+                allow_unkeyed_audit: *allow_unkeyed_audit,
             };
             let header = snap::restore(&snap::Restore {
                 file,
@@ -2307,8 +2322,70 @@ impl Progress {
     }
 }
 
+/// The events of an exported audit FILE (one JSON object per line).
+fn read_audit_file(f: &Path) -> Result<Vec<mcpcp_proto::audit::AuditEvent>, Failure> {
+    let text =
+        std::fs::read_to_string(f).map_err(|e| fail(1, format!("reading {}: {e}", f.display())))?;
+    let mut events = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let e = serde_json::from_str(line).map_err(|e| {
+            fail(
+                1,
+                format!("{} line {}: not an audit event: {e}", f.display(), i + 1),
+            )
+        })?;
+        events.push(e);
+    }
+    Ok(events)
+}
+
+/// Events per request when a file's MACs are sent to the cluster: well under the admin API's
+/// 1 MiB default body for events of a few KiB.
+const MAC_CHECK_BATCH: usize = 200;
+
+/// Has the cluster check MACs with its key: of `events` (a file's, in batches), or of its own
+/// copy of the trail. A batch with unkeyed events after a keyed one means MACs were taken off.
+async fn check_macs(
+    c: &AdminClient,
+    events: Option<&Vec<mcpcp_proto::audit::AuditEvent>>,
+    allow_unkeyed: bool,
+) -> Result<mcpcp_proto::audit::MacReport, Failure> {
+    use mcpcp_proto::audit::{AuditVerify, ChainError, MacReport};
+    let batches: Vec<Option<Vec<_>>> = match events {
+        None => vec![None],
+        Some(events) => events
+            .chunks(MAC_CHECK_BATCH)
+            .map(|b| Some(b.to_vec()))
+            .collect(),
+    };
+    let mut total = MacReport::default();
+    for batch in batches {
+        let first = batch.as_ref().and_then(|b| b.first()).map_or(0, |e| e.seq);
+        let verdict = c
+            .verify_audit(&AuditVerify {
+                events: batch,
+                allow_unkeyed: allow_unkeyed && total.keyed == 0,
+            })
+            .await?;
+        if let Some(broken) = verdict.broken {
+            return Err(fail(1, format!("audit chain broken: {broken}")));
+        }
+        if total.keyed > 0 && verdict.macs.unkeyed > 0 {
+            let removed = ChainError::MacRemoved { seq: first };
+            return Err(fail(1, format!("audit chain broken: {removed}")));
+        }
+        total.keyed += verdict.macs.keyed;
+        total.unkeyed += verdict.macs.unkeyed;
+    }
+    Ok(total)
+}
+
 async fn audit(cli: &Cli, cmd: &AuditCmd) -> Outcome {
-    use mcpcp_proto::audit::{verify, AuditEvent};
+    use mcpcp_proto::audit::verify;
     let c = client(cli)?;
     match cmd {
         AuditCmd::List { since, actor, kind } => {
@@ -2353,27 +2430,14 @@ async fn audit(cli: &Cli, cmd: &AuditCmd) -> Outcome {
                 .map_err(|e| fail(1, format!("writing {}: {e}", file.display())))?;
             out!("{} events written to {}", events.len(), file.display());
         }
-        AuditCmd::Verify { file, head: anchor } => {
+        AuditCmd::Verify {
+            file,
+            head: anchor,
+            offline,
+            allow_unkeyed,
+        } => {
             let (events, head) = match file {
-                Some(f) => {
-                    let text = std::fs::read_to_string(f)
-                        .map_err(|e| fail(1, format!("reading {}: {e}", f.display())))?;
-                    let mut events = Vec::new();
-                    for (i, line) in text
-                        .lines()
-                        .enumerate()
-                        .filter(|(_, l)| !l.trim().is_empty())
-                    {
-                        let e: AuditEvent = serde_json::from_str(line).map_err(|e| {
-                            fail(
-                                1,
-                                format!("{} line {}: not an audit event: {e}", f.display(), i + 1),
-                            )
-                        })?;
-                        events.push(e);
-                    }
-                    (events, None)
-                }
+                Some(f) => (read_audit_file(f)?, None),
                 None => {
                     let (events, head, first_kept) = c.audit_all().await?;
                     if events.first().is_some_and(|e| e.seq != first_kept) {
@@ -2395,9 +2459,22 @@ async fn audit(cli: &Cli, cmd: &AuditCmd) -> Outcome {
                     ));
                 }
             }
+            let keyed = if *offline {
+                "MACs not checked (--offline)".to_string()
+            } else {
+                let macs =
+                    check_macs(&c, file.is_some().then_some(&events), *allow_unkeyed).await?;
+                match macs.unkeyed {
+                    0 => format!("{} keyed by the cluster", macs.keyed),
+                    n => format!(
+                        "{} keyed by the cluster, {n} before them unkeyed",
+                        macs.keyed
+                    ),
+                }
+            };
             match (events.first(), events.last()) {
                 (Some(first), Some(last)) => out!(
-                    "audit chain verified: events {} to {}, head {}",
+                    "audit chain verified: events {} to {}, head {}; {keyed}",
                     first.seq,
                     last.seq,
                     last.hash

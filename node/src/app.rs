@@ -195,11 +195,26 @@ pub async fn run(
             .unwrap_or_else(|| local(&grpc_listener)),
     };
 
+    // The names clients reach this node by: in its HTTPS certificate, and the only `Host`s
+    // it serves.
+    let names = edge_names(&cfg, &me);
+    // A new node with a join token fetches the cluster CA and data key before anything else.
+    if let (false, Some(url), Some(token)) = (
+        cfg.tls_dir().join(mcpcp_pki::ca::CA_CERT).exists(),
+        &cfg.tls.join_url,
+        &cfg.tls.join_token,
+    ) {
+        crate::join::join(url, token, cfg.id, &names, &cfg.tls_dir()).await?;
+    }
+    // The data key seals secrets and keys the audit chain the state machine appends to.
+    let data_key = crate::seal::DataKey::load(&cfg.tls_dir())?;
     let log_path = cfg.data_dir.join("raft-log.redb");
     let sm_path = cfg.data_dir.join("state.redb");
-    let sm = StateMachineStore::open(&sm_path).map_err(|source| StartError::Store {
-        path: sm_path,
-        source,
+    let sm = StateMachineStore::open(&sm_path, data_key.audit_key().clone()).map_err(|source| {
+        StartError::Store {
+            path: sm_path,
+            source,
+        }
     })?;
     let restored =
         crate::restore::apply_pending(&cfg.data_dir, &log_path, cfg.id, &cfg.tls_dir(), &sm)
@@ -217,17 +232,6 @@ pub async fn run(
         log_store.send_early_to(peers.clone());
         (peers, EarlyAcks::default())
     });
-    // The names clients reach this node by: in its HTTPS certificate, and the only `Host`s
-    // it serves.
-    let names = edge_names(&cfg, &me);
-    // A new node with a join token fetches the cluster CA and data key before anything else.
-    if let (false, Some(url), Some(token)) = (
-        cfg.tls_dir().join(mcpcp_pki::ca::CA_CERT).exists(),
-        &cfg.tls.join_url,
-        &cfg.tls.join_token,
-    ) {
-        crate::join::join(url, token, cfg.id, &names, &cfg.tls_dir()).await?;
-    }
     let node_tls = Arc::new(NodeTls::load(
         &cfg.tls_dir(),
         cfg.id,
@@ -239,7 +243,6 @@ pub async fn run(
         Duration::from_millis(500),
         PeerConnector::new(&node_tls, members.clone())?,
     );
-    let data_key = crate::seal::DataKey::load(&cfg.tls_dir())?;
     let network = NetworkFactory {
         channels: channels.clone(),
         early_acks: early.as_ref().map(|(_, acks)| acks.clone()),

@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod app;
+pub mod audit_key;
 pub mod call;
 pub mod call_audit;
 pub mod config;

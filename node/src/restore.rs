@@ -50,6 +50,8 @@ pub enum RestoreError {
     NoDataKey(crate::seal::SealError),
     #[error("the snapshot's secrets do not open with this node's data key (server {server}): put the data.key of the cluster the snapshot was taken from into the TLS directory")]
     DataKey { server: String },
+    #[error("the snapshot's audit trail does not check with this node's data key ({0}): the snapshot was rewritten, or the data.key in the TLS directory is another cluster's")]
+    AuditTrail(mcpcp_proto::audit::ChainError),
     #[error("restore.snapshot: its state is unreadable: {0}")]
     State(String),
     #[error("writing the restored state: {0}")]
@@ -119,7 +121,7 @@ pub async fn apply_pending(
     plan.check(&data.state.node_ids_ever)
         .map_err(RestoreError::Members)?;
     let data_key = DataKey::load(tls_dir).map_err(RestoreError::NoDataKey)?;
-    check_data_key(&data, &data_key)?;
+    check_data_key(&data, &data_key, plan.allow_unkeyed_audit)?;
 
     // The log position from the checksummed state, not the header.
     let index = data.last_applied.map_or(0, |l| l.index);
@@ -176,8 +178,10 @@ fn sync_dir(dir: &Path) -> Result<(), RestoreError> {
     })
 }
 
-/// Every sealed secret of the snapshot opens with `key`.
-fn check_data_key(data: &SmData, key: &DataKey) -> Result<(), RestoreError> {
+/// Every sealed secret of the snapshot opens with `key`, and its audit trail chains and carries
+/// the MACs of `key` (a snapshot rewritten by someone without the key is refused), events
+/// without one only before the first that has one, and only when the plan accepts them.
+fn check_data_key(data: &SmData, key: &DataKey, allow_unkeyed: bool) -> Result<(), RestoreError> {
     for (name, server) in &data.state.servers {
         let mut spec = server.spec.clone();
         if key.open_secrets(&mut spec).is_err() {
@@ -186,7 +190,13 @@ fn check_data_key(data: &SmData, key: &DataKey) -> Result<(), RestoreError> {
             });
         }
     }
-    Ok(())
+    let trail: Vec<_> = data.state.audit.iter().cloned().collect();
+    mcpcp_proto::audit::verify(&trail)
+        .and_then(|()| {
+            mcpcp_proto::audit::verify_macs(&trail, |e| key.audit_key().checks(e), allow_unkeyed)
+        })
+        .map(|_| ())
+        .map_err(RestoreError::AuditTrail)
 }
 
 /// How often a restored node asks its fellow members how they were restored.

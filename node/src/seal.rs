@@ -17,6 +17,8 @@ use mcpcp_proto::api::ServerSpec;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
 
+use crate::audit_key::AuditKey;
+
 /// What a sealed value starts with.
 pub const SEALED: &str = "sealed:v1:";
 
@@ -30,9 +32,10 @@ pub enum SealError {
     Open { place: String },
 }
 
-/// The cluster's data key, ready to seal and open. Cheap to clone.
+/// The cluster's data key, ready to seal and open, and the audit key derived from it. Cheap
+/// to clone.
 #[derive(Clone)]
-pub struct DataKey(Arc<LessSafeKey>);
+pub struct DataKey(Arc<LessSafeKey>, AuditKey);
 
 impl std::fmt::Debug for DataKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -53,7 +56,12 @@ impl DataKey {
     pub fn from_bytes(key: &[u8; 32]) -> DataKey {
         let unbound = UnboundKey::new(&AES_256_GCM, key)
             .unwrap_or_else(|_| unreachable!("a 32-byte key fits AES-256-GCM"));
-        DataKey(Arc::new(LessSafeKey::new(unbound)))
+        DataKey(Arc::new(LessSafeKey::new(unbound)), AuditKey::derive(key))
+    }
+
+    /// The key of the audit chain's MACs.
+    pub fn audit_key(&self) -> &AuditKey {
+        &self.1
     }
 
     pub fn seal(&self, place: &str, plain: &str) -> Result<String, SealError> {

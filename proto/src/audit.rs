@@ -2,6 +2,12 @@
 //! node holds the same trail), chained by hash. Each event's `hash` is SHA-256 over the hash of
 //! the event before it and the event's own JSON without its `hash`; a removed, reordered or
 //! edited event breaks the chain from there on, which [`verify`] reports.
+//!
+//! A hash chain alone is rewritten whole by anyone who holds the data: edit an event, hash
+//! every later one again. So each event also carries a `mac`: HMAC-SHA256 of its `hash` under
+//! a key derived from the cluster's data key, which lives in each node's TLS directory, not in
+//! the data directory, its snapshots or its backups. Only a node can make or check one
+//! ([`verify_macs`] with the node's check); the hash chain stays checkable by anyone.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -50,6 +56,10 @@ pub struct AuditEvent {
     pub revision: u64,
     pub prev_hash: String,
     pub hash: String,
+    /// HMAC-SHA256 (hex) of `hash` under the cluster's audit key; absent on events written
+    /// before the chain was keyed. Not part of `hash`, so nodes of either kind agree on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 impl AuditEvent {
@@ -57,6 +67,7 @@ impl AuditEvent {
     pub fn digest(&self) -> String {
         let mut unsealed = self.clone();
         unsealed.hash = String::new();
+        unsealed.mac = None;
         let body = serde_json::to_vec(&unsealed).unwrap_or_default();
         let mut h = Sha256::new();
         h.update(self.prev_hash.as_bytes());
@@ -96,6 +107,92 @@ pub enum ChainError {
     Broken { seq: u64, before: u64 },
     #[error("event 1 does not start the chain")]
     BadStart,
+    #[error(
+        "event {seq}: its MAC does not match (written or rewritten without the cluster's key)"
+    )]
+    BadMac { seq: u64 },
+    #[error("event {seq}: it carries no MAC, but an event before it does (its MAC was taken off)")]
+    MacRemoved { seq: u64 },
+    #[error("events {first} to {last} carry no MAC: written before the chain was keyed, or their MACs were taken off (`audit verify --allow-unkeyed` and `snapshot restore --allow-unkeyed-audit` accept them)")]
+    Unkeyed { first: u64, last: u64 },
+}
+
+/// What [`verify_macs`] found in a chain whose every MAC checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct MacReport {
+    /// Events that carry a MAC (all checked).
+    pub keyed: u64,
+    /// Events before the first keyed one that carry none (accepted only when asked).
+    pub unkeyed: u64,
+}
+
+/// Checks each event's MAC with `mac_ok` (a node's key). An event without one is accepted only
+/// before the first that has one, and only when `allow_unkeyed`: a chain keyed from some
+/// event on stays keyed, so taking MACs off is found.
+pub fn verify_macs(
+    events: &[AuditEvent],
+    mac_ok: impl Fn(&AuditEvent) -> bool,
+    allow_unkeyed: bool,
+) -> Result<MacReport, ChainError> {
+    let mut report = MacReport::default();
+    for e in events {
+        match &e.mac {
+            Some(_) if !mac_ok(e) => return Err(ChainError::BadMac { seq: e.seq }),
+            Some(_) => report.keyed += 1,
+            None if report.keyed > 0 => return Err(ChainError::MacRemoved { seq: e.seq }),
+            None => report.unkeyed += 1,
+        }
+    }
+    if report.unkeyed > 0 && !allow_unkeyed {
+        let first = events.first().map_or(0, |e| e.seq);
+        return Err(ChainError::Unkeyed {
+            first,
+            last: first + report.unkeyed - 1,
+        });
+    }
+    Ok(report)
+}
+
+/// `POST /v1/audit/verify`: check MACs with the cluster's key.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditVerify {
+    /// The events to check (an exported file); absent: the events the node holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<Vec<AuditEvent>>,
+    /// Accept events without a MAC before the first that has one.
+    #[serde(default)]
+    pub allow_unkeyed: bool,
+}
+
+/// The answer to [`AuditVerify`]: what was checked, and where the chain breaks, if it does.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditVerdict {
+    /// The first and last event checked (0 when there were none).
+    pub first: u64,
+    pub last: u64,
+    #[serde(flatten)]
+    pub macs: MacReport,
+    /// Where the hash chain or a MAC breaks; absent when everything checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broken: Option<String>,
+}
+
+impl AuditVerdict {
+    /// Checks `events`' hash chain, then their MACs with `mac_ok`.
+    pub fn of(
+        events: &[AuditEvent],
+        mac_ok: impl Fn(&AuditEvent) -> bool,
+        allow_unkeyed: bool,
+    ) -> AuditVerdict {
+        let checked = verify(events).and_then(|()| verify_macs(events, mac_ok, allow_unkeyed));
+        AuditVerdict {
+            first: events.first().map_or(0, |e| e.seq),
+            last: events.last().map_or(0, |e| e.seq),
+            macs: checked.clone().unwrap_or_default(),
+            broken: checked.err().map(|e| e.to_string()),
+        }
+    }
 }
 
 /// Checks that `events` (in order) form an unbroken chain. The first one's `prev_hash` is
@@ -144,6 +241,7 @@ mod tests {
                     revision: seq + 10,
                     prev_hash: prev.clone(),
                     hash: String::new(),
+                    mac: None,
                 };
                 e.hash = e.digest();
                 prev = e.hash.clone();
@@ -179,6 +277,56 @@ mod tests {
         assert_eq!(
             verify(&resealed),
             Err(ChainError::Broken { seq: 4, before: 3 })
+        );
+    }
+
+    /// A stand-in for a node's key: the MAC is the hash reversed.
+    fn keyed(mut events: Vec<AuditEvent>, from: usize) -> Vec<AuditEvent> {
+        for e in &mut events[from..] {
+            e.mac = Some(e.hash.chars().rev().collect());
+        }
+        events
+    }
+
+    fn mac_ok(e: &AuditEvent) -> bool {
+        e.mac.as_deref() == Some(&e.hash.chars().rev().collect::<String>())
+    }
+
+    #[test]
+    fn macs_are_checked_and_cannot_be_taken_off() {
+        let all = keyed(chain(5), 0);
+        assert_eq!(
+            verify_macs(&all, mac_ok, false),
+            Ok(MacReport {
+                keyed: 5,
+                unkeyed: 0
+            })
+        );
+        assert_eq!(verify(&all), Ok(()), "the MAC is not part of the hash");
+        let mut forged = all.clone();
+        forged[2].mac = Some("00".into());
+        assert_eq!(
+            verify_macs(&forged, mac_ok, true),
+            Err(ChainError::BadMac { seq: 3 })
+        );
+        let mut stripped = all.clone();
+        stripped[3].mac = None;
+        assert_eq!(
+            verify_macs(&stripped, mac_ok, true),
+            Err(ChainError::MacRemoved { seq: 4 })
+        );
+        // Events from before the chain was keyed pass only when the caller accepts them.
+        let upgraded = keyed(chain(5), 2);
+        assert_eq!(
+            verify_macs(&upgraded, mac_ok, false),
+            Err(ChainError::Unkeyed { first: 1, last: 2 })
+        );
+        assert_eq!(
+            verify_macs(&upgraded, mac_ok, true),
+            Ok(MacReport {
+                keyed: 3,
+                unkeyed: 2
+            })
         );
     }
 }

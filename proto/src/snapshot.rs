@@ -60,6 +60,11 @@ pub struct RestorePlan {
     /// --force-new-cluster`): the node keeps its id, which the snapshot's cluster knew.
     #[serde(default)]
     pub force_new_cluster: bool,
+    /// Accept audit events without a MAC before the first that has one (a snapshot whose
+    /// trail began on a release that did not key it). Otherwise such a trail is refused: its
+    /// MACs may have been taken off.
+    #[serde(default)]
+    pub allow_unkeyed_audit: bool,
 }
 
 impl RestorePlan {

@@ -4,6 +4,7 @@ polling with deadlines."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -177,3 +178,18 @@ def legacy_initialize(url: str, token: str) -> str:
     assert sid, f"initialize answered no Mcp-Session-Id: {r.headers}"
     legacy_post(url, token, {"jsonrpc": "2.0", "method": "notifications/initialized"}, session=sid)
     return sid
+
+
+def rewrite_audit_trail(events: list[dict[str, Any]], start: int) -> list[dict[str, Any]]:
+    """What someone who holds the data but not the cluster's key can do to the audit trail:
+    hash every event from index `start` on again, as `mcpcp_proto::audit` does (SHA-256 over the
+    previous hash, a newline, and the event's compact JSON with an empty hash and no MAC). The
+    chain then holds together; the MACs, which need the key, are left as they were."""
+    out = [dict(e) for e in events]
+    for i in range(start, len(out)):
+        if i > 0:
+            out[i]["prev_hash"] = out[i - 1]["hash"]
+        body = {k: ("" if k == "hash" else v) for k, v in out[i].items() if k != "mac"}
+        text = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+        out[i]["hash"] = hashlib.sha256(f"{out[i]['prev_hash']}\n{text}".encode()).hexdigest()
+    return out

@@ -1,7 +1,9 @@
 """The audit trail, as an operator reads it after an incident: every admin change is an event
 in the Raft log itself (so every node has it, also after the leader dies), saying who, from
 where, what (secrets taken out) and the revision it produced, chained by hash so that an
-edited, removed or reordered event in an exported file is found by `mcpctl audit verify`."""
+edited, removed or reordered event in an exported file is found by `mcpctl audit verify`, and
+keyed with the cluster's data key so that a trail rewritten by someone who holds the data but
+not the key is found too."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import httpx2
 import pytest
 
 from conftest import MCPD, start_cluster
-from helpers import client, run, wait_until
+from helpers import client, rewrite_audit_trail, run, wait_until
 
 SECRET = "s3cret-value-never-in-the-trail"
 
@@ -120,6 +122,46 @@ def test_an_edited_removed_or_reordered_event_in_an_export_is_found(c, tmp_path)
     assert "audit chain verified" in c.mcpctl("audit", "verify", "--file", str(cut))
     r = c.mcpctl_result("audit", "verify", "--file", str(cut), "--head", head)
     assert r.returncode == 1 and "expected head" in r.stderr
+
+
+def test_a_trail_rewritten_without_the_clusters_key_is_found(c, tmp_path):
+    """The attacker holds an export (or a backup, or a data directory) but not the TLS
+    directory's data.key: they edit an event and hash every later one again, so the hash chain
+    holds. Only the cluster's key makes the MACs, so the cluster finds the rewrite."""
+    c.mcpctl("tenant", "add", "keyed-1")
+    c.mcpctl("tenant", "add", "keyed-2")
+    verified = c.mcpctl("audit", "verify")
+    assert "keyed by the cluster" in verified and "unkeyed" not in verified, verified
+    export = tmp_path / "audit.jsonl"
+    c.mcpctl("audit", "export", str(export))
+    trail = [json.loads(line) for line in export.read_text().splitlines()]
+    assert all(len(e["mac"]) == 64 for e in trail), "every event carries a MAC"
+    assert "keyed by the cluster" in c.mcpctl("audit", "verify", "--file", str(export))
+
+    def verify(events: list[dict], *flags: str):
+        bad = tmp_path / "rewritten.jsonl"
+        bad.write_text("".join(json.dumps(e) + "\n" for e in events))
+        return c.mcpctl_result("audit", "verify", "--file", str(bad), *flags)
+
+    edited = [dict(e) for e in trail]
+    edited[-2] = {**edited[-2], "actor": {**edited[-2]["actor"], "token_id": "someone-else"}}
+    rewritten = rewrite_audit_trail(edited, len(edited) - 2)
+    offline = verify(rewritten, "--offline")
+    assert offline.returncode == 0 and "MACs not checked" in offline.stdout, offline
+    r = verify(rewritten)
+    assert r.returncode == 1, r.stdout
+    assert f"event {edited[-2]['seq']}: its MAC does not match" in r.stderr, r.stderr
+
+    # Taking the MACs off is found too: from some event on, or all of them.
+    stripped = [{k: v for k, v in e.items() if k != "mac" or i < len(trail) - 1} for i, e in enumerate(trail)]
+    r = verify(stripped)
+    assert r.returncode == 1 and f"event {trail[-1]['seq']}: it carries no MAC" in r.stderr, r.stderr
+    bare = [{k: v for k, v in e.items() if k != "mac"} for e in trail]
+    r = verify(bare)
+    assert r.returncode == 1 and "carry no MAC" in r.stderr, r.stderr
+    # An operator who knows the events predate the key accepts them, and is told how many.
+    r = verify(bare, "--allow-unkeyed")
+    assert r.returncode == 0 and f"0 keyed by the cluster, {len(trail)} before them unkeyed" in r.stdout, r
 
 
 def test_retention_is_a_setting_and_keeps_the_chain_verifiable(c):

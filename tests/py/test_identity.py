@@ -257,6 +257,7 @@ ROUTES = [
     ("DELETE", "/v1/policies/no-such-policy", None, OBJECT_WRITE),
     ("GET", "/v1/audit", None, CLUSTER_READ),
     ("PUT", "/v1/audit/retention", "not json", CLUSTER_WRITE),
+    ("POST", "/v1/audit/verify", "not json", CLUSTER_READ),
     ("GET", "/metrics", None, METRICS),
     ("POST", "/mcp", "not json", MCP),
 ]

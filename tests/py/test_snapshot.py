@@ -3,18 +3,20 @@
 The runbook (deploy/README.md, "Backup and restore") as tests: a cluster is backed up, loses
 every node's data, and is restored onto three new data directories with new node ids; what was
 acknowledged before the snapshot is there, the old tokens work, and the sealed secrets open. A
-corrupted file, reused node ids and a wrong data key are each refused, saying which.
+corrupted file, reused node ids, a wrong data key and an audit trail rewritten without the
+key are each refused, saying which.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
 from pathlib import Path
 
 from conftest import CA_DIR, MCPD, ROOT, VENV_BIN, Cluster, start_cluster, unused_addr
-from helpers import stateless_post, wait_until
+from helpers import rewrite_audit_trail, stateless_post, wait_until
 
 HOG = ROOT / "tests/py/servers/hog.py"
 SECRET = "s3cret-that-only-the-data-key-opens"
@@ -164,6 +166,38 @@ def test_a_corrupted_snapshot_reused_ids_or_a_wrong_data_key_are_refused(tmp_pat
     (data / "restore.snapshot").write_bytes(raw)
     r = start_mcpd_once(data, 2)
     assert r.returncode != 0 and "corrupted" in r.stdout + r.stderr, r
+
+    # A backup whose audit trail was rewritten by someone without the data key (the hash chain
+    # and the file's checksum made to hold) is refused, and so is one whose MACs were taken off.
+    def rewritten(name: str, rewrite) -> Path:
+        magic, header, state = backup.read_bytes().split(b"\n", 2)
+        sm = json.loads(state)
+        sm["state"]["audit"] = rewrite(sm["state"]["audit"])
+        sm["state"]["audit_head"] = sm["state"]["audit"][-1]["hash"]
+        body = json.dumps(sm, separators=(",", ":")).encode()
+        head = json.loads(header)
+        head.update(data_bytes=len(body), sha256=hashlib.sha256(body).hexdigest())
+        out = work / f"{name}.snapshot"
+        out.write_bytes(magic + b"\n" + json.dumps(head).encode() + b"\n" + body)
+        return out
+
+    def forged(trail: list[dict]) -> list[dict]:
+        edited = [*trail[:-1], {**trail[-1], "actor": {**trail[-1]["actor"], "token_id": "someone-else"}}]
+        return rewrite_audit_trail(edited, len(edited) - 1)
+
+    for name, rewrite, said in [
+        ("forged", forged, "its MAC does not match"),
+        ("stripped", lambda t: [{k: v for k, v in e.items() if k != "mac"} for e in t], "carry no MAC"),
+    ]:
+        data = work / f"d-{name}"
+        src.mcpctl("snapshot", "restore", str(rewritten(name, rewrite)), "--data-dir", str(data), "--id", "2",
+                   "--member", "2=127.0.0.1:1,127.0.0.1:2")
+        (data / "tls").mkdir(mode=0o700)
+        for f in ("ca.pem", "ca.key", "data.key"):
+            shutil.copy(CA_DIR / f, data / "tls" / f)
+        r = start_mcpd_once(data, 2)
+        out = r.stdout + r.stderr
+        assert r.returncode != 0 and "audit trail does not check" in out and said in out, out[-2000:]
 
 
 def test_a_learner_becomes_a_new_cluster_after_its_voters_are_lost(tmp_path_factory):

@@ -1,12 +1,13 @@
 //! The audit trail (`/v1/audit`): admin changes as the registry recorded them, each with who,
 //! from where, what and the revision it produced, chained by hash (`mcpcp_proto::audit`).
-//! `GET /v1/watch` streams new events as objects of kind `audit`.
+//! `GET /v1/watch` streams new events as objects of kind `audit`. `POST /v1/audit/verify`
+//! checks their MACs, which only the cluster's key makes.
 
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::Json;
 use mcpcp_proto::api::WriteAck;
-use mcpcp_proto::audit::{AuditPage, AuditRetention};
+use mcpcp_proto::audit::{AuditPage, AuditRetention, AuditVerdict, AuditVerify};
 use serde::Deserialize;
 
 use super::error::ApiError;
@@ -86,4 +87,28 @@ pub async fn set_retention(
     Ok(Json(
         write(&state, &headers, (&caller, &from), command).await?,
     ))
+}
+
+/// Checks the MACs (and the hash chain) of the events this node holds, or of an exported
+/// file's, with the cluster's audit key: whether the trail was written by the cluster, not
+/// only whether it is internally consistent.
+pub async fn verify(
+    State(state): State<AppState>,
+    _caller: Authorized<ClusterRead>,
+    ApiJson(req): ApiJson<AuditVerify>,
+) -> Result<Json<AuditVerdict>, ApiError> {
+    let (source, events) = match req.events {
+        Some(events) => ("posted", events),
+        None => (
+            "held",
+            state.registry.local().state.audit.iter().cloned().collect(),
+        ),
+    };
+    let key = state.data_key.audit_key();
+    let verdict = AuditVerdict::of(&events, |e| key.checks(e), req.allow_unkeyed);
+    if let Some(broken) = &verdict.broken {
+        metrics::counter!("mcpd_audit_chain_broken_total", "source" => source).increment(1);
+        tracing::warn!(source, first = verdict.first, last = verdict.last, %broken, "audit chain does not verify");
+    }
+    Ok(Json(verdict))
 }

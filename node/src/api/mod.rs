@@ -156,6 +156,7 @@ pub fn router<S: Clone + Send + Sync + 'static>(state: AppState) -> Router<S> {
         )
         .route("/audit", get(audit::list))
         .route("/audit/retention", axum::routing::put(audit::set_retention))
+        .route("/audit/verify", axum::routing::post(audit::verify))
         .route("/issuers", get(issuers::list).post(issuers::create))
         .route(
             "/issuers/{name}",

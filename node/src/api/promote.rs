@@ -79,6 +79,8 @@ pub async fn promote(
         node: me.id,
         members: vec![me],
         force_new_cluster: true,
+        // The node's own trail, as it holds it: what it already accepted.
+        allow_unkeyed_audit: true,
     };
     let dir = state.data_dir.clone();
     let mut file = header.encode();

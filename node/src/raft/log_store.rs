@@ -504,7 +504,11 @@ mod tests {
         ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError> {
             let dir = tempfile::tempdir().unwrap();
             let log = LogStore::open(&dir.path().join("log.redb"), 1).unwrap();
-            let sm = StateMachineStore::open(&dir.path().join("sm.redb")).unwrap();
+            let sm = StateMachineStore::open(
+                &dir.path().join("sm.redb"),
+                crate::audit_key::AuditKey::derive(&[7; 32]),
+            )
+            .unwrap();
             Ok((dir, log, sm))
         }
     }

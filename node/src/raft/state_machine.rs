@@ -24,6 +24,7 @@ use tokio::sync::broadcast;
 
 use super::typ::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership};
 use super::TypeConfig;
+use crate::audit_key::AuditKey;
 use crate::registry::state::{CommandResult, State};
 
 const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
@@ -52,6 +53,8 @@ struct Shared {
     history: Mutex<VecDeque<WatchEvent>>,
     events: broadcast::Sender<WatchEvent>,
     snapshot_seq: AtomicU64,
+    /// Keys the MAC of each audit event the state appends.
+    audit_key: AuditKey,
 }
 
 /// The state machine. Cheap to clone; all clones share one state.
@@ -68,8 +71,9 @@ pub struct Subscription {
 }
 
 impl StateMachineStore {
-    /// Opens the store and restores the latest snapshot, if any.
-    pub fn open(path: &Path) -> Result<Self, redb::Error> {
+    /// Opens the store and restores the latest snapshot, if any. `audit_key` keys the audit
+    /// events applied from now on.
+    pub fn open(path: &Path, audit_key: AuditKey) -> Result<Self, redb::Error> {
         // The state lives in memory; the file holds its latest snapshot, written whole and read
         // whole at start: redb's page cache would only keep a second copy of it (its default
         // is 1 GiB).
@@ -93,6 +97,7 @@ impl StateMachineStore {
                 history: Mutex::new(VecDeque::new()),
                 events,
                 snapshot_seq: AtomicU64::new(0),
+                audit_key,
             }),
         })
     }
@@ -270,7 +275,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         }));
                         let mut answers = Vec::with_capacity(proposal.requests.len());
                         for req in proposal.requests {
-                            let (res, changes) = d.state.apply(req);
+                            let (res, changes) = d.state.apply(req, &self.shared.audit_key);
                             events.extend(changes.iter().map(|c| d.state.event_for(c)));
                             answers.push(res);
                         }

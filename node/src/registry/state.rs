@@ -14,6 +14,8 @@ use mcpcp_proto::api::{
 use mcpcp_proto::audit::{self, Actor, AuditEvent};
 use serde::{Deserialize, Serialize};
 
+use crate::audit_key::AuditKey;
+
 /// What a write must find before it applies (`If-Match` and create-only semantics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Precondition {
@@ -538,8 +540,8 @@ impl State {
     }
 
     /// Applies one request. Returns its outcome and the objects it changed (empty when it was
-    /// refused or was a duplicate).
-    pub fn apply(&mut self, req: Request) -> (CommandResult, Vec<Change>) {
+    /// refused or was a duplicate). An admin change's audit event gets its MAC from `key`.
+    pub fn apply(&mut self, req: Request, key: &AuditKey) -> (CommandResult, Vec<Change>) {
         if self.recent_ids.contains(&req.request_id) {
             if let Some((_, outcome)) = self
                 .recent
@@ -557,7 +559,7 @@ impl State {
             Ok(mut changes) => {
                 self.revision = next;
                 if let (Some(ctx), Some(summary)) = (req.audit, summary) {
-                    changes.push(self.record(ctx, summary, next));
+                    changes.push(self.record(ctx, summary, next, key));
                 }
                 (Ok(Applied { revision: next }), changes)
             }
@@ -596,9 +598,15 @@ impl State {
         }
     }
 
-    /// Appends the audit event of an applied change, chained to the one before, and drops
-    /// the oldest beyond the retention.
-    fn record(&mut self, ctx: AuditContext, summary: AuditSummary, revision: u64) -> Change {
+    /// Appends the audit event of an applied change, chained to the one before and keyed with
+    /// `key`, and drops the oldest beyond the retention.
+    fn record(
+        &mut self,
+        ctx: AuditContext,
+        summary: AuditSummary,
+        revision: u64,
+        key: &AuditKey,
+    ) -> Change {
         self.audit_seq += 1;
         let prev_hash = if self.audit_head.is_empty() {
             audit::GENESIS.to_string()
@@ -616,8 +624,10 @@ impl State {
             revision,
             prev_hash,
             hash: String::new(),
+            mac: None,
         };
         event.hash = event.digest();
+        event.mac = Some(key.mac(&event.hash));
         self.audit_head = event.hash.clone();
         self.audit.push_back(event);
         self.trim_audit();
@@ -1279,6 +1289,11 @@ fn delete<T>(
 mod tests {
     use super::*;
 
+    /// The audit key of a cluster whose data key is all sevens.
+    fn key() -> AuditKey {
+        AuditKey::derive(&[7; 32])
+    }
+
     fn server(name: &str, tenant: Option<&str>) -> ServerSpec {
         let mut s: ServerSpec =
             serde_json::from_value(serde_json::json!({"name": name, "command": "true"}))
@@ -1311,19 +1326,22 @@ mod tests {
             spec,
             precondition: Precondition::None,
         };
-        assert!(s.apply(audited("a", put)).0.is_ok());
+        assert!(s.apply(audited("a", put), &key()).0.is_ok());
         let placement = Command::SetPlacement {
             server: "db".into(),
             nodes: vec![1],
         };
-        assert!(s.apply(audited("b", placement)).0.is_ok());
-        let (res, changes) = s.apply(audited(
-            "c",
-            Command::DeleteServer {
-                name: "db".into(),
-                precondition: Precondition::None,
-            },
-        ));
+        assert!(s.apply(audited("b", placement), &key()).0.is_ok());
+        let (res, changes) = s.apply(
+            audited(
+                "c",
+                Command::DeleteServer {
+                    name: "db".into(),
+                    precondition: Precondition::None,
+                },
+            ),
+            &key(),
+        );
         assert!(res.is_ok());
         assert!(changes
             .iter()
@@ -1332,7 +1350,7 @@ mod tests {
             name: "db".into(),
             precondition: Precondition::Revision(1),
         };
-        assert!(s.apply(audited("d", refused)).0.is_err());
+        assert!(s.apply(audited("d", refused), &key()).0.is_err());
         let kinds: Vec<&str> = s.audit.iter().map(|e| e.kind.as_str()).collect();
         assert_eq!(
             kinds,
@@ -1345,6 +1363,15 @@ mod tests {
         );
         assert_eq!(s.audit[0].prev_hash, audit::GENESIS);
         assert_eq!(s.audit_head, s.audit[1].hash);
+        let trail: Vec<_> = s.audit.iter().cloned().collect();
+        let keyed = audit::verify_macs(&trail, |e| key().checks(e), false);
+        assert_eq!(keyed.map(|r| r.keyed), Ok(2), "each event is keyed");
+        let other = AuditKey::derive(&[8; 32]);
+        assert_eq!(
+            audit::verify_macs(&trail, |e| other.checks(e), false),
+            Err(audit::ChainError::BadMac { seq: 1 }),
+            "another cluster's key does not check them"
+        );
         assert_eq!(s.audit[0].from.as_deref(), Some("10.0.0.9:4000"));
         let text = serde_json::to_string(&s.audit).unwrap();
         assert!(!text.contains("hunter2"), "{text}");
@@ -1354,7 +1381,7 @@ mod tests {
     fn the_audit_trail_keeps_its_retention_and_its_chain_head() {
         let mut s = State::default();
         let retention = Command::SetAuditRetention { events: 2 };
-        assert!(s.apply(audited("r", retention)).0.is_ok());
+        assert!(s.apply(audited("r", retention), &key()).0.is_ok());
         for i in 0..5 {
             let t = Command::PutTenant {
                 spec: TenantSpec {
@@ -1364,7 +1391,7 @@ mod tests {
                 },
                 precondition: Precondition::None,
             };
-            assert!(s.apply(audited(&format!("t{i}"), t)).0.is_ok());
+            assert!(s.apply(audited(&format!("t{i}"), t), &key()).0.is_ok());
         }
         let seqs: Vec<u64> = s.audit.iter().map(|e| e.seq).collect();
         assert_eq!(seqs, [5, 6]);
@@ -1388,14 +1415,14 @@ mod tests {
     #[test]
     fn revisions_count_successful_commands() {
         let mut st = State::default();
-        let (r, ch) = st.apply(put_server("1", "a", Precondition::Absent));
+        let (r, ch) = st.apply(put_server("1", "a", Precondition::Absent), &key());
         assert_eq!(r, Ok(Applied { revision: 1 }));
         assert_eq!(ch.len(), 1);
-        let (r, ch) = st.apply(put_server("2", "a", Precondition::Absent));
+        let (r, ch) = st.apply(put_server("2", "a", Precondition::Absent), &key());
         assert!(matches!(r, Err(ApplyError::AlreadyExists { .. })));
         assert!(ch.is_empty());
         assert_eq!(st.revision, 1);
-        let (r, _) = st.apply(put_server("3", "a", Precondition::None));
+        let (r, _) = st.apply(put_server("3", "a", Precondition::None), &key());
         assert_eq!(r, Ok(Applied { revision: 2 }));
         let s = &st.servers["a"];
         assert_eq!((s.created_revision, s.revision), (1, 2));
@@ -1404,8 +1431,8 @@ mod tests {
     #[test]
     fn compare_and_set_needs_the_current_revision() {
         let mut st = State::default();
-        let _ = st.apply(put_server("1", "a", Precondition::None));
-        let (r, _) = st.apply(put_server("2", "a", Precondition::Revision(7)));
+        let _ = st.apply(put_server("1", "a", Precondition::None), &key());
+        let (r, _) = st.apply(put_server("2", "a", Precondition::Revision(7)), &key());
         assert_eq!(
             r,
             Err(ApplyError::RevisionMismatch {
@@ -1415,9 +1442,9 @@ mod tests {
                 actual: Some(1)
             })
         );
-        let (r, _) = st.apply(put_server("3", "a", Precondition::Revision(1)));
+        let (r, _) = st.apply(put_server("3", "a", Precondition::Revision(1)), &key());
         assert_eq!(r, Ok(Applied { revision: 2 }));
-        let (r, _) = st.apply(put_server("4", "b", Precondition::Revision(1)));
+        let (r, _) = st.apply(put_server("4", "b", Precondition::Revision(1)), &key());
         assert!(matches!(
             r,
             Err(ApplyError::RevisionMismatch { actual: None, .. })
@@ -1427,8 +1454,10 @@ mod tests {
     #[test]
     fn a_repeated_request_id_is_applied_once() {
         let mut st = State::default();
-        let first = st.apply(put_server("same", "a", Precondition::Absent)).0;
-        let again = st.apply(put_server("same", "a", Precondition::Absent));
+        let first = st
+            .apply(put_server("same", "a", Precondition::Absent), &key())
+            .0;
+        let again = st.apply(put_server("same", "a", Precondition::Absent), &key());
         assert_eq!(first, again.0);
         assert!(again.1.is_empty());
         assert_eq!(st.revision, 1);
@@ -1438,7 +1467,10 @@ mod tests {
     fn dedup_window_is_bounded() {
         let mut st = State::default();
         for i in 0..DEDUP_WINDOW + 5 {
-            let _ = st.apply(req(&i.to_string(), Command::RevokeToken { id: "x".into() }));
+            let _ = st.apply(
+                req(&i.to_string(), Command::RevokeToken { id: "x".into() }),
+                &key(),
+            );
         }
         assert_eq!(st.recent.len(), DEDUP_WINDOW);
     }
@@ -1446,57 +1478,75 @@ mod tests {
     #[test]
     fn tenant_references_are_enforced() {
         let mut st = State::default();
-        let (r, _) = st.apply(req(
-            "1",
-            Command::PutServer {
-                spec: server("s", Some("acme")),
-                precondition: Precondition::None,
-            },
-        ));
+        let (r, _) = st.apply(
+            req(
+                "1",
+                Command::PutServer {
+                    spec: server("s", Some("acme")),
+                    precondition: Precondition::None,
+                },
+            ),
+            &key(),
+        );
         assert!(
             matches!(r, Err(ApplyError::MissingReference { ref field, .. }) if field == "tenant")
         );
-        let _ = st.apply(req(
-            "2",
-            Command::PutTenant {
-                spec: TenantSpec {
-                    name: "acme".into(),
-                    description: None,
-                    weight: 1,
+        let _ = st.apply(
+            req(
+                "2",
+                Command::PutTenant {
+                    spec: TenantSpec {
+                        name: "acme".into(),
+                        description: None,
+                        weight: 1,
+                    },
+                    precondition: Precondition::Absent,
                 },
-                precondition: Precondition::Absent,
-            },
-        ));
-        let (r, _) = st.apply(req(
-            "3",
-            Command::PutServer {
-                spec: server("s", Some("acme")),
-                precondition: Precondition::None,
-            },
-        ));
+            ),
+            &key(),
+        );
+        let (r, _) = st.apply(
+            req(
+                "3",
+                Command::PutServer {
+                    spec: server("s", Some("acme")),
+                    precondition: Precondition::None,
+                },
+            ),
+            &key(),
+        );
         assert!(r.is_ok());
-        let (r, _) = st.apply(req(
-            "4",
-            Command::DeleteTenant {
-                name: "acme".into(),
-                precondition: Precondition::None,
-            },
-        ));
+        let (r, _) = st.apply(
+            req(
+                "4",
+                Command::DeleteTenant {
+                    name: "acme".into(),
+                    precondition: Precondition::None,
+                },
+            ),
+            &key(),
+        );
         assert!(matches!(r, Err(ApplyError::InUse { .. })));
-        let _ = st.apply(req(
-            "5",
-            Command::DeleteServer {
-                name: "s".into(),
-                precondition: Precondition::None,
-            },
-        ));
-        let (r, ch) = st.apply(req(
-            "6",
-            Command::DeleteTenant {
-                name: "acme".into(),
-                precondition: Precondition::None,
-            },
-        ));
+        let _ = st.apply(
+            req(
+                "5",
+                Command::DeleteServer {
+                    name: "s".into(),
+                    precondition: Precondition::None,
+                },
+            ),
+            &key(),
+        );
+        let (r, ch) = st.apply(
+            req(
+                "6",
+                Command::DeleteTenant {
+                    name: "acme".into(),
+                    precondition: Precondition::None,
+                },
+            ),
+            &key(),
+        );
         assert!(r.is_ok());
         assert_eq!(
             ch,
@@ -1530,9 +1580,9 @@ mod tests {
                 },
             )
         };
-        assert!(st.apply(create("1")).0.is_ok());
+        assert!(st.apply(create("1"), &key()).0.is_ok());
         assert!(matches!(
-            st.apply(create("2")).0,
+            st.apply(create("2"), &key()).0,
             Err(ApplyError::AlreadyExists { .. })
         ));
         let ev = st.event_for(&Change {
@@ -1544,7 +1594,7 @@ mod tests {
         assert!(!text.contains("\"h\""), "watch events never carry hashes");
         // The last admin token cannot be revoked; with another one it can.
         assert!(matches!(
-            st.apply(req("3", Command::RevokeToken { id: "abc".into() }))
+            st.apply(req("3", Command::RevokeToken { id: "abc".into() }), &key())
                 .0,
             Err(ApplyError::InUse { .. })
         ));
@@ -1554,9 +1604,9 @@ mod tests {
             info: second,
             hash: "h2".into(),
         };
-        assert!(st.apply(req("4", create_second)).0.is_ok());
+        assert!(st.apply(req("4", create_second), &key()).0.is_ok());
         assert!(st
-            .apply(req("5", Command::RevokeToken { id: "abc".into() }))
+            .apply(req("5", Command::RevokeToken { id: "abc".into() }), &key())
             .0
             .is_ok());
         assert_eq!(st.tokens.keys().collect::<Vec<_>>(), ["def"]);
@@ -1585,12 +1635,12 @@ mod tests {
                 },
             )
         };
-        assert!(st.apply(bootstrap("first")).0.is_ok());
+        assert!(st.apply(bootstrap("first"), &key()).0.is_ok());
         assert_eq!(st.session_key.as_deref(), Some("k"));
         // Whatever tokens exist (here: none), a second bootstrap is refused.
         st.tokens.clear();
         assert!(matches!(
-            st.apply(bootstrap("second")).0,
+            st.apply(bootstrap("second"), &key()).0,
             Err(ApplyError::AlreadyInitialized)
         ));
         assert!(st.tokens.is_empty());
