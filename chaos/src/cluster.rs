@@ -8,12 +8,12 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mcpcp_proto::api::{AddNodeRequest, ClusterStatus, Member};
-use mcpctl::dev::read_endpoints;
+use mcpctl::launch::{log_tail, wait_started, Launch};
 use mcpctl::{AdminClient, ClientError};
 use tokio::process::Command;
 
@@ -40,6 +40,8 @@ pub enum ClusterError {
     Timeout { what: String, within: Duration },
     #[error("unknown node {0}")]
     UnknownNode(u64),
+    #[error(transparent)]
+    Launch(#[from] mcpctl::dev::DevError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClusterError {
@@ -308,31 +310,14 @@ impl Cluster {
     /// it reports its addresses.
     pub async fn spawn(&mut self, id: u64) -> Result<Member, ClusterError> {
         let nd = self.dir.join(format!("node{id}"));
-        let data = nd.join("data");
-        std::fs::create_dir_all(&data).map_err(io(format!("creating {}", data.display())))?;
-        let _ = std::fs::remove_file(data.join("endpoints.json"));
-        let no_ca = |e: mcpctl::dev::DevError| ClusterError::Start {
-            id,
-            message: format!("the cluster CA: {e}"),
-        };
-        mcpctl::dev::ensure_ca(&self.dir).map_err(no_ca)?;
-        mcpctl::dev::install_ca(&self.dir, &data).map_err(no_ca)?;
-        let log_path = nd.join("mcpd.log");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(io(format!("opening {}", log_path.display())))?;
-        let log2 = log.try_clone().map_err(io("cloning the log handle"))?;
-        let mut cmd = match &self.placement {
-            Placement::Loopback => Command::new(&self.cfg.mcpd),
-            Placement::Netns(net) => {
-                net.ensure_node(id)?;
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", &net.ns(id)]).arg(&self.cfg.mcpd);
-                c
-            }
-        };
+        mcpctl::dev::ensure_ca(&self.dir)?;
+        let mut program = Vec::new();
+        if let Placement::Netns(net) = &self.placement {
+            net.ensure_node(id)?;
+            program.extend(["ip", "netns", "exec"].map(Into::into));
+            program.push(net.ns(id).into());
+        }
+        program.push(self.cfg.mcpd.clone().into_os_string());
         let (http, grpc) = match (self.nodes.get(&id), &self.placement) {
             // A restarted node keeps its addresses: peers know it by them.
             (Some(old), _) => (old.member.http_addr.clone(), old.member.grpc_addr.clone()),
@@ -342,21 +327,24 @@ impl Cluster {
                 format!("{}:{NETNS_GRPC_PORT}", net.ip(id)),
             ),
         };
-        cmd.arg("--id")
-            .arg(id.to_string())
-            .arg("--data-dir")
-            .arg(&data)
-            .args(["--http-addr", &http, "--grpc-addr", &grpc])
-            .args(["--quorum-wait-ms", &self.cfg.quorum_wait_ms.to_string()])
-            .args(["--snapshot-every", &self.cfg.snapshot_every.to_string()])
-            .env("RUST_LOG", "info,openraft=warn")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .kill_on_drop(true)
-            // Its own process group: a Ctrl-C at the terminal reaches the harness only, which
-            // then stops the nodes itself.
-            .process_group(0);
+        let launch = Launch {
+            program,
+            http_addr: http,
+            grpc_addr: grpc,
+            args: vec![
+                "--quorum-wait-ms".into(),
+                self.cfg.quorum_wait_ms.to_string(),
+                "--snapshot-every".into(),
+                self.cfg.snapshot_every.to_string(),
+            ],
+            // A Ctrl-C at the terminal reaches the harness only, which then stops the nodes
+            // itself.
+            own_group: true,
+            ..Launch::new(&self.cfg.mcpd, id, &nd, &self.dir)
+        };
+        let (cmd, files) = launch.prepare()?;
+        let mut cmd = Command::from(cmd);
+        cmd.env("RUST_LOG", "info,openraft=warn").kill_on_drop(true);
         let child = cmd
             .spawn()
             .map_err(io(format!("starting {}", self.cfg.mcpd.display())))?;
@@ -369,32 +357,8 @@ impl Cluster {
             })?;
         std::fs::write(nd.join("mcpd.pid"), format!("{pid}\n"))
             .map_err(io("writing the pid file"))?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let member = loop {
-            if let Some(m) = read_endpoints(&data, pid) {
-                break m;
-            }
-            if let Some(status) = self.janitor.exited(pid) {
-                return Err(ClusterError::Start {
-                    id,
-                    message: format!(
-                        "exited during start-up ({status}); last lines of {}:\n{}",
-                        log_path.display(),
-                        log_tail(&log_path, 8)
-                    ),
-                });
-            }
-            if Instant::now() > deadline {
-                return Err(ClusterError::Start {
-                    id,
-                    message: format!(
-                        "did not report its addresses within 30 s (see {})",
-                        log_path.display()
-                    ),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let member = wait_started(id, &files, pid, || self.janitor.exited(pid)).await?;
+        let (data, log_path) = (files.data_dir, files.log);
         let member_of_cluster = self.nodes.get(&id).is_some_and(|n| n.member_of_cluster);
         self.nodes.insert(
             id,
@@ -604,11 +568,4 @@ impl Cluster {
             })
             .collect()
     }
-}
-
-/// The last `n` lines of a file.
-pub fn log_tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }

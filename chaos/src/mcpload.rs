@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mcpcp_proto::api::{CreateTokenRequest, ServerSpec, TenantSpec, Timeouts};
+use mcpcp_testkit::{HttpMcp, Reply, PROTOCOL_VERSION};
 use mcpctl::{AdminClient, CallOptions};
 use serde_json::{json, Value};
 
@@ -39,7 +40,7 @@ use crate::history::{
     Failure, Latency, McpMethod, Op, OpKind, OpResult, Outcome, Tally, UnknownCause, Via,
 };
 use crate::janitor::Janitor;
-use crate::mcp::{Bridge, HttpMcp, Reply, PROTOCOL_VERSION};
+use crate::mcp::Bridge;
 use crate::workload::{retry, think, BoxFuture, FinalView, Workload, WorkloadCtx, WorkloadError};
 
 /// The demo server's name (a tenant's own server).

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use mcpcp_proto::api::{CreateTokenRequest, Member, Role, ServerSpec, TenantSpec};
 
+use crate::launch::{wait_started, Launch};
 use crate::{AdminClient, CallOptions, ClientError};
 
 #[derive(Debug, thiserror::Error)]
@@ -203,65 +204,29 @@ pub async fn start_node(
     extra: &[String],
 ) -> Result<(Member, u32), DevError> {
     let nd = node_dir(dir, id);
-    let data = nd.join("data");
-    std::fs::create_dir_all(&data).map_err(io(format!("creating {}", data.display())))?;
-    let _ = std::fs::remove_file(data.join("endpoints.json"));
     ensure_ca(ca_dir)?;
-    install_ca(ca_dir, &data)?;
-    let (picked_http, picked_grpc) = (unused_port(id, 0), unused_port(id, 1));
-    let (http, grpc) = at.unwrap_or((&picked_http, &picked_grpc));
-    let log_path = nd.join("mcpd.log");
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(io(format!("opening {}", log_path.display())))?;
-    let log2 = log.try_clone().map_err(io("cloning the log handle"))?;
-    let mut cmd = std::process::Command::new(mcpd);
-    cmd.arg("--id")
-        .arg(id.to_string())
-        .arg("--data-dir")
-        .arg(&data)
-        .args(["--http-addr", http, "--grpc-addr", grpc])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log2);
-    #[cfg(unix)]
-    {
-        // Its own process group: a Ctrl-C at the terminal that ran `dev up` leaves it running.
-        use std::os::unix::process::CommandExt;
-        cmd.process_group(0);
-    }
+    let (http, grpc) = match at {
+        Some((http, grpc)) => (http.to_string(), grpc.to_string()),
+        None => (unused_port(id, 0), unused_port(id, 1)),
+    };
+    let launch = Launch {
+        http_addr: http,
+        grpc_addr: grpc,
+        args: extra.to_vec(),
+        // A Ctrl-C at the terminal that ran `dev up` leaves it running.
+        own_group: true,
+        ..Launch::new(mcpd, id.into(), &nd, ca_dir)
+    };
+    let (mut cmd, files) = launch.prepare()?;
     let mut child = cmd
         .spawn()
         .map_err(io(format!("starting {}", mcpd.display())))?;
     let pid = child.id();
     std::fs::write(nd.join("mcpd.pid"), format!("{pid}\n")).map_err(io("writing the pid file"))?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(member) = read_endpoints(&data, pid) {
-            // Not waited for from here on: the node outlives this command by design.
-            drop(child);
-            return Ok((member, pid));
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
-            let tail: Vec<&str> = tail.lines().rev().take(5).collect();
-            return Err(DevError::Start(format!(
-                "node {id} exited during start-up ({status}); last lines of {}:\n{}",
-                log_path.display(),
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            )));
-        }
-        if Instant::now() > deadline {
-            return Err(DevError::Start(format!(
-                "node {id} did not report its addresses within 30 s (see {})",
-                log_path.display()
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let exited = || child.try_wait().ok().flatten().map(|s| s.to_string());
+    let member = wait_started(id.into(), &files, pid, exited).await?;
+    // Not waited for from here on: the node outlives this command by design.
+    Ok((member, pid))
 }
 
 /// The addresses a node started with pid `pid` reported in `<data_dir>/endpoints.json`.

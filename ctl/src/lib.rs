@@ -7,6 +7,7 @@
 pub mod dev;
 pub mod https;
 pub mod import;
+pub mod launch;
 pub mod snapshot;
 
 use std::path::Path;

@@ -12,11 +12,9 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use mcpcp_proto::api::Member;
-use mcpctl::dev::read_endpoints;
 use mcpctl::AdminClient;
 use tokio::process::{Child, Command};
 
@@ -187,55 +185,28 @@ impl Cluster {
     }
 
     async fn spawn_process(&mut self, id: u64, extra: &[String], install_ca: bool) -> Member {
-        let nd = self.node_dir(id);
-        let data = nd.join("data");
-        std::fs::create_dir_all(&data).expect("node dir");
-        let _ = std::fs::remove_file(data.join("endpoints.json"));
-        if install_ca {
-            mcpctl::dev::install_ca(test_ca(), &data).expect("the CA in the node's TLS directory");
-        }
-        let log = nd.join("mcpd.log");
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("log file");
-        let err = out.try_clone().expect("log handle");
         // A restarted node keeps its addresses: peers know it by them.
         let (http, grpc) = match self.nodes.get(&id) {
             Some(old) => (old.member.http_addr.clone(), old.member.grpc_addr.clone()),
             None => ("127.0.0.1:0".to_string(), "127.0.0.1:0".to_string()),
         };
-        let mut cmd = Command::new(&self.mcpd);
-        cmd.arg("--id")
-            .arg(id.to_string())
-            .arg("--data-dir")
-            .arg(&data)
-            .args(["--http-addr", &http, "--grpc-addr", &grpc])
-            .args(&self.args)
-            .args(extra)
-            .env("RUST_LOG", "info,openraft=warn")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .kill_on_drop(true);
+        let launch = mcpctl::launch::Launch {
+            http_addr: http,
+            grpc_addr: grpc,
+            args: self.args.iter().chain(extra).cloned().collect(),
+            ca_dir: install_ca.then(|| test_ca().to_path_buf()),
+            ..mcpctl::launch::Launch::new(&self.mcpd, id, &self.node_dir(id), test_ca())
+        };
+        let (cmd, files) = launch.prepare().expect("the node directory");
+        let mut cmd = Command::from(cmd);
+        cmd.env("RUST_LOG", "info,openraft=warn").kill_on_drop(true);
         let mut child = cmd.spawn().expect("spawn mcpd");
         let pid = child.id().expect("pid");
-        let member = eventually(
-            &format!("node {id} to report its addresses"),
-            Duration::from_secs(30),
-            || {
-                let exited = child.try_wait().ok().flatten();
-                let m = read_endpoints(&data, pid);
-                async move {
-                    if let Some(status) = exited {
-                        panic!("node {id} exited at start-up with {status}");
-                    }
-                    m
-                }
-            },
-        )
-        .await;
+        let exited = || child.try_wait().ok().flatten().map(|s| s.to_string());
+        let member = mcpctl::launch::wait_started(id, &files, pid, exited)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (data, log) = (files.data_dir, files.log);
         let plain = self
             .args
             .windows(2)
@@ -462,143 +433,27 @@ impl Drop for Cluster {
 }
 
 /// A plain-HTTP MCP client session (2025-06-18), for tests that must not depend on an SDK:
-/// what a curl user does.
-pub struct McpSession {
-    http: reqwest::Client,
-    pub url: String,
-    token: String,
-    pub session: String,
-    /// The `initialize` answer (the JSON-RPC response object).
-    pub init: serde_json::Value,
-    next: std::sync::atomic::AtomicI64,
-}
+/// `mcpcp_testkit`'s, trusting the test CA.
+pub use mcpcp_testkit::McpSession;
 
-impl McpSession {
+/// Opens MCP sessions against the test cluster (the test CA trusted, 60 s per request).
+pub struct Mcp;
+
+impl Mcp {
     /// `initialize` + `notifications/initialized` at `url`, declaring no client capability.
     pub async fn open(url: &str, token: &str) -> Result<McpSession, String> {
         Self::open_declaring(url, token, serde_json::json!({})).await
     }
 
-    /// As [`McpSession::open`], declaring `capabilities` (`{"elicitation": {}}`: the server may
-    /// ask this client; this client never answers, so such a call ends at its timeout).
+    /// As [`Mcp::open`], declaring `capabilities` (`{"elicitation": {}}`: the server may ask
+    /// this client; this client never answers, so such a call ends at its timeout).
     pub async fn open_declaring(
         url: &str,
         token: &str,
         capabilities: serde_json::Value,
     ) -> Result<McpSession, String> {
-        let http = mcpctl::https::client_builder(Some(&test_ca_cert()))
-            .map_err(|e| e.to_string())?
-            .timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|e| e.to_string())?;
-        let init = serde_json::json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
-            "protocolVersion": "2025-06-18", "capabilities": capabilities, "clientInfo": {"name": "e2e", "version": "1"}}});
-        let resp = http
-            .post(url)
-            .bearer_auth(token)
-            .header("accept", "application/json, text/event-stream")
-            .json(&init)
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        let session = resp
-            .headers()
-            .get("mcp-session-id")
-            .and_then(|v| v.to_str().ok())
-            .map(String::from);
-        let status = resp.status();
-        let init: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
-        let session = session.ok_or_else(|| format!("no session id (HTTP {status}): {init}"))?;
-        let s = McpSession {
-            http,
-            url: url.to_string(),
-            token: token.to_string(),
-            session,
-            init,
-            next: std::sync::atomic::AtomicI64::new(1),
-        };
-        s.post(serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
-            .await?;
-        Ok(s)
-    }
-
-    /// The same session, sent to another node's URL.
-    pub fn at(&self, url: &str) -> McpSession {
-        McpSession {
-            http: self.http.clone(),
-            url: url.to_string(),
-            token: self.token.clone(),
-            session: self.session.clone(),
-            init: self.init.clone(),
-            next: std::sync::atomic::AtomicI64::new(
-                self.next.load(std::sync::atomic::Ordering::Relaxed) + 1000,
-            ),
-        }
-    }
-
-    async fn post(&self, body: serde_json::Value) -> Result<Option<serde_json::Value>, String> {
-        let resp = self
-            .http
-            .post(&self.url)
-            .bearer_auth(&self.token)
-            .header("accept", "application/json, text/event-stream")
-            .header("mcp-session-id", &self.session)
-            .header("mcp-protocol-version", "2025-06-18")
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        let status = resp.status();
-        let sse = resp
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
-        let text = resp.text().await.map_err(|e| e.to_string())?;
-        if status.as_u16() == 202 {
-            return Ok(None);
-        }
-        if !status.is_success() {
-            return Err(format!("HTTP {status}: {text}"));
-        }
-        let json = if sse {
-            // The answer is the stream's last event.
-            mcpcp_proto::sse::events(text.as_bytes())
-                .pop()
-                .unwrap_or_else(|| "null".into())
-        } else {
-            text
-        };
-        serde_json::from_str(&json)
-            .map(Some)
-            .map_err(|e| e.to_string())
-    }
-
-    /// A request; the JSON-RPC response object.
-    pub async fn request(
-        &self,
-        method: &str,
-        params: serde_json::Value,
-    ) -> Result<serde_json::Value, String> {
-        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let body =
-            serde_json::json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
-        self.post(body)
-            .await?
-            .ok_or_else(|| "no answer".to_string())
-    }
-
-    /// `tools/call`; the JSON-RPC response object.
-    pub async fn call_tool(
-        &self,
-        name: &str,
-        arguments: serde_json::Value,
-    ) -> Result<serde_json::Value, String> {
-        self.request(
-            "tools/call",
-            serde_json::json!({"name": name, "arguments": arguments}),
-        )
-        .await
+        let http = mcpcp_testkit::HttpMcp::new(token, &test_ca_cert(), Duration::from_secs(60))?;
+        McpSession::open(http, url, capabilities).await
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use mcpcp_tests::{binary, demo_server, eventually, tool_text, Cluster, McpSession};
+use mcpcp_tests::{binary, demo_server, eventually, tool_text, Cluster, Mcp};
 use mcpctl::CallOptions;
 use serde_json::json;
 
@@ -50,7 +50,7 @@ async fn no_server_process_or_its_children_outlive_a_stopped_node() {
     let session = eventually("the server to answer", Duration::from_secs(30), || {
         let url = format!("{}/servers/forky/mcp", c.url(1));
         let token = c.admin_token.clone();
-        async move { McpSession::open(&url, &token).await.ok() }
+        async move { Mcp::open(&url, &token).await.ok() }
     })
     .await;
     let r = session
@@ -93,7 +93,7 @@ async fn dedicated_mode_gives_each_session_its_own_process() {
     let open = || {
         let url = format!("{}/servers/ded/mcp", c.url(1));
         let token = c.admin_token.clone();
-        async move { McpSession::open(&url, &token).await.ok() }
+        async move { Mcp::open(&url, &token).await.ok() }
     };
     let a = eventually("session a", Duration::from_secs(30), open).await;
     let b = eventually("session b", Duration::from_secs(30), open).await;
@@ -146,7 +146,7 @@ async fn a_dropped_sse_stream_resumes_with_last_event_id() {
     let url = format!("{}/servers/demo/mcp", c.url(1));
     let session = eventually("a session", Duration::from_secs(30), || {
         let (url, token) = (url.clone(), c.admin_token.clone());
-        async move { McpSession::open(&url, &token).await.ok() }
+        async move { Mcp::open(&url, &token).await.ok() }
     })
     .await;
     let http = mcpcp_tests::https();
@@ -237,7 +237,7 @@ async fn a_dedicated_process_slow_to_start_holds_up_only_its_own_session() {
     let url = format!("{}/servers/slowded/mcp", c.url(1));
     let open = || {
         let (url, token) = (url.clone(), c.admin_token.clone());
-        async move { McpSession::open(&url, &token).await.ok() }
+        async move { Mcp::open(&url, &token).await.ok() }
     };
     let a = eventually("session a", Duration::from_secs(30), open).await;
     let r = a
@@ -251,7 +251,7 @@ async fn a_dedicated_process_slow_to_start_holds_up_only_its_own_session() {
     let b = tokio::spawn({
         let (url, token) = (url.clone(), c.admin_token.clone());
         async move {
-            let b = McpSession::open(&url, &token).await?;
+            let b = Mcp::open(&url, &token).await?;
             b.call_tool("echo", json!({"message": "b1"})).await
         }
     });

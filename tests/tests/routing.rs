@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use mcpcp_tests::{demo_server, eventually, tool_text, Cluster, McpSession};
+use mcpcp_tests::{demo_server, eventually, tool_text, Cluster, Mcp};
 use mcpctl::CallOptions;
 use serde_json::json;
 
@@ -58,7 +58,7 @@ async fn a_server_on_one_node_is_reached_from_every_node_and_re_placed_when_its_
         || {
             let url = mcp_url(&c, other, "solo");
             let token = c.admin_token.clone();
-            async move { McpSession::open(&url, &token).await.ok() }
+            async move { Mcp::open(&url, &token).await.ok() }
         },
     )
     .await;
@@ -107,7 +107,7 @@ async fn a_failing_server_opens_its_breaker_and_closes_it_when_it_recovers() {
     let session = eventually("a session", Duration::from_secs(30), || {
         let url = mcp_url(&c, host, "flaky");
         let token = c.admin_token.clone();
-        async move { McpSession::open(&url, &token).await.ok() }
+        async move { Mcp::open(&url, &token).await.ok() }
     })
     .await;
     // The server itself fails (its process dies mid-call) until the breaker opens; then
@@ -249,11 +249,7 @@ async fn a_misbehaving_client_cannot_open_a_healthy_server_s_breaker_for_others(
         let (url, token) = (url.clone(), c.admin_token.clone());
         move || {
             let (url, token, capabilities) = (url.clone(), token.clone(), capabilities.clone());
-            async move {
-                McpSession::open_declaring(&url, &token, capabilities)
-                    .await
-                    .ok()
-            }
+            async move { Mcp::open_declaring(&url, &token, capabilities).await.ok() }
         }
     };
     let rude = eventually(
@@ -328,7 +324,7 @@ async fn a_broken_server_is_answered_by_its_fallback_marked_in_meta_on_both_endp
     let session = eventually("an aggregate session", Duration::from_secs(30), || {
         let url = format!("{}/mcp", c.url(1));
         let token = c.admin_token.clone();
-        async move { McpSession::open(&url, &token).await.ok() }
+        async move { Mcp::open(&url, &token).await.ok() }
     })
     .await;
     let r = eventually("the fallback to answer", Duration::from_secs(60), || {
@@ -348,7 +344,7 @@ async fn a_broken_server_is_answered_by_its_fallback_marked_in_meta_on_both_endp
 
     // A client configured with the primary's own URL is served by the fallback too, from
     // `initialize` on, each answer marked the same way.
-    let own = McpSession::open(&format!("{}/servers/primary/mcp", c.url(2)), &c.admin_token)
+    let own = Mcp::open(&format!("{}/servers/primary/mcp", c.url(2)), &c.admin_token)
         .await
         .expect("initialize on the primary's own endpoint");
     let marked = |r: &serde_json::Value| {
@@ -396,7 +392,7 @@ async fn the_same_session_id_keeps_working_on_another_node_after_its_node_is_kil
     let session = eventually("a session", Duration::from_secs(30), || {
         let url = format!("{}/mcp", c.url(first));
         let token = c.admin_token.clone();
-        async move { McpSession::open(&url, &token).await.ok() }
+        async move { Mcp::open(&url, &token).await.ok() }
     })
     .await;
     let set = session
@@ -438,7 +434,7 @@ async fn a_non_idempotent_tool_never_runs_twice_across_a_node_kill() {
     let session = eventually("a session", Duration::from_secs(30), || {
         let url = format!("{}/servers/counter/mcp", c.url(ids[0]));
         let token = c.admin_token.clone();
-        async move { McpSession::open(&url, &token).await.ok() }
+        async move { Mcp::open(&url, &token).await.ok() }
     })
     .await;
     let mut outcomes = BTreeMap::new();

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use mcpcp_proto::api::REDACTED;
-use mcpcp_tests::{demo_server, eventually, https, tool_text, Cluster, McpSession};
+use mcpcp_tests::{demo_server, eventually, https, tool_text, Cluster, Mcp};
 use mcpctl::CallOptions;
 use serde_json::json;
 
@@ -87,7 +87,7 @@ async fn an_env_value_is_sealed_at_rest_never_shown_and_still_reaches_the_proces
     let url = format!("{}/servers/vault/mcp", c.url(1));
     let session = eventually("the server to answer", Duration::from_secs(30), || {
         let (url, token) = (url.clone(), c.admin_token.clone());
-        async move { McpSession::open(&url, &token).await.ok() }
+        async move { Mcp::open(&url, &token).await.ok() }
     })
     .await;
     let digest = |name: &str| {
@@ -130,7 +130,7 @@ async fn an_env_value_is_sealed_at_rest_never_shown_and_still_reaches_the_proces
         || {
             let (url, token) = (url.clone(), c.admin_token.clone());
             async move {
-                let s = McpSession::open(&url, &token).await.ok()?;
+                let s = Mcp::open(&url, &token).await.ok()?;
                 s.call_tool("counter_increment", json!({})).await.ok()
             }
         },

@@ -482,7 +482,7 @@ async fn a_node_joins_with_a_single_use_token_and_nothing_copied_by_hand() {
         Duration::from_secs(30),
         || {
             let (url, token) = (url.clone(), c.admin_token.clone());
-            async move { mcpcp_tests::McpSession::open(&url, &token).await.ok() }
+            async move { mcpcp_tests::Mcp::open(&url, &token).await.ok() }
         },
     )
     .await;
