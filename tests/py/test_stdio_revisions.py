@@ -3,13 +3,15 @@ server process it writes a `server/discover` of 2026-07-28 and an `initialize` t
 server of that revision answers the first, an earlier one the second.
 
 - `mcp-server-time` and `mcp-server-git` (PyPI, on the SDK's 2.x line) speak 2026-07-28, and
-  so does `servers/questions.py`, an SDK server whose tools ask the client for input: its
-  questions come back as `input_required` results, each keyed to its own request, so they
-  reach the right client even while several sessions share the one process.
-- The demo server and server-everything speak only the session revisions (2025-11-25).
-- A 2026-07-28 server that announces list changes (the SDK's `MCPServer` by default) is
-  started a second time and spoken to in a 2025-11-25 session: over stdio its list changes
-  come only on a `subscriptions/listen` request, which the node does not hold open.
+  so do `servers/questions.py`, an SDK server whose tools ask the client for input, and the
+  node's own demo server: their questions come back as `input_required` results, each keyed
+  to its own request, so they reach the right client even while several sessions share the
+  one process.
+- server-everything speaks only the session revisions (2025-11-25).
+- A 2026-07-28 server that announces list changes (the SDK's `MCPServer` by default) sends
+  them only on a `subscriptions/listen` request: the node asks for one at the start, and holds
+  one open on the process while it lives. A server that refuses it (`servers/nolisten.py`)
+  is spoken to in a 2025-11-25 session instead, where its list changes are heard.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ import mcp.types as types
 from mcp import MCPError
 
 from conftest import VENV_BIN, Cluster
-from helpers import MODES, STATELESS, accepting, client, protocols, run, stateless_post, text_of, wait_until
+from helpers import MODES, STATELESS, accepting, await_until, client, protocols, run, stateless_post, text_of, wait_until
 
 HERE = Path(__file__).resolve().parent
 QUESTIONS = HERE / "servers/questions.py"
 RUGPULL = HERE / "servers/rugpull.py"
 STRICT = HERE / "servers/strict.py"
+NOLISTEN = HERE / "servers/nolisten.py"
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +81,7 @@ def test_each_stdio_server_is_spoken_to_in_the_newest_revision_it_speaks(cluster
     assert protocols(cluster, "time") == {STATELESS}
     assert protocols(cluster, "git") == {STATELESS}
     assert protocols(cluster, questions) == {STATELESS}
-    assert protocols(cluster, "demo") == {"2025-11-25"}
+    assert protocols(cluster, "demo") == {STATELESS}
     assert protocols(cluster, "everything") == {"2025-11-25"}
 
     # Clients of either era are served by both kinds, on both endpoints.
@@ -95,33 +98,74 @@ def test_each_stdio_server_is_spoken_to_in_the_newest_revision_it_speaks(cluster
     run(scenario())
 
 
-def test_a_2026_server_that_announces_list_changes_is_spoken_to_in_a_session(cluster):
-    """Started once in 2026-07-28, then again in a session; the pool remembers, so a process
-    it starts later (here after a kill -9) opens a session at once."""
+def test_a_2026_server_that_announces_list_changes_is_heard_on_the_listen_the_node_holds(cluster):
+    """An SDK server that announces list changes is spoken to in 2026-07-28 on its first
+    process, and the node holds a `subscriptions/listen` open on its pipe: a tool list change
+    it sends on that stream only (`RUGPULL_ANNOUNCE=listen`) reaches the node, which reloads
+    the server's tools for its clients. The same after a kill -9: the new process is listened
+    to again."""
     name = f"rugpull-{uuid.uuid4().hex[:6]}"
-    cluster.mcpctl("server", "add", name, "--pool-size", "1", "--", str(VENV_BIN / "python"), str(RUGPULL))
+    cluster.mcpctl("server", "add", name, "--pool-size", "1", "--replicas", "1", "--env", "RUGPULL_ANNOUNCE=listen",
+                   "--", str(VENV_BIN / "python"), str(RUGPULL))
 
-    def restarts() -> float:
-        return revision_restarts(cluster, name, "announces_changes")
+    async def pull_and_see_upload(node: int) -> None:
+        async with client(cluster.url(node), cluster.token, "legacy") as c:
+            assert text_of(await c.call_tool(f"{name}__forecast", {"city": "Oslo"})) == "sunny in Oslo"
+            assert text_of(await c.call_tool(f"{name}__rug_pull", {})) == "pulled"
+            # The aggregate catalogue is reloaded only when the server says its list changed.
+            await tools_include(c, f"{name}__upload")
 
     try:
         cluster.wait_tools(name, ["forecast", "rug_pull"])
-        assert protocols(cluster, name) == {"2025-11-25"}
-        learned = restarts()
-        assert learned >= cluster.nodes, "each node's first start found a 2026-07-28 server"
-
-        async def scenario():
-            async with client(cluster.url(0, name), cluster.token, STATELESS) as c:
-                assert text_of(await c.call_tool("forecast", {"city": "Oslo"})) == "sunny in Oslo"
-
-        run(scenario())
-        assert not slot_on_node_1(cluster, name).get("last_exit"), \
-            "the process replaced at the start is not shown as the slot's exit"
-        replaced = kill_and_await_replacement(cluster, name)
-        assert replaced["protocol"] == "2025-11-25"
-        assert restarts() == learned, "the new process was not started twice"
+        assert protocols(cluster, name) == {STATELESS}
+        assert revision_restarts(cluster, name, "announces_changes") == 0, "spoken to as it was started"
+        run(pull_and_see_upload(slot_node(cluster, name)))
     finally:
         cluster.mcpctl("server", "rm", name)
+
+
+@pytest.mark.parametrize("one_era", [False, True], ids=["same-process", "started-again"])
+def test_a_2026_server_that_refuses_a_listen_is_spoken_to_in_a_session(cluster, one_era):
+    """`servers/nolisten.py` announces list changes but refuses `subscriptions/listen`: the
+    node keeps the process in the session it also accepted, or, when it refused that session
+    after its discovery (`NOLISTEN_ONE_ERA`), starts it again for one and remembers. Either
+    way its session-era list change reaches the node."""
+    name = f"nolisten-{uuid.uuid4().hex[:6]}"
+    env = ["--env", "NOLISTEN_ONE_ERA=1"] if one_era else []
+    cluster.mcpctl("server", "add", name, "--pool-size", "1", "--replicas", "1", *env,
+                   "--", str(VENV_BIN / "python"), str(NOLISTEN))
+    try:
+        cluster.wait_tools(name, ["echo", "grow"])
+        assert protocols(cluster, name) == {"2025-11-25"}
+        restarts = revision_restarts(cluster, name, "announces_changes")
+        assert restarts == (1 if one_era else 0), restarts
+
+        async def grow(node: int) -> None:
+            async with client(cluster.url(node), cluster.token, STATELESS) as c:
+                assert text_of(await c.call_tool(f"{name}__grow", {})) == "grown"
+                await tools_include(c, f"{name}__extra")
+
+        run(grow(slot_node(cluster, name)))
+    finally:
+        cluster.mcpctl("server", "rm", name)
+
+
+async def tools_include(c, tool: str) -> None:
+    """Waits until `tool` is in the client's tool list (the node reloads its aggregate catalogue
+    on a list change)."""
+
+    async def listed() -> list[str] | None:
+        names = [t.name for t in (await c.list_tools()).tools]
+        return names if tool in names else None
+
+    await await_until(listed, 30, f"{tool} listed")
+
+
+def slot_node(cluster: Cluster, server: str) -> int:
+    """The index of the node that runs `server`'s one replica."""
+    status = json.loads(cluster.mcpctl("server", "status", server, "-o", "json"))
+    [replica] = [r for r in status["replicas"] if r["details"]]
+    return replica["node"] - 1
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -1,8 +1,9 @@
 //! Tools (and a prompt) that ask the client before they answer, named and shaped as the MCP
-//! conformance suite's 2026-07-28 `input-required-result-*` scenarios want them. The demo server
-//! speaks 2025-11-25: it asks with its own requests (elicitation, sampling, roots), each with
-//! the id the scenario names as its input key, and the gateway turns them into an
-//! `input_required` result for a 2026-07-28 client (`mcp::stateless`).
+//! conformance suite's 2026-07-28 `input-required-result-*` scenarios want them. Each question
+//! has the input key the scenario names: in 2026-07-28 it is part of the request's
+//! `input_required` result (`super::round`); in a session it is a request of the server's own
+//! with that id, which the gateway turns into an `input_required` result for a 2026-07-28
+//! client (`mcp::stateless`).
 
 use serde_json::{json, Value};
 

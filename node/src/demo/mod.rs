@@ -20,6 +20,7 @@ mod asks;
 mod content;
 mod prompts;
 mod resources;
+mod round;
 mod rpc;
 mod session;
 mod tools;
@@ -34,10 +35,12 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinError, JoinSet};
 
+use round::{Round, STATELESS_VERSION};
 use rpc::{Incoming, Params, RpcError};
 use session::Session;
 
-/// Protocol versions this server speaks; a client asking for another gets [`LATEST_VERSION`].
+/// Session revisions this server speaks; a client asking for another gets [`LATEST_VERSION`].
+/// It speaks 2026-07-28 too ([`round`]): each request that says so in its `_meta`.
 const SUPPORTED_VERSIONS: [&str; 3] = ["2025-11-25", "2025-06-18", "2025-03-26"];
 const LATEST_VERSION: &str = "2025-11-25";
 /// After stdin closes, how long requests still running get to finish and be answered.
@@ -262,6 +265,24 @@ async fn handle_request(
     params: &Value,
 ) -> Result<Value, RpcError> {
     match method {
+        "server/discover" => return Ok(discover()),
+        "subscriptions/listen" => return listen(session, id, params).await,
+        _ => {}
+    }
+    match Round::of(params)? {
+        Some(round) => round.run(handle(session, id, method, params)).await,
+        None => handle(session, id, method, params).await,
+    }
+}
+
+/// A request of either revision (in 2026-07-28, inside its [`Round`]).
+async fn handle(
+    session: &Session,
+    id: &Value,
+    method: &str,
+    params: &Value,
+) -> Result<Value, RpcError> {
+    match method {
         "initialize" => initialize(session, params),
         "ping" => Ok(json!({})),
         "tools/list" => Ok(tools::list()),
@@ -289,29 +310,76 @@ async fn handle_request(
     }
 }
 
+/// What the server offers, in either revision.
+fn capabilities() -> Value {
+    json!({
+        "tools": { "listChanged": true },
+        "resources": { "subscribe": true, "listChanged": true },
+        "prompts": { "listChanged": true },
+        "logging": {},
+        "completions": {},
+    })
+}
+
+const INSTRUCTIONS: &str = "Demo MCP server of the mcpd control plane: echo, add, sleep, fail, \
+                            crash, counter_increment, and the MCP conformance suite's test tools.";
+
+/// `server/discover` (2026-07-28): every revision it speaks, newest first, and what it offers.
+fn discover() -> Value {
+    let mut versions = vec![STATELESS_VERSION];
+    versions.extend(SUPPORTED_VERSIONS);
+    json!({
+        "supportedVersions": versions,
+        "capabilities": capabilities(),
+        "instructions": INSTRUCTIONS,
+        "_meta": { "io.modelcontextprotocol/serverInfo": server_info() },
+        "resultType": "complete",
+    })
+}
+
+fn server_info() -> Value {
+    json!({ "name": "mcpd-demo", "version": env!("CARGO_PKG_VERSION") })
+}
+
+/// `subscriptions/listen` (2026-07-28): acknowledged, then held until the client cancels it;
+/// the list changes and resource updates it asked for go out marked with its id.
+async fn listen(session: &Session, id: &Value, params: &Value) -> Result<Value, RpcError> {
+    if !params["notifications"].is_object() {
+        return Err(RpcError::invalid_params(
+            "notifications",
+            "required (an object)",
+        ));
+    }
+    struct Open<'a>(&'a Session, &'a Value);
+    impl Drop for Open<'_> {
+        fn drop(&mut self) {
+            self.0.close_listen(self.1);
+        }
+    }
+    let granted = session.open_listen(id, params);
+    let _open = Open(session, id);
+    tracing::debug!(%id, %granted, "subscriptions/listen open");
+    // Held until cancelled (the task is aborted) or stdin closes.
+    std::future::pending::<()>().await;
+    Ok(json!({}))
+}
+
 fn initialize(session: &Session, params: &Value) -> Result<Value, RpcError> {
     let p = Params::new(params, "");
     let asked = p.str("protocolVersion")?;
-    let capabilities = p.opt_object("capabilities")?.cloned().unwrap_or(json!({}));
+    let client_capabilities = p.opt_object("capabilities")?.cloned().unwrap_or(json!({}));
     let client = p.opt_object("clientInfo")?.cloned().unwrap_or(Value::Null);
     let version = SUPPORTED_VERSIONS
         .into_iter()
         .find(|v| *v == asked)
         .unwrap_or(LATEST_VERSION);
-    tracing::info!(%client, %capabilities, asked, version, "initialize");
-    session.set_client_capabilities(capabilities);
+    tracing::info!(%client, capabilities = %client_capabilities, asked, version, "initialize");
+    session.set_client_capabilities(client_capabilities);
     Ok(json!({
         "protocolVersion": version,
-        "capabilities": {
-            "tools": { "listChanged": true },
-            "resources": { "subscribe": true, "listChanged": true },
-            "prompts": { "listChanged": true },
-            "logging": {},
-            "completions": {},
-        },
-        "serverInfo": { "name": "mcpd-demo", "version": env!("CARGO_PKG_VERSION") },
-        "instructions": "Demo MCP server of the mcpd control plane: echo, add, sleep, fail, crash, \
-                         counter_increment, and the MCP conformance suite's test tools.",
+        "capabilities": capabilities(),
+        "serverInfo": server_info(),
+        "instructions": INSTRUCTIONS,
     }))
 }
 
@@ -488,5 +556,88 @@ mod tests {
         assert_eq!(rest.len(), 1, "{rest:?}");
         assert_eq!(rest[0]["id"], 2);
         assert_eq!(rest[0]["result"]["isError"], true);
+    }
+
+    #[tokio::test]
+    async fn in_2026_07_28_questions_are_results_and_list_changes_reach_a_listen() {
+        let mut h = Harness::start();
+        let meta = json!({
+            "io.modelcontextprotocol/protocolVersion": STATELESS_VERSION,
+            "io.modelcontextprotocol/clientCapabilities": { "elicitation": {} },
+        });
+        let request = |id: i64, method: &str, mut params: Value| {
+            params["_meta"] = meta.clone();
+            json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params }).to_string()
+        };
+        h.send(&request(1, "server/discover", json!({}))).await;
+        let found = h.recv().await;
+        assert_eq!(found["result"]["supportedVersions"][0], STATELESS_VERSION);
+
+        h.send(&request(
+            2,
+            "subscriptions/listen",
+            json!({ "notifications": { "toolsListChanged": true } }),
+        ))
+        .await;
+        let ack = h.recv().await;
+        assert_eq!(ack["method"], "notifications/subscriptions/acknowledged");
+        assert_eq!(
+            ack["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"],
+            2
+        );
+        assert_eq!(ack["params"]["notifications"]["promptsListChanged"], false);
+        let trigger = json!({ "name": "test_trigger_tool_change" });
+        h.send(&request(3, "tools/call", trigger)).await;
+        let heard = h.recv().await;
+        assert_eq!(heard["method"], "notifications/tools/list_changed");
+        assert_eq!(
+            heard["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"],
+            2
+        );
+        assert_eq!(h.recv().await["result"]["resultType"], "complete");
+
+        // Two questions, one round each: the second comes with the first's answer.
+        let tool = json!({ "name": "test_input_required_result_multi_round" });
+        h.send(&request(4, "tools/call", tool.clone())).await;
+        let first = h.recv().await["result"].clone();
+        assert_eq!(first["resultType"], "input_required");
+        assert!(first["inputRequests"]["step1"].is_object(), "{first}");
+        let answer =
+            |field: &str, value: &str| json!({ "action": "accept", "content": { field: value } });
+        let mut again = tool.clone();
+        again["inputResponses"] = json!({ "step1": answer("name", "Ada") });
+        again["requestState"] = first["requestState"].clone();
+        h.send(&request(5, "tools/call", again)).await;
+        let second = h.recv().await["result"].clone();
+        assert!(second["inputRequests"]["step2"].is_object(), "{second}");
+        let mut last = tool;
+        last["inputResponses"] = json!({ "step2": answer("color", "green") });
+        last["requestState"] = second["requestState"].clone();
+        h.send(&request(6, "tools/call", last)).await;
+        let done = h.recv().await["result"].clone();
+        assert_eq!(done["content"][0]["text"], "Ada likes green", "{done}");
+
+        // A request that did not declare sampling is refused for the tool that needs it.
+        h.send(&request(
+            7,
+            "tools/call",
+            json!({ "name": "test_missing_capability" }),
+        ))
+        .await;
+        let refused = h.recv().await;
+        assert_eq!(refused["error"]["code"], -32021, "{refused}");
+        assert_eq!(
+            refused["error"]["data"]["requiredCapabilities"],
+            json!({ "sampling": {} })
+        );
+        // Cancelled, the listen hears nothing more; with none open, a change goes out as is.
+        h.send(r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":2}}"#)
+            .await;
+        h.send(r#"{"jsonrpc":"2.0","id":8,"method":"tools/call","params":{"name":"test_trigger_tool_change"}}"#).await;
+        let plain = h.recv().await;
+        assert_eq!(plain["method"], "notifications/tools/list_changed");
+        assert!(plain["params"]["_meta"].is_null(), "{plain}");
+        assert_eq!(h.recv().await["id"], 8);
+        assert!(h.finish().await.is_empty());
     }
 }

@@ -5,7 +5,7 @@
 //! Every task writes through [`Session::send`], which queues a whole JSON message for the single
 //! writer, so lines from concurrent tasks never interleave.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
+use super::round::Round;
 use super::rpc::{self, RpcError};
 
 /// How long a tool waits for the client to answer a sampling or elicitation request.
@@ -50,7 +51,24 @@ pub struct Session {
     pub ledger: Option<PathBuf>,
     next_request: AtomicU64,
     pending: Mutex<Pending>,
+    /// The open `subscriptions/listen` requests of 2026-07-28, by request id (JSON text).
+    listens: Mutex<BTreeMap<String, Listen>>,
 }
+
+/// What one `subscriptions/listen` asked for (and was granted).
+struct Listen {
+    id: Value,
+    /// `tools`, `prompts`, `resources`: the lists whose changes it hears.
+    lists: BTreeSet<&'static str>,
+    uris: BTreeSet<String>,
+}
+
+/// The list changes a listen can ask for, by their key in its `notifications`.
+const LISTS: [(&str, &str); 3] = [
+    ("toolsListChanged", "tools"),
+    ("promptsListChanged", "prompts"),
+    ("resourcesListChanged", "resources"),
+];
 
 impl Session {
     pub fn new(out: mpsc::UnboundedSender<Value>, ledger: Option<PathBuf>) -> Self {
@@ -63,6 +81,7 @@ impl Session {
             ledger,
             next_request: AtomicU64::new(1),
             pending: Mutex::new(HashMap::new()),
+            listens: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -73,16 +92,98 @@ impl Session {
         }
     }
 
+    /// Sends a notification. A list change or resource update goes to each open
+    /// `subscriptions/listen` that asked for it, marked with its id; with none open (a
+    /// session's client), it goes out as it is.
     pub fn notify(&self, method: &str, params: Value) {
-        self.send(rpc::notification(method, params));
+        let list = method
+            .strip_prefix("notifications/")
+            .and_then(|m| m.strip_suffix("/list_changed"));
+        let updated = (method == "notifications/resources/updated")
+            .then(|| params["uri"].as_str().unwrap_or_default().to_string());
+        if list.is_none() && updated.is_none() {
+            return self.send(rpc::notification(method, params));
+        }
+        let targets: Vec<Value> = {
+            let listens = lock(&self.listens);
+            if listens.is_empty() {
+                drop(listens);
+                return self.send(rpc::notification(method, params));
+            }
+            listens
+                .values()
+                .filter(|l| {
+                    list.is_some_and(|k| l.lists.contains(k))
+                        || updated.as_ref().is_some_and(|u| l.uris.contains(u))
+                })
+                .map(|l| l.id.clone())
+                .collect()
+        };
+        for id in targets {
+            let mut tagged = params.clone();
+            tagged["_meta"]["io.modelcontextprotocol/subscriptionId"] = id;
+            self.send(rpc::notification(method, tagged));
+        }
+    }
+
+    /// Opens a `subscriptions/listen` of request `id`: what it asked for is heard from now
+    /// on, and acknowledged first. Returns the notifications granted.
+    pub fn open_listen(&self, id: &Value, params: &Value) -> Value {
+        let asked = &params["notifications"];
+        let lists: BTreeSet<&'static str> = LISTS
+            .iter()
+            .filter(|(key, _)| asked[*key] == true)
+            .map(|(_, list)| *list)
+            .collect();
+        // Only resources it has (as `resources/subscribe` refuses any other).
+        let uris: BTreeSet<String> = asked["resourceSubscriptions"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .filter(|u| super::resources::exists(u))
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut granted = json!({});
+        for (key, list) in LISTS {
+            granted[key] = json!(lists.contains(list));
+        }
+        granted["resourceSubscriptions"] = json!(uris);
+        lock(&self.listens).insert(
+            id.to_string(),
+            Listen {
+                id: id.clone(),
+                lists,
+                uris,
+            },
+        );
+        self.send(rpc::notification(
+            "notifications/subscriptions/acknowledged",
+            json!({
+                "notifications": granted.clone(),
+                "_meta": { "io.modelcontextprotocol/subscriptionId": id },
+            }),
+        ));
+        granted
+    }
+
+    /// Closes the `subscriptions/listen` of request `id` (cancelled, or the server ends).
+    pub fn close_listen(&self, id: &Value) {
+        lock(&self.listens).remove(&id.to_string());
     }
 
     pub fn set_client_capabilities(&self, caps: Value) {
         *lock(&self.client_capabilities) = Some(caps);
     }
 
-    /// Whether the client declared `capability` (e.g. `sampling`) at `initialize`.
+    /// Whether the client declared `capability` (e.g. `sampling`): in the request's `_meta` in
+    /// 2026-07-28, else at `initialize`.
     pub fn client_supports(&self, capability: &str) -> bool {
+        if let Some(declared) = Round::client_supports(capability) {
+            return declared;
+        }
         lock(&self.client_capabilities)
             .as_ref()
             .and_then(|c| c.get(capability))
@@ -100,9 +201,14 @@ impl Session {
         }
     }
 
-    /// Sends a `notifications/message` if `level` passes the client's threshold.
+    /// Sends a `notifications/message` if `level` passes the client's threshold: the
+    /// request's own in 2026-07-28 (none asked for: no logs), else the session's.
     pub fn log(&self, level: &str, data: Value) {
-        let at_least = self.log_level.load(Ordering::Relaxed);
+        let at_least = match Round::log_level() {
+            Some(Some(asked)) => level_index(&asked).unwrap_or(u8::MAX),
+            Some(None) => return,
+            None => self.log_level.load(Ordering::Relaxed),
+        };
         if level_index(level).is_some_and(|i| i >= at_least) {
             self.notify(
                 "notifications/message",
@@ -161,6 +267,10 @@ impl Session {
         method: &str,
         params: Value,
     ) -> Result<Value, RpcError> {
+        // In 2026-07-28 the question is the round's result, not a request of ours.
+        if let Some(answer) = Round::ask(name, method, &params) {
+            return answer;
+        }
         let (tx, rx) = oneshot::channel();
         let n = self.next_request.fetch_add(1, Ordering::Relaxed);
         let id = {

@@ -326,7 +326,18 @@ pub async fn call(
         )),
         "test_sampling" => sampling(&call, call.args.str("prompt")?).await,
         // The diagnostic tools of the conformance suite's 2026-07-28 stateless scenario.
-        "test_missing_capability" => sampling(&call, "What is the capital of France?").await,
+        "test_missing_capability" => {
+            // A 2026-07-28 request that did not declare it is refused before anything runs.
+            if super::round::Round::client_supports("sampling") == Some(false) {
+                return Err(RpcError {
+                    code: super::round::MISSING_CAPABILITY,
+                    message: "test_missing_capability needs the client's sampling capability"
+                        .into(),
+                    data: Some(json!({ "requiredCapabilities": { "sampling": {} } })),
+                });
+            }
+            sampling(&call, "What is the capital of France?").await
+        }
         "test_streaming_elicitation" => Ok(elicit(
             &call,
             "Please provide your information",

@@ -4,12 +4,14 @@
 //! A start writes a `server/discover` of 2026-07-28 and the `initialize` of the session
 //! revision together ([`Probe::Both`]) and goes by the first answer that settles it:
 //!
-//! - `initialize` accepted: a 2025-11-25 session (the discovery, if still unanswered, is
-//!   cancelled);
-//! - a discovery naming 2026-07-28: that revision, unless the server announces list changes
-//!   or resource subscriptions, which over stdio come only on a `subscriptions/listen`
-//!   request the node does not hold open. Then the same process is kept in a session if it
-//!   accepted `initialize` too; if it refused it, it is started again with
+//! - `initialize` accepted (before any discovery): a 2025-11-25 session (the discovery, if
+//!   still unanswered, is cancelled);
+//! - a discovery naming 2026-07-28: that revision. A server that announces list changes or
+//!   resource subscriptions sends them only on a `subscriptions/listen` request, so one is
+//!   asked for at once ([`Settled::Listen`]): acknowledged, the server is spoken to in
+//!   2026-07-28 and the process holds such a request open (`super::listen`). Refused (as the
+//!   Python SDK's servers do over stdio), the same process is kept in a session if it
+//!   accepted `initialize` too; if it refused that, it is started again with
 //!   [`Probe::SessionsOnly`] ([`Handshake::WantsSession`]), and a server that refuses a
 //!   session then is spoken to in 2026-07-28 after all ([`Probe::StatelessOnly`]), without
 //!   its list changes.
@@ -115,31 +117,46 @@ pub enum Settled {
     Done(Result<Handshake, CallError>),
     /// Not yet: wait for the other answer.
     Wait,
+    /// A 2026-07-28 server that announces changes: whether it takes a `subscriptions/listen`
+    /// decides (ask it, or wait for its verdict).
+    Listen,
 }
 
 /// Whether the answers so far settle which revision to speak (see the module docs):
 /// `discovered` and `initialized` are the answers come so far; `discovering` and
-/// `initializing` whether one is still to come. `capabilities`: the client's, for a
+/// `initializing` whether one is still to come; `listening` whether the server took a
+/// `subscriptions/listen` (`None`: not known yet). `capabilities`: the client's, for a
 /// stateless outcome.
 pub fn settle(
     probe: Probe,
-    discovered: Option<&Result<Value, CallError>>,
-    initialized: Option<&Result<Value, CallError>>,
-    initializing: bool,
-    discovering: bool,
+    (discovered, initialized): (
+        Option<&Result<Value, CallError>>,
+        Option<&Result<Value, CallError>>,
+    ),
+    (discovering, initializing): (bool, bool),
+    listening: Option<bool>,
     capabilities: &Value,
 ) -> Settled {
-    if let Some(Ok(init)) = initialized {
-        return Settled::Done(Ok(Handshake::Sessions(init.clone())));
-    }
-    if let Some(Ok(d)) = discovered.filter(|d| d.as_ref().is_ok_and(super::rounds::speaks)) {
-        if !announces(d) || probe == Probe::StatelessOnly {
+    let stateless = discovered
+        .and_then(|d| d.as_ref().ok())
+        .filter(|d| super::rounds::speaks(d));
+    if let Some(d) = stateless {
+        if !announces(d) || probe == Probe::StatelessOnly || listening == Some(true) {
             return Settled::Done(Ok(Handshake::Stateless {
                 init: super::rounds::init_of(d),
                 capabilities: capabilities.clone(),
             }));
         }
-        // Kept in a session if it accepts the `initialize` too; else started again.
+        if listening.is_none() {
+            return Settled::Listen;
+        }
+    }
+    if let Some(Ok(init)) = initialized {
+        return Settled::Done(Ok(Handshake::Sessions(init.clone())));
+    }
+    if stateless.is_some() {
+        // It announces changes it cannot send here: kept in a session if it accepts the
+        // `initialize` too, else started again.
         return match initializing {
             true => Settled::Wait,
             false => Settled::Done(Ok(Handshake::WantsSession)),
@@ -158,8 +175,9 @@ pub fn settle(
     }))
 }
 
-/// Whether a discovery's capabilities announce list changes or resource subscriptions.
-fn announces(discovered: &Value) -> bool {
+/// Whether a discovery's (or `initialize`'s) capabilities announce list changes or resource
+/// subscriptions.
+pub fn announces(discovered: &Value) -> bool {
     let caps = &discovered["capabilities"];
     ["tools", "prompts", "resources"]
         .iter()
@@ -187,6 +205,7 @@ mod tests {
     fn outcome(s: Settled) -> Option<Result<&'static str, String>> {
         match s {
             Settled::Wait => None,
+            Settled::Listen => Some(Ok("ask for a listen")),
             Settled::Done(Ok(Handshake::Sessions(_))) => Some(Ok("sessions")),
             Settled::Done(Ok(Handshake::Stateless { .. })) => Some(Ok("stateless")),
             Settled::Done(Ok(Handshake::WantsSession)) => Some(Ok("wants session")),
@@ -199,94 +218,105 @@ mod tests {
         let caps = json!({});
         let both = Probe::Both;
         let accepted = Ok(json!({ "protocolVersion": "2025-11-25" }));
+        let settled = |probe, d: Option<&_>, i: Option<&_>, pending, listening| {
+            outcome(settle(probe, (d, i), pending, listening, &caps))
+        };
         // A session server: its discovery refused, its initialize accepted.
         assert_eq!(
-            outcome(settle(both, Some(&refused()), None, true, false, &caps)),
+            settled(both, Some(&refused()), None, (false, true), None),
             None
         );
         assert_eq!(
-            outcome(settle(
+            settled(
                 both,
                 Some(&refused()),
                 Some(&accepted),
-                false,
-                false,
-                &caps
-            )),
+                (false, false),
+                None
+            ),
             Some(Ok("sessions"))
         );
         // An initialize accepted first: a session, the discovery no longer waited for.
         assert_eq!(
-            outcome(settle(both, None, Some(&accepted), false, true, &caps)),
+            settled(both, None, Some(&accepted), (true, false), None),
             Some(Ok("sessions"))
         );
         // A 2026 server that announces nothing: settled by its discovery alone.
         assert_eq!(
-            outcome(settle(
-                both,
-                Some(&discovery(false)),
-                None,
-                true,
-                false,
-                &caps
-            )),
+            settled(both, Some(&discovery(false)), None, (false, true), None),
             Some(Ok("stateless"))
         );
-        // One that announces list changes: kept in a session if it accepts one...
+        // One that announces list changes is asked for a listen, whatever initialize says...
+        let announcing = discovery(true);
         assert_eq!(
-            outcome(settle(
+            settled(both, Some(&announcing), None, (false, true), None),
+            Some(Ok("ask for a listen"))
+        );
+        assert_eq!(
+            settled(
                 both,
-                Some(&discovery(true)),
-                None,
-                true,
-                false,
-                &caps
-            )),
+                Some(&announcing),
+                Some(&accepted),
+                (false, false),
+                None
+            ),
+            Some(Ok("ask for a listen"))
+        );
+        // ...and spoken to in 2026 when it takes one.
+        assert_eq!(
+            settled(
+                both,
+                Some(&announcing),
+                Some(&accepted),
+                (false, false),
+                Some(true)
+            ),
+            Some(Ok("stateless"))
+        );
+        // Refused: kept in a session if it accepts one...
+        assert_eq!(
+            settled(both, Some(&announcing), None, (false, true), Some(false)),
             None
         );
         assert_eq!(
-            outcome(settle(
+            settled(
                 both,
-                Some(&discovery(true)),
+                Some(&announcing),
                 Some(&accepted),
-                false,
-                false,
-                &caps
-            )),
+                (false, false),
+                Some(false)
+            ),
             Some(Ok("sessions"))
         );
         // ...started again for one if it refused it, and spoken to in 2026 if asked only that.
         assert_eq!(
-            outcome(settle(
+            settled(
                 both,
-                Some(&discovery(true)),
+                Some(&announcing),
                 Some(&refused()),
-                false,
-                false,
-                &caps
-            )),
+                (false, false),
+                Some(false)
+            ),
             Some(Ok("wants session"))
         );
         assert_eq!(
-            outcome(settle(
+            settled(
                 Probe::StatelessOnly,
-                Some(&discovery(true)),
+                Some(&announcing),
                 None,
-                false,
-                false,
-                &caps
-            )),
+                (false, false),
+                None
+            ),
             Some(Ok("stateless"))
         );
         // Neither: the initialize's error.
-        let failed = outcome(settle(
+        let failed = settled(
             both,
             Some(&refused()),
             Some(&refused()),
-            false,
-            false,
-            &caps,
-        ));
+            (false, false),
+            None,
+        );
         assert!(
             matches!(failed, Some(Err(ref e)) if e.contains("no")),
             "{failed:?}"

@@ -12,7 +12,9 @@
 //! Messages the server starts (sampling, elicitation, roots requests, logging, progress) go to
 //! the call they belong to when that can be told (a progress token names it; otherwise the
 //! oldest call in flight that can take server requests), and the rest (list_changed,
-//! resources/updated) to the pool's event channel.
+//! resources/updated) to the pool's event channel. In 2026-07-28 the process holds a
+//! `subscriptions/listen` open when its server announces changes (`super::listen`): the
+//! messages marked with that request's id go to its stream.
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
@@ -28,12 +30,18 @@ use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::handshake::{settle, Handshake, Probe, Restart, RevisionHint, Settled};
+use super::listen::{Listened, Stream, Subscriptions};
 use super::report::SlotReport;
 use super::sandbox::{Launch, NodePaths, Sandbox};
 use crate::call::{CallError, CallEvent, EventSink, Responder};
 
 /// Longest line accepted from a server (a defence against a runaway process).
 const MAX_LINE: usize = 16 << 20;
+/// Notifications of a listen stream not yet passed on before more are dropped.
+const LISTEN_BACKLOG: usize = 256;
+/// How long a start waits for a server to take or refuse a `subscriptions/listen`; silence
+/// is a refusal.
+const LISTEN_VERDICT_WITHIN: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
@@ -90,6 +98,9 @@ struct Shared {
     killed_for: Mutex<Option<String>>,
     /// Whether its exit is the slot's to report yet (see [`Exit`]).
     exit: Mutex<Exit>,
+    /// The `subscriptions/listen` request open on it (2026-07-28): its id, and where its
+    /// messages go (`super::listen`).
+    listen: Mutex<Option<(u64, mpsc::Sender<Message>)>>,
 }
 
 /// When a process's exit is reported as its slot's.
@@ -104,6 +115,8 @@ enum Exit {
 
 impl Shared {
     fn fail_all(&self, error: CallError) {
+        // The listen stream ends with the process.
+        self.listen.lock().unwrap_or_else(|p| p.into_inner()).take();
         let drained = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
         for (_, p) in drained {
             let _ = p.reply.send(Err(error.clone()));
@@ -131,6 +144,11 @@ pub struct Process {
     pub init: Value,
     /// The revision it is spoken to in.
     speaks: Speaks,
+    /// In 2026-07-28, the resources its clients subscribed to, asked for on the
+    /// `subscriptions/listen` the process holds open, and the task that holds it
+    /// ([`Process::hold_listen`]; none for a server that announces nothing).
+    subscriptions: Arc<Subscriptions>,
+    listener: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// The revision a process is spoken to in.
@@ -356,6 +374,7 @@ impl Process {
             sandbox,
             killed_for: Mutex::new(None),
             exit: Mutex::new(Exit::Starting(None)),
+            listen: Mutex::new(None),
         });
         let (stdin_tx, stdin_rx) = mpsc::channel::<Vec<u8>>(256);
         let (exited_tx, exited_rx) = watch::channel(false);
@@ -406,6 +425,8 @@ impl Process {
             exited: exited_rx,
             init: Value::Null,
             speaks: Speaks::Sessions,
+            subscriptions: Arc::default(),
+            listener: Mutex::new(None),
         })
     }
 
@@ -439,23 +460,38 @@ impl Process {
             (initialize, initializing) = (Box::pin(sent.answer()), true);
         }
         let (mut discovered, mut initialized) = (None, None);
+        // Whether the server takes a `subscriptions/listen` (asked of a 2026-07-28 server
+        // that announces changes), and the wait for its verdict.
+        let (mut listen, mut listening, mut asked) = (never_bool(), None, false);
         loop {
             tokio::select! {
                 // Answers that come together: the discovery's first, as the server wrote it.
                 biased;
                 d = &mut discover, if discovering => (discovered, discovering) = (Some(d), false),
                 i = &mut initialize, if initializing => (initialized, initializing) = (Some(i), false),
+                l = &mut listen, if asked && listening.is_none() => listening = Some(l),
             }
             let settled = settle(
                 probe,
-                discovered.as_ref(),
-                initialized.as_ref(),
-                initializing,
-                discovering,
+                (discovered.as_ref(), initialized.as_ref()),
+                (discovering, initializing),
+                listening,
                 &capabilities,
             );
             match settled {
                 Settled::Wait => continue,
+                Settled::Listen if asked => continue,
+                Settled::Listen => {
+                    asked = true;
+                    let stream = self
+                        .open_listen(json!({ "toolsListChanged": true }), &capabilities)
+                        .await?;
+                    listen = Box::pin(async {
+                        tokio::time::timeout(LISTEN_VERDICT_WITHIN, taken(stream))
+                            .await
+                            .unwrap_or(false)
+                    });
+                }
                 Settled::Done(Ok(Handshake::Sessions(init))) => {
                     // Written before the start returns, so no request overtakes it.
                     let note = Message::notification("notifications/initialized", None);
@@ -526,6 +562,26 @@ impl Process {
         else {
             return self.request(method, params, events, owner).await;
         };
+        if self.listening() {
+            if let "resources/subscribe" | "resources/unsubscribe" = method {
+                // Asked for on the listen stream (`super::listen`), not sent as requests.
+                let uri = params
+                    .as_ref()
+                    .and_then(|p| p["uri"].as_str())
+                    .ok_or_else(|| {
+                        CallError::Answered(ErrorObject::new(
+                            code::INVALID_PARAMS,
+                            "params.uri: required (a string)",
+                        ))
+                    })?;
+                return if method == "resources/subscribe" {
+                    self.subscriptions.subscribe(&self.shared.server, uri).await
+                } else {
+                    self.subscriptions.unsubscribe(uri);
+                    Ok(json!({}))
+                };
+            }
+        }
         let rounds = Rounds {
             process: self,
             owner,
@@ -600,6 +656,68 @@ impl Process {
         })
     }
 
+    /// Writes a `subscriptions/listen` asking for `notifications`, with `capabilities` in its
+    /// `_meta`: the one open on the process from now on. Its messages (notifications marked
+    /// with its id, then the answer that ends it) come on the stream; dropping the stream
+    /// cancels it at the server.
+    pub(super) async fn open_listen(
+        &self,
+        notifications: Value,
+        capabilities: &Value,
+    ) -> Result<Stream, CallError> {
+        if !self.is_alive() {
+            return Err(self.shared.crashed());
+        }
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(LISTEN_BACKLOG);
+        *self.shared.listen.lock().unwrap_or_else(|p| p.into_inner()) = Some((id, tx));
+        let guard = ListenOpen {
+            shared: Arc::downgrade(&self.shared),
+            stdin: self.stdin.clone(),
+            id,
+        };
+        let params = json!({ "notifications": notifications });
+        let params = super::rounds::with_meta(Some(params), capabilities);
+        let line = Message::request_line(
+            &RequestId::Num(id as i64),
+            "subscriptions/listen",
+            params.as_ref(),
+        );
+        write_line(&self.pipe, &line)
+            .await
+            .map_err(|_| self.shared.crashed())?;
+        let stream = futures_util::stream::unfold((rx, guard), |(mut rx, guard)| async move {
+            let msg = rx.recv().await?;
+            Some((msg, (rx, guard)))
+        });
+        Ok(Box::pin(stream))
+    }
+
+    /// Holds a `subscriptions/listen` open on a process of 2026-07-28 whose server announces
+    /// list changes or resource subscriptions (`super::listen`), for as long as the process
+    /// lives; nothing for any other.
+    pub fn hold_listen(self: &Arc<Self>) {
+        if !matches!(self.speaks, Speaks::Stateless { .. })
+            || !super::handshake::announces(&self.init)
+        {
+            return;
+        }
+        let task = tokio::spawn(super::listen::listen(
+            Arc::downgrade(self),
+            self.subscriptions.clone(),
+            self.shared.pool_events.clone(),
+        ));
+        *self.listener.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+    }
+
+    /// Whether the process holds a `subscriptions/listen` open.
+    fn listening(&self) -> bool {
+        self.listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
     /// Sends a notification.
     pub async fn notify(&self, method: &str, params: Option<Value>) {
         let _ = self
@@ -634,6 +752,14 @@ impl Process {
 
 impl Drop for Process {
     fn drop(&mut self) {
+        if let Some(task) = self
+            .listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            task.abort();
+        }
         // The child itself is killed by `kill_on_drop`; its own children by the group kill.
         signal_group(self.pid, rustix::process::Signal::KILL);
     }
@@ -893,6 +1019,9 @@ const EXIT_AFTER_EOF: Duration = Duration::from_millis(200);
 
 /// Where one message from the server goes.
 async fn route(shared: &Shared, stdin: &mpsc::Sender<Vec<u8>>, msg: Message) {
+    let Some(msg) = to_listen(shared, msg) else {
+        return;
+    };
     match msg {
         Message::Response { id, outcome } => {
             let key = match &id {
@@ -999,6 +1128,104 @@ async fn route(shared: &Shared, stdin: &mpsc::Sender<Vec<u8>>, msg: Message) {
                 }
             }
         }
+    }
+}
+
+/// A future that never completes, for a `select!` branch not taken yet.
+fn never_bool() -> futures_util::future::BoxFuture<'static, bool> {
+    Box::pin(std::future::pending())
+}
+
+/// Whether the server acknowledged the listen of `stream` (its first message), or refused
+/// or ended it. The stream is dropped, and the listen cancelled, either way: the node holds
+/// its own once the process is started (`super::listen`).
+async fn taken(mut stream: Stream) -> bool {
+    use futures_util::StreamExt;
+    matches!(
+        stream.next().await,
+        Some(Message::Notification { method, .. }) if method == "notifications/subscriptions/acknowledged"
+    )
+}
+
+/// A `subscriptions/listen` open on a process, for as long as its stream is held: dropped,
+/// it is forgotten (later messages marked with its id are dropped) and cancelled at the
+/// server.
+struct ListenOpen {
+    shared: std::sync::Weak<Shared>,
+    stdin: mpsc::Sender<Vec<u8>>,
+    id: u64,
+}
+
+impl Drop for ListenOpen {
+    fn drop(&mut self) {
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        let mut listen = shared.listen.lock().unwrap_or_else(|p| p.into_inner());
+        if listen.as_ref().is_some_and(|(open, _)| *open == self.id) {
+            listen.take();
+            let _ = self
+                .stdin
+                .try_send(crate::call::events::cancelled(self.id).to_line());
+        }
+    }
+}
+
+impl super::listen::Listens for Process {
+    fn open(
+        &self,
+        notifications: Value,
+    ) -> futures_util::future::BoxFuture<'_, Result<Stream, Listened>> {
+        Box::pin(async move {
+            let capabilities = match &self.speaks {
+                Speaks::Stateless { capabilities, .. } => capabilities,
+                Speaks::Sessions => &Value::Null,
+            };
+            self.open_listen(notifications, capabilities)
+                .await
+                .map_err(|_| Listened::Refused)
+        })
+    }
+}
+
+/// Takes the messages of the `subscriptions/listen` open on the process (its notifications,
+/// marked with its id, and its answer, which ends it) to its stream; the rest are given back.
+/// A notification marked for a listen no longer open is dropped.
+fn to_listen(shared: &Shared, msg: Message) -> Option<Message> {
+    let listen_id = |id: &RequestId| match id {
+        RequestId::Num(n) => u64::try_from(*n).ok(),
+        RequestId::Str(_) => None,
+    };
+    let marked = match &msg {
+        Message::Notification { params, .. } => match params
+            .as_ref()
+            .map(|p| &p["_meta"][super::listen::META_SUB])
+        {
+            Some(Value::Null) | None => return Some(msg),
+            Some(id) => id.as_u64(),
+        },
+        Message::Response { id, .. } => listen_id(id),
+        Message::Request { .. } => return Some(msg),
+    };
+    let mut listen = shared.listen.lock().unwrap_or_else(|p| p.into_inner());
+    let ours = matches!((&*listen, marked), (Some((open, _)), Some(id)) if *open == id);
+    match (&msg, ours) {
+        (Message::Response { .. }, false) => Some(msg),
+        (Message::Response { .. }, true) => {
+            if let Some((_, stream)) = listen.take() {
+                let _ = stream.try_send(msg);
+            }
+            None
+        }
+        (_, true) => {
+            if let Some((_, stream)) = listen.as_ref() {
+                if stream.try_send(msg).is_err() {
+                    tracing::warn!(server = %shared.server, "listen stream behind; a notification dropped");
+                }
+            }
+            None
+        }
+        (_, false) => None,
     }
 }
 

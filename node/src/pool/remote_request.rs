@@ -1,6 +1,6 @@
 //! How requests reach a remote server in the stateless revision (2026-07-28): each round of
 //! a request (`super::rounds`) is one POST, sent by the connection (`super::remote_stateless`)
-//! and its listen stream (`super::remote_listen`):
+//! and its listen stream (`super::listen`, whose stream is the POST's event stream):
 //!
 //! - a POST carries the `MCP-Protocol-Version`, `Mcp-Method` and `Mcp-Name` headers; the
 //!   server's OAuth client (`super::oauth`) and the `401`-once-more rule are as in
@@ -15,6 +15,7 @@ use reqwest::header::{HeaderValue, ACCEPT, CONTENT_TYPE};
 use reqwest::StatusCode;
 use serde_json::Value;
 
+use super::listen::{Listened, Listens, Stream};
 use super::oauth::Tokens;
 use super::rounds::Carrier;
 use crate::call::{CallError, CallEvent, EventSink};
@@ -228,4 +229,66 @@ mod tests {
         );
         assert!(routing_name("tools/list", Some(&call)).is_none());
     }
+}
+
+/// Largest event of a listen stream read.
+const MAX_EVENT: usize = 16 << 20;
+
+impl Listens for Link {
+    /// POSTs `subscriptions/listen`; its SSE stream, once the server took it.
+    fn open(&self, notifications: Value) -> BoxFuture<'_, Result<Stream, Listened>> {
+        Box::pin(async move {
+            let params =
+                self.with_meta(Some(serde_json::json!({ "notifications": notifications })));
+            let resp = self
+                .send("subscriptions/listen", params.as_ref())
+                .await
+                .map_err(|_| Listened::Ended)?;
+            let sse = super::remote_http::is_event_stream(&resp);
+            match resp.status() {
+                s if s.is_success() && sse => Ok(event_messages(resp)),
+                // A stream it has not: the method or the endpoint is not there, or the
+                // request is not one it takes. Anything else (busy, a timeout, a server
+                // error) is tried again.
+                StatusCode::NOT_FOUND
+                | StatusCode::METHOD_NOT_ALLOWED
+                | StatusCode::BAD_REQUEST => {
+                    tracing::info!(server = %self.server, "the remote server has no subscriptions/listen stream; its list changes are not heard");
+                    Err(Listened::Refused)
+                }
+                // A JSON answer: an error when the method is unknown (else nothing to listen to).
+                s if s.is_success() => Err(Listened::Refused),
+                _ => Err(Listened::Ended),
+            }
+        })
+    }
+}
+
+/// The JSON-RPC messages of an SSE answer, until it ends, breaks, or sends an event over
+/// [`MAX_EVENT`].
+fn event_messages(resp: reqwest::Response) -> Stream {
+    use futures_util::StreamExt;
+    let start = (
+        resp.bytes_stream(),
+        mcpcp_proto::sse::SseParser::default(),
+        std::collections::VecDeque::new(),
+    );
+    futures_util::stream::unfold(start, |(mut body, mut parser, mut ready)| async move {
+        loop {
+            if let Some(msg) = ready.pop_front() {
+                return Some((msg, (body, parser, ready)));
+            }
+            let chunk = body.next().await?.ok()?;
+            if parser.pending() > MAX_EVENT {
+                return None;
+            }
+            ready.extend(
+                parser
+                    .feed(&chunk)
+                    .into_iter()
+                    .filter_map(|event| Message::parse(event.data.as_bytes()).ok()),
+            );
+        }
+    })
+    .boxed()
 }

@@ -6,7 +6,7 @@
 //! - **No session:** each request stands alone (`super::remote_request`, also for its
 //!   multi-round trips); a restarted server is simply reached again.
 //! - **List changes and resource updates** come on the server's `subscriptions/listen`
-//!   stream (`super::remote_listen`), which also carries the resources the connection's
+//!   stream (`super::listen`), which also carries the resources the connection's
 //!   clients subscribed to (`resources/subscribe` of a 2025 client).
 //! - Notifications from the client are not sent (cancelling is closing the request's
 //!   stream, which dropping a call does).
@@ -20,11 +20,11 @@ use mcpcp_proto::mcp::{code, ErrorObject, STATELESS_VERSION};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use super::listen::{listen, Subscriptions};
 use super::liveness::Liveness;
 use super::oauth::Tokens;
 use super::process::{PoolEvent, ProcessError};
 use super::remote::InFlight;
-use super::remote_listen::{listen, Subscriptions};
 use super::remote_request::Link;
 use crate::call::{CallError, EventSink};
 

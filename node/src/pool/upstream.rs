@@ -94,8 +94,9 @@ pub async fn connect(
             Err(e) => Err(e),
         };
     }
-    let process = Process::start_as(spec, pool_events, options, client_init).await?;
-    Ok(Arc::new(process))
+    let process = Arc::new(Process::start_as(spec, pool_events, options, client_init).await?);
+    process.hold_listen();
+    Ok(process)
 }
 
 /// The gateway's own `initialize` parameters, for a connection no client owns.

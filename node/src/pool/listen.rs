@@ -1,7 +1,9 @@
-//! A 2026-07-28 remote server's `subscriptions/listen` stream (`super::remote_stateless`;
-//! opened through its `super::remote_request::Link`),
-//! kept open by each connection: what the server says outside any call (list changes,
-//! resource updates) goes to the pool's events, as a session server's GET stream's does.
+//! A 2026-07-28 server's `subscriptions/listen` stream, kept open while the connection to it
+//! lives, over whatever carries it ([`Listens`]): a POST whose answer is an event stream
+//! (`super::remote_request::Link`, of `super::remote_stateless`), or a request on a stdio
+//! process's pipe, its messages marked with its id (`super::process`). What the server says
+//! outside any call (list changes, resource updates) goes to the pool's events, as a session
+//! server's does.
 //!
 //! - It asks for every list change, and for the resources the connection's clients
 //!   subscribed to (`resources/subscribe` of a 2025 client, counted per URI: a URI leaves
@@ -11,31 +13,39 @@
 //! - A stream that breaks, ends, or is not taken within 10 s is opened again after a pause
 //!   (0.5 s, doubling to 30 s, afresh only after a stream that lived 5 s); once it is back the
 //!   lists are announced changed, for what changed meanwhile.
-//! - A server that has no stream (404, 405, 400, or a JSON error answer) is left alone: its
-//!   list changes are not heard, and subscriptions to it are refused.
+//! - A server that has no stream (refuses it before acknowledging) is left alone: its list
+//!   changes are not heard, and subscriptions to it are refused.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 use mcpcp_proto::mcp::{code, ErrorObject, Message};
-use mcpcp_proto::sse::SseParser;
-use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
 use super::process::PoolEvent;
-use super::remote_request::Link;
 use crate::call::CallError;
 
-const META_SUB: &str = "io.modelcontextprotocol/subscriptionId";
+/// Where a listen stream's messages carry its id.
+pub const META_SUB: &str = "io.modelcontextprotocol/subscriptionId";
 /// The longest wait for the server to take the stream.
 const OPEN_WITHIN: Duration = Duration::from_secs(10);
 /// A stream that lived this long starts the pause before the next one afresh.
 const LIVED: Duration = Duration::from_secs(5);
-/// Largest event of the stream read.
-const MAX_EVENT: usize = 16 << 20;
+
+/// One open stream's messages from the server, as they come; it ends when the stream does.
+pub type Stream = BoxStream<'static, Message>;
+
+/// What carries `subscriptions/listen` streams to one server.
+pub trait Listens: Send + Sync + 'static {
+    /// Sends `subscriptions/listen` asking for `notifications`; its messages once the server
+    /// took the request. An error says whether to try again (`Ended`) or not (`Refused`).
+    fn open(&self, notifications: Value) -> BoxFuture<'_, Result<Stream, Listened>>;
+}
 
 /// The resources subscribed through one connection, each with the number of its
 /// subscriptions (one client's unsubscribe leaves another's), and what the server last
@@ -106,9 +116,11 @@ impl Subscriptions {
             pending.armed = false;
             return Ok(json!({}));
         }
+        // A server takes a subscription to each resource it has: one it did not take is
+        // one it does not know.
         Err(CallError::Answered(ErrorObject::new(
-            code::INVALID_PARAMS,
-            format!("params.uri: remote server {server:?} did not take a subscription to {uri:?}"),
+            code::RESOURCE_NOT_FOUND,
+            format!("params.uri: server {server:?} did not take a subscription to {uri:?}"),
         )))
     }
 
@@ -130,7 +142,7 @@ impl Subscriptions {
 }
 
 /// How a stream ended.
-enum Listened {
+pub enum Listened {
     /// The server has none (an error answer): nothing to listen to.
     Refused,
     /// It broke or ended: open it again after a pause.
@@ -140,8 +152,8 @@ enum Listened {
 }
 
 /// Keeps the stream open while the connection lives (see the module docs).
-pub(super) async fn listen(
-    link: Weak<Link>,
+pub async fn listen<C: Listens>(
+    carrier: Weak<C>,
     subscriptions: Arc<Subscriptions>,
     pool_events: mpsc::Sender<PoolEvent>,
 ) {
@@ -149,19 +161,19 @@ pub(super) async fn listen(
     let mut broke = false;
     let mut wanted = subscriptions.wanted.subscribe();
     loop {
-        let Some(l) = link.upgrade() else { return };
+        let Some(l) = carrier.upgrade() else { return };
         // Marked seen before the set is read: a change in between opens the stream again.
         wanted.mark_unchanged();
         let (generation, uris) = subscriptions.snapshot();
         let opened = tokio::select! {
-            opened = tokio::time::timeout(OPEN_WITHIN, open(&l, &uris)) => {
+            opened = tokio::time::timeout(OPEN_WITHIN, l.open(asked(&uris))) => {
                 opened.unwrap_or(Err(Listened::Ended))
             }
             _ = wanted.changed() => Err(Listened::Changed),
         };
         drop(l);
         let ended = match opened {
-            Ok(resp) => {
+            Ok(stream) => {
                 let since = std::time::Instant::now();
                 if broke {
                     for list in ["tools", "prompts", "resources"] {
@@ -173,7 +185,7 @@ pub(super) async fn listen(
                     }
                 }
                 let acked = (subscriptions.as_ref(), generation);
-                let ended = relay(&link, resp, &pool_events, acked, &mut wanted).await;
+                let ended = relay(&carrier, stream, &pool_events, acked, &mut wanted).await;
                 // A stream that lived a while starts the pause afresh; one the server ends at
                 // once keeps backing off (no reopen, and reload, twice a second).
                 if since.elapsed() >= LIVED {
@@ -203,9 +215,8 @@ pub(super) async fn listen(
     }
 }
 
-/// POSTs `subscriptions/listen` for every list change and `uris`; the stream, once the
-/// server took it.
-async fn open(link: &Link, uris: &[String]) -> Result<reqwest::Response, Listened> {
+/// What a stream asks for: every list change, and the resources in `uris`.
+fn asked(uris: &[String]) -> Value {
     let mut notifications = json!({
         "toolsListChanged": true,
         "promptsListChanged": true,
@@ -214,85 +225,70 @@ async fn open(link: &Link, uris: &[String]) -> Result<reqwest::Response, Listene
     if !uris.is_empty() {
         notifications["resourceSubscriptions"] = json!(uris);
     }
-    let params = link.with_meta(Some(json!({ "notifications": notifications })));
-    let resp = link
-        .send("subscriptions/listen", params.as_ref())
-        .await
-        .map_err(|_| Listened::Ended)?;
-    let sse = super::remote_http::is_event_stream(&resp);
-    match resp.status() {
-        s if s.is_success() && sse => Ok(resp),
-        // A stream it has not: the method or the endpoint is not there, or the request is
-        // not one it takes. Anything else (busy, a timeout, a server error) is tried again.
-        StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED | StatusCode::BAD_REQUEST => {
-            tracing::info!(server = %link.server, "the remote server has no subscriptions/listen stream; its list changes are not heard");
-            Err(Listened::Refused)
-        }
-        s if s.is_success() => {
-            // A JSON answer: an error when the method is unknown (else nothing to listen to).
-            Err(Listened::Refused)
-        }
-        _ => Err(Listened::Ended),
-    }
+    notifications
 }
 
 /// Passes a stream's notifications on until it ends or the subscriptions change; its
-/// acknowledgment says which URIs of `generation` the server took.
-async fn relay(
-    link: &Weak<Link>,
-    resp: reqwest::Response,
+/// acknowledgment says which URIs of `generation` the server took. An error answer before
+/// the acknowledgment is the server's refusal of the stream.
+async fn relay<C>(
+    carrier: &Weak<C>,
+    mut stream: Stream,
     pool_events: &mpsc::Sender<PoolEvent>,
     (subscriptions, generation): (&Subscriptions, u64),
     wanted: &mut watch::Receiver<u64>,
 ) -> Listened {
-    let mut parser = SseParser::default();
-    let mut body = resp.bytes_stream();
+    let mut acknowledged = false;
     loop {
-        let chunk = tokio::select! {
-            chunk = body.next() => chunk,
+        let msg = tokio::select! {
+            msg = stream.next() => msg,
             _ = wanted.changed() => return Listened::Changed,
         };
-        let Some(Ok(chunk)) = chunk else {
+        let Some(msg) = msg else {
             return Listened::Ended;
         };
-        if link.strong_count() == 0 {
+        if carrier.strong_count() == 0 {
             return Listened::Refused;
         }
-        if parser.pending() > MAX_EVENT {
-            return Listened::Ended;
-        }
-        for event in parser.feed(&chunk) {
-            match Message::parse(event.data.as_bytes()) {
-                Ok(Message::Notification { method, params })
-                    if method == "notifications/subscriptions/acknowledged" =>
-                {
-                    let taken: BTreeSet<String> = params
-                        .as_ref()
-                        .and_then(|p| p["notifications"]["resourceSubscriptions"].as_array())
-                        .map(|a| {
-                            a.iter()
-                                .filter_map(|u| u.as_str().map(String::from))
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    subscriptions.honored.send_replace((generation, taken));
-                }
-                Ok(Message::Notification { method, mut params }) => {
-                    if let Some(meta) = params
-                        .as_mut()
-                        .and_then(|p| p.get_mut("_meta"))
-                        .and_then(Value::as_object_mut)
-                    {
-                        meta.remove(META_SUB);
-                    }
-                    let msg = Message::Notification { method, params };
-                    let _ = pool_events.try_send(PoolEvent::Notify(msg));
-                }
-                // The stream's end: the server stopped it (an error) or ended it (a result);
-                // opened again after the pause.
-                Ok(Message::Response { .. }) => return Listened::Ended,
-                _ => {}
+        match msg {
+            Message::Notification { method, params }
+                if method == "notifications/subscriptions/acknowledged" =>
+            {
+                acknowledged = true;
+                let taken: BTreeSet<String> = params
+                    .as_ref()
+                    .and_then(|p| p["notifications"]["resourceSubscriptions"].as_array())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|u| u.as_str().map(String::from))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                subscriptions.honored.send_replace((generation, taken));
             }
+            Message::Notification { method, mut params } => {
+                if let Some(meta) = params
+                    .as_mut()
+                    .and_then(|p| p.get_mut("_meta"))
+                    .and_then(Value::as_object_mut)
+                {
+                    meta.remove(META_SUB);
+                }
+                let msg = Message::Notification { method, params };
+                let _ = pool_events.try_send(PoolEvent::Notify(msg));
+            }
+            // A server without the method or that does not take the request: no stream.
+            Message::Response {
+                outcome: Err(e), ..
+            } if !acknowledged
+                && (e.code == code::METHOD_NOT_FOUND || e.code == code::INVALID_PARAMS) =>
+            {
+                return Listened::Refused
+            }
+            // The stream's end: the server stopped it (an error) or ended it (a result);
+            // opened again after the pause.
+            Message::Response { .. } => return Listened::Ended,
+            Message::Request { .. } => {}
         }
     }
 }
