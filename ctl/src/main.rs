@@ -2370,7 +2370,15 @@ async fn check_macs(
                 events: batch,
                 allow_unkeyed: allow_unkeyed && total.keyed == 0,
             })
-            .await?;
+            .await
+            .map_err(|e| match e {
+                // A node of a release before the trail was keyed.
+                ClientError::Api { status: 404, .. } => fail(
+                    1,
+                    "the node cannot check MACs (a release before the audit trail was keyed): upgrade it, or check the hash chain alone with --file and --offline",
+                ),
+                other => other.into(),
+            })?;
         if let Some(broken) = verdict.broken {
             return Err(fail(1, format!("audit chain broken: {broken}")));
         }

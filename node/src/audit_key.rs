@@ -1,7 +1,10 @@
 //! The audit chain's key: what makes the trail's hash chain keyed (`mcpcp_proto::audit`).
 //! Derived with HKDF-SHA256 from the cluster's data key, so it lives where that key lives (each
 //! node's TLS directory, and the operator's recovery copy), never in the data directory, its
-//! snapshots or its backups. Whoever holds only the data can rewrite the hashes, not the MACs.
+//! snapshots or its backups. Whoever holds only the data can rewrite the hashes of the events
+//! in a snapshot, not their MACs. (An event is keyed when it is applied, so the admin commands
+//! still in a node's Raft log, after its last snapshot, are keyed again each time the node
+//! replays them: those, a data directory's most recent, are as safe as the log itself.)
 
 use mcpcp_proto::audit::AuditEvent;
 use ring::{hkdf, hmac};

@@ -191,6 +191,17 @@ fn check_data_key(data: &SmData, key: &DataKey, allow_unkeyed: bool) -> Result<(
         }
     }
     let trail: Vec<_> = data.state.audit.iter().cloned().collect();
+    let ends_at_head = trail
+        .last()
+        .is_none_or(|last| last.seq == data.state.audit_seq && last.hash == data.state.audit_head);
+    if !ends_at_head {
+        return Err(RestoreError::AuditTrail(
+            mcpcp_proto::audit::ChainError::Broken {
+                seq: data.state.audit_seq,
+                before: trail.last().map_or(0, |e| e.seq),
+            },
+        ));
+    }
     mcpcp_proto::audit::verify(&trail)
         .and_then(|()| {
             mcpcp_proto::audit::verify_macs(&trail, |e| key.audit_key().checks(e), allow_unkeyed)

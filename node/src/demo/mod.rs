@@ -359,8 +359,8 @@ async fn listen(session: &Session, id: &Value, params: &Value) -> Result<Value, 
     let granted = session.open_listen(id, params);
     let _open = Open(session, id);
     tracing::debug!(%id, %granted, "subscriptions/listen open");
-    // Held until cancelled (the task is aborted) or stdin closes.
-    std::future::pending::<()>().await;
+    // Held until cancelled (the task is aborted) or stdin closes (then it ends, answered).
+    session.closed().await;
     Ok(json!({}))
 }
 
@@ -639,5 +639,19 @@ mod tests {
         assert!(plain["params"]["_meta"].is_null(), "{plain}");
         assert_eq!(h.recv().await["id"], 8);
         assert!(h.finish().await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn closing_stdin_ends_an_open_listen_at_once() {
+        let mut h = Harness::start();
+        h.send(r#"{"jsonrpc":"2.0","id":1,"method":"subscriptions/listen","params":{"notifications":{"toolsListChanged":true}}}"#).await;
+        assert_eq!(
+            h.recv().await["method"],
+            "notifications/subscriptions/acknowledged"
+        );
+        let started = std::time::Instant::now();
+        let rest = h.finish().await;
+        assert!(started.elapsed() < DRAIN / 2, "{:?}", started.elapsed());
+        assert_eq!(rest, [json!({"jsonrpc": "2.0", "id": 1, "result": {}})]);
     }
 }

@@ -8,9 +8,11 @@
 //! question is answered from the round's answers when it has one, else recorded and failed
 //! with [`NEEDS_INPUT`]; when the tool returns, the questions it recorded make the round's
 //! result `input_required`, and the answers so far travel in `requestState`, so each round
-//! replays the tool up to its first unanswered question. A tool's questions therefore need
-//! keys that are the same in every round: the names the conformance suite gives them, or, for
-//! an unnamed question, its method and its place among the round's unnamed questions.
+//! replays the tool up to its first unanswered question (and what it does before that, again).
+//! A tool's questions therefore need keys that are the same in every round: the names the
+//! conformance suite gives them, or, for an unnamed question, its method and its place among
+//! the round's unnamed questions, which is stable only when the tool asks those one after
+//! another (questions asked at once must be named, as `asks.rs` does).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -53,6 +53,8 @@ pub struct Session {
     pending: Mutex<Pending>,
     /// The open `subscriptions/listen` requests of 2026-07-28, by request id (JSON text).
     listens: Mutex<BTreeMap<String, Listen>>,
+    /// Set once stdin closed: what waits for the client (a listen) ends.
+    closed: tokio::sync::watch::Sender<bool>,
 }
 
 /// What one `subscriptions/listen` asked for (and was granted).
@@ -82,6 +84,7 @@ impl Session {
             next_request: AtomicU64::new(1),
             pending: Mutex::new(HashMap::new()),
             listens: Mutex::new(BTreeMap::new()),
+            closed: tokio::sync::watch::channel(false).0,
         }
     }
 
@@ -321,9 +324,16 @@ impl Session {
         }
     }
 
-    /// Fails every waiting server-to-client request (stdin is closed: no answer can come).
+    /// Fails every waiting server-to-client request and ends the listens (stdin is closed: no
+    /// answer can come, and no cancel).
     pub fn fail_pending(&self) {
         lock(&self.pending).clear();
+        self.closed.send_replace(true);
+    }
+
+    /// Completes once stdin closed.
+    pub async fn closed(&self) {
+        let _ = self.closed.subscribe().wait_for(|c| *c).await;
     }
 }
 

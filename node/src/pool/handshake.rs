@@ -122,6 +122,9 @@ pub enum Settled {
     Listen,
 }
 
+/// An answer come so far (`None`: not yet, or not asked).
+pub type Answer<'a> = Option<&'a Result<Value, CallError>>;
+
 /// Whether the answers so far settle which revision to speak (see the module docs):
 /// `discovered` and `initialized` are the answers come so far; `discovering` and
 /// `initializing` whether one is still to come; `listening` whether the server took a
@@ -129,10 +132,7 @@ pub enum Settled {
 /// stateless outcome.
 pub fn settle(
     probe: Probe,
-    (discovered, initialized): (
-        Option<&Result<Value, CallError>>,
-        Option<&Result<Value, CallError>>,
-    ),
+    (discovered, initialized): (Answer<'_>, Answer<'_>),
     (discovering, initializing): (bool, bool),
     listening: Option<bool>,
     capabilities: &Value,

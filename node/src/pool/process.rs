@@ -683,7 +683,10 @@ impl Process {
             "subscriptions/listen",
             params.as_ref(),
         );
-        write_line(&self.pipe, &line)
+        // Through the writer's queue, after the cancel of a listen before it (queued by its
+        // guard), and whole even if this future is dropped.
+        self.stdin
+            .send(line)
             .await
             .map_err(|_| self.shared.crashed())?;
         let stream = futures_util::stream::unfold((rx, guard), |(mut rx, guard)| async move {

@@ -208,29 +208,6 @@ fn routing_name(method: &str, params: Option<&Value>) -> Option<HeaderValue> {
     HeaderValue::from_str(&format!("=?base64?{encoded}?=")).ok()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn the_routing_name_is_the_tool_prompt_or_uri_encoded_when_not_plain_ascii() {
-        let call = json!({ "name": "echo", "arguments": {} });
-        assert_eq!(routing_name("tools/call", Some(&call)).unwrap(), "echo");
-        let read = json!({ "uri": "file:///tmp/a.txt" });
-        assert_eq!(
-            routing_name("resources/read", Some(&read)).unwrap(),
-            "file:///tmp/a.txt"
-        );
-        let accented = json!({ "name": "café" });
-        assert_eq!(
-            routing_name("prompts/get", Some(&accented)).unwrap(),
-            "=?base64?Y2Fmw6k=?="
-        );
-        assert!(routing_name("tools/list", Some(&call)).is_none());
-    }
-}
-
 /// Largest event of a listen stream read.
 const MAX_EVENT: usize = 16 << 20;
 
@@ -291,4 +268,27 @@ fn event_messages(resp: reqwest::Response) -> Stream {
         }
     })
     .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_routing_name_is_the_tool_prompt_or_uri_encoded_when_not_plain_ascii() {
+        let call = json!({ "name": "echo", "arguments": {} });
+        assert_eq!(routing_name("tools/call", Some(&call)).unwrap(), "echo");
+        let read = json!({ "uri": "file:///tmp/a.txt" });
+        assert_eq!(
+            routing_name("resources/read", Some(&read)).unwrap(),
+            "file:///tmp/a.txt"
+        );
+        let accented = json!({ "name": "café" });
+        assert_eq!(
+            routing_name("prompts/get", Some(&accented)).unwrap(),
+            "=?base64?Y2Fmw6k=?="
+        );
+        assert!(routing_name("tools/list", Some(&call)).is_none());
+    }
 }
