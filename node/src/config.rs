@@ -48,6 +48,9 @@
 //! health_interval_ms = 15000        # ping every process this often
 //! answer_spin_us = 100              # a lone call polls this long for its answer (0: never)
 //! max_input_questions = 64          # questions a 2026-07-28 server may ask in one round
+//! listen_open_timeout_ms = 10000    # a 2026-07-28 server's listen stream: taken within this
+//! listen_backoff_max_ms = 30000     # ...else tried again, pauses doubling up to this
+//! oauth_failure_hold_ms = 5000      # a remote server's failed token fetch stands this long
 //! inherit_env = ["PATH", "HOME", "LANG", "TMPDIR"]   # what server processes get of mcpd's env
 //!
 //! [runtime]
@@ -447,6 +450,24 @@ impl Config {
                 "must be 1 to 1024 (each question of a round reaches the client at once)",
             ));
         }
+        if !(100..=300_000).contains(&self.pool.listen_open_timeout_ms) {
+            return Err(invalid(
+                "pool.listen_open_timeout_ms",
+                "must be 100 to 300000",
+            ));
+        }
+        if !(500..=600_000).contains(&self.pool.listen_backoff_max_ms) {
+            return Err(invalid(
+                "pool.listen_backoff_max_ms",
+                "must be 500 to 600000 (the first pause is 500 ms)",
+            ));
+        }
+        if self.pool.oauth_failure_hold_ms > 300_000 {
+            return Err(invalid(
+                "pool.oauth_failure_hold_ms",
+                "must be at most 300000 (5 minutes)",
+            ));
+        }
         if self.pool.answer_spin_us > 10_000 {
             return Err(invalid(
                 "pool.answer_spin_us",
@@ -634,6 +655,22 @@ mod tests {
                 "mcp.max_parked_calls_per_caller",
             ),
             ("[mcp]\ninput_gather_ms = 60000", "mcp.input_gather_ms"),
+            (
+                "[call_audit]\notlp_export_timeout_ms = 10",
+                "call_audit.otlp_export_timeout_ms",
+            ),
+            (
+                "[pool]\nlisten_open_timeout_ms = 10",
+                "pool.listen_open_timeout_ms",
+            ),
+            (
+                "[pool]\nlisten_backoff_max_ms = 100",
+                "pool.listen_backoff_max_ms",
+            ),
+            (
+                "[pool]\noauth_failure_hold_ms = 900000",
+                "pool.oauth_failure_hold_ms",
+            ),
             ("[mcp]\nmax_answers_ahead = 5000", "mcp.max_answers_ahead"),
         ] {
             let c: Config =

@@ -28,6 +28,10 @@ pub struct CallAuditConfig {
     /// Events waiting for export at most (64 to 1,000,000); more are dropped from the export
     /// (the file has them) and counted in `mcpd_otlp_dropped_total{signal="calls"}`.
     pub otlp_max_queued: usize,
+    /// How long one export to the collector may take before it is given up (100 to 300000
+    /// ms); the events of a batch given up are counted in `mcpd_otlp_export_failed_total`.
+    /// Shutdown waits for the last export this long, and a second.
+    pub otlp_export_timeout_ms: u64,
 }
 
 impl Default for CallAuditConfig {
@@ -41,6 +45,7 @@ impl Default for CallAuditConfig {
             include_arguments: false,
             otlp_endpoint: None,
             otlp_max_queued: 8192,
+            otlp_export_timeout_ms: 10_000,
         }
     }
 }
@@ -61,6 +66,12 @@ impl CallAuditConfig {
             return Err((
                 "call_audit.otlp_max_queued",
                 "must be from 64 to 1000000".into(),
+            ));
+        }
+        if !(100..=300_000).contains(&self.otlp_export_timeout_ms) {
+            return Err((
+                "call_audit.otlp_export_timeout_ms",
+                "must be from 100 to 300000".into(),
             ));
         }
         if self.buffer < 16 {

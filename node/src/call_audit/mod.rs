@@ -128,7 +128,7 @@ impl CallAudit {
         let otlp = match &config.otlp_endpoint {
             Some(endpoint) => {
                 tracing::info!(endpoint = %endpoint, "call log: exporting each event as an OpenTelemetry log");
-                Some(OtlpCalls::start(endpoint, config.otlp_max_queued, source)?)
+                Some(OtlpCalls::start(endpoint, config, source)?)
             }
             None => None,
         };

@@ -22,9 +22,6 @@ use opentelemetry_sdk::logs::{
 use super::CallEvent;
 use crate::telemetry::{export::Counted, TracingError};
 
-/// One export gives up after this.
-const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// The pipeline; [`OtlpCalls::shutdown`] sends what is still queued.
 pub struct OtlpCalls {
     provider: SdkLoggerProvider,
@@ -33,6 +30,8 @@ pub struct OtlpCalls {
     /// batches off), and the most there may be.
     in_flight: Arc<AtomicUsize>,
     max_queued: usize,
+    /// One export gives up after this (`call_audit.otlp_export_timeout_ms`).
+    export_timeout: Duration,
 }
 
 impl OtlpCalls {
@@ -40,13 +39,15 @@ impl OtlpCalls {
     /// connection then uses.
     pub fn start(
         endpoint: &str,
-        max_queued: usize,
+        config: &super::config::CallAuditConfig,
         source: &crate::telemetry::Source,
     ) -> Result<OtlpCalls, TracingError> {
+        let max_queued = config.otlp_max_queued;
+        let export_timeout = Duration::from_millis(config.otlp_export_timeout_ms);
         let otlp = opentelemetry_otlp::LogExporter::builder()
             .with_tonic()
             .with_endpoint(endpoint.to_string())
-            .with_timeout(EXPORT_TIMEOUT)
+            .with_timeout(export_timeout)
             .build()?;
         let in_flight = Arc::new(AtomicUsize::new(0));
         let processor = BatchLogProcessor::builder(Counted {
@@ -71,6 +72,7 @@ impl OtlpCalls {
             logger,
             in_flight,
             max_queued,
+            export_timeout,
         })
     }
 
@@ -125,7 +127,7 @@ impl OtlpCalls {
     pub fn shutdown(self) {
         if let Err(e) = self
             .provider
-            .shutdown_with_timeout(EXPORT_TIMEOUT + Duration::from_secs(1))
+            .shutdown_with_timeout(self.export_timeout + Duration::from_secs(1))
         {
             tracing::warn!(error = %e, "call events still queued for OTLP at shutdown may be lost");
         }

@@ -10,9 +10,10 @@
 //!   the set with its last subscription): a change of that set opens the stream again at
 //!   once with the new set, and a subscription is answered when the server acknowledged it
 //!   (or refused, and taken back, when it did not take the URI or the caller gave up).
-//! - A stream that breaks, ends, or is not taken within 10 s is opened again after a pause
-//!   (0.5 s, doubling to 30 s, afresh only after a stream that lived 5 s); once it is back the
-//!   lists are announced changed, for what changed meanwhile.
+//! - A stream that breaks, ends, or is not taken and acknowledged within `[pool]
+//!   listen_open_timeout_ms` (10 s) is opened again after a pause (0.5 s, doubling to
+//!   `listen_backoff_max_ms`, 30 s, afresh only after a stream that lived 5 s); once it is back
+//!   the lists are announced changed, for what changed meanwhile.
 //! - A server that has no stream (refuses it before acknowledging) is left alone: its list
 //!   changes are not heard, and subscriptions to it are refused.
 
@@ -32,10 +33,29 @@ use crate::call::CallError;
 
 /// Where a listen stream's messages carry its id.
 pub const META_SUB: &str = "io.modelcontextprotocol/subscriptionId";
-/// The longest wait for the server to take the stream.
-const OPEN_WITHIN: Duration = Duration::from_secs(10);
 /// A stream that lived this long starts the pause before the next one afresh.
 const LIVED: Duration = Duration::from_secs(5);
+/// The first pause before a stream is opened again.
+const FIRST_PAUSE: Duration = Duration::from_millis(500);
+
+/// How long a stream may take to open, and the longest pause between tries (`[pool]
+/// listen_open_timeout_ms`, `listen_backoff_max_ms`).
+#[derive(Debug, Clone, Copy)]
+pub struct ListenTiming {
+    /// The longest wait for the server to take the stream and acknowledge it.
+    pub open_within: Duration,
+    /// The pause between tries doubles up to this.
+    pub backoff_max: Duration,
+}
+
+impl Default for ListenTiming {
+    fn default() -> Self {
+        ListenTiming {
+            open_within: Duration::from_secs(10),
+            backoff_max: Duration::from_secs(30),
+        }
+    }
+}
 
 /// One open stream's messages from the server, as they come; it ends when the stream does.
 pub type Stream = BoxStream<'static, Message>;
@@ -156,8 +176,9 @@ pub async fn listen<C: Listens>(
     carrier: Weak<C>,
     subscriptions: Arc<Subscriptions>,
     pool_events: mpsc::Sender<PoolEvent>,
+    timing: ListenTiming,
 ) {
-    let mut pause = Duration::from_millis(500);
+    let mut pause = FIRST_PAUSE;
     let mut broke = false;
     let mut wanted = subscriptions.wanted.subscribe();
     loop {
@@ -166,7 +187,7 @@ pub async fn listen<C: Listens>(
         wanted.mark_unchanged();
         let (generation, uris) = subscriptions.snapshot();
         let opened = tokio::select! {
-            opened = tokio::time::timeout(OPEN_WITHIN, l.open(asked(&uris))) => {
+            opened = tokio::time::timeout(timing.open_within, l.open(asked(&uris))) => {
                 opened.unwrap_or(Err(Listened::Ended))
             }
             _ = wanted.changed() => Err(Listened::Changed),
@@ -185,11 +206,18 @@ pub async fn listen<C: Listens>(
                     }
                 }
                 let acked = (subscriptions.as_ref(), generation);
-                let ended = relay(&carrier, stream, &pool_events, acked, &mut wanted).await;
+                let ended = relay(
+                    &carrier,
+                    stream,
+                    &pool_events,
+                    acked,
+                    (&mut wanted, timing.open_within),
+                )
+                .await;
                 // A stream that lived a while starts the pause afresh; one the server ends at
                 // once keeps backing off (no reopen, and reload, twice a second).
                 if since.elapsed() >= LIVED {
-                    pause = Duration::from_millis(500);
+                    pause = FIRST_PAUSE;
                 }
                 ended
             }
@@ -209,7 +237,7 @@ pub async fn listen<C: Listens>(
                     _ = tokio::time::sleep(pause) => {}
                     _ = wanted.changed() => {}
                 }
-                pause = (pause * 2).min(Duration::from_secs(30));
+                pause = (pause * 2).min(timing.backoff_max.max(FIRST_PAUSE));
             }
         }
     }
@@ -236,12 +264,19 @@ async fn relay<C>(
     mut stream: Stream,
     pool_events: &mpsc::Sender<PoolEvent>,
     (subscriptions, generation): (&Subscriptions, u64),
-    wanted: &mut watch::Receiver<u64>,
+    (wanted, open_within): (&mut watch::Receiver<u64>, Duration),
 ) -> Listened {
     let mut acknowledged = false;
     loop {
+        // The acknowledgment comes first, within the open's time (a stdio request is "open"
+        // once written); after it, the stream may be quiet for as long as it lives.
+        let within = if acknowledged {
+            Duration::MAX
+        } else {
+            open_within
+        };
         let msg = tokio::select! {
-            msg = stream.next() => msg,
+            msg = tokio::time::timeout(within, stream.next()) => msg.unwrap_or(None),
             _ = wanted.changed() => return Listened::Changed,
         };
         let Some(msg) = msg else {
@@ -277,13 +312,13 @@ async fn relay<C>(
                 let msg = Message::Notification { method, params };
                 let _ = pool_events.try_send(PoolEvent::Notify(msg));
             }
-            // A server without the method or that does not take the request: no stream.
+            // A server without the method: no stream. (Any other error, e.g. for one URI of
+            // the set it does not take, ends this stream only: it is opened again.)
             Message::Response {
                 outcome: Err(e), ..
-            } if !acknowledged
-                && (e.code == code::METHOD_NOT_FOUND || e.code == code::INVALID_PARAMS) =>
-            {
-                return Listened::Refused
+            } if !acknowledged && e.code == code::METHOD_NOT_FOUND => {
+                tracing::info!(error = %e.message, "the server has no subscriptions/listen; its list changes are not heard");
+                return Listened::Refused;
             }
             // The stream's end: the server stopped it (an error) or ended it (a result);
             // opened again after the pause.

@@ -80,6 +80,14 @@ pub struct PoolConfig {
     /// Most questions a server of 2026-07-28 may ask its client in one `input_required`
     /// round; a larger round ends the call with an error naming this setting.
     pub max_input_questions: usize,
+    /// How long a 2026-07-28 server's `subscriptions/listen` stream may take to be taken and
+    /// acknowledged before it is tried again (`pool::listen`).
+    pub listen_open_timeout_ms: u64,
+    /// The pause between tries of a listen stream doubles from 0.5 s up to this.
+    pub listen_backoff_max_ms: u64,
+    /// How long a remote server's failed OAuth token fetch is the answer for the calls that
+    /// follow (they fail at once instead of each asking the token endpoint again); 0: never.
+    pub oauth_failure_hold_ms: u64,
     /// The node's own data and TLS directories, hidden from servers with a private
     /// filesystem (set at start, not read from the file).
     #[serde(skip)]
@@ -89,6 +97,17 @@ pub struct PoolConfig {
 impl PoolConfig {
     fn answer_spin(&self) -> Duration {
         Duration::from_micros(self.answer_spin_us)
+    }
+
+    fn listen_timing(&self) -> listen::ListenTiming {
+        listen::ListenTiming {
+            open_within: Duration::from_millis(self.listen_open_timeout_ms),
+            backoff_max: Duration::from_millis(self.listen_backoff_max_ms),
+        }
+    }
+
+    fn oauth_failure_hold(&self) -> Duration {
+        Duration::from_millis(self.oauth_failure_hold_ms)
     }
 }
 
@@ -105,6 +124,9 @@ impl Default for PoolConfig {
             answer_spin_us: 100,
             inherit_env: ["PATH", "HOME", "LANG", "TMPDIR"].map(String::from).into(),
             max_input_questions: rounds::MAX_QUESTIONS,
+            listen_open_timeout_ms: 10_000,
+            listen_backoff_max_ms: 30_000,
+            oauth_failure_hold_ms: 5_000,
             node_paths: sandbox::NodePaths::default(),
         }
     }
@@ -531,6 +553,8 @@ impl Pool {
                 node_paths: self.cfg.node_paths.clone(),
                 revision: self.revision.clone(),
                 max_questions: self.cfg.max_input_questions,
+                listen: self.cfg.listen_timing(),
+                oauth_failure_hold: self.cfg.oauth_failure_hold(),
             },
             Some(init),
         )
@@ -835,6 +859,8 @@ async fn supervise(
                 node_paths: cfg.node_paths.clone(),
                 revision: revision.clone(),
                 max_questions: cfg.max_input_questions,
+                listen: cfg.listen_timing(),
+                oauth_failure_hold: cfg.oauth_failure_hold(),
             }) => r,
             _ = stop.clone().wait() => break,
         };

@@ -14,7 +14,8 @@
 //! - **Reached apart from the server:** the token endpoint gets none of the server's static
 //!   headers, and trusts `oauth.ca_file` or the system's roots (not the server's `ca_file`),
 //!   through the same egress rules as the server (a tenant's: public addresses only).
-//! - **A failed fetch** is the answer for 5 s, so the calls queued behind it fail at once.
+//! - **A failed fetch** is the answer for `[pool] oauth_failure_hold_ms` (5 s), so the calls
+//!   queued behind it fail at once.
 //! - Fetches are counted in `mcpd_upstream_oauth_tokens_total{server, outcome}`; a token or
 //!   a secret is never logged.
 
@@ -28,11 +29,6 @@ use super::remote_http::BodyError;
 
 /// Largest token endpoint answer read.
 const MAX_ANSWER: usize = 64 << 10;
-
-/// How long a failed fetch is the answer for the requests that follow, so that while the
-/// token endpoint is down or refusing, a connection's queued calls fail at once instead of
-/// each waiting on a fetch of its own.
-const FAILURE_KEPT: Duration = Duration::from_secs(5);
 
 /// Longest error text of the authorization server's kept (it reaches logs and callers).
 const MAX_ERROR_TEXT: usize = 200;
@@ -67,6 +63,8 @@ pub struct Tokens {
     timeout: Duration,
     /// One fetch at a time: the concurrent requests of a connection wait for it.
     current: tokio::sync::Mutex<Kept>,
+    /// How long a failed fetch stands (`[pool] oauth_failure_hold_ms`).
+    failure_hold: Duration,
 }
 
 /// What the last fetch left.
@@ -102,7 +100,10 @@ struct Refusal {
 
 impl Tokens {
     /// The tokens of `spec`'s OAuth client (its secret opened), if it has one.
-    pub fn for_spec(spec: &ServerSpec) -> Result<Option<Tokens>, String> {
+    /// A failed fetch is the answer for `failure_hold`, so that while the token endpoint is
+    /// down or refusing, a connection's queued calls fail at once instead of each waiting on
+    /// a fetch of its own.
+    pub fn for_spec(spec: &ServerSpec, failure_hold: Duration) -> Result<Option<Tokens>, String> {
         let Some(client) = &spec.oauth else {
             return Ok(None);
         };
@@ -121,6 +122,7 @@ impl Tokens {
             http,
             timeout: Duration::from_millis(spec.timeouts.startup_ms),
             current: tokio::sync::Mutex::new(Kept::Nothing),
+            failure_hold,
         }))
     }
 
@@ -147,7 +149,7 @@ impl Tokens {
                 tracing::warn!(server = %self.server, error = %error, "no access token for the remote server");
                 *current = Kept::Failed {
                     error: error.clone(),
-                    until: Instant::now() + FAILURE_KEPT,
+                    until: Instant::now() + self.failure_hold,
                 };
                 Err(error)
             }

@@ -30,7 +30,7 @@ use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::handshake::{settle, Handshake, Probe, Restart, RevisionHint, Settled};
-use super::listen::{Listened, Stream, Subscriptions};
+use super::listen::{ListenTiming, Listened, Stream, Subscriptions};
 use super::report::SlotReport;
 use super::sandbox::{Launch, NodePaths, Sandbox};
 use crate::call::{CallError, CallEvent, EventSink, Responder};
@@ -149,6 +149,7 @@ pub struct Process {
     /// ([`Process::hold_listen`]; none for a server that announces nothing).
     subscriptions: Arc<Subscriptions>,
     listener: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    listen_timing: ListenTiming,
 }
 
 /// The revision a process is spoken to in.
@@ -246,6 +247,11 @@ pub struct StartOptions {
     /// Most questions a server of 2026-07-28 may ask in one round (`[pool]
     /// max_input_questions`).
     pub max_questions: usize,
+    /// How its `subscriptions/listen` stream is opened again (`[pool] listen_*`).
+    pub listen: ListenTiming,
+    /// How long a failed OAuth token fetch stands (a remote server's; `[pool]
+    /// oauth_failure_hold_ms`).
+    pub oauth_failure_hold: Duration,
 }
 
 impl Process {
@@ -337,6 +343,8 @@ impl Process {
             node_paths,
             revision: _,
             max_questions: _,
+            listen,
+            oauth_failure_hold: _,
         } = options;
         let sandbox = match &spec.sandbox {
             Some(s) => Sandbox::resolve(s, &node_paths)?,
@@ -427,6 +435,7 @@ impl Process {
             speaks: Speaks::Sessions,
             subscriptions: Arc::default(),
             listener: Mutex::new(None),
+            listen_timing: listen,
         })
     }
 
@@ -709,6 +718,7 @@ impl Process {
             Arc::downgrade(self),
             self.subscriptions.clone(),
             self.shared.pool_events.clone(),
+            self.listen_timing,
         ));
         *self.listener.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
     }

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use super::listen::{listen, Subscriptions};
 use super::liveness::Liveness;
 use super::oauth::Tokens;
-use super::process::{PoolEvent, ProcessError};
+use super::process::{PoolEvent, ProcessError, StartOptions};
 use super::remote::InFlight;
 use super::remote_request::Link;
 use crate::call::{CallError, EventSink};
@@ -56,7 +56,7 @@ impl Stateless {
         spec: &ServerSpec,
         client_init: &Value,
         pool_events: mpsc::Sender<PoolEvent>,
-        max_questions: usize,
+        options: &StartOptions,
     ) -> Result<Option<Stateless>, ProcessError> {
         // The URL stays out of errors: they reach clients, and a URL can carry a secret.
         let failed = |e: String| ProcessError::Initialize(format!("the remote server: {e}"));
@@ -65,9 +65,9 @@ impl Stateless {
             spec.name.clone(),
             super::remote_http::url_of(spec).map_err(failed)?,
             super::remote_http::client_for(spec).map_err(failed)?,
-            Tokens::for_spec(spec).map_err(failed)?,
+            Tokens::for_spec(spec, options.oauth_failure_hold).map_err(failed)?,
             client_init["capabilities"].clone(),
-            max_questions,
+            options.max_questions,
         ));
         let asked = tokio::time::timeout(startup, link.discovered()).await;
         let discovered = match asked {
@@ -83,6 +83,7 @@ impl Stateless {
             Arc::downgrade(&link),
             subscriptions.clone(),
             pool_events,
+            options.listen,
         ));
         Ok(Some(Stateless {
             link,

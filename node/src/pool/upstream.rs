@@ -74,17 +74,13 @@ pub async fn connect(
     let client_init = client_init.unwrap_or_else(gateway_init);
     if spec.is_remote() {
         // The newest revision the server speaks: 2026-07-28 if `server/discover` says so.
-        if let Some(stateless) = Stateless::discover(
-            spec,
-            &client_init,
-            pool_events.clone(),
-            options.max_questions,
-        )
-        .await?
+        if let Some(stateless) =
+            Stateless::discover(spec, &client_init, pool_events.clone(), &options).await?
         {
             return Ok(Arc::new(stateless));
         }
-        return match Remote::connect(spec, pool_events.clone(), client_init.clone()).await {
+        let hold = options.oauth_failure_hold;
+        return match Remote::connect(spec, pool_events.clone(), client_init.clone(), hold).await {
             Ok(remote) => Ok(Arc::new(remote)),
             // Refused with a 4xx: a server of the legacy HTTP+SSE transport, maybe.
             Err(ProcessError::NotStreamableHttp(_)) => {
