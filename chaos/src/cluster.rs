@@ -41,7 +41,9 @@ pub enum ClusterError {
     #[error("unknown node {0}")]
     UnknownNode(u64),
     #[error(transparent)]
-    Launch(#[from] mcpctl::dev::DevError),
+    Launch(#[from] mcpctl::launch::LaunchError),
+    #[error("the cluster CA: {0}")]
+    Ca(#[from] mcpctl::dev::DevError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClusterError {

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use mcpcp_proto::api::{CreateTokenRequest, Member, Role, ServerSpec, TenantSpec};
 
-use crate::launch::{wait_started, Launch};
+pub use crate::launch::{install_ca, read_endpoints};
+use crate::launch::{last_endpoints, wait_started, Launch, LaunchError};
 use crate::{AdminClient, CallOptions, ClientError};
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,8 @@ pub enum DevError {
     Api(#[from] ClientError),
     #[error("cluster CA: {0}")]
     Pki(#[from] mcpcp_pki::PkiError),
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DevError {
@@ -84,21 +87,6 @@ pub fn ensure_ca(dir: &Path) -> Result<PathBuf, DevError> {
     }
     mcpcp_pki::datakey::write_new(dir)?;
     Ok(cert)
-}
-
-/// Puts the CA and the data key of `ca_dir` into the TLS directory of the node whose data is
-/// `data_dir` (`<data_dir>/tls`), as an operator does before a node's first start; the node
-/// issues its own certificates from the CA.
-pub fn install_ca(ca_dir: &Path, data_dir: &Path) -> Result<(), DevError> {
-    use mcpcp_pki::datakey::DATA_KEY;
-    let tls = data_dir.join("tls");
-    if !tls.join(mcpcp_pki::ca::CA_CERT).exists() {
-        mcpcp_pki::Ca::load(ca_dir)?.write(&tls)?;
-    }
-    if !tls.join(DATA_KEY).exists() {
-        mcpcp_pki::datakey::write(&tls, &mcpcp_pki::datakey::load(ca_dir)?)?;
-    }
-    Ok(())
 }
 
 /// Options of `dev up`.
@@ -227,26 +215,6 @@ pub async fn start_node(
     let member = wait_started(id.into(), &files, pid, exited).await?;
     // Not waited for from here on: the node outlives this command by design.
     Ok((member, pid))
-}
-
-/// The addresses a node started with pid `pid` reported in `<data_dir>/endpoints.json`.
-pub fn read_endpoints(data_dir: &Path, pid: u32) -> Option<Member> {
-    last_endpoints(data_dir)
-        .filter(|(_, p)| *p == pid)
-        .map(|(m, _)| m)
-}
-
-/// The addresses a node last reported in `<data_dir>/endpoints.json`, and its pid then.
-fn last_endpoints(data_dir: &Path) -> Option<(Member, u32)> {
-    let text = std::fs::read_to_string(data_dir.join("endpoints.json")).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    let pid = u32::try_from(v["pid"].as_u64()?).ok()?;
-    let member = Member {
-        id: v["id"].as_u64()?,
-        http_addr: v["http_addr"].as_str()?.to_string(),
-        grpc_addr: v["grpc_addr"].as_str()?.to_string(),
-    };
-    Some((member, pid))
 }
 
 /// A node of the cluster in `dir`, running or not: the addresses it last listened on, and its

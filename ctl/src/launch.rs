@@ -16,7 +16,22 @@ use std::time::{Duration, Instant};
 
 use mcpcp_proto::api::Member;
 
-use crate::dev::{install_ca, read_endpoints, DevError};
+/// Why a node could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    /// It exited during its start, or did not report its addresses in time.
+    #[error("{0}")]
+    Start(String),
+    #[error("no program to start mcpd with")]
+    NoProgram,
+    #[error("cluster CA: {0}")]
+    Pki(#[from] mcpcp_pki::PkiError),
+}
 
 /// How long a node has to report its addresses.
 pub const START_WITHIN: Duration = Duration::from_secs(30);
@@ -68,7 +83,7 @@ impl Launch {
     /// Lays out the node directory (the CA installed, the last run's `endpoints.json` gone,
     /// the log opened for appending) and returns the command that starts the node, ready to
     /// spawn, and where its files are.
-    pub fn prepare(&self) -> Result<(Command, NodeFiles), DevError> {
+    pub fn prepare(&self) -> Result<(Command, NodeFiles), LaunchError> {
         let data = self.node_dir.join("data");
         std::fs::create_dir_all(&data).map_err(io(format!("creating {}", data.display())))?;
         let _ = std::fs::remove_file(data.join("endpoints.json"));
@@ -85,7 +100,7 @@ impl Launch {
         let (program, before) = self
             .program
             .split_first()
-            .ok_or_else(|| DevError::Usage("no program to start mcpd with".into()))?;
+            .ok_or_else(|| LaunchError::NoProgram)?;
         let mut cmd = Command::new(program);
         cmd.args(before)
             .arg("--id")
@@ -125,21 +140,21 @@ pub async fn wait_started(
     files: &NodeFiles,
     pid: u32,
     mut exited: impl FnMut() -> Option<String>,
-) -> Result<Member, DevError> {
+) -> Result<Member, LaunchError> {
     let deadline = Instant::now() + START_WITHIN;
     loop {
         if let Some(member) = read_endpoints(&files.data_dir, pid) {
             return Ok(member);
         }
         if let Some(status) = exited() {
-            return Err(DevError::Start(format!(
+            return Err(LaunchError::Start(format!(
                 "node {id} exited during start-up ({status}); last lines of {}:\n{}",
                 files.log.display(),
                 log_tail(&files.log, 8)
             )));
         }
         if Instant::now() > deadline {
-            return Err(DevError::Start(format!(
+            return Err(LaunchError::Start(format!(
                 "node {id} did not report its addresses within {} s (see {})",
                 START_WITHIN.as_secs(),
                 files.log.display()
@@ -156,7 +171,42 @@ pub fn log_tail(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DevError {
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LaunchError {
     let what = what.into();
-    move |source| DevError::Io { what, source }
+    move |source| LaunchError::Io { what, source }
+}
+
+/// Puts the CA and the data key of `ca_dir` into the TLS directory of the node whose data is
+/// `data_dir` (`<data_dir>/tls`), as an operator does before a node's first start; the node
+/// issues its own certificates from the CA.
+pub fn install_ca(ca_dir: &Path, data_dir: &Path) -> Result<(), LaunchError> {
+    use mcpcp_pki::datakey::DATA_KEY;
+    let tls = data_dir.join("tls");
+    if !tls.join(mcpcp_pki::ca::CA_CERT).exists() {
+        mcpcp_pki::Ca::load(ca_dir)?.write(&tls)?;
+    }
+    if !tls.join(DATA_KEY).exists() {
+        mcpcp_pki::datakey::write(&tls, &mcpcp_pki::datakey::load(ca_dir)?)?;
+    }
+    Ok(())
+}
+
+/// The addresses a node started with pid `pid` reported in `<data_dir>/endpoints.json`.
+pub fn read_endpoints(data_dir: &Path, pid: u32) -> Option<Member> {
+    last_endpoints(data_dir)
+        .filter(|(_, p)| *p == pid)
+        .map(|(m, _)| m)
+}
+
+/// The addresses a node last reported in `<data_dir>/endpoints.json`, and its pid then.
+pub(crate) fn last_endpoints(data_dir: &Path) -> Option<(Member, u32)> {
+    let text = std::fs::read_to_string(data_dir.join("endpoints.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let pid = u32::try_from(v["pid"].as_u64()?).ok()?;
+    let member = Member {
+        id: v["id"].as_u64()?,
+        http_addr: v["http_addr"].as_str()?.to_string(),
+        grpc_addr: v["grpc_addr"].as_str()?.to_string(),
+    };
+    Some((member, pid))
 }

@@ -356,7 +356,24 @@ async fn listen(session: &Session, id: &Value, params: &Value) -> Result<Value, 
             self.0.close_listen(self.1);
         }
     }
-    let granted = session.open_listen(id, params);
+    let asked = &params["notifications"];
+    let lists = session::LISTS
+        .iter()
+        .filter(|(key, _)| asked[*key] == true)
+        .map(|(_, list)| *list)
+        .collect();
+    // Only resources it has (as `resources/subscribe` refuses any other).
+    let uris = asked["resourceSubscriptions"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .filter(|u| resources::exists(u))
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default();
+    let granted = session.open_listen(id, lists, uris);
     let _open = Open(session, id);
     tracing::debug!(%id, %granted, "subscriptions/listen open");
     // Held until cancelled (the task is aborted) or stdin closes (then it ends, answered).

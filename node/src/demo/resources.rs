@@ -61,7 +61,7 @@ fn template_id(uri: &str) -> Option<&str> {
     (!id.is_empty() && !id.contains('/')).then_some(id)
 }
 
-pub fn exists(uri: &str) -> bool {
+pub(super) fn exists(uri: &str) -> bool {
     list()["resources"]
         .as_array()
         .is_some_and(|rs| rs.iter().any(|r| r["uri"] == uri))

@@ -66,7 +66,7 @@ struct Listen {
 }
 
 /// The list changes a listen can ask for, by their key in its `notifications`.
-const LISTS: [(&str, &str); 3] = [
+pub const LISTS: [(&str, &str); 3] = [
     ("toolsListChanged", "tools"),
     ("promptsListChanged", "prompts"),
     ("resourcesListChanged", "resources"),
@@ -129,26 +129,15 @@ impl Session {
         }
     }
 
-    /// Opens a `subscriptions/listen` of request `id`: what it asked for is heard from now
-    /// on, and acknowledged first. Returns the notifications granted.
-    pub fn open_listen(&self, id: &Value, params: &Value) -> Value {
-        let asked = &params["notifications"];
-        let lists: BTreeSet<&'static str> = LISTS
-            .iter()
-            .filter(|(key, _)| asked[*key] == true)
-            .map(|(_, list)| *list)
-            .collect();
-        // Only resources it has (as `resources/subscribe` refuses any other).
-        let uris: BTreeSet<String> = asked["resourceSubscriptions"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .filter(|u| super::resources::exists(u))
-                    .map(String::from)
-                    .collect()
-            })
-            .unwrap_or_default();
+    /// Opens a `subscriptions/listen` of request `id` for the list changes of `lists` (`tools`,
+    /// `prompts`, `resources`) and the updates of `uris`: heard from now on, and acknowledged
+    /// first. Returns the notifications granted.
+    pub fn open_listen(
+        &self,
+        id: &Value,
+        lists: BTreeSet<&'static str>,
+        uris: BTreeSet<String>,
+    ) -> Value {
         let mut granted = json!({});
         for (key, list) in LISTS {
             granted[key] = json!(lists.contains(list));

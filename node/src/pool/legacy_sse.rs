@@ -22,8 +22,9 @@ use reqwest::header::{ACCEPT, CONTENT_TYPE};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
+use super::events::PoolEvent;
 use super::liveness::Liveness;
-use super::process::{PoolEvent, ProcessError};
+use super::process::ProcessError;
 use crate::call::{CallError, CallEvent, EventSink, Responder};
 
 /// Largest event accepted on the stream.

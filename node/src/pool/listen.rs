@@ -28,7 +28,7 @@ use mcpcp_proto::mcp::{code, ErrorObject, Message};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
-use super::process::PoolEvent;
+use super::events::PoolEvent;
 use crate::call::CallError;
 
 /// Where a listen stream's messages carry its id.
@@ -142,6 +142,32 @@ impl Subscriptions {
             code::RESOURCE_NOT_FOUND,
             format!("params.uri: server {server:?} did not take a subscription to {uri:?}"),
         )))
+    }
+
+    /// A 2025 client's `resources/subscribe` or `resources/unsubscribe` (`method`) to a server
+    /// whose subscriptions are asked for on its listen stream: answered here; `None` for any
+    /// other method.
+    pub async fn answer(
+        &self,
+        server: &str,
+        method: &str,
+        params: Option<&Value>,
+    ) -> Option<Result<Value, CallError>> {
+        if !matches!(method, "resources/subscribe" | "resources/unsubscribe") {
+            return None;
+        }
+        let Some(uri) = params.and_then(|p| p["uri"].as_str()) else {
+            return Some(Err(CallError::Answered(ErrorObject::new(
+                code::INVALID_PARAMS,
+                "params.uri: required (a string)",
+            ))));
+        };
+        Some(if method == "resources/subscribe" {
+            self.subscribe(server, uri).await
+        } else {
+            self.unsubscribe(uri);
+            Ok(json!({}))
+        })
     }
 
     /// Takes back one subscription to `uri`; the last one leaves the set.

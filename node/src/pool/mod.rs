@@ -9,6 +9,7 @@
 
 pub mod catalogue;
 pub mod egress;
+pub mod events;
 pub mod fair;
 mod handshake;
 pub mod isolation;
@@ -46,8 +47,8 @@ use crate::call::{Affinity, CallError, EventSink};
 use crate::shard::{self, ShardHandles};
 use crate::shutdown::{self, Shutdown, Trigger};
 use catalogue::Catalogue;
+use events::PoolEvent;
 use fair::{FairQueue, Share};
-use process::PoolEvent;
 use upstream::Upstream;
 
 /// Node-wide pool settings (`[pool]` in mcpd.toml).

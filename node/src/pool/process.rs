@@ -63,12 +63,7 @@ pub enum ProcessError {
     NotStreamableHttp(u16),
 }
 
-/// A message from the server that belongs to no call.
-#[derive(Debug, Clone)]
-pub enum PoolEvent {
-    /// `notifications/*/list_changed`, `notifications/resources/updated`, stray logging.
-    Notify(Message),
-}
+use super::events::PoolEvent;
 
 struct Pending {
     reply: oneshot::Sender<Result<Value, CallError>>,
@@ -572,23 +567,13 @@ impl Process {
             return self.request(method, params, events, owner).await;
         };
         if self.listening() {
-            if let "resources/subscribe" | "resources/unsubscribe" = method {
-                // Asked for on the listen stream (`super::listen`), not sent as requests.
-                let uri = params
-                    .as_ref()
-                    .and_then(|p| p["uri"].as_str())
-                    .ok_or_else(|| {
-                        CallError::Answered(ErrorObject::new(
-                            code::INVALID_PARAMS,
-                            "params.uri: required (a string)",
-                        ))
-                    })?;
-                return if method == "resources/subscribe" {
-                    self.subscriptions.subscribe(&self.shared.server, uri).await
-                } else {
-                    self.subscriptions.unsubscribe(uri);
-                    Ok(json!({}))
-                };
+            // Asked for on the listen stream (`super::listen`), not sent as requests.
+            let answered = self
+                .subscriptions
+                .answer(&self.shared.server, method, params.as_ref())
+                .await;
+            if let Some(answer) = answered {
+                return answer;
             }
         }
         let rounds = Rounds {

@@ -34,9 +34,10 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use super::events::PoolEvent;
 use super::liveness::Liveness;
 use super::oauth::Tokens;
-use super::process::{PoolEvent, ProcessError};
+use super::process::ProcessError;
 use crate::call::{CallError, CallEvent, EventSink, Responder};
 
 const SESSION_HEADER: &str = "mcp-session-id";

@@ -16,14 +16,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mcpcp_proto::api::ServerSpec;
-use mcpcp_proto::mcp::{code, ErrorObject, STATELESS_VERSION};
-use serde_json::{json, Value};
+use mcpcp_proto::mcp::STATELESS_VERSION;
+use serde_json::Value;
 use tokio::sync::mpsc;
 
+use super::events::PoolEvent;
 use super::listen::{listen, Subscriptions};
 use super::liveness::Liveness;
 use super::oauth::Tokens;
-use super::process::{PoolEvent, ProcessError, StartOptions};
+use super::process::{ProcessError, StartOptions};
 use super::remote::InFlight;
 use super::remote_request::Link;
 use crate::call::{CallError, EventSink};
@@ -112,22 +113,12 @@ impl Stateless {
     ) -> Result<Value, CallError> {
         self.liveness.check(&self.link.server)?;
         let _counted = InFlight::enter(&self.in_flight);
-        if let "resources/subscribe" | "resources/unsubscribe" = method {
-            let uri = params
-                .as_ref()
-                .and_then(|p| p["uri"].as_str())
-                .ok_or_else(|| {
-                    CallError::Answered(ErrorObject::new(
-                        code::INVALID_PARAMS,
-                        "params.uri: required (a string)",
-                    ))
-                })?;
-            return if method == "resources/subscribe" {
-                self.subscriptions.subscribe(&self.link.server, uri).await
-            } else {
-                self.subscriptions.unsubscribe(uri);
-                Ok(json!({}))
-            };
+        let answered = self
+            .subscriptions
+            .answer(&self.link.server, method, params.as_ref())
+            .await;
+        if let Some(answer) = answered {
+            return answer;
         }
         super::rounds::call(self.link.as_ref(), method, params, events).await
     }

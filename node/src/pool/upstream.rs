@@ -12,8 +12,9 @@ use mcpcp_proto::api::ServerSpec;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use super::events::PoolEvent;
 use super::legacy_sse::LegacySse;
-use super::process::{PoolEvent, Process, ProcessError, StartOptions};
+use super::process::{Process, ProcessError, StartOptions};
 use super::remote::Remote;
 use super::remote_stateless::Stateless;
 use crate::call::{CallError, EventSink};
