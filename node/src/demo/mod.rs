@@ -241,6 +241,14 @@ fn on_line(session: &Arc<Session>, inflight: &mut InFlight, line: &[u8]) {
             tracing::warn!("bad line from the client: {}", e.message);
             session.send(rpc::response(&id, Err(e)));
         }
+        // The handshake is answered in the order it came (a client that sends `server/discover`
+        // and `initialize` together goes by the first answer), the rest each in its own task.
+        Ok(Incoming::Request { id, method, .. }) if method == "server/discover" => {
+            session.send(rpc::response(&id, Ok(discover())));
+        }
+        Ok(Incoming::Request { id, method, params }) if method == "initialize" => {
+            session.send(rpc::response(&id, initialize(session, &params)));
+        }
         Ok(Incoming::Request { id, method, params }) => inflight.start(session, id, method, params),
         Ok(Incoming::Notification { method, params }) => match method.as_str() {
             "notifications/cancelled" => match params.get("requestId") {
@@ -264,10 +272,8 @@ async fn handle_request(
     method: &str,
     params: &Value,
 ) -> Result<Value, RpcError> {
-    match method {
-        "server/discover" => return Ok(discover()),
-        "subscriptions/listen" => return listen(session, id, params).await,
-        _ => {}
+    if method == "subscriptions/listen" {
+        return listen(session, id, params).await;
     }
     match Round::of(params)? {
         Some(round) => round.run(handle(session, id, method, params)).await,
@@ -283,7 +289,6 @@ async fn handle(
     params: &Value,
 ) -> Result<Value, RpcError> {
     match method {
-        "initialize" => initialize(session, params),
         "ping" => Ok(json!({})),
         "tools/list" => Ok(tools::list()),
         "tools/call" => tools::call(session, id, params).await,
@@ -670,5 +675,21 @@ mod tests {
         let rest = h.finish().await;
         assert!(started.elapsed() < DRAIN / 2, "{:?}", started.elapsed());
         assert_eq!(rest, [json!({"jsonrpc": "2.0", "id": 1, "result": {}})]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn discover_and_initialize_sent_together_are_answered_in_order() {
+        let mut h = Harness::start();
+        for round in 0..50 {
+            let (d, i) = (2 * round, 2 * round + 1);
+            h.send(&format!(
+                r#"{{"jsonrpc":"2.0","id":{d},"method":"server/discover"}}"#
+            ))
+            .await;
+            h.send(&format!(r#"{{"jsonrpc":"2.0","id":{i},"method":"initialize","params":{{"protocolVersion":"2025-11-25"}}}}"#)).await;
+            assert_eq!(h.recv().await["id"], d);
+            assert_eq!(h.recv().await["id"], i);
+        }
+        assert!(h.finish().await.is_empty());
     }
 }
