@@ -204,7 +204,11 @@ fn check_data_key(data: &SmData, key: &DataKey, allow_unkeyed: bool) -> Result<(
     }
     mcpcp_proto::audit::verify(&trail)
         .and_then(|()| {
-            mcpcp_proto::audit::verify_macs(&trail, |e| key.audit_key().checks(e), allow_unkeyed)
+            let rule = mcpcp_proto::audit::MacRule {
+                allow_unkeyed,
+                after_keyed: false,
+            };
+            mcpcp_proto::audit::verify_macs(&trail, |e| key.audit_key().checks(e), rule)
         })
         .map(|_| ())
         .map_err(RestoreError::AuditTrail)

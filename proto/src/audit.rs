@@ -126,24 +126,37 @@ pub struct MacReport {
     pub unkeyed: u64,
 }
 
+/// Which events without a MAC a check accepts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MacRule {
+    /// Those before the first keyed event (written by an older release).
+    pub allow_unkeyed: bool,
+    /// The events checked follow keyed ones (a later batch of one trail): none may lack one.
+    pub after_keyed: bool,
+}
+
 /// Checks each event's MAC with `mac_ok` (a node's key). An event without one is accepted only
-/// before the first that has one, and only when `allow_unkeyed`: a chain keyed from some
-/// event on stays keyed, so taking MACs off is found.
+/// before the first that has one, and only as `rule` says: a chain keyed from some event on
+/// stays keyed, so taking MACs off is found.
 pub fn verify_macs(
     events: &[AuditEvent],
     mac_ok: impl Fn(&AuditEvent) -> bool,
-    allow_unkeyed: bool,
+    rule: MacRule,
 ) -> Result<MacReport, ChainError> {
     let mut report = MacReport::default();
+    let mut keyed_before = rule.after_keyed;
     for e in events {
         match &e.mac {
             Some(_) if !mac_ok(e) => return Err(ChainError::BadMac { seq: e.seq }),
-            Some(_) => report.keyed += 1,
-            None if report.keyed > 0 => return Err(ChainError::MacRemoved { seq: e.seq }),
+            Some(_) => {
+                report.keyed += 1;
+                keyed_before = true;
+            }
+            None if keyed_before => return Err(ChainError::MacRemoved { seq: e.seq }),
             None => report.unkeyed += 1,
         }
     }
-    if report.unkeyed > 0 && !allow_unkeyed {
+    if report.unkeyed > 0 && !rule.allow_unkeyed {
         let first = events.first().map_or(0, |e| e.seq);
         return Err(ChainError::Unkeyed {
             first,
@@ -163,6 +176,18 @@ pub struct AuditVerify {
     /// Accept events without a MAC before the first that has one.
     #[serde(default)]
     pub allow_unkeyed: bool,
+    /// The events follow keyed ones (a later batch of one file): none may lack a MAC.
+    #[serde(default)]
+    pub after_keyed: bool,
+}
+
+impl AuditVerify {
+    pub fn rule(&self) -> MacRule {
+        MacRule {
+            allow_unkeyed: self.allow_unkeyed,
+            after_keyed: self.after_keyed,
+        }
+    }
 }
 
 /// The answer to [`AuditVerify`]: what was checked, and where the chain breaks, if it does.
@@ -183,9 +208,9 @@ impl AuditVerdict {
     pub fn of(
         events: &[AuditEvent],
         mac_ok: impl Fn(&AuditEvent) -> bool,
-        allow_unkeyed: bool,
+        rule: MacRule,
     ) -> AuditVerdict {
-        let checked = verify(events).and_then(|()| verify_macs(events, mac_ok, allow_unkeyed));
+        let checked = verify(events).and_then(|()| verify_macs(events, mac_ok, rule));
         AuditVerdict {
             first: events.first().map_or(0, |e| e.seq),
             last: events.last().map_or(0, |e| e.seq),
@@ -294,9 +319,13 @@ mod tests {
 
     #[test]
     fn macs_are_checked_and_cannot_be_taken_off() {
+        let upgraded_ok = MacRule {
+            allow_unkeyed: true,
+            after_keyed: false,
+        };
         let all = keyed(chain(5), 0);
         assert_eq!(
-            verify_macs(&all, mac_ok, false),
+            verify_macs(&all, mac_ok, MacRule::default()),
             Ok(MacReport {
                 keyed: 5,
                 unkeyed: 0
@@ -306,23 +335,32 @@ mod tests {
         let mut forged = all.clone();
         forged[2].mac = Some("00".into());
         assert_eq!(
-            verify_macs(&forged, mac_ok, true),
+            verify_macs(&forged, mac_ok, upgraded_ok),
             Err(ChainError::BadMac { seq: 3 })
         );
         let mut stripped = all.clone();
         stripped[3].mac = None;
         assert_eq!(
-            verify_macs(&stripped, mac_ok, true),
+            verify_macs(&stripped, mac_ok, upgraded_ok),
             Err(ChainError::MacRemoved { seq: 4 })
         );
         // Events from before the chain was keyed pass only when the caller accepts them.
         let upgraded = keyed(chain(5), 2);
         assert_eq!(
-            verify_macs(&upgraded, mac_ok, false),
+            verify_macs(&upgraded, mac_ok, MacRule::default()),
             Err(ChainError::Unkeyed { first: 1, last: 2 })
         );
+        let later_batch = MacRule {
+            allow_unkeyed: true,
+            after_keyed: true,
+        };
         assert_eq!(
-            verify_macs(&upgraded, mac_ok, true),
+            verify_macs(&chain(2), mac_ok, later_batch),
+            Err(ChainError::MacRemoved { seq: 1 }),
+            "a batch that follows keyed ones"
+        );
+        assert_eq!(
+            verify_macs(&upgraded, mac_ok, upgraded_ok),
             Ok(MacReport {
                 keyed: 3,
                 unkeyed: 2

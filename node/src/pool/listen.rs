@@ -48,20 +48,13 @@ pub struct ListenTiming {
     pub backoff_max: Duration,
 }
 
-impl Default for ListenTiming {
-    fn default() -> Self {
-        ListenTiming {
-            open_within: Duration::from_secs(10),
-            backoff_max: Duration::from_secs(30),
-        }
-    }
-}
-
 /// One open stream's messages from the server, as they come; it ends when the stream does.
 pub type Stream = BoxStream<'static, Message>;
 
 /// What carries `subscriptions/listen` streams to one server.
 pub trait Listens: Send + Sync + 'static {
+    /// The server's name, for logs.
+    fn server(&self) -> &str;
     /// Sends `subscriptions/listen` asking for `notifications`; its messages once the server
     /// took the request. An error says whether to try again (`Ended`) or not (`Refused`).
     fn open(&self, notifications: Value) -> BoxFuture<'_, Result<Stream, Listened>>;
@@ -204,6 +197,9 @@ pub async fn listen<C: Listens>(
     pool_events: mpsc::Sender<PoolEvent>,
     timing: ListenTiming,
 ) {
+    let Some(server) = carrier.upgrade().map(|c| c.server().to_string()) else {
+        return;
+    };
     let mut pause = FIRST_PAUSE;
     let mut broke = false;
     let mut wanted = subscriptions.wanted.subscribe();
@@ -233,7 +229,7 @@ pub async fn listen<C: Listens>(
                 }
                 let acked = (subscriptions.as_ref(), generation);
                 let ended = relay(
-                    &carrier,
+                    (&carrier, &server),
                     stream,
                     &pool_events,
                     acked,
@@ -286,7 +282,7 @@ fn asked(uris: &[String]) -> Value {
 /// acknowledgment says which URIs of `generation` the server took. An error answer before
 /// the acknowledgment is the server's refusal of the stream.
 async fn relay<C>(
-    carrier: &Weak<C>,
+    (carrier, server): (&Weak<C>, &str),
     mut stream: Stream,
     pool_events: &mpsc::Sender<PoolEvent>,
     (subscriptions, generation): (&Subscriptions, u64),
@@ -343,7 +339,7 @@ async fn relay<C>(
             Message::Response {
                 outcome: Err(e), ..
             } if !acknowledged && e.code == code::METHOD_NOT_FOUND => {
-                tracing::info!(error = %e.message, "the server has no subscriptions/listen; its list changes are not heard");
+                tracing::info!(server, error = %e.message, "the server has no subscriptions/listen; its list changes are not heard");
                 return Listened::Refused;
             }
             // The stream's end: the server stopped it (an error) or ended it (a result);

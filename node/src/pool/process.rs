@@ -29,6 +29,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::events::PoolEvent;
 use super::handshake::{settle, Handshake, Probe, Restart, RevisionHint, Settled};
 use super::listen::{ListenTiming, Listened, Stream, Subscriptions};
 use super::report::SlotReport;
@@ -39,9 +40,6 @@ use crate::call::{CallError, CallEvent, EventSink, Responder};
 const MAX_LINE: usize = 16 << 20;
 /// Notifications of a listen stream not yet passed on before more are dropped.
 const LISTEN_BACKLOG: usize = 256;
-/// How long a start waits for a server to take or refuse a `subscriptions/listen`; silence
-/// is a refusal.
-const LISTEN_VERDICT_WITHIN: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
@@ -62,8 +60,6 @@ pub enum ProcessError {
     #[error("the server refused a Streamable HTTP initialize (HTTP {0})")]
     NotStreamableHttp(u16),
 }
-
-use super::events::PoolEvent;
 
 struct Pending {
     reply: oneshot::Sender<Result<Value, CallError>>,
@@ -448,15 +444,13 @@ impl Process {
     /// (`super::handshake`); the other request, if still unanswered, is cancelled.
     async fn handshake(&self, client_init: Value, probe: Probe) -> Result<Handshake, CallError> {
         let capabilities = client_init["capabilities"].clone();
-        type Answer<'a> = futures_util::future::BoxFuture<'a, Result<Value, CallError>>;
-        let never = || -> Answer<'_> { Box::pin(std::future::pending()) };
-        let (mut discover, mut discovering) = (never(), false);
+        let (mut discover, mut discovering) = (pending(), false);
         if probe != Probe::SessionsOnly {
             let params = super::rounds::with_meta(None, &capabilities);
             let sent = self.send("server/discover", params, None, None).await?;
             (discover, discovering) = (Box::pin(sent.answer()), true);
         }
-        let (mut initialize, mut initializing) = (never(), false);
+        let (mut initialize, mut initializing) = (pending(), false);
         if probe != Probe::StatelessOnly {
             let sent = self
                 .send("initialize", Some(client_init), None, None)
@@ -466,7 +460,7 @@ impl Process {
         let (mut discovered, mut initialized) = (None, None);
         // Whether the server takes a `subscriptions/listen` (asked of a 2026-07-28 server
         // that announces changes), and the wait for its verdict.
-        let (mut listen, mut listening, mut asked) = (never_bool(), None, false);
+        let (mut listen, mut listening, mut asked) = (pending(), None, false);
         loop {
             tokio::select! {
                 // Answers that come together: the discovery's first, as the server wrote it.
@@ -490,8 +484,11 @@ impl Process {
                     let stream = self
                         .open_listen(json!({ "toolsListChanged": true }), &capabilities)
                         .await?;
-                    listen = Box::pin(async {
-                        tokio::time::timeout(LISTEN_VERDICT_WITHIN, taken(stream))
+                    // As long as a listen may take later (`[pool] listen_open_timeout_ms`);
+                    // silence is a refusal.
+                    let within = self.listen_timing.open_within;
+                    listen = Box::pin(async move {
+                        tokio::time::timeout(within, taken(stream))
                             .await
                             .unwrap_or(false)
                     });
@@ -1130,7 +1127,7 @@ async fn route(shared: &Shared, stdin: &mpsc::Sender<Vec<u8>>, msg: Message) {
 }
 
 /// A future that never completes, for a `select!` branch not taken yet.
-fn never_bool() -> futures_util::future::BoxFuture<'static, bool> {
+fn pending<'a, T: 'a>() -> futures_util::future::BoxFuture<'a, T> {
     Box::pin(std::future::pending())
 }
 
@@ -1170,6 +1167,10 @@ impl Drop for ListenOpen {
 }
 
 impl super::listen::Listens for Process {
+    fn server(&self) -> &str {
+        &self.shared.server
+    }
+
     fn open(
         &self,
         notifications: Value,
@@ -1218,6 +1219,8 @@ fn to_listen(shared: &Shared, msg: Message) -> Option<Message> {
         (_, true) => {
             if let Some((_, stream)) = listen.as_ref() {
                 if stream.try_send(msg).is_err() {
+                    metrics::counter!("mcpd_pool_listen_dropped_total", "server" => shared.server.clone())
+                        .increment(1);
                     tracing::warn!(server = %shared.server, "listen stream behind; a notification dropped");
                 }
             }

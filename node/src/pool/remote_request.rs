@@ -212,6 +212,10 @@ fn routing_name(method: &str, params: Option<&Value>) -> Option<HeaderValue> {
 const MAX_EVENT: usize = 16 << 20;
 
 impl Listens for Link {
+    fn server(&self) -> &str {
+        &self.server
+    }
+
     /// POSTs `subscriptions/listen`; its SSE stream, once the server took it.
     fn open(&self, notifications: Value) -> BoxFuture<'_, Result<Stream, Listened>> {
         Box::pin(async move {

@@ -1364,11 +1364,11 @@ mod tests {
         assert_eq!(s.audit[0].prev_hash, audit::GENESIS);
         assert_eq!(s.audit_head, s.audit[1].hash);
         let trail: Vec<_> = s.audit.iter().cloned().collect();
-        let keyed = audit::verify_macs(&trail, |e| key().checks(e), false);
+        let keyed = audit::verify_macs(&trail, |e| key().checks(e), Default::default());
         assert_eq!(keyed.map(|r| r.keyed), Ok(2), "each event is keyed");
         let other = AuditKey::derive(&[8; 32]);
         assert_eq!(
-            audit::verify_macs(&trail, |e| other.checks(e), false),
+            audit::verify_macs(&trail, |e| other.checks(e), Default::default()),
             Err(audit::ChainError::BadMac { seq: 1 }),
             "another cluster's key does not check them"
         );
