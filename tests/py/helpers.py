@@ -157,6 +157,16 @@ def legacy_post(
     return httpx2.post(url, content=content, json=None if content else body, headers=h, timeout=60)
 
 
+def answer_of(r: httpx2.Response) -> dict[str, Any]:
+    """The JSON-RPC answer of a POST, sent as JSON or as the last message of an SSE stream."""
+    if r.headers.get("content-type", "").startswith("text/event-stream"):
+        messages = [json.loads(line[5:]) for line in r.text.splitlines() if line.startswith("data:") and line[5:].strip()]
+        answers = [m for m in messages if "id" in m and ("result" in m or "error" in m)]
+        assert answers, f"no answer in the stream: {r.text}"
+        return answers[-1]
+    return r.json()
+
+
 def legacy_initialize(url: str, token: str) -> str:
     """Opens a session-era session with raw HTTP; returns its Mcp-Session-Id."""
     r = legacy_post(
@@ -178,6 +188,12 @@ def legacy_initialize(url: str, token: str) -> str:
     assert sid, f"initialize answered no Mcp-Session-Id: {r.headers}"
     legacy_post(url, token, {"jsonrpc": "2.0", "method": "notifications/initialized"}, session=sid)
     return sid
+
+
+def end_session(url: str, token: str, sid: str) -> None:
+    """Ends a session-era session (DELETE)."""
+    r = httpx2.delete(url, headers={"Authorization": f"Bearer {token}", "Mcp-Session-Id": sid}, timeout=10)
+    assert r.status_code == 200, r.text
 
 
 def rewrite_audit_trail(events: list[dict[str, Any]], start: int) -> list[dict[str, Any]]:

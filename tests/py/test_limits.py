@@ -15,7 +15,7 @@ import httpx2
 import pytest
 
 from conftest import CA_CERT, MCPD, VENV_BIN, Cluster, start_cluster
-from helpers import legacy_initialize, legacy_post, stateless_post, stateless_tool_names, wait_until
+from helpers import end_session, legacy_initialize, legacy_post, stateless_post, stateless_tool_names, wait_until
 
 HEADER_TIMEOUT_S = 1.0
 BODY_TIMEOUT_S = 1.0
@@ -191,11 +191,6 @@ def test_connections_past_the_cap_are_closed_at_once_not_queued(small):
     wait_until(lambda: ready(small) or None, 10, "the node to serve again")
     after = small.metric("mcpd_http_connections_refused_total", 'reason="max_connections"') or 0
     assert after > before
-
-
-def end_session(url: str, token: str, sid: str) -> None:
-    r = httpx2.delete(url, headers={"Authorization": f"Bearer {token}", "Mcp-Session-Id": sid}, timeout=10)
-    assert r.status_code == 200, r.text
 
 
 def test_sessions_past_the_tenant_cap_get_429_and_other_tenants_are_served(small):

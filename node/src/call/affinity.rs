@@ -12,9 +12,18 @@ pub struct Affinity {
     pub client_init: Value,
     /// Resource subscriptions to restore on a new process.
     pub subscriptions: Vec<String>,
+    /// Who holds the session's subscriptions on shared processes: the session on the node
+    /// that serves it (`crate::mcp::holds`). `None` (a node before holders): the session id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<String>,
 }
 
 impl Affinity {
+    /// The holder of this session's subscriptions on a pool's shared processes.
+    pub fn holder(&self) -> &str {
+        self.holder.as_deref().unwrap_or(&self.key)
+    }
+
     /// A loggable prefix of the session id (ids are long and signed).
     pub fn short_key(&self) -> &str {
         short(&self.key)

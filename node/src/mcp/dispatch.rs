@@ -114,6 +114,27 @@ impl Route {
         self.router.call(&call).await.map_err(|e| e.into_rpc())
     }
 
+    /// Lets go of the session's subscription to `uri` on the server that has it (the
+    /// endpoint's, or the aggregate's owner of the URI), for a session that ended or left
+    /// this node's memory (`super::holds`). Not checked against the policies again: letting
+    /// go of a subscription is never refused.
+    pub async fn withdraw(&self, uri: &str, events: EventSink) -> Result<Value, ErrorObject> {
+        let server = match &self.target {
+            Target::Server(name) => name.clone(),
+            Target::Aggregate => self.owner_of_uri(uri).await.ok_or_else(|| {
+                ErrorObject::new(
+                    code::RESOURCE_NOT_FOUND,
+                    format!("resource not found: {uri}"),
+                )
+            })?,
+            // A virtual server serves tools only: nothing was subscribed through it.
+            Target::Virtual(_) => return Ok(json!({})),
+        };
+        let params = Some(json!({ "uri": uri }));
+        self.send(&server, "resources/unsubscribe", params, events)
+            .await
+    }
+
     /// Names of every enabled server this caller may use.
     fn visible_servers(&self) -> Vec<(String, Vec<String>)> {
         self.registry

@@ -154,10 +154,14 @@ fn session_of(
         ));
     }
     let found = mcp.sessions.get(id).or_else(|| {
-        // Opened on another node (or before a restart): rebuild it from its signed id.
+        // Opened on another node (or before a restart): rebuild it from its signed id, and
+        // hold its subscriptions from here too.
         let key = session_key(&state.registry)?;
-        mcp.sessions
-            .recover(&key, id, principal, target, replicated)
+        let session = mcp
+            .sessions
+            .recover(&key, id, principal, target, replicated)?;
+        super::holds::retake(state, &session);
+        Some(session)
     });
     match found {
         // A session is bound to the token and endpoint that opened it; anything else is not it.
@@ -456,21 +460,7 @@ async fn request(
         _ => {}
     }
     let mut r = state.route(&principal, &target);
-    r.affinity = Some(crate::call::Affinity {
-        key: session.id.clone(),
-        client_init: json!({
-            "protocolVersion": session.protocol_version,
-            "capabilities": session.client_capabilities,
-            "clientInfo": session.client_info,
-        }),
-        subscriptions: session
-            .subscriptions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .cloned()
-            .collect(),
-    });
+    r.affinity = Some(super::holds::affinity(&state, &session));
     let running = Running::start(r, method.clone(), with_log_level(params, &session));
     session
         .in_flight
@@ -778,6 +768,7 @@ pub async fn delete(
     match session_of(&state, &headers, &principal, &target) {
         Ok(s) => {
             state.sessions.remove(&s.id);
+            super::holds::let_go(&state, &s, super::holds::LetGo::Ended);
             for pool in state.pools.all() {
                 pool.release(&s.id).await;
             }

@@ -14,6 +14,7 @@
 pub mod call;
 pub mod dispatch;
 pub mod endpoint;
+pub mod holds;
 pub mod http;
 pub mod parked;
 pub mod session;

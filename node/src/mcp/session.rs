@@ -236,6 +236,16 @@ impl Session {
         ))
     }
 
+    /// Whether the session has an open stream or a call in flight on this node.
+    fn busy(&self) -> bool {
+        self.open_streams.load(Ordering::Acquire) > 0
+            || !self
+                .in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty()
+    }
+
     pub fn touch(&self) {
         *self.last_seen.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
     }
@@ -472,18 +482,25 @@ impl Sessions {
             .collect()
     }
 
-    /// Drops sessions idle longer than the timeout from this node's memory. Returns how many.
-    pub fn expire(&self) -> usize {
-        let expired: Vec<String> = self
+    /// Drops sessions idle longer than the timeout from this node's memory, and returns them.
+    /// A session with an open stream or a call in flight is not idle: its client is still
+    /// listening or waiting.
+    pub fn expire(&self) -> Vec<Arc<Session>> {
+        let expired: Vec<Arc<Session>> = self
             .all()
             .into_iter()
-            .filter(|s| s.idle_for() > self.idle_timeout)
-            .map(|s| s.id.clone())
+            .filter(|s| s.idle_for() > self.idle_timeout && !s.busy())
             .collect();
-        for id in &expired {
-            self.remove(id);
+        for s in &expired {
+            self.remove(&s.id);
         }
-        expired.len()
+        expired
+    }
+
+    /// How often [`Sessions::expire`] should run: a quarter of the idle timeout, at most every
+    /// 30 s.
+    pub fn sweep_every(&self) -> Duration {
+        (self.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(30))
     }
 }
 

@@ -23,7 +23,8 @@ pub struct McpConfig {
     /// Origins (scheme://host[:port]) browsers may call from, besides loopback and this
     /// node's advertised host. Requests without an Origin header (non-browser clients) pass.
     pub allowed_origins: Vec<String>,
-    /// A session unused for this long is dropped.
+    /// A session with no request, no open stream and no call in flight for this long is
+    /// dropped from this node's memory (`Sessions::expire`).
     pub session_idle_timeout_ms: u64,
     /// Live sessions one tenant (or one admin token) may hold on this node; more get 429.
     pub max_sessions_per_tenant: usize,
@@ -236,12 +237,16 @@ impl FromRef<McpState> for Registry {
 pub async fn housekeeping(state: McpState, shutdown: Shutdown) {
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+            _ = tokio::time::sleep(state.sessions.sweep_every()) => {}
             _ = shutdown.clone().wait() => return,
         }
-        let n = state.sessions.expire();
-        if n > 0 {
-            tracing::info!(expired = n, "idle sessions dropped");
+        let expired = state.sessions.expire();
+        if !expired.is_empty() {
+            metrics::counter!("mcpd_mcp_sessions_expired_total").increment(expired.len() as u64);
+            tracing::info!(expired = expired.len(), "idle sessions dropped");
+        }
+        for session in &expired {
+            super::holds::let_go(&state, session, super::holds::LetGo::Idle);
         }
 
         state.parked.expire();

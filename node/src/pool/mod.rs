@@ -402,7 +402,7 @@ impl Pool {
     ) -> Result<Value, CallError> {
         let dedicated = self.spec.spec.session_mode == mcpcp_proto::api::SessionMode::Dedicated;
         let Some(affinity) = affinity.filter(|_| dedicated) else {
-            let owner = affinity.map(|a| Arc::<str>::from(a.key.as_str()));
+            let owner = affinity.map(|a| Arc::<str>::from(a.holder()));
             if let Some(uri) = subscription_uri(method, params.as_ref()) {
                 return self
                     .subscription(method, uri, params, events, owner, share)
@@ -413,6 +413,10 @@ impl Pool {
                 .await
                 .map(|(v, _)| v);
         };
+        if method == "resources/unsubscribe" && !self.has_dedicated(&affinity.key) {
+            // Nothing is subscribed on a process that is not running: none is started for it.
+            return Ok(serde_json::json!({}));
+        }
         let process = self.dedicated_process(affinity).await?;
         let timeout = Duration::from_millis(self.spec.spec.timeouts.request_ms);
         self.upstream_call(&process, method, params, events, None, (timeout, timeout))
@@ -459,6 +463,13 @@ impl Pool {
 
     fn dedicated_map(&self) -> std::sync::MutexGuard<'_, DedicatedMap> {
         self.dedicated.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether session `key` has a dedicated process started.
+    fn has_dedicated(&self, key: &str) -> bool {
+        self.dedicated_map()
+            .get(key)
+            .is_some_and(|d| d.process.get().is_some() && !d.dead())
     }
 
     /// Sets `mcpd_pool_dedicated_processes` to the processes started and not released.
@@ -577,8 +588,8 @@ impl Pool {
         Ok(process)
     }
 
-    /// Lets go of what a session that ended held: its dedicated process, and the resources
-    /// it alone held on the shared processes.
+    /// Stops the dedicated process of a session that ended or went idle. (What it held on the
+    /// shared processes it lets go of through its route, `crate::mcp::holds`.)
     pub async fn release(&self, key: &str) {
         let d = {
             let mut map = self.dedicated_map();
@@ -592,32 +603,6 @@ impl Pool {
                 .stop(Duration::from_millis(self.cfg.stop_grace_ms))
                 .await;
         }
-        // The shared processes forget what only this session held, in the background (the
-        // end of a session does not wait on its servers), in its turn with the pool's other
-        // subscribes and unsubscribes, within one request timeout for all of them.
-        if !self.subscriptions.holds(key) {
-            return;
-        }
-        let timeout = Duration::from_millis(self.spec.spec.timeouts.request_ms);
-        let (server, subs, key) = (
-            self.name.clone(),
-            self.subscriptions.clone(),
-            key.to_string(),
-        );
-        tokio::spawn(async move {
-            let _turn = subs.turn.lock().await;
-            let released = subs.release(&key);
-            let unsubscribes = released.into_iter().map(|(uri, process)| async move {
-                let params = Some(serde_json::json!({ "uri": uri }));
-                if let Err(e) = process.call("resources/unsubscribe", params, None).await {
-                    tracing::info!(%uri, error = %e, "an ended session's subscription was not withdrawn");
-                }
-            });
-            let all = futures_util::future::join_all(unsubscribes);
-            if tokio::time::timeout(timeout, all).await.is_err() {
-                tracing::info!(%server, "an ended session's subscriptions were not all withdrawn in time");
-            }
-        });
     }
 
     /// Like [`Pool::call`], also returning the process that served it (to answer its requests).

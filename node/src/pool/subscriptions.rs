@@ -7,7 +7,9 @@
 //!
 //! - the first subscriber's `resources/subscribe` goes to a process, which is remembered; a
 //!   later one is answered here, unless that process is gone (then it goes to another);
-//! - an unsubscribe reaches the process only when its last holder lets go;
+//! - an unsubscribe reaches the process only when its last holder lets go; a session holds
+//!   from each node that serves it (`crate::mcp::holds`: the holder is `NODE/SESSION`), and
+//!   lets go when it ends or leaves that node's memory;
 //! - a 2026-07-28 listen stream holds its URIs until the process ends (it never unsubscribes:
 //!   a stream that closes leaves them, as others may share them);
 //! - a URI whose process is gone is forgotten when next touched (its subscription went with
@@ -111,30 +113,6 @@ impl SharedSubscriptions {
             Some(p) => Unsubscribe::Release(p),
             None => Unsubscribe::Unknown,
         }
-    }
-
-    /// Whether session `owner` holds any URI.
-    pub fn holds(&self, owner: &str) -> bool {
-        self.lock().values().any(|h| h.sessions.contains(owner))
-    }
-
-    /// Takes session `owner` (ended) off every URI it held; the URIs it was the last holder
-    /// of, with the live process that has each, to be told to forget them.
-    pub fn release(&self, owner: &str) -> Vec<(String, Arc<dyn Upstream>)> {
-        let mut uris = self.lock();
-        let mut released = Vec::new();
-        uris.retain(|uri, h| {
-            let Some(process) = h.live() else {
-                return false;
-            };
-            if !h.sessions.remove(owner) || h.listeners || !h.sessions.is_empty() {
-                return true;
-            }
-            released.push((uri.clone(), process));
-            false
-        });
-        self.gauge.set(uris.len() as f64);
-        released
     }
 }
 

@@ -37,7 +37,7 @@ pub enum Frame {
         principal: Principal,
         /// The downstream session, for servers with dedicated processes.
         #[serde(default)]
-        affinity: Option<Affinity>,
+        affinity: Option<Box<Affinity>>,
     },
     Notify {
         message: Value,
@@ -183,7 +183,7 @@ impl Peer for PeerService {
         let serve = async move {
             let (ev_tx, mut ev_rx) = mpsc::channel(64);
             let call = pool.call_for(
-                affinity.as_ref(),
+                affinity.as_deref(),
                 &share,
                 &method,
                 params,
@@ -314,7 +314,7 @@ async fn forward(
         method: call.method.clone(),
         params: call.params.clone(),
         principal: call.principal.clone(),
-        affinity: call.affinity.clone(),
+        affinity: call.affinity.clone().map(Box::new),
     };
     let _ = out_tx.send(start.wire()).await;
     let mut client = PeerClient::new(channel)
