@@ -49,8 +49,7 @@ fn document(
     } else {
         &[scope::MCP]
     };
-    // A tenant's server (or virtual server) names its tenant's issuers first, then the
-    // cluster-wide ones, and no other tenant's (a client uses the first it can).
+    // The tenant whose server (or virtual server) this is, if any.
     let owner = {
         let data = state.registry.local();
         let st = &data.state;
@@ -67,14 +66,7 @@ fn document(
             _ => None,
         }
     };
-    let mut issuers = state.identity.issuers();
-    issuers.retain(|i| owner.is_none() || i.tenant.is_none() || i.tenant == owner);
-    issuers.sort_by_key(|i| match &i.tenant {
-        Some(_) if owner.is_some() => 0,
-        None => 1,
-        Some(_) => 2,
-    });
-    let servers: Vec<String> = issuers.into_iter().map(|i| i.issuer).collect();
+    let servers = state.identity.metadata_issuers(owner.as_deref());
     Ok(Json(json!({
         "resource": base.resource(path),
         "authorization_servers": servers,

@@ -29,6 +29,12 @@ pub struct IdentityConfig {
     /// How long a console sign-in lasts (seconds), at most: a session ends sooner when the
     /// token it was opened with expires, and at once when that token is revoked.
     pub session_ttl_s: u64,
+    /// Whether the protected-resource metadata of the shared resources (the admin API, `/mcp`,
+    /// and servers of no tenant) lists tenants' issuers after the cluster-wide ones. Off: only
+    /// the cluster-wide ones, so an unauthenticated caller cannot learn which identity
+    /// providers the tenants use; a tenant's users then find theirs at their tenant's own
+    /// servers.
+    pub tenant_issuers_in_shared_metadata: bool,
 }
 
 impl Default for IdentityConfig {
@@ -41,6 +47,7 @@ impl Default for IdentityConfig {
             jwks_fetch_timeout_ms: 5_000,
             verified_tokens: 10_000,
             session_ttl_s: 8 * 3600,
+            tenant_issuers_in_shared_metadata: true,
         }
     }
 }

@@ -108,6 +108,18 @@ impl Identity {
             .collect()
     }
 
+    /// The issuers the protected-resource metadata of a resource names, the first a client
+    /// should try first: for a tenant's resource (`owner`), that tenant's, then the
+    /// cluster-wide ones, and no other tenant's; for a shared one, the cluster-wide ones, then
+    /// every tenant's unless `identity.tenant_issuers_in_shared_metadata` is off.
+    pub fn metadata_issuers(&self, owner: Option<&str>) -> Vec<String> {
+        listed_issuers(
+            self.issuers(),
+            owner,
+            self.config.tenant_issuers_in_shared_metadata,
+        )
+    }
+
     /// The caller of `parts`, if it may use surface `S`. `path` is the resource's path
     /// (`""` for the admin API).
     pub async fn authorize<S: Surface>(
@@ -330,5 +342,72 @@ fn challenge(error: &AuthError, metadata: &str, scope: &str) -> String {
             "Bearer error=\"invalid_token\", error_description=\"{}\", resource_metadata=\"{metadata}\"",
             quoted(&other.to_string())
         ),
+    }
+}
+
+/// [`Identity::metadata_issuers`] of `issuers`.
+fn listed_issuers(
+    mut issuers: Vec<IssuerSpec>,
+    owner: Option<&str>,
+    shared_lists_tenants: bool,
+) -> Vec<String> {
+    issuers.retain(|i| match (owner, i.tenant.as_deref()) {
+        (_, None) => true,
+        (Some(owner), Some(t)) => t == owner,
+        (None, Some(_)) => shared_lists_tenants,
+    });
+    issuers.sort_by_key(|i| match &i.tenant {
+        Some(_) if owner.is_some() => 0,
+        None => 1,
+        Some(_) => 2,
+    });
+    issuers.into_iter().map(|i| i.issuer).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn issuer(url: &str, tenant: Option<&str>) -> IssuerSpec {
+        serde_json::from_value(serde_json::json!({
+            "name": url.trim_start_matches("https://"),
+            "issuer": url,
+            "tenant": tenant,
+        }))
+        .expect("an issuer spec")
+    }
+
+    fn all() -> Vec<IssuerSpec> {
+        vec![
+            issuer("https://acme.example", Some("acme")),
+            issuer("https://corp.example", None),
+            issuer("https://globex.example", Some("globex")),
+        ]
+    }
+
+    #[test]
+    fn a_tenants_resource_names_its_issuers_first_and_no_other_tenants() {
+        assert_eq!(
+            listed_issuers(all(), Some("globex"), true),
+            ["https://globex.example", "https://corp.example"]
+        );
+        assert_eq!(
+            listed_issuers(all(), Some("globex"), false),
+            ["https://globex.example", "https://corp.example"],
+            "the setting is about shared resources only"
+        );
+    }
+
+    #[test]
+    fn a_shared_resource_lists_tenants_issuers_only_when_the_setting_allows() {
+        assert_eq!(
+            listed_issuers(all(), None, true),
+            [
+                "https://corp.example",
+                "https://acme.example",
+                "https://globex.example"
+            ]
+        );
+        assert_eq!(listed_issuers(all(), None, false), ["https://corp.example"]);
     }
 }
