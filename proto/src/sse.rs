@@ -1,6 +1,8 @@
 //! A minimal server-sent-events reader (the Streamable HTTP transport's streams): splits a byte
 //! stream into events and yields the data of each (`data:` lines joined), with its id.
-//! Comments and `retry:` are skipped. Used by the bridge, the chaos harness, the tests and the
+//! Comments are skipped. It keeps the stream's last event id (also of a priming event, an id
+//! with no data) and its `retry:` hint, which a reader that lost the stream resumes with
+//! (`Last-Event-ID`). Used by the nodes, the bridge, the chaos harness, the tests and the
 //! benchmarks alike.
 
 /// One event.
@@ -23,6 +25,11 @@ pub struct SseParser {
     data: Vec<String>,
     id: Option<String>,
     event: Option<String>,
+    /// The id of the last event read whole, priming events included (the SSE "last event
+    /// ID", which a resumed stream is asked to follow).
+    last_event_id: Option<String>,
+    /// The last `retry:` hint (ms).
+    retry_ms: Option<u64>,
 }
 
 impl SseParser {
@@ -41,6 +48,9 @@ impl SseParser {
             let line = String::from_utf8_lossy(&line);
             let line = line.trim_end_matches(['\n', '\r']);
             if line.is_empty() {
+                if let Some(id) = &self.id {
+                    self.last_event_id = Some(id.clone());
+                }
                 // A priming event (an id and empty data) carries no message.
                 if self.data.iter().any(|d| !d.is_empty()) {
                     out.push(SseEvent {
@@ -65,10 +75,35 @@ impl SseParser {
                 "data" => self.data.push(value.to_string()),
                 "id" => self.id = Some(value.to_string()),
                 "event" => self.event = Some(value.to_string()),
+                "retry" => {
+                    if let Ok(ms) = value.parse() {
+                        self.retry_ms = Some(ms);
+                    }
+                }
                 _ => {}
             }
         }
         out
+    }
+
+    /// The id of the last event read whole, if the stream gave one.
+    pub fn last_event_id(&self) -> Option<&str> {
+        self.last_event_id.as_deref()
+    }
+
+    /// The stream's last `retry:` hint (ms).
+    pub fn retry_ms(&self) -> Option<u64> {
+        self.retry_ms
+    }
+
+    /// Drops the event being read when its stream broke off, keeping the last event id and
+    /// the retry hint, to read the stream that resumes it.
+    pub fn resume(&mut self) {
+        self.buf.clear();
+        self.scanned = 0;
+        self.data.clear();
+        self.id = None;
+        self.event = None;
     }
 
     /// Bytes held for the event being read (a reader of an endless stream bounds it).
@@ -132,6 +167,28 @@ mod tests {
         let mut p = SseParser::default();
         assert!(p.feed(b"id: e1\nretry: 500\ndata: \n\n").is_empty());
         assert_eq!(p.feed(b"data: z\n\n")[0].id, None);
+    }
+
+    #[test]
+    fn the_last_event_id_and_retry_hint_are_kept_to_resume_with() {
+        let mut p = SseParser::default();
+        assert_eq!(p.last_event_id(), None);
+        p.feed(b"id: e1\nretry: 500\ndata: \n\n");
+        assert_eq!((p.last_event_id(), p.retry_ms()), (Some("e1"), Some(500)));
+        p.feed(b"id: e2\ndata: {}\n\ndata: no id\n\n");
+        assert_eq!(
+            p.last_event_id(),
+            Some("e2"),
+            "an event without an id keeps it"
+        );
+        // An event cut off halfway does not count, and is dropped on resuming.
+        p.feed(b"id: e3\ndata: {\"half");
+        assert_eq!(p.last_event_id(), Some("e2"));
+        p.resume();
+        assert_eq!(p.pending(), 0);
+        let ev = p.feed(b"id: e3\ndata: {}\n\n");
+        assert_eq!(ev[0].data, "{}");
+        assert_eq!((p.last_event_id(), p.retry_ms()), (Some("e3"), Some(500)));
     }
 
     #[test]

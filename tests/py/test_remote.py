@@ -28,6 +28,7 @@ import pytest
 from mcp.shared.subscriptions import ToolsListChanged
 
 from conftest import NODE22, NPM, VENV_BIN, Cluster, own_server_as_remote
+from cutting_proxy import CuttingProxy
 from helpers import MODES, accepting, await_until, client, protocols, run, text_of, wait_until
 
 HERE = Path(__file__).resolve().parent
@@ -93,6 +94,16 @@ def sdk_legacy_upstream():
     """The SDK server answering only the session-based revisions."""
     port = free_port()
     argv = [str(VENV_BIN / "python"), str(HERE / "servers/remote_tools.py"), str(port), KEY, "--sessions-only"]
+    yield from serving(Upstream(argv, port))
+
+
+@pytest.fixture(scope="module")
+def sdk_resumable_upstream():
+    """The SDK server in the session-based revisions, with an event store: its SSE events
+    have ids, and a lost stream is resumed with `Last-Event-ID`."""
+    port = free_port()
+    argv = [str(VENV_BIN / "python"), str(HERE / "servers/remote_tools.py"), str(port), KEY,
+            "--sessions-only", "--resumable"]
     yield from serving(Upstream(argv, port))
 
 
@@ -244,6 +255,53 @@ def test_server_everything_answers_through_the_cluster_over_either_http_transpor
         run(scenario())
     finally:
         cluster.mcpctl("server", "rm", name)
+
+
+def test_a_call_whose_stream_breaks_off_is_resumed_from_the_last_event_the_node_got(cluster, sdk_resumable_upstream):
+    """The SDK server gives its SSE events ids (its event store). When the connection that
+    carries a call's stream breaks mid-call, the node asks for the rest with `Last-Event-ID`:
+    the client gets every progress notification once and the answer, as if nothing had
+    happened. Without the resume the call fails as one that may or may not have run.
+
+    (server-everything's own event store cannot be used: its replay returns an event id where
+    the SDK expects the stream's, so a resumed stream never gets the rest of its events.)"""
+    proxy = CuttingProxy(sdk_resumable_upstream.port)
+    name = "remote-cut"
+    cluster.mcpctl("server", "add", name, "--url", proxy.url("/mcp"), "--header", f"X-Api-Key={KEY}",
+                   "--pool-size", "1")
+
+    def resumed() -> float:
+        labels = f'server="{name}",outcome="resumed"'
+        return cluster.metric("mcpd_remote_stream_resumptions_total", labels, node=0) or 0
+
+    async def scenario():
+        seen: list[float] = []
+
+        async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+            seen.append(progress)
+            if len(seen) == 2:
+                proxy.cut()
+
+        async with client(cluster.url(0, name), cluster.token, "legacy") as c:
+            r = await c.call_tool("steps", {"n": 6, "pause_ms": 300}, progress_callback=on_progress)
+            assert text_of(r) == "6 steps done", text_of(r)
+
+            async def all_steps() -> bool:
+                # The SDK may run the last progress callback just after handing over the result.
+                return len(seen) >= 6
+
+            await await_until(all_steps, 5, "6 progress notifications")
+            assert seen == [1, 2, 3, 4, 5, 6], seen
+        assert proxy.cuts == 1
+
+    try:
+        cluster.wait_tools(name, ["steps"])
+        before = resumed()
+        run(scenario())
+        assert resumed() > before
+    finally:
+        cluster.mcpctl("server", "rm", name)
+        proxy.close()
 
 
 def test_a_remote_server_that_is_down_is_answered_by_its_fallback(cluster, remote):

@@ -10,10 +10,13 @@
 //!   calls come from many clients) and restored on the way back.
 //! - A GET stream, when the server offers one, carries what belongs to no call (list_changed,
 //!   resources/updated) to the pool's events.
+//! - **A stream that breaks off** before its answer, or that the server closes (SSE polling),
+//!   is resumed with `Last-Event-ID` when the server gave its events ids (2025-11-25
+//!   resumability): nothing is sent again, the server replays what came after.
 //! - **A session the server forgot** (404 on `Mcp-Session-Id`, a restarted server) is opened
 //!   again transparently: the request was refused, not run, so it is sent again on the new
 //!   session, after the subscriptions are replayed. A call whose stream breaks after the
-//!   server took it may have run: it fails as `Crashed`, and only the router's retry rule
+//!   server took it, and cannot be resumed, may have run: it fails as `Crashed`, and only the router's retry rule
 //!   (reads, idempotent tools) sends it again.
 //! - Dropping a call's future (timeout, client gone) sends `notifications/cancelled`.
 //! - **A server with an OAuth client** (`oauth`) gets each request with the connection's
@@ -41,6 +44,11 @@ use super::process::ProcessError;
 use crate::call::{CallError, CallEvent, EventSink, Responder};
 
 const SESSION_HEADER: &str = "mcp-session-id";
+const LAST_EVENT_ID: &str = "last-event-id";
+/// Resumes of a call's stream the server may refuse in a row before the call fails.
+const RESUME_ATTEMPTS: u32 = 3;
+/// The longest a resume waits, whatever the server's `retry:` hint.
+const MAX_RESUME_PAUSE: Duration = Duration::from_secs(30);
 const VERSION_HEADER: &str = "mcp-protocol-version";
 /// Largest answer body read from a remote server.
 const MAX_BODY: usize = 16 << 20;
@@ -547,7 +555,10 @@ impl Shared {
             return Ok((Posted::Refused(status), given));
         }
         if resp.status().is_success() && super::remote_http::is_event_stream(&resp) {
-            return self.read_stream(resp, relay).await.map(|p| (p, given));
+            return self
+                .read_stream(session, resp, relay)
+                .await
+                .map(|p| (p, given));
         }
         match super::remote_http::read_message(resp, MAX_BODY, &self.server).await? {
             Some(Message::Response { outcome, .. }) => Ok((Posted::Answer(outcome), given)),
@@ -559,16 +570,97 @@ impl Shared {
     }
 
     /// Reads a call's SSE stream until its answer; its other messages go to `relay`.
+    ///
+    /// A stream that closes or breaks before the answer, once the server has given its events
+    /// ids (the resumability of 2025-11-25), is resumed: a GET with `Last-Event-ID` asks the
+    /// server for the rest, after its `retry:` hint. A server that closes a stream on purpose
+    /// (polling) is followed the same way. It goes on while the call's time lasts (the caller's
+    /// timeout), and until the server refuses [`RESUME_ATTEMPTS`] resumes in a row.
     async fn read_stream(
         self: &Arc<Self>,
-        resp: reqwest::Response,
+        session: &Session,
+        mut resp: reqwest::Response,
         relay: Option<&Relay>,
     ) -> Result<Posted, CallError> {
-        let outcome = super::remote_http::read_answer(resp, MAX_BODY, &self.server, |msg| {
-            self.relay(msg, relay)
-        })
-        .await?;
-        Ok(Posted::Answer(outcome))
+        use super::remote_http::{stream_broke, StreamEnd};
+        let mut parser = SseParser::default();
+        let mut budget = MAX_BODY;
+        let mut resumed = 0u32;
+        loop {
+            let end = super::remote_http::read_stream(resp, &mut parser, &mut budget, |msg| {
+                self.relay(msg, relay)
+            })
+            .await;
+            let why = match end {
+                StreamEnd::Answer(outcome) => return Ok(Posted::Answer(outcome)),
+                StreamEnd::TooLarge => {
+                    let why = format!("streamed over {MAX_BODY} bytes without an answer");
+                    return Err(stream_broke(&self.server, &why));
+                }
+                StreamEnd::Cut(why) => why,
+            };
+            let Some(last) = parser.last_event_id().map(String::from) else {
+                return Err(stream_broke(&self.server, &why));
+            };
+            parser.resume();
+            // The server's hint, else at once the first time and after a pause later on (a
+            // server that closes every stream at once is not asked in a busy loop).
+            let mut pause = parser.retry_ms().map_or(
+                Duration::from_millis(if resumed == 0 { 0 } else { 100 }),
+                Duration::from_millis,
+            );
+            let mut attempts = 0;
+            resp = loop {
+                tokio::time::sleep(pause.min(MAX_RESUME_PAUSE)).await;
+                attempts += 1;
+                match self.resume_stream(session, &last).await {
+                    Ok(r) => break r,
+                    Err(refused) => {
+                        metrics::counter!("mcpd_remote_stream_resumptions_total", "server" => self.server.clone(), "outcome" => "refused").increment(1);
+                        tracing::info!(server = %self.server, last_event_id = %last, error = %refused, "a call's stream was not resumed");
+                        if attempts >= RESUME_ATTEMPTS {
+                            let why = format!("{why}, and did not resume it ({refused})");
+                            return Err(stream_broke(&self.server, &why));
+                        }
+                        pause = (pause * 2).max(Duration::from_millis(100));
+                    }
+                }
+            };
+            resumed += 1;
+            metrics::counter!("mcpd_remote_stream_resumptions_total", "server" => self.server.clone(), "outcome" => "resumed").increment(1);
+            tracing::debug!(server = %self.server, last_event_id = %last, resumed, "a call's stream resumed");
+        }
+    }
+
+    /// Asks the server for the events of a stream after `last` (`Last-Event-ID`).
+    async fn resume_stream(
+        &self,
+        session: &Session,
+        last: &str,
+    ) -> Result<reqwest::Response, String> {
+        let out = self
+            .request(reqwest::Method::GET, session)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut headers = HeaderMap::new();
+        headers.insert(ACCEPT, HeaderValue::from_static("text/event-stream"));
+        let id =
+            HeaderValue::from_str(last).map_err(|_| "an event id that is not a header value")?;
+        headers.insert(LAST_EVENT_ID, id);
+        let resp = out
+            .request
+            .headers(headers)
+            .send()
+            .await
+            .map_err(|e| e.without_url().to_string())?;
+        let status = resp.status();
+        if status == StatusCode::UNAUTHORIZED {
+            self.refused(out.bearer.as_ref()).await;
+        }
+        if !status.is_success() || !super::remote_http::is_event_stream(&resp) {
+            return Err(format!("HTTP {status}"));
+        }
+        Ok(resp)
     }
 
     /// A message of the server during a call: to the call's client when it has one, with its

@@ -102,35 +102,65 @@ pub async fn read_answer<F: std::future::Future<Output = ()>>(
     resp: reqwest::Response,
     max: usize,
     server: &str,
-    mut other: impl FnMut(mcpcp_proto::mcp::Message) -> F,
+    other: impl FnMut(mcpcp_proto::mcp::Message) -> F,
 ) -> Result<Result<serde_json::Value, mcpcp_proto::mcp::ErrorObject>, crate::call::CallError> {
+    let mut parser = mcpcp_proto::sse::SseParser::default();
+    let mut budget = max;
+    match read_stream(resp, &mut parser, &mut budget, other).await {
+        StreamEnd::Answer(outcome) => Ok(outcome),
+        StreamEnd::Cut(why) => Err(stream_broke(server, &why)),
+        StreamEnd::TooLarge => Err(stream_broke(
+            server,
+            &format!("streamed over {max} bytes without an answer"),
+        )),
+    }
+}
+
+/// A call whose stream ended without its answer: the server took it, so it may have run.
+pub fn stream_broke(server: &str, why: &str) -> crate::call::CallError {
+    crate::call::CallError::Crashed(format!(
+        "remote server {server:?} {why}; it may or may not have run"
+    ))
+}
+
+/// How reading one SSE stream of a request ended.
+pub enum StreamEnd {
+    Answer(Result<serde_json::Value, mcpcp_proto::mcp::ErrorObject>),
+    /// Closed, or broken, before the answer (why).
+    Cut(String),
+    /// Over the bytes left to read.
+    TooLarge,
+}
+
+/// Reads one SSE stream of a request with `parser` until the request's answer, taking what
+/// it reads off `budget`; the other messages go to `other` as they come.
+pub async fn read_stream<F: std::future::Future<Output = ()>>(
+    resp: reqwest::Response,
+    parser: &mut mcpcp_proto::sse::SseParser,
+    budget: &mut usize,
+    mut other: impl FnMut(mcpcp_proto::mcp::Message) -> F,
+) -> StreamEnd {
     use futures_util::StreamExt;
     use mcpcp_proto::mcp::Message;
-    let broke = |why: String| {
-        crate::call::CallError::Crashed(format!(
-            "remote server {server:?} {why}; it may or may not have run"
-        ))
-    };
-    let mut parser = mcpcp_proto::sse::SseParser::default();
     let mut body = resp.bytes_stream();
-    let mut read = 0usize;
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| broke(format!("broke its stream ({})", e.without_url())))?;
-        read += chunk.len();
-        if read > max {
-            return Err(broke(format!(
-                "streamed over {max} bytes without an answer"
-            )));
-        }
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => return StreamEnd::Cut(format!("broke its stream ({})", e.without_url())),
+        };
+        let Some(left) = budget.checked_sub(chunk.len()) else {
+            return StreamEnd::TooLarge;
+        };
+        *budget = left;
         for event in parser.feed(&chunk) {
             match Message::parse(event.data.as_bytes()) {
-                Ok(Message::Response { outcome, .. }) => return Ok(outcome),
+                Ok(Message::Response { outcome, .. }) => return StreamEnd::Answer(outcome),
                 Ok(msg) => other(msg).await,
                 Err(_) => {}
             }
         }
     }
-    Err(broke("ended the stream without an answer".into()))
+    StreamEnd::Cut("ended the stream without an answer".into())
 }
 
 /// Why an answer's body was not read whole.
