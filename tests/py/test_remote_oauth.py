@@ -15,13 +15,15 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from pathlib import Path
 
 import httpx2
 import pytest
 
-from conftest import CA_CERT, MCPD, Cluster
+from conftest import CA_CERT, MCPD, VENV_BIN, Cluster
 from helpers import client, run, text_of, wait_until
 from oidc_provider import OidcProvider
+from upstreams import Upstream, free_port
 
 TENANT = "oauth-up"
 ISSUER = "oauth-up-idp"
@@ -70,12 +72,13 @@ def tokens(c: Cluster, server: str, outcome: str) -> float:
                for n in range(c.nodes))
 
 
-def attempt(c: Cluster, server: str, message: str) -> tuple[bool, str]:
-    """Calls `echo` on `server` through node 0: (whether it worked, its text or error)."""
+def attempt(c: Cluster, server: str, message: str, tool: str = "echo", args: dict | None = None) -> tuple[bool, str]:
+    """Calls `tool` (the demo server's `echo` of `message`, by default) on `server` through
+    node 0: (whether it worked, its text or error)."""
     async def call() -> tuple[bool, str]:
         async with client(c.url(0, server), c.token, "2026-07-28") as cl:
             try:
-                r = await cl.call_tool("echo", {"message": message})
+                r = await cl.call_tool(tool, args if args is not None else {"message": message})
             except Exception as e:  # the JSON-RPC error, as the SDK raises it
                 return False, str(e)
             return not r.is_error, text_of(r)
@@ -164,6 +167,43 @@ def test_refused_client_credentials_are_the_servers_start_error_without_the_secr
         assert tokens(c, "oauth-wrong", "refused") >= 1
     finally:
         c.mcpctl("server", "rm", "oauth-wrong")
+
+
+def test_a_legacy_sse_server_behind_oauth_gets_the_token_on_its_stream_and_every_post(cluster, idp):
+    """A server of the legacy HTTP+SSE transport that is an OAuth resource server: the Python
+    SDK's SSE app with its bearer middleware, accepting only the provider's tokens minted for
+    its own URL. The node opens the event stream and POSTs its messages with the token it got
+    by the client credentials grant; without the token the stream is refused (401)."""
+    c = cluster
+    port = free_port()
+    key = f"key-{uuid.uuid4().hex}"
+    argv = [str(VENV_BIN / "python"), str(Path(__file__).resolve().parent / "servers/remote_tools.py"), str(port),
+            key, "--legacy-sse", "--oauth", idp.issuer, idp.jwks_uri]
+    up = Upstream(argv, port)
+    up.path = "/sse"
+    up.start()
+    name = "sse-oauth"
+    try:
+        assert httpx2.get(up.url, headers={"X-Api-Key": key}, timeout=10).status_code == 401, "the stream needs a token"
+        fetched_before = tokens(c, name, "ok")
+        os.environ[SECRET_VAR] = SECRET
+        try:
+            c.mcpctl("server", "add", name, "--url", up.url, "--header", f"X-Api-Key={key}", "--replicas", "1",
+                     "--pool-size", "1", "--oauth-token-url", idp.token_endpoint, "--oauth-client-id", CLIENT_ID,
+                     "--oauth-client-secret-env", SECRET_VAR, "--oauth-scope", "mcp")
+        finally:
+            del os.environ[SECRET_VAR]
+        c.wait_tools(name, ["echo", "add"])
+        status = json.loads(c.mcpctl("server", "status", name, "-o", "json"))
+        transports = {d.get("transport") for r in status["replicas"] for d in r["details"]}
+        assert transports == {"sse"}, f"reached over the legacy transport: {status}"
+        for i in range(3):
+            ok, text = attempt(c, name, f"sse {i}", tool="echo", args={"text": f"sse {i}"})
+            assert ok and text == f"sse {i}", text
+        assert tokens(c, name, "ok") - fetched_before == 1, "one token for the stream and every POST"
+    finally:
+        c.mcpctl("server", "rm", name)
+        up.stop()
 
 
 def test_a_tenant_admin_cannot_point_an_oauth_client_at_the_nodes_or_their_files(cluster, inner):

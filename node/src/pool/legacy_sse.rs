@@ -8,6 +8,10 @@
 //! own requests go to the one call in flight when there is one, and are refused otherwise (on
 //! a shared connection they could not be told apart). The stream's end is the connection's
 //! end: calls in flight fail as `Crashed` and the supervisor connects again.
+//!
+//! A server with an OAuth client (`oauth`) gets the stream's GET and every POST with the
+//! connection's access token (`super::oauth`), and a `401` once more with a new one, as
+//! `super::remote` does.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::events::PoolEvent;
 use super::liveness::Liveness;
+use super::oauth::Tokens;
 use super::process::ProcessError;
 use crate::call::{CallError, CallEvent, EventSink, Responder};
 
@@ -39,6 +44,8 @@ struct Pending {
 struct Shared {
     server: String,
     http: reqwest::Client,
+    /// The access tokens of the server's OAuth client, if it has one.
+    tokens: Option<Tokens>,
     /// Where messages are POSTed (the `endpoint` event's URL, resolved).
     post_url: String,
     pending: Mutex<BTreeMap<u64, Pending>>,
@@ -63,23 +70,25 @@ impl Drop for LegacySse {
 }
 
 impl LegacySse {
-    /// Opens the event stream, learns the endpoint, and initialises.
+    /// Opens the event stream, learns the endpoint, and initialises, with the access tokens
+    /// of the server's OAuth client, if it has one.
     pub async fn connect(
         spec: &ServerSpec,
         pool_events: mpsc::Sender<PoolEvent>,
         client_init: Value,
+        tokens: Option<Tokens>,
     ) -> Result<LegacySse, ProcessError> {
         let failed =
             |e: String| ProcessError::Initialize(format!("the remote server (HTTP+SSE): {e}"));
         let startup = Duration::from_millis(spec.timeouts.startup_ms);
         let url = spec.url.clone().unwrap_or_default();
         let http = super::remote_http::client_for(spec).map_err(failed)?;
-        let resp = http
-            .get(&url)
-            .header(ACCEPT, "text/event-stream")
-            .send()
-            .await
-            .map_err(|e| failed(e.without_url().to_string()))?;
+        let resp = super::oauth::send_authorized(tokens.as_ref(), &spec.name, || {
+            http.get(&url).header(ACCEPT, "text/event-stream")
+        })
+        .await
+        .map_err(|e| failed(e.to_string()))?
+        .map_err(|e| failed(e.without_url().to_string()))?;
         if !resp.status().is_success() {
             return Err(failed(format!(
                 "the event stream answered HTTP {}",
@@ -111,6 +120,7 @@ impl LegacySse {
         let shared = Arc::new(Shared {
             server: spec.name.clone(),
             http,
+            tokens,
             post_url,
             pending: Mutex::new(BTreeMap::new()),
             next_id: AtomicU64::new(1),
@@ -245,22 +255,24 @@ impl Shared {
     }
 
     async fn post(&self, msg: &Message) -> Result<(), PostError> {
-        let resp = self
-            .http
-            .post(&self.post_url)
-            .header(CONTENT_TYPE, "application/json")
-            .body(msg.to_line())
-            .timeout(self.request_timeout)
-            .send()
-            .await
-            .map_err(|e| {
-                let e = e.without_url();
-                if e.is_connect() {
-                    PostError::NotSent(e.to_string())
-                } else {
-                    PostError::Unknown(e.to_string())
-                }
-            })?;
+        let body = msg.to_line();
+        let resp = super::oauth::send_authorized(self.tokens.as_ref(), &self.server, || {
+            self.http
+                .post(&self.post_url)
+                .header(CONTENT_TYPE, "application/json")
+                .body(body.clone())
+                .timeout(self.request_timeout)
+        })
+        .await
+        .map_err(|e| PostError::NotSent(e.to_string()))?
+        .map_err(|e| {
+            let e = e.without_url();
+            if e.is_connect() {
+                PostError::NotSent(e.to_string())
+            } else {
+                PostError::Unknown(e.to_string())
+            }
+        })?;
         if resp.status().is_success() {
             Ok(())
         } else {

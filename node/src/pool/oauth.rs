@@ -53,7 +53,10 @@ impl TokenError {
     }
 }
 
-/// One connection's access tokens for a remote server.
+/// One connection's access tokens for a remote server. Clones share the kept token: the
+/// attempts of one start (`server/discover`, a session's `initialize`, the legacy stream) fetch
+/// one between them.
+#[derive(Clone)]
 pub struct Tokens {
     server: String,
     /// With its secret opened.
@@ -62,16 +65,21 @@ pub struct Tokens {
     http: reqwest::Client,
     timeout: Duration,
     /// One fetch at a time: the concurrent requests of a connection wait for it.
-    current: tokio::sync::Mutex<Kept>,
+    current: std::sync::Arc<tokio::sync::Mutex<Kept>>,
     /// How long a failed fetch stands (`[pool] oauth_failure_hold_ms`).
     failure_hold: Duration,
 }
 
 /// What the last fetch left.
+#[derive(Default)]
 enum Kept {
+    #[default]
     Nothing,
     Token(Token),
-    Failed { error: TokenError, until: Instant },
+    Failed {
+        error: TokenError,
+        until: Instant,
+    },
 }
 
 struct Token {
@@ -121,7 +129,7 @@ impl Tokens {
                 .unwrap_or_default(),
             http,
             timeout: Duration::from_millis(spec.timeouts.startup_ms),
-            current: tokio::sync::Mutex::new(Kept::Nothing),
+            current: Default::default(),
             failure_hold,
         }))
     }

@@ -136,20 +136,19 @@ impl InitFailure {
 }
 
 impl Remote {
-    /// Opens a session with the server at `spec.url`: `initialize`, then `initialized`. A
-    /// failed OAuth token fetch stands for `oauth_failure_hold`.
+    /// Opens a session with the server at `spec.url`: `initialize`, then `initialized`, with
+    /// the access tokens of its OAuth client, if it has one.
     pub async fn connect(
         spec: &ServerSpec,
         pool_events: mpsc::Sender<PoolEvent>,
         client_init: Value,
-        oauth_failure_hold: Duration,
+        tokens: Option<Tokens>,
     ) -> Result<Remote, ProcessError> {
         // The URL stays out of errors: they reach clients, and a URL can carry a secret.
         let failed = |e: String| ProcessError::Initialize(format!("the remote server: {e}"));
         let url = super::remote_http::url_of(spec).map_err(failed)?;
         let startup = Duration::from_millis(spec.timeouts.startup_ms);
         let http = super::remote_http::client_for(spec).map_err(failed)?;
-        let tokens = Tokens::for_spec(spec, oauth_failure_hold).map_err(failed)?;
         let shared = Arc::new(Shared {
             server: spec.name.clone(),
             url: url.clone(),

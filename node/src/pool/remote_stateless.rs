@@ -58,6 +58,7 @@ impl Stateless {
         client_init: &Value,
         pool_events: mpsc::Sender<PoolEvent>,
         options: &StartOptions,
+        tokens: Option<Tokens>,
     ) -> Result<Option<Stateless>, ProcessError> {
         // The URL stays out of errors: they reach clients, and a URL can carry a secret.
         let failed = |e: String| ProcessError::Initialize(format!("the remote server: {e}"));
@@ -66,7 +67,7 @@ impl Stateless {
             spec.name.clone(),
             super::remote_http::url_of(spec).map_err(failed)?,
             super::remote_http::client_for(spec).map_err(failed)?,
-            Tokens::for_spec(spec, options.oauth_failure_hold).map_err(failed)?,
+            tokens,
             client_init["capabilities"].clone(),
             options.max_questions,
         ));

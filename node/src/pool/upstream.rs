@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 
 use super::events::PoolEvent;
 use super::legacy_sse::LegacySse;
+use super::oauth::Tokens;
 use super::process::{Process, ProcessError, StartOptions};
 use super::remote::Remote;
 use super::remote_stateless::Stateless;
@@ -74,18 +75,27 @@ pub async fn connect(
 ) -> Result<Arc<dyn Upstream>, ProcessError> {
     let client_init = client_init.unwrap_or_else(gateway_init);
     if spec.is_remote() {
+        // One OAuth client's tokens for every attempt below: one token between them.
+        let tokens = Tokens::for_spec(spec, options.oauth_failure_hold)
+            .map_err(|e| ProcessError::Initialize(format!("the remote server: {e}")))?;
         // The newest revision the server speaks: 2026-07-28 if `server/discover` says so.
-        if let Some(stateless) =
-            Stateless::discover(spec, &client_init, pool_events.clone(), &options).await?
-        {
+        let discovered = Stateless::discover(
+            spec,
+            &client_init,
+            pool_events.clone(),
+            &options,
+            tokens.clone(),
+        )
+        .await?;
+        if let Some(stateless) = discovered {
             return Ok(Arc::new(stateless));
         }
-        let hold = options.oauth_failure_hold;
-        return match Remote::connect(spec, pool_events.clone(), client_init.clone(), hold).await {
+        let init = client_init.clone();
+        return match Remote::connect(spec, pool_events.clone(), init, tokens.clone()).await {
             Ok(remote) => Ok(Arc::new(remote)),
             // Refused with a 4xx: a server of the legacy HTTP+SSE transport, maybe.
             Err(ProcessError::NotStreamableHttp(_)) => {
-                let legacy = LegacySse::connect(spec, pool_events, client_init).await?;
+                let legacy = LegacySse::connect(spec, pool_events, client_init, tokens).await?;
                 Ok(Arc::new(legacy))
             }
             Err(e) => Err(e),

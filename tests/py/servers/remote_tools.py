@@ -6,6 +6,10 @@ Streamable HTTP in both eras (2025 sessions, and 2026-07-28 stateless requests):
 2025 revisions does, 400 without a session, so the gateway falls back to `initialize`.
 `--resumable` keeps its SSE events in an event store, as the SDK's resumability asks: they get
 ids, and a client that lost a stream asks for the rest with `Last-Event-ID`.
+`--legacy-sse` serves the legacy HTTP+SSE transport instead (GET /sse, POST /messages/).
+`--oauth ISSUER JWKS_URI` makes it an OAuth resource server with the SDK's bearer middleware:
+every request needs a JWT access token of ISSUER (keys at JWKS_URI) for its own URL, with the
+scope `mcp`.
 
 Tools: `echo(text)`, `add(a, b)`, `count()`, which counts its calls in this process (a
 restarted server starts again from 1, which a test uses to tell a new process from the old),
@@ -22,15 +26,45 @@ import uvicorn
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.responses import JSONResponse
 
+import jwt
+
+from mcp.server.auth.provider import AccessToken
+from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.streamable_http import EventCallback, EventMessage, EventStore
 
 PORT = int(sys.argv[1])
 KEY = sys.argv[2]
-SESSIONS_ONLY = "--sessions-only" in sys.argv[3:]
-RESUMABLE = "--resumable" in sys.argv[3:]
+FLAGS = sys.argv[3:]
+SESSIONS_ONLY = "--sessions-only" in FLAGS
+RESUMABLE = "--resumable" in FLAGS
+LEGACY_SSE = "--legacy-sse" in FLAGS
+OAUTH = FLAGS[FLAGS.index("--oauth") + 1:FLAGS.index("--oauth") + 3] if "--oauth" in FLAGS else None
+SELF_URL = f"http://127.0.0.1:{PORT}" + ("/sse" if LEGACY_SSE else "/mcp")
 
-server = MCPServer("remote-tools")
+
+class JwtVerifier:
+    """Accepts the issuer's JWT access tokens minted for this server's URL (RFC 8707)."""
+
+    def __init__(self, issuer: str, jwks_uri: str):
+        self.issuer, self.keys = issuer, jwt.PyJWKClient(jwks_uri)
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        try:
+            key = self.keys.get_signing_key_from_jwt(token)
+            claims = jwt.decode(token, key, algorithms=["RS256"], audience=SELF_URL, issuer=self.issuer)
+        except jwt.PyJWTError:
+            return None
+        return AccessToken(token=token, client_id=claims.get("client_id", ""), scopes=claims.get("scope", "").split(),
+                           expires_at=claims.get("exp"), resource=SELF_URL)
+
+
+if OAUTH:
+    auth = AuthSettings(issuer_url=OAUTH[0], resource_server_url=SELF_URL, required_scopes=["mcp"],
+                        validate_token_resource=True)
+    server = MCPServer("remote-tools", token_verifier=JwtVerifier(*OAUTH), auth=auth)
+else:
+    server = MCPServer("remote-tools")
 calls = 0
 
 
@@ -98,7 +132,10 @@ class RequireKey(BaseHTTPMiddleware):
         return await call_next(request)
 
 
-app = server.streamable_http_app(event_store=MemoryEventStore() if RESUMABLE else None)
+if LEGACY_SSE:
+    app = server.sse_app()
+else:
+    app = server.streamable_http_app(event_store=MemoryEventStore() if RESUMABLE else None)
 app.add_middleware(RequireKey)
 
 if __name__ == "__main__":
