@@ -37,6 +37,9 @@ cargo --version
 
 # Debian packages, installed only when missing (apt-get update only when something is).
 apt_missing=()
+# A C compiler and make build mcpd's allocator (jemalloc) and ring.
+command -v cc >/dev/null || apt_missing+=(gcc)
+command -v make >/dev/null || apt_missing+=(make)
 command -v python3 >/dev/null || apt_missing+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || apt_missing+=(python3-venv)
 command -v node >/dev/null || apt_missing+=(nodejs)
