@@ -441,6 +441,8 @@ pub async fn run(
         _ = restart.wait() => tracing::warn!("restarting in place"),
         Some(res) = tasks.join_next() => tracing::error!(?res, "a server task ended early; shutting down"),
     }
+    // While the peers are still reached: what this node's sessions hold on servers elsewhere.
+    crate::mcp::holds::let_go_all(&mcp, Duration::from_secs(2)).await;
     trigger.fire();
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");

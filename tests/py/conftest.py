@@ -167,8 +167,9 @@ class Cluster:
         wait_until(lambda: exited(pid), within, f"node {node} (pid {pid}) exits after SIGTERM")
 
     def restart(self, node: int, at: tuple[str, str] | None = None) -> None:
-        """Starts a killed node again with its data and addresses (as `dev up` did), or at
-        `at` (HTTP and gRPC address) for a first start, and returns once it listens. While it
+        """Starts a killed node again with its data, addresses and the cluster's mcpd flags (as
+        `dev up` did), or at `at` (HTTP and gRPC address) for a first start, and returns once
+        it listens. While it
         was down another connection may have taken one of its ports as its source port: the
         start is tried again until that connection is gone (30 s at most)."""
         nd = self.node_dir(node)
@@ -183,7 +184,7 @@ class Cluster:
             with open(nd / "mcpd.log", "ab") as log:
                 p = subprocess.Popen(
                     [str(self.mcpd), "--id", str(self.ids[node]), "--data-dir", str(nd / "data"),
-                     "--http-addr", ep["http_addr"], "--grpc-addr", ep["grpc_addr"]],
+                     "--http-addr", ep["http_addr"], "--grpc-addr", ep["grpc_addr"], *self.mcpd_args],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
                 )
             (nd / "mcpd.pid").write_text(f"{p.pid}\n")

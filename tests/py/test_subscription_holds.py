@@ -110,3 +110,23 @@ def test_an_idle_session_lets_go_and_takes_its_subscription_again_when_its_clien
 
     run(scenario())
     wait_until(lambda: held(c, host) == before, 10, "the listening session's subscription withdrawn at its end")
+
+
+def test_a_node_that_stops_lets_go_of_its_sessions_subscriptions_and_takes_them_again_after(holds):
+    """A graceful stop of the front (SIGTERM, as `systemctl stop` sends) withdraws what its
+    sessions held on the host; the session, continued on the front once it is back, holds
+    again."""
+    c, host, front = holds
+    url = c.url(front, "everything")
+    before = held(c, host)
+    sid = legacy_initialize(url, c.token)
+    subscribe(url, c.token, sid, "demo://resource/dynamic/text/14")
+    assert held(c, host) == before + 1
+    c.stop(front)
+    wait_until(lambda: held(c, host) == before, 10, "the stopped node's session let go on the host")
+    c.restart(front)
+    ping = legacy_post(url, c.token, {"jsonrpc": "2.0", "id": 2, "method": "ping"}, session=sid)
+    assert ping.status_code == 200, ping.text
+    wait_until(lambda: held(c, host) == before + 1, 10, "the continued session's subscription taken again")
+    end_session(url, c.token, sid)
+    wait_until(lambda: held(c, host) == before, 10, "the ended session's subscription withdrawn")

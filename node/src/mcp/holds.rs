@@ -8,10 +8,11 @@
 //! - A node that rebuilds a session from its signed id (its client moved here, or this node
 //!   restarted) takes the session's holds again ([`retake`]), on whichever node runs each
 //!   server.
-//! - A node lets go of them ([`let_go`]) when the client ends the session, and when the
-//!   session leaves the node's memory after the idle timeout (a session with an open stream
-//!   or a call in flight is not idle). The session itself lives on: a client that comes back
-//!   continues it, and its holds are taken again.
+//! - A node lets go of them ([`let_go`]) when the client ends the session, when the session
+//!   leaves the node's memory after the idle timeout (a session with an open stream or a call
+//!   in flight is not idle), and when the node stops ([`let_go_all`]). The session itself
+//!   lives on: a client that comes back continues it, and its holds are taken again. A node
+//!   that dies without stopping leaves its holds until the servers' processes end.
 //!
 //! Both go through the call's route, so a hold on a peer's pool is taken and let go there.
 //! They run in the background: the end of a session does not wait on its servers.
@@ -33,6 +34,9 @@ pub enum LetGo {
     Ended,
     /// The session left this node's memory after the idle timeout.
     Idle,
+    /// The node is stopping: a client that continues the session elsewhere (or here, after
+    /// the restart) takes its holds again.
+    Stopping,
 }
 
 impl LetGo {
@@ -40,6 +44,7 @@ impl LetGo {
         match self {
             LetGo::Ended => "ended",
             LetGo::Idle => "idle",
+            LetGo::Stopping => "stopping",
         }
     }
 }
@@ -122,6 +127,43 @@ pub fn retake(state: &McpState, session: &Arc<Session>) {
 
 /// Lets go of the holds of `session` on every server that has them, in the background.
 pub fn let_go(state: &McpState, session: &Arc<Session>, why: LetGo) {
+    if let Some(releases) = releases(state, session, why) {
+        tokio::spawn(releases);
+    }
+}
+
+/// Lets go of the holds of every session in this node's memory, as the node stops, waiting
+/// at most `within`: otherwise the servers on other nodes would keep them for sessions no
+/// node serves.
+pub async fn let_go_all(state: &McpState, within: std::time::Duration) {
+    let all: Vec<_> = state
+        .sessions
+        .all()
+        .iter()
+        .filter_map(|s| releases(state, s, LetGo::Stopping))
+        .collect();
+    if all.is_empty() {
+        return;
+    }
+    let n = all.len();
+    if tokio::time::timeout(within, futures_util::future::join_all(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            sessions = n,
+            "not every session's subscriptions were withdrawn before the node stopped"
+        );
+    }
+}
+
+/// What letting go of `session`'s holds takes: one withdrawal per URI, all at once; `None`
+/// when it holds none.
+fn releases(
+    state: &McpState,
+    session: &Arc<Session>,
+    why: LetGo,
+) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
     let uris: Vec<String> = session
         .subscriptions
         .lock()
@@ -130,10 +172,10 @@ pub fn let_go(state: &McpState, session: &Arc<Session>, why: LetGo) {
         .cloned()
         .collect();
     if uris.is_empty() {
-        return;
+        return None;
     }
     let (state, session) = (state.clone(), session.clone());
-    tokio::spawn(async move {
+    Some(async move {
         let route = route_of(&state, &session);
         let releases = uris.iter().map(|uri| {
             let (route, session) = (&route, &session);
@@ -146,7 +188,7 @@ pub fn let_go(state: &McpState, session: &Arc<Session>, why: LetGo) {
             }
         });
         futures_util::future::join_all(releases).await;
-    });
+    })
 }
 
 fn count(action: &'static str, reason: &'static str, ok: bool) {
