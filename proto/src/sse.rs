@@ -49,7 +49,7 @@ impl SseParser {
             let line = line.trim_end_matches(['\n', '\r']);
             if line.is_empty() {
                 if let Some(id) = &self.id {
-                    self.last_event_id = Some(id.clone());
+                    self.last_event_id = Some(id.clone()).filter(|id| !id.is_empty());
                 }
                 // A priming event (an id and empty data) carries no message.
                 if self.data.iter().any(|d| !d.is_empty()) {
@@ -73,6 +73,7 @@ impl SseParser {
             };
             match field {
                 "data" => self.data.push(value.to_string()),
+                // An empty id resets the stream's last event id (the SSE rules).
                 "id" => self.id = Some(value.to_string()),
                 "event" => self.event = Some(value.to_string()),
                 "retry" => {
@@ -189,6 +190,8 @@ mod tests {
         let ev = p.feed(b"id: e3\ndata: {}\n\n");
         assert_eq!(ev[0].data, "{}");
         assert_eq!((p.last_event_id(), p.retry_ms()), (Some("e3"), Some(500)));
+        p.feed(b"id:\ndata: {}\n\n");
+        assert_eq!(p.last_event_id(), None, "an empty id resets it");
     }
 
     #[test]

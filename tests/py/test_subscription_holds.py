@@ -1,6 +1,7 @@
 """A session's subscriptions on a server that runs on another node: the session holds them from
 the node that serves it, lets go when it ends or goes idle there, and takes them again when its
-client comes back.
+client comes back. And what makes a session idle: no request, no open stream, no call in flight
+(a call whose client left does not count).
 
 A 2-node cluster with a short session idle timeout runs server-everything on one node (the
 host); the clients talk to the other (the front), so every subscription is made through a peer.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import httpx2
 import pytest
 
 from conftest import NODE22, NPM, Cluster, start_cluster
@@ -130,3 +132,20 @@ def test_a_node_that_stops_lets_go_of_its_sessions_subscriptions_and_takes_them_
     wait_until(lambda: held(c, host) == before + 1, 10, "the continued session's subscription taken again")
     end_session(url, c.token, sid)
     wait_until(lambda: held(c, host) == before, 10, "the ended session's subscription withdrawn")
+
+
+def test_a_session_whose_client_left_in_the_middle_of_a_call_still_goes_idle(holds):
+    """The client gives up on a minute-long call and closes its connection: the call is no
+    longer in flight, so the session is dropped once idle (it used to stay, counted against
+    the tenant's sessions, until the node restarted)."""
+    c, _, front = holds
+    url = c.url(front, "demo")
+    expired_before = expired(c, front)
+    sid = legacy_initialize(url, c.token)
+    call = {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "sleep", "arguments": {"ms": 60000}}}
+    headers = {"Authorization": f"Bearer {c.token}", "Content-Type": "application/json",
+               "Accept": "application/json, text/event-stream", "Mcp-Session-Id": sid,
+               "MCP-Protocol-Version": "2025-11-25"}
+    with pytest.raises(httpx2.ReadTimeout):
+        httpx2.post(url, json=call, headers=headers, timeout=1)
+    wait_until(lambda: expired(c, front) > expired_before, 20, "the session dropped as idle once its client left")

@@ -16,6 +16,21 @@ pub struct Affinity {
     /// that serves it (`crate::mcp::holds`). `None` (a node before holders): the session id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub holder: Option<String>,
+    /// Set on a subscribe or unsubscribe the node makes for the session itself, not one its
+    /// client sent (`crate::mcp::holds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<HoldOp>,
+}
+
+/// A subscribe or unsubscribe the node makes for a session: a server with nothing to do for
+/// it (a dedicated process not running, a URI its pool does not know) answers it at once,
+/// without starting a process or waiting for one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum HoldOp {
+    /// The session's subscriptions, taken again by a node that rebuilt it.
+    Retake,
+    /// The session's subscriptions, let go.
+    Withdraw,
 }
 
 impl Affinity {

@@ -14,18 +14,59 @@
 //!   lives on: a client that comes back continues it, and its holds are taken again. A node
 //!   that dies without stopping leaves its holds until the servers' processes end.
 //!
-//! Both go through the call's route, so a hold on a peer's pool is taken and let go there.
-//! They run in the background: the end of a session does not wait on its servers.
+//! Both go through the call's route, so a hold on a peer's pool is taken and let go there,
+//! marked as the node's own ([`HoldOp`]): a server with nothing to do for one answers it at
+//! once. They run in the background (the end of a session does not wait on its servers), and
+//! a session's run one after the other in the order they began ([`Turns`]): a session dropped
+//! as idle whose client comes back at that moment lets go, then takes again, never the other
+//! way round.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
 
+use futures_util::future::{BoxFuture, FutureExt, Shared};
 use serde_json::json;
 use tokio::sync::mpsc;
 
 use super::dispatch::Route;
 use super::session::{short, Session};
 use super::state::McpState;
-use crate::call::{Affinity, EventSink};
+use crate::call::{Affinity, EventSink, HoldOp};
+
+/// The hold operations of each session in progress, each to run after the one before it.
+#[derive(Clone, Default)]
+pub struct Turns(Arc<Mutex<HashMap<String, Shared<BoxFuture<'static, ()>>>>>);
+
+impl Turns {
+    /// `op`, to run once the operations of session `id` that began before it are done.
+    fn after(
+        &self,
+        id: &str,
+        op: impl Future<Output = ()> + Send + 'static,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let mut turns = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let before = turns.remove(id);
+        let this = async move {
+            if let Some(before) = before {
+                before.await;
+            }
+            op.await;
+        }
+        .boxed()
+        .shared();
+        turns.insert(id.to_string(), this.clone());
+        let (all, id) = (self.clone(), id.to_string());
+        async move {
+            this.clone().await;
+            let mut turns = all.0.lock().unwrap_or_else(|p| p.into_inner());
+            // Forgotten unless a later operation took its place.
+            if turns.get(&id).is_some_and(|last| last.ptr_eq(&this)) {
+                turns.remove(&id);
+            }
+        }
+    }
+}
 
 /// Why a node lets go of a session's holds (the `reason` label of the metric).
 #[derive(Debug, Clone, Copy)]
@@ -57,6 +98,10 @@ pub fn holder(node: u64, session: &str) -> String {
 /// The affinity of a call of `session`: its id, what its client said at `initialize`, its
 /// subscriptions, and this node's hold.
 pub fn affinity(state: &McpState, session: &Session) -> Affinity {
+    affinity_for(state, session, None)
+}
+
+fn affinity_for(state: &McpState, session: &Session, hold: Option<HoldOp>) -> Affinity {
     Affinity {
         key: session.id.clone(),
         client_init: json!({
@@ -72,12 +117,13 @@ pub fn affinity(state: &McpState, session: &Session) -> Affinity {
             .cloned()
             .collect(),
         holder: Some(holder(state.registry.id, &session.id)),
+        hold,
     }
 }
 
-fn route_of(state: &McpState, session: &Session) -> Route {
+fn route_of(state: &McpState, session: &Session, op: HoldOp) -> Route {
     let mut route = state.route(&session.principal, &session.target);
-    route.affinity = Some(affinity(state, session));
+    route.affinity = Some(affinity_for(state, session, Some(op)));
     route
 }
 
@@ -102,9 +148,10 @@ pub fn retake(state: &McpState, session: &Arc<Session>) {
     if uris.is_empty() {
         return;
     }
+    let (turns, id) = (state.hold_turns.clone(), session.id.clone());
     let (state, session) = (state.clone(), session.clone());
-    tokio::spawn(async move {
-        let route = route_of(&state, &session);
+    let op = async move {
+        let route = route_of(&state, &session, HoldOp::Retake);
         let takes = uris.iter().map(|uri| {
             let (route, session) = (&route, &session);
             async move {
@@ -122,7 +169,8 @@ pub fn retake(state: &McpState, session: &Arc<Session>) {
             }
         });
         futures_util::future::join_all(takes).await;
-    });
+    };
+    tokio::spawn(turns.after(&id, op));
 }
 
 /// Lets go of the holds of `session` on every server that has them, in the background.
@@ -174,9 +222,10 @@ fn releases(
     if uris.is_empty() {
         return None;
     }
+    let (turns, id) = (state.hold_turns.clone(), session.id.clone());
     let (state, session) = (state.clone(), session.clone());
-    Some(async move {
-        let route = route_of(&state, &session);
+    let op = async move {
+        let route = route_of(&state, &session, HoldOp::Withdraw);
         let releases = uris.iter().map(|uri| {
             let (route, session) = (&route, &session);
             async move {
@@ -188,11 +237,47 @@ fn releases(
             }
         });
         futures_util::future::join_all(releases).await;
-    })
+    };
+    Some(turns.after(&id, op))
 }
 
 fn count(action: &'static str, reason: &'static str, ok: bool) {
     let outcome = if ok { "ok" } else { "error" };
     metrics::counter!("mcpd_mcp_subscription_holds_total", "action" => action, "reason" => reason, "outcome" => outcome)
         .increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_sessions_operations_run_one_after_the_other_in_the_order_they_began() {
+        let turns = Turns::default();
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        let mark = |n: u32| {
+            let ran = ran.clone();
+            move || ran.lock().unwrap().push(n)
+        };
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let (first_done, second_done, other_done) = (mark(1), mark(2), mark(3));
+        let first = turns.after("s", async move {
+            let _ = wait.await;
+            first_done();
+        });
+        let second = turns.after("s", async move { second_done() });
+        let other = turns.after("t", async move { other_done() });
+        // The later one is started first, and another session's runs at once.
+        let second = tokio::spawn(second);
+        tokio::spawn(other).await.unwrap();
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(*ran.lock().unwrap(), [3], "the second waits for the first");
+        go.send(()).unwrap();
+        tokio::spawn(first).await.unwrap();
+        second.await.unwrap();
+        assert_eq!(*ran.lock().unwrap(), [3, 1, 2]);
+        assert!(turns.0.lock().unwrap().is_empty(), "forgotten once done");
+    }
 }

@@ -145,8 +145,10 @@ fn session_of(
     };
     let replicated = state.registry.local().state.sessions.get(id).cloned();
     if replicated.as_ref().is_some_and(|s| s.ended) {
-        // Ended by its client on some node: over everywhere.
-        mcp.sessions.remove(id);
+        // Ended by its client on some node: over everywhere, and what it held from here goes.
+        if let Some(ended) = mcp.sessions.remove(id) {
+            super::holds::let_go(state, &ended, super::holds::LetGo::Ended);
+        }
         return Err(rpc_error(
             StatusCode::NOT_FOUND,
             None,
@@ -462,11 +464,7 @@ async fn request(
     let mut r = state.route(&principal, &target);
     r.affinity = Some(super::holds::affinity(&state, &session));
     let running = Running::start(r, method.clone(), with_log_level(params, &session));
-    session
-        .in_flight
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(id.clone(), running.handle());
+    let in_flight = InFlight::enter(&session, &id, &running);
     let ending = Ending {
         measure: Measure {
             labels: [
@@ -477,7 +475,14 @@ async fn request(
         },
         subscribed: subscribed.map(|uri| (uri, state.clone())),
     };
-    respond(session, id, running, accepts_sse(headers), ending).await
+    respond(
+        session,
+        id,
+        (running, in_flight),
+        accepts_sse(headers),
+        ending,
+    )
+    .await
 }
 
 /// What is done when a call of a session ends: its metrics, and what the session keeps of it.
@@ -487,17 +492,39 @@ struct Ending {
     subscribed: Option<(String, McpState)>,
 }
 
-fn end(
-    session: &Arc<Session>,
-    id: &RequestId,
-    ending: Ending,
-    outcome: &Result<Value, ErrorObject>,
-) {
-    session
-        .in_flight
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(id);
+/// A call among its session's calls in flight (to cancel on `notifications/cancelled`, and
+/// keeping the session from expiring), until it ends however it ends: with its outcome, or
+/// dropped with its handler when the client went away before the answer.
+struct InFlight {
+    session: Arc<Session>,
+    id: RequestId,
+}
+
+impl InFlight {
+    fn enter(session: &Arc<Session>, id: &RequestId, running: &Running) -> InFlight {
+        session
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), running.handle());
+        InFlight {
+            session: session.clone(),
+            id: id.clone(),
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.session
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+fn end(session: &Arc<Session>, ending: Ending, outcome: &Result<Value, ErrorObject>) {
     ending.measure.finish(outcome);
     if let (Some((uri, state)), Ok(_)) = (ending.subscribed, outcome) {
         let cap = state.config.max_subscriptions_per_session;
@@ -524,7 +551,7 @@ fn cancelled() -> Result<Value, ErrorObject> {
 async fn respond(
     session: Arc<Session>,
     id: RequestId,
-    mut running: Running,
+    (mut running, in_flight): (Running, InFlight),
     sse_ok: bool,
     ending: Ending,
 ) -> Response {
@@ -554,7 +581,8 @@ async fn respond(
                 Some(Step::Done(o)) => o,
                 _ => cancelled(),
             };
-            end(&session, &id, ending, &outcome);
+            drop(in_flight);
+            end(&session, ending, &outcome);
             return Json(Message::Response { id, outcome }.to_value()).into_response();
         }
     };
@@ -578,7 +606,8 @@ async fn respond(
                 None => break cancelled(),
             }
         };
-        end(&session, &id, ending, &outcome);
+        drop(in_flight);
+        end(&session, ending, &outcome);
         session.log.append(n, Message::Response { id, outcome });
         session.log.finish(n);
     });

@@ -92,6 +92,8 @@ pub struct Shared {
     pub pools: Pools,
     pub router: Router,
     pub sessions: Sessions,
+    /// The sessions' hold operations in progress, in order (`super::holds`).
+    pub hold_turns: super::holds::Turns,
     pub parked: ParkedCalls,
     pub origins: Arc<OriginPolicy>,
     /// The limits of `[mcp]`.
@@ -138,6 +140,7 @@ impl McpState {
             pools: router.pools().clone(),
             router,
             sessions: Sessions::new(Duration::from_millis(cfg.session_idle_timeout_ms)),
+            hold_turns: Default::default(),
             parked: ParkedCalls::new(
                 Duration::from_millis(cfg.parked_call_ttl_ms),
                 cfg.max_parked_calls_per_caller,

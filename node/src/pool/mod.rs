@@ -43,7 +43,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::call::{Affinity, CallError, EventSink};
+use crate::call::{Affinity, CallError, EventSink, HoldOp};
 use crate::shard::{self, ShardHandles};
 use crate::shutdown::{self, Shutdown, Trigger};
 use catalogue::Catalogue;
@@ -404,17 +404,27 @@ impl Pool {
         let Some(affinity) = affinity.filter(|_| dedicated) else {
             let owner = affinity.map(|a| Arc::<str>::from(a.holder()));
             if let Some(uri) = subscription_uri(method, params.as_ref()) {
-                return self
-                    .subscription(method, uri, params, events, owner, share)
-                    .await;
+                let withdrawing = affinity.and_then(|a| a.hold) == Some(HoldOp::Withdraw);
+                let asked = Subscription {
+                    method,
+                    uri,
+                    owner,
+                    withdrawing,
+                };
+                return self.subscription(asked, params, events, share).await;
             }
             return self
                 .call_routed(method, params, events, owner, share)
                 .await
                 .map(|(v, _)| v);
         };
-        if method == "resources/unsubscribe" && !self.has_dedicated(&affinity.key) {
-            // Nothing is subscribed on a process that is not running: none is started for it.
+        let own = method == "resources/unsubscribe" || affinity.hold.is_some();
+        if own
+            && subscription_uri(method, params.as_ref()).is_some()
+            && !self.has_dedicated(&affinity.key)
+        {
+            // Nothing is subscribed on a process that is not running, and a process started
+            // later subscribes to the session's URIs itself: none is started for this.
             return Ok(serde_json::json!({}));
         }
         let process = self.dedicated_process(affinity).await?;
@@ -428,13 +438,17 @@ impl Pool {
     /// (`subscriptions`).
     async fn subscription(
         &self,
-        method: &str,
-        uri: String,
+        asked: Subscription<'_>,
         params: Option<Value>,
         events: Option<EventSink>,
-        owner: Option<Arc<str>>,
         share: &Share,
     ) -> Result<Value, CallError> {
+        let Subscription {
+            method,
+            uri,
+            owner,
+            withdrawing,
+        } = asked;
         let subs = &self.subscriptions;
         let _turn = subs.turn.lock().await;
         if method == "resources/subscribe" {
@@ -454,6 +468,9 @@ impl Pool {
                 self.upstream_call(&process, method, params, events, owner, (timeout, timeout))
                     .await
             }
+            // The node letting go for a session: no process has the URI (its process ended,
+            // and the subscription with it), so nothing is left to withdraw.
+            subscriptions::Unsubscribe::Unknown if withdrawing => Ok(serde_json::json!({})),
             subscriptions::Unsubscribe::Unknown => self
                 .call_routed(method, params, events, owner, share)
                 .await
@@ -980,6 +997,16 @@ async fn watch_catalogue(
             }
         }
     }
+}
+
+/// A `resources/subscribe` or `resources/unsubscribe` on a pool's shared processes.
+struct Subscription<'a> {
+    method: &'a str,
+    uri: String,
+    /// The holder (a session on a node; `None`: a listen stream).
+    owner: Option<Arc<str>>,
+    /// The node letting go for a session (`HoldOp::Withdraw`), not its client.
+    withdrawing: bool,
 }
 
 /// The URI of a `resources/subscribe` or `resources/unsubscribe`.

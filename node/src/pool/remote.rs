@@ -602,12 +602,13 @@ impl Shared {
                 return Err(stream_broke(&self.server, &why));
             };
             parser.resume();
-            // The server's hint, else at once the first time and after a pause later on (a
-            // server that closes every stream at once is not asked in a busy loop).
-            let mut pause = parser.retry_ms().map_or(
-                Duration::from_millis(if resumed == 0 { 0 } else { 100 }),
-                Duration::from_millis,
-            );
+            // The server's hint, else at once the first time; from the second on at least
+            // 100 ms, whatever the hint (a server that closes every stream at once, even with
+            // `retry: 0`, is not asked in a busy loop).
+            let mut pause = Duration::from_millis(parser.retry_ms().unwrap_or(0));
+            if resumed > 0 {
+                pause = pause.max(Duration::from_millis(100));
+            }
             let mut attempts = 0;
             resp = loop {
                 tokio::time::sleep(pause.min(MAX_RESUME_PAUSE)).await;
