@@ -109,13 +109,7 @@ fn affinity_for(state: &McpState, session: &Session, hold: Option<HoldOp>) -> Af
             "capabilities": session.client_capabilities,
             "clientInfo": session.client_info,
         }),
-        subscriptions: session
-            .subscriptions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .cloned()
-            .collect(),
+        subscriptions: session.subscribed(),
         holder: Some(holder(state.registry.id, &session.id)),
         hold,
     }
@@ -138,18 +132,12 @@ fn quiet_sink() -> EventSink {
 /// Takes the holds of `session`, rebuilt on this node with the subscriptions the registry
 /// keeps of it, in the background. A URI the session let go of meanwhile is skipped.
 pub fn retake(state: &McpState, session: &Arc<Session>) {
-    let uris: Vec<String> = session
-        .subscriptions
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-        .cloned()
-        .collect();
+    let uris = session.subscribed();
     if uris.is_empty() {
         return;
     }
-    let (turns, id) = (state.hold_turns.clone(), session.id.clone());
-    let (state, session) = (state.clone(), session.clone());
+    let turns = state.hold_turns.clone();
+    let (state, session, id) = (state.clone(), session.clone(), session.id.clone());
     let op = async move {
         let route = route_of(&state, &session, HoldOp::Retake);
         let takes = uris.iter().map(|uri| {
@@ -212,18 +200,12 @@ fn releases(
     session: &Arc<Session>,
     why: LetGo,
 ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
-    let uris: Vec<String> = session
-        .subscriptions
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-        .cloned()
-        .collect();
+    let uris = session.subscribed();
     if uris.is_empty() {
         return None;
     }
-    let (turns, id) = (state.hold_turns.clone(), session.id.clone());
-    let (state, session) = (state.clone(), session.clone());
+    let turns = state.hold_turns.clone();
+    let (state, session, id) = (state.clone(), session.clone(), session.id.clone());
     let op = async move {
         let route = route_of(&state, &session, HoldOp::Withdraw);
         let releases = uris.iter().map(|uri| {

@@ -275,6 +275,16 @@ impl Session {
             .remove(id)
     }
 
+    /// The URIs the session is subscribed to.
+    pub fn subscribed(&self) -> Vec<String> {
+        self.subscriptions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
     pub fn is_subscribed(&self, uri: &str) -> bool {
         self.subscriptions
             .lock()
