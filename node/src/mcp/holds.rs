@@ -91,7 +91,7 @@ impl LetGo {
 }
 
 /// The holder of `session`'s subscriptions from node `node`.
-pub fn holder(node: u64, session: &str) -> String {
+fn holder(node: u64, session: &str) -> String {
     format!("{node}/{session}")
 }
 

@@ -464,8 +464,8 @@ async fn request(
     let mut r = state.route(&principal, &target);
     r.affinity = Some(super::holds::affinity(&state, &session));
     let running = Running::start(r, method.clone(), with_log_level(params, &session));
-    let in_flight = InFlight::enter(&session, &id, &running);
     let ending = Ending {
+        in_flight: InFlight::enter(&session, &id, &running),
         measure: Measure {
             labels: [
                 ("method", method_label(&method)),
@@ -475,18 +475,14 @@ async fn request(
         },
         subscribed: subscribed.map(|uri| (uri, state.clone())),
     };
-    respond(
-        session,
-        id,
-        (running, in_flight),
-        accepts_sse(headers),
-        ending,
-    )
-    .await
+    respond(session, id, running, accepts_sse(headers), ending).await
 }
 
 /// What is done when a call of a session ends: its metrics, and what the session keeps of it.
 struct Ending {
+    /// Taken off the session's calls in flight when the call ends, or when its handler is
+    /// dropped before.
+    in_flight: InFlight,
     measure: Measure,
     /// A `resources/subscribe` the session keeps, and replicates, if the server took it.
     subscribed: Option<(String, McpState)>,
@@ -525,8 +521,14 @@ impl Drop for InFlight {
 }
 
 fn end(session: &Arc<Session>, ending: Ending, outcome: &Result<Value, ErrorObject>) {
-    ending.measure.finish(outcome);
-    if let (Some((uri, state)), Ok(_)) = (ending.subscribed, outcome) {
+    let Ending {
+        in_flight,
+        measure,
+        subscribed,
+    } = ending;
+    drop(in_flight);
+    measure.finish(outcome);
+    if let (Some((uri, state)), Ok(_)) = (subscribed, outcome) {
         let cap = state.config.max_subscriptions_per_session;
         // Checked again: subscribes of one session that ran side by side share the cap.
         if session.room_for_subscription(&uri, cap).is_ok() {
@@ -551,7 +553,7 @@ fn cancelled() -> Result<Value, ErrorObject> {
 async fn respond(
     session: Arc<Session>,
     id: RequestId,
-    (mut running, in_flight): (Running, InFlight),
+    mut running: Running,
     sse_ok: bool,
     ending: Ending,
 ) -> Response {
@@ -581,7 +583,6 @@ async fn respond(
                 Some(Step::Done(o)) => o,
                 _ => cancelled(),
             };
-            drop(in_flight);
             end(&session, ending, &outcome);
             return Json(Message::Response { id, outcome }.to_value()).into_response();
         }
@@ -606,7 +607,6 @@ async fn respond(
                 None => break cancelled(),
             }
         };
-        drop(in_flight);
         end(&session, ending, &outcome);
         session.log.append(n, Message::Response { id, outcome });
         session.log.finish(n);

@@ -255,7 +255,8 @@ impl Shared {
     }
 
     async fn post(&self, msg: &Message) -> Result<(), PostError> {
-        let body = msg.to_line();
+        // Shared, not copied, by a request sent again after a `401`.
+        let body = bytes::Bytes::from(msg.to_line());
         let resp = super::oauth::send_authorized(self.tokens.as_ref(), &self.server, || {
             self.http
                 .post(&self.post_url)

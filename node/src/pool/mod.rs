@@ -401,9 +401,10 @@ impl Pool {
         events: Option<EventSink>,
     ) -> Result<Value, CallError> {
         let dedicated = self.spec.spec.session_mode == mcpcp_proto::api::SessionMode::Dedicated;
+        let uri = subscription_uri(method, params.as_ref());
         let Some(affinity) = affinity.filter(|_| dedicated) else {
             let owner = affinity.map(|a| Arc::<str>::from(a.holder()));
-            if let Some(uri) = subscription_uri(method, params.as_ref()) {
+            if let Some(uri) = uri {
                 let withdrawing = affinity.and_then(|a| a.hold) == Some(HoldOp::Withdraw);
                 let asked = Subscription {
                     method,
@@ -419,10 +420,7 @@ impl Pool {
                 .map(|(v, _)| v);
         };
         let own = method == "resources/unsubscribe" || affinity.hold.is_some();
-        if own
-            && subscription_uri(method, params.as_ref()).is_some()
-            && !self.has_dedicated(&affinity.key)
-        {
+        if own && uri.is_some() && !self.has_dedicated(&affinity.key) {
             // Nothing is subscribed on a process that is not running, and a process started
             // later subscribes to the session's URIs itself: none is started for this.
             return Ok(serde_json::json!({}));

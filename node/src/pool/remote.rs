@@ -468,7 +468,8 @@ impl Shared {
         msg: &Message,
         timeout: Option<Duration>,
     ) -> Result<reqwest::Result<reqwest::Response>, CallError> {
-        let body = msg.to_line();
+        // Shared, not copied, by a request sent again after a `401`.
+        let body = bytes::Bytes::from(msg.to_line());
         super::oauth::send_authorized(self.tokens.as_ref(), &self.server, || {
             let request = self
                 .on_session(reqwest::Method::POST, session)
@@ -638,27 +639,41 @@ impl Shared {
         session: &Session,
         last: &str,
     ) -> Result<reqwest::Response, String> {
+        let resp = self.open_stream(session, Some(last)).await?;
+        let status = resp.status();
+        if !status.is_success() || !super::remote_http::is_event_stream(&resp) {
+            return Err(format!("HTTP {status}"));
+        }
+        Ok(resp)
+    }
+
+    /// A GET for an event stream on `session`: the standalone one, or with `Last-Event-ID`
+    /// the rest of a call's. A `401` lets the access token go, for the next request to get a
+    /// new one; the answer is returned whatever its status.
+    async fn open_stream(
+        &self,
+        session: &Session,
+        last: Option<&str>,
+    ) -> Result<reqwest::Response, String> {
         let out = self
             .request(reqwest::Method::GET, session)
             .await
             .map_err(|e| e.to_string())?;
         let mut headers = HeaderMap::new();
         headers.insert(ACCEPT, HeaderValue::from_static("text/event-stream"));
-        let id =
-            HeaderValue::from_str(last).map_err(|_| "an event id that is not a header value")?;
-        headers.insert(LAST_EVENT_ID, id);
+        if let Some(last) = last {
+            let id = HeaderValue::from_str(last)
+                .map_err(|_| "an event id that is not a header value")?;
+            headers.insert(LAST_EVENT_ID, id);
+        }
         let resp = out
             .request
             .headers(headers)
             .send()
             .await
             .map_err(|e| e.without_url().to_string())?;
-        let status = resp.status();
-        if status == StatusCode::UNAUTHORIZED {
+        if resp.status() == StatusCode::UNAUTHORIZED {
             self.refused(out.bearer.as_ref()).await;
-        }
-        if !status.is_success() || !super::remote_http::is_event_stream(&resp) {
-            return Err(format!("HTTP {status}"));
         }
         Ok(resp)
     }
@@ -737,19 +752,12 @@ async fn listen(shared: std::sync::Weak<Shared>) {
         if !s.liveness.is_alive() {
             return;
         }
-        let mut accept = HeaderMap::new();
-        accept.insert(ACCEPT, HeaderValue::from_static("text/event-stream"));
         // No access token yet, or no answer: tried again after the pause.
-        let (resp, bearer) = match s.request(reqwest::Method::GET, &s.session()).await {
-            Ok(out) => (out.request.headers(accept).send().await.ok(), out.bearer),
-            Err(_) => (None, None),
-        };
+        let resp = s.open_stream(&s.session(), None).await.ok();
         match resp {
             Some(r) if r.status() == StatusCode::METHOD_NOT_ALLOWED => return,
-            Some(r) if r.status() == StatusCode::UNAUTHORIZED => {
-                s.refused(bearer.as_ref()).await;
-                drop(s);
-            }
+            // The token went (`open_stream`): a new one next time.
+            Some(r) if r.status() == StatusCode::UNAUTHORIZED => drop(s),
             // The server forgot the session: renew it now, not at the next call.
             Some(r) if r.status() == StatusCode::NOT_FOUND && s.session().id.is_some() => {
                 let generation = s.generation.load(Ordering::Acquire);

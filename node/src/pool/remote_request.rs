@@ -93,7 +93,8 @@ impl Link {
     ) -> Result<reqwest::Response, CallError> {
         let id = RequestId::Num(self.next_id() as i64);
         let name = routing_name(method, params);
-        let body = Message::request_line(&id, method, params);
+        // Shared, not copied, by a request sent again after a `401`.
+        let body = bytes::Bytes::from(Message::request_line(&id, method, params));
         let resp = super::oauth::send_authorized(self.tokens.as_ref(), &self.server, || {
             let req = self
                 .http
