@@ -464,6 +464,16 @@ impl Drive {
                             .await;
                         continue;
                     }
+                    if self.caps.get(cap).is_none() && cap == "roots" {
+                        // A server of the session revisions asks for roots when it connects
+                        // or hears they changed, not for the call that happens to be in
+                        // flight on its shared connection: it is told no, and the call goes on.
+                        let why = format!("{asked}: this request's client declared no roots");
+                        responder
+                            .respond(Err(ErrorObject::new(code::METHOD_NOT_FOUND, why)))
+                            .await;
+                        continue;
+                    }
                     if self.caps.get(cap).is_none() {
                         // The call needs what the client did not declare: the server refuses
                         // the request (SEP-2575), so the call upstream is cancelled (its
