@@ -108,9 +108,11 @@ async function signIn(why) {
   main.replaceChildren(form);
   if (why && (why.status === 403 || why.code === 'sso')) showError(form, new ApiError(why.status, why.code, why.message, 'token'));
   form.token.focus();
-  // Single sign-on, with the issuers that have a console client.
+  // Single sign-on, with the issuers that have a console client: a tenant's own as well when
+  // the page was opened for it (`/ui/?tenant=NAME`).
   try {
-    const info = await api('GET', '/session/providers');
+    const tenant = new URLSearchParams(location.search).get('tenant');
+    const info = await api('GET', tenant ? `/session/providers?tenant=${encodeURIComponent(tenant)}` : '/session/providers');
     sso_.replaceChildren(...info.providers.map((p) => h('button', {
       type: 'button',
       onclick: () => sso.begin(p, info).catch((e) => showError(form, new ApiError(0, 'sso', e.message, 'token'))),

@@ -23,7 +23,7 @@ import pytest
 import jwt
 from jwt.algorithms import RSAAlgorithm
 
-from conftest import MCPD
+from conftest import MCPD, start_cluster
 from helpers import client, legacy_post, run, wait_until
 from oidc_provider import OidcProvider, new_rsa_jwk
 
@@ -471,3 +471,42 @@ def test_a_tenant_admin_adds_a_local_server_only_by_running_an_approved_command(
     finally:
         trusted.mcpctl("server", "rm", name)
         trusted.mcpctl("command", "rm", "demo")
+
+
+def test_with_tenant_issuers_kept_out_of_shared_metadata_a_stranger_learns_no_tenants_idp(tmp_path_factory):
+    """`identity.tenant_issuers_in_shared_metadata = false`: the shared resources' metadata and
+    the console's plain sign-in page name the cluster-wide issuer only; a tenant's server, and
+    the sign-in page opened for that tenant, name its issuer first and no other tenant's."""
+    config = tmp_path_factory.mktemp("private-issuers") / "mcpd.toml"
+    config.write_text("[identity]\ntenant_issuers_in_shared_metadata = false\n")
+    c = start_cluster(tmp_path_factory, "private-issuers", 1, [f"--config={config}"])
+    try:
+        # Issuers are data here: nothing in this test asks them for a key.
+        for name, url, tenant in [("corp", "https://corp-idp.invalid", None),
+                                  ("acme", "https://acme-idp.invalid", "acme"),
+                                  ("globex", "https://globex-idp.invalid", "globex")]:
+            if tenant:
+                c.mcpctl("tenant", "add", tenant)
+            c.mcpctl("issuer", "add", name, "--issuer", url, "--jwks-url", f"{url}/jwks",
+                     "--console-client-id", "mcpd-console", *(["--tenant", tenant] if tenant else []))
+        c.mcpctl("server", "add", "acme-demo", "--tenant", "acme", "--", str(MCPD), "demo-server")
+
+        def metadata(path: str) -> list[str]:
+            r = httpx2.get(f"{c.base(0)}/.well-known/oauth-protected-resource{path}", timeout=10)
+            assert r.status_code == 200, r.text
+            return r.json()["authorization_servers"]
+
+        def sign_in(query: str = "") -> list[str]:
+            r = httpx2.get(f"{c.base(0)}/v1/session/providers{query}", timeout=10)
+            assert r.status_code == 200, r.text
+            return [p["issuer"] for p in r.json()["providers"]]
+
+        assert metadata("") == ["https://corp-idp.invalid"]
+        assert metadata("/mcp") == ["https://corp-idp.invalid"]
+        assert sign_in() == ["https://corp-idp.invalid"], "the plain sign-in page names no tenant's provider"
+        assert metadata("/servers/acme-demo/mcp") == ["https://acme-idp.invalid", "https://corp-idp.invalid"]
+        assert sign_in("?tenant=acme") == ["https://acme-idp.invalid", "https://corp-idp.invalid"]
+        r = httpx2.get(f"{c.base(0)}/v1/session/providers?tenant=acme&x=1", timeout=10)
+        assert r.status_code == 400 and "x" in r.text, r.text
+    finally:
+        c.down()

@@ -8,7 +8,7 @@ use axum::Json;
 use mcpcp_proto::api::{scope, ConsoleSession, SignInProvider, SignInProviders};
 
 use super::error::ApiError;
-use super::extract::Authorized;
+use super::extract::{ApiQuery, Authorized};
 use super::AppState;
 use crate::identity::session::{self, clear_cookies, csrf_token, set_cookies};
 use crate::identity::surface::ObjectRead;
@@ -81,16 +81,26 @@ pub async fn get(headers: HeaderMap, Authorized(caller, _): Authorized<ObjectRea
     resp
 }
 
-/// `GET /v1/session/providers`: where a person may sign in with single sign-on. Public, like
-/// the protected-resource metadata that names the same issuers.
+/// Which sign-in page asks: `?tenant=NAME` for a tenant's people.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProvidersQuery {
+    tenant: Option<String>,
+}
+
+/// `GET /v1/session/providers[?tenant=NAME]`: where a person may sign in with single sign-on.
+/// Public, and it names the same issuers as the protected-resource metadata: the cluster-wide
+/// ones, and the tenants' unless `identity.tenant_issuers_in_shared_metadata` is off; with
+/// `tenant`, that tenant's first and no other tenant's.
 pub async fn providers(
     axum::extract::State(state): axum::extract::State<AppState>,
     headers: HeaderMap,
     uri: axum::http::Uri,
+    ApiQuery(query): ApiQuery<ProvidersQuery>,
 ) -> Json<SignInProviders> {
     let providers = state
         .identity
-        .issuers()
+        .listed_issuers(query.tenant.as_deref())
         .into_iter()
         .filter_map(|i| {
             Some(SignInProvider {

@@ -113,6 +113,15 @@ impl Identity {
     /// cluster-wide ones, and no other tenant's; for a shared one, the cluster-wide ones, then
     /// every tenant's unless `identity.tenant_issuers_in_shared_metadata` is off.
     pub fn metadata_issuers(&self, owner: Option<&str>) -> Vec<String> {
+        self.listed_issuers(owner)
+            .into_iter()
+            .map(|i| i.issuer)
+            .collect()
+    }
+
+    /// The issuers a resource or page of `owner` (a tenant; `None`: shared) names, in the
+    /// order [`Identity::metadata_issuers`] gives.
+    pub fn listed_issuers(&self, owner: Option<&str>) -> Vec<IssuerSpec> {
         listed_issuers(
             self.issuers(),
             owner,
@@ -350,7 +359,7 @@ fn listed_issuers(
     mut issuers: Vec<IssuerSpec>,
     owner: Option<&str>,
     shared_lists_tenants: bool,
-) -> Vec<String> {
+) -> Vec<IssuerSpec> {
     issuers.retain(|i| match (owner, i.tenant.as_deref()) {
         (_, None) => true,
         (Some(owner), Some(t)) => t == owner,
@@ -361,7 +370,7 @@ fn listed_issuers(
         None => 1,
         Some(_) => 2,
     });
-    issuers.into_iter().map(|i| i.issuer).collect()
+    issuers
 }
 
 #[cfg(test)]
@@ -375,6 +384,13 @@ mod tests {
             "tenant": tenant,
         }))
         .expect("an issuer spec")
+    }
+
+    fn listed_issuers(issuers: Vec<IssuerSpec>, owner: Option<&str>, shared: bool) -> Vec<String> {
+        super::listed_issuers(issuers, owner, shared)
+            .into_iter()
+            .map(|i| i.issuer)
+            .collect()
     }
 
     fn all() -> Vec<IssuerSpec> {
