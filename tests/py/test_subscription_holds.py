@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx2
 import pytest
 
-from conftest import NODE22, NPM, Cluster, start_cluster
+from conftest import NODE22, NPM, ROOT, VENV_BIN, Cluster, start_cluster
 from helpers import answer_of, client, end_session, legacy_initialize, legacy_post, run, text_of, wait_until
 
 IDLE_TIMEOUT_MS = 2000
+SLOW_SUBSCRIBE = ROOT / "tests/py/servers/slow_subscribe.py"
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +151,64 @@ def test_a_session_whose_client_left_in_the_middle_of_a_call_still_goes_idle(hol
     with pytest.raises(httpx2.ReadTimeout):
         httpx2.post(url, json=call, headers=headers, timeout=1)
     wait_until(lambda: expired(c, front) > expired_before, 20, "the session dropped as idle once its client left")
+
+
+@pytest.mark.parametrize("gives_up", ["closes", "cancels"])
+@pytest.mark.parametrize("through", ["peer", "host"])
+def test_a_subscribe_whose_client_gave_up_after_the_server_took_it_is_withdrawn(holds, through, gives_up):
+    """The server takes the subscription at once and answers 2 s later; the client gives up
+    first: it closes its connection (the call goes on without it), or it cancels the request
+    (the call is dropped, on the pool too). The session does not keep the URI, so the node it
+    called withdraws what the server took, once the server's answer is in: through the peer
+    that runs the server, or on its own pool (it used to stay on the server until its process
+    ended)."""
+    c, _, _ = holds
+    c.mcpctl("server", "add", "slow-subscribe", "--replicas", "1", "--pool-size", "1",
+             "--env", "SLOW_SUBSCRIBE_S=2", "--", str(VENV_BIN / "python"), str(SLOW_SUBSCRIBE))
+    try:
+        status = wait_until(
+            lambda: (s := json.loads(c.mcpctl("server", "status", "slow-subscribe", "-o", "json")))["placement"] and s,
+            60, "a placement for slow-subscribe")
+        host = status["placement"][0] - 1
+        front = 1 - host if through == "peer" else host
+        url = c.url(front, "slow-subscribe")
+        c.wait_tools("slow-subscribe", ["subscriptions"])
+
+        def server_holds() -> list[str]:
+            call = {"jsonrpc": "2.0", "id": 9, "method": "tools/call",
+                    "params": {"name": "subscriptions", "arguments": {}}}
+            r = legacy_post(url, c.token, call, session=legacy_initialize(url, c.token))
+            return json.loads(answer_of(r)["result"]["content"][0]["text"])
+
+        reason = "abandoned" if gives_up == "closes" else "not_kept"
+
+        def released() -> float:
+            return c.metric("mcpd_mcp_subscription_holds_total",
+                            f'action="released",reason="{reason}",outcome="ok"', node=front) or 0
+
+        uri, before = f"slow://resource/{through}-{gives_up}", released()
+        sid = legacy_initialize(url, c.token)
+        body = {"jsonrpc": "2.0", "id": 1, "method": "resources/subscribe", "params": {"uri": uri}}
+        if gives_up == "closes":
+            headers = {"Authorization": f"Bearer {c.token}", "Content-Type": "application/json",
+                       "Accept": "application/json, text/event-stream", "Mcp-Session-Id": sid,
+                       "MCP-Protocol-Version": "2025-11-25"}
+            with pytest.raises(httpx2.ReadTimeout):
+                httpx2.post(url, json=body, headers=headers, timeout=0.5)
+            assert server_holds() == [uri], "the server took the subscription before it answered"
+        else:
+            with ThreadPoolExecutor(1) as pool:
+                asked = pool.submit(legacy_post, url, c.token, body, session=sid)
+                wait_until(lambda: server_holds() == [uri], 10, "the server took the subscription")
+                cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}}
+                assert legacy_post(url, c.token, cancel, session=sid).status_code == 202
+                assert "error" in answer_of(asked.result()), "the cancelled subscribe is not answered as taken"
+        wait_until(lambda: server_holds() == [], 15, "the subscription the session did not keep withdrawn on the server")
+        assert released() == before + 1
+        # The session lives on, without the URI: a client that subscribes again holds it.
+        subscribe(url, c.token, sid, uri)
+        assert server_holds() == [uri]
+        end_session(url, c.token, sid)
+        wait_until(lambda: server_holds() == [], 10, "the ended session's subscription withdrawn")
+    finally:
+        c.mcpctl("server", "rm", "slow-subscribe")

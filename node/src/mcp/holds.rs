@@ -13,6 +13,10 @@
 //!   in flight is not idle), and when the node stops ([`let_go_all`]). The session itself
 //!   lives on: a client that comes back continues it, and its holds are taken again. A node
 //!   that dies without stopping leaves its holds until the servers' processes end.
+//! - A subscribe the session does not keep, which the server may have taken, is withdrawn
+//!   ([`disown`]): its client left before the answer, it failed (a hop that broke may follow
+//!   a run), or the session's cap filled meanwhile. The pool records a subscribe that reached
+//!   a process even when its caller is gone (`crate::pool`), so there is a hold to withdraw.
 //!
 //! Both go through the call's route, so a hold on a peer's pool is taken and let go there,
 //! marked as the node's own ([`HoldOp`]): a server with nothing to do for one answers it at
@@ -78,6 +82,12 @@ pub enum LetGo {
     /// The node is stopping: a client that continues the session elsewhere (or here, after
     /// the restart) takes its holds again.
     Stopping,
+    /// A subscribe the session does not keep, which the server may have taken: its client
+    /// left before the answer.
+    Abandoned,
+    /// The same, answered with an error (a hop that broke may follow a run), or taken when
+    /// the session's cap had filled meanwhile.
+    NotKept,
 }
 
 impl LetGo {
@@ -86,6 +96,8 @@ impl LetGo {
             LetGo::Ended => "ended",
             LetGo::Idle => "idle",
             LetGo::Stopping => "stopping",
+            LetGo::Abandoned => "abandoned",
+            LetGo::NotKept => "not_kept",
         }
     }
 }
@@ -208,19 +220,34 @@ fn releases(
     let (state, session, id) = (state.clone(), session.clone(), session.id.clone());
     let op = async move {
         let route = route_of(&state, &session, HoldOp::Withdraw);
-        let releases = uris.iter().map(|uri| {
-            let (route, session) = (&route, &session);
-            async move {
-                let outcome = route.withdraw(uri, quiet_sink()).await;
-                count("released", why.label(), outcome.is_ok());
-                if let Err(e) = outcome {
-                    tracing::info!(session = %short(&session.id), %uri, error = %e.message, reason = why.label(), "a session's subscription was not withdrawn");
-                }
-            }
-        });
+        let releases = uris.iter().map(|uri| withdraw(&route, &session, uri, why));
         futures_util::future::join_all(releases).await;
     };
     Some(turns.after(&id, op))
+}
+
+/// Withdraws the hold on `uri` that a subscribe of `session` may have taken and the session
+/// does not keep (`why`), in the background, in the session's turn. Skipped if the session
+/// holds the URI by then (another subscribe of it was kept).
+pub fn disown(state: &McpState, session: &Arc<Session>, uri: String, why: LetGo) {
+    let turns = state.hold_turns.clone();
+    let (state, session, id) = (state.clone(), session.clone(), session.id.clone());
+    let op = async move {
+        if session.is_subscribed(&uri) {
+            return;
+        }
+        let route = route_of(&state, &session, HoldOp::Withdraw);
+        withdraw(&route, &session, &uri, why).await;
+    };
+    tokio::spawn(turns.after(&id, op));
+}
+
+async fn withdraw(route: &Route, session: &Session, uri: &str, why: LetGo) {
+    let outcome = route.withdraw(uri, quiet_sink()).await;
+    count("released", why.label(), outcome.is_ok());
+    if let Err(e) = outcome {
+        tracing::info!(session = %short(&session.id), %uri, error = %e.message, reason = why.label(), "a session's subscription was not withdrawn");
+    }
 }
 
 fn count(action: &'static str, reason: &'static str, ok: bool) {

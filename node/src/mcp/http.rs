@@ -473,7 +473,12 @@ async fn request(
             ],
             started,
         },
-        subscribed: subscribed.map(|uri| (uri, state.clone())),
+        subscribing: subscribed.map(|uri| Subscribing {
+            uri,
+            state: state.clone(),
+            session: session.clone(),
+            kept: false,
+        }),
     };
     respond(session, id, running, accepts_sse(headers), ending).await
 }
@@ -485,7 +490,62 @@ struct Ending {
     in_flight: InFlight,
     measure: Measure,
     /// A `resources/subscribe` the session keeps, and replicates, if the server took it.
-    subscribed: Option<(String, McpState)>,
+    subscribing: Option<Subscribing>,
+}
+
+/// A `resources/subscribe` of a session in flight. The session keeps it (and replicates it)
+/// when the server took it and the session has room. Otherwise, and when the call ends
+/// without its outcome (its client left), the hold the server may have taken is withdrawn
+/// (`holds::disown`).
+struct Subscribing {
+    uri: String,
+    state: McpState,
+    session: Arc<Session>,
+    kept: bool,
+}
+
+impl Subscribing {
+    fn settle(mut self, outcome: &Result<Value, ErrorObject>) {
+        if outcome.is_err() {
+            return self.disown(super::holds::LetGo::NotKept);
+        }
+        let cap = self.state.config.max_subscriptions_per_session;
+        // Checked again: subscribes of one session that ran side by side share the cap.
+        if self.session.room_for_subscription(&self.uri, cap).is_err() {
+            return self.disown(super::holds::LetGo::NotKept);
+        }
+        self.kept = true;
+        let added = self
+            .session
+            .subscriptions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(self.uri.clone());
+        if added {
+            let (state, session) = (self.state.clone(), self.session.clone());
+            tokio::spawn(async move { replicate_state(&state, &session).await });
+        }
+    }
+
+    fn disown(mut self, why: super::holds::LetGo) {
+        self.kept = true;
+        let uri = std::mem::take(&mut self.uri);
+        super::holds::disown(&self.state, &self.session, uri, why);
+    }
+}
+
+impl Drop for Subscribing {
+    fn drop(&mut self) {
+        if !self.kept {
+            let uri = std::mem::take(&mut self.uri);
+            super::holds::disown(
+                &self.state,
+                &self.session,
+                uri,
+                super::holds::LetGo::Abandoned,
+            );
+        }
+    }
 }
 
 /// A call among its session's calls in flight (to cancel on `notifications/cancelled`, and
@@ -520,28 +580,16 @@ impl Drop for InFlight {
     }
 }
 
-fn end(session: &Arc<Session>, ending: Ending, outcome: &Result<Value, ErrorObject>) {
+fn end(ending: Ending, outcome: &Result<Value, ErrorObject>) {
     let Ending {
         in_flight,
         measure,
-        subscribed,
+        subscribing,
     } = ending;
     drop(in_flight);
     measure.finish(outcome);
-    if let (Some((uri, state)), Ok(_)) = (subscribed, outcome) {
-        let cap = state.config.max_subscriptions_per_session;
-        // Checked again: subscribes of one session that ran side by side share the cap.
-        if session.room_for_subscription(&uri, cap).is_ok() {
-            let added = session
-                .subscriptions
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(uri);
-            if added {
-                let session = session.clone();
-                tokio::spawn(async move { replicate_state(&state, &session).await });
-            }
-        }
+    if let Some(subscribing) = subscribing {
+        subscribing.settle(outcome);
     }
 }
 
@@ -583,7 +631,7 @@ async fn respond(
                 Some(Step::Done(o)) => o,
                 _ => cancelled(),
             };
-            end(&session, ending, &outcome);
+            end(ending, &outcome);
             return Json(Message::Response { id, outcome }.to_value()).into_response();
         }
     };
@@ -607,7 +655,7 @@ async fn respond(
                 None => break cancelled(),
             }
         };
-        end(&session, ending, &outcome);
+        end(ending, &outcome);
         session.log.append(n, Message::Response { id, outcome });
         session.log.finish(n);
     });

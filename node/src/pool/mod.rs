@@ -393,7 +393,7 @@ impl Pool {
     /// `session_mode = dedicated` (started on first use, reaped when idle), else as [`Pool::call`],
     /// queued fairly with the other tenants' calls (`share`).
     pub async fn call_for(
-        &self,
+        self: &Arc<Self>,
         affinity: Option<&Affinity>,
         share: &Share,
         method: &str,
@@ -434,8 +434,14 @@ impl Pool {
     /// A `resources/subscribe` or `resources/unsubscribe` of `owner` on the shared processes:
     /// only the first subscriber's reaches a process, and only the last holder's unsubscribe
     /// (`subscriptions`).
+    ///
+    /// A subscribe sent to a process runs to its end even when its caller goes (a client that
+    /// gave up, a peer's stream cancelled): the process may have taken it, so it is recorded,
+    /// held by `owner`, for the node that made the call to withdraw
+    /// (`crate::mcp::holds::disown`); that withdrawal waits for the pool's turn, so it comes
+    /// after.
     async fn subscription(
-        &self,
+        self: &Arc<Self>,
         asked: Subscription<'_>,
         params: Option<Value>,
         events: Option<EventSink>,
@@ -448,17 +454,30 @@ impl Pool {
             withdrawing,
         } = asked;
         let subs = &self.subscriptions;
-        let _turn = subs.turn.lock().await;
+        let turn = subs.turn.clone().lock_owned().await;
         if method == "resources/subscribe" {
             if subs.join(&uri, owner.as_ref()) {
                 return Ok(serde_json::json!({}));
             }
-            let (answer, process) = self
-                .call_routed(method, params, events, owner.clone(), share)
-                .await?;
-            subs.subscribed(&uri, owner.as_ref(), &process);
-            return Ok(answer);
+            let (pool, share) = (self.clone(), share.clone());
+            let method = method.to_string();
+            let subscribe = tokio::spawn(async move {
+                let _turn = turn;
+                let (answer, process) = pool
+                    .call_routed(&method, params, events, owner.clone(), &share)
+                    .await?;
+                pool.subscriptions
+                    .subscribed(&uri, owner.as_ref(), &process);
+                Ok(answer)
+            });
+            return subscribe.await.unwrap_or_else(|e| {
+                Err(CallError::Crashed(format!(
+                    "server {:?}: the subscribe ended unexpectedly ({e}); it may or may not have run",
+                    self.name
+                )))
+            });
         }
+        let _turn = turn;
         match subs.leave(&uri, owner.as_ref()) {
             subscriptions::Unsubscribe::Kept => Ok(serde_json::json!({})),
             subscriptions::Unsubscribe::Release(process) => {
