@@ -136,6 +136,29 @@ def test_a_node_that_stops_lets_go_of_its_sessions_subscriptions_and_takes_them_
     wait_until(lambda: held(c, host) == before, 10, "the ended session's subscription withdrawn")
 
 
+def test_a_node_killed_without_stopping_has_its_holds_let_go_when_it_comes_back(holds):
+    """kill -9 of the front lets go of nothing; once it is back, the host lets go of what its
+    earlier run held (it used to keep them until the server's process ended), and the session,
+    continued on the front, holds again."""
+    c, host, front = holds
+    url = c.url(front, "everything")
+    before = held(c, host)
+    dropped_before = c.metric("mcpd_pool_subscription_holds_dropped_total", 'server="everything"', node=host) or 0
+    sid = legacy_initialize(url, c.token)
+    subscribe(url, c.token, sid, "demo://resource/dynamic/text/15")
+    assert held(c, host) == before + 1
+    c.kill(front)
+    assert held(c, host) == before + 1, "a node killed lets go of nothing itself"
+    c.restart(front)
+    wait_until(lambda: held(c, host) == before, 20, "the host let go of the killed run's subscription")
+    assert c.metric("mcpd_pool_subscription_holds_dropped_total", 'server="everything"', node=host) == dropped_before + 1
+    ping = legacy_post(url, c.token, {"jsonrpc": "2.0", "id": 2, "method": "ping"}, session=sid)
+    assert ping.status_code == 200, ping.text
+    wait_until(lambda: held(c, host) == before + 1, 10, "the continued session's subscription taken again")
+    end_session(url, c.token, sid)
+    wait_until(lambda: held(c, host) == before, 10, "the ended session's subscription withdrawn")
+
+
 def test_a_session_whose_client_left_in_the_middle_of_a_call_still_goes_idle(holds):
     """The client gives up on a minute-long call and closes its connection: the call is no
     longer in flight, so the session is dropped once idle (it used to stay, counted against

@@ -45,8 +45,61 @@ impl Affinity {
     }
 }
 
+/// Who holds a session's subscriptions on shared processes: the session on one run of the node
+/// that serves it, written `NODE.RUN/SESSION` (`RUN`: when that run started, in ms). A node
+/// that comes back after dying without stopping has a new run, so its peers let go of what
+/// its last run held ([`Holder::of_another_run`]); the sessions it serves again take theirs
+/// again under the new one.
+pub struct Holder;
+
+impl Holder {
+    /// The holder of `session` on run `run` of node `node`.
+    pub fn of(node: u64, run: u64, session: &str) -> String {
+        format!("{node}.{run}/{session}")
+    }
+
+    /// Whether `holder` is a session on node `node` in a run other than `run`: one of its
+    /// earlier runs, or a build before runs (`NODE/SESSION`). A holder of the oldest builds (a
+    /// bare session id) is nobody's.
+    pub fn of_another_run(holder: &str, node: u64, run: u64) -> bool {
+        let Some((who, _)) = holder.split_once('/') else {
+            return false;
+        };
+        let (held_by, held_in) = match who.split_once('.') {
+            Some((n, r)) => (n, r.parse::<u64>().ok()),
+            None => (who, None),
+        };
+        held_by.parse::<u64>().ok() == Some(node) && held_in != Some(run)
+    }
+}
+
 /// A loggable prefix of a (long, signed) session id.
 pub fn short(id: &str) -> &str {
     let end = id.len().min(16);
     id.get(..end).unwrap_or(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Holder;
+
+    #[test]
+    fn a_node_back_from_a_crash_lets_go_only_of_its_earlier_runs_holds() {
+        let now = Holder::of(2, 1_700_000_000_123, "s1.abc");
+        assert_eq!(now, "2.1700000000123/s1.abc");
+        assert!(
+            !Holder::of_another_run(&now, 2, 1_700_000_000_123),
+            "this run's"
+        );
+        assert!(
+            Holder::of_another_run(&now, 2, 1_700_000_999_000),
+            "an earlier run's"
+        );
+        assert!(!Holder::of_another_run(&now, 12, 1), "another node's");
+        assert!(
+            Holder::of_another_run("2/s1.abc", 2, 5),
+            "a build before runs"
+        );
+        assert!(!Holder::of_another_run("s1.abc", 2, 5), "a bare session id");
+    }
 }

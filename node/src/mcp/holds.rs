@@ -2,8 +2,9 @@
 //!
 //! A pool's shared processes keep a subscription while anyone holds it
 //! (`crate::pool::subscriptions`). A session holds its URIs from each node that serves it: the
-//! holder is `NODE/SESSION`, so a session whose client moved to another node holds from both,
-//! and one node letting go does not withdraw what the other still serves.
+//! holder is `NODE.RUN/SESSION` (`crate::call::Holder`), so a session whose client moved to
+//! another node holds from both, and one node letting go does not withdraw what the other
+//! still serves.
 //!
 //! - A node that rebuilds a session from its signed id (its client moved here, or this node
 //!   restarted) takes the session's holds again ([`retake`]), on whichever node runs each
@@ -11,8 +12,10 @@
 //! - A node lets go of them ([`let_go`]) when the client ends the session, when the session
 //!   leaves the node's memory after the idle timeout (a session with an open stream or a call
 //!   in flight is not idle), and when the node stops ([`let_go_all`]). The session itself
-//!   lives on: a client that comes back continues it, and its holds are taken again. A node
-//!   that dies without stopping leaves its holds until the servers' processes end.
+//!   lives on: a client that comes back continues it, and its holds are taken again.
+//! - A node that died without stopping lets go of nothing itself: when it comes back, its
+//!   peers let go of what its earlier run held as soon as it asks them for their events
+//!   (`crate::route::peer`), and the sessions it serves again take theirs again.
 //! - A subscribe the session does not keep, which the server may have taken, is withdrawn
 //!   ([`disown`]): its client left before the answer, it failed (a hop that broke may follow
 //!   a run), or the session's cap filled meanwhile. The pool records a subscribe that reached
@@ -36,7 +39,7 @@ use tokio::sync::mpsc;
 use super::dispatch::Route;
 use super::session::{short, Session};
 use super::state::McpState;
-use crate::call::{Affinity, EventSink, HoldOp};
+use crate::call::{Affinity, EventSink, HoldOp, Holder};
 
 /// The hold operations of each session in progress, each to run after the one before it.
 #[derive(Clone, Default)]
@@ -102,11 +105,6 @@ impl LetGo {
     }
 }
 
-/// The holder of `session`'s subscriptions from node `node`.
-fn holder(node: u64, session: &str) -> String {
-    format!("{node}/{session}")
-}
-
 /// The affinity of a call of `session`: its id, what its client said at `initialize`, its
 /// subscriptions, and this node's hold.
 pub fn affinity(state: &McpState, session: &Session) -> Affinity {
@@ -122,7 +120,11 @@ fn affinity_for(state: &McpState, session: &Session, hold: Option<HoldOp>) -> Af
             "clientInfo": session.client_info,
         }),
         subscriptions: session.subscribed(),
-        holder: Some(holder(state.registry.id, &session.id)),
+        holder: Some(Holder::of(
+            state.registry.id,
+            state.registry.run,
+            &session.id,
+        )),
         hold,
     }
 }

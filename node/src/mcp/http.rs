@@ -125,8 +125,11 @@ async fn replicate(state: &McpState, session: &Session) {
     }
 }
 
-/// The session a request names, checked against the caller and the endpoint.
-fn session_of(
+/// The session a request names, checked against the caller and the endpoint. One this node
+/// does not have in memory is rebuilt from the registry once this node has applied what was
+/// committed before the request (a node just restarted, or behind, would miss the session's
+/// latest subscriptions or its end); without quorum, from what it has.
+async fn session_of(
     state: &McpState,
     headers: &HeaderMap,
     principal: &crate::registry::Principal,
@@ -143,6 +146,11 @@ fn session_of(
             ),
         ));
     };
+    if mcp.sessions.get(id).is_none() {
+        if let Err(e) = state.registry.barrier().await {
+            tracing::warn!(session = %super::session::short(id), error = %e, "continuing a session from this node's registry as it is");
+        }
+    }
     let replicated = state.registry.local().state.sessions.get(id).cloned();
     if replicated.as_ref().is_some_and(|s| s.ended) {
         // Ended by its client on some node: over everywhere, and what it held from here goes.
@@ -204,7 +212,7 @@ pub async fn post_session(
             return initialize(&state, principal, target, id.clone(), params.clone()).await;
         }
     }
-    let session = match session_of(&state, &headers, &principal, &target) {
+    let session = match session_of(&state, &headers, &principal, &target).await {
         Ok(s) => s,
         Err(r) => return r,
     };
@@ -505,7 +513,10 @@ struct Subscribing {
 }
 
 impl Subscribing {
-    fn settle(mut self, outcome: &Result<Value, ErrorObject>) {
+    /// Keeps the subscription or lets it go; a kept one is replicated before the client's
+    /// answer, as `logging/setLevel` is, so that a node killed right after still has it
+    /// taken again where the session continues.
+    async fn settle(mut self, outcome: &Result<Value, ErrorObject>) {
         if outcome.is_err() {
             return self.disown(super::holds::LetGo::NotKept);
         }
@@ -522,8 +533,7 @@ impl Subscribing {
             .unwrap_or_else(|p| p.into_inner())
             .insert(self.uri.clone());
         if added {
-            let (state, session) = (self.state.clone(), self.session.clone());
-            tokio::spawn(async move { replicate_state(&state, &session).await });
+            replicate_state(&self.state, &self.session).await;
         }
     }
 
@@ -580,7 +590,7 @@ impl Drop for InFlight {
     }
 }
 
-fn end(ending: Ending, outcome: &Result<Value, ErrorObject>) {
+async fn end(ending: Ending, outcome: &Result<Value, ErrorObject>) {
     let Ending {
         in_flight,
         measure,
@@ -589,7 +599,7 @@ fn end(ending: Ending, outcome: &Result<Value, ErrorObject>) {
     drop(in_flight);
     measure.finish(outcome);
     if let Some(subscribing) = subscribing {
-        subscribing.settle(outcome);
+        subscribing.settle(outcome).await;
     }
 }
 
@@ -631,7 +641,7 @@ async fn respond(
                 Some(Step::Done(o)) => o,
                 _ => cancelled(),
             };
-            end(ending, &outcome);
+            end(ending, &outcome).await;
             return Json(Message::Response { id, outcome }.to_value()).into_response();
         }
     };
@@ -655,7 +665,7 @@ async fn respond(
                 None => break cancelled(),
             }
         };
-        end(ending, &outcome);
+        end(ending, &outcome).await;
         session.log.append(n, Message::Response { id, outcome });
         session.log.finish(n);
     });
@@ -731,7 +741,7 @@ pub async fn get(
             ErrorObject::new(code::INVALID_REQUEST, "GET needs Accept: text/event-stream"),
         );
     }
-    let session = match session_of(&state, &headers, &principal, &target) {
+    let session = match session_of(&state, &headers, &principal, &target).await {
         Ok(s) => s,
         Err(r) => return r,
     };
@@ -842,7 +852,7 @@ pub async fn delete(
     if let Some(refused) = foreign_origin(&state, &headers) {
         return refused;
     }
-    match session_of(&state, &headers, &principal, &target) {
+    match session_of(&state, &headers, &principal, &target).await {
         Ok(s) => {
             state.sessions.remove(&s.id);
             super::holds::let_go(&state, &s, super::holds::LetGo::Ended);

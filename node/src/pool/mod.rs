@@ -495,6 +495,39 @@ impl Pool {
         }
     }
 
+    /// Lets go of the subscriptions that sessions of node `node` held in its runs other than
+    /// `run`: that node died without stopping and is back (`crate::call::Holder`). What no one
+    /// else holds is unsubscribed on its process, in the pool's subscription turn.
+    pub async fn let_go_of_other_runs(&self, node: u64, run: u64) {
+        let _turn = self.subscriptions.turn.lock().await;
+        let subscriptions::LeftAll { released, dropped } = self
+            .subscriptions
+            .leave_all(|holder| crate::call::Holder::of_another_run(holder, node, run));
+        if dropped == 0 {
+            return;
+        }
+        metrics::counter!("mcpd_pool_subscription_holds_dropped_total", "server" => self.name.clone())
+            .increment(dropped as u64);
+        tracing::info!(server = %self.name, node, holds = dropped, unsubscribed = released.len(), "a node back from a crash: its earlier run's subscriptions let go");
+        let timeout = Duration::from_millis(self.spec.spec.timeouts.request_ms);
+        for (uri, process) in released {
+            let params = Some(serde_json::json!({ "uri": uri }));
+            let outcome = self
+                .upstream_call(
+                    &process,
+                    "resources/unsubscribe",
+                    params,
+                    None,
+                    None,
+                    (timeout, timeout),
+                )
+                .await;
+            if let Err(e) = outcome {
+                tracing::info!(server = %self.name, %uri, error = %e, "a crashed node's subscription was not withdrawn");
+            }
+        }
+    }
+
     fn dedicated_map(&self) -> std::sync::MutexGuard<'_, DedicatedMap> {
         self.dedicated.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -83,6 +83,14 @@ impl Pools {
         v
     }
 
+    /// Lets go, on every pool, of the subscriptions that sessions of node `node` held in its
+    /// runs other than `run` (`crate::call::Holder`).
+    pub async fn let_go_of_other_runs(&self, node: u64, run: u64) {
+        let all = self.all();
+        let each = all.iter().map(|p| p.let_go_of_other_runs(node, run));
+        futures_util::future::join_all(each).await;
+    }
+
     fn replace(&self, name: &str, pool: Option<Arc<Pool>>) -> Option<Arc<Pool>> {
         let mut map = self.inner.write().unwrap_or_else(|p| p.into_inner());
         match pool {

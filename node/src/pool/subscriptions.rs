@@ -8,8 +8,9 @@
 //! - the first subscriber's `resources/subscribe` goes to a process, which is remembered; a
 //!   later one is answered here, unless that process is gone (then it goes to another);
 //! - an unsubscribe reaches the process only when its last holder lets go; a session holds
-//!   from each node that serves it (`crate::mcp::holds`: the holder is `NODE/SESSION`), and
-//!   lets go when it ends or leaves that node's memory;
+//!   from each node that serves it (`crate::mcp::holds`: the holder is `NODE.RUN/SESSION`), and
+//!   lets go when it ends or leaves that node's memory; a node back from a crash has its
+//!   earlier runs' holds let go here ([`SharedSubscriptions::leave_all`]);
 //! - a 2026-07-28 listen stream holds its URIs until the process ends (it never unsubscribes:
 //!   a stream that closes leaves them, as others may share them);
 //! - a URI whose process is gone is forgotten when next touched (its subscription went with
@@ -113,6 +114,37 @@ impl SharedSubscriptions {
             Some(p) => Unsubscribe::Release(p),
             None => Unsubscribe::Unknown,
         }
+    }
+}
+
+/// What [`SharedSubscriptions::leave_all`] took.
+pub struct LeftAll {
+    /// The URIs whose last holder went, each with the process to unsubscribe it on.
+    pub released: Vec<(String, Arc<dyn Upstream>)>,
+    /// How many holds went.
+    pub dropped: usize,
+}
+
+impl SharedSubscriptions {
+    /// Takes every holder `stale` picks off every URI.
+    pub fn leave_all(&self, stale: impl Fn(&str) -> bool) -> LeftAll {
+        let mut uris = self.lock();
+        let mut released = Vec::new();
+        let mut dropped = 0;
+        uris.retain(|uri, h| {
+            let before = h.sessions.len();
+            h.sessions.retain(|holder| !stale(holder));
+            dropped += before - h.sessions.len();
+            if before == h.sessions.len() || h.listeners || !h.sessions.is_empty() {
+                return true;
+            }
+            if let Some(p) = h.live() {
+                released.push((uri.clone(), p));
+            }
+            false
+        });
+        self.gauge.set(uris.len() as f64);
+        LeftAll { released, dropped }
     }
 }
 

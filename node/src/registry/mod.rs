@@ -221,6 +221,9 @@ impl std::ops::Deref for Registry {
 /// What a [`Registry`] holds.
 pub struct Handle {
     pub id: u64,
+    /// This run of the node: when it started, in ms since the epoch. A node's holds on its
+    /// peers' servers carry it (`crate::call::Holder`).
+    pub run: u64,
     pub me: Member,
     pub raft: Raft,
     proposer: propose::Proposer,
@@ -256,8 +259,12 @@ impl Registry {
         channels: PeerChannels,
         quorum_wait: Duration,
     ) -> Self {
+        let run = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         Registry(std::sync::Arc::new(Handle {
             id: me.id,
+            run,
             me,
             proposer: propose::Proposer::start(raft.clone()),
             raft,

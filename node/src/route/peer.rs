@@ -90,7 +90,16 @@ impl Peer for PeerService {
     type EventsStream = FrameStream;
 
     async fn events(&self, req: Request<EventsRequest>) -> Result<Response<FrameStream>, Status> {
-        let from = req.into_inner().from_node;
+        let EventsRequest {
+            from_node: from,
+            run,
+        } = req.into_inner();
+        if run != 0 {
+            // A peer asks at each start and after each break: what its other runs held on
+            // this node's servers is nobody's now (a run that stopped let go itself).
+            let pools = self.pools.clone();
+            tokio::spawn(async move { pools.let_go_of_other_runs(from, run).await });
+        }
         let mut hub = self.pools.subscribe();
         let (tx, rx) = mpsc::channel::<Result<WireFrame, Status>>(256);
         tracing::debug!(peer = from, "relaying server notifications to a peer");
@@ -388,7 +397,8 @@ pub async fn server_info(
 
 /// Keeps one notification stream open from every peer and republishes what arrives into this
 /// node's hub, so a session here receives `resources/updated` and `list_changed` of servers
-/// that run elsewhere. Runs until `shutdown`.
+/// that run elsewhere. Each stream is asked for with this node's run, so that a peer lets go of
+/// the subscriptions this node's earlier runs held there. Runs until `shutdown`.
 pub async fn relay_events(
     registry: Registry,
     pools: Pools,
@@ -410,7 +420,11 @@ pub async fn relay_events(
             if streams.contains_key(&m.id) {
                 continue;
             }
-            let (pools, channels, me) = (pools.clone(), channels.clone(), registry.id);
+            let (pools, channels) = (pools.clone(), channels.clone());
+            let me = EventsRequest {
+                from_node: registry.id,
+                run: registry.run,
+            };
             streams.insert(
                 m.id,
                 tokio::spawn(async move { relay_from(me, m, pools, channels).await }),
@@ -426,15 +440,12 @@ pub async fn relay_events(
     }
 }
 
-async fn relay_from(me: u64, peer: Member, pools: Pools, channels: PeerChannels) {
+async fn relay_from(me: EventsRequest, peer: Member, pools: Pools, channels: PeerChannels) {
     let Ok(channel) = channels.get(&peer.grpc_addr) else {
         return;
     };
     let mut client = PeerClient::new(channel);
-    let Ok(resp) = client
-        .events(Request::new(EventsRequest { from_node: me }))
-        .await
-    else {
+    let Ok(resp) = client.events(Request::new(me)).await else {
         return; // retried by the supervisor loop
     };
     let mut stream = resp.into_inner();
