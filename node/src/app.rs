@@ -373,6 +373,11 @@ pub async fn run(
     );
     let mut pool_cfg = cfg.pool.clone();
     pool_cfg.node_paths = crate::pool::sandbox::NodePaths::of(&cfg);
+    tasks.spawn(crate::pool::departed::run(
+        registry.clone(),
+        pools.clone(),
+        shutdown.clone(),
+    ));
     tasks.spawn(reconcile::run(
         registry.clone(),
         pools,

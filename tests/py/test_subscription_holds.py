@@ -143,7 +143,7 @@ def test_a_node_killed_without_stopping_has_its_holds_let_go_when_it_comes_back(
     c, host, front = holds
     url = c.url(front, "everything")
     before = held(c, host)
-    dropped_before = c.metric("mcpd_pool_subscription_holds_dropped_total", 'server="everything"', node=host) or 0
+    dropped_before = c.metric("mcpd_pool_subscription_holds_dropped_total", 'server="everything",reason="restarted"', node=host) or 0
     sid = legacy_initialize(url, c.token)
     subscribe(url, c.token, sid, "demo://resource/dynamic/text/15")
     assert held(c, host) == before + 1
@@ -151,12 +151,40 @@ def test_a_node_killed_without_stopping_has_its_holds_let_go_when_it_comes_back(
     assert held(c, host) == before + 1, "a node killed lets go of nothing itself"
     c.restart(front)
     wait_until(lambda: held(c, host) == before, 20, "the host let go of the killed run's subscription")
-    assert c.metric("mcpd_pool_subscription_holds_dropped_total", 'server="everything"', node=host) == dropped_before + 1
+    assert c.metric("mcpd_pool_subscription_holds_dropped_total", 'server="everything",reason="restarted"', node=host) == dropped_before + 1
     ping = legacy_post(url, c.token, {"jsonrpc": "2.0", "id": 2, "method": "ping"}, session=sid)
     assert ping.status_code == 200, ping.text
     wait_until(lambda: held(c, host) == before + 1, 10, "the continued session's subscription taken again")
     end_session(url, c.token, sid)
     wait_until(lambda: held(c, host) == before, 10, "the ended session's subscription withdrawn")
+
+
+def test_a_node_removed_from_the_cluster_has_its_holds_let_go(tmp_path_factory):
+    """The front dies and the operator removes it (`mcpctl cluster remove-node`) instead of
+    bringing it back: the host lets go of what the front's sessions held (it used to keep them
+    until the server's process ended)."""
+    c = start_cluster(tmp_path_factory, "holds-removed", 3)
+    try:
+        c.mcpctl("server", "add", "everything", "--replicas", "1", "--pool-size", "1", "--",
+                 str(NODE22), str(NPM / "@modelcontextprotocol/server-everything/dist/index.js"), "stdio")
+        status = wait_until(
+            lambda: (s := json.loads(c.mcpctl("server", "status", "everything", "-o", "json")))["placement"] and s,
+            60, "a placement for server-everything")
+        host = status["placement"][0] - 1
+        front, survivor = [n for n in range(3) if n != host]
+        c.wait_tools("everything", ["toggle-subscriber-updates"])
+        url = c.url(front, "everything")
+        before = held(c, host)
+        sid = legacy_initialize(url, c.token)
+        subscribe(url, c.token, sid, "demo://resource/dynamic/text/16")
+        assert held(c, host) == before + 1
+        c.kill(front)
+        c.mcpctl("cluster", "remove-node", str(front + 1), node=survivor)
+        wait_until(lambda: held(c, host) == before, 20, "the host let go of the removed node's subscription")
+        assert c.metric("mcpd_pool_subscription_holds_dropped_total",
+                        'server="everything",reason="removed"', node=host) == 1
+    finally:
+        c.down()
 
 
 def test_a_session_whose_client_left_in_the_middle_of_a_call_still_goes_idle(holds):

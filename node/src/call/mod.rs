@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-pub use affinity::{Affinity, HoldOp, Holder};
+pub use affinity::{Affinity, Departed, HoldOp, Holder};
 pub use error::CallError;
 pub use events::{CallEvent, EventSink, Responder};
 

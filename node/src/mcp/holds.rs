@@ -15,7 +15,8 @@
 //!   lives on: a client that comes back continues it, and its holds are taken again.
 //! - A node that died without stopping lets go of nothing itself: when it comes back, its
 //!   peers let go of what its earlier run held as soon as it asks them for their events
-//!   (`crate::route::peer`), and the sessions it serves again take theirs again.
+//!   (`crate::route::peer`), and the sessions it serves again take theirs again. A node
+//!   removed from the cluster has all its holds let go by the others (`crate::pool::departed`).
 //! - A subscribe the session does not keep, which the server may have taken, is withdrawn
 //!   ([`disown`]): its client left before the answer, it failed (a hop that broke may follow
 //!   a run), or the session's cap filled meanwhile. The pool records a subscribe that reached

@@ -8,6 +8,7 @@
 //! - [`reconcile`]: keeps the set of pools equal to what the replicated registry says.
 
 pub mod catalogue;
+pub mod departed;
 pub mod egress;
 pub mod events;
 pub mod fair;
@@ -495,20 +496,19 @@ impl Pool {
         }
     }
 
-    /// Lets go of the subscriptions that sessions of node `node` held in its runs other than
-    /// `run`: that node died without stopping and is back (`crate::call::Holder`). What no one
-    /// else holds is unsubscribed on its process, in the pool's subscription turn.
-    pub async fn let_go_of_other_runs(&self, node: u64, run: u64) {
+    /// Lets go of the subscriptions that sessions of a departed node held
+    /// (`crate::call::Departed`). What no one else holds is unsubscribed on its process, in
+    /// the pool's subscription turn.
+    pub async fn let_go_of(&self, departed: crate::call::Departed) {
         let _turn = self.subscriptions.turn.lock().await;
-        let subscriptions::LeftAll { released, dropped } = self
-            .subscriptions
-            .leave_all(|holder| crate::call::Holder::of_another_run(holder, node, run));
+        let subscriptions::LeftAll { released, dropped } =
+            self.subscriptions.leave_all(|holder| departed.left(holder));
         if dropped == 0 {
             return;
         }
-        metrics::counter!("mcpd_pool_subscription_holds_dropped_total", "server" => self.name.clone())
+        metrics::counter!("mcpd_pool_subscription_holds_dropped_total", "server" => self.name.clone(), "reason" => departed.reason())
             .increment(dropped as u64);
-        tracing::info!(server = %self.name, node, holds = dropped, unsubscribed = released.len(), "a node back from a crash: its earlier run's subscriptions let go");
+        tracing::info!(server = %self.name, node = departed.node(), reason = departed.reason(), holds = dropped, unsubscribed = released.len(), "a departed node's subscriptions let go");
         let timeout = Duration::from_millis(self.spec.spec.timeouts.request_ms);
         for (uri, process) in released {
             let params = Some(serde_json::json!({ "uri": uri }));
@@ -523,7 +523,7 @@ impl Pool {
                 )
                 .await;
             if let Err(e) = outcome {
-                tracing::info!(server = %self.name, %uri, error = %e, "a crashed node's subscription was not withdrawn");
+                tracing::info!(server = %self.name, %uri, error = %e, "a departed node's subscription was not withdrawn");
             }
         }
     }

@@ -83,11 +83,11 @@ impl Pools {
         v
     }
 
-    /// Lets go, on every pool, of the subscriptions that sessions of node `node` held in its
-    /// runs other than `run` (`crate::call::Holder`).
-    pub async fn let_go_of_other_runs(&self, node: u64, run: u64) {
+    /// Lets go, on every pool, of the subscriptions that sessions of a departed node held
+    /// (`crate::call::Departed`).
+    pub async fn let_go_of(&self, departed: crate::call::Departed) {
         let all = self.all();
-        let each = all.iter().map(|p| p.let_go_of_other_runs(node, run));
+        let each = all.iter().map(|p| p.let_go_of(departed));
         futures_util::future::join_all(each).await;
     }
 

@@ -9,8 +9,9 @@
 //!   later one is answered here, unless that process is gone (then it goes to another);
 //! - an unsubscribe reaches the process only when its last holder lets go; a session holds
 //!   from each node that serves it (`crate::mcp::holds`: the holder is `NODE.RUN/SESSION`), and
-//!   lets go when it ends or leaves that node's memory; a node back from a crash has its
-//!   earlier runs' holds let go here ([`SharedSubscriptions::leave_all`]);
+//!   lets go when it ends or leaves that node's memory; a departed node (back from a crash,
+//!   or removed from the cluster: `crate::call::Departed`) has its holds let go here
+//!   ([`SharedSubscriptions::leave_all`]);
 //! - a 2026-07-28 listen stream holds its URIs until the process ends (it never unsubscribes:
 //!   a stream that closes leaves them, as others may share them);
 //! - a URI whose process is gone is forgotten when next touched (its subscription went with

@@ -98,7 +98,8 @@ impl Peer for PeerService {
             // A peer asks at each start and after each break: what its other runs held on
             // this node's servers is nobody's now (a run that stopped let go itself).
             let pools = self.pools.clone();
-            tokio::spawn(async move { pools.let_go_of_other_runs(from, run).await });
+            let back = crate::call::Departed::Restarted { node: from, run };
+            tokio::spawn(async move { pools.let_go_of(back).await });
         }
         let mut hub = self.pools.subscribe();
         let (tx, rx) = mpsc::channel::<Result<WireFrame, Status>>(256);
