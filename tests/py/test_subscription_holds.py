@@ -11,6 +11,7 @@ What the host's process holds is read from its `mcpd_pool_subscriptions{server="
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -204,17 +205,11 @@ def test_a_session_whose_client_left_in_the_middle_of_a_call_still_goes_idle(hol
     wait_until(lambda: expired(c, front) > expired_before, 20, "the session dropped as idle once its client left")
 
 
-@pytest.mark.parametrize("gives_up", ["closes", "cancels"])
-@pytest.mark.parametrize("through", ["peer", "host"])
-def test_a_subscribe_whose_client_gave_up_after_the_server_took_it_is_withdrawn(holds, through, gives_up):
-    """The server takes the subscription at once and answers 2 s later; the client gives up
-    first: it closes its connection (the call goes on without it), or it cancels the request
-    (the call is dropped, on the pool too). The session does not keep the URI, so the node it
-    called withdraws what the server took, once the server's answer is in: through the peer
-    that runs the server, or on its own pool (it used to stay on the server until its process
-    ended)."""
-    c, _, _ = holds
-    c.mcpctl("server", "add", "slow-subscribe", "--replicas", "1", "--pool-size", "1",
+@contextlib.contextmanager
+def slow_subscribe(c: Cluster, through: str, *options: str):
+    """slow-subscribe on one node, and the node its client calls (the other one, or that one):
+    yields that node, its URL for the server, and a reader of the URIs the server holds."""
+    c.mcpctl("server", "add", "slow-subscribe", "--replicas", "1", "--pool-size", "1", *options,
              "--env", "SLOW_SUBSCRIBE_S=2", "--", str(VENV_BIN / "python"), str(SLOW_SUBSCRIBE))
     try:
         status = wait_until(
@@ -231,11 +226,32 @@ def test_a_subscribe_whose_client_gave_up_after_the_server_took_it_is_withdrawn(
             r = legacy_post(url, c.token, call, session=legacy_initialize(url, c.token))
             return json.loads(answer_of(r)["result"]["content"][0]["text"])
 
+        yield front, url, server_holds
+    finally:
+        c.mcpctl("server", "rm", "slow-subscribe")
+
+
+def not_kept(c: Cluster, node: int, reason: str) -> float:
+    """Subscribes a session did not keep, withdrawn by `node`."""
+    return c.metric("mcpd_mcp_subscription_holds_total",
+                    f'action="released",reason="{reason}",outcome="ok"', node=node) or 0
+
+
+@pytest.mark.parametrize("gives_up", ["closes", "cancels"])
+@pytest.mark.parametrize("through", ["peer", "host"])
+def test_a_subscribe_whose_client_gave_up_after_the_server_took_it_is_withdrawn(holds, through, gives_up):
+    """The server takes the subscription at once and answers 2 s later; the client gives up
+    first: it closes its connection (the call goes on without it), or it cancels the request
+    (the call is dropped, on the pool too). The session does not keep the URI, so the node it
+    called withdraws what the server took, once the server's answer is in: through the peer
+    that runs the server, or on its own pool (it used to stay on the server until its process
+    ended)."""
+    c, _, _ = holds
+    with slow_subscribe(c, through) as (front, url, server_holds):
         reason = "abandoned" if gives_up == "closes" else "not_kept"
 
         def released() -> float:
-            return c.metric("mcpd_mcp_subscription_holds_total",
-                            f'action="released",reason="{reason}",outcome="ok"', node=front) or 0
+            return not_kept(c, front, reason)
 
         uri, before = f"slow://resource/{through}-{gives_up}", released()
         sid = legacy_initialize(url, c.token)
@@ -261,5 +277,21 @@ def test_a_subscribe_whose_client_gave_up_after_the_server_took_it_is_withdrawn(
         assert server_holds() == [uri]
         end_session(url, c.token, sid)
         wait_until(lambda: server_holds() == [], 10, "the ended session's subscription withdrawn")
-    finally:
-        c.mcpctl("server", "rm", "slow-subscribe")
+
+
+@pytest.mark.parametrize("through", ["peer", "host"])
+def test_a_subscribe_that_timed_out_after_the_server_took_it_is_withdrawn(holds, through):
+    """The server takes the subscription at once and answers 2 s later, past its 1 s request
+    timeout: the client gets an error, so its session does not keep the URI, and the node it
+    called withdraws what the server may have taken (it used to stay on the server until its
+    process ended: the pool recorded only answered subscribes)."""
+    c, _, _ = holds
+    with slow_subscribe(c, through, "--request-timeout-ms", "1000") as (front, url, server_holds):
+        uri, before = f"slow://resource/{through}-timed-out", not_kept(c, front, "not_kept")
+        sid = legacy_initialize(url, c.token)
+        body = {"jsonrpc": "2.0", "id": 1, "method": "resources/subscribe", "params": {"uri": uri}}
+        answer = answer_of(legacy_post(url, c.token, body, session=sid))
+        assert "error" in answer, f"a subscribe past the request timeout is an error: {answer}"
+        wait_until(lambda: server_holds() == [], 15, "the timed-out subscription withdrawn on the server")
+        assert not_kept(c, front, "not_kept") == before + 1
+        end_session(url, c.token, sid)

@@ -20,7 +20,8 @@
 //! - A subscribe the session does not keep, which the server may have taken, is withdrawn
 //!   ([`disown`]): its client left before the answer, it failed (a hop that broke may follow
 //!   a run), or the session's cap filled meanwhile. The pool records a subscribe that reached
-//!   a process even when its caller is gone (`crate::pool`), so there is a hold to withdraw.
+//!   a process even when its caller is gone, or that may have run (it timed out, or the
+//!   connection broke after it went) (`crate::pool`), so there is a hold to withdraw.
 //!
 //! Both go through the call's route, so a hold on a peer's pool is taken and let go there,
 //! marked as the node's own ([`HoldOp`]): a server with nothing to do for one answers it at

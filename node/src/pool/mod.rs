@@ -440,7 +440,8 @@ impl Pool {
     /// gave up, a peer's stream cancelled): the process may have taken it, so it is recorded,
     /// held by `owner`, for the node that made the call to withdraw
     /// (`crate::mcp::holds::disown`); that withdrawal waits for the pool's turn, so it comes
-    /// after.
+    /// after. So is one that may have run (it timed out, or the connection broke after it was
+    /// sent): the process may hold it, and the session, which got an error, withdraws it.
     async fn subscription(
         self: &Arc<Self>,
         asked: Subscription<'_>,
@@ -464,12 +465,22 @@ impl Pool {
             let method = method.to_string();
             let subscribe = tokio::spawn(async move {
                 let _turn = turn;
-                let (answer, process) = pool
-                    .call_routed(&method, params, events, owner.clone(), &share)
-                    .await?;
-                pool.subscriptions
-                    .subscribed(&uri, owner.as_ref(), &process);
-                Ok(answer)
+                let reached = pool
+                    .call_reaching(&method, params, events, owner.clone(), &share)
+                    .await;
+                let (process, outcome) = match reached {
+                    Reached::Nowhere(e) => return Err(e),
+                    Reached::Process(process, outcome) => (process, outcome),
+                };
+                // Taken, or maybe taken: it timed out, or the connection broke after it went.
+                if outcome
+                    .as_ref()
+                    .map_or_else(CallError::may_have_run, |_| true)
+                {
+                    pool.subscriptions
+                        .subscribed(&uri, owner.as_ref(), &process);
+                }
+                outcome
             });
             return subscribe.await.unwrap_or_else(|e| {
                 Err(CallError::Crashed(format!(
@@ -681,10 +692,28 @@ impl Pool {
         owner: Option<Arc<str>>,
         share: &Share,
     ) -> Result<(Value, Arc<dyn Upstream>), CallError> {
+        match self
+            .call_reaching(method, params, events, owner, share)
+            .await
+        {
+            Reached::Nowhere(e) => Err(e),
+            Reached::Process(process, outcome) => outcome.map(|v| (v, process)),
+        }
+    }
+
+    /// A call on the shared processes: queued for a slot, sent to a ready process.
+    async fn call_reaching(
+        &self,
+        method: &str,
+        params: Option<Value>,
+        events: Option<EventSink>,
+        owner: Option<Arc<str>>,
+        share: &Share,
+    ) -> Reached {
         let started = Instant::now();
         let timeout = Duration::from_millis(self.spec.spec.timeouts.request_ms);
         if self.closed.load(Ordering::Relaxed) {
-            return Err(CallError::NotRun(format!(
+            return Reached::Nowhere(CallError::NotRun(format!(
                 "server {:?} was removed or changed; retry",
                 self.name
             )));
@@ -707,7 +736,7 @@ impl Pool {
             Ok(slot) => slot,
             Err(fair::Refused::Closed) => {
                 crate::telemetry::failed(&queue, "closed");
-                return Err(CallError::NotRun(format!(
+                return Reached::Nowhere(CallError::NotRun(format!(
                     "server {:?} was removed or changed; retry",
                     self.name
                 )));
@@ -718,7 +747,7 @@ impl Pool {
                 metrics::counter!("mcpd_pool_queue_rejections_total",
                     "server" => self.name.clone(), "reason" => refused.reason())
                 .increment(1);
-                return Err(CallError::Busy(format!(
+                return Reached::Nowhere(CallError::Busy(format!(
                     "server {:?} is busy: {refused}; the call did not run, retry later",
                     self.name
                 )));
@@ -728,23 +757,24 @@ impl Pool {
         let Some(process) = self.ready(remaining).instrument(queue.clone()).await else {
             crate::telemetry::failed(&queue, "no_process");
             let states: Vec<&str> = self.states().iter().map(|s| s.as_str()).collect();
-            return Err(CallError::NotRun(format!(
+            return Reached::Nowhere(CallError::NotRun(format!(
                 "server {:?} has no running process (processes: {}); the call did not run",
                 self.name,
                 states.join(", ")
             )));
         };
         let remaining = timeout.saturating_sub(started.elapsed());
-        self.upstream_call(
-            &process,
-            method,
-            params,
-            events,
-            owner,
-            (remaining, timeout),
-        )
-        .await
-        .map(|v| (v, process))
+        let outcome = self
+            .upstream_call(
+                &process,
+                method,
+                params,
+                events,
+                owner,
+                (remaining, timeout),
+            )
+            .await;
+        Reached::Process(process, outcome)
     }
 
     /// Sends a call to `process`, in a span of its own (`upstream.call`) whose context the
@@ -1047,6 +1077,14 @@ async fn watch_catalogue(
             }
         }
     }
+}
+
+/// Where a call on the shared processes got to.
+enum Reached {
+    /// To no process: it did not run.
+    Nowhere(CallError),
+    /// To this process, with this outcome.
+    Process(Arc<dyn Upstream>, Result<Value, CallError>),
 }
 
 /// A `resources/subscribe` or `resources/unsubscribe` on a pool's shared processes.
