@@ -32,16 +32,21 @@ def holds(tmp_path_factory) -> tuple[Cluster, int, int]:
     config.write_text(f"[mcp]\nsession_idle_timeout_ms = {IDLE_TIMEOUT_MS}\n")
     c = start_cluster(tmp_path_factory, "holds", 2, [f"--config={config}"])
     try:
-        c.mcpctl("server", "add", "everything", "--replicas", "1", "--pool-size", "1", "--",
-                 str(NODE22), str(NPM / "@modelcontextprotocol/server-everything/dist/index.js"), "stdio")
-        status = wait_until(
-            lambda: (s := json.loads(c.mcpctl("server", "status", "everything", "-o", "json")))["placement"] and s,
-            60, "a placement for server-everything")
-        host = status["placement"][0] - 1
-        c.wait_tools("everything", ["toggle-subscriber-updates"])
+        host = everything_on_one_node(c)
         yield c, host, 1 - host
     finally:
         c.down()
+
+
+def everything_on_one_node(c: Cluster) -> int:
+    """Adds server-everything with one replica; returns the node it was placed on."""
+    c.mcpctl("server", "add", "everything", "--replicas", "1", "--pool-size", "1", "--",
+             str(NODE22), str(NPM / "@modelcontextprotocol/server-everything/dist/index.js"), "stdio")
+    status = wait_until(
+        lambda: (s := json.loads(c.mcpctl("server", "status", "everything", "-o", "json")))["placement"] and s,
+        60, "a placement for server-everything")
+    c.wait_tools("everything", ["toggle-subscriber-updates"])
+    return status["placement"][0] - 1
 
 
 def held(c: Cluster, host: int) -> float:
@@ -58,6 +63,16 @@ def subscribe(url: str, token: str, sid: str, uri: str) -> None:
     r = legacy_post(url, token, body, session=sid)
     assert r.status_code == 200, r.text
     assert "result" in answer_of(r), r.text
+
+
+def continued_then_ended(c: Cluster, host: int, url: str, sid: str, before: float) -> None:
+    """The session's client comes back: the session, continued, holds its subscription on the
+    host again; ended, it lets go."""
+    ping = legacy_post(url, c.token, {"jsonrpc": "2.0", "id": 2, "method": "ping"}, session=sid)
+    assert ping.status_code == 200, ping.text
+    wait_until(lambda: held(c, host) == before + 1, 10, "the continued session's subscription taken again")
+    end_session(url, c.token, sid)
+    wait_until(lambda: held(c, host) == before, 10, "the ended session's subscription withdrawn")
 
 
 def test_a_session_that_ends_withdraws_its_subscription_on_the_node_that_runs_the_server(holds):
@@ -107,11 +122,7 @@ def test_an_idle_session_lets_go_and_takes_its_subscription_again_when_its_clien
             await asyncio.wait_for(updated.wait(), 20)
 
             # The raw session's client comes back: the session continues, holding again.
-            ping = legacy_post(url, c.token, {"jsonrpc": "2.0", "id": 2, "method": "ping"}, session=sid)
-            assert ping.status_code == 200, ping.text
-            wait_until(lambda: held(c, host) == before + 2, 10, "the continued session's subscription taken again")
-            end_session(url, c.token, sid)
-            wait_until(lambda: held(c, host) == before + 1, 10, "the ended session's subscription withdrawn")
+            continued_then_ended(c, host, url, sid, before + 1)
 
     run(scenario())
     wait_until(lambda: held(c, host) == before, 10, "the listening session's subscription withdrawn at its end")
@@ -130,11 +141,7 @@ def test_a_node_that_stops_lets_go_of_its_sessions_subscriptions_and_takes_them_
     c.stop(front)
     wait_until(lambda: held(c, host) == before, 10, "the stopped node's session let go on the host")
     c.restart(front)
-    ping = legacy_post(url, c.token, {"jsonrpc": "2.0", "id": 2, "method": "ping"}, session=sid)
-    assert ping.status_code == 200, ping.text
-    wait_until(lambda: held(c, host) == before + 1, 10, "the continued session's subscription taken again")
-    end_session(url, c.token, sid)
-    wait_until(lambda: held(c, host) == before, 10, "the ended session's subscription withdrawn")
+    continued_then_ended(c, host, url, sid, before)
 
 
 def test_a_node_killed_without_stopping_has_its_holds_let_go_when_it_comes_back(holds):
@@ -153,11 +160,7 @@ def test_a_node_killed_without_stopping_has_its_holds_let_go_when_it_comes_back(
     c.restart(front)
     wait_until(lambda: held(c, host) == before, 20, "the host let go of the killed run's subscription")
     assert c.metric("mcpd_pool_subscription_holds_dropped_total", 'server="everything",reason="restarted"', node=host) == dropped_before + 1
-    ping = legacy_post(url, c.token, {"jsonrpc": "2.0", "id": 2, "method": "ping"}, session=sid)
-    assert ping.status_code == 200, ping.text
-    wait_until(lambda: held(c, host) == before + 1, 10, "the continued session's subscription taken again")
-    end_session(url, c.token, sid)
-    wait_until(lambda: held(c, host) == before, 10, "the ended session's subscription withdrawn")
+    continued_then_ended(c, host, url, sid, before)
 
 
 def test_a_node_removed_from_the_cluster_has_its_holds_let_go(tmp_path_factory):
@@ -166,14 +169,8 @@ def test_a_node_removed_from_the_cluster_has_its_holds_let_go(tmp_path_factory):
     until the server's process ended)."""
     c = start_cluster(tmp_path_factory, "holds-removed", 3)
     try:
-        c.mcpctl("server", "add", "everything", "--replicas", "1", "--pool-size", "1", "--",
-                 str(NODE22), str(NPM / "@modelcontextprotocol/server-everything/dist/index.js"), "stdio")
-        status = wait_until(
-            lambda: (s := json.loads(c.mcpctl("server", "status", "everything", "-o", "json")))["placement"] and s,
-            60, "a placement for server-everything")
-        host = status["placement"][0] - 1
+        host = everything_on_one_node(c)
         front, survivor = [n for n in range(3) if n != host]
-        c.wait_tools("everything", ["toggle-subscriber-updates"])
         url = c.url(front, "everything")
         before = held(c, host)
         sid = legacy_initialize(url, c.token)

@@ -387,7 +387,7 @@ impl Pool {
     ) -> Result<Value, CallError> {
         self.call_routed(method, params, events, None, &Share::cluster())
             .await
-            .map(|(v, _)| v)
+            .answer()
     }
 
     /// Runs one request for a downstream session: on its own process when the server is in
@@ -418,7 +418,7 @@ impl Pool {
             return self
                 .call_routed(method, params, events, owner, share)
                 .await
-                .map(|(v, _)| v);
+                .answer();
         };
         let own = method == "resources/unsubscribe" || affinity.hold.is_some();
         if own && uri.is_some() && !self.has_dedicated(&affinity.key) {
@@ -466,7 +466,7 @@ impl Pool {
             let subscribe = tokio::spawn(async move {
                 let _turn = turn;
                 let reached = pool
-                    .call_reaching(&method, params, events, owner.clone(), &share)
+                    .call_routed(&method, params, events, owner.clone(), &share)
                     .await;
                 let (process, outcome) = match reached {
                     Reached::Nowhere(e) => return Err(e),
@@ -503,7 +503,7 @@ impl Pool {
             subscriptions::Unsubscribe::Unknown => self
                 .call_routed(method, params, events, owner, share)
                 .await
-                .map(|(v, _)| v),
+                .answer(),
         }
     }
 
@@ -683,26 +683,9 @@ impl Pool {
         }
     }
 
-    /// Like [`Pool::call`], also returning the process that served it (to answer its requests).
+    /// A call on the shared processes: queued for a slot, sent to a ready process; like
+    /// [`Pool::call`], also saying which process it reached (a subscribe is recorded there).
     pub async fn call_routed(
-        &self,
-        method: &str,
-        params: Option<Value>,
-        events: Option<EventSink>,
-        owner: Option<Arc<str>>,
-        share: &Share,
-    ) -> Result<(Value, Arc<dyn Upstream>), CallError> {
-        match self
-            .call_reaching(method, params, events, owner, share)
-            .await
-        {
-            Reached::Nowhere(e) => Err(e),
-            Reached::Process(process, outcome) => outcome.map(|v| (v, process)),
-        }
-    }
-
-    /// A call on the shared processes: queued for a slot, sent to a ready process.
-    async fn call_reaching(
         &self,
         method: &str,
         params: Option<Value>,
@@ -1080,11 +1063,21 @@ async fn watch_catalogue(
 }
 
 /// Where a call on the shared processes got to.
-enum Reached {
+pub enum Reached {
     /// To no process: it did not run.
     Nowhere(CallError),
     /// To this process, with this outcome.
     Process(Arc<dyn Upstream>, Result<Value, CallError>),
+}
+
+impl Reached {
+    /// The call's outcome, wherever it got.
+    pub fn answer(self) -> Result<Value, CallError> {
+        match self {
+            Reached::Nowhere(e) => Err(e),
+            Reached::Process(_, outcome) => outcome,
+        }
+    }
 }
 
 /// A `resources/subscribe` or `resources/unsubscribe` on a pool's shared processes.
