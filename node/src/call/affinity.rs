@@ -73,8 +73,9 @@ impl Holder {
 /// A node whose sessions' holds a peer lets go of, since they are nobody's now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Departed {
-    /// The node came back after dying without stopping, in run `run`: what its other runs held
-    /// (a run that stopped let go itself).
+    /// The node came back after dying without stopping, in run `run`: what its earlier runs
+    /// held (a run that stopped let go itself). A later run's are kept: a request of a run
+    /// that died in the meantime, handled late, takes nothing from the run after it.
     Restarted { node: u64, run: u64 },
     /// The node was removed from the cluster: everything it held.
     Removed { node: u64 },
@@ -101,7 +102,7 @@ impl Departed {
             return false;
         };
         match self {
-            Departed::Restarted { node: n, run: r } => node == n && run != Some(r),
+            Departed::Restarted { node: n, run: r } => node == n && run.is_none_or(|h| h < r),
             Departed::Removed { node: n } => node == n,
         }
     }
@@ -124,6 +125,10 @@ mod tests {
         let back = |run| Departed::Restarted { node: 2, run };
         assert!(!back(1_700_000_000_123).left(&now), "this run's");
         assert!(back(1_700_000_999_000).left(&now), "an earlier run's");
+        assert!(
+            !back(1_699_000_000_000).left(&now),
+            "a later run's, when an earlier run's request comes late"
+        );
         let other = Departed::Restarted { node: 12, run: 1 };
         assert!(!other.left(&now), "another node's");
         assert!(back(5).left("2/s1.abc"), "a build before runs");

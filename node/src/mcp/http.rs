@@ -146,11 +146,16 @@ async fn session_of(
             ),
         ));
     };
-    if mcp.sessions.get(id).is_none() {
+    // Not in memory: a signed id is looked up in what is committed (a forged one costs no
+    // round to the leader; it is a 404 below; a node without the key yet catches up first).
+    if mcp.sessions.get(id).is_none()
+        && session_key(&state.registry).is_none_or(|k| super::session::Sessions::is_signed(&k, id))
+    {
         if let Err(e) = state.registry.barrier().await {
             tracing::warn!(session = %super::session::short(id), error = %e, "continuing a session from this node's registry as it is");
         }
     }
+    let key = session_key(&state.registry);
     let replicated = state.registry.local().state.sessions.get(id).cloned();
     if replicated.as_ref().is_some_and(|s| s.ended) {
         // Ended by its client on some node: over everywhere, and what it held from here goes.
@@ -166,12 +171,16 @@ async fn session_of(
     let found = mcp.sessions.get(id).or_else(|| {
         // Opened on another node (or before a restart): rebuild it from its signed id, and
         // hold its subscriptions from here too.
-        let key = session_key(&state.registry)?;
-        let session = mcp
+        let continued = mcp
             .sessions
-            .recover(&key, id, principal, target, replicated)?;
-        super::holds::retake(state, &session);
-        Some(session)
+            .recover(key.as_ref()?, id, principal, target, replicated)?;
+        Some(match continued {
+            super::session::Continued::Rebuilt(session) => {
+                super::holds::retake(state, &session);
+                session
+            }
+            super::session::Continued::Found(session) => session,
+        })
     });
     match found {
         // A session is bound to the token and endpoint that opened it; anything else is not it.
@@ -515,7 +524,9 @@ struct Subscribing {
 impl Subscribing {
     /// Keeps the subscription or lets it go; a kept one is replicated before the client's
     /// answer, as `logging/setLevel` is, so that a node killed right after still has it
-    /// taken again where the session continues.
+    /// taken again where the session continues. Only the first change within
+    /// `mcp.session_state_interval_ms` waits: later ones are coalesced into one write after
+    /// it (`replicate_state`), so a node killed in that window loses them.
     async fn settle(mut self, outcome: &Result<Value, ErrorObject>) {
         if outcome.is_err() {
             return self.disown(super::holds::LetGo::NotKept);
@@ -582,6 +593,11 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        // The call's end is the session's last sign of life, not its start: a call longer
+        // than the idle timeout does not leave its session to be dropped (letting go of what
+        // the call just kept) at the next sweep. Seen before it leaves, so the sweep never
+        // finds it neither busy nor fresh.
+        self.session.touch();
         self.session
             .in_flight
             .lock()

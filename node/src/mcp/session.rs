@@ -220,6 +220,37 @@ pub fn parse_event_id(id: &str) -> Option<(u64, u64)> {
 }
 
 impl Session {
+    fn new(
+        id: String,
+        principal: Principal,
+        target: Target,
+        protocol_version: String,
+        client_info: Value,
+        client_capabilities: Value,
+    ) -> Arc<Session> {
+        let now = Instant::now();
+        Arc::new(Session {
+            id,
+            principal,
+            target,
+            protocol_version,
+            client_info,
+            client_capabilities,
+            created: now,
+            last_seen: Mutex::new(now),
+            log_level: Mutex::new(None),
+            subscriptions: Mutex::new(BTreeSet::new()),
+            server_requests: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
+            next_request: AtomicU64::new(1),
+            standalone: Mutex::new(None),
+            log: Arc::default(),
+            state_dirty: Default::default(),
+            state_pending: Default::default(),
+            open_streams: Default::default(),
+        })
+    }
+
     /// Whether the session may subscribe to `uri` with at most `cap` subscriptions (one it
     /// already holds always may); the refusal names the field and the setting.
     pub fn room_for_subscription(&self, uri: &str, cap: usize) -> Result<(), ErrorObject> {
@@ -330,6 +361,14 @@ fn verify(key: &[u8], id: &str) -> Option<Claims> {
     serde_json::from_slice(&B64.decode(payload).ok()?).ok()
 }
 
+/// How a session not in memory was continued here.
+pub enum Continued {
+    /// Rebuilt from its signed id: its holds are to be taken again from here.
+    Rebuilt(Arc<Session>),
+    /// Another request of the session rebuilt it meanwhile.
+    Found(Arc<Session>),
+}
+
 /// The sessions of this node.
 #[derive(Clone)]
 pub struct Sessions {
@@ -375,8 +414,15 @@ impl Sessions {
         )
     }
 
+    /// Whether `id` is a session id this cluster signed (one worth looking up further).
+    pub fn is_signed(key: &[u8], id: &str) -> bool {
+        verify(key, id).is_some()
+    }
+
     /// Rebuilds a session another node opened, from its signed id, for the same caller and
     /// endpoint; `state` is what the registry holds of its subscriptions and log level.
+    /// Requests of one session that arrive together rebuild it once: the others get the
+    /// session the first put here ([`Continued::Found`]).
     pub fn recover(
         &self,
         key: &[u8],
@@ -384,13 +430,13 @@ impl Sessions {
         principal: &Principal,
         target: &Target,
         state: Option<crate::registry::state::SessionState>,
-    ) -> Option<Arc<Session>> {
+    ) -> Option<Continued> {
         let claims = verify(key, id)?;
         let tgt = target.claim();
         if claims.tok != principal.token_id || claims.tgt != tgt {
             return None;
         }
-        let session = self.insert(
+        let session = Session::new(
             id.to_string(),
             principal.clone(),
             target.clone(),
@@ -405,9 +451,17 @@ impl Sessions {
                 .unwrap_or_else(|p| p.into_inner()) = st.subscriptions;
             *session.log_level.lock().unwrap_or_else(|p| p.into_inner()) = st.log_level;
         }
+        {
+            let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(there) = map.get(id) {
+                return Some(Continued::Found(there.clone()));
+            }
+            map.insert(id.to_string(), session.clone());
+        }
+        Self::count(&session);
         metrics::counter!("mcpd_mcp_sessions_recovered_total").increment(1);
         tracing::info!(session = %short(id), "session continued from another node");
-        Some(session)
+        Some(Continued::Rebuilt(session))
     }
 
     fn insert(
@@ -419,41 +473,37 @@ impl Sessions {
         client_info: Value,
         client_capabilities: Value,
     ) -> Arc<Session> {
-        let now = Instant::now();
-        let session = Arc::new(Session {
-            id: id.clone(),
+        let session = Session::new(
+            id.clone(),
             principal,
             target,
             protocol_version,
             client_info,
             client_capabilities,
-            created: now,
-            last_seen: Mutex::new(now),
-            log_level: Mutex::new(None),
-            subscriptions: Mutex::new(BTreeSet::new()),
-            server_requests: Mutex::new(HashMap::new()),
-            in_flight: Mutex::new(HashMap::new()),
-            next_request: AtomicU64::new(1),
-            standalone: Mutex::new(None),
-            log: Arc::default(),
-            state_dirty: Default::default(),
-            state_pending: Default::default(),
-            open_streams: Default::default(),
-        });
+        );
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         map.insert(id, session.clone());
-        metrics::gauge!("mcpd_mcp_sessions", "protocol" => session.protocol_version.clone())
-            .increment(1.0);
+        Self::count(&session);
         session
     }
 
+    /// `mcpd_mcp_sessions`: one more session of its revision in memory.
+    fn count(session: &Session) {
+        metrics::gauge!("mcpd_mcp_sessions", "protocol" => session.protocol_version.clone())
+            .increment(1.0);
+    }
+
+    /// `mcpd_mcp_sessions`: one session of its revision fewer.
+    fn uncount(session: &Session) {
+        metrics::gauge!("mcpd_mcp_sessions", "protocol" => session.protocol_version.clone())
+            .decrement(1.0);
+    }
+
+    /// The session `id` in memory, seen now. It is touched under the map's lock, so the sweep
+    /// ([`Sessions::expire`]) either sees it touched or has taken it out first.
     pub fn get(&self, id: &str) -> Option<Arc<Session>> {
-        let s = self
-            .inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned()?;
+        let map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let s = map.get(id)?.clone();
         s.touch();
         Some(s)
     }
@@ -464,8 +514,7 @@ impl Sessions {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id)?;
-        metrics::gauge!("mcpd_mcp_sessions", "protocol" => s.protocol_version.clone())
-            .decrement(1.0);
+        Self::uncount(&s);
         Some(s)
     }
 
@@ -495,14 +544,22 @@ impl Sessions {
     /// Drops sessions idle longer than the timeout from this node's memory, and returns them.
     /// A session with an open stream or a call in flight is not idle: its client is still
     /// listening or waiting.
+    ///
+    /// Checked and taken out under the map's lock: a request that finds the session at that
+    /// moment ([`Sessions::get`]) has either made it not idle, or finds it gone and continues
+    /// it (a session dropped while a request used it would let go of what that request kept).
     pub fn expire(&self) -> Vec<Arc<Session>> {
-        let expired: Vec<Arc<Session>> = self
-            .all()
-            .into_iter()
-            .filter(|s| s.idle_for() > self.idle_timeout && !s.busy())
-            .collect();
+        let expired: Vec<Arc<Session>> = {
+            let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            let idle: Vec<String> = map
+                .values()
+                .filter(|s| s.idle_for() > self.idle_timeout && !s.busy())
+                .map(|s| s.id.clone())
+                .collect();
+            idle.iter().filter_map(|id| map.remove(id)).collect()
+        };
         for s in &expired {
-            self.remove(&s.id);
+            Self::uncount(s);
         }
         expired
     }

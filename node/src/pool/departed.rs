@@ -11,18 +11,32 @@ use crate::call::Departed;
 use crate::registry::Registry;
 use crate::shutdown::Shutdown;
 
-/// Runs until `shutdown`, letting go of each member's holds as it is removed.
+/// Runs until `shutdown`, letting go of each member's holds once its removal is committed.
 pub async fn run(registry: Registry, pools: Pools, shutdown: Shutdown) {
-    let mut metrics = registry.raft.server_metrics();
-    let mut members = member_ids(&metrics.borrow_and_update());
+    let mut server = registry.raft.server_metrics();
+    let mut members = applied_members(&registry);
     loop {
         tokio::select! {
-            changed = metrics.changed() => if changed.is_err() {
+            changed = server.changed() => if changed.is_err() {
                 return;
             },
             _ = shutdown.clone().wait() => return,
         }
-        let now = member_ids(&metrics.borrow_and_update());
+        // The membership Raft uses may not be committed yet (a leader that loses it before
+        // then takes it back); the one this node applied is.
+        let at = server
+            .borrow_and_update()
+            .membership_config
+            .log_id()
+            .map(|l| l.index);
+        let applied = registry.raft.wait(None);
+        tokio::select! {
+            applied = applied.applied_index_at_least(at, "the membership applied") => if applied.is_err() {
+                return;
+            },
+            _ = shutdown.clone().wait() => return,
+        }
+        let now = applied_members(&registry);
         for &node in members.difference(&now) {
             if node != registry.id {
                 tracing::info!(
@@ -36,11 +50,11 @@ pub async fn run(registry: Registry, pools: Pools, shutdown: Shutdown) {
     }
 }
 
-/// The voters and learners of the membership `m` names (both sides of a joint one).
-fn member_ids(
-    m: &openraft::metrics::RaftServerMetrics<u64, mcpcp_proto::api::Member>,
-) -> BTreeSet<u64> {
-    m.membership_config
+/// The voters and learners of the membership this node applied (both sides of a joint one).
+fn applied_members(registry: &Registry) -> BTreeSet<u64> {
+    registry
+        .local()
+        .membership
         .membership()
         .nodes()
         .map(|(id, _)| *id)

@@ -509,7 +509,7 @@ impl Pool {
 
     /// Lets go of the subscriptions that sessions of a departed node held
     /// (`crate::call::Departed`). What no one else holds is unsubscribed on its process, in
-    /// the pool's subscription turn.
+    /// the pool's subscription turn, all URIs at once.
     pub async fn let_go_of(&self, departed: crate::call::Departed) {
         let _turn = self.subscriptions.turn.lock().await;
         let subscriptions::LeftAll { released, dropped } =
@@ -520,8 +520,9 @@ impl Pool {
         metrics::counter!("mcpd_pool_subscription_holds_dropped_total", "server" => self.name.clone(), "reason" => departed.reason())
             .increment(dropped as u64);
         tracing::info!(server = %self.name, node = departed.node(), reason = departed.reason(), holds = dropped, unsubscribed = released.len(), "a departed node's subscriptions let go");
+        // Side by side: the turn is held for one request timeout at most, not one per URI.
         let timeout = Duration::from_millis(self.spec.spec.timeouts.request_ms);
-        for (uri, process) in released {
+        let each = released.into_iter().map(|(uri, process)| async move {
             let params = Some(serde_json::json!({ "uri": uri }));
             let outcome = self
                 .upstream_call(
@@ -536,7 +537,8 @@ impl Pool {
             if let Err(e) = outcome {
                 tracing::info!(server = %self.name, %uri, error = %e, "a departed node's subscription was not withdrawn");
             }
-        }
+        });
+        futures_util::future::join_all(each).await;
     }
 
     fn dedicated_map(&self) -> std::sync::MutexGuard<'_, DedicatedMap> {

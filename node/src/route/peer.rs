@@ -90,12 +90,19 @@ impl Peer for PeerService {
     type EventsStream = FrameStream;
 
     async fn events(&self, req: Request<EventsRequest>) -> Result<Response<FrameStream>, Status> {
+        let caller = req
+            .extensions()
+            .get::<crate::tls::peer::PeerInfo>()
+            .and_then(|i| i.identity.as_ref())
+            .map(|i| i.node);
         let EventsRequest {
             from_node: from,
             run,
         } = req.into_inner();
-        if run != 0 {
-            // A peer asks at each start and after each break: what its other runs held on
+        if run != 0 && caller != Some(from) {
+            tracing::warn!(peer = from, certificate = ?caller, "an event stream asked for node {from} by a caller whose certificate does not name it: its holds are kept");
+        } else if run != 0 {
+            // A peer asks at each start and after each break: what its earlier runs held on
             // this node's servers is nobody's now (a run that stopped let go itself).
             let pools = self.pools.clone();
             let back = crate::call::Departed::Restarted { node: from, run };
