@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx2
@@ -205,6 +206,29 @@ def test_a_session_whose_client_left_in_the_middle_of_a_call_still_goes_idle(hol
     with pytest.raises(httpx2.ReadTimeout):
         httpx2.post(url, json=call, headers=headers, timeout=1)
     wait_until(lambda: expired(c, front) > expired_before, 20, "the session dropped as idle once its client left")
+
+
+def test_a_call_longer_than_the_idle_timeout_leaves_its_session_fresh(holds):
+    """Idle time counts from a call's end, not its start: a session whose 3 s call ended a
+    second ago is still in the front's memory (it used to be dropped at the next sweep, and
+    let go of what that call had just kept)."""
+    c, _, front = holds
+    url = c.url(front, "demo")
+    sid = legacy_initialize(url, c.token)
+
+    def recovered() -> float:
+        return c.metric("mcpd_mcp_sessions_recovered_total", "", node=front) or 0
+
+    call = {"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+            "params": {"name": "sleep", "arguments": {"ms": IDLE_TIMEOUT_MS + 1000}}}
+    r = legacy_post(url, c.token, call, session=sid)
+    assert "result" in answer_of(r), r.text
+    before = recovered()
+    time.sleep(IDLE_TIMEOUT_MS / 2000)  # the client thinks for half the idle timeout
+    ping = legacy_post(url, c.token, {"jsonrpc": "2.0", "id": 4, "method": "ping"}, session=sid)
+    assert ping.status_code == 200, ping.text
+    assert recovered() == before, "the session was dropped as idle right after its long call"
+    end_session(url, c.token, sid)
 
 
 @contextlib.contextmanager
