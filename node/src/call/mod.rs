@@ -5,16 +5,20 @@
 //! - [`events`]: those messages ([`CallEvent`]) and the answers to the server's requests.
 //! - [`error`]: how an attempt failed ([`CallError`]), typed; wire codes are made at the edge.
 //! - [`affinity`]: the downstream session, for servers that run a process per session.
+//! - [`holder`]: who holds a session's subscriptions on shared processes, and whose holds go
+//!   when a node departs.
 
 pub mod affinity;
 pub mod error;
 pub mod events;
+pub mod holder;
 
 use std::sync::Arc;
 
 use serde_json::Value;
 
-pub use affinity::{Affinity, Departed, HoldOp, Holder};
+pub use affinity::{Affinity, HoldOp};
+pub use holder::{Departed, Holder};
 pub use error::CallError;
 pub use events::{CallEvent, EventSink, Responder};
 
