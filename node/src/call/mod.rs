@@ -18,9 +18,9 @@ use std::sync::Arc;
 use serde_json::Value;
 
 pub use affinity::{Affinity, HoldOp};
-pub use holder::{Departed, Holder};
 pub use error::CallError;
 pub use events::{CallEvent, EventSink, Responder};
+pub use holder::{Departed, Holder};
 
 use crate::registry::Principal;
 

@@ -259,9 +259,10 @@ impl Registry {
         channels: PeerChannels,
         quorum_wait: Duration,
     ) -> Self {
+        // Never 0, which on the wire means a node before runs (a clock before 1970 counts as 1).
         let run = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+            .map_or(1, |d| (d.as_millis() as u64).max(1));
         Registry(std::sync::Arc::new(Handle {
             id: me.id,
             run,
