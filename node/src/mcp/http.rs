@@ -364,14 +364,14 @@ async fn initialize(
         return resp;
     }
     let key = session_key(&state.registry);
-    let session = state.sessions.create(
-        key.as_deref(),
+    let opening = super::session::Opening {
         principal,
         target,
-        version.clone(),
-        params["clientInfo"].clone(),
-        params["capabilities"].clone(),
-    );
+        protocol_version: version.clone(),
+        client_info: params["clientInfo"].clone(),
+        client_capabilities: params["capabilities"].clone(),
+    };
+    let session = state.sessions.create(key.as_deref(), opening);
     tracing::info!(session = %super::session::short(&session.id), protocol = %version, client = %params["clientInfo"]["name"], "session opened");
     let mut result = json!({ "protocolVersion": version, "capabilities": capabilities, "serverInfo": server_info });
     if let Some(i) = instructions {

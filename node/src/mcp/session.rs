@@ -219,15 +219,24 @@ pub fn parse_event_id(id: &str) -> Option<(u64, u64)> {
     Some((s.parse().ok()?, n.parse().ok()?))
 }
 
+/// What a session is opened with: who, on which endpoint, and the client's `initialize`.
+pub struct Opening {
+    pub principal: Principal,
+    pub target: Target,
+    pub protocol_version: String,
+    pub client_info: Value,
+    pub client_capabilities: Value,
+}
+
 impl Session {
-    fn new(
-        id: String,
-        principal: Principal,
-        target: Target,
-        protocol_version: String,
-        client_info: Value,
-        client_capabilities: Value,
-    ) -> Arc<Session> {
+    fn new(id: String, opening: Opening) -> Arc<Session> {
+        let Opening {
+            principal,
+            target,
+            protocol_version,
+            client_info,
+            client_capabilities,
+        } = opening;
         let now = Instant::now();
         Arc::new(Session {
             id,
@@ -385,33 +394,20 @@ impl Sessions {
     }
 
     /// Opens a session; with the cluster's `key` its id is signed (and so portable).
-    pub fn create(
-        &self,
-        key: Option<&[u8]>,
-        principal: Principal,
-        target: Target,
-        protocol_version: String,
-        client_info: Value,
-        client_capabilities: Value,
-    ) -> Arc<Session> {
+    pub fn create(&self, key: Option<&[u8]>, opening: Opening) -> Arc<Session> {
         let nonce = crate::registry::new_request_id();
         let claims = Claims {
-            tok: principal.token_id.clone(),
-            tgt: target.claim(),
-            ver: protocol_version.clone(),
-            ci: client_info.clone(),
-            cc: client_capabilities.clone(),
+            tok: opening.principal.token_id.clone(),
+            tgt: opening.target.claim(),
+            ver: opening.protocol_version.clone(),
+            ci: opening.client_info.clone(),
+            cc: opening.client_capabilities.clone(),
             n: nonce.clone(),
         };
         let id = key.and_then(|k| sign(k, &claims)).unwrap_or(nonce);
-        self.insert(
-            id,
-            principal,
-            target,
-            protocol_version,
-            client_info,
-            client_capabilities,
-        )
+        let session = Session::new(id, opening);
+        self.insert(session.clone());
+        session
     }
 
     /// Whether `id` is a session id this cluster signed (one worth looking up further).
@@ -436,14 +432,14 @@ impl Sessions {
         if claims.tok != principal.token_id || claims.tgt != tgt {
             return None;
         }
-        let session = Session::new(
-            id.to_string(),
-            principal.clone(),
-            target.clone(),
-            claims.ver,
-            claims.ci,
-            claims.cc,
-        );
+        let opening = Opening {
+            principal: principal.clone(),
+            target: target.clone(),
+            protocol_version: claims.ver,
+            client_info: claims.ci,
+            client_capabilities: claims.cc,
+        };
+        let session = Session::new(id.to_string(), opening);
         if let Some(st) = state {
             *session
                 .subscriptions
@@ -464,27 +460,10 @@ impl Sessions {
         Some(Continued::Rebuilt(session))
     }
 
-    fn insert(
-        &self,
-        id: String,
-        principal: Principal,
-        target: Target,
-        protocol_version: String,
-        client_info: Value,
-        client_capabilities: Value,
-    ) -> Arc<Session> {
-        let session = Session::new(
-            id.clone(),
-            principal,
-            target,
-            protocol_version,
-            client_info,
-            client_capabilities,
-        );
-        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        map.insert(id, session.clone());
+    fn insert(&self, session: Arc<Session>) {
         Self::count(&session);
-        session
+        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(session.id.clone(), session);
     }
 
     /// `mcpd_mcp_sessions`: one more session of its revision in memory.
