@@ -164,3 +164,104 @@ impl Holders {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use futures_util::future::BoxFuture;
+    use serde_json::Value;
+
+    use super::*;
+    use crate::call::CallError;
+
+    /// A process that is only alive or not: the books are what is tested.
+    struct Held {
+        alive: AtomicBool,
+        init: Value,
+    }
+
+    impl Upstream for Held {
+        fn init(&self) -> &Value {
+            &self.init
+        }
+        fn transport(&self) -> &'static str {
+            "stdio"
+        }
+        fn pid(&self) -> Option<u32> {
+            None
+        }
+        fn shard(&self) -> Option<usize> {
+            None
+        }
+        fn is_alive(&self) -> bool {
+            self.alive.load(Ordering::Relaxed)
+        }
+        fn in_flight(&self) -> usize {
+            0
+        }
+        fn exited(&self) -> BoxFuture<'_, ()> {
+            Box::pin(std::future::pending())
+        }
+        fn call_owned<'a>(
+            &'a self,
+            _: &'a str,
+            _: Option<Value>,
+            _: Option<crate::call::EventSink>,
+            _: Option<Arc<str>>,
+        ) -> BoxFuture<'a, Result<Value, CallError>> {
+            Box::pin(async { Ok(Value::Null) })
+        }
+        fn notify<'a>(&'a self, _: &'a str, _: Option<Value>) -> BoxFuture<'a, ()> {
+            Box::pin(async {})
+        }
+        fn stop(&self, _: Duration) -> BoxFuture<'_, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    fn process(alive: bool) -> Arc<dyn Upstream> {
+        Arc::new(Held {
+            alive: AtomicBool::new(alive),
+            init: Value::Null,
+        })
+    }
+
+    #[test]
+    fn a_departed_node_s_holds_go_and_what_no_one_else_holds_is_released() {
+        let subs = SharedSubscriptions::new("test");
+        let (p, dead) = (process(true), process(false));
+        let (gone, stays) = (Arc::<str>::from("2.1/s"), Arc::<str>::from("3.1/s"));
+        subs.subscribed("only-gone", Some(&gone), &p);
+        subs.subscribed("shared", Some(&gone), &p);
+        subs.subscribed("shared", Some(&stays), &p);
+        subs.subscribed("listened", Some(&gone), &p);
+        subs.subscribed("listened", None, &p);
+        subs.subscribed("on-a-dead-process", Some(&gone), &dead);
+        subs.subscribed("untouched", Some(&stays), &p);
+
+        let left = subs.leave_all(|h| h.starts_with("2."));
+        assert_eq!(left.dropped, 4, "one hold of node 2 on each of four URIs");
+        let released: Vec<&str> = left.released.iter().map(|(u, _)| u.as_str()).collect();
+        assert_eq!(
+            released,
+            ["only-gone"],
+            "only what no one else holds goes to its process, if it still runs"
+        );
+        assert!(
+            subs.join("shared", Some(&stays)),
+            "kept for the other session"
+        );
+        assert!(subs.join("listened", None), "kept for the listen stream");
+        assert!(subs.join("untouched", Some(&stays)));
+        assert!(!subs.join("only-gone", Some(&stays)), "forgotten");
+
+        let again = subs.leave_all(|h| h.starts_with("2."));
+        assert_eq!(
+            (again.dropped, again.released.len()),
+            (0, 0),
+            "nothing left of node 2"
+        );
+    }
+}
