@@ -660,6 +660,10 @@ mod tests {
                 "call_audit.otlp_export_timeout_ms",
             ),
             (
+                "[call_audit]\nflush_interval_ms = 0",
+                "call_audit.flush_interval_ms",
+            ),
+            (
                 "[pool]\nlisten_open_timeout_ms = 10",
                 "pool.listen_open_timeout_ms",
             ),

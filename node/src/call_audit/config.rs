@@ -20,6 +20,10 @@ pub struct CallAuditConfig {
     /// the buffer is full the event is dropped and counted in
     /// `mcpd_call_audit_dropped_total`.
     pub buffer: usize,
+    /// How often the writer thread takes what is queued, writes it and flushes (1 to 10000
+    /// ms). A call hands its event over without waking the thread, so a line reaches the file
+    /// up to this long after its call, and a node killed meanwhile loses what was queued.
+    pub flush_interval_ms: u64,
     /// Also write each call's arguments (else only their size and SHA-256).
     pub include_arguments: bool,
     /// Also export each event as an OpenTelemetry log over OTLP/gRPC to this collector
@@ -42,6 +46,7 @@ impl Default for CallAuditConfig {
             max_file_bytes: 64 << 20,
             max_files: 8,
             buffer: 16_384,
+            flush_interval_ms: 100,
             include_arguments: false,
             otlp_endpoint: None,
             otlp_max_queued: 8192,
@@ -76,6 +81,12 @@ impl CallAuditConfig {
         }
         if self.buffer < 16 {
             return Err(("call_audit.buffer", "must be at least 16".into()));
+        }
+        if !(1..=10_000).contains(&self.flush_interval_ms) {
+            return Err((
+                "call_audit.flush_interval_ms",
+                "must be from 1 to 10000".into(),
+            ));
         }
         Ok(())
     }

@@ -3,7 +3,8 @@
 //! policy rule that decided), as JSON lines in `<data_dir>/audit/calls.jsonl`, rotated by size.
 //!
 //! A call hands its event to a bounded queue and goes on ([`CallAudit::record`]); one writer
-//! thread drains it. A full queue drops the event and counts it
+//! thread drains it every `flush_interval_ms`, so a call wakes no thread and the file gets one
+//! write per interval, not one per call. A full queue drops the event and counts it
 //! (`mcpd_call_audit_dropped_total`), so a slow disk slows no call and loses nothing silently.
 //! With `otlp_endpoint` set, the writer also hands each event to an OpenTelemetry log
 //! exporter ([`otlp`]).
@@ -14,7 +15,7 @@ pub mod writer;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -106,9 +107,6 @@ struct Writing {
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-/// How often the writer looks at [`Writing::closing`] while no event comes.
-const CLOSE_CHECK: Duration = Duration::from_millis(100);
-
 impl CallAudit {
     /// Starts the writer thread on `<data_dir>/audit` (or the configured directory); a log
     /// that cannot be opened is an error at start, not a silent gap.
@@ -135,9 +133,10 @@ impl CallAudit {
         let (tx, rx) = sync_channel(config.buffer);
         let writing = Arc::new(Writing::default());
         let shared = writing.clone();
+        let every = Duration::from_millis(config.flush_interval_ms);
         let thread = std::thread::Builder::new()
             .name("call-audit".into())
-            .spawn(move || drain(rx, writer, otlp, &shared.closing))?;
+            .spawn(move || drain(rx, writer, otlp, &shared.closing, every))?;
         *writing.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(thread);
         tracing::info!(dir = %dir.display(), "call log: one line per tool call, resource read and prompt get");
         Ok(CallAudit {
@@ -195,53 +194,70 @@ impl CallAudit {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         if let Some(thread) = thread {
+            thread.thread().unpark();
             let _ = thread.join();
         }
     }
 }
 
-/// Writes events until every sender is gone or the log is closed, flushing whenever the queue
-/// runs dry; hands each to the OTLP exporter too, when there is one.
+/// Every `every`, writes what is queued and flushes it, until every sender is gone or the log
+/// is closed (then what was queued before is written too); hands each event to the OTLP
+/// exporter as well, when there is one. It sleeps in between rather than waiting on the queue,
+/// so that handing over an event never wakes it.
 fn drain(
     rx: Receiver<CallEvent>,
     mut writer: Writer,
     otlp: Option<OtlpCalls>,
     closing: &AtomicBool,
+    every: Duration,
 ) {
     loop {
-        let first = match rx.recv_timeout(CLOSE_CHECK) {
-            Ok(event) => event,
-            Err(RecvTimeoutError::Timeout) if closing.load(Ordering::Relaxed) => break,
-            Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => break,
-        };
-        let mut next = Some(first);
-        while let Some(event) = next {
-            match serde_json::to_vec(&event) {
-                Ok(line) => {
-                    match writer.append(&line) {
-                        Ok(()) => metrics::counter!("mcpd_call_audit_events_total").increment(1),
-                        Err(e) => {
-                            metrics::counter!("mcpd_call_audit_dropped_total", "reason" => "io")
-                                .increment(1);
-                            tracing::error!(error = %e, "call log: an event could not be written");
-                        }
-                    }
-                    if let Some(otlp) = &otlp {
-                        otlp.emit(&event, &line);
-                    }
+        let last = closing.load(Ordering::Relaxed);
+        let mut wrote = false;
+        let gone = loop {
+            match rx.try_recv() {
+                Ok(event) => {
+                    write(&mut writer, otlp.as_ref(), &event);
+                    wrote = true;
                 }
-                Err(_) => metrics::counter!("mcpd_call_audit_dropped_total", "reason" => "encode")
-                    .increment(1),
+                Err(TryRecvError::Empty) => break false,
+                Err(TryRecvError::Disconnected) => break true,
             }
-            next = rx.try_recv().ok();
+        };
+        if wrote {
+            if let Err(e) = writer.flush() {
+                tracing::error!(error = %e, "call log: flush failed");
+            }
         }
-        if let Err(e) = writer.flush() {
-            tracing::error!(error = %e, "call log: flush failed");
+        if gone || last {
+            break;
         }
+        std::thread::park_timeout(every);
     }
     let _ = writer.flush();
     if let Some(otlp) = otlp {
         otlp.shutdown();
+    }
+}
+
+/// One event to the file, and to the exporter.
+fn write(writer: &mut Writer, otlp: Option<&OtlpCalls>, event: &CallEvent) {
+    match serde_json::to_vec(event) {
+        Ok(line) => {
+            match writer.append(&line) {
+                Ok(()) => metrics::counter!("mcpd_call_audit_events_total").increment(1),
+                Err(e) => {
+                    metrics::counter!("mcpd_call_audit_dropped_total", "reason" => "io")
+                        .increment(1);
+                    tracing::error!(error = %e, "call log: an event could not be written");
+                }
+            }
+            if let Some(otlp) = otlp {
+                otlp.emit(event, &line);
+            }
+        }
+        Err(_) => {
+            metrics::counter!("mcpd_call_audit_dropped_total", "reason" => "encode").increment(1)
+        }
     }
 }
