@@ -148,14 +148,14 @@ async fn session_of(
     };
     // Not in memory: a signed id is looked up in what is committed (a forged one costs no
     // round to the leader; it is a 404 below; a node without the key yet catches up first).
-    if mcp.sessions.get(id).is_none()
+    let in_memory = mcp.sessions.get(id);
+    if in_memory.is_none()
         && session_key(&state.registry).is_none_or(|k| super::session::Sessions::is_signed(&k, id))
     {
         if let Err(e) = state.registry.barrier().await {
             tracing::warn!(session = %super::session::short(id), error = %e, "continuing a session from this node's registry as it is");
         }
     }
-    let key = session_key(&state.registry);
     let replicated = state.registry.local().state.sessions.get(id).cloned();
     if replicated.as_ref().is_some_and(|s| s.ended) {
         // Ended by its client on some node: over everywhere, and what it held from here goes.
@@ -168,12 +168,13 @@ async fn session_of(
             ErrorObject::new(code::INVALID_REQUEST, "session ended: initialize again"),
         ));
     }
-    let found = mcp.sessions.get(id).or_else(|| {
+    let found = in_memory.or_else(|| {
         // Opened on another node (or before a restart): rebuild it from its signed id, and
         // hold its subscriptions from here too.
+        let key = session_key(&state.registry)?;
         let continued = mcp
             .sessions
-            .recover(key.as_ref()?, id, principal, target, replicated)?;
+            .recover(&key, id, principal, target, replicated)?;
         Some(match continued {
             super::session::Continued::Rebuilt(session) => {
                 super::holds::retake(state, &session);

@@ -528,15 +528,13 @@ impl Sessions {
     /// moment ([`Sessions::get`]) has either made it not idle, or finds it gone and continues
     /// it (a session dropped while a request used it would let go of what that request kept).
     pub fn expire(&self) -> Vec<Arc<Session>> {
-        let expired: Vec<Arc<Session>> = {
-            let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-            let idle: Vec<String> = map
-                .values()
-                .filter(|s| s.idle_for() > self.idle_timeout && !s.busy())
-                .map(|s| s.id.clone())
-                .collect();
-            idle.iter().filter_map(|id| map.remove(id)).collect()
-        };
+        let expired: Vec<Arc<Session>> = self
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extract_if(|_, s| s.idle_for() > self.idle_timeout && !s.busy())
+            .map(|(_, s)| s)
+            .collect();
         for s in &expired {
             Self::uncount(s);
         }
