@@ -321,3 +321,32 @@ def test_a_subscribe_that_timed_out_after_the_server_took_it_is_withdrawn(holds,
         wait_until(lambda: server_holds() == [], 15, "the timed-out subscription withdrawn on the server")
         assert not_kept(c, front, "not_kept") == before + 1
         end_session(url, c.token, sid)
+
+
+def withdrawals(c: Cluster, outcome: str) -> float:
+    """The unsubscribes sent to slow-subscribe's process that ended in `outcome`, on both nodes."""
+    return sum(c.metric("mcpd_pool_subscription_withdrawals_total",
+                        f'server="slow-subscribe",outcome="{outcome}"', node=n) or 0 for n in (0, 1))
+
+
+@pytest.mark.parametrize("through", ["peer", "host"])
+def test_an_unsubscribe_that_failed_is_sent_again_until_the_server_lets_go(holds, through):
+    """The server's first unsubscribe of a URI hangs (a stuck backend) past its request
+    timeout, and the cancel ends it without effect: the server still holds the URI, and the
+    pool's books no longer name it. The node that runs the server sends the unsubscribe again
+    a second later, and the server lets go (it used to keep the URI until its process ended,
+    sending updates no one read)."""
+    c, _, _ = holds
+    with slow_subscribe(c, through, "--request-timeout-ms", "3000",
+                        "--env", "STUCK_FIRST_UNSUBSCRIBE=1") as (_, url, server_holds):
+        uri, failed, ok = f"slow://resource/{through}-stuck-unsubscribe", withdrawals(c, "failed"), withdrawals(c, "ok")
+        sid = legacy_initialize(url, c.token)
+        subscribe(url, c.token, sid, uri)
+        assert server_holds() == [uri]
+        body = {"jsonrpc": "2.0", "id": 2, "method": "resources/unsubscribe", "params": {"uri": uri}}
+        answer = answer_of(legacy_post(url, c.token, body, session=sid))
+        assert "error" in answer, f"an unsubscribe past the request timeout is an error: {answer}"
+        wait_until(lambda: withdrawals(c, "failed") == failed + 1, 10, "the unsubscribe counted as failed")
+        wait_until(lambda: server_holds() == [], 15, "the subscription withdrawn by the unsubscribe sent again")
+        assert withdrawals(c, "ok") == ok + 1
+        end_session(url, c.token, sid)

@@ -29,6 +29,7 @@ mod rounds;
 pub mod sandbox;
 mod subscriptions;
 pub mod upstream;
+mod withdraw;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -493,8 +494,7 @@ impl Pool {
         match subs.leave(&uri, owner.as_ref()) {
             subscriptions::Unsubscribe::Kept => Ok(serde_json::json!({})),
             subscriptions::Unsubscribe::Release(process) => {
-                let timeout = Duration::from_millis(self.spec.spec.timeouts.request_ms);
-                self.upstream_call(&process, method, params, events, owner, (timeout, timeout))
+                self.withdraw(withdraw::Withdrawal { uri, process }, events, owner)
                     .await
             }
             // The node letting go for a session: no process has the URI (its process ended,
@@ -510,7 +510,7 @@ impl Pool {
     /// Lets go of the subscriptions that sessions of a departed node held
     /// (`crate::call::Departed`). What no one else holds is unsubscribed on its process, in
     /// the pool's subscription turn, all URIs at once.
-    pub async fn let_go_of(&self, departed: crate::call::Departed) {
+    pub async fn let_go_of(self: &Arc<Self>, departed: crate::call::Departed) {
         let _turn = self.subscriptions.turn.lock().await;
         let subscriptions::LeftAll { released, dropped } =
             self.subscriptions.leave_all(|holder| departed.left(holder));
@@ -521,21 +521,10 @@ impl Pool {
             .increment(dropped as u64);
         tracing::info!(server = %self.name, node = departed.node(), reason = departed.reason(), holds = dropped, unsubscribed = released.len(), "a departed node's subscriptions let go");
         // Side by side: the turn is held for one request timeout at most, not one per URI.
-        let timeout = Duration::from_millis(self.spec.spec.timeouts.request_ms);
         let each = released.into_iter().map(|(uri, process)| async move {
-            let params = Some(serde_json::json!({ "uri": uri }));
-            let outcome = self
-                .upstream_call(
-                    &process,
-                    "resources/unsubscribe",
-                    params,
-                    None,
-                    None,
-                    (timeout, timeout),
-                )
-                .await;
-            if let Err(e) = outcome {
-                tracing::info!(server = %self.name, %uri, error = %e, "a departed node's subscription was not withdrawn");
+            let name = uri.clone();
+            if let Err(e) = self.withdraw(withdraw::Withdrawal { uri, process }, None, None).await {
+                tracing::info!(server = %self.name, uri = %name, error = %e, "a departed node's subscription was not withdrawn");
             }
         });
         futures_util::future::join_all(each).await;

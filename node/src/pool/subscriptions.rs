@@ -7,7 +7,8 @@
 //!
 //! - the first subscriber's `resources/subscribe` goes to a process, which is remembered; a
 //!   later one is answered here, unless that process is gone (then it goes to another);
-//! - an unsubscribe reaches the process only when its last holder lets go; a session holds
+//! - an unsubscribe reaches the process only when its last holder lets go (and again while it
+//!   fails without an answer, `super::withdraw`); a session holds
 //!   from each node that serves it (`crate::mcp::holds`: the holder is `NODE.RUN/SESSION`), and
 //!   lets go when it ends or leaves that node's memory; a departed node (back from a crash,
 //!   or removed from the cluster: `crate::call::Departed`) has its holds let go here
@@ -94,6 +95,11 @@ impl SharedSubscriptions {
         h.process = Arc::downgrade(process);
         h.hold(owner);
         self.gauge.set(uris.len() as f64);
+    }
+
+    /// Whether a live process has `uri` subscribed for someone.
+    pub fn held(&self, uri: &str) -> bool {
+        self.lock().get(uri).is_some_and(|h| h.live().is_some())
     }
 
     /// Takes `owner` off the holders of `uri` (see [`Unsubscribe`]).

@@ -4,6 +4,10 @@ give up on its `resources/subscribe` after the server took it. Written with the 
 low-level `Server`, served in the session revisions only (as server-everything is):
 `resources/subscribe` is theirs.
 
+With `STUCK_FIRST_UNSUBSCRIBE=1`, the first `resources/unsubscribe` of each URI never answers
+and lets go of nothing (a stuck backend; a cancel ends it without effect), and a later one
+works.
+
 Tool `subscriptions()`: the URIs this process holds now, as JSON, so that a test sees what a
 server was left holding.
 """
@@ -20,7 +24,9 @@ from mcp.server.lowlevel.server import Server
 from mcp.server.runner import serve_loop
 
 DELAY_S = float(os.environ.get("SLOW_SUBSCRIBE_S", "2"))
+STUCK_FIRST_UNSUBSCRIBE = os.environ.get("STUCK_FIRST_UNSUBSCRIBE") == "1"
 held: set[str] = set()
+stuck_once: set[str] = set()
 
 
 async def list_tools(ctx, params) -> types.ListToolsResult:
@@ -48,7 +54,11 @@ async def subscribe(ctx, params: types.SubscribeRequestParams) -> types.EmptyRes
 
 
 async def unsubscribe(ctx, params: types.UnsubscribeRequestParams) -> types.EmptyResult:
-    held.discard(str(params.uri))
+    uri = str(params.uri)
+    if STUCK_FIRST_UNSUBSCRIBE and uri not in stuck_once:
+        stuck_once.add(uri)
+        await anyio.sleep_forever()
+    held.discard(uri)
     return types.EmptyResult()
 
 
