@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -726,8 +727,42 @@ def check_script_contract(script, d):
     return problems
 
 
+def watch_script_contract(script):
+    """watch_mcpd.sh against a local port: exit 0 after its watch while the port stays open,
+    exit 1 when nothing listens, and exit 1 when the port closes in the middle of a watch.
+    Problems found, as a list."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    addr = f"127.0.0.1:{srv.getsockname()[1]}"
+    problems = []
+
+    def expect(what, code_wanted, ms):
+        r = run(["sh", script, addr, str(ms)], timeout=15)
+        if r.returncode != code_wanted:
+            problems.append(f"{what}: exit {r.returncode}, wanted {code_wanted} ({r.stderr.strip()[:120]})")
+
+    try:
+        expect("the port open for the whole watch", 0, 300)
+        # The port closes 0.5 s into a 5 s watch: the run fails instead of ending healthy.
+        threading.Timer(0.5, srv.close).start()
+        expect("the port closing during the watch", 1, 5000)
+    finally:
+        srv.close()
+    expect("nothing listening", 1, 300)
+    return problems
+
+
 def keepalived_haproxy():
     kdir = os.path.join(DEPLOY, "keepalived")
+    watch = os.path.join(kdir, "watch_mcpd.sh")
+    ok = os.access(watch, os.X_OK) and run(["sh", "-n", watch]).returncode == 0
+    with open(os.path.join(kdir, "keepalived.conf")) as f:
+        tracked = re.search(r"track_script \{[^}]*\bchk_mcpd_running\b[^}]*\bchk_mcpd_ready\b", f.read())
+    problems = ([] if ok else ["not executable or sh -n fails"]) + ([] if tracked else [
+        "keepalived.conf does not track both chk_mcpd_running and chk_mcpd_ready"])
+    if ok and shutil.which("curl"):
+        problems += watch_script_contract(watch)
+    R.check("keepalived: watch_mcpd.sh fails the moment mcpd's port refuses, within a run, and is tracked",
+            not problems, "; ".join(problems), "open: 0; closed mid-watch: 1; nothing listening: 1")
     script = os.path.join(kdir, "check_mcpd.sh")
     ok = os.access(script, os.X_OK) and run(["sh", "-n", script]).returncode == 0
     R.check("keepalived: check_mcpd.sh is executable shell", ok, "not executable or sh -n fails")

@@ -280,18 +280,18 @@ def check_sealed_env():
 def start_keepalived():
     with open(os.path.join(DEPLOY, "keepalived", "keepalived.conf")) as f:
         template = f.read()
-    script = os.path.join(state["dir"], "check_mcpd.sh")
-    shutil.copy(os.path.join(DEPLOY, "keepalived", "check_mcpd.sh"), script)
-    os.chmod(script, 0o755)
+    for name in ("check_mcpd.sh", "watch_mcpd.sh"):
+        shutil.copy(os.path.join(DEPLOY, "keepalived", name), os.path.join(state["dir"], name))
+        os.chmod(os.path.join(state["dir"], name), 0o755)
     for n, prio in ((1, 150), (2, 100), (3, 50)):
         conf = template
         for name, value in (("PRIORITY", prio), ("INTERFACE", "eth0"), ("VIP", f"{VIP}/24"),
                             ("ROUTER_ID", 51), ("CHECK_URL", f"https://127.0.0.1:{PORT}/readyz"),
-                            ("CHECK_CACERT", state["ca"])):
+                            ("CHECK_CACERT", state["ca"]), ("WATCH_ADDR", f"127.0.0.1:{PORT}")):
             conf, count = re.subn(rf"^\${name}=.+$", f"${name}={value}", conf, flags=re.M)
             if count != 1:
                 raise RuntimeError(f"deploy/keepalived/keepalived.conf: no single ${name}= line")
-        conf = conf.replace("/etc/keepalived/check_mcpd.sh", script)
+        conf = conf.replace("/etc/keepalived/", state["dir"] + "/")
         path = os.path.join(state["dir"], f"keepalived{n}.conf")
         with open(path, "w") as f:
             f.write(conf)
@@ -546,7 +546,7 @@ def main():
         raft_leader = json.loads(body).get("leader") if body.startswith("{") else None
         log(f"kill -9 node {holder} (holds the VIP, pid {state['nodes'][holder].pid}; Raft leader: node {raft_leader})")
         vip_moves("vip: the VIP moves to a healthy node after kill -9", holder,
-                  lambda: os.kill(state["nodes"][holder].pid, signal.SIGKILL), "its /readyz check failing twice")
+                  lambda: os.kill(state["nodes"][holder].pid, signal.SIGKILL), "its port refused: watch_mcpd.sh")
         try:
             t1 = time.monotonic()
             bridge.echo(3, "after", 40)
