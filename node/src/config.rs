@@ -66,6 +66,7 @@
 //! max_uri_bytes = 2048              # longest resource URI a session may subscribe to
 //! max_streams_per_session = 4       # open SSE streams (GET) per session per node
 //! session_state_interval_ms = 1000  # a session's state is replicated at most this often
+//! session_state_wait_ms = 1000      # an answer waits this long for that replication
 //! parked_call_ttl_ms = 300000       # a call waiting for its client's input waits this long
 //! max_parked_calls_per_caller = 64  # calls one caller may have waiting for its input
 //! input_gather_ms = 20              # questions asked within this of the first go together
@@ -579,6 +580,18 @@ impl Config {
                 "must be greater than 0",
             ));
         }
+        if !(1..=60_000).contains(&self.mcp.session_state_interval_ms) {
+            return Err(invalid(
+                "mcp.session_state_interval_ms",
+                "must be from 1 to 60000",
+            ));
+        }
+        if self.mcp.session_state_wait_ms > 60_000 {
+            return Err(invalid(
+                "mcp.session_state_wait_ms",
+                "must be at most 60000 (0: answers never wait for the replication)",
+            ));
+        }
         if !(1_000..=24 * 3_600_000).contains(&self.mcp.parked_call_ttl_ms) {
             return Err(invalid(
                 "mcp.parked_call_ttl_ms",
@@ -650,6 +663,14 @@ mod tests {
                 "runtime.data_plane_threads",
             ),
             ("[mcp]\nparked_call_ttl_ms = 10", "mcp.parked_call_ttl_ms"),
+            (
+                "[mcp]\nsession_state_wait_ms = 600000",
+                "mcp.session_state_wait_ms",
+            ),
+            (
+                "[mcp]\nsession_state_interval_ms = 0",
+                "mcp.session_state_interval_ms",
+            ),
             (
                 "[mcp]\nmax_parked_calls_per_caller = 0",
                 "mcp.max_parked_calls_per_caller",

@@ -144,6 +144,7 @@ def legacy_post(
     *,
     session: str | None = None,
     headers: dict[str, str] | None = None,
+    timeout: float = 60,
 ) -> httpx2.Response:
     """One raw session-era POST (JSON-RPC body or raw bytes)."""
     h = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
@@ -154,7 +155,7 @@ def legacy_post(
         h["MCP-Protocol-Version"] = "2025-11-25"
     h.update(headers or {})
     content = body if isinstance(body, bytes) else None
-    return httpx2.post(url, content=content, json=None if content else body, headers=h, timeout=60)
+    return httpx2.post(url, content=content, json=None if content else body, headers=h, timeout=timeout)
 
 
 def answer_of(r: httpx2.Response) -> dict[str, Any]:

@@ -60,7 +60,9 @@ fn session_key(registry: &crate::registry::Registry) -> Option<Vec<u8>> {
 /// `mcp.session_state_interval_ms`: the first change is written at once (before the client's
 /// answer), later ones within the interval are coalesced into one write after it. So a client
 /// that calls `logging/setLevel` or `resources/subscribe` in a loop costs one Raft write per
-/// interval, not one per call (`mcpd_mcp_session_state_writes_total{outcome}`).
+/// interval, not one per call (`mcpd_mcp_session_state_writes_total{outcome}`). The answer
+/// waits for the first write at most `mcp.session_state_wait_ms`: without a quorum it goes
+/// unconfirmed (`outcome="unconfirmed"`) while the write goes on.
 async fn replicate_state(state: &McpState, session: &Arc<Session>) {
     use std::sync::atomic::Ordering::{AcqRel, Acquire, Release};
     session.state_dirty.store(true, Release);
@@ -70,6 +72,7 @@ async fn replicate_state(state: &McpState, session: &Arc<Session>) {
         return;
     }
     let interval = std::time::Duration::from_millis(state.config.session_state_interval_ms);
+    let wait = std::time::Duration::from_millis(state.config.session_state_wait_ms);
     let (first_written, written) = tokio::sync::oneshot::channel::<()>();
     let (state, task_session) = (state.clone(), session.clone());
     // The writer: the first write at once, then one per interval while changes come in; it
@@ -94,8 +97,13 @@ async fn replicate_state(state: &McpState, session: &Arc<Session>) {
             break;
         }
     });
-    // The client's answer waits for the first write, as before coalescing existed.
-    let _ = written.await;
+    // The client's answer waits for the first write, as before coalescing existed, but not
+    // for as long as a lost quorum would hold it.
+    if !wait.is_zero() && tokio::time::timeout(wait, written).await.is_err() {
+        metrics::counter!("mcpd_mcp_session_state_writes_total", "outcome" => "unconfirmed")
+            .increment(1);
+        tracing::warn!(session = %super::session::short(&session.id), waited_ms = wait.as_millis() as u64, "answered before the session's state was replicated (no quorum?); the write goes on");
+    }
 }
 
 /// Writes a session's subscriptions and log level to the registry, so another node can

@@ -40,6 +40,10 @@ pub struct McpConfig {
     /// A session's changed subscriptions and log level are replicated at most this often
     /// (one Raft write per session per interval, however many calls changed them).
     pub session_state_interval_ms: u64,
+    /// How long a client's answer (`resources/subscribe`, `logging/setLevel`) waits for the
+    /// session's change to be replicated; then it is answered and the write goes on (a lost
+    /// quorum would otherwise hold it for `api.quorum_wait_ms`).
+    pub session_state_wait_ms: u64,
     /// How long a 2026-07-28 call that asked its client for input (`input_required`) waits,
     /// parked on this node, for the client's retry with the answers; then it is cancelled.
     pub parked_call_ttl_ms: u64,
@@ -65,6 +69,7 @@ impl Default for McpConfig {
             max_uri_bytes: 2048,
             max_streams_per_session: 4,
             session_state_interval_ms: 1000,
+            session_state_wait_ms: 1000,
             parked_call_ttl_ms: 5 * 60 * 1000,
             max_parked_calls_per_caller: 64,
             input_gather_ms: 20,
