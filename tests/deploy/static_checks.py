@@ -742,6 +742,10 @@ def watch_script_contract(script):
 
     try:
         expect("the port open for the whole watch", 0, 300)
+        # A probe that cannot be made at all is not a dead mcpd: it says so, with its own code.
+        r = run(["sh", script, "not an address", "300"], timeout=15)
+        if r.returncode != 2 or "cannot probe" not in r.stderr:
+            problems.append(f"a broken probe: exit {r.returncode}, wanted 2 naming it ({r.stderr.strip()[:120]})")
         # The port closes 0.5 s into a 5 s watch: the run fails instead of ending healthy.
         threading.Timer(0.5, srv.close).start()
         expect("the port closing during the watch", 1, 5000)
@@ -759,10 +763,14 @@ def keepalived_haproxy():
         tracked = re.search(r"track_script \{[^}]*\bchk_mcpd_running\b[^}]*\bchk_mcpd_ready\b", f.read())
     problems = ([] if ok else ["not executable or sh -n fails"]) + ([] if tracked else [
         "keepalived.conf does not track both chk_mcpd_running and chk_mcpd_ready"])
-    if ok and shutil.which("curl"):
+    detail = "contract not run: curl missing"
+    if ok and not shutil.which("curl"):
+        R.skip("keepalived: watch_mcpd.sh's contract", "curl not installed")
+    elif ok:
         problems += watch_script_contract(watch)
+        detail = "open: 0; closed mid-watch: 1; nothing listening: 1; broken probe: 2"
     R.check("keepalived: watch_mcpd.sh fails the moment mcpd's port refuses, within a run, and is tracked",
-            not problems, "; ".join(problems), "open: 0; closed mid-watch: 1; nothing listening: 1")
+            not problems, "; ".join(problems), detail)
     script = os.path.join(kdir, "check_mcpd.sh")
     ok = os.access(script, os.X_OK) and run(["sh", "-n", script]).returncode == 0
     R.check("keepalived: check_mcpd.sh is executable shell", ok, "not executable or sh -n fails")

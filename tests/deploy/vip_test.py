@@ -547,6 +547,15 @@ def main():
         log(f"kill -9 node {holder} (holds the VIP, pid {state['nodes'][holder].pid}; Raft leader: node {raft_leader})")
         vip_moves("vip: the VIP moves to a healthy node after kill -9", holder,
                   lambda: os.kill(state["nodes"][holder].pid, signal.SIGKILL), "its port refused: watch_mcpd.sh")
+        # The move came from the port watch, not from /readyz failing twice a second apart.
+        klog = os.path.join(state["dir"], f"keepalived{holder}", "keepalived.log")
+        watched = re.compile(r"chk_mcpd_running\W.*failed \(exited with status 1\)", re.I)
+        try:
+            line = wait_until("keepalived logs chk_mcpd_running failed", lambda: next(
+                (ln for ln in open(klog, errors="replace") if watched.search(ln)), None), 10)
+            R.ok("vip: the move after kill -9 came from watch_mcpd.sh (keepalived logged chk_mcpd_running failed)", line.strip()[-120:])
+        except TimeoutError as e:
+            R.fail("vip: the move after kill -9 came from watch_mcpd.sh (keepalived logged chk_mcpd_running failed)", str(e))
         try:
             t1 = time.monotonic()
             bridge.echo(3, "after", 40)

@@ -232,6 +232,11 @@ impl ShardServer {
                             .watch(http.serve_connection(TokioIo::new(tls), service))
                             .await
                     }
+                    // Closed without a word (a TCP probe such as keepalived's
+                    // watch_mcpd.sh, a port scan): told apart from a handshake that failed.
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        return handshake_failed(addr, "closed", &e.to_string())
+                    }
                     Ok(Err(e)) => return handshake_failed(addr, "failed", &e.to_string()),
                     Err(_) => return handshake_failed(addr, "timeout", "timed out"),
                 },

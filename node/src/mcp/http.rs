@@ -61,8 +61,10 @@ fn session_key(registry: &crate::registry::Registry) -> Option<Vec<u8>> {
 /// answer), later ones within the interval are coalesced into one write after it. So a client
 /// that calls `logging/setLevel` or `resources/subscribe` in a loop costs one Raft write per
 /// interval, not one per call (`mcpd_mcp_session_state_writes_total{outcome}`). The answer
-/// waits for the first write at most `mcp.session_state_wait_ms`: without a quorum it goes
-/// unconfirmed (`outcome="unconfirmed"`) while the write goes on.
+/// waits for the first write at most `mcp.session_state_wait_ms`; without a quorum it is
+/// answered unconfirmed (`outcome="unconfirmed"`) while the write goes on, which commits if
+/// the quorum comes back in time and is otherwise lost, logged, unless a later change writes
+/// the state again.
 async fn replicate_state(state: &McpState, session: &Arc<Session>) {
     use std::sync::atomic::Ordering::{AcqRel, Acquire, Release};
     session.state_dirty.store(true, Release);
@@ -73,7 +75,7 @@ async fn replicate_state(state: &McpState, session: &Arc<Session>) {
     }
     let interval = std::time::Duration::from_millis(state.config.session_state_interval_ms);
     let wait = std::time::Duration::from_millis(state.config.session_state_wait_ms);
-    let (first_written, written) = tokio::sync::oneshot::channel::<()>();
+    let (first_written, written) = tokio::sync::oneshot::channel::<bool>();
     let (state, task_session) = (state.clone(), session.clone());
     // The writer: the first write at once, then one per interval while changes come in; it
     // ends once an interval passes without one. It runs on its own, so a request dropped
@@ -81,8 +83,8 @@ async fn replicate_state(state: &McpState, session: &Arc<Session>) {
     tokio::spawn(async move {
         let session = task_session;
         session.state_dirty.store(false, Release);
-        replicate(&state, &session).await;
-        let _ = first_written.send(());
+        let committed = replicate(&state, &session).await;
+        let _ = first_written.send(committed);
         loop {
             tokio::time::sleep(interval).await;
             if session.state_dirty.swap(false, AcqRel) {
@@ -99,16 +101,27 @@ async fn replicate_state(state: &McpState, session: &Arc<Session>) {
     });
     // The client's answer waits for the first write, as before coalescing existed, but not
     // for as long as a lost quorum would hold it.
-    if !wait.is_zero() && tokio::time::timeout(wait, written).await.is_err() {
-        metrics::counter!("mcpd_mcp_session_state_writes_total", "outcome" => "unconfirmed")
-            .increment(1);
-        tracing::warn!(session = %super::session::short(&session.id), waited_ms = wait.as_millis() as u64, "answered before the session's state was replicated (no quorum?); the write goes on");
+    if wait.is_zero() {
+        return;
+    }
+    match tokio::time::timeout(wait, written).await {
+        Ok(Ok(true)) => {}
+        Ok(_) => {
+            // It failed (and logged why) within the wait.
+            metrics::counter!("mcpd_mcp_session_state_writes_total", "outcome" => "unconfirmed")
+                .increment(1);
+        }
+        Err(_) => {
+            metrics::counter!("mcpd_mcp_session_state_writes_total", "outcome" => "unconfirmed")
+                .increment(1);
+            tracing::warn!(session = %super::session::short(&session.id), waited_ms = wait.as_millis() as u64, "answered before the session's state was replicated (no quorum?); the write goes on");
+        }
     }
 }
 
 /// Writes a session's subscriptions and log level to the registry, so another node can
-/// continue it.
-async fn replicate(state: &McpState, session: &Session) {
+/// continue it; `true` once committed.
+async fn replicate(state: &McpState, session: &Session) -> bool {
     let st = crate::registry::state::SessionState {
         subscriptions: session
             .subscriptions
@@ -128,8 +141,12 @@ async fn replicate(state: &McpState, session: &Session) {
         state: Some(st),
     };
     metrics::counter!("mcpd_mcp_session_state_writes_total", "outcome" => "written").increment(1);
-    if let Err(e) = state.registry.write(cmd).await {
-        tracing::warn!(session = %super::session::short(&session.id), error = %e, "session state not replicated; it will not survive this node");
+    match state.registry.write(cmd).await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(session = %super::session::short(&session.id), error = %e, "session state not replicated; it will not survive this node");
+            false
+        }
     }
 }
 

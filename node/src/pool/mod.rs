@@ -224,6 +224,8 @@ pub struct Pool {
     dedicated: Mutex<DedicatedMap>,
     /// The resources subscribed on the shared processes, and who holds each.
     subscriptions: Arc<subscriptions::SharedSubscriptions>,
+    /// Unsubscribes that failed without an answer, sent again (`withdraw`).
+    withdrawals: withdraw::Retries,
     /// What the pool learned of its server's revision (its dedicated processes' starts too).
     revision: handshake::RevisionHint,
     pool_events: mpsc::Sender<PoolEvent>,
@@ -279,6 +281,7 @@ impl Pool {
         let pool = Arc::new(Pool {
             name: spec.spec.name.clone(),
             subscriptions: Arc::new(subscriptions::SharedSubscriptions::new(&spec.spec.name)),
+            withdrawals: withdraw::Retries::default(),
             revision,
             spec,
             slots,
@@ -490,12 +493,22 @@ impl Pool {
                 )))
             });
         }
-        let _turn = turn;
         match subs.leave(&uri, owner.as_ref()) {
             subscriptions::Unsubscribe::Kept => Ok(serde_json::json!({})),
+            // In its own task, holding the turn: the books no longer name the URI, so it
+            // must reach the process (or its retries) even when its caller goes.
             subscriptions::Unsubscribe::Release(process) => {
-                self.withdraw(withdraw::Withdrawal { uri, process }, events, owner)
-                    .await
+                let (pool, w) = (self.clone(), withdraw::Withdrawal { uri, process });
+                let withdrawal = tokio::spawn(async move {
+                    let _turn = turn;
+                    pool.withdraw(w, events, owner).await
+                });
+                withdrawal.await.unwrap_or_else(|e| {
+                    Err(CallError::Crashed(format!(
+                        "server {:?}: the unsubscribe ended unexpectedly ({e}); it may or may not have run",
+                        self.name
+                    )))
+                })
             }
             // The node letting go for a session: no process has the URI (its process ended,
             // and the subscription with it), so nothing is left to withdraw.

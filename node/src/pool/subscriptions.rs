@@ -97,9 +97,12 @@ impl SharedSubscriptions {
         self.gauge.set(uris.len() as f64);
     }
 
-    /// Whether a live process has `uri` subscribed for someone.
-    pub fn held(&self, uri: &str) -> bool {
-        self.lock().get(uri).is_some_and(|h| h.live().is_some())
+    /// Whether the books have `uri` subscribed on `process`, for someone.
+    pub fn held_on(&self, uri: &str, process: &Arc<dyn Upstream>) -> bool {
+        let same = |p: Arc<dyn Upstream>| std::ptr::addr_eq(Arc::as_ptr(&p), Arc::as_ptr(process));
+        self.lock()
+            .get(uri)
+            .is_some_and(|h| h.live().is_some_and(same))
     }
 
     /// Takes `owner` off the holders of `uri` (see [`Unsubscribe`]).

@@ -4,15 +4,19 @@
 //! without an answer (it timed out and was cancelled, the connection broke, or it never got
 //! there), the process may still hold the URI, and nothing else would ever withdraw it: the
 //! pool's books no longer name it, so the process would go on sending updates no one reads
-//! until it ends. So it is sent again in the background, in the turn each time, after 1 s,
-//! then twice as long each time up to a minute, until the process answers, ends, or the URI
-//! is subscribed again (then it is wanted).
+//! until it ends. So the pool keeps it in [`Retries`], and one task per pool sends every
+//! pending one again, side by side in one turn (which it holds for one request timeout at
+//! most), after 1 s, then twice as long each time up to a minute. A URI leaves the retries
+//! when its process answers (or ends), or when it is subscribed again on that process (then
+//! it is wanted); the task ends when none is left, or when the pool closes.
 //!
 //! `mcpd_pool_subscription_withdrawals_total{server,outcome}` counts each attempt: `ok`, an
-//! `answered` error (the process said no: it holds nothing to withdraw), or `failed`.
+//! `answered` error (the process said no: it holds nothing to withdraw), or `failed`;
+//! `mcpd_pool_subscription_withdrawals_pending{server}` the URIs waiting to be sent again.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -32,35 +36,88 @@ pub struct Withdrawal {
     pub process: Arc<dyn Upstream>,
 }
 
+/// A pool's unsubscribes to send again.
+#[derive(Default)]
+pub struct Retries(Mutex<Pending>);
+
+#[derive(Default)]
+struct Pending {
+    uris: HashMap<String, Weak<dyn Upstream>>,
+    /// Whether the pool's retry task runs.
+    running: bool,
+}
+
+impl Retries {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps `w` to send again: `true` when the retry task must be started.
+    fn add(&self, w: &Withdrawal) -> bool {
+        let mut p = self.lock();
+        p.uris.insert(w.uri.clone(), Arc::downgrade(&w.process));
+        !std::mem::replace(&mut p.running, true)
+    }
+
+    /// Takes every pending URI out, to be sent again.
+    fn take(&self) -> Vec<(String, Weak<dyn Upstream>)> {
+        self.lock().uris.drain().collect()
+    }
+
+    /// Puts back the URIs still to withdraw (unless a newer failure of the same URI came in
+    /// meanwhile); `false` when none is left, and the task ends.
+    fn keep(&self, failed: Vec<(String, Weak<dyn Upstream>)>) -> bool {
+        let mut p = self.lock();
+        for (uri, process) in failed {
+            p.uris.entry(uri).or_insert(process);
+        }
+        p.running = !p.uris.is_empty();
+        p.running
+    }
+
+    fn len(&self) -> usize {
+        self.lock().uris.len()
+    }
+}
+
 impl Pool {
-    /// Sends `resources/unsubscribe` for `w` to its process (the caller holds the turn), and
-    /// again later while it fails without an answer; the first attempt's outcome is returned.
+    /// Sends `resources/unsubscribe` for `w` to its process (the caller holds the turn); one
+    /// that fails without an answer is kept in the retries. The first attempt's outcome is
+    /// returned.
     pub(super) async fn withdraw(
         self: &Arc<Self>,
         w: Withdrawal,
         events: Option<EventSink>,
         owner: Option<Arc<str>>,
     ) -> Result<Value, CallError> {
-        let params = Some(serde_json::json!({ "uri": w.uri }));
-        let outcome = self.unsubscribe_on(&w.process, params, events, owner).await;
+        let outcome = self.unsubscribe_on(&w, events, owner).await;
         if matches!(&outcome, Err(e) if !matches!(e, CallError::Answered(_))) {
-            let again = again(Arc::downgrade(self), w.uri, Arc::downgrade(&w.process));
-            tokio::spawn(again);
+            if self.withdrawals.add(&w) {
+                tokio::spawn(again(Arc::downgrade(self)));
+            }
+            self.count_pending();
         }
         outcome
     }
 
     async fn unsubscribe_on(
         &self,
-        process: &Arc<dyn Upstream>,
-        params: Option<Value>,
+        w: &Withdrawal,
         events: Option<EventSink>,
         owner: Option<Arc<str>>,
     ) -> Result<Value, CallError> {
         let timeout = Duration::from_millis(self.spec.spec.timeouts.request_ms);
+        let params = Some(serde_json::json!({ "uri": w.uri }));
         let method = "resources/unsubscribe";
         let outcome = self
-            .upstream_call(process, method, params, events, owner, (timeout, timeout))
+            .upstream_call(
+                &w.process,
+                method,
+                params,
+                events,
+                owner,
+                (timeout, timeout),
+            )
             .await;
         let label = match &outcome {
             Ok(_) => "ok",
@@ -71,34 +128,51 @@ impl Pool {
             .increment(1);
         outcome
     }
+
+    fn count_pending(&self) {
+        metrics::gauge!("mcpd_pool_subscription_withdrawals_pending", "server" => self.name.clone())
+            .set(self.withdrawals.len() as f64);
+    }
 }
 
-/// Sends the unsubscribe of `uri` again, backing off, until the process answers or ends, the
-/// pool closes, or the URI is subscribed again.
-async fn again(pool: Weak<Pool>, uri: String, process: Weak<dyn Upstream>) {
+/// The pool's retry task: every pending unsubscribe again, side by side in one turn, backing
+/// off, until none is left or the pool closes.
+async fn again(pool: Weak<Pool>) {
     let mut wait = RETRY_FIRST;
     loop {
         tokio::time::sleep(wait).await;
         let Some(pool) = pool.upgrade().filter(|p| !p.closed.load(Ordering::Relaxed)) else {
             return;
         };
-        let _turn = pool.subscriptions.turn.lock().await;
-        let Some(process) = process.upgrade().filter(|p| p.is_alive()) else {
+        let turn = pool.subscriptions.turn.lock().await;
+        // A process that ended took the subscription with it; one subscribed again wants it.
+        let due: Vec<Withdrawal> = pool
+            .withdrawals
+            .take()
+            .into_iter()
+            .filter_map(|(uri, process)| {
+                let process = process.upgrade().filter(|p| p.is_alive())?;
+                let wanted = pool.subscriptions.held_on(&uri, &process);
+                (!wanted).then_some(Withdrawal { uri, process })
+            })
+            .collect();
+        let sent = due.iter().map(|w| pool.unsubscribe_on(w, None, None));
+        let outcomes = futures_util::future::join_all(sent).await;
+        drop(turn);
+        let failed: Vec<_> = due
+            .into_iter()
+            .zip(outcomes)
+            .filter(|(_, o)| matches!(o, Err(e) if !matches!(e, CallError::Answered(_))))
+            .map(|(w, _)| (w.uri, Arc::downgrade(&w.process)))
+            .collect();
+        let (newer, still) = (pool.withdrawals.len(), failed.len());
+        let more = pool.withdrawals.keep(failed);
+        pool.count_pending();
+        if !more {
+            tracing::info!(server = %pool.name, "no failed unsubscribe left to send again");
             return;
-        };
-        if pool.subscriptions.held(&uri) {
-            return;
-        }
-        let params = Some(serde_json::json!({ "uri": uri }));
-        match pool.unsubscribe_on(&process, params, None, None).await {
-            Ok(_) | Err(CallError::Answered(_)) => {
-                tracing::info!(server = %pool.name, %uri, "a subscription whose unsubscribe had failed is withdrawn");
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(server = %pool.name, %uri, error = %e, retry_in_ms = (wait * 2).min(RETRY_MOST).as_millis() as u64, "a subscription's unsubscribe failed again");
-            }
         }
         wait = (wait * 2).min(RETRY_MOST);
+        tracing::warn!(server = %pool.name, failed = still, newer, retry_in_ms = wait.as_millis() as u64, "unsubscribes failed again; the server may keep sending updates for them");
     }
 }
