@@ -555,6 +555,7 @@ async fn serve_grpc(grpc: GrpcServer, shutdown: Shutdown) {
     let peer_svc = PeerServer::new(PeerService {
         registry: grpc.registry.clone(),
         pools: grpc.pools,
+        runs: Default::default(),
     })
     .max_decoding_message_size(64 << 20)
     .max_encoding_message_size(64 << 20);

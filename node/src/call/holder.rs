@@ -35,12 +35,18 @@ pub enum Departed {
     Restarted { node: u64, run: u64 },
     /// The node was removed from the cluster: everything it held.
     Removed { node: u64 },
+    /// Every other member runs a build that names its holders (each named its run): the
+    /// holds under a bare session id, which only the oldest builds took, have no one left to
+    /// let go of them.
+    Unattributed,
 }
 
 impl Departed {
-    pub fn node(self) -> u64 {
+    /// The node whose holds go; `None`: holds that name no node.
+    pub fn node(self) -> Option<u64> {
         match self {
-            Departed::Restarted { node, .. } | Departed::Removed { node } => node,
+            Departed::Restarted { node, .. } | Departed::Removed { node } => Some(node),
+            Departed::Unattributed => None,
         }
     }
 
@@ -49,17 +55,19 @@ impl Departed {
         match self {
             Departed::Restarted { .. } => "restarted",
             Departed::Removed { .. } => "removed",
+            Departed::Unattributed => "unattributed",
         }
     }
 
     /// Whether `holder` ([`Holder`]) is one of the holds this departure leaves to nobody.
     pub fn left(self, holder: &str) -> bool {
         let Some((node, run)) = Holder::parse(holder) else {
-            return false;
+            return self == Departed::Unattributed;
         };
         match self {
             Departed::Restarted { node: n, run: r } => node == n && run.is_none_or(|h| h < r),
             Departed::Removed { node: n } => node == n,
+            Departed::Unattributed => false,
         }
     }
 }
@@ -92,5 +100,13 @@ mod tests {
         assert!(removed.left("2/s1.abc"), "a build before runs");
         assert!(!removed.left(&Holder::of(3, 7, "s1.abc")), "another node's");
         assert!(!removed.left("s1.abc"), "a bare session id");
+    }
+
+    #[test]
+    fn holds_that_name_no_node_go_only_as_unattributed() {
+        let nobody = Departed::Unattributed;
+        assert!(nobody.left("s1.abc"), "a bare session id");
+        assert!(!nobody.left(&Holder::of(2, 7, "s1.abc")), "a run's");
+        assert!(!nobody.left("2/s1.abc"), "a build before runs");
     }
 }

@@ -532,7 +532,7 @@ impl Pool {
         }
         metrics::counter!("mcpd_pool_subscription_holds_dropped_total", "server" => self.name.clone(), "reason" => departed.reason())
             .increment(dropped as u64);
-        tracing::info!(server = %self.name, node = departed.node(), reason = departed.reason(), holds = dropped, unsubscribed = released.len(), "a departed node's subscriptions let go");
+        tracing::info!(server = %self.name, node = ?departed.node(), reason = departed.reason(), holds = dropped, unsubscribed = released.len(), "a departed node's subscriptions let go");
         // Side by side: the turn is held for one request timeout at most, not one per URI.
         let each = released.into_iter().map(|(uri, process)| async move {
             let name = uri.clone();

@@ -75,6 +75,8 @@ impl Frame {
 pub struct PeerService {
     pub registry: Registry,
     pub pools: Pools,
+    /// Which peers' event streams named their run (`crate::pool::departed::RunsNamed`).
+    pub runs: crate::pool::departed::RunsNamed,
 }
 
 type FrameStream = Pin<Box<dyn Stream<Item = Result<WireFrame, Status>> + Send>>;
@@ -101,12 +103,22 @@ impl Peer for PeerService {
         } = req.into_inner();
         if run != 0 && caller != Some(from) {
             tracing::warn!(peer = from, certificate = ?caller, "an event stream asked for node {from} by a caller whose certificate does not name it: its holds are kept");
-        } else if run != 0 {
-            // A peer asks at each start and after each break: what its earlier runs held on
-            // this node's servers is nobody's now (a run that stopped let go itself).
+        } else {
+            let members = crate::pool::departed::applied_members(&self.registry);
+            let every_run_named = self.runs.heard(from, run, &members, self.registry.id);
             let pools = self.pools.clone();
-            let back = crate::call::Departed::Restarted { node: from, run };
-            tokio::spawn(async move { pools.let_go_of(back).await });
+            tokio::spawn(async move {
+                if run != 0 {
+                    // A peer asks at each start and after each break: what its earlier runs
+                    // held on this node's servers is nobody's now (a run that stopped let go
+                    // itself).
+                    let back = crate::call::Departed::Restarted { node: from, run };
+                    pools.let_go_of(back).await;
+                }
+                if every_run_named {
+                    pools.let_go_of(crate::call::Departed::Unattributed).await;
+                }
+            });
         }
         let mut hub = self.pools.subscribe();
         let (tx, rx) = mpsc::channel::<Result<WireFrame, Status>>(256);
