@@ -301,6 +301,8 @@ pub async fn run(
     let (trigger, shutdown) = shutdown::channel();
     tracing::info!(shards = shards.len(), "data-plane threads");
     let pools = Pools::on(shards.clone());
+    // Which peers' open event streams named their run (`pool::departed`).
+    let runs = Arc::new(crate::pool::departed::RunsNamed::default());
     let mut tasks = JoinSet::new();
     // One membership check for both directions: whom this node serves, and whom it dials.
     members.set(members_check(
@@ -327,6 +329,7 @@ pub async fn run(
             raft: raft.clone(),
             registry: registry.clone(),
             pools: pools.clone(),
+            runs: runs.clone(),
         },
         shutdown.clone(),
     ));
@@ -376,6 +379,7 @@ pub async fn run(
     tasks.spawn(crate::pool::departed::run(
         registry.clone(),
         pools.clone(),
+        runs.clone(),
         shutdown.clone(),
     ));
     tasks.spawn(reconcile::run(
@@ -546,6 +550,7 @@ struct GrpcServer {
     raft: Raft,
     registry: Registry,
     pools: Pools,
+    runs: Arc<crate::pool::departed::RunsNamed>,
 }
 
 async fn serve_grpc(grpc: GrpcServer, shutdown: Shutdown) {
@@ -555,7 +560,7 @@ async fn serve_grpc(grpc: GrpcServer, shutdown: Shutdown) {
     let peer_svc = PeerServer::new(PeerService {
         registry: grpc.registry.clone(),
         pools: grpc.pools,
-        runs: Default::default(),
+        runs: grpc.runs,
     })
     .max_decoding_message_size(64 << 20)
     .max_encoding_message_size(64 << 20);

@@ -4,9 +4,11 @@
 //! what that node's sessions held on them (`crate::call::Departed::Removed`). A node back after
 //! dying without stopping is the other departure; its event stream tells (`crate::route::peer`).
 //! Holds under a bare session id, which only the oldest builds took, go once every other
-//! member's event stream has named its run ([`RunsNamed`], `Departed::Unattributed`).
+//! member has an event stream open that named its run ([`RunsNamed`],
+//! `Departed::Unattributed`): checked when a stream opens and when the membership changes.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use super::reconcile::Pools;
 use crate::call::Departed;
@@ -14,7 +16,7 @@ use crate::registry::Registry;
 use crate::shutdown::Shutdown;
 
 /// Runs until `shutdown`, letting go of each member's holds once its removal is committed.
-pub async fn run(registry: Registry, pools: Pools, shutdown: Shutdown) {
+pub async fn run(registry: Registry, pools: Pools, runs: Arc<RunsNamed>, shutdown: Shutdown) {
     let mut server = registry.raft.server_metrics();
     let mut members = applied_members(&registry);
     loop {
@@ -48,6 +50,10 @@ pub async fn run(registry: Registry, pools: Pools, shutdown: Shutdown) {
                 pools.let_go_of(Departed::Removed { node }).await;
             }
         }
+        // The last member of the oldest builds may have left rather than been upgraded.
+        if now != members && runs.every_run_named(&now, registry.id) {
+            pools.let_go_of(Departed::Unattributed).await;
+        }
         members = now;
     }
 }
@@ -63,54 +69,134 @@ pub fn applied_members(registry: &Registry) -> BTreeSet<u64> {
         .collect()
 }
 
-/// The peers whose event streams named their run, as last heard: each runs a build that names
-/// its holders. A stream without a run (a build before runs, one rolled back) takes its node
-/// off again.
+/// The peers' open event streams, by whether they named their run (a build that names its
+/// holders) or not (a build before runs, or one rolled back to it). A stream counts while it
+/// is open ([`OpenStream`]), so a node that went away, or came back on an older build, is not
+/// counted on its last word.
 #[derive(Default)]
-pub struct RunsNamed(std::sync::Mutex<BTreeSet<u64>>);
+pub struct RunsNamed(std::sync::Mutex<std::collections::HashMap<u64, Streams>>);
+
+#[derive(Default, Clone, Copy)]
+struct Streams {
+    named: u32,
+    unnamed: u32,
+}
+
+/// One open event stream of a peer, counted in [`RunsNamed`] until dropped.
+pub struct OpenStream {
+    runs: Arc<RunsNamed>,
+    node: u64,
+    named: bool,
+}
 
 impl RunsNamed {
-    /// Records what `node`'s event stream said (`run`: 0 when it names none); `true` when
-    /// every member of `members` but `me` has named its run, so no one is left to let go of
-    /// holds under a bare session id.
-    pub fn heard(&self, node: u64, run: u64, members: &BTreeSet<u64>, me: u64) -> bool {
-        let mut named = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if run == 0 {
-            named.remove(&node);
-            return false;
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, Streams>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts an event stream `node` opened (`run`: 0 when it named none).
+    pub fn opened(self: &Arc<Self>, node: u64, run: u64) -> OpenStream {
+        let named = run != 0;
+        let mut streams = self.lock();
+        let s = streams.entry(node).or_default();
+        if named {
+            s.named += 1;
+        } else {
+            s.unnamed += 1;
         }
-        named.insert(node);
-        members.iter().all(|m| *m == me || named.contains(m))
+        OpenStream {
+            runs: self.clone(),
+            node,
+            named,
+        }
+    }
+
+    /// Whether every member of `members` but `me` (one at least) has an event stream open
+    /// that named its run, and none that did not: no node is left to let go of holds under a
+    /// bare session id.
+    pub fn every_run_named(&self, members: &BTreeSet<u64>, me: u64) -> bool {
+        let streams = self.lock();
+        let mut others = members.iter().filter(|m| **m != me).peekable();
+        others.peek().is_some()
+            && others.all(|m| {
+                streams
+                    .get(m)
+                    .is_some_and(|s| s.named > 0 && s.unnamed == 0)
+            })
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        let mut streams = self.runs.lock();
+        if let Some(s) = streams.get_mut(&self.node) {
+            if self.named {
+                s.named = s.named.saturating_sub(1);
+            } else {
+                s.unnamed = s.unnamed.saturating_sub(1);
+            }
+            if s.named == 0 && s.unnamed == 0 {
+                streams.remove(&self.node);
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::RunsNamed;
 
     #[test]
-    fn bare_holds_go_once_every_other_member_has_named_its_run() {
+    fn bare_holds_go_once_every_other_member_has_a_stream_open_that_named_its_run() {
         let members = [1, 2, 3].into_iter().collect();
-        let runs = RunsNamed::default();
-        assert!(!runs.heard(2, 10, &members, 1), "node 3 has not named one");
+        let runs = Arc::new(RunsNamed::default());
         assert!(
-            !runs.heard(3, 0, &members, 1),
+            !runs.every_run_named(&[1].into_iter().collect(), 1),
+            "no other member"
+        );
+        let two = runs.opened(2, 10);
+        assert!(
+            !runs.every_run_named(&members, 1),
+            "node 3 has no stream open"
+        );
+        let three_old = runs.opened(3, 0);
+        assert!(
+            !runs.every_run_named(&members, 1),
             "node 3 runs a build before runs"
         );
+        drop(three_old);
+        let three = runs.opened(3, 11);
         assert!(
-            runs.heard(3, 11, &members, 1),
+            runs.every_run_named(&members, 1),
             "upgraded: every other member named one"
         );
+        drop(two);
         assert!(
-            !runs.heard(2, 0, &members, 1),
+            !runs.every_run_named(&members, 1),
+            "node 2's stream closed: it may come back older"
+        );
+        let _two_old = runs.opened(2, 0);
+        assert!(
+            !runs.every_run_named(&members, 1),
             "node 2 rolled back to a build before runs"
         );
-        assert!(!runs.heard(3, 11, &members, 1), "node 2 still runs it");
-        assert!(runs.heard(2, 12, &members, 1), "and upgraded again");
+        let _two = runs.opened(2, 12);
+        assert!(
+            !runs.every_run_named(&members, 1),
+            "its old stream is still open"
+        );
+        drop(_two_old);
+        assert!(
+            runs.every_run_named(&members, 1),
+            "and now only its new one"
+        );
         let grown = [1, 2, 3, 4].into_iter().collect();
         assert!(
-            !runs.heard(3, 11, &grown, 1),
-            "a new member has not named one yet"
+            !runs.every_run_named(&grown, 1),
+            "a new member has no stream open yet"
         );
+        drop(three);
     }
 }

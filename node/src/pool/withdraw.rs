@@ -8,7 +8,8 @@
 //! pending one again, side by side in one turn (which it holds for one request timeout at
 //! most), after 1 s, then twice as long each time up to a minute. A URI leaves the retries
 //! when its process answers (or ends), or when it is subscribed again on that process (then
-//! it is wanted); the task ends when none is left, or when the pool closes.
+//! it is wanted); the task ends when none is left, or when the pool closes. A failure that
+//! comes while the task runs joins its current wait (up to a minute).
 //!
 //! `mcpd_pool_subscription_withdrawals_total{server,outcome}` counts each attempt: `ok`, an
 //! `answered` error (the process said no: it holds nothing to withdraw), or `failed`;
@@ -42,9 +43,16 @@ pub struct Retries(Mutex<Pending>);
 
 #[derive(Default)]
 struct Pending {
-    uris: HashMap<String, Weak<dyn Upstream>>,
+    /// By URI and process: a pool of several processes may have one URI to withdraw from
+    /// more than one.
+    uris: HashMap<(String, usize), Weak<dyn Upstream>>,
     /// Whether the pool's retry task runs.
     running: bool,
+}
+
+/// What tells one process from another in [`Pending`].
+fn address(process: &Weak<dyn Upstream>) -> usize {
+    process.as_ptr() as *const () as usize
 }
 
 impl Retries {
@@ -54,25 +62,36 @@ impl Retries {
 
     /// Keeps `w` to send again: `true` when the retry task must be started.
     fn add(&self, w: &Withdrawal) -> bool {
+        let process = Arc::downgrade(&w.process);
         let mut p = self.lock();
-        p.uris.insert(w.uri.clone(), Arc::downgrade(&w.process));
+        p.uris.insert((w.uri.clone(), address(&process)), process);
         !std::mem::replace(&mut p.running, true)
     }
 
     /// Takes every pending URI out, to be sent again.
     fn take(&self) -> Vec<(String, Weak<dyn Upstream>)> {
-        self.lock().uris.drain().collect()
+        let mut p = self.lock();
+        p.uris
+            .drain()
+            .map(|((uri, _), process)| (uri, process))
+            .collect()
     }
 
-    /// Puts back the URIs still to withdraw (unless a newer failure of the same URI came in
-    /// meanwhile); `false` when none is left, and the task ends.
+    /// Puts back the URIs still to withdraw (one that failed again meanwhile is there
+    /// already); `false` when none is left, and the task ends.
     fn keep(&self, failed: Vec<(String, Weak<dyn Upstream>)>) -> bool {
         let mut p = self.lock();
         for (uri, process) in failed {
-            p.uris.entry(uri).or_insert(process);
+            p.uris.entry((uri, address(&process))).or_insert(process);
         }
         p.running = !p.uris.is_empty();
         p.running
+    }
+
+    /// The task ended without [`Retries::keep`] saying so (it panicked): the next failure
+    /// starts another.
+    fn stopped(&self) {
+        self.lock().running = false;
     }
 
     fn len(&self) -> usize {
@@ -138,6 +157,7 @@ impl Pool {
 /// The pool's retry task: every pending unsubscribe again, side by side in one turn, backing
 /// off, until none is left or the pool closes.
 async fn again(pool: Weak<Pool>) {
+    let _stopped = Stopped(pool.clone());
     let mut wait = RETRY_FIRST;
     loop {
         tokio::time::sleep(wait).await;
@@ -174,5 +194,18 @@ async fn again(pool: Weak<Pool>) {
         }
         wait = (wait * 2).min(RETRY_MOST);
         tracing::warn!(server = %pool.name, failed = still, newer, retry_in_ms = wait.as_millis() as u64, "unsubscribes failed again; the server may keep sending updates for them");
+    }
+}
+
+/// Resets the pool's `running` flag if its retry task unwinds.
+struct Stopped(Weak<Pool>);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(pool) = self.0.upgrade() {
+                pool.withdrawals.stopped();
+            }
+        }
     }
 }

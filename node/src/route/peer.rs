@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use mcpcp_proto::api::Member;
 use mcpcp_proto::mcp::{code, ErrorObject, Message, RequestId};
 use mcpcp_proto::peer::peer_client::PeerClient;
@@ -75,8 +75,9 @@ impl Frame {
 pub struct PeerService {
     pub registry: Registry,
     pub pools: Pools,
-    /// Which peers' event streams named their run (`crate::pool::departed::RunsNamed`).
-    pub runs: crate::pool::departed::RunsNamed,
+    /// The peers' open event streams, by whether they named their run
+    /// (`crate::pool::departed::RunsNamed`).
+    pub runs: std::sync::Arc<crate::pool::departed::RunsNamed>,
 }
 
 type FrameStream = Pin<Box<dyn Stream<Item = Result<WireFrame, Status>> + Send>>;
@@ -101,12 +102,14 @@ impl Peer for PeerService {
             from_node: from,
             run,
         } = req.into_inner();
+        let mut open = None;
         if run != 0 && caller != Some(from) {
             tracing::warn!(peer = from, certificate = ?caller, "an event stream asked for node {from} by a caller whose certificate does not name it: its holds are kept");
         } else {
-            let members = crate::pool::departed::applied_members(&self.registry);
-            let every_run_named = self.runs.heard(from, run, &members, self.registry.id);
-            let pools = self.pools.clone();
+            // Counted while the stream is open: the guard goes with the response stream.
+            open = Some(self.runs.opened(from, run));
+            let (pools, runs, registry) =
+                (self.pools.clone(), self.runs.clone(), self.registry.clone());
             tokio::spawn(async move {
                 if run != 0 {
                     // A peer asks at each start and after each break: what its earlier runs
@@ -115,7 +118,8 @@ impl Peer for PeerService {
                     let back = crate::call::Departed::Restarted { node: from, run };
                     pools.let_go_of(back).await;
                 }
-                if every_run_named {
+                let members = crate::pool::departed::applied_members(&registry);
+                if runs.every_run_named(&members, registry.id) {
                     pools.let_go_of(crate::call::Departed::Unattributed).await;
                 }
             });
@@ -146,7 +150,11 @@ impl Peer for PeerService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let frames = ReceiverStream::new(rx).map(move |frame| {
+            let _counted = &open;
+            frame
+        });
+        Ok(Response::new(Box::pin(frames)))
     }
 
     async fn call(
