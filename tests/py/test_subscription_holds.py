@@ -72,6 +72,16 @@ def subscribe(url: str, token: str, sid: str, uri: str) -> None:
     assert "result" in answer_of(r), r.text
 
 
+def subscribed_session(c: Cluster, host: int, url: str, uri: str) -> tuple[float, str]:
+    """A session opened on `url` and subscribed to `uri`, which the host's process took: what
+    the host held before, and the session."""
+    before = held(c, host)
+    sid = legacy_initialize(url, c.token)
+    subscribe(url, c.token, sid, uri)
+    assert held(c, host) == before + 1, "the host's process took the subscription"
+    return before, sid
+
+
 def continued_then_ended(c: Cluster, host: int, url: str, sid: str, before: float) -> None:
     """The session's client comes back: the session, continued, holds its subscription on the
     host again; ended, it lets go."""
@@ -85,10 +95,7 @@ def continued_then_ended(c: Cluster, host: int, url: str, sid: str, before: floa
 def test_a_session_that_ends_withdraws_its_subscription_on_the_node_that_runs_the_server(holds):
     c, host, front = holds
     url = c.url(front, "everything")
-    before = held(c, host)
-    sid = legacy_initialize(url, c.token)
-    subscribe(url, c.token, sid, "demo://resource/dynamic/text/11")
-    assert held(c, host) == before + 1, "the host's process took the subscription"
+    before, sid = subscribed_session(c, host, url, "demo://resource/dynamic/text/11")
     end_session(url, c.token, sid)
     wait_until(lambda: held(c, host) == before, 10, "the ended session's subscription withdrawn on the host")
 
@@ -141,10 +148,7 @@ def test_a_node_that_stops_lets_go_of_its_sessions_subscriptions_and_takes_them_
     again."""
     c, host, front = holds
     url = c.url(front, "everything")
-    before = held(c, host)
-    sid = legacy_initialize(url, c.token)
-    subscribe(url, c.token, sid, "demo://resource/dynamic/text/14")
-    assert held(c, host) == before + 1
+    before, sid = subscribed_session(c, host, url, "demo://resource/dynamic/text/14")
     c.stop(front)
     wait_until(lambda: held(c, host) == before, 10, "the stopped node's session let go on the host")
     c.restart(front)
@@ -157,11 +161,8 @@ def test_a_node_killed_without_stopping_has_its_holds_let_go_when_it_comes_back(
     continued on the front, holds again."""
     c, host, front = holds
     url = c.url(front, "everything")
-    before = held(c, host)
     dropped_before = dropped(c, host, "restarted")
-    sid = legacy_initialize(url, c.token)
-    subscribe(url, c.token, sid, "demo://resource/dynamic/text/15")
-    assert held(c, host) == before + 1
+    before, sid = subscribed_session(c, host, url, "demo://resource/dynamic/text/15")
     c.kill(front)
     c.restart(front)
     wait_until(lambda: held(c, host) == before, 20, "the host let go of the killed run's subscription")
@@ -178,11 +179,8 @@ def test_a_node_removed_from_the_cluster_has_its_holds_let_go(tmp_path_factory):
         host = everything_on_one_node(c)
         front, survivor = [n for n in range(3) if n != host]
         url = c.url(front, "everything")
-        before = held(c, host)
         dropped_before = dropped(c, host, "removed")
-        sid = legacy_initialize(url, c.token)
-        subscribe(url, c.token, sid, "demo://resource/dynamic/text/16")
-        assert held(c, host) == before + 1
+        before, _ = subscribed_session(c, host, url, "demo://resource/dynamic/text/16")
         c.kill(front)
         c.mcpctl("cluster", "remove-node", str(front + 1), node=survivor)
         wait_until(lambda: held(c, host) == before, 20, "the host let go of the removed node's subscription")

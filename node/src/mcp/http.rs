@@ -105,18 +105,15 @@ async fn replicate_state(state: &McpState, session: &Arc<Session>) {
         return;
     }
     match tokio::time::timeout(wait, written).await {
-        Ok(Ok(true)) => {}
-        Ok(_) => {
-            // It failed (and logged why) within the wait.
-            metrics::counter!("mcpd_mcp_session_state_writes_total", "outcome" => "unconfirmed")
-                .increment(1);
-        }
+        Ok(Ok(true)) => return,
+        // It failed, and `replicate` logged why.
+        Ok(_) => {}
         Err(_) => {
-            metrics::counter!("mcpd_mcp_session_state_writes_total", "outcome" => "unconfirmed")
-                .increment(1);
             tracing::warn!(session = %super::session::short(&session.id), waited_ms = wait.as_millis() as u64, "answered before the session's state was replicated (no quorum?); the write goes on");
         }
     }
+    metrics::counter!("mcpd_mcp_session_state_writes_total", "outcome" => "unconfirmed")
+        .increment(1);
 }
 
 /// Writes a session's subscriptions and log level to the registry, so another node can

@@ -406,6 +406,7 @@ impl Sessions {
         };
         let id = key.and_then(|k| sign(k, &claims)).unwrap_or(nonce);
         let session = Session::new(id, opening);
+        // A fresh id: nothing is there.
         self.insert(session.clone());
         session
     }
@@ -447,23 +448,24 @@ impl Sessions {
                 .unwrap_or_else(|p| p.into_inner()) = st.subscriptions;
             *session.log_level.lock().unwrap_or_else(|p| p.into_inner()) = st.log_level;
         }
-        {
-            let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(there) = map.get(id) {
-                return Some(Continued::Found(there.clone()));
-            }
-            map.insert(id.to_string(), session.clone());
+        if let Some(there) = self.insert(session.clone()) {
+            return Some(Continued::Found(there));
         }
-        Self::count(&session);
         metrics::counter!("mcpd_mcp_sessions_recovered_total").increment(1);
         tracing::info!(session = %short(id), "session continued from another node");
         Some(Continued::Rebuilt(session))
     }
 
-    fn insert(&self, session: Arc<Session>) {
-        Self::count(&session);
+    /// Puts `session` in memory, unless a session of its id is there already: that one is
+    /// returned, and kept.
+    fn insert(&self, session: Arc<Session>) -> Option<Arc<Session>> {
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(there) = map.get(&session.id) {
+            return Some(there.clone());
+        }
+        Self::count(&session);
         map.insert(session.id.clone(), session);
+        None
     }
 
     /// `mcpd_mcp_sessions`: one more session of its revision in memory.

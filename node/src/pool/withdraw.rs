@@ -110,7 +110,7 @@ impl Pool {
         owner: Option<Arc<str>>,
     ) -> Result<Value, CallError> {
         let outcome = self.unsubscribe_on(&w, events, owner).await;
-        if matches!(&outcome, Err(e) if !matches!(e, CallError::Answered(_))) {
+        if unanswered(&outcome) {
             if self.withdrawals.add(&w) {
                 tokio::spawn(again(Arc::downgrade(self)));
             }
@@ -140,8 +140,8 @@ impl Pool {
             .await;
         let label = match &outcome {
             Ok(_) => "ok",
-            Err(CallError::Answered(_)) => "answered",
-            Err(_) => "failed",
+            _ if unanswered(&outcome) => "failed",
+            Err(_) => "answered",
         };
         metrics::counter!("mcpd_pool_subscription_withdrawals_total", "server" => self.name.clone(), "outcome" => label)
             .increment(1);
@@ -152,6 +152,12 @@ impl Pool {
         metrics::gauge!("mcpd_pool_subscription_withdrawals_pending", "server" => self.name.clone())
             .set(self.withdrawals.len() as f64);
     }
+}
+
+/// Whether an unsubscribe failed without the process's answer, so the process may still
+/// hold the URI.
+fn unanswered(outcome: &Result<Value, CallError>) -> bool {
+    matches!(outcome, Err(e) if !matches!(e, CallError::Answered(_)))
 }
 
 /// The pool's retry task: every pending unsubscribe again, side by side in one turn, backing
@@ -182,7 +188,7 @@ async fn again(pool: Weak<Pool>) {
         let failed: Vec<_> = due
             .into_iter()
             .zip(outcomes)
-            .filter(|(_, o)| matches!(o, Err(e) if !matches!(e, CallError::Answered(_))))
+            .filter(|(_, o)| unanswered(o))
             .map(|(w, _)| (w.uri, Arc::downgrade(&w.process)))
             .collect();
         let (newer, still) = (pool.withdrawals.len(), failed.len());
