@@ -7,6 +7,8 @@ with `retryAfterMs`."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 import uuid
@@ -307,3 +309,65 @@ def test_a_leader_cut_off_from_its_peers_refuses_limited_calls_and_serves_the_re
     finally:
         for node in others:
             c.restart(node)
+
+
+
+# The election timeout long enough (3-6 s) that both followers can be paused past half of it
+# (1.5 s), while the leader's last quorum acknowledgement ages, and resumed before either of
+# them would stand for election.
+LONG_ELECTIONS = "[raft]\nheartbeat_ms = 100\nelection_timeout_min_ms = 3000\nelection_timeout_max_ms = 6000\n"
+HALF_ELECTION_S = 1.5
+
+
+@pytest.fixture(scope="module")
+def long_election_cluster(tmp_path_factory):
+    config = tmp_path_factory.mktemp("long-elections") / "mcpd.toml"
+    config.write_text(LONG_ELECTIONS)
+    c = start_cluster(tmp_path_factory, "long-elections", 3, [f"--config={config}"])
+    try:
+        c.wait_tools("demo", ["echo"])
+        yield c
+    finally:
+        c.down()
+
+
+def test_a_leader_whose_heartbeats_are_late_asks_its_quorum_again_before_refusing(long_election_cluster):
+    """Heartbeats late on a loaded machine leave the leader's last quorum acknowledgement older
+    than half the election timeout, too old to grant a lease on. The leader then asks its quorum
+    again before it refuses: a limited call waits for the followers' answer and is served, not
+    refused as unchecked (-32050). Here both followers are paused past half the election timeout
+    and resumed while the call waits."""
+    c = long_election_cluster
+    tenant = f"hb-{uuid.uuid4().hex[:6]}"
+    token = tenant_with_token(c, tenant)
+    c.mcpctl("limit", "set", tenant, "--tenant", tenant, "--rate", "1", "--burst", "1")
+    limit_known_everywhere(c, tenant)
+    leader = wait_until(lambda: None if (n := c.leader(0)) is None else [n], 30, "a leader")[0]
+    followers = [c.pid(n) for n in range(c.nodes) if n != leader]
+
+    def confirmed() -> float:
+        return c.metric("mcpd_limit_lease_quorum_confirmations_total", 'outcome="confirmed"', node=leader) or 0
+
+    before = confirmed()
+    paused_at = time.monotonic()
+    for pid in followers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        # The pause is the fault: no follower can answer, so the acknowledgement ages.
+        time.sleep(HALF_ELECTION_S + 0.3)
+        with ThreadPoolExecutor(1) as pool:
+            call = pool.submit(echo, c, leader, token)
+            # Without a second ask the leader would refuse at once; it waits for an answer.
+            with pytest.raises(TimeoutError):
+                call.result(timeout=0.3)
+            for pid in followers:
+                os.kill(pid, signal.SIGCONT)
+            answer = call.result(timeout=30)
+    finally:
+        for pid in followers:
+            os.kill(pid, signal.SIGCONT)
+    print(f"\nfollowers paused {time.monotonic() - paused_at:.2f} s; the call: {answer}")
+    assert "result" in answer, answer
+    assert confirmed() == before + 1
+    assert c.leader(leader) == leader, "the pause cost no election"
+    c.mcpctl("limit", "rm", tenant)
