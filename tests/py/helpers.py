@@ -130,9 +130,9 @@ def stateless_post(
     return httpx2.post(url, json=body, headers=h, timeout=timeout)
 
 
-def stateless_tool_names(url: str, token: str) -> list[str]:
-    """The tool names `tools/list` answers on `url` (2026-07-28, raw HTTP)."""
-    r = stateless_post(url, token, "tools/list")
+def stateless_tool_names(url: str, token: str, timeout: float = 60) -> list[str]:
+    """The tool names `tools/list` answers on `url` (2026-07-28, raw HTTP), within `timeout`."""
+    r = stateless_post(url, token, "tools/list", timeout=timeout)
     r.raise_for_status()
     return [t["name"] for t in r.json()["result"]["tools"]]
 

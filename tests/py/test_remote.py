@@ -27,7 +27,8 @@ from mcp.shared.subscriptions import ToolsListChanged
 from conftest import NODE22, NPM, VENV_BIN, Cluster, own_server_as_remote
 from cutting_proxy import CuttingProxy
 from upstreams import Upstream, free_port, serving
-from helpers import MODES, accepting, await_until, client, protocols, run, text_of, wait_until
+from helpers import (MODES, accepting, await_until, client, protocols, run, stateless_tool_names, text_of,
+                     wait_until)
 
 HERE = Path(__file__).resolve().parent
 KEY = f"key-{uuid.uuid4().hex}"
@@ -81,16 +82,22 @@ def remote(cluster: Cluster, sdk_upstream: Upstream) -> str:
     """The SDK server, registered with its API key as a (sealed) header."""
     name = "remote"
     cluster.mcpctl("server", "add", name, "--url", sdk_upstream.url, "--header", f"X-Api-Key={KEY}")
-    cluster.wait_tools(name, ["echo", "add", "count"])
-    return name
+    try:
+        cluster.wait_tools(name, ["echo", "add", "count"])
+        yield name
+    finally:
+        cluster.mcpctl("server", "rm", name)
 
 
 @pytest.fixture(scope="module")
 def remote_legacy(cluster: Cluster, sdk_legacy_upstream: Upstream) -> str:
     name = "remote-legacy"
     cluster.mcpctl("server", "add", name, "--url", sdk_legacy_upstream.url, "--header", f"X-Api-Key={KEY}")
-    cluster.wait_tools(name, ["echo", "add", "count"])
-    return name
+    try:
+        cluster.wait_tools(name, ["echo", "add", "count"])
+        yield name
+    finally:
+        cluster.mcpctl("server", "rm", name)
 
 
 def test_a_remote_server_is_registered_with_its_headers_sealed(cluster, remote):
@@ -271,6 +278,28 @@ def test_a_remote_server_that_is_down_is_answered_by_its_fallback(cluster, remot
 
     try:
         run(scenario())
+    finally:
+        cluster.mcpctl("server", "rm", name)
+
+
+def test_a_server_that_is_down_does_not_hold_up_the_aggregate_list(cluster):
+    """A remote server no node can reach: once each node's first start of it failed, the
+    aggregate `/mcp` list answers at once with the other servers' tools, well inside a 5 s
+    client timeout, instead of waiting up to 10 s on every list for a process that is not
+    coming."""
+    name = f"down-{uuid.uuid4().hex[:6]}"
+    cluster.mcpctl("server", "add", name, "--url", f"http://127.0.0.1:{free_port()}/mcp")
+
+    def state(node: int, s: str) -> float:
+        return cluster.metric("mcpd_pool_processes", f'server="{name}",transport="remote",state="{s}"', node) or 0
+
+    try:
+        for node in range(cluster.nodes):
+            wait_until(lambda: state(node, "starting") == 0 and state(node, "restarting") + state(node, "crash_loop") > 0,
+                       60, f"node {node} failed its first start of {name}")
+        for node in range(cluster.nodes):
+            listed = stateless_tool_names(cluster.url(node), cluster.token, timeout=5)
+            assert "time__get_current_time" in listed, listed
     finally:
         cluster.mcpctl("server", "rm", name)
 

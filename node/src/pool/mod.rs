@@ -376,10 +376,24 @@ impl Pool {
             let any_change = futures_util::future::select_all(
                 changes.iter_mut().map(|rx| Box::pin(rx.changed())),
             );
-            if tokio::time::timeout_at(deadline, any_change).await.is_err() {
+            let changed = tokio::time::timeout_at(deadline, any_change)
+                .await
+                .map(|(changed, _, _)| changed);
+            // The deadline, or a slot's supervisor ended (the pool is stopping): no process is
+            // coming. (Its closed channel would answer every wait at once.)
+            if !matches!(changed, Ok(Ok(()))) {
                 return None;
             }
         }
+    }
+
+    /// Whether a process of this pool is still on its first start, so that one may come up
+    /// soon. One whose processes all failed since (restarting, crash-looping) is not waited
+    /// for by a caller that only asks what the server offers (`crate::route`'s `info_of`).
+    pub fn first_starting(&self) -> bool {
+        self.slots
+            .iter()
+            .any(|s| *s.state.borrow() == SlotState::Starting)
     }
 
     /// Runs one request on a process of this pool, for a caller of no tenant.

@@ -238,6 +238,8 @@ pub struct Handle {
     rate_buckets: std::sync::Arc<lease::rate::Buckets>,
     /// The concurrency limits' holdings, used while this node leads (`lease::slots`).
     slot_holdings: std::sync::Arc<lease::slots::Holdings>,
+    /// The last time this node, leading, asked its quorum before a lease (`lease::quorum`).
+    lease_confirmations: lease::quorum::Confirmations,
     /// The command formats members apply, as their pings say (`formats`).
     formats: std::sync::Arc<formats::MemberFormats>,
 }
@@ -277,6 +279,7 @@ impl Registry {
             uses: std::sync::Arc::default(),
             rate_buckets: std::sync::Arc::default(),
             slot_holdings: std::sync::Arc::default(),
+            lease_confirmations: lease::quorum::Confirmations::default(),
             formats: std::sync::Arc::default(),
         }))
     }

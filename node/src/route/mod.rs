@@ -477,8 +477,15 @@ impl Router {
             .any(|r| matches!(r, Replica::Local));
         if local {
             if let Some(pool) = self.pools.get(server) {
-                let wait = Duration::from_millis(spec.spec.timeouts.startup_ms)
-                    .min(Duration::from_secs(10));
+                // A server still starting is waited for; one that is down (its processes
+                // restarting) answers with what is known of it at once, so that it does not
+                // hold up every aggregate list.
+                let wait = if pool.first_starting() {
+                    Duration::from_millis(spec.spec.timeouts.startup_ms)
+                        .min(Duration::from_secs(10))
+                } else {
+                    Duration::ZERO
+                };
                 let _ = pool.ready(wait).await;
                 // The first catalogue load follows readiness closely; give it a moment.
                 let deadline = Instant::now() + Duration::from_secs(2);

@@ -7,27 +7,20 @@
 //! Both live only in the leader's memory, and only a leader that heard from a quorum within
 //! half the election timeout grants: no other node can have been elected since, so a leader
 //! cut off from its peers stops granting before the majority's new leader starts (the budget
-//! would be granted twice). When the last acknowledgement is older than that (a heartbeat late
-//! on a loaded machine), the leader asks a quorum again, for at most the election timeout (and
-//! never longer than [`CONFIRM_AT_MOST`]), before it refuses. A node that cannot reach such a
-//! leader gets nothing: its limited calls are refused until it can (fail closed, like a write
-//! without quorum).
+//! would be granted twice); when the last acknowledgement is older, it asks its quorum again
+//! before it refuses ([`quorum`]). A node that cannot reach such a leader gets nothing: its
+//! limited calls are refused until it can (fail closed, like a write without quorum).
 
+pub mod quorum;
 pub mod rate;
 pub mod slots;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mcpcp_proto::cluster::LeaseRequest;
-use openraft::error::{CheckIsLeaderError, RaftError};
 use serde::{Deserialize, Serialize};
 
 use super::Registry;
-
-/// How long a leader whose last quorum acknowledgement is too old to lean on spends asking a
-/// quorum again before it refuses a lease. A node asking the leader waits longer than this
-/// (`crate::limits::LEASE_TIMEOUT`), so the refusal it gets is the leader's, not a timeout.
-pub const CONFIRM_AT_MOST: Duration = Duration::from_secs(1);
 
 /// What a node asks the leader for.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -107,71 +100,6 @@ impl Registry {
         match ask {
             LeaseAsk::Rate(ask) => self.rate_as_leader(ask).map(LeaseGrant::Rate),
             LeaseAsk::Slots(ask) => self.slots_as_leader(ask, term).await.map(LeaseGrant::Slots),
-        }
-    }
-
-    /// This node's term when it leads and heard from a quorum within half the election
-    /// timeout: from the last acknowledgement when it is recent enough, else from a quorum
-    /// asked now ([`Registry::confirm_quorum`]).
-    async fn leading_with_quorum(&self) -> Result<u64, LeaseError> {
-        let (leader, quorum_ack_ms, term) = {
-            let m = self.raft.metrics();
-            let m = m.borrow();
-            (m.current_leader, m.millis_since_quorum_ack, m.current_term)
-        };
-        if leader != Some(self.id) {
-            return Err(LeaseError::NotLeader(self.id));
-        }
-        if quorum_ack_ms.is_some_and(|ms| ms <= self.raft.config().election_timeout_min / 2) {
-            return Ok(term);
-        }
-        let confirmed = self.confirm_quorum(quorum_ack_ms).await;
-        metrics::counter!("mcpd_limit_lease_quorum_confirmations_total",
-            "outcome" => if confirmed.is_ok() { "confirmed" } else { "refused" })
-        .increment(1);
-        confirmed
-    }
-
-    /// Asks a quorum whether this node still leads, again while no quorum answers in time
-    /// (openraft gives each peer a heartbeat interval) or the answer comes too late to lean on
-    /// (a quorum that answered a heartbeat sent at `sent` cannot elect anyone else before
-    /// `sent` + the election timeout, so the grant must follow within half of it), for at most
-    /// [`CONFIRM_AT_MOST`] or the election timeout, whichever is shorter.
-    async fn confirm_quorum(&self, last_ack_ms: Option<u64>) -> Result<u64, LeaseError> {
-        let config = self.raft.config();
-        let within = Duration::from_millis(config.election_timeout_min / 2);
-        let deadline = Instant::now()
-            + CONFIRM_AT_MOST.min(Duration::from_millis(config.election_timeout_min));
-        loop {
-            let sent = Instant::now();
-            let left = deadline.saturating_duration_since(sent);
-            if left.is_zero() {
-                return Err(LeaseError::NoQuorum(last_ack_ms));
-            }
-            match tokio::time::timeout(left, self.raft.get_read_log_id()).await {
-                Err(_) => return Err(LeaseError::NoQuorum(last_ack_ms)),
-                Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => {
-                    return Err(LeaseError::NotLeader(self.id))
-                }
-                Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => {
-                    // Each peer had a heartbeat's time to answer; it may yet, within the bound.
-                    let pause = Duration::from_millis(config.heartbeat_interval);
-                    tokio::time::sleep(
-                        pause.min(deadline.saturating_duration_since(Instant::now())),
-                    )
-                    .await;
-                }
-                Ok(Err(RaftError::Fatal(e))) => return Err(LeaseError::Unreachable(e.to_string())),
-                Ok(Ok(_)) if sent.elapsed() <= within => {
-                    let m = self.raft.metrics();
-                    let m = m.borrow();
-                    return match m.current_leader == Some(self.id) {
-                        true => Ok(m.current_term),
-                        false => Err(LeaseError::NotLeader(self.id)),
-                    };
-                }
-                Ok(Ok(_)) => continue,
-            }
         }
     }
 
