@@ -70,8 +70,11 @@ def test_bridge_lists_and_calls_demo_time_and_sampling(fresh):
 
 def test_killing_the_bridges_node_is_invisible_and_subscriptions_keep_delivering(fresh):
     c = fresh
-    # server-everything on one node, not the one the bridge talks to first.
-    c.mcpctl("server", "add", "everything", "--replicas", "1", "--",
+    # server-everything on one node, not the one the bridge talks to first, in one process:
+    # it keeps subscriptions per process, so the subscribe and the tool that starts the
+    # updates must reach the same one (with two, a call made while the other is busy loading
+    # the catalogue takes the other).
+    c.mcpctl("server", "add", "everything", "--replicas", "1", "--pool-size", "1", "--",
              str(NODE22), str(NPM / "@modelcontextprotocol/server-everything/dist/index.js"), "stdio")
     status = wait_until(
         lambda: (s := json.loads(c.mcpctl("server", "status", "everything", "-o", "json")))["placement"] and s,

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -78,7 +79,7 @@ def everything_sse_upstream():
 
 
 @pytest.fixture(scope="module")
-def remote(cluster: Cluster, sdk_upstream: Upstream) -> str:
+def remote(cluster: Cluster, sdk_upstream: Upstream) -> Iterator[str]:
     """The SDK server, registered with its API key as a (sealed) header."""
     name = "remote"
     cluster.mcpctl("server", "add", name, "--url", sdk_upstream.url, "--header", f"X-Api-Key={KEY}")
@@ -90,7 +91,7 @@ def remote(cluster: Cluster, sdk_upstream: Upstream) -> str:
 
 
 @pytest.fixture(scope="module")
-def remote_legacy(cluster: Cluster, sdk_legacy_upstream: Upstream) -> str:
+def remote_legacy(cluster: Cluster, sdk_legacy_upstream: Upstream) -> Iterator[str]:
     name = "remote-legacy"
     cluster.mcpctl("server", "add", name, "--url", sdk_legacy_upstream.url, "--header", f"X-Api-Key={KEY}")
     try:

@@ -107,6 +107,19 @@ pub fn share(registry: &Registry, principal: &Principal) -> Share {
     }
 }
 
+/// How long a caller asking what a server offers waits for a process of it (at most the
+/// server's start timeout, and 10 s).
+#[derive(Debug, Clone, Copy)]
+enum Wait {
+    /// For a running process, even while one restarts: the caller needs its `initialize`
+    /// answer (a session's or a discovery's, `Router::serving`).
+    Running,
+    /// Only while a process is on its first start: a caller that reads the catalogue, which
+    /// outlives a restart, gets what is known of a server that is down at once, so that one
+    /// such server does not hold up every aggregate list.
+    FirstStart,
+}
+
 /// Routes calls to replicas. Cheap to clone.
 #[derive(Clone)]
 pub struct Router {
@@ -426,7 +439,7 @@ impl Router {
         principal: &Principal,
         server: &str,
     ) -> (ServerInfo, Option<String>) {
-        let info = self.info(principal, server).await;
+        let info = self.info_waiting(principal, server, Wait::Running).await;
         if info.init.is_some() {
             return (info, None);
         }
@@ -435,7 +448,7 @@ impl Router {
             .map(|s| s.spec.fallbacks)
             .unwrap_or_default();
         for fb in fallbacks {
-            let fb_info = self.info(principal, &fb).await;
+            let fb_info = self.info_waiting(principal, &fb, Wait::Running).await;
             if fb_info.init.is_some() {
                 return (fb_info, Some(fb));
             }
@@ -445,11 +458,16 @@ impl Router {
 
     /// What `server` offers (initialize answer and catalogue), from this node's pool or, for a
     /// server placed elsewhere, from a peer that runs it (cached briefly).
+    /// Waits for a process only while the server is on its first start ([`Wait::FirstStart`]).
     pub async fn info(&self, principal: &Principal, server: &str) -> ServerInfo {
+        self.info_waiting(principal, server, Wait::FirstStart).await
+    }
+
+    async fn info_waiting(&self, principal: &Principal, server: &str, wait: Wait) -> ServerInfo {
         let Ok(spec) = self.scope(principal, server) else {
             return ServerInfo::default();
         };
-        self.info_of(&spec).await
+        self.info_of_waiting(&spec, wait).await
     }
 
     /// Whether server `server` lists `item` for `method`, from what this node knows already
@@ -470,6 +488,10 @@ impl Router {
     /// What the server of `spec` offers, for a caller whose right to see it was checked
     /// already (the admin API's catalogue).
     pub async fn info_of(&self, spec: &Versioned<ServerSpec>) -> ServerInfo {
+        self.info_of_waiting(spec, Wait::FirstStart).await
+    }
+
+    async fn info_of_waiting(&self, spec: &Versioned<ServerSpec>, wait: Wait) -> ServerInfo {
         let server = spec.spec.name.as_str();
         let local = self
             .replicas(spec)
@@ -477,14 +499,12 @@ impl Router {
             .any(|r| matches!(r, Replica::Local));
         if local {
             if let Some(pool) = self.pools.get(server) {
-                // A server still starting is waited for; one that is down (its processes
-                // restarting) answers with what is known of it at once, so that it does not
-                // hold up every aggregate list.
-                let wait = if pool.first_starting() {
-                    Duration::from_millis(spec.spec.timeouts.startup_ms)
-                        .min(Duration::from_secs(10))
-                } else {
-                    Duration::ZERO
+                let wait = match wait {
+                    Wait::FirstStart if !pool.first_starting() => Duration::ZERO,
+                    Wait::FirstStart | Wait::Running => {
+                        Duration::from_millis(spec.spec.timeouts.startup_ms)
+                            .min(Duration::from_secs(10))
+                    }
                 };
                 let _ = pool.ready(wait).await;
                 // The first catalogue load follows readiness closely; give it a moment.

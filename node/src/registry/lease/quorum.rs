@@ -17,12 +17,26 @@ use crate::registry::Registry;
 /// The longest a leader asks its quorum again before it refuses a lease (the election timeout,
 /// when shorter). A node that asks the leader waits `crate::limits::LEASE_TIMEOUT` (1.5 s) for
 /// the answer, and a slot ask may then wait `super::slots::WAIT` (0.8 s) for a free slot: the
-/// asking node gets the leader's answer, not a timeout.
+/// asking node normally gets the leader's answer, not a timeout.
 pub const CONFIRM_AT_MOST: Duration = Duration::from_millis(500);
+
+/// The pause before asking again when no quorum answered (a refused connection answers at
+/// once; a peer that is slow or stopped took a heartbeat interval already).
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 /// The last time the quorum was asked, shared by every lease ask of this node.
 #[derive(Default)]
-pub struct Confirmations(tokio::sync::Mutex<Last>);
+pub struct Confirmations {
+    /// The turn to ask: one ask of the quorum at a time (the others wait for its answer).
+    asking: tokio::sync::Mutex<()>,
+    last: std::sync::Mutex<Last>,
+}
+
+impl Confirmations {
+    fn last(&self) -> std::sync::MutexGuard<'_, Last> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 #[derive(Default)]
 struct Last {
@@ -42,27 +56,35 @@ impl Registry {
         if last_ack_ms.is_some_and(|ms| Duration::from_millis(ms) <= within) {
             return Ok(term);
         }
-        let mut last = self.lease_confirmations.0.lock().await;
-        // Another ask may have settled it while this one waited for its turn.
-        if last
-            .confirmed
-            .is_some_and(|(t, sent)| t == term && sent.elapsed() <= within)
+        let confirmations = &self.lease_confirmations;
+        let _turn = confirmations.asking.lock().await;
         {
-            return Ok(term);
-        }
-        if last.refused_at.is_some_and(|at| at >= asked) {
-            return Err(LeaseError::NoQuorum(last_ack_ms));
+            // Another ask may have settled it while this one waited for its turn.
+            let last = confirmations.last();
+            if last
+                .confirmed
+                .is_some_and(|(t, sent)| t == term && sent.elapsed() <= within)
+            {
+                return Ok(term);
+            }
+            if last.refused_at.is_some_and(|at| at >= asked) {
+                return Err(LeaseError::NoQuorum(last_ack_ms));
+            }
         }
         let answer = self.confirm_quorum(term, last_ack_ms).await;
-        let outcome = match &answer {
-            Ok(sent) => {
-                last.confirmed = Some((term, *sent));
-                "confirmed"
-            }
-            Err(LeaseError::NotLeader(_)) => "not_leader",
-            Err(_) => {
-                last.refused_at = Some(Instant::now());
-                "no_quorum"
+        let outcome = {
+            let mut last = confirmations.last();
+            match &answer {
+                Ok(sent) => {
+                    last.confirmed = Some((term, *sent));
+                    "confirmed"
+                }
+                Err(LeaseError::NotLeader(_)) => "not_leader",
+                Err(LeaseError::Unreachable(_)) => "stopped",
+                Err(_) => {
+                    last.refused_at = Some(Instant::now());
+                    "no_quorum"
+                }
             }
         };
         metrics::counter!("mcpd_limit_lease_quorum_confirmations_total", "outcome" => outcome)
@@ -126,7 +148,7 @@ impl Registry {
                 Err(Some(refused)) => return Err(refused),
                 Err(None) => {
                     // Each peer had a heartbeat interval to answer; it may yet, within the bound.
-                    let pause = Duration::from_millis(config.heartbeat_interval);
+                    let pause = RETRY_PAUSE.min(Duration::from_millis(config.heartbeat_interval));
                     tokio::time::sleep(
                         pause.min(deadline.saturating_duration_since(Instant::now())),
                     )
