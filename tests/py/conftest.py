@@ -14,6 +14,7 @@ run by the Node 22 there (scripts/test.sh installs both).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -23,6 +24,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx2
@@ -331,6 +333,24 @@ def start_cluster(tmp_path_factory, name: str, nodes: int, mcpd_args: list[str] 
         c.down()
         raise
     return c
+
+
+def mcpd_config(tmp_path_factory, name: str, toml: str) -> str:
+    """The `mcpd` flag that gives a cluster's nodes `toml` as their configuration (a file of
+    its own in the run's temporary directory)."""
+    path = tmp_path_factory.mktemp(f"{name}-config") / "mcpd.toml"
+    path.write_text(toml)
+    return f"--config={path}"
+
+
+@contextlib.contextmanager
+def own_cluster(tmp_path_factory, name: str, nodes: int, mcpd_args: list[str] | None = None) -> Iterator[Cluster]:
+    """A cluster of a module's or a test's own, brought down when it ends, failed or not."""
+    c = start_cluster(tmp_path_factory, name, nodes, mcpd_args)
+    try:
+        yield c
+    finally:
+        c.down()
 
 
 def own_server_as_remote(cluster: Cluster, name: str, server: str, tool: str):

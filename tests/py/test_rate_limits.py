@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx2
 import pytest
 
-from conftest import MCPD, start_cluster
+from conftest import MCPD, mcpd_config, own_cluster
 from helpers import stateless_post, wait_until
 
 RATE_LIMITED = -32029
@@ -225,12 +225,9 @@ def test_a_limit_names_the_field_it_gets_wrong(cluster):
 @pytest.fixture(scope="module")
 def quota_cluster(tmp_path_factory):
     """A cluster of its own (every node of it is killed), with `demo` (`mcpctl dev up`'s)."""
-    c = start_cluster(tmp_path_factory, "quota", 3)
-    try:
+    with own_cluster(tmp_path_factory, "quota", 3) as c:
         c.wait_tools("demo", ["echo"])
         yield c
-    finally:
-        c.down()
 
 
 def test_a_daily_quota_survives_a_kill_of_every_node(quota_cluster):
@@ -320,14 +317,10 @@ ACK_TOO_OLD_AFTER_S = 2.5 + 2 * 0.45
 
 @pytest.fixture(scope="module")
 def long_election_cluster(tmp_path_factory):
-    config = tmp_path_factory.mktemp("long-elections") / "mcpd.toml"
-    config.write_text(LONG_ELECTIONS)
-    c = start_cluster(tmp_path_factory, "long-elections", 3, [f"--config={config}"])
-    try:
+    config = mcpd_config(tmp_path_factory, "long-elections", LONG_ELECTIONS)
+    with own_cluster(tmp_path_factory, "long-elections", 3, [config]) as c:
         c.wait_tools("demo", ["echo"])
         yield c
-    finally:
-        c.down()
 
 
 def test_a_leader_whose_heartbeats_are_late_asks_its_quorum_again_before_refusing(long_election_cluster):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import Cluster, start_cluster
+from conftest import Cluster, mcpd_config, own_cluster
 from helpers import answer_of, end_session, legacy_initialize, legacy_post, wait_until
 
 # Far apart: an answer held for the quorum wait would time the client out.
@@ -21,14 +21,11 @@ CLIENT_TIMEOUT_S = 10
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> Cluster:
-    config = tmp_path_factory.mktemp("session-state-config") / "mcpd.toml"
-    config.write_text(f"[mcp]\nsession_state_wait_ms = {STATE_WAIT_MS}\n[api]\nquorum_wait_ms = {QUORUM_WAIT_MS}\n")
-    c = start_cluster(tmp_path_factory, "session-state", 2, [f"--config={config}"])
-    try:
+    config = mcpd_config(tmp_path_factory, "session-state",
+                         f"[mcp]\nsession_state_wait_ms = {STATE_WAIT_MS}\n[api]\nquorum_wait_ms = {QUORUM_WAIT_MS}\n")
+    with own_cluster(tmp_path_factory, "session-state", 2, [config]) as c:
         c.wait_tools("demo", ["echo"])
         yield c
-    finally:
-        c.down()
 
 
 def unconfirmed(c: Cluster) -> float:

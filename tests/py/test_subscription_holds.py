@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx2
 import pytest
 
-from conftest import NODE22, NPM, ROOT, VENV_BIN, Cluster, start_cluster
+from conftest import NODE22, NPM, ROOT, VENV_BIN, Cluster, mcpd_config, own_cluster, start_cluster
 from helpers import answer_of, client, end_session, legacy_initialize, legacy_post, run, text_of, wait_until
 
 IDLE_TIMEOUT_MS = 2000
@@ -29,14 +29,10 @@ SLOW_SUBSCRIBE = ROOT / "tests/py/servers/slow_subscribe.py"
 @pytest.fixture(scope="module")
 def holds(tmp_path_factory) -> tuple[Cluster, int, int]:
     """The cluster, the host (runs server-everything) and the front (the clients' node)."""
-    config = tmp_path_factory.mktemp("holds-config") / "mcpd.toml"
-    config.write_text(f"[mcp]\nsession_idle_timeout_ms = {IDLE_TIMEOUT_MS}\n")
-    c = start_cluster(tmp_path_factory, "holds", 2, [f"--config={config}"])
-    try:
+    config = mcpd_config(tmp_path_factory, "holds", f"[mcp]\nsession_idle_timeout_ms = {IDLE_TIMEOUT_MS}\n")
+    with own_cluster(tmp_path_factory, "holds", 2, [config]) as c:
         host = everything_on_one_node(c)
         yield c, host, 1 - host
-    finally:
-        c.down()
 
 
 def everything_on_one_node(c: Cluster) -> int:

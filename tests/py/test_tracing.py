@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from conftest import CA_CERT, MCPD, ROOT, VENV_BIN, Cluster, start_cluster
+from conftest import CA_CERT, MCPD, ROOT, VENV_BIN, Cluster, mcpd_config, own_cluster, start_cluster
 from helpers import MODES, client, run, stateless_post, text_of, wait_until
 from otlp_receiver import Log, OtlpReceiver, Span
 
@@ -88,14 +88,10 @@ def traced(tmp_path_factory, otlp):
 def sampled_by_callers_only(tmp_path_factory, otlp):
     """One node that exports spans but samples none of its own (`tracing.sample_ratio = 0`,
     under its own service name): only calls whose caller sampled them are traced."""
-    config = tmp_path_factory.mktemp("ratio-0") / "mcpd.toml"
-    config.write_text('[tracing]\nsample_ratio = 0.0\nservice_name = "mcpd-ratio-0"\n')
-    c = start_cluster(tmp_path_factory, "ratio-0", 1, [f"--config={config}", f"--otlp-endpoint={otlp.endpoint}"])
-    try:
+    config = mcpd_config(tmp_path_factory, "ratio-0", '[tracing]\nsample_ratio = 0.0\nservice_name = "mcpd-ratio-0"\n')
+    with own_cluster(tmp_path_factory, "ratio-0", 1, [config, f"--otlp-endpoint={otlp.endpoint}"]) as c:
         c.serving = add_traced_server(c, None)
         yield c
-    finally:
-        c.down()
 
 
 def call_in_a_client_span(url: str, token: str, mode: str) -> tuple[str, str, dict]:

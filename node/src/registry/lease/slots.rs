@@ -164,6 +164,11 @@ impl Registry {
             tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + settling)).await;
         }
         loop {
+            // Still leading, with a quorum heard within half the election timeout, now that
+            // this ask may have waited (a grant must follow the check closely).
+            if self.leading_with_quorum().await? != term {
+                return Err(LeaseError::NotLeader(self.id));
+            }
             let limit = self.limit_of(&ask.bucket)?;
             let Some(concurrency) = limit.spec.concurrency else {
                 return Err(LeaseError::UnknownLimit(limit.spec.name));
