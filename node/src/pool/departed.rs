@@ -51,10 +51,23 @@ pub async fn run(registry: Registry, pools: Pools, runs: Arc<RunsNamed>, shutdow
             }
         }
         // The last member of the oldest builds may have left rather than been upgraded.
-        if now != members && runs.every_run_named(&now, registry.id) {
-            pools.let_go_of(Departed::Unattributed).await;
+        if now != members {
+            let_go_of_unattributed(&runs, &pools, &now, registry.id).await;
         }
         members = now;
+    }
+}
+
+/// Lets go of the holds under a bare session id once every member of `members` but `me` has
+/// an event stream open that named its run ([`RunsNamed::every_run_named`]).
+pub async fn let_go_of_unattributed(
+    runs: &RunsNamed,
+    pools: &Pools,
+    members: &BTreeSet<u64>,
+    me: u64,
+) {
+    if runs.every_run_named(members, me) {
+        pools.let_go_of(Departed::Unattributed).await;
     }
 }
 
@@ -82,6 +95,17 @@ struct Streams {
     unnamed: u32,
 }
 
+impl Streams {
+    /// The count of open streams that named their run, or of those that did not.
+    fn of(&mut self, named: bool) -> &mut u32 {
+        if named {
+            &mut self.named
+        } else {
+            &mut self.unnamed
+        }
+    }
+}
+
 /// One open event stream of a peer, counted in [`RunsNamed`] until dropped.
 pub struct OpenStream {
     runs: Arc<RunsNamed>,
@@ -97,13 +121,7 @@ impl RunsNamed {
     /// Counts an event stream `node` opened (`run`: 0 when it named none).
     pub fn opened(self: &Arc<Self>, node: u64, run: u64) -> OpenStream {
         let named = run != 0;
-        let mut streams = self.lock();
-        let s = streams.entry(node).or_default();
-        if named {
-            s.named += 1;
-        } else {
-            s.unnamed += 1;
-        }
+        *self.lock().entry(node).or_default().of(named) += 1;
         OpenStream {
             runs: self.clone(),
             node,
@@ -130,11 +148,8 @@ impl Drop for OpenStream {
     fn drop(&mut self) {
         let mut streams = self.runs.lock();
         if let Some(s) = streams.get_mut(&self.node) {
-            if self.named {
-                s.named = s.named.saturating_sub(1);
-            } else {
-                s.unnamed = s.unnamed.saturating_sub(1);
-            }
+            let open = s.of(self.named);
+            *open = open.saturating_sub(1);
             if s.named == 0 && s.unnamed == 0 {
                 streams.remove(&self.node);
             }

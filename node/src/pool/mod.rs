@@ -515,7 +515,7 @@ impl Pool {
                 let (pool, w) = (self.clone(), withdraw::Withdrawal { uri, process });
                 let withdrawal = tokio::spawn(async move {
                     let _turn = turn;
-                    pool.withdraw(w, events, owner).await
+                    pool.withdraw(&w, events, owner).await
                 });
                 withdrawal.await.unwrap_or_else(|e| {
                     Err(CallError::Crashed(format!(
@@ -549,9 +549,9 @@ impl Pool {
         tracing::info!(server = %self.name, node = ?departed.node(), reason = departed.reason(), holds = dropped, unsubscribed = released.len(), "a departed node's subscriptions let go");
         // Side by side: the turn is held for one request timeout at most, not one per URI.
         let each = released.into_iter().map(|(uri, process)| async move {
-            let name = uri.clone();
-            if let Err(e) = self.withdraw(withdraw::Withdrawal { uri, process }, None, None).await {
-                tracing::info!(server = %self.name, uri = %name, error = %e, "a departed node's subscription was not withdrawn");
+            let w = withdraw::Withdrawal { uri, process };
+            if let Err(e) = self.withdraw(&w, None, None).await {
+                tracing::info!(server = %self.name, uri = %w.uri, error = %e, "a departed node's subscription was not withdrawn");
             }
         });
         futures_util::future::join_all(each).await;

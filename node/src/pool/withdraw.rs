@@ -105,13 +105,13 @@ impl Pool {
     /// returned.
     pub(super) async fn withdraw(
         self: &Arc<Self>,
-        w: Withdrawal,
+        w: &Withdrawal,
         events: Option<EventSink>,
         owner: Option<Arc<str>>,
     ) -> Result<Value, CallError> {
-        let outcome = self.unsubscribe_on(&w, events, owner).await;
+        let outcome = self.unsubscribe_on(w, events, owner).await;
         if unanswered(&outcome) {
-            if self.withdrawals.add(&w) {
+            if self.withdrawals.add(w) {
                 tokio::spawn(again(Arc::downgrade(self)));
             }
             self.count_pending();

@@ -119,9 +119,8 @@ impl Peer for PeerService {
                     pools.let_go_of(back).await;
                 }
                 let members = crate::pool::departed::applied_members(&registry);
-                if runs.every_run_named(&members, registry.id) {
-                    pools.let_go_of(crate::call::Departed::Unattributed).await;
-                }
+                crate::pool::departed::let_go_of_unattributed(&runs, &pools, &members, registry.id)
+                    .await;
             });
         }
         let mut hub = self.pools.subscribe();
