@@ -21,10 +21,10 @@ use mcpcp_proto::mcp::{code, ErrorObject};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::Instrument;
 
 use super::dispatch::Route;
 use crate::call::{CallEvent, EventSink};
+use crate::telemetry::InSpanExt;
 
 /// Longest wait, once a call has its answer, for the events sent before it to arrive.
 const LATE_EVENTS: Duration = Duration::from_secs(2);
@@ -124,8 +124,9 @@ impl Running {
     pub fn start(route: Route, method: String, params: Option<Value>) -> Running {
         let (tx, events) = mpsc::channel(64);
         let sink = EventSink::new(tx);
-        // The call keeps the request's span wherever it is polled from (inline, its own
-        // task, or finished in the background); while tracing is off there is none to look up.
+        // The call keeps the request's span wherever it is polled from (its own task, or
+        // finished in the background; inline, under the handler, it is entered already:
+        // `telemetry::in_span`); while tracing is off there is none to look up.
         let span = if crate::telemetry::enabled() {
             tracing::Span::current()
         } else {
@@ -140,7 +141,7 @@ impl Running {
             }
             outcome
         }
-        .instrument(span);
+        .in_span(span);
         Running::inline(call, events)
     }
 

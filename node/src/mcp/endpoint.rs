@@ -2,12 +2,12 @@
 //! a 404, and the request goes to the era it belongs to, as the 2026 spec's dual-era rules say:
 //! a stateless (2026-07-28) request to [`super::stateless`], the rest to [`super::http`].
 
+use crate::telemetry::InSpanExt;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use mcpcp_proto::mcp::{code, era_of, Era, ErrorObject, Message};
-use tracing::Instrument;
 
 use super::state::McpState;
 use super::target::Target;
@@ -86,12 +86,12 @@ pub async fn post(
     match era {
         Era::Stateless => {
             super::stateless::post(state, principal, target, headers, msg)
-                .instrument(span)
+                .in_span(span)
                 .await
         }
         Era::Session => {
             super::http::post_session(state, principal, target, headers, msg)
-                .instrument(span)
+                .in_span(span)
                 .await
         }
     }

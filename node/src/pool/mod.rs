@@ -43,7 +43,6 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinSet;
-use tracing::Instrument;
 
 use crate::call::{Affinity, CallError, EventSink, HoldOp};
 use crate::shard::{self, ShardHandles};
@@ -720,7 +719,9 @@ impl Pool {
             )));
         }
         // A free slot is taken at once; otherwise the call waits in its tenant's queue until it
-        // gets one, gives up, or is dropped (a cancelled call).
+        // gets one, gives up, or is dropped (a cancelled call). The queue's span and the
+        // upstream call's have no children: they are made under the caller's span and never
+        // entered (a span entered costs on every poll, `telemetry::in_span`).
         let queue = tracing::info_span!(
             target: crate::telemetry::TARGET,
             "pool.queue",
@@ -731,7 +732,6 @@ impl Pool {
         let slot = self
             .admission
             .acquire(share, timeout, || self.queued.increment(1))
-            .instrument(queue.clone())
             .await;
         let _running = match slot {
             Ok(slot) => slot,
@@ -755,7 +755,7 @@ impl Pool {
             }
         };
         let remaining = timeout.saturating_sub(started.elapsed());
-        let Some(process) = self.ready(remaining).instrument(queue.clone()).await else {
+        let Some(process) = self.ready(remaining).await else {
             crate::telemetry::failed(&queue, "no_process");
             let states: Vec<&str> = self.states().iter().map(|s| s.as_str()).collect();
             return Reached::Nowhere(CallError::NotRun(format!(
@@ -764,6 +764,7 @@ impl Pool {
                 states.join(", ")
             )));
         };
+        drop(queue);
         let remaining = timeout.saturating_sub(started.elapsed());
         let outcome = self
             .upstream_call(
@@ -804,11 +805,9 @@ impl Pool {
         if let Some(pid) = process.pid() {
             span.record("process.pid", pid);
         }
-        let call = async {
-            crate::telemetry::propagate::into_meta(&mut params);
-            process.call_owned(method, params, events, owner).await
-        };
-        let outcome = match tokio::time::timeout(within, call.instrument(span.clone())).await {
+        crate::telemetry::propagate::into_meta(&mut params, &span);
+        let call = process.call_owned(method, params, events, owner);
+        let outcome = match tokio::time::timeout(within, call).await {
             Ok(outcome) => outcome,
             Err(_) => Err(CallError::TimedOut(format!(
                 "server {:?} did not answer {method} within {timeout:?}; it was cancelled and may or may not have run",

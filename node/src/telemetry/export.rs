@@ -10,7 +10,7 @@
 //! drops (`mcpd_otlp_dropped_total{signal="calls"}`, `call_audit::otlp`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::logs::{LogBatch, LogExporter};
@@ -85,8 +85,21 @@ impl<E: LogExporter> LogExporter for Counted<E> {
 /// Wraps a span processor, counting the spans handed to it.
 #[derive(Debug)]
 pub struct Queued<P> {
-    pub inner: P,
-    pub signal: &'static str,
+    inner: P,
+    signal: &'static str,
+    /// `mcpd_otlp_queued_total{signal}`, looked up at the first span rather than on every one
+    /// (the recorder is installed after the pipeline starts).
+    queued: OnceLock<metrics::Counter>,
+}
+
+impl<P> Queued<P> {
+    pub fn new(inner: P, signal: &'static str) -> Queued<P> {
+        Queued {
+            inner,
+            signal,
+            queued: OnceLock::new(),
+        }
+    }
 }
 
 impl<P: SpanProcessor> SpanProcessor for Queued<P> {
@@ -95,7 +108,9 @@ impl<P: SpanProcessor> SpanProcessor for Queued<P> {
     }
 
     fn on_end(&self, span: SpanData) {
-        metrics::counter!("mcpd_otlp_queued_total", "signal" => self.signal).increment(1);
+        self.queued
+            .get_or_init(|| metrics::counter!("mcpd_otlp_queued_total", "signal" => self.signal))
+            .increment(1);
         self.inner.on_end(span)
     }
 

@@ -17,6 +17,7 @@
 
 pub mod config;
 pub mod export;
+pub mod in_span;
 pub mod pipeline;
 pub mod propagate;
 pub mod span;
@@ -24,6 +25,7 @@ pub mod span;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use config::TracingConfig;
+pub use in_span::InSpanExt;
 pub use pipeline::{Exporter, Source, SpanLayer, TracingError};
 pub use span::{adopt, failed, Parent, Traces};
 

@@ -79,10 +79,7 @@ impl Exporter {
             signal: "spans",
             in_flight: None,
         };
-        let processor = Queued {
-            inner: BatchSpanProcessor::new(exporter, batch),
-            signal: "spans",
-        };
+        let processor = Queued::new(BatchSpanProcessor::new(exporter, batch), "spans");
         let provider = SdkTracerProvider::builder()
             .with_span_processor(processor)
             .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(

@@ -112,7 +112,15 @@ fn current() -> Option<Context> {
     if !super::enabled() {
         return None;
     }
-    let cx = tracing::Span::current().context();
+    of(&tracing::Span::current())
+}
+
+/// `span`'s context, when tracing is on and the span is recorded.
+fn of(span: &tracing::Span) -> Option<Context> {
+    if !super::enabled() || span.is_disabled() {
+        return None;
+    }
+    let cx = span.context();
     cx.span().span_context().is_valid().then_some(cx)
 }
 
@@ -132,10 +140,10 @@ fn callers(headers: &http::HeaderMap, params: Option<&Value>) -> Option<Context>
         .or_else(|| extract(&Headers(headers)))
 }
 
-/// Puts the current span's context into a request's `params._meta` (replacing the caller's:
-/// the server's parent is the node's span, which the caller's is the ancestor of).
-pub fn into_meta(params: &mut Option<Value>) {
-    let Some(cx) = current() else { return };
+/// Puts `span`'s context into a request's `params._meta` (replacing the caller's: the
+/// server's parent is the node's span, which the caller's is the ancestor of).
+pub fn into_meta(params: &mut Option<Value>, span: &tracing::Span) {
+    let Some(cx) = of(span) else { return };
     let params = params.get_or_insert_with(|| Value::Object(Map::new()));
     let Some(p) = params.as_object_mut() else {
         return;

@@ -36,8 +36,10 @@
 //!   in this process, `mcpcp_tests::otlp`), then without again (the anchor is the mean of the
 //!   two); with `--baseline-mcpd PATH`, first on a cluster of an earlier build too (tracing off
 //!   against no tracing at all). At 1 and 64 clients; then 5 alternating rounds of the 1-client
-//!   level, off then on, whose median difference is the goal's figure; the spans the sink
-//!   received per call.
+//!   level, off then on, whose median difference is the goal's figure, and node 1's CPU time
+//!   per call in those rounds (every thread of the process, read from
+//!   `/proc/PID/task/*/schedstat`: steadier than a latency on a shared machine, and it counts
+//!   the exporter's thread); the spans the sink received per call.
 //! - `bridge`: `mcp-bridge` (stdio, given every node's URL) vs the same calls straight to `/mcp`;
 //!   then `--kills` times: kill -9 the node the bridge is using and time the pause until a call
 //!   sent after the kill succeeds, restarting the node (and waiting for `/readyz`) in between.
@@ -216,6 +218,9 @@ struct Row {
     /// TCP delayed ACKs on this machine while the level ran (`TcpExt DelayedACKs`): many per
     /// call point at Nagle's algorithm meeting a delayed ACK somewhere on the path.
     delayed_acks: Option<u64>,
+    /// CPU time of the watched process (every thread: its work on the call path and beside
+    /// it, an exporter's say) per call issued, warm-up included, when the level watched one.
+    cpu_per_call: Option<Duration>,
     /// A few of the errors, as the client saw them.
     samples: Vec<String>,
     /// Rows that are not a throughput level (the failover pauses) print no calls/s.
@@ -245,6 +250,7 @@ impl Row {
             "max_ms": ms3(self.max),
             "load1": self.load1,
             "tcp_delayed_acks": self.delayed_acks,
+            "cpu_us_per_call": self.cpu_per_call.map(|d| round3(d.as_secs_f64() * 1e6)),
             "error_samples": self.samples,
         })
     }
@@ -872,12 +878,15 @@ fn keep_sample(samples: &mut Vec<String>, s: String) {
 
 /// `clients` clients calling echo for a warm-up and then `args.seconds` (or `args.max_calls`
 /// calls).
+/// One level: `clients` sessions calling back to back. With `watched` (a process id), the
+/// row also says that process's CPU time per call.
 async fn run_level(
     section: &'static str,
     system: &str,
     ep: &Endpoints,
     clients: u32,
     args: &Args,
+    watched: Option<u32>,
 ) -> Row {
     eprintln!(
         "{section}: {system}: {clients} client(s) for {} s ...",
@@ -908,6 +917,7 @@ async fn run_level(
         }
     }
     let warmup = MAX_WARMUP.min(Duration::from_secs(args.seconds) / 5);
+    let cpu_at_start = watched.and_then(cpu_time);
     let started = Instant::now();
     let measured_from = started + warmup;
     let end = measured_from + Duration::from_secs(args.seconds);
@@ -968,6 +978,11 @@ async fn run_level(
         }
     }
     let elapsed = measured_from.elapsed();
+    let issued_calls = seq.load(Ordering::Relaxed);
+    let cpu_per_call = cpu_at_start
+        .zip(watched.and_then(cpu_time))
+        .filter(|_| issued_calls > 0)
+        .map(|(a, b)| b.saturating_sub(a) / issued_calls as u32);
     let delayed_acks = acks_at_start
         .zip(delayed_acks())
         .map(|(a, b)| b.saturating_sub(a));
@@ -991,6 +1006,7 @@ async fn run_level(
         max: latencies.last().copied(),
         load1,
         delayed_acks,
+        cpu_per_call,
         samples,
         rate: true,
     };
@@ -1012,7 +1028,7 @@ async fn run_levels(
     report: &mut Report,
 ) {
     for clients in LEVELS {
-        let row = run_level(section, system, ep, clients, args).await;
+        let row = run_level(section, system, ep, clients, args, None).await;
         report.rows.push(row);
     }
 }
@@ -1412,6 +1428,7 @@ async fn bench_pools(
                 &Endpoints::Stdio(conn.clone()),
                 1,
                 args,
+                None,
             )
             .await;
             report.rows.push(row);
@@ -1432,7 +1449,15 @@ async fn bench_pools(
         tool: String::new(),
         ..target
     };
-    let row = run_level("data", PING_SYSTEM, &Endpoints::Http(vec![ping]), 1, args).await;
+    let row = run_level(
+        "data",
+        PING_SYSTEM,
+        &Endpoints::Http(vec![ping]),
+        1,
+        args,
+        None,
+    )
+    .await;
     report.rows.push(row);
     Ok(())
 }
@@ -2016,7 +2041,9 @@ async fn bench_tracing(mcp: &Mcp, args: &Args, report: &mut Report) -> anyhow::R
     run_levels("tracing", TRACING_OFF_AGAIN, &http(mcp), args, report).await;
     for round in 1..=TRACING_ROUNDS {
         for (on, m) in [(false, mcp), (true, &traced)] {
-            let row = run_level("tracing", &tracing_round(on, round), &http(m), 1, args).await;
+            let node1 = m.cluster.nodes.get(&m.ids[0]).and_then(|n| n.pid());
+            let system = tracing_round(on, round);
+            let row = run_level("tracing", &system, &http(m), 1, args, node1).await;
             report.rows.push(row);
         }
     }
@@ -2049,6 +2076,16 @@ async fn bench_tracing(mcp: &Mcp, args: &Args, report: &mut Report) -> anyhow::R
     Ok(())
 }
 
+/// The alternating rounds' differences (on minus off) of a figure of their rows, sorted.
+fn round_differences(report: &Report, figure: impl Fn(&Row) -> Option<f64>) -> Vec<f64> {
+    let of = |on: bool, k: u32| figure(report.row("tracing", &tracing_round(on, k), 1)?);
+    let mut d: Vec<f64> = (1..=TRACING_ROUNDS)
+        .filter_map(|k| Some(of(true, k)? - of(false, k)?))
+        .collect();
+    d.sort_by(f64::total_cmp);
+    d
+}
+
 fn tracing_goals(report: &mut Report) {
     let row = |system: &str, clients: u32| report.row("tracing", system, clients).cloned();
     let p50 = |system: &str| row(system, 1).and_then(|r| r.p50).map(ms);
@@ -2059,14 +2096,37 @@ fn tracing_goals(report: &mut Report) {
     let added = off.zip(p50(TRACING_ON)).map(|(b, t)| (t, b, t - b));
     let before = p50(TRACING_BEFORE);
     // The rounds, off then on: the median of their differences is the figure.
-    let mut rounds: Vec<f64> = (1..=TRACING_ROUNDS)
-        .filter_map(|k| {
-            let off = p50(&tracing_round(false, k))?;
-            Some(p50(&tracing_round(true, k))? - off)
-        })
-        .collect();
-    rounds.sort_by(f64::total_cmp);
+    let rounds = round_differences(report, |r| r.p50.map(ms));
     let median = (!rounds.is_empty()).then(|| rounds[rounds.len() / 2]);
+    // Node 1's CPU per call in the same rounds: steadier than a latency on a shared machine,
+    // and it counts the exporter's thread too.
+    let cpu = round_differences(report, |r| r.cpu_per_call.map(|d| d.as_secs_f64() * 1e6));
+    let cpu_goal = (!cpu.is_empty()).then(|| {
+        let cpu_of = |on: bool| {
+            let mut v: Vec<f64> = (1..=TRACING_ROUNDS)
+                .filter_map(|k| row(&tracing_round(on, k), 1)?.cpu_per_call)
+                .map(|d| d.as_secs_f64() * 1e6)
+                .collect();
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+        };
+        Goal {
+            section: "tracing",
+            goal: "1 client: node 1's CPU per call (all its threads), tracing on against off"
+                .into(),
+            measured: format!(
+                "median of the rounds' differences {:+.1} µs (off {:.1} µs, on {:.1} µs per call, medians; differences, sorted: {})",
+                cpu[cpu.len() / 2],
+                cpu_of(false),
+                cpu_of(true),
+                cpu.iter()
+                    .map(|d| format!("{d:+.1}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            met: None,
+        }
+    });
     let sandwich = added
         .map(|(t, b, a)| {
             format!(
@@ -2096,6 +2156,7 @@ fn tracing_goals(report: &mut Report) {
         },
         met: median.map(|m| m <= GOAL_TRACING_ON_P50_ADDED_MS),
     });
+    report.goals.extend(cpu_goal);
     if let (Some(before), Some(off)) = (before, off) {
         report.goals.push(Goal {
             section: "tracing",
@@ -2224,6 +2285,7 @@ async fn bench_routing(
             &Endpoints::Http(targets),
             SPREAD_CLIENTS,
             args,
+            None,
         )
         .await;
         report.rows.push(row);
@@ -2556,6 +2618,7 @@ async fn bench_kills(
         max: pauses.last().copied(),
         load1: load_average().map(|l| l.0).unwrap_or(-1.0),
         delayed_acks: None,
+        cpu_per_call: None,
         samples: Vec::new(),
         rate: false,
     };
@@ -2605,6 +2668,19 @@ fn load_average() -> Option<(f64, f64, f64)> {
     let text = std::fs::read_to_string("/proc/loadavg").ok()?;
     let mut f = text.split_whitespace().map(|v| v.parse::<f64>().ok());
     Some((f.next()??, f.next()??, f.next()??))
+}
+
+/// The time every live thread of process `pid` has spent on a CPU
+/// (`/proc/PID/task/*/schedstat`, nanoseconds).
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let mut ns: u64 = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let Ok(text) = std::fs::read_to_string(task.ok()?.path().join("schedstat")) else {
+            continue; // a thread that ended meanwhile
+        };
+        ns += text.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(Duration::from_nanos(ns))
 }
 
 /// `TcpExt: DelayedACKs` of this network namespace (`/proc/net/netstat`).
