@@ -2,7 +2,6 @@
 //! a 404, and the request goes to the era it belongs to, as the 2026 spec's dual-era rules say:
 //! a stateless (2026-07-28) request to [`super::stateless`], the rest to [`super::http`].
 
-use crate::telemetry::InSpanExt;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -14,6 +13,7 @@ use super::target::Target;
 use super::wire::{header_str, rpc_error, SESSION_HEADER, VERSION_HEADER};
 use crate::api::extract::Authorized;
 use crate::identity::surface::Mcp;
+use crate::telemetry::InSpanExt;
 
 /// Which era a POST belongs to: a revision header of no session-based revision (older than
 /// any, 2024-11-05, excepted) is stateless; so is a request other than `initialize` that

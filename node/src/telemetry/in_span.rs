@@ -31,6 +31,7 @@ pin_project_lite::pin_project! {
 
 /// Runs a future inside a span (`InSpan`).
 pub trait InSpanExt: Future + Sized {
+    #[must_use = "a future does nothing unless polled"]
     fn in_span(self, span: tracing::Span) -> InSpan<Self> {
         InSpan { inner: self, span }
     }

@@ -115,9 +115,9 @@ fn current() -> Option<Context> {
     of(&tracing::Span::current())
 }
 
-/// `span`'s context, when tracing is on and the span is recorded.
+/// `span`'s context, when the span is recorded (while tracing is off, none is).
 fn of(span: &tracing::Span) -> Option<Context> {
-    if !super::enabled() || span.is_disabled() {
+    if span.is_disabled() {
         return None;
     }
     let cx = span.context();

@@ -877,9 +877,8 @@ fn keep_sample(samples: &mut Vec<String>, s: String) {
 }
 
 /// `clients` clients calling echo for a warm-up and then `args.seconds` (or `args.max_calls`
-/// calls).
-/// One level: `clients` sessions calling back to back. With `watched` (a process id), the
-/// row also says that process's CPU time per call.
+/// calls). With `watched` (a process id), the row also says that process's CPU time per
+/// call issued (warm-up included).
 async fn run_level(
     section: &'static str,
     system: &str,
@@ -982,7 +981,7 @@ async fn run_level(
     let cpu_per_call = cpu_at_start
         .zip(watched.and_then(cpu_time))
         .filter(|_| issued_calls > 0)
-        .map(|(a, b)| b.saturating_sub(a) / issued_calls as u32);
+        .map(|(a, b)| b.saturating_sub(a).div_f64(issued_calls as f64));
     let delayed_acks = acks_at_start
         .zip(delayed_acks())
         .map(|(a, b)| b.saturating_sub(a));
