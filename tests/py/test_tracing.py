@@ -3,7 +3,8 @@
 The runbook's check (deploy/README.md, "Tracing") as tests: a 3-node cluster exports to an OTLP
 receiver; a real MCP client calls a real MCP server that runs on one node only, through another
 node. The client's span, every node's spans of the call and the server's own span are one
-connected trace. A registry write sent to a follower is one trace from the follower to the
+connected trace; so are a subscribe's and its release's, which the pool sends from tasks of
+their own. A registry write sent to a follower is one trace from the follower to the
 leader's fsync and apply. The call log's events are also OpenTelemetry logs, in the call's
 trace (`--call-audit-otlp-endpoint`); a collector that hangs costs the export its excess
 (counted), never a call or a line of the file. With tracing off, nothing of the caller's trace context is changed.
@@ -23,8 +24,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from conftest import CA_CERT, MCPD, ROOT, VENV_BIN, Cluster, mcpd_config, own_cluster, start_cluster
-from helpers import MODES, client, run, stateless_post, text_of, wait_until
+from conftest import CA_CERT, MCPD, NODE22, NPM, ROOT, VENV_BIN, Cluster, mcpd_config, own_cluster, start_cluster
+from helpers import (MODES, answer_of, client, end_session, legacy_initialize, legacy_post, run, stateless_post,
+                     text_of, wait_until)
 from otlp_receiver import Log, OtlpReceiver, Span
 
 TRACED = ROOT / "tests/py/servers/traced.py"
@@ -191,6 +193,52 @@ def test_one_call_through_a_peer_is_one_connected_trace(traced, otlp, mode):
 
     wait_until(lambda: (c.metric("mcpd_otlp_exported_total", 'signal="spans"', node=entry) or 0) >= 1, 10,
                "the entry node's exported spans counted")
+
+
+def test_a_subscribe_and_its_release_stay_in_their_requests_traces(traced, otlp):
+    """The pool sends a subscribe, and the last holder's unsubscribe, from a task of its own
+    (they must finish when their caller goes): their queue and upstream spans are still under
+    the request's route, in the caller's trace."""
+    c = traced
+    c.mcpctl("server", "add", "everything", "--replicas", "1", "--pool-size", "1", "--",
+             str(NODE22), str(NPM / "@modelcontextprotocol/server-everything/dist/index.js"), "stdio")
+    try:
+        status = wait_until(
+            lambda: (s := json.loads(c.mcpctl("server", "status", "everything", "-o", "json")))["placement"] and s,
+            60, "a placement for server-everything")
+        host = status["placement"][0] - 1
+        c.wait_tools("everything", ["toggle-subscriber-updates"])
+        url = c.url(host, "everything")
+        sid = legacy_initialize(url, c.token)
+        uri = "demo://resource/dynamic/text/7"
+        # The release goes to the process that holds the URI, past the queue.
+        for method, trace_id, wanted in [
+            ("resources/subscribe", "5ab5c71be0a5c0a1a0c1b5e5d0f1a2b3", {"mcp.route", "pool.queue", "upstream.call"}),
+            ("resources/unsubscribe", "5ab5c71be0a5c0a1a0c1b5e5d0f1a2b4", {"mcp.route", "upstream.call"}),
+        ]:
+            caller = "00f067aa0ba902b7"
+            body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": {"uri": uri}}
+            r = legacy_post(url, c.token, body, session=sid,
+                            headers={"traceparent": f"00-{trace_id}-{caller}-01"})
+            assert "result" in answer_of(r), r.text
+
+            def spans() -> list[Span] | None:
+                got = otlp.trace(trace_id)
+                names = {s.name for s in got}
+                return got if wanted <= names else None
+
+            try:
+                got = wait_until(spans, 30, f"the {method}'s spans {sorted(wanted)} in trace {trace_id}")
+            except AssertionError as e:
+                raise AssertionError(f"{e}; received of it: {otlp.trace(trace_id)}") from None
+            assert_connected(got, caller)
+            (route,) = by_name(got, "mcp.route")
+            (upstream,) = by_name(got, "upstream.call")
+            assert upstream.attributes["mcp.method.name"] == method
+            assert {s.parent_id for s in got if s.name in wanted - {"mcp.route"}} == {route.span_id}, got
+        end_session(url, c.token, sid)
+    finally:
+        c.mcpctl("server", "rm", "everything")
 
 
 def test_each_call_log_event_is_also_an_opentelemetry_log_in_its_trace(traced, otlp):

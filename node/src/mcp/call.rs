@@ -127,11 +127,7 @@ impl Running {
         // The call keeps the request's span wherever it is polled from (its own task, or
         // finished in the background; inline, under the handler, it is entered already:
         // `telemetry::in_span`); while tracing is off there is none to look up.
-        let span = if crate::telemetry::enabled() {
-            tracing::Span::current()
-        } else {
-            tracing::Span::none()
-        };
+        let span = crate::telemetry::current();
         let outcome_span = span.clone();
         let call = async move {
             let outcome = route.dispatch(&method, params, sink).await;

@@ -737,7 +737,7 @@ fn listen(
     let mut hub = state.pools.subscribe();
     // The subscriptions upstream belong to this request's trace; the stream that follows does
     // not keep its span open.
-    let request_span = tracing::Span::current();
+    let request_span = crate::telemetry::current();
     tokio::spawn(async move {
         // The servers send `notifications/resources/updated` only for what they were asked to
         // watch: subscribe upstream, and honor the URIs whose server accepted.

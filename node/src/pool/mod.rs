@@ -43,6 +43,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::call::{Affinity, CallError, EventSink, HoldOp};
 use crate::shard::{self, ShardHandles};
@@ -480,25 +481,29 @@ impl Pool {
             }
             let (pool, share) = (self.clone(), share.clone());
             let method = method.to_string();
-            let subscribe = tokio::spawn(async move {
-                let _turn = turn;
-                let reached = pool
-                    .call_routed(&method, params, events, owner.clone(), &share)
-                    .await;
-                let (process, outcome) = match reached {
-                    Reached::Nowhere(e) => return Err(e),
-                    Reached::Process(process, outcome) => (process, outcome),
-                };
-                // Taken, or maybe taken: it timed out, or the connection broke after it went.
-                if outcome
-                    .as_ref()
-                    .map_or_else(CallError::may_have_run, |_| true)
-                {
-                    pool.subscriptions
-                        .subscribed(&uri, owner.as_ref(), &process);
+            // Its spans stay in the caller's trace (a task starts with no current span).
+            let subscribe = tokio::spawn(
+                async move {
+                    let _turn = turn;
+                    let reached = pool
+                        .call_routed(&method, params, events, owner.clone(), &share)
+                        .await;
+                    let (process, outcome) = match reached {
+                        Reached::Nowhere(e) => return Err(e),
+                        Reached::Process(process, outcome) => (process, outcome),
+                    };
+                    // Taken, or maybe taken: it timed out, or the connection broke after it went.
+                    if outcome
+                        .as_ref()
+                        .map_or_else(CallError::may_have_run, |_| true)
+                    {
+                        pool.subscriptions
+                            .subscribed(&uri, owner.as_ref(), &process);
+                    }
+                    outcome
                 }
-                outcome
-            });
+                .instrument(crate::telemetry::current()),
+            );
             return subscribe.await.unwrap_or_else(|e| {
                 Err(CallError::Crashed(format!(
                     "server {:?}: the subscribe ended unexpectedly ({e}); it may or may not have run",
@@ -512,10 +517,13 @@ impl Pool {
             // must reach the process (or its retries) even when its caller goes.
             subscriptions::Unsubscribe::Release(process) => {
                 let (pool, w) = (self.clone(), withdraw::Withdrawal { uri, process });
-                let withdrawal = tokio::spawn(async move {
-                    let _turn = turn;
-                    pool.withdraw(&w, events, owner).await
-                });
+                let withdrawal = tokio::spawn(
+                    async move {
+                        let _turn = turn;
+                        pool.withdraw(&w, events, owner).await
+                    }
+                    .instrument(crate::telemetry::current()),
+                );
                 withdrawal.await.unwrap_or_else(|e| {
                     Err(CallError::Crashed(format!(
                         "server {:?}: the unsubscribe ended unexpectedly ({e}); it may or may not have run",

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub use config::TracingConfig;
 pub use in_span::InSpanExt;
 pub use pipeline::{Exporter, Source, SpanLayer, TracingError};
-pub use span::{adopt, failed, Parent, Traces};
+pub use span::{adopt, current, failed, Parent, Traces};
 
 /// The `tracing` target of every span that is exported.
 pub const TARGET: &str = "mcpd::trace";
