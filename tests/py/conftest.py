@@ -353,6 +353,19 @@ def own_cluster(tmp_path_factory, name: str, nodes: int, mcpd_args: list[str] | 
         c.down()
 
 
+def everything_on_one_node(c: Cluster) -> int:
+    """Adds server-everything (over stdio, from `.tools/npm`) with one replica and one process
+    (it keeps subscriptions per process, so a subscribe and the calls after it reach the same
+    one); returns the index of the node it was placed on, once it lists its tools."""
+    c.mcpctl("server", "add", "everything", "--replicas", "1", "--pool-size", "1", "--",
+             str(NODE22), str(NPM / "@modelcontextprotocol/server-everything/dist/index.js"), "stdio")
+    status = wait_until(
+        lambda: (s := json.loads(c.mcpctl("server", "status", "everything", "-o", "json")))["placement"] and s,
+        60, "a placement for server-everything")
+    c.wait_tools("everything", ["toggle-subscriber-updates"])
+    return status["placement"][0] - 1
+
+
 def own_server_as_remote(cluster: Cluster, name: str, server: str, tool: str):
     """Registers node 1's `/servers/{server}/mcp` as the remote server `name`: a 2026-07-28
     upstream over HTTPS (the node's stateless front end, the stdio server behind it), reached

@@ -17,7 +17,7 @@ import mcp.types as types
 import pytest
 from mcp import Client, MCPError, StdioServerParameters
 
-from conftest import CA_CERT, NODE22, NPM, ROOT, VENV_BIN, Cluster, start_cluster
+from conftest import CA_CERT, ROOT, VENV_BIN, Cluster, everything_on_one_node, start_cluster
 from helpers import MODES, run, text_of, wait_until
 
 BRIDGE = Path(os.environ.get("MCP_BRIDGE_BIN") or ROOT / "target/debug/mcp-bridge")
@@ -74,15 +74,9 @@ def test_killing_the_bridges_node_is_invisible_and_subscriptions_keep_delivering
     # it keeps subscriptions per process, so the subscribe and the tool that starts the
     # updates must reach the same one (with two, a call made while the other is busy loading
     # the catalogue takes the other).
-    c.mcpctl("server", "add", "everything", "--replicas", "1", "--pool-size", "1", "--",
-             str(NODE22), str(NPM / "@modelcontextprotocol/server-everything/dist/index.js"), "stdio")
-    status = wait_until(
-        lambda: (s := json.loads(c.mcpctl("server", "status", "everything", "-o", "json")))["placement"] and s,
-        60, "a placement for server-everything")
-    host = status["placement"][0] - 1
+    host = everything_on_one_node(c)
     first = next(n for n in range(3) if n != host)
     order = [first] + [n for n in range(3) if n != first]
-    c.wait_tools("everything", ["toggle-subscriber-updates"])
 
     async def scenario():
         updates: list[float] = []

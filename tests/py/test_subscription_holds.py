@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx2
 import pytest
 
-from conftest import NODE22, NPM, ROOT, VENV_BIN, Cluster, mcpd_config, own_cluster, start_cluster
+from conftest import ROOT, VENV_BIN, Cluster, everything_on_one_node, mcpd_config, own_cluster, start_cluster
 from helpers import answer_of, client, end_session, legacy_initialize, legacy_post, run, text_of, wait_until
 
 IDLE_TIMEOUT_MS = 2000
@@ -33,17 +33,6 @@ def holds(tmp_path_factory) -> tuple[Cluster, int, int]:
     with own_cluster(tmp_path_factory, "holds", 2, [config]) as c:
         host = everything_on_one_node(c)
         yield c, host, 1 - host
-
-
-def everything_on_one_node(c: Cluster) -> int:
-    """Adds server-everything with one replica; returns the node it was placed on."""
-    c.mcpctl("server", "add", "everything", "--replicas", "1", "--pool-size", "1", "--",
-             str(NODE22), str(NPM / "@modelcontextprotocol/server-everything/dist/index.js"), "stdio")
-    status = wait_until(
-        lambda: (s := json.loads(c.mcpctl("server", "status", "everything", "-o", "json")))["placement"] and s,
-        60, "a placement for server-everything")
-    c.wait_tools("everything", ["toggle-subscriber-updates"])
-    return status["placement"][0] - 1
 
 
 def held(c: Cluster, host: int) -> float:

@@ -24,7 +24,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from conftest import CA_CERT, MCPD, NODE22, NPM, ROOT, VENV_BIN, Cluster, mcpd_config, own_cluster, start_cluster
+from conftest import (CA_CERT, MCPD, ROOT, VENV_BIN, Cluster, everything_on_one_node, mcpd_config, own_cluster,
+                      start_cluster)
 from helpers import (MODES, answer_of, client, end_session, legacy_initialize, legacy_post, run, stateless_post,
                      text_of, wait_until)
 from otlp_receiver import Log, OtlpReceiver, Span
@@ -200,15 +201,8 @@ def test_a_subscribe_and_its_release_stay_in_their_requests_traces(traced, otlp)
     (they must finish when their caller goes): their queue and upstream spans are still under
     the request's route, in the caller's trace."""
     c = traced
-    c.mcpctl("server", "add", "everything", "--replicas", "1", "--pool-size", "1", "--",
-             str(NODE22), str(NPM / "@modelcontextprotocol/server-everything/dist/index.js"), "stdio")
     try:
-        status = wait_until(
-            lambda: (s := json.loads(c.mcpctl("server", "status", "everything", "-o", "json")))["placement"] and s,
-            60, "a placement for server-everything")
-        host = status["placement"][0] - 1
-        c.wait_tools("everything", ["toggle-subscriber-updates"])
-        url = c.url(host, "everything")
+        url = c.url(everything_on_one_node(c), "everything")
         sid = legacy_initialize(url, c.token)
         uri = "demo://resource/dynamic/text/7"
         # The release goes to the process that holds the URI, past the queue.
