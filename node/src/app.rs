@@ -344,9 +344,7 @@ pub async fn run(
     }
     let router = Router::new(registry.clone(), pools.clone(), channels.clone(), cfg.route);
     tasks.spawn(crate::route::peer::relay_events(
-        registry.clone(),
-        pools.clone(),
-        channels.clone(),
+        router.clone(),
         shutdown.clone(),
     ));
     let identity = crate::identity::Identity::new(
@@ -374,6 +372,11 @@ pub async fn run(
         &cfg.mcp,
         &me.http_addr,
     );
+    tasks.spawn(crate::mcp::listings::watch(
+        registry.clone(),
+        mcp.listings.clone(),
+        shutdown.clone(),
+    ));
     let mut pool_cfg = cfg.pool.clone();
     pool_cfg.node_paths = crate::pool::sandbox::NodePaths::of(&cfg);
     tasks.spawn(crate::pool::departed::run(

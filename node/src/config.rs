@@ -75,6 +75,7 @@
 //! [route]                           # see crate::route::config; every key has a default
 //! placement_grace_ms = 10000        # a node unreachable this long loses its placed servers
 //! max_attempts = 3                  # attempts per call, the first included
+//! list_wait_ms = 3000               # a list waits this long after a server's start for it
 //! [route.breaker]                   # window_ms, min_calls, failure_rate, consecutive_failures,
 //!                                   # open_base_ms, open_max_ms, probes, successes_to_close
 //! [route.retry_budget]              # ratio, window_ms, min_retries_per_sec

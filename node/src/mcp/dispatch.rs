@@ -81,6 +81,17 @@ impl Route {
         self.router.scope(&self.principal, name).map(|_| ())
     }
 
+    /// Whether this endpoint's clients hear the notifications of server `name` that belong
+    /// to no call (list changes, resource updates).
+    pub fn hears(&self, name: &str) -> bool {
+        match &self.target {
+            Target::Server(t) => t == name,
+            Target::Aggregate => self.check(name).is_ok(),
+            // Its servers' notifications name their own tools, not the renamed ones.
+            Target::Virtual(_) => false,
+        }
+    }
+
     /// The `initialize` answer and catalogue of what answers on `name`'s own endpoint: the
     /// server, or the fallback (named) that stands in for it.
     pub async fn serving(&self, name: &str) -> (ServerInfo, Option<String>) {
@@ -90,6 +101,12 @@ impl Route {
     /// The server's `initialize` answer and catalogue.
     pub async fn info(&self, name: &str) -> ServerInfo {
         self.router.info(&self.principal, name).await
+    }
+
+    /// The server's catalogue for a list of several servers' items, which waits for a
+    /// server on its first start only so long (`Router::listing`).
+    async fn listing(&self, name: &str) -> ServerInfo {
+        self.router.listing(&self.principal, name).await
     }
 
     /// Sends one request to server `name` through the router; the router's typed failure
@@ -330,9 +347,10 @@ impl Route {
                     .into_iter()
                     .filter_map(|n| self.router.scope(&self.principal, n).ok())
                     .collect();
-                let infos =
-                    futures_util::future::join_all(usable.iter().map(|s| self.info(&s.spec.name)))
-                        .await;
+                let infos = futures_util::future::join_all(
+                    usable.iter().map(|s| self.listing(&s.spec.name)),
+                )
+                .await;
                 let servers: std::collections::HashMap<&str, (&Versioned<ServerSpec>, ServerInfo)> =
                     usable
                         .iter()
@@ -480,7 +498,8 @@ impl Route {
     ) -> Vec<Value> {
         let servers = self.visible_servers();
         let infos =
-            futures_util::future::join_all(servers.iter().map(|(name, _)| self.info(name))).await;
+            futures_util::future::join_all(servers.iter().map(|(name, _)| self.listing(name)))
+                .await;
         let mut out = Vec::new();
         let filtering = self.policies.any();
         for ((server, idempotent), info) in servers.iter().zip(infos) {

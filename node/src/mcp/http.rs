@@ -23,6 +23,8 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
 use super::call::{Running, Step};
+use super::dispatch::Route;
+use super::listings::Changed;
 use super::session::Session;
 use super::state::McpState;
 use super::target::Target;
@@ -819,16 +821,12 @@ pub async fn get(
             _ => {
                 let n = log.open();
                 *standalone = Some(n);
-                let hub = state.pools.subscribe();
+                let heard = Heard {
+                    hub: state.pools.subscribe(),
+                    listings: state.listings.subscribe(),
+                };
                 let r = state.route(&principal, &target);
-                let visible: Arc<dyn Fn(&str) -> bool + Send + Sync> =
-                    Arc::new(move |server: &str| match &r.target {
-                        Target::Server(t) => t == server,
-                        Target::Aggregate => r.check(server).is_ok(),
-                        // Its servers' notifications name their own tools, not the renamed ones.
-                        Target::Virtual(_) => false,
-                    });
-                tokio::spawn(forward_hub(hub, Arc::downgrade(&session), n, visible));
+                tokio::spawn(forward_hub(heard, Arc::downgrade(&session), n, r));
                 n
             }
         }
@@ -841,27 +839,48 @@ pub async fn get(
     }))
 }
 
+/// What a session's standalone stream hears: the servers' notifications, and the registry's
+/// changes of what endpoints list.
+struct Heard {
+    hub: broadcast::Receiver<ServerEvent>,
+    listings: broadcast::Receiver<Arc<Changed>>,
+}
+
 /// Relays the servers' notifications a session cares about into its standalone stream's log
-/// (from which every GET on it reads, and a reconnecting client resumes). Ends with the session.
-async fn forward_hub(
-    mut hub: broadcast::Receiver<ServerEvent>,
-    session: std::sync::Weak<Session>,
-    n: u64,
-    visible: Arc<dyn Fn(&str) -> bool + Send + Sync>,
-) {
+/// (from which every GET on it reads, and a reconnecting client resumes), and tells it when
+/// a change of the registry alters its lists (`super::listings`). Ends with the session.
+async fn forward_hub(mut heard: Heard, session: std::sync::Weak<Session>, n: u64, r: Route) {
     loop {
-        let ev = match hub.recv().await {
-            Ok(ev) => ev,
-            Err(broadcast::error::RecvError::Lagged(missed)) => {
-                tracing::warn!(missed, "session stream fell behind");
+        let ev = tokio::select! {
+            ev = heard.hub.recv() => match ev {
+                Ok(ev) => ev,
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "session stream fell behind");
+                    continue;
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            changed = heard.listings.recv() => {
+                let changed = match changed {
+                    Ok(c) => c,
+                    Err(broadcast::error::RecvError::Lagged(_)) => super::listings::missed(),
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                let Some(session) = session.upgrade() else {
+                    return;
+                };
+                if changed.concerns(&r.principal, &r.target) {
+                    for message in Changed::notifications() {
+                        session.log.append(n, message);
+                    }
+                }
                 continue;
             }
-            Err(broadcast::error::RecvError::Closed) => return,
         };
         let Some(session) = session.upgrade() else {
             return;
         };
-        if !visible(&ev.server) {
+        if !r.hears(&ev.server) {
             continue;
         }
         let wanted = match (&ev.message, ev.message.method()) {

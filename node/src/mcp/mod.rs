@@ -9,13 +9,15 @@
 //!   its parked multi-round-trip calls in [`parked`].
 //! - Both hand requests to [`call`], which runs a request as a stream of steps, and
 //!   [`dispatch`], which names the server and hands a [`crate::call::Call`] to the router.
-//! - [`session`], [`target`], [`wire`] and [`state`] are what they share.
+//! - [`session`], [`target`], [`wire`] and [`state`] are what they share; [`listings`] tells
+//!   both eras' listeners when the registry changes what an endpoint lists.
 
 pub mod call;
 pub mod dispatch;
 pub mod endpoint;
 pub mod holds;
 pub mod http;
+pub mod listings;
 pub mod parked;
 pub mod session;
 pub mod state;

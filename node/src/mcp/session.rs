@@ -65,6 +65,7 @@ impl StreamSlot {
             session.open_streams.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
+        metrics::gauge!("mcpd_mcp_session_streams").increment(1.0);
         Some(StreamSlot(session.clone()))
     }
 }
@@ -72,6 +73,7 @@ impl StreamSlot {
 impl Drop for StreamSlot {
     fn drop(&mut self) {
         self.0.open_streams.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!("mcpd_mcp_session_streams").decrement(1.0);
     }
 }
 

@@ -115,6 +115,8 @@ pub struct Shared {
     pub usage: crate::usage::Usage,
     /// Held tools this node reported already (`crate::pinning`).
     pub detections: crate::pinning::Detections,
+    /// Changes of the registry that alter what endpoints list (`super::listings`).
+    pub listings: super::listings::Listings,
 }
 
 /// What every call leaves behind: a line in the call log, a sample in the traffic ring, and
@@ -157,6 +159,7 @@ impl McpState {
             traffic,
             usage,
             detections: Default::default(),
+            listings: Default::default(),
         }))
     }
 

@@ -30,6 +30,7 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use super::call::{CallHandle, Running, Step};
+use super::listings::Changed;
 use super::parked::Parked;
 use super::state::McpState;
 use super::target::Target;
@@ -735,6 +736,7 @@ fn listen(
     let (tx, rx) = mpsc::channel::<Message>(256);
     // Listening to the hub before subscribing upstream: no update can fall in between.
     let mut hub = state.pools.subscribe();
+    let mut listings = state.listings.subscribe();
     // The subscriptions upstream belong to this request's trace; the stream that follows does
     // not keep its span open.
     let request_span = crate::telemetry::current();
@@ -752,52 +754,32 @@ fn listen(
         if tx.send(ack).await.is_err() {
             return;
         }
+        let wanted = Wanted {
+            tools,
+            prompts,
+            resources,
+            uris,
+        };
         metrics::gauge!("mcpd_mcp_listen_streams").increment(1.0);
-        loop {
-            let ev = tokio::select! {
-                ev = hub.recv() => ev,
+        'stream: loop {
+            use tokio::sync::broadcast::error::RecvError;
+            let messages = tokio::select! {
+                ev = hub.recv() => match ev {
+                    Ok(ev) if r.hears(&ev.server) => vec![ev.message],
+                    Ok(_) | Err(RecvError::Lagged(_)) => continue,
+                    Err(RecvError::Closed) => break,
+                },
+                changed = listings.recv() => match changed {
+                    Ok(c) if !c.concerns(&r.principal, &r.target) => continue,
+                    Ok(_) | Err(RecvError::Lagged(_)) => Changed::notifications().to_vec(),
+                    Err(RecvError::Closed) => break,
+                },
                 _ = tx.closed() => break,
             };
-            let ev = match ev {
-                Ok(ev) => ev,
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(_) => break,
-            };
-            let visible = match &r.target {
-                Target::Server(n) => *n == ev.server,
-                Target::Aggregate => r.check(&ev.server).is_ok(),
-                // Its servers' notifications name their own tools, not the renamed ones.
-                Target::Virtual(_) => false,
-            };
-            if !visible {
-                continue;
-            }
-            let method = ev.message.method().unwrap_or_default().to_string();
-            let params = match &ev.message {
-                Message::Notification { params, .. } => params.clone(),
-                _ => None,
-            };
-            let pass = match method.as_str() {
-                "notifications/tools/list_changed" => tools,
-                "notifications/prompts/list_changed" => prompts,
-                "notifications/resources/list_changed" => resources,
-                "notifications/resources/updated" => params
-                    .as_ref()
-                    .and_then(|p| p["uri"].as_str())
-                    .is_some_and(|u| uris.iter().any(|x| x == u)),
-                _ => false,
-            };
-            if !pass {
-                continue;
-            }
-            let mut params = params.unwrap_or(json!({}));
-            params["_meta"][META_SUB] = sub_id.clone();
-            if tx
-                .send(Message::notification(method, Some(params)))
-                .await
-                .is_err()
-            {
-                break;
+            for message in messages {
+                if !relay(&tx, message, &wanted, &sub_id).await {
+                    break 'stream;
+                }
             }
         }
         metrics::gauge!("mcpd_mcp_listen_streams").decrement(1.0);
@@ -805,6 +787,55 @@ fn listen(
     let stream =
         tokio_stream::wrappers::ReceiverStream::new(rx).map(|m| Ok::<_, Infallible>(sse_event(&m)));
     sse(stream)
+}
+
+/// What a `subscriptions/listen` stream asked to hear: the list changes it named, and the
+/// updates of the URIs whose server took its subscription.
+struct Wanted {
+    tools: bool,
+    prompts: bool,
+    resources: bool,
+    uris: Vec<String>,
+}
+
+impl Wanted {
+    fn passes(&self, message: &Message) -> bool {
+        match message.method().unwrap_or_default() {
+            "notifications/tools/list_changed" => self.tools,
+            "notifications/prompts/list_changed" => self.prompts,
+            "notifications/resources/list_changed" => self.resources,
+            "notifications/resources/updated" => match message {
+                Message::Notification {
+                    params: Some(p), ..
+                } => p["uri"]
+                    .as_str()
+                    .is_some_and(|u| self.uris.iter().any(|x| x == u)),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+}
+
+/// Sends one notification down a `subscriptions/listen` stream if it was asked for, marked
+/// with the stream's id; `false` once the stream is gone.
+async fn relay(
+    tx: &mpsc::Sender<Message>,
+    message: Message,
+    wanted: &Wanted,
+    sub_id: &Value,
+) -> bool {
+    if !wanted.passes(&message) {
+        return true;
+    }
+    let Message::Notification { method, params } = message else {
+        return true;
+    };
+    let mut params = params.unwrap_or(json!({}));
+    params["_meta"][META_SUB] = sub_id.clone();
+    tx.send(Message::notification(method, Some(params)))
+        .await
+        .is_ok()
 }
 
 /// Sends `resources/subscribe` for each URI to the server that owns it; returns the URIs

@@ -21,6 +21,21 @@ pub struct Catalogue {
 }
 
 impl Catalogue {
+    /// The lists (`tools`, `prompts`, `resources`) this catalogue has something in.
+    pub fn lists_offered(&self) -> Vec<&'static str> {
+        [
+            ("tools", self.tools.is_empty()),
+            ("prompts", self.prompts.is_empty()),
+            (
+                "resources",
+                self.resources.is_empty() && self.resource_templates.is_empty(),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(list, empty)| (!empty).then_some(list))
+        .collect()
+    }
+
     pub fn has_tool(&self, name: &str) -> bool {
         self.tools.iter().any(|t| t["name"].as_str() == Some(name))
     }

@@ -214,6 +214,8 @@ pub struct Pool {
     queued: metrics::Counter,
     closed: AtomicBool,
     catalogue: RwLock<Arc<Catalogue>>,
+    /// When the pool was started (its processes' first start began).
+    started: Instant,
     /// Server notifications that belong to no call (list_changed, resources/updated), to
     /// the node-wide hub every session listens to.
     events: broadcast::Sender<ServerEvent>,
@@ -296,6 +298,7 @@ impl Pool {
             queued,
             closed: AtomicBool::new(false),
             catalogue: RwLock::new(Arc::new(Catalogue::default())),
+            started: Instant::now(),
             events,
             stop: trigger,
             tasks: std::sync::Mutex::new(JoinSet::new()),
@@ -394,6 +397,15 @@ impl Pool {
         self.slots
             .iter()
             .any(|s| *s.state.borrow() == SlotState::Starting)
+    }
+
+    /// What is left of `within`, counted from the pool's start, while a process is still on
+    /// its first start; zero once none is.
+    pub fn first_start_left(&self, within: Duration) -> Duration {
+        if !self.first_starting() {
+            return Duration::ZERO;
+        }
+        within.saturating_sub(self.started.elapsed())
     }
 
     /// Runs one request on a process of this pool, for a caller of no tenant.
@@ -1060,13 +1072,31 @@ async fn watch_catalogue(
         None => return,
     };
     let mut loaded = false;
+    let mut known = false;
     loop {
         if !loaded {
             if let Some(p) = pool.upgrade() {
                 if let Some(proc_) = p.ready(Duration::ZERO).await {
                     let cat = catalogue::load(proc_.as_ref(), &p.name).await;
+                    let offered = cat.lists_offered();
                     *p.catalogue.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(cat);
                     loaded = true;
+                    if !known {
+                        // A list answered while the server was still starting went without
+                        // it (`crate::route`'s list wait): its clients hear that it is here.
+                        known = true;
+                        for list in offered {
+                            let message = Message::notification(
+                                format!("notifications/{list}/list_changed"),
+                                None,
+                            );
+                            let _ = p.events.send(ServerEvent {
+                                server: p.name.clone(),
+                                message,
+                                origin: None,
+                            });
+                        }
+                    }
                 }
             }
         }

@@ -157,9 +157,14 @@ impl JwtCaller {
 impl Principal {
     /// Whether this caller may use server `spec`: a global server, or one of its own tenant's.
     pub fn may_use(&self, spec: &mcpcp_proto::api::ServerSpec) -> bool {
+        self.may_use_servers_of(spec.tenant.as_deref())
+    }
+
+    /// Whether this caller may use the servers of `tenant` (`None`: the global ones).
+    pub fn may_use_servers_of(&self, tenant: Option<&str>) -> bool {
         match self.role {
             Role::ClusterAdmin => true,
-            Role::TenantAdmin | Role::User => spec.tenant.is_none() || spec.tenant == self.tenant,
+            Role::TenantAdmin | Role::User => tenant.is_none() || tenant == self.tenant.as_deref(),
             Role::Operator | Role::Viewer | Role::Metrics => false,
         }
     }

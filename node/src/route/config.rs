@@ -15,6 +15,11 @@ pub struct RouteConfig {
     pub placement_grace_ms: u64,
     /// Attempts per call, the first included (retries go to other replicas).
     pub max_attempts: u32,
+    /// How long after a server is added (or changed) a list (`tools/list`, `prompts/list`,
+    /// `resources/list` of `/mcp` or a virtual server) waits for it while it is still on its
+    /// first start; a list after that goes without it, and its clients are told with
+    /// `notifications/*/list_changed` when it comes up.
+    pub list_wait_ms: u64,
     /// `[route.breaker]`: when a (server, node) breaker opens and how it recovers.
     pub breaker: BreakerConfig,
     /// `[route.retry_budget]`: how much retrying may add to a server's load.
@@ -28,6 +33,7 @@ impl Default for RouteConfig {
         RouteConfig {
             placement_grace_ms: 10_000,
             max_attempts: 3,
+            list_wait_ms: 3_000,
             breaker: BreakerConfig::default(),
             retry_budget: BudgetConfig::default(),
             backoff: BackoffConfig::default(),
@@ -43,6 +49,9 @@ impl RouteConfig {
         }
         if !(1..=10).contains(&self.max_attempts) {
             return Err(("route.max_attempts".into(), "must be from 1 to 10"));
+        }
+        if self.list_wait_ms > 60_000 {
+            return Err(("route.list_wait_ms".into(), "must be at most 60000"));
         }
         self.breaker.validate().map_err(within("breaker"))?;
         self.retry_budget
@@ -60,10 +69,11 @@ mod tests {
     #[test]
     fn the_sections_load_with_defaults_and_a_bad_value_is_named_by_its_key() {
         let cfg: RouteConfig = toml::from_str(
-            "max_attempts = 2\n[breaker]\nmin_calls = 20\n[backoff]\nbase_ms = 10\n",
+            "max_attempts = 2\nlist_wait_ms = 500\n[breaker]\nmin_calls = 20\n[backoff]\nbase_ms = 10\n",
         )
         .expect("parses");
         assert_eq!(cfg.max_attempts, 2);
+        assert_eq!(cfg.list_wait_ms, 500);
         assert_eq!(cfg.breaker.min_calls, 20);
         assert_eq!(cfg.breaker.window_ms, BreakerConfig::default().window_ms);
         assert_eq!(cfg.backoff.base_ms, 10);
@@ -76,5 +86,7 @@ mod tests {
             "route.retry_budget.ratio".to_string()
         );
         assert!(toml::from_str::<RouteConfig>("[breaker]\nnope = 1\n").is_err());
+        let long: RouteConfig = toml::from_str("list_wait_ms = 60001\n").expect("parses");
+        assert_eq!(long.validate().unwrap_err().0, "route.list_wait_ms");
     }
 }

@@ -118,6 +118,10 @@ enum Wait {
     /// outlives a restart, gets what is known of a server that is down at once, so that one
     /// such server does not hold up every aggregate list.
     FirstStart,
+    /// As `FirstStart`, but only until `[route] list_wait_ms` after the server's start: a list
+    /// goes without a server still starting after that, whose first catalogue is announced
+    /// to the lists' clients (`notifications/*/list_changed`) when it comes.
+    Listing,
 }
 
 /// Routes calls to replicas. Cheap to clone.
@@ -463,6 +467,12 @@ impl Router {
         self.info_waiting(principal, server, Wait::FirstStart).await
     }
 
+    /// What `server` offers, for a list of several servers' items: as [`Router::info`], but a
+    /// server on its first start is waited for only until [`Wait::Listing`]'s bound.
+    pub async fn listing(&self, principal: &Principal, server: &str) -> ServerInfo {
+        self.info_waiting(principal, server, Wait::Listing).await
+    }
+
     async fn info_waiting(&self, principal: &Principal, server: &str, wait: Wait) -> ServerInfo {
         let Ok(spec) = self.scope(principal, server) else {
             return ServerInfo::default();
@@ -485,6 +495,14 @@ impl Router {
             .and_then(|(_, info)| info.catalogue.lists(method, item))
     }
 
+    /// Forgets what a peer said `server` offers: it announced a change of its lists.
+    fn forget_info(&self, server: &str) {
+        self.remote_info
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(server);
+    }
+
     /// What the server of `spec` offers, for a caller whose right to see it was checked
     /// already (the admin API's catalogue).
     pub async fn info_of(&self, spec: &Versioned<ServerSpec>) -> ServerInfo {
@@ -499,14 +517,20 @@ impl Router {
             .any(|r| matches!(r, Replica::Local));
         if local {
             if let Some(pool) = self.pools.get(server) {
-                let wait = match wait {
+                let start_bound = Duration::from_millis(spec.spec.timeouts.startup_ms)
+                    .min(Duration::from_secs(10));
+                let within = match wait {
                     Wait::FirstStart if !pool.first_starting() => Duration::ZERO,
-                    Wait::FirstStart | Wait::Running => {
-                        Duration::from_millis(spec.spec.timeouts.startup_ms)
-                            .min(Duration::from_secs(10))
-                    }
+                    Wait::FirstStart | Wait::Running => start_bound,
+                    Wait::Listing => pool.first_start_left(
+                        Duration::from_millis(self.config.list_wait_ms).min(start_bound),
+                    ),
                 };
-                let _ = pool.ready(wait).await;
+                let starting = pool.first_starting();
+                let ready = pool.ready(within).await.is_some();
+                if matches!(wait, Wait::Listing) && starting {
+                    list_waited(server, ready);
+                }
                 // The first catalogue load follows readiness closely; give it a moment.
                 let deadline = Instant::now() + Duration::from_secs(2);
                 while !pool.catalogue().loaded
@@ -550,14 +574,31 @@ impl Router {
                     loaded: v["catalogue"]["loaded"].as_bool().unwrap_or(false),
                 }),
             };
-            self.remote_info
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(server.to_string(), (Instant::now(), info.clone()));
+            // Not kept while the server has no catalogue yet: its first one is announced, and
+            // a list that follows must not get this one again.
+            if info.catalogue.loaded {
+                self.remote_info
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(server.to_string(), (Instant::now(), info.clone()));
+            }
             return info;
         }
         ServerInfo::default()
     }
+}
+
+/// Counts a list's wait for a local server on its first start: `ready` (a process came in
+/// time) or `gave_up` (the list goes without the server; its clients hear when it comes up).
+fn list_waited(server: &str, ready: bool) {
+    let outcome = if ready { "ready" } else { "gave_up" };
+    if !ready {
+        tracing::info!(
+            server,
+            "a list went without a server still on its first start"
+        );
+    }
+    metrics::counter!("mcpd_route_list_waits_total", "outcome" => outcome).increment(1);
 }
 
 /// Whether an attempt's outcome is a failure of the server (or its node) itself, for its

@@ -426,12 +426,8 @@ pub async fn server_info(
 /// node's hub, so a session here receives `resources/updated` and `list_changed` of servers
 /// that run elsewhere. Each stream is asked for with this node's run, so that a peer lets go of
 /// the subscriptions this node's earlier runs held there. Runs until `shutdown`.
-pub async fn relay_events(
-    registry: Registry,
-    pools: Pools,
-    channels: PeerChannels,
-    shutdown: crate::shutdown::Shutdown,
-) {
+pub async fn relay_events(router: super::Router, shutdown: crate::shutdown::Shutdown) {
+    let registry = &router.registry;
     let mut streams: HashMap<u64, tokio::task::JoinHandle<()>> = HashMap::new();
     loop {
         let mut members = registry.members();
@@ -447,14 +443,14 @@ pub async fn relay_events(
             if streams.contains_key(&m.id) {
                 continue;
             }
-            let (pools, channels) = (pools.clone(), channels.clone());
+            let router = router.clone();
             let me = EventsRequest {
                 from_node: registry.id,
                 run: registry.run,
             };
             streams.insert(
                 m.id,
-                tokio::spawn(async move { relay_from(me, m, pools, channels).await }),
+                tokio::spawn(async move { relay_from(me, m, router).await }),
             );
         }
         tokio::select! {
@@ -467,8 +463,8 @@ pub async fn relay_events(
     }
 }
 
-async fn relay_from(me: EventsRequest, peer: Member, pools: Pools, channels: PeerChannels) {
-    let Ok(channel) = channels.get(&peer.grpc_addr) else {
+async fn relay_from(me: EventsRequest, peer: Member, router: super::Router) {
+    let Ok(channel) = router.channels.get(&peer.grpc_addr) else {
         return;
     };
     let mut client = PeerClient::new(channel);
@@ -486,7 +482,14 @@ async fn relay_from(me: EventsRequest, peer: Member, pools: Pools, channels: Pee
         ) else {
             continue;
         };
-        pools.publish(crate::pool::ServerEvent {
+        if message
+            .method()
+            .is_some_and(|m| m.ends_with("/list_changed"))
+        {
+            // Before the clients hear it: a list they ask for next is read again.
+            router.forget_info(server);
+        }
+        router.pools.publish(crate::pool::ServerEvent {
             server: server.to_string(),
             message,
             origin: Some(peer.id),

@@ -1,0 +1,234 @@
+//! When what an endpoint lists changes in the registry rather than in a server: a server
+//! added, changed, disabled or removed, a virtual server changed, or a policy or a server's
+//! approved tools changed (what a caller may see). A server's own changes come as its
+//! `notifications/*/list_changed` (and the first catalogue a server loads is announced by its
+//! pool): this covers the rest.
+//!
+//! One task per node ([`watch`]) follows the registry and sends what changed, batched, to the
+//! endpoints' listeners: a session's standalone stream (`super::http`) and a
+//! `subscriptions/listen` stream (`super::stateless`). Each tells its client when the change
+//! may alter its lists ([`Changed::concerns`]), with the three `list_changed` notifications.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use mcpcp_proto::api::{ObjectKind, WatchEvent};
+use mcpcp_proto::mcp::Message;
+use tokio::sync::broadcast;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::target::Target;
+use crate::registry::{Principal, Registry};
+use crate::shutdown::Shutdown;
+
+/// What changed in one batch of registry changes.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Changed {
+    /// Servers added, changed or removed, with the tenants they belonged to, before and
+    /// after (`None`: a global server).
+    servers: BTreeMap<String, BTreeSet<Option<String>>>,
+    /// Virtual servers added, changed or removed.
+    virtuals: BTreeSet<String>,
+    /// What any caller may see may have changed (a policy, approved tools), or the watch
+    /// fell behind.
+    everything: bool,
+}
+
+impl Changed {
+    fn is_empty(&self) -> bool {
+        self.servers.is_empty() && self.virtuals.is_empty() && !self.everything
+    }
+
+    /// Whether the lists `principal` reads on `target` may differ after this change.
+    pub fn concerns(&self, principal: &Principal, target: &Target) -> bool {
+        if self.everything {
+            return true;
+        }
+        let sees = |tenants: &BTreeSet<Option<String>>| {
+            tenants
+                .iter()
+                .any(|t| principal.may_use_servers_of(t.as_deref()))
+        };
+        match target {
+            Target::Aggregate => self.servers.values().any(sees),
+            Target::Server(name) => self.servers.contains_key(name),
+            Target::Virtual(name) => {
+                self.virtuals.contains(name) || self.servers.values().any(sees)
+            }
+        }
+    }
+
+    /// The notifications a client of a concerned list is sent.
+    pub fn notifications() -> [Message; 3] {
+        ["tools", "prompts", "resources"]
+            .map(|list| Message::notification(format!("notifications/{list}/list_changed"), None))
+    }
+}
+
+/// Where the node's listeners hear of [`Changed`]. Cheap to clone.
+#[derive(Clone)]
+pub struct Listings(broadcast::Sender<Arc<Changed>>);
+
+impl Default for Listings {
+    fn default() -> Self {
+        Listings(broadcast::channel(64).0)
+    }
+}
+
+impl Listings {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Changed>> {
+        self.0.subscribe()
+    }
+}
+
+/// What a listener that fell behind the node's [`Listings`] assumes: anything may have
+/// changed.
+pub fn missed() -> Arc<Changed> {
+    Arc::new(Changed {
+        everything: true,
+        ..Changed::default()
+    })
+}
+
+/// Follows the registry until `shutdown`, sending each batch of changes to what the node's
+/// endpoints list (the events already queued when one arrives go in the same batch).
+pub async fn watch(registry: Registry, listings: Listings, shutdown: Shutdown) {
+    let mut sub = registry.subscribe(None).live;
+    let mut owners = tenants_of_servers(&registry);
+    loop {
+        let first = tokio::select! {
+            ev = sub.recv() => ev,
+            _ = shutdown.clone().wait() => return,
+        };
+        let mut changed = Changed::default();
+        let mut next = Some(first);
+        while let Some(ev) = next.take() {
+            match ev {
+                Ok(ev) => add(&mut changed, &ev, &mut owners, &registry),
+                Err(RecvError::Lagged(_)) => changed.everything = true,
+                Err(RecvError::Closed) => return,
+            }
+            next = match sub.try_recv() {
+                Ok(ev) => Some(Ok(ev)),
+                Err(broadcast::error::TryRecvError::Lagged(n)) => Some(Err(RecvError::Lagged(n))),
+                Err(_) => None,
+            };
+        }
+        if changed.is_empty() {
+            continue;
+        }
+        metrics::counter!("mcpd_mcp_list_changes_total").increment(1);
+        let _ = listings.0.send(Arc::new(changed));
+    }
+}
+
+/// Each server's tenant, as the registry has it now.
+fn tenants_of_servers(registry: &Registry) -> BTreeMap<String, Option<String>> {
+    let data = registry.local();
+    data.state
+        .servers
+        .iter()
+        .map(|(name, s)| (name.clone(), s.spec.tenant.clone()))
+        .collect()
+}
+
+/// Adds one registry event to `changed`; `owners` keeps each server's tenant, which a
+/// removal no longer shows.
+fn add(
+    changed: &mut Changed,
+    ev: &WatchEvent,
+    owners: &mut BTreeMap<String, Option<String>>,
+    registry: &Registry,
+) {
+    let (kind, name) = match ev {
+        WatchEvent::Put { kind, name, .. } | WatchEvent::Delete { kind, name, .. } => (*kind, name),
+        WatchEvent::Reset { .. } => {
+            changed.everything = true;
+            *owners = tenants_of_servers(registry);
+            return;
+        }
+    };
+    match kind {
+        ObjectKind::Server => {
+            let before = owners.remove(name);
+            let after = registry
+                .local()
+                .state
+                .servers
+                .get(name)
+                .map(|s| s.spec.tenant.clone());
+            if let Some(tenant) = &after {
+                owners.insert(name.clone(), tenant.clone());
+            }
+            let tenants = changed.servers.entry(name.clone()).or_default();
+            tenants.extend(before);
+            tenants.extend(after);
+        }
+        ObjectKind::VirtualServer => {
+            changed.virtuals.insert(name.clone());
+        }
+        ObjectKind::Policy | ObjectKind::ToolPins => changed.everything = true,
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mcpcp_proto::api::Role;
+
+    fn caller(role: Role, tenant: Option<&str>) -> Principal {
+        Principal {
+            token_id: "t".into(),
+            role,
+            tenant: tenant.map(String::from),
+            scopes: None,
+            groups: Vec::new(),
+            jwt: None,
+        }
+    }
+
+    fn server(name: &str, tenant: Option<&str>) -> Changed {
+        let mut changed = Changed::default();
+        changed
+            .servers
+            .insert(name.into(), [tenant.map(String::from)].into());
+        changed
+    }
+
+    #[test]
+    fn a_tenants_server_concerns_its_tenant_and_the_cluster_admins_lists_only() {
+        let acme = server("acme-db", Some("acme"));
+        let (acme_user, other_user) = (
+            caller(Role::User, Some("acme")),
+            caller(Role::User, Some("globex")),
+        );
+        assert!(acme.concerns(&acme_user, &Target::Aggregate));
+        assert!(!acme.concerns(&other_user, &Target::Aggregate));
+        assert!(acme.concerns(&caller(Role::ClusterAdmin, None), &Target::Aggregate));
+        assert!(acme.concerns(&acme_user, &Target::Virtual("v".into())));
+        assert!(!acme.concerns(&acme_user, &Target::Server("other".into())));
+        assert!(acme.concerns(&acme_user, &Target::Server("acme-db".into())));
+
+        let global = server("time", None);
+        assert!(global.concerns(&other_user, &Target::Aggregate));
+    }
+
+    #[test]
+    fn a_policy_change_concerns_every_list_and_a_virtual_server_only_its_own() {
+        let user = caller(Role::User, Some("acme"));
+        let everything = missed();
+        for target in [
+            Target::Aggregate,
+            Target::Server("x".into()),
+            Target::Virtual("v".into()),
+        ] {
+            assert!(everything.concerns(&user, &target));
+        }
+        let mut v = Changed::default();
+        v.virtuals.insert("v".into());
+        assert!(v.concerns(&user, &Target::Virtual("v".into())));
+        assert!(!v.concerns(&user, &Target::Virtual("w".into())));
+        assert!(!v.concerns(&user, &Target::Aggregate));
+    }
+}
