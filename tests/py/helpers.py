@@ -4,16 +4,19 @@ polling with deadlines."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import httpx2
 import mcp.types as types
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.subscriptions import ToolsListChanged
 
 T = TypeVar("T")
 
@@ -210,3 +213,61 @@ def rewrite_audit_trail(events: list[dict[str, Any]], start: int) -> list[dict[s
         text = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
         out[i]["hash"] = hashlib.sha256(f"{out[i]['prev_hash']}\n{text}".encode()).hexdigest()
     return out
+
+
+TOLD_WITHIN = 30
+"""How long a client waits to be told that its list changed (seconds)."""
+
+
+@contextlib.asynccontextmanager
+async def listening(
+    cluster: Any, mode: str, node: int, url: str | None = None
+) -> AsyncIterator[tuple[Client, Callable[[], Awaitable[None]]]]:
+    """A client of `url` (default: `/mcp`) on node `node` that hears its tool list's changes,
+    and a way to wait for the next one. A session's client hears them on its GET stream, open
+    once the node has answered a GET on the endpoint (it listens before it answers); a
+    2026-07-28 client on its listen stream, open once acknowledged."""
+    url = url or cluster.url(node)
+    if mode == STATELESS:
+        async with client(url, cluster.token, mode) as c:
+            async with c.listen(tools_list_changed=True) as sub:
+
+                async def next_change() -> None:
+                    while not isinstance(await anext(sub), ToolsListChanged):
+                        pass
+
+                yield c, next_change
+        return
+    changes: asyncio.Queue[None] = asyncio.Queue()
+
+    async def on_message(m) -> None:
+        if getattr(m, "method", None) == "notifications/tools/list_changed":
+            changes.put_nowait(None)
+
+    before = streams_answered(cluster, node, url)
+    async with client(url, cluster.token, mode, message_handler=on_message) as c:
+        await asyncio.to_thread(wait_until, lambda: streams_answered(cluster, node, url) > before, 20,
+                                "the session's GET stream open")
+        yield c, changes.get
+
+
+def streams_answered(cluster: Any, node: int, url: str) -> float:
+    """GET streams node `node` has answered on the endpoint of `url` (its route's count): a
+    session's stream hears list changes once it is answered."""
+    path = urlsplit(url).path
+    route = "/mcp" if path == "/mcp" else "/v/{vname}/mcp" if path.startswith("/v/") else "/servers/{name}/mcp"
+    return cluster.metric("mcpd_http_requests_total", f'route="{route}",method="GET",status="200"', node) or 0
+
+
+async def relist_until(c: Client, next_change: Callable[[], Awaitable[None]], tool: str, listed: bool) -> None:
+    """Lists again at each change the client is told of, until `tool` is (or is no longer)
+    listed; fails when the client is not told of another change within TOLD_WITHIN."""
+    for _ in range(20):
+        try:
+            await asyncio.wait_for(next_change(), TOLD_WITHIN)
+        except TimeoutError:
+            raise AssertionError(f"not told of a change that {'lists' if listed else 'drops'} {tool}") from None
+        names = {t.name for t in (await c.list_tools()).tools}
+        if (tool in names) == listed:
+            return
+    raise AssertionError(f"20 changes told, and {tool} still {'not ' if listed else ''}listed")

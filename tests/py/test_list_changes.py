@@ -11,64 +11,13 @@ waits for notifications with a deadline; a client that is never told fails it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
-from mcp import Client
-from mcp.shared.subscriptions import ToolsListChanged
 
-from conftest import MCPD, Cluster
-from helpers import MODES, STATELESS, client, run, wait_until
-
-TOLD_WITHIN = 30
-"""How long a client waits to be told of a change (seconds)."""
-
-
-@contextlib.asynccontextmanager
-async def listening(cluster: Cluster, node: int, mode: str) -> AsyncIterator[tuple[Client, Callable[[], Awaitable[None]]]]:
-    """A client of node `node`'s `/mcp` that hears its tool list's changes, and a way to wait
-    for the next one. A session's client hears them on its GET stream, open once the node
-    counts it; a 2026-07-28 client on its listen stream, open once acknowledged."""
-    if mode == STATELESS:
-        async with client(cluster.url(node), cluster.token, mode) as c:
-            async with c.listen(tools_list_changed=True) as sub:
-
-                async def next_change() -> None:
-                    while not isinstance(await anext(sub), ToolsListChanged):
-                        pass
-
-                yield c, next_change
-        return
-    changes: asyncio.Queue[None] = asyncio.Queue()
-
-    async def on_message(m) -> None:
-        if getattr(m, "method", None) == "notifications/tools/list_changed":
-            changes.put_nowait(None)
-
-    def streams() -> float:
-        return cluster.metric("mcpd_mcp_session_streams", "", node) or 0
-
-    before = streams()
-    async with client(cluster.url(node), cluster.token, mode, message_handler=on_message) as c:
-        await asyncio.to_thread(wait_until, lambda: streams() > before, 20, "the session's GET stream open")
-        yield c, changes.get
-
-
-async def relist_until(c: Client, next_change: Callable[[], Awaitable[None]], tool: str, listed: bool) -> None:
-    """Lists again at each change the client is told of, until `tool` is (or is no longer)
-    listed; fails when the client is not told of another change within TOLD_WITHIN."""
-    for _ in range(20):
-        try:
-            await asyncio.wait_for(next_change(), TOLD_WITHIN)
-        except TimeoutError:
-            raise AssertionError(f"not told of a change that {'lists' if listed else 'drops'} {tool}") from None
-        names = {t.name for t in (await c.list_tools()).tools}
-        if (tool in names) == listed:
-            return
-    raise AssertionError(f"20 changes told, and {tool} still {'not ' if listed else ''}listed")
+from conftest import MCPD
+from helpers import MODES, listening, relist_until, run, wait_until
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -83,13 +32,13 @@ def test_a_client_of_mcp_is_told_when_a_server_is_added_and_when_it_is_removed(c
     tool = f"{name}__echo"
 
     async def added():
-        async with listening(cluster, 1, mode) as (c, next_change):
+        async with listening(cluster, mode, 1) as (c, next_change):
             assert tool not in {t.name for t in (await c.list_tools()).tools}
             await asyncio.to_thread(cluster.add_server, name, [MCPD, "demo-server"], pool_size=1)
             await relist_until(c, next_change, tool, listed=True)
 
     async def removed():
-        async with listening(cluster, 1, mode) as (c, next_change):
+        async with listening(cluster, mode, 1) as (c, next_change):
             assert tool in {t.name for t in (await c.list_tools()).tools}
             await asyncio.to_thread(cluster.mcpctl, "server", "rm", name)
             await relist_until(c, next_change, tool, listed=False)
@@ -104,7 +53,7 @@ def test_a_client_of_mcp_is_told_when_a_server_is_added_and_when_it_is_removed(c
 
 @pytest.mark.parametrize("mode", MODES)
 def test_a_server_still_starting_is_listed_without_waiting_and_announced_when_it_comes_up(cluster, mode):
-    """A server whose first start takes 10 s (longer than `list_wait_ms`) is added with one
+    """A server whose first start takes 12 s (longer than `list_wait_ms`) is added with one
     replica. Clients of its own node and of another node list while it starts: the lists are
     answered without it (its own node waited `list_wait_ms` for it, and counted that it gave
     up). Both clients, listening from then on, are told when it comes up (its first catalogue;
@@ -112,20 +61,22 @@ def test_a_server_still_starting_is_listed_without_waiting_and_announced_when_it
     name = f"slow-{uuid.uuid4().hex[:6]}"
     tool = f"{name}__echo"
     cluster.mcpctl("server", "add", name, "--replicas", "1", "--pool-size", "1", "--",
-                   "sh", "-c", f"sleep 10; exec {MCPD} demo-server")
+                   "sh", "-c", f"sleep 12; exec {MCPD} demo-server")
     try:
-        placed = wait_until(
-            lambda: json.loads(cluster.mcpctl("server", "status", name, "-o", "json"))["placement"],
-            30, f"a placement for {name}")
-        home = placed[0] - 1
+        def starting_at() -> int | None:
+            """The node whose pool of it is on its first start (its one replica)."""
+            status = json.loads(cluster.mcpctl("server", "status", name, "-o", "json"))
+            return next((r["node"] for r in status["replicas"] if r["processes"] == ["starting"]), None)
+
+        home = wait_until(starting_at, 30, f"{name}'s pool starting") - 1
         other = (home + 1) % cluster.nodes
 
         def gave_up() -> float:
-            return cluster.metric("mcpd_route_list_waits_total", 'outcome="gave_up"', home) or 0
+            return cluster.metric("mcpd_route_list_waits_total", f'server="{name}",outcome="gave_up"', home) or 0
 
         async def scenario():
-            async with listening(cluster, home, mode) as (at_home, home_change), \
-                    listening(cluster, other, mode) as (elsewhere, other_change):
+            async with listening(cluster, mode, home) as (at_home, home_change), \
+                    listening(cluster, mode, other) as (elsewhere, other_change):
                 before = gave_up()
                 for c in (at_home, elsewhere):
                     assert tool not in {t.name for t in (await c.list_tools()).tools}, \

@@ -8,6 +8,7 @@ a client at `https://NODE/v/kit/mcp`; `mcpctl vserver list`, `mcpctl vserver rm 
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import httpx2
@@ -15,7 +16,8 @@ import pytest
 from mcp import MCPError
 
 from conftest import Cluster
-from helpers import MODES, client, run, stateless_post, text_of, wait_until
+from helpers import (TOLD_WITHIN, MODES, client, listening, relist_until, run, stateless_post, text_of,
+                     wait_until)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -81,3 +83,27 @@ def test_policies_decide_calls_through_a_virtual_server_and_tenants_stay_apart(c
         cluster.mcpctl("vserver", "rm", name)
         cluster.mcpctl("vserver", "rm", f"{other}-kit")
         cluster.mcpctl("tenant", "rm", other)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_virtual_servers_client_is_told_when_it_changes_and_when_its_servers_tools_change(cluster: Cluster, mode: str):
+    """A client of a virtual server is told its tool list changed when the operator adds a
+    tool to the virtual server (and then lists it), and when one of the servers it curates
+    announces that its own tools changed."""
+    name = f"kit{uuid.uuid4().hex[:4]}"
+    cluster.mcpctl("vserver", "set", name, "--tool", "demo/echo=say")
+    url = f"{cluster.base(1)}/v/{name}/mcp"
+
+    async def scenario() -> None:
+        async with listening(cluster, mode, 1, url) as (c, next_change):
+            await asyncio.to_thread(cluster.mcpctl, "vserver", "set", name, "--tool", "demo/echo=say",
+                                    "--tool", "demo/add")
+            await relist_until(c, next_change, "add", listed=True)
+            async with client(cluster.url(1, "demo"), cluster.token, "legacy") as demo:
+                await demo.call_tool("test_trigger_tool_change", {})
+            await asyncio.wait_for(next_change(), TOLD_WITHIN)
+
+    try:
+        run(scenario())
+    finally:
+        cluster.mcpctl("vserver", "rm", name)

@@ -9,7 +9,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use mcpcp_proto::mcp::{code, ErrorObject};
+use mcpcp_proto::mcp::{code, ErrorObject, Message};
 use serde_json::{json, Value};
 use tracing::Instrument;
 
@@ -81,14 +81,20 @@ impl Route {
         self.router.scope(&self.principal, name).map(|_| ())
     }
 
-    /// Whether this endpoint's clients hear the notifications of server `name` that belong
-    /// to no call (list changes, resource updates).
-    pub fn hears(&self, name: &str) -> bool {
+    /// Whether this endpoint's clients hear `message`, a notification of server `server`
+    /// that belongs to no call (a list change, a resource update, a log message).
+    pub fn hears(&self, server: &str, message: &Message) -> bool {
         match &self.target {
-            Target::Server(t) => t == name,
-            Target::Aggregate => self.check(name).is_ok(),
-            // Its servers' notifications name their own tools, not the renamed ones.
-            Target::Virtual(_) => false,
+            Target::Server(t) => t == server,
+            Target::Aggregate => self.check(server).is_ok(),
+            // Only that the tools of one of its servers changed: its servers' other
+            // notifications name their own tools and resources, not the curated ones.
+            Target::Virtual(v) => {
+                message.method() == Some("notifications/tools/list_changed")
+                    && self
+                        .virtual_server(v)
+                        .is_ok_and(|spec| spec.tools.iter().any(|t| t.server == server))
+            }
         }
     }
 

@@ -855,7 +855,14 @@ async fn forward_hub(mut heard: Heard, session: std::sync::Weak<Session>, n: u64
             ev = heard.hub.recv() => match ev {
                 Ok(ev) => ev,
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    // What it missed may have been a change of a list: it lists again.
                     tracing::warn!(missed, "session stream fell behind");
+                    let Some(session) = session.upgrade() else {
+                        return;
+                    };
+                    for message in Changed::notifications() {
+                        session.log.append(n, message);
+                    }
                     continue;
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
@@ -880,7 +887,11 @@ async fn forward_hub(mut heard: Heard, session: std::sync::Weak<Session>, n: u64
         let Some(session) = session.upgrade() else {
             return;
         };
-        if !r.hears(&ev.server) {
+        if !session.log.knows(n) {
+            // The stream's log was let go (a later GET opens another, with its own relay).
+            return;
+        }
+        if !r.hears(&ev.server, &ev.message) {
             continue;
         }
         let wanted = match (&ev.message, ev.message.method()) {

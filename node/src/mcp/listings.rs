@@ -1,6 +1,6 @@
 //! When what an endpoint lists changes in the registry rather than in a server: a server
-//! added, changed, disabled or removed, a virtual server changed, or a policy or a server's
-//! approved tools changed (what a caller may see). A server's own changes come as its
+//! added, changed, disabled or removed, its approved tools changed, a virtual server
+//! changed, or a policy changed (what any caller may see). A server's own changes come as its
 //! `notifications/*/list_changed` (and the first catalogue a server loads is announced by its
 //! pool): this covers the rest.
 //!
@@ -29,8 +29,7 @@ pub struct Changed {
     servers: BTreeMap<String, BTreeSet<Option<String>>>,
     /// Virtual servers added, changed or removed.
     virtuals: BTreeSet<String>,
-    /// What any caller may see may have changed (a policy, approved tools), or the watch
-    /// fell behind.
+    /// What any caller may see may have changed (a policy), or the watch fell behind.
     everything: bool,
 }
 
@@ -90,8 +89,12 @@ pub fn missed() -> Arc<Changed> {
     })
 }
 
-/// Follows the registry until `shutdown`, sending each batch of changes to what the node's
-/// endpoints list (the events already queued when one arrives go in the same batch).
+/// How long after a change the changes that follow it join its batch: an operator's script
+/// that adds ten servers makes each client list again once, not ten times.
+const BATCH_WINDOW: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Follows the registry until `shutdown`, sending each batch of changes (those within
+/// [`BATCH_WINDOW`] of its first) to the node's listeners.
 pub async fn watch(registry: Registry, listings: Listings, shutdown: Shutdown) {
     let mut sub = registry.subscribe(None).live;
     let mut owners = tenants_of_servers(&registry);
@@ -101,6 +104,7 @@ pub async fn watch(registry: Registry, listings: Listings, shutdown: Shutdown) {
             _ = shutdown.clone().wait() => return,
         };
         let mut changed = Changed::default();
+        let window = tokio::time::Instant::now() + BATCH_WINDOW;
         let mut next = Some(first);
         while let Some(ev) = next.take() {
             match ev {
@@ -108,11 +112,7 @@ pub async fn watch(registry: Registry, listings: Listings, shutdown: Shutdown) {
                 Err(RecvError::Lagged(_)) => changed.everything = true,
                 Err(RecvError::Closed) => return,
             }
-            next = match sub.try_recv() {
-                Ok(ev) => Some(Ok(ev)),
-                Err(broadcast::error::TryRecvError::Lagged(n)) => Some(Err(RecvError::Lagged(n))),
-                Err(_) => None,
-            };
+            next = tokio::time::timeout_at(window, sub.recv()).await.ok();
         }
         if changed.is_empty() {
             continue;
@@ -164,10 +164,19 @@ fn add(
             tenants.extend(before);
             tenants.extend(after);
         }
+        // Approved tools: what the server's lists hold back changed.
+        ObjectKind::ToolPins => {
+            let tenant = owners.get(name).cloned();
+            changed
+                .servers
+                .entry(name.clone())
+                .or_default()
+                .extend(tenant);
+        }
         ObjectKind::VirtualServer => {
             changed.virtuals.insert(name.clone());
         }
-        ObjectKind::Policy | ObjectKind::ToolPins => changed.everything = true,
+        ObjectKind::Policy => changed.everything = true,
         _ => {}
     }
 }

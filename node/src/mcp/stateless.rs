@@ -765,8 +765,10 @@ fn listen(
             use tokio::sync::broadcast::error::RecvError;
             let messages = tokio::select! {
                 ev = hub.recv() => match ev {
-                    Ok(ev) if r.hears(&ev.server) => vec![ev.message],
-                    Ok(_) | Err(RecvError::Lagged(_)) => continue,
+                    Ok(ev) if r.hears(&ev.server, &ev.message) => vec![ev.message],
+                    Ok(_) => continue,
+                    // What it missed may have been a change of a list: it lists again.
+                    Err(RecvError::Lagged(_)) => Changed::notifications().to_vec(),
                     Err(RecvError::Closed) => break,
                 },
                 changed = listings.recv() => match changed {

@@ -33,7 +33,7 @@ mod withdraw;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -213,7 +213,8 @@ pub struct Pool {
     /// Calls that had to wait for a process (`mcpd_pool_queued_total`).
     queued: metrics::Counter,
     closed: AtomicBool,
-    catalogue: RwLock<Arc<Catalogue>>,
+    /// What the server offers, as last read from one of its processes.
+    catalogue: watch::Sender<Arc<Catalogue>>,
     /// When the pool was started (its processes' first start began).
     started: Instant,
     /// Server notifications that belong to no call (list_changed, resources/updated), to
@@ -297,7 +298,7 @@ impl Pool {
             ),
             queued,
             closed: AtomicBool::new(false),
-            catalogue: RwLock::new(Arc::new(Catalogue::default())),
+            catalogue: watch::Sender::new(Arc::new(Catalogue::default())),
             started: Instant::now(),
             events,
             stop: trigger,
@@ -334,10 +335,15 @@ impl Pool {
     }
 
     pub fn catalogue(&self) -> Arc<Catalogue> {
-        self.catalogue
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.catalogue.borrow().clone()
+    }
+
+    /// The catalogue once it has been read from a process (up to `within`; what there is
+    /// then, otherwise).
+    pub async fn catalogue_loaded(&self, within: Duration) -> Arc<Catalogue> {
+        let mut rx = self.catalogue.subscribe();
+        let _ = tokio::time::timeout(within, rx.wait_for(|c| c.loaded)).await;
+        self.catalogue()
     }
 
     /// Calls waiting for a process.
@@ -397,6 +403,15 @@ impl Pool {
         self.slots
             .iter()
             .any(|s| *s.state.borrow() == SlotState::Starting)
+    }
+
+    /// Sends a notification of the server that belongs to no call to the node's hub.
+    fn announce(&self, message: Message) {
+        let _ = self.events.send(ServerEvent {
+            server: self.name.clone(),
+            message,
+            origin: None,
+        });
     }
 
     /// What is left of `within`, counted from the pool's start, while a process is still on
@@ -1073,29 +1088,30 @@ async fn watch_catalogue(
     };
     let mut loaded = false;
     let mut known = false;
+    // The server's own list changes, sent on once the catalogue has been read again: a
+    // client that lists when told must get the new lists.
+    let mut held: Vec<Message> = Vec::new();
     loop {
         if !loaded {
             if let Some(p) = pool.upgrade() {
                 if let Some(proc_) = p.ready(Duration::ZERO).await {
                     let cat = catalogue::load(proc_.as_ref(), &p.name).await;
                     let offered = cat.lists_offered();
-                    *p.catalogue.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(cat);
+                    p.catalogue.send_replace(Arc::new(cat));
                     loaded = true;
                     if !known {
                         // A list answered while the server was still starting went without
                         // it (`crate::route`'s list wait): its clients hear that it is here.
                         known = true;
                         for list in offered {
-                            let message = Message::notification(
-                                format!("notifications/{list}/list_changed"),
-                                None,
-                            );
-                            let _ = p.events.send(ServerEvent {
-                                server: p.name.clone(),
-                                message,
-                                origin: None,
-                            });
+                            let method = format!("notifications/{list}/list_changed");
+                            if !held.iter().any(|m| m.method() == Some(method.as_str())) {
+                                held.push(Message::notification(method, None));
+                            }
                         }
+                    }
+                    for message in held.drain(..) {
+                        p.announce(message);
                     }
                 }
             }
@@ -1110,8 +1126,12 @@ async fn watch_catalogue(
                 let Some(p) = pool.upgrade() else { return };
                 if msg.method().is_some_and(|m| m.ends_with("/list_changed")) {
                     loaded = false;
+                    if !held.iter().any(|m| m.method() == msg.method()) {
+                        held.push(msg);
+                    }
+                } else {
+                    p.announce(msg);
                 }
-                let _ = p.events.send(ServerEvent { server: p.name.clone(), message: msg, origin: None });
             }
         }
     }

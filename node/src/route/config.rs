@@ -15,10 +15,11 @@ pub struct RouteConfig {
     pub placement_grace_ms: u64,
     /// Attempts per call, the first included (retries go to other replicas).
     pub max_attempts: u32,
-    /// How long after a server is added (or changed) a list (`tools/list`, `prompts/list`,
-    /// `resources/list` of `/mcp` or a virtual server) waits for it while it is still on its
-    /// first start; a list after that goes without it, and its clients are told with
-    /// `notifications/*/list_changed` when it comes up.
+    /// How long after a server's pool starts on this node (the server added or changed, or
+    /// the node started) a list (`tools/list`, `prompts/list`, `resources/list` of `/mcp` or a
+    /// virtual server) waits for it while it is still on its first start (also at most the
+    /// server's own start timeout); a list after that goes without it, and its clients are
+    /// told with `notifications/*/list_changed` when it comes up. At most 10 s.
     pub list_wait_ms: u64,
     /// `[route.breaker]`: when a (server, node) breaker opens and how it recovers.
     pub breaker: BreakerConfig,
@@ -50,8 +51,8 @@ impl RouteConfig {
         if !(1..=10).contains(&self.max_attempts) {
             return Err(("route.max_attempts".into(), "must be from 1 to 10"));
         }
-        if self.list_wait_ms > 60_000 {
-            return Err(("route.list_wait_ms".into(), "must be at most 60000"));
+        if self.list_wait_ms > 10_000 {
+            return Err(("route.list_wait_ms".into(), "must be at most 10000"));
         }
         self.breaker.validate().map_err(within("breaker"))?;
         self.retry_budget
@@ -86,7 +87,7 @@ mod tests {
             "route.retry_budget.ratio".to_string()
         );
         assert!(toml::from_str::<RouteConfig>("[breaker]\nnope = 1\n").is_err());
-        let long: RouteConfig = toml::from_str("list_wait_ms = 60001\n").expect("parses");
+        let long: RouteConfig = toml::from_str("list_wait_ms = 10001\n").expect("parses");
         assert_eq!(long.validate().unwrap_err().0, "route.list_wait_ms");
     }
 }

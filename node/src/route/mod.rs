@@ -75,6 +75,8 @@ pub fn fallback_capabilities(capabilities: &Value) -> Value {
 
 /// How long a remote server's catalogue is reused.
 const REMOTE_INFO_TTL: Duration = Duration::from_secs(5);
+/// How long a peer's answer that a server has no catalogue yet is kept.
+const REMOTE_INFO_UNLOADED_TTL: Duration = Duration::from_secs(1);
 
 /// Where one attempt goes.
 #[derive(Clone)]
@@ -526,23 +528,19 @@ impl Router {
                         Duration::from_millis(self.config.list_wait_ms).min(start_bound),
                     ),
                 };
-                let starting = pool.first_starting();
+                let starting = pool.first_starting() && pool.init_result().is_none();
                 let ready = pool.ready(within).await.is_some();
                 if matches!(wait, Wait::Listing) && starting {
                     list_waited(server, ready);
                 }
                 // The first catalogue load follows readiness closely; give it a moment.
-                let deadline = Instant::now() + Duration::from_secs(2);
-                while !pool.catalogue().loaded
-                    && Instant::now() < deadline
-                    && pool.init_result().is_some()
-                {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                return ServerInfo {
-                    init: pool.init_result(),
-                    catalogue: pool.catalogue(),
+                let init = pool.init_result();
+                let catalogue = if init.is_some() {
+                    pool.catalogue_loaded(Duration::from_secs(2)).await
+                } else {
+                    pool.catalogue()
                 };
+                return ServerInfo { init, catalogue };
             }
         }
         if let Some((at, info)) = self
@@ -551,7 +549,14 @@ impl Router {
             .unwrap_or_else(|p| p.into_inner())
             .get(server)
         {
-            if at.elapsed() < REMOTE_INFO_TTL {
+            // A server without a catalogue yet is asked again sooner: its first one is
+            // announced (which also drops this), and a list that follows must read it.
+            let ttl = if info.catalogue.loaded {
+                REMOTE_INFO_TTL
+            } else {
+                REMOTE_INFO_UNLOADED_TTL
+            };
+            if at.elapsed() < ttl {
                 return info.clone();
             }
         }
@@ -574,31 +579,28 @@ impl Router {
                     loaded: v["catalogue"]["loaded"].as_bool().unwrap_or(false),
                 }),
             };
-            // Not kept while the server has no catalogue yet: its first one is announced, and
-            // a list that follows must not get this one again.
-            if info.catalogue.loaded {
-                self.remote_info
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(server.to_string(), (Instant::now(), info.clone()));
-            }
+            self.remote_info
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(server.to_string(), (Instant::now(), info.clone()));
             return info;
         }
         ServerInfo::default()
     }
 }
 
-/// Counts a list's wait for a local server on its first start: `ready` (a process came in
-/// time) or `gave_up` (the list goes without the server; its clients hear when it comes up).
+/// Counts a list's wait for a local server that has no process yet, on its first start:
+/// `ready` (one came in time) or `gave_up` (the list goes without the server; its clients
+/// hear when it comes up).
 fn list_waited(server: &str, ready: bool) {
     let outcome = if ready { "ready" } else { "gave_up" };
-    if !ready {
-        tracing::info!(
-            server,
-            "a list went without a server still on its first start"
-        );
-    }
-    metrics::counter!("mcpd_route_list_waits_total", "outcome" => outcome).increment(1);
+    tracing::debug!(
+        server,
+        outcome,
+        "a list waited for a server on its first start"
+    );
+    metrics::counter!("mcpd_route_list_waits_total", "server" => server.to_string(), "outcome" => outcome)
+        .increment(1);
 }
 
 /// Whether an attempt's outcome is a failure of the server (or its node) itself, for its
