@@ -108,7 +108,11 @@ pub async fn watch(registry: Registry, listings: Listings, shutdown: Shutdown) {
         let mut next = Some(first);
         while let Some(ev) = next.take() {
             match ev {
-                Ok(ev) => add(&mut changed, &ev, &mut owners, &registry),
+                Ok(WatchEvent::Reset { .. }) => {
+                    changed.everything = true;
+                    owners = tenants_of_servers(&registry);
+                }
+                Ok(ev) => add(&mut changed, &ev, &mut owners),
                 Err(RecvError::Lagged(_)) => changed.everything = true,
                 Err(RecvError::Closed) => return,
             }
@@ -134,29 +138,22 @@ fn tenants_of_servers(registry: &Registry) -> BTreeMap<String, Option<String>> {
 
 /// Adds one registry event to `changed`; `owners` keeps each server's tenant, which a
 /// removal no longer shows.
-fn add(
-    changed: &mut Changed,
-    ev: &WatchEvent,
-    owners: &mut BTreeMap<String, Option<String>>,
-    registry: &Registry,
-) {
-    let (kind, name) = match ev {
-        WatchEvent::Put { kind, name, .. } | WatchEvent::Delete { kind, name, .. } => (*kind, name),
+fn add(changed: &mut Changed, ev: &WatchEvent, owners: &mut BTreeMap<String, Option<String>>) {
+    let (kind, name, value) = match ev {
+        WatchEvent::Put {
+            kind, name, value, ..
+        } => (*kind, name, Some(value)),
+        WatchEvent::Delete { kind, name, .. } => (*kind, name, None),
         WatchEvent::Reset { .. } => {
             changed.everything = true;
-            *owners = tenants_of_servers(registry);
             return;
         }
     };
     match kind {
         ObjectKind::Server => {
             let before = owners.remove(name);
-            let after = registry
-                .local()
-                .state
-                .servers
-                .get(name)
-                .map(|s| s.spec.tenant.clone());
+            // The tenant this change gave it (a later change has an event of its own).
+            let after = value.map(|v| v["spec"]["tenant"].as_str().map(String::from));
             if let Some(tenant) = &after {
                 owners.insert(name.clone(), tenant.clone());
             }
@@ -185,6 +182,55 @@ fn add(
 mod tests {
     use super::*;
     use mcpcp_proto::api::Role;
+    use serde_json::json;
+
+    fn put(kind: ObjectKind, name: &str, value: serde_json::Value) -> WatchEvent {
+        WatchEvent::Put {
+            revision: 1,
+            kind,
+            name: name.into(),
+            value,
+        }
+    }
+
+    #[test]
+    fn a_removed_server_is_credited_to_the_tenant_it_had_and_approved_tools_to_their_server() {
+        let mut owners = BTreeMap::new();
+        let mut added = Changed::default();
+        let spec = json!({ "revision": 1, "created_revision": 1, "spec": { "tenant": "acme" } });
+        add(
+            &mut added,
+            &put(ObjectKind::Server, "db", spec),
+            &mut owners,
+        );
+        assert_eq!(owners.get("db"), Some(&Some("acme".to_string())));
+
+        let mut removed = Changed::default();
+        let delete = WatchEvent::Delete {
+            revision: 2,
+            kind: ObjectKind::Server,
+            name: "db".into(),
+        };
+        add(&mut removed, &delete, &mut owners);
+        assert!(owners.is_empty());
+        let (acme, globex) = (
+            caller(Role::User, Some("acme")),
+            caller(Role::User, Some("globex")),
+        );
+        assert!(removed.concerns(&acme, &Target::Aggregate));
+        assert!(!removed.concerns(&globex, &Target::Aggregate));
+
+        owners.insert("time".into(), None);
+        let mut pins = Changed::default();
+        add(
+            &mut pins,
+            &put(ObjectKind::ToolPins, "time", json!({})),
+            &mut owners,
+        );
+        assert!(pins.concerns(&globex, &Target::Server("time".into())));
+        assert!(!pins.concerns(&globex, &Target::Server("db".into())));
+        assert!(!pins.everything);
+    }
 
     fn caller(role: Role, tenant: Option<&str>) -> Principal {
         Principal {
