@@ -14,6 +14,7 @@ import asyncio
 import json
 import uuid
 
+import httpx2
 import pytest
 
 from conftest import MCPD
@@ -53,15 +54,18 @@ def test_a_client_of_mcp_is_told_when_a_server_is_added_and_when_it_is_removed(c
 
 @pytest.mark.parametrize("mode", MODES)
 def test_a_server_still_starting_is_listed_without_waiting_and_announced_when_it_comes_up(cluster, mode):
-    """A server whose first start takes 12 s (longer than `list_wait_ms`) is added with one
-    replica. Clients of its own node and of another node list while it starts: the lists are
+    """A server whose first start takes 20 s (longer than `list_wait_ms`; its start timeout
+    is 60 s) is added with one replica. Clients of its own node and of another node list while it starts: the lists are
     answered without it (its own node waited `list_wait_ms` for it, and counted that it gave
     up). Both clients, listening from then on, are told when it comes up (its first catalogue;
     the other node hears it from the server's node), and then list its tools."""
     name = f"slow-{uuid.uuid4().hex[:6]}"
     tool = f"{name}__echo"
-    cluster.mcpctl("server", "add", name, "--replicas", "1", "--pool-size", "1", "--",
-                   "sh", "-c", f"sleep 12; exec {MCPD} demo-server")
+    spec = {"name": name, "command": "sh", "args": ["-c", f"sleep 20; exec {MCPD} demo-server"],
+            "replicas": 1, "pool_size": 1, "timeouts": {"startup_ms": 60_000}}
+    added = httpx2.post(f"{cluster.base(0)}/v1/servers", json=spec,
+                        headers={"Authorization": f"Bearer {cluster.admin_token}"}, timeout=30)
+    assert added.status_code in (200, 201), added.text
     try:
         def starting_at() -> int | None:
             """The node whose pool of it is on its first start (its one replica)."""

@@ -850,39 +850,24 @@ struct Heard {
 /// (from which every GET on it reads, and a reconnecting client resumes), and tells it when
 /// a change of the registry alters its lists (`super::listings`). Ends with the session.
 async fn forward_hub(mut heard: Heard, session: std::sync::Weak<Session>, n: u64, r: Route) {
+    use broadcast::error::RecvError;
     loop {
+        // A server's notification, or `None`: every list may have changed for this session.
         let ev = tokio::select! {
             ev = heard.hub.recv() => match ev {
-                Ok(ev) => ev,
-                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                Ok(ev) => Some(ev),
+                Err(RecvError::Lagged(missed)) => {
                     // What it missed may have been a change of a list: it lists again.
                     tracing::warn!(missed, "session stream fell behind");
-                    let Some(session) = session.upgrade() else {
-                        return;
-                    };
-                    for message in Changed::notifications() {
-                        session.log.append(n, message);
-                    }
-                    continue;
+                    None
                 }
-                Err(broadcast::error::RecvError::Closed) => return,
+                Err(RecvError::Closed) => return,
             },
-            changed = heard.listings.recv() => {
-                let changed = match changed {
-                    Ok(c) => c,
-                    Err(broadcast::error::RecvError::Lagged(_)) => super::listings::missed(),
-                    Err(broadcast::error::RecvError::Closed) => return,
-                };
-                let Some(session) = session.upgrade() else {
-                    return;
-                };
-                if changed.concerns(&r.principal, &r.target) {
-                    for message in Changed::notifications() {
-                        session.log.append(n, message);
-                    }
-                }
-                continue;
-            }
+            changed = heard.listings.recv() => match changed {
+                Ok(c) if !c.concerns(&r.principal, &r.target) => continue,
+                Ok(_) | Err(RecvError::Lagged(_)) => None,
+                Err(RecvError::Closed) => return,
+            },
         };
         let Some(session) = session.upgrade() else {
             return;
@@ -891,6 +876,12 @@ async fn forward_hub(mut heard: Heard, session: std::sync::Weak<Session>, n: u64
             // The stream's log was let go (a later GET opens another, with its own relay).
             return;
         }
+        let Some(ev) = ev else {
+            for message in Changed::notifications() {
+                session.log.append(n, message);
+            }
+            continue;
+        };
         if !r.hears(&ev.server, &ev.message) {
             continue;
         }

@@ -18,6 +18,7 @@ use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::target::Target;
+use crate::pool::catalogue::{list_changed, LISTS};
 use crate::registry::{Principal, Registry};
 use crate::shutdown::Shutdown;
 
@@ -59,8 +60,7 @@ impl Changed {
 
     /// The notifications a client of a concerned list is sent.
     pub fn notifications() -> [Message; 3] {
-        ["tools", "prompts", "resources"]
-            .map(|list| Message::notification(format!("notifications/{list}/list_changed"), None))
+        LISTS.map(list_changed)
     }
 }
 
@@ -78,15 +78,6 @@ impl Listings {
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Changed>> {
         self.0.subscribe()
     }
-}
-
-/// What a listener that fell behind the node's [`Listings`] assumes: anything may have
-/// changed.
-pub fn missed() -> Arc<Changed> {
-    Arc::new(Changed {
-        everything: true,
-        ..Changed::default()
-    })
 }
 
 /// How long after a change the changes that follow it join its batch: an operator's script
@@ -272,7 +263,10 @@ mod tests {
     #[test]
     fn a_policy_change_concerns_every_list_and_a_virtual_server_only_its_own() {
         let user = caller(Role::User, Some("acme"));
-        let everything = missed();
+        let everything = Changed {
+            everything: true,
+            ..Changed::default()
+        };
         for target in [
             Target::Aggregate,
             Target::Server("x".into()),

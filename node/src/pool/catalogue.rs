@@ -2,6 +2,7 @@
 //! ready process (following pagination) and reloaded when the server says a list changed.
 //! The aggregate endpoint lists and routes from it without asking the server each time.
 
+use mcpcp_proto::mcp::Message;
 use serde_json::{json, Value};
 
 use super::upstream::Upstream;
@@ -18,6 +19,14 @@ pub struct Catalogue {
     pub prompts: Vec<Value>,
     /// Whether it was loaded from a ready process (an empty default is not).
     pub loaded: bool,
+}
+
+/// The lists a server offers, as `notifications/{list}/list_changed` names them.
+pub const LISTS: [&str; 3] = ["tools", "prompts", "resources"];
+
+/// The notification that a server's `list` changed.
+pub fn list_changed(list: &str) -> Message {
+    Message::notification(format!("notifications/{list}/list_changed"), None)
 }
 
 impl Catalogue {

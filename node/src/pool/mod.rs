@@ -1104,9 +1104,9 @@ async fn watch_catalogue(
                         // it (`crate::route`'s list wait): its clients hear that it is here.
                         known = true;
                         for list in offered {
-                            let method = format!("notifications/{list}/list_changed");
-                            if !held.iter().any(|m| m.method() == Some(method.as_str())) {
-                                held.push(Message::notification(method, None));
+                            let message = catalogue::list_changed(list);
+                            if !held.iter().any(|m| m.method() == message.method()) {
+                                held.push(message);
                             }
                         }
                     }

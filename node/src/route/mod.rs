@@ -22,6 +22,7 @@ pub mod budget;
 pub mod config;
 pub mod invalid;
 pub mod peer;
+pub mod peer_catalogues;
 pub mod placement;
 pub mod window;
 
@@ -72,11 +73,6 @@ pub fn fallback_capabilities(capabilities: &Value) -> Value {
         None => json!({}),
     }
 }
-
-/// How long a remote server's catalogue is reused.
-const REMOTE_INFO_TTL: Duration = Duration::from_secs(5);
-/// How long a peer's answer that a server has no catalogue yet is kept.
-const REMOTE_INFO_UNLOADED_TTL: Duration = Duration::from_secs(1);
 
 /// Where one attempt goes.
 #[derive(Clone)]
@@ -135,7 +131,8 @@ pub struct Router {
     pub breakers: Arc<Breakers>,
     config: config::RouteConfig,
     budgets: Arc<Mutex<HashMap<String, Arc<RetryBudget>>>>,
-    remote_info: Arc<Mutex<HashMap<String, (Instant, ServerInfo)>>>,
+    /// What peers said the servers they run offer.
+    peer_catalogues: Arc<peer_catalogues::PeerCatalogues>,
     /// Rate limits, quotas and concurrency limits, checked once per call on the node that
     /// takes it.
     limiter: Arc<Limiter>,
@@ -154,7 +151,7 @@ impl Router {
             breakers: Arc::new(Breakers::new(config.breaker)),
             config,
             budgets: Arc::default(),
-            remote_info: Arc::default(),
+            peer_catalogues: Arc::default(),
             limiter: Arc::new(Limiter::new(registry.clone())),
             registry,
         }
@@ -491,18 +488,45 @@ impl Router {
                 return Some(known);
             }
         }
-        let remote = self.remote_info.lock().unwrap_or_else(|p| p.into_inner());
-        remote
-            .get(server)
-            .and_then(|(_, info)| info.catalogue.lists(method, item))
+        self.peer_catalogues
+            .last(server)
+            .and_then(|info| info.catalogue.lists(method, item))
     }
 
     /// Forgets what a peer said `server` offers: it announced a change of its lists.
     fn forget_info(&self, server: &str) {
-        self.remote_info
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(server);
+        self.peer_catalogues.forget(server);
+    }
+
+    /// Takes every list of the servers that run on peer `node` and not here as changed, and
+    /// tells their clients: the peer's stream of announcements (re)opened, and what it sent
+    /// while none was open is lost.
+    fn lists_changed_on(&self, node: u64) {
+        let specs: Vec<Versioned<ServerSpec>> = self
+            .registry
+            .local()
+            .state
+            .servers
+            .values()
+            .cloned()
+            .collect();
+        for spec in specs {
+            let replicas = self.replicas(&spec);
+            let there = replicas
+                .iter()
+                .any(|r| matches!(r, Replica::Peer(m) if m.id == node));
+            if !there || replicas.iter().any(|r| matches!(r, Replica::Local)) {
+                continue;
+            }
+            self.forget_info(&spec.spec.name);
+            for list in crate::pool::catalogue::LISTS {
+                self.pools.publish(crate::pool::ServerEvent {
+                    server: spec.spec.name.clone(),
+                    message: crate::pool::catalogue::list_changed(list),
+                    origin: Some(node),
+                });
+            }
+        }
     }
 
     /// What the server of `spec` offers, for a caller whose right to see it was checked
@@ -543,23 +567,12 @@ impl Router {
                 return ServerInfo { init, catalogue };
             }
         }
-        if let Some((at, info)) = self
-            .remote_info
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(server)
-        {
-            // A server without a catalogue yet is asked again sooner: its first one is
-            // announced (which also drops this), and a list that follows must read it.
-            let ttl = if info.catalogue.loaded {
-                REMOTE_INFO_TTL
-            } else {
-                REMOTE_INFO_UNLOADED_TTL
-            };
-            if at.elapsed() < ttl {
-                return info.clone();
-            }
+        if let Some(info) = self.peer_catalogues.get(server) {
+            return info;
         }
+        // The first peer's answer with a catalogue; else the last without one.
+        let generation = self.peer_catalogues.generation();
+        let mut starting = None;
         for replica in self.replicas(spec) {
             let Replica::Peer(m) = replica else { continue };
             let Ok(v) = peer::server_info(&self.channels, &m, server).await else {
@@ -579,10 +592,14 @@ impl Router {
                     loaded: v["catalogue"]["loaded"].as_bool().unwrap_or(false),
                 }),
             };
-            self.remote_info
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(server.to_string(), (Instant::now(), info.clone()));
+            if info.catalogue.loaded {
+                self.peer_catalogues.keep(server, info.clone(), generation);
+                return info;
+            }
+            starting = Some(info);
+        }
+        if let Some(info) = starting {
+            self.peer_catalogues.keep(server, info.clone(), generation);
             return info;
         }
         ServerInfo::default()

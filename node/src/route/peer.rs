@@ -131,8 +131,14 @@ impl Peer for PeerService {
                 let ev = match hub.recv().await {
                     Ok(ev) => ev,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!(peer = from, missed = n, "notification relay fell behind");
-                        continue;
+                        // Ended: the peer opens it again, and takes every list of this node's
+                        // servers as changed (`relay_from`).
+                        tracing::warn!(
+                            peer = from,
+                            missed = n,
+                            "notification relay fell behind; ending it"
+                        );
+                        return;
                     }
                     Err(_) => return,
                 };
@@ -472,6 +478,8 @@ async fn relay_from(me: EventsRequest, peer: Member, router: super::Router) {
         return; // retried by the supervisor loop
     };
     let mut stream = resp.into_inner();
+    // What the peer announced while no stream was open is lost.
+    router.lists_changed_on(peer.id);
     while let Ok(Some(frame)) = stream.message().await {
         let Ok(v) = serde_json::from_slice::<Value>(&frame.json) else {
             continue;
