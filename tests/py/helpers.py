@@ -238,17 +238,33 @@ async def listening(
 
                 yield c, next_change
         return
-    changes: asyncio.Queue[None] = asyncio.Queue()
-
-    async def on_message(m) -> None:
-        if getattr(m, "method", None) == "notifications/tools/list_changed":
-            changes.put_nowait(None)
-
+    changes = ToolListChanges()
     before = streams_answered(cluster, node, url)
-    async with client(url, cluster.token, mode, message_handler=on_message) as c:
-        await asyncio.to_thread(wait_until, lambda: streams_answered(cluster, node, url) > before, 20,
-                                "the session's GET stream open")
-        yield c, changes.get
+    async with client(url, cluster.token, mode, message_handler=changes.on_message) as c:
+        await stream_open(cluster, node, url, before)
+        yield c, changes.next
+
+
+class ToolListChanges:
+    """The `notifications/tools/list_changed` a session's client hears: give it `on_message` as
+    its message handler; `next` waits for the next one."""
+
+    def __init__(self) -> None:
+        self._heard: asyncio.Queue[None] = asyncio.Queue()
+
+    async def on_message(self, m: Any) -> None:
+        if getattr(m, "method", None) == "notifications/tools/list_changed":
+            self._heard.put_nowait(None)
+
+    async def next(self) -> None:
+        await self._heard.get()
+
+
+async def stream_open(cluster: Any, node: int, url: str, before: float) -> None:
+    """Waits until node `node` has answered one more GET on the endpoint of `url` than
+    `before` (`streams_answered`): a session's stream hears list changes from then on."""
+    await asyncio.to_thread(wait_until, lambda: streams_answered(cluster, node, url) > before, 20,
+                            "the session's GET stream open")
 
 
 def streams_answered(cluster: Any, node: int, url: str) -> float:

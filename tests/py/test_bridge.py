@@ -18,7 +18,8 @@ import pytest
 from mcp import Client, MCPError, StdioServerParameters
 
 from conftest import CA_CERT, ROOT, VENV_BIN, Cluster, everything_on_one_node, start_cluster
-from helpers import MODES, relist_until, run, streams_answered, text_of, wait_until
+from helpers import (MODES, ToolListChanges, relist_until, run, stream_open, streams_answered, text_of,
+                     wait_until)
 
 BRIDGE = Path(os.environ.get("MCP_BRIDGE_BIN") or ROOT / "target/debug/mcp-bridge")
 WATCHED = "demo://resource/dynamic/text/1"
@@ -57,19 +58,13 @@ def test_bridge_lists_and_calls_demo_time_and_sampling(fresh):
     c = fresh
 
     async def scenario():
-        changes: asyncio.Queue[None] = asyncio.Queue()
-
-        async def on_message(m) -> None:
-            if getattr(m, "method", None) == "notifications/tools/list_changed":
-                changes.put_nowait(None)
-
+        changes = ToolListChanges()
         before = streams_answered(c, 0, c.url(0))
         async with Client(bridge(mcp_urls(c, [0, 1, 2]), c.token), mode="legacy", sampling_callback=sampling,
-                          message_handler=on_message) as cl:
-            await asyncio.to_thread(wait_until, lambda: streams_answered(c, 0, c.url(0)) > before, 20,
-                                    "the bridge's session stream open")
+                          message_handler=changes.on_message) as cl:
+            await stream_open(c, 0, c.url(0), before)
             await asyncio.to_thread(c.add_server, "time", [VENV_BIN / "mcp-server-time"])
-            await relist_until(cl, changes.get, "time__get_current_time", listed=True)
+            await relist_until(cl, changes.next, "time__get_current_time", listed=True)
             names = {t.name for t in (await cl.list_tools()).tools}
             assert {"demo__echo", "demo__test_sampling", "time__get_current_time"} <= names
             assert text_of(await cl.call_tool("demo__echo", {"message": "hi"})) == "hi"

@@ -55,10 +55,11 @@ def test_a_client_of_mcp_is_told_when_a_server_is_added_and_when_it_is_removed(c
 @pytest.mark.parametrize("mode", MODES)
 def test_a_server_still_starting_is_listed_without_waiting_and_announced_when_it_comes_up(cluster, mode):
     """A server whose first start takes 20 s (longer than `list_wait_ms`; its start timeout
-    is 60 s) is added with one replica. Clients of its own node and of another node list while it starts: the lists are
-    answered without it (its own node waited `list_wait_ms` for it, and counted that it gave
-    up). Both clients, listening from then on, are told when it comes up (its first catalogue;
-    the other node hears it from the server's node), and then list its tools."""
+    is 60 s) is added with one replica. Clients of its own node and of another node list
+    while it starts: the lists are answered without it (its own node waited `list_wait_ms`
+    for it, and counted that it gave up). Both clients, listening from then on, are told when
+    it comes up (its first catalogue; the other node hears it from the server's node), and
+    then list its tools."""
     name = f"slow-{uuid.uuid4().hex[:6]}"
     tool = f"{name}__echo"
     spec = {"name": name, "command": "sh", "args": ["-c", f"sleep 20; exec {MCPD} demo-server"],

@@ -99,11 +99,12 @@ pub async fn watch(registry: Registry, listings: Listings, shutdown: Shutdown) {
         let mut next = Some(first);
         while let Some(ev) = next.take() {
             match ev {
-                Ok(WatchEvent::Reset { .. }) => {
-                    changed.everything = true;
-                    owners = tenants_of_servers(&registry);
+                Ok(ev) => {
+                    if let WatchEvent::Reset { .. } = ev {
+                        owners = tenants_of_servers(&registry);
+                    }
+                    add(&mut changed, &ev, &mut owners);
                 }
-                Ok(ev) => add(&mut changed, &ev, &mut owners),
                 Err(RecvError::Lagged(_)) => changed.everything = true,
                 Err(RecvError::Closed) => return,
             }
@@ -128,7 +129,7 @@ fn tenants_of_servers(registry: &Registry) -> BTreeMap<String, Option<String>> {
 }
 
 /// Adds one registry event to `changed`; `owners` keeps each server's tenant, which a
-/// removal no longer shows.
+/// removal no longer shows (after a reset, the caller reads them all again).
 fn add(changed: &mut Changed, ev: &WatchEvent, owners: &mut BTreeMap<String, Option<String>>) {
     let (kind, name, value) = match ev {
         WatchEvent::Put {

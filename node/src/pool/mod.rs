@@ -341,6 +341,10 @@ impl Pool {
     /// The catalogue once it has been read from a process (up to `within`; what there is
     /// then, otherwise).
     pub async fn catalogue_loaded(&self, within: Duration) -> Arc<Catalogue> {
+        let now = self.catalogue();
+        if now.loaded {
+            return now;
+        }
         let mut rx = self.catalogue.subscribe();
         let _ = tokio::time::timeout(within, rx.wait_for(|c| c.loaded)).await;
         self.catalogue()
@@ -1104,10 +1108,7 @@ async fn watch_catalogue(
                         // it (`crate::route`'s list wait): its clients hear that it is here.
                         known = true;
                         for list in offered {
-                            let message = catalogue::list_changed(list);
-                            if !held.iter().any(|m| m.method() == message.method()) {
-                                held.push(message);
-                            }
+                            hold(&mut held, catalogue::list_changed(list));
                         }
                     }
                     for message in held.drain(..) {
@@ -1126,14 +1127,19 @@ async fn watch_catalogue(
                 let Some(p) = pool.upgrade() else { return };
                 if msg.method().is_some_and(|m| m.ends_with("/list_changed")) {
                     loaded = false;
-                    if !held.iter().any(|m| m.method() == msg.method()) {
-                        held.push(msg);
-                    }
+                    hold(&mut held, msg);
                 } else {
                     p.announce(msg);
                 }
             }
         }
+    }
+}
+
+/// Keeps a list change to send once the catalogue has been read again (one per list).
+fn hold(held: &mut Vec<Message>, change: Message) {
+    if !held.iter().any(|m| m.method() == change.method()) {
+        held.push(change);
     }
 }
 

@@ -493,11 +493,6 @@ impl Router {
             .and_then(|info| info.catalogue.lists(method, item))
     }
 
-    /// Forgets what a peer said `server` offers: it announced a change of its lists.
-    fn forget_info(&self, server: &str) {
-        self.peer_catalogues.forget(server);
-    }
-
     /// Takes every list of the servers that run on peer `node` and not here as changed, and
     /// tells their clients: the peer's stream of announcements (re)opened, and what it sent
     /// while none was open is lost.
@@ -518,7 +513,7 @@ impl Router {
             if !there || replicas.iter().any(|r| matches!(r, Replica::Local)) {
                 continue;
             }
-            self.forget_info(&spec.spec.name);
+            self.peer_catalogues.forget(&spec.spec.name);
             for list in crate::pool::catalogue::LISTS {
                 self.pools.publish(crate::pool::ServerEvent {
                     server: spec.spec.name.clone(),

@@ -495,7 +495,7 @@ async fn relay_from(me: EventsRequest, peer: Member, router: super::Router) {
             .is_some_and(|m| m.ends_with("/list_changed"))
         {
             // Before the clients hear it: a list they ask for next is read again.
-            router.forget_info(server);
+            router.peer_catalogues.forget(server);
         }
         router.pools.publish(crate::pool::ServerEvent {
             server: server.to_string(),
