@@ -125,7 +125,7 @@ impl Running {
         let (tx, events) = mpsc::channel(64);
         let sink = EventSink::new(tx);
         // The call keeps the request's span wherever it is polled from (its own task, or
-        // finished in the background; inline, under the handler, it is entered already:
+        // finished in the background; inline, under the handler, it is current already:
         // `telemetry::in_span`); while tracing is off there is none to look up.
         let span = crate::telemetry::current();
         let outcome_span = span.clone();

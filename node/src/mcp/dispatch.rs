@@ -11,7 +11,6 @@ use std::time::Instant;
 
 use mcpcp_proto::mcp::{code, ErrorObject, Message};
 use serde_json::{json, Value};
-use tracing::Instrument;
 
 use super::target::Target;
 use crate::call::{Affinity, Call, EventSink, FallbackGate};
@@ -273,19 +272,21 @@ impl Route {
             Target::Server(name) => {
                 let policy = tracing::info_span!(
                     target: crate::telemetry::TARGET,
+                    parent: crate::telemetry::parent(),
                     "mcp.policy",
                     otel.status_code = tracing::field::Empty,
                     error.type = tracing::field::Empty,
                 );
-                let decided = async {
-                    self.authorize(name, method, params.as_ref())?;
-                    self.approved(name, method, params.as_ref()).await
-                }
-                .instrument(policy.clone())
-                .await;
+                // No spans are made under the policy's (it is never current), and it ends
+                // when the decision is made.
+                let decided = match self.authorize(name, method, params.as_ref()) {
+                    Ok(()) => self.approved(name, method, params.as_ref()).await,
+                    Err(e) => Err(e),
+                };
                 if decided.is_err() {
                     crate::telemetry::failed(&policy, "denied");
                 }
+                drop(policy);
                 decided?;
                 let mut result = self.send(name, method, params, events).await?;
                 self.filter_list(name, method, &mut result);

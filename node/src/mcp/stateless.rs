@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::time::Instant;
 
+use crate::telemetry::InSpanExt;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -27,7 +28,6 @@ use futures_util::StreamExt;
 use mcpcp_proto::mcp::{code, versions, ErrorObject, Message, RequestId, STATELESS_VERSION};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
-use tracing::Instrument;
 
 use super::call::{CallHandle, Running, Step};
 use super::listings::Changed;
@@ -743,7 +743,7 @@ fn listen(
     tokio::spawn(async move {
         // The servers send `notifications/resources/updated` only for what they were asked to
         // watch: subscribe upstream, and honor the URIs whose server accepted.
-        let uris = subscribe_upstream(&r, uris).instrument(request_span).await;
+        let uris = subscribe_upstream(&r, uris).in_span(request_span).await;
         if !uris.is_empty() {
             granted.insert("resourceSubscriptions".into(), json!(uris));
         }

@@ -36,6 +36,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::telemetry::InSpanExt;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use mcpcp_proto::api::{ServerSpec, Versioned};
 use mcpcp_proto::mcp::Message;
@@ -43,7 +44,6 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinSet;
-use tracing::Instrument;
 
 use crate::call::{Affinity, CallError, EventSink, HoldOp};
 use crate::shard::{self, ShardHandles};
@@ -533,7 +533,7 @@ impl Pool {
                     }
                     outcome
                 }
-                .instrument(crate::telemetry::current()),
+                .in_span(crate::telemetry::current()),
             );
             return subscribe.await.unwrap_or_else(|e| {
                 Err(CallError::Crashed(format!(
@@ -553,7 +553,7 @@ impl Pool {
                         let _turn = turn;
                         pool.withdraw(&w, events, owner).await
                     }
-                    .instrument(crate::telemetry::current()),
+                    .in_span(crate::telemetry::current()),
                 );
                 withdrawal.await.unwrap_or_else(|e| {
                     Err(CallError::Crashed(format!(
@@ -760,9 +760,10 @@ impl Pool {
         // A free slot is taken at once; otherwise the call waits in its tenant's queue until it
         // gets one, gives up, or is dropped (a cancelled call). The queue's span and the
         // upstream call's have no children: they are made under the caller's span and never
-        // entered (a span entered costs on every poll, `telemetry::in_span`).
+        // made current.
         let queue = tracing::info_span!(
             target: crate::telemetry::TARGET,
+            parent: crate::telemetry::parent(),
             "pool.queue",
             mcp.server = %self.name,
             otel.status_code = tracing::field::Empty,
@@ -832,6 +833,7 @@ impl Pool {
     ) -> Result<Value, CallError> {
         let span = tracing::info_span!(
             target: crate::telemetry::TARGET,
+            parent: crate::telemetry::parent(),
             "upstream.call",
             otel.kind = "client",
             mcp.server = %self.name,

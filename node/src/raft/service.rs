@@ -16,12 +16,12 @@ use mcpcp_proto::raft::RaftPayload;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use crate::telemetry::InSpanExt;
 use futures_util::Stream;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::Instrument;
 
 use super::Raft;
 use crate::registry::{ForwardError, MembershipChange, Registry};
@@ -163,7 +163,7 @@ async fn answer_forwarded(registry: &Registry, call: ForwardedCall) -> Forwarded
         Ok(Forwarded::Write(request, traceparent)) => {
             let written = registry
                 .write_as_leader(*request)
-                .instrument(forwarded_write_span(&traceparent))
+                .in_span(forwarded_write_span(&traceparent))
                 .await;
             encode(&written).map(|result| Answer::Write(ForwardWriteReply { result }))
         }
@@ -237,7 +237,7 @@ impl Cluster for ClusterService {
         let res = self
             .registry
             .write_as_leader(request)
-            .instrument(forwarded_write_span(&req.traceparent))
+            .in_span(forwarded_write_span(&req.traceparent))
             .await;
         Ok(Response::new(ForwardWriteReply {
             result: encode(&res)?,

@@ -24,6 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::RwLockReadGuard;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::telemetry::InSpanExt;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use mcpcp_proto::api::{Member, Role, TokenInfo};
 use mcpcp_proto::cluster::cluster_client::ClusterClient;
@@ -31,7 +32,6 @@ use mcpcp_proto::cluster::{MembershipRequest, PingReply, PingRequest};
 use openraft::error::RaftError;
 use openraft::ChangeMembers;
 use serde::{Deserialize, Serialize};
-use tracing::Instrument;
 
 use crate::raft::network::PeerChannels;
 use crate::raft::state_machine::{SmData, StateMachineStore, Subscription};
@@ -401,16 +401,14 @@ impl Registry {
         let label = req.command.label();
         let span = tracing::info_span!(
             target: crate::telemetry::TARGET,
+            parent: crate::telemetry::parent(),
             "registry.write",
             op = label,
             node = self.id,
             otel.status_code = tracing::field::Empty,
             error.type = tracing::field::Empty,
         );
-        let result = self
-            .write_inner(req, started)
-            .instrument(span.clone())
-            .await;
+        let result = self.write_inner(req, started).in_span(span.clone()).await;
         let outcome = match &result {
             Ok(_) => "ok",
             Err(RegistryError::Apply(_)) => "rejected",
@@ -520,6 +518,7 @@ impl Registry {
         let started = Instant::now();
         let span = tracing::info_span!(
             target: crate::telemetry::TARGET,
+            parent: crate::telemetry::parent(),
             "registry.forward",
             otel.kind = "client",
             leader = leader.id,
@@ -529,7 +528,7 @@ impl Registry {
         let result = self
             .forwarders
             .call(&leader.grpc_addr, forward::Call::Write(command))
-            .instrument(span.clone())
+            .in_span(span.clone())
             .await
             .inspect_err(|_| crate::telemetry::failed(&span, "forward_failed"))?;
         metrics::histogram!("mcpd_registry_forward_seconds").record(started.elapsed());

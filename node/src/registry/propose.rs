@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use tracing::Instrument;
+use crate::telemetry::InSpanExt;
 
 use super::state::{CommandResult, Proposal, Request};
 use crate::raft::typ::ClientWriteError;
@@ -60,8 +60,12 @@ impl Proposer {
     /// Proposes `request` and waits for its result. Dropping the future abandons the wait,
     /// not the write.
     pub async fn propose(&self, request: Request) -> Result<ProposeResult, Stopped> {
-        let span = tracing::info_span!(target: crate::telemetry::TARGET, "raft.propose");
-        self.propose_traced(request).instrument(span).await
+        let span = tracing::info_span!(
+            target: crate::telemetry::TARGET,
+            parent: crate::telemetry::parent(),
+            "raft.propose"
+        );
+        self.propose_traced(request).in_span(span).await
     }
 
     async fn propose_traced(&self, request: Request) -> Result<ProposeResult, Stopped> {

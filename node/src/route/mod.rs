@@ -33,7 +33,6 @@ use std::time::{Duration, Instant};
 use mcpcp_proto::api::{Member, ServerSpec, Versioned};
 use mcpcp_proto::mcp::{code, is_read_only, ErrorObject};
 use serde_json::{json, Value};
-use tracing::Instrument;
 
 use crate::call::{Call, CallError, EventSink};
 use crate::limits::Limiter;
@@ -42,6 +41,7 @@ use crate::pool::fair::Share;
 use crate::pool::reconcile::Pools;
 use crate::raft::network::PeerChannels;
 use crate::registry::{Principal, Registry};
+use crate::telemetry::InSpanExt;
 use breaker::{Breakers, Outcome};
 use budget::RetryBudget;
 
@@ -241,6 +241,7 @@ impl Router {
     pub async fn call(&self, call: &Call) -> Result<Value, CallError> {
         let span = tracing::info_span!(
             target: crate::telemetry::TARGET,
+            parent: crate::telemetry::parent(),
             "mcp.route",
             mcp.server = %call.server,
             mcp.method.name = %call.method,
@@ -249,7 +250,7 @@ impl Router {
             otel.status_code = tracing::field::Empty,
             error.type = tracing::field::Empty,
         );
-        let outcome = self.route(call).instrument(span.clone()).await;
+        let outcome = self.route(call).in_span(span.clone()).await;
         if let Err(e) = &outcome {
             crate::telemetry::failed(&span, e.label());
         }
@@ -321,7 +322,7 @@ impl Router {
             attempts += 1;
             // The route's span says how many attempts it took and which node answered last (a
             // peer's attempt has a span of its own, `peer.call`).
-            let route = tracing::Span::current();
+            let route = crate::telemetry::current();
             route.record("attempts", attempts);
             route.record("node", node);
             let outcome = self.attempt(&replica, server, call).await;

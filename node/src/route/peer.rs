@@ -20,12 +20,12 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::Instrument;
 
 use crate::call::{Affinity, Call, CallError, CallEvent, EventSink, Responder};
 use crate::pool::reconcile::Pools;
 use crate::raft::network::PeerChannels;
 use crate::registry::{Principal, Registry};
+use crate::telemetry::InSpanExt;
 
 /// One message on a call's stream.
 #[derive(Debug, Serialize, Deserialize)]
@@ -270,7 +270,7 @@ impl Peer for PeerService {
                 }
             }
         };
-        tokio::spawn(serve.instrument(span));
+        tokio::spawn(serve.in_span(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -315,6 +315,7 @@ pub async fn call(
 ) -> Result<Value, CallError> {
     let span = tracing::info_span!(
         target: crate::telemetry::TARGET,
+        parent: crate::telemetry::parent(),
         "peer.call",
         otel.kind = "client",
         peer.node = peer.id,
@@ -323,7 +324,7 @@ pub async fn call(
         error.type = tracing::field::Empty,
     );
     let outcome = forward(channels, peer, server, call)
-        .instrument(span.clone())
+        .in_span(span.clone())
         .await;
     if let Err(e) = &outcome {
         crate::telemetry::failed(&span, e.label());

@@ -1,23 +1,22 @@
-//! A future that runs inside its span, without entering it again when the poll that reaches
-//! it is already inside that span.
+//! The node's current span: a future runs inside its span without entering it.
 //!
-//! A call's future is polled through every layer of the call path, and each layer's
-//! `.instrument(span)` enters and leaves its span on every poll: for an exported span that is
-//! a registry look-up per layer and filter, a lock and a clock read. The request's span is
-//! both the HTTP handler's and the running call's (which must keep it when it moves to a task
-//! of its own, `mcp::call`); nested under the handler, the call's own enter would repeat what
-//! is already so. [`InSpan`] remembers, per thread, the span it entered last and skips the
-//! repeat.
+//! A call's future is polled through every layer of the call path. A span entered with
+//! `.instrument(span)` is entered and left on every poll, and for an exported span that is a
+//! registry look-up per layer and filter, a lock and a clock read each time. The node's spans
+//! are never entered: [`InSpan`] lends its span to a thread-local slot for the length of each
+//! poll (a move: no reference count, no look-up), the spans made under it name it as their
+//! parent ([`parent`]), and work that goes on elsewhere takes a handle to it ([`current`]).
+//! A span that is current already (a request's call, polled under its handler) is not lent
+//! again.
 
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::future::Future;
-use std::num::NonZeroU64;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 thread_local! {
-    /// The span an [`InSpan`] on this thread's stack entered last (its id).
-    static INSIDE: Cell<Option<NonZeroU64>> = const { Cell::new(None) };
+    /// The span an [`InSpan`] on this thread's stack lent last.
+    static CURRENT: RefCell<Option<tracing::Span>> = const { RefCell::new(None) };
 }
 
 pin_project_lite::pin_project! {
@@ -39,12 +38,36 @@ pub trait InSpanExt: Future + Sized {
 
 impl<F: Future> InSpanExt for F {}
 
-/// Puts back the span an outer [`InSpan`] entered, when this poll ends (or unwinds).
-struct Restore(Option<NonZeroU64>);
+/// The parent of a span made now, for `tracing::info_span!(parent: ..)`: the current span,
+/// else none (a root). Read only while the span's callsite is enabled (tracing is on).
+pub fn parent() -> Option<tracing::Id> {
+    CURRENT.with(|c| c.borrow().as_ref().and_then(tracing::Span::id))
+}
 
-impl Drop for Restore {
+/// A handle to the current span while tracing is on, for work that goes on in another task;
+/// while it is off, none (and no look-up).
+pub fn current() -> tracing::Span {
+    if !super::enabled() {
+        return tracing::Span::none();
+    }
+    CURRENT
+        .with(|c| c.borrow().clone())
+        .unwrap_or_else(tracing::Span::none)
+}
+
+/// A span lent for one poll: gives it back to its [`InSpan`], and the slot back to the span
+/// lent before, when the poll ends (or unwinds).
+struct Lent<'a> {
+    home: &'a mut tracing::Span,
+    outer: Option<tracing::Span>,
+}
+
+impl Drop for Lent<'_> {
     fn drop(&mut self) {
-        INSIDE.with(|inside| inside.set(self.0));
+        let outer = self.outer.take();
+        if let Some(span) = CURRENT.with(|c| c.replace(outer)) {
+            *self.home = span;
+        }
     }
 }
 
@@ -53,14 +76,18 @@ impl<F: Future> Future for InSpan<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        let Some(id) = this.span.id().map(|id| id.into_non_zero_u64()) else {
+        let Some(id) = this.span.id() else {
             return this.inner.poll(cx);
         };
-        if INSIDE.with(Cell::get) == Some(id) {
+        if parent() == Some(id) {
             return this.inner.poll(cx);
         }
-        let _entered = this.span.enter();
-        let _restore = Restore(INSIDE.with(|inside| inside.replace(Some(id))));
+        let span = std::mem::replace(this.span, tracing::Span::none());
+        let outer = CURRENT.with(|c| c.replace(Some(span)));
+        let _lent = Lent {
+            home: this.span,
+            outer,
+        };
         this.inner.poll(cx)
     }
 }
@@ -73,7 +100,7 @@ mod tests {
     use tracing_subscriber::layer::{Context as LayerContext, SubscriberExt};
     use tracing_subscriber::Layer;
 
-    /// Counts each span's enters, by name.
+    /// Records each span entered, by name.
     #[derive(Clone, Default)]
     struct Enters(Arc<Mutex<Vec<&'static str>>>);
 
@@ -88,50 +115,47 @@ mod tests {
         }
     }
 
-    fn current_name() -> Option<&'static str> {
-        tracing::Span::current().metadata().map(|m| m.name())
-    }
-
     #[test]
-    fn a_span_already_entered_by_the_poll_above_is_not_entered_again() {
+    fn a_span_is_current_while_its_future_is_polled_and_never_entered() {
         let enters = Enters::default();
         let subscriber = tracing_subscriber::registry().with(enters.clone());
         tracing::subscriber::with_default(subscriber, || {
             let request = tracing::info_span!("request");
-            let call = async { current_name() }.in_span(request.clone());
-            let seen = call.in_span(request).now_or_never();
-            assert_eq!(
-                seen,
-                Some(Some("request")),
-                "the inner future runs inside the span"
-            );
-            assert_eq!(
-                *enters.0.lock().unwrap(),
-                ["request"],
-                "entered once, by the outer"
-            );
+            let id = request.id();
+            // Pending once, then done: the span is lent for each poll and comes back after.
+            let mut polls = 0;
+            let seen = futures_util::future::poll_fn(move |cx| {
+                polls += 1;
+                if polls == 1 {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                Poll::Ready(parent())
+            });
+            let mut call = Box::pin(seen.in_span(request));
+            let waker = futures_util::task::noop_waker();
+            let mut cx = Context::from_waker(&waker);
+            assert!(call.as_mut().poll(&mut cx).is_pending());
+            assert_eq!(parent(), None, "nothing is current between polls");
+            assert_eq!(call.as_mut().poll(&mut cx), Poll::Ready(id));
+            assert!(enters.0.lock().unwrap().is_empty(), "no span was entered");
         });
     }
 
     #[test]
-    fn a_span_polled_from_elsewhere_is_entered_and_the_outer_one_comes_back() {
-        let enters = Enters::default();
-        let subscriber = tracing_subscriber::registry().with(enters.clone());
+    fn a_span_polled_from_elsewhere_is_current_and_the_outer_one_comes_back() {
+        let subscriber = tracing_subscriber::registry();
         tracing::subscriber::with_default(subscriber, || {
             let request = tracing::info_span!("request");
             let route = tracing::info_span!("route");
-            // The request's call finished by a task of its own, under another span: it enters
-            // the request's span, and the route's is current again after it.
-            let call = async { current_name() }.in_span(request);
-            let elsewhere = async move { (call.await, current_name()) }.in_span(route);
+            let (request_id, route_id) = (request.id(), route.id());
+            // The request's call finished by a task of its own, under another span: the
+            // request's span is current inside it, and the route's again after it.
+            let call = async { parent() }.in_span(request);
+            let elsewhere = async move { (call.await, parent()) }.in_span(route);
             let seen = elsewhere.now_or_never();
-            assert_eq!(seen, Some((Some("request"), Some("route"))));
-            assert_eq!(*enters.0.lock().unwrap(), ["route", "request"]);
-            assert_eq!(
-                INSIDE.with(Cell::get),
-                None,
-                "nothing is left marked once polls end"
-            );
+            assert_eq!(seen, Some((request_id, route_id)));
+            assert_eq!(parent(), None, "nothing is left current once polls end");
         });
     }
 }

@@ -25,9 +25,9 @@ pub mod span;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use config::TracingConfig;
-pub use in_span::InSpanExt;
+pub use in_span::{current, parent, InSpanExt};
 pub use pipeline::{Exporter, Source, SpanLayer, TracingError};
-pub use span::{adopt, current, failed, Parent, Traces};
+pub use span::{adopt, failed, Parent, Traces};
 
 /// The `tracing` target of every span that is exported.
 pub const TARGET: &str = "mcpd::trace";

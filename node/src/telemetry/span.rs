@@ -38,16 +38,6 @@ impl Traces {
     }
 }
 
-/// The current span while tracing is on, for work that goes on in another task; while it is
-/// off, none (and no look-up).
-pub fn current() -> tracing::Span {
-    if super::enabled() {
-        tracing::Span::current()
-    } else {
-        tracing::Span::none()
-    }
-}
-
 /// Makes `span` a child of `cx`, the caller's context, when there is one.
 pub fn adopt(span: &tracing::Span, cx: Option<opentelemetry::Context>) {
     if let Some(cx) = cx {
