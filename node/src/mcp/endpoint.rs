@@ -127,6 +127,7 @@ fn request_span(
     };
     let span = tracing::info_span!(
         target: crate::telemetry::TARGET,
+        parent: None,
         "mcp.request",
         otel.name = %match tool.or(prompt) {
             Some(target) => format!("{method} {target}"),

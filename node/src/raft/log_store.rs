@@ -311,6 +311,7 @@ fn write_loop(db: Database, queue: mpsc::Receiver<Write>) {
             .map(|parent| {
                 let span = tracing::info_span!(
                     target: crate::telemetry::TARGET,
+                    parent: None,
                     "raft.fsync",
                     writes = batch.len(),
                     durable = durable,

@@ -145,6 +145,7 @@ fn decode_forwarded(call: Option<forwarded_call::Call>) -> Result<Forwarded, Str
 fn forwarded_write_span(traceparent: &str) -> tracing::Span {
     let span = tracing::info_span!(
         target: crate::telemetry::TARGET,
+        parent: None,
         "registry.write",
         otel.kind = "server",
         forwarded = true,

@@ -266,6 +266,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         spans.extend(proposal.traces.iter().map(|parent| {
                             let span = tracing::info_span!(
                                 target: crate::telemetry::TARGET,
+                                parent: None,
                                 "raft.apply",
                                 index = entry.log_id.index,
                                 writes = proposal.requests.len(),

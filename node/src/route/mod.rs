@@ -322,9 +322,10 @@ impl Router {
             attempts += 1;
             // The route's span says how many attempts it took and which node answered last (a
             // peer's attempt has a span of its own, `peer.call`).
-            let route = crate::telemetry::current();
-            route.record("attempts", attempts);
-            route.record("node", node);
+            crate::telemetry::with_current(|route| {
+                route.record("attempts", attempts);
+                route.record("node", node);
+            });
             let outcome = self.attempt(&replica, server, call).await;
             let failed = counts_against_the_server(&outcome, &call.events);
             permit.record(

@@ -215,6 +215,7 @@ impl Peer for PeerService {
         let (tx, rx) = mpsc::channel::<Result<WireFrame, Status>>(64);
         let span = tracing::info_span!(
             target: crate::telemetry::TARGET,
+            parent: None,
             "peer.serve",
             otel.kind = "server",
             node = self.registry.id,

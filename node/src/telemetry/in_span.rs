@@ -55,6 +55,15 @@ pub fn current() -> tracing::Span {
         .unwrap_or_else(tracing::Span::none)
 }
 
+/// `f` of the current span, borrowed where it is (no handle is made), while tracing is on
+/// and a span is current. `f` must not poll a future.
+pub fn with_current<R>(f: impl FnOnce(&tracing::Span) -> R) -> Option<R> {
+    if !super::enabled() {
+        return None;
+    }
+    CURRENT.with(|c| c.borrow().as_ref().map(f))
+}
+
 /// A span lent for one poll: gives it back to its [`InSpan`], and the slot back to the span
 /// lent before, when the poll ends (or unwinds).
 struct Lent<'a> {
@@ -121,7 +130,7 @@ mod tests {
         let subscriber = tracing_subscriber::registry().with(enters.clone());
         tracing::subscriber::with_default(subscriber, || {
             let request = tracing::info_span!("request");
-            let id = request.id();
+            let id = Some(request.id().expect("the span is enabled"));
             // Pending once, then done: the span is lent for each poll and comes back after.
             let mut polls = 0;
             let seen = futures_util::future::poll_fn(move |cx| {
@@ -148,7 +157,10 @@ mod tests {
         tracing::subscriber::with_default(subscriber, || {
             let request = tracing::info_span!("request");
             let route = tracing::info_span!("route");
-            let (request_id, route_id) = (request.id(), route.id());
+            let (request_id, route_id) = (
+                Some(request.id().expect("the span is enabled")),
+                Some(route.id().expect("the span is enabled")),
+            );
             // The request's call finished by a task of its own, under another span: the
             // request's span is current inside it, and the route's again after it.
             let call = async { parent() }.in_span(request);

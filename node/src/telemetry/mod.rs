@@ -25,7 +25,7 @@ pub mod span;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use config::TracingConfig;
-pub use in_span::{current, parent, InSpanExt};
+pub use in_span::{current, parent, with_current, InSpanExt};
 pub use pipeline::{Exporter, Source, SpanLayer, TracingError};
 pub use span::{adopt, failed, Parent, Traces};
 

@@ -87,9 +87,9 @@ impl Exporter {
             ))))
             .with_resource(source.resource())
             .build();
-        // Only what the spans say: no busy/idle timing and no OpenTelemetry context switch on
-        // every poll of an instrumented future (the node reads contexts from the spans
-        // themselves, `propagate`), no thread, source-location or target attributes.
+        // Only what the spans say: no busy/idle timing and no OpenTelemetry context switch
+        // (no span is ever entered, `telemetry::in_span`; the node reads contexts from the
+        // spans themselves, `propagate`), no thread, source-location or target attributes.
         let layer = tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("mcpd"))
             .with_tracked_inactivity(false)

@@ -109,7 +109,7 @@ fn extract(extractor: &dyn Extractor) -> Option<Context> {
 
 /// The current span's context, when tracing is on and the span is recorded.
 fn current() -> Option<Context> {
-    of(&super::current())
+    super::with_current(of).flatten()
 }
 
 /// `span`'s context, when the span is recorded (while tracing is off, none is).
