@@ -279,10 +279,11 @@ impl Route {
                 );
                 // No spans are made under the policy's (it is never current), and it ends
                 // when the decision is made.
-                let decided = match self.authorize(name, method, params.as_ref()) {
-                    Ok(()) => self.approved(name, method, params.as_ref()).await,
-                    Err(e) => Err(e),
-                };
+                let decided = async {
+                    self.authorize(name, method, params.as_ref())?;
+                    self.approved(name, method, params.as_ref()).await
+                }
+                .await;
                 if decided.is_err() {
                     crate::telemetry::failed(&policy, "denied");
                 }

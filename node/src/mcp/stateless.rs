@@ -19,7 +19,6 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::time::Instant;
 
-use crate::telemetry::InSpanExt;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -39,6 +38,7 @@ use super::wire::{
 };
 use crate::call::CallEvent;
 use crate::registry::Principal;
+use crate::telemetry::InSpanExt;
 
 const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
 const META_CAPS: &str = "io.modelcontextprotocol/clientCapabilities";

@@ -36,7 +36,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::telemetry::InSpanExt;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use mcpcp_proto::api::{ServerSpec, Versioned};
 use mcpcp_proto::mcp::Message;
@@ -48,6 +47,7 @@ use tokio::task::JoinSet;
 use crate::call::{Affinity, CallError, EventSink, HoldOp};
 use crate::shard::{self, ShardHandles};
 use crate::shutdown::{self, Shutdown, Trigger};
+use crate::telemetry::InSpanExt;
 use catalogue::Catalogue;
 use events::PoolEvent;
 use fair::{FairQueue, Share};

@@ -16,7 +16,6 @@ use mcpcp_proto::raft::RaftPayload;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use crate::telemetry::InSpanExt;
 use futures_util::Stream;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -26,6 +25,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::Raft;
 use crate::registry::{ForwardError, MembershipChange, Registry};
 use crate::shutdown::Shutdown;
+use crate::telemetry::InSpanExt;
 
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Status> {
     serde_json::from_slice(bytes).map_err(|e| Status::invalid_argument(format!("bad payload: {e}")))

@@ -24,7 +24,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::RwLockReadGuard;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::telemetry::InSpanExt;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use mcpcp_proto::api::{Member, Role, TokenInfo};
 use mcpcp_proto::cluster::cluster_client::ClusterClient;
@@ -37,6 +36,7 @@ use crate::raft::network::PeerChannels;
 use crate::raft::state_machine::{SmData, StateMachineStore, Subscription};
 use crate::raft::typ::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, LogId};
 use crate::raft::Raft;
+use crate::telemetry::InSpanExt;
 use state::{Applied, ApplyError, Command, Request};
 use validate::FieldError;
 

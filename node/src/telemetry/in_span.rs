@@ -47,12 +47,7 @@ pub fn parent() -> Option<tracing::Id> {
 /// A handle to the current span while tracing is on, for work that goes on in another task;
 /// while it is off, none (and no look-up).
 pub fn current() -> tracing::Span {
-    if !super::enabled() {
-        return tracing::Span::none();
-    }
-    CURRENT
-        .with(|c| c.borrow().clone())
-        .unwrap_or_else(tracing::Span::none)
+    with_current(tracing::Span::clone).unwrap_or_else(tracing::Span::none)
 }
 
 /// `f` of the current span, borrowed where it is (no handle is made), while tracing is on
