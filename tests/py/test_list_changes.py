@@ -2,7 +2,8 @@
 is told (`notifications/tools/list_changed`, on its session's stream or on its 2026-07-28
 `subscriptions/listen` stream) when a server is added or removed, and when a server that was
 still on its first start when it listed comes up. A list waits for a starting server only
-`[route] list_wait_ms` (3 s by default), not for its whole start.
+`[route] list_wait_ms` (3 s by default), not for its whole start. A client of a server's own
+endpoint also hears of the fallback that lists its tools there while the server is down.
 
 A client here does what a real one does with the notification: it lists again. Each test
 waits for notifications with a deadline; a client that is never told fails it.
@@ -16,9 +17,10 @@ import uuid
 
 import httpx2
 import pytest
+from mcp.shared.exceptions import MCPError
 
 from conftest import MCPD
-from helpers import MODES, listening, relist_until, run, wait_until
+from helpers import MODES, TOLD_WITHIN, client, listening, relist_until, run, stateless_post, wait_until
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -93,3 +95,54 @@ def test_a_server_still_starting_is_listed_without_waiting_and_announced_when_it
         run(scenario())
     finally:
         cluster.mcpctl("server", "rm", name)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_client_of_a_server_that_is_down_hears_of_the_fallback_that_lists_for_it(cluster, mode):
+    """A server that cannot start (`/bin/false`) names a fallback, which answers on the
+    server's own endpoint: a client there lists the fallback's tools. That client is told when
+    the fallback announces that its tools changed (another client of the fallback has it
+    announce so), and when the operator removes the fallback: its list is then the server's
+    own, which says it has no process."""
+    tag = uuid.uuid4().hex[:6]
+    spare, down = f"spare-{tag}", f"down-{tag}"
+    cluster.add_server(spare, [MCPD, "demo-server"], pool_size=1)
+    url = cluster.url(1, down)
+    try:
+        cluster.wait_tools(spare, ["echo"])
+        cluster.mcpctl("server", "add", down, "--pool-size", "1", "--fallback", spare, "--", "/bin/false")
+
+        def fallback_lists() -> bool:
+            r = stateless_post(url, cluster.token, "tools/list", timeout=30)
+            return r.status_code == 200 and "echo" in {t["name"] for t in r.json()["result"]["tools"]}
+
+        wait_until(fallback_lists, 60, f"{down}'s endpoint listing {spare}'s tools")
+
+        async def scenario():
+            async with listening(cluster, mode, 1, url) as (c, next_change):
+                assert "echo" in {t.name for t in (await c.list_tools()).tools}
+                async with client(cluster.url(0, spare), cluster.token, "legacy") as other:
+                    await other.call_tool("test_trigger_tool_change", {})
+                try:
+                    await asyncio.wait_for(next_change(), TOLD_WITHIN)
+                except TimeoutError:
+                    raise AssertionError(f"not told that {spare}, listing for {down}, changed its tools") from None
+                await asyncio.to_thread(cluster.mcpctl, "server", "rm", spare)
+                for _ in range(20):
+                    try:
+                        await asyncio.wait_for(next_change(), TOLD_WITHIN)
+                    except TimeoutError:
+                        raise AssertionError(f"not told that {spare}, listing for {down}, is gone") from None
+                    try:
+                        if "echo" not in {t.name for t in (await c.list_tools()).tools}:
+                            return
+                    except MCPError as e:
+                        # With no fallback left, its list is its own: it has no process.
+                        assert "no running process" in str(e), e
+                        return
+                raise AssertionError(f"20 changes told, and {spare}'s tools still listed for {down}")
+
+        run(scenario())
+    finally:
+        cluster.mcpctl_result("server", "rm", down)
+        cluster.mcpctl_result("server", "rm", spare)

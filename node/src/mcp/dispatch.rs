@@ -84,7 +84,14 @@ impl Route {
     /// that belongs to no call (a list change, a resource update, a log message).
     pub fn hears(&self, server: &str, message: &Message) -> bool {
         match &self.target {
-            Target::Server(t) => t == server,
+            // And that the tools of one of its fallbacks changed: its endpoint lists them while
+            // it is down (told whether or not it is, which costs a client a list at most).
+            Target::Server(t) => {
+                t == server
+                    || (message.method() == Some("notifications/tools/list_changed")
+                        && (self.registry.local().state.servers.get(t))
+                            .is_some_and(|s| s.spec.fallbacks.iter().any(|f| f == server)))
+            }
             Target::Aggregate => self.check(server).is_ok(),
             // Only that the tools of one of its servers changed: its servers' other
             // notifications name their own tools and resources, not the curated ones.

@@ -8,6 +8,8 @@
 //! endpoints' listeners: a session's standalone stream (`super::http`) and a
 //! `subscriptions/listen` stream (`super::stateless`). Each tells its client when the change
 //! may alter its lists ([`Changed::concerns`]), with the three `list_changed` notifications.
+//! A server's change concerns the endpoints of the servers that name it as their fallback
+//! too: they list its tools while they are down.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -88,7 +90,7 @@ const BATCH_WINDOW: std::time::Duration = std::time::Duration::from_millis(100);
 /// [`BATCH_WINDOW`] of its first) to the node's listeners.
 pub async fn watch(registry: Registry, listings: Listings, shutdown: Shutdown) {
     let mut sub = registry.subscribe(None).live;
-    let mut owners = tenants_of_servers(&registry);
+    let mut known = known_servers(&registry);
     loop {
         let first = tokio::select! {
             ev = sub.recv() => ev,
@@ -101,9 +103,9 @@ pub async fn watch(registry: Registry, listings: Listings, shutdown: Shutdown) {
             match ev {
                 Ok(ev) => {
                     if let WatchEvent::Reset { .. } = ev {
-                        owners = tenants_of_servers(&registry);
+                        known = known_servers(&registry);
                     }
-                    add(&mut changed, &ev, &mut owners);
+                    add(&mut changed, &ev, &mut known);
                 }
                 Err(RecvError::Lagged(_)) => changed.everything = true,
                 Err(RecvError::Closed) => return,
@@ -118,19 +120,35 @@ pub async fn watch(registry: Registry, listings: Listings, shutdown: Shutdown) {
     }
 }
 
-/// Each server's tenant, as the registry has it now.
-fn tenants_of_servers(registry: &Registry) -> BTreeMap<String, Option<String>> {
+/// What the watch keeps of a server: its tenant (`None`: a global server), which its removal
+/// no longer shows, and the fallbacks it names, whose changes alter what its own endpoint
+/// lists while it is down.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Known {
+    tenant: Option<String>,
+    fallbacks: Vec<String>,
+}
+
+/// Each server as the registry has it now.
+fn known_servers(registry: &Registry) -> BTreeMap<String, Known> {
     let data = registry.local();
     data.state
         .servers
         .iter()
-        .map(|(name, s)| (name.clone(), s.spec.tenant.clone()))
+        .map(|(name, s)| {
+            let known = Known {
+                tenant: s.spec.tenant.clone(),
+                fallbacks: s.spec.fallbacks.clone(),
+            };
+            (name.clone(), known)
+        })
         .collect()
 }
 
-/// Adds one registry event to `changed`; `owners` keeps each server's tenant, which a
-/// removal no longer shows (after a reset, the caller reads them all again).
-fn add(changed: &mut Changed, ev: &WatchEvent, owners: &mut BTreeMap<String, Option<String>>) {
+/// Adds one registry event to `changed`; `known` keeps what the watch knows of each server
+/// (after a reset, the caller reads them all again). A change of a server concerns the
+/// servers that name it as their fallback too.
+fn add(changed: &mut Changed, ev: &WatchEvent, known: &mut BTreeMap<String, Known>) {
     let (kind, name, value) = match ev {
         WatchEvent::Put {
             kind, name, value, ..
@@ -143,30 +161,50 @@ fn add(changed: &mut Changed, ev: &WatchEvent, owners: &mut BTreeMap<String, Opt
     };
     match kind {
         ObjectKind::Server => {
-            let before = owners.remove(name);
-            // The tenant this change gave it (a later change has an event of its own).
-            let after = value.map(|v| v["spec"]["tenant"].as_str().map(String::from));
-            if let Some(tenant) = &after {
-                owners.insert(name.clone(), tenant.clone());
+            let before = known.remove(name);
+            // What this change made it (a later change has an event of its own).
+            let after = value.map(|v| Known {
+                tenant: v["spec"]["tenant"].as_str().map(String::from),
+                fallbacks: serde_json::from_value(v["spec"]["fallbacks"].clone())
+                    .unwrap_or_default(),
+            });
+            if let Some(now) = &after {
+                known.insert(name.clone(), now.clone());
             }
             let tenants = changed.servers.entry(name.clone()).or_default();
-            tenants.extend(before);
-            tenants.extend(after);
+            tenants.extend(before.map(|k| k.tenant));
+            tenants.extend(after.map(|k| k.tenant));
+            served_by(changed, name, known);
         }
         // Approved tools: what the server's lists hold back changed.
         ObjectKind::ToolPins => {
-            let tenant = owners.get(name).cloned();
+            let tenant = known.get(name).map(|k| k.tenant.clone());
             changed
                 .servers
                 .entry(name.clone())
                 .or_default()
                 .extend(tenant);
+            served_by(changed, name, known);
         }
         ObjectKind::VirtualServer => {
             changed.virtuals.insert(name.clone());
         }
         ObjectKind::Policy => changed.everything = true,
         _ => {}
+    }
+}
+
+/// Counts as changed each server that names `fallback` as its fallback: its own endpoint
+/// lists `fallback`'s tools while it is down.
+fn served_by(changed: &mut Changed, fallback: &str, known: &BTreeMap<String, Known>) {
+    for (primary, it) in known {
+        if it.fallbacks.iter().any(|f| f == fallback) {
+            changed
+                .servers
+                .entry(primary.clone())
+                .or_default()
+                .insert(it.tenant.clone());
+        }
     }
 }
 
@@ -187,15 +225,14 @@ mod tests {
 
     #[test]
     fn a_removed_server_is_credited_to_the_tenant_it_had_and_approved_tools_to_their_server() {
-        let mut owners = BTreeMap::new();
+        let mut known = BTreeMap::new();
         let mut added = Changed::default();
         let spec = json!({ "revision": 1, "created_revision": 1, "spec": { "tenant": "acme" } });
-        add(
-            &mut added,
-            &put(ObjectKind::Server, "db", spec),
-            &mut owners,
+        add(&mut added, &put(ObjectKind::Server, "db", spec), &mut known);
+        assert_eq!(
+            known.get("db").map(|k| k.tenant.as_deref()),
+            Some(Some("acme"))
         );
-        assert_eq!(owners.get("db"), Some(&Some("acme".to_string())));
 
         let mut removed = Changed::default();
         let delete = WatchEvent::Delete {
@@ -203,8 +240,8 @@ mod tests {
             kind: ObjectKind::Server,
             name: "db".into(),
         };
-        add(&mut removed, &delete, &mut owners);
-        assert!(owners.is_empty());
+        add(&mut removed, &delete, &mut known);
+        assert!(known.is_empty());
         let (acme, globex) = (
             caller(Role::User, Some("acme")),
             caller(Role::User, Some("globex")),
@@ -212,16 +249,72 @@ mod tests {
         assert!(removed.concerns(&acme, &Target::Aggregate));
         assert!(!removed.concerns(&globex, &Target::Aggregate));
 
-        owners.insert("time".into(), None);
+        known.insert("time".into(), Known::default());
         let mut pins = Changed::default();
         add(
             &mut pins,
             &put(ObjectKind::ToolPins, "time", json!({})),
-            &mut owners,
+            &mut known,
         );
         assert!(pins.concerns(&globex, &Target::Server("time".into())));
         assert!(!pins.concerns(&globex, &Target::Server("db".into())));
         assert!(!pins.everything);
+    }
+
+    #[test]
+    fn a_change_of_a_fallback_concerns_the_endpoints_of_the_servers_it_stands_in_for() {
+        let mut known = BTreeMap::new();
+        let primary = json!({ "spec": { "tenant": "acme", "fallbacks": ["spare"] } });
+        add(
+            &mut Changed::default(),
+            &put(ObjectKind::Server, "db", primary),
+            &mut known,
+        );
+        let spare = json!({ "spec": { "tenant": null } });
+        let user = caller(Role::User, Some("acme"));
+        let on = |name: &str| Target::Server(name.into());
+
+        let mut put_spare = Changed::default();
+        add(
+            &mut put_spare,
+            &put(ObjectKind::Server, "spare", spare),
+            &mut known,
+        );
+        assert!(put_spare.concerns(&user, &on("db")));
+        assert!(put_spare.concerns(&user, &on("spare")));
+        assert!(!put_spare.concerns(&user, &on("other")));
+
+        let mut pins = Changed::default();
+        add(
+            &mut pins,
+            &put(ObjectKind::ToolPins, "spare", json!({})),
+            &mut known,
+        );
+        assert!(pins.concerns(&user, &on("db")));
+
+        let mut removed = Changed::default();
+        let delete = WatchEvent::Delete {
+            revision: 3,
+            kind: ObjectKind::Server,
+            name: "spare".into(),
+        };
+        add(&mut removed, &delete, &mut known);
+        assert!(removed.concerns(&user, &on("db")));
+
+        // A server that no longer names it is not told of it.
+        let alone = json!({ "spec": { "tenant": "acme", "fallbacks": [] } });
+        add(
+            &mut Changed::default(),
+            &put(ObjectKind::Server, "db", alone),
+            &mut known,
+        );
+        let mut again = Changed::default();
+        add(
+            &mut again,
+            &put(ObjectKind::ToolPins, "spare", json!({})),
+            &mut known,
+        );
+        assert!(!again.concerns(&user, &on("db")));
     }
 
     fn caller(role: Role, tenant: Option<&str>) -> Principal {
