@@ -22,6 +22,10 @@
 //!   directly, then registered on the cluster as a server with a `url` and called through
 //!   node 1 (`/servers/demo-remote/mcp`: node 1's HTTP upstream → node 2 → its pool), at 1 and
 //!   64 clients; the added p50 and the calls/s ratio against the direct calls of the same run.
+//!   The same for a server written with the Python SDK (`tests/py/servers/remote_tools.py`,
+//!   run by the tests' `.venv`), as remote servers are, called in 2026-07-28 directly and
+//!   through node 1 (the revision node 1 speaks to it: the SDK serves a 2025 session's
+//!   requests at another cost).
 //! - `identity`: the cost of a JWT caller and of policies: node 1's `/servers/demo/mcp` called
 //!   with an API key while no policy exists, then with an ES256 JWT of a trusted issuer
 //!   (`mcpcp_tests::bench_issuer`, keys cached after the first call), first alone, then while 100 rules apply to
@@ -81,6 +85,7 @@ use hyper_util::rt::TokioIo;
 use mcpcp_proto::api::{
     CreateTokenRequest, IssuerSpec, LimitSpec, PolicySpec, ServerPatch, ServerSpec, TenantSpec,
 };
+use mcpcp_proto::mcp::STATELESS_VERSION;
 use mcpcp_tests::Cluster;
 use mcpctl::{AdminClient, CallOptions};
 use serde_json::{json, Value};
@@ -355,12 +360,12 @@ fn snippet(text: &str) -> String {
 // === MCP clients ===
 
 /// The `tools/call` of `echo`-like tool `tool` with message `msg`.
-fn echo_call(id: u64, tool: &str, msg: &str) -> Value {
+fn echo_call(id: u64, tool: &str, argument: &str, msg: &str) -> Value {
     json!({
         "jsonrpc": "2.0",
         "id": id,
         "method": "tools/call",
-        "params": { "name": tool, "arguments": { "message": msg } },
+        "params": { "name": tool, "arguments": { argument: msg } },
     })
 }
 
@@ -423,6 +428,26 @@ struct HttpTarget {
     url: String,
     token: Option<String>,
     tool: String,
+    /// The echo tool's argument (`message` for mcpd's demo server).
+    argument: &'static str,
+    /// Headers every request carries besides `Authorization`.
+    headers: Vec<(&'static str, String)>,
+    /// Speak 2026-07-28 (each request stands alone), not a 2025-06-18 session.
+    stateless: bool,
+}
+
+impl HttpTarget {
+    /// The demo server's `echo` (or, with no `tool`, `ping`) at `url`.
+    fn demo(url: String, token: Option<String>, tool: &str) -> HttpTarget {
+        HttpTarget {
+            url,
+            token,
+            tool: tool.into(),
+            argument: "message",
+            headers: Vec::new(),
+            stateless: false,
+        }
+    }
 }
 
 /// One HTTP/1.1 keep-alive connection, driven by the task that sends on it: a request costs
@@ -543,6 +568,10 @@ impl HttpSession {
             version: None,
             next_id: 1,
         };
+        if target.stateless {
+            s.version = Some(STATELESS_VERSION.into());
+            return Ok(s);
+        }
         let init = json!({
             "jsonrpc": "2.0", "id": 0, "method": "initialize", "params": initialize_params(),
         });
@@ -571,11 +600,19 @@ impl HttpSession {
         if let Some(b) = &self.bearer {
             req = req.header(http::header::AUTHORIZATION, b);
         }
+        for (name, value) in &self.target.headers {
+            req = req.header(*name, value);
+        }
         if let Some(s) = &self.session {
             req = req.header("mcp-session-id", s);
         }
         if let Some(v) = &self.version {
             req = req.header("mcp-protocol-version", v);
+        }
+        if self.target.stateless {
+            req = req
+                .header("mcp-method", "tools/call")
+                .header("mcp-name", &self.target.tool);
         }
         req.body(Full::new(Bytes::from(body)))
             .expect("the request's parts are valid")
@@ -664,7 +701,13 @@ impl HttpSession {
             return Ok(());
         }
         let msg = format!("m{seq}");
-        let call = echo_call(id, &self.target.tool, &msg);
+        let mut call = echo_call(id, &self.target.tool, self.target.argument, &msg);
+        if self.target.stateless {
+            call["params"]["_meta"] = json!({
+                "io.modelcontextprotocol/protocolVersion": STATELESS_VERSION,
+                "io.modelcontextprotocol/clientCapabilities": {},
+            });
+        }
         let (answer, _) = self.post(&call, Some(id)).await?;
         check_echo(&answer.ok_or("the call was not answered")?, &msg)
     }
@@ -773,7 +816,7 @@ impl StdioConn {
         let msg = format!("m{seq}");
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let answer = self
-            .request_with_id(id, echo_call(id, &self.tool, &msg))
+            .request_with_id(id, echo_call(id, &self.tool, "message", &msg))
             .await?;
         check_echo(&answer, &msg)
     }
@@ -1269,11 +1312,7 @@ async fn bench_peer(
         .stderr(err);
     eprintln!("data: starting {} on port {port}", peer.system);
     let mut proc = Proc::spawn(&peer.system, &mut cmd, &log)?;
-    let target = HttpTarget {
-        url: format!("http://127.0.0.1:{port}/mcp"),
-        token: None,
-        tool: "echo".into(),
-    };
+    let target = HttpTarget::demo(format!("http://127.0.0.1:{port}/mcp"), None, "echo");
     if let Err(e) = wait_callable(&target, READY_WITHIN, Some(&mut proc)).await {
         let tail = proc.tail(20);
         proc.stop().await;
@@ -1403,11 +1442,11 @@ async fn bench_pools(
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let base = mcp.cluster.url(mcp.ids[0]);
-    let target = HttpTarget {
-        url: format!("{base}/servers/demo/mcp"),
-        token: Some(mcp.token.clone()),
-        tool: "echo".into(),
-    };
+    let target = HttpTarget::demo(
+        format!("{base}/servers/demo/mcp"),
+        Some(mcp.token.clone()),
+        "echo",
+    );
     for pool in POOL_SIZES {
         if pool != mcp.demo_pool_size() {
             let patch: ServerPatch = serde_json::from_value(json!({ "pool_size": pool }))?;
@@ -1701,11 +1740,11 @@ impl Mcp {
     }
 
     fn target(&self, id: u64, path: &str, tool: &str) -> HttpTarget {
-        HttpTarget {
-            url: format!("{}{path}", self.url(id)),
-            token: Some(self.token.clone()),
-            tool: tool.into(),
-        }
+        HttpTarget::demo(
+            format!("{}{path}", self.url(id)),
+            Some(self.token.clone()),
+            tool,
+        )
     }
 
     async fn stop(mut self) {
@@ -1717,38 +1756,108 @@ impl Mcp {
 
 // === section: upstream ===
 
-const UPSTREAM_DIRECT: &str = "direct: node 2 /servers/demo/mcp";
-const UPSTREAM_THROUGH: &str = "mcpd http upstream: node 1 -> node 2";
+/// One upstream, called directly and through node 1 as a remote server.
+struct UpstreamPair {
+    /// Names it in the goals.
+    upstream: &'static str,
+    direct: &'static str,
+    through: &'static str,
+}
 
-/// Node 2's `/servers/demo/mcp` directly, then through node 1 as a remote server.
-async fn bench_upstream(mcp: &Mcp, args: &Args, report: &mut Report) -> anyhow::Result<()> {
+/// mcpd's own endpoint: a fast upstream, so node 1's share of the machine shows most.
+const UPSTREAM_MCPD: UpstreamPair = UpstreamPair {
+    upstream: "mcpd",
+    direct: "direct: node 2 /servers/demo/mcp",
+    through: "mcpd http upstream: node 1 -> node 2",
+};
+
+/// A server written with the Python SDK, as remote servers are.
+const UPSTREAM_SDK: UpstreamPair = UpstreamPair {
+    upstream: "Python SDK server",
+    direct: "direct: Python SDK server",
+    through: "mcpd http upstream: node 1 -> Python SDK server",
+};
+
+/// The key the Python SDK server asks every request for (`X-Api-Key`).
+const SDK_SERVER_KEY: &str = "bench-key";
+
+/// Node 2's `/servers/demo/mcp` directly, then through node 1 as a remote server; the same
+/// for a Python SDK server (`tests/py/servers/remote_tools.py`, from the tests' `.venv`).
+async fn bench_upstream(
+    mcp: &Mcp,
+    logs: &Path,
+    args: &Args,
+    report: &mut Report,
+) -> anyhow::Result<()> {
     let direct = mcp.target(mcp.ids[1], "/servers/demo/mcp", "echo");
+    let spec = json!({
+        "name": "demo-remote",
+        "url": direct.url,
+        "headers": { "Authorization": format!("Bearer {}", mcp.token) },
+        "ca_file": mcpcp_tests::test_ca_cert(),
+    });
+    bench_pair(mcp, &UPSTREAM_MCPD, direct, spec, args, report).await?;
+    let (mut sdk, port) = start_sdk_server(logs)?;
+    let direct = HttpTarget {
+        url: format!("http://127.0.0.1:{port}/mcp"),
+        token: None,
+        tool: "echo".into(),
+        argument: "text",
+        headers: vec![("x-api-key", SDK_SERVER_KEY.into())],
+        // The revision node 1 speaks to it: the SDK serves each era at its own cost.
+        stateless: true,
+    };
+    if let Err(e) = wait_callable(&direct, READY_WITHIN, Some(&mut sdk)).await {
+        let tail = sdk.tail(20);
+        sdk.stop().await;
+        bail!("the Python SDK server: {e:#}; its log ends with:\n{tail}");
+    }
+    let spec = json!({
+        "name": "sdk-remote",
+        "url": direct.url,
+        "headers": { "X-Api-Key": SDK_SERVER_KEY },
+    });
+    let measured = bench_pair(mcp, &UPSTREAM_SDK, direct, spec, args, report).await;
+    sdk.stop().await;
+    measured
+}
+
+/// Calls `direct`, then registers `spec` (a remote server) on the cluster and calls it
+/// through node 1, at each level.
+async fn bench_pair(
+    mcp: &Mcp,
+    pair: &UpstreamPair,
+    direct: HttpTarget,
+    mut spec: Value,
+    args: &Args,
+    report: &mut Report,
+) -> anyhow::Result<()> {
     wait_callable(&direct, READY_WITHIN, None).await?;
     run_levels(
         "upstream",
-        UPSTREAM_DIRECT,
+        pair.direct,
         &Endpoints::Http(vec![direct.clone()]),
         args,
         report,
     )
     .await;
-    let spec: ServerSpec = serde_json::from_value(json!({
-        "name": "demo-remote",
-        "url": direct.url,
-        "headers": { "Authorization": format!("Bearer {}", mcp.token) },
-        "ca_file": mcpcp_tests::test_ca_cert(),
-        "pool_size": 2,
-        "idempotent_tools": ["echo"],
-    }))?;
+    spec["pool_size"] = json!(2);
+    spec["idempotent_tools"] = json!([direct.tool]);
+    let spec: ServerSpec = serde_json::from_value(spec)?;
     mcp.admin
         .create_server(&spec, &CallOptions::default())
         .await
-        .context("registering demo-remote")?;
-    let through = mcp.target(mcp.ids[0], "/servers/demo-remote/mcp", "echo");
+        .with_context(|| format!("registering {}", spec.name))?;
+    let path = format!("/servers/{}/mcp", spec.name);
+    let through = HttpTarget {
+        argument: direct.argument,
+        stateless: direct.stateless,
+        ..mcp.target(mcp.ids[0], &path, &direct.tool)
+    };
     wait_callable(&through, READY_WITHIN, None).await?;
     run_levels(
         "upstream",
-        UPSTREAM_THROUGH,
+        pair.through,
         &Endpoints::Http(vec![through]),
         args,
         report,
@@ -1757,48 +1866,64 @@ async fn bench_upstream(mcp: &Mcp, args: &Args, report: &mut Report) -> anyhow::
     Ok(())
 }
 
+/// Starts the tests' Python SDK server (plain HTTP, both eras) on a free port.
+fn start_sdk_server(logs: &Path) -> anyhow::Result<(Proc, u16)> {
+    let root = repo_root().context("not run from the repository's target/")?;
+    let python = root.join(".venv/bin/python");
+    anyhow::ensure!(
+        python.is_file(),
+        "no {} (scripts/test.sh makes it)",
+        python.display()
+    );
+    let port = free_port()?;
+    let log = logs.join("sdk-server.log");
+    let (out, err) = Proc::log_files(&log)?;
+    let mut cmd = Command::new(python);
+    cmd.arg(root.join("tests/py/servers/remote_tools.py"))
+        .arg(port.to_string())
+        .arg(SDK_SERVER_KEY)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    eprintln!("upstream: starting the Python SDK server on port {port}");
+    Ok((Proc::spawn("python-sdk-server", &mut cmd, &log)?, port))
+}
+
+/// The goals, against each upstream: the added p50 at 1 client, the calls/s ratio at 64.
 fn upstream_goals(report: &mut Report) {
-    let row = |system: &str, clients: u32| report.row("upstream", system, clients).cloned();
-    let p50 = |system: &str| row(system, 1).and_then(|r| r.p50);
-    let added = match (p50(UPSTREAM_THROUGH), p50(UPSTREAM_DIRECT)) {
-        (Some(t), Some(d)) => Some(ms(t) - ms(d)),
-        _ => None,
-    };
-    let goal_p50 = Goal {
-        section: "upstream",
-        goal: format!(
-            "1 client: p50 at most {:.0} µs above calling the upstream directly",
-            GOAL_UPSTREAM_P50_ADDED_MS * 1e3
-        ),
-        measured: match (p50(UPSTREAM_THROUGH), p50(UPSTREAM_DIRECT), added) {
-            (Some(t), Some(d), Some(a)) => {
-                format!(
-                    "through {:.3} ms, direct {:.3} ms: {a:+.3} ms",
-                    ms(t),
-                    ms(d)
-                )
-            }
-            _ => "no figure".into(),
-        },
-        met: added.map(|a| a <= GOAL_UPSTREAM_P50_ADDED_MS),
-    };
-    let rate = |system: &str| row(system, 64).map(|r| r.calls_per_s());
-    let factor = match (rate(UPSTREAM_THROUGH), rate(UPSTREAM_DIRECT)) {
-        (Some(t), Some(d)) if d > 0.0 => Some((t, d, t / d)),
-        _ => None,
-    };
-    let goal_rate = Goal {
-        section: "upstream",
-        goal: format!(
-            "64 clients: at least {GOAL_UPSTREAM_FACTOR:.1}x the calls/s of calling the upstream directly"
-        ),
-        measured: factor
-            .map(|(t, d, f)| format!("through {t:.0}/s, direct {d:.0}/s: {f:.2}x"))
-            .unwrap_or_else(|| "no figure".into()),
-        met: factor.map(|(_, _, f)| f >= GOAL_UPSTREAM_FACTOR),
-    };
-    report.goals.push(goal_p50);
-    report.goals.push(goal_rate);
+    for pair in [&UPSTREAM_MCPD, &UPSTREAM_SDK] {
+        let row = |system: &str, clients: u32| report.row("upstream", system, clients).cloned();
+        let p50 = |system: &str| row(system, 1).and_then(|r| r.p50);
+        let goal_p50 = Goal::p50_over(
+            "upstream",
+            format!(
+                "{}: 1 client: p50 at most {:.0} µs above calling the upstream directly",
+                pair.upstream,
+                GOAL_UPSTREAM_P50_ADDED_MS * 1e3
+            ),
+            ("through", p50(pair.through)),
+            ("direct", p50(pair.direct)),
+            GOAL_UPSTREAM_P50_ADDED_MS,
+        );
+        let rate = |system: &str| row(system, 64).map(|r| r.calls_per_s());
+        let factor = match (rate(pair.through), rate(pair.direct)) {
+            (Some(t), Some(d)) if d > 0.0 => Some((t, d, t / d)),
+            _ => None,
+        };
+        let goal_rate = Goal {
+            section: "upstream",
+            goal: format!(
+                "{}: 64 clients: at least {GOAL_UPSTREAM_FACTOR:.1}x the calls/s of calling the upstream directly",
+                pair.upstream
+            ),
+            measured: factor
+                .map(|(t, d, f)| format!("through {t:.0}/s, direct {d:.0}/s: {f:.2}x"))
+                .unwrap_or_else(|| "no figure".into()),
+            met: factor.map(|(_, _, f)| f >= GOAL_UPSTREAM_FACTOR),
+        };
+        report.goals.push(goal_p50);
+        report.goals.push(goal_rate);
+    }
 }
 
 // === section: identity ===
@@ -2897,7 +3022,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             print_section(&report, "routing");
         }
         if sections.contains(&Section::Upstream) {
-            if let Err(e) = bench_upstream(&mcp, &args, &mut report).await {
+            if let Err(e) = bench_upstream(&mcp, logs.path(), &args, &mut report).await {
                 report.note("upstream", format!("failed: {e:#}"));
             }
             upstream_goals(&mut report);
