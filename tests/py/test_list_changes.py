@@ -3,7 +3,8 @@ is told (`notifications/tools/list_changed`, on its session's stream or on its 2
 `subscriptions/listen` stream) when a server is added or removed, and when a server that was
 still on its first start when it listed comes up. A list waits for a starting server only
 `[route] list_wait_ms` (3 s by default), not for its whole start. A client of a server's own
-endpoint also hears of the fallback that lists its tools there while the server is down.
+endpoint also hears of the fallback that lists its tools there while the server is down, and
+is told when the server goes down and when it comes back.
 
 A client here does what a real one does with the notification: it lists again. Each test
 waits for notifications with a deadline; a client that is never told fails it.
@@ -19,7 +20,7 @@ import httpx2
 import pytest
 from mcp.shared.exceptions import MCPError
 
-from conftest import MCPD
+from conftest import MCPD, VENV_BIN
 from helpers import MODES, TOLD_WITHIN, client, listening, relist_until, run, stateless_post, wait_until
 
 
@@ -145,4 +146,46 @@ def test_a_client_of_a_server_that_is_down_hears_of_the_fallback_that_lists_for_
         run(scenario())
     finally:
         cluster.mcpctl_result("server", "rm", down)
+        cluster.mcpctl_result("server", "rm", spare)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_client_of_a_server_is_told_when_its_fallback_takes_its_lists_over_and_gives_them_back(cluster, mode, tmp_path):
+    """A server (the demo server, one replica) whose restarts fail while a flag file exists
+    names mcp-server-time as its fallback. A client of the server's own endpoint lists the
+    demo's tools. The server's process crashes (its `crash` tool) and cannot start again:
+    the client is told, and lists the fallback's tools. The operator removes the flag, the
+    server starts again: the client is told, and lists the demo's tools again."""
+    tag = uuid.uuid4().hex[:6]
+    spare, flaky = f"spare-{tag}", f"flaky-{tag}"
+    flag = tmp_path / "started-once"
+    cluster.add_server(spare, [VENV_BIN / "mcp-server-time", "--local-timezone", "UTC"], pool_size=1)
+    spec = {"name": flaky, "command": "sh", "replicas": 1, "pool_size": 1, "fallbacks": [spare],
+            "args": ["-c", f'test -e "{flag}" && exit 1; touch "{flag}"; exec {MCPD} demo-server']}
+    try:
+        cluster.wait_tools(spare, ["get_current_time"])
+        added = httpx2.post(f"{cluster.base(0)}/v1/servers", json=spec,
+                            headers={"Authorization": f"Bearer {cluster.admin_token}"}, timeout=30)
+        assert added.status_code in (200, 201), added.text
+
+        def running_at() -> int | None:
+            status = json.loads(cluster.mcpctl("server", "status", flaky, "-o", "json"))
+            return next((r["node"] for r in status["replicas"] if "ready" in r["processes"]), None)
+
+        home = wait_until(running_at, 60, f"{flaky} running") - 1
+        url = cluster.url(home, flaky)
+
+        async def scenario():
+            async with listening(cluster, mode, home, url) as (c, next_change):
+                assert "echo" in {t.name for t in (await c.list_tools()).tools}
+                async with client(url, cluster.token, "legacy") as other:
+                    with pytest.raises(MCPError):
+                        await other.call_tool("crash", {})
+                await relist_until(c, next_change, "get_current_time", listed=True)
+                flag.unlink()
+                await relist_until(c, next_change, "echo", listed=True)
+
+        run(scenario())
+    finally:
+        cluster.mcpctl_result("server", "rm", flaky)
         cluster.mcpctl_result("server", "rm", spare)

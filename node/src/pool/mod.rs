@@ -409,6 +409,29 @@ impl Pool {
             .any(|s| *s.state.borrow() == SlotState::Starting)
     }
 
+    /// Whether a process of it is ready now.
+    fn serving(&self) -> bool {
+        self.slots
+            .iter()
+            .any(|s| s.process.borrow().as_ref().is_some_and(|p| p.is_alive()))
+    }
+
+    /// Tells the clients of its endpoint that its lists passed to its fallback (its last
+    /// process went) or came back (`serving`): each list it offers, and the tools, which
+    /// the fallback offers in its place.
+    fn announce_handover(&self, serving: bool) {
+        let mut lists = self.catalogue.borrow().lists_offered();
+        if !lists.contains(&"tools") {
+            lists.push("tools");
+        }
+        let to = if serving { "server" } else { "fallback" };
+        tracing::info!(server = %self.name, to, "its endpoint's lists pass to the server or its fallback; its clients are told");
+        metrics::counter!("mcpd_pool_fallback_handovers_total", "server" => self.name.clone(), "to" => to).increment(1);
+        for list in lists {
+            self.announce(catalogue::list_changed(list));
+        }
+    }
+
     /// Sends a notification of the server that belongs to no call to the node's hub.
     fn announce(&self, message: Message) {
         let _ = self.events.send(ServerEvent {
@@ -1078,7 +1101,9 @@ fn backoff() -> impl Iterator<Item = Duration> {
 }
 
 /// Refreshes the catalogue when a process becomes ready and when the server says a list
-/// changed; relays the server's other notifications to the pool's subscribers.
+/// changed; relays the server's other notifications to the pool's subscribers. For a server
+/// with fallbacks, announces its lists when its last process goes and when one is back
+/// ([`Pool::serving`]).
 async fn watch_catalogue(
     pool: std::sync::Weak<Pool>,
     mut rx: mpsc::Receiver<PoolEvent>,
@@ -1097,6 +1122,11 @@ async fn watch_catalogue(
     // The server's own list changes, sent on once the catalogue has been read again: a
     // client that lists when told must get the new lists.
     let mut held: Vec<Message> = Vec::new();
+    // Whether a process was ready when last looked, once the first catalogue is in.
+    let mut serving = false;
+    let has_fallbacks = pool
+        .upgrade()
+        .is_some_and(|p| !p.spec.spec.fallbacks.is_empty());
     loop {
         if !loaded {
             if let Some(p) = pool.upgrade() {
@@ -1105,6 +1135,7 @@ async fn watch_catalogue(
                     let offered = cat.lists_offered();
                     p.catalogue.send_replace(Arc::new(cat));
                     loaded = true;
+                    serving = true;
                     if !known {
                         // A list answered while the server was still starting went without
                         // it (`crate::route`'s list wait): its clients hear that it is here.
@@ -1123,7 +1154,13 @@ async fn watch_catalogue(
             futures_util::future::select_all(ready_rx.iter_mut().map(|r| Box::pin(r.changed())));
         tokio::select! {
             _ = stop.clone().wait() => return,
-            _ = ready_change, if !loaded => {}
+            _ = ready_change, if !loaded || (known && has_fallbacks) => {
+                let Some(p) = pool.upgrade() else { return };
+                if loaded && p.serving() != serving {
+                    serving = !serving;
+                    p.announce_handover(serving);
+                }
+            }
             ev = rx.recv() => {
                 let Some(PoolEvent::Notify(msg)) = ev else { return };
                 let Some(p) = pool.upgrade() else { return };
