@@ -160,6 +160,8 @@ def test_a_client_of_a_server_is_told_when_its_fallback_takes_its_lists_over_and
     spare, flaky = f"spare-{tag}", f"flaky-{tag}"
     flag = tmp_path / "started-once"
     cluster.add_server(spare, [VENV_BIN / "mcp-server-time", "--local-timezone", "UTC"], pool_size=1)
+    # One process starts once (one replica, pool_size 1, the demo server speaking the first
+    # revision it is asked): any further start finds the flag.
     spec = {"name": flaky, "command": "sh", "replicas": 1, "pool_size": 1, "fallbacks": [spare],
             "args": ["-c", f'test -e "{flag}" && exit 1; touch "{flag}"; exec {MCPD} demo-server']}
     try:

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use mcpcp_proto::api::{ObjectKind, WatchEvent};
 use mcpcp_proto::mcp::Message;
+use serde::Deserialize;
 use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
 
@@ -123,7 +124,8 @@ pub async fn watch(registry: Registry, listings: Listings, shutdown: Shutdown) {
 /// What the watch keeps of a server: its tenant (`None`: a global server), which its removal
 /// no longer shows, and the fallbacks it names, whose changes alter what its own endpoint
 /// lists while it is down.
-#[derive(Debug, Default, Clone, PartialEq)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
+#[serde(default)]
 struct Known {
     tenant: Option<String>,
     fallbacks: Vec<String>,
@@ -163,11 +165,7 @@ fn add(changed: &mut Changed, ev: &WatchEvent, known: &mut BTreeMap<String, Know
         ObjectKind::Server => {
             let before = known.remove(name);
             // What this change made it (a later change has an event of its own).
-            let after = value.map(|v| Known {
-                tenant: v["spec"]["tenant"].as_str().map(String::from),
-                fallbacks: serde_json::from_value(v["spec"]["fallbacks"].clone())
-                    .unwrap_or_default(),
-            });
+            let after = value.map(|v| Known::deserialize(&v["spec"]).unwrap_or_default());
             if let Some(now) = &after {
                 known.insert(name.clone(), now.clone());
             }

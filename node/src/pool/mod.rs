@@ -416,20 +416,18 @@ impl Pool {
             .any(|s| s.process.borrow().as_ref().is_some_and(|p| p.is_alive()))
     }
 
-    /// Tells the clients of its endpoint that its lists passed to its fallback (its last
-    /// process went) or came back (`serving`): each list it offers, and the tools, which
-    /// the fallback offers in its place.
-    fn announce_handover(&self, serving: bool) {
+    /// Its endpoint's lists passed to its fallback (its last process went) or came back
+    /// (`serving`): counted and logged. The lists whose clients are to be told: each it
+    /// offers, and the tools, which the fallback offers in its place.
+    fn handover(&self, serving: bool) -> Vec<&'static str> {
+        let to = if serving { "server" } else { "fallback" };
+        tracing::info!(server = %self.name, to, "its endpoint's lists pass to the server or its fallback; its clients are told");
+        metrics::counter!("mcpd_pool_fallback_handovers_total", "server" => self.name.clone(), "to" => to).increment(1);
         let mut lists = self.catalogue.borrow().lists_offered();
         if !lists.contains(&"tools") {
             lists.push("tools");
         }
-        let to = if serving { "server" } else { "fallback" };
-        tracing::info!(server = %self.name, to, "its endpoint's lists pass to the server or its fallback; its clients are told");
-        metrics::counter!("mcpd_pool_fallback_handovers_total", "server" => self.name.clone(), "to" => to).increment(1);
-        for list in lists {
-            self.announce(catalogue::list_changed(list));
-        }
+        lists
     }
 
     /// Sends a notification of the server that belongs to no call to the node's hub.
@@ -1102,8 +1100,8 @@ fn backoff() -> impl Iterator<Item = Duration> {
 
 /// Refreshes the catalogue when a process becomes ready and when the server says a list
 /// changed; relays the server's other notifications to the pool's subscribers. For a server
-/// with fallbacks, announces its lists when its last process goes and when one is back
-/// ([`Pool::serving`]).
+/// with fallbacks, announces its lists when its last process goes and, once the new one's
+/// catalogue is read, when one is back ([`Pool::serving`], [`Pool::handover`]).
 async fn watch_catalogue(
     pool: std::sync::Weak<Pool>,
     mut rx: mpsc::Receiver<PoolEvent>,
@@ -1122,7 +1120,8 @@ async fn watch_catalogue(
     // The server's own list changes, sent on once the catalogue has been read again: a
     // client that lists when told must get the new lists.
     let mut held: Vec<Message> = Vec::new();
-    // Whether a process was ready when last looked, once the first catalogue is in.
+    // Whether a process was ready when last looked (for a server with fallbacks), from the
+    // first catalogue on.
     let mut serving = false;
     let has_fallbacks = pool
         .upgrade()
@@ -1135,11 +1134,11 @@ async fn watch_catalogue(
                     let offered = cat.lists_offered();
                     p.catalogue.send_replace(Arc::new(cat));
                     loaded = true;
-                    serving = true;
                     if !known {
                         // A list answered while the server was still starting went without
                         // it (`crate::route`'s list wait): its clients hear that it is here.
                         known = true;
+                        serving = true;
                         for list in offered {
                             hold(&mut held, catalogue::list_changed(list));
                         }
@@ -1150,17 +1149,44 @@ async fn watch_catalogue(
                 }
             }
         }
-        let ready_change =
-            futures_util::future::select_all(ready_rx.iter_mut().map(|r| Box::pin(r.changed())));
-        tokio::select! {
-            _ = stop.clone().wait() => return,
-            _ = ready_change, if !loaded || (known && has_fallbacks) => {
-                let Some(p) = pool.upgrade() else { return };
-                if loaded && p.serving() != serving {
-                    serving = !serving;
-                    p.announce_handover(serving);
-                }
+        let follow = !ready_rx.is_empty() && (!loaded || (known && has_fallbacks));
+        let ready_change = async {
+            if !follow {
+                return std::future::pending().await;
             }
+            let changes = ready_rx.iter_mut().map(|r| Box::pin(r.changed()));
+            let (changed, slot, _) = futures_util::future::select_all(changes).await;
+            changed.map_err(|_| slot)
+        };
+        // A slot whose supervisor is gone (the pool is stopping), no longer followed: its
+        // watch would say so at once, each time.
+        let mut gone = None;
+        tokio::select! {
+            // First: a pool that stops also loses its processes, which is no handover.
+            biased;
+            _ = stop.clone().wait() => return,
+            changed = ready_change, if follow => match changed {
+                Err(slot) => gone = Some(slot),
+                Ok(()) => {
+                    let Some(p) = pool.upgrade() else { return };
+                    if known && has_fallbacks && p.serving() != serving {
+                        serving = !serving;
+                        let lists = p.handover(serving);
+                        if serving {
+                            // Back: a new process, whose catalogue is read before its
+                            // clients are told to list.
+                            loaded = false;
+                            for list in lists {
+                                hold(&mut held, catalogue::list_changed(list));
+                            }
+                        } else {
+                            for list in lists {
+                                p.announce(catalogue::list_changed(list));
+                            }
+                        }
+                    }
+                }
+            },
             ev = rx.recv() => {
                 let Some(PoolEvent::Notify(msg)) = ev else { return };
                 let Some(p) = pool.upgrade() else { return };
@@ -1171,6 +1197,9 @@ async fn watch_catalogue(
                     p.announce(msg);
                 }
             }
+        }
+        if let Some(slot) = gone {
+            ready_rx.swap_remove(slot);
         }
     }
 }
