@@ -4,7 +4,8 @@ is told (`notifications/tools/list_changed`, on its session's stream or on its 2
 still on its first start when it listed comes up. A list waits for a starting server only
 `[route] list_wait_ms` (3 s by default), not for its whole start. A client of a server's own
 endpoint also hears of the fallback that lists its tools there while the server is down, and
-is told when the server goes down and when it comes back.
+is told when the server goes down (its process, or the node of its only replica) and when it
+comes back.
 
 A client here does what a real one does with the notification: it lists again. Each test
 waits for notifications with a deadline; a client that is never told fails it.
@@ -190,4 +191,44 @@ def test_a_client_of_a_server_is_told_when_its_fallback_takes_its_lists_over_and
         run(scenario())
     finally:
         cluster.mcpctl_result("server", "rm", flaky)
+        cluster.mcpctl_result("server", "rm", spare)
+
+
+def test_a_client_is_told_when_the_node_of_a_servers_only_replica_dies(cluster):
+    """A server with one replica names a fallback. A client of the server's endpoint on
+    another node lists the server's tools. The server's node is killed: the client is told
+    (the dead node's stream of announcements ended), and lists the fallback's tools. The node
+    is started again for the tests that follow."""
+    tag = uuid.uuid4().hex[:6]
+    spare, lone = f"spare-{tag}", f"lone-{tag}"
+    cluster.add_server(spare, [VENV_BIN / "mcp-server-time", "--local-timezone", "UTC"], pool_size=1)
+    spec = {"name": lone, "command": str(MCPD), "args": ["demo-server"], "replicas": 1, "pool_size": 1,
+            "fallbacks": [spare]}
+    home = None
+    try:
+        cluster.wait_tools(spare, ["get_current_time"])
+        added = httpx2.post(f"{cluster.base(0)}/v1/servers", json=spec,
+                            headers={"Authorization": f"Bearer {cluster.admin_token}"}, timeout=30)
+        assert added.status_code in (200, 201), added.text
+
+        def running_at() -> int | None:
+            status = json.loads(cluster.mcpctl("server", "status", lone, "-o", "json"))
+            return next((r["node"] for r in status["replicas"] if "ready" in r["processes"]), None)
+
+        home = wait_until(running_at, 60, f"{lone} running") - 1
+        elsewhere = (home + 1) % cluster.nodes
+        url = cluster.url(elsewhere, lone)
+
+        async def scenario():
+            async with listening(cluster, "legacy", elsewhere, url) as (c, next_change):
+                assert "echo" in {t.name for t in (await c.list_tools()).tools}
+                await asyncio.to_thread(cluster.kill, home)
+                await relist_until(c, next_change, "get_current_time", listed=True)
+
+        run(scenario())
+    finally:
+        if home is not None:
+            cluster.restart(home)
+            wait_until(lambda: cluster.leader(home) is not None or None, 60, "the node back in its cluster")
+        cluster.mcpctl_result("server", "rm", lone)
         cluster.mcpctl_result("server", "rm", spare)

@@ -497,7 +497,7 @@ impl Router {
 
     /// Takes every list of the servers that run on peer `node` and not here as changed, and
     /// tells their clients: the peer's stream of announcements (re)opened, and what it sent
-    /// while none was open is lost.
+    /// while none was open is lost; or it ended, and what those servers offer here with it.
     fn lists_changed_on(&self, node: u64) {
         let specs: Vec<Versioned<ServerSpec>> = self
             .registry

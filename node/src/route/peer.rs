@@ -505,4 +505,8 @@ async fn relay_from(me: EventsRequest, peer: Member, router: super::Router) {
             origin: Some(peer.id),
         });
     }
+    // The peer died, or went away, or the stream broke: the servers only it runs are gone
+    // from the lists here (their endpoints' lists pass to their fallbacks) until they are
+    // placed elsewhere or it is back.
+    router.lists_changed_on(peer.id);
 }
