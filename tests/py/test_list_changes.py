@@ -99,6 +99,25 @@ def test_a_server_still_starting_is_listed_without_waiting_and_announced_when_it
         cluster.mcpctl("server", "rm", name)
 
 
+def add_with_fallback(cluster, name: str, command: str, args: list[str], fallback: str) -> int:
+    """Adds `fallback` (mcp-server-time, one process per node) and, once every node lists it,
+    server `name` (one replica, one process) naming it as its fallback; returns the node
+    (0-based) whose process of `name` is ready."""
+    cluster.add_server(fallback, [VENV_BIN / "mcp-server-time", "--local-timezone", "UTC"], pool_size=1)
+    cluster.wait_tools(fallback, ["get_current_time"])
+    spec = {"name": name, "command": command, "args": args, "replicas": 1, "pool_size": 1,
+            "fallbacks": [fallback]}
+    added = httpx2.post(f"{cluster.base(0)}/v1/servers", json=spec,
+                        headers={"Authorization": f"Bearer {cluster.admin_token}"}, timeout=30)
+    assert added.status_code in (200, 201), added.text
+
+    def running_at() -> int | None:
+        status = json.loads(cluster.mcpctl("server", "status", name, "-o", "json"))
+        return next((r["node"] for r in status["replicas"] if "ready" in r["processes"]), None)
+
+    return wait_until(running_at, 60, f"{name} running") - 1
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_a_client_of_a_server_that_is_down_hears_of_the_fallback_that_lists_for_it(cluster, mode):
     """A server that cannot start (`/bin/false`) names a fallback, which answers on the
@@ -160,22 +179,11 @@ def test_a_client_of_a_server_is_told_when_its_fallback_takes_its_lists_over_and
     tag = uuid.uuid4().hex[:6]
     spare, flaky = f"spare-{tag}", f"flaky-{tag}"
     flag = tmp_path / "started-once"
-    cluster.add_server(spare, [VENV_BIN / "mcp-server-time", "--local-timezone", "UTC"], pool_size=1)
-    # One process starts once (one replica, pool_size 1, the demo server speaking the first
-    # revision it is asked): any further start finds the flag.
-    spec = {"name": flaky, "command": "sh", "replicas": 1, "pool_size": 1, "fallbacks": [spare],
-            "args": ["-c", f'test -e "{flag}" && exit 1; touch "{flag}"; exec {MCPD} demo-server']}
     try:
-        cluster.wait_tools(spare, ["get_current_time"])
-        added = httpx2.post(f"{cluster.base(0)}/v1/servers", json=spec,
-                            headers={"Authorization": f"Bearer {cluster.admin_token}"}, timeout=30)
-        assert added.status_code in (200, 201), added.text
-
-        def running_at() -> int | None:
-            status = json.loads(cluster.mcpctl("server", "status", flaky, "-o", "json"))
-            return next((r["node"] for r in status["replicas"] if "ready" in r["processes"]), None)
-
-        home = wait_until(running_at, 60, f"{flaky} running") - 1
+        # One process starts once (one replica, one process, the demo server speaking the
+        # first revision it is asked): any further start finds the flag.
+        once = f'test -e "{flag}" && exit 1; touch "{flag}"; exec {MCPD} demo-server'
+        home = add_with_fallback(cluster, flaky, "sh", ["-c", once], spare)
         url = cluster.url(home, flaky)
 
         async def scenario():
@@ -201,21 +209,9 @@ def test_a_client_is_told_when_the_node_of_a_servers_only_replica_dies(cluster):
     is started again for the tests that follow."""
     tag = uuid.uuid4().hex[:6]
     spare, lone = f"spare-{tag}", f"lone-{tag}"
-    cluster.add_server(spare, [VENV_BIN / "mcp-server-time", "--local-timezone", "UTC"], pool_size=1)
-    spec = {"name": lone, "command": str(MCPD), "args": ["demo-server"], "replicas": 1, "pool_size": 1,
-            "fallbacks": [spare]}
     home = None
     try:
-        cluster.wait_tools(spare, ["get_current_time"])
-        added = httpx2.post(f"{cluster.base(0)}/v1/servers", json=spec,
-                            headers={"Authorization": f"Bearer {cluster.admin_token}"}, timeout=30)
-        assert added.status_code in (200, 201), added.text
-
-        def running_at() -> int | None:
-            status = json.loads(cluster.mcpctl("server", "status", lone, "-o", "json"))
-            return next((r["node"] for r in status["replicas"] if "ready" in r["processes"]), None)
-
-        home = wait_until(running_at, 60, f"{lone} running") - 1
+        home = add_with_fallback(cluster, lone, str(MCPD), ["demo-server"], spare)
         elsewhere = (home + 1) % cluster.nodes
         url = cluster.url(elsewhere, lone)
 

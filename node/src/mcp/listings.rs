@@ -212,6 +212,14 @@ mod tests {
     use mcpcp_proto::api::Role;
     use serde_json::json;
 
+    fn delete(kind: ObjectKind, name: &str) -> WatchEvent {
+        WatchEvent::Delete {
+            revision: 2,
+            kind,
+            name: name.into(),
+        }
+    }
+
     fn put(kind: ObjectKind, name: &str, value: serde_json::Value) -> WatchEvent {
         WatchEvent::Put {
             revision: 1,
@@ -233,12 +241,7 @@ mod tests {
         );
 
         let mut removed = Changed::default();
-        let delete = WatchEvent::Delete {
-            revision: 2,
-            kind: ObjectKind::Server,
-            name: "db".into(),
-        };
-        add(&mut removed, &delete, &mut known);
+        add(&mut removed, &delete(ObjectKind::Server, "db"), &mut known);
         assert!(known.is_empty());
         let (acme, globex) = (
             caller(Role::User, Some("acme")),
@@ -291,12 +294,11 @@ mod tests {
         assert!(pins.concerns(&user, &on("db")));
 
         let mut removed = Changed::default();
-        let delete = WatchEvent::Delete {
-            revision: 3,
-            kind: ObjectKind::Server,
-            name: "spare".into(),
-        };
-        add(&mut removed, &delete, &mut known);
+        add(
+            &mut removed,
+            &delete(ObjectKind::Server, "spare"),
+            &mut known,
+        );
         assert!(removed.concerns(&user, &on("db")));
 
         // A server that no longer names it is not told of it.

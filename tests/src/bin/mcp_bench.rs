@@ -303,6 +303,29 @@ impl Goal {
         }
     }
 
+    /// The goal that `what`'s calls/s be at least `factor` times `reference`'s.
+    fn rate_at_least(
+        section: &'static str,
+        goal: String,
+        (what, rate): (&str, Option<f64>),
+        (reference, reference_rate): (&str, Option<f64>),
+        factor: f64,
+    ) -> Goal {
+        let (measured, met) = match (rate, reference_rate) {
+            (Some(r), Some(b)) if b > 0.0 => (
+                format!("{what} {r:.0}/s, {reference} {b:.0}/s: {:.2}x", r / b),
+                Some(r / b >= factor),
+            ),
+            _ => ("no figure".to_string(), None),
+        };
+        Goal {
+            section,
+            goal,
+            measured,
+            met,
+        }
+    }
+
     fn json(&self) -> Value {
         json!({
             "section": self.section,
@@ -1926,21 +1949,16 @@ fn upstream_goals(report: &mut Report) {
             GOAL_UPSTREAM_P50_ADDED_MS,
         );
         let rate = |system: &str| row(system, 64).map(|r| r.calls_per_s());
-        let factor = match (rate(pair.through), rate(pair.direct)) {
-            (Some(t), Some(d)) if d > 0.0 => Some((t, d, t / d)),
-            _ => None,
-        };
-        let goal_rate = Goal {
-            section: "upstream",
-            goal: format!(
+        let goal_rate = Goal::rate_at_least(
+            "upstream",
+            format!(
                 "{}: 64 clients: at least {GOAL_UPSTREAM_FACTOR:.1}x the calls/s of calling the upstream directly",
                 pair.upstream
             ),
-            measured: factor
-                .map(|(t, d, f)| format!("through {t:.0}/s, direct {d:.0}/s: {f:.2}x"))
-                .unwrap_or_else(|| "no figure".into()),
-            met: factor.map(|(_, _, f)| f >= GOAL_UPSTREAM_FACTOR),
-        };
+            ("through", rate(pair.through)),
+            ("direct", rate(pair.direct)),
+            GOAL_UPSTREAM_FACTOR,
+        );
         report.goals.push(goal_p50);
         report.goals.push(goal_rate);
     }
@@ -2035,20 +2053,15 @@ fn identity_goals(report: &mut Report) {
         met: added.map(|(_, _, a)| a <= GOAL_IDENTITY_P50_ADDED_MS),
     };
     let rate = |system: &str| row(system, 64).map(|r| r.calls_per_s());
-    let factor = match (rate(IDENTITY_JWT), rate(IDENTITY_API_KEY)) {
-        (Some(j), Some(k)) if k > 0.0 => Some((j, k, j / k)),
-        _ => None,
-    };
-    let goal_rate = Goal {
-        section: "identity",
-        goal: format!(
+    let goal_rate = Goal::rate_at_least(
+        "identity",
+        format!(
             "64 clients: with JWT and 100 rules at least {GOAL_IDENTITY_FACTOR:.2}x the calls/s of an API key"
         ),
-        measured: factor
-            .map(|(j, k, f)| format!("jwt {j:.0}/s, api key {k:.0}/s: {f:.2}x"))
-            .unwrap_or_else(|| "no figure".into()),
-        met: factor.map(|(_, _, f)| f >= GOAL_IDENTITY_FACTOR),
-    };
+        ("jwt", rate(IDENTITY_JWT)),
+        ("api key", rate(IDENTITY_API_KEY)),
+        GOAL_IDENTITY_FACTOR,
+    );
     report.goals.push(goal_p50);
     report.goals.push(goal_rate);
 }
@@ -2110,21 +2123,13 @@ fn limits_goals(report: &mut Report) {
         met: added.map(|(_, _, a)| a <= GOAL_LIMITS_P50_ADDED_MS),
     };
     let rate = |system: &str| row(system, 64).map(|r| r.calls_per_s());
-    let base_rate = both(rate(LIMITS_NONE), rate(LIMITS_NONE_AGAIN));
-    let factor = base_rate
-        .zip(rate(LIMITS_ON))
-        .filter(|(b, _)| *b > 0.0)
-        .map(|(b, l)| (l, b, l / b));
-    let goal_rate = Goal {
-        section: "limits",
-        goal: format!(
-            "64 clients: with the limit at least {GOAL_LIMITS_FACTOR:.2}x the calls/s without"
-        ),
-        measured: factor
-            .map(|(l, b, f)| format!("limited {l:.0}/s, none {b:.0}/s: {f:.2}x"))
-            .unwrap_or_else(|| "no figure".into()),
-        met: factor.map(|(_, _, f)| f >= GOAL_LIMITS_FACTOR),
-    };
+    let goal_rate = Goal::rate_at_least(
+        "limits",
+        format!("64 clients: with the limit at least {GOAL_LIMITS_FACTOR:.2}x the calls/s without"),
+        ("limited", rate(LIMITS_ON)),
+        ("none", both(rate(LIMITS_NONE), rate(LIMITS_NONE_AGAIN))),
+        GOAL_LIMITS_FACTOR,
+    );
     report.goals.push(goal_p50);
     report.goals.push(goal_rate);
 }
