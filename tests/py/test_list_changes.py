@@ -115,7 +115,7 @@ def add_with_fallback(cluster, name: str, command: str, args: list[str], fallbac
         status = json.loads(cluster.mcpctl("server", "status", name, "-o", "json"))
         return next((r["node"] for r in status["replicas"] if "ready" in r["processes"]), None)
 
-    return wait_until(running_at, 60, f"{name} running") - 1
+    return cluster.ids.index(wait_until(running_at, 60, f"{name} running"))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -209,7 +209,7 @@ def test_a_client_is_told_when_the_node_of_a_servers_only_replica_dies(cluster):
     is started again for the tests that follow."""
     tag = uuid.uuid4().hex[:6]
     spare, lone = f"spare-{tag}", f"lone-{tag}"
-    home = None
+    home, killed = None, False
     try:
         home = add_with_fallback(cluster, lone, str(MCPD), ["demo-server"], spare)
         elsewhere = (home + 1) % cluster.nodes
@@ -218,13 +218,17 @@ def test_a_client_is_told_when_the_node_of_a_servers_only_replica_dies(cluster):
         async def scenario():
             async with listening(cluster, "legacy", elsewhere, url) as (c, next_change):
                 assert "echo" in {t.name for t in (await c.list_tools()).tools}
+                nonlocal killed
                 await asyncio.to_thread(cluster.kill, home)
+                killed = True
                 await relist_until(c, next_change, "get_current_time", listed=True)
 
         run(scenario())
     finally:
-        if home is not None:
-            cluster.restart(home)
-            wait_until(lambda: cluster.leader(home) is not None or None, 60, "the node back in its cluster")
-        cluster.mcpctl_result("server", "rm", lone)
-        cluster.mcpctl_result("server", "rm", spare)
+        try:
+            if killed:
+                cluster.restart(home)
+                wait_until(lambda: cluster.leader(home) is not None or None, 60, "the node back in its cluster")
+        finally:
+            cluster.mcpctl_result("server", "rm", lone)
+            cluster.mcpctl_result("server", "rm", spare)

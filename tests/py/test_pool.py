@@ -5,7 +5,9 @@ threads."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import time
 import json
 import uuid
 
@@ -14,7 +16,8 @@ import mcp.types as types
 import pytest
 from mcp.shared.exceptions import MCPError
 
-from helpers import MODES, await_until, client, run, text_of, wait_until
+from conftest import MCPD
+from helpers import MODES, await_until, client, run, stateless_post, text_of, wait_until
 
 CRASHED = -32053
 
@@ -156,3 +159,49 @@ def test_connections_are_dealt_out_to_every_data_plane_thread(cluster):
     finally:
         for c in clients:
             c.close()
+
+
+def test_a_call_waiting_for_a_restarting_process_sleeps_until_its_timeout(cluster, tmp_path):
+    """A server (one replica, one process) crashes, and its next start hangs (its command
+    sleeps instead of starting once a flag file exists) until its 20 s start timeout. A call
+    made meanwhile, with a 3 s request timeout, waits for a process and ends with "no running
+    process" once those 3 s are out; the node sleeps while it waits (its CPU time over the
+    call is a small part of the call's length), instead of polling for a process without
+    end, which held the call (and its thread) until the start gave up."""
+    name = f"hangs-{uuid.uuid4().hex[:6]}"
+    flag = tmp_path / "started-once"
+    once = f'test -e "{flag}" && exec sleep 60; touch "{flag}"; exec {MCPD} demo-server'
+    spec = {"name": name, "command": "sh", "args": ["-c", once], "replicas": 1, "pool_size": 1,
+            "timeouts": {"startup_ms": 20_000, "request_ms": 3_000}}
+    added = httpx2.post(f"{cluster.base(0)}/v1/servers", json=spec,
+                        headers={"Authorization": f"Bearer {cluster.admin_token}"}, timeout=30)
+    assert added.status_code in (200, 201), added.text
+    try:
+        def running_at() -> int | None:
+            status = json.loads(cluster.mcpctl("server", "status", name, "-o", "json"))
+            return next((r["node"] for r in status["replicas"] if "ready" in r["processes"]), None)
+
+        home = cluster.ids.index(wait_until(running_at, 60, f"{name} running"))
+        url = cluster.url(home, name)
+        r = stateless_post(url, cluster.token, "tools/call", {"name": "crash", "arguments": {}}, name="crash")
+        assert "error" in r.json(), r.text
+
+        def restarting() -> bool:
+            status = json.loads(cluster.mcpctl("server", "status", name, "-o", "json"))
+            return any(p in ("restarting", "starting") for rep in status["replicas"] for p in rep["processes"])
+
+        wait_until(restarting, 30, f"{name} starting again")
+
+        def cpu_seconds() -> float:
+            with open(f"/proc/{cluster.pid(home)}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        cpu, began = cpu_seconds(), time.monotonic()
+        r = stateless_post(url, cluster.token, "tools/call", {"name": "echo", "arguments": {"message": "hi"}},
+                           name="echo", timeout=60)
+        took, used = time.monotonic() - began, cpu_seconds() - cpu
+        assert "no running process" in r.json().get("error", {}).get("message", ""), r.text
+        assert used < took / 2, f"the node used {used:.2f} s of CPU in a call of {took:.2f} s"
+    finally:
+        cluster.mcpctl_result("server", "rm", name)

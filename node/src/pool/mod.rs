@@ -367,11 +367,14 @@ impl Pool {
     pub async fn ready(&self, within: Duration) -> Option<Arc<dyn Upstream>> {
         let deadline = tokio::time::Instant::now() + within;
         let here = shard::current();
+        // Each slot's process as this wait has seen it: a wait is for a change after that
+        // (a fresh copy of the slot's receiver would take every earlier change as new, and
+        // the wait would never sleep).
+        let mut watches: Vec<_> = self.slots.iter().map(|s| s.process.clone()).collect();
         loop {
-            let best = self
-                .slots
-                .iter()
-                .filter_map(|s| s.process.borrow().clone())
+            let best = watches
+                .iter_mut()
+                .filter_map(|w| w.borrow_and_update().clone())
                 .filter(|p| p.is_alive())
                 // Of the least busy, one on the caller's own shard (no hop between threads).
                 .min_by_key(|p| (p.in_flight(), p.shard() != here));
@@ -385,9 +388,8 @@ impl Pool {
             {
                 return None;
             }
-            let mut changes: Vec<_> = self.slots.iter().map(|s| s.process.clone()).collect();
             let any_change = futures_util::future::select_all(
-                changes.iter_mut().map(|rx| Box::pin(rx.changed())),
+                watches.iter_mut().map(|rx| Box::pin(rx.changed())),
             );
             let changed = tokio::time::timeout_at(deadline, any_change)
                 .await
@@ -1123,6 +1125,8 @@ async fn watch_catalogue(
     // Whether a process was ready when last looked (for a server with fallbacks), from the
     // first catalogue on.
     let mut serving = false;
+    // Back after a handover to the fallback, its catalogue not read again yet.
+    let mut back = false;
     let has_fallbacks = pool
         .upgrade()
         .is_some_and(|p| !p.spec.spec.fallbacks.is_empty());
@@ -1131,16 +1135,23 @@ async fn watch_catalogue(
             if let Some(p) = pool.upgrade() {
                 if let Some(proc_) = p.ready(Duration::ZERO).await {
                     let cat = catalogue::load(proc_.as_ref(), &p.name).await;
-                    let offered = cat.lists_offered();
-                    p.catalogue.send_replace(Arc::new(cat));
-                    loaded = true;
-                    if !known {
-                        // A list answered while the server was still starting went without
-                        // it (`crate::route`'s list wait): its clients hear that it is here.
-                        known = true;
-                        serving = true;
-                        for list in offered {
-                            hold(&mut held, catalogue::list_changed(list));
+                    // Read from a process that died meanwhile: not its catalogue (the next
+                    // one's is read when it is ready).
+                    if proc_.is_alive() {
+                        let offered = cat.lists_offered();
+                        p.catalogue.send_replace(Arc::new(cat));
+                        loaded = true;
+                        if !known || back {
+                            // A list answered while the server was still starting went
+                            // without it (`crate::route`'s list wait), and one answered while
+                            // it was down went to its fallback: its clients hear that it is
+                            // here, with what it offers now.
+                            known = true;
+                            serving = true;
+                            back = false;
+                            for list in offered {
+                                hold(&mut held, catalogue::list_changed(list));
+                            }
                         }
                     }
                     for message in held.drain(..) {
@@ -1176,6 +1187,7 @@ async fn watch_catalogue(
                             // Back: a new process, whose catalogue is read before its
                             // clients are told to list.
                             loaded = false;
+                            back = true;
                             for list in lists {
                                 hold(&mut held, catalogue::list_changed(list));
                             }

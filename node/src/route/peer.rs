@@ -505,8 +505,8 @@ async fn relay_from(me: EventsRequest, peer: Member, router: super::Router) {
             origin: Some(peer.id),
         });
     }
-    // The peer died, or went away, or the stream broke: the servers only it runs are gone
-    // from the lists here (their endpoints' lists pass to their fallbacks) until they are
-    // placed elsewhere or it is back.
+    // The peer died, or the stream broke: what the servers only it runs offered is gone from
+    // the lists here (their endpoints' lists pass to their fallbacks) until they are placed
+    // elsewhere or it is back. (A peer removed from the membership has its task aborted.)
     router.lists_changed_on(peer.id);
 }
