@@ -271,6 +271,22 @@ class Cluster:
             args += ["--env", f"{k}={v}"]
         self.mcpctl(*args, "--", *map(str, command), node=node)
 
+    def put_server(self, spec: dict) -> None:
+        """Adds a server from its whole spec (`POST /v1/servers`): for what `server add` has no
+        flag for (replicas, timeouts)."""
+        r = httpx2.post(f"{self.base(0)}/v1/servers", json=spec,
+                        headers={"Authorization": f"Bearer {self.admin_token}"}, timeout=30)
+        assert r.status_code in (200, 201), r.text
+
+    def node_with(self, server: str, state: str, within: float = 60) -> int:
+        """Waits until a replica of `server` has a process in `state` (`ready`, `starting`,
+        ...), as `server status` shows it; that replica's node (0-based)."""
+        def replica() -> int | None:
+            status = json.loads(self.mcpctl("server", "status", server, "-o", "json"))
+            return next((r["node"] for r in status["replicas"] if state in r["processes"]), None)
+
+        return self.ids.index(wait_until(replica, within, f"a process of {server} {state}"))
+
     def wait_tools(self, server: str, tools: list[str], *, token: str | None = None, timeout: float = 90) -> None:
         """Waits until every node lists `tools` on `/servers/{server}/mcp` and, prefixed, on
         `/mcp` (the aggregate answers from the catalogue, which loads after the process)."""

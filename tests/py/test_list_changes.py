@@ -14,10 +14,8 @@ waits for notifications with a deadline; a client that is never told fails it.
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 
-import httpx2
 import pytest
 from mcp.shared.exceptions import MCPError
 
@@ -66,18 +64,11 @@ def test_a_server_still_starting_is_listed_without_waiting_and_announced_when_it
     then list its tools."""
     name = f"slow-{uuid.uuid4().hex[:6]}"
     tool = f"{name}__echo"
-    spec = {"name": name, "command": "sh", "args": ["-c", f"sleep 20; exec {MCPD} demo-server"],
-            "replicas": 1, "pool_size": 1, "timeouts": {"startup_ms": 60_000}}
-    added = httpx2.post(f"{cluster.base(0)}/v1/servers", json=spec,
-                        headers={"Authorization": f"Bearer {cluster.admin_token}"}, timeout=30)
-    assert added.status_code in (200, 201), added.text
+    cluster.put_server({"name": name, "command": "sh", "args": ["-c", f"sleep 20; exec {MCPD} demo-server"],
+                        "replicas": 1, "pool_size": 1, "timeouts": {"startup_ms": 60_000}})
     try:
-        def starting_at() -> int | None:
-            """The node whose pool of it is on its first start (its one replica)."""
-            status = json.loads(cluster.mcpctl("server", "status", name, "-o", "json"))
-            return next((r["node"] for r in status["replicas"] if r["processes"] == ["starting"]), None)
-
-        home = wait_until(starting_at, 30, f"{name}'s pool starting") - 1
+        # The node whose pool of it is on its first start (its one replica).
+        home = cluster.node_with(name, "starting", 30)
         other = (home + 1) % cluster.nodes
 
         def gave_up() -> float:
@@ -105,17 +96,9 @@ def add_with_fallback(cluster, name: str, command: str, args: list[str], fallbac
     (0-based) whose process of `name` is ready."""
     cluster.add_server(fallback, [VENV_BIN / "mcp-server-time", "--local-timezone", "UTC"], pool_size=1)
     cluster.wait_tools(fallback, ["get_current_time"])
-    spec = {"name": name, "command": command, "args": args, "replicas": 1, "pool_size": 1,
-            "fallbacks": [fallback]}
-    added = httpx2.post(f"{cluster.base(0)}/v1/servers", json=spec,
-                        headers={"Authorization": f"Bearer {cluster.admin_token}"}, timeout=30)
-    assert added.status_code in (200, 201), added.text
-
-    def running_at() -> int | None:
-        status = json.loads(cluster.mcpctl("server", "status", name, "-o", "json"))
-        return next((r["node"] for r in status["replicas"] if "ready" in r["processes"]), None)
-
-    return cluster.ids.index(wait_until(running_at, 60, f"{name} running"))
+    cluster.put_server({"name": name, "command": command, "args": args, "replicas": 1, "pool_size": 1,
+                        "fallbacks": [fallback]})
+    return cluster.node_with(name, "ready")
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -171,17 +171,10 @@ def test_a_call_waiting_for_a_restarting_process_sleeps_until_its_timeout(cluste
     name = f"hangs-{uuid.uuid4().hex[:6]}"
     flag = tmp_path / "started-once"
     once = f'test -e "{flag}" && exec sleep 60; touch "{flag}"; exec {MCPD} demo-server'
-    spec = {"name": name, "command": "sh", "args": ["-c", once], "replicas": 1, "pool_size": 1,
-            "timeouts": {"startup_ms": 20_000, "request_ms": 3_000}}
-    added = httpx2.post(f"{cluster.base(0)}/v1/servers", json=spec,
-                        headers={"Authorization": f"Bearer {cluster.admin_token}"}, timeout=30)
-    assert added.status_code in (200, 201), added.text
+    cluster.put_server({"name": name, "command": "sh", "args": ["-c", once], "replicas": 1, "pool_size": 1,
+                        "timeouts": {"startup_ms": 20_000, "request_ms": 3_000}})
     try:
-        def running_at() -> int | None:
-            status = json.loads(cluster.mcpctl("server", "status", name, "-o", "json"))
-            return next((r["node"] for r in status["replicas"] if "ready" in r["processes"]), None)
-
-        home = cluster.ids.index(wait_until(running_at, 60, f"{name} running"))
+        home = cluster.node_with(name, "ready")
         url = cluster.url(home, name)
         r = stateless_post(url, cluster.token, "tools/call", {"name": "crash", "arguments": {}}, name="crash")
         assert "error" in r.json(), r.text
