@@ -212,6 +212,35 @@ def test_a_client_is_told_when_the_node_of_a_servers_only_replica_dies(cluster):
             if killed:
                 cluster.restart(home)
                 wait_until(lambda: cluster.leader(home) is not None or None, 60, "the node back in its cluster")
+                # Its pools back too, for the tests that follow.
+                cluster.wait_tools("demo", ["echo"])
         finally:
             cluster.mcpctl_result("server", "rm", lone)
             cluster.mcpctl_result("server", "rm", spare)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_burst_of_list_changes_reaches_a_client_as_one_and_a_last_one(cluster, mode):
+    """The demo server announces five tool-list changes at once (five concurrent calls of
+    `test_trigger_tool_change`). A client listening on its endpoint is told at once, and once
+    more when the burst's window closes, after the last change; the node counts the ones it
+    held (`mcpd_mcp_list_changes_coalesced_total`)."""
+    url = cluster.url(1, "demo")
+
+    def coalesced() -> float:
+        return cluster.metric("mcpd_mcp_list_changes_coalesced_total", "", 1) or 0
+
+    async def scenario():
+        async with listening(cluster, mode, 1, url) as (c, next_change):
+            before = coalesced()
+            async with client(url, cluster.token, "legacy") as demo:
+                await asyncio.gather(*(demo.call_tool("test_trigger_tool_change", {}) for _ in range(5)))
+            for which in ("the first", "the last, after the burst"):
+                try:
+                    await asyncio.wait_for(next_change(), TOLD_WITHIN)
+                except TimeoutError:
+                    raise AssertionError(f"not told {which}") from None
+            await asyncio.to_thread(wait_until, lambda: coalesced() > before or None, 10,
+                                    "the node counting the announcements it held")
+
+    run(scenario())

@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
 use super::call::{Running, Step};
+use super::coalesce::ListChanges;
 use super::dispatch::Route;
 use super::listings::Changed;
 use super::session::Session;
@@ -851,23 +852,30 @@ struct Heard {
 /// a change of the registry alters its lists (`super::listings`). Ends with the session.
 async fn forward_hub(mut heard: Heard, session: std::sync::Weak<Session>, n: u64, r: Route) {
     use broadcast::error::RecvError;
+    let mut changes = ListChanges::default();
     loop {
-        // A server's notification, or `None`: every list may have changed for this session.
-        let ev = tokio::select! {
+        let due = changes.next_due();
+        // What it hears: a server's notification; all three list changes when every list
+        // may have changed for this session; or the list changes held until now.
+        let messages = tokio::select! {
             ev = heard.hub.recv() => match ev {
-                Ok(ev) => Some(ev),
+                Ok(ev) if r.hears(&ev.server, &ev.message) => vec![ev.message],
+                Ok(_) => continue,
                 Err(RecvError::Lagged(missed)) => {
                     // What it missed may have been a change of a list: it lists again.
                     tracing::warn!(missed, "session stream fell behind");
-                    None
+                    Changed::notifications().to_vec()
                 }
                 Err(RecvError::Closed) => return,
             },
             changed = heard.listings.recv() => match changed {
                 Ok(c) if !c.concerns(&r.principal, &r.target) => continue,
-                Ok(_) | Err(RecvError::Lagged(_)) => None,
+                Ok(_) | Err(RecvError::Lagged(_)) => Changed::notifications().to_vec(),
                 Err(RecvError::Closed) => return,
             },
+            _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                changes.due(tokio::time::Instant::now())
+            }
         };
         let Some(session) = session.upgrade() else {
             return;
@@ -876,28 +884,21 @@ async fn forward_hub(mut heard: Heard, session: std::sync::Weak<Session>, n: u64
             // The stream's log was let go (a later GET opens another, with its own relay).
             return;
         }
-        let Some(ev) = ev else {
-            for message in Changed::notifications() {
+        for message in messages {
+            let wanted = match (&message, message.method()) {
+                (Message::Notification { params, .. }, Some("notifications/resources/updated")) => {
+                    params
+                        .as_ref()
+                        .and_then(|p| p["uri"].as_str())
+                        .is_some_and(|uri| session.is_subscribed(uri))
+                }
+                (_, Some(m)) if m.ends_with("/list_changed") => true,
+                (_, Some("notifications/message")) => level_passes(&session, &message),
+                _ => false,
+            };
+            if wanted && changes.admit(&message, tokio::time::Instant::now()) {
                 session.log.append(n, message);
             }
-            continue;
-        };
-        if !r.hears(&ev.server, &ev.message) {
-            continue;
-        }
-        let wanted = match (&ev.message, ev.message.method()) {
-            (Message::Notification { params, .. }, Some("notifications/resources/updated")) => {
-                params
-                    .as_ref()
-                    .and_then(|p| p["uri"].as_str())
-                    .is_some_and(|uri| session.is_subscribed(uri))
-            }
-            (_, Some(m)) if m.ends_with("/list_changed") => true,
-            (_, Some("notifications/message")) => level_passes(&session, &ev.message),
-            _ => false,
-        };
-        if wanted {
-            session.log.append(n, ev.message);
         }
     }
 }

@@ -13,6 +13,7 @@
 //!   both eras' listeners when the registry changes what an endpoint lists.
 
 pub mod call;
+pub mod coalesce;
 pub mod dispatch;
 pub mod endpoint;
 pub mod holds;

@@ -29,6 +29,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::call::{CallHandle, Running, Step};
+use super::coalesce::ListChanges;
 use super::listings::Changed;
 use super::parked::Parked;
 use super::state::McpState;
@@ -761,8 +762,10 @@ fn listen(
             uris,
         };
         metrics::gauge!("mcpd_mcp_listen_streams").increment(1.0);
+        let mut changes = ListChanges::default();
         'stream: loop {
             use tokio::sync::broadcast::error::RecvError;
+            let due = changes.next_due();
             let messages = tokio::select! {
                 ev = hub.recv() => match ev {
                     Ok(ev) if r.hears(&ev.server, &ev.message) => vec![ev.message],
@@ -776,9 +779,15 @@ fn listen(
                     Ok(_) | Err(RecvError::Lagged(_)) => Changed::notifications().to_vec(),
                     Err(RecvError::Closed) => break,
                 },
+                _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                    changes.due(tokio::time::Instant::now())
+                }
                 _ = tx.closed() => break,
             };
             for message in messages {
+                if !changes.admit(&message, tokio::time::Instant::now()) {
+                    continue;
+                }
                 if !relay(&tx, message, &wanted, &sub_id).await {
                     break 'stream;
                 }
