@@ -860,7 +860,8 @@ async fn forward_hub(mut heard: Heard, session: std::sync::Weak<Session>, n: u64
         let messages = tokio::select! {
             ev = heard.hub.recv() => match ev {
                 Ok(ev) if r.hears(&ev.server, &ev.message) => vec![ev.message],
-                Ok(_) => continue,
+                // Nothing for it, but a turn to see whether its session is still there.
+                Ok(_) => Vec::new(),
                 Err(RecvError::Lagged(missed)) => {
                     // What it missed may have been a change of a list: it lists again.
                     tracing::warn!(missed, "session stream fell behind");

@@ -785,7 +785,8 @@ fn listen(
                 _ = tx.closed() => break,
             };
             for message in messages {
-                if !changes.admit(&message, tokio::time::Instant::now()) {
+                if !wanted.passes(&message) || !changes.admit(&message, tokio::time::Instant::now())
+                {
                     continue;
                 }
                 if !relay(&tx, message, &wanted, &sub_id).await {
