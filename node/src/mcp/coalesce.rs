@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use mcpcp_proto::mcp::Message;
 use tokio::time::{Duration, Instant};
 
-use crate::pool::catalogue::LISTS;
+use crate::pool::catalogue::list_of;
 
 /// How long after a list's notification the next ones of that list are held.
 pub const WINDOW: Duration = Duration::from_millis(250);
@@ -25,10 +25,10 @@ struct Window {
     held: Option<Message>,
 }
 
-/// The windows of one stream, by notification method.
+/// The windows of one stream, by list.
 #[derive(Default)]
 pub struct ListChanges {
-    windows: BTreeMap<String, Window>,
+    windows: BTreeMap<&'static str, Window>,
 }
 
 impl ListChanges {
@@ -36,16 +36,10 @@ impl ListChanges {
     /// its list has no open window (and opens one), else it is held for the window's end.
     pub fn admit(&mut self, message: &Message, now: Instant) -> bool {
         // The three lists only: a server's made-up `*/list_changed` opens no window.
-        let Some(method) = message.method().filter(|m| {
-            LISTS.iter().any(|l| {
-                m.strip_prefix("notifications/")
-                    .and_then(|r| r.strip_prefix(l))
-                    == Some("/list_changed")
-            })
-        }) else {
+        let Some(list) = message.method().and_then(list_of) else {
             return true;
         };
-        match self.windows.get_mut(method) {
+        match self.windows.get_mut(list) {
             Some(w) if now < w.until => {
                 w.held = Some(message.clone());
                 metrics::counter!("mcpd_mcp_list_changes_coalesced_total").increment(1);
@@ -56,7 +50,7 @@ impl ListChanges {
                     until: now + WINDOW,
                     held: None,
                 };
-                self.windows.insert(method.to_string(), window);
+                self.windows.insert(list, window);
                 true
             }
         }

@@ -24,6 +24,14 @@ pub struct Catalogue {
 /// The lists a server offers, as `notifications/{list}/list_changed` names them.
 pub const LISTS: [&str; 3] = ["tools", "prompts", "resources"];
 
+/// The list a `notifications/{list}/list_changed` names, when it is one of [`LISTS`].
+pub fn list_of(method: &str) -> Option<&'static str> {
+    let list = method
+        .strip_prefix("notifications/")?
+        .strip_suffix("/list_changed")?;
+    LISTS.into_iter().find(|l| *l == list)
+}
+
 /// The notification that a server's `list` changed.
 pub fn list_changed(list: &str) -> Message {
     Message::notification(format!("notifications/{list}/list_changed"), None)

@@ -1161,10 +1161,8 @@ async fn watch_catalogue(
             }
         }
         let follow = !ready_rx.is_empty() && (!loaded || (known && has_fallbacks));
+        // Polled only when `follow` (`select_all` of no receiver would panic).
         let ready_change = async {
-            if !follow {
-                return std::future::pending().await;
-            }
             let changes = ready_rx.iter_mut().map(|r| Box::pin(r.changed()));
             let (changed, slot, _) = futures_util::future::select_all(changes).await;
             changed.map_err(|_| slot)

@@ -1826,6 +1826,7 @@ async fn bench_upstream(
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let direct = mcp.target(mcp.ids[1], "/servers/demo/mcp", "echo");
+    wait_callable(&direct, READY_WITHIN, None).await?;
     let spec = json!({
         "name": "demo-remote",
         "url": direct.url,
@@ -1865,8 +1866,8 @@ async fn bench_upstream(
     Ok(())
 }
 
-/// Calls `direct`, then registers `spec` (a remote server) on the cluster and calls it
-/// through node 1, at each level.
+/// Calls `direct` (callable already), then registers `spec` (a remote server) on the
+/// cluster and calls it through node 1, at each level.
 async fn bench_pair(
     mcp: &Mcp,
     pair: &UpstreamPair,
@@ -1875,7 +1876,6 @@ async fn bench_pair(
     args: &Args,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    wait_callable(&direct, READY_WITHIN, None).await?;
     run_levels(
         "upstream",
         pair.direct,
